@@ -1,0 +1,2720 @@
+# -*- test-case-name: tests -*-
+"""
+pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts.
+
+One module holds both roles.  A pager server routes and stores messages it cannot read; only a recipient's private
+key opens them, and the recipient knows for sure who sent them.  The module reads top to bottom, in the order data
+flows through it:
+
+    constants and limits, errors, envelope (pure crypto), frames (wire protocol), store (SQLite),
+    server, client, command line.
+
+Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the wire and envelope contract.
+
+Licence: MIT.
+"""
+
+__version__ = "0.1.0"
+
+import sys
+
+if __name__ == "__main__":
+    # Running as a script: make ``import pager`` (the twistd plugin, the tests) find this very module instead of
+    # importing a second copy with its own classes.
+    sys.modules.setdefault("pager", sys.modules["__main__"])
+
+import base64
+import collections
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+import secrets
+import sqlite3
+import struct
+import time
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+from twisted.application import service
+from twisted.enterprise import adbapi
+from twisted.internet import defer, endpoints, interfaces, protocol, task, threads
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python import usage
+
+
+#### Constants and limits ####
+
+PROTOCOL_VERSION = 1
+SOFTWARE = "pager/" + __version__
+DEFAULT_PORT = 5050
+DEFAULT_LISTEN = "tcp:%d:backlog=1024" % DEFAULT_PORT
+DEFAULT_DB = "pager.sqlite3"
+
+RSA_BITS = 2048  # keys shorter than this are refused everywhere
+RSA_MAX_BITS = 8192  # longer keys are refused too: they only cost the server time
+RSA_EXPONENT = 65537
+PSS_SALT_LENGTH = 32  # fixed by the format, so that OpenSSL can verify with rsa_pss_saltlen:32
+
+ENVELOPE_TAG = b"pager-envelope-v1"
+SIGNATURE_TAG = b"pager-signature-v1"
+COMMITMENT_TAG = b"pager-key-commitment-v1"
+AUTH_TAG = b"pager-auth-v1"  # proof-of-possession signatures; distinct from every envelope tag
+AUTH_PURPOSES = ("register", "login", "rekey", "recover")
+
+CHUNK_SIZE = 65536  # plaintext bytes per AES-GCM chunk
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 65536  # the largest chunk a server accepts; one chunk frame must fit in a line
+GCM_TAG_SIZE = 16
+MESSAGE_ID_SIZE = 16
+CHALLENGE_SIZE = 32
+MAX_RECIPIENTS = 64
+MAX_FILENAME_BYTES = 255
+CONTENT_TYPES = ("text", "file")
+
+USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+MIN_TOKEN_LENGTH = 8
+MAX_TOKEN_LENGTH = 1024
+MAX_REQUEST_ID_LENGTH = 64
+
+# OWASP's Argon2id parameters: 19 MiB, 2 passes, one lane.
+ARGON2_MEMORY_KIB = 19456
+ARGON2_ITERATIONS = 2
+ARGON2_LANES = 1
+ARGON2_SALT_SIZE = 16
+ARGON2_HASH_SIZE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """
+    Every bound the server enforces.  Each is a command-line option of ``pager server``; the hello frame tells clients
+    the ones they need.
+    """
+
+    max_line_unauthenticated: int = 8 * 1024  # bytes per line before login
+    max_line: int = 128 * 1024  # bytes per line after login; must hold one chunk frame
+    max_message: int = 64 * 1024 * 1024  # plaintext bytes per message
+    max_pending_messages: int = 10000  # per recipient
+    max_pending_bytes: int = 256 * 1024 * 1024  # per recipient
+    login_timeout: float = 30.0  # seconds an unauthenticated connection may stay open
+    idle_timeout: float = 300.0  # seconds without any frame before the server closes the connection
+    message_expiry: float = 30 * 24 * 3600.0  # seconds a pending delivery is kept
+    max_in_flight: int = 64  # requests one connection may have outstanding before the server stops reading it
+    argon2_concurrency: int = 2  # Argon2id hashes computed at once
+    argon2_queue: int = 256  # further logins waiting for a hash; past it the server answers rate_limited
+    recovery_interval: float = 3600.0  # seconds between two lost-key recoveries of one account
+    allow_recovery: bool = True
+
+    def public(self):
+        """The limits a client needs to know, as sent in ``hello``."""
+        return {
+            "max_line_unauthenticated": self.max_line_unauthenticated,
+            "max_line": self.max_line,
+            "max_message": self.max_message,
+            "max_chunk": MAX_CHUNK_SIZE,
+            "max_recipients": MAX_RECIPIENTS,
+            "max_pending_messages": self.max_pending_messages,
+            "max_pending_bytes": self.max_pending_bytes,
+            "login_timeout": self.login_timeout,
+            "idle_timeout": self.idle_timeout,
+            "message_expiry": self.message_expiry,
+        }
+
+
+#### Errors ####
+
+
+class PagerError(Exception):
+    """Something went wrong in pager."""
+
+    code = "internal"
+
+    def __init__(self, message=None):
+        if message is None:
+            message = (self.__doc__ or "").strip()
+        super().__init__(message)
+
+    @property
+    def message(self):
+        return self.args[0]
+
+
+class EnvelopeError(PagerError):
+    """The message envelope is not valid."""
+
+    code = "bad_envelope"
+
+
+class MalformedEnvelope(EnvelopeError):
+    """The message envelope is malformed."""
+
+
+class NotAddressedToYou(EnvelopeError):
+    """The message is not addressed to you."""
+
+
+class KeyUnwrapFailed(EnvelopeError):
+    """The message key does not unwrap with your private key."""
+
+
+class KeyCommitmentMismatch(EnvelopeError):
+    """The message key does not match the sender's commitment: recipients were given different keys."""
+
+
+class ChunkAuthenticationFailed(EnvelopeError):
+    """A chunk of the message does not authenticate: it was altered, reordered or duplicated."""
+
+
+class TruncatedMessage(EnvelopeError):
+    """The message is truncated."""
+
+
+class WrongSenderKey(EnvelopeError):
+    """The message names a sender key other than the one given for the sender."""
+
+
+class BadSignature(EnvelopeError):
+    """The signature does not verify."""
+
+
+class BadKey(PagerError):
+    """The key is not a valid RSA public key of 2048 to 8192 bits."""
+
+    code = "bad_key"
+
+
+class ProtocolError(PagerError):
+    """A request could not be carried out; ``code`` says why, in the protocol's words."""
+
+
+class BadRequest(ProtocolError):
+    """The request is malformed."""
+
+    code = "bad_request"
+
+
+class NotAuthenticated(ProtocolError):
+    """Log in first."""
+
+    code = "not_authenticated"
+
+
+class AuthFailed(ProtocolError):
+    """Unknown user, wrong token or wrong key."""
+
+    code = "auth_failed"
+
+
+class UserExists(ProtocolError):
+    """That user name is taken."""
+
+    code = "user_exists"
+
+
+class UnknownUser(ProtocolError):
+    """No such user."""
+
+    code = "unknown_user"
+
+
+class UnknownMessage(ProtocolError):
+    """No pending delivery of that message for you."""
+
+    code = "unknown_message"
+
+
+class TooLarge(ProtocolError):
+    """Too large."""
+
+    code = "too_large"
+
+
+class QuotaExceeded(ProtocolError):
+    """The recipient has too many pending messages."""
+
+    code = "quota_exceeded"
+
+
+class RateLimited(ProtocolError):
+    """Too many requests; try again later."""
+
+    code = "rate_limited"
+
+
+class Forbidden(ProtocolError):
+    """The server does not allow that."""
+
+    code = "forbidden"
+
+
+class InternalError(ProtocolError):
+    """The server failed to carry out the request."""
+
+    code = "internal"
+
+
+class ConnectionLost(PagerError):
+    """The connection to the server was lost."""
+
+    code = "connection_lost"
+
+
+ERROR_CODES = {
+    cls.code: cls
+    for cls in (
+        BadRequest, NotAuthenticated, AuthFailed, UserExists, UnknownUser, UnknownMessage, TooLarge,
+        QuotaExceeded, RateLimited, Forbidden, InternalError, BadKey,
+    )
+}
+
+
+def error_for_code(code, message):
+    """
+    The exception for an ``error`` frame: the class registered for ``code`` (or L{ProtocolError}), carrying the
+    server's sentence and its ``code`` even when this client does not know it.
+    """
+    cls = ERROR_CODES.get(code, ProtocolError)
+    error = cls(message)
+    error.code = code
+    return error
+
+
+#### Envelope ####
+# Pure functions and small incremental objects: bytes in, bytes out, no I/O, no Twisted.  PROTOCOL.md gives the byte
+# layout; everything here is standard RSA-OAEP, RSA-PSS, AES-256-GCM and SHA-256.
+
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=PSS_SALT_LENGTH)
+
+
+def _lp(data):
+    """A length-prefixed field: a 4-byte big-endian length, then the bytes."""
+    return struct.pack(">I", len(data)) + data
+
+
+class _Reader:
+    """Reads the fields written by L{_lp} and C{struct}, raising L{MalformedEnvelope} on any shortfall."""
+
+    def __init__(self, data):
+        self.data = bytes(data)
+        self.offset = 0
+
+    def take(self, n):
+        if n < 0 or self.offset + n > len(self.data):
+            raise MalformedEnvelope("The message header is truncated.")
+        piece = self.data[self.offset:self.offset + n]
+        self.offset += n
+        return piece
+
+    def uint(self, fmt):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def field(self, max_length):
+        n = self.uint(">I")
+        if n > max_length:
+            raise MalformedEnvelope("A field of the message header is too long.")
+        return self.take(n)
+
+    def end(self):
+        if self.offset != len(self.data):
+            raise MalformedEnvelope("The message header has trailing bytes.")
+
+
+def valid_username(name):
+    """
+    Whether C{name} is a canonical user name: 1-32 ASCII characters of C{[a-z0-9_.-]}, starting with a letter or a digit.
+    """
+    return isinstance(name, str) and name.isascii() and USERNAME_RE.fullmatch(name) is not None
+
+
+def canonical_username(name):
+    """
+    The canonical form of a user name as typed: ASCII is checked first, then lowercased (non-ASCII is never folded,
+    so the Kelvin sign cannot become a C{k}).  Raises L{BadRequest} for anything that is not a valid name.
+    """
+    if not isinstance(name, str) or not name.isascii():
+        raise BadRequest("User names are 1-32 ASCII characters: a-z, 0-9, '_', '.', '-'.")
+    name = name.lower()
+    if USERNAME_RE.fullmatch(name) is None:
+        raise BadRequest("User names are 1-32 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit.")
+    return name
+
+
+def generate_private_key():
+    """A new RSA-2048 private key with public exponent 65537.  Slow: call it off the reactor thread."""
+    return rsa.generate_private_key(public_exponent=RSA_EXPONENT, key_size=RSA_BITS)
+
+
+def check_public_key(key):
+    """
+    Return C{key} if it is an RSA public key pager accepts (2048 to 8192 bits, exponent 65537); raise L{BadKey}.
+    """
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise BadKey("The key is not an RSA public key.")
+    if key.key_size < RSA_BITS:
+        raise BadKey("The key has %d bits; pager needs at least %d." % (key.key_size, RSA_BITS))
+    if key.key_size > RSA_MAX_BITS:
+        raise BadKey("The key has %d bits; pager accepts at most %d." % (key.key_size, RSA_MAX_BITS))
+    if key.public_numbers().e != RSA_EXPONENT:
+        raise BadKey("The key's public exponent is not 65537.")
+    return key
+
+
+def load_public_key(pem):
+    """Parse an SPKI PEM public key (C{str} or C{bytes}) and check it with L{check_public_key}."""
+    if isinstance(pem, str):
+        pem = pem.encode("ascii", "replace")
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, AssertionError):
+        raise BadKey("The public key is not a valid PEM SubjectPublicKeyInfo.")
+    except Exception:  # cryptography raises UnsupportedAlgorithm and others for exotic input
+        raise BadKey("The public key is not a valid PEM SubjectPublicKeyInfo.")
+    return check_public_key(key)
+
+
+def public_key_pem(key):
+    """The SPKI PEM text of a public key (or of a private key's public half)."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        key = key.public_key()
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def fingerprint(key):
+    """The key fingerprint: SHA-256 of the DER SubjectPublicKeyInfo, 32 bytes."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        key = key.public_key()
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).digest()
+
+
+def format_fingerprint(fp):
+    """A fingerprint for reading aloud: 16 groups of four hex digits."""
+    text = fp.hex()
+    return " ".join(text[i:i + 4] for i in range(0, len(text), 4))
+
+
+def auth_message(purpose, user, challenge, key_fingerprint):
+    """
+    The bytes a client signs to prove it holds a private key: the auth tag, the purpose, the user name, the server's
+    32-byte challenge and the fingerprint of the key concerned (the registered key for login, the new key for
+    register, rekey and recover).
+    """
+    if purpose not in AUTH_PURPOSES:
+        raise ValueError("unknown purpose %r" % (purpose,))
+    if not isinstance(challenge, bytes) or len(challenge) != CHALLENGE_SIZE:
+        raise BadRequest("The server's challenge is not exactly %d bytes." % CHALLENGE_SIZE)
+    return (
+        _lp(AUTH_TAG) + _lp(purpose.encode("ascii")) + _lp(user.encode("ascii")) + _lp(challenge)
+        + _lp(key_fingerprint)
+    )
+
+
+def sign_auth(private_key, purpose, user, challenge, key_fingerprint=None):
+    """Sign L{auth_message} with RSA-PSS.  A private-key operation: call it off the reactor thread."""
+    if key_fingerprint is None:
+        key_fingerprint = fingerprint(private_key)
+    return private_key.sign(auth_message(purpose, user, challenge, key_fingerprint), _PSS, hashes.SHA256())
+
+
+def verify_auth(public_key, signature, purpose, user, challenge, key_fingerprint=None):
+    """Whether C{signature} is C{public_key}'s proof for these fields."""
+    if key_fingerprint is None:
+        key_fingerprint = fingerprint(public_key)
+    try:
+        public_key.verify(signature, auth_message(purpose, user, challenge, key_fingerprint), _PSS, hashes.SHA256())
+    except InvalidSignature:
+        return False
+    return True
+
+
+def hash_token(token, salt):
+    """Argon2id of a safetoken with OWASP parameters.  Costs about 25 ms and 19 MiB: call it off the reactor thread."""
+    kdf = Argon2id(
+        salt=salt, length=ARGON2_HASH_SIZE, iterations=ARGON2_ITERATIONS, lanes=ARGON2_LANES,
+        memory_cost=ARGON2_MEMORY_KIB,
+    )
+    return kdf.derive(token.encode("utf-8"))
+
+
+def check_token(token, salt, expected):
+    """Whether C{token} hashes to C{expected}, compared in constant time."""
+    return hmac.compare_digest(hash_token(token, salt), expected)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipient:
+    name: str
+    fingerprint: bytes
+    wrapped_key: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvelopeHeader:
+    """The parsed header of an envelope; C{raw} is the exact bytes that were parsed (and are signed)."""
+
+    raw: bytes
+    message_id: bytes
+    timestamp_ms: int
+    sender: str
+    sender_fingerprint: bytes
+    content_type: str
+    filename: str
+    chunk_size: int
+    recipients: tuple
+    commitment: bytes
+
+    @property
+    def recipient_names(self):
+        return [r.name for r in self.recipients]
+
+    def recipient(self, name):
+        for r in self.recipients:
+            if r.name == name:
+                return r
+        return None
+
+
+def _encode_header(message_id, timestamp_ms, sender, sender_fp, content_type, filename, chunk_size, recipients,
+                   commitment):
+    parts = [
+        _lp(ENVELOPE_TAG), _lp(message_id), struct.pack(">Q", timestamp_ms), _lp(sender.encode("ascii")),
+        _lp(sender_fp), _lp(content_type.encode("ascii")), _lp(filename.encode("utf-8")),
+        struct.pack(">I", chunk_size), struct.pack(">I", len(recipients)),
+    ]
+    for r in recipients:
+        parts += [_lp(r.name.encode("ascii")), _lp(r.fingerprint), _lp(r.wrapped_key)]
+    parts.append(_lp(commitment))
+    return b"".join(parts)
+
+
+def parse_header(raw):
+    """
+    Parse and check an envelope header: every field present with its exact length, names valid, recipients sorted
+    by name without duplicates, nothing after the end.  Raises L{MalformedEnvelope}.
+    """
+    if not isinstance(raw, (bytes, bytearray)):
+        raise MalformedEnvelope("The message header is not bytes.")
+    r = _Reader(raw)
+    if r.field(64) != ENVELOPE_TAG:
+        raise MalformedEnvelope("The message is not a pager v1 envelope.")
+    message_id = r.field(MESSAGE_ID_SIZE)
+    if len(message_id) != MESSAGE_ID_SIZE:
+        raise MalformedEnvelope("The message id is not %d bytes." % MESSAGE_ID_SIZE)
+    timestamp_ms = r.uint(">Q")
+    sender = _header_name(r)
+    sender_fp = _header_fingerprint(r)
+    try:
+        content_type = r.field(16).decode("ascii")
+        filename = r.field(MAX_FILENAME_BYTES).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedEnvelope("The content type or file name is not valid text.")
+    if content_type not in CONTENT_TYPES:
+        raise MalformedEnvelope("The content type is neither text nor file.")
+    if (content_type == "file") != bool(filename):
+        raise MalformedEnvelope("A file needs a file name, and only a file has one.")
+    chunk_size = r.uint(">I")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise MalformedEnvelope("The chunk size is out of range.")
+    count = r.uint(">I")
+    if not 1 <= count <= MAX_RECIPIENTS:
+        raise MalformedEnvelope("A message has 1 to %d recipients." % MAX_RECIPIENTS)
+    recipients = []
+    for _ in range(count):
+        name = _header_name(r)
+        fp = _header_fingerprint(r)
+        wrapped = r.field(RSA_MAX_BITS // 8)
+        if len(wrapped) * 8 < RSA_BITS:
+            raise MalformedEnvelope("A wrapped key is too short.")
+        if recipients and name <= recipients[-1].name:
+            raise MalformedEnvelope("The recipients are not sorted by name without duplicates.")
+        recipients.append(Recipient(name, fp, wrapped))
+    commitment = r.field(32)
+    if len(commitment) != 32:
+        raise MalformedEnvelope("The key commitment is not 32 bytes.")
+    r.end()
+    return EnvelopeHeader(bytes(raw), message_id, timestamp_ms, sender, sender_fp, content_type, filename,
+                          chunk_size, tuple(recipients), commitment)
+
+
+def _header_name(r):
+    try:
+        name = r.field(32).decode("ascii")
+    except UnicodeDecodeError:
+        name = ""
+    if not valid_username(name):
+        raise MalformedEnvelope("A user name in the message header is not valid.")
+    return name
+
+
+def _header_fingerprint(r):
+    fp = r.field(32)
+    if len(fp) != 32:
+        raise MalformedEnvelope("A key fingerprint in the message header is not 32 bytes.")
+    return fp
+
+
+def _commitment(message_id, content_key):
+    return hashlib.sha256(COMMITMENT_TAG + message_id + content_key).digest()
+
+
+def _nonce(counter, last):
+    return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+def signed_bytes(header_raw, chunk_count, ciphertext_length, ciphertext_digest):
+    """
+    The exact bytes the sender signs: the signature tag, the header, the number of chunks, the total ciphertext
+    length and the SHA-256 of all chunk ciphertexts in order.
+    """
+    return (
+        _lp(SIGNATURE_TAG) + _lp(header_raw) + struct.pack(">QQ", chunk_count, ciphertext_length)
+        + _lp(ciphertext_digest)
+    )
+
+
+@dataclasses.dataclass
+class Envelope:
+    """A whole sealed message: header bytes, chunk ciphertexts in order, signature."""
+
+    header: bytes
+    chunks: list
+    signature: bytes
+
+    @property
+    def size(self):
+        """The plaintext size, in bytes."""
+        return sum(len(c) for c in self.chunks) - GCM_TAG_SIZE * len(self.chunks)
+
+
+class Sealer:
+    """
+    Seal one message incrementally: L{update} takes plaintext and returns the chunk ciphertexts completed so far,
+    L{finish} returns the last chunks and the signature.  The header is ready from the start.
+
+    RSA (wrapping, signing) and bulk AES happen here: use it off the reactor thread.
+    """
+
+    def __init__(self, private_key, sender, recipients, content_type="text", filename="", chunk_size=CHUNK_SIZE,
+                 message_id=None, timestamp_ms=None, content_key=None):
+        """
+        @param recipients: a mapping of recipient name to RSA public key.
+        """
+        if content_type not in CONTENT_TYPES:
+            raise ValueError("content_type must be one of %r" % (CONTENT_TYPES,))
+        if not recipients or len(recipients) > MAX_RECIPIENTS:
+            raise ValueError("a message has 1 to %d recipients" % MAX_RECIPIENTS)
+        self._private_key = private_key
+        self._content_key = content_key if content_key is not None else AESGCM.generate_key(bit_length=256)
+        self._aead = AESGCM(self._content_key)
+        message_id = message_id if message_id is not None else secrets.token_bytes(MESSAGE_ID_SIZE)
+        timestamp_ms = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+        wrapped = [
+            Recipient(name, fingerprint(check_public_key(key)), key.encrypt(self._content_key, _OAEP))
+            for name, key in sorted(recipients.items())
+        ]
+        self.header = _encode_header(
+            message_id, timestamp_ms, sender, fingerprint(private_key), content_type, filename, chunk_size, wrapped,
+            _commitment(message_id, self._content_key),
+        )
+        self.parsed = parse_header(self.header)
+        self._ad = hashlib.sha256(self.header).digest()
+        self._chunk_size = chunk_size
+        self._buffer = bytearray()
+        self._counter = 0
+        self._digest = hashlib.sha256()
+        self._length = 0
+
+    @property
+    def message_id(self):
+        return self.parsed.message_id
+
+    def _seal(self, plaintext, last):
+        ciphertext = self._aead.encrypt(_nonce(self._counter, last), bytes(plaintext), self._ad)
+        self._counter += 1
+        self._digest.update(ciphertext)
+        self._length += len(ciphertext)
+        return ciphertext
+
+    def update(self, data):
+        """Add plaintext; return the chunk ciphertexts completed (the last full chunk is held back until more comes)."""
+        self._buffer += data
+        out = []
+        size = self._chunk_size
+        if len(self._buffer) > size:
+            view = memoryview(self._buffer)
+            offset = 0
+            while len(self._buffer) - offset > size:
+                out.append(self._seal(view[offset:offset + size], False))
+                offset += size
+            view.release()
+            del self._buffer[:offset]
+        return out
+
+    def finish(self):
+        """Return C{(chunks, signature)}: the final chunk ciphertext(s) and the RSA-PSS signature trailer."""
+        last = [self._seal(self._buffer, True)]
+        self._buffer = bytearray()
+        data = signed_bytes(self.header, self._counter, self._length, self._digest.digest())
+        return last, self._private_key.sign(data, _PSS, hashes.SHA256())
+
+
+def seal(private_key, sender, recipients, plaintext, **kwargs):
+    """Seal a whole message at once; return an L{Envelope}.  See L{Sealer} for the arguments."""
+    sealer = Sealer(private_key, sender, recipients, **kwargs)
+    chunks = sealer.update(plaintext)
+    last, signature = sealer.finish()
+    return Envelope(sealer.header, chunks + last, signature)
+
+
+class EnvelopeVerifier:
+    """
+    What a server can check without reading the content: the header parses, chunk sizes fit the header, and the
+    signature verifies against the sender's key.  Memory is constant whatever the message size.
+    """
+
+    def __init__(self, header_raw, max_size=None):
+        self.header = parse_header(header_raw)
+        self.max_size = max_size
+        self._digest = hashlib.sha256()
+        self.chunk_count = 0
+        self.ciphertext_length = 0
+        self.size = 0  # plaintext bytes
+        self._short_seen = False
+
+    def update(self, chunk):
+        """Account for the next chunk ciphertext.  Raises L{MalformedEnvelope} or L{TooLarge}."""
+        n = len(chunk)
+        if not GCM_TAG_SIZE <= n <= self.header.chunk_size + GCM_TAG_SIZE:
+            raise MalformedEnvelope("A chunk has a size the header does not allow.")
+        if self._short_seen:
+            raise MalformedEnvelope("Only the last chunk may be shorter than the chunk size.")
+        if n < self.header.chunk_size + GCM_TAG_SIZE:
+            self._short_seen = True
+        self.size += n - GCM_TAG_SIZE
+        if self.max_size is not None and self.size > self.max_size:
+            raise TooLarge("The message is larger than %d bytes." % self.max_size)
+        self._digest.update(chunk)
+        self.chunk_count += 1
+        self.ciphertext_length += n
+
+    def signed_bytes(self):
+        if self.chunk_count == 0:
+            raise TruncatedMessage("The message has no chunks.")
+        return signed_bytes(self.header.raw, self.chunk_count, self.ciphertext_length, self._digest.digest())
+
+    def verify(self, signature, sender_key):
+        """Check C{signature} with C{sender_key}; raises L{WrongSenderKey} or L{BadSignature}."""
+        if not hmac.compare_digest(fingerprint(sender_key), self.header.sender_fingerprint):
+            raise WrongSenderKey()
+        try:
+            sender_key.verify(signature, self.signed_bytes(), _PSS, hashes.SHA256())
+        except InvalidSignature:
+            raise BadSignature()
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedMessage:
+    """A verified, decrypted message."""
+
+    message_id: bytes
+    sender: str
+    sender_fingerprint: bytes
+    recipients: tuple  # names, sorted
+    timestamp: float  # seconds since the epoch, as the sender's clock said
+    content_type: str
+    filename: str
+    plaintext: bytes
+    accepted_at: float = None  # when the server accepted it, as the server says (not signed)
+
+
+class Opener:
+    """
+    Open one message incrementally: construct with the header (this unwraps the key), L{update} with each chunk
+    ciphertext in order, L{finish} with the signature and the sender's public key.  Plaintext is released only by
+    L{finish}, after the signature has verified.  Private-key and AES work: use it off the reactor thread.
+    """
+
+    def __init__(self, header_raw, private_key, recipient, max_size=None):
+        self._verifier = EnvelopeVerifier(header_raw, max_size)
+        header = self.header = self._verifier.header
+        mine = header.recipient(recipient)
+        if mine is None or not hmac.compare_digest(mine.fingerprint, fingerprint(private_key)):
+            raise NotAddressedToYou("The message is not addressed to %s with this key." % recipient)
+        try:
+            content_key = private_key.decrypt(mine.wrapped_key, _OAEP)
+        except ValueError:
+            raise KeyUnwrapFailed()
+        if len(content_key) != 32 or not hmac.compare_digest(
+                _commitment(header.message_id, content_key), header.commitment):
+            raise KeyCommitmentMismatch()
+        self._aead = AESGCM(content_key)
+        self._ad = hashlib.sha256(header.raw).digest()
+        self._held = None
+        self._counter = 0
+        self._plaintext = []
+
+    def _open(self, chunk, last):
+        try:
+            return self._aead.decrypt(_nonce(self._counter, last), chunk, self._ad)
+        except InvalidTag:
+            return None
+
+    def update(self, chunk):
+        """Take the next chunk ciphertext.  Raises an L{EnvelopeError} as soon as the stream is known to be bad."""
+        chunk = bytes(chunk)
+        self._verifier.update(chunk)
+        if self._held is not None:
+            plain = self._open(self._held, False)
+            if plain is None:
+                if self._open(self._held, True) is not None:
+                    raise ChunkAuthenticationFailed("The message has data after its final chunk.")
+                raise ChunkAuthenticationFailed(
+                    "Chunk %d does not authenticate: it was altered, reordered or duplicated." % self._counter)
+            self._plaintext.append(plain)
+            self._counter += 1
+        self._held = chunk
+
+    def finish(self, signature, sender_key):
+        """Check the last chunk and the signature; return the L{OpenedMessage}."""
+        if self._held is None:
+            raise TruncatedMessage("The message has no chunks.")
+        plain = self._open(self._held, True)
+        if plain is None:
+            if self._open(self._held, False) is not None:
+                raise TruncatedMessage("The message is truncated: its final chunk is missing.")
+            raise ChunkAuthenticationFailed(
+                "Chunk %d does not authenticate: it was altered, reordered or duplicated." % self._counter)
+        self._verifier.verify(signature, sender_key)
+        self._plaintext.append(plain)
+        header = self.header
+        plaintext, self._plaintext = b"".join(self._plaintext), []
+        return OpenedMessage(
+            header.message_id, header.sender, header.sender_fingerprint, tuple(header.recipient_names),
+            header.timestamp_ms / 1000.0, header.content_type, header.filename, plaintext,
+        )
+
+
+def open_envelope(envelope, private_key, recipient, sender_key, max_size=None):
+    """Open a whole L{Envelope} at once; return an L{OpenedMessage} or raise an L{EnvelopeError}."""
+    opener = Opener(envelope.header, private_key, recipient, max_size)
+    for chunk in envelope.chunks:
+        opener.update(chunk)
+    return opener.finish(envelope.signature, sender_key)
+
+
+#### Frames ####
+# One JSON object per line, UTF-8, "\n" at the end.  PROTOCOL.md is the contract; in short (-> client to server):
+#
+#   <- hello {protocol, server, server_id, challenge, limits}
+#   -> register {id, user, public_key, token, proof}            <- ok {user, challenge} | error {code, message}
+#   -> login {id, user, token, proof, receive}                  <- ok {user, challenge}
+#   -> rekey {id, user, token, public_key, proof_old, proof_new} <- ok {challenge}
+#   -> recover {id, user, token, public_key, proof}              <- ok {challenge}
+#   -> users {id}                                               <- ok {online, registered}
+#   -> key {id, user}                                           <- ok {user, public_key, fingerprint, key_set_at}
+#   -> send {id, to, size, header, chunks, [signature]}         (then) -> chunk {id, chunks, [signature]}
+#                                                               <- ok {msg, accepted_at, duplicate}
+#   <- message {msg, from, to, size, accepted_at, header, chunks, [signature]}  (then) <- message_chunk {msg, ...}
+#   -> ack {id, msg} / reject {id, msg, reason}                 <- ok
+#   <- receipt {receipt, msg, from, status, reason, at}         -> ack {id, receipt}
+#   -> ping {id}                                                <- ok
+
+_FRAME_TYPE_RE = re.compile(r"[a-z][a-z_]{0,31}")
+
+
+def encode_frame(frame):
+    """A frame as one line of compact ASCII JSON, without the delimiter."""
+    return json.dumps(frame, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _no_constants(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def decode_frame(line):
+    """
+    Parse one line into a frame: valid UTF-8, valid JSON (no NaN or Infinity), an object with a string C{type}.
+    Raises L{BadRequest} saying which of these failed.
+    """
+    try:
+        text = bytes(line).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("The frame is not valid UTF-8.")
+    try:
+        frame = json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise BadRequest("The frame is nested too deeply.")
+    except ValueError:
+        raise BadRequest("The frame is not valid JSON.")
+    if not isinstance(frame, dict):
+        raise BadRequest("The frame is not a JSON object.")
+    kind = frame.get("type")
+    if not isinstance(kind, str) or _FRAME_TYPE_RE.fullmatch(kind) is None:
+        raise BadRequest('The frame has no valid "type".')
+    return frame
+
+
+def request_id(frame):
+    """The frame's C{id}: a string of at most 64 characters or an integer that JSON carries exactly, else None."""
+    rid = frame.get("id")
+    if isinstance(rid, str) and len(rid) <= MAX_REQUEST_ID_LENGTH:
+        return rid
+    if isinstance(rid, int) and not isinstance(rid, bool) and -2 ** 53 <= rid <= 2 ** 53:
+        return rid
+    return None
+
+
+def _missing(name, what):
+    return BadRequest('The field "%s" must be %s.' % (name, what))
+
+
+def field_str(frame, name, max_length, required=True, default=None):
+    value = frame.get(name)
+    if value is None and not required:
+        return default
+    if not isinstance(value, str) or len(value) > max_length:
+        raise _missing(name, "a string of at most %d characters" % max_length)
+    return value
+
+
+def field_int(frame, name, low, high, required=True, default=None):
+    value = frame.get(name)
+    if value is None and not required:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _missing(name, "an integer from %d to %d" % (low, high))
+    return value
+
+
+def field_bool(frame, name, default):
+    value = frame.get(name, default)
+    if not isinstance(value, bool):
+        raise _missing(name, "true or false")
+    return value
+
+
+def field_b64(frame, name, max_bytes, required=True):
+    value = frame.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or len(value) > (max_bytes + 2) // 3 * 4:
+        raise _missing(name, "base64 of at most %d bytes" % max_bytes)
+    return _b64decode(value, name)
+
+
+def _b64decode(value, name):
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, TypeError):
+        raise _missing(name, "standard base64")
+
+
+def field_b64_list(frame, name, max_items, max_bytes):
+    value = frame.get(name, [])
+    if not isinstance(value, list) or len(value) > max_items:
+        raise _missing(name, "a list of at most %d base64 strings" % max_items)
+    out = []
+    for item in value:
+        if not isinstance(item, str) or len(item) > (max_bytes + 2) // 3 * 4:
+            raise _missing(name, "a list of base64 strings of at most %d bytes each" % max_bytes)
+        out.append(_b64decode(item, name))
+    return out
+
+
+def field_username(frame, name="user"):
+    return canonical_username(field_str(frame, name, 64))
+
+
+def field_usernames(frame, name):
+    value = frame.get(name)
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_RECIPIENTS:
+        raise _missing(name, "a list of 1 to %d user names" % MAX_RECIPIENTS)
+    names = [canonical_username(v) for v in value]
+    if len(set(names)) != len(names):
+        raise BadRequest('The field "%s" names a user twice.' % name)
+    return sorted(names)
+
+
+def b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+#### Store ####
+# SQLite through adbapi: one connection, WAL, synchronous=FULL.  Functions named *_txn run inside one transaction
+# on the pool's thread; the Store methods of the same name without the suffix return Deferreds.
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    token_salt BLOB NOT NULL,
+    token_hash BLOB NOT NULL,
+    key_set_at REAL NOT NULL,
+    registered_at REAL NOT NULL,
+    recovered_at REAL,
+    pending_count INTEGER NOT NULL DEFAULT 0,
+    pending_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id BLOB NOT NULL UNIQUE,
+    sender TEXT NOT NULL,
+    header BLOB NOT NULL,
+    signature BLOB,
+    size INTEGER NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    accepted_at REAL,
+    expires_at REAL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (seq, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    recipient TEXT NOT NULL,
+    seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
+    PRIMARY KEY (recipient, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq);
+CREATE INDEX IF NOT EXISTS messages_expiry ON messages(expires_at);
+CREATE TABLE IF NOT EXISTS receipts (
+    rid INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    msg_id BLOB NOT NULL,
+    peer TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS receipts_user ON receipts(user, rid);
+"""
+
+
+def prepare_connection(conn):
+    """Pragmas for every connection: WAL, fsync at every commit (FULL), foreign keys, a busy timeout."""
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+
+
+@dataclasses.dataclass(frozen=True)
+class UserRecord:
+    name: str
+    public_key: str
+    fingerprint: bytes
+    token_salt: bytes
+    token_hash: bytes
+    key_set_at: float
+    registered_at: float
+    recovered_at: float
+    pending_count: int
+    pending_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredMessage:
+    """A pending delivery as read back: C{chunks} is None when the message is too large to read in one go."""
+
+    seq: int
+    msg_id: bytes
+    sender: str
+    header: bytes
+    signature: bytes
+    size: int
+    chunk_count: int
+    accepted_at: float
+    chunks: list
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    rid: int
+    msg_id: bytes
+    peer: str  # the recipient the receipt is about
+    status: str  # delivered, rejected or expired
+    reason: str
+    at: float
+
+
+class StoreError(PagerError):
+    """The database cannot be used."""
+
+
+def create_schema_txn(txn):
+    txn.executescript(_SCHEMA)
+    row = txn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        txn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        txn.execute("INSERT INTO meta VALUES ('server_id', ?)", (secrets.token_hex(16),))
+    elif int(row[0]) > SCHEMA_VERSION:
+        raise StoreError("The database was written by a newer pager (schema %s); upgrade pager." % row[0])
+    # Uploads that never completed (the server stopped mid-message) were never accepted: drop them.
+    txn.execute("DELETE FROM messages WHERE accepted_at IS NULL")
+    return txn.execute("SELECT value FROM meta WHERE key = 'server_id'").fetchone()[0]
+
+
+def add_user_txn(txn, name, pem, fp, salt, token_hash, now):
+    try:
+        txn.execute(
+            "INSERT INTO users (name, public_key, fingerprint, token_salt, token_hash, key_set_at, registered_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)", (name, pem, fp, salt, token_hash, now, now))
+    except sqlite3.IntegrityError:
+        raise UserExists("The user name %r is taken." % name)
+
+
+def get_user_txn(txn, name):
+    row = txn.execute(
+        "SELECT name, public_key, fingerprint, token_salt, token_hash, key_set_at, registered_at, recovered_at,"
+        " pending_count, pending_bytes FROM users WHERE name = ?", (name,)).fetchone()
+    return UserRecord(*row) if row else None
+
+
+def user_names_txn(txn):
+    return [row[0] for row in txn.execute("SELECT name FROM users ORDER BY name").fetchall()]
+
+
+def set_key_txn(txn, name, pem, fp, now, recovered):
+    if recovered:
+        txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ?, recovered_at = ?"
+                    " WHERE name = ?", (pem, fp, now, now, name))
+    else:
+        txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ? WHERE name = ?",
+                    (pem, fp, now, name))
+
+
+def _existing_message_txn(txn, msg_id, sender):
+    """The seq of an already accepted message C{msg_id} by C{sender}, or None; L{BadRequest} if the id is taken."""
+    row = txn.execute("SELECT seq, sender, accepted_at FROM messages WHERE msg_id = ?", (msg_id,)).fetchone()
+    if row is None:
+        return None
+    if row[1] != sender or row[2] is None:
+        raise BadRequest("That message id is already in use.")
+    return row[0], row[2]
+
+
+def begin_upload_txn(txn, msg_id, sender, header, size):
+    existing = _existing_message_txn(txn, msg_id, sender)
+    if existing is not None:
+        return existing[0], True
+    txn.execute("INSERT INTO messages (msg_id, sender, header, size, chunk_count) VALUES (?, ?, ?, ?, 0)",
+                (msg_id, sender, header, size))
+    return txn.lastrowid, False
+
+
+def add_chunks_txn(txn, seq, start, chunks):
+    txn.executemany("INSERT INTO chunks (seq, idx, data) VALUES (?, ?, ?)",
+                    [(seq, start + i, c) for i, c in enumerate(chunks)])
+
+
+def abort_upload_txn(txn, seq):
+    txn.execute("DELETE FROM messages WHERE seq = ? AND accepted_at IS NULL", (seq,))
+
+
+def check_recipients_txn(txn, recipients, size, limits):
+    """Raise L{UnknownUser} or L{QuotaExceeded} naming every recipient that cannot take a message of C{size}."""
+    unknown, full = [], []
+    for name in recipients:
+        row = txn.execute("SELECT pending_count, pending_bytes FROM users WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            unknown.append(name)
+        elif row[0] + 1 > limits.max_pending_messages or row[1] + size > limits.max_pending_bytes:
+            full.append(name)
+    if unknown:
+        raise UnknownUser("No such user: %s." % ", ".join(unknown))
+    if full:
+        raise QuotaExceeded("Too many pending messages for: %s." % ", ".join(full))
+
+
+def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None):
+    """
+    Commit a complete message for all of its recipients, or for none: returns C{(seq, accepted_at, duplicate)}.
+    C{seq} is that of an upload begun with L{begin_upload_txn}, whose chunks are already stored; otherwise the
+    message is new and C{chunks} are all of its chunk ciphertexts.
+    """
+    if seq is None:
+        existing = _existing_message_txn(txn, msg_id, sender)
+        if existing is not None:
+            return existing[0], existing[1], True
+    check_recipients_txn(txn, recipients, size, limits)
+    expires_at = now + limits.message_expiry
+    if seq is None:
+        txn.execute(
+            "INSERT INTO messages (msg_id, sender, header, signature, size, chunk_count, accepted_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (msg_id, sender, header, signature, size, len(chunks), now, expires_at))
+        seq = txn.lastrowid
+        add_chunks_txn(txn, seq, 0, chunks)
+    else:
+        count = txn.execute("SELECT COUNT(*) FROM chunks WHERE seq = ?", (seq,)).fetchone()[0]
+        txn.execute("UPDATE messages SET signature = ?, size = ?, chunk_count = ?, accepted_at = ?, expires_at = ?"
+                    " WHERE seq = ?", (signature, size, count, now, expires_at, seq))
+    txn.executemany("INSERT INTO deliveries (recipient, seq) VALUES (?, ?)", [(r, seq) for r in recipients])
+    txn.executemany("UPDATE users SET pending_count = pending_count + 1, pending_bytes = pending_bytes + ?"
+                    " WHERE name = ?", [(size, r) for r in recipients])
+    return seq, now, False
+
+
+def pending_txn(txn, user, after_seq, limit, inline_bytes):
+    """Up to C{limit} pending deliveries for C{user} after C{after_seq}, oldest first, small ones with chunks."""
+    rows = txn.execute(
+        "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at"
+        " FROM deliveries d JOIN messages m ON m.seq = d.seq"
+        " WHERE d.recipient = ? AND d.seq > ? ORDER BY d.seq LIMIT ?", (user, after_seq, limit)).fetchall()
+    out = []
+    for row in rows:
+        chunks = None
+        if row[5] <= inline_bytes:
+            chunks = chunks_txn(txn, row[0], 0, row[6])
+        out.append(StoredMessage(*row, chunks))
+    return out
+
+
+def chunks_txn(txn, seq, start, count):
+    return [bytes(r[0]) for r in txn.execute(
+        "SELECT data FROM chunks WHERE seq = ? AND idx >= ? ORDER BY idx LIMIT ?", (seq, start, count)).fetchall()]
+
+
+def _delete_delivery_txn(txn, user, seq, size):
+    txn.execute("DELETE FROM deliveries WHERE recipient = ? AND seq = ?", (user, seq))
+    txn.execute("UPDATE users SET pending_count = pending_count - 1, pending_bytes = pending_bytes - ?"
+                " WHERE name = ?", (size, user))
+    if txn.execute("SELECT 1 FROM deliveries WHERE seq = ? LIMIT 1", (seq,)).fetchone() is None:
+        txn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+
+
+def _add_receipt_txn(txn, user, msg_id, peer, status, reason, now):
+    txn.execute("INSERT INTO receipts (user, msg_id, peer, status, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
+                (user, msg_id, peer, status, reason, now))
+    return Receipt(txn.lastrowid, msg_id, peer, status, reason, now)
+
+
+def ack_txn(txn, user, msg_id, status, reason, now):
+    """
+    Delete C{user}'s own delivery of C{msg_id} (never another recipient's) and store a receipt for the sender.
+    Returns C{(sender, receipt)}; raises L{UnknownMessage} if C{user} has no such delivery.
+    """
+    row = txn.execute(
+        "SELECT m.seq, m.sender, m.size FROM messages m JOIN deliveries d ON d.seq = m.seq"
+        " WHERE m.msg_id = ? AND d.recipient = ?", (msg_id, user)).fetchone()
+    if row is None:
+        raise UnknownMessage()
+    seq, sender, size = row
+    _delete_delivery_txn(txn, user, seq, size)
+    return sender, _add_receipt_txn(txn, sender, msg_id, user, status, reason, now)
+
+
+def pending_receipts_txn(txn, user, after_rid, limit):
+    return [Receipt(r[0], bytes(r[1]), *r[2:]) for r in txn.execute(
+        "SELECT rid, msg_id, peer, status, reason, at FROM receipts WHERE user = ? AND rid > ? ORDER BY rid LIMIT ?",
+        (user, after_rid, limit)).fetchall()]
+
+
+def ack_receipt_txn(txn, user, rid):
+    txn.execute("DELETE FROM receipts WHERE user = ? AND rid = ?", (user, rid))
+    if txn.rowcount == 0:
+        raise UnknownMessage("No pending receipt %d for you." % rid)
+
+
+def expire_txn(txn, now, limit=1000):
+    """Drop deliveries past their expiry time; returns C{(sender, receipt)} pairs telling each sender."""
+    rows = txn.execute(
+        "SELECT d.recipient, m.seq, m.msg_id, m.sender, m.size FROM messages m JOIN deliveries d ON d.seq = m.seq"
+        " WHERE m.expires_at < ? LIMIT ?", (now, limit)).fetchall()
+    out = []
+    for recipient, seq, msg_id, sender, size in rows:
+        _delete_delivery_txn(txn, recipient, seq, size)
+        out.append((sender, _add_receipt_txn(txn, sender, msg_id, recipient, "expired",
+                                             "The message expired before it was delivered.", now)))
+    return out
+
+
+class _SynchronousPool:
+    """
+    A stand-in for L{adbapi.ConnectionPool} that runs each interaction at once on the calling thread.  Only for tests
+    that drive the server with a fake clock and transport; the server itself always uses a real pool.
+    """
+
+    def __init__(self, path):
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        prepare_connection(self._conn)
+
+    def runInteraction(self, fn, *args, **kwargs):
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            result = fn(_SyncTransaction(conn), *args, **kwargs)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            return defer.fail()
+        conn.execute("COMMIT")
+        return defer.succeed(result)
+
+    def start(self):
+        pass
+
+    def close(self):
+        self._conn.close()
+
+
+class _SyncTransaction:
+    def __init__(self, conn):
+        self._cursor = conn.cursor()
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+    def executescript(self, script):
+        for statement in script.split(";"):
+            if statement.strip():
+                self._cursor.execute(statement)
+
+
+class Store:
+    """
+    The server's database: users, pending messages and receipts.  Every method returns a Deferred and runs its SQL
+    on the pool's single thread.
+    """
+
+    def __init__(self, path, reactor=None, synchronous=False):
+        if synchronous:
+            self.pool = _SynchronousPool(path)
+        else:
+            kwargs = {"cp_reactor": reactor} if reactor is not None else {}
+            self.pool = adbapi.ConnectionPool(
+                "sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False, cp_openfun=prepare_connection,
+                **kwargs)
+        self.path = path
+
+    def _run(self, fn, *args):
+        return self.pool.runInteraction(fn, *args)
+
+    def open(self):
+        """Create or check the schema; fires with the server id."""
+        return self._run(create_schema_txn)
+
+    def close(self):
+        self.pool.close()
+
+    def add_user(self, name, pem, fp, salt, token_hash, now):
+        return self._run(add_user_txn, name, pem, fp, salt, token_hash, now)
+
+    def get_user(self, name):
+        return self._run(get_user_txn, name)
+
+    def user_names(self):
+        return self._run(user_names_txn)
+
+    def set_key(self, name, pem, fp, now, recovered=False):
+        return self._run(set_key_txn, name, pem, fp, now, recovered)
+
+    def begin_upload(self, msg_id, sender, header, size):
+        return self._run(begin_upload_txn, msg_id, sender, header, size)
+
+    def add_chunks(self, seq, start, chunks):
+        return self._run(add_chunks_txn, seq, start, chunks)
+
+    def abort_upload(self, seq):
+        return self._run(abort_upload_txn, seq)
+
+    def check_recipients(self, recipients, size, limits):
+        return self._run(check_recipients_txn, recipients, size, limits)
+
+    def accept_message(self, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None):
+        return self._run(accept_message_txn, msg_id, sender, header, signature, size, chunks, recipients, now,
+                         limits, seq)
+
+    def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024):
+        return self._run(pending_txn, user, after_seq, limit, inline_bytes)
+
+    def chunks(self, seq, start, count):
+        return self._run(chunks_txn, seq, start, count)
+
+    def ack(self, user, msg_id, status, reason, now):
+        return self._run(ack_txn, user, msg_id, status, reason, now)
+
+    def pending_receipts(self, user, after_rid, limit=500):
+        return self._run(pending_receipts_txn, user, after_rid, limit)
+
+    def ack_receipt(self, user, rid):
+        return self._run(ack_receipt_txn, user, rid)
+
+    def expire(self, now):
+        return self._run(expire_txn, now)
+
+
+#### Server ####
+
+
+class IdleTimeout(ProtocolError):
+    """The connection was idle for too long."""
+
+    code = "timeout"
+
+
+def _set_nodelay(transport):
+    """Turn off Nagle's algorithm: without it, Nagle and delayed ACKs add ~40 ms to every page."""
+    for candidate in (transport, getattr(transport, "transport", None)):
+        if candidate is not None and hasattr(candidate, "setTcpNoDelay"):
+            try:
+                candidate.setTcpNoDelay(True)
+            except OSError:
+                pass
+            return
+
+
+def _is_local(address):
+    """Whether a peer address is on this machine (loopback IP or a UNIX socket)."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return getattr(address, "name", None) is not None or address.__class__.__name__ == "UNIXAddress"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Flow:
+    """
+    The transport's view of our output: registered as a streaming producer, it is paused when the peer reads slower
+    than we write.  L{wait} gives a Deferred that fires when writing may go on.
+    """
+
+    def __init__(self):
+        self.paused = False
+        self._waiting = []
+
+    def wait(self):
+        if not self.paused:
+            return defer.succeed(None)
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def stopProducing(self):
+        self.resumeProducing()
+
+
+class _Feed:
+    """
+    One session's ordered feed of pending items (messages, or receipts): live items are pushed at once while the
+    feed is caught up and the peer keeps reading; otherwise the feed drains from the store in pages, in key order,
+    never pushing an item twice and never holding more than a page in memory.
+    """
+
+    def __init__(self, fetch, push, flow, log):
+        self._fetch = fetch  # after_key -> Deferred[list of items], oldest first
+        self._push = push  # item -> None or awaitable
+        self._flow = flow
+        self._log = log
+        self.cursor = 0
+        self.draining = False
+        self._more = False
+        self.closed = False
+
+    def offer(self, key, item):
+        """A new item was committed; C{item} is None when it must be read back from the store."""
+        if key <= self.cursor or self.closed:
+            return
+        if self.draining or item is None or self._flow.paused:
+            self.start()
+            return
+        self.cursor = key
+        self._push(item)
+
+    def start(self):
+        self._more = True
+        if not self.draining:
+            self.draining = True
+            Deferred.fromCoroutine(self._drain()).addErrback(
+                lambda f: self._log.failure("Draining a feed failed", f))
+
+    async def _drain(self):
+        try:
+            while not self.closed:
+                self._more = False
+                items = await self._fetch(self.cursor)
+                if not items:
+                    if self._more:
+                        continue
+                    return
+                for key, item in items:
+                    await self._flow.wait()
+                    if self.closed:
+                        return
+                    if key <= self.cursor:
+                        continue
+                    result = self._push(item)
+                    if result is not None:
+                        await result
+                    self.cursor = key
+        finally:
+            self.draining = False
+
+
+@dataclasses.dataclass
+class _Upload:
+    rid: object
+    verifier: EnvelopeVerifier
+    recipients: list
+    declared_size: int
+    seq: int
+    duplicate: bool
+    count: int = 0
+
+
+class PagerServerProtocol(LineReceiver, TimeoutMixin):
+    """
+    One client connection: unauthenticated, then logged in as one user, then closed.  Each request type has a
+    C{handle_<type>} coroutine that returns the fields of its C{ok} answer (or None for no answer yet) or raises a
+    L{PagerError}, which becomes an C{error} frame in L{_answer}.
+    """
+
+    delimiter = b"\n"
+    log = Logger()
+    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping"])
+    AUTH = frozenset(["register", "login", "rekey", "recover"])
+
+    def __init__(self):
+        self.user = None
+        self.key = None
+        self.receive = False
+        self.challenge = None
+        self.closed = False
+        self._in_flight = 0
+        self._holds = set()
+        self._upload = None
+        self._aborted_upload = None
+        self.flow = _Flow()
+        self.messages = self.receipts = None
+        self._commit_turn = None  # fires when the previous message's commit has been queued
+
+    # -- connection --
+
+    def connectionMade(self):
+        factory = self.factory
+        self.limits = factory.limits
+        self.callLater = factory.reactor.callLater
+        self.MAX_LENGTH = self.limits.max_line_unauthenticated
+        self.peer = self.transport.getPeer()
+        _set_nodelay(self.transport)
+        self.transport.registerProducer(self.flow, True)
+        self.setTimeout(self.limits.login_timeout)
+        self.challenge = secrets.token_bytes(CHALLENGE_SIZE)
+        factory.connections += 1
+        self.send_frame({
+            "type": "hello", "protocol": PROTOCOL_VERSION, "server": SOFTWARE, "server_id": factory.server_id,
+            "challenge": b64(self.challenge), "limits": self.limits.public(),
+        })
+
+    def connectionLost(self, reason):
+        self.closed = True
+        self.setTimeout(None)
+        self.factory.connections -= 1
+        for feed in (self.messages, self.receipts):
+            if feed is not None:
+                feed.closed = True
+        self.flow.stopProducing()
+        if self.user is not None:
+            self.factory.session_ended(self)
+            self.log.info("{user} disconnected", user=self.user)
+        upload, self._upload = self._upload, None
+        if upload is not None and not upload.duplicate:
+            self.factory.store.abort_upload(upload.seq).addErrback(
+                lambda f: self.log.failure("Dropping an unfinished upload failed", f))
+
+    def timeoutConnection(self):
+        self.send_error(None, IdleTimeout(
+            "Closing the connection: no login within %d seconds." % self.limits.login_timeout if self.user is None
+            else "Closing the connection: idle for %d seconds." % self.limits.idle_timeout))
+        self.close()
+
+    def close(self):
+        self.closed = True
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line):
+        self.send_error(None, TooLarge("The line is longer than the limit of %d bytes." % self.MAX_LENGTH))
+        self.close()
+
+    # -- frames --
+
+    def send_frame(self, frame):
+        if not self.closed:
+            self.transport.write(encode_frame(frame) + b"\n")
+
+    def send_error(self, rid, error, **extra):
+        frame = {"type": "error", "code": error.code, "message": error.message}
+        if rid is not None:
+            frame["id"] = rid
+        frame.update(extra)
+        self.send_frame(frame)
+
+    def _hold(self, reason):
+        """Stop reading requests until L{_release}: bounds what one connection can make the server buffer."""
+        if not self._holds:
+            self.pauseProducing()
+        self._holds.add(reason)
+
+    def _release(self, reason):
+        self._holds.discard(reason)
+        if not self._holds and not self.closed:
+            self.resumeProducing()
+
+    def lineReceived(self, line):
+        if self.closed:
+            return
+        self.resetTimeout()
+        try:
+            frame = decode_frame(line)
+        except PagerError as e:
+            self.send_error(request_id_of_raw(line), e)
+            return
+        kind = frame["type"]
+        rid = request_id(frame)
+        try:
+            handler = getattr(self, "handle_" + kind, None)
+            if handler is None:
+                raise BadRequest("Unknown frame type %r." % kind)
+            if rid is None:
+                raise BadRequest('A request needs an "id": a string of at most 64 characters or an integer.')
+            if self.user is None and kind not in self.PUBLIC:
+                raise NotAuthenticated()
+            coroutine = handler(frame, rid)
+        except PagerError as e:
+            self._answer_error(kind, rid, e)
+            return
+        self._in_flight += 1
+        if self._in_flight >= self.limits.max_in_flight:
+            self._hold("in_flight")
+        d = Deferred.fromCoroutine(coroutine)
+        d.addCallbacks(self._answer, self._answer_failure, callbackArgs=(kind, rid), errbackArgs=(kind, rid))
+
+    def _answer(self, fields, kind, rid):
+        self._done()
+        if fields is not None:
+            frame = {"type": "ok", "id": rid}
+            frame.update(fields)
+            if kind in self.AUTH:
+                frame["challenge"] = b64(self.challenge)
+            self.send_frame(frame)
+
+    def _answer_failure(self, failure, kind, rid):
+        self._done()
+        error = failure.value
+        if not isinstance(error, PagerError):
+            self.log.failure("Handling a {kind} request failed", failure, kind=kind)
+            error = InternalError()
+        elif isinstance(error, EnvelopeError):
+            error = BadRequest(error.message)
+        self._answer_error(kind, rid, error)
+
+    def _answer_error(self, kind, rid, error):
+        if kind in self.AUTH and self.challenge is not None:
+            self.send_error(rid, error, challenge=b64(self.challenge))
+        else:
+            self.send_error(rid, error)
+
+    def _done(self):
+        self._in_flight -= 1
+        if self._in_flight < self.limits.max_in_flight:
+            self._release("in_flight")
+
+    # -- authentication --
+
+    def _take_challenge(self):
+        """The challenge to check this request's proof against; a fresh one replaces it for the next request."""
+        challenge, self.challenge = self.challenge, secrets.token_bytes(CHALLENGE_SIZE)
+        return challenge
+
+    def _token(self, frame):
+        token = field_str(frame, "token", MAX_TOKEN_LENGTH)
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise BadRequest("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+        return token
+
+    def _require_logged_out(self):
+        if self.user is not None:
+            raise BadRequest("This connection is already logged in as %s." % self.user)
+
+    async def _check_proof(self, key, proof, purpose, user, challenge, key_fp):
+        if not await self.factory.in_thread(verify_auth, key, proof, purpose, user, challenge, key_fp):
+            raise AuthFailed("The proof of key possession does not verify.")
+
+    async def handle_register(self, frame, rid):
+        self._require_logged_out()
+        challenge = self._take_challenge()
+        user = field_username(frame)
+        key = load_public_key(field_str(frame, "public_key", 16384))
+        token = self._token(frame)
+        proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
+        fp = fingerprint(key)
+        store = self.factory.store
+        await self._check_proof(key, proof, "register", user, challenge, fp)
+        if await store.get_user(user) is not None:
+            raise UserExists("The user name %r is taken." % user)
+        salt = secrets.token_bytes(ARGON2_SALT_SIZE)
+        token_hash = await self.factory.hash_token(token, salt)
+        await store.add_user(user, public_key_pem(key), fp, salt, token_hash, self.factory.now())
+        self.log.info("{user} registered from {peer}", user=user, peer=_peer_text(self.peer))
+        self._logged_in(user, key, receive=True)
+        return {"user": user}
+
+    async def _authenticate(self, frame, purpose, challenge):
+        """Check the user's token; C{(record, key)}.  Unknown users and wrong tokens get the same answer."""
+        user = field_username(frame)
+        token = self._token(frame)
+        record = await self.factory.store.get_user(user)
+        if record is None:
+            raise AuthFailed()
+        return user, token, record, load_public_key(record.public_key)
+
+    async def _check_token(self, token, record):
+        if not await self.factory.check_token(token, record):
+            raise AuthFailed()
+
+    async def handle_login(self, frame, rid):
+        self._require_logged_out()
+        challenge = self._take_challenge()
+        proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
+        receive = field_bool(frame, "receive", True)
+        user, token, record, key = await self._authenticate(frame, "login", challenge)
+        # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
+        if not await self.factory.in_thread(verify_auth, key, proof, "login", user, challenge, record.fingerprint):
+            raise AuthFailed()
+        await self._check_token(token, record)
+        self.log.info("{user} logged in from {peer}{mode}", user=user, peer=_peer_text(self.peer),
+                      mode="" if receive else " (send-only)")
+        self._logged_in(user, key, receive)
+        return {"user": user}
+
+    async def handle_rekey(self, frame, rid):
+        challenge = self._take_challenge()
+        new_key = load_public_key(field_str(frame, "public_key", 16384))
+        proof_old = field_b64(frame, "proof_old", RSA_MAX_BITS // 8)
+        proof_new = field_b64(frame, "proof_new", RSA_MAX_BITS // 8)
+        user, token, record, old_key = await self._authenticate(frame, "rekey", challenge)
+        if self.user is not None and self.user != user:
+            raise BadRequest("This connection is logged in as %s." % self.user)
+        new_fp = fingerprint(new_key)
+        if not await self.factory.in_thread(verify_auth, old_key, proof_old, "rekey", user, challenge, new_fp):
+            raise AuthFailed()
+        await self._check_proof(new_key, proof_new, "rekey", user, challenge, new_fp)
+        await self._check_token(token, record)
+        await self.factory.store.set_key(user, public_key_pem(new_key), new_fp, self.factory.now())
+        self.log.info("{user} replaced their key (new fingerprint {fp})", user=user, fp=new_fp.hex())
+        self.factory.key_changed(user, new_key)
+        return {"user": user, "fingerprint": new_fp.hex()}
+
+    async def handle_recover(self, frame, rid):
+        challenge = self._take_challenge()
+        limits = self.limits
+        if not limits.allow_recovery:
+            raise Forbidden("This server does not allow lost-key recovery; ask its operator.")
+        if not (interfaces.ISSLTransport.providedBy(self.transport) or _is_local(self.peer)):
+            raise Forbidden("Lost-key recovery needs TLS when not connecting from this machine.")
+        new_key = load_public_key(field_str(frame, "public_key", 16384))
+        proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
+        user, token, record, _ = await self._authenticate(frame, "recover", challenge)
+        if self.user is not None and self.user != user:
+            raise BadRequest("This connection is logged in as %s." % self.user)
+        now = self.factory.now()
+        if record.recovered_at is not None and now - record.recovered_at < limits.recovery_interval:
+            raise RateLimited("This account recovered its key recently; try again later.")
+        new_fp = fingerprint(new_key)
+        await self._check_proof(new_key, proof, "recover", user, challenge, new_fp)
+        await self._check_token(token, record)
+        await self.factory.store.set_key(user, public_key_pem(new_key), new_fp, now, recovered=True)
+        self.log.warn("{user} recovered their account with the safetoken alone from {peer} (new fingerprint {fp})",
+                      user=user, peer=_peer_text(self.peer), fp=new_fp.hex())
+        self.factory.key_changed(user, new_key)
+        return {"user": user, "fingerprint": new_fp.hex()}
+
+    def _logged_in(self, user, key, receive):
+        self.user, self.key, self.receive = user, key, receive
+        self.key_fingerprint = fingerprint(key)
+        self.MAX_LENGTH = self.limits.max_line
+        self.setTimeout(self.limits.idle_timeout)
+        store = self.factory.store
+        if receive:
+            self.messages = _Feed(
+                lambda after: store.pending(user, after, 100, self.factory.inline_bytes).addCallback(
+                    lambda ms: [(m.seq, m) for m in ms]),
+                self._push_message, self.flow, self.log)
+            self.receipts = _Feed(
+                lambda after: store.pending_receipts(user, after).addCallback(lambda rs: [(r.rid, r) for r in rs]),
+                self._push_receipt, self.flow, self.log)
+        self.factory.session_started(self)
+        if receive:
+            self.messages.start()
+            self.receipts.start()
+
+    # -- directory --
+
+    async def handle_ping(self, frame, rid):
+        return {}
+
+    async def handle_users(self, frame, rid):
+        return {"online": sorted(self.factory.online), "registered": await self.factory.store.user_names()}
+
+    async def handle_key(self, frame, rid):
+        user = field_username(frame)
+        record = await self.factory.store.get_user(user)
+        if record is None:
+            raise UnknownUser("No such user: %s." % user)
+        return {"user": user, "public_key": record.public_key, "fingerprint": bytes(record.fingerprint).hex(),
+                "key_set_at": record.key_set_at}
+
+    # -- sending --
+
+    def _chunks(self, frame):
+        return field_b64_list(frame, "chunks", self.limits.max_line // 4, MAX_CHUNK_SIZE + GCM_TAG_SIZE)
+
+    def _signature(self, frame):
+        return field_b64(frame, "signature", RSA_MAX_BITS // 8, required=False)
+
+    async def handle_send(self, frame, rid):
+        if self._upload is not None:
+            raise BadRequest("Another message is still being uploaded on this connection.")
+        to = field_usernames(frame, "to")
+        size = field_int(frame, "size", 0, 2 ** 53)
+        if size > self.limits.max_message:
+            raise TooLarge("The message is larger than the limit of %d bytes." % self.limits.max_message)
+        header = field_b64(frame, "header", self.limits.max_line)
+        chunks = self._chunks(frame)
+        signature = self._signature(frame)
+        verifier = EnvelopeVerifier(header, size)
+        parsed = verifier.header
+        if parsed.sender != self.user:
+            raise Forbidden("The envelope's sender is %s, not you." % parsed.sender)
+        if not hmac.compare_digest(parsed.sender_fingerprint, self.key_fingerprint):
+            raise Forbidden("The envelope is signed with a key other than your registered key.")
+        if parsed.recipient_names != to:
+            raise BadRequest('The envelope\'s recipients are not exactly the "to" list.')
+        for chunk in chunks:
+            verifier.update(chunk)
+        if signature is not None:
+            return await self._accept(verifier, to, size, chunks, signature, None)
+        # A message in several frames: store the chunks as they come, reading one frame at a time.
+        self._hold("upload")
+        try:
+            store = self.factory.store
+            await store.check_recipients(to, size, self.limits)
+            seq, duplicate = await store.begin_upload(parsed.message_id, self.user, header, size)
+            upload = _Upload(rid, verifier, to, size, seq, duplicate)
+            if not duplicate:
+                await store.add_chunks(seq, 0, chunks)
+            upload.count = len(chunks)
+            self._upload = upload
+        finally:
+            self._release("upload")
+        return None
+
+    async def handle_chunk(self, frame, rid):
+        upload = self._upload
+        signature = self._signature(frame)
+        if upload is None or upload.rid != rid:
+            if self._aborted_upload == rid:
+                if signature is not None:
+                    self._aborted_upload = None
+                return None  # the rest of an upload already refused: its error was sent
+            raise BadRequest("No upload with that id is in progress.")
+        self._hold("upload")
+        try:
+            chunks = self._chunks(frame)
+            for chunk in chunks:
+                upload.verifier.update(chunk)
+            if not upload.duplicate:
+                await self.factory.store.add_chunks(upload.seq, upload.count, chunks)
+            upload.count += len(chunks)
+            if signature is None:
+                return None
+            self._upload = None
+            return await self._accept(upload.verifier, upload.recipients, upload.declared_size, None, signature,
+                                      upload)
+        except BaseException:
+            if self._upload is upload:
+                self._upload = None
+                if signature is None:
+                    self._aborted_upload = rid
+            if not upload.duplicate:
+                await self.factory.store.abort_upload(upload.seq)
+            raise
+        finally:
+            self._release("upload")
+
+    async def _accept(self, verifier, recipients, size, chunks, signature, upload):
+        """
+        Check the signature, commit the message for all recipients, and only then answer accepted.  Signatures are
+        checked in parallel threads, but commits are queued in the order the messages arrived on this connection.
+        """
+        header = verifier.header
+        turn, previous = Deferred(), self._commit_turn
+        self._commit_turn = turn
+        try:
+            if verifier.size != size:
+                raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
+            if upload is not None and upload.duplicate:
+                return {"msg": header.message_id.hex(), "duplicate": True}
+            await self.factory.in_thread(verifier.verify, signature, self.key)
+            if previous is not None:
+                await previous
+            committed = self.factory.store.accept_message(
+                header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
+                self.limits, None if upload is None else upload.seq)
+        finally:
+            if self._commit_turn is turn:
+                self._commit_turn = None
+            turn.callback(None)
+        seq, accepted_at, duplicate = await committed
+        if not duplicate:
+            inline = chunks if chunks is not None and size <= self.factory.inline_bytes else None
+            self.factory.message_accepted(StoredMessage(
+                seq, header.message_id, self.user, header.raw, signature, size, verifier.chunk_count,
+                accepted_at, inline), recipients)
+        return {"msg": header.message_id.hex(), "duplicate": duplicate}
+
+    # -- receiving --
+
+    def _push_message(self, message):
+        """Send one pending message; returns a Deferred when its chunks must be streamed from the store."""
+        frame = {
+            "type": "message", "msg": message.msg_id.hex(), "from": message.sender, "size": message.size,
+            "accepted_at": message.accepted_at, "header": b64(message.header),
+        }
+        if message.chunks is not None:
+            encoded = [b64(c) for c in message.chunks]
+            if sum(len(c) + 3 for c in encoded) + len(frame["header"]) + 1024 < self.limits.max_line:
+                frame["chunks"] = encoded
+                frame["signature"] = b64(message.signature)
+                self.send_frame(frame)
+                return None
+        frame["chunks"] = []
+        self.send_frame(frame)
+        return Deferred.fromCoroutine(self._stream_chunks(message))
+
+    async def _stream_chunks(self, message):
+        """Send a large message's chunks one frame each, as fast as the recipient reads them."""
+        store = self.factory.store
+        for index in range(message.chunk_count):
+            await self.flow.wait()
+            if self.closed:
+                return
+            if message.chunks is not None:
+                chunk = message.chunks[index]
+            else:
+                chunk = (await store.chunks(message.seq, index, 1))[0]
+            frame = {"type": "message_chunk", "msg": message.msg_id.hex(), "chunks": [b64(chunk)]}
+            if index == message.chunk_count - 1:
+                frame["signature"] = b64(message.signature)
+            self.send_frame(frame)
+
+    def _push_receipt(self, receipt):
+        self.send_frame({
+            "type": "receipt", "receipt": receipt.rid, "msg": receipt.msg_id.hex(), "from": receipt.peer,
+            "status": receipt.status, "reason": receipt.reason, "at": receipt.at,
+        })
+
+    def _msg_id(self, frame):
+        msg = field_str(frame, "msg", MESSAGE_ID_SIZE * 2)
+        try:
+            msg_id = bytes.fromhex(msg)
+        except ValueError:
+            msg_id = b""
+        if len(msg_id) != MESSAGE_ID_SIZE:
+            raise BadRequest('The field "msg" must be a message id: %d hex digits.' % (MESSAGE_ID_SIZE * 2))
+        return msg_id
+
+    async def handle_ack(self, frame, rid):
+        if "receipt" in frame:
+            await self.factory.store.ack_receipt(self.user, field_int(frame, "receipt", 1, 2 ** 63))
+            return {}
+        return await self._settle(self._msg_id(frame), "delivered", "")
+
+    async def handle_reject(self, frame, rid):
+        msg_id = self._msg_id(frame)
+        reason = field_str(frame, "reason", 500)
+        return await self._settle(msg_id, "rejected", reason)
+
+    async def _settle(self, msg_id, status, reason):
+        sender, receipt = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now())
+        self.factory.receipt_created(sender, receipt)
+        return {}
+
+
+def request_id_of_raw(line):
+    """The request id of a frame that failed validation, when it can still be read, so the error can echo it."""
+    try:
+        frame = json.loads(bytes(line).decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    return request_id(frame) if isinstance(frame, dict) else None
+
+
+def _peer_text(address):
+    host = getattr(address, "host", None)
+    return "%s:%s" % (host, address.port) if host is not None else str(address)
+
+
+class PagerServerFactory(protocol.Factory):
+    """
+    The server's shared state: the store, the limits, the sessions online, and the thread pool that does RSA and
+    Argon2id work off the reactor.
+    """
+
+    protocol = PagerServerProtocol
+    log = Logger()
+    inline_bytes = 48 * 1024  # messages up to this size are pushed from memory and read back with their chunks
+
+    def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.store = store
+        self.limits = limits or Limits()
+        self.server_id = server_id
+        if in_thread is None:
+            def in_thread(f, *args, **kwargs):
+                return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+        self.in_thread = in_thread
+        self.online = {}  # user -> set of sessions
+        self.receivers = {}  # user -> set of sessions that take messages
+        self.connections = 0
+        self._hashing = defer.DeferredSemaphore(self.limits.argon2_concurrency)
+        self._expiry = None
+
+    def now(self):
+        return self.reactor.seconds()
+
+    def hash_token(self, token, salt):
+        """Argon2id in the thread pool, at most C{argon2_concurrency} at once, refusing logins past the queue."""
+        if len(self._hashing.waiting) >= self.limits.argon2_queue:
+            raise RateLimited("The server is busy with other logins; try again in a moment.")
+        return self._hashing.run(self.in_thread, hash_token, token, salt)
+
+    async def check_token(self, token, record):
+        return hmac.compare_digest(await self.hash_token(token, bytes(record.token_salt)), bytes(record.token_hash))
+
+    def session_started(self, session):
+        self.online.setdefault(session.user, set()).add(session)
+        if session.receive:
+            self.receivers.setdefault(session.user, set()).add(session)
+
+    def session_ended(self, session):
+        for table in (self.online, self.receivers):
+            sessions = table.get(session.user)
+            if sessions is not None:
+                sessions.discard(session)
+                if not sessions:
+                    del table[session.user]
+
+    def key_changed(self, user, key):
+        for session in self.online.get(user, ()):
+            session.key, session.key_fingerprint = key, fingerprint(key)
+
+    def message_accepted(self, message, recipients):
+        for name in recipients:
+            for session in list(self.receivers.get(name, ())):
+                session.messages.offer(message.seq, message)
+
+    def receipt_created(self, user, receipt):
+        for session in list(self.receivers.get(user, ())):
+            session.receipts.offer(receipt.rid, receipt)
+
+    def start_expiry(self, interval=None):
+        """Drop expired deliveries now and then, telling their senders."""
+        if interval is None:
+            interval = min(3600.0, self.limits.message_expiry / 10)
+        self._expiry = task.LoopingCall(self.expire)
+        self._expiry.clock = self.reactor
+        self._expiry.start(interval, now=True).addErrback(lambda f: self.log.failure("Message expiry failed", f))
+
+    def stop_expiry(self):
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
+
+    async def expire(self):
+        for sender, receipt in await self.store.expire(self.now()):
+            self.log.info("A message from {sender} to {peer} expired undelivered", sender=sender, peer=receipt.peer)
+            self.receipt_created(sender, receipt)
+
+
+class PagerService(service.Service):
+    """Opens the store, then listens; on stop, stops listening, then closes the store."""
+
+    log = Logger()
+
+    def __init__(self, endpoint, store, factory, description):
+        self.endpoint, self.store, self.factory, self.description = endpoint, store, factory, description
+        self.port = None
+        self.ready = None
+
+    def startService(self):
+        super().startService()
+        self.ready = Deferred.fromCoroutine(self._start())
+        self.ready.addErrback(self._failed)
+
+    async def _start(self):
+        self.factory.server_id = await self.store.open()
+        self.port = await self.endpoint.listen(self.factory)
+        self.factory.start_expiry()
+        self.log.info("pager {version} listening on {address}, database {db}", version=__version__,
+                      address=self.description, db=self.store.path)
+        return self.port
+
+    def _failed(self, failure):
+        self.log.critical("pager could not start: {error}", error=failure.getErrorMessage())
+        reactor = self.factory.reactor
+        if reactor.running:
+            reactor.stop()
+        return failure
+
+    async def _stop(self):
+        self.factory.stop_expiry()
+        if self.port is not None:
+            await self.port.stopListening()
+        self.store.close()
+
+    def stopService(self):
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+
+#### Client ####
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliveryReceipt:
+    """What became of a message this client sent: C{status} is delivered, rejected or expired."""
+
+    rid: int
+    message_id: str  # hex
+    peer: str
+    status: str
+    reason: str
+    at: float
+
+
+class PagerClientProtocol(LineReceiver):
+    """
+    The client side of one connection: sends requests with fresh ids and fires their Deferreds with the answers;
+    hands pushed frames (message, message_chunk, receipt) to its C{listener}.  Never prints.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 16 * 1024  # until the server's hello says more
+    log = Logger()
+
+    def __init__(self):
+        self.hello = Deferred()
+        self.done = Deferred()  # fires with the reason when the connection is gone
+        self.server_error = None  # an error frame without an id: why the server closed the connection
+        self.challenge = None
+        self.limits = {}
+        self.listener = None
+        self.flow = _Flow()
+        self._pending = {}
+        self._next_id = 0
+
+    def connectionMade(self):
+        _set_nodelay(self.transport)
+        self.transport.registerProducer(self.flow, True)
+
+    def connectionLost(self, reason):
+        error = self.server_error or ConnectionLost()
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(error)
+        if not self.hello.called:
+            self.hello.errback(error)
+        self.flow.stopProducing()
+        if self.listener is not None:
+            self.listener.connection_lost(error)
+        self.done.callback(error)
+
+    def lineLengthExceeded(self, line):
+        self.server_error = TooLarge("The server sent a line longer than %d bytes." % self.MAX_LENGTH)
+        self.transport.loseConnection()
+
+    def _refuse(self, why):
+        self.log.warn("Closing the connection: {why}", why=why)
+        self.server_error = BadRequest(why)
+        self.transport.loseConnection()
+
+    def lineReceived(self, line):
+        try:
+            frame = decode_frame(line)
+        except BadRequest as e:
+            return self._refuse("the server sent a bad frame: " + e.message)
+        kind = frame["type"]
+        if "challenge" in frame and kind != "hello":
+            self._take_challenge(frame)
+        if kind in ("ok", "error"):
+            d = self._pending.pop(frame.get("id"), None)
+            if kind == "ok" and d is not None:
+                d.callback(frame)
+            elif kind == "error":
+                error = error_for_code(str(frame.get("code")), str(frame.get("message")))
+                if d is not None:
+                    d.errback(error)
+                else:
+                    self.server_error = error
+        elif kind == "hello":
+            self._hello(frame)
+        elif kind in ("message", "message_chunk", "receipt") and self.listener is not None:
+            self.listener.frame_received(frame)
+
+    def _take_challenge(self, frame):
+        value = frame.get("challenge")
+        try:
+            challenge = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+        except ValueError:
+            challenge = b""
+        # A challenge that is not exactly 32 random bytes could be data a hostile server wants signed: never use it.
+        self.challenge = challenge if len(challenge) == CHALLENGE_SIZE else None
+
+    def _hello(self, frame):
+        if self.hello.called:
+            return
+        if frame.get("protocol") != PROTOCOL_VERSION:
+            return self._refuse("the server speaks protocol version %r; this client speaks %d"
+                                % (frame.get("protocol"), PROTOCOL_VERSION))
+        self._take_challenge(frame)
+        if self.challenge is None:
+            return self._refuse("the server's login challenge is not %d bytes" % CHALLENGE_SIZE)
+        limits = frame.get("limits")
+        if not isinstance(limits, dict) or not isinstance(frame.get("server_id"), str):
+            return self._refuse("the server's hello is malformed")
+        self.limits = limits
+        max_line = limits.get("max_line")
+        if isinstance(max_line, int) and not isinstance(max_line, bool):
+            self.MAX_LENGTH = max(self.MAX_LENGTH, min(max_line, 64 * 1024 * 1024) + 1024)
+        self.hello.callback(frame)
+
+    def send_frame(self, frame):
+        self.transport.write(encode_frame(frame) + b"\n")
+
+    def new_id(self):
+        self._next_id += 1
+        return self._next_id
+
+    def request(self, kind, **fields):
+        """Send a request; the Deferred fires with the C{ok} frame or fails with the error's exception."""
+        rid = fields.pop("id", None) or self.new_id()
+        d = self._pending[rid] = Deferred()
+        frame = {"type": kind, "id": rid}
+        frame.update(fields)
+        self.send_frame(frame)
+        return d
+
+
+class MemorySeen:
+    """The duplicate store kept in memory only: for tests and for clients without a home directory."""
+
+    def __init__(self):
+        self._seen = set()
+
+    def contains(self, sender, msg_id):
+        return defer.succeed((sender, msg_id) in self._seen)
+
+    def add(self, sender, msg_id, now):
+        self._seen.add((sender, msg_id))
+        return defer.succeed(None)
+
+    def close(self):
+        pass
+
+
+def _seen_schema_txn(txn, keep_until):
+    txn.execute("CREATE TABLE IF NOT EXISTS seen (sender TEXT NOT NULL, msg_id BLOB NOT NULL, at REAL NOT NULL,"
+                " PRIMARY KEY (sender, msg_id)) WITHOUT ROWID")
+    txn.execute("DELETE FROM seen WHERE at < ?", (keep_until,))
+
+
+def _seen_contains_txn(txn, sender, msg_id):
+    return txn.execute("SELECT 1 FROM seen WHERE sender = ? AND msg_id = ?", (sender, msg_id)).fetchone() is not None
+
+
+def _seen_add_txn(txn, sender, msg_id, now):
+    txn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (sender, msg_id, now))
+
+
+class SeenStore:
+    """
+    The client's persistent duplicate store: the (verified sender, message id) pairs already handed to the user,
+    kept as long as the server may still redeliver them (its message expiry, plus a day).
+    """
+
+    def __init__(self, path, reactor=None):
+        kwargs = {"cp_reactor": reactor} if reactor is not None else {}
+        self.pool = adbapi.ConnectionPool("sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
+                                          cp_openfun=prepare_connection, **kwargs)
+
+    def open(self, now, keep=Limits.message_expiry + 86400):
+        return self.pool.runInteraction(_seen_schema_txn, now - keep)
+
+    def contains(self, sender, msg_id):
+        return self.pool.runInteraction(_seen_contains_txn, sender, msg_id)
+
+    def add(self, sender, msg_id, now):
+        return self.pool.runInteraction(_seen_add_txn, sender, msg_id, now)
+
+    def close(self):
+        self.pool.close()
+
+
+@dataclasses.dataclass
+class _Incoming:
+    msg: str
+    sender: str
+    accepted_at: float
+    header: bytes
+    chunks: list
+    signature: bytes = None
+    size: int = 0
+
+
+class PagerClient:
+    """
+    The client API the terminal client, the script commands and the tests use.  Every method is a coroutine;
+    server errors are raised as the L{ProtocolError} subclass for their code.
+
+    Incoming messages are verified and decrypted in a thread, handed to C{on_message(message)} (an
+    L{OpenedMessage}; it may return a Deferred), and acknowledged only after that hand-off succeeded; a message
+    that cannot be opened is rejected with the reason, and C{on_rejected(msg_id, sender, error)} is told.  Delivery
+    receipts go to C{on_receipt(receipt)}.  Duplicates (same verified sender and message id) are acknowledged without
+    being handed off twice.
+    """
+
+    log = Logger()
+
+    def __init__(self, protocol, reactor=None, in_thread=None, seen=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.protocol = protocol
+        protocol.listener = self
+        self.hello = protocol.hello.result if protocol.hello.called else None
+        if in_thread is None:
+            def in_thread(f, *args, **kwargs):
+                return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+        self.in_thread = in_thread
+        self.seen = seen if seen is not None else MemorySeen()
+        self.user = None
+        self.private_key = None
+        self.on_message = None
+        self.on_receipt = None
+        self.on_rejected = None
+        self.on_disconnect = None
+        self._keys = {}  # user -> (public key, fingerprint)
+        self._incoming = {}  # msg id (hex) -> _Incoming still receiving chunks
+        self._queue = collections.deque()
+        self._working = False
+        self._keepalive = None
+
+    @classmethod
+    async def connect(cls, endpoint, reactor=None, timeout=30, **kwargs):
+        """Connect to a client endpoint (or endpoint string like C{tcp:host:5050}) and wait for the hello."""
+        if reactor is None:
+            from twisted.internet import reactor
+        if isinstance(endpoint, str):
+            endpoint = endpoints.clientFromString(reactor, endpoint)
+        proto = await endpoints.connectProtocol(endpoint, PagerClientProtocol())
+        hello = proto.hello
+        hello.addTimeout(timeout, reactor)
+        await hello
+        return cls(proto, reactor, **kwargs)
+
+    @property
+    def server_id(self):
+        return self.hello["server_id"]
+
+    @property
+    def limits(self):
+        return self.protocol.limits
+
+    def close(self):
+        """Close the connection; the Deferred fires once it is closed."""
+        self._stop_keepalive()
+        if self.protocol.transport is not None and self.protocol.transport.connected:
+            self.protocol.transport.loseConnection()
+        return self.protocol.done
+
+    # -- accounts --
+
+    def _challenge(self):
+        if self.protocol.challenge is None:
+            raise BadRequest("The server's login challenge is missing or malformed; refusing to sign it.")
+        return self.protocol.challenge
+
+    async def register(self, user, token, private_key):
+        """Create the account C{user} with this key and safetoken; the connection is then logged in."""
+        user = canonical_username(user)
+        proof = await self.in_thread(sign_auth, private_key, "register", user, self._challenge())
+        await self.protocol.request("register", user=user, public_key=public_key_pem(private_key), token=token,
+                                    proof=b64(proof))
+        self._logged_in(user, private_key, True)
+
+    async def login(self, user, token, private_key, receive=True):
+        """Log in; with C{receive=False} the session only sends and never takes the user's incoming messages."""
+        user = canonical_username(user)
+        proof = await self.in_thread(sign_auth, private_key, "login", user, self._challenge())
+        await self.protocol.request("login", user=user, token=token, proof=b64(proof), receive=receive)
+        self._logged_in(user, private_key, receive)
+
+    async def rekey(self, user, token, old_key, new_key):
+        """Replace the account's key: needs the safetoken and proofs by both keys."""
+        user = canonical_username(user)
+        challenge = self._challenge()
+        new_fp = fingerprint(new_key)
+        proof_old = await self.in_thread(sign_auth, old_key, "rekey", user, challenge, new_fp)
+        proof_new = await self.in_thread(sign_auth, new_key, "rekey", user, challenge, new_fp)
+        await self.protocol.request("rekey", user=user, token=token, public_key=public_key_pem(new_key),
+                                    proof_old=b64(proof_old), proof_new=b64(proof_new))
+        if self.user == user:
+            self.private_key = new_key
+
+    async def recover(self, user, token, new_key):
+        """Replace a lost key with the safetoken alone (throttled, and refused over plain TCP from afar)."""
+        user = canonical_username(user)
+        proof = await self.in_thread(sign_auth, new_key, "recover", user, self._challenge())
+        await self.protocol.request("recover", user=user, token=token, public_key=public_key_pem(new_key),
+                                    proof=b64(proof))
+        if self.user == user:
+            self.private_key = new_key
+
+    def _logged_in(self, user, private_key, receive):
+        self.user, self.private_key, self.receive = user, private_key, receive
+        self._start_keepalive()
+
+    def _start_keepalive(self):
+        idle = self.limits.get("idle_timeout")
+        if isinstance(idle, (int, float)) and idle > 0 and self._keepalive is None:
+            self._keepalive = task.LoopingCall(self._ping_quietly)
+            self._keepalive.clock = self.reactor
+            self._keepalive.start(max(idle / 3.0, 1.0), now=False)
+
+    def _stop_keepalive(self):
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        self._keepalive = None
+
+    def _ping_quietly(self):
+        self.protocol.request("ping").addErrback(lambda f: None)
+
+    # -- directory --
+
+    async def ping(self):
+        await self.protocol.request("ping")
+
+    async def users(self):
+        """C{(online, registered)}: two sorted lists of user names."""
+        answer = await self.protocol.request("users")
+        return answer.get("online", []), answer.get("registered", [])
+
+    async def public_key(self, user, refresh=False):
+        """C{(key, fingerprint)} for C{user}, from the server (cached for this connection)."""
+        user = canonical_username(user)
+        if user not in self._keys or refresh:
+            answer = await self.protocol.request("key", user=user)
+            key = load_public_key(answer.get("public_key", ""))
+            fp = fingerprint(key)
+            if answer.get("fingerprint") != fp.hex():
+                raise BadKey("The server's fingerprint for %s does not match the key it sent." % user)
+            self._keys[user] = (key, fp)
+        return self._keys[user]
+
+    # -- sending --
+
+    async def send(self, recipients, data, content_type="text", filename=""):
+        """
+        Encrypt and sign C{data} (C{str} or C{bytes}) for each recipient and send it; returns the message id (hex)
+        once the server has committed it.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        names = sorted({canonical_username(n) for n in ([recipients] if isinstance(recipients, str) else recipients)})
+        keys = {}
+        for name in names:
+            keys[name] = (await self.public_key(name))[0]
+        envelope = await self.in_thread(seal, self.private_key, self.user, keys, data, content_type=content_type,
+                                        filename=filename)
+        return await self.send_envelope(names, envelope)
+
+    async def send_envelope(self, names, envelope):
+        """Send an already sealed L{Envelope}, in one frame or as a header and chunk frames."""
+        proto = self.protocol
+        max_line = self.limits.get("max_line", 0)
+        header = b64(envelope.header)
+        chunks = [b64(c) for c in envelope.chunks]
+        frame = {"to": names, "size": envelope.size, "header": header}
+        if len(header) + sum(len(c) + 3 for c in chunks) + 1024 < max_line:
+            answer = await proto.request("send", chunks=chunks, signature=b64(envelope.signature), **frame)
+            return answer["msg"]
+        rid = proto.new_id()
+        answer = proto.request("send", id=rid, chunks=[], **frame)
+        for index, chunk in enumerate(chunks):
+            await proto.flow.wait()
+            if answer.called:  # refused part-way: stop sending
+                break
+            part = {"type": "chunk", "id": rid, "chunks": [chunk]}
+            if index == len(chunks) - 1:
+                part["signature"] = b64(envelope.signature)
+            proto.send_frame(part)
+        return (await answer)["msg"]
+
+    # -- receiving --
+
+    def frame_received(self, frame):
+        kind = frame["type"]
+        try:
+            if kind == "message":
+                self._message_started(frame)
+            elif kind == "message_chunk":
+                self._message_continued(frame)
+            elif kind == "receipt":
+                self._enqueue(self._handle_receipt, frame)
+        except PagerError as e:
+            self.log.warn("Ignoring a malformed {kind} frame from the server: {why}", kind=kind, why=e.message)
+
+    def _message_started(self, frame):
+        incoming = _Incoming(
+            msg=field_str(frame, "msg", MESSAGE_ID_SIZE * 2), sender=field_str(frame, "from", 64),
+            accepted_at=frame.get("accepted_at") if isinstance(frame.get("accepted_at"), (int, float)) else None,
+            header=field_b64(frame, "header", 1024 * 1024), chunks=[],
+        )
+        self._add_chunks(incoming, frame)
+
+    def _message_continued(self, frame):
+        incoming = self._incoming.get(frame.get("msg"))
+        if incoming is None:
+            raise BadRequest("a chunk for a message that was not started")
+        self._add_chunks(incoming, frame)
+
+    def _add_chunks(self, incoming, frame):
+        chunks = field_b64_list(frame, "chunks", 1 << 20, MAX_CHUNK_SIZE + GCM_TAG_SIZE)
+        incoming.chunks.extend(chunks)
+        incoming.size += sum(len(c) for c in chunks)
+        signature = field_b64(frame, "signature", RSA_MAX_BITS // 8, required=False)
+        if signature is None:
+            self._incoming[incoming.msg] = incoming
+        else:
+            self._incoming.pop(incoming.msg, None)
+            incoming.signature = signature
+            self._enqueue(self._handle_message, incoming)
+
+    def _enqueue(self, handler, item):
+        """Handle pushed items one at a time, in the order the server sent them."""
+        self._queue.append((handler, item))
+        if not self._working:
+            self._working = True
+            Deferred.fromCoroutine(self._work()).addErrback(
+                lambda f: self.log.failure("Handling an incoming frame failed", f))
+
+    async def _work(self):
+        try:
+            while self._queue:
+                handler, item = self._queue.popleft()
+                try:
+                    await handler(item)
+                except (ConnectionLost, defer.CancelledError):
+                    pass  # the server will deliver it again
+                except PagerError as e:
+                    self.log.warn("Could not handle an incoming message: {why}", why=e.message)
+                except Exception:
+                    self.log.failure("Handing off an incoming message failed; it stays on the server")
+        finally:
+            self._working = False
+
+    async def _sender_key(self, header):
+        """The sender's key, from the server, checked against the fingerprint the envelope names."""
+        key, fp = await self.public_key(header.sender)
+        if fp != header.sender_fingerprint:
+            key, fp = await self.public_key(header.sender, refresh=True)
+        if fp != header.sender_fingerprint:
+            raise WrongSenderKey("The message is signed with a key the server does not list for %s." % header.sender)
+        return key
+
+    async def _handle_message(self, incoming):
+        try:
+            header = parse_header(incoming.header)
+            if header.sender != incoming.sender:
+                raise WrongSenderKey("The server says the message is from %s, but it is signed as from %s."
+                                     % (incoming.sender, header.sender))
+            sender_key = await self._sender_key(header)
+            envelope = Envelope(incoming.header, incoming.chunks, incoming.signature)
+            opened = await self.in_thread(open_envelope, envelope, self.private_key, self.user, sender_key)
+        except (EnvelopeError, UnknownUser, BadKey) as e:
+            await self.protocol.request("reject", msg=incoming.msg, reason=e.message)
+            if self.on_rejected is not None:
+                self.on_rejected(incoming.msg, incoming.sender, e)
+            return
+        opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at)
+        if not await self.seen.contains(opened.sender, opened.message_id):
+            if self.on_message is not None:
+                await defer.maybeDeferred(self.on_message, opened)
+            await self.seen.add(opened.sender, opened.message_id, self.reactor.seconds())
+        try:
+            await self.protocol.request("ack", msg=incoming.msg)
+        except UnknownMessage:
+            pass  # another session of ours acknowledged it first
+
+    async def _handle_receipt(self, frame):
+        receipt = DeliveryReceipt(
+            field_int(frame, "receipt", 1, 2 ** 63), field_str(frame, "msg", 64), field_str(frame, "from", 64),
+            field_str(frame, "status", 32), field_str(frame, "reason", 1000, required=False, default=""),
+            frame.get("at") if isinstance(frame.get("at"), (int, float)) else 0.0)
+        if self.on_receipt is not None:
+            await defer.maybeDeferred(self.on_receipt, receipt)
+        try:
+            await self.protocol.request("ack", receipt=receipt.rid)
+        except UnknownMessage:
+            pass
+
+    def connection_lost(self, error):
+        self._stop_keepalive()
+        self._incoming.clear()
+        if self.on_disconnect is not None:
+            self.on_disconnect(error)
+
+
+#### Command line ####
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+_LIMIT_OPTIONS = [
+    # (option, Limits field, type, help)
+    ("max-line-unauthenticated", "max_line_unauthenticated", int, "Longest line, in bytes, before login."),
+    ("max-line", "max_line", int, "Longest line, in bytes, after login (at least 96 KiB: one chunk frame)."),
+    ("max-message", "max_message", int, "Largest message, in plaintext bytes."),
+    ("max-pending-messages", "max_pending_messages", int, "Pending messages per recipient."),
+    ("max-pending-bytes", "max_pending_bytes", int, "Pending plaintext bytes per recipient."),
+    ("login-timeout", "login_timeout", float, "Seconds a connection may stay unauthenticated."),
+    ("idle-timeout", "idle_timeout", float, "Seconds without a frame before a connection is closed."),
+    ("message-expiry", "message_expiry", float, "Seconds an undelivered message is kept."),
+    ("max-in-flight", "max_in_flight", int, "Requests one connection may have outstanding."),
+    ("argon2-concurrency", "argon2_concurrency", int, "Argon2id token hashes computed at once."),
+    ("argon2-queue", "argon2_queue", int, "Logins that may wait for a hash before rate_limited."),
+    ("recovery-interval", "recovery_interval", float, "Seconds between two lost-key recoveries of one account."),
+]
+MIN_MAX_LINE = 96 * 1024
+
+
+def _positive(kind):
+    def coerce(value):
+        number = kind(value)
+        if number <= 0:
+            raise ValueError("must be positive")
+        return number
+    coerce.coerceDoc = "Must be a positive number."
+    return coerce
+
+
+class ServerOptions(usage.Options):
+    synopsis = "[--listen ENDPOINT] [--db PATH] [limits...]"
+    longdesc = ("Run a pager server: it routes and stores end-to-end encrypted messages it cannot read. "
+                "Logs go to standard error (or twistd's log).")
+    optParameters = [
+        ["listen", "l", DEFAULT_LISTEN,
+         "Twisted server endpoint string to listen on, e.g. tcp:5050 or "
+         "ssl:5051:privateKey=key.pem:certKey=cert.pem."],
+        ["db", "d", DEFAULT_DB, "SQLite database file (created if missing)."],
+    ] + [[name, None, getattr(Limits, field), text, _positive(kind)] for name, field, kind, text in _LIMIT_OPTIONS]
+    optFlags = [["no-recovery", None, "Refuse lost-key recovery with the safetoken alone."]]
+
+    def postOptions(self):
+        values = {field: self[name] for name, field, _, _ in _LIMIT_OPTIONS}
+        if values["max_line"] < MIN_MAX_LINE:
+            raise usage.UsageError("--max-line must be at least %d bytes to carry one chunk frame." % MIN_MAX_LINE)
+        self.limits = Limits(allow_recovery=not self["no-recovery"], **values)
+        from twisted.internet import reactor
+        try:
+            endpoints.serverFromString(reactor, self["listen"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError("--listen %r is not a server endpoint string: %s" % (self["listen"], e))
+
+
+class Options(usage.Options):
+    synopsis = "pager-cli COMMAND [options]   (or: python pager.py COMMAND, twistd pager server)"
+    longdesc = "pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts."
+    subCommands = [["server", None, ServerOptions, "Run a pager server."]]
+
+    def opt_version(self):
+        """Print the version and exit."""
+        print("pager", __version__)
+        sys.exit(EXIT_OK)
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("Name a command: server.")
+
+
+def makeService(options, reactor=None):
+    """The pager server as a twistd service: C{options} is an L{Options} (from twistd) or a L{ServerOptions}."""
+    if reactor is None:
+        from twisted.internet import reactor
+    config = options.subOptions if isinstance(options, Options) else options
+    store = Store(config["db"], reactor)
+    factory = PagerServerFactory(store, config.limits, reactor)
+    endpoint = endpoints.serverFromString(reactor, config["listen"])
+    return PagerService(endpoint, store, factory, config["listen"])
+
+
+async def _serve(reactor, config):
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    server = makeService(config, reactor)
+    server.startService()
+    try:
+        await server.ready
+    except Exception:
+        raise SystemExit(EXIT_FAILURE)  # PagerService logged the reason
+    reactor.addSystemEventTrigger("before", "shutdown", server.stopService)
+    await Deferred()  # serve until interrupted
+
+
+def main(argv=None):
+    """The command line: C{pager-cli}, C{python pager.py} and C{python -m pager}."""
+    argv = sys.argv[1:] if argv is None else argv
+    options = Options()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as e:
+        sys.stderr.write("pager: %s\nTry 'pager-cli --help'.\n" % e)
+        sys.exit(EXIT_USAGE)
+    if options.subCommand == "server":
+        task.react(lambda reactor: Deferred.fromCoroutine(_serve(reactor, options.subOptions)))
+
+
+if __name__ == "__main__":
+    main()
