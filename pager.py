@@ -263,6 +263,19 @@ class InternalError(ProtocolError):
     code = "internal"
 
 
+class KeyChanged(PagerError):
+    """A user's key differs from the one pinned on this machine."""
+
+    code = "key_changed"
+
+    def __init__(self, user, pinned, current):
+        super().__init__(
+            "The key of %s has changed: pinned %s, the server now gives %s. Check the new fingerprint with %s "
+            "(for example by phone), then run 'trust %s'." % (
+                user, format_fingerprint(pinned), format_fingerprint(current), user, user))
+        self.user, self.pinned, self.current = user, pinned, current
+
+
 class ConnectionLost(PagerError):
     """The connection to the server was lost."""
 
@@ -738,6 +751,8 @@ class OpenedMessage:
     filename: str
     plaintext: bytes
     accepted_at: float = None  # when the server accepted it, as the server says (not signed)
+    key_status: str = "verified"  # verified (the pinned key), new (first key seen: now pinned), changed (not pinned)
+    skewed: bool = False  # the signed time is far from when the server accepted it
 
 
 class Opener:
@@ -912,7 +927,10 @@ def field_b64(frame, name, max_bytes, required=True):
         return None
     if not isinstance(value, str) or len(value) > (max_bytes + 2) // 3 * 4:
         raise _missing(name, "base64 of at most %d bytes" % max_bytes)
-    return _b64decode(value, name)
+    data = _b64decode(value, name)
+    if len(data) > max_bytes:
+        raise _missing(name, "base64 of at most %d bytes" % max_bytes)
+    return data
 
 
 def _b64decode(value, name):
@@ -928,9 +946,10 @@ def field_b64_list(frame, name, max_items, max_bytes):
         raise _missing(name, "a list of at most %d base64 strings" % max_items)
     out = []
     for item in value:
-        if not isinstance(item, str) or len(item) > (max_bytes + 2) // 3 * 4:
+        data = _b64decode(item, name) if isinstance(item, str) and len(item) <= (max_bytes + 2) // 3 * 4 else None
+        if data is None or len(data) > max_bytes:
             raise _missing(name, "a list of base64 strings of at most %d bytes each" % max_bytes)
-        out.append(_b64decode(item, name))
+        out.append(data)
     return out
 
 
@@ -1516,6 +1535,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.flow = _Flow()
         self.messages = self.receipts = None
         self._commit_turn = None  # fires when the previous message's commit has been queued
+        self.sent = collections.deque(maxlen=1024)  # a send-only session's recent message ids: it gets their receipts
 
     # -- connection --
 
@@ -1530,6 +1550,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.setTimeout(self.limits.login_timeout)
         self.challenge = secrets.token_bytes(CHALLENGE_SIZE)
         factory.connections += 1
+        factory.protocols.add(self)
         self.send_frame({
             "type": "hello", "protocol": PROTOCOL_VERSION, "server": SOFTWARE, "server_id": factory.server_id,
             "challenge": b64(self.challenge), "limits": self.limits.public(),
@@ -1539,6 +1560,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.closed = True
         self.setTimeout(None)
         self.factory.connections -= 1
+        self.factory.protocols.discard(self)
         for feed in (self.messages, self.receipts):
             if feed is not None:
                 feed.closed = True
@@ -1714,7 +1736,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.log.info("{user} logged in from {peer}{mode}", user=user, peer=_peer_text(self.peer),
                       mode="" if receive else " (send-only)")
         self._logged_in(user, key, receive)
-        return {"user": user}
+        return {"user": user, "pending": record.pending_count if receive else 0}
 
     async def handle_rekey(self, frame, rid):
         challenge = self._take_challenge()
@@ -1883,7 +1905,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if verifier.size != size:
                 raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
             if upload is not None and upload.duplicate:
-                return {"msg": header.message_id.hex(), "duplicate": True}
+                return {"msg": header.message_id.hex(), "duplicate": True, "queued": []}
             await self.factory.in_thread(verifier.verify, signature, self.key)
             if previous is not None:
                 await previous
@@ -1895,12 +1917,15 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 self._commit_turn = None
             turn.callback(None)
         seq, accepted_at, duplicate = await committed
+        if not self.receive:
+            self.sent.append(header.message_id)
         if not duplicate:
             inline = chunks if chunks is not None and size <= self.factory.inline_bytes else None
             self.factory.message_accepted(StoredMessage(
                 seq, header.message_id, self.user, header.raw, signature, size, verifier.chunk_count,
                 accepted_at, inline), recipients)
-        return {"msg": header.message_id.hex(), "duplicate": duplicate}
+        return {"msg": header.message_id.hex(), "duplicate": duplicate,
+                "queued": [name for name in recipients if name not in self.factory.receivers]}
 
     # -- receiving --
 
@@ -1992,6 +2017,7 @@ class PagerServerFactory(protocol.Factory):
 
     protocol = PagerServerProtocol
     log = Logger()
+    noisy = False
     inline_bytes = 48 * 1024  # messages up to this size are pushed from memory and read back with their chunks
 
     def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
@@ -2008,6 +2034,7 @@ class PagerServerFactory(protocol.Factory):
         self.online = {}  # user -> set of sessions
         self.receivers = {}  # user -> set of sessions that take messages
         self.connections = 0
+        self.protocols = set()
         self._hashing = defer.DeferredSemaphore(self.limits.argon2_concurrency)
         self._expiry = None
 
@@ -2046,8 +2073,11 @@ class PagerServerFactory(protocol.Factory):
                 session.messages.offer(message.seq, message)
 
     def receipt_created(self, user, receipt):
-        for session in list(self.receivers.get(user, ())):
-            session.receipts.offer(receipt.rid, receipt)
+        for session in list(self.online.get(user, ())):
+            if session.receive:
+                session.receipts.offer(receipt.rid, receipt)
+            elif receipt.msg_id in session.sent:
+                session._push_receipt(receipt)  # a send-only session waiting for its own message's receipt
 
     def start_expiry(self, interval=None):
         """Drop expired deliveries now and then, telling their senders."""
@@ -2101,6 +2131,14 @@ class PagerService(service.Service):
         self.factory.stop_expiry()
         if self.port is not None:
             await self.port.stopListening()
+        for connection in list(self.factory.protocols):
+            connection.close()
+        for _ in range(200):  # up to 2 s for the connections to finish closing
+            if not self.factory.protocols:
+                break
+            await task.deferLater(self.factory.reactor, 0.01, lambda: None)
+        for connection in list(self.factory.protocols):
+            connection.transport.abortConnection()
         self.store.close()
 
     def stopService(self):
@@ -2143,13 +2181,14 @@ class PagerClientProtocol(LineReceiver):
         self.flow = _Flow()
         self._pending = {}
         self._next_id = 0
+        self.lost = None  # the error the connection ended with, once it has
 
     def connectionMade(self):
         _set_nodelay(self.transport)
         self.transport.registerProducer(self.flow, True)
 
     def connectionLost(self, reason):
-        error = self.server_error or ConnectionLost()
+        error = self.lost = self.server_error or ConnectionLost()
         pending, self._pending = self._pending, {}
         for d in pending.values():
             d.errback(error)
@@ -2229,6 +2268,8 @@ class PagerClientProtocol(LineReceiver):
     def request(self, kind, **fields):
         """Send a request; the Deferred fires with the C{ok} frame or fails with the error's exception."""
         rid = fields.pop("id", None) or self.new_id()
+        if self.lost is not None:
+            return defer.fail(self.lost)
         d = self._pending[rid] = Deferred()
         frame = {"type": kind, "id": rid}
         frame.update(fields)
@@ -2251,6 +2292,20 @@ class MemorySeen:
 
     def close(self):
         pass
+
+
+class MemoryPins:
+    """Pinned keys kept in memory only: trust on first use for one process."""
+
+    def __init__(self):
+        self._pins = {}
+
+    def get_pin(self, user):
+        return defer.succeed(self._pins.get(user))
+
+    def set_pin(self, user, pem, fp, now):
+        self._pins[user] = (pem, fp, now)
+        return defer.succeed(None)
 
 
 def _seen_schema_txn(txn, keep_until):
@@ -2291,6 +2346,296 @@ class SeenStore:
         self.pool.close()
 
 
+_LOCAL_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS pins (user TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint BLOB NOT NULL,"
+    " pinned_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+    " direction TEXT NOT NULL, peer TEXT NOT NULL, msg_id TEXT NOT NULL, content_type TEXT NOT NULL,"
+    " filename TEXT NOT NULL, body BLOB NOT NULL, status TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS history_peer ON history(peer, id)",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryEntry:
+    at: float
+    direction: str  # "in" or "out"
+    peer: str  # the sender of an incoming message, the recipients (comma-separated) of an outgoing one
+    msg_id: str
+    content_type: str
+    filename: str
+    body: bytes
+    status: str
+
+
+def _local_schema_txn(txn, keep_until):
+    _seen_schema_txn(txn, keep_until)
+    for statement in _LOCAL_SCHEMA:
+        txn.execute(statement)
+
+
+def _get_pin_txn(txn, user):
+    row = txn.execute("SELECT public_key, fingerprint, pinned_at FROM pins WHERE user = ?", (user,)).fetchone()
+    return (row[0], bytes(row[1]), row[2]) if row else None
+
+
+def _set_pin_txn(txn, user, pem, fp, now):
+    txn.execute("INSERT OR REPLACE INTO pins VALUES (?, ?, ?, ?)", (user, pem, fp, now))
+
+
+def _add_history_txn(txn, entry):
+    txn.execute("INSERT INTO history (at, direction, peer, msg_id, content_type, filename, body, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(entry))
+
+
+def _set_history_status_txn(txn, msg_id, status):
+    txn.execute("UPDATE history SET status = ? WHERE msg_id = ? AND direction = 'out'", (status, msg_id))
+
+
+def _history_txn(txn, peer, limit):
+    if peer is None:
+        rows = txn.execute("SELECT at, direction, peer, msg_id, content_type, filename, body, status FROM history"
+                           " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    else:
+        rows = txn.execute(
+            "SELECT at, direction, peer, msg_id, content_type, filename, body, status FROM history"
+            " WHERE peer = ? OR ',' || peer || ',' LIKE ? ORDER BY id DESC LIMIT ?",
+            (peer, "%," + peer + ",%", limit)).fetchall()
+    return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7]) for r in reversed(rows)]
+
+
+def create_private_file(path):
+    """Create C{path} (if missing) readable and writable by its owner only, whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+class LocalStore(SeenStore):
+    """
+    One user's local database on one machine (C{client.sqlite3}, mode 0600): the duplicate store, the pinned keys
+    (trust on first use) and, unless turned off, the message history.
+    """
+
+    def __init__(self, path, reactor=None, history=True):
+        create_private_file(path)
+        super().__init__(path, reactor)
+        self.keep_history = history
+
+    def open(self, now, keep=Limits.message_expiry + 86400):
+        return self.pool.runInteraction(_local_schema_txn, now - keep)
+
+    def get_pin(self, user):
+        return self.pool.runInteraction(_get_pin_txn, user)
+
+    def set_pin(self, user, pem, fp, now):
+        return self.pool.runInteraction(_set_pin_txn, user, pem, fp, now)
+
+    def add_history(self, entry):
+        if not self.keep_history:
+            return defer.succeed(None)
+        return self.pool.runInteraction(_add_history_txn, entry)
+
+    def set_history_status(self, msg_id, status):
+        return self.pool.runInteraction(_set_history_status_txn, msg_id, status)
+
+    def history(self, peer=None, limit=20):
+        return self.pool.runInteraction(_history_txn, peer, limit)
+
+
+#### Key files ####
+# A user's private key lives in HOME/<server id>/<user>/key.p12: PKCS#12 that openssl reads, encrypted with
+# PBES2 (AES-256-CBC, PBKDF2-HMAC-SHA256, 600,000 iterations), mode 0600 in a 0700 directory.
+
+KEY_FILE_NAME = "key.p12"
+LOCAL_DB_NAME = "client.sqlite3"
+PBKDF2_ROUNDS = 600000
+
+
+class KeyFileError(PagerError):
+    """The key file cannot be used."""
+
+    code = "bad_key_file"
+
+
+class WrongPassphrase(KeyFileError):
+    """The passphrase is wrong, or the key file is damaged."""
+
+
+class KeyFileExposed(KeyFileError):
+    """The key file is readable by other users."""
+
+
+def default_home():
+    """C{$PAGER_HOME}, else the platform's per-user data directory (e.g. C{~/.local/share/pager})."""
+    if os.environ.get("PAGER_HOME"):
+        return os.environ["PAGER_HOME"]
+    if sys.platform == "win32":
+        return os.path.join(os.environ.get("APPDATA") or os.path.expanduser("~"), "pager")
+    if sys.platform == "darwin":
+        return os.path.expanduser("~/Library/Application Support/pager")
+    return os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "pager")
+
+
+def private_directory(*parts):
+    """Create the directory C{os.path.join(*parts)} (and missing parents) with mode 0700; return its path."""
+    path = os.path.join(*parts)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def user_directory(home, server_id, user):
+    """HOME/<server id>/<user>, created 0700.  Both names are validated so they cannot walk out of HOME."""
+    if not re.fullmatch(r"[0-9a-f]{1,64}", server_id or ""):
+        raise KeyFileError("The server sent a malformed server id.")
+    if not valid_username(user):
+        raise BadRequest("Not a valid user name: %r." % (user,))
+    private_directory(home)
+    private_directory(home, server_id)
+    return private_directory(home, server_id, user)
+
+
+def encode_private_key(key, passphrase, name=b"pager"):
+    """PKCS#12 bytes holding C{key}; encrypted with C{passphrase} (PBES2/AES-256/600,000 rounds) unless it is empty."""
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    if passphrase:
+        encryption = (serialization.PrivateFormat.PKCS12.encryption_builder()
+                      .kdf_rounds(PBKDF2_ROUNDS)
+                      .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+                      .hmac_hash(hashes.SHA256())
+                      .build(passphrase.encode("utf-8")))
+    else:
+        encryption = serialization.NoEncryption()
+    return pkcs12.serialize_key_and_certificates(name, key, None, None, encryption)
+
+
+def write_private_file(path, data):
+    """Write C{data} to C{path} atomically, mode 0600 whatever the umask."""
+    temporary = path + ".tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def save_private_key(path, key, passphrase):
+    """Save C{key} to C{path} as PKCS#12.  Slow (600,000 PBKDF2 rounds): call it off the reactor thread."""
+    write_private_file(path, encode_private_key(key, passphrase))
+
+
+def check_key_file_permissions(path):
+    """Refuse a key file that group or others may read, as ssh does."""
+    mode = os.stat(path).st_mode
+    if os.name == "posix" and mode & 0o077:
+        raise KeyFileExposed("The key file %s is readable by other users (mode %03o). Fix it with: chmod 600 %s"
+                             % (path, mode & 0o777, path))
+
+
+def key_file_is_encrypted(path):
+    """Whether the PKCS#12 file at C{path} needs a passphrase."""
+    try:
+        load_private_key(path, "")
+    except WrongPassphrase:
+        return True
+    return False
+
+
+def load_private_key(path, passphrase):
+    """
+    Load the private key saved by L{save_private_key}.  Raises L{KeyFileExposed}, L{WrongPassphrase} or
+    L{KeyFileError}.  Slow: call it off the reactor thread.
+    """
+    check_key_file_permissions(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    return decode_private_key(data, passphrase, path)
+
+
+def decode_private_key(data, passphrase, path="the key file"):
+    """
+    A private key from PKCS#12 (pager's format) or PEM (PKCS#8 or PKCS#1, encrypted or not; the original pager wrote
+    unencrypted C{{username}_private_key.pem} files).  It must be an RSA key pager accepts.
+    """
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    secret = passphrase.encode("utf-8") if passphrase else None
+    if b"-----BEGIN" in data:
+        try:
+            key = serialization.load_pem_private_key(data, secret)
+        except TypeError:
+            key = None
+            if secret is None:
+                raise WrongPassphrase("%s is encrypted: a passphrase is needed." % path)
+            raise WrongPassphrase("%s is not encrypted; leave the passphrase empty." % path)
+        except ValueError:
+            raise WrongPassphrase("The passphrase for %s is wrong, or the file is damaged." % path)
+    else:
+        try:
+            key, _, _ = pkcs12.load_key_and_certificates(data, secret)
+        except ValueError:
+            if secret is not None:
+                raise WrongPassphrase("The passphrase for %s is wrong, or the file is damaged." % path)
+            # An unencrypted PKCS#12 file may still be read with an empty password.
+            try:
+                key, _, _ = pkcs12.load_key_and_certificates(data, b"")
+            except ValueError:
+                raise WrongPassphrase("%s needs a passphrase (or is damaged)." % path)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise KeyFileError("%s does not hold an RSA private key." % path)
+    try:
+        check_public_key(key.public_key())
+    except BadKey as e:
+        raise KeyFileError("%s: %s" % (path, e.message))
+    return key
+
+
+#### Connecting ####
+
+
+def parse_address(text, default_port=DEFAULT_PORT):
+    """C{(host, port)} from C{HOST}, C{HOST:PORT}, C{[IPv6]} or C{[IPv6]:PORT}.  Raises L{usage.UsageError}."""
+    text = (text or "").strip() or "localhost"
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text)
+    if match:
+        host, port = match.group(1), match.group(2)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif text.count(":") > 1:
+        host, port = text, None  # a bare IPv6 address
+    else:
+        host, port = text, None
+    if not host:
+        raise usage.UsageError("The server address %r has no host name." % text)
+    if port is None:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise usage.UsageError("The port in %r is not a number from 1 to 65535." % text)
+    return host, int(port)
+
+
+def client_endpoint(reactor, host, port, tls=False, ca=None):
+    """
+    A client endpoint for a pager server.  With C{tls}, the certificate is verified against C{ca} (a PEM file) or
+    the system's trust store, and the host name is checked (service-identity).
+    """
+    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=15)
+    if not tls:
+        return endpoint
+    from twisted.internet import ssl
+    if ca:
+        with open(ca, "rb") as f:
+            trust = ssl.Certificate.loadPEM(f.read())
+    else:
+        trust = ssl.platformTrust()
+    return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
+
+
 @dataclasses.dataclass
 class _Incoming:
     msg: str
@@ -2316,7 +2661,9 @@ class PagerClient:
 
     log = Logger()
 
-    def __init__(self, protocol, reactor=None, in_thread=None, seen=None):
+    skew_window = 600.0  # seconds between the signed time and the server's acceptance before a message is flagged
+
+    def __init__(self, protocol, reactor=None, in_thread=None, seen=None, pins=None):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -2328,6 +2675,7 @@ class PagerClient:
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
         self.in_thread = in_thread
         self.seen = seen if seen is not None else MemorySeen()
+        self.pins = pins if pins is not None else MemoryPins()
         self.user = None
         self.private_key = None
         self.on_message = None
@@ -2387,8 +2735,10 @@ class PagerClient:
         """Log in; with C{receive=False} the session only sends and never takes the user's incoming messages."""
         user = canonical_username(user)
         proof = await self.in_thread(sign_auth, private_key, "login", user, self._challenge())
-        await self.protocol.request("login", user=user, token=token, proof=b64(proof), receive=receive)
+        answer = await self.protocol.request("login", user=user, token=token, proof=b64(proof), receive=receive)
         self._logged_in(user, private_key, receive)
+        pending = answer.get("pending")
+        return pending if isinstance(pending, int) and not isinstance(pending, bool) else 0
 
     async def rekey(self, user, token, old_key, new_key):
         """Replace the account's key: needs the safetoken and proofs by both keys."""
@@ -2452,6 +2802,27 @@ class PagerClient:
             self._keys[user] = (key, fp)
         return self._keys[user]
 
+    async def recipient_key(self, user):
+        """
+        The key to encrypt to: the server's key for C{user}, which must be the one pinned on this machine.  The first
+        key seen is pinned (trust on first use); a different one raises L{KeyChanged} until L{trust} accepts it.
+        """
+        key, fp = await self.public_key(user)
+        pin = await self.pins.get_pin(user)
+        if pin is None:
+            await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
+        elif pin[1] != fp:
+            key, fp = await self.public_key(user, refresh=True)
+            if pin[1] != fp:
+                raise KeyChanged(user, bytes(pin[1]), fp)
+        return key
+
+    async def trust(self, user):
+        """Pin the key the server now gives for C{user}; returns its fingerprint."""
+        key, fp = await self.public_key(user, refresh=True)
+        await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
+        return fp
+
     # -- sending --
 
     async def send(self, recipients, data, content_type="text", filename=""):
@@ -2459,6 +2830,10 @@ class PagerClient:
         Encrypt and sign C{data} (C{str} or C{bytes}) for each recipient and send it; returns the message id (hex)
         once the server has committed it.
         """
+        return (await self.post(recipients, data, content_type, filename))["msg"]
+
+    async def post(self, recipients, data, content_type="text", filename=""):
+        """Like L{send}, but returns the server's whole answer: C{msg}, C{duplicate} and C{queued} (offline names)."""
         if self.user is None:
             raise NotAuthenticated()
         if isinstance(data, str):
@@ -2466,7 +2841,7 @@ class PagerClient:
         names = sorted({canonical_username(n) for n in ([recipients] if isinstance(recipients, str) else recipients)})
         keys = {}
         for name in names:
-            keys[name] = (await self.public_key(name))[0]
+            keys[name] = await self.recipient_key(name)
         envelope = await self.in_thread(seal, self.private_key, self.user, keys, data, content_type=content_type,
                                         filename=filename)
         return await self.send_envelope(names, envelope)
@@ -2479,8 +2854,7 @@ class PagerClient:
         chunks = [b64(c) for c in envelope.chunks]
         frame = {"to": names, "size": envelope.size, "header": header}
         if len(header) + sum(len(c) + 3 for c in chunks) + 1024 < max_line:
-            answer = await proto.request("send", chunks=chunks, signature=b64(envelope.signature), **frame)
-            return answer["msg"]
+            return await proto.request("send", chunks=chunks, signature=b64(envelope.signature), **frame)
         rid = proto.new_id()
         answer = proto.request("send", id=rid, chunks=[], **frame)
         for index, chunk in enumerate(chunks):
@@ -2491,7 +2865,7 @@ class PagerClient:
             if index == len(chunks) - 1:
                 part["signature"] = b64(envelope.signature)
             proto.send_frame(part)
-        return (await answer)["msg"]
+        return await answer
 
     # -- receiving --
 
@@ -2557,13 +2931,20 @@ class PagerClient:
             self._working = False
 
     async def _sender_key(self, header):
-        """The sender's key, from the server, checked against the fingerprint the envelope names."""
+        """
+        C{(key, status)}: the sender's key from the server, checked against the fingerprint the envelope names,
+        and how it compares with the pinned key (verified, new, or changed).
+        """
         key, fp = await self.public_key(header.sender)
         if fp != header.sender_fingerprint:
             key, fp = await self.public_key(header.sender, refresh=True)
         if fp != header.sender_fingerprint:
             raise WrongSenderKey("The message is signed with a key the server does not list for %s." % header.sender)
-        return key
+        pin = await self.pins.get_pin(header.sender)
+        if pin is None:
+            await self.pins.set_pin(header.sender, public_key_pem(key), fp, self.reactor.seconds())
+            return key, "new"
+        return key, "verified" if bytes(pin[1]) == fp else "changed"
 
     async def _handle_message(self, incoming):
         try:
@@ -2571,7 +2952,7 @@ class PagerClient:
             if header.sender != incoming.sender:
                 raise WrongSenderKey("The server says the message is from %s, but it is signed as from %s."
                                      % (incoming.sender, header.sender))
-            sender_key = await self._sender_key(header)
+            sender_key, key_status = await self._sender_key(header)
             envelope = Envelope(incoming.header, incoming.chunks, incoming.signature)
             opened = await self.in_thread(open_envelope, envelope, self.private_key, self.user, sender_key)
         except (EnvelopeError, UnknownUser, BadKey) as e:
@@ -2579,10 +2960,12 @@ class PagerClient:
             if self.on_rejected is not None:
                 self.on_rejected(incoming.msg, incoming.sender, e)
             return
-        opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at)
+        skewed = incoming.accepted_at is not None and abs(incoming.accepted_at - opened.timestamp) > self.skew_window
+        opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at, key_status=key_status, skewed=skewed)
         if not await self.seen.contains(opened.sender, opened.message_id):
-            if self.on_message is not None:
-                await defer.maybeDeferred(self.on_message, opened)
+            if self.on_message is None:
+                return  # nobody to hand it to: leave it on the server for the next session
+            await defer.maybeDeferred(self.on_message, opened)
             await self.seen.add(opened.sender, opened.message_id, self.reactor.seconds())
         try:
             await self.protocol.request("ack", msg=incoming.msg)
@@ -2608,9 +2991,779 @@ class PagerClient:
             self.on_disconnect(error)
 
 
+#### Terminal UI ####
+# The only code that writes to the terminal: prompts before login, the chat screen after it, and the script
+# commands' output.  Everything typed or received is shown through _printable, so a message cannot carry terminal
+# escape sequences to the screen.
+
+
+class Cancelled(PagerError):
+    """Input ended before the command finished."""
+
+    code = "cancelled"
+
+
+class NoKey(PagerError):
+    """This machine has no key for the user."""
+
+    code = "no_key"
+
+
+class NetworkError(PagerError):
+    """The server cannot be reached."""
+
+    code = "network"
+
+
+class NotDelivered(PagerError):
+    """The message was not delivered."""
+
+    code = "not_delivered"
+
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text):
+    """C{text} with control characters (escape sequences, bidirectional overrides) made visible and harmless."""
+    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100 else "\ufffd", text)
+
+
+def _clock(t):
+    return time.strftime("%H:%M", time.localtime(t))
+
+
+def _date_clock(t):
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def _size_text(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" % (n, unit)) if unit == "bytes" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+
+
+def safe_filename(name):
+    """A file name that is safe to create in a directory: no path, no leading dot, only ordinary characters."""
+    name = os.path.basename(name.replace("\\", "/"))
+    name = re.sub(r"[^A-Za-z0-9._ -]", "_", name).strip(" .")
+    return name[:100] or "file"
+
+
+def save_incoming_file(directory, filename, data):
+    """Save a received file under C{directory} with a safe, unused name (mode 0600); return its path."""
+    base, ext = os.path.splitext(safe_filename(filename))
+    for n in range(10000):
+        path = os.path.join(directory, base + ("" if n == 0 else "-%d" % n) + ext)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return path
+    raise KeyFileError("Too many files named %s in %s." % (filename, directory))
+
+
+def _read_line_unbuffered(fd=0):
+    """One line from a file descriptor, byte by byte so that nothing after it is consumed; None at end of input."""
+    data = bytearray()
+    while True:
+        byte = os.read(fd, 1)
+        if not byte:
+            return bytes(data).decode("utf-8", "replace") if data else None
+        if byte == b"\n":
+            return bytes(data).decode("utf-8", "replace").rstrip("\r")
+        data += byte
+
+
+def _in_daemon_thread(reactor, f, *args):
+    """Run a blocking read in a daemon thread, so an interrupted prompt never keeps the process alive."""
+    import threading
+    d = Deferred()
+
+    def run():
+        try:
+            result = f(*args)
+        except BaseException as e:
+            reactor.callFromThread(d.errback, e)
+        else:
+            reactor.callFromThread(d.callback, result)
+    threading.Thread(target=run, daemon=True).start()
+    return d
+
+
+class Prompter:
+    """
+    Questions asked on the terminal before the chat starts.  Standard input is read unbuffered in a thread, so the
+    reactor keeps running and nothing typed ahead is lost; secrets are read without echo when it is a terminal.
+    With C{interactive=False} (the script commands) every question is an error naming the option to use instead.
+    """
+
+    def __init__(self, reactor, interactive=True, out=None):
+        self.reactor = reactor
+        self.interactive = interactive
+        self.out = out or sys.stderr
+
+    def say(self, text):
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def ask(self, prompt, hint=None):
+        if not self.interactive:
+            raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
+        self.out.write(prompt)
+        self.out.flush()
+        line = await _in_daemon_thread(self.reactor, _read_line_unbuffered)
+        if line is None:
+            raise Cancelled("Input ended at the prompt %r." % prompt.strip())
+        return line.strip()
+
+    async def secret(self, prompt, hint=None):
+        if not self.interactive:
+            raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
+        if not os.isatty(0):
+            return await self.ask(prompt, hint)
+        import getpass
+
+        def read():
+            try:
+                return getpass.getpass(prompt, stream=self.out)
+            except EOFError:
+                return None
+        value = await _in_daemon_thread(self.reactor, read)
+        if value is None:
+            raise Cancelled("Input ended at the prompt %r." % prompt.strip())
+        return value
+
+    async def confirm(self, question):
+        answer = await self.ask(question + " [y/N] ")
+        return answer.lower() in ("y", "yes")
+
+
+def _first_line_of(path):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    except OSError as e:
+        raise usage.UsageError("Cannot read %s: %s." % (path, e.strerror))
+
+
+class Session:
+    """
+    One user logged in to one server from this machine: finds or creates the user's key and local store, logs in,
+    and logs in again after the connection drops.  Used by every client command.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, config, prompter):
+        self.reactor = reactor
+        self.config = config
+        self.prompter = prompter
+        self.host, self.port = parse_address(config["server"])
+        self.home = config["home"] or default_home()
+        self.user = None
+        self.key = None
+        self.token = None
+        self.store = None
+        self.client = None
+        self.directory = None
+        self.receive = True
+        self.pending = 0  # messages waiting when we logged in
+        self.wire = None  # called with each new PagerClient before it logs in, to set its handlers
+
+    @property
+    def address(self):
+        return "%s:%d" % (self.host, self.port) if ":" not in self.host else "[%s]:%d" % (self.host, self.port)
+
+    def in_thread(self, f, *args, **kwargs):
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args, **kwargs)
+
+    async def connect(self):
+        """A connected L{PagerClient} (not logged in), or L{NetworkError} in one sentence."""
+        from twisted.internet import error
+        try:
+            endpoint = client_endpoint(self.reactor, self.host, self.port, self.config["tls"], self.config["ca"])
+        except OSError as e:
+            raise usage.UsageError("Cannot read the CA file %s: %s." % (self.config["ca"], e.strerror))
+        except Exception as e:
+            raise usage.UsageError("Cannot use the CA file %s: %s." % (self.config["ca"], e))
+        try:
+            client = await PagerClient.connect(endpoint, self.reactor, timeout=15)
+        except defer.TimeoutError:
+            raise NetworkError("%s accepted the connection but sent no pager greeting within 15 s (is it a pager "
+                               "server? %s)" % (self.address, "does it use TLS?" if not self.config["tls"] else
+                                                "does it use TLS at all?"))
+        except error.DNSLookupError:
+            raise NetworkError("Cannot find the server %s: no such host name." % self.host)
+        except error.ConnectionRefusedError:
+            raise NetworkError("Cannot reach %s: connection refused (is the server running?)." % self.address)
+        except (error.ConnectError, error.TimeoutError) as e:
+            raise NetworkError("Cannot reach %s: %s." % (self.address, e.__class__.__name__))
+        except ConnectionLost as e:
+            raise NetworkError("%s closed the connection before the pager greeting%s." % (
+                self.address, "" if e.code == "connection_lost" else ": " + e.message))
+        except BadRequest as e:
+            raise NetworkError("%s is not a compatible pager server: %s" % (self.address, e.message))
+        if self.store is not None:
+            client.seen = client.pins = self.store
+        if self.wire is not None:
+            self.wire(client)
+        return client
+
+    async def _username(self):
+        user = self.config["user"]
+        while True:
+            if user is None:
+                user = await self.prompter.ask("Username: ", "Give the user name with --user.")
+            try:
+                return canonical_username(user)
+            except BadRequest as e:
+                if not self.prompter.interactive:
+                    raise usage.UsageError(e.message)
+                self.prompter.say(e.message)
+                user = None
+
+    async def _token(self, new=False):
+        if os.environ.get("PAGER_TOKEN"):
+            token = os.environ["PAGER_TOKEN"]
+        elif self.config["token-file"]:
+            token = _first_line_of(self.config["token-file"])
+        else:
+            hint = "Give the safetoken in PAGER_TOKEN or with --token-file."
+            while True:
+                token = await self.prompter.secret(
+                    "Choose a safetoken (at least %d characters): " % MIN_TOKEN_LENGTH if new else "Safetoken: ", hint)
+                if not new or len(token) >= MIN_TOKEN_LENGTH:
+                    break
+                self.prompter.say("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+        return token
+
+    def _given_passphrase(self):
+        if os.environ.get("PAGER_PASSPHRASE"):
+            return os.environ["PAGER_PASSPHRASE"]
+        if self.config["passphrase-file"]:
+            return _first_line_of(self.config["passphrase-file"])
+        return None
+
+    async def new_passphrase(self, what="your private key"):
+        """A passphrase for a new key file: given, or asked twice; an empty one only after an explicit warning."""
+        given = self._given_passphrase()
+        if given is not None:
+            return given
+        warning = ("An empty passphrase leaves %s unencrypted on disk: whoever can read the file can read your "
+                   "messages and page as you." % what)
+        if self.config["no-passphrase"]:
+            self.prompter.say("Warning: " + warning)
+            return ""
+        hint = "Give a passphrase in PAGER_PASSPHRASE or with --passphrase-file, or choose --no-passphrase."
+        while True:
+            first = await self.prompter.secret("Passphrase for %s: " % what, hint)
+            if not first:
+                self.prompter.say(warning)
+                if await self.prompter.confirm("Really keep it without a passphrase?"):
+                    return ""
+                continue
+            if await self.prompter.secret("Same passphrase again: ", hint) == first:
+                return first
+            self.prompter.say("The two passphrases differ; try again.")
+
+    async def load_key(self, path):
+        """The key in C{path}, asking for its passphrase (three tries) when it is encrypted."""
+        check_key_file_permissions(path)
+        if not await self.in_thread(key_file_is_encrypted, path):
+            return await self.in_thread(load_private_key, path, "")
+        given = self._given_passphrase()
+        if given is not None:
+            return await self.in_thread(load_private_key, path, given)
+        hint = "The key is encrypted: give its passphrase in PAGER_PASSPHRASE or with --passphrase-file."
+        for attempt in range(3):
+            passphrase = await self.prompter.secret("Passphrase for %s's key: " % self.user, hint)
+            try:
+                return await self.in_thread(load_private_key, path, passphrase)
+            except WrongPassphrase:
+                if attempt < 2:
+                    self.prompter.say("Wrong passphrase; try again.")
+        raise WrongPassphrase("Three wrong passphrases for %s's key; giving up." % self.user)
+
+    @property
+    def key_path(self):
+        return os.path.join(self.directory, KEY_FILE_NAME)
+
+    async def open_local(self, client):
+        """Find the user's directory for this server (by the server id, not the address) and open its store."""
+        self.user = await self._username()
+        self.directory = user_directory(self.home, client.server_id, self.user)
+        if self.store is None:
+            self.store = LocalStore(os.path.join(self.directory, LOCAL_DB_NAME), self.reactor,
+                                    history=not self.config.get("no-history", False))
+            await self.store.open(self.reactor.seconds())
+        client.seen = client.pins = self.store
+
+    async def start(self, receive=True):
+        """Connect and log in, registering a new user (or re-keying on a new machine) when needed."""
+        self.receive = receive
+        client = await self.connect()
+        try:
+            await self.open_local(client)
+            if os.path.exists(self.key_path):
+                self.key = await self.load_key(self.key_path)
+                self.token = await self._token()
+                await self._login(client)
+            else:
+                await self._first_use(client)
+        except BaseException:
+            client.close()
+            raise
+        self.client = client
+        return client
+
+    async def _login(self, client):
+        try:
+            self.pending = await client.login(self.user, self.token, self.key, self.receive)
+            return self.pending
+        except AuthFailed:
+            raise AuthFailed("Login as %s failed: wrong safetoken, or the server does not know this key "
+                             "(fingerprint %s)." % (self.user, format_fingerprint(fingerprint(self.key))))
+
+    async def _first_use(self, client):
+        prompter = self.prompter
+        prompter.say("This machine has no key for %s on %s." % (self.user, self.address))
+        token = await self._token(new=True)
+        passphrase = await self.new_passphrase()
+        prompter.say("Generating a %d-bit RSA key..." % RSA_BITS)
+        key = await self.in_thread(generate_private_key)
+        try:
+            await client.register(self.user, token, key)
+            prompter.say("Registered %s on %s." % (self.user, self.address))
+        except UserExists:
+            question = ("%s is registered on this server, but this machine has no key for it. Make a new key and "
+                        "re-key the account with your safetoken? Messages sent to the old key can then never be "
+                        "read." % self.user)
+            hint = ("%s is registered on this server, but this machine has no key for it: copy it here with "
+                    "'pager-cli export-key' and 'pager-cli import-key', or re-key it in 'pager-cli connect'."
+                    % self.user)
+            if not prompter.interactive or not await prompter.confirm(question):
+                raise NoKey(hint)
+            try:
+                await client.recover(self.user, token, key)
+            except AuthFailed:
+                raise AuthFailed("Re-keying %s failed: wrong safetoken." % self.user)
+            prompter.say("Re-keyed %s: everyone who pinned your old key will be warned." % self.user)
+            self.key, self.token = key, token
+            await self._login(client)
+        self.key, self.token = key, token
+        await self.in_thread(save_private_key, self.key_path, key, passphrase)
+        prompter.say("Saved your key in %s (fingerprint %s)." % (self.key_path, format_fingerprint(fingerprint(key))))
+
+    async def reconnect(self, say):
+        """Connect and log in again with the same key and token, backing off from 1 s to 30 s between tries."""
+        delay = 1.0
+        while True:
+            say("Connection lost; reconnecting in %d s..." % delay)
+            await task.deferLater(self.reactor, delay, lambda: None)
+            try:
+                client = await self.connect()
+                await self._login(client)
+            except (NetworkError, ConnectionLost) as e:
+                say(e.message)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.client = client
+            return client
+
+    def close(self):
+        d = self.client.close() if self.client is not None else defer.succeed(None)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        return d
+
+
+def describe_message(message, saved_path=None):
+    """How an incoming message is shown: time, sender, trust mark, then the text (indented when it has lines)."""
+    if message.key_status == "verified":
+        mark = "\u2713"
+    elif message.key_status == "new":
+        mark = "\u2713 (first message: key pinned)"
+    else:
+        mark = "\u26a0 KEY CHANGED, NOT VERIFIED: see 'fingerprint %s', then 'trust %s'" % (
+            message.sender, message.sender)
+    when = message.accepted_at if message.accepted_at is not None else message.timestamp
+    head = "[%s] %s %s" % (_clock(when), message.sender, mark)
+    if message.skewed:
+        head += " (signed at %s by the sender's clock)" % _date_clock(message.timestamp)
+    others = [r for r in message.recipients if r != message.sender]
+    if len(others) > 1:
+        head += " (to %s)" % ", ".join(others)
+    if message.content_type == "file":
+        return "%s sent the file %s (%s), saved as %s" % (
+            head, _printable(message.filename), _size_text(len(message.plaintext)), saved_path)
+    text = _printable(message.plaintext.decode("utf-8", "replace").rstrip("\n"))
+    if "\n" in text:
+        return head + "\n" + "\n".join("    " + line for line in text.split("\n"))
+    return head + " " + text
+
+
+def describe_receipt(receipt):
+    if receipt.status == "delivered":
+        return "[%s] \u2713 delivered to %s" % (_clock(receipt.at), receipt.peer)
+    if receipt.status == "rejected":
+        return "[%s] \u2717 %s could not open your message: %s" % (
+            _clock(receipt.at), receipt.peer, _printable(receipt.reason))
+    return "[%s] \u2717 your message to %s expired undelivered" % (_clock(receipt.at), receipt.peer)
+
+
+class Chat:
+    """
+    The interactive client's logic, apart from how lines are read and shown: the UI passes each typed line to
+    L{line}; the chat shows events with C{ui.show(text)} and changes the prompt with C{ui.set_prompt(text)}.
+    """
+
+    COMMANDS = ("users", "quit", "exit", "help", "history", "fingerprint", "trust", "whoami")
+    HELP = """\
+Type a user name (or several, separated by commas), press Enter, then type the message.
+  /msg NAME[,NAME...] TEXT   send TEXT at once
+  /paste NAME[,NAME...]      send several lines; end with a line holding only "."
+  /file NAME[,NAME...] PATH  send a file
+  users                      who is online, who is registered
+  history [NAME]             the last messages (with NAME: with that user)
+  fingerprint [NAME]         your key's fingerprint, or NAME's (compare them by phone or in person)
+  trust NAME                 accept NAME's new key after checking its fingerprint
+  whoami                     who you are, on which server
+  help                       this text
+  quit                       leave (Ctrl-D too)
+An empty line cancels a half-written message."""
+
+    def __init__(self, session, reactor):
+        self.session = session
+        self.reactor = reactor
+        self.ui = None
+        self.recipients = None  # names the next line is for
+        self.pasting = None  # lines of a /paste so far
+        self.done = Deferred()
+        self._closing = False
+        self._busy = set()  # commands in flight: quitting waits for them
+        self._early = []
+        session.wire = self._wire
+
+    # -- wiring --
+
+    def attach(self, ui):
+        self.ui = ui
+        self._prompt()
+        self.ui.show("Logged in as %s on %s. Type 'help' for help." % (self.session.user, self.session.address))
+        early, self._early = self._early, []
+        for text in early:
+            self.ui.show(text)
+
+    def _wire(self, client):
+        client.on_message = self.message_received
+        client.on_receipt = self.receipt_received
+        client.on_rejected = self.message_rejected
+        client.on_disconnect = self.disconnected
+
+    def show(self, text):
+        if self.ui is not None:
+            self.ui.show(text)
+        else:
+            self._early.append(text)  # arrived between login and the screen: shown once it is up
+
+    def _prompt(self):
+        if self.pasting is not None:
+            prompt = "... "
+        elif self.recipients:
+            prompt = "%s> " % ",".join(self.recipients)
+        else:
+            prompt = "to> "
+        self.ui.set_prompt(prompt)
+
+    def quit(self):
+        if not self._closing:
+            self._closing = True
+            busy = defer.DeferredList(list(self._busy))
+            busy.addBoth(lambda _: self.session.close()).addBoth(lambda _: self.done.callback(None))
+
+    def _run(self, coroutine):
+        d = Deferred.fromCoroutine(coroutine).addErrback(self._failed)
+        self._busy.add(d)
+        d.addBoth(lambda _: self._busy.discard(d))
+
+    def _failed(self, failure):
+        if failure.check(PagerError):
+            self.show(failure.value.message)
+        elif failure.check(usage.UsageError):
+            self.show(str(failure.value))
+        else:
+            self.show("Something went wrong: %s" % failure.getErrorMessage())
+            Logger().failure("Chat command failed", failure)
+
+    # -- input --
+
+    def line(self, text):
+        if self.pasting is not None:
+            if text == ".":
+                names, lines, self.pasting, self.recipients = self.recipients, self.pasting, None, None
+                self._prompt()
+                self._run(self.send(names, "\n".join(lines)))
+            else:
+                self.pasting.append(text)
+            return
+        stripped = text.strip()
+        if self.recipients is not None:
+            names, self.recipients = self.recipients, None
+            self._prompt()
+            if stripped:
+                self._run(self.send(names, text))
+            else:
+                self.show("(cancelled)")
+            return
+        if not stripped:
+            return
+        word, _, rest = stripped.partition(" ")
+        command = word[1:] if word.startswith("/") else word
+        if word.startswith("/") or command in self.COMMANDS:
+            handler = getattr(self, "command_" + command.replace("-", "_"), None)
+            if handler is None:
+                self.show("Unknown command %s; type 'help'." % _printable(word))
+            else:
+                self._run(handler(rest.strip()))
+            return
+        try:
+            self.recipients = self._names(stripped)
+        except BadRequest as e:
+            self.show(e.message)
+        self._prompt()
+
+    def _names(self, text):
+        names = [canonical_username(n.strip()) for n in text.split(",") if n.strip()]
+        if not names:
+            raise BadRequest("Name at least one recipient.")
+        return sorted(set(names))
+
+    # -- sending --
+
+    async def send(self, names, text, content_type="text", filename="", data=None):
+        session = self.session
+        if data is None:
+            data = text.encode("utf-8")
+        answer = await session.client.post(names, data, content_type, filename)
+        body = data if content_type == "text" else b""
+        await session.store.add_history(HistoryEntry(
+            self.reactor.seconds(), "out", ",".join(names), answer["msg"], content_type, filename, body, "sent"))
+        queued = [n for n in answer.get("queued", []) if n in names]
+        if queued:
+            self.show("(queued for %s: not online)" % ", ".join(queued))
+
+    async def command_msg(self, rest):
+        names, _, text = rest.partition(" ")
+        if not names or not text:
+            raise usage.UsageError("Usage: /msg NAME[,NAME...] TEXT")
+        await self.send(self._names(names), text)
+
+    async def command_paste(self, rest):
+        if not rest:
+            raise usage.UsageError("Usage: /paste NAME[,NAME...]")
+        self.recipients = self._names(rest)
+        self.pasting = []
+        self._prompt()
+        self.show('Type the message; end it with a line holding only ".".')
+
+    async def command_file(self, rest):
+        names, _, path = rest.partition(" ")
+        path = os.path.expanduser(path.strip())
+        if not names or not path:
+            raise usage.UsageError("Usage: /file NAME[,NAME...] PATH")
+        names = self._names(names)
+        try:
+            data = await self.session.in_thread(_read_file, path)
+        except OSError as e:
+            raise usage.UsageError("Cannot read %s: %s." % (path, e.strerror))
+        self.show("Sending %s (%s)..." % (os.path.basename(path), _size_text(len(data))))
+        await self.send(names, "", "file", os.path.basename(path), data)
+
+    # -- other commands --
+
+    async def command_help(self, rest):
+        self.show(self.HELP)
+
+    async def command_quit(self, rest):
+        self.quit()
+
+    command_exit = command_quit
+
+    async def command_users(self, rest):
+        online, registered = await self.session.client.users()
+        self.show("online: %s\nregistered: %s" % (", ".join(online) or "nobody", ", ".join(registered)))
+
+    async def command_whoami(self, rest):
+        s = self.session
+        self.show("%s on %s (server id %s); your key's fingerprint:\n    %s" % (
+            s.user, s.address, s.client.server_id, format_fingerprint(fingerprint(s.key))))
+
+    async def command_fingerprint(self, rest):
+        s = self.session
+        if not rest or canonical_username(rest) == s.user:
+            self.show("Your key (%s):\n    %s" % (s.user, format_fingerprint(fingerprint(s.key))))
+            return
+        user = canonical_username(rest)
+        _, current = await s.client.public_key(user, refresh=True)
+        pin = await s.store.get_pin(user)
+        if pin is None:
+            self.show("%s's key, as the server gives it (not pinned yet):\n    %s" % (user, format_fingerprint(current)))
+        elif pin[1] == current:
+            self.show("%s's key (pinned):\n    %s" % (user, format_fingerprint(current)))
+        else:
+            self.show("%s's key CHANGED.\n  pinned: %s\n  server: %s\nCheck the new one with %s, then 'trust %s'."
+                      % (user, format_fingerprint(pin[1]), format_fingerprint(current), user, user))
+
+    async def command_trust(self, rest):
+        if not rest:
+            raise usage.UsageError("Usage: trust NAME")
+        user = canonical_username(rest)
+        fp = await self.session.client.trust(user)
+        self.show("Now trusting %s's key:\n    %s" % (user, format_fingerprint(fp)))
+
+    async def command_history(self, rest):
+        peer = canonical_username(rest) if rest else None
+        entries = await self.session.store.history(peer)
+        if not entries:
+            self.show("No history%s." % (" with " + peer if peer else ""))
+            return
+        lines = []
+        for e in entries:
+            arrow = "->" if e.direction == "out" else "<-"
+            body = ("file %s" % e.filename) if e.content_type == "file" else e.body.decode("utf-8", "replace")
+            status = " (%s)" % e.status if e.direction == "out" else ""
+            lines.append("[%s] %s %s: %s%s" % (_date_clock(e.at), arrow, e.peer, _printable(body), status))
+        self.show("\n".join(lines))
+
+    # -- events --
+
+    async def message_received(self, message):
+        """Show (and record) a verified incoming message; the client acknowledges it once this returns."""
+        saved = None
+        if message.content_type == "file":
+            directory = private_directory(self.session.directory, "files")
+            saved = await self.session.in_thread(save_incoming_file, directory, message.filename, message.plaintext)
+        self.show(describe_message(message, saved))
+        await self.session.store.add_history(HistoryEntry(
+            message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
+            message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
+            message.key_status))
+
+    async def receipt_received(self, receipt):
+        self.show(describe_receipt(receipt))
+        await self.session.store.set_history_status(receipt.message_id, "%s (%s)" % (receipt.status, receipt.peer))
+
+    def message_rejected(self, msg, sender, error):
+        self.show("\u2717 A message from %s could not be opened and was refused: %s" % (sender, error.message))
+
+    def disconnected(self, error):
+        if self._closing:
+            return
+        self._run(self._reconnect())
+
+    async def _reconnect(self):
+        await self.session.reconnect(self.show)
+        self.show("Reconnected.")
+
+
+def _read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _chat_screen_class():
+    """The raw-mode chat screen: recvline's line editing and history, with incoming text drawn above the input."""
+    from twisted.conch import recvline
+
+    class _ChatScreen(recvline.HistoricRecvLine):
+        ps = (b"to> ", b"to> ")
+
+        def __init__(self, chat):
+            self.chat = chat
+
+        def connectionMade(self):
+            super().connectionMade()
+            self.keyHandlers[b"\x04"] = self.handle_EOF  # Ctrl-D
+            self.keyHandlers[b"\x03"] = self.chat.quit  # Ctrl-C
+            self.chat.attach(self)
+
+        def initializeScreen(self):
+            self.terminal.write(self.ps[self.pn])
+            self.setInsertMode()
+
+        def handle_EOF(self):
+            if not self.lineBuffer:
+                self.terminal.nextLine()
+                self.chat.quit()
+
+        def keystrokeReceived(self, keyID, modifier):
+            if isinstance(keyID, bytes) and len(keyID) == 1 and keyID[0] >= 0x80:
+                self.characterReceived(keyID, False)  # UTF-8 bytes of non-ASCII text
+            else:
+                super().keystrokeReceived(keyID, modifier)
+
+        def lineReceived(self, line):
+            self.terminal.nextLine()
+            self.chat.line(line.decode("utf-8", "replace"))
+            self.terminal.write(self.ps[self.pn])
+
+        def set_prompt(self, text):
+            self.ps = (text.encode("utf-8"), text.encode("utf-8"))
+
+        def show(self, text):
+            t = self.terminal
+            t.write(b"\r")
+            t.eraseLine()
+            t.write(text.replace("\n", "\r\n").encode("utf-8") + b"\r\n")
+            t.write(self.ps[self.pn] + b"".join(self.lineBuffer))
+            back = len(self.lineBuffer) - self.lineBufferIndex
+            if back:
+                t.cursorBackward(back)
+
+        def connectionLost(self, reason):
+            self.chat.quit()
+
+    return _ChatScreen
+
+
+class PlainChat(LineReceiver):
+    """The chat when standard input is not a terminal: plain lines in, plain lines out, no prompts."""
+
+    delimiter = b"\n"
+
+    def __init__(self, chat, out=None):
+        self.chat = chat
+        self.out = out or sys.stdout
+
+    def connectionMade(self):
+        self.chat.attach(self)
+
+    def lineReceived(self, line):
+        self.chat.line(line.decode("utf-8", "replace").rstrip("\r"))
+
+    def set_prompt(self, text):
+        pass
+
+    def show(self, text):
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def connectionLost(self, reason):
+        self.chat.quit()
+
+
 #### Command line ####
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK = range(7)
 
 _LIMIT_OPTIONS = [
     # (option, Limits field, type, help)
@@ -2664,10 +3817,151 @@ class ServerOptions(usage.Options):
             raise usage.UsageError("--listen %r is not a server endpoint string: %s" % (self["listen"], e))
 
 
+class _ClientOptions(usage.Options):
+    """Options every client command shares."""
+
+    optParameters = [
+        ["user", "u", None, "Your user name."],
+        ["home", None, None, "Directory for keys, pinned keys and history "
+                             "[default: $PAGER_HOME, else ~/.local/share/pager]."],
+        ["token-file", None, None, "Read the safetoken from this file (else $PAGER_TOKEN, else a prompt)."],
+        ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, "
+                                        "else a prompt)."],
+        ["ca", None, None, "With --tls: trust the server certificate signed by this CA (PEM file) instead of the "
+                           "system's trust store."],
+    ]
+    optFlags = [
+        ["tls", None, "Connect with TLS, checking the server's certificate and host name."],
+        ["no-passphrase", None, "Store a new key without a passphrase (for unattended use; anyone who can read "
+                                "the file can use the key)."],
+    ]
+
+    def parseOptions(self, options=None):
+        """Allow options after the positional arguments (C{send HOST --to bob}), as GNU tools do."""
+        import getopt
+        options = sys.argv[1:] if options is None else options
+        try:
+            opts, args = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e))
+        ordered = []
+        for opt, value in opts:
+            takes_value = (opt[2:] + "=") in self.longOpt if opt.startswith("--") else (opt[1] + ":") in self.shortOpt
+            ordered += [opt, value] if takes_value else [opt]
+        super().parseOptions(ordered + ["--"] + args)
+
+    def postOptions(self):
+        if self["ca"] and not self["tls"]:
+            raise usage.UsageError("--ca only makes sense with --tls.")
+        parse_address(self["server"])
+
+
+class ConnectOptions(_ClientOptions):
+    synopsis = "[HOST[:PORT]] [options]"
+    longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and safetoken; makes and "
+                "registers a key on first use. Type 'help' once connected.")
+    optFlags = _ClientOptions.optFlags + [["no-history", None, "Do not keep a message history on this machine."]]
+
+    def parseArgs(self, server=None):
+        self["server"] = server
+
+    def postOptions(self):
+        if self["server"] is not None:
+            super().postOptions()
+
+
+class SendOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...] [MESSAGE...]"
+    longdesc = ("Send a page and exit once the server has accepted it; prints the message id. Without MESSAGE, "
+                "the message is read from standard input. Logs in send-only: never takes your incoming messages.")
+    optParameters = _ClientOptions.optParameters + [
+        ["to", "t", None, "Recipients, separated by commas."],
+        ["file", "f", None, "Send this file instead of a text message."],
+        ["timeout", None, 60.0, "With --wait-delivered: seconds to wait.", float],
+    ]
+    optFlags = _ClientOptions.optFlags + [
+        ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery."]]
+
+    def parseArgs(self, server, *message):
+        self["server"] = server
+        self["message"] = " ".join(message) if message else None
+
+    def postOptions(self):
+        super().postOptions()
+        if not self["to"]:
+            raise usage.UsageError("Name the recipients with --to NAME[,NAME...].")
+        try:
+            self["to"] = sorted({canonical_username(n.strip()) for n in self["to"].split(",") if n.strip()})
+        except BadRequest as e:
+            raise usage.UsageError(e.message)
+        if not self["to"]:
+            raise usage.UsageError("Name the recipients with --to NAME[,NAME...].")
+        if self["file"] and self["message"] is not None:
+            raise usage.UsageError("Give either --file or a message, not both.")
+
+
+class FetchOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--json] [--wait SECONDS]"
+    longdesc = ("Print the messages waiting for you, and acknowledge each once it is printed (files are saved "
+                "under your pager directory). Exits when they are all printed, or after --wait seconds with no "
+                "new message.")
+    optParameters = _ClientOptions.optParameters + [
+        ["wait", None, 0.0, "Keep waiting this many seconds for more messages.", float]]
+    optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object per message."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+
+class UsersOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--json]"
+    longdesc = "List the users online and registered."
+    optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+
+class ExportKeyOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME --out FILE"
+    longdesc = ("Write your private key for this server to FILE (PKCS#12, encrypted with a passphrase you choose), "
+                "to copy it to another machine with import-key.")
+    optParameters = _ClientOptions.optParameters + [["out", "o", None, "The file to write."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+    def postOptions(self):
+        super().postOptions()
+        if not self["out"]:
+            raise usage.UsageError("Name the file to write with --out FILE.")
+
+
+class ImportKeyOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME FILE"
+    longdesc = ("Install a private key on this machine: a file from export-key, or the unencrypted "
+                "{username}_private_key.pem of the original pager.")
+    optFlags = _ClientOptions.optFlags + [["force", None, "Replace a key this machine already has for the user."]]
+
+    def parseArgs(self, server, path):
+        self["server"], self["file"] = server, path
+
+
 class Options(usage.Options):
     synopsis = "pager-cli COMMAND [options]   (or: python pager.py COMMAND, twistd pager server)"
-    longdesc = "pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts."
-    subCommands = [["server", None, ServerOptions, "Run a pager server."]]
+    longdesc = ("pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts. "
+                "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
+                "3 authentication failed (safetoken, passphrase or key), 4 unknown user, 5 a key changed and is "
+                "not trusted, 6 network failure.")
+    subCommands = [
+        ["server", None, ServerOptions, "Run a pager server."],
+        ["connect", None, ConnectOptions, "Chat interactively."],
+        ["send", None, SendOptions, "Send a page (for scripts)."],
+        ["fetch", None, FetchOptions, "Print waiting messages (for scripts)."],
+        ["users", None, UsersOptions, "List users."],
+        ["export-key", None, ExportKeyOptions, "Write your key to a file for another machine."],
+        ["import-key", None, ImportKeyOptions, "Install a key from a file."],
+    ]
 
     def opt_version(self):
         """Print the version and exit."""
@@ -2676,7 +3970,7 @@ class Options(usage.Options):
 
     def postOptions(self):
         if self.subCommand is None:
-            raise usage.UsageError("Name a command: server.")
+            raise usage.UsageError("Name a command: %s." % ", ".join(c[0] for c in self.subCommands))
 
 
 def makeService(options, reactor=None):
@@ -2703,6 +3997,230 @@ async def _serve(reactor, config):
     await Deferred()  # serve until interrupted
 
 
+def exit_code(error):
+    """The documented exit code for an error a client command ends with."""
+    if isinstance(error, (usage.UsageError, Cancelled)):
+        return EXIT_USAGE
+    if isinstance(error, (AuthFailed, KeyFileError, NoKey)):
+        return EXIT_AUTH
+    if isinstance(error, UnknownUser):
+        return EXIT_UNKNOWN_USER
+    if isinstance(error, KeyChanged):
+        return EXIT_KEY_TRUST
+    if isinstance(error, (NetworkError, ConnectionLost)):
+        return EXIT_NETWORK
+    return EXIT_FAILURE
+
+
+async def _connect_command(reactor, config):
+    session = Session(reactor, dict(config, server=config["server"]), Prompter(reactor))
+    if config["server"] is None:
+        address = await session.prompter.ask("Server address [localhost]: ")
+        session.host, session.port = parse_address(address)
+    chat = Chat(session, reactor)
+    await session.start(receive=True)
+    if os.isatty(0):
+        import termios
+        import tty
+        from twisted.conch.insults import insults
+        from twisted.internet import stdio
+        saved = termios.tcgetattr(0)
+        tty.setraw(0)
+        try:
+            stdio.StandardIO(insults.ServerProtocol(_chat_screen_class(), chat), reactor=reactor)
+            await chat.done
+        finally:
+            termios.tcsetattr(0, termios.TCSANOW, saved)
+            sys.stdout.write("\r\n")
+    else:
+        from twisted.internet import stdio
+        stdio.StandardIO(PlainChat(chat), reactor=reactor)
+        await chat.done
+
+
+def _read_stdin():
+    chunks = []
+    while True:
+        chunk = os.read(0, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+async def _send_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    content_type, filename = "text", ""
+    if config["file"]:
+        try:
+            data = await session.in_thread(_read_file, config["file"])
+        except OSError as e:
+            raise usage.UsageError("Cannot read %s: %s." % (config["file"], e.strerror))
+        content_type, filename = "file", os.path.basename(config["file"])
+    elif config["message"] is not None:
+        data = config["message"].encode("utf-8")
+    else:
+        data = await _in_daemon_thread(reactor, _read_stdin)
+        if not data.strip():
+            raise usage.UsageError("Nothing to send: the message on standard input is empty.")
+    waiting = {}
+    if config["wait-delivered"]:
+        session.wire = lambda c: setattr(c, "on_receipt", lambda r: waiting.setdefault(r.message_id, {}).__setitem__(
+            r.peer, r))
+    client = await session.start(receive=False)
+    try:
+        answer = await client.post(config["to"], data, content_type, filename)
+        await session.store.add_history(HistoryEntry(
+            reactor.seconds(), "out", ",".join(config["to"]), answer["msg"], content_type, filename,
+            data if content_type == "text" else b"", "sent"))
+        print(answer["msg"])
+        sys.stdout.flush()
+        if config["wait-delivered"]:
+            receipts = waiting.setdefault(answer["msg"], {})
+            deadline = reactor.seconds() + config["timeout"]
+            while len(receipts) < len(config["to"]):
+                if reactor.seconds() >= deadline:
+                    missing = [n for n in config["to"] if n not in receipts]
+                    raise NotDelivered("Not delivered to %s within %g s; the message stays queued on the server."
+                                       % (", ".join(missing), config["timeout"]))
+                await task.deferLater(reactor, 0.05, lambda: None)
+            failed = [describe_receipt(r) for r in receipts.values() if r.status != "delivered"]
+            if failed:
+                raise NotDelivered("; ".join(failed))
+    finally:
+        await session.close()
+
+
+async def _fetch_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    handled = []
+
+    async def show(message):
+        saved = None
+        if message.content_type == "file":
+            directory = private_directory(session.directory, "files")
+            saved = await session.in_thread(save_incoming_file, directory, message.filename, message.plaintext)
+        if config["json"]:
+            record = {
+                "id": message.message_id.hex(), "from": message.sender, "to": list(message.recipients),
+                "time": message.timestamp, "accepted_at": message.accepted_at, "type": message.content_type,
+                "key_status": message.key_status, "skewed": message.skewed,
+            }
+            if message.content_type == "file":
+                record.update(filename=message.filename, saved_to=saved, size=len(message.plaintext))
+            else:
+                record["text"] = message.plaintext.decode("utf-8", "replace")
+            sys.stdout.write(json.dumps(record) + "\n")
+        else:
+            sys.stdout.write(describe_message(message, saved) + "\n")
+        sys.stdout.flush()  # printed before the acknowledgement goes out
+        await session.store.add_history(HistoryEntry(
+            message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
+            message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
+            message.key_status))
+        handled.append(reactor.seconds())
+
+    def rejected(msg, sender, error):
+        sys.stderr.write("pager: refused a message from %s that could not be opened: %s\n" % (sender, error.message))
+        handled.append(reactor.seconds())
+
+    def wire(client):  # before login: the server starts pushing as soon as it has logged us in
+        client.on_message, client.on_rejected = show, rejected
+        client.on_receipt = lambda r: sys.stderr.write(describe_receipt(r) + "\n")
+    session.wire = wire
+    client = await session.start(receive=True)
+    try:
+        pending = session.pending
+        while len(handled) < pending:
+            await task.deferLater(reactor, 0.02, lambda: None)
+        quiet_since = reactor.seconds()
+        while reactor.seconds() - max([quiet_since] + handled) < config["wait"]:
+            await task.deferLater(reactor, 0.05, lambda: None)
+        while client._working:  # let a message being shown finish and be acknowledged
+            await task.deferLater(reactor, 0.02, lambda: None)
+    finally:
+        await session.close()
+
+
+async def _users_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.start(receive=False)
+    try:
+        online, registered = await client.users()
+    finally:
+        await session.close()
+    if config["json"]:
+        print(json.dumps({"online": online, "registered": registered}))
+    else:
+        print("online: %s" % (", ".join(online) or "nobody"))
+        print("registered: %s" % ", ".join(registered))
+
+
+async def _export_key_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    client = await session.connect()
+    try:
+        await session.open_local(client)
+    finally:
+        await client.close()
+    if not os.path.exists(session.key_path):
+        raise NoKey("This machine has no key for %s on %s." % (session.user, session.address))
+    key = await session.load_key(session.key_path)
+    passphrase = await session.new_passphrase("the exported key")
+    data = await session.in_thread(encode_private_key, key, passphrase)
+    write_private_file(config["out"], data)
+    session.store.close()
+    session.prompter.say("Wrote %s's key (fingerprint %s) to %s." % (
+        session.user, format_fingerprint(fingerprint(key)), config["out"]))
+
+
+async def _import_key_command(reactor, config):
+    prompter = Prompter(reactor, interactive=os.isatty(0))
+    session = Session(reactor, config, prompter)
+    try:
+        with open(config["file"], "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise usage.UsageError("Cannot read %s: %s." % (config["file"], e.strerror))
+    client = await session.connect()
+    try:
+        await session.open_local(client)
+    finally:
+        await client.close()
+    try:
+        if os.path.exists(session.key_path) and not config["force"]:
+            raise usage.UsageError("This machine already has a key for %s; use --force to replace it." % session.user)
+        try:
+            key = await session.in_thread(decode_private_key, data, "", config["file"])
+        except WrongPassphrase:
+            passphrase = session._given_passphrase()
+            if passphrase is None:
+                passphrase = await prompter.secret("Passphrase of %s: " % config["file"],
+                                                   "Give its passphrase in PAGER_PASSPHRASE or --passphrase-file.")
+            key = await session.in_thread(decode_private_key, data, passphrase, config["file"])
+        passphrase = await session.new_passphrase()
+        await session.in_thread(save_private_key, session.key_path, key, passphrase)
+    finally:
+        session.store.close()
+    prompter.say("Installed %s's key (fingerprint %s) in %s." % (
+        session.user, format_fingerprint(fingerprint(key)), session.key_path))
+
+
+_CLIENT_COMMANDS = {
+    "connect": _connect_command, "send": _send_command, "fetch": _fetch_command, "users": _users_command,
+    "export-key": _export_key_command, "import-key": _import_key_command,
+}
+
+
+async def _run_client_command(reactor, name, config):
+    """Run one client command; every known error becomes one sentence on stderr and its documented exit code."""
+    try:
+        await _CLIENT_COMMANDS[name](reactor, config)
+    except (PagerError, usage.UsageError) as e:
+        message = e.message if isinstance(e, PagerError) else str(e)
+        sys.stderr.write("pager: %s\n" % message)
+        raise SystemExit(exit_code(e))
+
+
 def main(argv=None):
     """The command line: C{pager-cli}, C{python pager.py} and C{python -m pager}."""
     argv = sys.argv[1:] if argv is None else argv
@@ -2714,6 +4232,9 @@ def main(argv=None):
         sys.exit(EXIT_USAGE)
     if options.subCommand == "server":
         task.react(lambda reactor: Deferred.fromCoroutine(_serve(reactor, options.subOptions)))
+    else:
+        task.react(lambda reactor: Deferred.fromCoroutine(
+            _run_client_command(reactor, options.subCommand, options.subOptions)))
 
 
 if __name__ == "__main__":

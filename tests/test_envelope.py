@@ -1,0 +1,1054 @@
+"""
+Tests for the envelope section of L{pager}: sealing, opening, tampering, forgery, keys, auth proofs and user names.
+
+RSA keys are generated once per module (L{_key}); most messages use the smallest chunk size so that multi-chunk
+cases stay fast, and L{DefaultChunkRoundTripTests} covers the default 64 KiB chunk.
+"""
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import time
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings, strategies as st
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+import pager
+
+SMALL = pager.MIN_CHUNK_SIZE  # 1024
+TAG = pager.GCM_TAG_SIZE
+PROPERTY = settings(max_examples=200, deadline=None, database=None)
+
+_KEYS = {}
+
+
+def _key(name):
+    """The module's RSA-2048 private key for C{name}, generated on first use."""
+    if name not in _KEYS:
+        _KEYS[name] = pager.generate_private_key()
+    return _KEYS[name]
+
+
+def _pub(name):
+    return _key(name).public_key()
+
+
+def _seal(plaintext, recipients=("bob",), sender="alice", chunk_size=SMALL, **kwargs):
+    """Seal C{plaintext} from C{sender} to C{recipients} with the module's keys."""
+    return pager.seal(_key(sender), sender, {name: _pub(name) for name in recipients}, plaintext,
+                      chunk_size=chunk_size, **kwargs)
+
+
+def _open(envelope, recipient="bob", sender="alice", private_key=None, sender_key=None):
+    """Open C{envelope} as C{recipient}, checking it against C{sender}'s public key."""
+    return pager.open_envelope(
+        envelope, private_key or _key(recipient), recipient, sender_key or _pub(sender))
+
+
+def _flip(data, index, mask=0x01):
+    data = bytearray(data)
+    data[index] ^= mask
+    return bytes(data)
+
+
+def _layout(header):
+    """
+    Name every byte range of a header, walking the documented layout without L{pager.parse_header}: a list of
+    C{(name, start, end)} covering the whole header in order.
+    """
+    fields = []
+    pos = 0
+
+    def fixed(name, size):
+        nonlocal pos
+        fields.append((name, pos, pos + size))
+        pos += size
+        return header[pos - size:pos]
+
+    def lp(name):
+        (n,) = struct.unpack(">I", fixed(name + " length", 4))
+        fixed(name, n)
+
+    lp("tag")
+    lp("message id")
+    fixed("timestamp", 8)
+    lp("sender")
+    lp("sender fingerprint")
+    lp("content type")
+    lp("filename")
+    fixed("chunk size", 4)
+    (count,) = struct.unpack(">I", fixed("recipient count", 4))
+    for i in range(count):
+        lp("recipient %d name" % i)
+        lp("recipient %d fingerprint" % i)
+        lp("recipient %d wrapped key" % i)
+    lp("commitment")
+    assert pos == len(header), "layout walk did not end at the end of the header"
+    return fields
+
+
+def _field(header, name):
+    """The bytes of the header field called C{name} in L{_layout}."""
+    for field, start, end in _layout(header):
+        if field == name:
+            return header[start:end]
+    raise KeyError(name)
+
+
+def _reheader(header, **changes):
+    """A header re-encoded with L{pager._encode_header} from C{header}'s fields, some of them changed."""
+    h = pager.parse_header(header)
+    fields = dict(
+        message_id=h.message_id, timestamp_ms=h.timestamp_ms, sender=h.sender, sender_fp=h.sender_fingerprint,
+        content_type=h.content_type, filename=h.filename, chunk_size=h.chunk_size, recipients=list(h.recipients),
+        commitment=h.commitment,
+    )
+    fields.update(changes)
+    return pager._encode_header(**fields)
+
+
+def _encrypt_chunks(header, content_key, plaintext):
+    """Chunk ciphertexts for C{plaintext} under C{header}, built from the documented layout without L{pager.Sealer}."""
+    size = pager.parse_header(header).chunk_size
+    pieces = [plaintext[i:i + size] for i in range(0, len(plaintext), size)] or [b""]
+    aead = AESGCM(content_key)
+    ad = hashlib.sha256(header).digest()
+    return [
+        aead.encrypt(i.to_bytes(11, "big") + (b"\x01" if i == len(pieces) - 1 else b"\x00"), piece, ad)
+        for i, piece in enumerate(pieces)
+    ]
+
+
+def _sign(private_key, header, chunks):
+    """An RSA-PSS signature by C{private_key} over C{header} and C{chunks}, as a sender makes it."""
+    data = pager.signed_bytes(header, len(chunks), sum(len(c) for c in chunks),
+                              hashlib.sha256(b"".join(chunks)).digest())
+    return private_key.sign(data, pager._PSS, hashes.SHA256())
+
+
+def _unwrap(envelope, name):
+    """The content key, as recipient C{name} unwraps it from C{envelope}'s header with their private key."""
+    wrapped = pager.parse_header(envelope.header).recipient(name).wrapped_key
+    return _key(name).decrypt(wrapped, pager._OAEP)
+
+
+def _wrap(name, content_key):
+    return pager.Recipient(name, pager.fingerprint(_key(name)), _pub(name).encrypt(content_key, pager._OAEP))
+
+
+class _RoundTripMixin:
+    """Round trips at the sizes around one chunk size (set by the subclass)."""
+
+    chunk_size = None
+
+    def assertRoundTrip(self, size, expected_chunks):
+        plaintext = os.urandom(size)
+        envelope = _seal(plaintext, chunk_size=self.chunk_size)
+        self.assertEqual(len(envelope.chunks), expected_chunks)
+        self.assertEqual(envelope.size, size)
+        for chunk in envelope.chunks[:-1]:
+            self.assertEqual(len(chunk), self.chunk_size + TAG)
+        opened = _open(envelope)
+        self.assertEqual(opened.plaintext, plaintext)
+        self.assertEqual(opened.sender, "alice")
+        self.assertEqual(opened.recipients, ("bob",))
+
+    def test_empty(self):
+        """An empty message seals to one tag-only chunk and opens to empty plaintext."""
+        self.assertRoundTrip(0, 1)
+
+    def test_one_byte(self):
+        """A one-byte message round-trips in one chunk."""
+        self.assertRoundTrip(1, 1)
+
+    def test_chunk_minus_one(self):
+        """A message one byte short of a chunk round-trips in one chunk."""
+        self.assertRoundTrip(self.chunk_size - 1, 1)
+
+    def test_exactly_one_chunk(self):
+        """A message of exactly one chunk round-trips in one (final, full) chunk."""
+        self.assertRoundTrip(self.chunk_size, 1)
+
+    def test_chunk_plus_one(self):
+        """A message one byte over a chunk round-trips in a full chunk plus a one-byte final chunk."""
+        self.assertRoundTrip(self.chunk_size + 1, 2)
+
+    def test_three_kib(self):
+        """A 3 KiB message round-trips."""
+        self.assertRoundTrip(3 * 1024, -(-3 * 1024 // self.chunk_size))
+
+
+class SmallChunkRoundTripTests(_RoundTripMixin, SynchronousTestCase):
+    chunk_size = SMALL
+
+
+class DefaultChunkRoundTripTests(_RoundTripMixin, SynchronousTestCase):
+    chunk_size = pager.CHUNK_SIZE
+
+    def test_default_chunk_size(self):
+        """Sealing without a chunk size uses 64 KiB chunks."""
+        envelope = pager.seal(_key("alice"), "alice", {"bob": _pub("bob")}, b"x" * 70000)
+        self.assertEqual(pager.parse_header(envelope.header).chunk_size, 65536)
+        self.assertEqual([len(c) for c in envelope.chunks], [65536 + TAG, 70000 - 65536 + TAG])
+
+    def test_ten_mib(self):
+        """A 10 MiB message round-trips in 160 chunks of the default size."""
+        plaintext = os.urandom(10 * 1024 * 1024)
+        envelope = pager.seal(_key("alice"), "alice", {"bob": _pub("bob")}, plaintext)
+        self.assertEqual(len(envelope.chunks), 160)
+        self.assertEqual(_open(envelope).plaintext, plaintext)
+
+
+class OpenedFieldsTests(SynchronousTestCase):
+    def test_text_fields(self):
+        """Every field of an opened text message is the one the sender sealed."""
+        message_id = bytes(range(16))
+        envelope = _seal(b"disk full", recipients=("dave", "bob", "carol"), message_id=message_id,
+                         timestamp_ms=1700000000123)
+        for name in ("bob", "carol", "dave"):
+            opened = _open(envelope, name)
+            self.assertEqual(opened.message_id, message_id)
+            self.assertEqual(opened.sender, "alice")
+            self.assertEqual(opened.sender_fingerprint, pager.fingerprint(_key("alice")))
+            self.assertEqual(opened.recipients, ("bob", "carol", "dave"))
+            self.assertEqual(opened.timestamp, 1700000000.123)
+            self.assertEqual(opened.content_type, "text")
+            self.assertEqual(opened.filename, "")
+            self.assertEqual(opened.plaintext, b"disk full")
+            self.assertIsNone(opened.accepted_at)
+
+    def test_file_fields(self):
+        """A file message opens with content type file and its (UTF-8) file name."""
+        envelope = _seal(b"%PDF-1.7", content_type="file", filename="r\u00e9sum\u00e9.pdf")
+        opened = _open(envelope)
+        self.assertEqual(opened.content_type, "file")
+        self.assertEqual(opened.filename, "r\u00e9sum\u00e9.pdf")
+        self.assertEqual(opened.plaintext, b"%PDF-1.7")
+
+    def test_fresh_message_id_and_time(self):
+        """Without a message id or time, each seal gets a fresh 16-byte id and the current time."""
+        first, second = _seal(b"a"), _seal(b"a")
+        h1, h2 = pager.parse_header(first.header), pager.parse_header(second.header)
+        self.assertEqual(len(h1.message_id), 16)
+        self.assertNotEqual(h1.message_id, h2.message_id)
+        self.assertLess(abs(h1.timestamp_ms / 1000.0 - time.time()), 60)
+
+    def test_sealer_message_id(self):
+        """Sealer.message_id is the id written in the header."""
+        sealer = pager.Sealer(_key("alice"), "alice", {"bob": _pub("bob")}, message_id=b"m" * 16)
+        self.assertEqual(sealer.message_id, b"m" * 16)
+
+
+class IncrementalTests(SynchronousTestCase):
+    def _seal_in_pieces(self, plaintext, piece, chunk_size=SMALL):
+        sealer = pager.Sealer(_key("alice"), "alice", {"bob": _pub("bob")}, chunk_size=chunk_size)
+        chunks = []
+        for i in range(0, len(plaintext), piece):
+            chunks += sealer.update(plaintext[i:i + piece])
+            chunks += sealer.update(b"")
+        last, signature = sealer.finish()
+        return pager.Envelope(sealer.header, chunks + last, signature)
+
+    def test_one_byte_pieces(self):
+        """Sealing one byte at a time gives full chunks and an envelope that opens to the same plaintext."""
+        plaintext = os.urandom(3 * SMALL + 100)
+        envelope = self._seal_in_pieces(plaintext, 1)
+        self.assertEqual([len(c) for c in envelope.chunks], [SMALL + TAG] * 3 + [100 + TAG])
+        self.assertEqual(_open(envelope).plaintext, plaintext)
+
+    def test_odd_pieces(self):
+        """Sealing in 7777-byte pieces gives an envelope that opens to the same plaintext."""
+        plaintext = os.urandom(100000)
+        envelope = self._seal_in_pieces(plaintext, 7777)
+        self.assertEqual(len(envelope.chunks), -(-100000 // SMALL))
+        self.assertEqual(_open(envelope).plaintext, plaintext)
+
+    def test_odd_pieces_default_chunk(self):
+        """Sealing 200000 bytes in 7777-byte pieces with 64 KiB chunks opens to the same plaintext."""
+        plaintext = os.urandom(200000)
+        envelope = self._seal_in_pieces(plaintext, 7777, chunk_size=pager.CHUNK_SIZE)
+        self.assertEqual(len(envelope.chunks), 4)
+        self.assertEqual(_open(envelope).plaintext, plaintext)
+
+    def test_exact_multiple_holds_last_chunk(self):
+        """A chunk completed by update is held back until more data comes, so a whole-chunk message ends in finish."""
+        sealer = pager.Sealer(_key("alice"), "alice", {"bob": _pub("bob")}, chunk_size=SMALL)
+        self.assertEqual(sealer.update(b"x" * SMALL), [])
+        self.assertEqual(len(sealer.update(b"y")), 1)
+        last, _ = sealer.finish()
+        self.assertEqual([len(c) for c in last], [1 + TAG])
+
+    def test_opener_releases_nothing_before_finish(self):
+        """Opener.update returns nothing for any chunk; the plaintext comes only from finish."""
+        plaintext = os.urandom(5 * SMALL + 3)
+        envelope = _seal(plaintext)
+        opener = pager.Opener(envelope.header, _key("bob"), "bob")
+        for chunk in envelope.chunks:
+            self.assertIsNone(opener.update(chunk))
+        self.assertEqual(opener.finish(envelope.signature, _pub("alice")).plaintext, plaintext)
+
+    def test_opener_reports_bad_chunk_early(self):
+        """A tampered chunk is reported by the update that follows it, before the rest of the stream arrives."""
+        envelope = _seal(os.urandom(5 * SMALL))
+        opener = pager.Opener(envelope.header, _key("bob"), "bob")
+        opener.update(_flip(envelope.chunks[0], 5))
+        self.assertRaises(pager.ChunkAuthenticationFailed, opener.update, envelope.chunks[1])
+
+
+class RecipientTests(SynchronousTestCase):
+    def setUp(self):
+        self.plaintext = os.urandom(2 * SMALL + 5)
+        self.envelope = _seal(self.plaintext, recipients=("bob", "carol", "dave"))
+
+    def test_each_recipient_opens(self):
+        """Each of three recipients opens the message with their own key."""
+        for name in ("bob", "carol", "dave"):
+            self.assertEqual(_open(self.envelope, name).plaintext, self.plaintext)
+
+    def test_recipients_sorted_in_header(self):
+        """The header lists the recipients sorted by name, each with their key's fingerprint."""
+        header = pager.parse_header(self.envelope.header)
+        self.assertEqual(header.recipient_names, ["bob", "carol", "dave"])
+        for r in header.recipients:
+            self.assertEqual(r.fingerprint, pager.fingerprint(_key(r.name)))
+
+    def test_non_recipient(self):
+        """Someone not among the recipients gets NotAddressedToYou."""
+        self.assertRaises(pager.NotAddressedToYou, _open, self.envelope, "mallory")
+
+    def test_recipient_name_with_wrong_key(self):
+        """A recipient's name with a different private key gets NotAddressedToYou."""
+        self.assertRaises(pager.NotAddressedToYou, _open, self.envelope, "bob", private_key=_key("mallory"))
+
+    def test_recipient_key_under_wrong_name(self):
+        """A recipient's key under another recipient's name gets NotAddressedToYou."""
+        self.assertRaises(pager.NotAddressedToYou, _open, self.envelope, "carol", private_key=_key("bob"))
+
+    def test_wrong_sender_key(self):
+        """Opening with a sender key other than the one the header names raises WrongSenderKey."""
+        self.assertRaises(pager.WrongSenderKey, _open, self.envelope, "bob", sender_key=_pub("mallory"))
+        self.assertRaises(pager.WrongSenderKey, _open, self.envelope, "bob", sender_key=_pub("carol"))
+
+    def test_max_size(self):
+        """An Opener with a max_size smaller than the message raises TooLarge."""
+        self.assertRaises(pager.TooLarge, pager.open_envelope, self.envelope, _key("bob"), "bob", _pub("alice"),
+                          max_size=2 * SMALL + 4)
+        opened = pager.open_envelope(self.envelope, _key("bob"), "bob", _pub("alice"), max_size=2 * SMALL + 5)
+        self.assertEqual(opened.plaintext, self.plaintext)
+
+
+class SealerArgumentTests(SynchronousTestCase):
+    def test_no_recipients(self):
+        """A message needs at least one recipient."""
+        self.assertRaises(ValueError, pager.Sealer, _key("alice"), "alice", {})
+
+    def test_too_many_recipients(self):
+        """A message has at most MAX_RECIPIENTS recipients."""
+        many = {"u%d" % i: _pub("bob") for i in range(pager.MAX_RECIPIENTS + 1)}
+        self.assertRaises(ValueError, pager.Sealer, _key("alice"), "alice", many)
+
+    def test_unknown_content_type(self):
+        """A content type other than text or file is refused."""
+        self.assertRaises(ValueError, pager.Sealer, _key("alice"), "alice", {"bob": _pub("bob")},
+                          content_type="image")
+
+    def test_chunk_size_bounds(self):
+        """Chunk sizes outside 1024..65536 are refused."""
+        for size in (SMALL - 1, pager.MAX_CHUNK_SIZE + 1):
+            self.assertRaises(pager.MalformedEnvelope, pager.Sealer, _key("alice"), "alice", {"bob": _pub("bob")},
+                              chunk_size=size)
+
+
+class StreamTamperingTests(SynchronousTestCase):
+    """Chunks and signature altered after sealing; 3000 bytes end in a short chunk, 4096 in a full one."""
+
+    def setUp(self):
+        self.short = _seal(os.urandom(3000))  # chunks of 1024, 1024, 952 bytes
+        self.full = _seal(os.urandom(4 * SMALL))  # four full chunks
+
+    def _with_chunks(self, envelope, chunks):
+        return pager.Envelope(envelope.header, chunks, envelope.signature)
+
+    def test_flip_chunk_byte(self):
+        """Flipping a byte anywhere in any chunk raises ChunkAuthenticationFailed."""
+        for i, chunk in enumerate(self.short.chunks):
+            for offset in (0, len(chunk) // 2, len(chunk) - TAG, len(chunk) - 1):
+                chunks = list(self.short.chunks)
+                chunks[i] = _flip(chunk, offset)
+                self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.short, chunks))
+
+    def test_flip_signature_byte(self):
+        """Flipping a byte of the signature raises BadSignature."""
+        sig = self.short.signature
+        for offset in (0, len(sig) // 2, len(sig) - 1):
+            envelope = pager.Envelope(self.short.header, self.short.chunks, _flip(sig, offset))
+            self.assertRaises(pager.BadSignature, _open, envelope)
+
+    def test_truncated_signature(self):
+        """A shortened or empty signature raises BadSignature."""
+        for sig in (self.short.signature[:-1], b""):
+            envelope = pager.Envelope(self.short.header, self.short.chunks, sig)
+            self.assertRaises(pager.BadSignature, _open, envelope)
+
+    def test_drop_last_chunk(self):
+        """Dropping the final chunk raises TruncatedMessage."""
+        for envelope in (self.short, self.full):
+            self.assertRaises(pager.TruncatedMessage, _open, self._with_chunks(envelope, envelope.chunks[:-1]))
+
+    def test_drop_last_two_chunks(self):
+        """Dropping the last two chunks raises TruncatedMessage."""
+        self.assertRaises(pager.TruncatedMessage, _open, self._with_chunks(self.full, self.full.chunks[:-2]))
+
+    def test_no_chunks(self):
+        """An envelope without chunks raises TruncatedMessage."""
+        self.assertRaises(pager.TruncatedMessage, _open, self._with_chunks(self.short, []))
+        opener = pager.Opener(self.short.header, _key("bob"), "bob")
+        self.assertRaises(pager.TruncatedMessage, opener.finish, self.short.signature, _pub("alice"))
+
+    def test_drop_middle_chunk(self):
+        """Dropping a middle chunk raises ChunkAuthenticationFailed."""
+        c = self.short.chunks
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.short, [c[0], c[2]]))
+        c = self.full.chunks
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.full, [c[0], c[2], c[3]]))
+
+    def test_drop_first_chunk(self):
+        """Dropping the first chunk raises ChunkAuthenticationFailed."""
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.full, self.full.chunks[1:]))
+
+    def test_duplicate_chunk(self):
+        """Repeating a chunk raises ChunkAuthenticationFailed."""
+        c = self.full.chunks
+        for chunks in ([c[0], c[0], c[1], c[2], c[3]], [c[0], c[1], c[1], c[2], c[3]]):
+            self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.full, chunks))
+
+    def test_duplicate_final_chunk(self):
+        """Repeating the final (full) chunk raises ChunkAuthenticationFailed: data after the final chunk."""
+        c = self.full.chunks
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.full, c + [c[-1]]))
+
+    def test_reorder_chunks(self):
+        """Swapping two chunks raises ChunkAuthenticationFailed."""
+        c = self.full.chunks
+        for chunks in ([c[1], c[0], c[2], c[3]], [c[0], c[2], c[1], c[3]], [c[0], c[1], c[3], c[2]],
+                       [c[3], c[1], c[2], c[0]]):
+            self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.full, chunks))
+        c = self.short.chunks
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.short, [c[1], c[0], c[2]]))
+
+    def test_extra_chunk_after_full_final_chunk(self):
+        """A chunk appended after a full final chunk raises ChunkAuthenticationFailed."""
+        c = self.full.chunks
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.full, c + [c[0]]))
+
+    def test_extra_chunk_after_short_final_chunk(self):
+        """A chunk appended after a short final chunk is refused as malformed (only the last chunk may be short)."""
+        c = self.short.chunks
+        self.assertRaises(pager.MalformedEnvelope, _open, self._with_chunks(self.short, c + [c[0]]))
+
+    def test_chunk_from_other_message(self):
+        """A chunk taken from another message of the same sender raises ChunkAuthenticationFailed."""
+        other = _seal(os.urandom(4 * SMALL))
+        chunks = list(self.full.chunks)
+        chunks[1] = other.chunks[1]
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, self._with_chunks(self.full, chunks))
+
+    def test_signature_from_other_message(self):
+        """Another message's valid signature raises BadSignature."""
+        other = _seal(b"other")
+        envelope = pager.Envelope(self.short.header, self.short.chunks, other.signature)
+        self.assertRaises(pager.BadSignature, _open, envelope)
+
+    def test_oversized_chunk(self):
+        """A chunk longer than the header's chunk size plus tag is refused as malformed."""
+        c = self.short.chunks
+        self.assertRaises(pager.MalformedEnvelope, _open, self._with_chunks(self.short, [c[0] + b"x"] + c[1:]))
+
+    def test_chunk_shorter_than_tag(self):
+        """A chunk shorter than a GCM tag is refused as malformed."""
+        self.assertRaises(pager.MalformedEnvelope, _open, self._with_chunks(self.short, [b"x" * (TAG - 1)]))
+
+
+class HeaderTamperingTests(SynchronousTestCase):
+    """One byte of the header flipped; Bob opens a 3000-byte file message addressed to him and Carol."""
+
+    expected = {
+        "tag": pager.MalformedEnvelope,
+        "message id": pager.KeyCommitmentMismatch,
+        "timestamp": pager.ChunkAuthenticationFailed,
+        "sender": pager.ChunkAuthenticationFailed,  # "alice" -> "alicd", still a valid name
+        "sender fingerprint": pager.ChunkAuthenticationFailed,
+        "content type": pager.MalformedEnvelope,  # "file" -> "fild"
+        "filename": pager.ChunkAuthenticationFailed,  # "report.txt" -> "report.txu"
+        "chunk size": pager.MalformedEnvelope,  # 1024 -> 1025: a full 1024-byte chunk is short, then another follows
+        "recipient count": pager.MalformedEnvelope,
+        "recipient 0 name": pager.NotAddressedToYou,  # "bob" -> "boc"
+        "recipient 0 fingerprint": pager.NotAddressedToYou,
+        "recipient 0 wrapped key": pager.KeyUnwrapFailed,
+        "recipient 1 name": pager.ChunkAuthenticationFailed,  # "carol" -> "carom"
+        "recipient 1 fingerprint": pager.ChunkAuthenticationFailed,
+        "recipient 1 wrapped key": pager.ChunkAuthenticationFailed,
+        "commitment": pager.KeyCommitmentMismatch,
+    }
+
+    def setUp(self):
+        self.envelope = _seal(os.urandom(3000), recipients=("bob", "carol"), content_type="file",
+                              filename="report.txt")
+
+    def _open_header(self, header):
+        return _open(pager.Envelope(header, self.envelope.chunks, self.envelope.signature))
+
+    def test_layout_walk(self):
+        """The test's own walk of the header layout names every field the brief lists."""
+        names = [name for name, _, _ in _layout(self.envelope.header)]
+        self.assertEqual(sorted(n for n in names if not n.endswith(" length")), sorted(self.expected))
+        self.assertEqual(_field(self.envelope.header, "tag"), pager.ENVELOPE_TAG)
+        self.assertEqual(_field(self.envelope.header, "filename"), b"report.txt")
+
+    def test_each_field(self):
+        """Flipping the last byte of each header field raises the error specific to that field."""
+        for name, start, end in _layout(self.envelope.header):
+            if name.endswith(" length"):
+                continue
+            header = _flip(self.envelope.header, end - 1)
+            try:
+                self._open_header(header)
+            except pager.EnvelopeError as e:
+                self.assertIsInstance(e, self.expected[name], name)
+            else:
+                self.fail("flipping the %s opened the message" % (name,))
+
+    def test_every_byte(self):
+        """Flipping any one bit (low or high) of any header byte raises an EnvelopeError; none opens."""
+        header = self.envelope.header
+        fields = _layout(header)
+        wrong = []
+        for offset in range(len(header)):
+            field = [name for name, start, end in fields if start <= offset < end][0]
+            for mask in (0x01, 0x80):
+                try:
+                    self._open_header(_flip(header, offset, mask))
+                except pager.EnvelopeError:
+                    pass
+                except Exception as e:
+                    wrong.append((offset, field, mask, repr(e)))
+                else:
+                    wrong.append((offset, field, mask, "opened"))
+        self.assertEqual(wrong, [])
+
+    def test_trailing_byte(self):
+        """A byte appended to the header raises MalformedEnvelope."""
+        self.assertRaises(pager.MalformedEnvelope, self._open_header, self.envelope.header + b"\x00")
+
+    def test_truncated_header(self):
+        """Any proper prefix of the header raises MalformedEnvelope."""
+        header = self.envelope.header
+        for n in range(len(header)):
+            self.assertRaises(pager.MalformedEnvelope, pager.parse_header, header[:n])
+
+
+class ForgedHeaderTests(SynchronousTestCase):
+    """Headers re-encoded with other fields while the chunks and signature of Alice's message are kept."""
+
+    def setUp(self):
+        self.plaintext = os.urandom(2500)
+        self.envelope = _seal(self.plaintext, recipients=("bob", "carol"))
+        self.header = pager.parse_header(self.envelope.header)
+
+    def _open_with(self, header, recipient="bob", sender="alice", chunks=None, signature=None):
+        envelope = pager.Envelope(header, chunks if chunks is not None else self.envelope.chunks,
+                                  signature if signature is not None else self.envelope.signature)
+        return _open(envelope, recipient, sender)
+
+    def test_reencoded_header_unchanged(self):
+        """Re-encoding the parsed header gives the same bytes, so the forgeries below differ only where intended."""
+        self.assertEqual(_reheader(self.envelope.header), self.envelope.header)
+        self.assertEqual(self._open_with(_reheader(self.envelope.header)).plaintext, self.plaintext)
+
+    def test_other_sender_name(self):
+        """Naming another sender (with Alice's key fingerprint) raises ChunkAuthenticationFailed."""
+        header = _reheader(self.envelope.header, sender="mallory")
+        self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header)
+
+    def test_other_sender(self):
+        """Naming Mallory and his key as the sender raises ChunkAuthenticationFailed even checked with his key."""
+        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")))
+        self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, sender="mallory")
+
+    def test_other_message_id(self):
+        """Another message id (with the old commitment) raises KeyCommitmentMismatch."""
+        header = _reheader(self.envelope.header, message_id=b"\x00" * 16)
+        self.assertRaises(pager.KeyCommitmentMismatch, self._open_with, header)
+
+    def test_other_message_id_recommitted(self):
+        """Another message id with a matching commitment (made by a recipient) raises ChunkAuthenticationFailed."""
+        key = _unwrap(self.envelope, "bob")
+        mid = b"\x00" * 16
+        header = _reheader(self.envelope.header, message_id=mid, commitment=pager._commitment(mid, key))
+        self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header)
+
+    def test_other_time(self):
+        """Another timestamp raises ChunkAuthenticationFailed."""
+        for ts in (0, self.header.timestamp_ms + 1, self.header.timestamp_ms - 86400000, 2 ** 64 - 1):
+            header = _reheader(self.envelope.header, timestamp_ms=ts)
+            self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header)
+
+    def test_other_content_type(self):
+        """Turning a text message into a file raises ChunkAuthenticationFailed."""
+        header = _reheader(self.envelope.header, content_type="file", filename="evil.sh")
+        self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header)
+
+    def test_recipient_removed(self):
+        """Dropping Carol from the recipient list raises ChunkAuthenticationFailed for Bob."""
+        header = _reheader(self.envelope.header, recipients=[self.header.recipient("bob")])
+        self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header)
+
+    def test_recipient_added(self):
+        """Adding a recipient (wrapped by Bob, who knows the key) raises ChunkAuthenticationFailed for both."""
+        key = _unwrap(self.envelope, "bob")
+        recipients = list(self.header.recipients) + [_wrap("dave", key)]
+        header = _reheader(self.envelope.header, recipients=recipients)
+        for name in ("bob", "dave"):
+            self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, name)
+
+    def test_recipient_replaced(self):
+        """Replacing Carol by Mallory in the list raises ChunkAuthenticationFailed for Mallory and for Bob."""
+        key = _unwrap(self.envelope, "bob")
+        header = _reheader(self.envelope.header, recipients=[self.header.recipient("bob"), _wrap("mallory", key)])
+        for name in ("bob", "mallory"):
+            self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, name)
+
+    def test_surreptitious_forwarding(self):
+        """Bob re-wrapping the content key for Carol alone, keeping Alice's chunks, fails for Carol."""
+        envelope = _seal(self.plaintext, recipients=("bob",))
+        key = _unwrap(envelope, "bob")
+        header = _reheader(envelope.header, recipients=[_wrap("carol", key)])
+        forwarded = pager.Envelope(header, envelope.chunks, envelope.signature)
+        self.assertRaises((pager.ChunkAuthenticationFailed, pager.BadSignature), _open, forwarded, "carol")
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, forwarded, "carol")
+
+    def test_surreptitious_forwarding_reencrypted(self):
+        """Bob forwarding to Carol with chunks re-encrypted for his new header still fails: Alice's signature breaks."""
+        envelope = _seal(self.plaintext, recipients=("bob",))
+        key = _unwrap(envelope, "bob")
+        header = _reheader(envelope.header, recipients=[_wrap("carol", key)])
+        forwarded = pager.Envelope(header, _encrypt_chunks(header, key, self.plaintext), envelope.signature)
+        self.assertRaises(pager.BadSignature, _open, forwarded, "carol")
+
+    def test_mallory_resigns_same_header(self):
+        """Mallory's signature over Alice's unchanged envelope raises BadSignature or WrongSenderKey."""
+        signature = _sign(_key("mallory"), self.envelope.header, self.envelope.chunks)
+        self.assertRaises(pager.BadSignature, self._open_with, self.envelope.header, signature=signature)
+        self.assertRaises(pager.WrongSenderKey, self._open_with, self.envelope.header, sender="mallory",
+                          signature=signature)
+
+    def test_mallory_claims_message(self):
+        """Mallory naming himself sender in a rebuilt header and re-signing Alice's chunks fails for Bob."""
+        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")))
+        signature = _sign(_key("mallory"), header, self.envelope.chunks)
+        self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, sender="mallory",
+                          signature=signature)
+
+    def test_forged_sender_without_key(self):
+        """A message Mallory makes from scratch naming Alice as sender raises BadSignature with Alice's key."""
+        key = os.urandom(32)
+        mid = os.urandom(16)
+        header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
+                                      [_wrap("bob", key)], pager._commitment(mid, key))
+        chunks = _encrypt_chunks(header, key, b"pay mallory")
+        forged = pager.Envelope(header, chunks, _sign(_key("mallory"), header, chunks))
+        self.assertRaises(pager.BadSignature, _open, forged)
+
+    def test_independent_construction_opens(self):
+        """A message built from the documented layout without Sealer opens, so the forgeries above are faithful."""
+        key = os.urandom(32)
+        mid = os.urandom(16)
+        header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
+                                      [_wrap("bob", key)], pager._commitment(mid, key))
+        chunks = _encrypt_chunks(header, key, self.plaintext)
+        self.assertEqual(_open(pager.Envelope(header, chunks, _sign(_key("alice"), header, chunks))).plaintext,
+                         self.plaintext)
+
+    def test_different_keys_for_different_recipients(self):
+        """Bob given another content key than the one committed to (Carol's) raises KeyCommitmentMismatch."""
+        bob_key, carol_key = os.urandom(32), os.urandom(32)
+        mid = os.urandom(16)
+        header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
+                                      [_wrap("bob", bob_key), _wrap("carol", carol_key)],
+                                      pager._commitment(mid, carol_key))
+        chunks = _encrypt_chunks(header, carol_key, b"for carol's eyes")
+        envelope = pager.Envelope(header, chunks, _sign(_key("alice"), header, chunks))
+        self.assertEqual(_open(envelope, "carol").plaintext, b"for carol's eyes")
+        self.assertRaises(pager.KeyCommitmentMismatch, _open, envelope, "bob")
+
+    def test_short_content_key(self):
+        """A wrapped key that is not 32 bytes raises KeyCommitmentMismatch even with a matching commitment."""
+        key = os.urandom(16)
+        mid = os.urandom(16)
+        header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
+                                      [_wrap("bob", key)], pager._commitment(mid, key))
+        chunks = _encrypt_chunks(header, key, b"x")
+        envelope = pager.Envelope(header, chunks, _sign(_key("alice"), header, chunks))
+        self.assertRaises(pager.KeyCommitmentMismatch, _open, envelope)
+
+    def test_unsorted_recipients(self):
+        """A header listing recipients out of order or twice raises MalformedEnvelope."""
+        bob, carol = self.header.recipient("bob"), self.header.recipient("carol")
+        for recipients in ([carol, bob], [bob, bob]):
+            header = _reheader(self.envelope.header, recipients=recipients)
+            self.assertRaises(pager.MalformedEnvelope, pager.parse_header, header)
+
+
+class VerifierTests(SynchronousTestCase):
+    """EnvelopeVerifier: what a server checks without the content key."""
+
+    def setUp(self):
+        self.envelope = _seal(os.urandom(3000))
+
+    def _verifier(self, max_size=None):
+        verifier = pager.EnvelopeVerifier(self.envelope.header, max_size)
+        for chunk in self.envelope.chunks:
+            verifier.update(chunk)
+        return verifier
+
+    def test_verifies(self):
+        """A valid envelope verifies against the sender's key, and the verifier counts its size."""
+        verifier = self._verifier()
+        verifier.verify(self.envelope.signature, _pub("alice"))
+        self.assertEqual((verifier.chunk_count, verifier.size), (3, 3000))
+
+    def test_wrong_sender_key(self):
+        """Another sender key raises WrongSenderKey."""
+        self.assertRaises(pager.WrongSenderKey, self._verifier().verify, self.envelope.signature, _pub("bob"))
+
+    def test_bad_signature(self):
+        """A flipped signature raises BadSignature."""
+        self.assertRaises(pager.BadSignature, self._verifier().verify, _flip(self.envelope.signature, 3),
+                          _pub("alice"))
+
+    def test_no_chunks(self):
+        """A verifier that saw no chunks raises TruncatedMessage."""
+        verifier = pager.EnvelopeVerifier(self.envelope.header)
+        self.assertRaises(pager.TruncatedMessage, verifier.verify, self.envelope.signature, _pub("alice"))
+
+    def test_too_large(self):
+        """More plaintext than max_size raises TooLarge."""
+        self.assertRaises(pager.TooLarge, self._verifier, 2999)
+
+
+class KeyTests(SynchronousTestCase):
+    def _pem(self, key):
+        return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def test_accepts_2048(self):
+        """A 2048-bit RSA key with exponent 65537 loads from PEM text or bytes."""
+        pem = pager.public_key_pem(_key("alice"))
+        for data in (pem, pem.encode("ascii")):
+            key = pager.load_public_key(data)
+            self.assertEqual(pager.fingerprint(key), pager.fingerprint(_key("alice")))
+
+    def test_refuses_1024(self):
+        """A 1024-bit RSA key raises BadKey from load_public_key, check_public_key and Sealer."""
+        small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+        self.assertRaises(pager.BadKey, pager.check_public_key, small)
+        self.assertRaises(pager.BadKey, pager.load_public_key, self._pem(small))
+        self.assertRaises(pager.BadKey, pager.Sealer, _key("alice"), "alice", {"bob": small})
+        self.assertRaises(pager.BadKey, pager.seal, _key("alice"), "alice", {"bob": _pub("bob"), "carol": small},
+                          b"hi")
+
+    def test_size_bounds(self):
+        """Keys of 2047 or 8193 bits raise BadKey; 8192 bits are accepted."""
+        for bits, ok in ((2047, False), (8192, True), (8193, False)):
+            key = rsa.RSAPublicNumbers(65537, (1 << (bits - 1)) | 1).public_key()
+            if ok:
+                self.assertIs(pager.check_public_key(key), key)
+            else:
+                self.assertRaises(pager.BadKey, pager.check_public_key, key)
+                self.assertRaises(pager.BadKey, pager.load_public_key, self._pem(key))
+
+    def test_refuses_exponent_3(self):
+        """An RSA key with public exponent 3 raises BadKey."""
+        key = rsa.generate_private_key(public_exponent=3, key_size=2048).public_key()
+        self.assertRaises(pager.BadKey, pager.check_public_key, key)
+        self.assertRaises(pager.BadKey, pager.load_public_key, self._pem(key))
+        self.assertRaises(pager.BadKey, pager.Sealer, _key("alice"), "alice", {"bob": key})
+
+    def test_refuses_ec(self):
+        """An EC key raises BadKey."""
+        key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        self.assertRaises(pager.BadKey, pager.check_public_key, key)
+        self.assertRaises(pager.BadKey, pager.load_public_key, self._pem(key))
+        self.assertRaises(pager.BadKey, pager.Sealer, _key("alice"), "alice", {"bob": key})
+
+    def test_refuses_private_key_object(self):
+        """An RSA private key object where a public key is expected raises BadKey."""
+        self.assertRaises(pager.BadKey, pager.check_public_key, _key("alice"))
+
+    def test_refuses_garbage(self):
+        """Garbage, a private key PEM, an empty string and non-ASCII text raise BadKey."""
+        private_pem = _key("alice").private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        pem = pager.public_key_pem(_key("alice"))
+        for data in (b"", "", b"garbage", "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+                     private_pem, pem.replace("M", "\u00e9", 1), pem[:100], b"\xff" * 300):
+            self.assertRaises(pager.BadKey, pager.load_public_key, data)
+
+    def test_fingerprint(self):
+        """The fingerprint is the SHA-256 of the DER SubjectPublicKeyInfo, the same for a private key and its half."""
+        der = _pub("alice").public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        self.assertEqual(pager.fingerprint(_pub("alice")), hashlib.sha256(der).digest())
+        self.assertEqual(pager.fingerprint(_key("alice")), hashlib.sha256(der).digest())
+
+
+class OpenSSLInteroperabilityTests(SynchronousTestCase):
+    """The documented layout checked with the openssl command and raw AES-GCM, independently of Opener."""
+
+    def setUp(self):
+        self.content_key = bytes(range(100, 132))
+        self.plaintext = os.urandom(3000)
+        sealer = pager.Sealer(_key("alice"), "alice", {"bob": _pub("bob"), "carol": _pub("carol")},
+                              chunk_size=SMALL, content_key=self.content_key, message_id=b"M" * 16)
+        chunks = sealer.update(self.plaintext)
+        last, self.signature = sealer.finish()
+        self.header, self.chunks = sealer.header, chunks + last
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+
+    def _write(self, name, data):
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def _openssl(self, *args):
+        if shutil.which("openssl") is None:
+            raise SkipTest("openssl is not installed")
+        return subprocess.run(("openssl",) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+
+    def test_unwrap_with_openssl(self):
+        """openssl pkeyutl with OAEP-SHA256 unwraps Bob's wrapped key to the content key."""
+        self._openssl("version")
+        bob_pem = self._write("bob.pem", _key("bob").private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        wrapped = self._write("wrapped.bin", _field(self.header, "recipient 0 wrapped key"))
+        result = self._openssl(
+            "pkeyutl", "-decrypt", "-inkey", bob_pem, "-pkeyopt", "rsa_padding_mode:oaep",
+            "-pkeyopt", "rsa_oaep_md:sha256", "-pkeyopt", "rsa_mgf1_md:sha256", "-in", wrapped)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, self.content_key)
+
+    def test_signature_with_openssl(self):
+        """openssl dgst verifies the RSA-PSS (salt 32) signature over signed_bytes, and rejects altered bytes."""
+        self._openssl("version")
+        digest = hashlib.sha256(b"".join(self.chunks)).digest()
+        length = sum(len(c) for c in self.chunks)
+        data = pager.signed_bytes(self.header, len(self.chunks), length, digest)
+        expected = (struct.pack(">I", len(pager.SIGNATURE_TAG)) + pager.SIGNATURE_TAG
+                    + struct.pack(">I", len(self.header)) + self.header + struct.pack(">QQ", 3, length)
+                    + struct.pack(">I", 32) + digest)
+        self.assertEqual(data, expected)
+        pub = self._write("alice_pub.pem", pager.public_key_pem(_key("alice")).encode("ascii"))
+        sig = self._write("sig.bin", self.signature)
+        args = ("dgst", "-sha256", "-sigopt", "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:32",
+                "-sigopt", "rsa_mgf1_md:sha256", "-verify", pub, "-signature", sig)
+        result = self._openssl(*args + (self._write("signed.bin", data),))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"Verified OK", result.stdout)
+        result = self._openssl(*args + (self._write("altered.bin", _flip(data, len(data) - 1)),))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn(b"Verified OK", result.stdout)
+
+    def test_chunks_with_aesgcm(self):
+        """Chunks decrypt with AES-256-GCM, nonce = 11-byte counter + last flag, AD = SHA-256 of the header."""
+        aead = AESGCM(self.content_key)
+        ad = hashlib.sha256(self.header).digest()
+        self.assertEqual(aead.decrypt(b"\x00" * 11 + b"\x00", self.chunks[0], ad), self.plaintext[:SMALL])
+        self.assertEqual(aead.decrypt(b"\x00" * 10 + b"\x01" + b"\x00", self.chunks[1], ad),
+                         self.plaintext[SMALL:2 * SMALL])
+        self.assertEqual(aead.decrypt(b"\x00" * 10 + b"\x02" + b"\x01", self.chunks[2], ad),
+                         self.plaintext[2 * SMALL:])
+
+    def test_commitment(self):
+        """The commitment is SHA-256 of the commitment tag, the message id and the content key."""
+        self.assertEqual(_field(self.header, "commitment"),
+                         hashlib.sha256(pager.COMMITMENT_TAG + b"M" * 16 + self.content_key).digest())
+
+
+class AuthTests(SynchronousTestCase):
+    def setUp(self):
+        self.challenge = os.urandom(32)
+        self.proof = pager.sign_auth(_key("alice"), "login", "alice", self.challenge)
+
+    def test_round_trip(self):
+        """A proof verifies with the signer's public key for the same purpose, user and challenge."""
+        self.assertTrue(pager.verify_auth(_pub("alice"), self.proof, "login", "alice", self.challenge))
+
+    def test_other_purpose(self):
+        """A login proof does not verify as any other purpose."""
+        for purpose in ("register", "rekey", "recover"):
+            self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, purpose, "alice", self.challenge))
+
+    def test_other_user(self):
+        """A proof for alice does not verify for another user."""
+        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", "bob", self.challenge))
+
+    def test_other_challenge(self):
+        """A proof does not verify against another challenge."""
+        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", "alice", os.urandom(32)))
+
+    def test_other_fingerprint(self):
+        """A proof does not verify for another key fingerprint, nor with another key."""
+        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", "alice", self.challenge,
+                                           pager.fingerprint(_key("bob"))))
+        self.assertFalse(pager.verify_auth(_pub("bob"), self.proof, "login", "alice", self.challenge))
+
+    def test_explicit_fingerprint(self):
+        """A rekey proof signed by the old key over the new key's fingerprint verifies only with that fingerprint."""
+        new_fp = pager.fingerprint(_key("bob"))
+        proof = pager.sign_auth(_key("alice"), "rekey", "alice", self.challenge, new_fp)
+        self.assertTrue(pager.verify_auth(_pub("alice"), proof, "rekey", "alice", self.challenge, new_fp))
+        self.assertFalse(pager.verify_auth(_pub("alice"), proof, "rekey", "alice", self.challenge))
+
+    def test_garbage_proof(self):
+        """A flipped, empty or oversized proof does not verify."""
+        for proof in (_flip(self.proof, 0), b"", self.proof + b"\x00"):
+            self.assertFalse(pager.verify_auth(_pub("alice"), proof, "login", "alice", self.challenge))
+
+    def test_challenge_length(self):
+        """auth_message refuses a challenge of 31 or 33 bytes, or one that is not bytes, with BadRequest."""
+        fp = pager.fingerprint(_key("alice"))
+        for challenge in (b"x" * 31, b"x" * 33, b"", "x" * 32):
+            self.assertRaises(pager.BadRequest, pager.auth_message, "login", "alice", challenge, fp)
+
+    def test_unknown_purpose(self):
+        """auth_message refuses an unknown purpose with ValueError."""
+        self.assertRaises(ValueError, pager.auth_message, "logout", "alice", b"x" * 32,
+                          pager.fingerprint(_key("alice")))
+
+    def test_domain_separation(self):
+        """An auth message starts with the auth tag, which no envelope signature starts with."""
+        message = pager.auth_message("login", "alice", b"x" * 32, b"f" * 32)
+        self.assertTrue(message.startswith(struct.pack(">I", len(pager.AUTH_TAG)) + pager.AUTH_TAG))
+        self.assertNotEqual(pager.AUTH_TAG, pager.SIGNATURE_TAG)
+
+
+class UsernameTests(SynchronousTestCase):
+    def test_accepted(self):
+        """Valid names are returned in canonical (lower-case) form."""
+        for name, canonical in (("Alice", "alice"), ("a", "a"), ("a" * 32, "a" * 32), ("a.b-c_d", "a.b-c_d"),
+                                ("0day", "0day"), ("ALICE", "alice")):
+            self.assertEqual(pager.canonical_username(name), canonical)
+            self.assertTrue(pager.valid_username(canonical))
+
+    def test_refused(self):
+        """Empty, over-long, badly started, spaced, non-ASCII and injection-shaped names raise BadRequest."""
+        for name in ("", "a" * 33, "_a", ".a", "-a", "a b", "alice\n", "\nalice", "\u212aelvin", "\uff41lice",
+                     "../../etc/passwd", "a'; DROP TABLE users;--", "al\x00ice", "alice\u0301", None, b"alice"):
+            self.assertRaises(pager.BadRequest, pager.canonical_username, name)
+
+    def test_kelvin_sign_not_folded(self):
+        """The Kelvin sign is not folded to k, although Python's lower() would fold it."""
+        self.assertEqual("\u212a".lower(), "k")
+        self.assertRaises(pager.BadRequest, pager.canonical_username, "\u212aelvin")
+        self.assertFalse(pager.valid_username("\u212aelvin"))
+
+
+_PROPERTY_ENVELOPE = []
+
+
+def _property_envelope():
+    """One sealed 2500-byte message from Alice to Bob, shared by the property tests."""
+    if not _PROPERTY_ENVELOPE:
+        _PROPERTY_ENVELOPE.append(_seal(os.urandom(2500)))
+    return _PROPERTY_ENVELOPE[0]
+
+
+class PropertyTests(SynchronousTestCase):
+    @PROPERTY
+    @given(st.binary(max_size=5000), st.integers(min_value=1, max_value=3000))
+    def test_round_trip_any_pieces(self, plaintext, piece):
+        """Any plaintext sealed in pieces of any size opens to the same plaintext."""
+        sealer = pager.Sealer(_key("alice"), "alice", {"bob": _pub("bob")}, chunk_size=SMALL)
+        chunks = []
+        for i in range(0, len(plaintext), piece):
+            chunks += sealer.update(plaintext[i:i + piece])
+        last, signature = sealer.finish()
+        envelope = pager.Envelope(sealer.header, chunks + last, signature)
+        self.assertEqual(len(envelope.chunks), max(1, -(-len(plaintext) // SMALL)))
+        self.assertEqual(_open(envelope).plaintext, plaintext)
+
+    @PROPERTY
+    @given(st.binary(max_size=2048))
+    def test_parse_arbitrary_bytes(self, data):
+        """parse_header on arbitrary bytes returns a header or raises MalformedEnvelope, nothing else."""
+        try:
+            header = pager.parse_header(data)
+        except pager.MalformedEnvelope:
+            return
+        self.assertEqual(header.raw, data)
+
+    @PROPERTY
+    @given(st.integers(min_value=0), st.integers(min_value=0, max_value=64), st.binary(max_size=64))
+    def test_parse_spliced_header(self, position, cut, insert):
+        """parse_header on a valid header with a slice replaced by arbitrary bytes raises only MalformedEnvelope."""
+        header = _property_envelope().header
+        position %= len(header) + 1
+        data = header[:position] + insert + header[position + cut:]
+        try:
+            parsed = pager.parse_header(data)
+        except pager.MalformedEnvelope:
+            return
+        self.assertEqual(parsed.raw, data)
+
+    @PROPERTY
+    @given(st.lists(st.binary(max_size=SMALL + TAG + 8), max_size=5), st.binary(max_size=300),
+           st.one_of(st.none(), st.integers(min_value=0, max_value=5000)))
+    def test_opener_arbitrary_stream(self, chunks, signature, max_size):
+        """An Opener fed arbitrary chunks and signature for a valid header raises an EnvelopeError or TooLarge."""
+        envelope = _property_envelope()
+        opener = pager.Opener(envelope.header, _key("bob"), "bob", max_size)
+        try:
+            for chunk in chunks:
+                self.assertIsNone(opener.update(chunk))
+            opener.finish(signature, _pub("alice"))
+        except (pager.EnvelopeError, pager.TooLarge):
+            return
+        self.fail("arbitrary chunks opened")
+
+    @PROPERTY
+    @given(st.data())
+    def test_opener_spliced_real_chunks(self, data):
+        """An Opener fed any sequence of the real chunks other than the real one never returns plaintext."""
+        envelope = _property_envelope()
+        indexes = data.draw(st.lists(st.integers(0, len(envelope.chunks) - 1), max_size=6))
+        if indexes == list(range(len(envelope.chunks))):
+            return
+        try:
+            _open(pager.Envelope(envelope.header, [envelope.chunks[i] for i in indexes], envelope.signature))
+        except pager.EnvelopeError:
+            return
+        self.fail("chunks %r opened" % (indexes,))
+
+    @PROPERTY
+    @given(st.integers(min_value=0), st.integers(min_value=1, max_value=255))
+    def test_mutated_envelope(self, position, mask):
+        """Changing any one byte of a serialized envelope (header, chunks, signature) never opens."""
+        envelope = _property_envelope()
+        parts = [envelope.header] + list(envelope.chunks) + [envelope.signature]
+        position %= sum(len(p) for p in parts)
+        for i, part in enumerate(parts):
+            if position < len(part):
+                parts[i] = _flip(part, position, mask)
+                break
+            position -= len(part)
+        mutated = pager.Envelope(parts[0], parts[1:-1], parts[-1])
+        try:
+            _open(mutated)
+        except pager.EnvelopeError:
+            return
+        self.fail("a mutated envelope opened")

@@ -1,0 +1,433 @@
+"""
+Tests for pager's Store section: the SQLite database behind the server, driven through the real adbapi pool.
+"""
+
+import os
+import sqlite3
+
+from twisted.trial import unittest
+
+import pager
+
+NOW = 1_700_000_000.0
+LIMITS = pager.Limits()
+
+_KEYS = []
+
+
+def _keys():
+    """Two RSA keys (alice, bob), generated once for the whole module."""
+    if not _KEYS:
+        _KEYS.extend(pager.generate_private_key() for _ in range(2))
+    return _KEYS
+
+
+def _msg_id(n):
+    return n.to_bytes(pager.MESSAGE_ID_SIZE, "big")
+
+
+class StoreTests(unittest.TestCase):
+    """
+    The server's database: users, messages with their chunks and deliveries, receipts, and what survives a
+    restart.
+    """
+
+    def setUp(self):
+        self.path = self.mktemp()
+
+    async def open_store(self, path=None):
+        """A Store on C{path} (this test's database by default), opened, closed at cleanup if still open."""
+        store = pager.Store(path or self.path)
+        self.addCleanup(lambda: store.pool.running and store.close())
+        await store.open()
+        return store
+
+    async def reopen(self, store):
+        """Close C{store} and open a new Store on the same file, as a restarted server would."""
+        store.close()
+        return await self.open_store(store.path)
+
+    async def add_users(self, store, *names):
+        for name in names:
+            await store.add_user(name, "PEM of " + name, b"fp-" + name.encode(), b"s" * 16, b"h" * 32, NOW)
+
+    async def accept(self, store, n, sender, recipients, chunks=(b"chunk-0", b"chunk-1"), limits=LIMITS, now=NOW):
+        """Accept message number C{n} whole; returns C{(seq, accepted_at, duplicate)}."""
+        size = sum(len(c) for c in chunks)
+        return await store.accept_message(_msg_id(n), sender, b"header-%d" % n, b"signature-%d" % n, size,
+                                          list(chunks), sorted(recipients), now, limits)
+
+    def query(self, store, sql, *args):
+        """Rows of a read-only query, run on the store's own pool."""
+        return store.pool.runInteraction(lambda txn: txn.execute(sql, args).fetchall())
+
+    # -- schema --
+
+    async def test_server_id_stable_across_reopen(self):
+        """open() creates the schema and a server id, and a reopened database gives the same id."""
+        store = pager.Store(self.path)
+        self.addCleanup(lambda: store.pool.running and store.close())
+        first = await store.open()
+        self.assertIsInstance(first, str)
+        self.assertEqual(len(first), 32)
+        store.close()
+        second = await (await self.open_store()).open()
+        self.assertEqual(first, second)
+
+    async def test_server_ids_differ_between_databases(self):
+        """Two fresh databases get different server ids."""
+        a = await (await self.open_store(self.mktemp())).open()
+        b = await (await self.open_store(self.mktemp())).open()
+        self.assertNotEqual(a, b)
+
+    async def test_newer_schema_refused(self):
+        """A database whose schema_version is newer than this pager's makes open() fail with StoreError."""
+        store = await self.open_store()
+        store.close()
+        conn = sqlite3.connect(self.path)
+        with conn:
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(pager.SCHEMA_VERSION + 1),))
+        conn.close()
+        newer = pager.Store(self.path)
+        self.addCleanup(newer.close)
+        with self.assertRaises(pager.StoreError) as caught:
+            await newer.open()
+        self.assertIn(str(pager.SCHEMA_VERSION + 1), caught.exception.message)
+
+    async def test_wal_and_synchronous_full(self):
+        """The pool's connection uses WAL journaling, synchronous=FULL and enforced foreign keys."""
+        store = await self.open_store()
+        self.assertEqual(await self.query(store, "PRAGMA journal_mode"), [("wal",)])
+        self.assertEqual(await self.query(store, "PRAGMA synchronous"), [(2,)])  # 2 is FULL
+        self.assertEqual(await self.query(store, "PRAGMA foreign_keys"), [(1,)])
+
+    async def test_wal_persists_in_file(self):
+        """The database file itself is left in WAL mode, seen by a plain sqlite3 connection after close."""
+        store = await self.open_store()
+        store.close()
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
+
+    # -- users --
+
+    async def test_add_and_get_user(self):
+        """add_user stores every field; get_user returns them with zero pending counters."""
+        store = await self.open_store()
+        await store.add_user("alice", "PEM", b"fingerprint", b"salt" * 4, b"hash" * 8, NOW)
+        record = await store.get_user("alice")
+        self.assertEqual(record.name, "alice")
+        self.assertEqual(record.public_key, "PEM")
+        self.assertEqual(bytes(record.fingerprint), b"fingerprint")
+        self.assertEqual(bytes(record.token_salt), b"salt" * 4)
+        self.assertEqual(bytes(record.token_hash), b"hash" * 8)
+        self.assertEqual((record.key_set_at, record.registered_at, record.recovered_at), (NOW, NOW, None))
+        self.assertEqual((record.pending_count, record.pending_bytes), (0, 0))
+        self.assertIsNone(await store.get_user("bob"))
+
+    async def test_user_names_sorted(self):
+        """user_names lists every registered user, sorted."""
+        store = await self.open_store()
+        await self.add_users(store, "carol", "alice", "bob")
+        self.assertEqual(await store.user_names(), ["alice", "bob", "carol"])
+
+    async def test_duplicate_user(self):
+        """Adding a name twice raises UserExists naming it, and keeps the first record."""
+        store = await self.open_store()
+        await store.add_user("alice", "PEM one", b"fp1", b"s" * 16, b"h" * 32, NOW)
+        with self.assertRaises(pager.UserExists) as caught:
+            await store.add_user("alice", "PEM two", b"fp2", b"s" * 16, b"h" * 32, NOW + 1)
+        self.assertIn("alice", caught.exception.message)
+        self.assertEqual((await store.get_user("alice")).public_key, "PEM one")
+
+    # -- messages --
+
+    async def test_accepted_message_survives_reopen(self):
+        """A message, its chunks and its deliveries are still there after the database is closed and reopened."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob", "carol")
+        seq, accepted_at, duplicate = await self.accept(store, 1, "alice", ["bob", "carol"])
+        self.assertEqual((accepted_at, duplicate), (NOW, False))
+        store = await self.reopen(store)
+        for user in ("bob", "carol"):
+            [message] = await store.pending(user, 0)
+            self.assertEqual(
+                (message.seq, message.msg_id, message.sender, message.header, message.signature, message.size,
+                 message.chunk_count, message.accepted_at, message.chunks),
+                (seq, _msg_id(1), "alice", b"header-1", b"signature-1", 14, 2, NOW, [b"chunk-0", b"chunk-1"]))
+            record = await store.get_user(user)
+            self.assertEqual((record.pending_count, record.pending_bytes), (1, 14))
+        self.assertEqual(await store.chunks(seq, 1, 5), [b"chunk-1"])
+        self.assertEqual(await self.query(store, "SELECT recipient FROM deliveries ORDER BY recipient"),
+                         [("bob",), ("carol",)])
+
+    async def test_accept_duplicate(self):
+        """Accepting the same message id from the same sender again answers duplicate and stores nothing more."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        seq, _, _ = await self.accept(store, 1, "alice", ["bob"])
+        again = await self.accept(store, 1, "alice", ["bob"], now=NOW + 5)
+        self.assertEqual(again, (seq, NOW, True))
+        self.assertEqual(len(await store.pending("bob", 0)), 1)
+        self.assertEqual((await store.get_user("bob")).pending_count, 1)
+
+    async def test_accept_taken_id_other_sender(self):
+        """A message id already used by another sender is refused with BadRequest."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob", "carol")
+        await self.accept(store, 1, "alice", ["bob"])
+        with self.assertRaises(pager.BadRequest):
+            await self.accept(store, 1, "carol", ["bob"])
+
+    async def test_large_message_pending_without_chunks(self):
+        """pending() leaves out the chunks of a message larger than inline_bytes; chunks() reads them."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        seq, _, _ = await self.accept(store, 1, "alice", ["bob"], chunks=[b"a" * 100, b"b" * 100])
+        [message] = await store.pending("bob", 0, inline_bytes=150)
+        self.assertIsNone(message.chunks)
+        self.assertEqual(message.chunk_count, 2)
+        self.assertEqual(await store.chunks(seq, 0, 2), [b"a" * 100, b"b" * 100])
+
+    async def test_ack_only_own_delivery(self):
+        """
+        An ack deletes only the acking recipient's delivery; the message row goes with the last ack, and every
+        recipient's pending counters are back to zero.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob", "carol")
+        seq, _, _ = await self.accept(store, 1, "alice", ["bob", "carol"])
+
+        sender, receipt = await store.ack("bob", _msg_id(1), "delivered", "", NOW + 1)
+        self.assertEqual(sender, "alice")
+        self.assertEqual((receipt.msg_id, receipt.peer, receipt.status, receipt.reason, receipt.at),
+                         (_msg_id(1), "bob", "delivered", "", NOW + 1))
+        self.assertEqual(await store.pending("bob", 0), [])
+        self.assertEqual([m.seq for m in await store.pending("carol", 0)], [seq])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(1,)])
+        bob = await store.get_user("bob")
+        self.assertEqual((bob.pending_count, bob.pending_bytes), (0, 0))
+
+        with self.assertRaises(pager.UnknownMessage):
+            await store.ack("bob", _msg_id(1), "delivered", "", NOW + 2)
+
+        await store.ack("carol", _msg_id(1), "delivered", "", NOW + 3)
+        self.assertEqual(await store.pending("carol", 0), [])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(0,)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(0,)])
+        for name in ("alice", "bob", "carol"):
+            record = await store.get_user(name)
+            self.assertEqual((record.pending_count, record.pending_bytes), (0, 0), name)
+
+    async def test_ack_by_non_recipient(self):
+        """A user who is not a recipient cannot acknowledge (and so delete) someone else's delivery."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob", "mallory")
+        await self.accept(store, 1, "alice", ["bob"])
+        with self.assertRaises(pager.UnknownMessage):
+            await store.ack("mallory", _msg_id(1), "delivered", "", NOW)
+        with self.assertRaises(pager.UnknownMessage):
+            await store.ack("alice", _msg_id(1), "delivered", "", NOW)
+        self.assertEqual(len(await store.pending("bob", 0)), 1)
+
+    async def test_unacked_pending_after_reopen_in_order(self):
+        """Unacknowledged messages come back from pending() after a reopen, in the order they were accepted."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob", "carol")
+        # Interleave senders and ids so that neither id nor sender order matches acceptance order.
+        await self.accept(store, 30, "carol", ["bob"])
+        await self.accept(store, 10, "alice", ["bob"])
+        await self.accept(store, 20, "carol", ["bob"])
+        await self.accept(store, 5, "alice", ["bob"])
+        await store.ack("bob", _msg_id(20), "delivered", "", NOW)
+        store = await self.reopen(store)
+        pending = await store.pending("bob", 0)
+        self.assertEqual([m.msg_id for m in pending], [_msg_id(30), _msg_id(10), _msg_id(5)])
+        self.assertEqual([m.seq for m in pending], sorted(m.seq for m in pending))
+        after = await store.pending("bob", pending[0].seq, limit=1)
+        self.assertEqual([m.msg_id for m in after], [_msg_id(10)])
+
+    async def test_incomplete_upload_dropped_at_open(self):
+        """An upload begun but never accepted, and its chunks, are gone after the next open()."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        await self.accept(store, 1, "alice", ["bob"])
+        seq, duplicate = await store.begin_upload(_msg_id(2), "alice", b"header-2", 1000)
+        self.assertFalse(duplicate)
+        await store.add_chunks(seq, 0, [b"x" * 10, b"y" * 10])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks WHERE seq = ?", seq), [(2,)])
+        self.assertEqual([m.msg_id for m in await store.pending("bob", 0)], [_msg_id(1)])
+
+        store = await self.reopen(store)
+        self.assertEqual(await self.query(store, "SELECT msg_id FROM messages"), [(_msg_id(1),)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks WHERE seq = ?", seq), [(0,)])
+        # The id is free again: the sender can upload it from scratch.
+        self.assertEqual((await self.accept(store, 2, "alice", ["bob"]))[2], False)
+
+    async def test_upload_then_accept(self):
+        """An upload begun, given chunks in pieces, then accepted, is one pending message with all its chunks."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        seq, _ = await store.begin_upload(_msg_id(7), "alice", b"header-7", 6)
+        await store.add_chunks(seq, 0, [b"ab"])
+        await store.add_chunks(seq, 1, [b"cd", b"ef"])
+        result = await store.accept_message(_msg_id(7), "alice", b"header-7", b"sig", 6, None, ["bob"], NOW, LIMITS,
+                                            seq=seq)
+        self.assertEqual(result, (seq, NOW, False))
+        store = await self.reopen(store)
+        [message] = await store.pending("bob", 0)
+        self.assertEqual((message.chunk_count, message.chunks, message.signature), (3, [b"ab", b"cd", b"ef"], b"sig"))
+
+    # -- quotas --
+
+    async def test_quota_all_or_nothing(self):
+        """
+        A message one recipient has no room for raises QuotaExceeded naming that recipient, and is stored for no
+        one.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob", "carol")
+        limits = pager.Limits(max_pending_messages=1)
+        await self.accept(store, 1, "alice", ["carol"], limits=limits)
+        with self.assertRaises(pager.QuotaExceeded) as caught:
+            await self.accept(store, 2, "alice", ["bob", "carol"], limits=limits)
+        self.assertIn("carol", caught.exception.message)
+        self.assertNotIn("bob", caught.exception.message)
+        self.assertEqual(await store.pending("bob", 0), [])
+        self.assertEqual([m.msg_id for m in await store.pending("carol", 0)], [_msg_id(1)])
+        self.assertEqual(await self.query(store, "SELECT msg_id FROM messages"), [(_msg_id(1),)])
+        bob = await store.get_user("bob")
+        self.assertEqual((bob.pending_count, bob.pending_bytes), (0, 0))
+        carol = await store.get_user("carol")
+        self.assertEqual((carol.pending_count, carol.pending_bytes), (1, 14))
+
+    async def test_quota_bytes(self):
+        """The pending-bytes bound counts too: a message that would pass it raises QuotaExceeded."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        limits = pager.Limits(max_pending_bytes=20)
+        await self.accept(store, 1, "alice", ["bob"], limits=limits)  # 14 bytes
+        with self.assertRaises(pager.QuotaExceeded) as caught:
+            await self.accept(store, 2, "alice", ["bob"], limits=limits)
+        self.assertIn("bob", caught.exception.message)
+        self.assertEqual(len(await store.pending("bob", 0)), 1)
+
+    async def test_unknown_recipient_all_or_nothing(self):
+        """A message to an unknown user raises UnknownUser naming that user, and is stored for no one."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        with self.assertRaises(pager.UnknownUser) as caught:
+            await self.accept(store, 1, "alice", ["bob", "dave"])
+        self.assertIn("dave", caught.exception.message)
+        self.assertNotIn("bob", caught.exception.message)
+        self.assertEqual(await store.pending("bob", 0), [])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(0,)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(0,)])
+        self.assertEqual((await store.get_user("bob")).pending_count, 0)
+
+    async def test_check_recipients(self):
+        """check_recipients raises the same errors without storing anything, and passes when all have room."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        await store.check_recipients(["alice", "bob"], 10, LIMITS)
+        with self.assertRaises(pager.UnknownUser):
+            await store.check_recipients(["bob", "zed"], 10, LIMITS)
+        with self.assertRaises(pager.QuotaExceeded):
+            await store.check_recipients(["bob"], 10, pager.Limits(max_pending_bytes=9))
+
+    # -- expiry and receipts --
+
+    async def test_expire(self):
+        """
+        expire() drops the deliveries past their expiry time, returns an 'expired' receipt for each sender, and
+        leaves younger messages alone.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob", "carol")
+        limits = pager.Limits(message_expiry=100.0)
+        await self.accept(store, 1, "alice", ["bob", "carol"], limits=limits, now=NOW)
+        await self.accept(store, 2, "carol", ["bob"], limits=limits, now=NOW + 50)
+        self.assertEqual(await store.expire(NOW + 99), [])
+
+        expired = await store.expire(NOW + 101)
+        self.assertEqual(sorted((sender, r.peer, r.status, r.msg_id) for sender, r in expired),
+                         [("alice", "bob", "expired", _msg_id(1)), ("alice", "carol", "expired", _msg_id(1))])
+        for _, receipt in expired:
+            self.assertTrue(receipt.reason)
+            self.assertEqual(receipt.at, NOW + 101)
+        self.assertEqual([m.msg_id for m in await store.pending("bob", 0)], [_msg_id(2)])
+        self.assertEqual(await store.pending("carol", 0), [])
+        self.assertEqual(await self.query(store, "SELECT msg_id FROM messages"), [(_msg_id(2),)])
+        carol = await store.get_user("carol")
+        self.assertEqual((carol.pending_count, carol.pending_bytes), (0, 0))
+        bob = await store.get_user("bob")
+        self.assertEqual((bob.pending_count, bob.pending_bytes), (1, 14))
+        stored = await store.pending_receipts("alice", 0)
+        self.assertEqual(sorted((r.peer, r.status) for r in stored), [("bob", "expired"), ("carol", "expired")])
+
+    async def test_pending_receipts_and_ack_receipt(self):
+        """
+        Receipts wait for their sender in order; ack_receipt deletes one, only for its owner, and only once.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob", "carol")
+        await self.accept(store, 1, "alice", ["bob", "carol"])
+        await store.ack("carol", _msg_id(1), "rejected", "bad key", NOW + 1)
+        await store.ack("bob", _msg_id(1), "delivered", "", NOW + 2)
+        store = await self.reopen(store)
+
+        receipts = await store.pending_receipts("alice", 0)
+        self.assertEqual([(r.msg_id, r.peer, r.status, r.reason, r.at) for r in receipts],
+                         [(_msg_id(1), "carol", "rejected", "bad key", NOW + 1),
+                          (_msg_id(1), "bob", "delivered", "", NOW + 2)])
+        self.assertEqual(await store.pending_receipts("bob", 0), [])
+        self.assertEqual(await store.pending_receipts("alice", receipts[0].rid), receipts[1:])
+
+        with self.assertRaises(pager.UnknownMessage):
+            await store.ack_receipt("bob", receipts[0].rid)
+        await store.ack_receipt("alice", receipts[0].rid)
+        with self.assertRaises(pager.UnknownMessage):
+            await store.ack_receipt("alice", receipts[0].rid)
+        self.assertEqual(await store.pending_receipts("alice", 0), receipts[1:])
+
+    # -- what the file holds --
+
+    async def test_dump_has_no_token_or_plaintext(self):
+        """
+        The database file, dumped whole, holds neither a user's safetoken nor the plaintext of a stored message,
+        as text or as hex.
+        """
+        alice_key, bob_key = _keys()
+        token = "correct-horse-battery-staple-7291"
+        plaintext = b"the eagle lands at midnight 4471"
+        store = await self.open_store()
+        for name, key in (("alice", alice_key), ("bob", bob_key)):
+            salt = os.urandom(pager.ARGON2_SALT_SIZE)
+            public = key.public_key()
+            await store.add_user(name, pager.public_key_pem(public), pager.fingerprint(public), salt,
+                                 pager.hash_token(token, salt), NOW)
+        envelope = pager.seal(alice_key, "alice", {"bob": bob_key.public_key()}, plaintext)
+        await store.accept_message(pager.parse_header(envelope.header).message_id, "alice", envelope.header,
+                                   envelope.signature, envelope.size, envelope.chunks, ["bob"], NOW, LIMITS)
+        # The envelope really is in there: bob can open what the store gives back.
+        [message] = await store.pending("bob", 0)
+        opened = pager.open_envelope(pager.Envelope(message.header, message.chunks, message.signature), bob_key,
+                                     "bob", alice_key.public_key())
+        self.assertEqual(opened.plaintext, plaintext)
+        store.close()
+
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        dump = "\n".join(conn.iterdump())
+        self.assertIn("alice", dump)
+        self.assertIn(bytes(message.header).hex().upper()[:64], dump.upper())
+        for secret in (token.encode(), plaintext):
+            self.assertNotIn(secret.decode(), dump)
+            self.assertNotIn(secret.hex(), dump.lower())
+        # Nor in the raw files (the database and anything left in its WAL).
+        for suffix in ("", "-wal"):
+            if os.path.exists(self.path + suffix):
+                with open(self.path + suffix, "rb") as f:
+                    raw = f.read()
+                self.assertNotIn(token.encode(), raw)
+                self.assertNotIn(plaintext, raw)
