@@ -114,6 +114,12 @@ class Limits:
     argon2_queue: int = 256  # further logins waiting for a hash; past it the server answers rate_limited
     recovery_interval: float = 3600.0  # seconds between two lost-key recoveries of one account
     allow_recovery: bool = True
+    max_connections_per_address: int = 64  # connections open at once from one IP address
+    account_free_failures: int = 3  # failed logins of one account before it is slowed down
+    account_max_delay: float = 60.0  # the longest wait imposed on one account (so nobody is locked out for long)
+    address_free_failures: int = 10  # failed logins from one address before it is slowed down
+    address_max_delay: float = 900.0  # the longest wait imposed on one address
+    registration: str = "open"  # open, invite or closed
 
     def public(self):
         """The limits a client needs to know, as sent in ``hello``."""
@@ -128,6 +134,7 @@ class Limits:
             "login_timeout": self.login_timeout,
             "idle_timeout": self.idle_timeout,
             "message_expiry": self.message_expiry,
+            "registration": self.registration,
         }
 
 
@@ -834,15 +841,15 @@ def open_envelope(envelope, private_key, recipient, sender_key, max_size=None):
 # One JSON object per line, UTF-8, "\n" at the end.  PROTOCOL.md is the contract; in short (-> client to server):
 #
 #   <- hello {protocol, server, server_id, challenge, limits}
-#   -> register {id, user, public_key, token, proof}            <- ok {user, challenge} | error {code, message}
-#   -> login {id, user, token, proof, receive}                  <- ok {user, challenge}
-#   -> rekey {id, user, token, public_key, proof_old, proof_new} <- ok {challenge}
-#   -> recover {id, user, token, public_key, proof}              <- ok {challenge}
+#   -> register {id, user, public_key, token, proof, [invite]}  <- ok {user, challenge} | error {code, message}
+#   -> login {id, user, token, proof, receive}                  <- ok {user, pending, challenge}
+#   -> rekey {id, user, token, public_key, proof_old, proof_new} <- ok {user, fingerprint, challenge}
+#   -> recover {id, user, token, public_key, proof}              <- ok {user, fingerprint, challenge}
 #   -> users {id}                                               <- ok {online, registered}
 #   -> key {id, user}                                           <- ok {user, public_key, fingerprint, key_set_at}
 #   -> send {id, to, size, header, chunks, [signature]}         (then) -> chunk {id, chunks, [signature]}
-#                                                               <- ok {msg, accepted_at, duplicate}
-#   <- message {msg, from, to, size, accepted_at, header, chunks, [signature]}  (then) <- message_chunk {msg, ...}
+#                                                               <- ok {msg, accepted_at, duplicate, queued}
+#   <- message {msg, from, size, accepted_at, header, chunks, [signature]}  (then) <- message_chunk {msg, ...}
 #   -> ack {id, msg} / reject {id, msg, reason}                 <- ok
 #   <- receipt {receipt, msg, from, status, reason, at}         -> ack {id, receipt}
 #   -> ping {id}                                                <- ok
@@ -902,6 +909,10 @@ def field_str(frame, name, max_length, required=True, default=None):
         return default
     if not isinstance(value, str) or len(value) > max_length:
         raise _missing(name, "a string of at most %d characters" % max_length)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _missing(name, "valid Unicode text (no lone surrogates)")
     return value
 
 
@@ -1025,6 +1036,12 @@ CREATE TABLE IF NOT EXISTS receipts (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS receipts_user ON receipts(user, rid);
+CREATE TABLE IF NOT EXISTS invites (
+    code_hash BLOB PRIMARY KEY,
+    created_at REAL NOT NULL,
+    used_by TEXT,
+    used_at REAL
+);
 """
 
 
@@ -1092,7 +1109,24 @@ def create_schema_txn(txn):
     return txn.execute("SELECT value FROM meta WHERE key = 'server_id'").fetchone()[0]
 
 
-def add_user_txn(txn, name, pem, fp, salt, token_hash, now):
+def invite_hash(code):
+    """Invite codes are stored only as SHA-256 hashes: a copy of the database does not hold usable codes."""
+    return hashlib.sha256(b"pager-invite-v1" + code.strip().encode("utf-8")).digest()
+
+
+def create_invites_txn(txn, count, now):
+    codes = [secrets.token_urlsafe(12) for _ in range(count)]
+    txn.executemany("INSERT INTO invites (code_hash, created_at) VALUES (?, ?)",
+                    [(invite_hash(c), now) for c in codes])
+    return codes
+
+
+def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None):
+    if invite is not None:
+        txn.execute("UPDATE invites SET used_by = ?, used_at = ? WHERE code_hash = ? AND used_by IS NULL",
+                    (name, now, invite_hash(invite)))
+        if txn.rowcount != 1:
+            raise Forbidden("That invite code is not valid, or was already used.")
     try:
         txn.execute(
             "INSERT INTO users (name, public_key, fingerprint, token_salt, token_hash, key_set_at, registered_at)"
@@ -1334,8 +1368,11 @@ class Store:
     def close(self):
         self.pool.close()
 
-    def add_user(self, name, pem, fp, salt, token_hash, now):
-        return self._run(add_user_txn, name, pem, fp, salt, token_hash, now)
+    def add_user(self, name, pem, fp, salt, token_hash, now, invite=None):
+        return self._run(add_user_txn, name, pem, fp, salt, token_hash, now, invite)
+
+    def create_invites(self, count, now):
+        return self._run(create_invites_txn, count, now)
 
     def get_user(self, name):
         return self._run(get_user_txn, name)
@@ -1535,6 +1572,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.flow = _Flow()
         self.messages = self.receipts = None
         self._commit_turn = None  # fires when the previous message's commit has been queued
+        self._seen_data = False
         self.sent = collections.deque(maxlen=1024)  # a send-only session's recent message ids: it gets their receipts
 
     # -- connection --
@@ -1551,6 +1589,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.challenge = secrets.token_bytes(CHALLENGE_SIZE)
         factory.connections += 1
         factory.protocols.add(self)
+        if not factory.address_connected(self):
+            self.send_error(None, RateLimited("Too many connections from your address (limit %d)."
+                                              % self.limits.max_connections_per_address))
+            self.close()
+            return
         self.send_frame({
             "type": "hello", "protocol": PROTOCOL_VERSION, "server": SOFTWARE, "server_id": factory.server_id,
             "challenge": b64(self.challenge), "limits": self.limits.public(),
@@ -1561,6 +1604,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         self.factory.connections -= 1
         self.factory.protocols.discard(self)
+        self.factory.address_disconnected(self)
         for feed in (self.messages, self.receipts):
             if feed is not None:
                 feed.closed = True
@@ -1611,10 +1655,22 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if not self._holds and not self.closed:
             self.resumeProducing()
 
+    def dataReceived(self, data):
+        if not self._seen_data:
+            self._seen_data = True
+            if data[:2] == b"\x16\x03" and not interfaces.ISSLTransport.providedBy(self.transport):
+                self.log.info("A TLS client reached the plain port from {peer}", peer=_peer_text(self.peer))
+                self.close()  # a TLS handshake on a plain port: the client will explain it to its user
+                return
+        LineReceiver.dataReceived(self, data)
+
     def lineReceived(self, line):
         if self.closed:
             return
-        self.resetTimeout()
+        if self.user is not None:
+            self.resetTimeout()  # before login, nothing extends the login timeout
+        if not line.strip():
+            return  # blank lines are allowed (clients send one first, which a TLS port rejects at once)
         try:
             frame = decode_frame(line)
         except PagerError as e:
@@ -1692,12 +1748,18 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise AuthFailed("The proof of key possession does not verify.")
 
     async def handle_register(self, frame, rid):
-        self._require_logged_out()
         challenge = self._take_challenge()
+        self._require_logged_out()
         user = field_username(frame)
         key = load_public_key(field_str(frame, "public_key", 16384))
         token = self._token(frame)
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
+        invite = field_str(frame, "invite", 128, required=False)
+        policy = self.limits.registration
+        if policy == "closed":
+            raise Forbidden("This server does not take new users; ask its operator.")
+        if policy == "invite" and not invite:
+            raise Forbidden("This server needs an invite code to register; ask its operator for one.")
         fp = fingerprint(key)
         store = self.factory.store
         await self._check_proof(key, proof, "register", user, challenge, fp)
@@ -1705,32 +1767,41 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise UserExists("The user name %r is taken." % user)
         salt = secrets.token_bytes(ARGON2_SALT_SIZE)
         token_hash = await self.factory.hash_token(token, salt)
-        await store.add_user(user, public_key_pem(key), fp, salt, token_hash, self.factory.now())
+        await store.add_user(user, public_key_pem(key), fp, salt, token_hash, self.factory.now(),
+                             invite if policy == "invite" else None)
         self.log.info("{user} registered from {peer}", user=user, peer=_peer_text(self.peer))
         self._logged_in(user, key, receive=True)
         return {"user": user}
 
     async def _authenticate(self, frame, purpose, challenge):
-        """Check the user's token; C{(record, key)}.  Unknown users and wrong tokens get the same answer."""
+        """
+        C{(user, token, record, key)} for a request that names an account.  Throttled accounts and addresses are
+        refused at once, before any work; unknown users get the same answer as wrong tokens.
+        """
         user = field_username(frame)
         token = self._token(frame)
+        self.factory.check_throttle(user, self.peer)
         record = await self.factory.store.get_user(user)
         if record is None:
+            self.factory.login_failed(user, self.peer)
             raise AuthFailed()
         return user, token, record, load_public_key(record.public_key)
 
     async def _check_token(self, token, record):
         if not await self.factory.check_token(token, record):
+            self.factory.login_failed(record.name, self.peer)
             raise AuthFailed()
+        self.factory.login_succeeded(record.name, self.peer)
 
     async def handle_login(self, frame, rid):
-        self._require_logged_out()
         challenge = self._take_challenge()
+        self._require_logged_out()
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
         receive = field_bool(frame, "receive", True)
         user, token, record, key = await self._authenticate(frame, "login", challenge)
         # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
         if not await self.factory.in_thread(verify_auth, key, proof, "login", user, challenge, record.fingerprint):
+            self.factory.login_failed(user, self.peer)
             raise AuthFailed()
         await self._check_token(token, record)
         self.log.info("{user} logged in from {peer}{mode}", user=user, peer=_peer_text(self.peer),
@@ -1748,6 +1819,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise BadRequest("This connection is logged in as %s." % self.user)
         new_fp = fingerprint(new_key)
         if not await self.factory.in_thread(verify_auth, old_key, proof_old, "rekey", user, challenge, new_fp):
+            self.factory.login_failed(user, self.peer)
             raise AuthFailed()
         await self._check_proof(new_key, proof_new, "rekey", user, challenge, new_fp)
         await self._check_token(token, record)
@@ -1826,6 +1898,20 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     async def handle_send(self, frame, rid):
         if self._upload is not None:
             raise BadRequest("Another message is still being uploaded on this connection.")
+        try:
+            return await self._send(frame, rid)
+        except BaseException:
+            if frame.get("signature") is None and self._upload is None:
+                self._aborted_upload = rid  # its chunk frames follow: drop them quietly, the error says it all
+            raise
+
+    def _count(self, verifier, chunks, declared):
+        for chunk in chunks:
+            verifier.update(chunk)
+            if verifier.size > declared:
+                raise BadRequest("The message is larger than the %d bytes declared." % declared)
+
+    async def _send(self, frame, rid):
         to = field_usernames(frame, "to")
         size = field_int(frame, "size", 0, 2 ** 53)
         if size > self.limits.max_message:
@@ -1833,7 +1919,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         header = field_b64(frame, "header", self.limits.max_line)
         chunks = self._chunks(frame)
         signature = self._signature(frame)
-        verifier = EnvelopeVerifier(header, size)
+        verifier = EnvelopeVerifier(header, self.limits.max_message)
         parsed = verifier.header
         if parsed.sender != self.user:
             raise Forbidden("The envelope's sender is %s, not you." % parsed.sender)
@@ -1841,8 +1927,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("The envelope is signed with a key other than your registered key.")
         if parsed.recipient_names != to:
             raise BadRequest('The envelope\'s recipients are not exactly the "to" list.')
-        for chunk in chunks:
-            verifier.update(chunk)
+        self._count(verifier, chunks, size)
         if signature is not None:
             return await self._accept(verifier, to, size, chunks, signature, None)
         # A message in several frames: store the chunks as they come, reading one frame at a time.
@@ -1872,8 +1957,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self._hold("upload")
         try:
             chunks = self._chunks(frame)
-            for chunk in chunks:
-                upload.verifier.update(chunk)
+            self._count(upload.verifier, chunks, upload.declared_size)
             if not upload.duplicate:
                 await self.factory.store.add_chunks(upload.seq, upload.count, chunks)
             upload.count += len(chunks)
@@ -1905,7 +1989,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if verifier.size != size:
                 raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
             if upload is not None and upload.duplicate:
-                return {"msg": header.message_id.hex(), "duplicate": True, "queued": []}
+                return {"msg": header.message_id.hex(), "accepted_at": None, "duplicate": True, "queued": []}
             await self.factory.in_thread(verifier.verify, signature, self.key)
             if previous is not None:
                 await previous
@@ -1924,7 +2008,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self.factory.message_accepted(StoredMessage(
                 seq, header.message_id, self.user, header.raw, signature, size, verifier.chunk_count,
                 accepted_at, inline), recipients)
-        return {"msg": header.message_id.hex(), "duplicate": duplicate,
+        return {"msg": header.message_id.hex(), "accepted_at": accepted_at, "duplicate": duplicate,
                 "queued": [name for name in recipients if name not in self.factory.receivers]}
 
     # -- receiving --
@@ -1980,7 +2064,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     async def handle_ack(self, frame, rid):
         if "receipt" in frame:
-            await self.factory.store.ack_receipt(self.user, field_int(frame, "receipt", 1, 2 ** 63))
+            await self.factory.store.ack_receipt(self.user, field_int(frame, "receipt", 1, 2 ** 63 - 1))
             return {}
         return await self._settle(self._msg_id(frame), "delivered", "")
 
@@ -2009,6 +2093,44 @@ def _peer_text(address):
     return "%s:%s" % (host, address.port) if host is not None else str(address)
 
 
+class _Throttle:
+    """
+    Failed attempts per key (an account or an address): after C{free} failures, each further one doubles the
+    wait before the next attempt, up to C{max_delay}.  Failures older than an hour are forgotten, and the table
+    holds at most C{size} keys, so an attacker cannot lock anyone out for long nor grow the server's memory.
+    """
+
+    FORGET_AFTER = 3600.0
+
+    def __init__(self, free, max_delay, size=100000):
+        self.free, self.max_delay, self.size = free, max_delay, size
+        self._entries = collections.OrderedDict()  # key -> (failures, time of the last one)
+
+    def wait(self, key, now):
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0.0
+        count, last = entry
+        if now - last > self.FORGET_AFTER:
+            del self._entries[key]
+            return 0.0
+        if count < self.free:
+            return 0.0
+        delay = min(self.max_delay, 2.0 ** (count - self.free))
+        return max(0.0, last + delay - now)
+
+    def failed(self, key, now):
+        count, last = self._entries.pop(key, (0, now))
+        if now - last > self.FORGET_AFTER:
+            count = 0
+        self._entries[key] = (count + 1, now)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def forget(self, key):
+        self._entries.pop(key, None)
+
+
 class PagerServerFactory(protocol.Factory):
     """
     The server's shared state: the store, the limits, the sessions online, and the thread pool that does RSA and
@@ -2035,6 +2157,9 @@ class PagerServerFactory(protocol.Factory):
         self.receivers = {}  # user -> set of sessions that take messages
         self.connections = 0
         self.protocols = set()
+        self.per_address = collections.Counter()
+        self.account_failures = _Throttle(self.limits.account_free_failures, self.limits.account_max_delay)
+        self.address_failures = _Throttle(self.limits.address_free_failures, self.limits.address_max_delay)
         self._hashing = defer.DeferredSemaphore(self.limits.argon2_concurrency)
         self._expiry = None
 
@@ -2049,6 +2174,45 @@ class PagerServerFactory(protocol.Factory):
 
     async def check_token(self, token, record):
         return hmac.compare_digest(await self.hash_token(token, bytes(record.token_salt)), bytes(record.token_hash))
+
+    def address_connected(self, connection):
+        """Count a new connection; False when its address already has as many as allowed."""
+        host = getattr(connection.peer, "host", None)
+        if host is None:
+            return True
+        if self.per_address[host] >= self.limits.max_connections_per_address:
+            connection.counted_address = None
+            return False
+        self.per_address[host] += 1
+        connection.counted_address = host
+        return True
+
+    def address_disconnected(self, connection):
+        host = getattr(connection, "counted_address", None)
+        if host is not None:
+            self.per_address[host] -= 1
+            if self.per_address[host] <= 0:
+                del self.per_address[host]
+
+    def check_throttle(self, user, peer):
+        """Refuse a login attempt at once (no work, no waiting) while its account or address is slowed down."""
+        now = self.now()
+        host = getattr(peer, "host", None)
+        wait = max(self.account_failures.wait(user, now),
+                   self.address_failures.wait(host, now) if host is not None else 0)
+        if wait > 0:
+            raise RateLimited("Too many failed logins; try again in %d s." % max(1, round(wait)))
+
+    def login_failed(self, user, peer):
+        now = self.now()
+        self.account_failures.failed(user, now)
+        host = getattr(peer, "host", None)
+        if host is not None:
+            self.address_failures.failed(host, now)
+        self.log.info("Failed login for {user} from {peer}", user=user, peer=_peer_text(peer))
+
+    def login_succeeded(self, user, peer):
+        self.account_failures.forget(user)
 
     def session_started(self, session):
         self.online.setdefault(session.user, set()).add(session)
@@ -3365,8 +3529,9 @@ class Session:
     async def reconnect(self, say):
         """Connect and log in again with the same key and token, backing off from 1 s to 30 s between tries."""
         delay = 1.0
+        say("Connection to %s lost." % self.address)
         while True:
-            say("Connection lost; reconnecting in %d s..." % delay)
+            say("Reconnecting in %d s..." % delay)
             await task.deferLater(self.reactor, delay, lambda: None)
             try:
                 client = await self.connect()
@@ -3660,7 +3825,9 @@ An empty line cancels a half-written message."""
 
     async def receipt_received(self, receipt):
         self.show(describe_receipt(receipt))
-        await self.session.store.set_history_status(receipt.message_id, "%s (%s)" % (receipt.status, receipt.peer))
+        await self.session.store.set_history_status(receipt.message_id, "%s %s %s" % (
+            receipt.status, "for" if receipt.status == "expired" else "to" if receipt.status == "delivered" else "by",
+            receipt.peer))
 
     def message_rejected(self, msg, sender, error):
         self.show("\u2717 A message from %s could not be opened and was refused: %s" % (sender, error.message))

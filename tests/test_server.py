@@ -1,0 +1,1344 @@
+"""
+Tests for pager's server protocol: PagerServerProtocol and PagerServerFactory driven through StringTransport, with a
+synchronous Store, a synchronous in_thread and a MemoryReactorClock, so that every answer is written before
+dataReceived returns.  Also the client's side of the challenge rule.
+"""
+
+import base64
+import hashlib
+import json
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+import pager
+
+TOKEN = "correct horse battery staple"
+LOOPBACK = IPv4Address("TCP", "127.0.0.1", 1234)
+REMOTE = IPv4Address("TCP", "203.0.113.5", 1)
+MISSING = object()
+
+_keys = {}
+
+
+def private_key(label):
+    """The module's RSA-2048 key for C{label} (usually a user name), generated once."""
+    if label not in _keys:
+        _keys[label] = pager.generate_private_key()
+    return _keys[label]
+
+
+def weak_key():
+    """The module's RSA-1024 key, which pager must refuse."""
+    if "weak" not in _keys:
+        _keys["weak"] = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    return _keys["weak"]
+
+
+def pem(label):
+    return pager.public_key_pem(private_key(label))
+
+
+def b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+def synchronous(f, *args, **kwargs):
+    """An in_thread that runs C{f} at once, so that the server answers within dataReceived."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+def seal(sender, recipients, plaintext=b"hello", sender_key=None, **kwargs):
+    """An envelope from C{sender} to the named recipients, sealed with the module's keys."""
+    keys = {name: private_key(name).public_key() for name in recipients}
+    return pager.seal(sender_key or private_key(sender), sender, keys, plaintext, **kwargs)
+
+
+def send_fields(envelope, to=None, size=None, signed=True):
+    """The fields of a one-frame send request for C{envelope}."""
+    fields = {
+        "to": to if to is not None else pager.parse_header(envelope.header).recipient_names,
+        "size": envelope.size if size is None else size,
+        "header": b64(envelope.header),
+        "chunks": [b64(c) for c in envelope.chunks],
+    }
+    if signed:
+        fields["signature"] = b64(envelope.signature)
+    return fields
+
+
+def msg_id(envelope):
+    return pager.parse_header(envelope.header).message_id.hex()
+
+
+class Connection:
+    """
+    A client's end of one connection to the server under test: requests go in as lines, everything the server
+    writes comes out as parsed frames.  Tracks the latest challenge the server sent.
+    """
+
+    def __init__(self, factory, peer=LOOPBACK):
+        self.protocol = factory.buildProtocol(peer)
+        self.transport = StringTransport(peerAddress=peer)
+        self.protocol.makeConnection(self.transport)
+        self.challenge = None
+        self._unread = []
+        self._next_id = 0
+        self.hello = self.read()[0]
+
+    def read(self):
+        """Every frame written to this connection since the last read, oldest first."""
+        data = self.transport.value()
+        self.transport.clear()
+        frames, self._unread = self._unread, []
+        lines = data.split(b"\n")
+        assert lines[-1] == b"", "the server wrote a partial line: %r" % (lines[-1],)
+        for line in lines[:-1]:
+            frame = json.loads(line)
+            if "challenge" in frame:
+                self.challenge = base64.b64decode(frame["challenge"])
+            frames.append(frame)
+        return frames
+
+    def pushed(self, kind):
+        """The frames of type C{kind} written since the last read (other frames are dropped)."""
+        return [f for f in self.read() if f["type"] == kind]
+
+    def write_line(self, line):
+        self.protocol.dataReceived(line + b"\n")
+
+    def write(self, frame):
+        self.write_line(pager.encode_frame(frame))
+
+    def new_id(self):
+        self._next_id += 1
+        return self._next_id
+
+    def request(self, kind, **fields):
+        """Send one request and return its only answer; pushed frames stay for L{read}."""
+        frame = {"type": kind, "id": fields.pop("id") if "id" in fields else self.new_id()}
+        frame.update({k: v for k, v in fields.items() if v is not MISSING})
+        self.write(frame)
+        frames = self.read()
+        answers = [f for f in frames if f["type"] in ("ok", "error") and f.get("id") == frame["id"]]
+        if len(answers) != 1:
+            raise AssertionError("expected one answer to %r, got %r" % (frame, frames))
+        self._unread = [f for f in frames if f is not answers[0]]
+        return answers[0]
+
+    def register(self, user, key, token=TOKEN, proof_user=None, proof_key=None, challenge=None, purpose="register"):
+        proof = pager.sign_auth(proof_key or key, purpose, proof_user or user, challenge or self.challenge,
+                                pager.fingerprint(key))
+        return self.request("register", user=user, public_key=pager.public_key_pem(key), token=token,
+                            proof=b64(proof))
+
+    def login(self, user, key, token=TOKEN, receive=True, challenge=None, proof_user=None):
+        proof = pager.sign_auth(key, "login", proof_user or user, challenge or self.challenge)
+        return self.request("login", user=user, token=token, proof=b64(proof), receive=receive)
+
+    def send(self, envelope, **kwargs):
+        return self.request("send", **send_fields(envelope, **kwargs))
+
+    def ping(self):
+        return self.request("ping")
+
+    def lose(self):
+        """The client goes away."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class ServerTestCase(SynchronousTestCase):
+    """A server on a fresh store, with C{limits}; L{serve} swaps in other limits."""
+
+    limits = pager.Limits()
+
+    def setUp(self):
+        self.store = pager.Store(self.mktemp(), synchronous=True)
+        self.addCleanup(self.store.close)
+        self.server_id = self.successResultOf(self.store.open())
+        self.clock = MemoryReactorClock()
+        self.serve(self.limits)
+
+    def serve(self, limits):
+        self.factory = pager.PagerServerFactory(self.store, limits, reactor=self.clock, in_thread=synchronous,
+                                                server_id=self.server_id)
+
+    def connect(self, peer=LOOPBACK):
+        return Connection(self.factory, peer)
+
+    def register(self, user):
+        """A connection on which C{user} has just registered (and so is logged in)."""
+        conn = self.connect()
+        self.assertOk(conn.register(user, private_key(user)))
+        return conn
+
+    def login(self, user, receive=True):
+        conn = self.connect()
+        self.assertOk(conn.login(user, private_key(user), receive=receive))
+        return conn
+
+    def offline(self, user):
+        """Register C{user} and disconnect."""
+        self.register(user).lose()
+
+    def assertOk(self, answer):
+        self.assertEqual(answer["type"], "ok", answer)
+        return answer
+
+    def assertError(self, answer, code):
+        self.assertEqual((answer["type"], answer.get("code")), ("error", code), answer)
+        self.assertIsInstance(answer["message"], str)
+        return answer
+
+    def assertStillOpen(self, conn):
+        """The connection is open and answers a ping."""
+        self.assertFalse(conn.transport.disconnecting)
+        self.assertOk(conn.ping())
+
+
+class HelloTests(ServerTestCase):
+
+    def test_hello(self):
+        """The server greets with protocol version, software, server id, a 32-byte challenge and the limits."""
+        conn = self.connect()
+        hello = conn.hello
+        self.assertEqual(set(hello), {"type", "protocol", "server", "server_id", "challenge", "limits"})
+        self.assertEqual(hello["type"], "hello")
+        self.assertEqual(hello["protocol"], pager.PROTOCOL_VERSION)
+        self.assertEqual(hello["server"], "pager/" + pager.__version__)
+        self.assertEqual(hello["server_id"], self.server_id)
+        self.assertEqual(len(base64.b64decode(hello["challenge"], validate=True)), 32)
+        self.assertEqual(hello["limits"], self.limits.public())
+        self.assertNotEqual(self.connect().hello["challenge"], hello["challenge"])
+
+
+class MalformedRequestTests(ServerTestCase):
+    """Requests the server cannot carry out get an error frame, and the connection goes on."""
+
+    def assertLineRefused(self, conn, line, rid=MISSING):
+        """The raw line gets exactly one bad_request error, echoing C{rid} if given, and the connection goes on."""
+        conn.write_line(line)
+        frames = conn.read()
+        self.assertEqual(len(frames), 1, frames)
+        self.assertError(frames[0], "bad_request")
+        if rid is MISSING:
+            self.assertNotIn("id", frames[0])
+        else:
+            self.assertEqual(frames[0]["id"], rid)
+        self.assertStillOpen(conn)
+
+    def assertFieldsRefused(self, conn, kind, base, cases):
+        """Each (field, value, code) case, applied to C{base}, is refused with C{code} echoing the request id."""
+        for number, (name, value, code) in enumerate(cases):
+            fields = dict(base)
+            if value is MISSING:
+                del fields[name]
+            else:
+                fields[name] = value
+            rid = "%s-%d" % (kind, number)
+            answer = conn.request(kind, id=rid, **fields)
+            self.assertEqual((answer["type"], answer.get("code")), ("error", code), (kind, name, value, answer))
+            self.assertEqual(answer["id"], rid)
+            self.assertStillOpen(conn)
+
+    def test_malformedJSON(self):
+        """A line that is not JSON gets bad_request without an id."""
+        conn = self.connect()
+        self.assertLineRefused(conn, b'{"type": "ping", "id": 1')
+        self.assertLineRefused(conn, b"ping")
+
+    def test_blankLineIgnored(self):
+        """A blank line is allowed and answered with nothing; the connection keeps working."""
+        conn = self.connect()
+        conn.transport.clear()
+        conn.protocol.dataReceived(b"\n  \r\n")
+        self.assertEqual(conn.transport.value(), b"")
+        self.assertFalse(conn.transport.disconnecting)
+
+    def test_constants(self):
+        """A frame with NaN gets bad_request echoing its id, which can still be read."""
+        self.assertLineRefused(self.connect(), b'{"type":"ping","id":3,"x":NaN}', rid=3)
+
+    def test_notAnObject(self):
+        """JSON that is not an object ([], "x", 1, null) gets bad_request."""
+        conn = self.connect()
+        for line in (b"[]", b'"x"', b"1", b"null", b'[{"type":"ping","id":1}]'):
+            self.assertLineRefused(conn, line)
+
+    def test_invalidUTF8(self):
+        """A line that is not UTF-8 gets bad_request."""
+        self.assertLineRefused(self.connect(), b'{"type":"ping","id":1,"x":"\xff\xfe"}')
+
+    def test_deepNesting(self):
+        """A deeply nested line gets bad_request and the server does not fall over."""
+        conn = self.connect()
+        self.assertLineRefused(conn, b"[" * 4000)
+        self.assertLineRefused(conn, b'{"type":"ping","id":1,"x":' + b"[" * 4000 + b"]" * 4000 + b"}")
+
+    def test_hugeInteger(self):
+        """A 5000-digit integer gets bad_request."""
+        self.assertLineRefused(self.connect(), b'{"type":"ping","id":1,"n":' + b"1" * 5000 + b"}")
+
+    def test_missingOrInvalidType(self):
+        """A frame without a valid type gets bad_request echoing its id."""
+        conn = self.connect()
+        for line in (b'{"id":1}', b'{"type":7,"id":1}', b'{"type":"Ping","id":1}', b'{"type":"","id":1}'):
+            self.assertLineRefused(conn, line, rid=1)
+
+    def test_unknownType(self):
+        """A frame of an unknown type gets bad_request echoing its id."""
+        conn = self.connect()
+        for kind in ("frobnicate", "ok", "hello", "message"):
+            self.assertError(conn.request(kind, id="x"), "bad_request")
+        self.assertStillOpen(conn)
+
+    def test_missingId(self):
+        """A request without a valid id gets bad_request without an id, before and after login."""
+        for conn in (self.connect(), self.register("alice")):
+            self.assertLineRefused(conn, b'{"type":"ping"}')
+            for rid in (b"true", b"1.5", b"null", b"[1]", b'"' + b"x" * 65 + b'"', str(2 ** 53 + 1).encode()):
+                self.assertLineRefused(conn, b'{"type":"ping","id":' + rid + b"}")
+
+    def test_ids(self):
+        """String and integer ids are echoed exactly."""
+        conn = self.connect()
+        for rid in (0, -5, 2 ** 53, "", "r\u00e9q", "x" * 64):
+            self.assertEqual(conn.request("ping", id=rid), {"type": "ok", "id": rid})
+
+    def test_registerFields(self):
+        """Wrong-typed or missing register fields get bad_request, or bad_key for a bad public key."""
+        conn = self.connect()
+        base = {"user": "alice", "public_key": pem("alice"), "token": TOKEN, "proof": b64(b"\0" * 256)}
+        self.assertFieldsRefused(conn, "register", base, [
+            ("user", 7, "bad_request"), ("user", ["alice"], "bad_request"), ("user", MISSING, "bad_request"),
+            ("public_key", "garbage", "bad_key"), ("public_key", 5, "bad_request"),
+            ("public_key", MISSING, "bad_request"), ("public_key", pem("alice")[:200], "bad_key"),
+            ("token", ["x" * 10], "bad_request"), ("token", 123456789, "bad_request"),
+            ("token", MISSING, "bad_request"), ("token", "x" * 1025, "bad_request"),
+            ("proof", "not base64!", "bad_request"), ("proof", 5, "bad_request"),
+            ("proof", MISSING, "bad_request"),
+        ])
+
+    def test_loginFields(self):
+        """Wrong-typed or missing login fields get bad_request."""
+        conn = self.connect()
+        base = {"user": "alice", "token": TOKEN, "proof": b64(b"\0" * 256), "receive": True}
+        self.assertFieldsRefused(conn, "login", base, [
+            ("user", 7, "bad_request"), ("user", MISSING, "bad_request"), ("user", "no such name!", "bad_request"),
+            ("token", ["x" * 10], "bad_request"), ("token", MISSING, "bad_request"),
+            ("token", "short", "bad_request"),
+            ("proof", "***", "bad_request"), ("proof", MISSING, "bad_request"),
+            ("receive", "yes", "bad_request"), ("receive", 1, "bad_request"),
+        ])
+
+    def test_rekeyFields(self):
+        """Wrong-typed or missing rekey fields get bad_request, or bad_key for a bad public key."""
+        conn = self.connect()
+        base = {"user": "alice", "token": TOKEN, "public_key": pem("new"), "proof_old": b64(b"\0" * 256),
+                "proof_new": b64(b"\0" * 256)}
+        self.assertFieldsRefused(conn, "rekey", base, [
+            ("public_key", "garbage", "bad_key"), ("public_key", ["x"], "bad_request"),
+            ("proof_old", "***", "bad_request"), ("proof_old", MISSING, "bad_request"),
+            ("proof_new", 5, "bad_request"), ("proof_new", MISSING, "bad_request"),
+            ("user", 7, "bad_request"), ("token", [], "bad_request"), ("token", MISSING, "bad_request"),
+        ])
+
+    def test_recoverFields(self):
+        """Wrong-typed or missing recover fields get bad_request, or bad_key for a bad public key."""
+        conn = self.connect()
+        base = {"user": "alice", "token": TOKEN, "public_key": pem("new"), "proof": b64(b"\0" * 256)}
+        self.assertFieldsRefused(conn, "recover", base, [
+            ("public_key", "garbage", "bad_key"), ("public_key", MISSING, "bad_request"),
+            ("proof", "***", "bad_request"), ("proof", MISSING, "bad_request"),
+            ("user", 7, "bad_request"), ("user", MISSING, "bad_request"), ("token", ["x"], "bad_request"),
+        ])
+
+    def test_keyFields(self):
+        """A key request whose user is missing, not a string or not a valid name gets bad_request."""
+        conn = self.register("alice")
+        self.assertFieldsRefused(conn, "key", {"user": "alice"}, [
+            ("user", 7, "bad_request"), ("user", MISSING, "bad_request"), ("user", "a b", "bad_request"),
+        ])
+
+    def test_sendFields(self):
+        """Wrong-typed or missing send fields get bad_request."""
+        conn = self.register("alice")
+        base = send_fields(seal("alice", ["alice"]))
+        self.assertFieldsRefused(conn, "send", base, [
+            ("to", "alice", "bad_request"), ("to", [], "bad_request"), ("to", [5], "bad_request"),
+            ("to", ["alice", "Alice"], "bad_request"), ("to", MISSING, "bad_request"),
+            ("size", -1, "bad_request"), ("size", True, "bad_request"), ("size", "5", "bad_request"),
+            ("size", 5.0, "bad_request"), ("size", MISSING, "bad_request"),
+            ("header", 5, "bad_request"), ("header", "***", "bad_request"), ("header", MISSING, "bad_request"),
+            ("header", b64(b"not an envelope"), "bad_request"),
+            ("chunks", "x", "bad_request"), ("chunks", [5], "bad_request"), ("chunks", ["***"], "bad_request"),
+            ("chunks", {"0": "x"}, "bad_request"),
+            ("signature", "***", "bad_request"), ("signature", 5, "bad_request"),
+        ])
+
+    def test_chunkFields(self):
+        """A chunk frame with wrong-typed fields, or for no upload in progress, gets bad_request."""
+        conn = self.register("alice")
+        self.assertFieldsRefused(conn, "chunk", {"chunks": []}, [
+            ("chunks", "x", "bad_request"), ("chunks", [5], "bad_request"), ("signature", 5, "bad_request"),
+            ("chunks", [], "bad_request"),
+        ])
+
+    def test_ackFields(self):
+        """Wrong-typed ack fields (msg not a 32-digit hex string, receipt not a positive integer) get bad_request."""
+        conn = self.register("alice")
+        self.assertFieldsRefused(conn, "ack", {"msg": "00" * 16}, [
+            ("msg", 5, "bad_request"), ("msg", "zz" * 16, "bad_request"), ("msg", "ab", "bad_request"),
+            ("msg", "00" * 17, "bad_request"), ("msg", MISSING, "bad_request"), ("msg", None, "bad_request"),
+            ("receipt", "1", "bad_request"), ("receipt", 0, "bad_request"), ("receipt", True, "bad_request"),
+            ("receipt", -1, "bad_request"), ("receipt", 1.0, "bad_request"),
+        ])
+
+    def test_rejectFields(self):
+        """Wrong-typed reject fields get bad_request."""
+        conn = self.register("alice")
+        self.assertFieldsRefused(conn, "reject", {"msg": "00" * 16, "reason": "no"}, [
+            ("msg", 5, "bad_request"), ("msg", MISSING, "bad_request"),
+            ("reason", 5, "bad_request"), ("reason", MISSING, "bad_request"), ("reason", "x" * 501, "bad_request"),
+        ])
+
+    def test_ackReceiptOutOfRange(self):
+        """An ack for receipt 2**63, the top of the accepted range, is refused cleanly, not as an internal error."""
+        conn = self.register("alice")
+        answer = conn.request("ack", receipt=2 ** 63)
+        self.assertEqual(answer["type"], "error")
+        self.assertIn(answer["code"], ("bad_request", "unknown_message"), answer)
+        self.assertStillOpen(conn)
+
+    def test_surrogateToken(self):
+        """A safetoken holding a lone surrogate escape, which is not UTF-8, gets bad_request, not an internal error."""
+        conn = self.connect()
+        answer = conn.register("alice", private_key("alice"), token="\ud800" * 8)
+        self.assertError(answer, "bad_request")
+        self.assertStillOpen(conn)
+
+    def test_surrogateReason(self):
+        """A reject reason holding a lone surrogate escape gets bad_request, not an internal error."""
+        self.offline("bob")
+        alice = self.register("alice")
+        envelope = seal("alice", ["bob"])
+        self.assertOk(alice.send(envelope))
+        bob = self.login("bob")
+        bob.read()
+        self.assertError(bob.request("reject", msg=msg_id(envelope), reason="\udc80 bad"), "bad_request")
+        self.assertStillOpen(bob)
+
+
+class LineLengthTests(ServerTestCase):
+    """Lines longer than the limit for the connection's state get too_large and the connection is closed."""
+
+    limits = pager.Limits(max_line=96 * 1024)
+
+    def padded_ping(self, length):
+        """A ping line of exactly C{length} bytes."""
+        prefix, suffix = b'{"type":"ping","id":1,"pad":"', b'"}'
+        return prefix + b"x" * (length - len(prefix) - len(suffix)) + suffix
+
+    def assertTooLarge(self, conn):
+        frames = conn.read()
+        self.assertEqual([(f["type"], f["code"]) for f in frames], [("error", "too_large")], frames)
+        self.assertTrue(conn.transport.disconnecting)
+
+    def test_longestLineBeforeLogin(self):
+        """A line of exactly max_line_unauthenticated bytes is accepted before login."""
+        conn = self.connect()
+        conn.write_line(self.padded_ping(self.limits.max_line_unauthenticated))
+        self.assertEqual(conn.read(), [{"type": "ok", "id": 1}])
+
+    def test_oversizeBeforeLogin(self):
+        """A line one byte over max_line_unauthenticated before login gets too_large and is closed."""
+        conn = self.connect()
+        conn.write_line(self.padded_ping(self.limits.max_line_unauthenticated + 1))
+        self.assertTooLarge(conn)
+
+    def test_oversizeWithoutDelimiter(self):
+        """Bytes past max_line_unauthenticated without a newline get too_large and are closed."""
+        conn = self.connect()
+        conn.protocol.dataReceived(b"x" * (self.limits.max_line_unauthenticated + 1))
+        self.assertTooLarge(conn)
+
+    def test_oversizeAfterLogin(self):
+        """A line one byte over max_line after login gets too_large and is closed."""
+        conn = self.register("alice")
+        conn.write_line(self.padded_ping(self.limits.max_line + 1))
+        self.assertTooLarge(conn)
+
+    def test_longLineAfterLogin(self):
+        """A line over the pre-login limit but within max_line is fine after login."""
+        conn = self.register("alice")
+        conn.write_line(self.padded_ping(self.limits.max_line_unauthenticated * 2))
+        self.assertEqual(conn.read(), [{"type": "ok", "id": 1}])
+        conn.write_line(self.padded_ping(self.limits.max_line))
+        self.assertEqual(conn.read(), [{"type": "ok", "id": 1}])
+        self.assertStillOpen(conn)
+
+
+class NotAuthenticatedTests(ServerTestCase):
+
+    def test_requestsBeforeLogin(self):
+        """users, key, send, chunk, ack and reject before login get not_authenticated, and the connection goes on."""
+        conn = self.connect()
+        envelope = seal("alice", ["alice"])
+        for kind, fields in [("users", {}), ("key", {"user": "alice"}), ("send", send_fields(envelope)),
+                             ("chunk", {"chunks": []}), ("ack", {"msg": msg_id(envelope)}),
+                             ("ack", {"receipt": 1}), ("reject", {"msg": msg_id(envelope), "reason": "x"})]:
+            self.assertError(conn.request(kind, **fields), "not_authenticated")
+        self.assertStillOpen(conn)
+
+
+class RegisterTests(ServerTestCase):
+
+    def test_register(self):
+        """A valid register answers ok with the user and logs the connection in."""
+        conn = self.connect()
+        answer = conn.register("alice", private_key("alice"))
+        self.assertEqual(set(answer), {"type", "id", "user", "challenge"})
+        self.assertEqual((answer["type"], answer["user"]), ("ok", "alice"))
+        self.assertEqual(self.assertOk(conn.request("users"))["online"], ["alice"])
+
+    def test_taken(self):
+        """Registering a taken name gets user_exists."""
+        self.register("alice")
+        conn = self.connect()
+        self.assertError(conn.register("alice", private_key("mallory")), "user_exists")
+        self.assertError(conn.request("users"), "not_authenticated")
+
+    def test_caseFolding(self):
+        """A name is registered in lower case, and the upper-case spelling is then taken."""
+        conn = self.connect()
+        answer = self.assertOk(conn.register("Alice", private_key("alice"), proof_user="alice"))
+        self.assertEqual(answer["user"], "alice")
+        self.assertEqual(self.assertOk(conn.request("key", user="ALICE"))["user"], "alice")
+        self.assertError(self.connect().register("ALICE", private_key("mallory"), proof_user="alice"),
+                         "user_exists")
+
+    def test_invalidNames(self):
+        """Names that are empty, too long, badly formed or not ASCII get bad_request and register nothing."""
+        conn = self.connect()
+        for name in ("", "-alice", ".alice", "_alice", "a" * 33, "al ice", "al/ice", "alice\n", "\u212aelvin",
+                     "\u00e5sa", "al\u0131ce"):
+            self.assertError(conn.register(name, private_key("alice"), proof_user="alice"), "bad_request")
+        self.assertStillOpen(conn)
+        self.assertEqual(self.successResultOf(self.store.user_names()), [])
+
+    def test_longestName(self):
+        """A 32-character name is accepted."""
+        conn = self.connect()
+        self.assertEqual(self.assertOk(conn.register("a" * 32, private_key("alice")))["user"], "a" * 32)
+
+    def test_shortToken(self):
+        """A safetoken shorter than 8 characters gets bad_request; 8 characters are enough."""
+        conn = self.connect()
+        self.assertError(conn.register("alice", private_key("alice"), token="1234567"), "bad_request")
+        self.assertOk(conn.register("alice", private_key("alice"), token="12345678"))
+
+    def test_badProof(self):
+        """A proof by another key, for another purpose or for another name gets auth_failed and registers nothing."""
+        conn = self.connect()
+        key = private_key("alice")
+        self.assertError(conn.register("alice", key, proof_key=private_key("mallory")), "auth_failed")
+        self.assertError(conn.register("alice", key, purpose="login"), "auth_failed")
+        self.assertError(conn.register("alice", key, proof_user="bob"), "auth_failed")
+        self.assertError(conn.request("register", user="alice", public_key=pem("alice"), token=TOKEN,
+                                      proof=b64(b"\0" * 256)), "auth_failed")
+        self.assertEqual(self.successResultOf(self.store.user_names()), [])
+        self.assertOk(conn.register("alice", key))
+
+    def test_staleChallenge(self):
+        """A proof over the hello challenge, after one attempt consumed it, gets auth_failed."""
+        conn = self.connect()
+        hello_challenge = conn.challenge
+        self.assertError(conn.register("alice", private_key("alice"), proof_key=private_key("mallory")),
+                         "auth_failed")
+        self.assertNotEqual(conn.challenge, hello_challenge)
+        self.assertError(conn.register("alice", private_key("alice"), challenge=hello_challenge), "auth_failed")
+        self.assertOk(conn.register("alice", private_key("alice")))
+
+    def test_weakKey(self):
+        """A 1024-bit key gets bad_key."""
+        conn = self.connect()
+        self.assertError(conn.register("alice", weak_key()), "bad_key")
+        self.assertStillOpen(conn)
+
+
+class LoginTests(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.offline("alice")
+
+    def test_login(self):
+        """Login with the right token and proof answers ok with the user."""
+        conn = self.connect()
+        answer = conn.login("alice", private_key("alice"))
+        self.assertEqual(set(answer), {"type", "id", "user", "challenge", "pending"})
+        self.assertEqual((answer["type"], answer["user"], answer["pending"]), ("ok", "alice", 0))
+        self.assertOk(conn.request("users"))
+
+    def test_wrongToken(self):
+        """A wrong token gets auth_failed and does not log in."""
+        conn = self.connect()
+        self.assertError(conn.login("alice", private_key("alice"), token="wrong token"), "auth_failed")
+        self.assertError(conn.request("users"), "not_authenticated")
+
+    def test_unknownUserLikeWrongToken(self):
+        """An unknown user gets auth_failed with the same message as a wrong token."""
+        conn = self.connect()
+        wrong = self.assertError(conn.login("alice", private_key("alice"), token="wrong token"), "auth_failed")
+        unknown = self.assertError(conn.login("nobody", private_key("mallory")), "auth_failed")
+        self.assertEqual(unknown["message"], wrong["message"])
+
+    def test_badProof(self):
+        """A proof by another key or over a stale challenge gets auth_failed."""
+        conn = self.connect()
+        hello_challenge = conn.challenge
+        self.assertError(conn.login("alice", private_key("mallory")), "auth_failed")
+        self.assertError(conn.login("alice", private_key("alice"), challenge=hello_challenge), "auth_failed")
+        self.assertError(conn.request("users"), "not_authenticated")
+
+    def test_secondLogin(self):
+        """A second login on a logged-in connection gets bad_request."""
+        conn = self.login("alice")
+        self.assertError(conn.login("alice", private_key("alice")), "bad_request")
+        self.assertError(conn.register("carol", private_key("carol")), "bad_request")
+        self.assertStillOpen(conn)
+
+    def test_refusedSecondLoginFreshChallenge(self):
+        """Even the bad_request answer to a second login carries a challenge different from the previous one."""
+        conn = self.login("alice")
+        previous = conn.challenge
+        answer = self.assertError(conn.login("alice", private_key("alice")), "bad_request")
+        self.assertIn("challenge", answer)
+        self.assertNotEqual(conn.challenge, previous)
+
+
+class ChallengeTests(ServerTestCase):
+
+    def test_freshChallenges(self):
+        """Every answer to register or login, ok or error, carries a new challenge."""
+        seen = []
+
+        def check(conn, answer):
+            self.assertIn("challenge", answer)
+            challenge = base64.b64decode(answer["challenge"], validate=True)
+            self.assertEqual(len(challenge), 32)
+            self.assertNotIn(challenge, seen)
+            seen.append(challenge)
+
+        conn = self.connect()
+        seen.append(conn.challenge)
+        check(conn, conn.register("alice", private_key("alice"), proof_key=private_key("mallory")))
+        check(conn, conn.register("a b", private_key("alice")))
+        check(conn, conn.register("alice", private_key("alice"), token="short"))
+        check(conn, conn.register("alice", private_key("alice")))
+        other = self.connect()
+        seen.append(other.challenge)
+        check(other, other.register("alice", private_key("mallory")))
+        check(other, other.login("alice", private_key("mallory")))
+        check(other, other.login("alice", private_key("alice"), token="wrong token"))
+        check(other, other.login("nobody", private_key("alice")))
+        check(other, other.login("alice", private_key("alice")))
+
+
+class SendTests(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.alice = self.register("alice")
+        self.offline("bob")
+
+    def test_accepted(self):
+        """A valid message is answered ok with its id and duplicate false."""
+        envelope = seal("alice", ["bob"])
+        answer = self.assertOk(self.alice.send(envelope))
+        self.assertEqual(answer["msg"], msg_id(envelope))
+        self.assertIs(answer["duplicate"], False)
+        self.assertEqual(answer["queued"], ["bob"])
+
+    def test_acceptedAnswerFields(self):
+        """The ok answer to send carries msg, accepted_at and duplicate, as the protocol summary documents."""
+        self.clock.advance(100)
+        answer = self.assertOk(self.alice.send(seal("alice", ["bob"])))
+        self.assertLessEqual({"type", "id", "msg", "accepted_at", "duplicate"}, set(answer))
+        self.assertEqual(answer["accepted_at"], 100)
+
+    def test_forgedSenderName(self):
+        """An envelope sealed as mallory by alice's session gets forbidden."""
+        envelope = seal("mallory", ["bob"], sender_key=private_key("alice"))
+        self.assertError(self.alice.send(envelope), "forbidden")
+
+    def test_forgedSenderKey(self):
+        """An envelope sealed as alice with another key gets forbidden."""
+        envelope = seal("alice", ["bob"], sender_key=private_key("mallory"))
+        self.assertError(self.alice.send(envelope), "forbidden")
+
+    def test_recipientsMismatch(self):
+        """Envelope recipients that are not exactly the "to" list get bad_request."""
+        envelope = seal("alice", ["bob"])
+        self.assertError(self.alice.send(envelope, to=["alice"]), "bad_request")
+        self.assertError(self.alice.send(envelope, to=["alice", "bob"]), "bad_request")
+        envelope = seal("alice", ["alice", "bob"])
+        self.assertError(self.alice.send(envelope, to=["bob"]), "bad_request")
+
+    def test_unknownRecipient(self):
+        """A message to an unknown user gets unknown_user naming that user."""
+        answer = self.assertError(self.alice.send(seal("alice", ["carol"])), "unknown_user")
+        self.assertIn("carol", answer["message"])
+
+    def test_sizeTooLarge(self):
+        """A declared size larger than the message gets bad_request."""
+        envelope = seal("alice", ["bob"])
+        self.assertError(self.alice.send(envelope, size=envelope.size + 1), "bad_request")
+
+    def test_sizeTooSmall(self):
+        """A declared size smaller than the message gets bad_request, since the size is wrong, not the message."""
+        envelope = seal("alice", ["bob"])
+        self.assertError(self.alice.send(envelope, size=envelope.size - 1), "bad_request")
+
+    def test_overMaxMessage(self):
+        """A message over max_message gets too_large; one of exactly max_message is accepted."""
+        self.serve(pager.Limits(max_message=100))
+        alice = self.login("alice")
+        self.assertError(alice.send(seal("alice", ["bob"], b"x" * 101)), "too_large")
+        self.assertOk(alice.send(seal("alice", ["bob"], b"x" * 100)))
+
+    def test_quota(self):
+        """With max_pending_messages=2, a third pending message for a recipient gets quota_exceeded."""
+        self.serve(pager.Limits(max_pending_messages=2))
+        alice = self.login("alice")
+        self.assertOk(alice.send(seal("alice", ["bob"], b"1")))
+        self.assertOk(alice.send(seal("alice", ["bob"], b"2")))
+        answer = self.assertError(alice.send(seal("alice", ["bob"], b"3")), "quota_exceeded")
+        self.assertIn("bob", answer["message"])
+
+    def test_multiRecipientAllOrNothing(self):
+        """A message to a known and an unknown recipient is refused as a whole: the known one never gets it."""
+        envelope = seal("alice", ["bob", "carol"])
+        answer = self.assertError(self.alice.send(envelope), "unknown_user")
+        self.assertIn("carol", answer["message"])
+        self.assertNotIn("bob", answer["message"])
+        bob = self.login("bob")
+        self.assertEqual(bob.read(), [])
+        self.assertEqual(self.successResultOf(self.store.get_user("bob")).pending_count, 0)
+
+    def test_badSignature(self):
+        """A signature that does not verify gets bad_request and nothing is delivered."""
+        envelope = seal("alice", ["bob"])
+        tampered = bytearray(envelope.signature)
+        tampered[-1] ^= 1
+        envelope.signature = bytes(tampered)
+        self.assertError(self.alice.send(envelope), "bad_request")
+        other = seal("alice", ["bob"])
+        envelope.signature = other.signature
+        self.assertError(self.alice.send(envelope), "bad_request")
+        self.assertEqual(self.login("bob").read(), [])
+
+    def test_duplicate(self):
+        """Resending the same message gives ok with duplicate true, and it is delivered once."""
+        bob = self.login("bob")
+        envelope = seal("alice", ["bob"])
+        first = self.assertOk(self.alice.send(envelope))
+        second = self.assertOk(self.alice.send(envelope))
+        self.assertEqual((first["duplicate"], second["duplicate"]), (False, True))
+        self.assertEqual(second["msg"], first["msg"])
+        self.assertEqual([f["msg"] for f in bob.pushed("message")], [msg_id(envelope)])
+        bob.lose()
+        self.assertEqual([f["msg"] for f in self.login("bob").pushed("message")], [msg_id(envelope)])
+
+
+class UploadTests(ServerTestCase):
+    """Messages too large for one line go up as a send header frame and chunk frames."""
+
+    limits = pager.Limits(max_line=96 * 1024)
+
+    def setUp(self):
+        super().setUp()
+        self.alice = self.register("alice")
+        self.bob = self.register("bob")
+        self.envelope = seal("alice", ["bob"], b"0123456789" * 500, chunk_size=1024)
+
+    def header_frame(self, envelope, rid="up"):
+        fields = send_fields(envelope, signed=False)
+        fields["chunks"] = []
+        return dict(fields, type="send", id=rid)
+
+    def chunk_frames(self, envelope, rid="up"):
+        frames = []
+        for index, chunk in enumerate(envelope.chunks):
+            frame = {"type": "chunk", "id": rid, "chunks": [b64(chunk)]}
+            if index == len(envelope.chunks) - 1:
+                frame["signature"] = b64(envelope.signature)
+            frames.append(frame)
+        return frames
+
+    def test_upload(self):
+        """A header frame and chunk frames are answered once, at the end, and reach the recipient whole."""
+        envelope = self.envelope
+        self.assertEqual(len(envelope.chunks), 5)
+        self.alice.write(self.header_frame(envelope))
+        self.assertEqual(self.alice.read(), [])
+        frames = self.chunk_frames(envelope)
+        for frame in frames[:-1]:
+            self.alice.write(frame)
+            self.assertEqual(self.alice.read(), [])
+        self.assertEqual(self.bob.read(), [])
+        self.alice.write(frames[-1])
+        [answer] = self.alice.read()
+        self.assertEqual((answer["type"], answer["id"], answer["msg"], answer["duplicate"], answer["queued"]),
+                         ("ok", "up", msg_id(envelope), False, []))
+
+        pushed = self.bob.read()
+        self.assertEqual([f["type"] for f in pushed], ["message"] + ["message_chunk"] * 5)
+        self.assertEqual({f["msg"] for f in pushed}, {msg_id(envelope)})
+        self.assertEqual(pushed[0]["from"], "alice")
+        self.assertEqual(pushed[0]["header"], b64(envelope.header))
+        self.assertEqual(pushed[0]["size"], 5000)
+        chunks = [base64.b64decode(c) for f in pushed for c in f["chunks"]]
+        self.assertEqual(chunks, envelope.chunks)
+        self.assertEqual([("signature" in f) for f in pushed], [False] * 5 + [True])
+        signature = base64.b64decode(pushed[-1]["signature"])
+        opened = pager.open_envelope(pager.Envelope(envelope.header, chunks, signature), private_key("bob"), "bob",
+                                     private_key("alice").public_key())
+        self.assertEqual(opened.plaintext, b"0123456789" * 500)
+
+    def test_errorMidUpload(self):
+        """A malformed chunk gets one error; later chunk frames of that upload are dropped without answers."""
+        frames = self.chunk_frames(self.envelope)
+        self.alice.write(self.header_frame(self.envelope))
+        self.alice.write(frames[0])
+        self.alice.write({"type": "chunk", "id": "up", "chunks": ["***"]})
+        for frame in frames[2:]:
+            self.alice.write(frame)
+        answers = self.alice.read()
+        self.assertEqual(len(answers), 1, answers)
+        self.assertError(answers[0], "bad_request")
+        self.assertEqual(answers[0]["id"], "up")
+        self.assertStillOpen(self.alice)
+        self.assertEqual(self.bob.read(), [])
+        # The refused upload left nothing behind: the same message goes through afterwards.
+        self.assertOk(self.alice.send(self.envelope))
+        self.assertEqual(len(self.bob.pushed("message")), 1)
+
+    def test_headerRefused(self):
+        """An upload refused at its header frame gets one error; its chunk frames are dropped without answers."""
+        envelope = seal("alice", ["carol"], b"0123456789" * 500, chunk_size=1024)
+        self.alice.write(self.header_frame(envelope))
+        for frame in self.chunk_frames(envelope):
+            self.alice.write(frame)
+        answers = self.alice.read()
+        self.assertEqual(len(answers), 1, answers)
+        self.assertError(answers[0], "unknown_user")
+        self.assertEqual(answers[0]["id"], "up")
+        self.assertStillOpen(self.alice)
+
+    def test_duplicateUpload(self):
+        """Uploading an accepted message again in chunk frames gives ok with duplicate true and no second delivery."""
+        for _ in range(2):
+            self.alice.write(self.header_frame(self.envelope))
+            for frame in self.chunk_frames(self.envelope):
+                self.alice.write(frame)
+        self.assertEqual([f["duplicate"] for f in self.alice.read()], [False, True])
+        self.assertEqual(len(self.bob.pushed("message")), 1)
+
+
+class DeliveryTests(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.alice = self.register("alice")
+
+    def test_push(self):
+        """An online recipient is pushed the message; its ack is ok and the sender is pushed a delivered receipt."""
+        bob = self.register("bob")
+        self.clock.advance(50)
+        envelope = seal("alice", ["bob"])
+        self.assertOk(self.alice.send(envelope))
+        [message] = bob.read()
+        self.assertEqual(message["type"], "message")
+        self.assertEqual(message["msg"], msg_id(envelope))
+        self.assertEqual(message["from"], "alice")
+        self.assertEqual(message["header"], b64(envelope.header))
+        self.assertEqual(message["chunks"], [b64(c) for c in envelope.chunks])
+        self.assertEqual(message["signature"], b64(envelope.signature))
+        self.assertEqual(message["size"], envelope.size)
+        self.assertEqual(message["accepted_at"], 50)
+        self.assertNotIn("id", message)
+        self.assertEqual(self.alice.read(), [])
+
+        self.clock.advance(10)
+        self.assertEqual(self.assertOk(bob.request("ack", id="a", msg=message["msg"])), {"type": "ok", "id": "a"})
+        [receipt] = self.alice.read()
+        self.assertEqual(receipt, {"type": "receipt", "receipt": receipt["receipt"], "msg": msg_id(envelope),
+                                   "from": "bob", "status": "delivered", "reason": "", "at": 60})
+        self.assertIsInstance(receipt["receipt"], int)
+        self.assertOk(self.alice.request("ack", receipt=receipt["receipt"]))
+        self.assertError(self.alice.request("ack", receipt=receipt["receipt"]), "unknown_message")
+        self.assertError(bob.request("ack", msg=message["msg"]), "unknown_message")
+
+    def test_pushedFields(self):
+        """
+        A pushed message carries exactly the fields the protocol documents; its recipients travel in the signed
+        header, not in a field the server could change.
+        """
+        bob = self.register("bob")
+        self.assertOk(self.alice.send(seal("alice", ["bob"])))
+        [message] = bob.read()
+        self.assertEqual({"type", "msg", "from", "size", "accepted_at", "header", "chunks", "signature"},
+                         set(message))
+        self.assertEqual(pager.parse_header(base64.b64decode(message["header"])).recipient_names, ["bob"])
+
+    def test_receiptWaitsForSender(self):
+        """A receipt for an offline sender is pushed when the sender next logs in, until it is acked."""
+        bob = self.register("bob")
+        envelope = seal("alice", ["bob"])
+        self.assertOk(self.alice.send(envelope))
+        self.alice.lose()
+        self.assertOk(bob.request("ack", msg=msg_id(envelope)))
+        alice = self.login("alice")
+        [receipt] = alice.pushed("receipt")
+        self.assertEqual((receipt["msg"], receipt["status"]), (msg_id(envelope), "delivered"))
+        alice.lose()
+        alice = self.login("alice")
+        [again] = alice.pushed("receipt")
+        self.assertEqual(again, receipt)
+        self.assertOk(alice.request("ack", receipt=receipt["receipt"]))
+        alice.lose()
+        self.assertEqual(self.login("alice").read(), [])
+
+    def test_ackOtherUsersDelivery(self):
+        """An ack by carol for bob's message gets unknown_message, and bob still gets it on his next login."""
+        self.offline("bob")
+        carol = self.register("carol")
+        envelope = seal("alice", ["bob"])
+        self.assertOk(self.alice.send(envelope))
+        self.assertError(carol.request("ack", msg=msg_id(envelope)), "unknown_message")
+        self.assertError(carol.request("reject", msg=msg_id(envelope), reason="no"), "unknown_message")
+        self.assertEqual(self.alice.read(), [])
+        self.assertEqual([f["msg"] for f in self.login("bob").pushed("message")], [msg_id(envelope)])
+
+    def test_reject(self):
+        """A reject gives the sender a rejected receipt with the reason, and the message is not delivered again."""
+        bob = self.register("bob")
+        envelope = seal("alice", ["bob"])
+        self.assertOk(self.alice.send(envelope))
+        [message] = bob.pushed("message")
+        self.assertOk(bob.request("reject", msg=message["msg"], reason="The signature does not verify."))
+        [receipt] = self.alice.read()
+        self.assertEqual((receipt["type"], receipt["msg"], receipt["from"], receipt["status"], receipt["reason"]),
+                         ("receipt", msg_id(envelope), "bob", "rejected", "The signature does not verify."))
+        bob.lose()
+        self.assertEqual(self.login("bob").read(), [])
+
+    def test_pendingInOrder(self):
+        """An offline recipient gets its pending messages on login, in the order they were accepted."""
+        self.offline("bob")
+        envelopes = [seal("alice", ["bob"], b"message %d" % i) for i in range(4)]
+        for envelope in envelopes:
+            self.assertOk(self.alice.send(envelope))
+        bob = self.connect()
+        self.assertEqual(self.assertOk(bob.login("bob", private_key("bob")))["pending"], 4)
+        self.assertEqual([f["msg"] for f in bob.pushed("message")], [msg_id(e) for e in envelopes])
+
+    def test_redeliveredAfterDisconnect(self):
+        """A message not acked before the recipient disconnects is delivered again on its next login."""
+        bob = self.register("bob")
+        envelope = seal("alice", ["bob"])
+        self.assertOk(self.alice.send(envelope))
+        self.assertEqual([f["msg"] for f in bob.pushed("message")], [msg_id(envelope)])
+        bob.lose()
+        bob = self.login("bob")
+        [message] = bob.pushed("message")
+        self.assertEqual(message["msg"], msg_id(envelope))
+        self.assertEqual(message["chunks"], [b64(c) for c in envelope.chunks])
+        self.assertOk(bob.request("ack", msg=message["msg"]))
+        bob.lose()
+        self.assertEqual(self.login("bob").read(), [])
+
+    def test_twoSessions(self):
+        """Two sessions of the same user are both pushed a message."""
+        first = self.register("bob")
+        second = self.login("bob")
+        envelope = seal("alice", ["bob"])
+        self.assertOk(self.alice.send(envelope))
+        self.assertEqual([f["msg"] for f in first.pushed("message")], [msg_id(envelope)])
+        self.assertEqual([f["msg"] for f in second.pushed("message")], [msg_id(envelope)])
+        self.assertOk(second.request("ack", msg=msg_id(envelope)))
+        self.assertError(first.request("ack", msg=msg_id(envelope)), "unknown_message")
+
+    def test_sendOnly(self):
+        """A send-only session is pushed no messages, nor receipts for messages another session sent."""
+        receiving = self.register("bob")
+        sending = self.login("bob", receive=False)
+        envelope = seal("alice", ["bob"])
+        self.assertOk(self.alice.send(envelope))
+        self.assertEqual(sending.read(), [])
+        self.assertEqual(len(receiving.pushed("message")), 1)
+        other = seal("bob", ["alice"], b"from the receiving session")
+        self.assertOk(receiving.send(other))
+        self.assertOk(self.alice.request("ack", msg=msg_id(other)))
+        self.assertEqual(sending.read(), [])
+        self.assertEqual([f["msg"] for f in receiving.pushed("receipt")], [msg_id(other)])
+
+    def test_sendOnlyOwnReceipts(self):
+        """A send-only session can send, and is pushed the receipt of its own message."""
+        receiving = self.register("bob")
+        sending = self.login("bob", receive=False)
+        reply = seal("bob", ["alice"])
+        self.assertOk(sending.send(reply))
+        self.assertOk(self.alice.request("ack", msg=msg_id(reply)))
+        self.assertEqual([(f["type"], f["msg"], f["status"]) for f in sending.read()],
+                         [("receipt", msg_id(reply), "delivered")])
+        self.assertEqual([f["msg"] for f in receiving.pushed("receipt")], [msg_id(reply)])
+
+    def test_sendOnlyLoginGetsNoPending(self):
+        """A send-only login is not pushed the messages pending for its user."""
+        self.offline("bob")
+        self.assertOk(self.alice.send(seal("alice", ["bob"])))
+        sending = self.connect()
+        self.assertEqual(self.assertOk(sending.login("bob", private_key("bob"), receive=False))["pending"], 0)
+        self.assertEqual(sending.read(), [])
+        self.assertEqual(len(self.login("bob").pushed("message")), 1)
+
+
+class TimeoutTests(ServerTestCase):
+
+    limits = pager.Limits(login_timeout=10, idle_timeout=100)
+
+    def assertTimedOut(self, conn):
+        frames = conn.read()
+        self.assertEqual([(f["type"], f["code"]) for f in frames], [("error", "timeout")], frames)
+        self.assertNotIn("id", frames[0])
+        self.assertTrue(conn.transport.disconnecting)
+
+    def test_loginTimeout(self):
+        """A connection that does not log in within login_timeout gets a timeout error and is closed."""
+        conn = self.connect()
+        self.clock.advance(9.9)
+        self.assertEqual(conn.read(), [])
+        self.assertFalse(conn.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTimedOut(conn)
+
+    def test_loginTimeoutNotExtended(self):
+        """Pings before login do not extend login_timeout: an unauthenticated connection is closed on time."""
+        conn = self.connect()
+        for _ in range(3):
+            self.clock.advance(4)
+            if conn.transport.disconnecting:
+                break
+            conn.write({"type": "ping", "id": 1})
+        self.assertTrue(conn.transport.disconnecting)
+        self.assertEqual([f["code"] for f in conn.read() if f["type"] == "error"], ["timeout"])
+
+    def test_idleTimeout(self):
+        """After login idle_timeout applies instead of login_timeout, and a ping resets it."""
+        conn = self.register("alice")
+        self.clock.advance(99)
+        self.assertFalse(conn.transport.disconnecting)
+        self.assertOk(conn.ping())
+        self.clock.advance(99)
+        self.assertFalse(conn.transport.disconnecting)
+        self.assertEqual(conn.read(), [])
+        self.clock.advance(1.5)
+        self.assertTimedOut(conn)
+
+    def test_nothingAfterTimeout(self):
+        """Lines that arrive after the timeout closed the connection get no answer."""
+        conn = self.connect()
+        self.clock.advance(11)
+        conn.read()
+        conn.write({"type": "ping", "id": 1})
+        self.assertEqual(conn.read(), [])
+
+
+class DirectoryTests(ServerTestCase):
+
+    def test_users(self):
+        """users lists the users online and every registered user, each sorted."""
+        carol = self.register("carol")
+        alice = self.register("alice")
+        self.offline("bob")
+        self.login("alice")
+        self.assertEqual(self.assertOk(alice.request("users", id="u")),
+                         {"type": "ok", "id": "u", "online": ["alice", "carol"],
+                          "registered": ["alice", "bob", "carol"]})
+        carol.lose()
+        self.assertEqual(self.assertOk(alice.request("users"))["online"], ["alice"])
+
+    def test_key(self):
+        """key returns the user's PEM, its fingerprint as pager.fingerprint computes it, and when it was set."""
+        self.clock.advance(1234.5)
+        alice = self.register("alice")
+        self.offline("bob")
+        answer = self.assertOk(alice.request("key", id="k", user="Bob"))
+        self.assertEqual(answer, {"type": "ok", "id": "k", "user": "bob", "public_key": pem("bob"),
+                                  "fingerprint": pager.fingerprint(private_key("bob")).hex(), "key_set_at": 1234.5})
+        key = pager.load_public_key(answer["public_key"])
+        self.assertEqual(pager.fingerprint(key).hex(), answer["fingerprint"])
+
+    def test_keyUnknown(self):
+        """key for an unknown user gets unknown_user naming it."""
+        alice = self.register("alice")
+        answer = self.assertError(alice.request("key", user="nobody"), "unknown_user")
+        self.assertIn("nobody", answer["message"])
+
+
+class RekeyTests(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.alice = self.register("alice")
+
+    def rekey(self, conn, old_key, new_key, token=TOKEN):
+        new_fp = pager.fingerprint(new_key)
+        challenge = conn.challenge
+        return conn.request("rekey", user="alice", token=token, public_key=pager.public_key_pem(new_key),
+                            proof_old=b64(pager.sign_auth(old_key, "rekey", "alice", challenge, new_fp)),
+                            proof_new=b64(pager.sign_auth(new_key, "rekey", "alice", challenge, new_fp)))
+
+    def fingerprint_of(self, user):
+        return self.assertOk(self.alice.request("key", user=user))["fingerprint"]
+
+    def test_rekey(self):
+        """A rekey with the token and both proofs is ok, and key lookups show the new fingerprint."""
+        new_fp = pager.fingerprint(private_key("new")).hex()
+        answer = self.assertOk(self.rekey(self.alice, private_key("alice"), private_key("new")))
+        self.assertEqual(answer["fingerprint"], new_fp)
+        self.assertIn("challenge", answer)
+        self.assertEqual(self.fingerprint_of("alice"), new_fp)
+        # The session now signs with the new key: a message sealed with it is accepted.
+        self.assertOk(self.alice.send(seal("alice", ["alice"], sender_key=private_key("new"))))
+        self.assertError(self.connect().login("alice", private_key("alice")), "auth_failed")
+        self.assertOk(self.connect().login("alice", private_key("new")))
+
+    def test_wrongOldProof(self):
+        """A rekey whose old-key proof is by another key gets auth_failed and keeps the old key."""
+        old_fp = self.fingerprint_of("alice")
+        self.assertError(self.rekey(self.alice, private_key("mallory"), private_key("new")), "auth_failed")
+        self.assertEqual(self.fingerprint_of("alice"), old_fp)
+
+    def test_wrongToken(self):
+        """A rekey with the wrong token gets auth_failed and keeps the old key."""
+        old_fp = self.fingerprint_of("alice")
+        self.assertError(self.rekey(self.alice, private_key("alice"), private_key("new"), token="wrong token"),
+                         "auth_failed")
+        self.assertEqual(self.fingerprint_of("alice"), old_fp)
+
+
+class RecoverTests(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.offline("alice")
+
+    def recover(self, conn, new_key):
+        proof = pager.sign_auth(new_key, "recover", "alice", conn.challenge)
+        return conn.request("recover", user="alice", token=TOKEN, public_key=pager.public_key_pem(new_key),
+                            proof=b64(proof))
+
+    def current_fingerprint(self):
+        return bytes(self.successResultOf(self.store.get_user("alice")).fingerprint).hex()
+
+    def test_remotePlainTCP(self):
+        """Recovery over plain TCP from a non-loopback address gets forbidden and changes nothing."""
+        before = self.current_fingerprint()
+        self.assertError(self.recover(self.connect(REMOTE), private_key("new")), "forbidden")
+        self.assertEqual(self.current_fingerprint(), before)
+
+    def test_loopback(self):
+        """Recovery from loopback with the token and a proof by the new key is ok and sets the new key."""
+        conn = self.connect()
+        answer = self.assertOk(self.recover(conn, private_key("new")))
+        new_fp = pager.fingerprint(private_key("new")).hex()
+        self.assertEqual(answer["fingerprint"], new_fp)
+        self.assertEqual(self.current_fingerprint(), new_fp)
+        self.assertOk(self.connect().login("alice", private_key("new")))
+
+    def test_rateLimited(self):
+        """A second recovery within recovery_interval gets rate_limited; after it, recovery works again."""
+        conn = self.connect()
+        self.assertOk(self.recover(conn, private_key("new")))
+        self.assertError(self.recover(conn, private_key("carol")), "rate_limited")
+        self.clock.advance(self.limits.recovery_interval - 1)
+        self.assertError(self.recover(self.connect(), private_key("carol")), "rate_limited")
+        self.assertEqual(self.current_fingerprint(), pager.fingerprint(private_key("new")).hex())
+        self.clock.advance(2)
+        self.assertOk(self.recover(self.connect(), private_key("carol")))
+
+    def test_notAllowed(self):
+        """With allow_recovery false, recovery gets forbidden even from loopback."""
+        self.serve(pager.Limits(allow_recovery=False))
+        self.assertError(self.recover(self.connect(), private_key("new")), "forbidden")
+
+
+class _CountingSecrets:
+    """Stands in for the secrets module in pager: the same bytes, in the same order, after every reset."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.count = 0
+
+    def token_bytes(self, n):
+        self.count += 1
+        return hashlib.sha256(b"%d" % self.count).digest()[:n]
+
+    def token_hex(self, n):
+        return self.token_bytes(n).hex()
+
+
+def _fast_hash(token, salt):
+    """A stand-in for Argon2id, for the test that replays a session a few thousand times."""
+    return defer.succeed(hashlib.sha256(salt + token.encode("utf-8")).digest())
+
+
+class FramingTests(SynchronousTestCase):
+    """
+    The answers to a whole session (register, send, ack, acking the receipt) do not depend on how its bytes are cut
+    into dataReceived calls, as Twisted's own LineReceiver tests check.  Challenges are made deterministic so that
+    every replay sees the same bytes.
+    """
+
+    def setUp(self):
+        self.secrets = _CountingSecrets()
+        self.patch(pager, "secrets", self.secrets)
+        self.session = None
+        self.hello = None
+
+    def session_lines(self, hello):
+        """The session's requests: one line each, the register proof signed over the hello's challenge."""
+        key = private_key("alice")
+        challenge = base64.b64decode(json.loads(hello)["challenge"])
+        envelope = seal("alice", ["alice"], b"a note to self", message_id=b"\x07" * 16)
+        proof = pager.sign_auth(key, "register", "alice", challenge)
+        frames = [
+            {"type": "register", "id": 1, "user": "alice", "public_key": pem("alice"), "token": TOKEN,
+             "proof": b64(proof)},
+            dict(send_fields(envelope), type="send", id=2),
+            {"type": "ack", "id": 3, "msg": msg_id(envelope)},
+            {"type": "ack", "id": 4, "receipt": 1},
+            {"type": "users", "id": "five"},
+        ]
+        lines = [pager.encode_frame(f) + b"\n" for f in frames]
+        lines.insert(3, b"not json\n")
+        lines.append(b'{"type":"ping","id":6}\n')
+        return lines
+
+    def replay(self, pieces, fast=False):
+        """Run the session on a fresh server, feeding it the byte strings C{pieces(lines)}; return what it wrote."""
+        store = pager.Store(":memory:", synchronous=True)
+        try:
+            self.successResultOf(store.open())
+            self.secrets.reset()
+            factory = pager.PagerServerFactory(store, pager.Limits(), reactor=MemoryReactorClock(),
+                                               in_thread=synchronous, server_id="framing")
+            if fast:
+                factory.hash_token = _fast_hash
+            proto = factory.buildProtocol(LOOPBACK)
+            transport = StringTransport(peerAddress=LOOPBACK)
+            proto.makeConnection(transport)
+            hello = transport.value()
+            transport.clear()
+            if self.session is None:
+                self.hello, self.session = hello, self.session_lines(hello)
+            self.assertEqual(hello, self.hello)
+            for piece in pieces(self.session):
+                proto.dataReceived(piece)
+            return transport.value()
+        finally:
+            store.close()
+
+    def expected(self):
+        """The answers with one line per dataReceived call, checked to be the session's intended answers."""
+        output = self.replay(lambda lines: lines)
+        frames = [json.loads(line) for line in output.split(b"\n")[:-1]]
+        self.assertEqual([(f["type"], f.get("id"), f.get("code")) for f in frames], [
+            ("ok", 1, None), ("message", None, None), ("ok", 2, None), ("receipt", None, None), ("ok", 3, None),
+            ("error", None, "bad_request"), ("ok", 4, None), ("ok", "five", None), ("ok", 6, None),
+        ])
+        return output
+
+    def test_byteByByte(self):
+        """The session fed one byte at a time gets the same answers as fed one line at a time."""
+        expected = self.expected()
+        self.assertEqual(self.replay(lambda lines: [bytes([b]) for b in b"".join(lines)]), expected)
+
+    def test_chunkSizes(self):
+        """The session fed in pieces of 2 to 9 bytes, and all at once, gets the same answers."""
+        expected = self.expected()
+        for size in range(2, 10):
+            def pieces(lines, size=size):
+                data = b"".join(lines)
+                return [data[i:i + size] for i in range(0, len(data), size)]
+            self.assertEqual(self.replay(pieces), expected, "pieces of %d bytes" % size)
+        self.assertEqual(self.replay(lambda lines: [b"".join(lines)]), expected)
+
+    def test_everySplitPoint(self):
+        """The session's bytes cut in two at every possible point get the same answers."""
+        expected = self.replay(lambda lines: lines, fast=True)
+        self.assertEqual(expected, self.expected())
+        length = len(b"".join(self.session))
+        for cut in range(1, length):
+            def pieces(lines, cut=cut):
+                data = b"".join(lines)
+                return [data[:cut], data[cut:]]
+            output = self.replay(pieces, fast=True)
+            if output != expected:
+                self.fail("cut at byte %d of %d: %r" % (cut, length, output))
+
+
+class ClientChallengeTests(SynchronousTestCase):
+    """The client never signs a challenge that is not exactly 32 bytes."""
+
+    def connect(self):
+        proto = pager.PagerClientProtocol()
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def hello(self, challenge):
+        return pager.encode_frame({"type": "hello", "protocol": pager.PROTOCOL_VERSION, "server": "pager/test",
+                                   "server_id": "s", "challenge": b64(challenge),
+                                   "limits": pager.Limits().public()}) + b"\n"
+
+    def test_shortHelloChallenge(self):
+        """A hello whose challenge is 31 bytes makes the client close the connection and fail its hello Deferred."""
+        proto, transport = self.connect()
+        proto.dataReceived(self.hello(b"\x01" * 31))
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(proto.challenge)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(proto.hello, pager.BadRequest)
+
+    def test_noChallengeNoSignature(self):
+        """A PagerClient whose protocol has no challenge refuses to register, and writes nothing."""
+        proto, transport = self.connect()
+        client = pager.PagerClient(proto, reactor=MemoryReactorClock(), in_thread=synchronous)
+        self.assertIsNone(proto.challenge)
+        d = defer.Deferred.fromCoroutine(client.register("alice", TOKEN, private_key("alice")))
+        self.failureResultOf(d, pager.BadRequest)
+        self.assertEqual(transport.value(), b"")
+
+    def test_malformedLaterChallenge(self):
+        """After a good hello, an answer carrying a 31-byte challenge leaves the client nothing to sign."""
+        proto, transport = self.connect()
+        proto.dataReceived(self.hello(b"\x01" * 32))
+        self.successResultOf(proto.hello)
+        client = pager.PagerClient(proto, reactor=MemoryReactorClock(), in_thread=synchronous)
+        proto.dataReceived(pager.encode_frame({"type": "error", "code": "auth_failed", "message": "no",
+                                               "challenge": b64(b"\x02" * 31)}) + b"\n")
+        self.assertIsNone(proto.challenge)
+        d = defer.Deferred.fromCoroutine(client.login("alice", TOKEN, private_key("alice")))
+        self.failureResultOf(d, pager.BadRequest)
+        self.assertEqual(transport.value(), b"")
