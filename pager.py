@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import re
 import secrets
@@ -71,6 +72,7 @@ COMMITMENT_TAG = b"pager-key-commitment-v1"
 AUTH_TAG = b"pager-auth-v1"  # proof-of-possession signatures; distinct from every envelope tag
 AUTH_PURPOSES = ("register", "login", "rekey", "recover")
 
+PROBE = b"\n" * 6  # what a client sends first (see PagerClientProtocol.connectionMade)
 CHUNK_SIZE = 65536  # plaintext bytes per AES-GCM chunk
 MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 65536  # the largest chunk a server accepts; one chunk frame must fit in a line
@@ -101,7 +103,7 @@ class Limits:
     the ones they need.
     """
 
-    max_line_unauthenticated: int = 8 * 1024  # bytes per line before login
+    max_line_unauthenticated: int = 16 * 1024  # bytes per line before login: holds the largest valid register
     max_line: int = 128 * 1024  # bytes per line after login; must hold one chunk frame
     max_message: int = 64 * 1024 * 1024  # plaintext bytes per message
     max_pending_messages: int = 10000  # per recipient
@@ -1165,13 +1167,18 @@ def _existing_message_txn(txn, msg_id, sender):
     return row[0], row[2]
 
 
-def begin_upload_txn(txn, msg_id, sender, header, size):
+def begin_upload_txn(txn, msg_id, sender, header, size, recipients, limits):
+    """
+    Start storing a message that comes in several frames: C{(seq, duplicate, accepted_at)}.  A resend of a message
+    already accepted is recognised first; otherwise the recipients are checked before any chunk is stored.
+    """
     existing = _existing_message_txn(txn, msg_id, sender)
     if existing is not None:
-        return existing[0], True
+        return existing[0], True, existing[1]
+    check_recipients_txn(txn, recipients, size, limits)
     txn.execute("INSERT INTO messages (msg_id, sender, header, size, chunk_count) VALUES (?, ?, ?, ?, 0)",
                 (msg_id, sender, header, size))
-    return txn.lastrowid, False
+    return txn.lastrowid, False, None
 
 
 def add_chunks_txn(txn, seq, start, chunks):
@@ -1288,6 +1295,12 @@ def ack_receipt_txn(txn, user, rid):
         raise UnknownMessage("No pending receipt %d for you." % rid)
 
 
+def expire_receipts_txn(txn, older_than):
+    """Drop receipts nobody collected before C{older_than}; returns how many."""
+    txn.execute("DELETE FROM receipts WHERE at < ?", (older_than,))
+    return txn.rowcount
+
+
 def expire_txn(txn, now, limit=1000):
     """Drop deliveries past their expiry time; returns C{(sender, receipt)} pairs telling each sender."""
     rows = txn.execute(
@@ -1383,8 +1396,8 @@ class Store:
     def set_key(self, name, pem, fp, now, recovered=False):
         return self._run(set_key_txn, name, pem, fp, now, recovered)
 
-    def begin_upload(self, msg_id, sender, header, size):
-        return self._run(begin_upload_txn, msg_id, sender, header, size)
+    def begin_upload(self, msg_id, sender, header, size, recipients, limits):
+        return self._run(begin_upload_txn, msg_id, sender, header, size, recipients, limits)
 
     def add_chunks(self, seq, start, chunks):
         return self._run(add_chunks_txn, seq, start, chunks)
@@ -1417,6 +1430,9 @@ class Store:
     def expire(self, now):
         return self._run(expire_txn, now)
 
+    def expire_receipts(self, older_than):
+        return self._run(expire_receipts_txn, older_than)
+
 
 #### Server ####
 
@@ -1447,6 +1463,21 @@ def _is_local(address):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _lose(transport):
+    """
+    Close a connection politely.  Our flow producer is unregistered first: a TLS transport postpones its shutdown
+    for as long as a producer is registered.
+    """
+    if transport is None:
+        return
+    if getattr(transport, "producer", None) is not None or getattr(transport, "_producer", None) is not None:
+        try:
+            transport.unregisterProducer()
+        except (AttributeError, RuntimeError):
+            pass
+    transport.loseConnection()
 
 
 class _Flow:
@@ -1504,11 +1535,20 @@ class _Feed:
             self.start()
             return
         self.cursor = key
-        self._push(item)
+        result = self._push(item)
+        if result is not None:  # it streams: later items wait for it, through the drain
+            self.draining = True
+            result.addErrback(lambda f: self._log.failure("Streaming a message failed", f))
+            result.addBoth(self._streamed)
+
+    def _streamed(self, _):
+        self.draining = False
+        if self._more:
+            self.start()
 
     def start(self):
         self._more = True
-        if not self.draining:
+        if not self.draining and not self.closed:
             self.draining = True
             Deferred.fromCoroutine(self._drain()).addErrback(
                 lambda f: self._log.failure("Draining a feed failed", f))
@@ -1544,6 +1584,7 @@ class _Upload:
     declared_size: int
     seq: int
     duplicate: bool
+    accepted_at: float = None  # of the message already accepted, for a duplicate
     count: int = 0
 
 
@@ -1625,7 +1666,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     def close(self):
         self.closed = True
-        self.transport.loseConnection()
+        _lose(self.transport)
 
     def lineLengthExceeded(self, line):
         self.send_error(None, TooLarge("The line is longer than the limit of %d bytes." % self.MAX_LENGTH))
@@ -1841,11 +1882,12 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if self.user is not None and self.user != user:
             raise BadRequest("This connection is logged in as %s." % self.user)
         now = self.factory.now()
-        if record.recovered_at is not None and now - record.recovered_at < limits.recovery_interval:
-            raise RateLimited("This account recovered its key recently; try again later.")
         new_fp = fingerprint(new_key)
         await self._check_proof(new_key, proof, "recover", user, challenge, new_fp)
         await self._check_token(token, record)
+        # Checked after the token, so that nobody else learns whether the account recovered lately.
+        if record.recovered_at is not None and now - record.recovered_at < limits.recovery_interval:
+            raise RateLimited("This account recovered its key recently; try again later.")
         await self.factory.store.set_key(user, public_key_pem(new_key), new_fp, now, recovered=True)
         self.log.warn("{user} recovered their account with the safetoken alone from {peer} (new fingerprint {fp})",
                       user=user, peer=_peer_text(self.peer), fp=new_fp.hex())
@@ -1934,9 +1976,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self._hold("upload")
         try:
             store = self.factory.store
-            await store.check_recipients(to, size, self.limits)
-            seq, duplicate = await store.begin_upload(parsed.message_id, self.user, header, size)
-            upload = _Upload(rid, verifier, to, size, seq, duplicate)
+            seq, duplicate, accepted_at = await store.begin_upload(parsed.message_id, self.user, header, size, to,
+                                                                   self.limits)
+            upload = _Upload(rid, verifier, to, size, seq, duplicate, accepted_at)
             if not duplicate:
                 await store.add_chunks(seq, 0, chunks)
             upload.count = len(chunks)
@@ -1988,9 +2030,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         try:
             if verifier.size != size:
                 raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
-            if upload is not None and upload.duplicate:
-                return {"msg": header.message_id.hex(), "accepted_at": None, "duplicate": True, "queued": []}
             await self.factory.in_thread(verifier.verify, signature, self.key)
+            if upload is not None and upload.duplicate:
+                return {"msg": header.message_id.hex(), "accepted_at": upload.accepted_at, "duplicate": True,
+                        "queued": [name for name in recipients if name not in self.factory.receivers]}
             if previous is not None:
                 await previous
             committed = self.factory.store.accept_message(
@@ -2256,9 +2299,15 @@ class PagerServerFactory(protocol.Factory):
             self._expiry.stop()
 
     async def expire(self):
-        for sender, receipt in await self.store.expire(self.now()):
-            self.log.info("A message from {sender} to {peer} expired undelivered", sender=sender, peer=receipt.peer)
-            self.receipt_created(sender, receipt)
+        while True:
+            expired = await self.store.expire(self.now())
+            for sender, receipt in expired:
+                self.log.info("A message from {sender} to {peer} expired undelivered", sender=sender,
+                              peer=receipt.peer)
+                self.receipt_created(sender, receipt)
+            if len(expired) < 1000:
+                break
+        await self.store.expire_receipts(self.now() - self.limits.message_expiry)
 
 
 class PagerService(service.Service):
@@ -2282,6 +2331,12 @@ class PagerService(service.Service):
         self.factory.start_expiry()
         self.log.info("pager {version} listening on {address}, database {db}", version=__version__,
                       address=self.description, db=self.store.path)
+        host = getattr(self.port.getHost(), "host", None)
+        if not self.description.startswith("ssl:") and host is not None and not _is_local(self.port.getHost()):
+            self.log.warn(
+                "WARNING: listening without TLS on {host}: safetokens and who-pages-whom cross the network in "
+                "clear text (message contents stay end-to-end encrypted). Use --tls-cert/--tls-key, or "
+                "--listen tcp:{port}:interface=127.0.0.1 for local use.", host=host, port=self.port.getHost().port)
         return self.port
 
     def _failed(self, failure):
@@ -2346,12 +2401,17 @@ class PagerClientProtocol(LineReceiver):
         self._pending = {}
         self._next_id = 0
         self.lost = None  # the error the connection ended with, once it has
+        self.tls_failure = None  # a sentence, when the connection ended because TLS failed
 
     def connectionMade(self):
         _set_nodelay(self.transport)
         self.transport.registerProducer(self.flow, True)
+        # Blank lines first: a pager server ignores them, a TLS port fails the handshake at once (six bytes fill a
+        # TLS record header), so a plain client at a TLS port learns it in milliseconds, not after a timeout.
+        self.transport.write(PROBE)
 
     def connectionLost(self, reason):
+        self.tls_failure = _tls_failure(reason)
         error = self.lost = self.server_error or ConnectionLost()
         pending, self._pending = self._pending, {}
         for d in pending.values():
@@ -2365,12 +2425,12 @@ class PagerClientProtocol(LineReceiver):
 
     def lineLengthExceeded(self, line):
         self.server_error = TooLarge("The server sent a line longer than %d bytes." % self.MAX_LENGTH)
-        self.transport.loseConnection()
+        _lose(self.transport)
 
     def _refuse(self, why):
         self.log.warn("Closing the connection: {why}", why=why)
         self.server_error = BadRequest(why)
-        self.transport.loseConnection()
+        _lose(self.transport)
 
     def lineReceived(self, line):
         try:
@@ -2419,7 +2479,8 @@ class PagerClientProtocol(LineReceiver):
         self.limits = limits
         max_line = limits.get("max_line")
         if isinstance(max_line, int) and not isinstance(max_line, bool):
-            self.MAX_LENGTH = max(self.MAX_LENGTH, min(max_line, 64 * 1024 * 1024) + 1024)
+            # Answers such as the user list may exceed the request limit: allow a generous margin.
+            self.MAX_LENGTH = max(self.MAX_LENGTH, min(max_line, 64 * 1024 * 1024) + 4 * 1024 * 1024)
         self.hello.callback(frame)
 
     def send_frame(self, frame):
@@ -2439,6 +2500,36 @@ class PagerClientProtocol(LineReceiver):
         frame.update(fields)
         self.send_frame(frame)
         return d
+
+
+def _tls_failure(reason):
+    """One sentence for a connection that ended because of TLS, or None."""
+    try:
+        from OpenSSL import SSL
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover - twisted[tls] is a dependency
+        return None
+    if reason.check(VerificationError):
+        return ("The server's certificate is not valid for this host name (%s); connect with the name the "
+                "certificate was made for." % reason.getErrorMessage())
+    if not reason.check(SSL.Error):
+        return None
+    text = reason.getErrorMessage().lower()
+    if "certificate has expired" in text or "certificate expired" in text:
+        return "The server's TLS certificate has expired."
+    if "certificate verify failed" in text or "self-signed" in text or "unable to get" in text:
+        return ("The server's TLS certificate is not trusted: pass the certificate of the authority that signed "
+                "it with --ca FILE.")
+    if "wrong version number" in text or "packet length too long" in text or "record layer" in text \
+            or "unexpected eof" in text or "http request" in text:
+        return "The server does not speak TLS on this port: connect without --tls, or to its TLS port."
+    return "The TLS handshake failed: %s." % reason.getErrorMessage()
+
+
+def _abort_and_time_out(proto):
+    if proto.transport is not None:
+        proto.transport.abortConnection()
+    raise defer.TimeoutError()
 
 
 class MemorySeen:
@@ -2851,17 +2942,25 @@ class PagerClient:
         self._queue = collections.deque()
         self._working = False
         self._keepalive = None
+        self.processed = 0  # pushed messages fully dealt with: shown and acknowledged, skipped as seen, or rejected
+        self.failures = []  # hand-offs that raised (the message stays on the server)
 
     @classmethod
-    async def connect(cls, endpoint, reactor=None, timeout=30, **kwargs):
-        """Connect to a client endpoint (or endpoint string like C{tcp:host:5050}) and wait for the hello."""
+    async def connect(cls, endpoint, reactor=None, timeout=30, made=None, **kwargs):
+        """
+        Connect to a client endpoint (or endpoint string like C{tcp:host:5050}) and wait for the hello.
+        C{made(protocol)} is called with the protocol first, so a caller can see why a failed connection ended.
+        """
         if reactor is None:
             from twisted.internet import reactor
         if isinstance(endpoint, str):
             endpoint = endpoints.clientFromString(reactor, endpoint)
-        proto = await endpoints.connectProtocol(endpoint, PagerClientProtocol())
+        proto = PagerClientProtocol()
+        if made is not None:
+            made(proto)
+        await endpoints.connectProtocol(endpoint, proto)
         hello = proto.hello
-        hello.addTimeout(timeout, reactor)
+        hello.addTimeout(timeout, reactor, onTimeoutCancel=lambda result, t: _abort_and_time_out(proto))
         await hello
         return cls(proto, reactor, **kwargs)
 
@@ -2877,7 +2976,7 @@ class PagerClient:
         """Close the connection; the Deferred fires once it is closed."""
         self._stop_keepalive()
         if self.protocol.transport is not None and self.protocol.transport.connected:
-            self.protocol.transport.loseConnection()
+            _lose(self.protocol.transport)
         return self.protocol.done
 
     # -- accounts --
@@ -2971,14 +3070,12 @@ class PagerClient:
         The key to encrypt to: the server's key for C{user}, which must be the one pinned on this machine.  The first
         key seen is pinned (trust on first use); a different one raises L{KeyChanged} until L{trust} accepts it.
         """
-        key, fp = await self.public_key(user)
+        key, fp = await self.public_key(user, refresh=True)  # never a key cached before a re-key
         pin = await self.pins.get_pin(user)
         if pin is None:
             await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
-        elif pin[1] != fp:
-            key, fp = await self.public_key(user, refresh=True)
-            if pin[1] != fp:
-                raise KeyChanged(user, bytes(pin[1]), fp)
+        elif bytes(pin[1]) != fp:
+            raise KeyChanged(user, bytes(pin[1]), fp)
         return key
 
     async def trust(self, user):
@@ -3062,7 +3159,14 @@ class PagerClient:
     def _add_chunks(self, incoming, frame):
         chunks = field_b64_list(frame, "chunks", 1 << 20, MAX_CHUNK_SIZE + GCM_TAG_SIZE)
         incoming.chunks.extend(chunks)
-        incoming.size += sum(len(c) for c in chunks)
+        incoming.size += sum(len(c) - GCM_TAG_SIZE for c in chunks)
+        limit = self.limits.get("max_message")
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            limit = Limits.max_message
+        if incoming.size > limit:
+            self._incoming.pop(incoming.msg, None)
+            self.protocol._refuse("the server sent a message larger than its own limit of %d bytes" % limit)
+            return
         signature = field_b64(frame, "signature", RSA_MAX_BITS // 8, required=False)
         if signature is None:
             self._incoming[incoming.msg] = incoming
@@ -3088,9 +3192,14 @@ class PagerClient:
                 except (ConnectionLost, defer.CancelledError):
                     pass  # the server will deliver it again
                 except PagerError as e:
+                    self.failures.append(e)
                     self.log.warn("Could not handle an incoming message: {why}", why=e.message)
-                except Exception:
+                except Exception as e:
+                    self.failures.append(e)
                     self.log.failure("Handing off an incoming message failed; it stays on the server")
+                finally:
+                    if handler == self._handle_message:
+                        self.processed += 1
         finally:
             self._working = False
 
@@ -3339,6 +3448,10 @@ class Session:
         self.receive = True
         self.pending = 0  # messages waiting when we logged in
         self.wire = None  # called with each new PagerClient before it logs in, to set its handlers
+        self._last_protocol = None
+
+    def _made(self, protocol):
+        self._last_protocol = protocol
 
     @property
     def address(self):
@@ -3356,8 +3469,9 @@ class Session:
             raise usage.UsageError("Cannot read the CA file %s: %s." % (self.config["ca"], e.strerror))
         except Exception as e:
             raise usage.UsageError("Cannot use the CA file %s: %s." % (self.config["ca"], e))
+        self._last_protocol = None
         try:
-            client = await PagerClient.connect(endpoint, self.reactor, timeout=15)
+            client = await PagerClient.connect(endpoint, self.reactor, timeout=15, made=self._made)
         except defer.TimeoutError:
             raise NetworkError("%s accepted the connection but sent no pager greeting within 15 s (is it a pager "
                                "server? %s)" % (self.address, "does it use TLS?" if not self.config["tls"] else
@@ -3369,8 +3483,14 @@ class Session:
         except (error.ConnectError, error.TimeoutError) as e:
             raise NetworkError("Cannot reach %s: %s." % (self.address, e.__class__.__name__))
         except ConnectionLost as e:
-            raise NetworkError("%s closed the connection before the pager greeting%s." % (
-                self.address, "" if e.code == "connection_lost" else ": " + e.message))
+            if self._last_protocol is not None and self._last_protocol.tls_failure:
+                raise NetworkError("%s: %s" % (self.address, self._last_protocol.tls_failure))
+            if e.code != "connection_lost":
+                raise NetworkError("%s closed the connection: %s" % (self.address, e.message))
+            if not self.config["tls"]:
+                raise NetworkError("%s closed the connection before the pager greeting: it probably expects "
+                                   "TLS; connect with --tls." % self.address)
+            raise NetworkError("%s closed the connection before the pager greeting." % self.address)
         except BadRequest as e:
             raise NetworkError("%s is not a compatible pager server: %s" % (self.address, e.message))
         if self.store is not None:
@@ -3467,7 +3587,9 @@ class Session:
         if self.store is None:
             self.store = LocalStore(os.path.join(self.directory, LOCAL_DB_NAME), self.reactor,
                                     history=not self.config.get("no-history", False))
-            await self.store.open(self.reactor.seconds())
+            expiry = client.limits.get("message_expiry")
+            keep = (expiry if isinstance(expiry, (int, float)) and math.isfinite(expiry) else Limits.message_expiry)
+            await self.store.open(self.reactor.seconds(), keep + 86400)
         client.seen = client.pins = self.store
 
     async def start(self, receive=True):
@@ -3500,7 +3622,13 @@ class Session:
         prompter = self.prompter
         prompter.say("This machine has no key for %s on %s." % (self.user, self.address))
         token = await self._token(new=True)
-        passphrase = await self.new_passphrase()
+        try:
+            passphrase = await self.new_passphrase()
+        except usage.UsageError:
+            raise NoKey("This machine has no key for %s on %s: to make one, give its passphrase in PAGER_PASSPHRASE "
+                        "or --passphrase-file (or choose --no-passphrase); if %s already has a key elsewhere, copy "
+                        "it here with 'pager-cli export-key' and 'pager-cli import-key'."
+                        % (self.user, self.address, self.user))
         prompter.say("Generating a %d-bit RSA key..." % RSA_BITS)
         key = await self.in_thread(generate_private_key)
         try:
@@ -3544,11 +3672,20 @@ class Session:
             return client
 
     def close(self):
-        d = self.client.close() if self.client is not None else defer.succeed(None)
+        """Close the connection, let incoming work in hand finish, then close the local store."""
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self):
+        client = self.client
+        if client is not None:
+            await client.close()
+            for _ in range(500):  # a message or receipt being handled still writes to the store
+                if not client._working:
+                    break
+                await task.deferLater(self.reactor, 0.01, lambda: None)
         if self.store is not None:
             self.store.close()
             self.store = None
-        return d
 
 
 def describe_message(message, saved_path=None):
@@ -3932,6 +4069,25 @@ class PlainChat(LineReceiver):
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK = range(7)
 
+class _GnuOptions(usage.Options):
+    """Options that may follow the positional arguments (C{send HOST --to bob}), as GNU tools allow."""
+
+    def parseOptions(self, options=None):
+        """Allow options after the positional arguments (C{send HOST --to bob}), as GNU tools do."""
+        import getopt
+        options = sys.argv[1:] if options is None else options
+        try:
+            opts, args = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e))
+        ordered = []
+        for opt, value in opts:
+            takes_value = (opt[2:] + "=") in self.longOpt if opt.startswith("--") else (opt[1] + ":") in self.shortOpt
+            ordered += [opt, value] if takes_value else [opt]
+        super().parseOptions(ordered + ["--"] + args)
+
+
+
 _LIMIT_OPTIONS = [
     # (option, Limits field, type, help)
     ("max-line-unauthenticated", "max_line_unauthenticated", int, "Longest line, in bytes, before login."),
@@ -3946,21 +4102,31 @@ _LIMIT_OPTIONS = [
     ("argon2-concurrency", "argon2_concurrency", int, "Argon2id token hashes computed at once."),
     ("argon2-queue", "argon2_queue", int, "Logins that may wait for a hash before rate_limited."),
     ("recovery-interval", "recovery_interval", float, "Seconds between two lost-key recoveries of one account."),
+    ("max-connections-per-address", "max_connections_per_address", int, "Connections open at once from one IP."),
+    ("account-free-failures", "account_free_failures", int, "Failed logins of one account before waits begin."),
+    ("account-max-delay", "account_max_delay", float, "Longest wait, in seconds, imposed on one account."),
+    ("address-free-failures", "address_free_failures", int, "Failed logins from one address before waits begin."),
+    ("address-max-delay", "address_max_delay", float, "Longest wait, in seconds, imposed on one address."),
 ]
 MIN_MAX_LINE = 96 * 1024
+
+
+def _endpoint_escape(text):
+    """Escape a value for a Twisted endpoint string, where ':', '=' and '\\' are special."""
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
 def _positive(kind):
     def coerce(value):
         number = kind(value)
-        if number <= 0:
-            raise ValueError("must be positive")
+        if not math.isfinite(number) or number <= 0:
+            raise ValueError("must be a positive finite number")
         return number
     coerce.coerceDoc = "Must be a positive number."
     return coerce
 
 
-class ServerOptions(usage.Options):
+class ServerOptions(_GnuOptions):
     synopsis = "[--listen ENDPOINT] [--db PATH] [limits...]"
     longdesc = ("Run a pager server: it routes and stores end-to-end encrypted messages it cannot read. "
                 "Logs go to standard error (or twistd's log).")
@@ -3969,6 +4135,11 @@ class ServerOptions(usage.Options):
          "Twisted server endpoint string to listen on, e.g. tcp:5050 or "
          "ssl:5051:privateKey=key.pem:certKey=cert.pem."],
         ["db", "d", DEFAULT_DB, "SQLite database file (created if missing)."],
+        ["tls-cert", None, None, "Serve TLS with this certificate (PEM; e.g. from 'pager-cli make-cert'). "
+                                 "Turns a tcp: --listen into ssl: on the same port."],
+        ["tls-key", None, None, "The private key (PEM) of --tls-cert."],
+        ["registration", None, Limits.registration, "Who may register: open, invite (needs a code from "
+                                                    "'pager-cli admin invite') or closed."],
     ] + [[name, None, getattr(Limits, field), text, _positive(kind)] for name, field, kind, text in _LIMIT_OPTIONS]
     optFlags = [["no-recovery", None, "Refuse lost-key recovery with the safetoken alone."]]
 
@@ -3976,15 +4147,36 @@ class ServerOptions(usage.Options):
         values = {field: self[name] for name, field, _, _ in _LIMIT_OPTIONS}
         if values["max_line"] < MIN_MAX_LINE:
             raise usage.UsageError("--max-line must be at least %d bytes to carry one chunk frame." % MIN_MAX_LINE)
-        self.limits = Limits(allow_recovery=not self["no-recovery"], **values)
+        if not 12 * 1024 <= values["max_line_unauthenticated"] <= values["max_line"]:
+            raise usage.UsageError("--max-line-unauthenticated must be from 12288 bytes (a register request) to "
+                                   "--max-line.")
+        if self["registration"] not in ("open", "invite", "closed"):
+            raise usage.UsageError("--registration is open, invite or closed.")
+        self.limits = Limits(allow_recovery=not self["no-recovery"], registration=self["registration"], **values)
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together.")
+        if self["tls-cert"]:
+            for name in ("tls-cert", "tls-key"):
+                if not os.path.isfile(self[name]):
+                    raise usage.UsageError("--%s %s: no such file." % (name, self[name]))
+            listen = self["listen"]
+            if not listen.startswith("tcp:"):
+                raise usage.UsageError("--tls-cert needs a tcp: --listen (or give an ssl: endpoint instead).")
+            self["listen"] = "ssl:%s:privateKey=%s:certKey=%s" % (
+                listen[4:], _endpoint_escape(self["tls-key"]), _endpoint_escape(self["tls-cert"]))
         from twisted.internet import reactor
         try:
             endpoints.serverFromString(reactor, self["listen"])
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError("--listen %r is not a server endpoint string: %s" % (self["listen"], e))
+        except OSError as e:
+            raise usage.UsageError("--listen %r: cannot read %s: %s." % (self["listen"], e.filename, e.strerror))
+        except Exception as e:  # pyOpenSSL's errors for a certificate or key it cannot load
+            raise usage.UsageError("--listen %r: the TLS certificate or key cannot be loaded (%s)."
+                                   % (self["listen"], e))
 
 
-class _ClientOptions(usage.Options):
+class _ClientOptions(_GnuOptions):
     """Options every client command shares."""
 
     optParameters = [
@@ -4002,20 +4194,6 @@ class _ClientOptions(usage.Options):
         ["no-passphrase", None, "Store a new key without a passphrase (for unattended use; anyone who can read "
                                 "the file can use the key)."],
     ]
-
-    def parseOptions(self, options=None):
-        """Allow options after the positional arguments (C{send HOST --to bob}), as GNU tools do."""
-        import getopt
-        options = sys.argv[1:] if options is None else options
-        try:
-            opts, args = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
-        except getopt.error as e:
-            raise usage.UsageError(str(e))
-        ordered = []
-        for opt, value in opts:
-            takes_value = (opt[2:] + "=") in self.longOpt if opt.startswith("--") else (opt[1] + ":") in self.shortOpt
-            ordered += [opt, value] if takes_value else [opt]
-        super().parseOptions(ordered + ["--"] + args)
 
     def postOptions(self):
         if self["ca"] and not self["tls"]:
@@ -4114,6 +4292,91 @@ class ImportKeyOptions(_ClientOptions):
         self["server"], self["file"] = server, path
 
 
+class MakeCertOptions(_GnuOptions):
+    synopsis = "HOSTNAME [--ip ADDRESS]... [--out DIR] [--days N]"
+    longdesc = ("Make a self-signed TLS certificate and key for a pager server (cert.pem and key.pem in --out). "
+                "Serve them with 'twistd -n pager server --tls-cert cert.pem --tls-key key.pem'; clients trust "
+                "them with 'pager-cli connect HOSTNAME --tls --ca cert.pem'.")
+    optParameters = [
+        ["out", "o", ".", "Directory to write cert.pem and key.pem to."],
+        ["days", None, 825, "Days the certificate is valid.", _positive(int)],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["ip"] = []
+
+    def opt_ip(self, address):
+        """An IP address clients may connect to (repeatable)."""
+        try:
+            self["ip"].append(ipaddress.ip_address(address))
+        except ValueError:
+            raise usage.UsageError("--ip %r is not an IP address." % address)
+
+    def parseArgs(self, hostname):
+        self["hostname"] = hostname
+
+
+class _AdminOptions(usage.Options):
+    optParameters = [["db", "d", DEFAULT_DB, "The server's SQLite database."]]
+
+
+class AdminUsersOptions(usage.Options):
+    longdesc = "List users with key age, last recovery and pending messages."
+
+
+class AdminDeleteUserOptions(_GnuOptions):
+    synopsis = "NAME"
+    longdesc = "Delete a user, the messages waiting for them and their receipts."
+
+    def parseArgs(self, name):
+        self["name"] = name
+
+
+class AdminResetKeyOptions(_GnuOptions):
+    synopsis = "NAME PUBLIC_KEY.pem"
+    longdesc = ("Replace a user's key with the public key they sent you (after you checked its fingerprint with "
+                "them): lost-key recovery that does not rest on the safetoken alone.")
+
+    def parseArgs(self, name, path):
+        self["name"], self["path"] = name, path
+
+
+class AdminInviteOptions(_GnuOptions):
+    longdesc = "Create single-use invite codes for --registration invite."
+    optParameters = [["count", "n", 1, "How many codes.", _positive(int)]]
+
+
+class AdminBackupOptions(_GnuOptions):
+    synopsis = "DEST"
+    longdesc = ("Write a consistent copy of the database to DEST with SQLite's online backup, safe while the server "
+                "runs (copying the file alone can miss committed messages still in the WAL).")
+
+    def parseArgs(self, dest):
+        self["dest"] = dest
+
+
+class AdminStatsOptions(usage.Options):
+    longdesc = "Counts of users, pending messages and receipts, and the database size."
+
+
+class AdminOptions(_AdminOptions):
+    synopsis = "--db PATH COMMAND"
+    longdesc = "Operator commands on a pager server's database (safe while the server runs)."
+    subCommands = [
+        ["users", None, AdminUsersOptions, "List users."],
+        ["delete-user", None, AdminDeleteUserOptions, "Delete a user."],
+        ["reset-key", None, AdminResetKeyOptions, "Replace a user's lost key."],
+        ["invite", None, AdminInviteOptions, "Create invite codes."],
+        ["backup", None, AdminBackupOptions, "Back up the database."],
+        ["stats", None, AdminStatsOptions, "Show statistics."],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("Name an admin command: %s." % ", ".join(c[0] for c in self.subCommands))
+
+
 class Options(usage.Options):
     synopsis = "pager-cli COMMAND [options]   (or: python pager.py COMMAND, twistd pager server)"
     longdesc = ("pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts. "
@@ -4128,6 +4391,8 @@ class Options(usage.Options):
         ["users", None, UsersOptions, "List users."],
         ["export-key", None, ExportKeyOptions, "Write your key to a file for another machine."],
         ["import-key", None, ImportKeyOptions, "Install a key from a file."],
+        ["make-cert", None, MakeCertOptions, "Make a self-signed TLS certificate for a server."],
+        ["admin", None, AdminOptions, "Operator commands on the server's database."],
     ]
 
     def opt_version(self):
@@ -4297,13 +4562,17 @@ async def _fetch_command(reactor, config):
     client = await session.start(receive=True)
     try:
         pending = session.pending
-        while len(handled) < pending:
+        while client.processed < pending and not client.failures:
             await task.deferLater(reactor, 0.02, lambda: None)
         quiet_since = reactor.seconds()
         while reactor.seconds() - max([quiet_since] + handled) < config["wait"]:
             await task.deferLater(reactor, 0.05, lambda: None)
         while client._working:  # let a message being shown finish and be acknowledged
             await task.deferLater(reactor, 0.02, lambda: None)
+        if client.failures:
+            error = client.failures[0]
+            raise PagerError("Could not print a message, so it stays on the server: %s"
+                             % (error.message if isinstance(error, PagerError) else error))
     finally:
         await session.close()
 
@@ -4372,6 +4641,157 @@ async def _import_key_command(reactor, config):
         session.user, format_fingerprint(fingerprint(key)), session.key_path))
 
 
+def make_certificate(hostname, addresses=(), days=825, now=None):
+    """
+    C{(cert_pem, key_pem)}: a self-signed RSA-2048 certificate whose subjectAltName lists C{hostname} (DNS) and
+    each address (IP), which is what service-identity checks; the common name is ignored by it.
+    """
+    import datetime
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    key = generate_private_key()
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    names = [x509.DNSName(hostname)] + [x509.IPAddress(a) for a in addresses]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    cert = (x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=True,
+                                         content_commitment=False, data_encipherment=False, key_agreement=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _make_cert_command(config):
+    hostname = config["hostname"]
+    if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", hostname):
+        raise usage.UsageError("%r is not a host name (give IP addresses with --ip)." % hostname)
+    cert_pem, key_pem = make_certificate(hostname, config["ip"], config["days"])
+    os.makedirs(config["out"], exist_ok=True)
+    cert_path = os.path.join(config["out"], "cert.pem")
+    key_path = os.path.join(config["out"], "key.pem")
+    write_private_file(key_path, key_pem)
+    with open(cert_path, "wb") as f:
+        f.write(cert_pem)
+    names = ", ".join([hostname] + [str(a) for a in config["ip"]])
+    print("Wrote %s (for %s, valid %d days) and %s (keep it secret)." % (cert_path, names, config["days"], key_path))
+    print("Serve: twistd -n pager server --tls-cert %s --tls-key %s" % (cert_path, key_path))
+    print("Connect: pager-cli connect %s --tls --ca %s" % (hostname, cert_path))
+
+
+def _admin_connect(path):
+    if not os.path.exists(path):
+        raise StoreError("There is no database at %s (give the server's with --db)." % path)
+    try:
+        conn = sqlite3.connect("file:%s?mode=rw" % path, uri=True, isolation_level=None)
+        prepare_connection(conn)
+    except sqlite3.Error as e:
+        raise StoreError("Cannot open the database %s: %s." % (path, e))
+    return conn
+
+
+def _admin_txn(conn, fn, *args):
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(_SyncTransaction(conn), *args)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def admin_users_txn(txn):
+    return txn.execute("SELECT name, registered_at, key_set_at, recovered_at, pending_count, pending_bytes,"
+                       " fingerprint FROM users ORDER BY name").fetchall()
+
+
+def delete_user_txn(txn, name):
+    if txn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
+        raise UnknownUser("No such user: %s." % name)
+    seqs = [r[0] for r in txn.execute("SELECT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
+    txn.execute("DELETE FROM deliveries WHERE recipient = ?", (name,))
+    for seq in seqs:
+        if txn.execute("SELECT 1 FROM deliveries WHERE seq = ? LIMIT 1", (seq,)).fetchone() is None:
+            txn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+    txn.execute("DELETE FROM receipts WHERE user = ?", (name,))
+    txn.execute("DELETE FROM users WHERE name = ?", (name,))
+    return len(seqs)
+
+
+def stats_txn(txn):
+    one = lambda sql: txn.execute(sql).fetchone()[0]  # noqa: E731
+    return {
+        "users": one("SELECT COUNT(*) FROM users"),
+        "pending_deliveries": one("SELECT COUNT(*) FROM deliveries"),
+        "pending_messages": one("SELECT COUNT(*) FROM messages WHERE accepted_at IS NOT NULL"),
+        "pending_bytes": one("SELECT COALESCE(SUM(pending_bytes), 0) FROM users"),
+        "stored_receipts": one("SELECT COUNT(*) FROM receipts"),
+        "unused_invites": one("SELECT COUNT(*) FROM invites WHERE used_by IS NULL"),
+    }
+
+
+def _admin_command(config):
+    name, sub = config.subCommand, config.subOptions
+    conn = _admin_connect(config["db"])
+    try:
+        _admin_txn(conn, create_schema_txn)
+        now = time.time()
+        if name == "users":
+            rows = _admin_txn(conn, admin_users_txn)
+            print("%-32s %-16s %9s %9s %8s %10s" % ("user", "registered", "key age", "recovered", "pending",
+                                                      "bytes"))
+            for user, registered, key_set, recovered, count, size, fp in rows:
+                print("%-32s %-16s %8.0fd %9s %8d %10d" % (
+                    user, _date_clock(registered), (now - key_set) / 86400,
+                    _date_clock(recovered)[:10] if recovered else "-", count, size))
+        elif name == "delete-user":
+            user = canonical_username(sub["name"])
+            dropped = _admin_txn(conn, delete_user_txn, user)
+            print("Deleted %s and %d message(s) waiting for them." % (user, dropped))
+        elif name == "reset-key":
+            user = canonical_username(sub["name"])
+            try:
+                with open(sub["path"], "rb") as f:
+                    key = load_public_key(f.read())
+            except OSError as e:
+                raise usage.UsageError("Cannot read %s: %s." % (sub["path"], e.strerror))
+            if _admin_txn(conn, get_user_txn, user) is None:
+                raise UnknownUser("No such user: %s." % user)
+            _admin_txn(conn, set_key_txn, user, public_key_pem(key), fingerprint(key), now, True)
+            print("%s's key is now %s.\nTheir contacts will see a changed key and should check it with them."
+                  % (user, format_fingerprint(fingerprint(key))))
+        elif name == "invite":
+            for code in _admin_txn(conn, create_invites_txn, sub["count"], now):
+                print(code)
+        elif name == "backup":
+            if os.path.exists(sub["dest"]):
+                raise usage.UsageError("%s exists; choose a new file for the backup." % sub["dest"])
+            dest = sqlite3.connect(sub["dest"])
+            try:
+                conn.backup(dest)
+            finally:
+                dest.close()
+            os.chmod(sub["dest"], 0o600)
+            print("Backed up %s to %s." % (config["db"], sub["dest"]))
+        elif name == "stats":
+            for key, value in _admin_txn(conn, stats_txn).items():
+                print("%-20s %d" % (key, value))
+            print("%-20s %d" % ("database_bytes", os.path.getsize(config["db"])))
+    except sqlite3.Error as e:
+        raise StoreError("The database %s cannot be used: %s." % (config["db"], e))
+    finally:
+        conn.close()
+
+
 _CLIENT_COMMANDS = {
     "connect": _connect_command, "send": _send_command, "fetch": _fetch_command, "users": _users_command,
     "export-key": _export_key_command, "import-key": _import_key_command,
@@ -4395,10 +4815,20 @@ def main(argv=None):
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
-        sys.stderr.write("pager: %s\nTry 'pager-cli --help'.\n" % e)
+        command = " " + options.subCommand if getattr(options, "subCommand", None) else ""
+        sys.stderr.write("pager: %s (see 'pager-cli%s --help')\n" % (str(e).rstrip("."), command))
         sys.exit(EXIT_USAGE)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")  # a terminal that cannot show a character never loses a message
     if options.subCommand == "server":
         task.react(lambda reactor: Deferred.fromCoroutine(_serve(reactor, options.subOptions)))
+    elif options.subCommand in ("make-cert", "admin"):
+        try:
+            (_make_cert_command if options.subCommand == "make-cert" else _admin_command)(options.subOptions)
+        except (PagerError, usage.UsageError) as e:
+            sys.stderr.write("pager: %s\n" % (e.message if isinstance(e, PagerError) else e))
+            sys.exit(exit_code(e))
     else:
         task.react(lambda reactor: Deferred.fromCoroutine(
             _run_client_command(reactor, options.subCommand, options.subOptions)))

@@ -1305,6 +1305,8 @@ class ClientChallengeTests(SynchronousTestCase):
         proto = pager.PagerClientProtocol()
         transport = StringTransport()
         proto.makeConnection(transport)
+        self.assertEqual(transport.value(), pager.PROBE)  # the blank lines that expose a TLS port at once
+        transport.clear()
         return proto, transport
 
     def hello(self, challenge):

@@ -252,7 +252,7 @@ class StoreTests(unittest.TestCase):
         store = await self.open_store()
         await self.add_users(store, "alice", "bob")
         await self.accept(store, 1, "alice", ["bob"])
-        seq, duplicate = await store.begin_upload(_msg_id(2), "alice", b"header-2", 1000)
+        seq, duplicate, _ = await store.begin_upload(_msg_id(2), "alice", b"header-2", 1000, ["bob"], pager.Limits())
         self.assertFalse(duplicate)
         await store.add_chunks(seq, 0, [b"x" * 10, b"y" * 10])
         self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks WHERE seq = ?", seq), [(2,)])
@@ -268,7 +268,7 @@ class StoreTests(unittest.TestCase):
         """An upload begun, given chunks in pieces, then accepted, is one pending message with all its chunks."""
         store = await self.open_store()
         await self.add_users(store, "alice", "bob")
-        seq, _ = await store.begin_upload(_msg_id(7), "alice", b"header-7", 6)
+        seq, _, _ = await store.begin_upload(_msg_id(7), "alice", b"header-7", 6, ["bob"], pager.Limits())
         await store.add_chunks(seq, 0, [b"ab"])
         await store.add_chunks(seq, 1, [b"cd", b"ef"])
         result = await store.accept_message(_msg_id(7), "alice", b"header-7", b"sig", 6, None, ["bob"], NOW, LIMITS,

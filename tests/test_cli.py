@@ -1,0 +1,707 @@
+"""
+The script commands (C{send}, C{fetch}, C{users}, C{export-key}, C{import-key}) as real processes, against a real
+server running in this process on a loopback port.  Every child is started with C{reactor.spawnProcess}, so the
+server keeps serving while the test waits, and every wait is bounded.
+
+Each test has its own C{PAGER_HOME}.  To keep the suite fast, most users are registered in-process with the module's
+keys (L{tests.test_e2e.key}) and their key files written straight into their home with L{pager.save_private_key};
+only the tests about first use let the command line make a key.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import sys
+
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer, error, protocol, reactor
+from twisted.trial import unittest
+
+import pager
+from tests.test_e2e import E2ETestCase, free_port, key, token
+
+PAGER_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pager.py")
+PROCESS_TIMEOUT = 30.0  # seconds a child process may take before it is killed and the test fails
+MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def base_env(**extra):
+    """This process's environment without any PAGER_* variable, plus C{extra} (None values are left out)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGER_")}
+    env.update({k: v for k, v in extra.items() if v is not None})
+    return env
+
+
+@dataclasses.dataclass
+class Result:
+    """How a child process ended: its exit code (None if a signal ended it) and what it wrote."""
+
+    code: object
+    out: str
+    err: str
+
+    def __str__(self):
+        return "exit code %r\n--- stdout:\n%s\n--- stderr:\n%s" % (self.code, self.out, self.err)
+
+
+class Child(protocol.ProcessProtocol):
+    """Collects a child's output; writes C{stdin} (if not None) and closes its standard input."""
+
+    def __init__(self, stdin=b""):
+        self.stdin = stdin
+        self.out = bytearray()
+        self.err = bytearray()
+        self.ended = defer.Deferred()
+        self.code = None
+        self.finished = False
+
+    def connectionMade(self):
+        if self.stdin is not None:
+            if self.stdin:
+                self.transport.write(self.stdin)
+            self.transport.closeStdin()
+
+    def childDataReceived(self, fd, data):
+        (self.err if fd == 2 else self.out).extend(data)
+
+    def processEnded(self, reason):
+        self.finished = True
+        self.code = reason.value.exitCode
+        self.ended.callback(self.code)
+
+    def result(self):
+        return Result(self.code, self.out.decode("utf-8", "replace"), self.err.decode("utf-8", "replace"))
+
+
+class CLITestCase(E2ETestCase):
+    """Starts a server, provisions users, and runs C{pager.py} commands as child processes."""
+
+    async def serve(self):
+        """Start a server; sets C{self.server}, C{self.address} (client endpoint) and C{self.host} (HOST:PORT)."""
+        self.server, self.address = await self.start_server()
+        self.host = "127.0.0.1:%d" % self.server.port.getHost().port
+        return self.server
+
+    @property
+    def server_id(self):
+        return self.server.factory.server_id
+
+    def home(self):
+        """A new, not yet existing, PAGER_HOME (an absolute path)."""
+        return os.path.abspath(self.mktemp())
+
+    def user_dir(self, home, name):
+        return os.path.join(home, self.server_id, name)
+
+    async def account(self, name, private_key=None):
+        """Register C{name} on the server in-process (with the module key unless told otherwise), then log out."""
+        client = await pager.PagerClient.connect(self.address, reactor)
+        try:
+            await client.register(name, token(name), private_key or key(name))
+        finally:
+            await client.close()
+
+    def install_key(self, home, name, passphrase="", private_key=None):
+        """Write C{name}'s key file into C{home}, as the client would have after registering; returns its path."""
+        directory = pager.user_directory(home, self.server_id, name)
+        path = os.path.join(directory, pager.KEY_FILE_NAME)
+        pager.save_private_key(path, private_key or key(name), passphrase)
+        return path
+
+    async def provision(self, name, passphrase=""):
+        """A registered user with its key on this machine: returns its PAGER_HOME."""
+        await self.account(name)
+        home = self.home()
+        self.install_key(home, name, passphrase)
+        return home
+
+    def spawn(self, argv, env, stdin=b"", usePTY=False, child=None):
+        """Start C{argv} (C{argv[0]} is the executable); the child is killed at cleanup if still running."""
+        child = child or Child(stdin)
+        reactor.spawnProcess(child, argv[0], argv, env=env, path=os.path.dirname(PAGER_PY), usePTY=usePTY)
+        self.addCleanup(self.reap, child)
+        return child
+
+    async def reap(self, child):
+        if not child.finished:
+            try:
+                child.transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+            await child.ended
+
+    async def finish(self, child, what, timeout=PROCESS_TIMEOUT):
+        """Wait (at most C{timeout} seconds) for C{child} to exit; fail the test, with its output, if it does not."""
+        if not child.finished:
+            timer = reactor.callLater(timeout, self._kill_late, child)
+            try:
+                await child.ended
+            finally:
+                if timer.active():
+                    timer.cancel()
+            if getattr(child, "killed_late", False):
+                self.fail("%s did not exit within %g s and was killed.\n%s" % (what, timeout, child.result()))
+        return child.result()
+
+    def _kill_late(self, child):
+        child.killed_late = True
+        try:
+            child.transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    async def pager(self, *args, home=None, user=None, token_of=None, passphrase=None, stdin=b"", env=None,
+                    prefix=(), timeout=PROCESS_TIMEOUT):
+        """
+        Run C{pager.py ARGS...} to completion; returns its L{Result}.  C{home} becomes PAGER_HOME, C{token_of}
+        NAME puts NAME's safetoken in PAGER_TOKEN, C{passphrase} goes in PAGER_PASSPHRASE, C{env} adds variables.
+        """
+        variables = dict(PAGER_HOME=home, PAGER_PASSPHRASE=passphrase,
+                         PAGER_TOKEN=token(token_of) if token_of else None)
+        variables.update(env or {})
+        argv = list(prefix) + [sys.executable, PAGER_PY] + list(args)
+        child = self.spawn(argv, base_env(**variables), stdin)
+        return await self.finish(child, "pager.py %s" % " ".join(args), timeout)
+
+    def assertExit(self, result, code):
+        self.assertEqual(result.code, code, "expected exit code %d:\n%s" % (code, result))
+
+    def assertOneErrorLine(self, result, code):
+        """The command failed with C{code} and exactly one line on stderr, 'pager: ...', and no traceback."""
+        self.assertExit(result, code)
+        self.assertNotIn("Traceback", result.err + result.out)
+        lines = result.err.splitlines()
+        self.assertEqual(len(lines), 1, "expected exactly one line on stderr:\n%s" % result)
+        self.assertTrue(lines[0].startswith("pager: "), "stderr does not start with 'pager: ':\n%s" % result)
+        return lines[0]
+
+    def assertMode(self, path, mode):
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), mode, "mode of %s" % path)
+
+
+class SendFetchTests(CLITestCase):
+    """send and fetch carry messages end to end; fetch acknowledges and remembers what it printed."""
+
+    async def test_send_then_fetch(self):
+        """
+        bob registers with a first fetch (nothing printed); alice (new) sends and gets the message id; bob's fetch
+        prints it, fetch --json prints the next as JSON, and a last fetch prints nothing: all acknowledged, and the
+        duplicate store on disk holds both ids.
+        """
+        await self.serve()
+        bob_home, alice_home = self.home(), self.home()
+        first = await self.pager("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob",
+                                 passphrase="bob's passphrase")
+        self.assertExit(first, 0)
+        self.assertEqual(first.out, "")
+        self.assertTrue(os.path.exists(os.path.join(self.user_dir(bob_home, "bob"), "key.p12")))
+
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hello", "bob",
+                                home=alice_home, token_of="alice", passphrase="alice's passphrase")
+        self.assertExit(sent, 0)
+        self.assertRegex(sent.out, r"\A[0-9a-f]{32}\n\Z")
+        msg1 = sent.out.strip()
+
+        fetched = await self.pager("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob",
+                                   passphrase="bob's passphrase")
+        self.assertExit(fetched, 0)
+        [line] = fetched.out.splitlines()
+        self.assertIn("alice", line)
+        self.assertTrue(line.endswith("hello bob"), line)
+        self.assertIn("first message: key pinned", line)
+
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "second one",
+                                home=alice_home, token_of="alice", passphrase="alice's passphrase")
+        self.assertExit(sent, 0)
+        msg2 = sent.out.strip()
+        fetched = await self.pager("fetch", self.host, "--user", "bob", "--json", home=bob_home, token_of="bob",
+                                   passphrase="bob's passphrase")
+        self.assertExit(fetched, 0)
+        [line] = fetched.out.splitlines()
+        record = json.loads(line)
+        for field in ("id", "from", "to", "time", "accepted_at", "type", "text", "key_status"):
+            self.assertIn(field, record)
+        self.assertEqual((record["id"], record["from"], record["to"], record["type"], record["text"]),
+                         (msg2, "alice", ["bob"], "text", "second one"))
+        self.assertEqual(record["key_status"], "verified")
+        self.assertIsInstance(record["time"], (int, float))
+        self.assertIsInstance(record["accepted_at"], (int, float))
+
+        again = await self.pager("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob",
+                                 passphrase="bob's passphrase")
+        self.assertExit(again, 0)
+        self.assertEqual(again.out, "")
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+        db = sqlite3.connect(os.path.join(self.user_dir(bob_home, "bob"), pager.LOCAL_DB_NAME))
+        try:
+            seen = {(sender, bytes(m).hex()) for sender, m in db.execute("SELECT sender, msg_id FROM seen")}
+        finally:
+            db.close()
+        self.assertEqual(seen, {("alice", msg1), ("alice", msg2)})
+
+    async def test_redelivered_message_already_shown(self):
+        """
+        A fetch that printed a message and recorded it, but was cut off before its acknowledgement reached the
+        server, left it pending: the next fetch acknowledges it without printing it again, and exits.
+        """
+        await self.serve()
+        bob_home = await self.provision("bob")
+        await self.account("alice")
+        alice = await self.login(self.address, "alice")
+        msg = await alice.send("bob", "printed once")
+        store = pager.LocalStore(os.path.join(self.user_dir(bob_home, "bob"), pager.LOCAL_DB_NAME), reactor)
+        await store.open(reactor.seconds())
+        await store.add("alice", bytes.fromhex(msg), reactor.seconds())
+        store.close()
+        fetched = await self.pager("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob", timeout=8)
+        self.assertExit(fetched, 0)
+        self.assertEqual(fetched.out, "")
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+    async def test_message_from_stdin(self):
+        """Without MESSAGE, send reads the message from standard input."""
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", home=alice_home,
+                                token_of="alice", stdin=b"disk full\n")
+        self.assertExit(sent, 0)
+        msg = sent.out.strip()
+        self.assertRegex(msg, MESSAGE_ID)
+        bob = await self.login(self.address, "bob")
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        [message] = bob.events.messages
+        self.assertOpened(message, "alice", message.plaintext, msg, ["bob"])
+        self.assertEqual(message.plaintext.rstrip(b"\n"), b"disk full")
+
+    async def test_empty_stdin(self):
+        """An empty standard input is a usage error: nothing is sent."""
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", home=alice_home,
+                                  token_of="alice", stdin=b"")
+        self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertEqual(result.out, "")
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+    async def test_ten_mebibyte_file(self):
+        """
+        send --file with 10 MiB of random bytes: fetch saves it, byte for byte, as files/<name> (mode 0600) in bob's
+        directory for this server and names the path it saved.
+        """
+        await self.serve()
+        alice_home = await self.provision("alice")
+        bob_home = await self.provision("bob")
+        data = os.urandom(10 * 1024 * 1024)
+        source = os.path.abspath(os.path.join(self.mktemp(), "report.bin"))
+        os.makedirs(os.path.dirname(source))
+        with open(source, "wb") as f:
+            f.write(data)
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "--file", source,
+                                home=alice_home, token_of="alice")
+        self.assertExit(sent, 0)
+        self.assertRegex(sent.out.strip(), MESSAGE_ID)
+
+        fetched = await self.pager("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob")
+        self.assertExit(fetched, 0)
+        saved = os.path.join(self.user_dir(bob_home, "bob"), "files", "report.bin")
+        self.assertTrue(os.path.exists(saved), "nothing at %s:\n%s" % (saved, fetched))
+        self.assertMode(saved, 0o600)
+        self.assertMode(os.path.dirname(saved), 0o700)
+        with open(saved, "rb") as f:
+            self.assertTrue(f.read() == data, "the saved file differs from the one sent")
+        self.assertIn(saved, fetched.out)
+        self.assertIn("report.bin", fetched.out)
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+    async def test_users_json(self):
+        """users --json prints one JSON object: who is online and who is registered."""
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("carol")
+        await self.account("bob")
+        await self.login(self.address, "bob")
+        result = await self.pager("users", self.host, "--user", "alice", "--json", home=alice_home,
+                                  token_of="alice")
+        self.assertExit(result, 0)
+        [line] = result.out.splitlines()
+        listing = json.loads(line)
+        self.assertEqual(set(listing), {"online", "registered"})
+        self.assertEqual(listing["registered"], ["alice", "bob", "carol"])
+        self.assertIn("bob", listing["online"])
+        self.assertNotIn("carol", listing["online"])
+
+
+class WaitDeliveredTests(CLITestCase):
+    """send --wait-delivered waits for the recipient's delivery receipt, and gives up after --timeout."""
+
+    async def test_delivered(self):
+        """With bob online, send --wait-delivered exits 0 once bob's client has confirmed the delivery."""
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        bob = await self.login(self.address, "bob")
+        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
+                                  "--timeout", "20", "are you there", home=alice_home, token_of="alice")
+        self.assertExit(result, 0)
+        msg = result.out.strip()
+        self.assertRegex(msg, MESSAGE_ID)
+        self.assertEqual([(m.message_id.hex(), m.plaintext) for m in bob.events.messages],
+                         [(msg, b"are you there")])
+
+    async def test_not_delivered(self):
+        """With bob offline and --timeout 1, send --wait-delivered exits 1 saying the message was not delivered."""
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
+                                  "--timeout", "1", "anyone?", home=alice_home, token_of="alice")
+        line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
+        self.assertIn("not delivered", line.lower())
+        self.assertIn("bob", line)
+        msg = result.out.strip()
+        self.assertRegex(msg, MESSAGE_ID)
+        self.assertEqual([m.msg_id.hex() for m in await self.pending(self.server, "bob")], [msg])
+
+
+class ExitCodeTests(CLITestCase):
+    """Each failure has its documented exit code and one line on stderr, never a traceback."""
+
+    async def test_unknown_recipient(self):
+        await self.serve()
+        alice_home = await self.provision("alice")
+        result = await self.pager("send", self.host, "--user", "alice", "--to", "nobody", "hi", home=alice_home,
+                                  token_of="alice")
+        line = self.assertOneErrorLine(result, pager.EXIT_UNKNOWN_USER)
+        self.assertIn("nobody", line)
+
+    async def test_wrong_token(self):
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", home=alice_home,
+                                  env={"PAGER_TOKEN": "not alice's safetoken"})
+        self.assertOneErrorLine(result, pager.EXIT_AUTH)
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+    async def test_no_token(self):
+        """A script command never prompts: without a safetoken it says where to give one."""
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", home=alice_home)
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertIn("PAGER_TOKEN", line)
+
+    async def test_unreachable_server(self):
+        result = await self.pager("send", "127.0.0.1:%d" % free_port(), "--user", "alice", "--to", "bob", "hi",
+                                  home=self.home(), env={"PAGER_TOKEN": "whatever-token"})
+        self.assertOneErrorLine(result, pager.EXIT_NETWORK)
+
+    async def usage_errors(self, cases):
+        """
+        Run each command line of C{cases} (what, args; HOST stands for the server) at once; each must fail with
+        exit 2 and one line.
+        """
+        await self.serve()
+        alice_home = await self.provision("alice")
+        results = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(self.pager(*[self.host if a == "HOST" else a for a in args],
+                                                    home=alice_home, token_of="alice"))
+            for _, args in cases])
+        failures = []
+        for (what, _), result in zip(cases, results):
+            try:
+                self.assertOneErrorLine(result, pager.EXIT_USAGE)
+            except self.failureException as e:
+                failures.append("%s: %s" % (what, e))
+        if failures:
+            self.fail("\n\n".join(failures))
+
+    async def test_bad_command_line(self):
+        """A missing --to, a bad recipient name, an unknown option and --ca without --tls: exit 2, one line."""
+        await self.usage_errors([
+            ("missing --to", ["send", "HOST", "--user", "alice", "hi"]),
+            ("bad --to name", ["send", "HOST", "--user", "alice", "--to", "bob smith!", "hi"]),
+            ("unknown option", ["send", "HOST", "--user", "alice", "--to", "bob", "--bogus", "hi"]),
+            ("--ca without --tls", ["send", "HOST", "--user", "alice", "--to", "bob", "--ca", "ca.pem", "hi"]),
+        ])
+
+    async def test_bad_arguments(self):
+        """A bad --user name and a --file that cannot be read: exit 2, one line."""
+        await self.usage_errors([
+            ("bad --user name", ["send", "HOST", "--user", "../alice", "--to", "bob", "hi"]),
+            ("missing --file", ["send", "HOST", "--user", "alice", "--to", "bob", "--file",
+                                "/nonexistent/file.txt"]),
+        ])
+
+
+class KeyTrustTests(CLITestCase):
+    """Trust on first use: a key that changes after it was pinned stops sending (5) and is flagged on receipt."""
+
+    async def test_changed_recipient_key(self):
+        """
+        alice pins bob's key with a first send; when the server starts handing out another key for bob, her next
+        send exits 5 naming both fingerprints and 'trust bob', and sends nothing.
+        """
+        server = await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        first = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "one", home=alice_home,
+                                 token_of="alice")
+        self.assertExit(first, 0)
+
+        other = key("mallory-as-bob")
+        await server.store.set_key("bob", pager.public_key_pem(other), pager.fingerprint(other), reactor.seconds())
+        server.factory.key_changed("bob", other.public_key())
+        before = len(await self.pending(server, "bob"))
+
+        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "two", home=alice_home,
+                                  token_of="alice")
+        line = self.assertOneErrorLine(result, pager.EXIT_KEY_TRUST)
+        self.assertEqual(result.out, "")
+        self.assertIn(pager.format_fingerprint(pager.fingerprint(key("bob"))), line)
+        self.assertIn(pager.format_fingerprint(pager.fingerprint(other)), line)
+        self.assertIn("trust bob", line)
+        self.assertEqual(len(await self.pending(server, "bob")), before)
+
+    async def test_incoming_from_changed_key(self):
+        """
+        bob has alice's key pinned; her messages are 'verified' until she re-keys.  The next one, signed with her
+        new key, is opened but marked 'changed', describe_message says KEY CHANGED, and the pin is not replaced.
+        """
+        await self.serve()
+        await self.account("alice")
+        await self.account("bob")
+        store = pager.LocalStore(os.path.abspath(self.mktemp()), reactor)
+        self.addCleanup(store.close)
+        await store.open(reactor.seconds())
+        alice_fp = pager.fingerprint(key("alice"))
+        await store.set_pin("alice", pager.public_key_pem(key("alice")), alice_fp, reactor.seconds())
+
+        bob = await self.connect(self.address, seen=store, pins=store)
+        await bob.login("bob", token("bob"), key("bob"))
+        alice = await self.login(self.address, "alice")
+        await alice.send("bob", "before")
+        await self.wait_for(lambda: bob.events.messages, "the first message")
+        self.assertEqual(bob.events.messages[0].key_status, "verified")
+        self.assertNotIn("KEY CHANGED", pager.describe_message(bob.events.messages[0]))
+
+        new_key = key("alice-new")
+        await alice.rekey("alice", token("alice"), key("alice"), new_key)
+        msg = await alice.send("bob", "after")
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "the message signed with the new key")
+        message = bob.events.messages[1]
+        self.assertEqual((message.message_id.hex(), message.plaintext), (msg, b"after"))
+        self.assertEqual(message.sender_fingerprint, pager.fingerprint(new_key))
+        self.assertEqual(message.key_status, "changed")
+        self.assertIn("KEY CHANGED", pager.describe_message(message))
+        pin = await store.get_pin("alice")
+        self.assertEqual(bytes(pin[1]), alice_fp)
+
+
+class KeyFileTests(CLITestCase):
+    """Key files and the local database are private, PKCS#12 that openssl reads, and refused when exposed."""
+
+    async def test_permissions_under_umask_0(self):
+        """
+        Even with umask 0, a first send makes HOME/<server id> and the user directory 0700 and key.p12 and
+        client.sqlite3 0600; a fetch saves a file in a 0700 files directory, mode 0600.  A key file made readable
+        by others is refused (exit 3) with the chmod that fixes it.
+        """
+        await self.serve()
+        bob_home = await self.provision("bob")
+        alice_home = self.home()
+        umask0 = [shutil.which("sh") or "/bin/sh", "-c", 'umask 000; exec "$@"', "sh"]
+        source = os.path.abspath(self.mktemp())
+        with open(source, "wb") as f:
+            f.write(b"secret notes\n")
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "--file", source,
+                                home=alice_home, token_of="alice", passphrase="alice's passphrase", prefix=umask0)
+        self.assertExit(sent, 0)
+        directory = self.user_dir(alice_home, "alice")
+        self.assertMode(alice_home, 0o700)
+        self.assertMode(os.path.join(alice_home, self.server_id), 0o700)
+        self.assertMode(directory, 0o700)
+        self.assertMode(os.path.join(directory, "key.p12"), 0o600)
+        self.assertMode(os.path.join(directory, "client.sqlite3"), 0o600)
+        for name in os.listdir(directory):
+            self.assertEqual(os.stat(os.path.join(directory, name)).st_mode & 0o077, 0, name)
+
+        fetched = await self.pager("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob",
+                                   prefix=umask0)
+        self.assertExit(fetched, 0)
+        bob_dir = self.user_dir(bob_home, "bob")
+        saved = os.path.join(bob_dir, "files", os.path.basename(source))
+        self.assertMode(os.path.dirname(saved), 0o700)
+        self.assertMode(saved, 0o600)
+        for name in os.listdir(bob_dir):
+            self.assertEqual(os.stat(os.path.join(bob_dir, name)).st_mode & 0o077, 0, name)
+
+        os.chmod(os.path.join(directory, "key.p12"), 0o644)
+        exposed = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", home=alice_home,
+                                   token_of="alice", passphrase="alice's passphrase")
+        line = self.assertOneErrorLine(exposed, pager.EXIT_AUTH)
+        self.assertIn("chmod 600", line)
+
+    async def test_openssl_reads_key_file(self):
+        """
+        The key file a first send writes (token and passphrase from files) is PKCS#12 with PBES2 and 600,000
+        iterations: openssl opens it with the passphrase and not without.
+        """
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise unittest.SkipTest("openssl is not installed")
+        await self.serve()
+        await self.account("bob")
+        home = self.home()
+        token_file, passphrase_file = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        with open(token_file, "w") as f:
+            f.write(token("alice") + "\n")
+        with open(passphrase_file, "w") as f:
+            f.write("correct horse battery\n")
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", "--token-file",
+                                token_file, "--passphrase-file", passphrase_file, home=home)
+        self.assertExit(sent, 0)
+        path = os.path.join(self.user_dir(home, "alice"), "key.p12")
+
+        async def openssl_run(*args):
+            child = self.spawn([openssl, "pkcs12", "-in", path] + list(args), base_env())
+            return await self.finish(child, "openssl pkcs12")
+
+        info = await openssl_run("-info", "-noout", "-passin", "pass:correct horse battery")
+        self.assertExit(info, 0)
+        self.assertIn("PBES2", info.out + info.err)
+        self.assertIn("600000", info.out + info.err)
+        dump = await openssl_run("-nodes", "-nocerts", "-passin", "pass:correct horse battery")
+        self.assertExit(dump, 0)
+        self.assertIn("PRIVATE KEY", dump.out)
+        loaded = serialization.load_pem_private_key(dump.out.encode("ascii"), None)
+        with open(os.path.join(self.user_dir(home, "alice"), "key.p12"), "rb") as f:
+            ours = pager.decode_private_key(f.read(), "correct horse battery")
+        self.assertEqual(pager.fingerprint(loaded), pager.fingerprint(ours))
+
+        for wrong in ("pass:", "pass:wrong horse"):
+            refused = await openssl_run("-nodes", "-nocerts", "-passin", wrong)
+            self.assertNotEqual(refused.code, 0, "openssl read the key with %s" % wrong)
+            self.assertNotIn("PRIVATE KEY", refused.out)
+
+
+class ExportImportTests(CLITestCase):
+    """Keys move between machines with export-key and import-key, and the original pager's PEM files import too."""
+
+    async def test_export_then_import(self):
+        """
+        export-key writes alice's key (mode 0600) from home A; import-key installs it in an empty home B, where
+        fetch as alice then logs in.
+        """
+        await self.serve()
+        home_a = await self.provision("alice", passphrase="pass-a")
+        out = os.path.abspath(self.mktemp())
+        exported = await self.pager("export-key", self.host, "--user", "alice", "--out", out, home=home_a,
+                                    passphrase="pass-a")
+        self.assertExit(exported, 0)
+        self.assertMode(out, 0o600)
+        self.assertTrue(pager.key_file_is_encrypted(out))
+
+        home_b = self.home()
+        imported = await self.pager("import-key", self.host, "--user", "alice", out, home=home_b,
+                                    passphrase="pass-a")
+        self.assertExit(imported, 0)
+        path = os.path.join(self.user_dir(home_b, "alice"), "key.p12")
+        self.assertMode(path, 0o600)
+        self.assertEqual(pager.fingerprint(pager.load_private_key(path, "pass-a")), pager.fingerprint(key("alice")))
+
+        fetched = await self.pager("fetch", self.host, "--user", "alice", home=home_b, token_of="alice",
+                                   passphrase="pass-a")
+        self.assertExit(fetched, 0)
+
+    async def test_import_original_pem(self):
+        """
+        The original pager's unencrypted {username}_private_key.pem (TraditionalOpenSSL or PKCS#8) imports; the
+        imported key logs in.  Importing over an existing key needs --force.
+        """
+        await self.serve()
+        await self.account("alice")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        files = {}
+        for kind in ("TraditionalOpenSSL", "PKCS8"):
+            path = files[kind] = os.path.join(directory, kind, "alice_private_key.pem")
+            os.makedirs(os.path.dirname(path))
+            with open(path, "wb") as f:
+                f.write(key("alice").private_bytes(serialization.Encoding.PEM,
+                                                   getattr(serialization.PrivateFormat, kind),
+                                                   serialization.NoEncryption()))
+
+        home_c, home_d = self.home(), self.home()
+        traditional = await self.pager("import-key", self.host, "--user", "alice", files["TraditionalOpenSSL"],
+                                       "--no-passphrase", home=home_c)
+        self.assertExit(traditional, 0)
+        pkcs8 = await self.pager("import-key", self.host, "--user", "alice", files["PKCS8"], home=home_d,
+                                 passphrase="pass-d")
+        self.assertExit(pkcs8, 0)
+        self.assertFalse(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_c, "alice"), "key.p12")))
+        self.assertTrue(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_d, "alice"), "key.p12")))
+
+        fetched = await self.pager("fetch", self.host, "--user", "alice", home=home_c, token_of="alice")
+        self.assertExit(fetched, 0)
+
+        again = await self.pager("import-key", self.host, "--user", "alice", files["PKCS8"], "--no-passphrase",
+                                 home=home_d)
+        line = self.assertOneErrorLine(again, pager.EXIT_USAGE)
+        self.assertIn("--force", line)
+        self.assertTrue(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_d, "alice"), "key.p12")))
+        forced = await self.pager("import-key", self.host, "--user", "alice", files["PKCS8"], "--no-passphrase",
+                                  "--force", home=home_d)
+        self.assertExit(forced, 0)
+        self.assertFalse(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_d, "alice"), "key.p12")))
+
+    async def _no_key_here(self, passphrase):
+        await self.serve()
+        await self.account("alice")
+        await self.account("bob")
+        home = self.home()
+        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", home=home,
+                                  token_of="alice", passphrase=passphrase)
+        self.assertExit(result, pager.EXIT_AUTH)
+        self.assertNotIn("Traceback", result.err)
+        self.assertTrue(result.err.splitlines()[-1].startswith("pager: "), result)
+        self.assertIn("import-key", result.err.splitlines()[-1])
+        self.assertFalse(os.path.exists(os.path.join(self.user_dir(home, "alice"), "key.p12")))
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+    async def test_registered_elsewhere(self):
+        """A user registered on the server whose key is not on this machine: send exits 3 naming import-key."""
+        await self._no_key_here(passphrase="a passphrase")
+
+    async def test_registered_elsewhere_without_passphrase(self):
+        """The same with only PAGER_TOKEN set (no passphrase is needed to be told to bring the key)."""
+        await self._no_key_here(passphrase=None)
+
+
+class HelpTests(CLITestCase):
+    """--help exits 0 and describes every option."""
+
+    async def test_help(self):
+        common = ["--user", "--home", "--token-file", "--passphrase-file", "--no-passphrase", "--tls", "--ca"]
+        cases = {
+            (): ["connect", "send", "fetch", "users", "export-key", "import-key"],
+            ("send",): common + ["--to", "--file", "--wait-delivered", "--timeout"],
+            ("fetch",): common + ["--json", "--wait"],
+            ("connect",): common + ["--no-history"],
+        }
+        results = await defer.gatherResults([
+            defer.Deferred.fromCoroutine(self.pager(*(command + ("--help",)), home=self.home()))
+            for command in cases])
+        for (command, words), result in zip(cases.items(), results):
+            self.assertExit(result, 0)
+            self.assertNotIn("Traceback", result.err)
+            for word in words:
+                self.assertIn(word, result.out, "%r missing from pager.py %s --help" % (word, " ".join(command)))
