@@ -3560,6 +3560,7 @@ class Session:
             raise NetworkError("%s is not a compatible pager server: %s" % (self.address, e.message))
         if self.store is not None:
             client.seen = client.pins = self.store
+        client.skew_window = self.config.get("skew-window", PagerClient.skew_window)
         if self.wire is not None:
             self.wire(client)
         return client
@@ -4253,9 +4254,12 @@ class _ClientOptions(_GnuOptions):
                                         "else a prompt)."],
         ["ca", None, None, "With --tls: trust the server certificate signed by this CA (PEM file) instead of the "
                            "system's trust store."],
+        ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
+                                                       "seconds from when the server accepted it.", _positive(float)],
     ]
     optFlags = [
         ["tls", None, "Connect with TLS, checking the server's certificate and host name."],
+        ["no-history", None, "Do not keep a message history on this machine."],
         ["no-passphrase", None, "Store a new key without a passphrase (for unattended use; anyone who can read "
                                 "the file can use the key)."],
     ]
@@ -4270,8 +4274,6 @@ class ConnectOptions(_ClientOptions):
     synopsis = "[HOST[:PORT]] [options]"
     longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and safetoken; makes and "
                 "registers a key on first use. Type 'help' once connected.")
-    optFlags = _ClientOptions.optFlags + [["no-history", None, "Do not keep a message history on this machine."]]
-
     def parseArgs(self, server=None):
         self["server"] = server
 
