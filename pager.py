@@ -665,25 +665,33 @@ class Sealer:
         return self.parsed.message_id
 
     def _seal(self, plaintext, last):
-        ciphertext = self._aead.encrypt(_nonce(self._counter, last), bytes(plaintext), self._ad)
+        ciphertext = self._aead.encrypt(_nonce(self._counter, last), plaintext, self._ad)
         self._counter += 1
         self._digest.update(ciphertext)
         self._length += len(ciphertext)
         return ciphertext
 
     def update(self, data):
-        """Add plaintext; return the chunk ciphertexts completed (the last full chunk is held back until more comes)."""
-        self._buffer += data
+        """
+        Add plaintext; return the chunk ciphertexts completed.  The last full chunk is held back until more comes,
+        since only then is it known not to be the final one.  Chunks are sealed straight from C{data}: only a
+        partial chunk is ever copied.
+        """
         out = []
         size = self._chunk_size
-        if len(self._buffer) > size:
-            view = memoryview(self._buffer)
-            offset = 0
-            while len(self._buffer) - offset > size:
-                out.append(self._seal(view[offset:offset + size], False))
-                offset += size
-            view.release()
-            del self._buffer[:offset]
+        view = memoryview(data)
+        if self._buffer:
+            take = min(size - len(self._buffer), len(view))
+            self._buffer += view[:take]
+            view = view[take:]
+            if not view:
+                return out
+            out.append(self._seal(self._buffer, False))  # full, and more data follows
+            self._buffer = bytearray()
+        while len(view) > size:
+            out.append(self._seal(view[:size], False))
+            view = view[size:]
+        self._buffer = bytearray(view)
         return out
 
     def finish(self):
@@ -759,7 +767,7 @@ class OpenedMessage:
     timestamp: float  # seconds since the epoch, as the sender's clock said
     content_type: str
     filename: str
-    plaintext: bytes
+    plaintext: bytearray  # bytes-like; a bytearray, so a large message is never copied once more at the end
     accepted_at: float = None  # when the server accepted it, as the server says (not signed)
     key_status: str = "verified"  # verified (the pinned key), new (first key seen: now pinned), changed (not pinned)
     skewed: bool = False  # the signed time is far from when the server accepted it
@@ -789,7 +797,7 @@ class Opener:
         self._ad = hashlib.sha256(header.raw).digest()
         self._held = None
         self._counter = 0
-        self._plaintext = []
+        self._plaintext = bytearray()  # grown chunk by chunk while each is still in cache
 
     def _open(self, chunk, last):
         try:
@@ -808,7 +816,7 @@ class Opener:
                     raise ChunkAuthenticationFailed("The message has data after its final chunk.")
                 raise ChunkAuthenticationFailed(
                     "Chunk %d does not authenticate: it was altered, reordered or duplicated." % self._counter)
-            self._plaintext.append(plain)
+            self._plaintext += plain
             self._counter += 1
         self._held = chunk
 
@@ -823,9 +831,9 @@ class Opener:
             raise ChunkAuthenticationFailed(
                 "Chunk %d does not authenticate: it was altered, reordered or duplicated." % self._counter)
         self._verifier.verify(signature, sender_key)
-        self._plaintext.append(plain)
+        self._plaintext += plain
         header = self.header
-        plaintext, self._plaintext = b"".join(self._plaintext), []
+        plaintext, self._plaintext = self._plaintext, bytearray()
         return OpenedMessage(
             header.message_id, header.sender, header.sender_fingerprint, tuple(header.recipient_names),
             header.timestamp_ms / 1000.0, header.content_type, header.filename, plaintext,
@@ -4384,8 +4392,12 @@ class MakeCertOptions(_GnuOptions):
         self["hostname"] = hostname
 
 
-class _AdminOptions(usage.Options):
-    optParameters = [["db", "d", DEFAULT_DB, "The server's SQLite database."]]
+class _CommandOptions(usage.Options):
+    """Options whose first argument must name one of their C{subCommands}."""
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("Name a command: %s." % ", ".join(c[0] for c in self.subCommands))
 
 
 class AdminUsersOptions(usage.Options):
@@ -4427,7 +4439,8 @@ class AdminStatsOptions(usage.Options):
     longdesc = "Counts of users, pending messages and receipts, and the database size."
 
 
-class AdminOptions(_AdminOptions):
+class AdminOptions(_CommandOptions):
+    optParameters = [["db", "d", DEFAULT_DB, "The server's SQLite database."]]
     synopsis = "--db PATH COMMAND"
     longdesc = "Operator commands on a pager server's database (safe while the server runs)."
     subCommands = [
@@ -4439,12 +4452,8 @@ class AdminOptions(_AdminOptions):
         ["stats", None, AdminStatsOptions, "Show statistics."],
     ]
 
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("Name an admin command: %s." % ", ".join(c[0] for c in self.subCommands))
 
-
-class Options(usage.Options):
+class Options(_CommandOptions):
     synopsis = "pager-cli COMMAND [options]   (or: python pager.py COMMAND, twistd pager server)"
     longdesc = ("pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts. "
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
@@ -4467,9 +4476,6 @@ class Options(usage.Options):
         print("pager", __version__)
         sys.exit(EXIT_OK)
 
-    def postOptions(self):
-        if self.subCommand is None:
-            raise usage.UsageError("Name a command: %s." % ", ".join(c[0] for c in self.subCommands))
 
 
 def makeService(options, reactor=None):
