@@ -1025,7 +1025,8 @@ CREATE TABLE IF NOT EXISTS messages (
     size INTEGER NOT NULL,
     chunk_count INTEGER NOT NULL,
     accepted_at REAL,
-    expires_at REAL
+    expires_at REAL,
+    ord INTEGER UNIQUE
 );
 CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
@@ -1035,9 +1036,11 @@ CREATE TABLE IF NOT EXISTS chunks (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deliveries (
     recipient TEXT NOT NULL,
+    ord INTEGER NOT NULL,
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
-    PRIMARY KEY (recipient, seq)
+    PRIMARY KEY (recipient, ord)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq);
 CREATE INDEX IF NOT EXISTS messages_expiry ON messages(expires_at);
 CREATE TABLE IF NOT EXISTS receipts (
@@ -1083,7 +1086,11 @@ class UserRecord:
 
 @dataclasses.dataclass(frozen=True)
 class StoredMessage:
-    """A pending delivery as read back: C{chunks} is None when the message is too large to read in one go."""
+    """
+    A pending delivery as read back: C{chunks} is None when the message is too large to read in one go.  C{seq}
+    identifies the stored message (given when its upload began); C{ord} is its place in delivery order (given when
+    it was accepted, from a counter that never goes back).
+    """
 
     seq: int
     msg_id: bytes
@@ -1094,6 +1101,7 @@ class StoredMessage:
     chunk_count: int
     accepted_at: float
     chunks: list
+    ord: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1114,6 +1122,7 @@ def create_schema_txn(txn):
     txn.executescript(_SCHEMA)
     row = txn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     if row is None:
+        txn.execute("INSERT INTO counters VALUES ('ord', 0)")
         txn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         txn.execute("INSERT INTO meta VALUES ('server_id', ?)", (secrets.token_hex(16),))
     elif int(row[0]) > SCHEMA_VERSION:
@@ -1220,7 +1229,8 @@ def check_recipients_txn(txn, recipients, size, limits):
 def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
                        check=None):
     """
-    Commit a complete message for all of its recipients, or for none: returns C{(seq, accepted_at, duplicate)}.
+    Commit a complete message for all of its recipients, or for none: returns C{(seq, accepted_at, duplicate,
+    ord)}, C{ord} being its place in delivery order, taken now, at acceptance.
     C{seq} is that of an upload begun with L{begin_upload_txn}, whose chunks are already stored; otherwise the
     message is new and C{chunks} are all of its chunk ciphertexts.  C{check()}, if given, runs first (the
     signature check) and refuses the message by raising.
@@ -1230,38 +1240,43 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     if seq is None:
         existing = _existing_message_txn(txn, msg_id, sender)
         if existing is not None:
-            return existing[0], existing[1], True
+            return existing[0], existing[1], True, None
     check_recipients_txn(txn, recipients, size, limits)
     expires_at = now + limits.message_expiry
+    ord_ = txn.execute("UPDATE counters SET value = value + 1 WHERE name = 'ord' RETURNING value").fetchone()[0]
     if seq is None:
         txn.execute(
-            "INSERT INTO messages (msg_id, sender, header, signature, size, chunk_count, accepted_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (msg_id, sender, header, signature, size, len(chunks), now, expires_at))
+            "INSERT INTO messages (msg_id, sender, header, signature, size, chunk_count, accepted_at, expires_at,"
+            " ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (msg_id, sender, header, signature, size, len(chunks), now, expires_at, ord_))
         seq = txn.lastrowid
         add_chunks_txn(txn, seq, 0, chunks)
     else:
         count = txn.execute("SELECT COUNT(*) FROM chunks WHERE seq = ?", (seq,)).fetchone()[0]
-        txn.execute("UPDATE messages SET signature = ?, size = ?, chunk_count = ?, accepted_at = ?, expires_at = ?"
-                    " WHERE seq = ?", (signature, size, count, now, expires_at, seq))
-    txn.executemany("INSERT INTO deliveries (recipient, seq) VALUES (?, ?)", [(r, seq) for r in recipients])
+        txn.execute("UPDATE messages SET signature = ?, size = ?, chunk_count = ?, accepted_at = ?, expires_at = ?,"
+                    " ord = ? WHERE seq = ?", (signature, size, count, now, expires_at, ord_, seq))
+    txn.executemany("INSERT INTO deliveries (recipient, ord, seq) VALUES (?, ?, ?)",
+                    [(r, ord_, seq) for r in recipients])
     txn.executemany("UPDATE users SET pending_count = pending_count + 1, pending_bytes = pending_bytes + ?"
                     " WHERE name = ?", [(size, r) for r in recipients])
-    return seq, now, False
+    return seq, now, False, ord_
 
 
-def pending_txn(txn, user, after_seq, limit, inline_bytes):
-    """Up to C{limit} pending deliveries for C{user} after C{after_seq}, oldest first, small ones with chunks."""
+def pending_txn(txn, user, after_ord, limit, inline_bytes):
+    """
+    Up to C{limit} pending deliveries for C{user} after delivery position C{after_ord}, in the order they were
+    accepted, small ones with their chunks.
+    """
     rows = txn.execute(
-        "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at"
+        "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord"
         " FROM deliveries d JOIN messages m ON m.seq = d.seq"
-        " WHERE d.recipient = ? AND d.seq > ? ORDER BY d.seq LIMIT ?", (user, after_seq, limit)).fetchall()
+        " WHERE d.recipient = ? AND d.ord > ? ORDER BY d.ord LIMIT ?", (user, after_ord, limit)).fetchall()
     out = []
     for row in rows:
         chunks = None
         if row[5] <= inline_bytes:
             chunks = chunks_txn(txn, row[0], 0, row[6])
-        out.append(StoredMessage(*row, chunks))
+        out.append(StoredMessage(*row[:8], chunks, ord=row[8]))
     return out
 
 
@@ -1983,7 +1998,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if receive:
             self.messages = _Feed(
                 lambda after: store.pending(user, after, 100, self.factory.inline_bytes).addCallback(
-                    lambda ms: [(m.seq, m) for m in ms]),
+                    lambda ms: [(m.ord, m) for m in ms]),
                 self._push_message, self.flow, self.log)
             self.receipts = _Feed(
                 lambda after: store.pending_receipts(user, after).addCallback(lambda rs: [(r.rid, r) for r in rs]),
@@ -2111,9 +2126,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         check = functools.partial(verifier.verify, signature, self.key)
         if upload is not None and upload.duplicate:
             await self.factory.in_thread(check)
+            if not self.receive:
+                self.sent.append(header.message_id)
             return {"msg": header.message_id.hex(), "accepted_at": upload.accepted_at, "duplicate": True,
                     "queued": [name for name in recipients if name not in self.factory.receivers]}
-        seq, accepted_at, duplicate = await self.factory.store.accept_message(
+        seq, accepted_at, duplicate, ord_ = await self.factory.store.accept_message(
             header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
             self.limits, None if upload is None else upload.seq, check)
         if not self.receive:
@@ -2122,7 +2139,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             inline = chunks if chunks is not None and size <= self.factory.inline_bytes else None
             self.factory.message_accepted(StoredMessage(
                 seq, header.message_id, self.user, header.raw, signature, size, verifier.chunk_count,
-                accepted_at, inline), recipients)
+                accepted_at, inline, ord_), recipients)
         return {"msg": header.message_id.hex(), "accepted_at": accepted_at, "duplicate": duplicate,
                 "queued": [name for name in recipients if name not in self.factory.receivers]}
 
@@ -2349,7 +2366,7 @@ class PagerServerFactory(protocol.Factory):
     def message_accepted(self, message, recipients):
         for name in recipients:
             for session in list(self.receivers.get(name, ())):
-                session.messages.offer(message.seq, message)
+                session.messages.offer(message.ord, message)
 
     def receipt_created(self, user, receipt):
         for session in list(self.online.get(user, ())):
@@ -4164,7 +4181,8 @@ class _GnuOptions(usage.Options):
 
 _LIMIT_OPTIONS = [
     # (option, Limits field, type, help)
-    ("max-line-unauthenticated", "max_line_unauthenticated", int, "Longest line, in bytes, before login."),
+    ("max-line-unauthenticated", "max_line_unauthenticated", int,
+     "Longest line, in bytes, before login (12288 to --max-line)."),
     ("max-line", "max_line", int, "Longest line, in bytes, after login (at least 96 KiB: one chunk frame)."),
     ("max-message", "max_message", int, "Largest message, in plaintext bytes."),
     ("max-pending-messages", "max_pending_messages", int, "Pending messages per recipient."),

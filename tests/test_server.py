@@ -811,6 +811,24 @@ class UploadTests(ServerTestCase):
                                      private_key("alice").public_key())
         self.assertEqual(opened.plaintext, b"0123456789" * 500)
 
+    def test_uploadOvertakenByLaterMessage(self):
+        """
+        An upload begun before a later single-frame message, and finished after it, still reaches the online
+        recipient at once: delivery order is the order of acceptance, not of the upload's start.
+        """
+        self.alice.write(self.header_frame(self.envelope))
+        carol = self.register("carol")
+        quick = seal("carol", ["bob"], b"quick")
+        self.assertOk(carol.send(quick))
+        [first] = self.bob.read()
+        self.assertEqual(first["msg"], msg_id(quick))
+        for frame in self.chunk_frames(self.envelope):
+            self.alice.write(frame)
+        self.assertEqual(self.alice.read()[-1]["type"], "ok")
+        pushed = self.bob.read()
+        self.assertEqual([f["type"] for f in pushed], ["message"] + ["message_chunk"] * 5)
+        self.assertEqual({f["msg"] for f in pushed}, {msg_id(self.envelope)})
+
     def test_errorMidUpload(self):
         """A malformed chunk gets one error; later chunk frames of that upload are dropped without answers."""
         frames = self.chunk_frames(self.envelope)
