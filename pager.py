@@ -1211,14 +1211,21 @@ def abort_upload_txn(txn, seq):
     txn.execute("DELETE FROM messages WHERE seq = ? AND accepted_at IS NULL", (seq,))
 
 
-def check_recipients_txn(txn, recipients, size, limits):
-    """Raise L{UnknownUser} or L{QuotaExceeded} naming every recipient that cannot take a message of C{size}."""
+def check_recipients_txn(txn, recipients, size, limits, counted=()):
+    """
+    Raise L{UnknownUser} or L{QuotaExceeded} naming every recipient that cannot take a message of C{size}.  The
+    recipients in C{counted} already have this message in their counters (the caller undoes that by raising).
+    """
     unknown, full = [], []
     for name in recipients:
         row = txn.execute("SELECT pending_count, pending_bytes FROM users WHERE name = ?", (name,)).fetchone()
         if row is None:
             unknown.append(name)
-        elif row[0] + 1 > limits.max_pending_messages or row[1] + size > limits.max_pending_bytes:
+            continue
+        count, size_pending = row
+        if name in counted:
+            count, size_pending = count - 1, size_pending - size
+        if count + 1 > limits.max_pending_messages or size_pending + size > limits.max_pending_bytes:
             full.append(name)
     if unknown:
         raise UnknownUser("No such user: %s." % ", ".join(unknown))
@@ -1237,28 +1244,32 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     """
     if check is not None:
         check()
-    if seq is None:
-        existing = _existing_message_txn(txn, msg_id, sender)
-        if existing is not None:
-            return existing[0], existing[1], True, None
-    check_recipients_txn(txn, recipients, size, limits)
     expires_at = now + limits.message_expiry
     ord_ = txn.execute("UPDATE counters SET value = value + 1 WHERE name = 'ord' RETURNING value").fetchone()[0]
     if seq is None:
-        txn.execute(
-            "INSERT INTO messages (msg_id, sender, header, signature, size, chunk_count, accepted_at, expires_at,"
-            " ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (msg_id, sender, header, signature, size, len(chunks), now, expires_at, ord_))
+        try:
+            txn.execute(
+                "INSERT INTO messages (msg_id, sender, header, signature, size, chunk_count, accepted_at,"
+                " expires_at, ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (msg_id, sender, header, signature, size, len(chunks), now, expires_at, ord_))
+        except sqlite3.IntegrityError:  # the message id is taken: a resend of ours, or someone else's id
+            existing = _existing_message_txn(txn, msg_id, sender)
+            return existing[0], existing[1], True, None
         seq = txn.lastrowid
         add_chunks_txn(txn, seq, 0, chunks)
     else:
         count = txn.execute("SELECT COUNT(*) FROM chunks WHERE seq = ?", (seq,)).fetchone()[0]
         txn.execute("UPDATE messages SET signature = ?, size = ?, chunk_count = ?, accepted_at = ?, expires_at = ?,"
                     " ord = ? WHERE seq = ?", (signature, size, count, now, expires_at, ord_, seq))
+    # Each recipient's counters go up only if its quota holds; if one does not, find out why and refuse the whole
+    # message (raising undoes everything this step did).
+    for index, name in enumerate(recipients):
+        if txn.execute("UPDATE users SET pending_count = pending_count + 1, pending_bytes = pending_bytes + ?"
+                       " WHERE name = ? AND pending_count < ? AND pending_bytes + ? <= ?",
+                       (size, name, limits.max_pending_messages, size, limits.max_pending_bytes)).rowcount != 1:
+            check_recipients_txn(txn, recipients, size, limits, counted=recipients[:index])
     txn.executemany("INSERT INTO deliveries (recipient, ord, seq) VALUES (?, ?, ?)",
                     [(r, ord_, seq) for r in recipients])
-    txn.executemany("UPDATE users SET pending_count = pending_count + 1, pending_bytes = pending_bytes + ?"
-                    " WHERE name = ?", [(size, r) for r in recipients])
     return seq, now, False, ord_
 
 
@@ -1289,8 +1300,8 @@ def _delete_delivery_txn(txn, user, seq, size):
     txn.execute("DELETE FROM deliveries WHERE recipient = ? AND seq = ?", (user, seq))
     txn.execute("UPDATE users SET pending_count = pending_count - 1, pending_bytes = pending_bytes - ?"
                 " WHERE name = ?", (size, user))
-    if txn.execute("SELECT 1 FROM deliveries WHERE seq = ? LIMIT 1", (seq,)).fetchone() is None:
-        txn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+    txn.execute("DELETE FROM messages WHERE seq = ? AND NOT EXISTS (SELECT 1 FROM deliveries WHERE seq = ?)",
+                (seq, seq))
 
 
 def _add_receipt_txn(txn, user, msg_id, peer, status, reason, now):
@@ -1393,10 +1404,20 @@ def _prepare_server_connection(conn):
 
 def _batch_txn(txn, operations):
     """
-    Run many store operations in one transaction (group commit): each under its own savepoint, so one that fails
-    is rolled back alone; the whole batch becomes durable with the single COMMIT at the end.  Returns one
-    C{(succeeded, result or exception)} per operation.
+    Run many store operations in one transaction (group commit); the whole batch becomes durable with the single
+    COMMIT at the end.  Returns one C{(succeeded, result or exception)} per operation.  The batch is first tried
+    as it is; if any operation fails, it is rolled back and run again with each operation under its own
+    savepoint, so the one that failed is undone alone.  (Operations are pure functions of their arguments and the
+    database, so running one twice is safe.)
     """
+    txn.execute("BEGIN IMMEDIATE")
+    try:
+        results = [(True, fn(txn, *args)) for fn, args in operations]
+    except Exception:
+        txn.execute("ROLLBACK")
+    else:
+        txn.execute("COMMIT")
+        return results
     txn.execute("BEGIN IMMEDIATE")
     results = []
     for fn, args in operations:

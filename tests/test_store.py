@@ -304,6 +304,26 @@ class StoreTests(unittest.TestCase):
         carol = await store.get_user("carol")
         self.assertEqual((carol.pending_count, carol.pending_bytes), (1, 14))
 
+    async def test_group_commit_isolates_a_failure(self):
+        """
+        Operations asked for together commit in one transaction, in order; one that fails (an unknown recipient)
+        is refused alone, and the others before and after it are stored.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        asked = [store.accept_message(_msg_id(n), "alice", b"h", b"s", 1, [b"c"], [to], NOW, LIMITS)
+                 for n, to in ((1, "bob"), (2, "nobody"), (3, "bob"))]
+        self.assertGreater(len(store._queue), 0)  # queued behind the first: they form one batch
+        first = await asked[0]
+        with self.assertRaises(pager.UnknownUser):
+            await asked[1]
+        third = await asked[2]
+        self.assertLess(first[3], third[3])  # delivery order follows the order asked
+        self.assertEqual([m.msg_id for m in await store.pending("bob", 0)], [_msg_id(1), _msg_id(3)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(2,)])
+        bob = await store.get_user("bob")
+        self.assertEqual((bob.pending_count, bob.pending_bytes), (2, 2))
+
     async def test_quota_bytes(self):
         """The pending-bytes bound counts too: a message that would pass it raises QuotaExceeded."""
         store = await self.open_store()
