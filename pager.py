@@ -1062,6 +1062,15 @@ CREATE TABLE IF NOT EXISTS invites (
 """
 
 
+def create_private_file(path):
+    """Create C{path} (if missing) readable and writable by its owner only, whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def prepare_connection(conn):
     """Pragmas for every connection: WAL, fsync at every commit (FULL), foreign keys, a busy timeout."""
     conn.execute("PRAGMA journal_mode=WAL")
@@ -1118,7 +1127,7 @@ class StoreError(PagerError):
     """The database cannot be used."""
 
 
-def create_schema_txn(txn):
+def create_schema_txn(txn, drop_unfinished=True):
     txn.executescript(_SCHEMA)
     row = txn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     if row is None:
@@ -1127,8 +1136,9 @@ def create_schema_txn(txn):
         txn.execute("INSERT INTO meta VALUES ('server_id', ?)", (secrets.token_hex(16),))
     elif int(row[0]) > SCHEMA_VERSION:
         raise StoreError("The database was written by a newer pager (schema %s); upgrade pager." % row[0])
-    # Uploads that never completed (the server stopped mid-message) were never accepted: drop them.
-    txn.execute("DELETE FROM messages WHERE accepted_at IS NULL")
+    if drop_unfinished:
+        # At server start: uploads that never completed (the server stopped mid-message) were never accepted.
+        txn.execute("DELETE FROM messages WHERE accepted_at IS NULL")
     return txn.execute("SELECT value FROM meta WHERE key = 'server_id'").fetchone()[0]
 
 
@@ -1449,6 +1459,8 @@ class Store:
         if synchronous:
             self.pool = _SynchronousPool(path)
         else:
+            if path != ":memory:" and not os.path.exists(path):
+                create_private_file(path)  # 0600 whatever the umask; SQLite gives its -wal and -shm the same mode
             kwargs = {"cp_reactor": reactor} if reactor is not None else {}
             self.pool = adbapi.ConnectionPool(
                 "sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
@@ -1603,9 +1615,10 @@ class _Flow:
     than we write.  L{wait} gives a Deferred that fires when writing may go on.
     """
 
-    def __init__(self):
+    def __init__(self, on_pause=None, on_resume=None):
         self.paused = False
         self._waiting = []
+        self._on_pause, self._on_resume = on_pause, on_resume
 
     def wait(self):
         if not self.paused:
@@ -1616,9 +1629,13 @@ class _Flow:
 
     def pauseProducing(self):
         self.paused = True
+        if self._on_pause is not None:
+            self._on_pause()
 
     def resumeProducing(self):
         self.paused = False
+        if self._on_resume is not None:
+            self._on_resume()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
@@ -1727,7 +1744,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self._holds = set()
         self._upload = None
         self._aborted_upload = None
-        self.flow = _Flow()
+        # While the peer does not read what we write, we stop reading what it sends: answers cannot pile up.
+        self.flow = _Flow(self._output_paused, lambda: self._release("output"))
+        self._lines_seen = False
         self.messages = self.receipts = None
         self._seen_data = False
         self.sent = collections.deque(maxlen=1024)  # a send-only session's recent message ids: it gets their receipts
@@ -1801,6 +1820,12 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         frame.update(extra)
         self.send_frame(frame)
 
+    def _output_paused(self):
+        # TLS also pauses us while its handshake is under way (our hello waits for it): reading must go on then,
+        # or the handshake could never finish.  Answers can only pile up once the peer has sent a request.
+        if self._lines_seen:
+            self._hold("output")
+
     def _hold(self, reason):
         """Stop reading requests until L{_release}: bounds what one connection can make the server buffer."""
         if not self._holds:
@@ -1824,6 +1849,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     def lineReceived(self, line):
         if self.closed:
             return
+        self._lines_seen = True
         if self.user is not None:
             self.resetTimeout()  # before login, nothing extends the login timeout
         if not line.strip():
@@ -2105,15 +2131,17 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     async def handle_chunk(self, frame, rid):
         upload = self._upload
-        signature = self._signature(frame)
+        last = frame.get("signature") is not None
         if upload is None or upload.rid != rid:
             if self._aborted_upload == rid:
-                if signature is not None:
+                if last:
                     self._aborted_upload = None
                 return None  # the rest of an upload already refused: its error was sent
             raise BadRequest("No upload with that id is in progress.")
         self._hold("upload")
+        signature = None
         try:
+            signature = self._signature(frame)
             chunks = self._chunks(frame)
             self._count(upload.verifier, chunks, upload.declared_size)
             if not upload.duplicate:
@@ -2127,7 +2155,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         except BaseException:
             if self._upload is upload:
                 self._upload = None
-                if signature is None:
+                if not last:
                     self._aborted_upload = rid
             if not upload.duplicate:
                 await self.factory.store.abort_upload(upload.seq)
@@ -2612,6 +2640,29 @@ class PagerClientProtocol(LineReceiver):
         return d
 
 
+def certificate_date_problem(host, port, timeout=5):
+    """
+    Why a server's certificate failed verification when it is a matter of dates (OpenSSL 3 only says "certificate
+    verify failed"): the certificate is fetched again without verification, only to read its validity.  Blocking:
+    call it off the reactor thread.  None when the dates are fine or it cannot be fetched.
+    """
+    import datetime
+    import ssl
+    from cryptography import x509
+    try:
+        pem = ssl.get_server_certificate((host, port), timeout=timeout)
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    except (OSError, ValueError):
+        return None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if cert.not_valid_after_utc < now:
+        return "The server's TLS certificate expired on %s." % cert.not_valid_after_utc.strftime("%Y-%m-%d")
+    if cert.not_valid_before_utc > now:
+        return "The server's TLS certificate is not valid before %s." % cert.not_valid_before_utc.strftime(
+            "%Y-%m-%d")
+    return None
+
+
 def _tls_failure(reason):
     """One sentence for a connection that ended because of TLS, or None."""
     try:
@@ -2767,15 +2818,6 @@ def _history_txn(txn, peer, limit):
             " WHERE peer = ? OR ',' || peer || ',' LIKE ? ORDER BY id DESC LIMIT ?",
             (peer, "%," + peer + ",%", limit)).fetchall()
     return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7]) for r in reversed(rows)]
-
-
-def create_private_file(path):
-    """Create C{path} (if missing) readable and writable by its owner only, whatever the umask."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
 
 
 class LocalStore(SeenStore):
@@ -3594,8 +3636,11 @@ class Session:
         except (error.ConnectError, error.TimeoutError) as e:
             raise NetworkError("Cannot reach %s: %s." % (self.address, e.__class__.__name__))
         except ConnectionLost as e:
-            if self._last_protocol is not None and self._last_protocol.tls_failure:
-                raise NetworkError("%s: %s" % (self.address, self._last_protocol.tls_failure))
+            failure = self._last_protocol.tls_failure if self._last_protocol is not None else None
+            if failure:
+                if "not trusted" in failure:
+                    failure = await self.in_thread(certificate_date_problem, self.host, self.port) or failure
+                raise NetworkError("%s: %s" % (self.address, failure))
             if e.code != "connection_lost":
                 raise NetworkError("%s closed the connection: %s" % (self.address, e.message))
             if not self.config["tls"]:
@@ -4851,11 +4896,18 @@ def stats_txn(txn):
     }
 
 
+def _admin_name(text):
+    try:
+        return canonical_username(text)
+    except BadRequest as e:
+        raise usage.UsageError(e.message)
+
+
 def _admin_command(config):
     name, sub = config.subCommand, config.subOptions
     conn = _admin_connect(config["db"])
     try:
-        _admin_txn(conn, create_schema_txn)
+        _admin_txn(conn, create_schema_txn, False)  # the server may be running: leave its uploads alone
         now = time.time()
         if name == "users":
             rows = _admin_txn(conn, admin_users_txn)
@@ -4866,11 +4918,11 @@ def _admin_command(config):
                     user, _date_clock(registered), (now - key_set) / 86400,
                     _date_clock(recovered)[:10] if recovered else "-", count, size))
         elif name == "delete-user":
-            user = canonical_username(sub["name"])
+            user = _admin_name(sub["name"])
             dropped = _admin_txn(conn, delete_user_txn, user)
             print("Deleted %s and %d message(s) waiting for them." % (user, dropped))
         elif name == "reset-key":
-            user = canonical_username(sub["name"])
+            user = _admin_name(sub["name"])
             try:
                 with open(sub["path"], "rb") as f:
                     key = load_public_key(f.read())

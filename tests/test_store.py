@@ -304,6 +304,15 @@ class StoreTests(unittest.TestCase):
         carol = await store.get_user("carol")
         self.assertEqual((carol.pending_count, carol.pending_bytes), (1, 14))
 
+    async def test_database_file_private(self):
+        """The server's database file is created 0600 even under umask 0, and its WAL files follow it."""
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        store = await self.open_store()
+        await self.add_users(store, "alice")
+        for suffix in ("", "-wal"):
+            self.assertEqual(os.stat(store.path + suffix).st_mode & 0o777, 0o600, suffix)
+
     async def test_group_commit_isolates_a_failure(self):
         """
         Operations asked for together commit in one transaction, in order; one that fails (an unknown recipient)
