@@ -4525,7 +4525,11 @@ class AdminStatsOptions(usage.Options):
 
 class AdminOptions(_CommandOptions):
     optParameters = [["db", "d", DEFAULT_DB, "The server's SQLite database."]]
-    synopsis = "--db PATH COMMAND"
+
+    @property
+    def synopsis(self):
+        return "[--db PATH]" if self.subCommand else "[--db PATH] COMMAND"
+
     longdesc = "Operator commands on a pager server's database (safe while the server runs)."
     subCommands = [
         ["users", None, AdminUsersOptions, "List users."],
@@ -4538,8 +4542,8 @@ class AdminOptions(_CommandOptions):
 
 
 class Options(_CommandOptions):
-    synopsis = "pager-cli COMMAND [options]   (or: python pager.py COMMAND, twistd pager server)"
-    longdesc = ("pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts. "
+    longdesc = ("pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts "
+                "(also run as 'python pager.py COMMAND', 'python -m pager COMMAND' and 'twistd pager server'). "
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
                 "3 authentication failed (safetoken, passphrase or key), 4 unknown user, 5 a key changed and is "
                 "not trusted, 6 network failure.")
@@ -4554,6 +4558,11 @@ class Options(_CommandOptions):
         ["make-cert", None, MakeCertOptions, "Make a self-signed TLS certificate for a server."],
         ["admin", None, AdminOptions, "Operator commands on the server's database."],
     ]
+
+    def getSynopsis(self):
+        if self.parent is not None:  # under twistd
+            return super().getSynopsis()
+        return "Usage: pager-cli" if self.subCommand else "Usage: pager-cli COMMAND [options]"
 
     def opt_version(self):
         """Print the version and exit."""
@@ -4974,6 +4983,15 @@ async def _run_client_command(reactor, name, config):
 
 def main(argv=None):
     """The command line: C{pager-cli}, C{python pager.py} and C{python -m pager}."""
+    try:
+        _main(argv)
+    except BrokenPipeError:
+        # Whoever read our output stopped (say `pager-cli fetch ... | head`): there is nobody left to tell.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_FAILURE)
+
+
+def _main(argv):
     argv = sys.argv[1:] if argv is None else argv
     options = Options()
     try:
