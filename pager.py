@@ -1292,13 +1292,15 @@ def pending_txn(txn, user, after_ord, limit, inline_bytes):
         "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord"
         " FROM deliveries d JOIN messages m ON m.seq = d.seq"
         " WHERE d.recipient = ? AND d.ord > ? ORDER BY d.ord LIMIT ?", (user, after_ord, limit)).fetchall()
-    out = []
-    for row in rows:
-        chunks = None
-        if row[5] <= inline_bytes:
-            chunks = chunks_txn(txn, row[0], 0, row[6])
-        out.append(StoredMessage(*row[:8], chunks, ord=row[8]))
-    return out
+    inline = [row[0] for row in rows if row[5] <= inline_bytes]
+    chunks = collections.defaultdict(list)
+    for start in range(0, len(inline), 500):  # one query per page, within SQLite's limit on parameters
+        part = inline[start:start + 500]
+        for seq, data in txn.execute("SELECT seq, data FROM chunks WHERE seq IN (%s) ORDER BY seq, idx"
+                                     % ",".join("?" * len(part)), part):
+            chunks[seq].append(bytes(data))
+    return [StoredMessage(*row[:8], chunks[row[0]] if row[5] <= inline_bytes else None, ord=row[8])
+            for row in rows]
 
 
 def chunks_txn(txn, seq, start, count):
@@ -2330,10 +2332,9 @@ class PagerServerFactory(protocol.Factory):
         self.store = store
         self.limits = limits or Limits()
         self.server_id = server_id
-        if in_thread is None:
-            def in_thread(f, *args, **kwargs):
-                return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
-        self.in_thread = in_thread
+        self._threads_given = in_thread is not None  # tests pass one that runs thread work synchronously
+        self.in_thread = in_thread if in_thread is not None else self._default_in_thread
+        self._hash_pool = None
         self.online = {}  # user -> set of sessions
         self.receivers = {}  # user -> set of sessions that take messages
         self.connections = 0
@@ -2347,11 +2348,33 @@ class PagerServerFactory(protocol.Factory):
     def now(self):
         return self.reactor.seconds()
 
+    def _default_in_thread(self, f, *args, **kwargs):
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args, **kwargs)
+
     def hash_token(self, token, salt):
-        """Argon2id in the thread pool, at most C{argon2_concurrency} at once, refusing logins past the queue."""
+        """
+        Argon2id, at most C{argon2_concurrency} at once, refusing logins past the queue.  The hashes run in a pool of
+        their own with just that many threads: each hash takes 19 MiB, and every thread that ever ran one keeps
+        that memory in its allocator, so a shared pool of ten would hold ten times as much after a login burst.
+        """
         if len(self._hashing.waiting) >= self.limits.argon2_queue:
             raise RateLimited("The server is busy with other logins; try again in a moment.")
-        return self._hashing.run(self.in_thread, hash_token, token, salt)
+        return self._hashing.run(self._hash_in_thread, token, salt)
+
+    def _hash_in_thread(self, token, salt):
+        if self._threads_given:
+            return self.in_thread(hash_token, token, salt)
+        if self._hash_pool is None:
+            from twisted.python import threadpool
+            self._hash_pool = threadpool.ThreadPool(0, self.limits.argon2_concurrency, "pager-argon2")
+            self._hash_pool.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self.stop_hashing)
+        return threads.deferToThreadPool(self.reactor, self._hash_pool, hash_token, token, salt)
+
+    def stop_hashing(self):
+        pool, self._hash_pool = self._hash_pool, None
+        if pool is not None:
+            pool.stop()
 
     async def check_token(self, token, record):
         return hmac.compare_digest(await self.hash_token(token, bytes(record.token_salt)), bytes(record.token_hash))
@@ -2486,6 +2509,7 @@ class PagerService(service.Service):
 
     async def _stop(self):
         self.factory.stop_expiry()
+        self.factory.stop_hashing()
         if self.port is not None:
             await self.port.stopListening()
         for connection in list(self.factory.protocols):
