@@ -2945,8 +2945,8 @@ def encode_private_key(key, passphrase, name=b"pager"):
 
 def write_private_file(path, data):
     """Write C{data} to C{path} atomically, mode 0600 whatever the umask."""
-    temporary = path + ".tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    temporary = "%s.%s.tmp" % (path, secrets.token_hex(6))
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, data)
@@ -2996,6 +2996,8 @@ def decode_private_key(data, passphrase, path="the key file"):
     """
     from cryptography.hazmat.primitives.serialization import pkcs12
     secret = passphrase.encode("utf-8") if passphrase else None
+    if b"-----BEGIN" not in data and not data.startswith(b"\x30"):  # neither PEM nor DER (PKCS#12)
+        raise KeyFileError("%s is not a key file (PKCS#12 or PEM)." % path)
     if b"-----BEGIN" in data:
         try:
             key = serialization.load_pem_private_key(data, secret)
@@ -3217,7 +3219,15 @@ class PagerClient:
         self._keepalive = None
 
     def _ping_quietly(self):
-        self.protocol.request("ping").addErrback(lambda f: None)
+        d = self.protocol.request("ping")
+        d.addTimeout(30, self.reactor, onTimeoutCancel=lambda result, timeout: self._unresponsive())
+        d.addErrback(lambda f: None)
+
+    def _unresponsive(self):
+        self.log.warn("The server did not answer a ping within 30 s; dropping the connection")
+        self.protocol.server_error = ConnectionLost("The server stopped answering.")
+        if self.protocol.transport is not None:
+            self.protocol.transport.abortConnection()
 
     # -- directory --
 
@@ -3600,6 +3610,8 @@ def _first_line_of(path):
             return f.readline().rstrip("\r\n")
     except OSError as e:
         raise usage.UsageError("Cannot read %s: %s." % (path, e.strerror))
+    except UnicodeDecodeError:
+        raise usage.UsageError("%s is not UTF-8 text." % path)
 
 
 class Session:
@@ -3626,6 +3638,8 @@ class Session:
         self.pending = 0  # messages waiting when we logged in
         self.wire = None  # called with each new PagerClient before it logs in, to set its handlers
         self._last_protocol = None
+        self.closing = False
+        self._backoff = None  # the wait before the next reconnection attempt
 
     def _made(self, protocol):
         self._last_protocol = protocol
@@ -3779,6 +3793,10 @@ class Session:
         client = await self.connect()
         try:
             await self.open_local(client)
+            if not os.path.exists(self.key_path) and os.path.exists(self.key_path + ".new"):
+                # A key saved by a registration that was interrupted before it could take its final name.
+                os.replace(self.key_path + ".new", self.key_path)
+                self.prompter.say("Using the key saved by an interrupted registration: %s." % self.key_path)
             if os.path.exists(self.key_path):
                 self.key = await self.load_key(self.key_path)
                 self.token = await self._token()
@@ -3812,6 +3830,23 @@ class Session:
                         % (self.user, self.address, self.user))
         prompter.say("Generating a %d-bit RSA key..." % RSA_BITS)
         key = await self.in_thread(generate_private_key)
+        # Saved before the account exists, so that a failure to save can never leave the server with a key that is
+        # nowhere; it takes its final name only once the server has it.
+        pending_path = self.key_path + ".new"
+        try:
+            await self.in_thread(save_private_key, pending_path, key, passphrase)
+        except OSError as e:
+            raise KeyFileError("Cannot save the new key in %s: %s." % (self.directory, e.strerror))
+        try:
+            await self._register_or_recover(client, token, key)
+        except BaseException:
+            os.unlink(pending_path)
+            raise
+        os.replace(pending_path, self.key_path)
+        prompter.say("Saved your key in %s (fingerprint %s)." % (self.key_path, format_fingerprint(fingerprint(key))))
+
+    async def _register_or_recover(self, client, token, key):
+        prompter = self.prompter
         try:
             await client.register(self.user, token, key)
             prompter.say("Registered %s on %s." % (self.user, self.address))
@@ -3832,16 +3867,22 @@ class Session:
             self.key, self.token = key, token
             await self._login(client)
         self.key, self.token = key, token
-        await self.in_thread(save_private_key, self.key_path, key, passphrase)
-        prompter.say("Saved your key in %s (fingerprint %s)." % (self.key_path, format_fingerprint(fingerprint(key))))
 
     async def reconnect(self, say):
         """Connect and log in again with the same key and token, backing off from 1 s to 30 s between tries."""
         delay = 1.0
         say("Connection to %s lost." % self.address)
-        while True:
+        while not self.closing:
             say("Reconnecting in %d s..." % delay)
-            await task.deferLater(self.reactor, delay, lambda: None)
+            self._backoff = task.deferLater(self.reactor, delay, lambda: None)
+            try:
+                await self._backoff
+            except defer.CancelledError:
+                break  # closing
+            finally:
+                self._backoff = None
+            if self.closing:
+                break
             try:
                 client = await self.connect()
                 await self._login(client)
@@ -3849,14 +3890,21 @@ class Session:
                 say(e.message)
                 delay = min(delay * 2, 30.0)
                 continue
+            if self.closing:
+                client.close()
+                break
             self.client = client
             return client
+        raise Cancelled("Stopped reconnecting: the client is quitting.")
 
     def close(self):
         """Close the connection, let incoming work in hand finish, then close the local store."""
         return Deferred.fromCoroutine(self._close())
 
     async def _close(self):
+        self.closing = True
+        if self._backoff is not None:
+            self._backoff.cancel()
         client = self.client
         if client is not None:
             await client.close()
@@ -4153,7 +4201,9 @@ An empty line cancels a half-written message."""
     def disconnected(self, error):
         if self._closing:
             return
-        self._run(self._reconnect())
+        # Not one of the commands that quitting waits for: quitting stops it instead.
+        Deferred.fromCoroutine(self._reconnect()).addErrback(
+            lambda f: None if f.check(Cancelled) else self._failed(f))
 
     async def _reconnect(self):
         await self.session.reconnect(self.show)
@@ -4249,6 +4299,7 @@ class PlainChat(LineReceiver):
 #### Command line ####
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK = range(7)
+EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM before the command finished
 
 class _GnuOptions(usage.Options):
     """Options that may follow the positional arguments (C{send HOST --to bob}), as GNU tools allow."""
@@ -4431,8 +4482,8 @@ class SendOptions(_ClientOptions):
 class FetchOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME [--json] [--wait SECONDS]"
     longdesc = ("Print the messages waiting for you, and acknowledge each once it is printed (files are saved "
-                "under your pager directory). Exits when they are all printed, or after --wait seconds with no "
-                "new message.")
+                "under your pager directory). Exits when they are all printed (or when none has come for 10 s), "
+                "or after --wait more seconds with no new message.")
     optParameters = _ClientOptions.optParameters + [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages.", float]]
     optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object per message."]]
@@ -4570,7 +4621,7 @@ class Options(_CommandOptions):
                 "(also run as 'python pager.py COMMAND', 'python -m pager COMMAND' and 'twistd pager server'). "
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
                 "3 authentication failed (safetoken, passphrase or key), 4 unknown user, 5 a key changed and is "
-                "not trusted, 6 network failure.")
+                "not trusted, 6 network failure, 130 interrupted before finishing.")
     subCommands = [
         ["server", None, ServerOptions, "Run a pager server."],
         ["connect", None, ConnectOptions, "Chat interactively."],
@@ -4658,6 +4709,9 @@ async def _connect_command(reactor, config):
         from twisted.internet import stdio
         stdio.StandardIO(PlainChat(chat), reactor=reactor)
         await chat.done
+
+
+FETCH_SETTLE = 10.0  # seconds fetch waits for the next of the messages the login said were waiting
 
 
 def _read_stdin():
@@ -4752,13 +4806,26 @@ async def _fetch_command(reactor, config):
     client = await session.start(receive=True)
     try:
         pending = session.pending
+        last, progress = client.processed, reactor.seconds()
+        # The count at login is an upper bound (another session may acknowledge some first): stop waiting once
+        # nothing has come for FETCH_SETTLE seconds.
         while client.processed < pending and not client.failures:
+            if client.protocol.lost is not None:
+                raise NetworkError("The connection to %s was lost before every waiting message arrived; the "
+                                   "rest stay on the server." % session.address)
+            if client.processed != last:
+                last, progress = client.processed, reactor.seconds()
+            elif reactor.seconds() - progress > FETCH_SETTLE:
+                break
             await task.deferLater(reactor, 0.02, lambda: None)
         quiet_since = reactor.seconds()
         while reactor.seconds() - max([quiet_since] + handled) < config["wait"]:
             await task.deferLater(reactor, 0.05, lambda: None)
         while client._working:  # let a message being shown finish and be acknowledged
             await task.deferLater(reactor, 0.02, lambda: None)
+        if client.protocol.lost is not None and client.processed < pending:
+            raise NetworkError("The connection to %s was lost before every waiting message arrived; the rest stay "
+                               "on the server." % session.address)
         if client.failures:
             error = client.failures[0]
             raise PagerError("Could not print a message, so it stays on the server: %s"
@@ -4793,7 +4860,10 @@ async def _export_key_command(reactor, config):
     key = await session.load_key(session.key_path)
     passphrase = await session.new_passphrase("the exported key")
     data = await session.in_thread(encode_private_key, key, passphrase)
-    write_private_file(config["out"], data)
+    try:
+        await session.in_thread(write_private_file, config["out"], data)
+    except OSError as e:
+        raise usage.UsageError("Cannot write %s: %s." % (config["out"], e.strerror))
     session.store.close()
     session.prompter.say("Wrote %s's key (fingerprint %s) to %s." % (
         session.user, format_fingerprint(fingerprint(key)), config["out"]))
@@ -4865,12 +4935,15 @@ def _make_cert_command(config):
     if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", hostname):
         raise usage.UsageError("%r is not a host name (give IP addresses with --ip)." % hostname)
     cert_pem, key_pem = make_certificate(hostname, config["ip"], config["days"])
-    os.makedirs(config["out"], exist_ok=True)
     cert_path = os.path.join(config["out"], "cert.pem")
     key_path = os.path.join(config["out"], "key.pem")
-    write_private_file(key_path, key_pem)
-    with open(cert_path, "wb") as f:
-        f.write(cert_pem)
+    try:
+        os.makedirs(config["out"], exist_ok=True)
+        write_private_file(key_path, key_pem)
+        with open(cert_path, "wb") as f:
+            f.write(cert_pem)
+    except OSError as e:
+        raise usage.UsageError("Cannot write to %s: %s." % (config["out"], e.strerror))
     names = ", ".join([hostname] + [str(a) for a in config["ip"]])
     print("Wrote %s (for %s, valid %d days) and %s (keep it secret)." % (cert_path, names, config["days"], key_path))
     print("Serve: twistd -n pager server --tls-cert %s --tls-key %s" % (cert_path, key_path))
@@ -4996,10 +5069,19 @@ _CLIENT_COMMANDS = {
 
 
 async def _run_client_command(reactor, name, config):
-    """Run one client command; every known error becomes one sentence on stderr and its documented exit code."""
+    """
+    Run one client command; every known error becomes one sentence on stderr and its documented exit code.  A
+    command stopped by SIGINT or SIGTERM (the reactor shuts down, closing its connection) exits 130, never with
+    the error its connection's closing caused.
+    """
+    stopping = []
+    reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
     try:
         await _CLIENT_COMMANDS[name](reactor, config)
     except (PagerError, usage.UsageError) as e:
+        if stopping:
+            sys.stderr.write("pager: interrupted before the command finished.\n")
+            raise SystemExit(EXIT_INTERRUPTED)
         message = e.message if isinstance(e, PagerError) else str(e)
         sys.stderr.write("pager: %s\n" % message)
         raise SystemExit(exit_code(e))
@@ -5036,8 +5118,19 @@ def _main(argv):
             sys.stderr.write("pager: %s\n" % (e.message if isinstance(e, PagerError) else e))
             sys.exit(exit_code(e))
     else:
-        task.react(lambda reactor: Deferred.fromCoroutine(
-            _run_client_command(reactor, options.subCommand, options.subOptions)))
+        finished = []
+
+        def run(reactor):
+            d = Deferred.fromCoroutine(_run_client_command(reactor, options.subCommand, options.subOptions))
+            return d.addBoth(lambda result: finished.append(True) or result)
+        try:
+            task.react(run)
+        except SystemExit as e:
+            if not finished and e.code in (0, None):
+                # The reactor stopped (Ctrl-C, SIGTERM) before the command finished: that is not success.
+                sys.stderr.write("pager: interrupted before the command finished.\n")
+                sys.exit(EXIT_INTERRUPTED)
+            raise
 
 
 if __name__ == "__main__":

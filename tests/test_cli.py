@@ -18,7 +18,7 @@ import stat
 import sys
 
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor, task
 from twisted.trial import unittest
 
 import pager
@@ -705,3 +705,124 @@ class HelpTests(CLITestCase):
             self.assertNotIn("Traceback", result.err)
             for word in words:
                 self.assertIn(word, result.out, "%r missing from pager.py %s --help" % (word, " ".join(command)))
+
+
+class _FakeServer(protocol.Protocol):
+    """A server that greets like pager, answers login, then does what the test says: close, or fall silent."""
+
+    def __init__(self, pending, close_after_login, logins):
+        self.pending, self.close_after_login, self.logins = pending, close_after_login, logins
+        self.buffer = b""
+
+    def connectionMade(self):
+        self.transport.write(pager.encode_frame({
+            "type": "hello", "protocol": pager.PROTOCOL_VERSION, "server": "fake", "server_id": "ab" * 16,
+            "challenge": pager.b64(b"c" * 32), "limits": pager.Limits().public()}) + b"\n")
+
+    def dataReceived(self, data):
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            frame = json.loads(line)
+            if frame["type"] == "login":
+                self.transport.write(pager.encode_frame({
+                    "type": "ok", "id": frame["id"], "user": frame["user"], "pending": self.pending,
+                    "challenge": pager.b64(b"d" * 32)}) + b"\n")
+                self.logins.append(frame["user"])
+                if self.close_after_login:
+                    self.transport.loseConnection()
+
+
+class FaultyServerTests(CLITestCase):
+    """Commands against servers that misbehave end with a clear sentence and the right exit code, never hang."""
+
+    def fake_server(self, pending=0, close_after_login=False):
+        self.logins = []
+        factory = protocol.Factory.forProtocol(lambda: _FakeServer(pending, close_after_login, self.logins))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return "127.0.0.1:%d" % port.getHost().port
+
+    def home_with_key(self, name):
+        home = self.home()
+        directory = pager.user_directory(home, "ab" * 16, name)
+        pager.save_private_key(os.path.join(directory, pager.KEY_FILE_NAME), key(name), "")
+        return home
+
+    async def test_fetch_connection_lost_before_promised_messages(self):
+        """A server that promises 3 waiting messages and closes: fetch exits 6 at once, saying the rest stay."""
+        host = self.fake_server(pending=3, close_after_login=True)
+        result = await self.pager("fetch", host, "--user", "bob", home=self.home_with_key("bob"),
+                                  env={"PAGER_TOKEN": "bobs-token"}, timeout=10)
+        line = self.assertOneErrorLine(result, pager.EXIT_NETWORK)
+        self.assertIn("lost", line)
+
+    async def test_interrupted_send_is_not_success(self):
+        """A send stopped by SIGINT before the server answered exits 130, never 0."""
+        host = self.fake_server()  # answers login, then nothing: the key request never gets an answer
+        child = self.spawn([sys.executable, PAGER_PY, "send", host, "--user", "alice", "--to", "bob", "hi"],
+                           base_env(PAGER_HOME=self.home_with_key("alice"), PAGER_TOKEN="alices-token"))
+        for _ in range(1500):  # until the fake server has answered its login (at most 15 s)
+            if self.logins or child.finished:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.logins, ["alice"], child.result())
+        child.transport.signalProcess("INT")
+        result = await self.finish(child, "interrupted send", 10)
+        line = self.assertOneErrorLine(result, pager.EXIT_INTERRUPTED)
+        self.assertIn("interrupted", line)
+        self.assertEqual(result.out, "")
+
+    async def test_bad_out_paths(self):
+        """export-key and make-cert given an --out they cannot write say so in one sentence (exit 2)."""
+        await self.serve()
+        home = await self.provision("alice")
+        result = await self.pager("export-key", self.host, "--user", "alice", "--out", "/nonexistent/dir/k.p12",
+                                  home=home, passphrase="export-pass")
+        self.assertIn("Cannot write", self.assertOneErrorLine(result, pager.EXIT_USAGE))
+        taken = os.path.abspath(self.mktemp())
+        with open(taken, "w") as f:
+            f.write("a file, not a directory")
+        result = await self.pager("make-cert", "localhost", "--out", taken)
+        self.assertIn("Cannot write", self.assertOneErrorLine(result, pager.EXIT_USAGE))
+
+    async def test_token_file_not_text(self):
+        """A safetoken file that is not UTF-8 is bad usage, in one sentence."""
+        await self.serve()
+        home = await self.provision("alice")
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(b"\xff\xfe\n")
+        result = await self.pager("users", self.host, "--user", "alice", "--token-file", path, home=home)
+        self.assertIn("not UTF-8", self.assertOneErrorLine(result, pager.EXIT_USAGE))
+
+    async def test_import_garbage(self):
+        """import-key of a file that is no key says exactly that (exit 3), not 'wrong passphrase'."""
+        await self.serve()
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(b"this is not a key at all\n")
+        result = await self.pager("import-key", self.host, "--user", "alice", path, home=self.home(),
+                                  passphrase="local-pass")
+        self.assertIn("not a key file", self.assertOneErrorLine(result, pager.EXIT_AUTH))
+
+    async def test_refused_registration_leaves_no_key(self):
+        """A first send that the server refuses to register leaves no key behind, final or pending."""
+        options = pager.ServerOptions()
+        options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--db", self.mktemp(),
+                              "--registration", "closed"])
+        self.server = pager.makeService(options, reactor)
+        self.server.startService()
+        self.addCleanup(self.stop_server, self.server)
+        port = await self.server.ready
+        self.host = "127.0.0.1:%d" % port.getHost().port
+        home = self.home()
+        result = await self.pager("send", self.host, "--user", "newbie", "--to", "newbie", "hi", home=home,
+                                  env={"PAGER_TOKEN": "newbie-token"}, passphrase="pass")
+        self.assertExit(result, pager.EXIT_FAILURE)
+        self.assertNotIn("Traceback", result.err)
+        self.assertIn("pager: This server does not take new users", result.err.splitlines()[-1])
+        directory = self.user_dir(home, "newbie")
+        self.assertEqual(sorted(n for n in os.listdir(directory) if n.startswith("key")), [])

@@ -434,6 +434,16 @@ class ChatConnectionTests(ChatTestCase):
         await self.wait_for(lambda: "welcome back" in ui.text(), "bob's message after reconnecting")
 
 
+    async def test_quit_while_reconnecting(self):
+        """With the server gone and the chat retrying, quit ends the chat at once instead of waiting for a server."""
+        server = await self.serve()
+        chat, ui = await self.chat_as("alice")
+        await server.stopService()  # closes alice's connection and stops listening
+        await self.wait_for(lambda: "Reconnecting" in ui.text(), "the chat to start reconnecting", tries=1000)
+        chat.line("quit")
+        await self.wait_for(lambda: chat.done.called, "quit to finish while the server is down", tries=300)
+
+
 class PlainChatTests(ChatTestCase):
     """Without a terminal, the chat reads plain lines and writes plain lines."""
 
