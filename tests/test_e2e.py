@@ -111,9 +111,9 @@ class E2ETestCase(unittest.TestCase):
         await client.register(name, token(name), key(name))
         return client
 
-    async def login(self, address, name, receive=True, seen=None):
+    async def login(self, address, name, receive=True, seen=None, pins=None):
         """A new session of C{name}: its event recorders are attached before it logs in."""
-        client = await self.connect(address, seen=seen)
+        client = await self.connect(address, seen=seen, pins=pins)
         await client.login(name, token(name), key(name), receive=receive)
         return client
 
@@ -441,6 +441,31 @@ class DeliveryTests(E2ETestCase):
         await bob2.ping()
         self.assertEqual([(m.message_id.hex(), m.plaintext) for m in bob2.events.messages], [(later, b"second try")])
         self.assertEqual(bob2.events.rejected, [])
+
+
+    async def test_sender_rekeys_before_delivery(self):
+        """
+        A message signed just before its sender replaced the key still opens for a recipient who pinned the old
+        key, as verified, while a recipient with no pin cannot tell it from a forgery and rejects it.
+        """
+        server, address = await self.start_server()
+        alice = await self.register(address, "alice")
+        bob = await self.register(address, "bob")
+        carol = await self.register(address, "carol")
+        await bob.trust("alice")  # bob has seen alice's key before: it is pinned in his client
+        await self.offline(server, bob)
+        await self.offline(server, carol)
+        msg = await alice.send(["bob", "carol"], "sent before my re-key")
+        new_key = key("alice-new")
+        await alice.rekey("alice", token("alice"), key("alice"), new_key)
+        bob2 = await self.login(address, "bob", pins=bob.pins)
+        await self.wait_for(lambda: bob2.events.messages, "the message signed with the old key")
+        [opened] = bob2.events.messages
+        self.assertEqual((opened.message_id.hex(), opened.plaintext, opened.key_status),
+                         (msg, b"sent before my re-key", "verified"))
+        carol2 = await self.login(address, "carol")
+        await self.wait_for(lambda: carol2.events.rejected, "carol's client to refuse what it cannot verify")
+        self.assertIsInstance(carol2.events.rejected[0][2], pager.WrongSenderKey)
 
 
 class RobustnessTests(E2ETestCase):
