@@ -1535,9 +1535,6 @@ class Store:
     def abort_upload(self, seq):
         return self._run(abort_upload_txn, seq)
 
-    def check_recipients(self, recipients, size, limits):
-        return self._run(check_recipients_txn, recipients, size, limits)
-
     def accept_message(self, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
                        check=None):
         return self._run(accept_message_txn, msg_id, sender, header, signature, size, chunks, recipients, now,
@@ -3298,18 +3295,21 @@ class PagerClient:
         proto = self.protocol
         max_line = self.limits.get("max_line", 0)
         header = b64(envelope.header)
-        chunks = [b64(c) for c in envelope.chunks]
         frame = {"to": names, "size": envelope.size, "header": header}
-        if len(header) + sum(len(c) + 3 for c in chunks) + 1024 < max_line:
-            return await proto.request("send", chunks=chunks, signature=b64(envelope.signature), **frame)
+        encoded = sum((len(c) + 2) // 3 * 4 + 3 for c in envelope.chunks)  # base64 sizes, without encoding yet
+        if len(header) + encoded + 1024 < max_line:
+            return await proto.request("send", chunks=[b64(c) for c in envelope.chunks],
+                                       signature=b64(envelope.signature), **frame)
+        # Chunk by chunk, as the server reads them: a large message is never encoded whole on the reactor thread.
         rid = proto.new_id()
         answer = proto.request("send", id=rid, chunks=[], **frame)
-        for index, chunk in enumerate(chunks):
+        last = len(envelope.chunks) - 1
+        for index, chunk in enumerate(envelope.chunks):
             await proto.flow.wait()
             if answer.called:  # refused part-way: stop sending
                 break
-            part = {"type": "chunk", "id": rid, "chunks": [chunk]}
-            if index == len(chunks) - 1:
+            part = {"type": "chunk", "id": rid, "chunks": [b64(chunk)]}
+            if index == last:
                 part["signature"] = b64(envelope.signature)
             proto.send_frame(part)
         return await answer
@@ -3662,8 +3662,11 @@ class Session:
             endpoint = client_endpoint(self.reactor, self.host, self.port, self.config["tls"], self.config["ca"])
         except OSError as e:
             raise usage.UsageError("Cannot read the CA file %s: %s." % (self.config["ca"], e.strerror))
-        except Exception as e:
-            raise usage.UsageError("Cannot use the CA file %s: %s." % (self.config["ca"], e))
+        except Exception as e:  # a CA file that is not a PEM certificate, or no usable system trust store
+            if self.config["ca"]:
+                raise usage.UsageError("Cannot use the CA file %s: %s." % (self.config["ca"], e))
+            raise usage.UsageError("Cannot load the system's trust store for TLS (%s); give the server's CA with "
+                                   "--ca FILE." % e)
         self._last_protocol = None
         try:
             client = await PagerClient.connect(endpoint, self.reactor, timeout=15, made=self._made)

@@ -357,15 +357,23 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(0,)])
         self.assertEqual((await store.get_user("bob")).pending_count, 0)
 
-    async def test_check_recipients(self):
-        """check_recipients raises the same errors without storing anything, and passes when all have room."""
+    async def test_upload_checks_recipients_first(self):
+        """
+        Beginning a multi-frame upload refuses an unknown or full recipient, naming it, before anything is stored;
+        with room for everyone it begins.
+        """
         store = await self.open_store()
         await self.add_users(store, "alice", "bob")
-        await store.check_recipients(["alice", "bob"], 10, LIMITS)
-        with self.assertRaises(pager.UnknownUser):
-            await store.check_recipients(["bob", "zed"], 10, LIMITS)
-        with self.assertRaises(pager.QuotaExceeded):
-            await store.check_recipients(["bob"], 10, pager.Limits(max_pending_bytes=9))
+        with self.assertRaises(pager.UnknownUser) as caught:
+            await store.begin_upload(_msg_id(1), "alice", b"h", 10, ["bob", "zed"], LIMITS)
+        self.assertIn("zed", caught.exception.message)
+        with self.assertRaises(pager.QuotaExceeded) as caught:
+            await store.begin_upload(_msg_id(2), "alice", b"h", 10, ["bob"], pager.Limits(max_pending_bytes=9))
+        self.assertIn("bob", caught.exception.message)
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(0,)])
+        seq, duplicate, _ = await store.begin_upload(_msg_id(3), "alice", b"h", 10, ["alice", "bob"], LIMITS)
+        self.assertFalse(duplicate)
+        self.assertEqual(await self.query(store, "SELECT seq FROM messages"), [(seq,)])
 
     # -- expiry and receipts --
 
