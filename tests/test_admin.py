@@ -154,6 +154,7 @@ class AdminCommandTests(AdminTestCase):
         self.assertEqual([m.msg_id.hex() for m in await self.pending(self.server, "carol")], [shared])
         self.assertEqual(self.query("SELECT COUNT(*) FROM deliveries WHERE recipient = 'bob'"), [(0,)])
         self.assertEqual(self.query("SELECT COUNT(*) FROM messages"), [(1,)])
+        self.assertEqual(self.query("SELECT COUNT(*) FROM chunks WHERE seq NOT IN (SELECT seq FROM messages)"), [(0,)])
         with self.assertRaises(pager.UnknownUser):
             await alice.public_key("bob", refresh=True)
         with self.assertRaises(pager.UnknownUser):

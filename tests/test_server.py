@@ -399,6 +399,23 @@ class MalformedRequestTests(ServerTestCase):
             ("receipt", -1, "bad_request"), ("receipt", 1.0, "bad_request"),
         ])
 
+    def test_ackListFields(self):
+        """
+        The list form of ack refuses, with bad_request and without touching anything, a list that is empty, too
+        long, or holds one item of the wrong kind.
+        """
+        conn = self.register("alice")
+        good = "00" * 16
+        self.assertFieldsRefused(conn, "ack", {"msgs": [good]}, [
+            ("msgs", [], "bad_request"), ("msgs", good, "bad_request"), ("msgs", [good, 5], "bad_request"),
+            ("msgs", [good, "zz" * 16], "bad_request"), ("msgs", [good, "ab"], "bad_request"),
+            ("msgs", [" " + "00" * 15 + " "], "bad_request"),
+            ("msgs", [good] * (pager.MAX_ACK_BATCH + 1), "bad_request"),
+            ("receipts", [], "bad_request"), ("receipts", [1, "2"], "bad_request"), ("receipts", [0], "bad_request"),
+            ("receipts", [True], "bad_request"), ("receipts", [2 ** 63], "bad_request"),
+            ("receipts", list(range(1, pager.MAX_ACK_BATCH + 2)), "bad_request"),
+        ])
+
     def test_rejectFields(self):
         """Wrong-typed reject fields get bad_request."""
         conn = self.register("alice")
@@ -933,6 +950,35 @@ class DeliveryTests(ServerTestCase):
         alice.lose()
         self.assertEqual(self.login("alice").read(), [])
 
+    def test_ackList(self):
+        """
+        One ack frame may list many messages and many receipts: the listed deliveries are deleted, a receipt goes
+        to each sender, the ids that are not pending are named in the answer instead of failing the rest, and
+        nothing listed is delivered again.
+        """
+        self.offline("bob")
+        envelopes = [seal("alice", ["bob"]) for _ in range(3)]
+        for envelope in envelopes:
+            self.assertOk(self.alice.send(envelope))
+        bob = self.login("bob")
+        self.assertEqual([f["msg"] for f in bob.pushed("message")], [msg_id(e) for e in envelopes])
+        stranger = "ab" * 16
+        answer = bob.request("ack", msgs=[msg_id(envelopes[2]), stranger, msg_id(envelopes[0])])
+        self.assertOk(answer)
+        self.assertEqual(answer["unknown_msgs"], [stranger])
+        receipts = self.alice.pushed("receipt")
+        self.assertEqual([(r["msg"], r["from"], r["status"]) for r in receipts],
+                         [(msg_id(envelopes[2]), "bob", "delivered"), (msg_id(envelopes[0]), "bob", "delivered")])
+        answer = self.alice.request("ack", receipts=[r["receipt"] for r in receipts] + [10 ** 12])
+        self.assertOk(answer)
+        self.assertEqual(answer["unknown_receipts"], [10 ** 12])
+        self.assertEqual(self.alice.request("ack", receipts=[receipts[0]["receipt"]])["unknown_receipts"],
+                         [receipts[0]["receipt"]])
+        bob.lose()
+        self.assertEqual([f["msg"] for f in self.login("bob").pushed("message")], [msg_id(envelopes[1])])
+        self.alice.lose()
+        self.assertEqual(self.login("alice").pushed("receipt"), [])
+
     def test_ackOtherUsersDelivery(self):
         """An ack by carol for bob's message gets unknown_message, and bob still gets it on his next login."""
         self.offline("bob")
@@ -1362,3 +1408,15 @@ class ClientChallengeTests(SynchronousTestCase):
         d = defer.Deferred.fromCoroutine(client.login("alice", TOKEN, private_key("alice")))
         self.failureResultOf(d, pager.BadRequest)
         self.assertEqual(transport.value(), b"")
+
+
+class RecentTests(SynchronousTestCase):
+    """The window of a send-only session's recent message ids, whose receipts it is sent."""
+
+    def test_keepsTheLastDistinct(self):
+        """It holds the last C{size} distinct ids; adding one again makes it the newest rather than a copy."""
+        recent = pager._Recent(3)
+        for item in (b"a", b"b", b"c", b"a", b"d"):
+            recent.add(item)
+        self.assertEqual(len(recent), 3)
+        self.assertEqual([i for i in (b"a", b"b", b"c", b"d") if i in recent], [b"a", b"c", b"d"])

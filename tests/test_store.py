@@ -97,11 +97,17 @@ class StoreTests(unittest.TestCase):
         self.assertIn(str(pager.SCHEMA_VERSION + 1), caught.exception.message)
 
     async def test_wal_and_synchronous_full(self):
-        """The pool's connection uses WAL journaling, synchronous=FULL and enforced foreign keys."""
+        """The pool's connection uses WAL journaling and synchronous=FULL."""
         store = await self.open_store()
         self.assertEqual(await self.query(store, "PRAGMA journal_mode"), [("wal",)])
         self.assertEqual(await self.query(store, "PRAGMA synchronous"), [(2,)])  # 2 is FULL
-        self.assertEqual(await self.query(store, "PRAGMA foreign_keys"), [(1,)])
+
+    async def assertNoOrphans(self, store):
+        """Every chunk belongs to a message, every delivery to a stored message."""
+        self.assertEqual(await self.query(
+            store, "SELECT COUNT(*) FROM chunks WHERE seq NOT IN (SELECT seq FROM messages)"), [(0,)])
+        self.assertEqual(await self.query(
+            store, "SELECT COUNT(*) FROM deliveries WHERE seq NOT IN (SELECT seq FROM messages)"), [(0,)])
 
     async def test_wal_persists_in_file(self):
         """The database file itself is left in WAL mode, seen by a plain sqlite3 connection after close."""
@@ -221,6 +227,53 @@ class StoreTests(unittest.TestCase):
             record = await store.get_user(name)
             self.assertEqual((record.pending_count, record.pending_bytes), (0, 0), name)
 
+    async def test_settle_many(self):
+        """
+        settle() takes a list: it deletes only the acking user's deliveries of the ids that are pending for them,
+        reports the others as unknown, stores one receipt per message in the order asked, and drops a message with
+        its chunks once its last delivery is gone.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob", "carol")
+        for n in range(1, 6):
+            await self.accept(store, n, "alice" if n % 2 else "carol", ["bob"] if n != 3 else ["bob", "carol"])
+        asked = [_msg_id(4), _msg_id(1), _msg_id(9), _msg_id(3), _msg_id(1)]  # 9 was never sent; 1 twice
+        receipts, unknown = await store.settle("bob", asked, "delivered", "", NOW + 1)
+        self.assertEqual(unknown, [_msg_id(9)])
+        self.assertEqual([(sender, r.msg_id, r.peer, r.status) for sender, r in receipts],
+                         [("carol", _msg_id(4), "bob", "delivered"), ("alice", _msg_id(1), "bob", "delivered"),
+                          ("alice", _msg_id(3), "bob", "delivered")])
+        self.assertEqual([r.rid for _, r in receipts], sorted(r.rid for _, r in receipts))
+        self.assertEqual([m.msg_id for m in await store.pending("bob", 0)], [_msg_id(2), _msg_id(5)])
+        self.assertEqual([m.msg_id for m in await store.pending("carol", 0)], [_msg_id(3)])  # carol's own delivery
+        self.assertEqual(sorted(r[0] for r in await self.query(store, "SELECT msg_id FROM messages")),
+                         sorted([_msg_id(2), _msg_id(3), _msg_id(5)]))
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(6,)])
+        await self.assertNoOrphans(store)
+        bob = await store.get_user("bob")
+        self.assertEqual((bob.pending_count, bob.pending_bytes), (2, 28))
+        # Nobody else can settle bob's deliveries, and settling them again finds nothing.
+        self.assertEqual(await store.settle("alice", [_msg_id(2)], "delivered", "", NOW), ([], [_msg_id(2)]))
+        self.assertEqual(await store.settle("bob", [_msg_id(4)], "delivered", "", NOW), ([], [_msg_id(4)]))
+        self.assertEqual(len(await store.pending_receipts("alice", 0)), 2)
+        self.assertEqual(len(await store.pending_receipts("carol", 0)), 1)
+
+    async def test_settle_more_than_a_statement_holds(self):
+        """A list longer than one statement's parameters (1,000 ids) settles whole, and its receipts are in order."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        for n in range(1, 1001):
+            await self.accept(store, n, "alice", ["bob"], chunks=[b"c"])
+        receipts, unknown = await store.settle("bob", [_msg_id(n) for n in range(1, 1001)], "delivered", "", NOW)
+        self.assertEqual(unknown, [])
+        self.assertEqual([r.msg_id for _, r in receipts], [_msg_id(n) for n in range(1, 1001)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(0,)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(0,)])
+        stored = await store.pending_receipts("alice", 0, limit=2000)
+        self.assertEqual([r.rid for r in stored], [r.rid for _, r in receipts])
+        self.assertEqual(await store.ack_receipts("alice", [r.rid for r in stored] + [10 ** 9]), [10 ** 9])
+        self.assertEqual(await store.pending_receipts("alice", 0), [])
+
     async def test_ack_by_non_recipient(self):
         """A user who is not a recipient cannot acknowledge (and so delete) someone else's delivery."""
         store = await self.open_store()
@@ -265,6 +318,19 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks WHERE seq = ?", seq), [(0,)])
         # The id is free again: the sender can upload it from scratch.
         self.assertEqual((await self.accept(store, 2, "alice", ["bob"]))[2], False)
+
+    async def test_abort_upload(self):
+        """abort_upload() drops an unfinished upload with its chunks, and never an accepted message."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        accepted, _, _ = await self.accept(store, 1, "alice", ["bob"])
+        seq, _, _ = await store.begin_upload(_msg_id(2), "alice", b"header-2", 1000, ["bob"], pager.Limits())
+        await store.add_chunks(seq, 0, [b"x" * 10])
+        await store.abort_upload(seq)
+        await store.abort_upload(accepted)
+        self.assertEqual(await self.query(store, "SELECT seq FROM messages"), [(accepted,)])
+        self.assertEqual(await self.query(store, "SELECT seq, COUNT(*) FROM chunks GROUP BY seq"), [(accepted, 2)])
+        await self.assertNoOrphans(store)
 
     async def test_upload_then_accept(self):
         """An upload begun, given chunks in pieces, then accepted, is one pending message with all its chunks."""
@@ -402,6 +468,8 @@ class StoreTests(unittest.TestCase):
         self.assertEqual((carol.pending_count, carol.pending_bytes), (0, 0))
         bob = await store.get_user("bob")
         self.assertEqual((bob.pending_count, bob.pending_bytes), (1, 14))
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(2,)])  # message 2's
+        await self.assertNoOrphans(store)
         stored = await store.pending_receipts("alice", 0)
         self.assertEqual(sorted((r.peer, r.status) for r in stored), [("bob", "expired"), ("carol", "expired")])
 
