@@ -33,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--insert", choices=["db", "socket"], default="db",
                    help="queue the messages straight into the database before the server starts (db, default), "
                         "or send them through the server on a pipelined raw socket (socket)")
+    p.add_argument("--ack", choices=["batch", "single"], default="batch",
+                   help="acknowledge every message read in one go with one list-form ack (batch, default), or "
+                        "each message with an ack of its own (single)")
     p.add_argument("--timeout", type=float, default=600.0, help="longest wait for one drain, in seconds")
     p.add_argument("--key-cache", default=None, help="file caching the benchmark's RSA keys ('' for none)")
     p.add_argument("--profile", metavar="FILE",
@@ -100,9 +103,11 @@ def drain_once(args, count, keys, envelopes, report):
             perf = time.perf_counter
             MSG, ML, OKP = bl.MESSAGE_PREFIX, bl.MESSAGE_LEN, bl.OK_PREFIX
 
+            batches = {}  # request id -> how many messages its ack lists
+
             def on_lines(conn, lines):
                 now = perf()
-                out = []
+                out, ids = [], []
                 for line in lines:
                     if line.startswith(MSG):
                         st["delivered"] += 1
@@ -110,14 +115,26 @@ def drain_once(args, count, keys, envelopes, report):
                             st["t_first"] = now
                         if st["delivered"] == count:
                             st["t_delivered"] = now
-                        st["seq"] += 1
-                        out.append(b'{"type":"ack","id":%d,"msg":"%s"}\n' % (st["seq"], line[ML:ML + 32]))
+                        if args.ack == "batch":
+                            ids.append(line[ML:ML + 32])
+                        else:
+                            st["seq"] += 1
+                            batches[st["seq"]] = 1
+                            out.append(b'{"type":"ack","id":%d,"msg":"%s"}\n' % (st["seq"], line[ML:ML + 32]))
                     elif line.startswith(OKP):
-                        st["acked"] += 1
+                        answer = json.loads(line)
+                        if answer.get("unknown_msgs"):
+                            st["errors"].append(answer)
+                        st["acked"] += batches.pop(answer["id"])
                         if st["acked"] == count:
                             st["t_acked"] = now
                     elif line.startswith(bl.ERROR_PREFIX):
                         st["errors"].append(json.loads(line))
+                for start in range(0, len(ids), 1000):  # the server's max_ack_batch
+                    part = ids[start:start + 1000]
+                    st["seq"] += 1
+                    batches[st["seq"]] = len(part)
+                    out.append(b'{"type":"ack","id":%d,"msgs":["%s"]}\n' % (st["seq"], b'","'.join(part)))
                 if out:
                     conn.queue(b"".join(out))
 
@@ -204,7 +221,10 @@ def main(argv=None):
                     "'queue ... (socket)' is the server's accept rate into an offline user's queue.")
     report.note("Drain time runs from the login request (written as the hello is read) to the answer to the last "
                 "ack, so it includes the login's Argon2id hash. The receiver acks each message as soon as its "
-                "frame is read, without decrypting it.")
+                "frame is read, without decrypting it, " + (
+                    "with one list-form ack (\"msgs\", PROTOCOL.md 4.12) for all the messages of each read "
+                    "from the socket (at most 1,000 a frame)." if args.ack == "batch" else
+                    "with one ack frame per message (--ack single)."))
     report.note("RSS: the server's VmRSS sampled every 50 ms from the login's answer to the end of the drain "
                 "('start'); 'idle' is sampled just before the login, so 'peak minus idle' also counts the login's own "
                 "Argon2id buffer (19 MiB), which the hashing thread's malloc arena may keep. Each queue length runs "
