@@ -3250,6 +3250,8 @@ class PagerClient:
         self._incoming = {}  # msg id (hex) -> _Incoming still receiving chunks
         self._queue = collections.deque()
         self._working = False
+        self._acks = {"msgs": [], "receipts": []}  # waiting for the acknowledgement in flight to be answered
+        self._ack_in_flight = False
         self._keepalive = None
         self.processed = 0  # pushed messages fully dealt with: shown and acknowledged, skipped as seen, or rejected
         self.failures = []  # hand-offs that raised (the message stays on the server)
@@ -3284,6 +3286,7 @@ class PagerClient:
     def close(self):
         """Close the connection; the Deferred fires once it is closed."""
         self._stop_keepalive()
+        self._send_acks()  # written before the connection closes: what was handed over is not delivered again
         if self.protocol.transport is not None and self.protocol.transport.connected:
             _lose(self.protocol.transport)
         return self.protocol.done
@@ -3565,7 +3568,36 @@ class PagerClient:
             await defer.maybeDeferred(self.on_message, opened)
             await self.seen.add(opened.sender, opened.message_id, self.reactor.seconds())
         # Not awaited: acknowledgements are pipelined, so the next message is handled while this one commits.
-        self.protocol.request("ack", msg=incoming.msg).addErrback(self._ack_failed)
+        self._ack("msgs", incoming.msg)
+
+    def _ack(self, field, value):
+        """
+        Acknowledge one pushed item without waiting for the answer.  While an acknowledgement is in flight, the
+        next ones wait for its answer and then go out together in one list-form ack (PROTOCOL.md 4.12): a client
+        handling a burst sends a few frames, not one per item, and one handling an item now and then sends each at
+        once.  A server that does not announce max_ack_batch gets one ack per item.
+        """
+        if not self.limits.get("max_ack_batch"):
+            single = {"msgs": "msg", "receipts": "receipt"}[field]
+            self.protocol.request("ack", **{single: value}).addErrback(self._ack_failed)
+            return
+        self._acks[field].append(value)
+        if not self._ack_in_flight:
+            self._send_acks()
+
+    def _send_acks(self):
+        batch = self.limits.get("max_ack_batch") or 1
+        fields = {}
+        for field, waiting in self._acks.items():
+            if waiting:
+                fields[field], self._acks[field] = waiting[:batch], waiting[batch:]
+        if not fields:
+            self._ack_in_flight = False
+            return
+        self._ack_in_flight = True
+        d = self.protocol.request("ack", **fields)
+        d.addErrback(self._ack_failed)
+        d.addBoth(lambda _: self._send_acks())
 
     def _ack_failed(self, failure):
         # UnknownMessage: another session of ours acknowledged it first.  ConnectionLost: the server keeps the
@@ -3580,11 +3612,13 @@ class PagerClient:
             frame.get("at") if isinstance(frame.get("at"), (int, float)) else 0.0)
         if self.on_receipt is not None:
             await defer.maybeDeferred(self.on_receipt, receipt)
-        self.protocol.request("ack", receipt=receipt.rid).addErrback(self._ack_failed)
+        self._ack("receipts", receipt.rid)
 
     def connection_lost(self, error):
         self._stop_keepalive()
         self._incoming.clear()
+        for waiting in self._acks.values():
+            waiting.clear()  # the server delivers these again; the duplicate store recognises them
         if self.on_disconnect is not None:
             self.on_disconnect(error)
 

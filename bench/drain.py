@@ -4,7 +4,9 @@ Drain benchmark: messages queued for an offline user, then the user logs in (a r
 message as it arrives).  Measures the time until all are delivered and acknowledged, and the server's memory
 (VmRSS sampled every 50 ms) during the drain, for two queue lengths: it must not grow with the queue.
 
-    python bench/drain.py [--quick] [--json] [--counts 10000,100000] [--insert db|socket]
+The receiver acknowledges all the messages of one read with one list-form ack (--ack single: one ack per message).
+
+    python bench/drain.py [--quick] [--json] [--counts 10000,100000] [--insert db|socket] [--ack batch|single]
 """
 
 import argparse

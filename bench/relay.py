@@ -6,9 +6,11 @@ same load through a bare Twisted JSON-lines relay (bench/ceiling_relay.py) as th
 A message counts once it is accepted (the sender's ok), delivered (pushed to the receiver) and acknowledged (the
 receiver's ack answered ok).  Latency runs from the write of the send frame to the read of the message push, on the
 generator's one clock.  Fixed offered rates (open loop, paced every half millisecond), then as fast as possible
-(closed loop: a bounded window of unacknowledged messages per sender).
+(closed loop: a bounded window of unacknowledged messages per sender).  Receivers acknowledge all the messages of
+one read with one list-form ack (--ack single: one ack per message).
 
-    python bench/relay.py [--quick] [--json] [--pairs 10,1000] [--rates 1000,10000] [--profile out.svg]
+    python bench/relay.py [--quick] [--json] [--pairs 10,1000] [--rates 1000,10000] [--ack batch|single]
+                          [--profile out.svg]
 """
 
 import argparse
@@ -518,7 +520,8 @@ def main(argv=None):
                 "the server's to show that the generator is not the bottleneck.")
     report.note("The ceiling relay (bench/ceiling_relay.py) parses each line as JSON, forwards it to the user "
                 "named in 'to' and answers ok; it stores nothing and checks nothing. Its frames carry the same "
-                "envelopes. Lines/s counts the 5 lines per message it reads and writes.")
+                "envelopes." + (" Lines/s counts the 5 lines per message it reads and writes." if args.ack == "single"
+                                else ""))
     report.finish()
     return 0
 

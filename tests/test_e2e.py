@@ -193,6 +193,39 @@ class DeliveryTests(E2ETestCase):
         self.assertOpened(message, "alice", b"while you were out", msg)
         self.assertEqual([(r.message_id, r.status) for r in alice.events.receipts], [(msg, "delivered")])
 
+    async def test_burst_acknowledged_in_few_frames(self):
+        """
+        Thirty messages waiting at login are all shown once and acknowledged, in fewer ack frames than messages
+        (those handled while an ack is in flight go together in one list); the thirty receipts waiting for alice
+        are dismissed the same way.
+        """
+        server, address = await self.start_server()
+        alice = await self.register(address, "alice")
+        await self.offline(server, await self.register(address, "bob"))
+        sent = [await alice.send("bob", "page %d" % n) for n in range(30)]
+        await self.offline(server, alice)
+        frames = []
+        handle_ack = pager.PagerServerProtocol.handle_ack
+
+        def recording(protocol, frame, rid):
+            if protocol.user == "bob":
+                frames.append(frame)
+            return handle_ack(protocol, frame, rid)
+
+        self.patch(pager.PagerServerProtocol, "handle_ack", recording)
+        bob = await self.login(address, "bob")
+        await self.wait_for(lambda: len(bob.events.messages) == 30, "thirty messages")
+        await self.no_pending(server, "bob")
+        self.assertEqual([m.message_id.hex() for m in bob.events.messages], sent)
+        acked = [frame.get("msgs", [frame.get("msg")]) for frame in frames]
+        self.assertEqual(sorted(m for batch in acked for m in batch), sorted(sent))
+        self.assertLess(len(acked), 30)
+        self.assertEqual(len(await server.store.pending_receipts("alice", 0)), 30)
+        alice = await self.login(address, "alice")
+        await self.wait_for(lambda: len(alice.events.receipts) == 30, "thirty receipts")
+        await self.wait_for(lambda: server.store.pending_receipts("alice", 0).addCallback(lambda rs: not rs),
+                            "alice's acknowledgement of the receipts")
+
     async def test_offline_sender_gets_stored_receipt(self):
         """When the sender is offline too, the receipt waits on the server and comes at her next login."""
         server, address = await self.start_server()
