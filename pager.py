@@ -1226,6 +1226,13 @@ def add_chunks_txn(txn, seq, start, chunks):
                     [(seq, start + i, c) for i, c in enumerate(chunks)])
 
 
+def upload_chunks_txn(txn, seq, start, chunks):
+    """L{add_chunks_txn} for an upload begun with L{begin_upload_txn}, unless it was dropped meanwhile."""
+    if txn.execute("SELECT 1 FROM messages WHERE seq = ? AND accepted_at IS NULL", (seq,)).fetchone() is None:
+        raise BadRequest("That upload was abandoned.")
+    add_chunks_txn(txn, seq, start, chunks)
+
+
 def abort_upload_txn(txn, seq):
     txn.execute("DELETE FROM chunks WHERE seq = ?1 AND EXISTS (SELECT 1 FROM messages WHERE seq = ?1 AND"
                 " accepted_at IS NULL)", (seq,))
@@ -1281,7 +1288,10 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     else:
         count = txn.execute("SELECT COUNT(*) FROM chunks WHERE seq = ?", (seq,)).fetchone()[0]
         txn.execute("UPDATE messages SET signature = ?, size = ?, chunk_count = ?, accepted_at = ?, expires_at = ?,"
-                    " ord = ? WHERE seq = ?", (signature, size, count, now, expires_at, ord_, seq))
+                    " ord = ? WHERE seq = ? AND accepted_at IS NULL", (signature, size, count, now, expires_at, ord_,
+                                                                    seq))
+        if txn.rowcount != 1:  # dropped meanwhile (its connection closed): nothing may refer to it
+            raise BadRequest("That upload was abandoned before its last frame.")
     # Each recipient's counters go up only if its quota holds; if one does not, find out why and refuse the whole
     # message (raising undoes everything this step did).
     for index, name in enumerate(recipients):
@@ -1298,7 +1308,8 @@ def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=4 * 1024 *
     """
     Up to C{limit} pending deliveries for C{user} after delivery position C{after_ord}, in the order they were
     accepted, small ones (up to C{inline_bytes}) with their chunks.  The page ends early rather than hold more
-    than C{page_bytes} of chunks (it always has at least one delivery, if there is one).
+    than C{page_bytes} of headers, signatures and inline chunks (it always has at least one delivery, if there is
+    one).
     """
     rows = txn.execute(
         "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord"
@@ -1306,11 +1317,12 @@ def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=4 * 1024 *
         " WHERE d.recipient = ? AND d.ord > ? ORDER BY d.ord LIMIT ?", (user, after_ord, limit)).fetchall()
     held = 0
     for end, row in enumerate(rows):
+        held += len(row[3]) + len(row[4] or b"")
         if row[5] <= inline_bytes:
-            held += row[5]
-            if held > page_bytes and end > 0:
-                del rows[end:]
-                break
+            held += row[5] + row[6] * GCM_TAG_SIZE
+        if held > page_bytes and end > 0:
+            del rows[end:]
+            break
     inline = [row[0] for row in rows if row[5] <= inline_bytes]
     chunks = collections.defaultdict(list)
     for part in _in_pages(inline):  # within SQLite's limit on parameters
@@ -1414,6 +1426,15 @@ def ack_receipts_txn(txn, user, rids):
         gone.update(row[0] for row in txn.execute(
             "DELETE FROM receipts WHERE user = ? AND rid IN (%s) RETURNING rid" % _marks(part), (user, *part)))
     return [rid for rid in rids if rid not in gone]
+
+
+def ack_many_txn(txn, user, msg_ids, rids, now):
+    """
+    The list form of ack, in one transaction: C{(receipts, unknown message ids, unknown receipt ids)}, settling
+    C{msg_ids} as delivered (see L{settle_txn}) and deleting the receipts C{rids}; either list may be None.
+    """
+    receipts, unknown_msgs = settle_txn(txn, user, msg_ids, "delivered", "", now) if msg_ids else ([], [])
+    return receipts, unknown_msgs, ack_receipts_txn(txn, user, rids) if rids else []
 
 
 def ack_receipt_txn(txn, user, rid):
@@ -1602,7 +1623,7 @@ class Store:
         return self._run(begin_upload_txn, msg_id, sender, header, size, recipients, limits)
 
     def add_chunks(self, seq, start, chunks):
-        return self._run(add_chunks_txn, seq, start, chunks)
+        return self._run(upload_chunks_txn, seq, start, chunks)
 
     def abort_upload(self, seq):
         return self._run(abort_upload_txn, seq)
@@ -1624,14 +1645,11 @@ class Store:
     def pending_receipts(self, user, after_rid, limit=500):
         return self._run(pending_receipts_txn, user, after_rid, limit)
 
-    def settle(self, user, msg_ids, status, reason, now):
-        return self._run(settle_txn, user, msg_ids, status, reason, now)
-
     def ack_receipt(self, user, rid):
         return self._run(ack_receipt_txn, user, rid)
 
-    def ack_receipts(self, user, rids):
-        return self._run(ack_receipts_txn, user, rids)
+    def ack_many(self, user, msg_ids, rids, now):
+        return self._run(ack_many_txn, user, msg_ids, rids, now)
 
     def expire(self, now):
         return self._run(expire_txn, now)
@@ -2221,7 +2239,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                                                                    self.limits)
             upload = _Upload(rid, verifier, to, size, seq, duplicate, accepted_at)
             if not duplicate:
-                await store.add_chunks(seq, 0, chunks)
+                try:
+                    await store.add_chunks(seq, 0, chunks)
+                finally:
+                    if self.closed:  # connectionLost had no upload to drop yet
+                        await store.abort_upload(seq)
             upload.count = len(chunks)
             self._upload = upload
         finally:
@@ -2368,14 +2390,15 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if "msgs" in frame or "receipts" in frame:  # the list form: many at once, the unknown ones reported
             msg_ids = self._msg_ids(frame) if "msgs" in frame else None
             rids = self._receipt_ids(frame) if "receipts" in frame else None
+            receipts, unknown_msgs, unknown_rids = await store.ack_many(self.user, msg_ids, rids, self.factory.now())
+            for sender, receipt in receipts:
+                self.factory.receipt_created(sender, receipt)
             answer = {}
-            if rids is not None:
-                answer["unknown_receipts"] = await store.ack_receipts(self.user, rids)
             if msg_ids is not None:
-                receipts, unknown = await store.settle(self.user, msg_ids, "delivered", "", self.factory.now())
-                for sender, receipt in receipts:
-                    self.factory.receipt_created(sender, receipt)
-                answer["unknown_msgs"] = [m.hex() for m in unknown]
+                unknown = set(unknown_msgs)
+                answer["unknown_msgs"] = [text for text, m in zip(frame["msgs"], msg_ids) if m in unknown]
+            if rids is not None:
+                answer["unknown_receipts"] = unknown_rids
             return answer
         if "receipt" in frame:
             await store.ack_receipt(self.user, field_int(frame, "receipt", 1, 2 ** 63 - 1))
@@ -3577,7 +3600,7 @@ class PagerClient:
         handling a burst sends a few frames, not one per item, and one handling an item now and then sends each at
         once.  A server that does not announce max_ack_batch gets one ack per item.
         """
-        if not self.limits.get("max_ack_batch"):
+        if self._ack_batch() is None:
             single = {"msgs": "msg", "receipts": "receipt"}[field]
             self.protocol.request("ack", **{single: value}).addErrback(self._ack_failed)
             return
@@ -3585,8 +3608,13 @@ class PagerClient:
         if not self._ack_in_flight:
             self._send_acks()
 
+    def _ack_batch(self):
+        """How many ids one ack may list, as the server announced it; None if it takes one at a time."""
+        batch = self.limits.get("max_ack_batch")
+        return batch if type(batch) is int and batch >= 1 else None
+
     def _send_acks(self):
-        batch = self.limits.get("max_ack_batch") or 1
+        batch = self._ack_batch() or 1
         fields = {}
         for field, waiting in self._acks.items():
             if waiting:
@@ -3607,7 +3635,7 @@ class PagerClient:
 
     async def _handle_receipt(self, frame):
         receipt = DeliveryReceipt(
-            field_int(frame, "receipt", 1, 2 ** 63), field_str(frame, "msg", 64), field_str(frame, "from", 64),
+            field_int(frame, "receipt", 1, 2 ** 63 - 1), field_str(frame, "msg", 64), field_str(frame, "from", 64),
             field_str(frame, "status", 32), field_str(frame, "reason", 1000, required=False, default=""),
             frame.get("at") if isinstance(frame.get("at"), (int, float)) else 0.0)
         if self.on_receipt is not None:

@@ -208,8 +208,7 @@ class DeliveryTests(E2ETestCase):
         handle_ack = pager.PagerServerProtocol.handle_ack
 
         def recording(protocol, frame, rid):
-            if protocol.user == "bob":
-                frames.append(frame)
+            frames.append((protocol.user, frame))
             return handle_ack(protocol, frame, rid)
 
         self.patch(pager.PagerServerProtocol, "handle_ack", recording)
@@ -217,7 +216,7 @@ class DeliveryTests(E2ETestCase):
         await self.wait_for(lambda: len(bob.events.messages) == 30, "thirty messages")
         await self.no_pending(server, "bob")
         self.assertEqual([m.message_id.hex() for m in bob.events.messages], sent)
-        acked = [frame.get("msgs", [frame.get("msg")]) for frame in frames]
+        acked = [frame.get("msgs", [frame.get("msg")]) for user, frame in frames if user == "bob"]
         self.assertEqual(sorted(m for batch in acked for m in batch), sorted(sent))
         self.assertLess(len(acked), 30)
         self.assertEqual(len(await server.store.pending_receipts("alice", 0)), 30)
@@ -225,6 +224,43 @@ class DeliveryTests(E2ETestCase):
         await self.wait_for(lambda: len(alice.events.receipts) == 30, "thirty receipts")
         await self.wait_for(lambda: server.store.pending_receipts("alice", 0).addCallback(lambda rs: not rs),
                             "alice's acknowledgement of the receipts")
+        dismissed = [frame.get("receipts", [frame.get("receipt")]) for user, frame in frames if user == "alice"]
+        self.assertEqual(sorted(r for batch in dismissed for r in batch), sorted(r.rid for r in alice.events.receipts))
+        self.assertLess(len(dismissed), 30)
+
+    async def test_acks_one_by_one_without_max_ack_batch(self):
+        """
+        A server that does not announce max_ack_batch (or announces something that is not a positive integer) gets
+        one ack frame per message, in the original form, and every message is still acknowledged.
+        """
+        server, address = await self.start_server()
+        alice = await self.register(address, "alice")
+        await self.offline(server, await self.register(address, "bob"))
+        sent = [await alice.send("bob", "page %d" % n) for n in range(5)]
+        frames = []
+        handle_ack = pager.PagerServerProtocol.handle_ack
+
+        def recording(protocol, frame, rid):
+            if protocol.user == "bob":
+                frames.append(frame)
+            return handle_ack(protocol, frame, rid)
+
+        self.patch(pager.PagerServerProtocol, "handle_ack", recording)
+        for announced in ("1000", None):
+            client = await self.connect(address)
+            if announced is None:
+                del client.limits["max_ack_batch"]
+            else:
+                client.limits["max_ack_batch"] = announced
+            self.assertIsNone(client._ack_batch())
+            await client.close()
+        bob = await self.connect(address)
+        del bob.limits["max_ack_batch"]
+        await bob.login("bob", token("bob"), key("bob"))
+        await self.wait_for(lambda: len(bob.events.messages) == 5, "five messages")
+        await self.no_pending(server, "bob")
+        self.assertEqual([frame.get("msg") for frame in frames], sent)
+        self.assertNotIn("msgs", str(frames))
 
     async def test_offline_sender_gets_stored_receipt(self):
         """When the sender is offline too, the receipt waits on the server and comes at her next login."""

@@ -416,6 +416,18 @@ class MalformedRequestTests(ServerTestCase):
             ("receipts", list(range(1, pager.MAX_ACK_BATCH + 2)), "bad_request"),
         ])
 
+    def test_ackListRefusedWhole(self):
+        """A list-form ack with good message ids but a malformed receipt list acknowledges nothing."""
+        self.offline("bob")
+        alice = self.register("alice")
+        envelope = seal("alice", ["bob"])
+        self.assertOk(alice.send(envelope))
+        bob = self.login("bob")
+        [message] = bob.pushed("message")
+        self.assertError(bob.request("ack", msgs=[message["msg"]], receipts=["1"]), "bad_request")
+        bob.lose()
+        self.assertEqual([f["msg"] for f in self.login("bob").pushed("message")], [msg_id(envelope)])
+
     def test_rejectFields(self):
         """Wrong-typed reject fields get bad_request."""
         conn = self.register("alice")
@@ -798,6 +810,37 @@ class UploadTests(ServerTestCase):
             frames.append(frame)
         return frames
 
+    def test_lostWhileLastChunkCommits(self):
+        """
+        When the connection drops while the last chunk frame's chunks are being committed, the dropped upload is
+        not accepted afterwards: no delivery without its message, and the recipient's quota is not counted.
+        """
+        self.bob.lose()
+        store_add_chunks = self.store.add_chunks
+        held = []
+
+        def add_chunks(seq, start, chunks):  # committed at once, but its answer reaches the reactor later
+            answer = defer.Deferred()
+            held.append((store_add_chunks(seq, start, chunks), answer))
+            return answer
+
+        frames = self.chunk_frames(self.envelope)
+        self.alice.write(self.header_frame(self.envelope))
+        for frame in frames[:-1]:
+            self.alice.write(frame)
+        self.patch(self.store, "add_chunks", add_chunks)
+        self.alice.write(frames[-1])
+        self.alice.lose()  # the upload is dropped now
+        committed, answer = held.pop()
+        committed.chainDeferred(answer)
+        query = lambda sql: self.successResultOf(  # noqa: E731
+            self.store.pool.runInteraction(lambda txn: txn.execute(sql).fetchall()))
+        self.assertEqual(query("SELECT COUNT(*) FROM messages"), [(0,)])
+        self.assertEqual(query("SELECT COUNT(*) FROM chunks"), [(0,)])
+        self.assertEqual(query("SELECT COUNT(*) FROM deliveries"), [(0,)])
+        self.assertEqual(query("SELECT pending_count, pending_bytes FROM users WHERE name = 'bob'"), [(0, 0)])
+        self.assertEqual(self.login("bob").read(), [])
+
     def test_upload(self):
         """A header frame and chunk frames are answered once, at the end, and reach the recipient whole."""
         envelope = self.envelope
@@ -962,10 +1005,11 @@ class DeliveryTests(ServerTestCase):
             self.assertOk(self.alice.send(envelope))
         bob = self.login("bob")
         self.assertEqual([f["msg"] for f in bob.pushed("message")], [msg_id(e) for e in envelopes])
-        stranger = "ab" * 16
+        stranger = "AB" * 16
         answer = bob.request("ack", msgs=[msg_id(envelopes[2]), stranger, msg_id(envelopes[0])])
         self.assertOk(answer)
-        self.assertEqual(answer["unknown_msgs"], [stranger])
+        self.assertEqual(answer["unknown_msgs"], [stranger])  # as it was sent
+        self.assertNotIn("unknown_receipts", answer)
         receipts = self.alice.pushed("receipt")
         self.assertEqual([(r["msg"], r["from"], r["status"]) for r in receipts],
                          [(msg_id(envelopes[2]), "bob", "delivered"), (msg_id(envelopes[0]), "bob", "delivered")])

@@ -227,9 +227,9 @@ class StoreTests(unittest.TestCase):
             record = await store.get_user(name)
             self.assertEqual((record.pending_count, record.pending_bytes), (0, 0), name)
 
-    async def test_settle_many(self):
+    async def test_ack_many(self):
         """
-        settle() takes a list: it deletes only the acking user's deliveries of the ids that are pending for them,
+        ack_many() settles a list of messages: it deletes only the acking user's deliveries of the ids that are pending for them,
         reports the others as unknown, stores one receipt per message in the order asked, and drops a message with
         its chunks once its last delivery is gone.
         """
@@ -238,7 +238,7 @@ class StoreTests(unittest.TestCase):
         for n in range(1, 6):
             await self.accept(store, n, "alice" if n % 2 else "carol", ["bob"] if n != 3 else ["bob", "carol"])
         asked = [_msg_id(4), _msg_id(1), _msg_id(9), _msg_id(3), _msg_id(1)]  # 9 was never sent; 1 twice
-        receipts, unknown = await store.settle("bob", asked, "delivered", "", NOW + 1)
+        receipts, unknown, _ = await store.ack_many("bob", asked, None, NOW + 1)
         self.assertEqual(unknown, [_msg_id(9)])
         self.assertEqual([(sender, r.msg_id, r.peer, r.status) for sender, r in receipts],
                          [("carol", _msg_id(4), "bob", "delivered"), ("alice", _msg_id(1), "bob", "delivered"),
@@ -253,25 +253,29 @@ class StoreTests(unittest.TestCase):
         bob = await store.get_user("bob")
         self.assertEqual((bob.pending_count, bob.pending_bytes), (2, 28))
         # Nobody else can settle bob's deliveries, and settling them again finds nothing.
-        self.assertEqual(await store.settle("alice", [_msg_id(2)], "delivered", "", NOW), ([], [_msg_id(2)]))
-        self.assertEqual(await store.settle("bob", [_msg_id(4)], "delivered", "", NOW), ([], [_msg_id(4)]))
+        self.assertEqual(await store.ack_many("alice", [_msg_id(2)], None, NOW), ([], [_msg_id(2)], []))
+        self.assertEqual(await store.ack_many("bob", [_msg_id(4)], None, NOW), ([], [_msg_id(4)], []))
         self.assertEqual(len(await store.pending_receipts("alice", 0)), 2)
         self.assertEqual(len(await store.pending_receipts("carol", 0)), 1)
 
-    async def test_settle_more_than_a_statement_holds(self):
-        """A list longer than one statement's parameters (1,000 ids) settles whole, and its receipts are in order."""
+    async def test_ack_many_paged(self):
+        """
+        A list longer than one query's page (1,000 ids, queried 500 at a time) settles whole, its receipts in
+        order; then one call dismisses them all and reports an id that was never stored.
+        """
         store = await self.open_store()
         await self.add_users(store, "alice", "bob")
         for n in range(1, 1001):
             await self.accept(store, n, "alice", ["bob"], chunks=[b"c"])
-        receipts, unknown = await store.settle("bob", [_msg_id(n) for n in range(1, 1001)], "delivered", "", NOW)
+        receipts, unknown, _ = await store.ack_many("bob", [_msg_id(n) for n in range(1, 1001)], None, NOW)
         self.assertEqual(unknown, [])
         self.assertEqual([r.msg_id for _, r in receipts], [_msg_id(n) for n in range(1, 1001)])
         self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(0,)])
         self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(0,)])
         stored = await store.pending_receipts("alice", 0, limit=2000)
         self.assertEqual([r.rid for r in stored], [r.rid for _, r in receipts])
-        self.assertEqual(await store.ack_receipts("alice", [r.rid for r in stored] + [10 ** 9]), [10 ** 9])
+        self.assertEqual(await store.ack_many("alice", None, [r.rid for r in stored] + [10 ** 9], NOW),
+                         ([], [], [10 ** 9]))
         self.assertEqual(await store.pending_receipts("alice", 0), [])
 
     async def test_ack_by_non_recipient(self):
@@ -318,6 +322,38 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks WHERE seq = ?", seq), [(0,)])
         # The id is free again: the sender can upload it from scratch.
         self.assertEqual((await self.accept(store, 2, "alice", ["bob"]))[2], False)
+
+    async def test_upload_dropped_while_finishing(self):
+        """
+        An upload dropped (its connection closed) while its last frame was on the way is not accepted after all:
+        its chunks cannot be added and its acceptance is refused, leaving no delivery and no quota counted.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        seq, _, _ = await store.begin_upload(_msg_id(2), "alice", b"header-2", 5000, ["bob"], pager.Limits())
+        await store.add_chunks(seq, 0, [b"x" * 10])
+        await store.abort_upload(seq)
+        with self.assertRaises(pager.BadRequest):
+            await store.add_chunks(seq, 1, [b"y" * 10])
+        with self.assertRaises(pager.BadRequest):
+            await store.accept_message(_msg_id(2), "alice", b"header-2", b"sig", 5000, None, ["bob"], NOW, LIMITS,
+                                       seq)
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM deliveries"), [(0,)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(0,)])
+        bob = await store.get_user("bob")
+        self.assertEqual((bob.pending_count, bob.pending_bytes), (0, 0))
+
+    async def test_pending_page_bytes(self):
+        """A page of pending messages ends once it holds page_bytes of them, but always holds at least one."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        for n in range(1, 6):
+            await self.accept(store, n, "alice", ["bob"], chunks=[b"c" * 1000])
+        page = await store.pool.runInteraction(pager.pending_txn, "bob", 0, 100, 48 * 1024, 2500)
+        self.assertEqual([m.msg_id for m in page], [_msg_id(1), _msg_id(2)])
+        page = await store.pool.runInteraction(pager.pending_txn, "bob", 0, 100, 48 * 1024, 10)
+        self.assertEqual([m.msg_id for m in page], [_msg_id(1)])
+        self.assertEqual(page[0].chunks, [b"c" * 1000])
 
     async def test_abort_upload(self):
         """abort_upload() drops an unfinished upload with its chunks, and never an accepted message."""
