@@ -3306,6 +3306,15 @@ class PagerClient:
     def limits(self):
         return self.protocol.limits
 
+    @property
+    def idle(self):
+        """
+        Whether nothing pushed is being received, handled or waiting to be, and no acknowledgement is waiting or
+        unanswered: what the server sent so far is dealt with on both sides.
+        """
+        return not (self._working or self._queue or self._incoming or self._ack_in_flight
+                    or any(self._acks.values()))
+
     def close(self):
         """Close the connection; the Deferred fires once it is closed."""
         self._stop_keepalive()

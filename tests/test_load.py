@@ -28,16 +28,24 @@ class LoadTests(unittest.TestCase):
     async def start_server(self):
         options = pager.ServerOptions()
         options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--db", self.mktemp()])
-        server = pager.makeService(options, reactor)
+        server = self.server = pager.makeService(options, reactor)
         server.startService()
         self.addCleanup(server.stopService)
         port = await server.ready
         return "tcp:127.0.0.1:%d" % port.getHost().port
 
+    def counters_disagree(self, txn):
+        """The users whose pending counters differ from the deliveries actually stored for them."""
+        return txn.execute(
+            "SELECT u.name, u.pending_count, u.pending_bytes, COUNT(m.seq), COALESCE(SUM(m.size), 0) FROM users u"
+            " LEFT JOIN deliveries d ON d.recipient = u.name LEFT JOIN messages m ON m.seq = d.seq GROUP BY u.name"
+            " HAVING u.pending_count != COUNT(m.seq) OR u.pending_bytes != COALESCE(SUM(m.size), 0)").fetchall()
+
     async def test_no_loss_under_random_disconnects(self):
         """
         6 clients send to random others for 3 seconds while one is dropped every 50-300 ms: every accepted message
-        is shown exactly once to each recipient and acknowledged, and the server holds nothing at the end.
+        is shown exactly once to each recipient and acknowledged, and the server holds nothing at the end: every
+        user's pending counters match the deliveries stored, and no chunk outlives its message.
         """
         load = load_module()
         address = await self.start_server()
@@ -56,3 +64,7 @@ class LoadTests(unittest.TestCase):
         self.assertEqual(result.pending_after, 0, summary)
         self.assertEqual(result.rejected, 0, summary)
         self.assertTrue(result.ok, summary)
+        self.assertEqual(await self.server.store.pool.runInteraction(self.counters_disagree), [], summary)
+        self.assertEqual(await self.server.store.pool.runInteraction(
+            lambda txn: txn.execute("SELECT COUNT(*) FROM chunks WHERE seq NOT IN (SELECT seq FROM messages)")
+            .fetchall()), [(0,)], summary)
