@@ -1002,7 +1002,8 @@ def b64(data):
 
 #### Store ####
 # SQLite through adbapi: one connection, WAL, synchronous=FULL.  Functions named *_txn run inside one transaction
-# on the pool's thread; the Store methods of the same name without the suffix return Deferreds.
+# on the pool's thread; the Store methods of the same name without the suffix return Deferreds.  The REFERENCES
+# clauses below document the tables' relations; SQLite is not asked to enforce them (see prepare_connection).
 
 SCHEMA_VERSION = 1
 
