@@ -328,6 +328,9 @@ def _lp(data):
     return struct.pack(">I", len(data)) + data
 
 
+_U32 = struct.Struct(">I")
+
+
 class _Reader:
     """Reads the fields written by L{_lp} and C{struct}, raising L{MalformedEnvelope} on any shortfall."""
 
@@ -336,19 +339,23 @@ class _Reader:
         self.offset = 0
 
     def take(self, n):
-        if n < 0 or self.offset + n > len(self.data):
+        start = self.offset
+        end = self.offset = start + n
+        if n < 0 or end > len(self.data):
             raise MalformedEnvelope("The message header is truncated.")
-        piece = self.data[self.offset:self.offset + n]
-        self.offset += n
-        return piece
+        return self.data[start:end]
 
     def uint(self, fmt):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
     def field(self, max_length):
-        n = self.uint(">I")
+        start = self.offset
+        if start + 4 > len(self.data):
+            raise MalformedEnvelope("The message header is truncated.")
+        n = _U32.unpack_from(self.data, start)[0]
         if n > max_length:
             raise MalformedEnvelope("A field of the message header is too long.")
+        self.offset = start + 4
         return self.take(n)
 
     def end(self):
