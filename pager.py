@@ -3283,6 +3283,7 @@ class PagerClient:
         self._working = False
         self._acks = {"msgs": [], "receipts": []}  # waiting for the acknowledgement in flight to be answered
         self._ack_in_flight = False
+        self._single_acks = 0  # one-id acks unanswered, for a server that takes no lists
         self._keepalive = None
         self.processed = 0  # pushed messages fully dealt with: shown and acknowledged, skipped as seen, or rejected
         self.failures = []  # hand-offs that raised (the message stays on the server)
@@ -3320,7 +3321,7 @@ class PagerClient:
         Whether nothing pushed is being received, handled or waiting to be, and no acknowledgement is waiting or
         unanswered: what the server sent so far is dealt with on both sides.
         """
-        return not (self._working or self._queue or self._incoming or self._ack_in_flight
+        return not (self._working or self._queue or self._incoming or self._ack_in_flight or self._single_acks
                     or any(self._acks.values()))
 
     def close(self):
@@ -3619,11 +3620,17 @@ class PagerClient:
         """
         if self._ack_batch() is None:
             single = {"msgs": "msg", "receipts": "receipt"}[field]
-            self.protocol.request("ack", **{single: value}).addErrback(self._ack_failed)
+            self._single_acks += 1
+            d = self.protocol.request("ack", **{single: value})
+            d.addErrback(self._ack_failed)
+            d.addBoth(self._single_ack_answered)
             return
         self._acks[field].append(value)
         if not self._ack_in_flight:
             self._send_acks()
+
+    def _single_ack_answered(self, _):
+        self._single_acks -= 1
 
     def _ack_batch(self):
         """How many ids one ack may list, as the server announced it; None if it takes one at a time."""

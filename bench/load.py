@@ -320,11 +320,13 @@ class LoadTest:
         while reactor.seconds() < self.deadline:
             # Done once every delivery is confirmed and every client has been idle for a while: a resend that was
             # accepted again, or a redelivery after a lost ack, is then handled and acknowledged too.
-            if all(m.online for m in self.members) and self._complete():
-                quiet = quiet + 1 if all(m.client.idle for m in self.members) else 0
+            if all(m.online for m in self.members) and self._complete() and all(m.client.idle for m in self.members):
+                quiet += 1
                 if quiet >= 4:
                     self.result.drained = True
                     break
+            else:
+                quiet = 0
             await self.sleep(0.05)
         self.result.drain_seconds = reactor.seconds() - drain_start
         self.say("drained in %.2f s; final check" % self.result.drain_seconds)
