@@ -350,9 +350,10 @@ class LoadTest:
             client = await pager.PagerClient.connect(self.address, self.reactor, seen=member.seen, pins=member.pins)
             client.on_message, client.on_receipt = member.on_message, member.on_receipt
             try:
-                self.result.pending_after += await client.login(member.name, TOKEN, member.key, receive=True)
+                pending = await client.login(member.name, TOKEN, member.key, receive=True)
+                self.result.pending_after += pending
                 for _ in range(100):  # anything still pending is handled (and counted) before closing
-                    if client.processed >= self.result.pending_after:
+                    if client.processed >= pending:
                         break
                     await self.sleep(0.02)
             finally:
