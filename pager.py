@@ -82,6 +82,7 @@ MESSAGE_ID_SIZE = 16
 CHALLENGE_SIZE = 32
 MAX_RECIPIENTS = 64
 MAX_ACK_BATCH = 1000  # message ids, or receipt ids, that one ack frame may list
+_MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
 MAX_FILENAME_BYTES = 255
 CONTENT_TYPES = ("text", "file")
 
@@ -1354,19 +1355,6 @@ def _drop_messages_txn(txn, seqs):
                         % table, rows)
 
 
-def _delete_delivery_txn(txn, user, seq, size):
-    txn.execute("DELETE FROM deliveries WHERE recipient = ? AND seq = ?", (user, seq))
-    txn.execute("UPDATE users SET pending_count = pending_count - 1, pending_bytes = pending_bytes - ?"
-                " WHERE name = ?", (size, user))
-    _drop_messages_txn(txn, [seq])
-
-
-def _add_receipt_txn(txn, user, msg_id, peer, status, reason, now):
-    txn.execute("INSERT INTO receipts (user, msg_id, peer, status, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
-                (user, msg_id, peer, status, reason, now))
-    return Receipt(txn.lastrowid, msg_id, peer, status, reason, now)
-
-
 def _in_pages(items, size=500):
     """C{items} in slices small enough for one statement's parameters."""
     return (items[start:start + size] for start in range(0, len(items), size))
@@ -1458,14 +1446,14 @@ def expire_receipts_txn(txn, older_than):
 
 def expire_txn(txn, now, limit=1000):
     """Drop deliveries past their expiry time; returns C{(sender, receipt)} pairs telling each sender."""
-    rows = txn.execute(
-        "SELECT d.recipient, m.seq, m.msg_id, m.sender, m.size FROM messages m JOIN deliveries d ON d.seq = m.seq"
-        " WHERE m.expires_at < ? LIMIT ?", (now, limit)).fetchall()
+    expired = collections.defaultdict(list)  # recipient -> message ids
+    for recipient, msg_id in txn.execute(
+            "SELECT d.recipient, m.msg_id FROM messages m JOIN deliveries d ON d.seq = m.seq"
+            " WHERE m.expires_at < ? LIMIT ?", (now, limit)).fetchall():
+        expired[recipient].append(bytes(msg_id))
     out = []
-    for recipient, seq, msg_id, sender, size in rows:
-        _delete_delivery_txn(txn, recipient, seq, size)
-        out.append((sender, _add_receipt_txn(txn, sender, msg_id, recipient, "expired",
-                                             "The message expired before it was delivered.", now)))
+    for recipient, msg_ids in expired.items():
+        out += settle_txn(txn, recipient, msg_ids, "expired", "The message expired before it was delivered.", now)[0]
     return out
 
 
@@ -2375,16 +2363,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     def _msg_ids(self, frame):
         value = frame.get("msgs")
         if (not isinstance(value, list) or not 1 <= len(value) <= MAX_ACK_BATCH
-                or not all(isinstance(v, str) and len(v) == MESSAGE_ID_SIZE * 2 for v in value)):
+                or not all(isinstance(v, str) and _MSG_ID_RE.fullmatch(v) for v in value)):
             raise _missing("msgs", "a list of 1 to %d message ids of %d hex digits"
                            % (MAX_ACK_BATCH, MESSAGE_ID_SIZE * 2))
-        try:
-            ids = [bytes.fromhex(v) for v in value]
-        except ValueError:
-            ids = []
-        if len(ids) != len(value) or any(len(i) != MESSAGE_ID_SIZE for i in ids):
-            raise _missing("msgs", "a list of message ids of %d hex digits" % (MESSAGE_ID_SIZE * 2))
-        return ids
+        return [bytes.fromhex(v) for v in value]
 
     def _receipt_ids(self, frame):
         value = frame.get("receipts")
@@ -3327,7 +3309,8 @@ class PagerClient:
     def close(self):
         """Close the connection; the Deferred fires once it is closed."""
         self._stop_keepalive()
-        self._send_acks()  # written before the connection closes: what was handed over is not delivered again
+        if any(self._acks.values()):
+            self._send_acks()  # written before the connection closes: what was handed over is not delivered again
         if self.protocol.transport is not None and self.protocol.transport.connected:
             _lose(self.protocol.transport)
         return self.protocol.done
