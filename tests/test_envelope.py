@@ -141,6 +141,20 @@ def _wrap(name, content_key):
     return pager.Recipient(name, pager.fingerprint(_key(name)), _pub(name).encrypt(content_key, pager._OAEP))
 
 
+def _build(plaintext, keys, committed, signer="alice"):
+    """
+    A message from alice built from the documented layout without L{pager.Sealer}: C{keys} maps each recipient to
+    the content key wrapped for them, C{committed} is the key the header commits to and the chunks are encrypted
+    with, and C{signer} signs it.
+    """
+    mid = os.urandom(16)
+    header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
+                                  [_wrap(name, key) for name, key in sorted(keys.items())],
+                                  pager._commitment(mid, committed))
+    chunks = _encrypt_chunks(header, committed, plaintext)
+    return pager.Envelope(header, chunks, _sign(_key(signer), header, chunks))
+
+
 class _RoundTripMixin:
     """Round trips at the sizes around one chunk size (set by the subclass)."""
 
@@ -657,43 +671,25 @@ class ForgedHeaderTests(SynchronousTestCase):
     def test_forged_sender_without_key(self):
         """A message Mallory makes from scratch naming Alice as sender raises BadSignature with Alice's key."""
         key = os.urandom(32)
-        mid = os.urandom(16)
-        header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
-                                      [_wrap("bob", key)], pager._commitment(mid, key))
-        chunks = _encrypt_chunks(header, key, b"pay mallory")
-        forged = pager.Envelope(header, chunks, _sign(_key("mallory"), header, chunks))
+        forged = _build(b"pay mallory", {"bob": key}, key, signer="mallory")
         self.assertRaises(pager.BadSignature, _open, forged)
 
     def test_independent_construction_opens(self):
         """A message built from the documented layout without Sealer opens, so the forgeries above are faithful."""
         key = os.urandom(32)
-        mid = os.urandom(16)
-        header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
-                                      [_wrap("bob", key)], pager._commitment(mid, key))
-        chunks = _encrypt_chunks(header, key, self.plaintext)
-        self.assertEqual(_open(pager.Envelope(header, chunks, _sign(_key("alice"), header, chunks))).plaintext,
-                         self.plaintext)
+        self.assertEqual(_open(_build(self.plaintext, {"bob": key}, key)).plaintext, self.plaintext)
 
     def test_different_keys_for_different_recipients(self):
         """Bob given another content key than the one committed to (Carol's) raises KeyCommitmentMismatch."""
         bob_key, carol_key = os.urandom(32), os.urandom(32)
-        mid = os.urandom(16)
-        header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
-                                      [_wrap("bob", bob_key), _wrap("carol", carol_key)],
-                                      pager._commitment(mid, carol_key))
-        chunks = _encrypt_chunks(header, carol_key, b"for carol's eyes")
-        envelope = pager.Envelope(header, chunks, _sign(_key("alice"), header, chunks))
+        envelope = _build(b"for carol's eyes", {"bob": bob_key, "carol": carol_key}, carol_key)
         self.assertEqual(_open(envelope, "carol").plaintext, b"for carol's eyes")
         self.assertRaises(pager.KeyCommitmentMismatch, _open, envelope, "bob")
 
     def test_short_content_key(self):
         """A wrapped key that is not 32 bytes raises KeyCommitmentMismatch even with a matching commitment."""
         key = os.urandom(16)
-        mid = os.urandom(16)
-        header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
-                                      [_wrap("bob", key)], pager._commitment(mid, key))
-        chunks = _encrypt_chunks(header, key, b"x")
-        envelope = pager.Envelope(header, chunks, _sign(_key("alice"), header, chunks))
+        envelope = _build(b"x", {"bob": key}, key)
         self.assertRaises(pager.KeyCommitmentMismatch, _open, envelope)
 
     def test_unsorted_recipients(self):
