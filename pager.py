@@ -3022,10 +3022,12 @@ class LocalStore(SeenStore):
 
 #### Key files ####
 # A user's private key lives in HOME/<server id>/<user>/key.p12: PKCS#12 that openssl reads, encrypted with
-# PBES2 (AES-256-CBC, PBKDF2-HMAC-SHA256, 600,000 iterations), mode 0600 in a 0700 directory.
+# PBES2 (AES-256-CBC, PBKDF2-HMAC-SHA256, 600,000 iterations), mode 0600 in a 0700 directory.  HOME/known_servers
+# (mode 0600) says which server id each address presented, as ssh's known_hosts does for host keys.
 
 KEY_FILE_NAME = "key.p12"
 LOCAL_DB_NAME = "client.sqlite3"
+KNOWN_SERVERS_NAME = "known_servers"
 PBKDF2_ROUNDS = 600000
 
 
@@ -3064,13 +3066,124 @@ def private_directory(*parts):
 
 def user_directory(home, server_id, user):
     """HOME/<server id>/<user>, created 0700.  Both names are validated so they cannot walk out of HOME."""
-    if not re.fullmatch(r"[0-9a-f]{1,64}", server_id or ""):
+    if not valid_server_id(server_id):
         raise KeyFileError("The server sent a malformed server id.")
     if not valid_username(user):
         raise BadRequest("Not a valid user name: %r." % (user,))
     private_directory(home)
     private_directory(home, server_id)
     return private_directory(home, server_id, user)
+
+
+def valid_server_id(server_id):
+    """Whether C{server_id} is what a server's hello may state: 1 to 64 lower-case hex digits."""
+    return isinstance(server_id, str) and re.fullmatch(r"[0-9a-f]{1,64}", server_id) is not None
+
+
+def server_address(host, port, tls):
+    """
+    The name known_servers files an address under: the host as the user gave it (lower case), the port, and
+    whether the connection uses TLS (C{tcp:localhost:5050}, C{tls:[::1]:5051}).
+    """
+    host = host.lower()
+    return "%s:%s:%d" % ("tls" if tls else "tcp", "[%s]" % host if ":" in host else host, port)
+
+
+class ServerChanged(PagerError):
+    """The server at an address this machine knows presents another server id."""
+
+    code = "server_changed"
+
+    def __init__(self, address, known, presented, command, message=None):
+        super().__init__(message or
+            "%s now presents the server id %s, but this machine knows it as %s, so pager refuses to use it (it is "
+            "another server, or someone in between): a server restored from backup keeps its id, so if its "
+            "operator confirms it was rebuilt, accept the new id with '%s'." % (address, presented, known, command))
+        self.address, self.known, self.presented = address, known, presented
+
+
+class KnownServers:
+    """
+    HOME/known_servers: which server id each address presented, one C{ADDRESS SERVER_ID} line per address
+    (L{server_address} names it).  A known address that presents another id is refused (L{ServerChanged}) until
+    the user accepts the move with C{trust-server}.  C{forget-server} turns the line into
+    C{ADDRESS SERVER_ID forgotten}: the address is unknown again, but the keys kept under that id still count, so
+    no new key is made for their users at that address without C{trust-server} (L{Session.check_new_key}).
+    The file is small and rewritten whole (atomically, mode 0600); lines starting with # are comments.
+    """
+
+    FORGOTTEN = "forgotten"
+
+    def __init__(self, home):
+        self.path = os.path.join(home, KNOWN_SERVERS_NAME)
+
+    def _read(self):
+        """The entries, as C{[address, server id, forgotten]} lists in file order."""
+        try:
+            with open(self.path, "r", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as e:
+            raise KeyFileError("Cannot read %s: %s." % (self.path, getattr(e, "strerror", None) or e))
+        entries = []
+        for number, line in enumerate(lines, 1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if (len(words) not in (2, 3) or not valid_server_id(words[1])
+                    or (len(words) == 3 and words[2] != self.FORGOTTEN)):
+                raise KeyFileError("Line %d of %s is not 'ADDRESS SERVER_ID' (or 'ADDRESS SERVER_ID forgotten'): "
+                                   "fix or remove that line." % (number, self.path))
+            entries.append([words[0], words[1], len(words) == 3])
+        return entries
+
+    def _write(self, entries):
+        lines = ["# pager: the server id each address presented (see 'pager-cli trust-server --help')"]
+        lines += ["%s %s%s" % (address, server_id, " " + self.FORGOTTEN if forgotten else "")
+                  for address, server_id, forgotten in entries]
+        private_directory(os.path.dirname(self.path))
+        write_private_file(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+    def known(self, address):
+        """The server id C{address} is known by, or None."""
+        for entry_address, server_id, forgotten in self._read():
+            if entry_address == address and not forgotten:
+                return server_id
+        return None
+
+    def forgotten(self, address):
+        """The ids C{address} was known by before a C{forget-server}."""
+        return [server_id for a, server_id, forgotten in self._read() if a == address and forgotten]
+
+    def check(self, address, server_id, command="pager-cli trust-server"):
+        """Raise L{ServerChanged} if C{address} is known by another id than C{server_id}."""
+        known = self.known(address)
+        if known is not None and known != server_id:
+            raise ServerChanged(address.split(":", 1)[1], known, server_id, command)
+
+    def remember(self, address, server_id):
+        """Record that C{address} presented C{server_id}, if it is not known yet (L{check} it first)."""
+        entries = self._read()
+        if not any(a == address and not forgotten for a, _, forgotten in entries):
+            self._write(entries + [[address, server_id, False]])
+
+    def forget(self, address):
+        """Forget which id C{address} has (keeping the line as forgotten); returns that id, or None."""
+        entries, known = self._read(), None
+        for entry in entries:
+            if entry[0] == address and not entry[2]:
+                known, entry[2] = entry[1], True
+        if known is not None:
+            self._write([e for i, e in enumerate(entries) if e not in entries[:i]])  # no duplicate lines
+        return known
+
+    def trust(self, address, server_id):
+        """Know C{address} as C{server_id} from now on, whatever it was and forgot; returns the id it had, or None."""
+        entries = self._read()
+        known = self.known(address)
+        self._write([e for e in entries if e[0] != address] + [[address, server_id, False]])
+        return known
 
 
 def encode_private_key(key, passphrase, name=b"pager"):
@@ -3823,8 +3936,9 @@ def _first_line_of(path):
 
 class Session:
     """
-    One user logged in to one server from this machine: finds or creates the user's key and local store, logs in,
-    and logs in again after the connection drops.  Used by every client command.
+    One user logged in to one server from this machine: checks the server is the one this machine knows at that
+    address, finds (or, when told to, creates) the user's key and local store, logs in, and logs in again after the
+    connection drops.  Used by every client command.
     """
 
     log = Logger()
@@ -3847,6 +3961,8 @@ class Session:
         self._last_protocol = None
         self.closing = False
         self._backoff = None  # the wait before the next reconnection attempt
+        self.server_id = None  # the id of the server whose directory this session uses
+        self.known = KnownServers(self.home)
 
     def _made(self, protocol):
         self._last_protocol = protocol
@@ -3855,11 +3971,34 @@ class Session:
     def address(self):
         return "%s:%d" % (self.host, self.port) if ":" not in self.host else "[%s]:%d" % (self.host, self.port)
 
+    @property
+    def known_address(self):
+        """The address as known_servers files it: host, port, and TLS or not."""
+        return server_address(self.host, self.port, self.config["tls"])
+
+    @property
+    def trust_command(self):
+        """The command that accepts a new server id at this address."""
+        return "pager-cli trust-server %s%s" % (self.address, " --tls" if self.config["tls"] else "")
+
     def in_thread(self, f, *args, **kwargs):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args, **kwargs)
 
-    async def connect(self):
-        """A connected L{PagerClient} (not logged in), or L{NetworkError} in one sentence."""
+    def check_server(self, client):
+        """
+        Refuse a server whose id is malformed, or is not the one this machine knows at this address
+        (L{ServerChanged}); an address seen for the first time is remembered only once its directory is used
+        (L{open_local}).
+        """
+        if not valid_server_id(client.server_id):
+            raise NetworkError("%s sent a malformed server id; it is not a compatible pager server." % self.address)
+        self.known.check(self.known_address, client.server_id, self.trust_command)
+
+    async def connect(self, check=True):
+        """
+        A connected L{PagerClient} (not logged in), or L{NetworkError} in one sentence.  With C{check}, a server
+        this machine knows by another id at this address is refused (L{check_server}).
+        """
         from twisted.internet import error
         try:
             endpoint = client_endpoint(self.reactor, self.host, self.port, self.config["tls"], self.config["ca"])
@@ -3897,6 +4036,12 @@ class Session:
             raise NetworkError("%s closed the connection before the pager greeting." % self.address)
         except BadRequest as e:
             raise NetworkError("%s is not a compatible pager server: %s" % (self.address, e.message))
+        if check:
+            try:
+                self.check_server(client)
+            except BaseException:
+                client.close()
+                raise
         if self.store is not None:
             client.seen = client.pins = self.store
         client.skew_window = self.config.get("skew-window", PagerClient.skew_window)
@@ -3985,10 +4130,23 @@ class Session:
     def key_path(self):
         return os.path.join(self.directory, KEY_FILE_NAME)
 
+    async def locate(self, client):
+        """Ask for the user name if needed; find (not create) the user's directory for this server, by its id."""
+        if self.user is None:
+            self.user = await self._username()
+        if not valid_server_id(client.server_id):
+            raise KeyFileError("The server sent a malformed server id.")
+        self.server_id = client.server_id
+        self.directory = os.path.join(self.home, self.server_id, self.user)
+
     async def open_local(self, client):
-        """Find the user's directory for this server (by the server id, not the address) and open its store."""
-        self.user = await self._username()
+        """
+        Create the user's directory for this server (by the server id, not the address) and open its store; the
+        address is remembered by that id from now on.
+        """
+        await self.locate(client)
         self.directory = user_directory(self.home, client.server_id, self.user)
+        self.known.remember(self.known_address, client.server_id)
         if self.store is None:
             self.store = LocalStore(os.path.join(self.directory, LOCAL_DB_NAME), self.reactor,
                                     history=not self.config.get("no-history", False))
@@ -4002,16 +4160,19 @@ class Session:
         self.receive = receive
         client = await self.connect()
         try:
-            await self.open_local(client)
+            await self.locate(client)
             if not os.path.exists(self.key_path) and os.path.exists(self.key_path + ".new"):
                 # A key saved by a registration that was interrupted before it could take its final name.
                 os.replace(self.key_path + ".new", self.key_path)
                 self.prompter.say("Using the key saved by an interrupted registration: %s." % self.key_path)
             if os.path.exists(self.key_path):
+                await self.open_local(client)
                 self.key = await self.load_key(self.key_path)
                 self.token = await self._token()
                 await self._login(client)
             else:
+                await self.may_make_key(client)
+                await self.open_local(client)
                 await self._first_use(client)
         except BaseException:
             client.close()
@@ -4027,9 +4188,37 @@ class Session:
             raise AuthFailed("Login as %s failed: wrong safetoken, or the server does not know this key "
                              "(fingerprint %s)." % (self.user, format_fingerprint(fingerprint(self.key))))
 
+    async def may_make_key(self, client):
+        """
+        Before making a key for a user this machine has none for at this server: refuse when the address, before a
+        C{forget-server}, was another server where this machine holds the user's key; then a script needs
+        C{--register} and the interactive client asks.  Raises L{ServerChanged} or L{NoKey}.
+        """
+        for old in self.known.forgotten(self.known_address):
+            if old != client.server_id and os.path.exists(os.path.join(self.home, old, self.user, KEY_FILE_NAME)):
+                raise ServerChanged(self.address, old, client.server_id, self.trust_command, message=(
+                    "This machine already holds a key for %s at %s under the server id %s, which that address "
+                    "presented before 'forget-server'; it now presents %s, so pager makes no new key there: a "
+                    "server restored from backup keeps its id, so if its operator confirms it was rebuilt, accept "
+                    "the new id with '%s' and run the command again."
+                    % (self.user, self.address, old, client.server_id, self.trust_command)))
+        if self.config.get("register"):
+            return
+        if not self.prompter.interactive:
+            raise NoKey("This machine has no key for %s on %s (server id %s): if %s has a key on another machine, "
+                        "copy it here with 'pager-cli export-key' and 'pager-cli import-key'; to make a new key and "
+                        "register %s, run the command again with --register."
+                        % (self.user, self.address, client.server_id, self.user, self.user))
+        self.prompter.say("This machine has no key for %s on %s (server id %s)." % (
+            self.user, self.address, client.server_id))
+        if not await self.prompter.confirm("Make a new key for %s and register it there?" % self.user):
+            raise NoKey("No key made: %s is not registered on %s from this machine (or bring an existing key with "
+                        "'pager-cli import-key')." % (self.user, self.address))
+
     async def _first_use(self, client):
         prompter = self.prompter
-        prompter.say("This machine has no key for %s on %s." % (self.user, self.address))
+        if self.config.get("register"):
+            prompter.say("This machine has no key for %s on %s." % (self.user, self.address))
         token = await self._token(new=True)
         try:
             passphrase = await self.new_passphrase()
@@ -4093,13 +4282,23 @@ class Session:
                 self._backoff = None
             if self.closing:
                 break
+            client = None
             try:
                 client = await self.connect()
+                if client.server_id != self.server_id:
+                    raise ServerChanged(self.address, self.server_id, client.server_id, self.trust_command)
                 await self._login(client)
-            except (NetworkError, ConnectionLost) as e:
+            except (NetworkError, ConnectionLost, RateLimited) as e:
+                # rate_limited: the server is busy or throttling logins, which passes like a network fault.
+                if client is not None:
+                    client.close()
                 say(e.message)
                 delay = min(delay * 2, 30.0)
                 continue
+            except BaseException:
+                if client is not None:
+                    client.close()
+                raise
             if self.closing:
                 client.close()
                 break
@@ -4619,18 +4818,22 @@ class ServerOptions(_GnuOptions):
                                    % (self["listen"], e))
 
 
+_HOME_HELP = ("Directory for keys, pinned keys, known servers and history "
+              "[default: $PAGER_HOME, else ~/.local/share/pager].")
+_CA_HELP = ("With --tls: trust the server certificate signed by this CA (PEM file) instead of the system's trust "
+            "store.")
+
+
 class _ClientOptions(_GnuOptions):
     """Options every client command shares."""
 
     optParameters = [
         ["user", "u", None, "Your user name."],
-        ["home", None, None, "Directory for keys, pinned keys and history "
-                             "[default: $PAGER_HOME, else ~/.local/share/pager]."],
+        ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file (else $PAGER_TOKEN, else a prompt)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, "
                                         "else a prompt)."],
-        ["ca", None, None, "With --tls: trust the server certificate signed by this CA (PEM file) instead of the "
-                           "system's trust store."],
+        ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.", _positive(float)],
     ]
@@ -4647,10 +4850,17 @@ class _ClientOptions(_GnuOptions):
         parse_address(self["server"])
 
 
+_REGISTER = ["register", None, "If this machine has no key for the user on this server, make one and register "
+                              "the user (or, if the name is taken, say so); without it that is an error."]
+
+
 class ConnectOptions(_ClientOptions):
     synopsis = "[HOST[:PORT]] [options]"
-    longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and safetoken; makes and "
-                "registers a key on first use. Type 'help' once connected.")
+    longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and safetoken; on first use "
+                "asks before making a key and registering (--register: without asking). Type 'help' once "
+                "connected.")
+    optFlags = _ClientOptions.optFlags + [_REGISTER]
+
     def parseArgs(self, server=None):
         self["server"] = server
 
@@ -4669,7 +4879,7 @@ class SendOptions(_ClientOptions):
         ["timeout", None, 60.0, "With --wait-delivered: seconds to wait.", float],
     ]
     optFlags = _ClientOptions.optFlags + [
-        ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery."]]
+        ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery."], _REGISTER]
 
     def parseArgs(self, server, *message):
         self["server"] = server
@@ -4696,7 +4906,7 @@ class FetchOptions(_ClientOptions):
                 "or after --wait more seconds with no new message.")
     optParameters = _ClientOptions.optParameters + [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages.", float]]
-    optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object per message."]]
+    optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object per message."], _REGISTER]
 
     def parseArgs(self, server):
         self["server"] = server
@@ -4705,7 +4915,7 @@ class FetchOptions(_ClientOptions):
 class UsersOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME [--json]"
     longdesc = "List the users online and registered."
-    optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object."]]
+    optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object."], _REGISTER]
 
     def parseArgs(self, server):
         self["server"] = server
@@ -4734,6 +4944,44 @@ class ImportKeyOptions(_ClientOptions):
 
     def parseArgs(self, server, path):
         self["server"], self["file"] = server, path
+
+
+class TrustServerOptions(_GnuOptions):
+    synopsis = "HOST[:PORT] [--tls [--ca FILE]] [--id SERVER_ID]"
+    longdesc = ("Accept the server id that HOST[:PORT] presents now, after its operator confirmed a deliberate move: "
+                "a server rebuilt with a new database has a new id (one restored from backup keeps its id). Keys "
+                "kept under the old id stay on this machine; a user with no key under the new id can then register "
+                "there (--register, or connect). --id refuses unless the server presents exactly that id "
+                "(ask the operator for it: 'whoami' in connect shows it).")
+    optParameters = [
+        ["home", None, None, _HOME_HELP],
+        ["ca", None, None, _CA_HELP],
+        ["id", None, None, "The server id the operator gave you: refuse any other."],
+    ]
+    optFlags = [["tls", None, "The address is reached with TLS (known servers are told apart by TLS or not)."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+    def postOptions(self):
+        _ClientOptions.postOptions(self)
+        if self["id"] is not None and not valid_server_id(self["id"]):
+            raise usage.UsageError("A server id is 1 to 64 lower-case hex digits.")
+
+
+class ForgetServerOptions(_GnuOptions):
+    synopsis = "HOST[:PORT] [--tls]"
+    longdesc = ("Forget which server id HOST[:PORT] presented (no connection is made): the next command remembers "
+                "the id it presents then. Keys kept under the old id stay, and no new key is made at this address "
+                "for a user who has one there; use trust-server to register anew on a rebuilt server.")
+    optParameters = [["home", None, None, _HOME_HELP]]
+    optFlags = [["tls", None, "The address is reached with TLS."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+    def postOptions(self):
+        parse_address(self["server"])
 
 
 class MakeCertOptions(_GnuOptions):
@@ -4830,8 +5078,9 @@ class Options(_CommandOptions):
     longdesc = ("pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts "
                 "(also run as 'python pager.py COMMAND', 'python -m pager COMMAND' and 'twistd pager server'). "
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
-                "3 authentication failed (safetoken, passphrase or key), 4 unknown user, 5 a key changed and is "
-                "not trusted, 6 network failure, 130 interrupted before finishing.")
+                "3 authentication failed (safetoken, passphrase or key; no key for the user here without "
+                "--register), 4 unknown user, 5 a user's key or the server's id changed and is not trusted, "
+                "6 network failure, 130 interrupted before finishing.")
     subCommands = [
         ["server", None, ServerOptions, "Run a pager server."],
         ["connect", None, ConnectOptions, "Chat interactively."],
@@ -4840,6 +5089,8 @@ class Options(_CommandOptions):
         ["users", None, UsersOptions, "List users."],
         ["export-key", None, ExportKeyOptions, "Write your key to a file for another machine."],
         ["import-key", None, ImportKeyOptions, "Install a key from a file."],
+        ["trust-server", None, TrustServerOptions, "Accept a server's new id at a known address."],
+        ["forget-server", None, ForgetServerOptions, "Forget which server id an address presented."],
         ["make-cert", None, MakeCertOptions, "Make a self-signed TLS certificate for a server."],
         ["admin", None, AdminOptions, "Operator commands on the server's database."],
     ]
@@ -4888,7 +5139,7 @@ def exit_code(error):
         return EXIT_AUTH
     if isinstance(error, UnknownUser):
         return EXIT_UNKNOWN_USER
-    if isinstance(error, KeyChanged):
+    if isinstance(error, (KeyChanged, ServerChanged)):
         return EXIT_KEY_TRUST
     if isinstance(error, (NetworkError, ConnectionLost)):
         return EXIT_NETWORK
@@ -5062,11 +5313,12 @@ async def _export_key_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
     client = await session.connect()
     try:
-        await session.open_local(client)
+        await session.locate(client)
     finally:
         await client.close()
     if not os.path.exists(session.key_path):
-        raise NoKey("This machine has no key for %s on %s." % (session.user, session.address))
+        raise NoKey("This machine has no key for %s on %s (server id %s)." % (
+            session.user, session.address, session.server_id))
     key = await session.load_key(session.key_path)
     passphrase = await session.new_passphrase("the exported key")
     data = await session.in_thread(encode_private_key, key, passphrase)
@@ -5074,7 +5326,6 @@ async def _export_key_command(reactor, config):
         await session.in_thread(write_private_file, config["out"], data)
     except OSError as e:
         raise usage.UsageError("Cannot write %s: %s." % (config["out"], e.strerror))
-    session.store.close()
     session.prompter.say("Wrote %s's key (fingerprint %s) to %s." % (
         session.user, format_fingerprint(fingerprint(key)), config["out"]))
 
@@ -5109,6 +5360,39 @@ async def _import_key_command(reactor, config):
         session.store.close()
     prompter.say("Installed %s's key (fingerprint %s) in %s." % (
         session.user, format_fingerprint(fingerprint(key)), session.key_path))
+
+
+async def _trust_server_command(reactor, config):
+    config = dict(config, user=None)
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.connect(check=False)
+    try:
+        presented = client.server_id
+        if not valid_server_id(presented):
+            raise NetworkError("%s sent a malformed server id." % session.address)
+    finally:
+        await client.close()
+    if config["id"] is not None and config["id"] != presented:
+        raise ServerChanged(session.address, config["id"], presented, session.trust_command, message=(
+            "%s presents the server id %s, not %s as you were told: nothing changed; ask the server's operator "
+            "which id it has." % (session.address, presented, config["id"])))
+    previous = session.known.trust(session.known_address, presented)
+    if previous == presented:
+        print("%s is already known as the server id %s." % (session.address, presented))
+    else:
+        print("%s is now known as the server id %s (it was %s)." % (session.address, presented, previous or "unknown"))
+
+
+async def _forget_server_command(reactor, config):
+    host, port = parse_address(config["server"])
+    known = KnownServers(config["home"] or default_home())
+    address = "%s:%d" % (host, port) if ":" not in host else "[%s]:%d" % (host, port)
+    previous = known.forget(server_address(host, port, config["tls"]))
+    if previous is None:
+        print("%s%s is not a known server address; nothing changed." % (address, " (TLS)" if config["tls"] else ""))
+    else:
+        print("Forgot that %s is the server id %s: the next command remembers the id it presents then (keys kept "
+              "under %s stay on this machine)." % (address, previous, previous))
 
 
 def make_certificate(hostname, addresses=(), days=825, now=None):
@@ -5273,6 +5557,7 @@ def _admin_command(config):
 _CLIENT_COMMANDS = {
     "connect": _connect_command, "send": _send_command, "fetch": _fetch_command, "users": _users_command,
     "export-key": _export_key_command, "import-key": _import_key_command,
+    "trust-server": _trust_server_command, "forget-server": _forget_server_command,
 }
 
 

@@ -188,19 +188,20 @@ class SendFetchTests(CLITestCase):
 
     async def test_send_then_fetch(self):
         """
-        bob registers with a first fetch (nothing printed); alice (new) sends and gets the message id; bob's fetch
+        bob registers with a first fetch --register (nothing printed); alice (new) sends with --register and gets the
+        message id; bob's fetch
         prints it, fetch --json prints the next as JSON, and a last fetch prints nothing: all acknowledged, and the
         duplicate store on disk holds both ids.
         """
         await self.serve()
         bob_home, alice_home = self.home(), self.home()
-        first = await self.pager("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob",
+        first = await self.pager("fetch", self.host, "--user", "bob", "--register", home=bob_home, token_of="bob",
                                  passphrase="bob's passphrase")
         self.assertExit(first, 0)
         self.assertEqual(first.out, "")
         self.assertTrue(os.path.exists(os.path.join(self.user_dir(bob_home, "bob"), "key.p12")))
 
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hello", "bob",
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hello", "bob", "--register",
                                 home=alice_home, token_of="alice", passphrase="alice's passphrase")
         self.assertExit(sent, 0)
         self.assertRegex(sent.out, r"\A[0-9a-f]{32}\n\Z")
@@ -511,8 +512,8 @@ class KeyFileTests(CLITestCase):
 
     async def test_permissions_under_umask_0(self):
         """
-        Even with umask 0, a first send makes HOME/<server id> and the user directory 0700 and key.p12 and
-        client.sqlite3 0600; a fetch saves a file in a 0700 files directory, mode 0600.  A key file made readable
+        Even with umask 0, a first send --register makes HOME/<server id> and the user directory 0700 and key.p12,
+        client.sqlite3 and HOME/known_servers 0600; a fetch saves a file in a 0700 files directory, mode 0600.  A key file made readable
         by others is refused (exit 3) with the chmod that fixes it.
         """
         await self.serve()
@@ -522,7 +523,7 @@ class KeyFileTests(CLITestCase):
         source = os.path.abspath(self.mktemp())
         with open(source, "wb") as f:
             f.write(b"secret notes\n")
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "--file", source,
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "--file", source, "--register",
                                 home=alice_home, token_of="alice", passphrase="alice's passphrase", prefix=umask0)
         self.assertExit(sent, 0)
         directory = self.user_dir(alice_home, "alice")
@@ -531,6 +532,7 @@ class KeyFileTests(CLITestCase):
         self.assertMode(directory, 0o700)
         self.assertMode(os.path.join(directory, "key.p12"), 0o600)
         self.assertMode(os.path.join(directory, "client.sqlite3"), 0o600)
+        self.assertMode(os.path.join(alice_home, pager.KNOWN_SERVERS_NAME), 0o600)
         for name in os.listdir(directory):
             self.assertEqual(os.stat(os.path.join(directory, name)).st_mode & 0o077, 0, name)
 
@@ -692,10 +694,12 @@ class HelpTests(CLITestCase):
     async def test_help(self):
         common = ["--user", "--home", "--token-file", "--passphrase-file", "--no-passphrase", "--tls", "--ca"]
         cases = {
-            (): ["connect", "send", "fetch", "users", "export-key", "import-key"],
-            ("send",): common + ["--to", "--file", "--wait-delivered", "--timeout"],
-            ("fetch",): common + ["--json", "--wait"],
-            ("connect",): common + ["--no-history"],
+            (): ["connect", "send", "fetch", "users", "export-key", "import-key", "trust-server", "forget-server"],
+            ("send",): common + ["--to", "--file", "--wait-delivered", "--timeout", "--register"],
+            ("fetch",): common + ["--json", "--wait", "--register"],
+            ("connect",): common + ["--no-history", "--register"],
+            ("trust-server",): ["--home", "--tls", "--ca", "--id"],
+            ("forget-server",): ["--home", "--tls"],
         }
         results = await defer.gatherResults([
             defer.Deferred.fromCoroutine(self.pager(*(command + ("--help",)), home=self.home()))
@@ -819,8 +823,8 @@ class FaultyServerTests(CLITestCase):
         port = await self.server.ready
         self.host = "127.0.0.1:%d" % port.getHost().port
         home = self.home()
-        result = await self.pager("send", self.host, "--user", "newbie", "--to", "newbie", "hi", home=home,
-                                  env={"PAGER_TOKEN": "newbie-token"}, passphrase="pass")
+        result = await self.pager("send", self.host, "--user", "newbie", "--to", "newbie", "hi", "--register",
+                                  home=home, env={"PAGER_TOKEN": "newbie-token"}, passphrase="pass")
         self.assertExit(result, pager.EXIT_FAILURE)
         self.assertNotIn("Traceback", result.err)
         self.assertIn("pager: This server does not take new users", result.err.splitlines()[-1])

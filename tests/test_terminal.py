@@ -553,13 +553,13 @@ class PseudoTerminalTests(CLITestCase):
 
     async def test_half_typed_line_survives_a_message(self):
         """
-        bob (new: registered from PAGER_TOKEN and PAGER_PASSPHRASE, no prompts) half-types a /msg; alice's message
+        bob (new: registered with --register from PAGER_TOKEN and PAGER_PASSPHRASE, no prompts) half-types a /msg; alice's message
         arrives and is drawn above it; the half line is drawn again, intact, after it; finishing the line sends
         exactly what was typed; Ctrl-D exits 0.
         """
         await self.serve()
         alice = await self.register(self.address, "alice")
-        child = self.start_terminal(self.host, "--user", "bob", env=dict(
+        child = self.start_terminal(self.host, "--user", "bob", "--register", env=dict(
             PAGER_HOME=self.home(), PAGER_TOKEN=token("bob"), PAGER_PASSPHRASE="bob's passphrase"))
         await self.wait_output(child, "to> ", what="the chat prompt")
         self.assertNotIn("Traceback", child.output())

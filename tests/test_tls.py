@@ -79,7 +79,7 @@ class TLSTestCase(CLITestCase):
             f.write(token(user) + "\n")
         config = {"server": "%s:%d" % (host, port), "home": home or self.home(), "user": user,
                   "token-file": token_file, "passphrase-file": None, "no-passphrase": True, "tls": tls, "ca": ca,
-                  "no-history": False}
+                  "no-history": False, "register": True}
         session = pager.Session(reactor, config, pager.Prompter(reactor, interactive=False, out=io.StringIO()))
         self.addCleanup(session.close)
         return session
