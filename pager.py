@@ -3095,10 +3095,12 @@ class ServerChanged(PagerError):
     code = "server_changed"
 
     def __init__(self, address, known, presented, command, message=None):
-        super().__init__(message or
-            "%s now presents the server id %s, but this machine knows it as %s, so pager refuses to use it (it is "
-            "another server, or someone in between): a server restored from backup keeps its id, so if its "
-            "operator confirms it was rebuilt, accept the new id with '%s'." % (address, presented, known, command))
+        if message is None:
+            message = ("%s now presents the server id %s, but this machine knows it as %s, so pager refuses to use it "
+                       "(it is another server, or someone in between): a server restored from backup keeps its id, "
+                       "so if its operator confirms it was rebuilt, accept the new id with '%s'."
+                       % (address, presented, known, command))
+        super().__init__(message)
         self.address, self.known, self.presented = address, known, presented
 
 
@@ -3108,7 +3110,7 @@ class KnownServers:
     (L{server_address} names it).  A known address that presents another id is refused (L{ServerChanged}) until
     the user accepts the move with C{trust-server}.  C{forget-server} turns the line into
     C{ADDRESS SERVER_ID forgotten}: the address is unknown again, but the keys kept under that id still count, so
-    no new key is made for their users at that address without C{trust-server} (L{Session.check_new_key}).
+    no new key is made for their users at that address without C{trust-server} (L{Session.may_make_key}).
     The file is small and rewritten whole (atomically, mode 0600); lines starting with # are comments.
     """
 
@@ -3302,6 +3304,8 @@ def parse_address(text, default_port=DEFAULT_PORT):
         host, port = text, None
     if not host:
         raise usage.UsageError("The server address %r has no host name." % text)
+    if re.search(r"\s", host):
+        raise usage.UsageError("The server address %r has a space in its host name." % text)
     if port is None:
         return host, default_port
     if not port.isdigit() or not 0 < int(port) < 65536:

@@ -554,7 +554,7 @@ class KeyFileTests(CLITestCase):
 
     async def test_openssl_reads_key_file(self):
         """
-        The key file a first send writes (token and passphrase from files) is PKCS#12 with PBES2 and 600,000
+        The key file a first send --register writes (token and passphrase from files) is PKCS#12 with PBES2 and 600,000
         iterations: openssl opens it with the passphrase and not without.
         """
         openssl = shutil.which("openssl")
@@ -568,8 +568,8 @@ class KeyFileTests(CLITestCase):
             f.write(token("alice") + "\n")
         with open(passphrase_file, "w") as f:
             f.write("correct horse battery\n")
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", "--token-file",
-                                token_file, "--passphrase-file", passphrase_file, home=home)
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", "--register",
+                                "--token-file", token_file, "--passphrase-file", passphrase_file, home=home)
         self.assertExit(sent, 0)
         path = os.path.join(self.user_dir(home, "alice"), "key.p12")
 
