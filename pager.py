@@ -4044,7 +4044,7 @@ class Session:
             try:
                 self.check_server(client)
             except BaseException:
-                client.close()
+                client.close()  # not wired yet: nobody hears of its end
                 raise
         if self.store is not None:
             client.seen = client.pins = self.store
@@ -4179,10 +4179,16 @@ class Session:
                 await self.open_local(client)
                 await self._first_use(client)
         except BaseException:
-            client.close()
+            self._abandon(client)
             raise
         self.client = client
         return client
+
+    @staticmethod
+    def _abandon(client):
+        """Close a connection this session will not use, without its end being taken for a lost session."""
+        client.on_disconnect = None
+        client.close()
 
     async def _login(self, client):
         try:
@@ -4295,16 +4301,16 @@ class Session:
             except (NetworkError, ConnectionLost, RateLimited) as e:
                 # rate_limited: the server is busy or throttling logins, which passes like a network fault.
                 if client is not None:
-                    client.close()
+                    self._abandon(client)
                 say(e.message)
                 delay = min(delay * 2, 30.0)
                 continue
             except BaseException:
                 if client is not None:
-                    client.close()
+                    self._abandon(client)
                 raise
             if self.closing:
-                client.close()
+                self._abandon(client)
                 break
             self.client = client
             return client

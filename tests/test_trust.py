@@ -271,12 +271,17 @@ class KnownServersTests(unittest.TestCase):
 
 
 class _FakeClient:
+    """A connection that tells C{on_disconnect} when it is closed, as a L{pager.PagerClient} does."""
+
     def __init__(self, server_id):
         self.server_id = server_id
         self.closed = False
+        self.on_disconnect = None
 
     def close(self):
         self.closed = True
+        if self.on_disconnect is not None:
+            self.on_disconnect(pager.ConnectionLost())
         return defer.succeed(None)
 
 
@@ -290,10 +295,11 @@ class ReconnectTests(unittest.TestCase):
                   "ca": None}
         session = pager.Session(clock, config, pager.Prompter(clock, interactive=False))
         session.server_id = "aa" * 16
-        clients, failures = [], list(failures)
+        clients, failures, self.disconnects = [], list(failures), []
 
         async def connect(check=True):
             clients.append(_FakeClient("aa" * 16))
+            clients[-1].on_disconnect = self.disconnects.append  # as the chat wires every connection
             return clients[-1]
 
         async def login(client):
@@ -317,6 +323,7 @@ class ReconnectTests(unittest.TestCase):
         self.assertIs(self.successResultOf(d), clients[1])
         self.assertFalse(clients[1].closed)
         self.assertIn("Too many logins; try again later.", said)
+        self.assertEqual(self.disconnects, [])  # closing the refused attempt started no second reconnection
 
     def test_failed_attempt_closed(self):
         """A connection whose login is cut off or times out is closed before the next try."""
@@ -326,6 +333,7 @@ class ReconnectTests(unittest.TestCase):
             clock.advance(wait)
         self.assertIs(self.successResultOf(d), clients[2])
         self.assertEqual([c.closed for c in clients], [True, True, False])
+        self.assertEqual(self.disconnects, [])
 
     def test_other_server_stops(self):
         """A server with another id at the address ends the reconnection with ServerChanged; nothing stays open."""
