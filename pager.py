@@ -2634,8 +2634,9 @@ class PagerService(service.Service):
         self.factory.server_id = await self.store.open()
         self.port = await self.endpoint.listen(self.factory)
         self.factory.start_expiry()
-        self.log.info("pager {version} listening on {address}, database {db}", version=__version__,
-                      address=self.description, db=self.store.path)
+        self.log.info("pager {version} listening on {address}, database {db}, server id {server_id}",
+                      version=__version__, address=self.description, db=self.store.path,
+                      server_id=self.factory.server_id)
         host = getattr(self.port.getHost(), "host", None)
         if not self.description.startswith("ssl:") and host is not None and not _is_local(self.port.getHost()):
             self.log.warn(
@@ -4962,7 +4963,7 @@ class TrustServerOptions(_GnuOptions):
                 "a server rebuilt with a new database has a new id (one restored from backup keeps its id). Keys "
                 "kept under the old id stay on this machine; a user with no key under the new id can then register "
                 "there (--register, or connect). --id refuses unless the server presents exactly that id "
-                "(ask the operator for it: 'whoami' in connect shows it).")
+                "(ask the operator for it: the server logs it when it starts).")
     optParameters = [
         ["home", None, None, _HOME_HELP],
         ["ca", None, None, _CA_HELP],

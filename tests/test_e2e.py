@@ -676,8 +676,8 @@ class ProcessTests(E2ETestCase):
 
     async def test_server_process(self):
         """
-        The server process listens, greets a client with hello, logs 'listening on' to stderr, and exits with
-        status 0 on SIGTERM.
+        The server process listens, greets a client with hello, logs 'listening on' and its server id (which
+        users compare before 'trust-server') to stderr, and exits with status 0 on SIGTERM.
         """
         port = free_port()
         db = os.path.abspath(self.mktemp())
@@ -707,6 +707,7 @@ class ProcessTests(E2ETestCase):
         await self.wait_for(lambda: process.ended is not None, "the server process to exit after SIGTERM", tries=1000)
         self.assertEqual(process.ended.value.exitCode, 0, process.stderr.decode(errors="replace"))
         self.assertIn(b"listening on", process.stderr)
+        self.assertIn(b"server id " + client.server_id.encode(), process.stderr)
         self.assertTrue(os.path.exists(db))
 
     async def _kill(self, process):
