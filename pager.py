@@ -3169,7 +3169,7 @@ class KnownServers:
         """Record that C{address} presented C{server_id}, if it is not known yet (L{check} it first)."""
         entries = self._read()
         if not any(a == address and not forgotten for a, _, forgotten in entries):
-            self._write(entries + [[address, server_id, False]])
+            self._write([e for e in entries if e[:2] != [address, server_id]] + [[address, server_id, False]])
 
     def forget(self, address):
         """Forget which id C{address} has (keeping the line as forgotten); returns that id, or None."""

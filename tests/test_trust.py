@@ -261,6 +261,10 @@ class KnownServersTests(unittest.TestCase):
         self.assertEqual(known.forget(plain), "aa" * 16)
         self.assertEqual(known.forgotten(plain), ["aa" * 16])
         known.check(plain, "bb" * 16)
+        known.remember(tls, "aa" * 16)
+        known.forget(tls)
+        known.remember(tls, "aa" * 16)  # the same server again: no longer a forgotten one
+        self.assertEqual((known.known(tls), known.forgotten(tls)), ("aa" * 16, []))
         self.assertEqual(known.trust(plain, "bb" * 16), None)
         self.assertEqual(known.forgotten(plain), [])
         with open(known.path, "a") as f:
