@@ -513,8 +513,8 @@ class KeyFileTests(CLITestCase):
     async def test_permissions_under_umask_0(self):
         """
         Even with umask 0, a first send --register makes HOME/<server id> and the user directory 0700 and key.p12,
-        client.sqlite3 and HOME/known_servers 0600; a fetch saves a file in a 0700 files directory, mode 0600.  A key file made readable
-        by others is refused (exit 3) with the chmod that fixes it.
+        client.sqlite3 and HOME/known_servers 0600; a fetch saves a file in a 0700 files directory, mode 0600.  A
+        key file made readable by others is refused (exit 3) with the chmod that fixes it.
         """
         await self.serve()
         bob_home = await self.provision("bob")

@@ -88,7 +88,7 @@ class MovedServerTestCase(CLITestCase):
 
 
 class MovedServerTests(MovedServerTestCase):
-    """The scenario of a server with a new id at a known address, for send, fetch, users, the key commands and connect."""
+    """A server with a new id at a known address: send, fetch, users, the key commands and connect refuse it."""
 
     async def test_send_refused(self):
         """send to a known address presenting a new id exits 5 naming both ids; it registers and pins nothing."""
