@@ -347,3 +347,36 @@ class ReconnectTests(unittest.TestCase):
         clock.advance(1)
         self.failureResultOf(d, pager.ServerChanged)
         self.assertTrue(clients[0].closed)
+
+
+class ChatReconnectTests(MovedServerTestCase):
+    """The chat, reconnecting after its server went away, to a server with another id at the same address."""
+
+    async def test_chat_refuses_new_server(self):
+        """The chat says the address presents another id, naming both, and stops retrying; nothing is registered."""
+        from tests.test_terminal import FakeUI
+        self.port = free_port()
+        await self.serve_on(self.port, self.mktemp())
+        first_id = self.server_id
+        home = await self.provision("alice")
+        token_file = os.path.abspath(self.mktemp())
+        with open(token_file, "w") as f:
+            f.write(token("alice") + "\n")
+        config = {"server": self.host, "home": home, "user": "alice", "token-file": token_file,
+                  "passphrase-file": None, "no-passphrase": False, "tls": False, "ca": None, "no-history": False}
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PAGER_")})
+        session = pager.Session(reactor, config, pager.Prompter(reactor, interactive=False))
+        chat = pager.Chat(session, reactor)
+        await session.start()
+        ui = FakeUI()
+        chat.attach(ui)
+        self.addCleanup(lambda: (chat.quit(), chat.done)[1])
+        await self.server.stopService()  # closes alice's connection: the chat starts reconnecting
+        await self.serve_on(self.port, self.mktemp())
+        await self.wait_for(lambda: "now presents" in ui.text(), "the chat to refuse the new server", tries=1000)
+        self.assertIn(first_id, ui.text())
+        self.assertIn(self.server_id, ui.text())
+        self.assertIn("trust-server", ui.text())
+        self.assertNotIn("Reconnected.", ui.text())
+        self.assertEqual(await self.server.store.user_names(), [])
+        self.assertEqual(self.server.factory.connections, 0)
