@@ -1291,15 +1291,22 @@ def _existing_message_txn(txn, msg_id, sender):
 def _check_budget_txn(txn, size, limits):
     """
     Raise L{StorageFull} unless C{size} more bytes fit the database's budget: the pages in use (free pages do not
-    count), plus the declared sizes of the open uploads, whose chunks are still to come.
+    count), plus the declared sizes of the open uploads, whose chunks are still to come.  Within one batch of
+    L{_batch_txn} the database is measured once, and each message checked adds its size to that measure.
     """
-    used, reserved = txn.execute(
-        "SELECT ((SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM pragma_freelist_count()))"
-        " * (SELECT page_size FROM pragma_page_size()), (SELECT value FROM counters WHERE name = 'reserved')"
-    ).fetchone()
-    if used + reserved + size > limits.max_db_bytes:
+    used = getattr(txn, "budget_used", None)
+    if used is None:
+        used = txn.execute(
+            "SELECT ((SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM"
+            " pragma_freelist_count())) * (SELECT page_size FROM pragma_page_size())"
+            " + (SELECT value FROM counters WHERE name = 'reserved')").fetchone()[0]
+    if used + size > limits.max_db_bytes:
         raise StorageFull("The server's storage is full (its limit is %d bytes); try again later."
                           % limits.max_db_bytes)
+    try:
+        txn.budget_used = used + size
+    except AttributeError:  # a bare cursor (the admin commands, the benchmarks): measured every time
+        pass
 
 
 def _charge_sender_txn(txn, sender, sender_fp, size, limits):
@@ -1678,9 +1685,11 @@ def _batch_txn(txn, operations):
     COMMIT at the end.  Returns one C{(succeeded, result or exception)} per operation.  The batch is first tried
     as it is; if any operation fails, it is rolled back and run again with each operation under its own
     savepoint, so the one that failed is undone alone.  (Operations are pure functions of their arguments and the
-    database, so running one twice is safe.)
+    database, so running one twice is safe.)  Operations may keep a measure for the whole batch on C{txn} (the database's size,
+    L{_check_budget_txn}); each pass starts it afresh.
     """
     txn.execute("BEGIN IMMEDIATE")
+    txn.budget_used = None  # see _check_budget_txn
     try:
         results = [(True, fn(txn, *args)) for fn, args in operations]
     except Exception:
@@ -1689,6 +1698,7 @@ def _batch_txn(txn, operations):
         txn.execute("COMMIT")
         return results
     txn.execute("BEGIN IMMEDIATE")
+    txn.budget_used = None
     results = []
     for fn, args in operations:
         txn.execute("SAVEPOINT op")

@@ -933,10 +933,9 @@ class UploadLimitTests(ServerTestCase):
     frame, a few at a time, dropped when idle, and within the database's budget.
     """
 
-    limits = pager.Limits(max_line=96 * 1024, max_pending_bytes=12000, max_open_uploads=2)
-
     def setUp(self):
         super().setUp()
+        self.serve(pager.Limits(max_line=96 * 1024, max_pending_bytes=12000, max_open_uploads=2))
         self.alice = self.register("alice")
         self.offline("bob")
         self.envelope = seal("alice", ["bob"], b"0123456789" * 500, chunk_size=1024)
@@ -1004,7 +1003,7 @@ class UploadLimitTests(ServerTestCase):
         An upload with no chunk frame for upload_idle_timeout seconds is dropped: its id is answered timeout, its
         chunks and its reservation are gone, its late chunk frames are dropped quietly, and the connection lives.
         """
-        timeout = self.limits.upload_idle_timeout
+        timeout = self.factory.limits.upload_idle_timeout
         frames = self.chunk_frames(self.envelope)
         self.begin(self.alice, self.envelope)
         self.clock.advance(timeout - 1)
