@@ -2720,6 +2720,7 @@ class PagerServerFactory(protocol.Factory):
     log = Logger()
     noisy = False
     inline_bytes = 48 * 1024  # messages up to this size are pushed from memory and read back with their chunks
+    VACUUM_PAGES = 4096  # free pages given back per store step (16 MiB of 4 KiB pages), so sends wait little
 
     def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
         if reactor is None:
@@ -2882,8 +2883,6 @@ class PagerServerFactory(protocol.Factory):
                 break
         await self.store.expire_receipts(self.now() - self.limits.message_expiry)
         await self.reclaim()
-
-    VACUUM_PAGES = 4096  # free pages given back per store step (16 MiB of 4 KiB pages), so sends wait little
 
     async def reclaim(self):
         """

@@ -1025,6 +1025,31 @@ class UploadLimitTests(ServerTestCase):
         self.assertEqual(self.factory.open_uploads, {})
         self.assertOk(self.alice.send(self.envelope))
 
+    def test_manyUnfinishedUploads(self):
+        """
+        The reviewed attack, scaled down: 16 connections of one user each declare a large message and stream every
+        chunk but the last.  Only what the user's bounds allow begins, all of it counted; the rest is refused at its
+        header frame, and a minute later nothing of it is left.
+        """
+        self.serve(pager.Limits(max_line=96 * 1024, max_open_uploads=4, max_sender_pending_bytes=3 * 20480))
+        conns = [self.login("alice") for _ in range(16)]
+        answers = []
+        for n, conn in enumerate(conns):
+            envelope = seal("alice", ["bob"], bytes([n]) * 20480, chunk_size=1024)
+            conn.write(self.header_frame(envelope))
+            for frame in self.chunk_frames(envelope)[:-1]:
+                conn.write(frame)
+            answers.append([f.get("code") for f in conn.read()])
+        self.assertEqual(answers, [[]] * 3 + [["quota_exceeded"]] * 13)
+        self.assertEqual(self.counters("bob"), (3, 3 * 20480, 0, 0))
+        self.assertEqual(self.counters("alice")[2:], (3, 3 * 20480))
+        self.assertLessEqual(self.query("SELECT SUM(LENGTH(data)) FROM chunks")[0][0], 3 * (20480 + 20 * 16))
+        self.clock.advance(self.factory.limits.upload_idle_timeout)
+        self.assertEqual([[f.get("code") for f in conn.read()] for conn in conns[:3]], [["timeout"]] * 3)
+        self.assertEqual(self.query("SELECT COUNT(*) FROM chunks"), [(0,)])
+        self.assertEqual(self.counters("bob"), (0, 0, 0, 0))
+        self.assertEqual(self.counters("alice"), (0, 0, 0, 0))
+
     def test_senderQuota(self):
         """
         A sender may have max_sender_pending_messages messages (and max_sender_pending_bytes bytes) stored and
