@@ -1685,8 +1685,8 @@ def _batch_txn(txn, operations):
     COMMIT at the end.  Returns one C{(succeeded, result or exception)} per operation.  The batch is first tried
     as it is; if any operation fails, it is rolled back and run again with each operation under its own
     savepoint, so the one that failed is undone alone.  (Operations are pure functions of their arguments and the
-    database, so running one twice is safe.)  Operations may keep a measure for the whole batch on C{txn} (the database's size,
-    L{_check_budget_txn}); each pass starts it afresh.
+    database, so running one twice is safe.)  Operations may keep a measure for the whole batch on C{txn} (the
+    database's size, L{_check_budget_txn}); each pass starts it afresh.
     """
     txn.execute("BEGIN IMMEDIATE")
     txn.budget_used = None  # see _check_budget_txn
