@@ -2862,9 +2862,19 @@ class PagerServerFactory(protocol.Factory):
         """Drop expired deliveries now and then, telling their senders."""
         if interval is None:
             interval = min(3600.0, self.limits.message_expiry / 10)
-        self._expiry = task.LoopingCall(self.expire)
-        self._expiry.clock = self.reactor
-        self._expiry.start(interval, now=True).addErrback(lambda f: self.log.failure("Message expiry failed", f))
+        self._expiry = self._every(interval, self.expire, "Message expiry failed", now=True)
+
+    def _every(self, interval, f, failed, now):
+        """Run coroutine function C{f} every C{interval} seconds; a run that fails is logged, and the next one comes."""
+        async def run():
+            try:
+                await f()
+            except Exception:
+                self.log.failure(failed)
+        loop = task.LoopingCall(run)
+        loop.clock = self.reactor
+        loop.start(interval, now=now).addErrback(lambda failure: self.log.failure(failed, failure))
+        return loop
 
     def stop_expiry(self):
         for loop in (self._expiry, self._account_check):
@@ -2901,10 +2911,8 @@ class PagerServerFactory(protocol.Factory):
         Now and then, close the sessions whose account no longer exists with the key they logged in with: the
         operator's C{admin delete-user} and C{admin reset-key} change the database from another process.
         """
-        self._account_check = task.LoopingCall(self.check_accounts)
-        self._account_check.clock = self.reactor
-        self._account_check.start(interval or self.limits.account_check_interval, now=False).addErrback(
-            lambda f: self.log.failure("Checking the logged-in accounts failed", f))
+        self._account_check = self._every(interval or self.limits.account_check_interval, self.check_accounts,
+                                          "Checking the logged-in accounts failed", now=False)
 
     async def check_accounts(self):
         names = sorted(self.online)

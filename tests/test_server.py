@@ -1139,6 +1139,18 @@ class AccountGoneTests(ServerTestCase):
         self.assertEnded(self.alice)
         self.assertOk(self.connect().login("alice", new))
 
+    def test_checkGoesOnAfterAFailure(self):
+        """A check that fails (the database cannot be read) is logged, and the next one still closes the session."""
+        account_keys = self.store.account_keys
+        self.patch(self.store, "account_keys", lambda names: defer.fail(pager.StoreError("database is locked")))
+        self.run_txn(pager.delete_user_txn, "alice")
+        self.clock.advance(self.interval)
+        self.assertEqual(len(self.flushLoggedErrors(pager.StoreError)), 1)
+        self.assertFalse(self.alice.transport.disconnecting)
+        self.patch(self.store, "account_keys", account_keys)
+        self.clock.advance(self.interval)
+        self.assertEnded(self.alice)
+
     def test_ownRekeyKeepsSessions(self):
         """A rekey through the server itself updates its sessions: they stay open and can send."""
         other = self.login("alice")
