@@ -4871,7 +4871,7 @@ _LIMIT_OPTIONS = [
     ("max-db-bytes", "max_db_bytes", int,
      "The database's budget in bytes (pages in use plus open uploads); past it sends get storage_full."),
     ("account-check-interval", "account_check_interval", float,
-     "Seconds between checks that closes sessions of accounts deleted or re-keyed by 'admin'."),
+     "Seconds between checks that close the sessions of accounts deleted or re-keyed by 'admin'."),
 ]
 MIN_MAX_LINE = 96 * 1024
 
