@@ -125,6 +125,12 @@ class Limits:
     address_free_failures: int = 10  # failed logins from one address before it is slowed down
     address_max_delay: float = 900.0  # the longest wait imposed on one address
     registration: str = "open"  # open, invite or closed
+    max_sender_pending_messages: int = 5000  # per sender: messages it has stored and not yet delivered to everyone
+    max_sender_pending_bytes: int = 128 * 1024 * 1024  # per sender, the same in plaintext bytes
+    max_open_uploads: int = 4  # multi-frame uploads one user may have open at once, over all their connections
+    upload_idle_timeout: float = 60.0  # seconds an open upload may wait for its next chunk frame before it is dropped
+    max_db_bytes: int = 4 * 1024 * 1024 * 1024  # the database's budget: stored pages plus open uploads' declared sizes
+    account_check_interval: float = 5.0  # seconds between checks that logged-in accounts still exist with their key
 
     def public(self):
         """The limits a client needs to know, as sent in ``hello``."""
@@ -141,6 +147,10 @@ class Limits:
             "idle_timeout": self.idle_timeout,
             "message_expiry": self.message_expiry,
             "registration": self.registration,
+            "max_sender_pending_messages": self.max_sender_pending_messages,
+            "max_sender_pending_bytes": self.max_sender_pending_bytes,
+            "max_open_uploads": self.max_open_uploads,
+            "upload_idle_timeout": self.upload_idle_timeout,
         }
 
 
@@ -258,6 +268,12 @@ class QuotaExceeded(ProtocolError):
     code = "quota_exceeded"
 
 
+class StorageFull(ProtocolError):
+    """The server's storage is at its operator's limit; try again later."""
+
+    code = "storage_full"
+
+
 class RateLimited(ProtocolError):
     """Too many requests; try again later."""
 
@@ -299,7 +315,7 @@ ERROR_CODES = {
     cls.code: cls
     for cls in (
         BadRequest, NotAuthenticated, AuthFailed, UserExists, UnknownUser, UnknownMessage, TooLarge,
-        QuotaExceeded, RateLimited, Forbidden, InternalError, BadKey,
+        QuotaExceeded, StorageFull, RateLimited, Forbidden, InternalError, BadKey,
     )
 }
 
@@ -1012,8 +1028,13 @@ def b64(data):
 # SQLite through adbapi: one connection, WAL, synchronous=FULL.  Functions named *_txn run inside one transaction
 # on the pool's thread; the Store methods of the same name without the suffix return Deferreds.  The REFERENCES
 # clauses below document the tables' relations; SQLite is not asked to enforce them (see prepare_connection).
+# Quotas are counters kept with the rows they count: users.pending_* are the deliveries waiting for that user, an
+# open upload's included from the moment it begins; users.sent_* are the messages that user has stored (accepted
+# and not yet settled by every recipient, or still uploading).  An open upload's row has accepted_at NULL and
+# names in messages.reserved the recipients it is counted against; the counter 'reserved' holds the declared
+# sizes of all open uploads, which the disk budget counts before their chunks arrive.
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -1027,7 +1048,9 @@ CREATE TABLE IF NOT EXISTS users (
     registered_at REAL NOT NULL,
     recovered_at REAL,
     pending_count INTEGER NOT NULL DEFAULT 0,
-    pending_bytes INTEGER NOT NULL DEFAULT 0
+    pending_bytes INTEGER NOT NULL DEFAULT 0,
+    sent_count INTEGER NOT NULL DEFAULT 0,
+    sent_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1039,7 +1062,8 @@ CREATE TABLE IF NOT EXISTS messages (
     chunk_count INTEGER NOT NULL,
     accepted_at REAL,
     expires_at REAL,
-    ord INTEGER UNIQUE
+    ord INTEGER UNIQUE,
+    reserved TEXT
 );
 CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
@@ -1144,7 +1168,25 @@ class StoreError(PagerError):
     """The database cannot be used."""
 
 
+_MIGRATIONS = {
+    # schema version: the statements that bring a database of that version to the next
+    1: [
+        "ALTER TABLE users ADD COLUMN sent_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE users ADD COLUMN sent_bytes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN reserved TEXT",
+        "UPDATE users SET (sent_count, sent_bytes) = (SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
+        " WHERE sender = users.name AND accepted_at IS NOT NULL)",
+    ],
+}
+
+
 def create_schema_txn(txn, drop_unfinished=True):
+    """
+    Create the tables, or bring an older database to L{SCHEMA_VERSION}; returns the server id.  A new database
+    gets incremental auto-vacuum (see L{vacuum_step_txn}); that must be chosen before its first table exists.
+    """
+    if txn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        txn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     txn.executescript(_SCHEMA)
     row = txn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     if row is None:
@@ -1153,11 +1195,41 @@ def create_schema_txn(txn, drop_unfinished=True):
         txn.execute("INSERT INTO meta VALUES ('server_id', ?)", (secrets.token_hex(16),))
     elif int(row[0]) > SCHEMA_VERSION:
         raise StoreError("The database was written by a newer pager (schema %s); upgrade pager." % row[0])
+    else:
+        for version in range(int(row[0]), SCHEMA_VERSION):
+            for statement in _MIGRATIONS[version]:
+                txn.execute(statement)
+        txn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    txn.execute("INSERT OR IGNORE INTO counters VALUES ('reserved', 0)")
     if drop_unfinished:
         # At server start: uploads that never completed (the server stopped mid-message) were never accepted.
-        txn.execute("DELETE FROM chunks WHERE seq IN (SELECT seq FROM messages WHERE accepted_at IS NULL)")
-        txn.execute("DELETE FROM messages WHERE accepted_at IS NULL")
+        for (seq,) in txn.execute("SELECT seq FROM messages WHERE accepted_at IS NULL").fetchall():
+            abort_upload_txn(txn, seq)
     return txn.execute("SELECT value FROM meta WHERE key = 'server_id'").fetchone()[0]
+
+
+def enable_auto_vacuum(conn):
+    """
+    Turn incremental auto-vacuum on for a database made before pager used it: a VACUUM, which rewrites the whole
+    file once (and needs as much free disk space for a while).  Runs outside any transaction, at server start.
+    """
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+
+
+def vacuum_step_txn(txn, pages):
+    """
+    Give up to C{pages} free pages back to the file system (incremental auto-vacuum): returns how many free pages
+    are left.  In WAL mode the file shrinks at the next checkpoint, which L{checkpoint} forces.
+    """
+    txn.execute("PRAGMA incremental_vacuum(%d)" % int(pages)).fetchall()
+    return txn.execute("PRAGMA freelist_count").fetchone()[0]
+
+
+def checkpoint(conn):
+    """Copy the WAL into the database file and truncate both to what they hold (outside any transaction)."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def invite_hash(code):
@@ -1216,17 +1288,80 @@ def _existing_message_txn(txn, msg_id, sender):
     return row[0], row[2]
 
 
-def begin_upload_txn(txn, msg_id, sender, header, size, recipients, limits):
+def _check_budget_txn(txn, size, limits):
+    """
+    Raise L{StorageFull} unless C{size} more bytes fit the database's budget: the pages in use (free pages do not
+    count), plus the declared sizes of the open uploads, whose chunks are still to come.  Within one batch of
+    L{_batch_txn} the database is measured once, and each message checked adds its size to that measure.
+    """
+    used = getattr(txn, "budget_used", None)
+    if used is None:
+        used = txn.execute(
+            "SELECT ((SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM"
+            " pragma_freelist_count())) * (SELECT page_size FROM pragma_page_size())"
+            " + (SELECT value FROM counters WHERE name = 'reserved')").fetchone()[0]
+    if used + size > limits.max_db_bytes:
+        raise StorageFull("The server's storage is full (its limit is %d bytes); try again later."
+                          % limits.max_db_bytes)
+    try:
+        txn.budget_used = used + size
+    except AttributeError:  # a bare cursor (the admin commands, the benchmarks): measured every time
+        pass
+
+
+def _charge_sender_txn(txn, sender, sender_fp, size, limits):
+    """
+    Count one more stored message of C{size} against C{sender}'s own quota.  With C{sender_fp}, the account must
+    still have that key: a session whose account was deleted, or whose key was replaced, stores nothing more.
+    """
+    if txn.execute("UPDATE users SET sent_count = sent_count + 1, sent_bytes = sent_bytes + ?1 WHERE name = ?2"
+                   " AND (?3 IS NULL OR fingerprint = ?3) AND sent_count < ?4 AND sent_bytes + ?1 <= ?5",
+                   (size, sender, sender_fp, limits.max_sender_pending_messages,
+                    limits.max_sender_pending_bytes)).rowcount == 1:
+        return
+    row = txn.execute("SELECT fingerprint FROM users WHERE name = ?", (sender,)).fetchone()
+    if row is None or (sender_fp is not None and bytes(row[0]) != sender_fp):
+        raise Forbidden("This account was deleted, or its key replaced, since this session logged in.")
+    raise QuotaExceeded("You have too many messages waiting for delivery (at most %d messages and %d bytes)."
+                        % (limits.max_sender_pending_messages, limits.max_sender_pending_bytes))
+
+
+def _charge_recipients_txn(txn, recipients, size, limits):
+    """
+    Count a message of C{size} against each recipient's quota.  Each recipient's counters go up only if its quota
+    holds; if one does not, find out why and refuse the whole message (raising undoes everything this step did).
+    """
+    for index, name in enumerate(recipients):
+        if txn.execute("UPDATE users SET pending_count = pending_count + 1, pending_bytes = pending_bytes + ?"
+                       " WHERE name = ? AND pending_count < ? AND pending_bytes + ? <= ?",
+                       (size, name, limits.max_pending_messages, size, limits.max_pending_bytes)).rowcount != 1:
+            check_recipients_txn(txn, recipients, size, limits, counted=recipients[:index])
+
+
+def _release_txn(txn, sender, size, recipients=()):
+    """Undo what a stored message of C{size} counted against its sender and C{recipients}."""
+    txn.execute("UPDATE users SET sent_count = MAX(0, sent_count - 1), sent_bytes = MAX(0, sent_bytes - ?)"
+                " WHERE name = ?", (size, sender))
+    txn.executemany("UPDATE users SET pending_count = MAX(0, pending_count - 1),"
+                    " pending_bytes = MAX(0, pending_bytes - ?) WHERE name = ?", [(size, r) for r in recipients])
+
+
+def begin_upload_txn(txn, msg_id, sender, header, size, recipients, limits, sender_fp=None):
     """
     Start storing a message that comes in several frames: C{(seq, duplicate, accepted_at)}.  A resend of a message
-    already accepted is recognised first; otherwise the recipients are checked before any chunk is stored.
+    already accepted is recognised first; otherwise the declared C{size} is reserved at once against the
+    recipients' quotas, the sender's and the database's budget, before any chunk is stored, and stays reserved
+    until the message is accepted (the reservation becomes its count) or the upload is dropped.
     """
     existing = _existing_message_txn(txn, msg_id, sender)
     if existing is not None:
         return existing[0], True, existing[1]
-    check_recipients_txn(txn, recipients, size, limits)
-    txn.execute("INSERT INTO messages (msg_id, sender, header, size, chunk_count) VALUES (?, ?, ?, ?, 0)",
-                (msg_id, sender, header, size))
+    _charge_recipients_txn(txn, recipients, size, limits)
+    _charge_sender_txn(txn, sender, sender_fp, size, limits)
+    _check_budget_txn(txn, size, limits)
+    txn.execute("UPDATE counters SET value = value + ? WHERE name = 'reserved'", (size,))
+    txn.execute("INSERT INTO messages (msg_id, sender, header, size, chunk_count, reserved) VALUES (?, ?, ?, ?, 0, ?)",
+                (msg_id, sender, header, size, ",".join(recipients)))
     return txn.lastrowid, False, None
 
 
@@ -1243,9 +1378,17 @@ def upload_chunks_txn(txn, seq, start, chunks):
 
 
 def abort_upload_txn(txn, seq):
-    txn.execute("DELETE FROM chunks WHERE seq = ?1 AND EXISTS (SELECT 1 FROM messages WHERE seq = ?1 AND"
-                " accepted_at IS NULL)", (seq,))
-    txn.execute("DELETE FROM messages WHERE seq = ? AND accepted_at IS NULL", (seq,))
+    """Drop an upload that was never accepted, with its chunks, and give back what it reserved."""
+    row = txn.execute("SELECT sender, size, reserved FROM messages WHERE seq = ? AND accepted_at IS NULL",
+                      (seq,)).fetchone()
+    if row is None:
+        return
+    sender, size, reserved = row
+    if reserved is not None:  # an upload begun by a pager that did not reserve (schema 1) counted nothing
+        _release_txn(txn, sender, size, reserved.split(","))
+        txn.execute("UPDATE counters SET value = MAX(0, value - ?) WHERE name = 'reserved'", (size,))
+    txn.execute("DELETE FROM chunks WHERE seq = ?", (seq,))
+    txn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
 
 
 def check_recipients_txn(txn, recipients, size, limits, counted=()):
@@ -1271,13 +1414,15 @@ def check_recipients_txn(txn, recipients, size, limits, counted=()):
 
 
 def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None):
+                       check=None, sender_fp=None):
     """
     Commit a complete message for all of its recipients, or for none: returns C{(seq, accepted_at, duplicate,
     ord)}, C{ord} being its place in delivery order, taken now, at acceptance.
-    C{seq} is that of an upload begun with L{begin_upload_txn}, whose chunks are already stored; otherwise the
-    message is new and C{chunks} are all of its chunk ciphertexts.  C{check()}, if given, runs first (the
-    signature check) and refuses the message by raising.
+    C{seq} is that of an upload begun with L{begin_upload_txn}, whose chunks are already stored and whose size is
+    already counted; otherwise the message is new and C{chunks} are all of its chunk ciphertexts, and it is
+    counted now against the recipients', the sender's and the database's limits.  C{check()}, if given, runs first
+    (the signature check) and refuses the message by raising.  With C{sender_fp}, the sender's account must still
+    have that key.
     """
     if check is not None:
         check()
@@ -1293,21 +1438,27 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
             existing = _existing_message_txn(txn, msg_id, sender)
             return existing[0], existing[1], True, None
         seq = txn.lastrowid
+        _charge_recipients_txn(txn, recipients, size, limits)
+        _charge_sender_txn(txn, sender, sender_fp, size, limits)
+        _check_budget_txn(txn, size, limits)
         add_chunks_txn(txn, seq, 0, chunks)
     else:
-        count = txn.execute("SELECT COUNT(*) FROM chunks WHERE seq = ?", (seq,)).fetchone()[0]
-        txn.execute("UPDATE messages SET signature = ?, size = ?, chunk_count = ?, accepted_at = ?, expires_at = ?,"
-                    " ord = ? WHERE seq = ? AND accepted_at IS NULL", (signature, size, count, now, expires_at, ord_,
-                                                                    seq))
-        if txn.rowcount != 1:  # dropped meanwhile (its connection closed): nothing may refer to it
+        row = txn.execute("SELECT size FROM messages WHERE seq = ? AND accepted_at IS NULL", (seq,)).fetchone()
+        if row is None:  # dropped meanwhile (its connection closed): nothing may refer to it
             raise BadRequest("That upload was abandoned before its last frame.")
-    # Each recipient's counters go up only if its quota holds; if one does not, find out why and refuse the whole
-    # message (raising undoes everything this step did).
-    for index, name in enumerate(recipients):
-        if txn.execute("UPDATE users SET pending_count = pending_count + 1, pending_bytes = pending_bytes + ?"
-                       " WHERE name = ? AND pending_count < ? AND pending_bytes + ? <= ?",
-                       (size, name, limits.max_pending_messages, size, limits.max_pending_bytes)).rowcount != 1:
-            check_recipients_txn(txn, recipients, size, limits, counted=recipients[:index])
+        if row[0] != size:
+            raise BadRequest("The message is %d bytes, not the %d declared." % (size, row[0]))
+        if sender_fp is not None and txn.execute("SELECT 1 FROM users WHERE name = ? AND fingerprint = ?",
+                                                 (sender, sender_fp)).fetchone() is None:
+            raise Forbidden("This account was deleted, or its key replaced, since this session logged in.")
+        known = txn.execute("SELECT COUNT(*) FROM users WHERE name IN (%s)" % _marks(recipients),
+                            recipients).fetchone()[0]
+        if known != len(recipients):  # a recipient deleted while the upload ran
+            check_recipients_txn(txn, recipients, 0, limits, counted=recipients)
+        count = txn.execute("SELECT COUNT(*) FROM chunks WHERE seq = ?", (seq,)).fetchone()[0]
+        txn.execute("UPDATE messages SET signature = ?, chunk_count = ?, accepted_at = ?, expires_at = ?, ord = ?,"
+                    " reserved = NULL WHERE seq = ?", (signature, count, now, expires_at, ord_, seq))
+        txn.execute("UPDATE counters SET value = MAX(0, value - ?) WHERE name = 'reserved'", (size,))
     txn.executemany("INSERT INTO deliveries (recipient, ord, seq) VALUES (?, ?, ?)",
                     [(r, ord_, seq) for r in recipients])
     return seq, now, False, ord_
@@ -1348,11 +1499,23 @@ def chunks_txn(txn, seq, start, count):
 
 
 def _drop_messages_txn(txn, seqs):
-    """Delete those of the messages C{seqs} that no delivery refers to any more, with their chunks."""
-    rows = [(seq,) for seq in seqs]
-    for table in ("chunks", "messages"):
-        txn.executemany("DELETE FROM %s WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM deliveries WHERE seq = ?1)"
-                        % table, rows)
+    """
+    Delete those of the accepted messages C{seqs} that no delivery refers to any more, with their chunks, and give
+    their senders' quotas back.
+    """
+    senders = collections.defaultdict(lambda: [0, 0])
+    for part in _in_pages(list(seqs)):
+        dropped = txn.execute(
+            "DELETE FROM messages WHERE seq IN (%s) AND accepted_at IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries d WHERE d.seq = messages.seq) RETURNING seq, sender, size"
+            % _marks(part), part).fetchall()
+        if dropped:
+            txn.execute("DELETE FROM chunks WHERE seq IN (%s)" % _marks(dropped), [row[0] for row in dropped])
+        for _, sender, size in dropped:
+            senders[sender][0] += 1
+            senders[sender][1] += size
+    txn.executemany("UPDATE users SET sent_count = MAX(0, sent_count - ?), sent_bytes = MAX(0, sent_bytes - ?)"
+                    " WHERE name = ?", [(count, size, sender) for sender, (count, size) in senders.items()])
 
 
 def _in_pages(items, size=500):
@@ -1444,6 +1607,15 @@ def expire_receipts_txn(txn, older_than):
     return txn.rowcount
 
 
+def account_keys_txn(txn, names):
+    """The key fingerprint of each of the accounts C{names} that exists: C{{name: fingerprint}}."""
+    keys = {}
+    for part in _in_pages(names):
+        keys.update((name, bytes(fp)) for name, fp in txn.execute(
+            "SELECT name, fingerprint FROM users WHERE name IN (%s)" % _marks(part), part))
+    return keys
+
+
 def expire_txn(txn, now, limit=1000):
     """Drop deliveries past their expiry time; returns C{(sender, receipt)} pairs telling each sender."""
     expired = collections.defaultdict(list)  # recipient -> message ids
@@ -1478,6 +1650,10 @@ class _SynchronousPool:
         conn.execute("COMMIT")
         return defer.succeed(result)
 
+    def runWithConnection(self, fn, *args):
+        """C{fn(connection, *args)} outside any transaction (a VACUUM or a checkpoint)."""
+        return defer.maybeDeferred(fn, self._conn, *args)
+
     def start(self):
         pass
 
@@ -1509,9 +1685,11 @@ def _batch_txn(txn, operations):
     COMMIT at the end.  Returns one C{(succeeded, result or exception)} per operation.  The batch is first tried
     as it is; if any operation fails, it is rolled back and run again with each operation under its own
     savepoint, so the one that failed is undone alone.  (Operations are pure functions of their arguments and the
-    database, so running one twice is safe.)
+    database, so running one twice is safe.)  Operations may keep a measure for the whole batch on C{txn} (the
+    database's size, L{_check_budget_txn}); each pass starts it afresh.
     """
     txn.execute("BEGIN IMMEDIATE")
+    txn.budget_used = None  # see _check_budget_txn
     try:
         results = [(True, fn(txn, *args)) for fn, args in operations]
     except Exception:
@@ -1520,6 +1698,7 @@ def _batch_txn(txn, operations):
         txn.execute("COMMIT")
         return results
     txn.execute("BEGIN IMMEDIATE")
+    txn.budget_used = None
     results = []
     for fn, args in operations:
         txn.execute("SAVEPOINT op")
@@ -1594,8 +1773,16 @@ class Store:
             d.errback(failure)
 
     def open(self):
-        """Create or check the schema; fires with the server id.  Runs alone: executescript commits by itself."""
-        return self.pool.runInteraction(create_schema_txn)
+        """
+        Create, check or migrate the schema; fires with the server id.  Runs alone: executescript commits by
+        itself.  A database without incremental auto-vacuum gets it here, once.
+        """
+        return Deferred.fromCoroutine(self._open())
+
+    async def _open(self):
+        server_id = await self.pool.runInteraction(create_schema_txn)
+        await self.pool.runWithConnection(enable_auto_vacuum)
+        return server_id
 
     def close(self):
         self.pool.close()
@@ -1615,8 +1802,8 @@ class Store:
     def set_key(self, name, pem, fp, now, recovered=False):
         return self._run(set_key_txn, name, pem, fp, now, recovered)
 
-    def begin_upload(self, msg_id, sender, header, size, recipients, limits):
-        return self._run(begin_upload_txn, msg_id, sender, header, size, recipients, limits)
+    def begin_upload(self, msg_id, sender, header, size, recipients, limits, sender_fp=None):
+        return self._run(begin_upload_txn, msg_id, sender, header, size, recipients, limits, sender_fp)
 
     def add_chunks(self, seq, start, chunks):
         return self._run(upload_chunks_txn, seq, start, chunks)
@@ -1625,9 +1812,9 @@ class Store:
         return self._run(abort_upload_txn, seq)
 
     def accept_message(self, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None):
+                       check=None, sender_fp=None):
         return self._run(accept_message_txn, msg_id, sender, header, signature, size, chunks, recipients, now,
-                         limits, seq, check)
+                         limits, seq, check, sender_fp)
 
     def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024):
         return self._run(pending_txn, user, after_seq, limit, inline_bytes)
@@ -1652,6 +1839,15 @@ class Store:
 
     def expire_receipts(self, older_than):
         return self._run(expire_receipts_txn, older_than)
+
+    def account_keys(self, names):
+        return self._run(account_keys_txn, names)
+
+    def vacuum_step(self, pages):
+        return self._run(vacuum_step_txn, pages)
+
+    def checkpoint(self):
+        return self.pool.runWithConnection(checkpoint)
 
 
 #### Server ####
@@ -1824,14 +2020,22 @@ class _Recent:
 
 @dataclasses.dataclass
 class _Upload:
+    """
+    A multi-frame upload in progress on one connection.  It holds one of its user's C{max_open_uploads} places
+    from before it begins in the store until L{PagerServerProtocol._end_upload}, and C{timer} drops it when no
+    chunk frame comes for C{upload_idle_timeout} seconds.
+    """
+
     rid: object
     verifier: EnvelopeVerifier
     recipients: list
     declared_size: int
-    seq: int
-    duplicate: bool
+    seq: int = None  # None until the store has begun it
+    duplicate: bool = False
     accepted_at: float = None  # of the message already accepted, for a duplicate
     count: int = 0
+    timer: object = None
+    ended: bool = False
 
 
 class PagerServerProtocol(LineReceiver, TimeoutMixin):
@@ -1902,9 +2106,14 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self.factory.session_ended(self)
             self.log.info("{user} disconnected", user=self.user)
         upload, self._upload = self._upload, None
-        if upload is not None and not upload.duplicate:
-            self.factory.store.abort_upload(upload.seq).addErrback(
-                lambda f: self.log.failure("Dropping an unfinished upload failed", f))
+        if upload is not None:
+            self._end_upload(upload, abort=True)
+
+    def account_gone(self):
+        """The account was deleted, or given another key, by the operator: this session ends."""
+        self.log.info("Closing a session of {user}: the account was deleted or its key replaced", user=self.user)
+        self.send_error(None, AuthFailed("This account was deleted, or its key replaced, by the server's operator."))
+        self.close()
 
     def timeoutConnection(self):
         self.send_error(None, IdleTimeout(
@@ -2227,24 +2436,62 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self._count(verifier, chunks, size)
         if signature is not None:
             return await self._accept(verifier, to, size, chunks, signature, None)
-        # A message in several frames: store the chunks as they come, reading one frame at a time.
+        # A message in several frames: its declared size is reserved when it begins, and its chunks are stored as
+        # they come, reading one frame at a time.
+        upload = _Upload(rid, verifier, to, size)
+        self.factory.upload_opened(self.user)
         self._hold("upload")
         try:
             store = self.factory.store
-            seq, duplicate, accepted_at = await store.begin_upload(parsed.message_id, self.user, header, size, to,
-                                                                   self.limits)
-            upload = _Upload(rid, verifier, to, size, seq, duplicate, accepted_at)
-            if not duplicate:
-                try:
-                    await store.add_chunks(seq, 0, chunks)
-                finally:
-                    if self.closed:  # connectionLost had no upload to drop yet
-                        await store.abort_upload(seq)
+            upload.seq, upload.duplicate, upload.accepted_at = await store.begin_upload(
+                parsed.message_id, self.user, header, size, to, self.limits, self.key_fingerprint)
+            if not upload.duplicate:
+                await store.add_chunks(upload.seq, 0, chunks)
             upload.count = len(chunks)
+            if self.closed:  # connectionLost had no upload to drop yet
+                self._end_upload(upload, abort=True)
+                return None
             self._upload = upload
+            self._await_chunk(upload)
+        except BaseException:
+            self._end_upload(upload, abort=True)
+            raise
         finally:
             self._release("upload")
         return None
+
+    def _await_chunk(self, upload):
+        """(Re)start the wait for the upload's next chunk frame."""
+        upload.timer = self.callLater(self.limits.upload_idle_timeout, self._upload_idle, upload)
+
+    def _upload_idle(self, upload):
+        if self._upload is not upload:
+            return
+        if self._holds - {"output"}:  # the server itself is not reading this connection: not the client's delay
+            self._await_chunk(upload)
+            return
+        self._upload = None
+        self._aborted_upload = upload.rid  # its chunk frames may still come: drop them quietly
+        self._end_upload(upload, abort=True)
+        self.log.info("Dropped an upload by {user} idle for {seconds} s", user=self.user,
+                      seconds=self.limits.upload_idle_timeout)
+        self.send_error(upload.rid, IdleTimeout("The upload had no chunk frame for %d seconds; it was dropped."
+                                                % self.limits.upload_idle_timeout))
+
+    def _end_upload(self, upload, abort):
+        """
+        The upload is over (once): stop its timer, give its user's open-upload place back and, with C{abort},
+        drop what the store holds of it, which gives its reservation back.
+        """
+        if upload.ended:
+            return
+        upload.ended = True
+        if upload.timer is not None and upload.timer.active():
+            upload.timer.cancel()
+        self.factory.upload_closed(self.user)
+        if abort and upload.seq is not None and not upload.duplicate:
+            self.factory.store.abort_upload(upload.seq).addErrback(
+                lambda f: self.log.failure("Dropping an unfinished upload failed", f))
 
     async def handle_chunk(self, frame, rid):
         upload = self._upload
@@ -2256,6 +2503,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 return None  # the rest of an upload already refused: its error was sent
             raise BadRequest("No upload with that id is in progress.")
         self._hold("upload")
+        if upload.timer.active():
+            upload.timer.cancel()  # restarted once this frame is stored
         signature = None
         try:
             signature = self._signature(frame)
@@ -2265,17 +2514,20 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 await self.factory.store.add_chunks(upload.seq, upload.count, chunks)
             upload.count += len(chunks)
             if signature is None:
+                if self._upload is upload:
+                    self._await_chunk(upload)
                 return None
             self._upload = None
-            return await self._accept(upload.verifier, upload.recipients, upload.declared_size, None, signature,
-                                      upload)
+            answer = await self._accept(upload.verifier, upload.recipients, upload.declared_size, None, signature,
+                                        upload)
+            self._end_upload(upload, abort=False)
+            return answer
         except BaseException:
             if self._upload is upload:
                 self._upload = None
                 if not last:
                     self._aborted_upload = rid
-            if not upload.duplicate:
-                await self.factory.store.abort_upload(upload.seq)
+            self._end_upload(upload, abort=True)
             raise
         finally:
             self._release("upload")
@@ -2298,7 +2550,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                     "queued": [name for name in recipients if name not in self.factory.receivers]}
         seq, accepted_at, duplicate, ord_ = await self.factory.store.accept_message(
             header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
-            self.limits, None if upload is None else upload.seq, check)
+            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint)
         if not self.receive:
             self.sent.add(header.message_id)
         if not duplicate:
@@ -2468,6 +2720,7 @@ class PagerServerFactory(protocol.Factory):
     log = Logger()
     noisy = False
     inline_bytes = 48 * 1024  # messages up to this size are pushed from memory and read back with their chunks
+    VACUUM_PAGES = 4096  # free pages given back per store step (16 MiB of 4 KiB pages), so sends wait little
 
     def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
         if reactor is None:
@@ -2488,6 +2741,8 @@ class PagerServerFactory(protocol.Factory):
         self.address_failures = _Throttle(self.limits.address_free_failures, self.limits.address_max_delay)
         self._hashing = defer.DeferredSemaphore(self.limits.argon2_concurrency)
         self._expiry = None
+        self._account_check = None
+        self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
 
     def now(self):
         return self.reactor.seconds()
@@ -2575,6 +2830,18 @@ class PagerServerFactory(protocol.Factory):
                 if not sessions:
                     del table[session.user]
 
+    def upload_opened(self, user):
+        """Count an upload of C{user}'s beginning; L{RateLimited} when they already have C{max_open_uploads}."""
+        if self.open_uploads[user] >= self.limits.max_open_uploads:
+            raise RateLimited("You have %d uploads open at once, the most allowed; finish one first."
+                              % self.limits.max_open_uploads)
+        self.open_uploads[user] += 1
+
+    def upload_closed(self, user):
+        self.open_uploads[user] -= 1
+        if self.open_uploads[user] <= 0:
+            del self.open_uploads[user]
+
     def key_changed(self, user, key):
         for session in self.online.get(user, ()):
             session.key, session.key_fingerprint = key, fingerprint(key)
@@ -2595,15 +2862,27 @@ class PagerServerFactory(protocol.Factory):
         """Drop expired deliveries now and then, telling their senders."""
         if interval is None:
             interval = min(3600.0, self.limits.message_expiry / 10)
-        self._expiry = task.LoopingCall(self.expire)
-        self._expiry.clock = self.reactor
-        self._expiry.start(interval, now=True).addErrback(lambda f: self.log.failure("Message expiry failed", f))
+        self._expiry = self._every(interval, self.expire, "Message expiry failed", now=True)
+
+    def _every(self, interval, f, failed, now):
+        """Run coroutine function C{f} every C{interval} seconds; a run that fails is logged, and the next one comes."""
+        async def run():
+            try:
+                await f()
+            except Exception:
+                self.log.failure(failed)
+        loop = task.LoopingCall(run)
+        loop.clock = self.reactor
+        loop.start(interval, now=now).addErrback(lambda failure: self.log.failure(failed, failure))
+        return loop
 
     def stop_expiry(self):
-        if self._expiry is not None and self._expiry.running:
-            self._expiry.stop()
+        for loop in (self._expiry, self._account_check):
+            if loop is not None and loop.running:
+                loop.stop()
 
     async def expire(self):
+        """Drop expired deliveries and receipts, then give the space they took back to the file system."""
         while True:
             expired = await self.store.expire(self.now())
             for sender, receipt in expired:
@@ -2613,6 +2892,37 @@ class PagerServerFactory(protocol.Factory):
             if len(expired) < 1000:
                 break
         await self.store.expire_receipts(self.now() - self.limits.message_expiry)
+        await self.reclaim()
+
+    async def reclaim(self):
+        """
+        Give the database's free pages (those of deleted messages) back to the file system, a bounded step at a
+        time between other store work, then checkpoint so that the file shrinks.
+        """
+        left = None
+        while left != 0:
+            before, left = left, await self.store.vacuum_step(self.VACUUM_PAGES)
+            if before is not None and left >= before:
+                break  # a database without auto-vacuum gives nothing back
+        await self.store.checkpoint()
+
+    def start_account_check(self, interval=None):
+        """
+        Now and then, close the sessions whose account no longer exists with the key they logged in with: the
+        operator's C{admin delete-user} and C{admin reset-key} change the database from another process.
+        """
+        self._account_check = self._every(interval or self.limits.account_check_interval, self.check_accounts,
+                                          "Checking the logged-in accounts failed", now=False)
+
+    async def check_accounts(self):
+        names = sorted(self.online)
+        if not names:
+            return
+        keys = await self.store.account_keys(names)
+        for name in names:
+            for session in list(self.online.get(name, ())):
+                if keys.get(name) != session.key_fingerprint:
+                    session.account_gone()
 
 
 class PagerService(service.Service):
@@ -2634,6 +2944,7 @@ class PagerService(service.Service):
         self.factory.server_id = await self.store.open()
         self.port = await self.endpoint.listen(self.factory)
         self.factory.start_expiry()
+        self.factory.start_account_check()
         self.log.info("pager {version} listening on {address}, database {db}, server id {server_id}",
                       version=__version__, address=self.description, db=self.store.path,
                       server_id=self.factory.server_id)
@@ -4760,6 +5071,17 @@ _LIMIT_OPTIONS = [
     ("account-max-delay", "account_max_delay", float, "Longest wait, in seconds, imposed on one account."),
     ("address-free-failures", "address_free_failures", int, "Failed logins from one address before waits begin."),
     ("address-max-delay", "address_max_delay", float, "Longest wait, in seconds, imposed on one address."),
+    ("max-sender-pending-messages", "max_sender_pending_messages", int,
+     "Messages one sender may have stored and not yet delivered, over all recipients."),
+    ("max-sender-pending-bytes", "max_sender_pending_bytes", int,
+     "Plaintext bytes one sender may have stored and not yet delivered."),
+    ("max-open-uploads", "max_open_uploads", int, "Multi-frame uploads one user may have open at once."),
+    ("upload-idle-timeout", "upload_idle_timeout", float,
+     "Seconds an upload may wait for its next chunk frame before it is dropped."),
+    ("max-db-bytes", "max_db_bytes", int,
+     "The database's budget in bytes (pages in use plus open uploads); past it sends get storage_full."),
+    ("account-check-interval", "account_check_interval", float,
+     "Seconds between checks that close the sessions of accounts deleted or re-keyed by 'admin'."),
 ]
 MIN_MAX_LINE = 96 * 1024
 
@@ -5483,11 +5805,28 @@ def admin_users_txn(txn):
 
 
 def delete_user_txn(txn, name):
+    """
+    Delete the account C{name} and everything pending that belongs to it, so that nothing of it reaches whoever
+    registers the name next: the deliveries waiting for it, its stored receipts, the messages it sent that are
+    still pending for others (no receipt could reach it any more), and every open upload from it or to it.
+    Returns how many deliveries for C{name} were dropped.
+    """
     if txn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
         raise UnknownUser("No such user: %s." % name)
+    for (seq,) in txn.execute(
+            "SELECT seq FROM messages WHERE accepted_at IS NULL AND (sender = ?1 OR instr(',' || reserved || ',',"
+            " ',' || ?1 || ',') > 0)", (name,)).fetchall():
+        abort_upload_txn(txn, seq)
     seqs = [r[0] for r in txn.execute("SELECT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
     txn.execute("DELETE FROM deliveries WHERE recipient = ?", (name,))
     _drop_messages_txn(txn, seqs)
+    sent = txn.execute("SELECT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d ON d.seq = m.seq"
+                       " WHERE m.sender = ?", (name,)).fetchall()
+    txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ?", [(r, o) for r, o, _ in sent])
+    txn.executemany("UPDATE users SET pending_count = MAX(0, pending_count - 1), pending_bytes = MAX(0,"
+                    " pending_bytes - ?) WHERE name = ?", [(size, r) for r, _, size in sent])
+    txn.execute("DELETE FROM chunks WHERE seq IN (SELECT seq FROM messages WHERE sender = ?)", (name,))
+    txn.execute("DELETE FROM messages WHERE sender = ?", (name,))
     txn.execute("DELETE FROM receipts WHERE user = ?", (name,))
     txn.execute("DELETE FROM users WHERE name = ?", (name,))
     return len(seqs)
@@ -5502,7 +5841,28 @@ def stats_txn(txn):
         "pending_bytes": one("SELECT COALESCE(SUM(pending_bytes), 0) FROM users"),
         "stored_receipts": one("SELECT COUNT(*) FROM receipts"),
         "unused_invites": one("SELECT COUNT(*) FROM invites WHERE used_by IS NULL"),
+        "open_uploads": one("SELECT COUNT(*) FROM messages WHERE accepted_at IS NULL"),
+        "open_upload_bytes": one("SELECT value FROM counters WHERE name = 'reserved'"),
+        "free_bytes": one("SELECT (SELECT freelist_count FROM pragma_freelist_count())"
+                          " * (SELECT page_size FROM pragma_page_size())"),
     }
+
+
+def _create_backup_file(path):
+    """
+    Create the empty file a backup goes to, mode 0600 from the start: a new file only (never an existing one, nor
+    the target of a symbolic link), so the copy is never readable by others, not even for a moment.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        raise usage.UsageError("%s exists; choose a new file for the backup." % path)
+    except OSError as e:
+        raise StoreError("Cannot create the backup %s: %s." % (path, e.strerror))
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+    finally:
+        os.close(fd)
 
 
 def _admin_name(text):
@@ -5546,19 +5906,18 @@ def _admin_command(config):
             for code in _admin_txn(conn, create_invites_txn, sub["count"], now):
                 print(code)
         elif name == "backup":
-            if os.path.exists(sub["dest"]):
-                raise usage.UsageError("%s exists; choose a new file for the backup." % sub["dest"])
+            _create_backup_file(sub["dest"])
             dest = sqlite3.connect(sub["dest"])
             try:
                 conn.backup(dest)
             finally:
                 dest.close()
-            os.chmod(sub["dest"], 0o600)
             print("Backed up %s to %s." % (config["db"], sub["dest"]))
         elif name == "stats":
             for key, value in _admin_txn(conn, stats_txn).items():
                 print("%-20s %d" % (key, value))
-            print("%-20s %d" % ("database_bytes", os.path.getsize(config["db"])))
+            for key, path in (("database_bytes", config["db"]), ("wal_bytes", config["db"] + "-wal")):
+                print("%-20s %d" % (key, os.path.getsize(path) if os.path.exists(path) else 0))
     except sqlite3.Error as e:
         raise StoreError("The database %s cannot be used: %s." % (config["db"], e))
     finally:

@@ -363,10 +363,14 @@ def free_port():
 PAGER_BENCH_ARGS = [
     "--max-connections-per-address", "100000", "--address-free-failures", "1000000", "--max-in-flight", "1024",
     "--max-pending-messages", "1000000", "--max-pending-bytes", "10000000000",
+    "--max-sender-pending-messages", "1000000", "--max-sender-pending-bytes", "10000000000",
+    "--max-db-bytes", "100000000000",
 ]
 RAISED_LIMITS_NOTE = ("The server ran with its per-address and per-user limits raised, since every connection comes "
                       "from 127.0.0.1: --max-connections-per-address 100000, --address-free-failures 1000000, "
-                      "--max-in-flight 1024, --max-pending-messages 1000000, --max-pending-bytes 10000000000.")
+                      "--max-in-flight 1024, --max-pending-messages 1000000, --max-pending-bytes 10000000000, "
+                      "--max-sender-pending-messages 1000000, --max-sender-pending-bytes 10000000000, "
+                      "--max-db-bytes 100000000000.")
 
 
 class ServerProcess:
@@ -647,7 +651,8 @@ def store_messages_db(db, sender, recipients_of, envelopes, batch=5000):
     server had accepted them: C{envelopes} is a list of L{pager.Envelope}.
     """
     import sqlite3
-    limits = pager.Limits(max_pending_messages=10 ** 9, max_pending_bytes=10 ** 15)
+    limits = pager.Limits(max_pending_messages=10 ** 9, max_pending_bytes=10 ** 15, max_sender_pending_messages=10 ** 9,
+                          max_sender_pending_bytes=10 ** 15, max_db_bytes=10 ** 15)
     conn = sqlite3.connect(db, isolation_level=None)
     pager.prepare_connection(conn)
     txn = conn.cursor()

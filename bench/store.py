@@ -72,7 +72,9 @@ class Steps:
 
     def __init__(self, txn, envelope, batch):
         self.txn, self.envelope, self.batch = txn, envelope, batch
-        self.limits = pager.Limits(max_pending_messages=10 ** 9, max_pending_bytes=10 ** 15)
+        self.limits = pager.Limits(max_pending_messages=10 ** 9, max_pending_bytes=10 ** 15,
+                                   max_sender_pending_messages=10 ** 9, max_sender_pending_bytes=10 ** 15,
+                                   max_db_bytes=10 ** 15)
         self.now = time.time()
         self.times = collections.defaultdict(lambda: [0.0, 0.0])
 

@@ -3,9 +3,11 @@ The operator's commands, C{pager.py admin --db DB ...}, run as child processes o
 keeps running in this process: they must be safe while it runs, and the server must go on working after each.
 """
 
+import io
 import os
 import sqlite3
 import stat
+import sys
 
 from twisted.internet import defer, endpoints, reactor
 
@@ -296,6 +298,123 @@ class AdminCommandTests(AdminTestCase):
         peer.transport.loseConnection()
         await self.wait_for(lambda: peer.lost is not None, "the raw connection to close")
         await self.offline(self.server, bob)
+        await self.server_works()
+
+
+class AdminHardeningTests(AdminTestCase):
+    """The admin commands against a running server: what its sessions and its disk see of them."""
+
+    async def test_delete_user_and_reset_key_end_sessions(self):
+        """
+        'admin delete-user' and 'admin reset-key', run by another process, close the user's open sessions within
+        the server's --account-check-interval; other users' sessions go on.
+        """
+        await self.start("--account-check-interval", "0.2")
+        clients = await self.users("alice", "bob", "carol", online=("alice", "bob", "carol"))
+        result = await self.admin("delete-user", "alice")
+        self.assertExit(result, 0)
+        await self.wait_for(lambda: clients["alice"].events.disconnects, "alice's session to be closed")
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(pager.public_key_pem(key("bob-new")))
+        self.assertExit(await self.admin("reset-key", "bob", path), 0)
+        await self.wait_for(lambda: clients["bob"].events.disconnects, "bob's session to be closed")
+        await self.wait_for(lambda: set(self.server.factory.online) == {"carol"}, "only carol to be online")
+        await clients["carol"].ping()
+        await self.offline(self.server, clients["carol"])
+        await self.server_works()
+
+    async def test_deleted_name_gets_nothing_of_the_old_account(self):
+        """
+        After 'admin delete-user alice', whoever registers "alice" next gets no receipt of the old alice's
+        messages, and the messages she had pending for others are gone.
+        """
+        await self.start()
+        alice = (await self.users("alice", "bob", online=("alice",)))["alice"]
+        await alice.send("bob", "from the old alice")
+        await self.offline(self.server, alice)
+        self.assertExit(await self.admin("delete-user", "alice"), 0)
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+        new_alice = await self.connect(self.address)
+        await new_alice.register("alice", token("alice-new"), key("alice-new"))
+        bob = await self.login(self.address, "bob")
+        await bob.ping()
+        self.assertEqual(bob.events.messages, [])
+        self.assertEqual(self.query("SELECT COUNT(*) FROM receipts"), [(0,)])
+        await new_alice.ping()
+        self.assertEqual(new_alice.events.receipts, [])
+        await self.offline(self.server, bob, new_alice)
+        await self.server_works()
+
+    async def test_stats_open_uploads(self):
+        """
+        'admin stats' shows an open upload (count and declared bytes, also counted in pending_bytes) and the
+        database's size with its WAL and its free space.
+        """
+        await self.start()
+        await self.users("alice", "bob")
+        peer = Peer()
+        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), peer)
+        self.addCleanup(lambda: peer.lost is None and peer.transport.abortConnection())
+        await self.wait_for(lambda: peer.challenge, "the hello")
+        proof = pager.sign_auth(key("alice"), "login", "alice", peer.challenge)
+        peer.write({"type": "login", "id": "l", "user": "alice", "token": token("alice"), "proof": b64(proof)})
+        await self.wait_for(lambda: peer.answer("l"), "the login")
+        envelope = pager.seal(key("alice"), "alice", {"bob": key("bob").public_key()}, os.urandom(3000),
+                              chunk_size=1024)
+        peer.write({"type": "send", "id": "up", "to": ["bob"], "size": envelope.size,
+                    "header": b64(envelope.header), "chunks": [b64(envelope.chunks[0])]})
+        peer.write({"type": "ping", "id": "p1"})
+        await self.wait_for(lambda: peer.answer("p1"), "the ping after the first frame")
+        result = await self.admin("stats")
+        self.assertExit(result, 0)
+        stats = {line.split()[0]: int(line.split()[1]) for line in result.out.splitlines()}
+        self.assertEqual((stats["open_uploads"], stats["open_upload_bytes"], stats["pending_bytes"]),
+                         (1, 3000, 3000))
+        self.assertGreater(stats["database_bytes"], 0)
+        self.assertGreaterEqual(stats["wal_bytes"], 0)
+        self.assertGreaterEqual(stats["free_bytes"], 0)
+        peer.transport.loseConnection()
+        await self.wait_for(lambda: peer.lost is not None, "the raw connection to close")
+        await self.wait_for(lambda: self.query("SELECT COUNT(*) FROM messages") == [(0,)], "the upload dropped")
+        stats = {line.split()[0]: int(line.split()[1]) for line in (await self.admin("stats")).out.splitlines()}
+        self.assertEqual((stats["open_uploads"], stats["open_upload_bytes"], stats["pending_bytes"]), (0, 0, 0))
+        await self.server_works()
+
+    async def test_backup_private_from_start(self):
+        """
+        'admin backup' creates DEST 0600 before anything is written into it, whatever the umask, and refuses a
+        DEST that is a symbolic link (even one to a missing file), creating nothing.
+        """
+        await self.start()
+        await self.users("alice")
+        seen = []
+        connect = sqlite3.connect
+
+        def watching_connect(path, *args, **kwargs):
+            if path == dest:
+                seen.append(stat.S_IMODE(os.lstat(path).st_mode) if os.path.exists(path) else None)
+            return connect(path, *args, **kwargs)
+
+        dest = os.path.abspath(self.mktemp())
+        self.patch(pager.sqlite3, "connect", watching_connect)
+        self.patch(sys, "stdout", io.StringIO())
+        old = os.umask(0)
+        try:
+            config = pager.Options()
+            config.parseOptions(["admin", "--db", self.db, "backup", dest])
+            pager._admin_command(config.subOptions)
+        finally:
+            os.umask(old)
+        self.assertEqual(seen, [0o600])
+        self.assertEqual(stat.S_IMODE(os.stat(dest).st_mode), 0o600)
+
+        target = os.path.abspath(self.mktemp())
+        link = os.path.abspath(self.mktemp())
+        os.symlink(target, link)
+        result = await self.admin("backup", link)
+        self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertFalse(os.path.exists(target))
         await self.server_works()
 
 

@@ -927,6 +927,272 @@ class UploadTests(ServerTestCase):
         self.assertEqual(len(self.bob.pushed("message")), 1)
 
 
+class UploadLimitTests(ServerTestCase):
+    """
+    What one user's unfinished uploads may hold: their declared size counted against every quota from the first
+    frame, a few at a time, dropped when idle, and within the database's budget.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.serve(pager.Limits(max_line=96 * 1024, max_pending_bytes=12000, max_open_uploads=2))
+        self.alice = self.register("alice")
+        self.offline("bob")
+        self.envelope = seal("alice", ["bob"], b"0123456789" * 500, chunk_size=1024)
+
+    header_frame = UploadTests.header_frame
+    chunk_frames = UploadTests.chunk_frames
+
+    def query(self, sql, *args):
+        return self.successResultOf(self.store.pool.runInteraction(lambda txn: txn.execute(sql, args).fetchall()))
+
+    def counters(self, name):
+        return self.query("SELECT pending_count, pending_bytes, sent_count, sent_bytes FROM users WHERE name = ?",
+                          name)[0]
+
+    def begin(self, conn, envelope, rid="up"):
+        """The header frame and the first chunk frame of C{envelope}'s upload, with no answer."""
+        conn.write(self.header_frame(envelope, rid))
+        conn.write(self.chunk_frames(envelope, rid)[0])
+        self.assertEqual(conn.read(), [])
+
+    def test_reservationCounted(self):
+        """
+        An upload's declared size counts against the recipient's and the sender's quotas from its first frame:
+        while it is open, another message that would not fit beside it is refused, and once it is accepted it is
+        counted once.
+        """
+        self.begin(self.alice, self.envelope)
+        self.assertEqual(self.counters("bob"), (1, 5000, 0, 0))
+        self.assertEqual(self.counters("alice"), (0, 0, 1, 5000))
+        carol = self.register("carol")
+        answer = self.assertError(carol.send(seal("carol", ["bob"], b"x" * 7001)), "quota_exceeded")
+        self.assertIn("bob", answer["message"])
+        self.assertOk(carol.send(seal("carol", ["bob"], b"x" * 7000)))
+        for frame in self.chunk_frames(self.envelope)[1:]:
+            self.alice.write(frame)
+        self.assertOk(self.alice.read()[-1])
+        self.assertEqual(self.counters("bob"), (2, 12000, 0, 0))
+        self.assertEqual(self.counters("alice"), (0, 0, 1, 5000))
+
+    def test_openUploadLimit(self):
+        """
+        A user may have max_open_uploads uploads open at once, over all their connections: one more is refused
+        with rate_limited (its chunk frames dropped quietly) until one of them ends.
+        """
+        other = self.login("alice")
+        third = self.login("alice")
+        self.begin(self.alice, self.envelope)
+        self.begin(other, seal("alice", ["bob"], b"1" * 3000, chunk_size=1024))
+        refused = seal("alice", ["bob"], b"2" * 3000, chunk_size=1024)
+        third.write(self.header_frame(refused))
+        for frame in self.chunk_frames(refused):
+            third.write(frame)
+        [answer] = third.read()
+        self.assertError(answer, "rate_limited")
+        self.assertEqual(answer["id"], "up")
+        self.assertEqual(self.query("SELECT COUNT(*) FROM messages"), [(2,)])
+        other.lose()  # its upload ends: the place is free again
+        third.write(self.header_frame(refused, "again"))
+        for frame in self.chunk_frames(refused, "again"):
+            third.write(frame)
+        self.assertOk(third.read()[-1])
+
+    def test_idleUploadDropped(self):
+        """
+        An upload with no chunk frame for upload_idle_timeout seconds is dropped: its id is answered timeout, its
+        chunks and its reservation are gone, its late chunk frames are dropped quietly, and the connection lives.
+        """
+        timeout = self.factory.limits.upload_idle_timeout
+        frames = self.chunk_frames(self.envelope)
+        self.begin(self.alice, self.envelope)
+        self.clock.advance(timeout - 1)
+        self.alice.write(frames[1])  # a chunk frame starts the wait again
+        self.clock.advance(timeout - 1)
+        self.assertEqual(self.alice.read(), [])
+        self.clock.advance(1)
+        [answer] = self.alice.read()
+        self.assertError(answer, "timeout")
+        self.assertEqual(answer["id"], "up")
+        self.assertEqual(self.query("SELECT COUNT(*) FROM messages"), [(0,)])
+        self.assertEqual(self.query("SELECT COUNT(*) FROM chunks"), [(0,)])
+        self.assertEqual(self.counters("bob"), (0, 0, 0, 0))
+        self.assertEqual(self.counters("alice"), (0, 0, 0, 0))
+        for frame in frames[2:]:
+            self.alice.write(frame)
+        self.assertEqual(self.alice.read(), [])
+        self.assertStillOpen(self.alice)
+        self.assertEqual(self.factory.open_uploads, {})
+        self.assertOk(self.alice.send(self.envelope))
+
+    def test_manyUnfinishedUploads(self):
+        """
+        The reviewed attack, scaled down: 16 connections of one user each declare a large message and stream every
+        chunk but the last.  Only what the user's bounds allow begins, all of it counted; the rest is refused at its
+        header frame, and a minute later nothing of it is left.
+        """
+        self.serve(pager.Limits(max_line=96 * 1024, max_open_uploads=4, max_sender_pending_bytes=3 * 20480))
+        conns = [self.login("alice") for _ in range(16)]
+        answers = []
+        for n, conn in enumerate(conns):
+            envelope = seal("alice", ["bob"], bytes([n]) * 20480, chunk_size=1024)
+            conn.write(self.header_frame(envelope))
+            for frame in self.chunk_frames(envelope)[:-1]:
+                conn.write(frame)
+            answers.append([f.get("code") for f in conn.read()])
+        self.assertEqual(answers, [[]] * 3 + [["quota_exceeded"]] * 13)
+        self.assertEqual(self.counters("bob"), (3, 3 * 20480, 0, 0))
+        self.assertEqual(self.counters("alice")[2:], (3, 3 * 20480))
+        self.assertLessEqual(self.query("SELECT SUM(LENGTH(data)) FROM chunks")[0][0], 3 * (20480 + 20 * 16))
+        self.clock.advance(self.factory.limits.upload_idle_timeout)
+        self.assertEqual([[f.get("code") for f in conn.read()] for conn in conns[:3]], [["timeout"]] * 3)
+        self.assertEqual(self.query("SELECT COUNT(*) FROM chunks"), [(0,)])
+        self.assertEqual(self.counters("bob"), (0, 0, 0, 0))
+        self.assertEqual(self.counters("alice"), (0, 0, 0, 0))
+
+    def test_senderQuota(self):
+        """
+        A sender may have max_sender_pending_messages messages (and max_sender_pending_bytes bytes) stored and
+        not yet delivered, over all recipients: past it, quota_exceeded, whoever the recipient; an ack gives room.
+        """
+        self.serve(pager.Limits(max_sender_pending_messages=2, max_sender_pending_bytes=100))
+        alice = self.login("alice")
+        self.offline("carol")
+        first = seal("alice", ["bob"], b"1")
+        self.assertOk(alice.send(first))
+        self.assertOk(alice.send(seal("alice", ["bob", "carol"], b"2")))
+        answer = self.assertError(alice.send(seal("alice", ["carol"], b"3")), "quota_exceeded")
+        self.assertIn("You have too many messages waiting", answer["message"])
+        dave = self.register("dave")
+        self.assertOk(dave.send(seal("dave", ["bob"], b"another sender is not held back")))
+        bob = self.login("bob")
+        bob.read()
+        self.assertOk(bob.request("ack", msg=msg_id(first)))
+        self.assertOk(alice.send(seal("alice", ["carol"], b"3")))
+        self.assertError(alice.send(seal("alice", ["carol"], b"4")), "quota_exceeded")
+        self.assertEqual(self.counters("alice")[2:], (2, 2))
+        # the byte bound, for a multi-frame upload too
+        self.serve(pager.Limits(max_line=96 * 1024, max_sender_pending_bytes=4000))
+        dave = self.login("dave")
+        dave.write(self.header_frame(seal("dave", ["carol"], b"x" * 5000, chunk_size=1024)))
+        self.assertError(dave.read()[0], "quota_exceeded")
+
+    def test_storageBudget(self):
+        """
+        Past max_db_bytes (pages in use plus open uploads' declared sizes) a message is refused with
+        storage_full, in one frame or many; the space an open upload reserves counts before its chunks come.
+        """
+        used = self.query("SELECT (SELECT page_count FROM pragma_page_count())"
+                          " * (SELECT page_size FROM pragma_page_size())")[0][0]
+        self.serve(pager.Limits(max_line=96 * 1024, max_db_bytes=used + 100 * 1024, max_pending_bytes=10 ** 9))
+        alice = self.login("alice")
+        big = seal("alice", ["bob"], b"x" * 150 * 1024, chunk_size=65536)
+        alice.write(self.header_frame(big))
+        [answer] = alice.read()
+        self.assertError(answer, "storage_full")
+        self.assertIn(str(used + 100 * 1024), answer["message"])
+        self.begin(alice, seal("alice", ["bob"], b"y" * 90 * 1024, chunk_size=1024), rid="held")
+        other = self.login("alice")
+        self.assertError(other.send(seal("alice", ["bob"], b"z" * 20 * 1024)), "storage_full")
+        self.assertEqual(self.query("SELECT COUNT(*) FROM messages WHERE accepted_at IS NOT NULL"), [(0,)])
+        alice.lose()  # the held upload is dropped: its reservation no longer counts
+        self.assertOk(other.send(seal("alice", ["bob"], b"z" * 20 * 1024)))
+
+
+class AccountGoneTests(ServerTestCase):
+    """The operator's delete-user and reset-key, run on the database by another process, end the user's sessions."""
+
+    def setUp(self):
+        super().setUp()
+        self.alice = self.register("alice")
+        self.bob = self.register("bob")
+        self.factory.start_account_check()
+        self.addCleanup(self.factory.stop_expiry)
+        self.interval = self.factory.limits.account_check_interval
+
+    def run_txn(self, fn, *args):
+        return self.successResultOf(self.store.pool.runInteraction(fn, *args))
+
+    def assertEnded(self, conn):
+        [notice] = conn.read()
+        self.assertError(notice, "auth_failed")
+        self.assertNotIn("id", notice)
+        self.assertTrue(conn.transport.disconnecting)
+
+    def test_deleteUser(self):
+        """
+        After delete-user, the deleted user's session can store nothing more at once, and it is closed at the next
+        account check; other sessions go on.
+        """
+        self.run_txn(pager.delete_user_txn, "alice")
+        self.assertError(self.alice.send(seal("alice", ["bob"])), "forbidden")
+        self.clock.advance(self.interval)
+        self.assertEnded(self.alice)
+        self.assertStillOpen(self.bob)
+
+    def test_resetKey(self):
+        """After reset-key, the session logged in with the old key is refused sends and then closed."""
+        new = private_key("alice-new")
+        self.run_txn(pager.set_key_txn, "alice", pager.public_key_pem(new), pager.fingerprint(new), 0.0, True)
+        self.assertError(self.alice.send(seal("alice", ["bob"])), "forbidden")
+        self.clock.advance(self.interval)
+        self.assertEnded(self.alice)
+        self.assertOk(self.connect().login("alice", new))
+
+    def test_checkGoesOnAfterAFailure(self):
+        """A check that fails (the database cannot be read) is logged, and the next one still closes the session."""
+        account_keys = self.store.account_keys
+        self.patch(self.store, "account_keys", lambda names: defer.fail(pager.StoreError("database is locked")))
+        self.run_txn(pager.delete_user_txn, "alice")
+        self.clock.advance(self.interval)
+        self.assertEqual(len(self.flushLoggedErrors(pager.StoreError)), 1)
+        self.assertFalse(self.alice.transport.disconnecting)
+        self.patch(self.store, "account_keys", account_keys)
+        self.clock.advance(self.interval)
+        self.assertEnded(self.alice)
+
+    def test_ownRekeyKeepsSessions(self):
+        """A rekey through the server itself updates its sessions: they stay open and can send."""
+        other = self.login("alice")
+        new = private_key("alice-rekeyed")
+        new_fp = pager.fingerprint(new)
+        challenge = self.alice.challenge
+        self.assertOk(self.alice.request(
+            "rekey", user="alice", token=TOKEN, public_key=pager.public_key_pem(new),
+            proof_old=b64(pager.sign_auth(private_key("alice"), "rekey", "alice", challenge, new_fp)),
+            proof_new=b64(pager.sign_auth(new, "rekey", "alice", challenge, new_fp))))
+        self.clock.advance(self.interval)
+        for conn in (self.alice, other):
+            self.assertStillOpen(conn)
+            self.assertOk(conn.send(seal("alice", ["bob"], sender_key=new)))
+
+    def test_deletedNameLeavesNothing(self):
+        """
+        Nothing pending of a deleted user reaches whoever registers the name next: the messages they sent are
+        dropped with the deliveries waiting for them, so no receipt is made for the name, and the recipients'
+        quotas are given back.
+        """
+        self.offline("carol")
+        sent = seal("alice", ["carol"], b"from the old alice")
+        self.assertOk(self.alice.send(sent))
+        self.assertOk(self.alice.send(seal("alice", ["bob"], b"to bob")))
+        self.bob.read()
+        self.run_txn(pager.delete_user_txn, "alice")
+        self.clock.advance(self.interval)
+        self.assertEqual(self.query_counts("carol"), (0, 0))
+        carol = self.login("carol")
+        self.assertEqual(carol.pushed("message"), [])
+        self.assertError(carol.request("ack", msg=msg_id(sent)), "unknown_message")
+        new_alice = self.connect()
+        self.assertOk(new_alice.register("alice", private_key("alice-new")))
+        self.assertEqual(new_alice.read(), [])
+        self.assertEqual(self.run_txn(lambda txn: txn.execute("SELECT COUNT(*) FROM receipts").fetchall()), [(0,)])
+
+    def query_counts(self, name):
+        return tuple(self.successResultOf(self.store.get_user(name)).__dict__[f]
+                     for f in ("pending_count", "pending_bytes"))
+
+
 class DeliveryTests(ServerTestCase):
 
     def setUp(self):

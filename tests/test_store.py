@@ -383,6 +383,74 @@ class StoreTests(unittest.TestCase):
         [message] = await store.pending("bob", 0)
         self.assertEqual((message.chunk_count, message.chunks, message.signature), (3, [b"ab", b"cd", b"ef"], b"sig"))
 
+    async def test_upload_reservation_released_at_open(self):
+        """An upload left open by a stopped server gives its reservation back at the next open()."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        await store.begin_upload(_msg_id(2), "alice", b"header-2", 1000, ["bob"], pager.Limits())
+        counts = "SELECT name, pending_count, pending_bytes, sent_count, sent_bytes FROM users ORDER BY name"
+        self.assertEqual(await self.query(store, counts), [("alice", 0, 0, 1, 1000), ("bob", 1, 1000, 0, 0)])
+        self.assertEqual(await self.query(store, "SELECT value FROM counters WHERE name = 'reserved'"), [(1000,)])
+        store = await self.reopen(store)
+        self.assertEqual(await self.query(store, counts), [("alice", 0, 0, 0, 0), ("bob", 0, 0, 0, 0)])
+        self.assertEqual(await self.query(store, "SELECT value FROM counters WHERE name = 'reserved'"), [(0,)])
+
+    async def test_file_shrinks_after_ack(self):
+        """
+        A new database uses incremental auto-vacuum: once a 16 MiB message is acknowledged, reclaiming (as the
+        expiry loop does) gives its space back and the file shrinks to about what it was.
+        """
+        store = await self.open_store()
+        self.assertEqual(await self.query(store, "PRAGMA auto_vacuum"), [(2,)])
+        await self.add_users(store, "alice", "bob")
+        await store.checkpoint()
+        before = os.path.getsize(store.path)
+        chunks = [os.urandom(65536) for _ in range(256)]
+        await self.accept(store, 1, "alice", ["bob"], chunks=chunks, limits=pager.Limits(max_pending_bytes=2 ** 30))
+        await store.checkpoint()
+        self.assertGreater(os.path.getsize(store.path), before + 16 * 1024 * 1024)
+        await store.ack("bob", _msg_id(1), "delivered", "", NOW)
+        factory = pager.PagerServerFactory(store)
+        await factory.reclaim()
+        self.assertLess(os.path.getsize(store.path), before + 1024 * 1024)
+        self.assertEqual(await self.query(store, "PRAGMA freelist_count"), [(0,)])
+
+    async def test_migration_from_schema_1(self):
+        """
+        A database written by the previous schema (1) is brought to the current one at open: the new columns and
+        counters exist, each sender's stored messages are counted, its unfinished uploads are dropped, and it gets
+        incremental auto-vacuum.
+        """
+        old_schema = (pager._SCHEMA.replace(",\n    sent_count INTEGER NOT NULL DEFAULT 0", "")
+                      .replace(",\n    sent_bytes INTEGER NOT NULL DEFAULT 0", "")
+                      .replace(",\n    reserved TEXT", ""))
+        self.assertNotIn("reserved", old_schema)
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.executescript(old_schema)
+        conn.executescript(
+            "INSERT INTO meta VALUES ('schema_version', '1'); INSERT INTO meta VALUES ('server_id', 'abc');"
+            "INSERT INTO counters VALUES ('ord', 2);"
+            "INSERT INTO users (name, public_key, fingerprint, token_salt, token_hash, key_set_at, registered_at,"
+            " pending_count, pending_bytes) VALUES ('alice', 'p', x'00', x'00', x'00', 0, 0, 0, 0),"
+            " ('bob', 'p', x'01', x'00', x'00', 0, 0, 2, 30);"
+            "INSERT INTO messages (seq, msg_id, sender, header, signature, size, chunk_count, accepted_at,"
+            " expires_at, ord) VALUES (1, x'01', 'alice', x'', x'', 10, 1, 1, 9e9, 1),"
+            " (2, x'02', 'alice', x'', x'', 20, 1, 1, 9e9, 2), (3, x'03', 'alice', x'', NULL, 99, 0, NULL, NULL, NULL);"
+            "INSERT INTO deliveries VALUES ('bob', 1, 1), ('bob', 2, 2);")
+        self.assertEqual(conn.execute("PRAGMA auto_vacuum").fetchone(), (0,))
+        conn.close()
+        store = await self.open_store()
+        self.assertEqual(await self.query(store, "SELECT value FROM meta WHERE key = 'schema_version'"),
+                         [(str(pager.SCHEMA_VERSION),)])
+        self.assertEqual(await self.query(store, "SELECT name, sent_count, sent_bytes, pending_count, pending_bytes"
+                                                 " FROM users ORDER BY name"),
+                         [("alice", 2, 30, 0, 0), ("bob", 0, 0, 2, 30)])
+        self.assertEqual(await self.query(store, "SELECT seq FROM messages ORDER BY seq"), [(1,), (2,)])
+        self.assertEqual(await self.query(store, "PRAGMA auto_vacuum"), [(2,)])
+        await store.ack("bob", b"\x01", "delivered", "", NOW)
+        self.assertEqual(await self.query(store, "SELECT sent_count, sent_bytes FROM users WHERE name = 'alice'"),
+                         [(1, 20)])
+
     # -- quotas --
 
     async def test_quota_all_or_nothing(self):
