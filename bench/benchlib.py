@@ -925,7 +925,7 @@ def login_all(loop, port, accounts, window=200, timeout=600, tick=None, on_progr
         fp = fps.get(id(key))
         if fp is None:
             fp = fps[id(key)] = pager.fingerprint(key)
-        proof = pager.sign_auth(key, "login", name, conn.challenge, fp)
+        proof = pager.sign_auth(key, "login", conn.server_id, name, conn.challenge, fp)
         conn.queue(pager.encode_frame({"type": "login", "id": "login", "user": name, "token": token,
                                        "proof": pager.b64(proof), "receive": receive}) + b"\n")
 
@@ -943,6 +943,7 @@ def login_all(loop, port, accounts, window=200, timeout=600, tick=None, on_progr
             kind = frame.get("type")
             if kind == "hello":
                 conn.t_hello = time.perf_counter()
+                conn.server_id = frame["server_id"]
                 take_challenge(conn, frame)
                 send_login(conn)
             elif kind == "ok" and frame.get("id") == "login":

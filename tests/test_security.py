@@ -209,7 +209,7 @@ class SecurityTestCase(CLITestCase):
         return await self.answer(peer, rid)
 
     async def peer_login(self, peer, name, rid="login"):
-        proof = pager.sign_auth(key(name), "login", name, peer.challenge)
+        proof = pager.sign_auth(key(name), "login", self.server.factory.server_id, name, peer.challenge)
         answer = await self.request(peer, "login", rid, user=name, token=token(name), proof=b64(proof))
         self.assertEqual(answer["type"], "ok", answer)
         return answer
@@ -636,11 +636,12 @@ class BadInputTests(SecurityTestCase):
         logged_in = await self.logged_in_peer("bob")
         for i, name in enumerate(lookalikes):
             private = key("alice") if "lic" in name else key("bob")
-            proof = b64(pager.sign_auth(private, "register", "alice", anonymous.challenge))
+            proof = b64(pager.sign_auth(private, "register", self.server.factory.server_id, "alice",
+                                         anonymous.challenge))
             answer = await self.request(anonymous, "register", "r%d" % i, user=name, token=token("alice"),
                                         proof=proof, public_key=pager.public_key_pem(key("kelvin")))
             self.assertError(answer, "bad_request", "r%d" % i)
-            proof = b64(pager.sign_auth(private, "login", "alice", anonymous.challenge))
+            proof = b64(pager.sign_auth(private, "login", self.server.factory.server_id, "alice", anonymous.challenge))
             answer = await self.request(anonymous, "login", "l%d" % i, user=name, token=token("alice"), proof=proof)
             self.assertError(answer, "bad_request", "l%d" % i)
             self.assertError(await self.request(logged_in, "key", "k%d" % i, user=name), "bad_request", "k%d" % i)
@@ -977,7 +978,7 @@ class RegistrationPolicyTests(SecurityTestCase):
 
     async def register_with(self, client, name, invite=None):
         """Register C{name} with its module key on C{client}, sending C{invite} if given (raw request)."""
-        proof = pager.sign_auth(key(name), "register", name, client.protocol.challenge)
+        proof = pager.sign_auth(key(name), "register", client.server_id, name, client.protocol.challenge)
         fields = dict(user=name, public_key=pager.public_key_pem(key(name)), token=token(name), proof=b64(proof))
         if invite is not None:
             fields["invite"] = invite

@@ -131,14 +131,19 @@ class Connection:
         self._unread = [f for f in frames if f is not answers[0]]
         return answers[0]
 
+    @property
+    def server_id(self):
+        return self.hello["server_id"]
+
     def register(self, user, key, token=TOKEN, proof_user=None, proof_key=None, challenge=None, purpose="register"):
-        proof = pager.sign_auth(proof_key or key, purpose, proof_user or user, challenge or self.challenge,
-                                pager.fingerprint(key))
+        proof = pager.sign_auth(proof_key or key, purpose, self.server_id, proof_user or user,
+                                challenge or self.challenge, pager.fingerprint(key))
         return self.request("register", user=user, public_key=pager.public_key_pem(key), token=token,
                             proof=b64(proof))
 
-    def login(self, user, key, token=TOKEN, receive=True, challenge=None, proof_user=None):
-        proof = pager.sign_auth(key, "login", proof_user or user, challenge or self.challenge)
+    def login(self, user, key, token=TOKEN, receive=True, challenge=None, proof_user=None, server_id=None):
+        proof = pager.sign_auth(key, "login", server_id or self.server_id, proof_user or user,
+                                challenge or self.challenge)
         return self.request("login", user=user, token=token, proof=b64(proof), receive=receive)
 
     def send(self, envelope, **kwargs):
@@ -652,7 +657,10 @@ class LoginTests(ServerTestCase):
 class ChallengeTests(ServerTestCase):
 
     def test_freshChallenges(self):
-        """Every answer to register or login, ok or error, carries a new challenge."""
+        """
+        Every answer to a well-formed register or login, ok or error, carries a new challenge; a malformed one
+        (here a bad name or a short token) takes nothing: its answer has no challenge and the current one stays.
+        """
         seen = []
 
         def check(conn, answer):
@@ -662,11 +670,16 @@ class ChallengeTests(ServerTestCase):
             self.assertNotIn(challenge, seen)
             seen.append(challenge)
 
+        def unchanged(conn, answer):
+            self.assertError(answer, "bad_request")
+            self.assertNotIn("challenge", answer)
+            self.assertEqual(conn.challenge, seen[-1])
+
         conn = self.connect()
         seen.append(conn.challenge)
         check(conn, conn.register("alice", private_key("alice"), proof_key=private_key("mallory")))
-        check(conn, conn.register("a b", private_key("alice")))
-        check(conn, conn.register("alice", private_key("alice"), token="short"))
+        unchanged(conn, conn.register("a b", private_key("alice")))
+        unchanged(conn, conn.register("alice", private_key("alice"), token="short"))
         check(conn, conn.register("alice", private_key("alice")))
         other = self.connect()
         seen.append(other.challenge)
@@ -674,6 +687,7 @@ class ChallengeTests(ServerTestCase):
         check(other, other.login("alice", private_key("mallory")))
         check(other, other.login("alice", private_key("alice"), token="wrong token"))
         check(other, other.login("nobody", private_key("alice")))
+        unchanged(other, other.login("alice", private_key("alice"), receive="yes"))
         check(other, other.login("alice", private_key("alice")))
 
 
@@ -1207,10 +1221,10 @@ class RekeyTests(ServerTestCase):
 
     def rekey(self, conn, old_key, new_key, token=TOKEN):
         new_fp = pager.fingerprint(new_key)
-        challenge = conn.challenge
+        challenge, sid = conn.challenge, conn.server_id
         return conn.request("rekey", user="alice", token=token, public_key=pager.public_key_pem(new_key),
-                            proof_old=b64(pager.sign_auth(old_key, "rekey", "alice", challenge, new_fp)),
-                            proof_new=b64(pager.sign_auth(new_key, "rekey", "alice", challenge, new_fp)))
+                            proof_old=b64(pager.sign_auth(old_key, "rekey", sid, "alice", challenge, new_fp)),
+                            proof_new=b64(pager.sign_auth(new_key, "rekey", sid, "alice", challenge, new_fp)))
 
     def fingerprint_of(self, user):
         return self.assertOk(self.alice.request("key", user=user))["fingerprint"]
@@ -1248,7 +1262,7 @@ class RecoverTests(ServerTestCase):
         self.offline("alice")
 
     def recover(self, conn, new_key):
-        proof = pager.sign_auth(new_key, "recover", "alice", conn.challenge)
+        proof = pager.sign_auth(new_key, "recover", conn.server_id, "alice", conn.challenge)
         return conn.request("recover", user="alice", token=TOKEN, public_key=pager.public_key_pem(new_key),
                             proof=b64(proof))
 
@@ -1304,6 +1318,9 @@ class _CountingSecrets:
         return self.token_bytes(n).hex()
 
 
+FRAMING_SERVER_ID = "f4a3" * 8
+
+
 def _fast_hash(token, salt):
     """A stand-in for Argon2id, for the test that replays a session a few thousand times."""
     return defer.succeed(hashlib.sha256(salt + token.encode("utf-8")).digest())
@@ -1327,7 +1344,7 @@ class FramingTests(SynchronousTestCase):
         key = private_key("alice")
         challenge = base64.b64decode(json.loads(hello)["challenge"])
         envelope = seal("alice", ["alice"], b"a note to self", message_id=b"\x07" * 16)
-        proof = pager.sign_auth(key, "register", "alice", challenge)
+        proof = pager.sign_auth(key, "register", FRAMING_SERVER_ID, "alice", challenge)
         frames = [
             {"type": "register", "id": 1, "user": "alice", "public_key": pem("alice"), "token": TOKEN,
              "proof": b64(proof)},
@@ -1348,7 +1365,7 @@ class FramingTests(SynchronousTestCase):
             self.successResultOf(store.open())
             self.secrets.reset()
             factory = pager.PagerServerFactory(store, pager.Limits(), reactor=MemoryReactorClock(),
-                                               in_thread=synchronous, server_id="framing")
+                                               in_thread=synchronous, server_id=FRAMING_SERVER_ID)
             if fast:
                 factory.hash_token = _fast_hash
             proto = factory.buildProtocol(LOOPBACK)
