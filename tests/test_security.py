@@ -922,9 +922,10 @@ class ThrottleClockTests(test_server.ServerTestCase):
 
     def test_wait_doubles_and_is_capped(self):
         """
-        After 3 free failures the account must wait 1 s, then 2, 4, 8, 16, 32 s after each further failure, then
-        60 s (account_max_delay) however many more; a refused attempt does not count, and the right token is
-        refused too while the wait lasts.
+        After 3 free wrong tokens from one address the account must wait there 1 s, then 2, 4, 8, 16, 32 s after
+        each further failure, then 60 s (account_max_delay) however many more; a refused attempt is not counted
+        against the account (it is against the address, whose allowance this class makes large), and the right
+        token is refused too while the wait lasts.
         """
         for _ in range(3):
             self.assertError(self.attempt(), "auth_failed")
@@ -953,6 +954,83 @@ class ThrottleClockTests(test_server.ServerTestCase):
         self.assertError(self.attempt(), "auth_failed")
         self.assertOk(self.attempt(right=True))
 
+    def garbage_login(self, user, peer):
+        """A login naming C{user} with a proof by a key that is not theirs, from C{peer}."""
+        conn = self.connect(peer)
+        answer = conn.login(user, test_server.private_key("mallory"), token="not the token")
+        conn.lose()
+        return answer
+
+    def test_garbage_proofs_charged_to_requester(self):
+        """
+        From five addresses, 30 logins each naming alice with a proof by the wrong key (and some naming nobody):
+        every address ends up refused (rate_limited), yet alice logs in at once with her key and token after
+        every round, from her own address and even from one of theirs' neighbours.
+        """
+        self.serve(pager.Limits())
+        attackers = [IPv4Address("TCP", "198.51.100.%d" % i, 5000) for i in range(1, 6)]
+        for round_ in range(30):
+            for peer in attackers:
+                self.assertIn(self.garbage_login("alice" if round_ % 3 else "nobody", peer)["code"],
+                              ("auth_failed", "rate_limited"))
+            self.assertOk(self.attempt(right=True))
+            self.clock.advance(1)
+        for peer in attackers:
+            self.assertError(self.garbage_login("alice", peer), "rate_limited")
+        self.assertOk(self.attempt(right=True, peer=IPv4Address("TCP", "198.51.100.6", 5000)))
+
+    def test_refusals_count(self):
+        """
+        An address that polls while it must wait is refused every time and its wait grows (each refusal counts as
+        a failure of the address), up to address_max_delay; once it waits out the wait it was told, it gets in.
+        """
+        self.serve(pager.Limits())
+        attacker = IPv4Address("TCP", "203.0.113.9", 4000)
+        for i in range(10):
+            self.assertError(self.attempt("user%d" % i, peer=attacker), "auth_failed")
+        waits = []
+        for _ in range(15):
+            self.clock.advance(0.5)
+            answer = self.assertError(self.attempt("bob", right=True, peer=attacker), "rate_limited")
+            waits.append(int(answer["message"].split("try again in ")[1].split()[0]))
+        self.assertEqual(waits, [2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900, 900, 900, 900, 900])
+        self.clock.advance(899)
+        self.assertLimited(self.attempt("bob", right=True, peer=attacker), 900)
+        self.clock.advance(900.01)
+        self.assertOk(self.attempt("bob", right=True, peer=attacker))
+
+    def test_wrong_tokens_per_account_and_address(self):
+        """
+        Wrong tokens with alice's own key from one address slow alice down at that address only: from another
+        address she logs in at once.
+        """
+        elsewhere = IPv4Address("TCP", "192.0.2.44", 1)
+        for _ in range(3):
+            self.assertError(self.attempt(), "auth_failed")
+        self.assertLimited(self.attempt(right=True), 1)
+        self.assertOk(self.attempt(right=True, peer=elsewhere))
+
+    def recover(self, peer, right=False):
+        conn = self.connect(peer)
+        new_key = test_server.private_key("new")
+        proof = pager.sign_auth(new_key, "recover", conn.server_id, "alice", conn.challenge)
+        answer = conn.request("recover", user="alice", token=test_server.TOKEN if right else "not her token",
+                              public_key=pager.public_key_pem(new_key), proof=test_server.b64(proof))
+        conn.lose()
+        return answer
+
+    def test_recover_throttled_apart(self):
+        """
+        Wrong tokens in recover (each with a good proof by a new key, which anyone can make) from many loopback
+        addresses slow down alice's recoveries from every address, but never her login.
+        """
+        for i in range(2, 8):
+            answer = self.recover(IPv4Address("TCP", "127.0.0.%d" % i, 1))
+            self.assertIn(answer["code"], ("auth_failed", "rate_limited"))
+            self.assertOk(self.attempt(right=True))
+        self.assertError(self.recover(IPv4Address("TCP", "127.0.0.99", 1), right=True), "rate_limited")
+        self.assertOk(self.attempt(right=True))
+
     def test_other_account_not_slowed(self):
         """While alice's account waits, bob logs in at once from the same address."""
         for _ in range(6):
@@ -970,7 +1048,8 @@ class ThrottleClockTests(test_server.ServerTestCase):
         attacker = IPv4Address("TCP", "203.0.113.9", 4000)
         for i in range(10):
             self.assertError(self.attempt("user%d" % i, peer=attacker), "auth_failed")
-        self.assertLimited(self.attempt("bob", right=True, peer=attacker), 1)
+        # Waiting 1 s, it tries at once: refused, and the refusal counts, so the wait is now 2 s.
+        self.assertLimited(self.attempt("bob", right=True, peer=attacker), 2)
         self.assertOk(self.attempt("bob", right=True))
 
 
