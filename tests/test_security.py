@@ -12,6 +12,7 @@ Nothing sleeps: every wait polls with task.deferLater and gives up after a bound
 """
 
 import base64
+import collections
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings, strategies as st
-from twisted.internet import endpoints, error, protocol, reactor, task, threads
+from twisted.internet import defer, endpoints, error, protocol, reactor, task, threads
 from twisted.internet.address import IPv4Address
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -1051,6 +1052,147 @@ class ThrottleClockTests(test_server.ServerTestCase):
         # Waiting 1 s, it tries at once: refused, and the refusal counts, so the wait is now 2 s.
         self.assertLimited(self.attempt("bob", right=True, peer=attacker), 2)
         self.assertOk(self.attempt("bob", right=True))
+
+
+class FloodPeer(Peer):
+    """
+    Mallory's connection in the flood of L{FairnessTests.test_one_account_cannot_starve_logins}: it logs in, and
+    every time an answer brings a new challenge it sends a valid re-key (to the same key) over that challenge and
+    then a malformed one (no C{proof_new}), for C{rounds} rounds.  Against a server that answers malformed requests with
+    a fresh challenge at once, that queues valid re-keys as fast as they can be signed.
+    """
+
+    def __init__(self, server_id, rounds):
+        super().__init__()
+        self.server_id, self.rounds_left, self.sent = server_id, rounds, 0
+        self.used = set()
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        challenge = self.challenge
+        if challenge is None or challenge in self.used or self.lost is not None:
+            return
+        self.used.add(challenge)
+        mallory, sid = key("mallory"), self.server_id
+        if not self.sent:
+            self.write({"type": "login", "id": "login", "user": "mallory", "token": token("mallory"),
+                        "proof": b64(pager.sign_auth(mallory, "login", sid, "mallory", challenge))})
+        elif self.rounds_left > 0:
+            self.rounds_left -= 1
+            fp = pager.fingerprint(mallory)
+            proof = b64(pager.sign_auth(mallory, "rekey", sid, "mallory", challenge, fp))
+            fields = {"user": "mallory", "token": token("mallory"), "public_key": pager.public_key_pem(mallory),
+                      "proof_old": proof}
+            self.write({"type": "rekey", "id": "rekey%d" % self.sent, "proof_new": proof, **fields})
+            self.write({"type": "rekey", "id": "bad%d" % self.sent, **fields})
+        self.sent += 1
+
+
+class FairnessTests(SecurityTestCase):
+    """
+    One user, or one address, cannot stop everyone else from logging in; nobody can lock another account out.
+    Real Argon2id, real loopback sockets; attackers bind to other loopback addresses (Linux routes all of 127/8).
+    """
+
+    LOGIN_BOUND = 5.0  # seconds: the longest any other user's login may take during the attack
+
+    async def test_one_account_cannot_starve_logins(self):
+        """
+        Mallory floods from 127.0.0.2 on 16 connections: each logs in with her key and token, then answers every
+        new challenge with a valid re-key and a malformed one, 25 rounds each (400 valid re-keys).  Once 150 rounds
+        are under way, eight other users log in at once from 127.0.0.1: every login succeeds, each within
+        LOGIN_BOUND seconds, and at no time do more than 10 token hashes wait (mallory's 2 and the eight).
+        """
+        await self.start()
+        for name in ["mallory"] + ["user%d" % i for i in range(8)]:
+            await self.provision(name)
+        factory = self.server.factory
+        most_waiting = [0]
+        hash_token = factory.hash_token
+
+        def counting_hash(token_, salt):
+            d = hash_token(token_, salt)
+            most_waiting[0] = max(most_waiting[0], len(factory._hashing.waiting))
+            return d
+        factory.hash_token = counting_hash
+
+        peers = []
+        for _ in range(16):
+            peer = FloodPeer(factory.server_id, rounds=25)
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=("127.0.0.2", 0))
+            await endpoints.connectProtocol(endpoint, peer)
+            self.addCleanup(self.drop, peer)
+            peers.append(peer)
+        await self.wait_for(lambda: sum(p.sent for p in peers) >= 150, "the flood to get going")
+
+        async def timed_login(name):
+            started = reactor.seconds()
+            client = await self.login(self.address, name)
+            took = reactor.seconds() - started
+            await client.close()
+            return took
+
+        took = await defer.gatherResults([defer.Deferred.fromCoroutine(timed_login("user%d" % i))
+                                          for i in range(8)])
+        flood = sum(p.sent for p in peers)
+        self.assertLess(max(took), self.LOGIN_BOUND, (took, flood))
+        self.assertLessEqual(most_waiting[0], 10, flood)
+        await self.witness_ok()
+        print("\nflood of %d rounds: the eight logins took %.3f-%.3f s; at most %d hashes waited"
+              % (flood, min(took), max(took), most_waiting[0]))
+
+    async def test_targeted_account_not_locked_out(self):
+        """
+        Attackers on 127.0.0.2 to 127.0.0.6, three connections each, send logins naming alice with garbage proofs,
+        re-keys of alice with garbage old-key proofs, and recoveries of alice with a good new-key proof and a wrong
+        token, each connection one request after another, while the server's throttle clock moves one second at a
+        time; every second alice logs in from 127.0.0.1 with her key and token: all 20 logins succeed.
+        """
+        await self.start()
+        factory = self.server.factory
+        clock = task.Clock()
+        factory.now = clock.seconds
+        sid = factory.server_id
+        peers = []
+        for host in range(2, 7):
+            for _ in range(3):
+                peers.append(await self.peer(bind="127.0.0.%d" % host))
+        garbage = b64(os.urandom(256))
+        mallory = key("mallory")
+        codes = collections.Counter()
+
+        async def attack(peer, second):
+            for i in range(4):
+                rid = "%d-%d" % (second, i)
+                kind = ("login", "rekey", "recover", "login")[i]
+                fields = {"user": "alice", "token": "guess %s" % rid}
+                if kind == "login":
+                    fields["proof"] = garbage
+                else:
+                    fp = pager.fingerprint(mallory)
+                    proof = b64(pager.sign_auth(mallory, kind, sid, "alice", peer.challenge, fp))
+                    fields.update(public_key=pager.public_key_pem(mallory))
+                    if kind == "rekey":
+                        fields.update(proof_old=garbage, proof_new=proof)
+                    else:
+                        fields.update(proof=proof)
+                answer = await self.request(peer, kind, rid, **fields)
+                codes[answer.get("code")] += 1
+
+        async def alice_logs_in():
+            client = await self.login(self.address, "alice")
+            await client.close()
+
+        logins = 0
+        for second in range(20):
+            clock.advance(1)
+            await defer.gatherResults([defer.Deferred.fromCoroutine(attack(peer, second)) for peer in peers]
+                                      + [defer.Deferred.fromCoroutine(alice_logs_in())])
+            logins += 1
+        self.assertEqual(logins, 20)
+        self.assertEqual(set(codes), {"auth_failed", "rate_limited"}, codes)
+        self.assertGreater(codes["rate_limited"], codes["auth_failed"], codes)
+        await self.witness_ok()
 
 
 class RegistrationPolicyTests(SecurityTestCase):
