@@ -886,6 +886,9 @@ def open_envelope(envelope, private_key, recipient, sender_key, max_size=None):
 #   -> ack {id, msg} / reject {id, msg, reason}                 <- ok
 #   <- receipt {receipt, msg, from, status, reason, at}         -> ack {id, receipt}
 #   -> ping {id}                                                <- ok
+#
+# register, login, rekey and recover go one at a time per connection; each well-formed one takes the challenge and
+# its answer carries the next; each proof signs the server_id of the hello (auth_message).
 
 _FRAME_TYPE_RE = re.compile(r"[a-z][a-z_]{0,31}")
 
