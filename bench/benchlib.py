@@ -363,10 +363,12 @@ def free_port():
 PAGER_BENCH_ARGS = [
     "--max-connections-per-address", "100000", "--address-free-failures", "1000000", "--max-in-flight", "1024",
     "--max-pending-messages", "1000000", "--max-pending-bytes", "10000000000",
+    "--argon2-per-address", "100000", "--argon2-per-account", "100000",
 ]
 RAISED_LIMITS_NOTE = ("The server ran with its per-address and per-user limits raised, since every connection comes "
                       "from 127.0.0.1: --max-connections-per-address 100000, --address-free-failures 1000000, "
-                      "--max-in-flight 1024, --max-pending-messages 1000000, --max-pending-bytes 10000000000.")
+                      "--max-in-flight 1024, --max-pending-messages 1000000, --max-pending-bytes 10000000000, "
+                      "--argon2-per-address 100000, --argon2-per-account 100000.")
 
 
 class ServerProcess:
