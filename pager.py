@@ -2665,7 +2665,7 @@ class PagerServerFactory(protocol.Factory):
         verify): it says nothing about the account, so only the requester is charged.
         """
         self._charge(connection, self.now())
-        self.log.info("Failed login for {user} from {peer}: no proof of the key", user=user,
+        self.log.info("Failed login for {user} from {peer}: unknown user or wrong key", user=user,
                       peer=_peer_text(connection.peer))
 
     def token_failed(self, connection, user, purpose):

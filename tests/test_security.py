@@ -1138,8 +1138,6 @@ class FairnessTests(SecurityTestCase):
         self.assertLess(max(took), self.LOGIN_BOUND, (took, flood))
         self.assertLessEqual(most_waiting[0], 10, flood)
         await self.witness_ok()
-        print("\nflood of %d rounds: the eight logins took %.3f-%.3f s; at most %d hashes waited"
-              % (flood, min(took), max(took), most_waiting[0]))
 
     async def test_targeted_account_not_locked_out(self):
         """
