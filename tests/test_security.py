@@ -1057,8 +1057,8 @@ class ThrottleClockTests(test_server.ServerTestCase):
 class FloodPeer(Peer):
     """
     Mallory's connection in the flood of L{FairnessTests.test_one_account_cannot_starve_logins}: it logs in, and
-    every time an answer brings a new challenge it sends a valid re-key (to the same key) over that challenge and
-    then a malformed one (no C{proof_new}), for C{rounds} rounds.  Against a server that answers malformed requests with
+    every time an answer brings a new challenge it sends a valid re-key (to the same key) over that challenge, then a
+    malformed re-key (no C{proof_new}) and a malformed login (no C{proof}), for C{rounds} rounds.  Against a server that answers malformed requests with
     a fresh challenge at once, that queues valid re-keys as fast as they can be signed.
     """
 
@@ -1085,6 +1085,8 @@ class FloodPeer(Peer):
                       "proof_old": proof}
             self.write({"type": "rekey", "id": "rekey%d" % self.sent, "proof_new": proof, **fields})
             self.write({"type": "rekey", "id": "bad%d" % self.sent, **fields})
+            self.write({"type": "login", "id": "badlogin%d" % self.sent, "user": "mallory",
+                        "token": token("mallory")})
         self.sent += 1
 
 
@@ -1099,7 +1101,8 @@ class FairnessTests(SecurityTestCase):
     async def test_one_account_cannot_starve_logins(self):
         """
         Mallory floods from 127.0.0.2 on 16 connections: each logs in with her key and token, then answers every
-        new challenge with a valid re-key and a malformed one, 25 rounds each (400 valid re-keys).  Once 150 rounds
+        new challenge with a valid re-key, a malformed re-key and a malformed login, 25 rounds each (400 valid
+        re-keys).  Once 150 rounds
         are under way, eight other users log in at once from 127.0.0.1: every login succeeds, each within
         LOGIN_BOUND seconds, and at no time do more than 10 token hashes wait (mallory's 2 and the eight).
         """
