@@ -1058,8 +1058,9 @@ class FloodPeer(Peer):
     """
     Mallory's connection in the flood of L{FairnessTests.test_one_account_cannot_starve_logins}: it logs in, and
     every time an answer brings a new challenge it sends a valid re-key (to the same key) over that challenge, then a
-    malformed re-key (no C{proof_new}) and a malformed login (no C{proof}), for C{rounds} rounds.  Against a server that answers malformed requests with
-    a fresh challenge at once, that queues valid re-keys as fast as they can be signed.
+    malformed re-key (no C{proof_new}) and a malformed login (no C{proof}), for C{rounds} rounds.  Against a server
+    that answers malformed requests with a fresh challenge at once, that queues valid re-keys as fast as they can be
+    signed.
     """
 
     def __init__(self, server_id, rounds):
