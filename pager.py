@@ -70,7 +70,7 @@ PSS_SALT_LENGTH = 32  # fixed by the format, so that OpenSSL can verify with rsa
 ENVELOPE_TAG = b"pager-envelope-v1"
 SIGNATURE_TAG = b"pager-signature-v1"
 COMMITMENT_TAG = b"pager-key-commitment-v1"
-AUTH_TAG = b"pager-auth-v1"  # proof-of-possession signatures; distinct from every envelope tag
+AUTH_TAG = b"pager-auth-v2"  # proof-of-possession signatures; distinct from every envelope tag (v2 names the server)
 AUTH_PURPOSES = ("register", "login", "rekey", "recover")
 
 PROBE = b"\n" * 6  # what a client sends first (see PagerClientProtocol.connectionMade)
@@ -80,6 +80,8 @@ MAX_CHUNK_SIZE = 65536  # the largest chunk a server accepts; one chunk frame mu
 GCM_TAG_SIZE = 16
 MESSAGE_ID_SIZE = 16
 CHALLENGE_SIZE = 32
+SERVER_ID_LENGTH = 32  # hex digits of the id a server's hello gives (16 random bytes, made with its database)
+SERVER_ID_RE = re.compile("[0-9a-f]{%d}" % SERVER_ID_LENGTH)
 MAX_RECIPIENTS = 64
 MAX_ACK_BATCH = 1000  # message ids, or receipt ids, that one ack frame may list
 _MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
@@ -117,12 +119,15 @@ class Limits:
     max_in_flight: int = 64  # requests one connection may have outstanding before the server stops reading it
     argon2_concurrency: int = 2  # Argon2id hashes computed at once
     argon2_queue: int = 256  # further logins waiting for a hash; past it the server answers rate_limited
+    argon2_per_account: int = 2  # hashes running or waiting for one account (its recoveries counted apart)
+    argon2_per_address: int = 8  # hashes running or waiting for one IP address
     recovery_interval: float = 3600.0  # seconds between two lost-key recoveries of one account
+    rekey_interval: float = 60.0  # seconds after a re-key before the same account may re-key again
     allow_recovery: bool = True
     max_connections_per_address: int = 64  # connections open at once from one IP address
-    account_free_failures: int = 3  # failed logins of one account before it is slowed down
-    account_max_delay: float = 60.0  # the longest wait imposed on one account (so nobody is locked out for long)
-    address_free_failures: int = 10  # failed logins from one address before it is slowed down
+    account_free_failures: int = 3  # wrong tokens for one account from one address before it is slowed down
+    account_max_delay: float = 60.0  # the longest wait imposed on one account at one address
+    address_free_failures: int = 10  # failed attempts from one address (or one connection) before it is slowed down
     address_max_delay: float = 900.0  # the longest wait imposed on one address
     registration: str = "open"  # open, invite or closed
     max_sender_pending_messages: int = 5000  # per sender: messages it has stored and not yet delivered to everyone
@@ -456,35 +461,40 @@ def format_fingerprint(fp):
     return " ".join(text[i:i + 4] for i in range(0, len(text), 4))
 
 
-def auth_message(purpose, user, challenge, key_fingerprint):
+def auth_message(purpose, server_id, user, challenge, key_fingerprint):
     """
-    The bytes a client signs to prove it holds a private key: the auth tag, the purpose, the user name, the server's
-    32-byte challenge and the fingerprint of the key concerned (the registered key for login, the new key for
-    register, rekey and recover).
+    The bytes a client signs to prove it holds a private key: the auth tag, the purpose, the id of the server the
+    proof is for (from its C{hello}), the user name, the server's 32-byte challenge and the fingerprint of the key
+    concerned (the registered key for login, the new key for register, rekey and recover).  Naming the server keeps
+    a proof made for one server from logging in at another.
     """
     if purpose not in AUTH_PURPOSES:
         raise ValueError("unknown purpose %r" % (purpose,))
+    if not isinstance(server_id, str) or not SERVER_ID_RE.fullmatch(server_id):
+        raise BadRequest("The server id is not %d hex digits; refusing to sign for it." % SERVER_ID_LENGTH)
     if not isinstance(challenge, bytes) or len(challenge) != CHALLENGE_SIZE:
         raise BadRequest("The server's challenge is not exactly %d bytes." % CHALLENGE_SIZE)
     return (
-        _lp(AUTH_TAG) + _lp(purpose.encode("ascii")) + _lp(user.encode("ascii")) + _lp(challenge)
-        + _lp(key_fingerprint)
+        _lp(AUTH_TAG) + _lp(purpose.encode("ascii")) + _lp(server_id.encode("ascii")) + _lp(user.encode("ascii"))
+        + _lp(challenge) + _lp(key_fingerprint)
     )
 
 
-def sign_auth(private_key, purpose, user, challenge, key_fingerprint=None):
+def sign_auth(private_key, purpose, server_id, user, challenge, key_fingerprint=None):
     """Sign L{auth_message} with RSA-PSS.  A private-key operation: call it off the reactor thread."""
     if key_fingerprint is None:
         key_fingerprint = fingerprint(private_key)
-    return private_key.sign(auth_message(purpose, user, challenge, key_fingerprint), _PSS, hashes.SHA256())
+    return private_key.sign(auth_message(purpose, server_id, user, challenge, key_fingerprint), _PSS,
+                            hashes.SHA256())
 
 
-def verify_auth(public_key, signature, purpose, user, challenge, key_fingerprint=None):
+def verify_auth(public_key, signature, purpose, server_id, user, challenge, key_fingerprint=None):
     """Whether C{signature} is C{public_key}'s proof for these fields."""
     if key_fingerprint is None:
         key_fingerprint = fingerprint(public_key)
     try:
-        public_key.verify(signature, auth_message(purpose, user, challenge, key_fingerprint), _PSS, hashes.SHA256())
+        public_key.verify(signature, auth_message(purpose, server_id, user, challenge, key_fingerprint), _PSS,
+                          hashes.SHA256())
     except InvalidSignature:
         return False
     return True
@@ -892,6 +902,9 @@ def open_envelope(envelope, private_key, recipient, sender_key, max_size=None):
 #   -> ack {id, msg} / reject {id, msg, reason}                 <- ok
 #   <- receipt {receipt, msg, from, status, reason, at}         -> ack {id, receipt}
 #   -> ping {id}                                                <- ok
+#
+# register, login, rekey and recover go one at a time per connection; each well-formed one takes the challenge and
+# its answer carries the next; each proof signs the server_id of the hello (auth_message).
 
 _FRAME_TYPE_RE = re.compile(r"[a-z][a-z_]{0,31}")
 
@@ -2056,6 +2069,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.key = None
         self.receive = False
         self.challenge = None
+        self._authenticating = False  # an authentication request is being answered: one at a time per connection
+        self._challenge_taken = False  # ... and it took the challenge, so its answer carries the next one
         self.closed = False
         self._in_flight = 0
         self._holds = set()
@@ -2080,6 +2095,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.transport.registerProducer(self.flow, True)
         self.setTimeout(self.limits.login_timeout)
         self.challenge = secrets.token_bytes(CHALLENGE_SIZE)
+        # Failed authentication attempts on this connection, counted like an address's (which a UNIX socket lacks).
+        self.auth_failures = _Throttle(self.limits.address_free_failures, self.limits.address_max_delay, size=1)
         factory.connections += 1
         factory.protocols.add(self)
         if not factory.address_connected(self):
@@ -2191,9 +2208,14 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 raise BadRequest('A request needs an "id": a string of at most 64 characters or an integer.')
             if self.user is None and kind not in self.PUBLIC:
                 raise NotAuthenticated()
+            if kind in self.AUTH:
+                if self._authenticating:
+                    raise BadRequest("Another authentication request is still being answered on this connection; "
+                                     "send them one at a time.")
+                self._authenticating = True
             coroutine = handler(frame, rid)
         except PagerError as e:
-            self._answer_error(kind, rid, e)
+            self.send_error(rid, e)  # nothing was taken: no challenge in the answer
             return
         self._in_flight += 1
         if self._in_flight >= self.limits.max_in_flight:
@@ -2202,40 +2224,52 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         d.addCallbacks(self._answer, self._answer_failure, callbackArgs=(kind, rid), errbackArgs=(kind, rid))
 
     def _answer(self, fields, kind, rid):
-        self._done()
+        challenge = self._done(kind)
         if fields is not None:
             frame = {"type": "ok", "id": rid}
             frame.update(fields)
-            if kind in self.AUTH:
+            if challenge:
                 frame["challenge"] = b64(self.challenge)
             self.send_frame(frame)
 
     def _answer_failure(self, failure, kind, rid):
-        self._done()
+        challenge = self._done(kind)
         error = failure.value
         if not isinstance(error, PagerError):
             self.log.failure("Handling a {kind} request failed", failure, kind=kind)
             error = InternalError()
         elif isinstance(error, EnvelopeError):
             error = BadRequest(error.message)
-        self._answer_error(kind, rid, error)
-
-    def _answer_error(self, kind, rid, error):
-        if kind in self.AUTH and self.challenge is not None:
+        if challenge:
             self.send_error(rid, error, challenge=b64(self.challenge))
         else:
             self.send_error(rid, error)
 
-    def _done(self):
+    def _done(self, kind):
+        """
+        A request is answered.  Returns whether it was an authentication request that took the challenge, whose
+        answer must then carry the next one.
+        """
         self._in_flight -= 1
         if self._in_flight < self.limits.max_in_flight:
             self._release("in_flight")
+        if kind not in self.AUTH:
+            return False
+        taken = self._challenge_taken
+        self._authenticating = self._challenge_taken = False
+        return taken
 
     # -- authentication --
+    # Each handler first checks every field's format: a malformed request takes nothing and its answer carries no
+    # challenge.  Only then does it take the challenge, and look at the account.  A failure that shows only that the
+    # requester lacks a key (an unknown user, a proof that does not verify) is charged to the requester: its address
+    # and this connection, never the account it names.  A wrong token, which needs the key first, is charged to the
+    # requester and to the account at this address (for recover, to the account's recoveries).
 
     def _take_challenge(self):
-        """The challenge to check this request's proof against; a fresh one replaces it for the next request."""
+        """The challenge to check this request's proof against; a fresh one replaces it, for the answer to carry."""
         challenge, self.challenge = self.challenge, secrets.token_bytes(CHALLENGE_SIZE)
+        self._challenge_taken = True
         return challenge
 
     def _token(self, frame):
@@ -2248,18 +2282,47 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if self.user is not None:
             raise BadRequest("This connection is already logged in as %s." % self.user)
 
-    async def _check_proof(self, key, proof, purpose, user, challenge, key_fp):
-        if not await self.factory.in_thread(verify_auth, key, proof, purpose, user, challenge, key_fp):
-            raise AuthFailed("The proof of key possession does not verify.")
+    def _require_same_user(self, user):
+        if self.user is not None and self.user != user:
+            raise BadRequest("This connection is logged in as %s." % self.user)
+
+    async def _check_proof(self, key, proof, purpose, user, challenge, key_fp, error=None, charge=True):
+        """The proof verifies for this server, or the request fails with C{error}, charged to the requester."""
+        if not await self.factory.in_thread(verify_auth, key, proof, purpose, self.factory.server_id, user,
+                                            challenge, key_fp):
+            if charge:
+                self.factory.proof_failed(self, user)
+            raise error or AuthFailed("The proof of key possession does not verify.")
+
+    async def _account(self, user, purpose):
+        """
+        C{(record, registered key)} of the account a request names.  While the requester (or, for login and rekey,
+        this account at this address; for recover, this account's recoveries) is slowed down, the request is refused
+        at once, before any work.  An unknown user gets the same answer as a wrong token.
+        """
+        self.factory.check_throttle(self, user, purpose)
+        record = await self.factory.store.get_user(user)
+        if record is None:
+            self.factory.proof_failed(self, user)
+            raise AuthFailed()
+        return record, load_public_key(record.public_key)
+
+    async def _check_token(self, token, record, purpose):
+        account = ("recover", record.name) if purpose == "recover" else record.name
+        digest = await self.factory.hash_token_for(self, account, token, bytes(record.token_salt))
+        if not hmac.compare_digest(digest, bytes(record.token_hash)):
+            self.factory.token_failed(self, record.name, purpose)
+            raise AuthFailed()
+        self.factory.token_matched(self, record.name, purpose)
 
     async def handle_register(self, frame, rid):
-        challenge = self._take_challenge()
-        self._require_logged_out()
         user = field_username(frame)
         key = load_public_key(field_str(frame, "public_key", 16384))
         token = self._token(frame)
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
         invite = field_str(frame, "invite", 128, required=False)
+        challenge = self._take_challenge()
+        self._require_logged_out()
         policy = self.limits.registration
         if policy == "closed":
             raise Forbidden("This server does not take new users; ask its operator.")
@@ -2267,88 +2330,74 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("This server needs an invite code to register; ask its operator for one.")
         fp = fingerprint(key)
         store = self.factory.store
-        await self._check_proof(key, proof, "register", user, challenge, fp)
+        await self._check_proof(key, proof, "register", user, challenge, fp, charge=False)
         if await store.get_user(user) is not None:
             raise UserExists("The user name %r is taken." % user)
         salt = secrets.token_bytes(ARGON2_SALT_SIZE)
-        token_hash = await self.factory.hash_token(token, salt)
+        token_hash = await self.factory.hash_token_for(self, user, token, salt)
         await store.add_user(user, public_key_pem(key), fp, salt, token_hash, self.factory.now(),
                              invite if policy == "invite" else None)
         self.log.info("{user} registered from {peer}", user=user, peer=_peer_text(self.peer))
         self._logged_in(user, key, receive=True)
         return {"user": user}
 
-    async def _authenticate(self, frame, purpose, challenge):
-        """
-        C{(user, token, record, key)} for a request that names an account.  Throttled accounts and addresses are
-        refused at once, before any work; unknown users get the same answer as wrong tokens.
-        """
-        user = field_username(frame)
-        token = self._token(frame)
-        self.factory.check_throttle(user, self.peer)
-        record = await self.factory.store.get_user(user)
-        if record is None:
-            self.factory.login_failed(user, self.peer)
-            raise AuthFailed()
-        return user, token, record, load_public_key(record.public_key)
-
-    async def _check_token(self, token, record):
-        if not await self.factory.check_token(token, record):
-            self.factory.login_failed(record.name, self.peer)
-            raise AuthFailed()
-        self.factory.login_succeeded(record.name, self.peer)
-
     async def handle_login(self, frame, rid):
-        challenge = self._take_challenge()
-        self._require_logged_out()
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
         receive = field_bool(frame, "receive", True)
-        user, token, record, key = await self._authenticate(frame, "login", challenge)
+        user = field_username(frame)
+        token = self._token(frame)
+        challenge = self._take_challenge()
+        self._require_logged_out()
+        record, key = await self._account(user, "login")
         # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
-        if not await self.factory.in_thread(verify_auth, key, proof, "login", user, challenge, record.fingerprint):
-            self.factory.login_failed(user, self.peer)
-            raise AuthFailed()
-        await self._check_token(token, record)
+        await self._check_proof(key, proof, "login", user, challenge, record.fingerprint, AuthFailed())
+        await self._check_token(token, record, "login")
         self.log.info("{user} logged in from {peer}{mode}", user=user, peer=_peer_text(self.peer),
                       mode="" if receive else " (send-only)")
         self._logged_in(user, key, receive)
         return {"user": user, "pending": record.pending_count if receive else 0}
 
     async def handle_rekey(self, frame, rid):
-        challenge = self._take_challenge()
         new_key = load_public_key(field_str(frame, "public_key", 16384))
         proof_old = field_b64(frame, "proof_old", RSA_MAX_BITS // 8)
         proof_new = field_b64(frame, "proof_new", RSA_MAX_BITS // 8)
-        user, token, record, old_key = await self._authenticate(frame, "rekey", challenge)
-        if self.user is not None and self.user != user:
-            raise BadRequest("This connection is logged in as %s." % self.user)
+        user = field_username(frame)
+        token = self._token(frame)
+        challenge = self._take_challenge()
+        self._require_same_user(user)
+        record, old_key = await self._account(user, "rekey")
         new_fp = fingerprint(new_key)
-        if not await self.factory.in_thread(verify_auth, old_key, proof_old, "rekey", user, challenge, new_fp):
-            self.factory.login_failed(user, self.peer)
-            raise AuthFailed()
+        await self._check_proof(old_key, proof_old, "rekey", user, challenge, new_fp, AuthFailed())
         await self._check_proof(new_key, proof_new, "rekey", user, challenge, new_fp)
-        await self._check_token(token, record)
-        await self.factory.store.set_key(user, public_key_pem(new_key), new_fp, self.factory.now())
+        self.factory.rekey_started(user)  # only the holder of the current key learns that it must wait
+        done = False
+        try:
+            await self._check_token(token, record, "rekey")
+            await self.factory.store.set_key(user, public_key_pem(new_key), new_fp, self.factory.now())
+            done = True
+        finally:
+            self.factory.rekey_ended(user, done)
         self.log.info("{user} replaced their key (new fingerprint {fp})", user=user, fp=new_fp.hex())
         self.factory.key_changed(user, new_key)
         return {"user": user, "fingerprint": new_fp.hex()}
 
     async def handle_recover(self, frame, rid):
+        new_key = load_public_key(field_str(frame, "public_key", 16384))
+        proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
+        user = field_username(frame)
+        token = self._token(frame)
         challenge = self._take_challenge()
         limits = self.limits
         if not limits.allow_recovery:
             raise Forbidden("This server does not allow lost-key recovery; ask its operator.")
         if not (interfaces.ISSLTransport.providedBy(self.transport) or _is_local(self.peer)):
             raise Forbidden("Lost-key recovery needs TLS when not connecting from this machine.")
-        new_key = load_public_key(field_str(frame, "public_key", 16384))
-        proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
-        user, token, record, _ = await self._authenticate(frame, "recover", challenge)
-        if self.user is not None and self.user != user:
-            raise BadRequest("This connection is logged in as %s." % self.user)
+        self._require_same_user(user)
+        record, _ = await self._account(user, "recover")
         now = self.factory.now()
         new_fp = fingerprint(new_key)
         await self._check_proof(new_key, proof, "recover", user, challenge, new_fp)
-        await self._check_token(token, record)
+        await self._check_token(token, record, "recover")
         # Checked after the token, so that nobody else learns whether the account recovered lately.
         if record.recovered_at is not None and now - record.recovered_at < limits.recovery_interval:
             raise RateLimited("This account recovered its key recently; try again later.")
@@ -2667,6 +2716,17 @@ def request_id_of_raw(line):
     return request_id(frame) if isinstance(frame, dict) else None
 
 
+def _address_host(address):
+    """The IP address a connection's peer is counted by, or None (a UNIX socket)."""
+    return getattr(address, "host", None)
+
+
+def _count_down(counter, key):
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
 def _peer_text(address):
     host = getattr(address, "host", None)
     return "%s:%s" % (host, address.port) if host is not None else str(address)
@@ -2674,9 +2734,10 @@ def _peer_text(address):
 
 class _Throttle:
     """
-    Failed attempts per key (an account or an address): after C{free} failures, each further one doubles the
-    wait before the next attempt, up to C{max_delay}.  Failures older than an hour are forgotten, and the table
-    holds at most C{size} keys, so an attacker cannot lock anyone out for long nor grow the server's memory.
+    Failed attempts per key (an address, a connection, an account at an address): after C{free} failures, each
+    further one doubles the wait before the next attempt, up to C{max_delay}.  Failures older than an hour are
+    forgotten, and the table holds at most C{size} keys, so an attacker cannot lock anyone out for long nor grow the
+    server's memory.
     """
 
     FORGET_AFTER = 3600.0
@@ -2737,9 +2798,16 @@ class PagerServerFactory(protocol.Factory):
         self.connections = 0
         self.protocols = set()
         self.per_address = collections.Counter()
-        self.account_failures = _Throttle(self.limits.account_free_failures, self.limits.account_max_delay)
-        self.address_failures = _Throttle(self.limits.address_free_failures, self.limits.address_max_delay)
-        self._hashing = defer.DeferredSemaphore(self.limits.argon2_concurrency)
+        limits = self.limits
+        # Failed authentication attempts, charged to whoever made them (see PagerServerProtocol's authentication):
+        self.address_failures = _Throttle(limits.address_free_failures, limits.address_max_delay)
+        self.token_failures = _Throttle(limits.account_free_failures, limits.account_max_delay)  # (account, address)
+        self.recover_failures = _Throttle(limits.account_free_failures, limits.recovery_interval)  # account
+        self._hashing = defer.DeferredSemaphore(limits.argon2_concurrency)
+        self._hashing_accounts = collections.Counter()  # account -> hashes running or waiting for it
+        self._hashing_addresses = collections.Counter()  # address -> hashes running or waiting for it
+        self._rekeying = set()  # accounts with a re-key under way
+        self._rekeyed = collections.OrderedDict()  # account -> time of its last re-key, oldest first
         self._expiry = None
         self._account_check = None
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
@@ -2775,8 +2843,30 @@ class PagerServerFactory(protocol.Factory):
         if pool is not None:
             pool.stop()
 
-    async def check_token(self, token, record):
-        return hmac.compare_digest(await self.hash_token(token, bytes(record.token_salt)), bytes(record.token_hash))
+    async def hash_token_for(self, connection, account, token, salt):
+        """
+        L{hash_token} for a request from C{connection} about C{account}.  One account (its recoveries counted
+        apart) may have at most C{argon2_per_account} hashes running or waiting, and one address at most
+        C{argon2_per_address}: past either, the request is answered rate_limited at once and charged to the
+        requester.  With one authentication request at a time per connection, nobody can fill the queue alone, and
+        everyone else's hash waits behind at most those few of theirs.
+        """
+        host = _address_host(connection.peer)
+        if (self._hashing_accounts[account] >= self.limits.argon2_per_account
+                or host is not None and self._hashing_addresses[host] >= self.limits.argon2_per_address):
+            self._charge(connection, self.now())
+            raise RateLimited("Too many logins of this account or from your address are being checked; "
+                              "try again in a moment.")
+        hashed = self.hash_token(token, salt)
+        self._hashing_accounts[account] += 1
+        if host is not None:
+            self._hashing_addresses[host] += 1
+        try:
+            return await hashed
+        finally:
+            _count_down(self._hashing_accounts, account)
+            if host is not None:
+                _count_down(self._hashing_addresses, host)
 
     def address_connected(self, connection):
         """Count a new connection; False when its address already has as many as allowed."""
@@ -2797,25 +2887,77 @@ class PagerServerFactory(protocol.Factory):
             if self.per_address[host] <= 0:
                 del self.per_address[host]
 
-    def check_throttle(self, user, peer):
-        """Refuse a login attempt at once (no work, no waiting) while its account or address is slowed down."""
-        now = self.now()
-        host = getattr(peer, "host", None)
-        wait = max(self.account_failures.wait(user, now),
-                   self.address_failures.wait(host, now) if host is not None else 0)
+    def check_throttle(self, connection, user, purpose):
+        """
+        Refuse an authentication attempt at once (no work, no waiting) while its address or connection is slowed
+        down, or, for login and rekey, the account at this address, or, for recover, the account's recoveries.  A
+        refusal counts as a failure of the address and the connection: polling does not outlast a wait.
+        """
+        wait = self._wait(connection, user, purpose)
         if wait > 0:
+            self._charge(connection, self.now())
+            wait = self._wait(connection, user, purpose)
             raise RateLimited("Too many failed logins; try again in %d s." % max(1, round(wait)))
 
-    def login_failed(self, user, peer):
+    def _wait(self, connection, user, purpose):
         now = self.now()
-        self.account_failures.failed(user, now)
-        host = getattr(peer, "host", None)
+        host = _address_host(connection.peer)
+        account = (self.recover_failures.wait(user, now) if purpose == "recover"
+                   else self.token_failures.wait((user, host), now))
+        return max(account, connection.auth_failures.wait(None, now),
+                   self.address_failures.wait(host, now) if host is not None else 0.0)
+
+    def _charge(self, connection, now):
+        """One failed or refused attempt by C{connection}: counted for it and for its address."""
+        connection.auth_failures.failed(None, now)
+        host = _address_host(connection.peer)
         if host is not None:
             self.address_failures.failed(host, now)
-        self.log.info("Failed login for {user} from {peer}", user=user, peer=_peer_text(peer))
 
-    def login_succeeded(self, user, peer):
-        self.account_failures.forget(user)
+    def proof_failed(self, connection, user):
+        """
+        A request naming C{user} by someone who does not hold its key (an unknown user, a proof that does not
+        verify): it says nothing about the account, so only the requester is charged.
+        """
+        self._charge(connection, self.now())
+        self.log.info("Failed login for {user} from {peer}: unknown user or wrong key", user=user,
+                      peer=_peer_text(connection.peer))
+
+    def token_failed(self, connection, user, purpose):
+        """A wrong token: charged to the requester, and to the account at this address (or to its recoveries)."""
+        now = self.now()
+        self._charge(connection, now)
+        if purpose == "recover":
+            self.recover_failures.failed(user, now)
+        else:
+            self.token_failures.failed((user, _address_host(connection.peer)), now)
+        self.log.info("Failed login for {user} from {peer}: wrong token", user=user, peer=_peer_text(connection.peer))
+
+    def token_matched(self, connection, user, purpose):
+        """The right token clears the account's count at this address (or its recoveries'), not the address's."""
+        if purpose == "recover":
+            self.recover_failures.forget(user)
+        else:
+            self.token_failures.forget((user, _address_host(connection.peer)))
+
+    def rekey_started(self, user):
+        """Refuse a re-key while another of the same account is under way, or within rekey_interval of the last."""
+        now = self.now()
+        while self._rekeyed and now - next(iter(self._rekeyed.values())) >= self.limits.rekey_interval:
+            self._rekeyed.popitem(last=False)
+        if user in self._rekeying:
+            raise RateLimited("This account is already changing its key; try again in a moment.")
+        last = self._rekeyed.get(user)
+        if last is not None:
+            raise RateLimited("This account changed its key moments ago; try again in %d s."
+                              % max(1, round(last + self.limits.rekey_interval - now)))
+        self._rekeying.add(user)
+
+    def rekey_ended(self, user, succeeded):
+        self._rekeying.discard(user)
+        if succeeded:
+            self._rekeyed.pop(user, None)
+            self._rekeyed[user] = self.now()
 
     def session_started(self, session):
         self.online.setdefault(session.user, set()).add(session)
@@ -3754,7 +3896,8 @@ class PagerClient:
     async def register(self, user, token, private_key):
         """Create the account C{user} with this key and safetoken; the connection is then logged in."""
         user = canonical_username(user)
-        proof = await self.in_thread(sign_auth, private_key, "register", user, self._challenge())
+        challenge = self._challenge()
+        proof = await self.in_thread(sign_auth, private_key, "register", self.server_id, user, challenge)
         await self.protocol.request("register", user=user, public_key=public_key_pem(private_key), token=token,
                                     proof=b64(proof))
         self._logged_in(user, private_key, True)
@@ -3762,7 +3905,8 @@ class PagerClient:
     async def login(self, user, token, private_key, receive=True):
         """Log in; with C{receive=False} the session only sends and never takes the user's incoming messages."""
         user = canonical_username(user)
-        proof = await self.in_thread(sign_auth, private_key, "login", user, self._challenge())
+        challenge = self._challenge()
+        proof = await self.in_thread(sign_auth, private_key, "login", self.server_id, user, challenge)
         answer = await self.protocol.request("login", user=user, token=token, proof=b64(proof), receive=receive)
         self._logged_in(user, private_key, receive)
         pending = answer.get("pending")
@@ -3773,8 +3917,8 @@ class PagerClient:
         user = canonical_username(user)
         challenge = self._challenge()
         new_fp = fingerprint(new_key)
-        proof_old = await self.in_thread(sign_auth, old_key, "rekey", user, challenge, new_fp)
-        proof_new = await self.in_thread(sign_auth, new_key, "rekey", user, challenge, new_fp)
+        proof_old = await self.in_thread(sign_auth, old_key, "rekey", self.server_id, user, challenge, new_fp)
+        proof_new = await self.in_thread(sign_auth, new_key, "rekey", self.server_id, user, challenge, new_fp)
         await self.protocol.request("rekey", user=user, token=token, public_key=public_key_pem(new_key),
                                     proof_old=b64(proof_old), proof_new=b64(proof_new))
         if self.user == user:
@@ -3783,7 +3927,8 @@ class PagerClient:
     async def recover(self, user, token, new_key):
         """Replace a lost key with the safetoken alone (throttled, and refused over plain TCP from afar)."""
         user = canonical_username(user)
-        proof = await self.in_thread(sign_auth, new_key, "recover", user, self._challenge())
+        challenge = self._challenge()
+        proof = await self.in_thread(sign_auth, new_key, "recover", self.server_id, user, challenge)
         await self.protocol.request("recover", user=user, token=token, public_key=public_key_pem(new_key),
                                     proof=b64(proof))
         if self.user == user:
@@ -5065,10 +5210,15 @@ _LIMIT_OPTIONS = [
     ("max-in-flight", "max_in_flight", int, "Requests one connection may have outstanding."),
     ("argon2-concurrency", "argon2_concurrency", int, "Argon2id token hashes computed at once."),
     ("argon2-queue", "argon2_queue", int, "Logins that may wait for a hash before rate_limited."),
+    ("argon2-per-account", "argon2_per_account", int, "Token hashes one account may have running or waiting."),
+    ("argon2-per-address", "argon2_per_address", int, "Token hashes one IP address may have running or waiting."),
     ("recovery-interval", "recovery_interval", float, "Seconds between two lost-key recoveries of one account."),
+    ("rekey-interval", "rekey_interval", float, "Seconds after a re-key before the account may re-key again."),
     ("max-connections-per-address", "max_connections_per_address", int, "Connections open at once from one IP."),
-    ("account-free-failures", "account_free_failures", int, "Failed logins of one account before waits begin."),
-    ("account-max-delay", "account_max_delay", float, "Longest wait, in seconds, imposed on one account."),
+    ("account-free-failures", "account_free_failures", int,
+     "Wrong tokens for one account from one address before waits begin."),
+    ("account-max-delay", "account_max_delay", float,
+     "Longest wait, in seconds, imposed on one account at one address."),
     ("address-free-failures", "address_free_failures", int, "Failed logins from one address before waits begin."),
     ("address-max-delay", "address_max_delay", float, "Longest wait, in seconds, imposed on one address."),
     ("max-sender-pending-messages", "max_sender_pending_messages", int,

@@ -365,12 +365,14 @@ PAGER_BENCH_ARGS = [
     "--max-pending-messages", "1000000", "--max-pending-bytes", "10000000000",
     "--max-sender-pending-messages", "1000000", "--max-sender-pending-bytes", "10000000000",
     "--max-db-bytes", "100000000000",
+    "--argon2-per-address", "100000", "--argon2-per-account", "100000",
 ]
 RAISED_LIMITS_NOTE = ("The server ran with its per-address and per-user limits raised, since every connection comes "
                       "from 127.0.0.1: --max-connections-per-address 100000, --address-free-failures 1000000, "
                       "--max-in-flight 1024, --max-pending-messages 1000000, --max-pending-bytes 10000000000, "
                       "--max-sender-pending-messages 1000000, --max-sender-pending-bytes 10000000000, "
-                      "--max-db-bytes 100000000000.")
+                      "--max-db-bytes 100000000000, "
+                      "--argon2-per-address 100000, --argon2-per-account 100000.")
 
 
 class ServerProcess:
@@ -930,7 +932,7 @@ def login_all(loop, port, accounts, window=200, timeout=600, tick=None, on_progr
         fp = fps.get(id(key))
         if fp is None:
             fp = fps[id(key)] = pager.fingerprint(key)
-        proof = pager.sign_auth(key, "login", name, conn.challenge, fp)
+        proof = pager.sign_auth(key, "login", conn.server_id, name, conn.challenge, fp)
         conn.queue(pager.encode_frame({"type": "login", "id": "login", "user": name, "token": token,
                                        "proof": pager.b64(proof), "receive": receive}) + b"\n")
 
@@ -948,6 +950,7 @@ def login_all(loop, port, accounts, window=200, timeout=600, tick=None, on_progr
             kind = frame.get("type")
             if kind == "hello":
                 conn.t_hello = time.perf_counter()
+                conn.server_id = frame["server_id"]
                 take_challenge(conn, frame)
                 send_login(conn)
             elif kind == "ok" and frame.get("id") == "login":

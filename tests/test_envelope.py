@@ -876,59 +876,79 @@ class OpenSSLInteroperabilityTests(SynchronousTestCase):
 
 
 class AuthTests(SynchronousTestCase):
+    SERVER = "e9ac63d1596c137b4d0e95f52b12d9ac"
+
     def setUp(self):
         self.challenge = os.urandom(32)
-        self.proof = pager.sign_auth(_key("alice"), "login", "alice", self.challenge)
+        self.proof = pager.sign_auth(_key("alice"), "login", self.SERVER, "alice", self.challenge)
 
     def test_round_trip(self):
         """A proof verifies with the signer's public key for the same purpose, user and challenge."""
-        self.assertTrue(pager.verify_auth(_pub("alice"), self.proof, "login", "alice", self.challenge))
+        self.assertTrue(pager.verify_auth(_pub("alice"), self.proof, "login", self.SERVER, "alice", self.challenge))
 
     def test_other_purpose(self):
         """A login proof does not verify as any other purpose."""
         for purpose in ("register", "rekey", "recover"):
-            self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, purpose, "alice", self.challenge))
+            self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, purpose, self.SERVER, "alice",
+                                               self.challenge))
+
+    def test_other_server(self):
+        """A proof for one server id does not verify for another, and a malformed server id is never signed."""
+        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", "0" * 32, "alice", self.challenge))
+        for server_id in ("", "E9AC63D1596C137B4D0E95F52B12D9AC", self.SERVER + "0", self.SERVER[:-1],
+                          "alice", None, b"0" * 32):
+            self.assertRaises(pager.BadRequest, pager.auth_message, "login", server_id, "alice", self.challenge,
+                              b"f" * 32)
+
+    def test_vector(self):
+        """The bytes of the worked example in PROTOCOL.md section 5.5."""
+        message = pager.auth_message("login", self.SERVER, "alice", bytes(range(32)), bytes(range(32, 64)))
+        self.assertEqual(len(message), 143)
+        self.assertEqual(message.hex(), (
+            "0000000d" + b"pager-auth-v2".hex() + "00000005" + b"login".hex()
+            + "00000020" + self.SERVER.encode().hex() + "00000005" + b"alice".hex()
+            + "00000020" + bytes(range(32)).hex() + "00000020" + bytes(range(32, 64)).hex()))
 
     def test_other_user(self):
         """A proof for alice does not verify for another user."""
-        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", "bob", self.challenge))
+        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", self.SERVER, "bob", self.challenge))
 
     def test_other_challenge(self):
         """A proof does not verify against another challenge."""
-        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", "alice", os.urandom(32)))
+        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", self.SERVER, "alice", os.urandom(32)))
 
     def test_other_fingerprint(self):
         """A proof does not verify for another key fingerprint, nor with another key."""
-        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", "alice", self.challenge,
+        self.assertFalse(pager.verify_auth(_pub("alice"), self.proof, "login", self.SERVER, "alice", self.challenge,
                                            pager.fingerprint(_key("bob"))))
-        self.assertFalse(pager.verify_auth(_pub("bob"), self.proof, "login", "alice", self.challenge))
+        self.assertFalse(pager.verify_auth(_pub("bob"), self.proof, "login", self.SERVER, "alice", self.challenge))
 
     def test_explicit_fingerprint(self):
         """A rekey proof signed by the old key over the new key's fingerprint verifies only with that fingerprint."""
         new_fp = pager.fingerprint(_key("bob"))
-        proof = pager.sign_auth(_key("alice"), "rekey", "alice", self.challenge, new_fp)
-        self.assertTrue(pager.verify_auth(_pub("alice"), proof, "rekey", "alice", self.challenge, new_fp))
-        self.assertFalse(pager.verify_auth(_pub("alice"), proof, "rekey", "alice", self.challenge))
+        proof = pager.sign_auth(_key("alice"), "rekey", self.SERVER, "alice", self.challenge, new_fp)
+        self.assertTrue(pager.verify_auth(_pub("alice"), proof, "rekey", self.SERVER, "alice", self.challenge, new_fp))
+        self.assertFalse(pager.verify_auth(_pub("alice"), proof, "rekey", self.SERVER, "alice", self.challenge))
 
     def test_garbage_proof(self):
         """A flipped, empty or oversized proof does not verify."""
         for proof in (_flip(self.proof, 0), b"", self.proof + b"\x00"):
-            self.assertFalse(pager.verify_auth(_pub("alice"), proof, "login", "alice", self.challenge))
+            self.assertFalse(pager.verify_auth(_pub("alice"), proof, "login", self.SERVER, "alice", self.challenge))
 
     def test_challenge_length(self):
         """auth_message refuses a challenge of 31 or 33 bytes, or one that is not bytes, with BadRequest."""
         fp = pager.fingerprint(_key("alice"))
         for challenge in (b"x" * 31, b"x" * 33, b"", "x" * 32):
-            self.assertRaises(pager.BadRequest, pager.auth_message, "login", "alice", challenge, fp)
+            self.assertRaises(pager.BadRequest, pager.auth_message, "login", self.SERVER, "alice", challenge, fp)
 
     def test_unknown_purpose(self):
         """auth_message refuses an unknown purpose with ValueError."""
-        self.assertRaises(ValueError, pager.auth_message, "logout", "alice", b"x" * 32,
+        self.assertRaises(ValueError, pager.auth_message, "logout", self.SERVER, "alice", b"x" * 32,
                           pager.fingerprint(_key("alice")))
 
     def test_domain_separation(self):
         """An auth message starts with the auth tag, which no envelope signature starts with."""
-        message = pager.auth_message("login", "alice", b"x" * 32, b"f" * 32)
+        message = pager.auth_message("login", self.SERVER, "alice", b"x" * 32, b"f" * 32)
         self.assertTrue(message.startswith(struct.pack(">I", len(pager.AUTH_TAG)) + pager.AUTH_TAG))
         self.assertNotEqual(pager.AUTH_TAG, pager.SIGNATURE_TAG)
 

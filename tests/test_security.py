@@ -12,6 +12,7 @@ Nothing sleeps: every wait polls with task.deferLater and gives up after a bound
 """
 
 import base64
+import collections
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings, strategies as st
-from twisted.internet import endpoints, error, protocol, reactor, task, threads
+from twisted.internet import defer, endpoints, error, protocol, reactor, task, threads
 from twisted.internet.address import IPv4Address
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -209,7 +210,7 @@ class SecurityTestCase(CLITestCase):
         return await self.answer(peer, rid)
 
     async def peer_login(self, peer, name, rid="login"):
-        proof = pager.sign_auth(key(name), "login", name, peer.challenge)
+        proof = pager.sign_auth(key(name), "login", self.server.factory.server_id, name, peer.challenge)
         answer = await self.request(peer, "login", rid, user=name, token=token(name), proof=b64(proof))
         self.assertEqual(answer["type"], "ok", answer)
         return answer
@@ -636,11 +637,12 @@ class BadInputTests(SecurityTestCase):
         logged_in = await self.logged_in_peer("bob")
         for i, name in enumerate(lookalikes):
             private = key("alice") if "lic" in name else key("bob")
-            proof = b64(pager.sign_auth(private, "register", "alice", anonymous.challenge))
+            proof = b64(pager.sign_auth(private, "register", self.server.factory.server_id, "alice",
+                                         anonymous.challenge))
             answer = await self.request(anonymous, "register", "r%d" % i, user=name, token=token("alice"),
                                         proof=proof, public_key=pager.public_key_pem(key("kelvin")))
             self.assertError(answer, "bad_request", "r%d" % i)
-            proof = b64(pager.sign_auth(private, "login", "alice", anonymous.challenge))
+            proof = b64(pager.sign_auth(private, "login", self.server.factory.server_id, "alice", anonymous.challenge))
             answer = await self.request(anonymous, "login", "l%d" % i, user=name, token=token("alice"), proof=proof)
             self.assertError(answer, "bad_request", "l%d" % i)
             self.assertError(await self.request(logged_in, "key", "k%d" % i, user=name), "bad_request", "k%d" % i)
@@ -921,9 +923,10 @@ class ThrottleClockTests(test_server.ServerTestCase):
 
     def test_wait_doubles_and_is_capped(self):
         """
-        After 3 free failures the account must wait 1 s, then 2, 4, 8, 16, 32 s after each further failure, then
-        60 s (account_max_delay) however many more; a refused attempt does not count, and the right token is
-        refused too while the wait lasts.
+        After 3 free wrong tokens from one address the account must wait there 1 s, then 2, 4, 8, 16, 32 s after
+        each further failure, then 60 s (account_max_delay) however many more; a refused attempt is not counted
+        against the account (it is against the address, whose allowance this class makes large), and the right
+        token is refused too while the wait lasts.
         """
         for _ in range(3):
             self.assertError(self.attempt(), "auth_failed")
@@ -952,6 +955,83 @@ class ThrottleClockTests(test_server.ServerTestCase):
         self.assertError(self.attempt(), "auth_failed")
         self.assertOk(self.attempt(right=True))
 
+    def garbage_login(self, user, peer):
+        """A login naming C{user} with a proof by a key that is not theirs, from C{peer}."""
+        conn = self.connect(peer)
+        answer = conn.login(user, test_server.private_key("mallory"), token="not the token")
+        conn.lose()
+        return answer
+
+    def test_garbage_proofs_charged_to_requester(self):
+        """
+        From five addresses, 30 logins each naming alice with a proof by the wrong key (and some naming nobody):
+        every address ends up refused (rate_limited), yet alice logs in at once with her key and token after
+        every round, from her own address and even from one of theirs' neighbours.
+        """
+        self.serve(pager.Limits())
+        attackers = [IPv4Address("TCP", "198.51.100.%d" % i, 5000) for i in range(1, 6)]
+        for round_ in range(30):
+            for peer in attackers:
+                self.assertIn(self.garbage_login("alice" if round_ % 3 else "nobody", peer)["code"],
+                              ("auth_failed", "rate_limited"))
+            self.assertOk(self.attempt(right=True))
+            self.clock.advance(1)
+        for peer in attackers:
+            self.assertError(self.garbage_login("alice", peer), "rate_limited")
+        self.assertOk(self.attempt(right=True, peer=IPv4Address("TCP", "198.51.100.6", 5000)))
+
+    def test_refusals_count(self):
+        """
+        An address that polls while it must wait is refused every time and its wait grows (each refusal counts as
+        a failure of the address), up to address_max_delay; once it waits out the wait it was told, it gets in.
+        """
+        self.serve(pager.Limits())
+        attacker = IPv4Address("TCP", "203.0.113.9", 4000)
+        for i in range(10):
+            self.assertError(self.attempt("user%d" % i, peer=attacker), "auth_failed")
+        waits = []
+        for _ in range(15):
+            self.clock.advance(0.5)
+            answer = self.assertError(self.attempt("bob", right=True, peer=attacker), "rate_limited")
+            waits.append(int(answer["message"].split("try again in ")[1].split()[0]))
+        self.assertEqual(waits, [2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900, 900, 900, 900, 900])
+        self.clock.advance(899)
+        self.assertLimited(self.attempt("bob", right=True, peer=attacker), 900)
+        self.clock.advance(900.01)
+        self.assertOk(self.attempt("bob", right=True, peer=attacker))
+
+    def test_wrong_tokens_per_account_and_address(self):
+        """
+        Wrong tokens with alice's own key from one address slow alice down at that address only: from another
+        address she logs in at once.
+        """
+        elsewhere = IPv4Address("TCP", "192.0.2.44", 1)
+        for _ in range(3):
+            self.assertError(self.attempt(), "auth_failed")
+        self.assertLimited(self.attempt(right=True), 1)
+        self.assertOk(self.attempt(right=True, peer=elsewhere))
+
+    def recover(self, peer, right=False):
+        conn = self.connect(peer)
+        new_key = test_server.private_key("new")
+        proof = pager.sign_auth(new_key, "recover", conn.server_id, "alice", conn.challenge)
+        answer = conn.request("recover", user="alice", token=test_server.TOKEN if right else "not her token",
+                              public_key=pager.public_key_pem(new_key), proof=test_server.b64(proof))
+        conn.lose()
+        return answer
+
+    def test_recover_throttled_apart(self):
+        """
+        Wrong tokens in recover (each with a good proof by a new key, which anyone can make) from many loopback
+        addresses slow down alice's recoveries from every address, but never her login.
+        """
+        for i in range(2, 8):
+            answer = self.recover(IPv4Address("TCP", "127.0.0.%d" % i, 1))
+            self.assertIn(answer["code"], ("auth_failed", "rate_limited"))
+            self.assertOk(self.attempt(right=True))
+        self.assertError(self.recover(IPv4Address("TCP", "127.0.0.99", 1), right=True), "rate_limited")
+        self.assertOk(self.attempt(right=True))
+
     def test_other_account_not_slowed(self):
         """While alice's account waits, bob logs in at once from the same address."""
         for _ in range(6):
@@ -969,15 +1049,159 @@ class ThrottleClockTests(test_server.ServerTestCase):
         attacker = IPv4Address("TCP", "203.0.113.9", 4000)
         for i in range(10):
             self.assertError(self.attempt("user%d" % i, peer=attacker), "auth_failed")
-        self.assertLimited(self.attempt("bob", right=True, peer=attacker), 1)
+        # Waiting 1 s, it tries at once: refused, and the refusal counts, so the wait is now 2 s.
+        self.assertLimited(self.attempt("bob", right=True, peer=attacker), 2)
         self.assertOk(self.attempt("bob", right=True))
+
+
+class FloodPeer(Peer):
+    """
+    Mallory's connection in the flood of L{FairnessTests.test_one_account_cannot_starve_logins}: it logs in, and
+    every time an answer brings a new challenge it sends a valid re-key (to the same key) over that challenge, then a
+    malformed re-key (no C{proof_new}) and a malformed login (no C{proof}), for C{rounds} rounds.  Against a server
+    that answers malformed requests with a fresh challenge at once, that queues valid re-keys as fast as they can be
+    signed.
+    """
+
+    def __init__(self, server_id, rounds):
+        super().__init__()
+        self.server_id, self.rounds_left, self.sent = server_id, rounds, 0
+        self.used = set()
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        challenge = self.challenge
+        if challenge is None or challenge in self.used or self.lost is not None:
+            return
+        self.used.add(challenge)
+        mallory, sid = key("mallory"), self.server_id
+        if not self.sent:
+            self.write({"type": "login", "id": "login", "user": "mallory", "token": token("mallory"),
+                        "proof": b64(pager.sign_auth(mallory, "login", sid, "mallory", challenge))})
+        elif self.rounds_left > 0:
+            self.rounds_left -= 1
+            fp = pager.fingerprint(mallory)
+            proof = b64(pager.sign_auth(mallory, "rekey", sid, "mallory", challenge, fp))
+            fields = {"user": "mallory", "token": token("mallory"), "public_key": pager.public_key_pem(mallory),
+                      "proof_old": proof}
+            self.write({"type": "rekey", "id": "rekey%d" % self.sent, "proof_new": proof, **fields})
+            self.write({"type": "rekey", "id": "bad%d" % self.sent, **fields})
+            self.write({"type": "login", "id": "badlogin%d" % self.sent, "user": "mallory",
+                        "token": token("mallory")})
+        self.sent += 1
+
+
+class FairnessTests(SecurityTestCase):
+    """
+    One user, or one address, cannot stop everyone else from logging in; nobody can lock another account out.
+    Real Argon2id, real loopback sockets; attackers bind to other loopback addresses (Linux routes all of 127/8).
+    """
+
+    LOGIN_BOUND = 5.0  # seconds: the longest any other user's login may take during the attack
+
+    async def test_one_account_cannot_starve_logins(self):
+        """
+        Mallory floods from 127.0.0.2 on 16 connections: each logs in with her key and token, then answers every
+        new challenge with a valid re-key, a malformed re-key and a malformed login, 25 rounds each (400 valid
+        re-keys).  Once 150 rounds
+        are under way, eight other users log in at once from 127.0.0.1: every login succeeds, each within
+        LOGIN_BOUND seconds, and at no time do more than 10 token hashes wait (mallory's 2 and the eight).
+        """
+        await self.start()
+        for name in ["mallory"] + ["user%d" % i for i in range(8)]:
+            await self.provision(name)
+        factory = self.server.factory
+        most_waiting = [0]
+        hash_token = factory.hash_token
+
+        def counting_hash(token_, salt):
+            d = hash_token(token_, salt)
+            most_waiting[0] = max(most_waiting[0], len(factory._hashing.waiting))
+            return d
+        factory.hash_token = counting_hash
+
+        peers = []
+        for _ in range(16):
+            peer = FloodPeer(factory.server_id, rounds=25)
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=("127.0.0.2", 0))
+            await endpoints.connectProtocol(endpoint, peer)
+            self.addCleanup(self.drop, peer)
+            peers.append(peer)
+        await self.wait_for(lambda: sum(p.sent for p in peers) >= 150, "the flood to get going")
+
+        async def timed_login(name):
+            started = reactor.seconds()
+            client = await self.login(self.address, name)
+            took = reactor.seconds() - started
+            await client.close()
+            return took
+
+        took = await defer.gatherResults([defer.Deferred.fromCoroutine(timed_login("user%d" % i))
+                                          for i in range(8)])
+        flood = sum(p.sent for p in peers)
+        self.assertLess(max(took), self.LOGIN_BOUND, (took, flood))
+        self.assertLessEqual(most_waiting[0], 10, flood)
+        await self.witness_ok()
+
+    async def test_targeted_account_not_locked_out(self):
+        """
+        Attackers on 127.0.0.2 to 127.0.0.6, three connections each, send logins naming alice with garbage proofs,
+        re-keys of alice with garbage old-key proofs, and recoveries of alice with a good new-key proof and a wrong
+        token, each connection one request after another, while the server's throttle clock moves one second at a
+        time; every second alice logs in from 127.0.0.1 with her key and token: all 20 logins succeed.
+        """
+        await self.start()
+        factory = self.server.factory
+        clock = task.Clock()
+        factory.now = clock.seconds
+        sid = factory.server_id
+        peers = []
+        for host in range(2, 7):
+            for _ in range(3):
+                peers.append(await self.peer(bind="127.0.0.%d" % host))
+        garbage = b64(os.urandom(256))
+        mallory = key("mallory")
+        codes = collections.Counter()
+
+        async def attack(peer, second):
+            for i in range(4):
+                rid = "%d-%d" % (second, i)
+                kind = ("login", "rekey", "recover", "login")[i]
+                fields = {"user": "alice", "token": "guess %s" % rid}
+                if kind == "login":
+                    fields["proof"] = garbage
+                else:
+                    fp = pager.fingerprint(mallory)
+                    proof = b64(pager.sign_auth(mallory, kind, sid, "alice", peer.challenge, fp))
+                    fields.update(public_key=pager.public_key_pem(mallory))
+                    if kind == "rekey":
+                        fields.update(proof_old=garbage, proof_new=proof)
+                    else:
+                        fields.update(proof=proof)
+                answer = await self.request(peer, kind, rid, **fields)
+                codes[answer.get("code")] += 1
+
+        async def alice_logs_in():
+            client = await self.login(self.address, "alice")
+            await client.close()
+
+        logins = 0
+        for second in range(20):
+            clock.advance(1)
+            await defer.gatherResults([defer.Deferred.fromCoroutine(attack(peer, second)) for peer in peers]
+                                      + [defer.Deferred.fromCoroutine(alice_logs_in())])
+            logins += 1
+        self.assertEqual(logins, 20)
+        self.assertEqual(set(codes), {"auth_failed", "rate_limited"}, codes)
+        self.assertGreater(codes["rate_limited"], codes["auth_failed"], codes)
+        await self.witness_ok()
 
 
 class RegistrationPolicyTests(SecurityTestCase):
 
     async def register_with(self, client, name, invite=None):
         """Register C{name} with its module key on C{client}, sending C{invite} if given (raw request)."""
-        proof = pager.sign_auth(key(name), "register", name, client.protocol.challenge)
+        proof = pager.sign_auth(key(name), "register", client.server_id, name, client.protocol.challenge)
         fields = dict(user=name, public_key=pager.public_key_pem(key(name)), token=token(name), proof=b64(proof))
         if invite is not None:
             fields["invite"] = invite

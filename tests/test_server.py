@@ -131,14 +131,19 @@ class Connection:
         self._unread = [f for f in frames if f is not answers[0]]
         return answers[0]
 
+    @property
+    def server_id(self):
+        return self.hello["server_id"]
+
     def register(self, user, key, token=TOKEN, proof_user=None, proof_key=None, challenge=None, purpose="register"):
-        proof = pager.sign_auth(proof_key or key, purpose, proof_user or user, challenge or self.challenge,
-                                pager.fingerprint(key))
+        proof = pager.sign_auth(proof_key or key, purpose, self.server_id, proof_user or user,
+                                challenge or self.challenge, pager.fingerprint(key))
         return self.request("register", user=user, public_key=pager.public_key_pem(key), token=token,
                             proof=b64(proof))
 
-    def login(self, user, key, token=TOKEN, receive=True, challenge=None, proof_user=None):
-        proof = pager.sign_auth(key, "login", proof_user or user, challenge or self.challenge)
+    def login(self, user, key, token=TOKEN, receive=True, challenge=None, proof_user=None, server_id=None):
+        proof = pager.sign_auth(key, "login", server_id or self.server_id, proof_user or user,
+                                challenge or self.challenge)
         return self.request("login", user=user, token=token, proof=b64(proof), receive=receive)
 
     def send(self, envelope, **kwargs):
@@ -652,7 +657,10 @@ class LoginTests(ServerTestCase):
 class ChallengeTests(ServerTestCase):
 
     def test_freshChallenges(self):
-        """Every answer to register or login, ok or error, carries a new challenge."""
+        """
+        Every answer to a well-formed register or login, ok or error, carries a new challenge; a malformed one
+        (here a bad name or a short token) takes nothing: its answer has no challenge and the current one stays.
+        """
         seen = []
 
         def check(conn, answer):
@@ -662,11 +670,16 @@ class ChallengeTests(ServerTestCase):
             self.assertNotIn(challenge, seen)
             seen.append(challenge)
 
+        def unchanged(conn, answer):
+            self.assertError(answer, "bad_request")
+            self.assertNotIn("challenge", answer)
+            self.assertEqual(conn.challenge, seen[-1])
+
         conn = self.connect()
         seen.append(conn.challenge)
         check(conn, conn.register("alice", private_key("alice"), proof_key=private_key("mallory")))
-        check(conn, conn.register("a b", private_key("alice")))
-        check(conn, conn.register("alice", private_key("alice"), token="short"))
+        unchanged(conn, conn.register("a b", private_key("alice")))
+        unchanged(conn, conn.register("alice", private_key("alice"), token="short"))
         check(conn, conn.register("alice", private_key("alice")))
         other = self.connect()
         seen.append(other.challenge)
@@ -674,6 +687,7 @@ class ChallengeTests(ServerTestCase):
         check(other, other.login("alice", private_key("mallory")))
         check(other, other.login("alice", private_key("alice"), token="wrong token"))
         check(other, other.login("nobody", private_key("alice")))
+        unchanged(other, other.login("alice", private_key("alice"), receive="yes"))
         check(other, other.login("alice", private_key("alice")))
 
 
@@ -1473,10 +1487,10 @@ class RekeyTests(ServerTestCase):
 
     def rekey(self, conn, old_key, new_key, token=TOKEN):
         new_fp = pager.fingerprint(new_key)
-        challenge = conn.challenge
+        challenge, sid = conn.challenge, conn.server_id
         return conn.request("rekey", user="alice", token=token, public_key=pager.public_key_pem(new_key),
-                            proof_old=b64(pager.sign_auth(old_key, "rekey", "alice", challenge, new_fp)),
-                            proof_new=b64(pager.sign_auth(new_key, "rekey", "alice", challenge, new_fp)))
+                            proof_old=b64(pager.sign_auth(old_key, "rekey", sid, "alice", challenge, new_fp)),
+                            proof_new=b64(pager.sign_auth(new_key, "rekey", sid, "alice", challenge, new_fp)))
 
     def fingerprint_of(self, user):
         return self.assertOk(self.alice.request("key", user=user))["fingerprint"]
@@ -1514,7 +1528,7 @@ class RecoverTests(ServerTestCase):
         self.offline("alice")
 
     def recover(self, conn, new_key):
-        proof = pager.sign_auth(new_key, "recover", "alice", conn.challenge)
+        proof = pager.sign_auth(new_key, "recover", conn.server_id, "alice", conn.challenge)
         return conn.request("recover", user="alice", token=TOKEN, public_key=pager.public_key_pem(new_key),
                             proof=b64(proof))
 
@@ -1553,6 +1567,244 @@ class RecoverTests(ServerTestCase):
         self.assertError(self.recover(self.connect(), private_key("new")), "forbidden")
 
 
+class _GatedHashes:
+    """
+    Stands in for the factory's hash_token: every hash waits until the test calls L{finish}, then gives the real
+    Argon2id.  Shows how many hashes the server has asked for at once.
+    """
+
+    def __init__(self):
+        self.waiting = []
+        self.asked = 0
+
+    def __call__(self, token, salt):
+        self.asked += 1
+        d = defer.Deferred()
+        self.waiting.append((d, token, salt))
+        return d
+
+    def finish(self):
+        """Let every waiting hash finish, oldest first."""
+        while self.waiting:
+            d, token, salt = self.waiting.pop(0)
+            d.callback(pager.hash_token(token, salt))
+
+
+def auth_fields(conn, kind, user="alice", key=None, new_key=None, token=TOKEN, proof=None):
+    """The fields of a well-formed C{kind} request (login, rekey or recover) signed over C{conn}'s challenge."""
+    key = key or private_key(user)
+    sid, challenge = conn.server_id, conn.challenge
+    if kind == "login":
+        return {"user": user, "token": token,
+                "proof": proof or b64(pager.sign_auth(key, "login", sid, user, challenge))}
+    new_key = new_key or private_key("new")
+    new_fp = pager.fingerprint(new_key)
+    fields = {"user": user, "token": token, "public_key": pager.public_key_pem(new_key)}
+    if kind == "rekey":
+        fields["proof_old"] = proof or b64(pager.sign_auth(key, "rekey", sid, user, challenge, new_fp))
+        fields["proof_new"] = b64(pager.sign_auth(new_key, "rekey", sid, user, challenge, new_fp))
+    else:
+        fields["proof"] = proof or b64(pager.sign_auth(new_key, "recover", sid, user, challenge, new_fp))
+    return fields
+
+
+class AuthInFlightTests(ServerTestCase):
+    """
+    One authentication request at a time per connection, and malformed ones take nothing: nobody can queue token
+    hashes faster than they are answered.  Token hashing is gated (L{_GatedHashes}) so the test sees what waits.
+    """
+
+    def setUp(self):
+        super().setUp()
+        for name in ("alice", "mallory"):
+            self.offline(name)
+        self.hashes = self.factory.hash_token = _GatedHashes()
+
+    def offline(self, user):
+        """Register C{user} with an ungated hash."""
+        gate = self.factory.hash_token
+        self.factory.hash_token = lambda token, salt: defer.succeed(pager.hash_token(token, salt))
+        super().offline(user)
+        self.factory.hash_token = gate
+
+    def serve(self, limits):
+        super().serve(limits)
+        self.hashes = self.factory.hash_token = _GatedHashes()
+
+    def test_oneAtATime(self):
+        """
+        While a login waits for its hash, a second login, a rekey or a recover on the same connection is refused at
+        once with bad_request, without a challenge and without taking one; the first is then answered ok.
+        """
+        conn = self.connect()
+        conn.write({"type": "login", "id": "first", **auth_fields(conn, "login")})
+        self.assertEqual(conn.read(), [])
+        waiting = conn.challenge  # the hello's, which the first login took
+        for kind in ("login", "rekey", "recover", "register"):
+            fields = auth_fields(conn, kind) if kind != "register" else {
+                "user": "carol", "public_key": pem("carol"), "token": TOKEN, "proof": b64(b"\0" * 256)}
+            answer = self.assertError(conn.request(kind, id=kind, **fields), "bad_request")
+            self.assertIn("one at a time", answer["message"])
+            self.assertNotIn("challenge", answer)
+        self.assertEqual(len(self.hashes.waiting), 1)
+        self.hashes.finish()
+        [answer] = conn.read()
+        self.assertOk(answer)
+        self.assertEqual(answer["id"], "first")
+        self.assertNotEqual(conn.challenge, waiting)
+        self.assertOk(conn.request("users"))
+
+    def test_malformedTakesNothing(self):
+        """
+        A register, login, rekey or recover with a missing or wrong-typed field is answered bad_request (or bad_key)
+        without a challenge, and the challenge stays: a proof over it then logs in.
+        """
+        conn = self.connect()
+        hello_challenge = conn.challenge
+        cases = [("login", "proof", MISSING), ("login", "user", 7), ("login", "token", MISSING),
+                 ("login", "receive", "yes"), ("rekey", "proof_new", MISSING), ("rekey", "proof_old", 5),
+                 ("rekey", "public_key", "garbage"), ("rekey", "token", "short"), ("recover", "proof", MISSING),
+                 ("recover", "user", ["alice"]), ("register", "token", MISSING), ("register", "invite", 5)]
+        for number, (kind, name, value) in enumerate(cases):
+            fields = auth_fields(conn, kind) if kind != "register" else {
+                "user": "carol", "public_key": pem("carol"), "token": TOKEN, "proof": b64(b"\0" * 256)}
+            if value is MISSING:
+                del fields[name]
+            else:
+                fields[name] = value
+            answer = conn.request(kind, id=number, **fields)
+            self.assertIn(answer.get("code"), ("bad_request", "bad_key"), (kind, name, answer))
+            self.assertNotIn("challenge", answer, (kind, name))
+            self.assertEqual(conn.challenge, hello_challenge)
+        self.assertEqual(self.hashes.waiting, [])
+        conn.write({"type": "login", "id": "ok", **auth_fields(conn, "login")})
+        self.hashes.finish()
+        self.assertOk(conn.read()[0])
+
+    def test_hashesPerAccount(self):
+        """
+        Mallory's third login with the right key and token, from a third address, is refused with rate_limited at
+        once while two of hers wait for their hash (argon2_per_account); alice's login from the same address as
+        the third is not refused, and everyone but the refused one logs in.
+        """
+        conns = [self.connect(IPv4Address("TCP", "198.51.100.%d" % i, 1000)) for i in (1, 2, 3)]
+        for i, conn in enumerate(conns[:2]):
+            conn.write({"type": "login", "id": i, **auth_fields(conn, "login", "mallory")})
+        self.assertEqual(len(self.hashes.waiting), 2)
+        answer = self.assertError(conns[2].request("login", **auth_fields(conns[2], "login", "mallory")),
+                                  "rate_limited")
+        self.assertIn("challenge", answer)
+        alice = self.connect(IPv4Address("TCP", "198.51.100.3", 1001))
+        alice.write({"type": "login", "id": "a", **auth_fields(alice, "login")})
+        self.assertEqual(len(self.hashes.waiting), 3)
+        self.hashes.finish()
+        for conn in conns[:2] + [alice]:
+            self.assertOk(conn.read()[0])
+
+    def test_recoveriesCountedApart(self):
+        """
+        Two recoveries of alice (right key proofs, wrong tokens) waiting for their hash make a third recovery wait
+        its turn (rate_limited), but do not stop her login from being hashed at once.
+        """
+        recoveries = []
+        for i in (2, 3):
+            conn = self.connect(IPv4Address("TCP", "127.0.0.%d" % i, 1000))
+            conn.write({"type": "recover", "id": i, **auth_fields(conn, "recover", token="not her token")})
+            recoveries.append(conn)
+        conn = self.connect(IPv4Address("TCP", "127.0.0.4", 1000))
+        self.assertError(conn.request("recover", **auth_fields(conn, "recover")), "rate_limited")
+        alice = self.connect()
+        alice.write({"type": "login", "id": "a", **auth_fields(alice, "login")})
+        self.assertEqual(len(self.hashes.waiting), 3)
+        self.hashes.finish()
+        for conn in recoveries:
+            self.assertError(conn.read()[0], "auth_failed")
+        self.assertOk(alice.read()[0])
+
+    def test_hashesPerAddress(self):
+        """
+        With argon2_per_address 2, a third login from one address (for an account with nothing waiting) is refused
+        at once while two wait; a login from another address is not.
+        """
+        self.offline("carol")
+        self.serve(pager.Limits(argon2_per_address=2))
+        attacker = IPv4Address("TCP", "203.0.113.7", 1000)
+        waiting = []
+        for name in ("alice", "mallory"):
+            conn = self.connect(attacker)
+            conn.write({"type": "login", "id": name, **auth_fields(conn, "login", name)})
+            waiting.append(conn)
+        conn = self.connect(attacker)
+        self.assertError(conn.request("login", **auth_fields(conn, "login", "carol")), "rate_limited")
+        carol = self.connect()
+        carol.write({"type": "login", "id": "c", **auth_fields(carol, "login", "carol")})
+        self.assertEqual(len(self.hashes.waiting), 3)
+        self.hashes.finish()
+        for conn in waiting + [carol]:
+            self.assertOk(conn.read()[0])
+
+    def test_rekeyInterval(self):
+        """
+        After a re-key, the account's next re-key within rekey_interval (60 s) is refused with rate_limited before
+        its token is hashed; after it, it works.
+        """
+        def rekey(rid):
+            conn = self.connect()
+            conn.write({"type": "rekey", "id": rid, **auth_fields(conn, "rekey", key=old, new_key=new)})
+            self.hashes.finish()
+            [answer] = conn.read()
+            return answer
+
+        old, new = private_key("alice"), private_key("new")
+        self.assertOk(rekey(1))
+        old, new = new, private_key("newer")
+        answer = self.assertError(rekey(2), "rate_limited")
+        self.assertIn("try again in 60 s", answer["message"])
+        self.clock.advance(59)
+        self.assertError(rekey(3), "rate_limited")
+        self.assertEqual(self.hashes.asked, 1)
+        self.clock.advance(1)
+        self.assertOk(rekey(4))
+
+    def test_concurrentRekeys(self):
+        """While one re-key of an account waits for its hash, another one of the same account is refused."""
+        first, second = self.connect(), self.connect(REMOTE)
+        first.write({"type": "rekey", "id": 1, **auth_fields(first, "rekey")})
+        self.assertError(second.request("rekey", **auth_fields(second, "rekey", new_key=private_key("newer"))),
+                         "rate_limited")
+        self.hashes.finish()
+        self.assertOk(first.read()[0])
+
+
+class ServerIdTests(ServerTestCase):
+    """Proofs name the server they are made for."""
+
+    def test_proofForAnotherServer(self):
+        """
+        Alice has the same key and token on servers A and B.  A login proof made over B's challenge but naming A's
+        server id is refused by B (auth_failed); the same proof naming B's id logs in.  Likewise for register.
+        """
+        server_a = self.server_id
+        store_b = pager.Store(self.mktemp(), synchronous=True)
+        self.addCleanup(store_b.close)
+        server_b = self.successResultOf(store_b.open())
+        self.assertNotEqual(server_a, server_b)
+        self.offline("alice")
+        self.store, self.server_id = store_b, server_b
+        self.serve(self.limits)
+        conn = self.connect()
+        self.assertEqual(conn.server_id, server_b)
+        key = private_key("alice")
+        fp = pager.fingerprint(key)
+        proof = pager.sign_auth(key, "register", server_a, "alice", conn.challenge, fp)
+        self.assertError(conn.request("register", user="alice", public_key=pem("alice"), token=TOKEN,
+                                      proof=b64(proof)), "auth_failed")
+        self.assertOk(conn.register("alice", key))
+        conn = self.connect()
+        self.assertError(conn.login("alice", key, server_id=server_a), "auth_failed")
+        self.assertOk(conn.login("alice", key))
+
+
 class _CountingSecrets:
     """Stands in for the secrets module in pager: the same bytes, in the same order, after every reset."""
 
@@ -1568,6 +1820,9 @@ class _CountingSecrets:
 
     def token_hex(self, n):
         return self.token_bytes(n).hex()
+
+
+FRAMING_SERVER_ID = "f4a3" * 8
 
 
 def _fast_hash(token, salt):
@@ -1593,7 +1848,7 @@ class FramingTests(SynchronousTestCase):
         key = private_key("alice")
         challenge = base64.b64decode(json.loads(hello)["challenge"])
         envelope = seal("alice", ["alice"], b"a note to self", message_id=b"\x07" * 16)
-        proof = pager.sign_auth(key, "register", "alice", challenge)
+        proof = pager.sign_auth(key, "register", FRAMING_SERVER_ID, "alice", challenge)
         frames = [
             {"type": "register", "id": 1, "user": "alice", "public_key": pem("alice"), "token": TOKEN,
              "proof": b64(proof)},
@@ -1614,7 +1869,7 @@ class FramingTests(SynchronousTestCase):
             self.successResultOf(store.open())
             self.secrets.reset()
             factory = pager.PagerServerFactory(store, pager.Limits(), reactor=MemoryReactorClock(),
-                                               in_thread=synchronous, server_id="framing")
+                                               in_thread=synchronous, server_id=FRAMING_SERVER_ID)
             if fast:
                 factory.hash_token = _fast_hash
             proto = factory.buildProtocol(LOOPBACK)
