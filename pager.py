@@ -889,13 +889,29 @@ def _no_constants(name):
     raise ValueError("%s is not JSON" % name)
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constants)  # one decoder: building one per frame costs 7%
+class _RepeatedMember(ValueError):
+    """An object names one member twice: JSON parsers disagree on which value wins, so pager takes neither."""
+
+
+def _object(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _RepeatedMember(name)
+            seen.add(name)
+    return obj
+
+
+# One decoder: building one per frame costs 7%.  The pairs hook adds about 0.3 us to a 2.7 kB send frame (~4.5 us).
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_object)
 
 
 def decode_frame(line):
     """
-    Parse one line into a frame: valid UTF-8, valid JSON (no NaN or Infinity), an object with a string C{type}.
-    Raises L{BadRequest} saying which of these failed.
+    Parse one line into a frame: valid UTF-8, valid JSON (no NaN or Infinity, no object naming a member twice), an
+    object with a string C{type}.  Raises L{BadRequest} saying which of these failed.
     """
     try:
         text = bytes(line).decode("utf-8")
@@ -905,6 +921,8 @@ def decode_frame(line):
         frame = _DECODER.decode(text)
     except RecursionError:
         raise BadRequest("The frame is nested too deeply.")
+    except _RepeatedMember as e:
+        raise BadRequest('The frame repeats the member "%s".' % e.args[0][:64])
     except ValueError:
         raise BadRequest("The frame is not valid JSON.")
     if not isinstance(frame, dict):
