@@ -389,9 +389,16 @@ def generate_private_key():
     return rsa.generate_private_key(public_exponent=RSA_EXPONENT, key_size=RSA_BITS)
 
 
+# The product of the odd primes below 1000, as in OpenSSL's public-key check (SP 800-89 partial validation): one
+# gcd with it finds any of them in a modulus, in microseconds.
+_SMALL_PRIMES_PRODUCT = math.prod(p for p in range(3, 1000, 2) if all(p % q for q in range(3, math.isqrt(p) + 1, 2)))
+
+
 def check_public_key(key):
     """
-    Return C{key} if it is an RSA public key pager accepts (2048 to 8192 bits, exponent 65537); raise L{BadKey}.
+    Return C{key} if it is an RSA public key pager accepts (2048 to 8192 bits, exponent 65537, a modulus that is
+    odd, has no prime factor below 1000 and is not a square); raise L{BadKey}.  Whether the modulus is a product of
+    two large primes cannot be checked cheaply; a bad one only weakens its own owner.
     """
     if not isinstance(key, rsa.RSAPublicKey):
         raise BadKey("The key is not an RSA public key.")
@@ -399,8 +406,16 @@ def check_public_key(key):
         raise BadKey("The key has %d bits; pager needs at least %d." % (key.key_size, RSA_BITS))
     if key.key_size > RSA_MAX_BITS:
         raise BadKey("The key has %d bits; pager accepts at most %d." % (key.key_size, RSA_MAX_BITS))
-    if key.public_numbers().e != RSA_EXPONENT:
+    numbers = key.public_numbers()
+    if numbers.e != RSA_EXPONENT:
         raise BadKey("The key's public exponent is not 65537.")
+    n = numbers.n
+    if n % 2 == 0:
+        raise BadKey("The key's modulus is even, so it is not an RSA modulus.")
+    if math.gcd(n, _SMALL_PRIMES_PRODUCT) != 1:
+        raise BadKey("The key's modulus has a small factor, so it is not an RSA modulus.")
+    if math.isqrt(n) ** 2 == n:
+        raise BadKey("The key's modulus is a square, so it is not an RSA modulus.")
     return key
 
 
