@@ -3009,6 +3009,11 @@ def _set_history_status_txn(txn, msg_id, status):
     txn.execute("UPDATE history SET status = ? WHERE msg_id = ? AND direction = 'out'", (status, msg_id))
 
 
+def _like_literal(text):
+    """C{text} as an SQL LIKE pattern that matches only itself (with C{ESCAPE '\\'}): '_' and '%' are not wildcards."""
+    return text.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+
+
 def _history_txn(txn, peer, limit):
     if peer is None:
         rows = txn.execute("SELECT at, direction, peer, msg_id, content_type, filename, body, status FROM history"
@@ -3016,8 +3021,8 @@ def _history_txn(txn, peer, limit):
     else:
         rows = txn.execute(
             "SELECT at, direction, peer, msg_id, content_type, filename, body, status FROM history"
-            " WHERE peer = ? OR ',' || peer || ',' LIKE ? ORDER BY id DESC LIMIT ?",
-            (peer, "%," + peer + ",%", limit)).fetchall()
+            " WHERE peer = ? OR ',' || peer || ',' LIKE ? ESCAPE '\\' ORDER BY id DESC LIMIT ?",
+            (peer, "%," + _like_literal(peer) + ",%", limit)).fetchall()
     return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7]) for r in reversed(rows)]
 
 
