@@ -4647,7 +4647,7 @@ class ServerOptions(_GnuOptions):
                 listen[4:], _endpoint_escape(self["tls-key"]), _endpoint_escape(self["tls-cert"]))
         from twisted.internet import reactor
         try:
-            endpoints.serverFromString(reactor, self["listen"])
+            server_endpoint(reactor, self["listen"])
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError("--listen %r is not a server endpoint string: %s" % (self["listen"], e))
         except OSError as e:
@@ -4894,6 +4894,28 @@ class Options(_CommandOptions):
 
 
 
+# What a TLS 1.2 client may negotiate: ECDHE key exchange (forward secrecy) with an AEAD cipher.  Static-RSA key
+# exchange and CBC suites are refused.  TLS 1.3 suites all qualify and are left as OpenSSL sets them.
+TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
+
+
+def server_endpoint(reactor, description):
+    """
+    L{endpoints.serverFromString}, with an C{ssl:} endpoint's TLS context held to TLS 1.2 or newer and, in TLS 1.2,
+    to L{TLS12_CIPHERS} (whatever C{sslmethod=} the description gives).
+    """
+    endpoint = endpoints.serverFromString(reactor, description)
+    # Twisted's ssl: parser takes no cipher option; its endpoint keeps one CertificateOptions whose context (made
+    # once, shared by every connection) we adjust here.
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if options is not None:
+        from OpenSSL import SSL
+        context = options.getContext()
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(TLS12_CIPHERS)
+    return endpoint
+
+
 def makeService(options, reactor=None):
     """The pager server as a twistd service: C{options} is an L{Options} (from twistd) or a L{ServerOptions}."""
     if reactor is None:
@@ -4901,7 +4923,7 @@ def makeService(options, reactor=None):
     config = options.subOptions if isinstance(options, Options) else options
     store = Store(config["db"], reactor)
     factory = PagerServerFactory(store, config.limits, reactor)
-    endpoint = endpoints.serverFromString(reactor, config["listen"])
+    endpoint = server_endpoint(reactor, config["listen"])
     return PagerService(endpoint, store, factory, config["listen"])
 
 
@@ -5152,7 +5174,8 @@ async def _import_key_command(reactor, config):
 def make_certificate(hostname, addresses=(), days=825, now=None):
     """
     C{(cert_pem, key_pem)}: a self-signed RSA-2048 certificate whose subjectAltName lists C{hostname} (DNS) and
-    each address (IP), which is what service-identity checks; the common name is ignored by it.
+    each address (IP), which is what service-identity checks; the common name is ignored by it.  It is not a CA
+    (it can sign no other certificate); a client trusts it by naming it as its own trust root (C{--ca}).
     """
     import datetime
     from cryptography import x509
@@ -5167,8 +5190,8 @@ def make_certificate(hostname, addresses=(), days=825, now=None):
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=True,
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=False,
                                          content_commitment=False, data_encipherment=False, key_agreement=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
