@@ -82,6 +82,7 @@ MESSAGE_ID_SIZE = 16
 CHALLENGE_SIZE = 32
 MAX_RECIPIENTS = 64
 MAX_ACK_BATCH = 1000  # message ids, or receipt ids, that one ack frame may list
+MAX_USERS_PAGE = 1000  # names one users answer lists (about 35 KB at most, so one answer fits the shortest max_line)
 _MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
 MAX_FILENAME_BYTES = 255
 CONTENT_TYPES = ("text", "file")
@@ -125,6 +126,8 @@ class Limits:
     address_free_failures: int = 10  # failed logins from one address before it is slowed down
     address_max_delay: float = 900.0  # the longest wait imposed on one address
     registration: str = "open"  # open, invite or closed
+    max_unread_output: int = 1024 * 1024  # bytes written to a connection that stopped reading before it is cut off
+    close_grace: float = 3.0  # seconds a connection the server closes may still read; then it is aborted
 
     def public(self):
         """The limits a client needs to know, as sent in ``hello``."""
@@ -135,6 +138,8 @@ class Limits:
             "max_chunk": MAX_CHUNK_SIZE,
             "max_recipients": MAX_RECIPIENTS,
             "max_ack_batch": MAX_ACK_BATCH,
+            "max_users_page": MAX_USERS_PAGE,
+            "max_unread_output": self.max_unread_output,
             "max_pending_messages": self.max_pending_messages,
             "max_pending_bytes": self.max_pending_bytes,
             "login_timeout": self.login_timeout,
@@ -1230,6 +1235,13 @@ def user_names_txn(txn):
     return [row[0] for row in txn.execute("SELECT name FROM users ORDER BY name").fetchall()]
 
 
+def user_page_txn(txn, after, limit):
+    """C{(names, count)}: at most C{limit} user names after C{after} (or from the first), sorted; all users' count."""
+    names = [row[0] for row in txn.execute("SELECT name FROM users WHERE name > ? ORDER BY name LIMIT ?",
+                                           (after or "", limit)).fetchall()]
+    return names, txn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+
 def set_key_txn(txn, name, pem, fp, now, recovered):
     if recovered:
         txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ?, recovered_at = ?"
@@ -1645,6 +1657,9 @@ class Store:
     def user_names(self):
         return self._run(user_names_txn)
 
+    def user_page(self, after, limit):
+        return self._run(user_page_txn, after, limit)
+
     def set_key(self, name, pem, fp, now, recovered=False):
         return self._run(set_key_txn, name, pem, fp, now, recovered)
 
@@ -1720,8 +1735,8 @@ def _is_local(address):
 
 def _lose(transport):
     """
-    Close a connection politely.  Our flow producer is unregistered first: a TLS transport postpones its shutdown
-    for as long as a producer is registered.
+    Close a connection politely: what was written is still sent, as far as the peer reads it.  Our flow producer is
+    unregistered first: a TLS transport postpones its shutdown for as long as a producer is registered.
     """
     if transport is None:
         return
@@ -1736,11 +1751,14 @@ def _lose(transport):
 class _Flow:
     """
     The transport's view of our output: registered as a streaming producer, it is paused when the peer reads slower
-    than we write.  L{wait} gives a Deferred that fires when writing may go on.
+    than we write (a TCP transport: once it buffers over 64 KiB), and resumed once the transport has handed all of
+    it to the kernel.  L{wait} gives a Deferred that fires when writing may go on; C{unread} counts the bytes
+    written while paused, on top of what the transport already held.
     """
 
     def __init__(self, on_pause=None, on_resume=None):
         self.paused = False
+        self.unread = 0
         self._waiting = []
         self._on_pause, self._on_resume = on_pause, on_resume
 
@@ -1758,6 +1776,7 @@ class _Flow:
 
     def resumeProducing(self):
         self.paused = False
+        self.unread = 0
         if self._on_resume is not None:
             self._on_resume()
         waiting, self._waiting = self._waiting, []
@@ -1885,7 +1904,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.key = None
         self.receive = False
         self.challenge = None
-        self.closed = False
+        self.closed = False  # nothing more is read or written
+        self._abort = None  # the call that aborts the connection once a close's grace is over
+        self._lost = False
         self._in_flight = 0
         self._holds = set()
         self._upload = None
@@ -1922,8 +1943,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         })
 
     def connectionLost(self, reason):
-        self.closed = True
+        self.closed = self._lost = True
         self.setTimeout(None)
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         self.factory.connections -= 1
         self.factory.protocols.discard(self)
         self.factory.address_disconnected(self)
@@ -1946,8 +1969,15 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.close()
 
     def close(self):
+        """
+        Close the connection: what was written still reaches a peer that reads it within C{close_grace} seconds;
+        then the connection is aborted, read or not.  Every close the server starts comes here.
+        """
         self.closed = True
-        _lose(self.transport)
+        if self._abort is None and not self._lost:
+            self.setTimeout(None)
+            self._abort = self.callLater(self.limits.close_grace, self.transport.abortConnection)
+            _lose(self.transport)
 
     def lineLengthExceeded(self, line):
         self.send_error(None, TooLarge("The line is longer than the limit of %d bytes." % self.MAX_LENGTH))
@@ -1956,15 +1986,27 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     # -- frames --
 
     def send_frame(self, frame):
-        if not self.closed:
-            self.transport.write(encode_frame(frame) + b"\n")
+        if self.closed:
+            return
+        data = encode_frame(frame) + b"\n"
+        self.transport.write(data)
+        if self.flow.paused:
+            self.flow.unread += len(data)
+            if self.flow.unread > self.limits.max_unread_output:
+                self._cut_off()
+
+    def _cut_off(self):
+        """The peer leaves more than C{max_unread_output} bytes unread: write nothing more, and close."""
+        self.log.info("Closing the connection from {peer}: it left {n} bytes unread", peer=_peer_text(self.peer),
+                      n=self.flow.unread)
+        self.closed = True
+        error = TooLarge("Closing the connection: more than %d bytes of answers are unread."
+                         % self.limits.max_unread_output)
+        self.transport.write(encode_frame(_error_frame(None, error)) + b"\n")
+        self.close()
 
     def send_error(self, rid, error, **extra):
-        frame = {"type": "error", "code": error.code, "message": error.message}
-        if rid is not None:
-            frame["id"] = rid
-        frame.update(extra)
-        self.send_frame(frame)
+        self.send_frame(_error_frame(rid, error, **extra))
 
     def _output_paused(self):
         # TLS also pauses us while its handshake is under way (our hello waits for it): reading must go on then,
@@ -2207,7 +2249,20 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return {}
 
     async def handle_users(self, frame, rid):
-        return {"online": sorted(self.factory.online), "registered": await self.factory.store.user_names()}
+        after = field_str(frame, "after", 64, required=False)
+        if after is not None:
+            after = canonical_username(after)
+        limit = field_int(frame, "limit", 1, MAX_USERS_PAGE, required=False, default=MAX_USERS_PAGE)
+        only_online = field_bool(frame, "online", False)
+        online = self.factory.online
+        if only_online:
+            names = sorted(name for name in online if after is None or name > after)
+            count = len(online)
+        else:
+            names, count = await self.factory.store.user_page(after, limit + 1)
+        page = names[:limit]
+        return {"registered": page, "online": [name for name in page if name in online], "count": count,
+                "online_count": len(online), "next": page[-1] if len(names) > limit else None}
 
     async def handle_key(self, frame, rid):
         user = field_username(frame)
@@ -2437,6 +2492,14 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         sender, receipt = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now())
         self.factory.receipt_created(sender, receipt)
         return {}
+
+
+def _error_frame(rid, error, **extra):
+    frame = {"type": "error", "code": error.code, "message": error.message}
+    if rid is not None:
+        frame["id"] = rid
+    frame.update(extra)
+    return frame
 
 
 def request_id_of_raw(line):
