@@ -1948,7 +1948,6 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         self.factory.connections -= 1
-        self.factory.protocols.discard(self)
         self.factory.address_disconnected(self)
         for feed in (self.messages, self.receipts):
             if feed is not None:
@@ -1961,6 +1960,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if upload is not None and not upload.duplicate:
             self.factory.store.abort_upload(upload.seq).addErrback(
                 lambda f: self.log.failure("Dropping an unfinished upload failed", f))
+        self.factory.connection_closed(self)
 
     def timeoutConnection(self):
         self.send_error(None, IdleTimeout(
@@ -2579,6 +2579,7 @@ class PagerServerFactory(protocol.Factory):
         self.receivers = {}  # user -> set of sessions that take messages
         self.connections = 0
         self.protocols = set()
+        self._all_closed = []  # Deferreds that fire once no connection is open
         self.per_address = collections.Counter()
         self.account_failures = _Throttle(self.limits.account_free_failures, self.limits.account_max_delay)
         self.address_failures = _Throttle(self.limits.address_free_failures, self.limits.address_max_delay)
@@ -2587,6 +2588,21 @@ class PagerServerFactory(protocol.Factory):
 
     def now(self):
         return self.reactor.seconds()
+
+    def connection_closed(self, connection):
+        self.protocols.discard(connection)
+        if not self.protocols:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def all_closed(self):
+        """A Deferred that fires once no connection is open."""
+        if not self.protocols:
+            return defer.succeed(None)
+        d = Deferred()
+        self._all_closed.append(d)
+        return d
 
     def _default_in_thread(self, f, *args, **kwargs):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args, **kwargs)
@@ -2753,13 +2769,8 @@ class PagerService(service.Service):
         if self.port is not None:
             await self.port.stopListening()
         for connection in list(self.factory.protocols):
-            connection.close()
-        for _ in range(200):  # up to 2 s for the connections to finish closing
-            if not self.factory.protocols:
-                break
-            await task.deferLater(self.factory.reactor, 0.01, lambda: None)
-        for connection in list(self.factory.protocols):
-            connection.transport.abortConnection()
+            connection.close()  # each is aborted after close_grace if its peer does not let it close sooner
+        await self.factory.all_closed()
         self.store.close()
 
     def stopService(self):
@@ -2768,6 +2779,21 @@ class PagerService(service.Service):
 
 
 #### Client ####
+
+
+@dataclasses.dataclass(frozen=True)
+class UsersPage:
+    """
+    One C{users} answer: up to a page of registered names (or of online names, when asked for those), which of them
+    are online, how many names the listing has in all (registered, or online), how many users are online, and the
+    name to ask after for the next page (None on the last).
+    """
+
+    registered: list
+    online: list
+    count: int
+    online_count: int
+    next: str = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3493,10 +3519,35 @@ class PagerClient:
     async def ping(self):
         await self.protocol.request("ping")
 
+    async def users_page(self, after=None, limit=None, online=False):
+        """
+        One L{UsersPage}: at most C{limit} (the server's page size when None) registered names after C{after}, or,
+        with C{online}, online names.
+        """
+        fields = {"online": True} if online else {}
+        if after is not None:
+            fields["after"] = after
+        if limit is not None:
+            fields["limit"] = limit
+        answer = await self.protocol.request("users", **fields)
+        registered, online_names = answer.get("registered", []), answer.get("online", [])
+        following = answer.get("next")
+        if following is not None and (not registered or following != registered[-1]
+                                      or (after is not None and following <= after)):
+            raise ProtocolError("The server's users answer does not go on from its last name.")
+        return UsersPage(registered, online_names, answer.get("count", len(registered)),
+                         answer.get("online_count", len(online_names)), following)
+
     async def users(self):
-        """C{(online, registered)}: two sorted lists of user names."""
-        answer = await self.protocol.request("users")
-        return answer.get("online", []), answer.get("registered", [])
+        """C{(online, registered)}: two sorted lists of every user name, read page by page."""
+        online, registered, after = [], [], None
+        while True:
+            page = await self.users_page(after)
+            online += page.online
+            registered += page.registered
+            if page.next is None:
+                return online, registered
+            after = page.next
 
     async def public_key(self, user, refresh=False):
         """C{(key, fingerprint)} for C{user}, from the server (cached for this connection)."""
@@ -4274,7 +4325,7 @@ Type a user name (or several, separated by commas), press Enter, then type the m
   /msg NAME[,NAME...] TEXT   send TEXT at once
   /paste NAME[,NAME...]      send several lines; end with a line holding only "."
   /file NAME[,NAME...] PATH  send a file
-  users                      who is online, who is registered
+  users [NAME]               who is online, who is registered (with NAME: the names after it)
   history [NAME]             the last messages (with NAME: with that user)
   fingerprint [NAME]         your key's fingerprint, or NAME's (compare them by phone or in person)
   trust NAME                 accept NAME's new key after checking its fingerprint
@@ -4440,9 +4491,21 @@ An empty line cancels a half-written message."""
 
     command_exit = command_quit
 
+    USERS_SHOWN = 100  # names the users command lists at a time
+
     async def command_users(self, rest):
-        online, registered = await self.session.client.users()
-        self.show("online: %s\nregistered: %s" % (", ".join(online) or "nobody", ", ".join(registered)))
+        client = self.session.client
+        after = canonical_username(rest) if rest else None
+        online = await client.users_page(after, self.USERS_SHOWN, online=True)
+        registered = await client.users_page(after, self.USERS_SHOWN)
+        lines = []
+        for label, page, count in (("online", online, online.online_count),
+                                   ("registered", registered, registered.count)):
+            line = "%s: %s" % (label, ", ".join(page.registered) or "nobody")
+            if page.next is not None or after is not None:
+                line += " (%d in all%s)" % (count, "; more: users " + page.next if page.next else "")
+            lines.append(line)
+        self.show("\n".join(lines))
 
     async def command_whoami(self, rest):
         s = self.session
@@ -4651,6 +4714,10 @@ _LIMIT_OPTIONS = [
     ("account-max-delay", "account_max_delay", float, "Longest wait, in seconds, imposed on one account."),
     ("address-free-failures", "address_free_failures", int, "Failed logins from one address before waits begin."),
     ("address-max-delay", "address_max_delay", float, "Longest wait, in seconds, imposed on one address."),
+    ("max-unread-output", "max_unread_output", int,
+     "Bytes of answers a connection that stopped reading may leave unread before it is cut off (at least "
+     "--max-line)."),
+    ("close-grace", "close_grace", float, "Seconds a connection the server closes may still read before it is cut off."),
 ]
 MIN_MAX_LINE = 96 * 1024
 
@@ -4694,6 +4761,8 @@ class ServerOptions(_GnuOptions):
         if not 12 * 1024 <= values["max_line_unauthenticated"] <= values["max_line"]:
             raise usage.UsageError("--max-line-unauthenticated must be from 12288 bytes (a register request) to "
                                    "--max-line.")
+        if values["max_unread_output"] < values["max_line"]:
+            raise usage.UsageError("--max-unread-output must be at least --max-line: one frame must fit.")
         if self["registration"] not in ("open", "invite", "closed"):
             raise usage.UsageError("--registration is open, invite or closed.")
         self.limits = Limits(allow_recovery=not self["no-recovery"], registration=self["registration"], **values)
