@@ -888,7 +888,7 @@ def open_envelope(envelope, private_key, recipient, sender_key, max_size=None):
 #   -> login {id, user, token, proof, receive}                  <- ok {user, pending, challenge}
 #   -> rekey {id, user, token, public_key, proof_old, proof_new} <- ok {user, fingerprint, challenge}
 #   -> recover {id, user, token, public_key, proof}              <- ok {user, fingerprint, challenge}
-#   -> users {id}                                               <- ok {online, registered}
+#   -> users {id, [after], [limit], [online]}                   <- ok {registered, online, count, online_count, next}
 #   -> key {id, user}                                           <- ok {user, public_key, fingerprint, key_set_at}
 #   -> send {id, to, size, header, chunks, [signature]}         (then) -> chunk {id, chunks, [signature]}
 #                                                               <- ok {msg, accepted_at, duplicate, queued}
