@@ -768,6 +768,20 @@ class NonReadingPeerTests(SecurityTestCase):
         self.assertGreater(server_side.most_held, 64 * 1024)
 
 
+    async def test_shutdown_aborts_silent_peer(self):
+        """
+        A server stopping while a peer that never reads has answers waiting for it finishes stopping within
+        close_grace (0.5 s) + 1 s: the peer's connection is aborted after the grace, not waited for.
+        """
+        await self.start_with_users("--max-in-flight", "4")
+        peer, server_side = await self.silent_peer()
+        peer.transport.write(b"".join(b'{"type":"users","id":%d}\n' % n for n in range(300)))
+        await self.wait_for(lambda: server_side.flow.paused, "the server's output to back up")
+        started = reactor.seconds()
+        await self.server.stopService()
+        self.assertLess(reactor.seconds() - started, self.GRACE + 1.0)
+        self.assertNotIn(server_side, self.server.factory.protocols)
+
 class PropertyTests(test_server.ServerTestCase):
     """
     decode_frame and PagerServerProtocol (over StringTransport, with a synchronous store and a MemoryReactorClock,
