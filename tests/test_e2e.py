@@ -481,6 +481,25 @@ class DeliveryTests(E2ETestCase):
         online, registered = await send_only.users()
         self.assertEqual((online, registered), (["alice", "bob"], ["alice", "bob"]))
 
+    async def test_users_paged(self):
+        """
+        With 2100 registered users, PagerClient.users reads every page (three of at most 1000) and returns all
+        names; users_page gives one page with the totals and where to go on (with online, it counts those online).
+        """
+        server, address = await self.start_server()
+        alice = await self.register(address, "alice")
+        public = key("alice").public_key()
+        pem, fp = pager.public_key_pem(public), pager.fingerprint(public)
+        names = ["user%04d" % n for n in range(2100)]
+        await defer.gatherResults([server.store.add_user(name, pem, fp, b"s" * 16, b"h" * 32, 0.0)
+                                   for name in names])
+        online, registered = await alice.users()
+        self.assertEqual((online, registered), (["alice"], ["alice"] + names))
+        page = await alice.users_page(after="user0999", limit=3)
+        self.assertEqual(page, pager.UsersPage(["user1000", "user1001", "user1002"], [], 2101, 1, "user1002"))
+        page = await alice.users_page(online=True)
+        self.assertEqual(page, pager.UsersPage(["alice"], ["alice"], 1, 1, None))
+
     async def test_rejected_message(self):
         """
         A message the recipient cannot open (its client holds the wrong private key) is rejected: alice's receipt

@@ -737,6 +737,14 @@ class VerifierTests(SynchronousTestCase):
         self.assertRaises(pager.TooLarge, self._verifier, 2999)
 
 
+def _without_small_factors(bits, top=1):
+    """The smallest odd number from C{top << (bits - bit length of top)} with no prime factor below 1000."""
+    n = (top << (bits - top.bit_length())) | 1
+    while any(n % p == 0 for p in range(3, 1000, 2)):
+        n += 2
+    return n
+
+
 class KeyTests(SynchronousTestCase):
     def _pem(self, key):
         return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -760,12 +768,31 @@ class KeyTests(SynchronousTestCase):
     def test_size_bounds(self):
         """Keys of 2047 or 8193 bits raise BadKey; 8192 bits are accepted."""
         for bits, ok in ((2047, False), (8192, True), (8193, False)):
-            key = rsa.RSAPublicNumbers(65537, (1 << (bits - 1)) | 1).public_key()
+            key = rsa.RSAPublicNumbers(65537, _without_small_factors(bits)).public_key()
             if ok:
                 self.assertIs(pager.check_public_key(key), key)
             else:
                 self.assertRaises(pager.BadKey, pager.check_public_key, key)
                 self.assertRaises(pager.BadKey, pager.load_public_key, self._pem(key))
+
+    def test_refuses_broken_moduli(self):
+        """
+        2048-bit "RSA" keys whose modulus is even, has a small prime factor (3, 997), or is a perfect square raise
+        BadKey naming the problem, from check_public_key and load_public_key; the control, a modulus of the same size
+        without small factors, is accepted.
+        """
+        sound = _without_small_factors(2048)
+        root = _without_small_factors(1024, top=3)
+        for n, words in (((1 << 2047) + 2, "even"), (3 * _without_small_factors(2047), "small factor"),
+                         (997 * _without_small_factors(2039), "small factor"), (root * root, "square")):
+            self.assertEqual(n.bit_length(), 2048)
+            key = rsa.RSAPublicNumbers(65537, n).public_key()
+            with self.assertRaises(pager.BadKey) as caught:
+                pager.check_public_key(key)
+            self.assertIn(words, caught.exception.message)
+            self.assertRaises(pager.BadKey, pager.load_public_key, self._pem(key))
+        key = rsa.RSAPublicNumbers(65537, sound).public_key()
+        self.assertIs(pager.check_public_key(key), key)
 
     def test_refuses_exponent_3(self):
         """An RSA key with public exponent 3 raises BadKey."""

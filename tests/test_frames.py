@@ -111,6 +111,19 @@ class DecodeFrameTests(SynchronousTestCase):
         self.assertRaises(pager.BadRequest, pager.decode_frame, b'{"type":"ping","id":1,"n":' + digits + b"}")
 
 
+    def test_duplicateMembers(self):
+        """
+        An object that names a member twice is refused with BadRequest naming it, at the top level and nested (the
+        control: the same frames without the repetition are accepted).
+        """
+        self.assertRefused(b'{"type":"send","to":["eve"],"to":["bob"]}', 'repeats the member "to"')
+        self.assertRefused(b'{"type":"ping","type":"ping"}', 'repeats the member "type"')
+        self.assertRefused(b'{"type":"ping","x":[{"a":1,"b":2,"a":3}]}', 'repeats the member "a"')
+        self.assertEqual(pager.decode_frame(b'{"type":"send","to":["bob"]}'), {"type": "send", "to": ["bob"]})
+        self.assertEqual(pager.decode_frame(b'{"type":"ping","x":[{"a":1,"b":2}]}'),
+                         {"type": "ping", "x": [{"a": 1, "b": 2}]})
+
+
 class RequestIdTests(SynchronousTestCase):
     """request_id accepts strings of at most 64 characters and integers JSON carries exactly."""
 

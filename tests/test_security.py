@@ -679,6 +679,121 @@ _lines = st.lists(st.one_of(_frames.map(_encode), st.binary(max_size=300),
                             _json_values.map(_encode)), min_size=1, max_size=8)
 
 
+class NonReadingPeerTests(SecurityTestCase):
+    """
+    Peers that send requests and never read the answers, over real loopback sockets: the server's buffered output
+    for one stays bounded, and the connection is gone soon after it is cut off or times out.
+    """
+
+    GRACE = 0.5  # --close-grace in these tests
+
+    async def start_with_users(self, *args):
+        """A server (no witness) holding 1000 users with 32-character names: a users answer is about 35 KB."""
+        await self.start("--close-grace", str(self.GRACE), *args, witness=False)
+        await self.provision("alice")
+        public = key("alice").public_key()
+        pem, fp = pager.public_key_pem(public), pager.fingerprint(public)
+        await defer.gatherResults([self.server.store.add_user(name, pem, fp, b"s" * 16, b"h" * 32, 0.0)
+                                   for name in test_server.long_names(1000)])
+
+    async def silent_peer(self):
+        """
+        A raw peer logged in as alice that then stops reading, and the server's side of its connection, which
+        records when the server first closed it (C{closed_at}) and the most bytes its transport held at once
+        (C{most_held}).
+        """
+        known = set(self.server.factory.protocols)
+        peer = await self.peer()
+        await self.peer_login(peer, "alice")
+        [server_side] = set(self.server.factory.protocols) - known
+        peer.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.transport.pauseProducing()
+        transport = server_side.transport
+        server_side.most_held = 0
+        server_side.closed_at = None
+        original_write, original_close = transport.write, server_side.close
+
+        def write(data):
+            original_write(data)
+            held = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            server_side.most_held = max(server_side.most_held, held)
+
+        def close():
+            if server_side.closed_at is None:
+                server_side.closed_at = reactor.seconds()
+            original_close()
+        transport.write, server_side.close = write, close
+        return peer, server_side
+
+    def log_events(self):
+        """The server's log events from now on, in a list that grows."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def cut_offs(self, events):
+        """The unread byte counts of the connections the server cut off, from its log C{events}."""
+        return [e["n"] for e in events if "bytes unread" in e.get("log_format", "")]
+
+    async def gone(self, server_side, what):
+        """Wait until the server closed C{server_side} and dropped it; the seconds from the close to the drop."""
+        await self.wait_for(lambda: server_side.closed_at is not None, what)
+        await self.wait_for(lambda: server_side not in self.server.factory.protocols,
+                            "the connection to be gone after " + what)
+        return reactor.seconds() - server_side.closed_at
+
+    async def test_flood_cut_off(self):
+        """
+        3000 users requests and not one answer read: once 64 KiB wait in the transport the server reads no more of
+        them, and past 1 MiB written while paused (64 answers of 35 KB may be in flight) it cuts the peer off with
+        too_large: the transport never held more than 64 KiB + 1 MiB + one answer (1.1 MiB; without the bound all
+        3000 answers, 100 MB, would wait in memory), and the connection is gone within close_grace (0.5 s) + 1 s of
+        the cut-off.  Another peer is served throughout.
+        """
+        await self.start_with_users()
+        peer, server_side = await self.silent_peer()
+        events = self.log_events()
+        peer.transport.write(b"".join(b'{"type":"users","id":%d}\n' % n for n in range(3000)))
+        elapsed = await self.gone(server_side, "the cut-off")
+        self.assertLess(elapsed, self.GRACE + 1.0)
+        limits = self.server.factory.limits
+        [unread] = self.cut_offs(events)
+        self.assertGreater(unread, limits.max_unread_output)
+        self.assertLessEqual(server_side.most_held, 64 * 1024 + limits.max_unread_output + 40 * 1024)
+        await self.assertAlive(await self.peer())
+
+    async def test_timed_out_peer_aborted(self):
+        """
+        With --max-in-flight 4 a peer that sends 300 users requests and reads nothing never passes the 1 MiB bound
+        (at most 4 answers are written while its output is paused); the 2-second idle timeout closes it and, though
+        its answers still wait in the transport, it is gone within close_grace (0.5 s) + 1 s of the timeout.
+        """
+        await self.start_with_users("--idle-timeout", "2", "--max-in-flight", "4")
+        peer, server_side = await self.silent_peer()
+        events = self.log_events()
+        peer.transport.write(b"".join(b'{"type":"users","id":%d}\n' % n for n in range(300)))
+        await self.wait_for(lambda: server_side.flow.paused, "the server's output to back up")
+        elapsed = await self.gone(server_side, "the idle timeout")
+        self.assertLess(elapsed, self.GRACE + 1.0)
+        self.assertEqual(self.cut_offs(events), [])
+        self.assertGreater(server_side.most_held, 64 * 1024)
+
+
+    async def test_shutdown_aborts_silent_peer(self):
+        """
+        A server stopping while a peer that never reads has answers waiting for it finishes stopping within
+        close_grace (0.5 s) + 1 s: the peer's connection is aborted after the grace, not waited for.
+        """
+        await self.start_with_users("--max-in-flight", "4")
+        peer, server_side = await self.silent_peer()
+        peer.transport.write(b"".join(b'{"type":"users","id":%d}\n' % n for n in range(300)))
+        await self.wait_for(lambda: server_side.flow.paused, "the server's output to back up")
+        started = reactor.seconds()
+        await self.server.stopService()
+        self.assertLess(reactor.seconds() - started, self.GRACE + 1.0)
+        self.assertNotIn(server_side, self.server.factory.protocols)
+
 class PropertyTests(test_server.ServerTestCase):
     """
     decode_frame and PagerServerProtocol (over StringTransport, with a synchronous store and a MemoryReactorClock,

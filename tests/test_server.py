@@ -1447,6 +1447,161 @@ class TimeoutTests(ServerTestCase):
         self.assertEqual(conn.read(), [])
 
 
+class _HeldStore:
+    """The server's store with every call's result held back until L{release}: its requests stay in flight."""
+
+    def __init__(self, store):
+        self._store = store
+        self.held = []
+
+    def __getattr__(self, name):
+        method = getattr(self._store, name)
+
+        def held(*args):
+            d = defer.Deferred()
+            self.held.append((method, args, d))
+            return d
+        return held
+
+    def release(self):
+        held, self.held = self.held, []
+        for method, args, d in held:
+            method(*args).chainDeferred(d)
+
+
+def long_names(count):
+    """C{count} distinct user names of the longest allowed length (32 characters), sorted."""
+    return ["u%031d" % n for n in range(count)]
+
+
+class ServerCloseTests(ServerTestCase):
+    """
+    Every close the server starts lets the peer read what was written for close_grace seconds, then aborts the
+    connection: a peer that never reads cannot keep it (and its buffered output) open.
+    """
+
+    limits = pager.Limits(login_timeout=10, idle_timeout=100, max_line=96 * 1024)
+
+    def assertAbortedAfterGrace(self, conn):
+        """The connection is closing now, and is aborted close_grace seconds later, not before."""
+        grace = self.limits.close_grace
+        self.assertTrue(conn.transport.disconnecting)
+        self.assertFalse(conn.transport.disconnected)
+        self.clock.advance(grace - 0.1)
+        self.assertFalse(conn.transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(conn.transport.disconnected, "the connection was not aborted after the grace")
+        conn.lose()
+
+    def test_idleTimeout(self):
+        """A connection closed by the idle timeout is aborted close_grace (3) seconds later."""
+        self.assertEqual(self.limits.close_grace, 3.0)
+        conn = self.register("alice")
+        self.clock.advance(100.1)
+        self.assertEqual([f.get("code") for f in conn.read()], ["timeout"])
+        self.assertAbortedAfterGrace(conn)
+
+    def test_loginTimeout(self):
+        """A connection closed by the login timeout is aborted close_grace seconds later."""
+        conn = self.connect()
+        self.clock.advance(10.1)
+        self.assertAbortedAfterGrace(conn)
+
+    def test_oversizeLine(self):
+        """A connection closed for a line over the limit is aborted close_grace seconds later."""
+        conn = self.register("alice")
+        conn.write_line(b"x" * (self.limits.max_line + 1))
+        self.assertEqual([f.get("code") for f in conn.read()], ["too_large"])
+        self.assertAbortedAfterGrace(conn)
+
+    def test_tooManyConnections(self):
+        """A connection refused for its address's connection limit is aborted close_grace seconds later."""
+        self.serve(pager.Limits(max_connections_per_address=1))
+        first = self.connect(REMOTE)
+        second = self.connect(REMOTE)
+        self.assertEqual(second.hello.get("code"), "rate_limited")
+        self.assertAbortedAfterGrace(second)
+        self.assertStillOpen(first)
+
+    def test_closedOnce(self):
+        """
+        A close cancels the idle timeout; a second close while the first one's grace runs schedules no second
+        abort; once the connection is gone nothing is left scheduled.
+        """
+        conn = self.register("alice")
+        conn.protocol.close()
+        conn.protocol.close()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertAbortedAfterGrace(conn)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_goneBeforeTheGraceEnds(self):
+        """A peer that reads and closes during the grace leaves nothing scheduled: the abort is cancelled."""
+        conn = self.register("alice")
+        conn.protocol.close()
+        conn.lose()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(conn.transport.disconnected)
+
+
+class UnreadOutputTests(ServerTestCase):
+    """A peer that stops reading may leave at most max_unread_output bytes of answers unread; then it is cut off."""
+
+    def test_cutOffPastTheBound(self):
+        """
+        2000 users of 32-character names; alice keeps 64 users requests in flight, then her output is paused (the
+        transport's buffer is full: she reads nothing) and they complete.  The server reads none of her further
+        requests, writes answers only up to max_unread_output (1 MiB) plus the answer that crossed it, then a
+        too_large error, and aborts the connection close_grace seconds later.
+        """
+        limits = self.limits
+        names = long_names(2000)
+        for name in names:
+            self.successResultOf(self.store.add_user(name, pem("alice"), b"f" * 32, b"s" * 16, b"h" * 32, 0.0))
+        alice = self.register("alice")
+        held = self.factory.store = _HeldStore(self.store)
+        for n in range(limits.max_in_flight):
+            alice.write({"type": "users", "id": n})
+        alice.write({"type": "ping", "id": "later"})
+        self.assertEqual(alice.read(), [])
+        alice.protocol.flow.pauseProducing()  # as the transport does once its buffer passes 64 KiB
+        held.release()
+        written = len(alice.transport.value())
+        frames = alice.read()
+        answers = [f for f in frames if f["type"] == "ok"]
+        self.assertTrue(answers)
+        largest = max(len(pager.encode_frame(f)) + 1 for f in answers)
+        self.assertLessEqual(written, limits.max_unread_output + largest + 200)
+        self.assertGreater(written, limits.max_unread_output)
+        self.assertLess(len(answers), limits.max_in_flight)
+        self.assertEqual((frames[-1]["type"], frames[-1]["code"]), ("error", "too_large"))
+        self.assertNotIn("later", [f.get("id") for f in frames])
+        self.assertTrue(alice.transport.disconnecting)
+        self.clock.advance(limits.close_grace + 0.1)
+        self.assertTrue(alice.transport.disconnected)
+
+    def test_readingPeerNotCutOff(self):
+        """
+        The control: the same answers to a peer whose output resumes (it reads) now and then are all written,
+        and the connection stays open.
+        """
+        names = long_names(2000)
+        for name in names:
+            self.successResultOf(self.store.add_user(name, pem("alice"), b"f" * 32, b"s" * 16, b"h" * 32, 0.0))
+        alice = self.register("alice")
+        held = self.factory.store = _HeldStore(self.store)
+        for n in range(self.limits.max_in_flight):
+            alice.write({"type": "users", "id": n})
+        for n in range(self.limits.max_in_flight):
+            alice.protocol.flow.pauseProducing()
+            method, args, d = held.held.pop(0)
+            method(*args).chainDeferred(d)
+            alice.protocol.flow.resumeProducing()  # the transport's buffer drained: she reads
+        self.assertEqual(len([f for f in alice.read() if f["type"] == "ok"]), self.limits.max_in_flight)
+        self.factory.store = self.store
+        self.assertStillOpen(alice)
+
+
 class DirectoryTests(ServerTestCase):
 
     def test_users(self):
@@ -1457,9 +1612,59 @@ class DirectoryTests(ServerTestCase):
         self.login("alice")
         self.assertEqual(self.assertOk(alice.request("users", id="u")),
                          {"type": "ok", "id": "u", "online": ["alice", "carol"],
-                          "registered": ["alice", "bob", "carol"]})
+                          "registered": ["alice", "bob", "carol"], "count": 3, "online_count": 2, "next": None})
         carol.lose()
         self.assertEqual(self.assertOk(alice.request("users"))["online"], ["alice"])
+
+    def test_usersPaged(self):
+        """
+        With 2500 users, users answers at most max_users_page (1000) names and the name to continue after; pages
+        from after=next cover every user once, in order; limit asks for fewer; online lists only the page's online
+        users, while count and online_count count everyone.
+        """
+        names = long_names(2500)
+        for name in names:
+            self.successResultOf(self.store.add_user(name, pem("alice"), b"f" * 32, b"s" * 16, b"h" * 32, 0.0))
+        alice = self.register("alice")
+        self.assertEqual(alice.hello["limits"]["max_users_page"], 1000)
+        seen, after, pages = [], None, 0
+        while True:
+            answer = self.assertOk(alice.request("users", after=after if after is not None else MISSING))
+            pages += 1
+            self.assertLessEqual(len(answer["registered"]), 1000)
+            self.assertEqual((answer["count"], answer["online_count"]), (2501, 1))
+            self.assertEqual(answer["online"], ["alice"] if "alice" in answer["registered"] else [])
+            self.assertLess(len(pager.encode_frame(answer)), pager.MIN_MAX_LINE)
+            seen += answer["registered"]
+            after = answer["next"]
+            if after is None:
+                break
+            self.assertEqual(after, answer["registered"][-1])
+        self.assertEqual(pages, 3)
+        self.assertEqual(seen, sorted(names + ["alice"]))
+        answer = self.assertOk(alice.request("users", after="a", limit=2))
+        self.assertEqual((answer["registered"], answer["next"]), (["alice", names[0]], names[0]))
+
+    def test_usersOnline(self):
+        """With online true, users pages through the users online only."""
+        for name in ("dave", "carol", "bob", "alice"):
+            self.register(name)
+        self.offline("eve")
+        alice = self.login("alice")
+        answer = self.assertOk(alice.request("users", online=True, limit=2))
+        self.assertEqual((answer["registered"], answer["online"], answer["next"]),
+                         (["alice", "bob"], ["alice", "bob"], "bob"))
+        self.assertEqual((answer["count"], answer["online_count"]), (4, 4))
+        answer = self.assertOk(alice.request("users", online=True, after="bob", limit=2))
+        self.assertEqual((answer["registered"], answer["next"]), (["carol", "dave"], None))
+
+    def test_usersBadFields(self):
+        """A limit outside 1 to 1000, a non-boolean online or an invalid after name get bad_request naming it."""
+        alice = self.register("alice")
+        for fields, name in (({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "5"}, "limit"),
+                             ({"online": 1}, "online"), ({"after": 5}, "after"), ({"after": "Not A Name!"}, "")):
+            answer = self.assertError(alice.request("users", **fields), "bad_request")
+            self.assertIn(name, answer["message"])
 
     def test_key(self):
         """key returns the user's PEM, its fingerprint as pager.fingerprint computes it, and when it was set."""

@@ -643,3 +643,24 @@ class StoreTests(unittest.TestCase):
                     raw = f.read()
                 self.assertNotIn(token.encode(), raw)
                 self.assertNotIn(plaintext, raw)
+
+
+class LocalHistoryTests(unittest.TestCase):
+    """The client's local history, as `history NAME` reads it."""
+
+    async def test_history_name_is_literal(self):
+        """
+        history("a_b") lists what was exchanged with a_b (alone or among several recipients) and nothing with axb,
+        a%b or aab: a name's '_' is not an SQL LIKE wildcard.
+        """
+        from twisted.internet import reactor
+        store = pager.LocalStore(os.path.abspath(self.mktemp()), reactor)
+        self.addCleanup(store.close)
+        await store.open(1000.0)
+        for n, (direction, peer) in enumerate([("in", "a_b"), ("in", "axb"), ("out", "a%b"), ("out", "aab,zed"),
+                                              ("out", "axb,carol"), ("out", "carol,a_b"), ("in", "a\\_b")]):
+            await store.add_history(pager.HistoryEntry(1000.0 + n, direction, peer, "%032x" % n, "text", "",
+                                                       peer.encode(), "sent"))
+        self.assertEqual([e.peer for e in await store.history("a_b")], ["a_b", "carol,a_b"])
+        self.assertEqual([e.peer for e in await store.history("axb")], ["axb", "axb,carol"])
+        self.assertEqual([e.peer for e in await store.history("a%b")], ["a%b"])

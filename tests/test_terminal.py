@@ -229,6 +229,30 @@ class ChatSendingTests(ChatTestCase):
 class ChatCommandTests(ChatTestCase):
     """users, whoami, fingerprint, history and trust."""
 
+    async def test_users_paged(self):
+        """
+        With 150 more users, users lists the first 100 registered names with the total and the command that shows
+        the next ones; that command lists the remaining 51 with the total and no further command.
+        """
+        await self.serve()
+        public = key("alice").public_key()
+        pem, fp = pager.public_key_pem(public), pager.fingerprint(public)
+        names = ["user%03d" % n for n in range(150)]
+        for name in names:
+            await self.server.store.add_user(name, pem, fp, b"s" * 16, b"h" * 32, 0.0)
+        chat, ui = await self.chat_as("alice")
+        before = len(ui.shown)
+        await self.type(chat, "users")
+        online, registered = ui.text(before).splitlines()
+        self.assertEqual(online, "online: alice")
+        self.assertEqual(registered, "registered: %s (151 in all; more: users %s)"
+                         % (", ".join(["alice"] + names[:99]), names[98]))
+        before = len(ui.shown)
+        await self.type(chat, "users " + names[98])
+        online, registered = ui.text(before).splitlines()
+        self.assertEqual(online, "online: nobody (1 in all)")
+        self.assertEqual(registered, "registered: %s (151 in all)" % ", ".join(names[99:]))
+
     async def test_users_and_whoami(self):
         await self.serve()
         await self.peer("bob")

@@ -175,11 +175,14 @@ class WrongPortTests(TLSTestCase):
         self.assertLess(elapsed, FAST)
 
 
-def _only_context(cert_pem=None, key_pem=None, method="TLSv1_1_METHOD"):
-    """A pyOpenSSL context that speaks only C{method}, at security level 0 so that OpenSSL 3 may offer TLS 1.1."""
+def _only_context(cert_pem=None, key_pem=None, method="TLSv1_1_METHOD", ciphers="DEFAULT"):
+    """
+    A pyOpenSSL context that speaks only C{method} and offers only C{ciphers} (an OpenSSL cipher string), at security
+    level 0 so that OpenSSL 3 may offer TLS 1.1.
+    """
     from OpenSSL import SSL, crypto
     context = SSL.Context(getattr(SSL, method))
-    context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    context.set_cipher_list(ciphers.encode("ascii") + b":@SECLEVEL=0")
     if cert_pem is not None:
         context.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem))
         context.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem))
@@ -218,13 +221,15 @@ def _can_speak_tls11():
     return False
 
 
-def _handshake(port, method="TLSv1_1_METHOD"):
-    """A TLS handshake with 127.0.0.1:PORT offering only C{method}: None if it completed, else the error."""
+def _handshake(port, method="TLSv1_1_METHOD", ciphers="DEFAULT"):
+    """
+    A TLS handshake with 127.0.0.1:PORT offering only C{method} and C{ciphers}: None if it completed, else the error.
+    """
     from OpenSSL import SSL
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.setblocking(False)
     try:
-        conn = SSL.Connection(_only_context(method=method), sock)
+        conn = SSL.Connection(_only_context(method=method, ciphers=ciphers), sock)
         conn.set_connect_state()
         conn.set_tlsext_host_name(b"localhost")
         deadline = time.monotonic() + 5
@@ -263,7 +268,41 @@ class ProtocolVersionTests(TLSTestCase):
         await self.wait_for(lambda: not server.factory.protocols, "the refused connection to be gone")
 
 
+class CipherSuiteTests(TLSTestCase):
+
+    async def test_tls12_only_ecdhe_with_aead(self):
+        """
+        A TLS 1.2 client offering only static-RSA key exchange (with GCM or CBC), or ECDHE with a CBC cipher, cannot
+        complete a handshake; one offering only ECDHE with AES-GCM, or only ECDHE with ChaCha20-Poly1305, can.
+        """
+        server, port, cert_path = await self.start_tls_server()
+        for refused in ("AES128-GCM-SHA256", "AES256-SHA", "AES128-SHA256", "ECDHE-RSA-AES128-SHA",
+                        "ECDHE-RSA-AES256-SHA384"):
+            failure = await threads.deferToThread(_handshake, port, "TLSv1_2_METHOD", refused)
+            self.assertIsNotNone(failure, "the server completed a TLS 1.2 handshake with %s" % refused)
+            self.assertIn("SSL", failure)
+        for accepted in ("ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305"):
+            self.assertIsNone(await threads.deferToThread(_handshake, port, "TLSv1_2_METHOD", accepted), accepted)
+        await self.wait_for(lambda: not server.factory.protocols, "the test connections to be gone")
+
+
 class MakeCertTests(TLSTestCase):
+
+    async def test_certificate_is_not_a_ca(self):
+        """
+        make_certificate's certificate says it is not a CA (BasicConstraints ca false, no certificate signing in its
+        key usage), and a client still pins it with --ca: it connects and reads the server's hello.
+        """
+        cert_path, _ = self.write_certificate()
+        with open(cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        self.assertIs(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca, False)
+        self.assertIs(cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign, False)
+        server, port, cert_path = await self.start_tls_server()
+        endpoint = pager.client_endpoint(reactor, "localhost", port, tls=True, ca=cert_path)
+        client = await pager.PagerClient.connect(endpoint, reactor)
+        self.addCleanup(client.close)
+        self.assertEqual(client.server_id, server.factory.server_id)
 
     async def test_make_cert_command(self):
         """
