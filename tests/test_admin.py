@@ -357,7 +357,7 @@ class AdminHardeningTests(AdminTestCase):
         await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), peer)
         self.addCleanup(lambda: peer.lost is None and peer.transport.abortConnection())
         await self.wait_for(lambda: peer.challenge, "the hello")
-        proof = pager.sign_auth(key("alice"), "login", "alice", peer.challenge)
+        proof = pager.sign_auth(key("alice"), "login", self.server.factory.server_id, "alice", peer.challenge)
         peer.write({"type": "login", "id": "l", "user": "alice", "token": token("alice"), "proof": b64(proof)})
         await self.wait_for(lambda: peer.answer("l"), "the login")
         envelope = pager.seal(key("alice"), "alice", {"bob": key("bob").public_key()}, os.urandom(3000),

@@ -1173,8 +1173,8 @@ class AccountGoneTests(ServerTestCase):
         challenge = self.alice.challenge
         self.assertOk(self.alice.request(
             "rekey", user="alice", token=TOKEN, public_key=pager.public_key_pem(new),
-            proof_old=b64(pager.sign_auth(private_key("alice"), "rekey", "alice", challenge, new_fp)),
-            proof_new=b64(pager.sign_auth(new, "rekey", "alice", challenge, new_fp))))
+            proof_old=b64(pager.sign_auth(private_key("alice"), "rekey", self.server_id, "alice", challenge, new_fp)),
+            proof_new=b64(pager.sign_auth(new, "rekey", self.server_id, "alice", challenge, new_fp))))
         self.clock.advance(self.interval)
         for conn in (self.alice, other):
             self.assertStillOpen(conn)
