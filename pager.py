@@ -5018,7 +5018,7 @@ async def _connect_command(reactor, config):
             await chat.done
         finally:
             termios.tcsetattr(0, termios.TCSANOW, saved)
-            sys.stdout.write("\r\n")
+            sys.stdout.write("\n")  # the terminal is in cooked mode again: it adds the carriage return
     else:
         from twisted.internet import stdio
         stdio.StandardIO(PlainChat(chat), reactor=reactor)

@@ -10,6 +10,7 @@ standard output or standard error, and a name that is not a user name is refused
 import io
 import json
 import os
+import sys
 import unicodedata
 
 from twisted.internet import protocol, reactor
@@ -18,8 +19,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
 import pager
-from tests.test_cli import CLITestCase
-from tests.test_e2e import key
+from tests.test_cli import PAGER_PY, CLITestCase, base_env
+from tests.test_e2e import key, token
+from tests.test_terminal import TerminalProcess
 
 SERVER_ID = "5e1f0e55e1f0e55e1f0e55e1f0e55e1f"
 
@@ -310,6 +312,37 @@ class HostileServerTests(CLITestCase):
         for word in ("bodyword", "fileword", "receiptreason", "sendrefused"):
             self.assertIn(word, result.out)
         self.assertIn("\\x1b]0;bodyword\\x07", result.out)
+
+    async def test_connect_in_a_terminal(self):
+        """
+        The raw-mode chat screen (connect in a pseudo-terminal) draws its own escape sequences, but none of those the
+        server put in pushed messages, receipts and the users answer.
+        """
+        factory = self.listen(
+            pushes=hostile_pushes(),
+            answers={"users": {"type": "ok", "online": ["bob"], "registered": ["bob", evil("registeredword")]}})
+        child = TerminalProcess()
+        argv = [sys.executable, PAGER_PY, "connect", self.host, "--user", "alice"]
+        self.spawn(argv, base_env(TERM="xterm", PAGER_HOME=self.alice_home(), PAGER_TOKEN=token("alice")),
+                   usePTY=True, child=child)
+        await self.wait_for(lambda: factory.settled() or child.finished, "every push settled", tries=2000)
+        await self.wait_for(lambda: "receiptreason" in child.output() or child.finished, "the pushes on the screen",
+                            tries=2000)
+        child.transport.write(b"users\r")
+        await self.wait_for(lambda: factory.requests("users") and "\n" in child.output().split("users", 1)[-1]
+                            or child.finished, "the users answer on the screen", tries=2000)
+        child.transport.write(b"\x04")
+        result = await self.finish(child, "the chat after Ctrl-D")
+        drawn = child.output()
+        self.assertEqual(result.code, 0, drawn)
+        self.assertIn("not a user name", drawn)  # the users answer was refused
+        self.assertNotIn("\\x0d", drawn)  # the client's own line ending after the chat is not escaped
+        for sequence in ("\x1b]", "\x07", "\x1b[2J", "\x9b", "\u202e", "\u2066", "\u2069", "\x1b[0m", "\x1b[31m"):
+            self.assertNotIn(sequence, drawn)
+        for word in ("senderword", "receiptfrom", "registeredword"):
+            self.assertNotIn(word, drawn)
+        for word in ("bodyword", "fileword", "receiptreason"):
+            self.assertIn(word, drawn)
 
 
 class SafeWriterTests(unittest.TestCase):
