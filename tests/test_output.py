@@ -216,7 +216,7 @@ class HostileServerTests(CLITestCase):
 
     async def test_fetch_json(self):
         """fetch --json: JSON's own escaping keeps every control character off the terminal, and the text exact."""
-        text = "hello " + evil("bodyword") + "\u200f\u061c"
+        text = "hello " + evil("bodyword") + "\u200f\u061c\x7f\r"
         factory = self.listen(pushes=[message_push("bob", text.encode("utf-8")), message_push(evil("senderword"))])
         result = await self.run_as_alice("fetch", "--json")
         self.assertExit(result, 0)
