@@ -13,8 +13,8 @@ import os
 import sys
 import unicodedata
 
-from twisted.internet import protocol, reactor
-from twisted.internet.testing import StringTransport
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
@@ -425,3 +425,80 @@ class _StubChat:
 
     def quit(self):
         pass
+
+
+class ClientNameCheckTests(unittest.SynchronousTestCase):
+    """L{pager.PagerClient} checks every name the server sends before handing anything on (no sockets)."""
+
+    def setUp(self):
+        self.proto = pager.PagerClientProtocol()
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        hello = {"type": "hello", "protocol": pager.PROTOCOL_VERSION, "server": "pager/test", "server_id": SERVER_ID,
+                 "challenge": pager.b64(b"\x01" * pager.CHALLENGE_SIZE), "limits": pager.Limits().public()}
+        self.proto.dataReceived(pager.encode_frame(hello) + b"\n")
+        self.client = pager.PagerClient(self.proto, reactor=MemoryReactorClock(),
+                                        in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
+        self.handed = []
+        self.client.on_message = self.client.on_receipt = self.handed.append
+        self.client.on_rejected = lambda *args: self.handed.append(args)
+        self.transport.clear()
+
+    def receive(self, frame):
+        self.proto.dataReceived(pager.encode_frame(frame) + b"\n")
+
+    def sent(self):
+        return [json.loads(line) for line in self.transport.value().splitlines() if line.strip()]
+
+    def answer(self, **fields):
+        [request] = self.sent()
+        self.transport.clear()
+        self.receive(dict(fields, id=request["id"]))
+        return request
+
+    def test_receipt_from_a_bad_name_dropped(self):
+        """A receipt whose from is not a user name (or whose status is unknown) is acknowledged, never handed on."""
+        self.receive(receipt_push(1, evil("w")))
+        self.receive(receipt_push(2, "Bob"))
+        self.receive(receipt_push(3, "bob", status=evil("s")[:32]))
+        self.assertEqual(self.handed, [])
+        acked = [r for frame in self.sent() if frame["type"] == "ack" for r in frame.get("receipts", [])]
+        self.assertEqual(acked, [1])  # the others wait for the first acknowledgement's answer
+        self.answer(type="ok")
+        acked = [r for frame in self.sent() if frame["type"] == "ack" for r in frame.get("receipts", [])]
+        self.assertEqual(acked, [2, 3])
+        self.transport.clear()
+        self.receive(receipt_push(4, "bob"))
+        self.assertEqual([r.peer for r in self.handed], ["bob"])
+
+    def test_message_from_a_bad_name_rejected(self):
+        """A message whose from is not a user name is rejected without being opened or handed on."""
+        push = message_push(evil("w"))
+        self.receive(push)
+        request = self.answer(type="ok")
+        self.assertEqual((request["type"], request["msg"]), ("reject", push["msg"]))
+        self.assertEqual(self.handed, [])
+        self.assertEqual(self.client.processed, 1)
+
+    def test_users_answer_with_a_bad_name(self):
+        for bad in (["bob", evil("w")], ["bob", "Bob"], "bob", [3]):
+            d = defer.Deferred.fromCoroutine(self.client.users())
+            self.answer(type="ok", online=["bob"], registered=bad)
+            self.failureResultOf(d, pager.BadRequest)
+
+    def test_key_answer_for_another_name(self):
+        d = defer.Deferred.fromCoroutine(self.client.public_key("bob"))
+        self.answer(**dict(HostileServer.answer_key(None, {"user": "bob"}), user="mallory"))
+        self.failureResultOf(d, pager.BadKey)
+
+    def test_error_sentence_on_one_line(self):
+        """An error's sentence reaches the caller on one line, at most 1000 characters (and 3 dots)."""
+        d = defer.Deferred.fromCoroutine(self.client.ping())
+        self.answer(type="error", code="internal", message="Broken:\r\n\x1b[2J\u2028pager: fake  line\n")
+        self.assertEqual(self.failureResultOf(d, pager.InternalError).value.message, "Broken: \x1b[2J pager: fake line")
+        d = defer.Deferred.fromCoroutine(self.client.ping())
+        self.answer(type="error", code="internal", message="x" * 5000)
+        self.assertEqual(len(self.failureResultOf(d, pager.InternalError).value.message), 1003)
+        d = defer.Deferred.fromCoroutine(self.client.ping())
+        self.answer(type="error", code="internal", message={"not": "text"})
+        self.assertEqual(self.failureResultOf(d, pager.InternalError).value.message, "(the server gave no reason)")
