@@ -3734,11 +3734,16 @@ class NotDelivered(PagerError):
 # CR overwrites a line), DEL and the C1 controls (0x9b is a one-byte CSI), and every Unicode format character,
 # line or paragraph separator and lone surrogate (categories Cf, Zl, Zp, Cs): the bidirectional overrides, isolates
 # and marks reorder what is shown, the invisible ones hide text.  Only the zero-width non-joiner and joiner (U+200C,
-# U+200D), which some scripts and emoji need, pass.  tests.test_output checks this class against unicodedata.
+# U+200D), which some scripts and emoji need, pass.  tests.test_output checks these classes against unicodedata.
+# The few such characters beyond U+FFFF have their own class, looked for only in text that has any: a class with
+# them costs every character of every text five times as much.
 _UNSAFE = re.compile(
     "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b\u200e"
-    "\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
-    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]")
+    "\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb]")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_UNSAFE_ASTRAL = re.compile(
+    "[\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f]")
 
 
 def _visible(match):
@@ -3763,8 +3768,11 @@ class SafeWriter:
 
     @staticmethod
     def clean(text):
-        """C{text} with everything in L{_UNSAFE} made visible as a Python-style escape."""
-        return _UNSAFE.sub(_visible, text)
+        """C{text} with everything in L{_UNSAFE} and L{_UNSAFE_ASTRAL} made visible as a Python-style escape."""
+        text = _UNSAFE.sub(_visible, text)
+        if not text.isascii() and _ASTRAL.search(text):
+            text = _UNSAFE_ASTRAL.sub(_visible, text)
+        return text
 
     def write(self, text):
         self.stream.write(self.clean(text))
