@@ -90,6 +90,7 @@ MAX_FILENAME_BYTES = 255
 CONTENT_TYPES = ("text", "file")
 
 USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+SOFTWARE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a hello's software name and version, e.g. pager/0.1.0
 MIN_TOKEN_LENGTH = 8
 MAX_TOKEN_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 64
@@ -3235,6 +3236,9 @@ class PagerService(service.Service):
 #### Client ####
 
 
+RECEIPT_STATUSES = ("delivered", "rejected", "expired")
+
+
 @dataclasses.dataclass(frozen=True)
 class UsersPage:
     """
@@ -3252,7 +3256,7 @@ class UsersPage:
 
 @dataclasses.dataclass(frozen=True)
 class DeliveryReceipt:
-    """What became of a message this client sent: C{status} is delivered, rejected or expired."""
+    """What became of a message this client sent: C{status} is one of L{RECEIPT_STATUSES}."""
 
     rid: int
     message_id: str  # hex
@@ -3327,7 +3331,7 @@ class PagerClientProtocol(LineReceiver):
             if kind == "ok" and d is not None:
                 d.callback(frame)
             elif kind == "error":
-                error = error_for_code(str(frame.get("code")), str(frame.get("message")))
+                error = error_for_code(str(frame.get("code")), _error_sentence(frame.get("message")))
                 if d is not None:
                     d.errback(error)
                 else:
@@ -3356,7 +3360,9 @@ class PagerClientProtocol(LineReceiver):
         if self.challenge is None:
             return self._refuse("the server's login challenge is not %d bytes" % CHALLENGE_SIZE)
         limits = frame.get("limits")
-        if not isinstance(limits, dict) or not isinstance(frame.get("server_id"), str):
+        server_id, software = frame.get("server_id"), frame.get("server", "")
+        if not isinstance(limits, dict) or not isinstance(server_id, str) or not SERVER_ID_RE.fullmatch(server_id) \
+                or not isinstance(software, str) or (software and not SOFTWARE_RE.fullmatch(software)):
             return self._refuse("the server's hello is malformed")
         self.limits = limits
         max_line = limits.get("max_line")
@@ -3382,6 +3388,18 @@ class PagerClientProtocol(LineReceiver):
         frame.update(fields)
         self.send_frame(frame)
         return d
+
+
+def _error_sentence(message, limit=1000):
+    """
+    An error frame's C{message} as this client passes it on: one line (line breaks and runs of white space become
+    one space, so a server cannot add lines of its own to a command's one-sentence error), at most C{limit}
+    characters.  Control characters are left to the terminal's writer (L{SafeWriter}), like all text shown.
+    """
+    if not isinstance(message, str):
+        return "(the server gave no reason)"
+    message = " ".join(re.split(r"[\s\x1c-\x1f\x85\u2028\u2029]+", message)).strip()
+    return message if len(message) <= limit else message[:limit] + "..."
 
 
 def certificate_date_problem(host, port, timeout=5):
@@ -3657,8 +3675,8 @@ def user_directory(home, server_id, user):
 
 
 def valid_server_id(server_id):
-    """Whether C{server_id} is what a server's hello may state: 1 to 64 lower-case hex digits."""
-    return isinstance(server_id, str) and re.fullmatch(r"[0-9a-f]{1,64}", server_id) is not None
+    """Whether C{server_id} is what a server's hello may state: L{SERVER_ID_LENGTH} lower-case hex digits."""
+    return isinstance(server_id, str) and SERVER_ID_RE.fullmatch(server_id) is not None
 
 
 def server_address(host, port, tls):
@@ -3911,6 +3929,14 @@ def client_endpoint(reactor, host, port, tls=False, ca=None):
     return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
 
 
+def _user_names(answer, field):
+    """The list of user names in C{answer[field]}; anything in it that is not a user name is a protocol error."""
+    names = answer.get(field, [])
+    if not isinstance(names, list) or not all(valid_username(name) for name in names):
+        raise BadRequest("The server's list of %s users holds something that is not a user name." % field)
+    return names
+
+
 @dataclasses.dataclass
 class _Incoming:
     msg: str
@@ -4104,7 +4130,7 @@ class PagerClient:
         if limit is not None:
             fields["limit"] = limit
         answer = await self.protocol.request("users", **fields)
-        registered, online_names = answer.get("registered", []), answer.get("online", [])
+        registered, online_names = _user_names(answer, "registered"), _user_names(answer, "online")
         following = answer.get("next")
         if following is not None and (not registered or following != registered[-1]
                                       or (after is not None and following <= after)):
@@ -4128,6 +4154,8 @@ class PagerClient:
         user = canonical_username(user)
         if user not in self._keys or refresh:
             answer = await self.protocol.request("key", user=user)
+            if answer.get("user") != user:
+                raise BadKey("The server answered a request for %s's key with another user's key." % user)
             key = load_public_key(answer.get("public_key", ""))
             fp = fingerprint(key)
             if answer.get("fingerprint") != fp.hex():
@@ -4297,6 +4325,13 @@ class PagerClient:
         return key, "verified" if bytes(pin[1]) == fp else "changed"
 
     async def _handle_message(self, incoming):
+        if not valid_username(incoming.sender):
+            # Nothing to verify it against and nobody to show: refuse it, so that it is not delivered again.
+            self.log.warn("Rejecting message {msg}: the server named a sender that is not a user name",
+                          msg=incoming.msg)
+            await self.protocol.request("reject", msg=incoming.msg, reason="The server named a sender that is not "
+                                        "a user name.")
+            return
         try:
             header = parse_header(incoming.header)
             if header.sender != incoming.sender:
@@ -4371,6 +4406,11 @@ class PagerClient:
             field_int(frame, "receipt", 1, 2 ** 63 - 1), field_str(frame, "msg", 64), field_str(frame, "from", 64),
             field_str(frame, "status", 32), field_str(frame, "reason", 1000, required=False, default=""),
             frame.get("at") if isinstance(frame.get("at"), (int, float)) else 0.0)
+        if not valid_username(receipt.peer) or receipt.status not in RECEIPT_STATUSES:
+            # Acknowledged, so that it is not delivered again, but never shown: its name or status is garbage.
+            self.log.warn("Dropping receipt {rid}: not a user name or not a receipt status", rid=receipt.rid)
+            self._ack("receipts", receipt.rid)
+            return
         if self.on_receipt is not None:
             await defer.maybeDeferred(self.on_receipt, receipt)
         self._ack("receipts", receipt.rid)
@@ -4386,8 +4426,9 @@ class PagerClient:
 
 #### Terminal UI ####
 # The only code that writes to the terminal: prompts before login, the chat screen after it, and the script
-# commands' output.  Everything typed or received is shown through _printable, so a message cannot carry terminal
-# escape sequences to the screen.
+# commands' output.  All of it goes through one SafeWriter: main() puts one around standard output and standard
+# error, the chat screen and the Prompter write through one, so nothing a server or a sender chooses (names,
+# reasons, error sentences, message text) can carry escape sequences to the terminal, wherever it is printed.
 
 
 class Cancelled(PagerError):
@@ -4414,12 +4455,63 @@ class NotDelivered(PagerError):
     code = "not_delivered"
 
 
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# What must never reach a terminal as it is: the C0 controls but tab and newline (ESC starts every escape sequence,
+# CR overwrites a line), DEL and the C1 controls (0x9b is a one-byte CSI), and every Unicode format character,
+# line or paragraph separator and lone surrogate (categories Cf, Zl, Zp, Cs): the bidirectional overrides, isolates
+# and marks reorder what is shown, the invisible ones hide text.  Only the zero-width non-joiner and joiner (U+200C,
+# U+200D), which some scripts and emoji need, pass.  tests.test_output checks these classes against unicodedata.
+# The few such characters beyond U+FFFF have their own class, looked for only in text that has any: a class with
+# them costs every character of every text five times as much.
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b\u200e"
+    "\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb]")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_UNSAFE_ASTRAL = re.compile(
+    "[\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f]")
 
 
-def _printable(text):
-    """C{text} with control characters (escape sequences, bidirectional overrides) made visible and harmless."""
-    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100 else "\ufffd", text)
+def _visible(match):
+    code = ord(match.group())
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
+
+
+class SafeWriter:
+    """
+    The one way text reaches a terminal or standard error: a text stream that writes everything through L{clean}, so
+    an escape sequence or a bidirectional override arrives as visible, harmless text (ESC as C{\\x1b}).  Anything
+    else (C{fileno}, C{encoding}, C{isatty}) is the wrapped stream's.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    @classmethod
+    def wrap(cls, stream):
+        """C{stream} behind a SafeWriter, unless it already is one."""
+        return stream if isinstance(stream, cls) else cls(stream)
+
+    @staticmethod
+    def clean(text):
+        """C{text} with everything in L{_UNSAFE} and L{_UNSAFE_ASTRAL} made visible as a Python-style escape."""
+        text = _UNSAFE.sub(_visible, text)
+        if not text.isascii() and _ASTRAL.search(text):
+            text = _UNSAFE_ASTRAL.sub(_visible, text)
+        return text
+
+    def write(self, text):
+        self.stream.write(self.clean(text))
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _clock(t):
@@ -4499,7 +4591,7 @@ class Prompter:
     def __init__(self, reactor, interactive=True, out=None):
         self.reactor = reactor
         self.interactive = interactive
-        self.out = out or sys.stderr
+        self.out = SafeWriter.wrap(out or sys.stderr)
 
     def say(self, text):
         self.out.write(text + "\n")
@@ -4963,8 +5055,8 @@ def describe_message(message, saved_path=None):
         head += " (to %s)" % ", ".join(others)
     if message.content_type == "file":
         return "%s sent the file %s (%s), saved as %s" % (
-            head, _printable(message.filename), _size_text(len(message.plaintext)), saved_path)
-    text = _printable(message.plaintext.decode("utf-8", "replace").rstrip("\n"))
+            head, message.filename, _size_text(len(message.plaintext)), saved_path)
+    text = message.plaintext.decode("utf-8", "replace").rstrip("\n")
     if "\n" in text:
         return head + "\n" + "\n".join("    " + line for line in text.split("\n"))
     return head + " " + text
@@ -4975,7 +5067,7 @@ def describe_receipt(receipt):
         return "[%s] \u2713 delivered to %s" % (_clock(receipt.at), receipt.peer)
     if receipt.status == "rejected":
         return "[%s] \u2717 %s could not open your message: %s" % (
-            _clock(receipt.at), receipt.peer, _printable(receipt.reason))
+            _clock(receipt.at), receipt.peer, receipt.reason)
     return "[%s] \u2717 your message to %s expired undelivered" % (_clock(receipt.at), receipt.peer)
 
 
@@ -5090,7 +5182,7 @@ An empty line cancels a half-written message."""
         if word.startswith("/") or command in self.COMMANDS:
             handler = getattr(self, "command_" + command.replace("-", "_"), None)
             if handler is None:
-                self.show("Unknown command %s; type 'help'." % _printable(word))
+                self.show("Unknown command %s; type 'help'." % word)
             else:
                 self._run(handler(rest.strip()))
             return
@@ -5212,7 +5304,7 @@ An empty line cancels a half-written message."""
             arrow = "->" if e.direction == "out" else "<-"
             body = ("file %s" % e.filename) if e.content_type == "file" else e.body.decode("utf-8", "replace")
             status = " (%s)" % e.status if e.direction == "out" else ""
-            lines.append("[%s] %s %s: %s%s" % (_date_clock(e.at), arrow, e.peer, _printable(body), status))
+            lines.append("[%s] %s %s: %s%s" % (_date_clock(e.at), arrow, e.peer, body, status))
         self.show("\n".join(lines))
 
     # -- events --
@@ -5255,8 +5347,25 @@ def _read_file(path):
         return f.read()
 
 
+class _ScreenText:
+    """The text stream of the raw-mode chat screen: a Twisted insults terminal (which ends its lines with CR LF)."""
+
+    def __init__(self, terminal):
+        self.terminal = terminal
+
+    def write(self, text):
+        self.terminal.write(text.encode("utf-8"))
+
+    def flush(self):
+        pass
+
+
 def _chat_screen_class():
-    """The raw-mode chat screen: recvline's line editing and history, with incoming text drawn above the input."""
+    """
+    The raw-mode chat screen: recvline's line editing and history, with incoming text drawn above the input.  The
+    screen draws its own escape sequences (erase the line, move the cursor); every text it shows or prompts with
+    goes through a L{SafeWriter}.
+    """
     from twisted.conch import recvline
 
     class _ChatScreen(recvline.HistoricRecvLine):
@@ -5269,6 +5378,7 @@ def _chat_screen_class():
             super().connectionMade()
             self.keyHandlers[b"\x04"] = self.handle_EOF  # Ctrl-D
             self.keyHandlers[b"\x03"] = self.chat.quit  # Ctrl-C
+            self.out = SafeWriter(_ScreenText(self.terminal))
             self.chat.attach(self)
 
         def initializeScreen(self):
@@ -5292,13 +5402,14 @@ def _chat_screen_class():
             self.terminal.write(self.ps[self.pn])
 
         def set_prompt(self, text):
-            self.ps = (text.encode("utf-8"), text.encode("utf-8"))
+            prompt = SafeWriter.clean(text).encode("utf-8")  # recvline draws it again itself, after each line
+            self.ps = (prompt, prompt)
 
         def show(self, text):
             t = self.terminal
             t.write(b"\r")
             t.eraseLine()
-            t.write(text.replace("\n", "\r\n").encode("utf-8") + b"\r\n")
+            self.out.write(text + "\n")
             t.write(self.ps[self.pn] + b"".join(self.lineBuffer))
             back = len(self.lineBuffer) - self.lineBufferIndex
             if back:
@@ -5317,7 +5428,7 @@ class PlainChat(LineReceiver):
 
     def __init__(self, chat, out=None):
         self.chat = chat
-        self.out = out or sys.stdout
+        self.out = SafeWriter.wrap(out or sys.stdout)
 
     def connectionMade(self):
         self.chat.attach(self)
@@ -5840,7 +5951,7 @@ async def _connect_command(reactor, config):
             await chat.done
         finally:
             termios.tcsetattr(0, termios.TCSANOW, saved)
-            sys.stdout.write("\r\n")
+            sys.stdout.write("\n")  # the terminal is in cooked mode again: it adds the carriage return
     else:
         from twisted.internet import stdio
         stdio.StandardIO(PlainChat(chat), reactor=reactor)
@@ -6304,7 +6415,22 @@ def main(argv=None):
 
 
 def _main(argv):
-    argv = sys.argv[1:] if argv is None else argv
+    """
+    Run the command with standard output and standard error behind a L{SafeWriter}: the output boundary, where
+    everything any command prints (messages, names, a server's error sentences) is made harmless for a terminal.
+    """
+    saved = sys.stdout, sys.stderr
+    for stream in saved:
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")  # a terminal that cannot show a character never loses a message
+    sys.stdout, sys.stderr = SafeWriter.wrap(sys.stdout), SafeWriter.wrap(sys.stderr)
+    try:
+        _command(sys.argv[1:] if argv is None else argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _command(argv):
     options = Options()
     try:
         options.parseOptions(argv)
@@ -6312,9 +6438,6 @@ def _main(argv):
         command = " " + options.subCommand if getattr(options, "subCommand", None) else ""
         sys.stderr.write("pager: %s (see 'pager-cli%s --help')\n" % (str(e).rstrip("."), command))
         sys.exit(EXIT_USAGE)
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")  # a terminal that cannot show a character never loses a message
     if options.subCommand == "server":
         task.react(lambda reactor: Deferred.fromCoroutine(_serve(reactor, options.subOptions)))
     elif options.subCommand in ("make-cert", "admin"):

@@ -18,14 +18,21 @@ from tests.test_e2e import free_port, key, token
 
 
 class FakeUI:
-    """Records what the chat shows and the prompts it sets."""
+    """
+    Records what the chat shows and the prompts it sets.  Like the real screens (L{pager.PlainChat} and the raw-mode
+    chat screen, tested in L{tests.test_output.SafeWriterTests}), it shows text through a L{pager.SafeWriter}.
+    """
 
     def __init__(self):
         self.shown = []
         self.prompts = []
+        self.out = pager.SafeWriter(self)
+
+    def write(self, text):
+        self.shown.append(text)
 
     def show(self, text):
-        self.shown.append(text)
+        self.out.write(text)
 
     def set_prompt(self, text):
         self.prompts.append(text)
