@@ -2143,7 +2143,7 @@ class ClientChallengeTests(SynchronousTestCase):
 
     def hello(self, challenge):
         return pager.encode_frame({"type": "hello", "protocol": pager.PROTOCOL_VERSION, "server": "pager/test",
-                                   "server_id": "5e", "challenge": b64(challenge),
+                                   "server_id": "5e" * 16, "challenge": b64(challenge),
                                    "limits": pager.Limits().public()}) + b"\n"
 
     def test_shortHelloChallenge(self):
