@@ -83,6 +83,8 @@ CHALLENGE_SIZE = 32
 SERVER_ID_LENGTH = 32  # hex digits of the id a server's hello gives (16 random bytes, made with its database)
 SERVER_ID_RE = re.compile("[0-9a-f]{%d}" % SERVER_ID_LENGTH)
 MAX_RECIPIENTS = 64
+MAX_RETRY_AFTER = 3600  # the longest wait a client takes from a rate_limited error's retry_after
+RECONNECT_MAX_DELAY = 30.0  # the longest pause between a client's reconnection attempts, unless told to wait
 MAX_ACK_BATCH = 1000  # message ids, or receipt ids, that one ack frame may list
 MAX_USERS_PAGE = 1000  # names one users answer lists (about 35 KB at most, so one answer fits the shortest max_line)
 _MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
@@ -289,6 +291,10 @@ class RateLimited(ProtocolError):
     """Too many requests; try again later."""
 
     code = "rate_limited"
+
+    def __init__(self, message=None, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds before a retry can succeed, when the server knows it
 
 
 class Forbidden(ProtocolError):
@@ -2796,10 +2802,18 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return {}
 
 
+def _whole_seconds(wait):
+    """A wait as the whole seconds a person or a client is told: rounded up (a thousandth spared), at least 1."""
+    return max(1, math.ceil(wait - 0.001))
+
+
 def _error_frame(rid, error, **extra):
     frame = {"type": "error", "code": error.code, "message": error.message}
     if rid is not None:
         frame["id"] = rid
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        frame["retry_after"] = _whole_seconds(retry_after)
     frame.update(extra)
     return frame
 
@@ -3010,7 +3024,7 @@ class PagerServerFactory(protocol.Factory):
         if wait > 0:
             self._charge(connection, self.now())
             wait = self._wait(connection, user, purpose)
-            raise RateLimited("Too many failed logins; try again in %d s." % max(1, round(wait)))
+            raise RateLimited("Too many failed logins; try again in %d s." % _whole_seconds(wait), retry_after=wait)
 
     def _wait(self, connection, user, purpose):
         now = self.now()
@@ -3062,8 +3076,9 @@ class PagerServerFactory(protocol.Factory):
             raise RateLimited("This account is already changing its key; try again in a moment.")
         last = self._rekeyed.get(user)
         if last is not None:
-            raise RateLimited("This account changed its key moments ago; try again in %d s."
-                              % max(1, round(last + self.limits.rekey_interval - now)))
+            wait = last + self.limits.rekey_interval - now
+            raise RateLimited("This account changed its key moments ago; try again in %d s." % _whole_seconds(wait),
+                              retry_after=wait)
         self._rekeying.add(user)
 
     def rekey_ended(self, user, succeeded):
@@ -3332,6 +3347,8 @@ class PagerClientProtocol(LineReceiver):
                 d.callback(frame)
             elif kind == "error":
                 error = error_for_code(str(frame.get("code")), _error_sentence(frame.get("message")))
+                if isinstance(error, RateLimited):
+                    error.retry_after = _retry_after(frame.get("retry_after"))
                 if d is not None:
                     d.errback(error)
                 else:
@@ -3927,6 +3944,13 @@ def client_endpoint(reactor, host, port, tls=False, ca=None):
     else:
         trust = ssl.platformTrust()
     return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
+
+
+def _retry_after(value):
+    """An error frame's C{retry_after}: a number of seconds up to L{MAX_RETRY_AFTER}, or None when it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_RETRY_AFTER:
+        return None
+    return float(value)
 
 
 def _user_names(answer, field):
@@ -4979,7 +5003,10 @@ class Session:
         self.key, self.token = key, token
 
     async def reconnect(self, say):
-        """Connect and log in again with the same key and token, backing off from 1 s to 30 s between tries."""
+        """
+        Connect and log in again with the same key and token, backing off from 1 s to L{RECONNECT_MAX_DELAY}
+        between tries, or longer when a throttled login is told to wait longer (C{retry_after}).
+        """
         delay = 1.0
         say("Connection to %s lost." % self.address)
         while not self.closing:
@@ -5000,11 +5027,12 @@ class Session:
                     raise ServerChanged(self.address, self.server_id, client.server_id, self.trust_command)
                 await self._login(client)
             except (NetworkError, ConnectionLost, RateLimited) as e:
-                # rate_limited: the server is busy or throttling logins, which passes like a network fault.
+                # rate_limited: the server is busy or throttling logins, which passes like a network fault; a
+                # throttled login waits as long as the server says, since each refused try lengthens the wait.
                 if client is not None:
                     self._abandon(client)
                 say(e.message)
-                delay = min(delay * 2, 30.0)
+                delay = max(min(delay * 2, RECONNECT_MAX_DELAY), getattr(e, "retry_after", None) or 0)
                 continue
             except BaseException:
                 if client is not None:

@@ -1035,6 +1035,7 @@ class ThrottleClockTests(test_server.ServerTestCase):
     def assertLimited(self, answer, seconds):
         self.assertError(answer, "rate_limited")
         self.assertIn("try again in %d s" % seconds, answer["message"])
+        self.assertEqual(answer["retry_after"], seconds)  # for a client that waits before trying again
 
     def test_wait_doubles_and_is_capped(self):
         """

@@ -8,6 +8,7 @@ driven by a L{task.Clock}: rate_limited is retried, and a failed attempt's conne
 import os
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 import pager
@@ -328,6 +329,35 @@ class ReconnectTests(unittest.TestCase):
         self.assertFalse(clients[1].closed)
         self.assertIn("Too many logins; try again later.", said)
         self.assertEqual(self.disconnects, [])  # closing the refused attempt started no second reconnection
+
+    def test_rate_limited_waits_as_told(self):
+        """
+        A re-login refused with a retry_after longer than the backoff waits that long before the next try (each
+        refused try would lengthen the server's wait); a retry_after past an hour is not taken from the server.
+        """
+        clock, session, clients = self.session([pager.RateLimited("Too many failed logins; try again in 120 s.",
+                                                                  retry_after=120.0)])
+        d = defer.Deferred.fromCoroutine(session.reconnect(lambda text: None))
+        clock.advance(1)
+        self.assertEqual(len(clients), 1)
+        clock.advance(119.5)
+        self.assertEqual(len(clients), 1)
+        clock.advance(0.5)
+        self.assertIs(self.successResultOf(d), clients[1])
+
+    def test_retry_after_read_from_the_frame(self):
+        """The client reads a rate_limited error's retry_after when it is a sane number of seconds, else ignores it."""
+        for value, expected in [(7, 7.0), (0.5, 0.5), (-1, None), (10 ** 9, None), ("7", None), (True, None)]:
+            proto = pager.PagerClientProtocol()
+            errors = []
+            proto.makeConnection(StringTransport())
+            d = proto.request("login")
+            d.addErrback(errors.append)
+            rid = next(iter(proto._pending))
+            proto.lineReceived(pager.encode_frame({"type": "error", "id": rid, "code": "rate_limited",
+                                                   "message": "wait", "retry_after": value}))
+            self.assertIsInstance(errors[0].value, pager.RateLimited)
+            self.assertEqual(errors[0].value.retry_after, expected, value)
 
     def test_failed_attempt_closed(self):
         """A connection whose login is cut off or times out is closed before the next try."""
