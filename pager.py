@@ -35,9 +35,11 @@ import math
 import os
 import re
 import secrets
+import shlex
 import sqlite3
 import struct
 import time
+import unicodedata
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -3509,8 +3511,9 @@ def _seen_schema_txn(txn, keep_until):
     txn.execute("DELETE FROM seen WHERE at < ?", (keep_until,))
 
 
-def _seen_contains_txn(txn, sender, msg_id):
-    return txn.execute("SELECT 1 FROM seen WHERE sender = ? AND msg_id = ?", (sender, msg_id)).fetchone() is not None
+def _seen_contains_txn(txn, sender, msg_id, before):
+    return txn.execute("SELECT 1 FROM seen WHERE sender = ? AND msg_id = ? AND at < ?",
+                       (sender, msg_id, before)).fetchone() is not None
 
 
 def _seen_add_txn(txn, sender, msg_id, now):
@@ -3521,20 +3524,40 @@ class SeenStore:
     """
     The client's persistent duplicate store: the (verified sender, message id) pairs already handed to the user,
     kept as long as the server may still redeliver them (its message expiry, plus a day).
+
+    Several sessions of one user on one machine share the file, and the server pushes each message to every one
+    of them: a pair another session recorded after this store was opened is one this session is being handed too,
+    not a duplicate, so each session shows every message once.  A duplicate is a pair recorded before this store
+    was opened (by an earlier session), or one this store recorded itself (kept in memory while the server may
+    still redeliver it).
     """
 
     def __init__(self, path, reactor=None):
         kwargs = {"cp_reactor": reactor} if reactor is not None else {}
         self.pool = adbapi.ConnectionPool("sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
                                           cp_openfun=prepare_connection, **kwargs)
+        self.opened_at = math.inf  # pairs recorded before this are duplicates
+        self._keep = Limits.message_expiry + 86400
+        self._handed = {}  # (sender, message id) -> when this store recorded it
+        self._prune_at = 1000
+
+    def _opening(self, now, keep):
+        self.opened_at, self._keep = now, keep
+        return now - keep
 
     def open(self, now, keep=Limits.message_expiry + 86400):
-        return self.pool.runInteraction(_seen_schema_txn, now - keep)
+        return self.pool.runInteraction(_seen_schema_txn, self._opening(now, keep))
 
     def contains(self, sender, msg_id):
-        return self.pool.runInteraction(_seen_contains_txn, sender, msg_id)
+        if (sender, bytes(msg_id)) in self._handed:
+            return defer.succeed(True)
+        return self.pool.runInteraction(_seen_contains_txn, sender, msg_id, self.opened_at)
 
     def add(self, sender, msg_id, now):
+        self._handed[(sender, bytes(msg_id))] = now
+        if len(self._handed) > self._prune_at:  # forget what the server can no longer redeliver
+            self._handed = {pair: at for pair, at in self._handed.items() if at >= now - self._keep}
+            self._prune_at = 2 * len(self._handed) + 1000
         return self.pool.runInteraction(_seen_add_txn, sender, msg_id, now)
 
     def close(self):
@@ -3548,6 +3571,7 @@ _LOCAL_SCHEMA = [
     " direction TEXT NOT NULL, peer TEXT NOT NULL, msg_id TEXT NOT NULL, content_type TEXT NOT NULL,"
     " filename TEXT NOT NULL, body BLOB NOT NULL, status TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS history_peer ON history(peer, id)",
+    "CREATE INDEX IF NOT EXISTS history_msg ON history(msg_id)",  # receipts update their message's entry
 ]
 
 
@@ -3567,6 +3591,11 @@ def _local_schema_txn(txn, keep_until):
     _seen_schema_txn(txn, keep_until)
     for statement in _LOCAL_SCHEMA:
         txn.execute(statement)
+    if not txn.execute("SELECT 1 FROM sqlite_master WHERE name = 'history_in'").fetchone():
+        # Each incoming message once, however many sessions of the user on this machine were handed it.
+        txn.execute("DELETE FROM history WHERE direction = 'in' AND id NOT IN"
+                    " (SELECT MIN(id) FROM history WHERE direction = 'in' GROUP BY msg_id, peer)")
+        txn.execute("CREATE UNIQUE INDEX IF NOT EXISTS history_in ON history(msg_id, peer) WHERE direction = 'in'")
 
 
 def _get_pin_txn(txn, user):
@@ -3579,7 +3608,8 @@ def _set_pin_txn(txn, user, pem, fp, now):
 
 
 def _add_history_txn(txn, entry):
-    txn.execute("INSERT INTO history (at, direction, peer, msg_id, content_type, filename, body, status)"
+    # OR IGNORE: another session of the user on this machine may have recorded the incoming message already.
+    txn.execute("INSERT OR IGNORE INTO history (at, direction, peer, msg_id, content_type, filename, body, status)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(entry))
 
 
@@ -3616,7 +3646,7 @@ class LocalStore(SeenStore):
         self.keep_history = history
 
     def open(self, now, keep=Limits.message_expiry + 86400):
-        return self.pool.runInteraction(_local_schema_txn, now - keep)
+        return self.pool.runInteraction(_local_schema_txn, self._opening(now, keep))
 
     def get_pin(self, user):
         return self.pool.runInteraction(_get_pin_txn, user)
@@ -4553,11 +4583,29 @@ def _size_text(n):
         n /= 1024.0
 
 
+SAFE_FILENAME_BYTES = 200  # a saved file's name at most, in UTF-8, leaving room for "-9999" under the usual 255
+
+
+def _filename_character(c):
+    """A character a saved file's name keeps: letters, digits and combining marks of any script, and ._ -()+,@"""
+    return c in "._ -()+,@" or unicodedata.category(c)[0] in "LNM"
+
+
 def safe_filename(name):
-    """A file name that is safe to create in a directory: no path, no leading dot, only ordinary characters."""
-    name = os.path.basename(name.replace("\\", "/"))
-    name = re.sub(r"[^A-Za-z0-9._ -]", "_", name).strip(" .")
-    return name[:100] or "file"
+    """
+    A file name that is safe to create in a directory: no path, no leading dot, no control, format or separator
+    characters; letters of every script are kept (NFC), and the name is cut to L{SAFE_FILENAME_BYTES} in UTF-8,
+    keeping its extension.
+    """
+    name = os.path.basename(unicodedata.normalize("NFC", name).replace("\\", "/"))
+    name = "".join(c if _filename_character(c) else "_" for c in name).strip(" .")
+    base, ext = os.path.splitext(name)
+    if len(ext.encode("utf-8")) > 20:
+        base, ext = name, ""
+    while base and len((base + ext).encode("utf-8")) > SAFE_FILENAME_BYTES:
+        base = base[:-1]
+    name = (base.rstrip(" .") + ext).strip(" .")
+    return name or "file"
 
 
 def save_incoming_file(directory, filename, data):
@@ -5065,17 +5113,37 @@ class Session:
             self.store = None
 
 
-def describe_message(message, saved_path=None):
-    """How an incoming message is shown: time, sender, trust mark, then the text (indented when it has lines)."""
+CHAT_SHOWN_LINES = 40  # a longer incoming text is cut in the chat after this many lines...
+CHAT_SHOWN_CHARS = 4000  # ...or this many characters, and saved whole to a file
+HISTORY_SHOWN_LINES = 5  # /history shows at most this many lines...
+HISTORY_SHOWN_CHARS = 400  # ...and characters of each message
+
+
+def cut_text(text, lines=CHAT_SHOWN_LINES, chars=CHAT_SHOWN_CHARS):
+    """C{text} cut after C{lines} lines or C{chars} characters, whichever comes first (C{text} itself if shorter)."""
+    return "\n".join(text.split("\n", lines)[:lines])[:chars]
+
+
+def _lines_text(text):
+    lines = text.count("\n") + 1
+    return "%d line%s" % (lines, "" if lines == 1 else "s")
+
+
+def describe_message(message, saved_path=None, elsewhere=False, cut=False):
+    """
+    How an incoming message is shown: time, sender, trust mark, then the text (indented when it has lines).
+    C{elsewhere} marks a message from outside the chat's current conversation (a leading \u00bb); with C{cut},
+    a long text shows only its first lines and a note that it is saved whole in C{saved_path}.
+    """
     if message.key_status == "verified":
         mark = "\u2713"
     elif message.key_status == "new":
         mark = "\u2713 (first message: key pinned)"
     else:
-        mark = "\u26a0 KEY CHANGED, NOT VERIFIED: see 'fingerprint %s', then 'trust %s'" % (
+        mark = "\u26a0 KEY CHANGED, NOT VERIFIED: see /fingerprint %s, then /trust %s" % (
             message.sender, message.sender)
     when = message.accepted_at if message.accepted_at is not None else message.timestamp
-    head = "[%s] %s %s" % (_clock(when), message.sender, mark)
+    head = "[%s] %s%s %s" % (_clock(when), "\u00bb " if elsewhere else "", message.sender, mark)
     if message.skewed:
         head += " (signed at %s by the sender's clock)" % _date_clock(message.timestamp)
     others = [r for r in message.recipients if r != message.sender]
@@ -5085,8 +5153,15 @@ def describe_message(message, saved_path=None):
         return "%s sent the file %s (%s), saved as %s" % (
             head, message.filename, _size_text(len(message.plaintext)), saved_path)
     text = message.plaintext.decode("utf-8", "replace").rstrip("\n")
-    if "\n" in text:
-        return head + "\n" + "\n".join("    " + line for line in text.split("\n"))
+    note = None
+    if cut:
+        shown = cut_text(text)
+        if shown != text:
+            note = "[cut: the message has %s, %d characters; all of it is saved as %s]" % (
+                _lines_text(text), len(text), saved_path)
+            text = shown
+    if "\n" in text or note:
+        return head + "\n" + "\n".join("    " + line for line in text.split("\n") + ([note] if note else []))
     return head + " " + text
 
 
@@ -5103,29 +5178,38 @@ class Chat:
     """
     The interactive client's logic, apart from how lines are read and shown: the UI passes each typed line to
     L{line}; the chat shows events with C{ui.show(text)} and changes the prompt with C{ui.set_prompt(text)}.
+
+    A line starting with C{/} is a command; any other line goes to the open conversation (C{conversation}, one user
+    name, shown as the prompt C{NAME> }), or, when none is open (the prompt C{to> }), is refused with a sentence:
+    a typed word is never taken as a recipient.  C{users}, C{quit} and C{help} also work without the C{/} there.
     """
 
-    COMMANDS = ("users", "quit", "exit", "help", "history", "fingerprint", "trust", "whoami")
+    BARE_COMMANDS = ("users", "quit", "exit", "help")  # taken without "/" at the to> prompt, as they always were
     HELP = """\
-Type a user name (or several, separated by commas), press Enter, then type the message.
-  /msg NAME[,NAME...] TEXT   send TEXT at once
-  /paste NAME[,NAME...]      send several lines; end with a line holding only "."
-  /file NAME[,NAME...] PATH  send a file
-  users [NAME]               who is online, who is registered (with NAME: the names after it)
-  history [NAME]             the last messages (with NAME: with that user)
-  fingerprint [NAME]         your key's fingerprint, or NAME's (compare them by phone or in person)
-  trust NAME                 accept NAME's new key after checking its fingerprint
-  whoami                     who you are, on which server
-  help                       this text
-  quit                       leave (Ctrl-D too)
-An empty line cancels a half-written message."""
+Every line you type goes to the open conversation (its name is the prompt); commands start with "/".
+  /to NAME                   talk to NAME: each line you type from now on goes to NAME (/to alone: to nobody)
+  /r                         talk to whoever wrote to you last (lines from others are marked \u00bb)
+  /msg NAME[,NAME...] TEXT   send TEXT once, without changing the conversation
+  /paste [NAME[,NAME...]]    send several lines as one message; end with a line holding only "."
+  /file [NAME[,NAME...]] PATH  send a file (quote a PATH with spaces: /file bob "my notes.txt")
+  /users [NAME]              who is online, who is registered (with NAME: the names after it)
+  /history [NAME]            the last messages (with NAME: with that user)
+  /fingerprint [NAME]        your key's fingerprint, or NAME's and whether it is pinned, verified or changed
+  /verify NAME               record that you compared NAME's fingerprint with NAME (by phone or in person)
+  /trust NAME                accept NAME's new key after checking its fingerprint
+  /whoami                    who you are, on which server
+  /help                      this text
+  /quit                      leave (Ctrl-D too)
+To send a line that starts with "/", type "//" instead: "//usr is full" sends "/usr is full"."""
 
     def __init__(self, session, reactor):
         self.session = session
         self.reactor = reactor
         self.ui = None
-        self.recipients = None  # names the next line is for
+        self.conversation = None  # the user each typed line goes to, or None (the to> prompt)
+        self.last_sender = None  # whom /r answers
         self.pasting = None  # lines of a /paste so far
+        self._paste_to = None  # and whom they are for
         self.done = Deferred()
         self._closing = False
         self._busy = set()  # commands in flight: quitting waits for them
@@ -5137,7 +5221,8 @@ An empty line cancels a half-written message."""
     def attach(self, ui):
         self.ui = ui
         self._prompt()
-        self.ui.show("Logged in as %s on %s. Type 'help' for help." % (self.session.user, self.session.address))
+        self.ui.show("Logged in as %s on %s. Type /to NAME to start talking, /help for help."
+                     % (self.session.user, self.session.address))
         early, self._early = self._early, []
         for text in early:
             self.ui.show(text)
@@ -5154,14 +5239,21 @@ An empty line cancels a half-written message."""
         else:
             self._early.append(text)  # arrived between login and the screen: shown once it is up
 
-    def _prompt(self):
+    @property
+    def prompt(self):
+        """The prompt for the next line: C{... } in a /paste, C{NAME> } in a conversation, C{to> } outside one."""
         if self.pasting is not None:
-            prompt = "... "
-        elif self.recipients:
-            prompt = "%s> " % ",".join(self.recipients)
-        else:
-            prompt = "to> "
-        self.ui.set_prompt(prompt)
+            return "... "
+        return "%s> " % (self.conversation or "to")
+
+    def _prompt(self):
+        if self.ui is not None and not self._closing:
+            self.ui.set_prompt(self.prompt)
+
+    @property
+    def closing(self):
+        """True once the chat is quitting: the screen draws no prompt any more."""
+        return self._closing
 
     def quit(self):
         if not self._closing:
@@ -5186,45 +5278,88 @@ An empty line cancels a half-written message."""
     # -- input --
 
     def line(self, text):
+        """One typed line: a /command, a line of a /paste, or a message to the open conversation."""
         if self.pasting is not None:
             if text == ".":
-                names, lines, self.pasting, self.recipients = self.recipients, self.pasting, None, None
+                names, lines, self.pasting, self._paste_to = self._paste_to, self.pasting, None, None
                 self._prompt()
                 self._run(self.send(names, "\n".join(lines)))
             else:
                 self.pasting.append(text)
             return
         stripped = text.strip()
-        if self.recipients is not None:
-            names, self.recipients = self.recipients, None
-            self._prompt()
-            if stripped:
-                self._run(self.send(names, text))
-            else:
-                self.show("(cancelled)")
-            return
         if not stripped:
             return
-        word, _, rest = stripped.partition(" ")
-        command = word[1:] if word.startswith("/") else word
-        if word.startswith("/") or command in self.COMMANDS:
-            handler = getattr(self, "command_" + command.replace("-", "_"), None)
-            if handler is None:
-                self.show("Unknown command %s; type 'help'." % word)
-            else:
-                self._run(handler(rest.strip()))
+        if stripped.startswith("/") and not stripped.startswith("//"):
+            word, _, rest = stripped.partition(" ")
+            self._command(word, rest.strip())
             return
-        try:
-            self.recipients = self._names(stripped)
-        except BadRequest as e:
-            self.show(e.message)
-        self._prompt()
+        if self.conversation is None:
+            word, _, rest = stripped.partition(" ")
+            if word in self.BARE_COMMANDS:
+                self._command(word, rest.strip())
+            else:
+                self.show("Not sent: no conversation is open. Type /to NAME first (then every line goes to NAME), "
+                          "or /msg NAME TEXT.")
+            return
+        if stripped.startswith("//"):
+            text = text.replace("/", "", 1)
+        self._run(self.send([self.conversation], text))
+
+    def _command(self, word, rest):
+        name = word.lstrip("/").lower()
+        handler = getattr(self, "command_" + name, None) if name.isidentifier() else None
+        if handler is None:
+            self.show("Unknown command %s: nothing was sent. Type /help for the commands (and // to send a line "
+                      "that starts with /)." % word)
+        else:
+            self._run(handler(rest))
 
     def _names(self, text):
         names = [canonical_username(n.strip()) for n in text.split(",") if n.strip()]
         if not names:
             raise BadRequest("Name at least one recipient.")
         return sorted(set(names))
+
+    def open_conversation(self, user):
+        """Make C{user} the current conversation: the prompt shows the name and each typed line goes there."""
+        self.conversation = user
+        self._prompt()
+        self.show("Talking to %s: each line you type goes to %s (/to NAME to switch)." % (user, user))
+
+    async def command_to(self, rest):
+        if not rest:
+            if self.conversation is None:
+                raise usage.UsageError("Usage: /to NAME (each line you type then goes to NAME).")
+            left, self.conversation = self.conversation, None
+            self._prompt()
+            self.show("Left the conversation with %s: lines you type go nowhere until /to NAME." % left)
+            return
+        if "," in rest or " " in rest:
+            raise usage.UsageError("A conversation is with one user (/to NAME); send one message to several with "
+                                   "/msg NAME,NAME TEXT.")
+        user = canonical_username(rest)
+        # Opened at once, so that the lines typed (or piped) right after it go there; then checked with the server.
+        self.open_conversation(user)
+        try:
+            await self.session.client.public_key(user)
+        except UnknownUser:
+            if self.conversation == user:
+                self.conversation = None
+                self._prompt()
+            raise UnknownUser("No such user: %s; no conversation is open (/users lists who is registered)." % user)
+        except (ConnectionLost, NetworkError):
+            pass  # not connected now: the server names an unknown user when the message goes out
+
+    async def command_r(self, rest):
+        if rest:
+            raise usage.UsageError("/r takes no text: it makes the last sender the conversation; then type the "
+                                   "message.")
+        if self.last_sender is None:
+            raise usage.UsageError("Nobody has written to you since you logged in; /to NAME opens a conversation.")
+        self.open_conversation(self.last_sender)
+
+    command_reply = command_r
 
     # -- sending --
 
@@ -5246,25 +5381,44 @@ An empty line cancels a half-written message."""
             raise usage.UsageError("Usage: /msg NAME[,NAME...] TEXT")
         await self.send(self._names(names), text)
 
+    def _to_conversation(self, usage_text):
+        if self.conversation is None:
+            raise usage.UsageError("No conversation is open: %s" % usage_text)
+        return [self.conversation]
+
     async def command_paste(self, rest):
-        if not rest:
-            raise usage.UsageError("Usage: /paste NAME[,NAME...]")
-        self.recipients = self._names(rest)
-        self.pasting = []
+        names = self._names(rest) if rest else self._to_conversation("use /paste NAME[,NAME...] or /to NAME first.")
+        self._paste_to, self.pasting = names, []
         self._prompt()
-        self.show('Type the message; end it with a line holding only ".".')
+        self.show('Type the message for %s; end it with a line holding only ".".' % ", ".join(names))
+
+    def _file_arguments(self, rest):
+        """C{(names, path)} of a /file command: C{[NAMES] PATH}, the path quoted (or backslash-escaped) as in a shell."""
+        usage_text = 'Usage: /file [NAME[,NAME...]] PATH, with a PATH that has spaces in quotes: /file bob "my notes.txt"'
+        if self.conversation is not None and os.path.isfile(os.path.expanduser(rest)):
+            return [self.conversation], rest  # the whole line is a file's name, spaces and all
+        try:
+            words = shlex.split(rest)
+        except ValueError as e:
+            raise usage.UsageError("%s (%s)." % (usage_text, e))
+        if len(words) == 1:
+            return self._to_conversation(usage_text), words[0]
+        if len(words) == 2:
+            return self._names(words[0]), words[1]
+        if len(words) > 2:
+            names, _, path = rest.partition(" ")
+            if os.path.isfile(os.path.expanduser(path.strip())):
+                return self._names(names), path.strip()
+        raise usage.UsageError(usage_text)
 
     async def command_file(self, rest):
-        names, _, path = rest.partition(" ")
-        path = os.path.expanduser(path.strip())
-        if not names or not path:
-            raise usage.UsageError("Usage: /file NAME[,NAME...] PATH")
-        names = self._names(names)
+        names, path = self._file_arguments(rest)
+        path = os.path.expanduser(path)
         try:
             data = await self.session.in_thread(_read_file, path)
         except OSError as e:
             raise usage.UsageError("Cannot read %s: %s." % (path, e.strerror))
-        self.show("Sending %s (%s)..." % (os.path.basename(path), _size_text(len(data))))
+        self.show("Sending %s (%s) to %s..." % (os.path.basename(path), _size_text(len(data)), ", ".join(names)))
         await self.send(names, "", "file", os.path.basename(path), data)
 
     # -- other commands --
@@ -5289,7 +5443,7 @@ An empty line cancels a half-written message."""
                                    ("registered", registered, registered.count)):
             line = "%s: %s" % (label, ", ".join(page.registered) or "nobody")
             if page.next is not None or after is not None:
-                line += " (%d in all%s)" % (count, "; more: users " + page.next if page.next else "")
+                line += " (%d in all%s)" % (count, "; more: /users " + page.next if page.next else "")
             lines.append(line)
         self.show("\n".join(lines))
 
@@ -5316,7 +5470,7 @@ An empty line cancels a half-written message."""
 
     async def command_trust(self, rest):
         if not rest:
-            raise usage.UsageError("Usage: trust NAME")
+            raise usage.UsageError("Usage: /trust NAME")
         user = canonical_username(rest)
         fp = await self.session.client.trust(user)
         self.show("Now trusting %s's key:\n    %s" % (user, format_fingerprint(fp)))
@@ -5331,8 +5485,12 @@ An empty line cancels a half-written message."""
         for e in entries:
             arrow = "->" if e.direction == "out" else "<-"
             body = ("file %s" % e.filename) if e.content_type == "file" else e.body.decode("utf-8", "replace")
+            shown = cut_text(body, HISTORY_SHOWN_LINES, HISTORY_SHOWN_CHARS)
+            if shown != body:
+                shown += "\n[cut: %s, %d characters in all]" % (_lines_text(body), len(body))
             status = " (%s)" % e.status if e.direction == "out" else ""
-            lines.append("[%s] %s %s: %s%s" % (_date_clock(e.at), arrow, e.peer, body, status))
+            lines.append("[%s] %s %s: %s%s" % (_date_clock(e.at), arrow, e.peer, shown.replace("\n", "\n    "),
+                                               status))
         self.show("\n".join(lines))
 
     # -- events --
@@ -5343,7 +5501,17 @@ An empty line cancels a half-written message."""
         if message.content_type == "file":
             directory = private_directory(self.session.directory, "files")
             saved = await self.session.in_thread(save_incoming_file, directory, message.filename, message.plaintext)
-        self.show(describe_message(message, saved))
+        elif len(message.plaintext) > CHAT_SHOWN_CHARS or message.plaintext.count(b"\n") >= CHAT_SHOWN_LINES:
+            text = message.plaintext.decode("utf-8", "replace").rstrip("\n")
+            if cut_text(text) != text:  # too long to show whole: saved to a file the note names
+                directory = private_directory(self.session.directory, "files")
+                name = "message from %s %s.txt" % (message.sender, time.strftime(
+                    "%Y-%m-%d %H.%M.%S", time.localtime(message.accepted_at or message.timestamp)))
+                saved = await self.session.in_thread(save_incoming_file, directory, name, message.plaintext)
+        if message.sender != self.session.user:
+            self.last_sender = message.sender
+        elsewhere = self.conversation is not None and message.sender != self.conversation
+        self.show(describe_message(message, saved, elsewhere=elsewhere, cut=True))
         await self.session.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
@@ -5425,23 +5593,35 @@ def _chat_screen_class():
                 super().keystrokeReceived(keyID, modifier)
 
         def lineReceived(self, line):
-            self.terminal.nextLine()
+            # recvline has already moved to a new line.  What the line causes may show text (which draws the prompt
+            # again below it) or change the prompt: the input line is drawn once, after all that, and never once
+            # the chat is quitting.
             self.chat.line(line.decode("utf-8", "replace"))
-            self.terminal.write(self.ps[self.pn])
+            if not self.chat.closing:
+                self._redraw()
 
         def set_prompt(self, text):
-            prompt = SafeWriter.clean(text).encode("utf-8")  # recvline draws it again itself, after each line
-            self.ps = (prompt, prompt)
+            prompt = SafeWriter.clean(text).encode("utf-8")
+            if prompt != self.ps[self.pn]:
+                self.ps = (prompt, prompt)
+                self._redraw()
+
+        def _redraw(self):
+            """Draw the input line (prompt and what is typed so far) again, in place, with the cursor where it was."""
+            t = self.terminal
+            t.write(b"\r")
+            t.eraseLine()
+            t.write(self.ps[self.pn] + b"".join(self.lineBuffer))
+            back = len(self.lineBuffer) - self.lineBufferIndex
+            if back:
+                t.cursorBackward(back)
 
         def show(self, text):
             t = self.terminal
             t.write(b"\r")
             t.eraseLine()
             self.out.write(text + "\n")
-            t.write(self.ps[self.pn] + b"".join(self.lineBuffer))
-            back = len(self.lineBuffer) - self.lineBufferIndex
-            if back:
-                t.cursorBackward(back)
+            self._redraw()
 
         def connectionLost(self, reason):
             self.chat.quit()

@@ -52,15 +52,18 @@ class ChatTestCase(CLITestCase):
         """The chat of C{name}, already registered on the server."""
         return await self.chat_as(name, registered=True)
 
-    async def chat_as(self, name="alice", pins=(), registered=False, no_history=False):
+    async def chat_as(self, name="alice", pins=(), registered=False, no_history=False, home=None):
         """
         Start C{name}'s chat: returns C{(chat, ui)}.  C{pins} names users whose module key is pinned in C{name}'s
-        local store before the session starts.
+        local store before the session starts.  With C{home}, the chat uses that PAGER_HOME (where C{name} has a
+        key already): another session of the user on the same machine.
         """
         self.patch(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PAGER_")})
         if not hasattr(self, "server"):
             await self.serve()
-        if registered:
+        if home is not None:
+            pass
+        elif registered:
             home = self.home()
             self.install_key(home, name)
         else:
@@ -123,23 +126,110 @@ class ChatTestCase(CLITestCase):
 class ChatSendingTests(ChatTestCase):
     """What is typed at the chat reaches the recipients."""
 
-    async def test_name_then_text(self):
-        """A name, Enter, then the text: bob gets it from alice; the prompt says who the next line is for."""
+    async def test_conversation_stays_open(self):
+        """
+        /to bob opens a conversation: the prompt says bob> and stays so, and every line goes to bob, each as its own
+        message, until /to alone leaves it.
+        """
         await self.serve()
         bob = await self.peer("bob")
         chat, ui = await self.chat_as("alice")
         self.assertEqual(ui.prompt, "to> ")
         self.assertIn("Logged in as alice", ui.text())
-        chat.line("bob")
+        await self.type(chat, "/to bob")
+        self.assertEqual((chat.conversation, ui.prompt), ("bob", "bob> "))
+        await self.type(chat, "hello", "still you")
         self.assertEqual(ui.prompt, "bob> ")
-        await self.type(chat, "hello")
-        self.assertEqual(ui.prompt, "to> ")
-        await self.wait_for(lambda: bob.events.messages, "bob's message")
-        [message] = bob.events.messages
-        self.assertOpened(message, "alice", b"hello", recipients=["bob"])
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "bob's two messages")
+        for message, text in zip(sorted(bob.events.messages, key=lambda m: m.plaintext), (b"hello", b"still you")):
+            self.assertOpened(message, "alice", text, recipients=["bob"])
+        await self.type(chat, "/to")
+        self.assertEqual((chat.conversation, ui.prompt), (None, "to> "))
+
+    async def test_bare_word_is_never_a_recipient(self):
+        """
+        At the to> prompt, a name and then a text send nothing: each line is refused with a sentence saying how to
+        open a conversation, and the prompt stays to>.
+        """
+        server = await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        before = len(ui.shown)
+        await self.type(chat, "bob", "are you there")
+        self.assertEqual(ui.text(before).count("Not sent: no conversation is open. Type /to NAME"), 2)
+        self.assertEqual((chat.conversation, ui.prompt), (None, "to> "))
+        await bob.ping()
+        self.assertEqual((bob.events.messages, await self.pending(server, "bob")), ([], []))
+
+    async def test_words_in_a_conversation_are_messages(self):
+        """
+        In a conversation, 'quit', 'users' and 'help' without a slash are text for bob, and the chat goes on;
+        '//' sends a line starting with '/'.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/to bob", "quit", "users", "help", "//usr is full")
+        await self.wait_for(lambda: len(bob.events.messages) == 4, "bob's four messages")
+        self.assertEqual(sorted(m.plaintext for m in bob.events.messages), [b"/usr is full", b"help", b"quit", b"users"])
+        self.assertFalse(chat.closing)
+        self.assertEqual(ui.prompt, "bob> ")
+
+    async def test_to_checks_the_name(self):
+        """
+        /to nobody (not registered) says so and closes the conversation again; /to with two names or a bad name
+        says what to do instead; none of them sends anything.
+        """
+        await self.serve()
+        await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        before = len(ui.shown)
+        await self.type(chat, "/to nobody")
+        self.assertIn("No such user: nobody", ui.text(before))
+        self.assertEqual((chat.conversation, ui.prompt), (None, "to> "))
+        before = len(ui.shown)
+        await self.type(chat, "/to bob,carol")
+        self.assertIn("/msg NAME,NAME TEXT", ui.text(before))
+        before = len(ui.shown)
+        await self.type(chat, "/to bad\x1bname")
+        self.assertIn("User names are", ui.text(before))
+        self.assertEqual(chat.conversation, None)
+        await self.type(chat, "/to bob", "/to nobody")
+        self.assertEqual((chat.conversation, ui.prompt), (None, "to> "))
+
+    async def test_reply_and_marks(self):
+        """
+        While alice talks to bob, a message from carol is marked (\u00bb) and bob's is not; /r then opens the
+        conversation with carol, the last sender, and the next line goes to her.  /r before anyone wrote, or /r
+        with text, sends nothing and says why.
+        """
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        before = len(ui.shown)
+        await self.type(chat, "/r", "/r hi")
+        self.assertIn("Nobody has written to you", ui.text(before))
+        self.assertIn("/r takes no text", ui.text(before))
+        await self.type(chat, "/to bob")
+        await bob.send("alice", "from bob")
+        await self.wait_for(lambda: "from bob" in ui.text(), "bob's message")
+        await carol.send("alice", "from carol")
+        await self.wait_for(lambda: "from carol" in ui.text(), "carol's message")
+        await self.idle(chat)
+        [bob_line] = [line for line in ui.shown if "from bob" in line]
+        [carol_line] = [line for line in ui.shown if "from carol" in line]
+        self.assertNotIn("\u00bb", bob_line)
+        self.assertIn("\u00bb carol", carol_line)
+        self.assertEqual(ui.prompt, "bob> ")
+        await self.type(chat, "/r")
+        self.assertEqual((chat.conversation, ui.prompt), ("carol", "carol> "))
+        await self.type(chat, "back to you")
+        await self.wait_for(lambda: carol.events.messages, "the answer to carol")
+        self.assertEqual([m.plaintext for m in carol.events.messages], [b"back to you"])
+        self.assertEqual(bob.events.messages, [])
 
     async def test_msg_to_two(self):
-        """/msg bob,carol TEXT sends one message to both."""
+        """/msg bob,carol TEXT sends one message to both, and leaves the conversation as it was."""
         await self.serve()
         bob, carol = await self.peer("bob"), await self.peer("carol")
         chat, ui = await self.chat_as("alice")
@@ -149,9 +239,10 @@ class ChatSendingTests(ChatTestCase):
             [message] = client.events.messages
             self.assertOpened(message, "alice", b"hi", recipients=["bob", "carol"])
         self.assertEqual(bob.events.messages[0].message_id, carol.events.messages[0].message_id)
+        self.assertEqual(ui.prompt, "to> ")
 
     async def test_paste(self):
-        """/paste NAME, some lines, then '.' sends the lines as one message."""
+        """/paste NAME, some lines, then '.' sends the lines as one message; in a conversation /paste needs no name."""
         await self.serve()
         bob = await self.peer("bob")
         chat, ui = await self.chat_as("alice")
@@ -164,6 +255,15 @@ class ChatSendingTests(ChatTestCase):
         self.assertEqual(ui.prompt, "to> ")
         await self.wait_for(lambda: bob.events.messages, "the pasted message")
         self.assertOpened(bob.events.messages[0], "alice", b"first line\n  indented second\n\nlast")
+
+        before = len(ui.shown)
+        await self.type(chat, "/paste")
+        self.assertIn("No conversation is open", ui.text(before))
+        await self.type(chat, "/to bob", "/paste", "/quit", "two", ".")
+        self.assertEqual(ui.prompt, "bob> ")
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "the second paste")
+        self.assertEqual(bob.events.messages[1].plaintext, b"/quit\ntwo")
+        self.assertFalse(chat.closing)
 
     async def test_file(self):
         """/file NAME PATH sends the file, named by its base name."""
@@ -183,31 +283,124 @@ class ChatSendingTests(ChatTestCase):
         self.assertEqual((message.content_type, message.filename), ("file", "notes.txt"))
         self.assertIn("notes.txt", ui.text())
 
-    async def test_empty_line_cancels(self):
-        """An empty line at the message prompt cancels: nothing is sent."""
+    async def test_file_paths_with_spaces(self):
+        """
+        /file takes a quoted path with spaces and a non-ASCII name, a backslash-escaped one, and, in a conversation,
+        the path alone, unquoted; a path it cannot split sends nothing and says to quote it.
+        """
         await self.serve()
         bob = await self.peer("bob")
         chat, ui = await self.chat_as("alice")
-        chat.line("bob")
-        await self.type(chat, "")
-        self.assertEqual(ui.prompt, "to> ")
-        self.assertIn("cancelled", ui.text())
-        await self.type(chat, "/msg bob after the cancel")
-        await self.wait_for(lambda: bob.events.messages, "the next message")
-        self.assertEqual([m.plaintext for m in bob.events.messages], [b"after the cancel"])
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "Relevé de compte ü.txt")
+        with open(path, "wb") as f:
+            f.write(b"the file")
+        await self.type(chat, '/file bob "%s"' % path)
+        await self.type(chat, "/file bob " + path.replace(" ", "\\ "))
+        await self.type(chat, "/to bob", "/file " + path)
+        await self.wait_for(lambda: len(bob.events.messages) == 3, "the three files")
+        self.assertEqual([(m.filename, m.plaintext) for m in bob.events.messages],
+                         [("Relevé de compte ü.txt", b"the file")] * 3)
+        before = len(ui.shown)
+        await self.type(chat, "/file bob %s/no such file.txt" % directory)
+        self.assertIn("quotes", ui.text(before))
+        await bob.ping()
+        self.assertEqual(len(bob.events.messages), 3)
 
     async def test_unknown_command(self):
-        """/nope says it is unknown and sends nothing."""
+        """/nope says it is unknown and sends nothing, even in a conversation; /help lists the commands."""
         await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/to bob")
+        before = len(ui.shown)
+        await self.type(chat, "/nope", "/__init__", "/NOPE x")
+        self.assertEqual(ui.text(before).count("Unknown command"), 3)
+        self.assertIn("Unknown command /nope: nothing was sent", ui.text(before))
+        self.assertEqual(ui.prompt, "bob> ")
+        before = len(ui.shown)
+        await self.type(chat, "/help")
+        for word in ("/to", "/r ", "/msg", "/paste", "/file", "/users", "/history", "/fingerprint", "/verify",
+                     "/trust", "/whoami", "/quit", "//"):
+            self.assertIn(word, ui.text(before))
+        await bob.ping()
+        self.assertEqual(bob.events.messages, [])
+
+    async def test_two_sessions_of_one_user(self):
+        """
+        alice runs two chats on one machine (one home, one local database): each of bob's messages is shown in
+        both, once each, and recorded once in the history.  (They shared one duplicate store, so whichever session
+        recorded a message first hid it from the other.)
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat1, ui1 = await self.chat_as("alice")
+        chat2, ui2 = await self.chat_as("alice", home=self.home_of_chat)
+        texts = ["message %d" % n for n in range(5)]
+        for text in texts:
+            await bob.send("alice", text)
+        for ui in (ui1, ui2):
+            await self.wait_for(lambda: all(t in ui.text() for t in texts), "every message in both chats")
+        await self.settle(chat1)
+        await self.settle(chat2)
+        for ui in (ui1, ui2):
+            for text in texts:
+                self.assertEqual(ui.text().count(text), 1, ui.text())
+        entries = await chat1.session.store.history("bob")
+        self.assertEqual([e.body.decode() for e in entries], texts)
+
+    async def test_long_message_cut(self):
+        """
+        A message of 5000 lines shows its first 40 and a note naming the file that holds all of it; /history
+        shows a few lines of it.  A message of 40 lines is shown whole.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        text = "\n".join("line %d" % n for n in range(5000))
+        await bob.send("alice", text)
+        await self.wait_for(lambda: "[cut:" in ui.text(), "the cut message")
+        await self.idle(chat)
+        [shown] = [line for line in ui.shown if "line 0" in line]
+        self.assertIn("line 39\n", shown)
+        self.assertNotIn("line 40\n", shown)
+        self.assertIn("the message has 5000 lines", shown)
+        path = shown.rsplit("saved as ", 1)[1].rstrip("]\n")
+        with open(path, encoding="utf-8") as f:
+            self.assertEqual(f.read(), text)
+        self.assertLess(len(ui.text()), 4000)
+
+        one_line = "x" * 100000
+        await bob.send("alice", one_line)
+        await self.wait_for(lambda: "100000 characters" in ui.text(), "the long line cut")
+        await self.idle(chat)
+        self.assertLess(len(ui.text()), 10000)
+
+        short = "\n".join("short %d" % n for n in range(40))
+        await bob.send("alice", short)
+        await self.wait_for(lambda: "short 39" in ui.text(), "the 40-line message whole")
+        await self.idle(chat)
+        before = len(ui.shown)
+        await self.type(chat, "/history bob")
+        shown = ui.text(before)
+        self.assertIn("line 4\n", shown)
+        self.assertNotIn("line 5\n", shown)
+        self.assertIn("5000 lines, 48889 characters in all", shown)
+        self.assertLess(len(shown), 4000)
+
+    async def test_empty_line_sends_nothing(self):
+        """An empty line, in a conversation or not, sends nothing and shows nothing."""
+        await self.serve()
+        bob = await self.peer("bob")
         chat, ui = await self.chat_as("alice")
         before = len(ui.shown)
-        await self.type(chat, "/nope")
-        self.assertIn("Unknown command /nope", ui.text(before))
-        self.assertEqual(ui.prompt, "to> ")
-        before = len(ui.shown)
-        await self.type(chat, "help")
-        for word in ("/msg", "/paste", "/file", "users", "history", "fingerprint", "trust", "whoami", "quit"):
-            self.assertIn(word, ui.text(before))
+        await self.type(chat, "", "   ", "/to bob", "", "  ")
+        self.assertEqual(ui.prompt, "bob> ")
+        await self.type(chat, "after the empty lines")
+        await self.wait_for(lambda: bob.events.messages, "the next message")
+        self.assertEqual([m.plaintext for m in bob.events.messages], [b"after the empty lines"])
+        self.assertNotIn("Not sent", ui.text(before))
 
     async def test_receipt_after_quit(self):
         """
@@ -217,7 +410,7 @@ class ChatSendingTests(ChatTestCase):
         await self.serve()
         chat, ui = await self.chat_as("alice")
         client = chat.session.client
-        chat.line("quit")
+        chat.line("/quit")
         client.frame_received({"type": "receipt", "receipt": 1, "msg": "00" * 16, "from": "bob",
                                "status": "delivered", "reason": "", "at": reactor.seconds()})
         await self.wait_for(lambda: chat.done.called and not client._working, "the chat to quit")
@@ -252,7 +445,7 @@ class ChatCommandTests(ChatTestCase):
         await self.type(chat, "users")
         online, registered = ui.text(before).splitlines()
         self.assertEqual(online, "online: alice")
-        self.assertEqual(registered, "registered: %s (151 in all; more: users %s)"
+        self.assertEqual(registered, "registered: %s (151 in all; more: /users %s)"
                          % (", ".join(["alice"] + names[:99]), names[98]))
         before = len(ui.shown)
         await self.type(chat, "users " + names[98])
@@ -272,7 +465,7 @@ class ChatCommandTests(ChatTestCase):
         self.assertIn("registered: alice, bob, carol", shown)
 
         before = len(ui.shown)
-        await self.type(chat, "whoami")
+        await self.type(chat, "/whoami")
         shown = ui.text(before)
         self.assertIn("alice", shown)
         self.assertIn(self.host, shown)
@@ -285,18 +478,18 @@ class ChatCommandTests(ChatTestCase):
         await self.peer("bob")
         chat, ui = await self.chat_as("alice")
         before = len(ui.shown)
-        await self.type(chat, "fingerprint")
+        await self.type(chat, "/fingerprint")
         self.assertIn(pager.format_fingerprint(pager.fingerprint(key("alice"))), ui.text(before))
 
         bob_fp = pager.format_fingerprint(pager.fingerprint(key("bob")))
         before = len(ui.shown)
-        await self.type(chat, "fingerprint bob")
+        await self.type(chat, "/fingerprint bob")
         self.assertIn(bob_fp, ui.text(before))
         self.assertIn("not pinned", ui.text(before))
 
         await self.type(chat, "/msg bob pin it")
         before = len(ui.shown)
-        await self.type(chat, "fingerprint bob")
+        await self.type(chat, "/fingerprint bob")
         self.assertIn(bob_fp, ui.text(before))
         self.assertIn("(pinned)", ui.text(before))
 
@@ -312,13 +505,13 @@ class ChatCommandTests(ChatTestCase):
         await self.wait_for(lambda: "fine, and you" in ui.text(), "bob's answer on alice's screen")
         await self.idle(chat)
         before = len(ui.shown)
-        await self.type(chat, "history bob")
+        await self.type(chat, "/history bob")
         shown = ui.text(before)
         self.assertIn("-> bob: how are you", shown)
         self.assertIn("<- bob: fine, and you", shown)
         self.assertLess(shown.index("how are you"), shown.index("fine, and you"))
         before = len(ui.shown)
-        await self.type(chat, "history carol")
+        await self.type(chat, "/history carol")
         self.assertIn("No history with carol", ui.text(before))
 
     async def test_no_history(self):
@@ -331,7 +524,7 @@ class ChatCommandTests(ChatTestCase):
         await self.wait_for(lambda: "me neither" in ui.text(), "bob's message")
         await self.idle(chat)
         before = len(ui.shown)
-        await self.type(chat, "history")
+        await self.type(chat, "/history")
         self.assertIn("No history", ui.text(before))
         self.assertEqual(await chat.session.store.history(), [])
 
@@ -355,14 +548,14 @@ class ChatCommandTests(ChatTestCase):
         self.assertEqual(bob.events.messages, [])
 
         before = len(ui.shown)
-        await self.type(chat, "fingerprint bob")
+        await self.type(chat, "/fingerprint bob")
         shown = ui.text(before)
         self.assertIn("CHANGED", shown)
         self.assertIn(pager.format_fingerprint(pager.fingerprint(key("bob"))), shown)
         self.assertIn(pager.format_fingerprint(pager.fingerprint(new_key)), shown)
 
         before = len(ui.shown)
-        await self.type(chat, "trust bob")
+        await self.type(chat, "/trust bob")
         self.assertIn(pager.format_fingerprint(pager.fingerprint(new_key)), ui.text(before))
         await self.type(chat, "/msg bob now I trust you")
         await self.wait_for(lambda: bob.events.messages, "the message after trust")
@@ -412,7 +605,7 @@ class ChatReceivingTests(ChatTestCase):
 
         await self.wait_for(lambda: chat.session.store.history("bob").addCallback(bool), "the history entry")
         before = len(ui.shown)
-        await self.type(chat, "history bob")
+        await self.type(chat, "/history bob")
         self.assertNotIn("\x1b", ui.text(before))
         self.assertIn("pwned", ui.text(before))
 
@@ -486,7 +679,7 @@ class PlainChatTests(ChatTestCase):
         plain = pager.PlainChat(chat, out)
         plain.makeConnection(StringTransport())
         self.assertIn("Logged in as alice", out.getvalue())
-        plain.dataReceived(b"bob\r\nhello from a pipe\n")
+        plain.dataReceived(b"/to bob\r\nhello from a pipe\n")
         await self.wait_for(lambda: bob.events.messages, "bob's message")
         self.assertOpened(bob.events.messages[0], "alice", b"hello from a pipe")
         await bob.send("alice", "got it")
@@ -504,7 +697,7 @@ class PipeTests(CLITestCase):
         home = await self.provision("alice")
         bob = await self.peer("bob")
         result = await self.pager("connect", self.host, "--user", "alice", home=home, token_of="alice",
-                                  stdin=b"bob\nhello via a pipe\n/msg bob and a second line\n")
+                                  stdin=b"/to bob\nhello via a pipe\n/msg bob and a second line\n")
         self.assertExit(result, 0)
         self.assertIn("Logged in as alice", result.out)
         self.assertNotIn("Traceback", result.err)
