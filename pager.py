@@ -6159,7 +6159,13 @@ async def _connect_command(reactor, config):
             await chat.done
         finally:
             termios.tcsetattr(0, termios.TCSANOW, saved)
-            sys.stdout.write("\n")  # the terminal is in cooked mode again: it adds the carriage return
+            # The screen leaves the cursor on an empty line after /quit or Ctrl-D, or on the prompt after Ctrl-C:
+            # clear that line rather than print a blank line or leave a prompt behind.
+            sys.stdout.flush()
+            if os.isatty(1):
+                os.write(1, b"\r\x1b[K")  # not through the SafeWriter, which would show the escape as text
+            else:
+                sys.stdout.write("\n")
     else:
         from twisted.internet import stdio
         stdio.StandardIO(PlainChat(chat), reactor=reactor)

@@ -805,6 +805,39 @@ class PseudoTerminalTests(CLITestCase):
         self.assertEqual(result.code, 0, child.output())
         self.assertNotIn("Traceback", child.output())
 
+    async def test_prompts_drawn_once(self):
+        """
+        In a terminal, each Enter moves to one new line (no blank line), an answer shown at once (an unknown command)
+        is followed by one prompt, not two, /to changes the prompt to the name, and /quit leaves with no prompt
+        drawn after it.
+        """
+        await self.serve()
+        alice = await self.register(self.address, "alice")
+        child = self.start_terminal(self.host, "--user", "bob", "--register", env=dict(
+            PAGER_HOME=self.home(), PAGER_TOKEN=token("bob"), PAGER_PASSPHRASE="bob's passphrase"))
+        at = await self.wait_output(child, "Type /to NAME", what="the greeting")
+        await self.type_slowly(child, "/nope\r")
+        at = await self.wait_output(child, "Unknown command /nope", since=at)
+        await self.type_slowly(child, "/to alice\r")
+        at = await self.wait_output(child, "Talking to alice", since=at)
+        await self.wait_output(child, "alice> ", since=at)
+        await self.type_slowly(child, "hi there\r")
+        await self.wait_for(lambda: alice.events.messages, "bob's message")
+        await self.type_slowly(child, "/quit\r")
+        result = await self.finish(child, "the chat after /quit")
+        self.assertEqual(result.code, 0, child.output())
+        # What the screen looks like: each line as last drawn (after a carriage return or an erase).
+        screen = [line.rsplit("\r", 1)[-1].replace("\x1b[2K", "").replace("\x1b[K", "")
+                  for line in child.output().split("\r\n")]
+        start = next(n for n, line in enumerate(screen) if "Type /to NAME" in line)
+        screen = screen[start:]
+        self.assertNotIn("", screen[:-1], screen)
+        self.assertFalse([line for line in screen if line.count("> ") > 1], screen)
+        self.assertIn("to> /nope", screen)
+        self.assertIn("alice> hi there", screen)
+        self.assertEqual(screen[-2:], ["alice> /quit", ""], screen)
+        self.assertTrue(child.output().endswith("alice> /quit\r\n\r\x1b[K"), repr(child.output()[-100:]))
+
     async def test_three_wrong_passphrases(self):
         """A key with a passphrase and none given: three wrong answers at the prompt end the client with exit 3."""
         await self.serve()
