@@ -630,6 +630,19 @@ class ChatReceivingTests(ChatTestCase):
         self.assertIn(path, ui.text())
 
 
+    async def test_incoming_file_keeps_non_ascii_name(self):
+        """A file named 'Relevé 報告.pdf' is saved under that name, and the chat says where."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.send("alice", b"%PDF", content_type="file", filename="Relev\u00e9 \u5831\u544a.pdf")
+        await self.wait_for(lambda: "saved as" in ui.text(), "the file on alice's screen")
+        path = os.path.join(self.user_dir(self.home_of_chat, "alice"), "files", "Relev\u00e9 \u5831\u544a.pdf")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"%PDF")
+        self.assertIn(path, ui.text())
+
+
 class ChatConnectionTests(ChatTestCase):
     """Messages waiting at login are shown; a dropped connection is re-established."""
 
@@ -726,6 +739,21 @@ class FileNameTests(unittest.TestCase):
                              "%r -> %r" % (name, safe))
             self.assertFalse(safe.startswith("."))
         self.assertLessEqual(len(pager.safe_filename("x" * 1000 + ".txt")), 255)
+
+    def test_non_ascii_names_kept(self):
+        """
+        Letters of every script, accents (composed to NFC) and digits are kept; controls, bidi and format characters
+        and separators are not; a long name is cut to at most SAFE_FILENAME_BYTES bytes of UTF-8, keeping its
+        extension.
+        """
+        self.assertEqual(pager.safe_filename("Relevé de compte.pdf"), "Relevé de compte.pdf")
+        self.assertEqual(pager.safe_filename("Rele\u0301ve\u0301.pdf"), "Rel\u00e9v\u00e9.pdf")
+        self.assertEqual(pager.safe_filename("報告書 2024.txt"), "報告書 2024.txt")
+        self.assertEqual(pager.safe_filename("Ünïcödé/../../отчёт.doc"), "отчёт.doc")
+        self.assertEqual(pager.safe_filename("a\u200fb\u2028c\u00a0d\ufeff.txt"), "a_b_c_d_.txt")
+        long = pager.safe_filename("日" * 300 + ".txt")
+        self.assertTrue(long.endswith("日.txt"), long)
+        self.assertLessEqual(len(long.encode("utf-8")), pager.SAFE_FILENAME_BYTES)
 
     def test_save_never_overwrites(self):
         directory = os.path.abspath(self.mktemp())
