@@ -3591,6 +3591,8 @@ def _local_schema_txn(txn, keep_until):
     _seen_schema_txn(txn, keep_until)
     for statement in _LOCAL_SCHEMA:
         txn.execute(statement)
+    if "verified" not in [row[1] for row in txn.execute("PRAGMA table_info(pins)")]:
+        txn.execute("ALTER TABLE pins ADD COLUMN verified INTEGER NOT NULL DEFAULT 0")  # 1: compared out of band
     if not txn.execute("SELECT 1 FROM sqlite_master WHERE name = 'history_in'").fetchone():
         # Each incoming message once, however many sessions of the user on this machine were handed it.
         txn.execute("DELETE FROM history WHERE direction = 'in' AND id NOT IN"
@@ -3604,7 +3606,22 @@ def _get_pin_txn(txn, user):
 
 
 def _set_pin_txn(txn, user, pem, fp, now):
-    txn.execute("INSERT OR REPLACE INTO pins VALUES (?, ?, ?, ?)", (user, pem, fp, now))
+    # A new pin is not verified (the column's default), even when it replaces a verified one.
+    txn.execute("INSERT OR REPLACE INTO pins (user, public_key, fingerprint, pinned_at) VALUES (?, ?, ?, ?)",
+                (user, pem, fp, now))
+
+
+def _set_verified_txn(txn, user, fp):
+    return txn.execute("UPDATE pins SET verified = 1 WHERE user = ? AND fingerprint = ?", (user, fp)).rowcount == 1
+
+
+def _key_status_txn(txn, user, current):
+    row = txn.execute("SELECT fingerprint, verified FROM pins WHERE user = ?", (user,)).fetchone()
+    if row is None:
+        return "new"
+    if bytes(row[0]) != current:
+        return "changed"
+    return "verified" if row[1] else "pinned"
 
 
 def _add_history_txn(txn, entry):
@@ -3653,6 +3670,14 @@ class LocalStore(SeenStore):
 
     def set_pin(self, user, pem, fp, now):
         return self.pool.runInteraction(_set_pin_txn, user, pem, fp, now)
+
+    def set_verified(self, user, fp):
+        """Record that the user compared C{user}'s pinned key C{fp} out of band; False if that is not the pin."""
+        return self.pool.runInteraction(_set_verified_txn, user, fp)
+
+    def key_status(self, user, current):
+        """How C{user}'s key C{current} compares with the pin: C{new}, C{pinned}, C{verified} or C{changed}."""
+        return self.pool.runInteraction(_key_status_txn, user, current)
 
     def add_history(self, entry):
         if not self.keep_history:
@@ -5447,10 +5472,28 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             lines.append(line)
         self.show("\n".join(lines))
 
+    KEY_STATUS_TEXT = {
+        "new": "new: not pinned yet (pinned when you first write to or hear from %(user)s)",
+        "pinned": "pinned, not verified: compare it with %(user)s by phone or in person, then /verify %(user)s",
+        "verified": "verified: you compared it with %(user)s",
+        "changed": "CHANGED since you pinned it",
+    }
+
+    async def _peer_key(self, user):
+        """C{(fingerprint, status, pin)} of C{user}'s key as the server gives it now."""
+        s = self.session
+        _, current = await s.client.public_key(user, refresh=True)
+        return current, await s.store.key_status(user, current), await s.store.get_pin(user)
+
     async def command_whoami(self, rest):
         s = self.session
-        self.show("%s on %s (server id %s); your key's fingerprint:\n    %s" % (
-            s.user, s.address, s.client.server_id, format_fingerprint(fingerprint(s.key))))
+        lines = ["%s on %s (server id %s); your key's fingerprint:" % (s.user, s.address, s.client.server_id),
+                 "    " + format_fingerprint(fingerprint(s.key))]
+        if self.conversation is not None:
+            _, status, _ = await self._peer_key(self.conversation)
+            lines.append("Talking to %s, whose key is %s." % (
+                self.conversation, self.KEY_STATUS_TEXT[status] % {"user": self.conversation}))
+        self.show("\n".join(lines))
 
     async def command_fingerprint(self, rest):
         s = self.session
@@ -5458,22 +5501,38 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             self.show("Your key (%s):\n    %s" % (s.user, format_fingerprint(fingerprint(s.key))))
             return
         user = canonical_username(rest)
-        _, current = await s.client.public_key(user, refresh=True)
-        pin = await s.store.get_pin(user)
-        if pin is None:
-            self.show("%s's key, as the server gives it (not pinned yet):\n    %s" % (user, format_fingerprint(current)))
-        elif pin[1] == current:
-            self.show("%s's key (pinned):\n    %s" % (user, format_fingerprint(current)))
-        else:
-            self.show("%s's key CHANGED.\n  pinned: %s\n  server: %s\nCheck the new one with %s, then 'trust %s'."
+        current, status, pin = await self._peer_key(user)
+        if status == "changed":
+            self.show("%s's key CHANGED.\n  pinned: %s\n  server: %s\nCheck the new one with %s, then /trust %s."
                       % (user, format_fingerprint(pin[1]), format_fingerprint(current), user, user))
+            return
+        self.show("%s's key: %s\n    %s" % (user, self.KEY_STATUS_TEXT[status] % {"user": user},
+                                           format_fingerprint(current)))
+
+    async def command_verify(self, rest):
+        if not rest or " " in rest:
+            raise usage.UsageError("Usage: /verify NAME, once you have compared /fingerprint NAME with NAME.")
+        user = canonical_username(rest)
+        if user == self.session.user:
+            raise usage.UsageError("Your own key needs no verifying; /fingerprint shows it to read to others.")
+        current, status, pin = await self._peer_key(user)
+        if status == "changed":
+            raise usage.UsageError("%s's key changed since you pinned it: compare the new one (/fingerprint %s) "
+                                   "and accept it with /trust %s before verifying it." % (user, user, user))
+        if status == "new":
+            await self.session.client.trust(user)
+        if not await self.session.store.set_verified(user, current):
+            raise usage.UsageError("%s's key changed while verifying; run /fingerprint %s again." % (user, user))
+        self.show("%s's key is now verified (you compared it with %s):\n    %s" % (
+            user, user, format_fingerprint(current)))
 
     async def command_trust(self, rest):
         if not rest:
             raise usage.UsageError("Usage: /trust NAME")
         user = canonical_username(rest)
         fp = await self.session.client.trust(user)
-        self.show("Now trusting %s's key:\n    %s" % (user, format_fingerprint(fp)))
+        self.show("Now trusting %s's key (pinned, not verified: /verify %s once you have compared it):\n    %s"
+                  % (user, user, format_fingerprint(fp)))
 
     async def command_history(self, rest):
         peer = canonical_username(rest) if rest else None

@@ -491,7 +491,67 @@ class ChatCommandTests(ChatTestCase):
         before = len(ui.shown)
         await self.type(chat, "/fingerprint bob")
         self.assertIn(bob_fp, ui.text(before))
-        self.assertIn("(pinned)", ui.text(before))
+        self.assertIn("pinned, not verified", ui.text(before))
+
+    async def test_verify(self):
+        """
+        /fingerprint bob says new, then pinned after a message, then verified after /verify bob, and /whoami in
+        bob's conversation says the same.  When bob re-keys, /fingerprint says CHANGED and /verify refuses; /trust
+        pins the new key as pinned, not verified, until /verify again.  /verify of a new key pins and verifies it.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+
+        async def shown(*lines):
+            before = len(ui.shown)
+            await self.type(chat, *lines)
+            return ui.text(before)
+
+        self.assertIn("bob's key: new", await shown("/fingerprint bob"))
+        await self.type(chat, "/msg bob pin it")
+        self.assertIn("bob's key: pinned, not verified", await shown("/fingerprint bob"))
+        text = await shown("/verify bob")
+        self.assertIn("bob's key is now verified", text)
+        self.assertIn(pager.format_fingerprint(pager.fingerprint(key("bob"))), text)
+        self.assertIn("bob's key: verified", await shown("/fingerprint bob"))
+        self.assertIn("Talking to bob, whose key is verified", await shown("/to bob", "/whoami"))
+
+        new_key = key("bob-new")
+        await bob.rekey("bob", token("bob"), key("bob"), new_key)
+        self.assertIn("CHANGED", await shown("/fingerprint bob"))
+        self.assertIn("changed since you pinned it", await shown("/verify bob"))
+        self.assertIn("pinned, not verified", await shown("/trust bob"))
+        text = await shown("/fingerprint bob")
+        self.assertIn("bob's key: pinned, not verified", text)
+        self.assertIn(pager.format_fingerprint(pager.fingerprint(new_key)), text)
+        self.assertIn("bob's key is now verified", await shown("/verify bob"))
+
+        self.assertIn("carol's key is now verified", await shown("/verify carol"))
+        self.assertIn("carol's key: verified", await shown("/fingerprint carol"))
+        self.assertIn("Usage: /verify NAME", await shown("/verify"))
+        self.assertIn("needs no verifying", await shown("/verify alice"))
+
+    async def test_verified_column_added_to_an_old_store(self):
+        """A client.sqlite3 made before keys could be verified opens, keeps its pins, and records verification."""
+        path = os.path.abspath(self.mktemp())
+        conn = __import__("sqlite3").connect(path)
+        conn.execute("CREATE TABLE pins (user TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint BLOB NOT NULL,"
+                     " pinned_at REAL NOT NULL)")
+        fp = pager.fingerprint(key("bob"))
+        conn.execute("INSERT INTO pins VALUES (?, ?, ?, ?)", ("bob", pager.public_key_pem(key("bob")), fp, 1.0))
+        conn.commit()
+        conn.close()
+        store = pager.LocalStore(path, reactor)
+        self.addCleanup(store.close)
+        await store.open(reactor.seconds())
+        self.assertEqual(await store.key_status("bob", fp), "pinned")
+        self.assertEqual(await store.key_status("bob", b"x" * 32), "changed")
+        self.assertEqual(await store.key_status("carol", fp), "new")
+        self.assertTrue(await store.set_verified("bob", fp))
+        self.assertFalse(await store.set_verified("bob", b"x" * 32))
+        self.assertEqual(await store.key_status("bob", fp), "verified")
 
     async def test_history(self):
         """history bob lists what alice sent bob and what bob sent her; history carol has nothing."""
