@@ -328,6 +328,12 @@ class ConnectionLost(PagerError):
     code = "connection_lost"
 
 
+class LocalError(PagerError):
+    """A file or directory on this machine cannot be used (read, written or understood)."""
+
+    code = "local"
+
+
 ERROR_CODES = {
     cls.code: cls
     for cls in (
@@ -3195,13 +3201,24 @@ class PagerServerFactory(protocol.Factory):
                     session.account_gone()
 
 
+def _exit_now(code):
+    """End the process with C{code} at once, after flushing what is buffered for standard output and error."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
 class PagerService(service.Service):
     """Opens the store, then listens; on stop, stops listening, then closes the store."""
 
     log = Logger()
 
-    def __init__(self, endpoint, store, factory, description):
+    def __init__(self, endpoint, store, factory, description, exit_on_failure=False):
         self.endpoint, self.store, self.factory, self.description = endpoint, store, factory, description
+        self.exit_on_failure = exit_on_failure  # under twistd, which otherwise exits 0 whatever happened
         self.port = None
         self.ready = None
 
@@ -3227,8 +3244,15 @@ class PagerService(service.Service):
         return self.port
 
     def _failed(self, failure):
-        self.log.critical("pager could not start: {error}", error=failure.getErrorMessage())
+        error = failure.value
+        self.log.critical("pager could not start: {error}",
+                          error=error.message if isinstance(error, PagerError) else failure.getErrorMessage())
         reactor = self.factory.reactor
+        if self.exit_on_failure:
+            # twistd returns normally once the reactor stops, and its process then exits 0: exit 1 instead, last
+            # of all, once twistd has removed its pid file and stopped its log.
+            import atexit
+            atexit.register(_exit_now, 1)
         if reactor.running:
             reactor.stop()
         return failure
@@ -3939,8 +3963,13 @@ def client_endpoint(reactor, host, port, tls=False, ca=None):
         return endpoint
     from twisted.internet import ssl
     if ca:
-        with open(ca, "rb") as f:
-            trust = ssl.Certificate.loadPEM(f.read())
+        try:
+            with open(ca, "rb") as f:
+                trust = ssl.Certificate.loadPEM(f.read())
+        except OSError as e:
+            raise LocalError("Cannot read the CA file %s: %s." % (ca, e.strerror))
+        except Exception:  # pyOpenSSL's error for what is not a PEM certificate
+            raise LocalError("The CA file %s is not a PEM certificate." % ca)
     else:
         trust = ssl.platformTrust()
     return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
@@ -4479,6 +4508,19 @@ class NotDelivered(PagerError):
     code = "not_delivered"
 
 
+class Interrupted(PagerError):
+    """interrupted before the command finished."""
+
+    code = "interrupted"
+
+
+class OutputClosed(LocalError):
+    """
+    Standard output was closed (its reader, say 'head', stopped reading) before every message was printed; the
+    messages not printed stay on the server.
+    """
+
+
 # What must never reach a terminal as it is: the C0 controls but tab and newline (ESC starts every escape sequence,
 # CR overwrites a line), DEL and the C1 controls (0x9b is a one-byte CSI), and every Unicode format character,
 # line or paragraph separator and lone surrogate (categories Cf, Zl, Zp, Cs): the bidirectional overrides, isolates
@@ -4574,7 +4616,7 @@ def save_incoming_file(directory, filename, data):
         finally:
             os.close(fd)
         return path
-    raise KeyFileError("Too many files named %s in %s." % (filename, directory))
+    raise LocalError("Too many files named %s in %s." % (filename, directory))
 
 
 def _read_line_unbuffered(fd=0):
@@ -5477,7 +5519,7 @@ class PlainChat(LineReceiver):
 
 #### Command line ####
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK = range(7)
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK, EXIT_LOCAL = range(8)
 EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM before the command finished
 
 class _GnuOptions(usage.Options):
@@ -5586,6 +5628,9 @@ class ServerOptions(_GnuOptions):
             raise usage.UsageError("--max-unread-output must be at least --max-line: one frame must fit.")
         if self["registration"] not in ("open", "invite", "closed"):
             raise usage.UsageError("--registration is open, invite or closed.")
+        directory = os.path.dirname(os.path.abspath(self["db"]))
+        if not os.path.isdir(directory):
+            raise usage.UsageError("--db %s: there is no directory %s (create it first)." % (self["db"], directory))
         self.limits = Limits(allow_recovery=not self["no-recovery"], registration=self["registration"], **values)
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together.")
@@ -5872,8 +5917,9 @@ class Options(_CommandOptions):
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
                 "3 authentication failed (safetoken, passphrase or key; no key for the user here without "
                 "--register), 4 unknown user, 5 a user's key or the server's id changed and is not trusted, "
-                "6 network failure, 130 interrupted before finishing.")
-    subCommands = [
+                "6 network failure, 7 a local file or directory cannot be used (read, written or understood), 130 "
+                "interrupted before finishing.")
+    _SUBCOMMANDS = [
         ["server", None, ServerOptions, "Run a pager server."],
         ["connect", None, ConnectOptions, "Chat interactively."],
         ["send", None, SendOptions, "Send a page (for scripts)."],
@@ -5886,6 +5932,11 @@ class Options(_CommandOptions):
         ["make-cert", None, MakeCertOptions, "Make a self-signed TLS certificate for a server."],
         ["admin", None, AdminOptions, "Operator commands on the server's database."],
     ]
+
+    @property
+    def subCommands(self):
+        """Every command for C{pager-cli}; under twistd (which sets C{parent}) only C{server}, all it can run."""
+        return self._SUBCOMMANDS if self.parent is None else self._SUBCOMMANDS[:1]
 
     def getSynopsis(self):
         if self.parent is not None:  # under twistd
@@ -5929,7 +5980,8 @@ def makeService(options, reactor=None):
     store = Store(config["db"], reactor)
     factory = PagerServerFactory(store, config.limits, reactor)
     endpoint = server_endpoint(reactor, config["listen"])
-    return PagerService(endpoint, store, factory, config["listen"])
+    under_twistd = isinstance(options, Options) and options.parent is not None
+    return PagerService(endpoint, store, factory, config["listen"], exit_on_failure=under_twistd)
 
 
 async def _serve(reactor, config):
@@ -5947,6 +5999,8 @@ async def _serve(reactor, config):
 
 def exit_code(error):
     """The documented exit code for an error a client command ends with."""
+    if isinstance(error, Interrupted):
+        return EXIT_INTERRUPTED
     if isinstance(error, (usage.UsageError, Cancelled)):
         return EXIT_USAGE
     if isinstance(error, (AuthFailed, KeyFileError, NoKey)):
@@ -5957,7 +6011,22 @@ def exit_code(error):
         return EXIT_KEY_TRUST
     if isinstance(error, (NetworkError, ConnectionLost)):
         return EXIT_NETWORK
+    if isinstance(error, LocalError):
+        return EXIT_LOCAL
     return EXIT_FAILURE
+
+
+def report(error, hint=""):
+    """
+    The one place where an error a command ends with becomes its sentence: write C{pager: SENTENCE} (and C{hint})
+    to standard error, and return the documented exit code.  A L{PagerError}'s sentence is its message; a usage
+    error's is its text.
+    """
+    sentence = error.message if isinstance(error, PagerError) else str(error)
+    if hint:
+        sentence = "%s (%s)" % (sentence.rstrip("."), hint)
+    sys.stderr.write("pager: %s\n" % sentence)
+    return exit_code(error)
 
 
 async def _connect_command(reactor, config):
@@ -6420,16 +6489,16 @@ async def _run_client_command(reactor, name, config):
     the error its connection's closing caused.
     """
     stopping = []
-    reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
     try:
         await _CLIENT_COMMANDS[name](reactor, config)
     except (PagerError, usage.UsageError) as e:
         if stopping:
-            sys.stderr.write("pager: interrupted before the command finished.\n")
-            raise SystemExit(EXIT_INTERRUPTED)
-        message = e.message if isinstance(e, PagerError) else str(e)
-        sys.stderr.write("pager: %s\n" % message)
-        raise SystemExit(exit_code(e))
+            raise SystemExit(report(Interrupted()))
+        raise SystemExit(report(e))
+    finally:
+        if not stopping:
+            reactor.removeSystemEventTrigger(trigger)
 
 
 def main(argv=None):
@@ -6464,17 +6533,17 @@ def _command(argv):
         options.parseOptions(argv)
     except usage.UsageError as e:
         command = " " + options.subCommand if getattr(options, "subCommand", None) else ""
-        sys.stderr.write("pager: %s (see 'pager-cli%s --help')\n" % (str(e).rstrip("."), command))
-        sys.exit(EXIT_USAGE)
+        sys.exit(report(e, "see 'pager-cli%s --help'" % command))
     if options.subCommand == "server":
         task.react(lambda reactor: Deferred.fromCoroutine(_serve(reactor, options.subOptions)))
     elif options.subCommand in ("make-cert", "admin"):
         try:
             (_make_cert_command if options.subCommand == "make-cert" else _admin_command)(options.subOptions)
         except (PagerError, usage.UsageError) as e:
-            sys.stderr.write("pager: %s\n" % (e.message if isinstance(e, PagerError) else e))
-            sys.exit(exit_code(e))
+            sys.exit(report(e))
     else:
+        if options.subCommand != "connect" or not os.isatty(0):
+            _log_warnings_to_stderr()  # the chat screen owns a terminal: a line of log would break it
         finished = []
 
         def run(reactor):
@@ -6485,9 +6554,30 @@ def _command(argv):
         except SystemExit as e:
             if not finished and e.code in (0, None):
                 # The reactor stopped (Ctrl-C, SIGTERM) before the command finished: that is not success.
-                sys.stderr.write("pager: interrupted before the command finished.\n")
-                sys.exit(EXIT_INTERRUPTED)
+                sys.exit(report(Interrupted()))
             raise
+
+
+def _log_warnings_to_stderr():
+    """
+    Show a client command's warnings and errors (a malformed frame ignored, a receipt dropped, ...) as one line
+    each on standard error, C{pager: ...}, through the L{SafeWriter} there; what is below a warning stays quiet.
+    """
+    from twisted.logger import globalLogBeginner
+    globalLogBeginner.beginLoggingTo([client_log_observer()], redirectStandardIO=False)
+
+
+def client_log_observer():
+    """A log observer that writes events of level warn and above, one line each, to the current standard error."""
+    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, formatEvent
+
+    def write(event):
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = "%s: %s" % (text, failure.getErrorMessage())
+        sys.stderr.write("pager: %s\n" % " ".join(text.split()))
+    return FilteringLogObserver(write, [LogLevelFilterPredicate(LogLevel.warn)])
 
 
 if __name__ == "__main__":
