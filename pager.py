@@ -4559,10 +4559,7 @@ class Interrupted(PagerError):
 
 
 class OutputClosed(LocalError):
-    """
-    Standard output was closed (its reader, say 'head', stopped reading) before every message was printed; the
-    messages not printed stay on the server.
-    """
+    """Standard output was closed (its reader stopped reading) before every message was printed."""
 
 
 # What must never reach a terminal as it is: the C0 controls but tab and newline (ESC starts every escape sequence,
@@ -6234,7 +6231,8 @@ async def _fetch_command(reactor, config):
         except BrokenPipeError:
             # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise OutputClosed()
+            raise OutputClosed("Standard output was closed (its reader stopped reading) before every message was "
+                               "printed; the messages not printed stay on the server.")
         await session.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
