@@ -3363,7 +3363,8 @@ class PagerClientProtocol(LineReceiver):
         _lose(self.transport)
 
     def _refuse(self, why):
-        self.log.warn("Closing the connection: {why}", why=why)
+        # Not a warning: the reason becomes the connection's error, which whoever uses the connection reports.
+        self.log.info("Closing the connection: {why}", why=why)
         self.server_error = BadRequest(why)
         _lose(self.transport)
 
@@ -5563,6 +5564,7 @@ class PlainChat(LineReceiver):
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK, EXIT_LOCAL = range(8)
 EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM before the command finished
+
 
 def _print_version(options):
     """Print the version and exit."""

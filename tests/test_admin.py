@@ -440,7 +440,7 @@ class AdminErrorTests(AdminTestCase):
                     ["--no-such-option", "users"], ["reset-key", "alice", os.path.abspath(self.mktemp())])
         for args, result in zip(commands, await self.in_parallel(*[dict(args=c) for c in commands])):
             # A public key file that cannot be read is a local failure, not a wrong command line.
-            self.assertOneErrorLine(result, pager.EXIT_LOCAL if args[0] == "reset-key" and len(args) == 3
+            self.assertOneErrorLine(result, pager.EXIT_LOCAL if args[:1] == ["reset-key"] and len(args) == 3
                                     else pager.EXIT_USAGE)
         self.assertEqual(self.query("SELECT name, fingerprint FROM users"), before)
         await self.server_works()
