@@ -6248,7 +6248,9 @@ async def _fetch_command(reactor, config):
         client.on_receipt = lambda r: sys.stderr.write(describe_receipt(r) + "\n")
     session.wire = wire
     client = await session.start(receive=True)
-    lost = lambda: client.protocol.lost is not None  # noqa: E731
+
+    def lost():
+        return client.protocol.lost is not None
     try:
         pending = session.pending
         # The count at login is an upper bound (another session may acknowledge some first): stop waiting once
