@@ -41,19 +41,29 @@ import struct
 import time
 import unicodedata
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils as asym_utils
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-from twisted.application import service
-from twisted.enterprise import adbapi
-from twisted.internet import defer, endpoints, interfaces, protocol, task, threads
-from twisted.internet.defer import Deferred
-from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
-from twisted.python import usage
+try:
+    from cryptography.exceptions import InvalidSignature, InvalidTag
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils as asym_utils
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    from twisted.application import service
+    from twisted.enterprise import adbapi
+    from twisted.internet import defer, endpoints, interfaces, protocol, task, threads
+    from twisted.internet.defer import Deferred
+    from twisted.logger import Logger
+    from twisted.protocols.basic import LineReceiver
+    from twisted.protocols.policies import TimeoutMixin
+    from twisted.python import usage
+except ImportError as e:
+    if __name__ != "__main__":
+        raise
+    # 'python pager.py' with a Python that lacks Twisted or cryptography (in a checkout, the repository's own
+    # twisted/ folder, which holds only the twistd plugin, then stands in for the package): say what to do.
+    sys.stderr.write("pager: pager's dependencies are not installed for %s (%s): install them with "
+                     "'python3 -m pip install .' in a virtual environment (see README, Install), then run pager "
+                     "with that environment's Python.\n" % (sys.executable, e))
+    sys.exit(1)  # EXIT_FAILURE
 
 
 #### Constants and limits ####
@@ -328,6 +338,12 @@ class ConnectionLost(PagerError):
     """The connection to the server was lost."""
 
     code = "connection_lost"
+
+
+class LocalError(PagerError):
+    """A file or directory on this machine cannot be used: it cannot be read or written, or is no certificate."""
+
+    code = "local"
 
 
 ERROR_CODES = {
@@ -3197,13 +3213,24 @@ class PagerServerFactory(protocol.Factory):
                     session.account_gone()
 
 
+def _exit_now(code):
+    """End the process with C{code} at once, after flushing what is buffered for standard output and error."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
 class PagerService(service.Service):
     """Opens the store, then listens; on stop, stops listening, then closes the store."""
 
     log = Logger()
 
-    def __init__(self, endpoint, store, factory, description):
+    def __init__(self, endpoint, store, factory, description, exit_on_failure=False):
         self.endpoint, self.store, self.factory, self.description = endpoint, store, factory, description
+        self.exit_on_failure = exit_on_failure  # under twistd, which otherwise exits 0 whatever happened
         self.port = None
         self.ready = None
 
@@ -3229,8 +3256,15 @@ class PagerService(service.Service):
         return self.port
 
     def _failed(self, failure):
-        self.log.critical("pager could not start: {error}", error=failure.getErrorMessage())
+        error = failure.value
+        self.log.critical("pager could not start: {error}",
+                          error=error.message if isinstance(error, PagerError) else failure.getErrorMessage())
         reactor = self.factory.reactor
+        if self.exit_on_failure:
+            # twistd returns normally once the reactor stops, and its process then exits 0: exit 1 instead, last
+            # of all, once twistd has removed its pid file and stopped its log.
+            import atexit
+            atexit.register(_exit_now, 1)
         if reactor.running:
             reactor.stop()
         return failure
@@ -3331,7 +3365,8 @@ class PagerClientProtocol(LineReceiver):
         _lose(self.transport)
 
     def _refuse(self, why):
-        self.log.warn("Closing the connection: {why}", why=why)
+        # Not a warning: the reason becomes the connection's error, which whoever uses the connection reports.
+        self.log.info("Closing the connection: {why}", why=why)
         self.server_error = BadRequest(why)
         _lose(self.transport)
 
@@ -4027,6 +4062,14 @@ class _Incoming:
     size: int = 0
 
 
+async def within(reactor, d, seconds):
+    """Whether the Deferred C{d} fired within C{seconds}; if it did not, it is cancelled."""
+    timed_out = []
+    d.addTimeout(seconds, reactor, onTimeoutCancel=lambda result, timeout: timed_out.append(True))
+    await d
+    return not timed_out
+
+
 class PagerClient:
     """
     The client API the terminal client, the script commands and the tests use.  Every method is a coroutine;
@@ -4072,6 +4115,7 @@ class PagerClient:
         self._keepalive = None
         self.processed = 0  # pushed messages fully dealt with: shown and acknowledged, skipped as seen, or rejected
         self.failures = []  # hand-offs that raised (the message stays on the server)
+        self._waiters = []  # (ready, Deferred): fired once ready() holds, checked whenever the above change
 
     @classmethod
     async def connect(cls, endpoint, reactor=None, timeout=30, made=None, **kwargs):
@@ -4108,6 +4152,31 @@ class PagerClient:
         """
         return not (self._working or self._queue or self._incoming or self._ack_in_flight or self._single_acks
                     or any(self._acks.values()))
+
+    def _wait_for(self, ready):
+        """A Deferred that fires once C{ready()} holds (at once if it does now); cancelling it stops the wait."""
+        if ready():
+            return defer.succeed(None)
+        d = Deferred(lambda d: self._waiters.remove((ready, d)))
+        self._waiters.append((ready, d))
+        return d
+
+    def _changed(self):
+        for ready, d in list(self._waiters):
+            if ready():
+                self._waiters.remove((ready, d))
+                d.callback(None)
+
+    def when_handled(self):
+        """A Deferred that fires once no pushed frame is being handled or waiting to be (at once if none is)."""
+        return self._wait_for(lambda: not self._working)
+
+    def when_processed(self, count):
+        """
+        A Deferred that fires once C{count} pushed messages have been dealt with (L{processed}), a hand-off has
+        failed, or the connection has ended: whichever comes first.
+        """
+        return self._wait_for(lambda: self.processed >= count or self.failures or self.protocol.lost is not None)
 
     def close(self):
         """Close the connection; the Deferred fires once it is closed."""
@@ -4371,6 +4440,8 @@ class PagerClient:
                     await handler(item)
                 except (ConnectionLost, defer.CancelledError):
                     pass  # the server will deliver it again
+                except LocalError as e:
+                    self.failures.append(e)  # whoever handed it off says why: this machine cannot take it now
                 except PagerError as e:
                     self.failures.append(e)
                     self.log.warn("Could not handle an incoming message: {why}", why=e.message)
@@ -4380,8 +4451,10 @@ class PagerClient:
                 finally:
                     if handler == self._handle_message:
                         self.processed += 1
+                        self._changed()
         finally:
             self._working = False
+            self._changed()
 
     async def _sender_key(self, header):
         """
@@ -4499,6 +4572,7 @@ class PagerClient:
         self._incoming.clear()
         for waiting in self._acks.values():
             waiting.clear()  # the server delivers these again; the duplicate store recognises them
+        self._changed()
         if self.on_disconnect is not None:
             self.on_disconnect(error)
 
@@ -4532,6 +4606,16 @@ class NotDelivered(PagerError):
     """The message was not delivered."""
 
     code = "not_delivered"
+
+
+class Interrupted(PagerError):
+    """interrupted before the command finished."""
+
+    code = "interrupted"
+
+
+class OutputClosed(LocalError):
+    """Standard output was closed (its reader stopped reading) before every message was printed."""
 
 
 # What must never reach a terminal as it is: the C0 controls but tab and newline (ESC starts every escape sequence,
@@ -4647,7 +4731,7 @@ def save_incoming_file(directory, filename, data):
         finally:
             os.close(fd)
         return path
-    raise KeyFileError("Too many files named %s in %s." % (filename, directory))
+    raise LocalError("Too many files named %s in %s." % (filename, directory))
 
 
 def _read_line_unbuffered(fd=0):
@@ -4731,9 +4815,12 @@ def _first_line_of(path):
         with open(path, "r", encoding="utf-8") as f:
             return f.readline().rstrip("\r\n")
     except OSError as e:
-        raise usage.UsageError("Cannot read %s: %s." % (path, e.strerror))
+        raise LocalError("Cannot read %s: %s." % (path, e.strerror))
     except UnicodeDecodeError:
         raise usage.UsageError("%s is not UTF-8 text." % path)
+
+
+CLOSE_HANDLING_WAIT = 5.0  # seconds closing waits for a message or receipt being handled to be written down
 
 
 class Session:
@@ -4805,12 +4892,12 @@ class Session:
         try:
             endpoint = client_endpoint(self.reactor, self.host, self.port, self.config["tls"], self.config["ca"])
         except OSError as e:
-            raise usage.UsageError("Cannot read the CA file %s: %s." % (self.config["ca"], e.strerror))
+            raise LocalError("Cannot read the CA file %s: %s." % (self.config["ca"], e.strerror))
         except Exception as e:  # a CA file that is not a PEM certificate, or no usable system trust store
             if self.config["ca"]:
-                raise usage.UsageError("Cannot use the CA file %s: %s." % (self.config["ca"], e))
-            raise usage.UsageError("Cannot load the system's trust store for TLS (%s); give the server's CA with "
-                                   "--ca FILE." % e)
+                raise LocalError("Cannot use the CA file %s: %s." % (self.config["ca"], e))
+            raise LocalError("Cannot load the system's trust store for TLS (%s); give the server's CA with "
+                             "--ca FILE." % e)
         self._last_protocol = None
         try:
             client = await PagerClient.connect(endpoint, self.reactor, timeout=15, made=self._made)
@@ -4867,7 +4954,7 @@ class Session:
     async def _token(self, new=False):
         if os.environ.get("PAGER_TOKEN"):
             token = os.environ["PAGER_TOKEN"]
-        elif self.config["token-file"]:
+        elif self.config.get("token-file"):  # commands that never log in have no --token-file
             token = _first_line_of(self.config["token-file"])
         else:
             hint = "Give the safetoken in PAGER_TOKEN or with --token-file."
@@ -5129,10 +5216,8 @@ class Session:
         client = self.client
         if client is not None:
             await client.close()
-            for _ in range(500):  # a message or receipt being handled still writes to the store
-                if not client._working:
-                    break
-                await task.deferLater(self.reactor, 0.01, lambda: None)
+            # A message or receipt being handled still writes to the store.
+            await within(self.reactor, client.when_handled(), CLOSE_HANDLING_WAIT)
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -5716,11 +5801,20 @@ class PlainChat(LineReceiver):
 
 #### Command line ####
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK = range(7)
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK, EXIT_LOCAL = range(8)
 EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM before the command finished
+
+
+def _print_version(options):
+    """Print the version and exit."""
+    print("pager", __version__)
+    sys.exit(EXIT_OK)
+
 
 class _GnuOptions(usage.Options):
     """Options that may follow the positional arguments (C{send HOST --to bob}), as GNU tools allow."""
+
+    opt_version = _print_version
 
     def parseOptions(self, options=None):
         """Allow options after the positional arguments (C{send HOST --to bob}), as GNU tools do."""
@@ -5825,6 +5919,9 @@ class ServerOptions(_GnuOptions):
             raise usage.UsageError("--max-unread-output must be at least --max-line: one frame must fit.")
         if self["registration"] not in ("open", "invite", "closed"):
             raise usage.UsageError("--registration is open, invite or closed.")
+        directory = os.path.dirname(os.path.abspath(self["db"]))
+        if not os.path.isdir(directory):
+            raise usage.UsageError("--db %s: there is no directory %s (create it first)." % (self["db"], directory))
         self.limits = Limits(allow_recovery=not self["no-recovery"], registration=self["registration"], **values)
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together.")
@@ -5875,6 +5972,23 @@ class _ClientOptions(_GnuOptions):
                                 "the file can use the key)."],
     ]
 
+    not_applicable = ()  # options above that a command has no use for: its --help does not list them
+
+    def _gather_parameters(self):
+        return self._applicable(super()._gather_parameters())
+
+    def _gather_flags(self):
+        return self._applicable(super()._gather_flags())
+
+    def _applicable(self, gathered):
+        """usage.Options' gathered options without those in L{not_applicable} (none of which has a short form)."""
+        long_options, short, docs, settings, synonyms, dispatch = gathered
+        long_options = [o for o in long_options if o.rstrip("=") not in self.not_applicable]
+        for table in (docs, settings, synonyms, dispatch):
+            for name in self.not_applicable:
+                table.pop(name, None)
+        return long_options, short, docs, settings, synonyms, dispatch
+
     def postOptions(self):
         if self["ca"] and not self["tls"]:
             raise usage.UsageError("--ca only makes sense with --tls.")
@@ -5890,7 +6004,7 @@ class ConnectOptions(_ClientOptions):
     longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and safetoken; on first use "
                 "asks before making a key and registering (--register: without asking). Type 'help' once "
                 "connected.")
-    optFlags = _ClientOptions.optFlags + [_REGISTER]
+    optFlags = [_REGISTER]
 
     def parseArgs(self, server=None):
         self["server"] = server
@@ -5900,16 +6014,21 @@ class ConnectOptions(_ClientOptions):
             super().postOptions()
 
 
+NOTHING_TO_SEND = "Nothing to send: the message is empty."
+STDIN_FILE_NAME = "stdin.bin"  # the name binary standard input is sent under
+
+
 class SendOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...] [MESSAGE...]"
     longdesc = ("Send a page and exit once the server has accepted it; prints the message id. Without MESSAGE, "
                 "the message is read from standard input. Logs in send-only: never takes your incoming messages.")
-    optParameters = _ClientOptions.optParameters + [
+    not_applicable = ("skew-window",)  # send receives no message
+    optParameters = [
         ["to", "t", None, "Recipients, separated by commas."],
         ["file", "f", None, "Send this file instead of a text message."],
         ["timeout", None, 60.0, "With --wait-delivered: seconds to wait.", float],
     ]
-    optFlags = _ClientOptions.optFlags + [
+    optFlags = [
         ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery."], _REGISTER]
 
     def parseArgs(self, server, *message):
@@ -5928,6 +6047,13 @@ class SendOptions(_ClientOptions):
             raise usage.UsageError("Name the recipients with --to NAME[,NAME...].")
         if self["file"] and self["message"] is not None:
             raise usage.UsageError("Give either --file or a message, not both.")
+        if self["message"] is not None:
+            if not self["message"].strip():
+                raise usage.UsageError(NOTHING_TO_SEND)
+            try:
+                self["message"].encode("utf-8")
+            except UnicodeEncodeError:  # bytes that are not UTF-8, as the file system encoding carried them
+                raise usage.UsageError("The message is not UTF-8 text; send bytes with --file FILE.")
 
 
 class FetchOptions(_ClientOptions):
@@ -5935,9 +6061,9 @@ class FetchOptions(_ClientOptions):
     longdesc = ("Print the messages waiting for you, and acknowledge each once it is printed (files are saved "
                 "under your pager directory). Exits when they are all printed (or when none has come for 10 s), "
                 "or after --wait more seconds with no new message.")
-    optParameters = _ClientOptions.optParameters + [
+    optParameters = [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages.", float]]
-    optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object per message."], _REGISTER]
+    optFlags = [["json", None, "Print one JSON object per message."], _REGISTER]
 
     def parseArgs(self, server):
         self["server"] = server
@@ -5946,7 +6072,8 @@ class FetchOptions(_ClientOptions):
 class UsersOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME [--json]"
     longdesc = "List the users online and registered."
-    optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object."], _REGISTER]
+    not_applicable = ("skew-window", "no-history")
+    optFlags = [["json", None, "Print one JSON object."], _REGISTER]
 
     def parseArgs(self, server):
         self["server"] = server
@@ -5956,7 +6083,8 @@ class ExportKeyOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME --out FILE"
     longdesc = ("Write your private key for this server to FILE (PKCS#12, encrypted with a passphrase you choose), "
                 "to copy it to another machine with import-key.")
-    optParameters = _ClientOptions.optParameters + [["out", "o", None, "The file to write."]]
+    not_applicable = ("token-file", "skew-window", "no-history")  # never logs in, sends or receives
+    optParameters = [["out", "o", None, "The file to write."]]
 
     def parseArgs(self, server):
         self["server"] = server
@@ -5971,7 +6099,8 @@ class ImportKeyOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME FILE"
     longdesc = ("Install a private key on this machine: a file from export-key, or the unencrypted "
                 "{username}_private_key.pem of the original pager.")
-    optFlags = _ClientOptions.optFlags + [["force", None, "Replace a key this machine already has for the user."]]
+    not_applicable = ("token-file", "skew-window", "no-history")  # never logs in, sends or receives
+    optFlags = [["force", None, "Replace a key this machine already has for the user."]]
 
     def parseArgs(self, server, path):
         self["server"], self["file"] = server, path
@@ -6024,6 +6153,7 @@ class MakeCertOptions(_GnuOptions):
         ["out", "o", ".", "Directory to write cert.pem and key.pem to."],
         ["days", None, 825, "Days the certificate is valid.", _positive(int)],
     ]
+    optFlags = [["force", None, "Replace a cert.pem or key.pem that --out already has."]]
 
     def __init__(self):
         super().__init__()
@@ -6043,16 +6173,28 @@ class MakeCertOptions(_GnuOptions):
 class _CommandOptions(usage.Options):
     """Options whose first argument must name one of their C{subCommands}."""
 
+    opt_version = _print_version
+
     def postOptions(self):
         if self.subCommand is None:
             raise usage.UsageError("Name a command: %s." % ", ".join(c[0] for c in self.subCommands))
 
 
-class AdminUsersOptions(usage.Options):
+class _AdminCommandOptions(_GnuOptions):
+    """An admin command: takes C{--db} after its own name too (C{admin users --db X}), as GNU tools allow."""
+
+    optParameters = [["db", "d", None, "The server's SQLite database [default: admin's --db]."]]
+
+    def postOptions(self):
+        if self["db"] is not None:
+            self.parent["db"] = self["db"]
+
+
+class AdminUsersOptions(_AdminCommandOptions):
     longdesc = "List users with key age, last recovery and pending messages."
 
 
-class AdminDeleteUserOptions(_GnuOptions):
+class AdminDeleteUserOptions(_AdminCommandOptions):
     synopsis = "NAME"
     longdesc = "Delete a user, the messages waiting for them and their receipts."
 
@@ -6060,7 +6202,7 @@ class AdminDeleteUserOptions(_GnuOptions):
         self["name"] = name
 
 
-class AdminResetKeyOptions(_GnuOptions):
+class AdminResetKeyOptions(_AdminCommandOptions):
     synopsis = "NAME PUBLIC_KEY.pem"
     longdesc = ("Replace a user's key with the public key they sent you (after you checked its fingerprint with "
                 "them): lost-key recovery that does not rest on the safetoken alone.")
@@ -6069,12 +6211,12 @@ class AdminResetKeyOptions(_GnuOptions):
         self["name"], self["path"] = name, path
 
 
-class AdminInviteOptions(_GnuOptions):
+class AdminInviteOptions(_AdminCommandOptions):
     longdesc = "Create single-use invite codes for --registration invite."
-    optParameters = [["count", "n", 1, "How many codes.", _positive(int)]]
+    optParameters = _AdminCommandOptions.optParameters + [["count", "n", 1, "How many codes.", _positive(int)]]
 
 
-class AdminBackupOptions(_GnuOptions):
+class AdminBackupOptions(_AdminCommandOptions):
     synopsis = "DEST"
     longdesc = ("Write a consistent copy of the database to DEST with SQLite's online backup, safe while the server "
                 "runs (copying the file alone can miss committed messages still in the WAL).")
@@ -6083,7 +6225,7 @@ class AdminBackupOptions(_GnuOptions):
         self["dest"] = dest
 
 
-class AdminStatsOptions(usage.Options):
+class AdminStatsOptions(_AdminCommandOptions):
     longdesc = "Counts of users, pending messages and receipts, and the database size."
 
 
@@ -6111,8 +6253,9 @@ class Options(_CommandOptions):
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
                 "3 authentication failed (safetoken, passphrase or key; no key for the user here without "
                 "--register), 4 unknown user, 5 a user's key or the server's id changed and is not trusted, "
-                "6 network failure, 130 interrupted before finishing.")
-    subCommands = [
+                "6 network failure, 7 a local file or directory cannot be used (read, written or understood), 130 "
+                "interrupted before finishing.")
+    _SUBCOMMANDS = [
         ["server", None, ServerOptions, "Run a pager server."],
         ["connect", None, ConnectOptions, "Chat interactively."],
         ["send", None, SendOptions, "Send a page (for scripts)."],
@@ -6126,15 +6269,16 @@ class Options(_CommandOptions):
         ["admin", None, AdminOptions, "Operator commands on the server's database."],
     ]
 
+    @property
+    def subCommands(self):
+        """Every command for C{pager-cli}; under twistd (which sets C{parent}) only C{server}, all it can run."""
+        return self._SUBCOMMANDS if self.parent is None else self._SUBCOMMANDS[:1]
+
     def getSynopsis(self):
         if self.parent is not None:  # under twistd
             return super().getSynopsis()
         return "Usage: pager-cli" if self.subCommand else "Usage: pager-cli COMMAND [options]"
 
-    def opt_version(self):
-        """Print the version and exit."""
-        print("pager", __version__)
-        sys.exit(EXIT_OK)
 
 
 
@@ -6168,7 +6312,8 @@ def makeService(options, reactor=None):
     store = Store(config["db"], reactor)
     factory = PagerServerFactory(store, config.limits, reactor)
     endpoint = server_endpoint(reactor, config["listen"])
-    return PagerService(endpoint, store, factory, config["listen"])
+    under_twistd = isinstance(options, Options) and options.parent is not None
+    return PagerService(endpoint, store, factory, config["listen"], exit_on_failure=under_twistd)
 
 
 async def _serve(reactor, config):
@@ -6186,6 +6331,8 @@ async def _serve(reactor, config):
 
 def exit_code(error):
     """The documented exit code for an error a client command ends with."""
+    if isinstance(error, Interrupted):
+        return EXIT_INTERRUPTED
     if isinstance(error, (usage.UsageError, Cancelled)):
         return EXIT_USAGE
     if isinstance(error, (AuthFailed, KeyFileError, NoKey)):
@@ -6196,7 +6343,22 @@ def exit_code(error):
         return EXIT_KEY_TRUST
     if isinstance(error, (NetworkError, ConnectionLost)):
         return EXIT_NETWORK
+    if isinstance(error, LocalError):
+        return EXIT_LOCAL
     return EXIT_FAILURE
+
+
+def report(error, hint=""):
+    """
+    The one place where an error a command ends with becomes its sentence: write C{pager: SENTENCE} (and C{hint})
+    to standard error, and return the documented exit code.  A L{PagerError}'s sentence is its message; a usage
+    error's is its text.
+    """
+    sentence = error.message if isinstance(error, PagerError) else str(error)
+    if hint:
+        sentence = "%s (%s)" % (sentence.rstrip("."), hint)
+    sys.stderr.write("pager: %s\n" % sentence)
+    return exit_code(error)
 
 
 async def _connect_command(reactor, config):
@@ -6250,18 +6412,30 @@ async def _send_command(reactor, config):
         try:
             data = await session.in_thread(_read_file, config["file"])
         except OSError as e:
-            raise usage.UsageError("Cannot read %s: %s." % (config["file"], e.strerror))
+            raise LocalError("Cannot read %s: %s." % (config["file"], e.strerror))
         content_type, filename = "file", os.path.basename(config["file"])
     elif config["message"] is not None:
-        data = config["message"].encode("utf-8")
+        data = config["message"].encode("utf-8")  # SendOptions checked that it is text
     else:
         data = await _in_daemon_thread(reactor, _read_stdin)
         if not data.strip():
-            raise usage.UsageError("Nothing to send: the message on standard input is empty.")
-    waiting = {}
+            raise usage.UsageError(NOTHING_TO_SEND)
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            # Bytes that are not text would arrive mangled as a text message: they go as the file they are.
+            content_type, filename = "file", STDIN_FILE_NAME
+            sys.stderr.write("pager: standard input is not UTF-8 text: sending it as the file %s.\n" % filename)
+    receipts, wanted = {}, {}  # msg id -> {peer: receipt}; msg id -> Deferred fired once every recipient answered
+
+    def receipt_received(receipt):
+        answered = receipts.setdefault(receipt.message_id, {})
+        answered[receipt.peer] = receipt
+        d = wanted.get(receipt.message_id)
+        if d is not None and not d.called and len(answered) >= len(config["to"]):
+            d.callback(None)
     if config["wait-delivered"]:
-        session.wire = lambda c: setattr(c, "on_receipt", lambda r: waiting.setdefault(r.message_id, {}).__setitem__(
-            r.peer, r))
+        session.wire = lambda client: setattr(client, "on_receipt", receipt_received)
     client = await session.start(receive=False)
     try:
         answer = await client.post(config["to"], data, content_type, filename)
@@ -6271,15 +6445,15 @@ async def _send_command(reactor, config):
         print(answer["msg"])
         sys.stdout.flush()
         if config["wait-delivered"]:
-            receipts = waiting.setdefault(answer["msg"], {})
-            deadline = reactor.seconds() + config["timeout"]
-            while len(receipts) < len(config["to"]):
-                if reactor.seconds() >= deadline:
-                    missing = [n for n in config["to"] if n not in receipts]
-                    raise NotDelivered("Not delivered to %s within %g s; the message stays queued on the server."
-                                       % (", ".join(missing), config["timeout"]))
-                await task.deferLater(reactor, 0.05, lambda: None)
-            failed = [describe_receipt(r) for r in receipts.values() if r.status != "delivered"]
+            answered = receipts.setdefault(answer["msg"], {})
+            everyone = wanted[answer["msg"]] = Deferred()
+            if len(answered) >= len(config["to"]):
+                everyone.callback(None)  # every receipt came before the answer to the send
+            if not await within(reactor, everyone, config["timeout"]):
+                missing = [n for n in config["to"] if n not in answered]
+                raise NotDelivered("Not delivered to %s within %g s; the message stays queued on the server."
+                                   % (", ".join(missing), config["timeout"]))
+            failed = [describe_receipt(r) for r in answered.values() if r.status != "delivered"]
             if failed:
                 raise NotDelivered("; ".join(failed))
     finally:
@@ -6288,70 +6462,80 @@ async def _send_command(reactor, config):
 
 async def _fetch_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
-    handled = []
 
     async def show(message):
         saved = None
         if message.content_type == "file":
-            directory = private_directory(session.directory, "files")
-            saved = await session.in_thread(save_incoming_file, directory, message.filename, message.plaintext)
-        if config["json"]:
-            record = {
-                "id": message.message_id.hex(), "from": message.sender, "to": list(message.recipients),
-                "time": message.timestamp, "accepted_at": message.accepted_at, "type": message.content_type,
-                "key_status": message.key_status, "skewed": message.skewed,
-            }
-            if message.content_type == "file":
-                record.update(filename=message.filename, saved_to=saved, size=len(message.plaintext))
-            else:
-                record["text"] = message.plaintext.decode("utf-8", "replace")
-            sys.stdout.write(json.dumps(record) + "\n")
-        else:
-            sys.stdout.write(describe_message(message, saved) + "\n")
-        sys.stdout.flush()  # printed before the acknowledgement goes out
+            try:
+                directory = private_directory(session.directory, "files")
+                saved = await session.in_thread(save_incoming_file, directory, message.filename, message.plaintext)
+            except OSError as e:
+                raise LocalError("Cannot save the file %s from %s in %s: %s; it stays on the server." % (
+                    safe_filename(message.filename), message.sender, os.path.join(session.directory, "files"),
+                    e.strerror))
+        try:
+            _print_message(message, saved, config["json"])
+        except BrokenPipeError:
+            # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise OutputClosed("Standard output was closed (its reader stopped reading) before every message was "
+                               "printed; the messages not printed stay on the server.")
         await session.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
             message.key_status))
-        handled.append(reactor.seconds())
 
     def rejected(msg, sender, error):
         sys.stderr.write("pager: refused a message from %s that could not be opened: %s\n" % (sender, error.message))
-        handled.append(reactor.seconds())
 
     def wire(client):  # before login: the server starts pushing as soon as it has logged us in
         client.on_message, client.on_rejected = show, rejected
         client.on_receipt = lambda r: sys.stderr.write(describe_receipt(r) + "\n")
     session.wire = wire
     client = await session.start(receive=True)
+
+    def lost():
+        return client.protocol.lost is not None
     try:
         pending = session.pending
-        last, progress = client.processed, reactor.seconds()
         # The count at login is an upper bound (another session may acknowledge some first): stop waiting once
         # nothing has come for FETCH_SETTLE seconds.
-        while client.processed < pending and not client.failures:
-            if client.protocol.lost is not None:
-                raise NetworkError("The connection to %s was lost before every waiting message arrived; the "
-                                   "rest stay on the server." % session.address)
-            if client.processed != last:
-                last, progress = client.processed, reactor.seconds()
-            elif reactor.seconds() - progress > FETCH_SETTLE:
+        while client.processed < pending and not client.failures and not lost():
+            if not await within(reactor, client.when_processed(client.processed + 1), FETCH_SETTLE):
                 break
-            await task.deferLater(reactor, 0.02, lambda: None)
-        quiet_since = reactor.seconds()
-        while reactor.seconds() - max([quiet_since] + handled) < config["wait"]:
-            await task.deferLater(reactor, 0.05, lambda: None)
-        while client._working:  # let a message being shown finish and be acknowledged
-            await task.deferLater(reactor, 0.02, lambda: None)
-        if client.protocol.lost is not None and client.processed < pending:
+        while config["wait"] > 0 and not client.failures and not lost():
+            if not await within(reactor, client.when_processed(client.processed + 1), config["wait"]):
+                break  # --wait seconds without a new message
+        await client.when_handled()  # let a message being shown finish and be acknowledged
+        if lost() and client.processed < pending:
             raise NetworkError("The connection to %s was lost before every waiting message arrived; the rest stay "
                                "on the server." % session.address)
         if client.failures:
             error = client.failures[0]
+            if isinstance(error, LocalError):
+                raise error
             raise PagerError("Could not print a message, so it stays on the server: %s"
                              % (error.message if isinstance(error, PagerError) else error))
     finally:
         await session.close()
+
+
+def _print_message(message, saved, as_json):
+    """Print a message fetched, as one JSON object or as text, and flush it before it is acknowledged."""
+    if as_json:
+        record = {
+            "id": message.message_id.hex(), "from": message.sender, "to": list(message.recipients),
+            "time": message.timestamp, "accepted_at": message.accepted_at, "type": message.content_type,
+            "key_status": message.key_status, "skewed": message.skewed,
+        }
+        if message.content_type == "file":
+            record.update(filename=message.filename, saved_to=saved, size=len(message.plaintext))
+        else:
+            record["text"] = message.plaintext.decode("utf-8", "replace")
+        sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        sys.stdout.write(describe_message(message, saved) + "\n")
+    sys.stdout.flush()
 
 
 async def _users_command(reactor, config):
@@ -6384,7 +6568,7 @@ async def _export_key_command(reactor, config):
     try:
         await session.in_thread(write_private_file, config["out"], data)
     except OSError as e:
-        raise usage.UsageError("Cannot write %s: %s." % (config["out"], e.strerror))
+        raise LocalError("Cannot write %s: %s." % (config["out"], e.strerror))
     session.prompter.say("Wrote %s's key (fingerprint %s) to %s." % (
         session.user, format_fingerprint(fingerprint(key)), config["out"]))
 
@@ -6396,7 +6580,7 @@ async def _import_key_command(reactor, config):
         with open(config["file"], "rb") as f:
             data = f.read()
     except OSError as e:
-        raise usage.UsageError("Cannot read %s: %s." % (config["file"], e.strerror))
+        raise LocalError("Cannot read %s: %s." % (config["file"], e.strerror))
     client = await session.connect()
     try:
         await session.open_local(client)
@@ -6491,13 +6675,19 @@ def _make_cert_command(config):
     cert_pem, key_pem = make_certificate(hostname, config["ip"], config["days"])
     cert_path = os.path.join(config["out"], "cert.pem")
     key_path = os.path.join(config["out"], "key.pem")
+    existing = [p for p in (cert_path, key_path) if os.path.lexists(p)]
+    if existing and not config["force"]:
+        raise usage.UsageError("%s already exist%s; use --force to replace %s." % (
+            " and ".join(existing), "s" if len(existing) == 1 else "", "it" if len(existing) == 1 else "them"))
     try:
         os.makedirs(config["out"], exist_ok=True)
+        for path in existing:
+            os.unlink(path)  # a new file, never written through a link someone left there
         write_private_file(key_path, key_pem)
-        with open(cert_path, "wb") as f:
+        with open(cert_path, "xb") as f:
             f.write(cert_pem)
     except OSError as e:
-        raise usage.UsageError("Cannot write to %s: %s." % (config["out"], e.strerror))
+        raise LocalError("Cannot write to %s: %s." % (config["out"], e.strerror))
     names = ", ".join([hostname] + [str(a) for a in config["ip"]])
     print("Wrote %s (for %s, valid %d days) and %s (keep it secret)." % (cert_path, names, config["days"], key_path))
     print("Serve: twistd -n pager server --tls-cert %s --tls-key %s" % (cert_path, key_path))
@@ -6623,7 +6813,7 @@ def _admin_command(config):
                 with open(sub["path"], "rb") as f:
                     key = load_public_key(f.read())
             except OSError as e:
-                raise usage.UsageError("Cannot read %s: %s." % (sub["path"], e.strerror))
+                raise LocalError("Cannot read %s: %s." % (sub["path"], e.strerror))
             if _admin_txn(conn, get_user_txn, user) is None:
                 raise UnknownUser("No such user: %s." % user)
             _admin_txn(conn, set_key_txn, user, public_key_pem(key), fingerprint(key), now, True)
@@ -6665,16 +6855,16 @@ async def _run_client_command(reactor, name, config):
     the error its connection's closing caused.
     """
     stopping = []
-    reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
     try:
         await _CLIENT_COMMANDS[name](reactor, config)
     except (PagerError, usage.UsageError) as e:
         if stopping:
-            sys.stderr.write("pager: interrupted before the command finished.\n")
-            raise SystemExit(EXIT_INTERRUPTED)
-        message = e.message if isinstance(e, PagerError) else str(e)
-        sys.stderr.write("pager: %s\n" % message)
-        raise SystemExit(exit_code(e))
+            raise SystemExit(report(Interrupted()))
+        raise SystemExit(report(e))
+    finally:
+        if not stopping:
+            reactor.removeSystemEventTrigger(trigger)
 
 
 def main(argv=None):
@@ -6709,17 +6899,17 @@ def _command(argv):
         options.parseOptions(argv)
     except usage.UsageError as e:
         command = " " + options.subCommand if getattr(options, "subCommand", None) else ""
-        sys.stderr.write("pager: %s (see 'pager-cli%s --help')\n" % (str(e).rstrip("."), command))
-        sys.exit(EXIT_USAGE)
+        sys.exit(report(e, "see 'pager-cli%s --help'" % command))
     if options.subCommand == "server":
         task.react(lambda reactor: Deferred.fromCoroutine(_serve(reactor, options.subOptions)))
     elif options.subCommand in ("make-cert", "admin"):
         try:
             (_make_cert_command if options.subCommand == "make-cert" else _admin_command)(options.subOptions)
         except (PagerError, usage.UsageError) as e:
-            sys.stderr.write("pager: %s\n" % (e.message if isinstance(e, PagerError) else e))
-            sys.exit(exit_code(e))
+            sys.exit(report(e))
     else:
+        if options.subCommand != "connect" or not os.isatty(0):
+            _log_warnings_to_stderr()  # the chat screen owns a terminal: a line of log would break it
         finished = []
 
         def run(reactor):
@@ -6730,9 +6920,30 @@ def _command(argv):
         except SystemExit as e:
             if not finished and e.code in (0, None):
                 # The reactor stopped (Ctrl-C, SIGTERM) before the command finished: that is not success.
-                sys.stderr.write("pager: interrupted before the command finished.\n")
-                sys.exit(EXIT_INTERRUPTED)
+                sys.exit(report(Interrupted()))
             raise
+
+
+def _log_warnings_to_stderr():
+    """
+    Show a client command's warnings and errors (a malformed frame ignored, a receipt dropped, ...) as one line
+    each on standard error, C{pager: ...}, through the L{SafeWriter} there; what is below a warning stays quiet.
+    """
+    from twisted.logger import globalLogBeginner
+    globalLogBeginner.beginLoggingTo([client_log_observer()], redirectStandardIO=False)
+
+
+def client_log_observer():
+    """A log observer that writes events of level warn and above, one line each, to the current standard error."""
+    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, formatEvent
+
+    def write(event):
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = "%s: %s" % (text, failure.getErrorMessage())
+        sys.stderr.write("pager: %s\n" % " ".join(text.split()))
+    return FilteringLogObserver(write, [LogLevelFilterPredicate(LogLevel.warn)])
 
 
 if __name__ == "__main__":

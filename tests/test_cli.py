@@ -435,11 +435,9 @@ class ExitCodeTests(CLITestCase):
         ])
 
     async def test_bad_arguments(self):
-        """A bad --user name and a --file that cannot be read: exit 2, one line."""
+        """A bad --user name: exit 2, one line.  (A --file that cannot be read is a local failure: LocalTests.)"""
         await self.usage_errors([
             ("bad --user name", ["send", "HOST", "--user", "../alice", "--to", "bob", "hi"]),
-            ("missing --file", ["send", "HOST", "--user", "alice", "--to", "bob", "--file",
-                                "/nonexistent/file.txt"]),
         ])
 
 
@@ -780,17 +778,17 @@ class FaultyServerTests(CLITestCase):
         self.assertEqual(result.out, "")
 
     async def test_bad_out_paths(self):
-        """export-key and make-cert given an --out they cannot write say so in one sentence (exit 2)."""
+        """export-key and make-cert given an --out they cannot write say so in one sentence (exit 7: local)."""
         await self.serve()
         home = await self.provision("alice")
         result = await self.pager("export-key", self.host, "--user", "alice", "--out", "/nonexistent/dir/k.p12",
                                   home=home, passphrase="export-pass")
-        self.assertIn("Cannot write", self.assertOneErrorLine(result, pager.EXIT_USAGE))
+        self.assertIn("Cannot write", self.assertOneErrorLine(result, pager.EXIT_LOCAL))
         taken = os.path.abspath(self.mktemp())
         with open(taken, "w") as f:
             f.write("a file, not a directory")
         result = await self.pager("make-cert", "localhost", "--out", taken)
-        self.assertIn("Cannot write", self.assertOneErrorLine(result, pager.EXIT_USAGE))
+        self.assertIn("Cannot write", self.assertOneErrorLine(result, pager.EXIT_LOCAL))
 
     async def test_token_file_not_text(self):
         """A safetoken file that is not UTF-8 is bad usage, in one sentence."""

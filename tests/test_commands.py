@@ -1,0 +1,454 @@
+"""
+The command line in-process: the command coroutines run against a real server on a loopback port in this process,
+with standard output and error captured, so each test proves what a child process would without starting one.  The
+few things only a process shows (twistd's exit status, a pipe closed by its reader, a Python without pager's
+dependencies) are subprocess smoke tests at the end.
+"""
+
+import io
+import os
+import sys
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.trial import unittest
+
+import pager
+from tests.test_cli import PAGER_PY, CLITestCase, Result, base_env
+from tests.test_e2e import free_port, token
+
+
+class _Output(io.StringIO):
+    """A captured standard output whose reader goes away after C{lines} lines (BrokenPipeError from then on)."""
+
+    def __init__(self, lines=None):
+        super().__init__()
+        self.lines = lines
+        read, self.fd = os.pipe()
+        os.close(read)
+
+    def write(self, text):
+        if self.lines is not None and self.getvalue().count("\n") >= self.lines:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+    def fileno(self):
+        return self.fd
+
+    def close_fd(self):
+        os.close(self.fd)
+
+
+class InProcessTestCase(CLITestCase):
+    """Runs C{pager-cli COMMAND ...} through L{pager._run_client_command} in this process."""
+
+    async def run_command(self, *argv, home=None, token_of=None, passphrase=None, stdin=None, stdout=None):
+        """
+        Parse C{argv} as pager-cli does and run the client command; returns its L{Result} (exit code 2 and the
+        sentence for a command line that does not parse).  C{stdin} (bytes) is what standard input holds.
+        """
+        environment = dict(PAGER_HOME=home, PAGER_PASSPHRASE=passphrase,
+                           PAGER_TOKEN=token(token_of) if token_of else None)
+        saved_environment = dict(os.environ)
+        self.addCleanup(lambda: (os.environ.clear(), os.environ.update(saved_environment)))
+        for name in list(os.environ):
+            if name.startswith("PAGER_"):
+                del os.environ[name]
+        os.environ.update({k: v for k, v in environment.items() if v is not None})
+        if stdin is not None:
+            self.patch(pager, "_read_stdin", lambda: stdin)
+        out = stdout if stdout is not None else _Output()
+        err = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = 0
+        try:
+            options = pager.Options()
+            try:
+                options.parseOptions([self.host if a == "HOST" else a for a in argv])
+            except usage.UsageError as e:
+                raise SystemExit(pager.report(e))
+            await pager._run_client_command(reactor, options.subCommand, options.subOptions)
+        except SystemExit as e:
+            code = e.code
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        if stdout is None:
+            out.close_fd()
+        return Result(code, out.getvalue(), err.getvalue())
+
+
+class SendInputTests(InProcessTestCase):
+    """What send takes as the message: text, a file, or nothing at all."""
+
+    async def test_binary_stdin_sent_as_file(self):
+        """
+        Standard input that is not UTF-8 is sent, byte for byte, as the file stdin.bin (one note on stderr), never
+        as a text message whose bytes a reader would see mangled.
+        """
+        await self.serve()
+        home = await self.provision("alice")
+        await self.account("bob")
+        data = b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary"
+        result = await self.run_command("send", "HOST", "--user", "alice", "--to", "bob", home=home,
+                                        token_of="alice", stdin=data)
+        self.assertExit(result, 0)
+        self.assertIn("not UTF-8 text: sending it as the file stdin.bin", result.err)
+        bob = await self.login(self.address, "bob")
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        [message] = bob.events.messages
+        self.assertEqual((message.content_type, message.filename, message.plaintext), ("file", "stdin.bin", data))
+
+    async def test_empty_message_refused_alike(self):
+        """
+        An empty or blank message is refused with the same sentence and exit code whether it comes from the command
+        line or from standard input; nothing is sent.
+        """
+        await self.serve()
+        home = await self.provision("alice")
+        await self.account("bob")
+        results = []
+        for args, stdin in (([" "], None), (["", "  "], None), ([], b""), ([], b" \n\t\n")):
+            result = await self.run_command("send", "HOST", "--user", "alice", "--to", "bob", *args, home=home,
+                                            token_of="alice", stdin=stdin)
+            results.append(self.assertOneErrorLine(result, pager.EXIT_USAGE))
+            self.assertEqual(result.out, "")
+        self.assertEqual(set(line.partition(" (see")[0].rstrip(".") for line in results),
+                         {"pager: " + pager.NOTHING_TO_SEND.rstrip(".")})
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+    async def test_message_argument_not_utf8(self):
+        """A MESSAGE argument that is not UTF-8 (bytes the file system encoding kept as surrogates) is bad usage."""
+        await self.serve()
+        home = await self.provision("alice")
+        result = await self.run_command("send", "HOST", "--user", "alice", "--to", "bob", "caf\udce9", home=home,
+                                        token_of="alice")
+        self.assertIn("--file", self.assertOneErrorLine(result, pager.EXIT_USAGE))
+
+    async def test_wait_delivered_fires_on_receipt(self):
+        """send --wait-delivered ends as soon as the last recipient's receipt arrives, not at a polling tick."""
+        await self.serve()
+        home = await self.provision("alice")
+        await self.account("bob")
+        await self.account("carol")
+        bob = await self.login(self.address, "bob")
+        carol = await self.login(self.address, "carol")
+        result = await self.run_command("send", "HOST", "--user", "alice", "--to", "bob,carol", "--wait-delivered",
+                                        "hello both", home=home, token_of="alice")
+        self.assertExit(result, 0)
+        self.assertEqual([m.plaintext for m in bob.events.messages + carol.events.messages], [b"hello both"] * 2)
+
+
+class FetchOutputTests(InProcessTestCase):
+    """fetch when its output goes away, or its files cannot be saved."""
+
+    async def pages(self, count):
+        """alice's home; bob has C{count} text messages waiting from alice."""
+        await self.serve()
+        home = await self.provision("bob")
+        await self.account("alice")
+        alice = await self.login(self.address, "alice", receive=False)
+        for n in range(count):
+            await alice.send(["bob"], b"page %d" % n)
+        await alice.close()
+        return home
+
+    async def test_output_closed(self):
+        """
+        fetch whose reader stops after one line ('fetch | head -1') ends with one sentence (exit 7), and the
+        messages it did not print stay on the server.
+        """
+        home = await self.pages(3)
+        out = _Output(lines=1)
+        self.addCleanup(out.close_fd)
+        result = await self.run_command("fetch", "HOST", "--user", "bob", home=home, token_of="bob", stdout=out)
+        line = self.assertOneErrorLine(result, pager.EXIT_LOCAL)
+        self.assertIn("stay on the server", line)
+        self.assertEqual(result.out.count("\n"), 1)
+        self.assertEqual(len(await self.pending(self.server, "bob")), 2)
+
+    async def test_files_directory_unwritable(self):
+        """A file that cannot be saved (files/ is not a directory) is a local failure; the file stays queued."""
+        await self.serve()
+        home = await self.provision("bob")
+        await self.account("alice")
+        alice = await self.login(self.address, "alice", receive=False)
+        await alice.send(["bob"], b"report", content_type="file", filename="report.txt")
+        await alice.close()
+        with open(os.path.join(self.user_dir(home, "bob"), "files"), "w") as f:
+            f.write("in the way")
+        result = await self.run_command("fetch", "HOST", "--user", "bob", home=home, token_of="bob")
+        self.assertIn("Cannot save the file report.txt", self.assertOneErrorLine(result, pager.EXIT_LOCAL))
+        self.assertEqual(len(await self.pending(self.server, "bob")), 1)
+
+
+class LocalFailureTests(InProcessTestCase):
+    """A file on this machine that cannot be used exits 7 with one sentence, not a key-file or usage code."""
+
+    async def test_local_files(self):
+        await self.serve()
+        home = await self.provision("alice")
+        garbage = os.path.abspath(self.mktemp())
+        with open(garbage, "w") as f:
+            f.write("not a certificate\n")
+        missing = os.path.abspath(self.mktemp())
+        cases = [
+            ("missing --file", ["send", "HOST", "--user", "alice", "--to", "alice", "--file", missing], "Cannot read"),
+            ("missing CA file", ["users", "HOST", "--user", "alice", "--tls", "--ca", missing], "CA file"),
+            ("CA file not PEM", ["users", "HOST", "--user", "alice", "--tls", "--ca", garbage], "CA file"),
+            ("missing token file", ["users", "HOST", "--user", "alice", "--token-file", missing], "Cannot read"),
+        ]
+        for what, argv, words in cases:
+            given = "--token-file" in argv  # PAGER_TOKEN would come first
+            result = await self.run_command(*argv, home=home, token_of=None if given else "alice")
+            self.assertIn(words, self.assertOneErrorLine(result, pager.EXIT_LOCAL), what)
+
+    def test_exit_codes(self):
+        """Each error type has its documented exit code; report() writes its one sentence."""
+        cases = [(pager.LocalError("x."), 7), (pager.OutputClosed(), 7), (usage.UsageError("x."), 2),
+                 (pager.NetworkError("x."), 6), (pager.KeyFileError("x."), 3), (pager.UnknownUser("x."), 4),
+                 (pager.Interrupted(), 130), (pager.PagerError("x."), 1)]
+        for error, code in cases:
+            self.assertEqual(pager.exit_code(error), code, error)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(pager.report(pager.LocalError("Cannot write /x: No such file."), "see --help"), 7)
+        self.assertEqual(err.getvalue(), "pager: Cannot write /x: No such file (see --help)\n")
+
+
+class WaitingTests(unittest.SynchronousTestCase):
+    """The events commands wait on, instead of polling a flag."""
+
+    def client(self):
+        protocol = pager.PagerClientProtocol()
+        client = pager.PagerClient(protocol, task.Clock())
+        release = defer.Deferred()
+
+        async def handle(item):
+            await release
+        client._handle_message = handle
+        return client, release
+
+    def test_when_processed(self):
+        """when_processed(n) fires once n pushed messages are dealt with; when_handled once none is in hand."""
+        client, release = self.client()
+        self.successResultOf(client.when_handled())
+        processed, handled = client.when_processed(1), None
+        client._enqueue(client._handle_message, "message")
+        handled = client.when_handled()
+        self.assertNoResult(processed)
+        self.assertNoResult(handled)
+        release.callback(None)
+        self.successResultOf(processed)
+        self.successResultOf(handled)
+        self.assertEqual(client._waiters, [])
+
+    def test_when_processed_connection_lost(self):
+        """A wait for messages that will not come ends when the connection does."""
+        client, _ = self.client()
+        waiting = client.when_processed(1)
+        self.assertNoResult(waiting)
+        client.protocol.lost = pager.ConnectionLost()
+        client.connection_lost(client.protocol.lost)
+        self.successResultOf(waiting)
+
+    def test_within(self):
+        """within() says whether the event came in time, and a wait that timed out is cancelled and forgotten."""
+        clock = task.Clock()
+        client, release = self.client()
+        late = defer.Deferred.fromCoroutine(pager.within(clock, client.when_processed(1), 10))
+        clock.advance(9.9)
+        self.assertNoResult(late)
+        clock.advance(0.1)
+        self.assertIs(self.successResultOf(late), False)
+        self.assertEqual(client._waiters, [])
+        on_time = defer.Deferred.fromCoroutine(pager.within(clock, client.when_processed(1), 10))
+        client._enqueue(client._handle_message, "message")
+        release.callback(None)
+        self.assertIs(self.successResultOf(on_time), True)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_client_warnings_logged(self):
+        """A client command's warnings reach stderr as one 'pager: ' line each; information stays quiet."""
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        log = Logger(observer=pager.client_log_observer())
+        log.info("logged in as {user}", user="alice")
+        log.warn("Ignoring a malformed {kind} frame from the server:\n{why}", kind="receipt", why="no id")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("Handling an incoming frame failed")
+        self.assertEqual(err.getvalue().splitlines(), [
+            "pager: Ignoring a malformed receipt frame from the server: no id",
+            "pager: Handling an incoming frame failed: division by zero"])
+
+
+class OptionsTests(unittest.SynchronousTestCase):
+    """What each command accepts and lists."""
+
+    def parse(self, *argv):
+        options = pager.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_twistd_offers_only_server(self):
+        """Under twistd (which sets parent) the only command is server, and --help lists no other."""
+        options = pager.Options()
+        options.parent = usage.Options()
+        options.parent.subCommand = "pager"
+        self.assertEqual([c[0] for c in options.subCommands], ["server"])
+        self.assertNotIn("connect", options.getUsage())
+        self.assertRaises(usage.UsageError, options.parseOptions, ["connect"])
+        options.parseOptions(["server", "--listen", "tcp:0", "--db", self.mktemp()])
+        self.assertTrue(pager.makeService(options, MemoryReactorClock()).exit_on_failure)
+        alone = self.parse("server", "--listen", "tcp:0", "--db", self.mktemp())
+        self.assertFalse(pager.makeService(alone, MemoryReactorClock()).exit_on_failure)
+        self.assertIn("connect", [c[0] for c in pager.Options().subCommands])
+
+    def test_db_in_missing_directory(self):
+        """server --db in a directory that does not exist is one sentence naming the directory."""
+        missing = os.path.join(os.path.abspath(self.mktemp()), "pager.sqlite3")
+        error = self.assertRaises(usage.UsageError, self.parse, "server", "--db", missing)
+        self.assertIn("there is no directory %s" % os.path.dirname(missing), str(error))
+
+    def test_version_everywhere(self):
+        """--version prints pager's version at the top and after any command, not Twisted's."""
+        for argv in (["--version"], ["server", "--version"], ["send", "--version"], ["admin", "--version"],
+                     ["admin", "users", "--version"], ["make-cert", "--version"]):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            error = self.assertRaises(SystemExit, self.parse, *argv)
+            self.assertEqual((error.code, out.getvalue()), (0, "pager %s\n" % pager.__version__), argv)
+
+    def test_options_after_positionals(self):
+        """Options may follow the positional arguments everywhere, admin's --db after its command too."""
+        self.assertEqual(self.parse("admin", "users", "--db", "x.db").subOptions["db"], "x.db")
+        self.assertEqual(self.parse("admin", "backup", "out.db", "-d", "y.db").subOptions["db"], "y.db")
+        self.assertEqual(self.parse("admin", "--db", "z.db", "stats").subOptions["db"], "z.db")
+        invite = self.parse("admin", "invite", "--db", "x.db", "-n", "3").subOptions
+        self.assertEqual((invite["db"], invite.subOptions["count"]), ("x.db", 3))
+        send = self.parse("send", "localhost", "hello", "--user", "alice", "--to", "bob").subOptions
+        self.assertEqual((send["user"], send["to"], send["message"]), ("alice", ["bob"], "hello"))
+        fetch = self.parse("fetch", "localhost", "--json", "-u", "bob").subOptions
+        self.assertEqual((fetch["user"], fetch["json"]), ("bob", True))
+
+    def command_options(self, name):
+        [options] = [parser() for command, _, parser, _ in pager.Options().subCommands if command == name]
+        return options
+
+    def test_only_own_options(self):
+        """A command lists and accepts only the options that apply to it."""
+        cases = {
+            "send": ["--skew-window"],
+            "users": ["--skew-window", "--no-history"],
+            "export-key": ["--token-file", "--skew-window", "--no-history"],
+            "import-key": ["--token-file", "--skew-window", "--no-history"],
+        }
+        for command, absent in cases.items():
+            text = str(self.command_options(command))
+            for option in absent:
+                self.assertNotIn(option + " ", text.replace("=", " "), (command, option))
+                argv = [command, "localhost", "--user", "alice", option] + (
+                    [] if option == "--no-history" else ["1"])
+                self.assertRaises(usage.UsageError, self.parse, *argv)
+        for command in ("connect", "fetch"):
+            text = str(self.command_options(command))
+            for option in ("--skew-window", "--no-history", "--token-file"):
+                self.assertIn(option, text, command)
+
+
+class MakeCertTests(unittest.SynchronousTestCase):
+
+    def test_refuses_to_overwrite(self):
+        """make-cert refuses to replace cert.pem or key.pem without --force, and replaces both with it."""
+        out = os.path.abspath(self.mktemp())
+        os.makedirs(out)
+        with open(os.path.join(out, "key.pem"), "w") as f:
+            f.write("the operator's real key")
+        self.patch(sys, "stdout", io.StringIO())
+        options = pager.Options()
+        options.parseOptions(["make-cert", "localhost", "--out", out])
+        error = self.assertRaises(usage.UsageError, pager._make_cert_command, options.subOptions)
+        self.assertIn("--force", str(error))
+        self.assertEqual(os.listdir(out), ["key.pem"])
+        with open(os.path.join(out, "key.pem")) as f:
+            self.assertEqual(f.read(), "the operator's real key")
+        options = pager.Options()
+        options.parseOptions(["make-cert", "localhost", "--out", out, "--force"])
+        pager._make_cert_command(options.subOptions)
+        self.assertEqual(sorted(os.listdir(out)), ["cert.pem", "key.pem"])
+        with open(os.path.join(out, "key.pem")) as f:
+            self.assertIn("PRIVATE KEY", f.read())
+        self.assertEqual(os.stat(os.path.join(out, "key.pem")).st_mode & 0o777, 0o600)
+
+    def test_run_files_ignored(self):
+        """twistd's run files (pid file, log) are in .gitignore."""
+        with open(os.path.join(os.path.dirname(PAGER_PY), ".gitignore")) as f:
+            lines = f.read().splitlines()
+        for pattern in ("twistd.pid", "twistd.log*"):
+            self.assertIn(pattern, lines)
+
+
+class ProcessSmokeTests(CLITestCase):
+    """What only a process shows: exit statuses and what reaches a real stderr."""
+
+    def twistd(self):
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        if os.path.exists(twistd):
+            return [sys.executable, twistd]
+        return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+    async def test_twistd(self):
+        """
+        'twistd pager --help' lists only server, and 'twistd -n pager server' exits non-zero, saying why, when it
+        cannot listen.
+        """
+        env = base_env(PYTHONPATH=os.path.dirname(PAGER_PY))
+        helped = await self.finish(self.spawn(self.twistd() + ["pager", "--help"], env), "twistd pager --help")
+        self.assertExit(helped, 0)
+        commands = helped.out.partition("Commands:")[2].split()
+        self.assertEqual(commands[0], "server")
+        self.assertNotIn("connect", helped.out)
+        port = reactor.listenTCP(free_port(), protocol.Factory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        argv = self.twistd() + ["-n", "--pidfile", os.path.join(directory, "twistd.pid"), "pager", "server",
+                                "--listen", "tcp:%d:interface=127.0.0.1" % port.getHost().port,
+                                "--db", os.path.join(directory, "pager.sqlite3")]
+        result = await self.finish(self.spawn(argv, env), "twistd that cannot listen")
+        self.assertExit(result, 1)
+        self.assertIn("pager could not start: Couldn't listen", result.out + result.err)
+        self.assertNotIn("Traceback", result.out + result.err)
+        self.assertFalse(os.path.exists(os.path.join(directory, "twistd.pid")))
+
+    async def test_without_dependencies(self):
+        """'python pager.py' from a checkout, with a Python that lacks Twisted: one sentence on what to install."""
+        result = await self.finish(self.spawn([sys.executable, "-S", PAGER_PY, "--help"], base_env()),
+                                   "pager.py without dependencies")
+        line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
+        self.assertIn("dependencies are not installed", line)
+        self.assertIn("pip install", line)
+
+    async def test_fetch_into_head(self):
+        """'fetch | head -1': no traceback and at most one sentence on stderr, whatever head's timing."""
+        await self.serve()
+        home = await self.provision("bob")
+        await self.account("alice")
+        alice = await self.login(self.address, "alice", receive=False)
+        for n in range(3):
+            await alice.send(["bob"], b"page %d " % n + b"x" * 200000)
+        await alice.close()
+        command = "%s %s fetch %s --user bob | head -c 10 >/dev/null; exit ${PIPESTATUS[0]}" % (
+            sys.executable, PAGER_PY, self.host)
+        env = base_env(PAGER_HOME=home, PAGER_TOKEN=token("bob"))
+        result = await self.finish(self.spawn(["/bin/bash", "-c", command], env), "fetch | head")
+        self.assertNotIn("Traceback", result.err)
+        self.assertNotIn("Exception ignored", result.err)
+        # Three large messages: pager is still printing when head leaves (how many got into the pipe before
+        # depends on timing; FetchOutputTests.test_output_closed counts them in-process).
+        self.assertIn("stay on the server", self.assertOneErrorLine(result, pager.EXIT_LOCAL))
+        self.assertGreaterEqual(len(await self.pending(self.server, "bob")), 1)
