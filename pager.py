@@ -14,7 +14,7 @@ Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the w
 Licence: MIT.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import sys
 
@@ -56,7 +56,7 @@ from twisted.python import usage
 
 #### Constants and limits ####
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: proofs name the server (see PROTOCOL.md, "Changes from version 1")
 SOFTWARE = "pager/" + __version__
 DEFAULT_PORT = 5050
 DEFAULT_LISTEN = "tcp:%d:backlog=1024" % DEFAULT_PORT
@@ -87,12 +87,15 @@ MAX_RETRY_AFTER = 3600  # the longest wait a client takes from a rate_limited er
 RECONNECT_MAX_DELAY = 30.0  # the longest pause between a client's reconnection attempts, unless told to wait
 MAX_ACK_BATCH = 1000  # message ids, or receipt ids, that one ack frame may list
 MAX_USERS_PAGE = 1000  # names one users answer lists (about 35 KB at most, so one answer fits the shortest max_line)
+MAX_USERS_LISTED = 1000000  # names a client reads in one listing of every user, whatever the server's count says
+MAX_USERS_PAGES = 10000  # users answers a client reads in one listing
+CLIENT_CLOSE_GRACE = 3.0  # seconds a client's close waits for the server to read what it wrote; then it aborts
 _MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
 MAX_FILENAME_BYTES = 255
 CONTENT_TYPES = ("text", "file")
 
 USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
-SOFTWARE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a hello's software name and version, e.g. pager/0.1.0
+SOFTWARE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a hello's software name and version, e.g. pager/0.2.0
 MIN_TOKEN_LENGTH = 8
 MAX_TOKEN_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 64
@@ -3370,9 +3373,9 @@ class PagerClientProtocol(LineReceiver):
     def _hello(self, frame):
         if self.hello.called:
             return
-        if frame.get("protocol") != PROTOCOL_VERSION:
-            return self._refuse("the server speaks protocol version %r; this client speaks %d"
-                                % (frame.get("protocol"), PROTOCOL_VERSION))
+        version = frame.get("protocol")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            return self._refuse(_version_mismatch(version))
         self._take_challenge(frame)
         if self.challenge is None:
             return self._refuse("the server's login challenge is not %d bytes" % CHALLENGE_SIZE)
@@ -3405,6 +3408,18 @@ class PagerClientProtocol(LineReceiver):
         frame.update(fields)
         self.send_frame(frame)
         return d
+
+
+def _version_mismatch(version):
+    """Why this client refuses a server whose hello names protocol C{version}, and what to do about it."""
+    ours = "this client (pager %s) speaks version %d" % (__version__, PROTOCOL_VERSION)
+    if type(version) is not int:
+        return ("the server's hello names no protocol version, and %s: it is not a pager server of this version"
+                % ours)
+    if version < PROTOCOL_VERSION:
+        return ("the server speaks protocol version %d and %s: upgrade the server to pager %s or later"
+                % (version, ours, __version__))
+    return "the server speaks protocol version %d and %s: upgrade this client" % (version, ours)
 
 
 def _error_sentence(message, limit=1000):
@@ -3953,6 +3968,14 @@ def _retry_after(value):
     return float(value)
 
 
+def _user_count(answer, field):
+    """The non-negative integer in C{answer[field]}; anything else is a protocol error."""
+    value = answer.get(field)
+    if type(value) is not int or value < 0:
+        raise BadRequest("The server's users answer has no %s that is a whole number of users." % field)
+    return value
+
+
 def _user_names(answer, field):
     """The list of user names in C{answer[field]}; anything in it that is not a user name is a protocol error."""
     names = answer.get(field, [])
@@ -4015,6 +4038,7 @@ class PagerClient:
         self._ack_in_flight = False
         self._single_acks = 0  # one-id acks unanswered, for a server that takes no lists
         self._keepalive = None
+        self._abort = None  # the call that aborts the connection if the server does not let a close complete
         self.processed = 0  # pushed messages fully dealt with: shown and acknowledged, skipped as seen, or rejected
         self.failures = []  # hand-offs that raised (the message stays on the server)
 
@@ -4055,13 +4079,25 @@ class PagerClient:
                     or any(self._acks.values()))
 
     def close(self):
-        """Close the connection; the Deferred fires once it is closed."""
+        """
+        Close the connection; the Deferred fires once it is closed.  What was written still reaches a server that
+        reads it within L{CLIENT_CLOSE_GRACE} seconds; then the connection is aborted, so that a server that never
+        reads cannot keep a script from ending.
+        """
         self._stop_keepalive()
         if any(self._acks.values()):
             self._send_acks()  # written before the connection closes: what was handed over is not delivered again
-        if self.protocol.transport is not None and self.protocol.transport.connected:
-            _lose(self.protocol.transport)
+        transport = self.protocol.transport
+        if transport is not None and transport.connected and self._abort is None:
+            self._abort = self.reactor.callLater(CLIENT_CLOSE_GRACE, transport.abortConnection)
+            self.protocol.done.addBoth(self._closed)
+            _lose(transport)
         return self.protocol.done
+
+    def _closed(self, result):
+        if self._abort.active():
+            self._abort.cancel()
+        return result
 
     # -- accounts --
 
@@ -4155,23 +4191,33 @@ class PagerClient:
             fields["limit"] = limit
         answer = await self.protocol.request("users", **fields)
         registered, online_names = _user_names(answer, "registered"), _user_names(answer, "online")
+        if not set(online_names) <= set(registered):
+            raise BadRequest("The server's users answer lists online users that are not among the names it lists.")
         following = answer.get("next")
         if following is not None and (not registered or following != registered[-1]
                                       or (after is not None and following <= after)):
-            raise ProtocolError("The server's users answer does not go on from its last name.")
-        return UsersPage(registered, online_names, answer.get("count", len(registered)),
-                         answer.get("online_count", len(online_names)), following)
+            raise BadRequest("The server's users answer does not go on from its last name.")
+        return UsersPage(registered, online_names, _user_count(answer, "count"), _user_count(answer, "online_count"),
+                         following)
 
     async def users(self):
-        """C{(online, registered)}: two sorted lists of every user name, read page by page."""
+        """
+        C{(online, registered)}: two sorted lists of every user name, read page by page until the server says
+        there is no more, or the names read reach the count it gives.  A listing that goes on past
+        L{MAX_USERS_LISTED} names or L{MAX_USERS_PAGES} pages is a protocol error.
+        """
         online, registered, after = [], [], None
-        while True:
+        for _ in range(MAX_USERS_PAGES):
             page = await self.users_page(after)
             online += page.online
             registered += page.registered
-            if page.next is None:
+            if page.next is None or len(registered) >= page.count:
                 return online, registered
+            if len(registered) >= MAX_USERS_LISTED:
+                break
             after = page.next
+        raise BadRequest("The server's list of users goes on past %s names or %s pages; stopped reading it."
+                            % (format(MAX_USERS_LISTED, ","), format(MAX_USERS_PAGES, ",")))
 
     async def public_key(self, user, refresh=False):
         """C{(key, fingerprint)} for C{user}, from the server (cached for this connection)."""
