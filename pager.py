@@ -4969,11 +4969,22 @@ class Session:
             raise AuthFailed("Login as %s failed: wrong safetoken, or the server does not know this key "
                              "(fingerprint %s)." % (self.user, format_fingerprint(fingerprint(self.key))))
 
+    def _keys_elsewhere(self, server_id):
+        """The other server ids this machine holds the user's key under (HOME/<id>/<user>/key.p12), sorted."""
+        try:
+            names = os.listdir(self.home)
+        except OSError:
+            return []
+        return sorted(name for name in names if valid_server_id(name) and name != server_id
+                      and os.path.exists(os.path.join(self.home, name, self.user, KEY_FILE_NAME)))
+
     async def may_make_key(self, client):
         """
         Before making a key for a user this machine has none for at this server: refuse when the address, before a
         C{forget-server}, was another server where this machine holds the user's key; then a script needs
-        C{--register} and the interactive client asks.  Raises L{ServerChanged} or L{NoKey}.
+        C{--register} and the interactive client asks.  An address known_servers does not list (a home from before
+        it) where this machine holds the user's key under another id gets a warning first: the server there may
+        have been replaced.  Raises L{ServerChanged} or L{NoKey}.
         """
         for old in self.known.forgotten(self.known_address):
             if old != client.server_id and os.path.exists(os.path.join(self.home, old, self.user, KEY_FILE_NAME)):
@@ -4983,6 +4994,14 @@ class Session:
                     "server restored from backup keeps its id, so if its operator confirms it was rebuilt, accept "
                     "the new id with '%s' and run the command again."
                     % (self.user, self.address, old, client.server_id, self.trust_command)))
+        others = self._keys_elsewhere(client.server_id) if self.known.known(self.known_address) is None else []
+        if others:
+            self.prompter.say(
+                "Warning: this machine holds a key for %s under the server id%s %s, but %s, which this machine has "
+                "no record of, presents the server id %s: if this address used to be %s, the server was replaced "
+                "(or someone stands in for it), so stop and ask its operator; if %s is on another server too, go on."
+                % (self.user, "s" if len(others) > 1 else "", " and ".join(others), self.address, client.server_id,
+                   "that server" if len(others) == 1 else "one of those servers", self.user))
         if self.config.get("register"):
             return
         if not self.prompter.interactive:
