@@ -3711,13 +3711,17 @@ def valid_server_id(server_id):
     return isinstance(server_id, str) and SERVER_ID_RE.fullmatch(server_id) is not None
 
 
+def host_port(host, port):
+    """C{HOST:PORT} as a user reads and types it, an IPv6 address in brackets (C{[::1]:5050})."""
+    return "%s:%d" % (host, port) if ":" not in host else "[%s]:%d" % (host, port)
+
+
 def server_address(host, port, tls):
     """
     The name known_servers files an address under: the host as the user gave it (lower case), the port, and
     whether the connection uses TLS (C{tcp:localhost:5050}, C{tls:[::1]:5051}).
     """
-    host = host.lower()
-    return "%s:%s:%d" % ("tls" if tls else "tcp", "[%s]" % host if ":" in host else host, port)
+    return "%s:%s" % ("tls" if tls else "tcp", host_port(host.lower(), port))
 
 
 class ServerChanged(PagerError):
@@ -4744,7 +4748,7 @@ class Session:
 
     @property
     def address(self):
-        return "%s:%d" % (self.host, self.port) if ":" not in self.host else "[%s]:%d" % (self.host, self.port)
+        return host_port(self.host, self.port)
 
     @property
     def known_address(self):
@@ -4761,12 +4765,10 @@ class Session:
 
     def check_server(self, client):
         """
-        Refuse a server whose id is malformed, or is not the one this machine knows at this address
-        (L{ServerChanged}); an address seen for the first time is remembered only once its directory is used
-        (L{open_local}).
+        Refuse a server whose id is not the one this machine knows at this address (L{ServerChanged}); an address
+        seen for the first time is remembered only once its directory is used (L{open_local}).  (The id's format
+        was checked with the hello: L{PagerClientProtocol} refuses a malformed one.)
         """
-        if not valid_server_id(client.server_id):
-            raise NetworkError("%s sent a malformed server id; it is not a compatible pager server." % self.address)
         self.known.check(self.known_address, client.server_id, self.trust_command)
 
     async def connect(self, check=True):
@@ -4909,9 +4911,7 @@ class Session:
         """Ask for the user name if needed; find (not create) the user's directory for this server, by its id."""
         if self.user is None:
             self.user = await self._username()
-        if not valid_server_id(client.server_id):
-            raise KeyFileError("The server sent a malformed server id.")
-        self.server_id = client.server_id
+        self.server_id = client.server_id  # 32 hex digits, as the hello was refused otherwise
         self.directory = os.path.join(self.home, self.server_id, self.user)
 
     async def open_local(self, client):
@@ -6245,12 +6245,8 @@ async def _trust_server_command(reactor, config):
     config = dict(config, user=None)
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     client = await session.connect(check=False)
-    try:
-        presented = client.server_id
-        if not valid_server_id(presented):
-            raise NetworkError("%s sent a malformed server id." % session.address)
-    finally:
-        await client.close()
+    presented = client.server_id
+    await client.close()
     if config["id"] is not None and config["id"] != presented:
         raise ServerChanged(session.address, config["id"], presented, session.trust_command, message=(
             "%s presents the server id %s, not %s as you were told: nothing changed; ask the server's operator "
@@ -6265,7 +6261,7 @@ async def _trust_server_command(reactor, config):
 async def _forget_server_command(reactor, config):
     host, port = parse_address(config["server"])
     known = KnownServers(config["home"] or default_home())
-    address = "%s:%d" % (host, port) if ":" not in host else "[%s]:%d" % (host, port)
+    address = host_port(host, port)
     previous = known.forget(server_address(host, port, config["tls"]))
     if previous is None:
         print("%s%s is not a known server address; nothing changed." % (address, " (TLS)" if config["tls"] else ""))

@@ -288,6 +288,8 @@ class KnownServersTests(unittest.TestCase):
         tls = pager.server_address("localhost", 5050, True)
         self.assertEqual((plain, tls), ("tcp:localhost:5050", "tls:localhost:5050"))
         self.assertEqual(pager.server_address("::1", 5050, False), "tcp:[::1]:5050")
+        self.assertEqual((pager.host_port("::1", 5050), pager.host_port("LocalHost", 5051)),
+                         ("[::1]:5050", "LocalHost:5051"))  # as the commands name an address
         known.check(plain, "aa" * 16)
         known.remember(plain, "aa" * 16)
         known.check(plain, "aa" * 16)
