@@ -14,7 +14,7 @@ Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the w
 Licence: MIT.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import sys
 
@@ -68,7 +68,7 @@ except ImportError as e:
 
 #### Constants and limits ####
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: proofs name the server (see PROTOCOL.md, "Changes from version 1")
 SOFTWARE = "pager/" + __version__
 DEFAULT_PORT = 5050
 DEFAULT_LISTEN = "tcp:%d:backlog=1024" % DEFAULT_PORT
@@ -99,12 +99,15 @@ MAX_RETRY_AFTER = 3600  # the longest wait a client takes from a rate_limited er
 RECONNECT_MAX_DELAY = 30.0  # the longest pause between a client's reconnection attempts, unless told to wait
 MAX_ACK_BATCH = 1000  # message ids, or receipt ids, that one ack frame may list
 MAX_USERS_PAGE = 1000  # names one users answer lists (about 35 KB at most, so one answer fits the shortest max_line)
+MAX_USERS_LISTED = 1000000  # names a client reads in one listing of every user, whatever the server's count says
+MAX_USERS_PAGES = 10000  # users answers a client reads in one listing
+CLIENT_CLOSE_GRACE = 3.0  # seconds a client's close waits for the server to read what it wrote; then it aborts
 _MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
 MAX_FILENAME_BYTES = 255
 CONTENT_TYPES = ("text", "file")
 
 USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
-SOFTWARE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a hello's software name and version, e.g. pager/0.1.0
+SOFTWARE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a hello's software name and version, e.g. pager/0.2.0
 MIN_TOKEN_LENGTH = 8
 MAX_TOKEN_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 64
@@ -3407,9 +3410,9 @@ class PagerClientProtocol(LineReceiver):
     def _hello(self, frame):
         if self.hello.called:
             return
-        if frame.get("protocol") != PROTOCOL_VERSION:
-            return self._refuse("the server speaks protocol version %r; this client speaks %d"
-                                % (frame.get("protocol"), PROTOCOL_VERSION))
+        version = frame.get("protocol")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            return self._refuse(_version_mismatch(version))
         self._take_challenge(frame)
         if self.challenge is None:
             return self._refuse("the server's login challenge is not %d bytes" % CHALLENGE_SIZE)
@@ -3442,6 +3445,18 @@ class PagerClientProtocol(LineReceiver):
         frame.update(fields)
         self.send_frame(frame)
         return d
+
+
+def _version_mismatch(version):
+    """Why this client refuses a server whose hello names protocol C{version}, and what to do about it."""
+    ours = "this client (pager %s) speaks version %d" % (__version__, PROTOCOL_VERSION)
+    if type(version) is not int:
+        return ("the server's hello names no protocol version, and %s: it is not a pager server of this version"
+                % ours)
+    if version < PROTOCOL_VERSION:
+        return ("the server speaks protocol version %d and %s: upgrade the server to pager %s or later"
+                % (version, ours, __version__))
+    return "the server speaks protocol version %d and %s: upgrade this client" % (version, ours)
 
 
 def _error_sentence(message, limit=1000):
@@ -3786,13 +3801,17 @@ def valid_server_id(server_id):
     return isinstance(server_id, str) and SERVER_ID_RE.fullmatch(server_id) is not None
 
 
+def host_port(host, port):
+    """C{HOST:PORT} as a user reads and types it, an IPv6 address in brackets (C{[::1]:5050})."""
+    return "%s:%d" % (host, port) if ":" not in host else "[%s]:%d" % (host, port)
+
+
 def server_address(host, port, tls):
     """
     The name known_servers files an address under: the host as the user gave it (lower case), the port, and
     whether the connection uses TLS (C{tcp:localhost:5050}, C{tls:[::1]:5051}).
     """
-    host = host.lower()
-    return "%s:%s:%d" % ("tls" if tls else "tcp", "[%s]" % host if ":" in host else host, port)
+    return "%s:%s" % ("tls" if tls else "tcp", host_port(host.lower(), port))
 
 
 class ServerChanged(PagerError):
@@ -4043,6 +4062,14 @@ def _retry_after(value):
     return float(value)
 
 
+def _user_count(answer, field):
+    """The non-negative integer in C{answer[field]}; anything else is a protocol error."""
+    value = answer.get(field)
+    if type(value) is not int or value < 0:
+        raise BadRequest("The server's users answer has no %s that is a whole number of users." % field)
+    return value
+
+
 def _user_names(answer, field):
     """The list of user names in C{answer[field]}; anything in it that is not a user name is a protocol error."""
     names = answer.get(field, [])
@@ -4113,6 +4140,7 @@ class PagerClient:
         self._ack_in_flight = False
         self._single_acks = 0  # one-id acks unanswered, for a server that takes no lists
         self._keepalive = None
+        self._abort = None  # the call that aborts the connection if the server does not let a close complete
         self.processed = 0  # pushed messages fully dealt with: shown and acknowledged, skipped as seen, or rejected
         self.failures = []  # hand-offs that raised (the message stays on the server)
         self._waiters = []  # (ready, Deferred): fired once ready() holds, checked whenever the above change
@@ -4179,13 +4207,25 @@ class PagerClient:
         return self._wait_for(lambda: self.processed >= count or self.failures or self.protocol.lost is not None)
 
     def close(self):
-        """Close the connection; the Deferred fires once it is closed."""
+        """
+        Close the connection; the Deferred fires once it is closed.  What was written still reaches a server that
+        reads it within L{CLIENT_CLOSE_GRACE} seconds; then the connection is aborted, so that a server that never
+        reads cannot keep a script from ending.
+        """
         self._stop_keepalive()
         if any(self._acks.values()):
             self._send_acks()  # written before the connection closes: what was handed over is not delivered again
-        if self.protocol.transport is not None and self.protocol.transport.connected:
-            _lose(self.protocol.transport)
+        transport = self.protocol.transport
+        if transport is not None and transport.connected and self._abort is None:
+            self._abort = self.reactor.callLater(CLIENT_CLOSE_GRACE, transport.abortConnection)
+            self.protocol.done.addBoth(self._closed)
+            _lose(transport)
         return self.protocol.done
+
+    def _closed(self, result):
+        if self._abort.active():
+            self._abort.cancel()
+        return result
 
     # -- accounts --
 
@@ -4279,23 +4319,33 @@ class PagerClient:
             fields["limit"] = limit
         answer = await self.protocol.request("users", **fields)
         registered, online_names = _user_names(answer, "registered"), _user_names(answer, "online")
+        if not set(online_names) <= set(registered):
+            raise BadRequest("The server's users answer lists online users that are not among the names it lists.")
         following = answer.get("next")
         if following is not None and (not registered or following != registered[-1]
                                       or (after is not None and following <= after)):
-            raise ProtocolError("The server's users answer does not go on from its last name.")
-        return UsersPage(registered, online_names, answer.get("count", len(registered)),
-                         answer.get("online_count", len(online_names)), following)
+            raise BadRequest("The server's users answer does not go on from its last name.")
+        return UsersPage(registered, online_names, _user_count(answer, "count"), _user_count(answer, "online_count"),
+                         following)
 
     async def users(self):
-        """C{(online, registered)}: two sorted lists of every user name, read page by page."""
+        """
+        C{(online, registered)}: two sorted lists of every user name, read page by page until the server says
+        there is no more, or the names read reach the count it gives.  A listing that goes on past
+        L{MAX_USERS_LISTED} names or L{MAX_USERS_PAGES} pages is a protocol error.
+        """
         online, registered, after = [], [], None
-        while True:
+        for _ in range(MAX_USERS_PAGES):
             page = await self.users_page(after)
             online += page.online
             registered += page.registered
-            if page.next is None:
+            if page.next is None or len(registered) >= page.count:
                 return online, registered
+            if len(registered) >= MAX_USERS_LISTED:
+                break
             after = page.next
+        raise BadRequest("The server's list of users goes on past %s names or %s pages; stopped reading it."
+                            % (format(MAX_USERS_LISTED, ","), format(MAX_USERS_PAGES, ",")))
 
     async def public_key(self, user, refresh=False):
         """C{(key, fingerprint)} for C{user}, from the server (cached for this connection)."""
@@ -4858,7 +4908,7 @@ class Session:
 
     @property
     def address(self):
-        return "%s:%d" % (self.host, self.port) if ":" not in self.host else "[%s]:%d" % (self.host, self.port)
+        return host_port(self.host, self.port)
 
     @property
     def known_address(self):
@@ -4875,12 +4925,10 @@ class Session:
 
     def check_server(self, client):
         """
-        Refuse a server whose id is malformed, or is not the one this machine knows at this address
-        (L{ServerChanged}); an address seen for the first time is remembered only once its directory is used
-        (L{open_local}).
+        Refuse a server whose id is not the one this machine knows at this address (L{ServerChanged}); an address
+        seen for the first time is remembered only once its directory is used (L{open_local}).  (The id's format
+        was checked with the hello: L{PagerClientProtocol} refuses a malformed one.)
         """
-        if not valid_server_id(client.server_id):
-            raise NetworkError("%s sent a malformed server id; it is not a compatible pager server." % self.address)
         self.known.check(self.known_address, client.server_id, self.trust_command)
 
     async def connect(self, check=True):
@@ -5023,9 +5071,7 @@ class Session:
         """Ask for the user name if needed; find (not create) the user's directory for this server, by its id."""
         if self.user is None:
             self.user = await self._username()
-        if not valid_server_id(client.server_id):
-            raise KeyFileError("The server sent a malformed server id.")
-        self.server_id = client.server_id
+        self.server_id = client.server_id  # 32 hex digits, as the hello was refused otherwise
         self.directory = os.path.join(self.home, self.server_id, self.user)
 
     async def open_local(self, client):
@@ -5083,11 +5129,22 @@ class Session:
             raise AuthFailed("Login as %s failed: wrong safetoken, or the server does not know this key "
                              "(fingerprint %s)." % (self.user, format_fingerprint(fingerprint(self.key))))
 
+    def _keys_elsewhere(self, server_id):
+        """The other server ids this machine holds the user's key under (HOME/<id>/<user>/key.p12), sorted."""
+        try:
+            names = os.listdir(self.home)
+        except OSError:
+            return []
+        return sorted(name for name in names if valid_server_id(name) and name != server_id
+                      and os.path.exists(os.path.join(self.home, name, self.user, KEY_FILE_NAME)))
+
     async def may_make_key(self, client):
         """
         Before making a key for a user this machine has none for at this server: refuse when the address, before a
         C{forget-server}, was another server where this machine holds the user's key; then a script needs
-        C{--register} and the interactive client asks.  Raises L{ServerChanged} or L{NoKey}.
+        C{--register} and the interactive client asks.  An address known_servers does not list (a home from before
+        it) where this machine holds the user's key under another id gets a warning first: the server there may
+        have been replaced.  Raises L{ServerChanged} or L{NoKey}.
         """
         for old in self.known.forgotten(self.known_address):
             if old != client.server_id and os.path.exists(os.path.join(self.home, old, self.user, KEY_FILE_NAME)):
@@ -5097,6 +5154,14 @@ class Session:
                     "server restored from backup keeps its id, so if its operator confirms it was rebuilt, accept "
                     "the new id with '%s' and run the command again."
                     % (self.user, self.address, old, client.server_id, self.trust_command)))
+        others = self._keys_elsewhere(client.server_id) if self.known.known(self.known_address) is None else []
+        if others:
+            self.prompter.say(
+                "Warning: this machine holds a key for %s under the server id%s %s, but %s, which this machine has "
+                "no record of, presents the server id %s: if this address used to be %s, the server was replaced "
+                "(or someone stands in for it), so stop and ask its operator; if %s is on another server too, go on."
+                % (self.user, "s" if len(others) > 1 else "", " and ".join(others), self.address, client.server_id,
+                   "that server" if len(others) == 1 else "one of those servers", self.user))
         if self.config.get("register"):
             return
         if not self.prompter.interactive:
@@ -6609,12 +6674,8 @@ async def _trust_server_command(reactor, config):
     config = dict(config, user=None)
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     client = await session.connect(check=False)
-    try:
-        presented = client.server_id
-        if not valid_server_id(presented):
-            raise NetworkError("%s sent a malformed server id." % session.address)
-    finally:
-        await client.close()
+    presented = client.server_id
+    await client.close()
     if config["id"] is not None and config["id"] != presented:
         raise ServerChanged(session.address, config["id"], presented, session.trust_command, message=(
             "%s presents the server id %s, not %s as you were told: nothing changed; ask the server's operator "
@@ -6629,7 +6690,7 @@ async def _trust_server_command(reactor, config):
 async def _forget_server_command(reactor, config):
     host, port = parse_address(config["server"])
     known = KnownServers(config["home"] or default_home())
-    address = "%s:%d" % (host, port) if ":" not in host else "[%s]:%d" % (host, port)
+    address = host_port(host, port)
     previous = known.forget(server_address(host, port, config["tls"]))
     if previous is None:
         print("%s%s is not a known server address; nothing changed." % (address, " (TLS)" if config["tls"] else ""))

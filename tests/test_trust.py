@@ -189,6 +189,41 @@ class MovedServerTests(MovedServerTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.alice_home, self.second_id, "alice")))
 
 
+
+class OldHomeTests(MovedServerTestCase):
+    """
+    A home from before known_servers: alice's key is filed under the first server's id, but nothing says which id
+    the address had.  A server with a new id there gets no silent new key: the user is told of the old one.
+    """
+
+    async def test_key_under_another_id(self):
+        """
+        connect says this machine holds alice's key under the first id, and that the server may have been replaced,
+        before it asks ("n" makes nothing); send --register writes the same warning on stderr and registers (one
+        user may be on two servers).
+        """
+        await self.first_server()
+        await self.second_server(impostor=False)
+        os.unlink(os.path.join(self.alice_home, pager.KNOWN_SERVERS_NAME))
+        connect = await self.pager("connect", self.host, "--user", "alice", home=self.alice_home, token_of="alice",
+                                   passphrase="new passphrase", stdin=b"n\n")
+        self.assertExit(connect, pager.EXIT_AUTH)
+        [warning] = [line for line in connect.err.splitlines() if self.first_id in line]
+        for words in (self.second_id, "replaced", "operator", "Make a new key"):
+            self.assertIn(words, connect.err)
+        self.assertLess(connect.err.index(warning), connect.err.index("Make a new key"))
+        self.assertEqual(await self.server.store.user_names(), ["bob"])
+        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hello", "--register",
+                                home=self.alice_home, token_of="alice", passphrase="new passphrase")
+        self.assertExit(sent, 0)
+        self.assertIn(warning, sent.err.splitlines())
+        self.assertEqual(sorted(await self.server.store.user_names()), ["alice", "bob"])
+        again = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "again", home=self.alice_home,
+                                 token_of="alice", passphrase="new passphrase")
+        self.assertExit(again, 0)
+        self.assertNotIn(self.first_id, again.err)
+
+
 class RegisterFlagTests(CLITestCase):
     """Script commands make a key and register only with --register."""
 
@@ -215,6 +250,7 @@ class RegisterFlagTests(CLITestCase):
         sent = await self.pager("send", self.host, "--user", "carol", "--to", "bob", "hi", "--register",
                                 home=home, token_of="carol", passphrase="carol's passphrase")
         self.assertExit(sent, 0)
+        self.assertNotIn("Warning", sent.err)  # no key for carol under another server id here
         self.assertIn("carol", await self.server.store.user_names())
         self.assertTrue(os.path.exists(os.path.join(self.user_dir(home, "carol"), pager.KEY_FILE_NAME)))
         with open(os.path.join(home, pager.KNOWN_SERVERS_NAME)) as f:
@@ -252,6 +288,8 @@ class KnownServersTests(unittest.TestCase):
         tls = pager.server_address("localhost", 5050, True)
         self.assertEqual((plain, tls), ("tcp:localhost:5050", "tls:localhost:5050"))
         self.assertEqual(pager.server_address("::1", 5050, False), "tcp:[::1]:5050")
+        self.assertEqual((pager.host_port("::1", 5050), pager.host_port("LocalHost", 5051)),
+                         ("[::1]:5050", "LocalHost:5051"))  # as the commands name an address
         known.check(plain, "aa" * 16)
         known.remember(plain, "aa" * 16)
         known.check(plain, "aa" * 16)
