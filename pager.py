@@ -3660,8 +3660,8 @@ def message_preview(content_type, filename, body, length=PREVIEW_LENGTH):
     if len(text) <= length:
         return '"%s"' % text
     cut = text[:length]
-    if " " in cut[length // 2:]:
-        cut = cut[:cut.rindex(" ")]
+    if text[length] != " " and " " in cut[length // 2:]:
+        cut = cut[:cut.rindex(" ")]  # not in the middle of a word
     return '"%s\u2026"' % cut
 
 
@@ -5317,8 +5317,8 @@ class Outbox:
         store = self.session.store
         waiting = await store.outbox_waiting() if store is not None else 0
         if waiting:
-            self.show("\u23f3 %d message%s typed earlier wait%s in the outbox; sending now." % (
-                waiting, "" if waiting == 1 else "s", "s" if waiting == 1 else ""))
+            self.show("\u23f3 %d message%s in the outbox; sending now." % (
+                waiting, " waits" if waiting == 1 else "s wait"))
         await self.flush()
 
     def flush(self):
