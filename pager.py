@@ -5244,6 +5244,7 @@ def describe_receipt(receipt, ref=None, preview=None):
 
 
 SUMMARY_NAMED = 10  # messages a summary of receipts names, per outcome, before it says "and N more"
+SUMMARY_REASON = 200  # characters of a recipient's reason for refusing a message that a summary shows
 
 
 def summarise_receipts(items, now):
@@ -5255,8 +5256,10 @@ def summarise_receipts(items, now):
                 ("expired", "expired undelivered", "to"))
     parts = []
     for status, said, word in outcomes:
-        named = ["%s %s %s" % ("#%d" % ref if ref is not None else preview or receipt.message_id[:8], word,
-                               receipt.peer) for receipt, ref, preview in items if receipt.status == status]
+        named = ["%s %s %s%s" % ("#%d" % ref if ref is not None else preview or receipt.message_id[:8], word,
+                                 receipt.peer, ": " + _error_sentence(receipt.reason, SUMMARY_REASON)
+                                 if status == "rejected" else "")
+                 for receipt, ref, preview in items if receipt.status == status]
         if named:
             more = len(named) - SUMMARY_NAMED
             listed = ", ".join(named[:SUMMARY_NAMED]) + (" and %d more" % more if more > 0 else "")
@@ -5491,6 +5494,7 @@ An empty line cancels a half-written message."""
             self.outbox.close()
             if self._receipts_quiet is not None and self._receipts_quiet.active():
                 self._receipts_quiet.cancel()
+            self._summarise_receipts()  # they are acknowledged: shown now, not dropped
             busy = defer.DeferredList(list(self._busy))
             busy.addBoth(lambda _: self.session.close()).addBoth(lambda _: self.done.callback(None))
 
@@ -5685,7 +5689,7 @@ An empty line cancels a half-written message."""
             receipt.peer)
         await store.set_history_status(receipt.message_id, status + (": " + receipt.reason
                                                                      if receipt.status == "rejected" else ""))
-        if self._gathering and receipt.message_id not in self.outbox.sent:
+        if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
             self._old_receipts.append((receipt, ref, preview))
             if self._receipts_quiet is not None and self._receipts_quiet.active():
                 self._receipts_quiet.reset(RECEIPTS_AT_LOGIN_QUIET)

@@ -305,7 +305,7 @@ class TickTests(ChatTestCase):
         lines = [line for line in ui.text().splitlines() if "#" in line]
         [summary] = [line for line in lines if "Since you were last here" in line]
         self.assertIn("3 delivered (#1 to bob, #2 to bob, #3 to bob)", summary)
-        self.assertIn("1 could not be opened (#4 by carol)", summary)
+        self.assertIn("1 could not be opened (#4 by carol: no key for this message)", summary)
         self.assertEqual([line for line in lines if "delivered to" in line], [])
         before = len(ui.shown)
         bob = await self.login(self.address, "bob")
