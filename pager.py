@@ -5264,8 +5264,8 @@ def summarise_receipts(items, now):
             more = len(named) - SUMMARY_NAMED
             listed = ", ".join(named[:SUMMARY_NAMED]) + (" and %d more" % more if more > 0 else "")
             parts.append("%d %s (%s)" % (len(named), said, listed))
-    return "[%s] Since you were last here: %s%s; /history shows them." % (
-        _clock(now), "of your messages, " if len(items) > 1 else "your message ", ", ".join(parts))
+    return "[%s] Since you were last here, of your messages: %s; /history shows them." % (
+        _clock(now), ", ".join(parts))
 
 
 OUTBOX_RETRY = 10.0  # seconds before the outbox tries again after a busy server (rate_limited without a wait, internal)
