@@ -5408,7 +5408,7 @@ class Outbox:
         self._retry = None
 
 
-RECEIPTS_AT_LOGIN_QUIET = 0.5  # seconds without a receipt that end the receipts pushed at login
+RECEIPTS_AT_LOGIN_QUIET = 1.0  # seconds without a receipt (from the screen being up) that end those pushed at login
 
 
 class Chat:
