@@ -3622,6 +3622,14 @@ _LOCAL_SCHEMA = [
     " filename TEXT NOT NULL, body BLOB NOT NULL, status TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS history_peer ON history(peer, id)",
     "CREATE INDEX IF NOT EXISTS history_msg ON history(msg_id)",  # receipts update their message's entry
+    # The outbox: each message typed in the chat, from Enter until the server accepts or refuses it.  ref is the
+    # short reference the chat shows (#12); the envelope is sealed once, just before the first try, and kept, so
+    # that a try whose answer was lost is resent as the same message (the server's idempotent resend).  Once
+    # accepted, the text and envelope are erased and the row stays, with sent_at, to name the message in receipts.
+    "CREATE TABLE IF NOT EXISTS outbox (ref INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
+    " recipients TEXT NOT NULL, content_type TEXT NOT NULL, filename TEXT NOT NULL, body BLOB NOT NULL,"
+    " msg_id TEXT, header BLOB, chunks BLOB, signature BLOB, sent_at REAL)",
+    "CREATE INDEX IF NOT EXISTS outbox_msg ON outbox(msg_id)",
 ]
 
 
@@ -3637,6 +3645,20 @@ class HistoryEntry:
     status: str
 
 
+@dataclasses.dataclass(frozen=True)
+class OutboxEntry:
+    """A message in the outbox: C{envelope} is None until it has been sealed, C{msg_id} (hex) too."""
+
+    ref: int
+    at: float
+    recipients: list
+    content_type: str
+    filename: str
+    body: bytes
+    msg_id: str = None
+    envelope: Envelope = None
+
+
 def _local_schema_txn(txn, keep_until):
     _seen_schema_txn(txn, keep_until)
     for statement in _LOCAL_SCHEMA:
@@ -3648,6 +3670,80 @@ def _local_schema_txn(txn, keep_until):
         txn.execute("DELETE FROM history WHERE direction = 'in' AND id NOT IN"
                     " (SELECT MIN(id) FROM history WHERE direction = 'in' GROUP BY msg_id, peer)")
         txn.execute("CREATE UNIQUE INDEX IF NOT EXISTS history_in ON history(msg_id, peer) WHERE direction = 'in'")
+    # Sent messages are named in receipts for as long as the server may send one (its expiry, plus a day).
+    txn.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (keep_until,))
+
+
+def _outbox_add_txn(txn, at, recipients, content_type, filename, body):
+    txn.execute("INSERT INTO outbox (at, recipients, content_type, filename, body) VALUES (?, ?, ?, ?, ?)",
+                (at, ",".join(recipients), content_type, filename, body))
+    return txn.lastrowid
+
+
+def _split_chunks(header, data):
+    """The chunk ciphertexts of an envelope stored end to end: all full (chunk size + tag) but the last."""
+    size = parse_header(header).chunk_size + GCM_TAG_SIZE
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def _outbox_next_txn(txn):
+    row = txn.execute("SELECT ref, at, recipients, content_type, filename, body, msg_id, header, chunks, signature"
+                      " FROM outbox WHERE sent_at IS NULL ORDER BY ref LIMIT 1").fetchone()
+    if row is None:
+        return None
+    envelope = None
+    if row[7] is not None:
+        header = bytes(row[7])
+        envelope = Envelope(header, _split_chunks(header, bytes(row[8])), bytes(row[9]))
+    return OutboxEntry(row[0], row[1], row[2].split(","), row[3], row[4], bytes(row[5]), row[6], envelope)
+
+
+def _outbox_waiting_txn(txn):
+    return txn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
+
+
+def _outbox_sealed_txn(txn, ref, envelope):
+    msg_id = parse_header(envelope.header).message_id.hex()
+    txn.execute("UPDATE outbox SET msg_id = ?, header = ?, chunks = ?, signature = ? WHERE ref = ?",
+                (msg_id, envelope.header, b"".join(envelope.chunks), envelope.signature, ref))
+
+
+def _outbox_sent_txn(txn, ref, msg_id, now, history):
+    txn.execute("UPDATE outbox SET msg_id = ?, sent_at = ?, body = x'', header = NULL, chunks = NULL,"
+                " signature = NULL WHERE ref = ?", (msg_id, now, ref))
+    if history is not None:
+        _add_history_txn(txn, history)
+
+
+def _outbox_refused_txn(txn, ref, history):
+    txn.execute("DELETE FROM outbox WHERE ref = ?", (ref,))
+    if history is not None:
+        _add_history_txn(txn, history)
+
+
+def _sent_message_txn(txn, msg_id):
+    """C{(ref, preview)} of a message this user sent: its outbox reference and its history entry (each or None)."""
+    row = txn.execute("SELECT ref FROM outbox WHERE msg_id = ?", (msg_id,)).fetchone()
+    entry = txn.execute("SELECT content_type, filename, body FROM history WHERE msg_id = ? AND direction = 'out'"
+                        " ORDER BY id LIMIT 1", (msg_id,)).fetchone()
+    return (row[0] if row else None,
+            message_preview(entry[0], entry[1], bytes(entry[2])) if entry else None)
+
+
+PREVIEW_LENGTH = 30  # characters of a message's text that name it in the chat's ticks
+
+
+def message_preview(content_type, filename, body, length=PREVIEW_LENGTH):
+    """The first words of a message, on one line, to name it: C{"disk full on…"}, or C{file NAME}."""
+    if content_type == "file":
+        return "file " + filename
+    text = " ".join(body.decode("utf-8", "replace").split())
+    if len(text) <= length:
+        return '"%s"' % text
+    cut = text[:length]
+    if text[length] != " " and " " in cut[length // 2:]:
+        cut = cut[:cut.rindex(" ")]  # not in the middle of a word
+    return '"%s\u2026"' % cut
 
 
 def _get_pin_txn(txn, user):
@@ -3739,6 +3835,36 @@ class LocalStore(SeenStore):
 
     def history(self, peer=None, limit=20):
         return self.pool.runInteraction(_history_txn, peer, limit)
+
+    # -- the outbox --
+
+    def outbox_add(self, at, recipients, content_type, filename, body):
+        """Keep a message until the server has it; returns its reference (a number that is never used again)."""
+        return self.pool.runInteraction(_outbox_add_txn, at, recipients, content_type, filename, body)
+
+    def outbox_next(self):
+        """The oldest message still waiting (an L{OutboxEntry}), or None."""
+        return self.pool.runInteraction(_outbox_next_txn)
+
+    def outbox_waiting(self):
+        """How many messages wait in the outbox."""
+        return self.pool.runInteraction(_outbox_waiting_txn)
+
+    def outbox_sealed(self, ref, envelope):
+        """Keep the envelope sealed for message C{ref}: every try sends this one."""
+        return self.pool.runInteraction(_outbox_sealed_txn, ref, envelope)
+
+    def outbox_sent(self, ref, msg_id, now, history=None):
+        """The server accepted message C{ref}: erase its text and envelope, record C{history} (unless turned off)."""
+        return self.pool.runInteraction(_outbox_sent_txn, ref, msg_id, now, history if self.keep_history else None)
+
+    def outbox_refused(self, ref, history=None):
+        """The server (or this client) refused message C{ref}: it leaves the outbox; C{history} says why."""
+        return self.pool.runInteraction(_outbox_refused_txn, ref, history if self.keep_history else None)
+
+    def sent_message(self, msg_id):
+        """C{(ref, preview)} naming a message this user sent (see L{message_preview}); either may be None."""
+        return self.pool.runInteraction(_sent_message_txn, msg_id)
 
 
 #### Key files ####
@@ -4391,6 +4517,14 @@ class PagerClient:
 
     async def post(self, recipients, data, content_type="text", filename=""):
         """Like L{send}, but returns the server's whole answer: C{msg}, C{duplicate} and C{queued} (offline names)."""
+        names, envelope = await self.seal(recipients, data, content_type, filename)
+        return await self.send_envelope(names, envelope)
+
+    async def seal(self, recipients, data, content_type="text", filename=""):
+        """
+        C{(names, envelope)}: C{data} sealed for each recipient's key as the server gives it now, checked against
+        the key pinned here (L{recipient_key}).  L{send_envelope} sends it; sending it again is the same message.
+        """
         if self.user is None:
             raise NotAuthenticated()
         if isinstance(data, str):
@@ -4401,7 +4535,7 @@ class PagerClient:
             keys[name] = await self.recipient_key(name)
         envelope = await self.in_thread(seal, self.private_key, self.user, keys, data, content_type=content_type,
                                         filename=filename)
-        return await self.send_envelope(names, envelope)
+        return names, envelope
 
     async def send_envelope(self, names, envelope):
         """Send an already sealed L{Envelope}, in one frame or as a header and chunk frames."""
@@ -5340,13 +5474,191 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False):
     return head + " " + text
 
 
-def describe_receipt(receipt):
+def _label(ref, preview):
+    """How the chat names a message it sent: its reference and first words, when known."""
+    return " ".join(part for part in ("#%d" % ref if ref is not None else None, preview) if part)
+
+
+def describe_receipt(receipt, ref=None, preview=None):
+    """
+    How a receipt is shown, naming the message by its outbox reference (C{ref}) and first words (C{preview}) when
+    they are known (see L{LocalStore.sent_message}).
+    """
+    label = _label(ref, preview)
+    message = "your message " + label if label else "your message"
     if receipt.status == "delivered":
-        return "[%s] \u2713 delivered to %s" % (_clock(receipt.at), receipt.peer)
+        return "[%s] \u2713\u2713 %sdelivered to %s" % (_clock(receipt.at), label + " " if label else "", receipt.peer)
     if receipt.status == "rejected":
-        return "[%s] \u2717 %s could not open your message: %s" % (
-            _clock(receipt.at), receipt.peer, receipt.reason)
-    return "[%s] \u2717 your message to %s expired undelivered" % (_clock(receipt.at), receipt.peer)
+        return "[%s] \u2717 %s could not open %s: %s" % (_clock(receipt.at), receipt.peer, message, receipt.reason)
+    return "[%s] \u2717 %s to %s expired undelivered" % (_clock(receipt.at), message, receipt.peer)
+
+
+SUMMARY_NAMED = 10  # messages a summary of receipts names, per outcome, before it says "and N more"
+SUMMARY_REASON = 200  # characters of a recipient's reason for refusing a message that a summary shows
+
+
+def summarise_receipts(items, now):
+    """
+    One line for the receipts of earlier messages that arrive at login: C{items} are C{(receipt, ref, preview)}.
+    Messages are named by reference, else by their first words, else by the start of their id.
+    """
+    outcomes = (("delivered", "delivered", "to"), ("rejected", "could not be opened", "by"),
+                ("expired", "expired undelivered", "to"))
+    parts = []
+    for status, said, word in outcomes:
+        named = ["%s %s %s%s" % ("#%d" % ref if ref is not None else preview or receipt.message_id[:8], word,
+                                 receipt.peer, ": " + _error_sentence(receipt.reason, SUMMARY_REASON)
+                                 if status == "rejected" else "")
+                 for receipt, ref, preview in items if receipt.status == status]
+        if named:
+            more = len(named) - SUMMARY_NAMED
+            listed = ", ".join(named[:SUMMARY_NAMED]) + (" and %d more" % more if more > 0 else "")
+            parts.append("%d %s (%s)" % (len(named), said, listed))
+    return "[%s] Since you were last here, of your messages: %s; /history shows them." % (
+        _clock(now), ", ".join(parts))
+
+
+OUTBOX_RETRY = 10.0  # seconds before the outbox tries again after a busy server (rate_limited without a wait, internal)
+
+
+class Outbox:
+    """
+    The chat's messages from Enter until the server has them.  L{add} keeps a message on disk (L{LocalStore}'s
+    outbox) and shows it waiting with its reference; L{flush} sends what waits, oldest first and one at a time, so
+    that the server accepts them in the order they were typed.  Each message is sealed once, before its first try,
+    and that envelope is kept: a try whose answer was lost is sent again as the same message, which the server
+    recognises (PROTOCOL.md 8.6) and recipients show once.  A dropped connection leaves the rest waiting until the
+    chat has logged in again and flushes; a refusal (an unknown user, a changed key, too large, over quota) is said
+    with its reason and takes the message out of the outbox (into the history, marked not sent).
+    """
+
+    log = Logger()
+
+    def __init__(self, session, show, reactor):
+        self.session = session
+        self.show = show
+        self.reactor = reactor
+        self.sent = set()  # ids (hex) of the messages accepted for this process: their receipts are live news
+        self._pass = None  # the flush under way
+        self._again = False  # a message was added while it ran
+        self._waiters = []
+        self._retry = None
+
+    def connected(self):
+        client = self.session.client
+        return (client is not None and client.user is not None and client.protocol.lost is None
+                and not self.session.closing and self.session.store is not None)
+
+    async def add(self, names, data, content_type="text", filename=""):
+        """Keep the message on disk, show it waiting, and send it (and any older one) if connected."""
+        names = sorted({canonical_username(n) for n in names})
+        if not names or len(names) > MAX_RECIPIENTS:
+            raise BadRequest("A message has 1 to %d recipients." % MAX_RECIPIENTS)
+        store = self.session.store
+        if store is None:
+            raise Cancelled("Not sent: the client is quitting.")
+        ref = await store.outbox_add(self.reactor.seconds(), names, content_type, filename, data)
+        if self.connected():
+            self.show("\u23f3 #%d to %s" % (ref, ", ".join(names)))
+        else:
+            self.show("\u23f3 #%d to %s waits for the connection: it is sent when the client has reconnected."
+                      % (ref, ", ".join(names)))
+        await self.flush()
+
+    async def resume(self):
+        """After logging in: say what an earlier run left waiting, and send it."""
+        store = self.session.store
+        waiting = await store.outbox_waiting() if store is not None else 0
+        if waiting:
+            self.show("\u23f3 %d message%s in the outbox; sending now." % (
+                waiting, " waits" if waiting == 1 else "s wait"))
+        await self.flush()
+
+    def flush(self):
+        """
+        Send what waits, if connected; the Deferred fires once the outbox is empty, the connection is down, or the
+        server asked for a pause.
+        """
+        d = Deferred()
+        self._waiters.append(d)
+        if self._pass is None:
+            self._pass = Deferred.fromCoroutine(self._flush())
+            self._pass.addCallbacks(self._passed, self._passed, errbackArgs=(True,))
+        else:
+            self._again = True
+        return d
+
+    def _passed(self, result, failed=False):
+        self._pass = None
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if failed:
+                d.errback(result)
+            else:
+                d.callback(None)
+
+    async def _flush(self):
+        while self.connected():
+            self._again = False
+            store, client = self.session.store, self.session.client
+            entry = await store.outbox_next()
+            if entry is None:
+                if self._again:
+                    continue
+                return
+            if not await self._try(store, client, entry):
+                return
+
+    async def _try(self, store, client, entry):
+        """Send one message; False when the rest must wait (the connection is down, the server is busy)."""
+        names, label = ", ".join(entry.recipients), "#%d" % entry.ref
+        try:
+            envelope = entry.envelope
+            if envelope is None:
+                _, envelope = await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename)
+                await store.outbox_sealed(entry.ref, envelope)
+            answer = await client.send_envelope(entry.recipients, envelope)
+        except (ConnectionLost, defer.CancelledError):
+            return False  # still waiting: sent again, as the same message, after the reconnection
+        except (RateLimited, InternalError) as e:
+            delay = getattr(e, "retry_after", None) or OUTBOX_RETRY
+            self.show("\u23f3 %s to %s waits: %s Trying again in %d s." % (label, names, e.message, delay))
+            if self._retry is None or not self._retry.active():
+                self._retry = self.reactor.callLater(delay, self._retry_now)
+            return False
+        except Exception as e:
+            if isinstance(e, PagerError):
+                reason = e.message
+            else:
+                reason = "this client failed to send it (%s)" % e
+                self.log.failure("Sending message {ref} failed", ref=entry.ref)
+            await store.outbox_refused(entry.ref, HistoryEntry(
+                entry.at, "out", ",".join(entry.recipients), entry.msg_id or "", entry.content_type, entry.filename,
+                entry.body if entry.content_type == "text" else b"", "not sent: " + reason))
+            self.show("\u2717 %s to %s was not sent: %s" % (label, names, reason))
+            return True
+        msg = answer["msg"]
+        self.sent.add(msg)
+        await store.outbox_sent(entry.ref, msg, self.reactor.seconds(), HistoryEntry(
+            entry.at, "out", ",".join(entry.recipients), msg, entry.content_type, entry.filename,
+            entry.body if entry.content_type == "text" else b"", "sent"))
+        queued = [n for n in answer.get("queued", []) if n in entry.recipients]
+        self.show("\u2713 %s sent%s" % (label, "; %s %s offline: the server keeps it until they log in" % (
+            ", ".join(queued), "is" if len(queued) == 1 else "are") if queued else ""))
+        return True
+
+    def _retry_now(self):
+        self._retry = None
+        self.flush().addErrback(lambda f: self.log.failure("Sending the outbox failed", f))
+
+    def close(self):
+        """Stop trying again later: what waits stays on disk for the next run."""
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+
+RECEIPTS_AT_LOGIN_QUIET = 1.0  # seconds without a receipt (from the screen being up) that end those pushed at login
 
 
 class Chat:
@@ -5389,6 +5701,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self._closing = False
         self._busy = set()  # commands in flight: quitting waits for them
         self._early = []
+        self.outbox = Outbox(session, self.show, reactor)
+        self._old_receipts = []  # receipts of earlier messages pushed at login, summed up in one line
+        self._gathering = False  # whether receipts of earlier messages are being gathered for that line
+        self._receipts_quiet = None  # the timer that ends the gathering
         session.wire = self._wire
 
     # -- wiring --
@@ -5401,12 +5717,21 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         early, self._early = self._early, []
         for text in early:
             self.ui.show(text)
+        self._logged_in()
 
     def _wire(self, client):
         client.on_message = self.message_received
         client.on_receipt = self.receipt_received
         client.on_rejected = self.message_rejected
         client.on_disconnect = self.disconnected
+        self._gathering = True  # a login begins: the receipts the server kept for us come first
+
+    def _logged_in(self):
+        """After each login: end the receipts of earlier messages once they stop coming, and send the outbox."""
+        if self._receipts_quiet is not None and self._receipts_quiet.active():
+            self._receipts_quiet.cancel()
+        self._receipts_quiet = self.reactor.callLater(RECEIPTS_AT_LOGIN_QUIET, self._summarise_receipts)
+        self._run(self.outbox.resume())
 
     def show(self, text):
         if self.ui is not None:
@@ -5433,6 +5758,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     def quit(self):
         if not self._closing:
             self._closing = True
+            self.outbox.close()
+            if self._receipts_quiet is not None and self._receipts_quiet.active():
+                self._receipts_quiet.cancel()
+            self._summarise_receipts()  # they are acknowledged: shown now, not dropped
             busy = defer.DeferredList(list(self._busy))
             busy.addBoth(lambda _: self.session.close()).addBoth(lambda _: self.done.callback(None))
 
@@ -5539,16 +5868,13 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     # -- sending --
 
     async def send(self, names, text, content_type="text", filename="", data=None):
-        session = self.session
+        """
+        Send C{text} (or C{data}, for a file) to C{names} through the outbox: kept on disk and shown waiting with
+        its reference at once, sent now if connected, else once the client has reconnected (L{Outbox}).
+        """
         if data is None:
             data = text.encode("utf-8")
-        answer = await session.client.post(names, data, content_type, filename)
-        body = data if content_type == "text" else b""
-        await session.store.add_history(HistoryEntry(
-            self.reactor.seconds(), "out", ",".join(names), answer["msg"], content_type, filename, body, "sent"))
-        queued = [n for n in answer.get("queued", []) if n in names]
-        if queued:
-            self.show("(queued for %s: not online)" % ", ".join(queued))
+        await self.outbox.add(names, data, content_type, filename)
 
     async def command_msg(self, rest):
         names, _, text = rest.partition(" ")
@@ -5727,10 +6053,31 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             message.key_status))
 
     async def receipt_received(self, receipt):
-        self.show(describe_receipt(receipt))
-        await self.session.store.set_history_status(receipt.message_id, "%s %s %s" % (
+        """
+        Show what became of a message, naming it (L{describe_receipt}), and record it in the history.  Receipts of
+        messages sent before this chat started that the server pushes at login are gathered into one line.
+        """
+        store = self.session.store
+        if store is None:
+            raise ConnectionLost()  # quitting: not acknowledged, so the server keeps it for the next session
+        ref, preview = await store.sent_message(receipt.message_id)
+        status = "%s %s %s" % (
             receipt.status, "for" if receipt.status == "expired" else "to" if receipt.status == "delivered" else "by",
-            receipt.peer))
+            receipt.peer)
+        await store.set_history_status(receipt.message_id, status + (": " + receipt.reason
+                                                                     if receipt.status == "rejected" else ""))
+        if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
+            self._old_receipts.append((receipt, ref, preview))
+            if self._receipts_quiet is not None and self._receipts_quiet.active():
+                self._receipts_quiet.reset(RECEIPTS_AT_LOGIN_QUIET)
+        else:
+            self.show(describe_receipt(receipt, ref, preview))
+
+    def _summarise_receipts(self):
+        self._gathering = False
+        items, self._old_receipts = self._old_receipts, []
+        if items:
+            self.show(summarise_receipts(items, self.reactor.seconds()))
 
     def message_rejected(self, msg, sender, error):
         self.show("\u2717 A message from %s could not be opened and was refused: %s" % (sender, error.message))
@@ -5745,6 +6092,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     async def _reconnect(self):
         await self.session.reconnect(self.show)
         self.show("Reconnected.")
+        self._logged_in()
 
 
 def _read_file(path):
