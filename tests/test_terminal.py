@@ -640,3 +640,160 @@ class PseudoTerminalTests(CLITestCase):
         lines = [line for line in output.splitlines() if line.strip()]
         self.assertEqual(len(lines), 1, output)
         self.assertTrue(lines[0].startswith("pager: "), output)
+
+
+class _RecordingChat:
+    """What the chat screen calls on its chat, recorded."""
+
+    def __init__(self):
+        self.reactor = task.Clock()
+        self.lines, self.pastes, self.answers = [], [], []
+        self.quits = 0
+        self.confirming = None
+
+    def attach(self, ui):
+        self.ui = ui
+
+    def line(self, text):
+        self.lines.append(text)
+
+    def paste(self, text):
+        self.pastes.append(text)
+
+    def confirm(self, yes):
+        self.answers.append(yes)
+        self.confirming = None
+
+    def quit(self):
+        self.quits += 1
+
+
+LEFT, RIGHT, UP, DOWN, HOME, END, DELETE = b"\x1b[D", b"\x1b[C", b"\x1b[A", b"\x1b[B", b"\x1b[H", b"\x1b[F", b"\x1b[3~"
+PASTE_START, PASTE_END = b"\x1b[200~", b"\x1b[201~"
+
+
+class ChatScreenTests(unittest.SynchronousTestCase):
+    """The raw-mode chat screen's keys, fed as a terminal sends them (no process, no terminal)."""
+
+    def setUp(self):
+        self.chat = _RecordingChat()
+        self.transport = StringTransport()
+        self.screen = pager.ChatScreen(self.chat, width=80)
+        self.screen.makeConnection(self.transport)
+
+    def feed(self, *chunks):
+        for chunk in chunks:
+            self.screen.dataReceived(chunk)
+
+    def test_editing_keys(self):
+        """Ctrl-A/E, Left/Right, Home/End (every form), Backspace and Delete edit in the middle of the line."""
+        self.feed(b"hello world", b"\x01", b"X", b"\x05", b"Y", LEFT, LEFT, b"Z", HOME, RIGHT, b"-", END, b"!",
+                  b"\x1b[1~", DELETE, b"\x1bOF", b"\x7f", b"\r")
+        self.assertEqual(self.chat.lines, ["-hello worlZdY"])
+        self.feed(b"one two  three", b"\x17", b"\r")  # Ctrl-W: the word before the cursor
+        self.feed(b"one two  three", LEFT * 5, b"\x17", b"\r")  # and the spaces after a word
+        self.feed(b"one two", LEFT * 3, b"\x0b", b"\r")  # Ctrl-K: to the end
+        self.feed(b"one two", LEFT * 3, b"\x15", b"\r")  # Ctrl-U: to the start
+        self.assertEqual(self.chat.lines[1:], ["one two  ", "one three", "one ", "two"])
+
+    def test_history(self):
+        """Up and Down browse the lines entered; going back down past the last gives back the half-typed line."""
+        self.feed(b"first\r", b"second\r", b"draft", UP, UP, UP)
+        self.assertEqual(self.screen.editor.text, "first")
+        self.feed(DOWN)
+        self.assertEqual(self.screen.editor.text, "second")
+        self.feed(DOWN)
+        self.assertEqual(self.screen.editor.text, "draft")
+        self.feed(UP, b" again\r")
+        self.assertEqual(self.chat.lines, ["first", "second", "second again"])
+
+    def test_wide_characters(self):
+        """
+        Non-ASCII text, even split between reads byte by byte, is edited by character and the cursor placed by
+        screen column: wide characters count two, combining marks none.
+        """
+        for byte in "日本語".encode("utf-8"):
+            self.feed(bytes([byte]))
+        self.feed(LEFT, LEFT)
+        self.transport.clear()
+        self.feed("x".encode("utf-8"))
+        drawn = self.transport.value()
+        self.assertTrue(drawn.endswith("to> 日x本語\x1b[4D".encode("utf-8")), drawn)
+        self.feed(END, "e\u0301".encode("utf-8"), LEFT)  # e and a combining accent: one column, one step
+        self.assertEqual(self.screen.editor.columns(self.screen.editor.cursor), 1)
+        self.feed(RIGHT, b"\x7f", b"e")
+        self.assertEqual(self.screen.editor.text, "日x本語e")
+        self.feed(b"\r")
+        self.assertEqual(self.chat.lines, ["日x本語e"])
+
+    def test_long_line_scrolls(self):
+        """A line wider than the screen scrolls sideways so the cursor stays on it."""
+        self.screen.width = 20
+        self.transport.clear()
+        self.feed(b"abcdefghijklmnopqrstuvwxyz")
+        last = self.transport.value().rsplit(b"\r\x1b[K", 1)[1]
+        self.assertEqual(last, b"to> lmnopqrstuvwxyz")
+        self.feed(HOME)
+        last = self.transport.value().rsplit(b"\r\x1b[K", 1)[1]
+        self.assertTrue(last.startswith(b"to> abcdefghijklmno"), last)
+
+    def test_ctrl_c(self):
+        """Ctrl-C clears the line (nothing sent); a second Ctrl-C on the empty line leaves."""
+        self.feed(b"half a line", b"\x03")
+        self.assertEqual((self.screen.editor.text, self.chat.lines, self.chat.quits), ("", [], 0))
+        self.feed(b"\x03")
+        self.assertEqual(self.chat.quits, 1)
+        self.assertTrue(self.transport.value().endswith(b"\r\x1b[K"), "the prompt erased")
+
+    def test_ctrl_c_on_an_empty_line(self):
+        """On an empty line, one Ctrl-C says how to leave; a key in between starts over."""
+        self.feed(b"\x03")
+        self.assertIn(b"Ctrl-C again", self.transport.value())
+        self.feed(b"a", b"\x7f", b"\x03")
+        self.assertEqual(self.chat.quits, 0)
+        self.feed(b"\x03")
+        self.assertEqual(self.chat.quits, 1)
+
+    def test_ctrl_d(self):
+        """Ctrl-D deletes the character under the cursor; on an empty line it leaves."""
+        self.feed(b"abc", LEFT, LEFT, b"\x04")
+        self.assertEqual((self.screen.editor.text, self.chat.quits), ("ac", 0))
+        self.feed(b"\x01\x0b", b"\x04")
+        self.assertEqual(self.chat.quits, 1)
+
+    def test_paste_is_one_event(self):
+        """A bracketed paste of several lines, in reads of any size, reaches the chat as one paste, not as lines."""
+        data = b"half" + PASTE_START + b"carol\r\nhello \xc3\xa9\r\n\tthree\r\n" + PASTE_END + b" typed"
+        for size in range(1, len(data) + 1):
+            self.setUp()
+            self.feed(*[data[i:i + size] for i in range(0, len(data), size)])
+            self.assertEqual(self.chat.pastes, ["carol\nhello \u00e9\n\tthree"], size)
+            self.assertEqual(self.chat.lines, [], size)
+            self.assertEqual(self.screen.editor.text, "half typed", size)
+
+    def test_one_line_paste_is_typed(self):
+        """A paste without a line break is inserted at the cursor, to be edited; nothing is sent."""
+        self.feed(b"ab", LEFT, PASTE_START + b"X\tY\x1b[2J" + PASTE_END)
+        self.assertEqual((self.screen.editor.text, self.chat.pastes, self.chat.lines), ("aX Y[2Jb", [], []))
+
+    def test_paste_too_long(self):
+        """A paste over the bound is refused with a sentence; nothing is sent and the screen goes on."""
+        self.feed(PASTE_START, b"x\n" * (pager.MAX_PASTE // 2 + 10), PASTE_END, b"ok\r")
+        self.assertEqual(self.chat.pastes, [])
+        self.assertIn(b"The paste was not used", self.transport.value())
+        self.assertEqual(self.chat.lines, ["ok"])
+        self.assertLessEqual(len(self.screen._paste or b""), pager.MAX_PASTE + 1)
+
+    def test_confirming(self):
+        """While the chat waits for an answer about a paste: y or Enter sends, n, Esc or Ctrl-C cancels."""
+        for keys, answer in ((b"y", True), (b"\r", True), (b"n", False), (b"\x03", False)):
+            self.chat.confirming = ("bob", "text")
+            self.feed(b"q", keys)
+            self.assertEqual(self.chat.answers[-1:], [answer])
+            self.assertEqual(self.chat.lines, [])
+        self.chat.confirming = ("bob", "text")
+        self.feed(b"\x1b")
+        self.assertEqual(len(self.chat.answers), 4)  # a lone ESC waits for the rest of a sequence...
+        self.chat.reactor.advance(pager.ESCAPE_WAIT)
+        self.assertEqual(self.chat.answers[-1], False)  # ...then counts as Esc
+        self.assertEqual(self.chat.quits, 0)
