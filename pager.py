@@ -5643,9 +5643,10 @@ class ChatScreen(protocol.Protocol):
         if self.width is not None:
             return self.width
         try:
-            return os.get_terminal_size(1).columns
+            columns = os.get_terminal_size(1).columns
         except OSError:
-            return 80
+            columns = 0
+        return columns or 80  # a terminal that does not say its size (0) is taken to be 80 wide
 
     def _draw(self):
         """Draw the prompt and the line, scrolled sideways if it is wider than the screen, with the cursor in it."""
@@ -6384,6 +6385,8 @@ async def _connect_command(reactor, config):
         session.host, session.port = parse_address(address)
     chat = Chat(session, reactor)
     await session.start(receive=True)
+    stopping = []
+    reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
     guard = TerminalGuard.install(reactor)
     if guard is not None:
         from twisted.internet import stdio
@@ -6397,6 +6400,8 @@ async def _connect_command(reactor, config):
         from twisted.internet import stdio
         stdio.StandardIO(PlainChat(chat), reactor=reactor)
         await chat.done
+    if stopping:  # a signal (SIGINT, SIGTERM, SIGHUP) stopped the reactor, which closed the chat's input
+        raise Cancelled("The chat was interrupted.")
 
 
 FETCH_SETTLE = 10.0  # seconds fetch waits for the next of the messages the login said were waiting

@@ -4,6 +4,8 @@ a real in-process server; the file-name helpers; and C{pager.py connect} in a ps
 """
 
 import io
+import re
+import signal
 import os
 import stat
 import sys
@@ -231,6 +233,67 @@ class ChatSendingTests(ChatTestCase):
         chat.line("quit")
         await self.wait_for(lambda: chat.done.called, "chat.done after quit")
         await self.wait_for(lambda: "alice" not in server.factory.online, "alice to go offline")
+
+
+class ChatPasteTests(ChatTestCase):
+    """Chat.paste: what the raw-mode screen hands on for a bracketed paste."""
+
+    async def test_paste_without_a_conversation(self):
+        """With no conversation open, a paste is not sent anywhere, and the chat says what to do."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        before = len(ui.shown)
+        chat.paste("bob\nhello")
+        await self.idle(chat)
+        self.assertIn("Open a conversation first with /to NAME.", ui.text(before))
+        await self.settle(chat)
+        self.assertEqual(bob.events.messages, [])
+
+    async def test_paste_goes_to_the_conversation(self):
+        """
+        A paste of a few lines is one message to the current conversation, even when its first line names
+        someone else.
+        """
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/to bob")
+        self.assertEqual(chat.conversation, "bob")
+        chat.paste("carol\nsecond line\n/quit")
+        await self.idle(chat)
+        await self.wait_for(lambda: bob.events.messages, "the pasted message")
+        await self.settle(chat)
+        self.assertEqual([m.plaintext for m in bob.events.messages], [b"carol\nsecond line\n/quit"])
+        self.assertEqual(carol.events.messages, [])
+        self.assertFalse(chat._closing)
+
+    async def test_long_paste_is_confirmed(self):
+        """A paste of more than 5 lines is shown first; n cancels it (saying so), y or Enter sends it."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/to bob")
+        text = "\n".join("line %d" % n for n in range(1, 9))
+        before = len(ui.shown)
+        chat.paste(text)
+        shown = ui.text(before)
+        self.assertIn("8 lines", shown)
+        self.assertIn("line 5", shown)
+        self.assertNotIn("line 6", shown)
+        self.assertIn("3 more lines", shown)
+        self.assertEqual(ui.prompt, "Send it to bob? [Y/n] ")
+        await self.type(chat, "n")
+        self.assertIn("nothing sent", ui.text(before))
+        self.assertIsNone(chat.confirming)
+        self.assertEqual(ui.prompt, "to> ")
+        chat.paste(text)
+        await self.type(chat, "maybe")
+        self.assertIsNotNone(chat.confirming)
+        await self.type(chat, "")
+        await self.wait_for(lambda: bob.events.messages, "the confirmed paste")
+        await self.settle(chat)
+        self.assertEqual([m.plaintext for m in bob.events.messages], [text.encode()])
 
 
 class ChatCommandTests(ChatTestCase):
@@ -797,3 +860,103 @@ class ChatScreenTests(unittest.SynchronousTestCase):
         self.chat.reactor.advance(pager.ESCAPE_WAIT)
         self.assertEqual(self.chat.answers[-1], False)  # ...then counts as Esc
         self.assertEqual(self.chat.quits, 0)
+
+
+class TerminalRestoredTests(CLITestCase):
+    """
+    pager.py connect in a pseudo-terminal under a shell that runs C{stty -a} once it has ended: on every way out the
+    terminal is given back with echo and canonical mode on and bracketed paste off.
+    """
+
+    def start_wrapped(self, *args, env):
+        """Start C{pager.py connect ARGS} in a pseudo-terminal, under C{sh}, which prints its exit code, then stty."""
+        child = TerminalProcess()
+        script = 'trap : INT TERM HUP; "$@"; echo "exited with $?"; stty -a'
+        argv = ["/bin/sh", "-c", script, "sh", sys.executable, PAGER_PY, "connect"] + list(args)
+        self.spawn(argv, base_env(TERM="xterm", **env), usePTY=True, child=child)
+        return child
+
+    wait_output = PseudoTerminalTests.wait_output
+    type_slowly = PseudoTerminalTests.type_slowly
+
+    async def assertRestored(self, child, code, what):
+        """C{child} ends with the client's exit C{code}, and stty then shows echo and canonical mode on."""
+        result = await self.finish(child, what)
+        output = child.output()
+        self.assertEqual(result.code, 0, output)
+        self.assertIn("exited with %d" % code, output, "%s:\n%s" % (what, output))
+        words = re.split(r"[\s;]+", output[output.index("exited with"):])
+        self.assertIn("echo", words, "%s:\n%s" % (what, output))
+        self.assertIn("icanon", words, "%s:\n%s" % (what, output))
+        if "\x1b[?2004h" in output:
+            self.assertGreater(output.rfind("\x1b[?2004l"), output.rfind("\x1b[?2004h"), what)
+        self.assertNotIn("Traceback", output)
+        return output
+
+    async def test_interrupt_at_each_prompt(self):
+        """Ctrl-C at the server address, user name, safetoken and passphrase prompts: exit 130, terminal back."""
+        await self.serve()
+        token_home = await self.provision("bob")
+        passphrase_home = await self.provision("carol", passphrase="carol's passphrase")
+        cases = [
+            ("Server address", (), dict(PAGER_HOME=self.home())),
+            ("Username: ", (self.host,), dict(PAGER_HOME=self.home())),
+            ("Safetoken: ", (self.host, "--user", "bob"), dict(PAGER_HOME=token_home)),
+            ("Passphrase for carol's key", (self.host, "--user", "carol"),
+             dict(PAGER_HOME=passphrase_home, PAGER_TOKEN=token("carol"))),
+        ]
+        for prompt, args, env in cases:
+            child = self.start_wrapped(*args, env=env)
+            await self.wait_output(child, prompt)
+            child.transport.write(b"\x03")
+            await self.assertRestored(child, pager.EXIT_INTERRUPTED, "Ctrl-C at %r" % prompt)
+
+    async def test_paste(self):
+        """
+        Three lines pasted (bracketed) into the chat, the first naming another user: bob, the conversation, gets
+        one message of three lines, carol nothing.  Then Ctrl-C clears a half line and a second Ctrl-C leaves
+        (exit 0), with the terminal given back.
+        """
+        await self.serve()
+        bob, carol = await self.register(self.address, "bob"), await self.register(self.address, "carol")
+        home = await self.provision("alice")
+        child = self.start_wrapped(self.host, "--user", "alice", env=dict(PAGER_HOME=home, PAGER_TOKEN=token("alice")))
+        await self.wait_output(child, "to> ", what="the chat prompt")
+        self.assertIn("\x1b[?2004h", child.output())  # bracketed paste on
+        await self.type_slowly(child, "/to bob\r")
+        await self.wait_output(child, "now goes to bob")
+        child.transport.write(b"\x1b[200~carol\r\nline two\r\nline three\r\n\x1b[201~")
+        await self.wait_for(lambda: bob.events.messages, "the pasted message")
+        await self.type_slowly(child, "/msg bob end\r")
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "the message after the paste")
+        self.assertEqual([m.plaintext for m in bob.events.messages], [b"carol\nline two\nline three", b"end"])
+        self.assertEqual(carol.events.messages, [])
+
+        await self.type_slowly(child, "half a line")
+        child.transport.write(b"\x03")
+        await self.wait_for(lambda: child.output().endswith("to> "), "the line cleared")
+        child.transport.write(b"\x03")
+        output = await self.assertRestored(child, 0, "two Ctrl-C")
+        self.assertEqual(len(bob.events.messages), 2)
+        self.assertNotIn("half a line\r\n", output)
+
+    async def test_signals(self):
+        """SIGTERM and SIGHUP to the chat: exit 130, terminal back."""
+        await self.serve()
+        home = await self.provision("bob")
+        for name in ("SIGTERM", "SIGHUP"):
+            child = self.start_wrapped(self.host, "--user", "bob", env=dict(PAGER_HOME=home, PAGER_TOKEN=token("bob")))
+            await self.wait_output(child, "to> ", what="the chat prompt")
+            os.killpg(child.transport.pid, getattr(signal, name))
+            await self.assertRestored(child, pager.EXIT_INTERRUPTED, name)
+
+    async def test_server_gone(self):
+        """The server stops while the chat runs: the chat says so and keeps trying; Ctrl-D leaves, terminal back."""
+        await self.serve()
+        home = await self.provision("bob")
+        child = self.start_wrapped(self.host, "--user", "bob", env=dict(PAGER_HOME=home, PAGER_TOKEN=token("bob")))
+        await self.wait_output(child, "to> ", what="the chat prompt")
+        await self.server.stopService()
+        await self.wait_output(child, "Reconnecting in")
+        child.transport.write(b"\x04")
+        await self.assertRestored(child, 0, "Ctrl-D with the server gone")
