@@ -6068,7 +6068,9 @@ class ConnectOptions(_ClientOptions):
     synopsis = "[HOST[:PORT]] [options]"
     longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and safetoken; on first use "
                 "asks before making a key and registering (--register: without asking). Type 'help' once "
-                "connected.")
+                "connected. In a terminal the line is edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for "
+                "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted "
+                "block of lines is one message to the current conversation.")
     optFlags = _ClientOptions.optFlags + [_REGISTER]
 
     def parseArgs(self, server=None):

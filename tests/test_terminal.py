@@ -960,3 +960,31 @@ class TerminalRestoredTests(CLITestCase):
         await self.wait_output(child, "Reconnecting in")
         child.transport.write(b"\x04")
         await self.assertRestored(child, 0, "Ctrl-D with the server gone")
+
+
+class TerminalGuardTests(unittest.SynchronousTestCase):
+    """L{pager.TerminalGuard} on a pseudo-terminal of this process."""
+
+    def test_raw_then_restore(self):
+        """raw() turns echo and canonical mode off and bracketed paste on; restore() gives back all three."""
+        import termios
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, slave)
+        guard = pager.TerminalGuard(slave, out=slave)
+        guard.raw()
+        lflag = termios.tcgetattr(slave)[3]
+        self.assertFalse(lflag & (termios.ECHO | termios.ICANON))
+        guard.restore()
+        guard.restore()  # twice (at the end of the command, then at exit) is harmless
+        lflag = termios.tcgetattr(slave)[3]
+        self.assertEqual(lflag & (termios.ECHO | termios.ICANON), termios.ECHO | termios.ICANON)
+        written = os.read(master, 1000)
+        self.assertEqual(written, b"\x1b[?2004h\r\x1b[K\x1b[?2004l")
+
+    def test_not_a_terminal(self):
+        """Without a terminal there is nothing to guard."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        self.assertIsNone(pager.TerminalGuard.install(task.Clock(), read))
