@@ -5579,6 +5579,7 @@ _CONTROL_KEYS = {
 BRACKETED_PASTE_ON, BRACKETED_PASTE_OFF = b"\x1b[?2004h", b"\x1b[?2004l"
 PASTE_END = b"\x1b[201~"
 MAX_PASTE = 1024 * 1024  # bytes of one paste kept; past it the paste is refused with a sentence
+MAX_ESCAPE = 32  # bytes of an escape sequence read before an unfinished one is dropped
 ESCAPE_WAIT = 0.05  # seconds a lone ESC waits for the rest of an escape sequence before it counts as the Esc key
 
 
@@ -5684,7 +5685,7 @@ class ChatScreen(protocol.Protocol):
                 self.key(key)
             elif data[0] < 0x20 or data[0] == 0x7f:
                 self.key(_CONTROL_KEYS.get(data[:1], "ignored"))
-                data = data[1:]
+                data = data[2:] if data[:2] == b"\r\n" else data[1:]  # CR LF (from a pipe-like paste): one Enter
             else:
                 end = 1
                 while end < len(data) and data[end] >= 0x20 and data[end] != 0x7f:
@@ -5708,7 +5709,7 @@ class ChatScreen(protocol.Protocol):
         while end < len(data) and 0x20 <= data[end] <= 0x3f:
             end += 1
         if end == len(data):
-            return None, data
+            return (None, data) if end < MAX_ESCAPE else ("ignored", b"")
         return _KEY_SEQUENCES.get(data[1:end + 1], "ignored"), data[end + 1:]
 
     def _lone_escape(self):

@@ -759,6 +759,16 @@ class ChatScreenTests(unittest.SynchronousTestCase):
         self.feed(b"one two", LEFT * 3, b"\x15", b"\r")  # Ctrl-U: to the start
         self.assertEqual(self.chat.lines[1:], ["one two  ", "one three", "one ", "two"])
 
+    def test_unknown_and_broken_sequences(self):
+        """
+        Keys the chat has no use for (F5, Ctrl-Left, Alt-x's ESC) are ignored; CR LF is one Enter; an escape sequence
+        that never ends is dropped after 32 bytes instead of holding back what follows.
+        """
+        self.feed(b"a\x1b[15~\x1b[1;5Db\x1bxc\r\nd\r")
+        self.assertEqual(self.chat.lines, ["abxc", "d"])
+        self.feed(b"\x1b[" + b"1" * 40, b"ok\r")
+        self.assertEqual(self.chat.lines[2:], ["ok"])
+
     def test_history(self):
         """Up and Down browse the lines entered; going back down past the last gives back the half-typed line."""
         self.feed(b"first\r", b"second\r", b"draft", UP, UP, UP)
