@@ -4627,7 +4627,7 @@ class Prompter:
             raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
         self.out.write(prompt)
         self.out.flush()
-        line = await _in_daemon_thread(self.reactor, _read_line_unbuffered)
+        line = await self._answer(_read_line_unbuffered)
         if line is None:
             raise Cancelled("Input ended at the prompt %r." % prompt.strip())
         return line.strip()
@@ -4644,10 +4644,21 @@ class Prompter:
                 return getpass.getpass(prompt, stream=self.out)
             except EOFError:
                 return None
-        value = await _in_daemon_thread(self.reactor, read)
+        value = await self._answer(read)
         if value is None:
             raise Cancelled("Input ended at the prompt %r." % prompt.strip())
         return value
+
+    async def _answer(self, read):
+        """What C{read} reads in a thread; meanwhile the terminal's guard knows a question is open on the screen."""
+        guard = TerminalGuard._installed
+        if guard is not None:
+            guard.question_open = True
+        try:
+            return await _in_daemon_thread(self.reactor, read)
+        finally:
+            if guard is not None:
+                guard.question_open = False
 
     async def confirm(self, question):
         answer = await self.ask(question + " [y/N] ")
@@ -5827,6 +5838,7 @@ class TerminalGuard:
         self.fd, self.out = fd, out
         self.saved = termios.tcgetattr(fd)
         self.raw_mode = False
+        self.question_open = False  # a prompt is waiting for its answer: a way out ends its line first
 
     @classmethod
     def install(cls, reactor, fd=0):
@@ -5855,6 +5867,9 @@ class TerminalGuard:
         if self.raw_mode:
             self.raw_mode = False
             self._write(b"\r\x1b[K" + BRACKETED_PASTE_OFF)  # the prompt line erased: nothing drawn after leaving
+        if self.question_open:
+            self.question_open = False
+            self._write(b"\r\n")
         try:
             termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
         except (termios.error, OSError):
@@ -6840,6 +6855,9 @@ async def _run_client_command(reactor, name, config):
     command stopped by SIGINT or SIGTERM (the reactor shuts down, closing its connection) exits 130, never with
     the error its connection's closing caused.
     """
+    running = Deferred()
+    reactor.callWhenRunning(running.callback, None)
+    await running  # task.react starts us before the reactor runs: a question asked then is open to a bare SIGINT
     stopping = []
     reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
     guard = TerminalGuard.install(reactor)  # a prompt for a secret turns echo off: every way out turns it on

@@ -5,6 +5,7 @@ a real in-process server; the file-name helpers; and C{pager.py connect} in a ps
 
 import io
 import re
+import select
 import signal
 import os
 import stat
@@ -904,7 +905,10 @@ class TerminalRestoredTests(CLITestCase):
         return output
 
     async def test_interrupt_at_each_prompt(self):
-        """Ctrl-C at the server address, user name, safetoken and passphrase prompts: exit 130, terminal back."""
+        """
+        Ctrl-C at the server address, user name, safetoken and passphrase prompts: exit 130 with its sentence on a
+        line of its own, terminal back.
+        """
         await self.serve()
         token_home = await self.provision("bob")
         passphrase_home = await self.provision("carol", passphrase="carol's passphrase")
@@ -919,7 +923,8 @@ class TerminalRestoredTests(CLITestCase):
             child = self.start_wrapped(*args, env=env)
             await self.wait_output(child, prompt)
             child.transport.write(b"\x03")
-            await self.assertRestored(child, pager.EXIT_INTERRUPTED, "Ctrl-C at %r" % prompt)
+            output = await self.assertRestored(child, pager.EXIT_INTERRUPTED, "Ctrl-C at %r" % prompt)
+            self.assertIn("pager: interrupted", [line[:18] for line in output.splitlines()], output)
 
     async def test_paste(self):
         """
@@ -989,8 +994,11 @@ class TerminalGuardTests(unittest.SynchronousTestCase):
         guard.restore()  # twice (at the end of the command, then at exit) is harmless
         lflag = termios.tcgetattr(slave)[3]
         self.assertEqual(lflag & (termios.ECHO | termios.ICANON), termios.ECHO | termios.ICANON)
-        written = os.read(master, 1000)
-        self.assertEqual(written, b"\x1b[?2004h\r\x1b[K\x1b[?2004l")
+        expected = b"\x1b[?2004h\r\x1b[K\x1b[?2004l"
+        written = b""
+        while len(written) < len(expected) and select.select([master], [], [], 5)[0]:
+            written += os.read(master, 1000)
+        self.assertEqual(written, expected)
 
     def test_not_a_terminal(self):
         """Without a terminal there is nothing to guard."""
