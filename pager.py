@@ -24,6 +24,7 @@ if __name__ == "__main__":
     sys.modules.setdefault("pager", sys.modules["__main__"])
 
 import base64
+import codecs
 import collections
 import dataclasses
 import functools
@@ -4967,7 +4968,7 @@ class Prompter:
             raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
         self.out.write(prompt)
         self.out.flush()
-        line = await _in_daemon_thread(self.reactor, _read_line_unbuffered)
+        line = await self._answer(_read_line_unbuffered)
         if line is None:
             raise Cancelled("Input ended at the prompt %r." % prompt.strip())
         return line.strip()
@@ -4984,10 +4985,21 @@ class Prompter:
                 return getpass.getpass(prompt, stream=self.out)
             except EOFError:
                 return None
-        value = await _in_daemon_thread(self.reactor, read)
+        value = await self._answer(read)
         if value is None:
             raise Cancelled("Input ended at the prompt %r." % prompt.strip())
         return value
+
+    async def _answer(self, read):
+        """What C{read} reads in a thread; meanwhile the terminal's guard knows a question is open on the screen."""
+        guard = TerminalGuard._installed
+        if guard is not None:
+            guard.question_open = True
+        try:
+            return await _in_daemon_thread(self.reactor, read)
+        finally:
+            if guard is not None:
+                guard.question_open = False
 
     async def confirm(self, question):
         answer = await self.ask(question + " [y/N] ")
@@ -5697,6 +5709,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self.last_sender = None  # whom /r answers
         self.pasting = None  # lines of a /paste so far
         self._paste_to = None  # and whom they are for
+        self.confirming = None  # (name, text) of a long paste waiting for y or n
         self.done = Deferred()
         self._closing = False
         self._busy = set()  # commands in flight: quitting waits for them
@@ -5783,6 +5796,13 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     def line(self, text):
         """One typed line: a /command, a line of a /paste, or a message to the open conversation."""
+        if self.confirming is not None:
+            answer = text.strip().lower()
+            if answer in ("", "y", "yes", "n", "no"):
+                self.confirm(answer in ("", "y", "yes"))
+            else:
+                self.show("Answer y (or Enter) to send the paste, n to cancel it.")
+            return
         if self.pasting is not None:
             if text == ".":
                 names, lines, self.pasting, self._paste_to = self._paste_to, self.pasting, None, None
@@ -5875,6 +5895,39 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if data is None:
             data = text.encode("utf-8")
         await self.outbox.add(names, data, content_type, filename)
+
+    PASTE_SHOWN = 5  # a paste of more lines is shown (these first lines) and sent only once confirmed
+
+    def paste(self, text):
+        """
+        Text pasted in a raw terminal (bracketed paste): one message to the current conversation, never taken line
+        by line, so no line of it is ever read as a recipient or a command.  A paste of more than L{PASTE_SHOWN}
+        lines is shown first and waits for L{confirm}.
+        """
+        if self.conversation is None:
+            self.show("Open a conversation first with /to NAME.")
+            return
+        if self.confirming is not None:
+            self.show("(this paste was not used: answer y or n about the one before it first)")
+            return
+        lines = text.split("\n")
+        if len(lines) <= self.PASTE_SHOWN:
+            self._run(self.send([self.conversation], text))
+            return
+        self.confirming = (self.conversation, text)
+        self.show("\n".join(["A paste of %d lines for %s:" % (len(lines), self.conversation)] +
+                             ["  | " + line for line in lines[:self.PASTE_SHOWN]] +
+                             ["  | ... and %d more lines" % (len(lines) - self.PASTE_SHOWN)]))
+        self.ui.set_prompt("Send it to %s? [Y/n] " % self.conversation)
+
+    def confirm(self, yes):
+        """The answer about a long paste: send it (y or Enter) or drop it (n, Esc or Ctrl-C), saying so."""
+        (name, text), self.confirming = self.confirming, None
+        self._prompt()
+        if yes:
+            self._run(self.send([name], text))
+        else:
+            self.show("(paste cancelled: nothing sent)")
 
     async def command_msg(self, rest):
         names, _, text = rest.partition(" ")
@@ -6101,89 +6154,451 @@ def _read_file(path):
 
 
 class _ScreenText:
-    """The text stream of the raw-mode chat screen: a Twisted insults terminal (which ends its lines with CR LF)."""
+    """The text stream of the raw-mode chat screen: the terminal is raw, so each line ends with CR LF."""
 
-    def __init__(self, terminal):
-        self.terminal = terminal
+    def __init__(self, transport):
+        self.transport = transport
 
     def write(self, text):
-        self.terminal.write(text.encode("utf-8"))
+        self.transport.write(text.replace("\n", "\r\n").encode("utf-8"))
 
     def flush(self):
         pass
 
 
-def _chat_screen_class():
+def _char_width(c):
+    """The screen columns one character takes: 0 for a combining mark, 2 for a wide (East Asian) character."""
+    import unicodedata
+    shown = SafeWriter.clean(c)
+    if shown != c:
+        return len(shown)  # an unsafe character is shown as its visible escape
+    if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+class LineEditor:
     """
-    The raw-mode chat screen: recvline's line editing and history, with incoming text drawn above the input.  The
-    screen draws its own escape sequences (erase the line, move the cursor); every text it shows or prompts with
-    goes through a L{SafeWriter}.
+    The line being typed in the raw-mode chat screen, apart from the terminal: its characters, the cursor (an index
+    into them; L{columns} turns it into screen columns, wide characters counting two), the kill commands and the
+    history of lines entered, browsed with L{up} and L{down}.
     """
-    from twisted.conch import recvline
 
-    class _ChatScreen(recvline.HistoricRecvLine):
-        ps = (b"to> ", b"to> ")
+    HISTORY = 500  # lines kept for Up/Down
 
-        def __init__(self, chat):
-            self.chat = chat
+    def __init__(self):
+        self.chars = []
+        self.cursor = 0
+        self.history = []
+        self._browsing = None  # the history index shown, or None while editing a new line
+        self._draft = ""  # the new line set aside while browsing
 
-        def connectionMade(self):
-            super().connectionMade()
-            self.keyHandlers[b"\x04"] = self.handle_EOF  # Ctrl-D
-            self.keyHandlers[b"\x03"] = self.chat.quit  # Ctrl-C
-            self.out = SafeWriter(_ScreenText(self.terminal))
-            self.chat.attach(self)
+    @property
+    def text(self):
+        return "".join(self.chars)
 
-        def initializeScreen(self):
-            self.terminal.write(self.ps[self.pn])
-            self.setInsertMode()
+    def columns(self, start=0, end=None):
+        """The screen columns the characters from C{start} to C{end} take."""
+        return sum(_char_width(c) for c in self.chars[start:end])
 
-        def handle_EOF(self):
-            if not self.lineBuffer:
-                self.terminal.nextLine()
-                self.chat.quit()
+    def set(self, text):
+        self.chars = list(text)
+        self.cursor = len(self.chars)
 
-        def keystrokeReceived(self, keyID, modifier):
-            if isinstance(keyID, bytes) and len(keyID) == 1 and keyID[0] >= 0x80:
-                self.characterReceived(keyID, False)  # UTF-8 bytes of non-ASCII text
-            else:
-                super().keystrokeReceived(keyID, modifier)
+    def insert(self, text):
+        self.chars[self.cursor:self.cursor] = list(text)
+        self.cursor += len(text)
 
-        def lineReceived(self, line):
-            # recvline has already moved to a new line.  What the line causes may show text (which draws the prompt
-            # again below it) or change the prompt: the input line is drawn once, after all that, and never once
-            # the chat is quitting.
-            self.chat.line(line.decode("utf-8", "replace"))
-            if not self.chat.closing:
-                self._redraw()
+    def _previous(self):
+        """Where the character before the cursor starts, with the combining marks that follow it."""
+        at = max(0, self.cursor - 1)
+        while at and _char_width(self.chars[at]) == 0:
+            at -= 1
+        return at
 
-        def set_prompt(self, text):
-            prompt = SafeWriter.clean(text).encode("utf-8")
-            if prompt != self.ps[self.pn]:
-                self.ps = (prompt, prompt)
-                self._redraw()
+    def _next(self):
+        """Where the character after the cursor ends, with the combining marks that follow it."""
+        at = min(len(self.chars), self.cursor + 1)
+        while at < len(self.chars) and _char_width(self.chars[at]) == 0:
+            at += 1
+        return at
 
-        def _redraw(self):
-            """Draw the input line (prompt and what is typed so far) again, in place, with the cursor where it was."""
-            t = self.terminal
-            t.write(b"\r")
-            t.eraseLine()
-            t.write(self.ps[self.pn] + b"".join(self.lineBuffer))
-            back = len(self.lineBuffer) - self.lineBufferIndex
-            if back:
-                t.cursorBackward(back)
+    def left(self):
+        self.cursor = self._previous()
 
-        def show(self, text):
-            t = self.terminal
-            t.write(b"\r")
-            t.eraseLine()
-            self.out.write(text + "\n")
-            self._redraw()
+    def right(self):
+        self.cursor = self._next()
 
-        def connectionLost(self, reason):
+    def home(self):
+        self.cursor = 0
+
+    def end(self):
+        self.cursor = len(self.chars)
+
+    def backspace(self):
+        start = self._previous()
+        del self.chars[start:self.cursor]
+        self.cursor = start
+
+    def delete(self):
+        del self.chars[self.cursor:self._next()]
+
+    def kill_start(self):
+        """Ctrl-U: delete from the start of the line to the cursor."""
+        del self.chars[:self.cursor]
+        self.cursor = 0
+
+    def kill_end(self):
+        """Ctrl-K: delete from the cursor to the end of the line."""
+        del self.chars[self.cursor:]
+
+    def kill_word(self):
+        """Ctrl-W: delete the word before the cursor and the spaces after it."""
+        start = self.cursor
+        while start and self.chars[start - 1].isspace():
+            start -= 1
+        while start and not self.chars[start - 1].isspace():
+            start -= 1
+        del self.chars[start:self.cursor]
+        self.cursor = start
+
+    def up(self):
+        if self._browsing is None:
+            if not self.history:
+                return
+            self._draft, self._browsing = self.text, len(self.history)
+        if self._browsing:
+            self._browsing -= 1
+            self.set(self.history[self._browsing])
+
+    def down(self):
+        if self._browsing is None:
+            return
+        self._browsing += 1
+        if self._browsing < len(self.history):
+            self.set(self.history[self._browsing])
+        else:
+            self._browsing = None
+            self.set(self._draft)
+
+    def clear(self):
+        self.chars, self.cursor, self._browsing = [], 0, None
+
+    def take(self):
+        """The line entered (Enter): remembered in the history unless empty or the same as the last one."""
+        text = self.text
+        if text.strip() and (not self.history or self.history[-1] != text):
+            self.history = (self.history + [text])[-self.HISTORY:]
+        self.clear()
+        return text
+
+
+# What the raw-mode screen reads: the escape sequences terminals send for keys (xterm's, and the VT220 "~" forms),
+# and the markers of bracketed paste mode, in which the terminal wraps pasted text so that it is not taken as typing.
+_KEY_SEQUENCES = {
+    b"[A": "up", b"OA": "up", b"[B": "down", b"OB": "down", b"[C": "right", b"OC": "right",
+    b"[D": "left", b"OD": "left", b"[H": "home", b"OH": "home", b"[1~": "home", b"[7~": "home",
+    b"[F": "end", b"OF": "end", b"[4~": "end", b"[8~": "end", b"[3~": "delete", b"[200~": "paste",
+}
+_CONTROL_KEYS = {
+    b"\x01": "home", b"\x02": "left", b"\x03": "interrupt", b"\x04": "eof", b"\x05": "end", b"\x06": "right",
+    b"\x08": "backspace", b"\x0b": "kill_end", b"\x0c": "redraw", b"\x0d": "enter", b"\x0a": "enter",
+    b"\x0e": "down", b"\x10": "up", b"\x15": "kill_start", b"\x17": "kill_word", b"\x7f": "backspace",
+}
+BRACKETED_PASTE_ON, BRACKETED_PASTE_OFF = b"\x1b[?2004h", b"\x1b[?2004l"
+PASTE_END = b"\x1b[201~"
+MAX_PASTE = 1024 * 1024  # bytes of one paste kept; past it the paste is refused with a sentence
+MAX_ESCAPE = 32  # bytes of an escape sequence read before an unfinished one is dropped
+ESCAPE_WAIT = 0.05  # seconds a lone ESC waits for the rest of an escape sequence before it counts as the Esc key
+
+
+class ChatScreen(protocol.Protocol):
+    """
+    The chat in a raw-mode terminal (standard input and output through L{stdio.StandardIO}): reads keys, edits the
+    line with a L{LineEditor} and draws it after the prompt, shows incoming text above it, and hands a bracketed
+    paste to the chat as one event (L{Chat.paste}).  It writes its own escape sequences (erase the line, move the
+    cursor, bracketed paste on and off); every text it shows or prompts with goes through a L{SafeWriter}.
+
+    Ctrl-C clears the line; a second Ctrl-C on the empty line, or Ctrl-D on an empty line, leaves.
+    """
+
+    def __init__(self, chat, reactor=None, width=None):
+        self.chat = chat
+        self.reactor = reactor if reactor is not None else chat.reactor
+        self.width = width  # screen columns, or None to ask the terminal at each draw
+        self.editor = LineEditor()
+        self.prompt = "to> "
+        self._pending = b""  # the bytes of an unfinished escape sequence
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._escape_timer = None
+        self._paste = None  # the bytes of a paste being received
+        self._armed = False  # the last key was a Ctrl-C that left the line empty
+        self._offset = 0  # the first character shown, when the line is wider than the screen
+        self.closed = False
+
+    # -- wiring --
+
+    def connectionMade(self):
+        self.out = SafeWriter(_ScreenText(self.transport))
+        self.chat.attach(self)
+        self._draw()
+
+    def connectionLost(self, reason):
+        self._cancel_escape_timer()
+        self.closed = True
+        self.chat.quit()
+
+    def set_prompt(self, text):
+        self.prompt = text
+        if not self.closed:
+            self._draw()
+
+    def show(self, text):
+        """Show C{text} above the line being typed, which is drawn again after it, as it was."""
+        self.transport.write(b"\r\x1b[K")
+        self.out.write(text + "\n")
+        if not self.closed:
+            self._draw()
+
+    def leave(self):
+        """Leave the chat: the prompt line is erased, nothing is drawn again."""
+        if not self.closed:
+            self.closed = True
+            self.transport.write(b"\r\x1b[K")
             self.chat.quit()
 
-    return _ChatScreen
+    # -- drawing --
+
+    def _columns(self):
+        if self.width is not None:
+            return self.width
+        try:
+            columns = os.get_terminal_size(1).columns
+        except OSError:
+            columns = 0
+        return columns or 80  # a terminal that does not say its size (0) is taken to be 80 wide
+
+    def _draw(self):
+        """Draw the prompt and the line, scrolled sideways if it is wider than the screen, with the cursor in it."""
+        editor = self.editor
+        prompt = SafeWriter.clean(self.prompt)
+        room = max(self._columns() - len(prompt) - 1, 8)
+        self._offset = min(self._offset, editor.cursor)
+        while editor.columns(self._offset, editor.cursor) > room:
+            self._offset += 1
+        end = self._offset
+        while end < len(editor.chars) and editor.columns(self._offset, end + 1) <= room:
+            end += 1
+        self.transport.write(b"\r\x1b[K")
+        self.out.write(prompt + "".join(editor.chars[self._offset:end]))
+        back = editor.columns(editor.cursor, end)
+        if back:
+            self.transport.write(b"\x1b[%dD" % back)
+
+    # -- reading --
+
+    def dataReceived(self, data):
+        self._cancel_escape_timer()
+        data = self._pending + data
+        self._pending = b""
+        while data and not self.closed:
+            if self._paste is not None:
+                data = self._paste_data(data)
+                continue
+            if data[:1] == b"\x1b":
+                key, data = self._escape(data)
+                if key is None:  # unfinished: wait for the rest
+                    self._pending = data
+                    self._escape_timer = self.reactor.callLater(ESCAPE_WAIT, self._lone_escape)
+                    return
+                self.key(key)
+            elif data[0] < 0x20 or data[0] == 0x7f:
+                self.key(_CONTROL_KEYS.get(data[:1], "ignored"))
+                data = data[2:] if data[:2] == b"\r\n" else data[1:]  # CR LF (from a pipe-like paste): one Enter
+            else:
+                end = 1
+                while end < len(data) and data[end] >= 0x20 and data[end] != 0x7f:
+                    end += 1
+                chars = self._decoder.decode(data[:end])  # holds a character split between two reads
+                data = data[end:]
+                if chars:
+                    self.typed(chars)
+
+    def _escape(self, data):
+        """The key an escape sequence at the start of C{data} stands for, and the rest; (None, data) if unfinished."""
+        if len(data) == 1:
+            return None, data
+        if data[1:2] == b"O":  # SS3: one final byte
+            if len(data) == 2:
+                return None, data
+            return _KEY_SEQUENCES.get(data[1:3], "ignored"), data[3:]
+        if data[1:2] != b"[":
+            return "escape", data[1:]  # Esc alone, or Alt with a key: the key is read next
+        end = 2  # CSI: parameter and intermediate bytes, then one final byte
+        while end < len(data) and 0x20 <= data[end] <= 0x3f:
+            end += 1
+        if end == len(data):
+            return (None, data) if end < MAX_ESCAPE else ("ignored", b"")
+        return _KEY_SEQUENCES.get(data[1:end + 1], "ignored"), data[end + 1:]
+
+    def _lone_escape(self):
+        self._escape_timer = None
+        data, self._pending = self._pending, b""
+        self.key("escape")
+        if data[1:]:
+            self.dataReceived(data[1:])
+
+    def _cancel_escape_timer(self):
+        if self._escape_timer is not None:
+            if self._escape_timer.active():
+                self._escape_timer.cancel()
+            self._escape_timer = None
+
+    def _paste_data(self, data):
+        """Gather pasted bytes up to the end marker; then hand the paste on.  Returns the bytes after it."""
+        end = data.find(PASTE_END)
+        if end < 0:
+            keep = len(data) - (len(PASTE_END) - 1)  # the end marker may be split between two reads
+            self._paste += data[:max(keep, 0)]
+            rest = data[max(keep, 0):]
+            self._paste = self._paste[:MAX_PASTE + 1]  # past the bound only the fact that it is too long is kept
+            self._pending = rest
+            return b""
+        self._paste += data[:end]
+        paste, self._paste = self._paste, None
+        self.pasted(paste)
+        return data[end + len(PASTE_END):]
+
+    # -- what keys do --
+
+    def typed(self, chars):
+        if self.chat.confirming is not None:
+            if chars.lower() in ("y", "n"):
+                self.chat.confirm(chars.lower() == "y")
+            return
+        self._armed = False
+        self.editor.insert(chars)
+        self._draw()
+
+    def key(self, name):
+        """Act on a named key (see L{_KEY_SEQUENCES} and L{_CONTROL_KEYS})."""
+        editor = self.editor
+        if name == "paste":
+            self._paste = b""
+            return
+        if self.chat.confirming is not None:
+            if name in ("enter", "escape", "interrupt"):
+                self.chat.confirm(name == "enter")
+            elif name == "eof":
+                self.chat.confirm(False)
+            return
+        armed, self._armed = self._armed, False
+        if name == "interrupt":
+            if not editor.chars and armed:
+                self.leave()
+                return
+            if not editor.chars:
+                self.show("(Ctrl-C again, Ctrl-D or /quit to leave)")
+            editor.clear()
+            self._armed = True
+        elif name == "eof":
+            if not editor.chars:
+                self.leave()
+                return
+            editor.delete()
+        elif name == "enter":
+            self._enter()
+            return
+        elif name in ("left", "right", "home", "end", "backspace", "delete", "up", "down",
+                      "kill_start", "kill_end", "kill_word"):
+            getattr(editor, name)()
+        elif name != "redraw":
+            return  # a key the chat has no use for
+        self._draw()
+
+    def _enter(self):
+        editor = self.editor
+        editor.end()
+        self._draw()
+        self.transport.write(b"\r\n")
+        self._offset = 0
+        self.chat.line(editor.take())
+        if not self.closed:
+            self._draw()
+
+    def pasted(self, data):
+        """
+        A bracketed paste: text of several lines goes to the chat as one event (L{Chat.paste}), never line by line;
+        text without a line break is inserted at the cursor, to be edited and sent with Enter.
+        """
+        if len(data) > MAX_PASTE:
+            self.show("The paste was not used: it is over %s; send it with /file." % _size_text(MAX_PASTE))
+            return
+        text = data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+        if "\n" in text:
+            self.chat.paste(text)
+        elif text:
+            self.typed("".join(" " if c == "\t" else c for c in text if c == "\t" or c >= " "))
+
+
+class TerminalGuard:
+    """
+    Gives the terminal back as it was found, on every way out of a command that reads from it: the modes saved at
+    the start (echo and canonical mode, which a prompt for a secret or the raw-mode chat turn off) are set again,
+    and bracketed paste is turned off, when the command ends, when the reactor stops (Ctrl-C at a prompt, SIGTERM,
+    and SIGHUP, which the guard makes stop the reactor too) and at exit, whatever thread was reading at the time.
+    """
+
+    _installed = None  # the process's guard, once one is installed
+
+    def __init__(self, fd=0, out=1):
+        import termios
+        self.fd, self.out = fd, out
+        self.saved = termios.tcgetattr(fd)
+        self.raw_mode = False
+        self.question_open = False  # a prompt is waiting for its answer: a way out ends its line first
+
+    @classmethod
+    def install(cls, reactor, fd=0):
+        """The process's guard (made at the first call), or None when C{fd} is not a terminal."""
+        if cls._installed is None and os.isatty(fd):
+            import atexit
+            import signal
+            guard = cls._installed = cls(fd)
+            reactor.addSystemEventTrigger("after", "shutdown", guard.restore)
+            atexit.register(guard.restore)
+
+            def hangup(signum, frame):
+                reactor.callFromThread(lambda: reactor.running and reactor.stop())
+            signal.signal(signal.SIGHUP, hangup)
+        return cls._installed
+
+    def raw(self):
+        """Raw mode with bracketed paste, for the chat screen."""
+        import tty
+        tty.setraw(self.fd)
+        self.raw_mode = True
+        self._write(BRACKETED_PASTE_ON)
+
+    def restore(self):
+        import termios
+        if self.raw_mode:
+            self.raw_mode = False
+            self._write(b"\r\x1b[K" + BRACKETED_PASTE_OFF)  # the prompt line erased: nothing drawn after leaving
+        if self.question_open:
+            self.question_open = False
+            self._write(b"\r\n")
+        try:
+            termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
+        except (termios.error, OSError):
+            pass  # the terminal hung up: there is nothing left to restore
+
+    def _write(self, data):
+        try:
+            if os.isatty(self.out):
+                os.write(self.out, data)
+        except OSError:
+            pass
 
 
 class PlainChat(LineReceiver):
@@ -6416,7 +6831,9 @@ class ConnectOptions(_ClientOptions):
     synopsis = "[HOST[:PORT]] [options]"
     longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and safetoken; on first use "
                 "asks before making a key and registering (--register: without asking). Type 'help' once "
-                "connected.")
+                "connected. In a terminal the line is edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for "
+                "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted "
+                "block of lines is one message to the current conversation.")
     optFlags = [_REGISTER]
 
     def parseArgs(self, server=None):
@@ -6781,29 +7198,23 @@ async def _connect_command(reactor, config):
         session.host, session.port = parse_address(address)
     chat = Chat(session, reactor)
     await session.start(receive=True)
-    if os.isatty(0):
-        import termios
-        import tty
-        from twisted.conch.insults import insults
+    stopping = []
+    reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+    guard = TerminalGuard.install(reactor)
+    if guard is not None:
         from twisted.internet import stdio
-        saved = termios.tcgetattr(0)
-        tty.setraw(0)
+        guard.raw()
         try:
-            stdio.StandardIO(insults.ServerProtocol(_chat_screen_class(), chat), reactor=reactor)
+            stdio.StandardIO(ChatScreen(chat, reactor), reactor=reactor)
             await chat.done
         finally:
-            termios.tcsetattr(0, termios.TCSANOW, saved)
-            # The screen leaves the cursor on an empty line after /quit or Ctrl-D, or on the prompt after Ctrl-C:
-            # clear that line rather than print a blank line or leave a prompt behind.
-            sys.stdout.flush()
-            if os.isatty(1):
-                os.write(1, b"\r\x1b[K")  # not through the SafeWriter, which would show the escape as text
-            else:
-                sys.stdout.write("\n")
+            guard.restore()
     else:
         from twisted.internet import stdio
         stdio.StandardIO(PlainChat(chat), reactor=reactor)
         await chat.done
+    if stopping:  # a signal (SIGINT, SIGTERM, SIGHUP) stopped the reactor, which closed the chat's input
+        raise Cancelled("The chat was interrupted.")
 
 
 FETCH_SETTLE = 10.0  # seconds fetch waits for the next of the messages the login said were waiting
@@ -7263,8 +7674,12 @@ async def _run_client_command(reactor, name, config):
     command stopped by SIGINT or SIGTERM (the reactor shuts down, closing its connection) exits 130, never with
     the error its connection's closing caused.
     """
+    running = Deferred()
+    reactor.callWhenRunning(running.callback, None)
+    await running  # task.react starts us before the reactor runs: a question asked then is open to a bare SIGINT
     stopping = []
     trigger = reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+    guard = TerminalGuard.install(reactor)  # a prompt for a secret turns echo off: every way out turns it on
     try:
         await _CLIENT_COMMANDS[name](reactor, config)
     except (PagerError, usage.UsageError) as e:
@@ -7274,6 +7689,8 @@ async def _run_client_command(reactor, name, config):
     finally:
         if not stopping:
             reactor.removeSystemEventTrigger(trigger)
+        if guard is not None:
+            guard.restore()
 
 
 def main(argv=None):

@@ -400,12 +400,10 @@ class SafeWriterTests(unittest.TestCase):
         The raw-mode chat screen draws its own escape sequences (erase the line, move the cursor) but none of those
         in the text it shows.
         """
-        from twisted.conch.insults import insults
         transport = StringTransport()
-        terminal = insults.ServerProtocol(pager._chat_screen_class(), _StubChat())
-        terminal.makeConnection(transport)
+        chat_screen = pager.ChatScreen(_StubChat(), reactor)
+        chat_screen.makeConnection(transport)
         transport.clear()
-        chat_screen = terminal.terminalProtocol
         chat_screen.show("[12:00] bob " + evil("w") + "\nsecond line")
         chat_screen.set_prompt(evil("p") + "> ")
         chat_screen.show("again")
@@ -419,6 +417,8 @@ class SafeWriterTests(unittest.TestCase):
 
 class _StubChat:
     """Just what a chat UI calls on its chat."""
+
+    confirming = None
 
     def attach(self, ui):
         self.ui = ui

@@ -4,6 +4,9 @@ a real in-process server; the file-name helpers; and C{pager.py connect} in a ps
 """
 
 import io
+import re
+import select
+import signal
 import os
 import stat
 import sys
@@ -424,6 +427,67 @@ class ChatSendingTests(ChatTestCase):
         chat.line("quit")
         await self.wait_for(lambda: chat.done.called, "chat.done after quit")
         await self.wait_for(lambda: "alice" not in server.factory.online, "alice to go offline")
+
+
+class ChatPasteTests(ChatTestCase):
+    """Chat.paste: what the raw-mode screen hands on for a bracketed paste."""
+
+    async def test_paste_without_a_conversation(self):
+        """With no conversation open, a paste is not sent anywhere, and the chat says what to do."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        before = len(ui.shown)
+        chat.paste("bob\nhello")
+        await self.idle(chat)
+        self.assertIn("Open a conversation first with /to NAME.", ui.text(before))
+        await self.settle(chat)
+        self.assertEqual(bob.events.messages, [])
+
+    async def test_paste_goes_to_the_conversation(self):
+        """
+        A paste of a few lines is one message to the current conversation, even when its first line names
+        someone else.
+        """
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/to bob")
+        self.assertEqual(chat.conversation, "bob")
+        chat.paste("carol\nsecond line\n/quit")
+        await self.idle(chat)
+        await self.wait_for(lambda: bob.events.messages, "the pasted message")
+        await self.settle(chat)
+        self.assertEqual([m.plaintext for m in bob.events.messages], [b"carol\nsecond line\n/quit"])
+        self.assertEqual(carol.events.messages, [])
+        self.assertFalse(chat._closing)
+
+    async def test_long_paste_is_confirmed(self):
+        """A paste of more than 5 lines is shown first; n cancels it (saying so), y or Enter sends it."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/to bob")
+        text = "\n".join("line %d" % n for n in range(1, 9))
+        before = len(ui.shown)
+        chat.paste(text)
+        shown = ui.text(before)
+        self.assertIn("8 lines", shown)
+        self.assertIn("line 5", shown)
+        self.assertNotIn("line 6", shown)
+        self.assertIn("3 more lines", shown)
+        self.assertEqual(ui.prompt, "Send it to bob? [Y/n] ")
+        await self.type(chat, "n")
+        self.assertIn("nothing sent", ui.text(before))
+        self.assertIsNone(chat.confirming)
+        self.assertEqual(ui.prompt, "to> ")
+        chat.paste(text)
+        await self.type(chat, "maybe")
+        self.assertIsNotNone(chat.confirming)
+        await self.type(chat, "")
+        await self.wait_for(lambda: bob.events.messages, "the confirmed paste")
+        await self.settle(chat)
+        self.assertEqual([m.plaintext for m in bob.events.messages], [text.encode()])
 
 
 class ChatCommandTests(ChatTestCase):
@@ -954,3 +1018,305 @@ class PseudoTerminalTests(CLITestCase):
         lines = [line for line in output.splitlines() if line.strip()]
         self.assertEqual(len(lines), 1, output)
         self.assertTrue(lines[0].startswith("pager: "), output)
+
+
+class _RecordingChat:
+    """What the chat screen calls on its chat, recorded."""
+
+    def __init__(self):
+        self.reactor = task.Clock()
+        self.lines, self.pastes, self.answers = [], [], []
+        self.quits = 0
+        self.confirming = None
+
+    def attach(self, ui):
+        self.ui = ui
+
+    def line(self, text):
+        self.lines.append(text)
+
+    def paste(self, text):
+        self.pastes.append(text)
+
+    def confirm(self, yes):
+        self.answers.append(yes)
+        self.confirming = None
+
+    def quit(self):
+        self.quits += 1
+
+
+LEFT, RIGHT, UP, DOWN, HOME, END, DELETE = b"\x1b[D", b"\x1b[C", b"\x1b[A", b"\x1b[B", b"\x1b[H", b"\x1b[F", b"\x1b[3~"
+PASTE_START, PASTE_END = b"\x1b[200~", b"\x1b[201~"
+
+
+class ChatScreenTests(unittest.SynchronousTestCase):
+    """The raw-mode chat screen's keys, fed as a terminal sends them (no process, no terminal)."""
+
+    def setUp(self):
+        self.chat = _RecordingChat()
+        self.transport = StringTransport()
+        self.screen = pager.ChatScreen(self.chat, width=80)
+        self.screen.makeConnection(self.transport)
+
+    def feed(self, *chunks):
+        for chunk in chunks:
+            self.screen.dataReceived(chunk)
+
+    def test_editing_keys(self):
+        """Ctrl-A/E, Left/Right, Home/End (every form), Backspace and Delete edit in the middle of the line."""
+        self.feed(b"hello world", b"\x01", b"X", b"\x05", b"Y", LEFT, LEFT, b"Z", HOME, RIGHT, b"-", END, b"!",
+                  b"\x1b[1~", DELETE, b"\x1bOF", b"\x7f", b"\r")
+        self.assertEqual(self.chat.lines, ["-hello worlZdY"])
+        self.feed(b"one two  three", b"\x17", b"\r")  # Ctrl-W: the word before the cursor
+        self.feed(b"one two  three", LEFT * 5, b"\x17", b"\r")  # and the spaces after a word
+        self.feed(b"one two", LEFT * 3, b"\x0b", b"\r")  # Ctrl-K: to the end
+        self.feed(b"one two", LEFT * 3, b"\x15", b"\r")  # Ctrl-U: to the start
+        self.assertEqual(self.chat.lines[1:], ["one two  ", "one three", "one ", "two"])
+
+    def test_unknown_and_broken_sequences(self):
+        """
+        Keys the chat has no use for (F5, Ctrl-Left, Alt-x's ESC) are ignored; CR LF is one Enter; an escape sequence
+        that never ends is dropped after 32 bytes instead of holding back what follows.
+        """
+        self.feed(b"a\x1b[15~\x1b[1;5Db\x1bxc\r\nd\r")
+        self.assertEqual(self.chat.lines, ["abxc", "d"])
+        self.feed(b"\x1b[" + b"1" * 40, b"ok\r")
+        self.assertEqual(self.chat.lines[2:], ["ok"])
+
+    def test_history(self):
+        """Up and Down browse the lines entered; going back down past the last gives back the half-typed line."""
+        self.feed(b"first\r", b"second\r", b"draft", UP, UP, UP)
+        self.assertEqual(self.screen.editor.text, "first")
+        self.feed(DOWN)
+        self.assertEqual(self.screen.editor.text, "second")
+        self.feed(DOWN)
+        self.assertEqual(self.screen.editor.text, "draft")
+        self.feed(UP, b" again\r")
+        self.assertEqual(self.chat.lines, ["first", "second", "second again"])
+
+    def test_wide_characters(self):
+        """
+        Non-ASCII text, even split between reads byte by byte, is edited by character and the cursor placed by
+        screen column: wide characters count two, combining marks none.
+        """
+        for byte in "日本語".encode("utf-8"):
+            self.feed(bytes([byte]))
+        self.feed(LEFT, LEFT)
+        self.transport.clear()
+        self.feed("x".encode("utf-8"))
+        drawn = self.transport.value()
+        self.assertTrue(drawn.endswith("to> 日x本語\x1b[4D".encode("utf-8")), drawn)
+        self.feed(END, "e\u0301".encode("utf-8"), LEFT)  # e and a combining accent: one column, one step
+        self.assertEqual(self.screen.editor.columns(self.screen.editor.cursor), 1)
+        self.feed(RIGHT, b"\x7f", b"e")
+        self.assertEqual(self.screen.editor.text, "日x本語e")
+        self.feed(b"\r")
+        self.assertEqual(self.chat.lines, ["日x本語e"])
+
+    def test_long_line_scrolls(self):
+        """A line wider than the screen scrolls sideways so the cursor stays on it."""
+        self.screen.width = 20
+        self.transport.clear()
+        self.feed(b"abcdefghijklmnopqrstuvwxyz")
+        last = self.transport.value().rsplit(b"\r\x1b[K", 1)[1]
+        self.assertEqual(last, b"to> lmnopqrstuvwxyz")
+        self.feed(HOME)
+        last = self.transport.value().rsplit(b"\r\x1b[K", 1)[1]
+        self.assertTrue(last.startswith(b"to> abcdefghijklmno"), last)
+
+    def test_ctrl_c(self):
+        """Ctrl-C clears the line (nothing sent); a second Ctrl-C on the empty line leaves."""
+        self.feed(b"half a line", b"\x03")
+        self.assertEqual((self.screen.editor.text, self.chat.lines, self.chat.quits), ("", [], 0))
+        self.feed(b"\x03")
+        self.assertEqual(self.chat.quits, 1)
+        self.assertTrue(self.transport.value().endswith(b"\r\x1b[K"), "the prompt erased")
+
+    def test_ctrl_c_on_an_empty_line(self):
+        """On an empty line, one Ctrl-C says how to leave; a key in between starts over."""
+        self.feed(b"\x03")
+        self.assertIn(b"Ctrl-C again", self.transport.value())
+        self.feed(b"a", b"\x7f", b"\x03")
+        self.assertEqual(self.chat.quits, 0)
+        self.feed(b"\x03")
+        self.assertEqual(self.chat.quits, 1)
+
+    def test_ctrl_d(self):
+        """Ctrl-D deletes the character under the cursor; on an empty line it leaves."""
+        self.feed(b"abc", LEFT, LEFT, b"\x04")
+        self.assertEqual((self.screen.editor.text, self.chat.quits), ("ac", 0))
+        self.feed(b"\x01\x0b", b"\x04")
+        self.assertEqual(self.chat.quits, 1)
+
+    def test_paste_is_one_event(self):
+        """A bracketed paste of several lines, in reads of any size, reaches the chat as one paste, not as lines."""
+        data = b"half" + PASTE_START + b"carol\r\nhello \xc3\xa9\r\n\tthree\r\n" + PASTE_END + b" typed"
+        for size in range(1, len(data) + 1):
+            self.setUp()
+            self.feed(*[data[i:i + size] for i in range(0, len(data), size)])
+            self.assertEqual(self.chat.pastes, ["carol\nhello \u00e9\n\tthree"], size)
+            self.assertEqual(self.chat.lines, [], size)
+            self.assertEqual(self.screen.editor.text, "half typed", size)
+
+    def test_one_line_paste_is_typed(self):
+        """A paste without a line break is inserted at the cursor, to be edited; nothing is sent."""
+        self.feed(b"ab", LEFT, PASTE_START + b"X\tY\x1b[2J" + PASTE_END)
+        self.assertEqual((self.screen.editor.text, self.chat.pastes, self.chat.lines), ("aX Y[2Jb", [], []))
+
+    def test_paste_too_long(self):
+        """A paste over the bound is refused with a sentence; nothing is sent and the screen goes on."""
+        self.feed(PASTE_START, b"x\n" * (pager.MAX_PASTE // 2 + 10), PASTE_END, b"ok\r")
+        self.assertEqual(self.chat.pastes, [])
+        self.assertIn(b"The paste was not used", self.transport.value())
+        self.assertEqual(self.chat.lines, ["ok"])
+        self.assertLessEqual(len(self.screen._paste or b""), pager.MAX_PASTE + 1)
+
+    def test_confirming(self):
+        """While the chat waits for an answer about a paste: y or Enter sends, n, Esc or Ctrl-C cancels."""
+        for keys, answer in ((b"y", True), (b"\r", True), (b"n", False), (b"\x03", False)):
+            self.chat.confirming = ("bob", "text")
+            self.feed(b"q", keys)
+            self.assertEqual(self.chat.answers[-1:], [answer])
+            self.assertEqual(self.chat.lines, [])
+        self.chat.confirming = ("bob", "text")
+        self.feed(b"\x1b")
+        self.assertEqual(len(self.chat.answers), 4)  # a lone ESC waits for the rest of a sequence...
+        self.chat.reactor.advance(pager.ESCAPE_WAIT)
+        self.assertEqual(self.chat.answers[-1], False)  # ...then counts as Esc
+        self.assertEqual(self.chat.quits, 0)
+
+
+class TerminalRestoredTests(CLITestCase):
+    """
+    pager.py connect in a pseudo-terminal under a shell that runs C{stty -a} once it has ended: on every way out the
+    terminal is given back with echo and canonical mode on and bracketed paste off.
+    """
+
+    def start_wrapped(self, *args, env):
+        """Start C{pager.py connect ARGS} in a pseudo-terminal, under C{sh}, which prints its exit code, then stty."""
+        child = TerminalProcess()
+        script = 'trap : INT TERM HUP; "$@"; echo "exited with $?"; stty -a'
+        argv = ["/bin/sh", "-c", script, "sh", sys.executable, PAGER_PY, "connect"] + list(args)
+        self.spawn(argv, base_env(TERM="xterm", **env), usePTY=True, child=child)
+        return child
+
+    wait_output = PseudoTerminalTests.wait_output
+    type_slowly = PseudoTerminalTests.type_slowly
+
+    async def assertRestored(self, child, code, what):
+        """C{child} ends with the client's exit C{code}, and stty then shows echo and canonical mode on."""
+        result = await self.finish(child, what)
+        output = child.output()
+        self.assertEqual(result.code, 0, output)
+        self.assertIn("exited with %d" % code, output, "%s:\n%s" % (what, output))
+        words = re.split(r"[\s;]+", output[output.index("exited with"):])
+        self.assertIn("echo", words, "%s:\n%s" % (what, output))
+        self.assertIn("icanon", words, "%s:\n%s" % (what, output))
+        if "\x1b[?2004h" in output:
+            self.assertGreater(output.rfind("\x1b[?2004l"), output.rfind("\x1b[?2004h"), what)
+        self.assertNotIn("Traceback", output)
+        return output
+
+    async def test_interrupt_at_each_prompt(self):
+        """
+        Ctrl-C at the server address, user name, safetoken and passphrase prompts: exit 130 with its sentence on a
+        line of its own, terminal back.
+        """
+        await self.serve()
+        token_home = await self.provision("bob")
+        passphrase_home = await self.provision("carol", passphrase="carol's passphrase")
+        cases = [
+            ("Server address", (), dict(PAGER_HOME=self.home())),
+            ("Username: ", (self.host,), dict(PAGER_HOME=self.home())),
+            ("Safetoken: ", (self.host, "--user", "bob"), dict(PAGER_HOME=token_home)),
+            ("Passphrase for carol's key", (self.host, "--user", "carol"),
+             dict(PAGER_HOME=passphrase_home, PAGER_TOKEN=token("carol"))),
+        ]
+        for prompt, args, env in cases:
+            child = self.start_wrapped(*args, env=env)
+            await self.wait_output(child, prompt)
+            child.transport.write(b"\x03")
+            output = await self.assertRestored(child, pager.EXIT_INTERRUPTED, "Ctrl-C at %r" % prompt)
+            self.assertIn("pager: interrupted", [line[:18] for line in output.splitlines()], output)
+
+    async def test_paste(self):
+        """
+        Three lines pasted (bracketed) into the chat, the first naming another user: bob, the conversation, gets
+        one message of three lines, carol nothing.  Then Ctrl-C clears a half line and a second Ctrl-C leaves
+        (exit 0), with the terminal given back.
+        """
+        await self.serve()
+        bob, carol = await self.register(self.address, "bob"), await self.register(self.address, "carol")
+        home = await self.provision("alice")
+        child = self.start_wrapped(self.host, "--user", "alice", env=dict(PAGER_HOME=home, PAGER_TOKEN=token("alice")))
+        await self.wait_output(child, "to> ", what="the chat prompt")
+        self.assertIn("\x1b[?2004h", child.output())  # bracketed paste on
+        await self.type_slowly(child, "/to bob\r")
+        await self.wait_output(child, "now goes to bob")
+        child.transport.write(b"\x1b[200~carol\r\nline two\r\nline three\r\n\x1b[201~")
+        await self.wait_for(lambda: bob.events.messages, "the pasted message")
+        await self.type_slowly(child, "/msg bob end\r")
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "the message after the paste")
+        self.assertEqual([m.plaintext for m in bob.events.messages], [b"carol\nline two\nline three", b"end"])
+        self.assertEqual(carol.events.messages, [])
+
+        await self.type_slowly(child, "half a line")
+        child.transport.write(b"\x03")
+        await self.wait_for(lambda: child.output().endswith("to> "), "the line cleared")
+        child.transport.write(b"\x03")
+        output = await self.assertRestored(child, 0, "two Ctrl-C")
+        self.assertEqual(len(bob.events.messages), 2)
+        self.assertNotIn("half a line\r\n", output)
+
+    async def test_signals(self):
+        """SIGTERM and SIGHUP to the chat: exit 130, terminal back."""
+        await self.serve()
+        home = await self.provision("bob")
+        for name in ("SIGTERM", "SIGHUP"):
+            child = self.start_wrapped(self.host, "--user", "bob", env=dict(PAGER_HOME=home, PAGER_TOKEN=token("bob")))
+            await self.wait_output(child, "to> ", what="the chat prompt")
+            os.killpg(child.transport.pid, getattr(signal, name))
+            await self.assertRestored(child, pager.EXIT_INTERRUPTED, name)
+
+    async def test_server_gone(self):
+        """The server stops while the chat runs: the chat says so and keeps trying; Ctrl-D leaves, terminal back."""
+        await self.serve()
+        home = await self.provision("bob")
+        child = self.start_wrapped(self.host, "--user", "bob", env=dict(PAGER_HOME=home, PAGER_TOKEN=token("bob")))
+        await self.wait_output(child, "to> ", what="the chat prompt")
+        await self.server.stopService()
+        await self.wait_output(child, "Reconnecting in")
+        child.transport.write(b"\x04")
+        await self.assertRestored(child, 0, "Ctrl-D with the server gone")
+
+
+class TerminalGuardTests(unittest.SynchronousTestCase):
+    """L{pager.TerminalGuard} on a pseudo-terminal of this process."""
+
+    def test_raw_then_restore(self):
+        """raw() turns echo and canonical mode off and bracketed paste on; restore() gives back all three."""
+        import termios
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, slave)
+        guard = pager.TerminalGuard(slave, out=slave)
+        guard.raw()
+        lflag = termios.tcgetattr(slave)[3]
+        self.assertFalse(lflag & (termios.ECHO | termios.ICANON))
+        guard.restore()
+        guard.restore()  # twice (at the end of the command, then at exit) is harmless
+        lflag = termios.tcgetattr(slave)[3]
+        self.assertEqual(lflag & (termios.ECHO | termios.ICANON), termios.ECHO | termios.ICANON)
+        expected = b"\x1b[?2004h\r\x1b[K\x1b[?2004l"
+        written = b""
+        while len(written) < len(expected) and select.select([master], [], [], 5)[0]:
+            written += os.read(master, 1000)
+        self.assertEqual(written, expected)
+
+    def test_not_a_terminal(self):
+        """Without a terminal there is nothing to guard."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        self.assertIsNone(pager.TerminalGuard.install(task.Clock(), read))
