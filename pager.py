@@ -6523,7 +6523,7 @@ class ChatScreen(protocol.Protocol):
         self.transport.write(b"\r\n")
         self._offset = 0
         self.chat.line(editor.take())
-        if not self.closed:
+        if not self.closed and not self.chat.closing:  # no prompt once the line has made the chat quit
             self._draw()
 
     def pasted(self, data):

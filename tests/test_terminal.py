@@ -480,7 +480,7 @@ class ChatPasteTests(ChatTestCase):
         await self.type(chat, "n")
         self.assertIn("nothing sent", ui.text(before))
         self.assertIsNone(chat.confirming)
-        self.assertEqual(ui.prompt, "to> ")
+        self.assertEqual(ui.prompt, "bob> ")  # the conversation stays open
         chat.paste(text)
         await self.type(chat, "maybe")
         self.assertIsNotNone(chat.confirming)
@@ -987,8 +987,8 @@ class PseudoTerminalTests(CLITestCase):
         self.assertFalse([line for line in screen if line.count("> ") > 1], screen)
         self.assertIn("to> /nope", screen)
         self.assertIn("alice> hi there", screen)
-        self.assertEqual(screen[-2:], ["alice> /quit", ""], screen)
-        self.assertTrue(child.output().endswith("alice> /quit\r\n\r\x1b[K"), repr(child.output()[-100:]))
+        self.assertEqual(screen[-2:], ["alice> /quit", "\x1b[?2004l"], screen)  # then bracketed paste turned off
+        self.assertTrue(child.output().endswith("alice> /quit\r\n\r\x1b[K\x1b[?2004l"), repr(child.output()[-100:]))
 
     async def test_three_wrong_passphrases(self):
         """A key with a passphrase and none given: three wrong answers at the prompt end the client with exit 3."""
@@ -1028,6 +1028,7 @@ class _RecordingChat:
         self.lines, self.pastes, self.answers = [], [], []
         self.quits = 0
         self.confirming = None
+        self.closing = False
 
     def attach(self, ui):
         self.ui = ui
@@ -1253,7 +1254,7 @@ class TerminalRestoredTests(CLITestCase):
         await self.wait_output(child, "to> ", what="the chat prompt")
         self.assertIn("\x1b[?2004h", child.output())  # bracketed paste on
         await self.type_slowly(child, "/to bob\r")
-        await self.wait_output(child, "now goes to bob")
+        await self.wait_output(child, "Talking to bob")
         child.transport.write(b"\x1b[200~carol\r\nline two\r\nline three\r\n\x1b[201~")
         await self.wait_for(lambda: bob.events.messages, "the pasted message")
         await self.type_slowly(child, "/msg bob end\r")
@@ -1263,7 +1264,7 @@ class TerminalRestoredTests(CLITestCase):
 
         await self.type_slowly(child, "half a line")
         child.transport.write(b"\x03")
-        await self.wait_for(lambda: child.output().endswith("to> "), "the line cleared")
+        await self.wait_for(lambda: child.output().endswith("bob> "), "the line cleared")
         child.transport.write(b"\x03")
         output = await self.assertRestored(child, 0, "two Ctrl-C")
         self.assertEqual(len(bob.events.messages), 2)
