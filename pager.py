@@ -1343,6 +1343,10 @@ def set_key_txn(txn, name, pem, fp, now, recovered):
                     (pem, fp, now, name))
 
 
+def set_token_txn(txn, name, salt, token_hash):
+    txn.execute("UPDATE users SET token_salt = ?, token_hash = ? WHERE name = ?", (salt, token_hash, name))
+
+
 def _existing_message_txn(txn, msg_id, sender):
     """The seq of an already accepted message C{msg_id} by C{sender}, or None; L{BadRequest} if the id is taken."""
     row = txn.execute("SELECT seq, sender, accepted_at FROM messages WHERE msg_id = ?", (msg_id,)).fetchone()
@@ -1870,6 +1874,9 @@ class Store:
     def set_key(self, name, pem, fp, now, recovered=False):
         return self._run(set_key_txn, name, pem, fp, now, recovered)
 
+    def set_token(self, name, salt, token_hash):
+        return self._run(set_token_txn, name, salt, token_hash)
+
     def begin_upload(self, msg_id, sender, header, size, recipients, limits, sender_fp=None):
         return self._run(begin_upload_txn, msg_id, sender, header, size, recipients, limits, sender_fp)
 
@@ -2119,9 +2126,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     log = Logger()
-    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping"])
+    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping", "exists"])
     PAGE = 1000  # pending messages read from the store at a time (at most 4 MiB of their chunks)
-    AUTH = frozenset(["register", "login", "rekey", "recover"])
+    AUTH = frozenset(["register", "login", "rekey", "recover", "change_token"])
 
     def __init__(self):
         self.user = None
@@ -2488,6 +2495,28 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                       user=user, peer=_peer_text(self.peer), fp=new_fp.hex())
         self.factory.key_changed(user, new_key)
         return {"user": user, "fingerprint": new_fp.hex()}
+
+    async def handle_exists(self, frame, rid):
+        # What register would tell anyone who asks (it answers user_exists before hashing a token), without the key
+        # a new user would otherwise make first: a client on a new machine learns whether to register or re-key.
+        user = field_username(frame)
+        if self.limits.registration == "closed":
+            raise Forbidden("This server does not take new users; ask its operator.")
+        return {"user": user, "exists": await self.factory.store.get_user(user) is not None}
+
+    async def handle_change_token(self, frame, rid):
+        token = self._token(frame)
+        new_token = field_str(frame, "new_token", MAX_TOKEN_LENGTH)
+        if len(new_token) < MIN_TOKEN_LENGTH:
+            raise BadRequest("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+        user = self.user
+        record, _ = await self._account(user, "login")
+        await self._check_token(token, record, "login")
+        salt = secrets.token_bytes(ARGON2_SALT_SIZE)
+        token_hash = await self.factory.hash_token_for(self, user, new_token, salt)
+        await self.factory.store.set_token(user, salt, token_hash)
+        self.log.info("{user} changed their safetoken from {peer}", user=user, peer=_peer_text(self.peer))
+        return {"user": user}
 
     def _logged_in(self, user, key, receive):
         self.user, self.key, self.receive = user, key, receive
@@ -3642,6 +3671,7 @@ class LocalStore(SeenStore):
 # (mode 0600) says which server id each address presented, as ssh's known_hosts does for host keys.
 
 KEY_FILE_NAME = "key.p12"
+TOKEN_FILE_NAME = "token.enc"
 LOCAL_DB_NAME = "client.sqlite3"
 KNOWN_SERVERS_NAME = "known_servers"
 PBKDF2_ROUNDS = 600000
@@ -3804,6 +3834,72 @@ class KnownServers:
         return known
 
 
+# HOME/<server id>/<user>/token.enc keeps the safetoken under the key's passphrase, so that logging in asks for one
+# secret.  Layout: TOKEN_FILE_MAGIC, a 16-byte salt, a 12-byte nonce, then AES-256-GCM of the UTF-8 token under
+# PBKDF2-HMAC-SHA256(passphrase, salt, PBKDF2_ROUNDS) with the magic, salt, server id and user name as associated
+# data (a token file copied into another user's directory does not open there).
+TOKEN_FILE_MAGIC = b"pager-token-v1\n"
+TOKEN_SALT_SIZE = 16
+TOKEN_NONCE_SIZE = 12
+
+
+class TokenFileError(KeyFileError):
+    """The stored safetoken cannot be read: its file is damaged, or the passphrase does not open it."""
+
+
+def _token_file_key(passphrase, salt):
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=PBKDF2_ROUNDS)
+    return kdf.derive(passphrase.encode("utf-8"))
+
+
+def _token_file_aad(salt, server_id, user):
+    return TOKEN_FILE_MAGIC + salt + _lp(server_id.encode("ascii")) + _lp(user.encode("ascii"))
+
+
+def encrypt_token(token, passphrase, server_id, user):
+    """The bytes of a token file holding C{token}.  Slow (PBKDF2_ROUNDS rounds): call it off the reactor thread."""
+    salt, nonce = secrets.token_bytes(TOKEN_SALT_SIZE), secrets.token_bytes(TOKEN_NONCE_SIZE)
+    sealed = AESGCM(_token_file_key(passphrase, salt)).encrypt(
+        nonce, token.encode("utf-8"), _token_file_aad(salt, server_id, user))
+    return TOKEN_FILE_MAGIC + salt + nonce + sealed
+
+
+def decrypt_token(data, passphrase, server_id, user, path="the token file"):
+    """The safetoken in a token file's C{data}; L{TokenFileError} if it is damaged or the passphrase is wrong."""
+    head = len(TOKEN_FILE_MAGIC) + TOKEN_SALT_SIZE + TOKEN_NONCE_SIZE
+    if not data.startswith(TOKEN_FILE_MAGIC) or len(data) < head + 16 + MIN_TOKEN_LENGTH:
+        raise TokenFileError("%s is damaged (not a pager token file); remove it and give the safetoken once more."
+                             % path)
+    salt = data[len(TOKEN_FILE_MAGIC):len(TOKEN_FILE_MAGIC) + TOKEN_SALT_SIZE]
+    nonce, sealed = data[head - TOKEN_NONCE_SIZE:head], data[head:]
+    try:
+        token = AESGCM(_token_file_key(passphrase, salt)).decrypt(nonce, sealed,
+                                                                 _token_file_aad(salt, server_id, user))
+        return token.decode("utf-8")
+    except (InvalidTag, UnicodeDecodeError):
+        raise TokenFileError("%s does not open with the key's passphrase (it is damaged, or was saved under "
+                             "another passphrase); remove it and give the safetoken once more." % path)
+
+
+def save_token(path, token, passphrase, server_id, user):
+    """Save C{token} encrypted to C{path}, mode 0600.  Slow: call it off the reactor thread."""
+    write_private_file(path, encrypt_token(token, passphrase, server_id, user))
+
+
+def load_token(path, passphrase, server_id, user):
+    """The safetoken saved in C{path}, or None if there is none.  Slow: call it off the reactor thread."""
+    try:
+        check_private_file_permissions(path, "token file")
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise TokenFileError("Cannot read %s: %s." % (path, e.strerror))
+    return decrypt_token(data, passphrase, server_id, user, path)
+
+
 def encode_private_key(key, passphrase, name=b"pager"):
     """PKCS#12 bytes holding C{key}; encrypted with C{passphrase} (PBES2/AES-256/600,000 rounds) unless it is empty."""
     from cryptography.hazmat.primitives.serialization import pkcs12
@@ -3836,16 +3932,63 @@ def save_private_key(path, key, passphrase):
     write_private_file(path, encode_private_key(key, passphrase))
 
 
-def check_key_file_permissions(path):
-    """Refuse a key file that group or others may read, as ssh does."""
+def check_private_file_permissions(path, what="key file"):
+    """Refuse a secret's file that group or others may read or write, as ssh does with its keys."""
     mode = os.stat(path).st_mode
     if os.name == "posix" and mode & 0o077:
-        raise KeyFileExposed("The key file %s is readable by other users (mode %03o). Fix it with: chmod 600 %s"
-                             % (path, mode & 0o777, path))
+        raise KeyFileExposed("The %s %s is readable by other users (mode %03o). Fix it with: chmod 600 %s"
+                             % (what, path, mode & 0o777, path))
+
+
+def check_key_file_permissions(path):
+    """Refuse a key file that group or others may read, as ssh does, and a key "file" that is not a file."""
+    try:
+        check_private_file_permissions(path)
+    except FileNotFoundError:
+        raise KeyFileError("The key file %s is missing." % path)
+    if not os.path.isfile(path):
+        raise KeyFileError("The key file %s is damaged: it is not a file. Move it away and bring the key back with "
+                           "'pager-cli import-key'." % path)
+
+
+_PKCS12_SHROUDED_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0102")  # OID 1.2.840.113549.1.12.10.1.2
+_PKCS12_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0101")  # OID 1.2.840.113549.1.12.10.1.1
+
+
+def _der_whole(data):
+    """Whether C{data} is exactly one DER SEQUENCE: its stated length is what the file holds (not truncated)."""
+    if len(data) < 2 or data[0] != 0x30:
+        return False
+    if data[1] < 0x80:
+        return 2 + data[1] == len(data)
+    n = data[1] & 0x7F
+    if not 1 <= n <= 4 or len(data) < 2 + n:
+        return False
+    return 2 + n + int.from_bytes(data[2:2 + n], "big") == len(data)
 
 
 def key_file_is_encrypted(path):
-    """Whether the PKCS#12 file at C{path} needs a passphrase."""
+    """
+    Whether the key file at C{path} needs a passphrase, read from its structure: L{KeyFileError} ("damaged") for a
+    file that is truncated, is not a key file, or holds no key, rather than a passphrase prompt it can never pass.
+    """
+    check_key_file_permissions(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    damaged = ("The key file %s is damaged (%%s): restore it from a backup, or move it away and bring the key back "
+               "with 'pager-cli import-key'." % path)
+    if b"-----BEGIN" in data:
+        if b"-----END" not in data:
+            raise KeyFileError(damaged % "truncated")
+        return b"ENCRYPTED" in data
+    if not data:
+        raise KeyFileError(damaged % "empty")
+    if not _der_whole(data):
+        raise KeyFileError(damaged % "truncated, or not PKCS#12")
+    if _PKCS12_SHROUDED_KEY_BAG in data:
+        return True
+    if _PKCS12_KEY_BAG in data:
+        return False
     try:
         load_private_key(path, "")
     except WrongPassphrase:
@@ -4110,6 +4253,15 @@ class PagerClient:
                                     proof=b64(proof))
         if self.user == user:
             self.private_key = new_key
+
+    async def exists(self, user):
+        """Whether the server has an account named C{user} (what C{register} would say; refused when closed)."""
+        answer = await self.protocol.request("exists", user=canonical_username(user))
+        return answer.get("exists") is True
+
+    async def change_token(self, token, new_token):
+        """Replace the logged-in account's safetoken C{token} with C{new_token}."""
+        await self.protocol.request("change_token", token=token, new_token=new_token)
 
     def _logged_in(self, user, private_key, receive):
         self.user, self.private_key, self.receive = user, private_key, receive
@@ -4653,8 +4805,11 @@ class Prompter:
         return answer.lower() in ("y", "yes")
 
 
-def _first_line_of(path):
+def _first_line_of(path, private=None):
+    """The first line of the file C{path}; with C{private} (what it holds), refused if others may read it."""
     try:
+        if private is not None:
+            check_private_file_permissions(path, private)
         with open(path, "r", encoding="utf-8") as f:
             return f.readline().rstrip("\r\n")
     except OSError as e:
@@ -4791,22 +4946,85 @@ class Session:
                 self.prompter.say(e.message)
                 user = None
 
-    async def _token(self, new=False):
+    def _given_token(self):
+        """The safetoken from PAGER_TOKEN or --token-file (a file others may read is refused), or None."""
         if os.environ.get("PAGER_TOKEN"):
             token = os.environ["PAGER_TOKEN"]
         elif self.config["token-file"]:
-            token = _first_line_of(self.config["token-file"])
+            token = _first_line_of(self.config["token-file"], "token file")
         else:
-            hint = "Give the safetoken in PAGER_TOKEN or with --token-file."
-            while True:
-                token = await self.prompter.secret(
-                    "Choose a safetoken (at least %d characters): " % MIN_TOKEN_LENGTH if new else "Safetoken: ", hint)
-                if not new or len(token) >= MIN_TOKEN_LENGTH:
-                    break
-                self.prompter.say("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+            return None
         if len(token) < MIN_TOKEN_LENGTH:
             raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
         return token
+
+    async def _ask_token(self, prompt, hint="Give the safetoken in PAGER_TOKEN or with --token-file."):
+        while True:
+            token = await self.prompter.secret(prompt, hint)
+            if len(token) >= MIN_TOKEN_LENGTH:
+                return token
+            self.prompter.say("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+
+    async def new_token(self, what="Choose a safetoken"):
+        """A safetoken for a new account (or a new one for an account): given, or typed twice so a typo can't stick."""
+        given = self._given_token()
+        if given is not None:
+            return given
+        while True:
+            first = await self._ask_token("%s (at least %d characters): " % (what, MIN_TOKEN_LENGTH))
+            if await self.prompter.secret("Same safetoken again: ", "") == first:
+                return first
+            self.prompter.say("The two safetokens differ; try again.")
+
+    @property
+    def token_path(self):
+        return os.path.join(self.directory, TOKEN_FILE_NAME)
+
+    async def save_token(self, token, passphrase):
+        """Keep C{token} on this machine, encrypted under the key's passphrase, so later logins ask for one secret."""
+        try:
+            await self.in_thread(save_token, self.token_path, token, passphrase, self.server_id, self.user)
+        except OSError as e:
+            self.prompter.say("Could not keep the safetoken in %s (%s): it will be asked for again."
+                              % (self.token_path, e.strerror))
+
+    async def _login_with_token(self, client, passphrase):
+        """
+        Log in with the safetoken given (PAGER_TOKEN, --token-file) or kept on this machine under the key's
+        passphrase, else asked for (three tries, as for the passphrase).  A token that logs in and is not the one
+        kept is kept from then on.
+        """
+        given, stored = self._given_token(), None
+        if given is None:
+            try:
+                stored = await self.in_thread(load_token, self.token_path, passphrase, self.server_id, self.user)
+            except TokenFileError as e:
+                if not self.prompter.interactive:
+                    raise
+                self.prompter.say(e.message)
+        token, tries = given or stored, 0
+        while True:
+            if token is None:
+                tries += 1
+                token = await self._ask_token("Safetoken for %s: " % self.user)
+            self.token = token
+            try:
+                await self._login(client)
+                break
+            except AuthFailed:
+                if tries >= 3:
+                    raise AuthFailed("Three wrong safetokens for %s; giving up." % self.user)
+                if given is None and token == stored and not self.prompter.interactive:
+                    raise AuthFailed("Login as %s failed with the safetoken kept on this machine (was it changed "
+                                     "elsewhere?): give the current one once in PAGER_TOKEN or with --token-file, "
+                                     "and it is kept from then on." % self.user)
+                if given is not None or not self.prompter.interactive:
+                    raise
+                self.prompter.say("The safetoken kept on this machine was refused (was it changed elsewhere?); "
+                                  "type the current one." if token == stored else "Wrong safetoken; try again.")
+                token = None
+        if token != stored:
+            await self.save_token(token, passphrase)
 
     def _given_passphrase(self):
         if os.environ.get("PAGER_PASSPHRASE"):
@@ -4839,17 +5057,29 @@ class Session:
 
     async def load_key(self, path):
         """The key in C{path}, asking for its passphrase (three tries) when it is encrypted."""
-        check_key_file_permissions(path)
-        if not await self.in_thread(key_file_is_encrypted, path):
-            return await self.in_thread(load_private_key, path, "")
+        return (await self.unlock_key(path))[0]
+
+    async def unlock_key(self, path):
+        """C{(key, passphrase)}: the key in C{path}, asking for its passphrase (three tries) when it is encrypted."""
+        try:
+            encrypted = await self.in_thread(key_file_is_encrypted, path)
+        except OSError as e:
+            raise KeyFileError("Cannot read the key file %s: %s." % (path, e.strerror))
+        if not encrypted:
+            try:
+                return await self.in_thread(load_private_key, path, ""), ""
+            except WrongPassphrase:
+                raise KeyFileError("The key file %s is damaged (it is not encrypted, yet holds no readable key): "
+                                   "restore it from a backup, or move it away and bring the key back with "
+                                   "'pager-cli import-key'." % path)
         given = self._given_passphrase()
         if given is not None:
-            return await self.in_thread(load_private_key, path, given)
+            return await self.in_thread(load_private_key, path, given), given
         hint = "The key is encrypted: give its passphrase in PAGER_PASSPHRASE or with --passphrase-file."
         for attempt in range(3):
             passphrase = await self.prompter.secret("Passphrase for %s's key: " % self.user, hint)
             try:
-                return await self.in_thread(load_private_key, path, passphrase)
+                return await self.in_thread(load_private_key, path, passphrase), passphrase
             except WrongPassphrase:
                 if attempt < 2:
                     self.prompter.say("Wrong passphrase; try again.")
@@ -4894,15 +5124,14 @@ class Session:
                 # A key saved by a registration that was interrupted before it could take its final name.
                 os.replace(self.key_path + ".new", self.key_path)
                 self.prompter.say("Using the key saved by an interrupted registration: %s." % self.key_path)
-            if os.path.exists(self.key_path):
+            if os.path.lexists(self.key_path):
                 await self.open_local(client)
-                self.key = await self.load_key(self.key_path)
-                self.token = await self._token()
-                await self._login(client)
+                self.key, passphrase = await self.unlock_key(self.key_path)
+                await self._login_with_token(client, passphrase)
             else:
-                await self.may_make_key(client)
+                existing = await self.may_make_key(client)
                 await self.open_local(client)
-                await self._first_use(client)
+                await self._first_use(client, existing)
         except BaseException:
             self._abandon(client)
             raise
@@ -4926,8 +5155,10 @@ class Session:
     async def may_make_key(self, client):
         """
         Before making a key for a user this machine has none for at this server: refuse when the address, before a
-        C{forget-server}, was another server where this machine holds the user's key; then a script needs
-        C{--register} and the interactive client asks.  Raises L{ServerChanged} or L{NoKey}.
+        C{forget-server}, was another server where this machine holds the user's key; then ask the server whether
+        the account exists, before any key is made.  An existing account is re-keyed only by the interactive client,
+        after asking; a new one is registered by a script with C{--register}, or by the interactive client after
+        asking.  Returns whether the account exists; raises L{ServerChanged} or L{NoKey}.
         """
         for old in self.known.forgotten(self.known_address):
             if old != client.server_id and os.path.exists(os.path.join(self.home, old, self.user, KEY_FILE_NAME)):
@@ -4937,8 +5168,26 @@ class Session:
                     "server restored from backup keeps its id, so if its operator confirms it was rebuilt, accept "
                     "the new id with '%s' and run the command again."
                     % (self.user, self.address, old, client.server_id, self.trust_command)))
+        try:
+            exists = await client.exists(self.user)
+        except Forbidden:
+            exists = False  # registration is closed: registering says so in its own words
+        copy = "copy it here with 'pager-cli export-key' there and 'pager-cli import-key' here"
+        if exists:
+            if not self.prompter.interactive:
+                raise NoKey("%s is registered on %s, but this machine has no key for it: %s (or, if the key is "
+                            "lost, re-key the account with its safetoken in 'pager-cli connect')."
+                            % (self.user, self.address, copy))
+            self.prompter.say("%s is registered on %s (server id %s), but this machine has no key for it. If you "
+                              "have it on another machine, %s. Otherwise this machine can make a new key and re-key "
+                              "the account with its safetoken: messages sent to the old key can then never be read, "
+                              "and everyone who pinned it is warned." % (self.user, self.address, client.server_id,
+                                                                         copy))
+            if not await self.prompter.confirm("Make a new key for %s and re-key the account?" % self.user):
+                raise NoKey("No key made: %s has no key on this machine (%s)." % (self.user, copy))
+            return True
         if self.config.get("register"):
-            return
+            return False
         if not self.prompter.interactive:
             raise NoKey("This machine has no key for %s on %s (server id %s): if %s has a key on another machine, "
                         "copy it here with 'pager-cli export-key' and 'pager-cli import-key'; to make a new key and "
@@ -4949,12 +5198,21 @@ class Session:
         if not await self.prompter.confirm("Make a new key for %s and register it there?" % self.user):
             raise NoKey("No key made: %s is not registered on %s from this machine (or bring an existing key with "
                         "'pager-cli import-key')." % (self.user, self.address))
+        return False
 
-    async def _first_use(self, client):
+    async def _first_use(self, client, existing=False):
+        """
+        Make the user's key and register it (C{existing}: re-key the existing account with its safetoken, asked as
+        the existing one); the safetoken is then kept under the new key's passphrase.
+        """
         prompter = self.prompter
-        if self.config.get("register"):
+        if self.config.get("register") and not existing:
             prompter.say("This machine has no key for %s on %s." % (self.user, self.address))
-        token = await self._token(new=True)
+        if existing:
+            token = self._given_token() or await self._ask_token(
+                "Safetoken of your existing account %s: " % self.user)
+        else:
+            token = await self.new_token()
         try:
             passphrase = await self.new_passphrase()
         except usage.UsageError:
@@ -4972,35 +5230,41 @@ class Session:
         except OSError as e:
             raise KeyFileError("Cannot save the new key in %s: %s." % (self.directory, e.strerror))
         try:
-            await self._register_or_recover(client, token, key)
+            if existing:
+                token = await self._recover(client, token, key)
+            else:
+                await self._register(client, token, key)
         except BaseException:
             os.unlink(pending_path)
             raise
+        self.key, self.token = key, token
+        await self.save_token(token, passphrase)
         os.replace(pending_path, self.key_path)
         prompter.say("Saved your key in %s (fingerprint %s)." % (self.key_path, format_fingerprint(fingerprint(key))))
 
-    async def _register_or_recover(self, client, token, key):
-        prompter = self.prompter
+    async def _register(self, client, token, key):
         try:
             await client.register(self.user, token, key)
-            prompter.say("Registered %s on %s." % (self.user, self.address))
         except UserExists:
-            question = ("%s is registered on this server, but this machine has no key for it. Make a new key and "
-                        "re-key the account with your safetoken? Messages sent to the old key can then never be "
-                        "read." % self.user)
-            hint = ("%s is registered on this server, but this machine has no key for it: copy it here with "
-                    "'pager-cli export-key' and 'pager-cli import-key', or re-key it in 'pager-cli connect'."
-                    % self.user)
-            if not prompter.interactive or not await prompter.confirm(question):
-                raise NoKey(hint)
+            raise NoKey("%s was registered on %s moments ago, from somewhere else; if that was you, copy the key "
+                        "here with 'pager-cli export-key' and 'pager-cli import-key'." % (self.user, self.address))
+        self.prompter.say("Registered %s on %s." % (self.user, self.address))
+
+    async def _recover(self, client, token, key):
+        """Re-key the account with its safetoken (three tries when typed) and log in; returns the token that worked."""
+        for attempt in range(3):
             try:
                 await client.recover(self.user, token, key)
+                break
             except AuthFailed:
-                raise AuthFailed("Re-keying %s failed: wrong safetoken." % self.user)
-            prompter.say("Re-keyed %s: everyone who pinned your old key will be warned." % self.user)
-            self.key, self.token = key, token
-            await self._login(client)
+                if self._given_token() is not None or not self.prompter.interactive or attempt == 2:
+                    raise AuthFailed("Re-keying %s failed: wrong safetoken." % self.user)
+                self.prompter.say("Wrong safetoken; try again.")
+                token = await self._ask_token("Safetoken of your existing account %s: " % self.user)
+        self.prompter.say("Re-keyed %s: everyone who pinned your old key will be warned." % self.user)
         self.key, self.token = key, token
+        await self._login(client)
+        return token
 
     async def reconnect(self, say):
         """

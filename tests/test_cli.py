@@ -566,6 +566,7 @@ class KeyFileTests(CLITestCase):
         token_file, passphrase_file = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
         with open(token_file, "w") as f:
             f.write(token("alice") + "\n")
+        os.chmod(token_file, 0o600)  # a token file others may read is refused
         with open(passphrase_file, "w") as f:
             f.write("correct horse battery\n")
         sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", "--register",
@@ -799,6 +800,7 @@ class FaultyServerTests(CLITestCase):
         path = os.path.abspath(self.mktemp())
         with open(path, "wb") as f:
             f.write(b"\xff\xfe\n")
+        os.chmod(path, 0o600)  # a token file others may read is refused before it is read
         result = await self.pager("users", self.host, "--user", "alice", "--token-file", path, home=home)
         self.assertIn("not UTF-8", self.assertOneErrorLine(result, pager.EXIT_USAGE))
 
