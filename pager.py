@@ -314,11 +314,11 @@ class KeyChanged(PagerError):
 
     code = "key_changed"
 
-    def __init__(self, user, pinned, current):
-        super().__init__(
+    def __init__(self, user, pinned, current, message=None):
+        super().__init__(message or
             "The key of %s has changed: pinned %s, the server now gives %s. Check the new fingerprint with %s "
-            "(for example by phone), then run 'trust %s'." % (
-                user, format_fingerprint(pinned), format_fingerprint(current), user, user))
+            "(for example by phone), then run 'trust %s' (or 'verify %s')." % (
+                user, format_fingerprint(pinned), format_fingerprint(current), user, user, user))
         self.user, self.pinned, self.current = user, pinned, current
 
 
@@ -834,7 +834,7 @@ class OpenedMessage:
     filename: str
     plaintext: bytearray  # bytes-like; a bytearray, so a large message is never copied once more at the end
     accepted_at: float = None  # when the server accepted it, as the server says (not signed)
-    key_status: str = "verified"  # verified (the pinned key), new (first key seen: now pinned), changed (not pinned)
+    key_status: str = "pinned"  # see key_status(): new (first key seen: now pinned), pinned, verified, changed
     skewed: bool = False  # the signed time is far from when the server accepted it
 
 
@@ -3528,8 +3528,31 @@ class MemoryPins:
         return defer.succeed(self._pins.get(user))
 
     def set_pin(self, user, pem, fp, now):
-        self._pins[user] = (pem, fp, now)
+        self._pins[user] = (pem, fp, now, False)
         return defer.succeed(None)
+
+    def set_verified(self, user, fp):
+        pin = self._pins.get(user)
+        if pin is None or pin[1] != fp:
+            return defer.succeed(False)
+        self._pins[user] = pin[:3] + (True,)
+        return defer.succeed(True)
+
+
+KEY_STATUSES = ("new", "pinned", "verified", "changed")
+
+
+def key_status(pin, fp):
+    """
+    How the key C{fp} compares with C{pin} (a pins store's C{(pem, fingerprint, pinned_at, verified)}, or None):
+    C{new} (nothing pinned yet), C{pinned} (the pinned key, trusted on first use or with C{trust}), C{verified}
+    (the pinned key, and its fingerprint was compared out of band: C{verify}) or C{changed} (not the pinned key).
+    """
+    if pin is None:
+        return "new"
+    if bytes(pin[1]) != fp:
+        return "changed"
+    return "verified" if pin[3] else "pinned"
 
 
 def _seen_schema_txn(txn, keep_until):
@@ -3572,7 +3595,7 @@ class SeenStore:
 
 _LOCAL_SCHEMA = [
     "CREATE TABLE IF NOT EXISTS pins (user TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint BLOB NOT NULL,"
-    " pinned_at REAL NOT NULL)",
+    " pinned_at REAL NOT NULL, verified INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
     " direction TEXT NOT NULL, peer TEXT NOT NULL, msg_id TEXT NOT NULL, content_type TEXT NOT NULL,"
     " filename TEXT NOT NULL, body BLOB NOT NULL, status TEXT NOT NULL)",
@@ -3596,15 +3619,24 @@ def _local_schema_txn(txn, keep_until):
     _seen_schema_txn(txn, keep_until)
     for statement in _LOCAL_SCHEMA:
         txn.execute(statement)
+    if "verified" not in [row[1] for row in txn.execute("PRAGMA table_info(pins)")]:  # a store from before verify
+        txn.execute("ALTER TABLE pins ADD COLUMN verified INTEGER NOT NULL DEFAULT 0")
 
 
 def _get_pin_txn(txn, user):
-    row = txn.execute("SELECT public_key, fingerprint, pinned_at FROM pins WHERE user = ?", (user,)).fetchone()
-    return (row[0], bytes(row[1]), row[2]) if row else None
+    row = txn.execute("SELECT public_key, fingerprint, pinned_at, verified FROM pins WHERE user = ?",
+                      (user,)).fetchone()
+    return (row[0], bytes(row[1]), row[2], bool(row[3])) if row else None
 
 
 def _set_pin_txn(txn, user, pem, fp, now):
-    txn.execute("INSERT OR REPLACE INTO pins VALUES (?, ?, ?, ?)", (user, pem, fp, now))
+    # A new pin is not verified: whoever verified the old key compared another fingerprint.
+    txn.execute("INSERT OR REPLACE INTO pins (user, public_key, fingerprint, pinned_at, verified) VALUES (?, ?, ?, ?, 0)",
+                (user, pem, fp, now))
+
+
+def _set_verified_txn(txn, user, fp):
+    return txn.execute("UPDATE pins SET verified = 1 WHERE user = ? AND fingerprint = ?", (user, fp)).rowcount == 1
 
 
 def _add_history_txn(txn, entry):
@@ -3652,6 +3684,13 @@ class LocalStore(SeenStore):
 
     def set_pin(self, user, pem, fp, now):
         return self.pool.runInteraction(_set_pin_txn, user, pem, fp, now)
+
+    def set_verified(self, user, fp):
+        """
+        Record that the user compared C{user}'s fingerprint C{fp} out of band.  Only the pinned key can be verified:
+        returns False (changing nothing) unless C{fp} is pinned for C{user}.
+        """
+        return self.pool.runInteraction(_set_verified_txn, user, fp)
 
     def add_history(self, entry):
         if not self.keep_history:
@@ -4358,6 +4397,26 @@ class PagerClient:
         await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
         return fp
 
+    async def key_status(self, user):
+        """C{(fingerprint, status)} of the key the server now gives for C{user}: see L{key_status}."""
+        _, fp = await self.public_key(user, refresh=True)
+        return fp, key_status(await self.pins.get_pin(user), fp)
+
+    async def verify(self, user, fp):
+        """
+        Mark C{user}'s key verified, the user having compared the fingerprint C{fp} out of band: it must be the key
+        the server gives now (else L{KeyChanged}, changing nothing), which is pinned if it was not.
+        """
+        key, current = await self.public_key(user, refresh=True)
+        if current != fp:
+            raise KeyChanged(user, fp, current, message=(
+                "The fingerprint you compared is not %s's key as the server gives it now (%s); nothing was marked "
+                "verified." % (user, format_fingerprint(current))))
+        pin = await self.pins.get_pin(user)
+        if pin is None or bytes(pin[1]) != fp:
+            await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
+        await self.pins.set_verified(user, fp)
+
     # -- sending --
 
     async def send(self, recipients, data, content_type="text", filename=""):
@@ -4493,12 +4552,11 @@ class PagerClient:
             if pin is not None and bytes(pin[1]) == header.sender_fingerprint:
                 # Signed with the key pinned here, which the sender has replaced since: the message was sent
                 # before the re-key and is still theirs.
-                return load_public_key(pin[0]), "verified"
+                return load_public_key(pin[0]), key_status(pin, header.sender_fingerprint)
             raise WrongSenderKey("The message is signed with a key the server does not list for %s." % header.sender)
         if pin is None:
             await self.pins.set_pin(header.sender, public_key_pem(key), fp, self.reactor.seconds())
-            return key, "new"
-        return key, "verified" if bytes(pin[1]) == fp else "changed"
+        return key, key_status(pin, fp)
 
     async def _handle_message(self, incoming):
         if not valid_username(incoming.sender):
@@ -4836,6 +4894,7 @@ class Session:
         self.user = None
         self.key = None
         self.token = None
+        self.passphrase = None  # the key's, once it is unlocked: the safetoken kept on disk is saved under it
         self.store = None
         self.client = None
         self.directory = None
@@ -4965,9 +5024,13 @@ class Session:
                 return token
             self.prompter.say("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
 
-    async def new_token(self, what="Choose a safetoken"):
-        """A safetoken for a new account (or a new one for an account): given, or typed twice so a typo can't stick."""
-        given = self._given_token()
+    async def new_token(self, what="Choose a safetoken", given=False):
+        """
+        A safetoken for a new account: C{given} (by default the one given in PAGER_TOKEN or --token-file), or typed
+        twice so that a typo cannot lock the user out.
+        """
+        if given is False:
+            given = self._given_token()
         if given is not None:
             return given
         while True:
@@ -5033,9 +5096,13 @@ class Session:
             return _first_line_of(self.config["passphrase-file"])
         return None
 
-    async def new_passphrase(self, what="your private key"):
-        """A passphrase for a new key file: given, or asked twice; an empty one only after an explicit warning."""
-        given = self._given_passphrase()
+    async def new_passphrase(self, what="your private key", given=None):
+        """
+        A passphrase for a new key file: C{given} (by default the one given in PAGER_PASSPHRASE or
+        --passphrase-file), or asked twice; an empty one only after an explicit warning.
+        """
+        if given is None:
+            given = self._given_passphrase()
         if given is not None:
             return given
         warning = ("An empty passphrase leaves %s unencrypted on disk: whoever can read the file can read your "
@@ -5128,6 +5195,7 @@ class Session:
                 await self.open_local(client)
                 self.key, passphrase = await self.unlock_key(self.key_path)
                 await self._login_with_token(client, passphrase)
+                self.passphrase = passphrase
             else:
                 existing = await self.may_make_key(client)
                 await self.open_local(client)
@@ -5237,7 +5305,7 @@ class Session:
         except BaseException:
             os.unlink(pending_path)
             raise
-        self.key, self.token = key, token
+        self.key, self.token, self.passphrase = key, token, passphrase
         await self.save_token(token, passphrase)
         os.replace(pending_path, self.key_path)
         prompter.say("Saved your key in %s (fingerprint %s)." % (self.key_path, format_fingerprint(fingerprint(key))))
@@ -5331,7 +5399,7 @@ class Session:
 
 def describe_message(message, saved_path=None):
     """How an incoming message is shown: time, sender, trust mark, then the text (indented when it has lines)."""
-    if message.key_status == "verified":
+    if message.key_status in ("pinned", "verified"):
         mark = "\u2713"
     elif message.key_status == "new":
         mark = "\u2713 (first message: key pinned)"
@@ -6002,6 +6070,77 @@ class ImportKeyOptions(_ClientOptions):
         self["server"], self["file"] = server, path
 
 
+class PasswdOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--new-passphrase-file FILE | --no-passphrase]"
+    longdesc = ("Change the passphrase of your key for this server on this machine; the safetoken kept with it is "
+                "re-encrypted under the new one. Nothing changes on the server. The current passphrase comes from "
+                "a prompt, PAGER_PASSPHRASE or --passphrase-file; the new one from a prompt (twice) or "
+                "--new-passphrase-file; --no-passphrase removes it.")
+    optParameters = _ClientOptions.optParameters + [
+        ["new-passphrase-file", None, None, "Read the new passphrase from this file (which others must not read)."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+
+class TokenOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--new-token-file FILE]"
+    longdesc = ("Change your safetoken on the server (it needs the current one, kept on this machine or given as "
+                "for any command); the new one is kept on this machine under your key's passphrase. Other "
+                "machines ask for it once. The new safetoken comes from a prompt (twice) or --new-token-file.")
+    optParameters = _ClientOptions.optParameters + [
+        ["new-token-file", None, None, "Read the new safetoken from this file (which others must not read)."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+
+class _PeerOptions(_ClientOptions):
+    def parseArgs(self, server, name):
+        self["server"] = server
+        try:
+            self["name"] = canonical_username(name)
+        except BadRequest as e:
+            raise usage.UsageError(e.message)
+
+
+class VerifyOptions(_PeerOptions):
+    synopsis = "HOST[:PORT] --user NAME PEER [--fingerprint HEX]"
+    longdesc = ("Mark PEER's key verified after comparing its fingerprint with PEER out of band (in person or by "
+                "phone): shows the fingerprint and asks whether it matches, or, for scripts, checks it against "
+                "--fingerprint. A key seen for the first time, or changed, is pinned by verifying it.")
+    optParameters = _ClientOptions.optParameters + [
+        ["fingerprint", None, None, "The fingerprint PEER read you (64 hex digits; spaces are ignored)."]]
+
+    def postOptions(self):
+        super().postOptions()
+        if self["fingerprint"] is not None:
+            digits = "".join(self["fingerprint"].split()).lower()
+            if not re.fullmatch("[0-9a-f]{64}", digits):
+                raise usage.UsageError("A fingerprint is 64 hex digits.")
+            self["fingerprint"] = bytes.fromhex(digits)
+
+
+class TrustOptions(_PeerOptions):
+    synopsis = "HOST[:PORT] --user NAME PEER"
+    longdesc = ("Pin the key the server now gives for PEER (after a key change, once you checked the new "
+                "fingerprint), without marking it verified: for scripts, as the chat's /trust.")
+
+
+class FingerprintOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [PEER] [--json]"
+    longdesc = ("Show your key's fingerprint, or PEER's as the server gives it with its status on this machine: "
+                "new (not pinned yet), pinned, verified or changed. Exits 5 when it changed.")
+    optFlags = _ClientOptions.optFlags + [["json", None, "Print one JSON object."]]
+
+    def parseArgs(self, server, name=None):
+        self["server"] = server
+        try:
+            self["name"] = canonical_username(name) if name is not None else None
+        except BadRequest as e:
+            raise usage.UsageError(e.message)
+
+
 class TrustServerOptions(_GnuOptions):
     synopsis = "HOST[:PORT] [--tls [--ca FILE]] [--id SERVER_ID]"
     longdesc = ("Accept the server id that HOST[:PORT] presents now, after its operator confirmed a deliberate move: "
@@ -6145,6 +6284,11 @@ class Options(_CommandOptions):
         ["users", None, UsersOptions, "List users."],
         ["export-key", None, ExportKeyOptions, "Write your key to a file for another machine."],
         ["import-key", None, ImportKeyOptions, "Install a key from a file."],
+        ["passwd", None, PasswdOptions, "Change your key's passphrase on this machine."],
+        ["token", None, TokenOptions, "Change your safetoken on the server."],
+        ["fingerprint", None, FingerprintOptions, "Show a key's fingerprint and whether it is verified."],
+        ["verify", None, VerifyOptions, "Mark a user's key verified after comparing fingerprints."],
+        ["trust", None, TrustOptions, "Accept a user's changed key."],
         ["trust-server", None, TrustServerOptions, "Accept a server's new id at a known address."],
         ["forget-server", None, ForgetServerOptions, "Forget which server id an address presented."],
         ["make-cert", None, MakeCertOptions, "Make a self-signed TLS certificate for a server."],
@@ -6440,6 +6584,122 @@ async def _import_key_command(reactor, config):
         session.user, format_fingerprint(fingerprint(key)), session.key_path))
 
 
+async def _passwd_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    client = await session.connect()
+    try:
+        await session.locate(client)
+    finally:
+        await client.close()
+    if not os.path.lexists(session.key_path):
+        raise NoKey("This machine has no key for %s on %s (server id %s)." % (
+            session.user, session.address, session.server_id))
+    key, old = await session.unlock_key(session.key_path)
+    try:
+        token = await session.in_thread(load_token, session.token_path, old, session.server_id, session.user)
+    except TokenFileError as e:
+        session.prompter.say("%s It is dropped: the next login asks for the safetoken once." % e.message)
+        token = None
+    given = "" if config["no-passphrase"] else None
+    if config["new-passphrase-file"]:
+        given = _first_line_of(config["new-passphrase-file"], "passphrase file")
+    elif given is None and not session.prompter.interactive:
+        raise usage.UsageError("Give the new passphrase with --new-passphrase-file (or --no-passphrase).")
+    new = await session.new_passphrase("your private key", given=given)
+    if config["no-passphrase"]:
+        session.prompter.say("Warning: your private key is now kept without a passphrase: whoever can read the "
+                             "file can read your messages and page as you.")
+    await session.in_thread(save_private_key, session.key_path, key, new)
+    if token is not None:
+        await session.in_thread(save_token, session.token_path, token, new, session.server_id, session.user)
+    elif os.path.exists(session.token_path):
+        os.unlink(session.token_path)
+    print("Changed the passphrase of %s's key on this machine (%s)." % (session.user, session.key_path))
+
+
+async def _token_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    new = None
+    if config["new-token-file"]:
+        new = _first_line_of(config["new-token-file"], "token file")
+        if len(new) < MIN_TOKEN_LENGTH:
+            raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+    elif not session.prompter.interactive:
+        raise usage.UsageError("Give the new safetoken with --new-token-file.")
+    client = await session.start(receive=False)
+    try:
+        if new is None:
+            new = await session.new_token("Choose a new safetoken", given=None)
+        try:
+            await client.change_token(session.token, new)
+        except AuthFailed:
+            raise AuthFailed("The server refused the current safetoken; nothing changed.")
+        session.token = new
+        await session.save_token(new, session.passphrase)
+    finally:
+        await session.close()
+    print("Changed %s's safetoken on %s; this machine keeps the new one under your key's passphrase, other "
+          "machines ask for it once." % (session.user, session.address))
+
+
+def _fingerprint_record(name, fp, status):
+    return {"user": name, "fingerprint": fp.hex(), "status": status}
+
+
+async def _fingerprint_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.start(receive=False)
+    try:
+        if config["name"] is None or config["name"] == session.user:
+            name, fp, status = session.user, fingerprint(session.key), "own"
+        else:
+            name = config["name"]
+            fp, status = await client.key_status(name)
+    finally:
+        await session.close()
+    if config["json"]:
+        print(json.dumps(_fingerprint_record(name, fp, status)))
+    else:
+        print("%s %s (%s)" % (name, format_fingerprint(fp), {
+            "own": "your key", "new": "new: not pinned yet", "pinned": "pinned, not verified",
+            "verified": "verified", "changed": "CHANGED: not the pinned key"}[status]))
+    if status == "changed":
+        raise SystemExit(EXIT_KEY_TRUST)
+
+
+async def _verify_command(reactor, config):
+    prompter = Prompter(reactor, interactive=os.isatty(0))
+    if config["fingerprint"] is None and not prompter.interactive:
+        raise usage.UsageError("Give the fingerprint %s read you with --fingerprint." % config["name"])
+    session = Session(reactor, config, prompter)
+    client = await session.start(receive=False)
+    name = config["name"]
+    try:
+        fp, status = await client.key_status(name)
+        compared = config["fingerprint"]
+        if compared is None:
+            prompter.say("%s's key, as the server gives it (%s):\n    %s" % (name, status, format_fingerprint(fp)))
+            if not await prompter.confirm("Does it read the same as what %s reads you from their own "
+                                          "'pager-cli fingerprint'?" % name):
+                raise KeyChanged(name, fp, fp, message="Not verified: if the fingerprints differ, someone may be "
+                                 "in between; do not trust this key until you know why.")
+            compared = fp
+        await client.verify(name, compared)
+    finally:
+        await session.close()
+    print("%s's key is verified on this machine:\n    %s" % (name, format_fingerprint(fp)))
+
+
+async def _trust_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.start(receive=False)
+    try:
+        fp = await client.trust(config["name"])
+    finally:
+        await session.close()
+    print("Now trusting %s's key (pinned, not verified):\n    %s" % (config["name"], format_fingerprint(fp)))
+
+
 async def _trust_server_command(reactor, config):
     config = dict(config, user=None)
     session = Session(reactor, config, Prompter(reactor, interactive=False))
@@ -6672,7 +6932,9 @@ def _admin_command(config):
 
 _CLIENT_COMMANDS = {
     "connect": _connect_command, "send": _send_command, "fetch": _fetch_command, "users": _users_command,
-    "export-key": _export_key_command, "import-key": _import_key_command,
+    "export-key": _export_key_command, "import-key": _import_key_command, "passwd": _passwd_command,
+    "token": _token_command, "fingerprint": _fingerprint_command, "verify": _verify_command,
+    "trust": _trust_command,
     "trust-server": _trust_server_command, "forget-server": _forget_server_command,
 }
 

@@ -4,7 +4,9 @@ registration and new-machine prompts, changing the passphrase and the safetoken,
 damaged or exposed key and token files.  Sessions run in-process with a scripted prompter.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import stat
@@ -239,3 +241,200 @@ class NewMachineTests(KeysTestCase):
         closed = await self.connect(self.address)
         with self.assertRaises(pager.Forbidden):
             await closed.exists("alice")
+
+
+class CommandTestCase(KeysTestCase):
+    """Runs client commands in-process, as C{pager-cli} would, with standard input not a terminal."""
+
+    def setUp(self):
+        super().setUp()
+        self.patch(os, "isatty", lambda fd: False)
+
+    async def run_command(self, *argv):
+        """The command's standard output; its error (a PagerError or UsageError) is raised."""
+        options = pager.Options()
+        options.parseOptions(list(argv))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                await pager._CLIENT_COMMANDS[options.subCommand](reactor, options.subOptions)
+            except SystemExit as e:
+                out.write("<exit %s>" % e.code)
+        return out.getvalue()
+
+    def private_file(self, text, mode=0o600):
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        os.chmod(path, mode)
+        return path
+
+    async def provision_with_token(self, name):
+        """A registered user whose key (under PASSPHRASE) and kept safetoken are on this machine."""
+        home = await self.provision(name, PASSPHRASE)
+        pager.save_token(self.token_path(home, name), token(name), PASSPHRASE, self.server_id, name)
+        return home
+
+
+class PasswdTests(CommandTestCase):
+
+    async def test_passwd(self):
+        """
+        passwd re-encrypts the key and the kept safetoken under the new passphrase: the old one opens neither, and
+        the next command needs only the new one.  A new-passphrase file others may read is refused.
+        """
+        await self.serve()
+        home = await self.provision_with_token("alice")
+        os.environ["PAGER_PASSPHRASE"] = PASSPHRASE
+        exposed = self.private_file("the new passphrase", 0o644)
+        with self.assertRaises(pager.KeyFileExposed):
+            await self.run_command("passwd", self.host, "--user", "alice", "--home", home,
+                                   "--new-passphrase-file", exposed)
+        new = self.private_file("the new passphrase")
+        out = await self.run_command("passwd", self.host, "--user", "alice", "--home", home,
+                                     "--new-passphrase-file", new)
+        self.assertIn("Changed the passphrase", out)
+        key_path = os.path.join(self.user_dir(home, "alice"), pager.KEY_FILE_NAME)
+        self.assertMode(key_path, 0o600)
+        self.assertRaises(pager.WrongPassphrase, pager.load_private_key, key_path, PASSPHRASE)
+        self.assertRaises(pager.TokenFileError, pager.load_token, self.token_path(home), PASSPHRASE,
+                          self.server_id, "alice")
+        os.environ["PAGER_PASSPHRASE"] = "the new passphrase"
+        session, _ = await self.session(home, interactive=False)
+        self.assertEqual(session.token, token("alice"))
+
+    async def test_passwd_needs_new_passphrase(self):
+        """A script that gives no new passphrase is told how to."""
+        await self.serve()
+        home = await self.provision_with_token("alice")
+        os.environ["PAGER_PASSPHRASE"] = PASSPHRASE
+        with self.assertRaises(usage.UsageError) as caught:
+            await self.run_command("passwd", self.host, "--user", "alice", "--home", home)
+        self.assertIn("--new-passphrase-file", str(caught.exception))
+
+
+class TokenTests(CommandTestCase):
+
+    async def test_token(self):
+        """token changes the safetoken on the server and keeps the new one here; the old one no longer logs in."""
+        await self.serve()
+        home = await self.provision_with_token("alice")
+        os.environ["PAGER_PASSPHRASE"] = PASSPHRASE
+        out = await self.run_command("token", self.host, "--user", "alice", "--home", home,
+                                     "--new-token-file", self.private_file("a brand new safetoken"))
+        self.assertIn("Changed alice's safetoken", out)
+        self.assertEqual(pager.load_token(self.token_path(home), PASSPHRASE, self.server_id, "alice"),
+                         "a brand new safetoken")
+        client = await self.connect(self.address)
+        with self.assertRaises(pager.AuthFailed):
+            await client.login("alice", token("alice"), key("alice"))
+        await client.login("alice", "a brand new safetoken", key("alice"))
+
+    async def test_change_token_request(self):
+        """change_token needs a login and the current safetoken; a short new one is bad_request."""
+        await self.serve()
+        await self.account("alice")
+        client = await self.connect(self.address)
+        with self.assertRaises(pager.NotAuthenticated):
+            await client.change_token(token("alice"), "a brand new safetoken")
+        await client.login("alice", token("alice"), key("alice"))
+        with self.assertRaises(pager.BadRequest):
+            await client.change_token(token("alice"), "short")
+        with self.assertRaises(pager.AuthFailed):
+            await client.change_token("not the token", "a brand new safetoken")
+        record = await self.server.store.get_user("alice")
+        self.assertTrue(pager.check_token(token("alice"), bytes(record.token_salt), bytes(record.token_hash)))
+
+
+class VerifyTests(CommandTestCase):
+
+    async def test_fingerprint_trust_verify(self):
+        """
+        fingerprint shows new, then pinned after trust, verified after verify with the right fingerprint (a wrong
+        one changes nothing), and changed (exit 5) after bob re-keys; fetch --json reports the same status.
+        """
+        await self.serve()
+        await self.account("bob")
+        home = await self.provision_with_token("alice")
+        os.environ["PAGER_PASSPHRASE"] = PASSPHRASE
+        common = (self.host, "--user", "alice", "--home", home)
+        bob_fp = pager.fingerprint(key("bob"))
+
+        async def status():
+            out = await self.run_command("fingerprint", *common, "bob", "--json")
+            return json.loads(out.split("<exit")[0]), out
+
+        self.assertEqual((await status())[0], {"user": "bob", "fingerprint": bob_fp.hex(), "status": "new"})
+        self.assertIn("pinned", await self.run_command("trust", *common, "bob"))
+        self.assertEqual((await status())[0]["status"], "pinned")
+        with self.assertRaises(pager.KeyChanged):
+            await self.run_command("verify", *common, "bob", "--fingerprint", "00" * 32)
+        self.assertEqual((await status())[0]["status"], "pinned")
+        with self.assertRaises(usage.UsageError):
+            await self.run_command("verify", *common, "bob")  # a script must say what it compared
+        spaced = pager.format_fingerprint(bob_fp)
+        self.assertIn("verified", await self.run_command("verify", *common, "bob", "--fingerprint", spaced))
+        self.assertEqual((await status())[0]["status"], "verified")
+
+        bob = await self.login(self.address, "bob")
+        await bob.send("alice", "hello alice")
+        await bob.close()
+        fetched = await self.run_command("fetch", *common, "--json")
+        self.assertEqual(json.loads(fetched)["key_status"], "verified")
+
+        rekeyed = await self.connect(self.address)
+        await rekeyed.rekey("bob", token("bob"), key("bob"), key("bob-new"))
+        record, out = await status()
+        self.assertEqual(record["status"], "changed")
+        self.assertIn("<exit %d>" % pager.EXIT_KEY_TRUST, out)
+        self.assertIn("pinned", await self.run_command("trust", *common, "bob"))
+        self.assertEqual((await status())[0]["status"], "pinned")  # a new pin is not verified
+
+    async def test_store_set_verified(self):
+        """set_verified marks only the pinned fingerprint; a new pin clears it; an old store gains the column."""
+        path = os.path.abspath(self.mktemp())
+        import sqlite3
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE pins (user TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint BLOB NOT NULL,"
+                     " pinned_at REAL NOT NULL)")
+        conn.execute("INSERT INTO pins VALUES ('bob', 'pem', ?, 1.0)", (b"\x01" * 32,))
+        conn.commit()
+        conn.close()
+        store = pager.LocalStore(path, reactor)
+        self.addCleanup(store.close)
+        await store.open(reactor.seconds())
+        self.assertEqual(pager.key_status(await store.get_pin("bob"), b"\x01" * 32), "pinned")
+        self.assertFalse(await store.set_verified("bob", b"\x02" * 32))
+        self.assertFalse(await store.set_verified("carol", b"\x01" * 32))
+        self.assertTrue(await store.set_verified("bob", b"\x01" * 32))
+        self.assertEqual(pager.key_status(await store.get_pin("bob"), b"\x01" * 32), "verified")
+        self.assertEqual(pager.key_status(await store.get_pin("bob"), b"\x02" * 32), "changed")
+        await store.set_pin("bob", "pem", b"\x02" * 32, 2.0)
+        self.assertEqual(pager.key_status(await store.get_pin("bob"), b"\x02" * 32), "pinned")
+
+
+class DamagedKeyFileTests(KeysTestCase):
+    """A damaged key file says so and exits 3, without asking for a passphrase it could never take."""
+
+    async def test_damaged(self):
+        await self.serve()
+        await self.account("alice")
+        encrypted = pager.encode_private_key(key("alice"), PASSPHRASE)
+        plain = bytearray(pager.encode_private_key(key("alice"), ""))
+        plain[len(plain) // 2] ^= 0xFF
+        cases = {"truncated": encrypted[:len(encrypted) // 2], "corrupt, no passphrase": bytes(plain),
+                 "empty": b"", "truncated PEM": pager.public_key_pem(key("alice").public_key()).encode()[:100]
+                 .replace(b"PUBLIC", b"PRIVATE"), "directory": None}
+        for what, data in cases.items():
+            home = self.home()
+            directory = pager.user_directory(home, self.server_id, "alice")
+            path = os.path.join(directory, pager.KEY_FILE_NAME)
+            if data is None:
+                os.mkdir(path)
+            else:
+                pager.write_private_file(path, data)
+            error, prompter = await self.failed_session(home, pager.KeyFileError, ["a passphrase"] * 3)
+            self.assertIn("damaged", error.message, what)
+            self.assertFalse(isinstance(error, pager.WrongPassphrase), what)
+            self.assertEqual(prompter.prompts, [], what)
+            self.assertEqual(pager.exit_code(error), pager.EXIT_AUTH, what)
