@@ -6555,6 +6555,7 @@ async def _export_key_command(reactor, config):
 async def _import_key_command(reactor, config):
     prompter = Prompter(reactor, interactive=os.isatty(0))
     session = Session(reactor, config, prompter)
+    session.receive = False  # its check logs in send-only: no incoming message is taken
     try:
         with open(config["file"], "rb") as f:
             data = f.read()
@@ -6563,10 +6564,7 @@ async def _import_key_command(reactor, config):
     client = await session.connect()
     try:
         await session.open_local(client)
-    finally:
-        await client.close()
-    try:
-        if os.path.exists(session.key_path) and not config["force"]:
+        if os.path.lexists(session.key_path) and not config["force"]:
             raise usage.UsageError("This machine already has a key for %s; use --force to replace it." % session.user)
         try:
             key = await session.in_thread(decode_private_key, data, "", config["file"])
@@ -6576,12 +6574,41 @@ async def _import_key_command(reactor, config):
                 passphrase = await prompter.secret("Passphrase of %s: " % config["file"],
                                                    "Give its passphrase in PAGER_PASSPHRASE or --passphrase-file.")
             key = await session.in_thread(decode_private_key, data, passphrase, config["file"])
+        token = await _check_imported_key(session, client, key)
         passphrase = await session.new_passphrase()
         await session.in_thread(save_private_key, session.key_path, key, passphrase)
+        session.server_id = client.server_id
+        await session.save_token(token, passphrase)
     finally:
+        await client.close()
         session.store.close()
     prompter.say("Installed %s's key (fingerprint %s) in %s." % (
         session.user, format_fingerprint(fingerprint(key)), session.key_path))
+
+
+async def _check_imported_key(session, client, key):
+    """
+    Log in with the key to be imported and the account's safetoken (given, or asked: three tries): the server
+    accepts only the key registered for the user, so a mismatch is refused before anything is installed.  Returns
+    the safetoken, to keep with the key.
+    """
+    hint = ("Give %s's safetoken in PAGER_TOKEN or with --token-file: import-key logs in with the key to check "
+            "that it is the one registered on the server." % session.user)
+    given = session._given_token()
+    session.key = key
+    for attempt in range(3):
+        session.token = given or await session._ask_token("Safetoken of your account %s: " % session.user, hint)
+        try:
+            await session._login(client)
+            return session.token
+        except AuthFailed:
+            if given is not None or not session.prompter.interactive or attempt == 2:
+                raise AuthFailed("%s refused to log %s in with this key (fingerprint %s) and that safetoken: it is "
+                                 "not the key registered for %s there, or the safetoken is wrong; nothing was "
+                                 "installed." % (session.address, session.user, format_fingerprint(fingerprint(key)),
+                                                 session.user))
+            session.prompter.say("Not accepted: wrong safetoken, or not %s's registered key; try again."
+                                 % session.user)
 
 
 async def _passwd_command(reactor, config):

@@ -615,7 +615,7 @@ class ExportImportTests(CLITestCase):
 
         home_b = self.home()
         imported = await self.pager("import-key", self.host, "--user", "alice", out, home=home_b,
-                                    passphrase="pass-a")
+                                    passphrase="pass-a", token_of="alice")
         self.assertExit(imported, 0)
         path = os.path.join(self.user_dir(home_b, "alice"), "key.p12")
         self.assertMode(path, 0o600)
@@ -645,10 +645,10 @@ class ExportImportTests(CLITestCase):
 
         home_c, home_d = self.home(), self.home()
         traditional = await self.pager("import-key", self.host, "--user", "alice", files["TraditionalOpenSSL"],
-                                       "--no-passphrase", home=home_c)
+                                       "--no-passphrase", home=home_c, token_of="alice")
         self.assertExit(traditional, 0)
         pkcs8 = await self.pager("import-key", self.host, "--user", "alice", files["PKCS8"], home=home_d,
-                                 passphrase="pass-d")
+                                 passphrase="pass-d", token_of="alice")
         self.assertExit(pkcs8, 0)
         self.assertFalse(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_c, "alice"), "key.p12")))
         self.assertTrue(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_d, "alice"), "key.p12")))
@@ -662,7 +662,7 @@ class ExportImportTests(CLITestCase):
         self.assertIn("--force", line)
         self.assertTrue(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_d, "alice"), "key.p12")))
         forced = await self.pager("import-key", self.host, "--user", "alice", files["PKCS8"], "--no-passphrase",
-                                  "--force", home=home_d)
+                                  "--force", home=home_d, token_of="alice")
         self.assertExit(forced, 0)
         self.assertFalse(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_d, "alice"), "key.p12")))
 

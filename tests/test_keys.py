@@ -438,3 +438,49 @@ class DamagedKeyFileTests(KeysTestCase):
             self.assertFalse(isinstance(error, pager.WrongPassphrase), what)
             self.assertEqual(prompter.prompts, [], what)
             self.assertEqual(pager.exit_code(error), pager.EXIT_AUTH, what)
+
+
+class ImportKeyTests(CommandTestCase):
+
+    async def test_import_checks_registered_key(self):
+        """
+        import-key of a key that is not alice's registered key is refused and installs nothing; her own key is
+        installed with the safetoken kept, so the next command needs only the passphrase.
+        """
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        files = {}
+        for name in ("alice", "mallory"):
+            files[name] = os.path.join(directory, name + ".p12")
+            pager.write_private_file(files[name], pager.encode_private_key(key(name), ""))
+        os.environ.update(PAGER_TOKEN=token("alice"), PAGER_PASSPHRASE=PASSPHRASE)
+        with self.assertRaises(pager.AuthFailed) as caught:
+            await self.run_command("import-key", self.host, "--user", "alice", "--home", home, files["mallory"])
+        self.assertIn("not the key registered for alice", caught.exception.message)
+        key_path = os.path.join(self.user_dir(home, "alice"), pager.KEY_FILE_NAME)
+        self.assertFalse(os.path.exists(key_path))
+        self.assertFalse(os.path.exists(self.token_path(home)))
+        self.assertEqual(bytes((await self.server.store.get_user("alice")).fingerprint),
+                         pager.fingerprint(key("alice")))
+
+        await self.run_command("import-key", self.host, "--user", "alice", "--home", home, files["alice"])
+        self.assertEqual(pager.fingerprint(pager.load_private_key(key_path, PASSPHRASE)), pager.fingerprint(key("alice")))
+        del os.environ["PAGER_TOKEN"]
+        session, _ = await self.session(home, interactive=False)
+        self.assertEqual(session.token, token("alice"))
+
+    async def test_import_needs_token(self):
+        """A script importing a key without the safetoken is told to give it; nothing is installed."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        path = os.path.abspath(self.mktemp())
+        pager.write_private_file(path, pager.encode_private_key(key("alice"), ""))
+        with self.assertRaises(usage.UsageError) as caught:
+            await self.run_command("import-key", self.host, "--user", "alice", "--home", home, "--no-passphrase",
+                                   path)
+        self.assertIn("PAGER_TOKEN", str(caught.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.user_dir(home, "alice"), pager.KEY_FILE_NAME)))
