@@ -5954,7 +5954,8 @@ class _ClientOptions(_GnuOptions):
     optParameters = [
         ["user", "u", None, "Your user name."],
         ["home", None, None, _HOME_HELP],
-        ["token-file", None, None, "Read the safetoken from this file (else $PAGER_TOKEN, else a prompt)."],
+        ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
+                                   "$PAGER_TOKEN, else the one kept on this machine, else a prompt)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, "
                                         "else a prompt)."],
         ["ca", None, None, _CA_HELP],
@@ -5980,9 +5981,9 @@ _REGISTER = ["register", None, "If this machine has no key for the user on this 
 
 class ConnectOptions(_ClientOptions):
     synopsis = "[HOST[:PORT]] [options]"
-    longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and safetoken; on first use "
-                "asks before making a key and registering (--register: without asking). Type 'help' once "
-                "connected.")
+    longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and the key's passphrase (the "
+                "safetoken only when this machine does not keep it yet); on first use asks before making a key and "
+                "registering (--register: without asking). Type 'help' once connected.")
     optFlags = _ClientOptions.optFlags + [_REGISTER]
 
     def parseArgs(self, server=None):
@@ -6063,7 +6064,9 @@ class ExportKeyOptions(_ClientOptions):
 class ImportKeyOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME FILE"
     longdesc = ("Install a private key on this machine: a file from export-key, or the unencrypted "
-                "{username}_private_key.pem of the original pager.")
+                "{username}_private_key.pem of the original pager. It first logs in with the key and the account's "
+                "safetoken, so a key the server does not have registered for the user is refused; the safetoken is "
+                "then kept with the key.")
     optFlags = _ClientOptions.optFlags + [["force", None, "Replace a key this machine already has for the user."]]
 
     def parseArgs(self, server, path):
