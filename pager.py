@@ -3631,8 +3631,8 @@ def _get_pin_txn(txn, user):
 
 def _set_pin_txn(txn, user, pem, fp, now):
     # A new pin is not verified: whoever verified the old key compared another fingerprint.
-    txn.execute("INSERT OR REPLACE INTO pins (user, public_key, fingerprint, pinned_at, verified) VALUES (?, ?, ?, ?, 0)",
-                (user, pem, fp, now))
+    txn.execute("INSERT OR REPLACE INTO pins (user, public_key, fingerprint, pinned_at, verified)"
+                " VALUES (?, ?, ?, ?, 0)", (user, pem, fp, now))
 
 
 def _set_verified_txn(txn, user, fp):

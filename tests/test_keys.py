@@ -467,7 +467,8 @@ class ImportKeyTests(CommandTestCase):
                          pager.fingerprint(key("alice")))
 
         await self.run_command("import-key", self.host, "--user", "alice", "--home", home, files["alice"])
-        self.assertEqual(pager.fingerprint(pager.load_private_key(key_path, PASSPHRASE)), pager.fingerprint(key("alice")))
+        installed = pager.load_private_key(key_path, PASSPHRASE)
+        self.assertEqual(pager.fingerprint(installed), pager.fingerprint(key("alice")))
         del os.environ["PAGER_TOKEN"]
         session, _ = await self.session(home, interactive=False)
         self.assertEqual(session.token, token("alice"))
