@@ -485,3 +485,17 @@ class ImportKeyTests(CommandTestCase):
                                    path)
         self.assertIn("PAGER_TOKEN", str(caught.exception))
         self.assertFalse(os.path.exists(os.path.join(self.user_dir(home, "alice"), pager.KEY_FILE_NAME)))
+
+
+class HelpTests(unittest.TestCase):
+
+    def test_help(self):
+        """Each key command's --help describes its own options."""
+        cases = {"passwd": ["--new-passphrase-file", "--no-passphrase", "--passphrase-file"],
+                 "token": ["--new-token-file", "--token-file"], "verify": ["--fingerprint", "PEER"],
+                 "trust": ["PEER"], "fingerprint": ["--json", "PEER"], "import-key": ["safetoken"]}
+        commands = dict((name, options) for name, _, options, _ in pager.Options.subCommands)
+        for name, words in cases.items():
+            text = str(commands[name]())
+            for word in words:
+                self.assertIn(word, text, "%s missing from %s --help" % (word, name))
