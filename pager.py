@@ -5238,8 +5238,10 @@ class Session:
                     % (self.user, self.address, old, client.server_id, self.trust_command)))
         try:
             exists = await client.exists(self.user)
-        except Forbidden:
-            exists = False  # registration is closed: registering says so in its own words
+        except (Forbidden, BadRequest):
+            # Registration is closed (registering says so in its own words), or a server older than "exists":
+            # registering then tells whether the name is taken.
+            exists = False
         copy = "copy it here with 'pager-cli export-key' there and 'pager-cli import-key' here"
         if exists:
             if not self.prompter.interactive:
