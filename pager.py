@@ -330,11 +330,11 @@ class KeyChanged(PagerError):
 
     code = "key_changed"
 
-    def __init__(self, user, pinned, current):
-        super().__init__(
+    def __init__(self, user, pinned, current, message=None):
+        super().__init__(message or
             "The key of %s has changed: pinned %s, the server now gives %s. Check the new fingerprint with %s "
-            "(for example by phone), then run 'trust %s'." % (
-                user, format_fingerprint(pinned), format_fingerprint(current), user, user))
+            "(for example by phone), then run 'trust %s' (or 'verify %s')." % (
+                user, format_fingerprint(pinned), format_fingerprint(current), user, user, user))
         self.user, self.pinned, self.current = user, pinned, current
 
 
@@ -856,7 +856,7 @@ class OpenedMessage:
     filename: str
     plaintext: bytearray  # bytes-like; a bytearray, so a large message is never copied once more at the end
     accepted_at: float = None  # when the server accepted it, as the server says (not signed)
-    key_status: str = "verified"  # verified (the pinned key), new (first key seen: now pinned), changed (not pinned)
+    key_status: str = "pinned"  # see key_status(): new (first key seen: now pinned), pinned, verified, changed
     skewed: bool = False  # the signed time is far from when the server accepted it
 
 
@@ -1363,6 +1363,10 @@ def set_key_txn(txn, name, pem, fp, now, recovered):
     else:
         txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ? WHERE name = ?",
                     (pem, fp, now, name))
+
+
+def set_token_txn(txn, name, salt, token_hash):
+    txn.execute("UPDATE users SET token_salt = ?, token_hash = ? WHERE name = ?", (salt, token_hash, name))
 
 
 def _existing_message_txn(txn, msg_id, sender):
@@ -1892,6 +1896,9 @@ class Store:
     def set_key(self, name, pem, fp, now, recovered=False):
         return self._run(set_key_txn, name, pem, fp, now, recovered)
 
+    def set_token(self, name, salt, token_hash):
+        return self._run(set_token_txn, name, salt, token_hash)
+
     def begin_upload(self, msg_id, sender, header, size, recipients, limits, sender_fp=None):
         return self._run(begin_upload_txn, msg_id, sender, header, size, recipients, limits, sender_fp)
 
@@ -2141,9 +2148,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     log = Logger()
-    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping"])
+    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping", "exists"])
     PAGE = 1000  # pending messages read from the store at a time (at most 4 MiB of their chunks)
-    AUTH = frozenset(["register", "login", "rekey", "recover"])
+    AUTH = frozenset(["register", "login", "rekey", "recover", "change_token"])
 
     def __init__(self):
         self.user = None
@@ -2510,6 +2517,28 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                       user=user, peer=_peer_text(self.peer), fp=new_fp.hex())
         self.factory.key_changed(user, new_key)
         return {"user": user, "fingerprint": new_fp.hex()}
+
+    async def handle_exists(self, frame, rid):
+        # What register would tell anyone who asks (it answers user_exists before hashing a token), without the key
+        # a new user would otherwise make first: a client on a new machine learns whether to register or re-key.
+        user = field_username(frame)
+        if self.limits.registration == "closed":
+            raise Forbidden("This server does not take new users; ask its operator.")
+        return {"user": user, "exists": await self.factory.store.get_user(user) is not None}
+
+    async def handle_change_token(self, frame, rid):
+        token = self._token(frame)
+        new_token = field_str(frame, "new_token", MAX_TOKEN_LENGTH)
+        if len(new_token) < MIN_TOKEN_LENGTH:
+            raise BadRequest("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+        user = self.user
+        record, _ = await self._account(user, "login")
+        await self._check_token(token, record, "login")
+        salt = secrets.token_bytes(ARGON2_SALT_SIZE)
+        token_hash = await self.factory.hash_token_for(self, user, new_token, salt)
+        await self.factory.store.set_token(user, salt, token_hash)
+        self.log.info("{user} changed their safetoken from {peer}", user=user, peer=_peer_text(self.peer))
+        return {"user": user}
 
     def _logged_in(self, user, key, receive):
         self.user, self.key, self.receive = user, key, receive
@@ -3552,8 +3581,31 @@ class MemoryPins:
         return defer.succeed(self._pins.get(user))
 
     def set_pin(self, user, pem, fp, now):
-        self._pins[user] = (pem, fp, now)
+        self._pins[user] = (pem, fp, now, False)
         return defer.succeed(None)
+
+    def set_verified(self, user, fp):
+        pin = self._pins.get(user)
+        if pin is None or pin[1] != fp:
+            return defer.succeed(False)
+        self._pins[user] = pin[:3] + (True,)
+        return defer.succeed(True)
+
+
+KEY_STATUSES = ("new", "pinned", "verified", "changed")
+
+
+def key_status(pin, fp):
+    """
+    How the key C{fp} compares with C{pin} (a pins store's C{(pem, fingerprint, pinned_at, verified)}, or None):
+    C{new} (nothing pinned yet), C{pinned} (the pinned key, trusted on first use or with C{trust}), C{verified}
+    (the pinned key, and its fingerprint was compared out of band: C{verify}) or C{changed} (not the pinned key).
+    """
+    if pin is None:
+        return "new"
+    if bytes(pin[1]) != fp:
+        return "changed"
+    return "verified" if pin[3] else "pinned"
 
 
 def _seen_schema_txn(txn, keep_until):
@@ -3617,7 +3669,7 @@ class SeenStore:
 
 _LOCAL_SCHEMA = [
     "CREATE TABLE IF NOT EXISTS pins (user TEXT PRIMARY KEY, public_key TEXT NOT NULL, fingerprint BLOB NOT NULL,"
-    " pinned_at REAL NOT NULL)",
+    " pinned_at REAL NOT NULL, verified INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,"
     " direction TEXT NOT NULL, peer TEXT NOT NULL, msg_id TEXT NOT NULL, content_type TEXT NOT NULL,"
     " filename TEXT NOT NULL, body BLOB NOT NULL, status TEXT NOT NULL)",
@@ -3748,14 +3800,15 @@ def message_preview(content_type, filename, body, length=PREVIEW_LENGTH):
 
 
 def _get_pin_txn(txn, user):
-    row = txn.execute("SELECT public_key, fingerprint, pinned_at FROM pins WHERE user = ?", (user,)).fetchone()
-    return (row[0], bytes(row[1]), row[2]) if row else None
+    row = txn.execute("SELECT public_key, fingerprint, pinned_at, verified FROM pins WHERE user = ?",
+                      (user,)).fetchone()
+    return (row[0], bytes(row[1]), row[2], bool(row[3])) if row else None
 
 
 def _set_pin_txn(txn, user, pem, fp, now):
-    # A new pin is not verified (the column's default), even when it replaces a verified one.
-    txn.execute("INSERT OR REPLACE INTO pins (user, public_key, fingerprint, pinned_at) VALUES (?, ?, ?, ?)",
-                (user, pem, fp, now))
+    # A new pin is not verified: whoever verified the old key compared another fingerprint.
+    txn.execute("INSERT OR REPLACE INTO pins (user, public_key, fingerprint, pinned_at, verified)"
+                " VALUES (?, ?, ?, ?, 0)", (user, pem, fp, now))
 
 
 def _set_verified_txn(txn, user, fp):
@@ -3763,12 +3816,7 @@ def _set_verified_txn(txn, user, fp):
 
 
 def _key_status_txn(txn, user, current):
-    row = txn.execute("SELECT fingerprint, verified FROM pins WHERE user = ?", (user,)).fetchone()
-    if row is None:
-        return "new"
-    if bytes(row[0]) != current:
-        return "changed"
-    return "verified" if row[1] else "pinned"
+    return key_status(_get_pin_txn(txn, user), current)
 
 
 def _add_history_txn(txn, entry):
@@ -3819,7 +3867,10 @@ class LocalStore(SeenStore):
         return self.pool.runInteraction(_set_pin_txn, user, pem, fp, now)
 
     def set_verified(self, user, fp):
-        """Record that the user compared C{user}'s pinned key C{fp} out of band; False if that is not the pin."""
+        """
+        Record that the user compared C{user}'s fingerprint C{fp} out of band.  Only the pinned key can be verified:
+        returns False (changing nothing) unless C{fp} is pinned for C{user}.
+        """
         return self.pool.runInteraction(_set_verified_txn, user, fp)
 
     def key_status(self, user, current):
@@ -3874,6 +3925,7 @@ class LocalStore(SeenStore):
 # (mode 0600) says which server id each address presented, as ssh's known_hosts does for host keys.
 
 KEY_FILE_NAME = "key.p12"
+TOKEN_FILE_NAME = "token.enc"
 LOCAL_DB_NAME = "client.sqlite3"
 KNOWN_SERVERS_NAME = "known_servers"
 PBKDF2_ROUNDS = 600000
@@ -4040,6 +4092,72 @@ class KnownServers:
         return known
 
 
+# HOME/<server id>/<user>/token.enc keeps the safetoken under the key's passphrase, so that logging in asks for one
+# secret.  Layout: TOKEN_FILE_MAGIC, a 16-byte salt, a 12-byte nonce, then AES-256-GCM of the UTF-8 token under
+# PBKDF2-HMAC-SHA256(passphrase, salt, PBKDF2_ROUNDS) with the magic, salt, server id and user name as associated
+# data (a token file copied into another user's directory does not open there).
+TOKEN_FILE_MAGIC = b"pager-token-v1\n"
+TOKEN_SALT_SIZE = 16
+TOKEN_NONCE_SIZE = 12
+
+
+class TokenFileError(KeyFileError):
+    """The stored safetoken cannot be read: its file is damaged, or the passphrase does not open it."""
+
+
+def _token_file_key(passphrase, salt):
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=PBKDF2_ROUNDS)
+    return kdf.derive(passphrase.encode("utf-8"))
+
+
+def _token_file_aad(salt, server_id, user):
+    return TOKEN_FILE_MAGIC + salt + _lp(server_id.encode("ascii")) + _lp(user.encode("ascii"))
+
+
+def encrypt_token(token, passphrase, server_id, user):
+    """The bytes of a token file holding C{token}.  Slow (PBKDF2_ROUNDS rounds): call it off the reactor thread."""
+    salt, nonce = secrets.token_bytes(TOKEN_SALT_SIZE), secrets.token_bytes(TOKEN_NONCE_SIZE)
+    sealed = AESGCM(_token_file_key(passphrase, salt)).encrypt(
+        nonce, token.encode("utf-8"), _token_file_aad(salt, server_id, user))
+    return TOKEN_FILE_MAGIC + salt + nonce + sealed
+
+
+def decrypt_token(data, passphrase, server_id, user, path="the token file"):
+    """The safetoken in a token file's C{data}; L{TokenFileError} if it is damaged or the passphrase is wrong."""
+    head = len(TOKEN_FILE_MAGIC) + TOKEN_SALT_SIZE + TOKEN_NONCE_SIZE
+    if not data.startswith(TOKEN_FILE_MAGIC) or len(data) < head + 16 + MIN_TOKEN_LENGTH:
+        raise TokenFileError("%s is damaged (not a pager token file); remove it and give the safetoken once more."
+                             % path)
+    salt = data[len(TOKEN_FILE_MAGIC):len(TOKEN_FILE_MAGIC) + TOKEN_SALT_SIZE]
+    nonce, sealed = data[head - TOKEN_NONCE_SIZE:head], data[head:]
+    try:
+        token = AESGCM(_token_file_key(passphrase, salt)).decrypt(nonce, sealed,
+                                                                 _token_file_aad(salt, server_id, user))
+        return token.decode("utf-8")
+    except (InvalidTag, UnicodeDecodeError):
+        raise TokenFileError("%s does not open with the key's passphrase (it is damaged, or was saved under "
+                             "another passphrase); remove it and give the safetoken once more." % path)
+
+
+def save_token(path, token, passphrase, server_id, user):
+    """Save C{token} encrypted to C{path}, mode 0600.  Slow: call it off the reactor thread."""
+    write_private_file(path, encrypt_token(token, passphrase, server_id, user))
+
+
+def load_token(path, passphrase, server_id, user):
+    """The safetoken saved in C{path}, or None if there is none.  Slow: call it off the reactor thread."""
+    try:
+        check_private_file_permissions(path, "token file")
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise TokenFileError("Cannot read %s: %s." % (path, e.strerror))
+    return decrypt_token(data, passphrase, server_id, user, path)
+
+
 def encode_private_key(key, passphrase, name=b"pager"):
     """PKCS#12 bytes holding C{key}; encrypted with C{passphrase} (PBES2/AES-256/600,000 rounds) unless it is empty."""
     from cryptography.hazmat.primitives.serialization import pkcs12
@@ -4072,16 +4190,63 @@ def save_private_key(path, key, passphrase):
     write_private_file(path, encode_private_key(key, passphrase))
 
 
-def check_key_file_permissions(path):
-    """Refuse a key file that group or others may read, as ssh does."""
+def check_private_file_permissions(path, what="key file"):
+    """Refuse a secret's file that group or others may read or write, as ssh does with its keys."""
     mode = os.stat(path).st_mode
     if os.name == "posix" and mode & 0o077:
-        raise KeyFileExposed("The key file %s is readable by other users (mode %03o). Fix it with: chmod 600 %s"
-                             % (path, mode & 0o777, path))
+        raise KeyFileExposed("The %s %s is readable by other users (mode %03o). Fix it with: chmod 600 %s"
+                             % (what, path, mode & 0o777, path))
+
+
+def check_key_file_permissions(path):
+    """Refuse a key file that group or others may read, as ssh does, and a key "file" that is not a file."""
+    try:
+        check_private_file_permissions(path)
+    except FileNotFoundError:
+        raise KeyFileError("The key file %s is missing." % path)
+    if not os.path.isfile(path):
+        raise KeyFileError("The key file %s is damaged: it is not a file. Move it away and bring the key back with "
+                           "'pager-cli import-key'." % path)
+
+
+_PKCS12_SHROUDED_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0102")  # OID 1.2.840.113549.1.12.10.1.2
+_PKCS12_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0101")  # OID 1.2.840.113549.1.12.10.1.1
+
+
+def _der_whole(data):
+    """Whether C{data} is exactly one DER SEQUENCE: its stated length is what the file holds (not truncated)."""
+    if len(data) < 2 or data[0] != 0x30:
+        return False
+    if data[1] < 0x80:
+        return 2 + data[1] == len(data)
+    n = data[1] & 0x7F
+    if not 1 <= n <= 4 or len(data) < 2 + n:
+        return False
+    return 2 + n + int.from_bytes(data[2:2 + n], "big") == len(data)
 
 
 def key_file_is_encrypted(path):
-    """Whether the PKCS#12 file at C{path} needs a passphrase."""
+    """
+    Whether the key file at C{path} needs a passphrase, read from its structure: L{KeyFileError} ("damaged") for a
+    file that is truncated, is not a key file, or holds no key, rather than a passphrase prompt it can never pass.
+    """
+    check_key_file_permissions(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    damaged = ("The key file %s is damaged (%%s): restore it from a backup, or move it away and bring the key back "
+               "with 'pager-cli import-key'." % path)
+    if b"-----BEGIN" in data:
+        if b"-----END" not in data:
+            raise KeyFileError(damaged % "truncated")
+        return b"ENCRYPTED" in data
+    if not data:
+        raise KeyFileError(damaged % "empty")
+    if not _der_whole(data):
+        raise KeyFileError(damaged % "truncated, or not PKCS#12")
+    if _PKCS12_SHROUDED_KEY_BAG in data:
+        return True
+    if _PKCS12_KEY_BAG in data:
+        return False
     try:
         load_private_key(path, "")
     except WrongPassphrase:
@@ -4402,6 +4567,15 @@ class PagerClient:
         if self.user == user:
             self.private_key = new_key
 
+    async def exists(self, user):
+        """Whether the server has an account named C{user} (what C{register} would say; refused when closed)."""
+        answer = await self.protocol.request("exists", user=canonical_username(user))
+        return answer.get("exists") is True
+
+    async def change_token(self, token, new_token):
+        """Replace the logged-in account's safetoken C{token} with C{new_token}."""
+        await self.protocol.request("change_token", token=token, new_token=new_token)
+
     def _logged_in(self, user, private_key, receive):
         self.user, self.private_key, self.receive = user, private_key, receive
         self._start_keepalive()
@@ -4506,6 +4680,26 @@ class PagerClient:
         key, fp = await self.public_key(user, refresh=True)
         await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
         return fp
+
+    async def key_status(self, user):
+        """C{(fingerprint, status)} of the key the server now gives for C{user}: see L{key_status}."""
+        _, fp = await self.public_key(user, refresh=True)
+        return fp, key_status(await self.pins.get_pin(user), fp)
+
+    async def verify(self, user, fp):
+        """
+        Mark C{user}'s key verified, the user having compared the fingerprint C{fp} out of band: it must be the key
+        the server gives now (else L{KeyChanged}, changing nothing), which is pinned if it was not.
+        """
+        key, current = await self.public_key(user, refresh=True)
+        if current != fp:
+            raise KeyChanged(user, fp, current, message=(
+                "The fingerprint you compared is not %s's key as the server gives it now (%s); nothing was marked "
+                "verified." % (user, format_fingerprint(current))))
+        pin = await self.pins.get_pin(user)
+        if pin is None or bytes(pin[1]) != fp:
+            await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
+        await self.pins.set_verified(user, fp)
 
     # -- sending --
 
@@ -4654,12 +4848,11 @@ class PagerClient:
             if pin is not None and bytes(pin[1]) == header.sender_fingerprint:
                 # Signed with the key pinned here, which the sender has replaced since: the message was sent
                 # before the re-key and is still theirs.
-                return load_public_key(pin[0]), "verified"
+                return load_public_key(pin[0]), key_status(pin, header.sender_fingerprint)
             raise WrongSenderKey("The message is signed with a key the server does not list for %s." % header.sender)
         if pin is None:
             await self.pins.set_pin(header.sender, public_key_pem(key), fp, self.reactor.seconds())
-            return key, "new"
-        return key, "verified" if bytes(pin[1]) == fp else "changed"
+        return key, key_status(pin, fp)
 
     async def _handle_message(self, incoming):
         if not valid_username(incoming.sender):
@@ -5006,8 +5199,11 @@ class Prompter:
         return answer.lower() in ("y", "yes")
 
 
-def _first_line_of(path):
+def _first_line_of(path, private=None):
+    """The first line of the file C{path}; with C{private} (what it holds), refused if others may read it."""
     try:
+        if private is not None:
+            check_private_file_permissions(path, private)
         with open(path, "r", encoding="utf-8") as f:
             return f.readline().rstrip("\r\n")
     except OSError as e:
@@ -5037,6 +5233,7 @@ class Session:
         self.user = None
         self.key = None
         self.token = None
+        self.passphrase = None  # the key's, once it is unlocked: the safetoken kept on disk is saved under it
         self.store = None
         self.client = None
         self.directory = None
@@ -5145,22 +5342,89 @@ class Session:
                 self.prompter.say(e.message)
                 user = None
 
-    async def _token(self, new=False):
+    def _given_token(self):
+        """The safetoken from PAGER_TOKEN or --token-file (a file others may read is refused), or None."""
         if os.environ.get("PAGER_TOKEN"):
             token = os.environ["PAGER_TOKEN"]
         elif self.config.get("token-file"):  # commands that never log in have no --token-file
-            token = _first_line_of(self.config["token-file"])
+            token = _first_line_of(self.config["token-file"], "token file")
         else:
-            hint = "Give the safetoken in PAGER_TOKEN or with --token-file."
-            while True:
-                token = await self.prompter.secret(
-                    "Choose a safetoken (at least %d characters): " % MIN_TOKEN_LENGTH if new else "Safetoken: ", hint)
-                if not new or len(token) >= MIN_TOKEN_LENGTH:
-                    break
-                self.prompter.say("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+            return None
         if len(token) < MIN_TOKEN_LENGTH:
             raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
         return token
+
+    async def _ask_token(self, prompt, hint="Give the safetoken in PAGER_TOKEN or with --token-file."):
+        while True:
+            token = await self.prompter.secret(prompt, hint)
+            if len(token) >= MIN_TOKEN_LENGTH:
+                return token
+            self.prompter.say("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+
+    async def new_token(self, what="Choose a safetoken", given=False):
+        """
+        A safetoken for a new account: C{given} (by default the one given in PAGER_TOKEN or --token-file), or typed
+        twice so that a typo cannot lock the user out.
+        """
+        if given is False:
+            given = self._given_token()
+        if given is not None:
+            return given
+        while True:
+            first = await self._ask_token("%s (at least %d characters): " % (what, MIN_TOKEN_LENGTH))
+            if await self.prompter.secret("Same safetoken again: ", "") == first:
+                return first
+            self.prompter.say("The two safetokens differ; try again.")
+
+    @property
+    def token_path(self):
+        return os.path.join(self.directory, TOKEN_FILE_NAME)
+
+    async def save_token(self, token, passphrase):
+        """Keep C{token} on this machine, encrypted under the key's passphrase, so later logins ask for one secret."""
+        try:
+            await self.in_thread(save_token, self.token_path, token, passphrase, self.server_id, self.user)
+        except OSError as e:
+            self.prompter.say("Could not keep the safetoken in %s (%s): it will be asked for again."
+                              % (self.token_path, e.strerror))
+
+    async def _login_with_token(self, client, passphrase):
+        """
+        Log in with the safetoken given (PAGER_TOKEN, --token-file) or kept on this machine under the key's
+        passphrase, else asked for (three tries, as for the passphrase).  A token that logs in and is not the one
+        kept is kept from then on.
+        """
+        given, stored = self._given_token(), None
+        if given is None:
+            try:
+                stored = await self.in_thread(load_token, self.token_path, passphrase, self.server_id, self.user)
+            except TokenFileError as e:
+                if not self.prompter.interactive:
+                    raise
+                self.prompter.say(e.message)
+        token, tries = given or stored, 0
+        while True:
+            if token is None:
+                tries += 1
+                token = await self._ask_token("Safetoken for %s: " % self.user)
+            self.token = token
+            try:
+                await self._login(client)
+                break
+            except AuthFailed:
+                if tries >= 3:
+                    raise AuthFailed("Three wrong safetokens for %s; giving up." % self.user)
+                if given is None and token == stored and not self.prompter.interactive:
+                    raise AuthFailed("Login as %s failed with the safetoken kept on this machine (was it changed "
+                                     "elsewhere?): give the current one once in PAGER_TOKEN or with --token-file, "
+                                     "and it is kept from then on." % self.user)
+                if given is not None or not self.prompter.interactive:
+                    raise
+                self.prompter.say("The safetoken kept on this machine was refused (was it changed elsewhere?); "
+                                  "type the current one." if token == stored else "Wrong safetoken; try again.")
+                token = None
+        if token != stored:
+            await self.save_token(token, passphrase)
 
     def _given_passphrase(self):
         if os.environ.get("PAGER_PASSPHRASE"):
@@ -5169,9 +5433,13 @@ class Session:
             return _first_line_of(self.config["passphrase-file"])
         return None
 
-    async def new_passphrase(self, what="your private key"):
-        """A passphrase for a new key file: given, or asked twice; an empty one only after an explicit warning."""
-        given = self._given_passphrase()
+    async def new_passphrase(self, what="your private key", given=None):
+        """
+        A passphrase for a new key file: C{given} (by default the one given in PAGER_PASSPHRASE or
+        --passphrase-file), or asked twice; an empty one only after an explicit warning.
+        """
+        if given is None:
+            given = self._given_passphrase()
         if given is not None:
             return given
         warning = ("An empty passphrase leaves %s unencrypted on disk: whoever can read the file can read your "
@@ -5193,17 +5461,29 @@ class Session:
 
     async def load_key(self, path):
         """The key in C{path}, asking for its passphrase (three tries) when it is encrypted."""
-        check_key_file_permissions(path)
-        if not await self.in_thread(key_file_is_encrypted, path):
-            return await self.in_thread(load_private_key, path, "")
+        return (await self.unlock_key(path))[0]
+
+    async def unlock_key(self, path):
+        """C{(key, passphrase)}: the key in C{path}, asking for its passphrase (three tries) when it is encrypted."""
+        try:
+            encrypted = await self.in_thread(key_file_is_encrypted, path)
+        except OSError as e:
+            raise KeyFileError("Cannot read the key file %s: %s." % (path, e.strerror))
+        if not encrypted:
+            try:
+                return await self.in_thread(load_private_key, path, ""), ""
+            except WrongPassphrase:
+                raise KeyFileError("The key file %s is damaged (it is not encrypted, yet holds no readable key): "
+                                   "restore it from a backup, or move it away and bring the key back with "
+                                   "'pager-cli import-key'." % path)
         given = self._given_passphrase()
         if given is not None:
-            return await self.in_thread(load_private_key, path, given)
+            return await self.in_thread(load_private_key, path, given), given
         hint = "The key is encrypted: give its passphrase in PAGER_PASSPHRASE or with --passphrase-file."
         for attempt in range(3):
             passphrase = await self.prompter.secret("Passphrase for %s's key: " % self.user, hint)
             try:
-                return await self.in_thread(load_private_key, path, passphrase)
+                return await self.in_thread(load_private_key, path, passphrase), passphrase
             except WrongPassphrase:
                 if attempt < 2:
                     self.prompter.say("Wrong passphrase; try again.")
@@ -5246,15 +5526,15 @@ class Session:
                 # A key saved by a registration that was interrupted before it could take its final name.
                 os.replace(self.key_path + ".new", self.key_path)
                 self.prompter.say("Using the key saved by an interrupted registration: %s." % self.key_path)
-            if os.path.exists(self.key_path):
+            if os.path.lexists(self.key_path):
                 await self.open_local(client)
-                self.key = await self.load_key(self.key_path)
-                self.token = await self._token()
-                await self._login(client)
+                self.key, passphrase = await self.unlock_key(self.key_path)
+                await self._login_with_token(client, passphrase)
+                self.passphrase = passphrase
             else:
-                await self.may_make_key(client)
+                existing = await self.may_make_key(client)
                 await self.open_local(client)
-                await self._first_use(client)
+                await self._first_use(client, existing)
         except BaseException:
             self._abandon(client)
             raise
@@ -5287,10 +5567,12 @@ class Session:
     async def may_make_key(self, client):
         """
         Before making a key for a user this machine has none for at this server: refuse when the address, before a
-        C{forget-server}, was another server where this machine holds the user's key; then a script needs
-        C{--register} and the interactive client asks.  An address known_servers does not list (a home from before
-        it) where this machine holds the user's key under another id gets a warning first: the server there may
-        have been replaced.  Raises L{ServerChanged} or L{NoKey}.
+        C{forget-server}, was another server where this machine holds the user's key.  An address known_servers
+        does not list (a home from before it) where this machine holds the user's key under another id gets a
+        warning: the server there may have been replaced.  Then ask the server whether the account exists, before
+        any key is made.  An existing account is re-keyed only by the interactive client, after asking; a new one is
+        registered by a script with C{--register}, or by the interactive client after asking.  Returns whether the
+        account exists; raises L{ServerChanged} or L{NoKey}.
         """
         for old in self.known.forgotten(self.known_address):
             if old != client.server_id and os.path.exists(os.path.join(self.home, old, self.user, KEY_FILE_NAME)):
@@ -5308,8 +5590,28 @@ class Session:
                 "(or someone stands in for it), so stop and ask its operator; if %s is on another server too, go on."
                 % (self.user, "s" if len(others) > 1 else "", " and ".join(others), self.address, client.server_id,
                    "that server" if len(others) == 1 else "one of those servers", self.user))
+        try:
+            exists = await client.exists(self.user)
+        except (Forbidden, BadRequest):
+            # Registration is closed (registering says so in its own words), or a server older than "exists":
+            # registering then tells whether the name is taken.
+            exists = False
+        copy = "copy it here with 'pager-cli export-key' there and 'pager-cli import-key' here"
+        if exists:
+            if not self.prompter.interactive:
+                raise NoKey("%s is registered on %s, but this machine has no key for it: %s (or, if the key is "
+                            "lost, re-key the account with its safetoken in 'pager-cli connect')."
+                            % (self.user, self.address, copy))
+            self.prompter.say("%s is registered on %s (server id %s), but this machine has no key for it. If you "
+                              "have it on another machine, %s. Otherwise this machine can make a new key and re-key "
+                              "the account with its safetoken: messages sent to the old key can then never be read, "
+                              "and everyone who pinned it is warned." % (self.user, self.address, client.server_id,
+                                                                         copy))
+            if not await self.prompter.confirm("Make a new key for %s and re-key the account?" % self.user):
+                raise NoKey("No key made: %s has no key on this machine (%s)." % (self.user, copy))
+            return True
         if self.config.get("register"):
-            return
+            return False
         if not self.prompter.interactive:
             raise NoKey("This machine has no key for %s on %s (server id %s): if %s has a key on another machine, "
                         "copy it here with 'pager-cli export-key' and 'pager-cli import-key'; to make a new key and "
@@ -5320,12 +5622,21 @@ class Session:
         if not await self.prompter.confirm("Make a new key for %s and register it there?" % self.user):
             raise NoKey("No key made: %s is not registered on %s from this machine (or bring an existing key with "
                         "'pager-cli import-key')." % (self.user, self.address))
+        return False
 
-    async def _first_use(self, client):
+    async def _first_use(self, client, existing=False):
+        """
+        Make the user's key and register it (C{existing}: re-key the existing account with its safetoken, asked as
+        the existing one); the safetoken is then kept under the new key's passphrase.
+        """
         prompter = self.prompter
-        if self.config.get("register"):
+        if self.config.get("register") and not existing:
             prompter.say("This machine has no key for %s on %s." % (self.user, self.address))
-        token = await self._token(new=True)
+        if existing:
+            token = self._given_token() or await self._ask_token(
+                "Safetoken of your existing account %s: " % self.user)
+        else:
+            token = await self.new_token()
         try:
             passphrase = await self.new_passphrase()
         except usage.UsageError:
@@ -5343,35 +5654,41 @@ class Session:
         except OSError as e:
             raise KeyFileError("Cannot save the new key in %s: %s." % (self.directory, e.strerror))
         try:
-            await self._register_or_recover(client, token, key)
+            if existing:
+                token = await self._recover(client, token, key)
+            else:
+                await self._register(client, token, key)
         except BaseException:
             os.unlink(pending_path)
             raise
+        self.key, self.token, self.passphrase = key, token, passphrase
+        await self.save_token(token, passphrase)
         os.replace(pending_path, self.key_path)
         prompter.say("Saved your key in %s (fingerprint %s)." % (self.key_path, format_fingerprint(fingerprint(key))))
 
-    async def _register_or_recover(self, client, token, key):
-        prompter = self.prompter
+    async def _register(self, client, token, key):
         try:
             await client.register(self.user, token, key)
-            prompter.say("Registered %s on %s." % (self.user, self.address))
         except UserExists:
-            question = ("%s is registered on this server, but this machine has no key for it. Make a new key and "
-                        "re-key the account with your safetoken? Messages sent to the old key can then never be "
-                        "read." % self.user)
-            hint = ("%s is registered on this server, but this machine has no key for it: copy it here with "
-                    "'pager-cli export-key' and 'pager-cli import-key', or re-key it in 'pager-cli connect'."
-                    % self.user)
-            if not prompter.interactive or not await prompter.confirm(question):
-                raise NoKey(hint)
+            raise NoKey("%s was registered on %s moments ago, from somewhere else; if that was you, copy the key "
+                        "here with 'pager-cli export-key' and 'pager-cli import-key'." % (self.user, self.address))
+        self.prompter.say("Registered %s on %s." % (self.user, self.address))
+
+    async def _recover(self, client, token, key):
+        """Re-key the account with its safetoken (three tries when typed) and log in; returns the token that worked."""
+        for attempt in range(3):
             try:
                 await client.recover(self.user, token, key)
+                break
             except AuthFailed:
-                raise AuthFailed("Re-keying %s failed: wrong safetoken." % self.user)
-            prompter.say("Re-keyed %s: everyone who pinned your old key will be warned." % self.user)
-            self.key, self.token = key, token
-            await self._login(client)
+                if self._given_token() is not None or not self.prompter.interactive or attempt == 2:
+                    raise AuthFailed("Re-keying %s failed: wrong safetoken." % self.user)
+                self.prompter.say("Wrong safetoken; try again.")
+                token = await self._ask_token("Safetoken of your existing account %s: " % self.user)
+        self.prompter.say("Re-keyed %s: everyone who pinned your old key will be warned." % self.user)
         self.key, self.token = key, token
+        await self._login(client)
+        return token
 
     async def reconnect(self, say):
         """
@@ -5456,7 +5773,7 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False):
     C{elsewhere} marks a message from outside the chat's current conversation (a leading \u00bb); with C{cut},
     a long text shows only its first lines and a note that it is saved whole in C{saved_path}.
     """
-    if message.key_status == "verified":
+    if message.key_status in ("pinned", "verified"):
         mark = "\u2713"
     elif message.key_status == "new":
         mark = "\u2713 (first message: key pinned)"
@@ -6786,7 +7103,8 @@ class _ClientOptions(_GnuOptions):
     optParameters = [
         ["user", "u", None, "Your user name."],
         ["home", None, None, _HOME_HELP],
-        ["token-file", None, None, "Read the safetoken from this file (else $PAGER_TOKEN, else a prompt)."],
+        ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
+                                   "$PAGER_TOKEN, else the one kept on this machine, else a prompt)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, "
                                         "else a prompt)."],
         ["ca", None, None, _CA_HELP],
@@ -6829,11 +7147,12 @@ _REGISTER = ["register", None, "If this machine has no key for the user on this 
 
 class ConnectOptions(_ClientOptions):
     synopsis = "[HOST[:PORT]] [options]"
-    longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and safetoken; on first use "
-                "asks before making a key and registering (--register: without asking). Type 'help' once "
-                "connected. In a terminal the line is edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for "
-                "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted "
-                "block of lines is one message to the current conversation.")
+    longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and the key's passphrase (the "
+                "safetoken only when this machine does not keep it yet); on first use asks before making a key and "
+                "registering (--register: without asking). Type '/help' once connected. In a terminal the line is "
+                "edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for history); Ctrl-C clears the line, a "
+                "second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block of lines is one message to the "
+                "current conversation.")
     optFlags = [_REGISTER]
 
     def parseArgs(self, server=None):
@@ -6928,12 +7247,90 @@ class ExportKeyOptions(_ClientOptions):
 class ImportKeyOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME FILE"
     longdesc = ("Install a private key on this machine: a file from export-key, or the unencrypted "
-                "{username}_private_key.pem of the original pager.")
-    not_applicable = ("token-file", "skew-window", "no-history")  # never logs in, sends or receives
+                "{username}_private_key.pem of the original pager. It first logs in with the key and the account's "
+                "safetoken, so a key the server does not have registered for the user is refused; the safetoken is "
+                "then kept with the key.")
+    not_applicable = ("skew-window", "no-history")  # logs in send-only to check the key; sends and receives nothing
     optFlags = [["force", None, "Replace a key this machine already has for the user."]]
 
     def parseArgs(self, server, path):
         self["server"], self["file"] = server, path
+
+
+class PasswdOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--new-passphrase-file FILE | --no-passphrase]"
+    longdesc = ("Change the passphrase of your key for this server on this machine; the safetoken kept with it is "
+                "re-encrypted under the new one. Nothing changes on the server. The current passphrase comes from "
+                "a prompt, PAGER_PASSPHRASE or --passphrase-file; the new one from a prompt (twice) or "
+                "--new-passphrase-file; --no-passphrase removes it.")
+    not_applicable = ("skew-window", "no-history")  # changes a file on this machine: sends and receives nothing
+    optParameters = [
+        ["new-passphrase-file", None, None, "Read the new passphrase from this file (which others must not read)."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+
+class TokenOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--new-token-file FILE]"
+    longdesc = ("Change your safetoken on the server (it needs the current one, kept on this machine or given as "
+                "for any command); the new one is kept on this machine under your key's passphrase. Other "
+                "machines ask for it once. The new safetoken comes from a prompt (twice) or --new-token-file.")
+    not_applicable = ("skew-window", "no-history")  # sends and receives no message
+    optParameters = [
+        ["new-token-file", None, None, "Read the new safetoken from this file (which others must not read)."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+
+class _PeerOptions(_ClientOptions):
+    not_applicable = ("skew-window", "no-history")  # sends and receives no message
+
+    def parseArgs(self, server, name):
+        self["server"] = server
+        try:
+            self["name"] = canonical_username(name)
+        except BadRequest as e:
+            raise usage.UsageError(e.message)
+
+
+class VerifyOptions(_PeerOptions):
+    synopsis = "HOST[:PORT] --user NAME PEER [--fingerprint HEX]"
+    longdesc = ("Mark PEER's key verified after comparing its fingerprint with PEER out of band (in person or by "
+                "phone): shows the fingerprint and asks whether it matches, or, for scripts, checks it against "
+                "--fingerprint. A key seen for the first time, or changed, is pinned by verifying it.")
+    optParameters = [
+        ["fingerprint", None, None, "The fingerprint PEER read you (64 hex digits; spaces are ignored)."]]
+
+    def postOptions(self):
+        super().postOptions()
+        if self["fingerprint"] is not None:
+            digits = "".join(self["fingerprint"].split()).lower()
+            if not re.fullmatch("[0-9a-f]{64}", digits):
+                raise usage.UsageError("A fingerprint is 64 hex digits.")
+            self["fingerprint"] = bytes.fromhex(digits)
+
+
+class TrustOptions(_PeerOptions):
+    synopsis = "HOST[:PORT] --user NAME PEER"
+    longdesc = ("Pin the key the server now gives for PEER (after a key change, once you checked the new "
+                "fingerprint), without marking it verified: for scripts, as the chat's /trust.")
+
+
+class FingerprintOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [PEER] [--json]"
+    longdesc = ("Show your key's fingerprint, or PEER's as the server gives it with its status on this machine: "
+                "new (not pinned yet), pinned, verified or changed. Exits 5 when it changed.")
+    not_applicable = ("skew-window", "no-history")  # sends and receives no message
+    optFlags = [["json", None, "Print one JSON object."]]
+
+    def parseArgs(self, server, name=None):
+        self["server"] = server
+        try:
+            self["name"] = canonical_username(name) if name is not None else None
+        except BadRequest as e:
+            raise usage.UsageError(e.message)
 
 
 class TrustServerOptions(_GnuOptions):
@@ -7043,7 +7440,7 @@ class AdminResetKeyOptions(_AdminCommandOptions):
 
 class AdminInviteOptions(_AdminCommandOptions):
     longdesc = "Create single-use invite codes for --registration invite."
-    optParameters = _AdminCommandOptions.optParameters + [["count", "n", 1, "How many codes.", _positive(int)]]
+    optParameters = [["count", "n", 1, "How many codes.", _positive(int)]]
 
 
 class AdminBackupOptions(_AdminCommandOptions):
@@ -7093,6 +7490,11 @@ class Options(_CommandOptions):
         ["users", None, UsersOptions, "List users."],
         ["export-key", None, ExportKeyOptions, "Write your key to a file for another machine."],
         ["import-key", None, ImportKeyOptions, "Install a key from a file."],
+        ["passwd", None, PasswdOptions, "Change your key's passphrase on this machine."],
+        ["token", None, TokenOptions, "Change your safetoken on the server."],
+        ["fingerprint", None, FingerprintOptions, "Show a key's fingerprint and whether it is verified."],
+        ["verify", None, VerifyOptions, "Mark a user's key verified after comparing fingerprints."],
+        ["trust", None, TrustOptions, "Accept a user's changed key."],
         ["trust-server", None, TrustServerOptions, "Accept a server's new id at a known address."],
         ["forget-server", None, ForgetServerOptions, "Forget which server id an address presented."],
         ["make-cert", None, MakeCertOptions, "Make a self-signed TLS certificate for a server."],
@@ -7400,6 +7802,7 @@ async def _export_key_command(reactor, config):
 async def _import_key_command(reactor, config):
     prompter = Prompter(reactor, interactive=os.isatty(0))
     session = Session(reactor, config, prompter)
+    session.receive = False  # its check logs in send-only: no incoming message is taken
     try:
         with open(config["file"], "rb") as f:
             data = f.read()
@@ -7408,10 +7811,7 @@ async def _import_key_command(reactor, config):
     client = await session.connect()
     try:
         await session.open_local(client)
-    finally:
-        await client.close()
-    try:
-        if os.path.exists(session.key_path) and not config["force"]:
+        if os.path.lexists(session.key_path) and not config["force"]:
             raise usage.UsageError("This machine already has a key for %s; use --force to replace it." % session.user)
         try:
             key = await session.in_thread(decode_private_key, data, "", config["file"])
@@ -7421,12 +7821,157 @@ async def _import_key_command(reactor, config):
                 passphrase = await prompter.secret("Passphrase of %s: " % config["file"],
                                                    "Give its passphrase in PAGER_PASSPHRASE or --passphrase-file.")
             key = await session.in_thread(decode_private_key, data, passphrase, config["file"])
+        token = await _check_imported_key(session, client, key)
         passphrase = await session.new_passphrase()
         await session.in_thread(save_private_key, session.key_path, key, passphrase)
+        session.server_id = client.server_id
+        await session.save_token(token, passphrase)
     finally:
+        await client.close()
         session.store.close()
     prompter.say("Installed %s's key (fingerprint %s) in %s." % (
         session.user, format_fingerprint(fingerprint(key)), session.key_path))
+
+
+async def _check_imported_key(session, client, key):
+    """
+    Log in with the key to be imported and the account's safetoken (given, or asked: three tries): the server
+    accepts only the key registered for the user, so a mismatch is refused before anything is installed.  Returns
+    the safetoken, to keep with the key.
+    """
+    hint = ("Give %s's safetoken in PAGER_TOKEN or with --token-file: import-key logs in with the key to check "
+            "that it is the one registered on the server." % session.user)
+    given = session._given_token()
+    session.key = key
+    for attempt in range(3):
+        session.token = given or await session._ask_token("Safetoken of your account %s: " % session.user, hint)
+        try:
+            await session._login(client)
+            return session.token
+        except AuthFailed:
+            if given is not None or not session.prompter.interactive or attempt == 2:
+                raise AuthFailed("%s refused to log %s in with this key (fingerprint %s) and that safetoken: it is "
+                                 "not the key registered for %s there, or the safetoken is wrong; nothing was "
+                                 "installed." % (session.address, session.user, format_fingerprint(fingerprint(key)),
+                                                 session.user))
+            session.prompter.say("Not accepted: wrong safetoken, or not %s's registered key; try again."
+                                 % session.user)
+
+
+async def _passwd_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    client = await session.connect()
+    try:
+        await session.locate(client)
+    finally:
+        await client.close()
+    if not os.path.lexists(session.key_path):
+        raise NoKey("This machine has no key for %s on %s (server id %s)." % (
+            session.user, session.address, session.server_id))
+    key, old = await session.unlock_key(session.key_path)
+    try:
+        token = await session.in_thread(load_token, session.token_path, old, session.server_id, session.user)
+    except TokenFileError as e:
+        session.prompter.say("%s It is dropped: the next login asks for the safetoken once." % e.message)
+        token = None
+    given = "" if config["no-passphrase"] else None
+    if config["new-passphrase-file"]:
+        given = _first_line_of(config["new-passphrase-file"], "passphrase file")
+    elif given is None and not session.prompter.interactive:
+        raise usage.UsageError("Give the new passphrase with --new-passphrase-file (or --no-passphrase).")
+    new = await session.new_passphrase("your private key", given=given)
+    if config["no-passphrase"]:
+        session.prompter.say("Warning: your private key is now kept without a passphrase: whoever can read the "
+                             "file can read your messages and page as you.")
+    await session.in_thread(save_private_key, session.key_path, key, new)
+    if token is not None:
+        await session.in_thread(save_token, session.token_path, token, new, session.server_id, session.user)
+    elif os.path.exists(session.token_path):
+        os.unlink(session.token_path)
+    print("Changed the passphrase of %s's key on this machine (%s)." % (session.user, session.key_path))
+
+
+async def _token_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    new = None
+    if config["new-token-file"]:
+        new = _first_line_of(config["new-token-file"], "token file")
+        if len(new) < MIN_TOKEN_LENGTH:
+            raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
+    elif not session.prompter.interactive:
+        raise usage.UsageError("Give the new safetoken with --new-token-file.")
+    client = await session.start(receive=False)
+    try:
+        if new is None:
+            new = await session.new_token("Choose a new safetoken", given=None)
+        try:
+            await client.change_token(session.token, new)
+        except AuthFailed:
+            raise AuthFailed("The server refused the current safetoken; nothing changed.")
+        session.token = new
+        await session.save_token(new, session.passphrase)
+    finally:
+        await session.close()
+    print("Changed %s's safetoken on %s; this machine keeps the new one under your key's passphrase, other "
+          "machines ask for it once." % (session.user, session.address))
+
+
+def _fingerprint_record(name, fp, status):
+    return {"user": name, "fingerprint": fp.hex(), "status": status}
+
+
+async def _fingerprint_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.start(receive=False)
+    try:
+        if config["name"] is None or config["name"] == session.user:
+            name, fp, status = session.user, fingerprint(session.key), "own"
+        else:
+            name = config["name"]
+            fp, status = await client.key_status(name)
+    finally:
+        await session.close()
+    if config["json"]:
+        print(json.dumps(_fingerprint_record(name, fp, status)))
+    else:
+        print("%s %s (%s)" % (name, format_fingerprint(fp), {
+            "own": "your key", "new": "new: not pinned yet", "pinned": "pinned, not verified",
+            "verified": "verified", "changed": "CHANGED: not the pinned key"}[status]))
+    if status == "changed":
+        raise SystemExit(EXIT_KEY_TRUST)
+
+
+async def _verify_command(reactor, config):
+    prompter = Prompter(reactor, interactive=os.isatty(0))
+    if config["fingerprint"] is None and not prompter.interactive:
+        raise usage.UsageError("Give the fingerprint %s read you with --fingerprint." % config["name"])
+    session = Session(reactor, config, prompter)
+    client = await session.start(receive=False)
+    name = config["name"]
+    try:
+        fp, status = await client.key_status(name)
+        compared = config["fingerprint"]
+        if compared is None:
+            prompter.say("%s's key, as the server gives it (%s):\n    %s" % (name, status, format_fingerprint(fp)))
+            if not await prompter.confirm("Does it read the same as what %s reads you from their own "
+                                          "'pager-cli fingerprint'?" % name):
+                raise KeyChanged(name, fp, fp, message="Not verified: if the fingerprints differ, someone may be "
+                                 "in between; do not trust this key until you know why.")
+            compared = fp
+        await client.verify(name, compared)
+    finally:
+        await session.close()
+    print("%s's key is verified on this machine:\n    %s" % (name, format_fingerprint(fp)))
+
+
+async def _trust_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.start(receive=False)
+    try:
+        fp = await client.trust(config["name"])
+    finally:
+        await session.close()
+    print("Now trusting %s's key (pinned, not verified):\n    %s" % (config["name"], format_fingerprint(fp)))
 
 
 async def _trust_server_command(reactor, config):
@@ -7663,7 +8208,9 @@ def _admin_command(config):
 
 _CLIENT_COMMANDS = {
     "connect": _connect_command, "send": _send_command, "fetch": _fetch_command, "users": _users_command,
-    "export-key": _export_key_command, "import-key": _import_key_command,
+    "export-key": _export_key_command, "import-key": _import_key_command, "passwd": _passwd_command,
+    "token": _token_command, "fingerprint": _fingerprint_command, "verify": _verify_command,
+    "trust": _trust_command,
     "trust-server": _trust_server_command, "forget-server": _forget_server_command,
 }
 

@@ -550,7 +550,7 @@ class DeliveryTests(E2ETestCase):
         await self.wait_for(lambda: bob2.events.messages, "the message signed with the old key")
         [opened] = bob2.events.messages
         self.assertEqual((opened.message_id.hex(), opened.plaintext, opened.key_status),
-                         (msg, b"sent before my re-key", "verified"))
+                         (msg, b"sent before my re-key", "pinned"))
         carol2 = await self.login(address, "carol")
         await self.wait_for(lambda: carol2.events.rejected, "carol's client to refuse what it cannot verify")
         self.assertIsInstance(carol2.events.rejected[0][2], pager.WrongSenderKey)

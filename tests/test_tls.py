@@ -77,6 +77,7 @@ class TLSTestCase(CLITestCase):
         token_file = os.path.abspath(self.mktemp())
         with open(token_file, "w") as f:
             f.write(token(user) + "\n")
+        os.chmod(token_file, 0o600)  # a token file others may read is refused
         config = {"server": "%s:%d" % (host, port), "home": home or self.home(), "user": user,
                   "token-file": token_file, "passphrase-file": None, "no-passphrase": True, "tls": tls, "ca": ca,
                   "no-history": False, "register": True}

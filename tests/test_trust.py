@@ -430,6 +430,7 @@ class ChatReconnectTests(MovedServerTestCase):
         token_file = os.path.abspath(self.mktemp())
         with open(token_file, "w") as f:
             f.write(token("alice") + "\n")
+        os.chmod(token_file, 0o600)  # a token file others may read is refused
         config = {"server": self.host, "home": home, "user": "alice", "token-file": token_file,
                   "passphrase-file": None, "no-passphrase": False, "tls": False, "ca": None, "no-history": False}
         self.patch(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("PAGER_")})
