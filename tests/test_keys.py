@@ -494,7 +494,7 @@ class HelpTests(unittest.TestCase):
         cases = {"passwd": ["--new-passphrase-file", "--no-passphrase", "--passphrase-file"],
                  "token": ["--new-token-file", "--token-file"], "verify": ["--fingerprint", "PEER"],
                  "trust": ["PEER"], "fingerprint": ["--json", "PEER"], "import-key": ["safetoken"]}
-        commands = dict((name, options) for name, _, options, _ in pager.Options.subCommands)
+        commands = dict((name, options) for name, _, options, _ in pager.Options().subCommands)
         for name, words in cases.items():
             text = str(commands[name]())
             for word in words:

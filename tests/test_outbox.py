@@ -174,6 +174,7 @@ class OutboxChatTests(ChatTestCase):
         token_file = os.path.abspath(self.mktemp())
         with open(token_file, "w") as f:
             f.write(token(name) + "\n")
+        os.chmod(token_file, 0o600)  # a token file others may read is refused
         config = {"server": self.host, "home": home, "user": name, "token-file": token_file,
                   "passphrase-file": None, "no-passphrase": False, "tls": False, "ca": None, "no-history": False}
         session = pager.Session(reactor, config, pager.Prompter(reactor, interactive=False))

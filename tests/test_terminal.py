@@ -1231,7 +1231,7 @@ class TerminalRestoredTests(CLITestCase):
         cases = [
             ("Server address", (), dict(PAGER_HOME=self.home())),
             ("Username: ", (self.host,), dict(PAGER_HOME=self.home())),
-            ("Safetoken: ", (self.host, "--user", "bob"), dict(PAGER_HOME=token_home)),
+            ("Safetoken for bob: ", (self.host, "--user", "bob"), dict(PAGER_HOME=token_home)),  # none kept yet
             ("Passphrase for carol's key", (self.host, "--user", "carol"),
              dict(PAGER_HOME=passphrase_home, PAGER_TOKEN=token("carol"))),
         ]
