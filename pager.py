@@ -2686,8 +2686,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if self.closed:  # connectionLost had no upload to drop yet
                 self._end_upload(upload, abort=True)
                 return None
-            self._upload = upload
-            self._await_chunk(upload)
+            self._upload = upload  # its idle clock starts when reading resumes, in _release
         except BaseException:
             self._end_upload(upload, abort=True)
             raise
@@ -2696,8 +2695,12 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return None
 
     def _await_chunk(self, upload):
-        """(Re)start the wait for the upload's next chunk frame."""
-        upload.timer = self.callLater(self.limits.upload_idle_timeout, self._upload_idle, upload)
+        """
+        (Re)start the wait for the upload's next chunk frame, unless the server holds reading: then L{_release}
+        starts it once reading resumes.
+        """
+        if not self._holds - {"output"}:
+            upload.timer = self.callLater(self.limits.upload_idle_timeout, self._upload_idle, upload)
 
     def _upload_idle(self, upload):
         if self._upload is not upload:
@@ -2734,9 +2737,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                     self._aborted_upload = None
                 return None  # the rest of an upload already refused: its error was sent
             raise BadRequest("No upload with that id is in progress.")
-        self._hold("upload")
-        if upload.timer.active():
-            upload.timer.cancel()  # restarted once this frame is stored
+        self._hold("upload")  # stops the upload's idle clock until this frame is stored
         signature = None
         try:
             signature = self._signature(frame)
@@ -2746,9 +2747,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 await self.factory.store.add_chunks(upload.seq, upload.count, chunks)
             upload.count += len(chunks)
             if signature is None:
-                if self._upload is upload:
-                    self._await_chunk(upload)
-                return None
+                return None  # the idle clock starts again when reading resumes, in _release
             self._upload = None
             answer = await self._accept(upload.verifier, upload.recipients, upload.declared_size, None, signature,
                                         upload)
