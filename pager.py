@@ -1640,12 +1640,12 @@ def _marks(items):
     return ",".join("?" * len(items))
 
 
-def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, keep_receipts=Limits.max_pending_receipts):
+def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None):
     """
     Delete C{user}'s own deliveries of C{msg_ids} (never another recipient's) and store a receipt for each sender,
     a whole list in a few statements.  Returns C{(receipts, unknown)}: C{(sender, Receipt)} pairs in the order
-    of C{msg_ids}, and the ids C{user} has no pending delivery of.  Each sender keeps at most C{keep_receipts}
-    receipts (L{_trim_receipts_txn}).  With C{user_fp}, see L{_check_session_key_txn}.
+    of C{msg_ids}, and the ids C{user} has no pending delivery of.  With C{user_fp}, see
+    L{_check_session_key_txn}.
     """
     _check_session_key_txn(txn, user, user_fp)
     found = {}
@@ -1673,29 +1673,29 @@ def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, keep_recei
                 % ",".join(["(?, ?, ?, ?, ?, ?)"] * len(rows)), [value for row in rows for value in row]):
             receipts.append((sender, Receipt(rid, bytes(msg_id), user, status, reason, now)))
     receipts.sort(key=lambda pair: pair[1].rid)  # the order they were stored in, which feeds rely on
-    _trim_receipts_txn(txn, {sender for sender, _ in receipts}, keep_receipts)
     return receipts, unknown
 
 
-def _trim_receipts_txn(txn, users, keep):
+def trim_receipts_txn(txn, user, keep):
     """
-    Drop the oldest stored receipts of each of C{users} beyond their C{keep} newest.  Receipts are the one thing
-    a user stores on the server that is not counted against a quota (they cost their recipient nothing), so
-    without this bound a user who sends to itself and rejects with long reasons, never acknowledging, fills the
-    database.  A client that acknowledges its receipts never has more than a handful; one that does not loses
-    only its own oldest news.
+    Drop the oldest stored receipts of C{user} beyond its C{keep} newest.  Receipts are the one thing a user
+    stores on the server that is not counted against a quota (they cost their recipient nothing), so without this
+    bound a user who sends to itself and rejects with long reasons, never acknowledging, fills the database.  A
+    client that acknowledges its receipts never has more than a handful; one that does not loses only its own
+    oldest news.  It walks C{keep} index entries (about 0.2 ms for 5000), so the server runs it once per batch of
+    new receipts of a user, not with every settle (L{PagerServerFactory.receipt_created}).
     """
-    txn.executemany(
-        "DELETE FROM receipts WHERE user = ?1 AND rid <= (SELECT rid FROM receipts WHERE user = ?1"
-        " ORDER BY rid DESC LIMIT 1 OFFSET ?2)", [(name, keep) for name in users])
+    txn.execute("DELETE FROM receipts WHERE user = ?1 AND rid <= (SELECT rid FROM receipts WHERE user = ?1"
+                " ORDER BY rid DESC LIMIT 1 OFFSET ?2)", (user, keep))
+    return txn.rowcount
 
 
-def ack_txn(txn, user, msg_id, status, reason, now, user_fp=None, keep_receipts=Limits.max_pending_receipts):
+def ack_txn(txn, user, msg_id, status, reason, now, user_fp=None):
     """
     L{settle_txn} for one message: returns C{(sender, receipt)}; raises L{UnknownMessage} if C{user} has no such
     delivery.
     """
-    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now, user_fp, keep_receipts)
+    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now, user_fp)
     if unknown:
         raise UnknownMessage()
     return receipts[0]
@@ -1717,14 +1717,13 @@ def ack_receipts_txn(txn, user, rids):
     return [rid for rid in rids if rid not in gone]
 
 
-def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None, keep_receipts=Limits.max_pending_receipts):
+def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None):
     """
     The list form of ack, in one transaction: C{(receipts, unknown message ids, unknown receipt ids)}, settling
     C{msg_ids} as delivered (see L{settle_txn}) and deleting the receipts C{rids}; either list may be None.
     """
     _check_session_key_txn(txn, user, user_fp)
-    receipts, unknown_msgs = (settle_txn(txn, user, msg_ids, "delivered", "", now, None, keep_receipts)
-                              if msg_ids else ([], []))
+    receipts, unknown_msgs = settle_txn(txn, user, msg_ids, "delivered", "", now) if msg_ids else ([], [])
     return receipts, unknown_msgs, ack_receipts_txn(txn, user, rids) if rids else []
 
 
@@ -1749,7 +1748,7 @@ def account_keys_txn(txn, names):
     return keys
 
 
-def expire_txn(txn, now, limit=1000, keep_receipts=Limits.max_pending_receipts):
+def expire_txn(txn, now, limit=1000):
     """Drop deliveries past their expiry time; returns C{(sender, receipt)} pairs telling each sender."""
     expired = collections.defaultdict(list)  # recipient -> message ids
     for recipient, msg_id in txn.execute(
@@ -1758,8 +1757,7 @@ def expire_txn(txn, now, limit=1000, keep_receipts=Limits.max_pending_receipts):
         expired[recipient].append(bytes(msg_id))
     out = []
     for recipient, msg_ids in expired.items():
-        out += settle_txn(txn, recipient, msg_ids, "expired", "The message expired before it was delivered.", now,
-                          None, keep_receipts)[0]
+        out += settle_txn(txn, recipient, msg_ids, "expired", "The message expired before it was delivered.", now)[0]
     return out
 
 
@@ -1959,8 +1957,8 @@ class Store:
     def chunks(self, seq, start, count):
         return self._run(chunks_txn, seq, start, count)
 
-    def ack(self, user, msg_id, status, reason, now, user_fp=None, keep_receipts=Limits.max_pending_receipts):
-        return self._run(ack_txn, user, msg_id, status, reason, now, user_fp, keep_receipts)
+    def ack(self, user, msg_id, status, reason, now, user_fp=None):
+        return self._run(ack_txn, user, msg_id, status, reason, now, user_fp)
 
     def pending_receipts(self, user, after_rid, limit=500, user_fp=None):
         return self._run(pending_receipts_txn, user, after_rid, limit, user_fp)
@@ -1968,11 +1966,14 @@ class Store:
     def ack_receipt(self, user, rid, user_fp=None):
         return self._run(ack_receipt_txn, user, rid, user_fp)
 
-    def ack_many(self, user, msg_ids, rids, now, user_fp=None, keep_receipts=Limits.max_pending_receipts):
-        return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp, keep_receipts)
+    def ack_many(self, user, msg_ids, rids, now, user_fp=None):
+        return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp)
 
-    def expire(self, now, keep_receipts=Limits.max_pending_receipts):
-        return self._run(expire_txn, now, 1000, keep_receipts)
+    def trim_receipts(self, user, keep):
+        return self._run(trim_receipts_txn, user, keep)
+
+    def expire(self, now):
+        return self._run(expire_txn, now)
 
     def free_pages(self):
         return self._run(free_pages_txn)
@@ -2864,7 +2865,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             msg_ids = self._msg_ids(frame) if "msgs" in frame else None
             rids = self._receipt_ids(frame) if "receipts" in frame else None
             receipts, unknown_msgs, unknown_rids = await store.ack_many(
-                self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint, self.limits.max_pending_receipts)
+                self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint)
             for sender, receipt in receipts:
                 self.factory.receipt_created(sender, receipt)
             if receipts:
@@ -2888,7 +2889,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     async def _settle(self, msg_id, status, reason):
         sender, receipt = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now(),
-                                                       self.key_fingerprint, self.limits.max_pending_receipts)
+                                                       self.key_fingerprint)
         self.factory.receipt_created(sender, receipt)
         self.factory.settled()
         return {}
@@ -2996,6 +2997,7 @@ class PagerServerFactory(protocol.Factory):
     HASH_RETRY_AFTER = 1.0  # seconds a request refused by the per-account or per-address hashing bound is told to wait
     RECLAIM_DELAY = 1.0  # seconds after an ack before the free pages are counted (at most one count per delay)
     RECLAIM_PAGES = 2048  # free pages (8 MiB of 4 KiB pages) from which the count gives them back at once
+    RECEIPT_TRIM_EVERY = 100  # new receipts of one user between two trims of its stored receipts
 
     def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
         if reactor is None:
@@ -3026,6 +3028,7 @@ class PagerServerFactory(protocol.Factory):
         self._expiry = None
         self._account_check = None
         self._reclaim_call = None  # the free-page count due after recent acks, if any
+        self._new_receipts = collections.Counter()  # user -> receipts made for it since its last trim
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
 
     def now(self):
@@ -3234,6 +3237,17 @@ class PagerServerFactory(protocol.Factory):
                 session.messages.offer(message.ord, message)
 
     def receipt_created(self, user, receipt):
+        """
+        Push a new receipt to C{user}'s sessions that take it; and after every C{min(RECEIPT_TRIM_EVERY,
+        max_pending_receipts)} new receipts of a user, drop its oldest beyond C{max_pending_receipts}
+        (L{trim_receipts_txn}), so a user stores at most about twice that many at any time.
+        """
+        keep = self.limits.max_pending_receipts
+        self._new_receipts[user] += 1
+        if self._new_receipts[user] >= min(self.RECEIPT_TRIM_EVERY, keep):
+            del self._new_receipts[user]
+            self.store.trim_receipts(user, keep).addErrback(
+                lambda f: self.log.failure("Dropping old receipts failed", f))
         for session in list(self.online.get(user, ())):
             if session.receive:
                 session.receipts.offer(receipt.rid, receipt)
@@ -3273,7 +3287,7 @@ class PagerServerFactory(protocol.Factory):
     async def expire(self):
         """Drop expired deliveries and receipts, then give the space they took back to the file system."""
         while True:
-            expired = await self.store.expire(self.now(), self.limits.max_pending_receipts)
+            expired = await self.store.expire(self.now())
             for sender, receipt in expired:
                 self.log.info("A message from {sender} to {peer} expired undelivered", sender=sender,
                               peer=receipt.peer)
