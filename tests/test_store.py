@@ -438,7 +438,8 @@ class StoreTests(unittest.TestCase):
         conn = sqlite3.connect(self.path, isolation_level=None)
         conn.executescript(old_schema)
         conn.executescript(
-            "INSERT INTO meta VALUES ('schema_version', '1'); INSERT INTO meta VALUES ('server_id', '0123456789abcdef0123456789abcdef');"
+            "INSERT INTO meta VALUES ('schema_version', '1');"
+            " INSERT INTO meta VALUES ('server_id', '0123456789abcdef0123456789abcdef');"
             "INSERT INTO counters VALUES ('ord', 2);"
             "INSERT INTO users (name, public_key, fingerprint, token_salt, token_hash, key_set_at, registered_at,"
             " pending_count, pending_bytes) VALUES ('alice', 'p', x'00', x'00', x'00', 0, 0, 0, 0),"
