@@ -152,6 +152,7 @@ class Limits:
     registration: str = "open"  # open, invite or closed
     max_sender_pending_messages: int = 5000  # per sender: messages it has stored and not yet delivered to everyone
     max_sender_pending_bytes: int = 128 * 1024 * 1024  # per sender, the same in plaintext bytes
+    max_pending_receipts: int = 5000  # receipts stored for one user and not yet acknowledged; past it the oldest go
     max_open_uploads: int = 4  # multi-frame uploads one user may have open at once, over all their connections
     upload_idle_timeout: float = 60.0  # seconds an open upload may wait for its next chunk frame before it is dropped
     max_db_bytes: int = 4 * 1024 * 1024 * 1024  # the database's budget: stored pages plus open uploads' declared sizes
@@ -313,6 +314,12 @@ class RateLimited(ProtocolError):
         self.retry_after = retry_after  # seconds before a retry can succeed, when the server knows it
 
 
+class IdleTimeout(ProtocolError):
+    """The connection was idle for too long."""
+
+    code = "timeout"
+
+
 class Forbidden(ProtocolError):
     """The server does not allow that."""
 
@@ -354,7 +361,7 @@ ERROR_CODES = {
     cls.code: cls
     for cls in (
         BadRequest, NotAuthenticated, AuthFailed, UserExists, UnknownUser, UnknownMessage, TooLarge,
-        QuotaExceeded, StorageFull, RateLimited, Forbidden, InternalError, BadKey,
+        QuotaExceeded, StorageFull, RateLimited, Forbidden, InternalError, BadKey, IdleTimeout,
     )
 }
 
@@ -1280,12 +1287,17 @@ def create_schema_txn(txn, drop_unfinished=True):
             for statement in _MIGRATIONS[version]:
                 txn.execute(statement)
         txn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    row = txn.execute("SELECT value FROM meta WHERE key = 'server_id'").fetchone()
+    if row is None or not isinstance(row[0], str) or not SERVER_ID_RE.fullmatch(row[0]):
+        # Clients file their keys under this id and refuse a hello without a valid one: nobody could log in.
+        raise StoreError("The database's server id is not 32 hexadecimal digits (it was changed by hand, or the"
+                         " file is not a pager database); restore the database from a backup.")
     txn.execute("INSERT OR IGNORE INTO counters VALUES ('reserved', 0)")
     if drop_unfinished:
         # At server start: uploads that never completed (the server stopped mid-message) were never accepted.
         for (seq,) in txn.execute("SELECT seq FROM messages WHERE accepted_at IS NULL").fetchall():
             abort_upload_txn(txn, seq)
-    return txn.execute("SELECT value FROM meta WHERE key = 'server_id'").fetchone()[0]
+    return row[0]
 
 
 def enable_auto_vacuum(conn):
@@ -1304,6 +1316,11 @@ def vacuum_step_txn(txn, pages):
     are left.  In WAL mode the file shrinks at the next checkpoint, which L{checkpoint} forces.
     """
     txn.execute("PRAGMA incremental_vacuum(%d)" % int(pages)).fetchall()
+    return txn.execute("PRAGMA freelist_count").fetchone()[0]
+
+
+def free_pages_txn(txn):
+    """How many pages of the database are free (given back by L{vacuum_step_txn})."""
     return txn.execute("PRAGMA freelist_count").fetchone()[0]
 
 
@@ -1382,7 +1399,7 @@ def _existing_message_txn(txn, msg_id, sender):
 def _check_budget_txn(txn, size, limits):
     """
     Raise L{StorageFull} unless C{size} more bytes fit the database's budget: the pages in use (free pages do not
-    count), plus the declared sizes of the open uploads, whose chunks are still to come.  Within one batch of
+    count), plus what the open uploads declared and have not stored yet (L{upload_chunks_txn}).  Within one batch of
     L{_batch_txn} the database is measured once, and each message checked adds its size to that measure.
     """
     used = getattr(txn, "budget_used", None)
@@ -1462,10 +1479,23 @@ def add_chunks_txn(txn, seq, start, chunks):
 
 
 def upload_chunks_txn(txn, seq, start, chunks):
-    """L{add_chunks_txn} for an upload begun with L{begin_upload_txn}, unless it was dropped meanwhile."""
+    """
+    L{add_chunks_txn} for an upload begun with L{begin_upload_txn}, unless it was dropped meanwhile.  The chunks'
+    plaintext bytes come off the database's reservation as they are stored (their pages count from now on), so
+    the budget counts the upload's declared size once: stored pages plus what is still to come.
+    """
     if txn.execute("SELECT 1 FROM messages WHERE seq = ? AND accepted_at IS NULL", (seq,)).fetchone() is None:
         raise BadRequest("That upload was abandoned.")
     add_chunks_txn(txn, seq, start, chunks)
+    stored = sum(max(0, len(c) - GCM_TAG_SIZE) for c in chunks)
+    txn.execute("UPDATE counters SET value = MAX(0, value - ?) WHERE name = 'reserved'", (stored,))
+
+
+def _still_reserved_txn(txn, seq, size):
+    """What an open upload of C{size} declared bytes still holds of the database's reservation."""
+    stored = txn.execute("SELECT COALESCE(SUM(MAX(0, LENGTH(data) - ?)), 0) FROM chunks WHERE seq = ?",
+                         (GCM_TAG_SIZE, seq)).fetchone()[0]
+    return max(0, size - stored)
 
 
 def abort_upload_txn(txn, seq):
@@ -1477,7 +1507,8 @@ def abort_upload_txn(txn, seq):
     sender, size, reserved = row
     if reserved is not None:  # an upload begun by a pager that did not reserve (schema 1) counted nothing
         _release_txn(txn, sender, size, reserved.split(","))
-        txn.execute("UPDATE counters SET value = MAX(0, value - ?) WHERE name = 'reserved'", (size,))
+        txn.execute("UPDATE counters SET value = MAX(0, value - ?) WHERE name = 'reserved'",
+                    (_still_reserved_txn(txn, seq, size),))
     txn.execute("DELETE FROM chunks WHERE seq = ?", (seq,))
     txn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
 
@@ -1547,21 +1578,38 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
         if known != len(recipients):  # a recipient deleted while the upload ran
             check_recipients_txn(txn, recipients, 0, limits, counted=recipients)
         count = txn.execute("SELECT COUNT(*) FROM chunks WHERE seq = ?", (seq,)).fetchone()[0]
+        txn.execute("UPDATE counters SET value = MAX(0, value - ?) WHERE name = 'reserved'",
+                    (_still_reserved_txn(txn, seq, size),))
         txn.execute("UPDATE messages SET signature = ?, chunk_count = ?, accepted_at = ?, expires_at = ?, ord = ?,"
                     " reserved = NULL WHERE seq = ?", (signature, count, now, expires_at, ord_, seq))
-        txn.execute("UPDATE counters SET value = MAX(0, value - ?) WHERE name = 'reserved'", (size,))
     txn.executemany("INSERT INTO deliveries (recipient, ord, seq) VALUES (?, ?, ?)",
                     [(r, ord_, seq) for r in recipients])
     return seq, now, False, ord_
 
 
-def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=4 * 1024 * 1024):
+class KeyReplaced(Forbidden):
+    """This account was deleted, or its key replaced, since this session logged in."""
+
+
+def _check_session_key_txn(txn, user, user_fp):
+    """
+    With C{user_fp}, raise L{KeyReplaced} unless C{user}'s account still has that key: a session logged in with
+    a replaced key (or of a deleted account) may neither read nor settle what waits for the account.  One indexed
+    lookup per transaction step, whatever the number of messages it handles.
+    """
+    if user_fp is not None and txn.execute("SELECT 1 FROM users WHERE name = ? AND fingerprint = ?",
+                                           (user, user_fp)).fetchone() is None:
+        raise KeyReplaced()
+
+
+def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=4 * 1024 * 1024, user_fp=None):
     """
     Up to C{limit} pending deliveries for C{user} after delivery position C{after_ord}, in the order they were
     accepted, small ones (up to C{inline_bytes}) with their chunks.  The page ends early rather than hold more
     than C{page_bytes} of headers, signatures and inline chunks (it always has at least one delivery, if there is
-    one).
+    one).  With C{user_fp}, see L{_check_session_key_txn}.
     """
+    _check_session_key_txn(txn, user, user_fp)
     rows = txn.execute(
         "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord"
         " FROM deliveries d JOIN messages m ON m.seq = d.seq"
@@ -1618,12 +1666,14 @@ def _marks(items):
     return ",".join("?" * len(items))
 
 
-def settle_txn(txn, user, msg_ids, status, reason, now):
+def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None):
     """
     Delete C{user}'s own deliveries of C{msg_ids} (never another recipient's) and store a receipt for each sender,
     a whole list in a few statements.  Returns C{(receipts, unknown)}: C{(sender, Receipt)} pairs in the order
-    of C{msg_ids}, and the ids C{user} has no pending delivery of.
+    of C{msg_ids}, and the ids C{user} has no pending delivery of.  With C{user_fp}, see
+    L{_check_session_key_txn}.
     """
+    _check_session_key_txn(txn, user, user_fp)
     found = {}
     for part in _in_pages(msg_ids):
         for seq, msg_id, sender, size, ord_ in txn.execute(
@@ -1652,18 +1702,33 @@ def settle_txn(txn, user, msg_ids, status, reason, now):
     return receipts, unknown
 
 
-def ack_txn(txn, user, msg_id, status, reason, now):
+def trim_receipts_txn(txn, user, keep):
+    """
+    Drop the oldest stored receipts of C{user} beyond its C{keep} newest.  Receipts are the one thing a user
+    stores on the server that is not counted against a quota (they cost their recipient nothing), so without this
+    bound a user who sends to itself and rejects with long reasons, never acknowledging, fills the database.  A
+    client that acknowledges its receipts never has more than a handful; one that does not loses only its own
+    oldest news.  It walks C{keep} index entries (about 0.2 ms for 5000), so the server runs it once per batch of
+    new receipts of a user, not with every settle (L{PagerServerFactory.receipt_created}).
+    """
+    txn.execute("DELETE FROM receipts WHERE user = ?1 AND rid <= (SELECT rid FROM receipts WHERE user = ?1"
+                " ORDER BY rid DESC LIMIT 1 OFFSET ?2)", (user, keep))
+    return txn.rowcount
+
+
+def ack_txn(txn, user, msg_id, status, reason, now, user_fp=None):
     """
     L{settle_txn} for one message: returns C{(sender, receipt)}; raises L{UnknownMessage} if C{user} has no such
     delivery.
     """
-    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now)
+    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now, user_fp)
     if unknown:
         raise UnknownMessage()
     return receipts[0]
 
 
-def pending_receipts_txn(txn, user, after_rid, limit):
+def pending_receipts_txn(txn, user, after_rid, limit, user_fp=None):
+    _check_session_key_txn(txn, user, user_fp)
     return [Receipt(r[0], bytes(r[1]), *r[2:]) for r in txn.execute(
         "SELECT rid, msg_id, peer, status, reason, at FROM receipts WHERE user = ? AND rid > ? ORDER BY rid LIMIT ?",
         (user, after_rid, limit)).fetchall()]
@@ -1678,16 +1743,18 @@ def ack_receipts_txn(txn, user, rids):
     return [rid for rid in rids if rid not in gone]
 
 
-def ack_many_txn(txn, user, msg_ids, rids, now):
+def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None):
     """
     The list form of ack, in one transaction: C{(receipts, unknown message ids, unknown receipt ids)}, settling
     C{msg_ids} as delivered (see L{settle_txn}) and deleting the receipts C{rids}; either list may be None.
     """
+    _check_session_key_txn(txn, user, user_fp)
     receipts, unknown_msgs = settle_txn(txn, user, msg_ids, "delivered", "", now) if msg_ids else ([], [])
     return receipts, unknown_msgs, ack_receipts_txn(txn, user, rids) if rids else []
 
 
-def ack_receipt_txn(txn, user, rid):
+def ack_receipt_txn(txn, user, rid, user_fp=None):
+    _check_session_key_txn(txn, user, user_fp)
     if ack_receipts_txn(txn, user, [rid]):
         raise UnknownMessage("No pending receipt %d for you." % rid)
 
@@ -1913,26 +1980,32 @@ class Store:
         return self._run(accept_message_txn, msg_id, sender, header, signature, size, chunks, recipients, now,
                          limits, seq, check, sender_fp)
 
-    def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024):
-        return self._run(pending_txn, user, after_seq, limit, inline_bytes)
+    def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None):
+        return self._run(pending_txn, user, after_seq, limit, inline_bytes, 4 * 1024 * 1024, user_fp)
 
     def chunks(self, seq, start, count):
         return self._run(chunks_txn, seq, start, count)
 
-    def ack(self, user, msg_id, status, reason, now):
-        return self._run(ack_txn, user, msg_id, status, reason, now)
+    def ack(self, user, msg_id, status, reason, now, user_fp=None):
+        return self._run(ack_txn, user, msg_id, status, reason, now, user_fp)
 
-    def pending_receipts(self, user, after_rid, limit=500):
-        return self._run(pending_receipts_txn, user, after_rid, limit)
+    def pending_receipts(self, user, after_rid, limit=500, user_fp=None):
+        return self._run(pending_receipts_txn, user, after_rid, limit, user_fp)
 
-    def ack_receipt(self, user, rid):
-        return self._run(ack_receipt_txn, user, rid)
+    def ack_receipt(self, user, rid, user_fp=None):
+        return self._run(ack_receipt_txn, user, rid, user_fp)
 
-    def ack_many(self, user, msg_ids, rids, now):
-        return self._run(ack_many_txn, user, msg_ids, rids, now)
+    def ack_many(self, user, msg_ids, rids, now, user_fp=None):
+        return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp)
+
+    def trim_receipts(self, user, keep):
+        return self._run(trim_receipts_txn, user, keep)
 
     def expire(self, now):
         return self._run(expire_txn, now)
+
+    def free_pages(self):
+        return self._run(free_pages_txn)
 
     def expire_receipts(self, older_than):
         return self._run(expire_receipts_txn, older_than)
@@ -1948,12 +2021,6 @@ class Store:
 
 
 #### Server ####
-
-
-class IdleTimeout(ProtocolError):
-    """The connection was idle for too long."""
-
-    code = "timeout"
 
 
 def _set_nodelay(transport):
@@ -2218,10 +2285,12 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self._end_upload(upload, abort=True)
         self.factory.connection_closed(self)
 
-    def account_gone(self):
-        """The account was deleted, or given another key, by the operator: this session ends."""
+    def account_gone(self, message="This account was deleted, or its key replaced, by the server's operator."):
+        """The account was deleted, or given another key: this session, logged in with the old one, ends."""
+        if self.closed:
+            return
         self.log.info("Closing a session of {user}: the account was deleted or its key replaced", user=self.user)
-        self.send_error(None, AuthFailed("This account was deleted, or its key replaced, by the server's operator."))
+        self.send_error(None, AuthFailed(message))
         self.close()
 
     def timeoutConnection(self):
@@ -2277,15 +2346,26 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self._hold("output")
 
     def _hold(self, reason):
-        """Stop reading requests until L{_release}: bounds what one connection can make the server buffer."""
+        """
+        Stop reading requests until L{_release}: bounds what one connection can make the server buffer.  While the
+        server holds reading for its own reasons (not because the peer stopped reading), an open upload's idle
+        clock stands still: the wait is not the client's.
+        """
         if not self._holds:
             self.pauseProducing()
         self._holds.add(reason)
+        upload = self._upload
+        if reason != "output" and upload is not None and upload.timer is not None and upload.timer.active():
+            upload.timer.cancel()
 
     def _release(self, reason):
         self._holds.discard(reason)
         if not self._holds and not self.closed:
             self.resumeProducing()
+        upload = self._upload
+        if (not self._holds - {"output"} and not self.closed and upload is not None
+                and (upload.timer is None or not upload.timer.active())):
+            self._await_chunk(upload)  # reading resumes: the upload has its whole idle time again
 
     def dataReceived(self, data):
         if not self._seen_data:
@@ -2355,6 +2435,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self.send_error(rid, error, challenge=b64(self.challenge))
         else:
             self.send_error(rid, error)
+        if isinstance(error, KeyReplaced):
+            self.close()  # the session's key is not the account's any more: it ends here, as at the account check
 
     def _done(self, kind):
         """
@@ -2397,12 +2479,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if self.user is not None and self.user != user:
             raise BadRequest("This connection is logged in as %s." % self.user)
 
-    async def _check_proof(self, key, proof, purpose, user, challenge, key_fp, error=None, charge=True):
+    async def _check_proof(self, key, proof, purpose, user, challenge, key_fp, error=None):
         """The proof verifies for this server, or the request fails with C{error}, charged to the requester."""
         if not await self.factory.in_thread(verify_auth, key, proof, purpose, self.factory.server_id, user,
                                             challenge, key_fp):
-            if charge:
-                self.factory.proof_failed(self, user)
+            self.factory.proof_failed(self, user)
             raise error or AuthFailed("The proof of key possession does not verify.")
 
     async def _account(self, user, purpose):
@@ -2441,7 +2522,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("This server needs an invite code to register; ask its operator for one.")
         fp = fingerprint(key)
         store = self.factory.store
-        await self._check_proof(key, proof, "register", user, challenge, fp, charge=False)
+        self.factory.check_throttle(self, user, "register")  # a proof that failed before was charged like a login's
+        await self._check_proof(key, proof, "register", user, challenge, fp)
         if await store.get_user(user) is not None:
             raise UserExists("The user name %r is taken." % user)
         salt = secrets.token_bytes(ARGON2_SALT_SIZE)
@@ -2489,7 +2571,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         finally:
             self.factory.rekey_ended(user, done)
         self.log.info("{user} replaced their key (new fingerprint {fp})", user=user, fp=new_fp.hex())
-        self.factory.key_changed(user, new_key)
+        self.factory.key_changed(user, new_key, self)
         return {"user": user, "fingerprint": new_fp.hex()}
 
     async def handle_recover(self, frame, rid):
@@ -2515,7 +2597,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         await self.factory.store.set_key(user, public_key_pem(new_key), new_fp, now, recovered=True)
         self.log.warn("{user} recovered their account with the safetoken alone from {peer} (new fingerprint {fp})",
                       user=user, peer=_peer_text(self.peer), fp=new_fp.hex())
-        self.factory.key_changed(user, new_key)
+        self.factory.key_changed(user, new_key, self)
         return {"user": user, "fingerprint": new_fp.hex()}
 
     async def handle_exists(self, frame, rid):
@@ -2548,16 +2630,26 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         store = self.factory.store
         if receive:
             self.messages = _Feed(
-                lambda after: store.pending(user, after, self.PAGE, self.factory.inline_bytes).addCallback(
-                    lambda ms: [(m.ord, m) for m in ms]),
+                lambda after: self._checked(store.pending(
+                    user, after, self.PAGE, self.factory.inline_bytes, self.key_fingerprint).addCallback(
+                    lambda ms: [(m.ord, m) for m in ms])),
                 self._push_message, self.flow, self.log)
             self.receipts = _Feed(
-                lambda after: store.pending_receipts(user, after).addCallback(lambda rs: [(r.rid, r) for r in rs]),
+                lambda after: self._checked(store.pending_receipts(user, after, user_fp=self.key_fingerprint)
+                                            .addCallback(lambda rs: [(r.rid, r) for r in rs])),
                 self._push_receipt, self.flow, self.log)
         self.factory.session_started(self)
         if receive:
             self.messages.start()
             self.receipts.start()
+
+    def _checked(self, page):
+        """A feed's page, or none when the session's key is not the account's any more: then the session ends."""
+        def replaced(failure):
+            failure.trap(KeyReplaced)
+            self.account_gone()
+            return []
+        return page.addErrback(replaced)
 
     # -- directory --
 
@@ -2646,8 +2738,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if self.closed:  # connectionLost had no upload to drop yet
                 self._end_upload(upload, abort=True)
                 return None
-            self._upload = upload
-            self._await_chunk(upload)
+            self._upload = upload  # its idle clock starts when reading resumes, in _release
         except BaseException:
             self._end_upload(upload, abort=True)
             raise
@@ -2656,14 +2747,15 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return None
 
     def _await_chunk(self, upload):
-        """(Re)start the wait for the upload's next chunk frame."""
-        upload.timer = self.callLater(self.limits.upload_idle_timeout, self._upload_idle, upload)
+        """
+        (Re)start the wait for the upload's next chunk frame, unless the server holds reading: then L{_release}
+        starts it once reading resumes.
+        """
+        if not self._holds - {"output"}:
+            upload.timer = self.callLater(self.limits.upload_idle_timeout, self._upload_idle, upload)
 
     def _upload_idle(self, upload):
         if self._upload is not upload:
-            return
-        if self._holds - {"output"}:  # the server itself is not reading this connection: not the client's delay
-            self._await_chunk(upload)
             return
         self._upload = None
         self._aborted_upload = upload.rid  # its chunk frames may still come: drop them quietly
@@ -2697,9 +2789,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                     self._aborted_upload = None
                 return None  # the rest of an upload already refused: its error was sent
             raise BadRequest("No upload with that id is in progress.")
-        self._hold("upload")
-        if upload.timer.active():
-            upload.timer.cancel()  # restarted once this frame is stored
+        self._hold("upload")  # stops the upload's idle clock until this frame is stored
         signature = None
         try:
             signature = self._signature(frame)
@@ -2709,9 +2799,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 await self.factory.store.add_chunks(upload.seq, upload.count, chunks)
             upload.count += len(chunks)
             if signature is None:
-                if self._upload is upload:
-                    self._await_chunk(upload)
-                return None
+                return None  # the idle clock starts again when reading resumes, in _release
             self._upload = None
             answer = await self._accept(upload.verifier, upload.recipients, upload.declared_size, None, signature,
                                         upload)
@@ -2827,9 +2915,12 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if "msgs" in frame or "receipts" in frame:  # the list form: many at once, the unknown ones reported
             msg_ids = self._msg_ids(frame) if "msgs" in frame else None
             rids = self._receipt_ids(frame) if "receipts" in frame else None
-            receipts, unknown_msgs, unknown_rids = await store.ack_many(self.user, msg_ids, rids, self.factory.now())
+            receipts, unknown_msgs, unknown_rids = await store.ack_many(
+                self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint)
             for sender, receipt in receipts:
                 self.factory.receipt_created(sender, receipt)
+            if receipts:
+                self.factory.settled()
             answer = {}
             if msg_ids is not None:
                 unknown = set(unknown_msgs)
@@ -2838,7 +2929,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 answer["unknown_receipts"] = unknown_rids
             return answer
         if "receipt" in frame:
-            await store.ack_receipt(self.user, field_int(frame, "receipt", 1, 2 ** 63 - 1))
+            await store.ack_receipt(self.user, field_int(frame, "receipt", 1, 2 ** 63 - 1), self.key_fingerprint)
             return {}
         return await self._settle(self._msg_id(frame), "delivered", "")
 
@@ -2848,8 +2939,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return await self._settle(msg_id, "rejected", reason)
 
     async def _settle(self, msg_id, status, reason):
-        sender, receipt = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now())
+        sender, receipt = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now(),
+                                                       self.key_fingerprint)
         self.factory.receipt_created(sender, receipt)
+        self.factory.settled()
         return {}
 
 
@@ -2869,13 +2962,20 @@ def _error_frame(rid, error, **extra):
     return frame
 
 
+class _Members(list):
+    """A JSON object's members as read, in order, repeated names included."""
+
+
 def request_id_of_raw(line):
     """The request id of a frame that failed validation, when it can still be read, so the error can echo it."""
     try:
-        frame = json.loads(bytes(line).decode("utf-8"))
+        members = json.loads(bytes(line).decode("utf-8"), object_pairs_hook=_Members)
     except (ValueError, RecursionError):
         return None
-    return request_id(frame) if isinstance(frame, dict) else None
+    if not isinstance(members, _Members):
+        return None
+    ids = [value for name, value in members if name == "id"]
+    return request_id({"id": ids[0]}) if len(ids) == 1 else None  # a repeated id names no one request
 
 
 def _address_host(address):
@@ -2884,6 +2984,7 @@ def _address_host(address):
 
 
 def _count_down(counter, key):
+    """One fewer C{key} in C{counter}; a key that falls to zero is removed, so the table holds only what is open."""
     counter[key] -= 1
     if counter[key] <= 0:
         del counter[key]
@@ -2944,6 +3045,10 @@ class PagerServerFactory(protocol.Factory):
     noisy = False
     inline_bytes = 48 * 1024  # messages up to this size are pushed from memory and read back with their chunks
     VACUUM_PAGES = 4096  # free pages given back per store step (16 MiB of 4 KiB pages), so sends wait little
+    HASH_RETRY_AFTER = 1.0  # seconds a request refused by the per-account or per-address hashing bound is told to wait
+    RECLAIM_DELAY = 1.0  # seconds after an ack before the free pages are counted (at most one count per delay)
+    RECLAIM_PAGES = 2048  # free pages (8 MiB of 4 KiB pages) from which the count gives them back at once
+    RECEIPT_TRIM_EVERY = 100  # new receipts of one user between two trims of its stored receipts
 
     def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
         if reactor is None:
@@ -2973,6 +3078,8 @@ class PagerServerFactory(protocol.Factory):
         self._rekeyed = collections.OrderedDict()  # account -> time of its last re-key, oldest first
         self._expiry = None
         self._account_check = None
+        self._reclaim_call = None  # the free-page count due after recent acks, if any
+        self._new_receipts = collections.Counter()  # user -> receipts made for it since its last trim
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
 
     def now(self):
@@ -3025,16 +3132,17 @@ class PagerServerFactory(protocol.Factory):
         """
         L{hash_token} for a request from C{connection} about C{account}.  One account (its recoveries counted
         apart) may have at most C{argon2_per_account} hashes running or waiting, and one address at most
-        C{argon2_per_address}: past either, the request is answered rate_limited at once and charged to the
-        requester.  With one authentication request at a time per connection, nobody can fill the queue alone, and
+        C{argon2_per_address}: past either, the request is answered rate_limited at once, with a short
+        C{retry_after}.  That refusal is not a failed attempt: the bound already limits what the requester costs,
+        and charging it would let a few simultaneous logins of one account (cron jobs) lock out their whole
+        address.  With one authentication request at a time per connection, nobody can fill the queue alone, and
         everyone else's hash waits behind at most those few of theirs.
         """
         host = _address_host(connection.peer)
         if (self._hashing_accounts[account] >= self.limits.argon2_per_account
                 or host is not None and self._hashing_addresses[host] >= self.limits.argon2_per_address):
-            self._charge(connection, self.now())
             raise RateLimited("Too many logins of this account or from your address are being checked; "
-                              "try again in a moment.")
+                              "try again in a moment.", retry_after=self.HASH_RETRY_AFTER)
         hashed = self.hash_token(token, salt)
         self._hashing_accounts[account] += 1
         if host is not None:
@@ -3061,14 +3169,13 @@ class PagerServerFactory(protocol.Factory):
     def address_disconnected(self, connection):
         host = getattr(connection, "counted_address", None)
         if host is not None:
-            self.per_address[host] -= 1
-            if self.per_address[host] <= 0:
-                del self.per_address[host]
+            _count_down(self.per_address, host)
 
     def check_throttle(self, connection, user, purpose):
         """
         Refuse an authentication attempt at once (no work, no waiting) while its address or connection is slowed
-        down, or, for login and rekey, the account at this address, or, for recover, the account's recoveries.  A
+        down, or, for login and rekey, the account at this address, or, for recover, the account's recoveries (a
+        register has no account yet: only its address and connection count).  A
         refusal counts as a failure of the address and the connection: polling does not outlast a wait.
         """
         wait = self._wait(connection, user, purpose)
@@ -3081,7 +3188,7 @@ class PagerServerFactory(protocol.Factory):
         now = self.now()
         host = _address_host(connection.peer)
         account = (self.recover_failures.wait(user, now) if purpose == "recover"
-                   else self.token_failures.wait((user, host), now))
+                   else 0.0 if purpose == "register" else self.token_failures.wait((user, host), now))
         return max(account, connection.auth_failures.wait(None, now),
                    self.address_failures.wait(host, now) if host is not None else 0.0)
 
@@ -3159,13 +3266,21 @@ class PagerServerFactory(protocol.Factory):
         self.open_uploads[user] += 1
 
     def upload_closed(self, user):
-        self.open_uploads[user] -= 1
-        if self.open_uploads[user] <= 0:
-            del self.open_uploads[user]
+        _count_down(self.open_uploads, user)
 
-    def key_changed(self, user, key):
-        for session in self.online.get(user, ()):
-            session.key, session.key_fingerprint = key, fingerprint(key)
+    def key_changed(self, user, key, requester=None):
+        """
+        C{user}'s own rekey or recover, asked for by connection C{requester}, gave the account C{key}: the
+        requester, if it is a session of the user, goes on with the new key; every other session of the user, logged
+        in with the old key, ends (whoever replaced a key, perhaps because it was stolen, does not want sessions
+        with the old one to go on reading and settling the account's messages).
+        """
+        new_fp = fingerprint(key)
+        if requester is not None and requester.user == user:
+            requester.key, requester.key_fingerprint = key, new_fp
+        for session in list(self.online.get(user, ())):
+            if session is not requester and session.key_fingerprint != new_fp:
+                session.account_gone("This account's key was replaced; log in again with the new key.")
 
     def message_accepted(self, message, recipients):
         for name in recipients:
@@ -3173,6 +3288,17 @@ class PagerServerFactory(protocol.Factory):
                 session.messages.offer(message.ord, message)
 
     def receipt_created(self, user, receipt):
+        """
+        Push a new receipt to C{user}'s sessions that take it; and after every C{min(RECEIPT_TRIM_EVERY,
+        max_pending_receipts)} new receipts of a user, drop its oldest beyond C{max_pending_receipts}
+        (L{trim_receipts_txn}), so a user stores at most about twice that many at any time.
+        """
+        keep = self.limits.max_pending_receipts
+        self._new_receipts[user] += 1
+        if self._new_receipts[user] >= min(self.RECEIPT_TRIM_EVERY, keep):
+            del self._new_receipts[user]
+            self.store.trim_receipts(user, keep).addErrback(
+                lambda f: self.log.failure("Dropping old receipts failed", f))
         for session in list(self.online.get(user, ())):
             if session.receive:
                 session.receipts.offer(receipt.rid, receipt)
@@ -3198,9 +3324,16 @@ class PagerServerFactory(protocol.Factory):
         return loop
 
     def stop_expiry(self):
-        for loop in (self._expiry, self._account_check):
-            if loop is not None and loop.running:
-                loop.stop()
+        """Stop the expiry sweep, and the reclaiming that acks schedule."""
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
+        call, self._reclaim_call = self._reclaim_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def stop_account_check(self):
+        if self._account_check is not None and self._account_check.running:
+            self._account_check.stop()
 
     async def expire(self):
         """Drop expired deliveries and receipts, then give the space they took back to the file system."""
@@ -3214,6 +3347,24 @@ class PagerServerFactory(protocol.Factory):
                 break
         await self.store.expire_receipts(self.now() - self.limits.message_expiry)
         await self.reclaim()
+
+    def settled(self):
+        """
+        Deliveries were settled, so space may be free: RECLAIM_DELAY seconds later (once, however many acks come
+        meanwhile) the free pages are counted, and from RECLAIM_PAGES on they are given back at once.  The hourly
+        sweep gives back the rest.
+        """
+        if self._reclaim_call is None:
+            self._reclaim_call = self.reactor.callLater(self.RECLAIM_DELAY, self._reclaim_if_free)
+
+    def _reclaim_if_free(self):
+        async def run():
+            try:
+                if await self.store.free_pages() >= self.RECLAIM_PAGES:
+                    await self.reclaim()
+            finally:
+                self._reclaim_call = None
+        Deferred.fromCoroutine(run()).addErrback(lambda f: self.log.failure("Giving space back failed", f))
 
     async def reclaim(self):
         """
@@ -3304,6 +3455,7 @@ class PagerService(service.Service):
 
     async def _stop(self):
         self.factory.stop_expiry()
+        self.factory.stop_account_check()
         self.factory.stop_hashing()
         if self.port is not None:
             await self.port.stopListening()
@@ -7006,6 +7158,8 @@ _LIMIT_OPTIONS = [
      "Messages one sender may have stored and not yet delivered, over all recipients."),
     ("max-sender-pending-bytes", "max_sender_pending_bytes", int,
      "Plaintext bytes one sender may have stored and not yet delivered."),
+    ("max-pending-receipts", "max_pending_receipts", int,
+     "Receipts stored for one user and not yet acknowledged; past it the oldest are dropped."),
     ("max-open-uploads", "max_open_uploads", int, "Multi-frame uploads one user may have open at once."),
     ("upload-idle-timeout", "upload_idle_timeout", float,
      "Seconds an upload may wait for its next chunk frame before it is dropped."),
@@ -8124,7 +8278,7 @@ def stats_txn(txn):
         "stored_receipts": one("SELECT COUNT(*) FROM receipts"),
         "unused_invites": one("SELECT COUNT(*) FROM invites WHERE used_by IS NULL"),
         "open_uploads": one("SELECT COUNT(*) FROM messages WHERE accepted_at IS NULL"),
-        "open_upload_bytes": one("SELECT value FROM counters WHERE name = 'reserved'"),
+        "open_upload_bytes": one("SELECT COALESCE(SUM(size), 0) FROM messages WHERE accepted_at IS NULL"),
         "free_bytes": one("SELECT (SELECT freelist_count FROM pragma_freelist_count())"
                           " * (SELECT page_size FROM pragma_page_size())"),
     }

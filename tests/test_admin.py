@@ -430,6 +430,20 @@ class AdminErrorTests(AdminTestCase):
             self.assertFalse(os.path.exists(missing))
             self.assertFalse(os.path.exists(missing + ".bak"))
 
+    async def test_bad_server_id(self):
+        """A database whose server id is not 32 hex digits: every admin command exits 1 with one sentence."""
+        db = os.path.abspath(self.mktemp())
+        store = pager.Store(db)
+        await store.open()
+        store.close()
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("UPDATE meta SET value = 'not-hex' WHERE key = 'server_id'")
+        conn.close()
+        for result in await self.in_parallel(*[dict(args=c, db=db) for c in (["users"], ["stats"])]):
+            line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
+            self.assertIn("server id", line)
+
     async def test_bad_usage(self):
         """Bad command lines exit 2 with one sentence and leave the database alone."""
         await self.start()

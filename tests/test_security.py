@@ -1221,7 +1221,8 @@ class FairnessTests(SecurityTestCase):
         new challenge with a valid re-key, a malformed re-key and a malformed login, 25 rounds each (400 valid
         re-keys).  Once 150 rounds
         are under way, eight other users log in at once from 127.0.0.1: every login succeeds, each within
-        LOGIN_BOUND seconds, and at no time do more than 10 token hashes wait (mallory's 2 and the eight).
+        LOGIN_BOUND seconds; at no time does mallory have more than 2 token hashes running or waiting
+        (argon2_per_account), nor do more than 10 hashes wait in all (mallory's 2 and the eight).
         """
         await self.start()
         for name in ["mallory"] + ["user%d" % i for i in range(8)]:
@@ -1235,6 +1236,14 @@ class FairnessTests(SecurityTestCase):
             most_waiting[0] = max(most_waiting[0], len(factory._hashing.waiting))
             return d
         factory.hash_token = counting_hash
+        mallory_most = [0]
+        hash_token_for = factory.hash_token_for
+
+        async def counting_hash_for(connection, account, token_, salt):
+            hashed = defer.Deferred.fromCoroutine(hash_token_for(connection, account, token_, salt))
+            mallory_most[0] = max(mallory_most[0], factory._hashing_accounts["mallory"])  # this one counted now
+            return await hashed
+        factory.hash_token_for = counting_hash_for
 
         peers = []
         for _ in range(16):
@@ -1257,6 +1266,8 @@ class FairnessTests(SecurityTestCase):
         flood = sum(p.sent for p in peers)
         self.assertLess(max(took), self.LOGIN_BOUND, (took, flood))
         self.assertLessEqual(most_waiting[0], 10, flood)
+        self.assertGreater(mallory_most[0], 0, flood)
+        self.assertLessEqual(mallory_most[0], factory.limits.argon2_per_account, flood)
         await self.witness_ok()
 
     async def test_targeted_account_not_locked_out(self):

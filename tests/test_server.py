@@ -7,6 +7,7 @@ dataReceived returns.  Also the client's side of the challenge rule.
 import base64
 import hashlib
 import json
+import os
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer
@@ -1113,6 +1114,28 @@ class UploadLimitTests(ServerTestCase):
         self.assertOk(other.send(seal("alice", ["bob"], b"z" * 20 * 1024)))
 
 
+    def test_budgetCountsUploadOnce(self):
+        """
+        An open upload's stored chunks come off its reservation as they are stored: with an upload of four 64 KiB
+        chunks streamed up to its last frame, a 60 KiB message that fits beside what is really used is accepted.
+        """
+        used = self.query("SELECT (SELECT page_count FROM pragma_page_count())"
+                          " * (SELECT page_size FROM pragma_page_size())")[0][0]
+        self.serve(pager.Limits(max_line=96 * 1024, max_db_bytes=used + 420 * 1024, max_pending_bytes=10 ** 9))
+        alice = self.login("alice")
+        held = seal("alice", ["bob"], os.urandom(4 * 65536), chunk_size=65536)
+        alice.write(self.header_frame(held))
+        for frame in self.chunk_frames(held)[:-1]:
+            alice.write(frame)
+        self.assertEqual(alice.read(), [])
+        self.assertEqual(self.query("SELECT value FROM counters WHERE name = 'reserved'"), [(65536,)])
+        other = self.login("alice")
+        self.assertOk(other.send(seal("alice", ["bob"], os.urandom(60 * 1024))))
+        alice.write(self.chunk_frames(held)[-1])
+        self.assertOk(alice.read()[0])
+        self.assertEqual(self.query("SELECT value FROM counters WHERE name = 'reserved'"), [(0,)])
+
+
 class AccountGoneTests(ServerTestCase):
     """The operator's delete-user and reset-key, run on the database by another process, end the user's sessions."""
 
@@ -1121,7 +1144,7 @@ class AccountGoneTests(ServerTestCase):
         self.alice = self.register("alice")
         self.bob = self.register("bob")
         self.factory.start_account_check()
-        self.addCleanup(self.factory.stop_expiry)
+        self.addCleanup(self.factory.stop_account_check)
         self.interval = self.factory.limits.account_check_interval
 
     def run_txn(self, fn, *args):
@@ -1166,7 +1189,10 @@ class AccountGoneTests(ServerTestCase):
         self.assertEnded(self.alice)
 
     def test_ownRekeyKeepsSessions(self):
-        """A rekey through the server itself updates its sessions: they stay open and can send."""
+        """
+        A rekey through the server itself: the session that asked for it goes on with the new key and can send;
+        every other session of the user, logged in with the old key, is closed at once.
+        """
         other = self.login("alice")
         new = private_key("alice-rekeyed")
         new_fp = pager.fingerprint(new)
@@ -1175,10 +1201,12 @@ class AccountGoneTests(ServerTestCase):
             "rekey", user="alice", token=TOKEN, public_key=pager.public_key_pem(new),
             proof_old=b64(pager.sign_auth(private_key("alice"), "rekey", self.server_id, "alice", challenge, new_fp)),
             proof_new=b64(pager.sign_auth(new, "rekey", self.server_id, "alice", challenge, new_fp))))
+        [notice] = other.read()
+        self.assertError(notice, "auth_failed")
+        self.assertTrue(other.transport.disconnecting)
         self.clock.advance(self.interval)
-        for conn in (self.alice, other):
-            self.assertStillOpen(conn)
-            self.assertOk(conn.send(seal("alice", ["bob"], sender_key=new)))
+        self.assertStillOpen(self.alice)
+        self.assertOk(self.alice.send(seal("alice", ["bob"], sender_key=new)))
 
     def test_deletedNameLeavesNothing(self):
         """
@@ -1906,6 +1934,33 @@ class AuthInFlightTests(ServerTestCase):
         for conn in conns[:2] + [alice]:
             self.assertOk(conn.read()[0])
 
+    def test_burstsDoNotLockOutTheAddress(self):
+        """
+        Twenty times over, four cron jobs of alice log in at once from one address with her key and token: two are
+        hashed, two refused rate_limited with a short retry_after (argon2_per_account); then carol logs in from the
+        same address at once, and so does a fifth job of alice.
+        """
+        self.offline("carol")
+        host = IPv4Address("TCP", "198.51.100.9", 1000)
+        for burst in range(20):
+            conns = [self.connect(host) for _ in range(4)]
+            for i, conn in enumerate(conns[:2]):
+                conn.write({"type": "login", "id": i, **auth_fields(conn, "login")})
+            for conn in conns[2:]:
+                answer = self.assertError(conn.request("login", **auth_fields(conn, "login")), "rate_limited")
+                self.assertEqual(answer["retry_after"], 1)
+                self.assertIn("challenge", answer)
+            self.hashes.finish()
+            for conn in conns[:2]:
+                self.assertOk(conn.read()[0])
+            for conn in conns:
+                conn.lose()
+        for name in ("carol", "alice"):
+            conn = self.connect(host)
+            conn.write({"type": "login", "id": name, **auth_fields(conn, "login", name)})
+            self.hashes.finish()
+            self.assertOk(conn.read()[0])
+
     def test_recoveriesCountedApart(self):
         """
         Two recoveries of alice (right key proofs, wrong tokens) waiting for their hash make a third recovery wait
@@ -2188,3 +2243,197 @@ class RecentTests(SynchronousTestCase):
             recent.add(item)
         self.assertEqual(len(recent), 3)
         self.assertEqual([i for i in (b"a", b"b", b"c", b"d") if i in recent], [b"a", b"c", b"d"])
+
+
+class ReceiptBoundTests(ServerTestCase):
+    """What one user's unacknowledged receipts may hold on the server."""
+
+    def test_rejectedToSelfBounded(self):
+        """
+        Alice sends 20 messages to herself and rejects each with the longest reason (500 characters), never
+        acknowledging a receipt: with max_pending_receipts 5, her oldest receipts are dropped after every 5 new ones,
+        so never more than 9 are stored, always her newest.
+        """
+        self.serve(pager.Limits(max_pending_receipts=5))
+        alice = self.register("alice")
+        pushed = []
+        for n in range(20):
+            envelope = seal("alice", ["alice"], b"%d" % n)
+            self.assertOk(alice.send(envelope))
+            self.assertOk(alice.request("reject", msg=msg_id(envelope), reason="x" * 500))
+            pushed += [f["receipt"] for f in alice.read() if f["type"] == "receipt"]
+            stored = [r.rid for r in self.successResultOf(self.store.pending_receipts("alice", 0))]
+            self.assertLessEqual(len(stored), 9)
+            self.assertEqual(stored, pushed[-len(stored):])
+        self.assertEqual(len(pushed), 20)  # each was pushed as it happened
+        self.assertEqual(len(stored), 5)  # the 20th was a trim
+        self.assertError(alice.request("reject", msg=msg_id(envelope), reason="x" * 501), "bad_request")
+
+
+class KeyReplacedTests(ServerTestCase):
+    """A session logged in with a key that was replaced can neither settle nor read what waits for the new key."""
+
+    def setUp(self):
+        super().setUp()
+        self.alice = self.register("alice")
+        self.bob = self.register("bob")
+        self.envelope = seal("bob", ["alice"])
+        self.assertOk(self.bob.send(self.envelope))
+        self.assertEqual(len(self.alice.pushed("message")), 1)
+
+    def pending(self):
+        return self.successResultOf(self.store.get_user("alice")).pending_count
+
+    def test_recoverClosesOldKeySessions(self):
+        """
+        After alice recovers her account from another connection, her session logged in with the old key gets
+        auth_failed without id and is closed at once; its ack is never carried out.
+        """
+        new = private_key("alice-recovered")
+        conn = self.connect()
+        proof = pager.sign_auth(new, "recover", conn.server_id, "alice", conn.challenge, pager.fingerprint(new))
+        self.assertOk(conn.request("recover", user="alice", token=TOKEN, public_key=pager.public_key_pem(new),
+                                   proof=b64(proof)))
+        [notice] = self.alice.read()
+        self.assertError(notice, "auth_failed")
+        self.assertNotIn("id", notice)
+        self.assertTrue(self.alice.transport.disconnecting)
+        self.alice.write({"type": "ack", "id": 1, "msg": msg_id(self.envelope)})
+        self.assertEqual(self.alice.read(), [])
+        self.assertEqual(self.pending(), 1)
+        self.assertStillOpen(self.bob)
+
+    def reset_key_then(self, kind, **fields):
+        """After the operator's reset-key, the old-key session's C{kind} is refused forbidden and closes it."""
+        new = private_key("alice-reset")
+        self.successResultOf(self.store.pool.runInteraction(
+            pager.set_key_txn, "alice", pager.public_key_pem(new), pager.fingerprint(new), 0.0, True))
+        answer = self.assertError(self.alice.request(kind, **fields), "forbidden")
+        self.assertIn("key replaced", answer["message"])
+        self.assertTrue(self.alice.transport.disconnecting)
+        self.assertEqual(self.pending(), 1)
+
+    def test_resetKeyThenAck(self):
+        """
+        Within account_check_interval of the operator's reset-key, an ack by the session logged in with the old
+        key is refused with forbidden and closes the session; nothing is settled.
+        """
+        self.reset_key_then("ack", msg=msg_id(self.envelope))
+
+    def test_resetKeyThenAckList(self):
+        """The same for the list form of ack."""
+        self.reset_key_then("ack", msgs=[msg_id(self.envelope)])
+
+    def test_resetKeyThenReject(self):
+        """The same for reject."""
+        self.reset_key_then("reject", msg=msg_id(self.envelope), reason="")
+
+    def test_feedChecksTheKey(self):
+        """
+        A receiving session whose key was replaced by the operator drains nothing more from the store: its next
+        login-time page is refused and the session is closed.
+        """
+        new = private_key("alice-reset")
+        self.successResultOf(self.store.pool.runInteraction(
+            pager.set_key_txn, "alice", pager.public_key_pem(new), pager.fingerprint(new), 0.0, True))
+        self.alice.protocol.messages.start()  # what a paused feed does when the peer reads again
+        [notice] = self.alice.read()
+        self.assertError(notice, "auth_failed")
+        self.assertTrue(self.alice.transport.disconnecting)
+
+
+class UploadHeldTests(ServerTestCase):
+    """The upload idle clock stops while the server itself holds the connection's reading."""
+
+    limits = pager.Limits(max_line=96 * 1024)
+
+    def test_idleClockPausedWhileHeld(self):
+        """
+        While reading is held (here: too many requests in flight), no idle timer runs for the open upload; once
+        reading resumes, the upload has the whole upload_idle_timeout again.
+        """
+        timeout = self.limits.upload_idle_timeout
+        alice = self.register("alice")
+        self.offline("bob")
+        envelope = seal("alice", ["bob"], b"0123456789" * 500, chunk_size=1024)
+        alice.write(UploadTests.header_frame(None, envelope))
+        alice.write(UploadTests.chunk_frames(None, envelope)[0])
+        self.clock.advance(10)
+        alice.protocol._hold("in_flight")
+        self.assertFalse(alice.protocol._upload.timer.active())
+        self.clock.advance(3 * timeout)
+        self.assertEqual(alice.read(), [])
+        alice.protocol._release("in_flight")
+        self.clock.advance(timeout - 1)
+        self.assertEqual(alice.read(), [])
+        self.clock.advance(1)
+        self.assertError(alice.read()[0], "timeout")
+
+
+class RegisterChargedTests(ServerTestCase):
+    """A register whose proof does not verify is a failed attempt of its requester."""
+
+    def test_badProofsCharged(self):
+        """
+        Ten registers with proofs by the wrong key from one address use up its allowance (address_free_failures):
+        the next register and a login of an existing user from that address are refused with rate_limited.
+        """
+        self.offline("alice")
+        peer = IPv4Address("TCP", "198.51.100.20", 1000)
+        for n in range(10):
+            conn = self.connect(peer)
+            self.assertError(conn.register("user%d" % n, private_key("carol"), proof_key=private_key("mallory")),
+                             "auth_failed")
+        self.assertError(self.connect(peer).register("carol", private_key("carol")), "rate_limited")
+        self.assertError(self.connect(peer).login("alice", private_key("alice")), "rate_limited")
+        self.assertOk(self.connect().login("alice", private_key("alice")))
+
+
+class ReclaimTests(ServerTestCase):
+    """Space from acknowledged messages is given back soon, not only at the hourly sweep."""
+
+    def test_fileShrinksAfterAck(self):
+        """
+        Once a 16 MiB message is acknowledged, the database file shrinks to about its earlier size within
+        RECLAIM_DELAY seconds, with no reclaim called by hand and no expiry sweep.
+        """
+        self.offline("alice")
+        bob = self.register("bob")
+        self.successResultOf(self.store.checkpoint())
+        before = os.path.getsize(self.store.path)
+        mid = os.urandom(16)
+        chunks = [os.urandom(65536) for _ in range(256)]
+        self.successResultOf(self.store.accept_message(
+            mid, "alice", b"header", b"sig", 16 * 1024 * 1024, chunks, ["bob"], 0.0,
+            pager.Limits(max_pending_bytes=2 ** 30)))
+        self.successResultOf(self.store.checkpoint())
+        self.assertGreater(os.path.getsize(self.store.path), before + 16 * 1024 * 1024)
+        bob.protocol.messages.start()
+        bob.read()
+        self.assertOk(bob.request("ack", msg=mid.hex()))
+        self.clock.advance(self.factory.RECLAIM_DELAY)
+        self.assertLess(os.path.getsize(self.store.path), before + 1024 * 1024)
+
+
+class ServerNitTests(ServerTestCase):
+
+    def test_timeoutCodeKnown(self):
+        """A client maps the timeout code to IdleTimeout, not to a bare ProtocolError."""
+        self.assertIsInstance(pager.error_for_code("timeout", "idle"), pager.IdleTimeout)
+
+    def test_repeatedIdNotEchoed(self):
+        """A frame with two id members is refused with bad_request, which echoes neither id."""
+        conn = self.connect()
+        conn.write_line(b'{"type":"ping","id":"a","id":"b"}')
+        [answer] = conn.read()
+        self.assertError(answer, "bad_request")
+        self.assertNotIn("id", answer)
+
+    def test_stopAccountCheckAlone(self):
+        """Stopping the expiry sweep leaves the account check running, and each stops on its own."""
+        self.factory.start_expiry()
+        self.factory.start_account_check()
+        self.factory.stop_expiry()
+        self.assertTrue(self.factory._account_check.running)
+        self.factory.stop_account_check()
+        self.assertFalse(self.factory._account_check.running)

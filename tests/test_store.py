@@ -415,6 +415,16 @@ class StoreTests(unittest.TestCase):
         self.assertLess(os.path.getsize(store.path), before + 1024 * 1024)
         self.assertEqual(await self.query(store, "PRAGMA freelist_count"), [(0,)])
 
+    async def test_server_id_checked_at_open(self):
+        """A database whose server id is not 32 hex digits is refused at open, with one sentence."""
+        store = await self.open_store()
+        await self.query(store, "UPDATE meta SET value = 'abc' WHERE key = 'server_id'")
+        store.close()
+        with self.assertRaises(pager.StoreError) as caught:
+            await self.open_store()
+        self.assertIn("server id", caught.exception.message)
+        self.assertIn("32 hexadecimal digits", caught.exception.message)
+
     async def test_migration_from_schema_1(self):
         """
         A database written by the previous schema (1) is brought to the current one at open: the new columns and
@@ -428,7 +438,8 @@ class StoreTests(unittest.TestCase):
         conn = sqlite3.connect(self.path, isolation_level=None)
         conn.executescript(old_schema)
         conn.executescript(
-            "INSERT INTO meta VALUES ('schema_version', '1'); INSERT INTO meta VALUES ('server_id', 'abc');"
+            "INSERT INTO meta VALUES ('schema_version', '1');"
+            " INSERT INTO meta VALUES ('server_id', '0123456789abcdef0123456789abcdef');"
             "INSERT INTO counters VALUES ('ord', 2);"
             "INSERT INTO users (name, public_key, fingerprint, token_salt, token_hash, key_set_at, registered_at,"
             " pending_count, pending_bytes) VALUES ('alice', 'p', x'00', x'00', x'00', 0, 0, 0, 0),"
