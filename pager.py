@@ -5132,6 +5132,10 @@ class NetworkError(PagerError):
     code = "network"
 
 
+class IncompatibleServer(NetworkError):
+    """The address answers, but not as a pager server this client can talk to: trying again will not help."""
+
+
 class NotDelivered(PagerError):
     """The message was not delivered."""
 
@@ -5412,8 +5416,15 @@ class Session:
 
     @property
     def trust_command(self):
-        """The command that accepts a new server id at this address."""
-        return "pager-cli trust-server %s%s" % (self.address, " --tls" if self.config["tls"] else "")
+        """The command that accepts a new server id at this address, with the options this one was given."""
+        words = ["pager-cli", "trust-server", self.address]
+        if self.config.get("home"):
+            words += ["--home", self.config["home"]]
+        if self.config["tls"]:
+            words.append("--tls")
+            if self.config.get("ca"):
+                words += ["--ca", self.config["ca"]]
+        return " ".join(shlex.quote(word) for word in words)
 
     def in_thread(self, f, *args, **kwargs):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args, **kwargs)
@@ -5467,7 +5478,7 @@ class Session:
                                    "TLS; connect with --tls." % self.address)
             raise NetworkError("%s closed the connection before the pager greeting." % self.address)
         except BadRequest as e:
-            raise NetworkError("%s is not a compatible pager server: %s" % (self.address, e.message))
+            raise IncompatibleServer("%s is not a compatible pager server: %s" % (self.address, e.message))
         if check:
             try:
                 self.check_server(client)
@@ -5767,7 +5778,8 @@ class Session:
         if not self.prompter.interactive:
             raise NoKey("This machine has no key for %s on %s (server id %s): if %s has a key on another machine, "
                         "copy it here with 'pager-cli export-key' and 'pager-cli import-key'; to make a new key and "
-                        "register %s, run the command again with --register."
+                        "register %s, run the command again with --register (and the new key's passphrase in "
+                        "PAGER_PASSPHRASE, or --no-passphrase)."
                         % (self.user, self.address, client.server_id, self.user, self.user))
         self.prompter.say("This machine has no key for %s on %s (server id %s)." % (
             self.user, self.address, client.server_id))
@@ -5782,7 +5794,7 @@ class Session:
         the existing one); the safetoken is then kept under the new key's passphrase.
         """
         prompter = self.prompter
-        if self.config.get("register") and not existing:
+        if self.config.get("register") and not existing and prompter.interactive:
             prompter.say("This machine has no key for %s on %s." % (self.user, self.address))
         if existing:
             token = self._given_token() or await self._ask_token(
@@ -5792,10 +5804,11 @@ class Session:
         try:
             passphrase = await self.new_passphrase()
         except usage.UsageError:
-            raise NoKey("This machine has no key for %s on %s: to make one, give its passphrase in PAGER_PASSPHRASE "
-                        "or --passphrase-file (or choose --no-passphrase); if %s already has a key elsewhere, copy "
-                        "it here with 'pager-cli export-key' and 'pager-cli import-key'."
-                        % (self.user, self.address, self.user))
+            # A missing answer, as when an existing key's passphrase is not given (exit 2).
+            raise usage.UsageError(
+                "This machine has no key for %s on %s: to make one, give its passphrase in PAGER_PASSPHRASE or "
+                "--passphrase-file (or choose --no-passphrase); if %s already has a key elsewhere, copy it here "
+                "with 'pager-cli export-key' and 'pager-cli import-key'." % (self.user, self.address, self.user))
         prompter.say("Generating a %d-bit RSA key..." % RSA_BITS)
         key = await self.in_thread(generate_private_key)
         # Saved before the account exists, so that a failure to save can never leave the server with a key that is
@@ -5866,6 +5879,10 @@ class Session:
                 if client.server_id != self.server_id:
                     raise ServerChanged(self.address, self.server_id, client.server_id, self.trust_command)
                 await self._login(client)
+            except IncompatibleServer:
+                if client is not None:
+                    self._abandon(client)
+                raise
             except (NetworkError, ConnectionLost, RateLimited) as e:
                 # rate_limited: the server is busy or throttling logins, which passes like a network fault; a
                 # throttled login waits as long as the server says, since each refused try lengthens the wait.
@@ -6180,6 +6197,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self._paste_to = None  # and whom they are for
         self.confirming = None  # (name, text) of a long paste waiting for y or n
         self.done = Deferred()
+        self.ended_by = None  # the error that ended the chat when it could not reconnect
         self._closing = False
         self._busy = set()  # commands in flight: quitting waits for them
         self._early = []
@@ -6608,8 +6626,20 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if self._closing:
             return
         # Not one of the commands that quitting waits for: quitting stops it instead.
-        Deferred.fromCoroutine(self._reconnect()).addErrback(
-            lambda f: None if f.check(Cancelled) else self._failed(f))
+        Deferred.fromCoroutine(self._reconnect()).addErrback(self._reconnect_failed)
+
+    def _reconnect_failed(self, failure):
+        """
+        Reconnecting stopped for good: another server at the address, one this client cannot talk to, or a key
+        this machine can no longer use.  The chat ends, and the command with that error's sentence and exit code.
+        """
+        if failure.check(Cancelled):
+            return
+        if not failure.check(PagerError):
+            self._failed(failure)
+            return
+        self.ended_by = failure.value
+        self.quit()
 
     async def _reconnect(self):
         await self.session.reconnect(self.show)
@@ -7506,8 +7536,11 @@ class TrustServerOptions(_GnuOptions):
 
     def postOptions(self):
         _ClientOptions.postOptions(self)
-        if self["id"] is not None and not valid_server_id(self["id"]):
-            raise usage.UsageError("A server id is 1 to 64 lower-case hex digits.")
+        if self["id"] is not None:
+            self["id"] = "".join(self["id"].split()).lower()  # as pasted: spaces and case do not matter
+            if not valid_server_id(self["id"]):
+                raise usage.UsageError("A server id is %d hex digits, as the server logs it when it starts."
+                                       % SERVER_ID_LENGTH)
 
 
 class ForgetServerOptions(_GnuOptions):
@@ -7771,6 +7804,8 @@ async def _connect_command(reactor, config):
         await chat.done
     if stopping:  # a signal (SIGINT, SIGTERM, SIGHUP) stopped the reactor, which closed the chat's input
         raise Cancelled("The chat was interrupted.")
+    if chat.ended_by is not None:
+        raise chat.ended_by
 
 
 FETCH_SETTLE = 10.0  # seconds fetch waits for the next of the messages the login said were waiting
