@@ -7877,8 +7877,11 @@ async def _send_command(reactor, config):
 
 async def _fetch_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
+    output_closed = []  # once the reader has gone, no message is printed (to /dev/null) or acknowledged
 
     async def show(message):
+        if output_closed:
+            raise output_closed[0]
         saved = None
         if message.content_type == "file":
             try:
@@ -7893,8 +7896,10 @@ async def _fetch_command(reactor, config):
         except BrokenPipeError:
             # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise OutputClosed("Standard output was closed (its reader stopped reading) before every message was "
-                               "printed; the messages not printed stay on the server.")
+            output_closed.append(OutputClosed(
+                "Standard output was closed (its reader stopped reading) before every message was printed; the "
+                "messages not printed stay on the server."))
+            raise output_closed[0]
         await session.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",

@@ -21,16 +21,23 @@ from tests.test_e2e import free_port, token
 
 
 class _Output(io.StringIO):
-    """A captured standard output whose reader goes away after C{lines} lines (BrokenPipeError from then on)."""
+    """
+    A captured standard output whose reader goes away after C{lines} lines: the next write raises BrokenPipeError,
+    and later ones are thrown away without an error, as they are once fetch has pointed its output at /dev/null.
+    """
 
     def __init__(self, lines=None):
         super().__init__()
         self.lines = lines
+        self.broken = False
         read, self.fd = os.pipe()
         os.close(read)
 
     def write(self, text):
+        if self.broken:
+            return len(text)
         if self.lines is not None and self.getvalue().count("\n") >= self.lines:
+            self.broken = True
             raise BrokenPipeError(32, "Broken pipe")
         return super().write(text)
 
@@ -160,14 +167,14 @@ class FetchOutputTests(InProcessTestCase):
         fetch whose reader stops after one line ('fetch | head -1') ends with one sentence (exit 7), and the
         messages it did not print stay on the server.
         """
-        home = await self.pages(3)
+        home = await self.pages(5)
         out = _Output(lines=1)
         self.addCleanup(out.close_fd)
         result = await self.run_command("fetch", "HOST", "--user", "bob", home=home, token_of="bob", stdout=out)
         line = self.assertOneErrorLine(result, pager.EXIT_LOCAL)
         self.assertIn("stay on the server", line)
         self.assertEqual(result.out.count("\n"), 1)
-        self.assertEqual(len(await self.pending(self.server, "bob")), 2)
+        self.assertEqual(len(await self.pending(self.server, "bob")), 4)  # the messages after it too
 
     async def test_files_directory_unwritable(self):
         """A file that cannot be saved (files/ is not a directory) is a local failure; the file stays queued."""
