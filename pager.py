@@ -4154,8 +4154,8 @@ class ServerChanged(PagerError):
         if message is None:
             message = ("%s now presents the server id %s, but this machine knows it as %s, so pager refuses to use it "
                        "(it is another server, or someone in between): a server restored from backup keeps its id, "
-                       "so if its operator confirms it was rebuilt, accept the new id with '%s'."
-                       % (address, presented, known, command))
+                       "so if its operator confirms it was rebuilt with the id %s, accept it with '%s --id %s'."
+                       % (address, presented, known, presented, command, presented))
         super().__init__(message)
         self.address, self.known, self.presented = address, known, presented
 
@@ -4828,9 +4828,13 @@ class PagerClient:
         return key
 
     async def trust(self, user):
-        """Pin the key the server now gives for C{user}; returns its fingerprint."""
+        """
+        Pin the key the server now gives for C{user}; returns its fingerprint.  The key pinned already is left as it
+        is, so trusting it again does not undo a verification.
+        """
         key, fp = await self.public_key(user, refresh=True)
-        await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
+        if key_status(await self.pins.get_pin(user), fp) in ("new", "changed"):
+            await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
         return fp
 
     async def key_status(self, user):
@@ -6332,10 +6336,14 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             raise BadRequest("Name at least one recipient.")
         return sorted(set(names))
 
-    def open_conversation(self, user):
+    def open_conversation(self, user, announce=True):
         """Make C{user} the current conversation: the prompt shows the name and each typed line goes there."""
         self.conversation = user
         self._prompt()
+        if announce:
+            self._announce(user)
+
+    def _announce(self, user):
         self.show("Talking to %s: each line you type goes to %s (/to NAME to switch)." % (user, user))
 
     async def command_to(self, rest):
@@ -6350,8 +6358,9 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             raise usage.UsageError("A conversation is with one user (/to NAME); send one message to several with "
                                    "/msg NAME,NAME TEXT.")
         user = canonical_username(rest)
-        # Opened at once, so that the lines typed (or piped) right after it go there; then checked with the server.
-        self.open_conversation(user)
+        # Opened at once, so that the lines typed (or piped) right after it go there; announced once the server
+        # knows the name (or cannot be asked now: it names an unknown user when the message goes out).
+        self.open_conversation(user, announce=False)
         try:
             await self.session.client.public_key(user)
         except UnknownUser:
@@ -6360,7 +6369,9 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 self._prompt()
             raise UnknownUser("No such user: %s; no conversation is open (/users lists who is registered)." % user)
         except (ConnectionLost, NetworkError):
-            pass  # not connected now: the server names an unknown user when the message goes out
+            pass
+        if self.conversation == user:
+            self._announce(user)
 
     async def command_r(self, rest):
         if rest:
@@ -6392,7 +6403,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         lines is shown first and waits for L{confirm}.
         """
         if self.conversation is None:
-            self.show("Open a conversation first with /to NAME.")
+            self.show("The paste was not sent: open a conversation first with /to NAME.")
             return
         if self.confirming is not None:
             self.show("(this paste was not used: answer y or n about the one before it first)")
@@ -6546,7 +6557,12 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if not rest:
             raise usage.UsageError("Usage: /trust NAME")
         user = canonical_username(rest)
+        _, status, _ = await self._peer_key(user)
         fp = await self.session.client.trust(user)
+        if status in ("pinned", "verified"):
+            self.show("%s's key is the one you pinned (%s); nothing changed:\n    %s"
+                      % (user, "verified" if status == "verified" else "pinned, not verified", format_fingerprint(fp)))
+            return
         self.show("Now trusting %s's key (pinned, not verified: /verify %s once you have compared it):\n    %s"
                   % (user, user, format_fingerprint(fp)))
 
@@ -7288,9 +7304,9 @@ class _ClientOptions(_GnuOptions):
         ["user", "u", None, "Your user name."],
         ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
-                                   "$PAGER_TOKEN, else the one kept on this machine, else a prompt)."],
+                                   "$PAGER_TOKEN, else the one kept on this machine, else a prompt in connect; other commands never ask)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, "
-                                        "else a prompt)."],
+                                        "else a prompt in connect; other commands never ask)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.", _positive(float)],
@@ -8162,10 +8178,15 @@ async def _trust_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     client = await session.start(receive=False)
     try:
+        _, status = await client.key_status(config["name"])
         fp = await client.trust(config["name"])
     finally:
         await session.close()
-    print("Now trusting %s's key (pinned, not verified):\n    %s" % (config["name"], format_fingerprint(fp)))
+    if status in ("pinned", "verified"):
+        print("%s's key is the one pinned here (%s); nothing changed:\n    %s" % (
+            config["name"], "verified" if status == "verified" else "pinned, not verified", format_fingerprint(fp)))
+    else:
+        print("Now trusting %s's key (pinned, not verified):\n    %s" % (config["name"], format_fingerprint(fp)))
 
 
 async def _trust_server_command(reactor, config):

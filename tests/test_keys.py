@@ -375,6 +375,8 @@ class VerifyTests(CommandTestCase):
         spaced = pager.format_fingerprint(bob_fp)
         self.assertIn("verified", await self.run_command("verify", *common, "bob", "--fingerprint", spaced))
         self.assertEqual((await status())[0]["status"], "verified")
+        self.assertIn("nothing changed", await self.run_command("trust", *common, "bob"))
+        self.assertEqual((await status())[0]["status"], "verified")  # trusting the pinned key undoes no verify
 
         bob = await self.login(self.address, "bob")
         await bob.send("alice", "hello alice")

@@ -190,6 +190,7 @@ class ChatSendingTests(ChatTestCase):
         before = len(ui.shown)
         await self.type(chat, "/to nobody")
         self.assertIn("No such user: nobody", ui.text(before))
+        self.assertNotIn("Talking to nobody", ui.text(before))  # announced only once the server knows the name
         self.assertEqual((chat.conversation, ui.prompt), (None, "to> "))
         before = len(ui.shown)
         await self.type(chat, "/to bob,carol")
@@ -441,7 +442,7 @@ class ChatPasteTests(ChatTestCase):
         before = len(ui.shown)
         chat.paste("bob\nhello")
         await self.idle(chat)
-        self.assertIn("Open a conversation first with /to NAME.", ui.text(before))
+        self.assertIn("The paste was not sent: open a conversation first with /to NAME.", ui.text(before))
         await self.settle(chat)
         self.assertEqual(bob.events.messages, [])
 
@@ -580,6 +581,8 @@ class ChatCommandTests(ChatTestCase):
         text = await shown("/verify bob")
         self.assertIn("bob's key is now verified", text)
         self.assertIn(pager.format_fingerprint(pager.fingerprint(key("bob"))), text)
+        self.assertIn("bob's key: verified", await shown("/fingerprint bob"))
+        self.assertIn("nothing changed", await shown("/trust bob"))  # trusting the pinned key again undoes nothing
         self.assertIn("bob's key: verified", await shown("/fingerprint bob"))
         self.assertIn("Talking to bob, whose key is verified", await shown("/to bob", "/whoami"))
 
