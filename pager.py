@@ -1787,39 +1787,9 @@ def expire_txn(txn, now, limit=1000):
     return out
 
 
-class _SynchronousPool:
-    """
-    A stand-in for L{adbapi.ConnectionPool} that runs each interaction at once on the calling thread.  Only for tests
-    that drive the server with a fake clock and transport; the server itself always uses a real pool.
-    """
-
-    def __init__(self, path):
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        prepare_connection(self._conn)
-
-    def runInteraction(self, fn, *args, **kwargs):
-        conn = self._conn
-        conn.execute("BEGIN")
-        try:
-            result = fn(_SyncTransaction(conn), *args, **kwargs)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            return defer.fail()
-        conn.execute("COMMIT")
-        return defer.succeed(result)
-
-    def runWithConnection(self, fn, *args):
-        """C{fn(connection, *args)} outside any transaction (a VACUUM or a checkpoint)."""
-        return defer.maybeDeferred(fn, self._conn, *args)
-
-    def start(self):
-        pass
-
-    def close(self):
-        self._conn.close()
-
-
 class _SyncTransaction:
+    """A plain connection's cursor as the C{txn} of a C{*_txn} function (the admin commands run them so)."""
+
     def __init__(self, conn):
         self._cursor = conn.cursor()
 
@@ -1883,9 +1853,10 @@ class Store:
 
     MAX_BATCH = 1000
 
-    def __init__(self, path, reactor=None, synchronous=False):
-        if synchronous:
-            self.pool = _SynchronousPool(path)
+    def __init__(self, path, reactor=None, pool=None):
+        if pool is not None:
+            # A stand-in pool (the tests' runs each interaction at once): each operation commits on its own.
+            self.pool = pool
         else:
             if path != ":memory:" and not os.path.exists(path):
                 create_private_file(path)  # 0600 whatever the umask; SQLite gives its -wal and -shm the same mode
@@ -1893,7 +1864,7 @@ class Store:
             self.pool = adbapi.ConnectionPool(
                 "sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
                 cp_openfun=_prepare_server_connection, **kwargs)
-        self.synchronous = synchronous
+        self.synchronous = pool is not None
         self.path = path
         self._queue = collections.deque()
         self._in_flight = False
@@ -3707,7 +3678,10 @@ def _abort_and_time_out(proto):
 
 
 class MemorySeen:
-    """The duplicate store kept in memory only: for tests and for clients without a home directory."""
+    """
+    The duplicate store kept in memory only: a L{PagerClient}'s until its session opens the user's L{LocalStore}
+    (and for scripts without a home directory).
+    """
 
     def __init__(self):
         self._seen = set()
