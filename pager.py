@@ -102,6 +102,11 @@ MAX_ACK_BATCH = 1000  # message ids, or receipt ids, that one ack frame may list
 MAX_USERS_PAGE = 1000  # names one users answer lists (about 35 KB at most, so one answer fits the shortest max_line)
 MAX_USERS_LISTED = 1000000  # names a client reads in one listing of every user, whatever the server's count says
 MAX_USERS_PAGES = 10000  # users answers a client reads in one listing
+CONNECT_TIMEOUT = 15  # seconds a client waits for the TCP connection, then as long for the server's hello
+PING_TIMEOUT = 30  # seconds a client waits for the answer to a keepalive ping before it drops the connection
+FRAME_MARGIN = 1024  # bytes of a message frame besides its header and chunks (the other fields, quotes, commas)
+DAY = 86400  # seconds
+SEEN_MARGIN = DAY  # seconds a client remembers a message id past the server's message expiry
 CLIENT_CLOSE_GRACE = 3.0  # seconds a client's close waits for the server to read what it wrote; then it aborts
 _MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
 MAX_FILENAME_BYTES = 255
@@ -135,7 +140,7 @@ class Limits:
     max_pending_bytes: int = 256 * 1024 * 1024  # per recipient
     login_timeout: float = 30.0  # seconds an unauthenticated connection may stay open
     idle_timeout: float = 300.0  # seconds without any frame before the server closes the connection
-    message_expiry: float = 30 * 24 * 3600.0  # seconds a pending delivery is kept
+    message_expiry: float = 30.0 * DAY  # seconds a pending delivery is kept
     max_in_flight: int = 64  # requests one connection may have outstanding before the server stops reading it
     argon2_concurrency: int = 2  # Argon2id hashes computed at once
     argon2_queue: int = 256  # further logins waiting for a hash; past it the server answers rate_limited
@@ -1122,6 +1127,8 @@ def b64(data):
 # sizes of all open uploads, which the disk budget counts before their chunks arrive.
 
 SCHEMA_VERSION = 2
+PENDING_PAGE_BYTES = 4 * 1024 * 1024  # bytes of chunks one read of pending messages holds in memory
+EXPIRE_BATCH = 1000  # deliveries one expiry transaction settles; the server repeats until fewer come back
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -1602,7 +1609,7 @@ def _check_session_key_txn(txn, user, user_fp):
         raise KeyReplaced()
 
 
-def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=4 * 1024 * 1024, user_fp=None):
+def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None):
     """
     Up to C{limit} pending deliveries for C{user} after delivery position C{after_ord}, in the order they were
     accepted, small ones (up to C{inline_bytes}) with their chunks.  The page ends early rather than hold more
@@ -1774,7 +1781,7 @@ def account_keys_txn(txn, names):
     return keys
 
 
-def expire_txn(txn, now, limit=1000):
+def expire_txn(txn, now, limit=EXPIRE_BATCH):
     """Drop deliveries past their expiry time; returns C{(sender, receipt)} pairs telling each sender."""
     expired = collections.defaultdict(list)  # recipient -> message ids
     for recipient, msg_id in txn.execute(
@@ -1787,39 +1794,9 @@ def expire_txn(txn, now, limit=1000):
     return out
 
 
-class _SynchronousPool:
-    """
-    A stand-in for L{adbapi.ConnectionPool} that runs each interaction at once on the calling thread.  Only for tests
-    that drive the server with a fake clock and transport; the server itself always uses a real pool.
-    """
-
-    def __init__(self, path):
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        prepare_connection(self._conn)
-
-    def runInteraction(self, fn, *args, **kwargs):
-        conn = self._conn
-        conn.execute("BEGIN")
-        try:
-            result = fn(_SyncTransaction(conn), *args, **kwargs)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            return defer.fail()
-        conn.execute("COMMIT")
-        return defer.succeed(result)
-
-    def runWithConnection(self, fn, *args):
-        """C{fn(connection, *args)} outside any transaction (a VACUUM or a checkpoint)."""
-        return defer.maybeDeferred(fn, self._conn, *args)
-
-    def start(self):
-        pass
-
-    def close(self):
-        self._conn.close()
-
-
 class _SyncTransaction:
+    """A plain connection's cursor as the C{txn} of a C{*_txn} function (the admin commands run them so)."""
+
     def __init__(self, conn):
         self._cursor = conn.cursor()
 
@@ -1883,9 +1860,10 @@ class Store:
 
     MAX_BATCH = 1000
 
-    def __init__(self, path, reactor=None, synchronous=False):
-        if synchronous:
-            self.pool = _SynchronousPool(path)
+    def __init__(self, path, reactor=None, pool=None):
+        if pool is not None:
+            # A stand-in pool (the tests' runs each interaction at once): each operation commits on its own.
+            self.pool = pool
         else:
             if path != ":memory:" and not os.path.exists(path):
                 create_private_file(path)  # 0600 whatever the umask; SQLite gives its -wal and -shm the same mode
@@ -1893,7 +1871,7 @@ class Store:
             self.pool = adbapi.ConnectionPool(
                 "sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
                 cp_openfun=_prepare_server_connection, **kwargs)
-        self.synchronous = synchronous
+        self.synchronous = pool is not None
         self.path = path
         self._queue = collections.deque()
         self._in_flight = False
@@ -1981,7 +1959,7 @@ class Store:
                          limits, seq, check, sender_fp)
 
     def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None):
-        return self._run(pending_txn, user, after_seq, limit, inline_bytes, 4 * 1024 * 1024, user_fp)
+        return self._run(pending_txn, user, after_seq, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp)
 
     def chunks(self, seq, start, count):
         return self._run(chunks_txn, seq, start, count)
@@ -2216,7 +2194,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     delimiter = b"\n"
     log = Logger()
     PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping", "exists"])
-    PAGE = 1000  # pending messages read from the store at a time (at most 4 MiB of their chunks)
+    PAGE = 1000  # pending messages read from the store at a time (at most PENDING_PAGE_BYTES of their chunks)
     AUTH = frozenset(["register", "login", "rekey", "recover", "change_token"])
 
     def __init__(self):
@@ -2854,7 +2832,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         }
         if message.chunks is not None:
             encoded = [b64(c) for c in message.chunks]
-            if sum(len(c) + 3 for c in encoded) + len(frame["header"]) + 1024 < self.limits.max_line:
+            if sum(len(c) + 3 for c in encoded) + len(frame["header"]) + FRAME_MARGIN < self.limits.max_line:
                 frame["chunks"] = encoded
                 frame["signature"] = b64(message.signature)
                 self.send_frame(frame)
@@ -3343,7 +3321,7 @@ class PagerServerFactory(protocol.Factory):
                 self.log.info("A message from {sender} to {peer} expired undelivered", sender=sender,
                               peer=receipt.peer)
                 self.receipt_created(sender, receipt)
-            if len(expired) < 1000:
+            if len(expired) < EXPIRE_BATCH:
                 break
         await self.store.expire_receipts(self.now() - self.limits.message_expiry)
         await self.reclaim()
@@ -3707,7 +3685,10 @@ def _abort_and_time_out(proto):
 
 
 class MemorySeen:
-    """The duplicate store kept in memory only: for tests and for clients without a home directory."""
+    """
+    The duplicate store kept in memory only: a L{PagerClient}'s until its session opens the user's L{LocalStore}
+    (and for scripts without a home directory).
+    """
 
     def __init__(self):
         self._seen = set()
@@ -3792,7 +3773,7 @@ class SeenStore:
         self.pool = adbapi.ConnectionPool("sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
                                           cp_openfun=prepare_connection, **kwargs)
         self.opened_at = math.inf  # pairs recorded before this are duplicates
-        self._keep = Limits.message_expiry + 86400
+        self._keep = Limits.message_expiry + SEEN_MARGIN
         self._handed = {}  # (sender, message id) -> when this store recorded it
         self._prune_at = 1000
 
@@ -3800,7 +3781,7 @@ class SeenStore:
         self.opened_at, self._keep = now, keep
         return now - keep
 
-    def open(self, now, keep=Limits.message_expiry + 86400):
+    def open(self, now, keep=Limits.message_expiry + SEEN_MARGIN):
         return self.pool.runInteraction(_seen_schema_txn, self._opening(now, keep))
 
     def contains(self, sender, msg_id):
@@ -4009,7 +3990,7 @@ class LocalStore(SeenStore):
         super().__init__(path, reactor)
         self.keep_history = history
 
-    def open(self, now, keep=Limits.message_expiry + 86400):
+    def open(self, now, keep=Limits.message_expiry + SEEN_MARGIN):
         return self.pool.runInteraction(_local_schema_txn, self._opening(now, keep))
 
     def get_pin(self, user):
@@ -4487,7 +4468,7 @@ def client_endpoint(reactor, host, port, tls=False, ca=None):
     A client endpoint for a pager server.  With C{tls}, the certificate is verified against C{ca} (a PEM file) or
     the system's trust store, and the host name is checked (service-identity).
     """
-    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=15)
+    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
     if not tls:
         return endpoint
     from twisted.internet import ssl
@@ -4746,11 +4727,11 @@ class PagerClient:
 
     def _ping_quietly(self):
         d = self.protocol.request("ping")
-        d.addTimeout(30, self.reactor, onTimeoutCancel=lambda result, timeout: self._unresponsive())
+        d.addTimeout(PING_TIMEOUT, self.reactor, onTimeoutCancel=lambda result, timeout: self._unresponsive())
         d.addErrback(lambda f: None)
 
     def _unresponsive(self):
-        self.log.warn("The server did not answer a ping within 30 s; dropping the connection")
+        self.log.warn("The server did not answer a ping within {timeout} s; dropping the connection", timeout=PING_TIMEOUT)
         self.protocol.server_error = ConnectionLost("The server stopped answering.")
         if self.protocol.transport is not None:
             self.protocol.transport.abortConnection()
@@ -4895,7 +4876,7 @@ class PagerClient:
         header = b64(envelope.header)
         frame = {"to": names, "size": envelope.size, "header": header}
         encoded = sum((len(c) + 2) // 3 * 4 + 3 for c in envelope.chunks)  # base64 sizes, without encoding yet
-        if len(header) + encoded + 1024 < max_line:
+        if len(header) + encoded + FRAME_MARGIN < max_line:
             return await proto.request("send", chunks=[b64(c) for c in envelope.chunks],
                                        signature=b64(envelope.signature), **frame)
         # Chunk by chunk, as the server reads them: a large message is never encoded whole on the reactor thread.
@@ -5458,11 +5439,11 @@ class Session:
                              "--ca FILE." % e)
         self._last_protocol = None
         try:
-            client = await PagerClient.connect(endpoint, self.reactor, timeout=15, made=self._made)
+            client = await PagerClient.connect(endpoint, self.reactor, timeout=CONNECT_TIMEOUT, made=self._made)
         except defer.TimeoutError:
-            raise NetworkError("%s accepted the connection but sent no pager greeting within 15 s (is it a pager "
-                               "server? %s)" % (self.address, "does it use TLS?" if not self.config["tls"] else
-                                                "does it use TLS at all?"))
+            raise NetworkError("%s accepted the connection but sent no pager greeting within %d s (is it a pager "
+                               "server? %s)" % (self.address, CONNECT_TIMEOUT, "does it use TLS?" if not
+                                                self.config["tls"] else "does it use TLS at all?"))
         except error.DNSLookupError:
             raise NetworkError("Cannot find the server %s: no such host name." % self.host)
         except error.ConnectionRefusedError:
@@ -5680,7 +5661,7 @@ class Session:
                                     history=not self.config.get("no-history", False))
             expiry = client.limits.get("message_expiry")
             keep = (expiry if isinstance(expiry, (int, float)) and math.isfinite(expiry) else Limits.message_expiry)
-            await self.store.open(self.reactor.seconds(), keep + 86400)
+            await self.store.open(self.reactor.seconds(), keep + SEEN_MARGIN)
         client.seen = client.pins = self.store
 
     async def start(self, receive=True):
@@ -8381,7 +8362,7 @@ def _admin_command(config):
                                                       "bytes"))
             for user, registered, key_set, recovered, count, size, fp in rows:
                 print("%-32s %-16s %8.0fd %9s %8d %10d" % (
-                    user, _date_clock(registered), (now - key_set) / 86400,
+                    user, _date_clock(registered), (now - key_set) / DAY,
                     _date_clock(recovered)[:10] if recovered else "-", count, size))
         elif name == "delete-user":
             user = _admin_name(sub["name"])

@@ -19,6 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import pager
 
+from tests.doubles import synchronous_store
+
 TOKEN = "correct horse battery staple"
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 1234)
 REMOTE = IPv4Address("TCP", "203.0.113.5", 1)
@@ -164,7 +166,7 @@ class ServerTestCase(SynchronousTestCase):
     limits = pager.Limits()
 
     def setUp(self):
-        self.store = pager.Store(self.mktemp(), synchronous=True)
+        self.store = synchronous_store(self.mktemp())
         self.addCleanup(self.store.close)
         self.server_id = self.successResultOf(self.store.open())
         self.clock = MemoryReactorClock()
@@ -2045,7 +2047,7 @@ class ServerIdTests(ServerTestCase):
         server id is refused by B (auth_failed); the same proof naming B's id logs in.  Likewise for register.
         """
         server_a = self.server_id
-        store_b = pager.Store(self.mktemp(), synchronous=True)
+        store_b = synchronous_store(self.mktemp())
         self.addCleanup(store_b.close)
         server_b = self.successResultOf(store_b.open())
         self.assertNotEqual(server_a, server_b)
@@ -2124,7 +2126,7 @@ class FramingTests(SynchronousTestCase):
 
     def replay(self, pieces, fast=False):
         """Run the session on a fresh server, feeding it the byte strings C{pieces(lines)}; return what it wrote."""
-        store = pager.Store(":memory:", synchronous=True)
+        store = synchronous_store(":memory:")
         try:
             self.successResultOf(store.open())
             self.secrets.reset()
