@@ -6,8 +6,10 @@ One module holds both roles.  A pager server routes and stores messages it canno
 key opens them, and the recipient knows for sure who sent them.  The module reads top to bottom, in the order data
 flows through it:
 
-    constants and limits, errors, envelope (pure crypto), frames (wire protocol), store (SQLite),
-    server, client, command line.
+    Constants and limits, Errors, Envelope (pure crypto), Accounts (names, auth proofs, token hashing),
+    Frames (wire protocol, flow control), Store (SQLite, admin transactions too), Server, Client (protocol,
+    PagerClient, the client's local stores), Key files, Sessions (known servers, connecting, logging in),
+    Terminal UI (the only code that writes to a terminal), Command line.
 
 Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the wire and envelope contract.
 
@@ -190,7 +192,6 @@ class Limits:
 
 
 #### Errors ####
-
 
 class PagerError(Exception):
     """Something went wrong in pager."""
@@ -383,6 +384,7 @@ def error_for_code(code, message):
 
 
 #### Envelope ####
+
 # Pure functions and small incremental objects: bytes in, bytes out, no I/O, no Twisted.  PROTOCOL.md gives the byte
 # layout; everything here is standard RSA-OAEP, RSA-PSS, AES-256-GCM and SHA-256.
 
@@ -429,26 +431,6 @@ class _Reader:
     def end(self):
         if self.offset != len(self.data):
             raise MalformedEnvelope("The message header has trailing bytes.")
-
-
-def valid_username(name):
-    """
-    Whether C{name} is a canonical user name: 1-32 ASCII characters of C{[a-z0-9_.-]}, starting with a letter or a digit.
-    """
-    return isinstance(name, str) and name.isascii() and USERNAME_RE.fullmatch(name) is not None
-
-
-def canonical_username(name):
-    """
-    The canonical form of a user name as typed: ASCII is checked first, then lowercased (non-ASCII is never folded,
-    so the Kelvin sign cannot become a C{k}).  Raises L{BadRequest} for anything that is not a valid name.
-    """
-    if not isinstance(name, str) or not name.isascii():
-        raise BadRequest("User names are 1-32 ASCII characters: a-z, 0-9, '_', '.', '-'.")
-    name = name.lower()
-    if USERNAME_RE.fullmatch(name) is None:
-        raise BadRequest("User names are 1-32 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit.")
-    return name
 
 
 def generate_private_key():
@@ -520,59 +502,6 @@ def format_fingerprint(fp):
     """A fingerprint for reading aloud: 16 groups of four hex digits."""
     text = fp.hex()
     return " ".join(text[i:i + 4] for i in range(0, len(text), 4))
-
-
-def auth_message(purpose, server_id, user, challenge, key_fingerprint):
-    """
-    The bytes a client signs to prove it holds a private key: the auth tag, the purpose, the id of the server the
-    proof is for (from its C{hello}), the user name, the server's 32-byte challenge and the fingerprint of the key
-    concerned (the registered key for login, the new key for register, rekey and recover).  Naming the server keeps
-    a proof made for one server from logging in at another.
-    """
-    if purpose not in AUTH_PURPOSES:
-        raise ValueError("unknown purpose %r" % (purpose,))
-    if not isinstance(server_id, str) or not SERVER_ID_RE.fullmatch(server_id):
-        raise BadRequest("The server id is not %d hex digits; refusing to sign for it." % SERVER_ID_LENGTH)
-    if not isinstance(challenge, bytes) or len(challenge) != CHALLENGE_SIZE:
-        raise BadRequest("The server's challenge is not exactly %d bytes." % CHALLENGE_SIZE)
-    return (
-        _lp(AUTH_TAG) + _lp(purpose.encode("ascii")) + _lp(server_id.encode("ascii")) + _lp(user.encode("ascii"))
-        + _lp(challenge) + _lp(key_fingerprint)
-    )
-
-
-def sign_auth(private_key, purpose, server_id, user, challenge, key_fingerprint=None):
-    """Sign L{auth_message} with RSA-PSS.  A private-key operation: call it off the reactor thread."""
-    if key_fingerprint is None:
-        key_fingerprint = fingerprint(private_key)
-    return private_key.sign(auth_message(purpose, server_id, user, challenge, key_fingerprint), _PSS,
-                            hashes.SHA256())
-
-
-def verify_auth(public_key, signature, purpose, server_id, user, challenge, key_fingerprint=None):
-    """Whether C{signature} is C{public_key}'s proof for these fields."""
-    if key_fingerprint is None:
-        key_fingerprint = fingerprint(public_key)
-    try:
-        public_key.verify(signature, auth_message(purpose, server_id, user, challenge, key_fingerprint), _PSS,
-                          hashes.SHA256())
-    except InvalidSignature:
-        return False
-    return True
-
-
-def hash_token(token, salt):
-    """Argon2id of a safetoken with OWASP parameters.  Costs about 25 ms and 19 MiB: call it off the reactor thread."""
-    kdf = Argon2id(
-        salt=salt, length=ARGON2_HASH_SIZE, iterations=ARGON2_ITERATIONS, lanes=ARGON2_LANES,
-        memory_cost=ARGON2_MEMORY_KIB,
-    )
-    return kdf.derive(token.encode("utf-8"))
-
-
-def check_token(token, salt, expected):
-    """Whether C{token} hashes to C{expected}, compared in constant time."""
-    return hmac.compare_digest(hash_token(token, salt), expected)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -947,7 +876,83 @@ def open_envelope(envelope, private_key, recipient, sender_key, max_size=None):
     return opener.finish(envelope.signature, sender_key)
 
 
+#### Accounts ####
+
+def valid_username(name):
+    """
+    Whether C{name} is a canonical user name: 1-32 ASCII characters of C{[a-z0-9_.-]}, starting with a letter or a digit.
+    """
+    return isinstance(name, str) and name.isascii() and USERNAME_RE.fullmatch(name) is not None
+
+
+def canonical_username(name):
+    """
+    The canonical form of a user name as typed: ASCII is checked first, then lowercased (non-ASCII is never folded,
+    so the Kelvin sign cannot become a C{k}).  Raises L{BadRequest} for anything that is not a valid name.
+    """
+    if not isinstance(name, str) or not name.isascii():
+        raise BadRequest("User names are 1-32 ASCII characters: a-z, 0-9, '_', '.', '-'.")
+    name = name.lower()
+    if USERNAME_RE.fullmatch(name) is None:
+        raise BadRequest("User names are 1-32 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit.")
+    return name
+
+
+def auth_message(purpose, server_id, user, challenge, key_fingerprint):
+    """
+    The bytes a client signs to prove it holds a private key: the auth tag, the purpose, the id of the server the
+    proof is for (from its C{hello}), the user name, the server's 32-byte challenge and the fingerprint of the key
+    concerned (the registered key for login, the new key for register, rekey and recover).  Naming the server keeps
+    a proof made for one server from logging in at another.
+    """
+    if purpose not in AUTH_PURPOSES:
+        raise ValueError("unknown purpose %r" % (purpose,))
+    if not isinstance(server_id, str) or not SERVER_ID_RE.fullmatch(server_id):
+        raise BadRequest("The server id is not %d hex digits; refusing to sign for it." % SERVER_ID_LENGTH)
+    if not isinstance(challenge, bytes) or len(challenge) != CHALLENGE_SIZE:
+        raise BadRequest("The server's challenge is not exactly %d bytes." % CHALLENGE_SIZE)
+    return (
+        _lp(AUTH_TAG) + _lp(purpose.encode("ascii")) + _lp(server_id.encode("ascii")) + _lp(user.encode("ascii"))
+        + _lp(challenge) + _lp(key_fingerprint)
+    )
+
+
+def sign_auth(private_key, purpose, server_id, user, challenge, key_fingerprint=None):
+    """Sign L{auth_message} with RSA-PSS.  A private-key operation: call it off the reactor thread."""
+    if key_fingerprint is None:
+        key_fingerprint = fingerprint(private_key)
+    return private_key.sign(auth_message(purpose, server_id, user, challenge, key_fingerprint), _PSS,
+                            hashes.SHA256())
+
+
+def verify_auth(public_key, signature, purpose, server_id, user, challenge, key_fingerprint=None):
+    """Whether C{signature} is C{public_key}'s proof for these fields."""
+    if key_fingerprint is None:
+        key_fingerprint = fingerprint(public_key)
+    try:
+        public_key.verify(signature, auth_message(purpose, server_id, user, challenge, key_fingerprint), _PSS,
+                          hashes.SHA256())
+    except InvalidSignature:
+        return False
+    return True
+
+
+def hash_token(token, salt):
+    """Argon2id of a safetoken with OWASP parameters.  Costs about 25 ms and 19 MiB: call it off the reactor thread."""
+    kdf = Argon2id(
+        salt=salt, length=ARGON2_HASH_SIZE, iterations=ARGON2_ITERATIONS, lanes=ARGON2_LANES,
+        memory_cost=ARGON2_MEMORY_KIB,
+    )
+    return kdf.derive(token.encode("utf-8"))
+
+
+def check_token(token, salt, expected):
+    """Whether C{token} hashes to C{expected}, compared in constant time."""
+    return hmac.compare_digest(hash_token(token, salt), expected)
+
+
 #### Frames ####
+
 # One JSON object per line, UTF-8, "\n" at the end.  PROTOCOL.md is the contract; in short (-> client to server):
 #
 #   <- hello {protocol, server, server_id, challenge, limits}
@@ -967,6 +972,11 @@ def open_envelope(envelope, private_key, recipient, sender_key, max_size=None):
 # register, login, rekey and recover go one at a time per connection; each well-formed one takes the challenge and
 # its answer carries the next; each proof signs the server_id of the hello (auth_message).
 
+
+class _RepeatedMember(ValueError):
+    """An object names one member twice: JSON parsers disagree on which value wins, so pager takes neither."""
+
+
 _FRAME_TYPE_RE = re.compile(r"[a-z][a-z_]{0,31}")
 
 
@@ -977,10 +987,6 @@ def encode_frame(frame):
 
 def _no_constants(name):
     raise ValueError("%s is not JSON" % name)
-
-
-class _RepeatedMember(ValueError):
-    """An object names one member twice: JSON parsers disagree on which value wins, so pager takes neither."""
 
 
 def _object(pairs):
@@ -1116,7 +1122,73 @@ def b64(data):
     return base64.b64encode(data).decode("ascii")
 
 
+def _set_nodelay(transport):
+    """Turn off Nagle's algorithm: without it, Nagle and delayed ACKs add ~40 ms to every page."""
+    for candidate in (transport, getattr(transport, "transport", None)):
+        if candidate is not None and hasattr(candidate, "setTcpNoDelay"):
+            try:
+                candidate.setTcpNoDelay(True)
+            except OSError:
+                pass
+            return
+
+
+def _lose(transport):
+    """
+    Close a connection politely: what was written is still sent, as far as the peer reads it.  Our flow producer is
+    unregistered first: a TLS transport postpones its shutdown for as long as a producer is registered.
+    """
+    if transport is None:
+        return
+    if getattr(transport, "producer", None) is not None or getattr(transport, "_producer", None) is not None:
+        try:
+            transport.unregisterProducer()
+        except (AttributeError, RuntimeError):
+            pass
+    transport.loseConnection()
+
+
+class _Flow:
+    """
+    The transport's view of our output: registered as a streaming producer, it is paused when the peer reads slower
+    than we write (a TCP transport: once it buffers over 64 KiB), and resumed once the transport has handed all of
+    it to the kernel.  L{wait} gives a Deferred that fires when writing may go on; C{unread} counts the bytes
+    written while paused, on top of what the transport already held.
+    """
+
+    def __init__(self, on_pause=None, on_resume=None):
+        self.paused = False
+        self.unread = 0
+        self._waiting = []
+        self._on_pause, self._on_resume = on_pause, on_resume
+
+    def wait(self):
+        if not self.paused:
+            return defer.succeed(None)
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def pauseProducing(self):
+        self.paused = True
+        if self._on_pause is not None:
+            self._on_pause()
+
+    def resumeProducing(self):
+        self.paused = False
+        self.unread = 0
+        if self._on_resume is not None:
+            self._on_resume()
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def stopProducing(self):
+        self.resumeProducing()
+
+
 #### Store ####
+
 # SQLite through adbapi: one connection, WAL, synchronous=FULL.  Functions named *_txn run inside one transaction
 # on the pool's thread; the Store methods of the same name without the suffix return Deferreds.  The REFERENCES
 # clauses below document the tables' relations; SQLite is not asked to enforce them (see prepare_connection).
@@ -1125,6 +1197,15 @@ def b64(data):
 # and not yet settled by every recipient, or still uploading).  An open upload's row has accepted_at NULL and
 # names in messages.reserved the recipients it is counted against; the counter 'reserved' holds the declared
 # sizes of all open uploads, which the disk budget counts before their chunks arrive.
+
+
+class StoreError(PagerError):
+    """The database cannot be used."""
+
+
+class KeyReplaced(Forbidden):
+    """This account was deleted, or its key replaced, since this session logged in."""
+
 
 SCHEMA_VERSION = 2
 PENDING_PAGE_BYTES = 4 * 1024 * 1024  # bytes of chunks one read of pending messages holds in memory
@@ -1256,10 +1337,6 @@ class Receipt:
     status: str  # delivered, rejected or expired
     reason: str
     at: float
-
-
-class StoreError(PagerError):
-    """The database cannot be used."""
 
 
 _MIGRATIONS = {
@@ -1592,10 +1669,6 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     txn.executemany("INSERT INTO deliveries (recipient, ord, seq) VALUES (?, ?, ?)",
                     [(r, ord_, seq) for r in recipients])
     return seq, now, False, ord_
-
-
-class KeyReplaced(Forbidden):
-    """This account was deleted, or its key replaced, since this session logged in."""
 
 
 def _check_session_key_txn(txn, user, user_fp):
@@ -1998,19 +2071,95 @@ class Store:
         return self.pool.runWithConnection(checkpoint)
 
 
+def _admin_connect(path):
+    if not os.path.exists(path):
+        raise StoreError("There is no database at %s (give the server's with --db)." % path)
+    try:
+        conn = sqlite3.connect("file:%s?mode=rw" % path, uri=True, isolation_level=None)
+        prepare_connection(conn)
+    except sqlite3.Error as e:
+        raise StoreError("Cannot open the database %s: %s." % (path, e))
+    return conn
+
+
+def _admin_txn(conn, fn, *args):
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(_SyncTransaction(conn), *args)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def admin_users_txn(txn):
+    return txn.execute("SELECT name, registered_at, key_set_at, recovered_at, pending_count, pending_bytes,"
+                       " fingerprint FROM users ORDER BY name").fetchall()
+
+
+def delete_user_txn(txn, name):
+    """
+    Delete the account C{name} and everything pending that belongs to it, so that nothing of it reaches whoever
+    registers the name next: the deliveries waiting for it, its stored receipts, the messages it sent that are
+    still pending for others (no receipt could reach it any more), and every open upload from it or to it.
+    Returns how many deliveries for C{name} were dropped.
+    """
+    if txn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
+        raise UnknownUser("No such user: %s." % name)
+    for (seq,) in txn.execute(
+            "SELECT seq FROM messages WHERE accepted_at IS NULL AND (sender = ?1 OR instr(',' || reserved || ',',"
+            " ',' || ?1 || ',') > 0)", (name,)).fetchall():
+        abort_upload_txn(txn, seq)
+    seqs = [r[0] for r in txn.execute("SELECT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
+    txn.execute("DELETE FROM deliveries WHERE recipient = ?", (name,))
+    _drop_messages_txn(txn, seqs)
+    sent = txn.execute("SELECT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d ON d.seq = m.seq"
+                       " WHERE m.sender = ?", (name,)).fetchall()
+    txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ?", [(r, o) for r, o, _ in sent])
+    txn.executemany("UPDATE users SET pending_count = MAX(0, pending_count - 1), pending_bytes = MAX(0,"
+                    " pending_bytes - ?) WHERE name = ?", [(size, r) for r, _, size in sent])
+    txn.execute("DELETE FROM chunks WHERE seq IN (SELECT seq FROM messages WHERE sender = ?)", (name,))
+    txn.execute("DELETE FROM messages WHERE sender = ?", (name,))
+    txn.execute("DELETE FROM receipts WHERE user = ?", (name,))
+    txn.execute("DELETE FROM users WHERE name = ?", (name,))
+    return len(seqs)
+
+
+def stats_txn(txn):
+    one = lambda sql: txn.execute(sql).fetchone()[0]  # noqa: E731
+    return {
+        "users": one("SELECT COUNT(*) FROM users"),
+        "pending_deliveries": one("SELECT COUNT(*) FROM deliveries"),
+        "pending_messages": one("SELECT COUNT(*) FROM messages WHERE accepted_at IS NOT NULL"),
+        "pending_bytes": one("SELECT COALESCE(SUM(pending_bytes), 0) FROM users"),
+        "stored_receipts": one("SELECT COUNT(*) FROM receipts"),
+        "unused_invites": one("SELECT COUNT(*) FROM invites WHERE used_by IS NULL"),
+        "open_uploads": one("SELECT COUNT(*) FROM messages WHERE accepted_at IS NULL"),
+        "open_upload_bytes": one("SELECT COALESCE(SUM(size), 0) FROM messages WHERE accepted_at IS NULL"),
+        "free_bytes": one("SELECT (SELECT freelist_count FROM pragma_freelist_count())"
+                          " * (SELECT page_size FROM pragma_page_size())"),
+    }
+
+
+def _create_backup_file(path):
+    """
+    Create the empty file a backup goes to, mode 0600 from the start: a new file only (never an existing one, nor
+    the target of a symbolic link), so the copy is never readable by others, not even for a moment.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        raise usage.UsageError("%s exists; choose a new file for the backup." % path)
+    except OSError as e:
+        raise StoreError("Cannot create the backup %s: %s." % (path, e.strerror))
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+    finally:
+        os.close(fd)
+
+
 #### Server ####
-
-
-def _set_nodelay(transport):
-    """Turn off Nagle's algorithm: without it, Nagle and delayed ACKs add ~40 ms to every page."""
-    for candidate in (transport, getattr(transport, "transport", None)):
-        if candidate is not None and hasattr(candidate, "setTcpNoDelay"):
-            try:
-                candidate.setTcpNoDelay(True)
-            except OSError:
-                pass
-            return
-
 
 def _is_local(address):
     """Whether a peer address is on this machine (loopback IP or a UNIX socket)."""
@@ -2021,60 +2170,6 @@ def _is_local(address):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _lose(transport):
-    """
-    Close a connection politely: what was written is still sent, as far as the peer reads it.  Our flow producer is
-    unregistered first: a TLS transport postpones its shutdown for as long as a producer is registered.
-    """
-    if transport is None:
-        return
-    if getattr(transport, "producer", None) is not None or getattr(transport, "_producer", None) is not None:
-        try:
-            transport.unregisterProducer()
-        except (AttributeError, RuntimeError):
-            pass
-    transport.loseConnection()
-
-
-class _Flow:
-    """
-    The transport's view of our output: registered as a streaming producer, it is paused when the peer reads slower
-    than we write (a TCP transport: once it buffers over 64 KiB), and resumed once the transport has handed all of
-    it to the kernel.  L{wait} gives a Deferred that fires when writing may go on; C{unread} counts the bytes
-    written while paused, on top of what the transport already held.
-    """
-
-    def __init__(self, on_pause=None, on_resume=None):
-        self.paused = False
-        self.unread = 0
-        self._waiting = []
-        self._on_pause, self._on_resume = on_pause, on_resume
-
-    def wait(self):
-        if not self.paused:
-            return defer.succeed(None)
-        d = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def pauseProducing(self):
-        self.paused = True
-        if self._on_pause is not None:
-            self._on_pause()
-
-    def resumeProducing(self):
-        self.paused = False
-        self.unread = 0
-        if self._on_resume is not None:
-            self._on_resume()
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def stopProducing(self):
-        self.resumeProducing()
 
 
 class _Feed:
@@ -3449,6 +3544,11 @@ class PagerService(service.Service):
 
 #### Client ####
 
+class Cancelled(PagerError):
+    """Input ended before the command finished."""
+
+    code = "cancelled"
+
 
 RECEIPT_STATUSES = ("delivered", "rejected", "expired")
 
@@ -4050,434 +4150,6 @@ class LocalStore(SeenStore):
     def sent_message(self, msg_id):
         """C{(ref, preview)} naming a message this user sent (see L{message_preview}); either may be None."""
         return self.pool.runInteraction(_sent_message_txn, msg_id)
-
-
-#### Key files ####
-# A user's private key lives in HOME/<server id>/<user>/key.p12: PKCS#12 that openssl reads, encrypted with
-# PBES2 (AES-256-CBC, PBKDF2-HMAC-SHA256, 600,000 iterations), mode 0600 in a 0700 directory.  HOME/known_servers
-# (mode 0600) says which server id each address presented, as ssh's known_hosts does for host keys.
-
-KEY_FILE_NAME = "key.p12"
-TOKEN_FILE_NAME = "token.enc"
-LOCAL_DB_NAME = "client.sqlite3"
-KNOWN_SERVERS_NAME = "known_servers"
-PBKDF2_ROUNDS = 600000
-
-
-class KeyFileError(PagerError):
-    """The key file cannot be used."""
-
-    code = "bad_key_file"
-
-
-class WrongPassphrase(KeyFileError):
-    """The passphrase is wrong, or the key file is damaged."""
-
-
-class KeyFileExposed(KeyFileError):
-    """The key file is readable by other users."""
-
-
-def default_home():
-    """C{$PAGER_HOME}, else the platform's per-user data directory (e.g. C{~/.local/share/pager})."""
-    if os.environ.get("PAGER_HOME"):
-        return os.environ["PAGER_HOME"]
-    if sys.platform == "win32":
-        return os.path.join(os.environ.get("APPDATA") or os.path.expanduser("~"), "pager")
-    if sys.platform == "darwin":
-        return os.path.expanduser("~/Library/Application Support/pager")
-    return os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "pager")
-
-
-def private_directory(*parts):
-    """Create the directory C{os.path.join(*parts)} (and missing parents) with mode 0700; return its path."""
-    path = os.path.join(*parts)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
-
-def user_directory(home, server_id, user):
-    """HOME/<server id>/<user>, created 0700.  Both names are validated so they cannot walk out of HOME."""
-    if not valid_server_id(server_id):
-        raise KeyFileError("The server sent a malformed server id.")
-    if not valid_username(user):
-        raise BadRequest("Not a valid user name: %r." % (user,))
-    private_directory(home)
-    private_directory(home, server_id)
-    return private_directory(home, server_id, user)
-
-
-def valid_server_id(server_id):
-    """Whether C{server_id} is what a server's hello may state: L{SERVER_ID_LENGTH} lower-case hex digits."""
-    return isinstance(server_id, str) and SERVER_ID_RE.fullmatch(server_id) is not None
-
-
-def host_port(host, port):
-    """C{HOST:PORT} as a user reads and types it, an IPv6 address in brackets (C{[::1]:5050})."""
-    return "%s:%d" % (host, port) if ":" not in host else "[%s]:%d" % (host, port)
-
-
-def server_address(host, port, tls):
-    """
-    The name known_servers files an address under: the host as the user gave it (lower case), the port, and
-    whether the connection uses TLS (C{tcp:localhost:5050}, C{tls:[::1]:5051}).
-    """
-    return "%s:%s" % ("tls" if tls else "tcp", host_port(host.lower(), port))
-
-
-class ServerChanged(PagerError):
-    """The server at an address this machine knows presents another server id."""
-
-    code = "server_changed"
-
-    def __init__(self, address, known, presented, command, message=None):
-        if message is None:
-            message = ("%s now presents the server id %s, but this machine knows it as %s, so pager refuses to use it "
-                       "(it is another server, or someone in between): a server restored from backup keeps its id, "
-                       "so if its operator confirms it was rebuilt with the id %s, accept it with '%s --id %s'."
-                       % (address, presented, known, presented, command, presented))
-        super().__init__(message)
-        self.address, self.known, self.presented = address, known, presented
-
-
-class KnownServers:
-    """
-    HOME/known_servers: which server id each address presented, one C{ADDRESS SERVER_ID} line per address
-    (L{server_address} names it).  A known address that presents another id is refused (L{ServerChanged}) until
-    the user accepts the move with C{trust-server}.  C{forget-server} turns the line into
-    C{ADDRESS SERVER_ID forgotten}: the address is unknown again, but the keys kept under that id still count, so
-    no new key is made for their users at that address without C{trust-server} (L{Session.may_make_key}).
-    The file is small and rewritten whole (atomically, mode 0600); lines starting with # are comments.
-    """
-
-    FORGOTTEN = "forgotten"
-
-    def __init__(self, home):
-        self.path = os.path.join(home, KNOWN_SERVERS_NAME)
-
-    def _read(self):
-        """The entries, as C{[address, server id, forgotten]} lists in file order."""
-        try:
-            with open(self.path, "r", encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as e:
-            raise KeyFileError("Cannot read %s: %s." % (self.path, getattr(e, "strerror", None) or e))
-        entries = []
-        for number, line in enumerate(lines, 1):
-            words = line.split()
-            if not words or words[0].startswith("#"):
-                continue
-            if (len(words) not in (2, 3) or not valid_server_id(words[1])
-                    or (len(words) == 3 and words[2] != self.FORGOTTEN)):
-                raise KeyFileError("Line %d of %s is not 'ADDRESS SERVER_ID' (or 'ADDRESS SERVER_ID forgotten'): "
-                                   "fix or remove that line." % (number, self.path))
-            entries.append([words[0], words[1], len(words) == 3])
-        return entries
-
-    def _write(self, entries):
-        lines = ["# pager: the server id each address presented (see 'pager-cli trust-server --help')"]
-        lines += ["%s %s%s" % (address, server_id, " " + self.FORGOTTEN if forgotten else "")
-                  for address, server_id, forgotten in entries]
-        private_directory(os.path.dirname(self.path))
-        write_private_file(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
-
-    def known(self, address):
-        """The server id C{address} is known by, or None."""
-        for entry_address, server_id, forgotten in self._read():
-            if entry_address == address and not forgotten:
-                return server_id
-        return None
-
-    def forgotten(self, address):
-        """The ids C{address} was known by before a C{forget-server}."""
-        return [server_id for a, server_id, forgotten in self._read() if a == address and forgotten]
-
-    def check(self, address, server_id, command="pager-cli trust-server"):
-        """Raise L{ServerChanged} if C{address} is known by another id than C{server_id}."""
-        known = self.known(address)
-        if known is not None and known != server_id:
-            raise ServerChanged(address.split(":", 1)[1], known, server_id, command)
-
-    def remember(self, address, server_id):
-        """Record that C{address} presented C{server_id}, if it is not known yet (L{check} it first)."""
-        entries = self._read()
-        if not any(a == address and not forgotten for a, _, forgotten in entries):
-            self._write([e for e in entries if e[:2] != [address, server_id]] + [[address, server_id, False]])
-
-    def forget(self, address):
-        """Forget which id C{address} has (keeping the line as forgotten); returns that id, or None."""
-        entries, known = self._read(), None
-        for entry in entries:
-            if entry[0] == address and not entry[2]:
-                known, entry[2] = entry[1], True
-        if known is not None:
-            self._write([e for i, e in enumerate(entries) if e not in entries[:i]])  # no duplicate lines
-        return known
-
-    def trust(self, address, server_id):
-        """Know C{address} as C{server_id} from now on, whatever it was and forgot; returns the id it had, or None."""
-        entries = self._read()
-        known = self.known(address)
-        self._write([e for e in entries if e[0] != address] + [[address, server_id, False]])
-        return known
-
-
-# HOME/<server id>/<user>/token.enc keeps the safetoken under the key's passphrase, so that logging in asks for one
-# secret.  Layout: TOKEN_FILE_MAGIC, a 16-byte salt, a 12-byte nonce, then AES-256-GCM of the UTF-8 token under
-# PBKDF2-HMAC-SHA256(passphrase, salt, PBKDF2_ROUNDS) with the magic, salt, server id and user name as associated
-# data (a token file copied into another user's directory does not open there).
-TOKEN_FILE_MAGIC = b"pager-token-v1\n"
-TOKEN_SALT_SIZE = 16
-TOKEN_NONCE_SIZE = 12
-
-
-class TokenFileError(KeyFileError):
-    """The stored safetoken cannot be read: its file is damaged, or the passphrase does not open it."""
-
-
-def _token_file_key(passphrase, salt):
-    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
-    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=PBKDF2_ROUNDS)
-    return kdf.derive(passphrase.encode("utf-8"))
-
-
-def _token_file_aad(salt, server_id, user):
-    return TOKEN_FILE_MAGIC + salt + _lp(server_id.encode("ascii")) + _lp(user.encode("ascii"))
-
-
-def encrypt_token(token, passphrase, server_id, user):
-    """The bytes of a token file holding C{token}.  Slow (PBKDF2_ROUNDS rounds): call it off the reactor thread."""
-    salt, nonce = secrets.token_bytes(TOKEN_SALT_SIZE), secrets.token_bytes(TOKEN_NONCE_SIZE)
-    sealed = AESGCM(_token_file_key(passphrase, salt)).encrypt(
-        nonce, token.encode("utf-8"), _token_file_aad(salt, server_id, user))
-    return TOKEN_FILE_MAGIC + salt + nonce + sealed
-
-
-def decrypt_token(data, passphrase, server_id, user, path="the token file"):
-    """The safetoken in a token file's C{data}; L{TokenFileError} if it is damaged or the passphrase is wrong."""
-    head = len(TOKEN_FILE_MAGIC) + TOKEN_SALT_SIZE + TOKEN_NONCE_SIZE
-    if not data.startswith(TOKEN_FILE_MAGIC) or len(data) < head + 16 + MIN_TOKEN_LENGTH:
-        raise TokenFileError("%s is damaged (not a pager token file); remove it and give the safetoken once more."
-                             % path)
-    salt = data[len(TOKEN_FILE_MAGIC):len(TOKEN_FILE_MAGIC) + TOKEN_SALT_SIZE]
-    nonce, sealed = data[head - TOKEN_NONCE_SIZE:head], data[head:]
-    try:
-        token = AESGCM(_token_file_key(passphrase, salt)).decrypt(nonce, sealed,
-                                                                 _token_file_aad(salt, server_id, user))
-        return token.decode("utf-8")
-    except (InvalidTag, UnicodeDecodeError):
-        raise TokenFileError("%s does not open with the key's passphrase (it is damaged, or was saved under "
-                             "another passphrase); remove it and give the safetoken once more." % path)
-
-
-def save_token(path, token, passphrase, server_id, user):
-    """Save C{token} encrypted to C{path}, mode 0600.  Slow: call it off the reactor thread."""
-    write_private_file(path, encrypt_token(token, passphrase, server_id, user))
-
-
-def load_token(path, passphrase, server_id, user):
-    """The safetoken saved in C{path}, or None if there is none.  Slow: call it off the reactor thread."""
-    try:
-        check_private_file_permissions(path, "token file")
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise TokenFileError("Cannot read %s: %s." % (path, e.strerror))
-    return decrypt_token(data, passphrase, server_id, user, path)
-
-
-def encode_private_key(key, passphrase, name=b"pager"):
-    """PKCS#12 bytes holding C{key}; encrypted with C{passphrase} (PBES2/AES-256/600,000 rounds) unless it is empty."""
-    from cryptography.hazmat.primitives.serialization import pkcs12
-    if passphrase:
-        encryption = (serialization.PrivateFormat.PKCS12.encryption_builder()
-                      .kdf_rounds(PBKDF2_ROUNDS)
-                      .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
-                      .hmac_hash(hashes.SHA256())
-                      .build(passphrase.encode("utf-8")))
-    else:
-        encryption = serialization.NoEncryption()
-    return pkcs12.serialize_key_and_certificates(name, key, None, None, encryption)
-
-
-def write_private_file(path, data):
-    """Write C{data} to C{path} atomically, mode 0600 whatever the umask."""
-    temporary = "%s.%s.tmp" % (path, secrets.token_hex(6))
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-
-
-def save_private_key(path, key, passphrase):
-    """Save C{key} to C{path} as PKCS#12.  Slow (600,000 PBKDF2 rounds): call it off the reactor thread."""
-    write_private_file(path, encode_private_key(key, passphrase))
-
-
-def check_private_file_permissions(path, what="key file"):
-    """Refuse a secret's file that group or others may read or write, as ssh does with its keys."""
-    mode = os.stat(path).st_mode
-    if os.name == "posix" and mode & 0o077:
-        raise KeyFileExposed("The %s %s is readable by other users (mode %03o). Fix it with: chmod 600 %s"
-                             % (what, path, mode & 0o777, path))
-
-
-def check_key_file_permissions(path):
-    """Refuse a key file that group or others may read, as ssh does, and a key "file" that is not a file."""
-    try:
-        check_private_file_permissions(path)
-    except FileNotFoundError:
-        raise KeyFileError("The key file %s is missing." % path)
-    if not os.path.isfile(path):
-        raise KeyFileError("The key file %s is damaged: it is not a file. Move it away and bring the key back with "
-                           "'pager-cli import-key'." % path)
-
-
-_PKCS12_SHROUDED_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0102")  # OID 1.2.840.113549.1.12.10.1.2
-_PKCS12_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0101")  # OID 1.2.840.113549.1.12.10.1.1
-
-
-def _der_whole(data):
-    """Whether C{data} is exactly one DER SEQUENCE: its stated length is what the file holds (not truncated)."""
-    if len(data) < 2 or data[0] != 0x30:
-        return False
-    if data[1] < 0x80:
-        return 2 + data[1] == len(data)
-    n = data[1] & 0x7F
-    if not 1 <= n <= 4 or len(data) < 2 + n:
-        return False
-    return 2 + n + int.from_bytes(data[2:2 + n], "big") == len(data)
-
-
-def key_file_is_encrypted(path):
-    """
-    Whether the key file at C{path} needs a passphrase, read from its structure: L{KeyFileError} ("damaged") for a
-    file that is truncated, is not a key file, or holds no key, rather than a passphrase prompt it can never pass.
-    """
-    check_key_file_permissions(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    damaged = ("The key file %s is damaged (%%s): restore it from a backup, or move it away and bring the key back "
-               "with 'pager-cli import-key'." % path)
-    if b"-----BEGIN" in data:
-        if b"-----END" not in data:
-            raise KeyFileError(damaged % "truncated")
-        return b"ENCRYPTED" in data
-    if not data:
-        raise KeyFileError(damaged % "empty")
-    if not _der_whole(data):
-        raise KeyFileError(damaged % "truncated, or not PKCS#12")
-    if _PKCS12_SHROUDED_KEY_BAG in data:
-        return True
-    if _PKCS12_KEY_BAG in data:
-        return False
-    try:
-        load_private_key(path, "")
-    except WrongPassphrase:
-        return True
-    return False
-
-
-def load_private_key(path, passphrase):
-    """
-    Load the private key saved by L{save_private_key}.  Raises L{KeyFileExposed}, L{WrongPassphrase} or
-    L{KeyFileError}.  Slow: call it off the reactor thread.
-    """
-    check_key_file_permissions(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    return decode_private_key(data, passphrase, path)
-
-
-def decode_private_key(data, passphrase, path="the key file"):
-    """
-    A private key from PKCS#12 (pager's format) or PEM (PKCS#8 or PKCS#1, encrypted or not; the original pager wrote
-    unencrypted C{{username}_private_key.pem} files).  It must be an RSA key pager accepts.
-    """
-    from cryptography.hazmat.primitives.serialization import pkcs12
-    secret = passphrase.encode("utf-8") if passphrase else None
-    if b"-----BEGIN" not in data and not data.startswith(b"\x30"):  # neither PEM nor DER (PKCS#12)
-        raise KeyFileError("%s is not a key file (PKCS#12 or PEM)." % path)
-    if b"-----BEGIN" in data:
-        try:
-            key = serialization.load_pem_private_key(data, secret)
-        except TypeError:
-            key = None
-            if secret is None:
-                raise WrongPassphrase("%s is encrypted: a passphrase is needed." % path)
-            raise WrongPassphrase("%s is not encrypted; leave the passphrase empty." % path)
-        except ValueError:
-            raise WrongPassphrase("The passphrase for %s is wrong, or the file is damaged." % path)
-    else:
-        try:
-            key, _, _ = pkcs12.load_key_and_certificates(data, secret)
-        except ValueError:
-            if secret is not None:
-                raise WrongPassphrase("The passphrase for %s is wrong, or the file is damaged." % path)
-            # An unencrypted PKCS#12 file may still be read with an empty password.
-            try:
-                key, _, _ = pkcs12.load_key_and_certificates(data, b"")
-            except ValueError:
-                raise WrongPassphrase("%s needs a passphrase (or is damaged)." % path)
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise KeyFileError("%s does not hold an RSA private key." % path)
-    try:
-        check_public_key(key.public_key())
-    except BadKey as e:
-        raise KeyFileError("%s: %s" % (path, e.message))
-    return key
-
-
-#### Connecting ####
-
-
-def parse_address(text, default_port=DEFAULT_PORT):
-    """C{(host, port)} from C{HOST}, C{HOST:PORT}, C{[IPv6]} or C{[IPv6]:PORT}.  Raises L{usage.UsageError}."""
-    text = (text or "").strip() or "localhost"
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text)
-    if match:
-        host, port = match.group(1), match.group(2)
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    elif text.count(":") > 1:
-        host, port = text, None  # a bare IPv6 address
-    else:
-        host, port = text, None
-    if not host:
-        raise usage.UsageError("The server address %r has no host name." % text)
-    if re.search(r"\s", host):
-        raise usage.UsageError("The server address %r has a space in its host name." % text)
-    if port is None:
-        return host, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise usage.UsageError("The port in %r is not a number from 1 to 65535." % text)
-    return host, int(port)
-
-
-def client_endpoint(reactor, host, port, tls=False, ca=None):
-    """
-    A client endpoint for a pager server.  With C{tls}, the certificate is verified against C{ca} (a PEM file) or
-    the system's trust store, and the host name is checked (service-identity).
-    """
-    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
-    if not tls:
-        return endpoint
-    from twisted.internet import ssl
-    if ca:
-        with open(ca, "rb") as f:
-            trust = ssl.Certificate.loadPEM(f.read())
-    else:
-        trust = ssl.platformTrust()
-    return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
 
 
 def _retry_after(value):
@@ -5092,17 +4764,294 @@ class PagerClient:
             self.on_disconnect(error)
 
 
-#### Terminal UI ####
-# The only code that writes to the terminal: prompts before login, the chat screen after it, and the script
-# commands' output.  All of it goes through one SafeWriter: main() puts one around standard output and standard
-# error, the chat screen and the Prompter write through one, so nothing a server or a sender chooses (names,
-# reasons, error sentences, message text) can carry escape sequences to the terminal, wherever it is printed.
+#### Key files ####
+
+# A user's private key lives in HOME/<server id>/<user>/key.p12: PKCS#12 that openssl reads, encrypted with
+# PBES2 (AES-256-CBC, PBKDF2-HMAC-SHA256, 600,000 iterations), mode 0600 in a 0700 directory.  HOME/known_servers
+# (mode 0600) says which server id each address presented, as ssh's known_hosts does for host keys.
 
 
-class Cancelled(PagerError):
-    """Input ended before the command finished."""
+class KeyFileError(PagerError):
+    """The key file cannot be used."""
 
-    code = "cancelled"
+    code = "bad_key_file"
+
+
+class WrongPassphrase(KeyFileError):
+    """The passphrase is wrong, or the key file is damaged."""
+
+
+class KeyFileExposed(KeyFileError):
+    """The key file is readable by other users."""
+
+
+class TokenFileError(KeyFileError):
+    """The stored safetoken cannot be read: its file is damaged, or the passphrase does not open it."""
+
+
+KEY_FILE_NAME = "key.p12"
+TOKEN_FILE_NAME = "token.enc"
+PBKDF2_ROUNDS = 600000
+
+
+def default_home():
+    """C{$PAGER_HOME}, else the platform's per-user data directory (e.g. C{~/.local/share/pager})."""
+    if os.environ.get("PAGER_HOME"):
+        return os.environ["PAGER_HOME"]
+    if sys.platform == "win32":
+        return os.path.join(os.environ.get("APPDATA") or os.path.expanduser("~"), "pager")
+    if sys.platform == "darwin":
+        return os.path.expanduser("~/Library/Application Support/pager")
+    return os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "pager")
+
+
+def private_directory(*parts):
+    """Create the directory C{os.path.join(*parts)} (and missing parents) with mode 0700; return its path."""
+    path = os.path.join(*parts)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def user_directory(home, server_id, user):
+    """HOME/<server id>/<user>, created 0700.  Both names are validated so they cannot walk out of HOME."""
+    if not valid_server_id(server_id):
+        raise KeyFileError("The server sent a malformed server id.")
+    if not valid_username(user):
+        raise BadRequest("Not a valid user name: %r." % (user,))
+    private_directory(home)
+    private_directory(home, server_id)
+    return private_directory(home, server_id, user)
+
+
+def valid_server_id(server_id):
+    """Whether C{server_id} is what a server's hello may state: L{SERVER_ID_LENGTH} lower-case hex digits."""
+    return isinstance(server_id, str) and SERVER_ID_RE.fullmatch(server_id) is not None
+
+
+# HOME/<server id>/<user>/token.enc keeps the safetoken under the key's passphrase, so that logging in asks for one
+# secret.  Layout: TOKEN_FILE_MAGIC, a 16-byte salt, a 12-byte nonce, then AES-256-GCM of the UTF-8 token under
+# PBKDF2-HMAC-SHA256(passphrase, salt, PBKDF2_ROUNDS) with the magic, salt, server id and user name as associated
+# data (a token file copied into another user's directory does not open there).
+TOKEN_FILE_MAGIC = b"pager-token-v1\n"
+TOKEN_SALT_SIZE = 16
+TOKEN_NONCE_SIZE = 12
+
+
+def _token_file_key(passphrase, salt):
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=PBKDF2_ROUNDS)
+    return kdf.derive(passphrase.encode("utf-8"))
+
+
+def _token_file_aad(salt, server_id, user):
+    return TOKEN_FILE_MAGIC + salt + _lp(server_id.encode("ascii")) + _lp(user.encode("ascii"))
+
+
+def encrypt_token(token, passphrase, server_id, user):
+    """The bytes of a token file holding C{token}.  Slow (PBKDF2_ROUNDS rounds): call it off the reactor thread."""
+    salt, nonce = secrets.token_bytes(TOKEN_SALT_SIZE), secrets.token_bytes(TOKEN_NONCE_SIZE)
+    sealed = AESGCM(_token_file_key(passphrase, salt)).encrypt(
+        nonce, token.encode("utf-8"), _token_file_aad(salt, server_id, user))
+    return TOKEN_FILE_MAGIC + salt + nonce + sealed
+
+
+def decrypt_token(data, passphrase, server_id, user, path="the token file"):
+    """The safetoken in a token file's C{data}; L{TokenFileError} if it is damaged or the passphrase is wrong."""
+    head = len(TOKEN_FILE_MAGIC) + TOKEN_SALT_SIZE + TOKEN_NONCE_SIZE
+    if not data.startswith(TOKEN_FILE_MAGIC) or len(data) < head + 16 + MIN_TOKEN_LENGTH:
+        raise TokenFileError("%s is damaged (not a pager token file); remove it and give the safetoken once more."
+                             % path)
+    salt = data[len(TOKEN_FILE_MAGIC):len(TOKEN_FILE_MAGIC) + TOKEN_SALT_SIZE]
+    nonce, sealed = data[head - TOKEN_NONCE_SIZE:head], data[head:]
+    try:
+        token = AESGCM(_token_file_key(passphrase, salt)).decrypt(nonce, sealed,
+                                                                 _token_file_aad(salt, server_id, user))
+        return token.decode("utf-8")
+    except (InvalidTag, UnicodeDecodeError):
+        raise TokenFileError("%s does not open with the key's passphrase (it is damaged, or was saved under "
+                             "another passphrase); remove it and give the safetoken once more." % path)
+
+
+def save_token(path, token, passphrase, server_id, user):
+    """Save C{token} encrypted to C{path}, mode 0600.  Slow: call it off the reactor thread."""
+    write_private_file(path, encrypt_token(token, passphrase, server_id, user))
+
+
+def load_token(path, passphrase, server_id, user):
+    """The safetoken saved in C{path}, or None if there is none.  Slow: call it off the reactor thread."""
+    try:
+        check_private_file_permissions(path, "token file")
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise TokenFileError("Cannot read %s: %s." % (path, e.strerror))
+    return decrypt_token(data, passphrase, server_id, user, path)
+
+
+def encode_private_key(key, passphrase, name=b"pager"):
+    """PKCS#12 bytes holding C{key}; encrypted with C{passphrase} (PBES2/AES-256/600,000 rounds) unless it is empty."""
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    if passphrase:
+        encryption = (serialization.PrivateFormat.PKCS12.encryption_builder()
+                      .kdf_rounds(PBKDF2_ROUNDS)
+                      .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+                      .hmac_hash(hashes.SHA256())
+                      .build(passphrase.encode("utf-8")))
+    else:
+        encryption = serialization.NoEncryption()
+    return pkcs12.serialize_key_and_certificates(name, key, None, None, encryption)
+
+
+def write_private_file(path, data):
+    """Write C{data} to C{path} atomically, mode 0600 whatever the umask."""
+    temporary = "%s.%s.tmp" % (path, secrets.token_hex(6))
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def save_private_key(path, key, passphrase):
+    """Save C{key} to C{path} as PKCS#12.  Slow (600,000 PBKDF2 rounds): call it off the reactor thread."""
+    write_private_file(path, encode_private_key(key, passphrase))
+
+
+def check_private_file_permissions(path, what="key file"):
+    """Refuse a secret's file that group or others may read or write, as ssh does with its keys."""
+    mode = os.stat(path).st_mode
+    if os.name == "posix" and mode & 0o077:
+        raise KeyFileExposed("The %s %s is readable by other users (mode %03o). Fix it with: chmod 600 %s"
+                             % (what, path, mode & 0o777, path))
+
+
+def check_key_file_permissions(path):
+    """Refuse a key file that group or others may read, as ssh does, and a key "file" that is not a file."""
+    try:
+        check_private_file_permissions(path)
+    except FileNotFoundError:
+        raise KeyFileError("The key file %s is missing." % path)
+    if not os.path.isfile(path):
+        raise KeyFileError("The key file %s is damaged: it is not a file. Move it away and bring the key back with "
+                           "'pager-cli import-key'." % path)
+
+
+_PKCS12_SHROUDED_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0102")  # OID 1.2.840.113549.1.12.10.1.2
+_PKCS12_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0101")  # OID 1.2.840.113549.1.12.10.1.1
+
+
+def _der_whole(data):
+    """Whether C{data} is exactly one DER SEQUENCE: its stated length is what the file holds (not truncated)."""
+    if len(data) < 2 or data[0] != 0x30:
+        return False
+    if data[1] < 0x80:
+        return 2 + data[1] == len(data)
+    n = data[1] & 0x7F
+    if not 1 <= n <= 4 or len(data) < 2 + n:
+        return False
+    return 2 + n + int.from_bytes(data[2:2 + n], "big") == len(data)
+
+
+def key_file_is_encrypted(path):
+    """
+    Whether the key file at C{path} needs a passphrase, read from its structure: L{KeyFileError} ("damaged") for a
+    file that is truncated, is not a key file, or holds no key, rather than a passphrase prompt it can never pass.
+    """
+    check_key_file_permissions(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    damaged = ("The key file %s is damaged (%%s): restore it from a backup, or move it away and bring the key back "
+               "with 'pager-cli import-key'." % path)
+    if b"-----BEGIN" in data:
+        if b"-----END" not in data:
+            raise KeyFileError(damaged % "truncated")
+        return b"ENCRYPTED" in data
+    if not data:
+        raise KeyFileError(damaged % "empty")
+    if not _der_whole(data):
+        raise KeyFileError(damaged % "truncated, or not PKCS#12")
+    if _PKCS12_SHROUDED_KEY_BAG in data:
+        return True
+    if _PKCS12_KEY_BAG in data:
+        return False
+    try:
+        load_private_key(path, "")
+    except WrongPassphrase:
+        return True
+    return False
+
+
+def load_private_key(path, passphrase):
+    """
+    Load the private key saved by L{save_private_key}.  Raises L{KeyFileExposed}, L{WrongPassphrase} or
+    L{KeyFileError}.  Slow: call it off the reactor thread.
+    """
+    check_key_file_permissions(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    return decode_private_key(data, passphrase, path)
+
+
+def decode_private_key(data, passphrase, path="the key file"):
+    """
+    A private key from PKCS#12 (pager's format) or PEM (PKCS#8 or PKCS#1, encrypted or not; the original pager wrote
+    unencrypted C{{username}_private_key.pem} files).  It must be an RSA key pager accepts.
+    """
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    secret = passphrase.encode("utf-8") if passphrase else None
+    if b"-----BEGIN" not in data and not data.startswith(b"\x30"):  # neither PEM nor DER (PKCS#12)
+        raise KeyFileError("%s is not a key file (PKCS#12 or PEM)." % path)
+    if b"-----BEGIN" in data:
+        try:
+            key = serialization.load_pem_private_key(data, secret)
+        except TypeError:
+            key = None
+            if secret is None:
+                raise WrongPassphrase("%s is encrypted: a passphrase is needed." % path)
+            raise WrongPassphrase("%s is not encrypted; leave the passphrase empty." % path)
+        except ValueError:
+            raise WrongPassphrase("The passphrase for %s is wrong, or the file is damaged." % path)
+    else:
+        try:
+            key, _, _ = pkcs12.load_key_and_certificates(data, secret)
+        except ValueError:
+            if secret is not None:
+                raise WrongPassphrase("The passphrase for %s is wrong, or the file is damaged." % path)
+            # An unencrypted PKCS#12 file may still be read with an empty password.
+            try:
+                key, _, _ = pkcs12.load_key_and_certificates(data, b"")
+            except ValueError:
+                raise WrongPassphrase("%s needs a passphrase (or is damaged)." % path)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise KeyFileError("%s does not hold an RSA private key." % path)
+    try:
+        check_public_key(key.public_key())
+    except BadKey as e:
+        raise KeyFileError("%s: %s" % (path, e.message))
+    return key
+
+
+#### Sessions ####
+
+class ServerChanged(PagerError):
+    """The server at an address this machine knows presents another server id."""
+
+    code = "server_changed"
+
+    def __init__(self, address, known, presented, command, message=None):
+        if message is None:
+            message = ("%s now presents the server id %s, but this machine knows it as %s, so pager refuses to use it "
+                       "(it is another server, or someone in between): a server restored from backup keeps its id, "
+                       "so if its operator confirms it was rebuilt with the id %s, accept it with '%s --id %s'."
+                       % (address, presented, known, presented, command, presented))
+        super().__init__(message)
+        self.address, self.known, self.presented = address, known, presented
 
 
 class NoKey(PagerError):
@@ -5121,223 +5070,145 @@ class IncompatibleServer(NetworkError):
     """The address answers, but not as a pager server this client can talk to: trying again will not help."""
 
 
-class NotDelivered(PagerError):
-    """The message was not delivered."""
-
-    code = "not_delivered"
+LOCAL_DB_NAME = "client.sqlite3"
+KNOWN_SERVERS_NAME = "known_servers"
 
 
-class Interrupted(PagerError):
-    """interrupted before the command finished."""
-
-    code = "interrupted"
-
-
-class OutputClosed(LocalError):
-    """Standard output was closed (its reader stopped reading) before every message was printed."""
+def host_port(host, port):
+    """C{HOST:PORT} as a user reads and types it, an IPv6 address in brackets (C{[::1]:5050})."""
+    return "%s:%d" % (host, port) if ":" not in host else "[%s]:%d" % (host, port)
 
 
-# What must never reach a terminal as it is: the C0 controls but tab and newline (ESC starts every escape sequence,
-# CR overwrites a line), DEL and the C1 controls (0x9b is a one-byte CSI), and every Unicode format character,
-# line or paragraph separator and lone surrogate (categories Cf, Zl, Zp, Cs): the bidirectional overrides, isolates
-# and marks reorder what is shown, the invisible ones hide text.  Only the zero-width non-joiner and joiner (U+200C,
-# U+200D), which some scripts and emoji need, pass.  tests.test_output checks these classes against unicodedata.
-# The few such characters beyond U+FFFF have their own class, looked for only in text that has any: a class with
-# them costs every character of every text five times as much.
-_UNSAFE = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b\u200e"
-    "\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb]")
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
-_UNSAFE_ASTRAL = re.compile(
-    "[\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
-    "\U000e0020-\U000e007f]")
-
-
-def _visible(match):
-    code = ord(match.group())
-    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
-
-
-class SafeWriter:
+def server_address(host, port, tls):
     """
-    The one way text reaches a terminal or standard error: a text stream that writes everything through L{clean}, so
-    an escape sequence or a bidirectional override arrives as visible, harmless text (ESC as C{\\x1b}).  Anything
-    else (C{fileno}, C{encoding}, C{isatty}) is the wrapped stream's.
+    The name known_servers files an address under: the host as the user gave it (lower case), the port, and
+    whether the connection uses TLS (C{tcp:localhost:5050}, C{tls:[::1]:5051}).
+    """
+    return "%s:%s" % ("tls" if tls else "tcp", host_port(host.lower(), port))
+
+
+class KnownServers:
+    """
+    HOME/known_servers: which server id each address presented, one C{ADDRESS SERVER_ID} line per address
+    (L{server_address} names it).  A known address that presents another id is refused (L{ServerChanged}) until
+    the user accepts the move with C{trust-server}.  C{forget-server} turns the line into
+    C{ADDRESS SERVER_ID forgotten}: the address is unknown again, but the keys kept under that id still count, so
+    no new key is made for their users at that address without C{trust-server} (L{Session.may_make_key}).
+    The file is small and rewritten whole (atomically, mode 0600); lines starting with # are comments.
     """
 
-    def __init__(self, stream):
-        self.stream = stream
+    FORGOTTEN = "forgotten"
 
-    @classmethod
-    def wrap(cls, stream):
-        """C{stream} behind a SafeWriter, unless it already is one."""
-        return stream if isinstance(stream, cls) else cls(stream)
+    def __init__(self, home):
+        self.path = os.path.join(home, KNOWN_SERVERS_NAME)
 
-    @staticmethod
-    def clean(text):
-        """C{text} with everything in L{_UNSAFE} and L{_UNSAFE_ASTRAL} made visible as a Python-style escape."""
-        text = _UNSAFE.sub(_visible, text)
-        if not text.isascii() and _ASTRAL.search(text):
-            text = _UNSAFE_ASTRAL.sub(_visible, text)
-        return text
-
-    def write(self, text):
-        self.stream.write(self.clean(text))
-        return len(text)
-
-    def writelines(self, lines):
-        for line in lines:
-            self.write(line)
-
-    def flush(self):
-        self.stream.flush()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def _clock(t):
-    return time.strftime("%H:%M", time.localtime(t))
-
-
-def _date_clock(t):
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
-
-
-def _size_text(n):
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return ("%d %s" % (n, unit)) if unit == "bytes" else ("%.1f %s" % (n, unit))
-        n /= 1024.0
-
-
-SAFE_FILENAME_BYTES = 200  # a saved file's name at most, in UTF-8, leaving room for "-9999" under the usual 255
-
-
-def _filename_character(c):
-    """A character a saved file's name keeps: letters, digits and combining marks of any script, and ._ -()+,@"""
-    return c in "._ -()+,@" or unicodedata.category(c)[0] in "LNM"
-
-
-def safe_filename(name):
-    """
-    A file name that is safe to create in a directory: no path, no leading dot, no control, format or separator
-    characters; letters of every script are kept (NFC), and the name is cut to L{SAFE_FILENAME_BYTES} in UTF-8,
-    keeping its extension.
-    """
-    name = os.path.basename(unicodedata.normalize("NFC", name).replace("\\", "/"))
-    name = "".join(c if _filename_character(c) else "_" for c in name).strip(" .")
-    base, ext = os.path.splitext(name)
-    if len(ext.encode("utf-8")) > 20:
-        base, ext = name, ""
-    while base and len((base + ext).encode("utf-8")) > SAFE_FILENAME_BYTES:
-        base = base[:-1]
-    name = (base.rstrip(" .") + ext).strip(" .")
-    return name or "file"
-
-
-def save_incoming_file(directory, filename, data):
-    """Save a received file under C{directory} with a safe, unused name (mode 0600); return its path."""
-    base, ext = os.path.splitext(safe_filename(filename))
-    for n in range(10000):
-        path = os.path.join(directory, base + ("" if n == 0 else "-%d" % n) + ext)
+    def _read(self):
+        """The entries, as C{[address, server id, forgotten]} lists in file order."""
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            continue
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        return path
-    raise LocalError("Too many files named %s in %s." % (filename, directory))
+            with open(self.path, "r", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as e:
+            raise KeyFileError("Cannot read %s: %s." % (self.path, getattr(e, "strerror", None) or e))
+        entries = []
+        for number, line in enumerate(lines, 1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if (len(words) not in (2, 3) or not valid_server_id(words[1])
+                    or (len(words) == 3 and words[2] != self.FORGOTTEN)):
+                raise KeyFileError("Line %d of %s is not 'ADDRESS SERVER_ID' (or 'ADDRESS SERVER_ID forgotten'): "
+                                   "fix or remove that line." % (number, self.path))
+            entries.append([words[0], words[1], len(words) == 3])
+        return entries
+
+    def _write(self, entries):
+        lines = ["# pager: the server id each address presented (see 'pager-cli trust-server --help')"]
+        lines += ["%s %s%s" % (address, server_id, " " + self.FORGOTTEN if forgotten else "")
+                  for address, server_id, forgotten in entries]
+        private_directory(os.path.dirname(self.path))
+        write_private_file(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+    def known(self, address):
+        """The server id C{address} is known by, or None."""
+        for entry_address, server_id, forgotten in self._read():
+            if entry_address == address and not forgotten:
+                return server_id
+        return None
+
+    def forgotten(self, address):
+        """The ids C{address} was known by before a C{forget-server}."""
+        return [server_id for a, server_id, forgotten in self._read() if a == address and forgotten]
+
+    def check(self, address, server_id, command="pager-cli trust-server"):
+        """Raise L{ServerChanged} if C{address} is known by another id than C{server_id}."""
+        known = self.known(address)
+        if known is not None and known != server_id:
+            raise ServerChanged(address.split(":", 1)[1], known, server_id, command)
+
+    def remember(self, address, server_id):
+        """Record that C{address} presented C{server_id}, if it is not known yet (L{check} it first)."""
+        entries = self._read()
+        if not any(a == address and not forgotten for a, _, forgotten in entries):
+            self._write([e for e in entries if e[:2] != [address, server_id]] + [[address, server_id, False]])
+
+    def forget(self, address):
+        """Forget which id C{address} has (keeping the line as forgotten); returns that id, or None."""
+        entries, known = self._read(), None
+        for entry in entries:
+            if entry[0] == address and not entry[2]:
+                known, entry[2] = entry[1], True
+        if known is not None:
+            self._write([e for i, e in enumerate(entries) if e not in entries[:i]])  # no duplicate lines
+        return known
+
+    def trust(self, address, server_id):
+        """Know C{address} as C{server_id} from now on, whatever it was and forgot; returns the id it had, or None."""
+        entries = self._read()
+        known = self.known(address)
+        self._write([e for e in entries if e[0] != address] + [[address, server_id, False]])
+        return known
 
 
-def _read_line_unbuffered(fd=0):
-    """One line from a file descriptor, byte by byte so that nothing after it is consumed; None at end of input."""
-    data = bytearray()
-    while True:
-        byte = os.read(fd, 1)
-        if not byte:
-            return bytes(data).decode("utf-8", "replace") if data else None
-        if byte == b"\n":
-            return bytes(data).decode("utf-8", "replace").rstrip("\r")
-        data += byte
+def parse_address(text, default_port=DEFAULT_PORT):
+    """C{(host, port)} from C{HOST}, C{HOST:PORT}, C{[IPv6]} or C{[IPv6]:PORT}.  Raises L{usage.UsageError}."""
+    text = (text or "").strip() or "localhost"
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text)
+    if match:
+        host, port = match.group(1), match.group(2)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif text.count(":") > 1:
+        host, port = text, None  # a bare IPv6 address
+    else:
+        host, port = text, None
+    if not host:
+        raise usage.UsageError("The server address %r has no host name." % text)
+    if re.search(r"\s", host):
+        raise usage.UsageError("The server address %r has a space in its host name." % text)
+    if port is None:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise usage.UsageError("The port in %r is not a number from 1 to 65535." % text)
+    return host, int(port)
 
 
-def _in_daemon_thread(reactor, f, *args):
-    """Run a blocking read in a daemon thread, so an interrupted prompt never keeps the process alive."""
-    import threading
-    d = Deferred()
-
-    def run():
-        try:
-            result = f(*args)
-        except BaseException as e:
-            reactor.callFromThread(d.errback, e)
-        else:
-            reactor.callFromThread(d.callback, result)
-    threading.Thread(target=run, daemon=True).start()
-    return d
-
-
-class Prompter:
+def client_endpoint(reactor, host, port, tls=False, ca=None):
     """
-    Questions asked on the terminal before the chat starts.  Standard input is read unbuffered in a thread, so the
-    reactor keeps running and nothing typed ahead is lost; secrets are read without echo when it is a terminal.
-    With C{interactive=False} (the script commands) every question is an error naming the option to use instead.
+    A client endpoint for a pager server.  With C{tls}, the certificate is verified against C{ca} (a PEM file) or
+    the system's trust store, and the host name is checked (service-identity).
     """
-
-    def __init__(self, reactor, interactive=True, out=None):
-        self.reactor = reactor
-        self.interactive = interactive
-        self.out = SafeWriter.wrap(out or sys.stderr)
-
-    def say(self, text):
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    async def ask(self, prompt, hint=None):
-        if not self.interactive:
-            raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
-        self.out.write(prompt)
-        self.out.flush()
-        line = await self._answer(_read_line_unbuffered)
-        if line is None:
-            raise Cancelled("Input ended at the prompt %r." % prompt.strip())
-        return line.strip()
-
-    async def secret(self, prompt, hint=None):
-        if not self.interactive:
-            raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
-        if not os.isatty(0):
-            return await self.ask(prompt, hint)
-        import getpass
-
-        def read():
-            try:
-                return getpass.getpass(prompt, stream=self.out)
-            except EOFError:
-                return None
-        value = await self._answer(read)
-        if value is None:
-            raise Cancelled("Input ended at the prompt %r." % prompt.strip())
-        return value
-
-    async def _answer(self, read):
-        """What C{read} reads in a thread; meanwhile the terminal's guard knows a question is open on the screen."""
-        guard = TerminalGuard._installed
-        if guard is not None:
-            guard.question_open = True
-        try:
-            return await _in_daemon_thread(self.reactor, read)
-        finally:
-            if guard is not None:
-                guard.question_open = False
-
-    async def confirm(self, question):
-        answer = await self.ask(question + " [y/N] ")
-        return answer.lower() in ("y", "yes")
+    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
+    if not tls:
+        return endpoint
+    from twisted.internet import ssl
+    if ca:
+        with open(ca, "rb") as f:
+            trust = ssl.Certificate.loadPEM(f.read())
+    else:
+        trust = ssl.platformTrust()
+    return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
 
 
 def _first_line_of(path, private=None):
@@ -5903,6 +5774,227 @@ class Session:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+
+#### Terminal UI ####
+
+# The only code that writes to the terminal: prompts before login, the chat screen after it, and the script
+# commands' output.  All of it goes through one SafeWriter: main() puts one around standard output and standard
+# error, the chat screen and the Prompter write through one, so nothing a server or a sender chooses (names,
+# reasons, error sentences, message text) can carry escape sequences to the terminal, wherever it is printed.
+
+
+class Interrupted(PagerError):
+    """interrupted before the command finished."""
+
+    code = "interrupted"
+
+
+class OutputClosed(LocalError):
+    """Standard output was closed (its reader stopped reading) before every message was printed."""
+
+
+# What must never reach a terminal as it is: the C0 controls but tab and newline (ESC starts every escape sequence,
+# CR overwrites a line), DEL and the C1 controls (0x9b is a one-byte CSI), and every Unicode format character,
+# line or paragraph separator and lone surrogate (categories Cf, Zl, Zp, Cs): the bidirectional overrides, isolates
+# and marks reorder what is shown, the invisible ones hide text.  Only the zero-width non-joiner and joiner (U+200C,
+# U+200D), which some scripts and emoji need, pass.  tests.test_output checks these classes against unicodedata.
+# The few such characters beyond U+FFFF have their own class, looked for only in text that has any: a class with
+# them costs every character of every text five times as much.
+_UNSAFE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b\u200e"
+    "\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb]")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_UNSAFE_ASTRAL = re.compile(
+    "[\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f]")
+
+
+def _visible(match):
+    code = ord(match.group())
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
+
+
+class SafeWriter:
+    """
+    The one way text reaches a terminal or standard error: a text stream that writes everything through L{clean}, so
+    an escape sequence or a bidirectional override arrives as visible, harmless text (ESC as C{\\x1b}).  Anything
+    else (C{fileno}, C{encoding}, C{isatty}) is the wrapped stream's.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    @classmethod
+    def wrap(cls, stream):
+        """C{stream} behind a SafeWriter, unless it already is one."""
+        return stream if isinstance(stream, cls) else cls(stream)
+
+    @staticmethod
+    def clean(text):
+        """C{text} with everything in L{_UNSAFE} and L{_UNSAFE_ASTRAL} made visible as a Python-style escape."""
+        text = _UNSAFE.sub(_visible, text)
+        if not text.isascii() and _ASTRAL.search(text):
+            text = _UNSAFE_ASTRAL.sub(_visible, text)
+        return text
+
+    def write(self, text):
+        self.stream.write(self.clean(text))
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _clock(t):
+    return time.strftime("%H:%M", time.localtime(t))
+
+
+def _date_clock(t):
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def _size_text(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" % (n, unit)) if unit == "bytes" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+
+
+SAFE_FILENAME_BYTES = 200  # a saved file's name at most, in UTF-8, leaving room for "-9999" under the usual 255
+
+
+def _filename_character(c):
+    """A character a saved file's name keeps: letters, digits and combining marks of any script, and ._ -()+,@"""
+    return c in "._ -()+,@" or unicodedata.category(c)[0] in "LNM"
+
+
+def safe_filename(name):
+    """
+    A file name that is safe to create in a directory: no path, no leading dot, no control, format or separator
+    characters; letters of every script are kept (NFC), and the name is cut to L{SAFE_FILENAME_BYTES} in UTF-8,
+    keeping its extension.
+    """
+    name = os.path.basename(unicodedata.normalize("NFC", name).replace("\\", "/"))
+    name = "".join(c if _filename_character(c) else "_" for c in name).strip(" .")
+    base, ext = os.path.splitext(name)
+    if len(ext.encode("utf-8")) > 20:
+        base, ext = name, ""
+    while base and len((base + ext).encode("utf-8")) > SAFE_FILENAME_BYTES:
+        base = base[:-1]
+    name = (base.rstrip(" .") + ext).strip(" .")
+    return name or "file"
+
+
+def save_incoming_file(directory, filename, data):
+    """Save a received file under C{directory} with a safe, unused name (mode 0600); return its path."""
+    base, ext = os.path.splitext(safe_filename(filename))
+    for n in range(10000):
+        path = os.path.join(directory, base + ("" if n == 0 else "-%d" % n) + ext)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return path
+    raise LocalError("Too many files named %s in %s." % (filename, directory))
+
+
+def _read_line_unbuffered(fd=0):
+    """One line from a file descriptor, byte by byte so that nothing after it is consumed; None at end of input."""
+    data = bytearray()
+    while True:
+        byte = os.read(fd, 1)
+        if not byte:
+            return bytes(data).decode("utf-8", "replace") if data else None
+        if byte == b"\n":
+            return bytes(data).decode("utf-8", "replace").rstrip("\r")
+        data += byte
+
+
+def _in_daemon_thread(reactor, f, *args):
+    """Run a blocking read in a daemon thread, so an interrupted prompt never keeps the process alive."""
+    import threading
+    d = Deferred()
+
+    def run():
+        try:
+            result = f(*args)
+        except BaseException as e:
+            reactor.callFromThread(d.errback, e)
+        else:
+            reactor.callFromThread(d.callback, result)
+    threading.Thread(target=run, daemon=True).start()
+    return d
+
+
+class Prompter:
+    """
+    Questions asked on the terminal before the chat starts.  Standard input is read unbuffered in a thread, so the
+    reactor keeps running and nothing typed ahead is lost; secrets are read without echo when it is a terminal.
+    With C{interactive=False} (the script commands) every question is an error naming the option to use instead.
+    """
+
+    def __init__(self, reactor, interactive=True, out=None):
+        self.reactor = reactor
+        self.interactive = interactive
+        self.out = SafeWriter.wrap(out or sys.stderr)
+
+    def say(self, text):
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def ask(self, prompt, hint=None):
+        if not self.interactive:
+            raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
+        self.out.write(prompt)
+        self.out.flush()
+        line = await self._answer(_read_line_unbuffered)
+        if line is None:
+            raise Cancelled("Input ended at the prompt %r." % prompt.strip())
+        return line.strip()
+
+    async def secret(self, prompt, hint=None):
+        if not self.interactive:
+            raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
+        if not os.isatty(0):
+            return await self.ask(prompt, hint)
+        import getpass
+
+        def read():
+            try:
+                return getpass.getpass(prompt, stream=self.out)
+            except EOFError:
+                return None
+        value = await self._answer(read)
+        if value is None:
+            raise Cancelled("Input ended at the prompt %r." % prompt.strip())
+        return value
+
+    async def _answer(self, read):
+        """What C{read} reads in a thread; meanwhile the terminal's guard knows a question is open on the screen."""
+        guard = TerminalGuard._installed
+        if guard is not None:
+            guard.question_open = True
+        try:
+            return await _in_daemon_thread(self.reactor, read)
+        finally:
+            if guard is not None:
+                guard.question_open = False
+
+    async def confirm(self, question):
+        answer = await self.ask(question + " [y/N] ")
+        return answer.lower() in ("y", "yes")
 
 
 CHAT_SHOWN_LINES = 40  # a longer incoming text is cut in the chat after this many lines...
@@ -7125,6 +7217,12 @@ class PlainChat(LineReceiver):
 
 #### Command line ####
 
+class NotDelivered(PagerError):
+    """The message was not delivered."""
+
+    code = "not_delivered"
+
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK, EXIT_LOCAL = range(8)
 EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM before the command finished
 
@@ -8253,94 +8351,6 @@ def _make_cert_command(config):
     print("Wrote %s (for %s, valid %d days) and %s (keep it secret)." % (cert_path, names, config["days"], key_path))
     print("Serve: twistd -n pager server --tls-cert %s --tls-key %s" % (cert_path, key_path))
     print("Connect: pager-cli connect %s --tls --ca %s" % (hostname, cert_path))
-
-
-def _admin_connect(path):
-    if not os.path.exists(path):
-        raise StoreError("There is no database at %s (give the server's with --db)." % path)
-    try:
-        conn = sqlite3.connect("file:%s?mode=rw" % path, uri=True, isolation_level=None)
-        prepare_connection(conn)
-    except sqlite3.Error as e:
-        raise StoreError("Cannot open the database %s: %s." % (path, e))
-    return conn
-
-
-def _admin_txn(conn, fn, *args):
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(_SyncTransaction(conn), *args)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return result
-
-
-def admin_users_txn(txn):
-    return txn.execute("SELECT name, registered_at, key_set_at, recovered_at, pending_count, pending_bytes,"
-                       " fingerprint FROM users ORDER BY name").fetchall()
-
-
-def delete_user_txn(txn, name):
-    """
-    Delete the account C{name} and everything pending that belongs to it, so that nothing of it reaches whoever
-    registers the name next: the deliveries waiting for it, its stored receipts, the messages it sent that are
-    still pending for others (no receipt could reach it any more), and every open upload from it or to it.
-    Returns how many deliveries for C{name} were dropped.
-    """
-    if txn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
-        raise UnknownUser("No such user: %s." % name)
-    for (seq,) in txn.execute(
-            "SELECT seq FROM messages WHERE accepted_at IS NULL AND (sender = ?1 OR instr(',' || reserved || ',',"
-            " ',' || ?1 || ',') > 0)", (name,)).fetchall():
-        abort_upload_txn(txn, seq)
-    seqs = [r[0] for r in txn.execute("SELECT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
-    txn.execute("DELETE FROM deliveries WHERE recipient = ?", (name,))
-    _drop_messages_txn(txn, seqs)
-    sent = txn.execute("SELECT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d ON d.seq = m.seq"
-                       " WHERE m.sender = ?", (name,)).fetchall()
-    txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ?", [(r, o) for r, o, _ in sent])
-    txn.executemany("UPDATE users SET pending_count = MAX(0, pending_count - 1), pending_bytes = MAX(0,"
-                    " pending_bytes - ?) WHERE name = ?", [(size, r) for r, _, size in sent])
-    txn.execute("DELETE FROM chunks WHERE seq IN (SELECT seq FROM messages WHERE sender = ?)", (name,))
-    txn.execute("DELETE FROM messages WHERE sender = ?", (name,))
-    txn.execute("DELETE FROM receipts WHERE user = ?", (name,))
-    txn.execute("DELETE FROM users WHERE name = ?", (name,))
-    return len(seqs)
-
-
-def stats_txn(txn):
-    one = lambda sql: txn.execute(sql).fetchone()[0]  # noqa: E731
-    return {
-        "users": one("SELECT COUNT(*) FROM users"),
-        "pending_deliveries": one("SELECT COUNT(*) FROM deliveries"),
-        "pending_messages": one("SELECT COUNT(*) FROM messages WHERE accepted_at IS NOT NULL"),
-        "pending_bytes": one("SELECT COALESCE(SUM(pending_bytes), 0) FROM users"),
-        "stored_receipts": one("SELECT COUNT(*) FROM receipts"),
-        "unused_invites": one("SELECT COUNT(*) FROM invites WHERE used_by IS NULL"),
-        "open_uploads": one("SELECT COUNT(*) FROM messages WHERE accepted_at IS NULL"),
-        "open_upload_bytes": one("SELECT COALESCE(SUM(size), 0) FROM messages WHERE accepted_at IS NULL"),
-        "free_bytes": one("SELECT (SELECT freelist_count FROM pragma_freelist_count())"
-                          " * (SELECT page_size FROM pragma_page_size())"),
-    }
-
-
-def _create_backup_file(path):
-    """
-    Create the empty file a backup goes to, mode 0600 from the start: a new file only (never an existing one, nor
-    the target of a symbolic link), so the copy is never readable by others, not even for a moment.
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except FileExistsError:
-        raise usage.UsageError("%s exists; choose a new file for the backup." % path)
-    except OSError as e:
-        raise StoreError("Cannot create the backup %s: %s." % (path, e.strerror))
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-    finally:
-        os.close(fd)
 
 
 def _admin_name(text):
