@@ -3972,11 +3972,7 @@ def _split_chunks(header, data):
     return [data[i:i + size] for i in range(0, len(data), size)]
 
 
-def _outbox_next_txn(txn):
-    row = txn.execute("SELECT ref, at, recipients, content_type, filename, body, msg_id, header, chunks, signature"
-                      " FROM outbox WHERE sent_at IS NULL ORDER BY ref LIMIT 1").fetchone()
-    if row is None:
-        return None
+def _outbox_entry(row):
     envelope = None
     if row[7] is not None:
         header = bytes(row[7])
@@ -3984,26 +3980,41 @@ def _outbox_next_txn(txn):
     return OutboxEntry(row[0], row[1], row[2].split(","), row[3], row[4], bytes(row[5]), row[6], envelope)
 
 
+_OUTBOX_COLUMNS = "ref, at, recipients, content_type, filename, body, msg_id, header, chunks, signature"
+
+
+def _outbox_next_txn(txn):
+    row = txn.execute("SELECT " + _OUTBOX_COLUMNS + " FROM outbox WHERE sent_at IS NULL ORDER BY ref LIMIT 1"
+                      ).fetchone()
+    return None if row is None else _outbox_entry(row)
+
+
 def _outbox_waiting_txn(txn):
     return txn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
 
 
 def _outbox_sealed_txn(txn, ref, envelope):
+    # Only the first envelope sealed for a message is kept (another chat of this user on this machine, sharing the
+    # file, may have sealed it meanwhile): every flusher then sends that one, which the server takes as one message.
     msg_id = parse_header(envelope.header).message_id.hex()
-    txn.execute("UPDATE outbox SET msg_id = ?, header = ?, chunks = ?, signature = ? WHERE ref = ?",
+    txn.execute("UPDATE outbox SET msg_id = ?, header = ?, chunks = ?, signature = ?"
+                " WHERE ref = ? AND header IS NULL AND sent_at IS NULL",
                 (msg_id, envelope.header, b"".join(envelope.chunks), envelope.signature, ref))
+    row = txn.execute("SELECT " + _OUTBOX_COLUMNS + " FROM outbox WHERE ref = ? AND sent_at IS NULL",
+                      (ref,)).fetchone()
+    return None if row is None else _outbox_entry(row).envelope
 
 
 def _outbox_sent_txn(txn, ref, msg_id, now, history):
     txn.execute("UPDATE outbox SET msg_id = ?, sent_at = ?, body = x'', header = NULL, chunks = NULL,"
-                " signature = NULL WHERE ref = ?", (msg_id, now, ref))
-    if history is not None:
+                " signature = NULL WHERE ref = ? AND sent_at IS NULL", (msg_id, now, ref))
+    if history is not None and txn.rowcount:  # recorded once, by whichever chat heard the server accept it first
         _add_history_txn(txn, history)
 
 
 def _outbox_refused_txn(txn, ref, history):
-    txn.execute("DELETE FROM outbox WHERE ref = ?", (ref,))
-    if history is not None:
+    txn.execute("DELETE FROM outbox WHERE ref = ? AND sent_at IS NULL", (ref,))
+    if history is not None and txn.rowcount:
         _add_history_txn(txn, history)
 
 
@@ -4136,7 +4147,10 @@ class LocalStore(SeenStore):
         return self.pool.runInteraction(_outbox_waiting_txn)
 
     def outbox_sealed(self, ref, envelope):
-        """Keep the envelope sealed for message C{ref}: every try sends this one."""
+        """
+        Keep the envelope sealed for message C{ref} unless one is kept already: returns the kept one, which every
+        try sends (None when the message has left the outbox meanwhile: sent or refused by another chat).
+        """
         return self.pool.runInteraction(_outbox_sealed_txn, ref, envelope)
 
     def outbox_sent(self, ref, msg_id, now, history=None):
@@ -6102,7 +6116,9 @@ class Outbox:
     outbox) and shows it waiting with its reference; L{flush} sends what waits, oldest first and one at a time, so
     that the server accepts them in the order they were typed.  Each message is sealed once, before its first try,
     and that envelope is kept: a try whose answer was lost is sent again as the same message, which the server
-    recognises (PROTOCOL.md 8.6) and recipients show once.  A dropped connection leaves the rest waiting until the
+    recognises (PROTOCOL.md 8.6) and recipients show once.  Two chats of one user on one machine share the outbox
+    and may flush the same message at once: only the first envelope stored for it is kept, and both send that one.
+    A dropped connection leaves the rest waiting until the
     chat has logged in again and flushes; a refusal (an unknown user, a changed key, too large, over quota) is said
     with its reason and takes the message out of the outbox (into the history, marked not sent).
     """
@@ -6190,8 +6206,10 @@ class Outbox:
         try:
             envelope = entry.envelope
             if envelope is None:
-                _, envelope = await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename)
-                await store.outbox_sealed(entry.ref, envelope)
+                _, sealed = await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename)
+                envelope = await store.outbox_sealed(entry.ref, sealed)
+                if envelope is None:
+                    return True  # another chat of this user on this machine sent it (or it was refused) meanwhile
             answer = await client.send_envelope(entry.recipients, envelope)
         except (ConnectionLost, defer.CancelledError):
             return False  # still waiting: sent again, as the same message, after the reconnection

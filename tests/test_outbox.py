@@ -9,6 +9,7 @@ import os
 import re
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 import pager
@@ -319,3 +320,63 @@ class TickTests(ChatTestCase):
 
 
 from tests.test_terminal import FakeUI  # noqa: E402  (used by chat_again)
+
+
+class _SharedOutboxClient:
+    """A logged-in client whose C{seal} waits until the test lets it go; records every envelope sent."""
+
+    def __init__(self, sealing, sent):
+        self.user = "alice"
+        self.protocol = type("P", (), {"lost": None})()
+        self.sealing = sealing
+        self.sent = sent
+
+    async def seal(self, recipients, data, content_type="text", filename=""):
+        d = Deferred()
+        self.sealing.append(d)
+        if len(self.sealing) == 2:
+            self.both.callback(None)
+        envelope = await d
+        return None, envelope
+
+    async def send_envelope(self, names, envelope):
+        self.sent.append(envelope)
+        return {"msg": pager.parse_header(envelope.header).message_id.hex(), "queued": []}
+
+
+class SharedOutboxTests(unittest.TestCase):
+    """Two chats of one user on one machine share C{client.sqlite3}'s outbox."""
+
+    async def test_two_flushers_send_one_message(self):
+        """
+        Both chats flush at once (as after a server restart) and both take the same unsealed message: each seals
+        its own envelope, but only the first one stored is sent (the second chat sends that one again, which the
+        server takes as a resend), so bob gets one message; the history records it once.
+        """
+        path = os.path.abspath(self.mktemp())
+        stores, outboxes, sealing, sent, shown = [], [], [], [], []
+        both = Deferred()
+        for _ in range(2):
+            store = pager.LocalStore(path, reactor)
+            self.addCleanup(store.close)
+            await store.open(reactor.seconds())
+            client = _SharedOutboxClient(sealing, sent)
+            client.both = both
+            session = type("S", (), {"client": client, "store": store, "closing": False})()
+            stores.append(store)
+            outboxes.append(pager.Outbox(session, shown.append, reactor))
+        await stores[0].outbox_add(1.0, ["bob"], "text", "", b"hello once")
+        flushes = [Deferred.fromCoroutine(_flush(o)) for o in outboxes]
+        await both
+        alice, bob = key("alice"), key("bob")
+        for d in list(sealing):
+            d.callback(pager.seal(alice, "alice", {"bob": bob.public_key()}, b"hello once"))
+        for d in flushes:
+            await d
+        self.assertEqual(len({pager.parse_header(e.header).message_id for e in sent}), 1, "two messages sent")
+        self.assertEqual(await stores[1].outbox_waiting(), 0)
+        self.assertEqual(len([h for h in await stores[0].history() if h.direction == "out"]), 1)
+
+
+async def _flush(outbox):
+    await outbox.flush()
