@@ -6353,6 +6353,12 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     def quit(self):
         if not self._closing:
             self._closing = True
+            if self.pasting:
+                self.show("(the /paste of %d line%s to %s was not sent)" % (
+                    len(self.pasting), "" if len(self.pasting) == 1 else "s", ", ".join(self._paste_to)))
+            if self.confirming is not None:
+                name, text = self.confirming
+                self.show("(the paste of %d lines to %s was not sent)" % (len(text.split("\n")), name))
             self.outbox.close()
             if self._receipts_quiet is not None and self._receipts_quiet.active():
                 self._receipts_quiet.cancel()
@@ -6389,6 +6395,9 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             if text == ".":
                 names, lines, self.pasting, self._paste_to = self._paste_to, self.pasting, None, None
                 self._prompt()
+                if not "".join(lines).strip():
+                    self.show(NOTHING_TO_SEND)
+                    return
                 self._run(self.send(names, "\n".join(lines)))
             else:
                 self.pasting.append(text)
@@ -6491,8 +6500,13 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         """
         Text pasted in a raw terminal (bracketed paste): one message to the current conversation, never taken line
         by line, so no line of it is ever read as a recipient or a command.  A paste of more than L{PASTE_SHOWN}
-        lines is shown first and waits for L{confirm}.
+        lines is shown first and waits for L{confirm}.  While a C{/paste} is open, the pasted lines join it.
         """
+        if self.pasting is not None:
+            lines = text.split("\n")
+            self.pasting.extend(lines)
+            self.show("(%d pasted lines added to the /paste for %s)" % (len(lines), ", ".join(self._paste_to)))
+            return
         if self.conversation is None:
             self.show("The paste was not sent: open a conversation first with /to NAME.")
             return

@@ -491,6 +491,61 @@ class ChatPasteTests(ChatTestCase):
         await self.settle(chat)
         self.assertEqual([m.plaintext for m in bob.events.messages], [text.encode()])
 
+    async def test_paste_into_an_open_slash_paste(self):
+        """
+        A bracketed paste while a /paste is open joins that /paste: after /to bob and /paste carol, the pasted lines
+        and the lines typed after them are one message to carol, and bob gets nothing; with no conversation open
+        the paste is taken too.
+        """
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/to bob", "/paste carol", "typed first")
+        chat.paste("pasted one\npasted two")
+        await self.type(chat, "typed after", ".")
+        await self.wait_for(lambda: carol.events.messages, "the /paste to carol")
+        await self.type(chat, "/to", "/paste carol")
+        chat.paste("no conversation\nis open")
+        await self.type(chat, ".")
+        await self.wait_for(lambda: len(carol.events.messages) == 2, "the second /paste to carol")
+        await self.settle(chat)
+        self.assertEqual([m.plaintext for m in carol.events.messages],
+                         [b"typed first\npasted one\npasted two\ntyped after", b"no conversation\nis open"])
+        self.assertEqual(bob.events.messages, [])
+
+    async def test_empty_paste_refused(self):
+        """A /paste ended at once (or holding only blank lines) is refused with the command line's sentence."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        before = len(ui.shown)
+        await self.type(chat, "/paste bob", ".", "/paste bob", "  ", "", ".")
+        self.assertEqual(ui.text(before).count(pager.NOTHING_TO_SEND), 2)
+        self.assertEqual(await chat.session.store.outbox_waiting(), 0)
+        await self.settle(chat)
+        self.assertEqual(bob.events.messages, [])
+
+    async def test_quit_says_the_open_paste_was_not_sent(self):
+        """Quitting (Ctrl-D, Ctrl-C twice, the end of a pipe) with a /paste open says its lines were not sent."""
+        await self.serve()
+        await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/paste bob", "one", "two")
+        before = len(ui.shown)
+        chat.quit()
+        self.assertIn("(the /paste of 2 lines to bob was not sent)", ui.text(before))
+
+    async def test_quit_says_the_long_paste_was_not_sent(self):
+        """Quitting while a long paste waits for y or n says it was not sent."""
+        await self.serve()
+        await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/to bob")
+        chat.paste("\n".join("line %d" % n for n in range(1, 9)))
+        before = len(ui.shown)
+        chat.quit()
+        self.assertIn("(the paste of 8 lines to bob was not sent)", ui.text(before))
+
 
 class ChatCommandTests(ChatTestCase):
     """users, whoami, fingerprint, history and trust."""
