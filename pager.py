@@ -6383,14 +6383,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     # -- input --
 
     def line(self, text):
-        """One typed line: a /command, a line of a /paste, or a message to the open conversation."""
-        if self.confirming is not None:
-            answer = text.strip().lower()
-            if answer in ("", "y", "yes", "n", "no"):
-                self.confirm(answer in ("", "y", "yes"))
-            else:
-                self.show("Answer y (or Enter) to send the paste, n to cancel it.")
-            return
+        """
+        One typed line: a /command, a line of a /paste, or a message to the open conversation.  (A long paste
+        waiting for y or n is answered through L{confirm}: the screen that pasted it takes those keys itself.)
+        """
         if self.pasting is not None:
             if text == ".":
                 names, lines, self.pasting, self._paste_to = self._paste_to, self.pasting, None, None

@@ -465,28 +465,38 @@ class ChatPasteTests(ChatTestCase):
         self.assertFalse(chat._closing)
 
     async def test_long_paste_is_confirmed(self):
-        """A paste of more than 5 lines is shown first; n cancels it (saying so), y or Enter sends it."""
+        """
+        A bracketed paste of more than 5 lines, in the raw-mode screen over a real chat, is shown first; n cancels it
+        (saying so), keys other than y, n, Enter, Esc and Ctrl-C are ignored, and Enter sends it.
+        """
         await self.serve()
         bob = await self.peer("bob")
         chat, ui = await self.chat_as("alice")
         await self.type(chat, "/to bob")
+        transport = StringTransport()
+        screen = pager.ChatScreen(chat, width=80)
+        screen.makeConnection(transport)
         text = "\n".join("line %d" % n for n in range(1, 9))
-        before = len(ui.shown)
-        chat.paste(text)
-        shown = ui.text(before)
+        pasted = PASTE_START + text.replace("\n", "\r").encode() + PASTE_END
+        transport.clear()
+        screen.dataReceived(pasted)
+        shown = transport.value().decode()
         self.assertIn("8 lines", shown)
         self.assertIn("line 5", shown)
         self.assertNotIn("line 6", shown)
         self.assertIn("3 more lines", shown)
-        self.assertEqual(ui.prompt, "Send it to bob? [Y/n] ")
-        await self.type(chat, "n")
-        self.assertIn("nothing sent", ui.text(before))
+        self.assertEqual(screen.prompt, "Send it to bob? [Y/n] ")
+        screen.dataReceived(b"n")
+        self.assertIn("nothing sent", transport.value().decode())
         self.assertIsNone(chat.confirming)
-        self.assertEqual(ui.prompt, "bob> ")  # the conversation stays open
-        chat.paste(text)
-        await self.type(chat, "maybe")
+        self.assertEqual(screen.prompt, "bob> ")  # the conversation stays open
+        screen.dataReceived(pasted)
+        screen.dataReceived(b"maybe")
         self.assertIsNotNone(chat.confirming)
-        await self.type(chat, "")
+        self.assertEqual(screen.editor.text, "")
+        screen.dataReceived(b"\r")
+        self.assertIsNone(chat.confirming)
+        await self.idle(chat)
         await self.wait_for(lambda: bob.events.messages, "the confirmed paste")
         await self.settle(chat)
         self.assertEqual([m.plaintext for m in bob.events.messages], [text.encode()])
