@@ -4217,7 +4217,8 @@ class PagerClient:
     L{OpenedMessage}; it may return a Deferred), and acknowledged only after that hand-off succeeded; a message
     that cannot be opened is rejected with the reason, and C{on_rejected(msg_id, sender, error)} is told.  Delivery
     receipts go to C{on_receipt(receipt)}.  Duplicates (same verified sender and message id) are acknowledged without
-    being handed off twice.
+    being handed off twice.  A hand-off that raises leaves the item on the server (it comes again at the next login);
+    the error is kept in C{failures} and given to C{on_failure(error, sender)} when set (else logged).
     """
 
     log = Logger()
@@ -4243,6 +4244,7 @@ class PagerClient:
         self.on_receipt = None
         self.on_rejected = None
         self.on_disconnect = None
+        self.on_failure = None  # on_failure(error, sender): a hand-off raised (sender None for a receipt)
         self._keys = {}  # user -> (public key, fingerprint)
         self._incoming = {}  # msg id (hex) -> _Incoming still receiving chunks
         self._queue = collections.deque()
@@ -4642,14 +4644,16 @@ class PagerClient:
                     await handler(item)
                 except (ConnectionLost, defer.CancelledError):
                     pass  # the server will deliver it again
-                except LocalError as e:
-                    self.failures.append(e)  # whoever handed it off says why: this machine cannot take it now
-                except PagerError as e:
-                    self.failures.append(e)
-                    self.log.warn("Could not handle an incoming message: {why}", why=e.message)
                 except Exception as e:
                     self.failures.append(e)
-                    self.log.failure("Handing off an incoming message failed; it stays on the server")
+                    if self.on_failure is not None:  # whoever handed it off shows why
+                        self.on_failure(e, item.sender if handler == self._handle_message else None)
+                    elif isinstance(e, LocalError):
+                        pass  # whoever handed it off says why: this machine cannot take it now
+                    elif isinstance(e, PagerError):
+                        self.log.warn("Could not handle an incoming message: {why}", why=e.message)
+                    else:
+                        self.log.failure("Handing off an incoming message failed; it stays on the server")
                 finally:
                     if handler == self._handle_message:
                         self.processed += 1
@@ -6319,6 +6323,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         client.on_receipt = self.receipt_received
         client.on_rejected = self.message_rejected
         client.on_disconnect = self.disconnected
+        client.on_failure = self.hand_off_failed
         self._gathering = True  # a login begins: the receipts the server kept for us come first
 
     def _logged_in(self):
@@ -6708,6 +6713,17 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
             message.key_status))
+
+    def hand_off_failed(self, error, sender):
+        """An incoming message (or receipt) could not be saved, shown or recorded: it stays on the server."""
+        if self._closing:
+            return  # quitting: what was not acknowledged comes again at the next login, as always
+        reason = error.message if isinstance(error, PagerError) else (
+            "%s: %s" % (error.strerror, error.filename) if isinstance(error, OSError) and error.filename
+            else str(error) or type(error).__name__)
+        what = "A message from %s" % sender if sender is not None else "A receipt"
+        self.show("\u2717 %s could not be saved or shown (%s); it stays on the server and comes again at your next "
+                  "login." % (what, reason))
 
     async def receipt_received(self, receipt):
         """

@@ -781,6 +781,26 @@ class ChatCommandTests(ChatTestCase):
 class ChatReceivingTests(ChatTestCase):
     """What arrives is shown safely."""
 
+    async def test_failed_hand_off_is_shown(self):
+        """
+        A file alice's chat cannot save (her files directory is not a directory) is not lost in silence: one line
+        names the sender and the reason and says the message stays on the server; it is not acknowledged.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        files = os.path.join(self.user_dir(self.home_of_chat, "alice"), "files")
+        with open(files, "w") as f:
+            f.write("in the way\n")
+        await bob.send("alice", b"report", content_type="file", filename="report.txt")
+        await self.wait_for(lambda: "could not be saved" in ui.text(), "the failure on alice's screen")
+        [line] = [line for line in ui.shown if "could not be saved" in line]
+        self.assertIn("from bob", line)
+        self.assertIn("stays on the server", line)
+        self.assertEqual(len(await self.pending(self.server, "alice")), 1)
+        chat.quit()
+        await self.wait_for(lambda: chat.done.called, "the chat to finish quitting")
+
     async def test_terminal_escapes_neutralised(self):
         """A message full of terminal escapes reaches the screen with every escape made harmless and visible."""
         await self.serve()
