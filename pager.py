@@ -6255,6 +6255,7 @@ class Outbox:
         self._retry = None
 
 
+QUIT_WAIT = 5.0  # seconds /quit waits for the commands in flight (a stalled server) before closing anyway
 RECEIPTS_AT_LOGIN_QUIET = 1.0  # seconds without a receipt (from the screen being up) that end those pushed at login
 
 
@@ -6298,7 +6299,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self.done = Deferred()
         self.ended_by = None  # the error that ended the chat when it could not reconnect
         self._closing = False
-        self._busy = set()  # commands in flight: quitting waits for them
+        self._busy = {}  # commands in flight (Deferred -> what it does): quitting waits for them, QUIT_WAIT at most
         self._early = []
         self.outbox = Outbox(session, self.show, reactor)
         self._old_receipts = []  # receipts of earlier messages pushed at login, summed up in one line
@@ -6334,6 +6335,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self._run(self.outbox.resume())
 
     def show(self, text):
+        if self.done.called:
+            return  # the chat has left: nothing is written after it
         if self.ui is not None:
             self.ui.show(text)
         else:
@@ -6368,13 +6371,33 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             if self._receipts_quiet is not None and self._receipts_quiet.active():
                 self._receipts_quiet.cancel()
             self._summarise_receipts()  # they are acknowledged: shown now, not dropped
-            busy = defer.DeferredList(list(self._busy))
-            busy.addBoth(lambda _: self.session.close()).addBoth(lambda _: self.done.callback(None))
+            Deferred.fromCoroutine(self._close())
+
+    async def _close(self):
+        if self._busy:
+            waited = Deferred()
+            defer.DeferredList(list(self._busy)).addBoth(lambda _: waited.called or waited.callback(None))
+            if not await within(self.reactor, waited, QUIT_WAIT):
+                self.show("Left without waiting longer for %s (%d s): a message waiting in the outbox stays on "
+                          "disk and is sent at the next connect." % (", ".join(sorted(set(self._busy.values()))),
+                                                                     QUIT_WAIT))
+        try:
+            await self.session.close()
+        finally:
+            self.done.callback(None)
+
+    # What quitting names as still in flight (any other command by its /NAME).
+    _LABELS = {"send": "a message being sent", "command_msg": "a message being sent",
+               "command_file": "a file being sent", "resume": "the outbox being sent"}
 
     def _run(self, coroutine):
+        name = getattr(coroutine, "__name__", "")
+        label = self._LABELS.get(name) or ("/" + name[len("command_"):] if name.startswith("command_") else
+                                           "a command")
         d = Deferred.fromCoroutine(coroutine).addErrback(self._failed)
-        self._busy.add(d)
-        d.addBoth(lambda _: self._busy.discard(d))
+        if not d.called:
+            self._busy[d] = label
+            d.addBoth(lambda result: self._busy.pop(d, None) and result)
 
     def _failed(self, failure):
         if failure.check(PagerError):

@@ -11,7 +11,8 @@ import os
 import stat
 import sys
 
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
@@ -1410,3 +1411,72 @@ class TerminalGuardTests(unittest.SynchronousTestCase):
         self.addCleanup(os.close, read)
         self.addCleanup(os.close, write)
         self.assertIsNone(pager.TerminalGuard.install(task.Clock(), read))
+
+
+class _StalledStore:
+    """A local store whose outbox never finishes keeping a message (a stalled disk or server, to the chat)."""
+
+    def __init__(self):
+        self.stalled = Deferred()
+
+    def outbox_add(self, at, recipients, content_type, filename, body):
+        return self.stalled
+
+    def outbox_waiting(self):
+        return defer.succeed(0)
+
+
+class _QuietSession:
+    """What L{pager.Chat} needs of a session, for a chat on a L{task.Clock}: logged in, never connected."""
+
+    user, address, client, closing, wire = "alice", "127.0.0.1:5050", None, False, None
+
+    def __init__(self):
+        self.store = _StalledStore()
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+        return defer.succeed(None)
+
+
+class ChatQuitTests(unittest.SynchronousTestCase):
+    """How long /quit waits for what is in flight."""
+
+    def test_quit_waits_a_bounded_time(self):
+        """
+        /quit while a message is still being kept waits at most QUIT_WAIT seconds, then closes anyway, saying what
+        was still in flight and that messages in the outbox stay on disk.
+        """
+        clock = task.Clock()
+        session = _QuietSession()
+        chat = pager.Chat(session, clock)
+        ui = FakeUI()
+        chat.attach(ui)
+        chat.line("/msg bob are you there?")
+        before = len(ui.shown)
+        chat.line("/quit")
+        clock.advance(pager.QUIT_WAIT - 0.1)
+        self.assertFalse(session.closed)
+        self.assertFalse(chat.done.called)
+        clock.advance(0.1)
+        self.assertTrue(session.closed)
+        self.assertTrue(chat.done.called)
+        shown = ui.text(before)
+        self.assertIn("a message being sent", shown)
+        self.assertIn("stays on disk", shown)
+        session.store.stalled.callback(1)  # the late answer changes nothing
+        self.assertEqual(ui.text(before), shown)
+
+    def test_quit_at_once_when_idle(self):
+        """With nothing in flight /quit closes at once and says nothing more."""
+        clock = task.Clock()
+        session = _QuietSession()
+        chat = pager.Chat(session, clock)
+        ui = FakeUI()
+        chat.attach(ui)
+        before = len(ui.shown)
+        chat.line("/quit")
+        self.assertTrue(chat.done.called)
+        self.assertEqual(ui.text(before), "")
+        self.assertEqual(clock.getDelayedCalls(), [])
