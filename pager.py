@@ -7282,6 +7282,9 @@ class PlainChat(LineReceiver):
         self.chat.quit()
 
 
+NOTHING_TO_SEND = "Nothing to send: the message is empty."
+
+
 #### Command line ####
 
 class NotDelivered(PagerError):
@@ -7509,7 +7512,6 @@ class ConnectOptions(_ClientOptions):
             super().postOptions()
 
 
-NOTHING_TO_SEND = "Nothing to send: the message is empty."
 STDIN_FILE_NAME = "stdin.bin"  # the name binary standard input is sent under
 
 
