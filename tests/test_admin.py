@@ -33,9 +33,14 @@ class AdminTestCase(CLITestCase):
         self.address = "tcp:127.0.0.1:%d" % self.port
         return self.server
 
-    async def admin(self, *args, db=None):
-        """Run C{pager.py admin --db DB ARGS...}; returns its Result."""
-        return await self.pager("admin", "--db", db or self.db, *args)
+    async def admin(self, *args, db=None, process=False):
+        """
+        Run C{pager-cli admin --db DB ARGS...}, in-process or (with C{process}) as a child process; returns its
+        Result.
+        """
+        if process:
+            return await self.pager("admin", "--db", db or self.db, *args)
+        return await self.run_command("admin", "--db", db or self.db, *args)
 
     async def users(self, *names, online=()):
         """Register C{names} in-process; those not in C{online} log out again.  Returns the clients still online."""
@@ -49,8 +54,12 @@ class AdminTestCase(CLITestCase):
         return clients
 
     def in_parallel(self, *runs):
-        """Run several admin commands at once (each a dict of args and optionally db); their Results, in order."""
-        return defer.gatherResults([defer.Deferred.fromCoroutine(self.admin(*run["args"], db=run.get("db")))
+        """
+        Run several admin commands at once, as child processes (each a dict of args and optionally db); their
+        Results, in order.
+        """
+        return defer.gatherResults([defer.Deferred.fromCoroutine(self.admin(*run["args"], db=run.get("db"),
+                                                                            process=True))
                                     for run in runs], consumeErrors=True)
 
     def query_dump(self):

@@ -183,9 +183,11 @@ class HostileServerTests(CLITestCase):
         pager.save_private_key(os.path.join(directory, pager.KEY_FILE_NAME), key("alice"), "")
         return home
 
-    async def run_as_alice(self, *args, stdin=b""):
-        return await self.pager(*(args[:1] + (self.host, "--user", "alice") + args[1:]), home=self.alice_home(),
-                                token_of="alice", stdin=stdin)
+    async def run_as_alice(self, *args, stdin=b"", process=False):
+        """Run a command as alice: in-process, or (with C{process}: the chat reads a real standard input) as a child."""
+        run = self.pager if process else self.run_command
+        return await run(*(args[:1] + (self.host, "--user", "alice") + args[1:]), home=self.alice_home(),
+                         token_of="alice", stdin=stdin)
 
     def assertNothingHarmful(self, result):
         self.assertEqual(harmful(result.out), [], "standard output:\n%r" % result.out)
@@ -304,7 +306,7 @@ class HostileServerTests(CLITestCase):
             pushes=hostile_pushes(), hold=("users",),
             answers={"users": {"type": "ok", "online": [evil("onlineword")], "registered": ["bob"]},
                      "send": error_frame("quota_exceeded", "sendrefused")})
-        result = await self.run_as_alice("connect", stdin=b"users\n/msg bob hi\n")
+        result = await self.run_as_alice("connect", stdin=b"users\n/msg bob hi\n", process=True)
         self.assertExit(result, 0)
         self.assertNothingHarmful(result)
         self.assertRefusedNamesUnseen(result, factory)
