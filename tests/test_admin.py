@@ -1,7 +1,7 @@
 """
-The operator's commands, C{pager.py admin --db DB ...}, run in-process (as L{pager.main} would run them) on the
-database of a real server that keeps running in this process: they must be safe while it runs, and the server must go
-on working after each.
+The operator's commands, C{pager.py admin --db DB ...}, run in-process (as L{pager.main} would run them; a backup
+also as a child process, as an operator runs it) on the database of a real server that keeps running in this
+process: they must be safe while it runs, and the server must go on working after each.
 """
 
 import io
@@ -34,9 +34,13 @@ class AdminTestCase(CLITestCase):
         self.address = "tcp:127.0.0.1:%d" % self.port
         return self.server
 
-    async def admin(self, *args, db=None):
-        """Run C{pager-cli admin --db DB ARGS...} in-process; returns its Result."""
-        return await self.run_command("admin", "--db", db or self.db, *args)
+    async def admin(self, *args, db=None, process=False):
+        """
+        Run C{pager-cli admin --db DB ARGS...} in-process, or (with C{process}) as a child process, as an operator
+        would beside the server's; returns its Result.
+        """
+        run = self.pager if process else self.run_command
+        return await run("admin", "--db", db or self.db, *args)
 
     async def users(self, *names, online=()):
         """Register C{names} in-process; those not in C{online} log out again.  Returns the clients still online."""
@@ -221,7 +225,7 @@ class AdminCommandTests(AdminTestCase):
         self.assertLess(copied[0][0], len(sent))
 
         dest = os.path.abspath(self.mktemp())
-        result = await self.admin("backup", dest)
+        result = await self.admin("backup", dest, process=True)  # SQLite's locks between processes, as deployed
         self.assertExit(result, 0)
         self.assertEqual(stat.S_IMODE(os.stat(dest).st_mode), 0o600)
         self.assertFalse(os.path.exists(dest + "-wal") and os.path.getsize(dest + "-wal") > 0)
