@@ -184,7 +184,10 @@ class HostileServerTests(CLITestCase):
         return home
 
     async def run_as_alice(self, *args, stdin=b"", process=False):
-        """Run a command as alice: in-process, or (with C{process}: the chat reads a real standard input) as a child."""
+        """
+        Run a command as alice: in-process, or (with C{process}) as a child, where the chat reads a real standard
+        input and everything goes through the writers pager.main puts on standard output and error.
+        """
         run = self.pager if process else self.run_command
         return await run(*(args[:1] + (self.host, "--user", "alice") + args[1:]), home=self.alice_home(),
                          token_of="alice", stdin=stdin)
@@ -207,7 +210,7 @@ class HostileServerTests(CLITestCase):
         from that name is rejected and its receipt dropped.
         """
         factory = self.listen(pushes=hostile_pushes())
-        result = await self.run_as_alice("fetch")
+        result = await self.run_as_alice("fetch", process=True)  # through pager.main, as a user runs it
         self.assertExit(result, 0)
         self.assertNothingHarmful(result)
         self.assertRefusedNamesUnseen(result, factory)
