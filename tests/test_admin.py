@@ -1,6 +1,7 @@
 """
-The operator's commands, C{pager.py admin --db DB ...}, run as child processes on the database of a real server that
-keeps running in this process: they must be safe while it runs, and the server must go on working after each.
+The operator's commands, C{pager.py admin --db DB ...}, run in-process (as L{pager.main} would run them; a backup
+also as a child process, as an operator runs it) on the database of a real server that keeps running in this
+process: they must be safe while it runs, and the server must go on working after each.
 """
 
 import io
@@ -9,7 +10,7 @@ import sqlite3
 import stat
 import sys
 
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import endpoints, reactor
 
 import pager
 from tests.test_cli import CLITestCase
@@ -33,9 +34,13 @@ class AdminTestCase(CLITestCase):
         self.address = "tcp:127.0.0.1:%d" % self.port
         return self.server
 
-    async def admin(self, *args, db=None):
-        """Run C{pager.py admin --db DB ARGS...}; returns its Result."""
-        return await self.pager("admin", "--db", db or self.db, *args)
+    async def admin(self, *args, db=None, process=False):
+        """
+        Run C{pager-cli admin --db DB ARGS...} in-process, or (with C{process}) as a child process, as an operator
+        would beside the server's; returns its Result.
+        """
+        run = self.pager if process else self.run_command
+        return await run("admin", "--db", db or self.db, *args)
 
     async def users(self, *names, online=()):
         """Register C{names} in-process; those not in C{online} log out again.  Returns the clients still online."""
@@ -48,10 +53,9 @@ class AdminTestCase(CLITestCase):
                 await self.offline(self.server, client)
         return clients
 
-    def in_parallel(self, *runs):
-        """Run several admin commands at once (each a dict of args and optionally db); their Results, in order."""
-        return defer.gatherResults([defer.Deferred.fromCoroutine(self.admin(*run["args"], db=run.get("db")))
-                                    for run in runs], consumeErrors=True)
+    async def admin_all(self, *runs):
+        """Run several admin commands in turn (each a dict of args and optionally db); their Results, in order."""
+        return [await self.admin(*run["args"], db=run.get("db")) for run in runs]
 
     def query_dump(self):
         conn = sqlite3.connect(self.db)
@@ -221,7 +225,7 @@ class AdminCommandTests(AdminTestCase):
         self.assertLess(copied[0][0], len(sent))
 
         dest = os.path.abspath(self.mktemp())
-        result = await self.admin("backup", dest)
+        result = await self.admin("backup", dest, process=True)  # SQLite's locks between processes, as deployed
         self.assertExit(result, 0)
         self.assertEqual(stat.S_IMODE(os.stat(dest).st_mode), 0o600)
         self.assertFalse(os.path.exists(dest + "-wal") and os.path.getsize(dest + "-wal") > 0)
@@ -424,7 +428,7 @@ class AdminErrorTests(AdminTestCase):
         """A --db that does not exist: exit 1 with one sentence, and no database is created."""
         missing = os.path.abspath(self.mktemp())
         commands = (["users"], ["stats"], ["invite"], ["backup", missing + ".bak"])
-        for result in await self.in_parallel(*[dict(args=c, db=missing) for c in commands]):
+        for result in await self.admin_all(*[dict(args=c, db=missing) for c in commands]):
             line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
             self.assertIn(missing, line)
             self.assertFalse(os.path.exists(missing))
@@ -440,7 +444,7 @@ class AdminErrorTests(AdminTestCase):
         with conn:
             conn.execute("UPDATE meta SET value = 'not-hex' WHERE key = 'server_id'")
         conn.close()
-        for result in await self.in_parallel(*[dict(args=c, db=db) for c in (["users"], ["stats"])]):
+        for result in await self.admin_all(*[dict(args=c, db=db) for c in (["users"], ["stats"])]):
             line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
             self.assertIn("server id", line)
 
@@ -452,7 +456,7 @@ class AdminErrorTests(AdminTestCase):
         commands = ([], ["frobnicate"], ["delete-user"], ["delete-user", "a", "b"], ["reset-key", "alice"],
                     ["invite", "-n", "0"], ["invite", "-n", "many"], ["backup"], ["users", "extra"],
                     ["--no-such-option", "users"], ["reset-key", "alice", os.path.abspath(self.mktemp())])
-        for args, result in zip(commands, await self.in_parallel(*[dict(args=c) for c in commands])):
+        for args, result in zip(commands, await self.admin_all(*[dict(args=c) for c in commands])):
             # A public key file that cannot be read is a local failure, not a wrong command line.
             self.assertOneErrorLine(result, pager.EXIT_LOCAL if args[:1] == ["reset-key"] and len(args) == 3
                                     else pager.EXIT_USAGE)
@@ -470,7 +474,7 @@ class AdminErrorTests(AdminTestCase):
         with open(path, "w") as f:
             f.write(pager.public_key_pem(key("mallory")))
         commands = (["delete-user", "Not A Name!"], ["delete-user", "../alice"], ["reset-key", "al ice", path])
-        for result in await self.in_parallel(*[dict(args=c) for c in commands]):
+        for result in await self.admin_all(*[dict(args=c) for c in commands]):
             line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
             self.assertIn("User names", line)
         self.assertEqual(await self.server.store.user_names(), ["alice"])

@@ -1,6 +1,8 @@
 """
-The script commands (C{send}, C{fetch}, C{users}, C{export-key}, C{import-key}) as real processes, against a real
-server running in this process on a loopback port.  Every child is started with C{reactor.spawnProcess}, so the
+The script commands (C{send}, C{fetch}, C{users}, C{export-key}, C{import-key}) against a real server running in
+this process on a loopback port.  Most run in-process through the command coroutines (L{CLITestCase.run_command}),
+which proves what a child process would without paying for a fresh Python; what only a process shows (a signal, the
+umask of a new process, C{python pager.py} itself) runs as a child started with C{reactor.spawnProcess}, so the
 server keeps serving while the test waits, and every wait is bounded.
 
 Each test has its own C{PAGER_HOME}.  To keep the suite fast, most users are registered in-process with the module's
@@ -9,6 +11,7 @@ only the tests about first use let the command line make a key.
 """
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -18,7 +21,9 @@ import stat
 import sys
 
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer, error, protocol, reactor, task
+from twisted.internet import defer, error, protocol, reactor, stdio, task
+from twisted.logger import globalLogPublisher
+from twisted.python import usage
 from twisted.trial import unittest
 
 import pager
@@ -77,8 +82,46 @@ class Child(protocol.ProcessProtocol):
         return Result(self.code, self.out.decode("utf-8", "replace"), self.err.decode("utf-8", "replace"))
 
 
+class Output(io.StringIO):
+    """
+    A captured standard output whose reader goes away after C{lines} lines: the next write raises BrokenPipeError,
+    and later ones are thrown away without an error, as they are once fetch has pointed its output at /dev/null.
+    """
+
+    def __init__(self, lines=None):
+        super().__init__()
+        self.lines = lines
+        self.broken = False
+        read, self.fd = os.pipe()
+        os.close(read)
+
+    def write(self, text):
+        if self.broken:
+            return len(text)
+        if self.lines is not None and self.getvalue().count("\n") >= self.lines:
+            self.broken = True
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+    def fileno(self):
+        return self.fd
+
+    def close_fd(self):
+        os.close(self.fd)
+
+
+_SERVER_LOGGERS = ("pager.PagerServer", "pager.PagerService", "pager.Store")  # a child process has no server in it
+
+
+def _no_chat_here(*args, **kwargs):
+    raise AssertionError("the chat would read this process's real standard input: run connect as a child process")
+
+
 class CLITestCase(E2ETestCase):
-    """Starts a server, provisions users, and runs C{pager.py} commands as child processes."""
+    """
+    Starts a server, provisions users, and runs pager-cli commands: in-process with L{run_command}, or as child
+    processes with L{pager}.
+    """
 
     async def serve(self):
         """Start a server; sets C{self.server}, C{self.address} (client endpoint) and C{self.host} (HOST:PORT)."""
@@ -153,6 +196,87 @@ class CLITestCase(E2ETestCase):
             child.transport.signalProcess("KILL")
         except error.ProcessExitedAlready:
             pass
+
+    async def run_command(self, *argv, home=None, token_of=None, passphrase=None, env=None, stdin=b"", stdout=None,
+                          timeout=PROCESS_TIMEOUT):
+        """
+        Run C{pager-cli ARGV...} in this process as L{pager.main} would (HOST in C{argv} stands for the server), and
+        return its L{Result}; the arguments are L{pager}'s.  Standard output and error are captured behind the
+        L{pager.SafeWriter} main puts there, with the client's log warnings as C{pager: ...} lines; standard input
+        holds C{stdin} (bytes) and is no terminal.  A command that reaches the chat (which reads the real standard
+        input) is an error: C{connect} past its questions runs as a child process.
+        """
+        variables = dict(PAGER_HOME=home, PAGER_PASSPHRASE=passphrase,
+                         PAGER_TOKEN=token(token_of) if token_of else None)
+        variables.update(env or {})
+        saved_environment = dict(os.environ)
+        for name in list(os.environ):
+            if name.startswith("PAGER_"):
+                del os.environ[name]
+        os.environ.update({k: v for k, v in variables.items() if v is not None})
+        given = io.BytesIO(stdin or b"")
+
+        def read_line(fd=0):
+            line = given.readline()
+            return line.rstrip(b"\n").decode("utf-8", "replace").rstrip("\r") if line else None
+        isatty = os.isatty
+        patches = [(pager, "_read_stdin", given.read), (pager, "_read_line_unbuffered", read_line),
+                   (os, "isatty", lambda fd: False if fd == 0 else isatty(fd)), (stdio, "StandardIO", _no_chat_here)]
+        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        out = stdout if stdout is not None else Output()
+        err = io.StringIO()
+        saved_streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = pager.SafeWriter.wrap(out), pager.SafeWriter.wrap(err)
+        warnings = pager.client_log_observer()
+
+        def client_warnings(event):
+            if not event.get("log_namespace", "").startswith(_SERVER_LOGGERS):
+                warnings(event)
+        globalLogPublisher.addObserver(client_warnings)
+        server = getattr(self, "server", None)
+        connections = server.factory.connections if server is not None else 0
+        code = 0
+        try:
+            options = pager.Options()
+            try:
+                options.parseOptions([self.host if a == "HOST" else a for a in argv])
+            except usage.UsageError as e:
+                command = " " + options.subCommand if getattr(options, "subCommand", None) else ""
+                raise SystemExit(pager.report(e, "see 'pager-cli%s --help'" % command))
+            if options.subCommand in ("make-cert", "admin"):
+                try:
+                    (pager._make_cert_command if options.subCommand == "make-cert" else pager._admin_command)(
+                        options.subOptions)
+                except (pager.PagerError, usage.UsageError) as e:
+                    raise SystemExit(pager.report(e))
+            else:
+                self.assertNotEqual(options.subCommand, "server", "run the server with self.serve()")
+                running = defer.Deferred.fromCoroutine(
+                    pager._run_client_command(reactor, options.subCommand, options.subOptions))
+                running.addTimeout(timeout, reactor)
+                try:
+                    await running
+                except defer.TimeoutError:
+                    self.fail("pager-cli %s did not finish within %g s.\n%s"
+                              % (" ".join(argv), timeout, Result(None, out.getvalue(), err.getvalue())))
+        except SystemExit as e:
+            code = e.code
+        finally:
+            globalLogPublisher.removeObserver(client_warnings)
+            sys.stdout, sys.stderr = saved_streams
+            for owner, name, value in originals:
+                setattr(owner, name, value)
+            os.environ.clear()
+            os.environ.update(saved_environment)
+            if stdout is None:
+                out.close_fd()
+        if server is not None:
+            # A child has exited by the time its parent sees it, long after its last bytes left: wait, as that does,
+            # until the server has read everything the command sent and seen its connection close.
+            await self.wait_for(lambda: server.factory.connections <= connections, "the command's connection to close")
+        return Result(code, out.getvalue(), err.getvalue())
 
     async def pager(self, *args, home=None, user=None, token_of=None, passphrase=None, stdin=b"", env=None,
                     prefix=(), timeout=PROCESS_TIMEOUT):
@@ -259,17 +383,17 @@ class SendFetchTests(CLITestCase):
         await store.open(reactor.seconds())
         await store.add("alice", bytes.fromhex(msg), reactor.seconds())
         store.close()
-        fetched = await self.pager("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob", timeout=8)
+        fetched = await self.run_command("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob", timeout=8)
         self.assertExit(fetched, 0)
         self.assertEqual(fetched.out, "")
-        self.assertEqual(await self.pending(self.server, "bob"), [])
+        await self.no_pending(self.server, "bob")  # the server may still be writing the acknowledgement
 
     async def test_message_from_stdin(self):
         """Without MESSAGE, send reads the message from standard input."""
         await self.serve()
         alice_home = await self.provision("alice")
         await self.account("bob")
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", home=alice_home,
+        sent = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", home=alice_home,
                                 token_of="alice", stdin=b"disk full\n")
         self.assertExit(sent, 0)
         msg = sent.out.strip()
@@ -285,7 +409,7 @@ class SendFetchTests(CLITestCase):
         await self.serve()
         alice_home = await self.provision("alice")
         await self.account("bob")
-        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", home=alice_home,
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", home=alice_home,
                                   token_of="alice", stdin=b"")
         self.assertOneErrorLine(result, pager.EXIT_USAGE)
         self.assertEqual(result.out, "")
@@ -304,12 +428,12 @@ class SendFetchTests(CLITestCase):
         os.makedirs(os.path.dirname(source))
         with open(source, "wb") as f:
             f.write(data)
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "--file", source,
+        sent = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "--file", source,
                                 home=alice_home, token_of="alice")
         self.assertExit(sent, 0)
         self.assertRegex(sent.out.strip(), MESSAGE_ID)
 
-        fetched = await self.pager("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob")
+        fetched = await self.run_command("fetch", self.host, "--user", "bob", home=bob_home, token_of="bob")
         self.assertExit(fetched, 0)
         saved = os.path.join(self.user_dir(bob_home, "bob"), "files", "report.bin")
         self.assertTrue(os.path.exists(saved), "nothing at %s:\n%s" % (saved, fetched))
@@ -319,7 +443,7 @@ class SendFetchTests(CLITestCase):
             self.assertTrue(f.read() == data, "the saved file differs from the one sent")
         self.assertIn(saved, fetched.out)
         self.assertIn("report.bin", fetched.out)
-        self.assertEqual(await self.pending(self.server, "bob"), [])
+        await self.no_pending(self.server, "bob")  # the server may still be writing the acknowledgement
 
     async def test_users_json(self):
         """users --json prints one JSON object: who is online and who is registered."""
@@ -328,7 +452,7 @@ class SendFetchTests(CLITestCase):
         await self.account("carol")
         await self.account("bob")
         await self.login(self.address, "bob")
-        result = await self.pager("users", self.host, "--user", "alice", "--json", home=alice_home,
+        result = await self.run_command("users", self.host, "--user", "alice", "--json", home=alice_home,
                                   token_of="alice")
         self.assertExit(result, 0)
         [line] = result.out.splitlines()
@@ -348,7 +472,7 @@ class WaitDeliveredTests(CLITestCase):
         alice_home = await self.provision("alice")
         await self.account("bob")
         bob = await self.login(self.address, "bob")
-        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
                                   "--timeout", "20", "are you there", home=alice_home, token_of="alice")
         self.assertExit(result, 0)
         msg = result.out.strip()
@@ -361,7 +485,7 @@ class WaitDeliveredTests(CLITestCase):
         await self.serve()
         alice_home = await self.provision("alice")
         await self.account("bob")
-        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
                                   "--timeout", "1", "anyone?", home=alice_home, token_of="alice")
         line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
         self.assertIn("not delivered", line.lower())
@@ -377,7 +501,7 @@ class ExitCodeTests(CLITestCase):
     async def test_unknown_recipient(self):
         await self.serve()
         alice_home = await self.provision("alice")
-        result = await self.pager("send", self.host, "--user", "alice", "--to", "nobody", "hi", home=alice_home,
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "nobody", "hi", home=alice_home,
                                   token_of="alice")
         line = self.assertOneErrorLine(result, pager.EXIT_UNKNOWN_USER)
         self.assertIn("nobody", line)
@@ -386,7 +510,7 @@ class ExitCodeTests(CLITestCase):
         await self.serve()
         alice_home = await self.provision("alice")
         await self.account("bob")
-        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", home=alice_home,
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "hi", home=alice_home,
                                   env={"PAGER_TOKEN": "not alice's safetoken"})
         self.assertOneErrorLine(result, pager.EXIT_AUTH)
         self.assertEqual(await self.pending(self.server, "bob"), [])
@@ -396,28 +520,25 @@ class ExitCodeTests(CLITestCase):
         await self.serve()
         alice_home = await self.provision("alice")
         await self.account("bob")
-        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", home=alice_home)
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "hi", home=alice_home)
         line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
         self.assertIn("PAGER_TOKEN", line)
 
     async def test_unreachable_server(self):
-        result = await self.pager("send", "127.0.0.1:%d" % free_port(), "--user", "alice", "--to", "bob", "hi",
+        result = await self.run_command("send", "127.0.0.1:%d" % free_port(), "--user", "alice", "--to", "bob", "hi",
                                   home=self.home(), env={"PAGER_TOKEN": "whatever-token"})
         self.assertOneErrorLine(result, pager.EXIT_NETWORK)
 
     async def usage_errors(self, cases):
         """
-        Run each command line of C{cases} (what, args; HOST stands for the server) at once; each must fail with
-        exit 2 and one line.
+        Run each command line of C{cases} (what, args; HOST stands for the server); each must fail with exit 2 and
+        one line.
         """
         await self.serve()
         alice_home = await self.provision("alice")
-        results = await defer.gatherResults([
-            defer.Deferred.fromCoroutine(self.pager(*[self.host if a == "HOST" else a for a in args],
-                                                    home=alice_home, token_of="alice"))
-            for _, args in cases])
         failures = []
-        for (what, _), result in zip(cases, results):
+        for what, args in cases:
+            result = await self.run_command(*args, home=alice_home, token_of="alice")
             try:
                 self.assertOneErrorLine(result, pager.EXIT_USAGE)
             except self.failureException as e:
@@ -452,7 +573,7 @@ class KeyTrustTests(CLITestCase):
         server = await self.serve()
         alice_home = await self.provision("alice")
         await self.account("bob")
-        first = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "one", home=alice_home,
+        first = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "one", home=alice_home,
                                  token_of="alice")
         self.assertExit(first, 0)
 
@@ -461,7 +582,7 @@ class KeyTrustTests(CLITestCase):
         server.factory.key_changed("bob", other.public_key())
         before = len(await self.pending(server, "bob"))
 
-        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "two", home=alice_home,
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "two", home=alice_home,
                                   token_of="alice")
         line = self.assertOneErrorLine(result, pager.EXIT_KEY_TRUST)
         self.assertEqual(result.out, "")
@@ -567,7 +688,7 @@ class KeyFileTests(CLITestCase):
         os.chmod(token_file, 0o600)  # a token file others may read is refused
         with open(passphrase_file, "w") as f:
             f.write("correct horse battery\n")
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", "--register",
+        sent = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "hi", "--register",
                                 "--token-file", token_file, "--passphrase-file", passphrase_file, home=home)
         self.assertExit(sent, 0)
         path = os.path.join(self.user_dir(home, "alice"), "key.p12")
@@ -605,21 +726,21 @@ class ExportImportTests(CLITestCase):
         await self.serve()
         home_a = await self.provision("alice", passphrase="pass-a")
         out = os.path.abspath(self.mktemp())
-        exported = await self.pager("export-key", self.host, "--user", "alice", "--out", out, home=home_a,
+        exported = await self.run_command("export-key", self.host, "--user", "alice", "--out", out, home=home_a,
                                     passphrase="pass-a")
         self.assertExit(exported, 0)
         self.assertMode(out, 0o600)
         self.assertTrue(pager.key_file_is_encrypted(out))
 
         home_b = self.home()
-        imported = await self.pager("import-key", self.host, "--user", "alice", out, home=home_b,
+        imported = await self.run_command("import-key", self.host, "--user", "alice", out, home=home_b,
                                     passphrase="pass-a", token_of="alice")
         self.assertExit(imported, 0)
         path = os.path.join(self.user_dir(home_b, "alice"), "key.p12")
         self.assertMode(path, 0o600)
         self.assertEqual(pager.fingerprint(pager.load_private_key(path, "pass-a")), pager.fingerprint(key("alice")))
 
-        fetched = await self.pager("fetch", self.host, "--user", "alice", home=home_b, token_of="alice",
+        fetched = await self.run_command("fetch", self.host, "--user", "alice", home=home_b, token_of="alice",
                                    passphrase="pass-a")
         self.assertExit(fetched, 0)
 
@@ -642,24 +763,24 @@ class ExportImportTests(CLITestCase):
                                                    serialization.NoEncryption()))
 
         home_c, home_d = self.home(), self.home()
-        traditional = await self.pager("import-key", self.host, "--user", "alice", files["TraditionalOpenSSL"],
+        traditional = await self.run_command("import-key", self.host, "--user", "alice", files["TraditionalOpenSSL"],
                                        "--no-passphrase", home=home_c, token_of="alice")
         self.assertExit(traditional, 0)
-        pkcs8 = await self.pager("import-key", self.host, "--user", "alice", files["PKCS8"], home=home_d,
+        pkcs8 = await self.run_command("import-key", self.host, "--user", "alice", files["PKCS8"], home=home_d,
                                  passphrase="pass-d", token_of="alice")
         self.assertExit(pkcs8, 0)
         self.assertFalse(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_c, "alice"), "key.p12")))
         self.assertTrue(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_d, "alice"), "key.p12")))
 
-        fetched = await self.pager("fetch", self.host, "--user", "alice", home=home_c, token_of="alice")
+        fetched = await self.run_command("fetch", self.host, "--user", "alice", home=home_c, token_of="alice")
         self.assertExit(fetched, 0)
 
-        again = await self.pager("import-key", self.host, "--user", "alice", files["PKCS8"], "--no-passphrase",
+        again = await self.run_command("import-key", self.host, "--user", "alice", files["PKCS8"], "--no-passphrase",
                                  home=home_d)
         line = self.assertOneErrorLine(again, pager.EXIT_USAGE)
         self.assertIn("--force", line)
         self.assertTrue(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_d, "alice"), "key.p12")))
-        forced = await self.pager("import-key", self.host, "--user", "alice", files["PKCS8"], "--no-passphrase",
+        forced = await self.run_command("import-key", self.host, "--user", "alice", files["PKCS8"], "--no-passphrase",
                                   "--force", home=home_d, token_of="alice")
         self.assertExit(forced, 0)
         self.assertFalse(pager.key_file_is_encrypted(os.path.join(self.user_dir(home_d, "alice"), "key.p12")))
@@ -669,7 +790,7 @@ class ExportImportTests(CLITestCase):
         await self.account("alice")
         await self.account("bob")
         home = self.home()
-        result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hi", home=home,
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "hi", home=home,
                                   token_of="alice", passphrase=passphrase)
         self.assertExit(result, pager.EXIT_AUTH)
         self.assertNotIn("Traceback", result.err)
@@ -700,10 +821,8 @@ class HelpTests(CLITestCase):
             ("trust-server",): ["--home", "--tls", "--ca", "--id"],
             ("forget-server",): ["--home", "--tls"],
         }
-        results = await defer.gatherResults([
-            defer.Deferred.fromCoroutine(self.pager(*(command + ("--help",)), home=self.home()))
-            for command in cases])
-        for (command, words), result in zip(cases.items(), results):
+        for command, words in cases.items():
+            result = await self.run_command(*(command + ("--help",)), home=self.home())
             self.assertExit(result, 0)
             self.assertNotIn("Traceback", result.err)
             for word in words:
@@ -757,7 +876,7 @@ class FaultyServerTests(CLITestCase):
     async def test_fetch_connection_lost_before_promised_messages(self):
         """A server that promises 3 waiting messages and closes: fetch exits 6 at once, saying the rest stay."""
         host = self.fake_server(pending=3, close_after_login=True)
-        result = await self.pager("fetch", host, "--user", "bob", home=self.home_with_key("bob"),
+        result = await self.run_command("fetch", host, "--user", "bob", home=self.home_with_key("bob"),
                                   env={"PAGER_TOKEN": "bobs-token"}, timeout=10)
         line = self.assertOneErrorLine(result, pager.EXIT_NETWORK)
         self.assertIn("lost", line)
@@ -782,13 +901,13 @@ class FaultyServerTests(CLITestCase):
         """export-key and make-cert given an --out they cannot write say so in one sentence (exit 7: local)."""
         await self.serve()
         home = await self.provision("alice")
-        result = await self.pager("export-key", self.host, "--user", "alice", "--out", "/nonexistent/dir/k.p12",
+        result = await self.run_command("export-key", self.host, "--user", "alice", "--out", "/nonexistent/dir/k.p12",
                                   home=home, passphrase="export-pass")
         self.assertIn("Cannot write", self.assertOneErrorLine(result, pager.EXIT_LOCAL))
         taken = os.path.abspath(self.mktemp())
         with open(taken, "w") as f:
             f.write("a file, not a directory")
-        result = await self.pager("make-cert", "localhost", "--out", taken)
+        result = await self.run_command("make-cert", "localhost", "--out", taken)
         self.assertIn("Cannot write", self.assertOneErrorLine(result, pager.EXIT_LOCAL))
 
     async def test_token_file_not_text(self):
@@ -799,7 +918,7 @@ class FaultyServerTests(CLITestCase):
         with open(path, "wb") as f:
             f.write(b"\xff\xfe\n")
         os.chmod(path, 0o600)  # a token file others may read is refused before it is read
-        result = await self.pager("users", self.host, "--user", "alice", "--token-file", path, home=home)
+        result = await self.run_command("users", self.host, "--user", "alice", "--token-file", path, home=home)
         self.assertIn("not UTF-8", self.assertOneErrorLine(result, pager.EXIT_USAGE))
 
     async def test_import_garbage(self):
@@ -808,7 +927,7 @@ class FaultyServerTests(CLITestCase):
         path = os.path.abspath(self.mktemp())
         with open(path, "wb") as f:
             f.write(b"this is not a key at all\n")
-        result = await self.pager("import-key", self.host, "--user", "alice", path, home=self.home(),
+        result = await self.run_command("import-key", self.host, "--user", "alice", path, home=self.home(),
                                   passphrase="local-pass")
         self.assertIn("not a key file", self.assertOneErrorLine(result, pager.EXIT_AUTH))
 
@@ -823,7 +942,7 @@ class FaultyServerTests(CLITestCase):
         port = await self.server.ready
         self.host = "127.0.0.1:%d" % port.getHost().port
         home = self.home()
-        result = await self.pager("send", self.host, "--user", "newbie", "--to", "newbie", "hi", "--register",
+        result = await self.run_command("send", self.host, "--user", "newbie", "--to", "newbie", "hi", "--register",
                                   home=home, env={"PAGER_TOKEN": "newbie-token"}, passphrase="pass")
         self.assertExit(result, pager.EXIT_FAILURE)
         self.assertNotIn("Traceback", result.err)

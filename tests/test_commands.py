@@ -16,75 +16,13 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 import pager
-from tests.test_cli import PAGER_PY, CLITestCase, Result, base_env
+from tests.test_cli import PAGER_PY, CLITestCase, base_env
+from tests.test_cli import Output as _Output
 from tests.test_e2e import free_port, token
 
 
-class _Output(io.StringIO):
-    """
-    A captured standard output whose reader goes away after C{lines} lines: the next write raises BrokenPipeError,
-    and later ones are thrown away without an error, as they are once fetch has pointed its output at /dev/null.
-    """
-
-    def __init__(self, lines=None):
-        super().__init__()
-        self.lines = lines
-        self.broken = False
-        read, self.fd = os.pipe()
-        os.close(read)
-
-    def write(self, text):
-        if self.broken:
-            return len(text)
-        if self.lines is not None and self.getvalue().count("\n") >= self.lines:
-            self.broken = True
-            raise BrokenPipeError(32, "Broken pipe")
-        return super().write(text)
-
-    def fileno(self):
-        return self.fd
-
-    def close_fd(self):
-        os.close(self.fd)
-
-
 class InProcessTestCase(CLITestCase):
-    """Runs C{pager-cli COMMAND ...} through L{pager._run_client_command} in this process."""
-
-    async def run_command(self, *argv, home=None, token_of=None, passphrase=None, stdin=None, stdout=None):
-        """
-        Parse C{argv} as pager-cli does and run the client command; returns its L{Result} (exit code 2 and the
-        sentence for a command line that does not parse).  C{stdin} (bytes) is what standard input holds.
-        """
-        environment = dict(PAGER_HOME=home, PAGER_PASSPHRASE=passphrase,
-                           PAGER_TOKEN=token(token_of) if token_of else None)
-        saved_environment = dict(os.environ)
-        self.addCleanup(lambda: (os.environ.clear(), os.environ.update(saved_environment)))
-        for name in list(os.environ):
-            if name.startswith("PAGER_"):
-                del os.environ[name]
-        os.environ.update({k: v for k, v in environment.items() if v is not None})
-        if stdin is not None:
-            self.patch(pager, "_read_stdin", lambda: stdin)
-        out = stdout if stdout is not None else _Output()
-        err = io.StringIO()
-        self.patch(sys, "stdout", out)
-        self.patch(sys, "stderr", err)
-        code = 0
-        try:
-            options = pager.Options()
-            try:
-                options.parseOptions([self.host if a == "HOST" else a for a in argv])
-            except usage.UsageError as e:
-                raise SystemExit(pager.report(e))
-            await pager._run_client_command(reactor, options.subCommand, options.subOptions)
-        except SystemExit as e:
-            code = e.code
-        finally:
-            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        if stdout is None:
-            out.close_fd()
-        return Result(code, out.getvalue(), err.getvalue())
+    """Runs C{pager-cli COMMAND ...} in this process with L{CLITestCase.run_command}."""
 
 
 class SendInputTests(InProcessTestCase):

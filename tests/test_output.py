@@ -183,9 +183,14 @@ class HostileServerTests(CLITestCase):
         pager.save_private_key(os.path.join(directory, pager.KEY_FILE_NAME), key("alice"), "")
         return home
 
-    async def run_as_alice(self, *args, stdin=b""):
-        return await self.pager(*(args[:1] + (self.host, "--user", "alice") + args[1:]), home=self.alice_home(),
-                                token_of="alice", stdin=stdin)
+    async def run_as_alice(self, *args, stdin=b"", process=False):
+        """
+        Run a command as alice: in-process, or (with C{process}) as a child, where the chat reads a real standard
+        input and everything goes through the writers pager.main puts on standard output and error.
+        """
+        run = self.pager if process else self.run_command
+        return await run(*(args[:1] + (self.host, "--user", "alice") + args[1:]), home=self.alice_home(),
+                         token_of="alice", stdin=stdin)
 
     def assertNothingHarmful(self, result):
         self.assertEqual(harmful(result.out), [], "standard output:\n%r" % result.out)
@@ -205,7 +210,7 @@ class HostileServerTests(CLITestCase):
         from that name is rejected and its receipt dropped.
         """
         factory = self.listen(pushes=hostile_pushes())
-        result = await self.run_as_alice("fetch")
+        result = await self.run_as_alice("fetch", process=True)  # through pager.main, as a user runs it
         self.assertExit(result, 0)
         self.assertNothingHarmful(result)
         self.assertRefusedNamesUnseen(result, factory)
@@ -304,7 +309,7 @@ class HostileServerTests(CLITestCase):
             pushes=hostile_pushes(), hold=("users",),
             answers={"users": {"type": "ok", "online": [evil("onlineword")], "registered": ["bob"]},
                      "send": error_frame("quota_exceeded", "sendrefused")})
-        result = await self.run_as_alice("connect", stdin=b"users\n/msg bob hi\n")
+        result = await self.run_as_alice("connect", stdin=b"users\n/msg bob hi\n", process=True)
         self.assertExit(result, 0)
         self.assertNothingHarmful(result)
         self.assertRefusedNamesUnseen(result, factory)

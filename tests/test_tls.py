@@ -311,7 +311,7 @@ class MakeCertTests(TLSTestCase):
         DNS:localhost and IP 127.0.0.1, and key.pem (mode 0600) holding the certificate's private key.
         """
         out = os.path.abspath(self.mktemp())
-        result = await self.pager("make-cert", "localhost", "--ip", "127.0.0.1", "--out", out, home=self.home())
+        result = await self.run_command("make-cert", "localhost", "--ip", "127.0.0.1", "--out", out, home=self.home())
         self.assertExit(result, 0)
         with open(os.path.join(out, "cert.pem"), "rb") as f:
             cert = x509.load_pem_x509_certificate(f.read())

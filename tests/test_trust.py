@@ -40,10 +40,10 @@ class MovedServerTestCase(CLITestCase):
         self.first_id = self.server_id
         self.alice_home = await self.provision("alice")
         self.bob_home = await self.provision("bob")
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "first", home=self.alice_home,
+        sent = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "first", home=self.alice_home,
                                 token_of="alice")
         self.assertExit(sent, 0)
-        fetched = await self.pager("fetch", self.host, "--user", "bob", home=self.bob_home, token_of="bob")
+        fetched = await self.run_command("fetch", self.host, "--user", "bob", home=self.bob_home, token_of="bob")
         self.assertExit(fetched, 0)
         self.assertIn("first", fetched.out)
 
@@ -96,7 +96,7 @@ class MovedServerTests(MovedServerTestCase):
         await self.first_server()
         await self.second_server()
         for extra in ((), ("--register",)):
-            result = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "secret", *extra,
+            result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "secret", *extra,
                                       home=self.alice_home, token_of="alice", passphrase="a passphrase")
             self.assertRefusal(result)
             self.assertEqual(result.out, "")
@@ -107,7 +107,7 @@ class MovedServerTests(MovedServerTestCase):
         """fetch refuses too: the impostor's message "from alice" is neither shown nor acknowledged."""
         await self.first_server()
         await self.second_server()
-        result = await self.pager("fetch", self.host, "--user", "bob", "--json", home=self.bob_home,
+        result = await self.run_command("fetch", self.host, "--user", "bob", "--json", home=self.bob_home,
                                   token_of="bob")
         self.assertRefusal(result)
         self.assertNotIn("honestly", result.out)
@@ -127,7 +127,7 @@ class MovedServerTests(MovedServerTestCase):
                     ("export-key", self.host, "--user", "alice", "--out", out),
                     ("import-key", self.host, "--user", "alice", pem, "--no-passphrase", "--force")]
         for command in commands:
-            result = await self.pager(*command, home=self.alice_home, token_of="alice", passphrase="pass")
+            result = await self.run_command(*command, home=self.alice_home, token_of="alice", passphrase="pass")
             self.assertRefusal(result)
         self.assertFalse(os.path.exists(out))
         await self.assertNothingAtSecond(self.alice_home)
@@ -136,7 +136,7 @@ class MovedServerTests(MovedServerTestCase):
         """The interactive connect refuses before asking anything, and registers nothing."""
         await self.first_server()
         await self.second_server()
-        result = await self.pager("connect", self.host, "--user", "alice", home=self.alice_home, token_of="alice",
+        result = await self.run_command("connect", self.host, "--user", "alice", home=self.alice_home, token_of="alice",
                                   passphrase="pass", stdin=b"y\nbob\nsecret\n")
         self.assertRefusal(result)
         await self.assertNothingAtSecond(self.alice_home)
@@ -150,19 +150,19 @@ class MovedServerTests(MovedServerTestCase):
         await self.second_server(impostor=False)
         old_key = os.path.join(self.user_dir(self.alice_home, "alice").replace(self.second_id, self.first_id),
                                pager.KEY_FILE_NAME)
-        malformed = await self.pager("trust-server", self.host, "--id", "78b725bee21c", home=self.alice_home)
+        malformed = await self.run_command("trust-server", self.host, "--id", "78b725bee21c", home=self.alice_home)
         self.assertIn("32 hex digits", self.assertOneErrorLine(malformed, pager.EXIT_USAGE))
-        wrong = await self.pager("trust-server", self.host, "--id", "ab" * 16, home=self.alice_home)
+        wrong = await self.run_command("trust-server", self.host, "--id", "ab" * 16, home=self.alice_home)
         self.assertOneErrorLine(wrong, pager.EXIT_KEY_TRUST)
         self.assertEqual(self.known_file(), self.known_before)
         # As pasted from the operator's log or a chat: upper case and a stray space still name the id.
-        trusted = await self.pager("trust-server", self.host, "--id", " " + self.second_id.upper(), home=self.alice_home)
+        trusted = await self.run_command("trust-server", self.host, "--id", " " + self.second_id.upper(), home=self.alice_home)
         self.assertExit(trusted, 0)
         self.assertIn(self.first_id, trusted.out)
         self.assertIn(self.second_id, trusted.out)
         self.assertIn(self.second_id, self.known_file())
         self.assertNotIn(self.first_id, self.known_file())
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hello", "--register",
+        sent = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "hello", "--register",
                                 home=self.alice_home, token_of="alice", passphrase="new passphrase")
         self.assertExit(sent, 0)
         self.assertTrue(os.path.exists(os.path.join(self.user_dir(self.alice_home, "alice"), pager.KEY_FILE_NAME)))
@@ -176,15 +176,15 @@ class MovedServerTests(MovedServerTestCase):
         """
         await self.first_server()
         await self.second_server(impostor=False)
-        forgot = await self.pager("forget-server", self.host, home=self.alice_home)
+        forgot = await self.run_command("forget-server", self.host, home=self.alice_home)
         self.assertExit(forgot, 0)
         self.assertIn(self.first_id, forgot.out)
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hello", "--register",
+        sent = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "hello", "--register",
                                 home=self.alice_home, token_of="alice", passphrase="new passphrase")
         line = self.assertOneErrorLine(sent, pager.EXIT_KEY_TRUST)
         self.assertIn(self.first_id, line)
         self.assertIn("trust-server", line)
-        connect = await self.pager("connect", self.host, "--user", "alice", home=self.alice_home,
+        connect = await self.run_command("connect", self.host, "--user", "alice", home=self.alice_home,
                                    token_of="alice", passphrase="new passphrase", stdin=b"y\n")
         self.assertEqual(connect.code, pager.EXIT_KEY_TRUST, connect)
         self.assertIn(self.first_id, connect.err)
@@ -208,7 +208,7 @@ class OldHomeTests(MovedServerTestCase):
         await self.first_server()
         await self.second_server(impostor=False)
         os.unlink(os.path.join(self.alice_home, pager.KNOWN_SERVERS_NAME))
-        connect = await self.pager("connect", self.host, "--user", "alice", home=self.alice_home, token_of="alice",
+        connect = await self.run_command("connect", self.host, "--user", "alice", home=self.alice_home, token_of="alice",
                                    passphrase="new passphrase", stdin=b"n\n")
         self.assertExit(connect, pager.EXIT_AUTH)
         [warning] = [line for line in connect.err.splitlines() if self.first_id in line]
@@ -216,12 +216,12 @@ class OldHomeTests(MovedServerTestCase):
             self.assertIn(words, connect.err)
         self.assertLess(connect.err.index(warning), connect.err.index("Make a new key"))
         self.assertEqual(await self.server.store.user_names(), ["bob"])
-        sent = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "hello", "--register",
+        sent = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "hello", "--register",
                                 home=self.alice_home, token_of="alice", passphrase="new passphrase")
         self.assertExit(sent, 0)
         self.assertIn(warning, sent.err.splitlines())
         self.assertEqual(sorted(await self.server.store.user_names()), ["alice", "bob"])
-        again = await self.pager("send", self.host, "--user", "alice", "--to", "bob", "again", home=self.alice_home,
+        again = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "again", home=self.alice_home,
                                  token_of="alice", passphrase="new passphrase")
         self.assertExit(again, 0)
         self.assertNotIn(self.first_id, again.err)
@@ -238,7 +238,7 @@ class RegisterFlagTests(CLITestCase):
         commands = [("send", self.host, "--user", "carol", "--to", "bob", "hi"),
                     ("fetch", self.host, "--user", "carol"), ("users", self.host, "--user", "carol")]
         for command in commands:
-            result = await self.pager(*command, home=home, token_of="carol", passphrase="carol's passphrase")
+            result = await self.run_command(*command, home=home, token_of="carol", passphrase="carol's passphrase")
             line = self.assertOneErrorLine(result, pager.EXIT_AUTH)
             self.assertIn("--register", line)
         self.assertFalse(os.path.exists(os.path.join(home, self.server_id)))
@@ -250,7 +250,7 @@ class RegisterFlagTests(CLITestCase):
         await self.serve()
         await self.account("bob")
         home = self.home()
-        sent = await self.pager("send", self.host, "--user", "carol", "--to", "bob", "hi", "--register",
+        sent = await self.run_command("send", self.host, "--user", "carol", "--to", "bob", "hi", "--register",
                                 home=home, token_of="carol", passphrase="carol's passphrase")
         self.assertExit(sent, 0)
         self.assertNotIn("Warning", sent.err)  # no key for carol under another server id here
@@ -259,7 +259,7 @@ class RegisterFlagTests(CLITestCase):
         with open(os.path.join(home, pager.KNOWN_SERVERS_NAME)) as f:
             self.assertIn("tcp:%s %s" % (self.host, self.server_id), f.read())
         self.assertMode(os.path.join(home, pager.KNOWN_SERVERS_NAME), 0o600)
-        again = await self.pager("users", self.host, "--user", "carol", home=home, token_of="carol",
+        again = await self.run_command("users", self.host, "--user", "carol", home=home, token_of="carol",
                                  passphrase="carol's passphrase")
         self.assertExit(again, 0)
 
@@ -271,7 +271,7 @@ class RegisterFlagTests(CLITestCase):
         await self.serve()
         await self.account("bob")
         home = self.home()
-        result = await self.pager("send", self.host, "--user", "carol", "--to", "bob", "hi", "--register",
+        result = await self.run_command("send", self.host, "--user", "carol", "--to", "bob", "hi", "--register",
                                   home=home, token_of="carol")
         line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
         self.assertIn("PAGER_PASSPHRASE", line)
@@ -282,7 +282,7 @@ class RegisterFlagTests(CLITestCase):
         """connect asks before making a key: "n" makes nothing and registers nobody; "y" registers."""
         await self.serve()
         home = self.home()
-        declined = await self.pager("connect", self.host, "--user", "carol", home=home, token_of="carol",
+        declined = await self.run_command("connect", self.host, "--user", "carol", home=home, token_of="carol",
                                     passphrase="carol's passphrase", stdin=b"n\n")
         self.assertExit(declined, pager.EXIT_AUTH)
         self.assertIn("register", declined.err)
