@@ -5609,23 +5609,27 @@ class Session:
                 "(or someone stands in for it), so stop and ask its operator; if %s is on another server too, go on."
                 % (self.user, "s" if len(others) > 1 else "", " and ".join(others), self.address, client.server_id,
                    "that server" if len(others) == 1 else "one of those servers", self.user))
+        closed = False
         try:
             exists = await client.exists(self.user)
-        except (Forbidden, BadRequest):
-            # Registration is closed (registering says so in its own words), or a server older than "exists":
-            # registering then tells whether the name is taken.
-            exists = False
+        except Forbidden:
+            # Registration is closed, and a closed server names no accounts: nobody can register there, so the
+            # only way on is an existing account's key, brought here or replaced with its safetoken.
+            exists = closed = True
+        except BadRequest:
+            exists = False  # a server older than "exists": registering then tells whether the name is taken
         copy = "copy it here with 'pager-cli export-key' there and 'pager-cli import-key' here"
+        registered = ("%s's registration is closed, so %s can only be an existing account there" if closed
+                      else "%s is registered on %s") % ((self.address, self.user) if closed
+                                                        else (self.user, self.address))
         if exists:
             if not self.prompter.interactive:
-                raise NoKey("%s is registered on %s, but this machine has no key for it: %s (or, if the key is "
-                            "lost, re-key the account with its safetoken in 'pager-cli connect')."
-                            % (self.user, self.address, copy))
-            self.prompter.say("%s is registered on %s (server id %s), but this machine has no key for it. If you "
-                              "have it on another machine, %s. Otherwise this machine can make a new key and re-key "
-                              "the account with its safetoken: messages sent to the old key can then never be read, "
-                              "and everyone who pinned it is warned." % (self.user, self.address, client.server_id,
-                                                                         copy))
+                raise NoKey("%s, but this machine has no key for it: %s (or, if the key is lost, re-key the "
+                            "account with its safetoken in 'pager-cli connect')." % (registered, copy))
+            self.prompter.say("%s (server id %s), but this machine has no key for it. If you have it on another "
+                              "machine, %s. Otherwise this machine can make a new key and re-key the account with "
+                              "its safetoken: messages sent to the old key can then never be read, and everyone who "
+                              "pinned it is warned." % (registered, client.server_id, copy))
             if not await self.prompter.confirm("Make a new key for %s and re-key the account?" % self.user):
                 raise NoKey("No key made: %s has no key on this machine (%s)." % (self.user, copy))
             return True

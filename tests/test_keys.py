@@ -230,6 +230,34 @@ class NewMachineTests(KeysTestCase):
         self.assertEqual(pager.exit_code(error), pager.EXIT_AUTH)
         self.assertFalse(os.path.exists(os.path.join(home, self.server_id)))
 
+    async def test_closed_server_asks_existing_token(self):
+        """
+        On a server with registration closed, exists is refused, and that is no answer: nobody can register there,
+        so a new machine is offered only the re-key of an existing account, asked with its existing safetoken (never
+        "Choose a safetoken"); a script makes no key and is told to bring the key.
+        """
+        await self.serve()
+        await self.account("alice")
+        self.server.factory.limits = dataclasses.replace(self.server.factory.limits, registration="closed")
+        made = []
+        real = pager.generate_private_key
+        self.patch(pager, "generate_private_key", lambda: made.append(1) or real())
+        session, prompter = await self.session(self.home(), ["y", token("alice"), PASSPHRASE, PASSPHRASE])
+        text = prompter.text()
+        self.assertIn("Safetoken of your existing account alice: ", prompter.prompts)
+        self.assertNotIn("Choose", text)
+        self.assertNotIn("does not take new users", text)
+        self.assertIn("registration is closed", text)
+        record = await self.server.store.get_user("alice")
+        self.assertEqual(bytes(record.fingerprint), pager.fingerprint(session.key))
+        home = self.home()
+        made.clear()
+        os.environ.update(PAGER_TOKEN=token("alice"), PAGER_PASSPHRASE=PASSPHRASE)
+        error, _ = await self.failed_session(home, pager.NoKey, interactive=False, register=True)
+        self.assertIn("import-key", error.message)
+        self.assertIn("registration is closed", error.message)
+        self.assertEqual(made, [])
+
     async def test_exists_request(self):
         """exists answers whether a name is taken; a closed server refuses it as it refuses register."""
         await self.serve()
