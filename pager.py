@@ -42,6 +42,7 @@ import shlex
 import sqlite3
 import struct
 import time
+import traceback
 import unicodedata
 
 try:
@@ -5528,11 +5529,20 @@ class Session:
         self.directory = user_directory(self.home, client.server_id, self.user)
         self.known.remember(self.known_address, client.server_id)
         if self.store is None:
-            self.store = LocalStore(os.path.join(self.directory, LOCAL_DB_NAME), self.reactor,
-                                    history=not self.config.get("no-history", False))
+            path = os.path.join(self.directory, LOCAL_DB_NAME)
             expiry = client.limits.get("message_expiry")
             keep = (expiry if isinstance(expiry, (int, float)) and math.isfinite(expiry) else Limits.message_expiry)
-            await self.store.open(self.reactor.seconds(), keep + SEEN_MARGIN)
+            store = None
+            try:
+                store = LocalStore(path, self.reactor, history=not self.config.get("no-history", False))
+                await store.open(self.reactor.seconds(), keep + SEEN_MARGIN)
+            except (sqlite3.Error, OSError) as e:
+                if store is not None:
+                    store.close()
+                raise LocalError("The local database %s cannot be used (%s): move it away to start it afresh, "
+                                 "which forgets the pinned keys and history it holds."
+                                 % (path, getattr(e, "strerror", None) or e))
+            self.store = store
         client.seen = client.pins = self.store
 
     async def start(self, receive=True):
@@ -7866,6 +7876,11 @@ def exit_code(error):
     return EXIT_FAILURE
 
 
+def _debugging():
+    """Whether PAGER_DEBUG asks for the traceback of an internal error (any value but empty or 0)."""
+    return os.environ.get("PAGER_DEBUG", "") not in ("", "0")
+
+
 def report(error, hint=""):
     """
     The one place where an error a command ends with becomes its sentence: write C{pager: SENTENCE} (and C{hint})
@@ -8121,7 +8136,8 @@ async def _import_key_command(reactor, config):
         await session.save_token(token, passphrase)
     finally:
         await client.close()
-        session.store.close()
+        if session.store is not None:  # None when no user name could be had
+            session.store.close()
     prompter.say("Installed %s's key (fingerprint %s) in %s." % (
         session.user, format_fingerprint(fingerprint(key)), session.key_path))
 
@@ -8443,6 +8459,11 @@ async def _run_client_command(reactor, name, config):
         if stopping:
             raise SystemExit(report(Interrupted()))
         raise SystemExit(report(e))
+    except Exception as e:
+        # A fault no path expects: still one sentence (and the traceback only when PAGER_DEBUG asks for it).
+        if _debugging():
+            traceback.print_exc(file=sys.stderr)
+        raise SystemExit(report(PagerError("internal error: %s: %s" % (type(e).__name__, e))))
     finally:
         if not stopping:
             reactor.removeSystemEventTrigger(trigger)

@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 import pager
 from tests.test_cli import PAGER_PY, CLITestCase, Result, base_env
-from tests.test_e2e import free_port, token
+from tests.test_e2e import free_port, key, token
 
 
 class _Output(io.StringIO):
@@ -211,6 +211,54 @@ class LocalFailureTests(InProcessTestCase):
             given = "--token-file" in argv  # PAGER_TOKEN would come first
             result = await self.run_command(*argv, home=home, token_of=None if given else "alice")
             self.assertIn(words, self.assertOneErrorLine(result, pager.EXIT_LOCAL), what)
+
+    async def test_import_key_without_user(self):
+        """import-key with no --user and no terminal is the usage error, not a traceback from closing no store."""
+        await self.serve()
+        path = os.path.abspath(self.mktemp())
+        pager.save_private_key(path, key("alice"), "")
+        result = await self.run_command("import-key", "HOST", path, home=self.home())
+        self.assertIn("user", self.assertOneErrorLine(result, pager.EXIT_USAGE).lower())
+
+    async def test_damaged_local_database(self):
+        """A client.sqlite3 that is not a database: one sentence naming it, exit 7, in scripts and in connect."""
+        await self.serve()
+        home = await self.provision("alice")
+        database = os.path.join(self.user_dir(home, "alice"), pager.LOCAL_DB_NAME)
+        with open(database, "wb") as f:
+            f.write(b"this is not an SQLite database, not at all" * 100)
+        os.chmod(database, 0o600)
+        for argv in (["fetch", "HOST", "--user", "alice"], ["users", "HOST", "--user", "alice"]):
+            result = await self.run_command(*argv, home=home, token_of="alice")
+            line = self.assertOneErrorLine(result, pager.EXIT_LOCAL)
+            self.assertIn(database, line, argv)
+        session = pager.Session(reactor, {"server": self.host, "home": home, "user": "alice", "token-file": None,
+                                          "passphrase-file": None, "no-passphrase": False, "tls": False, "ca": None,
+                                          "no-history": False, "register": False},
+                                pager.Prompter(reactor, interactive=False))
+        self.addCleanup(session.close)
+        os.environ["PAGER_TOKEN"] = token("alice")
+        with self.assertRaises(pager.LocalError) as caught:
+            await session.start()
+        self.assertIn(database, caught.exception.message)
+
+    async def test_internal_error_one_sentence(self):
+        """
+        An error no code path expects is one sentence, 'internal error: ...', exit 1, with no traceback unless
+        PAGER_DEBUG is set (then the traceback follows on stderr).
+        """
+        def broken(reactor, config):
+            raise RuntimeError("something nobody expected")
+        await self.serve()
+        self.patch(pager, "_CLIENT_COMMANDS", dict(pager._CLIENT_COMMANDS, users=broken))
+        result = await self.run_command("users", "HOST", "--user", "alice", home=self.home())
+        line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
+        self.assertIn("internal error: RuntimeError: something nobody expected", line)
+        self.patch(pager, "_debugging", lambda: True)  # as PAGER_DEBUG=1 would
+        result = await self.run_command("users", "HOST", "--user", "alice", home=self.home())
+        self.assertExit(result, pager.EXIT_FAILURE)
+        self.assertIn("Traceback", result.err)
+        self.assertIn("internal error: RuntimeError", result.err)
 
     def test_exit_codes(self):
         """Each error type has its documented exit code; report() writes its one sentence."""
