@@ -4934,13 +4934,15 @@ def check_private_file_permissions(path, what="key file"):
 
 def check_key_file_permissions(path):
     """Refuse a key file that group or others may read, as ssh does, and a key "file" that is not a file."""
+    if not os.path.lexists(path):
+        raise KeyFileError("The key file %s is missing." % path)
+    if not os.path.isfile(path):  # before its mode: a directory's 0755 is not what is wrong with it
+        raise KeyFileError("The key file %s is damaged: it is not a file. Move it away and bring the key back with "
+                           "'pager-cli import-key'." % path)
     try:
         check_private_file_permissions(path)
     except FileNotFoundError:
         raise KeyFileError("The key file %s is missing." % path)
-    if not os.path.isfile(path):
-        raise KeyFileError("The key file %s is damaged: it is not a file. Move it away and bring the key back with "
-                           "'pager-cli import-key'." % path)
 
 
 _PKCS12_SHROUDED_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0102")  # OID 1.2.840.113549.1.12.10.1.2
