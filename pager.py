@@ -5113,7 +5113,8 @@ class KnownServers:
         except FileNotFoundError:
             return []
         except (OSError, UnicodeDecodeError) as e:
-            raise KeyFileError("Cannot read %s: %s." % (self.path, getattr(e, "strerror", None) or e))
+            # A file on this machine (or a PAGER_HOME that is no directory), not a key: exit 7.
+            raise LocalError("Cannot read %s: %s." % (self.path, getattr(e, "strerror", None) or e))
         entries = []
         for number, line in enumerate(lines, 1):
             words = line.split()
@@ -5121,7 +5122,7 @@ class KnownServers:
                 continue
             if (len(words) not in (2, 3) or not valid_server_id(words[1])
                     or (len(words) == 3 and words[2] != self.FORGOTTEN)):
-                raise KeyFileError("Line %d of %s is not 'ADDRESS SERVER_ID' (or 'ADDRESS SERVER_ID forgotten'): "
+                raise LocalError("Line %d of %s is not 'ADDRESS SERVER_ID' (or 'ADDRESS SERVER_ID forgotten'): "
                                    "fix or remove that line." % (number, self.path))
             entries.append([words[0], words[1], len(words) == 3])
         return entries
@@ -5130,8 +5131,11 @@ class KnownServers:
         lines = ["# pager: the server id each address presented (see 'pager-cli trust-server --help')"]
         lines += ["%s %s%s" % (address, server_id, " " + self.FORGOTTEN if forgotten else "")
                   for address, server_id, forgotten in entries]
-        private_directory(os.path.dirname(self.path))
-        write_private_file(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
+        try:
+            private_directory(os.path.dirname(self.path))
+            write_private_file(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
+        except OSError as e:
+            raise LocalError("Cannot write %s: %s." % (self.path, e.strerror))
 
     def known(self, address):
         """The server id C{address} is known by, or None."""
@@ -5224,7 +5228,7 @@ def _first_line_of(path, private=None):
     except OSError as e:
         raise LocalError("Cannot read %s: %s." % (path, e.strerror))
     except UnicodeDecodeError:
-        raise usage.UsageError("%s is not UTF-8 text." % path)
+        raise LocalError("%s is not UTF-8 text: save the secret in it as UTF-8." % path)
 
 
 CLOSE_HANDLING_WAIT = 5.0  # seconds closing waits for a message or receipt being handled to be written down
@@ -5528,7 +5532,10 @@ class Session:
         address is remembered by that id from now on.
         """
         await self.locate(client)
-        self.directory = user_directory(self.home, client.server_id, self.user)
+        try:
+            self.directory = user_directory(self.home, client.server_id, self.user)
+        except OSError as e:
+            raise LocalError("Cannot make the directory %s: %s." % (self.directory, e.strerror))
         self.known.remember(self.known_address, client.server_id)
         if self.store is None:
             path = os.path.join(self.directory, LOCAL_DB_NAME)
@@ -5689,7 +5696,7 @@ class Session:
         try:
             await self.in_thread(save_private_key, pending_path, key, passphrase)
         except OSError as e:
-            raise KeyFileError("Cannot save the new key in %s: %s." % (self.directory, e.strerror))
+            raise LocalError("Cannot save the new key in %s: %s." % (self.directory, e.strerror))
         try:
             if existing:
                 token = await self._recover(client, token, key)
@@ -8249,7 +8256,9 @@ async def _fingerprint_command(reactor, config):
             "own": "your key", "new": "new: not pinned yet", "pinned": "pinned, not verified",
             "verified": "verified", "changed": "CHANGED: not the pinned key"}[status]))
     if status == "changed":
-        raise SystemExit(EXIT_KEY_TRUST)
+        raise SystemExit(report(KeyChanged(name, fp, fp, message=(
+            "%s's key is not the one pinned on this machine: check the fingerprint above with %s (for example by "
+            "phone), then run 'pager-cli trust %s' (or 'pager-cli verify %s')." % (name, name, name, name)))))
 
 
 async def _verify_command(reactor, config):

@@ -201,7 +201,12 @@ class LocalFailureTests(InProcessTestCase):
         with open(garbage, "w") as f:
             f.write("not a certificate\n")
         missing = os.path.abspath(self.mktemp())
+        latin1 = os.path.abspath(self.mktemp())
+        with open(latin1, "wb") as f:
+            f.write("safetoken caf\u00e9\n".encode("latin-1"))
+        os.chmod(latin1, 0o600)
         cases = [
+            ("token file not UTF-8", ["users", "HOST", "--user", "alice", "--token-file", latin1], "not UTF-8"),
             ("missing --file", ["send", "HOST", "--user", "alice", "--to", "alice", "--file", missing], "Cannot read"),
             ("missing CA file", ["users", "HOST", "--user", "alice", "--tls", "--ca", missing], "CA file"),
             ("CA file not PEM", ["users", "HOST", "--user", "alice", "--tls", "--ca", garbage], "CA file"),
@@ -241,6 +246,15 @@ class LocalFailureTests(InProcessTestCase):
         with self.assertRaises(pager.LocalError) as caught:
             await session.start()
         self.assertIn(database, caught.exception.message)
+
+    async def test_home_is_a_file(self):
+        """A PAGER_HOME that is a file is a local failure naming it (exit 7), not a key-file error (3)."""
+        await self.serve()
+        home = os.path.abspath(self.mktemp())
+        with open(home, "w") as f:
+            f.write("not a directory\n")
+        result = await self.run_command("fetch", "HOST", "--user", "alice", home=home, token_of="alice")
+        self.assertIn(home, self.assertOneErrorLine(result, pager.EXIT_LOCAL))
 
     async def test_internal_error_one_sentence(self):
         """

@@ -258,6 +258,20 @@ class NewMachineTests(KeysTestCase):
         self.assertIn("registration is closed", error.message)
         self.assertEqual(made, [])
 
+    async def test_new_key_cannot_be_saved(self):
+        """A new key this machine cannot save is a local failure (exit 7), and nothing is registered."""
+        await self.serve()
+
+        def unwritable(path, key, passphrase):
+            raise PermissionError(13, "Permission denied", path)
+        self.patch(pager, "save_private_key", unwritable)
+        chosen = "my new safetoken"
+        error, _ = await self.failed_session(self.home(), pager.LocalError,
+                                             ["y", chosen, chosen, PASSPHRASE, PASSPHRASE])
+        self.assertIn("Cannot save the new key", error.message)
+        self.assertEqual(pager.exit_code(error), pager.EXIT_LOCAL)
+        self.assertEqual(await self.server.store.user_names(), [])
+
     async def test_exists_request(self):
         """exists answers whether a name is taken; a closed server refuses it as it refuses register."""
         await self.serve()
@@ -414,9 +428,14 @@ class VerifyTests(CommandTestCase):
 
         rekeyed = await self.connect(self.address)
         await rekeyed.rekey("bob", token("bob"), key("bob"), key("bob-new"))
-        record, out = await status()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            record, out = await status()
         self.assertEqual(record["status"], "changed")
         self.assertIn("<exit %d>" % pager.EXIT_KEY_TRUST, out)
+        [line] = err.getvalue().splitlines()  # exit 5 says why, in one sentence
+        self.assertIn("pager: bob's key is not the one pinned on this machine", line)
+        self.assertIn("trust bob", line)
         self.assertIn("pinned", await self.run_command("trust", *common, "bob"))
         self.assertEqual((await status())[0]["status"], "pinned")  # a new pin is not verified
 
