@@ -5470,7 +5470,7 @@ class Session:
             return given
         warning = ("An empty passphrase leaves %s unencrypted on disk: whoever can read the file can read your "
                    "messages and page as you." % what)
-        if self.config["no-passphrase"]:
+        if self.config.get("no-passphrase"):  # commands that make no key have no --no-passphrase
             self.prompter.say("Warning: " + warning)
             return ""
         hint = "Give a passphrase in PAGER_PASSPHRASE or with --passphrase-file, or choose --no-passphrase."
@@ -7406,9 +7406,11 @@ class _ClientOptions(_GnuOptions):
         ["user", "u", None, "Your user name."],
         ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
-                                   "$PAGER_TOKEN, else the one kept on this machine, else a prompt in connect; other commands never ask)."],
-        ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, "
-                                        "else a prompt in connect; other commands never ask)."],
+                                   "$PAGER_TOKEN, else the one kept on this machine, else a prompt: only in "
+                                   "connect, and on a terminal token, verify and import-key)."],
+        ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, else a "
+                                        "prompt: only in connect, and on a terminal passwd, token, verify, "
+                                        "export-key and import-key)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.", _positive(float)],
@@ -7421,6 +7423,7 @@ class _ClientOptions(_GnuOptions):
     ]
 
     not_applicable = ()  # options above that a command has no use for: its --help does not list them
+    option_help = {}  # what an option above does for this command, where that is not what its help says above
 
     def _gather_parameters(self):
         return self._applicable(super()._gather_parameters())
@@ -7432,6 +7435,7 @@ class _ClientOptions(_GnuOptions):
         """usage.Options' gathered options without those in L{not_applicable} (none of which has a short form)."""
         long_options, short, docs, settings, synonyms, dispatch = gathered
         long_options = [o for o in long_options if o.rstrip("=") not in self.not_applicable]
+        docs.update((name, text) for name, text in self.option_help.items() if name in docs)
         for table in (docs, settings, synonyms, dispatch):
             for name in self.not_applicable:
                 table.pop(name, None)
@@ -7535,6 +7539,7 @@ class ExportKeyOptions(_ClientOptions):
     longdesc = ("Write your private key for this server to FILE (PKCS#12, encrypted with a passphrase you choose), "
                 "to copy it to another machine with import-key.")
     not_applicable = ("token-file", "skew-window", "no-history")  # never logs in, sends or receives
+    option_help = {"no-passphrase": "Write the file without a passphrase (anyone who can read it can use the key)."}
     optParameters = [["out", "o", None, "The file to write."]]
 
     def parseArgs(self, server):
@@ -7553,6 +7558,8 @@ class ImportKeyOptions(_ClientOptions):
                 "safetoken, so a key the server does not have registered for the user is refused; the safetoken is "
                 "then kept with the key.")
     not_applicable = ("skew-window", "no-history")  # logs in send-only to check the key; sends and receives nothing
+    option_help = {"no-passphrase": "Store the imported key without a passphrase on this machine (for unattended "
+                                    "use; anyone who can read the file can use the key)."}
     optFlags = [["force", None, "Replace a key this machine already has for the user."]]
 
     def parseArgs(self, server, path):
@@ -7565,7 +7572,10 @@ class PasswdOptions(_ClientOptions):
                 "re-encrypted under the new one. Nothing changes on the server. The current passphrase comes from "
                 "a prompt, PAGER_PASSPHRASE or --passphrase-file; the new one from a prompt (twice) or "
                 "--new-passphrase-file; --no-passphrase removes it.")
-    not_applicable = ("skew-window", "no-history")  # changes a file on this machine: sends and receives nothing
+    # Changes a file on this machine, with the safetoken kept there: sends and receives nothing, takes no safetoken.
+    not_applicable = ("token-file", "skew-window", "no-history")
+    option_help = {"no-passphrase": "Remove the key's passphrase (for unattended use; anyone who can read the file "
+                                    "can then use the key)."}
     optParameters = [
         ["new-passphrase-file", None, None, "Read the new passphrase from this file (which others must not read)."]]
 
@@ -7578,7 +7588,7 @@ class TokenOptions(_ClientOptions):
     longdesc = ("Change your safetoken on the server (it needs the current one, kept on this machine or given as "
                 "for any command); the new one is kept on this machine under your key's passphrase. Other "
                 "machines ask for it once. The new safetoken comes from a prompt (twice) or --new-token-file.")
-    not_applicable = ("skew-window", "no-history")  # sends and receives no message
+    not_applicable = ("no-passphrase", "skew-window", "no-history")  # makes no key, sends and receives no message
     optParameters = [
         ["new-token-file", None, None, "Read the new safetoken from this file (which others must not read)."]]
 
@@ -7587,7 +7597,7 @@ class TokenOptions(_ClientOptions):
 
 
 class _PeerOptions(_ClientOptions):
-    not_applicable = ("skew-window", "no-history")  # sends and receives no message
+    not_applicable = ("no-passphrase", "skew-window", "no-history")  # makes no key, sends and receives no message
 
     def parseArgs(self, server, name):
         self["server"] = server
@@ -7624,7 +7634,7 @@ class FingerprintOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME [PEER] [--json]"
     longdesc = ("Show your key's fingerprint, or PEER's as the server gives it with its status on this machine: "
                 "new (not pinned yet), pinned, verified or changed. Exits 5 when it changed.")
-    not_applicable = ("skew-window", "no-history")  # sends and receives no message
+    not_applicable = ("no-passphrase", "skew-window", "no-history")  # makes no key, sends and receives no message
     optFlags = [["json", None, "Print one JSON object."]]
 
     def parseArgs(self, server, name=None):

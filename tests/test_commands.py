@@ -409,24 +409,45 @@ class OptionsTests(unittest.SynchronousTestCase):
         return options
 
     def test_only_own_options(self):
-        """A command lists and accepts only the options that apply to it."""
-        cases = {
-            "send": ["--skew-window"],
-            "users": ["--skew-window", "--no-history"],
-            "export-key": ["--token-file", "--skew-window", "--no-history"],
-            "import-key": ["--skew-window", "--no-history"],  # it logs in with the key's safetoken to check it
+        """
+        Every client command lists and accepts exactly the shared options that apply to it, and the help of a
+        secret's file and of --no-passphrase says what they do for that command.
+        """
+        shared = ["--token-file", "--passphrase-file", "--no-passphrase", "--skew-window", "--no-history"]
+        cases = {  # command: the shared options it has (the others it neither lists nor accepts)
+            "connect": shared,
+            "fetch": shared,
+            "send": ["--token-file", "--passphrase-file", "--no-passphrase", "--no-history"],
+            "users": ["--token-file", "--passphrase-file", "--no-passphrase"],
+            "export-key": ["--passphrase-file", "--no-passphrase"],  # never logs in
+            "import-key": ["--token-file", "--passphrase-file", "--no-passphrase"],  # logs in to check the key
+            "passwd": ["--passphrase-file", "--no-passphrase"],  # uses the kept safetoken, never a given one
+            "token": ["--token-file", "--passphrase-file"],  # makes no key: --no-passphrase has nothing to store
+            "verify": ["--token-file", "--passphrase-file"],
+            "trust": ["--token-file", "--passphrase-file"],
+            "fingerprint": ["--token-file", "--passphrase-file"],
+            "trust-server": [],
+            "forget-server": [],
         }
-        for command, absent in cases.items():
-            text = str(self.command_options(command))
-            for option in absent:
-                self.assertNotIn(option + " ", text.replace("=", " "), (command, option))
+        self.assertEqual(set(cases), set(pager._CLIENT_COMMANDS))
+        for command, present in cases.items():
+            text = str(self.command_options(command)).replace("=", " ")
+            for option in shared:
+                if option in present:
+                    self.assertIn(option + " ", text, (command, option))
+                    continue
+                self.assertNotIn(option + " ", text, (command, option))
                 argv = [command, "localhost", "--user", "alice", option] + (
-                    [] if option == "--no-history" else ["1"])
+                    [] if option in ("--no-history", "--no-passphrase") else ["1"])
                 self.assertRaises(usage.UsageError, self.parse, *argv)
-        for command in ("connect", "fetch"):
-            text = str(self.command_options(command))
-            for option in ("--skew-window", "--no-history", "--token-file"):
-                self.assertIn(option, text, command)
+        asking = "connect, and on a terminal passwd, token, verify, export-key and import-key"
+        self.assertIn(asking, " ".join(str(self.command_options("send")).split()))
+        self.assertIn("connect, and on a terminal token, verify and import-key",
+                      " ".join(str(self.command_options("fetch")).split()))
+        self.assertNotIn("never ask", str(self.command_options("send")))
+        for command, words in (("passwd", "Remove the key's passphrase"), ("export-key", "Write the file without"),
+                               ("import-key", "Store the imported key without"), ("send", "Store a new key")):
+            self.assertIn(words, " ".join(str(self.command_options(command)).split()), command)
 
 
 class MakeCertTests(unittest.SynchronousTestCase):
