@@ -347,8 +347,8 @@ class KeyChanged(PagerError):
     def __init__(self, user, pinned, current, message=None):
         super().__init__(message or
             "The key of %s has changed: pinned %s, the server now gives %s. Check the new fingerprint with %s "
-            "(for example by phone), then run 'trust %s' (or 'verify %s')." % (
-                user, format_fingerprint(pinned), format_fingerprint(current), user, user, user))
+            "(for example by phone), then accept it with 'trust %s' (and 'verify %s' records that you compared it)."
+            % (user, format_fingerprint(pinned), format_fingerprint(current), user, user, user))
         self.user, self.pinned, self.current = user, pinned, current
 
 
@@ -4499,7 +4499,9 @@ class PagerClient:
     async def verify(self, user, fp):
         """
         Mark C{user}'s key verified, the user having compared the fingerprint C{fp} out of band: it must be the key
-        the server gives now (else L{KeyChanged}, changing nothing), which is pinned if it was not.
+        the server gives now, and, if a key is pinned, the pinned one: a changed key is accepted with C{trust}
+        first, as a deliberate step of its own (else L{KeyChanged}, changing nothing).  A key not pinned yet is
+        pinned.  The one rule of the chat's C{/verify} and of C{pager-cli verify}.
         """
         key, current = await self.public_key(user, refresh=True)
         if current != fp:
@@ -4507,7 +4509,11 @@ class PagerClient:
                 "The fingerprint you compared is not %s's key as the server gives it now (%s); nothing was marked "
                 "verified." % (user, format_fingerprint(current))))
         pin = await self.pins.get_pin(user)
-        if pin is None or bytes(pin[1]) != fp:
+        if pin is not None and bytes(pin[1]) != fp:
+            raise KeyChanged(user, bytes(pin[1]), fp, message=(
+                "%s's key changed since you pinned it: compare the new one (%s) and accept it with 'trust %s' "
+                "before verifying it; nothing was marked verified." % (user, format_fingerprint(fp), user)))
+        if pin is None:
             await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
         await self.pins.set_verified(user, fp)
 
@@ -6638,14 +6644,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         user = canonical_username(rest)
         if user == self.session.user:
             raise usage.UsageError("Your own key needs no verifying; /fingerprint shows it to read to others.")
-        current, status, pin = await self._peer_key(user)
-        if status == "changed":
-            raise usage.UsageError("%s's key changed since you pinned it: compare the new one (/fingerprint %s) "
-                                   "and accept it with /trust %s before verifying it." % (user, user, user))
-        if status == "new":
-            await self.session.client.trust(user)
-        if not await self.session.store.set_verified(user, current):
-            raise usage.UsageError("%s's key changed while verifying; run /fingerprint %s again." % (user, user))
+        current, _, _ = await self._peer_key(user)
+        await self.session.client.verify(user, current)  # pager-cli verify's rule: a changed key needs /trust first
         self.show("%s's key is now verified (you compared it with %s):\n    %s" % (
             user, user, format_fingerprint(current)))
 
@@ -7611,7 +7611,8 @@ class VerifyOptions(_PeerOptions):
     synopsis = "HOST[:PORT] --user NAME PEER [--fingerprint HEX]"
     longdesc = ("Mark PEER's key verified after comparing its fingerprint with PEER out of band (in person or by "
                 "phone): shows the fingerprint and asks whether it matches, or, for scripts, checks it against "
-                "--fingerprint. A key seen for the first time, or changed, is pinned by verifying it.")
+                "--fingerprint. A key seen for the first time is pinned by verifying it; a changed key is accepted "
+                "with trust first (verify refuses it, exit 5).")
     optParameters = [
         ["fingerprint", None, None, "The fingerprint PEER read you (64 hex digits; spaces are ignored)."]]
 
@@ -8281,7 +8282,9 @@ async def _verify_command(reactor, config):
     try:
         fp, status = await client.key_status(name)
         compared = config["fingerprint"]
-        if compared is None:
+        if compared is None and status == "changed":
+            compared = fp  # refused below, before asking: a changed key is accepted with trust first
+        elif compared is None:
             prompter.say("%s's key, as the server gives it (%s):\n    %s" % (name, status, format_fingerprint(fp)))
             if not await prompter.confirm("Does it read the same as what %s reads you from their own "
                                           "'pager-cli fingerprint'?" % name):

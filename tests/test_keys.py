@@ -436,8 +436,17 @@ class VerifyTests(CommandTestCase):
         [line] = err.getvalue().splitlines()  # exit 5 says why, in one sentence
         self.assertIn("pager: bob's key is not the one pinned on this machine", line)
         self.assertIn("trust bob", line)
+        new_fp = pager.fingerprint(key("bob-new"))
+        # The chat's rule: a changed key is accepted with trust before it can be verified (exit 5, nothing marked).
+        with self.assertRaises(pager.KeyChanged) as caught:
+            await self.run_command("verify", *common, "bob", "--fingerprint", new_fp.hex())
+        self.assertIn("changed since you pinned it", caught.exception.message)
+        self.assertIn("trust bob", caught.exception.message)
+        self.assertEqual((await status())[0]["status"], "changed")
         self.assertIn("pinned", await self.run_command("trust", *common, "bob"))
         self.assertEqual((await status())[0]["status"], "pinned")  # a new pin is not verified
+        self.assertIn("verified", await self.run_command("verify", *common, "bob", "--fingerprint", new_fp.hex()))
+        self.assertEqual((await status())[0]["status"], "verified")
 
     async def test_store_set_verified(self):
         """set_verified marks only the pinned fingerprint; a new pin clears it; an old store gains the column."""
