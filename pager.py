@@ -65,8 +65,8 @@ except ImportError as e:
     # 'python pager.py' with a Python that lacks Twisted or cryptography (in a checkout, the repository's own
     # twisted/ folder, which holds only the twistd plugin, then stands in for the package): say what to do.
     sys.stderr.write("pager: pager's dependencies are not installed for %s (%s): install them with "
-                     "'python3 -m pip install .' in a virtual environment (see README, Install), then run pager "
-                     "with that environment's Python.\n" % (sys.executable, e))
+                     "'python3 -m pip install .' in a virtual environment (the README's first lines show how), then "
+                     "run pager with that environment's Python.\n" % (sys.executable, e))
     sys.exit(1)  # EXIT_FAILURE
 
 
@@ -5997,7 +5997,9 @@ class Prompter:
         if not self.interactive:
             raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
         if not os.isatty(0):
-            return await self.ask(prompt, hint)
+            # A pipe into connect holds chat lines: one would be taken for the secret, and lost from the chat.
+            raise usage.UsageError("Standard input is not a terminal, so pager reads no secret from it: %s"
+                                   % (hint or "give it in the environment (PAGER_PASSPHRASE, PAGER_TOKEN)."))
         import getpass
 
         def read():

@@ -450,6 +450,28 @@ class OptionsTests(unittest.SynchronousTestCase):
             self.assertIn(words, " ".join(str(self.command_options(command)).split()), command)
 
 
+class ReadmeTests(unittest.SynchronousTestCase):
+    """What pager's sentences say the README holds, it holds; what the README says of connect is what it does."""
+
+    def read(self, name):
+        with open(os.path.join(os.path.dirname(PAGER_PY), name), encoding="utf-8") as f:
+            return f.read()
+
+    def test_references(self):
+        import re
+        source, readme = self.read("pager.py"), self.read("README.md")
+        headings = set(re.findall(r"^#+ (.+)$", readme, re.M))
+        for section in re.findall(r"README, ([A-Z][\w ]*\w)", source):
+            self.assertIn(section, headings, "pager.py points to a README section that does not exist")
+        flat = " ".join(readme.split())
+        # A piped connect reads no secret from the pipe: the README's pipe example says where it comes from.
+        pipe = flat[flat.index("When standard input is not a terminal, `connect` reads"):][:600]
+        self.assertIn("PAGER_PASSPHRASE", pipe)
+        # Inside a conversation a bare quit is a message: the README never says it leaves the chat there.
+        self.assertNotIn("or `quit`.", flat)
+        self.assertNotIn("(`quit`, Ctrl-C", flat)
+
+
 class MakeCertTests(unittest.SynchronousTestCase):
 
     def test_refuses_to_overwrite(self):

@@ -285,6 +285,26 @@ class NewMachineTests(KeysTestCase):
             await closed.exists("alice")
 
 
+class PipedSecretTests(unittest.TestCase):
+
+    async def test_no_secret_from_a_pipe(self):
+        """
+        connect reading a pipe asks no secret from it (a chat line would be taken for the passphrase): the hint
+        names PAGER_PASSPHRASE; a plain question (y/N) is still read from the pipe.
+        """
+        self.patch(os, "isatty", lambda fd: False)
+        read = []
+        self.patch(pager, "_read_line_unbuffered", lambda fd=0: read.append(fd) or "y\n")
+        prompter = pager.Prompter(reactor, interactive=True, out=io.StringIO())
+        with self.assertRaises(usage.UsageError) as caught:
+            await prompter.secret("Passphrase for alice's key: ",
+                                  "Give the passphrase in PAGER_PASSPHRASE or with --passphrase-file.")
+        self.assertIn("not a terminal", str(caught.exception))
+        self.assertIn("PAGER_PASSPHRASE", str(caught.exception))
+        self.assertEqual(read, [])
+        self.assertTrue(await prompter.confirm("Make a new key?"))
+
+
 class CommandTestCase(KeysTestCase):
     """Runs client commands in-process, as C{pager-cli} would, with standard input not a terminal."""
 
