@@ -5648,6 +5648,10 @@ class Session:
                       else "%s is registered on %s") % ((self.address, self.user) if closed
                                                         else (self.user, self.address))
         if exists:
+            if closed and self.config.get("register") and not self.prompter.interactive:
+                # What was asked for cannot happen there: say so first, as registering would (exit 1).
+                raise Forbidden("This server does not take new users; ask its operator. If %s has an account "
+                                "there, %s." % (self.user, copy))
             if not self.prompter.interactive:
                 raise NoKey("%s, but this machine has no key for it: %s (or, if the key is lost, re-key the "
                             "account with its safetoken in 'pager-cli connect')." % (registered, copy))

@@ -253,7 +253,10 @@ class NewMachineTests(KeysTestCase):
         home = self.home()
         made.clear()
         os.environ.update(PAGER_TOKEN=token("alice"), PAGER_PASSPHRASE=PASSPHRASE)
-        error, _ = await self.failed_session(home, pager.NoKey, interactive=False, register=True)
+        error, _ = await self.failed_session(home, pager.Forbidden, interactive=False, register=True)
+        self.assertIn("does not take new users", error.message)  # what --register asked for cannot happen
+        self.assertIn("import-key", error.message)
+        error, _ = await self.failed_session(home, pager.NoKey, interactive=False)
         self.assertIn("import-key", error.message)
         self.assertIn("registration is closed", error.message)
         self.assertEqual(made, [])
