@@ -42,6 +42,7 @@ import shlex
 import sqlite3
 import struct
 import time
+import traceback
 import unicodedata
 
 try:
@@ -64,8 +65,8 @@ except ImportError as e:
     # 'python pager.py' with a Python that lacks Twisted or cryptography (in a checkout, the repository's own
     # twisted/ folder, which holds only the twistd plugin, then stands in for the package): say what to do.
     sys.stderr.write("pager: pager's dependencies are not installed for %s (%s): install them with "
-                     "'python3 -m pip install .' in a virtual environment (see README, Install), then run pager "
-                     "with that environment's Python.\n" % (sys.executable, e))
+                     "'python3 -m pip install .' in a virtual environment (the README's first lines show how), then "
+                     "run pager with that environment's Python.\n" % (sys.executable, e))
     sys.exit(1)  # EXIT_FAILURE
 
 
@@ -346,8 +347,8 @@ class KeyChanged(PagerError):
     def __init__(self, user, pinned, current, message=None):
         super().__init__(message or
             "The key of %s has changed: pinned %s, the server now gives %s. Check the new fingerprint with %s "
-            "(for example by phone), then run 'trust %s' (or 'verify %s')." % (
-                user, format_fingerprint(pinned), format_fingerprint(current), user, user, user))
+            "(for example by phone), then accept it with 'trust %s' (and 'verify %s' records that you compared it)."
+            % (user, format_fingerprint(pinned), format_fingerprint(current), user, user, user))
         self.user, self.pinned, self.current = user, pinned, current
 
 
@@ -4514,7 +4515,9 @@ class PagerClient:
     async def verify(self, user, fp):
         """
         Mark C{user}'s key verified, the user having compared the fingerprint C{fp} out of band: it must be the key
-        the server gives now (else L{KeyChanged}, changing nothing), which is pinned if it was not.
+        the server gives now, and, if a key is pinned, the pinned one: a changed key is accepted with C{trust}
+        first, as a deliberate step of its own (else L{KeyChanged}, changing nothing).  A key not pinned yet is
+        pinned.  The one rule of the chat's C{/verify} and of C{pager-cli verify}.
         """
         key, current = await self.public_key(user, refresh=True)
         if current != fp:
@@ -4522,7 +4525,11 @@ class PagerClient:
                 "The fingerprint you compared is not %s's key as the server gives it now (%s); nothing was marked "
                 "verified." % (user, format_fingerprint(current))))
         pin = await self.pins.get_pin(user)
-        if pin is None or bytes(pin[1]) != fp:
+        if pin is not None and bytes(pin[1]) != fp:
+            raise KeyChanged(user, bytes(pin[1]), fp, message=(
+                "%s's key changed since you pinned it: compare the new one (%s) and accept it with 'trust %s' "
+                "before verifying it; nothing was marked verified." % (user, format_fingerprint(fp), user)))
+        if pin is None:
             await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
         await self.pins.set_verified(user, fp)
 
@@ -4951,13 +4958,15 @@ def check_private_file_permissions(path, what="key file"):
 
 def check_key_file_permissions(path):
     """Refuse a key file that group or others may read, as ssh does, and a key "file" that is not a file."""
+    if not os.path.lexists(path):
+        raise KeyFileError("The key file %s is missing." % path)
+    if not os.path.isfile(path):  # before its mode: a directory's 0755 is not what is wrong with it
+        raise KeyFileError("The key file %s is damaged: it is not a file. Move it away and bring the key back with "
+                           "'pager-cli import-key'." % path)
     try:
         check_private_file_permissions(path)
     except FileNotFoundError:
         raise KeyFileError("The key file %s is missing." % path)
-    if not os.path.isfile(path):
-        raise KeyFileError("The key file %s is damaged: it is not a file. Move it away and bring the key back with "
-                           "'pager-cli import-key'." % path)
 
 
 _PKCS12_SHROUDED_KEY_BAG = bytes.fromhex("060b2a864886f70d010c0a0102")  # OID 1.2.840.113549.1.12.10.1.2
@@ -5128,7 +5137,8 @@ class KnownServers:
         except FileNotFoundError:
             return []
         except (OSError, UnicodeDecodeError) as e:
-            raise KeyFileError("Cannot read %s: %s." % (self.path, getattr(e, "strerror", None) or e))
+            # A file on this machine (or a PAGER_HOME that is no directory), not a key: exit 7.
+            raise LocalError("Cannot read %s: %s." % (self.path, getattr(e, "strerror", None) or e))
         entries = []
         for number, line in enumerate(lines, 1):
             words = line.split()
@@ -5136,7 +5146,7 @@ class KnownServers:
                 continue
             if (len(words) not in (2, 3) or not valid_server_id(words[1])
                     or (len(words) == 3 and words[2] != self.FORGOTTEN)):
-                raise KeyFileError("Line %d of %s is not 'ADDRESS SERVER_ID' (or 'ADDRESS SERVER_ID forgotten'): "
+                raise LocalError("Line %d of %s is not 'ADDRESS SERVER_ID' (or 'ADDRESS SERVER_ID forgotten'): "
                                    "fix or remove that line." % (number, self.path))
             entries.append([words[0], words[1], len(words) == 3])
         return entries
@@ -5145,8 +5155,11 @@ class KnownServers:
         lines = ["# pager: the server id each address presented (see 'pager-cli trust-server --help')"]
         lines += ["%s %s%s" % (address, server_id, " " + self.FORGOTTEN if forgotten else "")
                   for address, server_id, forgotten in entries]
-        private_directory(os.path.dirname(self.path))
-        write_private_file(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
+        try:
+            private_directory(os.path.dirname(self.path))
+            write_private_file(self.path, ("\n".join(lines) + "\n").encode("utf-8"))
+        except OSError as e:
+            raise LocalError("Cannot write %s: %s." % (self.path, e.strerror))
 
     def known(self, address):
         """The server id C{address} is known by, or None."""
@@ -5239,7 +5252,7 @@ def _first_line_of(path, private=None):
     except OSError as e:
         raise LocalError("Cannot read %s: %s." % (path, e.strerror))
     except UnicodeDecodeError:
-        raise usage.UsageError("%s is not UTF-8 text." % path)
+        raise LocalError("%s is not UTF-8 text: save the secret in it as UTF-8." % path)
 
 
 CLOSE_HANDLING_WAIT = 5.0  # seconds closing waits for a message or receipt being handled to be written down
@@ -5481,7 +5494,7 @@ class Session:
             return given
         warning = ("An empty passphrase leaves %s unencrypted on disk: whoever can read the file can read your "
                    "messages and page as you." % what)
-        if self.config["no-passphrase"]:
+        if self.config.get("no-passphrase"):  # commands that make no key have no --no-passphrase
             self.prompter.say("Warning: " + warning)
             return ""
         hint = "Give a passphrase in PAGER_PASSPHRASE or with --passphrase-file, or choose --no-passphrase."
@@ -5543,14 +5556,26 @@ class Session:
         address is remembered by that id from now on.
         """
         await self.locate(client)
-        self.directory = user_directory(self.home, client.server_id, self.user)
+        try:
+            self.directory = user_directory(self.home, client.server_id, self.user)
+        except OSError as e:
+            raise LocalError("Cannot make the directory %s: %s." % (self.directory, e.strerror))
         self.known.remember(self.known_address, client.server_id)
         if self.store is None:
-            self.store = LocalStore(os.path.join(self.directory, LOCAL_DB_NAME), self.reactor,
-                                    history=not self.config.get("no-history", False))
+            path = os.path.join(self.directory, LOCAL_DB_NAME)
             expiry = client.limits.get("message_expiry")
             keep = (expiry if isinstance(expiry, (int, float)) and math.isfinite(expiry) else Limits.message_expiry)
-            await self.store.open(self.reactor.seconds(), keep + SEEN_MARGIN)
+            store = None
+            try:
+                store = LocalStore(path, self.reactor, history=not self.config.get("no-history", False))
+                await store.open(self.reactor.seconds(), keep + SEEN_MARGIN)
+            except (sqlite3.Error, OSError) as e:
+                if store is not None:
+                    store.close()
+                raise LocalError("The local database %s cannot be used (%s): move it away to start it afresh, "
+                                 "which forgets the pinned keys and history it holds."
+                                 % (path, getattr(e, "strerror", None) or e))
+            self.store = store
         client.seen = client.pins = self.store
 
     async def start(self, receive=True):
@@ -5627,23 +5652,31 @@ class Session:
                 "(or someone stands in for it), so stop and ask its operator; if %s is on another server too, go on."
                 % (self.user, "s" if len(others) > 1 else "", " and ".join(others), self.address, client.server_id,
                    "that server" if len(others) == 1 else "one of those servers", self.user))
+        closed = False
         try:
             exists = await client.exists(self.user)
-        except (Forbidden, BadRequest):
-            # Registration is closed (registering says so in its own words), or a server older than "exists":
-            # registering then tells whether the name is taken.
-            exists = False
+        except Forbidden:
+            # Registration is closed, and a closed server names no accounts: nobody can register there, so the
+            # only way on is an existing account's key, brought here or replaced with its safetoken.
+            exists = closed = True
+        except BadRequest:
+            exists = False  # a server older than "exists": registering then tells whether the name is taken
         copy = "copy it here with 'pager-cli export-key' there and 'pager-cli import-key' here"
+        registered = ("%s's registration is closed, so %s can only be an existing account there" if closed
+                      else "%s is registered on %s") % ((self.address, self.user) if closed
+                                                        else (self.user, self.address))
         if exists:
+            if closed and self.config.get("register") and not self.prompter.interactive:
+                # What was asked for cannot happen there: say so first, as registering would (exit 1).
+                raise Forbidden("This server does not take new users; ask its operator. If %s has an account "
+                                "there, %s." % (self.user, copy))
             if not self.prompter.interactive:
-                raise NoKey("%s is registered on %s, but this machine has no key for it: %s (or, if the key is "
-                            "lost, re-key the account with its safetoken in 'pager-cli connect')."
-                            % (self.user, self.address, copy))
-            self.prompter.say("%s is registered on %s (server id %s), but this machine has no key for it. If you "
-                              "have it on another machine, %s. Otherwise this machine can make a new key and re-key "
-                              "the account with its safetoken: messages sent to the old key can then never be read, "
-                              "and everyone who pinned it is warned." % (self.user, self.address, client.server_id,
-                                                                         copy))
+                raise NoKey("%s, but this machine has no key for it: %s (or, if the key is lost, re-key the "
+                            "account with its safetoken in 'pager-cli connect')." % (registered, copy))
+            self.prompter.say("%s (server id %s), but this machine has no key for it. If you have it on another "
+                              "machine, %s. Otherwise this machine can make a new key and re-key the account with "
+                              "its safetoken: messages sent to the old key can then never be read, and everyone who "
+                              "pinned it is warned." % (registered, client.server_id, copy))
             if not await self.prompter.confirm("Make a new key for %s and re-key the account?" % self.user):
                 raise NoKey("No key made: %s has no key on this machine (%s)." % (self.user, copy))
             return True
@@ -5691,7 +5724,7 @@ class Session:
         try:
             await self.in_thread(save_private_key, pending_path, key, passphrase)
         except OSError as e:
-            raise KeyFileError("Cannot save the new key in %s: %s." % (self.directory, e.strerror))
+            raise LocalError("Cannot save the new key in %s: %s." % (self.directory, e.strerror))
         try:
             if existing:
                 token = await self._recover(client, token, key)
@@ -5986,7 +6019,9 @@ class Prompter:
         if not self.interactive:
             raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
         if not os.isatty(0):
-            return await self.ask(prompt, hint)
+            # A pipe into connect holds chat lines: one would be taken for the secret, and lost from the chat.
+            raise usage.UsageError("Standard input is not a terminal, so pager reads no secret from it: %s"
+                                   % (hint or "give it in the environment (PAGER_PASSPHRASE, PAGER_TOKEN)."))
         import getpass
 
         def read():
@@ -6671,14 +6706,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         user = canonical_username(rest)
         if user == self.session.user:
             raise usage.UsageError("Your own key needs no verifying; /fingerprint shows it to read to others.")
-        current, status, pin = await self._peer_key(user)
-        if status == "changed":
-            raise usage.UsageError("%s's key changed since you pinned it: compare the new one (/fingerprint %s) "
-                                   "and accept it with /trust %s before verifying it." % (user, user, user))
-        if status == "new":
-            await self.session.client.trust(user)
-        if not await self.session.store.set_verified(user, current):
-            raise usage.UsageError("%s's key changed while verifying; run /fingerprint %s again." % (user, user))
+        current, _, _ = await self._peer_key(user)
+        await self.session.client.verify(user, current)  # pager-cli verify's rule: a changed key needs /trust first
         self.show("%s's key is now verified (you compared it with %s):\n    %s" % (
             user, user, format_fingerprint(current)))
 
@@ -7453,9 +7482,11 @@ class _ClientOptions(_GnuOptions):
         ["user", "u", None, "Your user name."],
         ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
-                                   "$PAGER_TOKEN, else the one kept on this machine, else a prompt in connect; other commands never ask)."],
-        ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, "
-                                        "else a prompt in connect; other commands never ask)."],
+                                   "$PAGER_TOKEN, else the one kept on this machine, else a prompt: only in "
+                                   "connect, and on a terminal token, verify and import-key)."],
+        ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, else a "
+                                        "prompt: only in connect, and on a terminal passwd, token, verify, "
+                                        "export-key and import-key)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.", _positive(float)],
@@ -7468,6 +7499,7 @@ class _ClientOptions(_GnuOptions):
     ]
 
     not_applicable = ()  # options above that a command has no use for: its --help does not list them
+    option_help = {}  # what an option above does for this command, where that is not what its help says above
 
     def _gather_parameters(self):
         return self._applicable(super()._gather_parameters())
@@ -7479,6 +7511,7 @@ class _ClientOptions(_GnuOptions):
         """usage.Options' gathered options without those in L{not_applicable} (none of which has a short form)."""
         long_options, short, docs, settings, synonyms, dispatch = gathered
         long_options = [o for o in long_options if o.rstrip("=") not in self.not_applicable]
+        docs.update((name, text) for name, text in self.option_help.items() if name in docs)
         for table in (docs, settings, synonyms, dispatch):
             for name in self.not_applicable:
                 table.pop(name, None)
@@ -7581,6 +7614,7 @@ class ExportKeyOptions(_ClientOptions):
     longdesc = ("Write your private key for this server to FILE (PKCS#12, encrypted with a passphrase you choose), "
                 "to copy it to another machine with import-key.")
     not_applicable = ("token-file", "skew-window", "no-history")  # never logs in, sends or receives
+    option_help = {"no-passphrase": "Write the file without a passphrase (anyone who can read it can use the key)."}
     optParameters = [["out", "o", None, "The file to write."]]
 
     def parseArgs(self, server):
@@ -7599,6 +7633,8 @@ class ImportKeyOptions(_ClientOptions):
                 "safetoken, so a key the server does not have registered for the user is refused; the safetoken is "
                 "then kept with the key.")
     not_applicable = ("skew-window", "no-history")  # logs in send-only to check the key; sends and receives nothing
+    option_help = {"no-passphrase": "Store the imported key without a passphrase on this machine (for unattended "
+                                    "use; anyone who can read the file can use the key)."}
     optFlags = [["force", None, "Replace a key this machine already has for the user."]]
 
     def parseArgs(self, server, path):
@@ -7611,7 +7647,10 @@ class PasswdOptions(_ClientOptions):
                 "re-encrypted under the new one. Nothing changes on the server. The current passphrase comes from "
                 "a prompt, PAGER_PASSPHRASE or --passphrase-file; the new one from a prompt (twice) or "
                 "--new-passphrase-file; --no-passphrase removes it.")
-    not_applicable = ("skew-window", "no-history")  # changes a file on this machine: sends and receives nothing
+    # Changes a file on this machine, with the safetoken kept there: sends and receives nothing, takes no safetoken.
+    not_applicable = ("token-file", "skew-window", "no-history")
+    option_help = {"no-passphrase": "Remove the key's passphrase (for unattended use; anyone who can read the file "
+                                    "can then use the key)."}
     optParameters = [
         ["new-passphrase-file", None, None, "Read the new passphrase from this file (which others must not read)."]]
 
@@ -7624,7 +7663,7 @@ class TokenOptions(_ClientOptions):
     longdesc = ("Change your safetoken on the server (it needs the current one, kept on this machine or given as "
                 "for any command); the new one is kept on this machine under your key's passphrase. Other "
                 "machines ask for it once. The new safetoken comes from a prompt (twice) or --new-token-file.")
-    not_applicable = ("skew-window", "no-history")  # sends and receives no message
+    not_applicable = ("no-passphrase", "skew-window", "no-history")  # makes no key, sends and receives no message
     optParameters = [
         ["new-token-file", None, None, "Read the new safetoken from this file (which others must not read)."]]
 
@@ -7633,7 +7672,7 @@ class TokenOptions(_ClientOptions):
 
 
 class _PeerOptions(_ClientOptions):
-    not_applicable = ("skew-window", "no-history")  # sends and receives no message
+    not_applicable = ("no-passphrase", "skew-window", "no-history")  # makes no key, sends and receives no message
 
     def parseArgs(self, server, name):
         self["server"] = server
@@ -7647,7 +7686,8 @@ class VerifyOptions(_PeerOptions):
     synopsis = "HOST[:PORT] --user NAME PEER [--fingerprint HEX]"
     longdesc = ("Mark PEER's key verified after comparing its fingerprint with PEER out of band (in person or by "
                 "phone): shows the fingerprint and asks whether it matches, or, for scripts, checks it against "
-                "--fingerprint. A key seen for the first time, or changed, is pinned by verifying it.")
+                "--fingerprint. A key seen for the first time is pinned by verifying it; a changed key is accepted "
+                "with trust first (verify refuses it, exit 5).")
     optParameters = [
         ["fingerprint", None, None, "The fingerprint PEER read you (64 hex digits; spaces are ignored)."]]
 
@@ -7670,7 +7710,7 @@ class FingerprintOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME [PEER] [--json]"
     longdesc = ("Show your key's fingerprint, or PEER's as the server gives it with its status on this machine: "
                 "new (not pinned yet), pinned, verified or changed. Exits 5 when it changed.")
-    not_applicable = ("skew-window", "no-history")  # sends and receives no message
+    not_applicable = ("no-passphrase", "skew-window", "no-history")  # makes no key, sends and receives no message
     optFlags = [["json", None, "Print one JSON object."]]
 
     def parseArgs(self, server, name=None):
@@ -7931,6 +7971,11 @@ def exit_code(error):
     return EXIT_FAILURE
 
 
+def _debugging():
+    """Whether PAGER_DEBUG asks for the traceback of an internal error (any value but empty or 0)."""
+    return os.environ.get("PAGER_DEBUG", "") not in ("", "0")
+
+
 def report(error, hint=""):
     """
     The one place where an error a command ends with becomes its sentence: write C{pager: SENTENCE} (and C{hint})
@@ -8186,7 +8231,8 @@ async def _import_key_command(reactor, config):
         await session.save_token(token, passphrase)
     finally:
         await client.close()
-        session.store.close()
+        if session.store is not None:  # None when no user name could be had
+            session.store.close()
     prompter.say("Installed %s's key (fingerprint %s) in %s." % (
         session.user, format_fingerprint(fingerprint(key)), session.key_path))
 
@@ -8296,7 +8342,9 @@ async def _fingerprint_command(reactor, config):
             "own": "your key", "new": "new: not pinned yet", "pinned": "pinned, not verified",
             "verified": "verified", "changed": "CHANGED: not the pinned key"}[status]))
     if status == "changed":
-        raise SystemExit(EXIT_KEY_TRUST)
+        raise SystemExit(report(KeyChanged(name, fp, fp, message=(
+            "%s's key is not the one pinned on this machine: check the fingerprint above with %s (for example by "
+            "phone), then run 'pager-cli trust %s' (or 'pager-cli verify %s')." % (name, name, name, name)))))
 
 
 async def _verify_command(reactor, config):
@@ -8309,7 +8357,9 @@ async def _verify_command(reactor, config):
     try:
         fp, status = await client.key_status(name)
         compared = config["fingerprint"]
-        if compared is None:
+        if compared is None and status == "changed":
+            compared = fp  # refused below, before asking: a changed key is accepted with trust first
+        elif compared is None:
             prompter.say("%s's key, as the server gives it (%s):\n    %s" % (name, status, format_fingerprint(fp)))
             if not await prompter.confirm("Does it read the same as what %s reads you from their own "
                                           "'pager-cli fingerprint'?" % name):
@@ -8508,6 +8558,11 @@ async def _run_client_command(reactor, name, config):
         if stopping:
             raise SystemExit(report(Interrupted()))
         raise SystemExit(report(e))
+    except Exception as e:
+        # A fault no path expects: still one sentence (and the traceback only when PAGER_DEBUG asks for it).
+        if _debugging():
+            traceback.print_exc(file=sys.stderr)
+        raise SystemExit(report(PagerError("internal error: %s: %s" % (type(e).__name__, e))))
     finally:
         if not stopping:
             reactor.removeSystemEventTrigger(trigger)

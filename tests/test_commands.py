@@ -16,9 +16,9 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 import pager
-from tests.test_cli import PAGER_PY, CLITestCase, base_env
+from tests.test_cli import PAGER_PY, CLITestCase, Result, base_env
 from tests.test_cli import Output as _Output
-from tests.test_e2e import free_port, token
+from tests.test_e2e import free_port, key, token
 
 
 class InProcessTestCase(CLITestCase):
@@ -139,7 +139,12 @@ class LocalFailureTests(InProcessTestCase):
         with open(garbage, "w") as f:
             f.write("not a certificate\n")
         missing = os.path.abspath(self.mktemp())
+        latin1 = os.path.abspath(self.mktemp())
+        with open(latin1, "wb") as f:
+            f.write("safetoken caf\u00e9\n".encode("latin-1"))
+        os.chmod(latin1, 0o600)
         cases = [
+            ("token file not UTF-8", ["users", "HOST", "--user", "alice", "--token-file", latin1], "not UTF-8"),
             ("missing --file", ["send", "HOST", "--user", "alice", "--to", "alice", "--file", missing], "Cannot read"),
             ("missing CA file", ["users", "HOST", "--user", "alice", "--tls", "--ca", missing], "CA file"),
             ("CA file not PEM", ["users", "HOST", "--user", "alice", "--tls", "--ca", garbage], "CA file"),
@@ -149,6 +154,63 @@ class LocalFailureTests(InProcessTestCase):
             given = "--token-file" in argv  # PAGER_TOKEN would come first
             result = await self.run_command(*argv, home=home, token_of=None if given else "alice")
             self.assertIn(words, self.assertOneErrorLine(result, pager.EXIT_LOCAL), what)
+
+    async def test_import_key_without_user(self):
+        """import-key with no --user and no terminal is the usage error, not a traceback from closing no store."""
+        await self.serve()
+        path = os.path.abspath(self.mktemp())
+        pager.save_private_key(path, key("alice"), "")
+        result = await self.run_command("import-key", "HOST", path, home=self.home())
+        self.assertIn("user", self.assertOneErrorLine(result, pager.EXIT_USAGE).lower())
+
+    async def test_damaged_local_database(self):
+        """A client.sqlite3 that is not a database: one sentence naming it, exit 7, in scripts and in connect."""
+        await self.serve()
+        home = await self.provision("alice")
+        database = os.path.join(self.user_dir(home, "alice"), pager.LOCAL_DB_NAME)
+        with open(database, "wb") as f:
+            f.write(b"this is not an SQLite database, not at all" * 100)
+        os.chmod(database, 0o600)
+        for argv in (["fetch", "HOST", "--user", "alice"], ["users", "HOST", "--user", "alice"]):
+            result = await self.run_command(*argv, home=home, token_of="alice")
+            line = self.assertOneErrorLine(result, pager.EXIT_LOCAL)
+            self.assertIn(database, line, argv)
+        session = pager.Session(reactor, {"server": self.host, "home": home, "user": "alice", "token-file": None,
+                                          "passphrase-file": None, "no-passphrase": False, "tls": False, "ca": None,
+                                          "no-history": False, "register": False},
+                                pager.Prompter(reactor, interactive=False))
+        self.addCleanup(session.close)
+        os.environ["PAGER_TOKEN"] = token("alice")
+        with self.assertRaises(pager.LocalError) as caught:
+            await session.start()
+        self.assertIn(database, caught.exception.message)
+
+    async def test_home_is_a_file(self):
+        """A PAGER_HOME that is a file is a local failure naming it (exit 7), not a key-file error (3)."""
+        await self.serve()
+        home = os.path.abspath(self.mktemp())
+        with open(home, "w") as f:
+            f.write("not a directory\n")
+        result = await self.run_command("fetch", "HOST", "--user", "alice", home=home, token_of="alice")
+        self.assertIn(home, self.assertOneErrorLine(result, pager.EXIT_LOCAL))
+
+    async def test_internal_error_one_sentence(self):
+        """
+        An error no code path expects is one sentence, 'internal error: ...', exit 1, with no traceback unless
+        PAGER_DEBUG is set (then the traceback follows on stderr).
+        """
+        def broken(reactor, config):
+            raise RuntimeError("something nobody expected")
+        await self.serve()
+        self.patch(pager, "_CLIENT_COMMANDS", dict(pager._CLIENT_COMMANDS, users=broken))
+        result = await self.run_command("users", "HOST", "--user", "alice", home=self.home())
+        line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
+        self.assertIn("internal error: RuntimeError: something nobody expected", line)
+        self.patch(pager, "_debugging", lambda: True)  # as PAGER_DEBUG=1 would
+        result = await self.run_command("users", "HOST", "--user", "alice", home=self.home())
+        self.assertExit(result, pager.EXIT_FAILURE)
+        self.assertIn("Traceback", result.err)
+        self.assertIn("internal error: RuntimeError", result.err)
 
     def test_exit_codes(self):
         """Each error type has its documented exit code; report() writes its one sentence."""
@@ -285,24 +347,67 @@ class OptionsTests(unittest.SynchronousTestCase):
         return options
 
     def test_only_own_options(self):
-        """A command lists and accepts only the options that apply to it."""
-        cases = {
-            "send": ["--skew-window"],
-            "users": ["--skew-window", "--no-history"],
-            "export-key": ["--token-file", "--skew-window", "--no-history"],
-            "import-key": ["--skew-window", "--no-history"],  # it logs in with the key's safetoken to check it
+        """
+        Every client command lists and accepts exactly the shared options that apply to it, and the help of a
+        secret's file and of --no-passphrase says what they do for that command.
+        """
+        shared = ["--token-file", "--passphrase-file", "--no-passphrase", "--skew-window", "--no-history"]
+        cases = {  # command: the shared options it has (the others it neither lists nor accepts)
+            "connect": shared,
+            "fetch": shared,
+            "send": ["--token-file", "--passphrase-file", "--no-passphrase", "--no-history"],
+            "users": ["--token-file", "--passphrase-file", "--no-passphrase"],
+            "export-key": ["--passphrase-file", "--no-passphrase"],  # never logs in
+            "import-key": ["--token-file", "--passphrase-file", "--no-passphrase"],  # logs in to check the key
+            "passwd": ["--passphrase-file", "--no-passphrase"],  # uses the kept safetoken, never a given one
+            "token": ["--token-file", "--passphrase-file"],  # makes no key: --no-passphrase has nothing to store
+            "verify": ["--token-file", "--passphrase-file"],
+            "trust": ["--token-file", "--passphrase-file"],
+            "fingerprint": ["--token-file", "--passphrase-file"],
+            "trust-server": [],
+            "forget-server": [],
         }
-        for command, absent in cases.items():
-            text = str(self.command_options(command))
-            for option in absent:
-                self.assertNotIn(option + " ", text.replace("=", " "), (command, option))
+        self.assertEqual(set(cases), set(pager._CLIENT_COMMANDS))
+        for command, present in cases.items():
+            text = str(self.command_options(command)).replace("=", " ")
+            for option in shared:
+                if option in present:
+                    self.assertIn(option + " ", text, (command, option))
+                    continue
+                self.assertNotIn(option + " ", text, (command, option))
                 argv = [command, "localhost", "--user", "alice", option] + (
-                    [] if option == "--no-history" else ["1"])
+                    [] if option in ("--no-history", "--no-passphrase") else ["1"])
                 self.assertRaises(usage.UsageError, self.parse, *argv)
-        for command in ("connect", "fetch"):
-            text = str(self.command_options(command))
-            for option in ("--skew-window", "--no-history", "--token-file"):
-                self.assertIn(option, text, command)
+        asking = "connect, and on a terminal passwd, token, verify, export-key and import-key"
+        self.assertIn(asking, " ".join(str(self.command_options("send")).split()))
+        self.assertIn("connect, and on a terminal token, verify and import-key",
+                      " ".join(str(self.command_options("fetch")).split()))
+        self.assertNotIn("never ask", str(self.command_options("send")))
+        for command, words in (("passwd", "Remove the key's passphrase"), ("export-key", "Write the file without"),
+                               ("import-key", "Store the imported key without"), ("send", "Store a new key")):
+            self.assertIn(words, " ".join(str(self.command_options(command)).split()), command)
+
+
+class ReadmeTests(unittest.SynchronousTestCase):
+    """What pager's sentences say the README holds, it holds; what the README says of connect is what it does."""
+
+    def read(self, name):
+        with open(os.path.join(os.path.dirname(PAGER_PY), name), encoding="utf-8") as f:
+            return f.read()
+
+    def test_references(self):
+        import re
+        source, readme = self.read("pager.py"), self.read("README.md")
+        headings = set(re.findall(r"^#+ (.+)$", readme, re.M))
+        for section in re.findall(r"README, ([A-Z][\w ]*\w)", source):
+            self.assertIn(section, headings, "pager.py points to a README section that does not exist")
+        flat = " ".join(readme.split())
+        # A piped connect reads no secret from the pipe: the README's pipe example says where it comes from.
+        pipe = flat[flat.index("When standard input is not a terminal, `connect` reads"):][:600]
+        self.assertIn("PAGER_PASSPHRASE", pipe)
+        # Inside a conversation a bare quit is a message: the README never says it leaves the chat there.
+        self.assertNotIn("or `quit`.", flat)
+        self.assertNotIn("(`quit`, Ctrl-C", flat)
 
 
 class MakeCertTests(unittest.SynchronousTestCase):

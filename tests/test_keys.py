@@ -230,6 +230,51 @@ class NewMachineTests(KeysTestCase):
         self.assertEqual(pager.exit_code(error), pager.EXIT_AUTH)
         self.assertFalse(os.path.exists(os.path.join(home, self.server_id)))
 
+    async def test_closed_server_asks_existing_token(self):
+        """
+        On a server with registration closed, exists is refused, and that is no answer: nobody can register there,
+        so a new machine is offered only the re-key of an existing account, asked with its existing safetoken (never
+        "Choose a safetoken"); a script makes no key and is told to bring the key.
+        """
+        await self.serve()
+        await self.account("alice")
+        self.server.factory.limits = dataclasses.replace(self.server.factory.limits, registration="closed")
+        made = []
+        real = pager.generate_private_key
+        self.patch(pager, "generate_private_key", lambda: made.append(1) or real())
+        session, prompter = await self.session(self.home(), ["y", token("alice"), PASSPHRASE, PASSPHRASE])
+        text = prompter.text()
+        self.assertIn("Safetoken of your existing account alice: ", prompter.prompts)
+        self.assertNotIn("Choose", text)
+        self.assertNotIn("does not take new users", text)
+        self.assertIn("registration is closed", text)
+        record = await self.server.store.get_user("alice")
+        self.assertEqual(bytes(record.fingerprint), pager.fingerprint(session.key))
+        home = self.home()
+        made.clear()
+        os.environ.update(PAGER_TOKEN=token("alice"), PAGER_PASSPHRASE=PASSPHRASE)
+        error, _ = await self.failed_session(home, pager.Forbidden, interactive=False, register=True)
+        self.assertIn("does not take new users", error.message)  # what --register asked for cannot happen
+        self.assertIn("import-key", error.message)
+        error, _ = await self.failed_session(home, pager.NoKey, interactive=False)
+        self.assertIn("import-key", error.message)
+        self.assertIn("registration is closed", error.message)
+        self.assertEqual(made, [])
+
+    async def test_new_key_cannot_be_saved(self):
+        """A new key this machine cannot save is a local failure (exit 7), and nothing is registered."""
+        await self.serve()
+
+        def unwritable(path, key, passphrase):
+            raise PermissionError(13, "Permission denied", path)
+        self.patch(pager, "save_private_key", unwritable)
+        chosen = "my new safetoken"
+        error, _ = await self.failed_session(self.home(), pager.LocalError,
+                                             ["y", chosen, chosen, PASSPHRASE, PASSPHRASE])
+        self.assertIn("Cannot save the new key", error.message)
+        self.assertEqual(pager.exit_code(error), pager.EXIT_LOCAL)
+        self.assertEqual(await self.server.store.user_names(), [])
+
     async def test_exists_request(self):
         """exists answers whether a name is taken; a closed server refuses it as it refuses register."""
         await self.serve()
@@ -241,6 +286,26 @@ class NewMachineTests(KeysTestCase):
         closed = await self.connect(self.address)
         with self.assertRaises(pager.Forbidden):
             await closed.exists("alice")
+
+
+class PipedSecretTests(unittest.TestCase):
+
+    async def test_no_secret_from_a_pipe(self):
+        """
+        connect reading a pipe asks no secret from it (a chat line would be taken for the passphrase): the hint
+        names PAGER_PASSPHRASE; a plain question (y/N) is still read from the pipe.
+        """
+        self.patch(os, "isatty", lambda fd: False)
+        read = []
+        self.patch(pager, "_read_line_unbuffered", lambda fd=0: read.append(fd) or "y\n")
+        prompter = pager.Prompter(reactor, interactive=True, out=io.StringIO())
+        with self.assertRaises(usage.UsageError) as caught:
+            await prompter.secret("Passphrase for alice's key: ",
+                                  "Give the passphrase in PAGER_PASSPHRASE or with --passphrase-file.")
+        self.assertIn("not a terminal", str(caught.exception))
+        self.assertIn("PAGER_PASSPHRASE", str(caught.exception))
+        self.assertEqual(read, [])
+        self.assertTrue(await prompter.confirm("Make a new key?"))
 
 
 class CommandTestCase(KeysTestCase):
@@ -386,11 +451,25 @@ class VerifyTests(CommandTestCase):
 
         rekeyed = await self.connect(self.address)
         await rekeyed.rekey("bob", token("bob"), key("bob"), key("bob-new"))
-        record, out = await status()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            record, out = await status()
         self.assertEqual(record["status"], "changed")
         self.assertIn("<exit %d>" % pager.EXIT_KEY_TRUST, out)
+        [line] = err.getvalue().splitlines()  # exit 5 says why, in one sentence
+        self.assertIn("pager: bob's key is not the one pinned on this machine", line)
+        self.assertIn("trust bob", line)
+        new_fp = pager.fingerprint(key("bob-new"))
+        # The chat's rule: a changed key is accepted with trust before it can be verified (exit 5, nothing marked).
+        with self.assertRaises(pager.KeyChanged) as caught:
+            await self.run_command("verify", *common, "bob", "--fingerprint", new_fp.hex())
+        self.assertIn("changed since you pinned it", caught.exception.message)
+        self.assertIn("trust bob", caught.exception.message)
+        self.assertEqual((await status())[0]["status"], "changed")
         self.assertIn("pinned", await self.run_command("trust", *common, "bob"))
         self.assertEqual((await status())[0]["status"], "pinned")  # a new pin is not verified
+        self.assertIn("verified", await self.run_command("verify", *common, "bob", "--fingerprint", new_fp.hex()))
+        self.assertEqual((await status())[0]["status"], "verified")
 
     async def test_store_set_verified(self):
         """set_verified marks only the pinned fingerprint; a new pin clears it; an old store gains the column."""
@@ -433,10 +512,13 @@ class DamagedKeyFileTests(KeysTestCase):
             path = os.path.join(directory, pager.KEY_FILE_NAME)
             if data is None:
                 os.mkdir(path)
+                os.chmod(path, 0o755)  # as mkdir leaves it under the usual umask: the mode is not the fault
             else:
                 pager.write_private_file(path, data)
             error, prompter = await self.failed_session(home, pager.KeyFileError, ["a passphrase"] * 3)
-            self.assertIn("damaged", error.message, what)
+            # The phrase, not the word: the test's own temporary path holds "damaged" too.
+            self.assertIn("The key file %s is damaged" % path, error.message, what)
+            self.assertNotIn("chmod", error.message, what)
             self.assertFalse(isinstance(error, pager.WrongPassphrase), what)
             self.assertEqual(prompter.prompts, [], what)
             self.assertEqual(pager.exit_code(error), pager.EXIT_AUTH, what)

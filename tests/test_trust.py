@@ -326,9 +326,19 @@ class KnownServersTests(unittest.TestCase):
         self.assertEqual(known.forgotten(plain), [])
         with open(known.path, "a") as f:
             f.write("tcp:x:1 not-hex\n")
-        with self.assertRaises(pager.KeyFileError) as caught:
+        with self.assertRaises(pager.LocalError) as caught:  # a file on this machine: exit 7, not a key's 3
             known.check(plain, "bb" * 16)
         self.assertIn("line", caught.exception.message)
+        self.assertEqual(pager.exit_code(caught.exception), pager.EXIT_LOCAL)
+        with open(known.path, "wb") as f:
+            f.write(b"\xff\xfe not UTF-8\n")
+        self.assertRaises(pager.LocalError, known.check, plain, "bb" * 16)
+        not_a_directory = os.path.abspath(self.mktemp())  # a PAGER_HOME that is a file
+        with open(not_a_directory, "w") as f:
+            f.write("a file\n")
+        with self.assertRaises(pager.LocalError) as caught:
+            pager.KnownServers(not_a_directory).known(plain)
+        self.assertIn(not_a_directory, caught.exception.message)
 
 
 class _FakeClient:
