@@ -5499,7 +5499,7 @@ class Session:
             return ""
         hint = "Give a passphrase in PAGER_PASSPHRASE or with --passphrase-file, or choose --no-passphrase."
         while True:
-            first = await self.prompter.secret("Passphrase for %s: " % what, hint)
+            first = await self.prompter.secret("New passphrase for %s: " % what, hint)
             if not first:
                 self.prompter.say(warning)
                 if await self.prompter.confirm("Really keep it without a passphrase?"):
