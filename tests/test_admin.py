@@ -84,6 +84,25 @@ class AdminTestCase(CLITestCase):
         self.assertOpened(receiver.events.messages[0], "witness-a", b"the server still works", msg)
         await self.offline(self.server, sender, receiver)
 
+    async def open_upload(self):
+        """A server with alice and bob; alice logged in on a raw connection with a 3-chunk upload begun for bob."""
+        await self.start()
+        await self.users("alice", "bob")
+        peer = Peer()
+        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), peer)
+        self.addCleanup(lambda: peer.lost is None and peer.transport.abortConnection())
+        await self.wait_for(lambda: peer.challenge, "the hello")
+        proof = pager.sign_auth(key("alice"), "login", self.server.factory.server_id, "alice", peer.challenge)
+        peer.write({"type": "login", "id": "l", "user": "alice", "token": token("alice"), "proof": b64(proof)})
+        await self.wait_for(lambda: peer.answer("l"), "the login")
+        envelope = pager.seal(key("alice"), "alice", {"bob": key("bob").public_key()}, os.urandom(3000),
+                              chunk_size=1024)
+        peer.write({"type": "send", "id": "up", "to": ["bob"], "size": envelope.size,
+                    "header": b64(envelope.header), "chunks": [b64(envelope.chunks[0])]})
+        peer.write({"type": "ping", "id": "p1"})
+        await self.wait_for(lambda: peer.answer("p1"), "the ping after the first frame")
+        return peer, envelope
+
 
 class AdminCommandTests(AdminTestCase):
 
@@ -272,21 +291,7 @@ class AdminCommandTests(AdminTestCase):
         An admin command run while a client is in the middle of a multi-frame upload does not disturb it: the
         upload completes and is delivered.
         """
-        await self.start()
-        await self.users("alice", "bob")
-        peer = Peer()
-        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), peer)
-        self.addCleanup(lambda: peer.lost is None and peer.transport.abortConnection())
-        await self.wait_for(lambda: peer.challenge, "the hello")
-        proof = pager.sign_auth(key("alice"), "login", self.server.factory.server_id, "alice", peer.challenge)
-        peer.write({"type": "login", "id": "l", "user": "alice", "token": token("alice"), "proof": b64(proof)})
-        await self.wait_for(lambda: peer.answer("l"), "the login")
-        envelope = pager.seal(key("alice"), "alice", {"bob": key("bob").public_key()}, os.urandom(3000),
-                              chunk_size=1024)
-        peer.write({"type": "send", "id": "up", "to": ["bob"], "size": envelope.size,
-                    "header": b64(envelope.header), "chunks": [b64(envelope.chunks[0])]})
-        peer.write({"type": "ping", "id": "p1"})
-        await self.wait_for(lambda: peer.answer("p1"), "the ping after the first frame")
+        peer, envelope = await self.open_upload()
         self.assertIsNone(peer.answer("up"))
 
         result = await self.admin("stats")
@@ -355,21 +360,7 @@ class AdminHardeningTests(AdminTestCase):
         'admin stats' shows an open upload (count and declared bytes, also counted in pending_bytes) and the
         database's size with its WAL and its free space.
         """
-        await self.start()
-        await self.users("alice", "bob")
-        peer = Peer()
-        await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), peer)
-        self.addCleanup(lambda: peer.lost is None and peer.transport.abortConnection())
-        await self.wait_for(lambda: peer.challenge, "the hello")
-        proof = pager.sign_auth(key("alice"), "login", self.server.factory.server_id, "alice", peer.challenge)
-        peer.write({"type": "login", "id": "l", "user": "alice", "token": token("alice"), "proof": b64(proof)})
-        await self.wait_for(lambda: peer.answer("l"), "the login")
-        envelope = pager.seal(key("alice"), "alice", {"bob": key("bob").public_key()}, os.urandom(3000),
-                              chunk_size=1024)
-        peer.write({"type": "send", "id": "up", "to": ["bob"], "size": envelope.size,
-                    "header": b64(envelope.header), "chunks": [b64(envelope.chunks[0])]})
-        peer.write({"type": "ping", "id": "p1"})
-        await self.wait_for(lambda: peer.answer("p1"), "the ping after the first frame")
+        peer, envelope = await self.open_upload()
         result = await self.admin("stats")
         self.assertExit(result, 0)
         stats = {line.split()[0]: int(line.split()[1]) for line in result.out.splitlines()}
