@@ -172,19 +172,7 @@ class OutboxChatTests(ChatTestCase):
 
     async def chat_again(self, name, home):
         """A new chat for C{name} with the same home (the same local store) as an earlier one."""
-        token_file = os.path.abspath(self.mktemp())
-        with open(token_file, "w") as f:
-            f.write(token(name) + "\n")
-        os.chmod(token_file, 0o600)  # a token file others may read is refused
-        config = {"server": self.host, "home": home, "user": name, "token-file": token_file,
-                  "passphrase-file": None, "no-passphrase": False, "tls": False, "ca": None, "no-history": False}
-        session = pager.Session(reactor, config, pager.Prompter(reactor, interactive=False))
-        chat = pager.Chat(session, reactor)
-        await session.start()
-        self.addCleanup(self.stop_chat, chat)
-        ui = FakeUI()
-        chat.attach(ui)
-        return chat, ui
+        return await self.chat_as(name, home=home)
 
     async def test_resend_after_lost_answer_is_the_same_message(self):
         """
@@ -316,10 +304,7 @@ class TickTests(ChatTestCase):
         self.assertNotIn("Since you were last here", ui.text(before))
 
     async def chat_again_as(self, home):
-        return await OutboxChatTests.chat_again(self, "alice", home)
-
-
-from tests.test_terminal import FakeUI  # noqa: E402  (used by chat_again)
+        return await self.chat_as("alice", home=home)
 
 
 class _SharedOutboxClient:
