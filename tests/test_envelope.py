@@ -79,13 +79,19 @@ def _layout(header):
     fixed("timestamp", 8)
     lp("sender")
     lp("sender fingerprint")
+    lp("sender device")
     lp("content type")
     lp("filename")
     fixed("chunk size", 4)
     (count,) = struct.unpack(">I", fixed("recipient count", 4))
     for i in range(count):
         lp("recipient %d name" % i)
-        lp("recipient %d fingerprint" % i)
+        lp("recipient %d device" % i)
+        (kind,) = fixed("recipient %d kind" % i, 1)
+        if kind == 2:
+            fixed("recipient %d signed prekey id" % i, 4)
+            fixed("recipient %d one-time prekey id" % i, 4)
+            lp("recipient %d ephemeral key" % i)
         lp("recipient %d wrapped key" % i)
     lp("commitment")
     assert pos == len(header), "layout walk did not end at the end of the header"
@@ -105,8 +111,8 @@ def _reheader(header, **changes):
     h = pager.parse_header(header)
     fields = dict(
         message_id=h.message_id, timestamp_ms=h.timestamp_ms, sender=h.sender, sender_fp=h.sender_fingerprint,
-        content_type=h.content_type, filename=h.filename, chunk_size=h.chunk_size, recipients=list(h.recipients),
-        commitment=h.commitment,
+        sender_device=h.sender_device, content_type=h.content_type, filename=h.filename, chunk_size=h.chunk_size,
+        entries=list(h.entries), commitment=h.commitment,
     )
     fields.update(changes)
     return pager._encode_header(**fields)
@@ -133,12 +139,17 @@ def _sign(private_key, header, chunks):
 
 def _unwrap(envelope, name):
     """The content key, as recipient C{name} unwraps it from C{envelope}'s header with their private key."""
-    wrapped = pager.parse_header(envelope.header).recipient(name).wrapped_key
+    wrapped = _entry(pager.parse_header(envelope.header), name).wrapped
     return _key(name).decrypt(wrapped, pager._OAEP)
 
 
+def _entry(header, name):
+    """The header's entry for C{name}'s device with the module's key for C{name}."""
+    return header.entry(name, pager.device_id(_key(name)))
+
+
 def _wrap(name, content_key):
-    return pager.Recipient(name, pager.fingerprint(_key(name)), _pub(name).encrypt(content_key, pager._OAEP))
+    return pager.Wrap(name, pager.device_id(_key(name)), pager.WRAP_RSA, _pub(name).encrypt(content_key, pager._OAEP))
 
 
 def _build(plaintext, keys, committed, signer="alice"):
@@ -148,8 +159,8 @@ def _build(plaintext, keys, committed, signer="alice"):
     with, and C{signer} signs it.
     """
     mid = os.urandom(16)
-    header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
-                                  [_wrap(name, key) for name, key in sorted(keys.items())],
+    header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), pager.device_id(_key("alice")),
+                                  "text", "", SMALL, [_wrap(name, key) for name, key in sorted(keys.items())],
                                   pager._commitment(mid, committed))
     chunks = _encrypt_chunks(header, committed, plaintext)
     return pager.Envelope(header, chunks, _sign(_key(signer), header, chunks))
@@ -328,8 +339,8 @@ class RecipientTests(SynchronousTestCase):
         """The header lists the recipients sorted by name, each with their key's fingerprint."""
         header = pager.parse_header(self.envelope.header)
         self.assertEqual(header.recipient_names, ["bob", "carol", "dave"])
-        for r in header.recipients:
-            self.assertEqual(r.fingerprint, pager.fingerprint(_key(r.name)))
+        for r in header.entries:
+            self.assertEqual((r.device_id, r.kind), (pager.device_id(_key(r.name)), pager.WRAP_RSA))
 
     def test_non_recipient(self):
         """Someone not among the recipients gets NotAddressedToYou."""
@@ -497,15 +508,18 @@ class HeaderTamperingTests(SynchronousTestCase):
         "timestamp": pager.ChunkAuthenticationFailed,
         "sender": pager.ChunkAuthenticationFailed,  # "alice" -> "alicd", still a valid name
         "sender fingerprint": pager.ChunkAuthenticationFailed,
+        "sender device": pager.ChunkAuthenticationFailed,
         "content type": pager.MalformedEnvelope,  # "file" -> "fild"
         "filename": pager.ChunkAuthenticationFailed,  # "report.txt" -> "report.txu"
         "chunk size": pager.MalformedEnvelope,  # 1024 -> 1025: a full 1024-byte chunk is short, then another follows
         "recipient count": pager.MalformedEnvelope,
         "recipient 0 name": pager.NotAddressedToYou,  # "bob" -> "boc"
-        "recipient 0 fingerprint": pager.NotAddressedToYou,
+        "recipient 0 device": pager.NotAddressedToYou,
+        "recipient 0 kind": pager.MalformedEnvelope,  # 1 -> 0, no kind
         "recipient 0 wrapped key": pager.KeyUnwrapFailed,
         "recipient 1 name": pager.ChunkAuthenticationFailed,  # "carol" -> "carom"
-        "recipient 1 fingerprint": pager.ChunkAuthenticationFailed,
+        "recipient 1 device": pager.ChunkAuthenticationFailed,
+        "recipient 1 kind": pager.MalformedEnvelope,
         "recipient 1 wrapped key": pager.ChunkAuthenticationFailed,
         "commitment": pager.KeyCommitmentMismatch,
     }
@@ -591,7 +605,8 @@ class ForgedHeaderTests(SynchronousTestCase):
 
     def test_other_sender(self):
         """Naming Mallory and his key as the sender raises ChunkAuthenticationFailed even checked with his key."""
-        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")))
+        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")),
+                           sender_device=pager.device_id(_key("mallory")))
         self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, sender="mallory")
 
     def test_other_message_id(self):
@@ -619,21 +634,21 @@ class ForgedHeaderTests(SynchronousTestCase):
 
     def test_recipient_removed(self):
         """Dropping Carol from the recipient list raises ChunkAuthenticationFailed for Bob."""
-        header = _reheader(self.envelope.header, recipients=[self.header.recipient("bob")])
+        header = _reheader(self.envelope.header, entries=[_entry(self.header, "bob")])
         self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header)
 
     def test_recipient_added(self):
         """Adding a recipient (wrapped by Bob, who knows the key) raises ChunkAuthenticationFailed for both."""
         key = _unwrap(self.envelope, "bob")
-        recipients = list(self.header.recipients) + [_wrap("dave", key)]
-        header = _reheader(self.envelope.header, recipients=recipients)
+        recipients = list(self.header.entries) + [_wrap("dave", key)]
+        header = _reheader(self.envelope.header, entries=recipients)
         for name in ("bob", "dave"):
             self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, name)
 
     def test_recipient_replaced(self):
         """Replacing Carol by Mallory in the list raises ChunkAuthenticationFailed for Mallory and for Bob."""
         key = _unwrap(self.envelope, "bob")
-        header = _reheader(self.envelope.header, recipients=[self.header.recipient("bob"), _wrap("mallory", key)])
+        header = _reheader(self.envelope.header, entries=[_entry(self.header, "bob"), _wrap("mallory", key)])
         for name in ("bob", "mallory"):
             self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, name)
 
@@ -641,7 +656,7 @@ class ForgedHeaderTests(SynchronousTestCase):
         """Bob re-wrapping the content key for Carol alone, keeping Alice's chunks, fails for Carol."""
         envelope = _seal(self.plaintext, recipients=("bob",))
         key = _unwrap(envelope, "bob")
-        header = _reheader(envelope.header, recipients=[_wrap("carol", key)])
+        header = _reheader(envelope.header, entries=[_wrap("carol", key)])
         forwarded = pager.Envelope(header, envelope.chunks, envelope.signature)
         self.assertRaises((pager.ChunkAuthenticationFailed, pager.BadSignature), _open, forwarded, "carol")
         self.assertRaises(pager.ChunkAuthenticationFailed, _open, forwarded, "carol")
@@ -650,7 +665,7 @@ class ForgedHeaderTests(SynchronousTestCase):
         """Bob forwarding to Carol with chunks re-encrypted for his new header still fails: Alice's signature breaks."""
         envelope = _seal(self.plaintext, recipients=("bob",))
         key = _unwrap(envelope, "bob")
-        header = _reheader(envelope.header, recipients=[_wrap("carol", key)])
+        header = _reheader(envelope.header, entries=[_wrap("carol", key)])
         forwarded = pager.Envelope(header, _encrypt_chunks(header, key, self.plaintext), envelope.signature)
         self.assertRaises(pager.BadSignature, _open, forwarded, "carol")
 
@@ -663,7 +678,8 @@ class ForgedHeaderTests(SynchronousTestCase):
 
     def test_mallory_claims_message(self):
         """Mallory naming himself sender in a rebuilt header and re-signing Alice's chunks fails for Bob."""
-        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")))
+        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")),
+                           sender_device=pager.device_id(_key("mallory")))
         signature = _sign(_key("mallory"), header, self.envelope.chunks)
         self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, sender="mallory",
                           signature=signature)
@@ -694,9 +710,9 @@ class ForgedHeaderTests(SynchronousTestCase):
 
     def test_unsorted_recipients(self):
         """A header listing recipients out of order or twice raises MalformedEnvelope."""
-        bob, carol = self.header.recipient("bob"), self.header.recipient("carol")
+        bob, carol = _entry(self.header, "bob"), _entry(self.header, "carol")
         for recipients in ([carol, bob], [bob, bob]):
-            header = _reheader(self.envelope.header, recipients=recipients)
+            header = _reheader(self.envelope.header, entries=recipients)
             self.assertRaises(pager.MalformedEnvelope, pager.parse_header, header)
 
 
