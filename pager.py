@@ -4303,7 +4303,8 @@ class PagerClientProtocol(LineReceiver):
                     self.server_error = error
         elif kind == "hello":
             self._hello(frame)
-        elif kind in ("message", "message_chunk", "receipt") and self.listener is not None:
+        elif kind in ("message", "message_chunk", "receipt", "prekeys_low", "linked", "link_expired") \
+                and self.listener is not None:
             self.listener.frame_received(frame)
 
     def _take_challenge(self, frame):
@@ -4432,31 +4433,270 @@ def _abort_and_time_out(proto):
     raise defer.TimeoutError()
 
 
-class MemorySeen:
+PREKEY_POOL_SIZE = 100  # one-time prekeys a device keeps on the server (PROTOCOL.md: at most 200)
+PREKEY_POOL_LOW = 20  # below this many on the server (login answer, prekeys_low push), the device tops them up
+PREKEY_BATCH = 100  # one-time prekeys one publish_prekeys frame carries
+PREKEY_CHECK_INTERVAL = DAY / 4  # seconds between two looks at a logged-in device's prekeys (rotation, deletion)
+PREKEY_VAULT_INFO = b"pager-prekey-vault-v1"
+PREKEY_KINDS = ("signed", "one-time")
+RESEAL_TRIES = 2  # times a message is sealed anew when the server says the recipients' devices changed
+
+
+def prekey_vault_key(private_key):
     """
-    The duplicate store kept in memory only: a L{PagerClient}'s until its session opens the user's L{LocalStore}
-    (and for scripts without a home directory).
+    The key that seals this device's prekey private parts at rest: HKDF-SHA256 of the device's private key (PKCS#8
+    DER), so they are protected exactly like the key file (by its passphrase, or not at all with C{--no-passphrase}).
+    """
+    der = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=PREKEY_VAULT_INFO).derive(der)
+
+
+def _vault_ad(device, kind, prekey_id):
+    return _lp(PREKEY_VAULT_INFO) + _lp(device) + _lp(kind.encode("ascii")) + _U32.pack(prekey_id)
+
+
+def seal_prekey_private(vault, device, kind, prekey_id, private_key):
+    """A prekey's X25519 private part sealed with AES-256-GCM under C{vault}: 12 bytes of nonce, then 48."""
+    raw = private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                    serialization.NoEncryption())
+    nonce = secrets.token_bytes(12)
+    return nonce + AESGCM(vault).encrypt(nonce, raw, _vault_ad(device, kind, prekey_id))
+
+
+def open_prekey_private(vault, device, kind, prekey_id, sealed):
+    """The X25519 private key L{seal_prekey_private} sealed; L{PrekeyUnavailable} if it does not open."""
+    try:
+        raw = AESGCM(vault).decrypt(bytes(sealed[:12]), bytes(sealed[12:]), _vault_ad(device, kind, prekey_id))
+    except InvalidTag:
+        raise PrekeyUnavailable("The %s prekey %d kept on this machine does not open with this device's key."
+                                % (kind, prekey_id))
+    return x25519.X25519PrivateKey.from_private_bytes(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalPrekey:
+    """
+    One of this device's prekeys as this machine keeps it: C{kind} is C{signed} or C{one-time}, C{private_enc} its
+    private part sealed under the vault key (L{seal_prekey_private}).  A signed prekey has its validity and, once a
+    newer one took its place, C{replaced_at}; its private part is deleted a grace period after that.
+    """
+
+    kind: str
+    prekey_id: int
+    public: bytes
+    private_enc: bytes
+    valid_from: int = None
+    valid_until: int = None
+    created: float = 0.0
+    replaced_at: float = None
+
+
+class OpeningPrekeys:
+    """
+    The private prekeys one message needs, decrypted, as the L{Opener} asks for them: C{signed_private(id)},
+    C{signed_valid(id)} and C{one_time_private(id)}, each None when the prekey is gone.
+    """
+
+    def __init__(self, vault, device, signed=None, one_time=None):
+        self._signed, self._one_time = {}, {}
+        if signed is not None and signed.private_enc is not None:
+            self._signed[signed.prekey_id] = (
+                open_prekey_private(vault, device, "signed", signed.prekey_id, signed.private_enc),
+                (signed.valid_from, signed.valid_until))
+        if one_time is not None and one_time.private_enc is not None:
+            self._one_time[one_time.prekey_id] = open_prekey_private(
+                vault, device, "one-time", one_time.prekey_id, one_time.private_enc)
+
+    def signed_private(self, prekey_id):
+        entry = self._signed.get(prekey_id)
+        return entry[0] if entry else None
+
+    def signed_valid(self, prekey_id):
+        entry = self._signed.get(prekey_id)
+        return entry[1] if entry else None
+
+    def one_time_private(self, prekey_id):
+        return self._one_time.get(prekey_id)
+
+
+def make_prekeys(device_key, user, vault, now, signed=True, one_time=0, taken=()):
+    """
+    Fresh prekeys for the device of C{device_key}: C{(signed prekey or None, [OneTimePrekey], [LocalPrekey])}, the
+    signed one valid from C{now} for L{PREKEY_LIFETIME}, each under a random id not in C{taken}.  X25519 and an RSA
+    signature: off the reactor thread.
+    """
+    device = device_id(device_key)
+    taken = set(taken)
+
+    def new_id():
+        while True:
+            prekey_id = secrets.randbelow(2 ** 32 - 1) + 1
+            if prekey_id not in taken:
+                taken.add(prekey_id)
+                return prekey_id
+
+    now = int(now)
+    rows, spk, opks = [], None, []
+    if signed:
+        private = x25519.X25519PrivateKey.generate()
+        spk = sign_prekey(device_key, user, new_id(), x25519_public_bytes(private), now, now + PREKEY_LIFETIME)
+        rows.append(LocalPrekey("signed", spk.prekey_id, spk.public,
+                                seal_prekey_private(vault, device, "signed", spk.prekey_id, private),
+                                spk.valid_from, spk.valid_until, now))
+    for _ in range(one_time):
+        private = x25519.X25519PrivateKey.generate()
+        opk = OneTimePrekey(new_id(), x25519_public_bytes(private))
+        opks.append(opk)
+        rows.append(LocalPrekey("one-time", opk.prekey_id, opk.public,
+                                seal_prekey_private(vault, device, "one-time", opk.prekey_id, private), created=now))
+    return spk, opks, rows
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    """
+    One of a user's devices as this client verified it against the user's pinned identity key: C{certificate} (the
+    identity key's signature, None for a legacy device, whose key is the identity key itself), C{revoked_at} and
+    C{revocation} once revoked, C{prekeys} whether it ever published prekeys, C{first_seen} when this client first
+    saw it, C{last_seen} (only for the user's own devices, as the server says).
+    """
+
+    user: str
+    device_id: bytes
+    public_key_der: bytes
+    name: str = None
+    created: int = None
+    certificate: bytes = None
+    revoked_at: int = None
+    revocation: bytes = None
+    prekeys: bool = False
+    first_seen: float = 0.0
+    last_seen: float = None
+
+    @property
+    def id(self):
+        """The device id as the wire writes it: 32 hex digits."""
+        return self.device_id.hex()
+
+    @property
+    def short_id(self):
+        """The first 8 hex digits of the id in two groups (C{1a2b 3c4d}), to name a device in a line of text."""
+        return "%s %s" % (self.id[:4], self.id[4:8])
+
+    @property
+    def certified(self):
+        return self.certificate is not None
+
+    @property
+    def revoked(self):
+        return self.revoked_at is not None
+
+    def public_key(self):
+        return serialization.load_der_public_key(self.public_key_der)
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownDevices:
+    """
+    What a client keeps about one user's devices: the fingerprint of the identity key they were verified against,
+    whether a certified device of the user was ever seen (from then on, no device of theirs is RSA-wrapped) and the
+    devices (L{DeviceInfo}, revoked ones included).
+    """
+
+    identity: bytes
+    certified_seen: bool
+    devices: tuple
+
+    def find(self, device):
+        for info in self.devices:
+            if info.device_id == device:
+                return info
+        return None
+
+
+class MemoryPrekeys:
+    """
+    Prekeys kept in memory only, per device id: the state a test gives every session of one device (and the
+    default of a L{MemorySeen}, for a client that never opens a L{LocalStore}).
     """
 
     def __init__(self):
-        self._seen = set()
+        self._rows = {}  # (device, kind, id) -> LocalPrekey
 
-    def contains(self, sender, msg_id):
-        return defer.succeed((sender, msg_id) in self._seen)
+    def local_prekeys(self, device):
+        return defer.succeed([p for (d, _, _), p in sorted(self._rows.items()) if d == device])
 
-    def add(self, sender, msg_id, now):
-        self._seen.add((sender, msg_id))
+    def add_prekeys(self, device, prekeys, now):
+        if any(p.kind == "signed" for p in prekeys):
+            for key, p in list(self._rows.items()):
+                if key[0] == device and p.kind == "signed" and p.replaced_at is None:
+                    self._rows[key] = dataclasses.replace(p, replaced_at=now)
+        for p in prekeys:
+            self._rows[(device, p.kind, p.prekey_id)] = p
         return defer.succeed(None)
+
+    def prekey_privates(self, device, signed_id, one_time_id):
+        return defer.succeed((self._rows.get((device, "signed", signed_id)),
+                              self._rows.get((device, "one-time", one_time_id))))
+
+    def forget_prekeys(self, device, replaced_before):
+        gone = [key for key, p in self._rows.items() if key[0] == device and p.kind == "signed"
+                and p.replaced_at is not None and p.replaced_at <= replaced_before]
+        for key in gone:
+            del self._rows[key]
+        return defer.succeed(len(gone))
+
+    def use_one_time(self, device, prekey_id):
+        self._rows.pop((device, "one-time", prekey_id), None)
+
+
+class MemorySeen:
+    """
+    The duplicate store kept in memory only: a L{PagerClient}'s until its session opens the user's L{LocalStore}
+    (and for scripts without a home directory).  Its device's prekeys are kept in C{prekeys} (a L{MemoryPrekeys},
+    which tests share between the sessions of one device).
+    """
+
+    def __init__(self, prekeys=None):
+        self._seen = set()
+        self.prekeys = prekeys if prekeys is not None else MemoryPrekeys()
+
+    def contains(self, sender, msg_id, anywhere=False):
+        return defer.succeed((sender, bytes(msg_id)) in self._seen)
+
+    def add(self, sender, msg_id, now, used=None):
+        """
+        Record the message as handed off; C{used} is C{(device, one-time prekey id)} whose private part goes with it
+        (in the same transaction, for a store on disk).
+        """
+        self._seen.add((sender, bytes(msg_id)))
+        if used is not None:
+            self.prekeys.use_one_time(*used)
+        return defer.succeed(None)
+
+    def local_prekeys(self, device):
+        return self.prekeys.local_prekeys(device)
+
+    def add_prekeys(self, device, prekeys, now):
+        return self.prekeys.add_prekeys(device, prekeys, now)
+
+    def prekey_privates(self, device, signed_id, one_time_id):
+        return self.prekeys.prekey_privates(device, signed_id, one_time_id)
+
+    def forget_prekeys(self, device, replaced_before):
+        return self.prekeys.forget_prekeys(device, replaced_before)
 
     def close(self):
         pass
 
 
 class MemoryPins:
-    """Pinned keys kept in memory only: trust on first use for one process."""
+    """Pinned keys (and the devices verified against them) kept in memory only: trust on first use for one process."""
 
     def __init__(self):
         self._pins = {}
+        self._devices = {}  # user -> KnownDevices
 
     def get_pin(self, user):
         return defer.succeed(self._pins.get(user))
@@ -4471,6 +4711,17 @@ class MemoryPins:
             return defer.succeed(False)
         self._pins[user] = pin[:3] + (True,)
         return defer.succeed(True)
+
+    def get_devices(self, user):
+        """The L{KnownDevices} of C{user}, or None."""
+        return defer.succeed(self._devices.get(user))
+
+    def set_devices(self, user, identity, devices):
+        """Replace C{user}'s devices with C{devices}, verified against the identity key of fingerprint C{identity}."""
+        old = self._devices.get(user)
+        seen = (old is not None and old.certified_seen) or any(d.certified for d in devices)
+        self._devices[user] = KnownDevices(identity, seen, tuple(devices))
+        return defer.succeed(None)
 
 
 KEY_STATUSES = ("new", "pinned", "verified", "changed")
@@ -4489,10 +4740,17 @@ def key_status(pin, fp):
     return "verified" if pin[3] else "pinned"
 
 
+_PREKEYS_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS prekeys (device BLOB NOT NULL, kind TEXT NOT NULL, id INTEGER NOT NULL,"
+    " public BLOB NOT NULL, private_enc BLOB NOT NULL, valid_from INTEGER, valid_until INTEGER, created REAL NOT NULL,"
+    " replaced_at REAL, PRIMARY KEY (device, kind, id)) WITHOUT ROWID")
+
+
 def _seen_schema_txn(txn, keep_until):
     txn.execute("CREATE TABLE IF NOT EXISTS seen (sender TEXT NOT NULL, msg_id BLOB NOT NULL, at REAL NOT NULL,"
                 " PRIMARY KEY (sender, msg_id)) WITHOUT ROWID")
     txn.execute("DELETE FROM seen WHERE at < ?", (keep_until,))
+    txn.execute(_PREKEYS_SCHEMA)
 
 
 def _seen_contains_txn(txn, sender, msg_id, before):
@@ -4500,8 +4758,55 @@ def _seen_contains_txn(txn, sender, msg_id, before):
                        (sender, msg_id, before)).fetchone() is not None
 
 
-def _seen_add_txn(txn, sender, msg_id, now):
+def _seen_add_txn(txn, sender, msg_id, now, used=None):
+    """Record a message handed off and delete the one-time prekey it used (C{used}: device, id) in one transaction."""
     txn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (sender, msg_id, now))
+    if used is None:
+        return 0
+    txn.execute("DELETE FROM prekeys WHERE device = ? AND kind = 'one-time' AND id = ?", used)
+    return txn.rowcount
+
+
+_PREKEY_COLUMNS = "kind, id, public, private_enc, valid_from, valid_until, created, replaced_at"
+
+
+def _local_prekey(row):
+    return LocalPrekey(row[0], row[1], bytes(row[2]), bytes(row[3]), row[4], row[5], row[6], row[7])
+
+
+def _local_prekeys_txn(txn, device):
+    return [_local_prekey(row) for row in txn.execute(
+        "SELECT " + _PREKEY_COLUMNS + " FROM prekeys WHERE device = ? ORDER BY kind, id", (device,))]
+
+
+def _add_prekeys_txn(txn, device, prekeys, now):
+    if any(p.kind == "signed" for p in prekeys):
+        txn.execute("UPDATE prekeys SET replaced_at = ? WHERE device = ? AND kind = 'signed' AND replaced_at IS NULL",
+                    (now, device))
+    txn.executemany("INSERT OR REPLACE INTO prekeys (device, " + _PREKEY_COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(device, p.kind, p.prekey_id, p.public, p.private_enc, p.valid_from, p.valid_until, p.created,
+                      p.replaced_at) for p in prekeys])
+
+
+def _prekey_privates_txn(txn, device, signed_id, one_time_id):
+    found = []
+    for kind, prekey_id in (("signed", signed_id), ("one-time", one_time_id)):
+        row = txn.execute("SELECT " + _PREKEY_COLUMNS + " FROM prekeys WHERE device = ? AND kind = ? AND id = ?",
+                          (device, kind, prekey_id)).fetchone()
+        found.append(None if row is None else _local_prekey(row))
+    return tuple(found)
+
+
+def _forget_prekeys_txn(txn, device, replaced_before):
+    txn.execute("DELETE FROM prekeys WHERE device = ? AND kind = 'signed' AND replaced_at IS NOT NULL"
+                " AND replaced_at <= ?", (device, replaced_before))
+    return txn.rowcount
+
+
+def _prepare_client_connection(conn):
+    """The client's pragmas: the server's (L{prepare_connection}), and deleted rows overwritten with zeros on disk."""
+    prepare_connection(conn)
+    conn.execute("PRAGMA secure_delete=ON")
 
 
 class SeenStore:
@@ -4519,7 +4824,7 @@ class SeenStore:
     def __init__(self, path, reactor=None):
         kwargs = {"cp_reactor": reactor} if reactor is not None else {}
         self.pool = adbapi.ConnectionPool("sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
-                                          cp_openfun=prepare_connection, **kwargs)
+                                          cp_openfun=_prepare_client_connection, **kwargs)
         self.opened_at = math.inf  # pairs recorded before this are duplicates
         self._keep = Limits.message_expiry + SEEN_MARGIN
         self._handed = {}  # (sender, message id) -> when this store recorded it
@@ -4532,17 +4837,51 @@ class SeenStore:
     def open(self, now, keep=Limits.message_expiry + SEEN_MARGIN):
         return self.pool.runInteraction(_seen_schema_txn, self._opening(now, keep))
 
-    def contains(self, sender, msg_id):
+    def contains(self, sender, msg_id, anywhere=False):
+        """Whether the pair is a duplicate (see above); with C{anywhere}, whether any session recorded it."""
         if (sender, bytes(msg_id)) in self._handed:
             return defer.succeed(True)
-        return self.pool.runInteraction(_seen_contains_txn, sender, msg_id, self.opened_at)
+        return self.pool.runInteraction(_seen_contains_txn, sender, msg_id, math.inf if anywhere else self.opened_at)
 
-    def add(self, sender, msg_id, now):
+    def add(self, sender, msg_id, now, used=None):
+        """
+        Record the message as handed off; C{used} is C{(device, one-time prekey id)}: that prekey's private part is
+        deleted in the same transaction, and the WAL then emptied, so that no copy of it stays on disk.
+        """
         self._handed[(sender, bytes(msg_id))] = now
         if len(self._handed) > self._prune_at:  # forget what the server can no longer redeliver
             self._handed = {pair: at for pair, at in self._handed.items() if at >= now - self._keep}
             self._prune_at = 2 * len(self._handed) + 1000
-        return self.pool.runInteraction(_seen_add_txn, sender, msg_id, now)
+        d = self.pool.runInteraction(_seen_add_txn, sender, msg_id, now, used)
+        d.addCallback(self._wipe_if, None)
+        return d
+
+    def _wipe_if(self, deleted, result):
+        """After private parts were deleted: copy the WAL into the database and truncate it (secure_delete zeroed the
+        rows in the database; the WAL still held the pages as they were)."""
+        if not deleted:
+            return result
+        d = self.pool.runWithConnection(checkpoint)
+        d.addCallback(lambda _: result)
+        return d
+
+    def local_prekeys(self, device):
+        """This device's prekeys kept here (L{LocalPrekey}s)."""
+        return self.pool.runInteraction(_local_prekeys_txn, device)
+
+    def add_prekeys(self, device, prekeys, now):
+        """Keep new prekeys; a new signed one marks the current one replaced at C{now}."""
+        return self.pool.runInteraction(_add_prekeys_txn, device, prekeys, now)
+
+    def prekey_privates(self, device, signed_id, one_time_id):
+        """C{(signed, one-time)}: the L{LocalPrekey}s of those ids kept here, each None when gone."""
+        return self.pool.runInteraction(_prekey_privates_txn, device, signed_id, one_time_id)
+
+    def forget_prekeys(self, device, replaced_before):
+        """Delete the signed prekeys replaced at or before C{replaced_before} (then empty the WAL); returns how many."""
+        d = self.pool.runInteraction(_forget_prekeys_txn, device, replaced_before)
+        d.addCallback(lambda count: self._wipe_if(count, count))
+        return d
 
     def close(self):
         self.pool.close()
@@ -4564,6 +4903,14 @@ _LOCAL_SCHEMA = [
     " recipients TEXT NOT NULL, content_type TEXT NOT NULL, filename TEXT NOT NULL, body BLOB NOT NULL,"
     " msg_id TEXT, header BLOB, chunks BLOB, signature BLOB, sent_at REAL)",
     "CREATE INDEX IF NOT EXISTS outbox_msg ON outbox(msg_id)",
+    # Contacts' devices (and the user's own), each verified against the identity key of fingerprint
+    # device_owners.identity before it was stored; device_owners.certified: a certified device of the user was seen,
+    # so none of theirs is ever wrapped with RSA-OAEP again (no downgrade by a server that withholds prekeys).
+    "CREATE TABLE IF NOT EXISTS devices (user TEXT NOT NULL, device_id BLOB NOT NULL, public_key BLOB NOT NULL,"
+    " name TEXT, created INTEGER, certificate BLOB, revoked_at INTEGER, revocation BLOB, prekeys INTEGER NOT NULL,"
+    " first_seen REAL NOT NULL, PRIMARY KEY (user, device_id))",
+    "CREATE TABLE IF NOT EXISTS device_owners (user TEXT PRIMARY KEY, identity BLOB NOT NULL,"
+    " certified INTEGER NOT NULL)",
 ]
 
 
@@ -4738,6 +5085,31 @@ def _history_txn(txn, peer, limit):
     return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7]) for r in reversed(rows)]
 
 
+_DEVICE_COLUMNS = "device_id, public_key, name, created, certificate, revoked_at, revocation, prekeys, first_seen"
+
+
+def _get_devices_txn(txn, user):
+    owner = txn.execute("SELECT identity, certified FROM device_owners WHERE user = ?", (user,)).fetchone()
+    if owner is None:
+        return None
+    devices = tuple(
+        DeviceInfo(user, bytes(r[0]), bytes(r[1]), r[2], r[3], None if r[4] is None else bytes(r[4]), r[5],
+                   None if r[6] is None else bytes(r[6]), bool(r[7]), r[8])
+        for r in txn.execute("SELECT " + _DEVICE_COLUMNS + " FROM devices WHERE user = ? ORDER BY first_seen,"
+                             " device_id", (user,)))
+    return KnownDevices(bytes(owner[0]), bool(owner[1]), devices)
+
+
+def _set_devices_txn(txn, user, identity, devices):
+    old = txn.execute("SELECT certified FROM device_owners WHERE user = ?", (user,)).fetchone()
+    certified = bool(old and old[0]) or any(d.certified for d in devices)
+    txn.execute("INSERT OR REPLACE INTO device_owners VALUES (?, ?, ?)", (user, identity, int(certified)))
+    txn.execute("DELETE FROM devices WHERE user = ?", (user,))
+    txn.executemany("INSERT INTO devices (user, " + _DEVICE_COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(user, d.device_id, d.public_key_der, d.name, d.created, d.certificate, d.revoked_at,
+                      d.revocation, int(d.prekeys), d.first_seen) for d in devices])
+
+
 class LocalStore(SeenStore):
     """
     One user's local database on one machine (C{client.sqlite3}, mode 0600): the duplicate store, the pinned keys
@@ -4768,6 +5140,14 @@ class LocalStore(SeenStore):
     def key_status(self, user, current):
         """How C{user}'s key C{current} compares with the pin: C{new}, C{pinned}, C{verified} or C{changed}."""
         return self.pool.runInteraction(_key_status_txn, user, current)
+
+    def get_devices(self, user):
+        """The L{KnownDevices} of C{user}, or None."""
+        return self.pool.runInteraction(_get_devices_txn, user)
+
+    def set_devices(self, user, identity, devices):
+        """Replace C{user}'s devices with C{devices}, verified against the identity key of fingerprint C{identity}."""
+        return self.pool.runInteraction(_set_devices_txn, user, identity, devices)
 
     def add_history(self, entry):
         if not self.keep_history:
@@ -4856,6 +5236,135 @@ async def within(reactor, d, seconds):
     return not timed_out
 
 
+MAX_RESEALABLE = 16  # messages sealed in this process that can still be sealed anew (RESEAL_TRIES)
+MAX_LISTED_DEVICES = 256  # devices one devices or bundle answer may list for a user (current and revoked)
+LINK_WAIT = 600  # seconds the server keeps a link request (LINK_TTL in PROTOCOL.md)
+
+
+class LinkFailed(PagerError):
+    """Linking this device failed: nobody approved it in time, or the answer was not made with this device's code."""
+
+    code = "link_failed"
+
+
+def default_device_name():
+    """This machine's host name as a device's name (cut to 64 bytes), or C{pager} when it has none that fits."""
+    import platform
+    name = platform.node().encode("utf-8", "replace")[:MAX_DEVICE_NAME_BYTES].decode("utf-8", "ignore").strip()
+    return name if valid_device_name(name) else "pager"
+
+
+def verify_devices(user, identity_key, objects, bundle=False):
+    """
+    C{user}'s devices from a C{devices} or C{bundle} answer, each checked against C{identity_key}: a list of
+    C{(DeviceInfo, SignedPrekey or None, OneTimePrekey or None)}, the prekeys only from a bundle and never for a
+    revoked device.  A certificate, revocation or signed prekey that does not verify, or a device without a
+    certificate whose key is not the identity key itself (only a legacy identity device has none), raises
+    L{BadCertificate}: the server is lying, and nothing is sent to or taken from that device.  RSA: off the reactor.
+    """
+    if not isinstance(objects, list) or len(objects) > MAX_LISTED_DEVICES:
+        raise BadCertificate("The server's list of %s's devices is not a list of at most %d devices."
+                             % (user, MAX_LISTED_DEVICES))
+    identity_fp = fingerprint(identity_key)
+    out, ids = [], set()
+    for obj in objects:
+        device = _json_device_id(_json_field(obj, "id", str, "device"), "device")
+        if device in ids:
+            raise BadCertificate("The server lists %s's device %s twice." % (user, device.hex()))
+        ids.add(device)
+        if obj.get("certificate") is None:
+            try:
+                key = load_public_key(_json_field(obj, "public_key", str, "device"))
+            except BadKey as e:
+                raise BadCertificate("%s's device %s has no usable key: %s" % (user, device.hex(), e.message))
+            if fingerprint(key) != identity_fp or device_id(key) != device:
+                raise BadCertificate("The server lists a device of %s without a certificate that is not their "
+                                     "identity key: refused." % user)
+            name = created = signature = None
+        else:
+            certificate = DeviceCertificate.from_json(obj, user)
+            key = certificate.verify(identity_key)
+            name, created, signature = certificate.name, certificate.created, certificate.signature
+        revoked_at = revocation = None
+        if obj.get("revoked") is not None:
+            revoked = DeviceRevocation.from_json(obj["revoked"], user, device)
+            revoked.verify(identity_key)
+            revoked_at, revocation = revoked.revoked_at, revoked.signature
+        last_seen = obj.get("last_seen")
+        if isinstance(last_seen, bool) or not isinstance(last_seen, (int, float)) or not math.isfinite(last_seen):
+            last_seen = None
+        der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        info = DeviceInfo(user, device, der, name, created, signature, revoked_at, revocation,
+                          obj.get("prekeys") is True, 0.0, last_seen)
+        spk = opk = None
+        if bundle and revoked_at is None:
+            if obj.get("signed_prekey") is not None:
+                spk = SignedPrekey.from_json(obj["signed_prekey"], user, device)
+                spk.verify(key)
+            if obj.get("one_time_prekey") is not None:
+                opk = OneTimePrekey.from_json(obj["one_time_prekey"])
+        out.append((info, spk, opk))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkRequest:
+    """A new device's request to be linked, as the identity device gets it from C{link_pending}."""
+
+    link: str  # the request's id, hex
+    public_key_der: bytes
+    name: str
+    mac: bytes
+    at: float
+
+    def public_key(self):
+        return serialization.load_der_public_key(self.public_key_der)
+
+    @property
+    def device_id(self):
+        """The id the new device will have (bytes)."""
+        return device_id(self.public_key())
+
+    @property
+    def short_id(self):
+        text = self.device_id.hex()
+        return "%s %s" % (text[:4], text[4:8])
+
+    @classmethod
+    def from_json(cls, obj):
+        what = "link request"
+        link = _json_field(obj, "link", str, what)
+        if not re.fullmatch("[0-9a-f]{1,64}", link):
+            raise BadCertificate("The link request's id is not hex.")
+        key = load_public_key(_json_field(obj, "public_key", str, what))
+        name = _json_field(obj, "name", str, what)
+        if not valid_device_name(name):
+            raise BadCertificate("The device's name is not 1-64 bytes of printable text.")
+        at = obj.get("at")
+        at = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else 0.0
+        return cls(link, key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+                   name, _json_b64(obj, "mac", what, 32), at)
+
+
+@dataclasses.dataclass
+class _LinkWait:
+    user: str
+    key: object
+    name: str
+    secret: bytes
+    done: Deferred
+    link: str = None
+
+
+@dataclasses.dataclass
+class _PrekeyState:
+    """What the server last said of this device: whether it is certified, its signed prekey, its one-time pool."""
+
+    certified: bool
+    signed_id: int
+    one_time: int
+
+
 class PagerClient:
     """
     The client API the terminal client, the script commands and the tests use.  Every method is a coroutine;
@@ -4893,6 +5402,15 @@ class PagerClient:
         self.on_rejected = None
         self.on_disconnect = None
         self.on_failure = None  # on_failure(error, sender): a hand-off raised (sender None for a receipt)
+        self.on_devices_changed = None  # on_devices_changed(user, added, revoked): lists of DeviceInfo
+        self.identity_key = self.identity_fp = None  # the account's identity key (this device's on the identity device)
+        self.is_identity = True  # whether this device holds the identity key
+        self._prekey_state = None  # what the server said of this device's prekeys (_PrekeyState)
+        self._maintaining = defer.DeferredLock()
+        self._maintenance = None  # the LoopingCall of maintain_prekeys
+        self._vault = None  # the key this device's prekey private parts are sealed under
+        self._link = None  # the link request waiting for an answer (_LinkWait)
+        self._sealed = collections.OrderedDict()  # message id -> what seal() sealed, to seal it anew
         self._keys = {}  # user -> (public key, fingerprint)
         self._incoming = {}  # msg id (hex) -> _Incoming still receiving chunks
         self._queue = collections.deque()
@@ -4974,6 +5492,7 @@ class PagerClient:
         reads cannot keep a script from ending.
         """
         self._stop_keepalive()
+        self._stop_maintenance()
         if any(self._acks.values()):
             self._send_acks()  # written before the connection closes: what was handed over is not delivered again
         transport = self.protocol.transport
@@ -4995,22 +5514,52 @@ class PagerClient:
             raise BadRequest("The server's login challenge is missing or malformed; refusing to sign it.")
         return self.protocol.challenge
 
-    async def register(self, user, token, private_key):
-        """Create the account C{user} with this key and safetoken; the connection is then logged in."""
+    async def register(self, user, token, private_key, device_name=None):
+        """
+        Create the account C{user} with this key and safetoken; the connection is then logged in.  This machine is
+        the account's identity device, named C{device_name} (L{default_device_name} when None): the request carries
+        the device's self-certificate, and its prekeys are published at once (L{maintain_prekeys}).
+        """
         user = canonical_username(user)
         challenge = self._challenge()
+        name = device_name if device_name is not None else default_device_name()
+        if not valid_device_name(name):
+            raise BadRequest("A device's name is 1-64 bytes of printable text.")
+        created = int(self._now())
         proof = await self.in_thread(sign_auth, private_key, "register", self.server_id, user, challenge)
-        await self.protocol.request("register", user=user, public_key=public_key_pem(private_key), token=token,
-                                    proof=b64(proof))
+        certificate = await self.in_thread(certify_device, private_key, user, private_key.public_key(), name, created)
+        answer = await self.protocol.request(
+            "register", user=user, public_key=public_key_pem(private_key), token=token, proof=b64(proof),
+            device={"name": name, "created": created, "certificate": b64(certificate.signature)})
         self._logged_in(user, private_key, True)
+        await self._device_ready(answer, private_key.public_key(), fresh=True)
 
-    async def login(self, user, token, private_key, receive=True):
-        """Log in; with C{receive=False} the session only sends and never takes the user's incoming messages."""
+    async def login(self, user, token, private_key, receive=True, device=None):
+        """
+        Log in; with C{receive=False} the session only sends and never takes the user's incoming messages.
+
+        On the account's identity device C{private_key} is the identity key and C{token} the safetoken.  On a linked
+        device C{private_key} is the device's own key, C{device} its id (hex, as L{device} gives it, or True) and
+        C{token} None: the device's proof alone logs it in.  Either way the device's prekeys are then kept up
+        (L{maintain_prekeys}) before this returns the number of messages waiting.
+        """
         user = canonical_username(user)
         challenge = self._challenge()
-        proof = await self.in_thread(sign_auth, private_key, "login", self.server_id, user, challenge)
-        answer = await self.protocol.request("login", user=user, token=token, proof=b64(proof), receive=receive)
+        fields = {}
+        if device is None:
+            proof = await self.in_thread(sign_auth, private_key, "login", self.server_id, user, challenge)
+            fields["token"] = token
+        else:
+            mine = device_id(private_key).hex()
+            if device is not True and device != mine:
+                raise LocalError("The device id %s is not the id of this device's key (%s)." % (device, mine))
+            proof = await self.in_thread(sign_auth, private_key, "login", self.server_id, user, challenge,
+                                         fingerprint(private_key))
+            fields["device"] = mine
+        answer = await self.protocol.request("login", user=user, proof=b64(proof), receive=receive, **fields)
         self._logged_in(user, private_key, receive)
+        identity = private_key.public_key() if device is None else await self._own_identity()
+        await self._device_ready(answer, identity)
         pending = answer.get("pending")
         return pending if isinstance(pending, int) and not isinstance(pending, bool) else 0
 
@@ -5047,6 +5596,7 @@ class PagerClient:
 
     def _logged_in(self, user, private_key, receive):
         self.user, self.private_key, self.receive = user, private_key, receive
+        self.identity_key = self.identity_fp = None
         self._start_keepalive()
 
     def _start_keepalive(self):
@@ -5071,6 +5621,367 @@ class PagerClient:
         self.protocol.server_error = ConnectionLost("The server stopped answering.")
         if self.protocol.transport is not None:
             self.protocol.transport.abortConnection()
+
+    # -- this device and its prekeys --
+
+    @property
+    def device(self):
+        """This device's id (32 hex digits) once logged in, else None."""
+        return None if self.private_key is None else device_id(self.private_key).hex()
+
+    @property
+    def prekey_grace(self):
+        """
+        Seconds a replaced signed prekey's private part is kept: the server's message expiry (as its hello says)
+        plus L{SEEN_MARGIN}, so that every message the server may still deliver sealed to it can be opened.
+        """
+        expiry = self.limits.get("message_expiry")
+        if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or not math.isfinite(expiry) \
+                or expiry < 0:
+            expiry = Limits.message_expiry
+        return expiry + SEEN_MARGIN
+
+    def _now(self):
+        return self.reactor.seconds()
+
+    async def _own_identity(self):
+        """The account's identity key: this device's own on the identity device, else the one pinned when it was
+        linked (or, for a device linked before this machine kept pins, the server's, pinned now)."""
+        if self.identity_key is not None:
+            return self.identity_key
+        pin = await self.pins.get_pin(self.user)
+        key = load_public_key(pin[0]) if pin is not None else await self.recipient_key(self.user)
+        self.identity_key, self.identity_fp = key, fingerprint(key)
+        return key
+
+    async def _device_ready(self, answer, identity, fresh=False):
+        self.identity_key, self.identity_fp = identity, fingerprint(identity)
+        self.is_identity = self.identity_fp == fingerprint(self.private_key)
+        self._vault = None
+        prekeys = answer.get("prekeys") if isinstance(answer.get("prekeys"), dict) else {}
+        signed_id = prekeys.get("signed_id")
+        self._prekey_state = _PrekeyState(
+            certified=fresh or answer.get("certified") is not False,
+            signed_id=signed_id if _prekey_id(signed_id) else None,
+            one_time=prekeys.get("one_time") if _seconds(prekeys.get("one_time")) else 0)
+        await self.maintain_prekeys()
+        if self._maintenance is None:
+            self._maintenance = task.LoopingCall(self._maintain_quietly)
+            self._maintenance.clock = self.reactor
+            self._maintenance.start(PREKEY_CHECK_INTERVAL, now=False)
+
+    def _stop_maintenance(self):
+        if self._maintenance is not None and self._maintenance.running:
+            self._maintenance.stop()
+        self._maintenance = None
+
+    def _maintain_quietly(self):
+        d = Deferred.fromCoroutine(self.maintain_prekeys())
+        d.addErrback(lambda f: None if f.check(ConnectionLost, defer.CancelledError) else
+                     self.log.failure("Keeping this device's prekeys up failed", f))
+        return None  # the LoopingCall goes on whatever happened
+
+    async def _vault_key(self):
+        if self._vault is None:
+            self._vault = await self.in_thread(prekey_vault_key, self.private_key)
+        return self._vault
+
+    async def maintain_prekeys(self, now=None):
+        """
+        Keep this device's prekeys as PROTOCOL.md says; run after every login, on the server's C{prekeys_low} and
+        every L{PREKEY_CHECK_INTERVAL} seconds.  In order: a legacy identity device (upgraded from 0.2) certifies
+        itself; a new signed prekey is published when the server has none of this device's, or the current one is
+        L{PREKEY_ROTATION} old (the one it replaces is kept for L{prekey_grace} from now); signed prekeys replaced
+        longer than the grace ago lose their private parts (gone from disk); the one-time prekeys are topped up to
+        L{PREKEY_POOL_SIZE} when the server has fewer than L{PREKEY_POOL_LOW}.  C{now}: the time in seconds (the
+        reactor's when None).  Returns a dict saying what was done: C{certified}, C{signed} (the new id or None),
+        C{one_time} (how many published) and C{deleted} (signed prekeys whose private part was deleted).
+        """
+        if self.user is None or self._prekey_state is None:
+            raise NotAuthenticated()
+        await self._maintaining.acquire()
+        try:
+            return await self._maintain(self._now() if now is None else now)
+        finally:
+            self._maintaining.release()
+
+    async def _maintain(self, now):
+        state, key = self._prekey_state, self.private_key
+        device = device_id(key)
+        done = {"certified": False, "signed": None, "one_time": 0, "deleted": 0}
+        if self.is_identity and not state.certified:
+            await self.certify(now=now)
+            done["certified"] = True
+        vault = await self._vault_key()
+        local = await self.seen.local_prekeys(device)
+        current = [p for p in local if p.kind == "signed" and p.replaced_at is None]
+        current = max(current, key=lambda p: p.valid_from) if current else None
+        rotate = (current is None or current.prekey_id != state.signed_id
+                  or now - current.valid_from >= PREKEY_ROTATION)
+        top_up = PREKEY_POOL_SIZE - state.one_time if state.one_time < PREKEY_POOL_LOW else 0
+        if rotate or top_up:
+            spk, opks, rows = await self.in_thread(make_prekeys, key, self.user, vault, now, rotate, top_up,
+                                                   [p.prekey_id for p in local])
+            # Kept here before the server has them: never a public part on the server whose private part is nowhere.
+            await self.seen.add_prekeys(device, rows, now)
+            for start in range(0, max(len(opks), 1), PREKEY_BATCH):
+                fields = {}
+                if opks:
+                    fields["one_time"] = [o.to_json() for o in opks[start:start + PREKEY_BATCH]]
+                if spk is not None and start == 0:
+                    fields["signed"] = spk.to_json()
+                answer = await self.protocol.request("publish_prekeys", **fields)
+                count = answer.get("one_time")
+                state.one_time = count if _seconds(count) else state.one_time + len(fields.get("one_time", ()))
+            if spk is not None:
+                state.signed_id = done["signed"] = spk.prekey_id
+            done["one_time"] = len(opks)
+        done["deleted"] = await self.seen.forget_prekeys(device, now - self.prekey_grace)
+        return done
+
+    async def certify(self, name=None, now=None):
+        """
+        Certify this identity device with its own key (the self-certificate a 0.2 account's device lacks): from now
+        on no sender wraps a message to it with RSA-OAEP.  Done by L{maintain_prekeys} when the server says so.
+        """
+        if not self.is_identity:
+            raise Forbidden("Only the device that holds the identity key certifies devices.")
+        name = name if name is not None else default_device_name()
+        created = int(self._now() if now is None else now)
+        certificate = await self.in_thread(certify_device, self.private_key, self.user,
+                                           self.private_key.public_key(), name, created)
+        await self.protocol.request("certify", name=name, created=created, certificate=b64(certificate.signature))
+        self._prekey_state.certified = True
+
+    def _prekeys_low(self, frame):
+        count = frame.get("one_time")
+        if self._prekey_state is None or not _seconds(count):
+            return
+        self._prekey_state.one_time = count
+        if count < PREKEY_POOL_LOW:
+            self._maintain_quietly()
+
+    # -- devices --
+
+    async def _identity_of(self, user, pem):
+        """
+        C{user}'s identity key as a devices or bundle answer gives it, checked like L{recipient_key}: pinned on
+        first use, L{KeyChanged} when it is not the pinned key (for this user's own account: not its identity key).
+        """
+        if not isinstance(pem, str):
+            raise BadKey("The server's answer gives no identity key for %s." % user)
+        key = load_public_key(pem)
+        fp = fingerprint(key)
+        if user == self.user:
+            identity = await self._own_identity()
+            if fp != self.identity_fp:
+                raise KeyChanged(user, self.identity_fp, fp, message=(
+                    "The server gives another identity key for your own account %s (%s) than this device's; "
+                    "nothing was sent." % (user, format_fingerprint(fp))))
+            return identity
+        pin = await self.pins.get_pin(user)
+        if pin is None:
+            await self.pins.set_pin(user, public_key_pem(key), fp, self._now())
+        elif bytes(pin[1]) != fp:
+            raise KeyChanged(user, bytes(pin[1]), fp)
+        self._keys[user] = (key, fp)
+        return key
+
+    async def _record_devices(self, user, identity, infos):
+        """
+        Keep C{user}'s devices as just verified against C{identity}; tell C{on_devices_changed} about devices added
+        or revoked since they were last seen (not on the first look at a user, nor after their identity changed).
+        Returns C{(devices, certified_seen)}.
+        """
+        fp = fingerprint(identity)
+        old = await self.pins.get_devices(user)
+        before = {d.device_id: d for d in old.devices} if old is not None and old.identity == fp else {}
+        now = self._now()
+        merged = [dataclasses.replace(info, first_seen=before[info.device_id].first_seen
+                                      if info.device_id in before else now) for info in infos]
+        kept = [dataclasses.replace(info, last_seen=None) for info in merged]
+        if old is None or old.identity != fp or [dataclasses.astuple(d) for d in old.devices] != \
+                [dataclasses.astuple(d) for d in kept]:
+            await self.pins.set_devices(user, fp, kept)
+        certified_seen = (old is not None and old.certified_seen) or any(d.certified for d in merged)
+        if before and self.on_devices_changed is not None:
+            mine = device_id(self.private_key)
+            added = [d for d in merged if d.device_id not in before and not d.revoked and d.device_id != mine]
+            revoked = [d for d in merged if d.revoked and (d.device_id not in before
+                                                           or not before[d.device_id].revoked)]
+            if added or revoked:
+                self.on_devices_changed(user, added, revoked)
+        return merged, certified_seen
+
+    async def _fetch_devices(self, user, identity=None):
+        """C{user}'s devices from the server, verified (against C{identity} when given, else the pinned key)."""
+        answer = await self.protocol.request("devices", user=user)
+        if answer.get("user") != user:
+            raise BadKey("The server answered a request for %s's devices with another user's." % user)
+        if identity is None:
+            identity = await self._identity_of(user, answer.get("identity_key"))
+        elif not isinstance(answer.get("identity_key"), str) or \
+                fingerprint(load_public_key(answer["identity_key"])) != fingerprint(identity):
+            raise WrongSenderKey("The server no longer lists %s's identity key that signed the message." % user)
+        verified = await self.in_thread(verify_devices, user, identity, answer.get("devices"))
+        merged, _ = await self._record_devices(user, identity, [info for info, _, _ in verified])
+        return merged
+
+    async def devices(self, user=None):
+        """
+        The devices of C{user} (this user's own when None) as the server lists them, each verified against the
+        pinned identity key (a new user's is pinned now; a changed one raises L{KeyChanged}): a list of
+        L{DeviceInfo}, revoked ones included, C{last_seen} given only for one's own devices.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        return await self._fetch_devices(canonical_username(user) if user is not None else self.user)
+
+    async def _device_of(self, user, identity, device):
+        """The L{DeviceInfo} of C{user}'s device C{device} (bytes) that signed a message: known here or fetched."""
+        known = await self.pins.get_devices(user)
+        info = known.find(device) if known is not None and known.identity == fingerprint(identity) else None
+        if info is None:
+            try:
+                info = next((d for d in await self._fetch_devices(user, identity) if d.device_id == device), None)
+            except UnknownUser:
+                info = None
+        if info is None:
+            raise WrongSenderKey("The message is signed by a device the server does not list for %s." % user)
+        if info.revoked:
+            raise WrongSenderKey("The message is signed by %s's device %s (id %s), which was revoked."
+                                 % (user, info.name, info.short_id))
+        return info
+
+    async def revoke_device(self, device):
+        """
+        Revoke this user's device C{device} (its id: 32 hex digits, or bytes), from the identity device: the server
+        closes its sessions and forgets its prekeys, and contacts' clients refuse what it signs.  Returns the user's
+        devices as the server then lists them.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        if not self.is_identity:
+            raise Forbidden("Only the device that holds the identity key can revoke a device.")
+        if isinstance(device, str):
+            if not re.fullmatch("[0-9a-fA-F]{%d}" % (2 * DEVICE_ID_SIZE), device):
+                raise BadRequest("A device id is %d hex digits." % (2 * DEVICE_ID_SIZE))
+            device = bytes.fromhex(device)
+        at = int(self._now())
+        revocation = await self.in_thread(revoke_device, self.private_key, self.user, device, at)
+        await self.protocol.request("revoke_device", device=device.hex(), at=at,
+                                    signature=b64(revocation.signature))
+        return await self._fetch_devices(self.user)
+
+    # -- linking a device --
+
+    async def link_request(self, user, key, name, secret):
+        """
+        On a new device: ask to be linked to C{user}'s account.  C{key} is the new device's private key, C{name}
+        its name, C{secret} the secret of the link code this device shows (L{new_link_code}) for the user to type
+        on the identity device.  The request carries a MAC with the secret over the key and the name, so the
+        identity device signs only this key.  Returns the request's id (hex); L{wait_linked} waits for the answer.
+        The connection stays open, unauthenticated, until then.
+        """
+        user = canonical_username(user)
+        if not valid_device_name(name):
+            raise BadRequest("A device's name is 1-64 bytes of printable text.")
+        der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        waiting = self._link = _LinkWait(user, key, name, secret, Deferred())
+        answer = await self.protocol.request("link_request", user=user, public_key=public_key_pem(key), name=name,
+                                             mac=b64(link_request_mac(secret, self.server_id, user, der, name)))
+        waiting.link = answer.get("link") if isinstance(answer.get("link"), str) else None
+        return waiting.link
+
+    def _link_answered(self, frame):
+        waiting = self._link
+        if waiting is None or waiting.done.called or frame.get("link", waiting.link) != waiting.link:
+            return
+        if frame["type"] == "linked":
+            waiting.done.callback(frame)
+        else:
+            waiting.done.errback(LinkFailed("Nobody approved the link request within %d minutes; ask again."
+                                            % (LINK_WAIT // 60)))
+
+    async def wait_linked(self):
+        """
+        On the new device, after L{link_request}: wait for the identity device's answer and check it.  The answer's
+        MAC (keyed with the code's secret) must cover the certificate, the certificate must be for this device's key
+        and verify against the identity key the server gives: the server cannot put in a certificate of its own.
+        The identity key is then pinned as this user's.  Returns this device's L{DeviceInfo}; raises L{LinkFailed}.
+        """
+        waiting = self._link
+        if waiting is None:
+            raise LocalError("No link request waits for an answer.")
+        frame = await waiting.done
+        self._link = None
+        user = waiting.user
+        try:
+            certificate = DeviceCertificate.from_json(frame.get("device"), user)
+            mac = _json_b64(frame, "answer_mac", "link answer", 32)
+            pem = frame.get("identity_key")
+            identity = load_public_key(pem) if isinstance(pem, str) else (await self.public_key(user, True))[0]
+        except (BadCertificate, BadKey) as e:
+            raise LinkFailed("The server's answer to the link request is malformed: %s" % e.message)
+        if not hmac.compare_digest(link_answer_mac(waiting.secret, self.server_id, certificate), mac):
+            raise LinkFailed("The answer to the link request was not made with this device's code: refused.")
+        mine = waiting.key.public_key().public_bytes(serialization.Encoding.DER,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
+        if certificate.public_key_der != mine:
+            raise LinkFailed("The certificate in the answer is for another key than this device's: refused.")
+        try:
+            await self.in_thread(certificate.verify, identity)
+        except BadCertificate as e:
+            raise LinkFailed("The certificate in the answer does not verify against %s's identity key: %s"
+                             % (user, e.message))
+        now = self._now()
+        await self.pins.set_pin(user, public_key_pem(identity), fingerprint(identity), now)
+        return DeviceInfo(user, certificate.device_id, certificate.public_key_der, certificate.name,
+                          certificate.created, certificate.signature, first_seen=now)
+
+    async def link_pending(self):
+        """On the identity device: the link requests waiting on the server (L{LinkRequest}s; malformed ones left out)."""
+        answer = await self.protocol.request("link_pending")
+        requests = []
+        for obj in answer.get("requests") if isinstance(answer.get("requests"), list) else []:
+            try:
+                requests.append(LinkRequest.from_json(obj))
+            except (BadKey, BadCertificate) as e:
+                self.log.warn("Ignoring a malformed link request from the server: {why}", why=e.message)
+        return requests
+
+    async def approve_link(self, request, name, secret):
+        """
+        On the identity device: certify the new device whose request carries a MAC made with C{secret} (the code
+        the new device shows, as typed here: L{parse_link_code}).  C{request} is one L{LinkRequest}, or None to take
+        whichever pending request matches.  The MAC is checked before anything is signed: with no matching request
+        this raises L{BadLinkCode} and signs nothing, so neither the server nor a passer-by can add a device.
+        C{name} names the device (the name it asked for when None).  Returns the new device's L{DeviceInfo}.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        if not self.is_identity:
+            raise Forbidden("Only the device that holds the identity key can link a device.")
+        candidates = [request] if request is not None else await self.link_pending()
+        match = next((r for r in candidates if hmac.compare_digest(
+            link_request_mac(secret, self.server_id, self.user, r.public_key_der, r.name), r.mac)), None)
+        if match is None:
+            raise BadLinkCode("No device asks to be linked to %s with this code: check the code the new device "
+                              "shows (nothing was signed)." % self.user)
+        name = name if name is not None else match.name
+        if not valid_device_name(name):
+            raise BadRequest("A device's name is 1-64 bytes of printable text.")
+        created = int(self._now())
+        certificate = await self.in_thread(certify_device, self.private_key, self.user, match.public_key(), name,
+                                           created)
+        await self.protocol.request("link_approve", link=match.link, name=name, created=created,
+                                    certificate=b64(certificate.signature),
+                                    answer_mac=b64(link_answer_mac(secret, self.server_id, certificate)))
+        info = DeviceInfo(self.user, certificate.device_id, certificate.public_key_der, name, created,
+                          certificate.signature, first_seen=self._now())
+        await self._fetch_devices(self.user)
+        return info
 
     # -- directory --
 
@@ -5194,29 +6105,102 @@ class PagerClient:
         names, envelope = await self.seal(recipients, data, content_type, filename)
         return await self.send_envelope(names, envelope)
 
-    async def seal(self, recipients, data, content_type="text", filename=""):
+    async def seal(self, recipients, data, content_type="text", filename="", message_id=None):
         """
-        C{(names, envelope)}: C{data} sealed for each recipient's key as the server gives it now, checked against
-        the key pinned here (L{recipient_key}).  L{send_envelope} sends it; sending it again is the same message.
+        C{(names, envelope)}: C{data} sealed for every current device of each recipient and for this user's other
+        devices, as the server's bundles give them now.  Each bundle's identity key must be the one pinned here
+        (L{KeyChanged} otherwise, as L{recipient_key}); each device's certificate must verify against it and each
+        signed prekey against its device's key (L{BadCertificate}).  A device that is certified, ever published
+        prekeys, or belongs to a user seen with a certified device is sealed to only with its prekeys: without a
+        usable signed prekey the message is not sealed (L{NoPrekeys}), never wrapped with RSA-OAEP instead.
+        C{message_id} (bytes): seal anew a message sealed before, as the same message.  L{send_envelope} sends it.
         """
         if self.user is None:
             raise NotAuthenticated()
         if isinstance(data, str):
             data = data.encode("utf-8")
         names = sorted({canonical_username(n) for n in ([recipients] if isinstance(recipients, str) else recipients)})
-        keys = {}
-        for name in names:
-            keys[name] = await self.recipient_key(name)
-        envelope = await self.in_thread(seal, self.private_key, self.user, keys, data, content_type=content_type,
-                                        filename=filename)
+        now = self._now()
+        targets = await self._targets(names, now)
+        envelope = await self.in_thread(
+            seal, self.private_key, self.user, targets, data, content_type=content_type, filename=filename,
+            message_id=message_id, timestamp_ms=int(now * 1000), sender_fingerprint=self.identity_fp,
+            sender_device=device_id(self.private_key), now=now)
+        message_id = parse_header(envelope.header).message_id
+        self._sealed[message_id] = (names, data, content_type, filename)
+        while len(self._sealed) > MAX_RESEALABLE:
+            self._sealed.popitem(last=False)
         return names, envelope
 
+    async def _bundles(self, users):
+        bundles = {}
+        for start in range(0, len(users), MAX_RECIPIENTS):
+            part = users[start:start + MAX_RECIPIENTS]
+            answer = await self.protocol.request("bundle", users=part)
+            listed = answer.get("bundles")
+            for bundle in listed if isinstance(listed, list) else []:
+                user = bundle.get("user") if isinstance(bundle, dict) else None
+                if user not in part or user in bundles:
+                    raise BadRequest("The server's bundle answer names a user that was not asked for, or one twice.")
+                bundles[user] = bundle
+            missing = [user for user in part if user not in bundles]
+            if missing:
+                raise BadRequest("The server's bundle answer leaves out %s." % ", ".join(missing))
+        return bundles
+
+    async def _targets(self, names, now):
+        """The L{DeviceTarget}s to seal to: every current device of C{names}, and this user's other devices."""
+        users = names + ([self.user] if self.user not in names else [])
+        bundles = await self._bundles(users)
+        mine = device_id(self.private_key)
+        targets = []
+        for user in users:
+            identity = await self._identity_of(user, bundles[user].get("identity_key"))
+            verified = await self.in_thread(verify_devices, user, identity, bundles[user].get("devices"), True)
+            _, certified_seen = await self._record_devices(user, identity, [info for info, _, _ in verified])
+            for info, spk, opk in verified:
+                if info.revoked or (user == self.user and info.device_id == mine):
+                    continue
+                if spk is not None and spk.usable_at(now):
+                    targets.append(DeviceTarget(user, info.device_id, signed_prekey=spk, one_time=opk))
+                elif info.certified or info.prekeys or certified_seen:
+                    raise NoPrekeys(
+                        "The server gives no usable signed prekey for %s's device %s (id %s), so the message was "
+                        "not sent: it is never sealed to a device's RSA key once it has published prekeys. Ask %s to "
+                        "run pager on that device, or to revoke it." % (user, info.name or "identity device",
+                                                                         info.short_id, user))
+                else:
+                    # A legacy device: the identity device of an account whose 0.3 client has not logged in yet
+                    # (verify_devices checked that its key is the identity key).
+                    targets.append(DeviceTarget(user, info.device_id, rsa_key=identity))
+        if not targets:
+            raise BadRequest("Nobody to send it to: name someone other than yourself, or link another device.")
+        return targets
+
     async def send_envelope(self, names, envelope):
-        """Send an already sealed L{Envelope}, in one frame or as a header and chunk frames."""
+        """
+        Send an already sealed L{Envelope}, in one frame or as a header and chunk frames.  When the server says the
+        recipients' devices changed since it was sealed, a message this client sealed (L{seal}, in this process) is
+        sealed anew for them as the same message (same id), up to L{RESEAL_TRIES} times; else L{DevicesChanged}.
+        """
+        message_id = parse_header(envelope.header).message_id
+        for attempt in range(RESEAL_TRIES + 1):
+            try:
+                answer = await self._send_envelope(names, envelope)
+            except DevicesChanged:
+                again = self._sealed.get(message_id)
+                if again is None or attempt == RESEAL_TRIES:
+                    raise
+                _, envelope = await self.seal(*again, message_id=message_id)
+            else:
+                self._sealed.pop(message_id, None)
+                return answer
+
+    async def _send_envelope(self, names, envelope):
         proto = self.protocol
         max_line = self.limits.get("max_line", 0)
         header = b64(envelope.header)
-        frame = {"to": names, "size": envelope.size, "header": header}
+        frame = {"to": [name for name in names if name != self.user], "size": envelope.size, "header": header}
         encoded = sum((len(c) + 2) // 3 * 4 + 3 for c in envelope.chunks)  # base64 sizes, without encoding yet
         if len(header) + encoded + FRAME_MARGIN < max_line:
             return await proto.request("send", chunks=[b64(c) for c in envelope.chunks],
@@ -5246,6 +6230,10 @@ class PagerClient:
                 self._message_continued(frame)
             elif kind == "receipt":
                 self._enqueue(self._handle_receipt, frame)
+            elif kind == "prekeys_low":
+                self._prekeys_low(frame)
+            elif kind in ("linked", "link_expired"):
+                self._link_answered(frame)
         except PagerError as e:
             self.log.warn("Ignoring a malformed {kind} frame from the server: {why}", kind=kind, why=e.message)
 
@@ -5335,6 +6323,32 @@ class PagerClient:
             await self.pins.set_pin(header.sender, public_key_pem(key), fp, self.reactor.seconds())
         return key, key_status(pin, fp)
 
+    async def _sender_device_key(self, header):
+        """
+        C{(key, status)}: the key of the device that signed the message, and how the sender's identity key compares
+        with the pinned one.  The identity is checked as L{_sender_key} does (for this user's own other devices:
+        against this account's identity key); a device other than the identity device must be certified by it,
+        known here or listed by the server (L{devices}), and not revoked.
+        """
+        if header.sender == self.user:
+            identity, status = await self._own_identity(), "verified"
+            if header.sender_fingerprint != self.identity_fp:
+                raise WrongSenderKey("The message is signed as from your own account, but not by its identity key.")
+        else:
+            identity, status = await self._sender_key(header)
+        if header.version == 1 or header.sender_device == device_id(identity):
+            return identity, status
+        info = await self._device_of(header.sender, identity, header.sender_device)
+        return info.public_key(), status
+
+    async def _opening_prekeys(self, entry):
+        """The private prekeys this device's entry of a message was sealed to (an L{OpeningPrekeys}), or None."""
+        if entry.kind != WRAP_X25519:
+            return None
+        device = device_id(self.private_key)
+        signed, one_time = await self.seen.prekey_privates(device, entry.spk_id, entry.opk_id)
+        return OpeningPrekeys(await self._vault_key(), device, signed, one_time if entry.opk_id else None)
+
     async def _handle_message(self, incoming):
         if not valid_username(incoming.sender):
             # Nothing to verify it against and nobody to show: refuse it, so that it is not delivered again.
@@ -5343,28 +6357,49 @@ class PagerClient:
             await self.protocol.request("reject", msg=incoming.msg, reason="The server named a sender that is not "
                                         "a user name.")
             return
+        device = device_id(self.private_key)
         try:
             header = parse_header(incoming.header)
             if header.sender != incoming.sender:
                 raise WrongSenderKey("The server says the message is from %s, but it is signed as from %s."
                                      % (incoming.sender, header.sender))
-            sender_key, key_status = await self._sender_key(header)
+            mine = header.entry(self.user, device)
+            if mine is None:
+                raise NotAddressedToYou("The message is not addressed to this device of %s." % self.user)
+            # Before unwrapping: a message handed off already may have used a one-time prekey that is gone since.
+            if await self.seen.contains(header.sender, header.message_id):
+                self._ack("msgs", incoming.msg)
+                return
+            sender_key, key_status = await self._sender_device_key(header)
+            prekeys = await self._opening_prekeys(mine)
             envelope = Envelope(incoming.header, incoming.chunks, incoming.signature)
-            opened = await self.in_thread(open_envelope, envelope, self.private_key, self.user, sender_key)
-        except (EnvelopeError, UnknownUser, BadKey) as e:
-            await self.protocol.request("reject", msg=incoming.msg, reason=e.message)
-            if self.on_rejected is not None:
-                self.on_rejected(incoming.msg, incoming.sender, e)
+            opened = await self.in_thread(open_envelope, envelope, self.private_key, self.user, sender_key,
+                                          device=device, prekeys=prekeys)
+        except PrekeyUnavailable as e:
+            if await self.seen.contains(header.sender, header.message_id, anywhere=True):
+                # Another session of this device (sharing its store) handed it off and deleted the prekey since.
+                self._ack("msgs", incoming.msg)
+                return
+            await self._reject(incoming, e)
+            return
+        except (EnvelopeError, UnknownUser, BadKey, BadCertificate) as e:
+            await self._reject(incoming, e)
             return
         skewed = incoming.accepted_at is not None and abs(incoming.accepted_at - opened.timestamp) > self.skew_window
         opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at, key_status=key_status, skewed=skewed)
-        if not await self.seen.contains(opened.sender, opened.message_id):
-            if self.on_message is None:
-                return  # nobody to hand it to: leave it on the server for the next session
-            await defer.maybeDeferred(self.on_message, opened)
-            await self.seen.add(opened.sender, opened.message_id, self.reactor.seconds())
+        if self.on_message is None:
+            return  # nobody to hand it to: leave it on the server for the next session
+        await defer.maybeDeferred(self.on_message, opened)
+        # The message is stored (handed off): its one-time prekey's private part goes in the same transaction.
+        used = (device, mine.opk_id) if mine.kind == WRAP_X25519 and mine.opk_id else None
+        await self.seen.add(opened.sender, opened.message_id, self._now(), used)
         # Not awaited: acknowledgements are pipelined, so the next message is handled while this one commits.
         self._ack("msgs", incoming.msg)
+
+    async def _reject(self, incoming, error):
+        await self.protocol.request("reject", msg=incoming.msg, reason=error.message)
+        if self.on_rejected is not None:
+            self.on_rejected(incoming.msg, incoming.sender, error)
 
     def _ack(self, field, value):
         """
@@ -5428,6 +6463,9 @@ class PagerClient:
 
     def connection_lost(self, error):
         self._stop_keepalive()
+        self._stop_maintenance()
+        if self._link is not None and not self._link.done.called:
+            self._link.done.errback(error)
         self._incoming.clear()
         for waiting in self._acks.values():
             waiting.clear()  # the server delivers these again; the duplicate store recognises them
