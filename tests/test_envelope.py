@@ -5,7 +5,9 @@ RSA keys are generated once per module (L{_key}); most messages use the smallest
 cases stay fast, and L{DefaultChunkRoundTripTests} covers the default 64 KiB chunk.
 """
 
+import dataclasses
 import hashlib
+import hmac
 import os
 import shutil
 import struct
@@ -14,6 +16,8 @@ import time
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -1111,3 +1115,704 @@ class PropertyTests(SynchronousTestCase):
         except pager.EnvelopeError:
             return
         self.fail("a mutated envelope opened")
+
+
+# Devices and the X25519 wrap.
+
+NOW = 1700000000  # whole seconds: the time of the device tests' messages
+SERVER_ID = "e9ac63d1596c137b4d0e95f52b12d9ac"
+
+
+def _x25519(seed):
+    """A deterministic X25519 private key from a one-byte seed."""
+    return X25519PrivateKey.from_private_bytes(hashlib.sha256(b"x25519 %d" % seed).digest())
+
+
+class _Prekeys:
+    """A device's prekeys as the Opener asks for them: private parts by id, signed prekeys' validity."""
+
+    def __init__(self):
+        self.signed, self.one_time, self.valid = {}, {}, {}
+
+    def signed_private(self, prekey_id):
+        return self.signed.get(prekey_id)
+
+    def one_time_private(self, prekey_id):
+        return self.one_time.get(prekey_id)
+
+    def signed_valid(self, prekey_id):
+        return self.valid.get(prekey_id)
+
+
+class _Device:
+    """One device of a user: its RSA key, its signed prekey and, unless told otherwise, one one-time prekey."""
+
+    def __init__(self, user, key_name, seed, one_time=True, valid_from=NOW - pager.DAY):
+        self.user, self.key = user, _key(key_name)
+        self.id = pager.device_id(self.key)
+        self.prekeys = _Prekeys()
+        spk = _x25519(seed)
+        self.spk_id, self.opk_id = 1000 + seed, (2000 + seed if one_time else 0)
+        self.signed = pager.sign_prekey(self.key, user, self.spk_id, pager.x25519_public_bytes(spk), valid_from,
+                                        valid_from + pager.PREKEY_LIFETIME)
+        self.prekeys.signed[self.spk_id] = spk
+        self.prekeys.valid[self.spk_id] = (self.signed.valid_from, self.signed.valid_until)
+        self.one_time = None
+        if one_time:
+            opk = _x25519(seed + 100)
+            self.prekeys.one_time[self.opk_id] = opk
+            self.one_time = pager.OneTimePrekey(self.opk_id, pager.x25519_public_bytes(opk))
+
+    def target(self, **changes):
+        fields = dict(signed_prekey=self.signed, one_time=self.one_time)
+        fields.update(changes)
+        return pager.DeviceTarget(self.user, self.id, **fields)
+
+    def open(self, envelope, sender_key, recipient=None, prekeys=None):
+        return pager.open_envelope(envelope, self.key, recipient or self.user, sender_key, device=self.id,
+                                   prekeys=prekeys or self.prekeys)
+
+
+def _legacy(name):
+    """The target of C{name}'s legacy device: its identity key, RSA-wrapped."""
+    return pager.DeviceTarget(name, pager.device_id(_key(name)), rsa_key=_pub(name))
+
+
+class _DevicesMixin:
+    """Alice sends from her laptop (a linked device) to Bob's two devices, Carol's legacy device and her own desk."""
+
+    def setUp(self):
+        self.bob_desk = _Device("bob", "bob", 1)
+        self.bob_phone = _Device("bob", "bob-phone", 2, one_time=False)
+        self.alice_desk = _Device("alice", "alice", 3)
+        self.laptop = _key("alice-laptop")
+        self.plaintext = os.urandom(2500)
+        self.envelope = self.seal(self.plaintext)
+
+    def targets(self):
+        return [self.bob_desk.target(), self.bob_phone.target(), _legacy("carol"), self.alice_desk.target()]
+
+    def seal(self, plaintext, targets=None, **kwargs):
+        kwargs.setdefault("timestamp_ms", NOW * 1000)
+        kwargs.setdefault("now", NOW)
+        return pager.seal(self.laptop, "alice", targets if targets is not None else self.targets(), plaintext,
+                          chunk_size=SMALL, sender_fingerprint=pager.fingerprint(_key("alice")), **kwargs)
+
+    def entry(self, device, header=None):
+        return pager.parse_header(header or self.envelope.header).entry(device.user, device.id)
+
+    def replace_entry(self, device, header=None, **changes):
+        """The envelope's header with C{device}'s entry changed (other fields kept, order as it comes)."""
+        h = pager.parse_header(header or self.envelope.header)
+        entries = [dataclasses.replace(e, **changes) if e.device_id == device.id else e for e in h.entries]
+        return _reheader(h.raw, entries=entries)
+
+    def open_header(self, device, header, **kwargs):
+        envelope = pager.Envelope(header, self.envelope.chunks, self.envelope.signature)
+        return device.open(envelope, self.laptop.public_key(), **kwargs)
+
+
+class DeviceRoundTripTests(_DevicesMixin, SynchronousTestCase):
+    def test_each_device_opens(self):
+        """
+        Every recipient device opens the message: Bob's two (X25519, with and without a one-time prekey), Carol's
+        legacy device (RSA-OAEP) and Alice's other device; each learns which prekeys it used and who signed.
+        """
+        header = pager.parse_header(self.envelope.header)
+        self.assertEqual((header.version, header.sender_device), (2, pager.device_id(self.laptop)))
+        self.assertEqual(header.sender_fingerprint, pager.fingerprint(_key("alice")))
+        self.assertEqual(header.recipient_names, ["alice", "bob", "carol"])
+        self.assertEqual(sorted(header.devices_of("bob")), sorted([self.bob_desk.id, self.bob_phone.id]))
+        for device, used in ((self.bob_desk, (1001, 2001)), (self.bob_phone, (1002, 0)),
+                             (self.alice_desk, (1003, 2003))):
+            opened = device.open(self.envelope, self.laptop.public_key())
+            self.assertEqual(opened.plaintext, self.plaintext)
+            self.assertEqual((opened.used_prekeys, opened.sender_device), (used, pager.device_id(self.laptop)))
+            self.assertEqual(opened.recipients, ("alice", "bob", "carol"))
+            self.assertEqual(self.entry(device).kind, pager.WRAP_X25519)
+        opened = pager.open_envelope(self.envelope, _key("carol"), "carol", self.laptop.public_key())
+        self.assertEqual((opened.plaintext, opened.used_prekeys), (self.plaintext, (0, 0)))
+
+    def test_one_to_many_devices(self):
+        """Messages to 1 to 12 devices, mixing kinds, are sorted by (name, device id) and open on every device."""
+        devices = [_Device("u%d" % (i % 4), "device %d" % i, 10 + i, one_time=i % 3 != 0) for i in range(12)]
+        for n in range(1, 13):
+            targets = [d.target() for d in devices[:n]] + [_legacy("carol")] * (n % 2)
+            plaintext = b"to %d devices" % n
+            envelope = self.seal(plaintext, targets)
+            header = pager.parse_header(envelope.header)
+            self.assertEqual([(e.name.encode(), e.device_id) for e in header.entries],
+                             sorted((t.user.encode(), t.device_id) for t in targets))
+            for device in devices[:n]:
+                self.assertEqual(device.open(envelope, self.laptop.public_key()).plaintext, plaintext)
+            if n % 2:
+                self.assertEqual(_open(envelope, "carol", sender_key=self.laptop.public_key()).plaintext, plaintext)
+
+    def test_legacy_mapping_is_one_rsa_device_each(self):
+        """The older form, a mapping of name to RSA key, seals to one RSA entry per name under its key's device id."""
+        header = pager.parse_header(_seal(b"x", recipients=("bob", "carol")).header)
+        self.assertEqual([(e.name, e.device_id, e.kind) for e in header.entries],
+                         [(n, pager.device_id(_key(n)), pager.WRAP_RSA) for n in ("bob", "carol")])
+        self.assertEqual(header.sender_device, pager.device_id(_key("alice")))
+
+    def test_fresh_ephemeral_per_wrap(self):
+        """Each X25519 entry has its own ephemeral key, and so does each message."""
+        header = pager.parse_header(self.envelope.header)
+        again = pager.parse_header(self.seal(self.plaintext).header)
+        ephemerals = [e.ephemeral for h in (header, again) for e in h.entries if e.kind == pager.WRAP_X25519]
+        self.assertEqual(len(set(ephemerals)), 6)
+
+    def test_no_prekey_no_rsa(self):
+        """A target with neither a signed prekey nor an RSA key raises NoPrekeys: nothing is sealed."""
+        target = pager.DeviceTarget("bob", self.bob_desk.id)
+        self.assertRaises(pager.NoPrekeys, self.seal, b"x", [target])
+
+    def test_duplicate_target(self):
+        """Naming a device twice raises ValueError."""
+        self.assertRaises(ValueError, self.seal, b"x", [self.bob_desk.target(), self.bob_desk.target()])
+
+    def test_too_many_wraps(self):
+        """More than MAX_WRAPS targets raise ValueError."""
+        targets = [pager.DeviceTarget("u%d" % (i % 60), i.to_bytes(16, "big"), signed_prekey=None)
+                   for i in range(pager.MAX_WRAPS + 1)]
+        self.assertRaises(ValueError, self.seal, b"x", targets)
+
+    def test_rsa_key_of_other_device(self):
+        """An RSA target whose key is not the device's raises ValueError."""
+        target = pager.DeviceTarget("carol", self.bob_desk.id, rsa_key=_pub("carol"))
+        self.assertRaises(ValueError, self.seal, b"x", [target])
+
+    def test_prekey_of_other_device(self):
+        """A signed prekey given for a device it was not signed for raises BadCertificate."""
+        target = pager.DeviceTarget("bob", self.bob_phone.id, signed_prekey=self.bob_desk.signed)
+        self.assertRaises(pager.BadCertificate, self.seal, b"x", [target])
+
+
+class DeviceTamperingTests(_DevicesMixin, SynchronousTestCase):
+    """Every field of an X25519 entry, and the entries themselves, changed after sealing."""
+
+    def test_entries_out_of_order(self):
+        """Swapping two entries, or repeating one, raises MalformedEnvelope."""
+        h = pager.parse_header(self.envelope.header)
+        entries = list(h.entries)
+        for changed in ([entries[1], entries[0]] + entries[2:], entries[:1] + entries):
+            self.assertRaises(pager.MalformedEnvelope, pager.parse_header, _reheader(h.raw, entries=changed))
+
+    def test_wrong_device(self):
+        """Bob's phone opening Bob's desk's entry with its own prekeys, or an unknown device, gets an error."""
+        envelope = self.envelope
+        self.assertRaises(pager.NotAddressedToYou, pager.open_envelope, envelope, self.bob_phone.key, "bob",
+                          self.laptop.public_key(), device=b"\x00" * 16, prekeys=self.bob_phone.prekeys)
+        self.assertRaises(pager.PrekeyUnavailable, pager.open_envelope, envelope, self.bob_phone.key, "bob",
+                          self.laptop.public_key(), device=self.bob_desk.id, prekeys=self.bob_phone.prekeys)
+        self.assertRaises(pager.NotAddressedToYou, self.bob_desk.open, envelope, self.laptop.public_key(), "carol")
+
+    def test_wrong_signed_prekey_private(self):
+        """The right ids holding other private keys raise KeyUnwrapFailed (signed and one-time alike)."""
+        for attribute in ("signed", "one_time"):
+            prekeys = _Prekeys()
+            prekeys.signed, prekeys.one_time, prekeys.valid = (
+                dict(self.bob_desk.prekeys.signed), dict(self.bob_desk.prekeys.one_time), self.bob_desk.prekeys.valid)
+            table = getattr(prekeys, attribute)
+            for prekey_id in table:
+                table[prekey_id] = _x25519(99)
+            self.assertRaises(pager.KeyUnwrapFailed, self.bob_desk.open, self.envelope, self.laptop.public_key(),
+                              prekeys=prekeys)
+
+    def test_prekey_gone(self):
+        """A deleted one-time prekey (a replay), or signed prekey, raises PrekeyUnavailable naming the gone key."""
+        del self.bob_desk.prekeys.one_time[2001]
+        with self.assertRaises(pager.PrekeyUnavailable) as caught:
+            self.bob_desk.open(self.envelope, self.laptop.public_key())
+        self.assertIn("one-time prekey 2001", caught.exception.message)
+        del self.bob_phone.prekeys.signed[1002]
+        self.assertRaises(pager.PrekeyUnavailable, self.bob_phone.open, self.envelope, self.laptop.public_key())
+        self.assertRaises(pager.PrekeyUnavailable, pager.open_envelope, self.envelope, None, "bob",
+                          self.laptop.public_key(), device=self.bob_phone.id)
+
+    def test_swap_prekey_ids(self):
+        """An entry naming another signed or one-time prekey the device holds raises KeyUnwrapFailed."""
+        other = _x25519(50)
+        self.bob_desk.prekeys.signed[77] = other
+        self.bob_desk.prekeys.valid[77] = self.bob_desk.prekeys.valid[1001]
+        self.bob_desk.prekeys.one_time[78] = _x25519(51)
+        for changes in ({"spk_id": 77}, {"opk_id": 78}, {"opk_id": 0}):
+            header = self.replace_entry(self.bob_desk, **changes)
+            self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+        header = self.replace_entry(self.bob_phone, opk_id=2001)
+        self.assertRaises(pager.PrekeyUnavailable, self.open_header, self.bob_phone, header)
+
+    def test_swapped_ephemeral(self):
+        """Bob's two entries with their ephemeral keys swapped, or another message's, raise KeyUnwrapFailed."""
+        desk, phone = self.entry(self.bob_desk), self.entry(self.bob_phone)
+        header = self.replace_entry(self.bob_desk, ephemeral=phone.ephemeral)
+        header = self.replace_entry(self.bob_phone, header, ephemeral=desk.ephemeral)
+        for device in (self.bob_desk, self.bob_phone):
+            self.assertRaises(pager.KeyUnwrapFailed, self.open_header, device, header)
+        other = self.entry(self.bob_desk, self.seal(b"other").header)
+        header = self.replace_entry(self.bob_desk, ephemeral=other.ephemeral)
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+        header = self.replace_entry(self.bob_desk, ephemeral=other.ephemeral, wrapped=other.wrapped)
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+
+    def test_all_zero_point(self):
+        """An all-zero (low-order) ephemeral key raises KeyUnwrapFailed; a sender refuses an all-zero prekey."""
+        header = self.replace_entry(self.bob_desk, ephemeral=bytes(32))
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+        signed = pager.sign_prekey(self.bob_desk.key, "bob", 5, bytes(32), NOW, NOW + pager.DAY)
+        self.assertRaises(pager.PrekeyUnusable, self.seal, b"x", [self.bob_desk.target(signed_prekey=signed)])
+        zero = pager.OneTimePrekey(9, bytes(32))
+        self.assertRaises(pager.PrekeyUnusable, self.seal, b"x", [self.bob_desk.target(one_time=zero)])
+
+    def test_entry_moved_to_other_device(self):
+        """Bob's desk's entry relabelled as his phone's (and so on) does not open: the info binds the device."""
+        desk = self.entry(self.bob_desk)
+        header = self.replace_entry(self.bob_phone, spk_id=desk.spk_id, opk_id=0, ephemeral=desk.ephemeral,
+                                    wrapped=desk.wrapped)
+        self.bob_phone.prekeys.signed[1001] = self.bob_desk.prekeys.signed[1001]
+        self.bob_phone.prekeys.valid[1001] = self.bob_desk.prekeys.valid[1001]
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_phone, header)
+
+    def test_expired_or_future_prekey_refused_by_sealer(self):
+        """A signed prekey expired, or valid only from more than a day ahead, raises PrekeyUnusable when sealing."""
+        for valid_from in (NOW - pager.PREKEY_LIFETIME - 1, NOW + pager.DAY + 1):
+            device = _Device("bob", "bob", 1, valid_from=valid_from)
+            self.assertRaises(pager.PrekeyUnusable, self.seal, b"x", [device.target()])
+        for valid_from in (NOW - pager.PREKEY_LIFETIME, NOW + pager.DAY):  # the edges are usable
+            device = _Device("bob", "bob", 1, valid_from=valid_from)
+            self.assertEqual(device.open(self.seal(b"x", [device.target()]), self.laptop.public_key()).plaintext,
+                             b"x")
+        later = dict(now=NOW + pager.PREKEY_LIFETIME)  # valid at the message's time, expired by the sealer's clock
+        self.assertRaises(pager.PrekeyUnusable, self.seal, b"x", [self.bob_desk.target()], **later)
+
+    def test_expired_or_future_prekey_refused_by_opener(self):
+        """A message whose timestamp its signed prekey's validity does not cover raises PrekeyUnusable."""
+        valid_from, valid_until = self.bob_desk.prekeys.valid[1001]
+        for window in ((NOW + pager.DAY + 1, valid_until), (valid_from, NOW - 1)):
+            self.bob_desk.prekeys.valid[1001] = window
+            self.assertRaises(pager.PrekeyUnusable, self.bob_desk.open, self.envelope, self.laptop.public_key())
+        self.bob_desk.prekeys.valid[1001] = (NOW + pager.DAY, NOW)
+        self.assertEqual(self.bob_desk.open(self.envelope, self.laptop.public_key()).plaintext, self.plaintext)
+
+    def test_device_dropped_or_added(self):
+        """Dropping Carol's or Bob's phone's entry, or adding one for Dave, makes Bob's chunks fail to authenticate."""
+        h = pager.parse_header(self.envelope.header)
+        for entries in ([e for e in h.entries if e.name != "carol"],
+                        [e for e in h.entries if e.device_id != self.bob_phone.id],
+                        sorted(list(h.entries) + [_wrap("dave", os.urandom(32))], key=pager._wrap_order)):
+            self.assertRaises(pager.ChunkAuthenticationFailed, self.open_header, self.bob_desk,
+                              _reheader(h.raw, entries=entries))
+
+    def test_wrong_sender_device_key(self):
+        """Checking the laptop's message with Alice's identity key (or another) raises WrongSenderKey."""
+        for key in (_pub("alice"), _pub("bob")):
+            self.assertRaises(pager.WrongSenderKey, self.bob_desk.open, self.envelope, key)
+        verifier = pager.EnvelopeVerifier(self.envelope.header)
+        for chunk in self.envelope.chunks:
+            verifier.update(chunk)
+        self.assertRaises(pager.WrongSenderKey, verifier.verify, self.envelope.signature, _pub("alice"))
+        verifier.verify(self.envelope.signature, self.laptop.public_key())
+
+    def test_sender_device_swapped(self):
+        """
+        A header naming Alice's desk as the signing device raises KeyUnwrapFailed for an X25519 entry (the wrap binds
+        the sending device) and ChunkAuthenticationFailed for Carol's RSA entry.
+        """
+        header = _reheader(self.envelope.header, sender_device=self.alice_desk.id)
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+        envelope = pager.Envelope(header, self.envelope.chunks, self.envelope.signature)
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, envelope, "carol", sender_key=_pub("alice"))
+
+    def test_unknown_kind_and_lengths(self):
+        """An entry of kind 3, a signed prekey id 0, or a short ephemeral or wrapped key raises MalformedEnvelope."""
+        for changes in ({"kind": 3}, {"spk_id": 0}, {"ephemeral": bytes(31)}, {"wrapped": bytes(47)},
+                        {"wrapped": bytes(49)}):
+            header = self.replace_entry(self.bob_desk, **changes)
+            self.assertRaises(pager.MalformedEnvelope, pager.parse_header, header)
+
+    def test_every_byte_of_x25519_entry(self):
+        """Flipping any bit of Bob's desk's entry gives an EnvelopeError for Bob's desk, never plaintext."""
+        raw = self.envelope.header
+        start = raw.index(_lp_bytes(b"bob") + _lp_bytes(self.bob_desk.id))
+        length = len(self.entry(self.bob_desk).encode())
+        for offset in range(start, start + length):
+            for mask in (0x01, 0x80):
+                try:
+                    self.open_header(self.bob_desk, _flip(raw, offset, mask))
+                except pager.EnvelopeError:
+                    continue
+                self.fail("flipping byte %d of the entry opened" % (offset - start))
+
+
+def _lp_bytes(data):
+    return struct.pack(">I", len(data)) + data
+
+
+class VersionOneTests(SynchronousTestCase):
+    """Headers of version 1, queued before an upgrade: still opened, never sent."""
+
+    def setUp(self):
+        content_key, self.mid = os.urandom(32), os.urandom(16)
+        recipients = [pager.Recipient(n, pager.fingerprint(_key(n)), _pub(n).encrypt(content_key, pager._OAEP))
+                      for n in ("bob", "carol")]
+        self.header = pager._encode_header_v1(self.mid, 1700000000123, "alice", pager.fingerprint(_key("alice")),
+                                              "text", "", SMALL, recipients, pager._commitment(self.mid, content_key))
+        chunks = _encrypt_chunks(self.header, content_key, b"queued before the upgrade")
+        self.envelope = pager.Envelope(self.header, chunks, _sign(_key("alice"), self.header, chunks))
+
+    def test_parses_as_rsa_entries(self):
+        """A v1 header parses with version 1, each recipient an RSA entry under its fingerprint's first half."""
+        h = pager.parse_header(self.header)
+        self.assertEqual((h.version, h.sender_device), (1, pager.fingerprint(_key("alice"))[:16]))
+        self.assertEqual([(e.name, e.device_id, e.kind) for e in h.entries],
+                         [(n, pager.device_id(_key(n)), pager.WRAP_RSA) for n in ("bob", "carol")])
+        self.assertEqual(h.recipient_names, ["bob", "carol"])
+
+    def test_opens(self):
+        """Each recipient opens a v1 message with their key, checked against the sender's key."""
+        for name in ("bob", "carol"):
+            opened = _open(self.envelope, name)
+            self.assertEqual((opened.plaintext, opened.sender_device), (b"queued before the upgrade",
+                                                                       pager.device_id(_key("alice"))))
+        self.assertRaises(pager.WrongSenderKey, _open, self.envelope, sender_key=_pub("mallory"))
+
+    def test_every_byte(self):
+        """Flipping any bit of a v1 header gives an EnvelopeError, never plaintext."""
+        for offset in range(len(self.header)):
+            for mask in (0x01, 0x80):
+                envelope = pager.Envelope(_flip(self.header, offset, mask), self.envelope.chunks,
+                                          self.envelope.signature)
+                self.assertRaises(pager.EnvelopeError, _open, envelope)
+
+    def test_sender_writes_v2(self):
+        """Whatever the recipients' form, a sender writes the v2 tag."""
+        self.assertEqual(_field(_seal(b"x").header, "tag"), pager.ENVELOPE_TAG)
+        self.assertEqual(pager.ENVELOPE_TAG, b"pager-envelope-v2")
+        self.assertEqual(pager.ENVELOPE_TAG_V1, b"pager-envelope-v1")
+
+
+class WrapVectorTests(SynchronousTestCase):
+    """The X25519 wrap's exact bytes, with every random input fixed: the worked example of PROTOCOL.md."""
+
+    EK, SPK, OPK = bytes(range(1, 33)), bytes(range(33, 65)), bytes(range(65, 97))
+    CONTENT_KEY = bytes(range(100, 132))
+    EK_PUBLIC = "07a37cbc142093c8b755dc1b10e86cb426374ad16aa853ed0bdfc0b2b86d1c7c"
+    KEK = "7aea3c09a86add1001b336edde8f5344b48d284d2481c0683562d59cab5df18e"
+    WRAPPED = "6122125405c393a1bddbe00f821808dd91c6445c80e65ac13db93919d62fc1655410f946cb10dfaee6378070fc2dbcb4"
+
+    def setUp(self):
+        self.patch(pager, "_ephemeral_key", lambda: X25519PrivateKey.from_private_bytes(self.EK))
+        spk_public = pager.x25519_public_bytes(X25519PrivateKey.from_private_bytes(self.SPK))
+        opk_public = pager.x25519_public_bytes(X25519PrivateKey.from_private_bytes(self.OPK))
+        signed = pager.SignedPrekey("bob", bytes(range(32, 48)), 1, spk_public, NOW, NOW + pager.PREKEY_LIFETIME, b"")
+        target = pager.DeviceTarget("bob", bytes(range(32, 48)), signed_prekey=signed,
+                                    one_time=pager.OneTimePrekey(2, opk_public))
+        self.envelope = pager.seal(_key("alice"), "alice", [target], b"hi", message_id=bytes(range(16)),
+                                   timestamp_ms=NOW * 1000, now=NOW, content_key=self.CONTENT_KEY,
+                                   sender_device=bytes(range(16, 32)))
+
+    def test_info(self):
+        """The HKDF info is the wrap tag and the length-prefixed fields, the prekey ids as u32: 144 bytes."""
+        info = pager._wrap_info(bytes(range(16)), "alice", bytes(range(16, 32)), "bob", bytes(range(32, 48)), 1, 2,
+                                bytes.fromhex(self.EK_PUBLIC))
+        self.assertEqual(info.hex(), (
+            "00000014" + b"pager-x25519-wrap-v1".hex() + "00000010" + bytes(range(16)).hex()
+            + "00000005" + b"alice".hex() + "00000010" + bytes(range(16, 32)).hex() + "00000003" + b"bob".hex()
+            + "00000010" + bytes(range(32, 48)).hex() + "00000001" + "00000002" + "00000020" + self.EK_PUBLIC))
+        self.assertEqual(len(info), 144)
+
+    def test_entry(self):
+        """The sealed entry holds the vector's ephemeral key and wrapped key, which the recipient's prekeys open."""
+        [entry] = pager.parse_header(self.envelope.header).entries
+        self.assertEqual((entry.kind, entry.spk_id, entry.opk_id), (pager.WRAP_X25519, 1, 2))
+        self.assertEqual((entry.ephemeral.hex(), entry.wrapped.hex()), (self.EK_PUBLIC, self.WRAPPED))
+        self.assertEqual(entry.encode(), _lp_bytes(b"bob") + _lp_bytes(bytes(range(32, 48))) + b"\x02"
+                         + struct.pack(">II", 1, 2) + _lp_bytes(entry.ephemeral) + _lp_bytes(entry.wrapped))
+
+    def test_independent_unwrap(self):
+        """The documented steps, with cryptography's primitives and not pager's, unwrap the content key."""
+        ek = X25519PublicKey.from_public_bytes(bytes.fromhex(self.EK_PUBLIC))
+        ikm = (X25519PrivateKey.from_private_bytes(self.SPK).exchange(ek)
+               + X25519PrivateKey.from_private_bytes(self.OPK).exchange(ek))
+        info = (_lp_bytes(b"pager-x25519-wrap-v1") + _lp_bytes(bytes(range(16))) + _lp_bytes(b"alice")
+                + _lp_bytes(bytes(range(16, 32))) + _lp_bytes(b"bob") + _lp_bytes(bytes(range(32, 48)))
+                + struct.pack(">II", 1, 2) + _lp_bytes(ek.public_bytes_raw()))
+        kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(ikm)
+        self.assertEqual(kek.hex(), self.KEK)
+        self.assertEqual(AESGCM(kek).decrypt(bytes(12), bytes.fromhex(self.WRAPPED), None), self.CONTENT_KEY)
+
+    def test_signed_prekey_only(self):
+        """Without a one-time prekey, the key material is the one agreement and the info's opk id is 0."""
+        spk_public = pager.x25519_public_bytes(X25519PrivateKey.from_private_bytes(self.SPK))
+        signed = pager.SignedPrekey("bob", bytes(range(32, 48)), 1, spk_public, NOW, NOW + pager.PREKEY_LIFETIME, b"")
+        envelope = pager.seal(_key("alice"), "alice", [pager.DeviceTarget("bob", signed.device_id,
+                                                                          signed_prekey=signed)], b"hi",
+                              now=NOW, timestamp_ms=NOW * 1000, content_key=self.CONTENT_KEY)
+        [entry] = pager.parse_header(envelope.header).entries
+        ek = X25519PublicKey.from_public_bytes(entry.ephemeral)
+        info = pager._wrap_info(pager.parse_header(envelope.header).message_id, "alice",
+                                pager.device_id(_key("alice")), "bob", signed.device_id, 1, 0, entry.ephemeral)
+        kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
+            X25519PrivateKey.from_private_bytes(self.SPK).exchange(ek))
+        self.assertEqual((entry.opk_id, AESGCM(kek).decrypt(bytes(12), entry.wrapped, None)),
+                         (0, self.CONTENT_KEY))
+
+
+class CertificateTests(SynchronousTestCase):
+    """Device certificates, revocations and signed prekeys: signing, checking, wire forms."""
+
+    def setUp(self):
+        self.identity, self.device = _key("alice"), _key("alice-laptop")
+        self.cert = pager.certify_device(self.identity, "alice", self.device.public_key(), "laptop", NOW)
+        self.revocation = pager.revoke_device(self.identity, "alice", self.cert.device_id, NOW + 60)
+        self.spk = pager.sign_prekey(self.device, "alice", 7, pager.x25519_public_bytes(_x25519(1)), NOW,
+                                     NOW + pager.PREKEY_LIFETIME)
+
+    def test_certificate_verifies(self):
+        """A certificate verifies with the identity key and gives the device key; the id is the key's."""
+        self.assertEqual(pager.fingerprint(self.cert.verify(_pub("alice"))), pager.fingerprint(self.device))
+        self.assertEqual(self.cert.device_id, pager.fingerprint(self.device)[:16])
+        self.assertEqual(len(self.cert.device_id), pager.DEVICE_ID_SIZE)
+
+    def test_certificate_refused(self):
+        """Another identity key, or any field changed after signing, raises BadCertificate."""
+        self.assertRaises(pager.BadCertificate, self.cert.verify, _pub("bob"))
+        self.assertRaises(pager.BadCertificate, self.cert.verify, self.device.public_key())
+        other_der = _pub("bob").public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for changes in ({"user": "mallory"}, {"name": "laptop2"}, {"created": NOW + 1},
+                        {"device_id": pager.device_id(_key("bob"))}, {"public_key_der": other_der},
+                        {"signature": _flip(self.cert.signature, 0)}, {"signature": b""}, {"name": "a\nb"},
+                        {"created": -1}, {"created": True}, {"public_key_der": b"DER"}, {"device_id": b"x" * 15}):
+            self.assertRaises(pager.BadCertificate, dataclasses.replace(self.cert, **changes).verify, _pub("alice"))
+
+    def test_key_swapped_with_matching_id(self):
+        """Bob's key and id in Alice's certificate for her laptop (a server's substitution) raise BadCertificate."""
+        other_der = _pub("bob").public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        forged = dataclasses.replace(self.cert, public_key_der=other_der, device_id=pager.device_id(_key("bob")))
+        self.assertRaises(pager.BadCertificate, forged.verify, _pub("alice"))
+
+    def test_short_device_key_refused(self):
+        """certify_device refuses a 1024-bit device key (BadKey); a certificate carrying one raises BadCertificate."""
+        small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        self.assertRaises(pager.BadKey, pager.certify_device, self.identity, "alice", small.public_key(), "x", NOW)
+        der = small.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        cert = pager.DeviceCertificate("alice", pager.device_id(small), der, "x", NOW, b"")
+        cert = dataclasses.replace(cert, signature=self.identity.sign(cert.signed_bytes(), pager._PSS,
+                                                                      hashes.SHA256()))
+        self.assertRaises(pager.BadCertificate, cert.verify, _pub("alice"))
+
+    def test_revocation(self):
+        """A revocation verifies with the identity key only, and not with a field changed."""
+        self.revocation.verify(_pub("alice"))
+        self.assertRaises(pager.BadCertificate, self.revocation.verify, _pub("bob"))
+        for changes in ({"user": "bob"}, {"device_id": bytes(16)}, {"revoked_at": NOW}, {"revoked_at": 2 ** 64},
+                        {"signature": _flip(self.revocation.signature, 9)}):
+            self.assertRaises(pager.BadCertificate, dataclasses.replace(self.revocation, **changes).verify,
+                              _pub("alice"))
+
+    def test_signed_prekey(self):
+        """A signed prekey verifies with the device key, not the identity key, and not with a field changed."""
+        self.spk.verify(self.device.public_key())
+        self.assertEqual(self.spk.device_id, self.cert.device_id)
+        self.assertRaises(pager.BadCertificate, self.spk.verify, _pub("alice"))
+        for changes in ({"user": "bob"}, {"device_id": bytes(16)}, {"prekey_id": 8}, {"prekey_id": 0},
+                        {"prekey_id": 2 ** 32}, {"public": pager.x25519_public_bytes(_x25519(2))},
+                        {"public": bytes(31)}, {"valid_from": NOW + 1}, {"valid_until": NOW + 1},
+                        {"valid_until": NOW}, {"signature": _flip(self.spk.signature, 1)}):
+            self.assertRaises(pager.BadCertificate, dataclasses.replace(self.spk, **changes).verify,
+                              self.device.public_key())
+
+    def test_usable_at(self):
+        """A signed prekey is usable from a day before valid_from to valid_until, both included."""
+        start, end = self.spk.valid_from, self.spk.valid_until
+        self.assertEqual([self.spk.usable_at(t) for t in (start - pager.DAY - 1, start - pager.DAY, start, end,
+                                                          end + 1)], [False, True, True, True, False])
+        self.assertEqual((pager.PREKEY_ROTATION, pager.PREKEY_LIFETIME), (7 * 86400, 14 * 86400))
+
+    def test_domain_separation(self):
+        """
+        Each signature verifies only as what it was made for: a certificate's is no revocation, prekey, envelope or
+        auth signature, and the other way round, even over fields chosen to collide.
+        """
+        tags = [pager.DEVICE_TAG, pager.REVOCATION_TAG, pager.SIGNED_PREKEY_TAG, pager.SIGNATURE_TAG,
+                pager.AUTH_TAG, pager.WRAP_TAG, pager.LINK_REQUEST_TAG, pager.LINK_ANSWER_TAG, pager.ENVELOPE_TAG,
+                pager.COMMITMENT_TAG]
+        self.assertEqual(len(set(tags)), len(tags))
+        certified = pager.certify_device(self.identity, "alice", self.identity.public_key(), "desk", NOW)
+        as_revocation = pager.DeviceRevocation("alice", certified.device_id, NOW, certified.signature)
+        self.assertRaises(pager.BadCertificate, as_revocation.verify, _pub("alice"))
+        revoked = pager.revoke_device(self.identity, "alice", certified.device_id, NOW)
+        self.assertRaises(pager.BadCertificate, dataclasses.replace(certified, signature=revoked.signature).verify,
+                          _pub("alice"))
+        # The identity device's own prekey (its device key is the identity key) is no certificate either.
+        own = pager.sign_prekey(self.identity, "alice", 7, self.spk.public, NOW, NOW + 1)
+        self.assertRaises(pager.BadCertificate, dataclasses.replace(certified, signature=own.signature).verify,
+                          _pub("alice"))
+        self.assertRaises(pager.BadCertificate, dataclasses.replace(own, signature=certified.signature).verify,
+                          _pub("alice"))
+        self.assertFalse(pager.verify_auth(_pub("alice"), certified.signature, "login", SERVER_ID, "alice",
+                                           bytes(32)))
+        for signed in (certified, revoked, own):
+            self.assertFalse(signed.signed_bytes().startswith(_lp_bytes(pager.SIGNATURE_TAG)))
+
+    def test_signed_bytes_layout(self):
+        """The signed bytes of a certificate, a revocation and a signed prekey, as PROTOCOL.md lays them out."""
+        device = bytes(range(16))
+        cert = pager.DeviceCertificate("alice", device, b"DER", "laptop", 1700000000, b"")
+        self.assertEqual(cert.signed_bytes().hex(), (
+            "0000000f70616765722d6465766963652d763100000005616c69636500000010000102030405060708090a0b0c0d0e0f"
+            "00000003444552000000066c6170746f70000000006553f100"))
+        revocation = pager.DeviceRevocation("alice", device, 1700000000, b"")
+        self.assertEqual(revocation.signed_bytes().hex(), (
+            "0000001770616765722d6465766963652d7265766f6b65642d763100000005616c69636500000010000102030405060708090a0b"
+            "0c0d0e0f000000006553f100"))
+        public = pager.x25519_public_bytes(X25519PrivateKey.from_private_bytes(bytes(range(33, 65))))
+        spk = pager.SignedPrekey("alice", device, 1, public, 1700000000, 1700000000 + pager.PREKEY_LIFETIME, b"")
+        self.assertEqual(spk.signed_bytes().hex(), (
+            "0000001670616765722d7369676e65642d7072656b65792d763100000005616c69636500000010000102030405060708090a0b0c"
+            "0d0e0f00000001000000205869aff450549732cbaaed5e5df9b30a6da31cb0e5742bad5ad4a1a768f1a67b000000006553f100"
+            "0000000065666600"))
+
+
+class WireFormTests(SynchronousTestCase):
+    """to_json and from_json: the wire objects round-trip, and anything malformed raises BadCertificate only."""
+
+    def setUp(self):
+        self.identity, self.device = _key("alice"), _key("alice-laptop")
+        self.cert = pager.certify_device(self.identity, "alice", self.device.public_key(), "laptop", NOW)
+        self.revocation = pager.revoke_device(self.identity, "alice", self.cert.device_id, NOW + 60)
+        self.spk = pager.sign_prekey(self.device, "alice", 7, pager.x25519_public_bytes(_x25519(1)), NOW,
+                                     NOW + pager.PREKEY_LIFETIME)
+        self.opk = pager.OneTimePrekey(9, pager.x25519_public_bytes(_x25519(2)))
+
+    def test_round_trips(self):
+        """Each object's to_json reads back, through JSON text, as the same object, which still verifies."""
+        import json
+        cert = pager.DeviceCertificate.from_json(json.loads(json.dumps(self.cert.to_json())), "alice")
+        self.assertEqual(cert, self.cert)
+        cert.verify(_pub("alice"))
+        self.assertEqual(sorted(self.cert.to_json()), ["certificate", "created", "id", "name", "public_key"])
+        self.assertEqual(pager.DeviceRevocation.from_json(self.revocation.to_json(), "alice"), self.revocation)
+        revoked = {"at": self.revocation.revoked_at, "signature": self.revocation.to_json()["signature"]}
+        self.assertEqual(pager.DeviceRevocation.from_json(revoked, "alice", self.cert.device_id), self.revocation)
+        self.assertEqual(pager.SignedPrekey.from_json(self.spk.to_json(), "alice", self.cert.device_id), self.spk)
+        self.assertEqual(pager.OneTimePrekey.from_json(self.opk.to_json()), self.opk)
+
+    def _malformed(self, good, parse):
+        """
+        Every field of C{good} removed, or replaced by a value of the wrong type or form, raises BadCertificate from
+        C{parse}; other odd values either parse or raise BadCertificate, never anything else.
+        """
+        odd_values = ["", "QUJD", "\u00e9", "x" * 70, "0" * 31, "A" * 32, "AA==", 0, 2 ** 32, 2 ** 63]
+        for name in good:
+            broken = dict(good)
+            del broken[name]
+            self.assertRaises(pager.BadCertificate, parse, broken)
+            wrong = [None, True, 1.5, [], {}] + ([-1, 2 ** 64, "1"] if isinstance(good[name], int) else [1, "a\nb!"])
+            for value in wrong:
+                broken[name] = value
+                self.assertRaises(pager.BadCertificate, parse, broken)
+            for value in odd_values:
+                broken[name] = value
+                try:
+                    parse(broken)
+                except pager.BadCertificate:
+                    pass
+        for obj in (None, [], "x", 1):
+            self.assertRaises(pager.BadCertificate, parse, obj)
+
+    def test_certificate_malformed(self):
+        """A device object with a field missing, of the wrong type, length or form raises BadCertificate."""
+        self._malformed(self.cert.to_json(), lambda obj: pager.DeviceCertificate.from_json(obj, "alice"))
+        self.assertRaises(pager.BadCertificate, pager.DeviceCertificate.from_json, self.cert.to_json(), "Alice!")
+        upper = dict(self.cert.to_json(), id=self.cert.device_id.hex().upper())
+        self.assertRaises(pager.BadCertificate, pager.DeviceCertificate.from_json, upper, "alice")
+
+    def test_revocation_malformed(self):
+        """A revocation with a field missing or wrong raises BadCertificate."""
+        self._malformed(self.revocation.to_json(), lambda obj: pager.DeviceRevocation.from_json(obj, "alice"))
+
+    def test_prekeys_malformed(self):
+        """A signed or one-time prekey with a field missing or wrong raises BadCertificate."""
+        self._malformed(self.spk.to_json(),
+                        lambda obj: pager.SignedPrekey.from_json(obj, "alice", self.cert.device_id))
+        self._malformed(self.opk.to_json(), pager.OneTimePrekey.from_json)
+        backwards = dict(self.spk.to_json(), valid_from=NOW + pager.PREKEY_LIFETIME, valid_until=NOW)
+        self.assertRaises(pager.BadCertificate, pager.SignedPrekey.from_json, backwards, "alice",
+                          self.cert.device_id)
+
+    def test_device_names(self):
+        """Device names are 1-64 bytes of printable text without spaces at the ends."""
+        for name in ("laptop", "cron box", "Kofi's ThinkPad", "\u00e9t\u00e9", "x" * 64, "\u00e9" * 32):
+            self.assertTrue(pager.valid_device_name(name), name)
+        for name in ("", " laptop", "laptop ", "x" * 65, "\u00e9" * 33, "a\nb", "a\x1bb", "a\u202eb", "a\u2028b",
+                     "a\x00", None, b"laptop", 5):
+            self.assertFalse(pager.valid_device_name(name), repr(name))
+
+
+class LinkCodeTests(SynchronousTestCase):
+    """One-time link codes: readable, forgiving to type, and keying the MACs of both halves of linking."""
+
+    def test_format(self):
+        """A code is four groups of four Crockford base32 characters for an 80-bit secret, fresh each time."""
+        text, secret = pager.new_link_code()
+        self.assertRegex(text, "^[0-9A-HJKMNP-TV-Z]{4}(-[0-9A-HJKMNP-TV-Z]{4}){3}$")
+        self.assertEqual(len(secret), pager.LINK_SECRET_SIZE)
+        self.assertEqual(pager.parse_link_code(text), secret)
+        self.assertNotEqual(pager.new_link_code()[1], secret)
+
+    def test_vector(self):
+        """The secret 00 01 .. 09 reads 000G-40R4-0M30-E209 (PROTOCOL.md's example)."""
+        class Fixed:
+            @staticmethod
+            def token_bytes(n):
+                return bytes(range(n))
+        self.patch(pager, "secrets", Fixed)
+        self.assertEqual(pager.new_link_code(), ("000G-40R4-0M30-E209", bytes(range(10))))
+
+    def test_forgiving(self):
+        """Lower case, spaces instead of dashes, none at all, O for 0 and I or L for 1 read as the same code."""
+        secret = bytes(range(10))
+        for text in ("000G-40R4-0M30-E209", "000g-40r4-0m30-e209", "000G 40R4 0M30 E209", "000G40R40M30E209",
+                     " 000G-40R4-0M30-E209\n", "OOOG-4OR4-OM3O-E2O9", "ooog-4or4-om3o-e2o9"):
+            self.assertEqual(pager.parse_link_code(text), secret, text)
+        self.assertEqual(pager.parse_link_code("1111-1111-1111-1111"), pager.parse_link_code("IlL1-iiii-llll-1LIl"))
+
+    def test_refused(self):
+        """Too short or long, letters outside the alphabet (U, punctuation), or no text raise BadLinkCode."""
+        for text in ("", "000G-40R4-0M30-E20", "000G-40R4-0M30-E2099", "000G-40R4-0M30-E20U", "000G-40R4-0M30-E20!",
+                     "000G_40R4_0M30_E209", "\u0660" * 16, None, b"000G40R40M30E209"):
+            self.assertRaises(pager.BadLinkCode, pager.parse_link_code, text)
+        self.assertIn("16 letters and digits", pager.BadLinkCode().message)
+
+    def test_macs(self):
+        """The MACs are HMAC-SHA256 of the documented bytes (PROTOCOL.md's example values)."""
+        secret = bytes(range(10))
+        request = pager.link_request_mac(secret, SERVER_ID, "alice", b"DER", "laptop")
+        expected = hmac.new(secret, _lp_bytes(b"pager-link-request-v1") + _lp_bytes(SERVER_ID.encode())
+                            + _lp_bytes(b"alice") + _lp_bytes(b"DER") + _lp_bytes(b"laptop"), "sha256").digest()
+        self.assertEqual(request, expected)
+        self.assertEqual(request.hex(), "af8fe0053910889a73d3b3ce74596dfb83ce00253710920f06e0d9dffc958f0d")
+        cert = pager.DeviceCertificate("alice", bytes(range(16)), b"DER", "laptop", 1700000000, bytes(range(8)))
+        answer = pager.link_answer_mac(secret, SERVER_ID, cert)
+        self.assertEqual(answer, hmac.new(secret, _lp_bytes(b"pager-link-answer-v1") + _lp_bytes(SERVER_ID.encode())
+                                          + _lp_bytes(cert.signed_bytes()) + _lp_bytes(bytes(range(8))),
+                                          "sha256").digest())
+        self.assertEqual(answer.hex(), "f140e74a4d352f657b8196857fe924ba4a792a98d0558b0bfb5d6cb17c6c5835")
+
+    def test_macs_bind_every_field(self):
+        """Another secret (a typo in the code), server, user, key or name gives another MAC; so does another cert."""
+        secret = pager.parse_link_code("000G-40R4-0M30-E209")
+        typo = pager.parse_link_code("000G-40R4-0M30-E208")
+        base = pager.link_request_mac(secret, SERVER_ID, "alice", b"DER", "laptop")
+        for args in ((typo, SERVER_ID, "alice", b"DER", "laptop"), (secret, "0" * 32, "alice", b"DER", "laptop"),
+                     (secret, SERVER_ID, "bob", b"DER", "laptop"), (secret, SERVER_ID, "alice", b"DEX", "laptop"),
+                     (secret, SERVER_ID, "alice", b"DER", "laptop2")):
+            self.assertFalse(hmac.compare_digest(pager.link_request_mac(*args), base), args)
+        cert = pager.DeviceCertificate("alice", bytes(range(16)), b"DER", "laptop", 1700000000, bytes(range(8)))
+        answer = pager.link_answer_mac(secret, SERVER_ID, cert)
+        for other in (dataclasses.replace(cert, signature=bytes(8)), dataclasses.replace(cert, created=1),
+                      dataclasses.replace(cert, name="phone")):
+            self.assertNotEqual(pager.link_answer_mac(secret, SERVER_ID, other), answer)
+        self.assertNotEqual(pager.link_answer_mac(typo, SERVER_ID, cert), answer)
