@@ -1208,7 +1208,7 @@ class KeyReplaced(Forbidden):
     """This account was deleted, or its key replaced, since this session logged in."""
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PENDING_PAGE_BYTES = 4 * 1024 * 1024  # bytes of chunks one read of pending messages holds in memory
 EXPIRE_BATCH = 1000  # deliveries one expiry transaction settles; the server repeats until fewer come back
 
@@ -1250,8 +1250,10 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE TABLE IF NOT EXISTS deliveries (
     recipient TEXT NOT NULL,
     ord INTEGER NOT NULL,
+    device BLOB NOT NULL,
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
-    PRIMARY KEY (recipient, ord)
+    told INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (recipient, ord, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq);
@@ -1266,6 +1268,37 @@ CREATE TABLE IF NOT EXISTS receipts (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS receipts_user ON receipts(user, rid);
+CREATE TABLE IF NOT EXISTS devices (
+    user TEXT NOT NULL,
+    device_id BLOB NOT NULL,
+    public_key TEXT NOT NULL,
+    name TEXT,
+    created INTEGER,
+    certificate BLOB,
+    revoked_at INTEGER,
+    revocation BLOB,
+    prekeys INTEGER NOT NULL DEFAULT 0,
+    added_at REAL NOT NULL,
+    last_seen REAL,
+    PRIMARY KEY (user, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signed_prekeys (
+    user TEXT NOT NULL,
+    device_id BLOB NOT NULL,
+    prekey_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    valid_from INTEGER NOT NULL,
+    valid_until INTEGER NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (user, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS one_time_prekeys (
+    user TEXT NOT NULL,
+    device_id BLOB NOT NULL,
+    prekey_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    PRIMARY KEY (user, device_id, prekey_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS invites (
     code_hash BLOB PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -1331,6 +1364,26 @@ class StoredMessage:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceRecord:
+    """
+    One device of an account as stored: a legacy device (the identity device of an account made before devices)
+    has no certificate; a revoked one keeps its row, with the signed revocation, for a while.
+    """
+
+    user: str
+    device_id: bytes
+    public_key: str  # PEM
+    name: str
+    created: int
+    certificate: bytes  # the identity key's signature, or None
+    revoked_at: int
+    revocation: bytes
+    prekeys: bool  # it has ever published prekeys: never wrapped to with RSA-OAEP again
+    added_at: float
+    last_seen: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Receipt:
     rid: int
     msg_id: bytes
@@ -1348,6 +1401,20 @@ _MIGRATIONS = {
         "ALTER TABLE messages ADD COLUMN reserved TEXT",
         "UPDATE users SET (sent_count, sent_bytes) = (SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
         " WHERE sender = users.name AND accepted_at IS NOT NULL)",
+    ],
+    # Devices: every account gets its identity device as a legacy (uncertified) device, and what waited for the
+    # account now waits for that device, a receipt still owed for each.
+    2: [
+        "INSERT OR IGNORE INTO devices (user, device_id, public_key, added_at) SELECT name, substr(fingerprint, 1, %d),"
+        " public_key, key_set_at FROM users" % DEVICE_ID_SIZE,
+        "CREATE TABLE deliveries_v3 (recipient TEXT NOT NULL, ord INTEGER NOT NULL, device BLOB NOT NULL,"
+        " seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE, told INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (recipient, ord, device)) WITHOUT ROWID",
+        "INSERT INTO deliveries_v3 (recipient, ord, device, seq) SELECT d.recipient, d.ord, substr(u.fingerprint, 1,"
+        " %d), d.seq FROM deliveries d JOIN users u ON u.name = d.recipient" % DEVICE_ID_SIZE,
+        "DROP TABLE deliveries",
+        "ALTER TABLE deliveries_v3 RENAME TO deliveries",
+        "CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq)",
     ],
 }
 
@@ -1426,7 +1493,11 @@ def create_invites_txn(txn, count, now):
     return codes
 
 
-def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None):
+def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None, device=None):
+    """
+    Add the account C{name} with its identity device (whose key is the account's): C{device} is its certificate's
+    C{(name, created, signature)}, or None for a legacy device (never certified).
+    """
     if invite is not None:
         txn.execute("UPDATE invites SET used_by = ?, used_at = ? WHERE code_hash = ? AND used_by IS NULL",
                     (name, now, invite_hash(invite)))
@@ -1438,6 +1509,10 @@ def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None):
             " VALUES (?, ?, ?, ?, ?, ?, ?)", (name, pem, fp, salt, token_hash, now, now))
     except sqlite3.IntegrityError:
         raise UserExists("The user name %r is taken." % name)
+    device_name, created, certificate = device or (None, None, None)
+    txn.execute("INSERT OR REPLACE INTO devices (user, device_id, public_key, name, created, certificate, added_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", (name, fp[:DEVICE_ID_SIZE], pem, device_name, created, certificate,
+                                                  now))
 
 
 def get_user_txn(txn, name):
@@ -1459,16 +1534,213 @@ def user_page_txn(txn, after, limit):
 
 
 def set_key_txn(txn, name, pem, fp, now, recovered):
+    """
+    Give the account C{name} a new identity key, which replaces all of its devices with one: the new identity
+    device, not certified until its client certifies it.  What waited for the old identity device waits for the new
+    one (it cannot open it, and rejects it, as before devices); what waited for the other devices is dropped.
+    """
+    row = txn.execute("SELECT fingerprint FROM users WHERE name = ?", (name,)).fetchone()
     if recovered:
         txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ?, recovered_at = ?"
                     " WHERE name = ?", (pem, fp, now, now, name))
     else:
         txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ? WHERE name = ?",
                     (pem, fp, now, name))
+    new = fp[:DEVICE_ID_SIZE]
+    if row is not None and bytes(row[0])[:DEVICE_ID_SIZE] != new:
+        txn.execute("UPDATE OR IGNORE deliveries SET device = ? WHERE recipient = ? AND device = ?",
+                    (new, name, bytes(row[0])[:DEVICE_ID_SIZE]))
+    others = [bytes(r[0]) for r in txn.execute("SELECT DISTINCT device FROM deliveries WHERE recipient = ?"
+                                                " AND device != ?", (name, new))]
+    _drop_device_deliveries_txn(txn, name, others)
+    txn.execute("DELETE FROM devices WHERE user = ?", (name,))
+    txn.execute("DELETE FROM signed_prekeys WHERE user = ?", (name,))
+    txn.execute("DELETE FROM one_time_prekeys WHERE user = ?", (name,))
+    txn.execute("INSERT INTO devices (user, device_id, public_key, added_at) VALUES (?, ?, ?, ?)",
+                (name, new, pem, now))
 
 
 def set_token_txn(txn, name, salt, token_hash):
     txn.execute("UPDATE users SET token_salt = ?, token_hash = ? WHERE name = ?", (salt, token_hash, name))
+
+
+_DEVICE_COLUMNS = ("user, device_id, public_key, name, created, certificate, revoked_at, revocation, prekeys,"
+                   " added_at, last_seen")
+
+
+def _blob(value):
+    return None if value is None else bytes(value)
+
+
+def _device_record(row):
+    return DeviceRecord(row[0], bytes(row[1]), row[2], row[3], row[4], _blob(row[5]), row[6], _blob(row[7]),
+                        bool(row[8]), row[9], row[10])
+
+
+def devices_txn(txn, user):
+    """C{(identity key PEM, [DeviceRecord])}: C{user}'s devices, revoked ones too, oldest first; L{UnknownUser}."""
+    row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
+    if row is None:
+        raise UnknownUser("No such user: %s." % user)
+    return row[0], [_device_record(r) for r in txn.execute(
+        "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))]
+
+
+def device_status_txn(txn, user, device_id):
+    """
+    C{(DeviceRecord or None, signed prekey (id, valid_until) or None, one-time prekeys stored)} of one device, as
+    a login answer tells its client.
+    """
+    row = txn.execute("SELECT %s FROM devices WHERE user = ? AND device_id = ?" % _DEVICE_COLUMNS,
+                      (user, device_id)).fetchone()
+    if row is None:
+        return None, None, 0
+    signed = txn.execute("SELECT prekey_id, valid_until FROM signed_prekeys WHERE user = ? AND device_id = ?",
+                         (user, device_id)).fetchone()
+    count = txn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE user = ? AND device_id = ?",
+                        (user, device_id)).fetchone()[0]
+    return _device_record(row), tuple(signed) if signed else None, count
+
+
+def certify_device_txn(txn, user, device_id, name, created, certificate, user_fp=None):
+    """Give C{user}'s legacy device its certificate; L{BadRequest} if it has one already or is revoked."""
+    _check_session_key_txn(txn, user, user_fp)
+    txn.execute("UPDATE devices SET name = ?, created = ?, certificate = ? WHERE user = ? AND device_id = ?"
+                " AND certificate IS NULL AND revoked_at IS NULL", (name, created, certificate, user, device_id))
+    if txn.rowcount != 1:
+        raise BadRequest("This device is certified already.")
+
+
+def add_device_txn(txn, user, device_id, pem, name, created, certificate, now, max_devices, user_fp=None):
+    """
+    Add a certified device to C{user}'s account: L{Forbidden} past C{max_devices} devices not revoked, L{BadRequest}
+    for a device key the account has (or had: a revoked key stays revoked).
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    count = txn.execute("SELECT COUNT(*) FROM devices WHERE user = ? AND revoked_at IS NULL", (user,)).fetchone()[0]
+    if count >= max_devices:
+        raise Forbidden("This account has %d devices, the most allowed; revoke one first." % max_devices)
+    try:
+        txn.execute("INSERT INTO devices (user, device_id, public_key, name, created, certificate, added_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", (user, device_id, pem, name, created, certificate, now))
+    except sqlite3.IntegrityError:
+        raise BadRequest("This account has (or had) a device with that key; the new device must make a new key.")
+
+
+def revoke_device_txn(txn, user, device_id, revoked_at, revocation, user_fp=None):
+    """
+    Revoke one of C{user}'s devices: its row stays (with the signed revocation, for contacts to see), its prekeys
+    and what waited for it go.  L{BadRequest} for an unknown or already revoked device.
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    txn.execute("UPDATE devices SET revoked_at = ?, revocation = ? WHERE user = ? AND device_id = ?"
+                " AND revoked_at IS NULL", (revoked_at, revocation, user, device_id))
+    if txn.rowcount != 1:
+        raise BadRequest("This account has no such device, or it is revoked already.")
+    txn.execute("DELETE FROM signed_prekeys WHERE user = ? AND device_id = ?", (user, device_id))
+    txn.execute("DELETE FROM one_time_prekeys WHERE user = ? AND device_id = ?", (user, device_id))
+    return _drop_device_deliveries_txn(txn, user, [device_id])
+
+
+def forget_revoked_txn(txn, older_than):
+    """Forget devices revoked before C{older_than}: contacts have had time to see the revocation."""
+    txn.execute("DELETE FROM devices WHERE revoked_at IS NOT NULL AND revoked_at < ?", (older_than,))
+    return txn.rowcount
+
+
+def set_last_seen_txn(txn, user, device_id, at):
+    txn.execute("UPDATE devices SET last_seen = ? WHERE user = ? AND device_id = ?", (at, user, device_id))
+
+
+def publish_prekeys_txn(txn, user, device_id, signed, one_time, max_pool, user_fp=None):
+    """
+    Store a device's prekeys: C{signed} (prekey id, public, valid_from, valid_until, signature) replaces its signed
+    prekey, C{one_time} ((id, public) pairs) join its pool, which holds at most C{max_pool} (L{BadRequest} past it;
+    an id already in the pool replaces that prekey).  The device is marked as one that publishes prekeys, for good.
+    Returns the pool's size.
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    if txn.execute("UPDATE devices SET prekeys = 1 WHERE user = ? AND device_id = ? AND revoked_at IS NULL",
+                   (user, device_id)).rowcount != 1:
+        raise Forbidden("This device is revoked.")
+    if signed is not None:
+        txn.execute("INSERT OR REPLACE INTO signed_prekeys (user, device_id, prekey_id, public, valid_from,"
+                    " valid_until, signature) VALUES (?, ?, ?, ?, ?, ?, ?)", (user, device_id, *signed))
+    if one_time:
+        txn.executemany("INSERT OR REPLACE INTO one_time_prekeys (user, device_id, prekey_id, public)"
+                        " VALUES (?, ?, ?, ?)", [(user, device_id, i, public) for i, public in one_time])
+    count = txn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE user = ? AND device_id = ?",
+                        (user, device_id)).fetchone()[0]
+    if count > max_pool:
+        raise BadRequest("A device stores at most %d one-time prekeys; this would make %d." % (max_pool, count))
+    return count
+
+
+def bundle_txn(txn, users, requester, requester_device):
+    """
+    Prekey bundles: for each of C{users}, C{(user, identity key PEM, [(DeviceRecord, signed prekey row or None,
+    one-time prekey (id, public) or None)])} with every device (the requesting device left out of its own user's),
+    revoked ones without prekeys; and C{low}: C{(user, device_id, pool size)} of each pool a prekey was taken from.
+    Each device's one-time prekey is taken (deleted) here, so no two bundles ever carry the same one.
+    L{UnknownUser} names every unknown user.
+    """
+    bundles, low, unknown = [], [], []
+    for user in users:
+        row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
+        if row is None:
+            unknown.append(user)
+            continue
+        devices = []
+        for record in (_device_record(r) for r in txn.execute(
+                "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))):
+            if user == requester and record.device_id == requester_device:
+                continue
+            signed = one_time = None
+            if record.revoked_at is None and record.prekeys:
+                signed = txn.execute("SELECT prekey_id, public, valid_from, valid_until, signature FROM signed_prekeys"
+                                     " WHERE user = ? AND device_id = ?", (user, record.device_id)).fetchone()
+                one_time = txn.execute(
+                    "DELETE FROM one_time_prekeys WHERE user = ?1 AND device_id = ?2 AND prekey_id = (SELECT"
+                    " MIN(prekey_id) FROM one_time_prekeys WHERE user = ?1 AND device_id = ?2)"
+                    " RETURNING prekey_id, public", (user, record.device_id)).fetchone()
+                if one_time is not None:
+                    low.append((user, record.device_id, txn.execute(
+                        "SELECT COUNT(*) FROM one_time_prekeys WHERE user = ? AND device_id = ?",
+                        (user, record.device_id)).fetchone()[0]))
+            devices.append((record, tuple(signed) if signed else None,
+                            (one_time[0], bytes(one_time[1])) if one_time else None))
+        bundles.append((user, row[0], devices))
+    if unknown:
+        raise UnknownUser("No such user: %s." % ", ".join(unknown))
+    return bundles, low
+
+
+def _drop_device_deliveries_txn(txn, user, devices):
+    """
+    Drop what waits for C{user}'s C{devices} (revoked, or replaced by a new identity), without a receipt: a
+    message the user's other devices still wait for stays for them; one that nothing of the user waits for any
+    more comes off the user's counts (as if rejected).  Returns how many deliveries were dropped.
+    """
+    dropped = []
+    for part in _in_pages(list(devices)):
+        dropped += txn.execute("DELETE FROM deliveries WHERE recipient = ? AND device IN (%s) RETURNING ord, seq"
+                               % _marks(part), (user, *part)).fetchall()
+    if not dropped:
+        return 0
+    ords = {ord_: seq for ord_, seq in dropped}
+    left = set()
+    for part in _in_pages(list(ords)):
+        left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
+                                              % _marks(part), (user, *part)))
+    done = [seq for ord_, seq in ords.items() if ord_ not in left]
+    size = 0
+    for part in _in_pages(done):
+        size += txn.execute("SELECT COALESCE(SUM(size), 0) FROM messages WHERE seq IN (%s)" % _marks(part),
+                            part).fetchone()[0]
+    txn.execute("UPDATE users SET pending_count = MAX(0, pending_count - ?), pending_bytes = MAX(0, pending_bytes"
+                " - ?) WHERE name = ?", (len(done), size, user))
+    _drop_messages_txn(txn, done)
+    return len(dropped)
 
 
 def _existing_message_txn(txn, msg_id, sender):
@@ -1621,10 +1893,13 @@ def check_recipients_txn(txn, recipients, size, limits, counted=()):
 
 
 def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None):
+                       check=None, sender_fp=None, targets=None):
     """
     Commit a complete message for all of its recipients, or for none: returns C{(seq, accepted_at, duplicate,
-    ord)}, C{ord} being its place in delivery order, taken now, at acceptance.
+    ord)}, C{ord} being its place in delivery order, taken now, at acceptance.  C{recipients} are the users it
+    counts against (once each, however many of their devices get it); C{targets} the devices it waits for:
+    C{(user, device_id, told)}, C{told} true for the sender's own other devices, for which no receipt is made.
+    Without C{targets}, every device of each recipient not revoked gets it, a receipt owed.
     C{seq} is that of an upload begun with L{begin_upload_txn}, whose chunks are already stored and whose size is
     already counted; otherwise the message is new and C{chunks} are all of its chunk ciphertexts, and it is
     counted now against the recipients', the sender's and the database's limits.  C{check()}, if given, runs first
@@ -1667,8 +1942,12 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
                     (_still_reserved_txn(txn, seq, size),))
         txn.execute("UPDATE messages SET signature = ?, chunk_count = ?, accepted_at = ?, expires_at = ?, ord = ?,"
                     " reserved = NULL WHERE seq = ?", (signature, count, now, expires_at, ord_, seq))
-    txn.executemany("INSERT INTO deliveries (recipient, ord, seq) VALUES (?, ?, ?)",
-                    [(r, ord_, seq) for r in recipients])
+    if targets is None:
+        txn.execute("INSERT INTO deliveries (recipient, ord, device, seq) SELECT user, ?, device_id, ? FROM devices"
+                    " WHERE user IN (%s) AND revoked_at IS NULL" % _marks(recipients), (ord_, seq, *recipients))
+    else:
+        txn.executemany("INSERT INTO deliveries (recipient, ord, device, seq, told) VALUES (?, ?, ?, ?, ?)",
+                        [(r, ord_, device, seq, told) for r, device, told in targets])
     return seq, now, False, ord_
 
 
@@ -1683,18 +1962,20 @@ def _check_session_key_txn(txn, user, user_fp):
         raise KeyReplaced()
 
 
-def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None):
+def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None, device=None):
     """
     Up to C{limit} pending deliveries for C{user} after delivery position C{after_ord}, in the order they were
     accepted, small ones (up to C{inline_bytes}) with their chunks.  The page ends early rather than hold more
     than C{page_bytes} of headers, signatures and inline chunks (it always has at least one delivery, if there is
-    one).  With C{user_fp}, see L{_check_session_key_txn}.
+    one).  With C{user_fp}, see L{_check_session_key_txn}.  With C{device}, only what waits for that device (one
+    device's rows come in the same index walk as the user's: a user has at most C{max_devices}).
     """
     _check_session_key_txn(txn, user, user_fp)
     rows = txn.execute(
         "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord"
         " FROM deliveries d JOIN messages m ON m.seq = d.seq"
-        " WHERE d.recipient = ? AND d.ord > ? ORDER BY d.ord LIMIT ?", (user, after_ord, limit)).fetchall()
+        " WHERE d.recipient = ?1 AND d.ord > ?2 AND (?4 IS NULL OR d.device = ?4) ORDER BY d.ord LIMIT ?3",
+        (user, after_ord, limit, device)).fetchall()
     held = 0
     for end, row in enumerate(rows):
         held += len(row[3]) + len(row[4] or b"")
@@ -1747,33 +2028,51 @@ def _marks(items):
     return ",".join("?" * len(items))
 
 
-def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None):
+def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, device=None):
     """
-    Delete C{user}'s own deliveries of C{msg_ids} (never another recipient's) and store a receipt for each sender,
-    a whole list in a few statements.  Returns C{(receipts, unknown)}: C{(sender, Receipt)} pairs in the order
-    of C{msg_ids}, and the ids C{user} has no pending delivery of.  With C{user_fp}, see
-    L{_check_session_key_txn}.
+    Delete the deliveries of C{msg_ids} to C{user}'s C{device} (to every device of C{user} when None; never another
+    user's) and store the receipts they settle, a whole list in a few statements.  Returns C{(receipts, unknown)}:
+    C{(sender, Receipt)} pairs in the order of C{msg_ids}, and the ids the device has no pending delivery of.
+    A user's receipt: C{delivered} at the first of its devices' acks; C{rejected} (or C{expired}) once the last
+    of its devices that got the message settles it so, none having acked; none for the sender's own devices
+    (their deliveries are stored as told).  A message counts against the user until the last of its devices
+    settles it.  With C{user_fp}, see L{_check_session_key_txn}.
     """
     _check_session_key_txn(txn, user, user_fp)
     found = {}
     for part in _in_pages(msg_ids):
-        for seq, msg_id, sender, size, ord_ in txn.execute(
+        for seq, msg_id, sender, size, ord_, dev, told in txn.execute(
                 # CROSS JOIN keeps SQLite to this order: each id through the msg_id index, never a scan of the
                 # user's whole queue
-                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord FROM messages m CROSS JOIN deliveries d"
-                " ON d.recipient = ? AND d.ord = m.ord AND d.seq = m.seq WHERE m.msg_id IN (%s)" % _marks(part),
-                (user, *part)):
-            found[bytes(msg_id)] = (seq, sender, size, ord_)
+                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord, d.device, d.told FROM messages m CROSS JOIN"
+                " deliveries d ON d.recipient = ?1 AND d.ord = m.ord AND d.seq = m.seq AND (?2 IS NULL OR d.device"
+                " = ?2) WHERE m.msg_id IN (%s)" % ",".join("?%d" % (i + 3) for i in range(len(part))),
+                (user, device, *part)):
+            entry = found.setdefault(bytes(msg_id), [seq, sender, size, ord_, [], False])
+            entry[4].append(bytes(dev))
+            entry[5] = entry[5] or bool(told)
     unknown = [m for m in msg_ids if m not in found]
     settled = [m for m in dict.fromkeys(msg_ids) if m in found]  # each once, in the order asked
     if not settled:
         return [], unknown
-    txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ?", [(user, found[m][3]) for m in settled])
-    txn.execute("UPDATE users SET pending_count = pending_count - ?, pending_bytes = pending_bytes - ?"
-                " WHERE name = ?", (len(settled), sum(found[m][2] for m in settled), user))
-    _drop_messages_txn(txn, [found[m][0] for m in settled])
+    txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ? AND device = ?",
+                    [(user, found[m][3], dev) for m in settled for dev in found[m][4]])
+    left = set()  # the positions other devices of the user still wait for
+    for part in _in_pages([found[m][3] for m in settled]):
+        left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
+                                              % _marks(part), (user, *part)))
+    done = [m for m in settled if found[m][3] not in left]
+    told = [m for m in settled if found[m][3] in left and status == "delivered" and not found[m][5]]
+    if told:  # the user's receipt is made now: the other devices' acks make none
+        txn.executemany("UPDATE deliveries SET told = 1 WHERE recipient = ? AND ord = ?",
+                        [(user, found[m][3]) for m in told])
+    if done:
+        txn.execute("UPDATE users SET pending_count = pending_count - ?, pending_bytes = pending_bytes - ?"
+                    " WHERE name = ?", (len(done), sum(found[m][2] for m in done), user))
+        _drop_messages_txn(txn, [found[m][0] for m in done])
+    owed = [m for m in settled if not found[m][5] and (status == "delivered" or found[m][3] not in left)]
     receipts = []
-    for part in _in_pages(settled, 100):  # several rows an INSERT; RETURNING names each row's receipt id
+    for part in _in_pages(owed, 100):  # several rows an INSERT; RETURNING names each row's receipt id
         rows = [(found[m][1], m, user, status, reason, now) for m in part]
         for rid, sender, msg_id in txn.execute(
                 "INSERT INTO receipts (user, msg_id, peer, status, reason, at) VALUES %s RETURNING rid, user, msg_id"
@@ -1797,15 +2096,15 @@ def trim_receipts_txn(txn, user, keep):
     return txn.rowcount
 
 
-def ack_txn(txn, user, msg_id, status, reason, now, user_fp=None):
+def ack_txn(txn, user, msg_id, status, reason, now, user_fp=None, device=None):
     """
-    L{settle_txn} for one message: returns C{(sender, receipt)}; raises L{UnknownMessage} if C{user} has no such
-    delivery.
+    L{settle_txn} for one message: returns C{(sender, receipt)}, or None when it makes no receipt (another device
+    of the user settles it); raises L{UnknownMessage} if the device has no such delivery.
     """
-    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now, user_fp)
+    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now, user_fp, device)
     if unknown:
         raise UnknownMessage()
-    return receipts[0]
+    return receipts[0] if receipts else None
 
 
 def pending_receipts_txn(txn, user, after_rid, limit, user_fp=None):
@@ -1824,13 +2123,15 @@ def ack_receipts_txn(txn, user, rids):
     return [rid for rid in rids if rid not in gone]
 
 
-def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None):
+def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None, device=None):
     """
     The list form of ack, in one transaction: C{(receipts, unknown message ids, unknown receipt ids)}, settling
-    C{msg_ids} as delivered (see L{settle_txn}) and deleting the receipts C{rids}; either list may be None.
+    C{msg_ids} as delivered to C{device} (see L{settle_txn}) and deleting the receipts C{rids}; either list may be
+    None.
     """
     _check_session_key_txn(txn, user, user_fp)
-    receipts, unknown_msgs = settle_txn(txn, user, msg_ids, "delivered", "", now) if msg_ids else ([], [])
+    receipts, unknown_msgs = (settle_txn(txn, user, msg_ids, "delivered", "", now, None, device) if msg_ids
+                              else ([], []))
     return receipts, unknown_msgs, ack_receipts_txn(txn, user, rids) if rids else []
 
 
@@ -1857,14 +2158,15 @@ def account_keys_txn(txn, names):
 
 def expire_txn(txn, now, limit=EXPIRE_BATCH):
     """Drop deliveries past their expiry time; returns C{(sender, receipt)} pairs telling each sender."""
-    expired = collections.defaultdict(list)  # recipient -> message ids
-    for recipient, msg_id in txn.execute(
-            "SELECT d.recipient, m.msg_id FROM messages m JOIN deliveries d ON d.seq = m.seq"
+    expired = collections.defaultdict(list)  # (recipient, device) -> message ids
+    for recipient, device, msg_id in txn.execute(
+            "SELECT d.recipient, d.device, m.msg_id FROM messages m JOIN deliveries d ON d.seq = m.seq"
             " WHERE m.expires_at < ? LIMIT ?", (now, limit)).fetchall():
-        expired[recipient].append(bytes(msg_id))
+        expired[recipient, bytes(device)].append(bytes(msg_id))
     out = []
-    for recipient, msg_ids in expired.items():
-        out += settle_txn(txn, recipient, msg_ids, "expired", "The message expired before it was delivered.", now)[0]
+    for (recipient, device), msg_ids in expired.items():
+        out += settle_txn(txn, recipient, msg_ids, "expired", "The message expired before it was delivered.", now,
+                          None, device)[0]
     return out
 
 
@@ -1997,8 +2299,8 @@ class Store:
     def close(self):
         self.pool.close()
 
-    def add_user(self, name, pem, fp, salt, token_hash, now, invite=None):
-        return self._run(add_user_txn, name, pem, fp, salt, token_hash, now, invite)
+    def add_user(self, name, pem, fp, salt, token_hash, now, invite=None, device=None):
+        return self._run(add_user_txn, name, pem, fp, salt, token_hash, now, invite, device)
 
     def create_invites(self, count, now):
         return self._run(create_invites_txn, count, now)
@@ -2028,18 +2330,18 @@ class Store:
         return self._run(abort_upload_txn, seq)
 
     def accept_message(self, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None):
+                       check=None, sender_fp=None, targets=None):
         return self._run(accept_message_txn, msg_id, sender, header, signature, size, chunks, recipients, now,
-                         limits, seq, check, sender_fp)
+                         limits, seq, check, sender_fp, targets)
 
-    def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None):
-        return self._run(pending_txn, user, after_seq, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp)
+    def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None, device=None):
+        return self._run(pending_txn, user, after_seq, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp, device)
 
     def chunks(self, seq, start, count):
         return self._run(chunks_txn, seq, start, count)
 
-    def ack(self, user, msg_id, status, reason, now, user_fp=None):
-        return self._run(ack_txn, user, msg_id, status, reason, now, user_fp)
+    def ack(self, user, msg_id, status, reason, now, user_fp=None, device=None):
+        return self._run(ack_txn, user, msg_id, status, reason, now, user_fp, device)
 
     def pending_receipts(self, user, after_rid, limit=500, user_fp=None):
         return self._run(pending_receipts_txn, user, after_rid, limit, user_fp)
@@ -2047,8 +2349,35 @@ class Store:
     def ack_receipt(self, user, rid, user_fp=None):
         return self._run(ack_receipt_txn, user, rid, user_fp)
 
-    def ack_many(self, user, msg_ids, rids, now, user_fp=None):
-        return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp)
+    def ack_many(self, user, msg_ids, rids, now, user_fp=None, device=None):
+        return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp, device)
+
+    def devices(self, user):
+        return self._run(devices_txn, user)
+
+    def device_status(self, user, device_id):
+        return self._run(device_status_txn, user, device_id)
+
+    def certify_device(self, user, device_id, name, created, certificate, user_fp=None):
+        return self._run(certify_device_txn, user, device_id, name, created, certificate, user_fp)
+
+    def add_device(self, user, device_id, pem, name, created, certificate, now, max_devices, user_fp=None):
+        return self._run(add_device_txn, user, device_id, pem, name, created, certificate, now, max_devices, user_fp)
+
+    def revoke_device(self, user, device_id, revoked_at, revocation, user_fp=None):
+        return self._run(revoke_device_txn, user, device_id, revoked_at, revocation, user_fp)
+
+    def forget_revoked(self, older_than):
+        return self._run(forget_revoked_txn, older_than)
+
+    def set_last_seen(self, user, device_id, at):
+        return self._run(set_last_seen_txn, user, device_id, at)
+
+    def publish_prekeys(self, user, device_id, signed, one_time, max_pool, user_fp=None):
+        return self._run(publish_prekeys_txn, user, device_id, signed, one_time, max_pool, user_fp)
+
+    def bundle(self, users, requester, requester_device):
+        return self._run(bundle_txn, users, requester, requester_device)
 
     def trim_receipts(self, user, keep):
         return self._run(trim_receipts_txn, user, keep)
@@ -2115,14 +2444,16 @@ def delete_user_txn(txn, name):
     seqs = [r[0] for r in txn.execute("SELECT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
     txn.execute("DELETE FROM deliveries WHERE recipient = ?", (name,))
     _drop_messages_txn(txn, seqs)
-    sent = txn.execute("SELECT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d ON d.seq = m.seq"
-                       " WHERE m.sender = ?", (name,)).fetchall()
+    sent = txn.execute("SELECT DISTINCT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d"
+                       " ON d.seq = m.seq WHERE m.sender = ?", (name,)).fetchall()
     txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ?", [(r, o) for r, o, _ in sent])
     txn.executemany("UPDATE users SET pending_count = MAX(0, pending_count - 1), pending_bytes = MAX(0,"
                     " pending_bytes - ?) WHERE name = ?", [(size, r) for r, _, size in sent])
     txn.execute("DELETE FROM chunks WHERE seq IN (SELECT seq FROM messages WHERE sender = ?)", (name,))
     txn.execute("DELETE FROM messages WHERE sender = ?", (name,))
     txn.execute("DELETE FROM receipts WHERE user = ?", (name,))
+    for table in ("devices", "signed_prekeys", "one_time_prekeys"):
+        txn.execute("DELETE FROM %s WHERE user = ?" % table, (name,))
     txn.execute("DELETE FROM users WHERE name = ?", (name,))
     return len(seqs)
 
