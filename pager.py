@@ -16,7 +16,7 @@ Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the w
 Licence: MIT.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import sys
 
@@ -73,7 +73,7 @@ except ImportError as e:
 
 #### Constants and limits ####
 
-PROTOCOL_VERSION = 2  # 2: proofs name the server (see PROTOCOL.md, "Changes from version 1")
+PROTOCOL_VERSION = 3  # 3: devices and prekeys (see PROTOCOL.md, "Changes from version 2")
 SOFTWARE = "pager/" + __version__
 DEFAULT_PORT = 5050
 DEFAULT_LISTEN = "tcp:%d:backlog=1024" % DEFAULT_PORT
@@ -136,6 +136,15 @@ SOFTWARE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a hello's software 
 MIN_TOKEN_LENGTH = 8
 MAX_TOKEN_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 64
+LINK_TTL = 600  # seconds the server keeps a new device's link request, and the connection that waits for its answer
+LINK_ID_SIZE = 8  # bytes of a link request's id (16 hex digits on the wire)
+MAX_LINKS_PER_ADDRESS = 2  # link requests waiting at once from one IP address
+MAX_LINKS_PER_USER = 4  # link requests waiting at once for one account
+MAX_ONE_TIME_PREKEYS = 200  # one-time prekeys the server stores for one device
+MAX_PREKEYS_PER_FRAME = 100  # one-time prekeys one publish_prekeys frame may carry
+PREKEYS_LOW = 20  # below this many one-time prekeys left, a device is told to publish more
+BUNDLE_BURST = 100  # bundle requests an account may make at once before bundle_rate paces it
+REVOKED_KEPT = 30 * DAY  # seconds the server keeps a revoked device's row (and revocation) for contacts to see
 
 # OWASP's Argon2id parameters: 19 MiB, 2 passes, one lane.
 ARGON2_MEMORY_KIB = 19456
@@ -183,6 +192,8 @@ class Limits:
     account_check_interval: float = 5.0  # seconds between checks that logged-in accounts still exist with their key
     max_unread_output: int = 1024 * 1024  # bytes written to a connection that stopped reading before it is cut off
     close_grace: float = 3.0  # seconds a connection the server closes may still read; then it is aborted
+    max_devices: int = 8  # devices of one account, not counting revoked ones
+    bundle_rate: float = 20.0  # bundle requests per second per account (a burst of BUNDLE_BURST first)
 
     def public(self):
         """The limits a client needs to know, as sent in ``hello``."""
@@ -205,6 +216,8 @@ class Limits:
             "max_sender_pending_bytes": self.max_sender_pending_bytes,
             "max_open_uploads": self.max_open_uploads,
             "upload_idle_timeout": self.upload_idle_timeout,
+            "max_devices": self.max_devices,
+            "bundle_rate": self.bundle_rate,
         }
 
 
@@ -3024,7 +3037,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     log = Logger()
-    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping", "exists"])
+    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping", "exists", "link_request"])
     PAGE = 1000  # pending messages read from the store at a time (at most PENDING_PAGE_BYTES of their chunks)
     AUTH = frozenset(["register", "login", "rekey", "recover", "change_token"])
 
@@ -3048,6 +3061,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.messages = self.receipts = None
         self._seen_data = False
         self.sent = _Recent(1024)  # a send-only session's recent message ids: it gets their receipts
+        self.device = None  # the logged-in device's id (16 bytes)
+        self.link = None  # the link request this unauthenticated connection waits on, if any
 
     # -- connection --
 
@@ -3086,8 +3101,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if feed is not None:
                 feed.closed = True
         self.flow.stopProducing()
+        self.factory.link_dropped(self)
         if self.user is not None:
             self.factory.session_ended(self)
+            self.factory.store.set_last_seen(self.user, self.device, self.factory.now()).addErrback(
+                lambda f: self.log.failure("Storing a device's last use failed", f))
             self.log.info("{user} disconnected", user=self.user)
         upload, self._upload = self._upload, None
         if upload is not None:
@@ -3322,6 +3340,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         token = self._token(frame)
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
         invite = field_str(frame, "invite", 128, required=False)
+        certificate = self._certificate(frame.get("device"), user, key, "device")
         challenge = self._take_challenge()
         self._require_logged_out()
         policy = self.limits.registration
@@ -3333,31 +3352,56 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         store = self.factory.store
         self.factory.check_throttle(self, user, "register")  # a proof that failed before was charged like a login's
         await self._check_proof(key, proof, "register", user, challenge, fp)
+        await self.factory.in_thread(certificate.verify, key)
         if await store.get_user(user) is not None:
             raise UserExists("The user name %r is taken." % user)
         salt = secrets.token_bytes(ARGON2_SALT_SIZE)
         token_hash = await self.factory.hash_token_for(self, user, token, salt)
         await store.add_user(user, public_key_pem(key), fp, salt, token_hash, self.factory.now(),
-                             invite if policy == "invite" else None)
+                             invite if policy == "invite" else None,
+                             (certificate.name, certificate.created, certificate.signature))
+        self.factory.devices_replaced(user, key, certified=True)
         self.log.info("{user} registered from {peer}", user=user, peer=_peer_text(self.peer))
-        self._logged_in(user, key, receive=True)
-        return {"user": user}
+        self._logged_in(user, key, receive=True, device=certificate.device_id, identity_fp=fp)
+        return {"user": user, "device": certificate.device_id.hex()}
 
     async def handle_login(self, frame, rid):
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
         receive = field_bool(frame, "receive", True)
         user = field_username(frame)
-        token = self._token(frame)
+        device = _field_device(frame, "device", required=False)
+        token = self._token(frame) if device is None or "token" in frame else None
         challenge = self._take_challenge()
         self._require_logged_out()
         record, key = await self._account(user, "login")
-        # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
-        await self._check_proof(key, proof, "login", user, challenge, record.fingerprint, AuthFailed())
-        await self._check_token(token, record, "login")
+        identity_fp = bytes(record.fingerprint)
+        store = self.factory.store
+        if device is None or device == identity_fp[:DEVICE_ID_SIZE]:
+            device = identity_fp[:DEVICE_ID_SIZE]
+            if token is None:
+                raise _missing("token", "the safetoken (only a linked device logs in without it)")
+            # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
+            await self._check_proof(key, proof, "login", user, challenge, identity_fp, AuthFailed())
+            await self._check_token(token, record, "login")
+            status = await store.device_status(user, device)
+        else:
+            # A linked device proves it holds its own key; the safetoken belongs to the identity device.
+            if token is not None:
+                raise BadRequest("A linked device logs in without the safetoken.")
+            status = await store.device_status(user, device)
+            if status[0] is None or status[0].revoked_at is not None:
+                self.factory.proof_failed(self, user)
+                raise AuthFailed()
+            key = load_public_key(status[0].public_key)
+            await self._check_proof(key, proof, "login", user, challenge, fingerprint(key), AuthFailed())
+        record_device, signed, one_time = status
         self.log.info("{user} logged in from {peer}{mode}", user=user, peer=_peer_text(self.peer),
                       mode="" if receive else " (send-only)")
-        self._logged_in(user, key, receive)
-        return {"user": user, "pending": record.pending_count if receive else 0}
+        self._logged_in(user, key, receive, device=device, identity_fp=identity_fp)
+        return {"user": user, "pending": record.pending_count if receive else 0, "device": device.hex(),
+                "certified": record_device is not None and record_device.certificate is not None,
+                "prekeys": {"signed_id": signed[0] if signed else None,
+                            "signed_valid_until": signed[1] if signed else None, "one_time": one_time}}
 
     async def handle_rekey(self, frame, rid):
         new_key = load_public_key(field_str(frame, "public_key", 16384))
@@ -3431,16 +3475,25 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.log.info("{user} changed their safetoken from {peer}", user=user, peer=_peer_text(self.peer))
         return {"user": user}
 
-    def _logged_in(self, user, key, receive):
+    def _logged_in(self, user, key, receive, device=None, identity_fp=None):
+        """
+        The connection is now a session of C{user}'s C{device} (the identity device by default), whose C{key}
+        verifies what it signs; C{identity_fp}, the account's identity key when it logged in, is what the account
+        must still have for the session to go on.
+        """
         self.user, self.key, self.receive = user, key, receive
-        self.key_fingerprint = fingerprint(key)
+        self.key_fingerprint = identity_fp or fingerprint(key)
+        self.device = device or fingerprint(key)[:DEVICE_ID_SIZE]
+        self.factory.link_dropped(self)
+        self.factory.store.set_last_seen(user, self.device, self.factory.now()).addErrback(
+            lambda f: self.log.failure("Storing a device's last login failed", f))
         self.MAX_LENGTH = self.limits.max_line
         self.setTimeout(self.limits.idle_timeout)
         store = self.factory.store
         if receive:
             self.messages = _Feed(
                 lambda after: self._checked(store.pending(
-                    user, after, self.PAGE, self.factory.inline_bytes, self.key_fingerprint).addCallback(
+                    user, after, self.PAGE, self.factory.inline_bytes, self.key_fingerprint, self.device).addCallback(
                     lambda ms: [(m.ord, m) for m in ms])),
                 self._push_message, self.flow, self.log)
             self.receipts = _Feed(
@@ -3489,6 +3542,178 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return {"user": user, "public_key": record.public_key, "fingerprint": bytes(record.fingerprint).hex(),
                 "key_set_at": record.key_set_at}
 
+    # -- devices --
+    # A device's own requests (certify, publish_prekeys) come from its session; those that change the account's
+    # devices (link_pending, link_approve, link_decline, revoke_device) only from a session of the identity device,
+    # which holds the identity key that signs certificates and revocations: a linked device cannot add or remove
+    # devices, and neither can the server, which cannot sign.
+
+    def _certificate(self, obj, user, key, name):
+        """The L{DeviceCertificate} of C{key} for C{user} that C{obj} (a frame's C{name} field) carries, unchecked."""
+        if not isinstance(obj, dict):
+            raise _missing(name, 'an object {"name", "created", "certificate"}: the device\'s certificate')
+        fields = {k: obj.get(k) for k in ("name", "created", "certificate")}
+        fields.update(id=device_id(key).hex(), public_key=public_key_pem(key))
+        return DeviceCertificate.from_json(fields, user)
+
+    @property
+    def identity_device(self):
+        """Whether this session is of the account's identity device (whose key is the identity key)."""
+        return self.device == self.key_fingerprint[:DEVICE_ID_SIZE]
+
+    def _require_identity(self):
+        if not self.identity_device:
+            raise Forbidden("Only the device that holds the account's identity key can do that.")
+
+    def _device_object(self, record, own=False):
+        """The wire's device object for C{record}; C{last_seen} only for the requester's own devices."""
+        obj = {
+            "id": record.device_id.hex(), "public_key": record.public_key, "name": record.name,
+            "created": record.created, "certificate": None if record.certificate is None else b64(record.certificate),
+            "revoked": None if record.revoked_at is None else {"at": record.revoked_at,
+                                                                "signature": b64(record.revocation)},
+            "prekeys": record.prekeys,
+        }
+        if own:
+            obj["last_seen"] = record.last_seen
+        return obj
+
+    async def handle_certify(self, frame, rid):
+        self._require_identity()
+        certificate = self._certificate(frame, self.user, self.key, "certificate")
+        await self.factory.in_thread(certificate.verify, self.key)
+        await self.factory.store.certify_device(self.user, self.device, certificate.name, certificate.created,
+                                                certificate.signature, self.key_fingerprint)
+        self.factory.device_updated(self.user, self.device, certified=True)
+        return {"device": self.device.hex()}
+
+    async def handle_publish_prekeys(self, frame, rid):
+        signed = frame.get("signed")
+        if signed is not None:
+            signed = SignedPrekey.from_json(signed, self.user, self.device)
+        one_time = frame.get("one_time", [])
+        if not isinstance(one_time, list) or len(one_time) > MAX_PREKEYS_PER_FRAME:
+            raise _missing("one_time", "a list of at most %d one-time prekeys" % MAX_PREKEYS_PER_FRAME)
+        one_time = [OneTimePrekey.from_json(item) for item in one_time]
+        if len({p.prekey_id for p in one_time}) != len(one_time):
+            raise BadRequest("The one-time prekeys repeat an id.")
+        if signed is not None:
+            now = self.factory.now()
+            if signed.valid_until <= now or signed.valid_from > now + PREKEY_SKEW:
+                raise BadRequest("The signed prekey is not valid now (valid_until past, or valid_from more than a"
+                                 " day ahead).")
+            await self.factory.in_thread(signed.verify, self.key)
+            signed = (signed.prekey_id, signed.public, signed.valid_from, signed.valid_until, signed.signature)
+        count = await self.factory.store.publish_prekeys(
+            self.user, self.device, signed, [(p.prekey_id, p.public) for p in one_time], MAX_ONE_TIME_PREKEYS,
+            self.key_fingerprint)
+        self.factory.device_updated(self.user, self.device, prekeys=True)
+        return {"one_time": count}
+
+    async def handle_devices(self, frame, rid):
+        user = field_username(frame)
+        identity_key, records = await self.factory.store.devices(user)
+        own = user == self.user
+        return {"user": user, "identity_key": identity_key,
+                "devices": [self._device_object(r, own) for r in records]}
+
+    async def handle_bundle(self, frame, rid):
+        users = field_usernames(frame, "users")
+        self.factory.bundle_requested(self.user)
+        bundles, low = await self.factory.store.bundle(users, self.user, self.device)
+        for user, device, left in low:
+            if left < PREKEYS_LOW:
+                self.factory.prekeys_low(user, device, left)
+        out = []
+        for user, identity_key, devices in bundles:
+            objects = []
+            for record, signed, one_time in devices:
+                obj = self._device_object(record, user == self.user)
+                obj["signed_prekey"] = None if signed is None else {
+                    "id": signed[0], "public": b64(signed[1]), "valid_from": signed[2], "valid_until": signed[3],
+                    "signature": b64(signed[4])}
+                obj["one_time_prekey"] = None if one_time is None else {"id": one_time[0], "public": b64(one_time[1])}
+                objects.append(obj)
+            out.append({"user": user, "identity_key": identity_key, "devices": objects})
+        return {"bundles": out}
+
+    async def handle_revoke_device(self, frame, rid):
+        self._require_identity()
+        device = _field_device(frame, "device")
+        revocation = DeviceRevocation.from_json(frame, self.user)
+        if device == self.device:
+            raise BadRequest("The identity device cannot be revoked; replace the identity key instead (rekey).")
+        await self.factory.in_thread(revocation.verify, self.key)
+        await self.factory.store.revoke_device(self.user, device, revocation.revoked_at, revocation.signature,
+                                               self.key_fingerprint)
+        self.log.info("{user} revoked a device ({device})", user=self.user, device=device.hex())
+        self.factory.device_revoked(self.user, device)
+        self.factory.settled()
+        return {"device": device.hex()}
+
+    # -- linking a new device --
+
+    async def handle_link_request(self, frame, rid):
+        user = field_username(frame)
+        key = load_public_key(field_str(frame, "public_key", 16384))
+        name = field_str(frame, "name", MAX_DEVICE_NAME_BYTES)
+        if not valid_device_name(name):
+            raise BadRequest("A device name is 1 to %d bytes of printable text." % MAX_DEVICE_NAME_BYTES)
+        mac = field_b64(frame, "mac", 32)
+        if len(mac) != 32:
+            raise _missing("mac", "base64 of 32 bytes (HMAC-SHA256)")
+        self._require_logged_out()
+        if self.link is not None:
+            raise BadRequest("This connection already waits for a link request's answer.")
+        factory = self.factory
+        factory.check_throttle(self, user, "register")
+        if await factory.store.get_user(user) is None:
+            factory.proof_failed(self, user)  # charged to the requester, like a login for an unknown user
+            raise UnknownUser("No such user: %s." % user)
+        link = factory.link_requested(self, user, key, name, mac)
+        self.setTimeout(LINK_TTL)
+        return {"link": link.link_id}
+
+    async def handle_link_pending(self, frame, rid):
+        self._require_identity()
+        return {"requests": [{"link": link.link_id, "public_key": public_key_pem(link.key), "name": link.name,
+                              "mac": b64(link.mac), "at": link.at} for link in self.factory.links_of(self.user)]}
+
+    def _link(self, frame):
+        link_id = field_str(frame, "link", LINK_ID_SIZE * 2)
+        link = self.factory.links.get(link_id)
+        if link is None or link.user != self.user:
+            raise BadRequest("No such link request: it expired, or was answered.")
+        return link
+
+    async def handle_link_approve(self, frame, rid):
+        self._require_identity()
+        link = self._link(frame)
+        answer_mac = field_b64(frame, "answer_mac", 32)
+        if len(answer_mac) != 32:
+            raise _missing("answer_mac", "base64 of 32 bytes (HMAC-SHA256)")
+        certificate = self._certificate(frame, self.user, link.key, "certificate")
+        await self.factory.in_thread(certificate.verify, self.key)
+        if self.factory.links.get(link.link_id) is not link:
+            raise BadRequest("No such link request: it expired, or was answered.")
+        await self.factory.store.add_device(
+            self.user, certificate.device_id, public_key_pem(link.key), certificate.name, certificate.created,
+            certificate.signature, self.factory.now(), self.limits.max_devices, self.key_fingerprint)
+        self.factory.device_added(self.user, certificate.device_id, link.key)
+        record = DeviceRecord(self.user, certificate.device_id, public_key_pem(link.key), certificate.name,
+                              certificate.created, certificate.signature, None, None, False, self.factory.now(),
+                              None)
+        self.factory.link_answered(link, {"type": "linked", "link": link.link_id,
+                                          "device": self._device_object(record), "answer_mac": b64(answer_mac)})
+        self.log.info("{user} linked a new device ({device})", user=self.user, device=certificate.device_id.hex())
+        return {"device": certificate.device_id.hex()}
+
+    async def handle_link_decline(self, frame, rid):
+        self._require_identity()
+        link = self._link(frame)
+        self.factory.link_answered(link, {"type": "link_expired", "link": link.link_id, "declined": True})
+        return {}
+
     # -- sending --
 
     def _chunks(self, frame):
@@ -3523,24 +3748,27 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         signature = self._signature(frame)
         verifier = EnvelopeVerifier(header, self.limits.max_message)
         parsed = verifier.header
+        if parsed.version < 2:
+            raise BadRequest("Send a version 2 envelope (one wrapped key per device); version 1 is only read.")
         if parsed.sender != self.user:
             raise Forbidden("The envelope's sender is %s, not you." % parsed.sender)
         if not hmac.compare_digest(parsed.sender_fingerprint, self.key_fingerprint):
-            raise Forbidden("The envelope is signed with a key other than your registered key.")
-        if parsed.recipient_names != to:
-            raise BadRequest('The envelope\'s recipients are not exactly the "to" list.')
+            raise Forbidden("The envelope names an identity key other than your account's.")
+        if parsed.sender_device != self.device:
+            raise Forbidden("The envelope names a sending device other than this session's.")
+        recipients, targets = await self._targets(parsed, to)
         self._count(verifier, chunks, size)
         if signature is not None:
-            return await self._accept(verifier, to, size, chunks, signature, None)
+            return await self._accept(verifier, (recipients, targets, to), size, chunks, signature, None)
         # A message in several frames: its declared size is reserved when it begins, and its chunks are stored as
         # they come, reading one frame at a time.
-        upload = _Upload(rid, verifier, to, size)
+        upload = _Upload(rid, verifier, (recipients, targets, to), size)
         self.factory.upload_opened(self.user)
         self._hold("upload")
         try:
             store = self.factory.store
             upload.seq, upload.duplicate, upload.accepted_at = await store.begin_upload(
-                parsed.message_id, self.user, header, size, to, self.limits, self.key_fingerprint)
+                parsed.message_id, self.user, header, size, recipients, self.limits, self.key_fingerprint)
             if not upload.duplicate:
                 await store.add_chunks(upload.seq, 0, chunks)
             upload.count = len(chunks)
@@ -3624,12 +3852,49 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         finally:
             self._release("upload")
 
+    async def _targets(self, header, to):
+        """
+        C{(recipients, targets)} of an envelope: the users it counts against and the devices it waits for (see
+        L{accept_message_txn}).  The entries must name exactly the current devices of every user in C{to}, and the
+        sender's own other devices (all of them, this one too, when the sender is in C{to}: a note to self); else
+        L{DevicesChanged}, naming the users whose devices differ.  No device that ever published prekeys is
+        wrapped to with RSA-OAEP.  The device sets come from the factory's cache: no SQL for a known user.
+        """
+        user = self.user
+        named = set(to)
+        sets = await self.factory.device_sets(sorted(named | {user}))
+        own = sets[user].current
+        expected = {name: set(sets[name].current) for name in named}
+        if user not in named and len(own) > 1:
+            expected[user] = set(own) - {self.device}
+        got = collections.defaultdict(set)
+        for entry in header.entries:
+            got[entry.name].add(entry.device_id)
+        if set(got) - {user} != named - {user} or (user in named and user not in got):
+            raise BadRequest('The envelope\'s recipients are not exactly the "to" list (and the sender\'s other'
+                             ' devices).')
+        changed = sorted(name for name in set(expected) | set(got) if got.get(name, set()) != expected.get(name, set()))
+        if changed:
+            self.factory.forget_devices(changed)  # read again at the next try, in case the cache is what is old
+            raise DevicesChanged("The devices of %s are not the ones the message was sealed for; fetch them again"
+                                 " and seal it anew." % ", ".join(changed))
+        targets = []
+        for entry in header.entries:
+            device = sets[entry.name].current[entry.device_id]
+            if entry.kind == 1 and device.prekeys:
+                raise BadRequest("The envelope wraps a key with RSA-OAEP for a device that publishes prekeys"
+                                 " (a downgrade); seal it with the device's prekeys.")
+            targets.append((entry.name, entry.device_id, entry.name == user and user not in named))
+        return sorted(got), targets
+
     async def _accept(self, verifier, recipients, size, chunks, signature, upload):
         """
         Check the signature, commit the message for all recipients, and only then answer accepted.  The signature
         is checked on the store's thread, inside the message's own transaction step: off the reactor, without a
-        thread hop of its own, and committed in the order messages arrived.
+        thread hop of its own, and committed in the order messages arrived.  C{recipients} is C{(users, targets,
+        to)}, see L{_targets}.
         """
+        recipients, targets, to = recipients
         header = verifier.header
         if verifier.size != size:
             raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
@@ -3639,19 +3904,19 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if not self.receive:
                 self.sent.add(header.message_id)
             return {"msg": header.message_id.hex(), "accepted_at": upload.accepted_at, "duplicate": True,
-                    "queued": [name for name in recipients if name not in self.factory.receivers]}
+                    "queued": [name for name in to if name not in self.factory.receivers]}
         seq, accepted_at, duplicate, ord_ = await self.factory.store.accept_message(
             header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
-            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint)
+            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint, targets)
         if not self.receive:
             self.sent.add(header.message_id)
         if not duplicate:
             inline = chunks if chunks is not None and size <= self.factory.inline_bytes else None
             self.factory.message_accepted(StoredMessage(
                 seq, header.message_id, self.user, header.raw, signature, size, verifier.chunk_count,
-                accepted_at, inline, ord_), recipients)
+                accepted_at, inline, ord_), targets)
         return {"msg": header.message_id.hex(), "accepted_at": accepted_at, "duplicate": duplicate,
-                "queued": [name for name in recipients if name not in self.factory.receivers]}
+                "queued": [name for name in to if name not in self.factory.receivers]}
 
     # -- receiving --
 
@@ -3725,10 +3990,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             msg_ids = self._msg_ids(frame) if "msgs" in frame else None
             rids = self._receipt_ids(frame) if "receipts" in frame else None
             receipts, unknown_msgs, unknown_rids = await store.ack_many(
-                self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint)
+                self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint, self.device)
             for sender, receipt in receipts:
                 self.factory.receipt_created(sender, receipt)
-            if receipts:
+            if msg_ids:
                 self.factory.settled()
             answer = {}
             if msg_ids is not None:
@@ -3748,11 +4013,22 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return await self._settle(msg_id, "rejected", reason)
 
     async def _settle(self, msg_id, status, reason):
-        sender, receipt = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now(),
-                                                       self.key_fingerprint)
-        self.factory.receipt_created(sender, receipt)
+        made = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now(),
+                                            self.key_fingerprint, self.device)
+        if made is not None:  # None: the user's receipt was made before, or waits for its other devices
+            self.factory.receipt_created(*made)
         self.factory.settled()
         return {}
+
+
+def _field_device(frame, name, required=True):
+    """A device id field: 32 lower-case hex digits, as bytes (None when absent and not C{required})."""
+    value = frame.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not re.fullmatch("[0-9a-f]{%d}" % (2 * DEVICE_ID_SIZE), value):
+        raise _missing(name, "a device id: %d lower-case hex digits" % (2 * DEVICE_ID_SIZE))
+    return bytes.fromhex(value)
 
 
 def _whole_seconds(wait):
@@ -3843,6 +4119,50 @@ class _Throttle:
         self._entries.pop(key, None)
 
 
+@dataclasses.dataclass
+class _DeviceSet:
+    """One user's current (not revoked) devices as the server's cache holds them: device id -> ever published prekeys."""
+
+    current: dict
+
+
+@dataclasses.dataclass
+class _LinkRequest:
+    """A new device's request to join C{user}'s account, kept in memory while its connection waits for the answer."""
+
+    link_id: str
+    user: str
+    key: object  # the new device's RSA public key
+    name: str
+    mac: bytes
+    at: float
+    connection: object
+    host: object  # the address it is counted against, or None
+    timer: object = None
+
+
+class _Bucket:
+    """A token bucket per key: C{rate} a second, C{burst} at once; at most C{size} keys (the oldest forgotten)."""
+
+    def __init__(self, rate, burst, size=100000):
+        self.rate, self.burst, self.size = rate, burst, size
+        self._entries = collections.OrderedDict()  # key -> (tokens, time)
+
+    def take(self, key, now):
+        """0 if C{key} may go on now (a token is taken), else the seconds until it may."""
+        tokens, last = self._entries.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self._entries[key] = (tokens, now)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return wait
+
+
 class PagerServerFactory(protocol.Factory):
     """
     The server's shared state: the store, the limits, the sessions online, and the thread pool that does RSA and
@@ -3858,6 +4178,7 @@ class PagerServerFactory(protocol.Factory):
     RECLAIM_DELAY = 1.0  # seconds after an ack before the free pages are counted (at most one count per delay)
     RECLAIM_PAGES = 2048  # free pages (8 MiB of 4 KiB pages) from which the count gives them back at once
     RECEIPT_TRIM_EVERY = 100  # new receipts of one user between two trims of its stored receipts
+    DEVICE_CACHE = 20000  # users whose device sets are kept in memory (the least recently used are forgotten)
 
     def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
         if reactor is None:
@@ -3890,6 +4211,11 @@ class PagerServerFactory(protocol.Factory):
         self._reclaim_call = None  # the free-page count due after recent acks, if any
         self._new_receipts = collections.Counter()  # user -> receipts made for it since its last trim
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
+        self._device_sets = collections.OrderedDict()  # user -> _DeviceSet, the most recently used last
+        self._bundles = _Bucket(limits.bundle_rate, BUNDLE_BURST)  # bundle requests per account
+        self.links = {}  # link id -> _LinkRequest
+        self._links_per_address = collections.Counter()
+        self._links_per_user = collections.Counter()
 
     def now(self):
         return self.reactor.seconds()
@@ -4085,16 +4411,135 @@ class PagerServerFactory(protocol.Factory):
         with the old one to go on reading and settling the account's messages).
         """
         new_fp = fingerprint(key)
+        self.devices_replaced(user, key)
         if requester is not None and requester.user == user:
-            requester.key, requester.key_fingerprint = key, new_fp
+            requester.key, requester.key_fingerprint, requester.device = key, new_fp, new_fp[:DEVICE_ID_SIZE]
         for session in list(self.online.get(user, ())):
             if session is not requester and session.key_fingerprint != new_fp:
                 session.account_gone("This account's key was replaced; log in again with the new key.")
 
-    def message_accepted(self, message, recipients):
-        for name in recipients:
+    def message_accepted(self, message, targets):
+        """Offer a new message to the sessions of the devices it waits for (C{targets}, see L{accept_message_txn})."""
+        for name, device, _ in targets:
             for session in list(self.receivers.get(name, ())):
-                session.messages.offer(message.ord, message)
+                if session.device == device:
+                    session.messages.offer(message.ord, message)
+
+    # -- devices --
+
+    async def device_sets(self, names):
+        """C{{name: _DeviceSet}} for C{names}, from the cache, reading those it lacks; L{UnknownUser} names the unknown."""
+        sets, unknown = {}, []
+        for name in names:
+            known = self._device_sets.get(name)
+            if known is None:
+                try:
+                    _, records = await self.store.devices(name)
+                except UnknownUser:
+                    unknown.append(name)
+                    continue
+                known = _DeviceSet({r.device_id: r.prekeys for r in records if r.revoked_at is None})
+                self._device_sets[name] = known
+                while len(self._device_sets) > self.DEVICE_CACHE:
+                    self._device_sets.popitem(last=False)
+            else:
+                self._device_sets.move_to_end(name)
+            sets[name] = known
+        if unknown:
+            raise UnknownUser("No such user: %s." % ", ".join(unknown))
+        return sets
+
+    def forget_devices(self, names):
+        for name in names:
+            self._device_sets.pop(name, None)
+
+    def devices_replaced(self, user, key, certified=False):
+        """C{user}'s devices are now one: the identity device of C{key} (registered, re-keyed or recovered)."""
+        self._device_sets.pop(user, None)
+        self._device_sets[user] = _DeviceSet({device_id(key): False})
+
+    def device_updated(self, user, device, certified=None, prekeys=None):
+        known = self._device_sets.get(user)
+        if known is not None and device in known.current and prekeys:
+            known.current[device] = True
+
+    def device_added(self, user, device, key):
+        known = self._device_sets.get(user)
+        if known is not None:
+            known.current[device] = False
+
+    def device_revoked(self, user, device):
+        """C{user}'s C{device} is revoked: it leaves the cache, and its sessions end."""
+        known = self._device_sets.get(user)
+        if known is not None:
+            known.current.pop(device, None)
+        for session in list(self.online.get(user, ())):
+            if session.device == device:
+                session.account_gone("This device was revoked by the account's identity device.")
+
+    def bundle_requested(self, user):
+        """Count one bundle request of C{user}; L{RateLimited} past C{bundle_rate} a second (after a burst)."""
+        wait = self._bundles.take(user, self.now())
+        if wait > 0:
+            raise RateLimited("Too many prekey bundle requests; try again in %d s." % _whole_seconds(wait),
+                              retry_after=wait)
+
+    def prekeys_low(self, user, device, left):
+        for session in list(self.online.get(user, ())):
+            if session.device == device:
+                session.send_frame({"type": "prekeys_low", "one_time": left})
+
+    # -- link requests --
+
+    def link_requested(self, connection, user, key, name, mac):
+        """
+        Keep a new device's link request for C{LINK_TTL} seconds, while C{connection} waits for its answer; at most
+        C{MAX_LINKS_PER_ADDRESS} from one address and C{MAX_LINKS_PER_USER} for one account (L{RateLimited}).
+        """
+        host = _address_host(connection.peer)
+        if host is not None and self._links_per_address[host] >= MAX_LINKS_PER_ADDRESS:
+            raise RateLimited("Your address has %d link requests waiting, the most allowed." % MAX_LINKS_PER_ADDRESS,
+                              retry_after=LINK_TTL)
+        if self._links_per_user[user] >= MAX_LINKS_PER_USER:
+            raise RateLimited("This account has %d link requests waiting, the most allowed; try again later."
+                              % MAX_LINKS_PER_USER, retry_after=LINK_TTL)
+        link = _LinkRequest(secrets.token_bytes(LINK_ID_SIZE).hex(), user, key, name, mac, self.now(), connection,
+                            host)
+        link.timer = self.reactor.callLater(LINK_TTL, self.link_answered, link, {"type": "link_expired",
+                                                                                 "link": link.link_id})
+        self.links[link.link_id] = link
+        if host is not None:
+            self._links_per_address[host] += 1
+        self._links_per_user[user] += 1
+        connection.link = link
+        return link
+
+    def links_of(self, user):
+        return sorted((link for link in self.links.values() if link.user == user), key=lambda link: link.at)
+
+    def link_answered(self, link, frame):
+        """Tell the waiting connection C{frame} (linked, or link_expired) and forget the request."""
+        connection = link.connection
+        self._forget_link(link)
+        if not connection.closed:
+            connection.send_frame(frame)
+            if connection.user is None:
+                connection.setTimeout(self.limits.login_timeout)  # it logs in next, or goes
+
+    def link_dropped(self, connection):
+        """The connection waiting on a link request closed, or logged in: the request goes."""
+        if connection.link is not None:
+            self._forget_link(connection.link)
+
+    def _forget_link(self, link):
+        if self.links.pop(link.link_id, None) is None:
+            return
+        link.connection.link = None
+        if link.timer is not None and link.timer.active():
+            link.timer.cancel()
+        if link.host is not None:
+            _count_down(self._links_per_address, link.host)
+        _count_down(self._links_per_user, link.user)
 
     def receipt_created(self, user, receipt):
         """
@@ -4155,6 +4600,7 @@ class PagerServerFactory(protocol.Factory):
             if len(expired) < EXPIRE_BATCH:
                 break
         await self.store.expire_receipts(self.now() - self.limits.message_expiry)
+        await self.store.forget_revoked(self.now() - REVOKED_KEPT)
         await self.reclaim()
 
     def settled(self):
@@ -4203,6 +4649,7 @@ class PagerServerFactory(protocol.Factory):
         for name in names:
             for session in list(self.online.get(name, ())):
                 if keys.get(name) != session.key_fingerprint:
+                    self.forget_devices([name])
                     session.account_gone()
 
 
@@ -8130,6 +8577,9 @@ _LIMIT_OPTIONS = [
      "Bytes of answers a connection that stopped reading may leave unread before it is cut off (at least "
      "--max-line)."),
     ("close-grace", "close_grace", float, "Seconds a connection the server closes may still read before it is cut off."),
+    ("max-devices", "max_devices", int, "Devices one account may have, not counting revoked ones."),
+    ("bundle-rate", "bundle_rate", float,
+     "Prekey bundle requests per second one account may make (after a burst of %d)." % BUNDLE_BURST),
 ]
 MIN_MAX_LINE = 96 * 1024
 
