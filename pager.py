@@ -16,7 +16,7 @@ Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the w
 Licence: MIT.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import sys
 
@@ -73,7 +73,7 @@ except ImportError as e:
 
 #### Constants and limits ####
 
-PROTOCOL_VERSION = 2  # 2: proofs name the server (see PROTOCOL.md, "Changes from version 1")
+PROTOCOL_VERSION = 3  # 3: devices and prekeys (see PROTOCOL.md, "Changes from version 2")
 SOFTWARE = "pager/" + __version__
 DEFAULT_PORT = 5050
 DEFAULT_LISTEN = "tcp:%d:backlog=1024" % DEFAULT_PORT
@@ -136,6 +136,15 @@ SOFTWARE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a hello's software 
 MIN_TOKEN_LENGTH = 8
 MAX_TOKEN_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 64
+LINK_TTL = 600  # seconds the server keeps a new device's link request, and the connection that waits for its answer
+LINK_ID_SIZE = 8  # bytes of a link request's id (16 hex digits on the wire)
+MAX_LINKS_PER_ADDRESS = 2  # link requests waiting at once from one IP address
+MAX_LINKS_PER_USER = 4  # link requests waiting at once for one account
+MAX_ONE_TIME_PREKEYS = 200  # one-time prekeys the server stores for one device
+MAX_PREKEYS_PER_FRAME = 100  # one-time prekeys one publish_prekeys frame may carry
+PREKEYS_LOW = 20  # below this many one-time prekeys left, a device is told to publish more
+BUNDLE_BURST = 100  # bundle requests an account may make at once before bundle_rate paces it
+REVOKED_KEPT = 30 * DAY  # seconds the server keeps a revoked device's row (and revocation) for contacts to see
 
 # OWASP's Argon2id parameters: 19 MiB, 2 passes, one lane.
 ARGON2_MEMORY_KIB = 19456
@@ -183,6 +192,8 @@ class Limits:
     account_check_interval: float = 5.0  # seconds between checks that logged-in accounts still exist with their key
     max_unread_output: int = 1024 * 1024  # bytes written to a connection that stopped reading before it is cut off
     close_grace: float = 3.0  # seconds a connection the server closes may still read; then it is aborted
+    max_devices: int = 8  # devices of one account, not counting revoked ones
+    bundle_rate: float = 20.0  # bundle requests per second per account (a burst of BUNDLE_BURST first)
 
     def public(self):
         """The limits a client needs to know, as sent in ``hello``."""
@@ -205,6 +216,8 @@ class Limits:
             "max_sender_pending_bytes": self.max_sender_pending_bytes,
             "max_open_uploads": self.max_open_uploads,
             "upload_idle_timeout": self.upload_idle_timeout,
+            "max_devices": self.max_devices,
+            "bundle_rate": self.bundle_rate,
         }
 
 
@@ -1855,7 +1868,7 @@ class KeyReplaced(Forbidden):
     """This account was deleted, or its key replaced, since this session logged in."""
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PENDING_PAGE_BYTES = 4 * 1024 * 1024  # bytes of chunks one read of pending messages holds in memory
 EXPIRE_BATCH = 1000  # deliveries one expiry transaction settles; the server repeats until fewer come back
 
@@ -1897,8 +1910,10 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE TABLE IF NOT EXISTS deliveries (
     recipient TEXT NOT NULL,
     ord INTEGER NOT NULL,
+    device BLOB NOT NULL,
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
-    PRIMARY KEY (recipient, ord)
+    told INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (recipient, ord, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq);
@@ -1913,6 +1928,37 @@ CREATE TABLE IF NOT EXISTS receipts (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS receipts_user ON receipts(user, rid);
+CREATE TABLE IF NOT EXISTS devices (
+    user TEXT NOT NULL,
+    device_id BLOB NOT NULL,
+    public_key TEXT NOT NULL,
+    name TEXT,
+    created INTEGER,
+    certificate BLOB,
+    revoked_at INTEGER,
+    revocation BLOB,
+    prekeys INTEGER NOT NULL DEFAULT 0,
+    added_at REAL NOT NULL,
+    last_seen REAL,
+    PRIMARY KEY (user, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signed_prekeys (
+    user TEXT NOT NULL,
+    device_id BLOB NOT NULL,
+    prekey_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    valid_from INTEGER NOT NULL,
+    valid_until INTEGER NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (user, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS one_time_prekeys (
+    user TEXT NOT NULL,
+    device_id BLOB NOT NULL,
+    prekey_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    PRIMARY KEY (user, device_id, prekey_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS invites (
     code_hash BLOB PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -1978,6 +2024,26 @@ class StoredMessage:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceRecord:
+    """
+    One device of an account as stored: a legacy device (the identity device of an account made before devices)
+    has no certificate; a revoked one keeps its row, with the signed revocation, for a while.
+    """
+
+    user: str
+    device_id: bytes
+    public_key: str  # PEM
+    name: str
+    created: int
+    certificate: bytes  # the identity key's signature, or None
+    revoked_at: int
+    revocation: bytes
+    prekeys: bool  # it has ever published prekeys: never wrapped to with RSA-OAEP again
+    added_at: float
+    last_seen: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Receipt:
     rid: int
     msg_id: bytes
@@ -1995,6 +2061,20 @@ _MIGRATIONS = {
         "ALTER TABLE messages ADD COLUMN reserved TEXT",
         "UPDATE users SET (sent_count, sent_bytes) = (SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
         " WHERE sender = users.name AND accepted_at IS NOT NULL)",
+    ],
+    # Devices: every account gets its identity device as a legacy (uncertified) device, and what waited for the
+    # account now waits for that device, a receipt still owed for each.
+    2: [
+        "INSERT OR IGNORE INTO devices (user, device_id, public_key, added_at) SELECT name, substr(fingerprint, 1, %d),"
+        " public_key, key_set_at FROM users" % DEVICE_ID_SIZE,
+        "CREATE TABLE deliveries_v3 (recipient TEXT NOT NULL, ord INTEGER NOT NULL, device BLOB NOT NULL,"
+        " seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE, told INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (recipient, ord, device)) WITHOUT ROWID",
+        "INSERT INTO deliveries_v3 (recipient, ord, device, seq) SELECT d.recipient, d.ord, substr(u.fingerprint, 1,"
+        " %d), d.seq FROM deliveries d JOIN users u ON u.name = d.recipient" % DEVICE_ID_SIZE,
+        "DROP TABLE deliveries",
+        "ALTER TABLE deliveries_v3 RENAME TO deliveries",
+        "CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq)",
     ],
 }
 
@@ -2073,7 +2153,11 @@ def create_invites_txn(txn, count, now):
     return codes
 
 
-def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None):
+def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None, device=None):
+    """
+    Add the account C{name} with its identity device (whose key is the account's): C{device} is its certificate's
+    C{(name, created, signature)}, or None for a legacy device (never certified).
+    """
     if invite is not None:
         txn.execute("UPDATE invites SET used_by = ?, used_at = ? WHERE code_hash = ? AND used_by IS NULL",
                     (name, now, invite_hash(invite)))
@@ -2085,6 +2169,10 @@ def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None):
             " VALUES (?, ?, ?, ?, ?, ?, ?)", (name, pem, fp, salt, token_hash, now, now))
     except sqlite3.IntegrityError:
         raise UserExists("The user name %r is taken." % name)
+    device_name, created, certificate = device or (None, None, None)
+    txn.execute("INSERT OR REPLACE INTO devices (user, device_id, public_key, name, created, certificate, added_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", (name, fp[:DEVICE_ID_SIZE], pem, device_name, created, certificate,
+                                                  now))
 
 
 def get_user_txn(txn, name):
@@ -2106,16 +2194,213 @@ def user_page_txn(txn, after, limit):
 
 
 def set_key_txn(txn, name, pem, fp, now, recovered):
+    """
+    Give the account C{name} a new identity key, which replaces all of its devices with one: the new identity
+    device, not certified until its client certifies it.  What waited for the old identity device waits for the new
+    one (it cannot open it, and rejects it, as before devices); what waited for the other devices is dropped.
+    """
+    row = txn.execute("SELECT fingerprint FROM users WHERE name = ?", (name,)).fetchone()
     if recovered:
         txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ?, recovered_at = ?"
                     " WHERE name = ?", (pem, fp, now, now, name))
     else:
         txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ? WHERE name = ?",
                     (pem, fp, now, name))
+    new = fp[:DEVICE_ID_SIZE]
+    if row is not None and bytes(row[0])[:DEVICE_ID_SIZE] != new:
+        txn.execute("UPDATE OR IGNORE deliveries SET device = ? WHERE recipient = ? AND device = ?",
+                    (new, name, bytes(row[0])[:DEVICE_ID_SIZE]))
+    others = [bytes(r[0]) for r in txn.execute("SELECT DISTINCT device FROM deliveries WHERE recipient = ?"
+                                                " AND device != ?", (name, new))]
+    _drop_device_deliveries_txn(txn, name, others)
+    txn.execute("DELETE FROM devices WHERE user = ?", (name,))
+    txn.execute("DELETE FROM signed_prekeys WHERE user = ?", (name,))
+    txn.execute("DELETE FROM one_time_prekeys WHERE user = ?", (name,))
+    txn.execute("INSERT INTO devices (user, device_id, public_key, added_at) VALUES (?, ?, ?, ?)",
+                (name, new, pem, now))
 
 
 def set_token_txn(txn, name, salt, token_hash):
     txn.execute("UPDATE users SET token_salt = ?, token_hash = ? WHERE name = ?", (salt, token_hash, name))
+
+
+_DEVICE_COLUMNS = ("user, device_id, public_key, name, created, certificate, revoked_at, revocation, prekeys,"
+                   " added_at, last_seen")
+
+
+def _blob(value):
+    return None if value is None else bytes(value)
+
+
+def _device_record(row):
+    return DeviceRecord(row[0], bytes(row[1]), row[2], row[3], row[4], _blob(row[5]), row[6], _blob(row[7]),
+                        bool(row[8]), row[9], row[10])
+
+
+def devices_txn(txn, user):
+    """C{(identity key PEM, [DeviceRecord])}: C{user}'s devices, revoked ones too, oldest first; L{UnknownUser}."""
+    row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
+    if row is None:
+        raise UnknownUser("No such user: %s." % user)
+    return row[0], [_device_record(r) for r in txn.execute(
+        "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))]
+
+
+def device_status_txn(txn, user, device_id):
+    """
+    C{(DeviceRecord or None, signed prekey (id, valid_until) or None, one-time prekeys stored)} of one device, as
+    a login answer tells its client.
+    """
+    row = txn.execute("SELECT %s FROM devices WHERE user = ? AND device_id = ?" % _DEVICE_COLUMNS,
+                      (user, device_id)).fetchone()
+    if row is None:
+        return None, None, 0
+    signed = txn.execute("SELECT prekey_id, valid_until FROM signed_prekeys WHERE user = ? AND device_id = ?",
+                         (user, device_id)).fetchone()
+    count = txn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE user = ? AND device_id = ?",
+                        (user, device_id)).fetchone()[0]
+    return _device_record(row), tuple(signed) if signed else None, count
+
+
+def certify_device_txn(txn, user, device_id, name, created, certificate, user_fp=None):
+    """Give C{user}'s legacy device its certificate; L{BadRequest} if it has one already or is revoked."""
+    _check_session_key_txn(txn, user, user_fp)
+    txn.execute("UPDATE devices SET name = ?, created = ?, certificate = ? WHERE user = ? AND device_id = ?"
+                " AND certificate IS NULL AND revoked_at IS NULL", (name, created, certificate, user, device_id))
+    if txn.rowcount != 1:
+        raise BadRequest("This device is certified already.")
+
+
+def add_device_txn(txn, user, device_id, pem, name, created, certificate, now, max_devices, user_fp=None):
+    """
+    Add a certified device to C{user}'s account: L{Forbidden} past C{max_devices} devices not revoked, L{BadRequest}
+    for a device key the account has (or had: a revoked key stays revoked).
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    count = txn.execute("SELECT COUNT(*) FROM devices WHERE user = ? AND revoked_at IS NULL", (user,)).fetchone()[0]
+    if count >= max_devices:
+        raise Forbidden("This account has %d devices, the most allowed; revoke one first." % max_devices)
+    try:
+        txn.execute("INSERT INTO devices (user, device_id, public_key, name, created, certificate, added_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", (user, device_id, pem, name, created, certificate, now))
+    except sqlite3.IntegrityError:
+        raise BadRequest("This account has (or had) a device with that key; the new device must make a new key.")
+
+
+def revoke_device_txn(txn, user, device_id, revoked_at, revocation, user_fp=None):
+    """
+    Revoke one of C{user}'s devices: its row stays (with the signed revocation, for contacts to see), its prekeys
+    and what waited for it go.  L{BadRequest} for an unknown or already revoked device.
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    txn.execute("UPDATE devices SET revoked_at = ?, revocation = ? WHERE user = ? AND device_id = ?"
+                " AND revoked_at IS NULL", (revoked_at, revocation, user, device_id))
+    if txn.rowcount != 1:
+        raise BadRequest("This account has no such device, or it is revoked already.")
+    txn.execute("DELETE FROM signed_prekeys WHERE user = ? AND device_id = ?", (user, device_id))
+    txn.execute("DELETE FROM one_time_prekeys WHERE user = ? AND device_id = ?", (user, device_id))
+    return _drop_device_deliveries_txn(txn, user, [device_id])
+
+
+def forget_revoked_txn(txn, older_than):
+    """Forget devices revoked before C{older_than}: contacts have had time to see the revocation."""
+    txn.execute("DELETE FROM devices WHERE revoked_at IS NOT NULL AND revoked_at < ?", (older_than,))
+    return txn.rowcount
+
+
+def set_last_seen_txn(txn, user, device_id, at):
+    txn.execute("UPDATE devices SET last_seen = ? WHERE user = ? AND device_id = ?", (at, user, device_id))
+
+
+def publish_prekeys_txn(txn, user, device_id, signed, one_time, max_pool, user_fp=None):
+    """
+    Store a device's prekeys: C{signed} (prekey id, public, valid_from, valid_until, signature) replaces its signed
+    prekey, C{one_time} ((id, public) pairs) join its pool, which holds at most C{max_pool} (L{BadRequest} past it;
+    an id already in the pool replaces that prekey).  The device is marked as one that publishes prekeys, for good.
+    Returns the pool's size.
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    if txn.execute("UPDATE devices SET prekeys = 1 WHERE user = ? AND device_id = ? AND revoked_at IS NULL",
+                   (user, device_id)).rowcount != 1:
+        raise Forbidden("This device is revoked.")
+    if signed is not None:
+        txn.execute("INSERT OR REPLACE INTO signed_prekeys (user, device_id, prekey_id, public, valid_from,"
+                    " valid_until, signature) VALUES (?, ?, ?, ?, ?, ?, ?)", (user, device_id, *signed))
+    if one_time:
+        txn.executemany("INSERT OR REPLACE INTO one_time_prekeys (user, device_id, prekey_id, public)"
+                        " VALUES (?, ?, ?, ?)", [(user, device_id, i, public) for i, public in one_time])
+    count = txn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE user = ? AND device_id = ?",
+                        (user, device_id)).fetchone()[0]
+    if count > max_pool:
+        raise BadRequest("A device stores at most %d one-time prekeys; this would make %d." % (max_pool, count))
+    return count
+
+
+def bundle_txn(txn, users, requester, requester_device):
+    """
+    Prekey bundles: for each of C{users}, C{(user, identity key PEM, [(DeviceRecord, signed prekey row or None,
+    one-time prekey (id, public) or None)])} with every device (the requesting device left out of its own user's),
+    revoked ones without prekeys; and C{low}: C{(user, device_id, pool size)} of each pool a prekey was taken from.
+    Each device's one-time prekey is taken (deleted) here, so no two bundles ever carry the same one.
+    L{UnknownUser} names every unknown user.
+    """
+    bundles, low, unknown = [], [], []
+    for user in users:
+        row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
+        if row is None:
+            unknown.append(user)
+            continue
+        devices = []
+        for record in (_device_record(r) for r in txn.execute(
+                "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))):
+            if user == requester and record.device_id == requester_device:
+                continue
+            signed = one_time = None
+            if record.revoked_at is None and record.prekeys:
+                signed = txn.execute("SELECT prekey_id, public, valid_from, valid_until, signature FROM signed_prekeys"
+                                     " WHERE user = ? AND device_id = ?", (user, record.device_id)).fetchone()
+                one_time = txn.execute(
+                    "DELETE FROM one_time_prekeys WHERE user = ?1 AND device_id = ?2 AND prekey_id = (SELECT"
+                    " MIN(prekey_id) FROM one_time_prekeys WHERE user = ?1 AND device_id = ?2)"
+                    " RETURNING prekey_id, public", (user, record.device_id)).fetchone()
+                if one_time is not None:
+                    low.append((user, record.device_id, txn.execute(
+                        "SELECT COUNT(*) FROM one_time_prekeys WHERE user = ? AND device_id = ?",
+                        (user, record.device_id)).fetchone()[0]))
+            devices.append((record, tuple(signed) if signed else None,
+                            (one_time[0], bytes(one_time[1])) if one_time else None))
+        bundles.append((user, row[0], devices))
+    if unknown:
+        raise UnknownUser("No such user: %s." % ", ".join(unknown))
+    return bundles, low
+
+
+def _drop_device_deliveries_txn(txn, user, devices):
+    """
+    Drop what waits for C{user}'s C{devices} (revoked, or replaced by a new identity), without a receipt: a
+    message the user's other devices still wait for stays for them; one that nothing of the user waits for any
+    more comes off the user's counts (as if rejected).  Returns how many deliveries were dropped.
+    """
+    dropped = []
+    for part in _in_pages(list(devices)):
+        dropped += txn.execute("DELETE FROM deliveries WHERE recipient = ? AND device IN (%s) RETURNING ord, seq"
+                               % _marks(part), (user, *part)).fetchall()
+    if not dropped:
+        return 0
+    ords = {ord_: seq for ord_, seq in dropped}
+    left = set()
+    for part in _in_pages(list(ords)):
+        left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
+                                              % _marks(part), (user, *part)))
+    done = [seq for ord_, seq in ords.items() if ord_ not in left]
+    size = 0
+    for part in _in_pages(done):
+        size += txn.execute("SELECT COALESCE(SUM(size), 0) FROM messages WHERE seq IN (%s)" % _marks(part),
+                            part).fetchone()[0]
+    txn.execute("UPDATE users SET pending_count = MAX(0, pending_count - ?), pending_bytes = MAX(0, pending_bytes"
+                " - ?) WHERE name = ?", (len(done), size, user))
+    _drop_messages_txn(txn, done)
+    return len(dropped)
 
 
 def _existing_message_txn(txn, msg_id, sender):
@@ -2268,10 +2553,13 @@ def check_recipients_txn(txn, recipients, size, limits, counted=()):
 
 
 def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None):
+                       check=None, sender_fp=None, targets=None):
     """
     Commit a complete message for all of its recipients, or for none: returns C{(seq, accepted_at, duplicate,
-    ord)}, C{ord} being its place in delivery order, taken now, at acceptance.
+    ord)}, C{ord} being its place in delivery order, taken now, at acceptance.  C{recipients} are the users it
+    counts against (once each, however many of their devices get it); C{targets} the devices it waits for:
+    C{(user, device_id, told)}, C{told} true for the sender's own other devices, for which no receipt is made.
+    Without C{targets}, every device of each recipient not revoked gets it, a receipt owed.
     C{seq} is that of an upload begun with L{begin_upload_txn}, whose chunks are already stored and whose size is
     already counted; otherwise the message is new and C{chunks} are all of its chunk ciphertexts, and it is
     counted now against the recipients', the sender's and the database's limits.  C{check()}, if given, runs first
@@ -2314,8 +2602,12 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
                     (_still_reserved_txn(txn, seq, size),))
         txn.execute("UPDATE messages SET signature = ?, chunk_count = ?, accepted_at = ?, expires_at = ?, ord = ?,"
                     " reserved = NULL WHERE seq = ?", (signature, count, now, expires_at, ord_, seq))
-    txn.executemany("INSERT INTO deliveries (recipient, ord, seq) VALUES (?, ?, ?)",
-                    [(r, ord_, seq) for r in recipients])
+    if targets is None:
+        txn.execute("INSERT INTO deliveries (recipient, ord, device, seq) SELECT user, ?, device_id, ? FROM devices"
+                    " WHERE user IN (%s) AND revoked_at IS NULL" % _marks(recipients), (ord_, seq, *recipients))
+    else:
+        txn.executemany("INSERT INTO deliveries (recipient, ord, device, seq, told) VALUES (?, ?, ?, ?, ?)",
+                        [(r, ord_, device, seq, told) for r, device, told in targets])
     return seq, now, False, ord_
 
 
@@ -2330,18 +2622,20 @@ def _check_session_key_txn(txn, user, user_fp):
         raise KeyReplaced()
 
 
-def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None):
+def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None, device=None):
     """
     Up to C{limit} pending deliveries for C{user} after delivery position C{after_ord}, in the order they were
     accepted, small ones (up to C{inline_bytes}) with their chunks.  The page ends early rather than hold more
     than C{page_bytes} of headers, signatures and inline chunks (it always has at least one delivery, if there is
-    one).  With C{user_fp}, see L{_check_session_key_txn}.
+    one).  With C{user_fp}, see L{_check_session_key_txn}.  With C{device}, only what waits for that device (one
+    device's rows come in the same index walk as the user's: a user has at most C{max_devices}).
     """
     _check_session_key_txn(txn, user, user_fp)
     rows = txn.execute(
         "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord"
         " FROM deliveries d JOIN messages m ON m.seq = d.seq"
-        " WHERE d.recipient = ? AND d.ord > ? ORDER BY d.ord LIMIT ?", (user, after_ord, limit)).fetchall()
+        " WHERE d.recipient = ?1 AND d.ord > ?2 AND (?4 IS NULL OR d.device = ?4) ORDER BY d.ord LIMIT ?3",
+        (user, after_ord, limit, device)).fetchall()
     held = 0
     for end, row in enumerate(rows):
         held += len(row[3]) + len(row[4] or b"")
@@ -2394,33 +2688,51 @@ def _marks(items):
     return ",".join("?" * len(items))
 
 
-def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None):
+def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, device=None):
     """
-    Delete C{user}'s own deliveries of C{msg_ids} (never another recipient's) and store a receipt for each sender,
-    a whole list in a few statements.  Returns C{(receipts, unknown)}: C{(sender, Receipt)} pairs in the order
-    of C{msg_ids}, and the ids C{user} has no pending delivery of.  With C{user_fp}, see
-    L{_check_session_key_txn}.
+    Delete the deliveries of C{msg_ids} to C{user}'s C{device} (to every device of C{user} when None; never another
+    user's) and store the receipts they settle, a whole list in a few statements.  Returns C{(receipts, unknown)}:
+    C{(sender, Receipt)} pairs in the order of C{msg_ids}, and the ids the device has no pending delivery of.
+    A user's receipt: C{delivered} at the first of its devices' acks; C{rejected} (or C{expired}) once the last
+    of its devices that got the message settles it so, none having acked; none for the sender's own devices
+    (their deliveries are stored as told).  A message counts against the user until the last of its devices
+    settles it.  With C{user_fp}, see L{_check_session_key_txn}.
     """
     _check_session_key_txn(txn, user, user_fp)
     found = {}
     for part in _in_pages(msg_ids):
-        for seq, msg_id, sender, size, ord_ in txn.execute(
+        for seq, msg_id, sender, size, ord_, dev, told in txn.execute(
                 # CROSS JOIN keeps SQLite to this order: each id through the msg_id index, never a scan of the
                 # user's whole queue
-                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord FROM messages m CROSS JOIN deliveries d"
-                " ON d.recipient = ? AND d.ord = m.ord AND d.seq = m.seq WHERE m.msg_id IN (%s)" % _marks(part),
-                (user, *part)):
-            found[bytes(msg_id)] = (seq, sender, size, ord_)
+                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord, d.device, d.told FROM messages m CROSS JOIN"
+                " deliveries d ON d.recipient = ?1 AND d.ord = m.ord AND d.seq = m.seq AND (?2 IS NULL OR d.device"
+                " = ?2) WHERE m.msg_id IN (%s)" % ",".join("?%d" % (i + 3) for i in range(len(part))),
+                (user, device, *part)):
+            entry = found.setdefault(bytes(msg_id), [seq, sender, size, ord_, [], False])
+            entry[4].append(bytes(dev))
+            entry[5] = entry[5] or bool(told)
     unknown = [m for m in msg_ids if m not in found]
     settled = [m for m in dict.fromkeys(msg_ids) if m in found]  # each once, in the order asked
     if not settled:
         return [], unknown
-    txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ?", [(user, found[m][3]) for m in settled])
-    txn.execute("UPDATE users SET pending_count = pending_count - ?, pending_bytes = pending_bytes - ?"
-                " WHERE name = ?", (len(settled), sum(found[m][2] for m in settled), user))
-    _drop_messages_txn(txn, [found[m][0] for m in settled])
+    txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ? AND device = ?",
+                    [(user, found[m][3], dev) for m in settled for dev in found[m][4]])
+    left = set()  # the positions other devices of the user still wait for
+    for part in _in_pages([found[m][3] for m in settled]):
+        left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
+                                              % _marks(part), (user, *part)))
+    done = [m for m in settled if found[m][3] not in left]
+    told = [m for m in settled if found[m][3] in left and status == "delivered" and not found[m][5]]
+    if told:  # the user's receipt is made now: the other devices' acks make none
+        txn.executemany("UPDATE deliveries SET told = 1 WHERE recipient = ? AND ord = ?",
+                        [(user, found[m][3]) for m in told])
+    if done:
+        txn.execute("UPDATE users SET pending_count = pending_count - ?, pending_bytes = pending_bytes - ?"
+                    " WHERE name = ?", (len(done), sum(found[m][2] for m in done), user))
+        _drop_messages_txn(txn, [found[m][0] for m in done])
+    owed = [m for m in settled if not found[m][5] and (status == "delivered" or found[m][3] not in left)]
     receipts = []
-    for part in _in_pages(settled, 100):  # several rows an INSERT; RETURNING names each row's receipt id
+    for part in _in_pages(owed, 100):  # several rows an INSERT; RETURNING names each row's receipt id
         rows = [(found[m][1], m, user, status, reason, now) for m in part]
         for rid, sender, msg_id in txn.execute(
                 "INSERT INTO receipts (user, msg_id, peer, status, reason, at) VALUES %s RETURNING rid, user, msg_id"
@@ -2444,15 +2756,15 @@ def trim_receipts_txn(txn, user, keep):
     return txn.rowcount
 
 
-def ack_txn(txn, user, msg_id, status, reason, now, user_fp=None):
+def ack_txn(txn, user, msg_id, status, reason, now, user_fp=None, device=None):
     """
-    L{settle_txn} for one message: returns C{(sender, receipt)}; raises L{UnknownMessage} if C{user} has no such
-    delivery.
+    L{settle_txn} for one message: returns C{(sender, receipt)}, or None when it makes no receipt (another device
+    of the user settles it); raises L{UnknownMessage} if the device has no such delivery.
     """
-    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now, user_fp)
+    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now, user_fp, device)
     if unknown:
         raise UnknownMessage()
-    return receipts[0]
+    return receipts[0] if receipts else None
 
 
 def pending_receipts_txn(txn, user, after_rid, limit, user_fp=None):
@@ -2471,13 +2783,15 @@ def ack_receipts_txn(txn, user, rids):
     return [rid for rid in rids if rid not in gone]
 
 
-def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None):
+def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None, device=None):
     """
     The list form of ack, in one transaction: C{(receipts, unknown message ids, unknown receipt ids)}, settling
-    C{msg_ids} as delivered (see L{settle_txn}) and deleting the receipts C{rids}; either list may be None.
+    C{msg_ids} as delivered to C{device} (see L{settle_txn}) and deleting the receipts C{rids}; either list may be
+    None.
     """
     _check_session_key_txn(txn, user, user_fp)
-    receipts, unknown_msgs = settle_txn(txn, user, msg_ids, "delivered", "", now) if msg_ids else ([], [])
+    receipts, unknown_msgs = (settle_txn(txn, user, msg_ids, "delivered", "", now, None, device) if msg_ids
+                              else ([], []))
     return receipts, unknown_msgs, ack_receipts_txn(txn, user, rids) if rids else []
 
 
@@ -2504,14 +2818,15 @@ def account_keys_txn(txn, names):
 
 def expire_txn(txn, now, limit=EXPIRE_BATCH):
     """Drop deliveries past their expiry time; returns C{(sender, receipt)} pairs telling each sender."""
-    expired = collections.defaultdict(list)  # recipient -> message ids
-    for recipient, msg_id in txn.execute(
-            "SELECT d.recipient, m.msg_id FROM messages m JOIN deliveries d ON d.seq = m.seq"
+    expired = collections.defaultdict(list)  # (recipient, device) -> message ids
+    for recipient, device, msg_id in txn.execute(
+            "SELECT d.recipient, d.device, m.msg_id FROM messages m JOIN deliveries d ON d.seq = m.seq"
             " WHERE m.expires_at < ? LIMIT ?", (now, limit)).fetchall():
-        expired[recipient].append(bytes(msg_id))
+        expired[recipient, bytes(device)].append(bytes(msg_id))
     out = []
-    for recipient, msg_ids in expired.items():
-        out += settle_txn(txn, recipient, msg_ids, "expired", "The message expired before it was delivered.", now)[0]
+    for (recipient, device), msg_ids in expired.items():
+        out += settle_txn(txn, recipient, msg_ids, "expired", "The message expired before it was delivered.", now,
+                          None, device)[0]
     return out
 
 
@@ -2644,8 +2959,8 @@ class Store:
     def close(self):
         self.pool.close()
 
-    def add_user(self, name, pem, fp, salt, token_hash, now, invite=None):
-        return self._run(add_user_txn, name, pem, fp, salt, token_hash, now, invite)
+    def add_user(self, name, pem, fp, salt, token_hash, now, invite=None, device=None):
+        return self._run(add_user_txn, name, pem, fp, salt, token_hash, now, invite, device)
 
     def create_invites(self, count, now):
         return self._run(create_invites_txn, count, now)
@@ -2675,18 +2990,18 @@ class Store:
         return self._run(abort_upload_txn, seq)
 
     def accept_message(self, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None):
+                       check=None, sender_fp=None, targets=None):
         return self._run(accept_message_txn, msg_id, sender, header, signature, size, chunks, recipients, now,
-                         limits, seq, check, sender_fp)
+                         limits, seq, check, sender_fp, targets)
 
-    def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None):
-        return self._run(pending_txn, user, after_seq, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp)
+    def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None, device=None):
+        return self._run(pending_txn, user, after_seq, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp, device)
 
     def chunks(self, seq, start, count):
         return self._run(chunks_txn, seq, start, count)
 
-    def ack(self, user, msg_id, status, reason, now, user_fp=None):
-        return self._run(ack_txn, user, msg_id, status, reason, now, user_fp)
+    def ack(self, user, msg_id, status, reason, now, user_fp=None, device=None):
+        return self._run(ack_txn, user, msg_id, status, reason, now, user_fp, device)
 
     def pending_receipts(self, user, after_rid, limit=500, user_fp=None):
         return self._run(pending_receipts_txn, user, after_rid, limit, user_fp)
@@ -2694,8 +3009,35 @@ class Store:
     def ack_receipt(self, user, rid, user_fp=None):
         return self._run(ack_receipt_txn, user, rid, user_fp)
 
-    def ack_many(self, user, msg_ids, rids, now, user_fp=None):
-        return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp)
+    def ack_many(self, user, msg_ids, rids, now, user_fp=None, device=None):
+        return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp, device)
+
+    def devices(self, user):
+        return self._run(devices_txn, user)
+
+    def device_status(self, user, device_id):
+        return self._run(device_status_txn, user, device_id)
+
+    def certify_device(self, user, device_id, name, created, certificate, user_fp=None):
+        return self._run(certify_device_txn, user, device_id, name, created, certificate, user_fp)
+
+    def add_device(self, user, device_id, pem, name, created, certificate, now, max_devices, user_fp=None):
+        return self._run(add_device_txn, user, device_id, pem, name, created, certificate, now, max_devices, user_fp)
+
+    def revoke_device(self, user, device_id, revoked_at, revocation, user_fp=None):
+        return self._run(revoke_device_txn, user, device_id, revoked_at, revocation, user_fp)
+
+    def forget_revoked(self, older_than):
+        return self._run(forget_revoked_txn, older_than)
+
+    def set_last_seen(self, user, device_id, at):
+        return self._run(set_last_seen_txn, user, device_id, at)
+
+    def publish_prekeys(self, user, device_id, signed, one_time, max_pool, user_fp=None):
+        return self._run(publish_prekeys_txn, user, device_id, signed, one_time, max_pool, user_fp)
+
+    def bundle(self, users, requester, requester_device):
+        return self._run(bundle_txn, users, requester, requester_device)
 
     def trim_receipts(self, user, keep):
         return self._run(trim_receipts_txn, user, keep)
@@ -2762,14 +3104,16 @@ def delete_user_txn(txn, name):
     seqs = [r[0] for r in txn.execute("SELECT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
     txn.execute("DELETE FROM deliveries WHERE recipient = ?", (name,))
     _drop_messages_txn(txn, seqs)
-    sent = txn.execute("SELECT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d ON d.seq = m.seq"
-                       " WHERE m.sender = ?", (name,)).fetchall()
+    sent = txn.execute("SELECT DISTINCT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d"
+                       " ON d.seq = m.seq WHERE m.sender = ?", (name,)).fetchall()
     txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ?", [(r, o) for r, o, _ in sent])
     txn.executemany("UPDATE users SET pending_count = MAX(0, pending_count - 1), pending_bytes = MAX(0,"
                     " pending_bytes - ?) WHERE name = ?", [(size, r) for r, _, size in sent])
     txn.execute("DELETE FROM chunks WHERE seq IN (SELECT seq FROM messages WHERE sender = ?)", (name,))
     txn.execute("DELETE FROM messages WHERE sender = ?", (name,))
     txn.execute("DELETE FROM receipts WHERE user = ?", (name,))
+    for table in ("devices", "signed_prekeys", "one_time_prekeys"):
+        txn.execute("DELETE FROM %s WHERE user = ?" % table, (name,))
     txn.execute("DELETE FROM users WHERE name = ?", (name,))
     return len(seqs)
 
@@ -2936,7 +3280,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     log = Logger()
-    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping", "exists"])
+    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping", "exists", "link_request"])
     PAGE = 1000  # pending messages read from the store at a time (at most PENDING_PAGE_BYTES of their chunks)
     AUTH = frozenset(["register", "login", "rekey", "recover", "change_token"])
 
@@ -2960,6 +3304,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.messages = self.receipts = None
         self._seen_data = False
         self.sent = _Recent(1024)  # a send-only session's recent message ids: it gets their receipts
+        self.device = None  # the logged-in device's id (16 bytes)
+        self.link = None  # the link request this unauthenticated connection waits on, if any
 
     # -- connection --
 
@@ -2998,8 +3344,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if feed is not None:
                 feed.closed = True
         self.flow.stopProducing()
+        self.factory.link_dropped(self)
         if self.user is not None:
             self.factory.session_ended(self)
+            self.factory.store.set_last_seen(self.user, self.device, self.factory.now()).addErrback(
+                lambda f: self.log.failure("Storing a device's last use failed", f))
             self.log.info("{user} disconnected", user=self.user)
         upload, self._upload = self._upload, None
         if upload is not None:
@@ -3234,6 +3583,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         token = self._token(frame)
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
         invite = field_str(frame, "invite", 128, required=False)
+        certificate = self._certificate(frame.get("device"), user, key, "device")
         challenge = self._take_challenge()
         self._require_logged_out()
         policy = self.limits.registration
@@ -3245,31 +3595,56 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         store = self.factory.store
         self.factory.check_throttle(self, user, "register")  # a proof that failed before was charged like a login's
         await self._check_proof(key, proof, "register", user, challenge, fp)
+        await self.factory.in_thread(certificate.verify, key)
         if await store.get_user(user) is not None:
             raise UserExists("The user name %r is taken." % user)
         salt = secrets.token_bytes(ARGON2_SALT_SIZE)
         token_hash = await self.factory.hash_token_for(self, user, token, salt)
         await store.add_user(user, public_key_pem(key), fp, salt, token_hash, self.factory.now(),
-                             invite if policy == "invite" else None)
+                             invite if policy == "invite" else None,
+                             (certificate.name, certificate.created, certificate.signature))
+        self.factory.devices_replaced(user, key, certified=True)
         self.log.info("{user} registered from {peer}", user=user, peer=_peer_text(self.peer))
-        self._logged_in(user, key, receive=True)
-        return {"user": user}
+        self._logged_in(user, key, receive=True, device=certificate.device_id, identity_fp=fp)
+        return {"user": user, "device": certificate.device_id.hex()}
 
     async def handle_login(self, frame, rid):
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
         receive = field_bool(frame, "receive", True)
         user = field_username(frame)
-        token = self._token(frame)
+        device = _field_device(frame, "device", required=False)
+        token = self._token(frame) if device is None or "token" in frame else None
         challenge = self._take_challenge()
         self._require_logged_out()
         record, key = await self._account(user, "login")
-        # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
-        await self._check_proof(key, proof, "login", user, challenge, record.fingerprint, AuthFailed())
-        await self._check_token(token, record, "login")
+        identity_fp = bytes(record.fingerprint)
+        store = self.factory.store
+        if device is None or device == identity_fp[:DEVICE_ID_SIZE]:
+            device = identity_fp[:DEVICE_ID_SIZE]
+            if token is None:
+                raise _missing("token", "the safetoken (only a linked device logs in without it)")
+            # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
+            await self._check_proof(key, proof, "login", user, challenge, identity_fp, AuthFailed())
+            await self._check_token(token, record, "login")
+            status = await store.device_status(user, device)
+        else:
+            # A linked device proves it holds its own key; the safetoken belongs to the identity device.
+            if token is not None:
+                raise BadRequest("A linked device logs in without the safetoken.")
+            status = await store.device_status(user, device)
+            if status[0] is None or status[0].revoked_at is not None:
+                self.factory.proof_failed(self, user)
+                raise AuthFailed()
+            key = load_public_key(status[0].public_key)
+            await self._check_proof(key, proof, "login", user, challenge, fingerprint(key), AuthFailed())
+        record_device, signed, one_time = status
         self.log.info("{user} logged in from {peer}{mode}", user=user, peer=_peer_text(self.peer),
                       mode="" if receive else " (send-only)")
-        self._logged_in(user, key, receive)
-        return {"user": user, "pending": record.pending_count if receive else 0}
+        self._logged_in(user, key, receive, device=device, identity_fp=identity_fp)
+        return {"user": user, "pending": record.pending_count if receive else 0, "device": device.hex(),
+                "certified": record_device is not None and record_device.certificate is not None,
+                "prekeys": {"signed_id": signed[0] if signed else None,
+                            "signed_valid_until": signed[1] if signed else None, "one_time": one_time}}
 
     async def handle_rekey(self, frame, rid):
         new_key = load_public_key(field_str(frame, "public_key", 16384))
@@ -3343,16 +3718,25 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.log.info("{user} changed their safetoken from {peer}", user=user, peer=_peer_text(self.peer))
         return {"user": user}
 
-    def _logged_in(self, user, key, receive):
+    def _logged_in(self, user, key, receive, device=None, identity_fp=None):
+        """
+        The connection is now a session of C{user}'s C{device} (the identity device by default), whose C{key}
+        verifies what it signs; C{identity_fp}, the account's identity key when it logged in, is what the account
+        must still have for the session to go on.
+        """
         self.user, self.key, self.receive = user, key, receive
-        self.key_fingerprint = fingerprint(key)
+        self.key_fingerprint = identity_fp or fingerprint(key)
+        self.device = device or fingerprint(key)[:DEVICE_ID_SIZE]
+        self.factory.link_dropped(self)
+        self.factory.store.set_last_seen(user, self.device, self.factory.now()).addErrback(
+            lambda f: self.log.failure("Storing a device's last login failed", f))
         self.MAX_LENGTH = self.limits.max_line
         self.setTimeout(self.limits.idle_timeout)
         store = self.factory.store
         if receive:
             self.messages = _Feed(
                 lambda after: self._checked(store.pending(
-                    user, after, self.PAGE, self.factory.inline_bytes, self.key_fingerprint).addCallback(
+                    user, after, self.PAGE, self.factory.inline_bytes, self.key_fingerprint, self.device).addCallback(
                     lambda ms: [(m.ord, m) for m in ms])),
                 self._push_message, self.flow, self.log)
             self.receipts = _Feed(
@@ -3401,6 +3785,178 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return {"user": user, "public_key": record.public_key, "fingerprint": bytes(record.fingerprint).hex(),
                 "key_set_at": record.key_set_at}
 
+    # -- devices --
+    # A device's own requests (certify, publish_prekeys) come from its session; those that change the account's
+    # devices (link_pending, link_approve, link_decline, revoke_device) only from a session of the identity device,
+    # which holds the identity key that signs certificates and revocations: a linked device cannot add or remove
+    # devices, and neither can the server, which cannot sign.
+
+    def _certificate(self, obj, user, key, name):
+        """The L{DeviceCertificate} of C{key} for C{user} that C{obj} (a frame's C{name} field) carries, unchecked."""
+        if not isinstance(obj, dict):
+            raise _missing(name, 'an object {"name", "created", "certificate"}: the device\'s certificate')
+        fields = {k: obj.get(k) for k in ("name", "created", "certificate")}
+        fields.update(id=device_id(key).hex(), public_key=public_key_pem(key))
+        return DeviceCertificate.from_json(fields, user)
+
+    @property
+    def identity_device(self):
+        """Whether this session is of the account's identity device (whose key is the identity key)."""
+        return self.device == self.key_fingerprint[:DEVICE_ID_SIZE]
+
+    def _require_identity(self):
+        if not self.identity_device:
+            raise Forbidden("Only the device that holds the account's identity key can do that.")
+
+    def _device_object(self, record, own=False):
+        """The wire's device object for C{record}; C{last_seen} only for the requester's own devices."""
+        obj = {
+            "id": record.device_id.hex(), "public_key": record.public_key, "name": record.name,
+            "created": record.created, "certificate": None if record.certificate is None else b64(record.certificate),
+            "revoked": None if record.revoked_at is None else {"at": record.revoked_at,
+                                                                "signature": b64(record.revocation)},
+            "prekeys": record.prekeys,
+        }
+        if own:
+            obj["last_seen"] = record.last_seen
+        return obj
+
+    async def handle_certify(self, frame, rid):
+        self._require_identity()
+        certificate = self._certificate(frame, self.user, self.key, "certificate")
+        await self.factory.in_thread(certificate.verify, self.key)
+        await self.factory.store.certify_device(self.user, self.device, certificate.name, certificate.created,
+                                                certificate.signature, self.key_fingerprint)
+        self.factory.device_updated(self.user, self.device, certified=True)
+        return {"device": self.device.hex()}
+
+    async def handle_publish_prekeys(self, frame, rid):
+        signed = frame.get("signed")
+        if signed is not None:
+            signed = SignedPrekey.from_json(signed, self.user, self.device)
+        one_time = frame.get("one_time", [])
+        if not isinstance(one_time, list) or len(one_time) > MAX_PREKEYS_PER_FRAME:
+            raise _missing("one_time", "a list of at most %d one-time prekeys" % MAX_PREKEYS_PER_FRAME)
+        one_time = [OneTimePrekey.from_json(item) for item in one_time]
+        if len({p.prekey_id for p in one_time}) != len(one_time):
+            raise BadRequest("The one-time prekeys repeat an id.")
+        if signed is not None:
+            now = self.factory.now()
+            if signed.valid_until <= now or signed.valid_from > now + PREKEY_SKEW:
+                raise BadRequest("The signed prekey is not valid now (valid_until past, or valid_from more than a"
+                                 " day ahead).")
+            await self.factory.in_thread(signed.verify, self.key)
+            signed = (signed.prekey_id, signed.public, signed.valid_from, signed.valid_until, signed.signature)
+        count = await self.factory.store.publish_prekeys(
+            self.user, self.device, signed, [(p.prekey_id, p.public) for p in one_time], MAX_ONE_TIME_PREKEYS,
+            self.key_fingerprint)
+        self.factory.device_updated(self.user, self.device, prekeys=True)
+        return {"one_time": count}
+
+    async def handle_devices(self, frame, rid):
+        user = field_username(frame)
+        identity_key, records = await self.factory.store.devices(user)
+        own = user == self.user
+        return {"user": user, "identity_key": identity_key,
+                "devices": [self._device_object(r, own) for r in records]}
+
+    async def handle_bundle(self, frame, rid):
+        users = field_usernames(frame, "users")
+        self.factory.bundle_requested(self.user)
+        bundles, low = await self.factory.store.bundle(users, self.user, self.device)
+        for user, device, left in low:
+            if left < PREKEYS_LOW:
+                self.factory.prekeys_low(user, device, left)
+        out = []
+        for user, identity_key, devices in bundles:
+            objects = []
+            for record, signed, one_time in devices:
+                obj = self._device_object(record, user == self.user)
+                obj["signed_prekey"] = None if signed is None else {
+                    "id": signed[0], "public": b64(signed[1]), "valid_from": signed[2], "valid_until": signed[3],
+                    "signature": b64(signed[4])}
+                obj["one_time_prekey"] = None if one_time is None else {"id": one_time[0], "public": b64(one_time[1])}
+                objects.append(obj)
+            out.append({"user": user, "identity_key": identity_key, "devices": objects})
+        return {"bundles": out}
+
+    async def handle_revoke_device(self, frame, rid):
+        self._require_identity()
+        device = _field_device(frame, "device")
+        revocation = DeviceRevocation.from_json(frame, self.user)
+        if device == self.device:
+            raise BadRequest("The identity device cannot be revoked; replace the identity key instead (rekey).")
+        await self.factory.in_thread(revocation.verify, self.key)
+        await self.factory.store.revoke_device(self.user, device, revocation.revoked_at, revocation.signature,
+                                               self.key_fingerprint)
+        self.log.info("{user} revoked a device ({device})", user=self.user, device=device.hex())
+        self.factory.device_revoked(self.user, device)
+        self.factory.settled()
+        return {"device": device.hex()}
+
+    # -- linking a new device --
+
+    async def handle_link_request(self, frame, rid):
+        user = field_username(frame)
+        key = load_public_key(field_str(frame, "public_key", 16384))
+        name = field_str(frame, "name", MAX_DEVICE_NAME_BYTES)
+        if not valid_device_name(name):
+            raise BadRequest("A device name is 1 to %d bytes of printable text." % MAX_DEVICE_NAME_BYTES)
+        mac = field_b64(frame, "mac", 32)
+        if len(mac) != 32:
+            raise _missing("mac", "base64 of 32 bytes (HMAC-SHA256)")
+        self._require_logged_out()
+        if self.link is not None:
+            raise BadRequest("This connection already waits for a link request's answer.")
+        factory = self.factory
+        factory.check_throttle(self, user, "register")
+        if await factory.store.get_user(user) is None:
+            factory.proof_failed(self, user)  # charged to the requester, like a login for an unknown user
+            raise UnknownUser("No such user: %s." % user)
+        link = factory.link_requested(self, user, key, name, mac)
+        self.setTimeout(LINK_TTL)
+        return {"link": link.link_id}
+
+    async def handle_link_pending(self, frame, rid):
+        self._require_identity()
+        return {"requests": [{"link": link.link_id, "public_key": public_key_pem(link.key), "name": link.name,
+                              "mac": b64(link.mac), "at": link.at} for link in self.factory.links_of(self.user)]}
+
+    def _link(self, frame):
+        link_id = field_str(frame, "link", LINK_ID_SIZE * 2)
+        link = self.factory.links.get(link_id)
+        if link is None or link.user != self.user:
+            raise BadRequest("No such link request: it expired, or was answered.")
+        return link
+
+    async def handle_link_approve(self, frame, rid):
+        self._require_identity()
+        link = self._link(frame)
+        answer_mac = field_b64(frame, "answer_mac", 32)
+        if len(answer_mac) != 32:
+            raise _missing("answer_mac", "base64 of 32 bytes (HMAC-SHA256)")
+        certificate = self._certificate(frame, self.user, link.key, "certificate")
+        await self.factory.in_thread(certificate.verify, self.key)
+        if self.factory.links.get(link.link_id) is not link:
+            raise BadRequest("No such link request: it expired, or was answered.")
+        await self.factory.store.add_device(
+            self.user, certificate.device_id, public_key_pem(link.key), certificate.name, certificate.created,
+            certificate.signature, self.factory.now(), self.limits.max_devices, self.key_fingerprint)
+        self.factory.device_added(self.user, certificate.device_id, link.key)
+        record = DeviceRecord(self.user, certificate.device_id, public_key_pem(link.key), certificate.name,
+                              certificate.created, certificate.signature, None, None, False, self.factory.now(),
+                              None)
+        self.factory.link_answered(link, {"type": "linked", "link": link.link_id,
+                                          "device": self._device_object(record), "answer_mac": b64(answer_mac)})
+        self.log.info("{user} linked a new device ({device})", user=self.user, device=certificate.device_id.hex())
+        return {"device": certificate.device_id.hex()}
+
+    async def handle_link_decline(self, frame, rid):
+        self._require_identity()
+        link = self._link(frame)
+        self.factory.link_answered(link, {"type": "link_expired", "link": link.link_id, "declined": True})
+        return {}
+
     # -- sending --
 
     def _chunks(self, frame):
@@ -3435,24 +3991,27 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         signature = self._signature(frame)
         verifier = EnvelopeVerifier(header, self.limits.max_message)
         parsed = verifier.header
+        if parsed.version < 2:
+            raise BadRequest("Send a version 2 envelope (one wrapped key per device); version 1 is only read.")
         if parsed.sender != self.user:
             raise Forbidden("The envelope's sender is %s, not you." % parsed.sender)
         if not hmac.compare_digest(parsed.sender_fingerprint, self.key_fingerprint):
-            raise Forbidden("The envelope is signed with a key other than your registered key.")
-        if parsed.recipient_names != to:
-            raise BadRequest('The envelope\'s recipients are not exactly the "to" list.')
+            raise Forbidden("The envelope names an identity key other than your account's.")
+        if parsed.sender_device != self.device:
+            raise Forbidden("The envelope names a sending device other than this session's.")
+        recipients, targets = await self._targets(parsed, to)
         self._count(verifier, chunks, size)
         if signature is not None:
-            return await self._accept(verifier, to, size, chunks, signature, None)
+            return await self._accept(verifier, (recipients, targets, to), size, chunks, signature, None)
         # A message in several frames: its declared size is reserved when it begins, and its chunks are stored as
         # they come, reading one frame at a time.
-        upload = _Upload(rid, verifier, to, size)
+        upload = _Upload(rid, verifier, (recipients, targets, to), size)
         self.factory.upload_opened(self.user)
         self._hold("upload")
         try:
             store = self.factory.store
             upload.seq, upload.duplicate, upload.accepted_at = await store.begin_upload(
-                parsed.message_id, self.user, header, size, to, self.limits, self.key_fingerprint)
+                parsed.message_id, self.user, header, size, recipients, self.limits, self.key_fingerprint)
             if not upload.duplicate:
                 await store.add_chunks(upload.seq, 0, chunks)
             upload.count = len(chunks)
@@ -3536,12 +4095,49 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         finally:
             self._release("upload")
 
+    async def _targets(self, header, to):
+        """
+        C{(recipients, targets)} of an envelope: the users it counts against and the devices it waits for (see
+        L{accept_message_txn}).  The entries must name exactly the current devices of every user in C{to}, and the
+        sender's own other devices (all of them, this one too, when the sender is in C{to}: a note to self); else
+        L{DevicesChanged}, naming the users whose devices differ.  No device that ever published prekeys is
+        wrapped to with RSA-OAEP.  The device sets come from the factory's cache: no SQL for a known user.
+        """
+        user = self.user
+        named = set(to)
+        sets = await self.factory.device_sets(sorted(named | {user}))
+        own = sets[user].current
+        expected = {name: set(sets[name].current) for name in named}
+        if user not in named and len(own) > 1:
+            expected[user] = set(own) - {self.device}
+        got = collections.defaultdict(set)
+        for entry in header.entries:
+            got[entry.name].add(entry.device_id)
+        if set(got) - {user} != named - {user} or (user in named and user not in got):
+            raise BadRequest('The envelope\'s recipients are not exactly the "to" list (and the sender\'s other'
+                             ' devices).')
+        changed = sorted(name for name in set(expected) | set(got) if got.get(name, set()) != expected.get(name, set()))
+        if changed:
+            self.factory.forget_devices(changed)  # read again at the next try, in case the cache is what is old
+            raise DevicesChanged("The devices of %s are not the ones the message was sealed for; fetch them again"
+                                 " and seal it anew." % ", ".join(changed))
+        targets = []
+        for entry in header.entries:
+            device = sets[entry.name].current[entry.device_id]
+            if entry.kind == 1 and device.prekeys:
+                raise BadRequest("The envelope wraps a key with RSA-OAEP for a device that publishes prekeys"
+                                 " (a downgrade); seal it with the device's prekeys.")
+            targets.append((entry.name, entry.device_id, entry.name == user and user not in named))
+        return sorted(got), targets
+
     async def _accept(self, verifier, recipients, size, chunks, signature, upload):
         """
         Check the signature, commit the message for all recipients, and only then answer accepted.  The signature
         is checked on the store's thread, inside the message's own transaction step: off the reactor, without a
-        thread hop of its own, and committed in the order messages arrived.
+        thread hop of its own, and committed in the order messages arrived.  C{recipients} is C{(users, targets,
+        to)}, see L{_targets}.
         """
+        recipients, targets, to = recipients
         header = verifier.header
         if verifier.size != size:
             raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
@@ -3551,19 +4147,19 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if not self.receive:
                 self.sent.add(header.message_id)
             return {"msg": header.message_id.hex(), "accepted_at": upload.accepted_at, "duplicate": True,
-                    "queued": [name for name in recipients if name not in self.factory.receivers]}
+                    "queued": [name for name in to if name not in self.factory.receivers]}
         seq, accepted_at, duplicate, ord_ = await self.factory.store.accept_message(
             header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
-            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint)
+            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint, targets)
         if not self.receive:
             self.sent.add(header.message_id)
         if not duplicate:
             inline = chunks if chunks is not None and size <= self.factory.inline_bytes else None
             self.factory.message_accepted(StoredMessage(
                 seq, header.message_id, self.user, header.raw, signature, size, verifier.chunk_count,
-                accepted_at, inline, ord_), recipients)
+                accepted_at, inline, ord_), targets)
         return {"msg": header.message_id.hex(), "accepted_at": accepted_at, "duplicate": duplicate,
-                "queued": [name for name in recipients if name not in self.factory.receivers]}
+                "queued": [name for name in to if name not in self.factory.receivers]}
 
     # -- receiving --
 
@@ -3637,10 +4233,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             msg_ids = self._msg_ids(frame) if "msgs" in frame else None
             rids = self._receipt_ids(frame) if "receipts" in frame else None
             receipts, unknown_msgs, unknown_rids = await store.ack_many(
-                self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint)
+                self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint, self.device)
             for sender, receipt in receipts:
                 self.factory.receipt_created(sender, receipt)
-            if receipts:
+            if msg_ids:
                 self.factory.settled()
             answer = {}
             if msg_ids is not None:
@@ -3660,11 +4256,22 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return await self._settle(msg_id, "rejected", reason)
 
     async def _settle(self, msg_id, status, reason):
-        sender, receipt = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now(),
-                                                       self.key_fingerprint)
-        self.factory.receipt_created(sender, receipt)
+        made = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now(),
+                                            self.key_fingerprint, self.device)
+        if made is not None:  # None: the user's receipt was made before, or waits for its other devices
+            self.factory.receipt_created(*made)
         self.factory.settled()
         return {}
+
+
+def _field_device(frame, name, required=True):
+    """A device id field: 32 lower-case hex digits, as bytes (None when absent and not C{required})."""
+    value = frame.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not re.fullmatch("[0-9a-f]{%d}" % (2 * DEVICE_ID_SIZE), value):
+        raise _missing(name, "a device id: %d lower-case hex digits" % (2 * DEVICE_ID_SIZE))
+    return bytes.fromhex(value)
 
 
 def _whole_seconds(wait):
@@ -3755,6 +4362,50 @@ class _Throttle:
         self._entries.pop(key, None)
 
 
+@dataclasses.dataclass
+class _DeviceSet:
+    """One user's current (not revoked) devices as the server's cache holds them: device id -> ever published prekeys."""
+
+    current: dict
+
+
+@dataclasses.dataclass
+class _LinkRequest:
+    """A new device's request to join C{user}'s account, kept in memory while its connection waits for the answer."""
+
+    link_id: str
+    user: str
+    key: object  # the new device's RSA public key
+    name: str
+    mac: bytes
+    at: float
+    connection: object
+    host: object  # the address it is counted against, or None
+    timer: object = None
+
+
+class _Bucket:
+    """A token bucket per key: C{rate} a second, C{burst} at once; at most C{size} keys (the oldest forgotten)."""
+
+    def __init__(self, rate, burst, size=100000):
+        self.rate, self.burst, self.size = rate, burst, size
+        self._entries = collections.OrderedDict()  # key -> (tokens, time)
+
+    def take(self, key, now):
+        """0 if C{key} may go on now (a token is taken), else the seconds until it may."""
+        tokens, last = self._entries.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self._entries[key] = (tokens, now)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return wait
+
+
 class PagerServerFactory(protocol.Factory):
     """
     The server's shared state: the store, the limits, the sessions online, and the thread pool that does RSA and
@@ -3770,6 +4421,7 @@ class PagerServerFactory(protocol.Factory):
     RECLAIM_DELAY = 1.0  # seconds after an ack before the free pages are counted (at most one count per delay)
     RECLAIM_PAGES = 2048  # free pages (8 MiB of 4 KiB pages) from which the count gives them back at once
     RECEIPT_TRIM_EVERY = 100  # new receipts of one user between two trims of its stored receipts
+    DEVICE_CACHE = 20000  # users whose device sets are kept in memory (the least recently used are forgotten)
 
     def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
         if reactor is None:
@@ -3802,6 +4454,11 @@ class PagerServerFactory(protocol.Factory):
         self._reclaim_call = None  # the free-page count due after recent acks, if any
         self._new_receipts = collections.Counter()  # user -> receipts made for it since its last trim
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
+        self._device_sets = collections.OrderedDict()  # user -> _DeviceSet, the most recently used last
+        self._bundles = _Bucket(limits.bundle_rate, BUNDLE_BURST)  # bundle requests per account
+        self.links = {}  # link id -> _LinkRequest
+        self._links_per_address = collections.Counter()
+        self._links_per_user = collections.Counter()
 
     def now(self):
         return self.reactor.seconds()
@@ -3997,16 +4654,135 @@ class PagerServerFactory(protocol.Factory):
         with the old one to go on reading and settling the account's messages).
         """
         new_fp = fingerprint(key)
+        self.devices_replaced(user, key)
         if requester is not None and requester.user == user:
-            requester.key, requester.key_fingerprint = key, new_fp
+            requester.key, requester.key_fingerprint, requester.device = key, new_fp, new_fp[:DEVICE_ID_SIZE]
         for session in list(self.online.get(user, ())):
             if session is not requester and session.key_fingerprint != new_fp:
                 session.account_gone("This account's key was replaced; log in again with the new key.")
 
-    def message_accepted(self, message, recipients):
-        for name in recipients:
+    def message_accepted(self, message, targets):
+        """Offer a new message to the sessions of the devices it waits for (C{targets}, see L{accept_message_txn})."""
+        for name, device, _ in targets:
             for session in list(self.receivers.get(name, ())):
-                session.messages.offer(message.ord, message)
+                if session.device == device:
+                    session.messages.offer(message.ord, message)
+
+    # -- devices --
+
+    async def device_sets(self, names):
+        """C{{name: _DeviceSet}} for C{names}, from the cache, reading those it lacks; L{UnknownUser} names the unknown."""
+        sets, unknown = {}, []
+        for name in names:
+            known = self._device_sets.get(name)
+            if known is None:
+                try:
+                    _, records = await self.store.devices(name)
+                except UnknownUser:
+                    unknown.append(name)
+                    continue
+                known = _DeviceSet({r.device_id: r.prekeys for r in records if r.revoked_at is None})
+                self._device_sets[name] = known
+                while len(self._device_sets) > self.DEVICE_CACHE:
+                    self._device_sets.popitem(last=False)
+            else:
+                self._device_sets.move_to_end(name)
+            sets[name] = known
+        if unknown:
+            raise UnknownUser("No such user: %s." % ", ".join(unknown))
+        return sets
+
+    def forget_devices(self, names):
+        for name in names:
+            self._device_sets.pop(name, None)
+
+    def devices_replaced(self, user, key, certified=False):
+        """C{user}'s devices are now one: the identity device of C{key} (registered, re-keyed or recovered)."""
+        self._device_sets.pop(user, None)
+        self._device_sets[user] = _DeviceSet({device_id(key): False})
+
+    def device_updated(self, user, device, certified=None, prekeys=None):
+        known = self._device_sets.get(user)
+        if known is not None and device in known.current and prekeys:
+            known.current[device] = True
+
+    def device_added(self, user, device, key):
+        known = self._device_sets.get(user)
+        if known is not None:
+            known.current[device] = False
+
+    def device_revoked(self, user, device):
+        """C{user}'s C{device} is revoked: it leaves the cache, and its sessions end."""
+        known = self._device_sets.get(user)
+        if known is not None:
+            known.current.pop(device, None)
+        for session in list(self.online.get(user, ())):
+            if session.device == device:
+                session.account_gone("This device was revoked by the account's identity device.")
+
+    def bundle_requested(self, user):
+        """Count one bundle request of C{user}; L{RateLimited} past C{bundle_rate} a second (after a burst)."""
+        wait = self._bundles.take(user, self.now())
+        if wait > 0:
+            raise RateLimited("Too many prekey bundle requests; try again in %d s." % _whole_seconds(wait),
+                              retry_after=wait)
+
+    def prekeys_low(self, user, device, left):
+        for session in list(self.online.get(user, ())):
+            if session.device == device:
+                session.send_frame({"type": "prekeys_low", "one_time": left})
+
+    # -- link requests --
+
+    def link_requested(self, connection, user, key, name, mac):
+        """
+        Keep a new device's link request for C{LINK_TTL} seconds, while C{connection} waits for its answer; at most
+        C{MAX_LINKS_PER_ADDRESS} from one address and C{MAX_LINKS_PER_USER} for one account (L{RateLimited}).
+        """
+        host = _address_host(connection.peer)
+        if host is not None and self._links_per_address[host] >= MAX_LINKS_PER_ADDRESS:
+            raise RateLimited("Your address has %d link requests waiting, the most allowed." % MAX_LINKS_PER_ADDRESS,
+                              retry_after=LINK_TTL)
+        if self._links_per_user[user] >= MAX_LINKS_PER_USER:
+            raise RateLimited("This account has %d link requests waiting, the most allowed; try again later."
+                              % MAX_LINKS_PER_USER, retry_after=LINK_TTL)
+        link = _LinkRequest(secrets.token_bytes(LINK_ID_SIZE).hex(), user, key, name, mac, self.now(), connection,
+                            host)
+        link.timer = self.reactor.callLater(LINK_TTL, self.link_answered, link, {"type": "link_expired",
+                                                                                 "link": link.link_id})
+        self.links[link.link_id] = link
+        if host is not None:
+            self._links_per_address[host] += 1
+        self._links_per_user[user] += 1
+        connection.link = link
+        return link
+
+    def links_of(self, user):
+        return sorted((link for link in self.links.values() if link.user == user), key=lambda link: link.at)
+
+    def link_answered(self, link, frame):
+        """Tell the waiting connection C{frame} (linked, or link_expired) and forget the request."""
+        connection = link.connection
+        self._forget_link(link)
+        if not connection.closed:
+            connection.send_frame(frame)
+            if connection.user is None:
+                connection.setTimeout(self.limits.login_timeout)  # it logs in next, or goes
+
+    def link_dropped(self, connection):
+        """The connection waiting on a link request closed, or logged in: the request goes."""
+        if connection.link is not None:
+            self._forget_link(connection.link)
+
+    def _forget_link(self, link):
+        if self.links.pop(link.link_id, None) is None:
+            return
+        link.connection.link = None
+        if link.timer is not None and link.timer.active():
+            link.timer.cancel()
+        if link.host is not None:
+            _count_down(self._links_per_address, link.host)
+        _count_down(self._links_per_user, link.user)
 
     def receipt_created(self, user, receipt):
         """
@@ -4067,6 +4843,7 @@ class PagerServerFactory(protocol.Factory):
             if len(expired) < EXPIRE_BATCH:
                 break
         await self.store.expire_receipts(self.now() - self.limits.message_expiry)
+        await self.store.forget_revoked(self.now() - REVOKED_KEPT)
         await self.reclaim()
 
     def settled(self):
@@ -4115,6 +4892,7 @@ class PagerServerFactory(protocol.Factory):
         for name in names:
             for session in list(self.online.get(name, ())):
                 if keys.get(name) != session.key_fingerprint:
+                    self.forget_devices([name])
                     session.account_gone()
 
 
@@ -9080,6 +9858,9 @@ _LIMIT_OPTIONS = [
      "Bytes of answers a connection that stopped reading may leave unread before it is cut off (at least "
      "--max-line)."),
     ("close-grace", "close_grace", float, "Seconds a connection the server closes may still read before it is cut off."),
+    ("max-devices", "max_devices", int, "Devices one account may have, not counting revoked ones."),
+    ("bundle-rate", "bundle_rate", float,
+     "Prekey bundle requests per second one account may make (after a burst of %d)." % BUNDLE_BURST),
 ]
 MIN_MAX_LINE = 96 * 1024
 
