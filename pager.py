@@ -3947,7 +3947,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                               certificate.created, certificate.signature, None, None, False, self.factory.now(),
                               None)
         self.factory.link_answered(link, {"type": "linked", "link": link.link_id,
-                                          "device": self._device_object(record), "answer_mac": b64(answer_mac)})
+                                          "device": self._device_object(record), "answer_mac": b64(answer_mac),
+                                          "identity_key": public_key_pem(self.key)})
         self.log.info("{user} linked a new device ({device})", user=self.user, device=certificate.device_id.hex())
         return {"device": certificate.device_id.hex()}
 
@@ -5863,7 +5864,7 @@ def _history_txn(txn, peer, limit):
     return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7]) for r in reversed(rows)]
 
 
-_DEVICE_COLUMNS = "device_id, public_key, name, created, certificate, revoked_at, revocation, prekeys, first_seen"
+_LOCAL_DEVICE_COLUMNS = "device_id, public_key, name, created, certificate, revoked_at, revocation, prekeys, first_seen"
 
 
 def _get_devices_txn(txn, user):
@@ -5873,7 +5874,7 @@ def _get_devices_txn(txn, user):
     devices = tuple(
         DeviceInfo(user, bytes(r[0]), bytes(r[1]), r[2], r[3], None if r[4] is None else bytes(r[4]), r[5],
                    None if r[6] is None else bytes(r[6]), bool(r[7]), r[8])
-        for r in txn.execute("SELECT " + _DEVICE_COLUMNS + " FROM devices WHERE user = ? ORDER BY first_seen,"
+        for r in txn.execute("SELECT " + _LOCAL_DEVICE_COLUMNS + " FROM devices WHERE user = ? ORDER BY first_seen,"
                              " device_id", (user,)))
     return KnownDevices(bytes(owner[0]), bool(owner[1]), devices)
 
@@ -5883,7 +5884,7 @@ def _set_devices_txn(txn, user, identity, devices):
     certified = bool(old and old[0]) or any(d.certified for d in devices)
     txn.execute("INSERT OR REPLACE INTO device_owners VALUES (?, ?, ?)", (user, identity, int(certified)))
     txn.execute("DELETE FROM devices WHERE user = ?", (user,))
-    txn.executemany("INSERT INTO devices (user, " + _DEVICE_COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    txn.executemany("INSERT INTO devices (user, " + _LOCAL_DEVICE_COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(user, d.device_id, d.public_key_der, d.name, d.created, d.certificate, d.revoked_at,
                       d.revocation, int(d.prekeys), d.first_seen) for d in devices])
 
