@@ -4113,7 +4113,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         got = collections.defaultdict(set)
         for entry in header.entries:
             got[entry.name].add(entry.device_id)
-        if set(got) - {user} != named - {user} or (user in named and user not in got):
+        if (set(got) - {user} != named - {user} or (user in named and user not in got)
+                or user not in named and self.device in got.get(user, ())):
             raise BadRequest('The envelope\'s recipients are not exactly the "to" list (and the sender\'s other'
                              ' devices).')
         changed = sorted(name for name in set(expected) | set(got) if got.get(name, set()) != expected.get(name, set()))
@@ -4123,8 +4124,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                                  " and seal it anew." % ", ".join(changed))
         targets = []
         for entry in header.entries:
-            device = sets[entry.name].current[entry.device_id]
-            if entry.kind == 1 and device.prekeys:
+            if entry.kind == 1 and sets[entry.name].current[entry.device_id]:
                 raise BadRequest("The envelope wraps a key with RSA-OAEP for a device that publishes prekeys"
                                  " (a downgrade); seal it with the device's prekeys.")
             targets.append((entry.name, entry.device_id, entry.name == user and user not in named))
@@ -4364,7 +4364,7 @@ class _Throttle:
 
 @dataclasses.dataclass
 class _DeviceSet:
-    """One user's current (not revoked) devices as the server's cache holds them: device id -> ever published prekeys."""
+    """One user's current (not revoked) devices as the server's cache holds them: device id -> published prekeys."""
 
     current: dict
 
@@ -4671,7 +4671,7 @@ class PagerServerFactory(protocol.Factory):
     # -- devices --
 
     async def device_sets(self, names):
-        """C{{name: _DeviceSet}} for C{names}, from the cache, reading those it lacks; L{UnknownUser} names the unknown."""
+        """C{{name: _DeviceSet}} for C{names}, from the cache (reading what it lacks); L{UnknownUser} for unknown ones."""
         sets, unknown = {}, []
         for name in names:
             known = self._device_sets.get(name)
