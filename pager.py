@@ -2238,12 +2238,18 @@ def _device_record(row):
 
 
 def devices_txn(txn, user):
-    """C{(identity key PEM, [DeviceRecord])}: C{user}'s devices, revoked ones too, oldest first; L{UnknownUser}."""
-    row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
+    """
+    C{(identity key PEM, [DeviceRecord])}: C{user}'s devices, revoked ones too, the identity device first, then
+    the oldest first; L{UnknownUser}.
+    """
+    row = txn.execute("SELECT public_key, fingerprint FROM users WHERE name = ?", (user,)).fetchone()
     if row is None:
         raise UnknownUser("No such user: %s." % user)
-    return row[0], [_device_record(r) for r in txn.execute(
-        "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))]
+    identity = bytes(row[1])[:DEVICE_ID_SIZE]
+    records = [_device_record(r) for r in txn.execute("SELECT %s FROM devices WHERE user = ?" % _DEVICE_COLUMNS,
+                                                      (user,))]
+    records.sort(key=lambda r: (r.device_id != identity, r.added_at, r.device_id))
+    return row[0], records
 
 
 def device_status_txn(txn, user, device_id):
@@ -2346,13 +2352,13 @@ def bundle_txn(txn, users, requester, requester_device):
     """
     bundles, low, unknown = [], [], []
     for user in users:
-        row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
-        if row is None:
+        try:
+            identity_key, records = devices_txn(txn, user)
+        except UnknownUser:
             unknown.append(user)
             continue
         devices = []
-        for record in (_device_record(r) for r in txn.execute(
-                "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))):
+        for record in records:
             if user == requester and record.device_id == requester_device:
                 continue
             signed = one_time = None
@@ -2369,7 +2375,7 @@ def bundle_txn(txn, users, requester, requester_device):
                         (user, record.device_id)).fetchone()[0]))
             devices.append((record, tuple(signed) if signed else None,
                             (one_time[0], bytes(one_time[1])) if one_time else None))
-        bundles.append((user, row[0], devices))
+        bundles.append((user, identity_key, devices))
     if unknown:
         raise UnknownUser("No such user: %s." % ", ".join(unknown))
     return bundles, low
@@ -3914,7 +3920,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             factory.proof_failed(self, user)  # charged to the requester, like a login for an unknown user
             raise UnknownUser("No such user: %s." % user)
         link = factory.link_requested(self, user, key, name, mac)
-        self.setTimeout(LINK_TTL)
+        self.setTimeout(LINK_TTL + self.limits.login_timeout)  # the answer comes first, then the time to log in
         return {"link": link.link_id}
 
     async def handle_link_pending(self, frame, rid):
