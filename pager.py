@@ -4682,7 +4682,7 @@ class PagerServerFactory(protocol.Factory):
     # -- devices --
 
     async def device_sets(self, names):
-        """C{{name: _DeviceSet}} for C{names}, from the cache (reading what it lacks); L{UnknownUser} for unknown ones."""
+        """C{{name: _DeviceSet}} for C{names}, from the cache (reading what it lacks); L{UnknownUser} if unknown."""
         sets, unknown = {}, []
         for name in names:
             known = self._device_sets.get(name)

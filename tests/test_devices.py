@@ -33,8 +33,8 @@ def one_time(first, count):
 
 def seal_to(sender, sender_key, targets, plaintext=b"hello", identity=None, **kwargs):
     """An envelope from C{sender}'s device C{sender_key} to C{targets}: (user, device key or DeviceTarget)."""
-    devices = [t if isinstance(t, pager.DeviceTarget) else pager.DeviceTarget(t[0], did(t[1]), rsa_key=t[1].public_key())
-               for t in targets]
+    devices = [t if isinstance(t, pager.DeviceTarget)
+               else pager.DeviceTarget(t[0], did(t[1]), rsa_key=t[1].public_key()) for t in targets]
     kwargs.setdefault("timestamp_ms", 1000 * 1000)
     return pager.seal(sender_key, sender, devices, plaintext,
                       sender_fingerprint=pager.fingerprint(identity or private_key(sender)), now=1000, **kwargs)
