@@ -4005,15 +4005,24 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("The envelope names an identity key other than your account's.")
         if parsed.sender_device != self.device:
             raise Forbidden("The envelope names a sending device other than this session's.")
-        recipients, targets = await self._targets(parsed, to)
-        self._count(verifier, chunks, size)
+        # A device set not in the cache is read from the store first: meanwhile an upload's chunk frames must wait
+        # unread, until the upload has begun (or been refused).
+        if not self.factory.devices_cached(set(to) | {self.user}):
+            self._hold("targets")
+        try:
+            recipients, targets = await self._targets(parsed, to)
+            self._count(verifier, chunks, size)
+            if signature is None:
+                upload = _Upload(rid, verifier, (recipients, targets, to), size)
+                self.factory.upload_opened(self.user)
+                self._hold("upload")
+        finally:
+            if "targets" in self._holds:
+                self._release("targets")
         if signature is not None:
             return await self._accept(verifier, (recipients, targets, to), size, chunks, signature, None)
         # A message in several frames: its declared size is reserved when it begins, and its chunks are stored as
         # they come, reading one frame at a time.
-        upload = _Upload(rid, verifier, (recipients, targets, to), size)
-        self.factory.upload_opened(self.user)
-        self._hold("upload")
         try:
             store = self.factory.store
             upload.seq, upload.duplicate, upload.accepted_at = await store.begin_upload(
@@ -4128,8 +4137,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if not changed:
                 break
             # The cache may be what is old (the operator's admin commands change the database from another
-            # process): read those users' devices once more before telling the sender.
+            # process): read those users' devices once more before telling the sender (see _send for the hold).
             self.factory.forget_devices(changed)
+            self._hold("targets")
         if changed:
             raise DevicesChanged("The devices of %s are not the ones the message was sealed for; fetch them again"
                                  " and seal it anew." % ", ".join(changed))
@@ -4702,6 +4712,10 @@ class PagerServerFactory(protocol.Factory):
         if unknown:
             raise UnknownUser("No such user: %s." % ", ".join(unknown))
         return sets
+
+    def devices_cached(self, names):
+        """Whether the device sets of all of C{names} are in the cache (L{device_sets} then reads nothing)."""
+        return all(name in self._device_sets for name in names)
 
     def forget_devices(self, names):
         for name in names:
