@@ -469,14 +469,17 @@ class _Reader:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
     def field(self, max_length):
-        start = self.offset
-        if start + 4 > len(self.data):
+        data, start = self.data, self.offset
+        if start + 4 > len(data):
             raise MalformedEnvelope("The message header is truncated.")
-        n = _U32.unpack_from(self.data, start)[0]
+        n = _U32.unpack_from(data, start)[0]
         if n > max_length:
             raise MalformedEnvelope("A field of the message header is too long.")
-        self.offset = start + 4
-        return self.take(n)
+        end = start + 4 + n
+        if end > len(data):
+            raise MalformedEnvelope("The message header is truncated.")
+        self.offset = end
+        return data[start + 4:end]
 
     def end(self):
         if self.offset != len(self.data):
