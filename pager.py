@@ -449,6 +449,8 @@ def _lp(data):
 
 
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_UINTS = {">B": struct.Struct(">B"), ">I": _U32, ">Q": _U64}
 
 
 class _Reader:
@@ -466,7 +468,12 @@ class _Reader:
         return self.data[start:end]
 
     def uint(self, fmt):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+        unpacker = _UINTS[fmt]
+        start = self.offset
+        end = self.offset = start + unpacker.size
+        if end > len(self.data):
+            raise MalformedEnvelope("The message header is truncated.")
+        return unpacker.unpack_from(self.data, start)[0]
 
     def field(self, max_length):
         data, start = self.data, self.offset
@@ -569,9 +576,6 @@ def valid_device_name(name):
     """
     return (isinstance(name, str) and 1 <= len(name.encode("utf-8", "replace")) <= MAX_DEVICE_NAME_BYTES
             and name.isprintable() and name == name.strip())
-
-
-_U64 = struct.Struct(">Q")
 
 
 def _b64text(data):
