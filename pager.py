@@ -462,6 +462,8 @@ def _lp(data):
 
 
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_UINTS = {">B": struct.Struct(">B"), ">I": _U32, ">Q": _U64}
 
 
 class _Reader:
@@ -479,17 +481,25 @@ class _Reader:
         return self.data[start:end]
 
     def uint(self, fmt):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+        unpacker = _UINTS[fmt]
+        start = self.offset
+        end = self.offset = start + unpacker.size
+        if end > len(self.data):
+            raise MalformedEnvelope("The message header is truncated.")
+        return unpacker.unpack_from(self.data, start)[0]
 
     def field(self, max_length):
-        start = self.offset
-        if start + 4 > len(self.data):
+        data, start = self.data, self.offset
+        if start + 4 > len(data):
             raise MalformedEnvelope("The message header is truncated.")
-        n = _U32.unpack_from(self.data, start)[0]
+        n = _U32.unpack_from(data, start)[0]
         if n > max_length:
             raise MalformedEnvelope("A field of the message header is too long.")
-        self.offset = start + 4
-        return self.take(n)
+        end = start + 4 + n
+        if end > len(data):
+            raise MalformedEnvelope("The message header is truncated.")
+        self.offset = end
+        return data[start + 4:end]
 
     def end(self):
         if self.offset != len(self.data):
@@ -579,9 +589,6 @@ def valid_device_name(name):
     """
     return (isinstance(name, str) and 1 <= len(name.encode("utf-8", "replace")) <= MAX_DEVICE_NAME_BYTES
             and name.isprintable() and name == name.strip())
-
-
-_U64 = struct.Struct(">Q")
 
 
 def _b64text(data):
