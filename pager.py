@@ -3124,7 +3124,7 @@ def delete_user_txn(txn, name):
             "SELECT seq FROM messages WHERE accepted_at IS NULL AND (sender = ?1 OR instr(',' || reserved || ',',"
             " ',' || ?1 || ',') > 0)", (name,)).fetchall():
         abort_upload_txn(txn, seq)
-    seqs = [r[0] for r in txn.execute("SELECT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
+    seqs = [r[0] for r in txn.execute("SELECT DISTINCT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
     txn.execute("DELETE FROM deliveries WHERE recipient = ?", (name,))
     _drop_messages_txn(txn, seqs)
     sent = txn.execute("SELECT DISTINCT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d"
