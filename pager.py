@@ -6397,7 +6397,7 @@ class PagerClient:
         await self.protocol.request("rekey", user=user, token=token, public_key=public_key_pem(new_key),
                                     proof_old=b64(proof_old), proof_new=b64(proof_new))
         if self.user == user:
-            self.private_key = new_key
+            await self._rekeyed(new_key)
 
     async def recover(self, user, token, new_key):
         """Replace a lost key with the safetoken alone (throttled, and refused over plain TCP from afar)."""
@@ -6407,7 +6407,17 @@ class PagerClient:
         await self.protocol.request("recover", user=user, token=token, public_key=public_key_pem(new_key),
                                     proof=b64(proof))
         if self.user == user:
-            self.private_key = new_key
+            await self._rekeyed(new_key)
+
+    async def _rekeyed(self, new_key):
+        """
+        This session's account has the identity key C{new_key} now: the server replaced all its devices with the new
+        identity device (this one, still uncertified and without prekeys), which certifies itself and publishes
+        prekeys at once.
+        """
+        self.private_key = new_key
+        await self._device_ready({"certified": False, "prekeys": {"signed_id": None, "one_time": 0}},
+                                 new_key.public_key())
 
     async def exists(self, user):
         """Whether the server has an account named C{user} (what C{register} would say; refused when closed)."""
