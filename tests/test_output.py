@@ -273,8 +273,12 @@ class HostileServerTests(CLITestCase):
         self.assertNotIn("onlineword", result.out + result.err)
 
     async def test_key_for_another_name_refused(self):
-        """A key answer naming another user than the one asked for is refused: nothing is sent."""
-        self.listen(answers={"key": dict(HostileServer.answer_key(None, {"user": "bob"}), user=evil("keyword"))})
+        """
+        A bundle answer (the keys a message is sealed to) naming another user than the one asked for is refused:
+        nothing is sent.
+        """
+        self.listen(answers={"bundle": {"type": "ok", "bundles": [
+            {"user": evil("keyword"), "identity_key": pager.public_key_pem(key("bob").public_key()), "devices": []}]}})
         result = await self.run_as_alice("send", "--to", "bob", "hi")
         self.assertNotEqual(result.code, 0, result)
         self.assertNothingHarmful(result)
