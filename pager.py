@@ -6178,6 +6178,7 @@ class _LinkWait:
     secret: bytes
     done: Deferred
     link: str = None
+    waited: bool = False
 
 
 @dataclasses.dataclass
@@ -6511,7 +6512,7 @@ class PagerClient:
 
     def _maintain_quietly(self):
         d = Deferred.fromCoroutine(self.maintain_prekeys())
-        d.addErrback(lambda f: None if f.check(ConnectionLost, defer.CancelledError) else
+        d.addErrback(lambda f: None if f.check(ConnectionLost, defer.CancelledError) or self.protocol.lost else
                      self.log.failure("Keeping this device's prekeys up failed", f))
         return None  # the LoopingCall goes on whatever happened
 
@@ -6757,6 +6758,7 @@ class PagerClient:
         waiting = self._link
         if waiting is None:
             raise LocalError("No link request waits for an answer.")
+        waiting.waited = True
         frame = await waiting.done
         self._link = None
         user = waiting.user
@@ -6766,7 +6768,7 @@ class PagerClient:
             pem = frame.get("identity_key")
             identity = load_public_key(pem) if isinstance(pem, str) else (await self.public_key(user, True))[0]
         except (BadCertificate, BadKey) as e:
-            raise LinkFailed("The server's answer to the link request is malformed: %s" % e.message)
+            raise LinkFailed("The server's answer to the link request is malformed (%s): refused." % e.message)
         if not hmac.compare_digest(link_answer_mac(waiting.secret, self.server_id, certificate), mac):
             raise LinkFailed("The answer to the link request was not made with this device's code: refused.")
         mine = waiting.key.public_key().public_bytes(serialization.Encoding.DER,
@@ -6776,8 +6778,8 @@ class PagerClient:
         try:
             await self.in_thread(certificate.verify, identity)
         except BadCertificate as e:
-            raise LinkFailed("The certificate in the answer does not verify against %s's identity key: %s"
-                             % (user, e.message))
+            raise LinkFailed("The certificate in the answer does not verify against %s's identity key (%s): refused."
+                             % (user, e.message.rstrip(".")))
         now = self._now()
         await self.pins.set_pin(user, public_key_pem(identity), fingerprint(identity), now)
         return DeviceInfo(user, certificate.device_id, certificate.public_key_der, certificate.name,
@@ -7286,8 +7288,9 @@ class PagerClient:
 
     def _ack_failed(self, failure):
         # UnknownMessage: another session of ours acknowledged it first.  ConnectionLost: the server keeps the
-        # message and delivers it again, and the duplicate store keeps it from being shown twice.
-        if not failure.check(UnknownMessage, ConnectionLost):
+        # message and delivers it again, and the duplicate store keeps it from being shown twice.  Whatever else
+        # ended the connection (a revoked device's, say) is the connection's error, which its user is told.
+        if not failure.check(UnknownMessage, ConnectionLost) and self.protocol.lost is None:
             self.log.failure("Acknowledging a message failed", failure)
 
     async def _handle_receipt(self, frame):
@@ -7309,6 +7312,8 @@ class PagerClient:
         self._stop_maintenance()
         if self._link is not None and not self._link.done.called:
             self._link.done.errback(error)
+            if not self._link.waited:
+                self._link.done.addErrback(lambda f: None)  # nobody waits for the answer: nothing to tell
         self._incoming.clear()
         for waiting in self._acks.values():
             waiting.clear()  # the server delivers these again; the duplicate store recognises them
