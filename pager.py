@@ -2333,13 +2333,16 @@ def forget_revoked_txn(txn, older_than):
 
 def login_record_txn(txn, user, device_id):
     """
-    C{(UserRecord or None, device status)} for a login: the account, and L{device_status_txn} of C{device_id} (the
-    identity device's when None), in one step.
+    C{(UserRecord or None, device status, current devices)} for a login: the account, L{device_status_txn} of
+    C{device_id} (the identity device's when None), and the account's devices not revoked (id -> published prekeys),
+    for the server's cache, in one step.
     """
     record = get_user_txn(txn, user)
     if record is None:
-        return None, (None, None, 0)
-    return record, device_status_txn(txn, user, device_id or bytes(record.fingerprint)[:DEVICE_ID_SIZE])
+        return None, (None, None, 0), {}
+    current = {bytes(d): bool(p) for d, p in txn.execute(
+        "SELECT device_id, prekeys FROM devices WHERE user = ? AND revoked_at IS NULL", (user,))}
+    return record, device_status_txn(txn, user, device_id or bytes(record.fingerprint)[:DEVICE_ID_SIZE]), current
 
 
 def set_last_seen_txn(txn, user, device_id, at):
@@ -3602,10 +3605,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         """
         self.factory.check_throttle(self, user, purpose)
         if device is not False:
-            record, status = await self.factory.store.login_record(user, device)
+            record, status, current = await self.factory.store.login_record(user, device)
             if record is None:
                 self.factory.proof_failed(self, user)
                 raise AuthFailed()
+            self.factory.devices_read(user, current)  # a user who logs in is likely to send, or be sent to, soon
             return record, load_public_key(record.public_key), status
         record = await self.factory.store.get_user(user)
         if record is None:
@@ -4736,16 +4740,21 @@ class PagerServerFactory(protocol.Factory):
                 except UnknownUser:
                     unknown.append(name)
                     continue
-                known = _DeviceSet({r.device_id: r.prekeys for r in records if r.revoked_at is None})
-                self._device_sets[name] = known
-                while len(self._device_sets) > self.DEVICE_CACHE:
-                    self._device_sets.popitem(last=False)
+                known = self.devices_read(name, {r.device_id: r.prekeys for r in records if r.revoked_at is None})
             else:
                 self._device_sets.move_to_end(name)
             sets[name] = known
         if unknown:
             raise UnknownUser("No such user: %s." % ", ".join(unknown))
         return sets
+
+    def devices_read(self, user, current):
+        """Cache C{user}'s current devices as just read from the store (id -> published prekeys)."""
+        known = self._device_sets[user] = _DeviceSet(current)
+        self._device_sets.move_to_end(user)
+        while len(self._device_sets) > self.DEVICE_CACHE:
+            self._device_sets.popitem(last=False)
+        return known
 
     def devices_cached(self, names):
         """Whether the device sets of all of C{names} are in the cache (L{device_sets} then reads nothing)."""
