@@ -4792,8 +4792,11 @@ class PagerClient:
 #### Key files ####
 
 # A user's private key lives in HOME/<server id>/<user>/key.p12: PKCS#12 that openssl reads, encrypted with
-# PBES2 (AES-256-CBC, PBKDF2-HMAC-SHA256, 600,000 iterations), mode 0600 in a 0700 directory.  HOME/known_servers
-# (mode 0600) says which server id each address presented, as ssh's known_hosts does for host keys.
+# PBES2 (AES-256-CBC, PBKDF2-HMAC-SHA256, 600,000 iterations), mode 0600 in a 0700 directory.  That is the
+# identity key, on the account's identity device.  A machine linked to the account as another device holds its own
+# device key instead, in HOME/<server id>/<user>/device.p12 (same format, same passphrase rules) and no key.p12.
+# HOME/known_servers (mode 0600) says which server id each address presented, as ssh's known_hosts does for host
+# keys.
 
 
 class KeyFileError(PagerError):
@@ -4815,6 +4818,7 @@ class TokenFileError(KeyFileError):
 
 
 KEY_FILE_NAME = "key.p12"
+DEVICE_FILE_NAME = "device.p12"  # a linked device's own key (see Session.start)
 TOKEN_FILE_NAME = "token.enc"
 PBKDF2_ROUNDS = 600000
 
@@ -4847,6 +4851,46 @@ def user_directory(home, server_id, user):
     private_directory(home)
     private_directory(home, server_id)
     return private_directory(home, server_id, user)
+
+
+def holds_key(directory):
+    """Whether a user directory holds a key: the identity key (key.p12) or a linked device's (device.p12)."""
+    return any(os.path.lexists(os.path.join(directory, name)) for name in (KEY_FILE_NAME, DEVICE_FILE_NAME))
+
+
+def format_device_id(device):
+    """A device id (16 bytes, or their 32 hex digits) for reading: eight groups of four hex digits."""
+    text = device.hex() if isinstance(device, bytes) else device.lower()
+    return " ".join(text[i:i + 4] for i in range(0, len(text), 4))
+
+
+DEVICE_NAME_SHOWN = 40  # characters of a device name shown: its owner chose it, and it may be long
+
+
+def device_name_text(name):
+    """A device's name as shown: quoted and cut to L{DEVICE_NAME_SHOWN} characters; C{(no name)} for none."""
+    if not name:
+        return "(no name)"
+    if len(name) > DEVICE_NAME_SHOWN:
+        name = name[:DEVICE_NAME_SHOWN - 1] + "\u2026"
+    return "'%s'" % name
+
+
+def default_device_name():
+    """The name a new device gets unless one is given: this machine's host name (cut to a valid device name)."""
+    import socket
+    name = "".join(c for c in socket.gethostname().split(".")[0] if c.isprintable()).strip()[:64]
+    while name and not valid_device_name(name):
+        name = name[:-1]
+    return name or "device"
+
+
+def _remove_quietly(path):
+    """Remove the file C{path} if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def valid_server_id(server_id):
@@ -5087,6 +5131,12 @@ class NoKey(PagerError):
     code = "no_key"
 
 
+class NotIdentityDevice(NoKey):
+    """This machine is a linked device of the account: what was asked needs the identity key, which is elsewhere."""
+
+    code = "not_identity_device"
+
+
 class NetworkError(PagerError):
     """The server cannot be reached."""
 
@@ -5288,6 +5338,9 @@ class Session:
         self._backoff = None  # the wait before the next reconnection attempt
         self.server_id = None  # the id of the server whose directory this session uses
         self.known = KnownServers(self.home)
+        self.linked = False  # whether this machine is a linked device of the account (device.p12, no key.p12)
+        self.needs_identity = None  # what the command does, when it needs the identity key (not a linked device's)
+        self.link_name = None  # the name a device linked by connect gets (default: this machine's host name)
 
     def _made(self, protocol):
         self._last_protocol = protocol
@@ -5543,6 +5596,16 @@ class Session:
     def key_path(self):
         return os.path.join(self.directory, KEY_FILE_NAME)
 
+    @property
+    def device_path(self):
+        return os.path.join(self.directory, DEVICE_FILE_NAME)
+
+    def refuse_linked(self, what):
+        """L{NotIdentityDevice}, in one sentence: C{what} (a verb phrase) runs on the machine with the identity key."""
+        return NotIdentityDevice(
+            "This machine is a linked device of %s, not the one that holds %s's identity key: %s on that machine."
+            % (self.user, self.user, what))
+
     async def locate(self, client):
         """Ask for the user name if needed; find (not create) the user's directory for this server, by its id."""
         if self.user is None:
@@ -5593,10 +5656,23 @@ class Session:
                 self.key, passphrase = await self.unlock_key(self.key_path)
                 await self._login_with_token(client, passphrase)
                 self.passphrase = passphrase
-            else:
-                existing = await self.may_make_key(client)
+            elif os.path.lexists(self.device_path):
+                # A linked device: its own key, no safetoken (that belongs to the identity device).
+                if self.needs_identity is not None:
+                    raise self.refuse_linked(self.needs_identity)
                 await self.open_local(client)
-                await self._first_use(client, existing)
+                self.key, passphrase = await self.unlock_key(self.device_path)
+                self.linked = True
+                await self._login(client)
+                self.passphrase = passphrase
+            else:
+                way = await self.may_make_key(client)
+                await self.open_local(client)
+                if way == "link":
+                    await self.link(client, self.link_name or default_device_name())
+                    await self._login(client)
+                else:
+                    await self._first_use(client, way == "rekey")
         except BaseException:
             self._abandon(client)
             raise
@@ -5610,6 +5686,16 @@ class Session:
         client.close()
 
     async def _login(self, client):
+        if self.linked:
+            device = device_id(self.key).hex()
+            try:
+                self.pending = await client.login(self.user, None, self.key, self.receive, device=device)
+                return self.pending
+            except AuthFailed:
+                raise AuthFailed("Login as %s from this device (id %s) failed: the account no longer has it (it was "
+                                 "revoked, or the account was re-keyed); move %s away and link this machine again "
+                                 "with 'pager-cli link-device %s --user %s'."
+                                 % (self.user, format_device_id(device), self.device_path, self.address, self.user))
         try:
             self.pending = await client.login(self.user, self.token, self.key, self.receive)
             return self.pending
@@ -5624,7 +5710,7 @@ class Session:
         except OSError:
             return []
         return sorted(name for name in names if valid_server_id(name) and name != server_id
-                      and os.path.exists(os.path.join(self.home, name, self.user, KEY_FILE_NAME)))
+                      and holds_key(os.path.join(self.home, name, self.user)))
 
     async def may_make_key(self, client):
         """
@@ -5632,12 +5718,13 @@ class Session:
         C{forget-server}, was another server where this machine holds the user's key.  An address known_servers
         does not list (a home from before it) where this machine holds the user's key under another id gets a
         warning: the server there may have been replaced.  Then ask the server whether the account exists, before
-        any key is made.  An existing account is re-keyed only by the interactive client, after asking; a new one is
-        registered by a script with C{--register}, or by the interactive client after asking.  Returns whether the
-        account exists; raises L{ServerChanged} or L{NoKey}.
+        any key is made.  For an existing account the interactive client offers to link this machine as a new
+        device (the default) or to re-key the account; a new one is registered by a script with C{--register}, or by
+        the interactive client after asking.  Returns what to do: C{"link"}, C{"rekey"} or C{"register"}; raises
+        L{ServerChanged} or L{NoKey}.
         """
         for old in self.known.forgotten(self.known_address):
-            if old != client.server_id and os.path.exists(os.path.join(self.home, old, self.user, KEY_FILE_NAME)):
+            if old != client.server_id and holds_key(os.path.join(self.home, old, self.user)):
                 raise ServerChanged(self.address, old, client.server_id, self.trust_command, message=(
                     "This machine already holds a key for %s at %s under the server id %s, which that address "
                     "presented before 'forget-server'; it now presents %s, so pager makes no new key there: a "
@@ -5662,6 +5749,7 @@ class Session:
         except BadRequest:
             exists = False  # a server older than "exists": registering then tells whether the name is taken
         copy = "copy it here with 'pager-cli export-key' there and 'pager-cli import-key' here"
+        link = "pager-cli link-device %s --user %s" % (self.address, self.user)
         registered = ("%s's registration is closed, so %s can only be an existing account there" if closed
                       else "%s is registered on %s") % ((self.address, self.user) if closed
                                                         else (self.user, self.address))
@@ -5671,17 +5759,31 @@ class Session:
                 raise Forbidden("This server does not take new users; ask its operator. If %s has an account "
                                 "there, %s." % (self.user, copy))
             if not self.prompter.interactive:
-                raise NoKey("%s, but this machine has no key for it: %s (or, if the key is lost, re-key the "
-                            "account with its safetoken in 'pager-cli connect')." % (registered, copy))
-            self.prompter.say("%s (server id %s), but this machine has no key for it. If you have it on another "
-                              "machine, %s. Otherwise this machine can make a new key and re-key the account with "
-                              "its safetoken: messages sent to the old key can then never be read, and everyone who "
-                              "pinned it is warned." % (registered, client.server_id, copy))
-            if not await self.prompter.confirm("Make a new key for %s and re-key the account?" % self.user):
-                raise NoKey("No key made: %s has no key on this machine (%s)." % (self.user, copy))
-            return True
+                raise NoKey("%s, but this machine has no key for it: link this machine to the account as a new "
+                            "device with '%s' (approved on the machine that holds %s's key), or %s (or, if the key "
+                            "is lost, re-key the account with its safetoken in 'pager-cli connect')."
+                            % (registered, link, self.user, copy))
+            self.prompter.say(
+                "%s (server id %s), but this machine has no key for it. Choose:\n"
+                "  l  link this machine to %s as a new device (recommended): it gets its own key, and you approve it "
+                "on the machine that holds %s's key with the code shown here;\n"
+                "  r  make a new key and re-key the account with its safetoken, if the key is lost: messages sent "
+                "to the old key can then never be read, %s's other devices are dropped, and everyone who pinned "
+                "the key is warned;\n"
+                "  n  neither (to use the same key here instead, %s)."
+                % (registered, client.server_id, self.user, self.user, self.user, copy))
+            while True:
+                answer = (await self.prompter.ask("Link, re-key or neither? [L/r/n] ")).lower()
+                if answer in ("", "l", "link"):
+                    return "link"
+                if answer in ("r", "re-key", "rekey"):
+                    return "rekey"
+                if answer in ("n", "no", "neither"):
+                    raise NoKey("No key made: %s has no key on this machine (link it with '%s', or %s)."
+                                % (self.user, link, copy))
+                self.prompter.say("Answer l (link this machine), r (re-key the account) or n (neither).")
         if self.config.get("register"):
-            return False
+            return "register"
         if not self.prompter.interactive:
             raise NoKey("This machine has no key for %s on %s (server id %s): if %s has a key on another machine, "
                         "copy it here with 'pager-cli export-key' and 'pager-cli import-key'; to make a new key and "
@@ -5693,7 +5795,7 @@ class Session:
         if not await self.prompter.confirm("Make a new key for %s and register it there?" % self.user):
             raise NoKey("No key made: %s is not registered on %s from this machine (or bring an existing key with "
                         "'pager-cli import-key')." % (self.user, self.address))
-        return False
+        return "register"
 
     async def _first_use(self, client, existing=False):
         """
@@ -5761,6 +5863,61 @@ class Session:
         self.key, self.token = key, token
         await self._login(client)
         return token
+
+    @property
+    def link_command(self):
+        """The command that approves a link request of this user on the identity machine, without its code."""
+        words = ["pager-cli", "link-device", self.address, "--user", self.user]
+        if self.config["tls"]:
+            words.append("--tls")
+        return " ".join(shlex.quote(word) for word in words)
+
+    async def link(self, client, name, show=None):
+        """
+        Link this machine to the account as a new device: make its key (under a new passphrase, as at
+        registration), send the server a link request authenticated by a one-time code, show the code with the
+        command that approves it on the machine holding the identity key, and wait for the approval (the server
+        keeps a request L{LINK_TTL} seconds).  Meanwhile the key waits in C{device.p12.new}; it takes its final name
+        only once approved, and a request that expires, fails or is interrupted (Ctrl-C) leaves no key behind.  The
+        connection can then log in as the device (L{_login}).
+        """
+        show = show or self.prompter.say
+        try:
+            passphrase = await self.new_passphrase("this device's key")
+        except usage.UsageError:
+            raise usage.UsageError(
+                "Linking this machine to %s makes it a key of its own: give that key's new passphrase in "
+                "PAGER_PASSPHRASE or --passphrase-file (or choose --no-passphrase)." % self.user)
+        self.prompter.say("Generating a %d-bit RSA key for this device..." % RSA_BITS)
+        key = await self.in_thread(generate_private_key)
+        pending = self.device_path + ".new"
+        try:
+            await self.in_thread(save_private_key, pending, key, passphrase)
+        except OSError as e:
+            raise LocalError("Cannot save the new device key in %s: %s." % (self.directory, e.strerror))
+        stopping = []
+        trigger = self.reactor.addSystemEventTrigger("before", "shutdown", lambda: stopping.append(True) or
+                                                     _remove_quietly(pending))
+        try:
+            text, secret = new_link_code()
+            await client.link_request(self.user, key, name, secret)
+            show("To link this machine to %s, run this on the machine that holds %s's key within %d minutes:\n\n"
+                 "    %s %s\n\nIt shows this device as %s (id %s): check that before approving it. Waiting "
+                 "for the approval (Ctrl-C cancels)..."
+                 % (self.user, self.user, LINK_TTL // 60, self.link_command, text, device_name_text(name),
+                    format_device_id(device_id(key))))
+            await client.wait_linked()
+            os.replace(pending, self.device_path)
+        except BaseException:
+            _remove_quietly(pending)
+            raise
+        finally:
+            if not stopping:
+                self.reactor.removeSystemEventTrigger(trigger)
+        self.key, self.passphrase, self.linked = key, passphrase, True
+        show("Linked: this machine is now %s's device %s (id %s); its key is saved in %s. It reads the messages "
+             "sent from now on, not older ones." % (self.user, device_name_text(name),
+                                                    format_device_id(device_id(key)), self.device_path))
 
     async def reconnect(self, say):
         """
