@@ -48,9 +48,10 @@ import unicodedata
 try:
     from cryptography.exceptions import InvalidSignature, InvalidTag
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils as asym_utils
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils as asym_utils, x25519
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
     from twisted.application import service
     from twisted.enterprise import adbapi
     from twisted.internet import defer, endpoints, interfaces, protocol, task, threads
@@ -83,7 +84,14 @@ RSA_MAX_BITS = 8192  # longer keys are refused too: they only cost the server ti
 RSA_EXPONENT = 65537
 PSS_SALT_LENGTH = 32  # fixed by the format, so that OpenSSL can verify with rsa_pss_saltlen:32
 
-ENVELOPE_TAG = b"pager-envelope-v1"
+ENVELOPE_TAG = b"pager-envelope-v2"  # what a sender writes
+ENVELOPE_TAG_V1 = b"pager-envelope-v1"  # queued before version 3: still opened, never sent
+DEVICE_TAG = b"pager-device-v1"  # a device certificate, signed by the identity key
+REVOCATION_TAG = b"pager-device-revoked-v1"  # a device revocation, signed by the identity key
+SIGNED_PREKEY_TAG = b"pager-signed-prekey-v1"  # a signed prekey, signed by the device key
+WRAP_TAG = b"pager-x25519-wrap-v1"  # the HKDF info of an X25519 key wrap
+LINK_REQUEST_TAG = b"pager-link-request-v1"  # the MAC of a new device's link request
+LINK_ANSWER_TAG = b"pager-link-answer-v1"  # the MAC of the identity device's answer
 SIGNATURE_TAG = b"pager-signature-v1"
 COMMITMENT_TAG = b"pager-key-commitment-v1"
 AUTH_TAG = b"pager-auth-v2"  # proof-of-possession signatures; distinct from every envelope tag (v2 names the server)
@@ -109,6 +117,14 @@ CONNECT_TIMEOUT = 15  # seconds a client waits for the TCP connection, then as l
 PING_TIMEOUT = 30  # seconds a client waits for the answer to a keepalive ping before it drops the connection
 FRAME_MARGIN = 1024  # bytes of a message frame besides its header and chunks (the other fields, quotes, commas)
 DAY = 86400  # seconds
+DEVICE_ID_SIZE = 16  # bytes of a device id: the first half of its key's fingerprint (32 hex digits on the wire)
+MAX_DEVICE_NAME_BYTES = 64  # UTF-8 bytes of a device's name ("laptop", "cron box")
+PREKEY_ROTATION = 7 * DAY  # seconds between a device's signed prekeys
+PREKEY_LIFETIME = 14 * DAY  # seconds a signed prekey is valid for (valid_until - valid_from)
+PREKEY_SKEW = DAY  # seconds a signed prekey may be used before its valid_from (clocks differ)
+X25519_KEY_SIZE = 32
+MAX_WRAPS = 512  # wrapped keys (recipient devices) one envelope holds
+LINK_SECRET_SIZE = 10  # bytes (80 bits) of the one-time code that links a new device
 SEEN_MARGIN = DAY  # seconds a client remembers a message id past the server's message expiry
 CLIENT_CLOSE_GRACE = 3.0  # seconds a client's close waits for the server to read what it wrote; then it aborts
 _MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
@@ -247,6 +263,32 @@ class BadSignature(EnvelopeError):
     """The signature does not verify."""
 
 
+class PrekeyUnavailable(EnvelopeError):
+    """The prekey this message was sealed for is gone from this device: it was used by another message or expired."""
+
+
+class PrekeyUnusable(EnvelopeError):
+    """The signed prekey is expired or not yet valid, or no X25519 key: no message is sealed or opened with it."""
+
+
+class BadCertificate(PagerError):
+    """A device certificate, revocation or signed prekey does not verify against the key that should have signed it."""
+
+    code = "bad_certificate"
+
+
+class NoPrekeys(PagerError):
+    """A recipient device has no usable signed prekey on the server, so the message was not sent."""
+
+    code = "no_prekeys"
+
+
+class BadLinkCode(PagerError):
+    """The link code is not the 16 letters and digits the new device shows (like 7K3M-Q2ZR-8D1X-VH4B)."""
+
+    code = "bad_link_code"
+
+
 class BadKey(PagerError):
     """The key is not a valid RSA public key of 2048 to 8192 bits."""
 
@@ -333,6 +375,12 @@ class Forbidden(ProtocolError):
     code = "forbidden"
 
 
+class DevicesChanged(ProtocolError):
+    """The recipients' devices have changed since the message was sealed: fetch them again and seal it anew."""
+
+    code = "devices_changed"
+
+
 class InternalError(ProtocolError):
     """The server failed to carry out the request."""
 
@@ -368,7 +416,8 @@ ERROR_CODES = {
     cls.code: cls
     for cls in (
         BadRequest, NotAuthenticated, AuthFailed, UserExists, UnknownUser, UnknownMessage, TooLarge,
-        QuotaExceeded, StorageFull, RateLimited, Forbidden, InternalError, BadKey, IdleTimeout,
+        QuotaExceeded, StorageFull, RateLimited, Forbidden, InternalError, BadKey, IdleTimeout, DevicesChanged,
+        BadCertificate,
     )
 }
 
@@ -503,6 +552,310 @@ def format_fingerprint(fp):
     """A fingerprint for reading aloud: 16 groups of four hex digits."""
     text = fp.hex()
     return " ".join(text[i:i + 4] for i in range(0, len(text), 4))
+
+
+def device_id(key):
+    """A device's id: the first L{DEVICE_ID_SIZE} bytes of its RSA key's fingerprint (public or private key)."""
+    return fingerprint(key)[:DEVICE_ID_SIZE]
+
+
+def valid_device_name(name):
+    """
+    Whether C{name} can name a device: 1 to 64 bytes of UTF-8, printable (no control, format or separator character
+    but the space), no space at either end.
+    """
+    return (isinstance(name, str) and 1 <= len(name.encode("utf-8", "replace")) <= MAX_DEVICE_NAME_BYTES
+            and name.isprintable() and name == name.strip())
+
+
+_U64 = struct.Struct(">Q")
+
+
+def _b64text(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+def _seconds(value):
+    """Whether C{value} is a whole number of seconds that fits a u64 (booleans are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 64
+
+
+def _prekey_id(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2 ** 32
+
+
+def _pss_verify(public_key, signature, data, what):
+    """Check an RSA-PSS-SHA256 signature over C{data}; raise L{BadCertificate} naming C{what}."""
+    if not isinstance(signature, bytes):
+        raise BadCertificate("The %s's signature is not bytes." % what)
+    try:
+        public_key.verify(signature, data, _PSS, hashes.SHA256())
+    except InvalidSignature:
+        raise BadCertificate("The %s's signature does not verify." % what)
+
+
+def _json_field(obj, name, kind, what):
+    """C{obj[name]} if C{obj} is a dict holding a value of type C{kind} there; else L{BadCertificate}."""
+    if not isinstance(obj, dict):
+        raise BadCertificate("The %s is not a JSON object." % what)
+    value = obj.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadCertificate("The %s's %r field is missing or of the wrong type." % (what, name))
+    return value
+
+
+def _json_b64(obj, name, what, size=None, max_size=1024):
+    value = _json_field(obj, name, str, what)
+    try:
+        data = base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise BadCertificate("The %s's %r field is not base64." % (what, name))
+    if (size is not None and len(data) != size) or len(data) > max_size:
+        raise BadCertificate("The %s's %r field has the wrong length." % (what, name))
+    return data
+
+
+def _json_device_id(value, what):
+    if not isinstance(value, str) or len(value) != 2 * DEVICE_ID_SIZE or not re.fullmatch("[0-9a-f]*", value):
+        raise BadCertificate("The %s's device id is not %d lower-case hex digits." % (what, 2 * DEVICE_ID_SIZE))
+    return bytes.fromhex(value)
+
+
+def _json_user(user, what):
+    if not valid_username(user):
+        raise BadCertificate("The %s names no valid user." % what)
+    return user
+
+
+def _check_device_fields(user, device, what):
+    if not valid_username(user):
+        raise BadCertificate("The %s names no valid user." % what)
+    if not isinstance(device, bytes) or len(device) != DEVICE_ID_SIZE:
+        raise BadCertificate("The %s's device id is not %d bytes." % (what, DEVICE_ID_SIZE))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceCertificate:
+    """
+    The identity key's statement that a device key belongs to C{user}: user, device id, the device's public key (DER
+    SubjectPublicKeyInfo), its name and creation time (whole seconds), signed by the identity key.
+    """
+
+    user: str
+    device_id: bytes
+    public_key_der: bytes
+    name: str
+    created: int
+    signature: bytes
+
+    def signed_bytes(self):
+        """The exact bytes the identity key signs (PROTOCOL.md, "Device certificates")."""
+        _check_device_fields(self.user, self.device_id, "device certificate")
+        if not valid_device_name(self.name):
+            raise BadCertificate("The device's name is not 1-64 bytes of printable text.")
+        if not _seconds(self.created):
+            raise BadCertificate("The device certificate's creation time is not a number of seconds.")
+        if not isinstance(self.public_key_der, bytes):
+            raise BadCertificate("The device certificate's key is not bytes.")
+        return (_lp(DEVICE_TAG) + _lp(self.user.encode("ascii")) + _lp(self.device_id) + _lp(self.public_key_der)
+                + _lp(self.name.encode("utf-8")) + _U64.pack(self.created))
+
+    def public_key(self):
+        """The device's RSA public key, checked with L{check_public_key}; L{BadCertificate} if it is none."""
+        try:
+            return check_public_key(serialization.load_der_public_key(self.public_key_der))
+        except BadKey as e:
+            raise BadCertificate("The device key is not usable: %s" % e.message)
+        except Exception:  # ValueError, UnsupportedAlgorithm and others for garbage
+            raise BadCertificate("The device key is not a DER SubjectPublicKeyInfo.")
+
+    def verify(self, identity_public_key):
+        """Check the certificate against the user's identity key; return the device's public key."""
+        data = self.signed_bytes()
+        key = self.public_key()
+        if not hmac.compare_digest(device_id(key), self.device_id):
+            raise BadCertificate("The device id is not the one of the device key.")
+        _pss_verify(identity_public_key, self.signature, data, "device certificate")
+        return key
+
+    def to_json(self):
+        """The device's fields of the wire's device object (the user is named by the frame around it)."""
+        return {"id": self.device_id.hex(), "public_key": public_key_pem(self.public_key()), "name": self.name,
+                "created": self.created, "certificate": _b64text(self.signature)}
+
+    @classmethod
+    def from_json(cls, obj, user):
+        """
+        The certificate of C{user}'s device from a wire device object; L{BadCertificate} for any missing or malformed
+        field (the signature is not checked here: call L{verify}).
+        """
+        what = "device certificate"
+        device = _json_device_id(_json_field(obj, "id", str, what), what)
+        try:
+            key = load_public_key(_json_field(obj, "public_key", str, what))
+        except BadKey as e:
+            raise BadCertificate("The device key is not usable: %s" % e.message)
+        der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        name = _json_field(obj, "name", str, what)
+        if not valid_device_name(name):
+            raise BadCertificate("The device's name is not 1-64 bytes of printable text.")
+        created = _json_field(obj, "created", int, what)
+        if not _seconds(created):
+            raise BadCertificate("The device certificate's creation time is not a number of seconds.")
+        signature = _json_b64(obj, "certificate", what)
+        certificate = cls(_json_user(user, what), device, der, name, created, signature)
+        certificate.signed_bytes()
+        return certificate
+
+
+def certify_device(identity_private_key, user, device_public_key, name, created):
+    """The identity key's L{DeviceCertificate} for C{device_public_key}.  An RSA signature: off the reactor thread."""
+    if isinstance(device_public_key, rsa.RSAPrivateKey):
+        device_public_key = device_public_key.public_key()
+    der = check_public_key(device_public_key).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    unsigned = DeviceCertificate(user, device_id(device_public_key), der, name, created, b"")
+    signature = identity_private_key.sign(unsigned.signed_bytes(), _PSS, hashes.SHA256())
+    return dataclasses.replace(unsigned, signature=signature)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceRevocation:
+    """The identity key's statement that C{user}'s device C{device_id} is revoked since C{revoked_at} (seconds)."""
+
+    user: str
+    device_id: bytes
+    revoked_at: int
+    signature: bytes
+
+    def signed_bytes(self):
+        """The exact bytes the identity key signs (PROTOCOL.md, "Device revocations")."""
+        _check_device_fields(self.user, self.device_id, "device revocation")
+        if not _seconds(self.revoked_at):
+            raise BadCertificate("The revocation time is not a number of seconds.")
+        return (_lp(REVOCATION_TAG) + _lp(self.user.encode("ascii")) + _lp(self.device_id)
+                + _U64.pack(self.revoked_at))
+
+    def verify(self, identity_public_key):
+        """Check the revocation against the user's identity key; raises L{BadCertificate}."""
+        _pss_verify(identity_public_key, self.signature, self.signed_bytes(), "device revocation")
+
+    def to_json(self):
+        """The wire form: C{{"device", "at", "signature"}} (a device object's C{revoked} holds "at" and "signature")."""
+        return {"device": self.device_id.hex(), "at": self.revoked_at, "signature": _b64text(self.signature)}
+
+    @classmethod
+    def from_json(cls, obj, user, device=None):
+        """
+        C{user}'s revocation from its wire form; the device id is C{obj["device"]} or, for a device object's
+        C{revoked} member, the C{device} given (bytes).  L{BadCertificate} for any malformed field.
+        """
+        what = "device revocation"
+        if device is None:
+            device = _json_device_id(_json_field(obj, "device", str, what), what)
+        at = _json_field(obj, "at", int, what)
+        revocation = cls(_json_user(user, what), device, at, _json_b64(obj, "signature", what))
+        revocation.signed_bytes()
+        return revocation
+
+
+def revoke_device(identity_private_key, user, device, at):
+    """The identity key's L{DeviceRevocation} of C{user}'s device C{device} (bytes) at C{at} (whole seconds)."""
+    unsigned = DeviceRevocation(user, device, at, b"")
+    return dataclasses.replace(unsigned, signature=identity_private_key.sign(unsigned.signed_bytes(), _PSS,
+                                                                             hashes.SHA256()))
+
+
+def _x25519_public(data, what="prekey"):
+    """An X25519 public key from its 32 raw bytes; L{BadCertificate} otherwise."""
+    if not isinstance(data, bytes) or len(data) != X25519_KEY_SIZE:
+        raise BadCertificate("The %s is not %d bytes." % (what, X25519_KEY_SIZE))
+    return x25519.X25519PublicKey.from_public_bytes(data)
+
+
+def x25519_public_bytes(key):
+    """The 32 raw bytes of an X25519 public key (or of a private key's public half)."""
+    if isinstance(key, x25519.X25519PrivateKey):
+        key = key.public_key()
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedPrekey:
+    """
+    A device's medium-term X25519 key, signed by the device key: C{public} (32 raw bytes) under a random
+    C{prekey_id} (1 to 2**32-1), valid from C{valid_from} to C{valid_until} (whole seconds).
+    """
+
+    user: str
+    device_id: bytes
+    prekey_id: int
+    public: bytes
+    valid_from: int
+    valid_until: int
+    signature: bytes
+
+    def signed_bytes(self):
+        """The exact bytes the device key signs (PROTOCOL.md, "Signed prekeys")."""
+        _check_device_fields(self.user, self.device_id, "signed prekey")
+        if not _prekey_id(self.prekey_id):
+            raise BadCertificate("The signed prekey's id is not 1 to 2**32-1.")
+        _x25519_public(self.public, "signed prekey")
+        if not (_seconds(self.valid_from) and _seconds(self.valid_until) and self.valid_from < self.valid_until):
+            raise BadCertificate("The signed prekey's validity is not a span of seconds.")
+        return (_lp(SIGNED_PREKEY_TAG) + _lp(self.user.encode("ascii")) + _lp(self.device_id)
+                + _U32.pack(self.prekey_id) + _lp(self.public) + _U64.pack(self.valid_from)
+                + _U64.pack(self.valid_until))
+
+    def verify(self, device_public_key):
+        """Check the signature with the device's key; raises L{BadCertificate}."""
+        _pss_verify(device_public_key, self.signature, self.signed_bytes(), "signed prekey")
+
+    def usable_at(self, t):
+        """Whether a message may be sealed to it at time C{t}: from a day before valid_from to valid_until."""
+        return self.valid_from - PREKEY_SKEW <= t <= self.valid_until
+
+    def to_json(self):
+        return {"id": self.prekey_id, "public": _b64text(self.public), "valid_from": self.valid_from,
+                "valid_until": self.valid_until, "signature": _b64text(self.signature)}
+
+    @classmethod
+    def from_json(cls, obj, user, device):
+        """C{user}'s device C{device} (bytes)'s signed prekey from its wire form; L{BadCertificate} if malformed."""
+        what = "signed prekey"
+        prekey = cls(
+            _json_user(user, what), device, _json_field(obj, "id", int, what),
+            _json_b64(obj, "public", what, X25519_KEY_SIZE), _json_field(obj, "valid_from", int, what),
+            _json_field(obj, "valid_until", int, what), _json_b64(obj, "signature", what),
+        )
+        prekey.signed_bytes()
+        return prekey
+
+
+def sign_prekey(device_private_key, user, prekey_id, public, valid_from, valid_until):
+    """The device key's L{SignedPrekey} over the X25519 public key C{public} (32 raw bytes)."""
+    unsigned = SignedPrekey(user, device_id(device_private_key), prekey_id, public, valid_from, valid_until, b"")
+    return dataclasses.replace(unsigned, signature=device_private_key.sign(unsigned.signed_bytes(), _PSS,
+                                                                           hashes.SHA256()))
+
+
+@dataclasses.dataclass(frozen=True)
+class OneTimePrekey:
+    """A device's single-use X25519 public key (unsigned, as in X3DH): the server hands each out at most once."""
+
+    prekey_id: int
+    public: bytes
+
+    def to_json(self):
+        return {"id": self.prekey_id, "public": _b64text(self.public)}
+
+    @classmethod
+    def from_json(cls, obj):
+        what = "one-time prekey"
+        prekey_id = _json_field(obj, "id", int, what)
+        if not _prekey_id(prekey_id):
+            raise BadCertificate("The one-time prekey's id is not 1 to 2**32-1.")
+        return cls(prekey_id, _json_b64(obj, "public", what, X25519_KEY_SIZE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -950,6 +1303,57 @@ def hash_token(token, salt):
 def check_token(token, salt, expected):
     """Whether C{token} hashes to C{expected}, compared in constant time."""
     return hmac.compare_digest(hash_token(token, salt), expected)
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's base32: no I, L, O, U
+_CROCKFORD_TYPOS = str.maketrans({"O": "0", "I": "1", "L": "1"})
+_LINK_CODE_LENGTH = LINK_SECRET_SIZE * 8 // 5  # 16 characters of 5 bits
+
+
+def new_link_code():
+    """
+    A fresh one-time link code: C{(text, secret)}, the text being the L{LINK_SECRET_SIZE}-byte secret in 16
+    characters of Crockford's base32, four groups of four joined by dashes, for a person to read and type.
+    """
+    secret = secrets.token_bytes(LINK_SECRET_SIZE)
+    n = int.from_bytes(secret, "big")
+    chars = "".join(_CROCKFORD[(n >> (5 * i)) & 31] for i in reversed(range(_LINK_CODE_LENGTH)))
+    return "-".join(chars[i:i + 4] for i in range(0, _LINK_CODE_LENGTH, 4)), secret
+
+
+def parse_link_code(text):
+    """
+    The secret of a link code as typed: case does not matter, spaces and dashes are ignored, O reads as 0 and I or L
+    as 1.  Raises L{BadLinkCode}.  A mistyped character that is still a code character gives another secret, which
+    the other device's MAC check then refuses.
+    """
+    if not isinstance(text, str):
+        raise BadLinkCode()
+    chars = "".join(text.split()).replace("-", "").upper().translate(_CROCKFORD_TYPOS)
+    if len(chars) != _LINK_CODE_LENGTH or not all(c in _CROCKFORD for c in chars):
+        raise BadLinkCode()
+    n = 0
+    for c in chars:
+        n = n << 5 | _CROCKFORD.index(c)
+    return n.to_bytes(LINK_SECRET_SIZE, "big")
+
+
+def link_request_mac(secret, server_id, user, device_public_der, name):
+    """
+    The new device's MAC over its link request (the user, its key's DER SubjectPublicKeyInfo and its name, on that
+    server), keyed with the link code's secret: the identity device accepts only the key whose code it was told.
+    """
+    return hmac.new(secret, _lp(LINK_REQUEST_TAG) + _lp(server_id.encode("ascii")) + _lp(user.encode("ascii"))
+                    + _lp(device_public_der) + _lp(name.encode("utf-8")), hashlib.sha256).digest()
+
+
+def link_answer_mac(secret, server_id, certificate):
+    """
+    The identity device's MAC over the certificate it made for the new device, keyed with the same secret: the new
+    device accepts only a certificate from whoever was told the code.
+    """
+    return hmac.new(secret, _lp(LINK_ANSWER_TAG) + _lp(server_id.encode("ascii")) + _lp(certificate.signed_bytes())
+                    + _lp(certificate.signature), hashlib.sha256).digest()
 
 
 #### Frames ####
