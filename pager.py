@@ -125,6 +125,7 @@ PREKEY_SKEW = DAY  # seconds a signed prekey may be used before its valid_from (
 X25519_KEY_SIZE = 32
 MAX_WRAPS = 512  # wrapped keys (recipient devices) one envelope holds
 LINK_SECRET_SIZE = 10  # bytes (80 bits) of the one-time code that links a new device
+LINK_TTL = 600  # seconds the server keeps a link request for the identity device to approve
 SEEN_MARGIN = DAY  # seconds a client remembers a message id past the server's message expiry
 CLIENT_CLOSE_GRACE = 3.0  # seconds a client's close waits for the server to read what it wrote; then it aborts
 _MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
@@ -6627,13 +6628,18 @@ def _lines_text(text):
     return "%d line%s" % (lines, "" if lines == 1 else "s")
 
 
-def describe_message(message, saved_path=None, elsewhere=False, cut=False):
+def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_from=None):
     """
     How an incoming message is shown: time, sender, trust mark, then the text (indented when it has lines).
     C{elsewhere} marks a message from outside the chat's current conversation (a leading \u00bb); with C{cut},
-    a long text shows only its first lines and a note that it is saved whole in C{saved_path}.
+    a long text shows only its first lines and a note that it is saved whole in C{saved_path}.  A message the user
+    sent from another of their devices (C{sent_from}: that device's name, as L{device_name_text} shows it) is shown
+    as sent: C{you (on 'laptop') \u2192 bob: ...}.
     """
-    if message.key_status in ("pinned", "verified"):
+    if sent_from is not None:
+        mark = "you (on %s) \u2192 %s:" % (sent_from, ", ".join(
+            r for r in message.recipients if r != message.sender) or "your other devices")
+    elif message.key_status in ("pinned", "verified"):
         mark = "\u2713"
     elif message.key_status == "new":
         mark = "\u2713 (first message: key pinned)"
@@ -6641,15 +6647,19 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False):
         mark = "\u26a0 KEY CHANGED, NOT VERIFIED: see /fingerprint %s, then /trust %s" % (
             message.sender, message.sender)
     when = message.accepted_at if message.accepted_at is not None else message.timestamp
-    head = "[%s] %s%s %s" % (_clock(when), "\u00bb " if elsewhere else "", message.sender, mark)
+    if sent_from is not None:
+        head = "[%s] %s%s" % (_clock(when), "\u00bb " if elsewhere else "", mark)
+    else:
+        head = "[%s] %s%s %s" % (_clock(when), "\u00bb " if elsewhere else "", message.sender, mark)
     if message.skewed:
         head += " (signed at %s by the sender's clock)" % _date_clock(message.timestamp)
     others = [r for r in message.recipients if r != message.sender]
-    if len(others) > 1:
+    if len(others) > 1 and sent_from is None:
         head += " (to %s)" % ", ".join(others)
     if message.content_type == "file":
-        return "%s sent the file %s (%s), saved as %s" % (
-            head, message.filename, _size_text(len(message.plaintext)), saved_path)
+        return "%s%s the file %s (%s), saved as %s" % (
+            head, " sent" if sent_from is None else "", message.filename, _size_text(len(message.plaintext)),
+            saved_path)
     text = message.plaintext.decode("utf-8", "replace").rstrip("\n")
     note = None
     if cut:
@@ -6878,6 +6888,7 @@ Every line you type goes to the open conversation (its name is the prompt); comm
   /fingerprint [NAME]        your key's fingerprint, or NAME's and whether it is pinned, verified or changed
   /verify NAME               record that you compared NAME's fingerprint with NAME (by phone or in person)
   /trust NAME                accept NAME's new key after checking its fingerprint
+  /devices [NAME]            your devices, or NAME's (pager-cli link-device adds one, revoke-device removes one)
   /whoami                    who you are, on which server
   /help                      this text
   /quit                      leave (Ctrl-D too)
@@ -6901,6 +6912,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self._old_receipts = []  # receipts of earlier messages pushed at login, summed up in one line
         self._gathering = False  # whether receipts of earlier messages are being gathered for that line
         self._receipts_quiet = None  # the timer that ends the gathering
+        self._device_names = {}  # user -> {device id: name}, for naming the device a message of ours came from
         session.wire = self._wire
 
     # -- wiring --
@@ -6921,6 +6933,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         client.on_rejected = self.message_rejected
         client.on_disconnect = self.disconnected
         client.on_failure = self.hand_off_failed
+        client.on_devices_changed = self.devices_changed
         self._gathering = True  # a login begins: the receipts the server kept for us come first
 
     def _logged_in(self):
@@ -7237,10 +7250,18 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         _, current = await s.client.public_key(user, refresh=True)
         return current, await s.store.key_status(user, current), await s.store.get_pin(user)
 
+    async def _own_fingerprint(self):
+        """The fingerprint of the user's identity key: this machine's key, or, on a linked device, the one it joined."""
+        s = self.session
+        return (await s.client.public_key(s.user))[1] if s.linked else fingerprint(s.key)
+
     async def command_whoami(self, rest):
         s = self.session
         lines = ["%s on %s (server id %s); your key's fingerprint:" % (s.user, s.address, s.client.server_id),
-                 "    " + format_fingerprint(fingerprint(s.key))]
+                 "    " + format_fingerprint(await self._own_fingerprint())]
+        if s.linked:
+            lines.append("This machine is your linked device %s (its own key; the identity key is on another "
+                         "machine)." % format_device_id(device_id(s.key)))
         if self.conversation is not None:
             _, status, _ = await self._peer_key(self.conversation)
             lines.append("Talking to %s, whose key is %s." % (
@@ -7250,7 +7271,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     async def command_fingerprint(self, rest):
         s = self.session
         if not rest or canonical_username(rest) == s.user:
-            self.show("Your key (%s):\n    %s" % (s.user, format_fingerprint(fingerprint(s.key))))
+            self.show("Your key (%s):\n    %s" % (s.user, format_fingerprint(await self._own_fingerprint())))
             return
         user = canonical_username(rest)
         current, status, pin = await self._peer_key(user)
@@ -7285,6 +7306,24 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self.show("Now trusting %s's key (pinned, not verified: /verify %s once you have compared it):\n    %s"
                   % (user, user, format_fingerprint(fp)))
 
+    async def command_devices(self, rest):
+        s = self.session
+        user = canonical_username(rest) if rest else s.user
+        devices = await s.client.devices(user)
+        self._device_names[user] = {d.device_id: d.name for d in devices}
+        self.show(describe_devices(user, devices, device_id(s.key) if user == s.user else None))
+
+    async def _device_name(self, user, device):
+        """The name of C{user}'s device C{device}, as shown (asked of the server once, then kept until it changes)."""
+        names = self._device_names.get(user)
+        if names is None or device not in names:
+            try:
+                names = self._device_names[user] = {d.device_id: d.name for d in await self.session.client.devices(
+                    user)}
+            except (PagerError, defer.CancelledError):
+                names = {}
+        return device_name_text(names[device]) if device in names else "another device"
+
     async def command_history(self, rest):
         peer = canonical_username(rest) if rest else None
         entries = await self.session.store.history(peer)
@@ -7318,14 +7357,41 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 name = "message from %s %s.txt" % (message.sender, time.strftime(
                     "%Y-%m-%d %H.%M.%S", time.localtime(message.accepted_at or message.timestamp)))
                 saved = await self.session.in_thread(save_incoming_file, directory, name, message.plaintext)
-        if message.sender != self.session.user:
+        s = self.session
+        own = message.sender == s.user and message.sender_device != device_id(s.key)
+        if own:
+            # Sent by this user from another of their devices: shown, and kept in the history, as sent.
+            sent_from = await self._device_name(s.user, message.sender_device)
+            peers = [r for r in message.recipients if r != s.user]
+            elsewhere = self.conversation is not None and self.conversation not in peers
+            self.show(describe_message(message, saved, elsewhere=elsewhere, cut=True, sent_from=sent_from))
+            await s.store.add_history(HistoryEntry(
+                message.accepted_at or message.timestamp, "out", ",".join(peers) or s.user,
+                message.message_id.hex(), message.content_type, message.filename,
+                message.plaintext if message.content_type == "text" else b"", "sent from %s" % sent_from))
+            return
+        if message.sender != s.user:
             self.last_sender = message.sender
         elsewhere = self.conversation is not None and message.sender != self.conversation
         self.show(describe_message(message, saved, elsewhere=elsewhere, cut=True))
-        await self.session.store.add_history(HistoryEntry(
+        await s.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
             message.key_status))
+
+    def devices_changed(self, user, added, revoked):
+        """A line for each device C{user} added or revoked (each certified by, or revoked with, the pinned key)."""
+        names = self._device_names.setdefault(user, {})
+        who = "you" if user == self.session.user else user
+        for device in added:
+            names[device.device_id] = device.name
+            self.show("[%s] %s added a device %s (id %s)" % (
+                _clock(self.reactor.seconds()), who, device_name_text(device.name),
+                format_device_id(device.device_id)))
+        for device in revoked:
+            self.show("[%s] %s revoked the device %s (id %s)" % (
+                _clock(self.reactor.seconds()), who, device_name_text(device.name),
+                format_device_id(device.device_id)))
 
     def hand_off_failed(self, error, sender):
         """An incoming message (or receipt) could not be saved, shown or recorded: it stays on the server."""
@@ -7883,6 +7949,12 @@ class NotDelivered(PagerError):
     code = "not_delivered"
 
 
+class UnknownDevice(PagerError):
+    """No device of the user has that id or name."""
+
+    code = "unknown_device"
+
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK, EXIT_LOCAL = range(8)
 EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM before the command finished
 
@@ -8282,6 +8354,82 @@ class FingerprintOptions(_ClientOptions):
             raise usage.UsageError(e.message)
 
 
+def _device_name_option(name):
+    if name is not None and not valid_device_name(name):
+        raise usage.UsageError("A device name is 1 to %d bytes of printable text, with no space at either end."
+                               % MAX_DEVICE_NAME_BYTES)
+    return name
+
+
+class LinkDeviceOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--name DEVICE_NAME] [CODE]"
+    longdesc = ("Add a device (a laptop, a cron box) to your account, in two steps. On the NEW machine, without CODE: "
+                "makes this machine's own key (under a new passphrase, as at registration), prints a one-time code "
+                "and the command to run with it, and waits up to 10 minutes for the approval (Ctrl-C cancels, and "
+                "then nothing is kept); once approved, the key is saved and this machine logs in as that device. On "
+                "the machine that holds your key, with the CODE the new machine printed: shows the new device's "
+                "name and id, asks to confirm (--yes for scripts) and approves it. Neither the server nor anyone "
+                "without the code can add a device. The new device reads messages sent from then on.")
+    not_applicable = ("skew-window", "no-history")
+    option_help = {"no-passphrase": "Store the new device's key without a passphrase (for unattended use; anyone "
+                                    "who can read the file can use the key)."}
+    optParameters = [["name", None, None, "The new device's name, as its owner and contacts see it [default: this "
+                                          "machine's host name]; with CODE, the name to give the device instead of "
+                                          "the one it asked for."]]
+    optFlags = [["yes", "y", "With CODE: approve without asking (check the device's name and id first)."],
+                ["force", None, "Without CODE: link this machine again with a new key though it already is a device "
+                                "of the user (one that was revoked)."]]
+
+    def parseArgs(self, server, code=None):
+        self["server"], self["code"] = server, code
+
+    def postOptions(self):
+        super().postOptions()
+        self["name"] = _device_name_option(self["name"])
+        if self["code"] is not None:
+            try:
+                self["secret"] = parse_link_code(self["code"])
+            except BadLinkCode as e:
+                raise usage.UsageError(e.message)
+            if self["force"]:
+                raise usage.UsageError("--force goes with linking the new machine (without CODE).")
+        elif self["yes"]:
+            raise usage.UsageError("--yes goes with approving a device (with the CODE it shows).")
+
+
+class RevokeDeviceOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME DEVICE [--yes]"
+    longdesc = ("Remove one of your devices (a lost laptop), on the machine that holds your key: DEVICE is its id "
+                "(as 'devices' lists it; an unambiguous start of it is enough) or its name. Asks to confirm (--yes "
+                "for scripts). The device can no longer log in, gets no new message, and your contacts' clients show "
+                "that it was revoked. The identity device itself cannot be revoked.")
+    not_applicable = ("no-passphrase", "skew-window", "no-history")
+    optFlags = [["yes", "y", "Revoke without asking."]]
+
+    def parseArgs(self, server, device):
+        self["server"], self["device"] = server, device
+
+
+class DevicesOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--of USER] [--json]"
+    longdesc = ("List your devices (or --of USER's), each certified by the user's identity key: name, id, when it "
+                "was added, when it was last seen (your own devices only) and whether it was revoked.")
+    not_applicable = ("no-passphrase", "skew-window", "no-history")
+    optParameters = [["of", None, None, "List this user's devices instead of yours."]]
+    optFlags = [["json", None, "Print one JSON object."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+    def postOptions(self):
+        super().postOptions()
+        if self["of"] is not None:
+            try:
+                self["of"] = canonical_username(self["of"])
+            except BadRequest as e:
+                raise usage.UsageError(e.message)
+
+
 class TrustServerOptions(_GnuOptions):
     synopsis = "HOST[:PORT] [--tls [--ca FILE]] [--id SERVER_ID]"
     longdesc = ("Accept the server id that HOST[:PORT] presents now, after its operator confirmed a deliberate move: "
@@ -8447,6 +8595,9 @@ class Options(_CommandOptions):
         ["fingerprint", None, FingerprintOptions, "Show a key's fingerprint and whether it is verified."],
         ["verify", None, VerifyOptions, "Mark a user's key verified after comparing fingerprints."],
         ["trust", None, TrustOptions, "Accept a user's changed key."],
+        ["devices", None, DevicesOptions, "List a user's devices."],
+        ["link-device", None, LinkDeviceOptions, "Add a device to your account (run on both machines)."],
+        ["revoke-device", None, RevokeDeviceOptions, "Remove one of your devices."],
         ["trust-server", None, TrustServerOptions, "Accept a server's new id at a known address."],
         ["forget-server", None, ForgetServerOptions, "Forget which server id an address presented."],
         ["make-cert", None, MakeCertOptions, "Make a self-signed TLS certificate for a server."],
@@ -8521,7 +8672,7 @@ def exit_code(error):
         return EXIT_USAGE
     if isinstance(error, (AuthFailed, KeyFileError, NoKey)):
         return EXIT_AUTH
-    if isinstance(error, UnknownUser):
+    if isinstance(error, (UnknownUser, UnknownDevice)):
         return EXIT_UNKNOWN_USER
     if isinstance(error, (KeyChanged, ServerChanged)):
         return EXIT_KEY_TRUST
@@ -8750,9 +8901,12 @@ async def _export_key_command(reactor, config):
     finally:
         await client.close()
     if not os.path.exists(session.key_path):
+        if os.path.lexists(session.device_path):
+            raise session.refuse_linked("export the key")
         raise NoKey("This machine has no key for %s on %s (server id %s)." % (
             session.user, session.address, session.server_id))
     key = await session.load_key(session.key_path)
+    session.prompter.say(IMPORT_MAKES_IDENTITY % {"user": session.user})
     passphrase = await session.new_passphrase("the exported key")
     data = await session.in_thread(encode_private_key, key, passphrase)
     try:
@@ -8761,6 +8915,12 @@ async def _export_key_command(reactor, config):
         raise LocalError("Cannot write %s: %s." % (config["out"], e.strerror))
     session.prompter.say("Wrote %s's key (fingerprint %s) to %s." % (
         session.user, format_fingerprint(fingerprint(key)), config["out"]))
+
+
+IMPORT_MAKES_IDENTITY = (
+    "Note: the machine that imports this key becomes %(user)s's identity device in place of this one (its prekeys "
+    "replace this machine's, so this one then reads no new message); to use pager on both machines, add the other "
+    "one with 'pager-cli link-device' instead.")
 
 
 async def _import_key_command(reactor, config):
@@ -8777,6 +8937,10 @@ async def _import_key_command(reactor, config):
         await session.open_local(client)
         if os.path.lexists(session.key_path) and not config["force"]:
             raise usage.UsageError("This machine already has a key for %s; use --force to replace it." % session.user)
+        if os.path.lexists(session.device_path) and not config["force"]:
+            raise usage.UsageError("This machine is a linked device of %s already (%s): use --force to make it the "
+                                   "identity device instead, then revoke the device it was." % (
+                                       session.user, session.device_path))
         try:
             key = await session.in_thread(decode_private_key, data, "", config["file"])
         except WrongPassphrase:
@@ -8796,6 +8960,9 @@ async def _import_key_command(reactor, config):
             session.store.close()
     prompter.say("Installed %s's key (fingerprint %s) in %s." % (
         session.user, format_fingerprint(fingerprint(key)), session.key_path))
+    prompter.say("This machine is now %s's identity device: its prekeys replace those of the machine the key came "
+                 "from, which then reads no new message; to use both machines, keep the key on one and add the other "
+                 "with 'pager-cli link-device'." % session.user)
 
 
 async def _check_imported_key(session, client, key):
@@ -8830,10 +8997,13 @@ async def _passwd_command(reactor, config):
         await session.locate(client)
     finally:
         await client.close()
-    if not os.path.lexists(session.key_path):
+    path = session.key_path
+    if not os.path.lexists(path) and os.path.lexists(session.device_path):
+        path = session.device_path  # a linked device's key: no safetoken is kept with it
+    if not os.path.lexists(path):
         raise NoKey("This machine has no key for %s on %s (server id %s)." % (
             session.user, session.address, session.server_id))
-    key, old = await session.unlock_key(session.key_path)
+    key, old = await session.unlock_key(path)
     try:
         token = await session.in_thread(load_token, session.token_path, old, session.server_id, session.user)
     except TokenFileError as e:
@@ -8848,12 +9018,12 @@ async def _passwd_command(reactor, config):
     if config["no-passphrase"]:
         session.prompter.say("Warning: your private key is now kept without a passphrase: whoever can read the "
                              "file can read your messages and page as you.")
-    await session.in_thread(save_private_key, session.key_path, key, new)
+    await session.in_thread(save_private_key, path, key, new)
     if token is not None:
         await session.in_thread(save_token, session.token_path, token, new, session.server_id, session.user)
     elif os.path.exists(session.token_path):
         os.unlink(session.token_path)
-    print("Changed the passphrase of %s's key on this machine (%s)." % (session.user, session.key_path))
+    print("Changed the passphrase of %s's key on this machine (%s)." % (session.user, path))
 
 
 async def _token_command(reactor, config):
@@ -8865,6 +9035,7 @@ async def _token_command(reactor, config):
             raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
     elif not session.prompter.interactive:
         raise usage.UsageError("Give the new safetoken with --new-token-file.")
+    session.needs_identity = "change the safetoken"
     client = await session.start(receive=False)
     try:
         if new is None:
@@ -8890,7 +9061,9 @@ async def _fingerprint_command(reactor, config):
     client = await session.start(receive=False)
     try:
         if config["name"] is None or config["name"] == session.user:
-            name, fp, status = session.user, fingerprint(session.key), "own"
+            # On a linked device, the identity key's fingerprint: the one contacts compare, not the device's.
+            own = (await client.public_key(session.user))[1] if session.linked else fingerprint(session.key)
+            name, fp, status = session.user, own, "own"
         else:
             name = config["name"]
             fp, status = await client.key_status(name)
@@ -8975,6 +9148,159 @@ async def _forget_server_command(reactor, config):
     else:
         print("Forgot that %s is the server id %s: the next command remembers the id it presents then (keys kept "
               "under %s stay on this machine)." % (address, previous, previous))
+
+
+def _device_record(info, this_device=None):
+    """A device as C{devices --json} prints it."""
+    return {"id": info.device_id.hex(), "name": info.name, "created": info.created, "last_seen": info.last_seen,
+            "revoked": info.revoked_at, "identity": info.identity, "this_device": info.device_id == this_device}
+
+
+def describe_device(info, this_device=None):
+    """One line about a device: name, id, when it was added, last seen (own devices only), revoked, which it is."""
+    parts = ["%-42s %s" % (device_name_text(info.name), format_device_id(info.device_id))]
+    parts.append("added %s" % (_date_clock(info.created) if info.created else "before devices were certified"))
+    if info.last_seen is not None:
+        parts.append("last seen %s" % _date_clock(info.last_seen))
+    if info.revoked_at is not None:
+        parts.append("REVOKED %s" % _date_clock(info.revoked_at))
+    if info.identity:
+        parts.append("identity key")
+    if this_device is not None and info.device_id == this_device:
+        parts.append("this machine")
+    return "  ".join(parts)
+
+
+def describe_devices(user, devices, this_device=None):
+    """The lines of C{devices} and the chat's C{/devices}: current devices first, then revoked ones."""
+    current = [d for d in devices if d.revoked_at is None]
+    revoked = [d for d in devices if d.revoked_at is not None]
+    head = "%s has %d device%s%s:" % (user, len(current), "" if len(current) == 1 else "s",
+                                      " (and %d revoked)" % len(revoked) if revoked else "")
+    return "\n".join([head] + ["  " + describe_device(d, this_device) for d in current + revoked])
+
+
+async def _devices_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.start(receive=False)
+    try:
+        user = config["of"] or session.user
+        devices = await client.devices(user)
+    finally:
+        await session.close()
+    this = device_id(session.key) if user == session.user else None
+    if config["json"]:
+        print(json.dumps({"user": user, "devices": [_device_record(d, this) for d in devices]}))
+    else:
+        print(describe_devices(user, devices, this))
+
+
+async def _link_device_command(reactor, config):
+    if config["code"] is not None:
+        await _approve_link_command(reactor, config)
+        return
+    prompter = Prompter(reactor, interactive=os.isatty(0))
+    session = Session(reactor, config, prompter)
+    session.receive = False  # its first login takes no message: the next command or chat does
+    client = session.client = await session.connect()
+    try:
+        await session.locate(client)
+        if os.path.lexists(session.key_path):
+            raise usage.UsageError(
+                "This machine already holds %s's key: link a new machine by running 'pager-cli link-device' there, "
+                "then '%s CODE' here with the code it shows." % (session.user, session.link_command))
+        if os.path.lexists(session.device_path) and not config["force"]:
+            raise usage.UsageError(
+                "This machine already is a device of %s (%s); if that device was revoked, link it again with "
+                "--force." % (session.user, session.device_path))
+        await session.open_local(client)
+        name = config["name"] or default_device_name()
+        await session.link(client, name, show=lambda text: print(text, flush=True))
+        await session._login(client)
+    finally:
+        await session.close()
+
+
+def _request_for_code(requests, secret, server_id, user):
+    """The link request (of those pending) whose MAC the code's secret makes, or None."""
+    for request in requests:
+        der = request.public_key.public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        if hmac.compare_digest(request.mac, link_request_mac(secret, server_id, user, der, request.name)):
+            return request
+    return None
+
+
+async def _approve_link_command(reactor, config):
+    prompter = Prompter(reactor, interactive=os.isatty(0))
+    if not config["yes"] and not prompter.interactive:
+        raise usage.UsageError("Approving a device asks first: run it on a terminal, or give --yes once you have "
+                               "checked the new device's name and id.")
+    session = Session(reactor, config, prompter)
+    session.needs_identity = "approve the new device with its code"
+    client = await session.start(receive=False)
+    try:
+        request = _request_for_code(await client.link_pending(), config["secret"], client.server_id, session.user)
+        if request is None:
+            raise AuthFailed("No device is waiting to join %s with that code (it was mistyped, used already, or "
+                             "older than %d minutes): nothing was approved." % (session.user, LINK_TTL // 60))
+        new = device_id(request.public_key)
+        name = config["name"] or request.name
+        prompter.say("A new device asks to join %s: %s, id %s%s." % (
+            session.user, device_name_text(request.name), format_device_id(new),
+            " (to be named %s)" % device_name_text(name) if name != request.name else ""))
+        if not config["yes"] and not await prompter.confirm(
+                "Is that the device you are linking, with that id shown on its screen? Add it to %s?" % session.user):
+            raise Cancelled("Not approved: the device was not added (its request expires by itself).")
+        await client.approve_link(request, name, config["secret"])
+    finally:
+        await session.close()
+    print("Added the device %s (id %s) to %s: it reads the messages sent to %s from now on; 'pager-cli "
+          "revoke-device' removes it." % (device_name_text(name), format_device_id(new), session.user, session.user))
+
+
+def _find_device(devices, text):
+    """The device C{text} names: its id (spaces ignored), an unambiguous start of it, or its name."""
+    digits = "".join(text.split()).lower()
+    named = [d for d in devices if d.name == text]
+    if not named and re.fullmatch("[0-9a-f]{4,%d}" % (DEVICE_ID_SIZE * 2), digits):
+        named = [d for d in devices if d.device_id.hex().startswith(digits)]
+    if not named:
+        named = [d for d in devices if d.name is not None and d.name.casefold() == text.casefold()]
+    current = [d for d in named if d.revoked_at is None]
+    if len(current) > 1:
+        raise usage.UsageError("%r names %d devices (%s): give more of the id." % (
+            text, len(current), ", ".join("%s %s" % (device_name_text(d.name), format_device_id(d.device_id))
+                                          for d in current)))
+    return current[0] if current else named[0] if named else None
+
+
+async def _revoke_device_command(reactor, config):
+    prompter = Prompter(reactor, interactive=os.isatty(0))
+    if not config["yes"] and not prompter.interactive:
+        raise usage.UsageError("Revoking a device asks first: run it on a terminal, or give --yes.")
+    session = Session(reactor, config, prompter)
+    session.needs_identity = "revoke the device"
+    client = await session.start(receive=False)
+    try:
+        device = _find_device(await client.devices(session.user), config["device"])
+        if device is None:
+            raise UnknownDevice("%s has no device with the id or name %r ('pager-cli devices' lists them)."
+                                % (session.user, config["device"]))
+        shown = "%s (id %s)" % (device_name_text(device.name), format_device_id(device.device_id))
+        if device.identity:
+            raise usage.UsageError("%s is the identity device, which holds %s's key, and cannot be revoked: to "
+                                   "replace a lost key, re-key the account with its safetoken in 'pager-cli "
+                                   "connect'." % (shown, session.user))
+        if device.revoked_at is not None:
+            raise usage.UsageError("%s was revoked already, at %s." % (shown, _date_clock(device.revoked_at)))
+        if not config["yes"] and not await prompter.confirm("Revoke %s's device %s?" % (session.user, shown)):
+            raise Cancelled("Not revoked: nothing changed.")
+        await client.revoke_device(device.device_id)
+    finally:
+        await session.close()
+    print("Revoked %s's device %s: it can no longer log in or receive messages, and your contacts see that it was "
+          "revoked." % (session.user, shown))
 
 
 def make_certificate(hostname, addresses=(), days=825, now=None):
@@ -9096,7 +9422,8 @@ _CLIENT_COMMANDS = {
     "connect": _connect_command, "send": _send_command, "fetch": _fetch_command, "users": _users_command,
     "export-key": _export_key_command, "import-key": _import_key_command, "passwd": _passwd_command,
     "token": _token_command, "fingerprint": _fingerprint_command, "verify": _verify_command,
-    "trust": _trust_command,
+    "trust": _trust_command, "devices": _devices_command, "link-device": _link_device_command,
+    "revoke-device": _revoke_device_command,
     "trust-server": _trust_server_command, "forget-server": _forget_server_command,
 }
 
