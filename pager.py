@@ -6169,7 +6169,7 @@ class Session:
                             "is lost, re-key the account with its safetoken in 'pager-cli connect')."
                             % (registered, link, self.user, copy))
             self.prompter.say(
-                "%s (server id %s), but this machine has no key for it. Choose:\n"
+                "%s (server id %s), but this machine has no key for it. It can:\n"
                 "  l  link this machine to %s as a new device (recommended): it gets its own key, and you approve it "
                 "on the machine that holds %s's key with the code shown here;\n"
                 "  r  make a new key and re-key the account with its safetoken, if the key is lost: messages sent "

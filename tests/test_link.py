@@ -1,0 +1,215 @@
+"""
+Devices as a person meets them: C{pager-cli link-device} on a new machine and on the machine holding the identity
+key, C{revoke-device}, C{devices}, a linked device's logins and the commands it leaves to the identity machine, and
+the chat's lines about devices.  Commands run in-process against a real server on a loopback port
+(L{tests.test_cli.CLITestCase.run_command}); what only a process shows (Ctrl-C while a link waits) runs as a child.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import re
+import signal
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+import pager
+from tests.test_cli import CLITestCase
+from tests.test_e2e import key, token
+from tests.test_keys import PASSPHRASE, KeysTestCase, ScriptedPrompter
+from tests.test_terminal import ChatTestCase
+
+CODE = re.compile(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}")
+
+
+@dataclasses.dataclass
+class Device:
+    """What the chat and the listing read of a device (the fields of the client's device records)."""
+
+    device_id: bytes
+    name: str = None
+    created: float = None
+    last_seen: float = None
+    revoked_at: float = None
+    identity: bool = False
+
+
+class ShowingTests(unittest.TestCase):
+    """How devices and their names are written for a person."""
+
+    def test_names_quoted_and_cut(self):
+        """A device's name is quoted and cut to DEVICE_NAME_SHOWN characters; one with no name says so."""
+        self.assertEqual(pager.device_name_text("laptop"), "'laptop'")
+        long = pager.device_name_text("x" * 64)
+        self.assertEqual(len(long), pager.DEVICE_NAME_SHOWN + 2)
+        self.assertTrue(long.endswith("\u2026'"))
+        self.assertEqual(pager.device_name_text(None), "(no name)")
+
+    def test_device_id_grouped(self):
+        """A device id is read as eight groups of four hex digits, from bytes or hex alike."""
+        device = bytes(range(16))
+        self.assertEqual(pager.format_device_id(device), "0001 0203 0405 0607 0809 0a0b 0c0d 0e0f")
+        self.assertEqual(pager.format_device_id(device.hex().upper()), pager.format_device_id(device))
+
+    def test_listing(self):
+        """The listing names every device with its id and dates; revoked ones come last and say so."""
+        now = 1800000000
+        this = Device(b"\x01" * 16, "laptop", now - 86400, now, None, False)
+        home = Device(b"\x02" * 16, "desk", now - 2 * 86400, now - 3600, None, True)
+        lost = Device(b"\x03" * 16, "phone", now - 3 * 86400, None, now - 60, False)
+        text = pager.describe_devices("alice", [lost, this, home], this_device=this.device_id)
+        lines = text.split("\n")
+        self.assertEqual(lines[0], "alice has 2 devices (and 1 revoked):")
+        self.assertIn("'laptop'", lines[1])
+        self.assertIn("0101 0101", lines[1])
+        self.assertIn("this machine", lines[1])
+        self.assertIn("last seen %s" % pager._date_clock(now), lines[1])
+        self.assertIn("identity key", lines[2])
+        self.assertIn("REVOKED", lines[3])
+        self.assertIn("'phone'", lines[3])
+
+    def test_own_message_from_another_device(self):
+        """A message of the user's own from another device is shown as sent, naming the device and recipients."""
+        message = pager.OpenedMessage(
+            **{f.name: None for f in dataclasses.fields(pager.OpenedMessage)})
+        message = dataclasses.replace(message, sender="alice", recipients=("alice", "bob"), content_type="text",
+                                      plaintext=b"on my way", timestamp=1800000000.0, accepted_at=1800000000.0,
+                                      key_status="pinned", skewed=False)
+        text = pager.describe_message(message, sent_from="'laptop'")
+        self.assertIn("you (on 'laptop') \u2192 bob: on my way", text)
+        self.assertNotIn("\u2713", text)
+
+
+class OptionsTests(unittest.TestCase):
+    """What link-device, revoke-device and devices take on the command line."""
+
+    def parse(self, *argv):
+        options = pager.Options()
+        options.parseOptions(list(argv))
+        return options.subOptions
+
+    def test_link_code_parsed(self):
+        """A link code is read as typed (case, spaces and dashes do not matter); a malformed one is bad usage."""
+        text, secret = pager.new_link_code()
+        self.assertEqual(self.parse("link-device", "HOST", "--user", "alice", text.lower().replace("-", " "))
+                         ["secret"], secret)
+        with self.assertRaises(pager.usage.UsageError):
+            self.parse("link-device", "HOST", "--user", "alice", "1234")
+
+    def test_flags_belong_to_one_side(self):
+        """--yes goes with a code (approving), --force without one (the new machine); a bad --name is refused."""
+        text, _ = pager.new_link_code()
+        for argv in (["--yes"], ["--force", text], ["--name", " padded "], ["--name", "tab\there"]):
+            with self.assertRaises(pager.usage.UsageError):
+                self.parse("link-device", "HOST", "--user", "alice", *argv)
+        self.assertTrue(self.parse("link-device", "HOST", "--user", "alice", text, "-y")["yes"])
+
+    def test_help_lists_device_commands(self):
+        """pager-cli --help lists the device commands, and each has its own help."""
+        help_text = str(pager.Options())
+        for command in ("devices", "link-device", "revoke-device"):
+            self.assertIn(command, help_text)
+            options = pager.Options()
+            self.patch(sys, "stdout", io.StringIO())
+            with self.assertRaises(SystemExit):
+                options.parseOptions([command, "--help"])
+            self.assertIn("Usage: pager-cli %s" % command, sys.stdout.getvalue())
+
+
+class LinkedMachineTestCase(KeysTestCase):
+    """A machine that holds a linked device's key (device.p12) for alice, and no key.p12."""
+
+    def install_device_key(self, home, name="alice", passphrase=""):
+        directory = pager.user_directory(home, self.server_id, name)
+        path = os.path.join(directory, pager.DEVICE_FILE_NAME)
+        pager.save_private_key(path, key(name + "-device"), passphrase)
+        return path
+
+
+class IdentityOnlyTests(LinkedMachineTestCase):
+    """What needs the identity key says so, on a linked device, in one sentence and before logging in."""
+
+    async def test_token_and_export_refused(self):
+        """token and export-key on a linked device: one sentence naming the identity machine, exit 3."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        self.install_device_key(home)
+        os.environ.update(PAGER_TOKEN=token("alice"))
+        new_token = os.path.abspath(self.mktemp())
+        with open(new_token, "w") as f:
+            f.write("a new safetoken\n")
+        os.chmod(new_token, 0o600)
+        out = os.path.abspath(self.mktemp())
+        for argv in (["token", self.host, "--user", "alice", "--new-token-file", new_token, "--home", home],
+                     ["export-key", self.host, "--user", "alice", "--out", out, "--home", home]):
+            result = await self.cli(*argv)
+            line = self.assertOneErrorLine(result, pager.EXIT_AUTH)
+            self.assertIn("linked device of alice", line)
+            self.assertIn("identity key", line)
+        self.assertFalse(os.path.exists(out))
+        client = await self.login(self.address, "alice")  # the safetoken did not change
+        await client.close()
+
+    async def test_import_over_a_linked_device_needs_force(self):
+        """import-key on a linked device says it would become the identity device, and needs --force."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        self.install_device_key(home)
+        path = os.path.abspath(self.mktemp())
+        pager.save_private_key(path, key("alice"), "")
+        result = await self.cli("import-key", self.host, "--user", "alice", path, "--home", home,
+                                "--no-passphrase", env={"PAGER_TOKEN": token("alice")})
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertIn("--force", line)
+        self.assertFalse(os.path.exists(os.path.join(self.user_dir(home, "alice"), pager.KEY_FILE_NAME)))
+        result = await self.cli("import-key", self.host, "--user", "alice", path, "--home", home,
+                                "--no-passphrase", "--force", env={"PAGER_TOKEN": token("alice")})
+        self.assertExit(result, 0)
+        self.assertIn("identity device", result.err)
+        self.assertIn("link-device", result.err)
+
+    async def cli(self, *argv, env=None):
+        """Run C{pager-cli ARGV} in-process (CLITestCase.run_command), standard input not a terminal."""
+        saved = dict(os.environ)
+        extra = dict(env or {})
+        if "PAGER_TOKEN" in os.environ:
+            extra.setdefault("PAGER_TOKEN", os.environ["PAGER_TOKEN"])
+        try:
+            return await CLITestCase.run_command(self, *argv, env=extra)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+class NewMachineQuestionTests(KeysTestCase):
+    """An existing account on a machine with no key: linking is offered first; scripts are told of link-device."""
+
+    async def test_script_names_link_device(self):
+        """A script command's NoKey sentence names 'pager-cli link-device' with the address and user."""
+        await self.serve()
+        await self.account("alice")
+        error, _ = await self.failed_session(self.home(), pager.NoKey, interactive=False)
+        self.assertIn("pager-cli link-device %s --user alice" % self.host, error.message)
+        self.assertIn("import-key", error.message)
+
+    async def test_connect_offers_link_first(self):
+        """connect's question offers linking (the default), re-keying and neither; "n" makes nothing."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        made = []
+        self.patch(pager, "generate_private_key", lambda: made.append(1))
+        error, prompter = await self.failed_session(home, pager.NoKey, ["what?", "n"])
+        self.assertEqual(prompter.prompts, ["Link, re-key or neither? [L/r/n] "] * 2)
+        text = prompter.text()
+        self.assertLess(text.index("link this machine"), text.index("re-key the account"))
+        self.assertIn("recommended", text)
+        self.assertIn("Answer l", text)
+        self.assertIn("link-device", error.message)
+        self.assertEqual(made, [])
+        self.assertFalse(os.path.exists(os.path.join(self.user_dir(home, "alice"), pager.KEY_FILE_NAME)))
