@@ -7310,8 +7310,9 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         s = self.session
         user = canonical_username(rest) if rest else s.user
         devices = await s.client.devices(user)
+        identity = (await s.client.public_key(user))[1][:DEVICE_ID_SIZE]
         self._device_names[user] = {d.device_id: d.name for d in devices}
-        self.show(describe_devices(user, devices, device_id(s.key) if user == s.user else None))
+        self.show(describe_devices(user, devices, identity, device_id(s.key) if user == s.user else None))
 
     async def _device_name(self, user, device):
         """The name of C{user}'s device C{device}, as shown (asked of the server once, then kept until it changes)."""
@@ -9150,13 +9151,14 @@ async def _forget_server_command(reactor, config):
               "under %s stay on this machine)." % (address, previous, previous))
 
 
-def _device_record(info, this_device=None):
+def _device_record(info, identity, this_device=None):
     """A device as C{devices --json} prints it."""
     return {"id": info.device_id.hex(), "name": info.name, "created": info.created, "last_seen": info.last_seen,
-            "revoked": info.revoked_at, "identity": info.identity, "this_device": info.device_id == this_device}
+            "revoked": info.revoked_at, "identity": info.device_id == identity,
+            "this_device": info.device_id == this_device}
 
 
-def describe_device(info, this_device=None):
+def describe_device(info, identity, this_device=None):
     """One line about a device: name, id, when it was added, last seen (own devices only), revoked, which it is."""
     parts = ["%-42s %s" % (device_name_text(info.name), format_device_id(info.device_id))]
     parts.append("added %s" % (_date_clock(info.created) if info.created else "before devices were certified"))
@@ -9164,20 +9166,23 @@ def describe_device(info, this_device=None):
         parts.append("last seen %s" % _date_clock(info.last_seen))
     if info.revoked_at is not None:
         parts.append("REVOKED %s" % _date_clock(info.revoked_at))
-    if info.identity:
+    if info.device_id == identity:
         parts.append("identity key")
     if this_device is not None and info.device_id == this_device:
         parts.append("this machine")
     return "  ".join(parts)
 
 
-def describe_devices(user, devices, this_device=None):
-    """The lines of C{devices} and the chat's C{/devices}: current devices first, then revoked ones."""
+def describe_devices(user, devices, identity, this_device=None):
+    """
+    The lines of C{devices} and the chat's C{/devices}: current devices first, then revoked ones.  C{identity} is
+    the id of the identity device (the first half of the identity key's fingerprint), C{this_device} this machine's.
+    """
     current = [d for d in devices if d.revoked_at is None]
     revoked = [d for d in devices if d.revoked_at is not None]
     head = "%s has %d device%s%s:" % (user, len(current), "" if len(current) == 1 else "s",
                                       " (and %d revoked)" % len(revoked) if revoked else "")
-    return "\n".join([head] + ["  " + describe_device(d, this_device) for d in current + revoked])
+    return "\n".join([head] + ["  " + describe_device(d, identity, this_device) for d in current + revoked])
 
 
 async def _devices_command(reactor, config):
@@ -9186,13 +9191,14 @@ async def _devices_command(reactor, config):
     try:
         user = config["of"] or session.user
         devices = await client.devices(user)
+        identity = (await client.public_key(user))[1][:DEVICE_ID_SIZE]
     finally:
         await session.close()
     this = device_id(session.key) if user == session.user else None
     if config["json"]:
-        print(json.dumps({"user": user, "devices": [_device_record(d, this) for d in devices]}))
+        print(json.dumps({"user": user, "devices": [_device_record(d, identity, this) for d in devices]}))
     else:
-        print(describe_devices(user, devices, this))
+        print(describe_devices(user, devices, identity, this))
 
 
 async def _link_device_command(reactor, config):
@@ -9284,11 +9290,12 @@ async def _revoke_device_command(reactor, config):
     client = await session.start(receive=False)
     try:
         device = _find_device(await client.devices(session.user), config["device"])
+        identity = device_id(session.key)
         if device is None:
             raise UnknownDevice("%s has no device with the id or name %r ('pager-cli devices' lists them)."
                                 % (session.user, config["device"]))
         shown = "%s (id %s)" % (device_name_text(device.name), format_device_id(device.device_id))
-        if device.identity:
+        if device.device_id == identity:
             raise usage.UsageError("%s is the identity device, which holds %s's key, and cannot be revoked: to "
                                    "replace a lost key, re-key the account with its safetoken in 'pager-cli "
                                    "connect'." % (shown, session.user))

@@ -34,7 +34,6 @@ class Device:
     created: float = None
     last_seen: float = None
     revoked_at: float = None
-    identity: bool = False
 
 
 class ShowingTests(unittest.TestCase):
@@ -57,10 +56,10 @@ class ShowingTests(unittest.TestCase):
     def test_listing(self):
         """The listing names every device with its id and dates; revoked ones come last and say so."""
         now = 1800000000
-        this = Device(b"\x01" * 16, "laptop", now - 86400, now, None, False)
-        home = Device(b"\x02" * 16, "desk", now - 2 * 86400, now - 3600, None, True)
-        lost = Device(b"\x03" * 16, "phone", now - 3 * 86400, None, now - 60, False)
-        text = pager.describe_devices("alice", [lost, this, home], this_device=this.device_id)
+        this = Device(b"\x01" * 16, "laptop", now - 86400, now, None)
+        home = Device(b"\x02" * 16, "desk", now - 2 * 86400, now - 3600, None)
+        lost = Device(b"\x03" * 16, "phone", now - 3 * 86400, None, now - 60)
+        text = pager.describe_devices("alice", [lost, this, home], home.device_id, this_device=this.device_id)
         lines = text.split("\n")
         self.assertEqual(lines[0], "alice has 2 devices (and 1 revoked):")
         self.assertIn("'laptop'", lines[1])
