@@ -8117,10 +8117,11 @@ class _ClientOptions(_GnuOptions):
         ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
                                    "$PAGER_TOKEN, else the one kept on this machine, else a prompt: only in "
-                                   "connect, and on a terminal token, verify and import-key)."],
+                                   "connect, and on a terminal token, verify, import-key, link-device and "
+                                   "revoke-device)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, else a "
                                         "prompt: only in connect, and on a terminal passwd, token, verify, "
-                                        "export-key and import-key)."],
+                                        "export-key, import-key, link-device and revoke-device)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.", _positive(float)],
@@ -8580,7 +8581,8 @@ class Options(_CommandOptions):
                 "(also run as 'python pager.py COMMAND', 'python -m pager COMMAND' and 'twistd pager server'). "
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
                 "3 authentication failed (safetoken, passphrase or key; no key for the user here without "
-                "--register), 4 unknown user, 5 a user's key or the server's id changed and is not trusted, "
+                "--register; a link code that matches no request; what needs the identity key run on a linked "
+                "device), 4 unknown user or device, 5 a user's key or the server's id changed and is not trusted, "
                 "6 network failure, 7 a local file or directory cannot be used (read, written or understood), 130 "
                 "interrupted before finishing.")
     _SUBCOMMANDS = [
