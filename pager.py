@@ -861,43 +861,118 @@ class OneTimePrekey:
 
 @dataclasses.dataclass(frozen=True)
 class Recipient:
+    """A recipient of a version 1 header (still opened, never sent): name, key fingerprint, RSA-OAEP wrapped key."""
+
     name: str
     fingerprint: bytes
     wrapped_key: bytes
 
 
+WRAP_RSA = 1  # the content key under RSA-OAEP to a legacy device's key
+WRAP_X25519 = 2  # the content key under a key derived from an ephemeral X25519 key and the device's prekeys
+_X25519_WRAPPED_SIZE = 32 + GCM_TAG_SIZE
+_WRAP_NONCE = bytes(12)  # every wrap has its own key, so one fixed nonce is safe
+
+
+@dataclasses.dataclass(frozen=True)
+class Wrap:
+    """
+    One entry of a header: the content key wrapped for the device C{device_id} of the user C{name}.  C{kind} is
+    L{WRAP_RSA} or L{WRAP_X25519}; the prekey ids and the ephemeral key are only for the second (0, 0 and empty
+    for the first).
+    """
+
+    name: str
+    device_id: bytes
+    kind: int
+    wrapped: bytes
+    spk_id: int = 0
+    opk_id: int = 0
+    ephemeral: bytes = b""
+
+    def encode(self):
+        head = _lp(self.name.encode("ascii")) + _lp(self.device_id) + bytes([self.kind])
+        if self.kind == WRAP_RSA:
+            return head + _lp(self.wrapped)
+        return head + _U32.pack(self.spk_id) + _U32.pack(self.opk_id) + _lp(self.ephemeral) + _lp(self.wrapped)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTarget:
+    """
+    A device to seal a message to: its user and id, and either its signed prekey (with a one-time prekey when the
+    server had one left) or, only for a legacy device that never published prekeys, its RSA key.
+    """
+
+    user: str
+    device_id: bytes
+    rsa_key: object = None
+    signed_prekey: SignedPrekey = None
+    one_time: OneTimePrekey = None
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvelopeHeader:
-    """The parsed header of an envelope; C{raw} is the exact bytes that were parsed (and are signed)."""
+    """
+    The parsed header of an envelope; C{raw} is the exact bytes that were parsed (and are signed).  A version 1
+    header parses into the same fields: each recipient becomes an RSA entry for the device named by the first half of
+    its key's fingerprint, and so does the sender's device.
+    """
 
     raw: bytes
+    version: int
     message_id: bytes
     timestamp_ms: int
     sender: str
-    sender_fingerprint: bytes
+    sender_fingerprint: bytes  # the sender's identity key
+    sender_device: bytes  # the device whose key signed
     content_type: str
     filename: str
     chunk_size: int
-    recipients: tuple
+    entries: tuple  # of Wrap, sorted by (name, device id)
     commitment: bytes
 
     @property
     def recipient_names(self):
-        return [r.name for r in self.recipients]
+        """The distinct user names of the entries, sorted (the sender's own when it wrapped for its other devices)."""
+        return sorted({e.name for e in self.entries})
 
-    def recipient(self, name):
-        for r in self.recipients:
-            if r.name == name:
-                return r
+    def entry(self, name, device):
+        """The L{Wrap} for C{name}'s device C{device} (bytes), or C{None}."""
+        for e in self.entries:
+            if e.name == name and e.device_id == device:
+                return e
         return None
 
+    def devices_of(self, name):
+        """The ids of C{name}'s devices the message is wrapped for, in header order."""
+        return [e.device_id for e in self.entries if e.name == name]
 
-def _encode_header(message_id, timestamp_ms, sender, sender_fp, content_type, filename, chunk_size, recipients,
-                   commitment):
+
+def _wrap_order(entry):
+    return entry.name.encode("ascii"), entry.device_id
+
+
+def _encode_header(message_id, timestamp_ms, sender, sender_fp, sender_device, content_type, filename, chunk_size,
+                   entries, commitment):
+    """A version 2 header; C{entries} (L{Wrap}s) are written in the order given."""
     parts = [
-        _lp(ENVELOPE_TAG), _lp(message_id), struct.pack(">Q", timestamp_ms), _lp(sender.encode("ascii")),
+        _lp(ENVELOPE_TAG), _lp(message_id), _U64.pack(timestamp_ms), _lp(sender.encode("ascii")), _lp(sender_fp),
+        _lp(sender_device), _lp(content_type.encode("ascii")), _lp(filename.encode("utf-8")), _U32.pack(chunk_size),
+        _U32.pack(len(entries)),
+    ]
+    parts += [e.encode() for e in entries]
+    parts.append(_lp(commitment))
+    return b"".join(parts)
+
+
+def _encode_header_v1(message_id, timestamp_ms, sender, sender_fp, content_type, filename, chunk_size, recipients,
+                      commitment):
+    """A version 1 header (L{Recipient}s): what clients before version 3 sent, for the tests that open one."""
+    parts = [
+        _lp(ENVELOPE_TAG_V1), _lp(message_id), _U64.pack(timestamp_ms), _lp(sender.encode("ascii")),
         _lp(sender_fp), _lp(content_type.encode("ascii")), _lp(filename.encode("utf-8")),
-        struct.pack(">I", chunk_size), struct.pack(">I", len(recipients)),
+        _U32.pack(chunk_size), _U32.pack(len(recipients)),
     ]
     for r in recipients:
         parts += [_lp(r.name.encode("ascii")), _lp(r.fingerprint), _lp(r.wrapped_key)]
@@ -907,20 +982,23 @@ def _encode_header(message_id, timestamp_ms, sender, sender_fp, content_type, fi
 
 def parse_header(raw):
     """
-    Parse and check an envelope header: every field present with its exact length, names valid, recipients sorted
-    by name without duplicates, nothing after the end.  Raises L{MalformedEnvelope}.
+    Parse and check an envelope header, version 2 or 1: every field present with its exact length, names valid,
+    entries sorted by (name, device id) without duplicates, nothing after the end.  Raises L{MalformedEnvelope}.
     """
     if not isinstance(raw, (bytes, bytearray)):
         raise MalformedEnvelope("The message header is not bytes.")
     r = _Reader(raw)
-    if r.field(64) != ENVELOPE_TAG:
-        raise MalformedEnvelope("The message is not a pager v1 envelope.")
+    tag = r.field(64)
+    if tag not in (ENVELOPE_TAG, ENVELOPE_TAG_V1):
+        raise MalformedEnvelope("The message is not a pager v2 (or v1) envelope.")
+    version = 2 if tag == ENVELOPE_TAG else 1
     message_id = r.field(MESSAGE_ID_SIZE)
     if len(message_id) != MESSAGE_ID_SIZE:
         raise MalformedEnvelope("The message id is not %d bytes." % MESSAGE_ID_SIZE)
     timestamp_ms = r.uint(">Q")
     sender = _header_name(r)
     sender_fp = _header_fingerprint(r)
+    sender_device = _header_device(r) if version == 2 else sender_fp[:DEVICE_ID_SIZE]
     try:
         content_type = r.field(16).decode("ascii")
         filename = r.field(MAX_FILENAME_BYTES).decode("utf-8")
@@ -934,24 +1012,62 @@ def parse_header(raw):
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise MalformedEnvelope("The chunk size is out of range.")
     count = r.uint(">I")
-    if not 1 <= count <= MAX_RECIPIENTS:
+    if version == 1 and not 1 <= count <= MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has 1 to %d recipients." % MAX_RECIPIENTS)
-    recipients = []
+    if not 1 <= count <= MAX_WRAPS:
+        raise MalformedEnvelope("A message has 1 to %d wrapped keys." % MAX_WRAPS)
+    entries = []
     for _ in range(count):
-        name = _header_name(r)
-        fp = _header_fingerprint(r)
-        wrapped = r.field(RSA_MAX_BITS // 8)
-        if len(wrapped) * 8 < RSA_BITS:
-            raise MalformedEnvelope("A wrapped key is too short.")
-        if recipients and name <= recipients[-1].name:
-            raise MalformedEnvelope("The recipients are not sorted by name without duplicates.")
-        recipients.append(Recipient(name, fp, wrapped))
+        entry = _header_entry(r) if version == 2 else _header_recipient_v1(r)
+        if entries and _wrap_order(entry) <= _wrap_order(entries[-1]):
+            raise MalformedEnvelope("The wrapped keys are not sorted by name and device without duplicates.")
+        entries.append(entry)
+    if len({e.name for e in entries} - {sender}) > MAX_RECIPIENTS:
+        raise MalformedEnvelope("A message has at most %d recipients besides its sender." % MAX_RECIPIENTS)
     commitment = r.field(32)
     if len(commitment) != 32:
         raise MalformedEnvelope("The key commitment is not 32 bytes.")
     r.end()
-    return EnvelopeHeader(bytes(raw), message_id, timestamp_ms, sender, sender_fp, content_type, filename,
-                          chunk_size, tuple(recipients), commitment)
+    return EnvelopeHeader(bytes(raw), version, message_id, timestamp_ms, sender, sender_fp, sender_device,
+                          content_type, filename, chunk_size, tuple(entries), commitment)
+
+
+def _header_entry(r):
+    name = _header_name(r)
+    device = _header_device(r)
+    kind = r.uint(">B")
+    if kind == WRAP_RSA:
+        return Wrap(name, device, kind, _header_rsa_wrapped(r))
+    if kind != WRAP_X25519:
+        raise MalformedEnvelope("A wrapped key is of an unknown kind.")
+    spk_id, opk_id = r.uint(">I"), r.uint(">I")
+    if spk_id == 0:
+        raise MalformedEnvelope("A wrapped key names no signed prekey.")
+    ephemeral = r.field(X25519_KEY_SIZE)
+    wrapped = r.field(_X25519_WRAPPED_SIZE)
+    if len(ephemeral) != X25519_KEY_SIZE or len(wrapped) != _X25519_WRAPPED_SIZE:
+        raise MalformedEnvelope("An X25519 wrapped key or its ephemeral key has the wrong length.")
+    return Wrap(name, device, kind, wrapped, spk_id, opk_id, ephemeral)
+
+
+def _header_recipient_v1(r):
+    name = _header_name(r)
+    fp = _header_fingerprint(r)
+    return Wrap(name, fp[:DEVICE_ID_SIZE], WRAP_RSA, _header_rsa_wrapped(r))
+
+
+def _header_rsa_wrapped(r):
+    wrapped = r.field(RSA_MAX_BITS // 8)
+    if len(wrapped) * 8 < RSA_BITS:
+        raise MalformedEnvelope("A wrapped key is too short.")
+    return wrapped
+
+
+def _header_device(r):
+    device = r.field(DEVICE_ID_SIZE)
+    if len(device) != DEVICE_ID_SIZE:
+        raise MalformedEnvelope("A device id in the message header is not %d bytes." % DEVICE_ID_SIZE)
+    return device
 
 
 def _header_name(r):
@@ -1004,35 +1120,111 @@ class Envelope:
         return sum(len(c) for c in self.chunks) - GCM_TAG_SIZE * len(self.chunks)
 
 
+def _wrap_info(message_id, sender, sender_device, recipient, recipient_device, spk_id, opk_id, ephemeral):
+    """The HKDF info of an X25519 wrap: it binds the message, both ends (users and devices), the prekeys and C{ek}."""
+    return (_lp(WRAP_TAG) + _lp(message_id) + _lp(sender.encode("ascii")) + _lp(sender_device)
+            + _lp(recipient.encode("ascii")) + _lp(recipient_device) + _U32.pack(spk_id) + _U32.pack(opk_id)
+            + _lp(ephemeral))
+
+
+def _wrap_key(ikm, info):
+    """The key-encryption key of one X25519 wrap: HKDF-SHA256 of the agreements, no salt, 32 bytes."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(ikm)
+
+
+def _ephemeral_key():
+    """A fresh X25519 key for one wrap (a function of its own, so tests can patch it to get exact vectors)."""
+    return x25519.X25519PrivateKey.generate()
+
+
+def _targets(recipients):
+    """The L{DeviceTarget}s of a Sealer's C{recipients}: a list of them, or the older mapping of name to RSA key."""
+    if isinstance(recipients, dict):
+        return [DeviceTarget(name, device_id(key), rsa_key=key) for name, key in recipients.items()]
+    return list(recipients)
+
+
+def _x25519_wrap(content_key, info_fields, target):
+    """The L{Wrap} of C{content_key} to C{target}'s prekeys; C{info_fields} are the message's part of the info."""
+    spk, opk = target.signed_prekey, target.one_time
+    opk_id = opk.prekey_id if opk is not None else 0
+    ek = _ephemeral_key()
+    ephemeral = x25519_public_bytes(ek)
+    message_id, sender, sender_device = info_fields
+    info = _wrap_info(message_id, sender, sender_device, target.user, target.device_id, spk.prekey_id, opk_id,
+                      ephemeral)
+    try:
+        ikm = ek.exchange(_x25519_public(spk.public, "signed prekey"))
+        if opk is not None:
+            ikm += ek.exchange(_x25519_public(opk.public, "one-time prekey"))
+    except (ValueError, BadCertificate):  # cryptography refuses a low-order point's all-zero agreement
+        raise PrekeyUnusable("A prekey of %s's device %s is not a usable X25519 key." % (
+            target.user, target.device_id.hex()))
+    wrapped = AESGCM(_wrap_key(ikm, info)).encrypt(_WRAP_NONCE, content_key, None)
+    return Wrap(target.user, target.device_id, WRAP_X25519, wrapped, spk.prekey_id, opk_id, ephemeral)
+
+
 class Sealer:
     """
     Seal one message incrementally: L{update} takes plaintext and returns the chunk ciphertexts completed so far,
     L{finish} returns the last chunks and the signature.  The header is ready from the start.
 
-    RSA (wrapping, signing) and bulk AES happen here: use it off the reactor thread.
+    RSA (wrapping, signing), X25519 and bulk AES happen here: use it off the reactor thread.
     """
 
     def __init__(self, private_key, sender, recipients, content_type="text", filename="", chunk_size=CHUNK_SIZE,
-                 message_id=None, timestamp_ms=None, content_key=None):
+                 message_id=None, timestamp_ms=None, content_key=None, sender_fingerprint=None, sender_device=None,
+                 now=None):
         """
-        @param recipients: a mapping of recipient name to RSA public key.
+        @param private_key: the sending device's RSA key: it signs.
+        @param recipients: a list of L{DeviceTarget}s, one per device (the sender's other devices under its own
+            name), or a mapping of name to RSA public key, each name then being one legacy device with that key.
+        @param sender_fingerprint: the fingerprint of the sender's identity key (default: C{private_key}'s).
+        @param sender_device: the sending device's id (default: C{private_key}'s).
+        @param now: the time (seconds) at which signed prekeys must be valid, besides the message's timestamp.
+        @raise PrekeyUnusable: a target's signed prekey is expired or not yet valid, or no X25519 key.
+        @raise NoPrekeys: a target has neither a signed prekey nor an RSA key.
         """
         if content_type not in CONTENT_TYPES:
             raise ValueError("content_type must be one of %r" % (CONTENT_TYPES,))
-        if not recipients or len(recipients) > MAX_RECIPIENTS:
+        targets = _targets(recipients)
+        if not 1 <= len(targets) <= MAX_WRAPS:
+            raise ValueError("a message has 1 to %d recipient devices" % MAX_WRAPS)
+        if len({t.user for t in targets} - {sender}) > MAX_RECIPIENTS:
             raise ValueError("a message has 1 to %d recipients" % MAX_RECIPIENTS)
+        if len({(t.user, t.device_id) for t in targets}) != len(targets):
+            raise ValueError("a device is named twice among the recipients")
         self._private_key = private_key
         self._content_key = content_key if content_key is not None else AESGCM.generate_key(bit_length=256)
         self._aead = AESGCM(self._content_key)
         message_id = message_id if message_id is not None else secrets.token_bytes(MESSAGE_ID_SIZE)
         timestamp_ms = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
-        wrapped = [
-            Recipient(name, fingerprint(check_public_key(key)), key.encrypt(self._content_key, _OAEP))
-            for name, key in sorted(recipients.items())
-        ]
+        now = time.time() if now is None else now
+        sender_fingerprint = sender_fingerprint if sender_fingerprint is not None else fingerprint(private_key)
+        sender_device = sender_device if sender_device is not None else device_id(private_key)
+        entries = []
+        for target in targets:
+            spk = target.signed_prekey
+            if spk is not None:
+                if spk.user != target.user or spk.device_id != target.device_id:
+                    raise BadCertificate("The signed prekey given for %s's device %s is another device's." % (
+                        target.user, target.device_id.hex()))
+                if not (spk.usable_at(now) and spk.usable_at(timestamp_ms / 1000)):
+                    raise PrekeyUnusable("The signed prekey of %s's device %s is expired or not yet valid." % (
+                        target.user, target.device_id.hex()))
+                entries.append(_x25519_wrap(self._content_key, (message_id, sender, sender_device), target))
+            elif target.rsa_key is not None:
+                key = check_public_key(target.rsa_key)
+                if device_id(key) != target.device_id:
+                    raise ValueError("the RSA key given for %s's device is another device's key" % target.user)
+                entries.append(Wrap(target.user, target.device_id, WRAP_RSA, key.encrypt(self._content_key, _OAEP)))
+            else:
+                raise NoPrekeys("%s's device %s has no signed prekey to seal the message to." % (
+                    target.user, target.device_id.hex()))
+        entries.sort(key=_wrap_order)
         self.header = _encode_header(
-            message_id, timestamp_ms, sender, fingerprint(private_key), content_type, filename, chunk_size, wrapped,
-            _commitment(message_id, self._content_key),
+            message_id, timestamp_ms, sender, sender_fingerprint, sender_device, content_type, filename, chunk_size,
+            entries, _commitment(message_id, self._content_key),
         )
         self.parsed = parse_header(self.header)
         self._ad = hashlib.sha256(self.header).digest()
@@ -1129,8 +1321,11 @@ class EnvelopeVerifier:
         return signed_bytes(self.header.raw, self.chunk_count, self.ciphertext_length, self._digest.digest())
 
     def verify(self, signature, sender_key):
-        """Check C{signature} with C{sender_key}; raises L{WrongSenderKey} or L{BadSignature}."""
-        if not hmac.compare_digest(fingerprint(sender_key), self.header.sender_fingerprint):
+        """
+        Check C{signature} with C{sender_key}, the key of the device the header names as the one that signed; raises
+        L{WrongSenderKey} or L{BadSignature}.
+        """
+        if not hmac.compare_digest(device_id(sender_key), self.header.sender_device):
             raise WrongSenderKey()
         try:
             # The same check as verify(signed bytes, SHA256()), with the digest taken by hashlib: 15% cheaper.
@@ -1145,8 +1340,8 @@ class OpenedMessage:
 
     message_id: bytes
     sender: str
-    sender_fingerprint: bytes
-    recipients: tuple  # names, sorted
+    sender_fingerprint: bytes  # the sender's identity key
+    recipients: tuple  # names, sorted (the sender's own among them when it wrapped for its other devices)
     timestamp: float  # seconds since the epoch, as the sender's clock said
     content_type: str
     filename: str
@@ -1154,25 +1349,41 @@ class OpenedMessage:
     accepted_at: float = None  # when the server accepted it, as the server says (not signed)
     key_status: str = "pinned"  # see key_status(): new (first key seen: now pinned), pinned, verified, changed
     skewed: bool = False  # the signed time is far from when the server accepted it
+    sender_device: bytes = b""  # the id of the device that signed
+    used_prekeys: tuple = (0, 0)  # (signed prekey id, one-time prekey id) this device's key was wrapped with; 0: none
 
 
 class Opener:
     """
     Open one message incrementally: construct with the header (this unwraps the key), L{update} with each chunk
-    ciphertext in order, L{finish} with the signature and the sender's public key.  Plaintext is released only by
-    L{finish}, after the signature has verified.  Private-key and AES work: use it off the reactor thread.
+    ciphertext in order, L{finish} with the signature and the sender device's public key.  Plaintext is released only
+    by L{finish}, after the signature has verified.  Private-key and AES work: use it off the reactor thread.
     """
 
-    def __init__(self, header_raw, private_key, recipient, max_size=None):
+    def __init__(self, header_raw, private_key, recipient, max_size=None, device=None, prekeys=None):
+        """
+        @param private_key: this device's RSA key (for an RSA entry; may be C{None} with C{device} given).
+        @param device: this device's id (default: C{private_key}'s).
+        @param prekeys: this device's prekeys, for an X25519 entry: C{signed_private(id)} and
+            C{one_time_private(id)} give an C{X25519PrivateKey} or C{None} (gone), C{signed_valid(id)} gives
+            C{(valid_from, valid_until)} or C{None}.
+        """
         self._verifier = EnvelopeVerifier(header_raw, max_size)
         header = self.header = self._verifier.header
-        mine = header.recipient(recipient)
-        if mine is None or not hmac.compare_digest(mine.fingerprint, fingerprint(private_key)):
+        if device is None:
+            device = device_id(private_key)
+        mine = header.entry(recipient, device)
+        if mine is None or (mine.kind == WRAP_RSA and (
+                private_key is None or not hmac.compare_digest(device_id(private_key), device))):
             raise NotAddressedToYou("The message is not addressed to %s with this key." % recipient)
-        try:
-            content_key = private_key.decrypt(mine.wrapped_key, _OAEP)
-        except ValueError:
-            raise KeyUnwrapFailed()
+        if mine.kind == WRAP_RSA:
+            try:
+                content_key = private_key.decrypt(mine.wrapped, _OAEP)
+            except ValueError:
+                raise KeyUnwrapFailed()
+        else:
+            content_key = self._x25519_unwrap(header, recipient, mine, prekeys)
+        self.used_prekeys = (mine.spk_id, mine.opk_id)
         if len(content_key) != 32 or not hmac.compare_digest(
                 _commitment(header.message_id, content_key), header.commitment):
             raise KeyCommitmentMismatch()
@@ -1181,6 +1392,34 @@ class Opener:
         self._held = None
         self._counter = 0
         self._plaintext = bytearray()  # grown chunk by chunk while each is still in cache
+
+    @staticmethod
+    def _x25519_unwrap(header, recipient, mine, prekeys):
+        validity = prekeys.signed_valid(mine.spk_id) if prekeys is not None else None
+        spk = prekeys.signed_private(mine.spk_id) if validity is not None else None
+        if spk is None:
+            raise PrekeyUnavailable(
+                "The prekey this message was sealed for is gone from this device: signed prekey %d." % mine.spk_id)
+        valid_from, valid_until = validity
+        if not valid_from - PREKEY_SKEW <= header.timestamp_ms / 1000 <= valid_until:
+            raise PrekeyUnusable("The message was sealed to signed prekey %d at a time it was not valid." % mine.spk_id)
+        opk = None
+        if mine.opk_id:
+            opk = prekeys.one_time_private(mine.opk_id)
+            if opk is None:
+                raise PrekeyUnavailable("The prekey this message was sealed for is gone from this device: one-time "
+                                        "prekey %d (used by another message, or this one is a replay)." % mine.opk_id)
+        ek = x25519.X25519PublicKey.from_public_bytes(mine.ephemeral)
+        try:
+            ikm = spk.exchange(ek) + (opk.exchange(ek) if opk is not None else b"")
+        except ValueError:  # an all-zero agreement: the ephemeral key is a low-order point
+            raise KeyUnwrapFailed("The message's ephemeral key is not a usable X25519 key.")
+        info = _wrap_info(header.message_id, header.sender, header.sender_device, recipient, mine.device_id,
+                          mine.spk_id, mine.opk_id, mine.ephemeral)
+        try:
+            return AESGCM(_wrap_key(ikm, info)).decrypt(_WRAP_NONCE, mine.wrapped, None)
+        except InvalidTag:
+            raise KeyUnwrapFailed("The message key does not unwrap with this device's prekeys.")
 
     def _open(self, chunk, last):
         try:
@@ -1204,7 +1443,10 @@ class Opener:
         self._held = chunk
 
     def finish(self, signature, sender_key):
-        """Check the last chunk and the signature; return the L{OpenedMessage}."""
+        """
+        Check the last chunk and the signature with C{sender_key}, the sending device's key; return the
+        L{OpenedMessage}.
+        """
         if self._held is None:
             raise TruncatedMessage("The message has no chunks.")
         plain = self._open(self._held, True)
@@ -1220,12 +1462,13 @@ class Opener:
         return OpenedMessage(
             header.message_id, header.sender, header.sender_fingerprint, tuple(header.recipient_names),
             header.timestamp_ms / 1000.0, header.content_type, header.filename, plaintext,
+            sender_device=header.sender_device, used_prekeys=self.used_prekeys,
         )
 
 
-def open_envelope(envelope, private_key, recipient, sender_key, max_size=None):
-    """Open a whole L{Envelope} at once; return an L{OpenedMessage} or raise an L{EnvelopeError}."""
-    opener = Opener(envelope.header, private_key, recipient, max_size)
+def open_envelope(envelope, private_key, recipient, sender_key, max_size=None, device=None, prekeys=None):
+    """Open a whole L{Envelope} at once; return an L{OpenedMessage} or raise an L{EnvelopeError}.  See L{Opener}."""
+    opener = Opener(envelope.header, private_key, recipient, max_size, device, prekeys)
     for chunk in envelope.chunks:
         opener.update(chunk)
     return opener.finish(envelope.signature, sender_key)

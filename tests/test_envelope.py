@@ -5,7 +5,9 @@ RSA keys are generated once per module (L{_key}); most messages use the smallest
 cases stay fast, and L{DefaultChunkRoundTripTests} covers the default 64 KiB chunk.
 """
 
+import dataclasses
 import hashlib
+import hmac
 import os
 import shutil
 import struct
@@ -14,6 +16,8 @@ import time
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -79,13 +83,19 @@ def _layout(header):
     fixed("timestamp", 8)
     lp("sender")
     lp("sender fingerprint")
+    lp("sender device")
     lp("content type")
     lp("filename")
     fixed("chunk size", 4)
     (count,) = struct.unpack(">I", fixed("recipient count", 4))
     for i in range(count):
         lp("recipient %d name" % i)
-        lp("recipient %d fingerprint" % i)
+        lp("recipient %d device" % i)
+        (kind,) = fixed("recipient %d kind" % i, 1)
+        if kind == 2:
+            fixed("recipient %d signed prekey id" % i, 4)
+            fixed("recipient %d one-time prekey id" % i, 4)
+            lp("recipient %d ephemeral key" % i)
         lp("recipient %d wrapped key" % i)
     lp("commitment")
     assert pos == len(header), "layout walk did not end at the end of the header"
@@ -105,8 +115,8 @@ def _reheader(header, **changes):
     h = pager.parse_header(header)
     fields = dict(
         message_id=h.message_id, timestamp_ms=h.timestamp_ms, sender=h.sender, sender_fp=h.sender_fingerprint,
-        content_type=h.content_type, filename=h.filename, chunk_size=h.chunk_size, recipients=list(h.recipients),
-        commitment=h.commitment,
+        sender_device=h.sender_device, content_type=h.content_type, filename=h.filename, chunk_size=h.chunk_size,
+        entries=list(h.entries), commitment=h.commitment,
     )
     fields.update(changes)
     return pager._encode_header(**fields)
@@ -133,12 +143,17 @@ def _sign(private_key, header, chunks):
 
 def _unwrap(envelope, name):
     """The content key, as recipient C{name} unwraps it from C{envelope}'s header with their private key."""
-    wrapped = pager.parse_header(envelope.header).recipient(name).wrapped_key
+    wrapped = _entry(pager.parse_header(envelope.header), name).wrapped
     return _key(name).decrypt(wrapped, pager._OAEP)
 
 
+def _entry(header, name):
+    """The header's entry for C{name}'s device with the module's key for C{name}."""
+    return header.entry(name, pager.device_id(_key(name)))
+
+
 def _wrap(name, content_key):
-    return pager.Recipient(name, pager.fingerprint(_key(name)), _pub(name).encrypt(content_key, pager._OAEP))
+    return pager.Wrap(name, pager.device_id(_key(name)), pager.WRAP_RSA, _pub(name).encrypt(content_key, pager._OAEP))
 
 
 def _build(plaintext, keys, committed, signer="alice"):
@@ -148,8 +163,8 @@ def _build(plaintext, keys, committed, signer="alice"):
     with, and C{signer} signs it.
     """
     mid = os.urandom(16)
-    header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), "text", "", SMALL,
-                                  [_wrap(name, key) for name, key in sorted(keys.items())],
+    header = pager._encode_header(mid, 1, "alice", pager.fingerprint(_key("alice")), pager.device_id(_key("alice")),
+                                  "text", "", SMALL, [_wrap(name, key) for name, key in sorted(keys.items())],
                                   pager._commitment(mid, committed))
     chunks = _encrypt_chunks(header, committed, plaintext)
     return pager.Envelope(header, chunks, _sign(_key(signer), header, chunks))
@@ -328,8 +343,8 @@ class RecipientTests(SynchronousTestCase):
         """The header lists the recipients sorted by name, each with their key's fingerprint."""
         header = pager.parse_header(self.envelope.header)
         self.assertEqual(header.recipient_names, ["bob", "carol", "dave"])
-        for r in header.recipients:
-            self.assertEqual(r.fingerprint, pager.fingerprint(_key(r.name)))
+        for r in header.entries:
+            self.assertEqual((r.device_id, r.kind), (pager.device_id(_key(r.name)), pager.WRAP_RSA))
 
     def test_non_recipient(self):
         """Someone not among the recipients gets NotAddressedToYou."""
@@ -497,15 +512,18 @@ class HeaderTamperingTests(SynchronousTestCase):
         "timestamp": pager.ChunkAuthenticationFailed,
         "sender": pager.ChunkAuthenticationFailed,  # "alice" -> "alicd", still a valid name
         "sender fingerprint": pager.ChunkAuthenticationFailed,
+        "sender device": pager.ChunkAuthenticationFailed,
         "content type": pager.MalformedEnvelope,  # "file" -> "fild"
         "filename": pager.ChunkAuthenticationFailed,  # "report.txt" -> "report.txu"
         "chunk size": pager.MalformedEnvelope,  # 1024 -> 1025: a full 1024-byte chunk is short, then another follows
         "recipient count": pager.MalformedEnvelope,
         "recipient 0 name": pager.NotAddressedToYou,  # "bob" -> "boc"
-        "recipient 0 fingerprint": pager.NotAddressedToYou,
+        "recipient 0 device": pager.NotAddressedToYou,
+        "recipient 0 kind": pager.MalformedEnvelope,  # 1 -> 0, no kind
         "recipient 0 wrapped key": pager.KeyUnwrapFailed,
         "recipient 1 name": pager.ChunkAuthenticationFailed,  # "carol" -> "carom"
-        "recipient 1 fingerprint": pager.ChunkAuthenticationFailed,
+        "recipient 1 device": pager.ChunkAuthenticationFailed,
+        "recipient 1 kind": pager.MalformedEnvelope,
         "recipient 1 wrapped key": pager.ChunkAuthenticationFailed,
         "commitment": pager.KeyCommitmentMismatch,
     }
@@ -591,7 +609,8 @@ class ForgedHeaderTests(SynchronousTestCase):
 
     def test_other_sender(self):
         """Naming Mallory and his key as the sender raises ChunkAuthenticationFailed even checked with his key."""
-        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")))
+        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")),
+                           sender_device=pager.device_id(_key("mallory")))
         self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, sender="mallory")
 
     def test_other_message_id(self):
@@ -619,21 +638,21 @@ class ForgedHeaderTests(SynchronousTestCase):
 
     def test_recipient_removed(self):
         """Dropping Carol from the recipient list raises ChunkAuthenticationFailed for Bob."""
-        header = _reheader(self.envelope.header, recipients=[self.header.recipient("bob")])
+        header = _reheader(self.envelope.header, entries=[_entry(self.header, "bob")])
         self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header)
 
     def test_recipient_added(self):
         """Adding a recipient (wrapped by Bob, who knows the key) raises ChunkAuthenticationFailed for both."""
         key = _unwrap(self.envelope, "bob")
-        recipients = list(self.header.recipients) + [_wrap("dave", key)]
-        header = _reheader(self.envelope.header, recipients=recipients)
+        recipients = list(self.header.entries) + [_wrap("dave", key)]
+        header = _reheader(self.envelope.header, entries=recipients)
         for name in ("bob", "dave"):
             self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, name)
 
     def test_recipient_replaced(self):
         """Replacing Carol by Mallory in the list raises ChunkAuthenticationFailed for Mallory and for Bob."""
         key = _unwrap(self.envelope, "bob")
-        header = _reheader(self.envelope.header, recipients=[self.header.recipient("bob"), _wrap("mallory", key)])
+        header = _reheader(self.envelope.header, entries=[_entry(self.header, "bob"), _wrap("mallory", key)])
         for name in ("bob", "mallory"):
             self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, name)
 
@@ -641,7 +660,7 @@ class ForgedHeaderTests(SynchronousTestCase):
         """Bob re-wrapping the content key for Carol alone, keeping Alice's chunks, fails for Carol."""
         envelope = _seal(self.plaintext, recipients=("bob",))
         key = _unwrap(envelope, "bob")
-        header = _reheader(envelope.header, recipients=[_wrap("carol", key)])
+        header = _reheader(envelope.header, entries=[_wrap("carol", key)])
         forwarded = pager.Envelope(header, envelope.chunks, envelope.signature)
         self.assertRaises((pager.ChunkAuthenticationFailed, pager.BadSignature), _open, forwarded, "carol")
         self.assertRaises(pager.ChunkAuthenticationFailed, _open, forwarded, "carol")
@@ -650,7 +669,7 @@ class ForgedHeaderTests(SynchronousTestCase):
         """Bob forwarding to Carol with chunks re-encrypted for his new header still fails: Alice's signature breaks."""
         envelope = _seal(self.plaintext, recipients=("bob",))
         key = _unwrap(envelope, "bob")
-        header = _reheader(envelope.header, recipients=[_wrap("carol", key)])
+        header = _reheader(envelope.header, entries=[_wrap("carol", key)])
         forwarded = pager.Envelope(header, _encrypt_chunks(header, key, self.plaintext), envelope.signature)
         self.assertRaises(pager.BadSignature, _open, forwarded, "carol")
 
@@ -663,7 +682,8 @@ class ForgedHeaderTests(SynchronousTestCase):
 
     def test_mallory_claims_message(self):
         """Mallory naming himself sender in a rebuilt header and re-signing Alice's chunks fails for Bob."""
-        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")))
+        header = _reheader(self.envelope.header, sender="mallory", sender_fp=pager.fingerprint(_key("mallory")),
+                           sender_device=pager.device_id(_key("mallory")))
         signature = _sign(_key("mallory"), header, self.envelope.chunks)
         self.assertRaises(pager.ChunkAuthenticationFailed, self._open_with, header, sender="mallory",
                           signature=signature)
@@ -694,9 +714,9 @@ class ForgedHeaderTests(SynchronousTestCase):
 
     def test_unsorted_recipients(self):
         """A header listing recipients out of order or twice raises MalformedEnvelope."""
-        bob, carol = self.header.recipient("bob"), self.header.recipient("carol")
+        bob, carol = _entry(self.header, "bob"), _entry(self.header, "carol")
         for recipients in ([carol, bob], [bob, bob]):
-            header = _reheader(self.envelope.header, recipients=recipients)
+            header = _reheader(self.envelope.header, entries=recipients)
             self.assertRaises(pager.MalformedEnvelope, pager.parse_header, header)
 
 
@@ -1095,3 +1115,377 @@ class PropertyTests(SynchronousTestCase):
         except pager.EnvelopeError:
             return
         self.fail("a mutated envelope opened")
+
+
+# Devices and the X25519 wrap.
+
+NOW = 1700000000  # whole seconds: the time of the device tests' messages
+SERVER_ID = "e9ac63d1596c137b4d0e95f52b12d9ac"
+
+
+def _x25519(seed):
+    """A deterministic X25519 private key from a one-byte seed."""
+    return X25519PrivateKey.from_private_bytes(hashlib.sha256(b"x25519 %d" % seed).digest())
+
+
+class _Prekeys:
+    """A device's prekeys as the Opener asks for them: private parts by id, signed prekeys' validity."""
+
+    def __init__(self):
+        self.signed, self.one_time, self.valid = {}, {}, {}
+
+    def signed_private(self, prekey_id):
+        return self.signed.get(prekey_id)
+
+    def one_time_private(self, prekey_id):
+        return self.one_time.get(prekey_id)
+
+    def signed_valid(self, prekey_id):
+        return self.valid.get(prekey_id)
+
+
+class _Device:
+    """One device of a user: its RSA key, its signed prekey and, unless told otherwise, one one-time prekey."""
+
+    def __init__(self, user, key_name, seed, one_time=True, valid_from=NOW - pager.DAY):
+        self.user, self.key = user, _key(key_name)
+        self.id = pager.device_id(self.key)
+        self.prekeys = _Prekeys()
+        spk = _x25519(seed)
+        self.spk_id, self.opk_id = 1000 + seed, (2000 + seed if one_time else 0)
+        self.signed = pager.sign_prekey(self.key, user, self.spk_id, pager.x25519_public_bytes(spk), valid_from,
+                                        valid_from + pager.PREKEY_LIFETIME)
+        self.prekeys.signed[self.spk_id] = spk
+        self.prekeys.valid[self.spk_id] = (self.signed.valid_from, self.signed.valid_until)
+        self.one_time = None
+        if one_time:
+            opk = _x25519(seed + 100)
+            self.prekeys.one_time[self.opk_id] = opk
+            self.one_time = pager.OneTimePrekey(self.opk_id, pager.x25519_public_bytes(opk))
+
+    def target(self, **changes):
+        fields = dict(signed_prekey=self.signed, one_time=self.one_time)
+        fields.update(changes)
+        return pager.DeviceTarget(self.user, self.id, **fields)
+
+    def open(self, envelope, sender_key, recipient=None, prekeys=None):
+        return pager.open_envelope(envelope, self.key, recipient or self.user, sender_key, device=self.id,
+                                   prekeys=prekeys or self.prekeys)
+
+
+def _legacy(name):
+    """The target of C{name}'s legacy device: its identity key, RSA-wrapped."""
+    return pager.DeviceTarget(name, pager.device_id(_key(name)), rsa_key=_pub(name))
+
+
+class _DevicesMixin:
+    """Alice sends from her laptop (a linked device) to Bob's two devices, Carol's legacy device and her own desk."""
+
+    def setUp(self):
+        self.bob_desk = _Device("bob", "bob", 1)
+        self.bob_phone = _Device("bob", "bob-phone", 2, one_time=False)
+        self.alice_desk = _Device("alice", "alice", 3)
+        self.laptop = _key("alice-laptop")
+        self.plaintext = os.urandom(2500)
+        self.envelope = self.seal(self.plaintext)
+
+    def targets(self):
+        return [self.bob_desk.target(), self.bob_phone.target(), _legacy("carol"), self.alice_desk.target()]
+
+    def seal(self, plaintext, targets=None, **kwargs):
+        kwargs.setdefault("timestamp_ms", NOW * 1000)
+        kwargs.setdefault("now", NOW)
+        return pager.seal(self.laptop, "alice", targets if targets is not None else self.targets(), plaintext,
+                          chunk_size=SMALL, sender_fingerprint=pager.fingerprint(_key("alice")), **kwargs)
+
+    def entry(self, device, header=None):
+        return pager.parse_header(header or self.envelope.header).entry(device.user, device.id)
+
+    def replace_entry(self, device, header=None, **changes):
+        """The envelope's header with C{device}'s entry changed (other fields kept, order as it comes)."""
+        h = pager.parse_header(header or self.envelope.header)
+        entries = [dataclasses.replace(e, **changes) if e.device_id == device.id else e for e in h.entries]
+        return _reheader(h.raw, entries=entries)
+
+    def open_header(self, device, header, **kwargs):
+        envelope = pager.Envelope(header, self.envelope.chunks, self.envelope.signature)
+        return device.open(envelope, self.laptop.public_key(), **kwargs)
+
+
+class DeviceRoundTripTests(_DevicesMixin, SynchronousTestCase):
+    def test_each_device_opens(self):
+        """
+        Every recipient device opens the message: Bob's two (X25519, with and without a one-time prekey), Carol's
+        legacy device (RSA-OAEP) and Alice's other device; each learns which prekeys it used and who signed.
+        """
+        header = pager.parse_header(self.envelope.header)
+        self.assertEqual((header.version, header.sender_device), (2, pager.device_id(self.laptop)))
+        self.assertEqual(header.sender_fingerprint, pager.fingerprint(_key("alice")))
+        self.assertEqual(header.recipient_names, ["alice", "bob", "carol"])
+        self.assertEqual(sorted(header.devices_of("bob")), sorted([self.bob_desk.id, self.bob_phone.id]))
+        for device, used in ((self.bob_desk, (1001, 2001)), (self.bob_phone, (1002, 0)),
+                             (self.alice_desk, (1003, 2003))):
+            opened = device.open(self.envelope, self.laptop.public_key())
+            self.assertEqual(opened.plaintext, self.plaintext)
+            self.assertEqual((opened.used_prekeys, opened.sender_device), (used, pager.device_id(self.laptop)))
+            self.assertEqual(opened.recipients, ("alice", "bob", "carol"))
+            self.assertEqual(self.entry(device).kind, pager.WRAP_X25519)
+        opened = pager.open_envelope(self.envelope, _key("carol"), "carol", self.laptop.public_key())
+        self.assertEqual((opened.plaintext, opened.used_prekeys), (self.plaintext, (0, 0)))
+
+    def test_one_to_many_devices(self):
+        """Messages to 1 to 12 devices, mixing kinds, are sorted by (name, device id) and open on every device."""
+        devices = [_Device("u%d" % (i % 4), "device %d" % i, 10 + i, one_time=i % 3 != 0) for i in range(12)]
+        for n in range(1, 13):
+            targets = [d.target() for d in devices[:n]] + [_legacy("carol")] * (n % 2)
+            plaintext = b"to %d devices" % n
+            envelope = self.seal(plaintext, targets)
+            header = pager.parse_header(envelope.header)
+            self.assertEqual([(e.name.encode(), e.device_id) for e in header.entries],
+                             sorted((t.user.encode(), t.device_id) for t in targets))
+            for device in devices[:n]:
+                self.assertEqual(device.open(envelope, self.laptop.public_key()).plaintext, plaintext)
+            if n % 2:
+                self.assertEqual(_open(envelope, "carol", sender_key=self.laptop.public_key()).plaintext, plaintext)
+
+    def test_legacy_mapping_is_one_rsa_device_each(self):
+        """The older form, a mapping of name to RSA key, seals to one RSA entry per name under its key's device id."""
+        header = pager.parse_header(_seal(b"x", recipients=("bob", "carol")).header)
+        self.assertEqual([(e.name, e.device_id, e.kind) for e in header.entries],
+                         [(n, pager.device_id(_key(n)), pager.WRAP_RSA) for n in ("bob", "carol")])
+        self.assertEqual(header.sender_device, pager.device_id(_key("alice")))
+
+    def test_fresh_ephemeral_per_wrap(self):
+        """Each X25519 entry has its own ephemeral key, and so does each message."""
+        header = pager.parse_header(self.envelope.header)
+        again = pager.parse_header(self.seal(self.plaintext).header)
+        ephemerals = [e.ephemeral for h in (header, again) for e in h.entries if e.kind == pager.WRAP_X25519]
+        self.assertEqual(len(set(ephemerals)), 6)
+
+    def test_no_prekey_no_rsa(self):
+        """A target with neither a signed prekey nor an RSA key raises NoPrekeys: nothing is sealed."""
+        target = pager.DeviceTarget("bob", self.bob_desk.id)
+        self.assertRaises(pager.NoPrekeys, self.seal, b"x", [target])
+
+    def test_duplicate_target(self):
+        """Naming a device twice raises ValueError."""
+        self.assertRaises(ValueError, self.seal, b"x", [self.bob_desk.target(), self.bob_desk.target()])
+
+    def test_too_many_wraps(self):
+        """More than MAX_WRAPS targets raise ValueError."""
+        targets = [pager.DeviceTarget("u%d" % (i % 60), i.to_bytes(16, "big"), signed_prekey=None)
+                   for i in range(pager.MAX_WRAPS + 1)]
+        self.assertRaises(ValueError, self.seal, b"x", targets)
+
+    def test_rsa_key_of_other_device(self):
+        """An RSA target whose key is not the device's raises ValueError."""
+        target = pager.DeviceTarget("carol", self.bob_desk.id, rsa_key=_pub("carol"))
+        self.assertRaises(ValueError, self.seal, b"x", [target])
+
+    def test_prekey_of_other_device(self):
+        """A signed prekey given for a device it was not signed for raises BadCertificate."""
+        target = pager.DeviceTarget("bob", self.bob_phone.id, signed_prekey=self.bob_desk.signed)
+        self.assertRaises(pager.BadCertificate, self.seal, b"x", [target])
+
+
+class DeviceTamperingTests(_DevicesMixin, SynchronousTestCase):
+    """Every field of an X25519 entry, and the entries themselves, changed after sealing."""
+
+    def test_entries_out_of_order(self):
+        """Swapping two entries, or repeating one, raises MalformedEnvelope."""
+        h = pager.parse_header(self.envelope.header)
+        entries = list(h.entries)
+        for changed in ([entries[1], entries[0]] + entries[2:], entries[:1] + entries):
+            self.assertRaises(pager.MalformedEnvelope, pager.parse_header, _reheader(h.raw, entries=changed))
+
+    def test_wrong_device(self):
+        """Bob's phone opening Bob's desk's entry with its own prekeys, or an unknown device, gets an error."""
+        envelope = self.envelope
+        self.assertRaises(pager.NotAddressedToYou, pager.open_envelope, envelope, self.bob_phone.key, "bob",
+                          self.laptop.public_key(), device=b"\x00" * 16, prekeys=self.bob_phone.prekeys)
+        self.assertRaises(pager.PrekeyUnavailable, pager.open_envelope, envelope, self.bob_phone.key, "bob",
+                          self.laptop.public_key(), device=self.bob_desk.id, prekeys=self.bob_phone.prekeys)
+        self.assertRaises(pager.NotAddressedToYou, self.bob_desk.open, envelope, self.laptop.public_key(), "carol")
+
+    def test_wrong_signed_prekey_private(self):
+        """The right ids holding other private keys raise KeyUnwrapFailed (signed and one-time alike)."""
+        for attribute in ("signed", "one_time"):
+            prekeys = _Prekeys()
+            prekeys.signed, prekeys.one_time, prekeys.valid = (
+                dict(self.bob_desk.prekeys.signed), dict(self.bob_desk.prekeys.one_time), self.bob_desk.prekeys.valid)
+            table = getattr(prekeys, attribute)
+            for prekey_id in table:
+                table[prekey_id] = _x25519(99)
+            self.assertRaises(pager.KeyUnwrapFailed, self.bob_desk.open, self.envelope, self.laptop.public_key(),
+                              prekeys=prekeys)
+
+    def test_prekey_gone(self):
+        """A deleted one-time prekey (a replay), or signed prekey, raises PrekeyUnavailable naming the gone key."""
+        del self.bob_desk.prekeys.one_time[2001]
+        with self.assertRaises(pager.PrekeyUnavailable) as caught:
+            self.bob_desk.open(self.envelope, self.laptop.public_key())
+        self.assertIn("one-time prekey 2001", caught.exception.message)
+        del self.bob_phone.prekeys.signed[1002]
+        self.assertRaises(pager.PrekeyUnavailable, self.bob_phone.open, self.envelope, self.laptop.public_key())
+        self.assertRaises(pager.PrekeyUnavailable, pager.open_envelope, self.envelope, None, "bob",
+                          self.laptop.public_key(), device=self.bob_phone.id)
+
+    def test_swap_prekey_ids(self):
+        """An entry naming another signed or one-time prekey the device holds raises KeyUnwrapFailed."""
+        other = _x25519(50)
+        self.bob_desk.prekeys.signed[77] = other
+        self.bob_desk.prekeys.valid[77] = self.bob_desk.prekeys.valid[1001]
+        self.bob_desk.prekeys.one_time[78] = _x25519(51)
+        for changes in ({"spk_id": 77}, {"opk_id": 78}, {"opk_id": 0}):
+            header = self.replace_entry(self.bob_desk, **changes)
+            self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+        header = self.replace_entry(self.bob_phone, opk_id=2001)
+        self.assertRaises(pager.PrekeyUnavailable, self.open_header, self.bob_phone, header)
+
+    def test_swapped_ephemeral(self):
+        """Bob's two entries with their ephemeral keys swapped, or another message's, raise KeyUnwrapFailed."""
+        desk, phone = self.entry(self.bob_desk), self.entry(self.bob_phone)
+        header = self.replace_entry(self.bob_desk, ephemeral=phone.ephemeral)
+        header = self.replace_entry(self.bob_phone, header, ephemeral=desk.ephemeral)
+        for device in (self.bob_desk, self.bob_phone):
+            self.assertRaises(pager.KeyUnwrapFailed, self.open_header, device, header)
+        other = self.entry(self.bob_desk, self.seal(b"other").header)
+        header = self.replace_entry(self.bob_desk, ephemeral=other.ephemeral)
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+        header = self.replace_entry(self.bob_desk, ephemeral=other.ephemeral, wrapped=other.wrapped)
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+
+    def test_all_zero_point(self):
+        """An all-zero (low-order) ephemeral key raises KeyUnwrapFailed; a sender refuses an all-zero prekey."""
+        header = self.replace_entry(self.bob_desk, ephemeral=bytes(32))
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+        signed = pager.sign_prekey(self.bob_desk.key, "bob", 5, bytes(32), NOW, NOW + pager.DAY)
+        self.assertRaises(pager.PrekeyUnusable, self.seal, b"x", [self.bob_desk.target(signed_prekey=signed)])
+        zero = pager.OneTimePrekey(9, bytes(32))
+        self.assertRaises(pager.PrekeyUnusable, self.seal, b"x", [self.bob_desk.target(one_time=zero)])
+
+    def test_entry_moved_to_other_device(self):
+        """Bob's desk's entry relabelled as his phone's (and so on) does not open: the info binds the device."""
+        desk = self.entry(self.bob_desk)
+        header = self.replace_entry(self.bob_phone, spk_id=desk.spk_id, opk_id=0, ephemeral=desk.ephemeral,
+                                    wrapped=desk.wrapped)
+        self.bob_phone.prekeys.signed[1001] = self.bob_desk.prekeys.signed[1001]
+        self.bob_phone.prekeys.valid[1001] = self.bob_desk.prekeys.valid[1001]
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_phone, header)
+
+    def test_expired_or_future_prekey_refused_by_sealer(self):
+        """A signed prekey expired, or valid only from more than a day ahead, raises PrekeyUnusable when sealing."""
+        for valid_from in (NOW - pager.PREKEY_LIFETIME - 1, NOW + pager.DAY + 1):
+            device = _Device("bob", "bob", 1, valid_from=valid_from)
+            self.assertRaises(pager.PrekeyUnusable, self.seal, b"x", [device.target()])
+        for valid_from in (NOW - pager.PREKEY_LIFETIME, NOW + pager.DAY):  # the edges are usable
+            device = _Device("bob", "bob", 1, valid_from=valid_from)
+            self.assertEqual(device.open(self.seal(b"x", [device.target()]), self.laptop.public_key()).plaintext,
+                             b"x")
+        later = dict(now=NOW + pager.PREKEY_LIFETIME)  # valid at the message's time, expired by the sealer's clock
+        self.assertRaises(pager.PrekeyUnusable, self.seal, b"x", [self.bob_desk.target()], **later)
+
+    def test_expired_or_future_prekey_refused_by_opener(self):
+        """A message whose timestamp its signed prekey's validity does not cover raises PrekeyUnusable."""
+        valid_from, valid_until = self.bob_desk.prekeys.valid[1001]
+        for window in ((NOW + pager.DAY + 1, valid_until), (valid_from, NOW - 1)):
+            self.bob_desk.prekeys.valid[1001] = window
+            self.assertRaises(pager.PrekeyUnusable, self.bob_desk.open, self.envelope, self.laptop.public_key())
+        self.bob_desk.prekeys.valid[1001] = (NOW + pager.DAY, NOW)
+        self.assertEqual(self.bob_desk.open(self.envelope, self.laptop.public_key()).plaintext, self.plaintext)
+
+    def test_device_dropped_or_added(self):
+        """Dropping Carol's or Bob's phone's entry, or adding one for Dave, makes Bob's chunks fail to authenticate."""
+        h = pager.parse_header(self.envelope.header)
+        for entries in ([e for e in h.entries if e.name != "carol"],
+                        [e for e in h.entries if e.device_id != self.bob_phone.id],
+                        sorted(list(h.entries) + [_wrap("dave", os.urandom(32))], key=pager._wrap_order)):
+            self.assertRaises(pager.ChunkAuthenticationFailed, self.open_header, self.bob_desk,
+                              _reheader(h.raw, entries=entries))
+
+    def test_wrong_sender_device_key(self):
+        """Checking the laptop's message with Alice's identity key (or another) raises WrongSenderKey."""
+        for key in (_pub("alice"), _pub("bob")):
+            self.assertRaises(pager.WrongSenderKey, self.bob_desk.open, self.envelope, key)
+        verifier = pager.EnvelopeVerifier(self.envelope.header)
+        for chunk in self.envelope.chunks:
+            verifier.update(chunk)
+        self.assertRaises(pager.WrongSenderKey, verifier.verify, self.envelope.signature, _pub("alice"))
+        verifier.verify(self.envelope.signature, self.laptop.public_key())
+
+    def test_sender_device_swapped(self):
+        """
+        A header naming Alice's desk as the signing device raises KeyUnwrapFailed for an X25519 entry (the wrap binds
+        the sending device) and ChunkAuthenticationFailed for Carol's RSA entry.
+        """
+        header = _reheader(self.envelope.header, sender_device=self.alice_desk.id)
+        self.assertRaises(pager.KeyUnwrapFailed, self.open_header, self.bob_desk, header)
+        envelope = pager.Envelope(header, self.envelope.chunks, self.envelope.signature)
+        self.assertRaises(pager.ChunkAuthenticationFailed, _open, envelope, "carol", sender_key=_pub("alice"))
+
+    def test_unknown_kind_and_lengths(self):
+        """An entry of kind 3, a signed prekey id 0, or a short ephemeral or wrapped key raises MalformedEnvelope."""
+        for changes in ({"kind": 3}, {"spk_id": 0}, {"ephemeral": bytes(31)}, {"wrapped": bytes(47)},
+                        {"wrapped": bytes(49)}):
+            header = self.replace_entry(self.bob_desk, **changes)
+            self.assertRaises(pager.MalformedEnvelope, pager.parse_header, header)
+
+    def test_every_byte_of_x25519_entry(self):
+        """Flipping any bit of Bob's desk's entry gives an EnvelopeError for Bob's desk, never plaintext."""
+        raw = self.envelope.header
+        start = raw.index(_lp_bytes(b"bob") + _lp_bytes(self.bob_desk.id))
+        length = len(self.entry(self.bob_desk).encode())
+        for offset in range(start, start + length):
+            for mask in (0x01, 0x80):
+                try:
+                    self.open_header(self.bob_desk, _flip(raw, offset, mask))
+                except pager.EnvelopeError:
+                    continue
+                self.fail("flipping byte %d of the entry opened" % (offset - start))
+
+
+def _lp_bytes(data):
+    return struct.pack(">I", len(data)) + data
+
+
+class VersionOneTests(SynchronousTestCase):
+    """Headers of version 1, queued before an upgrade: still opened, never sent."""
+
+    def setUp(self):
+        content_key, self.mid = os.urandom(32), os.urandom(16)
+        recipients = [pager.Recipient(n, pager.fingerprint(_key(n)), _pub(n).encrypt(content_key, pager._OAEP))
+                      for n in ("bob", "carol")]
+        self.header = pager._encode_header_v1(self.mid, 1700000000123, "alice", pager.fingerprint(_key("alice")),
+                                              "text", "", SMALL, recipients, pager._commitment(self.mid, content_key))
+        chunks = _encrypt_chunks(self.header, content_key, b"queued before the upgrade")
+        self.envelope = pager.Envelope(self.header, chunks, _sign(_key("alice"), self.header, chunks))
+
+    def test_parses_as_rsa_entries(self):
+        """A v1 header parses with version 1, each recipient an RSA entry under its fingerprint's first half."""
+        h = pager.parse_header(self.header)
+        self.assertEqual((h.version, h.sender_device), (1, pager.fingerprint(_key("alice"))[:16]))
+        self.assertEqual([(e.name, e.device_id, e.kind) for e in h.entries],
+                         [(n, pager.device_id(_key(n)), pager.WRAP_RSA) for n in ("bob", "carol")])
+        self.assertEqual(h.recipient_names, ["bob", "carol"])
+
+    def test_opens(self):
+        """Each recipient opens a v1 message with their key, checked against the sender's key."""
+        for name in ("bob", "carol"):
+            opened = _open(self.envelope, name)
+            self.assertEqual((opened.plaintext, opened.sender_device), (b"queued before the upgrade",
+                                                                       pager.device_id(_key("alice"))))
+        self.assertRaises(pager.WrongSenderKey, _open, self.envelope, sender_key=_pub("mallory"))
+
+    def test_every_byte(self):
+        """Flipping any bit of a v1 header gives an EnvelopeError, never plaintext."""
+        for offset in range(len(self.header)):
+            for mask in (0x01, 0x80):
+                envelope = pager.Envelope(_flip(self.header, offset, mask), self.envelope.chunks,
+                                          self.envelope.signature)
+                self.assertRaises(pager.EnvelopeError, _open, envelope)
+
+    def test_sender_writes_v2(self):
+        """Whatever the recipients' form, a sender writes the v2 tag."""
+        self.assertEqual(_field(_seal(b"x").header, "tag"), pager.ENVELOPE_TAG)
+        self.assertEqual(pager.ENVELOPE_TAG, b"pager-envelope-v2")
+        self.assertEqual(pager.ENVELOPE_TAG_V1, b"pager-envelope-v1")

@@ -1375,9 +1375,10 @@ def hand_sealed(sender, recipient, plaintext, wrap):
     """
     content_key, message_id = os.urandom(32), os.urandom(pager.MESSAGE_ID_SIZE)
     recipient_key = key(recipient).public_key()
-    entry = pager.Recipient(recipient, pager.fingerprint(recipient_key), wrap(recipient_key, content_key))
+    entry = pager.Wrap(recipient, pager.device_id(recipient_key), pager.WRAP_RSA, wrap(recipient_key, content_key))
     header = pager._encode_header(message_id, int(time.time() * 1000), sender, pager.fingerprint(key(sender)),
-                                  "text", "", pager.CHUNK_SIZE, [entry], pager._commitment(message_id, content_key))
+                                  pager.device_id(key(sender)), "text", "", pager.CHUNK_SIZE, [entry],
+                                  pager._commitment(message_id, content_key))
     chunk = AESGCM(content_key).encrypt(pager._nonce(0, True), plaintext, hashlib.sha256(header).digest())
     signed = pager.signed_bytes(header, 1, len(chunk), hashlib.sha256(chunk).digest())
     pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=pager.PSS_SALT_LENGTH)
