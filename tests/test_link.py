@@ -212,3 +212,47 @@ class NewMachineQuestionTests(KeysTestCase):
         self.assertIn("link-device", error.message)
         self.assertEqual(made, [])
         self.assertFalse(os.path.exists(os.path.join(self.user_dir(home, "alice"), pager.KEY_FILE_NAME)))
+
+
+class ChatDeviceTests(ChatTestCase):
+    """The chat's lines about devices, and messages the user sent from another device."""
+
+    async def test_device_lines(self):
+        """A contact's added and revoked devices are lines naming the device (quoted, cut) and its id."""
+        chat, ui = await self.chat_as("alice")
+        laptop = Device(b"\x1a\x2b\x3c\x4d" * 4, "laptop")
+        evil = Device(b"\x05" * 16, "\x1b[31mred\x1b[0m " + "x" * 60)
+        chat.devices_changed("bob", [laptop, evil], [])
+        chat.devices_changed("bob", [], [laptop])
+        chat.devices_changed("alice", [Device(b"\x06" * 16, "cron")], [])
+        text = ui.text()
+        self.assertIn("bob added a device 'laptop' (id 1a2b 3c4d 1a2b 3c4d", text)
+        self.assertIn("bob revoked the device 'laptop' (id 1a2b 3c4d", text)
+        self.assertIn("you added a device 'cron'", text)
+        self.assertNotIn("\x1b", text)
+        self.assertIn("\\x1b[31mred", text)
+        self.assertNotIn("x" * 60, text)
+
+    async def test_own_message_from_another_device(self):
+        """
+        A message alice sent from her laptop arrives in her chat here as sent, naming the laptop and bob; it is
+        kept in the history as outgoing, and /r still answers whoever last wrote to her.
+        """
+        chat, ui = await self.chat_as("alice")
+        laptop = b"\x1a" * 16
+        chat._device_names["alice"] = {laptop: "laptop"}
+        message = pager.OpenedMessage(
+            message_id=b"\x01" * 16, sender="alice", sender_fingerprint=pager.fingerprint(key("alice")),
+            recipients=("alice", "bob"), timestamp=reactor.seconds(), content_type="text", filename="",
+            plaintext=bytearray(b"on my way"), accepted_at=reactor.seconds(), sender_device=laptop)
+        await chat.message_received(message)
+        self.assertIn("you (on 'laptop') \u2192 bob: on my way", ui.text())
+        self.assertIsNone(chat.last_sender)
+        [entry] = await chat.session.store.history("bob")
+        self.assertEqual((entry.direction, entry.body, entry.status), ("out", b"on my way", "sent from 'laptop'"))
+
+    async def test_help_names_devices(self):
+        """/help lists /devices."""
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/help")
+        self.assertIn("/devices [NAME]", ui.text())
