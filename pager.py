@@ -5987,6 +5987,7 @@ class Session:
         self.server_id = None  # the id of the server whose directory this session uses
         self.known = KnownServers(self.home)
         self.linked = False  # whether this machine is a linked device of the account (device.p12, no key.p12)
+        self.own_device_names = {}  # device id -> name of the user's devices, as far as this session has asked
         self.needs_identity = None  # what the command does, when it needs the identity key (not a linked device's)
         self.link_name = None  # the name a device linked by connect gets (default: this machine's host name)
 
@@ -6247,6 +6248,19 @@ class Session:
     @property
     def device_path(self):
         return os.path.join(self.directory, DEVICE_FILE_NAME)
+
+    async def own_device_name(self, device):
+        """
+        The name (as L{device_name_text} shows it) of the user's device C{device}, which sent a message of theirs:
+        the user's devices are asked of the server once, and their names kept.
+        """
+        names = self.own_device_names
+        if device not in names:
+            try:
+                names.update((d.device_id, d.name) for d in await self.client.devices(self.user))
+            except (PagerError, defer.CancelledError):
+                pass
+        return device_name_text(names[device]) if device in names else "another device"
 
     def refuse_linked(self, what):
         """L{NotIdentityDevice}, in one sentence: C{what} (a verb phrase) runs on the machine with the identity key."""
@@ -7155,7 +7169,6 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self._old_receipts = []  # receipts of earlier messages pushed at login, summed up in one line
         self._gathering = False  # whether receipts of earlier messages are being gathered for that line
         self._receipts_quiet = None  # the timer that ends the gathering
-        self._device_names = {}  # user -> {device id: name}, for naming the device a message of ours came from
         session.wire = self._wire
 
     # -- wiring --
@@ -7554,19 +7567,9 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         user = canonical_username(rest) if rest else s.user
         devices = await s.client.devices(user)
         identity = (await s.client.public_key(user))[1][:DEVICE_ID_SIZE]
-        self._device_names[user] = {d.device_id: d.name for d in devices}
+        if user == s.user:
+            s.own_device_names.update((d.device_id, d.name) for d in devices)
         self.show(describe_devices(user, devices, identity, device_id(s.key) if user == s.user else None))
-
-    async def _device_name(self, user, device):
-        """The name of C{user}'s device C{device}, as shown (asked of the server once, then kept until it changes)."""
-        names = self._device_names.get(user)
-        if names is None or device not in names:
-            try:
-                names = self._device_names[user] = {d.device_id: d.name for d in await self.session.client.devices(
-                    user)}
-            except (PagerError, defer.CancelledError):
-                names = {}
-        return device_name_text(names[device]) if device in names else "another device"
 
     async def command_history(self, rest):
         peer = canonical_username(rest) if rest else None
@@ -7605,7 +7608,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         own = message.sender == s.user and message.sender_device != device_id(s.key)
         if own:
             # Sent by this user from another of their devices: shown, and kept in the history, as sent.
-            sent_from = await self._device_name(s.user, message.sender_device)
+            sent_from = await s.own_device_name(message.sender_device)
             peers = [r for r in message.recipients if r != s.user]
             elsewhere = self.conversation is not None and self.conversation not in peers
             self.show(describe_message(message, saved, elsewhere=elsewhere, cut=True, sent_from=sent_from))
@@ -7625,10 +7628,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     def devices_changed(self, user, added, revoked):
         """A line for each device C{user} added or revoked (each certified by, or revoked with, the pinned key)."""
-        names = self._device_names.setdefault(user, {})
         who = "you" if user == self.session.user else user
         for device in added:
-            names[device.device_id] = device.name
+            if user == self.session.user:
+                self.session.own_device_names[device.device_id] = device.name
             self.show("[%s] %s added a device %s (id %s)" % (
                 _clock(self.reactor.seconds()), who, device_name_text(device.name),
                 format_device_id(device.device_id)))
@@ -9058,8 +9061,11 @@ async def _fetch_command(reactor, config):
                 raise LocalError("Cannot save the file %s from %s in %s: %s; it stays on the server." % (
                     safe_filename(message.filename), message.sender, os.path.join(session.directory, "files"),
                     e.strerror))
+        sent_from = None
+        if message.sender == session.user and message.sender_device != device_id(session.key):
+            sent_from = await session.own_device_name(message.sender_device)
         try:
-            _print_message(message, saved, config["json"])
+            _print_message(message, saved, config["json"], sent_from)
         except BrokenPipeError:
             # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -9107,13 +9113,17 @@ async def _fetch_command(reactor, config):
         await session.close()
 
 
-def _print_message(message, saved, as_json):
-    """Print a message fetched, as one JSON object or as text, and flush it before it is acknowledged."""
+def _print_message(message, saved, as_json, sent_from=None):
+    """
+    Print a message fetched, as one JSON object or as text, and flush it before it is acknowledged; one the user
+    sent from another of their devices (C{sent_from}: its name as shown) is printed as sent.
+    """
     if as_json:
         record = {
             "id": message.message_id.hex(), "from": message.sender, "to": list(message.recipients),
-            "time": message.timestamp, "accepted_at": message.accepted_at, "type": message.content_type,
-            "key_status": message.key_status, "skewed": message.skewed,
+            "from_device": message.sender_device.hex(), "time": message.timestamp,
+            "accepted_at": message.accepted_at, "type": message.content_type, "key_status": message.key_status,
+            "skewed": message.skewed,
         }
         if message.content_type == "file":
             record.update(filename=message.filename, saved_to=saved, size=len(message.plaintext))
@@ -9121,7 +9131,7 @@ def _print_message(message, saved, as_json):
             record["text"] = message.plaintext.decode("utf-8", "replace")
         sys.stdout.write(json.dumps(record) + "\n")
     else:
-        sys.stdout.write(describe_message(message, saved) + "\n")
+        sys.stdout.write(describe_message(message, saved, sent_from=sent_from) + "\n")
     sys.stdout.flush()
 
 

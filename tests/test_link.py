@@ -240,7 +240,7 @@ class ChatDeviceTests(ChatTestCase):
         """
         chat, ui = await self.chat_as("alice")
         laptop = b"\x1a" * 16
-        chat._device_names["alice"] = {laptop: "laptop"}
+        chat.session.own_device_names[laptop] = "laptop"
         message = pager.OpenedMessage(
             message_id=b"\x01" * 16, sender="alice", sender_fingerprint=pager.fingerprint(key("alice")),
             recipients=("alice", "bob"), timestamp=reactor.seconds(), content_type="text", filename="",
