@@ -9162,7 +9162,6 @@ async def _export_key_command(reactor, config):
         raise NoKey("This machine has no key for %s on %s (server id %s)." % (
             session.user, session.address, session.server_id))
     key = await session.load_key(session.key_path)
-    session.prompter.say(IMPORT_MAKES_IDENTITY % {"user": session.user})
     passphrase = await session.new_passphrase("the exported key")
     data = await session.in_thread(encode_private_key, key, passphrase)
     try:
@@ -9171,10 +9170,11 @@ async def _export_key_command(reactor, config):
         raise LocalError("Cannot write %s: %s." % (config["out"], e.strerror))
     session.prompter.say("Wrote %s's key (fingerprint %s) to %s." % (
         session.user, format_fingerprint(fingerprint(key)), config["out"]))
+    session.prompter.say(IMPORT_MAKES_IDENTITY % {"user": session.user})
 
 
 IMPORT_MAKES_IDENTITY = (
-    "Note: the machine that imports this key becomes %(user)s's identity device in place of this one (its prekeys "
+    "The machine that imports it becomes %(user)s's identity device in place of this one (its prekeys "
     "replace this machine's, so this one then reads no new message); to use pager on both machines, add the other "
     "one with 'pager-cli link-device' instead.")
 

@@ -172,6 +172,18 @@ class IdentityOnlyTests(LinkedMachineTestCase):
         self.assertIn("identity device", result.err)
         self.assertIn("link-device", result.err)
 
+    async def test_export_suggests_link_device(self):
+        """export-key says the importing machine becomes the identity device, and suggests link-device."""
+        await self.serve()
+        home = await self.provision("alice")
+        out = os.path.abspath(self.mktemp())
+        result = await self.cli("export-key", self.host, "--user", "alice", "--out", out, "--home", home,
+                                "--no-passphrase")
+        self.assertExit(result, 0)
+        self.assertIn("becomes alice's identity device", result.err)
+        self.assertIn("link-device", result.err)
+        self.assertTrue(os.path.exists(out))
+
     async def cli(self, *argv, env=None):
         """Run C{pager-cli ARGV} in-process (CLITestCase.run_command), standard input not a terminal."""
         saved = dict(os.environ)
