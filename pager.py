@@ -16,7 +16,7 @@ Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the w
 Licence: MIT.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import sys
 
@@ -73,7 +73,7 @@ except ImportError as e:
 
 #### Constants and limits ####
 
-PROTOCOL_VERSION = 2  # 2: proofs name the server (see PROTOCOL.md, "Changes from version 1")
+PROTOCOL_VERSION = 3  # 3: devices and prekeys (see PROTOCOL.md, "Changes from version 2")
 SOFTWARE = "pager/" + __version__
 DEFAULT_PORT = 5050
 DEFAULT_LISTEN = "tcp:%d:backlog=1024" % DEFAULT_PORT
@@ -137,6 +137,15 @@ SOFTWARE_RE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,63}")  # a hello's software 
 MIN_TOKEN_LENGTH = 8
 MAX_TOKEN_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 64
+LINK_TTL = 600  # seconds the server keeps a new device's link request, and the connection that waits for its answer
+LINK_ID_SIZE = 8  # bytes of a link request's id (16 hex digits on the wire)
+MAX_LINKS_PER_ADDRESS = 2  # link requests waiting at once from one IP address
+MAX_LINKS_PER_USER = 4  # link requests waiting at once for one account
+MAX_ONE_TIME_PREKEYS = 200  # one-time prekeys the server stores for one device
+MAX_PREKEYS_PER_FRAME = 100  # one-time prekeys one publish_prekeys frame may carry
+PREKEYS_LOW = 20  # below this many one-time prekeys left, a device is told to publish more
+BUNDLE_BURST = 100  # bundle requests an account may make at once before bundle_rate paces it
+REVOKED_KEPT = 30 * DAY  # seconds the server keeps a revoked device's row (and revocation) for contacts to see
 
 # OWASP's Argon2id parameters: 19 MiB, 2 passes, one lane.
 ARGON2_MEMORY_KIB = 19456
@@ -184,6 +193,8 @@ class Limits:
     account_check_interval: float = 5.0  # seconds between checks that logged-in accounts still exist with their key
     max_unread_output: int = 1024 * 1024  # bytes written to a connection that stopped reading before it is cut off
     close_grace: float = 3.0  # seconds a connection the server closes may still read; then it is aborted
+    max_devices: int = 8  # devices of one account, not counting revoked ones
+    bundle_rate: float = 20.0  # bundle requests per second per account (a burst of BUNDLE_BURST first)
 
     def public(self):
         """The limits a client needs to know, as sent in ``hello``."""
@@ -206,6 +217,8 @@ class Limits:
             "max_sender_pending_bytes": self.max_sender_pending_bytes,
             "max_open_uploads": self.max_open_uploads,
             "upload_idle_timeout": self.upload_idle_timeout,
+            "max_devices": self.max_devices,
+            "bundle_rate": self.bundle_rate,
         }
 
 
@@ -1856,7 +1869,7 @@ class KeyReplaced(Forbidden):
     """This account was deleted, or its key replaced, since this session logged in."""
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PENDING_PAGE_BYTES = 4 * 1024 * 1024  # bytes of chunks one read of pending messages holds in memory
 EXPIRE_BATCH = 1000  # deliveries one expiry transaction settles; the server repeats until fewer come back
 
@@ -1898,8 +1911,10 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE TABLE IF NOT EXISTS deliveries (
     recipient TEXT NOT NULL,
     ord INTEGER NOT NULL,
+    device BLOB NOT NULL,
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
-    PRIMARY KEY (recipient, ord)
+    told INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (recipient, ord, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq);
@@ -1914,6 +1929,37 @@ CREATE TABLE IF NOT EXISTS receipts (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS receipts_user ON receipts(user, rid);
+CREATE TABLE IF NOT EXISTS devices (
+    user TEXT NOT NULL,
+    device_id BLOB NOT NULL,
+    public_key TEXT NOT NULL,
+    name TEXT,
+    created INTEGER,
+    certificate BLOB,
+    revoked_at INTEGER,
+    revocation BLOB,
+    prekeys INTEGER NOT NULL DEFAULT 0,
+    added_at REAL NOT NULL,
+    last_seen REAL,
+    PRIMARY KEY (user, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signed_prekeys (
+    user TEXT NOT NULL,
+    device_id BLOB NOT NULL,
+    prekey_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    valid_from INTEGER NOT NULL,
+    valid_until INTEGER NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (user, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS one_time_prekeys (
+    user TEXT NOT NULL,
+    device_id BLOB NOT NULL,
+    prekey_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    PRIMARY KEY (user, device_id, prekey_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS invites (
     code_hash BLOB PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -1979,6 +2025,26 @@ class StoredMessage:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceRecord:
+    """
+    One device of an account as stored: a legacy device (the identity device of an account made before devices)
+    has no certificate; a revoked one keeps its row, with the signed revocation, for a while.
+    """
+
+    user: str
+    device_id: bytes
+    public_key: str  # PEM
+    name: str
+    created: int
+    certificate: bytes  # the identity key's signature, or None
+    revoked_at: int
+    revocation: bytes
+    prekeys: bool  # it has ever published prekeys: never wrapped to with RSA-OAEP again
+    added_at: float
+    last_seen: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Receipt:
     rid: int
     msg_id: bytes
@@ -1996,6 +2062,20 @@ _MIGRATIONS = {
         "ALTER TABLE messages ADD COLUMN reserved TEXT",
         "UPDATE users SET (sent_count, sent_bytes) = (SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
         " WHERE sender = users.name AND accepted_at IS NOT NULL)",
+    ],
+    # Devices: every account gets its identity device as a legacy (uncertified) device, and what waited for the
+    # account now waits for that device, a receipt still owed for each.
+    2: [
+        "INSERT OR IGNORE INTO devices (user, device_id, public_key, added_at) SELECT name, substr(fingerprint, 1, %d),"
+        " public_key, key_set_at FROM users" % DEVICE_ID_SIZE,
+        "CREATE TABLE deliveries_v3 (recipient TEXT NOT NULL, ord INTEGER NOT NULL, device BLOB NOT NULL,"
+        " seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE, told INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (recipient, ord, device)) WITHOUT ROWID",
+        "INSERT INTO deliveries_v3 (recipient, ord, device, seq) SELECT d.recipient, d.ord, substr(u.fingerprint, 1,"
+        " %d), d.seq FROM deliveries d JOIN users u ON u.name = d.recipient" % DEVICE_ID_SIZE,
+        "DROP TABLE deliveries",
+        "ALTER TABLE deliveries_v3 RENAME TO deliveries",
+        "CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq)",
     ],
 }
 
@@ -2074,7 +2154,11 @@ def create_invites_txn(txn, count, now):
     return codes
 
 
-def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None):
+def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None, device=None):
+    """
+    Add the account C{name} with its identity device (whose key is the account's): C{device} is its certificate's
+    C{(name, created, signature)}, or None for a legacy device (never certified).
+    """
     if invite is not None:
         txn.execute("UPDATE invites SET used_by = ?, used_at = ? WHERE code_hash = ? AND used_by IS NULL",
                     (name, now, invite_hash(invite)))
@@ -2086,6 +2170,10 @@ def add_user_txn(txn, name, pem, fp, salt, token_hash, now, invite=None):
             " VALUES (?, ?, ?, ?, ?, ?, ?)", (name, pem, fp, salt, token_hash, now, now))
     except sqlite3.IntegrityError:
         raise UserExists("The user name %r is taken." % name)
+    device_name, created, certificate = device or (None, None, None)
+    txn.execute("INSERT OR REPLACE INTO devices (user, device_id, public_key, name, created, certificate, added_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)", (name, fp[:DEVICE_ID_SIZE], pem, device_name, created, certificate,
+                                                  now))
 
 
 def get_user_txn(txn, name):
@@ -2107,16 +2195,213 @@ def user_page_txn(txn, after, limit):
 
 
 def set_key_txn(txn, name, pem, fp, now, recovered):
+    """
+    Give the account C{name} a new identity key, which replaces all of its devices with one: the new identity
+    device, not certified until its client certifies it.  What waited for the old identity device waits for the new
+    one (it cannot open it, and rejects it, as before devices); what waited for the other devices is dropped.
+    """
+    row = txn.execute("SELECT fingerprint FROM users WHERE name = ?", (name,)).fetchone()
     if recovered:
         txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ?, recovered_at = ?"
                     " WHERE name = ?", (pem, fp, now, now, name))
     else:
         txn.execute("UPDATE users SET public_key = ?, fingerprint = ?, key_set_at = ? WHERE name = ?",
                     (pem, fp, now, name))
+    new = fp[:DEVICE_ID_SIZE]
+    if row is not None and bytes(row[0])[:DEVICE_ID_SIZE] != new:
+        txn.execute("UPDATE OR IGNORE deliveries SET device = ? WHERE recipient = ? AND device = ?",
+                    (new, name, bytes(row[0])[:DEVICE_ID_SIZE]))
+    others = [bytes(r[0]) for r in txn.execute("SELECT DISTINCT device FROM deliveries WHERE recipient = ?"
+                                                " AND device != ?", (name, new))]
+    _drop_device_deliveries_txn(txn, name, others)
+    txn.execute("DELETE FROM devices WHERE user = ?", (name,))
+    txn.execute("DELETE FROM signed_prekeys WHERE user = ?", (name,))
+    txn.execute("DELETE FROM one_time_prekeys WHERE user = ?", (name,))
+    txn.execute("INSERT INTO devices (user, device_id, public_key, added_at) VALUES (?, ?, ?, ?)",
+                (name, new, pem, now))
 
 
 def set_token_txn(txn, name, salt, token_hash):
     txn.execute("UPDATE users SET token_salt = ?, token_hash = ? WHERE name = ?", (salt, token_hash, name))
+
+
+_DEVICE_COLUMNS = ("user, device_id, public_key, name, created, certificate, revoked_at, revocation, prekeys,"
+                   " added_at, last_seen")
+
+
+def _blob(value):
+    return None if value is None else bytes(value)
+
+
+def _device_record(row):
+    return DeviceRecord(row[0], bytes(row[1]), row[2], row[3], row[4], _blob(row[5]), row[6], _blob(row[7]),
+                        bool(row[8]), row[9], row[10])
+
+
+def devices_txn(txn, user):
+    """C{(identity key PEM, [DeviceRecord])}: C{user}'s devices, revoked ones too, oldest first; L{UnknownUser}."""
+    row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
+    if row is None:
+        raise UnknownUser("No such user: %s." % user)
+    return row[0], [_device_record(r) for r in txn.execute(
+        "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))]
+
+
+def device_status_txn(txn, user, device_id):
+    """
+    C{(DeviceRecord or None, signed prekey (id, valid_until) or None, one-time prekeys stored)} of one device, as
+    a login answer tells its client.
+    """
+    row = txn.execute("SELECT %s FROM devices WHERE user = ? AND device_id = ?" % _DEVICE_COLUMNS,
+                      (user, device_id)).fetchone()
+    if row is None:
+        return None, None, 0
+    signed = txn.execute("SELECT prekey_id, valid_until FROM signed_prekeys WHERE user = ? AND device_id = ?",
+                         (user, device_id)).fetchone()
+    count = txn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE user = ? AND device_id = ?",
+                        (user, device_id)).fetchone()[0]
+    return _device_record(row), tuple(signed) if signed else None, count
+
+
+def certify_device_txn(txn, user, device_id, name, created, certificate, user_fp=None):
+    """Give C{user}'s legacy device its certificate; L{BadRequest} if it has one already or is revoked."""
+    _check_session_key_txn(txn, user, user_fp)
+    txn.execute("UPDATE devices SET name = ?, created = ?, certificate = ? WHERE user = ? AND device_id = ?"
+                " AND certificate IS NULL AND revoked_at IS NULL", (name, created, certificate, user, device_id))
+    if txn.rowcount != 1:
+        raise BadRequest("This device is certified already.")
+
+
+def add_device_txn(txn, user, device_id, pem, name, created, certificate, now, max_devices, user_fp=None):
+    """
+    Add a certified device to C{user}'s account: L{Forbidden} past C{max_devices} devices not revoked, L{BadRequest}
+    for a device key the account has (or had: a revoked key stays revoked).
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    count = txn.execute("SELECT COUNT(*) FROM devices WHERE user = ? AND revoked_at IS NULL", (user,)).fetchone()[0]
+    if count >= max_devices:
+        raise Forbidden("This account has %d devices, the most allowed; revoke one first." % max_devices)
+    try:
+        txn.execute("INSERT INTO devices (user, device_id, public_key, name, created, certificate, added_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", (user, device_id, pem, name, created, certificate, now))
+    except sqlite3.IntegrityError:
+        raise BadRequest("This account has (or had) a device with that key; the new device must make a new key.")
+
+
+def revoke_device_txn(txn, user, device_id, revoked_at, revocation, user_fp=None):
+    """
+    Revoke one of C{user}'s devices: its row stays (with the signed revocation, for contacts to see), its prekeys
+    and what waited for it go.  L{BadRequest} for an unknown or already revoked device.
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    txn.execute("UPDATE devices SET revoked_at = ?, revocation = ? WHERE user = ? AND device_id = ?"
+                " AND revoked_at IS NULL", (revoked_at, revocation, user, device_id))
+    if txn.rowcount != 1:
+        raise BadRequest("This account has no such device, or it is revoked already.")
+    txn.execute("DELETE FROM signed_prekeys WHERE user = ? AND device_id = ?", (user, device_id))
+    txn.execute("DELETE FROM one_time_prekeys WHERE user = ? AND device_id = ?", (user, device_id))
+    return _drop_device_deliveries_txn(txn, user, [device_id])
+
+
+def forget_revoked_txn(txn, older_than):
+    """Forget devices revoked before C{older_than}: contacts have had time to see the revocation."""
+    txn.execute("DELETE FROM devices WHERE revoked_at IS NOT NULL AND revoked_at < ?", (older_than,))
+    return txn.rowcount
+
+
+def set_last_seen_txn(txn, user, device_id, at):
+    txn.execute("UPDATE devices SET last_seen = ? WHERE user = ? AND device_id = ?", (at, user, device_id))
+
+
+def publish_prekeys_txn(txn, user, device_id, signed, one_time, max_pool, user_fp=None):
+    """
+    Store a device's prekeys: C{signed} (prekey id, public, valid_from, valid_until, signature) replaces its signed
+    prekey, C{one_time} ((id, public) pairs) join its pool, which holds at most C{max_pool} (L{BadRequest} past it;
+    an id already in the pool replaces that prekey).  The device is marked as one that publishes prekeys, for good.
+    Returns the pool's size.
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    if txn.execute("UPDATE devices SET prekeys = 1 WHERE user = ? AND device_id = ? AND revoked_at IS NULL",
+                   (user, device_id)).rowcount != 1:
+        raise Forbidden("This device is revoked.")
+    if signed is not None:
+        txn.execute("INSERT OR REPLACE INTO signed_prekeys (user, device_id, prekey_id, public, valid_from,"
+                    " valid_until, signature) VALUES (?, ?, ?, ?, ?, ?, ?)", (user, device_id, *signed))
+    if one_time:
+        txn.executemany("INSERT OR REPLACE INTO one_time_prekeys (user, device_id, prekey_id, public)"
+                        " VALUES (?, ?, ?, ?)", [(user, device_id, i, public) for i, public in one_time])
+    count = txn.execute("SELECT COUNT(*) FROM one_time_prekeys WHERE user = ? AND device_id = ?",
+                        (user, device_id)).fetchone()[0]
+    if count > max_pool:
+        raise BadRequest("A device stores at most %d one-time prekeys; this would make %d." % (max_pool, count))
+    return count
+
+
+def bundle_txn(txn, users, requester, requester_device):
+    """
+    Prekey bundles: for each of C{users}, C{(user, identity key PEM, [(DeviceRecord, signed prekey row or None,
+    one-time prekey (id, public) or None)])} with every device (the requesting device left out of its own user's),
+    revoked ones without prekeys; and C{low}: C{(user, device_id, pool size)} of each pool a prekey was taken from.
+    Each device's one-time prekey is taken (deleted) here, so no two bundles ever carry the same one.
+    L{UnknownUser} names every unknown user.
+    """
+    bundles, low, unknown = [], [], []
+    for user in users:
+        row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
+        if row is None:
+            unknown.append(user)
+            continue
+        devices = []
+        for record in (_device_record(r) for r in txn.execute(
+                "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))):
+            if user == requester and record.device_id == requester_device:
+                continue
+            signed = one_time = None
+            if record.revoked_at is None and record.prekeys:
+                signed = txn.execute("SELECT prekey_id, public, valid_from, valid_until, signature FROM signed_prekeys"
+                                     " WHERE user = ? AND device_id = ?", (user, record.device_id)).fetchone()
+                one_time = txn.execute(
+                    "DELETE FROM one_time_prekeys WHERE user = ?1 AND device_id = ?2 AND prekey_id = (SELECT"
+                    " MIN(prekey_id) FROM one_time_prekeys WHERE user = ?1 AND device_id = ?2)"
+                    " RETURNING prekey_id, public", (user, record.device_id)).fetchone()
+                if one_time is not None:
+                    low.append((user, record.device_id, txn.execute(
+                        "SELECT COUNT(*) FROM one_time_prekeys WHERE user = ? AND device_id = ?",
+                        (user, record.device_id)).fetchone()[0]))
+            devices.append((record, tuple(signed) if signed else None,
+                            (one_time[0], bytes(one_time[1])) if one_time else None))
+        bundles.append((user, row[0], devices))
+    if unknown:
+        raise UnknownUser("No such user: %s." % ", ".join(unknown))
+    return bundles, low
+
+
+def _drop_device_deliveries_txn(txn, user, devices):
+    """
+    Drop what waits for C{user}'s C{devices} (revoked, or replaced by a new identity), without a receipt: a
+    message the user's other devices still wait for stays for them; one that nothing of the user waits for any
+    more comes off the user's counts (as if rejected).  Returns how many deliveries were dropped.
+    """
+    dropped = []
+    for part in _in_pages(list(devices)):
+        dropped += txn.execute("DELETE FROM deliveries WHERE recipient = ? AND device IN (%s) RETURNING ord, seq"
+                               % _marks(part), (user, *part)).fetchall()
+    if not dropped:
+        return 0
+    ords = {ord_: seq for ord_, seq in dropped}
+    left = set()
+    for part in _in_pages(list(ords)):
+        left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
+                                              % _marks(part), (user, *part)))
+    done = [seq for ord_, seq in ords.items() if ord_ not in left]
+    size = 0
+    for part in _in_pages(done):
+        size += txn.execute("SELECT COALESCE(SUM(size), 0) FROM messages WHERE seq IN (%s)" % _marks(part),
+                            part).fetchone()[0]
+    txn.execute("UPDATE users SET pending_count = MAX(0, pending_count - ?), pending_bytes = MAX(0, pending_bytes"
+                " - ?) WHERE name = ?", (len(done), size, user))
+    _drop_messages_txn(txn, done)
+    return len(dropped)
 
 
 def _existing_message_txn(txn, msg_id, sender):
@@ -2269,10 +2554,13 @@ def check_recipients_txn(txn, recipients, size, limits, counted=()):
 
 
 def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None):
+                       check=None, sender_fp=None, targets=None):
     """
     Commit a complete message for all of its recipients, or for none: returns C{(seq, accepted_at, duplicate,
-    ord)}, C{ord} being its place in delivery order, taken now, at acceptance.
+    ord)}, C{ord} being its place in delivery order, taken now, at acceptance.  C{recipients} are the users it
+    counts against (once each, however many of their devices get it); C{targets} the devices it waits for:
+    C{(user, device_id, told)}, C{told} true for the sender's own other devices, for which no receipt is made.
+    Without C{targets}, every device of each recipient not revoked gets it, a receipt owed.
     C{seq} is that of an upload begun with L{begin_upload_txn}, whose chunks are already stored and whose size is
     already counted; otherwise the message is new and C{chunks} are all of its chunk ciphertexts, and it is
     counted now against the recipients', the sender's and the database's limits.  C{check()}, if given, runs first
@@ -2315,8 +2603,12 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
                     (_still_reserved_txn(txn, seq, size),))
         txn.execute("UPDATE messages SET signature = ?, chunk_count = ?, accepted_at = ?, expires_at = ?, ord = ?,"
                     " reserved = NULL WHERE seq = ?", (signature, count, now, expires_at, ord_, seq))
-    txn.executemany("INSERT INTO deliveries (recipient, ord, seq) VALUES (?, ?, ?)",
-                    [(r, ord_, seq) for r in recipients])
+    if targets is None:
+        txn.execute("INSERT INTO deliveries (recipient, ord, device, seq) SELECT user, ?, device_id, ? FROM devices"
+                    " WHERE user IN (%s) AND revoked_at IS NULL" % _marks(recipients), (ord_, seq, *recipients))
+    else:
+        txn.executemany("INSERT INTO deliveries (recipient, ord, device, seq, told) VALUES (?, ?, ?, ?, ?)",
+                        [(r, ord_, device, seq, told) for r, device, told in targets])
     return seq, now, False, ord_
 
 
@@ -2331,18 +2623,20 @@ def _check_session_key_txn(txn, user, user_fp):
         raise KeyReplaced()
 
 
-def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None):
+def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None, device=None):
     """
     Up to C{limit} pending deliveries for C{user} after delivery position C{after_ord}, in the order they were
     accepted, small ones (up to C{inline_bytes}) with their chunks.  The page ends early rather than hold more
     than C{page_bytes} of headers, signatures and inline chunks (it always has at least one delivery, if there is
-    one).  With C{user_fp}, see L{_check_session_key_txn}.
+    one).  With C{user_fp}, see L{_check_session_key_txn}.  With C{device}, only what waits for that device (one
+    device's rows come in the same index walk as the user's: a user has at most C{max_devices}).
     """
     _check_session_key_txn(txn, user, user_fp)
     rows = txn.execute(
         "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord"
         " FROM deliveries d JOIN messages m ON m.seq = d.seq"
-        " WHERE d.recipient = ? AND d.ord > ? ORDER BY d.ord LIMIT ?", (user, after_ord, limit)).fetchall()
+        " WHERE d.recipient = ?1 AND d.ord > ?2 AND (?4 IS NULL OR d.device = ?4) ORDER BY d.ord LIMIT ?3",
+        (user, after_ord, limit, device)).fetchall()
     held = 0
     for end, row in enumerate(rows):
         held += len(row[3]) + len(row[4] or b"")
@@ -2395,33 +2689,51 @@ def _marks(items):
     return ",".join("?" * len(items))
 
 
-def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None):
+def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, device=None):
     """
-    Delete C{user}'s own deliveries of C{msg_ids} (never another recipient's) and store a receipt for each sender,
-    a whole list in a few statements.  Returns C{(receipts, unknown)}: C{(sender, Receipt)} pairs in the order
-    of C{msg_ids}, and the ids C{user} has no pending delivery of.  With C{user_fp}, see
-    L{_check_session_key_txn}.
+    Delete the deliveries of C{msg_ids} to C{user}'s C{device} (to every device of C{user} when None; never another
+    user's) and store the receipts they settle, a whole list in a few statements.  Returns C{(receipts, unknown)}:
+    C{(sender, Receipt)} pairs in the order of C{msg_ids}, and the ids the device has no pending delivery of.
+    A user's receipt: C{delivered} at the first of its devices' acks; C{rejected} (or C{expired}) once the last
+    of its devices that got the message settles it so, none having acked; none for the sender's own devices
+    (their deliveries are stored as told).  A message counts against the user until the last of its devices
+    settles it.  With C{user_fp}, see L{_check_session_key_txn}.
     """
     _check_session_key_txn(txn, user, user_fp)
     found = {}
     for part in _in_pages(msg_ids):
-        for seq, msg_id, sender, size, ord_ in txn.execute(
+        for seq, msg_id, sender, size, ord_, dev, told in txn.execute(
                 # CROSS JOIN keeps SQLite to this order: each id through the msg_id index, never a scan of the
                 # user's whole queue
-                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord FROM messages m CROSS JOIN deliveries d"
-                " ON d.recipient = ? AND d.ord = m.ord AND d.seq = m.seq WHERE m.msg_id IN (%s)" % _marks(part),
-                (user, *part)):
-            found[bytes(msg_id)] = (seq, sender, size, ord_)
+                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord, d.device, d.told FROM messages m CROSS JOIN"
+                " deliveries d ON d.recipient = ?1 AND d.ord = m.ord AND d.seq = m.seq AND (?2 IS NULL OR d.device"
+                " = ?2) WHERE m.msg_id IN (%s)" % ",".join("?%d" % (i + 3) for i in range(len(part))),
+                (user, device, *part)):
+            entry = found.setdefault(bytes(msg_id), [seq, sender, size, ord_, [], False])
+            entry[4].append(bytes(dev))
+            entry[5] = entry[5] or bool(told)
     unknown = [m for m in msg_ids if m not in found]
     settled = [m for m in dict.fromkeys(msg_ids) if m in found]  # each once, in the order asked
     if not settled:
         return [], unknown
-    txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ?", [(user, found[m][3]) for m in settled])
-    txn.execute("UPDATE users SET pending_count = pending_count - ?, pending_bytes = pending_bytes - ?"
-                " WHERE name = ?", (len(settled), sum(found[m][2] for m in settled), user))
-    _drop_messages_txn(txn, [found[m][0] for m in settled])
+    txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ? AND device = ?",
+                    [(user, found[m][3], dev) for m in settled for dev in found[m][4]])
+    left = set()  # the positions other devices of the user still wait for
+    for part in _in_pages([found[m][3] for m in settled]):
+        left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
+                                              % _marks(part), (user, *part)))
+    done = [m for m in settled if found[m][3] not in left]
+    told = [m for m in settled if found[m][3] in left and status == "delivered" and not found[m][5]]
+    if told:  # the user's receipt is made now: the other devices' acks make none
+        txn.executemany("UPDATE deliveries SET told = 1 WHERE recipient = ? AND ord = ?",
+                        [(user, found[m][3]) for m in told])
+    if done:
+        txn.execute("UPDATE users SET pending_count = pending_count - ?, pending_bytes = pending_bytes - ?"
+                    " WHERE name = ?", (len(done), sum(found[m][2] for m in done), user))
+        _drop_messages_txn(txn, [found[m][0] for m in done])
+    owed = [m for m in settled if not found[m][5] and (status == "delivered" or found[m][3] not in left)]
     receipts = []
-    for part in _in_pages(settled, 100):  # several rows an INSERT; RETURNING names each row's receipt id
+    for part in _in_pages(owed, 100):  # several rows an INSERT; RETURNING names each row's receipt id
         rows = [(found[m][1], m, user, status, reason, now) for m in part]
         for rid, sender, msg_id in txn.execute(
                 "INSERT INTO receipts (user, msg_id, peer, status, reason, at) VALUES %s RETURNING rid, user, msg_id"
@@ -2445,15 +2757,15 @@ def trim_receipts_txn(txn, user, keep):
     return txn.rowcount
 
 
-def ack_txn(txn, user, msg_id, status, reason, now, user_fp=None):
+def ack_txn(txn, user, msg_id, status, reason, now, user_fp=None, device=None):
     """
-    L{settle_txn} for one message: returns C{(sender, receipt)}; raises L{UnknownMessage} if C{user} has no such
-    delivery.
+    L{settle_txn} for one message: returns C{(sender, receipt)}, or None when it makes no receipt (another device
+    of the user settles it); raises L{UnknownMessage} if the device has no such delivery.
     """
-    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now, user_fp)
+    receipts, unknown = settle_txn(txn, user, [msg_id], status, reason, now, user_fp, device)
     if unknown:
         raise UnknownMessage()
-    return receipts[0]
+    return receipts[0] if receipts else None
 
 
 def pending_receipts_txn(txn, user, after_rid, limit, user_fp=None):
@@ -2472,13 +2784,15 @@ def ack_receipts_txn(txn, user, rids):
     return [rid for rid in rids if rid not in gone]
 
 
-def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None):
+def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None, device=None):
     """
     The list form of ack, in one transaction: C{(receipts, unknown message ids, unknown receipt ids)}, settling
-    C{msg_ids} as delivered (see L{settle_txn}) and deleting the receipts C{rids}; either list may be None.
+    C{msg_ids} as delivered to C{device} (see L{settle_txn}) and deleting the receipts C{rids}; either list may be
+    None.
     """
     _check_session_key_txn(txn, user, user_fp)
-    receipts, unknown_msgs = settle_txn(txn, user, msg_ids, "delivered", "", now) if msg_ids else ([], [])
+    receipts, unknown_msgs = (settle_txn(txn, user, msg_ids, "delivered", "", now, None, device) if msg_ids
+                              else ([], []))
     return receipts, unknown_msgs, ack_receipts_txn(txn, user, rids) if rids else []
 
 
@@ -2505,14 +2819,15 @@ def account_keys_txn(txn, names):
 
 def expire_txn(txn, now, limit=EXPIRE_BATCH):
     """Drop deliveries past their expiry time; returns C{(sender, receipt)} pairs telling each sender."""
-    expired = collections.defaultdict(list)  # recipient -> message ids
-    for recipient, msg_id in txn.execute(
-            "SELECT d.recipient, m.msg_id FROM messages m JOIN deliveries d ON d.seq = m.seq"
+    expired = collections.defaultdict(list)  # (recipient, device) -> message ids
+    for recipient, device, msg_id in txn.execute(
+            "SELECT d.recipient, d.device, m.msg_id FROM messages m JOIN deliveries d ON d.seq = m.seq"
             " WHERE m.expires_at < ? LIMIT ?", (now, limit)).fetchall():
-        expired[recipient].append(bytes(msg_id))
+        expired[recipient, bytes(device)].append(bytes(msg_id))
     out = []
-    for recipient, msg_ids in expired.items():
-        out += settle_txn(txn, recipient, msg_ids, "expired", "The message expired before it was delivered.", now)[0]
+    for (recipient, device), msg_ids in expired.items():
+        out += settle_txn(txn, recipient, msg_ids, "expired", "The message expired before it was delivered.", now,
+                          None, device)[0]
     return out
 
 
@@ -2645,8 +2960,8 @@ class Store:
     def close(self):
         self.pool.close()
 
-    def add_user(self, name, pem, fp, salt, token_hash, now, invite=None):
-        return self._run(add_user_txn, name, pem, fp, salt, token_hash, now, invite)
+    def add_user(self, name, pem, fp, salt, token_hash, now, invite=None, device=None):
+        return self._run(add_user_txn, name, pem, fp, salt, token_hash, now, invite, device)
 
     def create_invites(self, count, now):
         return self._run(create_invites_txn, count, now)
@@ -2676,18 +2991,18 @@ class Store:
         return self._run(abort_upload_txn, seq)
 
     def accept_message(self, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None):
+                       check=None, sender_fp=None, targets=None):
         return self._run(accept_message_txn, msg_id, sender, header, signature, size, chunks, recipients, now,
-                         limits, seq, check, sender_fp)
+                         limits, seq, check, sender_fp, targets)
 
-    def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None):
-        return self._run(pending_txn, user, after_seq, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp)
+    def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None, device=None):
+        return self._run(pending_txn, user, after_seq, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp, device)
 
     def chunks(self, seq, start, count):
         return self._run(chunks_txn, seq, start, count)
 
-    def ack(self, user, msg_id, status, reason, now, user_fp=None):
-        return self._run(ack_txn, user, msg_id, status, reason, now, user_fp)
+    def ack(self, user, msg_id, status, reason, now, user_fp=None, device=None):
+        return self._run(ack_txn, user, msg_id, status, reason, now, user_fp, device)
 
     def pending_receipts(self, user, after_rid, limit=500, user_fp=None):
         return self._run(pending_receipts_txn, user, after_rid, limit, user_fp)
@@ -2695,8 +3010,35 @@ class Store:
     def ack_receipt(self, user, rid, user_fp=None):
         return self._run(ack_receipt_txn, user, rid, user_fp)
 
-    def ack_many(self, user, msg_ids, rids, now, user_fp=None):
-        return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp)
+    def ack_many(self, user, msg_ids, rids, now, user_fp=None, device=None):
+        return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp, device)
+
+    def devices(self, user):
+        return self._run(devices_txn, user)
+
+    def device_status(self, user, device_id):
+        return self._run(device_status_txn, user, device_id)
+
+    def certify_device(self, user, device_id, name, created, certificate, user_fp=None):
+        return self._run(certify_device_txn, user, device_id, name, created, certificate, user_fp)
+
+    def add_device(self, user, device_id, pem, name, created, certificate, now, max_devices, user_fp=None):
+        return self._run(add_device_txn, user, device_id, pem, name, created, certificate, now, max_devices, user_fp)
+
+    def revoke_device(self, user, device_id, revoked_at, revocation, user_fp=None):
+        return self._run(revoke_device_txn, user, device_id, revoked_at, revocation, user_fp)
+
+    def forget_revoked(self, older_than):
+        return self._run(forget_revoked_txn, older_than)
+
+    def set_last_seen(self, user, device_id, at):
+        return self._run(set_last_seen_txn, user, device_id, at)
+
+    def publish_prekeys(self, user, device_id, signed, one_time, max_pool, user_fp=None):
+        return self._run(publish_prekeys_txn, user, device_id, signed, one_time, max_pool, user_fp)
+
+    def bundle(self, users, requester, requester_device):
+        return self._run(bundle_txn, users, requester, requester_device)
 
     def trim_receipts(self, user, keep):
         return self._run(trim_receipts_txn, user, keep)
@@ -2763,14 +3105,16 @@ def delete_user_txn(txn, name):
     seqs = [r[0] for r in txn.execute("SELECT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
     txn.execute("DELETE FROM deliveries WHERE recipient = ?", (name,))
     _drop_messages_txn(txn, seqs)
-    sent = txn.execute("SELECT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d ON d.seq = m.seq"
-                       " WHERE m.sender = ?", (name,)).fetchall()
+    sent = txn.execute("SELECT DISTINCT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d"
+                       " ON d.seq = m.seq WHERE m.sender = ?", (name,)).fetchall()
     txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ?", [(r, o) for r, o, _ in sent])
     txn.executemany("UPDATE users SET pending_count = MAX(0, pending_count - 1), pending_bytes = MAX(0,"
                     " pending_bytes - ?) WHERE name = ?", [(size, r) for r, _, size in sent])
     txn.execute("DELETE FROM chunks WHERE seq IN (SELECT seq FROM messages WHERE sender = ?)", (name,))
     txn.execute("DELETE FROM messages WHERE sender = ?", (name,))
     txn.execute("DELETE FROM receipts WHERE user = ?", (name,))
+    for table in ("devices", "signed_prekeys", "one_time_prekeys"):
+        txn.execute("DELETE FROM %s WHERE user = ?" % table, (name,))
     txn.execute("DELETE FROM users WHERE name = ?", (name,))
     return len(seqs)
 
@@ -2937,7 +3281,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     log = Logger()
-    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping", "exists"])
+    PUBLIC = frozenset(["register", "login", "rekey", "recover", "ping", "exists", "link_request"])
     PAGE = 1000  # pending messages read from the store at a time (at most PENDING_PAGE_BYTES of their chunks)
     AUTH = frozenset(["register", "login", "rekey", "recover", "change_token"])
 
@@ -2961,6 +3305,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.messages = self.receipts = None
         self._seen_data = False
         self.sent = _Recent(1024)  # a send-only session's recent message ids: it gets their receipts
+        self.device = None  # the logged-in device's id (16 bytes)
+        self.link = None  # the link request this unauthenticated connection waits on, if any
 
     # -- connection --
 
@@ -2999,8 +3345,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if feed is not None:
                 feed.closed = True
         self.flow.stopProducing()
+        self.factory.link_dropped(self)
         if self.user is not None:
             self.factory.session_ended(self)
+            self.factory.store.set_last_seen(self.user, self.device, self.factory.now()).addErrback(
+                lambda f: self.log.failure("Storing a device's last use failed", f))
             self.log.info("{user} disconnected", user=self.user)
         upload, self._upload = self._upload, None
         if upload is not None:
@@ -3235,6 +3584,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         token = self._token(frame)
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
         invite = field_str(frame, "invite", 128, required=False)
+        certificate = self._certificate(frame.get("device"), user, key, "device")
         challenge = self._take_challenge()
         self._require_logged_out()
         policy = self.limits.registration
@@ -3246,31 +3596,56 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         store = self.factory.store
         self.factory.check_throttle(self, user, "register")  # a proof that failed before was charged like a login's
         await self._check_proof(key, proof, "register", user, challenge, fp)
+        await self.factory.in_thread(certificate.verify, key)
         if await store.get_user(user) is not None:
             raise UserExists("The user name %r is taken." % user)
         salt = secrets.token_bytes(ARGON2_SALT_SIZE)
         token_hash = await self.factory.hash_token_for(self, user, token, salt)
         await store.add_user(user, public_key_pem(key), fp, salt, token_hash, self.factory.now(),
-                             invite if policy == "invite" else None)
+                             invite if policy == "invite" else None,
+                             (certificate.name, certificate.created, certificate.signature))
+        self.factory.devices_replaced(user, key, certified=True)
         self.log.info("{user} registered from {peer}", user=user, peer=_peer_text(self.peer))
-        self._logged_in(user, key, receive=True)
-        return {"user": user}
+        self._logged_in(user, key, receive=True, device=certificate.device_id, identity_fp=fp)
+        return {"user": user, "device": certificate.device_id.hex()}
 
     async def handle_login(self, frame, rid):
         proof = field_b64(frame, "proof", RSA_MAX_BITS // 8)
         receive = field_bool(frame, "receive", True)
         user = field_username(frame)
-        token = self._token(frame)
+        device = _field_device(frame, "device", required=False)
+        token = self._token(frame) if device is None or "token" in frame else None
         challenge = self._take_challenge()
         self._require_logged_out()
         record, key = await self._account(user, "login")
-        # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
-        await self._check_proof(key, proof, "login", user, challenge, record.fingerprint, AuthFailed())
-        await self._check_token(token, record, "login")
+        identity_fp = bytes(record.fingerprint)
+        store = self.factory.store
+        if device is None or device == identity_fp[:DEVICE_ID_SIZE]:
+            device = identity_fp[:DEVICE_ID_SIZE]
+            if token is None:
+                raise _missing("token", "the safetoken (only a linked device logs in without it)")
+            # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
+            await self._check_proof(key, proof, "login", user, challenge, identity_fp, AuthFailed())
+            await self._check_token(token, record, "login")
+            status = await store.device_status(user, device)
+        else:
+            # A linked device proves it holds its own key; the safetoken belongs to the identity device.
+            if token is not None:
+                raise BadRequest("A linked device logs in without the safetoken.")
+            status = await store.device_status(user, device)
+            if status[0] is None or status[0].revoked_at is not None:
+                self.factory.proof_failed(self, user)
+                raise AuthFailed()
+            key = load_public_key(status[0].public_key)
+            await self._check_proof(key, proof, "login", user, challenge, fingerprint(key), AuthFailed())
+        record_device, signed, one_time = status
         self.log.info("{user} logged in from {peer}{mode}", user=user, peer=_peer_text(self.peer),
                       mode="" if receive else " (send-only)")
-        self._logged_in(user, key, receive)
-        return {"user": user, "pending": record.pending_count if receive else 0}
+        self._logged_in(user, key, receive, device=device, identity_fp=identity_fp)
+        return {"user": user, "pending": record.pending_count if receive else 0, "device": device.hex(),
+                "certified": record_device is not None and record_device.certificate is not None,
+                "prekeys": {"signed_id": signed[0] if signed else None,
+                            "signed_valid_until": signed[1] if signed else None, "one_time": one_time}}
 
     async def handle_rekey(self, frame, rid):
         new_key = load_public_key(field_str(frame, "public_key", 16384))
@@ -3344,16 +3719,25 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.log.info("{user} changed their safetoken from {peer}", user=user, peer=_peer_text(self.peer))
         return {"user": user}
 
-    def _logged_in(self, user, key, receive):
+    def _logged_in(self, user, key, receive, device=None, identity_fp=None):
+        """
+        The connection is now a session of C{user}'s C{device} (the identity device by default), whose C{key}
+        verifies what it signs; C{identity_fp}, the account's identity key when it logged in, is what the account
+        must still have for the session to go on.
+        """
         self.user, self.key, self.receive = user, key, receive
-        self.key_fingerprint = fingerprint(key)
+        self.key_fingerprint = identity_fp or fingerprint(key)
+        self.device = device or fingerprint(key)[:DEVICE_ID_SIZE]
+        self.factory.link_dropped(self)
+        self.factory.store.set_last_seen(user, self.device, self.factory.now()).addErrback(
+            lambda f: self.log.failure("Storing a device's last login failed", f))
         self.MAX_LENGTH = self.limits.max_line
         self.setTimeout(self.limits.idle_timeout)
         store = self.factory.store
         if receive:
             self.messages = _Feed(
                 lambda after: self._checked(store.pending(
-                    user, after, self.PAGE, self.factory.inline_bytes, self.key_fingerprint).addCallback(
+                    user, after, self.PAGE, self.factory.inline_bytes, self.key_fingerprint, self.device).addCallback(
                     lambda ms: [(m.ord, m) for m in ms])),
                 self._push_message, self.flow, self.log)
             self.receipts = _Feed(
@@ -3402,6 +3786,179 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return {"user": user, "public_key": record.public_key, "fingerprint": bytes(record.fingerprint).hex(),
                 "key_set_at": record.key_set_at}
 
+    # -- devices --
+    # A device's own requests (certify, publish_prekeys) come from its session; those that change the account's
+    # devices (link_pending, link_approve, link_decline, revoke_device) only from a session of the identity device,
+    # which holds the identity key that signs certificates and revocations: a linked device cannot add or remove
+    # devices, and neither can the server, which cannot sign.
+
+    def _certificate(self, obj, user, key, name):
+        """The L{DeviceCertificate} of C{key} for C{user} that C{obj} (a frame's C{name} field) carries, unchecked."""
+        if not isinstance(obj, dict):
+            raise _missing(name, 'an object {"name", "created", "certificate"}: the device\'s certificate')
+        fields = {k: obj.get(k) for k in ("name", "created", "certificate")}
+        fields.update(id=device_id(key).hex(), public_key=public_key_pem(key))
+        return DeviceCertificate.from_json(fields, user)
+
+    @property
+    def identity_device(self):
+        """Whether this session is of the account's identity device (whose key is the identity key)."""
+        return self.device == self.key_fingerprint[:DEVICE_ID_SIZE]
+
+    def _require_identity(self):
+        if not self.identity_device:
+            raise Forbidden("Only the device that holds the account's identity key can do that.")
+
+    def _device_object(self, record, own=False):
+        """The wire's device object for C{record}; C{last_seen} only for the requester's own devices."""
+        obj = {
+            "id": record.device_id.hex(), "public_key": record.public_key, "name": record.name,
+            "created": record.created, "certificate": None if record.certificate is None else b64(record.certificate),
+            "revoked": None if record.revoked_at is None else {"at": record.revoked_at,
+                                                                "signature": b64(record.revocation)},
+            "prekeys": record.prekeys,
+        }
+        if own:
+            obj["last_seen"] = record.last_seen
+        return obj
+
+    async def handle_certify(self, frame, rid):
+        self._require_identity()
+        certificate = self._certificate(frame, self.user, self.key, "certificate")
+        await self.factory.in_thread(certificate.verify, self.key)
+        await self.factory.store.certify_device(self.user, self.device, certificate.name, certificate.created,
+                                                certificate.signature, self.key_fingerprint)
+        self.factory.device_updated(self.user, self.device, certified=True)
+        return {"device": self.device.hex()}
+
+    async def handle_publish_prekeys(self, frame, rid):
+        signed = frame.get("signed")
+        if signed is not None:
+            signed = SignedPrekey.from_json(signed, self.user, self.device)
+        one_time = frame.get("one_time", [])
+        if not isinstance(one_time, list) or len(one_time) > MAX_PREKEYS_PER_FRAME:
+            raise _missing("one_time", "a list of at most %d one-time prekeys" % MAX_PREKEYS_PER_FRAME)
+        one_time = [OneTimePrekey.from_json(item) for item in one_time]
+        if len({p.prekey_id for p in one_time}) != len(one_time):
+            raise BadRequest("The one-time prekeys repeat an id.")
+        if signed is not None:
+            now = self.factory.now()
+            if signed.valid_until <= now or signed.valid_from > now + PREKEY_SKEW:
+                raise BadRequest("The signed prekey is not valid now (valid_until past, or valid_from more than a"
+                                 " day ahead).")
+            await self.factory.in_thread(signed.verify, self.key)
+            signed = (signed.prekey_id, signed.public, signed.valid_from, signed.valid_until, signed.signature)
+        count = await self.factory.store.publish_prekeys(
+            self.user, self.device, signed, [(p.prekey_id, p.public) for p in one_time], MAX_ONE_TIME_PREKEYS,
+            self.key_fingerprint)
+        self.factory.device_updated(self.user, self.device, prekeys=True)
+        return {"one_time": count}
+
+    async def handle_devices(self, frame, rid):
+        user = field_username(frame)
+        identity_key, records = await self.factory.store.devices(user)
+        own = user == self.user
+        return {"user": user, "identity_key": identity_key,
+                "devices": [self._device_object(r, own) for r in records]}
+
+    async def handle_bundle(self, frame, rid):
+        users = field_usernames(frame, "users")
+        self.factory.bundle_requested(self.user)
+        bundles, low = await self.factory.store.bundle(users, self.user, self.device)
+        for user, device, left in low:
+            if left < PREKEYS_LOW:
+                self.factory.prekeys_low(user, device, left)
+        out = []
+        for user, identity_key, devices in bundles:
+            objects = []
+            for record, signed, one_time in devices:
+                obj = self._device_object(record, user == self.user)
+                obj["signed_prekey"] = None if signed is None else {
+                    "id": signed[0], "public": b64(signed[1]), "valid_from": signed[2], "valid_until": signed[3],
+                    "signature": b64(signed[4])}
+                obj["one_time_prekey"] = None if one_time is None else {"id": one_time[0], "public": b64(one_time[1])}
+                objects.append(obj)
+            out.append({"user": user, "identity_key": identity_key, "devices": objects})
+        return {"bundles": out}
+
+    async def handle_revoke_device(self, frame, rid):
+        self._require_identity()
+        device = _field_device(frame, "device")
+        revocation = DeviceRevocation.from_json(frame, self.user)
+        if device == self.device:
+            raise BadRequest("The identity device cannot be revoked; replace the identity key instead (rekey).")
+        await self.factory.in_thread(revocation.verify, self.key)
+        await self.factory.store.revoke_device(self.user, device, revocation.revoked_at, revocation.signature,
+                                               self.key_fingerprint)
+        self.log.info("{user} revoked a device ({device})", user=self.user, device=device.hex())
+        self.factory.device_revoked(self.user, device)
+        self.factory.settled()
+        return {"device": device.hex()}
+
+    # -- linking a new device --
+
+    async def handle_link_request(self, frame, rid):
+        user = field_username(frame)
+        key = load_public_key(field_str(frame, "public_key", 16384))
+        name = field_str(frame, "name", MAX_DEVICE_NAME_BYTES)
+        if not valid_device_name(name):
+            raise BadRequest("A device name is 1 to %d bytes of printable text." % MAX_DEVICE_NAME_BYTES)
+        mac = field_b64(frame, "mac", 32)
+        if len(mac) != 32:
+            raise _missing("mac", "base64 of 32 bytes (HMAC-SHA256)")
+        self._require_logged_out()
+        if self.link is not None:
+            raise BadRequest("This connection already waits for a link request's answer.")
+        factory = self.factory
+        factory.check_throttle(self, user, "register")
+        if await factory.store.get_user(user) is None:
+            factory.proof_failed(self, user)  # charged to the requester, like a login for an unknown user
+            raise UnknownUser("No such user: %s." % user)
+        link = factory.link_requested(self, user, key, name, mac)
+        self.setTimeout(LINK_TTL)
+        return {"link": link.link_id}
+
+    async def handle_link_pending(self, frame, rid):
+        self._require_identity()
+        return {"requests": [{"link": link.link_id, "public_key": public_key_pem(link.key), "name": link.name,
+                              "mac": b64(link.mac), "at": link.at} for link in self.factory.links_of(self.user)]}
+
+    def _link(self, frame):
+        link_id = field_str(frame, "link", LINK_ID_SIZE * 2)
+        link = self.factory.links.get(link_id)
+        if link is None or link.user != self.user:
+            raise BadRequest("No such link request: it expired, or was answered.")
+        return link
+
+    async def handle_link_approve(self, frame, rid):
+        self._require_identity()
+        link = self._link(frame)
+        answer_mac = field_b64(frame, "answer_mac", 32)
+        if len(answer_mac) != 32:
+            raise _missing("answer_mac", "base64 of 32 bytes (HMAC-SHA256)")
+        certificate = self._certificate(frame, self.user, link.key, "certificate")
+        await self.factory.in_thread(certificate.verify, self.key)
+        if self.factory.links.get(link.link_id) is not link:
+            raise BadRequest("No such link request: it expired, or was answered.")
+        await self.factory.store.add_device(
+            self.user, certificate.device_id, public_key_pem(link.key), certificate.name, certificate.created,
+            certificate.signature, self.factory.now(), self.limits.max_devices, self.key_fingerprint)
+        self.factory.device_added(self.user, certificate.device_id, link.key)
+        record = DeviceRecord(self.user, certificate.device_id, public_key_pem(link.key), certificate.name,
+                              certificate.created, certificate.signature, None, None, False, self.factory.now(),
+                              None)
+        self.factory.link_answered(link, {"type": "linked", "link": link.link_id,
+                                          "device": self._device_object(record), "answer_mac": b64(answer_mac),
+                                          "identity_key": public_key_pem(self.key)})
+        self.log.info("{user} linked a new device ({device})", user=self.user, device=certificate.device_id.hex())
+        return {"device": certificate.device_id.hex()}
+
+    async def handle_link_decline(self, frame, rid):
+        self._require_identity()
+        link = self._link(frame)
+        self.factory.link_answered(link, {"type": "link_expired", "link": link.link_id, "declined": True})
+        return {}
+
     # -- sending --
 
     def _chunks(self, frame):
@@ -3436,24 +3993,27 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         signature = self._signature(frame)
         verifier = EnvelopeVerifier(header, self.limits.max_message)
         parsed = verifier.header
+        if parsed.version < 2:
+            raise BadRequest("Send a version 2 envelope (one wrapped key per device); version 1 is only read.")
         if parsed.sender != self.user:
             raise Forbidden("The envelope's sender is %s, not you." % parsed.sender)
         if not hmac.compare_digest(parsed.sender_fingerprint, self.key_fingerprint):
-            raise Forbidden("The envelope is signed with a key other than your registered key.")
-        if parsed.recipient_names != to:
-            raise BadRequest('The envelope\'s recipients are not exactly the "to" list.')
+            raise Forbidden("The envelope names an identity key other than your account's.")
+        if parsed.sender_device != self.device:
+            raise Forbidden("The envelope names a sending device other than this session's.")
+        recipients, targets = await self._targets(parsed, to)
         self._count(verifier, chunks, size)
         if signature is not None:
-            return await self._accept(verifier, to, size, chunks, signature, None)
+            return await self._accept(verifier, (recipients, targets, to), size, chunks, signature, None)
         # A message in several frames: its declared size is reserved when it begins, and its chunks are stored as
         # they come, reading one frame at a time.
-        upload = _Upload(rid, verifier, to, size)
+        upload = _Upload(rid, verifier, (recipients, targets, to), size)
         self.factory.upload_opened(self.user)
         self._hold("upload")
         try:
             store = self.factory.store
             upload.seq, upload.duplicate, upload.accepted_at = await store.begin_upload(
-                parsed.message_id, self.user, header, size, to, self.limits, self.key_fingerprint)
+                parsed.message_id, self.user, header, size, recipients, self.limits, self.key_fingerprint)
             if not upload.duplicate:
                 await store.add_chunks(upload.seq, 0, chunks)
             upload.count = len(chunks)
@@ -3537,12 +4097,49 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         finally:
             self._release("upload")
 
+    async def _targets(self, header, to):
+        """
+        C{(recipients, targets)} of an envelope: the users it counts against and the devices it waits for (see
+        L{accept_message_txn}).  The entries must name exactly the current devices of every user in C{to}, and the
+        sender's own other devices (all of them, this one too, when the sender is in C{to}: a note to self); else
+        L{DevicesChanged}, naming the users whose devices differ.  No device that ever published prekeys is
+        wrapped to with RSA-OAEP.  The device sets come from the factory's cache: no SQL for a known user.
+        """
+        user = self.user
+        named = set(to)
+        sets = await self.factory.device_sets(sorted(named | {user}))
+        own = sets[user].current
+        expected = {name: set(sets[name].current) for name in named}
+        if user not in named and len(own) > 1:
+            expected[user] = set(own) - {self.device}
+        got = collections.defaultdict(set)
+        for entry in header.entries:
+            got[entry.name].add(entry.device_id)
+        if set(got) - {user} != named - {user} or (user in named and user not in got):
+            raise BadRequest('The envelope\'s recipients are not exactly the "to" list (and the sender\'s other'
+                             ' devices).')
+        changed = sorted(name for name in set(expected) | set(got) if got.get(name, set()) != expected.get(name, set()))
+        if changed:
+            self.factory.forget_devices(changed)  # read again at the next try, in case the cache is what is old
+            raise DevicesChanged("The devices of %s are not the ones the message was sealed for; fetch them again"
+                                 " and seal it anew." % ", ".join(changed))
+        targets = []
+        for entry in header.entries:
+            device = sets[entry.name].current[entry.device_id]
+            if entry.kind == 1 and device.prekeys:
+                raise BadRequest("The envelope wraps a key with RSA-OAEP for a device that publishes prekeys"
+                                 " (a downgrade); seal it with the device's prekeys.")
+            targets.append((entry.name, entry.device_id, entry.name == user and user not in named))
+        return sorted(got), targets
+
     async def _accept(self, verifier, recipients, size, chunks, signature, upload):
         """
         Check the signature, commit the message for all recipients, and only then answer accepted.  The signature
         is checked on the store's thread, inside the message's own transaction step: off the reactor, without a
-        thread hop of its own, and committed in the order messages arrived.
+        thread hop of its own, and committed in the order messages arrived.  C{recipients} is C{(users, targets,
+        to)}, see L{_targets}.
         """
+        recipients, targets, to = recipients
         header = verifier.header
         if verifier.size != size:
             raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
@@ -3552,19 +4149,19 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if not self.receive:
                 self.sent.add(header.message_id)
             return {"msg": header.message_id.hex(), "accepted_at": upload.accepted_at, "duplicate": True,
-                    "queued": [name for name in recipients if name not in self.factory.receivers]}
+                    "queued": [name for name in to if name not in self.factory.receivers]}
         seq, accepted_at, duplicate, ord_ = await self.factory.store.accept_message(
             header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
-            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint)
+            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint, targets)
         if not self.receive:
             self.sent.add(header.message_id)
         if not duplicate:
             inline = chunks if chunks is not None and size <= self.factory.inline_bytes else None
             self.factory.message_accepted(StoredMessage(
                 seq, header.message_id, self.user, header.raw, signature, size, verifier.chunk_count,
-                accepted_at, inline, ord_), recipients)
+                accepted_at, inline, ord_), targets)
         return {"msg": header.message_id.hex(), "accepted_at": accepted_at, "duplicate": duplicate,
-                "queued": [name for name in recipients if name not in self.factory.receivers]}
+                "queued": [name for name in to if name not in self.factory.receivers]}
 
     # -- receiving --
 
@@ -3638,10 +4235,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             msg_ids = self._msg_ids(frame) if "msgs" in frame else None
             rids = self._receipt_ids(frame) if "receipts" in frame else None
             receipts, unknown_msgs, unknown_rids = await store.ack_many(
-                self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint)
+                self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint, self.device)
             for sender, receipt in receipts:
                 self.factory.receipt_created(sender, receipt)
-            if receipts:
+            if msg_ids:
                 self.factory.settled()
             answer = {}
             if msg_ids is not None:
@@ -3661,11 +4258,22 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         return await self._settle(msg_id, "rejected", reason)
 
     async def _settle(self, msg_id, status, reason):
-        sender, receipt = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now(),
-                                                       self.key_fingerprint)
-        self.factory.receipt_created(sender, receipt)
+        made = await self.factory.store.ack(self.user, msg_id, status, reason, self.factory.now(),
+                                            self.key_fingerprint, self.device)
+        if made is not None:  # None: the user's receipt was made before, or waits for its other devices
+            self.factory.receipt_created(*made)
         self.factory.settled()
         return {}
+
+
+def _field_device(frame, name, required=True):
+    """A device id field: 32 lower-case hex digits, as bytes (None when absent and not C{required})."""
+    value = frame.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not re.fullmatch("[0-9a-f]{%d}" % (2 * DEVICE_ID_SIZE), value):
+        raise _missing(name, "a device id: %d lower-case hex digits" % (2 * DEVICE_ID_SIZE))
+    return bytes.fromhex(value)
 
 
 def _whole_seconds(wait):
@@ -3756,6 +4364,50 @@ class _Throttle:
         self._entries.pop(key, None)
 
 
+@dataclasses.dataclass
+class _DeviceSet:
+    """One user's current (not revoked) devices as the server's cache holds them: device id -> ever published prekeys."""
+
+    current: dict
+
+
+@dataclasses.dataclass
+class _LinkRequest:
+    """A new device's request to join C{user}'s account, kept in memory while its connection waits for the answer."""
+
+    link_id: str
+    user: str
+    key: object  # the new device's RSA public key
+    name: str
+    mac: bytes
+    at: float
+    connection: object
+    host: object  # the address it is counted against, or None
+    timer: object = None
+
+
+class _Bucket:
+    """A token bucket per key: C{rate} a second, C{burst} at once; at most C{size} keys (the oldest forgotten)."""
+
+    def __init__(self, rate, burst, size=100000):
+        self.rate, self.burst, self.size = rate, burst, size
+        self._entries = collections.OrderedDict()  # key -> (tokens, time)
+
+    def take(self, key, now):
+        """0 if C{key} may go on now (a token is taken), else the seconds until it may."""
+        tokens, last = self._entries.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self._entries[key] = (tokens, now)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return wait
+
+
 class PagerServerFactory(protocol.Factory):
     """
     The server's shared state: the store, the limits, the sessions online, and the thread pool that does RSA and
@@ -3771,6 +4423,7 @@ class PagerServerFactory(protocol.Factory):
     RECLAIM_DELAY = 1.0  # seconds after an ack before the free pages are counted (at most one count per delay)
     RECLAIM_PAGES = 2048  # free pages (8 MiB of 4 KiB pages) from which the count gives them back at once
     RECEIPT_TRIM_EVERY = 100  # new receipts of one user between two trims of its stored receipts
+    DEVICE_CACHE = 20000  # users whose device sets are kept in memory (the least recently used are forgotten)
 
     def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
         if reactor is None:
@@ -3803,6 +4456,11 @@ class PagerServerFactory(protocol.Factory):
         self._reclaim_call = None  # the free-page count due after recent acks, if any
         self._new_receipts = collections.Counter()  # user -> receipts made for it since its last trim
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
+        self._device_sets = collections.OrderedDict()  # user -> _DeviceSet, the most recently used last
+        self._bundles = _Bucket(limits.bundle_rate, BUNDLE_BURST)  # bundle requests per account
+        self.links = {}  # link id -> _LinkRequest
+        self._links_per_address = collections.Counter()
+        self._links_per_user = collections.Counter()
 
     def now(self):
         return self.reactor.seconds()
@@ -3998,16 +4656,135 @@ class PagerServerFactory(protocol.Factory):
         with the old one to go on reading and settling the account's messages).
         """
         new_fp = fingerprint(key)
+        self.devices_replaced(user, key)
         if requester is not None and requester.user == user:
-            requester.key, requester.key_fingerprint = key, new_fp
+            requester.key, requester.key_fingerprint, requester.device = key, new_fp, new_fp[:DEVICE_ID_SIZE]
         for session in list(self.online.get(user, ())):
             if session is not requester and session.key_fingerprint != new_fp:
                 session.account_gone("This account's key was replaced; log in again with the new key.")
 
-    def message_accepted(self, message, recipients):
-        for name in recipients:
+    def message_accepted(self, message, targets):
+        """Offer a new message to the sessions of the devices it waits for (C{targets}, see L{accept_message_txn})."""
+        for name, device, _ in targets:
             for session in list(self.receivers.get(name, ())):
-                session.messages.offer(message.ord, message)
+                if session.device == device:
+                    session.messages.offer(message.ord, message)
+
+    # -- devices --
+
+    async def device_sets(self, names):
+        """C{{name: _DeviceSet}} for C{names}, from the cache, reading those it lacks; L{UnknownUser} names the unknown."""
+        sets, unknown = {}, []
+        for name in names:
+            known = self._device_sets.get(name)
+            if known is None:
+                try:
+                    _, records = await self.store.devices(name)
+                except UnknownUser:
+                    unknown.append(name)
+                    continue
+                known = _DeviceSet({r.device_id: r.prekeys for r in records if r.revoked_at is None})
+                self._device_sets[name] = known
+                while len(self._device_sets) > self.DEVICE_CACHE:
+                    self._device_sets.popitem(last=False)
+            else:
+                self._device_sets.move_to_end(name)
+            sets[name] = known
+        if unknown:
+            raise UnknownUser("No such user: %s." % ", ".join(unknown))
+        return sets
+
+    def forget_devices(self, names):
+        for name in names:
+            self._device_sets.pop(name, None)
+
+    def devices_replaced(self, user, key, certified=False):
+        """C{user}'s devices are now one: the identity device of C{key} (registered, re-keyed or recovered)."""
+        self._device_sets.pop(user, None)
+        self._device_sets[user] = _DeviceSet({device_id(key): False})
+
+    def device_updated(self, user, device, certified=None, prekeys=None):
+        known = self._device_sets.get(user)
+        if known is not None and device in known.current and prekeys:
+            known.current[device] = True
+
+    def device_added(self, user, device, key):
+        known = self._device_sets.get(user)
+        if known is not None:
+            known.current[device] = False
+
+    def device_revoked(self, user, device):
+        """C{user}'s C{device} is revoked: it leaves the cache, and its sessions end."""
+        known = self._device_sets.get(user)
+        if known is not None:
+            known.current.pop(device, None)
+        for session in list(self.online.get(user, ())):
+            if session.device == device:
+                session.account_gone("This device was revoked by the account's identity device.")
+
+    def bundle_requested(self, user):
+        """Count one bundle request of C{user}; L{RateLimited} past C{bundle_rate} a second (after a burst)."""
+        wait = self._bundles.take(user, self.now())
+        if wait > 0:
+            raise RateLimited("Too many prekey bundle requests; try again in %d s." % _whole_seconds(wait),
+                              retry_after=wait)
+
+    def prekeys_low(self, user, device, left):
+        for session in list(self.online.get(user, ())):
+            if session.device == device:
+                session.send_frame({"type": "prekeys_low", "one_time": left})
+
+    # -- link requests --
+
+    def link_requested(self, connection, user, key, name, mac):
+        """
+        Keep a new device's link request for C{LINK_TTL} seconds, while C{connection} waits for its answer; at most
+        C{MAX_LINKS_PER_ADDRESS} from one address and C{MAX_LINKS_PER_USER} for one account (L{RateLimited}).
+        """
+        host = _address_host(connection.peer)
+        if host is not None and self._links_per_address[host] >= MAX_LINKS_PER_ADDRESS:
+            raise RateLimited("Your address has %d link requests waiting, the most allowed." % MAX_LINKS_PER_ADDRESS,
+                              retry_after=LINK_TTL)
+        if self._links_per_user[user] >= MAX_LINKS_PER_USER:
+            raise RateLimited("This account has %d link requests waiting, the most allowed; try again later."
+                              % MAX_LINKS_PER_USER, retry_after=LINK_TTL)
+        link = _LinkRequest(secrets.token_bytes(LINK_ID_SIZE).hex(), user, key, name, mac, self.now(), connection,
+                            host)
+        link.timer = self.reactor.callLater(LINK_TTL, self.link_answered, link, {"type": "link_expired",
+                                                                                 "link": link.link_id})
+        self.links[link.link_id] = link
+        if host is not None:
+            self._links_per_address[host] += 1
+        self._links_per_user[user] += 1
+        connection.link = link
+        return link
+
+    def links_of(self, user):
+        return sorted((link for link in self.links.values() if link.user == user), key=lambda link: link.at)
+
+    def link_answered(self, link, frame):
+        """Tell the waiting connection C{frame} (linked, or link_expired) and forget the request."""
+        connection = link.connection
+        self._forget_link(link)
+        if not connection.closed:
+            connection.send_frame(frame)
+            if connection.user is None:
+                connection.setTimeout(self.limits.login_timeout)  # it logs in next, or goes
+
+    def link_dropped(self, connection):
+        """The connection waiting on a link request closed, or logged in: the request goes."""
+        if connection.link is not None:
+            self._forget_link(connection.link)
+
+    def _forget_link(self, link):
+        if self.links.pop(link.link_id, None) is None:
+            return
+        link.connection.link = None
+        if link.timer is not None and link.timer.active():
+            link.timer.cancel()
+        if link.host is not None:
+            _count_down(self._links_per_address, link.host)
+        _count_down(self._links_per_user, link.user)
 
     def receipt_created(self, user, receipt):
         """
@@ -4068,6 +4845,7 @@ class PagerServerFactory(protocol.Factory):
             if len(expired) < EXPIRE_BATCH:
                 break
         await self.store.expire_receipts(self.now() - self.limits.message_expiry)
+        await self.store.forget_revoked(self.now() - REVOKED_KEPT)
         await self.reclaim()
 
     def settled(self):
@@ -4116,6 +4894,7 @@ class PagerServerFactory(protocol.Factory):
         for name in names:
             for session in list(self.online.get(name, ())):
                 if keys.get(name) != session.key_fingerprint:
+                    self.forget_devices([name])
                     session.account_gone()
 
 
@@ -4304,7 +5083,8 @@ class PagerClientProtocol(LineReceiver):
                     self.server_error = error
         elif kind == "hello":
             self._hello(frame)
-        elif kind in ("message", "message_chunk", "receipt") and self.listener is not None:
+        elif kind in ("message", "message_chunk", "receipt", "prekeys_low", "linked", "link_expired") \
+                and self.listener is not None:
             self.listener.frame_received(frame)
 
     def _take_challenge(self, frame):
@@ -4433,31 +5213,270 @@ def _abort_and_time_out(proto):
     raise defer.TimeoutError()
 
 
-class MemorySeen:
+PREKEY_POOL_SIZE = 100  # one-time prekeys a device keeps on the server (PROTOCOL.md: at most 200)
+PREKEY_POOL_LOW = 20  # below this many on the server (login answer, prekeys_low push), the device tops them up
+PREKEY_BATCH = 100  # one-time prekeys one publish_prekeys frame carries
+PREKEY_CHECK_INTERVAL = DAY / 4  # seconds between two looks at a logged-in device's prekeys (rotation, deletion)
+PREKEY_VAULT_INFO = b"pager-prekey-vault-v1"
+PREKEY_KINDS = ("signed", "one-time")
+RESEAL_TRIES = 2  # times a message is sealed anew when the server says the recipients' devices changed
+
+
+def prekey_vault_key(private_key):
     """
-    The duplicate store kept in memory only: a L{PagerClient}'s until its session opens the user's L{LocalStore}
-    (and for scripts without a home directory).
+    The key that seals this device's prekey private parts at rest: HKDF-SHA256 of the device's private key (PKCS#8
+    DER), so they are protected exactly like the key file (by its passphrase, or not at all with C{--no-passphrase}).
+    """
+    der = private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=PREKEY_VAULT_INFO).derive(der)
+
+
+def _vault_ad(device, kind, prekey_id):
+    return _lp(PREKEY_VAULT_INFO) + _lp(device) + _lp(kind.encode("ascii")) + _U32.pack(prekey_id)
+
+
+def seal_prekey_private(vault, device, kind, prekey_id, private_key):
+    """A prekey's X25519 private part sealed with AES-256-GCM under C{vault}: 12 bytes of nonce, then 48."""
+    raw = private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                    serialization.NoEncryption())
+    nonce = secrets.token_bytes(12)
+    return nonce + AESGCM(vault).encrypt(nonce, raw, _vault_ad(device, kind, prekey_id))
+
+
+def open_prekey_private(vault, device, kind, prekey_id, sealed):
+    """The X25519 private key L{seal_prekey_private} sealed; L{PrekeyUnavailable} if it does not open."""
+    try:
+        raw = AESGCM(vault).decrypt(bytes(sealed[:12]), bytes(sealed[12:]), _vault_ad(device, kind, prekey_id))
+    except InvalidTag:
+        raise PrekeyUnavailable("The %s prekey %d kept on this machine does not open with this device's key."
+                                % (kind, prekey_id))
+    return x25519.X25519PrivateKey.from_private_bytes(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalPrekey:
+    """
+    One of this device's prekeys as this machine keeps it: C{kind} is C{signed} or C{one-time}, C{private_enc} its
+    private part sealed under the vault key (L{seal_prekey_private}).  A signed prekey has its validity and, once a
+    newer one took its place, C{replaced_at}; its private part is deleted a grace period after that.
+    """
+
+    kind: str
+    prekey_id: int
+    public: bytes
+    private_enc: bytes
+    valid_from: int = None
+    valid_until: int = None
+    created: float = 0.0
+    replaced_at: float = None
+
+
+class OpeningPrekeys:
+    """
+    The private prekeys one message needs, decrypted, as the L{Opener} asks for them: C{signed_private(id)},
+    C{signed_valid(id)} and C{one_time_private(id)}, each None when the prekey is gone.
+    """
+
+    def __init__(self, vault, device, signed=None, one_time=None):
+        self._signed, self._one_time = {}, {}
+        if signed is not None and signed.private_enc is not None:
+            self._signed[signed.prekey_id] = (
+                open_prekey_private(vault, device, "signed", signed.prekey_id, signed.private_enc),
+                (signed.valid_from, signed.valid_until))
+        if one_time is not None and one_time.private_enc is not None:
+            self._one_time[one_time.prekey_id] = open_prekey_private(
+                vault, device, "one-time", one_time.prekey_id, one_time.private_enc)
+
+    def signed_private(self, prekey_id):
+        entry = self._signed.get(prekey_id)
+        return entry[0] if entry else None
+
+    def signed_valid(self, prekey_id):
+        entry = self._signed.get(prekey_id)
+        return entry[1] if entry else None
+
+    def one_time_private(self, prekey_id):
+        return self._one_time.get(prekey_id)
+
+
+def make_prekeys(device_key, user, vault, now, signed=True, one_time=0, taken=()):
+    """
+    Fresh prekeys for the device of C{device_key}: C{(signed prekey or None, [OneTimePrekey], [LocalPrekey])}, the
+    signed one valid from C{now} for L{PREKEY_LIFETIME}, each under a random id not in C{taken}.  X25519 and an RSA
+    signature: off the reactor thread.
+    """
+    device = device_id(device_key)
+    taken = set(taken)
+
+    def new_id():
+        while True:
+            prekey_id = secrets.randbelow(2 ** 32 - 1) + 1
+            if prekey_id not in taken:
+                taken.add(prekey_id)
+                return prekey_id
+
+    now = int(now)
+    rows, spk, opks = [], None, []
+    if signed:
+        private = x25519.X25519PrivateKey.generate()
+        spk = sign_prekey(device_key, user, new_id(), x25519_public_bytes(private), now, now + PREKEY_LIFETIME)
+        rows.append(LocalPrekey("signed", spk.prekey_id, spk.public,
+                                seal_prekey_private(vault, device, "signed", spk.prekey_id, private),
+                                spk.valid_from, spk.valid_until, now))
+    for _ in range(one_time):
+        private = x25519.X25519PrivateKey.generate()
+        opk = OneTimePrekey(new_id(), x25519_public_bytes(private))
+        opks.append(opk)
+        rows.append(LocalPrekey("one-time", opk.prekey_id, opk.public,
+                                seal_prekey_private(vault, device, "one-time", opk.prekey_id, private), created=now))
+    return spk, opks, rows
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    """
+    One of a user's devices as this client verified it against the user's pinned identity key: C{certificate} (the
+    identity key's signature, None for a legacy device, whose key is the identity key itself), C{revoked_at} and
+    C{revocation} once revoked, C{prekeys} whether it ever published prekeys, C{first_seen} when this client first
+    saw it, C{last_seen} (only for the user's own devices, as the server says).
+    """
+
+    user: str
+    device_id: bytes
+    public_key_der: bytes
+    name: str = None
+    created: int = None
+    certificate: bytes = None
+    revoked_at: int = None
+    revocation: bytes = None
+    prekeys: bool = False
+    first_seen: float = 0.0
+    last_seen: float = None
+
+    @property
+    def id(self):
+        """The device id as the wire writes it: 32 hex digits."""
+        return self.device_id.hex()
+
+    @property
+    def short_id(self):
+        """The first 8 hex digits of the id in two groups (C{1a2b 3c4d}), to name a device in a line of text."""
+        return "%s %s" % (self.id[:4], self.id[4:8])
+
+    @property
+    def certified(self):
+        return self.certificate is not None
+
+    @property
+    def revoked(self):
+        return self.revoked_at is not None
+
+    def public_key(self):
+        return serialization.load_der_public_key(self.public_key_der)
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownDevices:
+    """
+    What a client keeps about one user's devices: the fingerprint of the identity key they were verified against,
+    whether a certified device of the user was ever seen (from then on, no device of theirs is RSA-wrapped) and the
+    devices (L{DeviceInfo}, revoked ones included).
+    """
+
+    identity: bytes
+    certified_seen: bool
+    devices: tuple
+
+    def find(self, device):
+        for info in self.devices:
+            if info.device_id == device:
+                return info
+        return None
+
+
+class MemoryPrekeys:
+    """
+    Prekeys kept in memory only, per device id: the state a test gives every session of one device (and the
+    default of a L{MemorySeen}, for a client that never opens a L{LocalStore}).
     """
 
     def __init__(self):
-        self._seen = set()
+        self._rows = {}  # (device, kind, id) -> LocalPrekey
 
-    def contains(self, sender, msg_id):
-        return defer.succeed((sender, msg_id) in self._seen)
+    def local_prekeys(self, device):
+        return defer.succeed([p for (d, _, _), p in sorted(self._rows.items()) if d == device])
 
-    def add(self, sender, msg_id, now):
-        self._seen.add((sender, msg_id))
+    def add_prekeys(self, device, prekeys, now):
+        if any(p.kind == "signed" for p in prekeys):
+            for key, p in list(self._rows.items()):
+                if key[0] == device and p.kind == "signed" and p.replaced_at is None:
+                    self._rows[key] = dataclasses.replace(p, replaced_at=now)
+        for p in prekeys:
+            self._rows[(device, p.kind, p.prekey_id)] = p
         return defer.succeed(None)
+
+    def prekey_privates(self, device, signed_id, one_time_id):
+        return defer.succeed((self._rows.get((device, "signed", signed_id)),
+                              self._rows.get((device, "one-time", one_time_id))))
+
+    def forget_prekeys(self, device, replaced_before):
+        gone = [key for key, p in self._rows.items() if key[0] == device and p.kind == "signed"
+                and p.replaced_at is not None and p.replaced_at <= replaced_before]
+        for key in gone:
+            del self._rows[key]
+        return defer.succeed(len(gone))
+
+    def use_one_time(self, device, prekey_id):
+        self._rows.pop((device, "one-time", prekey_id), None)
+
+
+class MemorySeen:
+    """
+    The duplicate store kept in memory only: a L{PagerClient}'s until its session opens the user's L{LocalStore}
+    (and for scripts without a home directory).  Its device's prekeys are kept in C{prekeys} (a L{MemoryPrekeys},
+    which tests share between the sessions of one device).
+    """
+
+    def __init__(self, prekeys=None):
+        self._seen = set()
+        self.prekeys = prekeys if prekeys is not None else MemoryPrekeys()
+
+    def contains(self, sender, msg_id, anywhere=False):
+        return defer.succeed((sender, bytes(msg_id)) in self._seen)
+
+    def add(self, sender, msg_id, now, used=None):
+        """
+        Record the message as handed off; C{used} is C{(device, one-time prekey id)} whose private part goes with it
+        (in the same transaction, for a store on disk).
+        """
+        self._seen.add((sender, bytes(msg_id)))
+        if used is not None:
+            self.prekeys.use_one_time(*used)
+        return defer.succeed(None)
+
+    def local_prekeys(self, device):
+        return self.prekeys.local_prekeys(device)
+
+    def add_prekeys(self, device, prekeys, now):
+        return self.prekeys.add_prekeys(device, prekeys, now)
+
+    def prekey_privates(self, device, signed_id, one_time_id):
+        return self.prekeys.prekey_privates(device, signed_id, one_time_id)
+
+    def forget_prekeys(self, device, replaced_before):
+        return self.prekeys.forget_prekeys(device, replaced_before)
 
     def close(self):
         pass
 
 
 class MemoryPins:
-    """Pinned keys kept in memory only: trust on first use for one process."""
+    """Pinned keys (and the devices verified against them) kept in memory only: trust on first use for one process."""
 
     def __init__(self):
         self._pins = {}
+        self._devices = {}  # user -> KnownDevices
 
     def get_pin(self, user):
         return defer.succeed(self._pins.get(user))
@@ -4472,6 +5491,17 @@ class MemoryPins:
             return defer.succeed(False)
         self._pins[user] = pin[:3] + (True,)
         return defer.succeed(True)
+
+    def get_devices(self, user):
+        """The L{KnownDevices} of C{user}, or None."""
+        return defer.succeed(self._devices.get(user))
+
+    def set_devices(self, user, identity, devices):
+        """Replace C{user}'s devices with C{devices}, verified against the identity key of fingerprint C{identity}."""
+        old = self._devices.get(user)
+        seen = (old is not None and old.certified_seen) or any(d.certified for d in devices)
+        self._devices[user] = KnownDevices(identity, seen, tuple(devices))
+        return defer.succeed(None)
 
 
 KEY_STATUSES = ("new", "pinned", "verified", "changed")
@@ -4490,10 +5520,17 @@ def key_status(pin, fp):
     return "verified" if pin[3] else "pinned"
 
 
+_PREKEYS_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS prekeys (device BLOB NOT NULL, kind TEXT NOT NULL, id INTEGER NOT NULL,"
+    " public BLOB NOT NULL, private_enc BLOB NOT NULL, valid_from INTEGER, valid_until INTEGER, created REAL NOT NULL,"
+    " replaced_at REAL, PRIMARY KEY (device, kind, id)) WITHOUT ROWID")
+
+
 def _seen_schema_txn(txn, keep_until):
     txn.execute("CREATE TABLE IF NOT EXISTS seen (sender TEXT NOT NULL, msg_id BLOB NOT NULL, at REAL NOT NULL,"
                 " PRIMARY KEY (sender, msg_id)) WITHOUT ROWID")
     txn.execute("DELETE FROM seen WHERE at < ?", (keep_until,))
+    txn.execute(_PREKEYS_SCHEMA)
 
 
 def _seen_contains_txn(txn, sender, msg_id, before):
@@ -4501,8 +5538,55 @@ def _seen_contains_txn(txn, sender, msg_id, before):
                        (sender, msg_id, before)).fetchone() is not None
 
 
-def _seen_add_txn(txn, sender, msg_id, now):
+def _seen_add_txn(txn, sender, msg_id, now, used=None):
+    """Record a message handed off and delete the one-time prekey it used (C{used}: device, id) in one transaction."""
     txn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (sender, msg_id, now))
+    if used is None:
+        return 0
+    txn.execute("DELETE FROM prekeys WHERE device = ? AND kind = 'one-time' AND id = ?", used)
+    return txn.rowcount
+
+
+_PREKEY_COLUMNS = "kind, id, public, private_enc, valid_from, valid_until, created, replaced_at"
+
+
+def _local_prekey(row):
+    return LocalPrekey(row[0], row[1], bytes(row[2]), bytes(row[3]), row[4], row[5], row[6], row[7])
+
+
+def _local_prekeys_txn(txn, device):
+    return [_local_prekey(row) for row in txn.execute(
+        "SELECT " + _PREKEY_COLUMNS + " FROM prekeys WHERE device = ? ORDER BY kind, id", (device,))]
+
+
+def _add_prekeys_txn(txn, device, prekeys, now):
+    if any(p.kind == "signed" for p in prekeys):
+        txn.execute("UPDATE prekeys SET replaced_at = ? WHERE device = ? AND kind = 'signed' AND replaced_at IS NULL",
+                    (now, device))
+    txn.executemany("INSERT OR REPLACE INTO prekeys (device, " + _PREKEY_COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(device, p.kind, p.prekey_id, p.public, p.private_enc, p.valid_from, p.valid_until, p.created,
+                      p.replaced_at) for p in prekeys])
+
+
+def _prekey_privates_txn(txn, device, signed_id, one_time_id):
+    found = []
+    for kind, prekey_id in (("signed", signed_id), ("one-time", one_time_id)):
+        row = txn.execute("SELECT " + _PREKEY_COLUMNS + " FROM prekeys WHERE device = ? AND kind = ? AND id = ?",
+                          (device, kind, prekey_id)).fetchone()
+        found.append(None if row is None else _local_prekey(row))
+    return tuple(found)
+
+
+def _forget_prekeys_txn(txn, device, replaced_before):
+    txn.execute("DELETE FROM prekeys WHERE device = ? AND kind = 'signed' AND replaced_at IS NOT NULL"
+                " AND replaced_at <= ?", (device, replaced_before))
+    return txn.rowcount
+
+
+def _prepare_client_connection(conn):
+    """The client's pragmas: the server's (L{prepare_connection}), and deleted rows overwritten with zeros on disk."""
+    prepare_connection(conn)
+    conn.execute("PRAGMA secure_delete=ON")
 
 
 class SeenStore:
@@ -4520,7 +5604,7 @@ class SeenStore:
     def __init__(self, path, reactor=None):
         kwargs = {"cp_reactor": reactor} if reactor is not None else {}
         self.pool = adbapi.ConnectionPool("sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
-                                          cp_openfun=prepare_connection, **kwargs)
+                                          cp_openfun=_prepare_client_connection, **kwargs)
         self.opened_at = math.inf  # pairs recorded before this are duplicates
         self._keep = Limits.message_expiry + SEEN_MARGIN
         self._handed = {}  # (sender, message id) -> when this store recorded it
@@ -4533,17 +5617,51 @@ class SeenStore:
     def open(self, now, keep=Limits.message_expiry + SEEN_MARGIN):
         return self.pool.runInteraction(_seen_schema_txn, self._opening(now, keep))
 
-    def contains(self, sender, msg_id):
+    def contains(self, sender, msg_id, anywhere=False):
+        """Whether the pair is a duplicate (see above); with C{anywhere}, whether any session recorded it."""
         if (sender, bytes(msg_id)) in self._handed:
             return defer.succeed(True)
-        return self.pool.runInteraction(_seen_contains_txn, sender, msg_id, self.opened_at)
+        return self.pool.runInteraction(_seen_contains_txn, sender, msg_id, math.inf if anywhere else self.opened_at)
 
-    def add(self, sender, msg_id, now):
+    def add(self, sender, msg_id, now, used=None):
+        """
+        Record the message as handed off; C{used} is C{(device, one-time prekey id)}: that prekey's private part is
+        deleted in the same transaction, and the WAL then emptied, so that no copy of it stays on disk.
+        """
         self._handed[(sender, bytes(msg_id))] = now
         if len(self._handed) > self._prune_at:  # forget what the server can no longer redeliver
             self._handed = {pair: at for pair, at in self._handed.items() if at >= now - self._keep}
             self._prune_at = 2 * len(self._handed) + 1000
-        return self.pool.runInteraction(_seen_add_txn, sender, msg_id, now)
+        d = self.pool.runInteraction(_seen_add_txn, sender, msg_id, now, used)
+        d.addCallback(self._wipe_if, None)
+        return d
+
+    def _wipe_if(self, deleted, result):
+        """After private parts were deleted: copy the WAL into the database and truncate it (secure_delete zeroed the
+        rows in the database; the WAL still held the pages as they were)."""
+        if not deleted:
+            return result
+        d = self.pool.runWithConnection(checkpoint)
+        d.addCallback(lambda _: result)
+        return d
+
+    def local_prekeys(self, device):
+        """This device's prekeys kept here (L{LocalPrekey}s)."""
+        return self.pool.runInteraction(_local_prekeys_txn, device)
+
+    def add_prekeys(self, device, prekeys, now):
+        """Keep new prekeys; a new signed one marks the current one replaced at C{now}."""
+        return self.pool.runInteraction(_add_prekeys_txn, device, prekeys, now)
+
+    def prekey_privates(self, device, signed_id, one_time_id):
+        """C{(signed, one-time)}: the L{LocalPrekey}s of those ids kept here, each None when gone."""
+        return self.pool.runInteraction(_prekey_privates_txn, device, signed_id, one_time_id)
+
+    def forget_prekeys(self, device, replaced_before):
+        """Delete the signed prekeys replaced at or before C{replaced_before} (then empty the WAL); returns how many."""
+        d = self.pool.runInteraction(_forget_prekeys_txn, device, replaced_before)
+        d.addCallback(lambda count: self._wipe_if(count, count))
+        return d
 
     def close(self):
         self.pool.close()
@@ -4565,6 +5683,14 @@ _LOCAL_SCHEMA = [
     " recipients TEXT NOT NULL, content_type TEXT NOT NULL, filename TEXT NOT NULL, body BLOB NOT NULL,"
     " msg_id TEXT, header BLOB, chunks BLOB, signature BLOB, sent_at REAL)",
     "CREATE INDEX IF NOT EXISTS outbox_msg ON outbox(msg_id)",
+    # Contacts' devices (and the user's own), each verified against the identity key of fingerprint
+    # device_owners.identity before it was stored; device_owners.certified: a certified device of the user was seen,
+    # so none of theirs is ever wrapped with RSA-OAEP again (no downgrade by a server that withholds prekeys).
+    "CREATE TABLE IF NOT EXISTS devices (user TEXT NOT NULL, device_id BLOB NOT NULL, public_key BLOB NOT NULL,"
+    " name TEXT, created INTEGER, certificate BLOB, revoked_at INTEGER, revocation BLOB, prekeys INTEGER NOT NULL,"
+    " first_seen REAL NOT NULL, PRIMARY KEY (user, device_id))",
+    "CREATE TABLE IF NOT EXISTS device_owners (user TEXT PRIMARY KEY, identity BLOB NOT NULL,"
+    " certified INTEGER NOT NULL)",
 ]
 
 
@@ -4739,6 +5865,31 @@ def _history_txn(txn, peer, limit):
     return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7]) for r in reversed(rows)]
 
 
+_LOCAL_DEVICE_COLUMNS = "device_id, public_key, name, created, certificate, revoked_at, revocation, prekeys, first_seen"
+
+
+def _get_devices_txn(txn, user):
+    owner = txn.execute("SELECT identity, certified FROM device_owners WHERE user = ?", (user,)).fetchone()
+    if owner is None:
+        return None
+    devices = tuple(
+        DeviceInfo(user, bytes(r[0]), bytes(r[1]), r[2], r[3], None if r[4] is None else bytes(r[4]), r[5],
+                   None if r[6] is None else bytes(r[6]), bool(r[7]), r[8])
+        for r in txn.execute("SELECT " + _LOCAL_DEVICE_COLUMNS + " FROM devices WHERE user = ? ORDER BY first_seen,"
+                             " device_id", (user,)))
+    return KnownDevices(bytes(owner[0]), bool(owner[1]), devices)
+
+
+def _set_devices_txn(txn, user, identity, devices):
+    old = txn.execute("SELECT certified FROM device_owners WHERE user = ?", (user,)).fetchone()
+    certified = bool(old and old[0]) or any(d.certified for d in devices)
+    txn.execute("INSERT OR REPLACE INTO device_owners VALUES (?, ?, ?)", (user, identity, int(certified)))
+    txn.execute("DELETE FROM devices WHERE user = ?", (user,))
+    txn.executemany("INSERT INTO devices (user, " + _LOCAL_DEVICE_COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(user, d.device_id, d.public_key_der, d.name, d.created, d.certificate, d.revoked_at,
+                      d.revocation, int(d.prekeys), d.first_seen) for d in devices])
+
+
 class LocalStore(SeenStore):
     """
     One user's local database on one machine (C{client.sqlite3}, mode 0600): the duplicate store, the pinned keys
@@ -4769,6 +5920,14 @@ class LocalStore(SeenStore):
     def key_status(self, user, current):
         """How C{user}'s key C{current} compares with the pin: C{new}, C{pinned}, C{verified} or C{changed}."""
         return self.pool.runInteraction(_key_status_txn, user, current)
+
+    def get_devices(self, user):
+        """The L{KnownDevices} of C{user}, or None."""
+        return self.pool.runInteraction(_get_devices_txn, user)
+
+    def set_devices(self, user, identity, devices):
+        """Replace C{user}'s devices with C{devices}, verified against the identity key of fingerprint C{identity}."""
+        return self.pool.runInteraction(_set_devices_txn, user, identity, devices)
 
     def add_history(self, entry):
         if not self.keep_history:
@@ -4857,6 +6016,135 @@ async def within(reactor, d, seconds):
     return not timed_out
 
 
+MAX_RESEALABLE = 16  # messages sealed in this process that can still be sealed anew (RESEAL_TRIES)
+MAX_LISTED_DEVICES = 256  # devices one devices or bundle answer may list for a user (current and revoked)
+LINK_WAIT = 600  # seconds the server keeps a link request (LINK_TTL in PROTOCOL.md)
+
+
+class LinkFailed(PagerError):
+    """Linking this device failed: nobody approved it in time, or the answer was not made with this device's code."""
+
+    code = "link_failed"
+
+
+def default_device_name():
+    """This machine's host name as a device's name (cut to 64 bytes), or C{pager} when it has none that fits."""
+    import platform
+    name = platform.node().encode("utf-8", "replace")[:MAX_DEVICE_NAME_BYTES].decode("utf-8", "ignore").strip()
+    return name if valid_device_name(name) else "pager"
+
+
+def verify_devices(user, identity_key, objects, bundle=False):
+    """
+    C{user}'s devices from a C{devices} or C{bundle} answer, each checked against C{identity_key}: a list of
+    C{(DeviceInfo, SignedPrekey or None, OneTimePrekey or None)}, the prekeys only from a bundle and never for a
+    revoked device.  A certificate, revocation or signed prekey that does not verify, or a device without a
+    certificate whose key is not the identity key itself (only a legacy identity device has none), raises
+    L{BadCertificate}: the server is lying, and nothing is sent to or taken from that device.  RSA: off the reactor.
+    """
+    if not isinstance(objects, list) or len(objects) > MAX_LISTED_DEVICES:
+        raise BadCertificate("The server's list of %s's devices is not a list of at most %d devices."
+                             % (user, MAX_LISTED_DEVICES))
+    identity_fp = fingerprint(identity_key)
+    out, ids = [], set()
+    for obj in objects:
+        device = _json_device_id(_json_field(obj, "id", str, "device"), "device")
+        if device in ids:
+            raise BadCertificate("The server lists %s's device %s twice." % (user, device.hex()))
+        ids.add(device)
+        if obj.get("certificate") is None:
+            try:
+                key = load_public_key(_json_field(obj, "public_key", str, "device"))
+            except BadKey as e:
+                raise BadCertificate("%s's device %s has no usable key: %s" % (user, device.hex(), e.message))
+            if fingerprint(key) != identity_fp or device_id(key) != device:
+                raise BadCertificate("The server lists a device of %s without a certificate that is not their "
+                                     "identity key: refused." % user)
+            name = created = signature = None
+        else:
+            certificate = DeviceCertificate.from_json(obj, user)
+            key = certificate.verify(identity_key)
+            name, created, signature = certificate.name, certificate.created, certificate.signature
+        revoked_at = revocation = None
+        if obj.get("revoked") is not None:
+            revoked = DeviceRevocation.from_json(obj["revoked"], user, device)
+            revoked.verify(identity_key)
+            revoked_at, revocation = revoked.revoked_at, revoked.signature
+        last_seen = obj.get("last_seen")
+        if isinstance(last_seen, bool) or not isinstance(last_seen, (int, float)) or not math.isfinite(last_seen):
+            last_seen = None
+        der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        info = DeviceInfo(user, device, der, name, created, signature, revoked_at, revocation,
+                          obj.get("prekeys") is True, 0.0, last_seen)
+        spk = opk = None
+        if bundle and revoked_at is None:
+            if obj.get("signed_prekey") is not None:
+                spk = SignedPrekey.from_json(obj["signed_prekey"], user, device)
+                spk.verify(key)
+            if obj.get("one_time_prekey") is not None:
+                opk = OneTimePrekey.from_json(obj["one_time_prekey"])
+        out.append((info, spk, opk))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkRequest:
+    """A new device's request to be linked, as the identity device gets it from C{link_pending}."""
+
+    link: str  # the request's id, hex
+    public_key_der: bytes
+    name: str
+    mac: bytes
+    at: float
+
+    def public_key(self):
+        return serialization.load_der_public_key(self.public_key_der)
+
+    @property
+    def device_id(self):
+        """The id the new device will have (bytes)."""
+        return device_id(self.public_key())
+
+    @property
+    def short_id(self):
+        text = self.device_id.hex()
+        return "%s %s" % (text[:4], text[4:8])
+
+    @classmethod
+    def from_json(cls, obj):
+        what = "link request"
+        link = _json_field(obj, "link", str, what)
+        if not re.fullmatch("[0-9a-f]{1,64}", link):
+            raise BadCertificate("The link request's id is not hex.")
+        key = load_public_key(_json_field(obj, "public_key", str, what))
+        name = _json_field(obj, "name", str, what)
+        if not valid_device_name(name):
+            raise BadCertificate("The device's name is not 1-64 bytes of printable text.")
+        at = obj.get("at")
+        at = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else 0.0
+        return cls(link, key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+                   name, _json_b64(obj, "mac", what, 32), at)
+
+
+@dataclasses.dataclass
+class _LinkWait:
+    user: str
+    key: object
+    name: str
+    secret: bytes
+    done: Deferred
+    link: str = None
+
+
+@dataclasses.dataclass
+class _PrekeyState:
+    """What the server last said of this device: whether it is certified, its signed prekey, its one-time pool."""
+
+    certified: bool
+    signed_id: int
+    one_time: int
+
+
 class PagerClient:
     """
     The client API the terminal client, the script commands and the tests use.  Every method is a coroutine;
@@ -4894,6 +6182,15 @@ class PagerClient:
         self.on_rejected = None
         self.on_disconnect = None
         self.on_failure = None  # on_failure(error, sender): a hand-off raised (sender None for a receipt)
+        self.on_devices_changed = None  # on_devices_changed(user, added, revoked): lists of DeviceInfo
+        self.identity_key = self.identity_fp = None  # the account's identity key (this device's on the identity device)
+        self.is_identity = True  # whether this device holds the identity key
+        self._prekey_state = None  # what the server said of this device's prekeys (_PrekeyState)
+        self._maintaining = defer.DeferredLock()
+        self._maintenance = None  # the LoopingCall of maintain_prekeys
+        self._vault = None  # the key this device's prekey private parts are sealed under
+        self._link = None  # the link request waiting for an answer (_LinkWait)
+        self._sealed = collections.OrderedDict()  # message id -> what seal() sealed, to seal it anew
         self._keys = {}  # user -> (public key, fingerprint)
         self._incoming = {}  # msg id (hex) -> _Incoming still receiving chunks
         self._queue = collections.deque()
@@ -4975,6 +6272,7 @@ class PagerClient:
         reads cannot keep a script from ending.
         """
         self._stop_keepalive()
+        self._stop_maintenance()
         if any(self._acks.values()):
             self._send_acks()  # written before the connection closes: what was handed over is not delivered again
         transport = self.protocol.transport
@@ -4996,22 +6294,52 @@ class PagerClient:
             raise BadRequest("The server's login challenge is missing or malformed; refusing to sign it.")
         return self.protocol.challenge
 
-    async def register(self, user, token, private_key):
-        """Create the account C{user} with this key and safetoken; the connection is then logged in."""
+    async def register(self, user, token, private_key, device_name=None):
+        """
+        Create the account C{user} with this key and safetoken; the connection is then logged in.  This machine is
+        the account's identity device, named C{device_name} (L{default_device_name} when None): the request carries
+        the device's self-certificate, and its prekeys are published at once (L{maintain_prekeys}).
+        """
         user = canonical_username(user)
         challenge = self._challenge()
+        name = device_name if device_name is not None else default_device_name()
+        if not valid_device_name(name):
+            raise BadRequest("A device's name is 1-64 bytes of printable text.")
+        created = int(self._now())
         proof = await self.in_thread(sign_auth, private_key, "register", self.server_id, user, challenge)
-        await self.protocol.request("register", user=user, public_key=public_key_pem(private_key), token=token,
-                                    proof=b64(proof))
+        certificate = await self.in_thread(certify_device, private_key, user, private_key.public_key(), name, created)
+        answer = await self.protocol.request(
+            "register", user=user, public_key=public_key_pem(private_key), token=token, proof=b64(proof),
+            device={"name": name, "created": created, "certificate": b64(certificate.signature)})
         self._logged_in(user, private_key, True)
+        await self._device_ready(answer, private_key.public_key(), fresh=True)
 
-    async def login(self, user, token, private_key, receive=True):
-        """Log in; with C{receive=False} the session only sends and never takes the user's incoming messages."""
+    async def login(self, user, token, private_key, receive=True, device=None):
+        """
+        Log in; with C{receive=False} the session only sends and never takes the user's incoming messages.
+
+        On the account's identity device C{private_key} is the identity key and C{token} the safetoken.  On a linked
+        device C{private_key} is the device's own key, C{device} its id (hex, as L{device} gives it, or True) and
+        C{token} None: the device's proof alone logs it in.  Either way the device's prekeys are then kept up
+        (L{maintain_prekeys}) before this returns the number of messages waiting.
+        """
         user = canonical_username(user)
         challenge = self._challenge()
-        proof = await self.in_thread(sign_auth, private_key, "login", self.server_id, user, challenge)
-        answer = await self.protocol.request("login", user=user, token=token, proof=b64(proof), receive=receive)
+        fields = {}
+        if device is None:
+            proof = await self.in_thread(sign_auth, private_key, "login", self.server_id, user, challenge)
+            fields["token"] = token
+        else:
+            mine = device_id(private_key).hex()
+            if device is not True and device != mine:
+                raise LocalError("The device id %s is not the id of this device's key (%s)." % (device, mine))
+            proof = await self.in_thread(sign_auth, private_key, "login", self.server_id, user, challenge,
+                                         fingerprint(private_key))
+            fields["device"] = mine
+        answer = await self.protocol.request("login", user=user, proof=b64(proof), receive=receive, **fields)
         self._logged_in(user, private_key, receive)
+        identity = private_key.public_key() if device is None else await self._own_identity()
+        await self._device_ready(answer, identity)
         pending = answer.get("pending")
         return pending if isinstance(pending, int) and not isinstance(pending, bool) else 0
 
@@ -5048,6 +6376,7 @@ class PagerClient:
 
     def _logged_in(self, user, private_key, receive):
         self.user, self.private_key, self.receive = user, private_key, receive
+        self.identity_key = self.identity_fp = None
         self._start_keepalive()
 
     def _start_keepalive(self):
@@ -5072,6 +6401,367 @@ class PagerClient:
         self.protocol.server_error = ConnectionLost("The server stopped answering.")
         if self.protocol.transport is not None:
             self.protocol.transport.abortConnection()
+
+    # -- this device and its prekeys --
+
+    @property
+    def device(self):
+        """This device's id (32 hex digits) once logged in, else None."""
+        return None if self.private_key is None else device_id(self.private_key).hex()
+
+    @property
+    def prekey_grace(self):
+        """
+        Seconds a replaced signed prekey's private part is kept: the server's message expiry (as its hello says)
+        plus L{SEEN_MARGIN}, so that every message the server may still deliver sealed to it can be opened.
+        """
+        expiry = self.limits.get("message_expiry")
+        if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or not math.isfinite(expiry) \
+                or expiry < 0:
+            expiry = Limits.message_expiry
+        return expiry + SEEN_MARGIN
+
+    def _now(self):
+        return self.reactor.seconds()
+
+    async def _own_identity(self):
+        """The account's identity key: this device's own on the identity device, else the one pinned when it was
+        linked (or, for a device linked before this machine kept pins, the server's, pinned now)."""
+        if self.identity_key is not None:
+            return self.identity_key
+        pin = await self.pins.get_pin(self.user)
+        key = load_public_key(pin[0]) if pin is not None else await self.recipient_key(self.user)
+        self.identity_key, self.identity_fp = key, fingerprint(key)
+        return key
+
+    async def _device_ready(self, answer, identity, fresh=False):
+        self.identity_key, self.identity_fp = identity, fingerprint(identity)
+        self.is_identity = self.identity_fp == fingerprint(self.private_key)
+        self._vault = None
+        prekeys = answer.get("prekeys") if isinstance(answer.get("prekeys"), dict) else {}
+        signed_id = prekeys.get("signed_id")
+        self._prekey_state = _PrekeyState(
+            certified=fresh or answer.get("certified") is not False,
+            signed_id=signed_id if _prekey_id(signed_id) else None,
+            one_time=prekeys.get("one_time") if _seconds(prekeys.get("one_time")) else 0)
+        await self.maintain_prekeys()
+        if self._maintenance is None:
+            self._maintenance = task.LoopingCall(self._maintain_quietly)
+            self._maintenance.clock = self.reactor
+            self._maintenance.start(PREKEY_CHECK_INTERVAL, now=False)
+
+    def _stop_maintenance(self):
+        if self._maintenance is not None and self._maintenance.running:
+            self._maintenance.stop()
+        self._maintenance = None
+
+    def _maintain_quietly(self):
+        d = Deferred.fromCoroutine(self.maintain_prekeys())
+        d.addErrback(lambda f: None if f.check(ConnectionLost, defer.CancelledError) else
+                     self.log.failure("Keeping this device's prekeys up failed", f))
+        return None  # the LoopingCall goes on whatever happened
+
+    async def _vault_key(self):
+        if self._vault is None:
+            self._vault = await self.in_thread(prekey_vault_key, self.private_key)
+        return self._vault
+
+    async def maintain_prekeys(self, now=None):
+        """
+        Keep this device's prekeys as PROTOCOL.md says; run after every login, on the server's C{prekeys_low} and
+        every L{PREKEY_CHECK_INTERVAL} seconds.  In order: a legacy identity device (upgraded from 0.2) certifies
+        itself; a new signed prekey is published when the server has none of this device's, or the current one is
+        L{PREKEY_ROTATION} old (the one it replaces is kept for L{prekey_grace} from now); signed prekeys replaced
+        longer than the grace ago lose their private parts (gone from disk); the one-time prekeys are topped up to
+        L{PREKEY_POOL_SIZE} when the server has fewer than L{PREKEY_POOL_LOW}.  C{now}: the time in seconds (the
+        reactor's when None).  Returns a dict saying what was done: C{certified}, C{signed} (the new id or None),
+        C{one_time} (how many published) and C{deleted} (signed prekeys whose private part was deleted).
+        """
+        if self.user is None or self._prekey_state is None:
+            raise NotAuthenticated()
+        await self._maintaining.acquire()
+        try:
+            return await self._maintain(self._now() if now is None else now)
+        finally:
+            self._maintaining.release()
+
+    async def _maintain(self, now):
+        state, key = self._prekey_state, self.private_key
+        device = device_id(key)
+        done = {"certified": False, "signed": None, "one_time": 0, "deleted": 0}
+        if self.is_identity and not state.certified:
+            await self.certify(now=now)
+            done["certified"] = True
+        vault = await self._vault_key()
+        local = await self.seen.local_prekeys(device)
+        current = [p for p in local if p.kind == "signed" and p.replaced_at is None]
+        current = max(current, key=lambda p: p.valid_from) if current else None
+        rotate = (current is None or current.prekey_id != state.signed_id
+                  or now - current.valid_from >= PREKEY_ROTATION)
+        top_up = PREKEY_POOL_SIZE - state.one_time if state.one_time < PREKEY_POOL_LOW else 0
+        if rotate or top_up:
+            spk, opks, rows = await self.in_thread(make_prekeys, key, self.user, vault, now, rotate, top_up,
+                                                   [p.prekey_id for p in local])
+            # Kept here before the server has them: never a public part on the server whose private part is nowhere.
+            await self.seen.add_prekeys(device, rows, now)
+            for start in range(0, max(len(opks), 1), PREKEY_BATCH):
+                fields = {}
+                if opks:
+                    fields["one_time"] = [o.to_json() for o in opks[start:start + PREKEY_BATCH]]
+                if spk is not None and start == 0:
+                    fields["signed"] = spk.to_json()
+                answer = await self.protocol.request("publish_prekeys", **fields)
+                count = answer.get("one_time")
+                state.one_time = count if _seconds(count) else state.one_time + len(fields.get("one_time", ()))
+            if spk is not None:
+                state.signed_id = done["signed"] = spk.prekey_id
+            done["one_time"] = len(opks)
+        done["deleted"] = await self.seen.forget_prekeys(device, now - self.prekey_grace)
+        return done
+
+    async def certify(self, name=None, now=None):
+        """
+        Certify this identity device with its own key (the self-certificate a 0.2 account's device lacks): from now
+        on no sender wraps a message to it with RSA-OAEP.  Done by L{maintain_prekeys} when the server says so.
+        """
+        if not self.is_identity:
+            raise Forbidden("Only the device that holds the identity key certifies devices.")
+        name = name if name is not None else default_device_name()
+        created = int(self._now() if now is None else now)
+        certificate = await self.in_thread(certify_device, self.private_key, self.user,
+                                           self.private_key.public_key(), name, created)
+        await self.protocol.request("certify", name=name, created=created, certificate=b64(certificate.signature))
+        self._prekey_state.certified = True
+
+    def _prekeys_low(self, frame):
+        count = frame.get("one_time")
+        if self._prekey_state is None or not _seconds(count):
+            return
+        self._prekey_state.one_time = count
+        if count < PREKEY_POOL_LOW:
+            self._maintain_quietly()
+
+    # -- devices --
+
+    async def _identity_of(self, user, pem):
+        """
+        C{user}'s identity key as a devices or bundle answer gives it, checked like L{recipient_key}: pinned on
+        first use, L{KeyChanged} when it is not the pinned key (for this user's own account: not its identity key).
+        """
+        if not isinstance(pem, str):
+            raise BadKey("The server's answer gives no identity key for %s." % user)
+        key = load_public_key(pem)
+        fp = fingerprint(key)
+        if user == self.user:
+            identity = await self._own_identity()
+            if fp != self.identity_fp:
+                raise KeyChanged(user, self.identity_fp, fp, message=(
+                    "The server gives another identity key for your own account %s (%s) than this device's; "
+                    "nothing was sent." % (user, format_fingerprint(fp))))
+            return identity
+        pin = await self.pins.get_pin(user)
+        if pin is None:
+            await self.pins.set_pin(user, public_key_pem(key), fp, self._now())
+        elif bytes(pin[1]) != fp:
+            raise KeyChanged(user, bytes(pin[1]), fp)
+        self._keys[user] = (key, fp)
+        return key
+
+    async def _record_devices(self, user, identity, infos):
+        """
+        Keep C{user}'s devices as just verified against C{identity}; tell C{on_devices_changed} about devices added
+        or revoked since they were last seen (not on the first look at a user, nor after their identity changed).
+        Returns C{(devices, certified_seen)}.
+        """
+        fp = fingerprint(identity)
+        old = await self.pins.get_devices(user)
+        before = {d.device_id: d for d in old.devices} if old is not None and old.identity == fp else {}
+        now = self._now()
+        merged = [dataclasses.replace(info, first_seen=before[info.device_id].first_seen
+                                      if info.device_id in before else now) for info in infos]
+        kept = [dataclasses.replace(info, last_seen=None) for info in merged]
+        if old is None or old.identity != fp or [dataclasses.astuple(d) for d in old.devices] != \
+                [dataclasses.astuple(d) for d in kept]:
+            await self.pins.set_devices(user, fp, kept)
+        certified_seen = (old is not None and old.certified_seen) or any(d.certified for d in merged)
+        if before and self.on_devices_changed is not None:
+            mine = device_id(self.private_key)
+            added = [d for d in merged if d.device_id not in before and not d.revoked and d.device_id != mine]
+            revoked = [d for d in merged if d.revoked and (d.device_id not in before
+                                                           or not before[d.device_id].revoked)]
+            if added or revoked:
+                self.on_devices_changed(user, added, revoked)
+        return merged, certified_seen
+
+    async def _fetch_devices(self, user, identity=None):
+        """C{user}'s devices from the server, verified (against C{identity} when given, else the pinned key)."""
+        answer = await self.protocol.request("devices", user=user)
+        if answer.get("user") != user:
+            raise BadKey("The server answered a request for %s's devices with another user's." % user)
+        if identity is None:
+            identity = await self._identity_of(user, answer.get("identity_key"))
+        elif not isinstance(answer.get("identity_key"), str) or \
+                fingerprint(load_public_key(answer["identity_key"])) != fingerprint(identity):
+            raise WrongSenderKey("The server no longer lists %s's identity key that signed the message." % user)
+        verified = await self.in_thread(verify_devices, user, identity, answer.get("devices"))
+        merged, _ = await self._record_devices(user, identity, [info for info, _, _ in verified])
+        return merged
+
+    async def devices(self, user=None):
+        """
+        The devices of C{user} (this user's own when None) as the server lists them, each verified against the
+        pinned identity key (a new user's is pinned now; a changed one raises L{KeyChanged}): a list of
+        L{DeviceInfo}, revoked ones included, C{last_seen} given only for one's own devices.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        return await self._fetch_devices(canonical_username(user) if user is not None else self.user)
+
+    async def _device_of(self, user, identity, device):
+        """The L{DeviceInfo} of C{user}'s device C{device} (bytes) that signed a message: known here or fetched."""
+        known = await self.pins.get_devices(user)
+        info = known.find(device) if known is not None and known.identity == fingerprint(identity) else None
+        if info is None:
+            try:
+                info = next((d for d in await self._fetch_devices(user, identity) if d.device_id == device), None)
+            except UnknownUser:
+                info = None
+        if info is None:
+            raise WrongSenderKey("The message is signed by a device the server does not list for %s." % user)
+        if info.revoked:
+            raise WrongSenderKey("The message is signed by %s's device %s (id %s), which was revoked."
+                                 % (user, info.name, info.short_id))
+        return info
+
+    async def revoke_device(self, device):
+        """
+        Revoke this user's device C{device} (its id: 32 hex digits, or bytes), from the identity device: the server
+        closes its sessions and forgets its prekeys, and contacts' clients refuse what it signs.  Returns the user's
+        devices as the server then lists them.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        if not self.is_identity:
+            raise Forbidden("Only the device that holds the identity key can revoke a device.")
+        if isinstance(device, str):
+            if not re.fullmatch("[0-9a-fA-F]{%d}" % (2 * DEVICE_ID_SIZE), device):
+                raise BadRequest("A device id is %d hex digits." % (2 * DEVICE_ID_SIZE))
+            device = bytes.fromhex(device)
+        at = int(self._now())
+        revocation = await self.in_thread(revoke_device, self.private_key, self.user, device, at)
+        await self.protocol.request("revoke_device", device=device.hex(), at=at,
+                                    signature=b64(revocation.signature))
+        return await self._fetch_devices(self.user)
+
+    # -- linking a device --
+
+    async def link_request(self, user, key, name, secret):
+        """
+        On a new device: ask to be linked to C{user}'s account.  C{key} is the new device's private key, C{name}
+        its name, C{secret} the secret of the link code this device shows (L{new_link_code}) for the user to type
+        on the identity device.  The request carries a MAC with the secret over the key and the name, so the
+        identity device signs only this key.  Returns the request's id (hex); L{wait_linked} waits for the answer.
+        The connection stays open, unauthenticated, until then.
+        """
+        user = canonical_username(user)
+        if not valid_device_name(name):
+            raise BadRequest("A device's name is 1-64 bytes of printable text.")
+        der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        waiting = self._link = _LinkWait(user, key, name, secret, Deferred())
+        answer = await self.protocol.request("link_request", user=user, public_key=public_key_pem(key), name=name,
+                                             mac=b64(link_request_mac(secret, self.server_id, user, der, name)))
+        waiting.link = answer.get("link") if isinstance(answer.get("link"), str) else None
+        return waiting.link
+
+    def _link_answered(self, frame):
+        waiting = self._link
+        if waiting is None or waiting.done.called or frame.get("link", waiting.link) != waiting.link:
+            return
+        if frame["type"] == "linked":
+            waiting.done.callback(frame)
+        else:
+            waiting.done.errback(LinkFailed("Nobody approved the link request within %d minutes; ask again."
+                                            % (LINK_WAIT // 60)))
+
+    async def wait_linked(self):
+        """
+        On the new device, after L{link_request}: wait for the identity device's answer and check it.  The answer's
+        MAC (keyed with the code's secret) must cover the certificate, the certificate must be for this device's key
+        and verify against the identity key the server gives: the server cannot put in a certificate of its own.
+        The identity key is then pinned as this user's.  Returns this device's L{DeviceInfo}; raises L{LinkFailed}.
+        """
+        waiting = self._link
+        if waiting is None:
+            raise LocalError("No link request waits for an answer.")
+        frame = await waiting.done
+        self._link = None
+        user = waiting.user
+        try:
+            certificate = DeviceCertificate.from_json(frame.get("device"), user)
+            mac = _json_b64(frame, "answer_mac", "link answer", 32)
+            pem = frame.get("identity_key")
+            identity = load_public_key(pem) if isinstance(pem, str) else (await self.public_key(user, True))[0]
+        except (BadCertificate, BadKey) as e:
+            raise LinkFailed("The server's answer to the link request is malformed: %s" % e.message)
+        if not hmac.compare_digest(link_answer_mac(waiting.secret, self.server_id, certificate), mac):
+            raise LinkFailed("The answer to the link request was not made with this device's code: refused.")
+        mine = waiting.key.public_key().public_bytes(serialization.Encoding.DER,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
+        if certificate.public_key_der != mine:
+            raise LinkFailed("The certificate in the answer is for another key than this device's: refused.")
+        try:
+            await self.in_thread(certificate.verify, identity)
+        except BadCertificate as e:
+            raise LinkFailed("The certificate in the answer does not verify against %s's identity key: %s"
+                             % (user, e.message))
+        now = self._now()
+        await self.pins.set_pin(user, public_key_pem(identity), fingerprint(identity), now)
+        return DeviceInfo(user, certificate.device_id, certificate.public_key_der, certificate.name,
+                          certificate.created, certificate.signature, first_seen=now)
+
+    async def link_pending(self):
+        """On the identity device: the link requests waiting on the server (L{LinkRequest}s; malformed ones left out)."""
+        answer = await self.protocol.request("link_pending")
+        requests = []
+        for obj in answer.get("requests") if isinstance(answer.get("requests"), list) else []:
+            try:
+                requests.append(LinkRequest.from_json(obj))
+            except (BadKey, BadCertificate) as e:
+                self.log.warn("Ignoring a malformed link request from the server: {why}", why=e.message)
+        return requests
+
+    async def approve_link(self, request, name, secret):
+        """
+        On the identity device: certify the new device whose request carries a MAC made with C{secret} (the code
+        the new device shows, as typed here: L{parse_link_code}).  C{request} is one L{LinkRequest}, or None to take
+        whichever pending request matches.  The MAC is checked before anything is signed: with no matching request
+        this raises L{BadLinkCode} and signs nothing, so neither the server nor a passer-by can add a device.
+        C{name} names the device (the name it asked for when None).  Returns the new device's L{DeviceInfo}.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        if not self.is_identity:
+            raise Forbidden("Only the device that holds the identity key can link a device.")
+        candidates = [request] if request is not None else await self.link_pending()
+        match = next((r for r in candidates if hmac.compare_digest(
+            link_request_mac(secret, self.server_id, self.user, r.public_key_der, r.name), r.mac)), None)
+        if match is None:
+            raise BadLinkCode("No device asks to be linked to %s with this code: check the code the new device "
+                              "shows (nothing was signed)." % self.user)
+        name = name if name is not None else match.name
+        if not valid_device_name(name):
+            raise BadRequest("A device's name is 1-64 bytes of printable text.")
+        created = int(self._now())
+        certificate = await self.in_thread(certify_device, self.private_key, self.user, match.public_key(), name,
+                                           created)
+        await self.protocol.request("link_approve", link=match.link, name=name, created=created,
+                                    certificate=b64(certificate.signature),
+                                    answer_mac=b64(link_answer_mac(secret, self.server_id, certificate)))
+        info = DeviceInfo(self.user, certificate.device_id, certificate.public_key_der, name, created,
+                          certificate.signature, first_seen=self._now())
+        await self._fetch_devices(self.user)
+        return info
 
     # -- directory --
 
@@ -5195,29 +6885,102 @@ class PagerClient:
         names, envelope = await self.seal(recipients, data, content_type, filename)
         return await self.send_envelope(names, envelope)
 
-    async def seal(self, recipients, data, content_type="text", filename=""):
+    async def seal(self, recipients, data, content_type="text", filename="", message_id=None):
         """
-        C{(names, envelope)}: C{data} sealed for each recipient's key as the server gives it now, checked against
-        the key pinned here (L{recipient_key}).  L{send_envelope} sends it; sending it again is the same message.
+        C{(names, envelope)}: C{data} sealed for every current device of each recipient and for this user's other
+        devices, as the server's bundles give them now.  Each bundle's identity key must be the one pinned here
+        (L{KeyChanged} otherwise, as L{recipient_key}); each device's certificate must verify against it and each
+        signed prekey against its device's key (L{BadCertificate}).  A device that is certified, ever published
+        prekeys, or belongs to a user seen with a certified device is sealed to only with its prekeys: without a
+        usable signed prekey the message is not sealed (L{NoPrekeys}), never wrapped with RSA-OAEP instead.
+        C{message_id} (bytes): seal anew a message sealed before, as the same message.  L{send_envelope} sends it.
         """
         if self.user is None:
             raise NotAuthenticated()
         if isinstance(data, str):
             data = data.encode("utf-8")
         names = sorted({canonical_username(n) for n in ([recipients] if isinstance(recipients, str) else recipients)})
-        keys = {}
-        for name in names:
-            keys[name] = await self.recipient_key(name)
-        envelope = await self.in_thread(seal, self.private_key, self.user, keys, data, content_type=content_type,
-                                        filename=filename)
+        now = self._now()
+        targets = await self._targets(names, now)
+        envelope = await self.in_thread(
+            seal, self.private_key, self.user, targets, data, content_type=content_type, filename=filename,
+            message_id=message_id, timestamp_ms=int(now * 1000), sender_fingerprint=self.identity_fp,
+            sender_device=device_id(self.private_key), now=now)
+        message_id = parse_header(envelope.header).message_id
+        self._sealed[message_id] = (names, data, content_type, filename)
+        while len(self._sealed) > MAX_RESEALABLE:
+            self._sealed.popitem(last=False)
         return names, envelope
 
+    async def _bundles(self, users):
+        bundles = {}
+        for start in range(0, len(users), MAX_RECIPIENTS):
+            part = users[start:start + MAX_RECIPIENTS]
+            answer = await self.protocol.request("bundle", users=part)
+            listed = answer.get("bundles")
+            for bundle in listed if isinstance(listed, list) else []:
+                user = bundle.get("user") if isinstance(bundle, dict) else None
+                if user not in part or user in bundles:
+                    raise BadRequest("The server's bundle answer names a user that was not asked for, or one twice.")
+                bundles[user] = bundle
+            missing = [user for user in part if user not in bundles]
+            if missing:
+                raise BadRequest("The server's bundle answer leaves out %s." % ", ".join(missing))
+        return bundles
+
+    async def _targets(self, names, now):
+        """The L{DeviceTarget}s to seal to: every current device of C{names}, and this user's other devices."""
+        users = names + ([self.user] if self.user not in names else [])
+        bundles = await self._bundles(users)
+        mine = device_id(self.private_key)
+        targets = []
+        for user in users:
+            identity = await self._identity_of(user, bundles[user].get("identity_key"))
+            verified = await self.in_thread(verify_devices, user, identity, bundles[user].get("devices"), True)
+            _, certified_seen = await self._record_devices(user, identity, [info for info, _, _ in verified])
+            for info, spk, opk in verified:
+                if info.revoked or (user == self.user and info.device_id == mine):
+                    continue
+                if spk is not None and spk.usable_at(now):
+                    targets.append(DeviceTarget(user, info.device_id, signed_prekey=spk, one_time=opk))
+                elif info.certified or info.prekeys or certified_seen:
+                    raise NoPrekeys(
+                        "The server gives no usable signed prekey for %s's device %s (id %s), so the message was "
+                        "not sent: it is never sealed to a device's RSA key once it has published prekeys. Ask %s to "
+                        "run pager on that device, or to revoke it." % (user, info.name or "identity device",
+                                                                         info.short_id, user))
+                else:
+                    # A legacy device: the identity device of an account whose 0.3 client has not logged in yet
+                    # (verify_devices checked that its key is the identity key).
+                    targets.append(DeviceTarget(user, info.device_id, rsa_key=identity))
+        if not targets:
+            raise BadRequest("Nobody to send it to: name someone other than yourself, or link another device.")
+        return targets
+
     async def send_envelope(self, names, envelope):
-        """Send an already sealed L{Envelope}, in one frame or as a header and chunk frames."""
+        """
+        Send an already sealed L{Envelope}, in one frame or as a header and chunk frames.  When the server says the
+        recipients' devices changed since it was sealed, a message this client sealed (L{seal}, in this process) is
+        sealed anew for them as the same message (same id), up to L{RESEAL_TRIES} times; else L{DevicesChanged}.
+        """
+        message_id = parse_header(envelope.header).message_id
+        for attempt in range(RESEAL_TRIES + 1):
+            try:
+                answer = await self._send_envelope(names, envelope)
+            except DevicesChanged:
+                again = self._sealed.get(message_id)
+                if again is None or attempt == RESEAL_TRIES:
+                    raise
+                _, envelope = await self.seal(*again, message_id=message_id)
+            else:
+                self._sealed.pop(message_id, None)
+                return answer
+
+    async def _send_envelope(self, names, envelope):
         proto = self.protocol
         max_line = self.limits.get("max_line", 0)
         header = b64(envelope.header)
-        frame = {"to": names, "size": envelope.size, "header": header}
+        frame = {"to": [name for name in names if name != self.user], "size": envelope.size, "header": header}
         encoded = sum((len(c) + 2) // 3 * 4 + 3 for c in envelope.chunks)  # base64 sizes, without encoding yet
         if len(header) + encoded + FRAME_MARGIN < max_line:
             return await proto.request("send", chunks=[b64(c) for c in envelope.chunks],
@@ -5247,6 +7010,10 @@ class PagerClient:
                 self._message_continued(frame)
             elif kind == "receipt":
                 self._enqueue(self._handle_receipt, frame)
+            elif kind == "prekeys_low":
+                self._prekeys_low(frame)
+            elif kind in ("linked", "link_expired"):
+                self._link_answered(frame)
         except PagerError as e:
             self.log.warn("Ignoring a malformed {kind} frame from the server: {why}", kind=kind, why=e.message)
 
@@ -5336,6 +7103,32 @@ class PagerClient:
             await self.pins.set_pin(header.sender, public_key_pem(key), fp, self.reactor.seconds())
         return key, key_status(pin, fp)
 
+    async def _sender_device_key(self, header):
+        """
+        C{(key, status)}: the key of the device that signed the message, and how the sender's identity key compares
+        with the pinned one.  The identity is checked as L{_sender_key} does (for this user's own other devices:
+        against this account's identity key); a device other than the identity device must be certified by it,
+        known here or listed by the server (L{devices}), and not revoked.
+        """
+        if header.sender == self.user:
+            identity, status = await self._own_identity(), "verified"
+            if header.sender_fingerprint != self.identity_fp:
+                raise WrongSenderKey("The message is signed as from your own account, but not by its identity key.")
+        else:
+            identity, status = await self._sender_key(header)
+        if header.version == 1 or header.sender_device == device_id(identity):
+            return identity, status
+        info = await self._device_of(header.sender, identity, header.sender_device)
+        return info.public_key(), status
+
+    async def _opening_prekeys(self, entry):
+        """The private prekeys this device's entry of a message was sealed to (an L{OpeningPrekeys}), or None."""
+        if entry.kind != WRAP_X25519:
+            return None
+        device = device_id(self.private_key)
+        signed, one_time = await self.seen.prekey_privates(device, entry.spk_id, entry.opk_id)
+        return OpeningPrekeys(await self._vault_key(), device, signed, one_time if entry.opk_id else None)
+
     async def _handle_message(self, incoming):
         if not valid_username(incoming.sender):
             # Nothing to verify it against and nobody to show: refuse it, so that it is not delivered again.
@@ -5344,28 +7137,49 @@ class PagerClient:
             await self.protocol.request("reject", msg=incoming.msg, reason="The server named a sender that is not "
                                         "a user name.")
             return
+        device = device_id(self.private_key)
         try:
             header = parse_header(incoming.header)
             if header.sender != incoming.sender:
                 raise WrongSenderKey("The server says the message is from %s, but it is signed as from %s."
                                      % (incoming.sender, header.sender))
-            sender_key, key_status = await self._sender_key(header)
+            mine = header.entry(self.user, device)
+            if mine is None:
+                raise NotAddressedToYou("The message is not addressed to this device of %s." % self.user)
+            # Before unwrapping: a message handed off already may have used a one-time prekey that is gone since.
+            if await self.seen.contains(header.sender, header.message_id):
+                self._ack("msgs", incoming.msg)
+                return
+            sender_key, key_status = await self._sender_device_key(header)
+            prekeys = await self._opening_prekeys(mine)
             envelope = Envelope(incoming.header, incoming.chunks, incoming.signature)
-            opened = await self.in_thread(open_envelope, envelope, self.private_key, self.user, sender_key)
-        except (EnvelopeError, UnknownUser, BadKey) as e:
-            await self.protocol.request("reject", msg=incoming.msg, reason=e.message)
-            if self.on_rejected is not None:
-                self.on_rejected(incoming.msg, incoming.sender, e)
+            opened = await self.in_thread(open_envelope, envelope, self.private_key, self.user, sender_key,
+                                          device=device, prekeys=prekeys)
+        except PrekeyUnavailable as e:
+            if await self.seen.contains(header.sender, header.message_id, anywhere=True):
+                # Another session of this device (sharing its store) handed it off and deleted the prekey since.
+                self._ack("msgs", incoming.msg)
+                return
+            await self._reject(incoming, e)
+            return
+        except (EnvelopeError, UnknownUser, BadKey, BadCertificate) as e:
+            await self._reject(incoming, e)
             return
         skewed = incoming.accepted_at is not None and abs(incoming.accepted_at - opened.timestamp) > self.skew_window
         opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at, key_status=key_status, skewed=skewed)
-        if not await self.seen.contains(opened.sender, opened.message_id):
-            if self.on_message is None:
-                return  # nobody to hand it to: leave it on the server for the next session
-            await defer.maybeDeferred(self.on_message, opened)
-            await self.seen.add(opened.sender, opened.message_id, self.reactor.seconds())
+        if self.on_message is None:
+            return  # nobody to hand it to: leave it on the server for the next session
+        await defer.maybeDeferred(self.on_message, opened)
+        # The message is stored (handed off): its one-time prekey's private part goes in the same transaction.
+        used = (device, mine.opk_id) if mine.kind == WRAP_X25519 and mine.opk_id else None
+        await self.seen.add(opened.sender, opened.message_id, self._now(), used)
         # Not awaited: acknowledgements are pipelined, so the next message is handled while this one commits.
         self._ack("msgs", incoming.msg)
+
+    async def _reject(self, incoming, error):
+        await self.protocol.request("reject", msg=incoming.msg, reason=error.message)
+        if self.on_rejected is not None:
+            self.on_rejected(incoming.msg, incoming.sender, error)
 
     def _ack(self, field, value):
         """
@@ -5429,6 +7243,9 @@ class PagerClient:
 
     def connection_lost(self, error):
         self._stop_keepalive()
+        self._stop_maintenance()
+        if self._link is not None and not self._link.done.called:
+            self._link.done.errback(error)
         self._incoming.clear()
         for waiting in self._acks.values():
             waiting.clear()  # the server delivers these again; the duplicate store recognises them
@@ -8275,6 +10092,9 @@ _LIMIT_OPTIONS = [
      "Bytes of answers a connection that stopped reading may leave unread before it is cut off (at least "
      "--max-line)."),
     ("close-grace", "close_grace", float, "Seconds a connection the server closes may still read before it is cut off."),
+    ("max-devices", "max_devices", int, "Devices one account may have, not counting revoked ones."),
+    ("bundle-rate", "bundle_rate", float,
+     "Prekey bundle requests per second one account may make (after a burst of %d)." % BUNDLE_BURST),
 ]
 MIN_MAX_LINE = 96 * 1024
 

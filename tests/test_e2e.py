@@ -99,7 +99,19 @@ class E2ETestCase(unittest.TestCase):
         finally:
             await server.stopService()
 
+    @property
+    def keyring(self):
+        """
+        The prekeys of every device of this test (a L{pager.MemoryPrekeys}, keyed by device): each new session gets
+        its device's prekeys, as a real device finds them in its state directory.
+        """
+        if not hasattr(self, "_keyring"):
+            self._keyring = pager.MemoryPrekeys()
+        return self._keyring
+
     async def connect(self, address, **kwargs):
+        if kwargs.get("seen") is None:
+            kwargs["seen"] = pager.MemorySeen(self.keyring)
         client = await pager.PagerClient.connect(address, reactor, **kwargs)
         self.addCleanup(client.close)
         client.events = Events(client)
@@ -371,14 +383,16 @@ class DeliveryTests(E2ETestCase):
         """
         server, address = await self.start_server()
         alice = await self.register(address, "alice")
-        await self.offline(server, await self.register(address, "bob"))
-        msg = await alice.send("bob", "exactly once, please")
-
         seen = None
         if seen_path is not None:
+            # The device's state from the start: its prekeys are kept in the same store as the seen ids.
             seen = pager.SeenStore(seen_path)
             self.addCleanup(lambda: seen.pool.running and seen.close())
             await seen.open(reactor.seconds())
+        bob0 = await self.connect(address, seen=seen)
+        await bob0.register("bob", token("bob"), key("bob"))
+        await self.offline(server, bob0)
+        msg = await alice.send("bob", "exactly once, please")
         shown = []
 
         def show_then_drop(message):
@@ -424,13 +438,19 @@ class DeliveryTests(E2ETestCase):
 
     async def test_lost_ack_redelivered_without_seen_store(self):
         """
-        The control for the two tests above: without a shared duplicate store, the redelivered message is shown
-        again, which proves the ack really was lost and the server really redelivers.
+        The control for the two tests above: without the duplicate store that kept the first session's record, the
+        server redelivers the message, which proves the ack really was lost.  The device's one-time prekey it was
+        sealed to went when the first session handed it off, so the redelivery can no longer be opened (forward
+        secrecy): it is rejected, not shown twice.  (On a real device the seen ids and the prekeys are one store.)
         """
         server, address, alice, msg, seen, shown = await self._lose_ack(None)
         bob2 = await self.login(address, "bob")
-        await self.wait_for(lambda: bob2.events.messages, "the redelivery")
-        self.assertEqual([m.message_id.hex() for m in shown + bob2.events.messages], [msg, msg])
+        await self.wait_for(lambda: bob2.events.rejected, "the redelivery")
+        self.assertEqual([m.message_id.hex() for m in shown], [msg])
+        [(rejected, sender, error)] = bob2.events.rejected
+        self.assertEqual((rejected, sender), (msg, "alice"))
+        self.assertIsInstance(error, pager.PrekeyUnavailable)
+        self.assertEqual(bob2.events.messages, [])
 
     async def test_large_message(self):
         """

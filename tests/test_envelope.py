@@ -1489,3 +1489,330 @@ class VersionOneTests(SynchronousTestCase):
         self.assertEqual(_field(_seal(b"x").header, "tag"), pager.ENVELOPE_TAG)
         self.assertEqual(pager.ENVELOPE_TAG, b"pager-envelope-v2")
         self.assertEqual(pager.ENVELOPE_TAG_V1, b"pager-envelope-v1")
+
+
+class WrapVectorTests(SynchronousTestCase):
+    """The X25519 wrap's exact bytes, with every random input fixed: the worked example of PROTOCOL.md."""
+
+    EK, SPK, OPK = bytes(range(1, 33)), bytes(range(33, 65)), bytes(range(65, 97))
+    CONTENT_KEY = bytes(range(100, 132))
+    EK_PUBLIC = "07a37cbc142093c8b755dc1b10e86cb426374ad16aa853ed0bdfc0b2b86d1c7c"
+    KEK = "7aea3c09a86add1001b336edde8f5344b48d284d2481c0683562d59cab5df18e"
+    WRAPPED = "6122125405c393a1bddbe00f821808dd91c6445c80e65ac13db93919d62fc1655410f946cb10dfaee6378070fc2dbcb4"
+
+    def setUp(self):
+        self.patch(pager, "_ephemeral_key", lambda: X25519PrivateKey.from_private_bytes(self.EK))
+        spk_public = pager.x25519_public_bytes(X25519PrivateKey.from_private_bytes(self.SPK))
+        opk_public = pager.x25519_public_bytes(X25519PrivateKey.from_private_bytes(self.OPK))
+        signed = pager.SignedPrekey("bob", bytes(range(32, 48)), 1, spk_public, NOW, NOW + pager.PREKEY_LIFETIME, b"")
+        target = pager.DeviceTarget("bob", bytes(range(32, 48)), signed_prekey=signed,
+                                    one_time=pager.OneTimePrekey(2, opk_public))
+        self.envelope = pager.seal(_key("alice"), "alice", [target], b"hi", message_id=bytes(range(16)),
+                                   timestamp_ms=NOW * 1000, now=NOW, content_key=self.CONTENT_KEY,
+                                   sender_device=bytes(range(16, 32)))
+
+    def test_info(self):
+        """The HKDF info is the wrap tag and the length-prefixed fields, the prekey ids as u32: 144 bytes."""
+        info = pager._wrap_info(bytes(range(16)), "alice", bytes(range(16, 32)), "bob", bytes(range(32, 48)), 1, 2,
+                                bytes.fromhex(self.EK_PUBLIC))
+        self.assertEqual(info.hex(), (
+            "00000014" + b"pager-x25519-wrap-v1".hex() + "00000010" + bytes(range(16)).hex()
+            + "00000005" + b"alice".hex() + "00000010" + bytes(range(16, 32)).hex() + "00000003" + b"bob".hex()
+            + "00000010" + bytes(range(32, 48)).hex() + "00000001" + "00000002" + "00000020" + self.EK_PUBLIC))
+        self.assertEqual(len(info), 144)
+
+    def test_entry(self):
+        """The sealed entry holds the vector's ephemeral key and wrapped key, which the recipient's prekeys open."""
+        [entry] = pager.parse_header(self.envelope.header).entries
+        self.assertEqual((entry.kind, entry.spk_id, entry.opk_id), (pager.WRAP_X25519, 1, 2))
+        self.assertEqual((entry.ephemeral.hex(), entry.wrapped.hex()), (self.EK_PUBLIC, self.WRAPPED))
+        self.assertEqual(entry.encode(), _lp_bytes(b"bob") + _lp_bytes(bytes(range(32, 48))) + b"\x02"
+                         + struct.pack(">II", 1, 2) + _lp_bytes(entry.ephemeral) + _lp_bytes(entry.wrapped))
+
+    def test_independent_unwrap(self):
+        """The documented steps, with cryptography's primitives and not pager's, unwrap the content key."""
+        ek = X25519PublicKey.from_public_bytes(bytes.fromhex(self.EK_PUBLIC))
+        ikm = (X25519PrivateKey.from_private_bytes(self.SPK).exchange(ek)
+               + X25519PrivateKey.from_private_bytes(self.OPK).exchange(ek))
+        info = (_lp_bytes(b"pager-x25519-wrap-v1") + _lp_bytes(bytes(range(16))) + _lp_bytes(b"alice")
+                + _lp_bytes(bytes(range(16, 32))) + _lp_bytes(b"bob") + _lp_bytes(bytes(range(32, 48)))
+                + struct.pack(">II", 1, 2) + _lp_bytes(ek.public_bytes_raw()))
+        kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(ikm)
+        self.assertEqual(kek.hex(), self.KEK)
+        self.assertEqual(AESGCM(kek).decrypt(bytes(12), bytes.fromhex(self.WRAPPED), None), self.CONTENT_KEY)
+
+    def test_signed_prekey_only(self):
+        """Without a one-time prekey, the key material is the one agreement and the info's opk id is 0."""
+        spk_public = pager.x25519_public_bytes(X25519PrivateKey.from_private_bytes(self.SPK))
+        signed = pager.SignedPrekey("bob", bytes(range(32, 48)), 1, spk_public, NOW, NOW + pager.PREKEY_LIFETIME, b"")
+        envelope = pager.seal(_key("alice"), "alice", [pager.DeviceTarget("bob", signed.device_id,
+                                                                          signed_prekey=signed)], b"hi",
+                              now=NOW, timestamp_ms=NOW * 1000, content_key=self.CONTENT_KEY)
+        [entry] = pager.parse_header(envelope.header).entries
+        ek = X25519PublicKey.from_public_bytes(entry.ephemeral)
+        info = pager._wrap_info(pager.parse_header(envelope.header).message_id, "alice",
+                                pager.device_id(_key("alice")), "bob", signed.device_id, 1, 0, entry.ephemeral)
+        kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
+            X25519PrivateKey.from_private_bytes(self.SPK).exchange(ek))
+        self.assertEqual((entry.opk_id, AESGCM(kek).decrypt(bytes(12), entry.wrapped, None)),
+                         (0, self.CONTENT_KEY))
+
+
+class CertificateTests(SynchronousTestCase):
+    """Device certificates, revocations and signed prekeys: signing, checking, wire forms."""
+
+    def setUp(self):
+        self.identity, self.device = _key("alice"), _key("alice-laptop")
+        self.cert = pager.certify_device(self.identity, "alice", self.device.public_key(), "laptop", NOW)
+        self.revocation = pager.revoke_device(self.identity, "alice", self.cert.device_id, NOW + 60)
+        self.spk = pager.sign_prekey(self.device, "alice", 7, pager.x25519_public_bytes(_x25519(1)), NOW,
+                                     NOW + pager.PREKEY_LIFETIME)
+
+    def test_certificate_verifies(self):
+        """A certificate verifies with the identity key and gives the device key; the id is the key's."""
+        self.assertEqual(pager.fingerprint(self.cert.verify(_pub("alice"))), pager.fingerprint(self.device))
+        self.assertEqual(self.cert.device_id, pager.fingerprint(self.device)[:16])
+        self.assertEqual(len(self.cert.device_id), pager.DEVICE_ID_SIZE)
+
+    def test_certificate_refused(self):
+        """Another identity key, or any field changed after signing, raises BadCertificate."""
+        self.assertRaises(pager.BadCertificate, self.cert.verify, _pub("bob"))
+        self.assertRaises(pager.BadCertificate, self.cert.verify, self.device.public_key())
+        other_der = _pub("bob").public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for changes in ({"user": "mallory"}, {"name": "laptop2"}, {"created": NOW + 1},
+                        {"device_id": pager.device_id(_key("bob"))}, {"public_key_der": other_der},
+                        {"signature": _flip(self.cert.signature, 0)}, {"signature": b""}, {"name": "a\nb"},
+                        {"created": -1}, {"created": True}, {"public_key_der": b"DER"}, {"device_id": b"x" * 15}):
+            self.assertRaises(pager.BadCertificate, dataclasses.replace(self.cert, **changes).verify, _pub("alice"))
+
+    def test_key_swapped_with_matching_id(self):
+        """Bob's key and id in Alice's certificate for her laptop (a server's substitution) raise BadCertificate."""
+        other_der = _pub("bob").public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        forged = dataclasses.replace(self.cert, public_key_der=other_der, device_id=pager.device_id(_key("bob")))
+        self.assertRaises(pager.BadCertificate, forged.verify, _pub("alice"))
+
+    def test_short_device_key_refused(self):
+        """certify_device refuses a 1024-bit device key (BadKey); a certificate carrying one raises BadCertificate."""
+        small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        self.assertRaises(pager.BadKey, pager.certify_device, self.identity, "alice", small.public_key(), "x", NOW)
+        der = small.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        cert = pager.DeviceCertificate("alice", pager.device_id(small), der, "x", NOW, b"")
+        cert = dataclasses.replace(cert, signature=self.identity.sign(cert.signed_bytes(), pager._PSS,
+                                                                      hashes.SHA256()))
+        self.assertRaises(pager.BadCertificate, cert.verify, _pub("alice"))
+
+    def test_revocation(self):
+        """A revocation verifies with the identity key only, and not with a field changed."""
+        self.revocation.verify(_pub("alice"))
+        self.assertRaises(pager.BadCertificate, self.revocation.verify, _pub("bob"))
+        for changes in ({"user": "bob"}, {"device_id": bytes(16)}, {"revoked_at": NOW}, {"revoked_at": 2 ** 64},
+                        {"signature": _flip(self.revocation.signature, 9)}):
+            self.assertRaises(pager.BadCertificate, dataclasses.replace(self.revocation, **changes).verify,
+                              _pub("alice"))
+
+    def test_signed_prekey(self):
+        """A signed prekey verifies with the device key, not the identity key, and not with a field changed."""
+        self.spk.verify(self.device.public_key())
+        self.assertEqual(self.spk.device_id, self.cert.device_id)
+        self.assertRaises(pager.BadCertificate, self.spk.verify, _pub("alice"))
+        for changes in ({"user": "bob"}, {"device_id": bytes(16)}, {"prekey_id": 8}, {"prekey_id": 0},
+                        {"prekey_id": 2 ** 32}, {"public": pager.x25519_public_bytes(_x25519(2))},
+                        {"public": bytes(31)}, {"valid_from": NOW + 1}, {"valid_until": NOW + 1},
+                        {"valid_until": NOW}, {"signature": _flip(self.spk.signature, 1)}):
+            self.assertRaises(pager.BadCertificate, dataclasses.replace(self.spk, **changes).verify,
+                              self.device.public_key())
+
+    def test_usable_at(self):
+        """A signed prekey is usable from a day before valid_from to valid_until, both included."""
+        start, end = self.spk.valid_from, self.spk.valid_until
+        self.assertEqual([self.spk.usable_at(t) for t in (start - pager.DAY - 1, start - pager.DAY, start, end,
+                                                          end + 1)], [False, True, True, True, False])
+        self.assertEqual((pager.PREKEY_ROTATION, pager.PREKEY_LIFETIME), (7 * 86400, 14 * 86400))
+
+    def test_domain_separation(self):
+        """
+        Each signature verifies only as what it was made for: a certificate's is no revocation, prekey, envelope or
+        auth signature, and the other way round, even over fields chosen to collide.
+        """
+        tags = [pager.DEVICE_TAG, pager.REVOCATION_TAG, pager.SIGNED_PREKEY_TAG, pager.SIGNATURE_TAG,
+                pager.AUTH_TAG, pager.WRAP_TAG, pager.LINK_REQUEST_TAG, pager.LINK_ANSWER_TAG, pager.ENVELOPE_TAG,
+                pager.COMMITMENT_TAG]
+        self.assertEqual(len(set(tags)), len(tags))
+        certified = pager.certify_device(self.identity, "alice", self.identity.public_key(), "desk", NOW)
+        as_revocation = pager.DeviceRevocation("alice", certified.device_id, NOW, certified.signature)
+        self.assertRaises(pager.BadCertificate, as_revocation.verify, _pub("alice"))
+        revoked = pager.revoke_device(self.identity, "alice", certified.device_id, NOW)
+        self.assertRaises(pager.BadCertificate, dataclasses.replace(certified, signature=revoked.signature).verify,
+                          _pub("alice"))
+        # The identity device's own prekey (its device key is the identity key) is no certificate either.
+        own = pager.sign_prekey(self.identity, "alice", 7, self.spk.public, NOW, NOW + 1)
+        self.assertRaises(pager.BadCertificate, dataclasses.replace(certified, signature=own.signature).verify,
+                          _pub("alice"))
+        self.assertRaises(pager.BadCertificate, dataclasses.replace(own, signature=certified.signature).verify,
+                          _pub("alice"))
+        self.assertFalse(pager.verify_auth(_pub("alice"), certified.signature, "login", SERVER_ID, "alice",
+                                           bytes(32)))
+        for signed in (certified, revoked, own):
+            self.assertFalse(signed.signed_bytes().startswith(_lp_bytes(pager.SIGNATURE_TAG)))
+
+    def test_signed_bytes_layout(self):
+        """The signed bytes of a certificate, a revocation and a signed prekey, as PROTOCOL.md lays them out."""
+        device = bytes(range(16))
+        cert = pager.DeviceCertificate("alice", device, b"DER", "laptop", 1700000000, b"")
+        self.assertEqual(cert.signed_bytes().hex(), (
+            "0000000f70616765722d6465766963652d763100000005616c69636500000010000102030405060708090a0b0c0d0e0f"
+            "00000003444552000000066c6170746f70000000006553f100"))
+        revocation = pager.DeviceRevocation("alice", device, 1700000000, b"")
+        self.assertEqual(revocation.signed_bytes().hex(), (
+            "0000001770616765722d6465766963652d7265766f6b65642d763100000005616c69636500000010000102030405060708090a0b"
+            "0c0d0e0f000000006553f100"))
+        public = pager.x25519_public_bytes(X25519PrivateKey.from_private_bytes(bytes(range(33, 65))))
+        spk = pager.SignedPrekey("alice", device, 1, public, 1700000000, 1700000000 + pager.PREKEY_LIFETIME, b"")
+        self.assertEqual(spk.signed_bytes().hex(), (
+            "0000001670616765722d7369676e65642d7072656b65792d763100000005616c69636500000010000102030405060708090a0b0c"
+            "0d0e0f00000001000000205869aff450549732cbaaed5e5df9b30a6da31cb0e5742bad5ad4a1a768f1a67b000000006553f100"
+            "0000000065666600"))
+
+
+class WireFormTests(SynchronousTestCase):
+    """to_json and from_json: the wire objects round-trip, and anything malformed raises BadCertificate only."""
+
+    def setUp(self):
+        self.identity, self.device = _key("alice"), _key("alice-laptop")
+        self.cert = pager.certify_device(self.identity, "alice", self.device.public_key(), "laptop", NOW)
+        self.revocation = pager.revoke_device(self.identity, "alice", self.cert.device_id, NOW + 60)
+        self.spk = pager.sign_prekey(self.device, "alice", 7, pager.x25519_public_bytes(_x25519(1)), NOW,
+                                     NOW + pager.PREKEY_LIFETIME)
+        self.opk = pager.OneTimePrekey(9, pager.x25519_public_bytes(_x25519(2)))
+
+    def test_round_trips(self):
+        """Each object's to_json reads back, through JSON text, as the same object, which still verifies."""
+        import json
+        cert = pager.DeviceCertificate.from_json(json.loads(json.dumps(self.cert.to_json())), "alice")
+        self.assertEqual(cert, self.cert)
+        cert.verify(_pub("alice"))
+        self.assertEqual(sorted(self.cert.to_json()), ["certificate", "created", "id", "name", "public_key"])
+        self.assertEqual(pager.DeviceRevocation.from_json(self.revocation.to_json(), "alice"), self.revocation)
+        revoked = {"at": self.revocation.revoked_at, "signature": self.revocation.to_json()["signature"]}
+        self.assertEqual(pager.DeviceRevocation.from_json(revoked, "alice", self.cert.device_id), self.revocation)
+        self.assertEqual(pager.SignedPrekey.from_json(self.spk.to_json(), "alice", self.cert.device_id), self.spk)
+        self.assertEqual(pager.OneTimePrekey.from_json(self.opk.to_json()), self.opk)
+
+    def _malformed(self, good, parse):
+        """
+        Every field of C{good} removed, or replaced by a value of the wrong type or form, raises BadCertificate from
+        C{parse}; other odd values either parse or raise BadCertificate, never anything else.
+        """
+        odd_values = ["", "QUJD", "\u00e9", "x" * 70, "0" * 31, "A" * 32, "AA==", 0, 2 ** 32, 2 ** 63]
+        for name in good:
+            broken = dict(good)
+            del broken[name]
+            self.assertRaises(pager.BadCertificate, parse, broken)
+            wrong = [None, True, 1.5, [], {}] + ([-1, 2 ** 64, "1"] if isinstance(good[name], int) else [1, "a\nb!"])
+            for value in wrong:
+                broken[name] = value
+                self.assertRaises(pager.BadCertificate, parse, broken)
+            for value in odd_values:
+                broken[name] = value
+                try:
+                    parse(broken)
+                except pager.BadCertificate:
+                    pass
+        for obj in (None, [], "x", 1):
+            self.assertRaises(pager.BadCertificate, parse, obj)
+
+    def test_certificate_malformed(self):
+        """A device object with a field missing, of the wrong type, length or form raises BadCertificate."""
+        self._malformed(self.cert.to_json(), lambda obj: pager.DeviceCertificate.from_json(obj, "alice"))
+        self.assertRaises(pager.BadCertificate, pager.DeviceCertificate.from_json, self.cert.to_json(), "Alice!")
+        upper = dict(self.cert.to_json(), id=self.cert.device_id.hex().upper())
+        self.assertRaises(pager.BadCertificate, pager.DeviceCertificate.from_json, upper, "alice")
+
+    def test_revocation_malformed(self):
+        """A revocation with a field missing or wrong raises BadCertificate."""
+        self._malformed(self.revocation.to_json(), lambda obj: pager.DeviceRevocation.from_json(obj, "alice"))
+
+    def test_prekeys_malformed(self):
+        """A signed or one-time prekey with a field missing or wrong raises BadCertificate."""
+        self._malformed(self.spk.to_json(),
+                        lambda obj: pager.SignedPrekey.from_json(obj, "alice", self.cert.device_id))
+        self._malformed(self.opk.to_json(), pager.OneTimePrekey.from_json)
+        backwards = dict(self.spk.to_json(), valid_from=NOW + pager.PREKEY_LIFETIME, valid_until=NOW)
+        self.assertRaises(pager.BadCertificate, pager.SignedPrekey.from_json, backwards, "alice",
+                          self.cert.device_id)
+
+    def test_device_names(self):
+        """Device names are 1-64 bytes of printable text without spaces at the ends."""
+        for name in ("laptop", "cron box", "Kofi's ThinkPad", "\u00e9t\u00e9", "x" * 64, "\u00e9" * 32):
+            self.assertTrue(pager.valid_device_name(name), name)
+        for name in ("", " laptop", "laptop ", "x" * 65, "\u00e9" * 33, "a\nb", "a\x1bb", "a\u202eb", "a\u2028b",
+                     "a\x00", None, b"laptop", 5):
+            self.assertFalse(pager.valid_device_name(name), repr(name))
+
+
+class LinkCodeTests(SynchronousTestCase):
+    """One-time link codes: readable, forgiving to type, and keying the MACs of both halves of linking."""
+
+    def test_format(self):
+        """A code is four groups of four Crockford base32 characters for an 80-bit secret, fresh each time."""
+        text, secret = pager.new_link_code()
+        self.assertRegex(text, "^[0-9A-HJKMNP-TV-Z]{4}(-[0-9A-HJKMNP-TV-Z]{4}){3}$")
+        self.assertEqual(len(secret), pager.LINK_SECRET_SIZE)
+        self.assertEqual(pager.parse_link_code(text), secret)
+        self.assertNotEqual(pager.new_link_code()[1], secret)
+
+    def test_vector(self):
+        """The secret 00 01 .. 09 reads 000G-40R4-0M30-E209 (PROTOCOL.md's example)."""
+        class Fixed:
+            @staticmethod
+            def token_bytes(n):
+                return bytes(range(n))
+        self.patch(pager, "secrets", Fixed)
+        self.assertEqual(pager.new_link_code(), ("000G-40R4-0M30-E209", bytes(range(10))))
+
+    def test_forgiving(self):
+        """Lower case, spaces instead of dashes, none at all, O for 0 and I or L for 1 read as the same code."""
+        secret = bytes(range(10))
+        for text in ("000G-40R4-0M30-E209", "000g-40r4-0m30-e209", "000G 40R4 0M30 E209", "000G40R40M30E209",
+                     " 000G-40R4-0M30-E209\n", "OOOG-4OR4-OM3O-E2O9", "ooog-4or4-om3o-e2o9"):
+            self.assertEqual(pager.parse_link_code(text), secret, text)
+        self.assertEqual(pager.parse_link_code("1111-1111-1111-1111"), pager.parse_link_code("IlL1-iiii-llll-1LIl"))
+
+    def test_refused(self):
+        """Too short or long, letters outside the alphabet (U, punctuation), or no text raise BadLinkCode."""
+        for text in ("", "000G-40R4-0M30-E20", "000G-40R4-0M30-E2099", "000G-40R4-0M30-E20U", "000G-40R4-0M30-E20!",
+                     "000G_40R4_0M30_E209", "\u0660" * 16, None, b"000G40R40M30E209"):
+            self.assertRaises(pager.BadLinkCode, pager.parse_link_code, text)
+        self.assertIn("16 letters and digits", pager.BadLinkCode().message)
+
+    def test_macs(self):
+        """The MACs are HMAC-SHA256 of the documented bytes (PROTOCOL.md's example values)."""
+        secret = bytes(range(10))
+        request = pager.link_request_mac(secret, SERVER_ID, "alice", b"DER", "laptop")
+        expected = hmac.new(secret, _lp_bytes(b"pager-link-request-v1") + _lp_bytes(SERVER_ID.encode())
+                            + _lp_bytes(b"alice") + _lp_bytes(b"DER") + _lp_bytes(b"laptop"), "sha256").digest()
+        self.assertEqual(request, expected)
+        self.assertEqual(request.hex(), "af8fe0053910889a73d3b3ce74596dfb83ce00253710920f06e0d9dffc958f0d")
+        cert = pager.DeviceCertificate("alice", bytes(range(16)), b"DER", "laptop", 1700000000, bytes(range(8)))
+        answer = pager.link_answer_mac(secret, SERVER_ID, cert)
+        self.assertEqual(answer, hmac.new(secret, _lp_bytes(b"pager-link-answer-v1") + _lp_bytes(SERVER_ID.encode())
+                                          + _lp_bytes(cert.signed_bytes()) + _lp_bytes(bytes(range(8))),
+                                          "sha256").digest())
+        self.assertEqual(answer.hex(), "f140e74a4d352f657b8196857fe924ba4a792a98d0558b0bfb5d6cb17c6c5835")
+
+    def test_macs_bind_every_field(self):
+        """Another secret (a typo in the code), server, user, key or name gives another MAC; so does another cert."""
+        secret = pager.parse_link_code("000G-40R4-0M30-E209")
+        typo = pager.parse_link_code("000G-40R4-0M30-E208")
+        base = pager.link_request_mac(secret, SERVER_ID, "alice", b"DER", "laptop")
+        for args in ((typo, SERVER_ID, "alice", b"DER", "laptop"), (secret, "0" * 32, "alice", b"DER", "laptop"),
+                     (secret, SERVER_ID, "bob", b"DER", "laptop"), (secret, SERVER_ID, "alice", b"DEX", "laptop"),
+                     (secret, SERVER_ID, "alice", b"DER", "laptop2")):
+            self.assertFalse(hmac.compare_digest(pager.link_request_mac(*args), base), args)
+        cert = pager.DeviceCertificate("alice", bytes(range(16)), b"DER", "laptop", 1700000000, bytes(range(8)))
+        answer = pager.link_answer_mac(secret, SERVER_ID, cert)
+        for other in (dataclasses.replace(cert, signature=bytes(8)), dataclasses.replace(cert, created=1),
+                      dataclasses.replace(cert, name="phone")):
+            self.assertNotEqual(pager.link_answer_mac(secret, SERVER_ID, other), answer)
+        self.assertNotEqual(pager.link_answer_mac(typo, SERVER_ID, cert), answer)

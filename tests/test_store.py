@@ -22,6 +22,70 @@ def _keys():
     return _KEYS
 
 
+# The schema of pager 0.2 (schema version 2), as it was: the migration tests start from it.
+SCHEMA_2 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    token_salt BLOB NOT NULL,
+    token_hash BLOB NOT NULL,
+    key_set_at REAL NOT NULL,
+    registered_at REAL NOT NULL,
+    recovered_at REAL,
+    pending_count INTEGER NOT NULL DEFAULT 0,
+    pending_bytes INTEGER NOT NULL DEFAULT 0,
+    sent_count INTEGER NOT NULL DEFAULT 0,
+    sent_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id BLOB NOT NULL UNIQUE,
+    sender TEXT NOT NULL,
+    header BLOB NOT NULL,
+    signature BLOB,
+    size INTEGER NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    accepted_at REAL,
+    expires_at REAL,
+    ord INTEGER UNIQUE,
+    reserved TEXT
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (seq, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    recipient TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
+    PRIMARY KEY (recipient, ord)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq);
+CREATE INDEX IF NOT EXISTS messages_expiry ON messages(expires_at);
+CREATE TABLE IF NOT EXISTS receipts (
+    rid INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    msg_id BLOB NOT NULL,
+    peer TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS receipts_user ON receipts(user, rid);
+CREATE TABLE IF NOT EXISTS invites (
+    code_hash BLOB PRIMARY KEY,
+    created_at REAL NOT NULL,
+    used_by TEXT,
+    used_at REAL
+);
+"""
+
+
 def _msg_id(n):
     return n.to_bytes(pager.MESSAGE_ID_SIZE, "big")
 
@@ -431,7 +495,7 @@ class StoreTests(unittest.TestCase):
         counters exist, each sender's stored messages are counted, its unfinished uploads are dropped, and it gets
         incremental auto-vacuum.
         """
-        old_schema = (pager._SCHEMA.replace(",\n    sent_count INTEGER NOT NULL DEFAULT 0", "")
+        old_schema = (SCHEMA_2.replace(",\n    sent_count INTEGER NOT NULL DEFAULT 0", "")
                       .replace(",\n    sent_bytes INTEGER NOT NULL DEFAULT 0", "")
                       .replace(",\n    reserved TEXT", ""))
         self.assertNotIn("reserved", old_schema)
