@@ -125,7 +125,6 @@ PREKEY_SKEW = DAY  # seconds a signed prekey may be used before its valid_from (
 X25519_KEY_SIZE = 32
 MAX_WRAPS = 512  # wrapped keys (recipient devices) one envelope holds
 LINK_SECRET_SIZE = 10  # bytes (80 bits) of the one-time code that links a new device
-LINK_TTL = 600  # seconds the server keeps a link request for the identity device to approve
 SEEN_MARGIN = DAY  # seconds a client remembers a message id past the server's message expiry
 CLIENT_CLOSE_GRACE = 3.0  # seconds a client's close waits for the server to read what it wrote; then it aborts
 _MSG_ID_RE = re.compile("[0-9a-fA-F]{%d}" % (MESSAGE_ID_SIZE * 2))
@@ -7341,15 +7340,6 @@ def device_name_text(name):
     return "'%s'" % name
 
 
-def default_device_name():
-    """The name a new device gets unless one is given: this machine's host name (cut to a valid device name)."""
-    import socket
-    name = "".join(c for c in socket.gethostname().split(".")[0] if c.isprintable()).strip()[:64]
-    while name and not valid_device_name(name):
-        name = name[:-1]
-    return name or "device"
-
-
 def _remove_quietly(path):
     """Remove the file C{path} if it is there."""
     try:
@@ -11226,7 +11216,7 @@ async def _forget_server_command(reactor, config):
               "under %s stay on this machine)." % (address, previous, previous))
 
 
-def _device_record(info, identity, this_device=None):
+def _device_json(info, identity, this_device=None):
     """A device as C{devices --json} prints it."""
     return {"id": info.device_id.hex(), "name": info.name, "created": info.created, "last_seen": info.last_seen,
             "revoked": info.revoked_at, "identity": info.device_id == identity,
@@ -11271,7 +11261,7 @@ async def _devices_command(reactor, config):
         await session.close()
     this = device_id(session.key) if user == session.user else None
     if config["json"]:
-        print(json.dumps({"user": user, "devices": [_device_record(d, identity, this) for d in devices]}))
+        print(json.dumps({"user": user, "devices": [_device_json(d, identity, this) for d in devices]}))
     else:
         print(describe_devices(user, devices, identity, this))
 
@@ -11305,9 +11295,8 @@ async def _link_device_command(reactor, config):
 def _request_for_code(requests, secret, server_id, user):
     """The link request (of those pending) whose MAC the code's secret makes, or None."""
     for request in requests:
-        der = request.public_key.public_bytes(serialization.Encoding.DER,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo)
-        if hmac.compare_digest(request.mac, link_request_mac(secret, server_id, user, der, request.name)):
+        if hmac.compare_digest(request.mac, link_request_mac(secret, server_id, user, request.public_key_der,
+                                                             request.name)):
             return request
     return None
 
@@ -11325,7 +11314,7 @@ async def _approve_link_command(reactor, config):
         if request is None:
             raise AuthFailed("No device is waiting to join %s with that code (it was mistyped, used already, or "
                              "older than %d minutes): nothing was approved." % (session.user, LINK_TTL // 60))
-        new = device_id(request.public_key)
+        new = request.device_id
         name = config["name"] or request.name
         prompter.say("A new device asks to join %s: %s, id %s%s." % (
             session.user, device_name_text(request.name), format_device_id(new),

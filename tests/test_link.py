@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 import pager
-from tests.test_cli import CLITestCase
+from tests.test_cli import PAGER_PY, PROCESS_TIMEOUT, CLITestCase, base_env
 from tests.test_e2e import key, token
 from tests.test_keys import PASSPHRASE, KeysTestCase, ScriptedPrompter
 from tests.test_terminal import ChatTestCase
@@ -268,3 +268,159 @@ class ChatDeviceTests(ChatTestCase):
         chat, ui = await self.chat_as("alice")
         await self.type(chat, "/help")
         self.assertIn("/devices [NAME]", ui.text())
+
+
+class LinkDeviceTests(CLITestCase):
+    """
+    link-device on a new machine (a child process: it waits for the approval) and on the machine with the key (in
+    this process), then devices, revoke-device, and a linked device's own logins.
+    """
+
+    async def start_link(self, home, *extra):
+        """Start C{link-device} for alice on the new machine C{home}; returns the child and the code it shows."""
+        child = self.spawn([sys.executable, PAGER_PY, "link-device", self.host, "--user", "alice", "--name", "laptop",
+                            "--no-passphrase"] + list(extra), base_env(PAGER_HOME=home))
+        found = await self.wait_for(lambda: CODE.search(child.out.decode("utf-8", "replace")),
+                                    "the new machine to show a code", tries=int(PROCESS_TIMEOUT / 0.01))
+        return child, found.group()
+
+    async def device_count(self, name="alice"):
+        client = await self.login(self.address, name)
+        try:
+            return len([d for d in await client.devices() if not d.revoked])
+        finally:
+            await client.close()
+
+    async def test_link_devices_revoke(self):
+        """
+        The new machine shows a code and the command to run; a wrong code approves nothing (exit 3); the right one,
+        with --yes, adds the device, which saves its key, logs in with it alone and gets alice's messages.  devices
+        lists it for alice (with last seen) and for bob (without); revoke-device by its name removes it, and it can
+        no longer log in; the identity device and unknown names are refused with a sentence.
+        """
+        await self.serve()
+        identity_home = await self.provision("alice")
+        bob_home = await self.provision("bob")
+        laptop_home = self.home()
+        child, code = await self.start_link(laptop_home)
+        shown = child.out.decode()
+        self.assertIn("pager-cli link-device %s --user alice %s" % (self.host, code), shown)
+        self.assertIn("'laptop'", shown)
+
+        wrong, _ = pager.new_link_code()
+        refused = await self.run_command("link-device", "HOST", "--user", "alice", wrong, "--yes",
+                                         home=identity_home, token_of="alice")
+        self.assertIn("nothing was approved", self.assertOneErrorLine(refused, pager.EXIT_AUTH))
+        self.assertEqual(await self.device_count(), 1)
+
+        approved = await self.run_command("link-device", "HOST", "--user", "alice", code.lower(), "--yes",
+                                          home=identity_home, token_of="alice")
+        self.assertExit(approved, 0)
+        self.assertIn("Added the device 'laptop'", approved.out)
+        self.assertIn("'laptop'", approved.err)  # what it approved, shown before approving
+        linked = await self.finish(child, "link-device on the new machine")
+        self.assertEqual(linked.code, 0, linked)
+        self.assertIn("Linked", linked.out)
+        directory = self.user_dir(laptop_home, "alice")
+        self.assertTrue(os.path.exists(os.path.join(directory, pager.DEVICE_FILE_NAME)))
+        self.assertFalse(os.path.exists(os.path.join(directory, pager.KEY_FILE_NAME)))
+        self.assertFalse(os.path.exists(os.path.join(directory, pager.DEVICE_FILE_NAME + ".new")))
+
+        own = await self.run_command("devices", "HOST", "--user", "alice", "--json", home=laptop_home)
+        self.assertExit(own, 0)
+        listing = json.loads(own.out)
+        self.assertEqual(sorted((d["name"], d["identity"], d["this_device"]) for d in listing["devices"]),
+                         [("laptop", False, True), (pager.default_device_name(), True, False)])
+        self.assertTrue(all(d["last_seen"] is not None for d in listing["devices"]))
+        text = await self.run_command("devices", "HOST", "--user", "alice", home=identity_home, token_of="alice")
+        self.assertIn("alice has 2 devices:", text.out)
+        self.assertIn("last seen", text.out)
+        theirs = await self.run_command("devices", "HOST", "--user", "bob", "--of", "alice", home=bob_home,
+                                        token_of="bob")
+        self.assertExit(theirs, 0)
+        self.assertIn("'laptop'", theirs.out)
+        self.assertNotIn("last seen", theirs.out)
+
+        sent = await self.run_command("send", "HOST", "--user", "bob", "--to", "alice", "hello both", home=bob_home,
+                                      token_of="bob")
+        self.assertExit(sent, 0)
+        for home, token_of in ((laptop_home, None), (identity_home, "alice")):
+            fetched = await self.run_command("fetch", "HOST", "--user", "alice", home=home, token_of=token_of)
+            self.assertExit(fetched, 0)
+            self.assertIn("hello both", fetched.out)
+
+        from_laptop = await self.run_command("send", "HOST", "--user", "alice", "--to", "bob", "on my way",
+                                             home=laptop_home)
+        self.assertExit(from_laptop, 0)
+        mine = await self.run_command("fetch", "HOST", "--user", "alice", home=identity_home, token_of="alice")
+        self.assertIn("you (on 'laptop') \u2192 bob: on my way", mine.out)
+
+        not_here = await self.run_command("revoke-device", "HOST", "--user", "alice", "laptop", "--yes",
+                                          home=laptop_home)
+        self.assertIn("identity key", self.assertOneErrorLine(not_here, pager.EXIT_AUTH))
+        identity_id = [d["id"] for d in listing["devices"] if d["identity"]][0]
+        itself = await self.run_command("revoke-device", "HOST", "--user", "alice", identity_id[:8], "--yes",
+                                        home=identity_home, token_of="alice")
+        self.assertIn("cannot be revoked", self.assertOneErrorLine(itself, pager.EXIT_USAGE))
+        unknown = await self.run_command("revoke-device", "HOST", "--user", "alice", "phone", "--yes",
+                                         home=identity_home, token_of="alice")
+        self.assertIn("no device", self.assertOneErrorLine(unknown, pager.EXIT_UNKNOWN_USER))
+        asked = await self.run_command("revoke-device", "HOST", "--user", "alice", "laptop", home=identity_home,
+                                       token_of="alice")
+        self.assertIn("--yes", self.assertOneErrorLine(asked, pager.EXIT_USAGE))
+        self.assertEqual(await self.device_count(), 2)
+        revoked = await self.run_command("revoke-device", "HOST", "--user", "alice", "laptop", "--yes",
+                                         home=identity_home, token_of="alice")
+        self.assertExit(revoked, 0)
+        self.assertIn("Revoked alice's device 'laptop'", revoked.out)
+        self.assertEqual(await self.device_count(), 1)
+        gone = await self.run_command("fetch", "HOST", "--user", "alice", home=laptop_home)
+        self.assertIn("link-device", self.assertOneErrorLine(gone, pager.EXIT_AUTH))
+        after = await self.run_command("devices", "HOST", "--user", "alice", home=identity_home, token_of="alice")
+        self.assertIn("alice has 1 device (and 1 revoked):", after.out)
+        self.assertIn("REVOKED", after.out)
+
+    async def test_interrupted_while_waiting(self):
+        """Ctrl-C while the new machine waits for the approval: exit 130, and no key is left behind."""
+        await self.serve()
+        await self.account("alice")
+        laptop_home = self.home()
+        child, code = await self.start_link(laptop_home)
+        directory = self.user_dir(laptop_home, "alice")
+        self.assertTrue(os.path.exists(os.path.join(directory, pager.DEVICE_FILE_NAME + ".new")))
+        child.transport.signalProcess("INT")
+        result = await self.finish(child, "link-device after Ctrl-C")
+        self.assertEqual(result.code, pager.EXIT_INTERRUPTED, result)
+        self.assertNotIn("Traceback", result.err)
+        self.assertEqual([n for n in os.listdir(directory) if n.startswith("device")], [])
+
+    async def test_already_holds_a_key(self):
+        """link-device on a machine with the user's key refuses, pointing to the approving side (exit 2)."""
+        await self.serve()
+        home = await self.provision("alice")
+        result = await self.run_command("link-device", "HOST", "--user", "alice", home=home, token_of="alice")
+        self.assertIn("CODE", self.assertOneErrorLine(result, pager.EXIT_USAGE))
+        self.assertFalse(os.path.exists(os.path.join(self.user_dir(home, "alice"), pager.DEVICE_FILE_NAME)))
+
+
+class ConnectLinksTests(KeysTestCase):
+    """connect on a new machine for an existing account links it as a device when the user chooses (the default)."""
+
+    async def test_connect_links(self):
+        """Enter at connect's question links: the code is shown, the identity device approves, the chat logs in."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        prompter = ScriptedPrompter([""])
+        session = pager.Session(reactor, self.config(home, **{"no-passphrase": True}), prompter)
+        self.addCleanup(session.close)
+        started = defer.Deferred.fromCoroutine(session.start(receive=False))
+        found = await self.wait_for(lambda: CODE.search("\n".join(prompter.said)), "the code", tries=3000)
+        identity = await self.login(self.address, "alice")
+        info = await identity.approve_link(None, None, pager.parse_link_code(found.group()))
+        await started
+        self.assertTrue(session.linked)
+        self.assertEqual(info.device_id, pager.device_id(session.key))
+        self.assertTrue(os.path.exists(os.path.join(self.user_dir(home, "alice"), pager.DEVICE_FILE_NAME)))
+        self.assertIn("Linked", prompter.text())
+        self.assertEqual(session.client.device, info.device_id.hex())
