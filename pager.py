@@ -462,6 +462,8 @@ def _lp(data):
 
 
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_UINTS = {">B": struct.Struct(">B"), ">I": _U32, ">Q": _U64}
 
 
 class _Reader:
@@ -479,17 +481,25 @@ class _Reader:
         return self.data[start:end]
 
     def uint(self, fmt):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+        unpacker = _UINTS[fmt]
+        start = self.offset
+        end = self.offset = start + unpacker.size
+        if end > len(self.data):
+            raise MalformedEnvelope("The message header is truncated.")
+        return unpacker.unpack_from(self.data, start)[0]
 
     def field(self, max_length):
-        start = self.offset
-        if start + 4 > len(self.data):
+        data, start = self.data, self.offset
+        if start + 4 > len(data):
             raise MalformedEnvelope("The message header is truncated.")
-        n = _U32.unpack_from(self.data, start)[0]
+        n = _U32.unpack_from(data, start)[0]
         if n > max_length:
             raise MalformedEnvelope("A field of the message header is too long.")
-        self.offset = start + 4
-        return self.take(n)
+        end = start + 4 + n
+        if end > len(data):
+            raise MalformedEnvelope("The message header is truncated.")
+        self.offset = end
+        return data[start + 4:end]
 
     def end(self):
         if self.offset != len(self.data):
@@ -579,9 +589,6 @@ def valid_device_name(name):
     """
     return (isinstance(name, str) and 1 <= len(name.encode("utf-8", "replace")) <= MAX_DEVICE_NAME_BYTES
             and name.isprintable() and name == name.strip())
-
-
-_U64 = struct.Struct(">Q")
 
 
 def _b64text(data):
@@ -2238,12 +2245,18 @@ def _device_record(row):
 
 
 def devices_txn(txn, user):
-    """C{(identity key PEM, [DeviceRecord])}: C{user}'s devices, revoked ones too, oldest first; L{UnknownUser}."""
-    row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
+    """
+    C{(identity key PEM, [DeviceRecord])}: C{user}'s devices, revoked ones too, the identity device first, then
+    the oldest first; L{UnknownUser}.
+    """
+    row = txn.execute("SELECT public_key, fingerprint FROM users WHERE name = ?", (user,)).fetchone()
     if row is None:
         raise UnknownUser("No such user: %s." % user)
-    return row[0], [_device_record(r) for r in txn.execute(
-        "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))]
+    identity = bytes(row[1])[:DEVICE_ID_SIZE]
+    records = [_device_record(r) for r in txn.execute("SELECT %s FROM devices WHERE user = ?" % _DEVICE_COLUMNS,
+                                                      (user,))]
+    records.sort(key=lambda r: (r.device_id != identity, r.added_at, r.device_id))
+    return row[0], records
 
 
 def device_status_txn(txn, user, device_id):
@@ -2346,13 +2359,13 @@ def bundle_txn(txn, users, requester, requester_device):
     """
     bundles, low, unknown = [], [], []
     for user in users:
-        row = txn.execute("SELECT public_key FROM users WHERE name = ?", (user,)).fetchone()
-        if row is None:
+        try:
+            identity_key, records = devices_txn(txn, user)
+        except UnknownUser:
             unknown.append(user)
             continue
         devices = []
-        for record in (_device_record(r) for r in txn.execute(
-                "SELECT %s FROM devices WHERE user = ? ORDER BY added_at, device_id" % _DEVICE_COLUMNS, (user,))):
+        for record in records:
             if user == requester and record.device_id == requester_device:
                 continue
             signed = one_time = None
@@ -2369,7 +2382,7 @@ def bundle_txn(txn, users, requester, requester_device):
                         (user, record.device_id)).fetchone()[0]))
             devices.append((record, tuple(signed) if signed else None,
                             (one_time[0], bytes(one_time[1])) if one_time else None))
-        bundles.append((user, row[0], devices))
+        bundles.append((user, identity_key, devices))
     if unknown:
         raise UnknownUser("No such user: %s." % ", ".join(unknown))
     return bundles, low
@@ -3914,7 +3927,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             factory.proof_failed(self, user)  # charged to the requester, like a login for an unknown user
             raise UnknownUser("No such user: %s." % user)
         link = factory.link_requested(self, user, key, name, mac)
-        self.setTimeout(LINK_TTL)
+        self.setTimeout(LINK_TTL + self.limits.login_timeout)  # the answer comes first, then the time to log in
         return {"link": link.link_id}
 
     async def handle_link_pending(self, frame, rid):
@@ -4000,15 +4013,24 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("The envelope names an identity key other than your account's.")
         if parsed.sender_device != self.device:
             raise Forbidden("The envelope names a sending device other than this session's.")
-        recipients, targets = await self._targets(parsed, to)
-        self._count(verifier, chunks, size)
+        # A device set not in the cache is read from the store first: meanwhile an upload's chunk frames must wait
+        # unread, until the upload has begun (or been refused).
+        if not self.factory.devices_cached(set(to) | {self.user}):
+            self._hold("targets")
+        try:
+            recipients, targets = await self._targets(parsed, to)
+            self._count(verifier, chunks, size)
+            if signature is None:
+                upload = _Upload(rid, verifier, (recipients, targets, to), size)
+                self.factory.upload_opened(self.user)
+                self._hold("upload")
+        finally:
+            if "targets" in self._holds:
+                self._release("targets")
         if signature is not None:
             return await self._accept(verifier, (recipients, targets, to), size, chunks, signature, None)
         # A message in several frames: its declared size is reserved when it begins, and its chunks are stored as
         # they come, reading one frame at a time.
-        upload = _Upload(rid, verifier, (recipients, targets, to), size)
-        self.factory.upload_opened(self.user)
-        self._hold("upload")
         try:
             store = self.factory.store
             upload.seq, upload.duplicate, upload.accepted_at = await store.begin_upload(
@@ -4106,26 +4128,32 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         """
         user = self.user
         named = set(to)
-        sets = await self.factory.device_sets(sorted(named | {user}))
-        own = sets[user].current
-        expected = {name: set(sets[name].current) for name in named}
-        if user not in named and len(own) > 1:
-            expected[user] = set(own) - {self.device}
         got = collections.defaultdict(set)
         for entry in header.entries:
             got[entry.name].add(entry.device_id)
-        if set(got) - {user} != named - {user} or (user in named and user not in got):
+        if (set(got) - {user} != named - {user} or (user in named and user not in got)
+                or user not in named and self.device in got.get(user, ())):
             raise BadRequest('The envelope\'s recipients are not exactly the "to" list (and the sender\'s other'
                              ' devices).')
-        changed = sorted(name for name in set(expected) | set(got) if got.get(name, set()) != expected.get(name, set()))
+        for fresh in (False, True):
+            sets = await self.factory.device_sets(sorted(named | {user}))
+            expected = {name: set(sets[name].current) for name in named}
+            if user not in named and len(sets[user].current) > 1:
+                expected[user] = set(sets[user].current) - {self.device}
+            changed = sorted(name for name in set(expected) | set(got)
+                             if got.get(name, set()) != expected.get(name, set()))
+            if not changed:
+                break
+            # The cache may be what is old (the operator's admin commands change the database from another
+            # process): read those users' devices once more before telling the sender (see _send for the hold).
+            self.factory.forget_devices(changed)
+            self._hold("targets")
         if changed:
-            self.factory.forget_devices(changed)  # read again at the next try, in case the cache is what is old
             raise DevicesChanged("The devices of %s are not the ones the message was sealed for; fetch them again"
                                  " and seal it anew." % ", ".join(changed))
         targets = []
         for entry in header.entries:
-            device = sets[entry.name].current[entry.device_id]
-            if entry.kind == 1 and device.prekeys:
+            if entry.kind == 1 and sets[entry.name].current[entry.device_id]:
                 raise BadRequest("The envelope wraps a key with RSA-OAEP for a device that publishes prekeys"
                                  " (a downgrade); seal it with the device's prekeys.")
             targets.append((entry.name, entry.device_id, entry.name == user and user not in named))
@@ -4365,7 +4393,7 @@ class _Throttle:
 
 @dataclasses.dataclass
 class _DeviceSet:
-    """One user's current (not revoked) devices as the server's cache holds them: device id -> ever published prekeys."""
+    """One user's current (not revoked) devices as the server's cache holds them: device id -> published prekeys."""
 
     current: dict
 
@@ -4672,7 +4700,7 @@ class PagerServerFactory(protocol.Factory):
     # -- devices --
 
     async def device_sets(self, names):
-        """C{{name: _DeviceSet}} for C{names}, from the cache, reading those it lacks; L{UnknownUser} names the unknown."""
+        """C{{name: _DeviceSet}} for C{names}, from the cache (reading what it lacks); L{UnknownUser} if unknown."""
         sets, unknown = {}, []
         for name in names:
             known = self._device_sets.get(name)
@@ -4692,6 +4720,10 @@ class PagerServerFactory(protocol.Factory):
         if unknown:
             raise UnknownUser("No such user: %s." % ", ".join(unknown))
         return sets
+
+    def devices_cached(self, names):
+        """Whether the device sets of all of C{names} are in the cache (L{device_sets} then reads nothing)."""
+        return all(name in self._device_sets for name in names)
 
     def forget_devices(self, names):
         for name in names:

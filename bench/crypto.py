@@ -12,6 +12,14 @@ functions, L{pager.seal} and L{pager.open_envelope}, with every key already load
     replaced (encryption to seal, decryption to open).
   - the original system's stated figure, about 30 ms for a short message ("reference (stated)"; not measured).
 
+Then, per recipient device (the envelope of protocol 3 wraps the content key once per device): a short message
+sealed to and opened by a device with prekeys (the X25519 wrap) against its own floor,
+      X25519 seal floor = one X25519 key generation + two X25519 agreements (signed and one-time prekey) + HKDF-SHA256
+                          + AES-256-GCM of the 32-byte key + AES-256-GCM over the plaintext + SHA-256 + RSA-PSS sign
+      X25519 open floor = two X25519 agreements + HKDF + AES-GCM unwrap + AES-GCM decryption + SHA-256 + RSA-PSS verify
+and the cost each further device adds to a seal, X25519 wrap against RSA-OAEP wrap (legacy devices) against the bare
+wrap primitives, from messages to 1 and to 16 devices.
+
 Each size is measured in rounds that interleave pager and the floor (the order rotates every round), so that noise
 from other processes hits both alike; pure RSA gets rounds of its own with pager.  Each figure is the median of N
 rounds, N adapted to the size.
@@ -20,6 +28,7 @@ rounds, N adapted to the size.
     python bench/crypto.py --quick      # fewer rounds, no 64 MiB
     python bench/crypto.py --json       # the bench/run.py contract on stdout
     python bench/crypto.py --profile    # also cProfile pager's path for every size that misses its target
+    python bench/crypto.py --no-devices # leave out the per-device table
 """
 
 import argparse
@@ -40,7 +49,9 @@ sys.path.insert(1, HERE)
 
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: E402
 
 import pager  # noqa: E402
 
@@ -67,6 +78,10 @@ OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256()
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 NONCE = bytes(12)
 AD = bytes(32)
+WRAP_INFO = bytes(144)  # as long as pager's HKDF info for a one-time prekey wrap
+DEVICE_SIZE = ("100 B", 100, 1.3)  # the message of the per-device table, and its target against the X25519 floor
+DEVICE_COUNTS = (1, 16)  # per-device cost = (seal to 16 devices - seal to 1) / 15
+X25519_FLOOR_LABEL = "floor (bare primitives, X25519 wrap)"
 
 
 class Keys:
@@ -78,6 +93,41 @@ class Keys:
         self.alice_pub = self.alice.public_key()
         self.bob_pub = self.bob.public_key()
         self.recipients = {"bob": self.bob_pub}
+        # Bob's device has published prekeys: the X25519 wrap.  His device key is his identity key.
+        now = int(time.time())
+        self.spk, self.opk = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+        self.spk_pub, self.opk_pub = self.spk.public_key(), self.opk.public_key()
+        self.prekeys = Prekeys({1: self.spk}, {2: self.opk}, {1: (now - 60, now + pager.PREKEY_LIFETIME)})
+        signed = pager.sign_prekey(self.bob, "bob", 1, pager.x25519_public_bytes(self.spk), now - 60,
+                                   now + pager.PREKEY_LIFETIME)
+        self.bob_device = pager.device_id(self.bob)
+        self.device_target = pager.DeviceTarget("bob", self.bob_device, signed_prekey=signed,
+                                                one_time=pager.OneTimePrekey(2, pager.x25519_public_bytes(self.opk)))
+        # Legacy devices (RSA-OAEP) and devices with prekeys, for the per-device cost: distinct ids, shared keys.
+        self.rsa_targets = [pager.DeviceTarget("bob", pager.device_id(self.bob), rsa_key=self.bob_pub)] + [
+            pager.DeviceTarget("u%02d" % i, pager.device_id(key), rsa_key=key)
+            for i, key in enumerate(pager.generate_private_key().public_key() for _ in range(max(DEVICE_COUNTS) - 1))]
+        self.x25519_targets = [self.device_target] + [
+            pager.DeviceTarget("u%02d" % i, t.device_id, signed_prekey=pager.SignedPrekey(
+                "u%02d" % i, t.device_id, 1, signed.public, signed.valid_from, signed.valid_until, signed.signature),
+                one_time=self.device_target.one_time)
+            for i, t in enumerate(self.rsa_targets[1:])]
+
+
+class Prekeys:
+    """A device's prekeys, as pager's Opener asks for them."""
+
+    def __init__(self, signed, one_time, valid):
+        self.signed, self.one_time, self.valid = signed, one_time, valid
+
+    def signed_private(self, prekey_id):
+        return self.signed.get(prekey_id)
+
+    def one_time_private(self, prekey_id):
+        return self.one_time.get(prekey_id)
+
+    def signed_valid(self, prekey_id):
+        return self.valid.get(prekey_id)
 
 
 # The measured operations.  Each returns its result so that freeing it happens inside the timing for everyone alike.
@@ -101,6 +151,41 @@ def floor_seal(k, plaintext):
 def floor_open(k, sealed):
     wrapped, ciphertext, signature = sealed
     key = k.bob.decrypt(wrapped, OAEP)
+    plaintext = AESGCM(key).decrypt(NONCE, ciphertext, AD)
+    k.alice_pub.verify(signature, hashlib.sha256(ciphertext).digest(), PSS, hashes.SHA256())
+    return plaintext
+
+
+def pager_x25519_seal(k, plaintext, targets=None):
+    return pager.seal(k.alice, "alice", targets or [k.device_target], plaintext)
+
+
+def pager_x25519_open(k, envelope):
+    return pager.open_envelope(envelope, None, "bob", k.alice_pub, device=k.bob_device, prekeys=k.prekeys)
+
+
+def x25519_wrap(k, key):
+    """The bare X25519 wrap of one content key: a fresh ephemeral key, two agreements, HKDF, AES-GCM."""
+    ek = X25519PrivateKey.generate()
+    ikm = ek.exchange(k.spk_pub) + ek.exchange(k.opk_pub)
+    kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=WRAP_INFO).derive(ikm)
+    return ek.public_key().public_bytes_raw(), AESGCM(kek).encrypt(NONCE, key, None)
+
+
+def floor_x25519_seal(k, plaintext):
+    key = AESGCM.generate_key(bit_length=256)
+    wrapped = x25519_wrap(k, key)
+    ciphertext = AESGCM(key).encrypt(NONCE, plaintext, AD)
+    signature = k.alice.sign(hashlib.sha256(ciphertext).digest(), PSS, hashes.SHA256())
+    return wrapped, ciphertext, signature
+
+
+def floor_x25519_open(k, sealed):
+    (ephemeral, wrapped), ciphertext, signature = sealed
+    ek = X25519PublicKey.from_public_bytes(ephemeral)
+    ikm = k.spk.exchange(ek) + k.opk.exchange(ek)
+    kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=WRAP_INFO).derive(ikm)
+    key = AESGCM(kek).decrypt(NONCE, wrapped, None)
     plaintext = AESGCM(key).decrypt(NONCE, ciphertext, AD)
     k.alice_pub.verify(signature, hashlib.sha256(ciphertext).digest(), PSS, hashes.SHA256())
     return plaintext
@@ -202,6 +287,87 @@ def measure_size(k, label, size, quick, log):
     return samples
 
 
+def measure_devices(k, quick, log):
+    """
+    The per-device figures; return name -> samples (seconds).  A short message to Bob's device with prekeys, pager
+    and its X25519 floor interleaved as for the sizes above; then seals to 1 and to 16 devices, X25519 and RSA-OAEP,
+    and the bare wraps, interleaved in rounds of their own.
+    """
+    label, size, _ = DEVICE_SIZE
+    plaintext = os.urandom(size)
+    envelope = pager_x25519_seal(k, plaintext)
+    sealed = floor_x25519_seal(k, plaintext)
+    if pager_x25519_open(k, envelope).plaintext != plaintext or floor_x25519_open(k, sealed) != plaintext:
+        raise SystemExit("X25519 round trip failed")
+    log("%-7s X25519 pager and floor ..." % label)
+    samples = run_rounds({
+        "pager seal": lambda: pager_x25519_seal(k, plaintext),
+        "floor seal": lambda: floor_x25519_seal(k, plaintext),
+        "pager open": lambda: pager_x25519_open(k, envelope),
+        "floor open": lambda: floor_x25519_open(k, sealed),
+    }, quick, 4.0)
+    key = os.urandom(32)
+    ops = {"x25519 wrap": lambda: x25519_wrap(k, key), "rsa wrap": lambda: k.bob_pub.encrypt(key, OAEP)}
+    for n in DEVICE_COUNTS:
+        x_targets, r_targets = k.x25519_targets[:n], k.rsa_targets[:n]
+        ops["x25519 seal %d" % n] = lambda t=x_targets: pager_x25519_seal(k, plaintext, t)
+        ops["rsa seal %d" % n] = lambda t=r_targets: pager.seal(k.alice, "alice", t, plaintext)
+    wide = pager_x25519_seal(k, plaintext, k.x25519_targets[:max(DEVICE_COUNTS)])
+    if pager_x25519_open(k, wide).plaintext != plaintext:
+        raise SystemExit("X25519 round trip to %d devices failed" % max(DEVICE_COUNTS))
+    ops["x25519 open of %d" % max(DEVICE_COUNTS)] = lambda: pager_x25519_open(k, wide)
+    log("%-7s per device, X25519 and RSA-OAEP ..." % label)
+    samples.update(run_rounds(ops, quick, 6.0))
+    return samples
+
+
+def device_results(samples):
+    """The per-device table's rows (dicts) and the noisy figures."""
+    label, size, target = DEVICE_SIZE
+    rows, noisy = [], []
+    for direction in ("seal", "open"):
+        p, f = samples["pager " + direction], samples["floor " + direction]
+        ratio = statistics.median(p) / statistics.median(f)
+        rows.append({
+            "figure": "%s %s, one device with prekeys (X25519)" % (direction, label), "pager_ms": statistics.median(p) * 1000,
+            "reference_ms": statistics.median(f) * 1000, "reference_label": X25519_FLOOR_LABEL, "ratio": ratio,
+            "target": target, "pass": round(ratio, 2) <= target, "n": len(p), "spread": spread(p),
+            "reference_spread": spread(f),
+        })
+    low, high = DEVICE_COUNTS
+    per = {}
+    for kind in ("x25519", "rsa"):
+        a, b = samples["%s seal %d" % (kind, low)], samples["%s seal %d" % (kind, high)]
+        per[kind] = (statistics.median(b) - statistics.median(a)) / (high - low)
+        noisy += ["%s seal to %d devices" % (kind, n) for n, s in ((low, a), (high, b)) if spread(s) > NOISY]
+    wraps = {kind: statistics.median(samples[kind + " wrap"]) for kind in ("x25519", "rsa")}
+    for kind, name in (("x25519", "X25519"), ("rsa", "RSA-OAEP")):
+        rows.append({
+            "figure": "seal, each further device (%s wrap)" % name, "pager_ms": per[kind] * 1000,
+            "reference_ms": wraps[kind] * 1000, "reference_label": "bare %s wrap" % name,
+            "ratio": per[kind] / wraps[kind], "target": None, "pass": None, "n": len(samples["rsa wrap"]),
+            "spread": None, "reference_spread": spread(samples[kind + " wrap"]),
+        })
+    rows.append({
+        "figure": "seal, each further device: X25519 against RSA-OAEP", "pager_ms": per["x25519"] * 1000,
+        "reference_ms": per["rsa"] * 1000, "reference_label": "pager's RSA-OAEP wrap per device",
+        "ratio": per["x25519"] / per["rsa"], "target": None, "pass": None, "n": len(samples["rsa wrap"]),
+        "spread": None, "reference_spread": None,
+    })
+    wide = samples["x25519 open of %d" % high]
+    rows.append({
+        "figure": "open %s as one of %d devices (X25519)" % (label, high), "pager_ms": statistics.median(wide) * 1000,
+        "reference_ms": statistics.median(samples["pager open"]) * 1000,
+        "reference_label": "pager open as the only device", "ratio": statistics.median(wide) / statistics.median(
+            samples["pager open"]), "target": None, "pass": None, "n": len(wide), "spread": spread(wide),
+        "reference_spread": spread(samples["pager open"]),
+    })
+    for row in rows:
+        if max(row["spread"] or 0, row["reference_spread"] or 0) > NOISY:
+            noisy.append(row["figure"])
+    return rows, noisy
+
+
 def profile_pager(k, label, size, direction, top=12):
     """cProfile pager's path for one size and direction; return the report text (share of the profiled total)."""
     plaintext = os.urandom(size)
@@ -267,7 +433,7 @@ def _target_text(target):
     return "<= %.1fx floor" % target if target is not None else None
 
 
-def to_contract(main_rows, rsa_rows, notes):
+def to_contract(main_rows, rsa_rows, notes, device_rows=()):
     rows = []
     for r in main_rows:
         rows.append({
@@ -292,6 +458,14 @@ def to_contract(main_rows, rsa_rows, notes):
                 "ratio": round(STATED_MS / r["pager_ms"], 2), "ratio_kind": "speedup", "target": None,
                 "pass": None,
             })
+    for r in device_rows:
+        rows.append({
+            "figure": r["figure"], "value": round(r["pager_ms"], 4), "unit": "ms",
+            "reference": round(r["reference_ms"], 4), "reference_label": r["reference_label"],
+            "ratio": round(r["ratio"], 4), "target": _target_text(r["target"]), "pass": r["pass"], "n": r["n"],
+            "spread": None if r["spread"] is None else round(r["spread"], 4),
+            "reference_spread": None if r["reference_spread"] is None else round(r["reference_spread"], 4),
+        })
     return {"benchmark": "crypto", "rows": rows, "notes": notes}
 
 
@@ -299,7 +473,7 @@ def _pct(x):
     return "%.0f%%" % (100 * x) if x < 10 else ">999%"
 
 
-def print_tables(main_rows, rsa_rows, notes, out=sys.stdout):
+def print_tables(main_rows, rsa_rows, notes, out=sys.stdout, device_rows=()):
     w = out.write
     w("Seal and open, per message: pager against the floor (median of n interleaved rounds)\n\n")
     head = ("size", "direction", "pager ms", "floor ms", "ratio", "target", "result", "n", "spread p/f")
@@ -327,6 +501,17 @@ def print_tables(main_rows, rsa_rows, notes, out=sys.stdout):
             STATED_LABEL, STATED_MS,
             ", ".join("%s %.3f ms (%.0fx faster)" % (r["direction"], r["pager_ms"], STATED_MS / r["pager_ms"])
                       for r in short)))
+    if device_rows:
+        w("\nPer recipient device (median of n interleaved rounds; per-device cost = (seal to %d - seal to %d) / %d)\n\n"
+          % (DEVICE_COUNTS[1], DEVICE_COUNTS[0], DEVICE_COUNTS[1] - DEVICE_COUNTS[0]))
+        head = ("figure", "pager ms", "reference ms", "ratio", "target", "result", "reference")
+        fmt = "%-50s %9s %12s %6s %-14s %-6s %s\n"
+        w(fmt % head)
+        w(fmt % tuple("-" * len(h) for h in head))
+        for r in device_rows:
+            result = "-" if r["pass"] is None else ("pass" if r["pass"] else "FAIL")
+            w(fmt % (r["figure"], "%.3f" % r["pager_ms"], "%.3f" % r["reference_ms"], "%.2fx" % r["ratio"],
+                     _target_text(r["target"]) or "- (none)", result, r["reference_label"]))
     if notes:
         w("\nNotes:\n")
         for note in notes:
@@ -340,6 +525,7 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="cProfile pager's path for every size and direction that misses its target")
     parser.add_argument("--sizes", help="comma-separated subset of: " + ", ".join(s[0] for s in SIZES))
+    parser.add_argument("--no-devices", action="store_true", help="leave out the per-device table")
     args = parser.parse_args(argv)
 
     def log(message):
@@ -365,8 +551,14 @@ def main(argv=None):
         measured[label] = measure_size(k, label, size, args.quick, log)
         gc.collect()
 
+    device_rows, device_noisy = [], []
+    if not args.no_devices:
+        device_rows, device_noisy = device_results(measure_devices(k, args.quick, log))
+        gc.collect()
+
     notes = []
     main_rows, rsa_rows, noisy = build_results(measured)
+    noisy += device_noisy
     if args.quick:
         notes.append("quick run: fewer rounds and no 64 MiB message; figures are indicative only")
     if noisy:
@@ -383,14 +575,17 @@ def main(argv=None):
         notes.append("load average (1 min) %.2f before, %.2f after, on %d cores%s" % (
             load_before[0], load_after[0], cores, ": the machine was shared" if busy else ""))
     misses = [r for r in main_rows if r["pass"] is False]
-    if misses:
-        notes.append("missed: " + ", ".join("%s %s %.2fx > %.1fx" % (r["direction"], r["size"], r["ratio"],
-                                                                     r["target"]) for r in misses))
+    device_misses = [r for r in device_rows if r["pass"] is False]
+    if misses or device_misses:
+        notes.append("missed: " + ", ".join(["%s %s %.2fx > %.1fx" % (r["direction"], r["size"], r["ratio"],
+                                                                      r["target"]) for r in misses]
+                                            + ["%s %.2fx > %.1fx" % (r["figure"], r["ratio"], r["target"])
+                                               for r in device_misses]))
 
     if args.json:
-        print(json.dumps(to_contract(main_rows, rsa_rows, notes), indent=1))
+        print(json.dumps(to_contract(main_rows, rsa_rows, notes, device_rows), indent=1))
     else:
-        print_tables(main_rows, rsa_rows, notes)
+        print_tables(main_rows, rsa_rows, notes, device_rows=device_rows)
     if args.profile:
         stream = sys.stderr if args.json else sys.stdout
         by_label = {label: size for label, size, _ in SIZES}

@@ -16,6 +16,7 @@ import pager
 from tests.test_cli import CLITestCase
 from tests.test_e2e import key, token
 from tests.test_security import Peer, b64, read_elsewhere
+from tests.test_server import device_fields
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 
@@ -139,7 +140,8 @@ class AdminCommandTests(AdminTestCase):
             proof = pager.sign_auth(key(name), "register", client.server_id, name, client.protocol.challenge)
             try:
                 await client.protocol.request("register", user=name, public_key=pager.public_key_pem(key(name)),
-                                              token=token(name), proof=b64(proof), invite=code)
+                                              token=token(name), proof=b64(proof), invite=code,
+                                              device=device_fields(key(name), name))
             finally:
                 await client.close()
 

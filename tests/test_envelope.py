@@ -1816,3 +1816,59 @@ class LinkCodeTests(SynchronousTestCase):
                       dataclasses.replace(cert, name="phone")):
             self.assertNotEqual(pager.link_answer_mac(secret, SERVER_ID, other), answer)
         self.assertNotEqual(pager.link_answer_mac(typo, SERVER_ID, cert), answer)
+
+
+class OpenSSLX25519Tests(SynchronousTestCase):
+    """PROTOCOL.md section 7.5's X25519 unwrap, with the openssl command: two derivations and openssl kdf."""
+
+    def setUp(self):
+        if shutil.which("openssl") is None:
+            raise SkipTest("openssl is not installed")
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.device = _Device("bob", "bob", 7)
+        self.content_key = os.urandom(32)
+        self.envelope = pager.seal(_key("alice"), "alice", [self.device.target()], b"hi", now=NOW,
+                                   timestamp_ms=NOW * 1000, content_key=self.content_key)
+        self.header = pager.parse_header(self.envelope.header)
+
+    def _write(self, name, data):
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def _openssl(self, *args):
+        result = subprocess.run(("openssl",) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        if result.returncode != 0 and args[0] == "kdf" and b"nvalid command" in result.stderr:
+            raise SkipTest("this openssl has no kdf command (OpenSSL 3 has)")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    def _private_pem(self, name, key):
+        return self._write(name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+
+    def test_unwrap_with_openssl(self):
+        """openssl derives both agreements and the key-encryption key; AES-GCM then gives the content key."""
+        entry = self.header.entries[0]
+        ek = self._write("ek.der", bytes.fromhex("302a300506032b656e032100") + entry.ephemeral)
+        ek_pem = os.path.join(self.dir, "ek.pem")
+        self._openssl("pkey", "-pubin", "-inform", "DER", "-in", ek, "-out", ek_pem)
+        ikm = b""
+        for name, prekey_id, table in (("spk", entry.spk_id, self.device.prekeys.signed),
+                                       ("opk", entry.opk_id, self.device.prekeys.one_time)):
+            out = os.path.join(self.dir, name + ".bin")
+            self._openssl("pkeyutl", "-derive", "-inkey", self._private_pem(name + ".pem", table[prekey_id]),
+                          "-peerkey", ek_pem, "-out", out)
+            with open(out, "rb") as f:
+                ikm += f.read()
+        info = (_lp_bytes(b"pager-x25519-wrap-v1") + _lp_bytes(self.header.message_id) + _lp_bytes(b"alice")
+                + _lp_bytes(self.header.sender_device) + _lp_bytes(b"bob") + _lp_bytes(self.device.id)
+                + struct.pack(">II", entry.spk_id, entry.opk_id) + _lp_bytes(entry.ephemeral))
+        kek = os.path.join(self.dir, "kek.bin")
+        self._openssl("kdf", "-keylen", "32", "-kdfopt", "digest:SHA256", "-kdfopt", "hexkey:" + ikm.hex(),
+                      "-kdfopt", "hexinfo:" + info.hex(), "-binary", "-out", kek, "HKDF")
+        with open(kek, "rb") as f:
+            key = AESGCM(f.read()).decrypt(bytes(12), entry.wrapped, None)
+        self.assertEqual(key, self.content_key)

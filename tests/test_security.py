@@ -36,6 +36,7 @@ import pager
 from tests import test_server
 from tests.test_cli import CLITestCase, Child, base_env
 from tests.test_e2e import free_port, key, token
+from tests.test_server import device_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGER_PY = os.path.join(REPO, "pager.py")
@@ -1329,7 +1330,8 @@ class RegistrationPolicyTests(SecurityTestCase):
     async def register_with(self, client, name, invite=None):
         """Register C{name} with its module key on C{client}, sending C{invite} if given (raw request)."""
         proof = pager.sign_auth(key(name), "register", client.server_id, name, client.protocol.challenge)
-        fields = dict(user=name, public_key=pager.public_key_pem(key(name)), token=token(name), proof=b64(proof))
+        fields = dict(user=name, public_key=pager.public_key_pem(key(name)), token=token(name), proof=b64(proof),
+                      device=device_fields(key(name), name))
         if invite is not None:
             fields["invite"] = invite
         return await client.protocol.request("register", **fields)

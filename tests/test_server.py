@@ -75,6 +75,25 @@ def send_fields(envelope, to=None, size=None, signed=True):
     return fields
 
 
+def device_fields(key, user, name="laptop", created=1_700_000_000):
+    """The register frame's "device" field: the identity device's self-certificate (RSA keys are certified once)."""
+    try:
+        user = pager.canonical_username(user)
+    except pager.BadRequest:
+        pass
+    label = (pager.fingerprint(key), user, name, created)
+    if label not in _certificates:
+        try:
+            _certificates[label] = pager.certify_device(key, user, key.public_key(), name, created)
+        except (pager.BadKey, pager.BadCertificate):  # a request the server refuses before it looks at the device
+            return {"name": name, "created": created, "certificate": b64(b"\0" * 256)}
+    certificate = _certificates[label]
+    return {"name": certificate.name, "created": certificate.created, "certificate": b64(certificate.signature)}
+
+
+_certificates = {}
+
+
 def msg_id(envelope):
     return pager.parse_header(envelope.header).message_id.hex()
 
@@ -138,11 +157,12 @@ class Connection:
     def server_id(self):
         return self.hello["server_id"]
 
-    def register(self, user, key, token=TOKEN, proof_user=None, proof_key=None, challenge=None, purpose="register"):
+    def register(self, user, key, token=TOKEN, proof_user=None, proof_key=None, challenge=None, purpose="register",
+                 device=None):
         proof = pager.sign_auth(proof_key or key, purpose, self.server_id, proof_user or user,
                                 challenge or self.challenge, pager.fingerprint(key))
         return self.request("register", user=user, public_key=pager.public_key_pem(key), token=token,
-                            proof=b64(proof))
+                            proof=b64(proof), device=device or device_fields(key, user))
 
     def login(self, user, key, token=TOKEN, receive=True, challenge=None, proof_user=None, server_id=None):
         proof = pager.sign_auth(key, "login", server_id or self.server_id, proof_user or user,
@@ -537,7 +557,7 @@ class RegisterTests(ServerTestCase):
         """A valid register answers ok with the user and logs the connection in."""
         conn = self.connect()
         answer = conn.register("alice", private_key("alice"))
-        self.assertEqual(set(answer), {"type", "id", "user", "challenge"})
+        self.assertEqual(set(answer), {"type", "id", "user", "challenge", "device"})
         self.assertEqual((answer["type"], answer["user"]), ("ok", "alice"))
         self.assertEqual(self.assertOk(conn.request("users"))["online"], ["alice"])
 
@@ -585,7 +605,7 @@ class RegisterTests(ServerTestCase):
         self.assertError(conn.register("alice", key, purpose="login"), "auth_failed")
         self.assertError(conn.register("alice", key, proof_user="bob"), "auth_failed")
         self.assertError(conn.request("register", user="alice", public_key=pem("alice"), token=TOKEN,
-                                      proof=b64(b"\0" * 256)), "auth_failed")
+                                      proof=b64(b"\0" * 256), device=device_fields(key, "alice")), "auth_failed")
         self.assertEqual(self.successResultOf(self.store.user_names()), [])
         self.assertOk(conn.register("alice", key))
 
@@ -616,7 +636,8 @@ class LoginTests(ServerTestCase):
         """Login with the right token and proof answers ok with the user."""
         conn = self.connect()
         answer = conn.login("alice", private_key("alice"))
-        self.assertEqual(set(answer), {"type", "id", "user", "challenge", "pending"})
+        self.assertEqual(set(answer), {"type", "id", "user", "challenge", "pending", "device", "certified",
+                                       "prekeys"})
         self.assertEqual((answer["type"], answer["user"], answer["pending"]), ("ok", "alice", 0))
         self.assertOk(conn.request("users"))
 
@@ -1738,7 +1759,8 @@ class RekeyTests(ServerTestCase):
         self.assertIn("challenge", answer)
         self.assertEqual(self.fingerprint_of("alice"), new_fp)
         # The session now signs with the new key: a message sealed with it is accepted.
-        self.assertOk(self.alice.send(seal("alice", ["alice"], sender_key=private_key("new"))))
+        self.assertOk(self.alice.send(pager.seal(private_key("new"), "alice", {"alice": private_key("new").public_key()},
+                                                 b"hello")))
         self.assertError(self.connect().login("alice", private_key("alice")), "auth_failed")
         self.assertOk(self.connect().login("alice", private_key("new")))
 
@@ -2060,7 +2082,7 @@ class ServerIdTests(ServerTestCase):
         fp = pager.fingerprint(key)
         proof = pager.sign_auth(key, "register", server_a, "alice", conn.challenge, fp)
         self.assertError(conn.request("register", user="alice", public_key=pem("alice"), token=TOKEN,
-                                      proof=b64(proof)), "auth_failed")
+                                      proof=b64(proof), device=device_fields(key, "alice")), "auth_failed")
         self.assertOk(conn.register("alice", key))
         conn = self.connect()
         self.assertError(conn.login("alice", key, server_id=server_a), "auth_failed")
@@ -2113,7 +2135,7 @@ class FramingTests(SynchronousTestCase):
         proof = pager.sign_auth(key, "register", FRAMING_SERVER_ID, "alice", challenge)
         frames = [
             {"type": "register", "id": 1, "user": "alice", "public_key": pem("alice"), "token": TOKEN,
-             "proof": b64(proof)},
+             "proof": b64(proof), "device": device_fields(key, "alice")},
             dict(send_fields(envelope), type="send", id=2),
             {"type": "ack", "id": 3, "msg": msg_id(envelope)},
             {"type": "ack", "id": 4, "receipt": 1},

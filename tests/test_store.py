@@ -739,3 +739,80 @@ class LocalHistoryTests(unittest.TestCase):
         self.assertEqual([e.peer for e in await store.history("a_b")], ["a_b", "carol,a_b"])
         self.assertEqual([e.peer for e in await store.history("axb")], ["axb", "axb,carol"])
         self.assertEqual([e.peer for e in await store.history("a%b")], ["a%b"])
+
+
+class DeviceStoreTests(unittest.TestCase):
+    """Schema 3: devices, prekeys and per-device deliveries."""
+
+    setUp = StoreTests.setUp
+    open_store, add_users = StoreTests.open_store, StoreTests.add_users
+    accept, query = StoreTests.accept, StoreTests.query
+
+    async def test_migration_from_schema_2(self):
+        """
+        A database of pager 0.2 (schema 2) with a message pending for bob is brought to schema 3: every user gets
+        its identity device (id: the first half of its key's fingerprint) as a legacy device, without certificate,
+        and the pending message waits for bob's identity device, which reads and acknowledges it; alice gets her
+        receipt.
+        """
+        alice, bob = _keys()
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.executescript(SCHEMA_2)
+        users = [(name, pager.public_key_pem(k), pager.fingerprint(k)) for name, k in (("alice", alice), ("bob", bob))]
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+        conn.execute("INSERT INTO meta VALUES ('server_id', '0123456789abcdef0123456789abcdef')")
+        conn.execute("INSERT INTO counters VALUES ('ord', 1)")
+        conn.execute("INSERT INTO counters VALUES ('reserved', 0)")
+        conn.executemany("INSERT INTO users (name, public_key, fingerprint, token_salt, token_hash, key_set_at,"
+                         " registered_at, pending_count, pending_bytes, sent_count, sent_bytes)"
+                         " VALUES (?, ?, ?, x'00', x'00', 5, 5, ?, ?, ?, ?)",
+                         [users[0] + (0, 0, 1, 12), users[1] + (1, 12, 0, 0)])
+        conn.execute("INSERT INTO messages (seq, msg_id, sender, header, signature, size, chunk_count, accepted_at,"
+                     " expires_at, ord) VALUES (1, ?, 'alice', x'68', x'73', 12, 1, 1, 9e9, 1)", (_msg_id(1),))
+        conn.execute("INSERT INTO chunks VALUES (1, 0, x'00')")
+        conn.execute("INSERT INTO deliveries VALUES ('bob', 1, 1)")
+        conn.close()
+        store = await self.open_store()
+        self.assertEqual(await self.query(store, "SELECT value FROM meta WHERE key = 'schema_version'"), [("3",)])
+        _, devices = await store.devices("bob")
+        self.assertEqual([(d.device_id, d.public_key, d.certificate, d.prekeys) for d in devices],
+                         [(pager.device_id(bob), users[1][1], None, False)])
+        self.assertEqual(len((await store.devices("alice"))[1]), 1)
+        bob_device = pager.device_id(bob)
+        self.assertEqual(await store.pending("bob", 0, device=pager.device_id(alice)), [])
+        [message] = await store.pending("bob", 0, device=bob_device)
+        self.assertEqual((message.msg_id, message.sender), (_msg_id(1), "alice"))
+        sender, receipt = await store.ack("bob", _msg_id(1), "delivered", "", NOW, device=bob_device)
+        self.assertEqual((sender, receipt.peer, receipt.status), ("alice", "bob", "delivered"))
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(0,)])
+        self.assertEqual(await self.query(store, "SELECT name, pending_count, sent_count FROM users ORDER BY name"),
+                         [("alice", 0, 0), ("bob", 0, 0)])
+
+    async def test_one_time_prekey_taken_once(self):
+        """bundle_txn deletes the one-time prekey it hands out, in its own transaction: two bundles never share one."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        device = b"fp-alice"
+        await store.publish_prekeys("alice", device, (5, b"k" * 32, 0, 100, b"sig"), [(1, b"a" * 32), (2, b"b" * 32)],
+                                    pager.MAX_ONE_TIME_PREKEYS)
+        taken = []
+        for _ in range(3):
+            bundles, low = await store.bundle(["alice"], "bob", b"fp-bob")
+            [(user, _, [(record, signed, one_time)])] = bundles
+            self.assertEqual((user, record.device_id, signed[0]), ("alice", device, 5))
+            taken.append(one_time)
+        self.assertEqual(taken, [(1, b"a" * 32), (2, b"b" * 32), None])
+
+    async def test_rekey_replaces_devices(self):
+        """set_key leaves the account one device, the new identity device, which takes the old one's queue."""
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        await store.add_device("bob", b"phone-device-id!", "PEM", "phone", 1, b"c", NOW, 8)
+        await self.accept(store, 1, "alice", ["bob"])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM deliveries"), [(2,)])
+        await store.set_key("bob", "NEW PEM", b"new-fingerprint-of-bob", NOW)
+        _, devices = await store.devices("bob")
+        self.assertEqual([(d.device_id, d.certificate) for d in devices], [(b"new-fingerprint-", None)])
+        self.assertEqual(await self.query(store, "SELECT recipient, device FROM deliveries"),
+                         [("bob", b"new-fingerprint-")])
+        self.assertEqual(await self.query(store, "SELECT pending_count FROM users WHERE name = 'bob'"), [(1,)])
