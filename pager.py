@@ -7826,7 +7826,6 @@ class Session:
         self.server_id = None  # the id of the server whose directory this session uses
         self.known = KnownServers(self.home)
         self.linked = False  # whether this machine is a linked device of the account (device.p12, no key.p12)
-        self.own_device_names = {}  # device id -> name of the user's devices, as far as this session has asked
         self.needs_identity = None  # what the command does, when it needs the identity key (not a linked device's)
         self.link_name = None  # the name a device linked by connect gets (default: this machine's host name)
 
@@ -8091,15 +8090,11 @@ class Session:
     async def own_device_name(self, device):
         """
         The name (as L{device_name_text} shows it) of the user's device C{device}, which sent a message of theirs:
-        the user's devices are asked of the server once, and their names kept.
+        as the local store keeps it, verified when the message was (L{PagerClient.devices}).
         """
-        names = self.own_device_names
-        if device not in names:
-            try:
-                names.update((d.device_id, d.name) for d in await self.client.devices(self.user))
-            except (PagerError, defer.CancelledError):
-                pass
-        return device_name_text(names[device]) if device in names else "another device"
+        known = await self.store.get_devices(self.user) if self.store is not None else None
+        info = known.find(device) if known is not None else None
+        return device_name_text(info.name) if info is not None else "another device"
 
     def refuse_linked(self, what):
         """L{NotIdentityDevice}, in one sentence: C{what} (a verb phrase) runs on the machine with the identity key."""
@@ -9406,8 +9401,6 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         user = canonical_username(rest) if rest else s.user
         devices = await s.client.devices(user)
         identity = (await s.client.public_key(user))[1][:DEVICE_ID_SIZE]
-        if user == s.user:
-            s.own_device_names.update((d.device_id, d.name) for d in devices)
         self.show(describe_devices(user, devices, identity, device_id(s.key) if user == s.user else None))
 
     async def command_history(self, rest):
@@ -9469,8 +9462,6 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         """A line for each device C{user} added or revoked (each certified by, or revoked with, the pinned key)."""
         who = "you" if user == self.session.user else user
         for device in added:
-            if user == self.session.user:
-                self.session.own_device_names[device.device_id] = device.name
             self.show("[%s] %s added a device %s (id %s)" % (
                 _clock(self.reactor.seconds()), who, device_name_text(device.name),
                 format_device_id(device.device_id)))

@@ -252,7 +252,8 @@ class ChatDeviceTests(ChatTestCase):
         """
         chat, ui = await self.chat_as("alice")
         laptop = b"\x1a" * 16
-        chat.session.own_device_names[laptop] = "laptop"
+        await chat.session.store.set_devices("alice", pager.fingerprint(key("alice")), [pager.DeviceInfo(
+            "alice", laptop, b"", "laptop")])
         message = pager.OpenedMessage(
             message_id=b"\x01" * 16, sender="alice", sender_fingerprint=pager.fingerprint(key("alice")),
             recipients=("alice", "bob"), timestamp=reactor.seconds(), content_type="text", filename="",
@@ -284,12 +285,20 @@ class LinkDeviceTests(CLITestCase):
                                     "the new machine to show a code", tries=int(PROCESS_TIMEOUT / 0.01))
         return child, found.group()
 
+    async def registered(self, name):
+        """
+        A home where C{name} registered with the command line (so that its device's prekeys are kept there, as a
+        user's are: an account registered in-process keeps its prekeys nowhere this home can open them).
+        """
+        home = self.home()
+        result = await self.run_command("users", "HOST", "--user", name, "--register", "--no-passphrase",
+                                        home=home, token_of=name)
+        self.assertExit(result, 0)
+        return home
+
     async def device_count(self, name="alice"):
-        client = await self.login(self.address, name)
-        try:
-            return len([d for d in await client.devices() if not d.revoked])
-        finally:
-            await client.close()
+        _, devices = await self.server.store.devices(name)
+        return len([d for d in devices if d.revoked_at is None])
 
     async def test_link_devices_revoke(self):
         """
@@ -299,8 +308,8 @@ class LinkDeviceTests(CLITestCase):
         no longer log in; the identity device and unknown names are refused with a sentence.
         """
         await self.serve()
-        identity_home = await self.provision("alice")
-        bob_home = await self.provision("bob")
+        identity_home = await self.registered("alice")
+        bob_home = await self.registered("bob")
         laptop_home = self.home()
         child, code = await self.start_link(laptop_home)
         shown = child.out.decode()
@@ -347,7 +356,7 @@ class LinkDeviceTests(CLITestCase):
         for home, token_of in ((laptop_home, None), (identity_home, "alice")):
             fetched = await self.run_command("fetch", "HOST", "--user", "alice", home=home, token_of=token_of)
             self.assertExit(fetched, 0)
-            self.assertIn("hello both", fetched.out)
+            self.assertIn("hello both", fetched.out, fetched)
 
         from_laptop = await self.run_command("send", "HOST", "--user", "alice", "--to", "bob", "on my way",
                                              home=laptop_home)
