@@ -433,3 +433,31 @@ class ConnectLinksTests(KeysTestCase):
         self.assertTrue(os.path.exists(os.path.join(self.user_dir(home, "alice"), pager.DEVICE_FILE_NAME)))
         self.assertIn("Linked", prompter.text())
         self.assertEqual(session.client.device, info.device_id.hex())
+
+
+class ChatDevicesCommandTests(ChatTestCase):
+    """/devices in the chat, and the line a contact's new device makes once the chat's client sees it."""
+
+    async def test_devices_and_new_device_line(self):
+        """
+        /devices lists alice's own devices and bob's; once bob links a laptop, the next look at bob's devices shows
+        "bob added a device 'laptop'" in alice's chat.
+        """
+        chat, ui = await self.chat_as("alice")
+        bob = await self.peer("bob")
+        await self.type(chat, "/devices")
+        self.assertIn("alice has 1 device:", ui.text())
+        self.assertIn("this machine", ui.text())
+        await self.type(chat, "/devices bob")
+        self.assertIn("bob has 1 device:", ui.text())
+        laptop = await self.connect(self.address)
+        text, secret = pager.new_link_code()
+        await laptop.link_request("bob", key("bob-laptop"), "laptop", secret)
+        await bob.approve_link(None, None, secret)
+        await laptop.wait_linked()
+        since = len(ui.shown)
+        await self.type(chat, "/devices bob")
+        shown = ui.text(since)
+        added = pager.format_device_id(pager.device_id(key("bob-laptop")))
+        self.assertIn("bob added a device 'laptop' (id %s)" % added, shown)
+        self.assertIn("bob has 2 devices:", shown)
