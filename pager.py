@@ -1624,8 +1624,10 @@ def link_answer_mac(secret, server_id, certificate):
 # One JSON object per line, UTF-8, "\n" at the end.  PROTOCOL.md is the contract; in short (-> client to server):
 #
 #   <- hello {protocol, server, server_id, challenge, limits}
-#   -> register {id, user, public_key, token, proof, [invite]}  <- ok {user, challenge} | error {code, message}
-#   -> login {id, user, token, proof, receive}                  <- ok {user, pending, challenge}
+#   -> register {id, user, public_key, token, proof, [invite], device {name, created, certificate}}
+#                                                               <- ok {user, device, challenge} | error {code, message}
+#   -> login {id, user, [token], proof, receive, [device]}      <- ok {user, pending, device, certified, prekeys,
+#                                                                      challenge}
 #   -> rekey {id, user, token, public_key, proof_old, proof_new} <- ok {user, fingerprint, challenge}
 #   -> recover {id, user, token, public_key, proof}              <- ok {user, fingerprint, challenge}
 #   -> users {id, [after], [limit], [online]}                   <- ok {registered, online, count, online_count, next}
@@ -1636,6 +1638,14 @@ def link_answer_mac(secret, server_id, certificate):
 #   -> ack {id, msg} / reject {id, msg, reason}                 <- ok
 #   <- receipt {receipt, msg, from, status, reason, at}         -> ack {id, receipt}
 #   -> ping {id}                                                <- ok
+#   -> certify {id, name, created, certificate}                 <- ok {device}           (identity device only)
+#   -> publish_prekeys {id, [signed], [one_time]}               <- ok {one_time}; later <- prekeys_low {one_time}
+#   -> devices {id, user}                                       <- ok {user, identity_key, devices}
+#   -> bundle {id, users}                                       <- ok {bundles: [{user, identity_key, devices}]}
+#   -> link_request {id, user, public_key, name, mac}           <- ok {link}; later <- linked {link, device,
+#                                                                  answer_mac} | link_expired {link}  (no login)
+#   -> link_pending {id} / link_approve {id, link, name, created, certificate, answer_mac} / link_decline {id, link}
+#   -> revoke_device {id, device, at, signature}                <- ok {device}           (identity device only)
 #
 # register, login, rekey and recover go one at a time per connection; each well-formed one takes the challenge and
 # its answer carries the next; each proof signs the server_id of the hello (auth_message).
@@ -3114,7 +3124,7 @@ def delete_user_txn(txn, name):
             "SELECT seq FROM messages WHERE accepted_at IS NULL AND (sender = ?1 OR instr(',' || reserved || ',',"
             " ',' || ?1 || ',') > 0)", (name,)).fetchall():
         abort_upload_txn(txn, seq)
-    seqs = [r[0] for r in txn.execute("SELECT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
+    seqs = [r[0] for r in txn.execute("SELECT DISTINCT seq FROM deliveries WHERE recipient = ?", (name,)).fetchall()]
     txn.execute("DELETE FROM deliveries WHERE recipient = ?", (name,))
     _drop_messages_txn(txn, seqs)
     sent = txn.execute("SELECT DISTINCT d.recipient, d.ord, m.size FROM messages m JOIN deliveries d"
