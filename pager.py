@@ -2335,17 +2335,19 @@ def set_last_seen_txn(txn, user, device_id, at):
     txn.execute("UPDATE devices SET last_seen = ? WHERE user = ? AND device_id = ?", (at, user, device_id))
 
 
-def publish_prekeys_txn(txn, user, device_id, signed, one_time, max_pool, user_fp=None):
+def publish_prekeys_txn(txn, user, device_id, signed, one_time, max_pool, user_fp=None, replace=False):
     """
     Store a device's prekeys: C{signed} (prekey id, public, valid_from, valid_until, signature) replaces its signed
-    prekey, C{one_time} ((id, public) pairs) join its pool, which holds at most C{max_pool} (L{BadRequest} past it;
-    an id already in the pool replaces that prekey).  The device is marked as one that publishes prekeys, for good.
-    Returns the pool's size.
+    prekey, C{one_time} ((id, public) pairs) join its pool (or, with C{replace}, take the place of the whole pool),
+    which holds at most C{max_pool} (L{BadRequest} past it; an id already in the pool replaces that prekey).  The
+    device is marked as one that publishes prekeys, for good.  Returns the pool's size.
     """
     _check_session_key_txn(txn, user, user_fp)
     if txn.execute("UPDATE devices SET prekeys = 1 WHERE user = ? AND device_id = ? AND revoked_at IS NULL",
                    (user, device_id)).rowcount != 1:
         raise Forbidden("This device is revoked.")
+    if replace:
+        txn.execute("DELETE FROM one_time_prekeys WHERE user = ? AND device_id = ?", (user, device_id))
     if signed is not None:
         txn.execute("INSERT OR REPLACE INTO signed_prekeys (user, device_id, prekey_id, public, valid_from,"
                     " valid_until, signature) VALUES (?, ?, ?, ?, ?, ?, ?)", (user, device_id, *signed))
@@ -3056,8 +3058,8 @@ class Store:
     def set_last_seen(self, user, device_id, at):
         return self._run(set_last_seen_txn, user, device_id, at)
 
-    def publish_prekeys(self, user, device_id, signed, one_time, max_pool, user_fp=None):
-        return self._run(publish_prekeys_txn, user, device_id, signed, one_time, max_pool, user_fp)
+    def publish_prekeys(self, user, device_id, signed, one_time, max_pool, user_fp=None, replace=False):
+        return self._run(publish_prekeys_txn, user, device_id, signed, one_time, max_pool, user_fp, replace)
 
     def bundle(self, users, requester, requester_device):
         return self._run(bundle_txn, users, requester, requester_device)
@@ -3863,6 +3865,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         one_time = [OneTimePrekey.from_json(item) for item in one_time]
         if len({p.prekey_id for p in one_time}) != len(one_time):
             raise BadRequest("The one-time prekeys repeat an id.")
+        replace = field_bool(frame, "replace", False)
         if signed is not None:
             now = self.factory.now()
             if signed.valid_until <= now or signed.valid_from > now + PREKEY_SKEW:
@@ -3872,7 +3875,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             signed = (signed.prekey_id, signed.public, signed.valid_from, signed.valid_until, signed.signature)
         count = await self.factory.store.publish_prekeys(
             self.user, self.device, signed, [(p.prekey_id, p.public) for p in one_time], MAX_ONE_TIME_PREKEYS,
-            self.key_fingerprint)
+            self.key_fingerprint, replace)
         self.factory.device_updated(self.user, self.device, prekeys=True)
         return {"one_time": count}
 
@@ -6515,8 +6518,10 @@ class PagerClient:
         L{PREKEY_ROTATION} old (the one it replaces is kept for L{prekey_grace} from now); signed prekeys replaced
         longer than the grace ago lose their private parts (gone from disk); the one-time prekeys are topped up to
         L{PREKEY_POOL_SIZE} when the server has fewer than L{PREKEY_POOL_LOW}.  C{now}: the time in seconds (the
-        reactor's when None).  Returns a dict saying what was done: C{certified}, C{signed} (the new id or None),
-        C{one_time} (how many published) and C{deleted} (signed prekeys whose private part was deleted).
+        reactor's when None).  When the server holds prekeys this machine does not keep (its state directory was lost
+        or started afresh), a new signed prekey and a whole new pool take their place.  Returns a dict saying what
+        was done: C{certified}, C{signed} (the new id or None), C{one_time} (how many published), C{replaced} (the
+        server's pool was replaced) and C{deleted} (signed prekeys whose private part was deleted).
         """
         if self.user is None or self._prekey_state is None:
             raise NotAuthenticated()
@@ -6529,7 +6534,7 @@ class PagerClient:
     async def _maintain(self, now):
         state, key = self._prekey_state, self.private_key
         device = device_id(key)
-        done = {"certified": False, "signed": None, "one_time": 0, "deleted": 0}
+        done = {"certified": False, "signed": None, "one_time": 0, "deleted": 0, "replaced": False}
         if self.is_identity and not state.certified:
             await self.certify(now=now)
             done["certified"] = True
@@ -6537,16 +6542,23 @@ class PagerClient:
         local = await self.seen.local_prekeys(device)
         current = [p for p in local if p.kind == "signed" and p.replaced_at is None]
         current = max(current, key=lambda p: p.valid_from) if current else None
-        rotate = (current is None or current.prekey_id != state.signed_id
+        # The server holds prekeys this machine does not (its state was lost, or started afresh): replace them all.
+        lost = ((state.signed_id is not None and state.signed_id not in {p.prekey_id for p in local
+                                                                          if p.kind == "signed"})
+                or state.one_time > sum(1 for p in local if p.kind == "one-time"))
+        rotate = (lost or current is None or current.prekey_id != state.signed_id
                   or now - current.valid_from >= PREKEY_ROTATION)
-        top_up = PREKEY_POOL_SIZE - state.one_time if state.one_time < PREKEY_POOL_LOW else 0
+        if lost:
+            top_up = PREKEY_POOL_SIZE
+        else:
+            top_up = PREKEY_POOL_SIZE - state.one_time if state.one_time < PREKEY_POOL_LOW else 0
         if rotate or top_up:
             spk, opks, rows = await self.in_thread(make_prekeys, key, self.user, vault, now, rotate, top_up,
                                                    [p.prekey_id for p in local])
             # Kept here before the server has them: never a public part on the server whose private part is nowhere.
             await self.seen.add_prekeys(device, rows, now)
             for start in range(0, max(len(opks), 1), PREKEY_BATCH):
-                fields = {}
+                fields = {"replace": True} if lost and start == 0 else {}
                 if opks:
                     fields["one_time"] = [o.to_json() for o in opks[start:start + PREKEY_BATCH]]
                 if spk is not None and start == 0:
@@ -6556,7 +6568,7 @@ class PagerClient:
                 state.one_time = count if _seconds(count) else state.one_time + len(fields.get("one_time", ()))
             if spk is not None:
                 state.signed_id = done["signed"] = spk.prekey_id
-            done["one_time"] = len(opks)
+            done["one_time"], done["replaced"] = len(opks), lost
         done["deleted"] = await self.seen.forget_prekeys(device, now - self.prekey_grace)
         return done
 

@@ -156,10 +156,22 @@ class CLITestCase(E2ETestCase):
         return path
 
     async def provision(self, name, passphrase=""):
-        """A registered user with its key on this machine: returns its PAGER_HOME."""
-        await self.account(name)
+        """
+        A registered user with its key on this machine: returns its PAGER_HOME.  Registered with the local store
+        in that home, so the device's prekeys are there, as after registering with the command line.
+        """
         home = self.home()
         self.install_key(home, name, passphrase)
+        store = pager.LocalStore(os.path.join(self.user_dir(home, name), pager.LOCAL_DB_NAME), reactor)
+        try:
+            await store.open(reactor.seconds())
+            client = await pager.PagerClient.connect(self.address, reactor, seen=store, pins=store)
+            try:
+                await client.register(name, token(name), key(name))
+            finally:
+                await client.close()
+        finally:
+            store.close()
         return home
 
     def spawn(self, argv, env, stdin=b"", usePTY=False, child=None):
