@@ -461,3 +461,20 @@ class ChatDevicesCommandTests(ChatTestCase):
         added = pager.format_device_id(pager.device_id(key("bob-laptop")))
         self.assertIn("bob added a device 'laptop' (id %s)" % added, shown)
         self.assertIn("bob has 2 devices:", shown)
+
+
+class LinkExpiryTests(KeysTestCase):
+    """A link request nobody approves in time."""
+
+    async def test_expired_request_keeps_no_key(self):
+        """When the server lets the request expire, linking fails in one sentence (exit 1) and keeps no key."""
+        self.patch(pager, "LINK_TTL", 0.5)
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        error, prompter = await self.failed_session(home, pager.LinkFailed, ["l"], **{"no-passphrase": True})
+        self.assertIn("Nobody approved", error.message)
+        self.assertEqual(pager.exit_code(error), pager.EXIT_FAILURE)
+        self.assertTrue(CODE.search(prompter.text()))
+        directory = self.user_dir(home, "alice")
+        self.assertEqual([n for n in os.listdir(directory) if n.startswith(("device", "key"))], [])
