@@ -172,6 +172,22 @@ class IdentityOnlyTests(LinkedMachineTestCase):
         self.assertIn("identity device", result.err)
         self.assertIn("link-device", result.err)
 
+    async def test_passwd_on_a_linked_device(self):
+        """passwd changes the passphrase of the device key a linked machine holds."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        path = self.install_device_key(home)
+        new = os.path.abspath(self.mktemp())
+        with open(new, "w") as f:
+            f.write("a new passphrase\n")
+        os.chmod(new, 0o600)
+        result = await self.cli("passwd", self.host, "--user", "alice", "--new-passphrase-file", new, "--home", home)
+        self.assertExit(result, 0)
+        self.assertIn(pager.DEVICE_FILE_NAME, result.out)
+        self.assertEqual(pager.device_id(pager.load_private_key(path, "a new passphrase")),
+                         pager.device_id(key("alice-device")))
+
     async def test_export_suggests_link_device(self):
         """export-key says the importing machine becomes the identity device, and suggests link-device."""
         await self.serve()
@@ -363,6 +379,14 @@ class LinkDeviceTests(CLITestCase):
         self.assertExit(from_laptop, 0)
         mine = await self.run_command("fetch", "HOST", "--user", "alice", home=identity_home, token_of="alice")
         self.assertIn("you (on 'laptop') \u2192 bob: on my way", mine.out)
+
+        prints = []
+        for home, token_of in ((laptop_home, None), (identity_home, "alice")):
+            result = await self.run_command("fingerprint", "HOST", "--user", "alice", "--json", home=home,
+                                            token_of=token_of)
+            self.assertExit(result, 0)
+            prints.append(json.loads(result.out)["fingerprint"])
+        self.assertEqual(prints[0], prints[1])  # the identity key's, which contacts compare, on every device
 
         not_here = await self.run_command("revoke-device", "HOST", "--user", "alice", "laptop", "--yes",
                                           home=laptop_home)
