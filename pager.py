@@ -7849,7 +7849,6 @@ class Session:
         self.known = KnownServers(self.home)
         self.linked = False  # whether this machine is a linked device of the account (device.p12, no key.p12)
         self.needs_identity = None  # what the command does, when it needs the identity key (not a linked device's)
-        self.link_name = None  # the name a device linked by connect gets (default: this machine's host name)
 
     def _made(self, protocol):
         self._last_protocol = protocol
@@ -8187,7 +8186,7 @@ class Session:
                 way = await self.may_make_key(client)
                 await self.open_local(client)
                 if way == "link":
-                    await self.link(client, self.link_name or default_device_name())
+                    await self.link(client, default_device_name())
                     await self._login(client)
                 else:
                     await self._first_use(client, way == "rekey")
@@ -10268,10 +10267,10 @@ class ConnectOptions(_ClientOptions):
     longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and the key's passphrase (the "
                 "safetoken only when this machine does not keep it yet); on first use asks before making a key and "
                 "registering (--register: without asking), or, for an account that has its key elsewhere, offers "
-                "to link this machine as a new device (see link-device) or to re-key the account. Type '/help' once connected. In a terminal the line is "
-                "edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for history); Ctrl-C clears the line, a "
-                "second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block of lines is one message to the "
-                "current conversation.")
+                "to link this machine as a new device (see link-device) or to re-key the account. Type '/help' once "
+                "connected. In a terminal the line is edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for "
+                "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block "
+                "of lines is one message to the current conversation.")
     optFlags = [_REGISTER]
 
     def parseArgs(self, server=None):
