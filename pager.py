@@ -2331,6 +2331,17 @@ def forget_revoked_txn(txn, older_than):
     return txn.rowcount
 
 
+def login_record_txn(txn, user, device_id):
+    """
+    C{(UserRecord or None, device status)} for a login: the account, and L{device_status_txn} of C{device_id} (the
+    identity device's when None), in one step.
+    """
+    record = get_user_txn(txn, user)
+    if record is None:
+        return None, (None, None, 0)
+    return record, device_status_txn(txn, user, device_id or bytes(record.fingerprint)[:DEVICE_ID_SIZE])
+
+
 def set_last_seen_txn(txn, user, device_id, at):
     txn.execute("UPDATE devices SET last_seen = ? WHERE user = ? AND device_id = ?", (at, user, device_id))
 
@@ -3055,6 +3066,9 @@ class Store:
     def forget_revoked(self, older_than):
         return self._run(forget_revoked_txn, older_than)
 
+    def login_record(self, user, device_id):
+        return self._run(login_record_txn, user, device_id)
+
     def set_last_seen(self, user, device_id, at):
         return self._run(set_last_seen_txn, user, device_id, at)
 
@@ -3581,13 +3595,20 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self.factory.proof_failed(self, user)
             raise error or AuthFailed("The proof of key possession does not verify.")
 
-    async def _account(self, user, purpose):
+    async def _account(self, user, purpose, device=False):
         """
         C{(record, registered key)} of the account a request names.  While the requester (or, for login and rekey,
         this account at this address; for recover, this account's recoveries) is slowed down, the request is refused
-        at once, before any work.  An unknown user gets the same answer as a wrong token.
+        at once, before any work.  An unknown user gets the same answer as a wrong token.  With C{device} (an id, or
+        None for the identity device), C{(record, key, device status)}, read in the same step (L{login_record_txn}).
         """
         self.factory.check_throttle(self, user, purpose)
+        if device is not False:
+            record, status = await self.factory.store.login_record(user, device)
+            if record is None:
+                self.factory.proof_failed(self, user)
+                raise AuthFailed()
+            return record, load_public_key(record.public_key), status
         record = await self.factory.store.get_user(user)
         if record is None:
             self.factory.proof_failed(self, user)
@@ -3641,9 +3662,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         token = self._token(frame) if device is None or "token" in frame else None
         challenge = self._take_challenge()
         self._require_logged_out()
-        record, key = await self._account(user, "login")
+        record, key, status = await self._account(user, "login", device)
         identity_fp = bytes(record.fingerprint)
-        store = self.factory.store
         if device is None or device == identity_fp[:DEVICE_ID_SIZE]:
             device = identity_fp[:DEVICE_ID_SIZE]
             if token is None:
@@ -3651,12 +3671,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             # The proof is cheap to check and needs no secret: a failed proof costs the server no Argon2id work.
             await self._check_proof(key, proof, "login", user, challenge, identity_fp, AuthFailed())
             await self._check_token(token, record, "login")
-            status = await store.device_status(user, device)
         else:
             # A linked device proves it holds its own key; the safetoken belongs to the identity device.
             if token is not None:
                 raise BadRequest("A linked device logs in without the safetoken.")
-            status = await store.device_status(user, device)
             if status[0] is None or status[0].revoked_at is not None:
                 self.factory.proof_failed(self, user)
                 raise AuthFailed()
@@ -3753,8 +3771,6 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.key_fingerprint = identity_fp or fingerprint(key)
         self.device = device or fingerprint(key)[:DEVICE_ID_SIZE]
         self.factory.link_dropped(self)
-        self.factory.store.set_last_seen(user, self.device, self.factory.now()).addErrback(
-            lambda f: self.log.failure("Storing a device's last login failed", f))
         self.MAX_LENGTH = self.limits.max_line
         self.setTimeout(self.limits.idle_timeout)
         store = self.factory.store
@@ -3842,8 +3858,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                                                                 "signature": b64(record.revocation)},
             "prekeys": record.prekeys,
         }
-        if own:
-            obj["last_seen"] = record.last_seen
+        if own:  # a device with a session open is seen now; the store has when its last session closed
+            online = any(s.device == record.device_id for s in self.factory.online.get(record.user, ()))
+            obj["last_seen"] = self.factory.now() if online else record.last_seen
         return obj
 
     async def handle_certify(self, frame, rid):

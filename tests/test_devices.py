@@ -10,7 +10,7 @@ from twisted.internet.address import IPv4Address
 
 import pager
 
-from tests.test_server import LOOPBACK, REMOTE, ServerTestCase, b64, private_key, send_fields
+from tests.test_server import LOOPBACK, REMOTE, TOKEN, ServerTestCase, b64, private_key, send_fields
 
 CREATED = 1_700_000_000
 
@@ -545,3 +545,50 @@ class ReceiptTests(DeviceTestCase):
         self.assertEqual(query("SELECT pending_count, pending_bytes FROM users WHERE name = 'bob'").fetchone(), (0, 0))
         self.assertEqual(query("SELECT COUNT(*) FROM messages").fetchone(), (0,))
         self.assertEqual(self.alice.pushed("receipt"), [])
+
+
+class LegacyDeviceTests(DeviceTestCase):
+    """An account made before devices (as a server upgrade leaves it): its identity device has no certificate."""
+
+    def setUp(self):
+        super().setUp()
+        key = private_key("alice")
+        salt = b"s" * pager.ARGON2_SALT_SIZE
+        self.successResultOf(self.store.add_user("alice", pager.public_key_pem(key), pager.fingerprint(key), salt,
+                                                 pager.hash_token(TOKEN, salt), 0))
+        self.bob = self.register("bob")
+
+    def test_certify(self):
+        """The legacy device logs in uncertified, is RSA-wrapped to, then certifies itself once."""
+        conn = self.connect()
+        answer = self.assertOk(conn.login("alice", private_key("alice")))
+        self.assertEqual((answer["certified"], answer["prekeys"]["signed_id"]), (False, None))
+        self.assertOk(self.bob.send(seal_to("bob", private_key("bob"), [("alice", private_key("alice"))]),
+                                    to=["alice"]))
+        forged = pager.certify_device(private_key("mallory"), "alice", private_key("alice").public_key(), "laptop",
+                                      CREATED)
+        self.assertError(conn.request("certify", name="laptop", created=CREATED, certificate=b64(forged.signature)),
+                         "bad_certificate")
+        certificate = pager.certify_device(private_key("alice"), "alice", private_key("alice").public_key(),
+                                           "laptop", CREATED)
+        fields = dict(name="laptop", created=CREATED, certificate=b64(certificate.signature))
+        self.assertEqual(self.assertOk(conn.request("certify", **fields))["device"], did(private_key("alice")).hex())
+        self.assertError(conn.request("certify", **fields), "bad_request")
+        self.assertTrue(self.assertOk(self.connect().login("alice", private_key("alice")))["certified"])
+        self.assertEqual(self.assertOk(self.bob.request("devices", user="alice"))["devices"][0]["name"], "laptop")
+
+
+class DeviceCacheTests(DeviceTestCase):
+
+    def test_sendReadsNoDevices(self):
+        """A send to users whose device sets the server holds reads none from the store."""
+        alice, bob = self.register("alice"), self.register("bob")
+        reads = []
+        devices = self.store.devices
+        self.store.devices = lambda user: reads.append(user) or devices(user)
+        self.factory.forget_devices(["alice", "bob"])
+        for n in range(3):
+            self.assertOk(alice.send(seal_to("alice", private_key("alice"), [("bob", private_key("bob"))],
+                                             b"%d" % n)))
+        self.assertEqual(sorted(reads), ["alice", "bob"])  # the first send only
+        self.assertEqual(len(bob.pushed("message")), 3)
