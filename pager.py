@@ -7351,8 +7351,11 @@ class PagerClient:
 #### Key files ####
 
 # A user's private key lives in HOME/<server id>/<user>/key.p12: PKCS#12 that openssl reads, encrypted with
-# PBES2 (AES-256-CBC, PBKDF2-HMAC-SHA256, 600,000 iterations), mode 0600 in a 0700 directory.  HOME/known_servers
-# (mode 0600) says which server id each address presented, as ssh's known_hosts does for host keys.
+# PBES2 (AES-256-CBC, PBKDF2-HMAC-SHA256, 600,000 iterations), mode 0600 in a 0700 directory.  That is the
+# identity key, on the account's identity device.  A machine linked to the account as another device holds its own
+# device key instead, in HOME/<server id>/<user>/device.p12 (same format, same passphrase rules) and no key.p12.
+# HOME/known_servers (mode 0600) says which server id each address presented, as ssh's known_hosts does for host
+# keys.
 
 
 class KeyFileError(PagerError):
@@ -7374,6 +7377,7 @@ class TokenFileError(KeyFileError):
 
 
 KEY_FILE_NAME = "key.p12"
+DEVICE_FILE_NAME = "device.p12"  # a linked device's own key (see Session.start)
 TOKEN_FILE_NAME = "token.enc"
 PBKDF2_ROUNDS = 600000
 
@@ -7406,6 +7410,37 @@ def user_directory(home, server_id, user):
     private_directory(home)
     private_directory(home, server_id)
     return private_directory(home, server_id, user)
+
+
+def holds_key(directory):
+    """Whether a user directory holds a key: the identity key (key.p12) or a linked device's (device.p12)."""
+    return any(os.path.lexists(os.path.join(directory, name)) for name in (KEY_FILE_NAME, DEVICE_FILE_NAME))
+
+
+def format_device_id(device):
+    """A device id (16 bytes, or their 32 hex digits) for reading: eight groups of four hex digits."""
+    text = device.hex() if isinstance(device, bytes) else device.lower()
+    return " ".join(text[i:i + 4] for i in range(0, len(text), 4))
+
+
+DEVICE_NAME_SHOWN = 40  # characters of a device name shown: its owner chose it, and it may be long
+
+
+def device_name_text(name):
+    """A device's name as shown: quoted and cut to L{DEVICE_NAME_SHOWN} characters; C{(no name)} for none."""
+    if not name:
+        return "(no name)"
+    if len(name) > DEVICE_NAME_SHOWN:
+        name = name[:DEVICE_NAME_SHOWN - 1] + "\u2026"
+    return "'%s'" % name
+
+
+def _remove_quietly(path):
+    """Remove the file C{path} if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def valid_server_id(server_id):
@@ -7646,6 +7681,12 @@ class NoKey(PagerError):
     code = "no_key"
 
 
+class NotIdentityDevice(NoKey):
+    """This machine is a linked device of the account: what was asked needs the identity key, which is elsewhere."""
+
+    code = "not_identity_device"
+
+
 class NetworkError(PagerError):
     """The server cannot be reached."""
 
@@ -7847,6 +7888,8 @@ class Session:
         self._backoff = None  # the wait before the next reconnection attempt
         self.server_id = None  # the id of the server whose directory this session uses
         self.known = KnownServers(self.home)
+        self.linked = False  # whether this machine is a linked device of the account (device.p12, no key.p12)
+        self.needs_identity = None  # what the command does, when it needs the identity key (not a linked device's)
 
     def _made(self, protocol):
         self._last_protocol = protocol
@@ -8102,6 +8145,25 @@ class Session:
     def key_path(self):
         return os.path.join(self.directory, KEY_FILE_NAME)
 
+    @property
+    def device_path(self):
+        return os.path.join(self.directory, DEVICE_FILE_NAME)
+
+    async def own_device_name(self, device):
+        """
+        The name (as L{device_name_text} shows it) of the user's device C{device}, which sent a message of theirs:
+        as the local store keeps it, verified when the message was (L{PagerClient.devices}).
+        """
+        known = await self.store.get_devices(self.user) if self.store is not None else None
+        info = known.find(device) if known is not None else None
+        return device_name_text(info.name) if info is not None else "another device"
+
+    def refuse_linked(self, what):
+        """L{NotIdentityDevice}, in one sentence: C{what} (a verb phrase) runs on the machine with the identity key."""
+        return NotIdentityDevice(
+            "This machine is a linked device of %s, not the one that holds %s's identity key: %s on that machine."
+            % (self.user, self.user, what))
+
     async def locate(self, client):
         """Ask for the user name if needed; find (not create) the user's directory for this server, by its id."""
         if self.user is None:
@@ -8152,10 +8214,23 @@ class Session:
                 self.key, passphrase = await self.unlock_key(self.key_path)
                 await self._login_with_token(client, passphrase)
                 self.passphrase = passphrase
-            else:
-                existing = await self.may_make_key(client)
+            elif os.path.lexists(self.device_path):
+                # A linked device: its own key, no safetoken (that belongs to the identity device).
+                if self.needs_identity is not None:
+                    raise self.refuse_linked(self.needs_identity)
                 await self.open_local(client)
-                await self._first_use(client, existing)
+                self.key, passphrase = await self.unlock_key(self.device_path)
+                self.linked = True
+                await self._login(client)
+                self.passphrase = passphrase
+            else:
+                way = await self.may_make_key(client)
+                await self.open_local(client)
+                if way == "link":
+                    await self.link(client, default_device_name())
+                    await self._login(client)
+                else:
+                    await self._first_use(client, way == "rekey")
         except BaseException:
             self._abandon(client)
             raise
@@ -8169,6 +8244,16 @@ class Session:
         client.close()
 
     async def _login(self, client):
+        if self.linked:
+            device = device_id(self.key).hex()
+            try:
+                self.pending = await client.login(self.user, None, self.key, self.receive, device=device)
+                return self.pending
+            except AuthFailed:
+                raise AuthFailed("Login as %s from this device (id %s) failed: the account no longer has it (it was "
+                                 "revoked, or the account was re-keyed); move %s away and link this machine again "
+                                 "with 'pager-cli link-device %s --user %s'."
+                                 % (self.user, format_device_id(device), self.device_path, self.address, self.user))
         try:
             self.pending = await client.login(self.user, self.token, self.key, self.receive)
             return self.pending
@@ -8183,7 +8268,7 @@ class Session:
         except OSError:
             return []
         return sorted(name for name in names if valid_server_id(name) and name != server_id
-                      and os.path.exists(os.path.join(self.home, name, self.user, KEY_FILE_NAME)))
+                      and holds_key(os.path.join(self.home, name, self.user)))
 
     async def may_make_key(self, client):
         """
@@ -8191,12 +8276,13 @@ class Session:
         C{forget-server}, was another server where this machine holds the user's key.  An address known_servers
         does not list (a home from before it) where this machine holds the user's key under another id gets a
         warning: the server there may have been replaced.  Then ask the server whether the account exists, before
-        any key is made.  An existing account is re-keyed only by the interactive client, after asking; a new one is
-        registered by a script with C{--register}, or by the interactive client after asking.  Returns whether the
-        account exists; raises L{ServerChanged} or L{NoKey}.
+        any key is made.  For an existing account the interactive client offers to link this machine as a new
+        device (the default) or to re-key the account; a new one is registered by a script with C{--register}, or by
+        the interactive client after asking.  Returns what to do: C{"link"}, C{"rekey"} or C{"register"}; raises
+        L{ServerChanged} or L{NoKey}.
         """
         for old in self.known.forgotten(self.known_address):
-            if old != client.server_id and os.path.exists(os.path.join(self.home, old, self.user, KEY_FILE_NAME)):
+            if old != client.server_id and holds_key(os.path.join(self.home, old, self.user)):
                 raise ServerChanged(self.address, old, client.server_id, self.trust_command, message=(
                     "This machine already holds a key for %s at %s under the server id %s, which that address "
                     "presented before 'forget-server'; it now presents %s, so pager makes no new key there: a "
@@ -8221,6 +8307,7 @@ class Session:
         except BadRequest:
             exists = False  # a server older than "exists": registering then tells whether the name is taken
         copy = "copy it here with 'pager-cli export-key' there and 'pager-cli import-key' here"
+        link = "pager-cli link-device %s --user %s" % (self.address, self.user)
         registered = ("%s's registration is closed, so %s can only be an existing account there" if closed
                       else "%s is registered on %s") % ((self.address, self.user) if closed
                                                         else (self.user, self.address))
@@ -8230,17 +8317,31 @@ class Session:
                 raise Forbidden("This server does not take new users; ask its operator. If %s has an account "
                                 "there, %s." % (self.user, copy))
             if not self.prompter.interactive:
-                raise NoKey("%s, but this machine has no key for it: %s (or, if the key is lost, re-key the "
-                            "account with its safetoken in 'pager-cli connect')." % (registered, copy))
-            self.prompter.say("%s (server id %s), but this machine has no key for it. If you have it on another "
-                              "machine, %s. Otherwise this machine can make a new key and re-key the account with "
-                              "its safetoken: messages sent to the old key can then never be read, and everyone who "
-                              "pinned it is warned." % (registered, client.server_id, copy))
-            if not await self.prompter.confirm("Make a new key for %s and re-key the account?" % self.user):
-                raise NoKey("No key made: %s has no key on this machine (%s)." % (self.user, copy))
-            return True
+                raise NoKey("%s, but this machine has no key for it: link this machine to the account as a new "
+                            "device with '%s' (approved on the machine that holds %s's key), or %s (or, if the key "
+                            "is lost, re-key the account with its safetoken in 'pager-cli connect')."
+                            % (registered, link, self.user, copy))
+            self.prompter.say(
+                "%s (server id %s), but this machine has no key for it. It can:\n"
+                "  l  link this machine to %s as a new device (recommended): it gets its own key, and you approve it "
+                "on the machine that holds %s's key with the code shown here;\n"
+                "  r  make a new key and re-key the account with its safetoken, if the key is lost: messages sent "
+                "to the old key can then never be read, %s's other devices are dropped, and everyone who pinned "
+                "the key is warned;\n"
+                "  n  neither (to use the same key here instead, %s)."
+                % (registered, client.server_id, self.user, self.user, self.user, copy))
+            while True:
+                answer = (await self.prompter.ask("Link, re-key or neither? [L/r/n] ")).lower()
+                if answer in ("", "l", "link"):
+                    return "link"
+                if answer in ("r", "re-key", "rekey"):
+                    return "rekey"
+                if answer in ("n", "no", "neither"):
+                    raise NoKey("No key made: %s has no key on this machine (link it with '%s', or %s)."
+                                % (self.user, link, copy))
+                self.prompter.say("Answer l (link this machine), r (re-key the account) or n (neither).")
         if self.config.get("register"):
-            return False
+            return "register"
         if not self.prompter.interactive:
             raise NoKey("This machine has no key for %s on %s (server id %s): if %s has a key on another machine, "
                         "copy it here with 'pager-cli export-key' and 'pager-cli import-key'; to make a new key and "
@@ -8252,7 +8353,7 @@ class Session:
         if not await self.prompter.confirm("Make a new key for %s and register it there?" % self.user):
             raise NoKey("No key made: %s is not registered on %s from this machine (or bring an existing key with "
                         "'pager-cli import-key')." % (self.user, self.address))
-        return False
+        return "register"
 
     async def _first_use(self, client, existing=False):
         """
@@ -8320,6 +8421,61 @@ class Session:
         self.key, self.token = key, token
         await self._login(client)
         return token
+
+    @property
+    def link_command(self):
+        """The command that approves a link request of this user on the identity machine, without its code."""
+        words = ["pager-cli", "link-device", self.address, "--user", self.user]
+        if self.config["tls"]:
+            words.append("--tls")
+        return " ".join(shlex.quote(word) for word in words)
+
+    async def link(self, client, name, show=None):
+        """
+        Link this machine to the account as a new device: make its key (under a new passphrase, as at
+        registration), send the server a link request authenticated by a one-time code, show the code with the
+        command that approves it on the machine holding the identity key, and wait for the approval (the server
+        keeps a request L{LINK_TTL} seconds).  Meanwhile the key waits in C{device.p12.new}; it takes its final name
+        only once approved, and a request that expires, fails or is interrupted (Ctrl-C) leaves no key behind.  The
+        connection can then log in as the device (L{_login}).
+        """
+        show = show or self.prompter.say
+        try:
+            passphrase = await self.new_passphrase("this device's key")
+        except usage.UsageError:
+            raise usage.UsageError(
+                "Linking this machine to %s makes it a key of its own: give that key's new passphrase in "
+                "PAGER_PASSPHRASE or --passphrase-file (or choose --no-passphrase)." % self.user)
+        self.prompter.say("Generating a %d-bit RSA key for this device..." % RSA_BITS)
+        key = await self.in_thread(generate_private_key)
+        pending = self.device_path + ".new"
+        try:
+            await self.in_thread(save_private_key, pending, key, passphrase)
+        except OSError as e:
+            raise LocalError("Cannot save the new device key in %s: %s." % (self.directory, e.strerror))
+        stopping = []
+        trigger = self.reactor.addSystemEventTrigger("before", "shutdown", lambda: stopping.append(True) or
+                                                     _remove_quietly(pending))
+        try:
+            text, secret = new_link_code()
+            await client.link_request(self.user, key, name, secret)
+            show("To link this machine to %s, run this on the machine that holds %s's key within %d minutes:\n\n"
+                 "    %s %s\n\nIt shows this device as %s (id %s): check that before approving it. Waiting "
+                 "for the approval (Ctrl-C cancels)..."
+                 % (self.user, self.user, LINK_TTL // 60, self.link_command, text, device_name_text(name),
+                    format_device_id(device_id(key))))
+            await client.wait_linked()
+            os.replace(pending, self.device_path)
+        except BaseException:
+            _remove_quietly(pending)
+            raise
+        finally:
+            if not stopping:
+                self.reactor.removeSystemEventTrigger(trigger)
+        self.key, self.passphrase, self.linked = key, passphrase, True
+        show("Linked: this machine is now %s's device %s (id %s); its key is saved in %s. It reads the messages "
+             "sent from now on, not older ones." % (self.user, device_name_text(name),
+                                                    format_device_id(device_id(key)), self.device_path))
 
     async def reconnect(self, say):
         """
@@ -8625,13 +8781,18 @@ def _lines_text(text):
     return "%d line%s" % (lines, "" if lines == 1 else "s")
 
 
-def describe_message(message, saved_path=None, elsewhere=False, cut=False):
+def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_from=None):
     """
     How an incoming message is shown: time, sender, trust mark, then the text (indented when it has lines).
     C{elsewhere} marks a message from outside the chat's current conversation (a leading \u00bb); with C{cut},
-    a long text shows only its first lines and a note that it is saved whole in C{saved_path}.
+    a long text shows only its first lines and a note that it is saved whole in C{saved_path}.  A message the user
+    sent from another of their devices (C{sent_from}: that device's name, as L{device_name_text} shows it) is shown
+    as sent: C{you (on 'laptop') \u2192 bob: ...}.
     """
-    if message.key_status in ("pinned", "verified"):
+    if sent_from is not None:
+        mark = "you (on %s) \u2192 %s:" % (sent_from, ", ".join(
+            r for r in message.recipients if r != message.sender) or "your other devices")
+    elif message.key_status in ("pinned", "verified"):
         mark = "\u2713"
     elif message.key_status == "new":
         mark = "\u2713 (first message: key pinned)"
@@ -8639,15 +8800,19 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False):
         mark = "\u26a0 KEY CHANGED, NOT VERIFIED: see /fingerprint %s, then /trust %s" % (
             message.sender, message.sender)
     when = message.accepted_at if message.accepted_at is not None else message.timestamp
-    head = "[%s] %s%s %s" % (_clock(when), "\u00bb " if elsewhere else "", message.sender, mark)
+    if sent_from is not None:
+        head = "[%s] %s%s" % (_clock(when), "\u00bb " if elsewhere else "", mark)
+    else:
+        head = "[%s] %s%s %s" % (_clock(when), "\u00bb " if elsewhere else "", message.sender, mark)
     if message.skewed:
         head += " (signed at %s by the sender's clock)" % _date_clock(message.timestamp)
     others = [r for r in message.recipients if r != message.sender]
-    if len(others) > 1:
+    if len(others) > 1 and sent_from is None:
         head += " (to %s)" % ", ".join(others)
     if message.content_type == "file":
-        return "%s sent the file %s (%s), saved as %s" % (
-            head, message.filename, _size_text(len(message.plaintext)), saved_path)
+        return "%s%s the file %s (%s), saved as %s" % (
+            head, " sent" if sent_from is None else "", message.filename, _size_text(len(message.plaintext)),
+            saved_path)
     text = message.plaintext.decode("utf-8", "replace").rstrip("\n")
     note = None
     if cut:
@@ -8876,6 +9041,7 @@ Every line you type goes to the open conversation (its name is the prompt); comm
   /fingerprint [NAME]        your key's fingerprint, or NAME's and whether it is pinned, verified or changed
   /verify NAME               record that you compared NAME's fingerprint with NAME (by phone or in person)
   /trust NAME                accept NAME's new key after checking its fingerprint
+  /devices [NAME]            your devices, or NAME's (pager-cli link-device adds one, revoke-device removes one)
   /whoami                    who you are, on which server
   /help                      this text
   /quit                      leave (Ctrl-D too)
@@ -8919,6 +9085,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         client.on_rejected = self.message_rejected
         client.on_disconnect = self.disconnected
         client.on_failure = self.hand_off_failed
+        client.on_devices_changed = self.devices_changed
         self._gathering = True  # a login begins: the receipts the server kept for us come first
 
     def _logged_in(self):
@@ -9235,10 +9402,18 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         _, current = await s.client.public_key(user, refresh=True)
         return current, await s.store.key_status(user, current), await s.store.get_pin(user)
 
+    async def _own_fingerprint(self):
+        """The fingerprint of the user's identity key: this machine's key, or, on a linked device, the one it joined."""
+        s = self.session
+        return (await s.client.public_key(s.user))[1] if s.linked else fingerprint(s.key)
+
     async def command_whoami(self, rest):
         s = self.session
         lines = ["%s on %s (server id %s); your key's fingerprint:" % (s.user, s.address, s.client.server_id),
-                 "    " + format_fingerprint(fingerprint(s.key))]
+                 "    " + format_fingerprint(await self._own_fingerprint())]
+        if s.linked:
+            lines.append("This machine is your linked device %s (its own key; the identity key is on another "
+                         "machine)." % format_device_id(device_id(s.key)))
         if self.conversation is not None:
             _, status, _ = await self._peer_key(self.conversation)
             lines.append("Talking to %s, whose key is %s." % (
@@ -9248,7 +9423,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     async def command_fingerprint(self, rest):
         s = self.session
         if not rest or canonical_username(rest) == s.user:
-            self.show("Your key (%s):\n    %s" % (s.user, format_fingerprint(fingerprint(s.key))))
+            self.show("Your key (%s):\n    %s" % (s.user, format_fingerprint(await self._own_fingerprint())))
             return
         user = canonical_username(rest)
         current, status, pin = await self._peer_key(user)
@@ -9283,6 +9458,13 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self.show("Now trusting %s's key (pinned, not verified: /verify %s once you have compared it):\n    %s"
                   % (user, user, format_fingerprint(fp)))
 
+    async def command_devices(self, rest):
+        s = self.session
+        user = canonical_username(rest) if rest else s.user
+        devices = await s.client.devices(user)
+        identity = (await s.client.public_key(user))[1][:DEVICE_ID_SIZE]
+        self.show(describe_devices(user, devices, identity, device_id(s.key) if user == s.user else None))
+
     async def command_history(self, rest):
         peer = canonical_username(rest) if rest else None
         entries = await self.session.store.history(peer)
@@ -9316,14 +9498,39 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 name = "message from %s %s.txt" % (message.sender, time.strftime(
                     "%Y-%m-%d %H.%M.%S", time.localtime(message.accepted_at or message.timestamp)))
                 saved = await self.session.in_thread(save_incoming_file, directory, name, message.plaintext)
-        if message.sender != self.session.user:
+        s = self.session
+        own = message.sender == s.user and message.sender_device != device_id(s.key)
+        if own:
+            # Sent by this user from another of their devices: shown, and kept in the history, as sent.
+            sent_from = await s.own_device_name(message.sender_device)
+            peers = [r for r in message.recipients if r != s.user]
+            elsewhere = self.conversation is not None and self.conversation not in peers
+            self.show(describe_message(message, saved, elsewhere=elsewhere, cut=True, sent_from=sent_from))
+            await s.store.add_history(HistoryEntry(
+                message.accepted_at or message.timestamp, "out", ",".join(peers) or s.user,
+                message.message_id.hex(), message.content_type, message.filename,
+                message.plaintext if message.content_type == "text" else b"", "sent from %s" % sent_from))
+            return
+        if message.sender != s.user:
             self.last_sender = message.sender
         elsewhere = self.conversation is not None and message.sender != self.conversation
         self.show(describe_message(message, saved, elsewhere=elsewhere, cut=True))
-        await self.session.store.add_history(HistoryEntry(
+        await s.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
             message.key_status))
+
+    def devices_changed(self, user, added, revoked):
+        """A line for each device C{user} added or revoked (each certified by, or revoked with, the pinned key)."""
+        who = "you" if user == self.session.user else user
+        for device in added:
+            self.show("[%s] %s added a device %s (id %s)" % (
+                _clock(self.reactor.seconds()), who, device_name_text(device.name),
+                format_device_id(device.device_id)))
+        for device in revoked:
+            self.show("[%s] %s revoked the device %s (id %s)" % (
+                _clock(self.reactor.seconds()), who, device_name_text(device.name),
+                format_device_id(device.device_id)))
 
     def hand_off_failed(self, error, sender):
         """An incoming message (or receipt) could not be saved, shown or recorded: it stays on the server."""
@@ -9881,6 +10088,12 @@ class NotDelivered(PagerError):
     code = "not_delivered"
 
 
+class UnknownDevice(PagerError):
+    """No device of the user has that id or name."""
+
+    code = "unknown_device"
+
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK, EXIT_LOCAL = range(8)
 EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM before the command finished
 
@@ -10045,10 +10258,11 @@ class _ClientOptions(_GnuOptions):
         ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
                                    "$PAGER_TOKEN, else the one kept on this machine, else a prompt: only in "
-                                   "connect, and on a terminal token, verify and import-key)."],
+                                   "connect, and on a terminal token, verify, import-key, link-device and "
+                                   "revoke-device)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, else a "
                                         "prompt: only in connect, and on a terminal passwd, token, verify, "
-                                        "export-key and import-key)."],
+                                        "export-key, import-key, link-device and revoke-device)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.", _positive(float)],
@@ -10093,10 +10307,11 @@ class ConnectOptions(_ClientOptions):
     synopsis = "[HOST[:PORT]] [options]"
     longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and the key's passphrase (the "
                 "safetoken only when this machine does not keep it yet); on first use asks before making a key and "
-                "registering (--register: without asking). Type '/help' once connected. In a terminal the line is "
-                "edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for history); Ctrl-C clears the line, a "
-                "second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block of lines is one message to the "
-                "current conversation.")
+                "registering (--register: without asking), or, for an account that has its key elsewhere, offers "
+                "to link this machine as a new device (see link-device) or to re-key the account. Type '/help' once "
+                "connected. In a terminal the line is edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for "
+                "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block "
+                "of lines is one message to the current conversation.")
     optFlags = [_REGISTER]
 
     def parseArgs(self, server=None):
@@ -10283,6 +10498,82 @@ class FingerprintOptions(_ClientOptions):
             raise usage.UsageError(e.message)
 
 
+def _device_name_option(name):
+    if name is not None and not valid_device_name(name):
+        raise usage.UsageError("A device name is 1 to %d bytes of printable text, with no space at either end."
+                               % MAX_DEVICE_NAME_BYTES)
+    return name
+
+
+class LinkDeviceOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--name DEVICE_NAME] [CODE]"
+    longdesc = ("Add a device (a laptop, a cron box) to your account, in two steps. On the NEW machine, without CODE: "
+                "makes this machine's own key (under a new passphrase, as at registration), prints a one-time code "
+                "and the command to run with it, and waits up to 10 minutes for the approval (Ctrl-C cancels, and "
+                "then nothing is kept); once approved, the key is saved and this machine logs in as that device. On "
+                "the machine that holds your key, with the CODE the new machine printed: shows the new device's "
+                "name and id, asks to confirm (--yes for scripts) and approves it. Neither the server nor anyone "
+                "without the code can add a device. The new device reads messages sent from then on.")
+    not_applicable = ("skew-window", "no-history")
+    option_help = {"no-passphrase": "Store the new device's key without a passphrase (for unattended use; anyone "
+                                    "who can read the file can use the key)."}
+    optParameters = [["name", None, None, "The new device's name, as its owner and contacts see it [default: this "
+                                          "machine's host name]; with CODE, the name to give the device instead of "
+                                          "the one it asked for."]]
+    optFlags = [["yes", "y", "With CODE: approve without asking (check the device's name and id first)."],
+                ["force", None, "Without CODE: link this machine again with a new key though it already is a device "
+                                "of the user (one that was revoked)."]]
+
+    def parseArgs(self, server, code=None):
+        self["server"], self["code"] = server, code
+
+    def postOptions(self):
+        super().postOptions()
+        self["name"] = _device_name_option(self["name"])
+        if self["code"] is not None:
+            try:
+                self["secret"] = parse_link_code(self["code"])
+            except BadLinkCode as e:
+                raise usage.UsageError(e.message)
+            if self["force"]:
+                raise usage.UsageError("--force goes with linking the new machine (without CODE).")
+        elif self["yes"]:
+            raise usage.UsageError("--yes goes with approving a device (with the CODE it shows).")
+
+
+class RevokeDeviceOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME DEVICE [--yes]"
+    longdesc = ("Remove one of your devices (a lost laptop), on the machine that holds your key: DEVICE is its id "
+                "(as 'devices' lists it; an unambiguous start of it is enough) or its name. Asks to confirm (--yes "
+                "for scripts). The device can no longer log in, gets no new message, and your contacts' clients show "
+                "that it was revoked. The identity device itself cannot be revoked.")
+    not_applicable = ("no-passphrase", "skew-window", "no-history")
+    optFlags = [["yes", "y", "Revoke without asking."]]
+
+    def parseArgs(self, server, device):
+        self["server"], self["device"] = server, device
+
+
+class DevicesOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--of USER] [--json]"
+    longdesc = ("List your devices (or --of USER's), each certified by the user's identity key: name, id, when it "
+                "was added, when it was last seen (your own devices only) and whether it was revoked.")
+    not_applicable = ("no-passphrase", "skew-window", "no-history")
+    optParameters = [["of", None, None, "List this user's devices instead of yours."]]
+    optFlags = [["json", None, "Print one JSON object."]]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+    def postOptions(self):
+        super().postOptions()
+        if self["of"] is not None:
+            try:
+                self["of"] = canonical_username(self["of"])
+            except BadRequest as e:
+                raise usage.UsageError(e.message)
+
+
 class TrustServerOptions(_GnuOptions):
     synopsis = "HOST[:PORT] [--tls [--ca FILE]] [--id SERVER_ID]"
     longdesc = ("Accept the server id that HOST[:PORT] presents now, after its operator confirmed a deliberate move: "
@@ -10432,7 +10723,8 @@ class Options(_CommandOptions):
                 "(also run as 'python pager.py COMMAND', 'python -m pager COMMAND' and 'twistd pager server'). "
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
                 "3 authentication failed (safetoken, passphrase or key; no key for the user here without "
-                "--register), 4 unknown user, 5 a user's key or the server's id changed and is not trusted, "
+                "--register; a link code that matches no request; what needs the identity key run on a linked "
+                "device), 4 unknown user or device, 5 a user's key or the server's id changed and is not trusted, "
                 "6 network failure, 7 a local file or directory cannot be used (read, written or understood), 130 "
                 "interrupted before finishing.")
     _SUBCOMMANDS = [
@@ -10448,6 +10740,9 @@ class Options(_CommandOptions):
         ["fingerprint", None, FingerprintOptions, "Show a key's fingerprint and whether it is verified."],
         ["verify", None, VerifyOptions, "Mark a user's key verified after comparing fingerprints."],
         ["trust", None, TrustOptions, "Accept a user's changed key."],
+        ["devices", None, DevicesOptions, "List a user's devices."],
+        ["link-device", None, LinkDeviceOptions, "Add a device to your account (run on both machines)."],
+        ["revoke-device", None, RevokeDeviceOptions, "Remove one of your devices."],
         ["trust-server", None, TrustServerOptions, "Accept a server's new id at a known address."],
         ["forget-server", None, ForgetServerOptions, "Forget which server id an address presented."],
         ["make-cert", None, MakeCertOptions, "Make a self-signed TLS certificate for a server."],
@@ -10522,7 +10817,7 @@ def exit_code(error):
         return EXIT_USAGE
     if isinstance(error, (AuthFailed, KeyFileError, NoKey)):
         return EXIT_AUTH
-    if isinstance(error, UnknownUser):
+    if isinstance(error, (UnknownUser, UnknownDevice)):
         return EXIT_UNKNOWN_USER
     if isinstance(error, (KeyChanged, ServerChanged)):
         return EXIT_KEY_TRUST
@@ -10662,8 +10957,11 @@ async def _fetch_command(reactor, config):
                 raise LocalError("Cannot save the file %s from %s in %s: %s; it stays on the server." % (
                     safe_filename(message.filename), message.sender, os.path.join(session.directory, "files"),
                     e.strerror))
+        sent_from = None
+        if message.sender == session.user and message.sender_device != device_id(session.key):
+            sent_from = await session.own_device_name(message.sender_device)
         try:
-            _print_message(message, saved, config["json"])
+            _print_message(message, saved, config["json"], sent_from)
         except BrokenPipeError:
             # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -10711,13 +11009,17 @@ async def _fetch_command(reactor, config):
         await session.close()
 
 
-def _print_message(message, saved, as_json):
-    """Print a message fetched, as one JSON object or as text, and flush it before it is acknowledged."""
+def _print_message(message, saved, as_json, sent_from=None):
+    """
+    Print a message fetched, as one JSON object or as text, and flush it before it is acknowledged; one the user
+    sent from another of their devices (C{sent_from}: its name as shown) is printed as sent.
+    """
     if as_json:
         record = {
             "id": message.message_id.hex(), "from": message.sender, "to": list(message.recipients),
-            "time": message.timestamp, "accepted_at": message.accepted_at, "type": message.content_type,
-            "key_status": message.key_status, "skewed": message.skewed,
+            "from_device": message.sender_device.hex(), "time": message.timestamp,
+            "accepted_at": message.accepted_at, "type": message.content_type, "key_status": message.key_status,
+            "skewed": message.skewed,
         }
         if message.content_type == "file":
             record.update(filename=message.filename, saved_to=saved, size=len(message.plaintext))
@@ -10725,7 +11027,7 @@ def _print_message(message, saved, as_json):
             record["text"] = message.plaintext.decode("utf-8", "replace")
         sys.stdout.write(json.dumps(record) + "\n")
     else:
-        sys.stdout.write(describe_message(message, saved) + "\n")
+        sys.stdout.write(describe_message(message, saved, sent_from=sent_from) + "\n")
     sys.stdout.flush()
 
 
@@ -10751,6 +11053,8 @@ async def _export_key_command(reactor, config):
     finally:
         await client.close()
     if not os.path.exists(session.key_path):
+        if os.path.lexists(session.device_path):
+            raise session.refuse_linked("export the key")
         raise NoKey("This machine has no key for %s on %s (server id %s)." % (
             session.user, session.address, session.server_id))
     key = await session.load_key(session.key_path)
@@ -10762,6 +11066,13 @@ async def _export_key_command(reactor, config):
         raise LocalError("Cannot write %s: %s." % (config["out"], e.strerror))
     session.prompter.say("Wrote %s's key (fingerprint %s) to %s." % (
         session.user, format_fingerprint(fingerprint(key)), config["out"]))
+    session.prompter.say(IMPORT_MAKES_IDENTITY % {"user": session.user})
+
+
+IMPORT_MAKES_IDENTITY = (
+    "The machine that imports it becomes %(user)s's identity device in place of this one (its prekeys "
+    "replace this machine's, so this one then reads no new message); to use pager on both machines, add the other "
+    "one with 'pager-cli link-device' instead.")
 
 
 async def _import_key_command(reactor, config):
@@ -10778,6 +11089,10 @@ async def _import_key_command(reactor, config):
         await session.open_local(client)
         if os.path.lexists(session.key_path) and not config["force"]:
             raise usage.UsageError("This machine already has a key for %s; use --force to replace it." % session.user)
+        if os.path.lexists(session.device_path) and not config["force"]:
+            raise usage.UsageError("This machine is a linked device of %s already (%s): use --force to make it the "
+                                   "identity device instead, then revoke the device it was." % (
+                                       session.user, session.device_path))
         try:
             key = await session.in_thread(decode_private_key, data, "", config["file"])
         except WrongPassphrase:
@@ -10797,6 +11112,9 @@ async def _import_key_command(reactor, config):
             session.store.close()
     prompter.say("Installed %s's key (fingerprint %s) in %s." % (
         session.user, format_fingerprint(fingerprint(key)), session.key_path))
+    prompter.say("This machine is now %s's identity device: its prekeys replace those of the machine the key came "
+                 "from, which then reads no new message; to use both machines, keep the key on one and add the other "
+                 "with 'pager-cli link-device'." % session.user)
 
 
 async def _check_imported_key(session, client, key):
@@ -10831,10 +11149,13 @@ async def _passwd_command(reactor, config):
         await session.locate(client)
     finally:
         await client.close()
-    if not os.path.lexists(session.key_path):
+    path = session.key_path
+    if not os.path.lexists(path) and os.path.lexists(session.device_path):
+        path = session.device_path  # a linked device's key: no safetoken is kept with it
+    if not os.path.lexists(path):
         raise NoKey("This machine has no key for %s on %s (server id %s)." % (
             session.user, session.address, session.server_id))
-    key, old = await session.unlock_key(session.key_path)
+    key, old = await session.unlock_key(path)
     try:
         token = await session.in_thread(load_token, session.token_path, old, session.server_id, session.user)
     except TokenFileError as e:
@@ -10849,12 +11170,12 @@ async def _passwd_command(reactor, config):
     if config["no-passphrase"]:
         session.prompter.say("Warning: your private key is now kept without a passphrase: whoever can read the "
                              "file can read your messages and page as you.")
-    await session.in_thread(save_private_key, session.key_path, key, new)
+    await session.in_thread(save_private_key, path, key, new)
     if token is not None:
         await session.in_thread(save_token, session.token_path, token, new, session.server_id, session.user)
     elif os.path.exists(session.token_path):
         os.unlink(session.token_path)
-    print("Changed the passphrase of %s's key on this machine (%s)." % (session.user, session.key_path))
+    print("Changed the passphrase of %s's key on this machine (%s)." % (session.user, path))
 
 
 async def _token_command(reactor, config):
@@ -10866,6 +11187,7 @@ async def _token_command(reactor, config):
             raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
     elif not session.prompter.interactive:
         raise usage.UsageError("Give the new safetoken with --new-token-file.")
+    session.needs_identity = "change the safetoken"
     client = await session.start(receive=False)
     try:
         if new is None:
@@ -10891,7 +11213,9 @@ async def _fingerprint_command(reactor, config):
     client = await session.start(receive=False)
     try:
         if config["name"] is None or config["name"] == session.user:
-            name, fp, status = session.user, fingerprint(session.key), "own"
+            # On a linked device, the identity key's fingerprint: the one contacts compare, not the device's.
+            own = (await client.public_key(session.user))[1] if session.linked else fingerprint(session.key)
+            name, fp, status = session.user, own, "own"
         else:
             name = config["name"]
             fp, status = await client.key_status(name)
@@ -10976,6 +11300,164 @@ async def _forget_server_command(reactor, config):
     else:
         print("Forgot that %s is the server id %s: the next command remembers the id it presents then (keys kept "
               "under %s stay on this machine)." % (address, previous, previous))
+
+
+def _device_json(info, identity, this_device=None):
+    """A device as C{devices --json} prints it."""
+    return {"id": info.device_id.hex(), "name": info.name, "created": info.created, "last_seen": info.last_seen,
+            "revoked": info.revoked_at, "identity": info.device_id == identity,
+            "this_device": info.device_id == this_device}
+
+
+def describe_device(info, identity, this_device=None):
+    """One line about a device: name, id, when it was added, last seen (own devices only), revoked, which it is."""
+    parts = ["%-42s %s" % (device_name_text(info.name), format_device_id(info.device_id))]
+    parts.append("added %s" % (_date_clock(info.created) if info.created else "before devices were certified"))
+    if info.last_seen is not None:
+        parts.append("last seen %s" % _date_clock(info.last_seen))
+    if info.revoked_at is not None:
+        parts.append("REVOKED %s" % _date_clock(info.revoked_at))
+    if info.device_id == identity:
+        parts.append("identity key")
+    if this_device is not None and info.device_id == this_device:
+        parts.append("this machine")
+    return "  ".join(parts)
+
+
+def describe_devices(user, devices, identity, this_device=None):
+    """
+    The lines of C{devices} and the chat's C{/devices}: current devices first, then revoked ones.  C{identity} is
+    the id of the identity device (the first half of the identity key's fingerprint), C{this_device} this machine's.
+    """
+    current = [d for d in devices if d.revoked_at is None]
+    revoked = [d for d in devices if d.revoked_at is not None]
+    head = "%s has %d device%s%s:" % (user, len(current), "" if len(current) == 1 else "s",
+                                      " (and %d revoked)" % len(revoked) if revoked else "")
+    return "\n".join([head] + ["  " + describe_device(d, identity, this_device) for d in current + revoked])
+
+
+async def _devices_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.start(receive=False)
+    try:
+        user = config["of"] or session.user
+        devices = await client.devices(user)
+        identity = (await client.public_key(user))[1][:DEVICE_ID_SIZE]
+    finally:
+        await session.close()
+    this = device_id(session.key) if user == session.user else None
+    if config["json"]:
+        print(json.dumps({"user": user, "devices": [_device_json(d, identity, this) for d in devices]}))
+    else:
+        print(describe_devices(user, devices, identity, this))
+
+
+async def _link_device_command(reactor, config):
+    if config["code"] is not None:
+        await _approve_link_command(reactor, config)
+        return
+    prompter = Prompter(reactor, interactive=os.isatty(0))
+    session = Session(reactor, config, prompter)
+    session.receive = False  # its first login takes no message: the next command or chat does
+    client = session.client = await session.connect()
+    try:
+        await session.locate(client)
+        if os.path.lexists(session.key_path):
+            raise usage.UsageError(
+                "This machine already holds %s's key: link a new machine by running 'pager-cli link-device' there, "
+                "then '%s CODE' here with the code it shows." % (session.user, session.link_command))
+        if os.path.lexists(session.device_path) and not config["force"]:
+            raise usage.UsageError(
+                "This machine already is a device of %s (%s); if that device was revoked, link it again with "
+                "--force." % (session.user, session.device_path))
+        await session.open_local(client)
+        name = config["name"] or default_device_name()
+        await session.link(client, name, show=lambda text: print(text, flush=True))
+        await session._login(client)
+    finally:
+        await session.close()
+
+
+def _request_for_code(requests, secret, server_id, user):
+    """The link request (of those pending) whose MAC the code's secret makes, or None."""
+    for request in requests:
+        if hmac.compare_digest(request.mac, link_request_mac(secret, server_id, user, request.public_key_der,
+                                                             request.name)):
+            return request
+    return None
+
+
+async def _approve_link_command(reactor, config):
+    prompter = Prompter(reactor, interactive=os.isatty(0))
+    if not config["yes"] and not prompter.interactive:
+        raise usage.UsageError("Approving a device asks first: run it on a terminal, or give --yes once you have "
+                               "checked the new device's name and id.")
+    session = Session(reactor, config, prompter)
+    session.needs_identity = "approve the new device with its code"
+    client = await session.start(receive=False)
+    try:
+        request = _request_for_code(await client.link_pending(), config["secret"], client.server_id, session.user)
+        if request is None:
+            raise AuthFailed("No device is waiting to join %s with that code (it was mistyped, used already, or "
+                             "older than %d minutes): nothing was approved." % (session.user, LINK_TTL // 60))
+        new = request.device_id
+        name = config["name"] or request.name
+        prompter.say("A new device asks to join %s: %s, id %s%s." % (
+            session.user, device_name_text(request.name), format_device_id(new),
+            " (to be named %s)" % device_name_text(name) if name != request.name else ""))
+        if not config["yes"] and not await prompter.confirm(
+                "Is that the device you are linking, with that id shown on its screen? Add it to %s?" % session.user):
+            raise Cancelled("Not approved: the device was not added (its request expires by itself).")
+        await client.approve_link(request, name, config["secret"])
+    finally:
+        await session.close()
+    print("Added the device %s (id %s) to %s: it reads the messages sent to %s from now on; 'pager-cli "
+          "revoke-device' removes it." % (device_name_text(name), format_device_id(new), session.user, session.user))
+
+
+def _find_device(devices, text):
+    """The device C{text} names: its id (spaces ignored), an unambiguous start of it, or its name."""
+    digits = "".join(text.split()).lower()
+    named = [d for d in devices if d.name == text]
+    if not named and re.fullmatch("[0-9a-f]{4,%d}" % (DEVICE_ID_SIZE * 2), digits):
+        named = [d for d in devices if d.device_id.hex().startswith(digits)]
+    if not named:
+        named = [d for d in devices if d.name is not None and d.name.casefold() == text.casefold()]
+    current = [d for d in named if d.revoked_at is None]
+    if len(current) > 1:
+        raise usage.UsageError("%r names %d devices (%s): give more of the id." % (
+            text, len(current), ", ".join("%s %s" % (device_name_text(d.name), format_device_id(d.device_id))
+                                          for d in current)))
+    return current[0] if current else named[0] if named else None
+
+
+async def _revoke_device_command(reactor, config):
+    prompter = Prompter(reactor, interactive=os.isatty(0))
+    if not config["yes"] and not prompter.interactive:
+        raise usage.UsageError("Revoking a device asks first: run it on a terminal, or give --yes.")
+    session = Session(reactor, config, prompter)
+    session.needs_identity = "revoke the device"
+    client = await session.start(receive=False)
+    try:
+        device = _find_device(await client.devices(session.user), config["device"])
+        identity = device_id(session.key)
+        if device is None:
+            raise UnknownDevice("%s has no device with the id or name %r ('pager-cli devices' lists them)."
+                                % (session.user, config["device"]))
+        shown = "%s (id %s)" % (device_name_text(device.name), format_device_id(device.device_id))
+        if device.device_id == identity:
+            raise usage.UsageError("%s is the identity device, which holds %s's key, and cannot be revoked: to "
+                                   "replace a lost key, re-key the account with its safetoken in 'pager-cli "
+                                   "connect'." % (shown, session.user))
+        if device.revoked_at is not None:
+            raise usage.UsageError("%s was revoked already, at %s." % (shown, _date_clock(device.revoked_at)))
+        if not config["yes"] and not await prompter.confirm("Revoke %s's device %s?" % (session.user, shown)):
+            raise Cancelled("Not revoked: nothing changed.")
+        await client.revoke_device(device.device_id)
+    finally:
+        await session.close()
+    print("Revoked %s's device %s: it can no longer log in or receive messages, and your contacts see that it was "
+          "revoked." % (session.user, shown))
 
 
 def make_certificate(hostname, addresses=(), days=825, now=None):
@@ -11097,7 +11579,8 @@ _CLIENT_COMMANDS = {
     "connect": _connect_command, "send": _send_command, "fetch": _fetch_command, "users": _users_command,
     "export-key": _export_key_command, "import-key": _import_key_command, "passwd": _passwd_command,
     "token": _token_command, "fingerprint": _fingerprint_command, "verify": _verify_command,
-    "trust": _trust_command,
+    "trust": _trust_command, "devices": _devices_command, "link-device": _link_device_command,
+    "revoke-device": _revoke_device_command,
     "trust-server": _trust_server_command, "forget-server": _forget_server_command,
 }
 

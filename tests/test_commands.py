@@ -366,6 +366,9 @@ class OptionsTests(unittest.SynchronousTestCase):
             "fingerprint": ["--token-file", "--passphrase-file"],
             "trust-server": [],
             "forget-server": [],
+            "link-device": ["--token-file", "--passphrase-file", "--no-passphrase"],  # makes the new device's key
+            "revoke-device": ["--token-file", "--passphrase-file"],
+            "devices": ["--token-file", "--passphrase-file"],
         }
         self.assertEqual(set(cases), set(pager._CLIENT_COMMANDS))
         for command, present in cases.items():
@@ -378,9 +381,10 @@ class OptionsTests(unittest.SynchronousTestCase):
                 argv = [command, "localhost", "--user", "alice", option] + (
                     [] if option in ("--no-history", "--no-passphrase") else ["1"])
                 self.assertRaises(usage.UsageError, self.parse, *argv)
-        asking = "connect, and on a terminal passwd, token, verify, export-key and import-key"
+        asking = ("connect, and on a terminal passwd, token, verify, export-key, import-key, link-device and "
+                  "revoke-device")
         self.assertIn(asking, " ".join(str(self.command_options("send")).split()))
-        self.assertIn("connect, and on a terminal token, verify and import-key",
+        self.assertIn("connect, and on a terminal token, verify, import-key, link-device and revoke-device",
                       " ".join(str(self.command_options("fetch")).split()))
         self.assertNotIn("never ask", str(self.command_options("send")))
         for command, words in (("passwd", "Remove the key's passphrase"), ("export-key", "Write the file without"),

@@ -198,13 +198,13 @@ class NewMachineTests(KeysTestCase):
 
     async def test_asks_existing_token(self):
         """
-        connect says the account exists, asks before re-keying, then asks for the existing safetoken (not a new
-        one; three tries) and keeps it with the new key.
+        connect says the account exists and offers linking or re-keying; "r" re-keys: it asks for the existing
+        safetoken (not a new one; three tries) and keeps it with the new key.
         """
         await self.serve()
         await self.account("alice")
         home = self.home()
-        session, prompter = await self.session(home, ["y", "not my token", PASSPHRASE, PASSPHRASE, token("alice")])
+        session, prompter = await self.session(home, ["r", "not my token", PASSPHRASE, PASSPHRASE, token("alice")])
         text = prompter.text()
         self.assertIn("alice is registered on", text)
         self.assertIn("Safetoken of your existing account alice: ", prompter.prompts)
@@ -242,7 +242,7 @@ class NewMachineTests(KeysTestCase):
         made = []
         real = pager.generate_private_key
         self.patch(pager, "generate_private_key", lambda: made.append(1) or real())
-        session, prompter = await self.session(self.home(), ["y", token("alice"), PASSPHRASE, PASSPHRASE])
+        session, prompter = await self.session(self.home(), ["r", token("alice"), PASSPHRASE, PASSPHRASE])
         text = prompter.text()
         self.assertIn("Safetoken of your existing account alice: ", prompter.prompts)
         self.assertNotIn("Choose", text)
