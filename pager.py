@@ -5473,6 +5473,7 @@ class MemoryPrekeys:
 
     def __init__(self):
         self._rows = {}  # (device, kind, id) -> LocalPrekey
+        self.handed = set()  # (sender, message id) that a session of one of these devices stored
 
     def local_prekeys(self, device):
         return defer.succeed([p for (d, _, _), p in sorted(self._rows.items()) if d == device])
@@ -5513,7 +5514,9 @@ class MemorySeen:
         self.prekeys = prekeys if prekeys is not None else MemoryPrekeys()
 
     def contains(self, sender, msg_id, anywhere=False):
-        return defer.succeed((sender, bytes(msg_id)) in self._seen)
+        """Whether this store recorded the pair; with C{anywhere}, whether any session of its device did."""
+        pair = (sender, bytes(msg_id))
+        return defer.succeed(pair in self._seen or (anywhere and pair in self.prekeys.handed))
 
     def add(self, sender, msg_id, now, used=None):
         """
@@ -5521,6 +5524,7 @@ class MemorySeen:
         (in the same transaction, for a store on disk).
         """
         self._seen.add((sender, bytes(msg_id)))
+        self.prekeys.handed.add((sender, bytes(msg_id)))
         if used is not None:
             self.prekeys.use_one_time(*used)
         return defer.succeed(None)
@@ -7047,6 +7051,16 @@ class PagerClient:
         if not targets:
             raise BadRequest("Nobody to send it to: name someone other than yourself, or link another device.")
         return targets
+
+    async def device_targets(self, recipients):
+        """
+        The L{DeviceTarget}s L{seal} would seal to now: every current device of C{recipients} and this user's other
+        devices, verified as L{seal} says.  For a tool (or a test) that seals an envelope itself.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        names = sorted({canonical_username(n) for n in ([recipients] if isinstance(recipients, str) else recipients)})
+        return await self._targets(names, self._now())
 
     async def send_envelope(self, names, envelope):
         """
