@@ -7048,9 +7048,20 @@ class PagerClient:
                     # A legacy device: the identity device of an account whose 0.3 client has not logged in yet
                     # (verify_devices checked that its key is the identity key).
                     targets.append(DeviceTarget(user, info.device_id, rsa_key=identity))
-        if not targets:
-            raise BadRequest("Nobody to send it to: name someone other than yourself, or link another device.")
+        if self.user in names:
+            # A note to self: this device gets it too, sealed to its own current signed prekey.
+            targets.append(DeviceTarget(self.user, mine, signed_prekey=await self._own_signed_prekey(now)))
         return targets
+
+    async def _own_signed_prekey(self, now):
+        device = device_id(self.private_key)
+        current = [p for p in await self.seen.local_prekeys(device) if p.kind == "signed" and p.replaced_at is None
+                   and p.valid_from - PREKEY_SKEW <= now <= p.valid_until]
+        if not current:
+            raise NoPrekeys("This device has no usable signed prekey of its own to seal a note to self to.")
+        p = max(current, key=lambda p: p.valid_from)
+        # Unsigned: the sealer does not check signatures, and this device made it itself.
+        return SignedPrekey(self.user, device, p.prekey_id, p.public, p.valid_from, p.valid_until, b"")
 
     async def device_targets(self, recipients):
         """
@@ -7085,7 +7096,7 @@ class PagerClient:
         proto = self.protocol
         max_line = self.limits.get("max_line", 0)
         header = b64(envelope.header)
-        frame = {"to": [name for name in names if name != self.user], "size": envelope.size, "header": header}
+        frame = {"to": names, "size": envelope.size, "header": header}
         encoded = sum((len(c) + 2) // 3 * 4 + 3 for c in envelope.chunks)  # base64 sizes, without encoding yet
         if len(header) + encoded + FRAME_MARGIN < max_line:
             return await proto.request("send", chunks=[b64(c) for c in envelope.chunks],

@@ -359,3 +359,16 @@ class PrekeyMaintenanceTests(DeviceClientTestCase):
         await self.wait_for(lambda: bob.events.messages or bob.events.rejected, "bob's message")
         self.assertEqual(bob.events.rejected, [])
         self.assertOpened(bob.events.messages[0], "alice", b"after a fresh start")
+
+
+class NoteToSelfTests(DeviceClientTestCase):
+
+    async def test_note_to_self_reaches_every_device(self):
+        """A message to oneself is sealed to every device of the user, the sending one too, and each opens it."""
+        alice = await self.register(self.address, "alice")
+        laptop = await self.link(alice, "alice-laptop")
+        laptop.events = type(alice.events)(laptop)
+        msg = await alice.send("alice", "remember the milk")
+        for client in (alice, laptop):
+            await self.wait_for(lambda: client.events.messages, "the note on device %s" % client.device)
+            self.assertOpened(client.events.messages[0], "alice", b"remember the milk", msg, ["alice"])
