@@ -1930,6 +1930,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     device BLOB NOT NULL,
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
     told INTEGER NOT NULL DEFAULT 0,
+    shared INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (recipient, ord, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -2086,7 +2087,7 @@ _MIGRATIONS = {
         " public_key, key_set_at FROM users" % DEVICE_ID_SIZE,
         "CREATE TABLE deliveries_v3 (recipient TEXT NOT NULL, ord INTEGER NOT NULL, device BLOB NOT NULL,"
         " seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE, told INTEGER NOT NULL DEFAULT 0,"
-        " PRIMARY KEY (recipient, ord, device)) WITHOUT ROWID",
+        " shared INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (recipient, ord, device)) WITHOUT ROWID",
         "INSERT INTO deliveries_v3 (recipient, ord, device, seq) SELECT d.recipient, d.ord, substr(u.fingerprint, 1,"
         " %d), d.seq FROM deliveries d JOIN users u ON u.name = d.recipient" % DEVICE_ID_SIZE,
         "DROP TABLE deliveries",
@@ -2641,12 +2642,16 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
                     (_still_reserved_txn(txn, seq, size),))
         txn.execute("UPDATE messages SET signature = ?, chunk_count = ?, accepted_at = ?, expires_at = ?, ord = ?,"
                     " reserved = NULL WHERE seq = ?", (signature, count, now, expires_at, ord_, seq))
+    # "shared": other devices of the same user get it too, so settling it must look at them (settle_txn).
     if targets is None:
-        txn.execute("INSERT INTO deliveries (recipient, ord, device, seq) SELECT user, ?, device_id, ? FROM devices"
-                    " WHERE user IN (%s) AND revoked_at IS NULL" % _marks(recipients), (ord_, seq, *recipients))
+        txn.execute("INSERT INTO deliveries (recipient, ord, device, seq, shared) SELECT user, ?, device_id, ?,"
+                    " (SELECT COUNT(*) FROM devices o WHERE o.user = devices.user AND o.revoked_at IS NULL) > 1"
+                    " FROM devices WHERE user IN (%s) AND revoked_at IS NULL" % _marks(recipients),
+                    (ord_, seq, *recipients))
     else:
-        txn.executemany("INSERT INTO deliveries (recipient, ord, device, seq, told) VALUES (?, ?, ?, ?, ?)",
-                        [(r, ord_, device, seq, told) for r, device, told in targets])
+        copies = collections.Counter(r for r, _, _ in targets)
+        txn.executemany("INSERT INTO deliveries (recipient, ord, device, seq, told, shared) VALUES (?, ?, ?, ?, ?, ?)",
+                        [(r, ord_, device, seq, told, copies[r] > 1) for r, device, told in targets])
     return seq, now, False, ord_
 
 
@@ -2740,24 +2745,25 @@ def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, device=Non
     _check_session_key_txn(txn, user, user_fp)
     found = {}
     for part in _in_pages(msg_ids):
-        for seq, msg_id, sender, size, ord_, dev, told in txn.execute(
+        for seq, msg_id, sender, size, ord_, dev, told, shared in txn.execute(
                 # CROSS JOIN keeps SQLite to this order: each id through the msg_id index, never a scan of the
                 # user's whole queue
-                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord, d.device, d.told FROM messages m CROSS JOIN"
+                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord, d.device, d.told, d.shared FROM messages m CROSS JOIN"
                 " deliveries d ON d.recipient = ?1 AND d.ord = m.ord AND d.seq = m.seq AND (?2 IS NULL OR d.device"
                 " = ?2) WHERE m.msg_id IN (%s)" % ",".join("?%d" % (i + 3) for i in range(len(part))),
                 (user, device, *part)):
-            entry = found.setdefault(bytes(msg_id), [seq, sender, size, ord_, [], False])
+            entry = found.setdefault(bytes(msg_id), [seq, sender, size, ord_, [], False, False])
             entry[4].append(bytes(dev))
             entry[5] = entry[5] or bool(told)
+            entry[6] = entry[6] or bool(shared)
     unknown = [m for m in msg_ids if m not in found]
     settled = [m for m in dict.fromkeys(msg_ids) if m in found]  # each once, in the order asked
     if not settled:
         return [], unknown
     txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ? AND device = ?",
                     [(user, found[m][3], dev) for m in settled for dev in found[m][4]])
-    left = set()  # the positions other devices of the user still wait for
-    for part in _in_pages([found[m][3] for m in settled]):
+    left = set()  # the positions other devices of the user still wait for (only shared ones can be: no SQL otherwise)
+    for part in _in_pages([found[m][3] for m in settled if found[m][6]]):
         left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
                                               % _marks(part), (user, *part)))
     done = [m for m in settled if found[m][3] not in left]
