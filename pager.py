@@ -7299,7 +7299,10 @@ class PagerClient:
         self._ack("msgs", incoming.msg)
 
     async def _reject(self, incoming, error):
-        await self.protocol.request("reject", msg=incoming.msg, reason=error.message)
+        try:
+            await self.protocol.request("reject", msg=incoming.msg, reason=error.message)
+        except UnknownMessage:
+            pass  # settled already (by another session of this device), or never held by the server: still told
         if self.on_rejected is not None:
             self.on_rejected(incoming.msg, incoming.sender, error)
 

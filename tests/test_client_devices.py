@@ -6,6 +6,7 @@ lost state).
 """
 
 import dataclasses
+import hashlib
 
 from twisted.internet import defer, reactor
 
@@ -372,3 +373,55 @@ class NoteToSelfTests(DeviceClientTestCase):
         for client in (alice, laptop):
             await self.wait_for(lambda: client.events.messages, "the note on device %s" % client.device)
             self.assertOpened(client.events.messages[0], "alice", b"remember the milk", msg, ["alice"])
+
+
+def push(client, envelope, sender):
+    """C{envelope} pushed to C{client} as a server would (here: as a hostile one, or one that kept it queued)."""
+    msg = pager.parse_header(envelope.header).message_id.hex()
+    client.frame_received({"type": "message", "msg": msg, "from": sender, "header": pager.b64(envelope.header),
+                           "chunks": [pager.b64(c) for c in envelope.chunks],
+                           "signature": pager.b64(envelope.signature)})
+    return msg
+
+
+class ReceivingTests(DeviceClientTestCase):
+
+    async def test_version_one_envelope_opens(self):
+        """An envelope of version 1 (queued before the upgrade) still opens with the identity key."""
+        alice = await self.register(self.address, "alice")
+        bob = await self.register(self.address, "bob")
+        await alice.devices("bob")
+        content_key, mid = bytes(range(32)), bytes(range(16))
+        recipients = [pager.Recipient("bob", pager.fingerprint(key("bob")),
+                                      key("bob").public_key().encrypt(content_key, pager._OAEP))]
+        header = pager._encode_header_v1(mid, int(bob.reactor.seconds() * 1000), "alice",
+                                         pager.fingerprint(key("alice")), "text", "", pager.CHUNK_SIZE, recipients,
+                                         pager._commitment(mid, content_key))
+        chunk = pager.AESGCM(content_key).encrypt(pager._nonce(0, True), b"queued in 0.2",
+                                                  hashlib.sha256(header).digest())
+        signed = pager.signed_bytes(header, 1, len(chunk), hashlib.sha256(chunk).digest())
+        signature = key("alice").sign(signed, pager._PSS, pager.hashes.SHA256())
+        push(bob, pager.Envelope(header, [chunk], signature), "alice")
+        await self.wait_for(lambda: bob.events.messages or bob.events.rejected, "the version 1 message")
+        self.assertEqual(bob.events.rejected, [])
+        self.assertEqual(bytes(bob.events.messages[0].plaintext), b"queued in 0.2")
+
+    async def test_revoked_device_refused(self):
+        """
+        A message signed by a device its user revoked (pushed by a server that kept it, say) is rejected: the
+        revocation, verified against the pinned identity key, is what the recipient's client goes by.
+        """
+        alice = await self.register(self.address, "alice")
+        bob = await self.register(self.address, "bob")
+        bob2 = await self.link(bob, "bob-phone", name="phone")
+        envelope = pager.seal(key("bob-phone"), "bob", await bob2.device_targets(["alice"]), b"from the stolen phone",
+                              sender_fingerprint=pager.fingerprint(key("bob")))
+        await bob.revoke_device(bob2.device)
+        await alice.devices("bob")
+        push(alice, envelope, "bob")
+        await self.wait_for(lambda: alice.events.rejected, "alice's client to refuse it")
+        [(_, sender, error)] = alice.events.rejected
+        self.assertEqual(sender, "bob")
+        self.assertIsInstance(error, pager.WrongSenderKey)
+        self.assertIn("revoked", error.message)
+        self.assertEqual(alice.events.messages, [])
