@@ -5972,8 +5972,9 @@ def _set_devices_txn(txn, user, identity, devices):
 
 class LocalStore(SeenStore):
     """
-    One user's local database on one machine (C{client.sqlite3}, mode 0600): the duplicate store, the pinned keys
-    (trust on first use) and, unless turned off, the message history.
+    One user's local database on one machine (C{client.sqlite3}, mode 0600): the duplicate store, this device's
+    prekeys (L{SeenStore}), the pinned keys (trust on first use), contacts' devices as verified against them and,
+    unless turned off, the message history.  Deleted rows are overwritten on disk (C{secure_delete}).
     """
 
     def __init__(self, path, reactor=None, history=True):
