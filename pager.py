@@ -5039,6 +5039,7 @@ class PagerService(service.Service):
         for connection in list(self.factory.protocols):
             connection.close()  # each is aborted after close_grace if its peer does not let it close sooner
         await self.factory.all_closed()
+        self.factory.stop_expiry()  # again: an ack settled while the connections closed schedules a reclaim
         self.store.close()
 
     def stopService(self):
