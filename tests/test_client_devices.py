@@ -6,9 +6,11 @@ lost state).
 """
 
 import dataclasses
+import os
 import hashlib
 
 from twisted.internet import defer, reactor
+from twisted.trial import unittest
 
 import pager
 from tests.test_e2e import LISTEN, E2ETestCase, Events, key, token
@@ -425,3 +427,54 @@ class ReceivingTests(DeviceClientTestCase):
         self.assertIsInstance(error, pager.WrongSenderKey)
         self.assertIn("revoked", error.message)
         self.assertEqual(alice.events.messages, [])
+
+
+class LocalStateTests(unittest.TestCase):
+    """The prekeys and devices tables of client.sqlite3, and their in-memory equivalents, keep the same things."""
+
+    async def stores(self):
+        """C{(prekey store, device store)} pairs: a LocalStore (both), and MemorySeen with MemoryPins."""
+        local = pager.LocalStore(os.path.abspath(self.mktemp()), reactor)
+        self.addCleanup(local.close)
+        await local.open(reactor.seconds())
+        return [(local, local), (pager.MemorySeen(), pager.MemoryPins())]
+
+    async def test_prekeys(self):
+        """
+        A new signed prekey marks the current one replaced; forget_prekeys deletes those replaced at or before the
+        time given; recording a message deletes the one-time prekey it used, and only that one.
+        """
+        device = b"\x01" * 16
+        for seen, _ in await self.stores():
+            def row(kind, prekey_id):
+                return pager.LocalPrekey(kind, prekey_id, b"p" * 32, b"s" * 60, 0 if kind == "signed" else None,
+                                         100 if kind == "signed" else None, 1.0)
+            await seen.add_prekeys(device, [row("signed", 1), row("one-time", 7), row("one-time", 8)], 1.0)
+            await seen.add_prekeys(device, [row("signed", 2)], 10.0)
+            kept = {(p.kind, p.prekey_id): p.replaced_at for p in await seen.local_prekeys(device)}
+            self.assertEqual(kept, {("signed", 1): 10.0, ("signed", 2): None, ("one-time", 7): None,
+                                    ("one-time", 8): None})
+            self.assertEqual(await seen.forget_prekeys(device, 9.0), 0)
+            self.assertEqual(await seen.forget_prekeys(device, 10.0), 1)
+            await seen.add("alice", b"m" * 16, 11.0, (device, 7))
+            self.assertTrue(await seen.contains("alice", b"m" * 16))
+            signed, one_time = await seen.prekey_privates(device, 2, 7)
+            self.assertEqual((signed.prekey_id, one_time), (2, None))
+            self.assertEqual({(p.kind, p.prekey_id) for p in await seen.local_prekeys(device)},
+                             {("signed", 2), ("one-time", 8)})
+            self.assertEqual(await seen.local_prekeys(b"\x02" * 16), [])  # another device's are apart
+
+    async def test_devices(self):
+        """A user's devices are replaced as a whole; that a certified device was seen is kept for good."""
+        for _, pins in await self.stores():
+            self.assertIsNone(await pins.get_devices("bob"))
+            phone = pager.DeviceInfo("bob", b"\x01" * 16, b"der", "phone", 1700000000, b"sig", prekeys=True,
+                                     first_seen=5.0)
+            await pins.set_devices("bob", b"f" * 32, [phone])
+            known = await pins.get_devices("bob")
+            self.assertEqual((known.identity, known.certified_seen, known.devices), (b"f" * 32, True, (phone,)))
+            legacy = pager.DeviceInfo("bob", b"\x02" * 16, b"der2", first_seen=6.0)
+            await pins.set_devices("bob", b"g" * 32, [legacy])
+            known = await pins.get_devices("bob")
+            self.assertEqual((known.identity, known.certified_seen, known.devices), (b"g" * 32, True, (legacy,)))
+            self.assertIsNone(known.find(b"\x01" * 16))
