@@ -1930,6 +1930,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     device BLOB NOT NULL,
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
     told INTEGER NOT NULL DEFAULT 0,
+    shared INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (recipient, ord, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -2086,7 +2087,7 @@ _MIGRATIONS = {
         " public_key, key_set_at FROM users" % DEVICE_ID_SIZE,
         "CREATE TABLE deliveries_v3 (recipient TEXT NOT NULL, ord INTEGER NOT NULL, device BLOB NOT NULL,"
         " seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE, told INTEGER NOT NULL DEFAULT 0,"
-        " PRIMARY KEY (recipient, ord, device)) WITHOUT ROWID",
+        " shared INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (recipient, ord, device)) WITHOUT ROWID",
         "INSERT INTO deliveries_v3 (recipient, ord, device, seq) SELECT d.recipient, d.ord, substr(u.fingerprint, 1,"
         " %d), d.seq FROM deliveries d JOIN users u ON u.name = d.recipient" % DEVICE_ID_SIZE,
         "DROP TABLE deliveries",
@@ -2333,13 +2334,16 @@ def forget_revoked_txn(txn, older_than):
 
 def login_record_txn(txn, user, device_id):
     """
-    C{(UserRecord or None, device status)} for a login: the account, and L{device_status_txn} of C{device_id} (the
-    identity device's when None), in one step.
+    C{(UserRecord or None, device status, current devices)} for a login: the account, L{device_status_txn} of
+    C{device_id} (the identity device's when None), and the account's devices not revoked (id -> published prekeys),
+    for the server's cache, in one step.
     """
     record = get_user_txn(txn, user)
     if record is None:
-        return None, (None, None, 0)
-    return record, device_status_txn(txn, user, device_id or bytes(record.fingerprint)[:DEVICE_ID_SIZE])
+        return None, (None, None, 0), {}
+    current = {bytes(d): bool(p) for d, p in txn.execute(
+        "SELECT device_id, prekeys FROM devices WHERE user = ? AND revoked_at IS NULL", (user,))}
+    return record, device_status_txn(txn, user, device_id or bytes(record.fingerprint)[:DEVICE_ID_SIZE]), current
 
 
 def set_last_seen_txn(txn, user, device_id, at):
@@ -2638,12 +2642,16 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
                     (_still_reserved_txn(txn, seq, size),))
         txn.execute("UPDATE messages SET signature = ?, chunk_count = ?, accepted_at = ?, expires_at = ?, ord = ?,"
                     " reserved = NULL WHERE seq = ?", (signature, count, now, expires_at, ord_, seq))
+    # "shared": other devices of the same user get it too, so settling it must look at them (settle_txn).
     if targets is None:
-        txn.execute("INSERT INTO deliveries (recipient, ord, device, seq) SELECT user, ?, device_id, ? FROM devices"
-                    " WHERE user IN (%s) AND revoked_at IS NULL" % _marks(recipients), (ord_, seq, *recipients))
+        txn.execute("INSERT INTO deliveries (recipient, ord, device, seq, shared) SELECT user, ?, device_id, ?,"
+                    " (SELECT COUNT(*) FROM devices o WHERE o.user = devices.user AND o.revoked_at IS NULL) > 1"
+                    " FROM devices WHERE user IN (%s) AND revoked_at IS NULL" % _marks(recipients),
+                    (ord_, seq, *recipients))
     else:
-        txn.executemany("INSERT INTO deliveries (recipient, ord, device, seq, told) VALUES (?, ?, ?, ?, ?)",
-                        [(r, ord_, device, seq, told) for r, device, told in targets])
+        copies = collections.Counter(r for r, _, _ in targets)
+        txn.executemany("INSERT INTO deliveries (recipient, ord, device, seq, told, shared) VALUES (?, ?, ?, ?, ?, ?)",
+                        [(r, ord_, device, seq, told, copies[r] > 1) for r, device, told in targets])
     return seq, now, False, ord_
 
 
@@ -2737,24 +2745,25 @@ def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, device=Non
     _check_session_key_txn(txn, user, user_fp)
     found = {}
     for part in _in_pages(msg_ids):
-        for seq, msg_id, sender, size, ord_, dev, told in txn.execute(
+        for seq, msg_id, sender, size, ord_, dev, told, shared in txn.execute(
                 # CROSS JOIN keeps SQLite to this order: each id through the msg_id index, never a scan of the
                 # user's whole queue
-                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord, d.device, d.told FROM messages m CROSS JOIN"
+                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord, d.device, d.told, d.shared FROM messages m CROSS JOIN"
                 " deliveries d ON d.recipient = ?1 AND d.ord = m.ord AND d.seq = m.seq AND (?2 IS NULL OR d.device"
                 " = ?2) WHERE m.msg_id IN (%s)" % ",".join("?%d" % (i + 3) for i in range(len(part))),
                 (user, device, *part)):
-            entry = found.setdefault(bytes(msg_id), [seq, sender, size, ord_, [], False])
+            entry = found.setdefault(bytes(msg_id), [seq, sender, size, ord_, [], False, False])
             entry[4].append(bytes(dev))
             entry[5] = entry[5] or bool(told)
+            entry[6] = entry[6] or bool(shared)
     unknown = [m for m in msg_ids if m not in found]
     settled = [m for m in dict.fromkeys(msg_ids) if m in found]  # each once, in the order asked
     if not settled:
         return [], unknown
     txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ? AND device = ?",
                     [(user, found[m][3], dev) for m in settled for dev in found[m][4]])
-    left = set()  # the positions other devices of the user still wait for
-    for part in _in_pages([found[m][3] for m in settled]):
+    left = set()  # the positions other devices of the user still wait for (only shared ones can be: no SQL otherwise)
+    for part in _in_pages([found[m][3] for m in settled if found[m][6]]):
         left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
                                               % _marks(part), (user, *part)))
     done = [m for m in settled if found[m][3] not in left]
@@ -3604,10 +3613,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         """
         self.factory.check_throttle(self, user, purpose)
         if device is not False:
-            record, status = await self.factory.store.login_record(user, device)
+            record, status, current = await self.factory.store.login_record(user, device)
             if record is None:
                 self.factory.proof_failed(self, user)
                 raise AuthFailed()
+            self.factory.devices_read(user, current)  # a user who logs in is likely to send, or be sent to, soon
             return record, load_public_key(record.public_key), status
         record = await self.factory.store.get_user(user)
         if record is None:
@@ -4740,16 +4750,21 @@ class PagerServerFactory(protocol.Factory):
                 except UnknownUser:
                     unknown.append(name)
                     continue
-                known = _DeviceSet({r.device_id: r.prekeys for r in records if r.revoked_at is None})
-                self._device_sets[name] = known
-                while len(self._device_sets) > self.DEVICE_CACHE:
-                    self._device_sets.popitem(last=False)
+                known = self.devices_read(name, {r.device_id: r.prekeys for r in records if r.revoked_at is None})
             else:
                 self._device_sets.move_to_end(name)
             sets[name] = known
         if unknown:
             raise UnknownUser("No such user: %s." % ", ".join(unknown))
         return sets
+
+    def devices_read(self, user, current):
+        """Cache C{user}'s current devices as just read from the store (id -> published prekeys)."""
+        known = self._device_sets[user] = _DeviceSet(current)
+        self._device_sets.move_to_end(user)
+        while len(self._device_sets) > self.DEVICE_CACHE:
+            self._device_sets.popitem(last=False)
+        return known
 
     def devices_cached(self, names):
         """Whether the device sets of all of C{names} are in the cache (L{device_sets} then reads nothing)."""
@@ -5464,6 +5479,7 @@ class MemoryPrekeys:
 
     def __init__(self):
         self._rows = {}  # (device, kind, id) -> LocalPrekey
+        self.handed = set()  # (sender, message id) that a session of one of these devices stored
 
     def local_prekeys(self, device):
         return defer.succeed([p for (d, _, _), p in sorted(self._rows.items()) if d == device])
@@ -5504,7 +5520,9 @@ class MemorySeen:
         self.prekeys = prekeys if prekeys is not None else MemoryPrekeys()
 
     def contains(self, sender, msg_id, anywhere=False):
-        return defer.succeed((sender, bytes(msg_id)) in self._seen)
+        """Whether this store recorded the pair; with C{anywhere}, whether any session of its device did."""
+        pair = (sender, bytes(msg_id))
+        return defer.succeed(pair in self._seen or (anywhere and pair in self.prekeys.handed))
 
     def add(self, sender, msg_id, now, used=None):
         """
@@ -5512,6 +5530,7 @@ class MemorySeen:
         (in the same transaction, for a store on disk).
         """
         self._seen.add((sender, bytes(msg_id)))
+        self.prekeys.handed.add((sender, bytes(msg_id)))
         if used is not None:
             self.prekeys.use_one_time(*used)
         return defer.succeed(None)
@@ -5953,8 +5972,9 @@ def _set_devices_txn(txn, user, identity, devices):
 
 class LocalStore(SeenStore):
     """
-    One user's local database on one machine (C{client.sqlite3}, mode 0600): the duplicate store, the pinned keys
-    (trust on first use) and, unless turned off, the message history.
+    One user's local database on one machine (C{client.sqlite3}, mode 0600): the duplicate store, this device's
+    prekeys (L{SeenStore}), the pinned keys (trust on first use), contacts' devices as verified against them and,
+    unless turned off, the message history.  Deleted rows are overwritten on disk (C{secure_delete}).
     """
 
     def __init__(self, path, reactor=None, history=True):
@@ -6195,6 +6215,7 @@ class _LinkWait:
     secret: bytes
     done: Deferred
     link: str = None
+    waited: bool = False
 
 
 @dataclasses.dataclass
@@ -6414,7 +6435,7 @@ class PagerClient:
         await self.protocol.request("rekey", user=user, token=token, public_key=public_key_pem(new_key),
                                     proof_old=b64(proof_old), proof_new=b64(proof_new))
         if self.user == user:
-            self.private_key = new_key
+            await self._rekeyed(new_key)
 
     async def recover(self, user, token, new_key):
         """Replace a lost key with the safetoken alone (throttled, and refused over plain TCP from afar)."""
@@ -6424,7 +6445,17 @@ class PagerClient:
         await self.protocol.request("recover", user=user, token=token, public_key=public_key_pem(new_key),
                                     proof=b64(proof))
         if self.user == user:
-            self.private_key = new_key
+            await self._rekeyed(new_key)
+
+    async def _rekeyed(self, new_key):
+        """
+        This session's account has the identity key C{new_key} now: the server replaced all its devices with the new
+        identity device (this one, still uncertified and without prekeys), which certifies itself and publishes
+        prekeys at once.
+        """
+        self.private_key = new_key
+        await self._device_ready({"certified": False, "prekeys": {"signed_id": None, "one_time": 0}},
+                                 new_key.public_key())
 
     async def exists(self, user):
         """Whether the server has an account named C{user} (what C{register} would say; refused when closed)."""
@@ -6518,7 +6549,7 @@ class PagerClient:
 
     def _maintain_quietly(self):
         d = Deferred.fromCoroutine(self.maintain_prekeys())
-        d.addErrback(lambda f: None if f.check(ConnectionLost, defer.CancelledError) else
+        d.addErrback(lambda f: None if f.check(ConnectionLost, defer.CancelledError) or self.protocol.lost else
                      self.log.failure("Keeping this device's prekeys up failed", f))
         return None  # the LoopingCall goes on whatever happened
 
@@ -6764,6 +6795,7 @@ class PagerClient:
         waiting = self._link
         if waiting is None:
             raise LocalError("No link request waits for an answer.")
+        waiting.waited = True
         frame = await waiting.done
         self._link = None
         user = waiting.user
@@ -6773,7 +6805,7 @@ class PagerClient:
             pem = frame.get("identity_key")
             identity = load_public_key(pem) if isinstance(pem, str) else (await self.public_key(user, True))[0]
         except (BadCertificate, BadKey) as e:
-            raise LinkFailed("The server's answer to the link request is malformed: %s" % e.message)
+            raise LinkFailed("The server's answer to the link request is malformed (%s): refused." % e.message)
         if not hmac.compare_digest(link_answer_mac(waiting.secret, self.server_id, certificate), mac):
             raise LinkFailed("The answer to the link request was not made with this device's code: refused.")
         mine = waiting.key.public_key().public_bytes(serialization.Encoding.DER,
@@ -6783,8 +6815,8 @@ class PagerClient:
         try:
             await self.in_thread(certificate.verify, identity)
         except BadCertificate as e:
-            raise LinkFailed("The certificate in the answer does not verify against %s's identity key: %s"
-                             % (user, e.message))
+            raise LinkFailed("The certificate in the answer does not verify against %s's identity key (%s): refused."
+                             % (user, e.message.rstrip(".")))
         now = self._now()
         await self.pins.set_pin(user, public_key_pem(identity), fingerprint(identity), now)
         return DeviceInfo(user, certificate.device_id, certificate.public_key_der, certificate.name,
@@ -7023,9 +7055,30 @@ class PagerClient:
                     # A legacy device: the identity device of an account whose 0.3 client has not logged in yet
                     # (verify_devices checked that its key is the identity key).
                     targets.append(DeviceTarget(user, info.device_id, rsa_key=identity))
-        if not targets:
-            raise BadRequest("Nobody to send it to: name someone other than yourself, or link another device.")
+        if self.user in names:
+            # A note to self: this device gets it too, sealed to its own current signed prekey.
+            targets.append(DeviceTarget(self.user, mine, signed_prekey=await self._own_signed_prekey(now)))
         return targets
+
+    async def _own_signed_prekey(self, now):
+        device = device_id(self.private_key)
+        current = [p for p in await self.seen.local_prekeys(device) if p.kind == "signed" and p.replaced_at is None
+                   and p.valid_from - PREKEY_SKEW <= now <= p.valid_until]
+        if not current:
+            raise NoPrekeys("This device has no usable signed prekey of its own to seal a note to self to.")
+        p = max(current, key=lambda p: p.valid_from)
+        # Unsigned: the sealer does not check signatures, and this device made it itself.
+        return SignedPrekey(self.user, device, p.prekey_id, p.public, p.valid_from, p.valid_until, b"")
+
+    async def device_targets(self, recipients):
+        """
+        The L{DeviceTarget}s L{seal} would seal to now: every current device of C{recipients} and this user's other
+        devices, verified as L{seal} says.  For a tool (or a test) that seals an envelope itself.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        names = sorted({canonical_username(n) for n in ([recipients] if isinstance(recipients, str) else recipients)})
+        return await self._targets(names, self._now())
 
     async def send_envelope(self, names, envelope):
         """
@@ -7050,7 +7103,7 @@ class PagerClient:
         proto = self.protocol
         max_line = self.limits.get("max_line", 0)
         header = b64(envelope.header)
-        frame = {"to": [name for name in names if name != self.user], "size": envelope.size, "header": header}
+        frame = {"to": names, "size": envelope.size, "header": header}
         encoded = sum((len(c) + 2) // 3 * 4 + 3 for c in envelope.chunks)  # base64 sizes, without encoding yet
         if len(header) + encoded + FRAME_MARGIN < max_line:
             return await proto.request("send", chunks=[b64(c) for c in envelope.chunks],
@@ -7247,7 +7300,10 @@ class PagerClient:
         self._ack("msgs", incoming.msg)
 
     async def _reject(self, incoming, error):
-        await self.protocol.request("reject", msg=incoming.msg, reason=error.message)
+        try:
+            await self.protocol.request("reject", msg=incoming.msg, reason=error.message)
+        except UnknownMessage:
+            pass  # settled already (by another session of this device), or never held by the server: still told
         if self.on_rejected is not None:
             self.on_rejected(incoming.msg, incoming.sender, error)
 
@@ -7293,8 +7349,9 @@ class PagerClient:
 
     def _ack_failed(self, failure):
         # UnknownMessage: another session of ours acknowledged it first.  ConnectionLost: the server keeps the
-        # message and delivers it again, and the duplicate store keeps it from being shown twice.
-        if not failure.check(UnknownMessage, ConnectionLost):
+        # message and delivers it again, and the duplicate store keeps it from being shown twice.  Whatever else
+        # ended the connection (a revoked device's, say) is the connection's error, which its user is told.
+        if not failure.check(UnknownMessage, ConnectionLost) and self.protocol.lost is None:
             self.log.failure("Acknowledging a message failed", failure)
 
     async def _handle_receipt(self, frame):
@@ -7316,6 +7373,8 @@ class PagerClient:
         self._stop_maintenance()
         if self._link is not None and not self._link.done.called:
             self._link.done.errback(error)
+            if not self._link.waited:
+                self._link.done.addErrback(lambda f: None)  # nobody waits for the answer: nothing to tell
         self._incoming.clear()
         for waiting in self._acks.values():
             waiting.clear()  # the server delivers these again; the duplicate store recognises them

@@ -96,8 +96,7 @@ class AdminTestCase(CLITestCase):
         proof = pager.sign_auth(key("alice"), "login", self.server.factory.server_id, "alice", peer.challenge)
         peer.write({"type": "login", "id": "l", "user": "alice", "token": token("alice"), "proof": b64(proof)})
         await self.wait_for(lambda: peer.answer("l"), "the login")
-        envelope = pager.seal(key("alice"), "alice", {"bob": key("bob").public_key()}, os.urandom(3000),
-                              chunk_size=1024)
+        envelope = await self.device_envelope(self.address, "alice", ["bob"], os.urandom(3000), chunk_size=1024)
         peer.write({"type": "send", "id": "up", "to": ["bob"], "size": envelope.size,
                     "header": b64(envelope.header), "chunks": [b64(envelope.chunks[0])]})
         peer.write({"type": "ping", "id": "p1"})

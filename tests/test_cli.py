@@ -141,8 +141,11 @@ class CLITestCase(E2ETestCase):
         return os.path.join(home, self.server_id, name)
 
     async def account(self, name, private_key=None):
-        """Register C{name} on the server in-process (with the module key unless told otherwise), then log out."""
-        client = await pager.PagerClient.connect(self.address, reactor)
+        """
+        Register C{name} on the server in-process (with the module key unless told otherwise), then log out.  The
+        device's prekeys stay in the test's keyring, for the in-process sessions of C{name} that follow.
+        """
+        client = await pager.PagerClient.connect(self.address, reactor, seen=pager.MemorySeen(self.keyring))
         try:
             await client.register(name, token(name), private_key or key(name))
         finally:

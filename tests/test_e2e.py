@@ -117,6 +117,22 @@ class E2ETestCase(unittest.TestCase):
         client.events = Events(client)
         return client
 
+    async def device_envelope(self, address, sender, recipients, plaintext, client=None, **kwargs):
+        """
+        An envelope from C{sender}'s identity device (its module key) to every device of C{recipients}, sealed to
+        their prekeys as the server's bundles give them, for a test that sends it its own way.  C{client}: a
+        logged-in session of C{sender} to ask for the bundles with (else one is logged in for that, then closed).
+        """
+        own = client is None
+        if own:
+            client = await self.login(address, sender, receive=False)
+        try:
+            targets = await client.device_targets(recipients)
+        finally:
+            if own:
+                await client.close()
+        return pager.seal(key(sender), sender, targets, plaintext, **kwargs)
+
     async def register(self, address, name):
         """A new account C{name} with its module key, logged in and receiving."""
         client = await self.connect(address)
@@ -438,19 +454,17 @@ class DeliveryTests(E2ETestCase):
 
     async def test_lost_ack_redelivered_without_seen_store(self):
         """
-        The control for the two tests above: without the duplicate store that kept the first session's record, the
-        server redelivers the message, which proves the ack really was lost.  The device's one-time prekey it was
-        sealed to went when the first session handed it off, so the redelivery can no longer be opened (forward
-        secrecy): it is rejected, not shown twice.  (On a real device the seen ids and the prekeys are one store.)
+        The control for the two tests above: a session without the first session's duplicate store is pushed the
+        message again, which proves the ack really was lost and the server really redelivers.  The one-time prekey
+        it was sealed to went when the first session stored it (forward secrecy), so it can no longer be opened: the
+        device, which recorded that it stored it, acknowledges it without showing it twice or refusing it.
         """
         server, address, alice, msg, seen, shown = await self._lose_ack(None)
         bob2 = await self.login(address, "bob")
-        await self.wait_for(lambda: bob2.events.rejected, "the redelivery")
+        await self.wait_for(lambda: bob2.processed, "the redelivery")
+        await self.no_pending(server, "bob")
         self.assertEqual([m.message_id.hex() for m in shown], [msg])
-        [(rejected, sender, error)] = bob2.events.rejected
-        self.assertEqual((rejected, sender), (msg, "alice"))
-        self.assertIsInstance(error, pager.PrekeyUnavailable)
-        self.assertEqual(bob2.events.messages, [])
+        self.assertEqual((bob2.events.messages, bob2.events.rejected), ([], []))
 
     async def test_large_message(self):
         """

@@ -91,6 +91,7 @@ class HostileServer(LineReceiver):
                 self.send(push)
 
     def answer_login(self, frame):
+        self.user = frame["user"]
         return {"type": "ok", "pending": len([p for p in self.factory.pushes if p["type"] == "message"])}
 
     def answer_key(self, frame):
@@ -100,6 +101,18 @@ class HostileServer(LineReceiver):
 
     def answer_send(self, frame):
         return {"type": "ok", "msg": os.urandom(16).hex(), "duplicate": False, "queued": []}
+
+    def answer_bundle(self, frame):
+        """Each user's module key as a legacy device (the requester's own name: no other device)."""
+        bundles = []
+        for user in frame["users"]:
+            public = key(user).public_key()
+            devices = [] if user == self.user else [{
+                "id": pager.device_id(public).hex(), "public_key": pager.public_key_pem(public), "name": None,
+                "created": None, "certificate": None, "revoked": None, "prekeys": False, "signed_prekey": None,
+                "one_time_prekey": None}]
+            bundles.append({"user": user, "identity_key": pager.public_key_pem(public), "devices": devices})
+        return {"type": "ok", "bundles": bundles}
 
     def settle(self, frame):
         for field in ("msg", "receipt"):
@@ -260,8 +273,12 @@ class HostileServerTests(CLITestCase):
         self.assertNotIn("onlineword", result.out + result.err)
 
     async def test_key_for_another_name_refused(self):
-        """A key answer naming another user than the one asked for is refused: nothing is sent."""
-        self.listen(answers={"key": dict(HostileServer.answer_key(None, {"user": "bob"}), user=evil("keyword"))})
+        """
+        A bundle answer (the keys a message is sealed to) naming another user than the one asked for is refused:
+        nothing is sent.
+        """
+        self.listen(answers={"bundle": {"type": "ok", "bundles": [
+            {"user": evil("keyword"), "identity_key": pager.public_key_pem(key("bob").public_key()), "devices": []}]}})
         result = await self.run_as_alice("send", "--to", "bob", "hi")
         self.assertNotEqual(result.code, 0, result)
         self.assertNothingHarmful(result)

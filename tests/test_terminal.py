@@ -865,9 +865,9 @@ class ChatConnectionTests(ChatTestCase):
     async def test_waiting_message_shown_at_login(self):
         await self.serve()
         bob = await self.peer("bob")
-        await self.account("alice")
+        home = await self.provision("alice")  # registered from this home: the device the message is sealed to
         await bob.send("alice", "while you were away")
-        chat, ui = await self.chat_as_registered("alice")
+        chat, ui = await self.chat_as("alice", home=home)
         await self.wait_for(lambda: "while you were away" in ui.text(), "the waiting message on alice's screen")
         await self.no_pending(self.server, "alice")
 
