@@ -486,6 +486,29 @@ class ChatDevicesCommandTests(ChatTestCase):
         self.assertIn("bob added a device 'laptop' (id %s)" % added, shown)
         self.assertIn("bob has 2 devices:", shown)
 
+    async def test_sent_from_laptop_shown_as_sent(self):
+        """
+        alice's laptop (a linked device) sends bob a message: her chat on the identity machine shows it as sent from
+        'laptop', to bob, and keeps it in the history as outgoing; bob's shows it from alice as usual.
+        """
+        chat, ui = await self.chat_as("alice")
+        bob = await self.peer("bob")
+        laptop = await self.connect(self.address)
+        text, secret = pager.new_link_code()
+        await laptop.link_request("alice", key("alice-laptop"), "laptop", secret)
+        await chat.session.client.approve_link(None, None, secret)
+        await laptop.wait_linked()
+        await laptop.login("alice", None, key("alice-laptop"), device=True)
+        await laptop.send("bob", "on my way")
+        await self.wait_for(lambda: "on my way" in ui.text(), "the laptop's message in alice's chat")
+        self.assertIn("you (on 'laptop') \u2192 bob: on my way", ui.text())
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        self.assertEqual(bob.events.messages[0].sender, "alice")
+        await self.settle(chat)
+        [entry] = await chat.session.store.history("bob")
+        self.assertEqual((entry.direction, entry.body), ("out", b"on my way"))
+        self.assertIn(entry.status, ("sent from 'laptop'", "delivered to bob"))  # bob's receipt may be in already
+
 
 class LinkExpiryTests(KeysTestCase):
     """A link request nobody approves in time."""
