@@ -6528,6 +6528,11 @@ class PagerClient:
         return key
 
     async def _device_ready(self, answer, identity, fresh=False):
+        """
+        Logged in (C{answer}: the server's answer, C{fresh}: a registration) as a device of the account whose
+        identity key is C{identity}: take what the server says of this device's prekeys, keep them up now
+        (L{maintain_prekeys}) and every L{PREKEY_CHECK_INTERVAL} seconds while the connection lasts.
+        """
         self.identity_key, self.identity_fp = identity, fingerprint(identity)
         self.is_identity = self.identity_fp == fingerprint(self.private_key)
         self._vault = None
@@ -6536,7 +6541,7 @@ class PagerClient:
         self._prekey_state = _PrekeyState(
             certified=fresh or answer.get("certified") is not False,
             signed_id=signed_id if _prekey_id(signed_id) else None,
-            one_time=prekeys.get("one_time") if _seconds(prekeys.get("one_time")) else 0)
+            one_time=prekeys.get("one_time") if _seconds(prekeys.get("one_time")) else 0)  # a count: int >= 0
         await self.maintain_prekeys()
         if self._maintenance is None:
             self._maintenance = task.LoopingCall(self._maintain_quietly)
