@@ -5644,7 +5644,8 @@ def _add_prekeys_txn(txn, device, prekeys, now):
     if any(p.kind == "signed" for p in prekeys):
         txn.execute("UPDATE prekeys SET replaced_at = ? WHERE device = ? AND kind = 'signed' AND replaced_at IS NULL",
                     (now, device))
-    txn.executemany("INSERT OR REPLACE INTO prekeys (device, " + _PREKEY_COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    txn.executemany("INSERT OR REPLACE INTO prekeys (device, " + _PREKEY_COLUMNS + ")"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(device, p.kind, p.prekey_id, p.public, p.private_enc, p.valid_from, p.valid_until, p.created,
                       p.replaced_at) for p in prekeys])
 
@@ -6829,7 +6830,7 @@ class PagerClient:
                           certificate.created, certificate.signature, first_seen=now)
 
     async def link_pending(self):
-        """On the identity device: the link requests waiting on the server (L{LinkRequest}s; malformed ones left out)."""
+        """On the identity device: the link requests waiting on the server (malformed ones left out)."""
         answer = await self.protocol.request("link_pending")
         requests = []
         for obj in answer.get("requests") if isinstance(answer.get("requests"), list) else []:
