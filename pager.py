@@ -2649,9 +2649,13 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
                     " FROM devices WHERE user IN (%s) AND revoked_at IS NULL" % _marks(recipients),
                     (ord_, seq, *recipients))
     else:
-        copies = collections.Counter(r for r, _, _ in targets)
+        if len(targets) == len(recipients):  # one device each (the common case)
+            rows = [(r, ord_, device, seq, told, False) for r, device, told in targets]
+        else:
+            copies = collections.Counter(r for r, _, _ in targets)
+            rows = [(r, ord_, device, seq, told, copies[r] > 1) for r, device, told in targets]
         txn.executemany("INSERT INTO deliveries (recipient, ord, device, seq, told, shared) VALUES (?, ?, ?, ?, ?, ?)",
-                        [(r, ord_, device, seq, told, copies[r] > 1) for r, device, told in targets])
+                        rows)
     return seq, now, False, ord_
 
 
@@ -4055,7 +4059,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("The envelope names a sending device other than this session's.")
         # A device set not in the cache is read from the store first: meanwhile an upload's chunk frames must wait
         # unread, until the upload has begun (or been refused).
-        if not self.factory.devices_cached(set(to) | {self.user}):
+        if not self.factory.devices_cached(to, self.user):
             self._hold("targets")
         try:
             recipients, targets = await self._targets(parsed, to)
@@ -4166,22 +4170,24 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         L{DevicesChanged}, naming the users whose devices differ.  No device that ever published prekeys is
         wrapped to with RSA-OAEP.  The device sets come from the factory's cache: no SQL for a known user.
         """
-        user = self.user
+        user, device = self.user, self.device
         named = set(to)
-        got = collections.defaultdict(set)
+        got = {}
         for entry in header.entries:
-            got[entry.name].add(entry.device_id)
-        if (set(got) - {user} != named - {user} or (user in named and user not in got)
-                or user not in named and self.device in got.get(user, ())):
+            got.setdefault(entry.name, set()).add(entry.device_id)
+        if (got.keys() - {user} != named - {user} or (user in named and user not in got)
+                or user not in named and device in got.get(user, ())):
             raise BadRequest('The envelope\'s recipients are not exactly the "to" list (and the sender\'s other'
                              ' devices).')
         for fresh in (False, True):
             sets = await self.factory.device_sets(sorted(named | {user}))
-            expected = {name: set(sets[name].current) for name in named}
-            if user not in named and len(sets[user].current) > 1:
-                expected[user] = set(sets[user].current) - {self.device}
-            changed = sorted(name for name in set(expected) | set(got)
-                             if got.get(name, set()) != expected.get(name, set()))
+            changed = []
+            for name in named | got.keys() | {user}:
+                current = sets[name].current.keys()
+                if name not in named:  # the sender's own other devices
+                    current = current - {device}
+                if got.get(name, set()) != current:
+                    changed.append(name)
             if not changed:
                 break
             # The cache may be what is old (the operator's admin commands change the database from another
@@ -4190,7 +4196,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self._hold("targets")
         if changed:
             raise DevicesChanged("The devices of %s are not the ones the message was sealed for; fetch them again"
-                                 " and seal it anew." % ", ".join(changed))
+                                 " and seal it anew." % ", ".join(sorted(changed)))
         targets = []
         for entry in header.entries:
             if entry.kind == 1 and sets[entry.name].current[entry.device_id]:
@@ -4766,9 +4772,10 @@ class PagerServerFactory(protocol.Factory):
             self._device_sets.popitem(last=False)
         return known
 
-    def devices_cached(self, names):
-        """Whether the device sets of all of C{names} are in the cache (L{device_sets} then reads nothing)."""
-        return all(name in self._device_sets for name in names)
+    def devices_cached(self, names, user):
+        """Whether the device sets of C{user} and all of C{names} are cached (L{device_sets} then reads nothing)."""
+        cache = self._device_sets
+        return user in cache and all(name in cache for name in names)
 
     def forget_devices(self, names):
         for name in names:
