@@ -427,6 +427,15 @@ class LinkDeviceTests(CLITestCase):
         self.assertNotIn("Traceback", result.err)
         self.assertEqual([n for n in os.listdir(directory) if n.startswith("device")], [])
 
+    async def test_new_machine_needs_a_passphrase(self):
+        """A script linking a machine says where the new key's passphrase comes from (exit 2); nothing is kept."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        result = await self.run_command("link-device", "HOST", "--user", "alice", home=home)
+        self.assertIn("PAGER_PASSPHRASE", self.assertOneErrorLine(result, pager.EXIT_USAGE))
+        self.assertEqual([n for n in os.listdir(self.user_dir(home, "alice")) if n.startswith("device")], [])
+
     async def test_already_holds_a_key(self):
         """link-device on a machine with the user's key refuses, pointing to the approving side (exit 2)."""
         await self.serve()
