@@ -4527,6 +4527,7 @@ class PagerServerFactory(protocol.Factory):
         self._expiry = None
         self._account_check = None
         self._reclaim_call = None  # the free-page count due after recent acks, if any
+        self._reclaim_stopped = False  # stop_expiry was called: an ack settled while stopping schedules nothing
         self._new_receipts = collections.Counter()  # user -> receipts made for it since its last trim
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
         self._device_sets = collections.OrderedDict()  # user -> _DeviceSet, the most recently used last
@@ -4906,7 +4907,8 @@ class PagerServerFactory(protocol.Factory):
         return loop
 
     def stop_expiry(self):
-        """Stop the expiry sweep, and the reclaiming that acks schedule."""
+        """Stop the expiry sweep, and the reclaiming that acks schedule (from now on: the server is stopping)."""
+        self._reclaim_stopped = True
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
         call, self._reclaim_call = self._reclaim_call, None
@@ -4937,7 +4939,7 @@ class PagerServerFactory(protocol.Factory):
         meanwhile) the free pages are counted, and from RECLAIM_PAGES on they are given back at once.  The hourly
         sweep gives back the rest.
         """
-        if self._reclaim_call is None:
+        if self._reclaim_call is None and not self._reclaim_stopped:
             self._reclaim_call = self.reactor.callLater(self.RECLAIM_DELAY, self._reclaim_if_free)
 
     def _reclaim_if_free(self):
@@ -5046,7 +5048,6 @@ class PagerService(service.Service):
         for connection in list(self.factory.protocols):
             connection.close()  # each is aborted after close_grace if its peer does not let it close sooner
         await self.factory.all_closed()
-        self.factory.stop_expiry()  # again: an ack settled while the connections closed schedules a reclaim
         self.store.close()
 
     def stopService(self):
