@@ -4311,7 +4311,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint, self.device)
             for sender, receipt in receipts:
                 self.factory.receipt_created(sender, receipt)
-            if msg_ids:
+            if receipts:
                 self.factory.settled()
             answer = {}
             if msg_ids is not None:
