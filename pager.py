@@ -503,12 +503,46 @@ def generate_private_key():
 _SMALL_PRIMES_PRODUCT = math.prod(p for p in range(3, 1000, 2) if all(p % q for q in range(3, math.isqrt(p) + 1, 2)))
 
 
+class _KeyMemo:
+    """
+    Facts about public key objects, remembered per object so that a key used for message after message (a session's
+    key, a contact's key held by a client) is not serialised and hashed, or checked, each time.  cryptography's key
+    objects are immutable, and neither weak references nor hashes of them exist, so an entry holds its key: while it
+    is here no other object can have its C{id}, and a look-up also checks that the object is the very same one.  At
+    most C{size} keys are held; the whole memo is dropped when full (one C{dict} operation: safe across threads).
+    """
+
+    def __init__(self, size=256):
+        self._entries = {}
+        self._size = size
+
+    def get(self, key):
+        """What was remembered for this very object, or C{None}."""
+        entry = self._entries.get(id(key))
+        if entry is not None and entry[0] is key:
+            return entry[1]
+        return None
+
+    def put(self, key, value):
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[id(key)] = (key, value)
+        return value
+
+
+_FINGERPRINTS = _KeyMemo()  # public key object -> its fingerprint
+_CHECKED_KEYS = _KeyMemo()  # public key object -> True: it passed check_public_key
+
+
 def check_public_key(key):
     """
     Return C{key} if it is an RSA public key pager accepts (2048 to 8192 bits, exponent 65537, a modulus that is
     odd, has no prime factor below 1000 and is not a square); raise L{BadKey}.  Whether the modulus is a product of
-    two large primes cannot be checked cheaply; a bad one only weakens its own owner.
+    two large primes cannot be checked cheaply; a bad one only weakens its own owner.  A key object that passed is
+    remembered (L{_KeyMemo}), so checking it again costs a look-up.
     """
+    if _CHECKED_KEYS.get(key):
+        return key
     if not isinstance(key, rsa.RSAPublicKey):
         raise BadKey("The key is not an RSA public key.")
     if key.key_size < RSA_BITS:
@@ -525,6 +559,7 @@ def check_public_key(key):
         raise BadKey("The key's modulus has a small factor, so it is not an RSA modulus.")
     if math.isqrt(n) ** 2 == n:
         raise BadKey("The key's modulus is a square, so it is not an RSA modulus.")
+    _CHECKED_KEYS.put(key, True)
     return key
 
 
@@ -551,11 +586,19 @@ def public_key_pem(key):
 
 
 def fingerprint(key):
-    """The key fingerprint: SHA-256 of the DER SubjectPublicKeyInfo, 32 bytes."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        key = key.public_key()
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).digest()
+    """
+    The key fingerprint: SHA-256 of the DER SubjectPublicKeyInfo, 32 bytes.  A public key object's is remembered
+    (L{_KeyMemo}); a private key's never is, so that no private key is kept alive here.
+    """
+    known = _FINGERPRINTS.get(key)
+    if known is not None:
+        return known
+    public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    fp = hashlib.sha256(der).digest()
+    if public is key and isinstance(key, rsa.RSAPublicKey):
+        _FINGERPRINTS.put(key, fp)
+    return fp
 
 
 def format_fingerprint(fp):
@@ -1206,8 +1249,10 @@ class Sealer:
         message_id = message_id if message_id is not None else secrets.token_bytes(MESSAGE_ID_SIZE)
         timestamp_ms = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
         now = time.time() if now is None else now
-        sender_fingerprint = sender_fingerprint if sender_fingerprint is not None else fingerprint(private_key)
-        sender_device = sender_device if sender_device is not None else device_id(private_key)
+        if sender_fingerprint is None or sender_device is None:
+            own = fingerprint(private_key)  # a private key's is never remembered: compute it once here
+            sender_fingerprint = sender_fingerprint if sender_fingerprint is not None else own
+            sender_device = sender_device if sender_device is not None else own[:DEVICE_ID_SIZE]
         entries = []
         for target in targets:
             spk = target.signed_prekey
@@ -1376,11 +1421,13 @@ class Opener:
         """
         self._verifier = EnvelopeVerifier(header_raw, max_size)
         header = self.header = self._verifier.header
+        own = None  # private_key's device id, computed at most once (a private key's is never remembered)
         if device is None:
-            device = device_id(private_key)
+            own = device = device_id(private_key)
         mine = header.entry(recipient, device)
-        if mine is None or (mine.kind == WRAP_RSA and (
-                private_key is None or not hmac.compare_digest(device_id(private_key), device))):
+        if mine is not None and mine.kind == WRAP_RSA and own is None and private_key is not None:
+            own = device_id(private_key)
+        if mine is None or (mine.kind == WRAP_RSA and (own is None or not hmac.compare_digest(own, device))):
             raise NotAddressedToYou("The message is not addressed to %s with this key." % recipient)
         if mine.kind == WRAP_RSA:
             try:
