@@ -443,54 +443,57 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=PSS_SALT_LENGT
 _PREHASHED_SHA256 = asym_utils.Prehashed(hashes.SHA256())
 
 
-def _lp(data):
-    """A length-prefixed field: a 4-byte big-endian length, then the bytes."""
-    return struct.pack(">I", len(data)) + data
-
-
+_U8 = struct.Struct(">B")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_UINTS = {">B": struct.Struct(">B"), ">I": _U32, ">Q": _U64}
+
+
+def _lp(data):
+    """A length-prefixed field: a 4-byte big-endian length, then the bytes."""
+    return _U32.pack(len(data)) + data
 
 
 class _Reader:
-    """Reads the fields written by L{_lp} and C{struct}, raising L{MalformedEnvelope} on any shortfall."""
+    """
+    Reads the fields written by L{_lp} and C{struct}, raising L{MalformedEnvelope} on any shortfall.  Every message
+    opened is parsed here, so it keeps to slots and precompiled structs.
+    """
+
+    __slots__ = ("data", "offset", "size")
 
     def __init__(self, data):
         self.data = data if isinstance(data, bytes) else bytes(data)
         self.offset = 0
+        self.size = len(self.data)
 
-    def take(self, n):
-        start = self.offset
-        end = self.offset = start + n
-        if n < 0 or end > len(self.data):
-            raise MalformedEnvelope("The message header is truncated.")
-        return self.data[start:end]
-
-    def uint(self, fmt):
-        unpacker = _UINTS[fmt]
+    def uint(self, unpacker):
+        """The next integer, read with C{unpacker}: L{_U8}, L{_U32} or L{_U64}."""
         start = self.offset
         end = self.offset = start + unpacker.size
-        if end > len(self.data):
+        if end > self.size:
             raise MalformedEnvelope("The message header is truncated.")
         return unpacker.unpack_from(self.data, start)[0]
 
     def field(self, max_length):
         data, start = self.data, self.offset
-        if start + 4 > len(data):
+        body = start + 4
+        if body > self.size:
             raise MalformedEnvelope("The message header is truncated.")
         n = _U32.unpack_from(data, start)[0]
         if n > max_length:
             raise MalformedEnvelope("A field of the message header is too long.")
-        end = start + 4 + n
-        if end > len(data):
+        end = body + n
+        if end > self.size:
             raise MalformedEnvelope("The message header is truncated.")
         self.offset = end
-        return data[start + 4:end]
+        return data[body:end]
 
     def end(self):
-        if self.offset != len(self.data):
+        if self.offset != self.size:
             raise MalformedEnvelope("The message header has trailing bytes.")
+
+
+_USERNAME_BYTES_FULLMATCH = re.compile(USERNAME_RE.pattern.encode("ascii")).fullmatch
 
 
 def generate_private_key():
@@ -1044,7 +1047,7 @@ def parse_header(raw):
     message_id = r.field(MESSAGE_ID_SIZE)
     if len(message_id) != MESSAGE_ID_SIZE:
         raise MalformedEnvelope("The message id is not %d bytes." % MESSAGE_ID_SIZE)
-    timestamp_ms = r.uint(">Q")
+    timestamp_ms = r.uint(_U64)
     sender = _header_name(r)
     sender_fp = _header_fingerprint(r)
     sender_device = _header_device(r) if version == 2 else sender_fp[:DEVICE_ID_SIZE]
@@ -1057,19 +1060,23 @@ def parse_header(raw):
         raise MalformedEnvelope("The content type is neither text nor file.")
     if (content_type == "file") != bool(filename):
         raise MalformedEnvelope("A file needs a file name, and only a file has one.")
-    chunk_size = r.uint(">I")
+    chunk_size = r.uint(_U32)
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise MalformedEnvelope("The chunk size is out of range.")
-    count = r.uint(">I")
+    count = r.uint(_U32)
     if version == 1 and not 1 <= count <= MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has 1 to %d recipients." % MAX_RECIPIENTS)
     if not 1 <= count <= MAX_WRAPS:
         raise MalformedEnvelope("A message has 1 to %d wrapped keys." % MAX_WRAPS)
     entries = []
+    read_entry = _header_entry if version == 2 else _header_recipient_v1
+    previous = None
     for _ in range(count):
-        entry = _header_entry(r) if version == 2 else _header_recipient_v1(r)
-        if entries and _wrap_order(entry) <= _wrap_order(entries[-1]):
+        entry = read_entry(r)
+        order = (entry.name, entry.device_id)  # names are ASCII: str order is byte order
+        if previous is not None and order <= previous:
             raise MalformedEnvelope("The wrapped keys are not sorted by name and device without duplicates.")
+        previous = order
         entries.append(entry)
     if len({e.name for e in entries} - {sender}) > MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has at most %d recipients besides its sender." % MAX_RECIPIENTS)
@@ -1084,12 +1091,12 @@ def parse_header(raw):
 def _header_entry(r):
     name = _header_name(r)
     device = _header_device(r)
-    kind = r.uint(">B")
+    kind = r.uint(_U8)
     if kind == WRAP_RSA:
         return Wrap(name, device, kind, _header_rsa_wrapped(r))
     if kind != WRAP_X25519:
         raise MalformedEnvelope("A wrapped key is of an unknown kind.")
-    spk_id, opk_id = r.uint(">I"), r.uint(">I")
+    spk_id, opk_id = r.uint(_U32), r.uint(_U32)
     if spk_id == 0:
         raise MalformedEnvelope("A wrapped key names no signed prekey.")
     ephemeral = r.field(X25519_KEY_SIZE)
@@ -1120,13 +1127,10 @@ def _header_device(r):
 
 
 def _header_name(r):
-    try:
-        name = r.field(32).decode("ascii")
-    except UnicodeDecodeError:
-        name = ""
-    if not valid_username(name):
+    name = r.field(32)
+    if _USERNAME_BYTES_FULLMATCH(name) is None:  # valid_username, on the bytes
         raise MalformedEnvelope("A user name in the message header is not valid.")
-    return name
+    return name.decode("ascii")
 
 
 def _header_fingerprint(r):
