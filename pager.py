@@ -443,7 +443,6 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=PSS_SALT_LENGT
 _PREHASHED_SHA256 = asym_utils.Prehashed(hashes.SHA256())
 
 
-_U8 = struct.Struct(">B")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
@@ -466,13 +465,13 @@ class _Reader:
         self.offset = 0
         self.size = len(self.data)
 
-    def uint(self, unpacker):
-        """The next integer, read with C{unpacker}: L{_U8}, L{_U32} or L{_U64}."""
+    def fixed(self, unpacker):
+        """The next fields of fixed sizes, as a tuple read with C{unpacker} (a C{struct.Struct})."""
         start = self.offset
         end = self.offset = start + unpacker.size
         if end > self.size:
             raise MalformedEnvelope("The message header is truncated.")
-        return unpacker.unpack_from(self.data, start)[0]
+        return unpacker.unpack_from(self.data, start)
 
     def field(self, max_length):
         data, start = self.data, self.offset
@@ -1044,13 +1043,18 @@ def parse_header(raw):
     if tag not in (ENVELOPE_TAG, ENVELOPE_TAG_V1):
         raise MalformedEnvelope("The message is not a pager v2 (or v1) envelope.")
     version = 2 if tag == ENVELOPE_TAG else 1
-    message_id = r.field(MESSAGE_ID_SIZE)
-    if len(message_id) != MESSAGE_ID_SIZE:
+    # Runs of fields of fixed sizes are read at once, length prefixes included, and each length is then checked.
+    id_size, message_id, timestamp_ms = r.fixed(_ID_AND_TIME)
+    if id_size != MESSAGE_ID_SIZE:
         raise MalformedEnvelope("The message id is not %d bytes." % MESSAGE_ID_SIZE)
-    timestamp_ms = r.uint(_U64)
     sender = _header_name(r)
-    sender_fp = _header_fingerprint(r)
-    sender_device = _header_device(r) if version == 2 else sender_fp[:DEVICE_ID_SIZE]
+    if version == 2:
+        fp_size, sender_fp, device_size, sender_device = r.fixed(_FINGERPRINT_AND_DEVICE)
+        if fp_size != 32 or device_size != DEVICE_ID_SIZE:
+            raise MalformedEnvelope("The sender's key fingerprint or device id has the wrong length.")
+    else:
+        sender_fp = _header_fingerprint(r)
+        sender_device = sender_fp[:DEVICE_ID_SIZE]
     try:
         content_type = r.field(16).decode("ascii")
         filename = r.field(MAX_FILENAME_BYTES).decode("utf-8")
@@ -1060,10 +1064,9 @@ def parse_header(raw):
         raise MalformedEnvelope("The content type is neither text nor file.")
     if (content_type == "file") != bool(filename):
         raise MalformedEnvelope("A file needs a file name, and only a file has one.")
-    chunk_size = r.uint(_U32)
+    chunk_size, count = r.fixed(_CHUNK_SIZE_AND_COUNT)
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise MalformedEnvelope("The chunk size is out of range.")
-    count = r.uint(_U32)
     if version == 1 and not 1 <= count <= MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has 1 to %d recipients." % MAX_RECIPIENTS)
     if not 1 <= count <= MAX_WRAPS:
@@ -1080,28 +1083,36 @@ def parse_header(raw):
         entries.append(entry)
     if len({e.name for e in entries} - {sender}) > MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has at most %d recipients besides its sender." % MAX_RECIPIENTS)
-    commitment = r.field(32)
-    if len(commitment) != 32:
+    commitment_size, commitment = r.fixed(_COMMITMENT_FIELD)
+    if commitment_size != 32:
         raise MalformedEnvelope("The key commitment is not 32 bytes.")
     r.end()
     return EnvelopeHeader(bytes(raw), version, message_id, timestamp_ms, sender, sender_fp, sender_device,
                           content_type, filename, chunk_size, tuple(entries), commitment)
 
 
+# Runs of fixed-size fields of a version 2 header, each length-prefixed field with its u32 length.
+_ID_AND_TIME = struct.Struct(">I%dsQ" % MESSAGE_ID_SIZE)  # lp(message id) u64(timestamp)
+_FINGERPRINT_AND_DEVICE = struct.Struct(">I32sI%ds" % DEVICE_ID_SIZE)  # lp(sender fingerprint) lp(sender device)
+_CHUNK_SIZE_AND_COUNT = struct.Struct(">II")
+_DEVICE_AND_KIND = struct.Struct(">I%dsB" % DEVICE_ID_SIZE)  # an entry's lp(device id) u8(kind)
+_X25519_ENTRY = struct.Struct(">III%dsI%ds" % (X25519_KEY_SIZE, _X25519_WRAPPED_SIZE))  # spk, opk, lp(ek), lp(wrapped)
+_COMMITMENT_FIELD = struct.Struct(">I32s")
+
+
 def _header_entry(r):
     name = _header_name(r)
-    device = _header_device(r)
-    kind = r.uint(_U8)
+    device_size, device, kind = r.fixed(_DEVICE_AND_KIND)
+    if device_size != DEVICE_ID_SIZE:
+        raise MalformedEnvelope("A device id in the message header is not %d bytes." % DEVICE_ID_SIZE)
     if kind == WRAP_RSA:
         return Wrap(name, device, kind, _header_rsa_wrapped(r))
     if kind != WRAP_X25519:
         raise MalformedEnvelope("A wrapped key is of an unknown kind.")
-    spk_id, opk_id = r.uint(_U32), r.uint(_U32)
+    spk_id, opk_id, ephemeral_size, ephemeral, wrapped_size, wrapped = r.fixed(_X25519_ENTRY)
     if spk_id == 0:
         raise MalformedEnvelope("A wrapped key names no signed prekey.")
-    ephemeral = r.field(X25519_KEY_SIZE)
-    wrapped = r.field(_X25519_WRAPPED_SIZE)
-    if len(ephemeral) != X25519_KEY_SIZE or len(wrapped) != _X25519_WRAPPED_SIZE:
+    if ephemeral_size != X25519_KEY_SIZE or wrapped_size != _X25519_WRAPPED_SIZE:
         raise MalformedEnvelope("An X25519 wrapped key or its ephemeral key has the wrong length.")
     return Wrap(name, device, kind, wrapped, spk_id, opk_id, ephemeral)
 
@@ -1117,13 +1128,6 @@ def _header_rsa_wrapped(r):
     if len(wrapped) * 8 < RSA_BITS:
         raise MalformedEnvelope("A wrapped key is too short.")
     return wrapped
-
-
-def _header_device(r):
-    device = r.field(DEVICE_ID_SIZE)
-    if len(device) != DEVICE_ID_SIZE:
-        raise MalformedEnvelope("A device id in the message header is not %d bytes." % DEVICE_ID_SIZE)
-    return device
 
 
 def _header_name(r):
