@@ -1152,15 +1152,18 @@ def _nonce(counter, last):
     return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
 
+_SIGNATURE_TAG_FIELD = _lp(SIGNATURE_TAG)
+_COUNTS_AND_DIGEST = struct.Struct(">QQI")  # u64(chunks) u64(ciphertext length) and the digest's u32 length
+
+
 def signed_bytes(header_raw, chunk_count, ciphertext_length, ciphertext_digest):
     """
     The exact bytes the sender signs: the signature tag, the header, the number of chunks, the total ciphertext
     length and the SHA-256 of all chunk ciphertexts in order.
     """
-    return (
-        _lp(SIGNATURE_TAG) + _lp(header_raw) + struct.pack(">QQ", chunk_count, ciphertext_length)
-        + _lp(ciphertext_digest)
-    )
+    return b"".join((_SIGNATURE_TAG_FIELD, _lp(header_raw),
+                     _COUNTS_AND_DIGEST.pack(chunk_count, ciphertext_length, len(ciphertext_digest)),
+                     ciphertext_digest))
 
 
 @dataclasses.dataclass
@@ -1179,9 +1182,13 @@ class Envelope:
 
 def _wrap_info(message_id, sender, sender_device, recipient, recipient_device, spk_id, opk_id, ephemeral):
     """The HKDF info of an X25519 wrap: it binds the message, both ends (users and devices), the prekeys and C{ek}."""
-    return (_lp(WRAP_TAG) + _lp(message_id) + _lp(sender.encode("ascii")) + _lp(sender_device)
-            + _lp(recipient.encode("ascii")) + _lp(recipient_device) + _U32.pack(spk_id) + _U32.pack(opk_id)
-            + _lp(ephemeral))
+    return b"".join((_WRAP_TAG_FIELD, _lp(message_id), _lp(sender.encode("ascii")), _lp(sender_device),
+                     _lp(recipient.encode("ascii")), _lp(recipient_device), _TWO_U32.pack(spk_id, opk_id),
+                     _lp(ephemeral)))
+
+
+_WRAP_TAG_FIELD = _lp(WRAP_TAG)
+_TWO_U32 = struct.Struct(">II")
 
 
 def _wrap_key(ikm, info):
