@@ -275,8 +275,8 @@ def interleaved(ops, rounds, at_least=None, budget=None):
     and C{at_least} rounds are done (an even number).  Alternating the order gives every operation each neighbour
     before it as often as after it: with a fixed cycle (or a rotation of one), the floor would always run right
     after pager's same operation, which warms the very code and keys the floor needs, and pager after the floor of
-    the other direction.  The garbage collector runs once before and is off while timing: a collection between rounds would
-    flush the caches and slow whichever operation comes next.
+    the other direction.  The garbage collector runs once before and is off while timing: a collection between
+    rounds would flush the caches and slow whichever operation comes next.
     """
     names = list(ops)
     orders = (names, names[::-1])
