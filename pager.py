@@ -456,54 +456,56 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=PSS_SALT_LENGT
 _PREHASHED_SHA256 = asym_utils.Prehashed(hashes.SHA256())
 
 
-def _lp(data):
-    """A length-prefixed field: a 4-byte big-endian length, then the bytes."""
-    return struct.pack(">I", len(data)) + data
-
-
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_UINTS = {">B": struct.Struct(">B"), ">I": _U32, ">Q": _U64}
+
+
+def _lp(data):
+    """A length-prefixed field: a 4-byte big-endian length, then the bytes."""
+    return _U32.pack(len(data)) + data
 
 
 class _Reader:
-    """Reads the fields written by L{_lp} and C{struct}, raising L{MalformedEnvelope} on any shortfall."""
+    """
+    Reads the fields written by L{_lp} and C{struct}, raising L{MalformedEnvelope} on any shortfall.  Every message
+    opened is parsed here, so it keeps to slots and precompiled structs.
+    """
+
+    __slots__ = ("data", "offset", "size")
 
     def __init__(self, data):
         self.data = data if isinstance(data, bytes) else bytes(data)
         self.offset = 0
+        self.size = len(self.data)
 
-    def take(self, n):
-        start = self.offset
-        end = self.offset = start + n
-        if n < 0 or end > len(self.data):
-            raise MalformedEnvelope("The message header is truncated.")
-        return self.data[start:end]
-
-    def uint(self, fmt):
-        unpacker = _UINTS[fmt]
+    def fixed(self, unpacker):
+        """The next fields of fixed sizes, as a tuple read with C{unpacker} (a C{struct.Struct})."""
         start = self.offset
         end = self.offset = start + unpacker.size
-        if end > len(self.data):
+        if end > self.size:
             raise MalformedEnvelope("The message header is truncated.")
-        return unpacker.unpack_from(self.data, start)[0]
+        return unpacker.unpack_from(self.data, start)
 
     def field(self, max_length):
         data, start = self.data, self.offset
-        if start + 4 > len(data):
+        body = start + 4
+        if body > self.size:
             raise MalformedEnvelope("The message header is truncated.")
         n = _U32.unpack_from(data, start)[0]
         if n > max_length:
             raise MalformedEnvelope("A field of the message header is too long.")
-        end = start + 4 + n
-        if end > len(data):
+        end = body + n
+        if end > self.size:
             raise MalformedEnvelope("The message header is truncated.")
         self.offset = end
-        return data[start + 4:end]
+        return data[body:end]
 
     def end(self):
-        if self.offset != len(self.data):
+        if self.offset != self.size:
             raise MalformedEnvelope("The message header has trailing bytes.")
+
+
+_USERNAME_BYTES_FULLMATCH = re.compile(USERNAME_RE.pattern.encode("ascii")).fullmatch
 
 
 def generate_private_key():
@@ -516,12 +518,46 @@ def generate_private_key():
 _SMALL_PRIMES_PRODUCT = math.prod(p for p in range(3, 1000, 2) if all(p % q for q in range(3, math.isqrt(p) + 1, 2)))
 
 
+class _KeyMemo:
+    """
+    Facts about public key objects, remembered per object so that a key used for message after message (a session's
+    key, a contact's key held by a client) is not serialised and hashed, or checked, each time.  cryptography's key
+    objects are immutable, and neither weak references nor hashes of them exist, so an entry holds its key: while it
+    is here no other object can have its C{id}, and a look-up also checks that the object is the very same one.  At
+    most C{size} keys are held; the whole memo is dropped when full (one C{dict} operation: safe across threads).
+    """
+
+    def __init__(self, size=256):
+        self._entries = {}
+        self._size = size
+
+    def get(self, key):
+        """What was remembered for this very object, or C{None}."""
+        entry = self._entries.get(id(key))
+        if entry is not None and entry[0] is key:
+            return entry[1]
+        return None
+
+    def put(self, key, value):
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[id(key)] = (key, value)
+        return value
+
+
+_FINGERPRINTS = _KeyMemo()  # public key object -> its fingerprint
+_CHECKED_KEYS = _KeyMemo()  # public key object -> True: it passed check_public_key
+
+
 def check_public_key(key):
     """
     Return C{key} if it is an RSA public key pager accepts (2048 to 8192 bits, exponent 65537, a modulus that is
     odd, has no prime factor below 1000 and is not a square); raise L{BadKey}.  Whether the modulus is a product of
-    two large primes cannot be checked cheaply; a bad one only weakens its own owner.
+    two large primes cannot be checked cheaply; a bad one only weakens its own owner.  A key object that passed is
+    remembered (L{_KeyMemo}), so checking it again costs a look-up.
     """
+    if _CHECKED_KEYS.get(key):
+        return key
     if not isinstance(key, rsa.RSAPublicKey):
         raise BadKey("The key is not an RSA public key.")
     if key.key_size < RSA_BITS:
@@ -538,6 +574,7 @@ def check_public_key(key):
         raise BadKey("The key's modulus has a small factor, so it is not an RSA modulus.")
     if math.isqrt(n) ** 2 == n:
         raise BadKey("The key's modulus is a square, so it is not an RSA modulus.")
+    _CHECKED_KEYS.put(key, True)
     return key
 
 
@@ -564,11 +601,19 @@ def public_key_pem(key):
 
 
 def fingerprint(key):
-    """The key fingerprint: SHA-256 of the DER SubjectPublicKeyInfo, 32 bytes."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        key = key.public_key()
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).digest()
+    """
+    The key fingerprint: SHA-256 of the DER SubjectPublicKeyInfo, 32 bytes.  A public key object's is remembered
+    (L{_KeyMemo}); a private key's never is, so that no private key is kept alive here.
+    """
+    known = _FINGERPRINTS.get(key)
+    if known is not None:
+        return known
+    public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    fp = hashlib.sha256(der).digest()
+    if public is key and isinstance(key, rsa.RSAPublicKey):
+        _FINGERPRINTS.put(key, fp)
+    return fp
 
 
 def format_fingerprint(fp):
@@ -1011,13 +1056,18 @@ def parse_header(raw):
     if tag not in (ENVELOPE_TAG, ENVELOPE_TAG_V1):
         raise MalformedEnvelope("The message is not a pager v2 (or v1) envelope.")
     version = 2 if tag == ENVELOPE_TAG else 1
-    message_id = r.field(MESSAGE_ID_SIZE)
-    if len(message_id) != MESSAGE_ID_SIZE:
+    # Runs of fields of fixed sizes are read at once, length prefixes included, and each length is then checked.
+    id_size, message_id, timestamp_ms = r.fixed(_ID_AND_TIME)
+    if id_size != MESSAGE_ID_SIZE:
         raise MalformedEnvelope("The message id is not %d bytes." % MESSAGE_ID_SIZE)
-    timestamp_ms = r.uint(">Q")
     sender = _header_name(r)
-    sender_fp = _header_fingerprint(r)
-    sender_device = _header_device(r) if version == 2 else sender_fp[:DEVICE_ID_SIZE]
+    if version == 2:
+        fp_size, sender_fp, device_size, sender_device = r.fixed(_FINGERPRINT_AND_DEVICE)
+        if fp_size != 32 or device_size != DEVICE_ID_SIZE:
+            raise MalformedEnvelope("The sender's key fingerprint or device id has the wrong length.")
+    else:
+        sender_fp = _header_fingerprint(r)
+        sender_device = sender_fp[:DEVICE_ID_SIZE]
     try:
         content_type = r.field(16).decode("ascii")
         filename = r.field(MAX_FILENAME_BYTES).decode("utf-8")
@@ -1027,44 +1077,55 @@ def parse_header(raw):
         raise MalformedEnvelope("The content type is neither text nor file.")
     if (content_type == "file") != bool(filename):
         raise MalformedEnvelope("A file needs a file name, and only a file has one.")
-    chunk_size = r.uint(">I")
+    chunk_size, count = r.fixed(_CHUNK_SIZE_AND_COUNT)
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise MalformedEnvelope("The chunk size is out of range.")
-    count = r.uint(">I")
     if version == 1 and not 1 <= count <= MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has 1 to %d recipients." % MAX_RECIPIENTS)
     if not 1 <= count <= MAX_WRAPS:
         raise MalformedEnvelope("A message has 1 to %d wrapped keys." % MAX_WRAPS)
     entries = []
+    read_entry = _header_entry if version == 2 else _header_recipient_v1
+    previous = None
     for _ in range(count):
-        entry = _header_entry(r) if version == 2 else _header_recipient_v1(r)
-        if entries and _wrap_order(entry) <= _wrap_order(entries[-1]):
+        entry = read_entry(r)
+        order = (entry.name, entry.device_id)  # names are ASCII: str order is byte order
+        if previous is not None and order <= previous:
             raise MalformedEnvelope("The wrapped keys are not sorted by name and device without duplicates.")
+        previous = order
         entries.append(entry)
     if len({e.name for e in entries} - {sender}) > MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has at most %d recipients besides its sender." % MAX_RECIPIENTS)
-    commitment = r.field(32)
-    if len(commitment) != 32:
+    commitment_size, commitment = r.fixed(_COMMITMENT_FIELD)
+    if commitment_size != 32:
         raise MalformedEnvelope("The key commitment is not 32 bytes.")
     r.end()
     return EnvelopeHeader(bytes(raw), version, message_id, timestamp_ms, sender, sender_fp, sender_device,
                           content_type, filename, chunk_size, tuple(entries), commitment)
 
 
+# Runs of fixed-size fields of a version 2 header, each length-prefixed field with its u32 length.
+_ID_AND_TIME = struct.Struct(">I%dsQ" % MESSAGE_ID_SIZE)  # lp(message id) u64(timestamp)
+_FINGERPRINT_AND_DEVICE = struct.Struct(">I32sI%ds" % DEVICE_ID_SIZE)  # lp(sender fingerprint) lp(sender device)
+_CHUNK_SIZE_AND_COUNT = struct.Struct(">II")
+_DEVICE_AND_KIND = struct.Struct(">I%dsB" % DEVICE_ID_SIZE)  # an entry's lp(device id) u8(kind)
+_X25519_ENTRY = struct.Struct(">III%dsI%ds" % (X25519_KEY_SIZE, _X25519_WRAPPED_SIZE))  # spk, opk, lp(ek), lp(wrapped)
+_COMMITMENT_FIELD = struct.Struct(">I32s")
+
+
 def _header_entry(r):
     name = _header_name(r)
-    device = _header_device(r)
-    kind = r.uint(">B")
+    device_size, device, kind = r.fixed(_DEVICE_AND_KIND)
+    if device_size != DEVICE_ID_SIZE:
+        raise MalformedEnvelope("A device id in the message header is not %d bytes." % DEVICE_ID_SIZE)
     if kind == WRAP_RSA:
         return Wrap(name, device, kind, _header_rsa_wrapped(r))
     if kind != WRAP_X25519:
         raise MalformedEnvelope("A wrapped key is of an unknown kind.")
-    spk_id, opk_id = r.uint(">I"), r.uint(">I")
+    spk_id, opk_id, ephemeral_size, ephemeral, wrapped_size, wrapped = r.fixed(_X25519_ENTRY)
     if spk_id == 0:
         raise MalformedEnvelope("A wrapped key names no signed prekey.")
-    ephemeral = r.field(X25519_KEY_SIZE)
-    wrapped = r.field(_X25519_WRAPPED_SIZE)
-    if len(ephemeral) != X25519_KEY_SIZE or len(wrapped) != _X25519_WRAPPED_SIZE:
+    if ephemeral_size != X25519_KEY_SIZE or wrapped_size != _X25519_WRAPPED_SIZE:
         raise MalformedEnvelope("An X25519 wrapped key or its ephemeral key has the wrong length.")
     return Wrap(name, device, kind, wrapped, spk_id, opk_id, ephemeral)
 
@@ -1082,21 +1143,11 @@ def _header_rsa_wrapped(r):
     return wrapped
 
 
-def _header_device(r):
-    device = r.field(DEVICE_ID_SIZE)
-    if len(device) != DEVICE_ID_SIZE:
-        raise MalformedEnvelope("A device id in the message header is not %d bytes." % DEVICE_ID_SIZE)
-    return device
-
-
 def _header_name(r):
-    try:
-        name = r.field(32).decode("ascii")
-    except UnicodeDecodeError:
-        name = ""
-    if not valid_username(name):
+    name = r.field(32)
+    if _USERNAME_BYTES_FULLMATCH(name) is None:  # valid_username, on the bytes
         raise MalformedEnvelope("A user name in the message header is not valid.")
-    return name
+    return name.decode("ascii")
 
 
 def _header_fingerprint(r):
@@ -1114,15 +1165,18 @@ def _nonce(counter, last):
     return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
 
+_SIGNATURE_TAG_FIELD = _lp(SIGNATURE_TAG)
+_COUNTS_AND_DIGEST = struct.Struct(">QQI")  # u64(chunks) u64(ciphertext length) and the digest's u32 length
+
+
 def signed_bytes(header_raw, chunk_count, ciphertext_length, ciphertext_digest):
     """
     The exact bytes the sender signs: the signature tag, the header, the number of chunks, the total ciphertext
     length and the SHA-256 of all chunk ciphertexts in order.
     """
-    return (
-        _lp(SIGNATURE_TAG) + _lp(header_raw) + struct.pack(">QQ", chunk_count, ciphertext_length)
-        + _lp(ciphertext_digest)
-    )
+    return b"".join((_SIGNATURE_TAG_FIELD, _lp(header_raw),
+                     _COUNTS_AND_DIGEST.pack(chunk_count, ciphertext_length, len(ciphertext_digest)),
+                     ciphertext_digest))
 
 
 @dataclasses.dataclass
@@ -1141,9 +1195,13 @@ class Envelope:
 
 def _wrap_info(message_id, sender, sender_device, recipient, recipient_device, spk_id, opk_id, ephemeral):
     """The HKDF info of an X25519 wrap: it binds the message, both ends (users and devices), the prekeys and C{ek}."""
-    return (_lp(WRAP_TAG) + _lp(message_id) + _lp(sender.encode("ascii")) + _lp(sender_device)
-            + _lp(recipient.encode("ascii")) + _lp(recipient_device) + _U32.pack(spk_id) + _U32.pack(opk_id)
-            + _lp(ephemeral))
+    return b"".join((_WRAP_TAG_FIELD, _lp(message_id), _lp(sender.encode("ascii")), _lp(sender_device),
+                     _lp(recipient.encode("ascii")), _lp(recipient_device), _TWO_U32.pack(spk_id, opk_id),
+                     _lp(ephemeral)))
+
+
+_WRAP_TAG_FIELD = _lp(WRAP_TAG)
+_TWO_U32 = struct.Struct(">II")
 
 
 def _wrap_key(ikm, info):
@@ -1219,8 +1277,10 @@ class Sealer:
         message_id = message_id if message_id is not None else secrets.token_bytes(MESSAGE_ID_SIZE)
         timestamp_ms = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
         now = time.time() if now is None else now
-        sender_fingerprint = sender_fingerprint if sender_fingerprint is not None else fingerprint(private_key)
-        sender_device = sender_device if sender_device is not None else device_id(private_key)
+        if sender_fingerprint is None or sender_device is None:
+            own = fingerprint(private_key)  # a private key's is never remembered: compute it once here
+            sender_fingerprint = sender_fingerprint if sender_fingerprint is not None else own
+            sender_device = sender_device if sender_device is not None else own[:DEVICE_ID_SIZE]
         entries = []
         for target in targets:
             spk = target.signed_prekey
@@ -1389,11 +1449,13 @@ class Opener:
         """
         self._verifier = EnvelopeVerifier(header_raw, max_size)
         header = self.header = self._verifier.header
+        own = None  # private_key's device id, computed at most once (a private key's is never remembered)
         if device is None:
-            device = device_id(private_key)
+            own = device = device_id(private_key)
         mine = header.entry(recipient, device)
-        if mine is None or (mine.kind == WRAP_RSA and (
-                private_key is None or not hmac.compare_digest(device_id(private_key), device))):
+        if mine is not None and mine.kind == WRAP_RSA and own is None and private_key is not None:
+            own = device_id(private_key)
+        if mine is None or (mine.kind == WRAP_RSA and (own is None or not hmac.compare_digest(own, device))):
             raise NotAddressedToYou("The message is not addressed to %s with this key." % recipient)
         if mine.kind == WRAP_RSA:
             try:

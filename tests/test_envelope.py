@@ -848,6 +848,83 @@ class KeyTests(SynchronousTestCase):
         self.assertEqual(pager.fingerprint(_key("alice")), hashlib.sha256(der).digest())
 
 
+def _spki_digest(key):
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).digest()
+
+
+class KeyMemoTests(SynchronousTestCase):
+    """The per-object memo of fingerprints and key checks never answers for another key."""
+
+    def test_each_key_its_own_fingerprint(self):
+        """Keys fingerprinted one after another, each several times, each get their own fingerprint."""
+        keys = [_pub(name) for name in ("alice", "bob", "carol")] + [pager.load_public_key(pager.public_key_pem(
+            _key(name))) for name in ("alice", "bob")]
+        for _ in range(3):
+            for key in keys:
+                self.assertEqual(pager.fingerprint(key), _spki_digest(key))
+                self.assertEqual(pager.device_id(key), _spki_digest(key)[:pager.DEVICE_ID_SIZE])
+
+    def test_stale_entry_under_reused_id(self):
+        """
+        An entry left under the id another object now has (what id reuse after a key is freed would give) is not
+        used: the memo answers only for the very object it holds, for fingerprints and key checks alike.
+        """
+        alice, bob = _pub("alice"), _pub("bob")
+        self.patch(pager, "_FINGERPRINTS", pager._KeyMemo())
+        self.patch(pager, "_CHECKED_KEYS", pager._KeyMemo())
+        pager._FINGERPRINTS._entries[id(bob)] = (alice, pager.fingerprint(alice))
+        self.assertEqual(pager.fingerprint(bob), _spki_digest(bob))
+        bad = rsa.RSAPublicNumbers(3, bob.public_numbers().n).public_key()  # exponent 3: refused
+        pager._CHECKED_KEYS._entries[id(bad)] = (bob, True)
+        self.assertRaises(pager.BadKey, pager.check_public_key, bad)
+
+    def test_holds_its_keys(self):
+        """
+        The memo holds every key it answers for, so no other object can take the id of one while it is there; a
+        key dropped by everyone else and a new key made afterwards each get their own fingerprint.
+        """
+        memo = pager._KeyMemo()
+        self.patch(pager, "_FINGERPRINTS", memo)
+        seen = {}
+        for name in ("alice", "bob", "carol", "alice", "bob"):
+            key = pager.load_public_key(pager.public_key_pem(_key(name)))  # a new object each time
+            seen[id(key)] = name
+            self.assertEqual(pager.fingerprint(key), _spki_digest(_pub(name)))
+            self.assertIs(memo._entries[id(key)][0], key)
+            del key
+        self.assertEqual(len(seen), 5)  # no id was reused while the memo held the keys
+
+    def test_bounded(self):
+        """The memo holds at most its size of keys, starting afresh when full, and stays right after."""
+        memo = pager._KeyMemo(size=2)
+        self.patch(pager, "_FINGERPRINTS", memo)
+        keys = [pager.load_public_key(pager.public_key_pem(_key(name))) for name in ("alice", "bob", "carol")]
+        for key in keys + keys:
+            self.assertEqual(pager.fingerprint(key), _spki_digest(key))
+            self.assertLessEqual(len(memo._entries), 2)
+
+    def test_private_keys_not_held(self):
+        """A private key's fingerprint is computed each time and the private key is never kept by the memo."""
+        memo = pager._KeyMemo()
+        self.patch(pager, "_FINGERPRINTS", memo)
+        self.assertEqual(pager.fingerprint(_key("alice")), _spki_digest(_pub("alice")))
+        self.assertEqual(memo._entries, {})
+
+    def test_refused_key_not_remembered(self):
+        """A key that check_public_key refuses is refused every time, and only keys that passed are remembered."""
+        memo = pager._KeyMemo()
+        self.patch(pager, "_CHECKED_KEYS", memo)
+        bad = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+        for _ in range(2):
+            self.assertRaises(pager.BadKey, pager.check_public_key, bad)
+        self.assertEqual(memo._entries, {})
+        good = _pub("alice")
+        self.assertIs(pager.check_public_key(good), good)
+        self.assertIs(pager.check_public_key(good), good)
+        self.assertEqual(list(memo._entries), [id(good)])
+
+
 class OpenSSLInteroperabilityTests(SynchronousTestCase):
     """The documented layout checked with the openssl command and raw AES-GCM, independently of Opener."""
 
