@@ -145,6 +145,7 @@ MAX_PREKEYS_PER_FRAME = 100  # one-time prekeys one publish_prekeys frame may ca
 PREKEYS_LOW = 20  # below this many one-time prekeys left, a device is told to publish more
 BUNDLE_BURST = 100  # bundle requests an account may make at once before bundle_rate paces it
 REVOKED_KEPT = 30 * DAY  # seconds the server keeps a revoked device's row (and revocation) for contacts to see
+DEVICE_ROWS_PER_DEVICE = 4  # an account's device rows, revoked ones included, are at most this many x max_devices
 
 # OWASP's Argon2id parameters: 19 MiB, 2 passes, one lane.
 ARGON2_MEMORY_KIB = 19456
@@ -2357,15 +2358,30 @@ def certify_device_txn(txn, user, device_id, name, created, certificate, user_fp
         raise BadRequest("This device is certified already.")
 
 
+def device_rows_allowed(max_devices):
+    """The device rows (revoked ones included) one account may have: a list no client refuses (MAX_LISTED_DEVICES)."""
+    return min(DEVICE_ROWS_PER_DEVICE * max_devices, MAX_LISTED_DEVICES)
+
+
 def add_device_txn(txn, user, device_id, pem, name, created, certificate, now, max_devices, user_fp=None):
     """
-    Add a certified device to C{user}'s account: L{Forbidden} past C{max_devices} devices not revoked, L{BadRequest}
-    for a device key the account has (or had: a revoked key stays revoked).
+    Add a certified device to C{user}'s account: L{Forbidden} past C{max_devices} devices not revoked, or past
+    L{device_rows_allowed} rows revoked ones included; L{BadRequest} for a device key the account has (or had: a
+    revoked key stays revoked).
     """
     _check_session_key_txn(txn, user, user_fp)
     count = txn.execute("SELECT COUNT(*) FROM devices WHERE user = ? AND revoked_at IS NULL", (user,)).fetchone()[0]
     if count >= max_devices:
         raise Forbidden("This account has %d devices, the most allowed; revoke one first." % max_devices)
+    # Revoked rows stay listed REVOKED_KEPT for contacts to see; without this bound, linking and revoking over and
+    # over would list more devices than a client accepts (MAX_LISTED_DEVICES), and the user would be unreachable.
+    rows, oldest = txn.execute("SELECT COUNT(*), MIN(revoked_at) FROM devices WHERE user = ?", (user,)).fetchone()
+    if rows >= device_rows_allowed(max_devices):
+        if oldest is None:
+            raise Forbidden("This account lists %d devices, the most allowed; revoke one first." % rows)
+        raise Forbidden("This account lists %d devices, revoked ones included, the most allowed; the oldest revoked"
+                        " one is forgotten %s." % (rows, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(
+                            oldest + REVOKED_KEPT))))
     try:
         txn.execute("INSERT INTO devices (user, device_id, public_key, name, created, certificate, added_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)", (user, device_id, pem, name, created, certificate, now))

@@ -369,6 +369,38 @@ class RevokeTests(DeviceTestCase):
         self.successResultOf(self.factory.expire())
         self.assertEqual(len(self.assertOk(self.login("bob").request("devices", user="alice"))["devices"]), 1)
 
+    def test_revokedRowsBounded(self):
+        """
+        Attack: link and revoke devices over and over until the account lists more devices (revoked ones included)
+        than a client accepts, making the user unreachable.  At most min(4 x max_devices, MAX_LISTED_DEVICES) rows:
+        a link past it is forbidden with a sentence saying when the oldest revoked row is forgotten.
+        """
+        self.serve(pager.Limits(max_devices=2))
+        self.alice = self.login("alice")
+        self.assertOk(self.revoke(did(self.phone), at=0))
+        for n in range(6):  # the identity device, the phone and 6 more make 8 rows, 7 of them revoked
+            key = self.link("alice", "alice-spare-%d" % n, identity=self.alice)
+            self.assertOk(self.revoke(did(key), at=0))
+        waiting = self.connect()
+        key = private_key("alice-tablet")
+        link = self.assertOk(waiting.request("link_request", user="alice", public_key=pager.public_key_pem(key),
+                                             name="tablet", mac=b64(b"m" * 32)))["link"]
+        certificate = pager.certify_device(private_key("alice"), "alice", key.public_key(), "tablet", CREATED)
+        answer = self.assertError(self.alice.request("link_approve", link=link, name="tablet", created=CREATED,
+                                                     certificate=b64(certificate.signature),
+                                                     answer_mac=b64(b"a" * 32)), "forbidden")
+        self.assertIn("revoked", answer["message"])
+        listing = self.assertOk(self.bob.request("devices", user="alice"))["devices"]
+        self.assertEqual(len(listing), 8)
+        # once the oldest revoked rows are forgotten, there is room again
+        self.clock.advance(pager.REVOKED_KEPT + 1)
+        self.successResultOf(self.factory.expire())
+        self.alice = self.login("alice")
+        self.link("alice", "alice-tablet", identity=self.alice, name="tablet")
+        # the bound never exceeds what clients accept
+        self.assertEqual(pager.device_rows_allowed(1000), pager.MAX_LISTED_DEVICES)
+        self.assertEqual(pager.device_rows_allowed(8), 32)
+
     def test_rekeyReplacesDevices(self):
         """A rekey leaves the account one device, the new identity device; the linked device's session ends."""
         conn = self.device_session("alice", self.phone)
