@@ -145,6 +145,7 @@ MAX_PREKEYS_PER_FRAME = 100  # one-time prekeys one publish_prekeys frame may ca
 PREKEYS_LOW = 20  # below this many one-time prekeys left, a device is told to publish more
 BUNDLE_BURST = 100  # bundle requests an account may make at once before bundle_rate paces it
 REVOKED_KEPT = 30 * DAY  # seconds the server keeps a revoked device's row (and revocation) for contacts to see
+REVOKED_REJECT_REASON = "The recipient's device that still held it was revoked; the others had refused it."
 DEVICE_ROWS_PER_DEVICE = 4  # an account's device rows, revoked ones included, are at most this many x max_devices
 
 # OWASP's Argon2id parameters: 19 MiB, 2 passes, one lane.
@@ -2389,10 +2390,14 @@ def add_device_txn(txn, user, device_id, pem, name, created, certificate, now, m
         raise BadRequest("This account has (or had) a device with that key; the new device must make a new key.")
 
 
-def revoke_device_txn(txn, user, device_id, revoked_at, revocation, user_fp=None):
+def revoke_device_txn(txn, user, device_id, revoked_at, revocation, user_fp=None, now=None):
     """
     Revoke one of C{user}'s devices: its row stays (with the signed revocation, for contacts to see), its prekeys
-    and what waited for it go.  L{BadRequest} for an unknown or already revoked device.
+    and what waited for it go.  L{BadRequest} for an unknown or already revoked device.  Returns C{(sender,
+    Receipt)} pairs: a message the revoked device was the last of the user's devices to hold, none of them having
+    acked it (the others rejected it: the identity device, which cannot be revoked, always gets a copy), settles
+    as C{rejected} (L{REVOKED_REJECT_REASON}) at C{now}, so its sender hears of it; the rest go without a receipt
+    (other devices still hold them, or the user's receipt was made already).
     """
     _check_session_key_txn(txn, user, user_fp)
     txn.execute("UPDATE devices SET revoked_at = ?, revocation = ? WHERE user = ? AND device_id = ?"
@@ -2401,7 +2406,15 @@ def revoke_device_txn(txn, user, device_id, revoked_at, revocation, user_fp=None
         raise BadRequest("This account has no such device, or it is revoked already.")
     txn.execute("DELETE FROM signed_prekeys WHERE user = ? AND device_id = ?", (user, device_id))
     txn.execute("DELETE FROM one_time_prekeys WHERE user = ? AND device_id = ?", (user, device_id))
-    return _drop_device_deliveries_txn(txn, user, [device_id])
+    last = [bytes(r[0]) for r in txn.execute(
+        "SELECT m.msg_id FROM deliveries d JOIN messages m ON m.seq = d.seq WHERE d.recipient = ?1 AND d.device = ?2"
+        " AND d.told = 0 AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.recipient = ?1 AND o.ord = d.ord AND"
+        " o.device != ?2)", (user, device_id))]
+    receipts = []
+    if last:
+        receipts, _ = settle_txn(txn, user, last, "rejected", REVOKED_REJECT_REASON, now, None, device_id)
+    _drop_device_deliveries_txn(txn, user, [device_id])
+    return receipts
 
 
 def forget_revoked_txn(txn, older_than):
@@ -3151,8 +3164,8 @@ class Store:
     def add_device(self, user, device_id, pem, name, created, certificate, now, max_devices, user_fp=None):
         return self._run(add_device_txn, user, device_id, pem, name, created, certificate, now, max_devices, user_fp)
 
-    def revoke_device(self, user, device_id, revoked_at, revocation, user_fp=None):
-        return self._run(revoke_device_txn, user, device_id, revoked_at, revocation, user_fp)
+    def revoke_device(self, user, device_id, revoked_at, revocation, user_fp=None, now=None):
+        return self._run(revoke_device_txn, user, device_id, revoked_at, revocation, user_fp, now)
 
     def forget_revoked(self, older_than):
         return self._run(forget_revoked_txn, older_than)
@@ -4022,10 +4035,13 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if device == self.device:
             raise BadRequest("The identity device cannot be revoked; replace the identity key instead (rekey).")
         await self.factory.in_thread(revocation.verify, self.key)
-        await self.factory.store.revoke_device(self.user, device, revocation.revoked_at, revocation.signature,
-                                               self.key_fingerprint)
+        receipts = await self.factory.store.revoke_device(self.user, device, revocation.revoked_at,
+                                                          revocation.signature, self.key_fingerprint,
+                                                          self.factory.now())
         self.log.info("{user} revoked a device ({device})", user=self.user, device=device.hex())
         self.factory.device_revoked(self.user, device)
+        for sender, receipt in receipts:
+            self.factory.receipt_created(sender, receipt)
         self.factory.settled()
         return {"device": device.hex()}
 

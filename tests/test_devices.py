@@ -568,15 +568,38 @@ class ReceiptTests(DeviceTestCase):
         self.assertEqual([(r["from"], r["status"]) for r in self.bob_phone.pushed("receipt")],
                          [("alice", "delivered")])
 
-    def test_revokeSettlesWithoutReceipt(self):
-        """The phone is revoked after the laptop rejected: the message leaves bob's counts, with no receipt."""
+    def test_revokeLastHolderRejects(self):
+        """
+        The phone is revoked after the laptop rejected: the phone held the last delivery, so the message leaves
+        bob's counts and alice gets bob's rejected receipt (before, she never heard of it again).
+        """
         self.assertOk(self.bob.request("reject", msg=self.msg, reason="no"))
         revocation = pager.revoke_device(private_key("bob"), "bob", did(self.phone), CREATED)
         self.assertOk(self.bob.request("revoke_device", **revocation.to_json()))
         query = self.store.pool._conn.execute
         self.assertEqual(query("SELECT pending_count, pending_bytes FROM users WHERE name = 'bob'").fetchone(), (0, 0))
         self.assertEqual(query("SELECT COUNT(*) FROM messages").fetchone(), (0,))
+        [receipt] = self.alice.pushed("receipt")
+        self.assertEqual((receipt["msg"], receipt["from"], receipt["status"], receipt["reason"]),
+                         (self.msg, "bob", "rejected", pager.REVOKED_REJECT_REASON))
+
+    def test_revokeWhileOthersHoldItMakesNoReceipt(self):
+        """The phone is revoked while the laptop still holds the message: no receipt until the laptop settles it."""
+        revocation = pager.revoke_device(private_key("bob"), "bob", did(self.phone), CREATED)
+        self.assertOk(self.bob.request("revoke_device", **revocation.to_json()))
         self.assertEqual(self.alice.pushed("receipt"), [])
+        self.assertOk(self.bob.request("ack", msg=self.msg))
+        self.assertEqual([r["status"] for r in self.alice.pushed("receipt")], ["delivered"])
+
+    def test_revokeAfterAckMakesNoReceipt(self):
+        """The laptop acked (alice has delivered); revoking the phone that still held it adds no receipt."""
+        self.assertOk(self.bob.request("ack", msg=self.msg))
+        self.assertEqual([r["status"] for r in self.alice.pushed("receipt")], ["delivered"])
+        revocation = pager.revoke_device(private_key("bob"), "bob", did(self.phone), CREATED)
+        self.assertOk(self.bob.request("revoke_device", **revocation.to_json()))
+        self.assertEqual(self.alice.pushed("receipt"), [])
+        query = self.store.pool._conn.execute
+        self.assertEqual(query("SELECT COUNT(*) FROM messages").fetchone(), (0,))
 
 
 class LegacyDeviceTests(DeviceTestCase):
