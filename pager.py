@@ -144,6 +144,9 @@ MAX_ONE_TIME_PREKEYS = 200  # one-time prekeys the server stores for one device
 MAX_PREKEYS_PER_FRAME = 100  # one-time prekeys one publish_prekeys frame may carry
 PREKEYS_LOW = 20  # below this many one-time prekeys left, a device is told to publish more
 BUNDLE_BURST = 100  # bundle requests an account may make at once before bundle_rate paces it
+ONE_TIME_INTERVAL = 300  # seconds: one account gets at most one of a device's one-time prekeys this often
+ONE_TIME_DEVICE_RATE = 1 / 60  # one-time prekeys a device hands out a second, to all requesters (after a burst)
+ONE_TIME_DEVICE_BURST = 50  # one-time prekeys a device may hand out at once before ONE_TIME_DEVICE_RATE paces it
 REVOKED_KEPT = 30 * DAY  # seconds the server keeps a revoked device's row (and revocation) for contacts to see
 REVOKED_REJECT_REASON = "The recipient's device that still held it was revoked; the others had refused it."
 DEVICE_ROWS_PER_DEVICE = 4  # an account's device rows, revoked ones included, are at most this many x max_devices
@@ -2467,15 +2470,17 @@ def publish_prekeys_txn(txn, user, device_id, signed, one_time, max_pool, user_f
     return count
 
 
-def bundle_txn(txn, users, requester, requester_device):
+def bundle_txn(txn, users, requester, requester_device, one_time=None):
     """
     Prekey bundles: for each of C{users}, C{(user, identity key PEM, [(DeviceRecord, signed prekey row or None,
     one-time prekey (id, public) or None)])} with every device (the requesting device left out of its own user's),
     revoked ones without prekeys; and C{low}: C{(user, device_id, pool size)} of each pool a prekey was taken from.
-    Each device's one-time prekey is taken (deleted) here, so no two bundles ever carry the same one.
-    L{UnknownUser} names every unknown user.
+    Each device's one-time prekey is taken (deleted) here, so no two bundles ever carry the same one; with
+    C{one_time} (a set of C{(user, device_id)}), only those devices' (the others' bundles carry the signed prekey
+    alone).  L{UnknownUser} names every unknown user.
     """
     bundles, low, unknown = [], [], []
+    one_time_for = one_time
     for user in users:
         try:
             identity_key, records = devices_txn(txn, user)
@@ -2490,6 +2495,8 @@ def bundle_txn(txn, users, requester, requester_device):
             if record.revoked_at is None and record.prekeys:
                 signed = txn.execute("SELECT prekey_id, public, valid_from, valid_until, signature FROM signed_prekeys"
                                      " WHERE user = ? AND device_id = ?", (user, record.device_id)).fetchone()
+            if (record.revoked_at is None and record.prekeys
+                    and (one_time_for is None or (user, record.device_id) in one_time_for)):
                 one_time = txn.execute(
                     "DELETE FROM one_time_prekeys WHERE user = ?1 AND device_id = ?2 AND prekey_id = (SELECT"
                     " MIN(prekey_id) FROM one_time_prekeys WHERE user = ?1 AND device_id = ?2)"
@@ -3179,8 +3186,8 @@ class Store:
     def publish_prekeys(self, user, device_id, signed, one_time, max_pool, user_fp=None, replace=False):
         return self._run(publish_prekeys_txn, user, device_id, signed, one_time, max_pool, user_fp, replace)
 
-    def bundle(self, users, requester, requester_device):
-        return self._run(bundle_txn, users, requester, requester_device)
+    def bundle(self, users, requester, requester_device, one_time=None):
+        return self._run(bundle_txn, users, requester, requester_device, one_time)
 
     def trim_receipts(self, user, keep):
         return self._run(trim_receipts_txn, user, keep)
@@ -4011,7 +4018,13 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     async def handle_bundle(self, frame, rid):
         users = field_usernames(frame, "users")
         self.factory.bundle_requested(self.user)
-        bundles, low = await self.factory.store.bundle(users, self.user, self.device)
+        allowed = self.factory.one_time_allowed(self.user, self.device, await self.factory.device_sets(users))
+        try:
+            bundles, low = await self.factory.store.bundle(users, self.user, self.device, allowed)
+        except BaseException:
+            self.factory.one_time_unused(self.user, allowed)
+            raise
+        self.factory.one_time_unused(self.user, allowed - {(user, device) for user, device, _ in low})
         for user, device, left in low:
             if left < PREKEYS_LOW:
                 self.factory.prekeys_low(user, device, left)
@@ -4574,6 +4587,47 @@ class _Bucket:
             self._entries.popitem(last=False)
         return wait
 
+    def give_back(self, key):
+        """A token taken by L{take} that was not used."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (min(self.burst, entry[0] + 1), entry[1])
+
+
+class _OneTimeHandouts:
+    """
+    Who may take a device's one-time prekey now: one requesting account at most one of a device's every
+    C{interval} seconds, and a device at most C{burst} at once then C{rate} a second to all requesters together.
+    Beyond that a bundle carries the device's signed prekey alone (X3DH allows it: still forward secret once that
+    prekey is deleted).  Both tables hold at most C{size} keys (the oldest forgotten), so memory stays bounded.
+    """
+
+    def __init__(self, interval, rate, burst, size=100000):
+        self.interval, self.size = interval, size
+        self._given = collections.OrderedDict()  # (requester, user, device) -> time of the last handout, oldest first
+        self._devices = _Bucket(rate, burst, size)  # (user, device) -> its handouts to everyone
+
+    def take(self, requester, user, device, now):
+        """Whether C{requester} may take one of C{user}'s C{device}'s one-time prekeys now (counted if so)."""
+        given = self._given
+        while given:
+            oldest = next(iter(given.values()))
+            if now - oldest < self.interval:
+                break
+            given.popitem(last=False)
+        key = (requester, user, device)
+        if key in given or self._devices.take((user, device), now) > 0:
+            return False
+        given[key] = now
+        while len(given) > self.size:
+            given.popitem(last=False)
+        return True
+
+    def give_back(self, requester, user, device):
+        """A handout counted by L{take} that did not happen (the pool was empty)."""
+        if self._given.pop((requester, user, device), None) is not None:
+            self._devices.give_back((user, device))
+
 
 class PagerServerFactory(protocol.Factory):
     """
@@ -4626,6 +4680,7 @@ class PagerServerFactory(protocol.Factory):
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
         self._device_sets = collections.OrderedDict()  # user -> _DeviceSet, the most recently used last
         self._bundles = _Bucket(limits.bundle_rate, BUNDLE_BURST)  # bundle requests per account
+        self.one_time = _OneTimeHandouts(ONE_TIME_INTERVAL, ONE_TIME_DEVICE_RATE, ONE_TIME_DEVICE_BURST)
         self.links = {}  # link id -> _LinkRequest
         self._links_per_address = collections.Counter()
         self._links_per_user = collections.Counter()
@@ -4906,6 +4961,20 @@ class PagerServerFactory(protocol.Factory):
         if wait > 0:
             raise RateLimited("Too many prekey bundle requests; try again in %d s." % _whole_seconds(wait),
                               retry_after=wait)
+
+    def one_time_allowed(self, requester, requester_device, sets):
+        """
+        The C{(user, device)} pairs of C{sets} (L{device_sets}) whose one-time prekey C{requester}'s bundle may take
+        (L{_OneTimeHandouts}); each is counted now, and given back with L{one_time_unused} if its pool was empty.
+        """
+        now = self.now()
+        return {(user, device) for user, known in sets.items() for device, published in known.current.items()
+                if published and not (user == requester and device == requester_device)
+                and self.one_time.take(requester, user, device, now)}
+
+    def one_time_unused(self, requester, pairs):
+        for user, device in pairs:
+            self.one_time.give_back(requester, user, device)
 
     def prekeys_low(self, user, device, left):
         for session in list(self.online.get(user, ())):

@@ -338,6 +338,9 @@ class PrekeyMaintenanceTests(DeviceClientTestCase):
         alice = await self.register(self.address, "alice")
         bob = await self.register(self.address, "bob")
         self.assertEqual(bob._prekey_state.one_time, pager.PREKEY_POOL_SIZE)
+        # One requester drains the pool here, as many would: lift the server's per-requester and per-device
+        # handout bounds (tests.test_devices.PrekeyTests tests them).
+        self.server.factory.one_time = pager._OneTimeHandouts(0, 1, 1000)
         for _ in range(pager.PREKEY_POOL_SIZE - pager.PREKEY_POOL_LOW + 1):
             await alice._bundles(["bob"])
         await self.wait_for(lambda: bob._prekey_state.one_time == pager.PREKEY_POOL_SIZE, "bob's top-up")

@@ -157,6 +157,8 @@ class PrekeyTests(DeviceTestCase):
 
     def test_oneTimePrekeyHandedOutOnce(self):
         """Each bundle takes one one-time prekey per device, never the same twice; below 20 the device is told."""
+        # one requester's 21 bundles in a row: lift the handout bounds (their own tests are below)
+        self.factory.one_time = pager._OneTimeHandouts(0, 1, 1000)
         self.assertOk(self.publish(self.alice, "alice", private_key("alice"), one_time=one_time(1, 21)))
         self.alice.read()
         seen = []
@@ -189,8 +191,64 @@ class PrekeyTests(DeviceTestCase):
         for _ in range(int(self.limits.bundle_rate)):
             self.assertOk(self.bob.request("bundle", users=["alice"]))
         self.assertError(self.bob.request("bundle", users=["alice"]), "rate_limited")
-        # 120 taken of 200: the rest is there for everyone else.
-        self.assertEqual(self.successResultOf(self.store.device_status("alice", did(private_key("alice"))))[2], 80)
+        # One taken of 200 (one a requester every ONE_TIME_INTERVAL): the rest is there for everyone else.
+        self.assertEqual(self.successResultOf(self.store.device_status("alice", did(private_key("alice"))))[2], 199)
+
+    def one_time_of(self, conn, user="alice"):
+        """The one-time prekey id a bundle of C{user} carries for its (only) device, or None."""
+        answer = self.assertOk(conn.request("bundle", users=[user]))
+        [device] = answer["bundles"][0]["devices"]
+        self.assertIsNotNone(device["signed_prekey"])
+        return None if device["one_time_prekey"] is None else device["one_time_prekey"]["id"]
+
+    def test_oneTimePrekeysPerRequesterBounded(self):
+        """
+        Attack: one account drains a device's one-time prekeys with bundle requests (64 users x 8 devices a request,
+        100 at once).  One requester gets at most one of a device's one-time prekeys every ONE_TIME_INTERVAL
+        seconds; its other bundles carry the signed prekey alone (X3DH allows it); another requester still gets one.
+        """
+        self.assertOk(self.publish(self.alice, "alice", private_key("alice"), one_time=one_time(1, 100)))
+        self.assertEqual(self.one_time_of(self.bob), 1)
+        for _ in range(pager.BUNDLE_BURST - 1):
+            self.assertIsNone(self.one_time_of(self.bob))
+        self.assertEqual(self.successResultOf(self.store.device_status("alice", did(private_key("alice"))))[2], 99)
+        carol = self.register("carol")
+        self.assertEqual(self.one_time_of(carol), 2)
+        self.clock.advance(pager.ONE_TIME_INTERVAL - 1)
+        self.bob, self.alice = self.login("bob"), self.login("alice")
+        self.assertIsNone(self.one_time_of(self.bob))
+        self.clock.advance(1)
+        self.bob = self.login("bob")
+        self.assertEqual(self.one_time_of(self.bob), 3)
+
+    def test_oneTimePrekeysPerDeviceBounded(self):
+        """
+        Attack: many accounts each take a device's one-time prekeys.  A device hands out at most a burst of
+        ONE_TIME_DEVICE_BURST, then one every 1 / ONE_TIME_DEVICE_RATE seconds, whoever asks; a one-time prekey
+        the requester could have had but the pool lacked is not counted.
+        """
+        self.factory.one_time = pager._OneTimeHandouts(pager.ONE_TIME_INTERVAL, pager.ONE_TIME_DEVICE_RATE, 2)
+        requesters = [self.bob] + [self.register(name) for name in ("carol", "dave", "erin")]
+        self.assertOk(self.publish(self.alice, "alice", private_key("alice")))
+        self.assertIsNone(self.one_time_of(requesters[0]))  # the pool is empty: nothing counted
+        self.assertOk(self.publish(self.alice, "alice", private_key("alice"), one_time=one_time(1, 100)))
+        self.assertEqual([self.one_time_of(conn) for conn in requesters], [1, 2, None, None])
+        self.clock.advance(1 / pager.ONE_TIME_DEVICE_RATE)
+        requesters = [self.login(name) for name in ("bob", "carol", "dave", "erin")]
+        self.alice = self.login("alice")
+        self.assertEqual([self.one_time_of(conn) for conn in requesters[2:]], [3, None])
+        # the default: a burst of 50, then one a minute
+        self.assertEqual((pager.ONE_TIME_DEVICE_BURST, pager.ONE_TIME_DEVICE_RATE), (50, 1 / 60))
+
+    def test_oneTimeHandoutMemoryBounded(self):
+        """The handout tables hold at most their size in keys (the oldest forgotten), and expired entries go."""
+        handouts = pager._OneTimeHandouts(300, 1 / 60, 50, size=100)
+        for n in range(1000):
+            self.assertTrue(handouts.take("mallory", "user%d" % n, b"d" * 16, 0.0))
+        self.assertLessEqual(len(handouts._given), 100)
+        self.assertLessEqual(len(handouts._devices._entries), 100)
+        handouts.take("mallory", "user0", b"d" * 16, 301.0)
+        self.assertEqual(len(handouts._given), 1)
 
     def test_bundleLeavesOutRequester(self):
         """A bundle for one's own name lists one's other devices, never the requesting one; unknown users fail."""

@@ -118,6 +118,8 @@ class ForwardSecrecyTests(E2ETestCase):
         """alice seals C{text} to bob and sends it; returns the envelope as it went over the wire."""
         alice = self.alice
         if one_time:
+            # the server hands one requester one of a device's one-time prekeys every ONE_TIME_INTERVAL at most
+            self.clock.offset += pager.ONE_TIME_INTERVAL
             names, envelope = await alice.seal("bob", text)
         else:
             # The bundle as the server gave it, without its one-time prekey: the signed prekey alone, as when the
