@@ -10380,7 +10380,8 @@ _LIMIT_OPTIONS = [
      "Bytes of answers a connection that stopped reading may leave unread before it is cut off (at least "
      "--max-line)."),
     ("close-grace", "close_grace", float, "Seconds a connection the server closes may still read before it is cut off."),
-    ("max-devices", "max_devices", int, "Devices one account may have, not counting revoked ones."),
+    ("max-devices", "max_devices", int,
+     "Devices one account may have, not counting revoked ones (with them, 4 times as many, at most 256)."),
     ("bundle-rate", "bundle_rate", float,
      "Prekey bundle requests per second one account may make (after a burst of %d)." % BUNDLE_BURST),
 ]
