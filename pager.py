@@ -138,8 +138,9 @@ MAX_TOKEN_LENGTH = 1024
 MAX_REQUEST_ID_LENGTH = 64
 LINK_TTL = 600  # seconds the server keeps a new device's link request, and the connection that waits for its answer
 LINK_ID_SIZE = 8  # bytes of a link request's id (16 hex digits on the wire)
-MAX_LINKS_PER_ADDRESS = 2  # link requests waiting at once from one IP address
-MAX_LINKS_PER_USER = 4  # link requests waiting at once for one account
+MAX_LINKS_PER_ADDRESS = 2  # link requests waiting at once from one IP address (IPv4) or /64 prefix (IPv6)
+MAX_LINKS_PER_USER = 4  # link requests waiting at once for one account (a newer one takes an older one's place)
+MAX_LINKS = 10000  # link requests waiting at once on the whole server
 MAX_ONE_TIME_PREKEYS = 200  # one-time prekeys the server stores for one device
 MAX_PREKEYS_PER_FRAME = 100  # one-time prekeys one publish_prekeys frame may carry
 PREKEYS_LOW = 20  # below this many one-time prekeys left, a device is told to publish more
@@ -4493,6 +4494,22 @@ def _address_host(address):
     return getattr(address, "host", None)
 
 
+def _link_prefix(host):
+    """
+    What link requests are counted by: an IPv4 address itself (an IPv4-mapped IPv6 address as IPv4), an IPv6
+    address's /64 (one subscriber usually holds a whole /64); anything else as it is.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.version == 6:
+        return str(ipaddress.ip_network((address, 64), strict=False))
+    return str(address)
+
+
 def _count_down(counter, key):
     """One fewer C{key} in C{counter}; a key that falls to zero is removed, so the table holds only what is open."""
     counter[key] -= 1
@@ -4985,16 +5002,27 @@ class PagerServerFactory(protocol.Factory):
 
     def link_requested(self, connection, user, key, name, mac):
         """
-        Keep a new device's link request for C{LINK_TTL} seconds, while C{connection} waits for its answer; at most
-        C{MAX_LINKS_PER_ADDRESS} from one address and C{MAX_LINKS_PER_USER} for one account (L{RateLimited}).
+        Keep a new device's link request for C{LINK_TTL} seconds, while C{connection} waits for its answer: at most
+        C{MAX_LINKS_PER_ADDRESS} from one address prefix (L{_link_prefix}) and C{MAX_LINKS} on the server
+        (L{RateLimited}).  An account has at most C{MAX_LINKS_PER_USER}: past it the newcomer takes the place of the
+        oldest request of the prefix holding the most of the account's requests (told C{link_expired}), so that a
+        passer-by holding the places cannot keep the real new device out.
         """
         host = _address_host(connection.peer)
-        if host is not None and self._links_per_address[host] >= MAX_LINKS_PER_ADDRESS:
-            raise RateLimited("Your address has %d link requests waiting, the most allowed." % MAX_LINKS_PER_ADDRESS,
-                              retry_after=LINK_TTL)
+        if host is not None:
+            host = _link_prefix(host)
+            if self._links_per_address[host] >= MAX_LINKS_PER_ADDRESS:
+                raise RateLimited("Your address has %d link requests waiting, the most allowed."
+                                  % MAX_LINKS_PER_ADDRESS, retry_after=LINK_TTL)
         if self._links_per_user[user] >= MAX_LINKS_PER_USER:
-            raise RateLimited("This account has %d link requests waiting, the most allowed; try again later."
-                              % MAX_LINKS_PER_USER, retry_after=LINK_TTL)
+            waiting = self.links_of(user)  # the oldest first
+            per_prefix = collections.Counter(link.host for link in waiting)
+            most = max(per_prefix.values())
+            victim = next(link for link in waiting if per_prefix[link.host] == most)
+            self.link_answered(victim, {"type": "link_expired", "link": victim.link_id, "evicted": True})
+        elif len(self.links) >= MAX_LINKS:
+            raise RateLimited("The server has %d link requests waiting, the most it keeps; try again later."
+                              % MAX_LINKS, retry_after=LINK_TTL)
         link = _LinkRequest(secrets.token_bytes(LINK_ID_SIZE).hex(), user, key, name, mac, self.now(), connection,
                             host)
         link.timer = self.reactor.callLater(LINK_TTL, self.link_answered, link, {"type": "link_expired",

@@ -6,7 +6,7 @@ MemoryReactorClock.  Each attack the new requests open has a test of its own.
 """
 
 from cryptography.hazmat.primitives.asymmetric import x25519
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 
 import pager
 
@@ -328,17 +328,75 @@ class LinkTests(DeviceTestCase):
                                       name="evil", mac=b64(b"m" * 32))
 
         held = [self.assertOk(request(REMOTE)[1]) for _ in range(2)]
-        self.assertError(request(REMOTE)[1], "rate_limited")
+        answer = self.assertError(request(REMOTE)[1], "rate_limited")
+        self.assertEqual(answer["retry_after"], pager.LINK_TTL)
         peers = [IPv4Address("TCP", "198.51.100.%d" % n, 1) for n in range(1, 4)]
         held += [self.assertOk(request(peers[0])[1]), self.assertOk(request(peers[1])[1])]
-        answer = self.assertError(request(peers[2])[1], "rate_limited")
-        self.assertEqual(answer["retry_after"], pager.LINK_TTL)
+        # a fifth request for the account takes the place of an older one (see test_requestSlotsNotBlocked)
+        self.assertOk(request(peers[2])[1])
         self.assertEqual(len(self.factory.links), 4)
         self.assertEqual(len(held), 4)
         # An unknown user costs the requester a failure like a failed login.
         for _ in range(self.limits.address_free_failures):
             self.assertError(request(peers[2], user="nobody")[1], "unknown_user")
         self.assertError(request(peers[2], user="nobody")[1], "rate_limited")
+
+    def link_request(self, peer, label, user="alice"):
+        conn = self.connect(peer)
+        answer = conn.request("link_request", user=user, public_key=pager.public_key_pem(private_key(label)),
+                              name="device", mac=b64(b"m" * 32))
+        return conn, answer
+
+    def test_requestSlotsNotBlocked(self):
+        """
+        Attack: a passer-by keeps an account's 4 link request places full (2 addresses x 2, or more addresses), so
+        the real new device cannot ask.  The newcomer gets in: the oldest request of the address prefix holding the
+        most of the account's requests goes, its connection told link_expired; the real device's lone request is
+        not the one to go while the passer-by holds two from one prefix.
+        """
+        mallory = [self.link_request(peer, "mallory")[0] for peer in (REMOTE, REMOTE, LOOPBACK, LOOPBACK)]
+        self.assertEqual(len(self.factory.links), 4)
+        real, answer = self.link_request(IPv4Address("TCP", "198.51.100.7", 1), "alice-phone")
+        link = self.assertOk(answer)["link"]
+        self.assertEqual(len(self.factory.links), 4)
+        [expired] = mallory[0].pushed("link_expired")
+        self.assertTrue(expired["evicted"])
+        self.assertEqual([conn.pushed("link_expired") for conn in mallory[1:]], [[], [], []])
+        # mallory asks again, from her two addresses: her own older requests go, never the real device's
+        self.assertOk(self.link_request(REMOTE, "mallory")[1])
+        self.assertOk(self.link_request(LOOPBACK, "mallory")[1])
+        self.assertIn(link, [r["link"] for r in self.assertOk(self.alice.request("link_pending"))["requests"]])
+        certificate = pager.certify_device(private_key("alice"), "alice", private_key("alice-phone").public_key(),
+                                           "phone", CREATED)
+        self.assertOk(self.alice.request("link_approve", link=link, name="phone", created=CREATED,
+                                         certificate=b64(certificate.signature), answer_mac=b64(b"a" * 32)))
+        self.assertEqual(len(real.pushed("linked")), 1)
+
+    def test_requestsCountedPerPrefix(self):
+        """An IPv6 client counts by its /64 (IPv4 by its address): two addresses of one /64 share its 2 places."""
+        first = IPv6Address("TCP", "2001:db8:1:2::1", 1)
+        second = IPv6Address("TCP", "2001:db8:1:2:ffff::9", 1)
+        other = IPv6Address("TCP", "2001:db8:1:3::1", 1)
+        self.assertOk(self.link_request(first, "mallory")[1])
+        self.assertOk(self.link_request(second, "mallory")[1])
+        self.assertError(self.link_request(second, "mallory")[1], "rate_limited")
+        self.assertOk(self.link_request(other, "mallory")[1])
+        self.assertEqual(pager._link_prefix("2001:db8:1:2:ffff::9"), "2001:db8:1:2::/64")
+        self.assertEqual(pager._link_prefix("::ffff:198.51.100.7"), "198.51.100.7")
+        self.assertEqual(pager._link_prefix("198.51.100.7"), "198.51.100.7")
+
+    def test_requestsBoundedOverall(self):
+        """At most MAX_LINKS requests wait on the whole server (rate_limited past it), whatever the prefixes."""
+        self.patch(pager, "MAX_LINKS", 3)
+        self.register("bob")
+        for n in range(3):
+            self.assertOk(self.link_request(IPv4Address("TCP", "198.51.100.%d" % n, 1), "mallory",
+                                            user="bob" if n else "alice")[1])
+        answer = self.assertError(self.link_request(IPv4Address("TCP", "198.51.100.9", 1), "mallory")[1],
+                                  "rate_limited")
+        self.assertEqual(answer["retry_after"], pager.LINK_TTL)
+        self.assertEqual(len(self.factory.links), 3)
+        self.assertEqual(pager.MAX_LINKS, 3)
 
     def test_requestExpires(self):
         """A link request is forgotten after LINK_TTL seconds: its connection gets link_expired; closing drops it."""
