@@ -6174,6 +6174,42 @@ MAX_LISTED_DEVICES = 256  # devices one devices or bundle answer may list for a 
 LINK_WAIT = 600  # seconds the server keeps a link request (LINK_TTL in PROTOCOL.md)
 
 
+MAX_PREKEY_GRACE = 30 * DAY + SEEN_MARGIN  # the longest a replaced signed prekey is kept, whatever the server says
+MAX_SEEN_KEEP = MAX_PREKEY_GRACE + PREKEY_LIFETIME  # the longest window of the duplicate store (seen_keep)
+
+
+def _message_expiry(limits):
+    """The server's message expiry as its hello says, or the default when it is not a number of seconds >= 0."""
+    expiry = limits.get("message_expiry")
+    if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or not math.isfinite(expiry) or expiry < 0:
+        return Limits.message_expiry
+    return expiry
+
+
+def prekey_grace(limits):
+    """
+    Seconds a replaced signed prekey's private part is kept: the server's message expiry (C{limits}: its hello's)
+    plus L{SEEN_MARGIN}, so that every message the server may still deliver sealed to it can be opened, but never
+    more than L{MAX_PREKEY_GRACE}: a server cannot make a device keep its old prekeys (and lose forward secrecy).
+    """
+    return min(_message_expiry(limits) + SEEN_MARGIN, MAX_PREKEY_GRACE)
+
+
+def seen_keep(limits):
+    """
+    Seconds the duplicate store remembers a message handed off: never less than the default expiry's window, nor
+    than a signed prekey's grace plus its lifetime (so that a message that used a signed prekey alone is remembered
+    as long as that prekey can open it), and at most L{MAX_SEEN_KEEP}, whatever the hello says.
+    """
+    window = max(_message_expiry(limits) + SEEN_MARGIN, prekey_grace(limits) + PREKEY_LIFETIME,
+                 Limits.message_expiry + SEEN_MARGIN)
+    return min(window, MAX_SEEN_KEEP)
+
+
+class StaleMessage(EnvelopeError):
+    """The message was signed before the duplicate store's window: it may be a replay this device forgot."""
+
+
 class LinkFailed(PagerError):
     """Linking this device failed: nobody approved it in time, or the answer was not made with this device's code."""
 
@@ -6340,6 +6376,7 @@ class PagerClient:
         self.identity_key = self.identity_fp = None  # the account's identity key (this device's on the identity device)
         self.is_identity = True  # whether this device holds the identity key
         self._prekey_state = None  # what the server said of this device's prekeys (_PrekeyState)
+        self._grace_warned = False  # whether the server's message expiry was said to exceed MAX_PREKEY_GRACE
         self._maintaining = defer.DeferredLock()
         self._maintenance = None  # the LoopingCall of maintain_prekeys
         self._vault = None  # the key this device's prekey private parts are sealed under
@@ -6576,14 +6613,16 @@ class PagerClient:
     @property
     def prekey_grace(self):
         """
-        Seconds a replaced signed prekey's private part is kept: the server's message expiry (as its hello says)
-        plus L{SEEN_MARGIN}, so that every message the server may still deliver sealed to it can be opened.
+        Seconds a replaced signed prekey's private part is kept: L{prekey_grace} of the server's hello (at most
+        L{MAX_PREKEY_GRACE}; a warning is logged once when the server's message expiry is longer).
         """
-        expiry = self.limits.get("message_expiry")
-        if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or not math.isfinite(expiry) \
-                or expiry < 0:
-            expiry = Limits.message_expiry
-        return expiry + SEEN_MARGIN
+        expiry = _message_expiry(self.limits)
+        if expiry + SEEN_MARGIN > MAX_PREKEY_GRACE and not self._grace_warned:
+            self._grace_warned = True
+            self.log.warn("The server says it keeps messages {days:.0f} days; replaced signed prekeys are kept at most "
+                          "{cap:.0f} days all the same (its message expiry is capped), so older messages sealed to "
+                          "them will not open.", days=expiry / DAY, cap=MAX_PREKEY_GRACE / DAY)
+        return prekey_grace(self.limits)
 
     def _now(self):
         return self.reactor.seconds()
