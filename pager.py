@@ -5586,6 +5586,8 @@ class MemorySeen:
     which tests share between the sessions of one device).
     """
 
+    window = None  # it forgets nothing while the process lives
+
     def __init__(self, prekeys=None):
         self._seen = set()
         self.prekeys = prekeys if prekeys is not None else MemoryPrekeys()
@@ -5758,15 +5760,27 @@ class SeenStore:
         self.pool = adbapi.ConnectionPool("sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
                                           cp_openfun=_prepare_client_connection, **kwargs)
         self.opened_at = math.inf  # pairs recorded before this are duplicates
-        self._keep = Limits.message_expiry + SEEN_MARGIN
+        self._keep = seen_keep({})
         self._handed = {}  # (sender, message id) -> when this store recorded it
         self._prune_at = 1000
 
+    @property
+    def window(self):
+        """Seconds this store remembers a pair (see L{seen_keep}): a message signed longer ago may be a forgotten one."""
+        return self._keep
+
     def _opening(self, now, keep):
+        if keep is None:
+            keep = seen_keep({})
+        elif isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep):
+            keep = Limits.message_expiry + SEEN_MARGIN
+        # Never shorter than the default window, nor longer than MAX_SEEN_KEEP: whatever the caller took from a hello.
+        keep = min(max(keep, Limits.message_expiry + SEEN_MARGIN), MAX_SEEN_KEEP)
         self.opened_at, self._keep = now, keep
         return now - keep
 
-    def open(self, now, keep=Limits.message_expiry + SEEN_MARGIN):
+    def open(self, now, keep=None):
+        """Open the store at C{now}, forgetting pairs older than C{keep} seconds (L{seen_keep} of the server's hello)."""
         return self.pool.runInteraction(_seen_schema_txn, self._opening(now, keep))
 
     def contains(self, sender, msg_id, anywhere=False):
@@ -6054,7 +6068,7 @@ class LocalStore(SeenStore):
         super().__init__(path, reactor)
         self.keep_history = history
 
-    def open(self, now, keep=Limits.message_expiry + SEEN_MARGIN):
+    def open(self, now, keep=None):
         return self.pool.runInteraction(_local_schema_txn, self._opening(now, keep))
 
     def get_pin(self, user):
@@ -7389,6 +7403,15 @@ class PagerClient:
             if await self.seen.contains(header.sender, header.message_id):
                 self._ack("msgs", incoming.msg)
                 return
+            # Signed before the duplicate store's window: it may be one handed off already and forgotten since
+            # (its signed prekey may still be kept), so it is refused, never shown.
+            window = self.seen.window
+            if window is not None and header.timestamp_ms / 1000 < self._now() - window + PREKEY_SKEW:
+                raise StaleMessage(
+                    "The message from %s was signed %s, longer ago than this device remembers the messages it was "
+                    "handed (%.0f days): it may be a replay, so it is refused." % (
+                        header.sender, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(header.timestamp_ms / 1000)),
+                        window / DAY))
             sender_key, key_status = await self._sender_device_key(header)
             prekeys = await self._opening_prekeys(mine)
             envelope = Envelope(incoming.header, incoming.chunks, incoming.signature)
@@ -8335,12 +8358,10 @@ class Session:
         self.known.remember(self.known_address, client.server_id)
         if self.store is None:
             path = os.path.join(self.directory, LOCAL_DB_NAME)
-            expiry = client.limits.get("message_expiry")
-            keep = (expiry if isinstance(expiry, (int, float)) and math.isfinite(expiry) else Limits.message_expiry)
             store = None
             try:
                 store = LocalStore(path, self.reactor, history=not self.config.get("no-history", False))
-                await store.open(self.reactor.seconds(), keep + SEEN_MARGIN)
+                await store.open(self.reactor.seconds(), seen_keep(client.limits))
             except (sqlite3.Error, OSError) as e:
                 if store is not None:
                     store.close()
