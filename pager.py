@@ -5608,6 +5608,12 @@ class MemorySeen:
             self.prekeys.use_one_time(*used)
         return defer.succeed(None)
 
+    def hold_history(self, msg_id):
+        """Nothing to hold: a store in memory keeps no history."""
+
+    def release_history(self):
+        pass
+
     def local_prekeys(self, device):
         return self.prekeys.local_prekeys(device)
 
@@ -5691,8 +5697,13 @@ def _seen_contains_txn(txn, sender, msg_id, before):
                        (sender, msg_id, before)).fetchone() is not None
 
 
-def _seen_add_txn(txn, sender, msg_id, now, used=None):
-    """Record a message handed off and delete the one-time prekey it used (C{used}: device, id) in one transaction."""
+def _seen_add_txn(txn, sender, msg_id, now, used=None, history=()):
+    """
+    Record a message handed off, its C{history} entries, and delete the one-time prekey it used (C{used}: device,
+    id), in one transaction: a failure leaves none of them done.
+    """
+    for entry in history:
+        _add_history_txn(txn, entry)
     txn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (sender, msg_id, now))
     if used is None:
         return 0
@@ -5763,6 +5774,7 @@ class SeenStore:
         self._keep = seen_keep({})
         self._handed = {}  # (sender, message id) -> when this store recorded it
         self._prune_at = 1000
+        self._held = None  # (message id hex, [HistoryEntry]): what add() writes in its transaction (hold_history)
 
     @property
     def window(self):
@@ -5792,15 +5804,29 @@ class SeenStore:
     def add(self, sender, msg_id, now, used=None):
         """
         Record the message as handed off; C{used} is C{(device, one-time prekey id)}: that prekey's private part is
-        deleted in the same transaction, and the WAL then emptied, so that no copy of it stays on disk.
+        deleted in the same transaction (with the history entries held for it, L{hold_history}), and the WAL then
+        emptied, so that no copy of it stays on disk.
         """
+        history = self._held[1] if self._held is not None and self._held[0] == bytes(msg_id).hex() else ()
+        self._held = None
         self._handed[(sender, bytes(msg_id))] = now
         if len(self._handed) > self._prune_at:  # forget what the server can no longer redeliver
             self._handed = {pair: at for pair, at in self._handed.items() if at >= now - self._keep}
             self._prune_at = 2 * len(self._handed) + 1000
-        d = self.pool.runInteraction(_seen_add_txn, sender, msg_id, now, used)
+        d = self.pool.runInteraction(_seen_add_txn, sender, msg_id, now, used, history)
         d.addCallback(self._wipe_if, None)
         return d
+
+    def hold_history(self, msg_id):
+        """
+        While message C{msg_id} (hex) is handed off: the history entries recorded for it wait, to be written by
+        L{add} in the transaction that records it as seen and deletes its one-time prekey (see L{release_history}).
+        """
+        self._held = (msg_id, [])
+
+    def release_history(self):
+        """The hand-off failed: the held history entries are dropped (the message is not stored; it comes again)."""
+        self._held = None
 
     def _wipe_if(self, deleted, result):
         """After private parts were deleted: copy the WAL into the database and truncate it (secure_delete zeroed the
@@ -6098,6 +6124,9 @@ class LocalStore(SeenStore):
 
     def add_history(self, entry):
         if not self.keep_history:
+            return defer.succeed(None)
+        if self._held is not None and entry.msg_id == self._held[0]:
+            self._held[1].append(entry)  # written with the seen row (L{hold_history})
             return defer.succeed(None)
         return self.pool.runInteraction(_add_history_txn, entry)
 
@@ -7431,8 +7460,15 @@ class PagerClient:
         opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at, key_status=key_status, skewed=skewed)
         if self.on_message is None:
             return  # nobody to hand it to: leave it on the server for the next session
-        await defer.maybeDeferred(self.on_message, opened)
-        # The message is stored (handed off): its one-time prekey's private part goes in the same transaction.
+        # The history entry the hand-off records waits, to be written with the seen row: one transaction.
+        self.seen.hold_history(opened.message_id.hex())
+        try:
+            await defer.maybeDeferred(self.on_message, opened)
+        except BaseException:
+            self.seen.release_history()
+            raise
+        # The message is stored (handed off): its history entry, its seen row and the deletion of its one-time
+        # prekey's private part are one transaction, so a crash leaves either all of them or none.
         used = (device, mine.opk_id) if mine.kind == WRAP_X25519 and mine.opk_id else None
         await self.seen.add(opened.sender, opened.message_id, self._now(), used)
         # Not awaited: acknowledgements are pipelined, so the next message is handled while this one commits.
