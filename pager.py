@@ -5636,6 +5636,7 @@ class MemoryPins:
     def __init__(self):
         self._pins = {}
         self._devices = {}  # user -> KnownDevices
+        self._revocations = {}  # (user, identity fingerprint) -> {device id: (revoked at, signature)}, kept for good
 
     def get_pin(self, user):
         return defer.succeed(self._pins.get(user))
@@ -5660,7 +5661,15 @@ class MemoryPins:
         old = self._devices.get(user)
         seen = (old is not None and old.certified_seen) or any(d.certified for d in devices)
         self._devices[user] = KnownDevices(identity, seen, tuple(devices))
+        kept = self._revocations.setdefault((user, identity), {})
+        for d in devices:
+            if d.revocation is not None:
+                kept.setdefault(d.device_id, (d.revoked_at, d.revocation))
         return defer.succeed(None)
+
+    def get_revocations(self, user, identity):
+        """The revocations of C{user}'s devices verified against the identity C{identity}, kept for good."""
+        return defer.succeed(dict(self._revocations.get((user, identity), {})))
 
 
 KEY_STATUSES = ("new", "pinned", "verified", "changed")
@@ -5883,6 +5892,13 @@ _LOCAL_SCHEMA = [
     " first_seen REAL NOT NULL, PRIMARY KEY (user, device_id))",
     "CREATE TABLE IF NOT EXISTS device_owners (user TEXT PRIMARY KEY, identity BLOB NOT NULL,"
     " certified INTEGER NOT NULL)",
+    # Every revocation verified against a user's identity key (of fingerprint identity), kept for good: also once the
+    # server stops listing the device, so that no server can make a revoked device current again.
+    "CREATE TABLE IF NOT EXISTS device_revocations (user TEXT NOT NULL, identity BLOB NOT NULL, device_id BLOB NOT NULL,"
+    " revoked_at INTEGER NOT NULL, revocation BLOB NOT NULL, PRIMARY KEY (user, identity, device_id)) WITHOUT ROWID",
+    # The revocations a store of before that table holds in its devices table.
+    "INSERT OR IGNORE INTO device_revocations SELECT d.user, o.identity, d.device_id, d.revoked_at, d.revocation"
+    " FROM devices d JOIN device_owners o ON o.user = d.user WHERE d.revocation IS NOT NULL",
 ]
 
 
@@ -6080,6 +6096,15 @@ def _set_devices_txn(txn, user, identity, devices):
     txn.executemany("INSERT INTO devices (user, " + _LOCAL_DEVICE_COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(user, d.device_id, d.public_key_der, d.name, d.created, d.certificate, d.revoked_at,
                       d.revocation, int(d.prekeys), d.first_seen) for d in devices])
+    txn.executemany("INSERT OR IGNORE INTO device_revocations VALUES (?, ?, ?, ?, ?)",
+                    [(user, identity, d.device_id, d.revoked_at, d.revocation) for d in devices
+                     if d.revocation is not None])
+
+
+def _get_revocations_txn(txn, user, identity):
+    return {bytes(r[0]): (r[1], bytes(r[2])) for r in txn.execute(
+        "SELECT device_id, revoked_at, revocation FROM device_revocations WHERE user = ? AND identity = ?",
+        (user, identity))}
 
 
 class LocalStore(SeenStore):
@@ -6121,6 +6146,13 @@ class LocalStore(SeenStore):
     def set_devices(self, user, identity, devices):
         """Replace C{user}'s devices with C{devices}, verified against the identity key of fingerprint C{identity}."""
         return self.pool.runInteraction(_set_devices_txn, user, identity, devices)
+
+    def get_revocations(self, user, identity):
+        """
+        C{{device id: (revoked at, revocation signature)}}: every revocation of C{user}'s devices verified against
+        the identity key of fingerprint C{identity} and kept (for good: listed by the server now or not).
+        """
+        return self.pool.runInteraction(_get_revocations_txn, user, identity)
 
     def add_history(self, entry):
         if not self.keep_history:
@@ -6834,6 +6866,16 @@ class PagerClient:
         Returns C{(devices, certified_seen)}.
         """
         fp = fingerprint(identity)
+        revoked_here = await self.pins.get_revocations(user, fp)
+        for info in infos:
+            if not info.revoked and info.device_id in revoked_here:
+                # A revocation verified here is kept for good: a list without it is the server's lie (or an old
+                # list replayed), and the device's key may be in a thief's hands.
+                raise BadCertificate(
+                    "The server lists %s's device %s (id %s) as current, but it was revoked: this client holds its "
+                    "revocation, signed by %s's identity key. The server is lying or replaying an old list, so "
+                    "nothing was sent to or taken from %s's devices." % (
+                        user, device_name_text(info.name), info.short_id, user, user))
         old = await self.pins.get_devices(user)
         before = {d.device_id: d for d in old.devices} if old is not None and old.identity == fp else {}
         now = self._now()
@@ -6881,6 +6923,11 @@ class PagerClient:
         """The L{DeviceInfo} of C{user}'s device C{device} (bytes) that signed a message: known here or fetched."""
         known = await self.pins.get_devices(user)
         info = known.find(device) if known is not None and known.identity == fingerprint(identity) else None
+        if device in await self.pins.get_revocations(user, fingerprint(identity)):
+            # Revoked, as verified here once: whatever the server lists now.
+            named = "%s " % device_name_text(info.name) if info is not None else ""
+            raise WrongSenderKey("The message is signed by %s's device %s(id %s %s), which was revoked." % (
+                user, named, device.hex()[:4], device.hex()[4:8]))
         if info is None:
             try:
                 info = next((d for d in await self._fetch_devices(user, identity) if d.device_id == device), None)
