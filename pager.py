@@ -7043,8 +7043,9 @@ class PagerClient:
         """
         On the identity device: certify the new device whose request carries a MAC made with C{secret} (the code
         the new device shows, as typed here: L{parse_link_code}).  C{request} is one L{LinkRequest}, or None to take
-        whichever pending request matches.  The MAC is checked before anything is signed: with no matching request
-        this raises L{BadLinkCode} and signs nothing, so neither the server nor a passer-by can add a device.
+        the pending request that matches.  The MAC is checked before anything is signed: with no matching request,
+        or with more than one, this raises L{BadLinkCode} and signs nothing, so neither the server nor a passer-by
+        can add a device.
         C{name} names the device (the name it asked for when None).  Returns the new device's L{DeviceInfo}.
         """
         if self.user is None:
@@ -7052,11 +7053,17 @@ class PagerClient:
         if not self.is_identity:
             raise Forbidden("Only the device that holds the identity key can link a device.")
         candidates = [request] if request is not None else await self.link_pending()
-        match = next((r for r in candidates if hmac.compare_digest(
-            link_request_mac(secret, self.server_id, self.user, r.public_key_der, r.name), r.mac)), None)
-        if match is None:
+        matches = [r for r in candidates if hmac.compare_digest(
+            link_request_mac(secret, self.server_id, self.user, r.public_key_der, r.name), r.mac)]
+        if not matches:
             raise BadLinkCode("No device asks to be linked to %s with this code: check the code the new device "
                               "shows (nothing was signed)." % self.user)
+        if len(matches) > 1:
+            raise BadLinkCode("More than one pending request to link a device to %s carries this code (%s), so "
+                              "none was approved and nothing was signed: decline them and link the new device again."
+                              % (self.user, ", ".join("%s id %s" % (device_name_text(r.name), r.short_id)
+                                                      for r in matches)))
+        match = matches[0]
         name = name if name is not None else match.name
         if not valid_device_name(name):
             raise BadRequest("A device's name is 1-64 bytes of printable text.")

@@ -136,6 +136,29 @@ class LinkRefusalTests(DeviceClientTestCase):
         self.assertEqual(signed, [])
         self.assertEqual(len(await alice.devices()), 1)
 
+    async def test_code_matching_two_requests_refused(self):
+        """
+        approve_link(None, ...) with a code whose MAC two pending requests carry (two devices asking with one code,
+        or a request the server copied) refuses, in a sentence saying so, and signs nothing; the request chosen by
+        the user (approve_link(request, ...)) is approved.
+        """
+        alice = await self.register(self.address, "alice")
+        _, secret = pager.new_link_code()
+        for label, name in (("alice-laptop", "laptop"), ("alice-phone", "phone")):
+            newcomer = await self.connect(self.address)
+            await newcomer.link_request("alice", key(label), name, secret)
+        signed = []
+        real = pager.certify_device
+        self.patch(pager, "certify_device", lambda *args: signed.append(args) or real(*args))
+        error = await self.assertFailure(defer.Deferred.fromCoroutine(alice.approve_link(None, None, secret)),
+                                         pager.BadLinkCode)
+        self.assertIn("More than one", error.message)
+        self.assertEqual(signed, [])
+        requests = await alice.link_pending()
+        self.assertEqual(len(requests), 2)
+        info = await alice.approve_link([r for r in requests if r.name == "phone"][0], None, secret)
+        self.assertEqual((info.name, len(signed)), ("phone", 1))
+
     async def answer(self, frame_fields, secret, label="alice-laptop", identity="alice"):
         """The new device's check of a C{linked} push made of C{frame_fields}; returns the wait's Deferred."""
         newcomer = await self.connect(self.address)
