@@ -5787,7 +5787,7 @@ class SeenStore:
 
     @property
     def window(self):
-        """Seconds this store remembers a pair (see L{seen_keep}): a message signed longer ago may be a forgotten one."""
+        """Seconds this store remembers a pair (L{seen_keep}): a message signed longer ago may be a forgotten one."""
         return self._keep
 
     def _opening(self, now, keep):
@@ -5801,7 +5801,7 @@ class SeenStore:
         return now - keep
 
     def open(self, now, keep=None):
-        """Open the store at C{now}, forgetting pairs older than C{keep} seconds (L{seen_keep} of the server's hello)."""
+        """Open the store at C{now}, forgetting pairs older than C{keep} seconds (L{seen_keep} of the hello)."""
         return self.pool.runInteraction(_seen_schema_txn, self._opening(now, keep))
 
     def contains(self, sender, msg_id, anywhere=False):
@@ -5894,8 +5894,9 @@ _LOCAL_SCHEMA = [
     " certified INTEGER NOT NULL)",
     # Every revocation verified against a user's identity key (of fingerprint identity), kept for good: also once the
     # server stops listing the device, so that no server can make a revoked device current again.
-    "CREATE TABLE IF NOT EXISTS device_revocations (user TEXT NOT NULL, identity BLOB NOT NULL, device_id BLOB NOT NULL,"
-    " revoked_at INTEGER NOT NULL, revocation BLOB NOT NULL, PRIMARY KEY (user, identity, device_id)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS device_revocations (user TEXT NOT NULL, identity BLOB NOT NULL,"
+    " device_id BLOB NOT NULL, revoked_at INTEGER NOT NULL, revocation BLOB NOT NULL,"
+    " PRIMARY KEY (user, identity, device_id)) WITHOUT ROWID",
     # The revocations a store of before that table holds in its devices table.
     "INSERT OR IGNORE INTO device_revocations SELECT d.user, o.identity, d.device_id, d.revoked_at, d.revocation"
     " FROM devices d JOIN device_owners o ON o.user = d.user WHERE d.revocation IS NOT NULL",
