@@ -5715,6 +5715,8 @@ class MemorySeen:
     which tests share between the sessions of one device).
     """
 
+    window = None  # it forgets nothing while the process lives
+
     def __init__(self, prekeys=None):
         self._seen = set()
         self.prekeys = prekeys if prekeys is not None else MemoryPrekeys()
@@ -5734,6 +5736,12 @@ class MemorySeen:
         if used is not None:
             self.prekeys.use_one_time(*used)
         return defer.succeed(None)
+
+    def hold_history(self, msg_id):
+        """Nothing to hold: a store in memory keeps no history."""
+
+    def release_history(self):
+        pass
 
     def local_prekeys(self, device):
         return self.prekeys.local_prekeys(device)
@@ -5757,6 +5765,7 @@ class MemoryPins:
     def __init__(self):
         self._pins = {}
         self._devices = {}  # user -> KnownDevices
+        self._revocations = {}  # (user, identity fingerprint) -> {device id: (revoked at, signature)}, kept for good
 
     def get_pin(self, user):
         return defer.succeed(self._pins.get(user))
@@ -5781,7 +5790,15 @@ class MemoryPins:
         old = self._devices.get(user)
         seen = (old is not None and old.certified_seen) or any(d.certified for d in devices)
         self._devices[user] = KnownDevices(identity, seen, tuple(devices))
+        kept = self._revocations.setdefault((user, identity), {})
+        for d in devices:
+            if d.revocation is not None:
+                kept.setdefault(d.device_id, (d.revoked_at, d.revocation))
         return defer.succeed(None)
+
+    def get_revocations(self, user, identity):
+        """The revocations of C{user}'s devices verified against the identity C{identity}, kept for good."""
+        return defer.succeed(dict(self._revocations.get((user, identity), {})))
 
 
 KEY_STATUSES = ("new", "pinned", "verified", "changed")
@@ -5818,8 +5835,13 @@ def _seen_contains_txn(txn, sender, msg_id, before):
                        (sender, msg_id, before)).fetchone() is not None
 
 
-def _seen_add_txn(txn, sender, msg_id, now, used=None):
-    """Record a message handed off and delete the one-time prekey it used (C{used}: device, id) in one transaction."""
+def _seen_add_txn(txn, sender, msg_id, now, used=None, history=()):
+    """
+    Record a message handed off, its C{history} entries, and delete the one-time prekey it used (C{used}: device,
+    id), in one transaction: a failure leaves none of them done.
+    """
+    for entry in history:
+        _add_history_txn(txn, entry)
     txn.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (sender, msg_id, now))
     if used is None:
         return 0
@@ -5887,15 +5909,28 @@ class SeenStore:
         self.pool = adbapi.ConnectionPool("sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
                                           cp_openfun=_prepare_client_connection, **kwargs)
         self.opened_at = math.inf  # pairs recorded before this are duplicates
-        self._keep = Limits.message_expiry + SEEN_MARGIN
+        self._keep = seen_keep({})
         self._handed = {}  # (sender, message id) -> when this store recorded it
         self._prune_at = 1000
+        self._held = None  # (message id hex, [HistoryEntry]): what add() writes in its transaction (hold_history)
+
+    @property
+    def window(self):
+        """Seconds this store remembers a pair (L{seen_keep}): a message signed longer ago may be a forgotten one."""
+        return self._keep
 
     def _opening(self, now, keep):
+        if keep is None:
+            keep = seen_keep({})
+        elif isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep):
+            keep = Limits.message_expiry + SEEN_MARGIN
+        # Never shorter than the default window, nor longer than MAX_SEEN_KEEP: whatever the caller took from a hello.
+        keep = min(max(keep, Limits.message_expiry + SEEN_MARGIN), MAX_SEEN_KEEP)
         self.opened_at, self._keep = now, keep
         return now - keep
 
-    def open(self, now, keep=Limits.message_expiry + SEEN_MARGIN):
+    def open(self, now, keep=None):
+        """Open the store at C{now}, forgetting pairs older than C{keep} seconds (L{seen_keep} of the hello)."""
         return self.pool.runInteraction(_seen_schema_txn, self._opening(now, keep))
 
     def contains(self, sender, msg_id, anywhere=False):
@@ -5907,15 +5942,29 @@ class SeenStore:
     def add(self, sender, msg_id, now, used=None):
         """
         Record the message as handed off; C{used} is C{(device, one-time prekey id)}: that prekey's private part is
-        deleted in the same transaction, and the WAL then emptied, so that no copy of it stays on disk.
+        deleted in the same transaction (with the history entries held for it, L{hold_history}), and the WAL then
+        emptied, so that no copy of it stays on disk.
         """
+        history = self._held[1] if self._held is not None and self._held[0] == bytes(msg_id).hex() else ()
+        self._held = None
         self._handed[(sender, bytes(msg_id))] = now
         if len(self._handed) > self._prune_at:  # forget what the server can no longer redeliver
             self._handed = {pair: at for pair, at in self._handed.items() if at >= now - self._keep}
             self._prune_at = 2 * len(self._handed) + 1000
-        d = self.pool.runInteraction(_seen_add_txn, sender, msg_id, now, used)
+        d = self.pool.runInteraction(_seen_add_txn, sender, msg_id, now, used, history)
         d.addCallback(self._wipe_if, None)
         return d
+
+    def hold_history(self, msg_id):
+        """
+        While message C{msg_id} (hex) is handed off: the history entries recorded for it wait, to be written by
+        L{add} in the transaction that records it as seen and deletes its one-time prekey (see L{release_history}).
+        """
+        self._held = (msg_id, [])
+
+    def release_history(self):
+        """The hand-off failed: the held history entries are dropped (the message is not stored; it comes again)."""
+        self._held = None
 
     def _wipe_if(self, deleted, result):
         """After private parts were deleted: copy the WAL into the database and truncate it (secure_delete zeroed the
@@ -5972,6 +6021,14 @@ _LOCAL_SCHEMA = [
     " first_seen REAL NOT NULL, PRIMARY KEY (user, device_id))",
     "CREATE TABLE IF NOT EXISTS device_owners (user TEXT PRIMARY KEY, identity BLOB NOT NULL,"
     " certified INTEGER NOT NULL)",
+    # Every revocation verified against a user's identity key (of fingerprint identity), kept for good: also once the
+    # server stops listing the device, so that no server can make a revoked device current again.
+    "CREATE TABLE IF NOT EXISTS device_revocations (user TEXT NOT NULL, identity BLOB NOT NULL,"
+    " device_id BLOB NOT NULL, revoked_at INTEGER NOT NULL, revocation BLOB NOT NULL,"
+    " PRIMARY KEY (user, identity, device_id)) WITHOUT ROWID",
+    # The revocations a store of before that table holds in its devices table.
+    "INSERT OR IGNORE INTO device_revocations SELECT d.user, o.identity, d.device_id, d.revoked_at, d.revocation"
+    " FROM devices d JOIN device_owners o ON o.user = d.user WHERE d.revocation IS NOT NULL",
 ]
 
 
@@ -6169,6 +6226,15 @@ def _set_devices_txn(txn, user, identity, devices):
     txn.executemany("INSERT INTO devices (user, " + _LOCAL_DEVICE_COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(user, d.device_id, d.public_key_der, d.name, d.created, d.certificate, d.revoked_at,
                       d.revocation, int(d.prekeys), d.first_seen) for d in devices])
+    txn.executemany("INSERT OR IGNORE INTO device_revocations VALUES (?, ?, ?, ?, ?)",
+                    [(user, identity, d.device_id, d.revoked_at, d.revocation) for d in devices
+                     if d.revocation is not None])
+
+
+def _get_revocations_txn(txn, user, identity):
+    return {bytes(r[0]): (r[1], bytes(r[2])) for r in txn.execute(
+        "SELECT device_id, revoked_at, revocation FROM device_revocations WHERE user = ? AND identity = ?",
+        (user, identity))}
 
 
 class LocalStore(SeenStore):
@@ -6183,7 +6249,7 @@ class LocalStore(SeenStore):
         super().__init__(path, reactor)
         self.keep_history = history
 
-    def open(self, now, keep=Limits.message_expiry + SEEN_MARGIN):
+    def open(self, now, keep=None):
         return self.pool.runInteraction(_local_schema_txn, self._opening(now, keep))
 
     def get_pin(self, user):
@@ -6211,8 +6277,18 @@ class LocalStore(SeenStore):
         """Replace C{user}'s devices with C{devices}, verified against the identity key of fingerprint C{identity}."""
         return self.pool.runInteraction(_set_devices_txn, user, identity, devices)
 
+    def get_revocations(self, user, identity):
+        """
+        C{{device id: (revoked at, revocation signature)}}: every revocation of C{user}'s devices verified against
+        the identity key of fingerprint C{identity} and kept (for good: listed by the server now or not).
+        """
+        return self.pool.runInteraction(_get_revocations_txn, user, identity)
+
     def add_history(self, entry):
         if not self.keep_history:
+            return defer.succeed(None)
+        if self._held is not None and entry.msg_id == self._held[0]:
+            self._held[1].append(entry)  # written with the seen row (L{hold_history})
             return defer.succeed(None)
         return self.pool.runInteraction(_add_history_txn, entry)
 
@@ -6301,6 +6377,42 @@ async def within(reactor, d, seconds):
 MAX_RESEALABLE = 16  # messages sealed in this process that can still be sealed anew (RESEAL_TRIES)
 MAX_LISTED_DEVICES = 256  # devices one devices or bundle answer may list for a user (current and revoked)
 LINK_WAIT = 600  # seconds the server keeps a link request (LINK_TTL in PROTOCOL.md)
+
+
+MAX_PREKEY_GRACE = 30 * DAY + SEEN_MARGIN  # the longest a replaced signed prekey is kept, whatever the server says
+MAX_SEEN_KEEP = MAX_PREKEY_GRACE + PREKEY_LIFETIME  # the longest window of the duplicate store (seen_keep)
+
+
+def _message_expiry(limits):
+    """The server's message expiry as its hello says, or the default when it is not a number of seconds >= 0."""
+    expiry = limits.get("message_expiry")
+    if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or not math.isfinite(expiry) or expiry < 0:
+        return Limits.message_expiry
+    return expiry
+
+
+def prekey_grace(limits):
+    """
+    Seconds a replaced signed prekey's private part is kept: the server's message expiry (C{limits}: its hello's)
+    plus L{SEEN_MARGIN}, so that every message the server may still deliver sealed to it can be opened, but never
+    more than L{MAX_PREKEY_GRACE}: a server cannot make a device keep its old prekeys (and lose forward secrecy).
+    """
+    return min(_message_expiry(limits) + SEEN_MARGIN, MAX_PREKEY_GRACE)
+
+
+def seen_keep(limits):
+    """
+    Seconds the duplicate store remembers a message handed off: never less than the default expiry's window, nor
+    than a signed prekey's grace plus its lifetime (so that a message that used a signed prekey alone is remembered
+    as long as that prekey can open it), and at most L{MAX_SEEN_KEEP}, whatever the hello says.
+    """
+    window = max(_message_expiry(limits) + SEEN_MARGIN, prekey_grace(limits) + PREKEY_LIFETIME,
+                 Limits.message_expiry + SEEN_MARGIN)
+    return min(window, MAX_SEEN_KEEP)
+
+
+class StaleMessage(EnvelopeError):
+    """The message was signed before the duplicate store's window: it may be a replay this device forgot."""
 
 
 class LinkFailed(PagerError):
@@ -6469,6 +6581,7 @@ class PagerClient:
         self.identity_key = self.identity_fp = None  # the account's identity key (this device's on the identity device)
         self.is_identity = True  # whether this device holds the identity key
         self._prekey_state = None  # what the server said of this device's prekeys (_PrekeyState)
+        self._grace_warned = False  # whether the server's message expiry was said to exceed MAX_PREKEY_GRACE
         self._maintaining = defer.DeferredLock()
         self._maintenance = None  # the LoopingCall of maintain_prekeys
         self._vault = None  # the key this device's prekey private parts are sealed under
@@ -6705,14 +6818,16 @@ class PagerClient:
     @property
     def prekey_grace(self):
         """
-        Seconds a replaced signed prekey's private part is kept: the server's message expiry (as its hello says)
-        plus L{SEEN_MARGIN}, so that every message the server may still deliver sealed to it can be opened.
+        Seconds a replaced signed prekey's private part is kept: L{prekey_grace} of the server's hello (at most
+        L{MAX_PREKEY_GRACE}; a warning is logged once when the server's message expiry is longer).
         """
-        expiry = self.limits.get("message_expiry")
-        if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or not math.isfinite(expiry) \
-                or expiry < 0:
-            expiry = Limits.message_expiry
-        return expiry + SEEN_MARGIN
+        expiry = _message_expiry(self.limits)
+        if expiry + SEEN_MARGIN > MAX_PREKEY_GRACE and not self._grace_warned:
+            self._grace_warned = True
+            self.log.warn("The server says it keeps messages {days:.0f} days; replaced signed prekeys are kept at most "
+                          "{cap:.0f} days all the same (its message expiry is capped), so older messages sealed to "
+                          "them will not open.", days=expiry / DAY, cap=MAX_PREKEY_GRACE / DAY)
+        return prekey_grace(self.limits)
 
     def _now(self):
         return self.reactor.seconds()
@@ -6881,6 +6996,16 @@ class PagerClient:
         Returns C{(devices, certified_seen)}.
         """
         fp = fingerprint(identity)
+        revoked_here = await self.pins.get_revocations(user, fp)
+        for info in infos:
+            if not info.revoked and info.device_id in revoked_here:
+                # A revocation verified here is kept for good: a list without it is the server's lie (or an old
+                # list replayed), and the device's key may be in a thief's hands.
+                raise BadCertificate(
+                    "The server lists %s's device %s (id %s) as current, but it was revoked: this client holds its "
+                    "revocation, signed by %s's identity key. The server is lying or replaying an old list, so "
+                    "nothing was sent to or taken from %s's devices." % (
+                        user, device_name_text(info.name), info.short_id, user, user))
         old = await self.pins.get_devices(user)
         before = {d.device_id: d for d in old.devices} if old is not None and old.identity == fp else {}
         now = self._now()
@@ -6928,6 +7053,11 @@ class PagerClient:
         """The L{DeviceInfo} of C{user}'s device C{device} (bytes) that signed a message: known here or fetched."""
         known = await self.pins.get_devices(user)
         info = known.find(device) if known is not None and known.identity == fingerprint(identity) else None
+        if device in await self.pins.get_revocations(user, fingerprint(identity)):
+            # Revoked, as verified here once: whatever the server lists now.
+            named = "%s " % device_name_text(info.name) if info is not None else ""
+            raise WrongSenderKey("The message is signed by %s's device %s(id %s %s), which was revoked." % (
+                user, named, device.hex()[:4], device.hex()[4:8]))
         if info is None:
             try:
                 info = next((d for d in await self._fetch_devices(user, identity) if d.device_id == device), None)
@@ -7043,8 +7173,9 @@ class PagerClient:
         """
         On the identity device: certify the new device whose request carries a MAC made with C{secret} (the code
         the new device shows, as typed here: L{parse_link_code}).  C{request} is one L{LinkRequest}, or None to take
-        whichever pending request matches.  The MAC is checked before anything is signed: with no matching request
-        this raises L{BadLinkCode} and signs nothing, so neither the server nor a passer-by can add a device.
+        the pending request that matches.  The MAC is checked before anything is signed: with no matching request,
+        or with more than one, this raises L{BadLinkCode} and signs nothing, so neither the server nor a passer-by
+        can add a device.
         C{name} names the device (the name it asked for when None).  Returns the new device's L{DeviceInfo}.
         """
         if self.user is None:
@@ -7052,11 +7183,17 @@ class PagerClient:
         if not self.is_identity:
             raise Forbidden("Only the device that holds the identity key can link a device.")
         candidates = [request] if request is not None else await self.link_pending()
-        match = next((r for r in candidates if hmac.compare_digest(
-            link_request_mac(secret, self.server_id, self.user, r.public_key_der, r.name), r.mac)), None)
-        if match is None:
+        matches = [r for r in candidates if hmac.compare_digest(
+            link_request_mac(secret, self.server_id, self.user, r.public_key_der, r.name), r.mac)]
+        if not matches:
             raise BadLinkCode("No device asks to be linked to %s with this code: check the code the new device "
                               "shows (nothing was signed)." % self.user)
+        if len(matches) > 1:
+            raise BadLinkCode("More than one pending request to link a device to %s carries this code (%s), so "
+                              "none was approved and nothing was signed: decline them and link the new device again."
+                              % (self.user, ", ".join("%s id %s" % (device_name_text(r.name), r.short_id)
+                                                      for r in matches)))
+        match = matches[0]
         name = name if name is not None else match.name
         if not valid_device_name(name):
             raise BadRequest("A device's name is 1-64 bytes of printable text.")
@@ -7479,6 +7616,15 @@ class PagerClient:
             if await self.seen.contains(header.sender, header.message_id):
                 self._ack("msgs", incoming.msg)
                 return
+            # Signed before the duplicate store's window: it may be one handed off already and forgotten since
+            # (its signed prekey may still be kept), so it is refused, never shown.
+            window = self.seen.window
+            if window is not None and header.timestamp_ms / 1000 < self._now() - window + PREKEY_SKEW:
+                raise StaleMessage(
+                    "The message from %s was signed %s, longer ago than this device remembers the messages it was "
+                    "handed (%.0f days): it may be a replay, so it is refused." % (
+                        header.sender, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(header.timestamp_ms / 1000)),
+                        window / DAY))
             sender_key, key_status = await self._sender_device_key(header)
             prekeys = await self._opening_prekeys(mine)
             envelope = Envelope(incoming.header, incoming.chunks, incoming.signature)
@@ -7498,8 +7644,15 @@ class PagerClient:
         opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at, key_status=key_status, skewed=skewed)
         if self.on_message is None:
             return  # nobody to hand it to: leave it on the server for the next session
-        await defer.maybeDeferred(self.on_message, opened)
-        # The message is stored (handed off): its one-time prekey's private part goes in the same transaction.
+        # The history entry the hand-off records waits, to be written with the seen row: one transaction.
+        self.seen.hold_history(opened.message_id.hex())
+        try:
+            await defer.maybeDeferred(self.on_message, opened)
+        except BaseException:
+            self.seen.release_history()
+            raise
+        # The message is stored (handed off): its history entry, its seen row and the deletion of its one-time
+        # prekey's private part are one transaction, so a crash leaves either all of them or none.
         used = (device, mine.opk_id) if mine.kind == WRAP_X25519 and mine.opk_id else None
         await self.seen.add(opened.sender, opened.message_id, self._now(), used)
         # Not awaited: acknowledgements are pipelined, so the next message is handled while this one commits.
@@ -8425,12 +8578,10 @@ class Session:
         self.known.remember(self.known_address, client.server_id)
         if self.store is None:
             path = os.path.join(self.directory, LOCAL_DB_NAME)
-            expiry = client.limits.get("message_expiry")
-            keep = (expiry if isinstance(expiry, (int, float)) and math.isfinite(expiry) else Limits.message_expiry)
             store = None
             try:
                 store = LocalStore(path, self.reactor, history=not self.config.get("no-history", False))
-                await store.open(self.reactor.seconds(), keep + SEEN_MARGIN)
+                await store.open(self.reactor.seconds(), seen_keep(client.limits))
             except (sqlite3.Error, OSError) as e:
                 if store is not None:
                     store.close()

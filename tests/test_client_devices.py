@@ -136,6 +136,29 @@ class LinkRefusalTests(DeviceClientTestCase):
         self.assertEqual(signed, [])
         self.assertEqual(len(await alice.devices()), 1)
 
+    async def test_code_matching_two_requests_refused(self):
+        """
+        approve_link(None, ...) with a code whose MAC two pending requests carry (two devices asking with one code,
+        or a request the server copied) refuses, in a sentence saying so, and signs nothing; the request chosen by
+        the user (approve_link(request, ...)) is approved.
+        """
+        alice = await self.register(self.address, "alice")
+        _, secret = pager.new_link_code()
+        for label, name in (("alice-laptop", "laptop"), ("alice-phone", "phone")):
+            newcomer = await self.connect(self.address)
+            await newcomer.link_request("alice", key(label), name, secret)
+        signed = []
+        real = pager.certify_device
+        self.patch(pager, "certify_device", lambda *args: signed.append(args) or real(*args))
+        error = await self.assertFailure(defer.Deferred.fromCoroutine(alice.approve_link(None, None, secret)),
+                                         pager.BadLinkCode)
+        self.assertIn("More than one", error.message)
+        self.assertEqual(signed, [])
+        requests = await alice.link_pending()
+        self.assertEqual(len(requests), 2)
+        info = await alice.approve_link([r for r in requests if r.name == "phone"][0], None, secret)
+        self.assertEqual((info.name, len(signed)), ("phone", 1))
+
     async def answer(self, frame_fields, secret, label="alice-laptop", identity="alice"):
         """The new device's check of a C{linked} push made of C{frame_fields}; returns the wait's Deferred."""
         newcomer = await self.connect(self.address)
@@ -430,6 +453,105 @@ class ReceivingTests(DeviceClientTestCase):
         self.assertEqual(alice.events.messages, [])
 
 
+class RevocationStickTests(DeviceClientTestCase):
+    """A revocation a client verified is kept for good: no server can make the revoked device current again."""
+
+    async def revoked_phone(self):
+        """alice knows bob's phone; bob revokes it; alice's client sees the revocation.  Returns (alice, phone id)."""
+        alice = await self.register(self.address, "alice")
+        bob = await self.register(self.address, "bob")
+        phone = await self.link(bob, "bob-phone", name="phone")
+        await alice.device_targets("bob")
+        await bob.revoke_device(phone.device)
+        listed = await alice.devices("bob")
+        self.assertEqual([(d.name, d.revoked) for d in listed][1:], [("phone", True)])
+        return alice, pager.device_id(key("bob-phone"))
+
+    def edit_devices(self, client, change):
+        """Make C{client} see the device list of every devices answer through C{change(list of device objects)}."""
+        request = client.protocol.request
+
+        def changed(kind, **fields):
+            d = request(kind, **fields)
+            if kind == "devices":
+                def edit(answer):
+                    answer["devices"] = change(answer["devices"])
+                    return answer
+                d.addCallback(edit)
+            return d
+        client.protocol.request = changed
+
+    def stolen_phone_prekey(self, alice, phone):
+        """A fresh signed prekey the thief of the revoked phone signs with its key, as the server would hand it out."""
+        now = int(alice._now())
+        return pager.sign_prekey(key("bob-phone"), "bob", 4242, bytes(range(1, 33)), now - 10, now + 14 * pager.DAY)
+
+    async def assertServerBlamed(self, coroutine):
+        error = await self.assertFailure(defer.Deferred.fromCoroutine(coroutine), pager.BadCertificate)
+        self.assertIn("revoked", error.message)
+        self.assertIn("server", error.message)
+
+    async def test_unrevoked_by_the_server_refused(self):
+        """
+        A server (with the thief of bob's revoked phone) lists the phone as current again, with a fresh signed prekey
+        signed by its key: alice's client refuses the bundle and the device list (BadCertificate naming the server),
+        seals nothing to the phone, and still rejects what the phone signs.
+        """
+        alice, phone = await self.revoked_phone()
+        spk = self.stolen_phone_prekey(alice, phone)
+
+        def unrevoke(device):
+            if device["id"] == phone.hex():
+                device["revoked"] = None
+                device["signed_prekey"] = spk.to_json()
+        self.strip_bundles(alice, unrevoke)
+        await self.assertServerBlamed(alice.device_targets("bob"))
+        self.edit_devices(alice, lambda devices: [dict(d, revoked=None) for d in devices])
+        await self.assertServerBlamed(alice.devices("bob"))
+        known = await alice.pins.get_devices("bob")
+        self.assertTrue(known.find(phone).revoked)
+
+    async def test_revocation_kept_when_no_longer_listed(self):
+        """
+        The server forgets the revoked phone (as it does 30 days after a revocation, or a lying one at once): alice's
+        client still rejects a message the phone signs, naming the revocation, and refuses a later list that shows
+        the phone as current again.
+        """
+        alice, phone = await self.revoked_phone()
+        self.edit_devices(alice, lambda devices: [d for d in devices if d["id"] != phone.hex()])
+        listed = await alice.devices("bob")
+        self.assertEqual([d.device_id for d in listed], [pager.device_id(key("bob"))])
+        self.assertIsNone((await alice.pins.get_devices("bob")).find(phone))
+        envelope = pager.seal(key("bob-phone"), "bob", [
+            pager.DeviceTarget("alice", pager.device_id(key("alice")), rsa_key=key("alice").public_key())],
+            b"from the stolen phone", sender_fingerprint=pager.fingerprint(key("bob")))
+        push(alice, envelope, "bob")
+        await self.wait_for(lambda: alice.events.rejected, "alice's client to refuse it")
+        [(_, sender, error)] = alice.events.rejected
+        self.assertIsInstance(error, pager.WrongSenderKey)
+        self.assertIn("revoked", error.message)
+        self.assertEqual(alice.events.messages, [])
+        spk = self.stolen_phone_prekey(alice, phone)
+        request = alice.protocol.request
+
+        def relisted(kind, **fields):
+            d = request(kind, **fields)
+            if kind == "bundle":
+                def add(answer):
+                    for bundle in answer["bundles"]:
+                        if bundle["user"] == "bob":
+                            cert = pager.certify_device(key("bob"), "bob", key("bob-phone").public_key(), "phone",
+                                                        int(alice._now()) - 100)
+                            obj = cert.to_json()
+                            obj.update(revoked=None, prekeys=True, signed_prekey=spk.to_json(), one_time_prekey=None)
+                            bundle["devices"] = [d for d in bundle["devices"] if d["id"] != phone.hex()] + [obj]
+                    return answer
+                d.addCallback(add)
+            return d
+        alice.protocol.request = relisted
+        await self.assertServerBlamed(alice.device_targets("bob"))
+
+
 class LocalStateTests(unittest.TestCase):
     """The prekeys and devices tables of client.sqlite3, and their in-memory equivalents, keep the same things."""
 
@@ -479,3 +601,21 @@ class LocalStateTests(unittest.TestCase):
             known = await pins.get_devices("bob")
             self.assertEqual((known.identity, known.certified_seen, known.devices), (b"g" * 32, True, (legacy,)))
             self.assertIsNone(known.find(b"\x01" * 16))
+
+    async def test_revocations_kept(self):
+        """
+        A revoked device's revocation is kept for (user, identity fingerprint, device) for good: when the device
+        leaves the list, and when the list is replaced; not for another identity key.
+        """
+        for _, pins in await self.stores():
+            phone = pager.DeviceInfo("bob", b"\x01" * 16, b"der", "phone", 1700000000, b"sig", 1700000500, b"rev",
+                                     prekeys=True, first_seen=5.0)
+            laptop = pager.DeviceInfo("bob", b"\x02" * 16, b"der2", "laptop", 1700000000, b"sig2", first_seen=5.0)
+            self.assertEqual(await pins.get_revocations("bob", b"f" * 32), {})
+            await pins.set_devices("bob", b"f" * 32, [phone, laptop])
+            await pins.set_devices("bob", b"f" * 32, [laptop])
+            await pins.set_devices("bob", b"f" * 32, [laptop, dataclasses.replace(phone, revoked_at=None,
+                                                                                    revocation=None)])
+            self.assertEqual(await pins.get_revocations("bob", b"f" * 32), {b"\x01" * 16: (1700000500, b"rev")})
+            self.assertEqual(await pins.get_revocations("bob", b"g" * 32), {})
+            self.assertEqual(await pins.get_revocations("carol", b"f" * 32), {})

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sqlite3
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 import pager
 from tests.test_e2e import LISTEN, E2ETestCase, Events, key, token
@@ -80,8 +80,8 @@ class Thief:
         return pager.open_envelope(envelope, self.key, "bob", sender_key, device=self.device, prekeys=self)
 
 
-class ForwardSecrecyTests(E2ETestCase):
-    """Messages bob read stay closed to whoever steals all of bob's keys and state after the grace period."""
+class ForwardSecrecyTestCase(E2ETestCase):
+    """A real server, alice, and bob with his key file and state directory as pager-cli keeps them."""
 
     async def setUp(self):
         self.clock = ShiftedClock(reactor)
@@ -153,6 +153,19 @@ class ForwardSecrecyTests(E2ETestCase):
         done = await self.bob.maintain_prekeys()
         self.assertGreaterEqual(done["deleted"], 1)
 
+
+    async def replay(self, envelope, msg_id):
+        """The message pushed to bob again, as a hostile server (or a replayed connection) would."""
+        self.bob.frame_received({"type": "message", "msg": msg_id, "from": "alice",
+                                 "header": pager.b64(envelope.header),
+                                 "chunks": [pager.b64(c) for c in envelope.chunks],
+                                 "signature": pager.b64(envelope.signature)})
+        await self.wait_for(lambda: self.bob.idle, "bob to handle the replay")
+
+
+class ForwardSecrecyTests(ForwardSecrecyTestCase):
+    """Messages bob read stay closed to whoever steals all of bob's keys and state after the grace period."""
+
     async def test_stolen_after_grace_opens_nothing(self):
         """
         alice sends bob messages (with a one-time prekey, and with the signed prekey alone); bob reads them; his
@@ -222,14 +235,6 @@ class ForwardSecrecyTests(E2ETestCase):
         others = [p for i, p in before.items() if i != opk_id]
         self.assertTrue(all(p.private_enc in data for p in others[:5]))  # the search does find what is there
 
-    async def replay(self, envelope, msg_id):
-        """The message pushed to bob again, as a hostile server (or a replayed connection) would."""
-        self.bob.frame_received({"type": "message", "msg": msg_id, "from": "alice",
-                                 "header": pager.b64(envelope.header),
-                                 "chunks": [pager.b64(c) for c in envelope.chunks],
-                                 "signature": pager.b64(envelope.signature)})
-        await self.wait_for(lambda: self.bob.idle, "bob to handle the replay")
-
     async def test_replays_refused(self):
         """
         A message pushed again after bob stored it (with a one-time prekey, whose private part is gone, or with the
@@ -243,4 +248,151 @@ class ForwardSecrecyTests(E2ETestCase):
             header = pager.parse_header(envelope.header)
             await self.replay(envelope, header.message_id.hex())
         self.assertEqual(len(self.bob.events.messages), 2)
+        self.assertEqual(self.bob.events.rejected, [])
+
+
+class GraceClampTests(ForwardSecrecyTestCase):
+    """The server's hello cannot make a device keep its replaced signed prekeys longer than MAX_PREKEY_GRACE."""
+
+    def test_grace_clamped(self):
+        """Whatever message_expiry the hello says, the grace is at most MAX_PREKEY_GRACE and never negative."""
+        limits = self.bob.limits
+        default = pager.Limits.message_expiry + pager.SEEN_MARGIN
+        for expiry, grace in [(1e12, pager.MAX_PREKEY_GRACE), (float("inf"), default), (float("nan"), default),
+                              (-5, default), (True, default), ("30", default), (None, default),
+                              (0, pager.SEEN_MARGIN), (3600, 3600 + pager.SEEN_MARGIN),
+                              (pager.Limits.message_expiry, default)]:
+            limits["message_expiry"] = expiry
+            self.assertEqual(self.bob.prekey_grace, grace, expiry)
+        self.assertEqual(pager.MAX_PREKEY_GRACE, 30 * pager.DAY + pager.SEEN_MARGIN)
+
+    async def test_grace_from_hostile_hello_capped(self):
+        """
+        bob's server says message_expiry = 1e12 in its hello: bob's client warns, keeps the replaced signed prekey
+        no longer than MAX_PREKEY_GRACE, and a thief who steals everything 56 days later opens nothing.
+        """
+        from twisted.logger import Logger
+        events = []
+        self.bob.log = Logger(observer=events.append)
+        signed_only = await self.capture("read, signed prekey only", one_time=False)
+        await self.read_all(1)
+        self.bob.limits["message_expiry"] = 1e12  # the hello's value, as a hostile server sends it
+        self.assertEqual(self.bob.prekey_grace, pager.MAX_PREKEY_GRACE)
+        for _ in range(8):
+            self.clock.offset += pager.PREKEY_ROTATION
+            await self.bob.maintain_prekeys()
+        warned = [e for e in events if "message expiry" in e.get("log_format", "")]
+        self.assertEqual(len(warned), 1)  # once, not at every look
+        await self.bob.close()
+        thief = await self.steal()
+        self.assertRaises(pager.PrekeyUnavailable, thief.open, signed_only, key("alice").public_key())
+
+
+class ReplayWindowTests(ForwardSecrecyTestCase):
+    """Replays of messages sealed to the signed prekey alone, once the duplicate store may have forgotten them."""
+
+    def push(self, client, envelope, msg):
+        """The message handed to C{client} again, as a hostile server (or a restored database) would."""
+        incoming = pager._Incoming(msg, "alice", self.clock.seconds(), envelope.header, envelope.chunks,
+                                   envelope.signature)
+        real = client.protocol.request
+        client.protocol.request = lambda kind, **f: (defer.succeed({}) if kind in ("ack", "reject")
+                                                     else real(kind, **f))
+        return client._handle_message(incoming)
+
+    def test_seen_keep_bounds(self):
+        """The duplicate store's window: never below the default, nor below the grace plus a prekey's lifetime."""
+        default = pager.Limits.message_expiry + pager.SEEN_MARGIN
+        for expiry in (0, -1, float("nan"), float("-inf"), 1e12, True, None, 3600, pager.Limits.message_expiry):
+            keep = pager.seen_keep({"message_expiry": expiry})
+            self.assertGreaterEqual(keep, default, expiry)
+            self.assertGreaterEqual(keep, pager.prekey_grace({"message_expiry": expiry}) + pager.PREKEY_LIFETIME)
+            self.assertLessEqual(keep, pager.MAX_PREKEY_GRACE + pager.PREKEY_LIFETIME)
+        self.assertEqual(pager.seen_keep({}), default + pager.PREKEY_LIFETIME)
+
+    async def test_replay_after_short_seen_window(self):
+        """
+        The hello says message_expiry = 0; two days later the server replays a message bob read that used the
+        signed prekey alone (still kept): the duplicate store, whose window was clamped, recognises it.
+        """
+        env = await self.capture("pay bob 100", one_time=False)
+        await self.read_all(1)
+        self.clock.offset += 2 * pager.DAY
+        # bob's next session: the store opened as pager-cli opens it, and with the hello's value as it was
+        await self.store.open(self.clock.seconds(), pager.seen_keep({"message_expiry": 0}))
+        await self.store.open(self.clock.seconds(), 0 + pager.SEEN_MARGIN)
+        self.store._handed.clear()  # a new process
+        await self.push(self.bob, env, "ab" * 16)
+        self.assertEqual([bytes(m.plaintext) for m in self.bob.events.messages], [b"pay bob 100"])
+        self.assertEqual(self.bob.events.rejected, [])
+
+    async def offline(self, days):
+        """bob reads a message sealed to his signed prekey alone, is offline C{days}, then logs in again."""
+        env = await self.capture("pay bob 100", one_time=False)
+        await self.read_all(1)
+        await self.bob.close()
+        self.clock.offset += days * pager.DAY
+        store = pager.LocalStore(os.path.join(self.state_dir, pager.LOCAL_DB_NAME), self.clock)
+        await store.open(self.clock.seconds())  # the default window
+        self.addCleanup(lambda: store.pool.running and store.close())
+        bob = await self.client(seen=store, pins=store)
+        await bob.login("bob", token("bob"), key("bob"))
+        await self.push(bob, env, "cd" * 16)
+        return bob
+
+    async def test_replay_after_forty_days_offline(self):
+        """With honest limits, a device offline 40 days still remembers the message: the replay is not shown."""
+        bob = await self.offline(40)
+        self.assertEqual((bob.events.messages, bob.events.rejected, bob.failures), ([], [], []))
+
+    async def test_replay_older_than_seen_window_refused(self):
+        """
+        Offline longer than the duplicate store's window (the message's seen row is gone, its signed prekey still
+        kept: replaced only now): the message's signed time is older than the window, so it is refused with a
+        reason and not shown.
+        """
+        bob = await self.offline(50)
+        self.assertEqual(bob.events.messages, [])
+        [(_, sender, error)] = bob.events.rejected
+        self.assertEqual(sender, "alice")
+        self.assertIsInstance(error, pager.StaleMessage)
+        self.assertIn("replay", error.message)
+
+
+class HistoryTransactionTests(ForwardSecrecyTestCase):
+    """The history entry, the seen row and the one-time prekey's deletion are one transaction."""
+
+    async def test_crash_between_leaves_nothing_half_done(self):
+        """
+        The transaction that stores a message fails (the machine stops): neither its history entry nor its seen
+        row is on disk, and its one-time prekey is still there to open it; redelivered, it is stored once, with
+        its one-time prekey gone.
+        """
+        device = pager.device_id(key("bob"))
+        shown = []
+
+        async def record(message):  # what the chat does: show, then record in the history
+            shown.append(bytes(message.plaintext))
+            await self.store.add_history(pager.HistoryEntry(
+                message.timestamp, "in", message.sender, message.message_id.hex(), message.content_type,
+                message.filename, bytes(message.plaintext), message.key_status))
+        self.bob.on_message = record
+        real = pager._seen_add_txn
+
+        def crash(txn, *args, **kwargs):
+            real(txn, *args, **kwargs)
+            raise sqlite3.OperationalError("disk I/O error")  # rolled back: as if the machine had stopped here
+        self.patch(pager, "_seen_add_txn", crash)
+        envelope = await self.capture("once")
+        opk_id = pager.parse_header(envelope.header).entry("bob", device).opk_id
+        await self.wait_for(lambda: self.bob.failures, "the store's transaction to fail")
+        self.assertEqual(shown, [b"once"])
+        self.assertEqual(await self.store.history("alice"), [])
+        self.assertIsNotNone((await self.store.prekey_privates(device, 0, opk_id))[1])
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.patch(pager, "_seen_add_txn", real)
+        self.store._handed.clear()  # the process that failed is gone
+        await self.replay(envelope, pager.parse_header(envelope.header).message_id.hex())
+        self.assertEqual([bytes(e.body) for e in await self.store.history("alice")], [b"once"])
+        self.assertIsNone((await self.store.prekey_privates(device, 0, opk_id))[1])
         self.assertEqual(self.bob.events.rejected, [])
