@@ -1001,6 +1001,16 @@ class EnvelopeHeader:
         """The distinct user names of the entries, sorted (the sender's own when it wrapped for its other devices)."""
         return sorted({e.name for e in self.entries})
 
+    @property
+    def addressed_names(self):
+        """
+        The users the sender addressed, sorted: the entries' names without the sender's own, whose entries are its
+        other devices (so that they read the conversation too), unless the sending device has an entry as well (a
+        note to self).
+        """
+        note_to_self = self.entry(self.sender, self.sender_device) is not None
+        return sorted({e.name for e in self.entries if e.name != self.sender or note_to_self})
+
     def entry(self, name, device):
         """The L{Wrap} for C{name}'s device C{device} (bytes), or C{None}."""
         for e in self.entries:
@@ -1420,7 +1430,7 @@ class OpenedMessage:
     message_id: bytes
     sender: str
     sender_fingerprint: bytes  # the sender's identity key
-    recipients: tuple  # names, sorted (the sender's own among them when it wrapped for its other devices)
+    recipients: tuple  # the addressed users' names, sorted (EnvelopeHeader.addressed_names): the sender's only in a note to self
     timestamp: float  # seconds since the epoch, as the sender's clock said
     content_type: str
     filename: str
@@ -1541,7 +1551,7 @@ class Opener:
         header = self.header
         plaintext, self._plaintext = self._plaintext, bytearray()
         return OpenedMessage(
-            header.message_id, header.sender, header.sender_fingerprint, tuple(header.recipient_names),
+            header.message_id, header.sender, header.sender_fingerprint, tuple(header.addressed_names),
             header.timestamp_ms / 1000.0, header.content_type, header.filename, plaintext,
             sender_device=header.sender_device, used_prekeys=self.used_prekeys,
         )

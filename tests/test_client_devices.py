@@ -78,10 +78,11 @@ class TwoDevicesEachTests(DeviceClientTestCase):
         for client in (bob, bob2):
             self.assertOpened(client.events.messages[0], "alice", b"hello bob, everywhere", msg)
             self.assertEqual(client.events.messages[0].sender_device, pager.device_id(key("alice")))
+            self.assertEqual(client.events.messages[0].recipients, ("bob",))  # not alice: she wrote to bob only
         [own] = alice2.events.messages
         self.assertEqual((own.sender, own.sender_device, bytes(own.plaintext)),
                          ("alice", pager.device_id(key("alice")), b"hello bob, everywhere"))
-        self.assertEqual(own.recipients, ("alice", "bob"))
+        self.assertEqual(own.recipients, ("bob",))
         self.assertEqual(alice.events.messages, [])  # never to the sending device
         await self.no_pending(self.server, "bob")
         await self.wait_for(lambda: alice.events.receipts, "alice's receipt")

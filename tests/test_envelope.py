@@ -1305,10 +1305,24 @@ class DeviceRoundTripTests(_DevicesMixin, SynchronousTestCase):
             opened = device.open(self.envelope, self.laptop.public_key())
             self.assertEqual(opened.plaintext, self.plaintext)
             self.assertEqual((opened.used_prekeys, opened.sender_device), (used, pager.device_id(self.laptop)))
-            self.assertEqual(opened.recipients, ("alice", "bob", "carol"))
+            self.assertEqual(opened.recipients, ("bob", "carol"))  # the addressed users: not alice's other device
             self.assertEqual(self.entry(device).kind, pager.WRAP_X25519)
         opened = pager.open_envelope(self.envelope, _key("carol"), "carol", self.laptop.public_key())
         self.assertEqual((opened.plaintext, opened.used_prekeys), (self.plaintext, (0, 0)))
+
+    def test_recipients_are_the_addressed_users(self):
+        """
+        C{recipients} names the users the sender addressed: the entries for the sender's own other devices do not
+        add the sender, unless the sending device itself has an entry (a note to self, which names the sender).
+        """
+        header = pager.parse_header(self.envelope.header)
+        self.assertEqual((header.recipient_names, header.addressed_names), (["alice", "bob", "carol"], ["bob", "carol"]))
+        laptop = _Device("alice", "alice-laptop", 4)
+        note = self.seal(b"note", targets=[self.alice_desk.target(), laptop.target()])
+        self.assertEqual(pager.parse_header(note.header).addressed_names, ["alice"])
+        self.assertEqual(self.alice_desk.open(note, self.laptop.public_key()).recipients, ("alice",))
+        both = self.seal(b"both", targets=[self.bob_desk.target(), self.alice_desk.target(), laptop.target()])
+        self.assertEqual(self.bob_desk.open(both, self.laptop.public_key()).recipients, ("alice", "bob"))
 
     def test_one_to_many_devices(self):
         """Messages to 1 to 12 devices, mixing kinds, are sorted by (name, device id) and open on every device."""
