@@ -1682,13 +1682,14 @@ def link_request_mac(secret, server_id, user, device_public_der, name):
                     + _lp(device_public_der) + _lp(name.encode("utf-8")), hashlib.sha256).digest()
 
 
-def link_answer_mac(secret, server_id, certificate):
+def link_answer_mac(secret, server_id, identity_fp, certificate):
     """
-    The identity device's MAC over the certificate it made for the new device, keyed with the same secret: the new
-    device accepts only a certificate from whoever was told the code.
+    The identity device's MAC over the fingerprint of the identity key that certifies (C{identity_fp}, 32 bytes)
+    and the certificate it made for the new device, keyed with the same secret: the new device accepts only a
+    certificate from whoever was told the code, under the identity key that person's device holds.
     """
-    return hmac.new(secret, _lp(LINK_ANSWER_TAG) + _lp(server_id.encode("ascii")) + _lp(certificate.signed_bytes())
-                    + _lp(certificate.signature), hashlib.sha256).digest()
+    return hmac.new(secret, _lp(LINK_ANSWER_TAG) + _lp(server_id.encode("ascii")) + _lp(identity_fp)
+                    + _lp(certificate.signed_bytes()) + _lp(certificate.signature), hashlib.sha256).digest()
 
 
 #### Frames ####
@@ -6893,7 +6894,8 @@ class PagerClient:
             identity = load_public_key(pem) if isinstance(pem, str) else (await self.public_key(user, True))[0]
         except (BadCertificate, BadKey) as e:
             raise LinkFailed("The server's answer to the link request is malformed (%s): refused." % e.message)
-        if not hmac.compare_digest(link_answer_mac(waiting.secret, self.server_id, certificate), mac):
+        if not hmac.compare_digest(link_answer_mac(waiting.secret, self.server_id, fingerprint(identity), certificate),
+                                   mac):
             raise LinkFailed("The answer to the link request was not made with this device's code: refused.")
         mine = waiting.key.public_key().public_bytes(serialization.Encoding.DER,
                                                      serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -6946,7 +6948,8 @@ class PagerClient:
                                            created)
         await self.protocol.request("link_approve", link=match.link, name=name, created=created,
                                     certificate=b64(certificate.signature),
-                                    answer_mac=b64(link_answer_mac(secret, self.server_id, certificate)))
+                                    answer_mac=b64(link_answer_mac(secret, self.server_id, self.identity_fp,
+                                                                   certificate)))
         info = DeviceInfo(self.user, certificate.device_id, certificate.public_key_der, name, created,
                           certificate.signature, first_seen=self._now())
         await self._fetch_devices(self.user)

@@ -160,9 +160,10 @@ class LinkRefusalTests(DeviceClientTestCase):
         _, wrong = pager.new_link_code()
         server_id = self.server.factory.server_id
 
-        def fields(certificate, mac_secret, identity="alice"):
+        def fields(certificate, mac_secret, identity="alice", bound=None):
             return {"device": certificate.to_json(), "identity_key": pager.public_key_pem(key(identity).public_key()),
-                    "answer_mac": pager.b64(pager.link_answer_mac(mac_secret, server_id, certificate))}
+                    "answer_mac": pager.b64(pager.link_answer_mac(
+                        mac_secret, server_id, pager.fingerprint(key(bound or identity)), certificate))}
 
         good = self.certificate("alice")
         cases = [
@@ -170,6 +171,7 @@ class LinkRefusalTests(DeviceClientTestCase):
             fields(self.certificate("mallory"), wrong, "mallory"),  # the server's own identity, without the code
             fields(self.certificate("mallory"), secret),  # a certificate the identity key did not sign
             fields(self.certificate("alice", "mallory-key"), secret),  # another device's key
+            fields(good, secret, bound="mallory"),  # a MAC over another identity than the answer's key
         ]
         for case in cases:
             failure = await self.assertFailure(await self.answer(case, secret), pager.LinkFailed)
