@@ -6869,6 +6869,10 @@ class PagerClient:
             return
         if frame["type"] == "linked":
             waiting.done.callback(frame)
+        elif frame.get("declined") is True:
+            waiting.done.errback(LinkFailed(
+                "The link request was declined on the machine that holds %s's identity key: nothing was linked."
+                % waiting.user))
         else:
             waiting.done.errback(LinkFailed("Nobody approved the link request within %d minutes; ask again."
                                             % (LINK_WAIT // 60)))
@@ -6954,6 +6958,18 @@ class PagerClient:
                           certificate.signature, first_seen=self._now())
         await self._fetch_devices(self.user)
         return info
+
+    async def decline_link(self, request):
+        """
+        On the identity device: decline the link request C{request} (a L{LinkRequest}, or its id in hex), as when
+        the person answers no: the server forgets it and the waiting device's L{wait_linked} raises L{LinkFailed}
+        at once.  A request that expired or was answered already raises L{BadRequest}.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        if not self.is_identity:
+            raise Forbidden("Only the device that holds the identity key can answer a link request.")
+        await self.protocol.request("link_decline", link=request.link if isinstance(request, LinkRequest) else request)
 
     # -- directory --
 

@@ -137,6 +137,24 @@ class LinkRefusalTests(DeviceClientTestCase):
         self.assertEqual(signed, [])
         self.assertEqual(len(await alice.devices()), 1)
 
+    async def test_declined(self):
+        """
+        The identity device declines a request (the person answered no): the new device's wait ends at once with
+        LinkFailed saying it was declined on the identity device, the request is gone, and no device was added.
+        """
+        alice = await self.register(self.address, "alice")
+        newcomer = await self.connect(self.address)
+        _, secret = pager.new_link_code()
+        await newcomer.link_request("alice", key("alice-laptop"), "laptop", secret)
+        waiting = defer.Deferred.fromCoroutine(newcomer.wait_linked())
+        [request] = await alice.link_pending()
+        await alice.decline_link(request)
+        failure = await self.assertFailure(waiting, pager.LinkFailed)
+        self.assertIn("declined on the machine that holds alice's identity key", failure.message)
+        self.assertEqual((await alice.link_pending(), len(await alice.devices())), ([], 1))
+        with self.assertRaises(pager.BadRequest):  # answered already
+            await alice.decline_link(request)
+
     async def answer(self, frame_fields, secret, label="alice-laptop", identity="alice"):
         """The new device's check of a C{linked} push made of C{frame_fields}; returns the wait's Deferred."""
         newcomer = await self.connect(self.address)
