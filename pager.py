@@ -3763,12 +3763,15 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if token is not None:
                 raise BadRequest("A linked device logs in without the safetoken.")
             if status[0] is None or status[0].revoked_at is not None:
-                self.factory.proof_failed(self, user)
+                self.factory.proof_failed(self, user, "%s device %s" % (
+                    "unknown" if status[0] is None else "revoked", device.hex()))
                 raise AuthFailed()
             key = load_public_key(status[0].public_key)
             await self._check_proof(key, proof, "login", user, challenge, fingerprint(key), AuthFailed())
         record_device, signed, one_time = status
-        self.log.info("{user} logged in from {peer}{mode}", user=user, peer=_peer_text(self.peer),
+        self.log.info("{user} logged in from {peer} on {which}{mode}", user=user, peer=_peer_text(self.peer),
+                      which="the identity device %s" % device.hex() if device == identity_fp[:DEVICE_ID_SIZE] else
+                      "the linked device %s %s" % (device_name_text(record_device.name), device.hex()),
                       mode="" if receive else " (send-only)")
         self._logged_in(user, key, receive, device=device, identity_fp=identity_fp)
         return {"user": user, "pending": record.pending_count if receive else 0, "device": device.hex(),
@@ -3947,7 +3950,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         }
         if own:  # a device with a session open is seen now; the store has when its last session closed
             online = any(s.device == record.device_id for s in self.factory.online.get(record.user, ()))
-            obj["last_seen"] = self.factory.now() if online else record.last_seen
+            seen = self.factory.now() if online else record.last_seen
+            obj["last_seen"] = None if seen is None else int(seen)  # whole seconds, like created and revoked
         return obj
 
     async def handle_certify(self, frame, rid):
@@ -4726,14 +4730,15 @@ class PagerServerFactory(protocol.Factory):
         if host is not None:
             self.address_failures.failed(host, now)
 
-    def proof_failed(self, connection, user):
+    def proof_failed(self, connection, user, reason="unknown user or wrong key"):
         """
         A request naming C{user} by someone who does not hold its key (an unknown user, a proof that does not
-        verify): it says nothing about the account, so only the requester is charged.
+        verify, a revoked or unknown device): it says nothing about the account, so only the requester is charged.
+        C{reason} goes to the server's log only; the requester learns nothing more than auth_failed.
         """
         self._charge(connection, self.now())
-        self.log.info("Failed login for {user} from {peer}: unknown user or wrong key", user=user,
-                      peer=_peer_text(connection.peer))
+        self.log.info("Failed login for {user} from {peer}: {reason}", user=user, peer=_peer_text(connection.peer),
+                      reason=reason)
 
     def token_failed(self, connection, user, purpose):
         """A wrong token: charged to the requester, and to the account at this address (or to its recoveries)."""
