@@ -5936,12 +5936,13 @@ def _outbox_waiting_txn(txn):
     return txn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
 
 
-def _outbox_sealed_txn(txn, ref, envelope):
+def _outbox_sealed_txn(txn, ref, envelope, replace=False):
     # Only the first envelope sealed for a message is kept (another chat of this user on this machine, sharing the
     # file, may have sealed it meanwhile): every flusher then sends that one, which the server takes as one message.
+    # With replace (the message sealed anew, same id, for devices that changed) the new envelope takes its place.
     msg_id = parse_header(envelope.header).message_id.hex()
     txn.execute("UPDATE outbox SET msg_id = ?, header = ?, chunks = ?, signature = ?"
-                " WHERE ref = ? AND header IS NULL AND sent_at IS NULL",
+                " WHERE ref = ? AND sent_at IS NULL" + ("" if replace else " AND header IS NULL"),
                 (msg_id, envelope.header, b"".join(envelope.chunks), envelope.signature, ref))
     row = txn.execute("SELECT " + _OUTBOX_COLUMNS + " FROM outbox WHERE ref = ? AND sent_at IS NULL",
                       (ref,)).fetchone()
@@ -6123,12 +6124,13 @@ class LocalStore(SeenStore):
         """How many messages wait in the outbox."""
         return self.pool.runInteraction(_outbox_waiting_txn)
 
-    def outbox_sealed(self, ref, envelope):
+    def outbox_sealed(self, ref, envelope, replace=False):
         """
-        Keep the envelope sealed for message C{ref} unless one is kept already: returns the kept one, which every
-        try sends (None when the message has left the outbox meanwhile: sent or refused by another chat).
+        Keep the envelope sealed for message C{ref} unless one is kept already (with C{replace}: in its place, for
+        the same message sealed anew): returns the kept one, which every try sends (None when the message has left
+        the outbox meanwhile: sent or refused by another chat).
         """
-        return self.pool.runInteraction(_outbox_sealed_txn, ref, envelope)
+        return self.pool.runInteraction(_outbox_sealed_txn, ref, envelope, replace)
 
     def outbox_sent(self, ref, msg_id, now, history=None):
         """The server accepted message C{ref}: erase its text and envelope, record C{history} (unless turned off)."""
@@ -9119,7 +9121,18 @@ class Outbox:
                 envelope = await store.outbox_sealed(entry.ref, sealed)
                 if envelope is None:
                     return True  # another chat of this user on this machine sent it (or it was refused) meanwhile
-            answer = await client.send_envelope(entry.recipients, envelope)
+            try:
+                answer = await client.send_envelope(entry.recipients, envelope)
+            except DevicesChanged:
+                # Sealed by an earlier run (this process would have sealed it anew itself): seal it anew for the
+                # devices the recipients have now, as the same message, and keep that envelope instead.
+                message_id = parse_header(envelope.header).message_id
+                _, sealed = await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename,
+                                              message_id=message_id)
+                envelope = await store.outbox_sealed(entry.ref, sealed, replace=True)
+                if envelope is None:
+                    return True
+                answer = await client.send_envelope(entry.recipients, envelope)
         except (ConnectionLost, defer.CancelledError):
             return False  # still waiting: sent again, as the same message, after the reconnection
         except (RateLimited, InternalError) as e:
