@@ -3961,6 +3961,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         await self.factory.store.certify_device(self.user, self.device, certificate.name, certificate.created,
                                                 certificate.signature, self.key_fingerprint)
         self.factory.device_updated(self.user, self.device, certified=True)
+        self.factory.devices_changed(self.user, self)
         return {"device": self.device.hex()}
 
     async def handle_publish_prekeys(self, frame, rid):
@@ -4025,6 +4026,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                                                self.key_fingerprint)
         self.log.info("{user} revoked a device ({device})", user=self.user, device=device.hex())
         self.factory.device_revoked(self.user, device)
+        self.factory.devices_changed(self.user, self)
         self.factory.settled()
         return {"device": device.hex()}
 
@@ -4084,6 +4086,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                                           "device": self._device_object(record), "answer_mac": b64(answer_mac),
                                           "identity_key": public_key_pem(self.key)})
         self.log.info("{user} linked a new device ({device})", user=self.user, device=certificate.device_id.hex())
+        self.factory.devices_changed(self.user, self)
         return {"device": certificate.device_id.hex()}
 
     async def handle_link_decline(self, frame, rid):
@@ -4875,6 +4878,16 @@ class PagerServerFactory(protocol.Factory):
         if known is not None:
             known.current[device] = False
 
+    def devices_changed(self, user, origin):
+        """
+        C{user}'s devices changed (one added, certified or revoked, by the session C{origin}): push
+        C{devices_changed} to every other receiving session of the user, so that its other devices say so.  Only to
+        the user's own: the server does not know a user's contacts, and telling every user would tell everyone.
+        """
+        for session in list(self.online.get(user, ())):
+            if session is not origin and session.receive and not session.closed:
+                session.send_frame({"type": "devices_changed", "user": user})
+
     def device_revoked(self, user, device):
         """C{user}'s C{device} is revoked: it leaves the cache, and its sessions end."""
         known = self._device_sets.get(user)
@@ -5246,7 +5259,8 @@ class PagerClientProtocol(LineReceiver):
                     self.server_error = error
         elif kind == "hello":
             self._hello(frame)
-        elif kind in ("message", "message_chunk", "receipt", "prekeys_low", "linked", "link_expired") \
+        elif kind in ("message", "message_chunk", "receipt", "prekeys_low", "linked", "link_expired",
+                      "devices_changed") \
                 and self.listener is not None:
             self.listener.frame_received(frame)
 
@@ -6512,6 +6526,8 @@ class PagerClient:
         self._logged_in(user, private_key, receive)
         identity = private_key.public_key() if device is None else await self._own_identity()
         await self._device_ready(answer, identity)
+        if receive:
+            await self._own_devices_baseline()
         pending = answer.get("pending")
         return pending if isinstance(pending, int) and not isinstance(pending, bool) else 0
 
@@ -6812,6 +6828,36 @@ class PagerClient:
         if self.user is None:
             raise NotAuthenticated()
         return await self._fetch_devices(canonical_username(user) if user is not None else self.user)
+
+    async def refresh_devices(self, user):
+        """
+        Fetch C{user}'s devices now (as when a conversation with them opens), verified as L{devices} says, and call
+        C{on_devices_changed} with those added or revoked since this client last saw them (nothing on the first look
+        at a user).  Returns the list of L{DeviceInfo}.  One request and a signature check per device: cheap.
+        """
+        return await self.devices(user)
+
+    def _own_devices_changed(self, frame):
+        """The server says this user's devices changed (linked, certified or revoked elsewhere): look again."""
+        if frame.get("user") != self.user or self.user is None:
+            raise BadRequest("The devices_changed push names another user than this session's.")
+        d = Deferred.fromCoroutine(self.refresh_devices(self.user))
+        d.addErrback(lambda f: None if f.check(ConnectionLost, defer.CancelledError) or self.protocol.lost else
+                     self.log.failure("Looking at this user's devices again failed", f))
+
+    async def _own_devices_baseline(self):
+        """
+        On a receiving login: this user's devices as they are now, kept for a later C{devices_changed} to compare
+        with, unless this machine keeps them already (from a send, a link or an earlier session: no request then).
+        """
+        if await self.pins.get_devices(self.user) is not None:
+            return
+        try:
+            await self._fetch_devices(self.user)
+        except (ConnectionLost, defer.CancelledError):
+            raise
+        except PagerError as e:
+            self.log.warn("Could not list this user's devices after logging in: {why}", why=e.message)
 
     async def _device_of(self, user, identity, device):
         """The L{DeviceInfo} of C{user}'s device C{device} (bytes) that signed a message: known here or fetched."""
@@ -7250,6 +7296,8 @@ class PagerClient:
                 self._prekeys_low(frame)
             elif kind in ("linked", "link_expired"):
                 self._link_answered(frame)
+            elif kind == "devices_changed":
+                self._own_devices_changed(frame)
         except PagerError as e:
             self.log.warn("Ignoring a malformed {kind} frame from the server: {why}", kind=kind, why=e.message)
 

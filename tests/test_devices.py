@@ -389,6 +389,27 @@ class RevokeTests(DeviceTestCase):
         listing = self.assertOk(self.alice.request("devices", user="alice"))["devices"]
         self.assertEqual([(type(d["last_seen"]), d["last_seen"]) for d in listing], [(int, 111), (int, 100)])
 
+    def test_devicesChangedPushedToOwnSessions(self):
+        """
+        A device linked or revoked is pushed as devices_changed to every other receiving session of the same user
+        (the session that made the change, send-only sessions and other users get nothing: the server does not
+        know who a user's contacts are, and telling everyone would tell everyone).
+        """
+        other = self.login("alice")  # alice's identity device, a second session
+        phone = self.device_session("alice", self.phone)
+        script = self.device_session("alice", self.phone, receive=False)
+        tablet = self.link("alice", "alice-tablet", identity=self.alice, name="tablet")
+        expected = [{"type": "devices_changed", "user": "alice"}]
+        for conn in (other, phone):
+            self.assertEqual(conn.pushed("devices_changed"), expected)
+        for conn in (self.alice, script, self.bob):
+            self.assertEqual(conn.pushed("devices_changed"), [])
+        self.assertOk(self.revoke(did(tablet)))
+        for conn in (other, phone):
+            self.assertEqual(conn.pushed("devices_changed"), expected)
+        for conn in (self.alice, script, self.bob):
+            self.assertEqual(conn.pushed("devices_changed"), [])
+
     def test_revokeChecks(self):
         """A revocation not signed by the identity key, of the identity device, or of an unknown device is refused."""
         self.assertError(self.revoke(did(self.phone), key=private_key("mallory")), "bad_certificate")
