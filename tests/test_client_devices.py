@@ -78,10 +78,11 @@ class TwoDevicesEachTests(DeviceClientTestCase):
         for client in (bob, bob2):
             self.assertOpened(client.events.messages[0], "alice", b"hello bob, everywhere", msg)
             self.assertEqual(client.events.messages[0].sender_device, pager.device_id(key("alice")))
+            self.assertEqual(client.events.messages[0].recipients, ("bob",))  # not alice: she wrote to bob only
         [own] = alice2.events.messages
         self.assertEqual((own.sender, own.sender_device, bytes(own.plaintext)),
                          ("alice", pager.device_id(key("alice")), b"hello bob, everywhere"))
-        self.assertEqual(own.recipients, ("alice", "bob"))
+        self.assertEqual(own.recipients, ("bob",))
         self.assertEqual(alice.events.messages, [])  # never to the sending device
         await self.no_pending(self.server, "bob")
         await self.wait_for(lambda: alice.events.receipts, "alice's receipt")
@@ -159,6 +160,24 @@ class LinkRefusalTests(DeviceClientTestCase):
         info = await alice.approve_link([r for r in requests if r.name == "phone"][0], None, secret)
         self.assertEqual((info.name, len(signed)), ("phone", 1))
 
+    async def test_declined(self):
+        """
+        The identity device declines a request (the person answered no): the new device's wait ends at once with
+        LinkFailed saying it was declined on the identity device, the request is gone, and no device was added.
+        """
+        alice = await self.register(self.address, "alice")
+        newcomer = await self.connect(self.address)
+        _, secret = pager.new_link_code()
+        await newcomer.link_request("alice", key("alice-laptop"), "laptop", secret)
+        waiting = defer.Deferred.fromCoroutine(newcomer.wait_linked())
+        [request] = await alice.link_pending()
+        await alice.decline_link(request)
+        failure = await self.assertFailure(waiting, pager.LinkFailed)
+        self.assertIn("declined on the machine that holds alice's identity key", failure.message)
+        self.assertEqual((await alice.link_pending(), len(await alice.devices())), ([], 1))
+        with self.assertRaises(pager.BadRequest):  # answered already
+            await alice.decline_link(request)
+
     async def answer(self, frame_fields, secret, label="alice-laptop", identity="alice"):
         """The new device's check of a C{linked} push made of C{frame_fields}; returns the wait's Deferred."""
         newcomer = await self.connect(self.address)
@@ -182,9 +201,10 @@ class LinkRefusalTests(DeviceClientTestCase):
         _, wrong = pager.new_link_code()
         server_id = self.server.factory.server_id
 
-        def fields(certificate, mac_secret, identity="alice"):
+        def fields(certificate, mac_secret, identity="alice", bound=None):
             return {"device": certificate.to_json(), "identity_key": pager.public_key_pem(key(identity).public_key()),
-                    "answer_mac": pager.b64(pager.link_answer_mac(mac_secret, server_id, certificate))}
+                    "answer_mac": pager.b64(pager.link_answer_mac(
+                        mac_secret, server_id, pager.fingerprint(key(bound or identity)), certificate))}
 
         good = self.certificate("alice")
         cases = [
@@ -192,6 +212,7 @@ class LinkRefusalTests(DeviceClientTestCase):
             fields(self.certificate("mallory"), wrong, "mallory"),  # the server's own identity, without the code
             fields(self.certificate("mallory"), secret),  # a certificate the identity key did not sign
             fields(self.certificate("alice", "mallory-key"), secret),  # another device's key
+            fields(good, secret, bound="mallory"),  # a MAC over another identity than the answer's key
         ]
         for case in cases:
             failure = await self.assertFailure(await self.answer(case, secret), pager.LinkFailed)
@@ -290,6 +311,44 @@ class DeviceChangeTests(DeviceClientTestCase):
         self.assertEqual(changes[1:], [("bob", [], ["phone"])])
         await self.wait_for(lambda: len(bob.events.messages) == 3, "bob's three messages")
         self.assertEqual(len(bob2.events.messages), 1)
+
+    async def test_own_device_changes_announced(self):
+        """
+        A device alice links or revokes on her identity device is told at once to her other devices' clients (the
+        server's devices_changed push; the client fetches and verifies alice's devices and calls on_devices_changed
+        with what was added or revoked), not only at their next send.
+        """
+        alice = await self.register(self.address, "alice")
+        laptop = await self.link(alice, "alice-laptop")
+        changes = []
+        laptop.on_devices_changed = lambda user, added, revoked: changes.append(
+            (user, [d.name for d in added], [d.name for d in revoked]))
+        tablet = await self.link(alice, "alice-tablet", name="tablet")
+        await self.wait_for(lambda: changes, "the laptop to hear of the tablet")
+        self.assertEqual(changes, [("alice", ["tablet"], [])])
+        await alice.revoke_device(tablet.device)
+        await self.wait_for(lambda: len(changes) == 2, "the laptop to hear of the revocation")
+        self.assertEqual(changes[1], ("alice", [], ["tablet"]))
+
+    async def test_refresh_devices(self):
+        """
+        refresh_devices(user) fetches a contact's devices (as when a conversation opens) and calls on_devices_changed
+        with the differences from what this client last saw; nothing when nothing changed or on the first look.
+        """
+        alice = await self.register(self.address, "alice")
+        bob = await self.register(self.address, "bob")
+        changes = []
+        alice.on_devices_changed = lambda user, added, revoked: changes.append(
+            (user, [d.name for d in added], [d.name for d in revoked]))
+        self.assertEqual([d.name for d in await alice.refresh_devices("bob")], [pager.default_device_name()])
+        phone = await self.link(bob, "bob-phone", name="phone")
+        listed = await alice.refresh_devices("bob")
+        self.assertEqual((changes, len(listed)), ([("bob", ["phone"], [])], 2))
+        await alice.refresh_devices("bob")
+        self.assertEqual(len(changes), 1)
+        await bob.revoke_device(phone.device)
+        await alice.refresh_devices("bob")
+        self.assertEqual(changes[1:], [("bob", [], ["phone"])])
 
     async def test_linked_device_cannot_link_or_revoke(self):
         """Only the identity device signs certificates and revocations: a linked device is told so, locally."""
