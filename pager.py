@@ -10656,7 +10656,7 @@ class LinkDeviceOptions(_ClientOptions):
 class RevokeDeviceOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME DEVICE [--yes]"
     longdesc = ("Remove one of your devices (a lost laptop), on the machine that holds your key: DEVICE is its id "
-                "(as 'devices' lists it; an unambiguous start of it is enough) or its name. Asks to confirm (--yes "
+                "(as 'devices' lists it; an unambiguous start of it, of at least 4 hex digits, is enough) or its name. Asks to confirm (--yes "
                 "for scripts). The device can no longer log in, gets no new message, and your contacts' clients show "
                 "that it was revoked. The identity device itself cannot be revoked.")
     not_applicable = ("no-passphrase", "skew-window", "no-history")
@@ -11527,11 +11527,14 @@ async def _approve_link_command(reactor, config):
           "revoke-device' removes it." % (device_name_text(name), format_device_id(new), session.user, session.user))
 
 
+MIN_DEVICE_PREFIX = 4  # hex digits of a device id that may name it (fewer would match too much by chance)
+
+
 def _find_device(devices, text):
     """The device C{text} names: its id (spaces ignored), an unambiguous start of it, or its name."""
     digits = "".join(text.split()).lower()
     named = [d for d in devices if d.name == text]
-    if not named and re.fullmatch("[0-9a-f]{4,%d}" % (DEVICE_ID_SIZE * 2), digits):
+    if not named and re.fullmatch("[0-9a-f]{%d,%d}" % (MIN_DEVICE_PREFIX, DEVICE_ID_SIZE * 2), digits):
         named = [d for d in devices if d.device_id.hex().startswith(digits)]
     if not named:
         named = [d for d in devices if d.name is not None and d.name.casefold() == text.casefold()]
@@ -11554,8 +11557,9 @@ async def _revoke_device_command(reactor, config):
         device = _find_device(await client.devices(session.user), config["device"])
         identity = device_id(session.key)
         if device is None:
-            raise UnknownDevice("%s has no device with the id or name %r ('pager-cli devices' lists them)."
-                                % (session.user, config["device"]))
+            raise UnknownDevice("%s has no device with the id or name %r: give at least %d hex digits of the id, "
+                                "or the device's name ('pager-cli devices' lists them)."
+                                % (session.user, config["device"], MIN_DEVICE_PREFIX))
         shown = "%s (id %s)" % (device_name_text(device.name), format_device_id(device.device_id))
         if device.device_id == identity:
             raise usage.UsageError("%s is the identity device, which holds %s's key, and cannot be revoked: to "

@@ -534,3 +534,75 @@ class LinkExpiryTests(KeysTestCase):
         self.assertTrue(CODE.search(prompter.text()))
         directory = self.user_dir(home, "alice")
         self.assertEqual([n for n in os.listdir(directory) if n.startswith(("device", "key"))], [])
+
+
+class DeviceCommandSentenceTests(LinkedMachineTestCase):
+    """What the device commands say when they cannot go on: one sentence, with the way forward."""
+
+    async def cli(self, *argv, env=None, home=None):
+        return await CLITestCase.run_command(self, *argv, env=env, home=home)
+
+    async def test_short_id_prefix_names_the_minimum(self):
+        """A device named by fewer hex digits than an id prefix needs is refused with the minimum to give."""
+        await self.serve()
+        home = await self.provision("alice")
+        result = await self.cli("revoke-device", "HOST", "--user", "alice", "6f", "--yes", home=home,
+                                env={"PAGER_TOKEN": token("alice")})
+        line = self.assertOneErrorLine(result, pager.EXIT_UNKNOWN_USER)
+        self.assertIn("at least 4 hex digits of the id, or the device's name", line)
+
+    async def test_approving_without_the_identity_key(self):
+        """Approving a code on a machine with no key of the user says it needs the identity key (exit 3)."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        code, _ = pager.new_link_code()
+        result = await self.cli("link-device", "HOST", "--user", "alice", code, "--yes", home=home)
+        line = self.assertOneErrorLine(result, pager.EXIT_AUTH)
+        self.assertIn("alice's identity key", line)
+        self.assertIn("machine that holds it", line)
+        self.assertNotIn("link this machine", line)
+
+    async def test_revoked_device_one_way_back(self):
+        """A device the account no longer has, and link-device there, both name 'link-device ... --force'."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        path = self.install_device_key(home)
+        again = "'pager-cli link-device %s --user alice --force'" % self.host
+        fetched = await self.cli("fetch", "HOST", "--user", "alice", home=home)
+        line = self.assertOneErrorLine(fetched, pager.EXIT_AUTH)
+        self.assertIn(again, line)
+        self.assertNotIn("move", line)
+        linked = await self.cli("link-device", "HOST", "--user", "alice", home=home)
+        self.assertIn(again, self.assertOneErrorLine(linked, pager.EXIT_USAGE))
+        self.assertTrue(os.path.exists(path))
+
+    async def test_link_for_unknown_user_makes_nothing(self):
+        """link-device for a name with no account says so (exit 4) before making a key, and leaves no directory."""
+        await self.serve()
+        home = self.home()
+        made = []
+        self.patch(pager, "generate_private_key", lambda: made.append(1))
+        result = await self.cli("link-device", "HOST", "--user", "carol", "--no-passphrase", home=home)
+        self.assertIn("carol", self.assertOneErrorLine(result, pager.EXIT_UNKNOWN_USER))
+        self.assertEqual(made, [])
+        self.assertFalse(os.path.exists(os.path.join(home, self.server_id, "carol")))
+
+    async def test_token_on_a_linked_device_says_so_first(self):
+        """token on a linked device without --new-token-file says first that it is a linked device (exit 3)."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        self.install_device_key(home)
+        result = await self.cli("token", "HOST", "--user", "alice", home=home)
+        self.assertIn("linked device of alice", self.assertOneErrorLine(result, pager.EXIT_AUTH))
+
+    async def test_malformed_code_sentence(self):
+        """A malformed link code is one sentence, its example not in doubled brackets, ending with a full stop."""
+        self.host = "localhost:5050"  # refused before any connection
+        result = await self.cli("link-device", "HOST", "--user", "alice", "1234")
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertNotIn(") (", line)
+        self.assertTrue(line.endswith("."), line)
+        self.assertIn("7K3M-Q2ZR-8D1X-VH4B", line)
