@@ -10656,9 +10656,9 @@ class LinkDeviceOptions(_ClientOptions):
 class RevokeDeviceOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME DEVICE [--yes]"
     longdesc = ("Remove one of your devices (a lost laptop), on the machine that holds your key: DEVICE is its id "
-                "(as 'devices' lists it; an unambiguous start of it, of at least 4 hex digits, is enough) or its name. Asks to confirm (--yes "
-                "for scripts). The device can no longer log in, gets no new message, and your contacts' clients show "
-                "that it was revoked. The identity device itself cannot be revoked.")
+                "(as 'devices' lists it; an unambiguous start of it, at least 4 hex digits, is enough) or its name. "
+                "Asks to confirm (--yes for scripts). The device can no longer log in, gets no new message, and "
+                "your contacts' clients show that it was revoked. The identity device itself cannot be revoked.")
     not_applicable = ("no-passphrase", "skew-window", "no-history")
     optFlags = [["yes", "y", "Revoke without asking."]]
 
