@@ -8335,6 +8335,10 @@ class Session:
                 self.linked = True
                 await self._login(client)
                 self.passphrase = passphrase
+            elif self.needs_identity is not None:
+                # No key at all: making one (or linking this machine) is not what was asked for.
+                raise NoKey("To %s you need %s's identity key, which this machine does not hold: run the command on "
+                            "the machine that holds it." % (self.needs_identity, self.user))
             else:
                 way = await self.may_make_key(client)
                 await self.open_local(client)
