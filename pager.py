@@ -8367,9 +8367,8 @@ class Session:
                 return self.pending
             except AuthFailed:
                 raise AuthFailed("Login as %s from this device (id %s) failed: the account no longer has it (it was "
-                                 "revoked, or the account was re-keyed); move %s away and link this machine again "
-                                 "with 'pager-cli link-device %s --user %s'."
-                                 % (self.user, format_device_id(device), self.device_path, self.address, self.user))
+                                 "revoked, or the account was re-keyed); link this machine again with '%s --force'."
+                                 % (self.user, format_device_id(device), self.link_command))
         try:
             self.pending = await client.login(self.user, self.token, self.key, self.receive)
             return self.pending
@@ -11484,8 +11483,8 @@ async def _link_device_command(reactor, config):
                 "then '%s CODE' here with the code it shows." % (session.user, session.link_command))
         if os.path.lexists(session.device_path) and not config["force"]:
             raise usage.UsageError(
-                "This machine already is a device of %s (%s); if that device was revoked, link it again with "
-                "--force." % (session.user, session.device_path))
+                "This machine already is a device of %s (%s); if that device was revoked, link this machine again "
+                "with '%s --force'." % (session.user, session.device_path, session.link_command))
         await session.open_local(client)
         name = config["name"] or default_device_name()
         await session.link(client, name, show=lambda text: print(text, flush=True))
