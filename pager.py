@@ -11485,12 +11485,38 @@ async def _link_device_command(reactor, config):
             raise usage.UsageError(
                 "This machine already is a device of %s (%s); if that device was revoked, link this machine again "
                 "with '%s --force'." % (session.user, session.device_path, session.link_command))
-        await session.open_local(client)
-        name = config["name"] or default_device_name()
-        await session.link(client, name, show=lambda text: print(text, flush=True))
+        await _check_account_exists(session, client)
+        made = [path for path in (os.path.dirname(session.directory), session.directory)
+                if not os.path.lexists(path)]
+        try:
+            await session.open_local(client)
+            name = config["name"] or default_device_name()
+            await session.link(client, name, show=lambda text: print(text, flush=True))
+        except BaseException:
+            await session.close()
+            _remove_made_directories(made)  # a failed link leaves no trace of the user on this machine
+            raise
         await session._login(client)
     finally:
         await session.close()
+
+
+async def _check_account_exists(session, client):
+    """Before a key is made to link this machine: refuse a name that has no account on the server (L{UnknownUser})."""
+    try:
+        exists = await client.exists(session.user)
+    except (Forbidden, BadRequest):
+        return  # registration closed (no account is named), or a server without "exists": the link request tells
+    if not exists:
+        raise UnknownUser("No such user on %s: %s (link-device adds this machine to an existing account; nothing "
+                          "was made)." % (session.address, session.user))
+
+
+def _remove_made_directories(made):
+    """Remove the directories in C{made} (parents first), which this command made, with what it put in them."""
+    import shutil
+    for path in reversed(made):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _request_for_code(requests, secret, server_id, user):
