@@ -11301,6 +11301,7 @@ async def _token_command(reactor, config):
         if len(new) < MIN_TOKEN_LENGTH:
             raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
     elif not session.prompter.interactive:
+        await _refuse_on_linked_device(session, "change the safetoken")  # what is wrong first, then what is missing
         raise usage.UsageError("Give the new safetoken with --new-token-file.")
     session.needs_identity = "change the safetoken"
     client = await session.start(receive=False)
@@ -11317,6 +11318,17 @@ async def _token_command(reactor, config):
         await session.close()
     print("Changed %s's safetoken on %s; this machine keeps the new one under your key's passphrase, other "
           "machines ask for it once." % (session.user, session.address))
+
+
+async def _refuse_on_linked_device(session, what):
+    """Raise L{NotIdentityDevice} if this machine is a linked device of the user (C{what}: what needs the identity)."""
+    client = await session.connect()
+    try:
+        await session.locate(client)
+    finally:
+        await client.close()
+    if not os.path.lexists(session.key_path) and os.path.lexists(session.device_path):
+        raise session.refuse_linked(what)
 
 
 def _fingerprint_record(name, fp, status):
