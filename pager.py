@@ -10648,8 +10648,9 @@ class LinkDeviceOptions(_ClientOptions):
         if self["code"] is not None:
             try:
                 self["secret"] = parse_link_code(self["code"])
-            except BadLinkCode as e:
-                raise usage.UsageError(e.message)
+            except BadLinkCode:
+                raise usage.UsageError("%r is not a link code: give the 16 letters and digits the new device shows, "
+                                       "like 7K3M-Q2ZR-8D1X-VH4B." % self["code"])
             if self["force"]:
                 raise usage.UsageError("--force goes with linking the new machine (without CODE).")
         elif self["yes"]:
@@ -10956,7 +10957,7 @@ def report(error, hint=""):
     """
     sentence = error.message if isinstance(error, PagerError) else str(error)
     if hint:
-        sentence = "%s (%s)" % (sentence.rstrip("."), hint)
+        sentence = "%s (%s)." % (sentence.rstrip("."), hint)
     sys.stderr.write("pager: %s\n" % sentence)
     return exit_code(error)
 

@@ -222,7 +222,7 @@ class LocalFailureTests(InProcessTestCase):
         err = io.StringIO()
         self.patch(sys, "stderr", err)
         self.assertEqual(pager.report(pager.LocalError("Cannot write /x: No such file."), "see --help"), 7)
-        self.assertEqual(err.getvalue(), "pager: Cannot write /x: No such file (see --help)\n")
+        self.assertEqual(err.getvalue(), "pager: Cannot write /x: No such file (see --help).\n")
 
 
 class WaitingTests(unittest.SynchronousTestCase):
