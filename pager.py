@@ -8244,14 +8244,17 @@ class Session:
         if given is not None:
             return await self.in_thread(load_private_key, path, given), given
         hint = "The key is encrypted: give its passphrase in PAGER_PASSPHRASE or with --passphrase-file."
+        # A linked device's key is its own, as when it was made ("this device's key"), not the user's identity key.
+        whose = ("this device's key (%s's device)" if self.directory is not None and path == self.device_path
+                 else "%s's key") % self.user
         for attempt in range(3):
-            passphrase = await self.prompter.secret("Passphrase for %s's key: " % self.user, hint)
+            passphrase = await self.prompter.secret("Passphrase for %s: " % whose, hint)
             try:
                 return await self.in_thread(load_private_key, path, passphrase), passphrase
             except WrongPassphrase:
                 if attempt < 2:
                     self.prompter.say("Wrong passphrase; try again.")
-        raise WrongPassphrase("Three wrong passphrases for %s's key; giving up." % self.user)
+        raise WrongPassphrase("Three wrong passphrases for %s; giving up." % whose)
 
     @property
     def key_path(self):

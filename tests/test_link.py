@@ -606,3 +606,13 @@ class DeviceCommandSentenceTests(LinkedMachineTestCase):
         self.assertNotIn(") (", line)
         self.assertTrue(line.endswith("."), line)
         self.assertIn("7K3M-Q2ZR-8D1X-VH4B", line)
+
+    async def test_linked_device_passphrase_prompt(self):
+        """A linked device asks for "this device's key" passphrase, as it did when the key was made."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        self.install_device_key(home, passphrase=PASSPHRASE)
+        _, prompter = await self.failed_session(home, pager.WrongPassphrase, ["wrong"] * 3)
+        self.assertEqual(prompter.prompts, ["Passphrase for this device's key (alice's device): "] * 3)
+        self.assertIn("this device's key", prompter.text())
