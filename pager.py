@@ -10376,11 +10376,12 @@ class _ClientOptions(_GnuOptions):
         ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
                                    "$PAGER_TOKEN, else the one kept on this machine, else a prompt: only in "
-                                   "connect, and on a terminal token, verify, import-key, link-device and "
-                                   "revoke-device)."],
+                                   "connect, and on a terminal (standard input and error) token, verify, "
+                                   "import-key, devices, link-device and revoke-device)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, else a "
-                                        "prompt: only in connect, and on a terminal passwd, token, verify, "
-                                        "export-key, import-key, link-device and revoke-device)."],
+                                        "prompt: only in connect, and on a terminal (standard input and error) "
+                                        "passwd, token, verify, export-key, import-key, devices, link-device and "
+                                        "revoke-device)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.", _positive(float)],
@@ -11150,6 +11151,14 @@ def _print_message(message, saved, as_json, sent_from=None):
     sys.stdout.flush()
 
 
+def _on_terminal():
+    """
+    Whether a command that may ask (for a passphrase or safetoken not given, or a confirmation) asks: when standard
+    input and standard error (where the question is written) are a terminal.  Scripts are never asked anything.
+    """
+    return os.isatty(0) and os.isatty(2)
+
+
 async def _users_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     client = await session.start(receive=False)
@@ -11165,7 +11174,7 @@ async def _users_command(reactor, config):
 
 
 async def _export_key_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.connect()
     try:
         await session.locate(client)
@@ -11195,7 +11204,7 @@ IMPORT_MAKES_IDENTITY = (
 
 
 async def _import_key_command(reactor, config):
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     session = Session(reactor, config, prompter)
     session.receive = False  # its check logs in send-only: no incoming message is taken
     try:
@@ -11262,7 +11271,7 @@ async def _check_imported_key(session, client, key):
 
 
 async def _passwd_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.connect()
     try:
         await session.locate(client)
@@ -11298,7 +11307,7 @@ async def _passwd_command(reactor, config):
 
 
 async def _token_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     new = None
     if config["new-token-file"]:
         new = _first_line_of(config["new-token-file"], "token file")
@@ -11365,7 +11374,7 @@ async def _fingerprint_command(reactor, config):
 
 
 async def _verify_command(reactor, config):
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     if config["fingerprint"] is None and not prompter.interactive:
         raise usage.UsageError("Give the fingerprint %s read you with --fingerprint." % config["name"])
     session = Session(reactor, config, prompter)
@@ -11468,7 +11477,7 @@ def describe_devices(user, devices, identity, this_device=None):
 
 
 async def _devices_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         user = config["of"] or session.user
@@ -11487,7 +11496,7 @@ async def _link_device_command(reactor, config):
     if config["code"] is not None:
         await _approve_link_command(reactor, config)
         return
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     session = Session(reactor, config, prompter)
     session.receive = False  # its first login takes no message: the next command or chat does
     client = session.client = await session.connect()
@@ -11545,7 +11554,7 @@ def _request_for_code(requests, secret, server_id, user):
 
 
 async def _approve_link_command(reactor, config):
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     if not config["yes"] and not prompter.interactive:
         raise usage.UsageError("Approving a device asks first: run it on a terminal, or give --yes once you have "
                                "checked the new device's name and id.")
@@ -11592,7 +11601,7 @@ def _find_device(devices, text):
 
 
 async def _revoke_device_command(reactor, config):
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     if not config["yes"] and not prompter.interactive:
         raise usage.UsageError("Revoking a device asks first: run it on a terminal, or give --yes.")
     session = Session(reactor, config, prompter)

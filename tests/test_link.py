@@ -19,7 +19,7 @@ from twisted.trial import unittest
 import pager
 from tests.test_cli import PAGER_PY, PROCESS_TIMEOUT, CLITestCase, base_env
 from tests.test_e2e import key, token
-from tests.test_keys import PASSPHRASE, KeysTestCase, ScriptedPrompter
+from tests.test_keys import PASSPHRASE, CommandTestCase, KeysTestCase, ScriptedPrompter
 from tests.test_terminal import ChatTestCase
 
 CODE = re.compile(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}")
@@ -616,3 +616,40 @@ class DeviceCommandSentenceTests(LinkedMachineTestCase):
         _, prompter = await self.failed_session(home, pager.WrongPassphrase, ["wrong"] * 3)
         self.assertEqual(prompter.prompts, ["Passphrase for this device's key (alice's device): "] * 3)
         self.assertIn("this device's key", prompter.text())
+
+
+class TerminalPromptTests(CommandTestCase):
+    """The device commands ask for a passphrase not given when standard input and standard error are a terminal."""
+
+    def terminal(self, stdin=True, stderr=True):
+        self.patch(os, "isatty", lambda fd: {0: stdin, 2: stderr}.get(fd, False))
+        asked = []
+
+        async def secret(prompter, prompt, hint=None):
+            if not prompter.interactive:
+                raise pager.usage.UsageError(hint)
+            asked.append(prompt)
+            return PASSPHRASE
+        self.patch(pager.Prompter, "secret", secret)
+        return asked
+
+    async def test_devices_asks_on_a_terminal(self):
+        """devices asks for the key's passphrase on a terminal; a script (or stderr not a terminal) is told how."""
+        await self.serve()
+        home = await self.provision_with_token("alice")
+        asked = self.terminal()
+        out = await self.run_command("devices", self.host, "--user", "alice", "--home", home)
+        self.assertIn("alice has 1 device:", out)
+        self.assertEqual(asked, ["Passphrase for alice's key: "])
+        for stdin, stderr in ((False, True), (True, False)):
+            asked = self.terminal(stdin, stderr)
+            with self.assertRaises(pager.usage.UsageError) as caught:
+                await self.run_command("devices", self.host, "--user", "alice", "--home", home)
+            self.assertIn("PAGER_PASSPHRASE", str(caught.exception))
+            self.assertEqual(asked, [])
+
+    def test_help_names_the_commands_that_ask(self):
+        """--help's list of the commands that may ask for a passphrase or safetoken names devices."""
+        for option in ("passphrase-file", "token-file"):
+            text = " ".join(str(pager.DevicesOptions()).split())
+            self.assertIn("devices", text[text.index("--" + option):].split("--", 2)[1])
