@@ -1001,6 +1001,16 @@ class EnvelopeHeader:
         """The distinct user names of the entries, sorted (the sender's own when it wrapped for its other devices)."""
         return sorted({e.name for e in self.entries})
 
+    @property
+    def addressed_names(self):
+        """
+        The users the sender addressed, sorted: the entries' names without the sender's own, whose entries are its
+        other devices (so that they read the conversation too), unless the sending device has an entry as well (a
+        note to self).
+        """
+        note_to_self = self.entry(self.sender, self.sender_device) is not None
+        return sorted({e.name for e in self.entries if e.name != self.sender or note_to_self})
+
     def entry(self, name, device):
         """The L{Wrap} for C{name}'s device C{device} (bytes), or C{None}."""
         for e in self.entries:
@@ -1420,7 +1430,7 @@ class OpenedMessage:
     message_id: bytes
     sender: str
     sender_fingerprint: bytes  # the sender's identity key
-    recipients: tuple  # names, sorted (the sender's own among them when it wrapped for its other devices)
+    recipients: tuple  # the addressed users' names, sorted (EnvelopeHeader.addressed_names): the sender's only in a note to self
     timestamp: float  # seconds since the epoch, as the sender's clock said
     content_type: str
     filename: str
@@ -1541,7 +1551,7 @@ class Opener:
         header = self.header
         plaintext, self._plaintext = self._plaintext, bytearray()
         return OpenedMessage(
-            header.message_id, header.sender, header.sender_fingerprint, tuple(header.recipient_names),
+            header.message_id, header.sender, header.sender_fingerprint, tuple(header.addressed_names),
             header.timestamp_ms / 1000.0, header.content_type, header.filename, plaintext,
             sender_device=header.sender_device, used_prekeys=self.used_prekeys,
         )
@@ -1672,13 +1682,14 @@ def link_request_mac(secret, server_id, user, device_public_der, name):
                     + _lp(device_public_der) + _lp(name.encode("utf-8")), hashlib.sha256).digest()
 
 
-def link_answer_mac(secret, server_id, certificate):
+def link_answer_mac(secret, server_id, identity_fp, certificate):
     """
-    The identity device's MAC over the certificate it made for the new device, keyed with the same secret: the new
-    device accepts only a certificate from whoever was told the code.
+    The identity device's MAC over the fingerprint of the identity key that certifies (C{identity_fp}, 32 bytes)
+    and the certificate it made for the new device, keyed with the same secret: the new device accepts only a
+    certificate from whoever was told the code, under the identity key that person's device holds.
     """
-    return hmac.new(secret, _lp(LINK_ANSWER_TAG) + _lp(server_id.encode("ascii")) + _lp(certificate.signed_bytes())
-                    + _lp(certificate.signature), hashlib.sha256).digest()
+    return hmac.new(secret, _lp(LINK_ANSWER_TAG) + _lp(server_id.encode("ascii")) + _lp(identity_fp)
+                    + _lp(certificate.signed_bytes()) + _lp(certificate.signature), hashlib.sha256).digest()
 
 
 #### Frames ####
@@ -6858,6 +6869,10 @@ class PagerClient:
             return
         if frame["type"] == "linked":
             waiting.done.callback(frame)
+        elif frame.get("declined") is True:
+            waiting.done.errback(LinkFailed(
+                "The link request was declined on the machine that holds %s's identity key: nothing was linked."
+                % waiting.user))
         else:
             waiting.done.errback(LinkFailed("Nobody approved the link request within %d minutes; ask again."
                                             % (LINK_WAIT // 60)))
@@ -6883,7 +6898,8 @@ class PagerClient:
             identity = load_public_key(pem) if isinstance(pem, str) else (await self.public_key(user, True))[0]
         except (BadCertificate, BadKey) as e:
             raise LinkFailed("The server's answer to the link request is malformed (%s): refused." % e.message)
-        if not hmac.compare_digest(link_answer_mac(waiting.secret, self.server_id, certificate), mac):
+        if not hmac.compare_digest(link_answer_mac(waiting.secret, self.server_id, fingerprint(identity), certificate),
+                                   mac):
             raise LinkFailed("The answer to the link request was not made with this device's code: refused.")
         mine = waiting.key.public_key().public_bytes(serialization.Encoding.DER,
                                                      serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -6936,11 +6952,24 @@ class PagerClient:
                                            created)
         await self.protocol.request("link_approve", link=match.link, name=name, created=created,
                                     certificate=b64(certificate.signature),
-                                    answer_mac=b64(link_answer_mac(secret, self.server_id, certificate)))
+                                    answer_mac=b64(link_answer_mac(secret, self.server_id, self.identity_fp,
+                                                                   certificate)))
         info = DeviceInfo(self.user, certificate.device_id, certificate.public_key_der, name, created,
                           certificate.signature, first_seen=self._now())
         await self._fetch_devices(self.user)
         return info
+
+    async def decline_link(self, request):
+        """
+        On the identity device: decline the link request C{request} (a L{LinkRequest}, or its id in hex), as when
+        the person answers no: the server forgets it and the waiting device's L{wait_linked} raises L{LinkFailed}
+        at once.  A request that expired or was answered already raises L{BadRequest}.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        if not self.is_identity:
+            raise Forbidden("Only the device that holds the identity key can answer a link request.")
+        await self.protocol.request("link_decline", link=request.link if isinstance(request, LinkRequest) else request)
 
     # -- directory --
 

@@ -78,10 +78,11 @@ class TwoDevicesEachTests(DeviceClientTestCase):
         for client in (bob, bob2):
             self.assertOpened(client.events.messages[0], "alice", b"hello bob, everywhere", msg)
             self.assertEqual(client.events.messages[0].sender_device, pager.device_id(key("alice")))
+            self.assertEqual(client.events.messages[0].recipients, ("bob",))  # not alice: she wrote to bob only
         [own] = alice2.events.messages
         self.assertEqual((own.sender, own.sender_device, bytes(own.plaintext)),
                          ("alice", pager.device_id(key("alice")), b"hello bob, everywhere"))
-        self.assertEqual(own.recipients, ("alice", "bob"))
+        self.assertEqual(own.recipients, ("bob",))
         self.assertEqual(alice.events.messages, [])  # never to the sending device
         await self.no_pending(self.server, "bob")
         await self.wait_for(lambda: alice.events.receipts, "alice's receipt")
@@ -136,6 +137,24 @@ class LinkRefusalTests(DeviceClientTestCase):
         self.assertEqual(signed, [])
         self.assertEqual(len(await alice.devices()), 1)
 
+    async def test_declined(self):
+        """
+        The identity device declines a request (the person answered no): the new device's wait ends at once with
+        LinkFailed saying it was declined on the identity device, the request is gone, and no device was added.
+        """
+        alice = await self.register(self.address, "alice")
+        newcomer = await self.connect(self.address)
+        _, secret = pager.new_link_code()
+        await newcomer.link_request("alice", key("alice-laptop"), "laptop", secret)
+        waiting = defer.Deferred.fromCoroutine(newcomer.wait_linked())
+        [request] = await alice.link_pending()
+        await alice.decline_link(request)
+        failure = await self.assertFailure(waiting, pager.LinkFailed)
+        self.assertIn("declined on the machine that holds alice's identity key", failure.message)
+        self.assertEqual((await alice.link_pending(), len(await alice.devices())), ([], 1))
+        with self.assertRaises(pager.BadRequest):  # answered already
+            await alice.decline_link(request)
+
     async def answer(self, frame_fields, secret, label="alice-laptop", identity="alice"):
         """The new device's check of a C{linked} push made of C{frame_fields}; returns the wait's Deferred."""
         newcomer = await self.connect(self.address)
@@ -159,9 +178,10 @@ class LinkRefusalTests(DeviceClientTestCase):
         _, wrong = pager.new_link_code()
         server_id = self.server.factory.server_id
 
-        def fields(certificate, mac_secret, identity="alice"):
+        def fields(certificate, mac_secret, identity="alice", bound=None):
             return {"device": certificate.to_json(), "identity_key": pager.public_key_pem(key(identity).public_key()),
-                    "answer_mac": pager.b64(pager.link_answer_mac(mac_secret, server_id, certificate))}
+                    "answer_mac": pager.b64(pager.link_answer_mac(
+                        mac_secret, server_id, pager.fingerprint(key(bound or identity)), certificate))}
 
         good = self.certificate("alice")
         cases = [
@@ -169,6 +189,7 @@ class LinkRefusalTests(DeviceClientTestCase):
             fields(self.certificate("mallory"), wrong, "mallory"),  # the server's own identity, without the code
             fields(self.certificate("mallory"), secret),  # a certificate the identity key did not sign
             fields(self.certificate("alice", "mallory-key"), secret),  # another device's key
+            fields(good, secret, bound="mallory"),  # a MAC over another identity than the answer's key
         ]
         for case in cases:
             failure = await self.assertFailure(await self.answer(case, secret), pager.LinkFailed)

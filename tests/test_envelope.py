@@ -1305,10 +1305,24 @@ class DeviceRoundTripTests(_DevicesMixin, SynchronousTestCase):
             opened = device.open(self.envelope, self.laptop.public_key())
             self.assertEqual(opened.plaintext, self.plaintext)
             self.assertEqual((opened.used_prekeys, opened.sender_device), (used, pager.device_id(self.laptop)))
-            self.assertEqual(opened.recipients, ("alice", "bob", "carol"))
+            self.assertEqual(opened.recipients, ("bob", "carol"))  # the addressed users: not alice's other device
             self.assertEqual(self.entry(device).kind, pager.WRAP_X25519)
         opened = pager.open_envelope(self.envelope, _key("carol"), "carol", self.laptop.public_key())
         self.assertEqual((opened.plaintext, opened.used_prekeys), (self.plaintext, (0, 0)))
+
+    def test_recipients_are_the_addressed_users(self):
+        """
+        C{recipients} names the users the sender addressed: the entries for the sender's own other devices do not
+        add the sender, unless the sending device itself has an entry (a note to self, which names the sender).
+        """
+        header = pager.parse_header(self.envelope.header)
+        self.assertEqual((header.recipient_names, header.addressed_names), (["alice", "bob", "carol"], ["bob", "carol"]))
+        laptop = _Device("alice", "alice-laptop", 4)
+        note = self.seal(b"note", targets=[self.alice_desk.target(), laptop.target()])
+        self.assertEqual(pager.parse_header(note.header).addressed_names, ["alice"])
+        self.assertEqual(self.alice_desk.open(note, self.laptop.public_key()).recipients, ("alice",))
+        both = self.seal(b"both", targets=[self.bob_desk.target(), self.alice_desk.target(), laptop.target()])
+        self.assertEqual(self.bob_desk.open(both, self.laptop.public_key()).recipients, ("alice", "bob"))
 
     def test_one_to_many_devices(self):
         """Messages to 1 to 12 devices, mixing kinds, are sorted by (name, device id) and open on every device."""
@@ -1872,11 +1886,12 @@ class LinkCodeTests(SynchronousTestCase):
         self.assertEqual(request, expected)
         self.assertEqual(request.hex(), "af8fe0053910889a73d3b3ce74596dfb83ce00253710920f06e0d9dffc958f0d")
         cert = pager.DeviceCertificate("alice", bytes(range(16)), b"DER", "laptop", 1700000000, bytes(range(8)))
-        answer = pager.link_answer_mac(secret, SERVER_ID, cert)
+        identity_fp = bytes(range(32, 64))
+        answer = pager.link_answer_mac(secret, SERVER_ID, identity_fp, cert)
         self.assertEqual(answer, hmac.new(secret, _lp_bytes(b"pager-link-answer-v1") + _lp_bytes(SERVER_ID.encode())
-                                          + _lp_bytes(cert.signed_bytes()) + _lp_bytes(bytes(range(8))),
-                                          "sha256").digest())
-        self.assertEqual(answer.hex(), "f140e74a4d352f657b8196857fe924ba4a792a98d0558b0bfb5d6cb17c6c5835")
+                                          + _lp_bytes(identity_fp) + _lp_bytes(cert.signed_bytes())
+                                          + _lp_bytes(bytes(range(8))), "sha256").digest())
+        self.assertEqual(answer.hex(), "15aa0418504565605eb75b4fbd9a3fbeef9d1c51560dc8b5f503cbf6a302761a")
 
     def test_macs_bind_every_field(self):
         """Another secret (a typo in the code), server, user, key or name gives another MAC; so does another cert."""
@@ -1888,11 +1903,14 @@ class LinkCodeTests(SynchronousTestCase):
                      (secret, SERVER_ID, "alice", b"DER", "laptop2")):
             self.assertFalse(hmac.compare_digest(pager.link_request_mac(*args), base), args)
         cert = pager.DeviceCertificate("alice", bytes(range(16)), b"DER", "laptop", 1700000000, bytes(range(8)))
-        answer = pager.link_answer_mac(secret, SERVER_ID, cert)
+        identity_fp = pager.fingerprint(_key("alice"))
+        answer = pager.link_answer_mac(secret, SERVER_ID, identity_fp, cert)
         for other in (dataclasses.replace(cert, signature=bytes(8)), dataclasses.replace(cert, created=1),
                       dataclasses.replace(cert, name="phone")):
-            self.assertNotEqual(pager.link_answer_mac(secret, SERVER_ID, other), answer)
-        self.assertNotEqual(pager.link_answer_mac(typo, SERVER_ID, cert), answer)
+            self.assertNotEqual(pager.link_answer_mac(secret, SERVER_ID, identity_fp, other), answer)
+        self.assertNotEqual(pager.link_answer_mac(typo, SERVER_ID, identity_fp, cert), answer)
+        # Another identity key (one the server substituted) gives another MAC: the answer binds the key that certified.
+        self.assertNotEqual(pager.link_answer_mac(secret, SERVER_ID, pager.fingerprint(_key("bob")), cert), answer)
 
 
 class OpenSSLX25519Tests(SynchronousTestCase):
