@@ -11602,7 +11602,12 @@ async def _approve_link_command(reactor, config):
             " (to be named %s)" % device_name_text(name) if name != request.name else ""))
         if not config["yes"] and not await prompter.confirm(
                 "Is that the device you are linking, with that id shown on its screen? Add it to %s?" % session.user):
-            raise Cancelled("Not approved: the device was not added (its request expires by itself).")
+            try:
+                await client.decline_link(request)
+            except BadRequest:
+                pass  # it expired (or was answered) meanwhile: the new machine has been told already
+            raise Cancelled("Not approved: the request was declined, and the new machine is told so; nothing was "
+                            "added to %s." % session.user)
         await client.approve_link(request, name, config["secret"])
     finally:
         await session.close()

@@ -653,3 +653,27 @@ class TerminalPromptTests(CommandTestCase):
         for option in ("passphrase-file", "token-file"):
             text = " ".join(str(pager.DevicesOptions()).split())
             self.assertIn("devices", text[text.index("--" + option):].split("--", 2)[1])
+
+    async def test_no_declines_at_once(self):
+        """Answering n when approving declines the request: the waiting machine is told at once, not in 10 minutes."""
+        await self.serve()
+        home = await self.provision_with_token("alice")
+        laptop = await self.connect(self.address)
+        text, secret = pager.new_link_code()
+        await laptop.link_request("alice", key("alice-laptop"), "laptop", secret)
+        waiting = defer.Deferred.fromCoroutine(laptop.wait_linked())
+        self.terminal()
+        questions = []
+
+        async def ask(prompter, prompt, hint=None):
+            questions.append(prompt)
+            return "n"
+        self.patch(pager.Prompter, "ask", ask)
+        with self.assertRaises(pager.Cancelled) as caught:
+            await self.run_command("link-device", self.host, "--user", "alice", text, "--home", home)
+        self.assertIn("declined", caught.exception.message)
+        self.assertEqual(len(questions), 1)
+        with self.assertRaises(pager.LinkFailed):
+            await waiting
+        self.assertEqual(await self.server.store.devices("alice") and len(
+            [d for d in (await self.server.store.devices("alice"))[1] if d.revoked_at is None]), 1)
