@@ -8611,7 +8611,7 @@ class Session:
                  "for the approval (Ctrl-C cancels)..."
                  % (self.user, self.user, LINK_TTL // 60, self.link_command, text, device_name_text(name),
                     format_device_id(device_id(key))))
-            await client.wait_linked()
+            info = await client.wait_linked()
             os.replace(pending, self.device_path)
         except BaseException:
             _remove_quietly(pending)
@@ -8620,8 +8620,9 @@ class Session:
             if not stopping:
                 self.reactor.removeSystemEventTrigger(trigger)
         self.key, self.passphrase, self.linked = key, passphrase, True
+        # The name the identity device approved it under (in the certificate), which may not be the one it asked for.
         show("Linked: this machine is now %s's device %s (id %s); its key is saved in %s. It reads the messages "
-             "sent from now on, not older ones." % (self.user, device_name_text(name),
+             "sent from now on, not older ones." % (self.user, device_name_text(info.name),
                                                     format_device_id(device_id(key)), self.device_path))
 
     async def reconnect(self, say):

@@ -677,3 +677,24 @@ class TerminalPromptTests(CommandTestCase):
             await waiting
         self.assertEqual(await self.server.store.devices("alice") and len(
             [d for d in (await self.server.store.devices("alice"))[1] if d.revoked_at is None]), 1)
+
+
+class LinkedNameTests(KeysTestCase):
+    """The name a device is linked under is the one the identity device approved."""
+
+    async def test_told_the_approved_name(self):
+        """Approved under another name than it asked for, the new machine says it is now that name's device."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        prompter = ScriptedPrompter(["l", ""])
+        session = pager.Session(reactor, self.config(home, **{"no-passphrase": True}), prompter)
+        self.addCleanup(session.close)
+        started = defer.Deferred.fromCoroutine(session.start(receive=False))
+        found = await self.wait_for(lambda: CODE.search("\n".join(prompter.said)), "the code", tries=3000)
+        identity = await self.login(self.address, "alice")
+        await identity.approve_link(None, "desk two", pager.parse_link_code(found.group()))
+        await started
+        linked = [line for line in prompter.said if line.startswith("Linked")]
+        self.assertEqual(len(linked), 1)
+        self.assertIn("device 'desk two'", linked[0])
