@@ -7565,6 +7565,8 @@ def format_device_id(device):
 
 
 DEVICE_NAME_SHOWN = 40  # characters of a device name shown: its owner chose it, and it may be long
+DEVICE_NAME_RULE = ("A device name is 1 to %d bytes of printable text (as UTF-8), with no space at either end."
+                    % MAX_DEVICE_NAME_BYTES)
 
 
 def device_name_text(name):
@@ -8375,7 +8377,7 @@ class Session:
                 way = await self.may_make_key(client)
                 await self.open_local(client)
                 if way == "link":
-                    await self.link(client, default_device_name())
+                    await self.link(client, await self.device_name())
                     await self._login(client)
                 else:
                     await self._first_use(client, way == "rekey")
@@ -8515,6 +8517,8 @@ class Session:
                 "Safetoken of your existing account %s: " % self.user)
         else:
             token = await self.new_token()
+            # The identity device's, in its self-certificate; --register answers the questions in advance.
+            name = await self.device_name(ask=not self.config.get("register"))
         try:
             passphrase = await self.new_passphrase()
         except usage.UsageError:
@@ -8536,7 +8540,7 @@ class Session:
             if existing:
                 token = await self._recover(client, token, key)
             else:
-                await self._register(client, token, key)
+                await self._register(client, token, key, name)
         except BaseException:
             os.unlink(pending_path)
             raise
@@ -8545,9 +8549,30 @@ class Session:
         os.replace(pending_path, self.key_path)
         prompter.say("Saved your key in %s (fingerprint %s)." % (self.key_path, format_fingerprint(fingerprint(key))))
 
-    async def _register(self, client, token, key):
+    async def device_name(self, ask=True):
+        """
+        The name of the device this machine becomes: C{--name} when given; else asked in an interactive flow (unless
+        not C{ask}), the host name being the default shown in the question (so that two machines of one user need
+        not share a name); else the host name.
+        """
+        given = self.config.get("device-name")
+        if given is not None:
+            return given
+        default = default_device_name()
+        if not self.prompter.interactive or not ask:
+            return default
+        while True:
+            answer = await self.prompter.ask("Name of this device, as you and your contacts will see it [%s]: "
+                                             % default)
+            if not answer:
+                return default
+            if valid_device_name(answer):
+                return answer
+            self.prompter.say(DEVICE_NAME_RULE)
+
+    async def _register(self, client, token, key, name=None):
         try:
-            await client.register(self.user, token, key)
+            await client.register(self.user, token, key, device_name=name)
         except UserExists:
             raise NoKey("%s was registered on %s moments ago, from somewhere else; if that was you, copy the key "
                         "here with 'pager-cli export-key' and 'pager-cli import-key'." % (self.user, self.address))
@@ -10448,6 +10473,12 @@ class _ClientOptions(_GnuOptions):
         parse_address(self["server"])
 
 
+def _device_name_option(name):
+    if name is not None and not valid_device_name(name):
+        raise usage.UsageError(DEVICE_NAME_RULE)
+    return name
+
+
 _REGISTER = ["register", None, "If this machine has no key for the user on this server, make one and register "
                               "the user (or, if the name is taken, say so); without it that is an error."]
 
@@ -10462,11 +10493,15 @@ class ConnectOptions(_ClientOptions):
                 "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block "
                 "of lines is one message to the current conversation.")
     optFlags = [_REGISTER]
+    optParameters = [["name", None, None, "The name this machine gets as a device of the account when connect "
+                                          "registers it or links it (1 to 64 bytes) [default: asked, offering this "
+                                          "machine's host name]."]]
 
     def parseArgs(self, server=None):
         self["server"] = server
 
     def postOptions(self):
+        self["name"] = _device_name_option(self["name"])
         if self["server"] is not None:
             super().postOptions()
 
@@ -10647,13 +10682,6 @@ class FingerprintOptions(_ClientOptions):
             raise usage.UsageError(e.message)
 
 
-def _device_name_option(name):
-    if name is not None and not valid_device_name(name):
-        raise usage.UsageError("A device name is 1 to %d bytes of printable text, with no space at either end."
-                               % MAX_DEVICE_NAME_BYTES)
-    return name
-
-
 class LinkDeviceOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME [--name DEVICE_NAME] [CODE]"
     longdesc = ("Add a device (a laptop, a cron box) to your account, in two steps. On the NEW machine, without CODE: "
@@ -10666,9 +10694,10 @@ class LinkDeviceOptions(_ClientOptions):
     not_applicable = ("skew-window", "no-history")
     option_help = {"no-passphrase": "Store the new device's key without a passphrase (for unattended use; anyone "
                                     "who can read the file can use the key)."}
-    optParameters = [["name", None, None, "The new device's name, as its owner and contacts see it [default: this "
-                                          "machine's host name]; with CODE, the name to give the device instead of "
-                                          "the one it asked for."]]
+    optParameters = [["name", None, None, "The new device's name, as its owner and contacts see it (1 to 64 bytes) "
+                                          "[default: asked on a terminal, offering this machine's host name; in a "
+                                          "script, the host name]; with CODE, the name to give the device instead "
+                                          "of the one it asked for (one another current device has is refused)."]]
     optFlags = [["yes", "y", "With CODE: approve without asking (check the device's name and id first)."],
                 ["force", None, "Without CODE: link this machine again with a new key though it already is a device "
                                 "of the user (one that was revoked)."]]
@@ -10997,7 +11026,8 @@ def report(error, hint=""):
 
 
 async def _connect_command(reactor, config):
-    session = Session(reactor, dict(config, server=config["server"]), Prompter(reactor))
+    session = Session(reactor, dict(config, server=config["server"], **{"device-name": config["name"]}),
+                      Prompter(reactor))
     if config["server"] is None:
         address = await session.prompter.ask("Server address [localhost]: ")
         session.host, session.port = parse_address(address)
@@ -11545,7 +11575,7 @@ async def _link_device_command(reactor, config):
                 if not os.path.lexists(path)]
         try:
             await session.open_local(client)
-            name = config["name"] or default_device_name()
+            name = config["name"] if config["name"] is not None else await session.device_name()
             await session.link(client, name, show=lambda text: print(text, flush=True))
         except BaseException:
             await session.close()
@@ -11598,6 +11628,14 @@ async def _approve_link_command(reactor, config):
                              "older than %d minutes): nothing was approved." % (session.user, LINK_TTL // 60))
         new = request.device_id
         name = config["name"] or request.name
+        taken = [d for d in await client.devices(session.user) if d.revoked_at is None and d.name is not None
+                 and d.name.casefold() == name.casefold()]
+        if taken:
+            # Two devices of one name could not be told apart in a listing, nor named to revoke-device.
+            raise usage.UsageError("%s already has a device named %s (id %s): approve this one under another name "
+                                   "with '%s CODE --name NAME'." % (
+                                       session.user, device_name_text(taken[0].name),
+                                       format_device_id(taken[0].device_id), session.link_command))
         prompter.say("A new device asks to join %s: %s, id %s%s." % (
             session.user, device_name_text(request.name), format_device_id(new),
             " (to be named %s)" % device_name_text(name) if name != request.name else ""))

@@ -106,6 +106,14 @@ class OptionsTests(unittest.TestCase):
                 self.parse("link-device", "HOST", "--user", "alice", *argv)
         self.assertTrue(self.parse("link-device", "HOST", "--user", "alice", text, "-y")["yes"])
 
+    def test_connect_takes_a_device_name(self):
+        """connect --name names the device connect makes of this machine; a name that cannot be one is refused."""
+        self.assertEqual(self.parse("connect", "HOST", "--name", "desk two")["name"], "desk two")
+        self.assertIsNone(self.parse("connect", "HOST")["name"])
+        with self.assertRaises(pager.usage.UsageError) as caught:
+            self.parse("connect", "HOST", "--name", "x" * 65)
+        self.assertIn("64 bytes", str(caught.exception))
+
     def test_help_lists_device_commands(self):
         """pager-cli --help lists the device commands, and each has its own help."""
         help_text = str(pager.Options())
@@ -449,11 +457,14 @@ class ConnectLinksTests(KeysTestCase):
     """connect on a new machine for an existing account links it as a device when the user chooses (the default)."""
 
     async def test_connect_links(self):
-        """Enter at connect's question links: the code is shown, the identity device approves, the chat logs in."""
+        """
+        Enter at connect's question links, Enter at the name question takes the host name: the code is shown, the
+        identity device approves, the chat logs in.
+        """
         await self.serve()
         await self.account("alice")
         home = self.home()
-        prompter = ScriptedPrompter([""])
+        prompter = ScriptedPrompter(["", ""])
         session = pager.Session(reactor, self.config(home, **{"no-passphrase": True}), prompter)
         self.addCleanup(session.close)
         started = defer.Deferred.fromCoroutine(session.start(receive=False))
@@ -528,7 +539,7 @@ class LinkExpiryTests(KeysTestCase):
         await self.serve()
         await self.account("alice")
         home = self.home()
-        error, prompter = await self.failed_session(home, pager.LinkFailed, ["l"], **{"no-passphrase": True})
+        error, prompter = await self.failed_session(home, pager.LinkFailed, ["l", ""], **{"no-passphrase": True})
         self.assertIn("Nobody approved", error.message)
         self.assertEqual(pager.exit_code(error), pager.EXIT_FAILURE)
         self.assertTrue(CODE.search(prompter.text()))
@@ -698,3 +709,23 @@ class LinkedNameTests(KeysTestCase):
         linked = [line for line in prompter.said if line.startswith("Linked")]
         self.assertEqual(len(linked), 1)
         self.assertIn("device 'desk two'", linked[0])
+
+    async def test_approving_refuses_a_name_in_use(self):
+        """Approving under the name of another current device of the user is refused, suggesting --name (exit 2)."""
+        await self.serve()
+        home = await self.provision("alice")
+        laptop = await self.connect(self.address)
+        text, secret = pager.new_link_code()
+        _, [identity] = await self.server.store.devices("alice")
+        await laptop.link_request("alice", key("alice-laptop"), identity.name, secret)
+        result = await CLITestCase.run_command(self, "link-device", "HOST", "--user", "alice", text, "--yes",
+                                               home=home, token_of="alice")
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertIn("already has a device named '%s'" % identity.name, line)
+        self.assertIn("--name", line)
+        self.assertEqual(len((await self.server.store.devices("alice"))[1]), 1)
+        result = await CLITestCase.run_command(self, "link-device", "HOST", "--user", "alice", text, "--yes",
+                                               "--name", "laptop", home=home, token_of="alice")
+        self.assertExit(result, 0)
+        info = await laptop.wait_linked()
+        self.assertEqual(info.name, "laptop")
