@@ -7999,6 +7999,7 @@ def _first_line_of(path, private=None):
 
 
 CLOSE_HANDLING_WAIT = 5.0  # seconds closing waits for a message or receipt being handled to be written down
+LINK_CANCELLED = "Cancelled: the link request was withdrawn, and no key was kept on this machine."
 
 
 class Session:
@@ -8640,6 +8641,8 @@ class Session:
             os.replace(pending, self.device_path)
         except BaseException:
             _remove_quietly(pending)
+            if stopping:  # Ctrl-C (or SIGTERM): the closing connection withdraws the request
+                raise Interrupted(LINK_CANCELLED)
             raise
         finally:
             if not stopping:
@@ -11843,8 +11846,8 @@ async def _run_client_command(reactor, name, config):
     try:
         await _CLIENT_COMMANDS[name](reactor, config)
     except (PagerError, usage.UsageError) as e:
-        if stopping:
-            raise SystemExit(report(Interrupted()))
+        if stopping:  # what stopped it, in the command's own words when it has them (Interrupted), else in general
+            raise SystemExit(report(e if isinstance(e, Interrupted) else Interrupted()))
         raise SystemExit(report(e))
     except Exception as e:
         # A fault no path expects: still one sentence (and the traceback only when PAGER_DEBUG asks for it).

@@ -422,7 +422,10 @@ class LinkDeviceTests(CLITestCase):
         self.assertIn("REVOKED", after.out)
 
     async def test_interrupted_while_waiting(self):
-        """Ctrl-C while the new machine waits for the approval: exit 130, and no key (nor directory) is left behind."""
+        """
+        Ctrl-C while the new machine waits for the approval: exit 130, saying the request was cancelled and no key
+        kept, and no key (nor directory) is left behind.
+        """
         await self.serve()
         await self.account("alice")
         laptop_home = self.home()
@@ -433,6 +436,8 @@ class LinkDeviceTests(CLITestCase):
         result = await self.finish(child, "link-device after Ctrl-C")
         self.assertEqual(result.code, pager.EXIT_INTERRUPTED, result)
         self.assertNotIn("Traceback", result.err)
+        self.assertEqual(result.err.splitlines()[-1], "pager: " + pager.LINK_CANCELLED)
+        self.assertIn("no key was kept", pager.LINK_CANCELLED)
         self.assertFalse(os.path.exists(directory))  # no key, no local database: nothing of alice's is left
 
     async def test_new_machine_needs_a_passphrase(self):
