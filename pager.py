@@ -6016,6 +6016,11 @@ def _like_literal(text):
     return text.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
 
 
+def _history_status_txn(txn, msg_id):
+    row = txn.execute("SELECT status FROM history WHERE msg_id = ? AND direction = 'out'", (msg_id,)).fetchone()
+    return None if row is None else row[0]
+
+
 def _history_txn(txn, peer, limit):
     if peer is None:
         rows = txn.execute("SELECT at, direction, peer, msg_id, content_type, filename, body, status FROM history"
@@ -6103,6 +6108,10 @@ class LocalStore(SeenStore):
 
     def history(self, peer=None, limit=20):
         return self.pool.runInteraction(_history_txn, peer, limit)
+
+    def history_status(self, msg_id):
+        """The status the history gives the outgoing message C{msg_id} (hex), or None."""
+        return self.pool.runInteraction(_history_status_txn, msg_id)
 
     # -- the outbox --
 
@@ -9194,6 +9203,9 @@ QUIT_WAIT = 5.0  # seconds /quit waits for the commands in flight (a stalled ser
 RECEIPTS_AT_LOGIN_QUIET = 1.0  # seconds without a receipt (from the screen being up) that end those pushed at login
 
 
+SENT_FROM = "sent from "  # the history's mark on a message the user sent from another device: "sent from 'laptop'"
+
+
 class Chat:
     """
     The interactive client's logic, apart from how lines are read and shown: the UI passes each typed line to
@@ -9588,8 +9600,11 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         lines = ["%s on %s (server id %s); your key's fingerprint:" % (s.user, s.address, s.client.server_id),
                  "    " + format_fingerprint(await self._own_fingerprint())]
         if s.linked:
-            lines.append("This machine is your linked device %s (its own key; the identity key is on another "
-                         "machine)." % format_device_id(device_id(s.key)))
+            mine = device_id(s.key)
+            info = next((d for d in await s.client.devices(s.user) if d.device_id == mine), None)
+            lines.append("This machine is your linked device %s (id %s; its own key, the identity key is on another "
+                         "machine)." % (device_name_text(info.name if info is not None else None),
+                                        format_device_id(mine)))
         if self.conversation is not None:
             _, status, _ = await self._peer_key(self.conversation)
             lines.append("Talking to %s, whose key is %s." % (
@@ -9654,7 +9669,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             shown = cut_text(body, HISTORY_SHOWN_LINES, HISTORY_SHOWN_CHARS)
             if shown != body:
                 shown += "\n[cut: %s, %d characters in all]" % (_lines_text(body), len(body))
-            status = " (%s)" % e.status if e.direction == "out" else ""
+            # A message sent from another device keeps that mark on its first line, receipts after it.
+            status = " (%s)" % e.status.replace("\n", ", ") if e.direction == "out" else ""
             lines.append("[%s] %s %s: %s%s" % (_date_clock(e.at), arrow, e.peer, shown.replace("\n", "\n    "),
                                                status))
         self.show("\n".join(lines))
@@ -9685,7 +9701,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             await s.store.add_history(HistoryEntry(
                 message.accepted_at or message.timestamp, "out", ",".join(peers) or s.user,
                 message.message_id.hex(), message.content_type, message.filename,
-                message.plaintext if message.content_type == "text" else b"", "sent from %s" % sent_from))
+                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from))
             return
         if message.sender != s.user:
             self.last_sender = message.sender
@@ -9730,9 +9746,12 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         ref, preview = await store.sent_message(receipt.message_id)
         status = "%s %s %s" % (
             receipt.status, "for" if receipt.status == "expired" else "to" if receipt.status == "delivered" else "by",
-            receipt.peer)
-        await store.set_history_status(receipt.message_id, status + (": " + receipt.reason
-                                                                     if receipt.status == "rejected" else ""))
+            receipt.peer) + (": " + receipt.reason if receipt.status == "rejected" else "")
+        if ref is None:  # not from this machine's outbox: perhaps sent from another device, whose mark stays
+            old = await store.history_status(receipt.message_id)
+            if old is not None and old.startswith(SENT_FROM):
+                status = old.split("\n")[0] + "\n" + status
+        await store.set_history_status(receipt.message_id, status)
         if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
             self._old_receipts.append((receipt, ref, preview))
             if self._receipts_quiet is not None and self._receipts_quiet.active():

@@ -20,7 +20,7 @@ import pager
 from tests.test_cli import PAGER_PY, PROCESS_TIMEOUT, CLITestCase, base_env
 from tests.test_e2e import key, token
 from tests.test_keys import PASSPHRASE, CommandTestCase, KeysTestCase, ScriptedPrompter
-from tests.test_terminal import ChatTestCase
+from tests.test_terminal import ChatTestCase, FakeUI
 
 CODE = re.compile(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}")
 
@@ -532,7 +532,8 @@ class ChatDevicesCommandTests(ChatTestCase):
         await self.settle(chat)
         [entry] = await chat.session.store.history("bob")
         self.assertEqual((entry.direction, entry.body), ("out", b"on my way"))
-        self.assertIn(entry.status, ("sent from 'laptop'", "delivered to bob"))  # bob's receipt may be in already
+        # bob's receipt may be in already: it keeps the mark of the device the message was sent from
+        self.assertIn(entry.status, ("sent from 'laptop'", "sent from 'laptop'\ndelivered to bob"))
 
 
 class LinkExpiryTests(KeysTestCase):
@@ -734,3 +735,54 @@ class LinkedNameTests(KeysTestCase):
         self.assertExit(result, 0)
         info = await laptop.wait_linked()
         self.assertEqual(info.name, "laptop")
+
+
+class LinkedChatTests(ChatTestCase):
+    """The chat on a linked device, and what the identity device's chat shows of it."""
+
+    async def linked_chat(self, identity_chat, name="alice", device_name="laptop"):
+        """A chat of C{name} on a new machine linked (as C{device_name}) from C{identity_chat}: C{(chat, ui)}."""
+        home = self.home()
+        directory = pager.user_directory(home, self.server_id, name)
+        device_key = key(name + "-" + device_name)
+        pager.save_private_key(os.path.join(directory, pager.DEVICE_FILE_NAME), device_key, "")
+        linking = await self.connect(self.address)
+        _, secret = pager.new_link_code()
+        await linking.link_request(name, device_key, device_name, secret)
+        await identity_chat.session.client.approve_link(None, None, secret)
+        await linking.wait_linked()
+        await linking.close()
+        config = {"server": self.host, "home": home, "user": name, "token-file": None, "passphrase-file": None,
+                  "no-passphrase": False, "tls": False, "ca": None, "no-history": False}
+        session = pager.Session(reactor, config, pager.Prompter(reactor, interactive=False))
+        chat = pager.Chat(session, reactor)
+        await session.start()
+        self.addCleanup(self.stop_chat, chat)
+        ui = FakeUI()
+        chat.attach(ui)
+        self.assertTrue(session.linked)
+        return chat, ui
+
+    async def test_whoami_names_this_device(self):
+        """/whoami on a linked device names it, with its id."""
+        chat, _ = await self.chat_as("alice")
+        laptop, ui = await self.linked_chat(chat)
+        await self.type(laptop, "/whoami")
+        self.assertIn("linked device 'laptop' (id %s;" % pager.format_device_id(pager.device_id(key("alice-laptop"))),
+                      ui.text())
+
+    async def test_history_marks_another_device(self):
+        """/history marks a message sent from another of the user's devices, also once its receipt came in."""
+        chat, ui = await self.chat_as("alice")
+        bob = await self.peer("bob")
+        laptop, _ = await self.linked_chat(chat)
+        await self.type(laptop, "/to bob", "on my way")
+        await self.wait_for(lambda: "on my way" in ui.text(), "the laptop's message in alice's chat")
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        await self.settle(chat)
+        await self.wait_for(lambda: chat.session.store.history("bob").addCallback(
+            lambda entries: "delivered" in entries[-1].status), "bob's receipt in the history")
+        since = len(ui.shown)
+        await self.type(chat, "/history")
+        [line] = [line for line in ui.text(since).splitlines() if "on my way" in line]
+        self.assertIn("-> bob: on my way (sent from 'laptop', delivered to bob)", line)
