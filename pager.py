@@ -3763,12 +3763,15 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if token is not None:
                 raise BadRequest("A linked device logs in without the safetoken.")
             if status[0] is None or status[0].revoked_at is not None:
-                self.factory.proof_failed(self, user)
+                self.factory.proof_failed(self, user, "%s device %s" % (
+                    "unknown" if status[0] is None else "revoked", device.hex()))
                 raise AuthFailed()
             key = load_public_key(status[0].public_key)
             await self._check_proof(key, proof, "login", user, challenge, fingerprint(key), AuthFailed())
         record_device, signed, one_time = status
-        self.log.info("{user} logged in from {peer}{mode}", user=user, peer=_peer_text(self.peer),
+        self.log.info("{user} logged in from {peer} on {which}{mode}", user=user, peer=_peer_text(self.peer),
+                      which="the identity device %s" % device.hex() if device == identity_fp[:DEVICE_ID_SIZE] else
+                      "the linked device %s %s" % (device_name_text(record_device.name), device.hex()),
                       mode="" if receive else " (send-only)")
         self._logged_in(user, key, receive, device=device, identity_fp=identity_fp)
         return {"user": user, "pending": record.pending_count if receive else 0, "device": device.hex(),
@@ -3947,7 +3950,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         }
         if own:  # a device with a session open is seen now; the store has when its last session closed
             online = any(s.device == record.device_id for s in self.factory.online.get(record.user, ()))
-            obj["last_seen"] = self.factory.now() if online else record.last_seen
+            seen = self.factory.now() if online else record.last_seen
+            obj["last_seen"] = None if seen is None else int(seen)  # whole seconds, like created and revoked
         return obj
 
     async def handle_certify(self, frame, rid):
@@ -3957,6 +3961,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         await self.factory.store.certify_device(self.user, self.device, certificate.name, certificate.created,
                                                 certificate.signature, self.key_fingerprint)
         self.factory.device_updated(self.user, self.device, certified=True)
+        self.factory.devices_changed(self.user, self)
         return {"device": self.device.hex()}
 
     async def handle_publish_prekeys(self, frame, rid):
@@ -4021,6 +4026,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                                                self.key_fingerprint)
         self.log.info("{user} revoked a device ({device})", user=self.user, device=device.hex())
         self.factory.device_revoked(self.user, device)
+        self.factory.devices_changed(self.user, self)
         self.factory.settled()
         return {"device": device.hex()}
 
@@ -4080,6 +4086,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                                           "device": self._device_object(record), "answer_mac": b64(answer_mac),
                                           "identity_key": public_key_pem(self.key)})
         self.log.info("{user} linked a new device ({device})", user=self.user, device=certificate.device_id.hex())
+        self.factory.devices_changed(self.user, self)
         return {"device": certificate.device_id.hex()}
 
     async def handle_link_decline(self, frame, rid):
@@ -4726,14 +4733,15 @@ class PagerServerFactory(protocol.Factory):
         if host is not None:
             self.address_failures.failed(host, now)
 
-    def proof_failed(self, connection, user):
+    def proof_failed(self, connection, user, reason="unknown user or wrong key"):
         """
         A request naming C{user} by someone who does not hold its key (an unknown user, a proof that does not
-        verify): it says nothing about the account, so only the requester is charged.
+        verify, a revoked or unknown device): it says nothing about the account, so only the requester is charged.
+        C{reason} goes to the server's log only; the requester learns nothing more than auth_failed.
         """
         self._charge(connection, self.now())
-        self.log.info("Failed login for {user} from {peer}: unknown user or wrong key", user=user,
-                      peer=_peer_text(connection.peer))
+        self.log.info("Failed login for {user} from {peer}: {reason}", user=user, peer=_peer_text(connection.peer),
+                      reason=reason)
 
     def token_failed(self, connection, user, purpose):
         """A wrong token: charged to the requester, and to the account at this address (or to its recoveries)."""
@@ -4869,6 +4877,16 @@ class PagerServerFactory(protocol.Factory):
         known = self._device_sets.get(user)
         if known is not None:
             known.current[device] = False
+
+    def devices_changed(self, user, origin):
+        """
+        C{user}'s devices changed (one added, certified or revoked, by the session C{origin}): push
+        C{devices_changed} to every other receiving session of the user, so that its other devices say so.  Only to
+        the user's own: the server does not know a user's contacts, and telling every user would tell everyone.
+        """
+        for session in list(self.online.get(user, ())):
+            if session is not origin and session.receive and not session.closed:
+                session.send_frame({"type": "devices_changed", "user": user})
 
     def device_revoked(self, user, device):
         """C{user}'s C{device} is revoked: it leaves the cache, and its sessions end."""
@@ -5241,7 +5259,8 @@ class PagerClientProtocol(LineReceiver):
                     self.server_error = error
         elif kind == "hello":
             self._hello(frame)
-        elif kind in ("message", "message_chunk", "receipt", "prekeys_low", "linked", "link_expired") \
+        elif kind in ("message", "message_chunk", "receipt", "prekeys_low", "linked", "link_expired",
+                      "devices_changed") \
                 and self.listener is not None:
             self.listener.frame_received(frame)
 
@@ -5931,12 +5950,13 @@ def _outbox_waiting_txn(txn):
     return txn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()[0]
 
 
-def _outbox_sealed_txn(txn, ref, envelope):
+def _outbox_sealed_txn(txn, ref, envelope, replace=False):
     # Only the first envelope sealed for a message is kept (another chat of this user on this machine, sharing the
     # file, may have sealed it meanwhile): every flusher then sends that one, which the server takes as one message.
+    # With replace (the message sealed anew, same id, for devices that changed) the new envelope takes its place.
     msg_id = parse_header(envelope.header).message_id.hex()
     txn.execute("UPDATE outbox SET msg_id = ?, header = ?, chunks = ?, signature = ?"
-                " WHERE ref = ? AND header IS NULL AND sent_at IS NULL",
+                " WHERE ref = ? AND sent_at IS NULL" + ("" if replace else " AND header IS NULL"),
                 (msg_id, envelope.header, b"".join(envelope.chunks), envelope.signature, ref))
     row = txn.execute("SELECT " + _OUTBOX_COLUMNS + " FROM outbox WHERE ref = ? AND sent_at IS NULL",
                       (ref,)).fetchone()
@@ -6127,12 +6147,13 @@ class LocalStore(SeenStore):
         """How many messages wait in the outbox."""
         return self.pool.runInteraction(_outbox_waiting_txn)
 
-    def outbox_sealed(self, ref, envelope):
+    def outbox_sealed(self, ref, envelope, replace=False):
         """
-        Keep the envelope sealed for message C{ref} unless one is kept already: returns the kept one, which every
-        try sends (None when the message has left the outbox meanwhile: sent or refused by another chat).
+        Keep the envelope sealed for message C{ref} unless one is kept already (with C{replace}: in its place, for
+        the same message sealed anew): returns the kept one, which every try sends (None when the message has left
+        the outbox meanwhile: sent or refused by another chat).
         """
-        return self.pool.runInteraction(_outbox_sealed_txn, ref, envelope)
+        return self.pool.runInteraction(_outbox_sealed_txn, ref, envelope, replace)
 
     def outbox_sent(self, ref, msg_id, now, history=None):
         """The server accepted message C{ref}: erase its text and envelope, record C{history} (unless turned off)."""
@@ -6514,6 +6535,8 @@ class PagerClient:
         self._logged_in(user, private_key, receive)
         identity = private_key.public_key() if device is None else await self._own_identity()
         await self._device_ready(answer, identity)
+        if receive:
+            await self._own_devices_baseline()
         pending = answer.get("pending")
         return pending if isinstance(pending, int) and not isinstance(pending, bool) else 0
 
@@ -6814,6 +6837,36 @@ class PagerClient:
         if self.user is None:
             raise NotAuthenticated()
         return await self._fetch_devices(canonical_username(user) if user is not None else self.user)
+
+    async def refresh_devices(self, user):
+        """
+        Fetch C{user}'s devices now (as when a conversation with them opens), verified as L{devices} says, and call
+        C{on_devices_changed} with those added or revoked since this client last saw them (nothing on the first look
+        at a user).  Returns the list of L{DeviceInfo}.  One request and a signature check per device: cheap.
+        """
+        return await self.devices(user)
+
+    def _own_devices_changed(self, frame):
+        """The server says this user's devices changed (linked, certified or revoked elsewhere): look again."""
+        if frame.get("user") != self.user or self.user is None:
+            raise BadRequest("The devices_changed push names another user than this session's.")
+        d = Deferred.fromCoroutine(self.refresh_devices(self.user))
+        d.addErrback(lambda f: None if f.check(ConnectionLost, defer.CancelledError) or self.protocol.lost else
+                     self.log.failure("Looking at this user's devices again failed", f))
+
+    async def _own_devices_baseline(self):
+        """
+        On a receiving login: this user's devices as they are now, kept for a later C{devices_changed} to compare
+        with, unless this machine keeps them already (from a send, a link or an earlier session: no request then).
+        """
+        if await self.pins.get_devices(self.user) is not None:
+            return
+        try:
+            await self._fetch_devices(self.user)
+        except (ConnectionLost, defer.CancelledError):
+            raise
+        except PagerError as e:
+            self.log.warn("Could not list this user's devices after logging in: {why}", why=e.message)
 
     async def _device_of(self, user, identity, device):
         """The L{DeviceInfo} of C{user}'s device C{device} (bytes) that signed a message: known here or fetched."""
@@ -7252,6 +7305,8 @@ class PagerClient:
                 self._prekeys_low(frame)
             elif kind in ("linked", "link_expired"):
                 self._link_answered(frame)
+            elif kind == "devices_changed":
+                self._own_devices_changed(frame)
         except PagerError as e:
             self.log.warn("Ignoring a malformed {kind} frame from the server: {why}", kind=kind, why=e.message)
 
@@ -9158,7 +9213,18 @@ class Outbox:
                 envelope = await store.outbox_sealed(entry.ref, sealed)
                 if envelope is None:
                     return True  # another chat of this user on this machine sent it (or it was refused) meanwhile
-            answer = await client.send_envelope(entry.recipients, envelope)
+            try:
+                answer = await client.send_envelope(entry.recipients, envelope)
+            except DevicesChanged:
+                # Sealed by an earlier run (this process would have sealed it anew itself): seal it anew for the
+                # devices the recipients have now, as the same message, and keep that envelope instead.
+                message_id = parse_header(envelope.header).message_id
+                _, sealed = await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename,
+                                              message_id=message_id)
+                envelope = await store.outbox_sealed(entry.ref, sealed, replace=True)
+                if envelope is None:
+                    return True
+                answer = await client.send_envelope(entry.recipients, envelope)
         except (ConnectionLost, defer.CancelledError):
             return False  # still waiting: sent again, as the same message, after the reconnection
         except (RateLimited, InternalError) as e:

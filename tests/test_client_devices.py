@@ -289,6 +289,44 @@ class DeviceChangeTests(DeviceClientTestCase):
         await self.wait_for(lambda: len(bob.events.messages) == 3, "bob's three messages")
         self.assertEqual(len(bob2.events.messages), 1)
 
+    async def test_own_device_changes_announced(self):
+        """
+        A device alice links or revokes on her identity device is told at once to her other devices' clients (the
+        server's devices_changed push; the client fetches and verifies alice's devices and calls on_devices_changed
+        with what was added or revoked), not only at their next send.
+        """
+        alice = await self.register(self.address, "alice")
+        laptop = await self.link(alice, "alice-laptop")
+        changes = []
+        laptop.on_devices_changed = lambda user, added, revoked: changes.append(
+            (user, [d.name for d in added], [d.name for d in revoked]))
+        tablet = await self.link(alice, "alice-tablet", name="tablet")
+        await self.wait_for(lambda: changes, "the laptop to hear of the tablet")
+        self.assertEqual(changes, [("alice", ["tablet"], [])])
+        await alice.revoke_device(tablet.device)
+        await self.wait_for(lambda: len(changes) == 2, "the laptop to hear of the revocation")
+        self.assertEqual(changes[1], ("alice", [], ["tablet"]))
+
+    async def test_refresh_devices(self):
+        """
+        refresh_devices(user) fetches a contact's devices (as when a conversation opens) and calls on_devices_changed
+        with the differences from what this client last saw; nothing when nothing changed or on the first look.
+        """
+        alice = await self.register(self.address, "alice")
+        bob = await self.register(self.address, "bob")
+        changes = []
+        alice.on_devices_changed = lambda user, added, revoked: changes.append(
+            (user, [d.name for d in added], [d.name for d in revoked]))
+        self.assertEqual([d.name for d in await alice.refresh_devices("bob")], [pager.default_device_name()])
+        phone = await self.link(bob, "bob-phone", name="phone")
+        listed = await alice.refresh_devices("bob")
+        self.assertEqual((changes, len(listed)), ([("bob", ["phone"], [])], 2))
+        await alice.refresh_devices("bob")
+        self.assertEqual(len(changes), 1)
+        await bob.revoke_device(phone.device)
+        await alice.refresh_devices("bob")
+        self.assertEqual(changes[1:], [("bob", [], ["phone"])])
+
     async def test_linked_device_cannot_link_or_revoke(self):
         """Only the identity device signs certificates and revocations: a linked device is told so, locally."""
         alice = await self.register(self.address, "alice")

@@ -7,6 +7,7 @@ MemoryReactorClock.  Each attack the new requests open has a test of its own.
 
 from cryptography.hazmat.primitives.asymmetric import x25519
 from twisted.internet.address import IPv4Address
+from twisted.logger import formatEvent, globalLogPublisher
 
 import pager
 
@@ -353,6 +354,61 @@ class RevokeTests(DeviceTestCase):
                          "devices_changed")
         self.assertOk(self.bob.send(seal_to("bob", private_key("bob"), [("alice", private_key("alice"))]),
                                     to=["alice"]))
+
+    def test_loginLogNamesDevice(self):
+        """
+        The server's log says which device logged in (the identity device, or a linked device by name and id), and
+        that a failed login was a revoked device's, not an unknown user's; the client still gets only auth_failed.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.login("alice")
+        self.device_session("alice", self.phone)
+        lines = [formatEvent(e) for e in events]
+        self.assertIn("alice logged in from 127.0.0.1:1234 on the identity device %s" % did(private_key("alice")).hex(),
+                      lines)
+        self.assertIn("alice logged in from 127.0.0.1:1234 on the linked device 'phone' %s" % did(self.phone).hex(), lines)
+        self.assertOk(self.revoke(did(self.phone)))
+        del events[:]
+        _, answer = self.login_device("alice", self.phone)
+        self.assertEqual(self.assertError(answer, "auth_failed")["message"], pager.AuthFailed().message)
+        [line] = [formatEvent(e) for e in events if "Failed login" in formatEvent(e)]
+        self.assertEqual(line, "Failed login for alice from 127.0.0.1:1234: revoked device %s" % did(self.phone).hex())
+        del events[:]
+        _, answer = self.login_device("alice", private_key("mallory"))
+        self.assertError(answer, "auth_failed")
+        [line] = [formatEvent(e) for e in events if "Failed login" in formatEvent(e)]
+        self.assertEqual(line, "Failed login for alice from 127.0.0.1:1234: unknown device %s" % did(private_key("mallory")).hex())
+
+    def test_lastSeenWholeSeconds(self):
+        """last_seen in a devices answer is whole seconds, like created and revoked."""
+        self.clock.advance(100.75)
+        self.device_session("alice", self.phone).lose()
+        self.clock.advance(10.5)
+        listing = self.assertOk(self.alice.request("devices", user="alice"))["devices"]
+        self.assertEqual([(type(d["last_seen"]), d["last_seen"]) for d in listing], [(int, 111), (int, 100)])
+
+    def test_devicesChangedPushedToOwnSessions(self):
+        """
+        A device linked or revoked is pushed as devices_changed to every other receiving session of the same user
+        (the session that made the change, send-only sessions and other users get nothing: the server does not
+        know who a user's contacts are, and telling everyone would tell everyone).
+        """
+        other = self.login("alice")  # alice's identity device, a second session
+        phone = self.device_session("alice", self.phone)
+        script = self.device_session("alice", self.phone, receive=False)
+        tablet = self.link("alice", "alice-tablet", identity=self.alice, name="tablet")
+        expected = [{"type": "devices_changed", "user": "alice"}]
+        for conn in (other, phone):
+            self.assertEqual(conn.pushed("devices_changed"), expected)
+        for conn in (self.alice, script, self.bob):
+            self.assertEqual(conn.pushed("devices_changed"), [])
+        self.assertOk(self.revoke(did(tablet)))
+        for conn in (other, phone):
+            self.assertEqual(conn.pushed("devices_changed"), expected)
+        for conn in (self.alice, script, self.bob):
+            self.assertEqual(conn.pushed("devices_changed"), [])
 
     def test_revokeChecks(self):
         """A revocation not signed by the identity key, of the identity device, or of an unknown device is refused."""

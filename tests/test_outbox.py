@@ -203,6 +203,43 @@ class OutboxChatTests(ChatTestCase):
         await self.settle(chat)
         self.assertEqual([m.plaintext for m in bob.events.messages], [b"said once"])
 
+    async def test_devices_changed_after_a_restart_sealed_anew(self):
+        """
+        A message sealed by an earlier run (kept in the outbox; this process never sealed it) whose recipient added
+        a device meanwhile: the server says devices_changed, and the outbox seals it anew for bob's devices now, as
+        the same message (the stored id), keeps the new envelope and sends it: both of bob's devices get it once.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.idle(chat)
+        store, client = chat.session.store, chat.session.client
+        ref = await store.outbox_add(reactor.seconds(), ["bob"], "text", "", b"sealed last time")
+        _, envelope = await client.seal(["bob"], b"sealed last time")
+        client._sealed.clear()  # what the earlier run's memory held is gone: only the outbox remembers the message
+        await store.outbox_sealed(ref, envelope)
+        msg = pager.parse_header(envelope.header).message_id
+        # bob links a second device after the message was sealed.
+        newcomer = await self.connect(self.address)
+        text, secret = pager.new_link_code()
+        await newcomer.link_request("bob", key("bob-phone"), "phone", secret)
+        linked = Deferred.fromCoroutine(newcomer.wait_linked())
+        await bob.approve_link(None, None, secret)
+        await linked
+        await newcomer.close()
+        phone = await self.connect(self.address)
+        phone.events = type(bob.events)(phone)
+        await phone.login("bob", None, key("bob-phone"), device=True)
+        await chat.outbox.flush()
+        self.assertIn("\u2713 #%d sent" % ref, ui.text())
+        self.assertNotIn("not sent", ui.text())
+        for client_ in (bob, phone):
+            await self.wait_for(lambda: client_.events.messages, "the message on bob's device %s" % client_.device)
+            self.assertEqual([(m.message_id, bytes(m.plaintext)) for m in client_.events.messages],
+                             [(msg, b"sealed last time")])
+        await self.settle(chat)
+        await phone.close()
+
     async def test_refusal_says_why_and_the_rest_goes_on(self):
         """
         A message to a user who does not exist is refused with the reason and leaves the outbox (marked not sent
