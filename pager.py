@@ -9511,6 +9511,12 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             pass
         if self.conversation == user:
             self._announce(user)
+            # A device the peer added or revoked since this client last looked is a line now, not only at the next
+            # exchange: a user who only reads would otherwise never see it (on_devices_changed shows it).
+            try:
+                await self.session.client.refresh_devices(user)
+            except (ConnectionLost, NetworkError):
+                pass
 
     async def command_r(self, rest):
         if rest:

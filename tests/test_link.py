@@ -786,3 +786,22 @@ class LinkedChatTests(ChatTestCase):
         await self.type(chat, "/history")
         [line] = [line for line in ui.text(since).splitlines() if "on my way" in line]
         self.assertIn("-> bob: on my way (sent from 'laptop', delivered to bob)", line)
+
+    async def test_opening_a_conversation_shows_device_changes(self):
+        """
+        /to bob looks at bob's devices: once bob links a laptop, opening the conversation again shows the line,
+        though alice sent nothing and bob wrote nothing.
+        """
+        chat, ui = await self.chat_as("alice")
+        bob = await self.peer("bob")
+        await self.type(chat, "/to bob")
+        await self.type(chat, "/to")
+        laptop = await self.connect(self.address)
+        _, secret = pager.new_link_code()
+        await laptop.link_request("bob", key("bob-laptop"), "laptop", secret)
+        await bob.approve_link(None, None, secret)
+        await laptop.wait_linked()
+        since = len(ui.shown)
+        await self.type(chat, "/to bob")
+        self.assertIn("bob added a device 'laptop' (id %s)" % pager.format_device_id(pager.device_id(key("bob-laptop"))),
+                      ui.text(since))
