@@ -421,6 +421,37 @@ class LinkDeviceTests(CLITestCase):
         self.assertIn("alice has 1 device (and 1 revoked):", after.out)
         self.assertIn("REVOKED", after.out)
 
+    async def test_link_again_after_revoke(self):
+        """
+        The way back its login names for a revoked device, 'link-device ... --force', works: the machine gets a new
+        device key, is approved, and fetches what is sent to alice from then on.
+        """
+        await self.serve()
+        identity_home = await self.registered("alice")
+        bob_home = await self.registered("bob")
+        laptop_home = self.home()
+        child, code = await self.start_link(laptop_home)
+        approved = await self.run_command("link-device", "HOST", "--user", "alice", code, "--yes",
+                                          home=identity_home, token_of="alice")
+        self.assertExit(approved, 0)
+        self.assertEqual((await self.finish(child, "the first link")).code, 0)
+        revoked = await self.run_command("revoke-device", "HOST", "--user", "alice", "laptop", "--yes",
+                                         home=identity_home, token_of="alice")
+        self.assertExit(revoked, 0)
+        gone = await self.run_command("fetch", "HOST", "--user", "alice", home=laptop_home)
+        self.assertIn("--force", self.assertOneErrorLine(gone, pager.EXIT_AUTH))
+        child, code = await self.start_link(laptop_home, "--force")
+        approved = await self.run_command("link-device", "HOST", "--user", "alice", code, "--yes",
+                                          home=identity_home, token_of="alice")
+        self.assertExit(approved, 0)
+        self.assertEqual((await self.finish(child, "linking again")).code, 0)
+        sent = await self.run_command("send", "HOST", "--user", "bob", "--to", "alice", "welcome back",
+                                      home=bob_home, token_of="bob")
+        self.assertExit(sent, 0)
+        fetched = await self.run_command("fetch", "HOST", "--user", "alice", home=laptop_home)
+        self.assertExit(fetched, 0)
+        self.assertIn("welcome back", fetched.out)
+
     async def test_interrupted_while_waiting(self):
         """
         Ctrl-C while the new machine waits for the approval: exit 130, saying the request was cancelled and no key
