@@ -8616,7 +8616,7 @@ class Session:
 
     async def device_name(self, ask=True):
         """
-        The name of the device this machine becomes: C{--name} when given; else asked in an interactive flow (unless
+        The name of the device this machine becomes: C{--name} when given; else asked at a terminal (unless
         not C{ask}), the host name being the default shown in the question (so that two machines of one user need
         not share a name); else the host name.
         """
@@ -8624,7 +8624,7 @@ class Session:
         if given is not None:
             return given
         default = default_device_name()
-        if not self.prompter.interactive or not ask:
+        if not self.prompter.typed or not ask:
             return default
         while True:
             answer = await self.prompter.ask("Name of this device, as you and your contacts will see it [%s]: "
@@ -8959,6 +8959,14 @@ class Prompter:
     def say(self, text):
         self.out.write(text + "\n")
         self.out.flush()
+
+    @property
+    def typed(self):
+        """
+        Whether answers are typed at a terminal: a question that has a default (a device's name) is asked only then,
+        never of a pipe into connect, whose lines are chat lines.
+        """
+        return self.interactive and os.isatty(0)
 
     async def ask(self, prompt, hint=None):
         if not self.interactive:

@@ -34,6 +34,10 @@ class ScriptedPrompter(pager.Prompter):
     def say(self, text):
         self.said.append(text)
 
+    @property
+    def typed(self):
+        return self.interactive  # answers as if typed at a terminal
+
     async def _answer(self, prompt, hint):
         if not self.interactive:
             raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
