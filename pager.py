@@ -10589,8 +10589,9 @@ class ConnectOptions(_ClientOptions):
     synopsis = "[HOST[:PORT]] [options]"
     longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and the key's passphrase (the "
                 "safetoken only when this machine does not keep it yet); on first use asks before making a key and "
-                "registering (--register: without asking), or, for an account that has its key elsewhere, offers "
-                "to link this machine as a new device (see link-device) or to re-key the account. Type '/help' once "
+                "registering (--register: without asking) and this device's name (--name), or, for an account that "
+                "has its key elsewhere, offers to link this machine as a new device (see link-device) or to re-key "
+                "the account. Type '/help' once "
                 "connected. In a terminal the line is edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for "
                 "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block "
                 "of lines is one message to the current conversation.")
