@@ -834,5 +834,5 @@ class LinkedChatTests(ChatTestCase):
         await laptop.wait_linked()
         since = len(ui.shown)
         await self.type(chat, "/to bob")
-        self.assertIn("bob added a device 'laptop' (id %s)" % pager.format_device_id(pager.device_id(key("bob-laptop"))),
-                      ui.text(since))
+        added = pager.format_device_id(pager.device_id(key("bob-laptop")))
+        self.assertIn("bob added a device 'laptop' (id %s)" % added, ui.text(since))
