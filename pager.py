@@ -1430,7 +1430,7 @@ class OpenedMessage:
     message_id: bytes
     sender: str
     sender_fingerprint: bytes  # the sender's identity key
-    recipients: tuple  # the addressed users' names, sorted (EnvelopeHeader.addressed_names): the sender's only in a note to self
+    recipients: tuple  # the addressed users, sorted (EnvelopeHeader.addressed_names): the sender only in a note to self
     timestamp: float  # seconds since the epoch, as the sender's clock said
     content_type: str
     filename: str

@@ -368,7 +368,8 @@ class RevokeTests(DeviceTestCase):
         lines = [formatEvent(e) for e in events]
         self.assertIn("alice logged in from 127.0.0.1:1234 on the identity device %s" % did(private_key("alice")).hex(),
                       lines)
-        self.assertIn("alice logged in from 127.0.0.1:1234 on the linked device 'phone' %s" % did(self.phone).hex(), lines)
+        self.assertIn("alice logged in from 127.0.0.1:1234 on the linked device 'phone' %s" % did(self.phone).hex(),
+                      lines)
         self.assertOk(self.revoke(did(self.phone)))
         del events[:]
         _, answer = self.login_device("alice", self.phone)
@@ -379,7 +380,8 @@ class RevokeTests(DeviceTestCase):
         _, answer = self.login_device("alice", private_key("mallory"))
         self.assertError(answer, "auth_failed")
         [line] = [formatEvent(e) for e in events if "Failed login" in formatEvent(e)]
-        self.assertEqual(line, "Failed login for alice from 127.0.0.1:1234: unknown device %s" % did(private_key("mallory")).hex())
+        self.assertEqual(line, "Failed login for alice from 127.0.0.1:1234: unknown device %s"
+                         % did(private_key("mallory")).hex())
 
     def test_lastSeenWholeSeconds(self):
         """last_seen in a devices answer is whole seconds, like created and revoked."""

@@ -1316,7 +1316,8 @@ class DeviceRoundTripTests(_DevicesMixin, SynchronousTestCase):
         add the sender, unless the sending device itself has an entry (a note to self, which names the sender).
         """
         header = pager.parse_header(self.envelope.header)
-        self.assertEqual((header.recipient_names, header.addressed_names), (["alice", "bob", "carol"], ["bob", "carol"]))
+        self.assertEqual((header.recipient_names, header.addressed_names),
+                         (["alice", "bob", "carol"], ["bob", "carol"]))
         laptop = _Device("alice", "alice-laptop", 4)
         note = self.seal(b"note", targets=[self.alice_desk.target(), laptop.target()])
         self.assertEqual(pager.parse_header(note.header).addressed_names, ["alice"])
