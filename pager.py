@@ -6863,7 +6863,9 @@ class PagerClient:
             return
         try:
             await self._fetch_devices(self.user)
-        except (ConnectionLost, defer.CancelledError):
+        except ConnectionLost:
+            return  # the login itself succeeded; the connection's end is told to on_disconnect, as at any time
+        except defer.CancelledError:
             raise
         except PagerError as e:
             self.log.warn("Could not list this user's devices after logging in: {why}", why=e.message)
