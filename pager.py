@@ -6222,6 +6222,11 @@ def _like_literal(text):
     return text.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
 
 
+def _history_status_txn(txn, msg_id):
+    row = txn.execute("SELECT status FROM history WHERE msg_id = ? AND direction = 'out'", (msg_id,)).fetchone()
+    return None if row is None else row[0]
+
+
 def _history_txn(txn, peer, limit):
     if peer is None:
         rows = txn.execute("SELECT at, direction, peer, msg_id, content_type, filename, body, status FROM history"
@@ -6328,6 +6333,10 @@ class LocalStore(SeenStore):
 
     def history(self, peer=None, limit=20):
         return self.pool.runInteraction(_history_txn, peer, limit)
+
+    def history_status(self, msg_id):
+        """The status the history gives the outgoing message C{msg_id} (hex), or None."""
+        return self.pool.runInteraction(_history_status_txn, msg_id)
 
     # -- the outbox --
 
@@ -7108,7 +7117,9 @@ class PagerClient:
             return
         try:
             await self._fetch_devices(self.user)
-        except (ConnectionLost, defer.CancelledError):
+        except ConnectionLost:
+            return  # the login itself succeeded; the connection's end is told to on_disconnect, as at any time
+        except defer.CancelledError:
             raise
         except PagerError as e:
             self.log.warn("Could not list this user's devices after logging in: {why}", why=e.message)
@@ -7902,6 +7913,8 @@ def format_device_id(device):
 
 
 DEVICE_NAME_SHOWN = 40  # characters of a device name shown: its owner chose it, and it may be long
+DEVICE_NAME_RULE = ("A device name is 1 to %d bytes of printable text (as UTF-8), with no space at either end."
+                    % MAX_DEVICE_NAME_BYTES)
 
 
 def device_name_text(name):
@@ -8334,6 +8347,7 @@ def _first_line_of(path, private=None):
 
 
 CLOSE_HANDLING_WAIT = 5.0  # seconds closing waits for a message or receipt being handled to be written down
+LINK_CANCELLED = "Cancelled: the link request was withdrawn, and no key was kept on this machine."
 
 
 class Session:
@@ -8610,14 +8624,17 @@ class Session:
         if given is not None:
             return await self.in_thread(load_private_key, path, given), given
         hint = "The key is encrypted: give its passphrase in PAGER_PASSPHRASE or with --passphrase-file."
+        # A linked device's key is its own, as when it was made ("this device's key"), not the user's identity key.
+        whose = ("this device's key (%s's device)" if self.directory is not None and path == self.device_path
+                 else "%s's key") % self.user
         for attempt in range(3):
-            passphrase = await self.prompter.secret("Passphrase for %s's key: " % self.user, hint)
+            passphrase = await self.prompter.secret("Passphrase for %s: " % whose, hint)
             try:
                 return await self.in_thread(load_private_key, path, passphrase), passphrase
             except WrongPassphrase:
                 if attempt < 2:
                     self.prompter.say("Wrong passphrase; try again.")
-        raise WrongPassphrase("Three wrong passphrases for %s's key; giving up." % self.user)
+        raise WrongPassphrase("Three wrong passphrases for %s; giving up." % whose)
 
     @property
     def key_path(self):
@@ -8699,11 +8716,15 @@ class Session:
                 self.linked = True
                 await self._login(client)
                 self.passphrase = passphrase
+            elif self.needs_identity is not None:
+                # No key at all: making one (or linking this machine) is not what was asked for.
+                raise NoKey("To %s you need %s's identity key, which this machine does not hold: run the command on "
+                            "the machine that holds it." % (self.needs_identity, self.user))
             else:
                 way = await self.may_make_key(client)
                 await self.open_local(client)
                 if way == "link":
-                    await self.link(client, default_device_name())
+                    await self.link(client, await self.device_name())
                     await self._login(client)
                 else:
                     await self._first_use(client, way == "rekey")
@@ -8727,9 +8748,8 @@ class Session:
                 return self.pending
             except AuthFailed:
                 raise AuthFailed("Login as %s from this device (id %s) failed: the account no longer has it (it was "
-                                 "revoked, or the account was re-keyed); move %s away and link this machine again "
-                                 "with 'pager-cli link-device %s --user %s'."
-                                 % (self.user, format_device_id(device), self.device_path, self.address, self.user))
+                                 "revoked, or the account was re-keyed); link this machine again with '%s --force'."
+                                 % (self.user, format_device_id(device), self.link_command))
         try:
             self.pending = await client.login(self.user, self.token, self.key, self.receive)
             return self.pending
@@ -8844,6 +8864,8 @@ class Session:
                 "Safetoken of your existing account %s: " % self.user)
         else:
             token = await self.new_token()
+            # The identity device's, in its self-certificate; --register answers the questions in advance.
+            name = await self.device_name(ask=not self.config.get("register"))
         try:
             passphrase = await self.new_passphrase()
         except usage.UsageError:
@@ -8865,7 +8887,7 @@ class Session:
             if existing:
                 token = await self._recover(client, token, key)
             else:
-                await self._register(client, token, key)
+                await self._register(client, token, key, name)
         except BaseException:
             os.unlink(pending_path)
             raise
@@ -8874,9 +8896,30 @@ class Session:
         os.replace(pending_path, self.key_path)
         prompter.say("Saved your key in %s (fingerprint %s)." % (self.key_path, format_fingerprint(fingerprint(key))))
 
-    async def _register(self, client, token, key):
+    async def device_name(self, ask=True):
+        """
+        The name of the device this machine becomes: C{--name} when given; else asked at a terminal (unless
+        not C{ask}), the host name being the default shown in the question (so that two machines of one user need
+        not share a name); else the host name.
+        """
+        given = self.config.get("device-name")
+        if given is not None:
+            return given
+        default = default_device_name()
+        if not self.prompter.typed or not ask:
+            return default
+        while True:
+            answer = await self.prompter.ask("Name of this device, as you and your contacts will see it [%s]: "
+                                             % default)
+            if not answer:
+                return default
+            if valid_device_name(answer):
+                return answer
+            self.prompter.say(DEVICE_NAME_RULE)
+
+    async def _register(self, client, token, key, name=None):
         try:
-            await client.register(self.user, token, key)
+            await client.register(self.user, token, key, device_name=name)
         except UserExists:
             raise NoKey("%s was registered on %s moments ago, from somewhere else; if that was you, copy the key "
                         "here with 'pager-cli export-key' and 'pager-cli import-key'." % (self.user, self.address))
@@ -8940,17 +8983,20 @@ class Session:
                  "for the approval (Ctrl-C cancels)..."
                  % (self.user, self.user, LINK_TTL // 60, self.link_command, text, device_name_text(name),
                     format_device_id(device_id(key))))
-            await client.wait_linked()
+            info = await client.wait_linked()
             os.replace(pending, self.device_path)
         except BaseException:
             _remove_quietly(pending)
+            if stopping:  # Ctrl-C (or SIGTERM): the closing connection withdraws the request
+                raise Interrupted(LINK_CANCELLED)
             raise
         finally:
             if not stopping:
                 self.reactor.removeSystemEventTrigger(trigger)
         self.key, self.passphrase, self.linked = key, passphrase, True
+        # The name the identity device approved it under (in the certificate), which may not be the one it asked for.
         show("Linked: this machine is now %s's device %s (id %s); its key is saved in %s. It reads the messages "
-             "sent from now on, not older ones." % (self.user, device_name_text(name),
+             "sent from now on, not older ones." % (self.user, device_name_text(info.name),
                                                     format_device_id(device_id(key)), self.device_path))
 
     async def reconnect(self, say):
@@ -9195,6 +9241,14 @@ class Prompter:
     def say(self, text):
         self.out.write(text + "\n")
         self.out.flush()
+
+    @property
+    def typed(self):
+        """
+        Whether answers are typed at a terminal: a question that has a default (a device's name) is asked only then,
+        never of a pipe into connect, whose lines are chat lines.
+        """
+        return self.interactive and os.isatty(0)
 
     async def ask(self, prompt, hint=None):
         if not self.interactive:
@@ -9505,6 +9559,9 @@ QUIT_WAIT = 5.0  # seconds /quit waits for the commands in flight (a stalled ser
 RECEIPTS_AT_LOGIN_QUIET = 1.0  # seconds without a receipt (from the screen being up) that end those pushed at login
 
 
+SENT_FROM = "sent from "  # the history's mark on a message the user sent from another device: "sent from 'laptop'"
+
+
 class Chat:
     """
     The interactive client's logic, apart from how lines are read and shown: the UI passes each typed line to
@@ -9744,6 +9801,12 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             pass
         if self.conversation == user:
             self._announce(user)
+            # A device the peer added or revoked since this client last looked is a line now, not only at the next
+            # exchange: a user who only reads would otherwise never see it (on_devices_changed shows it).
+            try:
+                await self.session.client.refresh_devices(user)
+            except (ConnectionLost, NetworkError):
+                pass
 
     async def command_r(self, rest):
         if rest:
@@ -9899,8 +9962,11 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         lines = ["%s on %s (server id %s); your key's fingerprint:" % (s.user, s.address, s.client.server_id),
                  "    " + format_fingerprint(await self._own_fingerprint())]
         if s.linked:
-            lines.append("This machine is your linked device %s (its own key; the identity key is on another "
-                         "machine)." % format_device_id(device_id(s.key)))
+            mine = device_id(s.key)
+            info = next((d for d in await s.client.devices(s.user) if d.device_id == mine), None)
+            lines.append("This machine is your linked device %s (id %s; its own key, the identity key is on another "
+                         "machine)." % (device_name_text(info.name if info is not None else None),
+                                        format_device_id(mine)))
         if self.conversation is not None:
             _, status, _ = await self._peer_key(self.conversation)
             lines.append("Talking to %s, whose key is %s." % (
@@ -9965,7 +10031,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             shown = cut_text(body, HISTORY_SHOWN_LINES, HISTORY_SHOWN_CHARS)
             if shown != body:
                 shown += "\n[cut: %s, %d characters in all]" % (_lines_text(body), len(body))
-            status = " (%s)" % e.status if e.direction == "out" else ""
+            # A message sent from another device keeps that mark on its first line, receipts after it.
+            status = " (%s)" % e.status.replace("\n", ", ") if e.direction == "out" else ""
             lines.append("[%s] %s %s: %s%s" % (_date_clock(e.at), arrow, e.peer, shown.replace("\n", "\n    "),
                                                status))
         self.show("\n".join(lines))
@@ -9996,7 +10063,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             await s.store.add_history(HistoryEntry(
                 message.accepted_at or message.timestamp, "out", ",".join(peers) or s.user,
                 message.message_id.hex(), message.content_type, message.filename,
-                message.plaintext if message.content_type == "text" else b"", "sent from %s" % sent_from))
+                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from))
             return
         if message.sender != s.user:
             self.last_sender = message.sender
@@ -10041,9 +10108,12 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         ref, preview = await store.sent_message(receipt.message_id)
         status = "%s %s %s" % (
             receipt.status, "for" if receipt.status == "expired" else "to" if receipt.status == "delivered" else "by",
-            receipt.peer)
-        await store.set_history_status(receipt.message_id, status + (": " + receipt.reason
-                                                                     if receipt.status == "rejected" else ""))
+            receipt.peer) + (": " + receipt.reason if receipt.status == "rejected" else "")
+        if ref is None:  # not from this machine's outbox: perhaps sent from another device, whose mark stays
+            old = await store.history_status(receipt.message_id)
+            if old is not None and old.startswith(SENT_FROM):
+                status = old.split("\n")[0] + "\n" + status
+        await store.set_history_status(receipt.message_id, status)
         if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
             self._old_receipts.append((receipt, ref, preview))
             if self._receipts_quiet is not None and self._receipts_quiet.active():
@@ -10746,11 +10816,12 @@ class _ClientOptions(_GnuOptions):
         ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
                                    "$PAGER_TOKEN, else the one kept on this machine, else a prompt: only in "
-                                   "connect, and on a terminal token, verify, import-key, link-device and "
-                                   "revoke-device)."],
+                                   "connect, and on a terminal (standard input and error) token, verify, "
+                                   "import-key, devices, link-device and revoke-device)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, else a "
-                                        "prompt: only in connect, and on a terminal passwd, token, verify, "
-                                        "export-key, import-key, link-device and revoke-device)."],
+                                        "prompt: only in connect, and on a terminal (standard input and error) "
+                                        "passwd, token, verify, export-key, import-key, devices, link-device and "
+                                        "revoke-device)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.", _positive(float)],
@@ -10787,6 +10858,12 @@ class _ClientOptions(_GnuOptions):
         parse_address(self["server"])
 
 
+def _device_name_option(name):
+    if name is not None and not valid_device_name(name):
+        raise usage.UsageError(DEVICE_NAME_RULE)
+    return name
+
+
 _REGISTER = ["register", None, "If this machine has no key for the user on this server, make one and register "
                               "the user (or, if the name is taken, say so); without it that is an error."]
 
@@ -10795,17 +10872,22 @@ class ConnectOptions(_ClientOptions):
     synopsis = "[HOST[:PORT]] [options]"
     longdesc = ("Chat interactively: asks for the server (Enter = localhost), user name and the key's passphrase (the "
                 "safetoken only when this machine does not keep it yet); on first use asks before making a key and "
-                "registering (--register: without asking), or, for an account that has its key elsewhere, offers "
-                "to link this machine as a new device (see link-device) or to re-key the account. Type '/help' once "
+                "registering (--register: without asking) and this device's name (--name), or, for an account that "
+                "has its key elsewhere, offers to link this machine as a new device (see link-device) or to re-key "
+                "the account. Type '/help' once "
                 "connected. In a terminal the line is edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for "
                 "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block "
                 "of lines is one message to the current conversation.")
     optFlags = [_REGISTER]
+    optParameters = [["name", None, None, "The name this machine gets as a device of the account when connect "
+                                          "registers it or links it (1 to 64 bytes) [default: asked, offering this "
+                                          "machine's host name]."]]
 
     def parseArgs(self, server=None):
         self["server"] = server
 
     def postOptions(self):
+        self["name"] = _device_name_option(self["name"])
         if self["server"] is not None:
             super().postOptions()
 
@@ -10986,13 +11068,6 @@ class FingerprintOptions(_ClientOptions):
             raise usage.UsageError(e.message)
 
 
-def _device_name_option(name):
-    if name is not None and not valid_device_name(name):
-        raise usage.UsageError("A device name is 1 to %d bytes of printable text, with no space at either end."
-                               % MAX_DEVICE_NAME_BYTES)
-    return name
-
-
 class LinkDeviceOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME [--name DEVICE_NAME] [CODE]"
     longdesc = ("Add a device (a laptop, a cron box) to your account, in two steps. On the NEW machine, without CODE: "
@@ -11005,9 +11080,10 @@ class LinkDeviceOptions(_ClientOptions):
     not_applicable = ("skew-window", "no-history")
     option_help = {"no-passphrase": "Store the new device's key without a passphrase (for unattended use; anyone "
                                     "who can read the file can use the key)."}
-    optParameters = [["name", None, None, "The new device's name, as its owner and contacts see it [default: this "
-                                          "machine's host name]; with CODE, the name to give the device instead of "
-                                          "the one it asked for."]]
+    optParameters = [["name", None, None, "The new device's name, as its owner and contacts see it (1 to 64 bytes) "
+                                          "[default: asked on a terminal, offering this machine's host name; in a "
+                                          "script, the host name]; with CODE, the name to give the device instead "
+                                          "of the one it asked for (one another current device has is refused)."]]
     optFlags = [["yes", "y", "With CODE: approve without asking (check the device's name and id first)."],
                 ["force", None, "Without CODE: link this machine again with a new key though it already is a device "
                                 "of the user (one that was revoked)."]]
@@ -11021,8 +11097,9 @@ class LinkDeviceOptions(_ClientOptions):
         if self["code"] is not None:
             try:
                 self["secret"] = parse_link_code(self["code"])
-            except BadLinkCode as e:
-                raise usage.UsageError(e.message)
+            except BadLinkCode:
+                raise usage.UsageError("%r is not a link code: give the 16 letters and digits the new device shows, "
+                                       "like 7K3M-Q2ZR-8D1X-VH4B." % self["code"])
             if self["force"]:
                 raise usage.UsageError("--force goes with linking the new machine (without CODE).")
         elif self["yes"]:
@@ -11032,9 +11109,9 @@ class LinkDeviceOptions(_ClientOptions):
 class RevokeDeviceOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME DEVICE [--yes]"
     longdesc = ("Remove one of your devices (a lost laptop), on the machine that holds your key: DEVICE is its id "
-                "(as 'devices' lists it; an unambiguous start of it is enough) or its name. Asks to confirm (--yes "
-                "for scripts). The device can no longer log in, gets no new message, and your contacts' clients show "
-                "that it was revoked. The identity device itself cannot be revoked.")
+                "(as 'devices' lists it; an unambiguous start of it, at least 4 hex digits, is enough) or its name. "
+                "Asks to confirm (--yes for scripts). The device can no longer log in, gets no new message, and "
+                "your contacts' clients show that it was revoked. The identity device itself cannot be revoked.")
     not_applicable = ("no-passphrase", "skew-window", "no-history")
     optFlags = [["yes", "y", "Revoke without asking."]]
 
@@ -11329,13 +11406,14 @@ def report(error, hint=""):
     """
     sentence = error.message if isinstance(error, PagerError) else str(error)
     if hint:
-        sentence = "%s (%s)" % (sentence.rstrip("."), hint)
+        sentence = "%s (%s)." % (sentence.rstrip("."), hint)
     sys.stderr.write("pager: %s\n" % sentence)
     return exit_code(error)
 
 
 async def _connect_command(reactor, config):
-    session = Session(reactor, dict(config, server=config["server"]), Prompter(reactor))
+    session = Session(reactor, dict(config, server=config["server"], **{"device-name": config["name"]}),
+                      Prompter(reactor))
     if config["server"] is None:
         address = await session.prompter.ask("Server address [localhost]: ")
         session.host, session.port = parse_address(address)
@@ -11519,6 +11597,14 @@ def _print_message(message, saved, as_json, sent_from=None):
     sys.stdout.flush()
 
 
+def _on_terminal():
+    """
+    Whether a command that may ask (for a passphrase or safetoken not given, or a confirmation) asks: when standard
+    input and standard error (where the question is written) are a terminal.  Scripts are never asked anything.
+    """
+    return os.isatty(0) and os.isatty(2)
+
+
 async def _users_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     client = await session.start(receive=False)
@@ -11534,7 +11620,7 @@ async def _users_command(reactor, config):
 
 
 async def _export_key_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.connect()
     try:
         await session.locate(client)
@@ -11564,7 +11650,7 @@ IMPORT_MAKES_IDENTITY = (
 
 
 async def _import_key_command(reactor, config):
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     session = Session(reactor, config, prompter)
     session.receive = False  # its check logs in send-only: no incoming message is taken
     try:
@@ -11631,7 +11717,7 @@ async def _check_imported_key(session, client, key):
 
 
 async def _passwd_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.connect()
     try:
         await session.locate(client)
@@ -11667,13 +11753,14 @@ async def _passwd_command(reactor, config):
 
 
 async def _token_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=os.isatty(0)))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     new = None
     if config["new-token-file"]:
         new = _first_line_of(config["new-token-file"], "token file")
         if len(new) < MIN_TOKEN_LENGTH:
             raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
     elif not session.prompter.interactive:
+        await _refuse_on_linked_device(session, "change the safetoken")  # what is wrong first, then what is missing
         raise usage.UsageError("Give the new safetoken with --new-token-file.")
     session.needs_identity = "change the safetoken"
     client = await session.start(receive=False)
@@ -11690,6 +11777,17 @@ async def _token_command(reactor, config):
         await session.close()
     print("Changed %s's safetoken on %s; this machine keeps the new one under your key's passphrase, other "
           "machines ask for it once." % (session.user, session.address))
+
+
+async def _refuse_on_linked_device(session, what):
+    """Raise L{NotIdentityDevice} if this machine is a linked device of the user (C{what}: what needs the identity)."""
+    client = await session.connect()
+    try:
+        await session.locate(client)
+    finally:
+        await client.close()
+    if not os.path.lexists(session.key_path) and os.path.lexists(session.device_path):
+        raise session.refuse_linked(what)
 
 
 def _fingerprint_record(name, fp, status):
@@ -11722,7 +11820,7 @@ async def _fingerprint_command(reactor, config):
 
 
 async def _verify_command(reactor, config):
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     if config["fingerprint"] is None and not prompter.interactive:
         raise usage.UsageError("Give the fingerprint %s read you with --fingerprint." % config["name"])
     session = Session(reactor, config, prompter)
@@ -11825,7 +11923,7 @@ def describe_devices(user, devices, identity, this_device=None):
 
 
 async def _devices_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         user = config["of"] or session.user
@@ -11844,7 +11942,7 @@ async def _link_device_command(reactor, config):
     if config["code"] is not None:
         await _approve_link_command(reactor, config)
         return
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     session = Session(reactor, config, prompter)
     session.receive = False  # its first login takes no message: the next command or chat does
     client = session.client = await session.connect()
@@ -11856,14 +11954,40 @@ async def _link_device_command(reactor, config):
                 "then '%s CODE' here with the code it shows." % (session.user, session.link_command))
         if os.path.lexists(session.device_path) and not config["force"]:
             raise usage.UsageError(
-                "This machine already is a device of %s (%s); if that device was revoked, link it again with "
-                "--force." % (session.user, session.device_path))
-        await session.open_local(client)
-        name = config["name"] or default_device_name()
-        await session.link(client, name, show=lambda text: print(text, flush=True))
+                "This machine already is a device of %s (%s); if that device was revoked, link this machine again "
+                "with '%s --force'." % (session.user, session.device_path, session.link_command))
+        await _check_account_exists(session, client)
+        made = [path for path in (os.path.dirname(session.directory), session.directory)
+                if not os.path.lexists(path)]
+        try:
+            await session.open_local(client)
+            name = config["name"] if config["name"] is not None else await session.device_name()
+            await session.link(client, name, show=lambda text: print(text, flush=True))
+        except BaseException:
+            await session.close()
+            _remove_made_directories(made)  # a failed link leaves no trace of the user on this machine
+            raise
         await session._login(client)
     finally:
         await session.close()
+
+
+async def _check_account_exists(session, client):
+    """Before a key is made to link this machine: refuse a name that has no account on the server (L{UnknownUser})."""
+    try:
+        exists = await client.exists(session.user)
+    except (Forbidden, BadRequest):
+        return  # registration closed (no account is named), or a server without "exists": the link request tells
+    if not exists:
+        raise UnknownUser("No such user on %s: %s (link-device adds this machine to an existing account; nothing "
+                          "was made)." % (session.address, session.user))
+
+
+def _remove_made_directories(made):
+    """Remove the directories in C{made} (parents first), which this command made, with what it put in them."""
+    import shutil
+    for path in reversed(made):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _request_for_code(requests, secret, server_id, user):
@@ -11876,7 +12000,7 @@ def _request_for_code(requests, secret, server_id, user):
 
 
 async def _approve_link_command(reactor, config):
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     if not config["yes"] and not prompter.interactive:
         raise usage.UsageError("Approving a device asks first: run it on a terminal, or give --yes once you have "
                                "checked the new device's name and id.")
@@ -11890,12 +12014,25 @@ async def _approve_link_command(reactor, config):
                              "older than %d minutes): nothing was approved." % (session.user, LINK_TTL // 60))
         new = request.device_id
         name = config["name"] or request.name
+        taken = [d for d in await client.devices(session.user) if d.revoked_at is None and d.name is not None
+                 and d.name.casefold() == name.casefold()]
+        if taken:
+            # Two devices of one name could not be told apart in a listing, nor named to revoke-device.
+            raise usage.UsageError("%s already has a device named %s (id %s): approve this one under another name "
+                                   "with '%s CODE --name NAME'." % (
+                                       session.user, device_name_text(taken[0].name),
+                                       format_device_id(taken[0].device_id), session.link_command))
         prompter.say("A new device asks to join %s: %s, id %s%s." % (
             session.user, device_name_text(request.name), format_device_id(new),
             " (to be named %s)" % device_name_text(name) if name != request.name else ""))
         if not config["yes"] and not await prompter.confirm(
                 "Is that the device you are linking, with that id shown on its screen? Add it to %s?" % session.user):
-            raise Cancelled("Not approved: the device was not added (its request expires by itself).")
+            try:
+                await client.decline_link(request)
+            except BadRequest:
+                pass  # it expired (or was answered) meanwhile: the new machine has been told already
+            raise Cancelled("Not approved: the request was declined, and the new machine is told so; nothing was "
+                            "added to %s." % session.user)
         await client.approve_link(request, name, config["secret"])
     finally:
         await session.close()
@@ -11903,11 +12040,14 @@ async def _approve_link_command(reactor, config):
           "revoke-device' removes it." % (device_name_text(name), format_device_id(new), session.user, session.user))
 
 
+MIN_DEVICE_PREFIX = 4  # hex digits of a device id that may name it (fewer would match too much by chance)
+
+
 def _find_device(devices, text):
     """The device C{text} names: its id (spaces ignored), an unambiguous start of it, or its name."""
     digits = "".join(text.split()).lower()
     named = [d for d in devices if d.name == text]
-    if not named and re.fullmatch("[0-9a-f]{4,%d}" % (DEVICE_ID_SIZE * 2), digits):
+    if not named and re.fullmatch("[0-9a-f]{%d,%d}" % (MIN_DEVICE_PREFIX, DEVICE_ID_SIZE * 2), digits):
         named = [d for d in devices if d.device_id.hex().startswith(digits)]
     if not named:
         named = [d for d in devices if d.name is not None and d.name.casefold() == text.casefold()]
@@ -11920,7 +12060,7 @@ def _find_device(devices, text):
 
 
 async def _revoke_device_command(reactor, config):
-    prompter = Prompter(reactor, interactive=os.isatty(0))
+    prompter = Prompter(reactor, interactive=_on_terminal())
     if not config["yes"] and not prompter.interactive:
         raise usage.UsageError("Revoking a device asks first: run it on a terminal, or give --yes.")
     session = Session(reactor, config, prompter)
@@ -11930,8 +12070,9 @@ async def _revoke_device_command(reactor, config):
         device = _find_device(await client.devices(session.user), config["device"])
         identity = device_id(session.key)
         if device is None:
-            raise UnknownDevice("%s has no device with the id or name %r ('pager-cli devices' lists them)."
-                                % (session.user, config["device"]))
+            raise UnknownDevice("%s has no device with the id or name %r: give at least %d hex digits of the id, "
+                                "or the device's name ('pager-cli devices' lists them)."
+                                % (session.user, config["device"], MIN_DEVICE_PREFIX))
         shown = "%s (id %s)" % (device_name_text(device.name), format_device_id(device.device_id))
         if device.device_id == identity:
             raise usage.UsageError("%s is the identity device, which holds %s's key, and cannot be revoked: to "
@@ -12088,8 +12229,8 @@ async def _run_client_command(reactor, name, config):
     try:
         await _CLIENT_COMMANDS[name](reactor, config)
     except (PagerError, usage.UsageError) as e:
-        if stopping:
-            raise SystemExit(report(Interrupted()))
+        if stopping:  # what stopped it, in the command's own words when it has them (Interrupted), else in general
+            raise SystemExit(report(e if isinstance(e, Interrupted) else Interrupted()))
         raise SystemExit(report(e))
     except Exception as e:
         # A fault no path expects: still one sentence (and the traceback only when PAGER_DEBUG asks for it).

@@ -222,7 +222,7 @@ class LocalFailureTests(InProcessTestCase):
         err = io.StringIO()
         self.patch(sys, "stderr", err)
         self.assertEqual(pager.report(pager.LocalError("Cannot write /x: No such file."), "see --help"), 7)
-        self.assertEqual(err.getvalue(), "pager: Cannot write /x: No such file (see --help)\n")
+        self.assertEqual(err.getvalue(), "pager: Cannot write /x: No such file (see --help).\n")
 
 
 class WaitingTests(unittest.SynchronousTestCase):
@@ -381,11 +381,14 @@ class OptionsTests(unittest.SynchronousTestCase):
                 argv = [command, "localhost", "--user", "alice", option] + (
                     [] if option in ("--no-history", "--no-passphrase") else ["1"])
                 self.assertRaises(usage.UsageError, self.parse, *argv)
-        asking = ("connect, and on a terminal passwd, token, verify, export-key, import-key, link-device and "
-                  "revoke-device")
-        self.assertIn(asking, " ".join(str(self.command_options("send")).split()))
-        self.assertIn("connect, and on a terminal token, verify, import-key, link-device and revoke-device",
-                      " ".join(str(self.command_options("fetch")).split()))
+        asking = ("connect, and on a terminal (standard input and error) passwd, token, verify, export-key, "
+                  "import-key, devices, link-device and revoke-device")
+
+        def unwrapped(command):  # --help's lines joined, a word split at its hyphen whole again
+            return " ".join(str(self.command_options(command)).split()).replace("- ", "-")
+        self.assertIn(asking, unwrapped("send"))
+        self.assertIn("connect, and on a terminal (standard input and error) token, verify, import-key, devices, "
+                      "link-device and revoke-device", unwrapped("fetch"))
         self.assertNotIn("never ask", str(self.command_options("send")))
         for command, words in (("passwd", "Remove the key's passphrase"), ("export-key", "Write the file without"),
                                ("import-key", "Store the imported key without"), ("send", "Store a new key")):

@@ -34,6 +34,10 @@ class ScriptedPrompter(pager.Prompter):
     def say(self, text):
         self.said.append(text)
 
+    @property
+    def typed(self):
+        return self.interactive  # answers as if typed at a terminal
+
     async def _answer(self, prompt, hint):
         if not self.interactive:
             raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
@@ -127,14 +131,20 @@ class OneSecretTests(KeysTestCase):
 
     async def test_register_then_passphrase_only(self):
         """
-        A first connect asks before registering, asks the safetoken twice (again when the two differ) and the
-        passphrase twice; the next login asks only for the passphrase, and the token file is 0600 and encrypted.
+        A first connect asks before registering, asks the safetoken twice (again when the two differ), this
+        device's name (the host name offered; a name that cannot be one asked again) and the passphrase twice; the
+        next login asks only for the passphrase, and the token file is 0600 and encrypted.
         """
         await self.serve()
         home = self.home()
         chosen = "my new safetoken"
         session, prompter = await self.session(home, [
-            "y", chosen, "a typo token", chosen, chosen, PASSPHRASE, PASSPHRASE])
+            "y", chosen, "a typo token", chosen, chosen, "\tdesk", "desk", PASSPHRASE, PASSPHRASE])
+        name_question = "Name of this device, as you and your contacts will see it [%s]: " % pager.default_device_name()
+        self.assertEqual(prompter.prompts.count(name_question), 2)
+        self.assertIn(pager.DEVICE_NAME_RULE, prompter.said)
+        _, devices = await self.server.store.devices("alice")
+        self.assertEqual([d.name for d in devices], ["desk"])
         self.assertIn("Choose a safetoken (at least 8 characters): ", prompter.prompts)
         self.assertEqual(prompter.prompts.count("Same safetoken again: "), 2)
         self.assertIn("The two safetokens differ; try again.", prompter.said)
@@ -270,7 +280,7 @@ class NewMachineTests(KeysTestCase):
         self.patch(pager, "save_private_key", unwritable)
         chosen = "my new safetoken"
         error, _ = await self.failed_session(self.home(), pager.LocalError,
-                                             ["y", chosen, chosen, PASSPHRASE, PASSPHRASE])
+                                             ["y", chosen, chosen, "", PASSPHRASE, PASSPHRASE])
         self.assertIn("Cannot save the new key", error.message)
         self.assertEqual(pager.exit_code(error), pager.EXIT_LOCAL)
         self.assertEqual(await self.server.store.user_names(), [])

@@ -19,8 +19,8 @@ from twisted.trial import unittest
 import pager
 from tests.test_cli import PAGER_PY, PROCESS_TIMEOUT, CLITestCase, base_env
 from tests.test_e2e import key, token
-from tests.test_keys import PASSPHRASE, KeysTestCase, ScriptedPrompter
-from tests.test_terminal import ChatTestCase
+from tests.test_keys import PASSPHRASE, CommandTestCase, KeysTestCase, ScriptedPrompter
+from tests.test_terminal import ChatTestCase, FakeUI
 
 CODE = re.compile(r"[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}")
 
@@ -105,6 +105,14 @@ class OptionsTests(unittest.TestCase):
             with self.assertRaises(pager.usage.UsageError):
                 self.parse("link-device", "HOST", "--user", "alice", *argv)
         self.assertTrue(self.parse("link-device", "HOST", "--user", "alice", text, "-y")["yes"])
+
+    def test_connect_takes_a_device_name(self):
+        """connect --name names the device connect makes of this machine; a name that cannot be one is refused."""
+        self.assertEqual(self.parse("connect", "HOST", "--name", "desk two")["name"], "desk two")
+        self.assertIsNone(self.parse("connect", "HOST")["name"])
+        with self.assertRaises(pager.usage.UsageError) as caught:
+            self.parse("connect", "HOST", "--name", "x" * 65)
+        self.assertIn("64 bytes", str(caught.exception))
 
     def test_help_lists_device_commands(self):
         """pager-cli --help lists the device commands, and each has its own help."""
@@ -413,8 +421,42 @@ class LinkDeviceTests(CLITestCase):
         self.assertIn("alice has 1 device (and 1 revoked):", after.out)
         self.assertIn("REVOKED", after.out)
 
+    async def test_link_again_after_revoke(self):
+        """
+        The way back its login names for a revoked device, 'link-device ... --force', works: the machine gets a new
+        device key, is approved, and fetches what is sent to alice from then on.
+        """
+        await self.serve()
+        identity_home = await self.registered("alice")
+        bob_home = await self.registered("bob")
+        laptop_home = self.home()
+        child, code = await self.start_link(laptop_home)
+        approved = await self.run_command("link-device", "HOST", "--user", "alice", code, "--yes",
+                                          home=identity_home, token_of="alice")
+        self.assertExit(approved, 0)
+        self.assertEqual((await self.finish(child, "the first link")).code, 0)
+        revoked = await self.run_command("revoke-device", "HOST", "--user", "alice", "laptop", "--yes",
+                                         home=identity_home, token_of="alice")
+        self.assertExit(revoked, 0)
+        gone = await self.run_command("fetch", "HOST", "--user", "alice", home=laptop_home)
+        self.assertIn("--force", self.assertOneErrorLine(gone, pager.EXIT_AUTH))
+        child, code = await self.start_link(laptop_home, "--force")
+        approved = await self.run_command("link-device", "HOST", "--user", "alice", code, "--yes",
+                                          home=identity_home, token_of="alice")
+        self.assertExit(approved, 0)
+        self.assertEqual((await self.finish(child, "linking again")).code, 0)
+        sent = await self.run_command("send", "HOST", "--user", "bob", "--to", "alice", "welcome back",
+                                      home=bob_home, token_of="bob")
+        self.assertExit(sent, 0)
+        fetched = await self.run_command("fetch", "HOST", "--user", "alice", home=laptop_home)
+        self.assertExit(fetched, 0)
+        self.assertIn("welcome back", fetched.out)
+
     async def test_interrupted_while_waiting(self):
-        """Ctrl-C while the new machine waits for the approval: exit 130, and no key is left behind."""
+        """
+        Ctrl-C while the new machine waits for the approval: exit 130, saying the request was cancelled and no key
+        kept, and no key (nor directory) is left behind.
+        """
         await self.serve()
         await self.account("alice")
         laptop_home = self.home()
@@ -425,7 +467,9 @@ class LinkDeviceTests(CLITestCase):
         result = await self.finish(child, "link-device after Ctrl-C")
         self.assertEqual(result.code, pager.EXIT_INTERRUPTED, result)
         self.assertNotIn("Traceback", result.err)
-        self.assertEqual([n for n in os.listdir(directory) if n.startswith("device")], [])
+        self.assertEqual(result.err.splitlines()[-1], "pager: " + pager.LINK_CANCELLED)
+        self.assertIn("no key was kept", pager.LINK_CANCELLED)
+        self.assertFalse(os.path.exists(directory))  # no key, no local database: nothing of alice's is left
 
     async def test_new_machine_needs_a_passphrase(self):
         """A script linking a machine says where the new key's passphrase comes from (exit 2); nothing is kept."""
@@ -434,7 +478,7 @@ class LinkDeviceTests(CLITestCase):
         home = self.home()
         result = await self.run_command("link-device", "HOST", "--user", "alice", home=home)
         self.assertIn("PAGER_PASSPHRASE", self.assertOneErrorLine(result, pager.EXIT_USAGE))
-        self.assertEqual([n for n in os.listdir(self.user_dir(home, "alice")) if n.startswith("device")], [])
+        self.assertFalse(os.path.exists(self.user_dir(home, "alice")))  # nothing of alice's is left
 
     async def test_already_holds_a_key(self):
         """link-device on a machine with the user's key refuses, pointing to the approving side (exit 2)."""
@@ -449,11 +493,14 @@ class ConnectLinksTests(KeysTestCase):
     """connect on a new machine for an existing account links it as a device when the user chooses (the default)."""
 
     async def test_connect_links(self):
-        """Enter at connect's question links: the code is shown, the identity device approves, the chat logs in."""
+        """
+        Enter at connect's question links, Enter at the name question takes the host name: the code is shown, the
+        identity device approves, the chat logs in.
+        """
         await self.serve()
         await self.account("alice")
         home = self.home()
-        prompter = ScriptedPrompter([""])
+        prompter = ScriptedPrompter(["", ""])
         session = pager.Session(reactor, self.config(home, **{"no-passphrase": True}), prompter)
         self.addCleanup(session.close)
         started = defer.Deferred.fromCoroutine(session.start(receive=False))
@@ -516,7 +563,8 @@ class ChatDevicesCommandTests(ChatTestCase):
         await self.settle(chat)
         [entry] = await chat.session.store.history("bob")
         self.assertEqual((entry.direction, entry.body), ("out", b"on my way"))
-        self.assertIn(entry.status, ("sent from 'laptop'", "delivered to bob"))  # bob's receipt may be in already
+        # bob's receipt may be in already: it keeps the mark of the device the message was sent from
+        self.assertIn(entry.status, ("sent from 'laptop'", "sent from 'laptop'\ndelivered to bob"))
 
 
 class LinkExpiryTests(KeysTestCase):
@@ -528,9 +576,263 @@ class LinkExpiryTests(KeysTestCase):
         await self.serve()
         await self.account("alice")
         home = self.home()
-        error, prompter = await self.failed_session(home, pager.LinkFailed, ["l"], **{"no-passphrase": True})
+        error, prompter = await self.failed_session(home, pager.LinkFailed, ["l", ""], **{"no-passphrase": True})
         self.assertIn("Nobody approved", error.message)
         self.assertEqual(pager.exit_code(error), pager.EXIT_FAILURE)
         self.assertTrue(CODE.search(prompter.text()))
         directory = self.user_dir(home, "alice")
         self.assertEqual([n for n in os.listdir(directory) if n.startswith(("device", "key"))], [])
+
+
+class DeviceCommandSentenceTests(LinkedMachineTestCase):
+    """What the device commands say when they cannot go on: one sentence, with the way forward."""
+
+    async def cli(self, *argv, env=None, home=None):
+        return await CLITestCase.run_command(self, *argv, env=env, home=home)
+
+    async def test_short_id_prefix_names_the_minimum(self):
+        """A device named by fewer hex digits than an id prefix needs is refused with the minimum to give."""
+        await self.serve()
+        home = await self.provision("alice")
+        result = await self.cli("revoke-device", "HOST", "--user", "alice", "6f", "--yes", home=home,
+                                env={"PAGER_TOKEN": token("alice")})
+        line = self.assertOneErrorLine(result, pager.EXIT_UNKNOWN_USER)
+        self.assertIn("at least 4 hex digits of the id, or the device's name", line)
+
+    async def test_approving_without_the_identity_key(self):
+        """Approving a code on a machine with no key of the user says it needs the identity key (exit 3)."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        code, _ = pager.new_link_code()
+        result = await self.cli("link-device", "HOST", "--user", "alice", code, "--yes", home=home)
+        line = self.assertOneErrorLine(result, pager.EXIT_AUTH)
+        self.assertIn("alice's identity key", line)
+        self.assertIn("machine that holds it", line)
+        self.assertNotIn("link this machine", line)
+
+    async def test_revoked_device_one_way_back(self):
+        """A device the account no longer has, and link-device there, both name 'link-device ... --force'."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        path = self.install_device_key(home)
+        again = "'pager-cli link-device %s --user alice --force'" % self.host
+        fetched = await self.cli("fetch", "HOST", "--user", "alice", home=home)
+        line = self.assertOneErrorLine(fetched, pager.EXIT_AUTH)
+        self.assertIn(again, line)
+        self.assertNotIn("move", line)
+        linked = await self.cli("link-device", "HOST", "--user", "alice", home=home)
+        self.assertIn(again, self.assertOneErrorLine(linked, pager.EXIT_USAGE))
+        self.assertTrue(os.path.exists(path))
+
+    async def test_link_for_unknown_user_makes_nothing(self):
+        """link-device for a name with no account says so (exit 4) before making a key, and leaves no directory."""
+        await self.serve()
+        home = self.home()
+        made = []
+        self.patch(pager, "generate_private_key", lambda: made.append(1))
+        result = await self.cli("link-device", "HOST", "--user", "carol", "--no-passphrase", home=home)
+        self.assertIn("carol", self.assertOneErrorLine(result, pager.EXIT_UNKNOWN_USER))
+        self.assertEqual(made, [])
+        self.assertFalse(os.path.exists(os.path.join(home, self.server_id, "carol")))
+
+    async def test_token_on_a_linked_device_says_so_first(self):
+        """token on a linked device without --new-token-file says first that it is a linked device (exit 3)."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        self.install_device_key(home)
+        result = await self.cli("token", "HOST", "--user", "alice", home=home)
+        self.assertIn("linked device of alice", self.assertOneErrorLine(result, pager.EXIT_AUTH))
+
+    async def test_malformed_code_sentence(self):
+        """A malformed link code is one sentence, its example not in doubled brackets, ending with a full stop."""
+        self.host = "localhost:5050"  # refused before any connection
+        result = await self.cli("link-device", "HOST", "--user", "alice", "1234")
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertNotIn(") (", line)
+        self.assertTrue(line.endswith("."), line)
+        self.assertIn("7K3M-Q2ZR-8D1X-VH4B", line)
+
+    async def test_linked_device_passphrase_prompt(self):
+        """A linked device asks for "this device's key" passphrase, as it did when the key was made."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        self.install_device_key(home, passphrase=PASSPHRASE)
+        _, prompter = await self.failed_session(home, pager.WrongPassphrase, ["wrong"] * 3)
+        self.assertEqual(prompter.prompts, ["Passphrase for this device's key (alice's device): "] * 3)
+        self.assertIn("this device's key", prompter.text())
+
+
+class TerminalPromptTests(CommandTestCase):
+    """The device commands ask for a passphrase not given when standard input and standard error are a terminal."""
+
+    def terminal(self, stdin=True, stderr=True):
+        self.patch(os, "isatty", lambda fd: {0: stdin, 2: stderr}.get(fd, False))
+        asked = []
+
+        async def secret(prompter, prompt, hint=None):
+            if not prompter.interactive:
+                raise pager.usage.UsageError(hint)
+            asked.append(prompt)
+            return PASSPHRASE
+        self.patch(pager.Prompter, "secret", secret)
+        return asked
+
+    async def test_devices_asks_on_a_terminal(self):
+        """devices asks for the key's passphrase on a terminal; a script (or stderr not a terminal) is told how."""
+        await self.serve()
+        home = await self.provision_with_token("alice")
+        asked = self.terminal()
+        out = await self.run_command("devices", self.host, "--user", "alice", "--home", home)
+        self.assertIn("alice has 1 device:", out)
+        self.assertEqual(asked, ["Passphrase for alice's key: "])
+        for stdin, stderr in ((False, True), (True, False)):
+            asked = self.terminal(stdin, stderr)
+            with self.assertRaises(pager.usage.UsageError) as caught:
+                await self.run_command("devices", self.host, "--user", "alice", "--home", home)
+            self.assertIn("PAGER_PASSPHRASE", str(caught.exception))
+            self.assertEqual(asked, [])
+
+    def test_help_names_the_commands_that_ask(self):
+        """--help's list of the commands that may ask for a passphrase or safetoken names devices."""
+        for option in ("passphrase-file", "token-file"):
+            text = " ".join(str(pager.DevicesOptions()).split())
+            self.assertIn("devices", text[text.index("--" + option):].split("--", 2)[1])
+
+    async def test_no_declines_at_once(self):
+        """Answering n when approving declines the request: the waiting machine is told at once, not in 10 minutes."""
+        await self.serve()
+        home = await self.provision_with_token("alice")
+        laptop = await self.connect(self.address)
+        text, secret = pager.new_link_code()
+        await laptop.link_request("alice", key("alice-laptop"), "laptop", secret)
+        waiting = defer.Deferred.fromCoroutine(laptop.wait_linked())
+        self.terminal()
+        questions = []
+
+        async def ask(prompter, prompt, hint=None):
+            questions.append(prompt)
+            return "n"
+        self.patch(pager.Prompter, "ask", ask)
+        with self.assertRaises(pager.Cancelled) as caught:
+            await self.run_command("link-device", self.host, "--user", "alice", text, "--home", home)
+        self.assertIn("declined", caught.exception.message)
+        self.assertEqual(len(questions), 1)
+        with self.assertRaises(pager.LinkFailed):
+            await waiting
+        self.assertEqual(await self.server.store.devices("alice") and len(
+            [d for d in (await self.server.store.devices("alice"))[1] if d.revoked_at is None]), 1)
+
+
+class LinkedNameTests(KeysTestCase):
+    """The name a device is linked under is the one the identity device approved."""
+
+    async def test_told_the_approved_name(self):
+        """Approved under another name than it asked for, the new machine says it is now that name's device."""
+        await self.serve()
+        await self.account("alice")
+        home = self.home()
+        prompter = ScriptedPrompter(["l", ""])
+        session = pager.Session(reactor, self.config(home, **{"no-passphrase": True}), prompter)
+        self.addCleanup(session.close)
+        started = defer.Deferred.fromCoroutine(session.start(receive=False))
+        found = await self.wait_for(lambda: CODE.search("\n".join(prompter.said)), "the code", tries=3000)
+        identity = await self.login(self.address, "alice")
+        await identity.approve_link(None, "desk two", pager.parse_link_code(found.group()))
+        await started
+        linked = [line for line in prompter.said if line.startswith("Linked")]
+        self.assertEqual(len(linked), 1)
+        self.assertIn("device 'desk two'", linked[0])
+
+    async def test_approving_refuses_a_name_in_use(self):
+        """Approving under the name of another current device of the user is refused, suggesting --name (exit 2)."""
+        await self.serve()
+        home = await self.provision("alice")
+        laptop = await self.connect(self.address)
+        text, secret = pager.new_link_code()
+        _, [identity] = await self.server.store.devices("alice")
+        await laptop.link_request("alice", key("alice-laptop"), identity.name, secret)
+        result = await CLITestCase.run_command(self, "link-device", "HOST", "--user", "alice", text, "--yes",
+                                               home=home, token_of="alice")
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertIn("already has a device named '%s'" % identity.name, line)
+        self.assertIn("--name", line)
+        self.assertEqual(len((await self.server.store.devices("alice"))[1]), 1)
+        result = await CLITestCase.run_command(self, "link-device", "HOST", "--user", "alice", text, "--yes",
+                                               "--name", "laptop", home=home, token_of="alice")
+        self.assertExit(result, 0)
+        info = await laptop.wait_linked()
+        self.assertEqual(info.name, "laptop")
+
+
+class LinkedChatTests(ChatTestCase):
+    """The chat on a linked device, and what the identity device's chat shows of it."""
+
+    async def linked_chat(self, identity_chat, name="alice", device_name="laptop"):
+        """A chat of C{name} on a new machine linked (as C{device_name}) from C{identity_chat}: C{(chat, ui)}."""
+        home = self.home()
+        directory = pager.user_directory(home, self.server_id, name)
+        device_key = key(name + "-" + device_name)
+        pager.save_private_key(os.path.join(directory, pager.DEVICE_FILE_NAME), device_key, "")
+        linking = await self.connect(self.address)
+        _, secret = pager.new_link_code()
+        await linking.link_request(name, device_key, device_name, secret)
+        await identity_chat.session.client.approve_link(None, None, secret)
+        await linking.wait_linked()
+        await linking.close()
+        config = {"server": self.host, "home": home, "user": name, "token-file": None, "passphrase-file": None,
+                  "no-passphrase": False, "tls": False, "ca": None, "no-history": False}
+        session = pager.Session(reactor, config, pager.Prompter(reactor, interactive=False))
+        chat = pager.Chat(session, reactor)
+        await session.start()
+        self.addCleanup(self.stop_chat, chat)
+        ui = FakeUI()
+        chat.attach(ui)
+        self.assertTrue(session.linked)
+        return chat, ui
+
+    async def test_whoami_names_this_device(self):
+        """/whoami on a linked device names it, with its id."""
+        chat, _ = await self.chat_as("alice")
+        laptop, ui = await self.linked_chat(chat)
+        await self.type(laptop, "/whoami")
+        self.assertIn("linked device 'laptop' (id %s;" % pager.format_device_id(pager.device_id(key("alice-laptop"))),
+                      ui.text())
+
+    async def test_history_marks_another_device(self):
+        """/history marks a message sent from another of the user's devices, also once its receipt came in."""
+        chat, ui = await self.chat_as("alice")
+        bob = await self.peer("bob")
+        laptop, _ = await self.linked_chat(chat)
+        await self.type(laptop, "/to bob", "on my way")
+        await self.wait_for(lambda: "on my way" in ui.text(), "the laptop's message in alice's chat")
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        await self.settle(chat)
+        await self.wait_for(lambda: chat.session.store.history("bob").addCallback(
+            lambda entries: "delivered" in entries[-1].status), "bob's receipt in the history")
+        since = len(ui.shown)
+        await self.type(chat, "/history")
+        [line] = [line for line in ui.text(since).splitlines() if "on my way" in line]
+        self.assertIn("-> bob: on my way (sent from 'laptop', delivered to bob)", line)
+
+    async def test_opening_a_conversation_shows_device_changes(self):
+        """
+        /to bob looks at bob's devices: once bob links a laptop, opening the conversation again shows the line,
+        though alice sent nothing and bob wrote nothing.
+        """
+        chat, ui = await self.chat_as("alice")
+        bob = await self.peer("bob")
+        await self.type(chat, "/to bob")
+        await self.type(chat, "/to")
+        laptop = await self.connect(self.address)
+        _, secret = pager.new_link_code()
+        await laptop.link_request("bob", key("bob-laptop"), "laptop", secret)
+        await bob.approve_link(None, None, secret)
+        await laptop.wait_linked()
+        since = len(ui.shown)
+        await self.type(chat, "/to bob")
+        added = pager.format_device_id(pager.device_id(key("bob-laptop")))
+        self.assertIn("bob added a device 'laptop' (id %s)" % added, ui.text(since))
