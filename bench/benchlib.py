@@ -558,10 +558,15 @@ def _seal_job(job):
     sender_index, recipient_index, count = job
     keys, names, plaintext = _SEAL_JOBS["keys"], _SEAL_JOBS["names"], _SEAL_JOBS["plaintext"]
     priv, name = keys[sender_index], names[sender_index]
-    rname, rpub = names[recipient_index], keys[recipient_index].public_key()
+    rname, rkey = names[recipient_index], keys[recipient_index]
+    prekey = (_SEAL_JOBS.get("prekeys") or {}).get(rname)
+    if prekey is not None:  # as a 0.3 client seals: an X25519 wrap to the recipient's signed prekey
+        recipients = [pager.DeviceTarget(rname, pager.device_id(rkey), signed_prekey=prekey)]
+    else:  # a legacy device (an account made straight in the database): RSA-OAEP
+        recipients = {rname: rkey.public_key()}
     out = []
     for _ in range(count):
-        sealer = pager.Sealer(priv, name, {rname: rpub})
+        sealer = pager.Sealer(priv, name, recipients)
         chunks = sealer.update(plaintext)
         last, signature = sealer.finish()
         chunks += last
@@ -575,18 +580,32 @@ def _seal_job(job):
     return out
 
 
+def signed_prekeys(keys, names):
+    """
+    A signed prekey for each of C{names} (with C{keys}), made here so that envelopes can be sealed to it before the
+    server starts: L{register_with_clients} publishes it in place of the one the client made.
+    """
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    now = int(time.time())
+    out = {}
+    for i, (name, key) in enumerate(zip(names, keys)):
+        public = pager.x25519_public_bytes(x25519.X25519PrivateKey.generate().public_key())
+        out[name] = pager.sign_prekey(key, name, 1000 + i, public, now - 60, now + pager.PREKEY_LIFETIME)
+    return out
+
+
 def seal_envelopes(keys, names, jobs, plaintext=PLAINTEXT_256, processes=None):
     """Like L{seal_tails}, but each job gives a list of L{pager.Envelope}."""
     return seal_tails(keys, names, jobs, plaintext, processes, envelopes=True)
 
 
-def seal_tails(keys, names, jobs, plaintext=PLAINTEXT_256, processes=None, envelopes=False):
+def seal_tails(keys, names, jobs, plaintext=PLAINTEXT_256, processes=None, envelopes=False, prekeys=None):
     """
     Seal real envelopes in worker processes.  C{jobs} is a list of (sender index, recipient index, count) into
     C{keys}/C{names}; returns, per job, a list of C{(message id hex bytes, tail)} where the tail is the JSON text
     of a send frame from C{"size"} to the end of the line.  Call before any thread is started (workers fork).
     """
-    _SEAL_JOBS.update(keys=keys, names=names, plaintext=plaintext, envelopes=envelopes)
+    _SEAL_JOBS.update(keys=keys, names=names, plaintext=plaintext, envelopes=envelopes, prekeys=prekeys)
     pieces = []
     index = []
     for j, (s, r, count) in enumerate(jobs):  # split big jobs so both cores stay busy
@@ -693,8 +712,11 @@ class ReactorThread:
         self.thread.join(10)
 
 
-async def register_with_clients(reactor, port, users, parallel=48, token=TOKEN):
-    """Register C{users} (name, private key) through pager.PagerClient, C{parallel} at a time, retrying when busy."""
+async def register_with_clients(reactor, port, users, parallel=48, token=TOKEN, prekeys=None):
+    """
+    Register C{users} (name, private key) through pager.PagerClient, C{parallel} at a time, retrying when busy; a
+    user named in C{prekeys} (see L{signed_prekeys}) then publishes that signed prekey in place of the client's own.
+    """
     from twisted.internet import defer, task
     semaphore = defer.DeferredSemaphore(parallel)
     address = "tcp:%s:%d" % (LOOPBACK, port)
@@ -705,6 +727,8 @@ async def register_with_clients(reactor, port, users, parallel=48, token=TOKEN):
             client = await pager.PagerClient.connect(address, reactor)
             try:
                 await client.register(name, token, key)
+                if prekeys and name in prekeys:
+                    await client.protocol.request("publish_prekeys", signed=prekeys[name].to_json(), replace=True)
                 return
             except pager.RateLimited:
                 retries[0] += 1

@@ -318,7 +318,7 @@ def build_frames(scenarios, tails, names_r, ceiling=False):
             sc.frames.append(out)
 
 
-def run_pager(args, report, scenarios, keys, names_s, names_r, tails, work):
+def run_pager(args, report, scenarios, keys, names_s, names_r, tails, work, prekeys=None):
     P = max(args.pairs)
     build_frames(scenarios, tails, names_r)
     server = bl.start_pager(work, nofile=4 * P + 1000)
@@ -328,7 +328,7 @@ def run_pager(args, report, scenarios, keys, names_s, names_r, tails, work):
         rt = bl.ReactorThread()
         t = time.perf_counter()
         users = [(names_s[i], keys[i]) for i in range(P)] + [(names_r[i], keys[P + i]) for i in range(P)]
-        retries = rt.run(bl.register_with_clients, server.port, users)
+        retries = rt.run(bl.register_with_clients, server.port, users, 48, bl.TOKEN, prekeys)
         rt.stop()
         log("registered %d users with pager.PagerClient in %.1f s (%d retries on rate_limited)"
             % (len(users), time.perf_counter() - t, retries))
@@ -484,12 +484,13 @@ def main(argv=None):
     work = bl.workdir("pager-relay-")
     pager_results, ceiling_results = [], []
     try:
+        prekeys = bl.signed_prekeys(keys[P:2 * P], names_r)  # receivers' prekeys: sealed to as 0.3 clients do
         if args.only != "ceiling":
-            tails = bl.seal_tails(keys, names_s + names_r, [(p, P + p, need[p]) for p in range(P)])
+            tails = bl.seal_tails(keys, names_s + names_r, [(p, P + p, need[p]) for p in range(P)], prekeys=prekeys)
         else:  # the ceiling only needs frames of the right size: a few real envelopes, relabelled
             tails = bl.seal_tails(keys, names_s + names_r, [(p, P + p, 2) for p in range(P)])
         if args.only != "ceiling":
-            pager_results = run_pager(args, report, scenarios, keys, names_s, names_r, tails, work)
+            pager_results = run_pager(args, report, scenarios, keys, names_s, names_r, tails, work, prekeys)
         if args.only != "pager":
             ceiling_scenarios = build_scenarios(args)
             for sc in ceiling_scenarios:
