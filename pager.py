@@ -6629,6 +6629,7 @@ class PagerClient:
         self._link = None  # the link request waiting for an answer (_LinkWait)
         self._sealed = collections.OrderedDict()  # message id -> what seal() sealed, to seal it anew
         self._keys = {}  # user -> (public key, fingerprint)
+        self._device_views = {}  # user -> (identity fingerprint, {device id: revoked}) as this client last saw them
         self._incoming = {}  # msg id (hex) -> _Incoming still receiving chunks
         self._queue = collections.deque()
         self._working = False
@@ -7059,11 +7060,16 @@ class PagerClient:
                 [dataclasses.astuple(d) for d in kept]:
             await self.pins.set_devices(user, fp, kept)
         certified_seen = (old is not None and old.certified_seen) or any(d.certified for d in merged)
-        if before and self.on_devices_changed is not None:
+        # Changes are told against what this client saw last, when it has seen the user's devices: the stored list
+        # is shared by every command on this machine, and one that looked first (an approval or revocation made in
+        # another terminal) must not hide the change from a chat that is open.
+        view = self._device_views.get(user)
+        seen = view[1] if view is not None and view[0] == fp else {d: before[d].revoked for d in before}
+        self._device_views[user] = (fp, {d.device_id: d.revoked for d in merged})
+        if seen and self.on_devices_changed is not None:
             mine = device_id(self.private_key)
-            added = [d for d in merged if d.device_id not in before and not d.revoked and d.device_id != mine]
-            revoked = [d for d in merged if d.revoked and (d.device_id not in before
-                                                           or not before[d.device_id].revoked)]
+            added = [d for d in merged if d.device_id not in seen and not d.revoked and d.device_id != mine]
+            revoked = [d for d in merged if d.revoked and not seen.get(d.device_id, False)]
             if added or revoked:
                 self.on_devices_changed(user, added, revoked)
         return merged, certified_seen
@@ -11535,6 +11541,14 @@ async def _fetch_command(reactor, config):
                 "Standard output was closed (its reader stopped reading) before every message was printed; the "
                 "messages not printed stay on the server."))
             raise output_closed[0]
+        if sent_from is not None:
+            # Sent by this user from another of their devices: kept in the history as sent, as the chat keeps it.
+            peers = [r for r in message.recipients if r != session.user]
+            await session.store.add_history(HistoryEntry(
+                message.accepted_at or message.timestamp, "out", ",".join(peers) or session.user,
+                message.message_id.hex(), message.content_type, message.filename,
+                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from))
+            return
         await session.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",

@@ -350,6 +350,29 @@ class DeviceChangeTests(DeviceClientTestCase):
         await alice.refresh_devices("bob")
         self.assertEqual(changes[1:], [("bob", [], ["phone"])])
 
+    async def test_change_seen_first_by_another_command(self):
+        """
+        Two clients of alice share one machine's store (an open chat, and a command run in another terminal): the
+        command looks at bob's devices first and keeps the new list, yet the chat, which saw the old list, still
+        tells its on_devices_changed of the device bob added and of the one he revoked.
+        """
+        alice = await self.register(self.address, "alice")
+        bob = await self.register(self.address, "bob")
+        command = await self.connect(self.address, seen=alice.seen, pins=alice.pins)
+        await command.login("alice", token("alice"), key("alice"))
+        changes = []
+        alice.on_devices_changed = lambda user, added, revoked: changes.append(
+            (user, [d.name for d in added], [d.name for d in revoked]))
+        await alice.refresh_devices("bob")
+        phone = await self.link(bob, "bob-phone", name="phone")
+        await command.devices("bob")  # keeps the list with the phone in the shared store
+        await alice.refresh_devices("bob")
+        self.assertEqual(changes, [("bob", ["phone"], [])])
+        await bob.revoke_device(phone.device)
+        await command.devices("bob")
+        await alice.refresh_devices("bob")
+        self.assertEqual(changes[1:], [("bob", [], ["phone"])])
+
     async def test_linked_device_cannot_link_or_revoke(self):
         """Only the identity device signs certificates and revocations: a linked device is told so, locally."""
         alice = await self.register(self.address, "alice")

@@ -6,11 +6,13 @@ the chat's lines about devices.  Commands run in-process against a real server o
 """
 
 import dataclasses
+import glob
 import io
 import json
 import os
 import re
 import signal
+import sqlite3
 import sys
 
 from twisted.internet import defer, reactor
@@ -387,6 +389,14 @@ class LinkDeviceTests(CLITestCase):
         self.assertExit(from_laptop, 0)
         mine = await self.run_command("fetch", "HOST", "--user", "alice", home=identity_home, token_of="alice")
         self.assertIn("you (on 'laptop') \u2192 bob: on my way", mine.out)
+        # ...and keeps it in its history as sent to bob from the laptop, not as received from alice.
+        [db] = glob.glob(os.path.join(identity_home, "*", "alice", pager.LOCAL_DB_NAME))
+        conn = sqlite3.connect(db)
+        try:
+            rows = conn.execute("SELECT direction, peer, status FROM history WHERE body = ?", (b"on my way",)).fetchall()
+        finally:
+            conn.close()
+        self.assertEqual(rows, [("out", "bob", pager.SENT_FROM + "'laptop'")])
 
         prints = []
         for home, token_of in ((laptop_home, None), (identity_home, "alice")):
