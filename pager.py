@@ -8595,7 +8595,8 @@ class Session:
         warning = ("An empty passphrase leaves %s unencrypted on disk: whoever can read the file can read your "
                    "messages and page as you." % what)
         if self.config.get("no-passphrase"):  # commands that make no key have no --no-passphrase
-            self.prompter.say("Warning: " + warning)
+            self.prompter.say("Warning: --no-passphrase leaves %s unencrypted on disk: whoever can read the file can "
+                              "read your messages and page as you." % what)
             return ""
         hint = "Give a passphrase in PAGER_PASSPHRASE or with --passphrase-file, or choose --no-passphrase."
         while True:
@@ -11075,7 +11076,7 @@ class FingerprintOptions(_ClientOptions):
 
 
 class LinkDeviceOptions(_ClientOptions):
-    synopsis = "HOST[:PORT] --user NAME [--name DEVICE_NAME] [CODE]"
+    synopsis = "HOST[:PORT] --user NAME [--name DEVICE_NAME] [--no-passphrase] [--force] [--yes] [CODE]"
     longdesc = ("Add a device (a laptop, a cron box) to your account, in two steps. On the NEW machine, without CODE: "
                 "makes this machine's own key (under a new passphrase, as at registration), prints a one-time code "
                 "and the command to run with it, and waits up to 10 minutes for the approval (Ctrl-C cancels, and "
