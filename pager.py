@@ -11755,10 +11755,11 @@ async def _passwd_command(reactor, config):
         given = _first_line_of(config["new-passphrase-file"], "passphrase file")
     elif given is None and not session.prompter.interactive:
         raise usage.UsageError("Give the new passphrase with --new-passphrase-file (or --no-passphrase).")
-    new = await session.new_passphrase("your private key", given=given)
+    what = "your private key" if path == session.key_path else "this device's key"
+    new = await session.new_passphrase(what, given=given)
     if config["no-passphrase"]:
-        session.prompter.say("Warning: your private key is now kept without a passphrase: whoever can read the "
-                             "file can read your messages and page as you.")
+        session.prompter.say("Warning: %s is now kept without a passphrase: whoever can read the file can read "
+                             "your messages and page as you." % what)
     await session.in_thread(save_private_key, path, key, new)
     if token is not None:
         await session.in_thread(save_token, session.token_path, token, new, session.server_id, session.user)

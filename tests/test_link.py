@@ -197,6 +197,11 @@ class IdentityOnlyTests(LinkedMachineTestCase):
         self.assertIn(pager.DEVICE_FILE_NAME, result.out)
         self.assertEqual(pager.device_id(pager.load_private_key(path, "a new passphrase")),
                          pager.device_id(key("alice-device")))
+        # Without a passphrase from now on: the warning names the key this machine holds, the device's own.
+        result = await self.cli("passwd", self.host, "--user", "alice", "--no-passphrase", "--home", home,
+                                env={"PAGER_PASSPHRASE": "a new passphrase"})
+        self.assertExit(result, 0)
+        self.assertIn("this device's key is now kept without a passphrase", result.err)
 
     async def test_export_suggests_link_device(self):
         """export-key says the importing machine becomes the identity device, and suggests link-device."""
