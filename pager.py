@@ -11911,9 +11911,12 @@ def _device_json(info, identity, this_device=None):
             "this_device": info.device_id == this_device}
 
 
-def describe_device(info, identity, this_device=None):
-    """One line about a device: name, id, when it was added, last seen (own devices only), revoked, which it is."""
-    parts = ["%-42s %s" % (device_name_text(info.name), format_device_id(info.device_id))]
+def describe_device(info, identity, this_device=None, width=0):
+    """
+    One line about a device: name (padded to C{width} characters, so that a listing's ids line up), id, when it was
+    added, last seen (own devices only), revoked, which it is.
+    """
+    parts = ["%-*s %s" % (width, device_name_text(info.name), format_device_id(info.device_id))]
     parts.append("added %s" % (_date_clock(info.created) if info.created else "before devices were certified"))
     if info.last_seen is not None:
         parts.append("last seen %s" % _date_clock(info.last_seen))
@@ -11935,7 +11938,8 @@ def describe_devices(user, devices, identity, this_device=None):
     revoked = [d for d in devices if d.revoked_at is not None]
     head = "%s has %d device%s%s:" % (user, len(current), "" if len(current) == 1 else "s",
                                       " (and %d revoked)" % len(revoked) if revoked else "")
-    return "\n".join([head] + ["  " + describe_device(d, identity, this_device) for d in current + revoked])
+    width = max((len(device_name_text(d.name)) for d in devices), default=0)  # the longest name here, not 40
+    return "\n".join([head] + ["  " + describe_device(d, identity, this_device, width) for d in current + revoked])
 
 
 async def _devices_command(reactor, config):

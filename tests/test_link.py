@@ -71,6 +71,10 @@ class ShowingTests(unittest.TestCase):
         self.assertIn("identity key", lines[2])
         self.assertIn("REVOKED", lines[3])
         self.assertIn("'phone'", lines[3])
+        # Names are padded to the longest one listed ('laptop', 8 characters quoted), not to the longest allowed:
+        # the ids line up one space after it, and a short listing fits a terminal's width.
+        self.assertEqual({line.index(pager.format_device_id(d.device_id)) for line, d in
+                          zip(lines[1:], (this, home, lost))}, {2 + 8 + 1})
 
     def test_own_message_from_another_device(self):
         """A message of the user's own from another device is shown as sent, naming the device and recipients."""
