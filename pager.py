@@ -5581,29 +5581,30 @@ class LocalPrekey:
 class OpeningPrekeys:
     """
     The private prekeys one message needs, decrypted, as the L{Opener} asks for them: C{signed_private(id)},
-    C{signed_valid(id)} and C{one_time_private(id)}, each None when the prekey is gone.
+    C{signed_valid(id)} and C{one_time_private(id)}, each None when the prekey is gone.  A private part is
+    decrypted when the Opener asks for it, so on the thread that opens the message, not where this is made.
     """
 
     def __init__(self, vault, device, signed=None, one_time=None):
-        self._signed, self._one_time = {}, {}
-        if signed is not None and signed.private_enc is not None:
-            self._signed[signed.prekey_id] = (
-                open_prekey_private(vault, device, "signed", signed.prekey_id, signed.private_enc),
-                (signed.valid_from, signed.valid_until))
-        if one_time is not None and one_time.private_enc is not None:
-            self._one_time[one_time.prekey_id] = open_prekey_private(
-                vault, device, "one-time", one_time.prekey_id, one_time.private_enc)
+        self._vault, self._device = vault, device
+        self._signed = signed if signed is not None and signed.private_enc is not None else None
+        self._one_time = one_time if one_time is not None and one_time.private_enc is not None else None
 
     def signed_private(self, prekey_id):
-        entry = self._signed.get(prekey_id)
-        return entry[0] if entry else None
+        signed = self._signed
+        if signed is None or signed.prekey_id != prekey_id:
+            return None
+        return open_prekey_private(self._vault, self._device, "signed", prekey_id, signed.private_enc)
 
     def signed_valid(self, prekey_id):
-        entry = self._signed.get(prekey_id)
-        return entry[1] if entry else None
+        signed = self._signed
+        return (signed.valid_from, signed.valid_until) if signed is not None and signed.prekey_id == prekey_id else None
 
     def one_time_private(self, prekey_id):
-        return self._one_time.get(prekey_id)
+        one_time = self._one_time
+        if one_time is None or one_time.prekey_id != prekey_id:
+            return None
+        return open_prekey_private(self._vault, self._device, "one-time", prekey_id, one_time.private_enc)
 
 
 def make_prekeys(device_key, user, vault, now, signed=True, one_time=0, taken=()):
