@@ -6418,7 +6418,6 @@ async def within(reactor, d, seconds):
 
 MAX_RESEALABLE = 16  # messages sealed in this process that can still be sealed anew (RESEAL_TRIES)
 MAX_LISTED_DEVICES = 256  # devices one devices or bundle answer may list for a user (current and revoked)
-LINK_WAIT = 600  # seconds the server keeps a link request (LINK_TTL in PROTOCOL.md)
 
 
 MAX_PREKEY_GRACE = 30 * DAY + SEEN_MARGIN  # the longest a replaced signed prekey is kept, whatever the server says
@@ -7203,9 +7202,13 @@ class PagerClient:
             waiting.done.errback(LinkFailed(
                 "The link request was declined on the machine that holds %s's identity key: nothing was linked."
                 % waiting.user))
+        elif frame.get("evicted") is True:
+            waiting.done.errback(LinkFailed(
+                "The server dropped the link request to make room for newer requests for %s (someone may be "
+                "flooding them); ask again." % waiting.user))
         else:
             waiting.done.errback(LinkFailed("Nobody approved the link request within %d minutes; ask again."
-                                            % (LINK_WAIT // 60)))
+                                            % (LINK_TTL // 60)))
 
     async def wait_linked(self):
         """

@@ -160,6 +160,20 @@ class LinkRefusalTests(DeviceClientTestCase):
         info = await alice.approve_link([r for r in requests if r.name == "phone"][0], None, secret)
         self.assertEqual((info.name, len(signed)), ("phone", 1))
 
+    async def test_evicted(self):
+        """
+        The server pushed the request out to make room for newer ones (link_expired with evicted): the wait ends
+        with LinkFailed saying so, not that nobody approved it in time.
+        """
+        newcomer = await self.connect(self.address)
+        await self.register(self.address, "alice")
+        _, secret = pager.new_link_code()
+        await newcomer.link_request("alice", key("alice-laptop"), "laptop", secret)
+        waiting = defer.Deferred.fromCoroutine(newcomer.wait_linked())
+        newcomer.frame_received({"type": "link_expired", "evicted": True})
+        failure = await self.assertFailure(waiting, pager.LinkFailed)
+        self.assertIn("to make room for newer requests for alice", failure.message)
+
     async def test_declined(self):
         """
         The identity device declines a request (the person answered no): the new device's wait ends at once with
