@@ -43,6 +43,7 @@ import sqlite3
 import struct
 import time
 import traceback
+import types
 import unicodedata
 
 try:
@@ -92,6 +93,8 @@ SIGNED_PREKEY_TAG = b"pager-signed-prekey-v1"  # a signed prekey, signed by the 
 WRAP_TAG = b"pager-x25519-wrap-v1"  # the HKDF info of an X25519 key wrap
 LINK_REQUEST_TAG = b"pager-link-request-v1"  # the MAC of a new device's link request
 LINK_ANSWER_TAG = b"pager-link-answer-v1"  # the MAC of the identity device's answer
+GROUP_OP_TAG = b"pager-group-op-v1"  # a group operation, signed by its actor's identity key
+GROUP_ENVELOPE_TAG = b"pager-group-envelope-v1"  # the header of a group message: never taken for a 1:1 one
 SIGNATURE_TAG = b"pager-signature-v1"
 COMMITMENT_TAG = b"pager-key-commitment-v1"
 AUTH_TAG = b"pager-auth-v2"  # proof-of-possession signatures; distinct from every envelope tag (v2 names the server)
@@ -124,6 +127,16 @@ PREKEY_LIFETIME = 14 * DAY  # seconds a signed prekey is valid for (valid_until 
 PREKEY_SKEW = DAY  # seconds a signed prekey may be used before its valid_from (clocks differ)
 X25519_KEY_SIZE = 32
 MAX_WRAPS = 512  # wrapped keys (recipient devices) one envelope holds
+GROUP_ID_SIZE = 16  # bytes of a group id, made at random by its creator's client (32 hex digits on the wire)
+GROUP_OP_KINDS = ("create", "add", "remove", "leave", "rename", "topic", "promote", "demote")
+DEFAULT_MAX_GROUP_MEMBERS = 256  # members of one group, its creator included; the largest group header holds
+MAX_GROUP_TOPIC_BYTES = 256  # UTF-8 bytes of a group's topic
+MAX_GROUP_OPS = 4096  # operations in one group's chain; then a new group must be created
+MAX_GROUP_OP_BYTES = 32768  # bytes of one encoded group operation
+MAX_GROUP_WRAPS = 2048  # wrapped keys (member devices) one group envelope holds
+GROUP_OP_RATE = 1.0  # group operations per second per account (after a burst of GROUP_OP_BURST)
+GROUP_OP_BURST = 30
+MAX_FORMER_GROUPS = 64  # groups a user left or was removed from whose end the server still lets them read
 LINK_SECRET_SIZE = 10  # bytes (80 bits) of the one-time code that links a new device
 SEEN_MARGIN = DAY  # seconds a client remembers a message id past the server's message expiry
 CLIENT_CLOSE_GRACE = 3.0  # seconds a client's close waits for the server to read what it wrote; then it aborts
@@ -402,6 +415,20 @@ class DevicesChanged(ProtocolError):
     """The recipients' devices have changed since the message was sealed: fetch them again and seal it anew."""
 
     code = "devices_changed"
+
+
+class GroupOpError(BadRequest):
+    """The group operation is malformed."""
+
+
+class GroupRefused(Forbidden):
+    """The group's rules refuse that operation."""
+
+
+class GroupFull(GroupRefused):
+    """The group would have more members than it may."""
+
+    code = "too_large"
 
 
 class InternalError(ProtocolError):
@@ -1012,7 +1039,8 @@ class EnvelopeHeader:
     """
     The parsed header of an envelope; C{raw} is the exact bytes that were parsed (and are signed).  A version 1
     header parses into the same fields: each recipient becomes an RSA entry for the device named by the first half of
-    its key's fingerprint, and so does the sender's device.
+    its key's fingerprint, and so does the sender's device.  A group message's header (tag L{GROUP_ENVELOPE_TAG})
+    also names its group and the membership version it was sealed for; both are C{None} for any other.
     """
 
     raw: bytes
@@ -1027,6 +1055,8 @@ class EnvelopeHeader:
     chunk_size: int
     entries: tuple  # of Wrap, sorted by (name, device id)
     commitment: bytes
+    group_id: bytes = None  # a group message's group (GROUP_ID_SIZE bytes)
+    group_head: bytes = None  # the hash of the last group operation the sender had verified (32 bytes)
 
     @property
     def recipient_names(self):
@@ -1060,11 +1090,19 @@ def _wrap_order(entry):
 
 
 def _encode_header(message_id, timestamp_ms, sender, sender_fp, sender_device, content_type, filename, chunk_size,
-                   entries, commitment):
-    """A version 2 header; C{entries} (L{Wrap}s) are written in the order given."""
+                   entries, commitment, group=None):
+    """
+    A version 2 header; C{entries} (L{Wrap}s) are written in the order given.  With C{group} (group id, head) it is a
+    group message's header: the group tag, and the two fields after the sender device.
+    """
     parts = [
-        _lp(ENVELOPE_TAG), _lp(message_id), _U64.pack(timestamp_ms), _lp(sender.encode("ascii")), _lp(sender_fp),
-        _lp(sender_device), _lp(content_type.encode("ascii")), _lp(filename.encode("utf-8")), _U32.pack(chunk_size),
+        _lp(ENVELOPE_TAG if group is None else GROUP_ENVELOPE_TAG), _lp(message_id), _U64.pack(timestamp_ms),
+        _lp(sender.encode("ascii")), _lp(sender_fp), _lp(sender_device),
+    ]
+    if group is not None:
+        parts += [_lp(group[0]), _lp(group[1])]
+    parts += [
+        _lp(content_type.encode("ascii")), _lp(filename.encode("utf-8")), _U32.pack(chunk_size),
         _U32.pack(len(entries)),
     ]
     parts += [e.encode() for e in entries]
@@ -1088,16 +1126,18 @@ def _encode_header_v1(message_id, timestamp_ms, sender, sender_fp, content_type,
 
 def parse_header(raw):
     """
-    Parse and check an envelope header, version 2 or 1: every field present with its exact length, names valid,
-    entries sorted by (name, device id) without duplicates, nothing after the end.  Raises L{MalformedEnvelope}.
+    Parse and check an envelope header, version 2 (1:1 or group) or 1: every field present with its exact length,
+    names valid, entries sorted by (name, device id) without duplicates, nothing after the end.  Raises
+    L{MalformedEnvelope}.
     """
     if not isinstance(raw, (bytes, bytearray)):
         raise MalformedEnvelope("The message header is not bytes.")
     r = _Reader(raw)
     tag = r.field(64)
-    if tag not in (ENVELOPE_TAG, ENVELOPE_TAG_V1):
+    if tag not in (ENVELOPE_TAG, GROUP_ENVELOPE_TAG, ENVELOPE_TAG_V1):
         raise MalformedEnvelope("The message is not a pager v2 (or v1) envelope.")
-    version = 2 if tag == ENVELOPE_TAG else 1
+    version = 1 if tag == ENVELOPE_TAG_V1 else 2
+    group = tag == GROUP_ENVELOPE_TAG
     # Runs of fields of fixed sizes are read at once, length prefixes included, and each length is then checked.
     id_size, message_id, timestamp_ms = r.fixed(_ID_AND_TIME)
     if id_size != MESSAGE_ID_SIZE:
@@ -1107,6 +1147,10 @@ def parse_header(raw):
         fp_size, sender_fp, device_size, sender_device = r.fixed(_FINGERPRINT_AND_DEVICE)
         if fp_size != 32 or device_size != DEVICE_ID_SIZE:
             raise MalformedEnvelope("The sender's key fingerprint or device id has the wrong length.")
+        if group:
+            group_id_size, group_id, head_size, group_head = r.fixed(_GROUP_AND_HEAD)
+            if group_id_size != GROUP_ID_SIZE or head_size != 32:
+                raise MalformedEnvelope("The group id or the membership head has the wrong length.")
     else:
         sender_fp = _header_fingerprint(r)
         sender_device = sender_fp[:DEVICE_ID_SIZE]
@@ -1124,8 +1168,9 @@ def parse_header(raw):
         raise MalformedEnvelope("The chunk size is out of range.")
     if version == 1 and not 1 <= count <= MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has 1 to %d recipients." % MAX_RECIPIENTS)
-    if not 1 <= count <= MAX_WRAPS:
-        raise MalformedEnvelope("A message has 1 to %d wrapped keys." % MAX_WRAPS)
+    max_wraps = MAX_GROUP_WRAPS if group else MAX_WRAPS
+    if not 1 <= count <= max_wraps:
+        raise MalformedEnvelope("A %smessage has 1 to %d wrapped keys." % ("group " if group else "", max_wraps))
     entries = []
     read_entry = _header_entry if version == 2 else _header_recipient_v1
     previous = None
@@ -1136,19 +1181,27 @@ def parse_header(raw):
             raise MalformedEnvelope("The wrapped keys are not sorted by name and device without duplicates.")
         previous = order
         entries.append(entry)
-    if len({e.name for e in entries} - {sender}) > MAX_RECIPIENTS:
+    if group:
+        if len({e.name for e in entries} | {sender}) > DEFAULT_MAX_GROUP_MEMBERS:
+            raise MalformedEnvelope("A group message names at most %d members, its sender included."
+                                    % DEFAULT_MAX_GROUP_MEMBERS)
+    elif len({e.name for e in entries} - {sender}) > MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has at most %d recipients besides its sender." % MAX_RECIPIENTS)
     commitment_size, commitment = r.fixed(_COMMITMENT_FIELD)
     if commitment_size != 32:
         raise MalformedEnvelope("The key commitment is not 32 bytes.")
     r.end()
+    if not group:
+        return EnvelopeHeader(bytes(raw), version, message_id, timestamp_ms, sender, sender_fp, sender_device,
+                              content_type, filename, chunk_size, tuple(entries), commitment)
     return EnvelopeHeader(bytes(raw), version, message_id, timestamp_ms, sender, sender_fp, sender_device,
-                          content_type, filename, chunk_size, tuple(entries), commitment)
+                          content_type, filename, chunk_size, tuple(entries), commitment, group_id, group_head)
 
 
 # Runs of fixed-size fields of a version 2 header, each length-prefixed field with its u32 length.
 _ID_AND_TIME = struct.Struct(">I%dsQ" % MESSAGE_ID_SIZE)  # lp(message id) u64(timestamp)
 _FINGERPRINT_AND_DEVICE = struct.Struct(">I32sI%ds" % DEVICE_ID_SIZE)  # lp(sender fingerprint) lp(sender device)
+_GROUP_AND_HEAD = struct.Struct(">I%dsI32s" % GROUP_ID_SIZE)  # a group header's lp(group id) lp(membership head)
 _CHUNK_SIZE_AND_COUNT = struct.Struct(">II")
 _DEVICE_AND_KIND = struct.Struct(">I%dsB" % DEVICE_ID_SIZE)  # an entry's lp(device id) u8(kind)
 _X25519_ENTRY = struct.Struct(">III%dsI%ds" % (X25519_KEY_SIZE, _X25519_WRAPPED_SIZE))  # spk, opk, lp(ek), lp(wrapped)
@@ -1293,7 +1346,7 @@ class Sealer:
 
     def __init__(self, private_key, sender, recipients, content_type="text", filename="", chunk_size=CHUNK_SIZE,
                  message_id=None, timestamp_ms=None, content_key=None, sender_fingerprint=None, sender_device=None,
-                 now=None):
+                 now=None, group=None):
         """
         @param private_key: the sending device's RSA key: it signs.
         @param recipients: a list of L{DeviceTarget}s, one per device (the sender's other devices under its own
@@ -1301,16 +1354,32 @@ class Sealer:
         @param sender_fingerprint: the fingerprint of the sender's identity key (default: C{private_key}'s).
         @param sender_device: the sending device's id (default: C{private_key}'s).
         @param now: the time (seconds) at which signed prekeys must be valid, besides the message's timestamp.
+        @param group: C{(group id, head)} for a group message: the group's id (L{GROUP_ID_SIZE} bytes) and the hash
+            of the last operation of its chain the sender verified (32 bytes); the recipients are then every current
+            device of every member but the sending one (up to L{MAX_GROUP_WRAPS} devices and
+            L{DEFAULT_MAX_GROUP_MEMBERS} users, the sender included).
         @raise PrekeyUnusable: a target's signed prekey is expired or not yet valid, or no X25519 key.
         @raise NoPrekeys: a target has neither a signed prekey nor an RSA key.
         """
         if content_type not in CONTENT_TYPES:
             raise ValueError("content_type must be one of %r" % (CONTENT_TYPES,))
         targets = _targets(recipients)
-        if not 1 <= len(targets) <= MAX_WRAPS:
-            raise ValueError("a message has 1 to %d recipient devices" % MAX_WRAPS)
-        if len({t.user for t in targets} - {sender}) > MAX_RECIPIENTS:
-            raise ValueError("a message has 1 to %d recipients" % MAX_RECIPIENTS)
+        if group is not None:
+            group_id, head = group
+            if not (isinstance(group_id, bytes) and len(group_id) == GROUP_ID_SIZE
+                    and isinstance(head, bytes) and len(head) == 32):
+                raise ValueError("group is (a %d-byte group id, a 32-byte head)" % GROUP_ID_SIZE)
+            group = (group_id, head)
+            if not 1 <= len(targets) <= MAX_GROUP_WRAPS:
+                raise ValueError("a group message has 1 to %d recipient devices" % MAX_GROUP_WRAPS)
+            if len({t.user for t in targets} | {sender}) > DEFAULT_MAX_GROUP_MEMBERS:
+                raise ValueError("a group message has at most %d members, its sender included"
+                                 % DEFAULT_MAX_GROUP_MEMBERS)
+        else:
+            if not 1 <= len(targets) <= MAX_WRAPS:
+                raise ValueError("a message has 1 to %d recipient devices" % MAX_WRAPS)
+            if len({t.user for t in targets} - {sender}) > MAX_RECIPIENTS:
+                raise ValueError("a message has 1 to %d recipients" % MAX_RECIPIENTS)
         if len({(t.user, t.device_id) for t in targets}) != len(targets):
             raise ValueError("a device is named twice among the recipients")
         self._private_key = private_key
@@ -1345,7 +1414,7 @@ class Sealer:
         entries.sort(key=_wrap_order)
         self.header = _encode_header(
             message_id, timestamp_ms, sender, sender_fingerprint, sender_device, content_type, filename, chunk_size,
-            entries, _commitment(message_id, self._content_key),
+            entries, _commitment(message_id, self._content_key), group,
         )
         self.parsed = parse_header(self.header)
         self._ad = hashlib.sha256(self.header).digest()
@@ -1472,6 +1541,8 @@ class OpenedMessage:
     skewed: bool = False  # the signed time is far from when the server accepted it
     sender_device: bytes = b""  # the id of the device that signed
     used_prekeys: tuple = (0, 0)  # (signed prekey id, one-time prekey id) this device's key was wrapped with; 0: none
+    group_id: bytes = None  # a group message's group, from its signed header; None for a 1:1 message
+    group_head: bytes = None  # the membership version (head) the group message was sealed for
 
 
 class Opener:
@@ -1585,7 +1656,8 @@ class Opener:
         return OpenedMessage(
             header.message_id, header.sender, header.sender_fingerprint, tuple(header.addressed_names),
             header.timestamp_ms / 1000.0, header.content_type, header.filename, plaintext,
-            sender_device=header.sender_device, used_prekeys=self.used_prekeys,
+            sender_device=header.sender_device, used_prekeys=self.used_prekeys, group_id=header.group_id,
+            group_head=header.group_head,
         )
 
 
@@ -1595,6 +1667,413 @@ def open_envelope(envelope, private_key, recipient, sender_key, max_size=None, d
     for chunk in envelope.chunks:
         opener.update(chunk)
     return opener.finish(envelope.signature, sender_key)
+
+
+# -- group operations --
+# A group's membership is a chain of operations, each signed by its actor's identity key and naming the hash of the
+# one before it (PROTOCOL.md, "Group operations").  Everything here is pure: bytes in, states out.
+
+_ZERO_HEAD = bytes(32)
+_GROUP_OP_TAG_FIELD = _lp(GROUP_OP_TAG)
+_OP_SEQ = struct.Struct(">I")
+
+
+class _OpReader(_Reader):
+    """L{_Reader} for group operations: every shortfall is a L{GroupOpError}."""
+
+    __slots__ = ()
+
+    def fixed(self, unpacker):
+        try:
+            return super().fixed(unpacker)
+        except MalformedEnvelope:
+            raise GroupOpError("The group operation is truncated.")
+
+    def field(self, max_length):
+        try:
+            return super().field(max_length)
+        except MalformedEnvelope as e:
+            if "too long" in e.message:
+                raise GroupOpError("A field of the group operation is too long.")
+            raise GroupOpError("The group operation is truncated.")
+
+    def exact(self, size, what):
+        data = self.field(64)
+        if len(data) != size:
+            raise GroupOpError("The group operation's %s is not %d bytes." % (what, size))
+        return data
+
+    def name(self, what):
+        name = self.field(32)
+        if _USERNAME_BYTES_FULLMATCH(name) is None:
+            raise GroupOpError("The group operation's %s is not a valid name." % what)
+        return name.decode("ascii")
+
+    def topic(self):
+        try:
+            return self.field(MAX_GROUP_TOPIC_BYTES).decode("utf-8")
+        except UnicodeDecodeError:
+            raise GroupOpError("The group's topic is not valid UTF-8.")
+        except GroupOpError as e:
+            if "too long" in e.message:
+                raise GroupOpError("A group's topic is at most %d bytes of UTF-8." % MAX_GROUP_TOPIC_BYTES)
+            raise
+
+    def count(self, smallest, entry_size):
+        (n,) = self.fixed(_U32)
+        if n < smallest:
+            raise GroupOpError("The group operation lists no user.")
+        if n * entry_size > self.size - self.offset:
+            raise GroupOpError("The group operation is truncated.")
+        return n
+
+    def users(self, with_fp, smallest=1):
+        """At least C{smallest} users (with their fingerprints when C{with_fp}), sorted and without a name twice."""
+        n = self.count(smallest, 5 + (4 if with_fp else 0))  # the shortest entry: one-letter name, empty fp
+        out, previous = [], None
+        for _ in range(n):
+            user = self.name("user")
+            if previous is not None and user <= previous:  # ASCII: str order is byte order
+                raise GroupOpError("The group operation's users are not sorted without a name twice.")
+            previous = user
+            out.append((user, self.exact(32, "key fingerprint")) if with_fp else user)
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupOp:
+    """
+    One parsed group operation; C{raw} is the exact bytes parsed (and signed).  Only the fields of its C{kind} are
+    set: C{name} (create, rename), C{topic} (create, topic), C{members} (create, add: C{(user, fingerprint)} pairs,
+    sorted), C{users} (remove: names, sorted), C{user} (promote, demote).
+    """
+
+    raw: bytes
+    group_id: bytes
+    seq: int
+    prev: bytes
+    kind: str
+    actor: str
+    actor_fp: bytes
+    timestamp_ms: int
+    name: str = None
+    topic: str = None
+    members: tuple = ()
+    users: tuple = ()
+    user: str = None
+
+    @functools.cached_property
+    def hash(self):
+        """SHA-256 of the operation's bytes: the next operation's C{prev}, and the head while it is the last."""
+        return hashlib.sha256(self.raw).digest()
+
+
+def parse_group_op(raw):
+    """
+    Parse and check a group operation: the tag, every field with its exact length, names valid, lists sorted without
+    a name twice, nothing after the body, at most L{MAX_GROUP_OP_BYTES}.  Whether the group's rules allow it is
+    L{GroupState.apply}'s business.  Raises L{GroupOpError}.
+    """
+    if not isinstance(raw, (bytes, bytearray)):
+        raise GroupOpError("The group operation is not bytes.")
+    if len(raw) > MAX_GROUP_OP_BYTES:
+        raise GroupOpError("A group operation is at most %d bytes." % MAX_GROUP_OP_BYTES)
+    r = _OpReader(raw)
+    if r.field(64) != GROUP_OP_TAG:
+        raise GroupOpError("This is not a pager group operation.")
+    group_id = r.exact(GROUP_ID_SIZE, "group id")
+    (seq,) = r.fixed(_OP_SEQ)
+    if seq < 1:
+        raise GroupOpError("A group operation's sequence number starts at 1.")
+    prev = r.exact(32, "previous hash")
+    kind = r.field(16)
+    if kind not in _GROUP_OP_KIND_BYTES:
+        raise GroupOpError("The group operation is of an unknown kind.")
+    kind = kind.decode("ascii")
+    actor = r.name("actor")
+    actor_fp = r.exact(32, "actor's key fingerprint")
+    (timestamp_ms,) = r.fixed(_U64)
+    fields = {}
+    if kind == "create":
+        fields = dict(name=r.name("group name"), topic=r.topic(), members=r.users(True, 0))
+    elif kind == "add":
+        fields = dict(members=r.users(True))
+    elif kind == "remove":
+        fields = dict(users=r.users(False))
+    elif kind == "rename":
+        fields = dict(name=r.name("group name"))
+    elif kind == "topic":
+        fields = dict(topic=r.topic())
+    elif kind in ("promote", "demote"):
+        fields = dict(user=r.name("user"))
+    if r.offset != r.size:
+        raise GroupOpError("The group operation has trailing bytes.")
+    return GroupOp(bytes(raw), group_id, seq, prev, kind, actor, actor_fp, timestamp_ms, **fields)
+
+
+_GROUP_OP_KIND_BYTES = frozenset(kind.encode("ascii") for kind in GROUP_OP_KINDS)
+
+
+def _group_user_field(user):
+    if not valid_username(user):
+        raise GroupOpError("%r is not a valid user name." % (user,))
+    return _lp(user.encode("ascii"))
+
+
+def encode_group_op(group_id, seq, prev, kind, actor, actor_fp, timestamp_ms, *, name=None, topic=None, members=(),
+                    users=(), user=None):
+    """
+    The bytes of a group operation (PROTOCOL.md, "Group operations"), checked by parsing them back.  C{members} are
+    C{(user, fingerprint)} pairs (or a mapping), C{users} names; both are sorted here.  Give only the fields of
+    C{kind}.  Raises L{GroupOpError}.
+    """
+    if kind not in GROUP_OP_KINDS:
+        raise GroupOpError("%r is not a kind of group operation." % (kind,))
+    if hasattr(members, "items"):
+        members = members.items()
+    members, users = sorted(members), sorted(users)
+    wanted = {"create": {"name", "topic", "members"}, "add": {"members"}, "remove": {"users"}, "leave": set(),
+              "rename": {"name"}, "topic": {"topic"}, "promote": {"user"}, "demote": {"user"}}[kind]
+    given = {field for field, value in (("name", name), ("topic", topic), ("user", user)) if value is not None}
+    given |= {field for field, value in (("members", members), ("users", users)) if value}
+    if kind == "create":  # the topic may be left out, and the list empty
+        topic = "" if topic is None else topic
+        given |= {"topic", "members"}
+    if given - wanted:
+        raise GroupOpError("The %s operation takes no %s." % (kind, ", ".join(sorted(given - wanted))))
+    if wanted - given:
+        raise GroupOpError("The %s operation needs %s." % (kind, ", ".join(sorted(wanted - given))))
+    if not (isinstance(seq, int) and 0 <= seq < 2 ** 32 and _seconds(timestamp_ms)):
+        raise GroupOpError("The sequence number or the time is out of range.")
+    if not isinstance(actor, str) or not all(isinstance(b, bytes) for b in (group_id, prev, actor_fp)):
+        raise GroupOpError("The group id, the previous hash and the fingerprint are bytes, the actor a str.")
+    parts = [_GROUP_OP_TAG_FIELD, _lp(group_id), _OP_SEQ.pack(seq), _lp(prev), _lp(kind.encode("ascii")),
+             _group_user_field(actor), _lp(actor_fp), _U64.pack(timestamp_ms)]
+    if name is not None:
+        if not valid_username(name):
+            raise GroupOpError("%r is not a valid group name (canonical_group_name gives it)." % (name,))
+        parts.append(_lp(name.encode("ascii")))
+    if topic is not None:
+        try:
+            parts.append(_lp(topic.encode("utf-8")))
+        except (AttributeError, UnicodeEncodeError):
+            raise GroupOpError("The topic is not text that UTF-8 can encode.")
+    if kind in ("create", "add"):
+        parts.append(_U32.pack(len(members)))
+        for member, fp in members:
+            if not isinstance(fp, bytes):
+                raise GroupOpError("%s's key fingerprint is not bytes." % (member,))
+            parts += [_group_user_field(member), _lp(fp)]
+    elif kind == "remove":
+        parts.append(_U32.pack(len(users)))
+        parts += [_group_user_field(u) for u in users]
+    elif user is not None:
+        parts.append(_group_user_field(user))
+    raw = b"".join(parts)
+    parse_group_op(raw)
+    return raw
+
+
+def sign_group_op(private_key, raw):
+    """The actor's RSA-PSS-SHA256 signature (salt 32) over the operation's bytes, exactly.  Off the reactor thread."""
+    return private_key.sign(bytes(raw), _PSS, hashes.SHA256())
+
+
+def verify_group_op(public_key, op, signature):
+    """
+    Check C{signature} over C{op} (a L{GroupOp} or its bytes) with C{public_key}, which must be the key the operation
+    names (its fingerprint is C{op.actor_fp}); raises L{BadSignature}.
+    """
+    if not isinstance(op, GroupOp):
+        op = parse_group_op(op)
+    if not hmac.compare_digest(fingerprint(public_key), op.actor_fp):
+        raise BadSignature("The group operation names another key than the one given for %s." % op.actor)
+    if not isinstance(signature, bytes):
+        raise BadSignature("The group operation's signature is not bytes.")
+    try:
+        public_key.verify(signature, op.raw, _PSS, hashes.SHA256())
+    except InvalidSignature:
+        raise BadSignature("The group operation's signature does not verify.")
+
+
+def canonical_group_name(text):
+    """
+    The canonical name of a group as typed, C{ops} or C{#ops} (one leading C{#} is dropped; the rules are those of
+    user names).  Raises L{BadRequest}.
+    """
+    if isinstance(text, str) and text.startswith("#"):
+        text = text[1:]
+    try:
+        return canonical_username(text)
+    except BadRequest:
+        raise BadRequest("Group names are written #name: 1-32 characters of a-z, 0-9, '_', '.', '-' after the '#', "
+                         "starting with a letter or digit.")
+
+
+_NO_MEMBERS = types.MappingProxyType({})
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupState:
+    """
+    A group's membership after the operations of its chain up to C{seq}: C{head} is the last one's hash (32 zero
+    bytes before the first), C{members} maps each member to the fingerprint of their identity key as the operation
+    that added them gave it, C{admins} is the members who may change the group, C{joined} maps each member to the
+    C{seq} of the operation that (last) added them.  Immutable: L{apply} returns the next state.
+    """
+
+    group_id: bytes
+    seq: int = 0
+    head: bytes = _ZERO_HEAD
+    name: str = None
+    topic: str = ""
+    members: types.MappingProxyType = dataclasses.field(default_factory=lambda: _NO_MEMBERS)
+    admins: frozenset = frozenset()
+    joined: types.MappingProxyType = dataclasses.field(default_factory=lambda: _NO_MEMBERS)
+
+    @classmethod
+    def empty(cls, group_id):
+        """The state before a group's first operation."""
+        return cls(group_id)
+
+    def is_member(self, user):
+        return user in self.members
+
+    def is_admin(self, user):
+        return user in self.admins
+
+    @property
+    def ended(self):
+        """Whether the group was created and has no members left (its last member left): no operation follows."""
+        return self.seq > 0 and not self.members
+
+    @property
+    def label(self):
+        """The group as people see it: C{#name}."""
+        return "#%s" % self.name
+
+    def apply(self, op, max_members=DEFAULT_MAX_GROUP_MEMBERS):
+        """
+        The state after C{op} (a L{GroupOp}), if it extends this state's chain and the group's rules allow it; else
+        L{GroupRefused} (L{GroupFull} for the member limit) with the sentence that says why.  The rules are
+        PROTOCOL.md's ("Group operations"); C{max_members} is the server's limit (its creator included).
+        """
+        if not isinstance(op, GroupOp):
+            raise GroupOpError("Only a parsed group operation can be applied.")
+        if op.group_id != self.group_id:
+            raise GroupRefused("The operation is for another group.")
+        label = self.label if self.seq else "#%s" % op.name if op.kind == "create" else "the group"
+        if op.seq != self.seq + 1:
+            raise GroupRefused("The operation does not extend the chain of %s: it follows version %d, and %s is at "
+                               "version %d." % (label, op.seq - 1, label, self.seq))
+        if not hmac.compare_digest(op.prev, self.head):
+            raise GroupRefused("The operation does not extend the chain of %s: its previous hash is not that of "
+                               "version %d." % (label, self.seq))
+        if op.kind == "create":
+            if self.seq:
+                raise GroupRefused("%s exists already: only a group's first operation creates it." % label)
+            listed = dict(op.members)
+            if op.actor in listed:
+                raise GroupRefused("The creator of %s is a member of it already: list the others only." % label)
+            if 1 + len(listed) > max_members:
+                raise GroupFull("%s would have %d members; a group has at most %d." % (label, 1 + len(listed),
+                                                                                       max_members))
+            listed[op.actor] = op.actor_fp
+            return self._next(op, name=op.name, topic=op.topic, members=listed, admins=frozenset((op.actor,)),
+                              joined=dict.fromkeys(listed, op.seq))
+        if not self.seq:
+            raise GroupRefused("A group's first operation must create it.")
+        if not self.members:
+            raise GroupRefused("%s has no members left." % label)
+        if op.actor not in self.members:
+            raise GroupRefused("%s is not a member of %s." % (op.actor, label))
+        if op.kind == "leave":
+            return self._leave(op, label)
+        if op.actor not in self.admins:
+            raise GroupRefused("Only an admin of %s can %s; %s is not one." % (
+                label, _GROUP_OP_WORDS[op.kind], op.actor))
+        return getattr(self, "_apply_" + op.kind)(op, label, max_members)
+
+    def _next(self, op, **changes):
+        for field in ("members", "joined"):
+            if field in changes:
+                changes[field] = types.MappingProxyType(dict(sorted(changes[field].items())))
+        return dataclasses.replace(self, seq=op.seq, head=op.hash, **changes)
+
+    def _leave(self, op, label):
+        others = set(self.members) - {op.actor}
+        if others and self.admins == {op.actor}:
+            raise GroupRefused("You are the last admin of %s: make another member an admin first (/group admin %s "
+                               "NAME), then leave." % (label, label))
+        return self._without(op, (op.actor,))
+
+    def _without(self, op, users):
+        members, joined = dict(self.members), dict(self.joined)
+        for user in users:
+            del members[user]
+            joined.pop(user, None)
+        return self._next(op, members=members, joined=joined, admins=self.admins - set(users))
+
+    def _apply_add(self, op, label, max_members):
+        for user, _ in op.members:
+            if user in self.members:
+                raise GroupRefused("%s is a member of %s already." % (user, label))
+        size = len(self.members) + len(op.members)
+        if size > max_members:
+            raise GroupFull("%s would have %d members; a group has at most %d." % (label, size, max_members))
+        members, joined = dict(self.members), dict(self.joined)
+        for user, fp in op.members:
+            members[user] = fp
+            joined[user] = op.seq
+        return self._next(op, members=members, joined=joined)
+
+    def _apply_remove(self, op, label, max_members):
+        for user in op.users:
+            if user == op.actor:
+                raise GroupRefused("An admin does not remove themselves from %s: leave it instead (/group leave %s)."
+                                   % (label, label))
+            if user not in self.members:
+                raise GroupRefused("%s is not a member of %s." % (user, label))
+        return self._without(op, op.users)
+
+    def _apply_rename(self, op, label, max_members):
+        if op.name == self.name:
+            raise GroupRefused("%s is called that already." % label)
+        return self._next(op, name=op.name)
+
+    def _apply_topic(self, op, label, max_members):
+        return self._next(op, topic=op.topic)
+
+    def _apply_promote(self, op, label, max_members):
+        if op.user not in self.members:
+            raise GroupRefused("%s is not a member of %s." % (op.user, label))
+        if op.user in self.admins:
+            raise GroupRefused("%s is an admin of %s already." % (op.user, label))
+        return self._next(op, admins=self.admins | {op.user})
+
+    def _apply_demote(self, op, label, max_members):
+        if op.user not in self.admins:
+            raise GroupRefused("%s is not an admin of %s." % (op.user, label))
+        if self.admins == {op.user}:
+            raise GroupRefused("%s is the last admin of %s: make another member an admin first." % (op.user, label))
+        return self._next(op, admins=self.admins - {op.user})
+
+
+_GROUP_OP_WORDS = {"add": "add members", "remove": "remove members", "rename": "rename it",
+                   "topic": "change its topic", "promote": "make a member an admin", "demote": "take a member's admin "
+                   "role away"}
+
+
+def fold_group_ops(group_id, ops, max_members=DEFAULT_MAX_GROUP_MEMBERS):
+    """
+    Apply a chain's operations (L{GroupOp}s or their bytes) in order from the empty state: the list of states, the
+    one at index i after the operation of seq i + 1.  Raises at the first operation that does not apply.
+    """
+    state, states = GroupState.empty(group_id), []
+    for op in ops:
+        state = state.apply(op if isinstance(op, GroupOp) else parse_group_op(op), max_members)
+        states.append(state)
+    return states
 
 
 #### Accounts ####
