@@ -10337,8 +10337,9 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_
     sent from another of their devices (C{sent_from}: that device's name, as L{device_name_text} shows it) is shown
     as sent: C{you (on 'laptop') \u2192 bob: ...}.
     """
+    group = getattr(message, "group_name", None)
     if sent_from is not None:
-        mark = "you (on %s) \u2192 %s:" % (sent_from, ", ".join(
+        mark = "you (on %s) \u2192 %s:" % (sent_from, group_label(group) if group is not None else ", ".join(
             r for r in message.recipients if r != message.sender) or "your other devices")
     elif message.key_status in ("pinned", "verified"):
         mark = "\u2713"
@@ -10350,13 +10351,20 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_
     when = message.accepted_at if message.accepted_at is not None else message.timestamp
     if sent_from is not None:
         head = "[%s] %s%s" % (_clock(when), "\u00bb " if elsewhere else "", mark)
+    elif group is not None:
+        head = "[%s] %s%s %s %s" % (_clock(when), "\u00bb " if elsewhere else "", group_label(group), message.sender,
+                                    mark)
     else:
         head = "[%s] %s%s %s" % (_clock(when), "\u00bb " if elsewhere else "", message.sender, mark)
     if message.skewed:
         head += " (signed at %s by the sender's clock)" % _date_clock(message.timestamp)
     others = [r for r in message.recipients if r != message.sender]
-    if len(others) > 1 and sent_from is None:
+    if len(others) > 1 and sent_from is None and group is None:
         head += " (to %s)" % ", ".join(others)
+    if getattr(message, "group_note", None):
+        head += " (%s)" % message.group_note
+    if group is not None and sent_from is None:
+        head += ":"
     if message.content_type == "file":
         return "%s%s the file %s (%s), saved as %s" % (
             head, " sent" if sent_from is None else "", message.filename, _size_text(len(message.plaintext)),
@@ -10418,6 +10426,266 @@ def summarise_receipts(items, now):
         _clock(now), ", ".join(parts))
 
 
+def group_label(name):
+    """How a group is named wherever a person sees it: C{#ops}."""
+    return "#" + name
+
+
+def _one_line(text):
+    """
+    Text someone else chose (a group's topic) on one line: a line break or tab in it is shown as C{\\n} or C{\\t},
+    so it cannot start a line that looks like another message.  Everything else is the L{SafeWriter}'s to clean.
+    """
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def describe_group_change(event, me=None):
+    """
+    The words of a membership change (a L{GroupEvent}): C{alice added carol}, C{bob left}, C{carol was removed by
+    alice}, C{alice changed the topic to "..."}, C{alice renamed #ops to #ops2}, C{alice made bob an admin},
+    C{alice created #ops with bob, carol}.  C{me} (this user) is called C{you}.  (C{event.text} is the topic of
+    a topic change, the name before a rename.)
+    """
+    def who(name):
+        return "you" if name == me else name
+
+    actor, users = who(event.actor), ", ".join(who(u) for u in event.users)
+    kind = event.kind
+    if kind == "create":
+        return "%s created %s%s" % (actor, group_label(event.name), " with " + users if users else "")
+    if kind == "add":
+        return "%s added %s" % (actor, users)
+    if kind == "remove":
+        return "%s %s removed by %s" % (users, "was" if len(event.users) == 1 and users != "you" else "were",
+                                        actor)
+    if kind == "leave":
+        return "%s left" % actor
+    if kind == "rename":
+        return "%s renamed %s to %s" % (actor, group_label(event.text), group_label(event.name))
+    if kind == "topic":
+        if not event.text:
+            return "%s cleared the topic" % actor
+        return '%s changed the topic to "%s"' % (actor, _one_line(event.text))
+    if kind == "promote":
+        return "%s made %s an admin" % (actor, users)
+    if kind == "demote":
+        return "%s made %s no longer an admin" % (actor, users)
+    return "%s changed %s (%s)" % (actor, group_label(event.name), kind)
+
+
+def describe_group_event(event, at, me=None):
+    """A membership change as the chat shows it: C{[12:00] #ops: alice added carol}."""
+    return "[%s] %s: %s" % (_clock(at), group_label(event.name), describe_group_change(event, me))
+
+
+def describe_group(info, me):
+    """
+    The lines of C{/group info} and C{pager-cli group info}: name, topic, version, your role, admins and members,
+    and whether the membership chain verifies.
+    """
+    role = ("admin" if me in info.admins else "member") if info.member and me in info.members else "not a member"
+    lines = ["%s (version %d, %d member%s; you: %s)" % (
+        group_label(info.name), info.seq, len(info.members), "" if len(info.members) == 1 else "s", role)]
+    lines.append("  topic: %s" % ('"%s"' % _one_line(info.topic) if info.topic else "(none)"))
+    lines.append("  admins: %s" % (", ".join(sorted(info.admins)) or "nobody"))
+    lines.append("  members: %s" % (", ".join(sorted(info.members)) or "nobody"))
+    if info.broken:
+        lines.append("  \u26a0 its membership chain does not verify: %s Nothing is sent to it." % info.broken)
+    return "\n".join(lines)
+
+
+def _group_json(info, me):
+    """A group as C{group info --json} and C{groups --json} print it."""
+    return {"id": info.id, "name": info.name, "topic": info.topic, "version": info.seq,
+            "members": sorted(info.members), "admins": sorted(info.admins), "member": bool(info.member),
+            "admin": me in info.admins and bool(info.member), "unread": info.unread, "broken": info.broken}
+
+
+def describe_groups(groups, me):
+    """The lines of C{/groups} and C{pager-cli groups}: one per group, with its unread count."""
+    if not groups:
+        return "You are in no group; /group create NAME [MEMBERS...] makes one."
+    lines = []
+    for info in sorted(groups, key=lambda g: (not g.member, g.name)):
+        parts = [group_label(info.name), "%d member%s" % (len(info.members), "" if len(info.members) == 1 else "s")]
+        if info.member and me in info.admins:
+            parts.append("admin")
+        if not info.member:
+            parts.append("left")
+        if info.unread:
+            parts.append("%d unread" % info.unread)
+        if info.broken:
+            parts.append("\u26a0 chain does not verify")
+        lines.append("  " + "  ".join(parts))
+    return "Your groups:\n" + "\n".join(lines)
+
+
+def describe_group_ticks(name, delivered, total, ref, preview, at):
+    """
+    The tick of a group message: C{[12:00] \u2713 3/5 #12 "disk full" in #ops}, or C{\u2713\u2713 5/5 ...} once
+    every member it was sealed for has it.
+    """
+    label = _label(ref, preview)
+    return "[%s] %s %d/%d %sin %s" % (_clock(at), "\u2713\u2713" if delivered >= total else "\u2713", delivered, total,
+                                      label + " " if label else "", group_label(name))
+
+
+GROUP_ACTIONS = {
+    # action: (arguments after NAME, as the chat's /group and pager-cli group take them)
+    "create": "[MEMBERS...]", "add": "USER...", "remove": "USER...", "leave": "", "rename": "NEW",
+    "topic": "TEXT", "admin": "USER [off]", "info": "",
+}
+
+
+def group_usage(action=None, prefix="/group"):
+    """The usage sentence of one group action (or of them all)."""
+    if action in GROUP_ACTIONS:
+        return "Usage: %s %s NAME%s" % (prefix, action, " " + GROUP_ACTIONS[action] if GROUP_ACTIONS[action] else "")
+    return "Usage: %s ACTION NAME ..., ACTION one of %s." % (prefix, ", ".join(GROUP_ACTIONS))
+
+
+def _group_users(words):
+    """User names given as words, each perhaps a list with commas; sorted, once each."""
+    try:
+        return sorted({canonical_username(n) for word in words for n in word.split(",") if n})
+    except BadRequest as e:
+        raise usage.UsageError(e.message)
+
+
+async def group_action(client, action, name, words, off=False, topic=None, prefix="/group"):
+    """
+    Do one group action for the chat's C{/group} and for C{pager-cli group}, and return the sentence that says what
+    was done.  C{words} are the arguments after the group's NAME (C{topic}: the topic's text as typed, spaces and all);
+    C{off} demotes with C{admin}.  The client checks the rest (an admin's rights, the identity device, the chain).
+    """
+    if action not in GROUP_ACTIONS:
+        raise usage.UsageError("No group action %s: %s" % (action, group_usage(None, prefix)[len("Usage: "):]))
+    try:
+        name = canonical_group_name(name)
+    except BadRequest as e:
+        raise usage.UsageError(e.message)
+    if action == "create":
+        members = _group_users(words)
+        if client.user in members:
+            members.remove(client.user)
+        await client.group_create(name, members)
+        return "Created %s%s; you are its admin." % (
+            group_label(name), " with " + ", ".join(members) if members else " (add members with /group add)")
+    info = await client.group(name)
+    label = group_label(info.name)
+    if action == "info":
+        if words:
+            raise usage.UsageError(group_usage(action, prefix))
+        return describe_group(info, client.user)
+    if action in ("add", "remove"):
+        users = _group_users(words)
+        if not users:
+            raise usage.UsageError(group_usage(action, prefix))
+        await (client.group_add if action == "add" else client.group_remove)(info.id, users)
+        return "%s %s %s %s." % ("Added" if action == "add" else "Removed", ", ".join(users),
+                                 "to" if action == "add" else "from", label)
+    if action == "leave":
+        if words:
+            raise usage.UsageError(group_usage(action, prefix))
+        await client.group_leave(info.id)
+        return "You left %s: you receive nothing sent to it from now on." % label
+    if action == "rename":
+        if len(words) != 1:
+            raise usage.UsageError(group_usage(action, prefix))
+        try:
+            new = canonical_group_name(words[0])
+        except BadRequest as e:
+            raise usage.UsageError(e.message)
+        await client.group_rename(info.id, new)
+        return "Renamed %s to %s." % (label, group_label(new))
+    if action == "topic":
+        text = topic if topic is not None else " ".join(words)
+        if len(text.encode("utf-8")) > MAX_GROUP_TOPIC_BYTES:
+            raise usage.UsageError("A topic has at most %d bytes (as UTF-8); this one has %d." % (
+                MAX_GROUP_TOPIC_BYTES, len(text.encode("utf-8"))))
+        await client.group_topic(info.id, text)
+        return ('The topic of %s is now "%s".' % (label, _one_line(text)) if text else
+                "Cleared the topic of %s." % label)
+    # admin
+    if words[1:] == ["off"]:
+        off, words = True, words[:1]
+    if len(words) != 1:
+        raise usage.UsageError(group_usage(action, prefix))
+    [user] = _group_users(words)
+    await client.group_admin(info.id, user, admin=not off)
+    return ("%s is no longer an admin of %s." if off else "%s is now an admin of %s.") % (user, label)
+
+
+GROUP_TICKS_QUIET = 1.0  # seconds a group message's receipts are gathered before its count is shown
+
+
+class GroupTicks:
+    """
+    The ticks of the group messages a chat sent: the receipts of one message are counted and shown as one line,
+    C{\u2713 3/5}, at most once per L{GROUP_TICKS_QUIET} (the first receipt starts the wait on the reactor's clock;
+    what arrives meanwhile joins that line), and only when the count has grown; C{\u2713\u2713 5/5} is shown at once
+    when every member has it.
+    """
+
+    def __init__(self, show, reactor):
+        self.show = show
+        self.reactor = reactor
+        self._pending = {}  # msg id -> [timer, name, delivered, total, ref, preview]
+        self._shown = {}  # msg id -> the count last shown
+
+    def delivered(self, msg_id, name, delivered, total, ref, preview):
+        """C{delivered} of C{total} members now have message C{msg_id} (of the group C{name})."""
+        if delivered <= self._shown.get(msg_id, 0):
+            return
+        pending = self._pending.get(msg_id)
+        if delivered >= total:
+            if pending is not None and pending[0].active():
+                pending[0].cancel()
+            self._pending.pop(msg_id, None)
+            self._shown[msg_id] = delivered
+            self.show(describe_group_ticks(name, delivered, total, ref, preview, self.reactor.seconds()))
+            return
+        if pending is None:
+            timer = self.reactor.callLater(GROUP_TICKS_QUIET, self._flush, msg_id)
+            self._pending[msg_id] = [timer, name, delivered, total, ref, preview]
+        else:
+            pending[1:] = [name, delivered, total, ref, preview]
+
+    def _flush(self, msg_id):
+        _, name, delivered, total, ref, preview = self._pending.pop(msg_id)
+        if delivered > self._shown.get(msg_id, 0):
+            self._shown[msg_id] = delivered
+            self.show(describe_group_ticks(name, delivered, total, ref, preview, self.reactor.seconds()))
+
+    def close(self):
+        """Show now what waits (the chat is quitting), and stop the timers."""
+        for msg_id in list(self._pending):
+            self._pending[msg_id][0].cancel()
+            self._flush(msg_id)
+
+
+def describe_group_delivery(name, members, receipts, ref=None, preview=None):
+    """
+    The lines of C{/info}: who of the C{members} a group message was sealed for have it (with the time), who
+    refused it (with the reason) and who it still waits for.  C{receipts}: C{{user: (status, at[, reason])}}.
+    """
+    label = _label(ref, preview)
+    delivered = sorted((u, r) for u, r in receipts.items() if r[0] == "delivered" and u in members)
+    refused = sorted((u, r) for u, r in receipts.items() if r[0] != "delivered" and u in members)
+    waiting = sorted(u for u in members if u not in receipts)
+    lines = ["Your message %sto %s: %d of %d have it." % (label + " " if label else "", group_label(name),
+                                                          len(delivered), len(members))]
+    if delivered:
+        lines.append("  delivered: " + ", ".join("%s %s" % (u, _clock(r[1])) for u, r in delivered))
+    for user, r in refused:
+        reason = r[2] if len(r) > 2 and r[2] else ""
+        lines.append("  %s: %s %s%s" % ("refused" if r[0] == "rejected" else r[0], user, _clock(r[1]),
+                                        " (%s)" % _one_line(reason) if reason else ""))
+    if waiting:
+        lines.append("  waiting: " + ", ".join(waiting))
+    return "\n".join(lines)
+
+
 OUTBOX_RETRY = 10.0  # seconds before the outbox tries again after a busy server (rate_limited without a wait, internal)
 
 
@@ -10466,6 +10734,26 @@ class Outbox:
             self.show("\u23f3 #%d to %s waits for the connection: it is sent when the client has reconnected."
                       % (ref, ", ".join(names)))
         await self.flush()
+
+    async def add_group(self, info, data, content_type="text", filename=""):
+        """
+        Keep a message to the group C{info} (a L{GroupInfo}) on disk, show it waiting, and send it; returns its
+        reference.  The outbox names the group by its id (C{["#<group id hex>"]}), so a rename meanwhile changes
+        nothing.
+        """
+        store = self.session.store
+        if store is None:
+            raise Cancelled("Not sent: the client is quitting.")
+        if not info.member:
+            raise Forbidden("Not sent: you are no longer a member of %s." % info.label)
+        ref = await store.outbox_add(self.reactor.seconds(), ["#" + info.id], content_type, filename, data)
+        if self.connected():
+            self.show("\u23f3 #%d to %s" % (ref, info.label))
+        else:
+            self.show("\u23f3 #%d to %s waits for the connection: it is sent when the client has reconnected."
+                      % (ref, info.label))
+        await self.flush()
+        return ref
 
     async def resume(self):
         """After logging in: say what an earlier run left waiting, and send it."""
@@ -10605,6 +10893,15 @@ Every line you type goes to the open conversation (its name is the prompt); comm
   /trust NAME                accept NAME's new key after checking its fingerprint
   /devices [NAME]            your devices, or NAME's (pager-cli link-device adds one, revoke-device removes one)
   /whoami                    who you are, on which server
+  /to #GROUP                 talk in a group: each line you type goes to every member of #GROUP
+  /groups                    your groups, with how many of their messages you have not read
+  /group create NAME [MEMBERS...]   make the group #NAME (you are its admin)
+  /group add|remove NAME USER...    add or remove members (admins)
+  /group leave NAME          leave #NAME: nothing sent to it reaches you from then on
+  /group rename NAME NEW     /group topic NAME TEXT     rename it, set its topic (admins)
+  /group admin NAME USER [off]      make USER an admin of #NAME (off: no longer one)
+  /group info NAME           its members, admins, topic, version and your role
+  /info [#REF]               who has your group message #REF (alone: the last one you sent)
   /help                      this text
   /quit                      leave (Ctrl-D too)
 To send a line that starts with "/", type "//" instead: "//usr is full" sends "/usr is full"."""
@@ -10613,7 +10910,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self.session = session
         self.reactor = reactor
         self.ui = None
-        self.conversation = None  # the user each typed line goes to, or None (the to> prompt)
+        self.conversation = None  # the user each typed line goes to, or "#name" for a group, or None (to>)
+        self.group = None  # the id (hex) of the open group conversation, or None
         self.last_sender = None  # whom /r answers
         self.pasting = None  # lines of a /paste so far
         self._paste_to = None  # and whom they are for
@@ -10627,6 +10925,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self._old_receipts = []  # receipts of earlier messages pushed at login, summed up in one line
         self._gathering = False  # whether receipts of earlier messages are being gathered for that line
         self._receipts_quiet = None  # the timer that ends the gathering
+        self.ticks = GroupTicks(self.show, reactor)
+        self._last_group_sent = None  # the ref of the last group message this chat sent, for /info
         session.wire = self._wire
 
     # -- wiring --
@@ -10648,6 +10948,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         client.on_disconnect = self.disconnected
         client.on_failure = self.hand_off_failed
         client.on_devices_changed = self.devices_changed
+        client.on_group_event = self.group_event
+        client.on_group_warning = self.group_warning
         self._gathering = True  # a login begins: the receipts the server kept for us come first
 
     def _logged_in(self):
@@ -10691,6 +10993,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 name, text = self.confirming
                 self.show("(the paste of %d lines to %s was not sent)" % (len(text.split("\n")), name))
             self.outbox.close()
+            self.ticks.close()
             if self._receipts_quiet is not None and self._receipts_quiet.active():
                 self._receipts_quiet.cancel()
             self._summarise_receipts()  # they are acknowledged: shown now, not dropped
@@ -10778,28 +11081,47 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             self._run(handler(rest))
 
     def _names(self, text):
-        names = [canonical_username(n.strip()) for n in text.split(",") if n.strip()]
+        """
+        The recipients a /msg, /paste or /file names: users separated by commas, or one group, C{#ops} (as a list
+        holding C{"#ops"}).
+        """
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if any(n.startswith("#") for n in names):
+            if len(names) > 1:
+                raise usage.UsageError("A message goes to one group or to users, not both: %s." % ", ".join(names))
+            return [group_label(canonical_group_name(names[0]))]
+        names = [canonical_username(n) for n in names]
         if not names:
             raise BadRequest("Name at least one recipient.")
         return sorted(set(names))
 
-    def open_conversation(self, user, announce=True):
-        """Make C{user} the current conversation: the prompt shows the name and each typed line goes there."""
-        self.conversation = user
+    def open_conversation(self, user, announce=True, group=None):
+        """
+        Make C{user} (or C{#name}, with C{group} its id) the current conversation: the prompt shows the name and each
+        typed line goes there.
+        """
+        self.conversation, self.group = user, group
         self._prompt()
         if announce:
             self._announce(user)
 
     def _announce(self, user):
+        if self.group is not None and user == self.conversation:
+            self.show("Talking in %s: each line you type goes to its members (/to NAME to switch)." % user)
+            return
         self.show("Talking to %s: each line you type goes to %s (/to NAME to switch)." % (user, user))
 
     async def command_to(self, rest):
         if not rest:
             if self.conversation is None:
-                raise usage.UsageError("Usage: /to NAME (each line you type then goes to NAME).")
-            left, self.conversation = self.conversation, None
+                raise usage.UsageError("Usage: /to NAME (each line you type then goes to NAME), or /to #GROUP.")
+            left, self.conversation, self.group = self.conversation, None, None
             self._prompt()
-            self.show("Left the conversation with %s: lines you type go nowhere until /to NAME." % left)
+            self.show("Left the conversation %s %s: lines you type go nowhere until /to NAME." % (
+                "in" if left.startswith("#") else "with", left))
+            return
+        if rest.startswith("#"):
+            await self._open_group(rest)
             return
         if "," in rest or " " in rest:
             raise usage.UsageError("A conversation is with one user (/to NAME); send one message to several with "
@@ -10812,7 +11134,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             await self.session.client.public_key(user)
         except UnknownUser:
             if self.conversation == user:
-                self.conversation = None
+                self.conversation = self.group = None
                 self._prompt()
             raise UnknownUser("No such user: %s; no conversation is open (/users lists who is registered)." % user)
         except (ConnectionLost, NetworkError):
@@ -10826,12 +11148,50 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             except (ConnectionLost, NetworkError):
                 pass
 
+    async def _open_group(self, text):
+        """
+        /to #ops: the group's conversation is opened at once (the lines typed right after it go there, the prompt is
+        C{#ops> }); a group this user is not in closes it again.  Its messages are read from then on: unread none.
+        """
+        if " " in text.strip() or "," in text:
+            raise usage.UsageError("A conversation is with one group (/to #GROUP); /msg sends one message.")
+        name = canonical_group_name(text.strip())
+        self.open_conversation(group_label(name), announce=False)
+        try:
+            info = await self.session.client.group(name)
+        except UnknownGroup:
+            if self.conversation == group_label(name):
+                self.conversation = self.group = None
+                self._prompt()
+            raise UnknownGroup("You are in no group %s; no conversation is open (/groups lists yours)."
+                               % group_label(name))
+        if self.conversation != group_label(name):
+            return  # another /to came meanwhile
+        self.conversation = info.label  # as the client knows it (the name typed may be an old one)
+        self._prompt()
+        if not info.member:
+            self.conversation = self.group = None
+            self._prompt()
+            raise UnknownGroup("You are no longer a member of %s; no conversation is open (/groups lists yours)."
+                               % group_label(name))
+        self.group = info.id
+        self._announce(self.conversation)
+        if info.topic:
+            self.show('Topic of %s: "%s"' % (self.conversation, _one_line(info.topic)))
+        if info.broken:
+            self.show("\u26a0 %s's membership chain does not verify: %s Nothing can be sent to it."
+                      % (self.conversation, info.broken))
+        await self.session.client.group_read(info.id)
+
     async def command_r(self, rest):
         if rest:
             raise usage.UsageError("/r takes no text: it makes the last sender the conversation; then type the "
                                    "message.")
         if self.last_sender is None:
             raise usage.UsageError("Nobody has written to you since you logged in; /to NAME opens a conversation.")
+        if self.last_sender.startswith("#"):
+            await self._open_group(self.last_sender)
+            return
         self.open_conversation(self.last_sender)
 
     command_reply = command_r
@@ -10845,6 +11205,14 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         """
         if data is None:
             data = text.encode("utf-8")
+        if len(names) == 1 and names[0].startswith("#"):
+            client = self.session.client
+            info = await client.group(self.group if names[0] == self.conversation and self.group is not None
+                                      else names[0][1:])
+            ref = await self.outbox.add_group(info, data, content_type, filename)
+            if ref is not None:
+                self._last_group_sent = ref
+            return
         await self.outbox.add(names, data, content_type, filename)
 
     PASTE_SHOWN = 5  # a paste of more lines is shown (these first lines) and sent only once confirmed
@@ -11036,12 +11404,74 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         identity = (await s.client.public_key(user))[1][:DEVICE_ID_SIZE]
         self.show(describe_devices(user, devices, identity, device_id(s.key) if user == s.user else None))
 
+    async def command_group(self, rest):
+        action, _, rest = rest.strip().partition(" ")
+        if not action:
+            raise usage.UsageError(group_usage())
+        action = action.lower()
+        name, _, rest = rest.strip().partition(" ")
+        if not name:
+            raise usage.UsageError(group_usage(action))
+        # A topic is the rest of the line as typed; every other action takes words (user names, a new name).
+        self.show(await group_action(self.session.client, action, name, rest.split(),
+                                     topic=rest.strip() if action == "topic" else None))
+
+    async def command_groups(self, rest):
+        if rest:
+            raise usage.UsageError("/groups takes nothing: it lists your groups (/group info NAME: one of them).")
+        self.show(describe_groups(await self.session.client.groups(), self.session.user))
+
+    async def command_info(self, rest):
+        rest = rest.strip()
+        if rest:
+            try:
+                ref = int(rest.lstrip("#"))
+            except ValueError:
+                raise usage.UsageError("Usage: /info [#REF]: who has your group message #REF (alone: the last one).")
+        elif self._last_group_sent is None:
+            raise usage.UsageError("You have sent no group message in this chat; /info #REF names one.")
+        else:
+            ref = self._last_group_sent
+        client, store = self.session.client, self.session.store
+        for msg_id in sorted(self.outbox.sent):
+            delivery = await client.group_delivery(msg_id)
+            if delivery is None:
+                continue
+            sent_ref, preview = await store.sent_message(msg_id)
+            if sent_ref == ref:
+                group, members, receipts = delivery
+                self.show(describe_group_delivery(group.name if group is not None else "(a group you left)",
+                                                  [m for m in members if m != self.session.user], receipts, ref,
+                                                  preview))
+                return
+        raise usage.UsageError("#%d is not a group message this chat has sent, or the server does not have it yet; "
+                               "/info names those." % ref)
+
     async def command_history(self, rest):
+        if rest.strip().startswith("#"):
+            await self._group_history(rest.strip())
+            return
         peer = canonical_username(rest) if rest else None
         entries = await self.session.store.history(peer)
         if not entries:
             self.show("No history%s." % (" with " + peer if peer else ""))
             return
+        self.show(self._history_lines(entries, await self._group_labels()))
+
+    async def _group_labels(self):
+        """C{{group id (hex): "#name"}} of the groups this client knows, for the history's lines."""
+        return {g.id: g.label for g in await self.session.client.groups()}
+
+    async def _group_history(self, text):
+        """/history #ops: the group's last messages, sent and received."""
+        info = await self.session.client.group(canonical_group_name(text))
+        entries = await self.session.store.history(group=info.id)
+        if not entries:
+            self.show("No history in %s." % info.label)
+            return
+        self.show(self._history_lines(entries, {info.id: info.label}))
+
+    def _history_lines(self, entries, groups):
         lines = []
         for e in entries:
             arrow = "->" if e.direction == "out" else "<-"
@@ -11051,9 +11481,13 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 shown += "\n[cut: %s, %d characters in all]" % (_lines_text(body), len(body))
             # A message sent from another device keeps that mark on its first line, receipts after it.
             status = " (%s)" % e.status.replace("\n", ", ") if e.direction == "out" else ""
-            lines.append("[%s] %s %s: %s%s" % (_date_clock(e.at), arrow, e.peer, shown.replace("\n", "\n    "),
+            peer = e.peer
+            if e.group is not None:  # an outgoing one names the group by its id: by its name now
+                label = groups.get(e.group, "a group")
+                peer = "%s in %s" % (e.peer, label) if e.direction == "in" else label
+            lines.append("[%s] %s %s: %s%s" % (_date_clock(e.at), arrow, peer, shown.replace("\n", "\n    "),
                                                status))
-        self.show("\n".join(lines))
+        return "\n".join(lines)
 
     # -- events --
 
@@ -11072,25 +11506,35 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 saved = await self.session.in_thread(save_incoming_file, directory, name, message.plaintext)
         s = self.session
         own = message.sender == s.user and message.sender_device != device_id(s.key)
+        group = message.group_id  # hex, or None for a 1:1 message
+        in_group = group is not None and self.group == group
         if own:
             # Sent by this user from another of their devices: shown, and kept in the history, as sent.
             sent_from = await s.own_device_name(message.sender_device)
             peers = [r for r in message.recipients if r != s.user]
-            elsewhere = self.conversation is not None and self.conversation not in peers
+            elsewhere = self.conversation is not None and (not in_group if group is not None
+                                                           else self.conversation not in peers)
             self.show(describe_message(message, saved, elsewhere=elsewhere, cut=True, sent_from=sent_from))
             await s.store.add_history(HistoryEntry(
-                message.accepted_at or message.timestamp, "out", ",".join(peers) or s.user,
+                message.accepted_at or message.timestamp, "out",
+                group_label(message.group_name) if group is not None else ",".join(peers) or s.user,
                 message.message_id.hex(), message.content_type, message.filename,
-                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from))
+                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from, group))
             return
-        if message.sender != s.user:
-            self.last_sender = message.sender
-        elsewhere = self.conversation is not None and message.sender != self.conversation
+        if group is not None:
+            self.last_sender = group_label(message.group_name)
+            elsewhere = self.conversation is not None and not in_group
+            if not in_group:
+                await s.client.group_unread_add(group)  # read once /to opens the group
+        else:
+            if message.sender != s.user:
+                self.last_sender = message.sender
+            elsewhere = self.conversation is not None and message.sender != self.conversation
         self.show(describe_message(message, saved, elsewhere=elsewhere, cut=True))
         await s.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
-            message.key_status))
+            message.key_status, group))
 
     def devices_changed(self, user, added, revoked):
         """A line for each device C{user} added or revoked (each certified by, or revoked with, the pinned key)."""
@@ -11103,6 +11547,27 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             self.show("[%s] %s revoked the device %s (id %s)" % (
                 _clock(self.reactor.seconds()), who, device_name_text(device.name),
                 format_device_id(device.device_id)))
+
+    def group_event(self, event):
+        """
+        A membership change the client verified: one line, C{[12:00] #ops: alice added carol}.  A rename of the open
+        group renames the conversation (and the prompt); this user's leaving or removal closes it.
+        """
+        s = self.session
+        self.show(describe_group_event(event, self.reactor.seconds(), s.user))
+        if self.group is None or event.group_id != self.group:
+            return
+        if event.kind == "rename":
+            self.conversation = group_label(event.name)
+            self._prompt()
+        elif (event.kind == "leave" and event.actor == s.user) or (event.kind == "remove" and s.user in event.users):
+            self.conversation = self.group = None
+            self._prompt()
+            self.show("You are no longer in %s: lines you type go nowhere until /to NAME." % group_label(event.name))
+
+    def group_warning(self, group_id, name, sentence):
+        """Something about a group this user should know (a chain that does not verify, a server's member list)."""
+        self.show("[%s] \u26a0 %s: %s" % (_clock(self.reactor.seconds()), group_label(name), sentence))
 
     def hand_off_failed(self, error, sender):
         """An incoming message (or receipt) could not be saved, shown or recorded: it stays on the server."""
@@ -11124,6 +11589,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if store is None:
             raise ConnectionLost()  # quitting: not acknowledged, so the server keeps it for the next session
         ref, preview = await store.sent_message(receipt.message_id)
+        delivery = await self.session.client.group_delivery(receipt.message_id)
+        if delivery is not None:
+            await self._group_receipt(receipt, ref, preview, delivery)
+            return
         status = "%s %s %s" % (
             receipt.status, "for" if receipt.status == "expired" else "to" if receipt.status == "delivered" else "by",
             receipt.peer) + (": " + receipt.reason if receipt.status == "rejected" else "")
@@ -11136,6 +11605,28 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             self._old_receipts.append((receipt, ref, preview))
             if self._receipts_quiet is not None and self._receipts_quiet.active():
                 self._receipts_quiet.reset(RECEIPTS_AT_LOGIN_QUIET)
+        else:
+            self.show(describe_receipt(receipt, ref, preview))
+
+    async def _group_receipt(self, receipt, ref, preview, delivery):
+        """
+        A receipt of a group message: the history says how many members have it; a delivery joins the message's
+        tick (L{GroupTicks}: C{\u2713 3/5}), a refusal or an expiry is a line of its own, as for a 1:1 message.
+        """
+        group, members, receipts = delivery
+        name = group.name if group is not None else "(a group you left)"
+        members = [m for m in members if m != self.session.user]
+        delivered = sum(1 for u, r in receipts.items() if r[0] == "delivered" and u in members)
+        refused = sorted(u for u, r in receipts.items() if r[0] != "delivered" and u in members)
+        status = "delivered to %d of %d in %s" % (delivered, len(members), group_label(name)) + (
+            "; not to %s" % ", ".join(refused) if refused else "")
+        await self.session.store.set_history_status(receipt.message_id, status)
+        if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
+            self._old_receipts.append((receipt, ref, preview))
+            if self._receipts_quiet is not None and self._receipts_quiet.active():
+                self._receipts_quiet.reset(RECEIPTS_AT_LOGIN_QUIET)
+        elif receipt.status == "delivered":
+            self.ticks.delivered(receipt.message_id, name, delivered, len(members), ref, preview)
         else:
             self.show(describe_receipt(receipt, ref, preview))
 
@@ -11921,12 +12412,13 @@ STDIN_FILE_NAME = "stdin.bin"  # the name binary standard input is sent under
 
 
 class SendOptions(_ClientOptions):
-    synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...] [MESSAGE...]"
+    synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...]|#GROUP [MESSAGE...]"
     longdesc = ("Send a page and exit once the server has accepted it; prints the message id. Without MESSAGE, "
-                "the message is read from standard input. Logs in send-only: never takes your incoming messages.")
+                "the message is read from standard input. Logs in send-only: never takes your incoming messages. "
+                "--to '#ops' sends it to every member of the group #ops (quote the #: shells take it for a comment).")
     not_applicable = ("skew-window",)  # send receives no message
     optParameters = [
-        ["to", "t", None, "Recipients, separated by commas."],
+        ["to", "t", None, "Recipients, separated by commas, or one group: '#NAME'."],
         ["file", "f", None, "Send this file instead of a text message."],
         ["timeout", None, 60.0, "With --wait-delivered: seconds to wait.", float],
     ]
@@ -11940,11 +12432,19 @@ class SendOptions(_ClientOptions):
     def postOptions(self):
         super().postOptions()
         if not self["to"]:
-            raise usage.UsageError("Name the recipients with --to NAME[,NAME...].")
+            raise usage.UsageError("Name the recipients with --to NAME[,NAME...] (or a group: --to '#NAME').")
+        names = [n.strip() for n in self["to"].split(",") if n.strip()]
+        self["group"] = None
         try:
-            self["to"] = sorted({canonical_username(n.strip()) for n in self["to"].split(",") if n.strip()})
+            if any(n.startswith("#") for n in names):
+                if len(names) > 1:
+                    raise usage.UsageError("--to names one group or users, not both: %s." % ", ".join(names))
+                self["group"] = canonical_group_name(names[0])
+            self["to"] = sorted({canonical_username(n) for n in names if not n.startswith("#")})
         except BadRequest as e:
             raise usage.UsageError(e.message)
+        if self["group"] is not None:
+            self["to"] = [group_label(self["group"])]
         if not self["to"]:
             raise usage.UsageError("Name the recipients with --to NAME[,NAME...].")
         if self["file"] and self["message"] is not None:
@@ -11966,6 +12466,49 @@ class FetchOptions(_ClientOptions):
     optParameters = [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages.", float]]
     optFlags = [["json", None, "Print one JSON object per message."], _REGISTER]
+
+    def parseArgs(self, server):
+        self["server"] = server
+
+
+class GroupOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME ACTION GROUP [ARGS...]"
+    longdesc = ("Change or show a group (written #NAME; GROUP may be given with or without the #). ACTION is one of: "
+                "create GROUP [MEMBERS...] (you become its admin); add GROUP USER...; remove GROUP USER...; leave "
+                "GROUP; rename GROUP NEW; topic GROUP TEXT (an empty TEXT, '', clears it); admin GROUP USER (--off: "
+                "no longer an admin); info GROUP (--json). Changes are signed with your identity key, so they run on "
+                "your identity device; adding, removing, renaming, the topic and admins are for the group's admins.")
+    not_applicable = ("skew-window", "no-history")
+    optFlags = [["off", None, "With admin: make USER no longer an admin."],
+                ["json", None, "With info: print one JSON object."]]
+
+    def parseArgs(self, server, action=None, group=None, *args):
+        if action is None or group is None:
+            raise usage.UsageError("Name an action and a group: %s." % group_usage(None, "group HOST")[7:])
+        self["server"], self["action"], self["group"], self["args"] = server, action.lower(), group, list(args)
+
+    def postOptions(self):
+        super().postOptions()
+        action, args = self["action"], self["args"]
+        if action not in GROUP_ACTIONS:
+            raise usage.UsageError("No group action %s: %s" % (action, group_usage(None, "group HOST")[7:]))
+        if self["off"] and action != "admin":
+            raise usage.UsageError("--off goes with admin.")
+        if self["json"] and action != "info":
+            raise usage.UsageError("--json goes with info.")
+        wanted = {"leave": (0, 0), "info": (0, 0), "rename": (1, 1), "topic": (1, 1), "admin": (1, 1),
+                  "add": (1, None), "remove": (1, None), "create": (0, None)}[action]
+        if len(args) < wanted[0] or (wanted[1] is not None and len(args) > wanted[1]):
+            hint = " (quote a topic with spaces)" if action == "topic" else ""
+            raise usage.UsageError(group_usage(action, "pager-cli group HOST").replace(" off]", "] [--off]") + hint)
+
+
+class GroupsOptions(_ClientOptions):
+    synopsis = "HOST[:PORT] --user NAME [--json]"
+    longdesc = ("List your groups: name, members, whether you are an admin, and how many of their messages the chat "
+                "has not shown you in their conversation; groups you left or were removed from are listed as left.")
+    not_applicable = ("skew-window", "no-history")
+    optFlags = [["json", None, "Print one JSON object."]]
 
     def parseArgs(self, server):
         self["server"] = server
@@ -12314,7 +12857,8 @@ class Options(_CommandOptions):
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
                 "3 authentication failed (safetoken, passphrase or key; no key for the user here without "
                 "--register; a link code that matches no request; what needs the identity key run on a linked "
-                "device), 4 unknown user or device, 5 a user's key or the server's id changed and is not trusted, "
+                "device) or a group change refused (not an admin, the last admin leaving, a full group), 4 unknown "
+                "user or device (2 for an unknown group), 5 a user's key or the server's id changed and is not trusted, "
                 "6 network failure, 7 a local file or directory cannot be used (read, written or understood), 130 "
                 "interrupted before finishing.")
     _SUBCOMMANDS = [
@@ -12323,6 +12867,8 @@ class Options(_CommandOptions):
         ["send", None, SendOptions, "Send a page (for scripts)."],
         ["fetch", None, FetchOptions, "Print waiting messages (for scripts)."],
         ["users", None, UsersOptions, "List users."],
+        ["group", None, GroupOptions, "Create, change or show a group."],
+        ["groups", None, GroupsOptions, "List your groups."],
         ["export-key", None, ExportKeyOptions, "Write your key to a file for another machine."],
         ["import-key", None, ImportKeyOptions, "Install a key from a file."],
         ["passwd", None, PasswdOptions, "Change your key's passphrase on this machine."],
@@ -12403,9 +12949,9 @@ def exit_code(error):
     """The documented exit code for an error a client command ends with."""
     if isinstance(error, Interrupted):
         return EXIT_INTERRUPTED
-    if isinstance(error, (usage.UsageError, Cancelled)):
+    if isinstance(error, (usage.UsageError, Cancelled, UnknownGroup)):
         return EXIT_USAGE
-    if isinstance(error, (AuthFailed, KeyFileError, NoKey)):
+    if isinstance(error, (AuthFailed, KeyFileError, NoKey, GroupRefused)):
         return EXIT_AUTH
     if isinstance(error, (UnknownUser, UnknownDevice)):
         return EXIT_UNKNOWN_USER
@@ -12499,30 +13045,39 @@ async def _send_command(reactor, config):
             content_type, filename = "file", STDIN_FILE_NAME
             sys.stderr.write("pager: standard input is not UTF-8 text: sending it as the file %s.\n" % filename)
     receipts, wanted = {}, {}  # msg id -> {peer: receipt}; msg id -> Deferred fired once every recipient answered
+    recipients = list(config["to"])  # for a group: its members but the sender, once known
 
     def receipt_received(receipt):
         answered = receipts.setdefault(receipt.message_id, {})
         answered[receipt.peer] = receipt
         d = wanted.get(receipt.message_id)
-        if d is not None and not d.called and len(answered) >= len(config["to"]):
+        if d is not None and not d.called and len(answered) >= len(recipients):
             d.callback(None)
     if config["wait-delivered"]:
         session.wire = lambda client: setattr(client, "on_receipt", receipt_received)
     client = await session.start(receive=False)
     try:
-        answer = await client.post(config["to"], data, content_type, filename)
-        await session.store.add_history(HistoryEntry(
-            reactor.seconds(), "out", ",".join(config["to"]), answer["msg"], content_type, filename,
-            data if content_type == "text" else b"", "sent"))
+        if config["group"] is not None:
+            info = await client.group(config["group"])
+            answer = await client.post_group(info.id, data, content_type, filename)
+            sent = await client.group_delivery(answer["msg"])
+            recipients[:] = [m for m in (sent[1] if sent else info.members) if m != session.user]
+            entry = HistoryEntry(reactor.seconds(), "out", group_label(info.name), answer["msg"], content_type,
+                                 filename, data if content_type == "text" else b"", "sent", info.id)
+        else:
+            answer = await client.post(config["to"], data, content_type, filename)
+            entry = HistoryEntry(reactor.seconds(), "out", ",".join(config["to"]), answer["msg"], content_type,
+                                 filename, data if content_type == "text" else b"", "sent")
+        await session.store.add_history(entry)
         print(answer["msg"])
         sys.stdout.flush()
         if config["wait-delivered"]:
             answered = receipts.setdefault(answer["msg"], {})
             everyone = wanted[answer["msg"]] = Deferred()
-            if len(answered) >= len(config["to"]):
+            if len(answered) >= len(recipients):
                 everyone.callback(None)  # every receipt came before the answer to the send
             if not await within(reactor, everyone, config["timeout"]):
-                missing = [n for n in config["to"] if n not in answered]
+                missing = [n for n in recipients if n not in answered]
                 raise NotDelivered("Not delivered to %s within %g s; the message stays queued on the server."
                                    % (", ".join(missing), config["timeout"]))
             failed = [describe_receipt(r) for r in answered.values() if r.status != "delivered"]
@@ -12564,14 +13119,16 @@ async def _fetch_command(reactor, config):
             # Sent by this user from another of their devices: kept in the history as sent, as the chat keeps it.
             peers = [r for r in message.recipients if r != session.user]
             await session.store.add_history(HistoryEntry(
-                message.accepted_at or message.timestamp, "out", ",".join(peers) or session.user,
+                message.accepted_at or message.timestamp, "out",
+                group_label(message.group_name) if message.group_id is not None else ",".join(peers) or session.user,
                 message.message_id.hex(), message.content_type, message.filename,
-                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from))
+                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from,
+                message.group_id))
             return
         await session.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
-            message.key_status))
+            message.key_status, message.group_id))
 
     def rejected(msg, sender, error):
         sys.stderr.write("pager: refused a message from %s that could not be opened: %s\n" % (sender, error.message))
@@ -12620,6 +13177,8 @@ def _print_message(message, saved, as_json, sent_from=None):
             "accepted_at": message.accepted_at, "type": message.content_type, "key_status": message.key_status,
             "skewed": message.skewed,
         }
+        if message.group_id is not None:
+            record["group"] = {"id": message.group_id, "name": message.group_name}
         if message.content_type == "file":
             record.update(filename=message.filename, saved_to=saved, size=len(message.plaintext))
         else:
@@ -12650,6 +13209,38 @@ async def _users_command(reactor, config):
     else:
         print("online: %s" % (", ".join(online) or "nobody"))
         print("registered: %s" % ", ".join(registered))
+
+
+async def _group_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.start(receive=False)
+    try:
+        if config["action"] == "info" and config["json"]:
+            info = await client.group(canonical_group_name(config["group"]))
+            print(json.dumps(_group_json(info, session.user)))
+            return
+        try:
+            print(await group_action(client, config["action"], config["group"], config["args"], off=config["off"],
+                                     prefix="pager-cli group HOST"))
+        except (Forbidden, TooLarge) as e:
+            if isinstance(e, GroupRefused):
+                raise
+            raise GroupRefused(e.message)  # the server refused what the rules refuse: exit 3, as the client would
+    finally:
+        await session.close()
+
+
+async def _groups_command(reactor, config):
+    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    client = await session.start(receive=False)
+    try:
+        groups = await client.groups()
+    finally:
+        await session.close()
+    if config["json"]:
+        print(json.dumps({"groups": [_group_json(g, session.user) for g in groups]}))
+    else:
+        print(describe_groups(groups, session.user))
 
 
 async def _export_key_command(reactor, config):
@@ -13244,6 +13835,7 @@ def _admin_command(config):
 
 _CLIENT_COMMANDS = {
     "connect": _connect_command, "send": _send_command, "fetch": _fetch_command, "users": _users_command,
+    "group": _group_command, "groups": _groups_command,
     "export-key": _export_key_command, "import-key": _import_key_command, "passwd": _passwd_command,
     "token": _token_command, "fingerprint": _fingerprint_command, "verify": _verify_command,
     "trust": _trust_command, "devices": _devices_command, "link-device": _link_device_command,

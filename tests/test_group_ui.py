@@ -1,0 +1,544 @@
+"""
+Groups in the terminal UI and the command line: the lines that describe groups, their changes, ticks and /info
+(pure functions, with a L{task.Clock} for the ticks), the chat's group commands with a real L{pager.Session} against
+a real in-process server, and C{pager-cli group}, C{groups}, C{send --to '#ops'} and C{fetch} end to end.
+"""
+
+import json
+
+from twisted.internet import task
+from twisted.python import usage
+from twisted.trial import unittest
+
+import pager
+from tests.test_output import evil, harmful
+from tests.test_cli import CLITestCase
+from tests.test_terminal import ChatTestCase
+
+GID = bytes(range(16)).hex()
+
+
+def info(name="ops", members=("alice", "bob", "carol"), admins=("alice",), topic="", seq=1, member=True, unread=0,
+         broken=None, gid=GID):
+    """A L{pager.GroupInfo} as the client makes one."""
+    return pager.GroupInfo(gid, name, topic, seq, b"\0" * 32, tuple(members), tuple(sorted(admins)), member, unread,
+                           broken)
+
+
+def event(kind, actor="alice", users=(), name="ops", text=""):
+    """A L{pager.GroupEvent} as the client makes one."""
+    return pager.GroupEvent(GID, name, 2, kind, actor, tuple(users), text, 0.0)
+
+
+class Lines:
+    def __init__(self):
+        self.shown = []
+        self.out = pager.SafeWriter(self)
+
+    def write(self, text):
+        self.shown.append(text)
+
+    def show(self, text):
+        self.out.write(text)
+
+
+class DescribeGroupTests(unittest.SynchronousTestCase):
+    """The words of membership changes, of /group info and of /groups."""
+
+    def test_changes(self):
+        """Every kind of change reads as the spec's line, the user's own name as 'you'."""
+        cases = [
+            (event("create", users=("bob", "carol")), "alice created #ops with bob, carol"),
+            (event("create"), "alice created #ops"),
+            (event("add", users=("carol",)), "alice added carol"),
+            (event("add", users=("carol", "dave")), "alice added carol, dave"),
+            (event("remove", users=("carol",)), "carol was removed by alice"),
+            (event("remove", users=("carol", "dave")), "carol, dave were removed by alice"),
+            (event("leave", actor="bob"), "bob left"),
+            (event("rename", name="ops2", text="ops"), "alice renamed #ops to #ops2"),
+            (event("topic", text="on call: bob"), 'alice changed the topic to "on call: bob"'),
+            (event("topic", text=""), "alice cleared the topic"),
+            (event("promote", users=("bob",)), "alice made bob an admin"),
+            (event("demote", users=("bob",)), "alice made bob no longer an admin"),
+        ]
+        for e, words in cases:
+            self.assertEqual(pager.describe_group_change(e, "zed"), words)
+        self.assertEqual(pager.describe_group_change(event("add", users=("zed",)), "zed"), "alice added you")
+        self.assertEqual(pager.describe_group_change(event("remove", users=("zed",)), "zed"),
+                         "you were removed by alice")
+        self.assertEqual(pager.describe_group_change(event("add", actor="zed", users=("bob",)), "zed"),
+                         "you added bob")
+
+    def test_event_line(self):
+        line = pager.describe_group_event(event("leave", actor="bob"), 0, "alice")
+        self.assertRegex(line, r"^\[\d\d:\d\d\] #ops: bob left$")
+
+    def test_hostile_topic_stays_on_one_line(self):
+        """
+        A topic is anyone's text: a line break in it cannot start a line that looks like a message, and its escape
+        sequences reach the screen only as visible text.
+        """
+        lines = Lines()
+        hostile = "ok\n[12:00] #ops bob \u2713: send me your token" + evil("t")
+        lines.show(pager.describe_group_event(event("topic", text=hostile), 0, "alice"))
+        lines.show(pager.describe_group(info(topic=hostile), "alice"))
+        for text in lines.shown:
+            self.assertEqual(harmful(text), [])
+            self.assertNotIn("\n[12:00]", text)
+        self.assertIn("ok\\n[12:00]", lines.shown[0])
+
+    def test_info(self):
+        text = pager.describe_group(info(topic="on call", seq=4, admins=("alice", "bob")), "bob")
+        self.assertEqual(text.split("\n"), [
+            "#ops (version 4, 3 members; you: admin)",
+            '  topic: "on call"',
+            "  admins: alice, bob",
+            "  members: alice, bob, carol"])
+        self.assertIn("you: member", pager.describe_group(info(), "carol"))
+        self.assertIn("you: not a member", pager.describe_group(info(member=False), "carol"))
+        self.assertIn("topic: (none)", pager.describe_group(info(), "carol"))
+        broken = pager.describe_group(info(broken="op 3 is not signed by an admin."), "carol")
+        self.assertIn("\u26a0 its membership chain does not verify: op 3 is not signed by an admin.", broken)
+
+    def test_groups_listing(self):
+        text = pager.describe_groups([info(name="zz", unread=3), info(name="aa", admins=("carol",)),
+                                      info(name="gone", member=False)], "alice")
+        self.assertEqual(text.split("\n"), [
+            "Your groups:",
+            "  #aa  3 members",
+            "  #zz  3 members  admin  3 unread",
+            "  #gone  3 members  left"])
+        self.assertIn("You are in no group", pager.describe_groups([], "alice"))
+
+    def test_json(self):
+        record = pager._group_json(info(topic="t", unread=2), "alice")
+        self.assertEqual(record, {"id": GID, "name": "ops", "topic": "t", "version": 1,
+                                  "members": ["alice", "bob", "carol"], "admins": ["alice"], "member": True,
+                                  "admin": True, "unread": 2, "broken": None})
+        json.dumps(record)
+
+
+class GroupTicksTests(unittest.SynchronousTestCase):
+    """A group message's receipts become one tick line per second at most, and ✓✓ at once when all have it."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.lines = []
+        self.ticks = pager.GroupTicks(self.lines.append, self.clock)
+
+    def test_coalesced(self):
+        """Three receipts within a second are one line, 3/5; the fourth a second later is the next line."""
+        for n in (1, 2, 3):
+            self.ticks.delivered("m1", "ops", n, 5, 12, '"disk full"')
+            self.clock.advance(0.2)
+        self.assertEqual(self.lines, [])
+        self.clock.advance(0.4)
+        self.assertEqual(len(self.lines), 1)
+        self.assertRegex(self.lines[0], r'^\[\d\d:\d\d\] \u2713 3/5 #12 "disk full" in #ops$')
+        self.ticks.delivered("m1", "ops", 4, 5, 12, '"disk full"')
+        self.clock.advance(0.999)
+        self.assertEqual(len(self.lines), 1)
+        self.clock.advance(0.001)
+        self.assertRegex(self.lines[1], r"\u2713 4/5 #12")
+
+    def test_all_at_once(self):
+        """The last member's receipt shows ✓✓ 5/5 at once, and the pending 4/5 line never comes."""
+        for n in (1, 2, 3, 4, 5):
+            self.ticks.delivered("m1", "ops", n, 5, 12, None)
+        self.assertEqual(len(self.lines), 1)
+        self.assertRegex(self.lines[0], r"^\[\d\d:\d\d\] \u2713\u2713 5/5 #12 in #ops$")
+        self.clock.advance(5)
+        self.assertEqual(len(self.lines), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_never_backwards(self):
+        """A count that did not grow (a receipt seen again) shows nothing."""
+        self.ticks.delivered("m1", "ops", 2, 5, 1, None)
+        self.clock.advance(1)
+        self.ticks.delivered("m1", "ops", 2, 5, 1, None)
+        self.ticks.delivered("m1", "ops", 1, 5, 1, None)
+        self.clock.advance(2)
+        self.assertEqual(len(self.lines), 1)
+
+    def test_messages_apart(self):
+        """Two messages' receipts are counted apart."""
+        self.ticks.delivered("m1", "ops", 1, 2, 1, None)
+        self.ticks.delivered("m2", "dev", 1, 3, 2, None)
+        self.clock.advance(1)
+        self.assertEqual(sorted(line.split("] ")[1] for line in self.lines),
+                         ["\u2713 1/2 #1 in #ops", "\u2713 1/3 #2 in #dev"])
+
+    def test_close_shows_what_waits(self):
+        self.ticks.delivered("m1", "ops", 1, 2, 1, None)
+        self.ticks.close()
+        self.assertEqual(len(self.lines), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class DescribeDeliveryTests(unittest.SynchronousTestCase):
+    """/info: delivered, refused and waiting members."""
+
+    def test_lines(self):
+        text = pager.describe_group_delivery(
+            "ops", ["bob", "carol", "dave", "erin"],
+            {"bob": ("delivered", 0), "carol": ("rejected", 0, "bad\nline"), "zed": ("delivered", 0)},
+            12, '"disk full"')
+        lines = text.split("\n")
+        self.assertEqual(lines[0], 'Your message #12 "disk full" to #ops: 1 of 4 have it.')
+        self.assertRegex(lines[1], r"^  delivered: bob \d\d:\d\d$")
+        self.assertRegex(lines[2], r"^  refused: carol \d\d:\d\d \(bad\\nline\)$")
+        self.assertEqual(lines[3], "  waiting: dave, erin")
+        self.assertEqual(len(lines), 4)
+
+
+class GroupOptionsTests(unittest.SynchronousTestCase):
+    """pager-cli group and groups parse their actions; send --to takes one '#group'."""
+
+    def parse(self, *argv):
+        options = pager.Options()
+        options.parseOptions(list(argv))
+        return options.subOptions
+
+    def test_actions(self):
+        config = self.parse("group", "h", "create", "#ops", "bob", "carol", "--user", "alice")
+        self.assertEqual((config["action"], config["group"], config["args"]), ("create", "#ops", ["bob", "carol"]))
+        config = self.parse("group", "h", "admin", "ops", "bob", "--off", "--user", "alice")
+        self.assertTrue(config["off"])
+        config = self.parse("group", "h", "topic", "ops", "", "--user", "alice")
+        self.assertEqual(config["args"], [""])
+        self.assertTrue(self.parse("group", "h", "info", "ops", "--json", "-u", "a")["json"])
+
+    def test_usage_errors(self):
+        for argv in (["group", "h"], ["group", "h", "create"], ["group", "h", "frob", "ops"],
+                     ["group", "h", "leave", "ops", "bob"], ["group", "h", "rename", "ops"],
+                     ["group", "h", "rename", "ops", "a", "b"], ["group", "h", "add", "ops"],
+                     ["group", "h", "topic", "ops", "a", "b"], ["group", "h", "admin", "ops"],
+                     ["group", "h", "add", "ops", "bob", "--off"], ["group", "h", "add", "ops", "bob", "--json"],
+                     ["groups"]):
+            self.assertRaises(usage.UsageError, self.parse, *argv)
+
+    def test_send_to_group(self):
+        config = self.parse("send", "h", "--to", "#Ops", "hi", "-u", "alice")
+        self.assertEqual((config["group"], config["to"]), ("ops", ["#ops"]))
+        config = self.parse("send", "h", "--to", "bob,carol", "hi", "-u", "alice")
+        self.assertEqual((config["group"], config["to"]), (None, ["bob", "carol"]))
+        for to in ("#ops,bob", "#ops,#dev", "#", "#bad name"):
+            self.assertRaises(usage.UsageError, self.parse, "send", "h", "--to", to, "hi", "-u", "alice")
+
+    def test_exit_codes(self):
+        self.assertEqual(pager.exit_code(pager.UnknownGroup("no")), pager.EXIT_USAGE)
+        self.assertEqual(pager.exit_code(pager.GroupRefused("no")), pager.EXIT_AUTH)
+        self.assertEqual(pager.exit_code(pager.GroupFull("no")), pager.EXIT_AUTH)
+
+
+class DescribeGroupMessageTests(unittest.SynchronousTestCase):
+    """How a group message is shown: received, and sent from another of the user's devices."""
+
+    def message(self, **kwargs):
+        fields = dict(message_id=b"\1" * 16, sender="alice", sender_fingerprint=b"\0" * 32,
+                      recipients=("alice", "bob", "carol"), timestamp=0.0, content_type="text", filename="",
+                      plaintext=bytearray(b"disk full"), accepted_at=0.0, group_id=GID, group_name="ops")
+        fields.update(kwargs)
+        return pager.OpenedMessage(**fields)
+
+    def test_received(self):
+        self.assertRegex(pager.describe_message(self.message()), r"^\[\d\d:\d\d\] #ops alice \u2713: disk full$")
+        self.assertRegex(pager.describe_message(self.message(), elsewhere=True),
+                         r"^\[\d\d:\d\d\] \u00bb #ops alice \u2713: disk full$")
+
+    def test_note(self):
+        text = pager.describe_message(self.message(group_note="sealed for version 5 of #ops; yours is 7"))
+        self.assertRegex(text, r"#ops alice \u2713 \(sealed for version 5 of #ops; yours is 7\): disk full$")
+
+    def test_own_other_device(self):
+        text = pager.describe_message(self.message(), sent_from="'laptop'")
+        self.assertRegex(text, r"^\[\d\d:\d\d\] you \(on 'laptop'\) \u2192 #ops: disk full$")
+
+    def test_one_to_one_unchanged(self):
+        text = pager.describe_message(self.message(group_id=None, group_name=None, recipients=("bob",)))
+        self.assertRegex(text, r"^\[\d\d:\d\d\] alice \u2713 disk full$")
+
+
+class GroupChatTests(ChatTestCase):
+    """The chat's group commands and lines, with a real session against a real in-process server."""
+
+    async def peer(self, name):
+        """An in-process client for C{name}, registered and receiving, recording its group events."""
+        client = await self.register(self.address, name)
+        client.group_events = []
+        client.on_group_event = client.group_events.append
+        return client
+
+    async def type(self, chat, *lines):
+        for line in lines:
+            chat.line(line)
+            await self.idle(chat)
+
+    async def shown(self, ui, text, since=0):
+        """Wait until C{text} is on the chat's screen (after line C{since}); returns the screen's text since then."""
+        await self.wait_for(lambda: text in ui.text(since), repr(text) + " on the screen")
+        return ui.text(since)
+
+    async def test_create_talk_and_ticks(self):
+        """
+        /group create makes #ops; /to #ops opens it (prompt #ops> ); each line goes to every member; the receipts
+        become one tick line, then ✓✓ 2/2; /info lists who has it.
+        """
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/group create ops bob carol")
+        self.assertIn("Created #ops with bob, carol; you are its admin.", ui.text())
+        await self.type(chat, "/to #ops")
+        self.assertEqual((chat.conversation, ui.prompt), ("#ops", "#ops> "))
+        self.assertIn("Talking in #ops", ui.text())
+        await self.type(chat, "hello all")
+        await self.wait_for(lambda: bob.events.messages and carol.events.messages, "the message at bob's and carol's")
+        for client in (bob, carol):
+            [message] = client.events.messages
+            self.assertEqual((message.sender, bytes(message.plaintext), message.group_name),
+                             ("alice", b"hello all", "ops"))
+        text = await self.shown(ui, "\u2713\u2713 2/2")
+        self.assertRegex(text, r'\u2713\u2713 2/2 #\d+ "hello all" in #ops')
+        before = len(ui.shown)
+        await self.type(chat, "/info")
+        info_text = ui.text(before)
+        self.assertIn("to #ops: 2 of 2 have it.", info_text)
+        self.assertRegex(info_text, r"delivered: bob \d\d:\d\d, carol \d\d:\d\d")
+        before = len(ui.shown)
+        await self.type(chat, "/history #ops")
+        self.assertIn("-> #ops: hello all", ui.text(before))
+
+    async def test_waiting_member_and_partial_tick(self):
+        """With carol offline, the tick stops at 1/2 and /info says carol is waited for."""
+        server = await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/group create ops bob carol")
+        await self.offline(server, carol)
+        await self.type(chat, "/msg #ops one for the log")
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        text = await self.shown(ui, "\u2713 1/2")
+        self.assertNotIn("\u2713\u2713", text)
+        self.assertIn("carol is offline", text)
+        before = len(ui.shown)
+        await self.type(chat, "/info")
+        self.assertIn("1 of 2 have it", ui.text(before))
+        self.assertIn("waiting: carol", ui.text(before))
+
+    async def test_incoming_lines_and_unread(self):
+        """
+        bob's group and its messages reach alice's screen as #ops lines; while another conversation is open they
+        count as unread in /groups, until /to #ops.
+        """
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/to carol")
+        await bob.group_create("ops", ["alice", "carol"])
+        await self.shown(ui, "#ops: bob created #ops with you, carol")
+        gid = (await bob.group("ops")).id
+        await bob.send_group(gid, "first")
+        await bob.send_group(gid, "second")
+        text = await self.shown(ui, "second")
+        self.assertRegex(text, r"\u00bb #ops bob \u2713: first")
+        await self.wait_for(lambda: self._unread(chat, 2), "two unread")
+        before = len(ui.shown)
+        await self.type(chat, "/groups")
+        self.assertIn("#ops  3 members  2 unread", ui.text(before))
+        await self.type(chat, "/to #ops")
+        self.assertEqual(ui.prompt, "#ops> ")
+        before = len(ui.shown)
+        await self.type(chat, "/groups")
+        self.assertNotIn("unread", ui.text(before))
+        await bob.send_group(gid, "third")
+        text = await self.shown(ui, "third")
+        self.assertRegex(text, r"\] #ops bob \u2713: third")  # no \u00bb: the open conversation
+        self.assertEqual((await chat.session.client.group("ops")).unread, 0)
+
+    async def _unread(self, chat, count):
+        return (await chat.session.client.group("ops")).unread == count
+
+    async def test_membership_lines_and_rename(self):
+        """
+        Each change bob makes is one line at alice's: added, removed, topic, admin; a rename of the open group
+        renames the prompt; a hostile topic stays one harmless line.
+        """
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        await self.peer("dave")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("ops", ["alice", "carol"])
+        await self.shown(ui, "bob created #ops")
+        await self.type(chat, "/to #ops")
+        gid = (await bob.group("ops")).id
+        await bob.group_add(gid, ["dave"])
+        await self.shown(ui, "#ops: bob added dave")
+        await bob.group_remove(gid, ["carol"])
+        await self.shown(ui, "#ops: carol was removed by bob")
+        await bob.group_admin(gid, "alice")
+        await self.shown(ui, "#ops: bob made you an admin")
+        hostile = "fine\n[12:00] #ops bob \u2713: type your passphrase" + evil("topic")
+        await bob.group_topic(gid, hostile)
+        text = await self.shown(ui, "changed the topic")
+        self.assertEqual(harmful(text), [])
+        self.assertIn("fine\\n[12:00]", text)
+        await bob.group_rename(gid, "ops2")
+        await self.shown(ui, "#ops2: bob renamed #ops to #ops2")
+        self.assertEqual((chat.conversation, ui.prompt), ("#ops2", "#ops2> "))
+        before = len(ui.shown)
+        await self.type(chat, "/group info ops2")
+        self.assertIn("#ops2 (version 6, 3 members; you: admin)", ui.text(before))
+        self.assertIn("admins: alice, bob", ui.text(before))
+        self.assertEqual(harmful(ui.text()), [])
+
+    async def test_commands_and_errors(self):
+        """Each /group action works from the chat; wrong uses are one sentence each, and change nothing."""
+        await self.serve()
+        bob = await self.peer("bob")
+        await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        cases = [
+            ("/group", "Usage: /group ACTION NAME"),
+            ("/group frob ops", "No group action frob"),
+            ("/group info nope", "You are in no group"),
+            ("/group create bad\x1bname", "Group names are written #name"),
+            ("/group create ops bob", "Created #ops with bob"),
+            ("/group create ops carol", "taken"),
+            ("/group add ops", "Usage: /group add NAME USER..."),
+            ("/group add ops carol", "Added carol to #ops."),
+            ("/group topic ops on call: bob", 'The topic of #ops is now "on call: bob".'),
+            ("/group admin ops bob", "bob is now an admin of #ops."),
+            ("/group admin ops bob off", "bob is no longer an admin of #ops."),
+            ("/group admin ops", "Usage: /group admin NAME USER [off]"),
+            ("/group rename ops", "Usage: /group rename NAME NEW"),
+            ("/group rename ops dev", "Renamed #ops to #dev."),
+            ("/group remove dev carol", "Removed carol from #dev."),
+            ("/group leave dev", "You are the last admin of #dev"),
+            ("/group info #dev", "#dev (version"),
+            ("/info", "You have sent no group message"),
+            ("/info #99", "#99 is not a group message"),
+            ("/to #nope", "You are in no group #nope"),
+            ("/msg #dev,bob hi", "one group or to users, not both"),
+        ]
+        for line, expected in cases:
+            before = len(ui.shown)
+            await self.type(chat, line)
+            self.assertIn(expected, ui.text(before), line)
+        self.assertEqual(ui.prompt, "to> ")
+        info = await chat.session.client.group("dev")
+        self.assertEqual((info.members, info.admins, info.topic), (("alice", "bob"), ("alice",), "on call: bob"))
+        await self.wait_for(lambda: self._member_of(bob, "dev"), "bob's client to see #dev")
+
+    async def _member_of(self, client, name):
+        try:
+            return client.user in (await client.group(name)).members
+        except pager.UnknownGroup:
+            return False
+
+    async def test_help_lists_group_commands(self):
+        await self.serve()
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/help")
+        for word in ("/to #GROUP", "/groups", "/group create", "/group add|remove", "/group leave", "/group rename",
+                     "/group topic", "/group admin NAME USER [off]", "/group info", "/info [#REF]"):
+            self.assertIn(word, ui.text())
+
+    async def test_left_group_closes_conversation(self):
+        """Being removed from the open group closes its conversation: what is typed then goes nowhere."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("ops", ["alice"])
+        await self.shown(ui, "bob created #ops")
+        await self.type(chat, "/to #ops")
+        await bob.group_remove((await bob.group("ops")).id, ["alice"])
+        await self.shown(ui, "you were removed by bob")
+        await self.shown(ui, "You are no longer in #ops")
+        self.assertEqual((chat.conversation, ui.prompt), (None, "to> "))
+
+
+class GroupCommandTests(CLITestCase):
+    """pager-cli group, groups, send --to '#ops' and fetch, in-process over loopback."""
+
+    async def cli(self, home, user, *argv, code=0):
+        result = await self.run_command(*argv, "--user", user, home=home)
+        self.assertExit(result, code)
+        if code:
+            self.assertOneErrorLine(result, code)
+        return result
+
+    async def test_group_end_to_end(self):
+        """Every action from the command line, then a group message sent with --to '#ops' and fetched."""
+        await self.serve()
+        alice, bob = await self.provision("alice"), await self.provision("bob")
+        await self.account("carol")
+        result = await self.cli(alice, "alice", "group", "HOST", "create", "#ops", "bob")
+        self.assertEqual(result.out, "Created #ops with bob; you are its admin.\n")
+        result = await self.cli(alice, "alice", "group", "HOST", "add", "ops", "carol")
+        self.assertEqual(result.out, "Added carol to #ops.\n")
+        result = await self.cli(alice, "alice", "group", "HOST", "topic", "ops", "on call: bob")
+        self.assertEqual(result.out, 'The topic of #ops is now "on call: bob".\n')
+        result = await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "bob")
+        self.assertEqual(result.out, "bob is now an admin of #ops.\n")
+        result = await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "bob", "--off")
+        self.assertEqual(result.out, "bob is no longer an admin of #ops.\n")
+        result = await self.cli(alice, "alice", "group", "HOST", "info", "ops", "--json")
+        record = json.loads(result.out)
+        self.assertEqual({k: record[k] for k in ("name", "topic", "version", "members", "admins", "member", "admin")},
+                         {"name": "ops", "topic": "on call: bob", "version": 5,
+                          "members": ["alice", "bob", "carol"], "admins": ["alice"], "member": True, "admin": True})
+        gid = record["id"]
+        result = await self.cli(alice, "alice", "group", "HOST", "info", "ops")
+        self.assertIn("#ops (version 5, 3 members; you: admin)", result.out)
+        result = await self.cli(bob, "bob", "groups", "HOST", "--json")
+        [listed] = json.loads(result.out)["groups"]
+        self.assertEqual((listed["id"], listed["name"], listed["admin"]), (gid, "ops", False))
+        result = await self.cli(bob, "bob", "groups", "HOST")
+        self.assertIn("#ops  3 members", result.out)
+
+        result = await self.cli(alice, "alice", "send", "HOST", "--to", "#ops", "disk full")
+        msg = result.out.strip()
+        self.assertRegex(msg, "^[0-9a-f]{32}$")
+        result = await self.cli(bob, "bob", "fetch", "HOST")
+        self.assertRegex(result.out, r"^\[\d\d:\d\d\] #ops alice \u2713.*: disk full\n$")
+        await self.cli(alice, "alice", "send", "HOST", "--to", "#OPS", "second")
+        result = await self.cli(bob, "bob", "fetch", "HOST", "--json")
+        record = json.loads(result.out)
+        self.assertEqual((record["text"], record["from"], record["group"]), ("second", "alice",
+                                                                             {"id": gid, "name": "ops"}))
+
+        result = await self.cli(alice, "alice", "group", "HOST", "remove", "ops", "carol")
+        self.assertEqual(result.out, "Removed carol from #ops.\n")
+        result = await self.cli(alice, "alice", "group", "HOST", "rename", "ops", "dev")
+        self.assertEqual(result.out, "Renamed #ops to #dev.\n")
+        result = await self.cli(bob, "bob", "group", "HOST", "leave", "dev")
+        self.assertIn("You left #dev", result.out)
+
+    async def test_exit_codes(self):
+        """Each failure is one sentence with its documented code: 2 usage or unknown group, 3 refused."""
+        await self.serve()
+        alice, bob = await self.provision("alice"), await self.provision("bob")
+        await self.cli(alice, "alice", "group", "HOST", "create", "ops", "bob")
+        line = (await self.cli(alice, "alice", "group", "HOST", "info", "nope", code=2)).err
+        self.assertIn("You are in no group named #nope", line)
+        line = (await self.cli(bob, "bob", "group", "HOST", "remove", "ops", "alice", code=3)).err
+        self.assertIn("admin", line)
+        line = (await self.cli(alice, "alice", "group", "HOST", "leave", "ops", code=3)).err
+        self.assertIn("You are the last admin of #ops", line)
+        await self.cli(alice, "alice", "send", "HOST", "--to", "#ops,bob", "hi", code=2)
+        await self.cli(alice, "alice", "send", "HOST", "--to", "#nope", "hi", code=2)
+        await self.cli(alice, "alice", "group", "HOST", "frob", "ops", code=2)
+        await self.cli(alice, "alice", "group", "HOST", "rename", "ops", "bad name!", code=2)
+        await self.cli(alice, "alice", "group", "HOST", "create", "ops", code=1)  # the name is taken
+
+    async def test_help(self):
+        for command, words in ((("group",), ["create", "add", "remove", "leave", "rename", "topic", "admin", "info",
+                                             "--off", "--json", "--user", "identity"]),
+                               (("groups",), ["--json", "--user", "unread"]),
+                               (("send",), ["#GROUP", "'#NAME'"]),
+                               ((), ["group", "groups"])):
+            result = await self.run_command(*(command + ("--help",)), home=self.home())
+            self.assertExit(result, 0)
+            for word in words:
+                self.assertIn(word, result.out, "%r missing from pager-cli %s --help" % (word, " ".join(command)))
