@@ -882,3 +882,42 @@ class ProtocolExampleTests(SynchronousTestCase):
         lines = run()
         self.assertIn("Verification failure", lines)
         self.assertNotIn("Verified OK", lines)
+
+
+class ChainPropertyTests(SynchronousTestCase):
+    """Random sequences of operations: the rules either apply one or refuse it, and the state stays consistent."""
+
+    USERS = ("alice", "bob", "carol", "dave", "erin")
+
+    @PROPERTY
+    @given(st.lists(st.tuples(st.sampled_from(pager.GROUP_OP_KINDS[1:]), st.integers(0, 4),
+                              st.lists(st.integers(0, 4), min_size=1, max_size=3, unique=True)), max_size=40))
+    def test_invariants(self, steps):
+        """
+        After every step: admins are members, there is an admin while there are members, joined names exactly the
+        members, and a refused operation leaves the state as it was (every refusal is a GroupRefused).
+        """
+        chain = _Chain(self, max_members=4)
+        chain.do("create", "alice", name="ops", members=["bob"])
+        for kind, actor, targets in steps:
+            names = [self.USERS[i] for i in targets]
+            fields = {"add": dict(members=names), "remove": dict(users=names), "leave": {},
+                      "rename": dict(name="ops%d" % targets[0]), "topic": dict(topic="t%d" % targets[0]),
+                      "promote": dict(user=names[0]), "demote": dict(user=names[0])}[kind]
+            op = chain.make(kind, self.USERS[actor], **fields)
+            before = chain.state
+            try:
+                state = before.apply(op, chain.max)
+            except pager.GroupRefused:
+                continue
+            self.assertEqual((state.seq, state.head), (before.seq + 1, op.hash))
+            self.assertLessEqual(state.admins, set(state.members))
+            self.assertEqual(set(state.joined), set(state.members))
+            self.assertLessEqual(len(state.members), 4)
+            self.assertEqual(bool(state.admins), bool(state.members))
+            self.assertIn(op.actor, before.members)
+            if kind != "leave":
+                self.assertIn(op.actor, before.admins)
+            chain.state = state
+            chain.ops.append(op)
+        self.assertEqual(pager.fold_group_ops(GID, chain.ops, 4)[-1], chain.state)
