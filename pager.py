@@ -213,7 +213,7 @@ class Limits:
     close_grace: float = 3.0  # seconds a connection the server closes may still read; then it is aborted
     max_devices: int = 8  # devices of one account, not counting revoked ones
     bundle_rate: float = 20.0  # bundle requests per second per account (a burst of BUNDLE_BURST first)
-    max_group_members: int = 256  # members of one group, its creator included
+    max_group_members: int = DEFAULT_MAX_GROUP_MEMBERS  # members of one group, its creator included (at most that)
     max_groups: int = 64  # groups one user is a current member of
 
     def public(self):
@@ -11747,8 +11747,8 @@ _LIMIT_OPTIONS = [
     ("bundle-rate", "bundle_rate", float,
      "Prekey bundle requests per second one account may make (after a burst of %d)." % BUNDLE_BURST),
     ("max-group-members", "max_group_members", int,
-     "Members one group may have, its creator included (at most %d: the wraps one group message holds)."
-     % MAX_GROUP_WRAPS),
+     "Members one group may have, its creator included (at most %d: the names one group message holds)."
+     % DEFAULT_MAX_GROUP_MEMBERS),
     ("max-groups", "max_groups", int, "Groups one user may be a current member of."),
 ]
 MIN_MAX_LINE = 96 * 1024
@@ -11795,9 +11795,9 @@ class ServerOptions(_GnuOptions):
                                    "--max-line.")
         if values["max_unread_output"] < values["max_line"]:
             raise usage.UsageError("--max-unread-output must be at least --max-line: one frame must fit.")
-        if values["max_group_members"] > MAX_GROUP_WRAPS:
-            raise usage.UsageError("--max-group-members is at most %d: a group message holds at most that many"
-                                   " wrapped keys." % MAX_GROUP_WRAPS)
+        if values["max_group_members"] > DEFAULT_MAX_GROUP_MEMBERS:
+            raise usage.UsageError("--max-group-members is at most %d: a group message names at most that many"
+                                   " users." % DEFAULT_MAX_GROUP_MEMBERS)
         if self["registration"] not in ("open", "invite", "closed"):
             raise usage.UsageError("--registration is open, invite or closed.")
         directory = os.path.dirname(os.path.abspath(self["db"]))
