@@ -16,7 +16,7 @@ Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the w
 Licence: MIT.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 import sys
 
@@ -43,6 +43,7 @@ import sqlite3
 import struct
 import time
 import traceback
+import types
 import unicodedata
 
 try:
@@ -73,7 +74,7 @@ except ImportError as e:
 
 #### Constants and limits ####
 
-PROTOCOL_VERSION = 3  # 3: devices and prekeys (see PROTOCOL.md, "Changes from version 2")
+PROTOCOL_VERSION = 4  # 4: groups (see PROTOCOL.md, "Changes from version 3")
 SOFTWARE = "pager/" + __version__
 DEFAULT_PORT = 5050
 DEFAULT_LISTEN = "tcp:%d:backlog=1024" % DEFAULT_PORT
@@ -92,6 +93,8 @@ SIGNED_PREKEY_TAG = b"pager-signed-prekey-v1"  # a signed prekey, signed by the 
 WRAP_TAG = b"pager-x25519-wrap-v1"  # the HKDF info of an X25519 key wrap
 LINK_REQUEST_TAG = b"pager-link-request-v1"  # the MAC of a new device's link request
 LINK_ANSWER_TAG = b"pager-link-answer-v1"  # the MAC of the identity device's answer
+GROUP_OP_TAG = b"pager-group-op-v1"  # a group operation, signed by its actor's identity key
+GROUP_ENVELOPE_TAG = b"pager-group-envelope-v1"  # the header of a group message: never taken for a 1:1 one
 SIGNATURE_TAG = b"pager-signature-v1"
 COMMITMENT_TAG = b"pager-key-commitment-v1"
 AUTH_TAG = b"pager-auth-v2"  # proof-of-possession signatures; distinct from every envelope tag (v2 names the server)
@@ -124,6 +127,16 @@ PREKEY_LIFETIME = 14 * DAY  # seconds a signed prekey is valid for (valid_until 
 PREKEY_SKEW = DAY  # seconds a signed prekey may be used before its valid_from (clocks differ)
 X25519_KEY_SIZE = 32
 MAX_WRAPS = 512  # wrapped keys (recipient devices) one envelope holds
+GROUP_ID_SIZE = 16  # bytes of a group id, made at random by its creator's client (32 hex digits on the wire)
+GROUP_OP_KINDS = ("create", "add", "remove", "leave", "rename", "topic", "promote", "demote")
+DEFAULT_MAX_GROUP_MEMBERS = 256  # members of one group, its creator included; the largest group header holds
+MAX_GROUP_TOPIC_BYTES = 256  # UTF-8 bytes of a group's topic
+MAX_GROUP_OPS = 4096  # operations in one group's chain; then a new group must be created
+MAX_GROUP_OP_BYTES = 32768  # bytes of one encoded group operation
+MAX_GROUP_WRAPS = 2048  # wrapped keys (member devices) one group envelope holds
+GROUP_OP_RATE = 1.0  # group operations per second per account (after a burst of GROUP_OP_BURST)
+GROUP_OP_BURST = 30
+MAX_FORMER_GROUPS = 64  # groups a user left or was removed from whose end the server still lets them read
 LINK_SECRET_SIZE = 10  # bytes (80 bits) of the one-time code that links a new device
 SEEN_MARGIN = DAY  # seconds a client remembers a message id past the server's message expiry
 CLIENT_CLOSE_GRACE = 3.0  # seconds a client's close waits for the server to read what it wrote; then it aborts
@@ -168,7 +181,7 @@ class Limits:
     """
 
     max_line_unauthenticated: int = 16 * 1024  # bytes per line before login: holds the largest valid register
-    max_line: int = 128 * 1024  # bytes per line after login; must hold one chunk frame
+    max_line: int = 256 * 1024  # bytes per line after login; must hold one chunk frame and a full group's header
     max_message: int = 64 * 1024 * 1024  # plaintext bytes per message
     max_pending_messages: int = 10000  # per recipient
     max_pending_bytes: int = 256 * 1024 * 1024  # per recipient
@@ -200,6 +213,8 @@ class Limits:
     close_grace: float = 3.0  # seconds a connection the server closes may still read; then it is aborted
     max_devices: int = 8  # devices of one account, not counting revoked ones
     bundle_rate: float = 20.0  # bundle requests per second per account (a burst of BUNDLE_BURST first)
+    max_group_members: int = DEFAULT_MAX_GROUP_MEMBERS  # members of one group, its creator included (at most that)
+    max_groups: int = 64  # groups one user is a current member of
 
     def public(self):
         """The limits a client needs to know, as sent in ``hello``."""
@@ -224,6 +239,8 @@ class Limits:
             "upload_idle_timeout": self.upload_idle_timeout,
             "max_devices": self.max_devices,
             "bundle_rate": self.bundle_rate,
+            "max_group_members": self.max_group_members,
+            "max_groups": self.max_groups,
         }
 
 
@@ -400,28 +417,46 @@ class DevicesChanged(ProtocolError):
     code = "devices_changed"
 
 
-class UnknownGroup(ProtocolError):
-    """No such group, or you are not in it."""
-
-    code = "unknown_group"
+class GroupOpError(BadRequest):
+    """The group operation is malformed."""
 
 
-class GroupExists(ProtocolError):
-    """That group name (or id) is taken."""
-
-    code = "group_exists"
+class GroupRefused(Forbidden):
+    """The group's rules refuse that operation."""
 
 
-class GroupChanged(ProtocolError):
-    """The group's membership changed since: fetch its operations again."""
+class GroupFull(GroupRefused):
+    """The group would have more members than it may."""
 
-    code = "group_changed"
+    code = "too_large"
 
 
 class InternalError(ProtocolError):
     """The server failed to carry out the request."""
 
     code = "internal"
+
+
+class UnknownGroup(ProtocolError):
+    """No such group, or you are not a member of it."""
+
+    code = "unknown_group"
+
+
+class GroupExists(ProtocolError):
+    """That group name is taken on this server."""
+
+    code = "group_exists"
+
+
+class GroupChanged(ProtocolError):
+    """The group's membership changed since that was made: fetch its new operations, then try again."""
+
+    code = "group_changed"
+
+    def __init__(self, message=None, seq=None, head=None):
+        super().__init__(message)
+        self.seq, self.head = seq, head  # the group's current version and head (32 bytes), when the server knows them
 
 
 class KeyChanged(PagerError):
@@ -1004,7 +1039,8 @@ class EnvelopeHeader:
     """
     The parsed header of an envelope; C{raw} is the exact bytes that were parsed (and are signed).  A version 1
     header parses into the same fields: each recipient becomes an RSA entry for the device named by the first half of
-    its key's fingerprint, and so does the sender's device.
+    its key's fingerprint, and so does the sender's device.  A group message's header (tag L{GROUP_ENVELOPE_TAG})
+    also names its group and the membership version it was sealed for; both are C{None} for any other.
     """
 
     raw: bytes
@@ -1019,6 +1055,8 @@ class EnvelopeHeader:
     chunk_size: int
     entries: tuple  # of Wrap, sorted by (name, device id)
     commitment: bytes
+    group_id: bytes = None  # a group message's group (GROUP_ID_SIZE bytes)
+    group_head: bytes = None  # the hash of the last group operation the sender had verified (32 bytes)
 
     @property
     def recipient_names(self):
@@ -1052,11 +1090,19 @@ def _wrap_order(entry):
 
 
 def _encode_header(message_id, timestamp_ms, sender, sender_fp, sender_device, content_type, filename, chunk_size,
-                   entries, commitment):
-    """A version 2 header; C{entries} (L{Wrap}s) are written in the order given."""
+                   entries, commitment, group=None):
+    """
+    A version 2 header; C{entries} (L{Wrap}s) are written in the order given.  With C{group} (group id, head) it is a
+    group message's header: the group tag, and the two fields after the sender device.
+    """
     parts = [
-        _lp(ENVELOPE_TAG), _lp(message_id), _U64.pack(timestamp_ms), _lp(sender.encode("ascii")), _lp(sender_fp),
-        _lp(sender_device), _lp(content_type.encode("ascii")), _lp(filename.encode("utf-8")), _U32.pack(chunk_size),
+        _lp(ENVELOPE_TAG if group is None else GROUP_ENVELOPE_TAG), _lp(message_id), _U64.pack(timestamp_ms),
+        _lp(sender.encode("ascii")), _lp(sender_fp), _lp(sender_device),
+    ]
+    if group is not None:
+        parts += [_lp(group[0]), _lp(group[1])]
+    parts += [
+        _lp(content_type.encode("ascii")), _lp(filename.encode("utf-8")), _U32.pack(chunk_size),
         _U32.pack(len(entries)),
     ]
     parts += [e.encode() for e in entries]
@@ -1080,16 +1126,18 @@ def _encode_header_v1(message_id, timestamp_ms, sender, sender_fp, content_type,
 
 def parse_header(raw):
     """
-    Parse and check an envelope header, version 2 or 1: every field present with its exact length, names valid,
-    entries sorted by (name, device id) without duplicates, nothing after the end.  Raises L{MalformedEnvelope}.
+    Parse and check an envelope header, version 2 (1:1 or group) or 1: every field present with its exact length,
+    names valid, entries sorted by (name, device id) without duplicates, nothing after the end.  Raises
+    L{MalformedEnvelope}.
     """
     if not isinstance(raw, (bytes, bytearray)):
         raise MalformedEnvelope("The message header is not bytes.")
     r = _Reader(raw)
     tag = r.field(64)
-    if tag not in (ENVELOPE_TAG, ENVELOPE_TAG_V1):
+    if tag not in (ENVELOPE_TAG, GROUP_ENVELOPE_TAG, ENVELOPE_TAG_V1):
         raise MalformedEnvelope("The message is not a pager v2 (or v1) envelope.")
-    version = 2 if tag == ENVELOPE_TAG else 1
+    version = 1 if tag == ENVELOPE_TAG_V1 else 2
+    group = tag == GROUP_ENVELOPE_TAG
     # Runs of fields of fixed sizes are read at once, length prefixes included, and each length is then checked.
     id_size, message_id, timestamp_ms = r.fixed(_ID_AND_TIME)
     if id_size != MESSAGE_ID_SIZE:
@@ -1099,6 +1147,10 @@ def parse_header(raw):
         fp_size, sender_fp, device_size, sender_device = r.fixed(_FINGERPRINT_AND_DEVICE)
         if fp_size != 32 or device_size != DEVICE_ID_SIZE:
             raise MalformedEnvelope("The sender's key fingerprint or device id has the wrong length.")
+        if group:
+            group_id_size, group_id, head_size, group_head = r.fixed(_GROUP_AND_HEAD)
+            if group_id_size != GROUP_ID_SIZE or head_size != 32:
+                raise MalformedEnvelope("The group id or the membership head has the wrong length.")
     else:
         sender_fp = _header_fingerprint(r)
         sender_device = sender_fp[:DEVICE_ID_SIZE]
@@ -1116,8 +1168,9 @@ def parse_header(raw):
         raise MalformedEnvelope("The chunk size is out of range.")
     if version == 1 and not 1 <= count <= MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has 1 to %d recipients." % MAX_RECIPIENTS)
-    if not 1 <= count <= MAX_WRAPS:
-        raise MalformedEnvelope("A message has 1 to %d wrapped keys." % MAX_WRAPS)
+    max_wraps = MAX_GROUP_WRAPS if group else MAX_WRAPS
+    if not 1 <= count <= max_wraps:
+        raise MalformedEnvelope("A %smessage has 1 to %d wrapped keys." % ("group " if group else "", max_wraps))
     entries = []
     read_entry = _header_entry if version == 2 else _header_recipient_v1
     previous = None
@@ -1128,19 +1181,27 @@ def parse_header(raw):
             raise MalformedEnvelope("The wrapped keys are not sorted by name and device without duplicates.")
         previous = order
         entries.append(entry)
-    if len({e.name for e in entries} - {sender}) > MAX_RECIPIENTS:
+    if group:
+        if len({e.name for e in entries} | {sender}) > DEFAULT_MAX_GROUP_MEMBERS:
+            raise MalformedEnvelope("A group message names at most %d members, its sender included."
+                                    % DEFAULT_MAX_GROUP_MEMBERS)
+    elif len({e.name for e in entries} - {sender}) > MAX_RECIPIENTS:
         raise MalformedEnvelope("A message has at most %d recipients besides its sender." % MAX_RECIPIENTS)
     commitment_size, commitment = r.fixed(_COMMITMENT_FIELD)
     if commitment_size != 32:
         raise MalformedEnvelope("The key commitment is not 32 bytes.")
     r.end()
+    if not group:
+        return EnvelopeHeader(bytes(raw), version, message_id, timestamp_ms, sender, sender_fp, sender_device,
+                              content_type, filename, chunk_size, tuple(entries), commitment)
     return EnvelopeHeader(bytes(raw), version, message_id, timestamp_ms, sender, sender_fp, sender_device,
-                          content_type, filename, chunk_size, tuple(entries), commitment)
+                          content_type, filename, chunk_size, tuple(entries), commitment, group_id, group_head)
 
 
 # Runs of fixed-size fields of a version 2 header, each length-prefixed field with its u32 length.
 _ID_AND_TIME = struct.Struct(">I%dsQ" % MESSAGE_ID_SIZE)  # lp(message id) u64(timestamp)
 _FINGERPRINT_AND_DEVICE = struct.Struct(">I32sI%ds" % DEVICE_ID_SIZE)  # lp(sender fingerprint) lp(sender device)
+_GROUP_AND_HEAD = struct.Struct(">I%dsI32s" % GROUP_ID_SIZE)  # a group header's lp(group id) lp(membership head)
 _CHUNK_SIZE_AND_COUNT = struct.Struct(">II")
 _DEVICE_AND_KIND = struct.Struct(">I%dsB" % DEVICE_ID_SIZE)  # an entry's lp(device id) u8(kind)
 _X25519_ENTRY = struct.Struct(">III%dsI%ds" % (X25519_KEY_SIZE, _X25519_WRAPPED_SIZE))  # spk, opk, lp(ek), lp(wrapped)
@@ -1285,7 +1346,7 @@ class Sealer:
 
     def __init__(self, private_key, sender, recipients, content_type="text", filename="", chunk_size=CHUNK_SIZE,
                  message_id=None, timestamp_ms=None, content_key=None, sender_fingerprint=None, sender_device=None,
-                 now=None):
+                 now=None, group=None):
         """
         @param private_key: the sending device's RSA key: it signs.
         @param recipients: a list of L{DeviceTarget}s, one per device (the sender's other devices under its own
@@ -1293,16 +1354,32 @@ class Sealer:
         @param sender_fingerprint: the fingerprint of the sender's identity key (default: C{private_key}'s).
         @param sender_device: the sending device's id (default: C{private_key}'s).
         @param now: the time (seconds) at which signed prekeys must be valid, besides the message's timestamp.
+        @param group: C{(group id, head)} for a group message: the group's id (L{GROUP_ID_SIZE} bytes) and the hash
+            of the last operation of its chain the sender verified (32 bytes); the recipients are then every current
+            device of every member but the sending one (up to L{MAX_GROUP_WRAPS} devices and
+            L{DEFAULT_MAX_GROUP_MEMBERS} users, the sender included).
         @raise PrekeyUnusable: a target's signed prekey is expired or not yet valid, or no X25519 key.
         @raise NoPrekeys: a target has neither a signed prekey nor an RSA key.
         """
         if content_type not in CONTENT_TYPES:
             raise ValueError("content_type must be one of %r" % (CONTENT_TYPES,))
         targets = _targets(recipients)
-        if not 1 <= len(targets) <= MAX_WRAPS:
-            raise ValueError("a message has 1 to %d recipient devices" % MAX_WRAPS)
-        if len({t.user for t in targets} - {sender}) > MAX_RECIPIENTS:
-            raise ValueError("a message has 1 to %d recipients" % MAX_RECIPIENTS)
+        if group is not None:
+            group_id, head = group
+            if not (isinstance(group_id, bytes) and len(group_id) == GROUP_ID_SIZE
+                    and isinstance(head, bytes) and len(head) == 32):
+                raise ValueError("group is (a %d-byte group id, a 32-byte head)" % GROUP_ID_SIZE)
+            group = (group_id, head)
+            if not 1 <= len(targets) <= MAX_GROUP_WRAPS:
+                raise ValueError("a group message has 1 to %d recipient devices" % MAX_GROUP_WRAPS)
+            if len({t.user for t in targets} | {sender}) > DEFAULT_MAX_GROUP_MEMBERS:
+                raise ValueError("a group message has at most %d members, its sender included"
+                                 % DEFAULT_MAX_GROUP_MEMBERS)
+        else:
+            if not 1 <= len(targets) <= MAX_WRAPS:
+                raise ValueError("a message has 1 to %d recipient devices" % MAX_WRAPS)
+            if len({t.user for t in targets} - {sender}) > MAX_RECIPIENTS:
+                raise ValueError("a message has 1 to %d recipients" % MAX_RECIPIENTS)
         if len({(t.user, t.device_id) for t in targets}) != len(targets):
             raise ValueError("a device is named twice among the recipients")
         self._private_key = private_key
@@ -1337,7 +1414,7 @@ class Sealer:
         entries.sort(key=_wrap_order)
         self.header = _encode_header(
             message_id, timestamp_ms, sender, sender_fingerprint, sender_device, content_type, filename, chunk_size,
-            entries, _commitment(message_id, self._content_key),
+            entries, _commitment(message_id, self._content_key), group,
         )
         self.parsed = parse_header(self.header)
         self._ad = hashlib.sha256(self.header).digest()
@@ -1464,8 +1541,9 @@ class OpenedMessage:
     skewed: bool = False  # the signed time is far from when the server accepted it
     sender_device: bytes = b""  # the id of the device that signed
     used_prekeys: tuple = (0, 0)  # (signed prekey id, one-time prekey id) this device's key was wrapped with; 0: none
-    group_id: str = None  # a group message's group (32 hex digits, from the signed header); None for a 1:1 message
-    group_name: str = None  # that group's name (without the #) as this client's verified chain has it
+    group_id: bytes = None  # a group message's group, from its signed header; None for a 1:1 message
+    group_head: bytes = None  # the membership version (head) the group message was sealed for
+    group_name: str = None  # that group's name (without the #), as this client's verified chain has it
     group_note: str = None  # set when the message names another membership version than this client's current one
 
 
@@ -1580,7 +1658,8 @@ class Opener:
         return OpenedMessage(
             header.message_id, header.sender, header.sender_fingerprint, tuple(header.addressed_names),
             header.timestamp_ms / 1000.0, header.content_type, header.filename, plaintext,
-            sender_device=header.sender_device, used_prekeys=self.used_prekeys,
+            sender_device=header.sender_device, used_prekeys=self.used_prekeys, group_id=header.group_id,
+            group_head=header.group_head,
         )
 
 
@@ -1590,6 +1669,420 @@ def open_envelope(envelope, private_key, recipient, sender_key, max_size=None, d
     for chunk in envelope.chunks:
         opener.update(chunk)
     return opener.finish(envelope.signature, sender_key)
+
+
+# -- group operations --
+# A group's membership is a chain of operations, each signed by its actor's identity key and naming the hash of the
+# one before it (PROTOCOL.md, "Group operations").  Everything here is pure: bytes in, states out.
+
+_ZERO_HEAD = bytes(32)
+_GROUP_OP_TAG_FIELD = _lp(GROUP_OP_TAG)
+_OP_SEQ = struct.Struct(">I")
+
+
+class _OpReader:
+    """Reads a group operation's fields (written by L{_lp} and C{struct}), raising L{GroupOpError} on any fault."""
+
+    def __init__(self, data):
+        self.data = bytes(data)
+        self.offset = 0
+        self.size = len(self.data)
+
+    def fixed(self, unpacker):
+        start = self.offset
+        self.offset += unpacker.size
+        if self.offset > self.size:
+            raise GroupOpError("The group operation is truncated.")
+        return unpacker.unpack_from(self.data, start)
+
+    def field(self, max_length, too_long="A field of the group operation is too long."):
+        (n,) = self.fixed(_U32)
+        if n > max_length:
+            raise GroupOpError(too_long)
+        start = self.offset
+        self.offset += n
+        if self.offset > self.size:
+            raise GroupOpError("The group operation is truncated.")
+        return self.data[start:self.offset]
+
+    def exact(self, size, what):
+        data = self.field(64)
+        if len(data) != size:
+            raise GroupOpError("The group operation's %s is not %d bytes." % (what, size))
+        return data
+
+    def name(self, what):
+        name = self.field(32)
+        if _USERNAME_BYTES_FULLMATCH(name) is None:
+            raise GroupOpError("The group operation's %s is not a valid name." % what)
+        return name.decode("ascii")
+
+    def topic(self):
+        topic = self.field(MAX_GROUP_TOPIC_BYTES,
+                           "A group's topic is at most %d bytes of UTF-8." % MAX_GROUP_TOPIC_BYTES)
+        try:
+            return topic.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GroupOpError("The group's topic is not valid UTF-8.")
+
+    def count(self, smallest, entry_size):
+        (n,) = self.fixed(_U32)
+        if n < smallest:
+            raise GroupOpError("The group operation lists no user.")
+        if n * entry_size > self.size - self.offset:
+            raise GroupOpError("The group operation is truncated.")
+        return n
+
+    def users(self, with_fp, smallest=1):
+        """At least C{smallest} users (with their fingerprints when C{with_fp}), sorted and without a name twice."""
+        n = self.count(smallest, 5 + (4 if with_fp else 0))  # the shortest entry: one-letter name, empty fp
+        out, previous = [], None
+        for _ in range(n):
+            user = self.name("user")
+            if previous is not None and user <= previous:  # ASCII: str order is byte order
+                raise GroupOpError("The group operation's users are not sorted without a name twice.")
+            previous = user
+            out.append((user, self.exact(32, "key fingerprint")) if with_fp else user)
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupOp:
+    """
+    One parsed group operation; C{raw} is the exact bytes parsed (and signed).  Only the fields of its C{kind} are
+    set: C{name} (create, rename), C{topic} (create, topic), C{members} (create, add: C{(user, fingerprint)} pairs,
+    sorted), C{users} (remove: names, sorted), C{user} (promote, demote).
+    """
+
+    raw: bytes
+    group_id: bytes
+    seq: int
+    prev: bytes
+    kind: str
+    actor: str
+    actor_fp: bytes
+    timestamp_ms: int
+    name: str = None
+    topic: str = None
+    members: tuple = ()
+    users: tuple = ()
+    user: str = None
+
+    @functools.cached_property
+    def hash(self):
+        """SHA-256 of the operation's bytes: the next operation's C{prev}, and the head while it is the last."""
+        return hashlib.sha256(self.raw).digest()
+
+
+def parse_group_op(raw):
+    """
+    Parse and check a group operation: the tag, every field with its exact length, names valid, lists sorted without
+    a name twice, nothing after the body, at most L{MAX_GROUP_OP_BYTES}.  Whether the group's rules allow it is
+    L{GroupState.apply}'s business.  Raises L{GroupOpError}.
+    """
+    if not isinstance(raw, (bytes, bytearray)):
+        raise GroupOpError("The group operation is not bytes.")
+    if len(raw) > MAX_GROUP_OP_BYTES:
+        raise GroupOpError("A group operation is at most %d bytes." % MAX_GROUP_OP_BYTES)
+    r = _OpReader(raw)
+    if r.field(64) != GROUP_OP_TAG:
+        raise GroupOpError("This is not a pager group operation.")
+    group_id = r.exact(GROUP_ID_SIZE, "group id")
+    (seq,) = r.fixed(_OP_SEQ)
+    if seq < 1:
+        raise GroupOpError("A group operation's sequence number starts at 1.")
+    prev = r.exact(32, "previous hash")
+    kind = r.field(16)
+    if kind not in _GROUP_OP_KIND_BYTES:
+        raise GroupOpError("The group operation is of an unknown kind.")
+    kind = kind.decode("ascii")
+    actor = r.name("actor")
+    actor_fp = r.exact(32, "actor's key fingerprint")
+    (timestamp_ms,) = r.fixed(_U64)
+    fields = {}
+    if kind == "create":
+        fields = dict(name=r.name("group name"), topic=r.topic(), members=r.users(True, 0))
+    elif kind == "add":
+        fields = dict(members=r.users(True))
+    elif kind == "remove":
+        fields = dict(users=r.users(False))
+    elif kind == "rename":
+        fields = dict(name=r.name("group name"))
+    elif kind == "topic":
+        fields = dict(topic=r.topic())
+    elif kind in ("promote", "demote"):
+        fields = dict(user=r.name("user"))
+    if r.offset != r.size:
+        raise GroupOpError("The group operation has trailing bytes.")
+    return GroupOp(bytes(raw), group_id, seq, prev, kind, actor, actor_fp, timestamp_ms, **fields)
+
+
+_GROUP_OP_KIND_BYTES = frozenset(kind.encode("ascii") for kind in GROUP_OP_KINDS)
+
+
+def _group_user_field(user):
+    if not valid_username(user):
+        raise GroupOpError("%r is not a valid user name." % (user,))
+    return _lp(user.encode("ascii"))
+
+
+def encode_group_op(group_id, seq, prev, kind, actor, actor_fp, timestamp_ms, *, name=None, topic=None, members=(),
+                    users=(), user=None):
+    """
+    The bytes of a group operation (PROTOCOL.md, "Group operations"), checked by parsing them back.  C{members} are
+    C{(user, fingerprint)} pairs (or a mapping), C{users} names; both are sorted here.  Give only the fields of
+    C{kind}.  Raises L{GroupOpError}.
+    """
+    if kind not in GROUP_OP_KINDS:
+        raise GroupOpError("%r is not a kind of group operation." % (kind,))
+    if hasattr(members, "items"):
+        members = members.items()
+    try:
+        members, users = sorted(members), sorted(users)
+    except (TypeError, ValueError):
+        raise GroupOpError("The members are (name, fingerprint) pairs, the users names.")
+    wanted = {"create": {"name", "topic", "members"}, "add": {"members"}, "remove": {"users"}, "leave": set(),
+              "rename": {"name"}, "topic": {"topic"}, "promote": {"user"}, "demote": {"user"}}[kind]
+    given = {field for field, value in (("name", name), ("topic", topic), ("user", user)) if value is not None}
+    given |= {field for field, value in (("members", members), ("users", users)) if value}
+    if kind == "create":  # the topic may be left out, and the list empty
+        topic = "" if topic is None else topic
+        given |= {"topic", "members"}
+    if given - wanted:
+        raise GroupOpError("The %s operation takes no %s." % (kind, ", ".join(sorted(given - wanted))))
+    if wanted - given:
+        raise GroupOpError("The %s operation needs %s." % (kind, ", ".join(sorted(wanted - given))))
+    if not (isinstance(seq, int) and 0 <= seq < 2 ** 32 and _seconds(timestamp_ms)):
+        raise GroupOpError("The sequence number or the time is out of range.")
+    if not isinstance(actor, str) or not all(isinstance(b, bytes) for b in (group_id, prev, actor_fp)):
+        raise GroupOpError("The group id, the previous hash and the fingerprint are bytes, the actor a str.")
+    parts = [_GROUP_OP_TAG_FIELD, _lp(group_id), _OP_SEQ.pack(seq), _lp(prev), _lp(kind.encode("ascii")),
+             _group_user_field(actor), _lp(actor_fp), _U64.pack(timestamp_ms)]
+    if name is not None:
+        if not valid_username(name):
+            raise GroupOpError("%r is not a valid group name (canonical_group_name gives it)." % (name,))
+        parts.append(_lp(name.encode("ascii")))
+    if topic is not None:
+        try:
+            parts.append(_lp(topic.encode("utf-8")))
+        except (AttributeError, UnicodeEncodeError):
+            raise GroupOpError("The topic is not text that UTF-8 can encode.")
+    if kind in ("create", "add"):
+        parts.append(_U32.pack(len(members)))
+        for member, fp in members:
+            if not isinstance(fp, bytes):
+                raise GroupOpError("%s's key fingerprint is not bytes." % (member,))
+            parts += [_group_user_field(member), _lp(fp)]
+    elif kind == "remove":
+        parts.append(_U32.pack(len(users)))
+        parts += [_group_user_field(u) for u in users]
+    elif user is not None:
+        parts.append(_group_user_field(user))
+    raw = b"".join(parts)
+    parse_group_op(raw)
+    return raw
+
+
+def sign_group_op(private_key, raw):
+    """The actor's RSA-PSS-SHA256 signature (salt 32) over the operation's bytes, exactly.  Off the reactor thread."""
+    return private_key.sign(bytes(raw), _PSS, hashes.SHA256())
+
+
+def verify_group_op(public_key, op, signature):
+    """
+    Check C{signature} over C{op} (a L{GroupOp} or its bytes) with C{public_key}, which must be the key the operation
+    names (its fingerprint is C{op.actor_fp}); raises L{BadSignature}.
+    """
+    if not isinstance(op, GroupOp):
+        op = parse_group_op(op)
+    if not hmac.compare_digest(fingerprint(public_key), op.actor_fp):
+        raise BadSignature("The group operation names another key than the one given for %s." % op.actor)
+    if not isinstance(signature, bytes):
+        raise BadSignature("The group operation's signature is not bytes.")
+    try:
+        public_key.verify(signature, op.raw, _PSS, hashes.SHA256())
+    except InvalidSignature:
+        raise BadSignature("The group operation's signature does not verify.")
+
+
+def canonical_group_name(text):
+    """
+    The canonical name of a group as typed, C{ops} or C{#ops} (one leading C{#} is dropped; the rules are those of
+    user names).  Raises L{BadRequest}.
+    """
+    if isinstance(text, str) and text.startswith("#"):
+        text = text[1:]
+    try:
+        return canonical_username(text)
+    except BadRequest:
+        raise BadRequest("Group names are written #name: 1-32 characters of a-z, 0-9, '_', '.', '-' after the '#', "
+                         "starting with a letter or digit.")
+
+
+_NO_MEMBERS = types.MappingProxyType({})
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupState:
+    """
+    A group's membership after the operations of its chain up to C{seq}: C{head} is the last one's hash (32 zero
+    bytes before the first), C{members} maps each member to the fingerprint of their identity key as the operation
+    that added them gave it, C{admins} is the members who may change the group, C{joined} maps each member to the
+    C{seq} of the operation that (last) added them.  Immutable: L{apply} returns the next state.
+    """
+
+    group_id: bytes
+    seq: int = 0
+    head: bytes = _ZERO_HEAD
+    name: str = None
+    topic: str = ""
+    members: types.MappingProxyType = dataclasses.field(default_factory=lambda: _NO_MEMBERS)
+    admins: frozenset = frozenset()
+    joined: types.MappingProxyType = dataclasses.field(default_factory=lambda: _NO_MEMBERS)
+
+    @classmethod
+    def empty(cls, group_id):
+        """The state before a group's first operation."""
+        return cls(group_id)
+
+    def is_member(self, user):
+        return user in self.members
+
+    def is_admin(self, user):
+        return user in self.admins
+
+    @property
+    def ended(self):
+        """Whether the group was created and has no members left (its last member left): no operation follows."""
+        return self.seq > 0 and not self.members
+
+    @property
+    def label(self):
+        """The group as people see it: C{#name}."""
+        return "#%s" % self.name
+
+    def apply(self, op, max_members=DEFAULT_MAX_GROUP_MEMBERS):
+        """
+        The state after C{op} (a L{GroupOp}), if it extends this state's chain and the group's rules allow it; else
+        L{GroupRefused} (L{GroupFull} for the member limit) with the sentence that says why.  The rules are
+        PROTOCOL.md's ("Group operations"); C{max_members} is the server's limit (its creator included).
+        """
+        if not isinstance(op, GroupOp):
+            raise GroupOpError("Only a parsed group operation can be applied.")
+        if op.group_id != self.group_id:
+            raise GroupRefused("The operation is for another group.")
+        label = self.label if self.seq else "#%s" % op.name if op.kind == "create" else "the group"
+        if op.seq != self.seq + 1:
+            raise GroupRefused("The operation does not extend the chain of %s: it follows version %d, and %s is at "
+                               "version %d." % (label, op.seq - 1, label, self.seq))
+        if not hmac.compare_digest(op.prev, self.head):
+            raise GroupRefused("The operation does not extend the chain of %s: its previous hash is not that of "
+                               "version %d." % (label, self.seq))
+        if op.kind == "create":
+            if self.seq:
+                raise GroupRefused("%s exists already: only a group's first operation creates it." % label)
+            listed = dict(op.members)
+            if op.actor in listed:
+                raise GroupRefused("The creator of %s is a member of it already: list the others only." % label)
+            if 1 + len(listed) > max_members:
+                raise GroupFull("%s would have %d members; a group has at most %d." % (label, 1 + len(listed),
+                                                                                       max_members))
+            listed[op.actor] = op.actor_fp
+            return self._next(op, name=op.name, topic=op.topic, members=listed, admins=frozenset((op.actor,)),
+                              joined=dict.fromkeys(listed, op.seq))
+        if not self.seq:
+            raise GroupRefused("A group's first operation must create it.")
+        if not self.members:
+            raise GroupRefused("%s has no members left." % label)
+        if op.actor not in self.members:
+            raise GroupRefused("%s is not a member of %s." % (op.actor, label))
+        if op.kind == "leave":
+            return self._leave(op, label)
+        if op.actor not in self.admins:
+            raise GroupRefused("Only an admin of %s can %s; %s is not one." % (
+                label, _GROUP_OP_WORDS[op.kind], op.actor))
+        return getattr(self, "_apply_" + op.kind)(op, label, max_members)
+
+    def _next(self, op, **changes):
+        for field in ("members", "joined"):
+            if field in changes:
+                changes[field] = types.MappingProxyType(dict(sorted(changes[field].items())))
+        return dataclasses.replace(self, seq=op.seq, head=op.hash, **changes)
+
+    def _leave(self, op, label):
+        others = set(self.members) - {op.actor}
+        if others and self.admins == {op.actor}:
+            raise GroupRefused("You are the last admin of %s: make another member an admin first (/group admin %s "
+                               "NAME), then leave." % (label, label))
+        return self._without(op, (op.actor,))
+
+    def _without(self, op, users):
+        members, joined = dict(self.members), dict(self.joined)
+        for user in users:
+            del members[user]
+            joined.pop(user, None)
+        return self._next(op, members=members, joined=joined, admins=self.admins - set(users))
+
+    def _apply_add(self, op, label, max_members):
+        for user, _ in op.members:
+            if user in self.members:
+                raise GroupRefused("%s is a member of %s already." % (user, label))
+        size = len(self.members) + len(op.members)
+        if size > max_members:
+            raise GroupFull("%s would have %d members; a group has at most %d." % (label, size, max_members))
+        members, joined = dict(self.members), dict(self.joined)
+        for user, fp in op.members:
+            members[user] = fp
+            joined[user] = op.seq
+        return self._next(op, members=members, joined=joined)
+
+    def _apply_remove(self, op, label, max_members):
+        for user in op.users:
+            if user == op.actor:
+                raise GroupRefused("An admin does not remove themselves from %s: leave it instead (/group leave %s)."
+                                   % (label, label))
+            if user not in self.members:
+                raise GroupRefused("%s is not a member of %s." % (user, label))
+        return self._without(op, op.users)
+
+    def _apply_rename(self, op, label, max_members):
+        if op.name == self.name:
+            raise GroupRefused("%s is called that already." % label)
+        return self._next(op, name=op.name)
+
+    def _apply_topic(self, op, label, max_members):
+        return self._next(op, topic=op.topic)
+
+    def _apply_promote(self, op, label, max_members):
+        if op.user not in self.members:
+            raise GroupRefused("%s is not a member of %s." % (op.user, label))
+        if op.user in self.admins:
+            raise GroupRefused("%s is an admin of %s already." % (op.user, label))
+        return self._next(op, admins=self.admins | {op.user})
+
+    def _apply_demote(self, op, label, max_members):
+        if op.user not in self.admins:
+            raise GroupRefused("%s is not an admin of %s." % (op.user, label))
+        if self.admins == {op.user}:
+            raise GroupRefused("%s is the last admin of %s: make another member an admin first." % (op.user, label))
+        return self._next(op, admins=self.admins - {op.user})
+
+
+_GROUP_OP_WORDS = {"add": "add members", "remove": "remove members", "rename": "rename it",
+                   "topic": "change its topic", "promote": "make a member an admin", "demote": "take a member's admin "
+                   "role away"}
+
+
+def fold_group_ops(group_id, ops, max_members=DEFAULT_MAX_GROUP_MEMBERS):
+    """
+    Apply a chain's operations (L{GroupOp}s or their bytes) in order from the empty state: the list of states, the
+    one at index i after the operation of seq i + 1.  Raises at the first operation that does not apply.
+    """
+    state, states = GroupState.empty(group_id), []
+    for op in ops:
+        state = state.apply(op if isinstance(op, GroupOp) else parse_group_op(op), max_members)
+        states.append(state)
+    return states
 
 
 #### Accounts ####
@@ -1746,6 +2239,11 @@ def link_answer_mac(secret, server_id, identity_fp, certificate):
 #                                                                  answer_mac} | link_expired {link}  (no login)
 #   -> link_pending {id} / link_approve {id, link, name, created, certificate, answer_mac} / link_decline {id, link}
 #   -> revoke_device {id, device, at, signature}                <- ok {device}           (identity device only)
+#   -> group_op {id, group, op, signature}                      <- ok {group, seq, head}  (identity device only);
+#                                                                  then <- group_changed {group, seq, head} to members
+#   -> group_ops {id, group, after}                             <- ok {group, ops, seq, head, [members], more}
+#   -> groups {id}                                              <- ok {groups: [{group, name, seq, head, member}]}
+#   -> send {id, group, size, header, chunks, [signature]}      a group message: "group" instead of "to"
 #
 # register, login, rekey and recover go one at a time per connection; each well-formed one takes the challenge and
 # its answer carries the next; each proof signs the server_id of the hello (auth_message).
@@ -1985,7 +2483,7 @@ class KeyReplaced(Forbidden):
     """This account was deleted, or its key replaced, since this session logged in."""
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PENDING_PAGE_BYTES = 4 * 1024 * 1024  # bytes of chunks one read of pending messages holds in memory
 EXPIRE_BATCH = 1000  # deliveries one expiry transaction settles; the server repeats until fewer come back
 
@@ -2016,7 +2514,8 @@ CREATE TABLE IF NOT EXISTS messages (
     accepted_at REAL,
     expires_at REAL,
     ord INTEGER UNIQUE,
-    reserved TEXT
+    reserved TEXT,
+    gid BLOB
 );
 CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
@@ -2082,6 +2581,40 @@ CREATE TABLE IF NOT EXISTS invites (
     created_at REAL NOT NULL,
     used_by TEXT,
     used_at REAL
+);
+CREATE TABLE IF NOT EXISTS groups (
+    gid BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    head BLOB NOT NULL,
+    members INTEGER NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS groups_live_name ON groups(name) WHERE members > 0;
+CREATE TABLE IF NOT EXISTS group_ops (
+    gid BLOB NOT NULL REFERENCES groups(gid),
+    seq INTEGER NOT NULL,
+    op BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    signer TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (gid, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_members (
+    gid BLOB NOT NULL REFERENCES groups(gid),
+    user TEXT NOT NULL,
+    since INTEGER NOT NULL,
+    PRIMARY KEY (gid, user)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS group_members_user ON group_members(user);
+CREATE TABLE IF NOT EXISTS former_members (
+    user TEXT NOT NULL,
+    gid BLOB NOT NULL REFERENCES groups(gid),
+    seq INTEGER NOT NULL,
+    head BLOB NOT NULL,
+    name TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (user, gid)
 );
 """
 
@@ -2193,6 +2726,10 @@ _MIGRATIONS = {
         "DROP TABLE deliveries",
         "ALTER TABLE deliveries_v3 RENAME TO deliveries",
         "CREATE INDEX IF NOT EXISTS deliveries_seq ON deliveries(seq)",
+    ],
+    # Groups: their tables are new (made by _SCHEMA); a message names the group it was sent to.
+    3: [
+        "ALTER TABLE messages ADD COLUMN gid BLOB",
     ],
 }
 
@@ -2724,7 +3261,7 @@ def check_recipients_txn(txn, recipients, size, limits, counted=()):
 
 
 def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None, targets=None):
+                       check=None, sender_fp=None, targets=None, group=None):
     """
     Commit a complete message for all of its recipients, or for none: returns C{(seq, accepted_at, duplicate,
     ord)}, C{ord} being its place in delivery order, taken now, at acceptance.  C{recipients} are the users it
@@ -2735,7 +3272,9 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     already counted; otherwise the message is new and C{chunks} are all of its chunk ciphertexts, and it is
     counted now against the recipients', the sender's and the database's limits.  C{check()}, if given, runs first
     (the signature check) and refuses the message by raising.  With C{sender_fp}, the sender's account must still
-    have that key.
+    have that key.  A group message has C{group}, its C{(group id, head)}: that must still be the group's stored
+    head (L{GroupChanged}), so that a message and an op that removes a member are committed in one order or the
+    other, never a message sealed for the old version after the op (see L{add_group_op_txn}).
     """
     if check is not None:
         check()
@@ -2751,6 +3290,9 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
             existing = _existing_message_txn(txn, msg_id, sender)
             return existing[0], existing[1], True, None
         seq = txn.lastrowid
+        if group is not None:
+            _check_group_head_txn(txn, *group)
+            txn.execute("UPDATE messages SET gid = ? WHERE seq = ?", (group[0], seq))
         _charge_recipients_txn(txn, recipients, size, limits)
         _charge_sender_txn(txn, sender, sender_fp, size, limits)
         _check_budget_txn(txn, size, limits)
@@ -2761,6 +3303,9 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
             raise BadRequest("That upload was abandoned before its last frame.")
         if row[0] != size:
             raise BadRequest("The message is %d bytes, not the %d declared." % (size, row[0]))
+        if group is not None:
+            _check_group_head_txn(txn, *group)
+            txn.execute("UPDATE messages SET gid = ? WHERE seq = ?", (group[0], seq))
         if sender_fp is not None and txn.execute("SELECT 1 FROM users WHERE name = ? AND fingerprint = ?",
                                                  (sender, sender_fp)).fetchone() is None:
             raise Forbidden("This account was deleted, or its key replaced, since this session logged in.")
@@ -3010,6 +3555,208 @@ def expire_txn(txn, now, limit=EXPIRE_BATCH):
     return out
 
 
+# -- groups --
+# A group's chain of signed operations is stored as it came, each op with the PEM of the identity key that signed it
+# (the server checked the signature then).  Beside the chain, what the server needs without reading it: the group's
+# name, version (seq) and head, with its member count (groups: a name is taken while its group has members), its
+# current members (group_members: the member limit per user, the listing), and for each user who left or was
+# removed, the op that ended their membership (former_members: they may still read the chain up to it).  The rules
+# themselves (GroupState.apply) run in the server, on the state its cache holds; the transaction that stores an op
+# checks again that it extends the stored head, so that of two ops on one head only the first lands.
+
+GROUP_CHAIN_PAGE = 256  # ops one read of a group's chain holds (the server's cache folds a chain page by page)
+
+
+def _group_row_txn(txn, gid):
+    """C{(name, seq, head, members)} of group C{gid}, or None."""
+    row = txn.execute("SELECT name, seq, head, members FROM groups WHERE gid = ?", (gid,)).fetchone()
+    return None if row is None else (row[0], row[1], bytes(row[2]), row[3])
+
+
+def group_chain_txn(txn, gid, after, limit=GROUP_CHAIN_PAGE):
+    """The encoded ops of group C{gid} after version C{after}, in order, at most C{limit}."""
+    return [bytes(r[0]) for r in txn.execute("SELECT op FROM group_ops WHERE gid = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                             (gid, after, limit)).fetchall()]
+
+
+def check_group_name_txn(txn, gid, name):
+    """L{GroupExists} if a group other than C{gid} that still has members is called C{name}."""
+    row = txn.execute("SELECT gid FROM groups WHERE name = ? AND members > 0 AND gid != ?", (name, gid)).fetchone()
+    if row is not None:
+        raise GroupExists("The group name #%s is taken on this server; choose another." % name)
+
+
+def check_group_users_txn(txn, members, max_groups):
+    """
+    The users an op makes members (C{(user, fingerprint)} pairs; the creator too, for a create) exist, have those
+    identity keys now, and are each in fewer than C{max_groups} groups: else L{UnknownUser}, L{BadRequest} or
+    L{QuotaExceeded}, naming them all.
+    """
+    names = [user for user, _ in members]
+    keys, counts = {}, collections.Counter()
+    for part in _in_pages(names):
+        keys.update((name, bytes(fp)) for name, fp in txn.execute(
+            "SELECT name, fingerprint FROM users WHERE name IN (%s)" % _marks(part), part))
+        counts.update(dict(txn.execute("SELECT user, COUNT(*) FROM group_members WHERE user IN (%s) GROUP BY user"
+                                       % _marks(part), part).fetchall()))
+    unknown = [user for user in names if user not in keys]
+    if unknown:
+        raise UnknownUser("No such user: %s." % ", ".join(unknown))
+    stale = [user for user, fp in members if not hmac.compare_digest(keys[user], bytes(fp))]
+    if stale:
+        raise BadRequest("The operation names a key of %s that is not the current one; fetch it again and make the"
+                         " operation anew." % ", ".join(stale))
+    full = [user for user in names if counts[user] >= max_groups]
+    if full:
+        raise QuotaExceeded("%s %s in %d groups already, the most a user may be in." % (
+            ", ".join(full), "is" if len(full) == 1 else "are", max_groups))
+
+
+def _group_departed_txn(txn, gid, users, reason, now):
+    """
+    Settle every delivery of group C{gid}'s messages still waiting for C{users} as C{rejected} with C{reason} (a
+    format taking the user's name): they left the group before receiving them.  Returns C{(sender, Receipt)} pairs.
+    """
+    receipts = []
+    for user in users:
+        msg_ids = [bytes(r[0]) for r in txn.execute(
+            "SELECT DISTINCT m.msg_id FROM deliveries d JOIN messages m ON m.seq = d.seq WHERE d.recipient = ?"
+            " AND m.gid = ?", (user, gid)).fetchall()]
+        if msg_ids:
+            receipts += settle_txn(txn, user, msg_ids, "rejected", reason % user, now)[0]
+    return receipts
+
+
+def _group_forget_former_txn(txn, users):
+    """
+    Keep the C{MAX_FORMER_GROUPS} latest groups each of C{users} left; a group without members that nobody may
+    read any more is deleted with its chain.
+    """
+    forgotten = set()
+    for user in users:
+        rows = txn.execute("DELETE FROM former_members WHERE rowid IN (SELECT rowid FROM former_members WHERE"
+                           " user = ? ORDER BY rowid DESC LIMIT -1 OFFSET ?) RETURNING gid",
+                           (user, MAX_FORMER_GROUPS)).fetchall()
+        forgotten.update(bytes(r[0]) for r in rows)
+    for gid in forgotten:
+        if txn.execute("SELECT 1 FROM groups WHERE gid = ?1 AND members = 0 AND NOT EXISTS (SELECT 1 FROM"
+                       " former_members WHERE gid = ?1)", (gid,)).fetchone() is not None:
+            txn.execute("DELETE FROM group_ops WHERE gid = ?", (gid,))
+            txn.execute("DELETE FROM groups WHERE gid = ?", (gid,))
+
+
+def add_group_op_txn(txn, gid, seq, prev, head, raw, signature, signer, actor, actor_fp, name, added, departed,
+                     reason, members, now, limits):
+    """
+    Store op C{seq} of group C{gid} (C{raw}, its C{signature} and the C{signer}'s PEM), which the server has
+    checked against the group's state: it must still extend the stored head (C{prev} at version C{seq} - 1), else
+    L{GroupChanged}; a create (C{seq} 1) needs an unused id, else L{GroupExists}.  C{name} and C{members} (a
+    count) are the group's after the op; C{added} the C{(user, fingerprint)} pairs it makes members (checked
+    again, L{check_group_users_txn}), C{departed} the users it removes (or who leave): their pending deliveries of
+    the group's messages are settled as rejected with C{reason} (see L{_group_departed_txn}), and they become
+    former members, who may still read the chain up to this op.  The C{actor} must still have the identity key
+    C{actor_fp}.  Returns the receipts made, as C{(sender, Receipt)} pairs.
+    """
+    _check_session_key_txn(txn, actor, actor_fp)
+    row = _group_row_txn(txn, gid)
+    if seq == 1:
+        if row is not None:
+            raise GroupExists("A group with that id exists already; make the group with a new id.")
+        txn.execute("INSERT INTO groups (gid, name, seq, head, members, created_at) VALUES (?, ?, 0, ?, 0, ?)",
+                    (gid, name, bytes(32), now))
+    elif row is None or row[3] == 0:
+        raise UnknownGroup()
+    elif (row[1], row[2]) != (seq - 1, prev):
+        raise GroupChanged("#%s changed meanwhile: its version is now %d; fetch it and make the operation anew."
+                           % (row[0], row[1]), row[1], row[2])
+    if row is None or name != row[0]:
+        check_group_name_txn(txn, gid, name)
+    if added:
+        check_group_users_txn(txn, added, limits.max_groups)
+    txn.execute("INSERT INTO group_ops (gid, seq, op, signature, signer, at) VALUES (?, ?, ?, ?, ?, ?)",
+                (gid, seq, raw, signature, signer, now))
+    txn.executemany("INSERT INTO group_members (gid, user, since) VALUES (?, ?, ?)",
+                    [(gid, user, seq) for user, _ in added])
+    txn.executemany("DELETE FROM former_members WHERE user = ? AND gid = ?", [(user, gid) for user, _ in added])
+    receipts = []
+    if departed:
+        txn.executemany("DELETE FROM group_members WHERE gid = ? AND user = ?", [(gid, user) for user in departed])
+        txn.executemany("INSERT OR REPLACE INTO former_members (user, gid, seq, head, name, at) VALUES"
+                        " (?, ?, ?, ?, ?, ?)", [(user, gid, seq, head, name, now) for user in departed])
+        receipts = _group_departed_txn(txn, gid, departed, reason, now)
+    txn.execute("UPDATE groups SET name = ?, seq = ?, head = ?, members = ? WHERE gid = ?",
+                (name, seq, head, members, gid))
+    if departed:
+        _group_forget_former_txn(txn, departed)
+    return receipts
+
+
+def _check_group_op_txn(txn, gid, name, members, max_groups):
+    if name is not None:
+        check_group_name_txn(txn, gid, name)
+    if members:
+        check_group_users_txn(txn, members, max_groups)
+
+
+def _check_group_head_txn(txn, gid, head):
+    """A group message sealed for version C{head} of group C{gid}: L{GroupChanged} unless that is the stored head."""
+    row = _group_row_txn(txn, gid)
+    if row is None or row[3] == 0:
+        raise UnknownGroup()
+    if row[2] != head:
+        raise GroupChanged("#%s changed since the message was sealed: its version is now %d; seal it anew."
+                           % (row[0], row[1]), row[1], row[2])
+
+
+def groups_txn(txn, user):
+    """
+    C{user}'s groups: C{(gid, name, seq, head, member)}, first those it is a member of (by name), then up to
+    C{MAX_FORMER_GROUPS} it left or was removed from (the latest first), with the version that ended it.
+    """
+    current = [(bytes(g), n, s, bytes(h), True) for g, n, s, h in txn.execute(
+        "SELECT g.gid, g.name, g.seq, g.head FROM group_members m JOIN groups g ON g.gid = m.gid WHERE m.user = ?"
+        " ORDER BY g.name", (user,)).fetchall()]
+    former = [(bytes(g), n, s, bytes(h), False) for g, n, s, h in txn.execute(
+        "SELECT gid, name, seq, head FROM former_members WHERE user = ? ORDER BY rowid DESC LIMIT ?",
+        (user, MAX_FORMER_GROUPS)).fetchall()]
+    return current + former
+
+
+def group_ops_txn(txn, gid, user, after, max_line, user_fp=None):
+    """
+    What C{user} may read of group C{gid}'s chain after version C{after}: C{(ops, seq, head, members, more)}, the
+    ops as C{(seq, op, signature, signer PEM)} in order, as many as fit half of C{max_line} in a frame (at least
+    one).  A member reads the whole chain, and gets the current member list; a former member reads up to the op that
+    ended its membership (C{seq} and C{head} are that op's, C{members} None); anyone else gets L{UnknownGroup}.
+    With C{user_fp}, see L{_check_session_key_txn}.
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    row = _group_row_txn(txn, gid)
+    if row is None:
+        raise UnknownGroup()
+    members = None
+    if txn.execute("SELECT 1 FROM group_members WHERE gid = ? AND user = ?", (gid, user)).fetchone() is not None:
+        seq, head = row[1], row[2]
+        members = [r[0] for r in txn.execute("SELECT user FROM group_members WHERE gid = ? ORDER BY user",
+                                             (gid,)).fetchall()]
+    else:
+        former = txn.execute("SELECT seq, head FROM former_members WHERE user = ? AND gid = ?", (user, gid)).fetchone()
+        if former is None:
+            raise UnknownGroup()
+        seq, head = former[0], bytes(former[1])
+    budget = min(max_line // 2, max_line - FRAME_MARGIN - sum(len(name) + 3 for name in members or ()))
+    ops, used = [], 0
+    for op_seq, op, signature, signer in txn.execute(
+            "SELECT seq, op, signature, signer FROM group_ops WHERE gid = ? AND seq > ? AND seq <= ? ORDER BY seq",
+            (gid, after, seq)):
+        used += (len(op) + 2) // 3 * 4 + (len(signature) + 2) // 3 * 4 + len(signer) + 64  # its JSON, roughly
+        if used > budget and ops:
+            break
+        ops.append((op_seq, bytes(op), bytes(signature), signer))
+    more = bool(ops) and ops[-1][0] < seq
+    return ops, seq, head, members, more
+
+
 class _SyncTransaction:
     """A plain connection's cursor as the C{txn} of a C{*_txn} function (the admin commands run them so)."""
 
@@ -3170,9 +3917,9 @@ class Store:
         return self._run(abort_upload_txn, seq)
 
     def accept_message(self, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None, targets=None):
+                       check=None, sender_fp=None, targets=None, group=None):
         return self._run(accept_message_txn, msg_id, sender, header, signature, size, chunks, recipients, now,
-                         limits, seq, check, sender_fp, targets)
+                         limits, seq, check, sender_fp, targets, group)
 
     def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None, device=None):
         return self._run(pending_txn, user, after_seq, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp, device)
@@ -3239,6 +3986,24 @@ class Store:
 
     def vacuum_step(self, pages):
         return self._run(vacuum_step_txn, pages)
+
+    def group_chain(self, gid, after, limit=GROUP_CHAIN_PAGE):
+        return self._run(group_chain_txn, gid, after, limit)
+
+    def check_group_op(self, gid, name, members, max_groups):
+        """The checks of L{add_group_op_txn} that come before the signature's: the name, the users it adds."""
+        return self._run(_check_group_op_txn, gid, name, members, max_groups)
+
+    def add_group_op(self, gid, seq, prev, head, raw, signature, signer, actor, actor_fp, name, added, departed,
+                     reason, members, now, limits):
+        return self._run(add_group_op_txn, gid, seq, prev, head, raw, signature, signer, actor, actor_fp, name,
+                         added, departed, reason, members, now, limits)
+
+    def groups(self, user):
+        return self._run(groups_txn, user)
+
+    def group_ops(self, gid, user, after, max_line, user_fp=None):
+        return self._run(group_ops_txn, gid, user, after, max_line, user_fp)
 
     def checkpoint(self):
         return self.pool.runWithConnection(checkpoint)
@@ -4162,6 +4927,99 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.factory.link_answered(link, {"type": "link_expired", "link": link.link_id, "declined": True})
         return {}
 
+    # -- groups --
+    # A group changes by ops signed with a member's identity key (group_op: from the identity device only); the
+    # server checks each against the group's rules and stores the chain, which every member's client verifies again.
+    # Any device of a member reads the chain (group_ops) and lists its groups (groups); a group message is a send
+    # with "group" (see _send).
+
+    async def handle_group_op(self, frame, rid):
+        gid = _field_group(frame)
+        raw = field_b64(frame, "op", MAX_GROUP_OP_BYTES)
+        signature = field_b64(frame, "signature", RSA_MAX_BITS // 8)
+        op = parse_group_op(raw)
+        if op.group_id != gid:
+            raise BadRequest('The operation is for another group than "group" names.')
+        if op.actor != self.user:
+            raise Forbidden("The operation's actor is %s, not you." % op.actor)
+        if not hmac.compare_digest(op.actor_fp, self.key_fingerprint):
+            raise Forbidden("The operation names an identity key other than your account's.")
+        if not self.identity_device:
+            raise Forbidden("Group changes are signed with your identity key: make them on your identity device.")
+        factory, limits = self.factory, self.limits
+        factory.group_op_requested(self.user)
+        state = await factory.group_state(gid)
+        if op.kind == "create":
+            if state is not None:
+                raise GroupExists("A group with that id exists already; make the group with a new id.")
+            state = GroupState.empty(gid)
+        elif state is None or self.user not in state.members:
+            raise UnknownGroup()
+        elif op.seq != state.seq + 1 or not hmac.compare_digest(op.prev, state.head):
+            raise GroupChanged("%s changed meanwhile: its version is now %d; fetch it and make the operation anew."
+                               % (state.label, state.seq), state.seq, state.head)
+        if op.seq > MAX_GROUP_OPS:
+            raise QuotaExceeded("%s has %d operations, the most one group may have: create a new group."
+                                % (state.label, MAX_GROUP_OPS))
+        new = state.apply(op, limits.max_group_members)
+        added = (((self.user, op.actor_fp),) + tuple(op.members) if op.kind == "create"
+                 else tuple(op.members) if op.kind == "add" else ())
+        departed = tuple(op.users) if op.kind == "remove" else (self.user,) if op.kind == "leave" else ()
+        name = new.name if op.kind in ("create", "rename") else None
+        if name is not None or added:
+            await factory.store.check_group_op(gid, name, added, limits.max_groups)
+        try:
+            await factory.in_thread(verify_group_op, self.key, op, signature)
+        except BadSignature:
+            raise BadRequest("The operation's signature does not verify.")
+        reason = "%s " + ("left %s" if op.kind == "leave" else "was removed from %s") % new.label
+        receipts = await factory.store.add_group_op(
+            gid, op.seq, op.prev, op.hash, raw, signature, public_key_pem(self.key), self.user, self.key_fingerprint,
+            new.name, added, departed, reason + " before receiving it.", len(new.members), factory.now(), limits)
+        self.log.info("{user} changed group {group} ({kind}, version {seq})", user=self.user, group=gid.hex(),
+                      kind=op.kind, seq=op.seq)
+        factory.group_committed(new, departed, self)
+        for sender, receipt in receipts:
+            factory.receipt_created(sender, receipt)
+        if receipts:
+            factory.settled()
+        return {"group": gid.hex(), "seq": new.seq, "head": new.head.hex()}
+
+    async def handle_group_ops(self, frame, rid):
+        gid = _field_group(frame)
+        after = field_int(frame, "after", 0, 2 ** 53)
+        ops, seq, head, members, more = await self.factory.store.group_ops(gid, self.user, after, self.limits.max_line,
+                                                                           self.key_fingerprint)
+        answer = {"group": gid.hex(), "ops": [{"seq": op_seq, "op": b64(op), "signature": b64(signature), "key": key}
+                                             for op_seq, op, signature, key in ops],
+                  "seq": seq, "head": head.hex(), "more": more}
+        if members is not None:
+            answer["members"] = members
+        return answer
+
+    async def handle_groups(self, frame, rid):
+        return {"groups": [{"group": gid.hex(), "name": name, "seq": seq, "head": head.hex(), "member": member}
+                           for gid, name, seq, head, member in await self.factory.store.groups(self.user)]}
+
+    async def _group_members(self, header, gid):
+        """
+        The members a group message goes to (all but the sender), from the server's cache of the group: the sender
+        must be a member, and the envelope sealed for the group's current head (else L{GroupChanged}).
+        """
+        if header.group_id is None:
+            raise BadRequest('The envelope is not a group message: send it with "to", not "group".')
+        if header.group_id != gid:
+            raise BadRequest('The envelope is sealed for another group than "group" names.')
+        state = await self.factory.group_state(gid)
+        if state is None or not state.members:
+            raise UnknownGroup()
+        if self.user not in state.members:
+            raise Forbidden("You are not a member of %s." % state.label)
+        if not hmac.compare_digest(header.group_head, state.head):
+            raise GroupChanged("%s changed since the message was sealed: its version is now %d; seal it anew."
+                               % (state.label, state.seq), state.seq, state.head)
+        return sorted(state.members.keys() - {self.user})
+
     # -- sending --
 
     def _chunks(self, frame):
@@ -4187,7 +5045,13 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 raise BadRequest("The message is larger than the %d bytes declared." % declared)
 
     async def _send(self, frame, rid):
-        to = field_usernames(frame, "to")
+        group = None
+        if "group" in frame:
+            if "to" in frame:
+                raise BadRequest('A message goes to the users "to" names or to the group "group" names, not both.')
+            group = _field_group(frame)
+        else:
+            to = field_usernames(frame, "to")
         size = field_int(frame, "size", 0, 2 ** 53)
         if size > self.limits.max_message:
             raise TooLarge("The message is larger than the limit of %d bytes." % self.limits.max_message)
@@ -4204,22 +5068,34 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("The envelope names an identity key other than your account's.")
         if parsed.sender_device != self.device:
             raise Forbidden("The envelope names a sending device other than this session's.")
-        # A device set not in the cache is read from the store first: meanwhile an upload's chunk frames must wait
-        # unread, until the upload has begun (or been refused).
-        if not self.factory.devices_cached(to, self.user):
-            self._hold("targets")
+        if group is None and parsed.group_id is not None:
+            raise BadRequest('The envelope is a group message: send it with "group", not "to".')
+        # A group or a device set not in the cache is read from the store first: meanwhile an upload's chunk frames
+        # must wait unread, until the upload has begun (or been refused).
         try:
-            recipients, targets = await self._targets(parsed, to)
+            if group is not None:
+                if not self.factory.group_cached(group):
+                    self._hold("targets")
+                to = await self._group_members(parsed, group)
+            if not self.factory.devices_cached(to, self.user):
+                self._hold("targets")
+            recipients, targets = await self._targets(parsed, to, group is not None)
+            if group is not None:
+                if not targets:
+                    raise BadRequest("Nobody else is in the group, and you have no other device: there is nobody to"
+                                     " send the message to.")
+                to = [name for name in to if name in recipients]  # not those whose account was deleted
             self._count(verifier, chunks, size)
+            delivery = (recipients, targets, to, None if group is None else (group, parsed.group_head))
             if signature is None:
-                upload = _Upload(rid, verifier, (recipients, targets, to), size)
+                upload = _Upload(rid, verifier, delivery, size)
                 self.factory.upload_opened(self.user)
                 self._hold("upload")
         finally:
             if "targets" in self._holds:
                 self._release("targets")
         if signature is not None:
-            return await self._accept(verifier, (recipients, targets, to), size, chunks, signature, None)
+            return await self._accept(verifier, delivery, size, chunks, signature, None)
         # A message in several frames: its declared size is reserved when it begins, and its chunks are stored as
         # they come, reading one frame at a time.
         try:
@@ -4309,25 +5185,30 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         finally:
             self._release("upload")
 
-    async def _targets(self, header, to):
+    async def _targets(self, header, to, group=False):
         """
         C{(recipients, targets)} of an envelope: the users it counts against and the devices it waits for (see
         L{accept_message_txn}).  The entries must name exactly the current devices of every user in C{to}, and the
         sender's own other devices (all of them, this one too, when the sender is in C{to}: a note to self); else
         L{DevicesChanged}, naming the users whose devices differ.  No device that ever published prekeys is
-        wrapped to with RSA-OAEP.  The device sets come from the factory's cache: no SQL for a known user.
+        wrapped to with RSA-OAEP.  The device sets come from the factory's cache: no SQL for a known user.  For a
+        C{group} message C{to} is the other members: one whose account was deleted has no devices, so no entries.
         """
         user, device = self.user, self.device
         named = set(to)
         got = {}
         for entry in header.entries:
             got.setdefault(entry.name, set()).add(entry.device_id)
-        if (got.keys() - {user} != named - {user} or (user in named and user not in got)
+        if group:
+            if got.keys() - named - {user} or device in got.get(user, ()):
+                raise BadRequest("The envelope has entries for users who are not members of the group (or for the"
+                                 " sending device).")
+        elif (got.keys() - {user} != named - {user} or (user in named and user not in got)
                 or user not in named and device in got.get(user, ())):
             raise BadRequest('The envelope\'s recipients are not exactly the "to" list (and the sender\'s other'
                              ' devices).')
         for fresh in (False, True):
-            sets = await self.factory.device_sets(sorted(named | {user}))
+            sets = await self.factory.device_sets(sorted(named | {user}), deleted_ok=group)
             changed = []
             for name in named | got.keys() | {user}:
                 current = sets[name].current.keys()
@@ -4357,9 +5238,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         Check the signature, commit the message for all recipients, and only then answer accepted.  The signature
         is checked on the store's thread, inside the message's own transaction step: off the reactor, without a
         thread hop of its own, and committed in the order messages arrived.  C{recipients} is C{(users, targets,
-        to)}, see L{_targets}.
+        to, group)}, see L{_targets} and L{_send}.
         """
-        recipients, targets, to = recipients
+        recipients, targets, to, group = recipients
         header = verifier.header
         if verifier.size != size:
             raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
@@ -4372,7 +5253,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                     "queued": [name for name in to if name not in self.factory.receivers]}
         seq, accepted_at, duplicate, ord_ = await self.factory.store.accept_message(
             header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
-            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint, targets)
+            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint, targets, group)
         if not self.receive:
             self.sent.add(header.message_id)
         if not duplicate:
@@ -4496,6 +5377,14 @@ def _field_device(frame, name, required=True):
     return bytes.fromhex(value)
 
 
+def _field_group(frame, name="group"):
+    """A group id field: 32 lower-case hex digits, as bytes."""
+    value = frame.get(name)
+    if not isinstance(value, str) or not re.fullmatch("[0-9a-f]{%d}" % (2 * GROUP_ID_SIZE), value):
+        raise _missing(name, "a group id: %d lower-case hex digits" % (2 * GROUP_ID_SIZE))
+    return bytes.fromhex(value)
+
+
 def _whole_seconds(wait):
     """A wait as the whole seconds a person or a client is told: rounded up (a thousandth spared), at least 1."""
     return max(1, math.ceil(wait - 0.001))
@@ -4508,6 +5397,8 @@ def _error_frame(rid, error, **extra):
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         frame["retry_after"] = _whole_seconds(retry_after)
+    if isinstance(error, GroupChanged) and error.head is not None:
+        frame["seq"], frame["head"] = error.seq, error.head.hex()  # the group's current version
     frame.update(extra)
     return frame
 
@@ -4608,6 +5499,24 @@ class _DeviceSet:
 
 
 @dataclasses.dataclass
+class _GroupLoad:
+    """A group's chain being read into the server's cache: who else waits for it, and whether an op landed meanwhile."""
+
+    waiting: list = dataclasses.field(default_factory=list)
+    stale: bool = False
+
+
+def _fold_stored(state, raws):
+    """
+    C{state} after the stored ops C{raws}, which the server checked when it took them: no member limit applies now
+    (the operator may have lowered it since).
+    """
+    for raw in raws:
+        state = state.apply(parse_group_op(raw), sys.maxsize)
+    return state
+
+
+@dataclasses.dataclass
 class _LinkRequest:
     """A new device's request to join C{user}'s account, kept in memory while its connection waits for the answer."""
 
@@ -4701,6 +5610,7 @@ class PagerServerFactory(protocol.Factory):
     RECLAIM_PAGES = 2048  # free pages (8 MiB of 4 KiB pages) from which the count gives them back at once
     RECEIPT_TRIM_EVERY = 100  # new receipts of one user between two trims of its stored receipts
     DEVICE_CACHE = 20000  # users whose device sets are kept in memory (the least recently used are forgotten)
+    GROUP_CACHE = 2000  # groups whose state (members, admins, head) is kept in memory (the least recently used go)
 
     def __init__(self, store, limits=None, reactor=None, in_thread=None, server_id=None):
         if reactor is None:
@@ -4736,6 +5646,9 @@ class PagerServerFactory(protocol.Factory):
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
         self._device_sets = collections.OrderedDict()  # user -> _DeviceSet, the most recently used last
         self._bundles = _Bucket(limits.bundle_rate, BUNDLE_BURST)  # bundle requests per account
+        self._groups = collections.OrderedDict()  # group id -> GroupState, the most recently used last
+        self._group_loads = {}  # group id -> _GroupLoad, while its chain is read into the cache
+        self._group_ops = _Bucket(GROUP_OP_RATE, GROUP_OP_BURST)  # group ops per account
         self.one_time = _OneTimeHandouts(ONE_TIME_INTERVAL, ONE_TIME_DEVICE_RATE, ONE_TIME_DEVICE_BURST)
         self.links = {}  # link id -> _LinkRequest
         self._links_per_address = collections.Counter()
@@ -4952,8 +5865,11 @@ class PagerServerFactory(protocol.Factory):
 
     # -- devices --
 
-    async def device_sets(self, names):
-        """C{{name: _DeviceSet}} for C{names}, from the cache (reading what it lacks); L{UnknownUser} if unknown."""
+    async def device_sets(self, names, deleted_ok=False):
+        """
+        C{{name: _DeviceSet}} for C{names}, from the cache (reading what it lacks); L{UnknownUser} if unknown, or
+        with C{deleted_ok} (a group's members: the operator may have deleted an account) an empty set, not cached.
+        """
         sets, unknown = {}, []
         for name in names:
             known = self._device_sets.get(name)
@@ -4961,7 +5877,10 @@ class PagerServerFactory(protocol.Factory):
                 try:
                     _, records = await self.store.devices(name)
                 except UnknownUser:
-                    unknown.append(name)
+                    if deleted_ok:
+                        sets[name] = _DeviceSet({})
+                    else:
+                        unknown.append(name)
                     continue
                 known = self.devices_read(name, {r.device_id: r.prekeys for r in records if r.revoked_at is None})
             else:
@@ -5047,6 +5966,82 @@ class PagerServerFactory(protocol.Factory):
         for session in list(self.online.get(user, ())):
             if session.device == device:
                 session.send_frame({"type": "prekeys_low", "one_time": left})
+
+    # -- groups --
+
+    def group_op_requested(self, user):
+        """Count one group op of C{user}; L{RateLimited} past GROUP_OP_RATE a second (after GROUP_OP_BURST)."""
+        wait = self._group_ops.take(user, self.now())
+        if wait > 0:
+            raise RateLimited("Too many group changes; try again in %d s." % _whole_seconds(wait), retry_after=wait)
+
+    def group_cached(self, gid):
+        """Whether L{group_state} gives C{gid}'s state without reading the store."""
+        return gid in self._groups
+
+    async def group_state(self, gid):
+        """
+        The L{GroupState} of group C{gid} (None if there is none): from the cache, or folded from the stored chain
+        (off the reactor), once however many ask at the same time.  A state read while an op of the group landed is
+        given to those who asked but not cached: it may be the one before the op.  The transactions that store an op
+        or a group message check the head again, so an old state can only make them refused (group_changed).
+        """
+        state = self._groups.get(gid)
+        if state is not None:
+            self._groups.move_to_end(gid)
+            return state
+        load = self._group_loads.get(gid)
+        if load is not None:
+            d = Deferred()
+            load.waiting.append(d)
+            return await d
+        load = self._group_loads[gid] = _GroupLoad()
+        try:
+            state = GroupState.empty(gid)
+            while True:
+                raws = await self.store.group_chain(gid, state.seq)
+                if raws:
+                    state = await self.in_thread(_fold_stored, state, raws)
+                if len(raws) < GROUP_CHAIN_PAGE:
+                    break
+        except BaseException as e:
+            del self._group_loads[gid]
+            for d in load.waiting:
+                d.errback(e)
+            raise
+        del self._group_loads[gid]
+        state = state if state.seq else None
+        if state is not None and state.members and not load.stale:
+            self._cache_group(state)
+        for d in load.waiting:
+            d.callback(state)
+        return state
+
+    def _cache_group(self, state):
+        self._groups[state.group_id] = state
+        self._groups.move_to_end(state.group_id)
+        while len(self._groups) > self.GROUP_CACHE:
+            self._groups.popitem(last=False)
+
+    def group_committed(self, state, departed, origin=None):
+        """
+        An op was stored, making its group C{state}: the cache takes it (a group without members leaves it), and
+        every session of a member and of each of the C{departed} users (removed, or who left), but C{origin}'s,
+        is pushed C{group_changed}.
+        """
+        gid = state.group_id
+        load = self._group_loads.get(gid)
+        if load is not None:
+            load.stale = True
+        if state.members:
+            self._cache_group(state)
+        else:
+            self._groups.pop(gid, None)
+        line = {"type": "group_changed", "group": gid.hex(), "seq": state.seq, "head": state.head.hex()}
+        for user in sorted(state.members.keys() | set(departed)):
+            for session in list(self.online.get(user, ())):
+                if session is not origin:
+                    session.send_frame(line)
 
     # -- link requests --
 
@@ -6578,8 +7573,6 @@ async def within(reactor, d, seconds):
     return not timed_out
 
 
-DEFAULT_MAX_GROUP_MEMBERS = 256  # a group's members, when the server's hello does not say (Limits.max_group_members)
-DEFAULT_MAX_GROUPS = 64  # groups one user is in, when the server's hello does not say (Limits.max_groups)
 MAX_RESEALABLE = 16  # messages sealed in this process that can still be sealed anew (RESEAL_TRIES)
 MAX_LISTED_DEVICES = 256  # devices one devices or bundle answer may list for a user (current and revoked)
 
@@ -7980,7 +8973,7 @@ class PagerClient:
 
     def _limit_groups(self):
         value = self.limits.get("max_groups")
-        return value if type(value) is int and value >= 1 else DEFAULT_MAX_GROUPS
+        return value if type(value) is int and value >= 1 else Limits.max_groups
 
     async def refresh_group(self, group):
         """
@@ -8616,8 +9609,7 @@ class PagerClient:
         opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at, key_status=key_status, skewed=skewed)
         if group is not None:
             chain, note = group
-            opened = dataclasses.replace(opened, group_id=chain.gid.hex(), group_name=chain.state.name,
-                                         group_note=note)
+            opened = dataclasses.replace(opened, group_name=chain.state.name, group_note=note)
         if self.on_message is None:
             return  # nobody to hand it to: leave it on the server for the next session
         # The history entry the hand-off records waits, to be written with the seen row: one transaction.
@@ -11638,6 +12630,10 @@ _LIMIT_OPTIONS = [
      "Devices one account may have, not counting revoked ones (with them, 4 times as many, at most 256)."),
     ("bundle-rate", "bundle_rate", float,
      "Prekey bundle requests per second one account may make (after a burst of %d)." % BUNDLE_BURST),
+    ("max-group-members", "max_group_members", int,
+     "Members one group may have, its creator included (at most %d: the names one group message holds)."
+     % DEFAULT_MAX_GROUP_MEMBERS),
+    ("max-groups", "max_groups", int, "Groups one user may be a current member of."),
 ]
 MIN_MAX_LINE = 96 * 1024
 
@@ -11683,6 +12679,9 @@ class ServerOptions(_GnuOptions):
                                    "--max-line.")
         if values["max_unread_output"] < values["max_line"]:
             raise usage.UsageError("--max-unread-output must be at least --max-line: one frame must fit.")
+        if values["max_group_members"] > DEFAULT_MAX_GROUP_MEMBERS:
+            raise usage.UsageError("--max-group-members is at most %d: a group message names at most that many"
+                                   " users." % DEFAULT_MAX_GROUP_MEMBERS)
         if self["registration"] not in ("open", "invite", "closed"):
             raise usage.UsageError("--registration is open, invite or closed.")
         directory = os.path.dirname(os.path.abspath(self["db"]))
