@@ -213,7 +213,7 @@ class Limits:
     close_grace: float = 3.0  # seconds a connection the server closes may still read; then it is aborted
     max_devices: int = 8  # devices of one account, not counting revoked ones
     bundle_rate: float = 20.0  # bundle requests per second per account (a burst of BUNDLE_BURST first)
-    max_group_members: int = 256  # members of one group, its creator included
+    max_group_members: int = DEFAULT_MAX_GROUP_MEMBERS  # members of one group, its creator included (at most that)
     max_groups: int = 64  # groups one user is a current member of
 
     def public(self):
@@ -1543,6 +1543,8 @@ class OpenedMessage:
     used_prekeys: tuple = (0, 0)  # (signed prekey id, one-time prekey id) this device's key was wrapped with; 0: none
     group_id: bytes = None  # a group message's group, from its signed header; None for a 1:1 message
     group_head: bytes = None  # the membership version (head) the group message was sealed for
+    group_name: str = None  # that group's name (without the #), as this client's verified chain has it
+    group_note: str = None  # set when the message names another membership version than this client's current one
 
 
 class Opener:
@@ -1678,24 +1680,30 @@ _GROUP_OP_TAG_FIELD = _lp(GROUP_OP_TAG)
 _OP_SEQ = struct.Struct(">I")
 
 
-class _OpReader(_Reader):
-    """L{_Reader} for group operations: every shortfall is a L{GroupOpError}."""
+class _OpReader:
+    """Reads a group operation's fields (written by L{_lp} and C{struct}), raising L{GroupOpError} on any fault."""
 
-    __slots__ = ()
+    def __init__(self, data):
+        self.data = bytes(data)
+        self.offset = 0
+        self.size = len(self.data)
 
     def fixed(self, unpacker):
-        try:
-            return super().fixed(unpacker)
-        except MalformedEnvelope:
+        start = self.offset
+        self.offset += unpacker.size
+        if self.offset > self.size:
             raise GroupOpError("The group operation is truncated.")
+        return unpacker.unpack_from(self.data, start)
 
-    def field(self, max_length):
-        try:
-            return super().field(max_length)
-        except MalformedEnvelope as e:
-            if "too long" in e.message:
-                raise GroupOpError("A field of the group operation is too long.")
+    def field(self, max_length, too_long="A field of the group operation is too long."):
+        (n,) = self.fixed(_U32)
+        if n > max_length:
+            raise GroupOpError(too_long)
+        start = self.offset
+        self.offset += n
+        if self.offset > self.size:
             raise GroupOpError("The group operation is truncated.")
+        return self.data[start:self.offset]
 
     def exact(self, size, what):
         data = self.field(64)
@@ -1710,14 +1718,12 @@ class _OpReader(_Reader):
         return name.decode("ascii")
 
     def topic(self):
+        topic = self.field(MAX_GROUP_TOPIC_BYTES,
+                           "A group's topic is at most %d bytes of UTF-8." % MAX_GROUP_TOPIC_BYTES)
         try:
-            return self.field(MAX_GROUP_TOPIC_BYTES).decode("utf-8")
+            return topic.decode("utf-8")
         except UnicodeDecodeError:
             raise GroupOpError("The group's topic is not valid UTF-8.")
-        except GroupOpError as e:
-            if "too long" in e.message:
-                raise GroupOpError("A group's topic is at most %d bytes of UTF-8." % MAX_GROUP_TOPIC_BYTES)
-            raise
 
     def count(self, smallest, entry_size):
         (n,) = self.fixed(_U32)
@@ -1831,7 +1837,10 @@ def encode_group_op(group_id, seq, prev, kind, actor, actor_fp, timestamp_ms, *,
         raise GroupOpError("%r is not a kind of group operation." % (kind,))
     if hasattr(members, "items"):
         members = members.items()
-    members, users = sorted(members), sorted(users)
+    try:
+        members, users = sorted(members), sorted(users)
+    except (TypeError, ValueError):
+        raise GroupOpError("The members are (name, fingerprint) pairs, the users names.")
     wanted = {"create": {"name", "topic", "members"}, "add": {"members"}, "remove": {"users"}, "leave": set(),
               "rename": {"name"}, "topic": {"topic"}, "promote": {"user"}, "demote": {"user"}}[kind]
     given = {field for field, value in (("name", name), ("topic", topic), ("user", user)) if value is not None}
@@ -6396,7 +6405,7 @@ class PagerClientProtocol(LineReceiver):
         elif kind == "hello":
             self._hello(frame)
         elif kind in ("message", "message_chunk", "receipt", "prekeys_low", "linked", "link_expired",
-                      "devices_changed") \
+                      "devices_changed", "group_changed") \
                 and self.listener is not None:
             self.listener.frame_received(frame)
 
@@ -6804,6 +6813,9 @@ class MemoryPins:
         self._pins = {}
         self._devices = {}  # user -> KnownDevices
         self._revocations = {}  # (user, identity fingerprint) -> {device id: (revoked at, signature)}, kept for good
+        self._groups = {}  # gid -> (gid, name, seq, head, member, broken, unread, [(seq, op, signature, key)])
+        self._group_sent = {}  # msg id (hex) -> (gid, members)
+        self._group_receipts = {}  # msg id (hex) -> {user: (status, at)}
 
     def get_pin(self, user):
         return defer.succeed(self._pins.get(user))
@@ -6837,6 +6849,44 @@ class MemoryPins:
     def get_revocations(self, user, identity):
         """The revocations of C{user}'s devices verified against the identity C{identity}, kept for good."""
         return defer.succeed(dict(self._revocations.get((user, identity), {})))
+
+    # -- groups, as L{LocalStore} keeps them --
+
+    def group_rows(self):
+        return defer.succeed(sorted((row[:7] for row in self._groups.values()), key=lambda r: (r[1], r[0])))
+
+    def group_ops(self, gid):
+        return defer.succeed(list(self._groups[gid][7]) if gid in self._groups else [])
+
+    def save_group(self, gid, name, seq, head, member, broken, ops):
+        old = self._groups.get(gid)
+        kept = {op[0]: op for op in (old[7] if old else [])}
+        kept.update((op[0], op) for op in ops)
+        ops = [kept[n] for n in sorted(kept) if n <= seq]
+        self._groups[gid] = (gid, name, seq, head, bool(member), broken, old[6] if old else 0, ops)
+        return defer.succeed(None)
+
+    def group_unread(self, gid, count=None, add=0):
+        row = self._groups.get(gid)
+        if row is None:
+            return defer.succeed(0)
+        unread = count if count is not None else row[6] + add
+        self._groups[gid] = row[:6] + (unread, row[7])
+        return defer.succeed(unread)
+
+    def add_group_sent(self, msg_id, gid, members):
+        self._group_sent[msg_id] = (gid, sorted(members))
+        return defer.succeed(None)
+
+    def group_sent(self, msg_id):
+        return defer.succeed(self._group_sent.get(msg_id))
+
+    def add_group_receipt(self, msg_id, user, status, at):
+        self._group_receipts.setdefault(msg_id, {})[user] = (status, at)
+        return defer.succeed(None)
+
+    def group_receipts(self, msg_id):
+        return defer.succeed(dict(sorted(self._group_receipts.get(msg_id, {}).items())))
 
 
 KEY_STATUSES = ("new", "pinned", "verified", "changed")
@@ -7067,6 +7117,17 @@ _LOCAL_SCHEMA = [
     # The revocations a store of before that table holds in its devices table.
     "INSERT OR IGNORE INTO device_revocations SELECT d.user, o.identity, d.device_id, d.revoked_at, d.revocation"
     " FROM devices d JOIN device_owners o ON o.user = d.user WHERE d.revocation IS NOT NULL",
+    # Groups: each one's membership chain as far as this client verified it (group_ops: every op with its signature
+    # and the PEM of the key that signed it), its head (the last verified op's hash), whether this user is a member
+    # at that head, and why the chain stopped verifying (broken: a sentence, or NULL).
+    "CREATE TABLE IF NOT EXISTS groups (gid BLOB PRIMARY KEY, name TEXT NOT NULL, seq INTEGER NOT NULL,"
+    " head BLOB NOT NULL, member INTEGER NOT NULL, broken TEXT, unread INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS group_ops (gid BLOB NOT NULL, seq INTEGER NOT NULL, op BLOB NOT NULL,"
+    " signature BLOB NOT NULL, key TEXT NOT NULL, PRIMARY KEY (gid, seq)) WITHOUT ROWID",
+    # The group messages this user sent: the members each was sealed for (JSON), and what each member's receipt said.
+    "CREATE TABLE IF NOT EXISTS group_sent (msg_id TEXT PRIMARY KEY, gid BLOB NOT NULL, members TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS group_receipts (msg_id TEXT NOT NULL, user TEXT NOT NULL, status TEXT NOT NULL,"
+    " at REAL NOT NULL, PRIMARY KEY (msg_id, user)) WITHOUT ROWID",
 ]
 
 
@@ -7080,6 +7141,7 @@ class HistoryEntry:
     filename: str
     body: bytes
     status: str
+    group: str = None  # a group message's group id (32 hex digits); None for a 1:1 message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7107,6 +7169,8 @@ def _local_schema_txn(txn, keep_until):
         txn.execute("DELETE FROM history WHERE direction = 'in' AND id NOT IN"
                     " (SELECT MIN(id) FROM history WHERE direction = 'in' GROUP BY msg_id, peer)")
         txn.execute("CREATE UNIQUE INDEX IF NOT EXISTS history_in ON history(msg_id, peer) WHERE direction = 'in'")
+    if "grp" not in [row[1] for row in txn.execute("PRAGMA table_info(history)")]:
+        txn.execute("ALTER TABLE history ADD COLUMN grp TEXT")  # a group message's group id (hex), else NULL
     # Sent messages are named in receipts for as long as the server may send one (its expiry, plus a day).
     txn.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (keep_until,))
 
@@ -7217,8 +7281,8 @@ def _key_status_txn(txn, user, current):
 
 def _add_history_txn(txn, entry):
     # OR IGNORE: another session of the user on this machine may have recorded the incoming message already.
-    txn.execute("INSERT OR IGNORE INTO history (at, direction, peer, msg_id, content_type, filename, body, status)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(entry))
+    txn.execute("INSERT OR IGNORE INTO history (at, direction, peer, msg_id, content_type, filename, body, status,"
+                " grp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", dataclasses.astuple(entry))
 
 
 def _set_history_status_txn(txn, msg_id, status):
@@ -7235,16 +7299,22 @@ def _history_status_txn(txn, msg_id):
     return None if row is None else row[0]
 
 
-def _history_txn(txn, peer, limit):
-    if peer is None:
-        rows = txn.execute("SELECT at, direction, peer, msg_id, content_type, filename, body, status FROM history"
-                           " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+_HISTORY_COLUMNS = "at, direction, peer, msg_id, content_type, filename, body, status, grp"
+
+
+def _history_txn(txn, peer, limit, group=None):
+    if group is not None:
+        rows = txn.execute("SELECT " + _HISTORY_COLUMNS + " FROM history WHERE grp = ? ORDER BY id DESC LIMIT ?",
+                           (group, limit)).fetchall()
+    elif peer is None:
+        rows = txn.execute("SELECT " + _HISTORY_COLUMNS + " FROM history ORDER BY id DESC LIMIT ?",
+                           (limit,)).fetchall()
     else:
         rows = txn.execute(
-            "SELECT at, direction, peer, msg_id, content_type, filename, body, status FROM history"
-            " WHERE peer = ? OR ',' || peer || ',' LIKE ? ESCAPE '\\' ORDER BY id DESC LIMIT ?",
+            "SELECT " + _HISTORY_COLUMNS + " FROM history WHERE grp IS NULL AND"
+            " (peer = ? OR ',' || peer || ',' LIKE ? ESCAPE '\\') ORDER BY id DESC LIMIT ?",
             (peer, "%," + _like_literal(peer) + ",%", limit)).fetchall()
-    return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7]) for r in reversed(rows)]
+    return [HistoryEntry(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7], r[8]) for r in reversed(rows)]
 
 
 _LOCAL_DEVICE_COLUMNS = "device_id, public_key, name, created, certificate, revoked_at, revocation, prekeys, first_seen"
@@ -7273,6 +7343,52 @@ def _set_devices_txn(txn, user, identity, devices):
     txn.executemany("INSERT OR IGNORE INTO device_revocations VALUES (?, ?, ?, ?, ?)",
                     [(user, identity, d.device_id, d.revoked_at, d.revocation) for d in devices
                      if d.revocation is not None])
+
+
+def _group_rows_txn(txn):
+    return [(bytes(r[0]), r[1], r[2], bytes(r[3]), bool(r[4]), r[5], r[6]) for r in txn.execute(
+        "SELECT gid, name, seq, head, member, broken, unread FROM groups ORDER BY name, gid")]
+
+
+def _group_ops_txn(txn, gid):
+    return [(r[0], bytes(r[1]), bytes(r[2]), r[3]) for r in txn.execute(
+        "SELECT seq, op, signature, key FROM group_ops WHERE gid = ? ORDER BY seq", (gid,))]
+
+
+def _save_group_txn(txn, gid, name, seq, head, member, broken, ops):
+    txn.executemany("INSERT OR REPLACE INTO group_ops VALUES (?, ?, ?, ?, ?)",
+                    [(gid, op_seq, op, signature, key) for op_seq, op, signature, key in ops])
+    txn.execute("DELETE FROM group_ops WHERE gid = ? AND seq > ?", (gid, seq))  # never ops past the verified head
+    txn.execute("INSERT INTO groups (gid, name, seq, head, member, broken) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (gid) DO UPDATE SET name = excluded.name, seq = excluded.seq, head = excluded.head,"
+                " member = excluded.member, broken = excluded.broken", (gid, name, seq, head, int(member), broken))
+
+
+def _group_unread_txn(txn, gid, count, add):
+    if count is not None:
+        txn.execute("UPDATE groups SET unread = ? WHERE gid = ?", (count, gid))
+    else:
+        txn.execute("UPDATE groups SET unread = unread + ? WHERE gid = ?", (add, gid))
+    row = txn.execute("SELECT unread FROM groups WHERE gid = ?", (gid,)).fetchone()
+    return row[0] if row else 0
+
+
+def _add_group_sent_txn(txn, msg_id, gid, members):
+    txn.execute("INSERT OR REPLACE INTO group_sent VALUES (?, ?, ?)", (msg_id, gid, json.dumps(sorted(members))))
+
+
+def _group_sent_txn(txn, msg_id):
+    row = txn.execute("SELECT gid, members FROM group_sent WHERE msg_id = ?", (msg_id,)).fetchone()
+    return None if row is None else (bytes(row[0]), json.loads(row[1]))
+
+
+def _add_group_receipt_txn(txn, msg_id, user, status, at):
+    txn.execute("INSERT OR REPLACE INTO group_receipts VALUES (?, ?, ?, ?)", (msg_id, user, status, at))
+
+
+def _group_receipts_txn(txn, msg_id):
+    return {r[0]: (r[1], r[2]) for r in txn.execute(
+        "SELECT user, status, at FROM group_receipts WHERE msg_id = ? ORDER BY user", (msg_id,))}
 
 
 def _get_revocations_txn(txn, user, identity):
@@ -7339,8 +7455,9 @@ class LocalStore(SeenStore):
     def set_history_status(self, msg_id, status):
         return self.pool.runInteraction(_set_history_status_txn, msg_id, status)
 
-    def history(self, peer=None, limit=20):
-        return self.pool.runInteraction(_history_txn, peer, limit)
+    def history(self, peer=None, limit=20, group=None):
+        """The last C{limit} L{HistoryEntry}s: all, a 1:1 conversation's with C{peer}, or a group's (C{group}: hex)."""
+        return self.pool.runInteraction(_history_txn, peer, limit, group)
 
     def history_status(self, msg_id):
         """The status the history gives the outgoing message C{msg_id} (hex), or None."""
@@ -7379,6 +7496,39 @@ class LocalStore(SeenStore):
     def sent_message(self, msg_id):
         """C{(ref, preview)} naming a message this user sent (see L{message_preview}); either may be None."""
         return self.pool.runInteraction(_sent_message_txn, msg_id)
+
+    # -- groups (see PagerClient's groups: these keep only chains it verified) --
+
+    def group_rows(self):
+        """Every group known here: C{(gid, name, seq, head, member, broken, unread)} tuples, by name."""
+        return self.pool.runInteraction(_group_rows_txn)
+
+    def group_ops(self, gid):
+        """The verified ops of group C{gid} (bytes): C{(seq, op, signature, key PEM)} tuples in order."""
+        return self.pool.runInteraction(_group_ops_txn, gid)
+
+    def save_group(self, gid, name, seq, head, member, broken, ops):
+        """Add the newly verified C{ops} and set the group's row (its unread count is kept)."""
+        return self.pool.runInteraction(_save_group_txn, gid, name, seq, head, member, broken, ops)
+
+    def group_unread(self, gid, count=None, add=0):
+        """Set the group's unread count to C{count}, or add C{add} to it; returns the new count."""
+        return self.pool.runInteraction(_group_unread_txn, gid, count, add)
+
+    def add_group_sent(self, msg_id, gid, members):
+        """Record that message C{msg_id} (hex) went to group C{gid} sealed for C{members}."""
+        return self.pool.runInteraction(_add_group_sent_txn, msg_id, gid, members)
+
+    def group_sent(self, msg_id):
+        """C{(gid, members)} of a group message this user sent, or None."""
+        return self.pool.runInteraction(_group_sent_txn, msg_id)
+
+    def add_group_receipt(self, msg_id, user, status, at):
+        return self.pool.runInteraction(_add_group_receipt_txn, msg_id, user, status, at)
+
+    def group_receipts(self, msg_id):
+        """C{{user: (status, at)}} of the receipts of group message C{msg_id}."""
+        return self.pool.runInteraction(_group_receipts_txn, msg_id)
 
 
 def _retry_after(value):
@@ -7588,6 +7738,113 @@ class _PrekeyState:
     one_time: int
 
 
+class NotInGroup(EnvelopeError):
+    """The group message names a membership version that does not hold its sender, or this user."""
+
+
+class _ChainRefused(PagerError):
+    """A group operation this client does not accept (its sentence says why): the chain stops verifying there."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupInfo:
+    """
+    A group as this client verified its membership chain: C{id} (32 hex digits), C{name} (without the C{#}; see
+    L{label}), C{topic}, C{seq} (the version: the last verified op's seq) and C{head} (its hash), C{members} and
+    C{admins} (sorted names at that version), C{member} (whether this user is one), C{unread} (what the UI counted,
+    L{PagerClient.group_read}), C{broken} (None, or the sentence saying why the chain stopped verifying: nothing is
+    sent to the group then) and C{state} (the L{GroupState}, with each member's fingerprint and join version).
+    """
+
+    id: str
+    name: str
+    topic: str
+    seq: int
+    head: bytes
+    members: tuple
+    admins: tuple
+    member: bool
+    unread: int = 0
+    broken: str = None
+    state: object = None
+
+    @property
+    def label(self):
+        """The name as people see it: C{#ops}."""
+        return "#" + self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupEvent:
+    """
+    One newly verified group operation, as C{on_group_event} gets it.  C{group_id}: 32 hex digits; C{name}: the
+    group's name after the op (without the C{#}); C{seq}: the op's version; C{kind}: one of create, add, remove,
+    leave, rename, topic, promote, demote; C{actor}: who signed it; C{users}: the names it is about (create: the
+    members listed besides the actor; add; remove; promote and demote: the one user; leave: empty); C{text}: the
+    topic (create, topic) or, for rename, the name before it; C{at}: the actor's clock (seconds, not checked).
+    """
+
+    group_id: str
+    name: str
+    seq: int
+    kind: str
+    actor: str
+    users: tuple
+    text: str
+    at: float
+
+
+class _GroupChain:
+    """A group's verified chain in memory: the ops (seq, raw, signature, key PEM) and the state after each."""
+
+    def __init__(self, gid, ops=(), states=(), broken=None, unread=0):
+        self.gid = gid
+        self.ops = list(ops)
+        self.states = list(states)
+        self.broken = broken
+        self.unread = unread
+        self.server_extra = ()  # names the server lists as members that no verified op made members
+
+    @property
+    def state(self):
+        return self.states[-1] if self.states else GroupState.empty(self.gid)
+
+    @property
+    def seq(self):
+        return self.state.seq
+
+    def at_head(self, head):
+        """The state whose head is C{head}, or None."""
+        for state in reversed(self.states):
+            if state.head == head:
+                return state
+        return None
+
+
+def _member_names(state):
+    """The member names of a L{GroupState}, sorted."""
+    return sorted(state.members)
+
+
+def _group_event(op, state, before):
+    users, text = (), ""
+    if op.kind == "create":
+        users, text = tuple(u for u, _ in op.members), op.topic or ""
+    elif op.kind == "add":
+        users = tuple(u for u, _ in op.members)
+    elif op.kind == "remove":
+        users = tuple(op.users)
+    elif op.kind in ("promote", "demote"):
+        users = (op.user,)
+    elif op.kind == "topic":
+        text = op.topic or ""
+    elif op.kind == "rename":
+        text = before.name
+    return GroupEvent(op.group_id.hex(), state.name, op.seq, op.kind, op.actor, users, text,
+                      op.timestamp_ms / 1000.0)
+
+
+
 class PagerClient:
     """
     The client API the terminal client, the script commands and the tests use.  Every method is a coroutine;
@@ -7626,6 +7883,11 @@ class PagerClient:
         self.on_disconnect = None
         self.on_failure = None  # on_failure(error, sender): a hand-off raised (sender None for a receipt)
         self.on_devices_changed = None  # on_devices_changed(user, added, revoked): lists of DeviceInfo
+        self.on_group_event = None  # on_group_event(GroupEvent): a newly verified op of a group
+        self.on_group_warning = None  # on_group_warning(group id hex, name, sentence): what a person must be told
+        self._chains = {}  # group id -> _GroupChain verified here
+        self._group_lock = defer.DeferredLock()  # one group refresh at a time
+        self._group_warned = set()  # (group id, sentence) told already
         self.identity_key = self.identity_fp = None  # the account's identity key (this device's on the identity device)
         self.is_identity = True  # whether this device holds the identity key
         self._prekey_state = None  # what the server said of this device's prekeys (_PrekeyState)
@@ -7787,6 +8049,7 @@ class PagerClient:
         await self._device_ready(answer, identity)
         if receive:
             await self._own_devices_baseline()
+        await self._sync_groups_quietly()
         pending = answer.get("pending")
         return pending if isinstance(pending, int) and not isinstance(pending, bool) else 0
 
@@ -8552,11 +8815,12 @@ class PagerClient:
                 self._sealed.pop(message_id, None)
                 return answer
 
-    async def _send_envelope(self, names, envelope):
+    async def _send_envelope(self, names, envelope, group=None):
         proto = self.protocol
         max_line = self.limits.get("max_line", 0)
         header = b64(envelope.header)
-        frame = {"to": names, "size": envelope.size, "header": header}
+        frame = {"to": names} if group is None else {"group": group.hex()}
+        frame.update(size=envelope.size, header=header)
         encoded = sum((len(c) + 2) // 3 * 4 + 3 for c in envelope.chunks)  # base64 sizes, without encoding yet
         if len(header) + encoded + FRAME_MARGIN < max_line:
             return await proto.request("send", chunks=[b64(c) for c in envelope.chunks],
@@ -8575,6 +8839,592 @@ class PagerClient:
             proto.send_frame(part)
         return await answer
 
+    # -- groups --
+    #
+    # This client keeps each group's membership chain as far as it verified it (in C{pins}: a L{LocalStore} or
+    # L{MemoryPins}); C{_chains} caches it, with the state after every op.  The server's word on membership is never
+    # taken: messages are sealed to the members the verified chain names, and a difference is a warning.
+
+    def _max_group_members(self):
+        value = self.limits.get("max_group_members")
+        return value if type(value) is int and value >= 1 else DEFAULT_MAX_GROUP_MEMBERS
+
+    def _group_warn(self, gid, name, sentence):
+        """Tell C{on_group_warning(group_id hex, name, sentence)}, once per sentence and connection."""
+        if (gid, sentence) in self._group_warned:
+            return
+        self._group_warned.add((gid, sentence))
+        if self.on_group_warning is not None:
+            self.on_group_warning(gid.hex(), name, sentence)
+        else:
+            self.log.warn("{group}: {why}", group="#" + name if name else gid.hex(), why=sentence)
+
+    def _group_info(self, chain):
+        state = chain.state
+        return GroupInfo(chain.gid.hex(), state.name or "", state.topic or "", state.seq, state.head,
+                         tuple(_member_names(state)), tuple(sorted(state.admins)), self.user in state.members,
+                         chain.unread, chain.broken, state)
+
+    async def _chain(self, gid):
+        """The verified chain of group C{gid} (bytes) kept here, or None when this client knows no such group."""
+        chain = self._chains.get(gid)
+        if chain is not None:
+            return chain
+        rows = [row for row in await self.pins.group_rows() if row[0] == gid]
+        if not rows:
+            return None
+        _, _, _, _, _, broken, unread = rows[0]
+        ops = await self.pins.group_ops(gid)
+        # Verified when they were stored: folded again without their signatures.
+        states = fold_group_ops(gid, [parse_group_op(op) for _, op, _, _ in ops], max_members=MAX_GROUP_WRAPS)
+        chain = self._chains[gid] = _GroupChain(gid, ops, states, broken, unread)
+        return chain
+
+    async def _resolve_group(self, group, sync=True):
+        """The id (bytes) of C{group}: an id (16 bytes or 32 hex digits) or a name (C{ops} or C{#ops})."""
+        if isinstance(group, (bytes, bytearray)):
+            if len(group) != GROUP_ID_SIZE:
+                raise BadRequest("A group id is %d bytes." % GROUP_ID_SIZE)
+            return bytes(group)
+        if not isinstance(group, str):
+            raise BadRequest("A group is named by its name or its id.")
+        rows = await self.pins.group_rows()
+        if not group.startswith("#") and re.fullmatch("[0-9a-f]{%d}" % (2 * GROUP_ID_SIZE), group):
+            gid = bytes.fromhex(group)
+            if any(row[0] == gid for row in rows) or not sync:
+                return gid
+        name = canonical_group_name(group)
+        found = sorted((not row[4], -row[2], row[0]) for row in rows if row[1] == name)
+        if found:
+            return found[0][2]
+        if sync:
+            await self.sync_groups()
+            return await self._resolve_group(group, sync=False)
+        if re.fullmatch("[0-9a-f]{%d}" % (2 * GROUP_ID_SIZE), group):
+            return bytes.fromhex(group)
+        raise UnknownGroup("You are in no group named #%s." % name)
+
+    async def groups(self):
+        """Every group this client knows (current and former), as L{GroupInfo}s sorted by name."""
+        infos = []
+        for row in await self.pins.group_rows():
+            chain = await self._chain(row[0])
+            chain.unread = row[6]
+            infos.append(self._group_info(chain))
+        return infos
+
+    async def group(self, group):
+        """
+        The L{GroupInfo} of C{group} (a name, C{#name}, or an id), synced from the server first when this client
+        does not know it; L{UnknownGroup} when it is not found then either.
+        """
+        gid = await self._resolve_group(group)
+        chain = await self._chain(gid)
+        if chain is None:
+            await self.refresh_group(gid)
+            chain = await self._chain(gid)
+            if chain is None:
+                raise UnknownGroup("You are in no group %s." % (group if isinstance(group, str) else gid.hex()))
+        return self._group_info(chain)
+
+    async def group_read(self, group, count=0):
+        """Set C{group}'s unread count (0: the user has read it; the UI counts with L{group_unread_add})."""
+        gid = await self._resolve_group(group)
+        unread = await self.pins.group_unread(gid, count=count)
+        if gid in self._chains:
+            self._chains[gid].unread = unread
+        return unread
+
+    async def group_unread_add(self, group, count=1):
+        """Add C{count} to C{group}'s unread count; returns the new count."""
+        gid = await self._resolve_group(group)
+        unread = await self.pins.group_unread(gid, add=count)
+        if gid in self._chains:
+            self._chains[gid].unread = unread
+        return unread
+
+    async def sync_groups(self):
+        """
+        Ask the server for this user's groups (C{groups}) and fetch and verify the new ops of each whose head is not
+        the one verified here (L{refresh_group}).  Done at every login and on each C{group_changed} push.  A group
+        whose chain fails to verify is marked broken and warned of; it does not stop the others.  Returns
+        L{groups}.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        answer = await self.protocol.request("groups")
+        listed = answer.get("groups")
+        if not isinstance(listed, list) or len(listed) > 4 * MAX_FORMER_GROUPS + self._limit_groups():
+            raise BadRequest("The server's groups answer is not a list of groups.")
+        for obj in listed:
+            if not isinstance(obj, dict) or not isinstance(obj.get("group"), str) or \
+                    not re.fullmatch("[0-9a-f]{%d}" % (2 * GROUP_ID_SIZE), obj["group"]):
+                raise BadRequest("The server's groups answer holds something that is not a group.")
+            gid = bytes.fromhex(obj["group"])
+            chain = await self._chain(gid)
+            head = obj.get("head")
+            if chain is not None and isinstance(head, str) and head == chain.state.head.hex() and not chain.broken:
+                continue
+            try:
+                await self.refresh_group(gid)
+            except UnknownGroup:
+                continue  # gone between the two answers
+        return await self.groups()
+
+    def _limit_groups(self):
+        value = self.limits.get("max_groups")
+        return value if type(value) is int and value >= 1 else Limits.max_groups
+
+    async def refresh_group(self, group):
+        """
+        Fetch group C{group}'s ops after the version verified here (C{group_ops}, page by page) and verify them
+        (L{_verify_group_ops}): each new op is told to C{on_group_event}; a forged or refused op stops the chain
+        there (the group is then broken: warned of, and nothing is sent to it).  The server's member list is then
+        compared with the chain's: a difference is a warning.  Returns the L{GroupInfo}.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        gid = await self._resolve_group(group, sync=False)
+        await self._group_lock.acquire()
+        try:
+            return await self._refresh_group(gid)
+        finally:
+            self._group_lock.release()
+
+    async def _refresh_group(self, gid):
+        chain = await self._chain(gid) or _GroupChain(gid)
+        after, objs = chain.seq, []
+        while True:
+            answer = await self.protocol.request("group_ops", group=gid.hex(), after=after)
+            page = answer.get("ops")
+            if answer.get("group") != gid.hex() or not isinstance(page, list) or \
+                    len(objs) + len(page) > MAX_GROUP_OPS:
+                raise BadRequest("The server's group_ops answer is malformed.")
+            objs += page
+            last = page[-1].get("seq") if page and isinstance(page[-1], dict) else None
+            if answer.get("more") is not True or type(last) is not int or last <= after:
+                break
+            after = last
+        await self._verify_group_ops(chain, objs, answer)
+        return self._group_info(chain)
+
+    async def _op_signer_trusted(self, op, pem, join_seq):
+        """Whether the key that signed C{op} (fingerprint C{op.actor_fp}) is its actor's as pinned here."""
+        if op.actor == self.user:
+            await self._own_identity()
+            trusted = op.actor_fp == self.identity_fp
+        else:
+            pin = await self.pins.get_pin(op.actor)
+            if pin is None:
+                try:
+                    key, fp = await self.public_key(op.actor, refresh=True)
+                except UnknownUser:
+                    key = fp = None
+                trusted = fp == op.actor_fp
+                if trusted:  # first use: pinned as when a message from them comes
+                    await self.pins.set_pin(op.actor, public_key_pem(key), fp, self._now())
+            else:
+                trusted = bytes(pin[1]) == op.actor_fp
+        # The history rule: when this client joins, the ops before the one that added this user are vouched for by
+        # the admin who added it (the add commits to them by hash), even if a signer's key changed since.
+        if trusted or (join_seq is not None and op.seq < join_seq):
+            return
+        raise _ChainRefused("version %d (%s by %s) is signed with a key (%s) that is not %s's key as pinned here"
+                            % (op.seq, op.kind, op.actor, format_fingerprint(op.actor_fp), op.actor))
+
+    async def _check_listed_keys(self, op, state):
+        """Warn of a member whose key in a create or add op is not the one pinned here."""
+        for user, fp in op.members:
+            if user == self.user:
+                await self._own_identity()
+                pinned = self.identity_fp
+            else:
+                pin = await self.pins.get_pin(user)
+                pinned = bytes(pin[1]) if pin is not None else None
+            if pinned is not None and pinned != fp:
+                self._group_warn(op.group_id, state.name, (
+                    "%s added %s to #%s (version %d) with the key %s, which is not %s's key as pinned here (%s): "
+                    "nothing is sent to #%s until you check %s's key (and accept it with 'trust %s' if it is theirs)."
+                    % (op.actor, user, state.name, op.seq, format_fingerprint(fp), user,
+                       format_fingerprint(pinned), state.name, user, user)))
+
+    async def _verify_group_ops(self, chain, objs, answer):
+        """
+        Verify the server's ops C{objs} (C{group_ops}' list) in order on top of C{chain}: each op parses, extends
+        the chain (group id, seq, prev), its key's fingerprint is its C{actor_fp}, its signature verifies under that
+        key, the key is the actor's pinned here (or, for an op before the one that added this user when this
+        client verifies the chain from scratch, vouched for by that add: the history rule), and the group's rules
+        accept it (L{GroupState.apply}).  Verified ops are stored and told to C{on_group_event}; the first that fails
+        leaves the chain at the op before, marked broken with the sentence, and warned of.
+        """
+        gid, before = chain.gid, chain.state
+        state, new, events, broken = before, [], [], None
+        join_seq = None
+        try:
+            items = []
+            for obj in objs:
+                if not isinstance(obj, dict):
+                    raise _ChainRefused("the server sent something that is not an operation")
+                raw = _json_b64(obj, "op", "group operation", max_size=MAX_GROUP_OP_BYTES)
+                signature = _json_b64(obj, "signature", "group operation", max_size=RSA_MAX_BITS // 8)
+                items.append((parse_group_op(raw), raw, signature, _json_field(obj, "key", str, "group operation")))
+            if chain.seq == 0:
+                for op, _, _, _ in items:
+                    if (op.kind == "create" and op.actor == self.user) or \
+                            (op.kind in ("create", "add") and self.user in [u for u, _ in op.members]):
+                        join_seq = op.seq
+            for op, raw, signature, pem in items:
+                if op.group_id != gid or op.seq != state.seq + 1 or op.prev != state.head:
+                    raise _ChainRefused("the operation the server gives as version %d does not extend the chain "
+                                        "verified here (version %d)" % (op.seq, state.seq))
+                key = load_public_key(pem)
+                if fingerprint(key) != op.actor_fp:
+                    raise _ChainRefused("version %d is given with a key that is not the one it names" % op.seq)
+                try:
+                    await self.in_thread(verify_group_op, key, op, signature)
+                except BadSignature:
+                    raise _ChainRefused("the signature of version %d (%s by %s) does not verify"
+                                        % (op.seq, op.kind, op.actor))
+                await self._op_signer_trusted(op, pem, join_seq)
+                try:
+                    after = state.apply(op, max_members=max(self._max_group_members(), len(state.members)))
+                except GroupRefused as e:
+                    raise _ChainRefused("version %d (%s by %s) breaks the group's rules: %s"
+                                        % (op.seq, op.kind, op.actor, e.message))
+                if op.kind in ("create", "add"):
+                    await self._check_listed_keys(op, after)
+                events.append(_group_event(op, after, state))
+                state = after
+                new.append((op.seq, raw, signature, pem))
+                chain.states.append(state)
+                chain.ops.append((op.seq, raw, signature, pem))
+        except (_ChainRefused, GroupOpError, BadKey, BadCertificate, EnvelopeError) as e:
+            broken = e.message.rstrip(".")
+        name = state.name or (before.name if before.seq else "")
+        if broken is None and state.seq == before.seq and chain.broken is None:
+            server_seq = answer.get("seq")
+            if type(server_seq) is int and server_seq < state.seq:
+                self._group_warn(gid, name, "The server shows version %d of #%s, older than version %d verified "
+                                            "here: it may be holding changes back." % (server_seq, name, state.seq))
+        if broken is not None:
+            self._group_warn(gid, name, "#%s's membership chain does not verify: %s. Nothing is sent to #%s until it "
+                                        "does." % (name or gid.hex(), broken, name or gid.hex()))
+        chain.broken = broken
+        await self.pins.save_group(gid, name or gid.hex(), state.seq, state.head, self.user in state.members,
+                                   broken, new)
+        self._chains[gid] = chain
+        for event in events:
+            if self.on_group_event is not None:
+                self.on_group_event(event)
+        listed = answer.get("members")
+        if broken is None and isinstance(listed, list) and answer.get("head") == state.head.hex():
+            server = {n for n in listed if isinstance(n, str)}
+            chain.server_extra = tuple(sorted(server - set(state.members)))
+            for user in chain.server_extra:
+                self._group_warn(gid, name, (
+                    "The server lists %s as a member of #%s, but no signed operation made %s one; nothing is sealed "
+                    "to %s." % (user, name, user, user)))
+            for user in sorted(set(state.members) - server):
+                self._group_warn(gid, name, (
+                    "The server does not list %s as a member of #%s, though the signed operations make %s one (was "
+                    "the account deleted?)." % (user, name, user)))
+
+    def _group_changed(self, frame):
+        """The server says a group changed: fetch and verify its new ops."""
+        gid = frame.get("group")
+        if not isinstance(gid, str) or not re.fullmatch("[0-9a-f]{%d}" % (2 * GROUP_ID_SIZE), gid):
+            raise BadRequest("The group_changed push names no group.")
+        d = Deferred.fromCoroutine(self.refresh_group(bytes.fromhex(gid)))
+        d.addErrback(lambda f: None if f.check(ConnectionLost, defer.CancelledError) or self.protocol.lost else
+                     self.log.warn("Fetching a group's changes failed: {why}", why=f.getErrorMessage()))
+
+    async def _sync_groups_quietly(self):
+        """At login: L{sync_groups}; a failure is logged, never the login's."""
+        try:
+            await self.sync_groups()
+        except (ConnectionLost, defer.CancelledError):
+            return
+        except PagerError as e:
+            self.log.warn("Could not fetch this user's groups after logging in: {why}", why=e.message)
+
+    # -- changing a group (identity device only) --
+
+    async def _change_group(self, gid, kind, build):
+        """
+        Build the op C{kind} on the verified head (C{build(state)} gives its fields, or None when there is nothing
+        left to do), check it against the group's rules here, sign it off the reactor and send it.  When another
+        change got there first (C{group_changed}), fetch it and build the op again on the new head (up to
+        L{RESEAL_TRIES} times).  Returns the L{GroupInfo} after it.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        if not self.is_identity:
+            raise NotIdentityDevice("Group changes are signed with your identity key: make them on your identity "
+                                    "device.")
+        await self._own_identity()
+        for attempt in range(RESEAL_TRIES + 1):
+            chain = await self._chain(gid) or _GroupChain(gid)
+            if chain.broken:
+                raise GroupRefused("Not changed: #%s's membership chain does not verify: %s."
+                                   % (chain.state.name or gid.hex(), chain.broken))
+            state = chain.state
+            fields = await build(state)
+            if fields is None:
+                return self._group_info(chain)
+            raw = encode_group_op(gid, state.seq + 1, state.head, kind, self.user, self.identity_fp,
+                                  int(self._now() * 1000), **fields)
+            state.apply(parse_group_op(raw), max_members=self._max_group_members())  # the rules' sentence, here
+            signature = await self.in_thread(sign_group_op, self.private_key, raw)
+            try:
+                await self.protocol.request("group_op", group=gid.hex(), op=b64(raw), signature=b64(signature))
+            except GroupChanged:
+                if attempt == RESEAL_TRIES:
+                    raise
+                await self.refresh_group(gid)  # another change got there first: build it again on top of that
+                continue
+            await self.refresh_group(gid)
+            return self._group_info(await self._chain(gid))
+
+    async def _listed_keys(self, users):
+        """C{[(user, fingerprint)]}: each user's key as pinned here (first use pins it; L{KeyChanged} if it changed)."""
+        return [(user, fingerprint(await self.recipient_key(user))) for user in users]
+
+    def _names(self, users):
+        return sorted({canonical_username(u) for u in ([users] if isinstance(users, str) else users)})
+
+    async def group_create(self, name, members=(), topic=""):
+        """
+        Create the group C{name} (C{ops} or C{#ops}) with this user as its admin and C{members}, each with their key
+        as pinned here (L{recipient_key}), and C{topic}.  Returns its L{GroupInfo}.  L{GroupExists} when the name is
+        taken on the server.
+        """
+        name = canonical_group_name(name)
+        users = [u for u in self._names(members) if u != self.user]
+        gid = secrets.token_bytes(GROUP_ID_SIZE)
+
+        async def build(state):
+            if state.seq:
+                return None
+            return {"name": name, "topic": topic, "members": await self._listed_keys(users)}
+        return await self._change_group(gid, "create", build)
+
+    async def group_add(self, group, users):
+        """Add C{users} (their keys as pinned here) to C{group}; those who are members already are left out."""
+        gid, users = await self._resolve_group(group), self._names(users)
+
+        async def build(state):
+            todo = [u for u in users if u not in state.members]
+            return {"members": await self._listed_keys(todo)} if todo else None
+        return await self._change_group(gid, "add", build)
+
+    async def group_remove(self, group, users):
+        """Remove C{users} from C{group} (an admin's op); those who are no longer members are left out."""
+        gid, users = await self._resolve_group(group), self._names(users)
+
+        async def build(state):
+            todo = [u for u in users if u in state.members]
+            return {"users": todo} if todo else None
+        return await self._change_group(gid, "remove", build)
+
+    async def group_leave(self, group):
+        """Leave C{group} (refused while this user is its last admin and others remain)."""
+        gid = await self._resolve_group(group)
+
+        async def build(state):
+            return {} if self.user in state.members else None
+        return await self._change_group(gid, "leave", build)
+
+    async def group_rename(self, group, name):
+        """Rename C{group} to C{name} (an admin's op)."""
+        gid, name = await self._resolve_group(group), canonical_group_name(name)
+
+        async def build(state):
+            return {"name": name} if state.name != name else None
+        return await self._change_group(gid, "rename", build)
+
+    async def group_topic(self, group, text):
+        """Set C{group}'s topic to C{text} (at most L{MAX_GROUP_TOPIC_BYTES} bytes of UTF-8; empty clears it)."""
+        gid = await self._resolve_group(group)
+
+        async def build(state):
+            return {"topic": text} if (state.topic or "") != text else None
+        return await self._change_group(gid, "topic", build)
+
+    async def group_admin(self, group, user, admin=True):
+        """Make C{user} an admin of C{group} (C{admin=False}: no longer one)."""
+        gid, user = await self._resolve_group(group), canonical_username(user)
+
+        async def build(state):
+            return {"user": user} if (user in state.admins) != admin else None
+        return await self._change_group(gid, "promote" if admin else "demote", build)
+
+    # -- group messages --
+
+    def _check_sendable(self, chain, gid):
+        if chain is None or chain.seq == 0:
+            raise UnknownGroup("Not sent: this client knows no group %s." % gid.hex())
+        name = chain.state.name
+        if chain.broken:
+            raise GroupRefused("Not sent: #%s's membership chain does not verify: %s." % (name, chain.broken))
+        if self.user not in chain.state.members:
+            raise Forbidden("Not sent: you are not a member of #%s." % name)
+
+    async def _group_targets(self, gid, name, members, now):
+        """The targets of L{_targets} for C{members}; a member whose account is gone is left out, with a warning."""
+        try:
+            return await self._targets(members, now), members
+        except UnknownUser:
+            pass
+        kept = []
+        for user in members:
+            try:
+                await self.protocol.request("bundle", users=[user])
+            except UnknownUser:
+                self._group_warn(gid, name, "%s's account is gone from the server (deleted by its operator?): "
+                                            "#%s's messages are not sealed to %s." % (user, name, user))
+                continue
+            kept.append(user)
+        return await self._targets(kept, now), kept
+
+    async def seal_group(self, group, data, content_type="text", filename="", message_id=None):
+        """
+        C{(members, envelope)}: C{data} sealed as a group message of C{group} for its verified head: one envelope
+        whose header carries the group id and the head, wrapped for every current device of each member of the
+        verified chain but this user (and for this user's other devices), verified as L{seal} says.  Refused when
+        this client does not know the group, its chain is broken, or this user is not a member; a member whose
+        account is gone is left out (and warned of).  L{TooLarge} when the header would not fit one line of the
+        server's.  C{message_id}: seal anew a message sealed before.  L{send_group_envelope} sends it.
+        """
+        if self.user is None:
+            raise NotAuthenticated()
+        gid = await self._resolve_group(group)
+        chain = await self._chain(gid)
+        self._check_sendable(chain, gid)
+        state = chain.state
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        now = self._now()
+        targets, members = await self._group_targets(gid, state.name, sorted(set(state.members) - {self.user}),
+                                                     now)
+        if not targets:
+            raise BadRequest("Not sent: nobody else is in #%s, and you have no other device." % state.name)
+        envelope = await self.in_thread(
+            seal, self.private_key, self.user, targets, data, content_type=content_type, filename=filename,
+            message_id=message_id, timestamp_ms=int(now * 1000), sender_fingerprint=self.identity_fp,
+            sender_device=device_id(self.private_key), now=now, group=(gid, state.head))
+        max_line = self.limits.get("max_line")
+        header_line = (len(envelope.header) + 2) // 3 * 4 + FRAME_MARGIN
+        if type(max_line) is int and header_line >= max_line:
+            raise TooLarge("Not sent: #%s's message header holds %d wraps (%d KiB encoded), more than one line of "
+                           "the server's takes (max_line %d KiB)." % (state.name, len(targets), header_line // 1024,
+                                                                      max_line // 1024))
+        message_id = parse_header(envelope.header).message_id
+        self._sealed[message_id] = (("#", gid), data, content_type, filename)
+        while len(self._sealed) > MAX_RESEALABLE:
+            self._sealed.popitem(last=False)
+        return members, envelope
+
+    async def send_group_envelope(self, group, envelope):
+        """
+        Send a group envelope (L{seal_group}) to C{group}.  When the server says the group changed (C{group_changed})
+        its ops are fetched and verified and the message sealed anew for the new head; when the members' devices
+        changed, sealed anew for them; each as the same message, up to L{RESEAL_TRIES} times.  The members it was
+        sealed for are kept (L{group_delivery}).  Returns the server's answer (C{msg}, C{duplicate}, C{queued}).
+        """
+        gid = await self._resolve_group(group)
+        message_id = parse_header(envelope.header).message_id
+        for attempt in range(RESEAL_TRIES + 1):
+            try:
+                answer = await self._send_envelope(None, envelope, group=gid)
+            except (GroupChanged, DevicesChanged) as e:
+                again = self._sealed.get(message_id)
+                chain = await self._chain(gid)
+                if again is None or attempt == RESEAL_TRIES:
+                    if isinstance(e, DevicesChanged) and chain is not None and chain.server_extra:
+                        raise Forbidden(
+                            "Not sent: the server lists %s as member%s of #%s, but no signed operation made %s "
+                            "one, so nothing is sealed to %s and the server refuses the message." % (
+                                ", ".join(chain.server_extra), "s" if len(chain.server_extra) > 1 else "",
+                                chain.state.name, "them" if len(chain.server_extra) > 1 else "that user",
+                                "them" if len(chain.server_extra) > 1 else "that user"))
+                    raise
+                if isinstance(e, GroupChanged):
+                    await self.refresh_group(gid)
+                else:
+                    await self._refresh_group_members(gid)
+                _, envelope = await self.seal_group(gid, *again[1:], message_id=message_id)
+            else:
+                self._sealed.pop(message_id, None)
+                header = parse_header(envelope.header)
+                members = sorted({e.name for e in header.entries} - {self.user})
+                await self.pins.add_group_sent(answer["msg"], gid, members)
+                return answer
+
+    async def _refresh_group_members(self, gid):
+        """After C{devices_changed}: see whether the server's member list differs from the chain's (a warning)."""
+        try:
+            await self.refresh_group(gid)
+        except UnknownGroup:
+            pass
+
+    async def post_group(self, group, data, content_type="text", filename=""):
+        """L{seal_group} then L{send_group_envelope}: returns the server's answer."""
+        _, envelope = await self.seal_group(group, data, content_type, filename)
+        return await self.send_group_envelope(group, envelope)
+
+    async def send_group(self, group, data, content_type="text", filename=""):
+        """Send C{data} to C{group} (see L{seal_group}); returns the message id (hex) once the server has it."""
+        return (await self.post_group(group, data, content_type, filename))["msg"]
+
+    async def group_delivery(self, msg_id):
+        """
+        C{(group, members, receipts)} of a group message this user sent: its L{GroupInfo} (None if no longer
+        known), the members it was sealed for, and C{{user: (status, at)}} of the receipts so far.  None when
+        C{msg_id} (hex) is not a group message sent from here.
+        """
+        sent = await self.pins.group_sent(msg_id)
+        if sent is None:
+            return None
+        gid, members = sent
+        chain = await self._chain(gid)
+        return (self._group_info(chain) if chain is not None else None, members,
+                await self.pins.group_receipts(msg_id))
+
+    async def _group_message(self, header):
+        """
+        C{(chain, note)} for a group message's header: the group must be known (fetched once when the head it names
+        is not), this user and the sender members at the version it names; a head unknown even then is warned of,
+        and the message is taken only if both are current members.  Raises L{NotInGroup} otherwise.
+        """
+        gid = header.group_id
+        chain = await self._chain(gid)
+        if chain is None or chain.at_head(header.group_head) is None:
+            try:
+                await self.refresh_group(gid)
+            except UnknownGroup:
+                pass
+            chain = await self._chain(gid)
+        if chain is None or chain.seq == 0:
+            raise NotInGroup("The message from %s is for a group you are not in (%s)." % (header.sender, gid.hex()))
+        current, name = chain.state, "#" + chain.state.name
+        at = chain.at_head(header.group_head)
+        if at is None:
+            self._group_warn(gid, chain.state.name, (
+                "%s sent a message to %s for a membership version this client cannot verify (yours is version %d)."
+                % (header.sender, name, current.seq)))
+            if header.sender not in current.members or self.user not in current.members:
+                raise NotInGroup("%s is not a member of %s, and the message names a version of %s this client "
+                                 "cannot verify." % (header.sender, name, name))
+            return chain, "sealed for a version of %s this client does not know; yours is %d" % (name, current.seq)
+        if self.user not in at.members:
+            raise NotInGroup("The message from %s names version %d of %s, in which you are not a member."
+                             % (header.sender, at.seq, name))
+        if header.sender not in at.members:
+            raise NotInGroup("%s was not a member of %s in the version the message names." % (header.sender, name))
+        note = None if at.head == current.head else "sealed for version %d of %s; yours is %d" % (
+            at.seq, name, current.seq)
+        return chain, note
+
     # -- receiving --
 
     def frame_received(self, frame):
@@ -8592,6 +9442,8 @@ class PagerClient:
                 self._link_answered(frame)
             elif kind == "devices_changed":
                 self._own_devices_changed(frame)
+            elif kind == "group_changed":
+                self._group_changed(frame)
         except PagerError as e:
             self.log.warn("Ignoring a malformed {kind} frame from the server: {why}", kind=kind, why=e.message)
 
@@ -8737,6 +9589,7 @@ class PagerClient:
                     "handed (%.0f days): it may be a replay, so it is refused." % (
                         header.sender, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(header.timestamp_ms / 1000)),
                         window / DAY))
+            group = await self._group_message(header) if header.group_id is not None else None
             sender_key, key_status = await self._sender_device_key(header)
             prekeys = await self._opening_prekeys(mine)
             envelope = Envelope(incoming.header, incoming.chunks, incoming.signature)
@@ -8754,6 +9607,9 @@ class PagerClient:
             return
         skewed = incoming.accepted_at is not None and abs(incoming.accepted_at - opened.timestamp) > self.skew_window
         opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at, key_status=key_status, skewed=skewed)
+        if group is not None:
+            chain, note = group
+            opened = dataclasses.replace(opened, group_name=chain.state.name, group_note=note)
         if self.on_message is None:
             return  # nobody to hand it to: leave it on the server for the next session
         # The history entry the hand-off records waits, to be written with the seen row: one transaction.
@@ -8835,6 +9691,8 @@ class PagerClient:
             self.log.warn("Dropping receipt {rid}: not a user name or not a receipt status", rid=receipt.rid)
             self._ack("receipts", receipt.rid)
             return
+        if await self.pins.group_sent(receipt.message_id) is not None:
+            await self.pins.add_group_receipt(receipt.message_id, receipt.peer, receipt.status, receipt.at)
         if self.on_receipt is not None:
             await defer.maybeDeferred(self.on_receipt, receipt)
         self._ack("receipts", receipt.rid)
@@ -10689,6 +11547,13 @@ def describe_group_delivery(name, members, receipts, ref=None, preview=None):
 OUTBOX_RETRY = 10.0  # seconds before the outbox tries again after a busy server (rate_limited without a wait, internal)
 
 
+def outbox_group(recipients):
+    """The group id (hex) of an outbox entry's recipients when they are one group (C{["#<group id hex>"]}), else None."""
+    if len(recipients) == 1 and re.fullmatch("#[0-9a-f]{%d}" % (2 * GROUP_ID_SIZE), recipients[0]):
+        return recipients[0][1:]
+    return None
+
+
 class Outbox:
     """
     The chat's messages from Enter until the server has them.  L{add} keeps a message on disk (L{LocalStore}'s
@@ -10802,25 +11667,43 @@ class Outbox:
     async def _try(self, store, client, entry):
         """Send one message; False when the rest must wait (the connection is down, the server is busy)."""
         names, label = ", ".join(entry.recipients), "#%d" % entry.ref
+        group = outbox_group(entry.recipients)
+        if group is not None:  # a group message: recipients ["#<group id hex>"]
+            info = next((g for g in await client.groups() if g.id == group), None)
+            names = info.label if info is not None else "#" + group
+
+            async def seal_it(message_id=None):
+                return (await client.seal_group(group, entry.body, entry.content_type, entry.filename,
+                                                message_id=message_id))[1]
+
+            def send_it(envelope):
+                return client.send_group_envelope(group, envelope)
+        else:
+            async def seal_it(message_id=None):
+                return (await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename,
+                                          message_id=message_id))[1]
+
+            def send_it(envelope):
+                return client.send_envelope(entry.recipients, envelope)
         try:
             envelope = entry.envelope
             if envelope is None:
-                _, sealed = await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename)
-                envelope = await store.outbox_sealed(entry.ref, sealed)
+                envelope = await store.outbox_sealed(entry.ref, await seal_it())
                 if envelope is None:
                     return True  # another chat of this user on this machine sent it (or it was refused) meanwhile
             try:
-                answer = await client.send_envelope(entry.recipients, envelope)
-            except DevicesChanged:
+                answer = await send_it(envelope)
+            except (DevicesChanged, GroupChanged):
                 # Sealed by an earlier run (this process would have sealed it anew itself): seal it anew for the
-                # devices the recipients have now, as the same message, and keep that envelope instead.
+                # devices (or the group's version) the recipients have now, as the same message, and keep that
+                # envelope instead.
+                if group is not None:
+                    await client.refresh_group(group)
                 message_id = parse_header(envelope.header).message_id
-                _, sealed = await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename,
-                                              message_id=message_id)
-                envelope = await store.outbox_sealed(entry.ref, sealed, replace=True)
+                envelope = await store.outbox_sealed(entry.ref, await seal_it(message_id), replace=True)
                 if envelope is None:
                     return True
-                answer = await client.send_envelope(entry.recipients, envelope)
+                answer = await send_it(envelope)
         except (ConnectionLost, defer.CancelledError):
             return False  # still waiting: sent again, as the same message, after the reconnection
         except (RateLimited, InternalError) as e:
@@ -10837,15 +11720,16 @@ class Outbox:
                 self.log.failure("Sending message {ref} failed", ref=entry.ref)
             await store.outbox_refused(entry.ref, HistoryEntry(
                 entry.at, "out", ",".join(entry.recipients), entry.msg_id or "", entry.content_type, entry.filename,
-                entry.body if entry.content_type == "text" else b"", "not sent: " + reason))
+                entry.body if entry.content_type == "text" else b"", "not sent: " + reason, group))
             self.show("\u2717 %s to %s was not sent: %s" % (label, names, reason))
             return True
         msg = answer["msg"]
         self.sent.add(msg)
         await store.outbox_sent(entry.ref, msg, self.reactor.seconds(), HistoryEntry(
             entry.at, "out", ",".join(entry.recipients), msg, entry.content_type, entry.filename,
-            entry.body if entry.content_type == "text" else b"", "sent"))
-        queued = [n for n in answer.get("queued", []) if n in entry.recipients]
+            entry.body if entry.content_type == "text" else b"", "sent", group))
+        queued = [n for n in answer.get("queued", []) if n in entry.recipients
+                  or (group is not None and valid_username(n))]
         self.show("\u2713 %s sent%s" % (label, "; %s %s offline: the server keeps it until they log in" % (
             ", ".join(queued), "is" if len(queued) == 1 else "are") if queued else ""))
         return True
@@ -12238,8 +13122,8 @@ _LIMIT_OPTIONS = [
     ("bundle-rate", "bundle_rate", float,
      "Prekey bundle requests per second one account may make (after a burst of %d)." % BUNDLE_BURST),
     ("max-group-members", "max_group_members", int,
-     "Members one group may have, its creator included (at most %d: the wraps one group message holds)."
-     % MAX_GROUP_WRAPS),
+     "Members one group may have, its creator included (at most %d: the names one group message holds)."
+     % DEFAULT_MAX_GROUP_MEMBERS),
     ("max-groups", "max_groups", int, "Groups one user may be a current member of."),
 ]
 MIN_MAX_LINE = 96 * 1024
@@ -12286,9 +13170,9 @@ class ServerOptions(_GnuOptions):
                                    "--max-line.")
         if values["max_unread_output"] < values["max_line"]:
             raise usage.UsageError("--max-unread-output must be at least --max-line: one frame must fit.")
-        if values["max_group_members"] > MAX_GROUP_WRAPS:
-            raise usage.UsageError("--max-group-members is at most %d: a group message holds at most that many"
-                                   " wrapped keys." % MAX_GROUP_WRAPS)
+        if values["max_group_members"] > DEFAULT_MAX_GROUP_MEMBERS:
+            raise usage.UsageError("--max-group-members is at most %d: a group message names at most that many"
+                                   " users." % DEFAULT_MAX_GROUP_MEMBERS)
         if self["registration"] not in ("open", "invite", "closed"):
             raise usage.UsageError("--registration is open, invite or closed.")
         directory = os.path.dirname(os.path.abspath(self["db"]))

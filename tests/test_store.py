@@ -750,10 +750,10 @@ class DeviceStoreTests(unittest.TestCase):
 
     async def test_migration_from_schema_2(self):
         """
-        A database of pager 0.2 (schema 2) with a message pending for bob is brought to schema 3: every user gets
-        its identity device (id: the first half of its key's fingerprint) as a legacy device, without certificate,
-        and the pending message waits for bob's identity device, which reads and acknowledges it; alice gets her
-        receipt.
+        A database of pager 0.2 (schema 2) with a message pending for bob is brought to schema 3 (and on to the
+        current one): every user gets its identity device (id: the first half of its key's fingerprint) as a legacy
+        device, without certificate, and the pending message waits for bob's identity device, which reads and
+        acknowledges it; alice gets her receipt.
         """
         alice, bob = _keys()
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -773,7 +773,8 @@ class DeviceStoreTests(unittest.TestCase):
         conn.execute("INSERT INTO deliveries VALUES ('bob', 1, 1)")
         conn.close()
         store = await self.open_store()
-        self.assertEqual(await self.query(store, "SELECT value FROM meta WHERE key = 'schema_version'"), [("3",)])
+        self.assertEqual(await self.query(store, "SELECT value FROM meta WHERE key = 'schema_version'"),
+                         [(str(pager.SCHEMA_VERSION),)])
         _, devices = await store.devices("bob")
         self.assertEqual([(d.device_id, d.public_key, d.certificate, d.prekeys) for d in devices],
                          [(pager.device_id(bob), users[1][1], None, False)])
