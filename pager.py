@@ -11439,6 +11439,11 @@ async def group_action(client, action, name, words, off=False, topic=None, prefi
         users = _group_users(words)
         if not users:
             raise usage.UsageError(group_usage(action, prefix))
+        if action == "add" and all(u in info.members for u in users):
+            return "%s %s in %s already; nothing changed." % (", ".join(users), "is" if len(users) == 1 else "are",
+                                                               label)
+        if action == "remove" and not any(u in info.members for u in users):
+            return "%s %s not in %s; nothing changed." % (", ".join(users), "is" if len(users) == 1 else "are", label)
         await (client.group_add if action == "add" else client.group_remove)(info.id, users)
         return "%s %s %s %s." % ("Added" if action == "add" else "Removed", ", ".join(users),
                                  "to" if action == "add" else "from", label)
@@ -11811,6 +11816,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self._receipts_quiet = None  # the timer that ends the gathering
         self.ticks = GroupTicks(self.show, reactor)
         self._last_group_sent = None  # the ref of the last group message this chat sent, for /info
+        self._group_events = 0  # membership changes shown so far
+        self._client = None  # the client whose arrivals the handlers below take
         session.wire = self._wire
 
     # -- wiring --
@@ -11826,6 +11833,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self._logged_in()
 
     def _wire(self, client):
+        self._client = client  # the one that hands off what arrives (session.client only once logged in)
         client.on_message = self.message_received
         client.on_receipt = self.receipt_received
         client.on_rejected = self.message_rejected
@@ -12297,8 +12305,11 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if not name:
             raise usage.UsageError(group_usage(action))
         # A topic is the rest of the line as typed; every other action takes words (user names, a new name).
-        self.show(await group_action(self.session.client, action, name, rest.split(),
-                                     topic=rest.strip() if action == "topic" else None))
+        events = self._group_events
+        done = await group_action(self.session.client, action, name, rest.split(),
+                                  topic=rest.strip() if action == "topic" else None)
+        if self._group_events == events:  # a change already shows as its own line (group_event): not twice
+            self.show(done)
 
     async def command_groups(self, rest):
         if rest:
@@ -12390,7 +12401,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 saved = await self.session.in_thread(save_incoming_file, directory, name, message.plaintext)
         s = self.session
         own = message.sender == s.user and message.sender_device != device_id(s.key)
-        group = message.group_id  # hex, or None for a 1:1 message
+        group = message.group_id.hex() if message.group_id is not None else None  # as GroupInfo.id
         in_group = group is not None and self.group == group
         if own:
             # Sent by this user from another of their devices: shown, and kept in the history, as sent.
@@ -12409,7 +12420,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             self.last_sender = group_label(message.group_name)
             elsewhere = self.conversation is not None and not in_group
             if not in_group:
-                await s.client.group_unread_add(group)  # read once /to opens the group
+                await self._client.group_unread_add(group)  # read once /to opens the group
         else:
             if message.sender != s.user:
                 self.last_sender = message.sender
@@ -12438,6 +12449,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         group renames the conversation (and the prompt); this user's leaving or removal closes it.
         """
         s = self.session
+        self._group_events += 1
         self.show(describe_group_event(event, self.reactor.seconds(), s.user))
         if self.group is None or event.group_id != self.group:
             return
@@ -12473,7 +12485,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if store is None:
             raise ConnectionLost()  # quitting: not acknowledged, so the server keeps it for the next session
         ref, preview = await store.sent_message(receipt.message_id)
-        delivery = await self.session.client.group_delivery(receipt.message_id)
+        delivery = await self._client.group_delivery(receipt.message_id)
         if delivery is not None:
             await self._group_receipt(receipt, ref, preview, delivery)
             return
@@ -13362,7 +13374,7 @@ class GroupOptions(_ClientOptions):
                 "GROUP; rename GROUP NEW; topic GROUP TEXT (an empty TEXT, '', clears it); admin GROUP USER (--off: "
                 "no longer an admin); info GROUP (--json). Changes are signed with your identity key, so they run on "
                 "your identity device; adding, removing, renaming, the topic and admins are for the group's admins.")
-    not_applicable = ("skew-window", "no-history")
+    not_applicable = ("skew-window", "no-history", "no-passphrase")
     optFlags = [["off", None, "With admin: make USER no longer an admin."],
                 ["json", None, "With info: print one JSON object."]]
 
@@ -13389,9 +13401,10 @@ class GroupOptions(_ClientOptions):
 
 class GroupsOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME [--json]"
-    longdesc = ("List your groups: name, members, whether you are an admin, and how many of their messages the chat "
-                "has not shown you in their conversation; groups you left or were removed from are listed as left.")
-    not_applicable = ("skew-window", "no-history")
+    longdesc = ("List your groups: name, members, whether you are an admin, and how many of their messages are "
+                "unread (not yet seen in the chat with /to #NAME); groups you left or were removed from are listed "
+                "as left.")
+    not_applicable = ("skew-window", "no-history", "no-passphrase")
     optFlags = [["json", None, "Print one JSON object."]]
 
     def parseArgs(self, server):
@@ -13999,20 +14012,20 @@ async def _fetch_command(reactor, config):
                 "Standard output was closed (its reader stopped reading) before every message was printed; the "
                 "messages not printed stay on the server."))
             raise output_closed[0]
+        group = message.group_id.hex() if message.group_id is not None else None  # as the history keeps it
         if sent_from is not None:
             # Sent by this user from another of their devices: kept in the history as sent, as the chat keeps it.
             peers = [r for r in message.recipients if r != session.user]
             await session.store.add_history(HistoryEntry(
                 message.accepted_at or message.timestamp, "out",
-                group_label(message.group_name) if message.group_id is not None else ",".join(peers) or session.user,
+                group_label(message.group_name) if group is not None else ",".join(peers) or session.user,
                 message.message_id.hex(), message.content_type, message.filename,
-                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from,
-                message.group_id))
+                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from, group))
             return
         await session.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
             message.content_type, message.filename, message.plaintext if message.content_type == "text" else b"",
-            message.key_status, message.group_id))
+            message.key_status, group))
 
     def rejected(msg, sender, error):
         sys.stderr.write("pager: refused a message from %s that could not be opened: %s\n" % (sender, error.message))
@@ -14062,7 +14075,7 @@ def _print_message(message, saved, as_json, sent_from=None):
             "skewed": message.skewed,
         }
         if message.group_id is not None:
-            record["group"] = {"id": message.group_id, "name": message.group_name}
+            record["group"] = {"id": message.group_id.hex(), "name": message.group_name}
         if message.content_type == "file":
             record.update(filename=message.filename, saved_to=saved, size=len(message.plaintext))
         else:

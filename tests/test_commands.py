@@ -369,6 +369,8 @@ class OptionsTests(unittest.SynchronousTestCase):
             "link-device": ["--token-file", "--passphrase-file", "--no-passphrase"],  # makes the new device's key
             "revoke-device": ["--token-file", "--passphrase-file"],
             "devices": ["--token-file", "--passphrase-file"],
+            "group": ["--token-file", "--passphrase-file"],
+            "groups": ["--token-file", "--passphrase-file"],
         }
         self.assertEqual(set(cases), set(pager._CLIENT_COMMANDS))
         for command, present in cases.items():

@@ -237,7 +237,8 @@ class DescribeGroupMessageTests(unittest.SynchronousTestCase):
     def message(self, **kwargs):
         fields = dict(message_id=b"\1" * 16, sender="alice", sender_fingerprint=b"\0" * 32,
                       recipients=("alice", "bob", "carol"), timestamp=0.0, content_type="text", filename="",
-                      plaintext=bytearray(b"disk full"), accepted_at=0.0, group_id=GID, group_name="ops")
+                      plaintext=bytearray(b"disk full"), accepted_at=0.0, group_id=bytes.fromhex(GID),
+                      group_name="ops")
         fields.update(kwargs)
         return pager.OpenedMessage(**fields)
 
@@ -288,7 +289,8 @@ class GroupChatTests(ChatTestCase):
         bob, carol = await self.peer("bob"), await self.peer("carol")
         chat, ui = await self.chat_as("alice")
         await self.type(chat, "/group create ops bob carol")
-        self.assertIn("Created #ops with bob, carol; you are its admin.", ui.text())
+        self.assertRegex(ui.text(), r"\[\d\d:\d\d\] #ops: you created #ops with bob, carol")
+        self.assertNotIn("Created #ops", ui.text())  # the change's own line says it: not twice
         await self.type(chat, "/to #ops")
         self.assertEqual((chat.conversation, ui.prompt), ("#ops", "#ops> "))
         self.assertIn("Talking in #ops", ui.text())
@@ -403,17 +405,19 @@ class GroupChatTests(ChatTestCase):
             ("/group frob ops", "No group action frob"),
             ("/group info nope", "You are in no group"),
             ("/group create bad\x1bname", "Group names are written #name"),
-            ("/group create ops bob", "Created #ops with bob"),
+            ("/group create ops bob", "#ops: you created #ops with bob"),
             ("/group create ops carol", "taken"),
             ("/group add ops", "Usage: /group add NAME USER..."),
-            ("/group add ops carol", "Added carol to #ops."),
-            ("/group topic ops on call: bob", 'The topic of #ops is now "on call: bob".'),
-            ("/group admin ops bob", "bob is now an admin of #ops."),
-            ("/group admin ops bob off", "bob is no longer an admin of #ops."),
+            ("/group add ops carol", "#ops: you added carol"),
+            ("/group add ops carol", "carol is in #ops already; nothing changed."),
+            ("/group topic ops on call: bob", '#ops: you changed the topic to "on call: bob"'),
+            ("/group admin ops bob", "#ops: you made bob an admin"),
+            ("/group admin ops bob off", "#ops: you made bob no longer an admin"),
             ("/group admin ops", "Usage: /group admin NAME USER [off]"),
             ("/group rename ops", "Usage: /group rename NAME NEW"),
-            ("/group rename ops dev", "Renamed #ops to #dev."),
-            ("/group remove dev carol", "Removed carol from #dev."),
+            ("/group rename ops dev", "#dev: you renamed #ops to #dev"),
+            ("/group remove dev carol", "#dev: carol was removed by you"),
+            ("/group remove dev carol", "carol is not in #dev; nothing changed."),
             ("/group leave dev", "You are the last admin of #dev"),
             ("/group info #dev", "#dev (version"),
             ("/info", "You have sent no group message"),
@@ -462,7 +466,7 @@ class GroupCommandTests(CLITestCase):
     """pager-cli group, groups, send --to '#ops' and fetch, in-process over loopback."""
 
     async def cli(self, home, user, *argv, code=0):
-        result = await self.run_command(*argv, "--user", user, home=home)
+        result = await self.run_command(*argv, "--user", user, home=home, token_of=user)
         self.assertExit(result, code)
         if code:
             self.assertOneErrorLine(result, code)
