@@ -13956,6 +13956,8 @@ async def _send_command(reactor, config):
     try:
         if config["group"] is not None:
             info = await client.group(config["group"])
+            if not info.member:
+                raise UnknownGroup("Not sent: you are no longer a member of %s." % info.label)
             answer = await client.post_group(info.id, data, content_type, filename)
             sent = await client.group_delivery(answer["msg"])
             recipients[:] = [m for m in (sent[1] if sent else info.members) if m != session.user]

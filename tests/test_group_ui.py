@@ -260,8 +260,8 @@ class DescribeGroupMessageTests(unittest.SynchronousTestCase):
         self.assertRegex(text, r"^\[\d\d:\d\d\] alice \u2713 disk full$")
 
 
-class GroupChatTests(ChatTestCase):
-    """The chat's group commands and lines, with a real session against a real in-process server."""
+class GroupChatTestCase(ChatTestCase):
+    """A chat and peers that record their group events."""
 
     async def peer(self, name):
         """An in-process client for C{name}, registered and receiving, recording its group events."""
@@ -279,6 +279,10 @@ class GroupChatTests(ChatTestCase):
         """Wait until C{text} is on the chat's screen (after line C{since}); returns the screen's text since then."""
         await self.wait_for(lambda: text in ui.text(since), repr(text) + " on the screen")
         return ui.text(since)
+
+
+class GroupChatTests(GroupChatTestCase):
+    """The chat's group commands and lines, with a real session against a real in-process server."""
 
     async def test_create_talk_and_ticks(self):
         """
@@ -546,3 +550,80 @@ class GroupCommandTests(CLITestCase):
             self.assertExit(result, 0)
             for word in words:
                 self.assertIn(word, result.out, "%r missing from pager-cli %s --help" % (word, " ".join(command)))
+
+
+class GroupChatMoreTests(GroupChatTestCase):
+    """Ticks on the chat's clock, warnings, /r, /paste and /file to a group, and the group's history."""
+
+    async def test_ticks_coalesced_on_the_chat_clock(self):
+        """
+        Three of five members' receipts within the chat's second are one line, ✓ 3/5, shown when its clock has
+        moved on by a second and not before; the two members offline are waited for.
+        """
+        await self.serve()
+        peers = [await self.peer(name) for name in ("bob", "carol", "dave")]
+        for name in ("erin", "frank"):
+            await self.account(name)
+        chat, ui = await self.chat_as("alice")
+        clock = task.Clock()
+        chat.reactor = clock
+        chat.ticks = pager.GroupTicks(chat.show, clock)
+        await self.type(chat, "/group create ops bob carol dave erin frank", "/msg #ops hi all")
+        await self.wait_for(lambda: all(p.events.messages for p in peers), "the three online members' messages")
+        [msg] = chat.outbox.sent
+
+        async def three():
+            _, _, receipts = await chat.session.client.group_delivery(msg)
+            return len(receipts) == 3
+        await self.wait_for(three, "three receipts")
+        # Each is acknowledged once the chat has taken it: then all three are counted.
+        await self.wait_for(lambda: self.server.store.pending_receipts("alice", 0).addCallback(lambda rs: not rs),
+                            "alice's receipts to be taken")
+        self.assertNotIn("3/5", ui.text())
+        clock.advance(0.999)
+        self.assertNotIn("3/5", ui.text())
+        clock.advance(0.001)
+        [line] = [line for line in ui.shown if "/5" in line]
+        self.assertRegex(line, r'^\[\d\d:\d\d\] \u2713 3/5 #1 "hi all" in #ops$')
+        before = len(ui.shown)
+        await self.type(chat, "/info #1")
+        self.assertIn("3 of 5 have it", ui.text(before))
+        self.assertIn("waiting: erin, frank", ui.text(before))
+
+    async def test_warning_line(self):
+        """A warning about a group is one line with ⚠ and the group's name, harmless whatever it says."""
+        await self.serve()
+        chat, ui = await self.chat_as("alice")
+        chat.group_warning(GID, "ops", "the server lists eve as a member" + evil("w"))
+        await self.shown(ui, "\u26a0 #ops: the server lists eve as a member")
+        self.assertEqual(harmful(ui.text()), [])
+
+    async def test_reply_paste_and_file_to_group(self):
+        """/r after a group message opens the group; /paste #ops and /file #ops send to its members."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("ops", ["alice"])
+        gid = (await bob.group("ops")).id
+        await bob.send_group(gid, "anyone?")
+        await self.shown(ui, "#ops bob \u2713: anyone?")
+        await self.type(chat, "/r")
+        self.assertEqual((chat.conversation, ui.prompt), ("#ops", "#ops> "))
+        await self.type(chat, "/to")
+        await self.type(chat, "/paste #ops", "line one", "line two", ".")
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"report")
+        await self.type(chat, "/file #ops %s" % path)
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "bob's two messages")
+        first, second = bob.events.messages
+        self.assertEqual((bytes(first.plaintext), first.group_name), (b"line one\nline two", "ops"))
+        self.assertEqual((second.content_type, bytes(second.plaintext), second.group_name), ("file", b"report", "ops"))
+        before = len(ui.shown)
+        await self.type(chat, "/history #ops")
+        text = ui.text(before)
+        self.assertIn("<- bob in #ops: anyone?", text)
+        self.assertIn("-> #ops: line one", text)
+        before = len(ui.shown)
+        await self.type(chat, "/history bob")
+        self.assertNotIn("anyone?", ui.text(before))  # a group's messages are the group's history, not bob's
