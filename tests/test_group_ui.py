@@ -539,6 +539,9 @@ class GroupCommandTests(CLITestCase):
         await self.cli(alice, "alice", "group", "HOST", "frob", "ops", code=2)
         await self.cli(alice, "alice", "group", "HOST", "rename", "ops", "bad name!", code=2)
         await self.cli(alice, "alice", "group", "HOST", "create", "ops", code=1)  # the name is taken
+        await self.cli(bob, "bob", "group", "HOST", "leave", "ops")
+        line = (await self.cli(bob, "bob", "send", "HOST", "--to", "#ops", "hi", code=2)).err
+        self.assertIn("you are no longer a member of #ops", line)
 
     async def test_help(self):
         for command, words in ((("group",), ["create", "add", "remove", "leave", "rename", "topic", "admin", "info",
@@ -627,3 +630,28 @@ class GroupChatMoreTests(GroupChatTestCase):
         before = len(ui.shown)
         await self.type(chat, "/history bob")
         self.assertNotIn("anyone?", ui.text(before))  # a group's messages are the group's history, not bob's
+
+
+class GroupLinkedDeviceTests(GroupChatTestCase):
+    """A linked device reads and posts to a group; its changes are refused; its messages show as sent elsewhere."""
+
+    from tests.test_link import LinkedChatTests
+    linked_chat = LinkedChatTests.linked_chat
+    del LinkedChatTests
+
+    async def test_linked_device(self):
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        laptop, laptop_ui = await self.linked_chat(chat)
+        before = len(laptop_ui.shown)
+        await self.type(laptop, "/group create ops bob")
+        self.assertIn("Group changes are signed with your identity key: make them on your identity device.",
+                      laptop_ui.text(before))
+        await self.type(chat, "/group create ops bob")
+        await self.shown(laptop_ui, "#ops: you created #ops with bob")  # the same user, another device
+        await self.type(laptop, "/to #ops", "from the laptop")
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        self.assertEqual(bob.events.messages[0].group_name, "ops")
+        text = await self.shown(ui, "from the laptop")
+        self.assertRegex(text, r"\[\d\d:\d\d\] you \(on 'laptop'\) \u2192 #ops: from the laptop")
