@@ -8945,10 +8945,10 @@ class PagerClient:
 
     async def sync_groups(self):
         """
-        Ask the server for this user's groups (C{groups}) and fetch and verify the new ops of each whose head is not
-        the one verified here (L{refresh_group}).  Done at every login and on each C{group_changed} push.  A group
-        whose chain fails to verify is marked broken and warned of; it does not stop the others.  Returns
-        L{groups}.
+        Ask the server for this user's groups (C{groups}) and read each (L{refresh_group}): every group this user is
+        a member of (its new ops if any, and the server's member list, compared with the chain's), and each former
+        group whose head is not the one verified here.  Done at every login.  A group whose chain fails to verify is
+        marked broken and warned of; it does not stop the others.  Returns L{groups}.
         """
         if self.user is None:
             raise NotAuthenticated()
@@ -8963,7 +8963,10 @@ class PagerClient:
             gid = bytes.fromhex(obj["group"])
             chain = await self._chain(gid)
             head = obj.get("head")
-            if chain is not None and isinstance(head, str) and head == chain.state.head.hex() and not chain.broken:
+            # A group this user is in is read again even when its head is the one verified here: the answer's
+            # member list is compared with the chain's (a reader the server added is found at login).
+            if chain is not None and isinstance(head, str) and head == chain.state.head.hex() and \
+                    not chain.broken and obj.get("member") is not True:
                 continue
             try:
                 await self.refresh_group(gid)
