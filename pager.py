@@ -11395,8 +11395,9 @@ class Outbox:
                 return client.send_group_envelope(group, envelope)
         else:
             async def seal_it(message_id=None):
+                again = {"message_id": message_id} if message_id is not None else {}
                 return (await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename,
-                                          message_id=message_id))[1]
+                                          **again))[1]
 
             def send_it(envelope):
                 return client.send_envelope(entry.recipients, envelope)
