@@ -1678,24 +1678,30 @@ _GROUP_OP_TAG_FIELD = _lp(GROUP_OP_TAG)
 _OP_SEQ = struct.Struct(">I")
 
 
-class _OpReader(_Reader):
-    """L{_Reader} for group operations: every shortfall is a L{GroupOpError}."""
+class _OpReader:
+    """Reads a group operation's fields (written by L{_lp} and C{struct}), raising L{GroupOpError} on any fault."""
 
-    __slots__ = ()
+    def __init__(self, data):
+        self.data = bytes(data)
+        self.offset = 0
+        self.size = len(self.data)
 
     def fixed(self, unpacker):
-        try:
-            return super().fixed(unpacker)
-        except MalformedEnvelope:
+        start = self.offset
+        self.offset += unpacker.size
+        if self.offset > self.size:
             raise GroupOpError("The group operation is truncated.")
+        return unpacker.unpack_from(self.data, start)
 
-    def field(self, max_length):
-        try:
-            return super().field(max_length)
-        except MalformedEnvelope as e:
-            if "too long" in e.message:
-                raise GroupOpError("A field of the group operation is too long.")
+    def field(self, max_length, too_long="A field of the group operation is too long."):
+        (n,) = self.fixed(_U32)
+        if n > max_length:
+            raise GroupOpError(too_long)
+        start = self.offset
+        self.offset += n
+        if self.offset > self.size:
             raise GroupOpError("The group operation is truncated.")
+        return self.data[start:self.offset]
 
     def exact(self, size, what):
         data = self.field(64)
@@ -1710,14 +1716,12 @@ class _OpReader(_Reader):
         return name.decode("ascii")
 
     def topic(self):
+        topic = self.field(MAX_GROUP_TOPIC_BYTES,
+                           "A group's topic is at most %d bytes of UTF-8." % MAX_GROUP_TOPIC_BYTES)
         try:
-            return self.field(MAX_GROUP_TOPIC_BYTES).decode("utf-8")
+            return topic.decode("utf-8")
         except UnicodeDecodeError:
             raise GroupOpError("The group's topic is not valid UTF-8.")
-        except GroupOpError as e:
-            if "too long" in e.message:
-                raise GroupOpError("A group's topic is at most %d bytes of UTF-8." % MAX_GROUP_TOPIC_BYTES)
-            raise
 
     def count(self, smallest, entry_size):
         (n,) = self.fixed(_U32)
@@ -1831,7 +1835,10 @@ def encode_group_op(group_id, seq, prev, kind, actor, actor_fp, timestamp_ms, *,
         raise GroupOpError("%r is not a kind of group operation." % (kind,))
     if hasattr(members, "items"):
         members = members.items()
-    members, users = sorted(members), sorted(users)
+    try:
+        members, users = sorted(members), sorted(users)
+    except (TypeError, ValueError):
+        raise GroupOpError("The members are (name, fingerprint) pairs, the users names.")
     wanted = {"create": {"name", "topic", "members"}, "add": {"members"}, "remove": {"users"}, "leave": set(),
               "rename": {"name"}, "topic": {"topic"}, "promote": {"user"}, "demote": {"user"}}[kind]
     given = {field for field, value in (("name", name), ("topic", topic), ("user", user)) if value is not None}

@@ -54,7 +54,7 @@ sys.path.insert(0, HERE)
 import machine  # noqa: E402
 
 # In the order they run.  A benchmark is bench/<name>.py following the contract above.
-BENCHMARKS = ["crypto", "store", "relay", "drain", "concurrency", "large", "load"]
+BENCHMARKS = ["crypto", "store", "relay", "drain", "concurrency", "large", "load", "group"]
 REQUIRED_ROW_KEYS = ("figure", "value", "unit", "reference", "reference_label", "ratio", "target", "pass")
 
 

@@ -312,6 +312,11 @@ class SignatureTests(SynchronousTestCase):
         self.assertRaises(pager.BadSignature, pager.verify_group_op, _pub("bob"), self.op, by_bob)
         self.assertRaises(pager.BadSignature, pager.verify_group_op, _pub("alice"), self.op, by_bob)
 
+    def test_malformed_bytes(self):
+        """Bytes that are no operation are a GroupOpError before any key is looked at."""
+        self.assertRaises(pager.GroupOpError, pager.verify_group_op, _pub("alice"), self.raw[:-1], self.signature)
+        self.assertRaises(pager.GroupOpError, pager.verify_group_op, _pub("alice"), self.raw + b"x", self.signature)
+
     def test_not_an_envelope_signature(self):
         """An operation's signature is over the operation's own tag: no envelope or proof signs the same bytes."""
         self.assertTrue(self.raw.startswith(_lp_bytes(b"pager-group-op-v1")))
@@ -802,3 +807,122 @@ class GroupLimitTests(SynchronousTestCase):
         # The 1:1 limits are unchanged: 65 recipients is too many without a group.
         self.assertRaises(ValueError, pager.Sealer, _key("alice"), "alice",
                           targets([("m%03d" % i, 1) for i in range(65)]), timestamp_ms=NOW * 1000, now=NOW)
+
+
+# -- PROTOCOL.md's section 6.14 --
+
+def _protocol_section(number):
+    """The text of PROTOCOL.md's section C{number} (e.g. "6.14"), up to the next heading of its level or above."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "PROTOCOL.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(r"^### %s .*?(?=^##[# ]? |\Z)" % re.escape(number), text, re.M | re.S)
+    assert match is not None, "PROTOCOL.md has no section %s" % number
+    return match.group(0)
+
+
+def _code_blocks(section, info=""):
+    """The fenced code blocks of C{section} whose info string is C{info}, in order."""
+    return re.findall(r"^```%s\n(.*?)^```$" % re.escape(info), section, re.M | re.S)
+
+
+class ProtocolExampleTests(SynchronousTestCase):
+    """The worked example of PROTOCOL.md section 6.14 is what the code makes, and its OpenSSL commands work."""
+
+    def setUp(self):
+        self.section = _protocol_section("6.14")
+
+    def test_worked_example(self):
+        """The example's bytes, read off the document, are encode_group_op's for its inputs, and so is the hash."""
+        [block] = [b for b in _code_blocks(self.section) if "lp(\"pager-group-op-v1\")" in b and "#" not in b]
+        data = ""
+        for line in block.splitlines():
+            for token in line.split():
+                if not re.fullmatch("[0-9a-f]+", token):
+                    break
+                data += token
+        raw = pager.encode_group_op(bytes(range(16)), 1, bytes(32), "create", "alice", bytes(range(32, 64)),
+                                    1700000000000, name="ops", topic="deploys",
+                                    members=[("bob", bytes(range(64, 96)))])
+        self.assertEqual(bytes.fromhex(data), raw)
+        self.assertIn("; %d bytes:" % len(raw), self.section)
+        op = pager.parse_group_op(raw)
+        self.assertEqual((op.kind, op.name, op.topic, op.members), ("create", "ops", "deploys",
+                                                                    (("bob", bytes(range(64, 96))),)))
+        self.assertIn("`%s`" % op.hash.hex(), self.section)
+        self.assertEqual(pager.GroupState.empty(bytes(range(16))).apply(op).head, op.hash)
+
+    def test_openssl_commands(self):
+        """
+        The section's shell commands, run on an operation signed with a real key: the fingerprint twice, Verified
+        OK, the hash; and a changed byte fails.
+        """
+        for tool in ("openssl", "xxd", "sh"):
+            if shutil.which(tool) is None:
+                raise SkipTest("%s is not installed" % tool)
+        [script] = _code_blocks(self.section, "sh")
+        directory = self.mktemp()
+        os.makedirs(directory)
+        key = _key("alice")
+        raw = pager.encode_group_op(os.urandom(16), 1, bytes(32), "create", "alice", pager.fingerprint(key), T,
+                                    name="ops", members=[("bob", pager.fingerprint(_key("bob")))])
+        files = {"op.bin": raw, "op.sig": pager.sign_group_op(key, raw),
+                 "alice.pub.pem": pager.public_key_pem(key).encode("ascii")}
+        for name, data in files.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+
+        def run():
+            result = subprocess.run(["sh", "-c", script], cwd=directory, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, timeout=60)
+            return result.stdout.decode().split("\n")
+
+        lines = run()
+        self.assertEqual(lines[:4], [pager.fingerprint(key).hex()] * 2
+                         + ["Verified OK", hashlib.sha256(raw).hexdigest()])
+        altered = bytearray(raw)
+        altered[-1] ^= 1
+        with open(os.path.join(directory, "op.bin"), "wb") as f:
+            f.write(bytes(altered))
+        lines = run()
+        self.assertIn("Verification failure", lines)
+        self.assertNotIn("Verified OK", lines)
+
+
+class ChainPropertyTests(SynchronousTestCase):
+    """Random sequences of operations: the rules either apply one or refuse it, and the state stays consistent."""
+
+    USERS = ("alice", "bob", "carol", "dave", "erin")
+
+    @PROPERTY
+    @given(st.lists(st.tuples(st.sampled_from(pager.GROUP_OP_KINDS[1:]), st.integers(0, 4),
+                              st.lists(st.integers(0, 4), min_size=1, max_size=3, unique=True)), max_size=40))
+    def test_invariants(self, steps):
+        """
+        After every step: admins are members, there is an admin while there are members, joined names exactly the
+        members, and a refused operation leaves the state as it was (every refusal is a GroupRefused).
+        """
+        chain = _Chain(self, max_members=4)
+        chain.do("create", "alice", name="ops", members=["bob"])
+        for kind, actor, targets in steps:
+            names = [self.USERS[i] for i in targets]
+            fields = {"add": dict(members=names), "remove": dict(users=names), "leave": {},
+                      "rename": dict(name="ops%d" % targets[0]), "topic": dict(topic="t%d" % targets[0]),
+                      "promote": dict(user=names[0]), "demote": dict(user=names[0])}[kind]
+            op = chain.make(kind, self.USERS[actor], **fields)
+            before = chain.state
+            try:
+                state = before.apply(op, chain.max)
+            except pager.GroupRefused:
+                continue
+            self.assertEqual((state.seq, state.head), (before.seq + 1, op.hash))
+            self.assertLessEqual(state.admins, set(state.members))
+            self.assertEqual(set(state.joined), set(state.members))
+            self.assertLessEqual(len(state.members), 4)
+            self.assertEqual(bool(state.admins), bool(state.members))
+            self.assertIn(op.actor, before.members)
+            if kind != "leave":
+                self.assertIn(op.actor, before.admins)
+            chain.state = state
+            chain.ops.append(op)
+        self.assertEqual(pager.fold_group_ops(GID, chain.ops, 4)[-1], chain.state)
