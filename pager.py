@@ -3815,7 +3815,7 @@ def _batch_txn(txn, operations):
 
 class Store:
     """
-    The server's database: users, pending messages and receipts.  Every method returns a Deferred that fires once
+    The server's database: users, devices, pending messages and receipts, groups.  Every method returns a Deferred that fires once
     its transaction has committed.  Operations run in the order they were asked for, on the pool's single thread;
     those that arrive while a transaction is in flight are committed together in the next one, so the cost of
     an fsync is shared by every message accepted in the meantime.
@@ -4972,10 +4972,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             await factory.in_thread(verify_group_op, self.key, op, signature)
         except BadSignature:
             raise BadRequest("The operation's signature does not verify.")
-        reason = "%s " + ("left %s" if op.kind == "leave" else "was removed from %s") % new.label
+        # the reason of the rejected receipts for what still waited for the departing users (a format of their name)
+        reason = "%%s %s %s before receiving it." % ("left" if op.kind == "leave" else "was removed from", new.label)
         receipts = await factory.store.add_group_op(
             gid, op.seq, op.prev, op.hash, raw, signature, public_key_pem(self.key), self.user, self.key_fingerprint,
-            new.name, added, departed, reason + " before receiving it.", len(new.members), factory.now(), limits)
+            new.name, added, departed, reason, len(new.members), factory.now(), limits)
         self.log.info("{user} changed group {group} ({kind}, version {seq})", user=self.user, group=gid.hex(),
                       kind=op.kind, seq=op.seq)
         factory.group_committed(new, departed, self)
