@@ -8,6 +8,7 @@ group_changed push, and the outbox keeping a group message across a restart.
 
 import dataclasses
 import os
+import sqlite3
 import types
 
 from twisted.internet import defer, reactor
@@ -289,6 +290,50 @@ class MessageTests(GroupTestCase):
         self.assertEqual(dave.events.messages, [])
 
 
+    async def hand(self, client, sender, group, head, text):
+        """An envelope from C{sender} to C{client}'s devices naming C{group} at C{head}, handed to C{client} as if
+        pushed (a reject is answered here: the server never held it)."""
+        sending = await self.login(self.address, sender, receive=False)
+        targets = await sending.device_targets([client.user])
+        await sending.close()
+        envelope = pager.seal(key(sender), sender, targets, text, sender_fingerprint=pager.fingerprint(key(sender)),
+                              group=(group, head))
+        incoming = pager._Incoming(pager.parse_header(envelope.header).message_id.hex(), sender, None,
+                                   envelope.header, list(envelope.chunks), envelope.signature)
+        request = client.protocol.request
+        client.protocol.request = lambda kind, **fields: (defer.succeed({"type": "ok"}) if kind == "reject"
+                                                          else request(kind, **fields))
+        try:
+            await client._handle_message(incoming)
+        finally:
+            client.protocol.request = request
+
+    async def test_versions_named_by_messages(self):
+        """
+        A message sealed for an earlier version is shown with a note naming both; one for a version this client
+        cannot verify is shown (its sender a current member) with a note and a warning; one whose sender was not a
+        member in the version it names is refused.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        first = await alice.group_create("ops", ["bob"])
+        gid = bytes.fromhex(first.id)
+        await alice.group_add("ops", ["carol"])
+        await self.wait_for(lambda: len(bob.groups_seen.events) == 2, "bob's two events")
+        await self.hand(bob, "alice", gid, first.head, b"from version 1")
+        [message] = bob.events.messages
+        self.assertEqual((bytes(message.plaintext), message.group_note),
+                         (b"from version 1", "sealed for version 1 of #ops; yours is 2"))
+        await self.hand(bob, "alice", gid, os.urandom(32), b"from nowhere")
+        self.assertEqual((bytes(bob.events.messages[-1].plaintext), bob.events.messages[-1].group_note),
+                         (b"from nowhere", "sealed for a version of #ops this client does not know; yours is 2"))
+        self.assertIn("cannot verify", bob.groups_seen.warnings[-1][2])
+        await self.hand(bob, "carol", gid, first.head, b"before carol was in")
+        self.assertEqual(len(bob.events.messages), 2)
+        [(_, sender, error)] = bob.events.rejected
+        self.assertEqual((sender, error.message), ("carol", "carol was not a member of #ops in the version the "
+                                                            "message names."))
+
+
 class ChainTests(GroupTestCase):
 
     async def test_server_added_reader_gets_nothing_and_members_are_warned(self):
@@ -321,6 +366,50 @@ class ChainTests(GroupTestCase):
         bob = await self.relogin("bob")  # his next login reads the group again
         self.assertIn((info.id, "ops", sentence), bob.groups_seen.warnings)
         self.assertEqual((await bob.group("ops")).members, ("alice", "bob"))
+
+    async def test_deleted_member_left_out_with_a_warning(self):
+        """
+        The operator deleted carol's account: alice's message goes to bob with no entry for carol, and alice is
+        warned that carol's account is gone.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob", "carol"])
+        await self.offline(self.server, carol)
+        conn = sqlite3.connect(self.server.store.path, isolation_level=None)
+        self.addCleanup(conn.close)
+        pager._admin_txn(conn, pager.delete_user_txn, "carol")
+        self.server.factory.forget_devices(["carol"])
+        sent = self.capture_sends(alice)
+        answer = await alice.post_group("ops", "carol is gone")
+        self.assertEqual(answer["queued"], [])
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        self.assertEqual([h.recipient_names for h in sent], [["bob"]])
+        self.assertIn((info.id, "ops", "carol's account is gone from the server (deleted by its operator?): #ops's "
+                       "messages are not sealed to carol."), alice.groups_seen.warnings)
+        self.assertEqual((await alice.group_delivery(answer["msg"]))[1], ["bob"])
+
+    async def test_history_rule(self):
+        """
+        alice re-keys her account after creating #ops, then adds carol with her new key.  carol, verifying the chain
+        from scratch, accepts the create signed with alice's old key (before the add that made her a member, which
+        commits to it by hash).  bob, who pinned alice's old key, accepts no op of the new one: his chain breaks
+        there until he trusts alice's new key, and then verifies.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        await alice.rekey("alice", token("alice"), key("alice"), key("alice-new"))
+        await alice.group_add("ops", ["carol"])
+        await self.wait_members(carol, info.id, ["alice", "bob", "carol"])
+        self.assertEqual(((await carol.group(info.id)).broken, carol.groups_seen.warnings), (None, []))
+        self.assertEqual([e.kind for e in carol.groups_seen.events], ["create", "add"])
+        await self.wait_for(lambda: bob.groups_seen.warnings, "bob's warning")
+        broken = await bob.group("ops")
+        self.assertEqual((broken.seq, broken.members), (1, ("alice", "bob")))
+        self.assertIn("version 2 (add by alice) is signed with a key", broken.broken)
+        await bob.trust("alice")
+        self.assertEqual((await bob.refresh_group("ops")).members, ("alice", "bob", "carol"))
+        self.assertIsNone((await bob.group("ops")).broken)
 
     async def forged_chain(self, make):
         """#ops of alice and bob, then an op C{make(state)} gives, stored by the server as is; bob reads it."""
