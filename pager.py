@@ -9104,6 +9104,13 @@ class PagerClient:
                 chain.ops.append((op.seq, raw, signature, pem))
         except (_ChainRefused, GroupOpError, BadKey, BadCertificate, EnvelopeError) as e:
             broken = e.message.rstrip(".")
+        except BaseException:
+            # Cut short (the connection, say): what was verified so far is kept, with the chain as it was.
+            if new:
+                await self.pins.save_group(gid, state.name, state.seq, state.head, self.user in state.members,
+                                           chain.broken, new)
+                self._chains[gid] = chain
+            raise
         name = state.name or (before.name if before.seq else "")
         if broken is None and state.seq == before.seq and chain.broken is None:
             server_seq = answer.get("seq")
