@@ -11291,7 +11291,7 @@ OUTBOX_RETRY = 10.0  # seconds before the outbox tries again after a busy server
 
 
 def outbox_group(recipients):
-    """The group id (hex) of an outbox entry's recipients when they are one group (C{["#<group id hex>"]}), else None."""
+    """The group id (hex) of an outbox entry's recipients when they are a group (C{["#<group id hex>"]}), else None."""
     if len(recipients) == 1 and re.fullmatch("#[0-9a-f]{%d}" % (2 * GROUP_ID_SIZE), recipients[0]):
         return recipients[0][1:]
     return None

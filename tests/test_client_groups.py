@@ -12,6 +12,7 @@ import sqlite3
 import types
 
 from twisted.internet import defer, reactor
+from twisted.trial import unittest
 
 import pager
 from tests.test_e2e import E2ETestCase, key, token
@@ -513,3 +514,40 @@ class Sessionish:
 
     def __init__(self, client, store):
         self.client, self.store, self.closing = client, store, False
+
+
+class LocalStoreTests(unittest.TestCase):
+    """The group tables of L{pager.LocalStore}, and the history's group column added to an older store."""
+
+    async def test_tables(self):
+        """Chains, unread counts, messages sent and their receipts are kept; a 0.3 history gains its group column."""
+        path = os.path.abspath(self.mktemp())
+        old = sqlite3.connect(path)  # a store of 0.3: its history has no grp column
+        old.execute("CREATE TABLE history (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, direction TEXT NOT"
+                    " NULL, peer TEXT NOT NULL, msg_id TEXT NOT NULL, content_type TEXT NOT NULL, filename TEXT NOT "
+                    "NULL, body BLOB NOT NULL, status TEXT NOT NULL)")
+        old.execute("INSERT INTO history (at, direction, peer, msg_id, content_type, filename, body, status) VALUES"
+                    " (1.0, 'in', 'bob', 'aa', 'text', '', x'6869', 'delivered')")
+        old.commit()
+        old.close()
+        store = pager.LocalStore(path, reactor)
+        self.addCleanup(store.close)
+        await store.open(reactor.seconds())
+        gid = bytes(range(16))
+        await store.add_history(pager.HistoryEntry(2.0, "in", "bob", "bb", "text", "", b"in ops", "delivered",
+                                                   gid.hex()))
+        self.assertEqual([(e.msg_id, e.group) for e in await store.history("bob")], [("aa", None)])
+        self.assertEqual([(e.msg_id, e.group) for e in await store.history(group=gid.hex())], [("bb", gid.hex())])
+        await store.save_group(gid, "ops", 2, b"h" * 32, True, None, [(1, b"op1", b"s1", "k"), (2, b"op2", b"s2",
+                                                                                                   "k")])
+        self.assertEqual(await store.group_unread(gid, add=3), 3)
+        await store.save_group(gid, "ops2", 1, b"g" * 32, False, "why", [])  # never ops past the verified head
+        self.assertEqual(await store.group_rows(), [(gid, "ops2", 1, b"g" * 32, False, "why", 3)])
+        self.assertEqual(await store.group_ops(gid), [(1, b"op1", b"s1", "k")])
+        self.assertEqual(await store.group_unread(gid, count=0), 0)
+        await store.add_group_sent("cc", gid, ["carol", "bob"])
+        await store.add_group_receipt("cc", "bob", "delivered", 5.0)
+        await store.add_group_receipt("cc", "bob", "rejected", 6.0)
+        self.assertEqual(await store.group_sent("cc"), (gid, ["bob", "carol"]))
+        self.assertEqual(await store.group_receipts("cc"), {"bob": ("rejected", 6.0)})
+        self.assertIsNone(await store.group_sent("dd"))
