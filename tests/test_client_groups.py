@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 import pager
+from tests.test_client_devices import DeviceClientTestCase
 from tests.test_e2e import E2ETestCase, key, token
 
 
@@ -134,8 +135,10 @@ class ChangesTests(GroupTestCase):
             self.assertEqual(client.groups_seen.warnings, [])
 
     async def test_refused_changes(self):
-        """A non-admin's change is refused with the rule's sentence before anything is signed; so is the last admin's
-        leaving; a linked device makes no change (the identity key signs them)."""
+        """
+        A non-admin's change is refused with the rule's sentence before anything is signed; so is the last admin's
+        leaving, a create under a name in use, and asking for a group nobody is in.
+        """
         alice, bob = await self.user("alice"), await self.user("bob")
         await alice.group_create("ops", ["bob"])
         await self.wait_for(lambda: bob.groups_seen.events, "bob's event")
@@ -148,9 +151,6 @@ class ChangesTests(GroupTestCase):
             await bob.group_create("#ops")
         with self.assertRaises(pager.UnknownGroup):
             await bob.group("#nowhere")
-        bob.is_identity = False
-        with self.assertRaises(pager.NotIdentityDevice):
-            await bob.group_leave("ops")
 
 
 class MessageTests(GroupTestCase):
@@ -208,6 +208,28 @@ class MessageTests(GroupTestCase):
         await self.wait_for(lambda: len(bob.events.messages) == 2, "bob's queued messages")
         self.assertEqual(self.texts(bob), [b"one", b"two"])
         self.assertEqual({(m.group_id.hex(), m.group_name) for m in bob.events.messages}, {(info.id, "ops")})
+
+    async def test_own_other_device(self):
+        """
+        alice's linked laptop gets her group messages (as sent by her) and bob's, verifies the chain itself, and
+        makes no change: the identity key signs those.
+        """
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await alice.group_create("ops", ["bob"])
+        laptop = await DeviceClientTestCase.link(self, alice, "alice-laptop")
+        laptop.groups_seen = GroupRecorder(laptop)
+        self.assertEqual((await laptop.group("#ops")).members, ("alice", "bob"))
+        sent = self.capture_sends(alice)
+        await alice.send_group("ops", "from the desk")
+        self.assertEqual(sent[0].devices_of("alice"), [pager.device_id(key("alice-laptop"))])
+        await bob.send_group("ops", "hello both")
+        await self.wait_for(lambda: len(laptop.events.messages) == 2, "the laptop's two messages")
+        self.assertEqual([(m.sender, bytes(m.plaintext), m.group_name) for m in laptop.events.messages],
+                         [("alice", b"from the desk", "ops"), ("bob", b"hello both", "ops")])
+        with self.assertRaises(pager.NotIdentityDevice):
+            await laptop.group_topic("ops", "from the laptop")
+        await laptop.send_group("ops", "but it may talk")
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "bob's message from the laptop")
 
     async def test_receipts_per_member(self):
         """Each member's receipt of a group message is recorded: group_delivery names who has it."""
