@@ -9065,13 +9065,19 @@ class PagerClient:
         state, new, events, broken = before, [], [], None
         join_seq = None
         try:
-            items = []
-            for obj in objs:
-                if not isinstance(obj, dict):
-                    raise _ChainRefused("the server sent something that is not an operation")
-                raw = _json_b64(obj, "op", "group operation", max_size=MAX_GROUP_OP_BYTES)
-                signature = _json_b64(obj, "signature", "group operation", max_size=RSA_MAX_BITS // 8)
-                items.append((parse_group_op(raw), raw, signature, _json_field(obj, "key", str, "group operation")))
+            items, malformed = [], None
+            for obj in objs:  # the ops before a malformed one are still verified and kept
+                try:
+                    if not isinstance(obj, dict):
+                        raise _ChainRefused("the server sent something that is not an operation")
+                    raw = _json_b64(obj, "op", "group operation", max_size=MAX_GROUP_OP_BYTES)
+                    signature = _json_b64(obj, "signature", "group operation", max_size=RSA_MAX_BITS // 8)
+                    pem = _json_field(obj, "key", str, "group operation")
+                    items.append((parse_group_op(raw), raw, signature, pem))
+                except (_ChainRefused, GroupOpError, BadCertificate) as e:
+                    malformed = _ChainRefused("the operation after version %d is malformed: %s"
+                                              % (chain.seq + len(items), e.message.rstrip(".")))
+                    break
             if chain.seq == 0:
                 for op, _, _, _ in items:
                     if (op.kind == "create" and op.actor == self.user) or \
@@ -9102,6 +9108,8 @@ class PagerClient:
                 new.append((op.seq, raw, signature, pem))
                 chain.states.append(state)
                 chain.ops.append((op.seq, raw, signature, pem))
+            if malformed is not None:
+                raise malformed
         except (_ChainRefused, GroupOpError, BadKey, BadCertificate, EnvelopeError) as e:
             broken = e.message.rstrip(".")
         except BaseException:

@@ -477,6 +477,31 @@ class ChainTests(GroupTestCase):
         alice, bob, info, after = await self.forged_chain(make)
         await self.assert_broken(bob, info, after, "breaks the group's rules")
 
+    async def test_malformed_op_after_a_good_one(self):
+        """alice's topic (version 2), then bytes that are no operation: bob keeps version 2, and the chain is broken."""
+        alice_fp = pager.fingerprint(key("alice").public_key())
+
+        def make(state):
+            raw = pager.encode_group_op(state.group_id, 2, state.head, "topic", "alice", alice_fp, 0, topic="t")
+            return raw, pager.sign_group_op(key("alice"), raw), pager.public_key_pem(key("alice"))
+
+        alice, bob = await self.user("alice"), await self.user("bob")
+        info = await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        gid = bytes.fromhex(info.id)
+        await self.inject_op(gid, *make(info.state))
+
+        def txn(t):
+            t.execute("INSERT INTO group_ops (gid, seq, op, signature, signer, at) VALUES (?, 3, ?, ?, ?, 0)",
+                      (gid, b"no operation", b"s", pager.public_key_pem(key("alice"))))
+            t.execute("UPDATE groups SET seq = 3 WHERE gid = ?", (gid,))
+        await self.server.store._run(txn)
+        self.server.factory._groups.pop(gid, None)
+        after = await bob.refresh_group("ops")
+        self.assertEqual((after.seq, after.topic), (2, "t"))
+        self.assertIn("the operation after version 2 is malformed", after.broken)
+        self.assertEqual([e.kind for e in bob.groups_seen.events], ["create", "topic"])
+
     async def test_key_substituted_in_an_add(self):
         """
         bob pinned carol's key; carol's account is re-keyed; alice (who never pinned carol) adds her with the new
