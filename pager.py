@@ -9334,9 +9334,10 @@ class PagerClient:
         max_line = self.limits.get("max_line")
         header_line = (len(envelope.header) + 2) // 3 * 4 + FRAME_MARGIN
         if type(max_line) is int and header_line >= max_line:
-            raise TooLarge("Not sent: #%s's message header holds %d wraps (%d KiB encoded), more than one line of "
-                           "the server's takes (max_line %d KiB)." % (state.name, len(targets), header_line // 1024,
-                                                                      max_line // 1024))
+            raise TooLarge("Not sent: #%s's message header holds %d wrapped key%s (%d KiB encoded), more than one "
+                           "line of the server's takes (max_line %d KiB)." % (
+                               state.name, len(targets), "" if len(targets) == 1 else "s", header_line // 1024,
+                               max_line // 1024))
         message_id = parse_header(envelope.header).message_id
         self._sealed[message_id] = (("#", gid), data, content_type, filename)
         while len(self._sealed) > MAX_RESEALABLE:

@@ -231,6 +231,18 @@ class MessageTests(GroupTestCase):
         await laptop.send_group("ops", "but it may talk")
         await self.wait_for(lambda: len(bob.events.messages) == 2, "bob's message from the laptop")
 
+    async def test_header_too_large_for_a_line(self):
+        """A group header that would not fit one line of the server's is refused before sending, with the numbers."""
+        alice, _ = await self.user("alice"), await self.user("bob")
+        await alice.group_create("ops", ["bob"])
+        alice.protocol.limits = dict(alice.protocol.limits, max_line=1500)
+        sent = self.capture_sends(alice)
+        with self.assertRaises(pager.TooLarge) as caught:
+            await alice.send_group("ops", "too many wraps for this server")
+        self.assertIn("holds 1 wrapped key (", caught.exception.message)
+        self.assertIn("max_line 1 KiB", caught.exception.message)
+        self.assertEqual(sent, [])
+
     async def test_receipts_per_member(self):
         """Each member's receipt of a group message is recorded: group_delivery names who has it."""
         alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
