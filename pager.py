@@ -3815,7 +3815,7 @@ def _batch_txn(txn, operations):
 
 class Store:
     """
-    The server's database: users, pending messages and receipts.  Every method returns a Deferred that fires once
+    The server's database: users, devices, pending messages and receipts, groups.  Every method returns a Deferred that fires once
     its transaction has committed.  Operations run in the order they were asked for, on the pool's single thread;
     those that arrive while a transaction is in flight are committed together in the next one, so the cost of
     an fsync is shared by every message accepted in the meantime.
@@ -4972,10 +4972,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             await factory.in_thread(verify_group_op, self.key, op, signature)
         except BadSignature:
             raise BadRequest("The operation's signature does not verify.")
-        reason = "%s " + ("left %s" if op.kind == "leave" else "was removed from %s") % new.label
+        # the reason of the rejected receipts for what still waited for the departing users (a format of their name)
+        reason = "%%s %s %s before receiving it." % ("left" if op.kind == "leave" else "was removed from", new.label)
         receipts = await factory.store.add_group_op(
             gid, op.seq, op.prev, op.hash, raw, signature, public_key_pem(self.key), self.user, self.key_fingerprint,
-            new.name, added, departed, reason + " before receiving it.", len(new.members), factory.now(), limits)
+            new.name, added, departed, reason, len(new.members), factory.now(), limits)
         self.log.info("{user} changed group {group} ({kind}, version {seq})", user=self.user, group=gid.hex(),
                       kind=op.kind, seq=op.seq)
         factory.group_committed(new, departed, self)
@@ -8945,10 +8946,10 @@ class PagerClient:
 
     async def sync_groups(self):
         """
-        Ask the server for this user's groups (C{groups}) and fetch and verify the new ops of each whose head is not
-        the one verified here (L{refresh_group}).  Done at every login and on each C{group_changed} push.  A group
-        whose chain fails to verify is marked broken and warned of; it does not stop the others.  Returns
-        L{groups}.
+        Ask the server for this user's groups (C{groups}) and read each (L{refresh_group}): every group this user is
+        a member of (its new ops if any, and the server's member list, compared with the chain's), and each former
+        group whose head is not the one verified here.  Done at every login.  A group whose chain fails to verify is
+        marked broken and warned of; it does not stop the others.  Returns L{groups}.
         """
         if self.user is None:
             raise NotAuthenticated()
@@ -8963,7 +8964,10 @@ class PagerClient:
             gid = bytes.fromhex(obj["group"])
             chain = await self._chain(gid)
             head = obj.get("head")
-            if chain is not None and isinstance(head, str) and head == chain.state.head.hex() and not chain.broken:
+            # A group this user is in is read again even when its head is the one verified here: the answer's
+            # member list is compared with the chain's (a reader the server added is found at login).
+            if chain is not None and isinstance(head, str) and head == chain.state.head.hex() and \
+                    not chain.broken and obj.get("member") is not True:
                 continue
             try:
                 await self.refresh_group(gid)
@@ -9061,13 +9065,19 @@ class PagerClient:
         state, new, events, broken = before, [], [], None
         join_seq = None
         try:
-            items = []
-            for obj in objs:
-                if not isinstance(obj, dict):
-                    raise _ChainRefused("the server sent something that is not an operation")
-                raw = _json_b64(obj, "op", "group operation", max_size=MAX_GROUP_OP_BYTES)
-                signature = _json_b64(obj, "signature", "group operation", max_size=RSA_MAX_BITS // 8)
-                items.append((parse_group_op(raw), raw, signature, _json_field(obj, "key", str, "group operation")))
+            items, malformed = [], None
+            for obj in objs:  # the ops before a malformed one are still verified and kept
+                try:
+                    if not isinstance(obj, dict):
+                        raise _ChainRefused("the server sent something that is not an operation")
+                    raw = _json_b64(obj, "op", "group operation", max_size=MAX_GROUP_OP_BYTES)
+                    signature = _json_b64(obj, "signature", "group operation", max_size=RSA_MAX_BITS // 8)
+                    pem = _json_field(obj, "key", str, "group operation")
+                    items.append((parse_group_op(raw), raw, signature, pem))
+                except (_ChainRefused, GroupOpError, BadCertificate) as e:
+                    malformed = _ChainRefused("the operation after version %d is malformed: %s"
+                                              % (chain.seq + len(items), e.message.rstrip(".")))
+                    break
             if chain.seq == 0:
                 for op, _, _, _ in items:
                     if (op.kind == "create" and op.actor == self.user) or \
@@ -9098,8 +9108,17 @@ class PagerClient:
                 new.append((op.seq, raw, signature, pem))
                 chain.states.append(state)
                 chain.ops.append((op.seq, raw, signature, pem))
+            if malformed is not None:
+                raise malformed
         except (_ChainRefused, GroupOpError, BadKey, BadCertificate, EnvelopeError) as e:
             broken = e.message.rstrip(".")
+        except BaseException:
+            # Cut short (the connection, say): what was verified so far is kept, with the chain as it was.
+            if new:
+                await self.pins.save_group(gid, state.name, state.seq, state.head, self.user in state.members,
+                                           chain.broken, new)
+                self._chains[gid] = chain
+            raise
         name = state.name or (before.name if before.seq else "")
         if broken is None and state.seq == before.seq and chain.broken is None:
             server_seq = answer.get("seq")
@@ -9315,9 +9334,10 @@ class PagerClient:
         max_line = self.limits.get("max_line")
         header_line = (len(envelope.header) + 2) // 3 * 4 + FRAME_MARGIN
         if type(max_line) is int and header_line >= max_line:
-            raise TooLarge("Not sent: #%s's message header holds %d wraps (%d KiB encoded), more than one line of "
-                           "the server's takes (max_line %d KiB)." % (state.name, len(targets), header_line // 1024,
-                                                                      max_line // 1024))
+            raise TooLarge("Not sent: #%s's message header holds %d wrapped key%s (%d KiB encoded), more than one "
+                           "line of the server's takes (max_line %d KiB)." % (
+                               state.name, len(targets), "" if len(targets) == 1 else "s", header_line // 1024,
+                               max_line // 1024))
         message_id = parse_header(envelope.header).message_id
         self._sealed[message_id] = (("#", gid), data, content_type, filename)
         while len(self._sealed) > MAX_RESEALABLE:
@@ -11553,7 +11573,7 @@ OUTBOX_RETRY = 10.0  # seconds before the outbox tries again after a busy server
 
 
 def outbox_group(recipients):
-    """The group id (hex) of an outbox entry's recipients when they are one group (C{["#<group id hex>"]}), else None."""
+    """The group id (hex) of an outbox entry's recipients when they are a group (C{["#<group id hex>"]}), else None."""
     if len(recipients) == 1 and re.fullmatch("#[0-9a-f]{%d}" % (2 * GROUP_ID_SIZE), recipients[0]):
         return recipients[0][1:]
     return None
@@ -11685,8 +11705,9 @@ class Outbox:
                 return client.send_group_envelope(group, envelope)
         else:
             async def seal_it(message_id=None):
+                again = {"message_id": message_id} if message_id is not None else {}
                 return (await client.seal(entry.recipients, entry.body, entry.content_type, entry.filename,
-                                          message_id=message_id))[1]
+                                          **again))[1]
 
             def send_it(envelope):
                 return client.send_envelope(entry.recipients, envelope)

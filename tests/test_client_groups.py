@@ -8,10 +8,14 @@ group_changed push, and the outbox keeping a group message across a restart.
 
 import dataclasses
 import os
+import sqlite3
+import types
 
 from twisted.internet import defer, reactor
+from twisted.trial import unittest
 
 import pager
+from tests.test_client_devices import DeviceClientTestCase
 from tests.test_e2e import E2ETestCase, key, token
 
 
@@ -55,9 +59,25 @@ class GroupTestCase(E2ETestCase):
         client.protocol.request = recording
         return sent
 
-    async def members_seen(self, client, gid, members):
-        await self.wait_for(lambda: client.group(gid).addCallback(lambda g: list(g.members) == sorted(members))
-                            if hasattr(client.group(gid), "addCallback") else None, "members")
+    async def members_of(self, client, group):
+        return list((await client.group(group)).members)
+
+    async def wait_members(self, client, group, members):
+        """Wait until C{client}'s verified chain of C{group} has exactly C{members}."""
+        async def check():
+            return (await client.group(group)).members == tuple(sorted(members))
+        await self.wait_for(check, "%s to see %s with %s" % (client.user, group, sorted(members)))
+
+    async def inject_op(self, gid, raw, signature, signer):
+        """Store an op in the server's chain as a lying server would: no check at all, the cache forgotten."""
+        op = pager.parse_group_op(raw)
+
+        def txn(t):
+            t.execute("INSERT INTO group_ops (gid, seq, op, signature, signer, at) VALUES (?, ?, ?, ?, ?, 0)",
+                      (gid, op.seq, raw, signature, signer))
+            t.execute("UPDATE groups SET seq = ?, head = ? WHERE gid = ?", (op.seq, op.hash, gid))
+        await self.server.store._run(txn)
+        self.server.factory._groups.pop(gid, None)
 
 
 class ChangesTests(GroupTestCase):
@@ -78,3 +98,515 @@ class ChangesTests(GroupTestCase):
         self.assertEqual((bytes(message.plaintext), message.group_id.hex(), message.group_name, message.group_note,
                           message.message_id.hex()), (b"hello ops", info.id, "ops", None, msg))
         self.assertEqual((bob.groups_seen.warnings, alice.groups_seen.warnings), ([], []))
+
+    async def test_every_change_through_the_api(self):
+        """
+        add, rename, topic, admin (promote, demote), remove and leave: each is one signed op on the head; every
+        member's client verifies it, is told it as a GroupEvent, and ends with the same head and members.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob"])
+        gid = info.id
+        self.assertEqual((await alice.group_add(gid, ["carol", "bob"])).members, ("alice", "bob", "carol"))
+        await self.wait_members(carol, gid, ["alice", "bob", "carol"])
+        self.assertEqual([(e.seq, e.kind, e.users) for e in carol.groups_seen.events],
+                         [(1, "create", ("bob",)), (2, "add", ("carol",))])
+        self.assertEqual((await alice.group_rename("#ops", "#ops2")).label, "#ops2")
+        self.assertEqual((await alice.group_topic("ops2", "pager duty")).topic, "pager duty")
+        self.assertEqual((await alice.group_admin("ops2", "bob")).admins, ("alice", "bob"))
+        self.assertEqual((await alice.group_admin("ops2", "bob")).seq, 5)  # an admin already: nothing to do
+        await self.wait_for(lambda: len(bob.groups_seen.events) == 5, "bob's five events")
+        after = await bob.group_remove("ops2", ["carol"])
+        self.assertEqual((after.members, after.seq), (("alice", "bob"), 6))
+        self.assertEqual((await bob.group_admin("ops2", "alice", admin=False)).admins, ("bob",))
+        left = await alice.group_leave("ops2")
+        self.assertEqual((left.member, left.members, left.seq), (False, ("bob",), 8))
+        await self.wait_for(lambda: len(bob.groups_seen.events) == 8, "bob's eight events")
+        self.assertEqual([(e.seq, e.kind, e.actor, e.users, e.text, e.name) for e in bob.groups_seen.events], [
+            (1, "create", "alice", ("bob",), "", "ops"), (2, "add", "alice", ("carol",), "", "ops"),
+            (3, "rename", "alice", (), "ops", "ops2"), (4, "topic", "alice", (), "pager duty", "ops2"),
+            (5, "promote", "alice", ("bob",), "", "ops2"), (6, "remove", "bob", ("carol",), "", "ops2"),
+            (7, "demote", "bob", ("alice",), "", "ops2"), (8, "leave", "alice", (), "", "ops2")])
+        await self.wait_for(lambda: len(carol.groups_seen.events) == 6, "carol's events up to her removal")
+        self.assertFalse((await carol.group(gid)).member)
+        self.assertEqual((await carol.group(gid)).seq, 6)
+        self.assertEqual((await alice.group(gid)).head, (await bob.group(gid)).head)
+        for client in (alice, bob, carol):
+            self.assertEqual(client.groups_seen.warnings, [])
+
+    async def test_refused_changes(self):
+        """
+        A non-admin's change is refused with the rule's sentence before anything is signed; so is the last admin's
+        leaving, a create under a name in use, and asking for a group nobody is in.
+        """
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await alice.group_create("ops", ["bob"])
+        await self.wait_for(lambda: bob.groups_seen.events, "bob's event")
+        with self.assertRaises(pager.GroupRefused):
+            await bob.group_rename("ops", "mine")
+        with self.assertRaises(pager.GroupRefused) as caught:
+            await alice.group_leave("ops")
+        self.assertIn("last admin", caught.exception.message)
+        with self.assertRaises(pager.GroupExists):
+            await bob.group_create("#ops")
+        with self.assertRaises(pager.UnknownGroup):
+            await bob.group("#nowhere")
+
+
+class MessageTests(GroupTestCase):
+
+    async def test_new_member_gets_only_later_messages(self):
+        """carol, added after alice's first message, gets only the second; bob gets both."""
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        await alice.group_create("ops", ["bob"])
+        await alice.send_group("ops", "before carol")
+        await alice.group_add("ops", ["carol"])
+        await alice.send_group("ops", "with carol")
+        await self.wait_for(lambda: len(bob.events.messages) == 2 and carol.events.messages, "the messages")
+        await self.no_pending(self.server, "carol")
+        self.assertEqual(self.texts(bob), [b"before carol", b"with carol"])
+        self.assertEqual(self.texts(carol), [b"with carol"])
+
+    async def test_removed_member_gets_nothing(self):
+        """After carol's removal no envelope has an entry for her, and she receives nothing."""
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        await alice.group_create("ops", ["bob", "carol"])
+        await alice.send_group("ops", "all three")
+        await self.wait_for(lambda: carol.events.messages, "carol's first message")
+        await alice.group_remove("ops", ["carol"])
+        sent = self.capture_sends(alice)
+        await alice.send_group("ops", "without carol")
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "bob's second message")
+        await self.no_pending(self.server, "carol")
+        self.assertEqual(self.texts(carol), [b"all three"])
+        self.assertEqual([h.recipient_names for h in sent], [["bob"]])
+
+    async def test_left_member_cannot_post(self):
+        """bob left: his client refuses to send to the group, and an envelope he sealed before is refused too."""
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await alice.group_create("ops", ["bob"])
+        await self.wait_for(lambda: bob.groups_seen.events, "bob's event")
+        _, early = await bob.seal_group("ops", "sealed before leaving")
+        await bob.group_leave("ops")
+        with self.assertRaises(pager.Forbidden) as caught:
+            await bob.send_group("ops", "after leaving")
+        self.assertIn("not a member of #ops", caught.exception.message)
+        with self.assertRaises((pager.Forbidden, pager.UnknownGroup)):
+            await bob._send_envelope(None, early, group=bytes.fromhex((await bob.group("ops")).id))
+        await self.no_pending(self.server, "alice")
+        self.assertEqual(alice.events.messages, [])
+
+    async def test_offline_member_gets_queued_messages_at_login(self):
+        """bob is offline while alice sends twice; at login both come, each with its group."""
+        alice, bob = await self.user("alice"), await self.user("bob")
+        info = await alice.group_create("ops", ["bob"])
+        await self.offline(self.server, bob)
+        answer = await alice.post_group("ops", "one")
+        self.assertEqual(answer["queued"], ["bob"])
+        await alice.send_group("ops", "two")
+        bob = await self.relogin("bob")
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "bob's queued messages")
+        self.assertEqual(self.texts(bob), [b"one", b"two"])
+        self.assertEqual({(m.group_id.hex(), m.group_name) for m in bob.events.messages}, {(info.id, "ops")})
+
+    async def test_own_other_device(self):
+        """
+        alice's linked laptop gets her group messages (as sent by her) and bob's, verifies the chain itself, and
+        makes no change: the identity key signs those.
+        """
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await alice.group_create("ops", ["bob"])
+        laptop = await DeviceClientTestCase.link(self, alice, "alice-laptop")
+        laptop.groups_seen = GroupRecorder(laptop)
+        self.assertEqual((await laptop.group("#ops")).members, ("alice", "bob"))
+        sent = self.capture_sends(alice)
+        await alice.send_group("ops", "from the desk")
+        self.assertEqual(sent[0].devices_of("alice"), [pager.device_id(key("alice-laptop"))])
+        await bob.send_group("ops", "hello both")
+        await self.wait_for(lambda: len(laptop.events.messages) == 2, "the laptop's two messages")
+        self.assertEqual([(m.sender, bytes(m.plaintext), m.group_name) for m in laptop.events.messages],
+                         [("alice", b"from the desk", "ops"), ("bob", b"hello both", "ops")])
+        with self.assertRaises(pager.NotIdentityDevice):
+            await laptop.group_topic("ops", "from the laptop")
+        await laptop.send_group("ops", "but it may talk")
+        await self.wait_for(lambda: len(bob.events.messages) == 2, "bob's message from the laptop")
+
+    async def test_header_too_large_for_a_line(self):
+        """A group header that would not fit one line of the server's is refused before sending, with the numbers."""
+        alice, _ = await self.user("alice"), await self.user("bob")
+        await alice.group_create("ops", ["bob"])
+        alice.protocol.limits = dict(alice.protocol.limits, max_line=1500)
+        sent = self.capture_sends(alice)
+        with self.assertRaises(pager.TooLarge) as caught:
+            await alice.send_group("ops", "too many wraps for this server")
+        self.assertIn("holds 1 wrapped key (", caught.exception.message)
+        self.assertIn("max_line 1 KiB", caught.exception.message)
+        self.assertEqual(sent, [])
+
+    async def test_receipts_per_member(self):
+        """Each member's receipt of a group message is recorded: group_delivery names who has it."""
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob", "carol"])
+        msg = await alice.send_group("ops", "tick tick")
+        await self.wait_for(lambda: len(alice.events.receipts) == 2, "both receipts")
+        group, members, receipts = await alice.group_delivery(msg)
+        self.assertEqual((group.id, members), (info.id, ["bob", "carol"]))
+        self.assertEqual({user: status for user, (status, _) in receipts.items()},
+                         {"bob": "delivered", "carol": "delivered"})
+        self.assertIsNone(await alice.group_delivery("00" * 16))
+
+    async def test_group_changed_push_updates_members(self):
+        """alice adds carol: bob's client, told by the push, verifies the op and lists carol without asking."""
+        alice, bob, _ = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        requests, request = [], bob.protocol.request
+        bob.protocol.request = lambda kind, **fields: (requests.append(kind), request(kind, **fields))[1]
+        await alice.group_add("ops", ["carol"])
+        await self.wait_for(lambda: len(bob.groups_seen.events) == 2, "bob's add event")
+        self.assertEqual(bob.groups_seen.events[-1].users, ("carol",))
+        self.assertEqual(await self.members_of(bob, "ops"), ["alice", "bob", "carol"])
+        self.assertIn("group_ops", requests)
+
+    async def test_two_admins_at_once_converge(self):
+        """alice and bob (both admins) add at once: one is refused group_changed, rebuilt on the new head, and both
+        clients end with the same head and members."""
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await self.user("carol"), await self.user("dave")
+        await alice.group_create("ops", ["bob"])
+        await alice.group_admin("ops", "bob")
+        await self.wait_for(lambda: len(bob.groups_seen.events) == 2, "bob's promotion")
+        changed = []
+        for client in (alice, bob):
+            request = client.protocol.request
+
+            def counting(kind, request=request, **fields):
+                d = request(kind, **fields)
+                d.addErrback(lambda f: (changed.append(f.check(pager.GroupChanged)), f)[1])
+                return d
+            client.protocol.request = counting
+        await defer.gatherResults([defer.Deferred.fromCoroutine(alice.group_add("ops", ["carol"])),
+                                   defer.Deferred.fromCoroutine(bob.group_add("ops", ["dave"]))])
+        self.assertIn(pager.GroupChanged, changed)
+        await self.wait_for(lambda: len(alice.groups_seen.events) == 4 and len(bob.groups_seen.events) == 4,
+                            "both adds on both")
+        a, b = await alice.group("ops"), await bob.group("ops")
+        self.assertEqual((a.seq, a.head, a.members), (b.seq, b.head, b.members))
+        self.assertEqual(a.members, ("alice", "bob", "carol", "dave"))
+
+    async def test_replay_into_another_group_or_as_one_to_one_refused(self):
+        """
+        A group message's envelope names its group and head under the signature: the server refuses it sent to
+        another group or as a 1:1 message, and a client that is not a member of the group it names refuses it.
+        """
+        alice, bob, dave = await self.user("alice"), await self.user("bob"), await self.user("dave")
+        await alice.group_create("ops", ["bob"])
+        await alice.group_create("dev", ["bob", "dave"])
+        ops = bytes.fromhex((await alice.group("ops")).id)
+        dev = bytes.fromhex((await alice.group("dev")).id)
+        _, envelope = await alice.seal_group("ops", "for ops only")
+        with self.assertRaises(pager.BadRequest):
+            await alice._send_envelope(None, envelope, group=dev)
+        with self.assertRaises(pager.BadRequest):
+            await alice._send_envelope(["bob"], envelope)
+        # Sealed to dave's devices, naming #ops, which dave is not in: his client refuses it.
+        state = (await alice.group("ops")).state
+        targets = await alice.device_targets(["dave"])
+        forged = pager.seal(key("alice"), "alice", targets, b"sneaked in", sender_fingerprint=alice.identity_fp,
+                            group=(ops, state.head))
+        incoming = pager._Incoming("%s" % pager.parse_header(forged.header).message_id.hex(), "alice", None,
+                                   forged.header, list(forged.chunks), forged.signature)
+        request = dave.protocol.request  # the server holds no such message: its reject is answered here
+        dave.protocol.request = lambda kind, **fields: (defer.succeed({"type": "ok"}) if kind == "reject"
+                                                        else request(kind, **fields))
+        await dave._handle_message(incoming)
+        [(_, sender, error)] = dave.events.rejected
+        self.assertIsInstance(error, pager.NotInGroup)
+        self.assertEqual(dave.events.messages, [])
+
+
+    async def hand(self, client, sender, group, head, text):
+        """An envelope from C{sender} to C{client}'s devices naming C{group} at C{head}, handed to C{client} as if
+        pushed (a reject is answered here: the server never held it)."""
+        sending = await self.login(self.address, sender, receive=False)
+        targets = await sending.device_targets([client.user])
+        await sending.close()
+        envelope = pager.seal(key(sender), sender, targets, text, sender_fingerprint=pager.fingerprint(key(sender)),
+                              group=(group, head))
+        incoming = pager._Incoming(pager.parse_header(envelope.header).message_id.hex(), sender, None,
+                                   envelope.header, list(envelope.chunks), envelope.signature)
+        request = client.protocol.request
+        client.protocol.request = lambda kind, **fields: (defer.succeed({"type": "ok"}) if kind == "reject"
+                                                          else request(kind, **fields))
+        try:
+            await client._handle_message(incoming)
+        finally:
+            client.protocol.request = request
+
+    async def test_versions_named_by_messages(self):
+        """
+        A message sealed for an earlier version is shown with a note naming both; one for a version this client
+        cannot verify is shown (its sender a current member) with a note and a warning; one whose sender was not a
+        member in the version it names is refused.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        first = await alice.group_create("ops", ["bob"])
+        gid = bytes.fromhex(first.id)
+        await alice.group_add("ops", ["carol"])
+        await self.wait_for(lambda: len(bob.groups_seen.events) == 2, "bob's two events")
+        await self.hand(bob, "alice", gid, first.head, b"from version 1")
+        [message] = bob.events.messages
+        self.assertEqual((bytes(message.plaintext), message.group_note),
+                         (b"from version 1", "sealed for version 1 of #ops; yours is 2"))
+        await self.hand(bob, "alice", gid, os.urandom(32), b"from nowhere")
+        self.assertEqual((bytes(bob.events.messages[-1].plaintext), bob.events.messages[-1].group_note),
+                         (b"from nowhere", "sealed for a version of #ops this client does not know; yours is 2"))
+        self.assertIn("cannot verify", bob.groups_seen.warnings[-1][2])
+        await self.hand(bob, "carol", gid, first.head, b"before carol was in")
+        self.assertEqual(len(bob.events.messages), 2)
+        [(_, sender, error)] = bob.events.rejected
+        self.assertEqual((sender, error.message), ("carol", "carol was not a member of #ops in the version the "
+                                                            "message names."))
+
+
+class ChainTests(GroupTestCase):
+
+    async def test_server_added_reader_gets_nothing_and_members_are_warned(self):
+        """
+        The server adds eve to #ops without a signed op (its member table and its cache): members are warned at
+        their next look, no envelope alice sends has an entry for eve, and the send is refused with the reason.
+        """
+        alice, bob, eve = await self.user("alice"), await self.user("bob"), await self.user("eve")
+        info = await alice.group_create("ops", ["bob"])
+        gid = bytes.fromhex(info.id)
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+
+        def txn(t):
+            t.execute("INSERT INTO group_members (gid, user, since) VALUES (?, 'eve', 1)", (gid,))
+        await self.server.store._run(txn)
+        state = await self.server.factory.group_state(gid)
+        members = dict(state.members, eve=pager.fingerprint(key("eve").public_key()))
+        self.server.factory._groups[gid] = dataclasses.replace(state, members=types.MappingProxyType(members))
+        sent = self.capture_sends(alice)
+        with self.assertRaises(pager.Forbidden) as caught:
+            await alice.send_group("ops", "not for eve")
+        self.assertIn("eve", caught.exception.message)
+        self.assertTrue(sent)
+        self.assertTrue(all("eve" not in h.recipient_names for h in sent))
+        self.assertEqual(eve.events.messages, [])
+        sentence = ("The server lists eve as a member of #ops, but no signed operation made eve one; nothing is "
+                    "sealed to eve.")
+        self.assertIn((info.id, "ops", sentence), alice.groups_seen.warnings)
+        await bob.close()
+        bob = await self.relogin("bob")  # his next login reads the group again
+        self.assertIn((info.id, "ops", sentence), bob.groups_seen.warnings)
+        self.assertEqual((await bob.group("ops")).members, ("alice", "bob"))
+
+    async def test_deleted_member_left_out_with_a_warning(self):
+        """
+        The operator deleted carol's account: alice's message goes to bob with no entry for carol, and alice is
+        warned that carol's account is gone.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob", "carol"])
+        await self.offline(self.server, carol)
+        conn = sqlite3.connect(self.server.store.path, isolation_level=None)
+        self.addCleanup(conn.close)
+        pager._admin_txn(conn, pager.delete_user_txn, "carol")
+        self.server.factory.forget_devices(["carol"])
+        sent = self.capture_sends(alice)
+        answer = await alice.post_group("ops", "carol is gone")
+        self.assertEqual(answer["queued"], [])
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        self.assertEqual([h.recipient_names for h in sent], [["bob"]])
+        self.assertIn((info.id, "ops", "carol's account is gone from the server (deleted by its operator?): #ops's "
+                       "messages are not sealed to carol."), alice.groups_seen.warnings)
+        self.assertEqual((await alice.group_delivery(answer["msg"]))[1], ["bob"])
+
+    async def test_history_rule(self):
+        """
+        alice re-keys her account after creating #ops, then adds carol with her new key.  carol, verifying the chain
+        from scratch, accepts the create signed with alice's old key (before the add that made her a member, which
+        commits to it by hash).  bob, who pinned alice's old key, accepts no op of the new one: his chain breaks
+        there until he trusts alice's new key, and then verifies.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        await alice.rekey("alice", token("alice"), key("alice"), key("alice-new"))
+        await alice.group_add("ops", ["carol"])
+        await self.wait_members(carol, info.id, ["alice", "bob", "carol"])
+        self.assertEqual(((await carol.group(info.id)).broken, carol.groups_seen.warnings), (None, []))
+        self.assertEqual([e.kind for e in carol.groups_seen.events], ["create", "add"])
+        await self.wait_for(lambda: bob.groups_seen.warnings, "bob's warning")
+        broken = await bob.group("ops")
+        self.assertEqual((broken.seq, broken.members), (1, ("alice", "bob")))
+        self.assertIn("version 2 (add by alice) is signed with a key", broken.broken)
+        await bob.trust("alice")
+        self.assertEqual((await bob.refresh_group("ops")).members, ("alice", "bob", "carol"))
+        self.assertIsNone((await bob.group("ops")).broken)
+
+    async def forged_chain(self, make):
+        """#ops of alice and bob, then an op C{make(state)} gives, stored by the server as is; bob reads it."""
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await self.user("eve")
+        info = await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        gid = bytes.fromhex(info.id)
+        raw, signature, signer = make(info.state)
+        await self.inject_op(gid, raw, signature, signer)
+        after = await bob.refresh_group("ops")
+        return alice, bob, info, after
+
+    async def assert_broken(self, bob, info, after, why):
+        self.assertEqual((after.seq, after.head, after.members), (1, info.head, ("alice", "bob")))
+        self.assertIn(why, after.broken)
+        [(gid, name, sentence)] = bob.groups_seen.warnings
+        self.assertEqual((gid, name), (info.id, "ops"))
+        self.assertIn("does not verify", sentence)
+        with self.assertRaises(pager.GroupRefused) as caught:
+            await bob.send_group("ops", "to a broken group")
+        self.assertIn("Not sent: #ops's membership chain does not verify", caught.exception.message)
+        self.assertEqual(len(bob.groups_seen.events), 1)
+
+    async def test_forged_signature(self):
+        """An op as if by alice with a signature that is not hers over it: the chain is broken there."""
+        def make(state):
+            raw = pager.encode_group_op(state.group_id, 2, state.head, "add", "alice",
+                                        pager.fingerprint(key("alice").public_key()), 0,
+                                        members=[("eve", pager.fingerprint(key("eve").public_key()))])
+            return raw, pager.sign_group_op(key("eve"), raw), pager.public_key_pem(key("alice"))
+        alice, bob, info, after = await self.forged_chain(make)
+        await self.assert_broken(bob, info, after, "signature of version 2")
+
+    async def test_op_by_a_non_admin(self):
+        """bob's own, well signed, add of eve (bob is no admin) stored by the server: the rules refuse it."""
+        def make(state):
+            raw = pager.encode_group_op(state.group_id, 2, state.head, "add", "bob",
+                                        pager.fingerprint(key("bob").public_key()), 0,
+                                        members=[("eve", pager.fingerprint(key("eve").public_key()))])
+            return raw, pager.sign_group_op(key("bob"), raw), pager.public_key_pem(key("bob"))
+        alice, bob, info, after = await self.forged_chain(make)
+        await self.assert_broken(bob, info, after, "breaks the group's rules")
+
+    async def test_malformed_op_after_a_good_one(self):
+        """alice's topic (version 2), then bytes that are no operation: bob keeps version 2, and the chain is broken."""
+        alice_fp = pager.fingerprint(key("alice").public_key())
+
+        def make(state):
+            raw = pager.encode_group_op(state.group_id, 2, state.head, "topic", "alice", alice_fp, 0, topic="t")
+            return raw, pager.sign_group_op(key("alice"), raw), pager.public_key_pem(key("alice"))
+
+        alice, bob = await self.user("alice"), await self.user("bob")
+        info = await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        gid = bytes.fromhex(info.id)
+        await self.inject_op(gid, *make(info.state))
+
+        def txn(t):
+            t.execute("INSERT INTO group_ops (gid, seq, op, signature, signer, at) VALUES (?, 3, ?, ?, ?, 0)",
+                      (gid, b"no operation", b"s", pager.public_key_pem(key("alice"))))
+            t.execute("UPDATE groups SET seq = 3 WHERE gid = ?", (gid,))
+        await self.server.store._run(txn)
+        self.server.factory._groups.pop(gid, None)
+        after = await bob.refresh_group("ops")
+        self.assertEqual((after.seq, after.topic), (2, "t"))
+        self.assertIn("the operation after version 2 is malformed", after.broken)
+        self.assertEqual([e.kind for e in bob.groups_seen.events], ["create", "topic"])
+
+    async def test_key_substituted_in_an_add(self):
+        """
+        bob pinned carol's key; carol's account is re-keyed; alice (who never pinned carol) adds her with the new
+        key: bob is warned that the add names a key for carol that is not the one pinned here.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        await bob.recipient_key("carol")
+        await carol.rekey("carol", token("carol"), key("carol"), key("carol-new"))
+        info = await alice.group_create("ops", ["bob"])
+        await alice.group_add("ops", ["carol"])
+        await self.wait_for(lambda: bob.groups_seen.warnings, "bob's warning")
+        [(gid, name, sentence)] = bob.groups_seen.warnings
+        self.assertEqual((gid, name), (info.id, "ops"))
+        self.assertIn("alice added carol to #ops (version 2) with the key", sentence)
+        self.assertIn("not carol's key as pinned here", sentence)
+        self.assertEqual(alice.groups_seen.warnings, [])
+
+
+class OutboxTests(GroupTestCase):
+
+    async def test_group_message_survives_a_restart(self):
+        """
+        A group message put in the outbox (recipients ["#<group id>"]) while disconnected stays on disk; after a
+        restart (a new store on the same file, the chain read from it) the outbox sends it with send_group.
+        """
+        path = os.path.abspath(self.mktemp())
+        store = pager.LocalStore(path, reactor)
+        await store.open(reactor.seconds())
+        alice = await self.connect(self.address, seen=store, pins=store)
+        await alice.register("alice", token("alice"), key("alice"))
+        bob = await self.user("bob")
+        info = await alice.group_create("ops", ["bob"])
+        await alice.close()
+        ref = await store.outbox_add(reactor.seconds(), ["#" + info.id], "text", "", b"kept for the group")
+        store.close()
+        store = pager.LocalStore(path, reactor)
+        await store.open(reactor.seconds())
+        self.addCleanup(lambda: store.pool.running and store.close())
+        alice = await self.connect(self.address, seen=store, pins=store)
+        await alice.login("alice", token("alice"), key("alice"))
+        session = Sessionish(alice, store)
+        shown = []
+        outbox = pager.Outbox(session, shown.append, reactor)
+        await outbox.flush()
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        [message] = bob.events.messages
+        self.assertEqual((bytes(message.plaintext), message.group_id.hex()), (b"kept for the group", info.id))
+        self.assertIsNone(await store.outbox_next())
+        [entry] = await store.history(group=info.id)
+        self.assertEqual((entry.group, entry.status, entry.body), (info.id, "sent", b"kept for the group"))
+        self.assertEqual(shown, ["\u2713 #%d sent" % ref])
+        self.assertEqual((await alice.group_delivery(message.message_id.hex()))[1], ["bob"])
+
+
+class Sessionish:
+    """What the outbox uses of a Session: its client and store."""
+
+    def __init__(self, client, store):
+        self.client, self.store, self.closing = client, store, False
+
+
+class LocalStoreTests(unittest.TestCase):
+    """The group tables of L{pager.LocalStore}, and the history's group column added to an older store."""
+
+    async def test_tables(self):
+        """Chains, unread counts, messages sent and their receipts are kept; a 0.3 history gains its group column."""
+        path = os.path.abspath(self.mktemp())
+        old = sqlite3.connect(path)  # a store of 0.3: its history has no grp column
+        old.execute("CREATE TABLE history (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, direction TEXT NOT"
+                    " NULL, peer TEXT NOT NULL, msg_id TEXT NOT NULL, content_type TEXT NOT NULL, filename TEXT NOT "
+                    "NULL, body BLOB NOT NULL, status TEXT NOT NULL)")
+        old.execute("INSERT INTO history (at, direction, peer, msg_id, content_type, filename, body, status) VALUES"
+                    " (1.0, 'in', 'bob', 'aa', 'text', '', x'6869', 'delivered')")
+        old.commit()
+        old.close()
+        store = pager.LocalStore(path, reactor)
+        self.addCleanup(store.close)
+        await store.open(reactor.seconds())
+        gid = bytes(range(16))
+        await store.add_history(pager.HistoryEntry(2.0, "in", "bob", "bb", "text", "", b"in ops", "delivered",
+                                                   gid.hex()))
+        self.assertEqual([(e.msg_id, e.group) for e in await store.history("bob")], [("aa", None)])
+        self.assertEqual([(e.msg_id, e.group) for e in await store.history(group=gid.hex())], [("bb", gid.hex())])
+        await store.save_group(gid, "ops", 2, b"h" * 32, True, None, [(1, b"op1", b"s1", "k"), (2, b"op2", b"s2",
+                                                                                                   "k")])
+        self.assertEqual(await store.group_unread(gid, add=3), 3)
+        await store.save_group(gid, "ops2", 1, b"g" * 32, False, "why", [])  # never ops past the verified head
+        self.assertEqual(await store.group_rows(), [(gid, "ops2", 1, b"g" * 32, False, "why", 3)])
+        self.assertEqual(await store.group_ops(gid), [(1, b"op1", b"s1", "k")])
+        self.assertEqual(await store.group_unread(gid, count=0), 0)
+        await store.add_group_sent("cc", gid, ["carol", "bob"])
+        await store.add_group_receipt("cc", "bob", "delivered", 5.0)
+        await store.add_group_receipt("cc", "bob", "rejected", 6.0)
+        self.assertEqual(await store.group_sent("cc"), (gid, ["bob", "carol"]))
+        self.assertEqual(await store.group_receipts("cc"), {"bob": ("rejected", 6.0)})
+        self.assertIsNone(await store.group_sent("dd"))

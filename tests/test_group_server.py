@@ -803,8 +803,8 @@ CREATE TABLE IF NOT EXISTS invites (
 """
 
 
-class MigrationTests(unittest.TestCase):
-    """Schema 4: the group tables, and a schema 3 database brought to it."""
+class StoreTests(unittest.TestCase):
+    """Schema 4 on the real store: a schema 3 database brought to it, and group ops committed in batches."""
 
     async def test_migrationFromSchema3(self):
         """
@@ -857,3 +857,35 @@ class MigrationTests(unittest.TestCase):
         seq, _, duplicate, _ = await store.accept_message(b"n" * 16, "alice", b"h", b"s", 1, [b"c"], ["bob"], 11,
                                                           pager.Limits(), group=(GID, op.hash))
         self.assertEqual(await query("SELECT gid FROM messages WHERE seq = ?", seq), [(GID,)])
+
+    async def test_twoOpsInOneBatch(self):
+        """
+        Two ops on one head queued at once on the real store (group commit): the first lands; the second, which
+        shares its batch with other work, is group_changed with the first's version and head, and that other work is
+        still done.
+        """
+        store = pager.Store(self.mktemp())
+        self.addCleanup(lambda: store.pool.running and store.close())
+        await store.open()
+        alice, bob = private_key("alice"), private_key("bob")
+        for name, key in (("alice", alice), ("bob", bob), ("carol", private_key("carol"))):
+            await store.add_user(name, pager.public_key_pem(key), pager.fingerprint(key), b"s" * 16, b"h" * 32, 1)
+        create = pager.encode_group_op(GID, 1, ZERO, "create", "alice", fp("alice"), T, name="ops", topic="",
+                                       members=[("bob", fp("bob"))])
+        head = pager.parse_group_op(create).hash
+        await store.add_group_op(GID, 1, ZERO, head, create, b"sig", "PEM", "alice", fp("alice"), "ops",
+                                 (("alice", fp("alice")), ("bob", fp("bob"))), (), "", 2, 1, pager.Limits())
+        first = pager.parse_group_op(pager.encode_group_op(GID, 2, head, "topic", "alice", fp("alice"), T, topic="a"))
+        second = pager.parse_group_op(pager.encode_group_op(GID, 2, head, "add", "alice", fp("alice"), T,
+                                                            members=[("carol", fp("carol"))]))
+        landed = store.add_group_op(GID, 2, head, first.hash, first.raw, b"sig", "PEM", "alice", fp("alice"), "ops",
+                                    (), (), "", 2, 2, pager.Limits())
+        refused = store.add_group_op(GID, 2, head, second.hash, second.raw, b"sig", "PEM", "alice", fp("alice"),
+                                     "ops", (("carol", fp("carol")),), (), "", 3, 2, pager.Limits())
+        listed = store.groups("bob")
+        self.assertEqual(await landed, [])
+        with self.assertRaises(pager.GroupChanged) as caught:
+            await refused
+        self.assertEqual((caught.exception.seq, caught.exception.head), (2, first.hash))
+        self.assertEqual(await listed, [(GID, "ops", 2, first.hash, True)])
+        self.assertEqual(await store.groups("carol"), [])

@@ -312,6 +312,11 @@ class SignatureTests(SynchronousTestCase):
         self.assertRaises(pager.BadSignature, pager.verify_group_op, _pub("bob"), self.op, by_bob)
         self.assertRaises(pager.BadSignature, pager.verify_group_op, _pub("alice"), self.op, by_bob)
 
+    def test_malformed_bytes(self):
+        """Bytes that are no operation are a GroupOpError before any key is looked at."""
+        self.assertRaises(pager.GroupOpError, pager.verify_group_op, _pub("alice"), self.raw[:-1], self.signature)
+        self.assertRaises(pager.GroupOpError, pager.verify_group_op, _pub("alice"), self.raw + b"x", self.signature)
+
     def test_not_an_envelope_signature(self):
         """An operation's signature is over the operation's own tag: no envelope or proof signs the same bytes."""
         self.assertTrue(self.raw.startswith(_lp_bytes(b"pager-group-op-v1")))

@@ -102,6 +102,10 @@ class HostileServer(LineReceiver):
     def answer_send(self, frame):
         return {"type": "ok", "msg": os.urandom(16).hex(), "duplicate": False, "queued": []}
 
+    def answer_groups(self, frame):
+        """alice is in no group (the login's look at her groups)."""
+        return {"type": "ok", "groups": []}
+
     def answer_bundle(self, frame):
         """Each user's module key as a legacy device (the requester's own name: no other device)."""
         bundles = []
