@@ -11808,7 +11808,8 @@ Every line you type goes to the open conversation (its name is the prompt); comm
   /group create NAME [MEMBERS...]   make the group #NAME (you are its admin)
   /group add|remove NAME USER...    add or remove members (admins)
   /group leave NAME          leave #NAME: nothing sent to it reaches you from then on
-  /group rename NAME NEW     /group topic NAME TEXT     rename it, set its topic (admins)
+  /group rename NAME NEW     rename #NAME (admins)
+  /group topic NAME TEXT     set its topic (admins)
   /group admin NAME USER [off]      make USER an admin of #NAME (off: no longer one)
   /group info NAME           its members, admins, topic, version and your role
   /info [#REF]               who has your group message #REF (alone: the last one you sent)
