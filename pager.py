@@ -2672,6 +2672,8 @@ class StoredMessage:
     accepted_at: float
     chunks: list
     ord: int = 0
+    # The push frame as encoded for a max_line, built once for all the devices a message fans out to.
+    lines: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4335,9 +4337,12 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     # -- frames --
 
     def send_frame(self, frame):
+        self.send_line(encode_frame(frame) + b"\n")
+
+    def send_line(self, data):
+        """Write one encoded frame with its delimiter, counting it while the peer is not reading."""
         if self.closed:
             return
-        data = encode_frame(frame) + b"\n"
         self.transport.write(data)
         if self.flow.paused:
             self.flow.unread += len(data)
@@ -5268,21 +5273,35 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     # -- receiving --
 
     def _push_message(self, message):
-        """Send one pending message; returns a Deferred when its chunks must be streamed from the store."""
-        frame = {
+        """
+        Send one pending message; returns a Deferred when its chunks must be streamed from the store.  A message
+        that fits one line is encoded once, for every device it fans out to (a group's members, a user's devices).
+        """
+        line = message.lines.get(self.limits.max_line)
+        if line is None:
+            line = message.lines[self.limits.max_line] = self._message_line(message)
+        if line:
+            self.send_line(line)
+            return None
+        self.send_frame({
             "type": "message", "msg": message.msg_id.hex(), "from": message.sender, "size": message.size,
-            "accepted_at": message.accepted_at, "header": b64(message.header),
-        }
-        if message.chunks is not None:
-            encoded = [b64(c) for c in message.chunks]
-            if sum(len(c) + 3 for c in encoded) + len(frame["header"]) + FRAME_MARGIN < self.limits.max_line:
-                frame["chunks"] = encoded
-                frame["signature"] = b64(message.signature)
-                self.send_frame(frame)
-                return None
-        frame["chunks"] = []
-        self.send_frame(frame)
+            "accepted_at": message.accepted_at, "header": b64(message.header), "chunks": [],
+        })
         return Deferred.fromCoroutine(self._stream_chunks(message))
+
+    def _message_line(self, message):
+        """The C{message} push with its chunks and signature as one encoded line, or C{b""} if it does not fit."""
+        if message.chunks is None:
+            return b""
+        header = b64(message.header)
+        encoded = [b64(c) for c in message.chunks]
+        if sum(len(c) + 3 for c in encoded) + len(header) + FRAME_MARGIN >= self.limits.max_line:
+            return b""
+        return encode_frame({
+            "type": "message", "msg": message.msg_id.hex(), "from": message.sender, "size": message.size,
+            "accepted_at": message.accepted_at, "header": header, "chunks": encoded,
+            "signature": b64(message.signature),
+        }) + b"\n"
 
     async def _stream_chunks(self, message):
         """Send a large message's chunks one frame each, as fast as the recipient reads them."""

@@ -455,6 +455,21 @@ class GroupSendTests(GroupTestCase):
                          [("bob", "delivered"), ("carol", "delivered")])
         self.assertEqual(self.query("SELECT COUNT(*) FROM messages"), [(0,)])
 
+    def test_pushEncodedOnce(self):
+        """The push is encoded once for all the member devices it fans out to, and each gets the same line."""
+        built = []
+        original = pager.PagerServerProtocol._message_line
+        self.patch(pager.PagerServerProtocol, "_message_line",
+                   lambda session, message: built.append(message.msg_id) or original(session, message))
+        envelope = self.seal_group("alice", self.members)
+        self.assertOk(self.send_group(self.alice, envelope))
+        lines = []
+        for conn in (self.bob, self.carol, self.carol_phone):
+            lines.append(conn.transport.value())
+            self.assertEqual([f["type"] for f in conn.read()], ["message"])
+        self.assertEqual(len(set(lines)), 1)
+        self.assertEqual(built, [pager.parse_header(envelope.header).message_id])
+
     def test_offlineMemberGetsItAtLogin(self):
         """A member offline when the message came gets it when they log in; queued names them."""
         self.bob.lose()
