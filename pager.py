@@ -6835,7 +6835,7 @@ class MemoryPins:
         self._revocations = {}  # (user, identity fingerprint) -> {device id: (revoked at, signature)}, kept for good
         self._groups = {}  # gid -> (gid, name, seq, head, member, broken, unread, [(seq, op, signature, key)])
         self._group_sent = {}  # msg id (hex) -> (gid, members)
-        self._group_receipts = {}  # msg id (hex) -> {user: (status, at)}
+        self._group_receipts = {}  # msg id (hex) -> {user: (status, at, reason)}
 
     def get_pin(self, user):
         return defer.succeed(self._pins.get(user))
@@ -6901,8 +6901,8 @@ class MemoryPins:
     def group_sent(self, msg_id):
         return defer.succeed(self._group_sent.get(msg_id))
 
-    def add_group_receipt(self, msg_id, user, status, at):
-        self._group_receipts.setdefault(msg_id, {})[user] = (status, at)
+    def add_group_receipt(self, msg_id, user, status, at, reason=""):
+        self._group_receipts.setdefault(msg_id, {})[user] = (status, at, reason)
         return defer.succeed(None)
 
     def group_receipts(self, msg_id):
@@ -7147,7 +7147,7 @@ _LOCAL_SCHEMA = [
     # The group messages this user sent: the members each was sealed for (JSON), and what each member's receipt said.
     "CREATE TABLE IF NOT EXISTS group_sent (msg_id TEXT PRIMARY KEY, gid BLOB NOT NULL, members TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS group_receipts (msg_id TEXT NOT NULL, user TEXT NOT NULL, status TEXT NOT NULL,"
-    " at REAL NOT NULL, PRIMARY KEY (msg_id, user)) WITHOUT ROWID",
+    " at REAL NOT NULL, reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (msg_id, user)) WITHOUT ROWID",
 ]
 
 
@@ -7191,6 +7191,8 @@ def _local_schema_txn(txn, keep_until):
         txn.execute("CREATE UNIQUE INDEX IF NOT EXISTS history_in ON history(msg_id, peer) WHERE direction = 'in'")
     if "grp" not in [row[1] for row in txn.execute("PRAGMA table_info(history)")]:
         txn.execute("ALTER TABLE history ADD COLUMN grp TEXT")  # a group message's group id (hex), else NULL
+    if "reason" not in [row[1] for row in txn.execute("PRAGMA table_info(group_receipts)")]:
+        txn.execute("ALTER TABLE group_receipts ADD COLUMN reason TEXT NOT NULL DEFAULT ''")  # why a member refused
     # Sent messages are named in receipts for as long as the server may send one (its expiry, plus a day).
     txn.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (keep_until,))
 
@@ -7402,13 +7404,24 @@ def _group_sent_txn(txn, msg_id):
     return None if row is None else (bytes(row[0]), json.loads(row[1]))
 
 
-def _add_group_receipt_txn(txn, msg_id, user, status, at):
-    txn.execute("INSERT OR REPLACE INTO group_receipts VALUES (?, ?, ?, ?)", (msg_id, user, status, at))
+def _add_group_receipt_txn(txn, msg_id, user, status, at, reason):
+    txn.execute("INSERT OR REPLACE INTO group_receipts (msg_id, user, status, at, reason) VALUES (?, ?, ?, ?, ?)",
+                (msg_id, user, status, at, reason))
 
 
 def _group_receipts_txn(txn, msg_id):
-    return {r[0]: (r[1], r[2]) for r in txn.execute(
-        "SELECT user, status, at FROM group_receipts WHERE msg_id = ? ORDER BY user", (msg_id,))}
+    return {r[0]: (r[1], r[2], r[3]) for r in txn.execute(
+        "SELECT user, status, at, reason FROM group_receipts WHERE msg_id = ? ORDER BY user", (msg_id,))}
+
+
+def _sent_by_ref_txn(txn, ref):
+    row = txn.execute("SELECT msg_id FROM outbox WHERE ref = ? AND msg_id IS NOT NULL", (ref,)).fetchone()
+    return row[0] if row else None
+
+
+def _last_group_sent_txn(txn):
+    row = txn.execute("SELECT msg_id FROM group_sent ORDER BY rowid DESC LIMIT 1").fetchone()
+    return row[0] if row else None
 
 
 def _get_revocations_txn(txn, user, identity):
@@ -7543,12 +7556,20 @@ class LocalStore(SeenStore):
         """C{(gid, members)} of a group message this user sent, or None."""
         return self.pool.runInteraction(_group_sent_txn, msg_id)
 
-    def add_group_receipt(self, msg_id, user, status, at):
-        return self.pool.runInteraction(_add_group_receipt_txn, msg_id, user, status, at)
+    def add_group_receipt(self, msg_id, user, status, at, reason=""):
+        return self.pool.runInteraction(_add_group_receipt_txn, msg_id, user, status, at, reason)
 
     def group_receipts(self, msg_id):
-        """C{{user: (status, at)}} of the receipts of group message C{msg_id}."""
+        """C{{user: (status, at, reason)}} of the receipts of group message C{msg_id}."""
         return self.pool.runInteraction(_group_receipts_txn, msg_id)
+
+    def sent_by_ref(self, ref):
+        """The id (hex) of the message this user sent as outbox reference C{ref}, or None (never, or forgotten)."""
+        return self.pool.runInteraction(_sent_by_ref_txn, ref)
+
+    def last_group_sent(self):
+        """The id (hex) of the group message this user sent last from here, or None."""
+        return self.pool.runInteraction(_last_group_sent_txn)
 
 
 def _retry_after(value):
@@ -9418,7 +9439,7 @@ class PagerClient:
     async def group_delivery(self, msg_id):
         """
         C{(group, members, receipts)} of a group message this user sent: its L{GroupInfo} (None if no longer
-        known), the members it was sealed for, and C{{user: (status, at)}} of the receipts so far.  None when
+        known), the members it was sealed for, and C{{user: (status, at, reason)}} of the receipts so far.  None when
         C{msg_id} (hex) is not a group message sent from here.
         """
         sent = await self.pins.group_sent(msg_id)
@@ -9731,7 +9752,8 @@ class PagerClient:
             self._ack("receipts", receipt.rid)
             return
         if await self.pins.group_sent(receipt.message_id) is not None:
-            await self.pins.add_group_receipt(receipt.message_id, receipt.peer, receipt.status, receipt.at)
+            await self.pins.add_group_receipt(receipt.message_id, receipt.peer, receipt.status, receipt.at,
+                                              receipt.reason)
         if self.on_receipt is not None:
             await defer.maybeDeferred(self.on_receipt, receipt)
         self._ack("receipts", receipt.rid)
@@ -12364,24 +12386,23 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 ref = int(rest.lstrip("#"))
             except ValueError:
                 raise usage.UsageError("Usage: /info [#REF]: who has your group message #REF (alone: the last one).")
-        elif self._last_group_sent is None:
-            raise usage.UsageError("You have sent no group message in this chat; /info #REF names one.")
         else:
             ref = self._last_group_sent
         client, store = self.session.client, self.session.store
-        for msg_id in sorted(self.outbox.sent):
-            delivery = await client.group_delivery(msg_id)
-            if delivery is None:
-                continue
-            sent_ref, preview = await store.sent_message(msg_id)
-            if sent_ref == ref:
-                group, members, receipts = delivery
-                self.show(describe_group_delivery(group.name if group is not None else "(a group you left)",
-                                                  [m for m in members if m != self.session.user], receipts, ref,
-                                                  preview))
-                return
-        raise usage.UsageError("#%d is not a group message this chat has sent, or the server does not have it yet; "
-                               "/info names those." % ref)
+        if ref is not None:
+            msg_id = await store.sent_by_ref(ref)
+        else:
+            msg_id = await store.last_group_sent()
+            if msg_id is None:
+                raise usage.UsageError("You have sent no group message from here; /info #REF names one.")
+        delivery = await client.group_delivery(msg_id) if msg_id is not None else None
+        if delivery is None:
+            raise usage.UsageError("#%d is not a group message sent from here, or the server does not have it yet; "
+                                   "/info names those." % ref)
+        group, members, receipts = delivery
+        ref, preview = await store.sent_message(msg_id)
+        self.show(describe_group_delivery(group.name if group is not None else "(a group you left)",
+                                          [m for m in members if m != self.session.user], receipts, ref, preview))
 
     async def command_history(self, rest):
         if rest.strip().startswith("#"):

@@ -332,6 +332,37 @@ class GroupChatTests(GroupChatTestCase):
         self.assertIn("1 of 2 have it", ui.text(before))
         self.assertIn("waiting: carol", ui.text(before))
 
+    async def test_info_in_a_later_chat(self):
+        """
+        /info #REF finds a group message sent in an earlier chat on this machine, with a refusal's reason (carol,
+        removed while it waited for her); /info alone names the last one sent from here.
+        """
+        server = await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/group create ops bob carol")
+        await self.offline(server, carol)
+        await self.type(chat, "/msg #ops before the change")
+        await self.shown(ui, "\u2713 1/2")
+        await self.type(chat, "/group remove ops carol")
+        [msg] = chat.outbox.sent
+
+        async def refused():
+            _, _, receipts = await chat.session.client.group_delivery(msg)
+            return "carol" in receipts
+        await self.wait_for(refused, "carol's refusal")
+        await self.stop_chat(chat)
+        chat, ui = await self.chat_as("alice", home=self.home_of_chat)
+        for command in ("/info #1", "/info"):
+            before = len(ui.shown)
+            await self.type(chat, command)
+            text = ui.text(before)
+            self.assertIn('Your message #1 "before the change" to #ops: 1 of 2 have it.', text)
+            self.assertRegex(text, r"refused: carol \d\d:\d\d \(.*removed.*\)")
+        before = len(ui.shown)
+        await self.type(chat, "/info #7")
+        self.assertIn("#7 is not a group message sent from here", ui.text(before))
+
     async def test_incoming_lines_and_unread(self):
         """
         bob's group and its messages reach alice's screen as #ops lines; while another conversation is open they
@@ -424,7 +455,7 @@ class GroupChatTests(GroupChatTestCase):
             ("/group remove dev carol", "carol is not in #dev; nothing changed."),
             ("/group leave dev", "You are the last admin of #dev"),
             ("/group info #dev", "#dev (version"),
-            ("/info", "You have sent no group message"),
+            ("/info", "You have sent no group message from here"),
             ("/info #99", "#99 is not a group message"),
             ("/to #nope", "You are in no group #nope"),
             ("/msg #dev,bob hi", "one group or to users, not both"),
