@@ -6835,6 +6835,7 @@ class MemoryPins:
         self._revocations = {}  # (user, identity fingerprint) -> {device id: (revoked at, signature)}, kept for good
         self._groups = {}  # gid -> (gid, name, seq, head, member, broken, unread, [(seq, op, signature, key)])
         self._group_sent = {}  # msg id (hex) -> (gid, members)
+        self._group_refused = {}  # gid -> (seq, digest) of the op refused after the verified head
         self._group_receipts = {}  # msg id (hex) -> {user: (status, at, reason)}
 
     def get_pin(self, user):
@@ -6877,6 +6878,16 @@ class MemoryPins:
 
     def group_ops(self, gid):
         return defer.succeed(list(self._groups[gid][7]) if gid in self._groups else [])
+
+    def group_refused(self, gid):
+        return defer.succeed(self._group_refused.get(gid))
+
+    def set_group_refused(self, gid, refused):
+        if refused is None:
+            self._group_refused.pop(gid, None)
+        else:
+            self._group_refused[gid] = tuple(refused)
+        return defer.succeed(None)
 
     def save_group(self, gid, name, seq, head, member, broken, ops):
         old = self._groups.get(gid)
@@ -7146,6 +7157,8 @@ _LOCAL_SCHEMA = [
     " signature BLOB NOT NULL, key TEXT NOT NULL, PRIMARY KEY (gid, seq)) WITHOUT ROWID",
     # The group messages this user sent: the members each was sealed for (JSON), and what each member's receipt said.
     "CREATE TABLE IF NOT EXISTS group_sent (msg_id TEXT PRIMARY KEY, gid BLOB NOT NULL, members TEXT NOT NULL)",
+    # The op refused right after a group's verified head (its SHA-256): only that op can take the chain on.
+    "CREATE TABLE IF NOT EXISTS group_refused (gid BLOB PRIMARY KEY, seq INTEGER NOT NULL, digest BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS group_receipts (msg_id TEXT NOT NULL, user TEXT NOT NULL, status TEXT NOT NULL,"
     " at REAL NOT NULL, reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (msg_id, user)) WITHOUT ROWID",
 ]
@@ -7386,6 +7399,18 @@ def _save_group_txn(txn, gid, name, seq, head, member, broken, ops):
                 " member = excluded.member, broken = excluded.broken", (gid, name, seq, head, int(member), broken))
 
 
+def _group_refused_txn(txn, gid):
+    row = txn.execute("SELECT seq, digest FROM group_refused WHERE gid = ?", (gid,)).fetchone()
+    return None if row is None else (row[0], bytes(row[1]))
+
+
+def _set_group_refused_txn(txn, gid, refused):
+    if refused is None:
+        txn.execute("DELETE FROM group_refused WHERE gid = ?", (gid,))
+    else:
+        txn.execute("INSERT OR REPLACE INTO group_refused (gid, seq, digest) VALUES (?, ?, ?)", (gid,) + tuple(refused))
+
+
 def _group_unread_txn(txn, gid, count, add):
     if count is not None:
         txn.execute("UPDATE groups SET unread = ? WHERE gid = ?", (count, gid))
@@ -7543,6 +7568,14 @@ class LocalStore(SeenStore):
     def save_group(self, gid, name, seq, head, member, broken, ops):
         """Add the newly verified C{ops} and set the group's row (its unread count is kept)."""
         return self.pool.runInteraction(_save_group_txn, gid, name, seq, head, member, broken, ops)
+
+    def group_refused(self, gid):
+        """C{(seq, digest)} of the op of group C{gid} refused after its verified head, or None."""
+        return self.pool.runInteraction(_group_refused_txn, gid)
+
+    def set_group_refused(self, gid, refused):
+        """Remember C{(seq, digest)} of the op refused after group C{gid}'s verified head (None: forget it)."""
+        return self.pool.runInteraction(_set_group_refused_txn, gid, refused)
 
     def group_unread(self, gid, count=None, add=0):
         """Set the group's unread count to C{count}, or add C{add} to it; returns the new count."""
@@ -7845,6 +7878,7 @@ class _GroupChain:
         self.broken = broken
         self.unread = unread
         self.server_extra = ()  # names the server lists as members that no verified op made members
+        self.refused = None  # (seq, SHA-256 of its "op") of the op refused after the verified head
 
     @property
     def state(self):
@@ -7865,6 +7899,14 @@ class _GroupChain:
 def _member_names(state):
     """The member names of a L{GroupState}, sorted."""
     return sorted(state.members)
+
+
+def _op_digest(obj):
+    """What names an op as a server gave it (an item of C{group_ops}' list), to know it again: a SHA-256."""
+    raw = obj.get("op") if isinstance(obj, dict) else None
+    if not isinstance(raw, str):
+        raw = json.dumps(obj, sort_keys=True, default=repr)
+    return hashlib.sha256(raw.encode("utf-8", "replace")).digest()
 
 
 def _group_event(op, state, before):
@@ -8320,10 +8362,12 @@ class PagerClient:
 
     # -- devices --
 
-    async def _identity_of(self, user, pem):
+    async def _identity_of(self, user, pem, expected=None):
         """
         C{user}'s identity key as a devices or bundle answer gives it, checked like L{recipient_key}: pinned on
         first use, L{KeyChanged} when it is not the pinned key (for this user's own account: not its identity key).
+        C{expected}: C{(fingerprint, group name)}, the key a group's verified chain names for C{user}; not pinned
+        yet, C{user} is pinned only to that key (L{KeyChanged} if the server gives another).
         """
         if not isinstance(pem, str):
             raise BadKey("The server's answer gives no identity key for %s." % user)
@@ -8338,6 +8382,12 @@ class PagerClient:
             return identity
         pin = await self.pins.get_pin(user)
         if pin is None:
+            if expected is not None and expected[0] != fp:
+                raise KeyChanged(user, expected[0], fp, message=(
+                    "The server gives %s's key as %s, but #%s's signed membership names %s for %s (the key the admin "
+                    "who added them signed); nothing was sent. Check %s's key with them, and accept it with "
+                    "'trust %s' if it is theirs." % (user, format_fingerprint(fp), expected[1],
+                                                    format_fingerprint(expected[0]), user, user, user)))
             await self.pins.set_pin(user, public_key_pem(key), fp, self._now())
         elif bytes(pin[1]) != fp:
             raise KeyChanged(user, bytes(pin[1]), fp)
@@ -8787,14 +8837,18 @@ class PagerClient:
                 raise BadRequest("The server's bundle answer leaves out %s." % ", ".join(missing))
         return bundles
 
-    async def _targets(self, names, now):
-        """The L{DeviceTarget}s to seal to: every current device of C{names}, and this user's other devices."""
+    async def _targets(self, names, now, group=None):
+        """
+        The L{DeviceTarget}s to seal to: every current device of C{names}, and this user's other devices.
+        C{group}: the L{GroupState} they are members of, whose signed fingerprints a member not pinned here must have.
+        """
         users = names + ([self.user] if self.user not in names else [])
         bundles = await self._bundles(users)
         mine = device_id(self.private_key)
         targets = []
         for user in users:
-            identity = await self._identity_of(user, bundles[user].get("identity_key"))
+            expected = (group.members[user], group.name) if group is not None and user in group.members else None
+            identity = await self._identity_of(user, bundles[user].get("identity_key"), expected)
             verified = await self.in_thread(verify_devices, user, identity, bundles[user].get("devices"), True)
             _, certified_seen = await self._record_devices(user, identity, [info for info, _, _ in verified])
             for info, spk, opk in verified:
@@ -8919,6 +8973,7 @@ class PagerClient:
         # Verified when they were stored: folded again without their signatures.
         states = fold_group_ops(gid, [parse_group_op(op) for _, op, _, _ in ops], max_members=MAX_GROUP_WRAPS)
         chain = self._chains[gid] = _GroupChain(gid, ops, states, broken, unread)
+        chain.refused = await self.pins.group_refused(gid)
         return chain
 
     async def _resolve_group(self, group, sync=True):
@@ -9052,29 +9107,44 @@ class PagerClient:
         await self._verify_group_ops(chain, objs, answer)
         return self._group_info(chain)
 
-    async def _op_signer_trusted(self, op, pem, join_seq):
-        """Whether the key that signed C{op} (fingerprint C{op.actor_fp}) is its actor's as pinned here."""
+    async def _op_signer_trusted(self, op, pem, join_seq, state):
+        """
+        Whether the key that signed C{op} (fingerprint C{op.actor_fp}) is its actor's: the key pinned here; for an
+        actor not pinned here, the key the verified chain (C{state}, the group before C{op}) names for them, signed
+        by the admin who added them (then pinned); only for the actor of a create, whom no op named before, the
+        server's key for them (trust on first use, as for a first message).  Returns True, or False for an op
+        accepted only under the history rule (see L{_verify_group_ops}); raises L{_ChainRefused} otherwise.
+        """
+        named = state.members.get(op.actor)
         if op.actor == self.user:
             await self._own_identity()
-            trusted = op.actor_fp == self.identity_fp
+            trusted, expected = op.actor_fp == self.identity_fp, "your key"
         else:
             pin = await self.pins.get_pin(op.actor)
-            if pin is None:
+            if pin is not None:
+                trusted, expected = bytes(pin[1]) == op.actor_fp, "%s's key as pinned here" % op.actor
+            elif named is not None:
+                trusted = named == op.actor_fp
+                expected = "the key #%s's operations name for %s (%s)" % (state.name, op.actor,
+                                                                           format_fingerprint(named))
+                if trusted:  # first use, vouched for by the admin who added them
+                    await self.pins.set_pin(op.actor, pem, op.actor_fp, self._now())
+            else:
                 try:
                     key, fp = await self.public_key(op.actor, refresh=True)
                 except UnknownUser:
                     key = fp = None
-                trusted = fp == op.actor_fp
+                trusted, expected = fp == op.actor_fp, "%s's key on the server" % op.actor
                 if trusted:  # first use: pinned as when a message from them comes
                     await self.pins.set_pin(op.actor, public_key_pem(key), fp, self._now())
-            else:
-                trusted = bytes(pin[1]) == op.actor_fp
+        if trusted:
+            return True
         # The history rule: when this client joins, the ops before the one that added this user are vouched for by
         # the admin who added it (the add commits to them by hash), even if a signer's key changed since.
-        if trusted or (join_seq is not None and op.seq < join_seq):
-            return
-        raise _ChainRefused("version %d (%s by %s) is signed with a key (%s) that is not %s's key as pinned here"
-                            % (op.seq, op.kind, op.actor, format_fingerprint(op.actor_fp), op.actor))
+        if join_seq is not None and op.seq < join_seq:
+            return False
+        raise _ChainRefused("version %d (%s by %s) is signed with a key (%s) that is not %s"
+                            % (op.seq, op.kind, op.actor, format_fingerprint(op.actor_fp), expected))
 
     async def _check_listed_keys(self, op, state):
         """Warn of a member whose key in a create or add op is not the one pinned here."""
@@ -9103,7 +9173,17 @@ class PagerClient:
         """
         gid, before = chain.gid, chain.state
         state, new, events, broken = before, [], [], None
-        join_seq = None
+        join_seq, vouched_only, kept = None, False, (len(chain.states), len(chain.ops))
+        refused = chain.refused if chain.refused is not None and chain.refused[0] == before.seq + 1 else None
+        if refused is not None and (not objs or _op_digest(objs[0]) != refused[1]):
+            # Once an op is refused here, only that op can take the chain on: a server that withholds it or shows
+            # another in its place does not make the warning go away.
+            if objs:
+                broken = ("the server now shows another operation as version %d than the one refused here: it may "
+                          "be showing the group's members different histories" % refused[0])
+            else:
+                broken = chain.broken or "version %d was refused here, and the server no longer shows it" % refused[0]
+            objs = []
         try:
             items, malformed = [], None
             for obj in objs:  # the ops before a malformed one are still verified and kept
@@ -9135,7 +9215,8 @@ class PagerClient:
                 except BadSignature:
                     raise _ChainRefused("the signature of version %d (%s by %s) does not verify"
                                         % (op.seq, op.kind, op.actor))
-                await self._op_signer_trusted(op, pem, join_seq)
+                if not await self._op_signer_trusted(op, pem, join_seq, state):
+                    vouched_only = True
                 try:
                     after = state.apply(op, max_members=max(self._max_group_members(), len(state.members)))
                 except GroupRefused as e:
@@ -9152,8 +9233,19 @@ class PagerClient:
                 raise malformed
         except (_ChainRefused, GroupOpError, BadKey, BadCertificate, EnvelopeError) as e:
             broken = e.message.rstrip(".")
+            if vouched_only and state.seq < join_seq:
+                # Ops taken only as history vouched for by the add of this user, and that add did not verify: the
+                # history is vouched for by nobody, and none of it is kept.
+                state, new, events = before, [], []
+                del chain.states[kept[0]:], chain.ops[kept[1]:]
+            if state.seq - before.seq < len(objs):
+                refused = (state.seq + 1, _op_digest(objs[state.seq - before.seq]))
         except BaseException:
-            # Cut short (the connection, say): what was verified so far is kept, with the chain as it was.
+            # Cut short (the connection, say): what was verified so far is kept, with the chain as it was -- but
+            # not history that only the add of this user, not verified yet, would vouch for.
+            if vouched_only and state.seq < join_seq:
+                del chain.states[kept[0]:], chain.ops[kept[1]:]
+                raise
             if new:
                 await self.pins.save_group(gid, state.name, state.seq, state.head, self.user in state.members,
                                            chain.broken, new)
@@ -9169,11 +9261,17 @@ class PagerClient:
             self._group_warn(gid, name, "#%s's membership chain does not verify: %s. Nothing is sent to #%s until it "
                                         "does." % (name or gid.hex(), broken, name or gid.hex()))
         chain.broken = broken
+        if broken is None:
+            refused = None
+        if refused != chain.refused:
+            chain.refused = refused
+            await self.pins.set_group_refused(gid, refused)
         await self.pins.save_group(gid, name or gid.hex(), state.seq, state.head, self.user in state.members,
                                    broken, new)
         self._chains[gid] = chain
         for event in events:
-            if self.on_group_event is not None:
+            # Joining, the changes from before this user was added are history: told from the add on.
+            if self.on_group_event is not None and (join_seq is None or event.seq >= join_seq):
                 self.on_group_event(event)
         listed = answer.get("members")
         if broken is None and isinstance(listed, list) and answer.get("head") == state.head.hex():
@@ -9328,10 +9426,14 @@ class PagerClient:
         if self.user not in chain.state.members:
             raise Forbidden("Not sent: you are not a member of #%s." % name)
 
-    async def _group_targets(self, gid, name, members, now):
-        """The targets of L{_targets} for C{members}; a member whose account is gone is left out, with a warning."""
+    async def _group_targets(self, gid, state, members, now):
+        """
+        The targets of L{_targets} for C{members} of the group whose verified state is C{state}; a member whose
+        account is gone is left out, with a warning.
+        """
+        name = state.name
         try:
-            return await self._targets(members, now), members
+            return await self._targets(members, now, state), members
         except UnknownUser:
             pass
         kept = []
@@ -9343,7 +9445,7 @@ class PagerClient:
                                             "#%s's messages are not sealed to %s." % (user, name, user))
                 continue
             kept.append(user)
-        return await self._targets(kept, now), kept
+        return await self._targets(kept, now, state), kept
 
     async def seal_group(self, group, data, content_type="text", filename="", message_id=None):
         """
@@ -9363,8 +9465,7 @@ class PagerClient:
         if isinstance(data, str):
             data = data.encode("utf-8")
         now = self._now()
-        targets, members = await self._group_targets(gid, state.name, sorted(set(state.members) - {self.user}),
-                                                     now)
+        targets, members = await self._group_targets(gid, state, sorted(set(state.members) - {self.user}), now)
         if not targets:
             raise BadRequest("Not sent: nobody else is in #%s, and you have no other device." % state.name)
         envelope = await self.in_thread(
@@ -9475,15 +9576,36 @@ class PagerClient:
             if header.sender not in current.members or self.user not in current.members:
                 raise NotInGroup("%s is not a member of %s, and the message names a version of %s this client "
                                  "cannot verify." % (header.sender, name, name))
+            await self._check_group_sender_key(header, current, name)
             return chain, "sealed for a version of %s this client does not know; yours is %d" % (name, current.seq)
         if self.user not in at.members:
             raise NotInGroup("The message from %s names version %d of %s, in which you are not a member."
                              % (header.sender, at.seq, name))
         if header.sender not in at.members:
             raise NotInGroup("%s was not a member of %s in the version the message names." % (header.sender, name))
-        note = None if at.head == current.head else "sealed for version %d of %s; yours is %d" % (
-            at.seq, name, current.seq)
+        await self._check_group_sender_key(header, at, name)
+        note = None
+        if header.sender not in current.members:
+            # Accepted by the server before the change that ended the sender's membership, as the server says: the
+            # one case a member's message is shown though the sender is no longer one.
+            note = "sealed for version %d of %s, before %s left or was removed (version %d is yours)" % (
+                at.seq, name, header.sender, current.seq)
         return chain, note
+
+    async def _check_group_sender_key(self, header, at, name):
+        """
+        A group message's sender not pinned here must have signed with the key the chain names for them (the one
+        the admin who added them signed): else the message is refused (L{NotInGroup}).  A pinned sender's key is
+        checked against the pin, as for every message.
+        """
+        if header.sender == self.user or await self.pins.get_pin(header.sender) is not None:
+            return
+        named = at.members[header.sender]
+        if header.sender_fingerprint != named:
+            raise NotInGroup("The message from %s to %s is signed with a key (%s) that is not the one %s's signed "
+                             "membership names for %s (%s)." % (
+                                 header.sender, name, format_fingerprint(header.sender_fingerprint), name,
+                                 header.sender, format_fingerprint(named)))
 
     # -- receiving --
 

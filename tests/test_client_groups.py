@@ -1,7 +1,8 @@
 """
 The client library's side of groups, over a real server on loopback: changes made through the API (create, add,
 remove, leave, rename, topic, admin), the membership chain verified against pinned keys (a forged op, an op by a
-non-admin, a key substituted in an add, a reader the server adds without a signed op), group messages sealed to
+non-admin, a key substituted in an add or for a member not pinned yet, history vouched for by an add that does
+not verify, a refused op withheld, a reader the server adds without a signed op), group messages sealed to
 the chain's members only and bound to their group, two admins at once, offline members, receipts per member, the
 group_changed push, and the outbox keeping a group message across a restart.
 """
@@ -9,9 +10,10 @@ group_changed push, and the outbox keeping a group message across a restart.
 import dataclasses
 import os
 import sqlite3
+import time
 import types
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 import pager
@@ -110,7 +112,7 @@ class ChangesTests(GroupTestCase):
         self.assertEqual((await alice.group_add(gid, ["carol", "bob"])).members, ("alice", "bob", "carol"))
         await self.wait_members(carol, gid, ["alice", "bob", "carol"])
         self.assertEqual([(e.seq, e.kind, e.users) for e in carol.groups_seen.events],
-                         [(1, "create", ("bob",)), (2, "add", ("carol",))])
+                         [(2, "add", ("carol",))])  # from her add on: what came before is history
         self.assertEqual((await alice.group_rename("#ops", "#ops2")).label, "#ops2")
         self.assertEqual((await alice.group_topic("ops2", "pager duty")).topic, "pager duty")
         self.assertEqual((await alice.group_admin("ops2", "bob")).admins, ("alice", "bob"))
@@ -127,7 +129,7 @@ class ChangesTests(GroupTestCase):
             (3, "rename", "alice", (), "ops", "ops2"), (4, "topic", "alice", (), "pager duty", "ops2"),
             (5, "promote", "alice", ("bob",), "", "ops2"), (6, "remove", "bob", ("carol",), "", "ops2"),
             (7, "demote", "bob", ("alice",), "", "ops2"), (8, "leave", "alice", (), "", "ops2")])
-        await self.wait_for(lambda: len(carol.groups_seen.events) == 6, "carol's events up to her removal")
+        await self.wait_for(lambda: len(carol.groups_seen.events) == 5, "carol's events up to her removal")
         self.assertFalse((await carol.group(gid)).member)
         self.assertEqual((await carol.group(gid)).seq, 6)
         self.assertEqual((await alice.group(gid)).head, (await bob.group(gid)).head)
@@ -251,7 +253,7 @@ class MessageTests(GroupTestCase):
         await self.wait_for(lambda: len(alice.events.receipts) == 2, "both receipts")
         group, members, receipts = await alice.group_delivery(msg)
         self.assertEqual((group.id, members), (info.id, ["bob", "carol"]))
-        self.assertEqual({user: status for user, (status, _) in receipts.items()},
+        self.assertEqual({user: status for user, (status, _, _) in receipts.items()},
                          {"bob": "delivered", "carol": "delivered"})
         self.assertIsNone(await alice.group_delivery("00" * 16))
 
@@ -345,7 +347,8 @@ class MessageTests(GroupTestCase):
 
     async def test_versions_named_by_messages(self):
         """
-        A message sealed for an earlier version is shown with a note naming both; one for a version this client
+        A message sealed for an earlier version this client verified is shown as any other (it waited while the
+        group changed); one from a sender who has left since, with a note saying so; one for a version this client
         cannot verify is shown (its sender a current member) with a note and a warning; one whose sender was not a
         member in the version it names is refused.
         """
@@ -356,8 +359,7 @@ class MessageTests(GroupTestCase):
         await self.wait_for(lambda: len(bob.groups_seen.events) == 2, "bob's two events")
         await self.hand(bob, "alice", gid, first.head, b"from version 1")
         [message] = bob.events.messages
-        self.assertEqual((bytes(message.plaintext), message.group_note),
-                         (b"from version 1", "sealed for version 1 of #ops; yours is 2"))
+        self.assertEqual((bytes(message.plaintext), message.group_note), (b"from version 1", None))
         await self.hand(bob, "alice", gid, os.urandom(32), b"from nowhere")
         self.assertEqual((bytes(bob.events.messages[-1].plaintext), bob.events.messages[-1].group_note),
                          (b"from nowhere", "sealed for a version of #ops this client does not know; yours is 2"))
@@ -367,6 +369,14 @@ class MessageTests(GroupTestCase):
         [(_, sender, error)] = bob.events.rejected
         self.assertEqual((sender, error.message), ("carol", "carol was not a member of #ops in the version the "
                                                             "message names."))
+        second = await carol.group("ops")
+        await carol.group_leave("ops")
+        await self.wait_for(lambda: len(bob.groups_seen.events) == 3, "bob's look at carol's leave")
+        await self.hand(bob, "carol", gid, bytes.fromhex(second.head) if isinstance(second.head, str)
+                        else second.head, b"sent before I left")
+        self.assertEqual((bytes(bob.events.messages[-1].plaintext), bob.events.messages[-1].group_note),
+                         (b"sent before I left", "sealed for version 2 of #ops, before carol left or was removed "
+                                                 "(version 3 is yours)"))
 
 
 class ChainTests(GroupTestCase):
@@ -425,19 +435,39 @@ class ChainTests(GroupTestCase):
 
     async def test_history_rule(self):
         """
-        alice re-keys her account after creating #ops, then adds carol with her new key.  carol, verifying the chain
-        from scratch, accepts the create signed with alice's old key (before the add that made her a member, which
-        commits to it by hash).  bob, who pinned alice's old key, accepts no op of the new one: his chain breaks
-        there until he trusts alice's new key, and then verifies.
+        alice creates #ops with bob, makes him an admin, and re-keys her account; bob adds carol.  carol, verifying
+        the chain from scratch, accepts the create signed with alice's old key (before the add that made her a
+        member, which commits to it by hash) and, named for alice by that create, the promotion it signed.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob"])
+        await alice.group_admin("ops", "bob")
+        await self.wait_for(lambda: len(bob.groups_seen.events) == 2, "bob's two events")
+        await alice.rekey("alice", token("alice"), key("alice"), key("alice-new"))
+        await bob.group_add("ops", ["carol"])
+        await self.wait_members(carol, info.id, ["alice", "bob", "carol"])
+        self.assertEqual(((await carol.group(info.id)).broken, carol.groups_seen.warnings), (None, []))
+        self.assertEqual([e.kind for e in carol.groups_seen.events], ["add"])  # the history is not news
+
+    async def test_rekeyed_admin_adds(self):
+        """
+        alice re-keys her account after creating #ops, then adds carol with her new key.  carol, who never pinned
+        alice, takes the add only once she checked alice's new key: the create names the old one, and the server
+        saying otherwise is exactly what a server substituting keys would say.  bob, who pinned alice's old key,
+        accepts no op of the new one either: each chain breaks there until its user trusts alice's new key.
         """
         alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
         info = await alice.group_create("ops", ["bob"])
         await self.wait_members(bob, "ops", ["alice", "bob"])
         await alice.rekey("alice", token("alice"), key("alice"), key("alice-new"))
         await alice.group_add("ops", ["carol"])
-        await self.wait_members(carol, info.id, ["alice", "bob", "carol"])
-        self.assertEqual(((await carol.group(info.id)).broken, carol.groups_seen.warnings), (None, []))
-        self.assertEqual([e.kind for e in carol.groups_seen.events], ["create", "add"])
+        await self.wait_for(lambda: carol.groups_seen.warnings, "carol's warning")
+        self.assertIn("version 2 (add by alice) is signed with a key", carol.groups_seen.warnings[-1][2])
+        self.assertEqual(carol.groups_seen.events, [])  # the history the add would vouch for is not kept either
+        self.assertEqual((await carol.refresh_group(info.id)).seq, 0)
+        await carol.trust("alice")
+        self.assertEqual((await carol.refresh_group(info.id)).members, ("alice", "bob", "carol"))
+        self.assertIsNone((await carol.group("ops")).broken)
         await self.wait_for(lambda: bob.groups_seen.warnings, "bob's warning")
         broken = await bob.group("ops")
         self.assertEqual((broken.seq, broken.members), (1, ("alice", "bob")))
@@ -606,7 +636,264 @@ class LocalStoreTests(unittest.TestCase):
         self.assertEqual(await store.group_unread(gid, count=0), 0)
         await store.add_group_sent("cc", gid, ["carol", "bob"])
         await store.add_group_receipt("cc", "bob", "delivered", 5.0)
-        await store.add_group_receipt("cc", "bob", "rejected", 6.0)
+        await store.add_group_receipt("cc", "bob", "rejected", 6.0, "bob left #ops before receiving it.")
         self.assertEqual(await store.group_sent("cc"), (gid, ["bob", "carol"]))
-        self.assertEqual(await store.group_receipts("cc"), {"bob": ("rejected", 6.0)})
+        self.assertEqual(await store.group_receipts("cc"),
+                         {"bob": ("rejected", 6.0, "bob left #ops before receiving it.")})
         self.assertIsNone(await store.group_sent("dd"))
+
+
+def fp(name):
+    return pager.fingerprint(key(name).public_key())
+
+
+def pem(name):
+    return pager.public_key_pem(key(name))
+
+
+class ForgedHistoryTests(GroupTestCase):
+    """
+    History that only the add of this client's user vouches for is kept only once that add verified; a refused op
+    keeps the chain broken until that very op verifies (withholding it, or showing another, changes nothing).
+    """
+
+    async def plant_group(self, ops, members):
+        """Store a group made of C{ops} (raw, signature, signer PEM) as a lying server would; return its id."""
+        gid = pager.parse_group_op(ops[0][0]).group_id
+        last = pager.parse_group_op(ops[-1][0])
+
+        def txn(t):
+            t.execute("INSERT INTO groups (gid, name, seq, head, members, created_at) VALUES (?, 'ops', ?, ?, ?, 0)",
+                      (gid, last.seq, last.hash, len(members)))
+            for raw, signature, signer in ops:
+                t.execute("INSERT INTO group_ops (gid, seq, op, signature, signer, at) VALUES (?, ?, ?, ?, ?, 0)",
+                          (gid, pager.parse_group_op(raw).seq, raw, signature, signer))
+            for user in members:
+                t.execute("INSERT INTO group_members (gid, user, since) VALUES (?, ?, 1)", (gid, user))
+        await self.server.store._run(txn)
+        self.server.factory._groups.pop(gid, None)
+        return gid
+
+    async def truncate_to(self, gid, seq):
+        """The lying server withdraws the ops after C{seq}."""
+        def txn(t):
+            head = pager.parse_group_op(bytes(t.execute("SELECT op FROM group_ops WHERE gid = ? AND seq = ?",
+                                                        (gid, seq)).fetchone()[0])).hash
+            t.execute("DELETE FROM group_ops WHERE gid = ? AND seq > ?", (gid, seq))
+            t.execute("UPDATE groups SET seq = ?, head = ? WHERE gid = ?", (seq, head, gid))
+        await self.server.store._run(txn)
+        self.server.factory._groups.pop(gid, None)
+
+    def forged_create(self, gid):
+        """'alice creates #ops with bob and eve', signed by a key that is not alice's (the server's)."""
+        raw = pager.encode_group_op(gid, 1, bytes(32), "create", "alice", fp("alice-fake"), 0, name="ops",
+                                    topic="", members=[("bob", fp("bob")), ("eve", fp("eve"))])
+        return raw, pager.sign_group_op(key("alice-fake"), raw), pem("alice-fake")
+
+    def junk_add_of_bob(self, gid, prev, signer="zed", good_signature=True):
+        """An op after the forged one that lists bob (so the client takes its seq as bob's join version)."""
+        raw = pager.encode_group_op(gid, 2, prev, "add", signer, fp(signer), 0, members=[("bob", fp("bob"))])
+        signature = pager.sign_group_op(key(signer), raw) if good_signature else b"\0" * 256
+        return raw, signature, pem(signer)
+
+    async def test_forged_op_of_pinned_admin_accepted_silently(self):
+        """
+        bob has alice's key pinned.  The server shows bob a group whose create is 'by alice' but signed by the
+        server's key, followed by an op listing bob whose signer's key request the server answers with an error
+        (a dropped connection would do the same).  An op signed with a key other than the pinned one is accepted
+        only for history, before an add of bob that a trusted key signed: here no such add exists.
+        """
+        alice, bob, eve = await self.user("alice"), await self.user("bob"), await self.user("eve")
+        await bob.recipient_key("alice")  # bob has talked to alice: her key is pinned
+        gid = os.urandom(16)
+        first = self.forged_create(gid)
+        second = self.junk_add_of_bob(gid, pager.parse_group_op(first[0]).hash)
+        await self.plant_group([first, second], ["alice", "bob", "eve"])
+
+        request = bob.protocol.request
+
+        def lying(kind, **fields):
+            if kind == "key" and fields.get("user") == "zed":
+                return defer.fail(pager.RateLimited("Try again later.", retry_after=1))
+            return request(kind, **fields)
+        bob.protocol.request = lying
+        try:
+            await bob.refresh_group(gid)
+        except pager.RateLimited:
+            pass
+        bob.protocol.request = request
+        await self.truncate_to(gid, 1)
+        info = await bob.refresh_group(gid)
+        sent = self.capture_sends(bob)
+        try:
+            await bob.send_group(gid, "for alice and the group")
+        except pager.PagerError:
+            pass
+        self.sealed_to = [h.recipient_names for h in sent]
+        # What must hold: no op signed with a key other than alice's pinned one is accepted as alice's create, and
+        # nothing bob seals goes to eve, whom only that forged op made a member.
+        self.assertFalse(info.seq == 1 and info.broken is None and "eve" in info.members,
+                         "bob's client accepted a create 'by alice' signed with another key, silently: members %s, "
+                         "warnings %s; bob then sealed to %s" % (info.members, bob.groups_seen.warnings, self.sealed_to))
+        self.assertFalse(any("eve" in h.recipient_names for h in sent),
+                         "bob sealed a group message to eve, made a member only by a forged op")
+
+    async def test_forged_op_accepted_then_chain_unbroken(self):
+        """
+        The same without any lie about keys: the op after the forged create has a bad signature.  bob's chain
+        breaks, and the forged create (by a key that is not alice's pinned one) is not kept either.
+        """
+        alice, bob, eve = await self.user("alice"), await self.user("bob"), await self.user("eve")
+        await bob.recipient_key("alice")
+        gid = os.urandom(16)
+        first = self.forged_create(gid)
+        second = self.junk_add_of_bob(gid, pager.parse_group_op(first[0]).hash, signer="alice",
+                                      good_signature=False)
+        await self.plant_group([first, second], ["alice", "bob", "eve"])
+        before = await bob.refresh_group(gid)
+        self.assertEqual(before.seq, 0, "bob kept version 1, a create 'by alice' signed with a key that is not "
+                                        "alice's pinned one (members %s, events %s)"
+                         % (before.members, [(e.kind, e.actor, e.users) for e in bob.groups_seen.events]))
+
+    async def test_unbroken_by_withholding(self):
+        """
+        A chain broken by a forged op stays broken when the server stops showing the forged op: a server cannot make
+        the warning go away without an op that verifies.
+        """
+        alice, bob = await self.user("alice"), await self.user("bob")
+        info = await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        gid = bytes.fromhex(info.id)
+        raw = pager.encode_group_op(gid, 2, info.head, "topic", "alice", fp("alice"), 0, topic="x")
+        await self.inject_op(gid, raw, b"\0" * 256, pem("alice"))
+        broken = await bob.refresh_group("ops")
+        self.assertIsNotNone(broken.broken)
+        await self.truncate_to_head(gid, info)
+        again = await bob.refresh_group("ops")
+        self.assertIsNotNone(again.broken, "the server made bob's 'chain does not verify' go away by withholding "
+                                           "the op that broke it")
+
+    async def truncate_to_head(self, gid, info):
+        def txn(t):
+            t.execute("DELETE FROM group_ops WHERE gid = ? AND seq > ?", (gid, info.seq))
+            t.execute("UPDATE groups SET seq = ?, head = ? WHERE gid = ?", (info.seq, info.head, gid))
+        await self.server.store._run(txn)
+        self.server.factory._groups.pop(gid, None)
+
+
+class ChainFingerprintTests(GroupTestCase):
+    """
+    The chain names each member's identity fingerprint (signed by the admin who added them): a client that has not
+    pinned that member takes that key, not whatever the server gives, for sealing, for opening the member's
+    messages, and for the member's ops.  The server 're-keys' bob (reset-key, which a malicious operator can do; or
+    it just answers carol's key and bundle requests with its own key) and runs a device as 'bob'.
+    """
+
+    def reset_key(self, conn, user):
+        """The operator's reset-key (a malicious server can do the same, or answer only carol's requests so)."""
+        fake = key(user + "-fake")
+        pager._admin_txn(conn, pager.set_key_txn, user, pager.public_key_pem(fake), pager.fingerprint(fake),
+                         time.time(), True)
+
+    async def substitute_bob(self):
+        """alice creates #ops with bob and carol (carol never talked to bob); the server swaps bob's key."""
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob", "carol"])
+        await self.wait_members(carol, "ops", ["alice", "bob", "carol"])
+        self.assertEqual(info.state.members["bob"], fp("bob"))  # the chain names bob's real key
+        await bob.close()
+        conn = sqlite3.connect(self.server.store.path, isolation_level=None)
+        self.addCleanup(conn.close)
+        self.reset_key(conn, "bob")
+        self.server.factory.forget_devices(["bob"])
+        fake = await self.connect(self.address)
+        await fake.login("bob", token("bob"), key("bob-fake"))
+        return alice, carol, fake, info
+
+    async def test_seals_to_a_key_the_chain_does_not_name(self):
+        """carol seals #ops's message to the server's 'bob', though the chain names bob's real key."""
+        alice, carol, fake, info = await self.substitute_bob()
+        sent = self.capture_sends(carol)
+        try:
+            await carol.send_group("ops", "secret for the group")
+        except pager.PagerError:
+            pass
+        await defer.succeed(None)
+        got = []
+        for _ in range(100):
+            if fake.events.messages:
+                got = fake.events.messages
+                break
+            await task.deferLater(reactor, 0.02)
+        self.assertEqual([bytes(m.plaintext) for m in got], [],
+                         "the server's key for 'bob' read carol's group message; carol's warnings: %s"
+                         % carol.groups_seen.warnings)
+
+    async def test_forged_member_message(self):
+        """The server's 'bob' posts to #ops: carol shows it as bob's, though it is not signed by the chain's bob."""
+        alice, carol, fake, info = await self.substitute_bob()
+        await fake.sync_groups()
+        try:
+            await fake.send_group("ops", "I am bob")
+        except pager.PagerError as e:
+            self.fail("the fake bob could not post: %s" % e.message)
+        await self.wait_for(lambda: carol.events.messages or carol.events.rejected, "carol's message")
+        shown = [(m.sender, bytes(m.plaintext), m.key_status) for m in carol.events.messages]
+        self.assertFalse(any(s == "bob" and status in ("new", "verified") for s, _, status in shown),
+                         "carol shows a message as bob's (key status not 'changed') signed by a key that is not the "
+                         "one #ops's chain names for bob: %s" % shown)
+
+    async def test_forged_admin_op_by_unpinned_admin(self):
+        """
+        bob is an admin of #ops; carol never pinned bob.  The server's 'bob' adds eve (its own op, signed by the
+        key the server gives for bob): carol's chain breaks there, as the chain says bob's key is another one.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        eve = await self.user("eve")
+        info = await alice.group_create("ops", ["bob", "carol"])
+        await alice.group_admin("ops", "bob")
+        await self.wait_for(lambda: len(carol.groups_seen.events) == 2, "carol's two events")
+        await bob.close()
+        conn = sqlite3.connect(self.server.store.path, isolation_level=None)
+        self.addCleanup(conn.close)
+        self.reset_key(conn, "bob")
+        self.server.factory.forget_devices(["bob"])
+        fake = await self.connect(self.address)
+        await fake.login("bob", token("bob"), key("bob-fake"))
+        await fake.sync_groups()
+        await fake.group_add("ops", ["eve"])
+        await self.wait_for(lambda: len(carol.groups_seen.events) >= 3 or carol.groups_seen.warnings,
+                            "carol's look at the add")
+        now = await carol.group("ops")
+        self.assertFalse("eve" in now.members and now.broken is None,
+                         "carol accepted 'bob added eve' signed by a key the chain does not name for bob; "
+                         "warnings: %s" % carol.groups_seen.warnings)
+
+
+class RemovedMemberPostsTests(GroupTestCase):
+    """
+    Only the server knows whether a message was accepted before the change that removed its sender: a removed
+    member's message sealed for the version before the removal is shown, with a note saying the sender left or was
+    removed since.  A server colluding with a removed member can deliver one; the note is what the reader sees.
+    """
+
+    async def test_removed_member_posts_for_an_old_version(self):
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob", "carol"])
+        gid = bytes.fromhex(info.id)
+        await self.wait_members(carol, "ops", ["alice", "bob", "carol"])
+        old_state = await self.server.factory.group_state(gid)
+        await alice.group_remove("ops", ["bob"])
+        await self.wait_members(carol, "ops", ["alice", "carol"])
+        # the lying server: takes a message sealed for version 1 as if it were the head
+        self.patch(pager, "_check_group_head_txn", lambda *a: None)
+        self.server.factory._groups[gid] = old_state
+        envelope = await self.device_envelope(self.address, "bob", ["alice", "carol"], b"still here", client=bob,
+                                              group=(gid, info.head))
+        await bob.protocol.request("send", group=gid.hex(), size=envelope.size,
+                                   header=pager.b64(envelope.header), chunks=[pager.b64(c) for c in envelope.chunks],
+                                   signature=pager.b64(envelope.signature))
+        await self.wait_for(lambda: carol.events.messages or carol.events.rejected, "carol's look at bob's post")
+        shown = [(m.sender, bytes(m.plaintext), m.group_note) for m in carol.events.messages]
+        self.assertEqual(shown, [("bob", b"still here", "sealed for version 1 of #ops, before bob left or was "
+                                                          "removed (version 2 is yours)")])
