@@ -9173,7 +9173,8 @@ class PagerClient:
         """
         gid, before = chain.gid, chain.state
         state, new, events, broken = before, [], [], None
-        join_seq, vouched_only, kept = None, False, (len(chain.states), len(chain.ops))
+        join_seq, vouched_only, kept, history_signers = None, False, (len(chain.states), len(chain.ops)), set()
+        adder = None
         refused = chain.refused if chain.refused is not None and chain.refused[0] == before.seq + 1 else None
         if refused is not None and (not objs or _op_digest(objs[0]) != refused[1]):
             # Once an op is refused here, only that op can take the chain on: a server that withholds it or shows
@@ -9217,6 +9218,9 @@ class PagerClient:
                                         % (op.seq, op.kind, op.actor))
                 if not await self._op_signer_trusted(op, pem, join_seq, state):
                     vouched_only = True
+                    history_signers.add(op.actor)
+                if op.seq == join_seq:
+                    adder = op.actor
                 try:
                     after = state.apply(op, max_members=max(self._max_group_members(), len(state.members)))
                 except GroupRefused as e:
@@ -9257,6 +9261,11 @@ class PagerClient:
             if type(server_seq) is int and server_seq < state.seq:
                 self._group_warn(gid, name, "The server shows version %d of #%s, older than version %d verified "
                                             "here: it may be holding changes back." % (server_seq, name, state.seq))
+        if vouched_only and state.seq >= join_seq:
+            self._group_warn(gid, name, (
+                "#%s's changes from before you were added include some signed with a key that is not the one known "
+                "here for %s (a key changed since, or a history made up): %s vouched for them by adding you."
+                % (name, ", ".join(sorted(history_signers)), adder)))
         if broken is not None:
             self._group_warn(gid, name, "#%s's membership chain does not verify: %s. Nothing is sent to #%s until it "
                                         "does." % (name or gid.hex(), broken, name or gid.hex()))
