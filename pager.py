@@ -3575,6 +3575,18 @@ def _group_row_txn(txn, gid):
     return None if row is None else (row[0], row[1], bytes(row[2]), row[3])
 
 
+def group_access_txn(txn, gid, user):
+    """
+    What a request of C{user}'s naming group C{gid} may do, from a few rows and without the chain: C{(name, members,
+    member, former)}, the group's name and member count, whether C{user} is a current member, and whether a former
+    one (who may read the chain up to the op that ended it); None if there is no such group.
+    """
+    row = txn.execute("SELECT name, members, EXISTS (SELECT 1 FROM group_members WHERE gid = ?1 AND user = ?2),"
+                      " EXISTS (SELECT 1 FROM former_members WHERE user = ?2 AND gid = ?1) FROM groups WHERE gid = ?1",
+                      (gid, user)).fetchone()
+    return None if row is None else (row[0], row[1], bool(row[2]), bool(row[3]))
+
+
 def group_chain_txn(txn, gid, after, limit=GROUP_CHAIN_PAGE):
     """The encoded ops of group C{gid} after version C{after}, in order, at most C{limit}."""
     return [bytes(r[0]) for r in txn.execute("SELECT op FROM group_ops WHERE gid = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -3988,6 +4000,9 @@ class Store:
 
     def vacuum_step(self, pages):
         return self._run(vacuum_step_txn, pages)
+
+    def group_access(self, gid, user):
+        return self._run(group_access_txn, gid, user)
 
     def group_chain(self, gid, after, limit=GROUP_CHAIN_PAGE):
         return self._run(group_chain_txn, gid, after, limit)
@@ -4953,14 +4968,13 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("Group changes are signed with your identity key: make them on your identity device.")
         factory, limits = self.factory, self.limits
         factory.group_op_requested(self.user)
-        state = await factory.group_state(gid)
         if op.kind == "create":
-            if state is not None:
+            if await factory.group_taken(gid):
                 raise GroupExists("A group with that id exists already; make the group with a new id.")
             state = GroupState.empty(gid)
-        elif state is None or self.user not in state.members:
-            raise UnknownGroup()
-        elif op.seq != state.seq + 1 or not hmac.compare_digest(op.prev, state.head):
+        else:
+            state = await factory.member_group(gid, self.user)
+        if op.kind != "create" and (op.seq != state.seq + 1 or not hmac.compare_digest(op.prev, state.head)):
             raise GroupChanged("%s changed meanwhile: its version is now %d; fetch it and make the operation anew."
                                % (state.label, state.seq), state.seq, state.head)
         if op.seq > MAX_GROUP_OPS:
@@ -5010,17 +5024,14 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     async def _group_members(self, header, gid):
         """
         The members a group message goes to (all but the sender), from the server's cache of the group: the sender
-        must be a member, and the envelope sealed for the group's current head (else L{GroupChanged}).
+        must be a member (L{PagerServerFactory.member_group}: L{Forbidden} for a former member, L{UnknownGroup} for
+        anyone else), and the envelope sealed for the group's current head (else L{GroupChanged}).
         """
         if header.group_id is None:
             raise BadRequest('The envelope is not a group message: send it with "to", not "group".')
         if header.group_id != gid:
             raise BadRequest('The envelope is sealed for another group than "group" names.')
-        state = await self.factory.group_state(gid)
-        if state is None or not state.members:
-            raise UnknownGroup()
-        if self.user not in state.members:
-            raise Forbidden("You are not a member of %s." % state.label)
+        state = await self.factory.member_group(gid, self.user, former=True)
         if not hmac.compare_digest(header.group_head, state.head):
             raise GroupChanged("%s changed since the message was sealed: its version is now %d; seal it anew."
                                % (state.label, state.seq), state.seq, state.head)
@@ -5080,7 +5091,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         # must wait unread, until the upload has begun (or been refused).
         try:
             if group is not None:
-                if not self.factory.group_cached(group):
+                if not self.factory.group_cached(group, self.user):
                     self._hold("targets")
                 to = await self._group_members(parsed, group)
             if not self.factory.devices_cached(to, self.user):
@@ -5995,9 +6006,42 @@ class PagerServerFactory(protocol.Factory):
         if wait > 0:
             raise RateLimited("Too many group changes; try again in %d s." % _whole_seconds(wait), retry_after=wait)
 
-    def group_cached(self, gid):
-        """Whether L{group_state} gives C{gid}'s state without reading the store."""
-        return gid in self._groups
+    def group_cached(self, gid, user=None):
+        """
+        Whether L{group_state} gives C{gid}'s state without reading the store (and, with C{user}, L{member_group}:
+        the group is cached and C{user} one of its members).
+        """
+        state = self._groups.get(gid)
+        return state is not None and (user is None or user in state.members)
+
+    async def group_taken(self, gid):
+        """Whether a group with the id C{gid} exists (or existed: an ended group keeps its id), without its chain."""
+        return gid in self._groups or await self.store.group_access(gid, None) is not None
+
+    async def member_group(self, gid, user, former=False):
+        """
+        The L{GroupState} of group C{gid}, of which C{user} is a current member; else L{UnknownGroup} (the sentence
+        for a group that does not exist), or, with C{former}, L{Forbidden} naming the group for one of its former
+        members while it has members left.  A group the cache lacks is folded from its chain (L{group_state}) only
+        once the store has said that C{user} is one of its current members: a request naming a group that ended,
+        that its user left, or whose id it learnt, costs a look-up of a few rows (L{group_access_txn}) and never a
+        fold.  So only a member makes the server fold a chain, once: the state then stays cached (each op's new state
+        replacing it, L{group_committed}) until it is the least recently used of C{GROUP_CACHE}.
+        """
+        state = self._groups.get(gid)
+        if state is not None and user in state.members:
+            self._groups.move_to_end(gid)
+            return state
+        access = await self.store.group_access(gid, user)
+        if access is not None and access[1]:
+            name, _, member, was_member = access
+            if member:
+                state = await self.group_state(gid)
+                if state is not None and user in state.members:
+                    return state
+            elif former and was_member:
+                raise Forbidden("You are not a member of #%s." % name)
+        raise UnknownGroup()
 
     async def group_state(self, gid):
         """

@@ -699,6 +699,69 @@ class CacheTests(GroupTestCase):
         self.assertOk(self.group_op(self.alice, "remove", users=["carol"]))
         self.assertError(self.group_op(self.alice, "add", members=[("carol", fp("carol"))]), "too_large")
 
+    def chain_reads(self):
+        """Every read of a group's chain from the store, from now on (the server's fold reads it page by page)."""
+        reads = []
+        real = self.store.group_chain
+        self.patch(self.store, "group_chain", lambda *a: reads.append(a) or real(*a))
+        return reads
+
+    def test_endedGroupNeverFolded(self):
+        """
+        Attack: a group without members left (which the cache does not hold) named in send frames and ops, again
+        and again, by a former member or by anyone who knows its id, made the server read and fold its whole chain
+        (up to MAX_GROUP_OPS ops) at every frame.  Each such frame now costs a look-up of a few rows: unknown_group
+        (group_exists for a create with its id), and the chain is never read, on the server that saw the group end
+        and on a new one.
+        """
+        dave = self.register("dave")
+        self.assertOk(self.group_op(self.bob, "leave", "bob"))
+        self.assertOk(self.group_op(self.alice, "leave"))
+        reads = self.chain_reads()
+        for restarted in (False, True):
+            if restarted:
+                self.serve(self.limits)
+                self.alice, dave = self.login("alice"), self.login("dave")
+            for conn, user in ((self.alice, "alice"), (dave, "dave")):
+                for _ in range(3):
+                    answer = self.assertError(self.send_group(conn, self.seal_group(user, devices("bob"))),
+                                              "unknown_group")
+                    self.assertEqual(answer["message"], pager.UnknownGroup().message)
+                    self.assertRefused(self.group_op(conn, "topic", user, topic="y"), "unknown_group")
+                    self.assertRefused(self.group_op(conn, "create", user, seq=1, prev=ZERO, name="ops", topic="",
+                                                     members=[]), "group_exists")
+            self.assertEqual(reads, [])
+            self.assertFalse(self.factory.group_cached(GID))
+
+    def test_nonMemberNeverFolds(self):
+        """
+        Attack: someone outside a live group names its id (send frames, ops) on a server that has not cached the
+        group yet: the store says they are not a member (a few rows), and the chain is never read; unknown_group,
+        the sentence given for a group that does not exist.  A member's first request folds the chain once, and
+        the state stays cached: further sends and ops read no chain.
+        """
+        dave = self.register("dave")
+        self.serve(self.limits)
+        self.alice, self.bob, dave = self.login("alice"), self.login("bob"), self.login("dave")
+        reads = self.chain_reads()
+        for _ in range(3):
+            answer = self.assertError(self.send_group(dave, self.seal_group("dave", devices("alice", "bob"))),
+                                      "unknown_group")
+            self.assertEqual(answer["message"], pager.UnknownGroup().message)
+            self.assertRefused(self.group_op(dave, "leave", "dave"), "unknown_group")
+            self.assertRefused(self.group_op(dave, "create", "dave", seq=1, prev=ZERO, name="dev", topic="",
+                                             members=[]), "group_exists")
+        self.assertEqual(reads, [])
+        self.assertFalse(self.factory.group_cached(GID))
+        for _ in range(3):
+            self.assertOk(self.send_group(self.bob, self.seal_group("bob", devices("alice"))))
+        self.assertOk(self.group_op(self.alice, "topic", topic="z"))
+        self.assertOk(self.send_group(self.bob, self.seal_group("bob", devices("alice"))))
+        self.assertEqual(reads, [(GID, 0)])
+        # once cached, an outsider's frame reads no chain either
+        self.assertError(self.send_group(dave, self.seal_group("dave", devices("alice", "bob"))), "unknown_group")
+        self.assertEqual(reads, [(GID, 0)])
+
     def test_loadWhileOpLands(self):
         """
         Lookups while a group's chain is read share that read; if an op of the group lands meanwhile, the state
