@@ -216,6 +216,15 @@ class Limits:
     max_group_members: int = DEFAULT_MAX_GROUP_MEMBERS  # members of one group, its creator included (at most that)
     max_groups: int = 64  # groups one user is a current member of
 
+    @property
+    def max_groups_by_one(self):
+        """
+        Groups of one user's that another user may have put them in (by a create or an add, which need no consent):
+        an eighth of C{max_groups}, at least 4, but at most half of it (and at least 1), so that no one user fills
+        another's C{max_groups}.
+        """
+        return max(1, min(self.max_groups // 2, max(4, self.max_groups // 8)))
+
     def public(self):
         """The limits a client needs to know, as sent in ``hello``."""
         return {
@@ -2604,6 +2613,7 @@ CREATE TABLE IF NOT EXISTS group_members (
     gid BLOB NOT NULL REFERENCES groups(gid),
     user TEXT NOT NULL,
     since INTEGER NOT NULL,
+    added_by TEXT,
     PRIMARY KEY (gid, user)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS group_members_user ON group_members(user);
@@ -3561,10 +3571,11 @@ def expire_txn(txn, now, limit=EXPIRE_BATCH):
 # A group's chain of signed operations is stored as it came, each op with the PEM of the identity key that signed it
 # (the server checked the signature then).  Beside the chain, what the server needs without reading it: the group's
 # name, version (seq) and head, with its member count (groups: a name is taken while its group has members), its
-# current members (group_members: the member limit per user, the listing), and for each user who left or was
-# removed, the op that ended their membership (former_members: they may still read the chain up to it).  The rules
-# themselves (GroupState.apply) run in the server, on the state its cache holds; the transaction that stores an op
-# checks again that it extends the stored head, so that of two ops on one head only the first lands.
+# current members (group_members: the group limit per user, the listing, and who put each member in), and for each
+# user who left or was removed, the op that ended their membership (former_members: they may still read the chain up
+# to it).  The rules themselves (GroupState.apply) run in the server, on the state its cache holds; the transaction
+# that stores an op checks again that it extends the stored head, so that of two ops on one head only the first
+# lands.
 
 GROUP_CHAIN_PAGE = 256  # ops one read of a group's chain holds (the server's cache folds a chain page by page)
 
@@ -3600,11 +3611,13 @@ def check_group_name_txn(txn, gid, name):
         raise GroupExists("The group name #%s is taken on this server; choose another." % name)
 
 
-def check_group_users_txn(txn, members, max_groups):
+def check_group_users_txn(txn, members, max_groups, actor=None, by_one=None):
     """
     The users an op makes members (C{(user, fingerprint)} pairs; the creator too, for a create) exist, have those
     identity keys now, and are each in fewer than C{max_groups} groups: else L{UnknownUser}, L{BadRequest} or
-    L{QuotaExceeded}, naming them all.
+    L{QuotaExceeded}, naming them all.  With C{actor} and C{by_one}, each user but the C{actor} must also be in
+    fewer than C{by_one} groups that the C{actor} put them in (L{Limits.max_groups_by_one}), else L{QuotaExceeded}:
+    an add needs no consent, and one user must not fill another's C{max_groups}.
     """
     names = [user for user, _ in members]
     keys, counts = {}, collections.Counter()
@@ -3620,6 +3633,16 @@ def check_group_users_txn(txn, members, max_groups):
     if stale:
         raise BadRequest("The operation names a key of %s that is not the current one; fetch it again and make the"
                          " operation anew." % ", ".join(stale))
+    if actor is not None and by_one is not None:
+        others, placed = [user for user in names if user != actor], collections.Counter()
+        for part in _in_pages(others):
+            placed.update(dict(txn.execute(
+                "SELECT user, COUNT(*) FROM group_members WHERE user IN (%s) AND added_by = ? GROUP BY user"
+                % _marks(part), (*part, actor)).fetchall()))
+        over = [user for user in others if placed[user] >= by_one]
+        if over:
+            raise QuotaExceeded("You have put %s in %d groups already, the most one user may put another in (of the"
+                                " %d groups a user may be in)." % (", ".join(over), by_one, max_groups))
     full = [user for user in names if counts[user] >= max_groups]
     if full:
         raise QuotaExceeded("%s %s in %d groups already, the most a user may be in." % (
@@ -3686,11 +3709,11 @@ def add_group_op_txn(txn, gid, seq, prev, head, raw, signature, signer, actor, a
     if row is None or name != row[0]:
         check_group_name_txn(txn, gid, name)
     if added:
-        check_group_users_txn(txn, added, limits.max_groups)
+        check_group_users_txn(txn, added, limits.max_groups, actor, limits.max_groups_by_one)
     txn.execute("INSERT INTO group_ops (gid, seq, op, signature, signer, at) VALUES (?, ?, ?, ?, ?, ?)",
                 (gid, seq, raw, signature, signer, now))
-    txn.executemany("INSERT INTO group_members (gid, user, since) VALUES (?, ?, ?)",
-                    [(gid, user, seq) for user, _ in added])
+    txn.executemany("INSERT INTO group_members (gid, user, since, added_by) VALUES (?, ?, ?, ?)",
+                    [(gid, user, seq, actor) for user, _ in added])
     txn.executemany("DELETE FROM former_members WHERE user = ? AND gid = ?", [(user, gid) for user, _ in added])
     receipts = []
     if departed:
@@ -3705,11 +3728,11 @@ def add_group_op_txn(txn, gid, seq, prev, head, raw, signature, signer, actor, a
     return receipts
 
 
-def _check_group_op_txn(txn, gid, name, members, max_groups):
+def _check_group_op_txn(txn, gid, name, members, max_groups, actor=None, by_one=None):
     if name is not None:
         check_group_name_txn(txn, gid, name)
     if members:
-        check_group_users_txn(txn, members, max_groups)
+        check_group_users_txn(txn, members, max_groups, actor, by_one)
 
 
 def _check_group_head_txn(txn, gid, head):
@@ -4007,9 +4030,9 @@ class Store:
     def group_chain(self, gid, after, limit=GROUP_CHAIN_PAGE):
         return self._run(group_chain_txn, gid, after, limit)
 
-    def check_group_op(self, gid, name, members, max_groups):
+    def check_group_op(self, gid, name, members, max_groups, actor=None, by_one=None):
         """The checks of L{add_group_op_txn} that come before the signature's: the name, the users it adds."""
-        return self._run(_check_group_op_txn, gid, name, members, max_groups)
+        return self._run(_check_group_op_txn, gid, name, members, max_groups, actor, by_one)
 
     def add_group_op(self, gid, seq, prev, head, raw, signature, signer, actor, actor_fp, name, added, departed,
                      reason, members, now, limits):
@@ -4986,7 +5009,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         departed = tuple(op.users) if op.kind == "remove" else (self.user,) if op.kind == "leave" else ()
         name = new.name if op.kind in ("create", "rename") else None
         if name is not None or added:
-            await factory.store.check_group_op(gid, name, added, limits.max_groups)
+            await factory.store.check_group_op(gid, name, added, limits.max_groups, self.user,
+                                               limits.max_groups_by_one)
         try:
             await factory.in_thread(verify_group_op, self.key, op, signature)
         except BadSignature:

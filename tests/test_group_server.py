@@ -300,8 +300,9 @@ class LimitTests(GroupTestCase):
         """A user in max_groups groups is not made a member of another: quota_exceeded naming them, creator too."""
         self.serve(pager.Limits(max_groups=2))
         self.alice, self.bob, self.carol = self.login("alice"), self.login("bob"), self.login("carol")
+        self.dave = self.login("dave")
         self.create(self.alice, ("bob",), name="one", gid=bytes(16))
-        self.create(self.alice, ("bob",), name="two", gid=bytes(15) + b"\1")
+        self.create(self.dave, ("alice", "bob"), name="two", actor="dave", gid=bytes(15) + b"\1")
         self.assertRefused(self.group_op(self.carol, "create", "carol", name="three", topic="",
                                          members=[("bob", fp("bob")), ("dave", fp("dave"))]), "quota_exceeded",
                            "bob is in 2 groups")
@@ -313,6 +314,41 @@ class LimitTests(GroupTestCase):
         # leaving one makes room
         self.assertOk(self.group_op(self.bob, "leave", "bob", gid=bytes(16)))
         self.assertOk(self.group_op(self.carol, "add", "carol", members=[("bob", fp("bob"))]))
+
+    def test_groupsPutInByOneUser(self):
+        """
+        Attack: an add needs no consent, so one user filled another's max_groups with groups of their own: nobody
+        else could add the victim, and the victim could create none.  One user puts another in at most
+        max_groups_by_one groups (quota_exceeded naming the victim and the limit, for a create or an add); the
+        victim's own groups, and those others put them in, still fit.  Leaving one lets that user put them back in
+        one, no more.
+        """
+        self.serve(pager.Limits(max_groups=8))
+        self.assertEqual(self.factory.limits.max_groups_by_one, 4)
+        mallory, self.alice, self.bob = self.register("mallory"), self.login("alice"), self.login("bob")
+        gids = [bytes(15) + bytes([n]) for n in range(1, 6)]
+        for n, gid in enumerate(gids[:4]):
+            self.create(mallory, ("bob",), name="spam%d" % n, actor="mallory", gid=gid)
+        answer = self.assertRefused(self.group_op(mallory, "create", "mallory", gids[4], name="spam4", topic="",
+                                                  members=[("bob", fp("bob")), ("carol", fp("carol"))]),
+                                    "quota_exceeded", "You have put bob in 4 groups already", "8", gid=gids[4])
+        self.assertNotIn("carol", answer["message"])
+        self.create(mallory, ("carol",), name="spam4", actor="mallory", gid=gids[4])
+        self.assertRefused(self.group_op(mallory, "add", "mallory", gids[4], members=[("bob", fp("bob"))]),
+                           "quota_exceeded", "bob", gid=gids[4])
+        # mallory's own groups are not counted against her: she is in 5
+        self.create(self.alice, ("bob",), name="real", gid=OTHER)
+        self.create(self.bob, (), name="mine", actor="bob", gid=bytes(16))
+        self.assertEqual(self.query("SELECT COUNT(*) FROM group_members WHERE user = 'bob'"), [(6,)])
+        self.assertOk(self.group_op(self.bob, "leave", "bob", gid=gids[0]))
+        self.assertOk(self.group_op(mallory, "add", "mallory", gids[4], members=[("bob", fp("bob"))]))
+        self.assertRefused(self.group_op(mallory, "add", "mallory", gids[0], members=[("bob", fp("bob"))]),
+                           "quota_exceeded", "bob", gid=gids[0])
+
+    def test_groupsByOneBound(self):
+        """An eighth of max_groups, at least 4, at most half (at least 1)."""
+        for max_groups, by_one in ((64, 8), (256, 32), (8, 4), (6, 3), (2, 1), (1, 1)):
+            self.assertEqual(pager.Limits(max_groups=max_groups).max_groups_by_one, by_one)
 
     def test_chainLength(self):
         """A chain holds at most MAX_GROUP_OPS ops: the next is quota_exceeded, saying to create a new group."""
