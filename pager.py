@@ -3692,7 +3692,8 @@ def add_group_op_txn(txn, gid, seq, prev, head, raw, signature, signer, actor, a
     again, L{check_group_users_txn}), C{departed} the users it removes (or who leave): their pending deliveries of
     the group's messages are settled as rejected with C{reason} (see L{_group_departed_txn}), and they become
     former members, who may still read the chain up to this op.  The C{actor} must still have the identity key
-    C{actor_fp}.  Returns the receipts made, as C{(sender, Receipt)} pairs.
+    C{actor_fp}.  An op that takes nobody out must fit the database's budget (L{StorageFull}, as a message).
+    Returns the receipts made, as C{(sender, Receipt)} pairs.
     """
     _check_session_key_txn(txn, actor, actor_fp)
     row = _group_row_txn(txn, gid)
@@ -3710,6 +3711,8 @@ def add_group_op_txn(txn, gid, seq, prev, head, raw, signature, signer, actor, a
         check_group_name_txn(txn, gid, name)
     if added:
         check_group_users_txn(txn, added, limits.max_groups, actor, limits.max_groups_by_one)
+    if not departed:  # a leave or a remove still lands on a full server: it frees what waited for them
+        _check_budget_txn(txn, len(raw) + len(signature) + len(signer), limits)
     txn.execute("INSERT INTO group_ops (gid, seq, op, signature, signer, at) VALUES (?, ?, ?, ?, ?, ?)",
                 (gid, seq, raw, signature, signer, now))
     txn.executemany("INSERT INTO group_members (gid, user, since, added_by) VALUES (?, ?, ?, ?)",

@@ -350,6 +350,26 @@ class LimitTests(GroupTestCase):
         for max_groups, by_one in ((64, 8), (256, 32), (8, 4), (6, 3), (2, 1), (1, 1)):
             self.assertEqual(pager.Limits(max_groups=max_groups).max_groups_by_one, by_one)
 
+    def test_storageBudget(self):
+        """
+        Attack: group ops were stored past the database's budget (max_db_bytes), where a message got storage_full.
+        Every op that takes nobody out (create, add, topic...) is storage_full now, nothing stored; a leave or a
+        remove, which free what waited for the members they take out, still land.
+        """
+        self.create(self.alice, ("bob", "carol"))
+        self.serve(pager.Limits(max_db_bytes=4096))  # far below what the database already uses
+        self.alice, self.bob, self.dave = self.login("alice"), self.login("bob"), self.login("dave")
+        self.assertError(self.send_group(self.alice, self.seal_group("alice", devices("bob", "carol"))),
+                         "storage_full")
+        self.assertRefused(self.group_op(self.alice, "topic", topic="y" * 256), "storage_full", "4096 bytes")
+        self.assertRefused(self.group_op(self.alice, "add", members=[("dave", fp("dave"))]), "storage_full")
+        self.assertRefused(self.group_op(self.dave, "create", "dave", OTHER, name="dev", topic="", members=[]),
+                           "storage_full", gid=OTHER)
+        self.assertEqual(self.query("SELECT COUNT(*) FROM groups"), [(1,)])
+        self.assertOk(self.group_op(self.bob, "leave", "bob"))
+        self.assertOk(self.group_op(self.alice, "remove", users=["carol"]))
+        self.assertEqual(self.query("SELECT user FROM group_members"), [("alice",)])
+
     def test_chainLength(self):
         """A chain holds at most MAX_GROUP_OPS ops: the next is quota_exceeded, saying to create a new group."""
         self.patch(pager, "MAX_GROUP_OPS", 3)
