@@ -3652,13 +3652,15 @@ def check_group_users_txn(txn, members, max_groups, actor=None, by_one=None):
 def _group_departed_txn(txn, gid, users, reason, now):
     """
     Settle every delivery of group C{gid}'s messages still waiting for C{users} as C{rejected} with C{reason} (a
-    format taking the user's name): they left the group before receiving them.  Returns C{(sender, Receipt)} pairs.
+    format taking the user's name): they left the group before receiving them.  A departing user's own messages,
+    waiting for their other devices, stay: they were sealed while the user was a member, and the user's devices
+    should read the same conversation.  Returns C{(sender, Receipt)} pairs.
     """
     receipts = []
     for user in users:
         msg_ids = [bytes(r[0]) for r in txn.execute(
-            "SELECT DISTINCT m.msg_id FROM deliveries d JOIN messages m ON m.seq = d.seq WHERE d.recipient = ?"
-            " AND m.gid = ?", (user, gid)).fetchall()]
+            "SELECT DISTINCT m.msg_id FROM deliveries d JOIN messages m ON m.seq = d.seq WHERE d.recipient = ?1"
+            " AND m.gid = ?2 AND m.sender != ?1", (user, gid)).fetchall()]
         if msg_ids:
             receipts += settle_txn(txn, user, msg_ids, "rejected", reason % user, now)[0]
     return receipts

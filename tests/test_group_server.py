@@ -685,6 +685,35 @@ class DepartureTests(GroupTestCase):
         self.assertEqual(receipt["reason"], "carol left #ops before receiving it.")
         self.assertError(carol.request("ack", msg=self.msg), "unknown_message")
 
+    def test_ownCopiesStay(self):
+        """
+        A departing member's own group messages still waiting for their other devices stay (they were sealed while
+        the member was one, so that the conversation reads the same on each device); what others sent them is
+        dropped, with its receipt.  So for a leave, and for a removal.
+        """
+        carol = self.login("carol")
+        phone = self.link("carol", "carol-phone", identity=carol)  # and it stays offline
+        targets = devices("alice", "bob") + [("carol", phone)]
+        own = [self.seal_group("carol", targets)]
+        self.assertOk(self.send_group(carol, own[0]))
+        self.assertOk(self.group_op(carol, "leave", "carol"))
+        self.assertOk(self.group_op(self.alice, "add", members=[("carol", fp("carol"))]))
+        own.append(self.seal_group("carol", targets))
+        self.assertOk(self.send_group(carol, own[1]))
+        other = self.seal_group("alice", devices("bob", "carol") + [("carol", phone)])
+        self.assertOk(self.send_group(self.alice, other))
+        self.assertOk(self.group_op(self.alice, "remove", users=["carol"]))
+        self.assertEqual(sorted((r["msg"], r["from"], r["status"], r["reason"]) for r in self.alice.pushed("receipt")),
+                         sorted([(self.msg, "carol", "rejected", "carol left #ops before receiving it."),
+                                 (pager.parse_header(other.header).message_id.hex(), "carol", "rejected",
+                                  "carol was removed from #ops before receiving it.")]))
+        phone_session = self.device_session("carol", phone)
+        self.assertEqual([f["msg"] for f in phone_session.pushed("message")],
+                         [pager.parse_header(e.header).message_id.hex() for e in own])
+        for envelope in own:
+            self.assertOk(phone_session.request("ack", msg=pager.parse_header(envelope.header).message_id.hex()))
+        self.assertEqual(carol.pushed("receipt"), [])  # no receipt for one's own copies
+
     def test_otherMessagesStay(self):
         """A 1:1 message waiting for the departing member is not touched."""
         one = seal_to("bob", private_key("bob"), devices("carol"))
