@@ -511,6 +511,35 @@ class GroupSendTests(GroupTestCase):
                          [("bob", "delivered"), ("carol", "delivered")])
         self.assertEqual(self.query("SELECT COUNT(*) FROM messages"), [(0,)])
 
+    def test_chargedLikeOneToOne(self):
+        """
+        A group message counts once against its sender's quota (the one 1:1 messages count against), and once
+        against each member's pending quota however many devices get it; past either, quota_exceeded naming who,
+        nothing stored.  Settled by every member, it counts no more.
+        """
+        self.serve(pager.Limits(max_sender_pending_messages=2, max_pending_messages=2))
+        self.alice, self.bob, self.carol = self.login("alice"), self.login("bob"), self.login("carol")
+        self.carol_phone = self.device_session("carol", self.phone)
+        counts = "SELECT name, sent_count, pending_count FROM users WHERE name IN ('alice', 'bob', 'carol') ORDER BY name"
+        first = self.seal_group("alice", self.members)
+        self.assertOk(self.send_group(self.alice, first))
+        self.assertEqual(self.query(counts), [("alice", 1, 0), ("bob", 0, 1), ("carol", 0, 1)])
+        self.assertOk(self.alice.send(seal_to("alice", private_key("alice"), devices("dave"))))
+        answer = self.assertError(self.send_group(self.alice, self.seal_group("alice", self.members)),
+                                  "quota_exceeded")
+        self.assertIn("too many messages waiting", answer["message"])
+        self.assertOk(self.send_group(self.carol, self.seal_group("carol", devices("alice", "bob")
+                                                                  + [("carol", self.phone)])))
+        answer = self.assertError(self.send_group(self.carol_phone, self.seal_group(
+            "carol", devices("alice", "bob", "carol"), sender_key=self.phone)), "quota_exceeded")
+        self.assertIn("bob", answer["message"])
+        self.assertEqual(self.query(counts), [("alice", 2, 1), ("bob", 0, 2), ("carol", 1, 2)])
+        msg = pager.parse_header(first.header).message_id.hex()
+        for conn in (self.bob, self.carol, self.carol_phone):
+            self.assertOk(conn.request("ack", msg=msg))
+        self.assertEqual(self.query(counts), [("alice", 1, 1), ("bob", 0, 1), ("carol", 1, 1)])
+        self.assertOk(self.send_group(self.alice, self.seal_group("alice", self.members)))
+
     def test_pushEncodedOnce(self):
         """The push is encoded once for all the member devices it fans out to, and each gets the same line."""
         built = []
