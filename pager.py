@@ -5002,9 +5002,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             state = GroupState.empty(gid)
         else:
             state = await factory.member_group(gid, self.user)
-        if op.kind != "create" and (op.seq != state.seq + 1 or not hmac.compare_digest(op.prev, state.head)):
-            raise GroupChanged("%s changed meanwhile: its version is now %d; fetch it and make the operation anew."
-                               % (state.label, state.seq), state.seq, state.head)
+            if op.seq != state.seq + 1 or not hmac.compare_digest(op.prev, state.head):
+                raise GroupChanged("%s changed meanwhile: its version is now %d; fetch it and make the operation"
+                                   " anew." % (state.label, state.seq), state.seq, state.head)
         if op.seq > MAX_GROUP_OPS:
             raise QuotaExceeded("%s has %d operations, the most one group may have: create a new group."
                                 % (state.label, MAX_GROUP_OPS))
@@ -6075,7 +6075,8 @@ class PagerServerFactory(protocol.Factory):
     async def group_state(self, gid):
         """
         The L{GroupState} of group C{gid} (None if there is none): from the cache, or folded from the stored chain
-        (off the reactor), once however many ask at the same time.  A state read while an op of the group landed is
+        (off the reactor), once however many ask at the same time (requests ask L{member_group}, which folds only
+        for a member).  A state read while an op of the group landed is
         given to those who asked but not cached: it may be the one before the op.  The transactions that store an op
         or a group message check the head again, so an old state can only make them refused (group_changed).
         """

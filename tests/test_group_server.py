@@ -520,7 +520,8 @@ class GroupSendTests(GroupTestCase):
         self.serve(pager.Limits(max_sender_pending_messages=2, max_pending_messages=2))
         self.alice, self.bob, self.carol = self.login("alice"), self.login("bob"), self.login("carol")
         self.carol_phone = self.device_session("carol", self.phone)
-        counts = "SELECT name, sent_count, pending_count FROM users WHERE name IN ('alice', 'bob', 'carol') ORDER BY name"
+        counts = ("SELECT name, sent_count, pending_count FROM users WHERE name IN ('alice', 'bob', 'carol')"
+                  " ORDER BY name")
         first = self.seal_group("alice", self.members)
         self.assertOk(self.send_group(self.alice, first))
         self.assertEqual(self.query(counts), [("alice", 1, 0), ("bob", 0, 1), ("carol", 0, 1)])
