@@ -1,8 +1,10 @@
 """
 Tests for the server's side of groups: group_op (each op kind's permissions, the checks in their documented order,
-races between admins, the limits), group_ops and groups (what members, former members and others may read), group
-sends (coverage, the head they were sealed for, who may send, delivery to every member device, stored once), what a
-departing member's pending deliveries become, the group_changed push, and the store's schema 4 with its migration.
+races between admins, the limits, among them the groups one user may put another in and the storage budget),
+group_ops and groups (what members, former members and others may read), group sends (coverage, the head they were
+sealed for, who may send, delivery to every member device, stored once, the quotas they count against), what a
+departing member's pending deliveries become, the group_changed push, the server's cache of groups (only a member's
+request makes it read a chain), and the store's schema 4 with its migration.
 Driven like tests.test_server: StringTransport, a synchronous store and a MemoryReactorClock; ops are built and
 signed with the envelope section's own functions.
 """
