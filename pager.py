@@ -216,6 +216,15 @@ class Limits:
     max_group_members: int = DEFAULT_MAX_GROUP_MEMBERS  # members of one group, its creator included (at most that)
     max_groups: int = 64  # groups one user is a current member of
 
+    @property
+    def max_groups_by_one(self):
+        """
+        Groups of one user's that another user may have put them in (by a create or an add, which need no consent):
+        an eighth of C{max_groups}, at least 4, but at most half of it (and at least 1), so that no one user fills
+        another's C{max_groups}.
+        """
+        return max(1, min(self.max_groups // 2, max(4, self.max_groups // 8)))
+
     def public(self):
         """The limits a client needs to know, as sent in ``hello``."""
         return {
@@ -2604,6 +2613,7 @@ CREATE TABLE IF NOT EXISTS group_members (
     gid BLOB NOT NULL REFERENCES groups(gid),
     user TEXT NOT NULL,
     since INTEGER NOT NULL,
+    added_by TEXT,
     PRIMARY KEY (gid, user)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS group_members_user ON group_members(user);
@@ -3561,10 +3571,11 @@ def expire_txn(txn, now, limit=EXPIRE_BATCH):
 # A group's chain of signed operations is stored as it came, each op with the PEM of the identity key that signed it
 # (the server checked the signature then).  Beside the chain, what the server needs without reading it: the group's
 # name, version (seq) and head, with its member count (groups: a name is taken while its group has members), its
-# current members (group_members: the member limit per user, the listing), and for each user who left or was
-# removed, the op that ended their membership (former_members: they may still read the chain up to it).  The rules
-# themselves (GroupState.apply) run in the server, on the state its cache holds; the transaction that stores an op
-# checks again that it extends the stored head, so that of two ops on one head only the first lands.
+# current members (group_members: the group limit per user, the listing, and who put each member in), and for each
+# user who left or was removed, the op that ended their membership (former_members: they may still read the chain up
+# to it).  The rules themselves (GroupState.apply) run in the server, on the state its cache holds; the transaction
+# that stores an op checks again that it extends the stored head, so that of two ops on one head only the first
+# lands.
 
 GROUP_CHAIN_PAGE = 256  # ops one read of a group's chain holds (the server's cache folds a chain page by page)
 
@@ -3573,6 +3584,18 @@ def _group_row_txn(txn, gid):
     """C{(name, seq, head, members)} of group C{gid}, or None."""
     row = txn.execute("SELECT name, seq, head, members FROM groups WHERE gid = ?", (gid,)).fetchone()
     return None if row is None else (row[0], row[1], bytes(row[2]), row[3])
+
+
+def group_access_txn(txn, gid, user):
+    """
+    What a request of C{user}'s naming group C{gid} may do, from a few rows and without the chain: C{(name, members,
+    member, former)}, the group's name and member count, whether C{user} is a current member, and whether a former
+    one (who may read the chain up to the op that ended it); None if there is no such group.
+    """
+    row = txn.execute("SELECT name, members, EXISTS (SELECT 1 FROM group_members WHERE gid = ?1 AND user = ?2),"
+                      " EXISTS (SELECT 1 FROM former_members WHERE user = ?2 AND gid = ?1) FROM groups WHERE gid = ?1",
+                      (gid, user)).fetchone()
+    return None if row is None else (row[0], row[1], bool(row[2]), bool(row[3]))
 
 
 def group_chain_txn(txn, gid, after, limit=GROUP_CHAIN_PAGE):
@@ -3588,11 +3611,13 @@ def check_group_name_txn(txn, gid, name):
         raise GroupExists("The group name #%s is taken on this server; choose another." % name)
 
 
-def check_group_users_txn(txn, members, max_groups):
+def check_group_users_txn(txn, members, max_groups, actor=None, by_one=None):
     """
     The users an op makes members (C{(user, fingerprint)} pairs; the creator too, for a create) exist, have those
     identity keys now, and are each in fewer than C{max_groups} groups: else L{UnknownUser}, L{BadRequest} or
-    L{QuotaExceeded}, naming them all.
+    L{QuotaExceeded}, naming them all.  With C{actor} and C{by_one}, each user but the C{actor} must also be in
+    fewer than C{by_one} groups that the C{actor} put them in (L{Limits.max_groups_by_one}), else L{QuotaExceeded}:
+    an add needs no consent, and one user must not fill another's C{max_groups}.
     """
     names = [user for user, _ in members]
     keys, counts = {}, collections.Counter()
@@ -3608,6 +3633,16 @@ def check_group_users_txn(txn, members, max_groups):
     if stale:
         raise BadRequest("The operation names a key of %s that is not the current one; fetch it again and make the"
                          " operation anew." % ", ".join(stale))
+    if actor is not None and by_one is not None:
+        others, placed = [user for user in names if user != actor], collections.Counter()
+        for part in _in_pages(others):
+            placed.update(dict(txn.execute(
+                "SELECT user, COUNT(*) FROM group_members WHERE user IN (%s) AND added_by = ? GROUP BY user"
+                % _marks(part), (*part, actor)).fetchall()))
+        over = [user for user in others if placed[user] >= by_one]
+        if over:
+            raise QuotaExceeded("You have put %s in %d groups already, the most one user may put another in (of the"
+                                " %d groups a user may be in)." % (", ".join(over), by_one, max_groups))
     full = [user for user in names if counts[user] >= max_groups]
     if full:
         raise QuotaExceeded("%s %s in %d groups already, the most a user may be in." % (
@@ -3617,13 +3652,15 @@ def check_group_users_txn(txn, members, max_groups):
 def _group_departed_txn(txn, gid, users, reason, now):
     """
     Settle every delivery of group C{gid}'s messages still waiting for C{users} as C{rejected} with C{reason} (a
-    format taking the user's name): they left the group before receiving them.  Returns C{(sender, Receipt)} pairs.
+    format taking the user's name): they left the group before receiving them.  A departing user's own messages,
+    waiting for their other devices, stay: they were sealed while the user was a member, and the user's devices
+    should read the same conversation.  Returns C{(sender, Receipt)} pairs.
     """
     receipts = []
     for user in users:
         msg_ids = [bytes(r[0]) for r in txn.execute(
-            "SELECT DISTINCT m.msg_id FROM deliveries d JOIN messages m ON m.seq = d.seq WHERE d.recipient = ?"
-            " AND m.gid = ?", (user, gid)).fetchall()]
+            "SELECT DISTINCT m.msg_id FROM deliveries d JOIN messages m ON m.seq = d.seq WHERE d.recipient = ?1"
+            " AND m.gid = ?2 AND m.sender != ?1", (user, gid)).fetchall()]
         if msg_ids:
             receipts += settle_txn(txn, user, msg_ids, "rejected", reason % user, now)[0]
     return receipts
@@ -3657,7 +3694,8 @@ def add_group_op_txn(txn, gid, seq, prev, head, raw, signature, signer, actor, a
     again, L{check_group_users_txn}), C{departed} the users it removes (or who leave): their pending deliveries of
     the group's messages are settled as rejected with C{reason} (see L{_group_departed_txn}), and they become
     former members, who may still read the chain up to this op.  The C{actor} must still have the identity key
-    C{actor_fp}.  Returns the receipts made, as C{(sender, Receipt)} pairs.
+    C{actor_fp}.  An op that takes nobody out must fit the database's budget (L{StorageFull}, as a message).
+    Returns the receipts made, as C{(sender, Receipt)} pairs.
     """
     _check_session_key_txn(txn, actor, actor_fp)
     row = _group_row_txn(txn, gid)
@@ -3674,11 +3712,13 @@ def add_group_op_txn(txn, gid, seq, prev, head, raw, signature, signer, actor, a
     if row is None or name != row[0]:
         check_group_name_txn(txn, gid, name)
     if added:
-        check_group_users_txn(txn, added, limits.max_groups)
+        check_group_users_txn(txn, added, limits.max_groups, actor, limits.max_groups_by_one)
+    if not departed:  # a leave or a remove still lands on a full server: it frees what waited for them
+        _check_budget_txn(txn, len(raw) + len(signature) + len(signer), limits)
     txn.execute("INSERT INTO group_ops (gid, seq, op, signature, signer, at) VALUES (?, ?, ?, ?, ?, ?)",
                 (gid, seq, raw, signature, signer, now))
-    txn.executemany("INSERT INTO group_members (gid, user, since) VALUES (?, ?, ?)",
-                    [(gid, user, seq) for user, _ in added])
+    txn.executemany("INSERT INTO group_members (gid, user, since, added_by) VALUES (?, ?, ?, ?)",
+                    [(gid, user, seq, actor) for user, _ in added])
     txn.executemany("DELETE FROM former_members WHERE user = ? AND gid = ?", [(user, gid) for user, _ in added])
     receipts = []
     if departed:
@@ -3693,11 +3733,11 @@ def add_group_op_txn(txn, gid, seq, prev, head, raw, signature, signer, actor, a
     return receipts
 
 
-def _check_group_op_txn(txn, gid, name, members, max_groups):
+def _check_group_op_txn(txn, gid, name, members, max_groups, actor=None, by_one=None):
     if name is not None:
         check_group_name_txn(txn, gid, name)
     if members:
-        check_group_users_txn(txn, members, max_groups)
+        check_group_users_txn(txn, members, max_groups, actor, by_one)
 
 
 def _check_group_head_txn(txn, gid, head):
@@ -3989,12 +4029,15 @@ class Store:
     def vacuum_step(self, pages):
         return self._run(vacuum_step_txn, pages)
 
+    def group_access(self, gid, user):
+        return self._run(group_access_txn, gid, user)
+
     def group_chain(self, gid, after, limit=GROUP_CHAIN_PAGE):
         return self._run(group_chain_txn, gid, after, limit)
 
-    def check_group_op(self, gid, name, members, max_groups):
+    def check_group_op(self, gid, name, members, max_groups, actor=None, by_one=None):
         """The checks of L{add_group_op_txn} that come before the signature's: the name, the users it adds."""
-        return self._run(_check_group_op_txn, gid, name, members, max_groups)
+        return self._run(_check_group_op_txn, gid, name, members, max_groups, actor, by_one)
 
     def add_group_op(self, gid, seq, prev, head, raw, signature, signer, actor, actor_fp, name, added, departed,
                      reason, members, now, limits):
@@ -4953,16 +4996,15 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("Group changes are signed with your identity key: make them on your identity device.")
         factory, limits = self.factory, self.limits
         factory.group_op_requested(self.user)
-        state = await factory.group_state(gid)
         if op.kind == "create":
-            if state is not None:
+            if await factory.group_taken(gid):
                 raise GroupExists("A group with that id exists already; make the group with a new id.")
             state = GroupState.empty(gid)
-        elif state is None or self.user not in state.members:
-            raise UnknownGroup()
-        elif op.seq != state.seq + 1 or not hmac.compare_digest(op.prev, state.head):
-            raise GroupChanged("%s changed meanwhile: its version is now %d; fetch it and make the operation anew."
-                               % (state.label, state.seq), state.seq, state.head)
+        else:
+            state = await factory.member_group(gid, self.user)
+            if op.seq != state.seq + 1 or not hmac.compare_digest(op.prev, state.head):
+                raise GroupChanged("%s changed meanwhile: its version is now %d; fetch it and make the operation"
+                                   " anew." % (state.label, state.seq), state.seq, state.head)
         if op.seq > MAX_GROUP_OPS:
             raise QuotaExceeded("%s has %d operations, the most one group may have: create a new group."
                                 % (state.label, MAX_GROUP_OPS))
@@ -4972,7 +5014,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         departed = tuple(op.users) if op.kind == "remove" else (self.user,) if op.kind == "leave" else ()
         name = new.name if op.kind in ("create", "rename") else None
         if name is not None or added:
-            await factory.store.check_group_op(gid, name, added, limits.max_groups)
+            await factory.store.check_group_op(gid, name, added, limits.max_groups, self.user,
+                                               limits.max_groups_by_one)
         try:
             await factory.in_thread(verify_group_op, self.key, op, signature)
         except BadSignature:
@@ -5010,17 +5053,14 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     async def _group_members(self, header, gid):
         """
         The members a group message goes to (all but the sender), from the server's cache of the group: the sender
-        must be a member, and the envelope sealed for the group's current head (else L{GroupChanged}).
+        must be a member (L{PagerServerFactory.member_group}: L{Forbidden} for a former member, L{UnknownGroup} for
+        anyone else), and the envelope sealed for the group's current head (else L{GroupChanged}).
         """
         if header.group_id is None:
             raise BadRequest('The envelope is not a group message: send it with "to", not "group".')
         if header.group_id != gid:
             raise BadRequest('The envelope is sealed for another group than "group" names.')
-        state = await self.factory.group_state(gid)
-        if state is None or not state.members:
-            raise UnknownGroup()
-        if self.user not in state.members:
-            raise Forbidden("You are not a member of %s." % state.label)
+        state = await self.factory.member_group(gid, self.user, former=True)
         if not hmac.compare_digest(header.group_head, state.head):
             raise GroupChanged("%s changed since the message was sealed: its version is now %d; seal it anew."
                                % (state.label, state.seq), state.seq, state.head)
@@ -5080,7 +5120,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         # must wait unread, until the upload has begun (or been refused).
         try:
             if group is not None:
-                if not self.factory.group_cached(group):
+                if not self.factory.group_cached(group, self.user):
                     self._hold("targets")
                 to = await self._group_members(parsed, group)
             if not self.factory.devices_cached(to, self.user):
@@ -5995,14 +6035,48 @@ class PagerServerFactory(protocol.Factory):
         if wait > 0:
             raise RateLimited("Too many group changes; try again in %d s." % _whole_seconds(wait), retry_after=wait)
 
-    def group_cached(self, gid):
-        """Whether L{group_state} gives C{gid}'s state without reading the store."""
-        return gid in self._groups
+    def group_cached(self, gid, user=None):
+        """
+        Whether L{group_state} gives C{gid}'s state without reading the store (and, with C{user}, L{member_group}:
+        the group is cached and C{user} one of its members).
+        """
+        state = self._groups.get(gid)
+        return state is not None and (user is None or user in state.members)
+
+    async def group_taken(self, gid):
+        """Whether a group with the id C{gid} exists (or existed: an ended group keeps its id), without its chain."""
+        return gid in self._groups or await self.store.group_access(gid, None) is not None
+
+    async def member_group(self, gid, user, former=False):
+        """
+        The L{GroupState} of group C{gid}, of which C{user} is a current member; else L{UnknownGroup} (the sentence
+        for a group that does not exist), or, with C{former}, L{Forbidden} naming the group for one of its former
+        members while it has members left.  A group the cache lacks is folded from its chain (L{group_state}) only
+        once the store has said that C{user} is one of its current members: a request naming a group that ended,
+        that its user left, or whose id it learnt, costs a look-up of a few rows (L{group_access_txn}) and never a
+        fold.  So only a member makes the server fold a chain, once: the state then stays cached (each op's new state
+        replacing it, L{group_committed}) until it is the least recently used of C{GROUP_CACHE}.
+        """
+        state = self._groups.get(gid)
+        if state is not None and user in state.members:
+            self._groups.move_to_end(gid)
+            return state
+        access = await self.store.group_access(gid, user)
+        if access is not None and access[1]:
+            name, _, member, was_member = access
+            if member:
+                state = await self.group_state(gid)
+                if state is not None and user in state.members:
+                    return state
+            elif former and was_member:
+                raise Forbidden("You are not a member of #%s." % name)
+        raise UnknownGroup()
 
     async def group_state(self, gid):
         """
         The L{GroupState} of group C{gid} (None if there is none): from the cache, or folded from the stored chain
-        (off the reactor), once however many ask at the same time.  A state read while an op of the group landed is
+        (off the reactor), once however many ask at the same time (requests ask L{member_group}, which folds only
+        for a member).  A state read while an op of the group landed is
         given to those who asked but not cached: it may be the one before the op.  The transactions that store an op
         or a group message check the head again, so an old state can only make them refused (group_changed).
         """

@@ -1,8 +1,10 @@
 """
 Tests for the server's side of groups: group_op (each op kind's permissions, the checks in their documented order,
-races between admins, the limits), group_ops and groups (what members, former members and others may read), group
-sends (coverage, the head they were sealed for, who may send, delivery to every member device, stored once), what a
-departing member's pending deliveries become, the group_changed push, and the store's schema 4 with its migration.
+races between admins, the limits, among them the groups one user may put another in and the storage budget),
+group_ops and groups (what members, former members and others may read), group sends (coverage, the head they were
+sealed for, who may send, delivery to every member device, stored once, the quotas they count against), what a
+departing member's pending deliveries become, the group_changed push, the server's cache of groups (only a member's
+request makes it read a chain), and the store's schema 4 with its migration.
 Driven like tests.test_server: StringTransport, a synchronous store and a MemoryReactorClock; ops are built and
 signed with the envelope section's own functions.
 """
@@ -300,8 +302,9 @@ class LimitTests(GroupTestCase):
         """A user in max_groups groups is not made a member of another: quota_exceeded naming them, creator too."""
         self.serve(pager.Limits(max_groups=2))
         self.alice, self.bob, self.carol = self.login("alice"), self.login("bob"), self.login("carol")
+        self.dave = self.login("dave")
         self.create(self.alice, ("bob",), name="one", gid=bytes(16))
-        self.create(self.alice, ("bob",), name="two", gid=bytes(15) + b"\1")
+        self.create(self.dave, ("alice", "bob"), name="two", actor="dave", gid=bytes(15) + b"\1")
         self.assertRefused(self.group_op(self.carol, "create", "carol", name="three", topic="",
                                          members=[("bob", fp("bob")), ("dave", fp("dave"))]), "quota_exceeded",
                            "bob is in 2 groups")
@@ -313,6 +316,61 @@ class LimitTests(GroupTestCase):
         # leaving one makes room
         self.assertOk(self.group_op(self.bob, "leave", "bob", gid=bytes(16)))
         self.assertOk(self.group_op(self.carol, "add", "carol", members=[("bob", fp("bob"))]))
+
+    def test_groupsPutInByOneUser(self):
+        """
+        Attack: an add needs no consent, so one user filled another's max_groups with groups of their own: nobody
+        else could add the victim, and the victim could create none.  One user puts another in at most
+        max_groups_by_one groups (quota_exceeded naming the victim and the limit, for a create or an add); the
+        victim's own groups, and those others put them in, still fit.  Leaving one lets that user put them back in
+        one, no more.
+        """
+        self.serve(pager.Limits(max_groups=8))
+        self.assertEqual(self.factory.limits.max_groups_by_one, 4)
+        mallory, self.alice, self.bob = self.register("mallory"), self.login("alice"), self.login("bob")
+        gids = [bytes(15) + bytes([n]) for n in range(1, 6)]
+        for n, gid in enumerate(gids[:4]):
+            self.create(mallory, ("bob",), name="spam%d" % n, actor="mallory", gid=gid)
+        answer = self.assertRefused(self.group_op(mallory, "create", "mallory", gids[4], name="spam4", topic="",
+                                                  members=[("bob", fp("bob")), ("carol", fp("carol"))]),
+                                    "quota_exceeded", "You have put bob in 4 groups already", "8", gid=gids[4])
+        self.assertNotIn("carol", answer["message"])
+        self.create(mallory, ("carol",), name="spam4", actor="mallory", gid=gids[4])
+        self.assertRefused(self.group_op(mallory, "add", "mallory", gids[4], members=[("bob", fp("bob"))]),
+                           "quota_exceeded", "bob", gid=gids[4])
+        # mallory's own groups are not counted against her: she is in 5
+        self.create(self.alice, ("bob",), name="real", gid=OTHER)
+        self.create(self.bob, (), name="mine", actor="bob", gid=bytes(16))
+        self.assertEqual(self.query("SELECT COUNT(*) FROM group_members WHERE user = 'bob'"), [(6,)])
+        self.assertOk(self.group_op(self.bob, "leave", "bob", gid=gids[0]))
+        self.assertOk(self.group_op(mallory, "add", "mallory", gids[4], members=[("bob", fp("bob"))]))
+        self.assertRefused(self.group_op(mallory, "add", "mallory", gids[0], members=[("bob", fp("bob"))]),
+                           "quota_exceeded", "bob", gid=gids[0])
+
+    def test_groupsByOneBound(self):
+        """An eighth of max_groups, at least 4, at most half (at least 1)."""
+        for max_groups, by_one in ((64, 8), (256, 32), (8, 4), (6, 3), (2, 1), (1, 1)):
+            self.assertEqual(pager.Limits(max_groups=max_groups).max_groups_by_one, by_one)
+
+    def test_storageBudget(self):
+        """
+        Attack: group ops were stored past the database's budget (max_db_bytes), where a message got storage_full.
+        Every op that takes nobody out (create, add, topic...) is storage_full now, nothing stored; a leave or a
+        remove, which free what waited for the members they take out, still land.
+        """
+        self.create(self.alice, ("bob", "carol"))
+        self.serve(pager.Limits(max_db_bytes=4096))  # far below what the database already uses
+        self.alice, self.bob, self.dave = self.login("alice"), self.login("bob"), self.login("dave")
+        self.assertError(self.send_group(self.alice, self.seal_group("alice", devices("bob", "carol"))),
+                         "storage_full")
+        self.assertRefused(self.group_op(self.alice, "topic", topic="y" * 256), "storage_full", "4096 bytes")
+        self.assertRefused(self.group_op(self.alice, "add", members=[("dave", fp("dave"))]), "storage_full")
+        self.assertRefused(self.group_op(self.dave, "create", "dave", OTHER, name="dev", topic="", members=[]),
+                           "storage_full", gid=OTHER)
+        self.assertEqual(self.query("SELECT COUNT(*) FROM groups"), [(1,)])
+        self.assertOk(self.group_op(self.bob, "leave", "bob"))
+        self.assertOk(self.group_op(self.alice, "remove", users=["carol"]))
+        self.assertEqual(self.query("SELECT user FROM group_members"), [("alice",)])
 
     def test_chainLength(self):
         """A chain holds at most MAX_GROUP_OPS ops: the next is quota_exceeded, saying to create a new group."""
@@ -454,6 +512,36 @@ class GroupSendTests(GroupTestCase):
         self.assertEqual(sorted((r["from"], r["status"]) for r in self.alice.pushed("receipt")),
                          [("bob", "delivered"), ("carol", "delivered")])
         self.assertEqual(self.query("SELECT COUNT(*) FROM messages"), [(0,)])
+
+    def test_chargedLikeOneToOne(self):
+        """
+        A group message counts once against its sender's quota (the one 1:1 messages count against), and once
+        against each member's pending quota however many devices get it; past either, quota_exceeded naming who,
+        nothing stored.  Settled by every member, it counts no more.
+        """
+        self.serve(pager.Limits(max_sender_pending_messages=2, max_pending_messages=2))
+        self.alice, self.bob, self.carol = self.login("alice"), self.login("bob"), self.login("carol")
+        self.carol_phone = self.device_session("carol", self.phone)
+        counts = ("SELECT name, sent_count, pending_count FROM users WHERE name IN ('alice', 'bob', 'carol')"
+                  " ORDER BY name")
+        first = self.seal_group("alice", self.members)
+        self.assertOk(self.send_group(self.alice, first))
+        self.assertEqual(self.query(counts), [("alice", 1, 0), ("bob", 0, 1), ("carol", 0, 1)])
+        self.assertOk(self.alice.send(seal_to("alice", private_key("alice"), devices("dave"))))
+        answer = self.assertError(self.send_group(self.alice, self.seal_group("alice", self.members)),
+                                  "quota_exceeded")
+        self.assertIn("too many messages waiting", answer["message"])
+        self.assertOk(self.send_group(self.carol, self.seal_group("carol", devices("alice", "bob")
+                                                                  + [("carol", self.phone)])))
+        answer = self.assertError(self.send_group(self.carol_phone, self.seal_group(
+            "carol", devices("alice", "bob", "carol"), sender_key=self.phone)), "quota_exceeded")
+        self.assertIn("bob", answer["message"])
+        self.assertEqual(self.query(counts), [("alice", 2, 1), ("bob", 0, 2), ("carol", 1, 2)])
+        msg = pager.parse_header(first.header).message_id.hex()
+        for conn in (self.bob, self.carol, self.carol_phone):
+            self.assertOk(conn.request("ack", msg=msg))
+        self.assertEqual(self.query(counts), [("alice", 1, 1), ("bob", 0, 1), ("carol", 1, 1)])
+        self.assertOk(self.send_group(self.alice, self.seal_group("alice", self.members)))
 
     def test_pushEncodedOnce(self):
         """The push is encoded once for all the member devices it fans out to, and each gets the same line."""
@@ -629,6 +717,35 @@ class DepartureTests(GroupTestCase):
         self.assertEqual(receipt["reason"], "carol left #ops before receiving it.")
         self.assertError(carol.request("ack", msg=self.msg), "unknown_message")
 
+    def test_ownCopiesStay(self):
+        """
+        A departing member's own group messages still waiting for their other devices stay (they were sealed while
+        the member was one, so that the conversation reads the same on each device); what others sent them is
+        dropped, with its receipt.  So for a leave, and for a removal.
+        """
+        carol = self.login("carol")
+        phone = self.link("carol", "carol-phone", identity=carol)  # and it stays offline
+        targets = devices("alice", "bob") + [("carol", phone)]
+        own = [self.seal_group("carol", targets)]
+        self.assertOk(self.send_group(carol, own[0]))
+        self.assertOk(self.group_op(carol, "leave", "carol"))
+        self.assertOk(self.group_op(self.alice, "add", members=[("carol", fp("carol"))]))
+        own.append(self.seal_group("carol", targets))
+        self.assertOk(self.send_group(carol, own[1]))
+        other = self.seal_group("alice", devices("bob", "carol") + [("carol", phone)])
+        self.assertOk(self.send_group(self.alice, other))
+        self.assertOk(self.group_op(self.alice, "remove", users=["carol"]))
+        self.assertEqual(sorted((r["msg"], r["from"], r["status"], r["reason"]) for r in self.alice.pushed("receipt")),
+                         sorted([(self.msg, "carol", "rejected", "carol left #ops before receiving it."),
+                                 (pager.parse_header(other.header).message_id.hex(), "carol", "rejected",
+                                  "carol was removed from #ops before receiving it.")]))
+        phone_session = self.device_session("carol", phone)
+        self.assertEqual([f["msg"] for f in phone_session.pushed("message")],
+                         [pager.parse_header(e.header).message_id.hex() for e in own])
+        for envelope in own:
+            self.assertOk(phone_session.request("ack", msg=pager.parse_header(envelope.header).message_id.hex()))
+        self.assertEqual(carol.pushed("receipt"), [])  # no receipt for one's own copies
+
     def test_otherMessagesStay(self):
         """A 1:1 message waiting for the departing member is not touched."""
         one = seal_to("bob", private_key("bob"), devices("carol"))
@@ -698,6 +815,69 @@ class CacheTests(GroupTestCase):
         self.alice = self.login("alice")
         self.assertOk(self.group_op(self.alice, "remove", users=["carol"]))
         self.assertError(self.group_op(self.alice, "add", members=[("carol", fp("carol"))]), "too_large")
+
+    def chain_reads(self):
+        """Every read of a group's chain from the store, from now on (the server's fold reads it page by page)."""
+        reads = []
+        real = self.store.group_chain
+        self.patch(self.store, "group_chain", lambda *a: reads.append(a) or real(*a))
+        return reads
+
+    def test_endedGroupNeverFolded(self):
+        """
+        Attack: a group without members left (which the cache does not hold) named in send frames and ops, again
+        and again, by a former member or by anyone who knows its id, made the server read and fold its whole chain
+        (up to MAX_GROUP_OPS ops) at every frame.  Each such frame now costs a look-up of a few rows: unknown_group
+        (group_exists for a create with its id), and the chain is never read, on the server that saw the group end
+        and on a new one.
+        """
+        dave = self.register("dave")
+        self.assertOk(self.group_op(self.bob, "leave", "bob"))
+        self.assertOk(self.group_op(self.alice, "leave"))
+        reads = self.chain_reads()
+        for restarted in (False, True):
+            if restarted:
+                self.serve(self.limits)
+                self.alice, dave = self.login("alice"), self.login("dave")
+            for conn, user in ((self.alice, "alice"), (dave, "dave")):
+                for _ in range(3):
+                    answer = self.assertError(self.send_group(conn, self.seal_group(user, devices("bob"))),
+                                              "unknown_group")
+                    self.assertEqual(answer["message"], pager.UnknownGroup().message)
+                    self.assertRefused(self.group_op(conn, "topic", user, topic="y"), "unknown_group")
+                    self.assertRefused(self.group_op(conn, "create", user, seq=1, prev=ZERO, name="ops", topic="",
+                                                     members=[]), "group_exists")
+            self.assertEqual(reads, [])
+            self.assertFalse(self.factory.group_cached(GID))
+
+    def test_nonMemberNeverFolds(self):
+        """
+        Attack: someone outside a live group names its id (send frames, ops) on a server that has not cached the
+        group yet: the store says they are not a member (a few rows), and the chain is never read; unknown_group,
+        the sentence given for a group that does not exist.  A member's first request folds the chain once, and
+        the state stays cached: further sends and ops read no chain.
+        """
+        dave = self.register("dave")
+        self.serve(self.limits)
+        self.alice, self.bob, dave = self.login("alice"), self.login("bob"), self.login("dave")
+        reads = self.chain_reads()
+        for _ in range(3):
+            answer = self.assertError(self.send_group(dave, self.seal_group("dave", devices("alice", "bob"))),
+                                      "unknown_group")
+            self.assertEqual(answer["message"], pager.UnknownGroup().message)
+            self.assertRefused(self.group_op(dave, "leave", "dave"), "unknown_group")
+            self.assertRefused(self.group_op(dave, "create", "dave", seq=1, prev=ZERO, name="dev", topic="",
+                                             members=[]), "group_exists")
+        self.assertEqual(reads, [])
+        self.assertFalse(self.factory.group_cached(GID))
+        for _ in range(3):
+            self.assertOk(self.send_group(self.bob, self.seal_group("bob", devices("alice"))))
+        self.assertOk(self.group_op(self.alice, "topic", topic="z"))
+        self.assertOk(self.send_group(self.bob, self.seal_group("bob", devices("alice"))))
+        self.assertEqual(reads, [(GID, 0)])
+        # once cached, an outsider's frame reads no chain either
+        self.assertError(self.send_group(dave, self.seal_group("dave", devices("alice", "bob"))), "unknown_group")
+        self.assertEqual(reads, [(GID, 0)])
 
     def test_loadWhileOpLands(self):
         """
