@@ -136,6 +136,7 @@ MAX_GROUP_OP_BYTES = 32768  # bytes of one encoded group operation
 MAX_GROUP_WRAPS = 2048  # wrapped keys (member devices) one group envelope holds
 GROUP_OP_RATE = 1.0  # group operations per second per account (after a burst of GROUP_OP_BURST)
 GROUP_OP_BURST = 30
+GROUP_FANOUT_BURST = 2 * MAX_GROUP_WRAPS  # member devices an account's group messages may reach at once
 MAX_FORMER_GROUPS = 64  # groups a user left or was removed from whose end the server still lets them read
 LINK_SECRET_SIZE = 10  # bytes (80 bits) of the one-time code that links a new device
 SEEN_MARGIN = DAY  # seconds a client remembers a message id past the server's message expiry
@@ -215,6 +216,7 @@ class Limits:
     bundle_rate: float = 20.0  # bundle requests per second per account (a burst of BUNDLE_BURST first)
     max_group_members: int = DEFAULT_MAX_GROUP_MEMBERS  # members of one group, its creator included (at most that)
     max_groups: int = 64  # groups one user is a current member of
+    group_fanout_rate: float = 2000.0  # member devices per second an account's group messages reach (after a burst)
 
     @property
     def max_groups_by_one(self):
@@ -250,6 +252,7 @@ class Limits:
             "bundle_rate": self.bundle_rate,
             "max_group_members": self.max_group_members,
             "max_groups": self.max_groups,
+            "group_fanout_rate": self.group_fanout_rate,
         }
 
 
@@ -5130,6 +5133,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 if not targets:
                     raise BadRequest("Nobody else is in the group, and you have no other device: there is nobody to"
                                      " send the message to.")
+                self.factory.group_fanout(self.user, len(targets))
                 to = [name for name in to if name in recipients]  # not those whose account was deleted
             self._count(verifier, chunks, size)
             delivery = (recipients, targets, to, None if group is None else (group, parsed.group_head))
@@ -5598,15 +5602,16 @@ class _Bucket:
         self.rate, self.burst, self.size = rate, burst, size
         self._entries = collections.OrderedDict()  # key -> (tokens, time)
 
-    def take(self, key, now):
-        """0 if C{key} may go on now (a token is taken), else the seconds until it may."""
+    def take(self, key, now, cost=1):
+        """0 if C{key} may go on now (C{cost} tokens are taken, at most C{burst}), else the seconds until it may."""
+        cost = min(cost, self.burst)
         tokens, last = self._entries.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         wait = 0.0
-        if tokens >= 1:
-            tokens -= 1
+        if tokens >= cost:
+            tokens -= cost
         else:
-            wait = (1 - tokens) / self.rate
+            wait = (cost - tokens) / self.rate
         self._entries[key] = (tokens, now)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -5706,6 +5711,7 @@ class PagerServerFactory(protocol.Factory):
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
         self._device_sets = collections.OrderedDict()  # user -> _DeviceSet, the most recently used last
         self._bundles = _Bucket(limits.bundle_rate, BUNDLE_BURST)  # bundle requests per account
+        self._fanout = _Bucket(limits.group_fanout_rate, GROUP_FANOUT_BURST)  # group deliveries per account
         self._groups = collections.OrderedDict()  # group id -> GroupState, the most recently used last
         self._group_loads = {}  # group id -> _GroupLoad, while its chain is read into the cache
         self._group_ops = _Bucket(GROUP_OP_RATE, GROUP_OP_BURST)  # group ops per account
@@ -6000,6 +6006,18 @@ class PagerServerFactory(protocol.Factory):
         for session in list(self.online.get(user, ())):
             if session.device == device:
                 session.account_gone("This device was revoked by the account's identity device.")
+
+    def group_fanout(self, user, devices):
+        """
+        Count a group message of C{user} to C{devices} member devices (each costs the server a delivery row and a
+        push); L{RateLimited} past C{group_fanout_rate} a second (after a burst of L{GROUP_FANOUT_BURST}).  Counted
+        when the message is checked, whether or not it is then stored: a refused one cost the server too.
+        """
+        wait = self._fanout.take(user, self.now(), devices)
+        if wait > 0:
+            raise RateLimited("Your group messages reach more member devices than the server takes in a moment "
+                              "(%d a second); try again in %d s." % (self.limits.group_fanout_rate,
+                                                                     _whole_seconds(wait)), retry_after=wait)
 
     def bundle_requested(self, user):
         """Count one bundle request of C{user}; L{RateLimited} past C{bundle_rate} a second (after a burst)."""
@@ -13404,6 +13422,8 @@ _LIMIT_OPTIONS = [
      "Members one group may have, its creator included (at most %d: the names one group message holds)."
      % DEFAULT_MAX_GROUP_MEMBERS),
     ("max-groups", "max_groups", int, "Groups one user may be a current member of."),
+    ("group-fanout-rate", "group_fanout_rate", float,
+     "Member devices per second one account's group messages may reach (after a burst of %d)." % GROUP_FANOUT_BURST),
 ]
 MIN_MAX_LINE = 96 * 1024
 

@@ -366,13 +366,14 @@ PAGER_BENCH_ARGS = [
     "--max-sender-pending-messages", "1000000", "--max-sender-pending-bytes", "10000000000",
     "--max-db-bytes", "100000000000",
     "--argon2-per-address", "100000", "--argon2-per-account", "100000",
+    "--group-fanout-rate", "1000000000",
 ]
 RAISED_LIMITS_NOTE = ("The server ran with its per-address and per-user limits raised, since every connection comes "
                       "from 127.0.0.1: --max-connections-per-address 100000, --address-free-failures 1000000, "
                       "--max-in-flight 1024, --max-pending-messages 1000000, --max-pending-bytes 10000000000, "
                       "--max-sender-pending-messages 1000000, --max-sender-pending-bytes 10000000000, "
                       "--max-db-bytes 100000000000, "
-                      "--argon2-per-address 100000, --argon2-per-account 100000.")
+                      "--argon2-per-address 100000, --argon2-per-account 100000, --group-fanout-rate 1000000000.")
 
 
 class ServerProcess:

@@ -394,13 +394,15 @@ class LimitTests(GroupTestCase):
         self.assertRefused(self.group_op(self.alice, "topic", topic="y"), "rate_limited")
 
     def test_limitsInHelloAndOptions(self):
-        """Both limits are in hello and are options of pager server; max_line is 256 KiB by default."""
+        """The limits are in hello and are options of pager server; max_line is 256 KiB by default."""
         limits = self.connect().hello["limits"]
-        self.assertEqual((limits["max_group_members"], limits["max_groups"], limits["max_line"]),
-                         (256, 64, 256 * 1024))
+        self.assertEqual((limits["max_group_members"], limits["max_groups"], limits["max_line"],
+                          limits["group_fanout_rate"]), (256, 64, 256 * 1024, 2000.0))
         options = pager.ServerOptions()
-        options.parseOptions(["--db", self.mktemp(), "--max-group-members", "100", "--max-groups", "5"])
-        self.assertEqual((options.limits.max_group_members, options.limits.max_groups), (100, 5))
+        options.parseOptions(["--db", self.mktemp(), "--max-group-members", "100", "--max-groups", "5",
+                              "--group-fanout-rate", "50"])
+        self.assertEqual((options.limits.max_group_members, options.limits.max_groups,
+                          options.limits.group_fanout_rate), (100, 5, 50.0))
         with self.assertRaises(pager.usage.UsageError):
             pager.ServerOptions().parseOptions(["--db", self.mktemp(), "--max-group-members", "257"])
 
@@ -675,6 +677,46 @@ class GroupSendTests(GroupTestCase):
         envelope = seal_to("dave", private_key("dave"), devices("dave"), group=(OTHER, self.head(OTHER)[1]))
         self.assertError(self.send_group(self.dave, envelope, gid=OTHER), "bad_request")
         self.assertEqual(self.query("SELECT COUNT(*) FROM messages"), [(0,)])
+
+
+class FanoutRateTests(GroupTestCase):
+    """
+    Attack: each member device a group message reaches costs the server a delivery and a push, and a full group
+    has some 2,000.  An account's group messages reach GROUP_FANOUT_BURST devices at once, then group_fanout_rate
+    a second: past that, rate_limited with retry_after, and nothing stored.
+    """
+
+    limits = pager.Limits(group_fanout_rate=3.0)
+
+    def setUp(self):
+        self.patch(pager, "GROUP_FANOUT_BURST", 7)
+        super().setUp()
+        self.alice, self.bob, self.carol = self.register("alice"), self.register("bob"), self.register("carol")
+        self.dave = self.register("dave")
+        self.phone = self.link("carol", "carol-phone", identity=self.carol)
+        self.create(self.alice, ("bob", "carol"))
+        self.members = devices("bob", "carol") + [("carol", self.phone)]  # three devices a message
+
+    def test_rate(self):
+        for _ in range(2):
+            self.assertOk(self.send_group(self.alice, self.seal_group("alice", self.members)))
+        answer = self.assertRefused(self.send_group(self.alice, self.seal_group("alice", self.members)),
+                                    "rate_limited", "3 a second")
+        self.assertEqual(answer["retry_after"], 1)  # one token left: two more come in 2/3 s
+        self.assertEqual(self.query("SELECT COUNT(*) FROM messages"), [(2,)])
+        self.clock.advance(1)
+        self.assertOk(self.send_group(self.alice, self.seal_group("alice", self.members)))
+
+    def test_othersAndOneToOneNotCounted(self):
+        """Another account's group messages are not counted with alice's; nor are 1:1 messages."""
+        for _ in range(2):
+            self.assertOk(self.send_group(self.alice, self.seal_group("alice", self.members)))
+        self.assertOk(self.send_group(self.bob, self.seal_group("bob", devices("alice", "carol")
+                                                                + [("carol", self.phone)])))
+        envelope = seal_to("alice", private_key("alice"), devices("dave"))
+        self.assertOk(self.alice.request("send", to=["dave"], size=envelope.size, header=b64(envelope.header),
+                                         chunks=[b64(c) for c in envelope.chunks],
+                                         signature=b64(envelope.signature)))
 
 
 class DepartureTests(GroupTestCase):
