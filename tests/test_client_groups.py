@@ -251,7 +251,7 @@ class MessageTests(GroupTestCase):
         await self.wait_for(lambda: len(alice.events.receipts) == 2, "both receipts")
         group, members, receipts = await alice.group_delivery(msg)
         self.assertEqual((group.id, members), (info.id, ["bob", "carol"]))
-        self.assertEqual({user: status for user, (status, _) in receipts.items()},
+        self.assertEqual({user: status for user, (status, _, _) in receipts.items()},
                          {"bob": "delivered", "carol": "delivered"})
         self.assertIsNone(await alice.group_delivery("00" * 16))
 
@@ -606,7 +606,7 @@ class LocalStoreTests(unittest.TestCase):
         self.assertEqual(await store.group_unread(gid, count=0), 0)
         await store.add_group_sent("cc", gid, ["carol", "bob"])
         await store.add_group_receipt("cc", "bob", "delivered", 5.0)
-        await store.add_group_receipt("cc", "bob", "rejected", 6.0)
+        await store.add_group_receipt("cc", "bob", "rejected", 6.0, "bob's client refused it")
         self.assertEqual(await store.group_sent("cc"), (gid, ["bob", "carol"]))
-        self.assertEqual(await store.group_receipts("cc"), {"bob": ("rejected", 6.0)})
+        self.assertEqual(await store.group_receipts("cc"), {"bob": ("rejected", 6.0, "bob's client refused it")})
         self.assertIsNone(await store.group_sent("dd"))
