@@ -61,6 +61,7 @@ try:
     from twisted.protocols.basic import LineReceiver
     from twisted.protocols.policies import TimeoutMixin
     from twisted.python import usage
+    from twisted.python.failure import Failure
 except ImportError as e:
     if __name__ != "__main__":
         raise
@@ -11872,6 +11873,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self.ended_by = None  # the error that ended the chat when it could not reconnect
         self._closing = False
         self._busy = {}  # commands in flight (Deferred -> what it does): quitting waits for them, QUIT_WAIT at most
+        self._input = collections.deque()  # what was typed (or piped, or pasted) and is not handled yet, in order
+        self._taking = False  # whether the loop that handles it (L{_take_input}) runs
+        self._quit_asked = None  # when quitting was first asked for (the reactor's seconds)
+        self._quit_timer = None  # what quits if a /quit typed waits QUIT_WAIT behind a stalled command
         self._early = []
         self.outbox = Outbox(session, self.show, reactor)
         self._old_receipts = []  # receipts of earlier messages pushed at login, summed up in one line
@@ -11941,6 +11946,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     def quit(self):
         if not self._closing:
             self._closing = True
+            if self._quit_asked is None:
+                self._quit_asked = self.reactor.seconds()
+            if self._quit_timer is not None and self._quit_timer.active():
+                self._quit_timer.cancel()
             if self.pasting:
                 self.show("(the /paste of %d line%s to %s was not sent)" % (
                     len(self.pasting), "" if len(self.pasting) == 1 else "s", ", ".join(self._paste_to)))
@@ -11956,12 +11965,16 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     async def _close(self):
         if self._busy:
+            # What is in flight gets QUIT_WAIT from when quitting was asked (a /quit typed behind a stalled command
+            # is taken then: L{_quit_typed}).
+            wait = self._quit_asked + QUIT_WAIT - self.reactor.seconds()
             waited = Deferred()
             defer.DeferredList(list(self._busy)).addBoth(lambda _: waited.called or waited.callback(None))
-            if not await within(self.reactor, waited, QUIT_WAIT):
+            if wait <= 0 or not await within(self.reactor, waited, wait):
                 self.show("Left without waiting longer for %s (%d s): a message waiting in the outbox stays on "
-                          "disk and is sent at the next connect." % (", ".join(sorted(set(self._busy.values()))),
-                                                                     QUIT_WAIT))
+                          "disk and is sent at the next connect." % (
+                              ", ".join(sorted({label for label in self._busy.values() if label})
+                                        or ["the lines typed"]), QUIT_WAIT))
         try:
             await self.session.close()
         finally:
@@ -11971,14 +11984,17 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     _LABELS = {"send": "a message being sent", "command_msg": "a message being sent",
                "command_file": "a file being sent", "resume": "the outbox being sent"}
 
-    def _run(self, coroutine):
+    def _run(self, coroutine, label=None):
+        """Run C{coroutine}, its failure shown as a sentence; quitting waits for it.  Returns its Deferred."""
         name = getattr(coroutine, "__name__", "")
-        label = self._LABELS.get(name) or ("/" + name[len("command_"):] if name.startswith("command_") else
-                                           "a command")
+        if label is None:
+            label = self._LABELS.get(name) or ("/" + name[len("command_"):] if name.startswith("command_") else
+                                               "a command")
         d = Deferred.fromCoroutine(coroutine).addErrback(self._failed)
         if not d.called:
             self._busy[d] = label
-            d.addBoth(lambda result: self._busy.pop(d, None) and result)
+            d.addBoth(lambda result: (self._busy.pop(d, None), result)[1])
+        return d
 
     def _failed(self, failure):
         if failure.check(PagerError):
@@ -11993,38 +12009,84 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     def line(self, text):
         """
-        One typed line: a /command, a line of a /paste, or a message to the open conversation.  (A long paste
-        waiting for y or n is answered through L{confirm}: the screen that pasted it takes those keys itself.)
+        One typed (or piped) line: a /command, a line of a /paste, or a message to the open conversation.  Lines
+        are handled strictly in the order they came, each once the one before is done (its command finished, its
+        message sent or waiting in the outbox): a /to changes where the next line goes, and an /info or /groups
+        after it answers about what came before.  (A long paste waiting for y or n is answered through L{confirm}:
+        the screen that pasted it takes those keys itself.)
         """
+        handle = functools.partial(self._line, text)
+        self._queue_input(handle)
+        if text.strip().lower() in ("/quit", "/exit") and self._input and handle in self._input:
+            self._quit_typed(handle)
+
+    def _quit_typed(self, handle):
+        """
+        /quit came while the lines before it are still being handled: it is taken in its turn, but QUIT_WAIT at the
+        latest (a stalled command before it does not keep the chat from leaving), the lines still waiting dropped.
+        """
+        if self._quit_asked is None:
+            self._quit_asked = self.reactor.seconds()
+        if self._quit_timer is None:
+            self._quit_timer = self.reactor.callLater(
+                QUIT_WAIT, lambda: handle in self._input and self.quit())
+
+    def end_of_input(self):
+        """Standard input has ended (piped lines): quit once every line before the end has been handled."""
+        self._queue_input(self.quit)
+
+    def _queue_input(self, handle):
+        """Handle C{handle()} (which may return a coroutine to wait for) after everything queued before it."""
+        self._input.append(handle)
+        if not self._taking:
+            self._taking = True
+            self._run(self._take_input(), label="")
+
+    async def _take_input(self):
+        try:
+            while self._input and not self._closing:
+                handle = self._input.popleft()
+                try:
+                    coroutine = handle()
+                except Exception:
+                    self._failed(Failure())
+                    continue
+                if coroutine is not None:
+                    await self._run(coroutine)
+        finally:
+            self._taking = False
+            dropped, self._input = len(self._input), collections.deque()
+            if dropped:
+                self.show("(the chat left before handling %d more line%s)" % (dropped, "" if dropped == 1 else "s"))
+
+    def _line(self, text):
+        """L{line}'s work, in its turn: returns the coroutine that sends or runs it, if any."""
         if self.pasting is not None:
             if text == ".":
                 names, lines, self.pasting, self._paste_to = self._paste_to, self.pasting, None, None
                 self._prompt()
                 if not "".join(lines).strip():
                     self.show(NOTHING_TO_SEND)
-                    return
-                self._run(self.send(names, "\n".join(lines)))
-            else:
-                self.pasting.append(text)
-            return
+                    return None
+                return self.send(names, "\n".join(lines))
+            self.pasting.append(text)
+            return None
         stripped = text.strip()
         if not stripped:
-            return
+            return None
         if stripped.startswith("/") and not stripped.startswith("//"):
             word, _, rest = stripped.partition(" ")
-            self._command(word, rest.strip())
-            return
+            return self._command(word, rest.strip())
         if self.conversation is None:
             word, _, rest = stripped.partition(" ")
             if word in self.BARE_COMMANDS:
-                self._command(word, rest.strip())
-            else:
-                self.show("Not sent: no conversation is open. Type /to NAME first (then every line goes to NAME), "
-                          "or /msg NAME TEXT.")
-            return
+                return self._command(word, rest.strip())
+            self.show("Not sent: no conversation is open. Type /to NAME first (then every line goes to NAME), "
+                      "or /msg NAME TEXT.")
+            return None
         if stripped.startswith("//"):
             text = text.replace("/", "", 1)
-        self._run(self.send([self.conversation], text))
+        return self.send([self.conversation], text)
 
     def _command(self, word, rest):
         name = word.lstrip("/").lower()
@@ -12032,8 +12094,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if handler is None:
             self.show("Unknown command %s: nothing was sent. Type /help for the commands (and // to send a line "
                       "that starts with /)." % word)
-        else:
-            self._run(handler(rest))
+            return None
+        return handler(rest)
 
     def _names(self, text):
         """
@@ -12066,6 +12128,12 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             return
         self.show("Talking to %s: each line you type goes to %s (/to NAME to switch)." % (user, user))
 
+    def _still_open(self):
+        """What a failed /to leaves: the conversation that stays open, or none."""
+        if self.conversation is None:
+            return "no conversation is open"
+        return "the conversation %s %s stays open" % ("in" if self.group is not None else "with", self.conversation)
+
     async def command_to(self, rest):
         if not rest:
             if self.conversation is None:
@@ -12082,55 +12150,49 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             raise usage.UsageError("A conversation is with one user (/to NAME); send one message to several with "
                                    "/msg NAME,NAME TEXT.")
         user = canonical_username(rest)
-        # Opened at once, so that the lines typed (or piped) right after it go there; announced once the server
-        # knows the name (or cannot be asked now: it names an unknown user when the message goes out).
-        self.open_conversation(user, announce=False)
+        # Opened once the server knows the name (or cannot be asked now: it names an unknown user when the message
+        # goes out); the lines after it wait until then (L{line}).  A name it does not know changes nothing.
         try:
             await self.session.client.public_key(user)
         except UnknownUser:
-            if self.conversation == user:
-                self.conversation = self.group = None
-                self._prompt()
-            raise UnknownUser("No such user: %s; no conversation is open (/users lists who is registered)." % user)
+            raise UnknownUser("No such user: %s%s; %s (/users lists who is registered)." % (
+                user, await self._group_hint(user, "/to #%s" % user), self._still_open()))
         except (ConnectionLost, NetworkError):
             pass
-        if self.conversation == user:
-            self._announce(user)
-            # A device the peer added or revoked since this client last looked is a line now, not only at the next
-            # exchange: a user who only reads would otherwise never see it (on_devices_changed shows it).
-            try:
-                await self.session.client.refresh_devices(user)
-            except (ConnectionLost, NetworkError):
-                pass
+        self.open_conversation(user)
+        # A device the peer added or revoked since this client last looked is a line now, not only at the next
+        # exchange: a user who only reads would otherwise never see it (on_devices_changed shows it).
+        try:
+            await self.session.client.refresh_devices(user)
+        except (ConnectionLost, NetworkError):
+            pass
+
+    async def _group_hint(self, name, how):
+        """For a user name nobody has: C{" (did you mean the group #NAME? HOW)"} when this user is in such a group."""
+        try:
+            info = await self.session.client.group(name)
+        except (PagerError, BadRequest):
+            return ""
+        return " (did you mean the group %s? %s)" % (info.label, how) if info.member else ""
 
     async def _open_group(self, text):
         """
-        /to #ops: the group's conversation is opened at once (the lines typed right after it go there, the prompt is
-        C{#ops> }); a group this user is not in closes it again.  Its messages are read from then on: unread none.
+        /to #ops: the group's conversation is opened once the group is known here and this user is a member (the
+        prompt is then C{#ops> }); otherwise the conversation that was open stays open.  Its messages are read from
+        then on: unread none.
         """
         if " " in text.strip() or "," in text:
             raise usage.UsageError("A conversation is with one group (/to #GROUP); /msg sends one message.")
         name = canonical_group_name(text.strip())
-        self.open_conversation(group_label(name), announce=False)
         try:
             info = await self.session.client.group(name)
         except UnknownGroup:
-            if self.conversation == group_label(name):
-                self.conversation = self.group = None
-                self._prompt()
-            raise UnknownGroup("You are in no group %s; no conversation is open (/groups lists yours)."
-                               % group_label(name))
-        if self.conversation != group_label(name):
-            return  # another /to came meanwhile
-        self.conversation = info.label  # as the client knows it (the name typed may be an old one)
-        self._prompt()
+            raise UnknownGroup("You are in no group %s; %s (/groups lists yours)." % (group_label(name),
+                                                                                       self._still_open()))
         if not info.member:
-            self.conversation = self.group = None
-            self._prompt()
-            raise UnknownGroup("You are no longer a member of %s; no conversation is open (/groups lists yours)."
-                               % group_label(name))
-        self.group = info.id
-        self._announce(self.conversation)
+            raise UnknownGroup("You are no longer a member of %s; %s (/groups lists yours)." % (
+                info.label, self._still_open()))
+        self.open_conversation(info.label, group=info.id)  # as the client knows it (the name typed may be old)
         if info.topic:
             self.show('Topic of %s: "%s"' % (self.conversation, _one_line(info.topic)))
         if info.broken:
@@ -12176,35 +12238,39 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         """
         Text pasted in a raw terminal (bracketed paste): one message to the current conversation, never taken line
         by line, so no line of it is ever read as a recipient or a command.  A paste of more than L{PASTE_SHOWN}
-        lines is shown first and waits for L{confirm}.  While a C{/paste} is open, the pasted lines join it.
+        lines is shown first and waits for L{confirm}.  While a C{/paste} is open, the pasted lines join it.  Taken
+        in its turn, after the lines typed before it.
         """
+        self._queue_input(functools.partial(self._paste, text))
+
+    def _paste(self, text):
         if self.pasting is not None:
             lines = text.split("\n")
             self.pasting.extend(lines)
             self.show("(%d pasted lines added to the /paste for %s)" % (len(lines), ", ".join(self._paste_to)))
-            return
+            return None
         if self.conversation is None:
             self.show("The paste was not sent: open a conversation first with /to NAME.")
-            return
+            return None
         if self.confirming is not None:
             self.show("(this paste was not used: answer y or n about the one before it first)")
-            return
+            return None
         lines = text.split("\n")
         if len(lines) <= self.PASTE_SHOWN:
-            self._run(self.send([self.conversation], text))
-            return
+            return self.send([self.conversation], text)
         self.confirming = (self.conversation, text)
         self.show("\n".join(["A paste of %d lines for %s:" % (len(lines), self.conversation)] +
                              ["  | " + line for line in lines[:self.PASTE_SHOWN]] +
                              ["  | ... and %d more lines" % (len(lines) - self.PASTE_SHOWN)]))
         self.ui.set_prompt("Send it to %s? [Y/n] " % self.conversation)
+        return None
 
     def confirm(self, yes):
         """The answer about a long paste: send it (y or Enter) or drop it (n, Esc or Ctrl-C), saying so."""
         (name, text), self.confirming = self.confirming, None
         self._prompt()
         if yes:
-            self._run(self.send([name], text))
+            self._queue_input(functools.partial(self.send, [name], text))
         else:
             self.show("(paste cancelled: nothing sent)")
 
@@ -13098,7 +13164,7 @@ class PlainChat(LineReceiver):
         self.out.flush()
 
     def connectionLost(self, reason):
-        self.chat.quit()
+        self.chat.end_of_input()  # the lines read before the end are handled first
 
 
 NOTHING_TO_SEND = "Nothing to send: the message is empty."

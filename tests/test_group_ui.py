@@ -4,9 +4,11 @@ Groups in the terminal UI and the command line: the lines that describe groups, 
 a real in-process server, and C{pager-cli group}, C{groups}, C{send --to '#ops'} and C{fetch} end to end.
 """
 
+import io
 import json
 
-from twisted.internet import task
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -686,3 +688,91 @@ class GroupLinkedDeviceTests(GroupChatTestCase):
         self.assertEqual(bob.events.messages[0].group_name, "ops")
         text = await self.shown(ui, "from the laptop")
         self.assertRegex(text, r"\[\d\d:\d\d\] you \(on 'laptop'\) \u2192 #ops: from the laptop")
+
+
+class ChatOrderTests(GroupChatTestCase):
+    """Lines are handled strictly in order, each once the one before is done; a /to that fails changes nothing."""
+
+    async def test_piped_lines_in_order(self):
+        """
+        Piped '/to #dev2', a line and '/info': the conversation opens before the line is sent, and /info answers
+        about that line, after it; '/groups' right after '/to #g' counts its messages read.  The end of input
+        comes at once, and quits only once every line before it has been handled.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("dev2", ["alice"])
+        gid = (await bob.group("dev2")).id
+        await bob.send_group(gid, "one")
+        await bob.send_group(gid, "two")
+        await self.shown(ui, "#dev2 bob \u2713: two")
+        await self.wait_for(lambda: self._unread(chat, "dev2", 2), "two unread in #dev2")
+        out = io.StringIO()
+        plain = pager.PlainChat(chat, out)
+        plain.makeConnection(StringTransport())
+        plain.dataReceived(b"/to #dev2\n/groups\nsecond pipe\n/info\n")
+        plain.connectionLost(None)
+        await self.wait_for(lambda: chat.done.called, "the chat to end once its lines are handled")
+        text = out.getvalue()
+        talking = text.index("Talking in #dev2")
+        listed = text.index("Your groups:")
+        waiting = text.index("\u23f3 #1 to #dev2")
+        info_at = text.index('Your message #1 "second pipe" to #dev2')
+        self.assertLess(talking, listed)
+        self.assertLess(listed, waiting)
+        self.assertLess(waiting, info_at)
+        self.assertNotIn("unread", text[listed:waiting])
+        self.assertNotIn("is not a group message", text)
+        await self.wait_for(lambda: len(bob.events.messages) == 1, "bob's message")
+        self.assertEqual(bytes(bob.events.messages[0].plaintext), b"second pipe")
+
+    async def _unread(self, chat, name, count):
+        return (await chat.session.client.group(name)).unread == count
+
+    async def test_failed_to_keeps_the_conversation(self):
+        """/to a group this user is not in, or left, keeps the conversation that was open (and its prompt)."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("x1", ["alice"])
+        await self.shown(ui, "bob created #x1")
+        await self.type(chat, "/group leave x1", "/to bob")
+        for line, said in (("/to #x1", "You are no longer a member of #x1; the conversation with bob stays open"),
+                           ("/to #nope", "You are in no group #nope; the conversation with bob stays open")):
+            before = len(ui.shown)
+            await self.type(chat, line)
+            self.assertIn(said, ui.text(before))
+            self.assertEqual((chat.conversation, chat.group, ui.prompt), ("bob", None, "bob> "))
+        await bob.group_create("ops", ["alice"])
+        await self.shown(ui, "bob created #ops")
+        await self.type(chat, "/to #ops", "/to #x1")
+        self.assertIn("the conversation in #ops stays open", ui.text())
+        self.assertEqual((chat.conversation, ui.prompt), ("#ops", "#ops> "))
+
+    async def test_quit_typed_behind_a_stalled_command(self):
+        """
+        A /quit typed while a command before it has not finished waits for it, but QUIT_WAIT at the most; a line
+        that is not a /quit does not leave the chat however long it waits.
+        """
+        await self.serve()
+        chat, ui = await self.chat_as("alice")
+        clock = task.Clock()
+        chat.reactor = clock
+        stalled = defer.Deferred()
+
+        async def command_stall(rest):
+            await stalled
+        chat.command_stall = command_stall
+        chat.line("/stall")
+        chat.line("not sent anywhere")
+        clock.advance(pager.QUIT_WAIT * 2)
+        self.assertFalse(chat.closing)
+        chat.line("/quit")
+        clock.advance(pager.QUIT_WAIT - 0.1)
+        self.assertFalse(chat.closing)
+        clock.advance(0.1)
+        self.assertTrue(chat.closing)
+        stalled.callback(None)
+        await self.wait_for(lambda: chat.done.called, "the chat to end")
+        self.assertNotIn("Not sent: no conversation is open", ui.text())  # dropped, not handled after the quit
