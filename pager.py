@@ -12223,14 +12223,26 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if data is None:
             data = text.encode("utf-8")
         if len(names) == 1 and names[0].startswith("#"):
-            client = self.session.client
-            info = await client.group(self.group if names[0] == self.conversation and self.group is not None
-                                      else names[0][1:])
+            info = await self._sendable_group(names[0])
             ref = await self.outbox.add_group(info, data, content_type, filename)
             if ref is not None:
                 self._last_group_sent = ref
             return
         await self.outbox.add(names, data, content_type, filename)
+
+    async def _sendable_group(self, label):
+        """
+        The L{GroupInfo} of the group C{label} (C{#name}; the open group's id when it is the conversation's label)
+        when a message can go to it now: known here, this user a member, its chain verified; else the sentence why
+        not, before anything is read, typed or kept for it.
+        """
+        ref = self.group if label == self.conversation and self.group is not None else label[1:]
+        info = await self.session.client.group(ref)
+        if not info.member:
+            raise Forbidden("Not sent: you are no longer a member of %s." % info.label)
+        if info.broken:
+            raise GroupRefused("Not sent: %s's membership chain does not verify: %s" % (info.label, info.broken))
+        return info
 
     PASTE_SHOWN = 5  # a paste of more lines is shown (these first lines) and sent only once confirmed
 
@@ -12287,6 +12299,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     async def command_paste(self, rest):
         names = self._names(rest) if rest else self._to_conversation("use /paste NAME[,NAME...] or /to NAME first.")
+        if names[0].startswith("#"):
+            names = [(await self._sendable_group(names[0])).label]  # before a line is typed for it
         self._paste_to, self.pasting = names, []
         self._prompt()
         self.show('Type the message for %s; end it with a line holding only ".".' % ", ".join(names))
@@ -12312,6 +12326,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     async def command_file(self, rest):
         names, path = self._file_arguments(rest)
+        if names[0].startswith("#"):
+            await self._sendable_group(names[0])  # before the file is read or announced
         path = os.path.expanduser(path)
         try:
             data = await self.session.in_thread(_read_file, path)

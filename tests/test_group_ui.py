@@ -691,7 +691,10 @@ class GroupLinkedDeviceTests(GroupChatTestCase):
 
 
 class ChatOrderTests(GroupChatTestCase):
-    """Lines are handled strictly in order, each once the one before is done; a /to that fails changes nothing."""
+    """
+    Lines are handled strictly in order, each once the one before is done; a /to that fails changes nothing; a
+    /paste or /file to a group that cannot take a message fails before anything is taken for it.
+    """
 
     async def test_piped_lines_in_order(self):
         """
@@ -776,3 +779,33 @@ class ChatOrderTests(GroupChatTestCase):
         stalled.callback(None)
         await self.wait_for(lambda: chat.done.called, "the chat to end")
         self.assertNotIn("Not sent: no conversation is open", ui.text())  # dropped, not handled after the quit
+
+    async def test_paste_and_file_check_the_group_first(self):
+        """
+        /paste to a group this user is not in (or left) says so at once, before a line is taken for it: the lines
+        after it are not swallowed into a paste; /file to one says so before reading or announcing the file.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("x1", ["alice"])
+        await self.shown(ui, "bob created #x1")
+        await self.type(chat, "/group leave x1")
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"report")
+        for target, said in (("#nope", "You are in no group named #nope"),
+                             ("#x1", "Not sent: you are no longer a member of #x1")):
+            before = len(ui.shown)
+            await self.type(chat, "/paste " + target)
+            self.assertIn(said, ui.text(before))
+            self.assertEqual((chat.pasting, ui.prompt), (None, "to> "))
+            await self.type(chat, "a line after it", ".")
+            self.assertIn("Not sent: no conversation is open", ui.text(before))  # not kept for a paste
+            self.assertNotIn("Type the message for", ui.text(before))
+            before = len(ui.shown)
+            await self.type(chat, "/file %s %s" % (target, path))
+            self.assertIn(said, ui.text(before))
+            self.assertNotIn("Sending", ui.text(before))
+        await bob.ping()
+        self.assertEqual(bob.events.messages, [])
