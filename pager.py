@@ -9318,6 +9318,23 @@ class PagerClient:
             return {"user": user} if (user in state.admins) != admin else None
         return await self._change_group(gid, "promote" if admin else "demote", build)
 
+    async def membership_end(self, group):
+        """
+        How this user's membership of C{group} ended, from the verified chain: C{("left", None)}, C{("removed",
+        ACTOR)}, or None while this user is a member (or when no op here ended it: a group never joined).
+        """
+        gid = await self._resolve_group(group, sync=False)
+        chain = await self._chain(gid)
+        if chain is None or self.user in chain.state.members:
+            return None
+        for _, raw, _, _ in reversed(chain.ops):
+            op = parse_group_op(raw)
+            if op.kind == "leave" and op.actor == self.user:
+                return ("left", None)
+            if op.kind == "remove" and self.user in op.users:
+                return ("removed", op.actor)
+        return None
+
     # -- group messages --
 
     def _check_sendable(self, chain, gid):
@@ -11363,8 +11380,8 @@ def describe_group_change(event, me=None):
     """
     The words of a membership change (a L{GroupEvent}): C{alice added carol}, C{bob left}, C{carol was removed by
     alice}, C{alice changed the topic to "..."}, C{alice renamed #ops to #ops2}, C{alice made bob an admin},
-    C{alice created #ops with bob, carol}.  C{me} (this user) is called C{you}.  (C{event.text} is the topic of
-    a topic change, the name before a rename.)
+    C{alice removed bob as an admin of #ops}, C{alice created #ops with bob, carol}.  C{me} (this user) is called
+    C{you}.  (C{event.text} is the topic of a topic change, the name before a rename.)
     """
     def who(name):
         return "you" if name == me else name
@@ -11389,7 +11406,7 @@ def describe_group_change(event, me=None):
     if kind == "promote":
         return "%s made %s an admin" % (actor, users)
     if kind == "demote":
-        return "%s made %s no longer an admin" % (actor, users)
+        return "%s removed %s as an admin of %s" % (actor, users, group_label(event.name))
     return "%s changed %s (%s)" % (actor, group_label(event.name), kind)
 
 
@@ -11451,32 +11468,62 @@ def describe_group_ticks(name, delivered, total, ref, preview, at):
 
 
 GROUP_ACTIONS = {
-    # action: (arguments after NAME, as the chat's /group and pager-cli group take them)
-    "create": "[MEMBERS...]", "add": "USER...", "remove": "USER...", "leave": "", "rename": "NEW",
-    "topic": "TEXT", "admin": "USER [off]", "info": "",
+    # action: (arguments after the group's NAME, as the chat's /group and pager-cli group take them; what it does)
+    "create": ("[MEMBERS...]", "make the group #NAME with those members (one word each); you are its admin"),
+    "add": ("USER...", "add members (admins)"),
+    "remove": ("USER...", "remove members (admins; to leave yourself: leave)"),
+    "leave": ("", "leave the group: nothing sent to it reaches you from then on"),
+    "rename": ("NEW", "rename it (admins)"),
+    "topic": ("[TEXT]", "set its topic (admins); no TEXT, or \"\", clears it"),
+    "admin": ("USER [off]", "make USER an admin (admins); off: no longer one"),
+    "info": ("", "its members, admins, topic, version and your role"),
 }
+CLI_GROUP_PREFIX = "pager-cli group HOST --user NAME"  # how pager-cli group's usage lines begin (the group: GROUP)
 
 
 def group_usage(action=None, prefix="/group"):
-    """The usage sentence of one group action (or of them all)."""
+    """
+    The usage sentence of one group action (or of them all): C{/group topic NAME [TEXT]} in the chat, C{pager-cli
+    group HOST --user NAME topic GROUP [TEXT]} from a script (C{prefix} L{CLI_GROUP_PREFIX}).
+    """
+    group = "GROUP" if prefix == CLI_GROUP_PREFIX else "NAME"
     if action in GROUP_ACTIONS:
-        return "Usage: %s %s NAME%s" % (prefix, action, " " + GROUP_ACTIONS[action] if GROUP_ACTIONS[action] else "")
-    return "Usage: %s ACTION NAME ..., ACTION one of %s." % (prefix, ", ".join(GROUP_ACTIONS))
+        arguments = GROUP_ACTIONS[action][0]
+        return "Usage: %s %s %s%s" % (prefix, action, group, " " + arguments if arguments else "")
+    return "Usage: %s ACTION %s ..., ACTION one of %s." % (prefix, group, ", ".join(GROUP_ACTIONS))
+
+
+def group_actions_text(prefix="/group"):
+    """Every group action with its arguments and what it does, one a line (C{pager-cli group --help})."""
+    group = "GROUP" if prefix == CLI_GROUP_PREFIX else "NAME"
+    rows = [("%s %s %s" % (action, group, arguments)).rstrip() for action, (arguments, _) in GROUP_ACTIONS.items()]
+    width = max(len(row) for row in rows)
+    return "\n".join("  %-*s  %s" % (width, row, what.replace("#NAME", "#" + group))
+                     for row, (_, what) in zip(rows, GROUP_ACTIONS.values()))
 
 
 def _group_users(words):
     """User names given as words, each perhaps a list with commas; sorted, once each."""
     try:
-        return sorted({canonical_username(n) for word in words for n in word.split(",") if n})
+        return sorted({canonical_username(n) for n in words for n in n.split(",") if n})
     except BadRequest as e:
         raise usage.UsageError(e.message)
+
+
+def _topic_text(text):
+    """A topic as typed in the chat: C{""} (or C{''}) alone is the empty topic, which clears it."""
+    return "" if text.strip() in ('""', "''") else text
 
 
 async def group_action(client, action, name, words, off=False, topic=None, prefix="/group"):
     """
     Do one group action for the chat's C{/group} and for C{pager-cli group}, and return the sentence that says what
     was done.  C{words} are the arguments after the group's NAME (C{topic}: the topic's text as typed, spaces and all);
-    C{off} demotes with C{admin}.  The client checks the rest (an admin's rights, the identity device, the chain).
+    C{off} demotes with C{admin}.  Before anything is signed, the request is checked against the group as verified
+    here: a change in a group this user is not in is L{UnknownGroup} ("You are not in #dev: you left it."), one only
+    admins make, by someone who is not one, L{GroupRefused}, and so is making or unmaking an admin of someone who is
+    not a member; a change that is so already changes nothing and says so.  The client checks the rest (the
+    identity device, the chain, the group's rules).
     """
     if action not in GROUP_ACTIONS:
         raise usage.UsageError("No group action %s: %s" % (action, group_usage(None, prefix)[len("Usage: "):]))
@@ -11488,15 +11535,30 @@ async def group_action(client, action, name, words, off=False, topic=None, prefi
         members = _group_users(words)
         if client.user in members:
             members.remove(client.user)
-        await client.group_create(name, members)
+        try:
+            await client.group_create(name, members)
+        except UnknownUser as e:
+            raise UnknownUser("%s (a group's name is one word: the words after %s are its members)"
+                              % (e.message.rstrip("."), group_label(name)))
         return "Created %s%s; you are its admin." % (
             group_label(name), " with " + ", ".join(members) if members else " (add members with /group add)")
     info = await client.group(name)
     label = group_label(info.name)
+    me = client.user
     if action == "info":
         if words:
             raise usage.UsageError(group_usage(action, prefix))
-        return describe_group(info, client.user)
+        return describe_group(info, me)
+    if not info.member:
+        ended = await client.membership_end(info.id)
+        raise UnknownGroup("You are not in %s%s." % (label, "" if ended is None else ": you left it" if
+                                                      ended[0] == "left" else ": %s removed you" % ended[1]))
+    if action == "remove" and me in _group_users(words):
+        raise usage.UsageError("You leave %s with %s leave %s, not remove." % (label, prefix, info.name))
+    if action != "leave" and me not in info.admins:
+        kind = "demote" if action == "admin" and (off or words[1:] == ["off"]) else \
+            {"admin": "promote"}.get(action, action)
+        raise GroupRefused("Only an admin of %s can %s; you are not one." % (label, _GROUP_OP_WORDS[kind]))
     if action in ("add", "remove"):
         users = _group_users(words)
         if not users:
@@ -11521,13 +11583,18 @@ async def group_action(client, action, name, words, off=False, topic=None, prefi
             new = canonical_group_name(words[0])
         except BadRequest as e:
             raise usage.UsageError(e.message)
+        if new == info.name:
+            return "%s is called %s already; nothing changed." % (label, label)
         await client.group_rename(info.id, new)
         return "Renamed %s to %s." % (label, group_label(new))
     if action == "topic":
-        text = topic if topic is not None else " ".join(words)
+        text = _topic_text(topic) if topic is not None else " ".join(words)
         if len(text.encode("utf-8")) > MAX_GROUP_TOPIC_BYTES:
             raise usage.UsageError("A topic has at most %d bytes (as UTF-8); this one has %d." % (
                 MAX_GROUP_TOPIC_BYTES, len(text.encode("utf-8"))))
+        if text == (info.topic or ""):
+            return ('The topic of %s is "%s" already; nothing changed.' % (label, _one_line(text)) if text else
+                    "%s has no topic already; nothing changed." % label)
         await client.group_topic(info.id, text)
         return ('The topic of %s is now "%s".' % (label, _one_line(text)) if text else
                 "Cleared the topic of %s." % label)
@@ -11537,6 +11604,11 @@ async def group_action(client, action, name, words, off=False, topic=None, prefi
     if len(words) != 1:
         raise usage.UsageError(group_usage(action, prefix))
     [user] = _group_users(words)
+    if user not in info.members:
+        raise GroupRefused("%s is not a member of %s." % (user, label))
+    if (user in info.admins) != off:
+        return ("%s is not an admin of %s; nothing changed." if off else
+                "%s is an admin of %s already; nothing changed.") % (user, label)
     await client.group_admin(info.id, user, admin=not off)
     return ("%s is no longer an admin of %s." if off else "%s is now an admin of %s.") % (user, label)
 
@@ -11847,11 +11919,11 @@ Every line you type goes to the open conversation (its name is the prompt); comm
   /whoami                    who you are, on which server
   /to #GROUP                 talk in a group: each line you type goes to every member of #GROUP
   /groups                    your groups, with how many of their messages you have not read
-  /group create NAME [MEMBERS...]   make the group #NAME (you are its admin)
+  /group create NAME [MEMBERS...]   make the group #NAME, a one-word name (you are its admin)
   /group add|remove NAME USER...    add or remove members (admins)
   /group leave NAME          leave #NAME: nothing sent to it reaches you from then on
   /group rename NAME NEW     rename #NAME (admins)
-  /group topic NAME TEXT     set its topic (admins)
+  /group topic NAME [TEXT]   set its topic (admins); without TEXT, or with "", clear it
   /group admin NAME USER [off]      make USER an admin of #NAME (off: no longer one)
   /group info NAME           its members, admins, topic, version and your role
   /info [#REF]               who has your group message #REF (alone: the last one you sent)
@@ -13434,7 +13506,11 @@ class ConnectOptions(_ClientOptions):
                 "connected. In a terminal the line is edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for "
                 "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block "
                 "of lines is one message to the current conversation.")
-    optFlags = [_REGISTER]
+    optFlags = [["register", None, "If this machine has no key for the user on this server and the server has no "
+                                   "such account, make a key and register the user without asking; without it "
+                                   "connect asks first (reading a pipe, it takes the pipe's first line for the "
+                                   "answer: y registers). For an existing account it offers to link this machine "
+                                   "either way."]]
     optParameters = [["name", None, None, "The name this machine gets as a device of the account when connect "
                                           "registers it or links it (1 to 64 bytes) [default: asked, offering this "
                                           "machine's host name]."]]
@@ -13513,34 +13589,53 @@ class FetchOptions(_ClientOptions):
 
 class GroupOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME ACTION GROUP [ARGS...]"
-    longdesc = ("Change or show a group (written #NAME; GROUP may be given with or without the #). ACTION is one of: "
-                "create GROUP [MEMBERS...] (you become its admin); add GROUP USER...; remove GROUP USER...; leave "
-                "GROUP; rename GROUP NEW; topic GROUP TEXT (an empty TEXT, '', clears it); admin GROUP USER (--off: "
-                "no longer an admin); info GROUP (--json). Changes are signed with your identity key, so they run on "
-                "your identity device; adding, removing, renaming, the topic and admins are for the group's admins.")
+    longdesc = ("Change or show a group (written #NAME; GROUP may be given with or without the #), one ACTION of "
+                "those below. Changes are signed with your identity key, so they run on your identity device; "
+                "adding, removing, renaming, the topic and admins are for the group's admins. A change that is so "
+                "already changes nothing and says so (exit 0). 'pager-cli group ACTION --help' shows one action.")
     not_applicable = ("skew-window", "no-history", "no-passphrase")
-    optFlags = [["off", None, "With admin: make USER no longer an admin."],
+    optFlags = [["off", None, "With admin: make USER no longer an admin (the same as the word off after USER)."],
                 ["json", None, "With info: print one JSON object."]]
+
+    def parseOptions(self, options=None):
+        # The action named among the arguments, if any: --help then describes that action (before parseArgs runs).
+        words = [w.lower() for w in (sys.argv[1:] if options is None else options) if not w.startswith("-")]
+        self._asked = next((w for w in words[:2] if w in GROUP_ACTIONS), None)
+        super().parseOptions(options)
+
+    def getSynopsis(self):
+        action = getattr(self, "_asked", None)
+        if action is not None:
+            return group_usage(action, CLI_GROUP_PREFIX)
+        return super().getSynopsis()
+
+    def getUsage(self, width=None):
+        action = getattr(self, "_asked", None)
+        if action is not None:
+            text = GROUP_ACTIONS[action][1].replace("#NAME", "#GROUP")
+            return "%s.\n%s" % (text[0].upper() + text[1:], super().getUsage(width))
+        return super().getUsage(width) + "\nActions:\n%s\n" % group_actions_text(CLI_GROUP_PREFIX)
 
     def parseArgs(self, server, action=None, group=None, *args):
         if action is None or group is None:
-            raise usage.UsageError("Name an action and a group: %s." % group_usage(None, "group HOST")[7:])
+            raise usage.UsageError("Name an action and a group: %s." % group_usage(None, CLI_GROUP_PREFIX)[7:])
         self["server"], self["action"], self["group"], self["args"] = server, action.lower(), group, list(args)
 
     def postOptions(self):
         super().postOptions()
         action, args = self["action"], self["args"]
         if action not in GROUP_ACTIONS:
-            raise usage.UsageError("No group action %s: %s" % (action, group_usage(None, "group HOST")[7:]))
+            raise usage.UsageError("No group action %s: %s" % (action, group_usage(None, CLI_GROUP_PREFIX)[7:]))
         if self["off"] and action != "admin":
             raise usage.UsageError("--off goes with admin.")
         if self["json"] and action != "info":
             raise usage.UsageError("--json goes with info.")
-        wanted = {"leave": (0, 0), "info": (0, 0), "rename": (1, 1), "topic": (1, 1), "admin": (1, 1),
+        wanted = {"leave": (0, 0), "info": (0, 0), "rename": (1, 1), "topic": (0, 1), "admin": (1, 2),
                   "add": (1, None), "remove": (1, None), "create": (0, None)}[action]
-        if len(args) < wanted[0] or (wanted[1] is not None and len(args) > wanted[1]):
+        if len(args) < wanted[0] or (wanted[1] is not None and len(args) > wanted[1]) or \
+                (action == "admin" and args[1:] not in ([], ["off"])):
             hint = " (quote a topic with spaces)" if action == "topic" else ""
-            raise usage.UsageError(group_usage(action, "pager-cli group HOST").replace(" off]", "] [--off]") + hint)
+            raise usage.UsageError(group_usage(action, CLI_GROUP_PREFIX) + hint)
 
 
 class GroupsOptions(_ClientOptions):
@@ -14264,7 +14359,7 @@ async def _group_command(reactor, config):
             return
         try:
             print(await group_action(client, config["action"], config["group"], config["args"], off=config["off"],
-                                     prefix="pager-cli group HOST"))
+                                     prefix=CLI_GROUP_PREFIX))
         except (Forbidden, TooLarge) as e:
             if isinstance(e, GroupRefused):
                 raise

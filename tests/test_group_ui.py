@@ -61,7 +61,7 @@ class DescribeGroupTests(unittest.SynchronousTestCase):
             (event("topic", text="on call: bob"), 'alice changed the topic to "on call: bob"'),
             (event("topic", text=""), "alice cleared the topic"),
             (event("promote", users=("bob",)), "alice made bob an admin"),
-            (event("demote", users=("bob",)), "alice made bob no longer an admin"),
+            (event("demote", users=("bob",)), "alice removed bob as an admin of #ops"),
         ]
         for e, words in cases:
             self.assertEqual(pager.describe_group_change(e, "zed"), words)
@@ -449,7 +449,7 @@ class GroupChatTests(GroupChatTestCase):
             ("/group add ops carol", "carol is in #ops already; nothing changed."),
             ("/group topic ops on call: bob", '#ops: you changed the topic to "on call: bob"'),
             ("/group admin ops bob", "#ops: you made bob an admin"),
-            ("/group admin ops bob off", "#ops: you made bob no longer an admin"),
+            ("/group admin ops bob off", "#ops: you removed bob as an admin of #ops"),
             ("/group admin ops", "Usage: /group admin NAME USER [off]"),
             ("/group rename ops", "Usage: /group rename NAME NEW"),
             ("/group rename ops dev", "#dev: you renamed #ops to #dev"),
@@ -809,3 +809,164 @@ class ChatOrderTests(GroupChatTestCase):
             self.assertNotIn("Sending", ui.text(before))
         await bob.ping()
         self.assertEqual(bob.events.messages, [])
+
+
+class GroupNoChangeChatTests(GroupChatTestCase):
+    """
+    A change that is so already is told, not claimed, and signs nothing; leaving a group one is not in, and making
+    or unmaking an admin of a non-member, are refused with a sentence; topics clear with "" or no text.
+    """
+
+    async def test_no_change_is_said(self):
+        await self.serve()
+        await self.peer("bob")
+        await self.peer("carol")
+        await self.peer("dave")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/group create x1 bob carol", "/group admin x1 carol")
+        await self.shown(ui, "#x1: you made carol an admin")
+        client = chat.session.client
+        version = (await client.group("x1")).seq
+        cases = [
+            ("/group admin x1 carol", "carol is an admin of #x1 already; nothing changed."),
+            ("/group admin x1 bob off", "bob is not an admin of #x1; nothing changed."),
+            ("/group admin x1 dave off", "dave is not a member of #x1."),
+            ("/group admin x1 dave", "dave is not a member of #x1."),
+            ("/group rename x1 x1", "#x1 is called #x1 already; nothing changed."),
+            ("/group add x1 bob", "bob is in #x1 already; nothing changed."),
+            ("/group remove x1 dave", "dave is not in #x1; nothing changed."),
+            ("/group topic x1 \"\"", "#x1 has no topic already; nothing changed."),
+            ("/group remove x1 alice", "You leave #x1 with /group leave x1, not remove."),
+            ("/group remove x1 bob,alice", "You leave #x1 with /group leave x1, not remove."),
+        ]
+        for line, said in cases:
+            before = len(ui.shown)
+            await self.type(chat, line)
+            self.assertIn(said, ui.text(before), line)
+            self.assertNotIn("#x1: you", ui.text(before), line)
+        self.assertEqual((await client.group("x1")).seq, version)  # nothing was signed
+        await self.type(chat, "/group admin x1 carol off")
+        await self.shown(ui, "#x1: you removed carol as an admin of #x1")
+
+    async def test_topic_clears_with_quotes_or_nothing(self):
+        """/group topic NAME "" clears the topic (not the two characters ""), and so does /group topic NAME."""
+        await self.serve()
+        await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        client = chat.session.client
+        await self.type(chat, "/group create ops bob", "/group topic ops on call: bob")
+        self.assertEqual((await client.group("ops")).topic, "on call: bob")
+        await self.type(chat, '/group topic ops ""')
+        await self.shown(ui, "#ops: you cleared the topic")
+        self.assertEqual((await client.group("ops")).topic, "")
+        await self.type(chat, "/group topic ops '\"quoted\"'", "/group topic ops")
+        self.assertEqual(ui.text().count("#ops: you cleared the topic"), 2)
+        self.assertEqual((await client.group("ops")).topic, "")
+        self.assertIn('you changed the topic to "\'"quoted"\'"', ui.text())  # only "" or '' alone is empty
+
+    async def test_leave_twice_and_create_with_spaces(self):
+        """
+        Leaving again says you are not in the group (and how you left it); a name of two words is refused saying a
+        group's name is one word, and makes no group.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("dev", ["alice"])
+        await self.shown(ui, "bob created #dev")
+        await self.type(chat, "/group leave dev")
+        await self.shown(ui, "#dev: you left")
+        before = len(ui.shown)
+        await self.type(chat, "/group leave dev")
+        self.assertIn("You are not in #dev: you left it.", ui.text(before))
+        self.assertNotIn("You left", ui.text(before))
+        await bob.group_create("ops", ["alice"])
+        await self.shown(ui, "bob created #ops")
+        await bob.group_remove("ops", ["alice"])
+        await self.shown(ui, "you were removed by bob")
+        before = len(ui.shown)
+        await self.type(chat, "/group topic ops hello")
+        self.assertIn("You are not in #ops: bob removed you.", ui.text(before))
+        before = len(ui.shown)
+        await self.type(chat, "/group create my group")
+        self.assertIn("No such user: group (a group's name is one word: the words after #my are its members)",
+                      ui.text(before))
+        self.assertEqual([g.name for g in await chat.session.client.groups()], ["dev", "ops"])
+
+
+class GroupCommandMoreTests(CLITestCase):
+    """pager-cli group: admin's off, clearing a topic, changes that are so already, and each action's --help."""
+
+    cli = GroupCommandTests.cli
+
+    async def test_admin_off_and_topic(self):
+        """'admin GROUP USER off' and '--off' both demote; a topic of '' or none at all clears it."""
+        await self.serve()
+        alice = await self.provision("alice")
+        await self.account("bob")
+        await self.cli(alice, "alice", "group", "HOST", "create", "ops", "bob")
+        for off in (["off"], ["--off"]):
+            await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "bob")
+            result = await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "bob", *off)
+            self.assertEqual(result.out, "bob is no longer an admin of #ops.\n")
+        result = await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "bob", "on", code=2)
+        self.assertIn("Usage: pager-cli group HOST --user NAME admin GROUP USER [off]", result.err)
+        for clear in ([""], []):
+            await self.cli(alice, "alice", "group", "HOST", "topic", "ops", "on call")
+            result = await self.cli(alice, "alice", "group", "HOST", "topic", "ops", *clear)
+            self.assertEqual(result.out, "Cleared the topic of #ops.\n")
+            record = json.loads((await self.cli(alice, "alice", "group", "HOST", "info", "ops", "--json")).out)
+            self.assertEqual(record["topic"], "")
+        result = await self.cli(alice, "alice", "group", "HOST", "topic", "ops", "a", "b", code=2)
+        self.assertIn("Usage: pager-cli group HOST --user NAME topic GROUP [TEXT] (quote a topic with spaces)",
+                      result.err)
+
+    async def test_no_change_and_refusals(self):
+        """
+        A change that is so already exits 0 saying nothing changed; leaving a group again, or changing one you were
+        removed from, exits 2; a non-admin's change, or an admin role for a non-member, exits 3; remove of yourself
+        points to leave (2); a create with a name of two words names the unknown user and says why (4).
+        """
+        await self.serve()
+        alice, bob, carol = await self.provision("alice"), await self.provision("bob"), await self.provision("carol")
+        await self.account("dave")
+        await self.cli(alice, "alice", "group", "HOST", "create", "ops", "bob", "carol")
+        await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "carol")
+        for argv, said in ((["admin", "ops", "carol"], "carol is an admin of #ops already; nothing changed.\n"),
+                           (["admin", "ops", "bob", "off"], "bob is not an admin of #ops; nothing changed.\n"),
+                           (["rename", "ops", "#ops"], "#ops is called #ops already; nothing changed.\n")):
+            self.assertEqual((await self.cli(alice, "alice", "group", "HOST", *argv)).out, said)
+        line = (await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "dave", "off", code=3)).err
+        self.assertIn("dave is not a member of #ops.", line)
+        line = (await self.cli(bob, "bob", "group", "HOST", "add", "ops", "carol", code=3)).err
+        self.assertIn("Only an admin of #ops can add members; you are not one.", line)
+        line = (await self.cli(bob, "bob", "group", "HOST", "remove", "ops", "bob", code=2)).err
+        self.assertIn("You leave #ops with pager-cli group HOST --user NAME leave ops, not remove.", line)
+        await self.cli(bob, "bob", "group", "HOST", "leave", "ops")
+        line = (await self.cli(bob, "bob", "group", "HOST", "leave", "ops", code=2)).err
+        self.assertIn("You are not in #ops: you left it.", line)
+        await self.cli(alice, "alice", "group", "HOST", "remove", "ops", "carol")
+        line = (await self.cli(carol, "carol", "group", "HOST", "topic", "ops", "hi", code=2)).err
+        self.assertIn("You are not in #ops: alice removed you.", line)
+        line = (await self.cli(alice, "alice", "group", "HOST", "create", "my", "group", code=4)).err
+        self.assertIn("No such user: group (a group's name is one word: the words after #my are its members)", line)
+        record = json.loads((await self.cli(alice, "alice", "group", "HOST", "info", "ops", "--json")).out)
+        self.assertEqual(record["version"], 4)  # create, admin, bob left, carol removed: no op for the rest
+
+    async def test_help_per_action(self):
+        """--help lists every action with its arguments; after an action, it describes that one."""
+        result = await self.run_command("group", "--help", home=self.home())
+        self.assertExit(result, 0)
+        for row in ("create GROUP [MEMBERS...]", "add GROUP USER...", "remove GROUP USER...", "leave GROUP",
+                    "rename GROUP NEW", "topic GROUP [TEXT]", "admin GROUP USER [off]", "info GROUP"):
+            self.assertIn("  " + row, result.out)
+        for argv, usage_line in ((["create"], "Usage: pager-cli group HOST --user NAME create GROUP [MEMBERS...]"),
+                                 (["localhost", "topic", "ops"], "Usage: pager-cli group HOST --user NAME topic GROUP "
+                                                            "[TEXT]")):
+            result = await self.run_command("group", *argv, "--help", home=self.home())
+            self.assertExit(result, 0)
+            self.assertTrue(result.out.startswith(usage_line + "\n"), result.out)
+            self.assertIn("--user", result.out)
+        result = await self.run_command("connect", "--help", home=self.home())
+        self.assertNotIn("that is an error", result.out)
+        self.assertIn("without it connect asks first", " ".join(result.out.split()))
