@@ -11438,23 +11438,53 @@ def _group_json(info, me):
             "admin": me in info.admins and bool(info.member), "unread": info.unread, "broken": info.broken}
 
 
-def describe_groups(groups, me):
-    """The lines of C{/groups} and C{pager-cli groups}: one per group, with its unread count."""
+GROUP_SHORT_ID = 8  # hex digits of a group's id shown to tell apart groups of one name
+
+
+def group_short_id(info):
+    """The first digits of a group's id: what tells apart two groups of one name (C{#x1 (id 0f3a9c2e)})."""
+    return info.id[:GROUP_SHORT_ID]
+
+
+def _membership_ended(how):
+    """How a membership ended, as L{PagerClient.membership_end} gives it: C{left}, C{removed by alice}."""
+    if how is None:
+        return "not a member"
+    return "left" if how[0] == "left" else "removed by %s" % how[1]
+
+
+def describe_groups(groups, me, ended=None):
+    """
+    The lines of C{/groups} and C{pager-cli groups}: one per group, with its unread count; a group one is no longer
+    in says how that ended (C{ended}: C{{id: L{PagerClient.membership_end}'s answer}}); groups of one name are told
+    apart by their ids' first digits.
+    """
     if not groups:
         return "You are in no group; /group create NAME [MEMBERS...] makes one."
+    ended = ended or {}
+    named = collections.Counter(g.name for g in groups)
     lines = []
-    for info in sorted(groups, key=lambda g: (not g.member, g.name)):
-        parts = [group_label(info.name), "%d member%s" % (len(info.members), "" if len(info.members) == 1 else "s")]
+    for info in sorted(groups, key=lambda g: (not g.member, g.name, g.id)):
+        label = group_label(info.name)
+        if named[info.name] > 1:
+            label += " (id %s)" % group_short_id(info)
+        parts = [label, "%d member%s" % (len(info.members), "" if len(info.members) == 1 else "s")]
         if info.member and me in info.admins:
             parts.append("admin")
         if not info.member:
-            parts.append("left")
+            parts.append(_membership_ended(ended.get(info.id)))
         if info.unread:
             parts.append("%d unread" % info.unread)
         if info.broken:
             parts.append("\u26a0 chain does not verify")
         lines.append("  " + "  ".join(parts))
     return "Your groups:\n" + "\n".join(lines)
+
+
+async def groups_ended(client):
+    """C{(groups, ended)}: the client's groups, and how this user's membership ended in each it is no longer in."""
+    groups = await client.groups()
+    return groups, {g.id: await client.membership_end(g.id) for g in groups if not g.member}
 
 
 def describe_group_ticks(name, delivered, total, ref, preview, at):
@@ -12531,7 +12561,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     async def command_groups(self, rest):
         if rest:
             raise usage.UsageError("/groups takes nothing: it lists your groups (/group info NAME: one of them).")
-        self.show(describe_groups(await self.session.client.groups(), self.session.user))
+        groups, ended = await groups_ended(self.session.client)
+        self.show(describe_groups(groups, self.session.user, ended))
 
     async def command_info(self, rest):
         rest = rest.strip()
@@ -14372,13 +14403,18 @@ async def _groups_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     client = await session.start(receive=False)
     try:
-        groups = await client.groups()
+        groups, ended = await groups_ended(client)
     finally:
         await session.close()
     if config["json"]:
-        print(json.dumps({"groups": [_group_json(g, session.user) for g in groups]}))
+        records = []
+        for g in groups:
+            how = ended.get(g.id)
+            records.append(dict(_group_json(g, session.user), ended=None if g.member else {
+                "how": how[0] if how else None, "by": how[1] if how else None}))
+        print(json.dumps({"groups": records}))
     else:
-        print(describe_groups(groups, session.user))
+        print(describe_groups(groups, session.user, ended))
 
 
 async def _export_key_command(reactor, config):

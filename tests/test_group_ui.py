@@ -104,13 +104,25 @@ class DescribeGroupTests(unittest.SynchronousTestCase):
 
     def test_groups_listing(self):
         text = pager.describe_groups([info(name="zz", unread=3), info(name="aa", admins=("carol",)),
-                                      info(name="gone", member=False)], "alice")
+                                      info(name="gone", member=False)], "alice", {GID: ("left", None)})
         self.assertEqual(text.split("\n"), [
             "Your groups:",
             "  #aa  3 members",
             "  #zz  3 members  admin  3 unread",
             "  #gone  3 members  left"])
         self.assertIn("You are in no group", pager.describe_groups([], "alice"))
+
+    def test_groups_of_one_name(self):
+        """Two groups of one name are told apart by their ids; a removal says by whom; nothing known: not a member."""
+        other = "f0" * 16
+        text = pager.describe_groups([info(name="x1", member=False), info(name="x1", member=False, gid=other),
+                                      info(name="y", member=False, gid="0e" * 16)],
+                                     "alice", {GID: ("left", None), other: ("removed", "bob")})
+        self.assertEqual(text.split("\n"), [
+            "Your groups:",
+            "  #x1 (id %s)  3 members  left" % GID[:8],
+            "  #x1 (id f0f0f0f0)  3 members  removed by bob",
+            "  #y  3 members  not a member"])
 
     def test_json(self):
         record = pager._group_json(info(topic="t", unread=2), "alice")
@@ -948,6 +960,9 @@ class GroupCommandMoreTests(CLITestCase):
         await self.cli(alice, "alice", "group", "HOST", "remove", "ops", "carol")
         line = (await self.cli(carol, "carol", "group", "HOST", "topic", "ops", "hi", code=2)).err
         self.assertIn("You are not in #ops: alice removed you.", line)
+        self.assertIn("#ops  1 member  removed by alice", (await self.cli(carol, "carol", "groups", "HOST")).out)
+        [record] = json.loads((await self.cli(bob, "bob", "groups", "HOST", "--json")).out)["groups"]
+        self.assertEqual((record["member"], record["ended"]), (False, {"how": "left", "by": None}))
         line = (await self.cli(alice, "alice", "group", "HOST", "create", "my", "group", code=4)).err
         self.assertIn("No such user: group (a group's name is one word: the words after #my are its members)", line)
         record = json.loads((await self.cli(alice, "alice", "group", "HOST", "info", "ops", "--json")).out)
@@ -970,3 +985,25 @@ class GroupCommandMoreTests(CLITestCase):
         result = await self.run_command("connect", "--help", home=self.home())
         self.assertNotIn("that is an error", result.out)
         self.assertIn("without it connect asks first", " ".join(result.out.split()))
+
+
+class GroupListTests(GroupChatTestCase):
+    """/groups and pager-cli groups say how each former membership ended, and tell apart groups of one name."""
+
+    async def test_two_groups_of_one_name(self):
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        first = await bob.group_create("x1", ["alice"])
+        await self.shown(ui, "bob created #x1")
+        await self.type(chat, "/group leave x1")
+        await bob.group_leave(first.id)  # the group ends: its name is free again
+        second = await bob.group_create("x1", ["alice"])
+        await bob.group_remove(second.id, ["alice"])
+        await self.shown(ui, "you were removed by bob")
+        before = len(ui.shown)
+        await self.type(chat, "/groups")
+        lines = ui.text(before).split("\n")[1:]
+        self.assertEqual(sorted(lines), sorted([
+            "  #x1 (id %s)  1 member  left" % first.id[:8],
+            "  #x1 (id %s)  1 member  removed by bob" % second.id[:8]]))
