@@ -11532,6 +11532,13 @@ def group_actions_text(prefix="/group"):
                      for row, (_, what) in zip(rows, GROUP_ACTIONS.values()))
 
 
+def _one_group_only(names, how):
+    """Why recipients C{names} that hold a group are refused: one group at a time, and never with users."""
+    if all(n.startswith("#") for n in names):
+        return "A message goes to one group at a time, not to %s: %s once for each." % (", ".join(names), how)
+    return "A message goes to one group or to users, not both: %s." % ", ".join(names)
+
+
 def _group_users(words):
     """User names given as words, each perhaps a list with commas; sorted, once each."""
     try:
@@ -12207,7 +12214,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         names = [n.strip() for n in text.split(",") if n.strip()]
         if any(n.startswith("#") for n in names):
             if len(names) > 1:
-                raise usage.UsageError("A message goes to one group or to users, not both: %s." % ", ".join(names))
+                raise usage.UsageError(_one_group_only(names, "/msg"))
             return [group_label(canonical_group_name(names[0]))]
         names = [canonical_username(n) for n in names]
         if not names:
@@ -12582,8 +12589,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 raise usage.UsageError("You have sent no group message from here; /info #REF names one.")
         delivery = await client.group_delivery(msg_id) if msg_id is not None else None
         if delivery is None:
-            raise usage.UsageError("#%d is not a group message sent from here, or the server does not have it yet; "
-                                   "/info names those." % ref)
+            raise usage.UsageError("#%d is not a group message you sent from here (or the server has not taken it "
+                                   "yet)." % ref)
         group, members, receipts = delivery
         ref, preview = await store.sent_message(msg_id)
         self.show(describe_group_delivery(group.name if group is not None else "(a group you left)",
@@ -12761,7 +12768,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         members = [m for m in members if m != self.session.user]
         delivered = sum(1 for u, r in receipts.items() if r[0] == "delivered" and u in members)
         refused = sorted(u for u, r in receipts.items() if r[0] != "delivered" and u in members)
-        status = "delivered to %d of %d in %s" % (delivered, len(members), group_label(name)) + (
+        # The history's line names the group by its name then: the status does not (a rename would make it wrong).
+        status = "delivered to %d of %d" % (delivered, len(members)) + (
             "; not to %s" % ", ".join(refused) if refused else "")
         await self.session.store.set_history_status(receipt.message_id, status)
         if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
@@ -13585,7 +13593,7 @@ class SendOptions(_ClientOptions):
         try:
             if any(n.startswith("#") for n in names):
                 if len(names) > 1:
-                    raise usage.UsageError("--to names one group or users, not both: %s." % ", ".join(names))
+                    raise usage.UsageError(_one_group_only(names, "--to"))
                 self["group"] = canonical_group_name(names[0])
             self["to"] = sorted({canonical_username(n) for n in names if not n.startswith("#")})
         except BadRequest as e:
@@ -14234,7 +14242,12 @@ async def _send_command(reactor, config):
             entry = HistoryEntry(reactor.seconds(), "out", group_label(info.name), answer["msg"], content_type,
                                  filename, data if content_type == "text" else b"", "sent", info.id)
         else:
-            answer = await client.post(config["to"], data, content_type, filename)
+            try:
+                answer = await client.post(config["to"], data, content_type, filename)
+            except UnknownUser as e:
+                listed = {w.rstrip(".") for w in e.message.partition(":")[2].replace(",", " ").split()}
+                unknown = [n for n in config["to"] if n in listed]  # those the sentence names
+                raise UnknownUser(e.message.rstrip(".") + await _group_hint(client, unknown) + ".")
             entry = HistoryEntry(reactor.seconds(), "out", ",".join(config["to"]), answer["msg"], content_type,
                                  filename, data if content_type == "text" else b"", "sent")
         await session.store.add_history(entry)
@@ -14254,6 +14267,18 @@ async def _send_command(reactor, config):
                 raise NotDelivered("; ".join(failed))
     finally:
         await session.close()
+
+
+async def _group_hint(client, names):
+    """For recipients the server does not know: C{" (did you mean the group #dev? --to '#dev')"} for a group of theirs."""
+    for name in names:
+        try:
+            info = await client.group(name)
+        except (PagerError, BadRequest):
+            continue
+        if info.member:
+            return " (did you mean the group %s? --to '%s')" % (info.label, info.label)
+    return ""
 
 
 async def _fetch_command(reactor, config):

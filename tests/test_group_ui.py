@@ -375,7 +375,8 @@ class GroupChatTests(GroupChatTestCase):
             self.assertRegex(text, r"refused: carol \d\d:\d\d \(.*removed.*\)")
         before = len(ui.shown)
         await self.type(chat, "/info #7")
-        self.assertIn("#7 is not a group message sent from here", ui.text(before))
+        self.assertIn("#7 is not a group message you sent from here (or the server has not taken it yet).",
+                      ui.text(before))
 
     async def test_incoming_lines_and_unread(self):
         """
@@ -1007,3 +1008,44 @@ class GroupListTests(GroupChatTestCase):
         self.assertEqual(sorted(lines), sorted([
             "  #x1 (id %s)  1 member  left" % first.id[:8],
             "  #x1 (id %s)  1 member  removed by bob" % second.id[:8]]))
+
+
+class GroupWordingTests(GroupChatTestCase):
+    """The sentences a user meets when a group and a user are mixed up."""
+
+    async def test_send_to_a_group_without_its_hash(self):
+        """--to dev, when there is no user dev but the sender is in #dev, says so and shows --to '#dev' (exit 4)."""
+        await self.serve()
+        alice = await self.provision("alice")
+        bob = await self.peer("bob")
+        await self.cli(alice, "alice", "group", "HOST", "create", "dev", "bob")
+        result = await self.cli(alice, "alice", "send", "HOST", "--to", "dev", "hi", code=4)
+        self.assertIn("No such user: dev (did you mean the group #dev? --to '#dev').", result.err)
+        result = await self.cli(alice, "alice", "send", "HOST", "--to", "nobody", "hi", code=4)
+        self.assertNotIn("did you mean", result.err)
+        await bob.ping()
+        self.assertEqual(bob.events.messages, [])
+
+    cli = GroupCommandTests.cli
+
+    async def test_chat_wording(self):
+        """/to dev hints at #dev; /msg to two groups says one at a time; a history suffix names the group now."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/group create dev bob", "/group create oncall bob")
+        for line, said in (("/to dev", "No such user: dev (did you mean the group #dev? /to #dev); no conversation"),
+                           ("/msg #dev,#oncall hi", "A message goes to one group at a time, not to #dev, #oncall: "
+                                                    "/msg once for each.")):
+            before = len(ui.shown)
+            await self.type(chat, line)
+            self.assertIn(said, ui.text(before))
+        self.assertEqual(chat.conversation, None)
+        await self.type(chat, "/msg #oncall me too")
+        await self.shown(ui, "\u2713\u2713 1/1")
+        await self.type(chat, "/group rename oncall ops")
+        before = len(ui.shown)
+        await self.type(chat, "/history #ops")
+        self.assertIn("-> #ops: me too (delivered to 1 of 1)", ui.text(before))
+        self.assertNotIn("#oncall", ui.text(before))
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
