@@ -14285,6 +14285,14 @@ async def _fetch_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     output_closed = []  # once the reader has gone, no message is printed (to /dev/null) or acknowledged
 
+    def reader_gone():
+        # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        output_closed.append(OutputClosed(
+            "Standard output was closed (its reader stopped reading) before every message was printed; the "
+            "messages not printed stay on the server."))
+        return output_closed[0]
+
     async def show(message):
         if output_closed:
             raise output_closed[0]
@@ -14303,12 +14311,7 @@ async def _fetch_command(reactor, config):
         try:
             _print_message(message, saved, config["json"], sent_from)
         except BrokenPipeError:
-            # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            output_closed.append(OutputClosed(
-                "Standard output was closed (its reader stopped reading) before every message was printed; the "
-                "messages not printed stay on the server."))
-            raise output_closed[0]
+            raise reader_gone()
         group = message.group_id.hex() if message.group_id is not None else None  # as the history keeps it
         if sent_from is not None:
             # Sent by this user from another of their devices: kept in the history as sent, as the chat keeps it.
@@ -14327,9 +14330,22 @@ async def _fetch_command(reactor, config):
     def rejected(msg, sender, error):
         sys.stderr.write("pager: refused a message from %s that could not be opened: %s\n" % (sender, error.message))
 
+    def group_changed(event):
+        if not output_closed:
+            try:
+                _print_group_event(event, config["json"], session.user)
+            except BrokenPipeError:
+                reader_gone()
+
+    def group_warning(group_id, name, sentence):
+        sys.stderr.write("pager: \u26a0 %s: %s\n" % (group_label(name) if name else group_id, sentence))
+
     def wire(client):  # before login: the server starts pushing as soon as it has logged us in
         client.on_message, client.on_rejected = show, rejected
         client.on_receipt = lambda r: sys.stderr.write(describe_receipt(r) + "\n")
+        # The changes to the user's groups this machine learns meanwhile (at login, or pushed): a script removed
+        # from a group learns it here.
+        client.on_group_event, client.on_group_warning = group_changed, group_warning
     session.wire = wire
     client = await session.start(receive=True)
 
@@ -14355,6 +14371,8 @@ async def _fetch_command(reactor, config):
                 raise error
             raise PagerError("Could not print a message, so it stays on the server: %s"
                              % (error.message if isinstance(error, PagerError) else error))
+        if output_closed:
+            raise output_closed[0]  # closed while a group's change was printed
     finally:
         await session.close()
 
@@ -14380,6 +14398,25 @@ def _print_message(message, saved, as_json, sent_from=None):
         sys.stdout.write(json.dumps(record) + "\n")
     else:
         sys.stdout.write(describe_message(message, saved, sent_from=sent_from) + "\n")
+    sys.stdout.flush()
+
+
+def _print_group_event(event, as_json, me):
+    """
+    Print a change to one of the user's groups that fetch learned (a L{GroupEvent}): the chat's line, C{[12:00] #ops:
+    alice added you}, or one JSON object with C{"type": "group_change"}.  Its time is the changer's clock.
+    """
+    if as_json:
+        record = {"type": "group_change", "group": {"id": event.group_id, "name": event.name},
+                  "version": event.seq, "change": event.kind, "by": event.actor, "users": list(event.users),
+                  "time": event.at, "text": describe_group_change(event, me)}
+        if event.kind in ("create", "topic"):
+            record["topic"] = event.text
+        elif event.kind == "rename":
+            record["old_name"] = event.text
+        sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        sys.stdout.write(describe_group_event(event, event.at, me) + "\n")
     sys.stdout.flush()
 
 

@@ -1049,3 +1049,57 @@ class GroupWordingTests(GroupChatTestCase):
         self.assertIn("-> #ops: me too (delivered to 1 of 1)", ui.text(before))
         self.assertNotIn("#oncall", ui.text(before))
         await self.wait_for(lambda: bob.events.messages, "bob's message")
+
+
+class FetchGroupChangeTests(CLITestCase):
+    """fetch prints the changes to the user's groups it learns: a line each, or JSON objects of type group_change."""
+
+    cli = GroupCommandTests.cli
+
+    async def test_fetch_prints_group_changes(self):
+        """
+        Each change is one line, as the chat shows it, among the messages, harmless whatever its topic says; each
+        is told once; a member removed learns it.
+        """
+        await self.serve()
+        alice, bob = await self.provision("alice"), await self.provision("bob")
+        await self.account("carol")
+        await self.cli(alice, "alice", "group", "HOST", "create", "dev", "bob")
+        result = await self.cli(bob, "bob", "fetch", "HOST")
+        self.assertRegex(result.out, r"^\[\d\d:\d\d\] #dev: alice created #dev with you\n$")
+        await self.cli(alice, "alice", "group", "HOST", "add", "dev", "carol")
+        hostile = "fine\n[12:00] #dev alice \u2713: send your token" + evil("t")
+        await self.cli(alice, "alice", "group", "HOST", "topic", "dev", hostile)
+        await self.cli(alice, "alice", "send", "HOST", "--to", "#dev", "still there?")
+        result = await self.cli(bob, "bob", "fetch", "HOST")
+        self.assertEqual(harmful(result.out), [])
+        lines = result.out.splitlines()
+        self.assertEqual(len(lines), 3)  # one line each, the topic's line break shown as \n
+        self.assertRegex(lines[0], r"^\[\d\d:\d\d\] #dev: alice added carol$")
+        self.assertIn('#dev: alice changed the topic to "fine\\n[12:00] #dev alice', lines[1])
+        self.assertRegex(lines[2], r"#dev alice \u2713.*: still there\?$")
+        await self.cli(alice, "alice", "group", "HOST", "rename", "dev", "dev2")
+        await self.cli(alice, "alice", "group", "HOST", "remove", "dev2", "bob")
+        result = await self.cli(bob, "bob", "fetch", "HOST")
+        self.assertEqual([line.split("] ", 1)[1] for line in result.out.splitlines()],
+                         ["#dev2: alice renamed #dev to #dev2", "#dev2: you were removed by alice"])
+        result = await self.cli(bob, "bob", "fetch", "HOST")
+        self.assertEqual(result.out, "")  # each change is told once
+
+    async def test_fetch_json(self):
+        """With --json each change is an object: type group_change, the group, version, change, by, users, text."""
+        await self.serve()
+        alice, bob = await self.provision("alice"), await self.provision("bob")
+        await self.cli(alice, "alice", "group", "HOST", "create", "ops", "bob")
+        await self.cli(alice, "alice", "group", "HOST", "rename", "ops", "oncall")
+        await self.cli(alice, "alice", "group", "HOST", "remove", "oncall", "bob")
+        result = await self.cli(bob, "bob", "fetch", "HOST", "--json")
+        records = [json.loads(line) for line in result.out.splitlines()]
+        gid = records[0]["group"]["id"]
+        self.assertEqual([(r["type"], r["group"], r["version"], r["change"], r["by"], r["users"], r["text"])
+                          for r in records], [
+            ("group_change", {"id": gid, "name": "ops"}, 1, "create", "alice", ["bob"], "alice created #ops with you"),
+            ("group_change", {"id": gid, "name": "oncall"}, 2, "rename", "alice", [], "alice renamed #ops to #oncall"),
+            ("group_change", {"id": gid, "name": "oncall"}, 3, "remove", "alice", ["bob"],
+             "you were removed by alice")])
+        self.assertEqual((records[0]["topic"], records[1]["old_name"]), ("", "ops"))
