@@ -11927,6 +11927,14 @@ RECEIPTS_AT_LOGIN_QUIET = 1.0  # seconds without a receipt (from the screen bein
 
 
 SENT_FROM = "sent from "  # the history's mark on a message the user sent from another device: "sent from 'laptop'"
+# ...and, for a group message, the line after it: which members have it is known to the device that sent it (its
+# receipts come to the devices online then, one member's at a time), so this one claims no count.
+GROUP_RECEIPTS_THERE = "who has it: /info on that device"
+
+
+def sent_elsewhere_status(sent_from, group):
+    """The history's status of a message this user sent from the device C{sent_from} (C{group}: a group's, or None)."""
+    return SENT_FROM + sent_from + ("\n" + GROUP_RECEIPTS_THERE if group is not None else "")
 
 
 class Chat:
@@ -12668,7 +12676,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 message.accepted_at or message.timestamp, "out",
                 group_label(message.group_name) if group is not None else ",".join(peers) or s.user,
                 message.message_id.hex(), message.content_type, message.filename,
-                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from, group))
+                message.plaintext if message.content_type == "text" else b"",
+                sent_elsewhere_status(sent_from, group), group))
             return
         if group is not None:
             self.last_sender = group_label(message.group_name)
@@ -12749,7 +12758,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if ref is None:  # not from this machine's outbox: perhaps sent from another device, whose mark stays
             old = await store.history_status(receipt.message_id)
             if old is not None and old.startswith(SENT_FROM):
-                status = old.split("\n")[0] + "\n" + status
+                if old.split("\n")[1:2] == [GROUP_RECEIPTS_THERE]:
+                    status = old  # a group message: one member's receipt is no count of who has it
+                else:
+                    status = old.split("\n")[0] + "\n" + status
         await store.set_history_status(receipt.message_id, status)
         if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
             self._old_receipts.append((receipt, ref, preview))
@@ -14320,7 +14332,8 @@ async def _fetch_command(reactor, config):
                 message.accepted_at or message.timestamp, "out",
                 group_label(message.group_name) if group is not None else ",".join(peers) or session.user,
                 message.message_id.hex(), message.content_type, message.filename,
-                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from, group))
+                message.plaintext if message.content_type == "text" else b"",
+                sent_elsewhere_status(sent_from, group), group))
             return
         await session.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),

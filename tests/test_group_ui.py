@@ -702,6 +702,29 @@ class GroupLinkedDeviceTests(GroupChatTestCase):
         text = await self.shown(ui, "from the laptop")
         self.assertRegex(text, r"\[\d\d:\d\d\] you \(on 'laptop'\) \u2192 #ops: from the laptop")
 
+    async def test_history_of_a_group_message_sent_elsewhere(self):
+        """
+        The other device's history of a group message sent from the laptop says where it was sent from and where
+        to ask who has it: no member's receipt is taken for a count of who has it.
+        """
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        laptop, laptop_ui = await self.linked_chat(chat)
+        await self.type(chat, "/group create ops bob carol")
+        await self.shown(laptop_ui, "#ops: you created #ops with bob, carol")
+        await self.type(laptop, "/msg #ops from the laptop")
+        await self.shown(laptop_ui, "\u2713\u2713 2/2")
+        await self.wait_for(lambda: bob.events.messages and carol.events.messages, "both members' messages")
+        await self.settle(chat)  # the receipts of both members have come to alice's identity device too
+        before = len(ui.shown)
+        await self.type(chat, "/history #ops")
+        [line] = [line for line in ui.text(before).splitlines() if "from the laptop" in line]
+        self.assertIn("-> #ops: from the laptop (sent from 'laptop', who has it: /info on that device)", line)
+        before = len(laptop_ui.shown)
+        await self.type(laptop, "/history #ops")
+        self.assertIn("-> #ops: from the laptop (delivered to 2 of 2)", laptop_ui.text(before))
+
 
 class ChatOrderTests(GroupChatTestCase):
     """
