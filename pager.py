@@ -14282,7 +14282,7 @@ async def _send_command(reactor, config):
 
 
 async def _group_hint(client, names):
-    """For recipients the server does not know: C{" (did you mean the group #dev? --to '#dev')"} for a group of theirs."""
+    """For recipients the server does not know: C{" (did you mean the group #dev? --to '#dev')"} for your group."""
     for name in names:
         try:
             info = await client.group(name)
