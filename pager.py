@@ -61,6 +61,7 @@ try:
     from twisted.protocols.basic import LineReceiver
     from twisted.protocols.policies import TimeoutMixin
     from twisted.python import usage
+    from twisted.python.failure import Failure
 except ImportError as e:
     if __name__ != "__main__":
         raise
@@ -9516,6 +9517,23 @@ class PagerClient:
             return {"user": user} if (user in state.admins) != admin else None
         return await self._change_group(gid, "promote" if admin else "demote", build)
 
+    async def membership_end(self, group):
+        """
+        How this user's membership of C{group} ended, from the verified chain: C{("left", None)}, C{("removed",
+        ACTOR)}, or None while this user is a member (or when no op here ended it: a group never joined).
+        """
+        gid = await self._resolve_group(group, sync=False)
+        chain = await self._chain(gid)
+        if chain is None or self.user in chain.state.members:
+            return None
+        for _, raw, _, _ in reversed(chain.ops):
+            op = parse_group_op(raw)
+            if op.kind == "leave" and op.actor == self.user:
+                return ("left", None)
+            if op.kind == "remove" and self.user in op.users:
+                return ("removed", op.actor)
+        return None
+
     # -- group messages --
 
     def _check_sendable(self, chain, gid):
@@ -11585,8 +11603,8 @@ def describe_group_change(event, me=None):
     """
     The words of a membership change (a L{GroupEvent}): C{alice added carol}, C{bob left}, C{carol was removed by
     alice}, C{alice changed the topic to "..."}, C{alice renamed #ops to #ops2}, C{alice made bob an admin},
-    C{alice created #ops with bob, carol}.  C{me} (this user) is called C{you}.  (C{event.text} is the topic of
-    a topic change, the name before a rename.)
+    C{alice removed bob as an admin of #ops}, C{alice created #ops with bob, carol}.  C{me} (this user) is called
+    C{you}.  (C{event.text} is the topic of a topic change, the name before a rename.)
     """
     def who(name):
         return "you" if name == me else name
@@ -11611,7 +11629,7 @@ def describe_group_change(event, me=None):
     if kind == "promote":
         return "%s made %s an admin" % (actor, users)
     if kind == "demote":
-        return "%s made %s no longer an admin" % (actor, users)
+        return "%s removed %s as an admin of %s" % (actor, users, group_label(event.name))
     return "%s changed %s (%s)" % (actor, group_label(event.name), kind)
 
 
@@ -11643,23 +11661,53 @@ def _group_json(info, me):
             "admin": me in info.admins and bool(info.member), "unread": info.unread, "broken": info.broken}
 
 
-def describe_groups(groups, me):
-    """The lines of C{/groups} and C{pager-cli groups}: one per group, with its unread count."""
+GROUP_SHORT_ID = 8  # hex digits of a group's id shown to tell apart groups of one name
+
+
+def group_short_id(info):
+    """The first digits of a group's id: what tells apart two groups of one name (C{#x1 (id 0f3a9c2e)})."""
+    return info.id[:GROUP_SHORT_ID]
+
+
+def _membership_ended(how):
+    """How a membership ended, as L{PagerClient.membership_end} gives it: C{left}, C{removed by alice}."""
+    if how is None:
+        return "not a member"
+    return "left" if how[0] == "left" else "removed by %s" % how[1]
+
+
+def describe_groups(groups, me, ended=None):
+    """
+    The lines of C{/groups} and C{pager-cli groups}: one per group, with its unread count; a group one is no longer
+    in says how that ended (C{ended}: C{{id: L{PagerClient.membership_end}'s answer}}); groups of one name are told
+    apart by their ids' first digits.
+    """
     if not groups:
         return "You are in no group; /group create NAME [MEMBERS...] makes one."
+    ended = ended or {}
+    named = collections.Counter(g.name for g in groups)
     lines = []
-    for info in sorted(groups, key=lambda g: (not g.member, g.name)):
-        parts = [group_label(info.name), "%d member%s" % (len(info.members), "" if len(info.members) == 1 else "s")]
+    for info in sorted(groups, key=lambda g: (not g.member, g.name, g.id)):
+        label = group_label(info.name)
+        if named[info.name] > 1:
+            label += " (id %s)" % group_short_id(info)
+        parts = [label, "%d member%s" % (len(info.members), "" if len(info.members) == 1 else "s")]
         if info.member and me in info.admins:
             parts.append("admin")
         if not info.member:
-            parts.append("left")
+            parts.append(_membership_ended(ended.get(info.id)))
         if info.unread:
             parts.append("%d unread" % info.unread)
         if info.broken:
             parts.append("\u26a0 chain does not verify")
         lines.append("  " + "  ".join(parts))
     return "Your groups:\n" + "\n".join(lines)
+
+
+async def groups_ended(client):
+    """C{(groups, ended)}: the client's groups, and how this user's membership ended in each it is no longer in."""
+    groups = await client.groups()
+    return groups, {g.id: await client.membership_end(g.id) for g in groups if not g.member}
 
 
 def describe_group_ticks(name, delivered, total, ref, preview, at):
@@ -11673,32 +11721,69 @@ def describe_group_ticks(name, delivered, total, ref, preview, at):
 
 
 GROUP_ACTIONS = {
-    # action: (arguments after NAME, as the chat's /group and pager-cli group take them)
-    "create": "[MEMBERS...]", "add": "USER...", "remove": "USER...", "leave": "", "rename": "NEW",
-    "topic": "TEXT", "admin": "USER [off]", "info": "",
+    # action: (arguments after the group's NAME, as the chat's /group and pager-cli group take them; what it does)
+    "create": ("[MEMBERS...]", "make the group #NAME with those members (one word each); you are its admin"),
+    "add": ("USER...", "add members (admins)"),
+    "remove": ("USER...", "remove members (admins; to leave yourself: leave)"),
+    "leave": ("", "leave the group: nothing sent to it reaches you from then on"),
+    "rename": ("NEW", "rename it (admins)"),
+    "topic": ("[TEXT]", "set its topic (admins); no TEXT, or \"\", clears it"),
+    "admin": ("USER [off]", "make USER an admin (admins); off: no longer one"),
+    "info": ("", "its members, admins, topic, version and your role"),
 }
+CLI_GROUP_PREFIX = "pager-cli group HOST --user NAME"  # how pager-cli group's usage lines begin (the group: GROUP)
 
 
 def group_usage(action=None, prefix="/group"):
-    """The usage sentence of one group action (or of them all)."""
+    """
+    The usage sentence of one group action (or of them all): C{/group topic NAME [TEXT]} in the chat, C{pager-cli
+    group HOST --user NAME topic GROUP [TEXT]} from a script (C{prefix} L{CLI_GROUP_PREFIX}).
+    """
+    group = "GROUP" if prefix == CLI_GROUP_PREFIX else "NAME"
     if action in GROUP_ACTIONS:
-        return "Usage: %s %s NAME%s" % (prefix, action, " " + GROUP_ACTIONS[action] if GROUP_ACTIONS[action] else "")
-    return "Usage: %s ACTION NAME ..., ACTION one of %s." % (prefix, ", ".join(GROUP_ACTIONS))
+        arguments = GROUP_ACTIONS[action][0]
+        return "Usage: %s %s %s%s" % (prefix, action, group, " " + arguments if arguments else "")
+    return "Usage: %s ACTION %s ..., ACTION one of %s." % (prefix, group, ", ".join(GROUP_ACTIONS))
+
+
+def group_actions_text(prefix="/group"):
+    """Every group action with its arguments and what it does, one a line (C{pager-cli group --help})."""
+    group = "GROUP" if prefix == CLI_GROUP_PREFIX else "NAME"
+    rows = [("%s %s %s" % (action, group, arguments)).rstrip() for action, (arguments, _) in GROUP_ACTIONS.items()]
+    width = max(len(row) for row in rows)
+    return "\n".join("  %-*s  %s" % (width, row, what.replace("#NAME", "#" + group))
+                     for row, (_, what) in zip(rows, GROUP_ACTIONS.values()))
+
+
+def _one_group_only(names, how):
+    """Why recipients C{names} that hold a group are refused: one group at a time, and never with users."""
+    if all(n.startswith("#") for n in names):
+        return "A message goes to one group at a time, not to %s: %s once for each." % (", ".join(names), how)
+    return "A message goes to one group or to users, not both: %s." % ", ".join(names)
 
 
 def _group_users(words):
     """User names given as words, each perhaps a list with commas; sorted, once each."""
     try:
-        return sorted({canonical_username(n) for word in words for n in word.split(",") if n})
+        return sorted({canonical_username(n) for n in words for n in n.split(",") if n})
     except BadRequest as e:
         raise usage.UsageError(e.message)
+
+
+def _topic_text(text):
+    """A topic as typed in the chat: C{""} (or C{''}) alone is the empty topic, which clears it."""
+    return "" if text.strip() in ('""', "''") else text
 
 
 async def group_action(client, action, name, words, off=False, topic=None, prefix="/group"):
     """
     Do one group action for the chat's C{/group} and for C{pager-cli group}, and return the sentence that says what
     was done.  C{words} are the arguments after the group's NAME (C{topic}: the topic's text as typed, spaces and all);
-    C{off} demotes with C{admin}.  The client checks the rest (an admin's rights, the identity device, the chain).
+    C{off} demotes with C{admin}.  Before anything is signed, the request is checked against the group as verified
+    here: a change in a group this user is not in is L{UnknownGroup} ("You are not in #dev: you left it."), one only
+    admins make, by someone who is not one, L{GroupRefused}, and so is making or unmaking an admin of someone who is
+    not a member; a change that is so already changes nothing and says so.  The client checks the rest (the
+    identity device, the chain, the group's rules).
     """
     if action not in GROUP_ACTIONS:
         raise usage.UsageError("No group action %s: %s" % (action, group_usage(None, prefix)[len("Usage: "):]))
@@ -11710,15 +11795,30 @@ async def group_action(client, action, name, words, off=False, topic=None, prefi
         members = _group_users(words)
         if client.user in members:
             members.remove(client.user)
-        await client.group_create(name, members)
+        try:
+            await client.group_create(name, members)
+        except UnknownUser as e:
+            raise UnknownUser("%s (a group's name is one word: the words after %s are its members)"
+                              % (e.message.rstrip("."), group_label(name)))
         return "Created %s%s; you are its admin." % (
             group_label(name), " with " + ", ".join(members) if members else " (add members with /group add)")
     info = await client.group(name)
     label = group_label(info.name)
+    me = client.user
     if action == "info":
         if words:
             raise usage.UsageError(group_usage(action, prefix))
-        return describe_group(info, client.user)
+        return describe_group(info, me)
+    if not info.member:
+        ended = await client.membership_end(info.id)
+        raise UnknownGroup("You are not in %s%s." % (label, "" if ended is None else ": you left it" if
+                                                      ended[0] == "left" else ": %s removed you" % ended[1]))
+    if action == "remove" and me in _group_users(words):
+        raise usage.UsageError("You leave %s with %s leave %s, not remove." % (label, prefix, info.name))
+    if action != "leave" and me not in info.admins:
+        kind = "demote" if action == "admin" and (off or words[1:] == ["off"]) else \
+            {"admin": "promote"}.get(action, action)
+        raise GroupRefused("Only an admin of %s can %s; you are not one." % (label, _GROUP_OP_WORDS[kind]))
     if action in ("add", "remove"):
         users = _group_users(words)
         if not users:
@@ -11743,13 +11843,18 @@ async def group_action(client, action, name, words, off=False, topic=None, prefi
             new = canonical_group_name(words[0])
         except BadRequest as e:
             raise usage.UsageError(e.message)
+        if new == info.name:
+            return "%s is called %s already; nothing changed." % (label, label)
         await client.group_rename(info.id, new)
         return "Renamed %s to %s." % (label, group_label(new))
     if action == "topic":
-        text = topic if topic is not None else " ".join(words)
+        text = _topic_text(topic) if topic is not None else " ".join(words)
         if len(text.encode("utf-8")) > MAX_GROUP_TOPIC_BYTES:
             raise usage.UsageError("A topic has at most %d bytes (as UTF-8); this one has %d." % (
                 MAX_GROUP_TOPIC_BYTES, len(text.encode("utf-8"))))
+        if text == (info.topic or ""):
+            return ('The topic of %s is "%s" already; nothing changed.' % (label, _one_line(text)) if text else
+                    "%s has no topic already; nothing changed." % label)
         await client.group_topic(info.id, text)
         return ('The topic of %s is now "%s".' % (label, _one_line(text)) if text else
                 "Cleared the topic of %s." % label)
@@ -11759,6 +11864,11 @@ async def group_action(client, action, name, words, off=False, topic=None, prefi
     if len(words) != 1:
         raise usage.UsageError(group_usage(action, prefix))
     [user] = _group_users(words)
+    if user not in info.members:
+        raise GroupRefused("%s is not a member of %s." % (user, label))
+    if (user in info.admins) != off:
+        return ("%s is not an admin of %s; nothing changed." if off else
+                "%s is an admin of %s already; nothing changed.") % (user, label)
     await client.group_admin(info.id, user, admin=not off)
     return ("%s is no longer an admin of %s." if off else "%s is now an admin of %s.") % (user, label)
 
@@ -12040,6 +12150,14 @@ RECEIPTS_AT_LOGIN_QUIET = 1.0  # seconds without a receipt (from the screen bein
 
 
 SENT_FROM = "sent from "  # the history's mark on a message the user sent from another device: "sent from 'laptop'"
+# ...and, for a group message, the line after it: which members have it is known to the device that sent it (its
+# receipts come to the devices online then, one member's at a time), so this one claims no count.
+GROUP_RECEIPTS_THERE = "who has it: /info on that device"
+
+
+def sent_elsewhere_status(sent_from, group):
+    """The history's status of a message this user sent from the device C{sent_from} (C{group}: a group's, or None)."""
+    return SENT_FROM + sent_from + ("\n" + GROUP_RECEIPTS_THERE if group is not None else "")
 
 
 class Chat:
@@ -12069,11 +12187,11 @@ Every line you type goes to the open conversation (its name is the prompt); comm
   /whoami                    who you are, on which server
   /to #GROUP                 talk in a group: each line you type goes to every member of #GROUP
   /groups                    your groups, with how many of their messages you have not read
-  /group create NAME [MEMBERS...]   make the group #NAME (you are its admin)
+  /group create NAME [MEMBERS...]   make the group #NAME, a one-word name (you are its admin)
   /group add|remove NAME USER...    add or remove members (admins)
   /group leave NAME          leave #NAME: nothing sent to it reaches you from then on
   /group rename NAME NEW     rename #NAME (admins)
-  /group topic NAME TEXT     set its topic (admins)
+  /group topic NAME [TEXT]   set its topic (admins); without TEXT, or with "", clear it
   /group admin NAME USER [off]      make USER an admin of #NAME (off: no longer one)
   /group info NAME           its members, admins, topic, version and your role
   /info [#REF]               who has your group message #REF (alone: the last one you sent)
@@ -12095,6 +12213,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         self.ended_by = None  # the error that ended the chat when it could not reconnect
         self._closing = False
         self._busy = {}  # commands in flight (Deferred -> what it does): quitting waits for them, QUIT_WAIT at most
+        self._input = collections.deque()  # what was typed (or piped, or pasted) and is not handled yet, in order
+        self._taking = False  # whether the loop that handles it (L{_take_input}) runs
+        self._quit_asked = None  # when quitting was first asked for (the reactor's seconds)
+        self._quit_timer = None  # what quits if a /quit typed waits QUIT_WAIT behind a stalled command
         self._early = []
         self.outbox = Outbox(session, self.show, reactor)
         self._old_receipts = []  # receipts of earlier messages pushed at login, summed up in one line
@@ -12164,6 +12286,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     def quit(self):
         if not self._closing:
             self._closing = True
+            if self._quit_asked is None:
+                self._quit_asked = self.reactor.seconds()
+            if self._quit_timer is not None and self._quit_timer.active():
+                self._quit_timer.cancel()
             if self.pasting:
                 self.show("(the /paste of %d line%s to %s was not sent)" % (
                     len(self.pasting), "" if len(self.pasting) == 1 else "s", ", ".join(self._paste_to)))
@@ -12179,12 +12305,16 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     async def _close(self):
         if self._busy:
+            # What is in flight gets QUIT_WAIT from when quitting was asked (a /quit typed behind a stalled command
+            # is taken then: L{_quit_typed}).
+            wait = self._quit_asked + QUIT_WAIT - self.reactor.seconds()
             waited = Deferred()
             defer.DeferredList(list(self._busy)).addBoth(lambda _: waited.called or waited.callback(None))
-            if not await within(self.reactor, waited, QUIT_WAIT):
+            if wait <= 0 or not await within(self.reactor, waited, wait):
                 self.show("Left without waiting longer for %s (%d s): a message waiting in the outbox stays on "
-                          "disk and is sent at the next connect." % (", ".join(sorted(set(self._busy.values()))),
-                                                                     QUIT_WAIT))
+                          "disk and is sent at the next connect." % (
+                              ", ".join(sorted({label for label in self._busy.values() if label})
+                                        or ["the lines typed"]), QUIT_WAIT))
         try:
             await self.session.close()
         finally:
@@ -12194,14 +12324,17 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     _LABELS = {"send": "a message being sent", "command_msg": "a message being sent",
                "command_file": "a file being sent", "resume": "the outbox being sent"}
 
-    def _run(self, coroutine):
+    def _run(self, coroutine, label=None):
+        """Run C{coroutine}, its failure shown as a sentence; quitting waits for it.  Returns its Deferred."""
         name = getattr(coroutine, "__name__", "")
-        label = self._LABELS.get(name) or ("/" + name[len("command_"):] if name.startswith("command_") else
-                                           "a command")
+        if label is None:
+            label = self._LABELS.get(name) or ("/" + name[len("command_"):] if name.startswith("command_") else
+                                               "a command")
         d = Deferred.fromCoroutine(coroutine).addErrback(self._failed)
         if not d.called:
             self._busy[d] = label
-            d.addBoth(lambda result: self._busy.pop(d, None) and result)
+            d.addBoth(lambda result: (self._busy.pop(d, None), result)[1])
+        return d
 
     def _failed(self, failure):
         if failure.check(PagerError):
@@ -12216,38 +12349,84 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     def line(self, text):
         """
-        One typed line: a /command, a line of a /paste, or a message to the open conversation.  (A long paste
-        waiting for y or n is answered through L{confirm}: the screen that pasted it takes those keys itself.)
+        One typed (or piped) line: a /command, a line of a /paste, or a message to the open conversation.  Lines
+        are handled strictly in the order they came, each once the one before is done (its command finished, its
+        message sent or waiting in the outbox): a /to changes where the next line goes, and an /info or /groups
+        after it answers about what came before.  (A long paste waiting for y or n is answered through L{confirm}:
+        the screen that pasted it takes those keys itself.)
         """
+        handle = functools.partial(self._line, text)
+        self._queue_input(handle)
+        if text.strip().lower() in ("/quit", "/exit") and self._input and handle in self._input:
+            self._quit_typed(handle)
+
+    def _quit_typed(self, handle):
+        """
+        /quit came while the lines before it are still being handled: it is taken in its turn, but QUIT_WAIT at the
+        latest (a stalled command before it does not keep the chat from leaving), the lines still waiting dropped.
+        """
+        if self._quit_asked is None:
+            self._quit_asked = self.reactor.seconds()
+        if self._quit_timer is None:
+            self._quit_timer = self.reactor.callLater(
+                QUIT_WAIT, lambda: handle in self._input and self.quit())
+
+    def end_of_input(self):
+        """Standard input has ended (piped lines): quit once every line before the end has been handled."""
+        self._queue_input(self.quit)
+
+    def _queue_input(self, handle):
+        """Handle C{handle()} (which may return a coroutine to wait for) after everything queued before it."""
+        self._input.append(handle)
+        if not self._taking:
+            self._taking = True
+            self._run(self._take_input(), label="")
+
+    async def _take_input(self):
+        try:
+            while self._input and not self._closing:
+                handle = self._input.popleft()
+                try:
+                    coroutine = handle()
+                except Exception:
+                    self._failed(Failure())
+                    continue
+                if coroutine is not None:
+                    await self._run(coroutine)
+        finally:
+            self._taking = False
+            dropped, self._input = len(self._input), collections.deque()
+            if dropped:
+                self.show("(the chat left before handling %d more line%s)" % (dropped, "" if dropped == 1 else "s"))
+
+    def _line(self, text):
+        """L{line}'s work, in its turn: returns the coroutine that sends or runs it, if any."""
         if self.pasting is not None:
             if text == ".":
                 names, lines, self.pasting, self._paste_to = self._paste_to, self.pasting, None, None
                 self._prompt()
                 if not "".join(lines).strip():
                     self.show(NOTHING_TO_SEND)
-                    return
-                self._run(self.send(names, "\n".join(lines)))
-            else:
-                self.pasting.append(text)
-            return
+                    return None
+                return self.send(names, "\n".join(lines))
+            self.pasting.append(text)
+            return None
         stripped = text.strip()
         if not stripped:
-            return
+            return None
         if stripped.startswith("/") and not stripped.startswith("//"):
             word, _, rest = stripped.partition(" ")
-            self._command(word, rest.strip())
-            return
+            return self._command(word, rest.strip())
         if self.conversation is None:
             word, _, rest = stripped.partition(" ")
             if word in self.BARE_COMMANDS:
-                self._command(word, rest.strip())
-            else:
-                self.show("Not sent: no conversation is open. Type /to NAME first (then every line goes to NAME), "
-                          "or /msg NAME TEXT.")
-            return
+                return self._command(word, rest.strip())
+            self.show("Not sent: no conversation is open. Type /to NAME first (then every line goes to NAME), "
+                      "or /msg NAME TEXT.")
+            return None
         if stripped.startswith("//"):
             text = text.replace("/", "", 1)
-        self._run(self.send([self.conversation], text))
+        return self.send([self.conversation], text)
 
     def _command(self, word, rest):
         name = word.lstrip("/").lower()
@@ -12255,8 +12434,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if handler is None:
             self.show("Unknown command %s: nothing was sent. Type /help for the commands (and // to send a line "
                       "that starts with /)." % word)
-        else:
-            self._run(handler(rest))
+            return None
+        return handler(rest)
 
     def _names(self, text):
         """
@@ -12266,7 +12445,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         names = [n.strip() for n in text.split(",") if n.strip()]
         if any(n.startswith("#") for n in names):
             if len(names) > 1:
-                raise usage.UsageError("A message goes to one group or to users, not both: %s." % ", ".join(names))
+                raise usage.UsageError(_one_group_only(names, "/msg"))
             return [group_label(canonical_group_name(names[0]))]
         names = [canonical_username(n) for n in names]
         if not names:
@@ -12289,6 +12468,12 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             return
         self.show("Talking to %s: each line you type goes to %s (/to NAME to switch)." % (user, user))
 
+    def _still_open(self):
+        """What a failed /to leaves: the conversation that stays open, or none."""
+        if self.conversation is None:
+            return "no conversation is open"
+        return "the conversation %s %s stays open" % ("in" if self.group is not None else "with", self.conversation)
+
     async def command_to(self, rest):
         if not rest:
             if self.conversation is None:
@@ -12305,55 +12490,49 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             raise usage.UsageError("A conversation is with one user (/to NAME); send one message to several with "
                                    "/msg NAME,NAME TEXT.")
         user = canonical_username(rest)
-        # Opened at once, so that the lines typed (or piped) right after it go there; announced once the server
-        # knows the name (or cannot be asked now: it names an unknown user when the message goes out).
-        self.open_conversation(user, announce=False)
+        # Opened once the server knows the name (or cannot be asked now: it names an unknown user when the message
+        # goes out); the lines after it wait until then (L{line}).  A name it does not know changes nothing.
         try:
             await self.session.client.public_key(user)
         except UnknownUser:
-            if self.conversation == user:
-                self.conversation = self.group = None
-                self._prompt()
-            raise UnknownUser("No such user: %s; no conversation is open (/users lists who is registered)." % user)
+            raise UnknownUser("No such user: %s%s; %s (/users lists who is registered)." % (
+                user, await self._group_hint(user, "/to #%s" % user), self._still_open()))
         except (ConnectionLost, NetworkError):
             pass
-        if self.conversation == user:
-            self._announce(user)
-            # A device the peer added or revoked since this client last looked is a line now, not only at the next
-            # exchange: a user who only reads would otherwise never see it (on_devices_changed shows it).
-            try:
-                await self.session.client.refresh_devices(user)
-            except (ConnectionLost, NetworkError):
-                pass
+        self.open_conversation(user)
+        # A device the peer added or revoked since this client last looked is a line now, not only at the next
+        # exchange: a user who only reads would otherwise never see it (on_devices_changed shows it).
+        try:
+            await self.session.client.refresh_devices(user)
+        except (ConnectionLost, NetworkError):
+            pass
+
+    async def _group_hint(self, name, how):
+        """For a user name nobody has: C{" (did you mean the group #NAME? HOW)"} when this user is in such a group."""
+        try:
+            info = await self.session.client.group(name)
+        except (PagerError, BadRequest):
+            return ""
+        return " (did you mean the group %s? %s)" % (info.label, how) if info.member else ""
 
     async def _open_group(self, text):
         """
-        /to #ops: the group's conversation is opened at once (the lines typed right after it go there, the prompt is
-        C{#ops> }); a group this user is not in closes it again.  Its messages are read from then on: unread none.
+        /to #ops: the group's conversation is opened once the group is known here and this user is a member (the
+        prompt is then C{#ops> }); otherwise the conversation that was open stays open.  Its messages are read from
+        then on: unread none.
         """
         if " " in text.strip() or "," in text:
             raise usage.UsageError("A conversation is with one group (/to #GROUP); /msg sends one message.")
         name = canonical_group_name(text.strip())
-        self.open_conversation(group_label(name), announce=False)
         try:
             info = await self.session.client.group(name)
         except UnknownGroup:
-            if self.conversation == group_label(name):
-                self.conversation = self.group = None
-                self._prompt()
-            raise UnknownGroup("You are in no group %s; no conversation is open (/groups lists yours)."
-                               % group_label(name))
-        if self.conversation != group_label(name):
-            return  # another /to came meanwhile
-        self.conversation = info.label  # as the client knows it (the name typed may be an old one)
-        self._prompt()
+            raise UnknownGroup("You are in no group %s; %s (/groups lists yours)." % (group_label(name),
+                                                                                       self._still_open()))
         if not info.member:
-            self.conversation = self.group = None
-            self._prompt()
-            raise UnknownGroup("You are no longer a member of %s; no conversation is open (/groups lists yours)."
-                               % group_label(name))
-        self.group = info.id
-        self._announce(self.conversation)
+            raise UnknownGroup("You are no longer a member of %s; %s (/groups lists yours)." % (
+                info.label, self._still_open()))
+        self.open_conversation(info.label, group=info.id)  # as the client knows it (the name typed may be old)
         if info.topic:
             self.show('Topic of %s: "%s"' % (self.conversation, _one_line(info.topic)))
         if info.broken:
@@ -12384,14 +12563,26 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if data is None:
             data = text.encode("utf-8")
         if len(names) == 1 and names[0].startswith("#"):
-            client = self.session.client
-            info = await client.group(self.group if names[0] == self.conversation and self.group is not None
-                                      else names[0][1:])
+            info = await self._sendable_group(names[0])
             ref = await self.outbox.add_group(info, data, content_type, filename)
             if ref is not None:
                 self._last_group_sent = ref
             return
         await self.outbox.add(names, data, content_type, filename)
+
+    async def _sendable_group(self, label):
+        """
+        The L{GroupInfo} of the group C{label} (C{#name}; the open group's id when it is the conversation's label)
+        when a message can go to it now: known here, this user a member, its chain verified; else the sentence why
+        not, before anything is read, typed or kept for it.
+        """
+        ref = self.group if label == self.conversation and self.group is not None else label[1:]
+        info = await self.session.client.group(ref)
+        if not info.member:
+            raise Forbidden("Not sent: you are no longer a member of %s." % info.label)
+        if info.broken:
+            raise GroupRefused("Not sent: %s's membership chain does not verify: %s" % (info.label, info.broken))
+        return info
 
     PASTE_SHOWN = 5  # a paste of more lines is shown (these first lines) and sent only once confirmed
 
@@ -12399,35 +12590,39 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         """
         Text pasted in a raw terminal (bracketed paste): one message to the current conversation, never taken line
         by line, so no line of it is ever read as a recipient or a command.  A paste of more than L{PASTE_SHOWN}
-        lines is shown first and waits for L{confirm}.  While a C{/paste} is open, the pasted lines join it.
+        lines is shown first and waits for L{confirm}.  While a C{/paste} is open, the pasted lines join it.  Taken
+        in its turn, after the lines typed before it.
         """
+        self._queue_input(functools.partial(self._paste, text))
+
+    def _paste(self, text):
         if self.pasting is not None:
             lines = text.split("\n")
             self.pasting.extend(lines)
             self.show("(%d pasted lines added to the /paste for %s)" % (len(lines), ", ".join(self._paste_to)))
-            return
+            return None
         if self.conversation is None:
             self.show("The paste was not sent: open a conversation first with /to NAME.")
-            return
+            return None
         if self.confirming is not None:
             self.show("(this paste was not used: answer y or n about the one before it first)")
-            return
+            return None
         lines = text.split("\n")
         if len(lines) <= self.PASTE_SHOWN:
-            self._run(self.send([self.conversation], text))
-            return
+            return self.send([self.conversation], text)
         self.confirming = (self.conversation, text)
         self.show("\n".join(["A paste of %d lines for %s:" % (len(lines), self.conversation)] +
                              ["  | " + line for line in lines[:self.PASTE_SHOWN]] +
                              ["  | ... and %d more lines" % (len(lines) - self.PASTE_SHOWN)]))
         self.ui.set_prompt("Send it to %s? [Y/n] " % self.conversation)
+        return None
 
     def confirm(self, yes):
         """The answer about a long paste: send it (y or Enter) or drop it (n, Esc or Ctrl-C), saying so."""
         (name, text), self.confirming = self.confirming, None
         self._prompt()
         if yes:
-            self._run(self.send([name], text))
+            self._queue_input(functools.partial(self.send, [name], text))
         else:
             self.show("(paste cancelled: nothing sent)")
 
@@ -12444,6 +12639,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     async def command_paste(self, rest):
         names = self._names(rest) if rest else self._to_conversation("use /paste NAME[,NAME...] or /to NAME first.")
+        if names[0].startswith("#"):
+            names = [(await self._sendable_group(names[0])).label]  # before a line is typed for it
         self._paste_to, self.pasting = names, []
         self._prompt()
         self.show('Type the message for %s; end it with a line holding only ".".' % ", ".join(names))
@@ -12469,6 +12666,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     async def command_file(self, rest):
         names, path = self._file_arguments(rest)
+        if names[0].startswith("#"):
+            await self._sendable_group(names[0])  # before the file is read or announced
         path = os.path.expanduser(path)
         try:
             data = await self.session.in_thread(_read_file, path)
@@ -12600,7 +12799,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     async def command_groups(self, rest):
         if rest:
             raise usage.UsageError("/groups takes nothing: it lists your groups (/group info NAME: one of them).")
-        self.show(describe_groups(await self.session.client.groups(), self.session.user))
+        groups, ended = await groups_ended(self.session.client)
+        self.show(describe_groups(groups, self.session.user, ended))
 
     async def command_info(self, rest):
         rest = rest.strip()
@@ -12620,8 +12820,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 raise usage.UsageError("You have sent no group message from here; /info #REF names one.")
         delivery = await client.group_delivery(msg_id) if msg_id is not None else None
         if delivery is None:
-            raise usage.UsageError("#%d is not a group message sent from here, or the server does not have it yet; "
-                                   "/info names those." % ref)
+            raise usage.UsageError("#%d is not a group message you sent from here (or the server has not taken it "
+                                   "yet)." % ref)
         group, members, receipts = delivery
         ref, preview = await store.sent_message(msg_id)
         self.show(describe_group_delivery(group.name if group is not None else "(a group you left)",
@@ -12699,7 +12899,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 message.accepted_at or message.timestamp, "out",
                 group_label(message.group_name) if group is not None else ",".join(peers) or s.user,
                 message.message_id.hex(), message.content_type, message.filename,
-                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from, group))
+                message.plaintext if message.content_type == "text" else b"",
+                sent_elsewhere_status(sent_from, group), group))
             return
         if group is not None:
             self.last_sender = group_label(message.group_name)
@@ -12780,7 +12981,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if ref is None:  # not from this machine's outbox: perhaps sent from another device, whose mark stays
             old = await store.history_status(receipt.message_id)
             if old is not None and old.startswith(SENT_FROM):
-                status = old.split("\n")[0] + "\n" + status
+                if old.split("\n")[1:2] == [GROUP_RECEIPTS_THERE]:
+                    status = old  # a group message: one member's receipt is no count of who has it
+                else:
+                    status = old.split("\n")[0] + "\n" + status
         await store.set_history_status(receipt.message_id, status)
         if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
             self._old_receipts.append((receipt, ref, preview))
@@ -12799,7 +13003,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         members = [m for m in members if m != self.session.user]
         delivered = sum(1 for u, r in receipts.items() if r[0] == "delivered" and u in members)
         refused = sorted(u for u, r in receipts.items() if r[0] != "delivered" and u in members)
-        status = "delivered to %d of %d in %s" % (delivered, len(members), group_label(name)) + (
+        # The history's line names the group by its name then: the status does not (a rename would make it wrong).
+        status = "delivered to %d of %d" % (delivered, len(members)) + (
             "; not to %s" % ", ".join(refused) if refused else "")
         await self.session.store.set_history_status(receipt.message_id, status)
         if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
@@ -13321,7 +13526,7 @@ class PlainChat(LineReceiver):
         self.out.flush()
 
     def connectionLost(self, reason):
-        self.chat.quit()
+        self.chat.end_of_input()  # the lines read before the end are handled first
 
 
 NOTHING_TO_SEND = "Nothing to send: the message is empty."
@@ -13577,7 +13782,11 @@ class ConnectOptions(_ClientOptions):
                 "connected. In a terminal the line is edited as in a shell (Ctrl-A/E/U/W/K, arrows, Up/Down for "
                 "history); Ctrl-C clears the line, a second Ctrl-C or Ctrl-D on an empty line leaves; a pasted block "
                 "of lines is one message to the current conversation.")
-    optFlags = [_REGISTER]
+    optFlags = [["register", None, "If this machine has no key for the user on this server and the server has no "
+                                   "such account, make a key and register the user without asking; without it "
+                                   "connect asks first (reading a pipe, it takes the pipe's first line for the "
+                                   "answer: y registers). For an existing account it offers to link this machine "
+                                   "either way."]]
     optParameters = [["name", None, None, "The name this machine gets as a device of the account when connect "
                                           "registers it or links it (1 to 64 bytes) [default: asked, offering this "
                                           "machine's host name]."]]
@@ -13621,7 +13830,7 @@ class SendOptions(_ClientOptions):
         try:
             if any(n.startswith("#") for n in names):
                 if len(names) > 1:
-                    raise usage.UsageError("--to names one group or users, not both: %s." % ", ".join(names))
+                    raise usage.UsageError(_one_group_only(names, "--to"))
                 self["group"] = canonical_group_name(names[0])
             self["to"] = sorted({canonical_username(n) for n in names if not n.startswith("#")})
         except BadRequest as e:
@@ -13656,34 +13865,53 @@ class FetchOptions(_ClientOptions):
 
 class GroupOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME ACTION GROUP [ARGS...]"
-    longdesc = ("Change or show a group (written #NAME; GROUP may be given with or without the #). ACTION is one of: "
-                "create GROUP [MEMBERS...] (you become its admin); add GROUP USER...; remove GROUP USER...; leave "
-                "GROUP; rename GROUP NEW; topic GROUP TEXT (an empty TEXT, '', clears it); admin GROUP USER (--off: "
-                "no longer an admin); info GROUP (--json). Changes are signed with your identity key, so they run on "
-                "your identity device; adding, removing, renaming, the topic and admins are for the group's admins.")
+    longdesc = ("Change or show a group (written #NAME; GROUP may be given with or without the #), one ACTION of "
+                "those below. Changes are signed with your identity key, so they run on your identity device; "
+                "adding, removing, renaming, the topic and admins are for the group's admins. A change that is so "
+                "already changes nothing and says so (exit 0). 'pager-cli group ACTION --help' shows one action.")
     not_applicable = ("skew-window", "no-history", "no-passphrase")
-    optFlags = [["off", None, "With admin: make USER no longer an admin."],
+    optFlags = [["off", None, "With admin: make USER no longer an admin (the same as the word off after USER)."],
                 ["json", None, "With info: print one JSON object."]]
+
+    def parseOptions(self, options=None):
+        # The action named among the arguments, if any: --help then describes that action (before parseArgs runs).
+        words = [w.lower() for w in (sys.argv[1:] if options is None else options) if not w.startswith("-")]
+        self._asked = next((w for w in words[:2] if w in GROUP_ACTIONS), None)
+        super().parseOptions(options)
+
+    def getSynopsis(self):
+        action = getattr(self, "_asked", None)
+        if action is not None:
+            return group_usage(action, CLI_GROUP_PREFIX)
+        return super().getSynopsis()
+
+    def getUsage(self, width=None):
+        action = getattr(self, "_asked", None)
+        if action is not None:
+            text = GROUP_ACTIONS[action][1].replace("#NAME", "#GROUP")
+            return "%s.\n%s" % (text[0].upper() + text[1:], super().getUsage(width))
+        return super().getUsage(width) + "\nActions:\n%s\n" % group_actions_text(CLI_GROUP_PREFIX)
 
     def parseArgs(self, server, action=None, group=None, *args):
         if action is None or group is None:
-            raise usage.UsageError("Name an action and a group: %s." % group_usage(None, "group HOST")[7:])
+            raise usage.UsageError("Name an action and a group: %s." % group_usage(None, CLI_GROUP_PREFIX)[7:])
         self["server"], self["action"], self["group"], self["args"] = server, action.lower(), group, list(args)
 
     def postOptions(self):
         super().postOptions()
         action, args = self["action"], self["args"]
         if action not in GROUP_ACTIONS:
-            raise usage.UsageError("No group action %s: %s" % (action, group_usage(None, "group HOST")[7:]))
+            raise usage.UsageError("No group action %s: %s" % (action, group_usage(None, CLI_GROUP_PREFIX)[7:]))
         if self["off"] and action != "admin":
             raise usage.UsageError("--off goes with admin.")
         if self["json"] and action != "info":
             raise usage.UsageError("--json goes with info.")
-        wanted = {"leave": (0, 0), "info": (0, 0), "rename": (1, 1), "topic": (1, 1), "admin": (1, 1),
+        wanted = {"leave": (0, 0), "info": (0, 0), "rename": (1, 1), "topic": (0, 1), "admin": (1, 2),
                   "add": (1, None), "remove": (1, None), "create": (0, None)}[action]
-        if len(args) < wanted[0] or (wanted[1] is not None and len(args) > wanted[1]):
+        if len(args) < wanted[0] or (wanted[1] is not None and len(args) > wanted[1]) or \
+                (action == "admin" and args[1:] not in ([], ["off"])):
             hint = " (quote a topic with spaces)" if action == "topic" else ""
-            raise usage.UsageError(group_usage(action, "pager-cli group HOST").replace(" off]", "] [--off]") + hint)
+            raise usage.UsageError(group_usage(action, CLI_GROUP_PREFIX) + hint)
 
 
 class GroupsOptions(_ClientOptions):
@@ -14251,7 +14479,12 @@ async def _send_command(reactor, config):
             entry = HistoryEntry(reactor.seconds(), "out", group_label(info.name), answer["msg"], content_type,
                                  filename, data if content_type == "text" else b"", "sent", info.id)
         else:
-            answer = await client.post(config["to"], data, content_type, filename)
+            try:
+                answer = await client.post(config["to"], data, content_type, filename)
+            except UnknownUser as e:
+                listed = {w.rstrip(".") for w in e.message.partition(":")[2].replace(",", " ").split()}
+                unknown = [n for n in config["to"] if n in listed]  # those the sentence names
+                raise UnknownUser(e.message.rstrip(".") + await _group_hint(client, unknown) + ".")
             entry = HistoryEntry(reactor.seconds(), "out", ",".join(config["to"]), answer["msg"], content_type,
                                  filename, data if content_type == "text" else b"", "sent")
         await session.store.add_history(entry)
@@ -14273,9 +14506,29 @@ async def _send_command(reactor, config):
         await session.close()
 
 
+async def _group_hint(client, names):
+    """For recipients the server does not know: C{" (did you mean the group #dev? --to '#dev')"} for your group."""
+    for name in names:
+        try:
+            info = await client.group(name)
+        except (PagerError, BadRequest):
+            continue
+        if info.member:
+            return " (did you mean the group %s? --to '%s')" % (info.label, info.label)
+    return ""
+
+
 async def _fetch_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     output_closed = []  # once the reader has gone, no message is printed (to /dev/null) or acknowledged
+
+    def reader_gone():
+        # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        output_closed.append(OutputClosed(
+            "Standard output was closed (its reader stopped reading) before every message was printed; the "
+            "messages not printed stay on the server."))
+        return output_closed[0]
 
     async def show(message):
         if output_closed:
@@ -14295,12 +14548,7 @@ async def _fetch_command(reactor, config):
         try:
             _print_message(message, saved, config["json"], sent_from)
         except BrokenPipeError:
-            # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            output_closed.append(OutputClosed(
-                "Standard output was closed (its reader stopped reading) before every message was printed; the "
-                "messages not printed stay on the server."))
-            raise output_closed[0]
+            raise reader_gone()
         group = message.group_id.hex() if message.group_id is not None else None  # as the history keeps it
         if sent_from is not None:
             # Sent by this user from another of their devices: kept in the history as sent, as the chat keeps it.
@@ -14309,7 +14557,8 @@ async def _fetch_command(reactor, config):
                 message.accepted_at or message.timestamp, "out",
                 group_label(message.group_name) if group is not None else ",".join(peers) or session.user,
                 message.message_id.hex(), message.content_type, message.filename,
-                message.plaintext if message.content_type == "text" else b"", SENT_FROM + sent_from, group))
+                message.plaintext if message.content_type == "text" else b"",
+                sent_elsewhere_status(sent_from, group), group))
             return
         await session.store.add_history(HistoryEntry(
             message.accepted_at or message.timestamp, "in", message.sender, message.message_id.hex(),
@@ -14319,9 +14568,22 @@ async def _fetch_command(reactor, config):
     def rejected(msg, sender, error):
         sys.stderr.write("pager: refused a message from %s that could not be opened: %s\n" % (sender, error.message))
 
+    def group_changed(event):
+        if not output_closed:
+            try:
+                _print_group_event(event, config["json"], session.user)
+            except BrokenPipeError:
+                reader_gone()
+
+    def group_warning(group_id, name, sentence):
+        sys.stderr.write("pager: \u26a0 %s: %s\n" % (group_label(name) if name else group_id, sentence))
+
     def wire(client):  # before login: the server starts pushing as soon as it has logged us in
         client.on_message, client.on_rejected = show, rejected
         client.on_receipt = lambda r: sys.stderr.write(describe_receipt(r) + "\n")
+        # The changes to the user's groups this machine learns meanwhile (at login, or pushed): a script removed
+        # from a group learns it here.
+        client.on_group_event, client.on_group_warning = group_changed, group_warning
     session.wire = wire
     client = await session.start(receive=True)
 
@@ -14347,6 +14609,8 @@ async def _fetch_command(reactor, config):
                 raise error
             raise PagerError("Could not print a message, so it stays on the server: %s"
                              % (error.message if isinstance(error, PagerError) else error))
+        if output_closed:
+            raise output_closed[0]  # closed while a group's change was printed
     finally:
         await session.close()
 
@@ -14372,6 +14636,25 @@ def _print_message(message, saved, as_json, sent_from=None):
         sys.stdout.write(json.dumps(record) + "\n")
     else:
         sys.stdout.write(describe_message(message, saved, sent_from=sent_from) + "\n")
+    sys.stdout.flush()
+
+
+def _print_group_event(event, as_json, me):
+    """
+    Print a change to one of the user's groups that fetch learned (a L{GroupEvent}): the chat's line, C{[12:00] #ops:
+    alice added you}, or one JSON object with C{"type": "group_change"}.  Its time is the changer's clock.
+    """
+    if as_json:
+        record = {"type": "group_change", "group": {"id": event.group_id, "name": event.name},
+                  "version": event.seq, "change": event.kind, "by": event.actor, "users": list(event.users),
+                  "time": event.at, "text": describe_group_change(event, me)}
+        if event.kind in ("create", "topic"):
+            record["topic"] = event.text
+        elif event.kind == "rename":
+            record["old_name"] = event.text
+        sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        sys.stdout.write(describe_group_event(event, event.at, me) + "\n")
     sys.stdout.flush()
 
 
@@ -14407,7 +14690,7 @@ async def _group_command(reactor, config):
             return
         try:
             print(await group_action(client, config["action"], config["group"], config["args"], off=config["off"],
-                                     prefix="pager-cli group HOST"))
+                                     prefix=CLI_GROUP_PREFIX))
         except (Forbidden, TooLarge) as e:
             if isinstance(e, GroupRefused):
                 raise
@@ -14420,13 +14703,18 @@ async def _groups_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     client = await session.start(receive=False)
     try:
-        groups = await client.groups()
+        groups, ended = await groups_ended(client)
     finally:
         await session.close()
     if config["json"]:
-        print(json.dumps({"groups": [_group_json(g, session.user) for g in groups]}))
+        records = []
+        for g in groups:
+            how = ended.get(g.id)
+            records.append(dict(_group_json(g, session.user), ended=None if g.member else {
+                "how": how[0] if how else None, "by": how[1] if how else None}))
+        print(json.dumps({"groups": records}))
     else:
-        print(describe_groups(groups, session.user))
+        print(describe_groups(groups, session.user, ended))
 
 
 async def _export_key_command(reactor, config):

@@ -4,9 +4,11 @@ Groups in the terminal UI and the command line: the lines that describe groups, 
 a real in-process server, and C{pager-cli group}, C{groups}, C{send --to '#ops'} and C{fetch} end to end.
 """
 
+import io
 import json
 
-from twisted.internet import task
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -59,7 +61,7 @@ class DescribeGroupTests(unittest.SynchronousTestCase):
             (event("topic", text="on call: bob"), 'alice changed the topic to "on call: bob"'),
             (event("topic", text=""), "alice cleared the topic"),
             (event("promote", users=("bob",)), "alice made bob an admin"),
-            (event("demote", users=("bob",)), "alice made bob no longer an admin"),
+            (event("demote", users=("bob",)), "alice removed bob as an admin of #ops"),
         ]
         for e, words in cases:
             self.assertEqual(pager.describe_group_change(e, "zed"), words)
@@ -102,13 +104,25 @@ class DescribeGroupTests(unittest.SynchronousTestCase):
 
     def test_groups_listing(self):
         text = pager.describe_groups([info(name="zz", unread=3), info(name="aa", admins=("carol",)),
-                                      info(name="gone", member=False)], "alice")
+                                      info(name="gone", member=False)], "alice", {GID: ("left", None)})
         self.assertEqual(text.split("\n"), [
             "Your groups:",
             "  #aa  3 members",
             "  #zz  3 members  admin  3 unread",
             "  #gone  3 members  left"])
         self.assertIn("You are in no group", pager.describe_groups([], "alice"))
+
+    def test_groups_of_one_name(self):
+        """Two groups of one name are told apart by their ids; a removal says by whom; nothing known: not a member."""
+        other = "f0" * 16
+        text = pager.describe_groups([info(name="x1", member=False), info(name="x1", member=False, gid=other),
+                                      info(name="y", member=False, gid="0e" * 16)],
+                                     "alice", {GID: ("left", None), other: ("removed", "bob")})
+        self.assertEqual(text.split("\n"), [
+            "Your groups:",
+            "  #x1 (id %s)  3 members  left" % GID[:8],
+            "  #x1 (id f0f0f0f0)  3 members  removed by bob",
+            "  #y  3 members  not a member"])
 
     def test_json(self):
         record = pager._group_json(info(topic="t", unread=2), "alice")
@@ -361,7 +375,8 @@ class GroupChatTests(GroupChatTestCase):
             self.assertRegex(text, r"refused: carol \d\d:\d\d \(.*removed.*\)")
         before = len(ui.shown)
         await self.type(chat, "/info #7")
-        self.assertIn("#7 is not a group message sent from here", ui.text(before))
+        self.assertIn("#7 is not a group message you sent from here (or the server has not taken it yet).",
+                      ui.text(before))
 
     async def test_incoming_lines_and_unread(self):
         """
@@ -447,7 +462,7 @@ class GroupChatTests(GroupChatTestCase):
             ("/group add ops carol", "carol is in #ops already; nothing changed."),
             ("/group topic ops on call: bob", '#ops: you changed the topic to "on call: bob"'),
             ("/group admin ops bob", "#ops: you made bob an admin"),
-            ("/group admin ops bob off", "#ops: you made bob no longer an admin"),
+            ("/group admin ops bob off", "#ops: you removed bob as an admin of #ops"),
             ("/group admin ops", "Usage: /group admin NAME USER [off]"),
             ("/group rename ops", "Usage: /group rename NAME NEW"),
             ("/group rename ops dev", "#dev: you renamed #ops to #dev"),
@@ -686,3 +701,428 @@ class GroupLinkedDeviceTests(GroupChatTestCase):
         self.assertEqual(bob.events.messages[0].group_name, "ops")
         text = await self.shown(ui, "from the laptop")
         self.assertRegex(text, r"\[\d\d:\d\d\] you \(on 'laptop'\) \u2192 #ops: from the laptop")
+
+    async def test_history_of_a_group_message_sent_elsewhere(self):
+        """
+        The other device's history of a group message sent from the laptop says where it was sent from and where
+        to ask who has it: no member's receipt is taken for a count of who has it.
+        """
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        laptop, laptop_ui = await self.linked_chat(chat)
+        await self.type(chat, "/group create ops bob carol")
+        await self.shown(laptop_ui, "#ops: you created #ops with bob, carol")
+        await self.type(laptop, "/msg #ops from the laptop")
+        await self.shown(laptop_ui, "\u2713\u2713 2/2")
+        await self.wait_for(lambda: bob.events.messages and carol.events.messages, "both members' messages")
+        await self.settle(chat)  # the receipts of both members have come to alice's identity device too
+        before = len(ui.shown)
+        await self.type(chat, "/history #ops")
+        [line] = [line for line in ui.text(before).splitlines() if "from the laptop" in line]
+        self.assertIn("-> #ops: from the laptop (sent from 'laptop', who has it: /info on that device)", line)
+        before = len(laptop_ui.shown)
+        await self.type(laptop, "/history #ops")
+        self.assertIn("-> #ops: from the laptop (delivered to 2 of 2)", laptop_ui.text(before))
+
+
+class ChatOrderTests(GroupChatTestCase):
+    """
+    Lines are handled strictly in order, each once the one before is done; a /to that fails changes nothing; a
+    /paste or /file to a group that cannot take a message fails before anything is taken for it.
+    """
+
+    async def test_piped_lines_in_order(self):
+        """
+        Piped '/to #dev2', a line and '/info': the conversation opens before the line is sent, and /info answers
+        about that line, after it; '/groups' right after '/to #g' counts its messages read.  The end of input
+        comes at once, and quits only once every line before it has been handled.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("dev2", ["alice"])
+        gid = (await bob.group("dev2")).id
+        await bob.send_group(gid, "one")
+        await bob.send_group(gid, "two")
+        await self.shown(ui, "#dev2 bob \u2713: two")
+        await self.wait_for(lambda: self._unread(chat, "dev2", 2), "two unread in #dev2")
+        out = io.StringIO()
+        plain = pager.PlainChat(chat, out)
+        plain.makeConnection(StringTransport())
+        plain.dataReceived(b"/to #dev2\n/groups\nsecond pipe\n/info\n")
+        plain.connectionLost(None)
+        await self.wait_for(lambda: chat.done.called, "the chat to end once its lines are handled")
+        text = out.getvalue()
+        talking = text.index("Talking in #dev2")
+        listed = text.index("Your groups:")
+        waiting = text.index("\u23f3 #1 to #dev2")
+        info_at = text.index('Your message #1 "second pipe" to #dev2')
+        self.assertLess(talking, listed)
+        self.assertLess(listed, waiting)
+        self.assertLess(waiting, info_at)
+        self.assertNotIn("unread", text[listed:waiting])
+        self.assertNotIn("is not a group message", text)
+        await self.wait_for(lambda: len(bob.events.messages) == 1, "bob's message")
+        self.assertEqual(bytes(bob.events.messages[0].plaintext), b"second pipe")
+
+    async def _unread(self, chat, name, count):
+        return (await chat.session.client.group(name)).unread == count
+
+    async def test_failed_to_keeps_the_conversation(self):
+        """/to a group this user is not in, or left, keeps the conversation that was open (and its prompt)."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("x1", ["alice"])
+        await self.shown(ui, "bob created #x1")
+        await self.type(chat, "/group leave x1", "/to bob")
+        for line, said in (("/to #x1", "You are no longer a member of #x1; the conversation with bob stays open"),
+                           ("/to #nope", "You are in no group #nope; the conversation with bob stays open")):
+            before = len(ui.shown)
+            await self.type(chat, line)
+            self.assertIn(said, ui.text(before))
+            self.assertEqual((chat.conversation, chat.group, ui.prompt), ("bob", None, "bob> "))
+        await bob.group_create("ops", ["alice"])
+        await self.shown(ui, "bob created #ops")
+        await self.type(chat, "/to #ops", "/to #x1")
+        self.assertIn("the conversation in #ops stays open", ui.text())
+        self.assertEqual((chat.conversation, ui.prompt), ("#ops", "#ops> "))
+
+    async def test_quit_typed_behind_a_stalled_command(self):
+        """
+        A /quit typed while a command before it has not finished waits for it, but QUIT_WAIT at the most; a line
+        that is not a /quit does not leave the chat however long it waits.
+        """
+        await self.serve()
+        chat, ui = await self.chat_as("alice")
+        clock = task.Clock()
+        chat.reactor = clock
+        stalled = defer.Deferred()
+
+        async def command_stall(rest):
+            await stalled
+        chat.command_stall = command_stall
+        chat.line("/stall")
+        chat.line("not sent anywhere")
+        clock.advance(pager.QUIT_WAIT * 2)
+        self.assertFalse(chat.closing)
+        chat.line("/quit")
+        clock.advance(pager.QUIT_WAIT - 0.1)
+        self.assertFalse(chat.closing)
+        clock.advance(0.1)
+        self.assertTrue(chat.closing)
+        stalled.callback(None)
+        await self.wait_for(lambda: chat.done.called, "the chat to end")
+        self.assertNotIn("Not sent: no conversation is open", ui.text())  # dropped, not handled after the quit
+
+    async def test_paste_and_file_check_the_group_first(self):
+        """
+        /paste to a group this user is not in (or left) says so at once, before a line is taken for it: the lines
+        after it are not swallowed into a paste; /file to one says so before reading or announcing the file.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("x1", ["alice"])
+        await self.shown(ui, "bob created #x1")
+        await self.type(chat, "/group leave x1")
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"report")
+        for target, said in (("#nope", "You are in no group named #nope"),
+                             ("#x1", "Not sent: you are no longer a member of #x1")):
+            before = len(ui.shown)
+            await self.type(chat, "/paste " + target)
+            self.assertIn(said, ui.text(before))
+            self.assertEqual((chat.pasting, ui.prompt), (None, "to> "))
+            await self.type(chat, "a line after it", ".")
+            self.assertIn("Not sent: no conversation is open", ui.text(before))  # not kept for a paste
+            self.assertNotIn("Type the message for", ui.text(before))
+            before = len(ui.shown)
+            await self.type(chat, "/file %s %s" % (target, path))
+            self.assertIn(said, ui.text(before))
+            self.assertNotIn("Sending", ui.text(before))
+        await bob.ping()
+        self.assertEqual(bob.events.messages, [])
+
+
+class GroupNoChangeChatTests(GroupChatTestCase):
+    """
+    A change that is so already is told, not claimed, and signs nothing; leaving a group one is not in, and making
+    or unmaking an admin of a non-member, are refused with a sentence; topics clear with "" or no text.
+    """
+
+    async def test_no_change_is_said(self):
+        await self.serve()
+        await self.peer("bob")
+        await self.peer("carol")
+        await self.peer("dave")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/group create x1 bob carol", "/group admin x1 carol")
+        await self.shown(ui, "#x1: you made carol an admin")
+        client = chat.session.client
+        version = (await client.group("x1")).seq
+        cases = [
+            ("/group admin x1 carol", "carol is an admin of #x1 already; nothing changed."),
+            ("/group admin x1 bob off", "bob is not an admin of #x1; nothing changed."),
+            ("/group admin x1 dave off", "dave is not a member of #x1."),
+            ("/group admin x1 dave", "dave is not a member of #x1."),
+            ("/group rename x1 x1", "#x1 is called #x1 already; nothing changed."),
+            ("/group add x1 bob", "bob is in #x1 already; nothing changed."),
+            ("/group remove x1 dave", "dave is not in #x1; nothing changed."),
+            ("/group topic x1 \"\"", "#x1 has no topic already; nothing changed."),
+            ("/group remove x1 alice", "You leave #x1 with /group leave x1, not remove."),
+            ("/group remove x1 bob,alice", "You leave #x1 with /group leave x1, not remove."),
+        ]
+        for line, said in cases:
+            before = len(ui.shown)
+            await self.type(chat, line)
+            self.assertIn(said, ui.text(before), line)
+            self.assertNotIn("#x1: you", ui.text(before), line)
+        self.assertEqual((await client.group("x1")).seq, version)  # nothing was signed
+        await self.type(chat, "/group admin x1 carol off")
+        await self.shown(ui, "#x1: you removed carol as an admin of #x1")
+
+    async def test_topic_clears_with_quotes_or_nothing(self):
+        """/group topic NAME "" clears the topic (not the two characters ""), and so does /group topic NAME."""
+        await self.serve()
+        await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        client = chat.session.client
+        await self.type(chat, "/group create ops bob", "/group topic ops on call: bob")
+        self.assertEqual((await client.group("ops")).topic, "on call: bob")
+        await self.type(chat, '/group topic ops ""')
+        await self.shown(ui, "#ops: you cleared the topic")
+        self.assertEqual((await client.group("ops")).topic, "")
+        await self.type(chat, "/group topic ops '\"quoted\"'", "/group topic ops")
+        self.assertEqual(ui.text().count("#ops: you cleared the topic"), 2)
+        self.assertEqual((await client.group("ops")).topic, "")
+        self.assertIn('you changed the topic to "\'"quoted"\'"', ui.text())  # only "" or '' alone is empty
+
+    async def test_leave_twice_and_create_with_spaces(self):
+        """
+        Leaving again says you are not in the group (and how you left it); a name of two words is refused saying a
+        group's name is one word, and makes no group.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("dev", ["alice"])
+        await self.shown(ui, "bob created #dev")
+        await self.type(chat, "/group leave dev")
+        await self.shown(ui, "#dev: you left")
+        before = len(ui.shown)
+        await self.type(chat, "/group leave dev")
+        self.assertIn("You are not in #dev: you left it.", ui.text(before))
+        self.assertNotIn("You left", ui.text(before))
+        await bob.group_create("ops", ["alice"])
+        await self.shown(ui, "bob created #ops")
+        await bob.group_remove("ops", ["alice"])
+        await self.shown(ui, "you were removed by bob")
+        before = len(ui.shown)
+        await self.type(chat, "/group topic ops hello")
+        self.assertIn("You are not in #ops: bob removed you.", ui.text(before))
+        before = len(ui.shown)
+        await self.type(chat, "/group create my group")
+        self.assertIn("No such user: group (a group's name is one word: the words after #my are its members)",
+                      ui.text(before))
+        self.assertEqual([g.name for g in await chat.session.client.groups()], ["dev", "ops"])
+
+
+class GroupCommandMoreTests(CLITestCase):
+    """pager-cli group: admin's off, clearing a topic, changes that are so already, and each action's --help."""
+
+    cli = GroupCommandTests.cli
+
+    async def test_admin_off_and_topic(self):
+        """'admin GROUP USER off' and '--off' both demote; a topic of '' or none at all clears it."""
+        await self.serve()
+        alice = await self.provision("alice")
+        await self.account("bob")
+        await self.cli(alice, "alice", "group", "HOST", "create", "ops", "bob")
+        for off in (["off"], ["--off"]):
+            await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "bob")
+            result = await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "bob", *off)
+            self.assertEqual(result.out, "bob is no longer an admin of #ops.\n")
+        result = await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "bob", "on", code=2)
+        self.assertIn("Usage: pager-cli group HOST --user NAME admin GROUP USER [off]", result.err)
+        for clear in ([""], []):
+            await self.cli(alice, "alice", "group", "HOST", "topic", "ops", "on call")
+            result = await self.cli(alice, "alice", "group", "HOST", "topic", "ops", *clear)
+            self.assertEqual(result.out, "Cleared the topic of #ops.\n")
+            record = json.loads((await self.cli(alice, "alice", "group", "HOST", "info", "ops", "--json")).out)
+            self.assertEqual(record["topic"], "")
+        result = await self.cli(alice, "alice", "group", "HOST", "topic", "ops", "a", "b", code=2)
+        self.assertIn("Usage: pager-cli group HOST --user NAME topic GROUP [TEXT] (quote a topic with spaces)",
+                      result.err)
+
+    async def test_no_change_and_refusals(self):
+        """
+        A change that is so already exits 0 saying nothing changed; leaving a group again, or changing one you were
+        removed from, exits 2; a non-admin's change, or an admin role for a non-member, exits 3; remove of yourself
+        points to leave (2); a create with a name of two words names the unknown user and says why (4).
+        """
+        await self.serve()
+        alice, bob, carol = await self.provision("alice"), await self.provision("bob"), await self.provision("carol")
+        await self.account("dave")
+        await self.cli(alice, "alice", "group", "HOST", "create", "ops", "bob", "carol")
+        await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "carol")
+        for argv, said in ((["admin", "ops", "carol"], "carol is an admin of #ops already; nothing changed.\n"),
+                           (["admin", "ops", "bob", "off"], "bob is not an admin of #ops; nothing changed.\n"),
+                           (["rename", "ops", "#ops"], "#ops is called #ops already; nothing changed.\n")):
+            self.assertEqual((await self.cli(alice, "alice", "group", "HOST", *argv)).out, said)
+        line = (await self.cli(alice, "alice", "group", "HOST", "admin", "ops", "dave", "off", code=3)).err
+        self.assertIn("dave is not a member of #ops.", line)
+        line = (await self.cli(bob, "bob", "group", "HOST", "add", "ops", "carol", code=3)).err
+        self.assertIn("Only an admin of #ops can add members; you are not one.", line)
+        line = (await self.cli(bob, "bob", "group", "HOST", "remove", "ops", "bob", code=2)).err
+        self.assertIn("You leave #ops with pager-cli group HOST --user NAME leave ops, not remove.", line)
+        await self.cli(bob, "bob", "group", "HOST", "leave", "ops")
+        line = (await self.cli(bob, "bob", "group", "HOST", "leave", "ops", code=2)).err
+        self.assertIn("You are not in #ops: you left it.", line)
+        await self.cli(alice, "alice", "group", "HOST", "remove", "ops", "carol")
+        line = (await self.cli(carol, "carol", "group", "HOST", "topic", "ops", "hi", code=2)).err
+        self.assertIn("You are not in #ops: alice removed you.", line)
+        self.assertIn("#ops  1 member  removed by alice", (await self.cli(carol, "carol", "groups", "HOST")).out)
+        [record] = json.loads((await self.cli(bob, "bob", "groups", "HOST", "--json")).out)["groups"]
+        self.assertEqual((record["member"], record["ended"]), (False, {"how": "left", "by": None}))
+        line = (await self.cli(alice, "alice", "group", "HOST", "create", "my", "group", code=4)).err
+        self.assertIn("No such user: group (a group's name is one word: the words after #my are its members)", line)
+        record = json.loads((await self.cli(alice, "alice", "group", "HOST", "info", "ops", "--json")).out)
+        self.assertEqual(record["version"], 4)  # create, admin, bob left, carol removed: no op for the rest
+
+    async def test_help_per_action(self):
+        """--help lists every action with its arguments; after an action, it describes that one."""
+        result = await self.run_command("group", "--help", home=self.home())
+        self.assertExit(result, 0)
+        for row in ("create GROUP [MEMBERS...]", "add GROUP USER...", "remove GROUP USER...", "leave GROUP",
+                    "rename GROUP NEW", "topic GROUP [TEXT]", "admin GROUP USER [off]", "info GROUP"):
+            self.assertIn("  " + row, result.out)
+        for argv, usage_line in ((["create"], "Usage: pager-cli group HOST --user NAME create GROUP [MEMBERS...]"),
+                                 (["localhost", "topic", "ops"], "Usage: pager-cli group HOST --user NAME topic GROUP "
+                                                            "[TEXT]")):
+            result = await self.run_command("group", *argv, "--help", home=self.home())
+            self.assertExit(result, 0)
+            self.assertTrue(result.out.startswith(usage_line + "\n"), result.out)
+            self.assertIn("--user", result.out)
+        result = await self.run_command("connect", "--help", home=self.home())
+        self.assertNotIn("that is an error", result.out)
+        self.assertIn("without it connect asks first", " ".join(result.out.split()))
+
+
+class GroupListTests(GroupChatTestCase):
+    """/groups and pager-cli groups say how each former membership ended, and tell apart groups of one name."""
+
+    async def test_two_groups_of_one_name(self):
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        first = await bob.group_create("x1", ["alice"])
+        await self.shown(ui, "bob created #x1")
+        await self.type(chat, "/group leave x1")
+        await bob.group_leave(first.id)  # the group ends: its name is free again
+        second = await bob.group_create("x1", ["alice"])
+        await bob.group_remove(second.id, ["alice"])
+        await self.shown(ui, "you were removed by bob")
+        before = len(ui.shown)
+        await self.type(chat, "/groups")
+        lines = ui.text(before).split("\n")[1:]
+        self.assertEqual(sorted(lines), sorted([
+            "  #x1 (id %s)  1 member  left" % first.id[:8],
+            "  #x1 (id %s)  1 member  removed by bob" % second.id[:8]]))
+
+
+class GroupWordingTests(GroupChatTestCase):
+    """The sentences a user meets when a group and a user are mixed up."""
+
+    async def test_send_to_a_group_without_its_hash(self):
+        """--to dev, when there is no user dev but the sender is in #dev, says so and shows --to '#dev' (exit 4)."""
+        await self.serve()
+        alice = await self.provision("alice")
+        bob = await self.peer("bob")
+        await self.cli(alice, "alice", "group", "HOST", "create", "dev", "bob")
+        result = await self.cli(alice, "alice", "send", "HOST", "--to", "dev", "hi", code=4)
+        self.assertIn("No such user: dev (did you mean the group #dev? --to '#dev').", result.err)
+        result = await self.cli(alice, "alice", "send", "HOST", "--to", "nobody", "hi", code=4)
+        self.assertNotIn("did you mean", result.err)
+        await bob.ping()
+        self.assertEqual(bob.events.messages, [])
+
+    cli = GroupCommandTests.cli
+
+    async def test_chat_wording(self):
+        """/to dev hints at #dev; /msg to two groups says one at a time; a history suffix names the group now."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/group create dev bob", "/group create oncall bob")
+        for line, said in (("/to dev", "No such user: dev (did you mean the group #dev? /to #dev); no conversation"),
+                           ("/msg #dev,#oncall hi", "A message goes to one group at a time, not to #dev, #oncall: "
+                                                    "/msg once for each.")):
+            before = len(ui.shown)
+            await self.type(chat, line)
+            self.assertIn(said, ui.text(before))
+        self.assertEqual(chat.conversation, None)
+        await self.type(chat, "/msg #oncall me too")
+        await self.shown(ui, "\u2713\u2713 1/1")
+        await self.type(chat, "/group rename oncall ops")
+        before = len(ui.shown)
+        await self.type(chat, "/history #ops")
+        self.assertIn("-> #ops: me too (delivered to 1 of 1)", ui.text(before))
+        self.assertNotIn("#oncall", ui.text(before))
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+
+
+class FetchGroupChangeTests(CLITestCase):
+    """fetch prints the changes to the user's groups it learns: a line each, or JSON objects of type group_change."""
+
+    cli = GroupCommandTests.cli
+
+    async def test_fetch_prints_group_changes(self):
+        """
+        Each change is one line, as the chat shows it, among the messages, harmless whatever its topic says; each
+        is told once; a member removed learns it.
+        """
+        await self.serve()
+        alice, bob = await self.provision("alice"), await self.provision("bob")
+        await self.account("carol")
+        await self.cli(alice, "alice", "group", "HOST", "create", "dev", "bob")
+        result = await self.cli(bob, "bob", "fetch", "HOST")
+        self.assertRegex(result.out, r"^\[\d\d:\d\d\] #dev: alice created #dev with you\n$")
+        await self.cli(alice, "alice", "group", "HOST", "add", "dev", "carol")
+        hostile = "fine\n[12:00] #dev alice \u2713: send your token" + evil("t")
+        await self.cli(alice, "alice", "group", "HOST", "topic", "dev", hostile)
+        await self.cli(alice, "alice", "send", "HOST", "--to", "#dev", "still there?")
+        result = await self.cli(bob, "bob", "fetch", "HOST")
+        self.assertEqual(harmful(result.out), [])
+        lines = result.out.splitlines()
+        self.assertEqual(len(lines), 3)  # one line each, the topic's line break shown as \n
+        self.assertRegex(lines[0], r"^\[\d\d:\d\d\] #dev: alice added carol$")
+        self.assertIn('#dev: alice changed the topic to "fine\\n[12:00] #dev alice', lines[1])
+        self.assertRegex(lines[2], r"#dev alice \u2713.*: still there\?$")
+        await self.cli(alice, "alice", "group", "HOST", "rename", "dev", "dev2")
+        await self.cli(alice, "alice", "group", "HOST", "remove", "dev2", "bob")
+        result = await self.cli(bob, "bob", "fetch", "HOST")
+        self.assertEqual([line.split("] ", 1)[1] for line in result.out.splitlines()],
+                         ["#dev2: alice renamed #dev to #dev2", "#dev2: you were removed by alice"])
+        result = await self.cli(bob, "bob", "fetch", "HOST")
+        self.assertEqual(result.out, "")  # each change is told once
+
+    async def test_fetch_json(self):
+        """With --json each change is an object: type group_change, the group, version, change, by, users, text."""
+        await self.serve()
+        alice, bob = await self.provision("alice"), await self.provision("bob")
+        await self.cli(alice, "alice", "group", "HOST", "create", "ops", "bob")
+        await self.cli(alice, "alice", "group", "HOST", "rename", "ops", "oncall")
+        await self.cli(alice, "alice", "group", "HOST", "remove", "oncall", "bob")
+        result = await self.cli(bob, "bob", "fetch", "HOST", "--json")
+        records = [json.loads(line) for line in result.out.splitlines()]
+        gid = records[0]["group"]["id"]
+        self.assertEqual([(r["type"], r["group"], r["version"], r["change"], r["by"], r["users"], r["text"])
+                          for r in records], [
+            ("group_change", {"id": gid, "name": "ops"}, 1, "create", "alice", ["bob"], "alice created #ops with you"),
+            ("group_change", {"id": gid, "name": "oncall"}, 2, "rename", "alice", [], "alice renamed #ops to #oncall"),
+            ("group_change", {"id": gid, "name": "oncall"}, 3, "remove", "alice", ["bob"],
+             "you were removed by alice")])
+        self.assertEqual((records[0]["topic"], records[1]["old_name"]), ("", "ops"))

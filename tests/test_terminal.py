@@ -182,15 +182,15 @@ class ChatSendingTests(ChatTestCase):
 
     async def test_to_checks_the_name(self):
         """
-        /to nobody (not registered) says so and closes the conversation again; /to with two names or a bad name
-        says what to do instead; none of them sends anything.
+        /to nobody (not registered) says so and opens nothing; /to with two names or a bad name says what to do
+        instead; none of them sends anything, and none closes the conversation that was open.
         """
         await self.serve()
         await self.peer("bob")
         chat, ui = await self.chat_as("alice")
         before = len(ui.shown)
         await self.type(chat, "/to nobody")
-        self.assertIn("No such user: nobody", ui.text(before))
+        self.assertIn("No such user: nobody; no conversation is open", ui.text(before))
         self.assertNotIn("Talking to nobody", ui.text(before))  # announced only once the server knows the name
         self.assertEqual((chat.conversation, ui.prompt), (None, "to> "))
         before = len(ui.shown)
@@ -200,8 +200,12 @@ class ChatSendingTests(ChatTestCase):
         await self.type(chat, "/to bad\x1bname")
         self.assertIn("User names are", ui.text(before))
         self.assertEqual(chat.conversation, None)
+        before = len(ui.shown)
         await self.type(chat, "/to bob", "/to nobody")
-        self.assertEqual((chat.conversation, ui.prompt), (None, "to> "))
+        self.assertIn("No such user: nobody; the conversation with bob stays open", ui.text(before))
+        self.assertEqual((chat.conversation, ui.prompt), ("bob", "bob> "))
+        await self.type(chat, "/to bad\x1bname")
+        self.assertEqual((chat.conversation, ui.prompt), ("bob", "bob> "))
 
     async def test_reply_and_marks(self):
         """
