@@ -3649,8 +3649,8 @@ def check_group_users_txn(txn, members, max_groups, actor=None, by_one=None):
                                 " %d groups a user may be in)." % (", ".join(over), by_one, max_groups))
     full = [user for user in names if counts[user] >= max_groups]
     if full:
-        raise QuotaExceeded("%s %s in %d groups already, the most a user may be in." % (
-            ", ".join(full), "is" if len(full) == 1 else "are", max_groups))
+        raise QuotaExceeded("%s %s in %d group%s already, the most a user may be in." % (
+            ", ".join(full), "is" if len(full) == 1 else "are", max_groups, "" if max_groups == 1 else "s"))
 
 
 def _group_departed_txn(txn, gid, users, reason, now):
@@ -12931,12 +12931,15 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     def group_event(self, event):
         """
-        A membership change the client verified: one line, C{[12:00] #ops: alice added carol}.  A rename of the open
-        group renames the conversation (and the prompt); this user's leaving or removal closes it.
+        A membership change the client verified: one line, C{[12:00] #ops: alice added carol}, at the time its actor
+        signed it (a change made while this user was away shows when it was made; a clock in the future shows the
+        time it came).  A rename of the open group renames the conversation (and the prompt); this user's leaving or
+        removal closes it.
         """
         s = self.session
         self._group_events += 1
-        self.show(describe_group_event(event, self.reactor.seconds(), s.user))
+        now = self.reactor.seconds()
+        self.show(describe_group_event(event, event.at if 0 < event.at <= now + 60 else now, s.user))
         if self.group is None or event.group_id != self.group:
             return
         if event.kind == "rename":

@@ -647,6 +647,20 @@ class GroupChatMoreTests(GroupChatTestCase):
         await self.shown(ui, "\u26a0 #ops: the server lists eve as a member")
         self.assertEqual(harmful(ui.text()), [])
 
+    async def test_change_shown_at_its_time(self):
+        """
+        A change made while this user was away shows the time its actor signed it, not when it came; one dated in
+        the future (a wrong clock) shows when it came.
+        """
+        await self.serve()
+        chat, ui = await self.chat_as("alice")
+        now = chat.reactor.seconds()
+        for at in (now - 7200, now + 3600):
+            before = len(ui.shown)
+            chat.group_event(pager.GroupEvent(GID, "ops", 2, "topic", "bob", (), "on call", at))
+            [line] = ui.shown[before:]
+            self.assertTrue(line.startswith("[%s] #ops: bob changed the topic" % pager._clock(min(at, now))), line)
+
     async def test_reply_paste_and_file_to_group(self):
         """/r after a group message opens the group; /paste #ops and /file #ops send to its members."""
         await self.serve()
