@@ -8484,6 +8484,13 @@ class PagerClient:
             await self.pins.set_pin(user, public_key_pem(key), fp, self._now())
         elif bytes(pin[1]) != fp:
             raise KeyChanged(user, bytes(pin[1]), fp)
+        elif expected is not None and expected[0] != fp and not pin[3]:
+            raise KeyChanged(user, expected[0], fp, message=(
+                "The key pinned here for %s (%s) is not the one #%s's signed membership names for %s (%s), and it "
+                "was not compared with %s; nothing was sent. Compare %s's key with them: 'verify %s FINGERPRINT' "
+                "makes the one you compared %s's key here." % (
+                    user, format_fingerprint(fp), expected[1], user, format_fingerprint(expected[0]), user, user,
+                    user, user)))
         self._keys[user] = (key, fp)
         return key
 
@@ -8845,7 +8852,17 @@ class PagerClient:
         key, fp = await self.public_key(user, refresh=True)
         if key_status(await self.pins.get_pin(user), fp) in ("new", "changed"):
             await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
+            await self._recheck_broken_groups()
         return fp
+
+    async def _recheck_broken_groups(self):
+        """A key was trusted or verified here: read again the groups whose chain stopped at a key (each may go on)."""
+        for row in await self.pins.group_rows():
+            if row[5] is not None:
+                try:
+                    await self.refresh_group(bytes(row[0]))
+                except (UnknownGroup, Forbidden):
+                    continue
 
     async def key_status(self, user):
         """C{(fingerprint, status)} of the key the server now gives for C{user}: see L{key_status}."""
@@ -8872,6 +8889,7 @@ class PagerClient:
         if pin is None:
             await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
         await self.pins.set_verified(user, fp)
+        await self._recheck_broken_groups()
 
     # -- sending --
 
@@ -9200,13 +9218,15 @@ class PagerClient:
         await self._verify_group_ops(chain, objs, answer)
         return self._group_info(chain)
 
-    async def _op_signer_trusted(self, op, pem, join_seq, state):
+    async def _op_signer_trusted(self, op, pem, join_seq, state, first_use):
         """
-        Whether the key that signed C{op} (fingerprint C{op.actor_fp}) is its actor's: the key pinned here; for an
-        actor not pinned here, the key the verified chain (C{state}, the group before C{op}) names for them, signed
-        by the admin who added them (then pinned); only for the actor of a create, whom no op named before, the
-        server's key for them (trust on first use, as for a first message).  Returns True, or False for an op
-        accepted only under the history rule (see L{_verify_group_ops}); raises L{_ChainRefused} otherwise.
+        Whether the key that signed C{op} (fingerprint C{op.actor_fp}) is its actor's: for an actor the verified
+        chain (C{state}, the group before C{op}) names, the key it names (signed by the admin who added them), which
+        must also be the key pinned here unless this client's user verified the pinned one out of band (L{verify});
+        for an actor it does not name (a create's), the key pinned here, or else the server's (trust on first use,
+        as for a first message).  Keys trusted on first use are put in C{first_use} (user -> (PEM, fingerprint)),
+        pinned only if the chain is kept.  Returns True, or False for an op accepted only under the history rule
+        (see L{_verify_group_ops}); raises L{_ChainRefused} otherwise.
         """
         named = state.members.get(op.actor)
         if op.actor == self.user:
@@ -9214,22 +9234,17 @@ class PagerClient:
             trusted, expected = op.actor_fp == self.identity_fp, "your key"
         else:
             pin = await self.pins.get_pin(op.actor)
-            if pin is not None:
-                trusted, expected = bytes(pin[1]) == op.actor_fp, "%s's key as pinned here" % op.actor
-            elif named is not None:
-                trusted = named == op.actor_fp
-                expected = "the key #%s's operations name for %s (%s)" % (state.name, op.actor,
-                                                                           format_fingerprint(named))
-                if trusted:  # first use, vouched for by the admin who added them
-                    await self.pins.set_pin(op.actor, pem, op.actor_fp, self._now())
-            else:
+            if pin is None and op.actor in first_use:
+                pin = first_use[op.actor] + (None, False)
+            trusted, expected = await self._group_key_ok(op.actor, op.actor_fp, named, pin, state.name)
+            if pin is None and trusted is None:
                 try:
                     key, fp = await self.public_key(op.actor, refresh=True)
                 except UnknownUser:
                     key = fp = None
                 trusted, expected = fp == op.actor_fp, "%s's key on the server" % op.actor
-                if trusted:  # first use: pinned as when a message from them comes
-                    await self.pins.set_pin(op.actor, public_key_pem(key), fp, self._now())
+            if pin is None and trusted:
+                first_use[op.actor] = (pem, op.actor_fp)
         if trusted:
             return True
         # The history rule: when this client joins, the ops before the one that added this user are vouched for by
@@ -9238,6 +9253,26 @@ class PagerClient:
             return False
         raise _ChainRefused("version %d (%s by %s) is signed with a key (%s) that is not %s"
                             % (op.seq, op.kind, op.actor, format_fingerprint(op.actor_fp), expected))
+
+    async def _group_key_ok(self, user, fp, named, pin, group):
+        """
+        C{(ok, expected)}: whether C{fp} is C{user}'s key in a group whose chain names C{named} for them (None: it
+        does not name them), with C{pin} (a pins store's tuple, or None) pinned here; C{expected} says what was
+        expected, for a sentence.  The chain's key wins over a pin made on first use (a server could have given
+        that one), not over one this client's user verified out of band.  C{ok} is None when neither a pin nor the
+        chain says (the caller may then trust the server on first use).
+        """
+        if pin is None:
+            if named is None:
+                return None, None
+            return fp == named, "the key #%s's operations name for %s (%s)" % (group, user, format_fingerprint(named))
+        if bytes(pin[1]) != fp:
+            return False, "%s's key as pinned here" % user
+        if named is not None and named != fp and not pin[3]:
+            return False, ("the key #%s's operations name for %s (%s); the one pinned here was not compared with "
+                           "%s: compare it, and 'verify %s FINGERPRINT' makes it %s's key here"
+                           % (group, user, format_fingerprint(named), user, user, user))
+        return True, None
 
     async def _check_listed_keys(self, op, state):
         """Warn of a member whose key in a create or add op is not the one pinned here."""
@@ -9251,23 +9286,26 @@ class PagerClient:
             if pinned is not None and pinned != fp:
                 self._group_warn(op.group_id, state.name, (
                     "%s added %s to #%s (version %d) with the key %s, which is not %s's key as pinned here (%s): "
-                    "nothing is sent to #%s until you check %s's key (and accept it with 'trust %s' if it is theirs)."
-                    % (op.actor, user, state.name, op.seq, format_fingerprint(fp), user,
-                       format_fingerprint(pinned), state.name, user, user)))
+                    "nothing is sent to #%s until you compare %s's key with them and mark it verified ('verify %s "
+                    "FINGERPRINT')." % (op.actor, user, state.name, op.seq, format_fingerprint(fp), user,
+                                        format_fingerprint(pinned), state.name, user, user)))
 
     async def _verify_group_ops(self, chain, objs, answer):
         """
         Verify the server's ops C{objs} (C{group_ops}' list) in order on top of C{chain}: each op parses, extends
         the chain (group id, seq, prev), its key's fingerprint is its C{actor_fp}, its signature verifies under that
-        key, the key is the actor's pinned here (or, for an op before the one that added this user when this
-        client verifies the chain from scratch, vouched for by that add: the history rule), and the group's rules
-        accept it (L{GroupState.apply}).  Verified ops are stored and told to C{on_group_event}; the first that fails
-        leaves the chain at the op before, marked broken with the sentence, and warned of.
+        key, the key is the actor's (L{_op_signer_trusted}; or, for an op before the one that added this user when
+        this client was not a member, vouched for by that add: the history rule), and the group's rules accept it
+        (L{GroupState.apply}).  Verified ops are stored, the keys trusted on first use pinned, and the ops made while
+        this user is a member (from the one that added them) told to C{on_group_event}; the first that fails leaves
+        the chain at the op before, marked broken with the sentence, and warned of.  History taken under the history
+        rule is kept only when the read completes and the add that vouches for it verified: else none of this
+        read is kept, so that the next read judges it again (and warns of it).
         """
         gid, before = chain.gid, chain.state
         state, new, events, broken = before, [], [], None
         join_seq, vouched_only, kept, history_signers = None, False, (len(chain.states), len(chain.ops)), set()
-        adder = None
+        adder, first_use = None, {}
         refused = chain.refused if chain.refused is not None and chain.refused[0] == before.seq + 1 else None
         if refused is not None and (not objs or _op_digest(objs[0]) != refused[1]):
             # Once an op is refused here, only that op can take the chain on: a server that withholds it or shows
@@ -9292,7 +9330,7 @@ class PagerClient:
                     malformed = _ChainRefused("the operation after version %d is malformed: %s"
                                               % (chain.seq + len(items), e.message.rstrip(".")))
                     break
-            if chain.seq == 0:
+            if self.user not in before.members:  # joining (or joining again): what came before is history
                 for op, _, _, _ in items:
                     if (op.kind == "create" and op.actor == self.user) or \
                             (op.kind in ("create", "add") and self.user in [u for u, _ in op.members]):
@@ -9309,7 +9347,8 @@ class PagerClient:
                 except BadSignature:
                     raise _ChainRefused("the signature of version %d (%s by %s) does not verify"
                                         % (op.seq, op.kind, op.actor))
-                if not await self._op_signer_trusted(op, pem, join_seq, state):
+                trusted_here = dict(first_use)
+                if not await self._op_signer_trusted(op, pem, join_seq, state, trusted_here):
                     vouched_only = True
                     history_signers.add(op.actor)
                 if op.seq == join_seq:
@@ -9321,7 +9360,9 @@ class PagerClient:
                                         % (op.seq, op.kind, op.actor, e.message))
                 if op.kind in ("create", "add"):
                     await self._check_listed_keys(op, after)
-                events.append(_group_event(op, after, state))
+                first_use = trusted_here
+                if self.user in state.members or self.user in after.members:
+                    events.append(_group_event(op, after, state))  # not history from before this user's add
                 state = after
                 new.append((op.seq, raw, signature, pem))
                 chain.states.append(state)
@@ -9333,20 +9374,22 @@ class PagerClient:
             if vouched_only and state.seq < join_seq:
                 # Ops taken only as history vouched for by the add of this user, and that add did not verify: the
                 # history is vouched for by nobody, and none of it is kept.
-                state, new, events = before, [], []
+                state, new, events, first_use = before, [], [], {}
                 del chain.states[kept[0]:], chain.ops[kept[1]:]
             if state.seq - before.seq < len(objs):
                 refused = (state.seq + 1, _op_digest(objs[state.seq - before.seq]))
         except BaseException:
             # Cut short (the connection, say): what was verified so far is kept, with the chain as it was -- but
-            # not history that only the add of this user, not verified yet, would vouch for.
-            if vouched_only and state.seq < join_seq:
+            # not history taken under the history rule: the next read judges it again, and warns of it.
+            if vouched_only:
                 del chain.states[kept[0]:], chain.ops[kept[1]:]
                 raise
             if new:
+                await self._pin_first_use(first_use)
                 await self.pins.save_group(gid, state.name, state.seq, state.head, self.user in state.members,
                                            chain.broken, new)
                 self._chains[gid] = chain
+                self._tell_group_events(events)
             raise
         name = state.name or (before.name if before.seq else "")
         if broken is None and state.seq == before.seq and chain.broken is None:
@@ -9368,13 +9411,11 @@ class PagerClient:
         if refused != chain.refused:
             chain.refused = refused
             await self.pins.set_group_refused(gid, refused)
+        await self._pin_first_use(first_use)
         await self.pins.save_group(gid, name or gid.hex(), state.seq, state.head, self.user in state.members,
                                    broken, new)
         self._chains[gid] = chain
-        for event in events:
-            # Joining, the changes from before this user was added are history: told from the add on.
-            if self.on_group_event is not None and (join_seq is None or event.seq >= join_seq):
-                self.on_group_event(event)
+        self._tell_group_events(events)
         listed = answer.get("members")
         if broken is None and isinstance(listed, list) and answer.get("head") == state.head.hex():
             server = {n for n in listed if isinstance(n, str)}
@@ -9387,6 +9428,17 @@ class PagerClient:
                 self._group_warn(gid, name, (
                     "The server does not list %s as a member of #%s, though the signed operations make %s one (was "
                     "the account deleted?)." % (user, name, user)))
+
+    async def _pin_first_use(self, first_use):
+        """Pin the keys a kept chain trusted on first use (user -> (PEM, fingerprint)), unless pinned meanwhile."""
+        for user, (pem, fp) in first_use.items():
+            if await self.pins.get_pin(user) is None:
+                await self.pins.set_pin(user, pem, fp, self._now())
+
+    def _tell_group_events(self, events):
+        if self.on_group_event is not None:
+            for event in events:
+                self.on_group_event(event)
 
     def _group_changed(self, frame):
         """The server says a group changed: fetch and verify its new ops."""
@@ -9713,14 +9765,16 @@ class PagerClient:
 
     async def _check_group_sender_key(self, header, at, name):
         """
-        A group message's sender not pinned here must have signed with the key the chain names for them (the one
-        the admin who added them signed): else the message is refused (L{NotInGroup}).  A pinned sender's key is
-        checked against the pin, as for every message.
+        A group message's sender must have signed with the key the chain names for them (the one the admin who
+        added them signed), or with the key pinned here if this client's user verified it out of band: else the
+        message is refused (L{NotInGroup}).  The key is then checked against the pin, as for every message.
         """
-        if header.sender == self.user or await self.pins.get_pin(header.sender) is not None:
+        if header.sender == self.user:
             return
+        pin = await self.pins.get_pin(header.sender)
         named = at.members[header.sender]
-        if header.sender_fingerprint != named:
+        if header.sender_fingerprint != named and not (pin is not None and pin[3]
+                                                       and bytes(pin[1]) == header.sender_fingerprint):
             raise NotInGroup("The message from %s to %s is signed with a key (%s) that is not the one %s's signed "
                              "membership names for %s (%s)." % (
                                  header.sender, name, format_fingerprint(header.sender_fingerprint), name,

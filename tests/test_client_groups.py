@@ -456,9 +456,10 @@ class ChainTests(GroupTestCase):
     async def test_rekeyed_admin_adds(self):
         """
         alice re-keys her account after creating #ops, then adds carol with her new key.  carol, who never pinned
-        alice, takes the add only once she checked alice's new key: the create names the old one, and the server
-        saying otherwise is exactly what a server substituting keys would say.  bob, who pinned alice's old key,
-        accepts no op of the new one either: each chain breaks there until its user trusts alice's new key.
+        alice, takes the add only once she compared alice's new key with her and marked it verified: the create
+        names the old one, and the server saying otherwise is exactly what a server substituting keys would say
+        (trusting the server's key is not enough).  bob, who pinned alice's old key, accepts no op of the new one
+        either.  Each chain goes on as soon as its user verified the key, without waiting for another change.
         """
         alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
         info = await alice.group_create("ops", ["bob"])
@@ -469,15 +470,21 @@ class ChainTests(GroupTestCase):
         self.assertIn("version 2 (add by alice) is signed with a key", carol.groups_seen.warnings[-1][2])
         self.assertEqual(carol.groups_seen.events, [])  # the history the add would vouch for is not kept either
         self.assertEqual((await carol.refresh_group(info.id)).seq, 0)
+        new_fp = pager.fingerprint(key("alice-new").public_key())
         await carol.trust("alice")
-        self.assertEqual((await carol.refresh_group(info.id)).members, ("alice", "bob", "carol"))
-        self.assertIsNone((await carol.group("ops")).broken)
+        still = await carol.group(info.id)
+        self.assertEqual(still.seq, 0)
+        self.assertIn("was not compared with alice", still.broken)
+        await carol.verify("alice", new_fp)
+        now = await carol.group(info.id)  # read again by verify itself
+        self.assertEqual((now.members, now.broken), (("alice", "bob", "carol"), None))
         await self.wait_for(lambda: bob.groups_seen.warnings, "bob's warning")
         broken = await bob.group("ops")
         self.assertEqual((broken.seq, broken.members), (1, ("alice", "bob")))
         self.assertIn("version 2 (add by alice) is signed with a key", broken.broken)
         await bob.trust("alice")
-        self.assertEqual((await bob.refresh_group("ops")).members, ("alice", "bob", "carol"))
+        await bob.verify("alice", new_fp)
+        self.assertEqual((await bob.group("ops")).members, ("alice", "bob", "carol"))
         self.assertIsNone((await bob.group("ops")).broken)
 
     async def forged_chain(self, make):
@@ -655,14 +662,10 @@ def pem(name):
     return pager.public_key_pem(key(name))
 
 
-class ForgedHistoryTests(GroupTestCase):
-    """
-    History that only the add of this client's user vouches for is kept only once that add verified; a refused op
-    keeps the chain broken until that very op verifies (withholding it, or showing another, changes nothing).
-    """
+class PlantedTestCase(GroupTestCase):
+    """A lying server, modelled by writing its database: groups made of any ops, and ops withdrawn."""
 
     async def plant_group(self, ops, members):
-        """Store a group made of C{ops} (raw, signature, signer PEM) as a lying server would; return its id."""
         gid = pager.parse_group_op(ops[0][0]).group_id
         last = pager.parse_group_op(ops[-1][0])
 
@@ -679,7 +682,6 @@ class ForgedHistoryTests(GroupTestCase):
         return gid
 
     async def truncate_to(self, gid, seq):
-        """The lying server withdraws the ops after C{seq}."""
         def txn(t):
             head = pager.parse_group_op(bytes(t.execute("SELECT op FROM group_ops WHERE gid = ? AND seq = ?",
                                                         (gid, seq)).fetchone()[0])).hash
@@ -687,6 +689,31 @@ class ForgedHistoryTests(GroupTestCase):
             t.execute("UPDATE groups SET seq = ?, head = ? WHERE gid = ?", (seq, head, gid))
         await self.server.store._run(txn)
         self.server.factory._groups.pop(gid, None)
+
+    def op(self, gid, seq, prev, kind, actor, signer, **fields):
+        raw = pager.encode_group_op(gid, seq, prev, kind, actor, fp(signer), 0, **fields)
+        return raw, pager.sign_group_op(key(signer), raw), pem(signer)
+
+    def head(self, op):
+        return pager.parse_group_op(op[0]).hash
+
+    def fail_key_request(self, client, user):
+        """Make the server answer C{client}'s key requests for C{user} with rate_limited; returns the undo."""
+        request = client.protocol.request
+
+        def lying(kind, **fields):
+            if kind == "key" and fields.get("user") == user:
+                return defer.fail(pager.RateLimited("Try again later.", retry_after=1))
+            return request(kind, **fields)
+        client.protocol.request = lying
+        return lambda: setattr(client.protocol, "request", request)
+
+
+class ForgedHistoryTests(PlantedTestCase):
+    """
+    History that only the add of this client's user vouches for is kept only once that add verified; a refused op
+    keeps the chain broken until that very op verifies (withholding it, or showing another, changes nothing).
+    """
 
     def forged_create(self, gid):
         """'alice creates #ops with bob and eve', signed by a key that is not alice's (the server's)."""
@@ -785,13 +812,8 @@ class ForgedHistoryTests(GroupTestCase):
         self.server.factory._groups.pop(gid, None)
 
 
-class ChainFingerprintTests(GroupTestCase):
-    """
-    The chain names each member's identity fingerprint (signed by the admin who added them): a client that has not
-    pinned that member takes that key, not whatever the server gives, for sealing, for opening the member's
-    messages, and for the member's ops.  The server 're-keys' bob (reset-key, which a malicious operator can do; or
-    it just answers carol's key and bundle requests with its own key) and runs a device as 'bob'.
-    """
+class KeySwapMixin:
+    """A server that swaps bob's key: the operator's reset-key, and a device of the server's logged in as bob."""
 
     def reset_key(self, conn, user):
         """The operator's reset-key (a malicious server can do the same, or answer only carol's requests so)."""
@@ -817,6 +839,23 @@ class ChainFingerprintTests(GroupTestCase):
         fake = await self.connect(self.address)
         await fake.login("bob", token("bob"), key("bob-fake"))
         return fake
+
+    async def refused_to_seal(self, carol):
+        """carol's group message is sealed to nobody: key_changed, saying so."""
+        sent = self.capture_sends(carol)
+        with self.assertRaises(pager.KeyChanged) as raised:
+            await carol.send_group("ops", "secret for the group")
+        self.assertEqual(sent, [])
+        return raised.exception.message
+
+
+class ChainFingerprintTests(KeySwapMixin, GroupTestCase):
+    """
+    The chain names each member's identity fingerprint (signed by the admin who added them): a client that has not
+    pinned that member takes that key, not whatever the server gives, for sealing, for opening the member's
+    messages, and for the member's ops.  The server 're-keys' bob (reset-key, which a malicious operator can do; or
+    it just answers carol's key and bundle requests with its own key) and runs a device as 'bob'.
+    """
 
     async def test_seals_to_a_key_the_chain_does_not_name(self):
         """carol seals #ops's message to the server's 'bob', though the chain names bob's real key."""
@@ -890,3 +929,227 @@ class RemovedMemberPostsTests(GroupTestCase):
         shown = [(m.sender, bytes(m.plaintext), m.group_note) for m in carol.events.messages]
         self.assertEqual(shown, [("bob", b"still here", "sealed for version 1 of #ops, before bob left or was "
                                                           "removed (version 2 is yours)")])
+
+
+class PinnedLaterTests(KeySwapMixin, GroupTestCase):
+    """
+    A member pinned here some other way (a 1:1 message either way, a look at their devices), with a key the server
+    gave, is still held to the key the chain names: that pin counts in the group only once verified out of band.
+    """
+
+    async def test_one_to_one_first_contact_then_group_seals_to_server_key(self):
+        """
+        carol is in #ops whose signed chain names bob's real key; she never pinned bob.  The server swaps bob's
+        key and its 'bob' sends carol a 1:1 message (pinned on first use).  carol's next group message is sealed to
+        nobody: the pinned key is not the one the chain names, and she has not compared it.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob", "carol"])
+        await self.wait_members(carol, "ops", ["alice", "bob", "carol"])
+        self.assertIsNone(await carol.pins.get_pin("bob"))
+        fake = await self.fake_bob(bob)
+        await fake.send(["carol"], "hi carol, it's bob")
+        await self.wait_for(lambda: carol.events.messages, "carol's 1:1 from 'bob'")
+        self.assertIn("is not the one #ops's signed membership names for bob", await self.refused_to_seal(carol))
+
+    async def test_one_to_one_first_contact_then_forged_group_post(self):
+        """With the same pin, the server's 'bob' posts to #ops: carol refuses it, as not signed by the chain's bob."""
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob", "carol"])
+        await self.wait_members(carol, "ops", ["alice", "bob", "carol"])
+        fake = await self.fake_bob(bob)
+        await fake.send(["carol"], "hi carol")
+        await self.wait_for(lambda: carol.events.messages, "carol's 1:1")
+        await fake.sync_groups()
+        await fake.send_group("ops", "I am bob, in #ops")
+        await self.wait_for(lambda: len(carol.events.messages) >= 2 or carol.events.rejected, "carol's group msg")
+        self.assertEqual([m for m in carol.events.messages if m.group_name], [])
+        [(_, sender, error)] = carol.events.rejected
+        self.assertEqual(sender, "bob")
+        self.assertIn("is signed with a key", error.message)
+
+    async def test_pinned_before_join_warning_says_nothing_sent_but_sends(self):
+        """
+        carol pinned the server's 'bob' first (1:1); then alice adds carol to #ops, whose chain names bob's real
+        key.  carol is warned that nothing is sent to #ops until she compares bob's key, and nothing is; once she
+        verified the key pinned here (her decision), it is bob's key in the group too.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        fake = await self.fake_bob(bob)
+        await fake.send(["carol"], "hi carol")
+        await self.wait_for(lambda: carol.events.messages, "carol's 1:1")
+        await alice.group_add("ops", ["carol"])
+        await self.wait_members(carol, "ops", ["alice", "bob", "carol"])
+        warned = [w for _, _, w in carol.groups_seen.warnings if "nothing is sent to #ops" in w]
+        self.assertTrue(warned, carol.groups_seen.warnings)
+        await self.refused_to_seal(carol)
+        await carol.verify("bob", fp("bob-fake"))
+        await carol.send_group("ops", "bob's key compared")
+        await self.wait_for(lambda: fake.events.messages, "the message at the key carol verified")
+
+
+class VouchedWarningTests(PlantedTestCase):
+
+    async def test_vouched_warning_not_suppressed_by_a_read_cut_short(self):
+        """
+        carol has alice's key pinned.  The server makes up #ops: 'alice' (the server's key) creates it with 'bob'
+        (named with the server's key for bob), promotes him, and 'bob' adds carol -- all server keys.  Then one more
+        op by a non-member 'zed', whose key request the server answers with rate_limited: the read is cut short, and
+        the history it took under the history rule is not kept.  The server then withdraws op 4: carol's next look
+        takes the history again, and warns that it is vouched for by bob only; so does a restart of her client.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        await carol.recipient_key("alice")  # pinned: alice's real key
+        gid = os.urandom(16)
+        op1 = self.op(gid, 1, bytes(32), "create", "alice", "alice-fake", name="ops", topic="",
+                      members=[("bob", fp("bob-fake"))])
+        op2 = self.op(gid, 2, self.head(op1), "promote", "alice", "alice-fake", user="bob")
+        op3 = self.op(gid, 3, self.head(op2), "add", "bob", "bob-fake", members=[("carol", fp("carol"))])
+        op4 = self.op(gid, 4, self.head(op3), "topic", "zed", "zed", topic="x")
+        await self.plant_group([op1, op2, op3, op4], ["alice", "bob", "carol"])
+        restore = self.fail_key_request(carol, "zed")
+        try:
+            await carol.refresh_group(gid)
+        except pager.RateLimited:
+            pass
+        restore()
+        await self.truncate_to(gid, 3)
+        info = await carol.refresh_group(gid)
+        pins = carol.pins
+        await carol.close()
+        carol2 = await self.relogin("carol", pins=pins)  # same local store: a restart
+        info2 = await carol2.group(gid.hex())
+        warnings = [w for _, _, w in carol.groups_seen.warnings + carol2.groups_seen.warnings]
+        self.assertFalse(info2.seq == 3 and info2.broken is None and not any("vouched" in w for w in warnings),
+                         "carol keeps a #ops 'created by alice' signed with a key that is not alice's pinned one, "
+                         "members %s, bob pinned to %s, with no warning at all (warnings: %s)" % (
+                             info2.members,
+                             "the server's key" if bytes((await carol2.pins.get_pin("bob"))[1]) == fp("bob-fake")
+                             else "?", warnings))
+
+
+class DiscardedHistoryPinsTests(PlantedTestCase):
+
+    async def test_discarded_history_leaves_a_pin(self):
+        """
+        The server shows carol (alice pinned) a made-up #ops: 'alice' (server key) creates it naming bob with the
+        server's key, 'bob' leaves (signed with it), 'alice' adds carol.  The add does not verify, so 'none of that
+        history is kept' -- yet bob is now pinned here to the server's key, which carol never saw.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        await carol.recipient_key("alice")
+        gid = os.urandom(16)
+        op1 = self.op(gid, 1, bytes(32), "create", "alice", "alice-fake", name="ops", topic="",
+                      members=[("bob", fp("bob-fake"))])
+        op2 = self.op(gid, 2, self.head(op1), "leave", "bob", "bob-fake")
+        op3 = self.op(gid, 3, self.head(op2), "add", "alice", "alice-fake", members=[("carol", fp("carol"))])
+        await self.plant_group([op1, op2, op3], ["alice", "carol"])
+        info = await carol.refresh_group(gid)
+        self.assertEqual(info.seq, 0)
+        self.assertIsNotNone(info.broken)
+        pin = await carol.pins.get_pin("bob")
+        self.assertIsNone(pin, "history vouched for by nobody (and not kept) pinned bob to %s (the server's key: %s)"
+                          % (pager.format_fingerprint(bytes(pin[1])), bytes(pin[1]) == fp("bob-fake")) if pin else "")
+
+
+class ReaddedMemberStuckTests(GroupTestCase):
+
+    async def test_readded_member_stuck_on_old_key_history(self):
+        """
+        Honest server.  alice creates #ops with carol and dave, makes dave an admin; carol leaves; dave sets the
+        topic, then re-keys (a lost key recovered); carol pins dave's new key; alice adds carol back.  carol's
+        chain resumes at her leave, and what came after it is history for her as when joining: dave's topic (his
+        old key) is vouched for by alice's add, with a warning, as a client verifying from scratch takes it.
+        """
+        alice, carol, dave = await self.user("alice"), await self.user("carol"), await self.user("dave")
+        info = await alice.group_create("ops", ["carol", "dave"])
+        await alice.group_admin("ops", "dave")
+        await self.wait_members(carol, "ops", ["alice", "carol", "dave"])
+        await self.wait_for(lambda: len(dave.groups_seen.events) >= 2, "dave's events")
+        await carol.group_leave("ops")
+        await dave.group_topic("ops", "while carol was away")
+        await dave.rekey("dave", token("dave"), key("dave"), key("dave-new"))
+        await carol.trust("dave")  # carol pins dave's new key (she checked it with him)
+        self.assertEqual(bytes((await carol.pins.get_pin("dave"))[1]), fp("dave-new"))
+        await alice.group_add("ops", ["carol"])
+        await self.wait_members(carol, "ops", ["alice", "carol", "dave"])
+        again = await carol.group("ops")
+        self.assertEqual((again.broken, again.topic), (None, "while carol was away"))
+        self.assertIn("signed with a key that is not the one known here for dave", carol.groups_seen.warnings[-1][2])
+        self.assertEqual([e.kind for e in carol.groups_seen.events][-1:], ["add"])  # the topic is history to her
+        fresh = await self.relogin("carol")  # another client of carol's (no local state): from scratch
+        scratch = await fresh.group(info.id)
+        self.assertEqual((scratch.broken, scratch.head), (None, again.head))
+
+
+class PinnedLaterMoreTests(KeySwapMixin, GroupTestCase):
+    """Other paths that pin the server's key for a member on first use: the group still holds to the chain's."""
+
+    async def check_path(self, pin_it):
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        await alice.group_create("ops", ["bob", "carol"])
+        await self.wait_members(carol, "ops", ["alice", "bob", "carol"])
+        await self.fake_bob(bob)
+        await pin_it(carol)
+        self.assertEqual(bytes((await carol.pins.get_pin("bob"))[1]), fp("bob-fake"))
+        await self.refused_to_seal(carol)
+
+    async def test_devices_command_pins(self):
+        """carol looks at bob's devices (/devices bob)."""
+        await self.check_path(lambda carol: carol.devices("bob"))
+
+    async def test_one_to_one_send_pins(self):
+        """carol sends bob a 1:1 message first."""
+        await self.check_path(lambda carol: carol.send(["bob"], "hi bob"))
+
+
+class HistoryEventsTests(GroupTestCase):
+
+    async def test_history_told_as_news_after_a_short_first_read(self):
+        """
+        The server answers carol's first group_ops with the ops before her add only (more: false).  Made while
+        she was not a member, they are not news; the next read (from version 2) tells her add, and only that.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        info = await alice.group_create("ops", ["bob"])
+        await alice.group_topic("ops", "before carol")
+        request, calls = carol.protocol.request, []
+
+        def short(kind, **fields):
+            d = request(kind, **fields)
+            if kind == "group_ops" and not calls:
+                calls.append(1)
+                d.addCallback(lambda a: dict(a, ops=[o for o in a["ops"] if o["seq"] <= 2], more=False))
+            return d
+        carol.protocol.request = short
+        await alice.group_add("ops", ["carol"])
+        await self.wait_for(lambda: calls, "carol's first read")
+        self.assertEqual(carol.groups_seen.events, [])
+        carol.protocol.request = request
+        await carol.refresh_group(info.id)
+        kinds = [e.kind for e in carol.groups_seen.events]
+        self.assertEqual(kinds, ["add"], "history before carol's add reached her UI as news: %s" % kinds)
+
+
+class TrustUnsticksTests(GroupTestCase):
+
+    async def test_trust_then_send(self):
+        """
+        bob pinned alice's old key; alice re-keys and adds carol: bob's #ops breaks (as documented).  bob compares
+        the new key with alice, runs trust and verify, and sends to #ops at once: verifying reads the group again.
+        """
+        alice, bob = await self.user("alice"), await self.user("bob")
+        carol = await self.user("carol")
+        await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        await alice.rekey("alice", token("alice"), key("alice"), key("alice-new"))
+        await alice.group_add("ops", ["carol"])
+        await self.wait_for(lambda: bob.groups_seen.warnings, "bob's warning")
+        await bob.trust("alice")
+        await bob.verify("alice", fp("alice-new"))
+        try:
+            await bob.send_group("ops", "after trusting alice")
+        except pager.PagerError as e:
+            self.fail("after 'trust alice', bob's send to #ops still fails: %s" % e.message)
