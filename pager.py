@@ -7740,6 +7740,7 @@ async def within(reactor, d, seconds):
     return not timed_out
 
 
+MAX_HELD = 256  # group messages held (GroupHeld) that this client tries again in this session
 MAX_RESEALABLE = 16  # messages sealed in this process that can still be sealed anew (RESEAL_TRIES)
 MAX_LISTED_DEVICES = 256  # devices one devices or bundle answer may list for a user (current and revoked)
 
@@ -7909,6 +7910,14 @@ class NotInGroup(EnvelopeError):
     """The group message names a membership version that does not hold its sender, or this user."""
 
 
+class GroupHeld(PagerError):
+    """
+    A group message this client cannot verify yet: its group's chain stops at a change it has not accepted, or its
+    sender signed with a key this user has not compared.  It is left on the server (neither acknowledged nor refused)
+    and tried again when its user trusts or verifies a key, or at the next login.
+    """
+
+
 class _ChainRefused(PagerError):
     """A group operation this client does not accept (its sentence says why): the chain stops verifying there."""
 
@@ -8076,6 +8085,7 @@ class PagerClient:
         self._keys = {}  # user -> (public key, fingerprint)
         self._device_views = {}  # user -> (identity fingerprint, {device id: revoked}) as this client last saw them
         self._incoming = {}  # msg id (hex) -> _Incoming still receiving chunks
+        self._held = collections.OrderedDict()  # msg id (hex) -> _Incoming of a group message held (GroupHeld)
         self._queue = collections.deque()
         self._working = False
         self._acks = {"msgs": [], "receipts": []}  # waiting for the acknowledgement in flight to be answered
@@ -8487,8 +8497,8 @@ class PagerClient:
         elif expected is not None and expected[0] != fp and not pin[3]:
             raise KeyChanged(user, expected[0], fp, message=(
                 "The key pinned here for %s (%s) is not the one #%s's signed membership names for %s (%s), and it "
-                "was not compared with %s; nothing was sent. Compare %s's key with them: 'verify %s FINGERPRINT' "
-                "makes the one you compared %s's key here." % (
+                "was not compared with %s; nothing was sent. Compare %s's key with them: 'verify %s' makes the "
+                "one you compared %s's key here." % (
                     user, format_fingerprint(fp), expected[1], user, format_fingerprint(expected[0]), user, user,
                     user, user)))
         self._keys[user] = (key, fp)
@@ -8856,13 +8866,19 @@ class PagerClient:
         return fp
 
     async def _recheck_broken_groups(self):
-        """A key was trusted or verified here: read again the groups whose chain stopped at a key (each may go on)."""
+        """
+        A key was trusted or verified here: read again the groups whose chain stopped at a key (each may go on), and
+        try again the group messages held for want of a verified chain or key.
+        """
         for row in await self.pins.group_rows():
             if row[5] is not None:
                 try:
                     await self.refresh_group(bytes(row[0]))
                 except (UnknownGroup, Forbidden):
                     continue
+        held, self._held = self._held, collections.OrderedDict()
+        for incoming in held.values():
+            self._enqueue(self._handle_message, incoming)
 
     async def key_status(self, user):
         """C{(fingerprint, status)} of the key the server now gives for C{user}: see L{key_status}."""
@@ -9270,25 +9286,31 @@ class PagerClient:
             return False, "%s's key as pinned here" % user
         if named is not None and named != fp and not pin[3]:
             return False, ("the key #%s's operations name for %s (%s); the one pinned here was not compared with "
-                           "%s: compare it, and 'verify %s FINGERPRINT' makes it %s's key here"
+                           "%s: compare it, and 'verify %s' makes it %s's key here"
                            % (group, user, format_fingerprint(named), user, user, user))
         return True, None
 
     async def _check_listed_keys(self, op, state):
-        """Warn of a member whose key in a create or add op is not the one pinned here."""
+        """Warn of a member whose key in a create or add op is not the one pinned here (or, for this user, theirs)."""
         for user, fp in op.members:
             if user == self.user:
                 await self._own_identity()
-                pinned = self.identity_fp
-            else:
-                pin = await self.pins.get_pin(user)
-                pinned = bytes(pin[1]) if pin is not None else None
-            if pinned is not None and pinned != fp:
+                if fp != self.identity_fp:
+                    self._group_warn(op.group_id, state.name, (
+                        "%s added you to #%s (version %d) with a key of yours that is not this device's (%s), as "
+                        "before a key change: the members' clients hold your messages and changes to #%s until they "
+                        "compare your new key with you." % (op.actor, state.name, op.seq, format_fingerprint(fp),
+                                                            state.name)))
+                continue
+            pin = await self.pins.get_pin(user)
+            if pin is not None and bytes(pin[1]) != fp:
                 self._group_warn(op.group_id, state.name, (
-                    "%s added %s to #%s (version %d) with the key %s, which is not %s's key as pinned here (%s): "
-                    "nothing is sent to #%s until you compare %s's key with them and mark it verified ('verify %s "
-                    "FINGERPRINT')." % (op.actor, user, state.name, op.seq, format_fingerprint(fp), user,
-                                        format_fingerprint(pinned), state.name, user, user)))
+                    "%s added %s to #%s (version %d) with the key %s, which is not %s's key as pinned here (%s): %s"
+                    % (op.actor, user, state.name, op.seq, format_fingerprint(fp), user,
+                       format_fingerprint(bytes(pin[1])),
+                       "you verified the one pinned here, so it is the one used." if pin[3] else
+                       "nothing is sent to #%s until you compare %s's key with them and mark it verified ('verify "
+                       "%s')." % (state.name, user, user))))
 
     async def _verify_group_ops(self, chain, objs, answer):
         """
@@ -9736,6 +9758,9 @@ class PagerClient:
             except UnknownGroup:
                 pass
             chain = await self._chain(gid)
+        if chain is not None and chain.broken is not None and chain.at_head(header.group_head) is None:
+            raise GroupHeld("A message from %s to %s is kept on the server until the group's changes verify here."
+                            % (header.sender, "#" + chain.state.name if chain.seq else "a group you were added to"))
         if chain is None or chain.seq == 0:
             raise NotInGroup("The message from %s is for a group you are not in (%s)." % (header.sender, gid.hex()))
         current, name = chain.state, "#" + chain.state.name
@@ -9767,7 +9792,7 @@ class PagerClient:
         """
         A group message's sender must have signed with the key the chain names for them (the one the admin who
         added them signed), or with the key pinned here if this client's user verified it out of band: else the
-        message is refused (L{NotInGroup}).  The key is then checked against the pin, as for every message.
+        message is held (L{GroupHeld}).  The key is then checked against the pin, as for every message.
         """
         if header.sender == self.user:
             return
@@ -9775,10 +9800,12 @@ class PagerClient:
         named = at.members[header.sender]
         if header.sender_fingerprint != named and not (pin is not None and pin[3]
                                                        and bytes(pin[1]) == header.sender_fingerprint):
-            raise NotInGroup("The message from %s to %s is signed with a key (%s) that is not the one %s's signed "
-                             "membership names for %s (%s)." % (
-                                 header.sender, name, format_fingerprint(header.sender_fingerprint), name,
-                                 header.sender, format_fingerprint(named)))
+            raise GroupHeld(
+                "A message from %s to %s is signed with a key (%s) that is not the one %s's signed membership names "
+                "for %s (%s); it is kept on the server until you compare %s's key with them ('trust %s', then "
+                "'verify %s')." % (
+                    header.sender, name, format_fingerprint(header.sender_fingerprint), name, header.sender,
+                    format_fingerprint(named), header.sender, header.sender, header.sender))
 
     # -- receiving --
 
@@ -9960,6 +9987,13 @@ class PagerClient:
         except (EnvelopeError, UnknownUser, BadKey, BadCertificate) as e:
             await self._reject(incoming, e)
             return
+        except GroupHeld as e:
+            self._held[incoming.msg] = incoming
+            while len(self._held) > MAX_HELD:
+                self._held.popitem(last=False)  # still on the server: it comes again at the next login
+            chain = self._chains.get(header.group_id)
+            self._group_warn(header.group_id, chain.state.name if chain is not None else "", e.message)
+            return
         skewed = incoming.accepted_at is not None and abs(incoming.accepted_at - opened.timestamp) > self.skew_window
         opened = dataclasses.replace(opened, accepted_at=incoming.accepted_at, key_status=key_status, skewed=skewed)
         if group is not None:
@@ -10061,6 +10095,7 @@ class PagerClient:
             if not self._link.waited:
                 self._link.done.addErrback(lambda f: None)  # nobody waits for the answer: nothing to tell
         self._incoming.clear()
+        self._held.clear()  # the server hands them again at the next login
         for waiting in self._acks.values():
             waiting.clear()  # the server delivers these again; the duplicate store recognises them
         self._changed()
@@ -13006,7 +13041,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     def group_warning(self, group_id, name, sentence):
         """Something about a group this user should know (a chain that does not verify, a server's member list)."""
-        self.show("[%s] \u26a0 %s: %s" % (_clock(self.reactor.seconds()), group_label(name), sentence))
+        self.show("[%s] \u26a0 %s: %s" % (_clock(self.reactor.seconds()), group_label(name) if name else "a group",
+                                          sentence))
 
     def hand_off_failed(self, error, sender):
         """An incoming message (or receipt) could not be saved, shown or recorded: it stays on the server."""
