@@ -2025,8 +2025,8 @@ class GroupState:
     def _leave(self, op, label):
         others = set(self.members) - {op.actor}
         if others and self.admins == {op.actor}:
-            raise GroupRefused("You are the last admin of %s: make another member an admin first (/group admin %s "
-                               "NAME), then leave." % (label, label))
+            raise GroupRefused("You are the last admin of %s: make another member an admin first, then leave."
+                               % label)
         return self._without(op, (op.actor,))
 
     def _without(self, op, users):
@@ -11692,7 +11692,8 @@ def describe_group_change(event, me=None):
     """
     The words of a membership change (a L{GroupEvent}): C{alice added carol}, C{bob left}, C{carol was removed by
     alice}, C{alice changed the topic to "..."}, C{alice renamed #ops to #ops2}, C{alice made bob an admin},
-    C{alice removed bob as an admin of #ops}, C{alice created #ops with bob, carol}.  C{me} (this user) is called
+    C{alice removed bob as an admin of #ops}, C{alice stepped down as an admin of #ops}, C{alice created #ops with
+    bob, carol}.  C{me} (this user) is called
     C{you}.  (C{event.text} is the topic of a topic change, the name before a rename.)
     """
     def who(name):
@@ -11717,6 +11718,8 @@ def describe_group_change(event, me=None):
         return '%s changed the topic to "%s"' % (actor, _one_line(event.text))
     if kind == "promote":
         return "%s made %s an admin" % (actor, users)
+    if kind == "demote" and event.users == (event.actor,):
+        return "%s stepped down as an admin of %s" % (actor, group_label(event.name))
     if kind == "demote":
         return "%s removed %s as an admin of %s" % (actor, users, group_label(event.name))
     return "%s changed %s (%s)" % (actor, group_label(event.name), kind)
@@ -11890,7 +11893,8 @@ async def group_action(client, action, name, words, off=False, topic=None, prefi
             raise UnknownUser("%s (a group's name is one word: the words after %s are its members)"
                               % (e.message.rstrip("."), group_label(name)))
         return "Created %s%s; you are its admin." % (
-            group_label(name), " with " + ", ".join(members) if members else " (add members with /group add)")
+            group_label(name), " with " + ", ".join(members) if members else " (add members with '%s add %s USER...')"
+            % (prefix, name))
     info = await client.group(name)
     label = group_label(info.name)
     me = client.user
@@ -12202,7 +12206,9 @@ class Outbox:
                 self._retry = self.reactor.callLater(delay, self._retry_now)
             return False
         except Exception as e:
-            if isinstance(e, PagerError):
+            if isinstance(e, UnknownUser) and group is None and len(entry.recipients) == 1:
+                reason = e.message.rstrip(".") + await _group_hint(client, entry.recipients, "/msg %s TEXT") + "."
+            elif isinstance(e, PagerError):
                 reason = e.message
             else:
                 reason = "this client failed to send it (%s)" % e
@@ -14599,15 +14605,18 @@ async def _send_command(reactor, config):
         await session.close()
 
 
-async def _group_hint(client, names):
-    """For recipients the server does not know: C{" (did you mean the group #dev? --to '#dev')"} for your group."""
+async def _group_hint(client, names, how="--to '%s'"):
+    """
+    For recipients the server does not know: C{" (did you mean the group #dev? --to '#dev')"} for your group
+    (C{how} % the group's label says how to name it).
+    """
     for name in names:
         try:
             info = await client.group(name)
         except (PagerError, BadRequest):
             continue
         if info.member:
-            return " (did you mean the group %s? --to '%s')" % (info.label, info.label)
+            return " (did you mean the group %s? %s)" % (info.label, how % info.label)
     return ""
 
 

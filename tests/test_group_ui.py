@@ -62,6 +62,7 @@ class DescribeGroupTests(unittest.SynchronousTestCase):
             (event("topic", text=""), "alice cleared the topic"),
             (event("promote", users=("bob",)), "alice made bob an admin"),
             (event("demote", users=("bob",)), "alice removed bob as an admin of #ops"),
+            (event("demote", users=("alice",)), "alice stepped down as an admin of #ops"),
         ]
         for e, words in cases:
             self.assertEqual(pager.describe_group_change(e, "zed"), words)
@@ -1066,17 +1067,22 @@ class GroupWordingTests(GroupChatTestCase):
     cli = GroupCommandTests.cli
 
     async def test_chat_wording(self):
-        """/to dev hints at #dev; /msg to two groups says one at a time; a history suffix names the group now."""
+        """
+        /to dev and /msg dev hint at #dev; /msg to two groups says one at a time; a history suffix names the group
+        now.
+        """
         await self.serve()
         bob = await self.peer("bob")
         chat, ui = await self.chat_as("alice")
         await self.type(chat, "/group create dev bob", "/group create oncall bob")
         for line, said in (("/to dev", "No such user: dev (did you mean the group #dev? /to #dev); no conversation"),
                            ("/msg #dev,#oncall hi", "A message goes to one group at a time, not to #dev, #oncall: "
-                                                    "/msg once for each.")):
+                                                    "/msg once for each."),
+                           ("/msg dev hi", "was not sent: No such user: dev (did you mean the group #dev? /msg #dev "
+                                           "TEXT).")):
             before = len(ui.shown)
             await self.type(chat, line)
-            self.assertIn(said, ui.text(before))
+            await self.shown(ui, said, before)
         self.assertEqual(chat.conversation, None)
         await self.type(chat, "/msg #oncall me too")
         await self.shown(ui, "\u2713\u2713 1/1")

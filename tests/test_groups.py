@@ -490,8 +490,7 @@ class ApplyTests(SynchronousTestCase):
         c = self.chain
         state = c.do("leave", "carol")
         self.assertEqual(list(state.members), ["alice", "bob"])
-        c.refused("You are the last admin of #ops: make another member an admin first (/group admin #ops NAME), "
-                  "then leave.", "leave", "alice")
+        c.refused("You are the last admin of #ops: make another member an admin first, then leave.", "leave", "alice")
         c.do("promote", "alice", user="bob")
         state = c.do("leave", "alice")
         self.assertEqual((list(state.members), state.admins), (["bob"], frozenset(["bob"])))
