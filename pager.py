@@ -10825,13 +10825,17 @@ class Session:
                 if tries >= 3:
                     raise AuthFailed("Three wrong safetokens for %s; giving up." % self.user)
                 if given is None and token == stored and not self.prompter.interactive:
-                    raise AuthFailed("Login as %s failed with the safetoken kept on this machine (was it changed "
-                                     "elsewhere?): give the current one once in PAGER_TOKEN or with --token-file, "
-                                     "and it is kept from then on." % self.user)
+                    raise AuthFailed("Login as %s failed with the safetoken kept on this machine: either it was "
+                                     "changed elsewhere (give the current one once in PAGER_TOKEN or with "
+                                     "--token-file, and it is kept from then on), or the account's key was replaced "
+                                     "from another machine (then link this one again: link-device --force)."
+                                     % self.user)
                 if given is not None or not self.prompter.interactive:
                     raise
-                self.prompter.say("The safetoken kept on this machine was refused (was it changed elsewhere?); "
-                                  "type the current one." if token == stored else "Wrong safetoken; try again.")
+                self.prompter.say("The safetoken kept on this machine was refused: was it changed elsewhere? Type "
+                                  "the current one. (If the account's key was replaced from another machine, this "
+                                  "machine's key is no longer the account's: link it again with link-device "
+                                  "--force.)" if token == stored else "Wrong safetoken; try again.")
                 token = None
         if token != stored:
             await self.save_token(token, passphrase)
