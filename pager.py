@@ -13085,9 +13085,13 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             old = await store.history_status(receipt.message_id)
             if old is not None and old.startswith(SENT_FROM):
                 if old.split("\n")[1:2] == [GROUP_RECEIPTS_THERE]:
-                    status = old  # a group message: one member's receipt is no count of who has it
-                else:
-                    status = old.split("\n")[0] + "\n" + status
+                    # A group message: one member's receipt is no count of who has it; the device that sent it
+                    # shows the count, so a delivery is not a line here either (a refusal still is).
+                    await store.set_history_status(receipt.message_id, old)
+                    if receipt.status != "delivered":
+                        self.show(describe_receipt(receipt, ref, preview))
+                    return
+                status = old.split("\n")[0] + "\n" + status
         await store.set_history_status(receipt.message_id, status)
         if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
             self._old_receipts.append((receipt, ref, preview))

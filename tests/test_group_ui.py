@@ -720,7 +720,7 @@ class GroupLinkedDeviceTests(GroupChatTestCase):
     async def test_history_of_a_group_message_sent_elsewhere(self):
         """
         The other device's history of a group message sent from the laptop says where it was sent from and where
-        to ask who has it: no member's receipt is taken for a count of who has it.
+        to ask who has it: no member's receipt is taken for a count of who has it, nor shown as a line.
         """
         await self.serve()
         bob, carol = await self.peer("bob"), await self.peer("carol")
@@ -736,9 +736,40 @@ class GroupLinkedDeviceTests(GroupChatTestCase):
         await self.type(chat, "/history #ops")
         [line] = [line for line in ui.text(before).splitlines() if "from the laptop" in line]
         self.assertIn("-> #ops: from the laptop (sent from 'laptop', who has it: /info on that device)", line)
+        self.assertNotIn("delivered to bob", ui.text())  # each member's receipt is no line here: the laptop counts
+        self.assertNotIn("delivered to carol", ui.text())
         before = len(laptop_ui.shown)
         await self.type(laptop, "/history #ops")
         self.assertIn("-> #ops: from the laptop (delivered to 2 of 2)", laptop_ui.text(before))
+
+
+    async def test_member_receipt_at_the_other_device(self):
+        """
+        A member's receipt of a group message the laptop sent, arriving while the laptop is off, is no line on the
+        identity device: one member's receipt is no count of who has it (the laptop counts); the history keeps
+        saying where to ask.
+        """
+        server = await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        laptop, laptop_ui = await self.linked_chat(chat)
+        await self.type(chat, "/group create ops bob carol")
+        await self.shown(laptop_ui, "#ops: you created #ops with bob, carol")
+        await self.offline(server, carol)
+        await self.type(laptop, "/msg #ops while carol is away")
+        await self.shown(laptop_ui, "\u2713 1/2")
+        await self.shown(ui, "while carol is away")
+        await self.stop_chat(laptop)
+        before = len(ui.shown)
+        carol = await self.login(self.address, "carol")
+        await self.wait_for(lambda: carol.events.messages, "carol's message")
+        await self.wait_for(lambda: server.store.pending_receipts("alice", 0).addCallback(lambda rs: not rs),
+                            "alice's identity device to take carol's receipt")
+        await self.settle(chat)
+        self.assertNotIn("delivered to carol", ui.text(before))
+        before = len(ui.shown)
+        await self.type(chat, "/history #ops")
+        self.assertIn("(sent from 'laptop', who has it: /info on that device)", ui.text(before))
 
 
 class ChatOrderTests(GroupChatTestCase):
