@@ -9283,7 +9283,8 @@ class PagerClient:
                 return None, None
             return fp == named, "the key #%s's operations name for %s (%s)" % (group, user, format_fingerprint(named))
         if bytes(pin[1]) != fp:
-            return False, "%s's key as pinned here" % user
+            return False, ("%s's key as pinned here (if %s's key changed, compare the new one with them: 'trust %s', "
+                           "then 'verify %s')" % (user, user, user, user))
         if named is not None and named != fp and not pin[3]:
             return False, ("the key #%s's operations name for %s (%s); the one pinned here was not compared with "
                            "%s: compare it, and 'verify %s' makes it %s's key here"
