@@ -7741,6 +7741,7 @@ async def within(reactor, d, seconds):
 
 
 MAX_HELD = 256  # group messages held (GroupHeld) that this client tries again in this session
+MAX_HOLD = 7 * DAY  # seconds after its acceptance that a group message may stay held; then it is refused
 MAX_RESEALABLE = 16  # messages sealed in this process that can still be sealed anew (RESEAL_TRIES)
 MAX_LISTED_DEVICES = 256  # devices one devices or bundle answer may list for a user (current and revoked)
 
@@ -8488,9 +8489,10 @@ class PagerClient:
             if expected is not None and expected[0] != fp:
                 raise KeyChanged(user, expected[0], fp, message=(
                     "The server gives %s's key as %s, but #%s's signed membership names %s for %s (the key the admin "
-                    "who added them signed); nothing was sent. Check %s's key with them, and accept it with "
-                    "'trust %s' if it is theirs." % (user, format_fingerprint(fp), expected[1],
-                                                    format_fingerprint(expected[0]), user, user, user)))
+                    "who added them signed); nothing was sent. Compare %s's key with them; if it is theirs, accept "
+                    "it with 'trust %s', then 'verify %s'." % (user, format_fingerprint(fp), expected[1],
+                                                              format_fingerprint(expected[0]), user, user, user,
+                                                              user)))
             await self.pins.set_pin(user, public_key_pem(key), fp, self._now())
         elif bytes(pin[1]) != fp:
             raise KeyChanged(user, bytes(pin[1]), fp)
@@ -9989,6 +9991,12 @@ class PagerClient:
             await self._reject(incoming, e)
             return
         except GroupHeld as e:
+            if incoming.accepted_at is not None and self._now() - incoming.accepted_at > MAX_HOLD:
+                # Held long enough: it counts against this user's pending quota for as long as it waits, so it is
+                # refused now, and its sender told why.
+                await self._reject(incoming, GroupHeld("Not verified within %d days, so refused: %s"
+                                                       % (MAX_HOLD // DAY, e.message)))
+                return
             self._held[incoming.msg] = incoming
             while len(self._held) > MAX_HELD:
                 self._held.popitem(last=False)  # still on the server: it comes again at the next login

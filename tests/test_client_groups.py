@@ -509,6 +509,25 @@ class ChainTests(GroupTestCase):
         await self.wait_for(lambda: self.server.store.pending("carol", 0).addCallback(lambda left: not left),
                             "carol's acknowledgement")
 
+    async def test_held_at_most_a_week(self):
+        """
+        A held group message counts against its reader's pending quota while it waits: one accepted more than
+        MAX_HOLD ago is refused instead, and its sender's receipt says why.
+        """
+        alice, bob, carol = await self.user("alice"), await self.user("bob"), await self.user("carol")
+        await alice.group_create("ops", ["bob", "carol"])
+        await self.wait_members(carol, "ops", ["alice", "bob", "carol"])
+        await self.wait_members(bob, "ops", ["alice", "bob", "carol"])
+        await bob.rekey("bob", token("bob"), key("bob"), key("bob-new"))
+        later = time.time() + pager.MAX_HOLD + 60
+        self.patch(carol, "_now", lambda: later)
+        await bob.send_group("ops", "a week unread")
+        await self.wait_for(lambda: [r for r in bob.events.receipts if r.peer == "carol"], "carol's receipt")
+        [receipt] = [r for r in bob.events.receipts if r.peer == "carol"]
+        self.assertEqual(receipt.status, "rejected")
+        self.assertIn("Not verified within 7 days, so refused", receipt.reason)
+        self.assertEqual(self.texts(carol), [])
+
     async def test_own_key_changed_since_added(self):
         """
         bob was added with the key he has since replaced: his new machine, reading the chain from scratch, tells
