@@ -1122,6 +1122,9 @@ class GroupWordingTests(GroupChatTestCase):
         await self.type(chat, "/history #ops")
         self.assertIn("-> #ops: me too (delivered to 1 of 1)", ui.text(before))
         self.assertNotIn("#oncall", ui.text(before))
+        before = len(ui.shown)
+        await self.type(chat, "/history #oncall")
+        self.assertIn("You are in no group named #oncall (#oncall was renamed #ops).", ui.text(before))
         await self.wait_for(lambda: bob.events.messages, "bob's message")
 
 
