@@ -13974,11 +13974,13 @@ class SendOptions(_ClientOptions):
 class FetchOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME [--json] [--wait SECONDS]"
     longdesc = ("Print the messages waiting for you, and acknowledge each once it is printed (files are saved "
-                "under your pager directory). Exits when they are all printed (or when none has come for 10 s), "
-                "or after --wait more seconds with no new message.")
+                "under your pager directory). A group's messages name the group (#ops alice: ...), and the changes "
+                "to your groups verified meanwhile are lines of their own. Exits when they are all printed (or when "
+                "none has come for 10 s), or after --wait more seconds with no new message.")
     optParameters = [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages.", float]]
-    optFlags = [["json", None, "Print one JSON object per message."], _REGISTER]
+    optFlags = [["json", None, "Print one JSON object per message (with \"group\" for a group's), and one per "
+                               "group change (\"type\": \"group_change\")."], _REGISTER]
 
     def parseArgs(self, server):
         self["server"] = server
