@@ -9756,7 +9756,8 @@ class PagerClient:
         """
         C{(chain, note)} for a group message's header: the group must be known (fetched once when the head it names
         is not), this user and the sender members at the version it names; a head unknown even then is warned of,
-        and the message is taken only if both are current members.  Raises L{NotInGroup} otherwise.
+        and the message is taken only if both are current members.  Raises L{NotInGroup} otherwise, or
+        L{GroupHeld} while the group's chain is broken here and does not hold the head named.
         """
         gid = header.group_id
         chain = await self._chain(gid)
