@@ -8485,24 +8485,16 @@ class PagerClient:
                     "nothing was sent." % (user, format_fingerprint(fp))))
             return identity
         pin = await self.pins.get_pin(user)
+        if expected is not None:  # a group's member: the group's rule (L{_group_key_ok}) decides
+            ok, why = await self._group_key_ok(user, fp, expected[0], pin, expected[1])
+            if not ok:
+                raise KeyChanged(user, bytes(pin[1]) if pin is not None else expected[0], fp, message=(
+                    "Nothing was sent: the server gives %s's key as %s, which is not %s." % (
+                        user, format_fingerprint(fp), why)))
         if pin is None:
-            if expected is not None and expected[0] != fp:
-                raise KeyChanged(user, expected[0], fp, message=(
-                    "The server gives %s's key as %s, but #%s's signed membership names %s for %s (the key the admin "
-                    "who added them signed); nothing was sent. Compare %s's key with them; if it is theirs, accept "
-                    "it with 'trust %s', then 'verify %s'." % (user, format_fingerprint(fp), expected[1],
-                                                              format_fingerprint(expected[0]), user, user, user,
-                                                              user)))
             await self.pins.set_pin(user, public_key_pem(key), fp, self._now())
         elif bytes(pin[1]) != fp:
             raise KeyChanged(user, bytes(pin[1]), fp)
-        elif expected is not None and expected[0] != fp and not pin[3]:
-            raise KeyChanged(user, expected[0], fp, message=(
-                "The key pinned here for %s (%s) is not the one #%s's signed membership names for %s (%s), and it "
-                "was not compared with %s; nothing was sent. Compare %s's key with them: 'verify %s' makes the "
-                "one you compared %s's key here." % (
-                    user, format_fingerprint(fp), expected[1], user, format_fingerprint(expected[0]), user, user,
-                    user, user)))
         self._keys[user] = (key, fp)
         return key
 
@@ -9288,13 +9280,15 @@ class PagerClient:
         if pin is None:
             if named is None:
                 return None, None
-            return fp == named, "the key #%s's operations name for %s (%s)" % (group, user, format_fingerprint(named))
+            return fp == named, ("the key #%s's signed membership names for %s (%s, signed by the admin who added "
+                                 "them): if %s's key changed, compare the new one with them: 'trust %s', then "
+                                 "'verify %s'" % (group, user, format_fingerprint(named), user, user, user))
         if bytes(pin[1]) != fp:
             return False, ("%s's key as pinned here (if %s's key changed, compare the new one with them: 'trust %s', "
                            "then 'verify %s')" % (user, user, user, user))
         if named is not None and named != fp and not pin[3]:
-            return False, ("the key #%s's operations name for %s (%s); the one pinned here was not compared with "
-                           "%s: compare it, and 'verify %s' makes it %s's key here"
+            return False, ("the key #%s's signed membership names for %s (%s); the one pinned here was not compared "
+                           "with %s: compare it, and 'verify %s' makes it %s's key here"
                            % (group, user, format_fingerprint(named), user, user, user))
         return True, None
 
@@ -11712,8 +11706,8 @@ def describe_group_change(event, me=None):
     The words of a membership change (a L{GroupEvent}): C{alice added carol}, C{bob left}, C{carol was removed by
     alice}, C{alice changed the topic to "..."}, C{alice renamed #ops to #ops2}, C{alice made bob an admin},
     C{alice removed bob as an admin of #ops}, C{alice stepped down as an admin of #ops}, C{alice created #ops with
-    bob, carol}.  C{me} (this user) is called
-    C{you}.  (C{event.text} is the topic of a topic change, the name before a rename.)
+    bob, carol}.  C{me} (this user) is called C{you}.  (C{event.text} is the topic of a topic change, the name
+    before a rename.)
     """
     def who(name):
         return "you" if name == me else name
@@ -11876,7 +11870,7 @@ def _one_group_only(names, how):
 def _group_users(words):
     """User names given as words, each perhaps a list with commas; sorted, once each."""
     try:
-        return sorted({canonical_username(n) for n in words for n in n.split(",") if n})
+        return sorted({canonical_username(name) for word in words for name in word.split(",") if name})
     except BadRequest as e:
         raise usage.UsageError(e.message)
 

@@ -1013,7 +1013,7 @@ class PinnedLaterTests(KeySwapMixin, GroupTestCase):
         fake = await self.fake_bob(bob)
         await fake.send(["carol"], "hi carol, it's bob")
         await self.wait_for(lambda: carol.events.messages, "carol's 1:1 from 'bob'")
-        self.assertIn("is not the one #ops's signed membership names for bob", await self.refused_to_seal(carol))
+        self.assertIn("is not the key #ops's signed membership names for bob", await self.refused_to_seal(carol))
 
     async def test_one_to_one_first_contact_then_forged_group_post(self):
         """With the same pin, the server's 'bob' posts to #ops: carol holds it, as not signed by the chain's bob."""
