@@ -9119,9 +9119,8 @@ class PagerClient:
             return await self._resolve_group(group, sync=False)
         if re.fullmatch("[0-9a-f]{%d}" % (2 * GROUP_ID_SIZE), group):
             return bytes.fromhex(group)
-        for row in rows:  # only on this error path: each group's names over its chain
-            chain = await self._chain(bytes(row[0]))
-            if chain is not None and any(state.name == name for state in chain.states[:-1]):
+        for chain in self._chains.values():  # the chains read this session (every group's, at login): their names
+            if any(state.name == name for state in chain.states[:-1]):
                 raise UnknownGroup("You are in no group named #%s (#%s was renamed %s)."
                                    % (name, name, group_label(chain.state.name)))
         raise UnknownGroup("You are in no group named #%s." % name)
