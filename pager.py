@@ -3435,8 +3435,9 @@ def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, device=Non
     C{(sender, Receipt)} pairs in the order of C{msg_ids}, and the ids the device has no pending delivery of.
     A user's receipt: C{delivered} at the first of its devices' acks; C{rejected} (or C{expired}) once the last
     of its devices that got the message settles it so, none having acked; none for the sender's own devices
-    (their deliveries are stored as told).  A message counts against the user until the last of its devices
-    settles it.  With C{user_fp}, see L{_check_session_key_txn}.
+    (their deliveries are stored as told), nor for a message its sender wanted none of (stored as told too).
+    A message counts against the user until the last of its devices settles it.  With C{user_fp}, see
+    L{_check_session_key_txn}.
     """
     _check_session_key_txn(txn, user, user_fp)
     found = {}
@@ -3458,6 +3459,34 @@ def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, device=Non
         return [], unknown
     txn.executemany("DELETE FROM deliveries WHERE recipient = ? AND ord = ? AND device = ?",
                     [(user, found[m][3], dev) for m in settled for dev in found[m][4]])
+    return _settled_txn(txn, user, found, settled, status, reason, now), unknown
+
+
+def settle_upto_txn(txn, user, device, upto, now, user_fp=None):
+    """
+    The cumulative ack: settle as delivered every delivery to C{user}'s C{device} at a delivery position up to
+    C{upto}, found and deleted as one range of the deliveries' key, not one lookup per message.  Returns
+    C{(receipts, settled)}: as L{settle_txn}'s, in delivery order, and how many deliveries were settled.
+    """
+    _check_session_key_txn(txn, user, user_fp)
+    found = {}
+    for seq, msg_id, sender, size, ord_, told, shared in txn.execute(
+            "SELECT m.seq, m.msg_id, m.sender, m.size, d.ord, d.told, d.shared FROM deliveries d"
+            " JOIN messages m ON m.seq = d.seq WHERE d.recipient = ?1 AND d.ord <= ?2 AND d.device = ?3"
+            " ORDER BY d.ord", (user, upto, device)):
+        found[bytes(msg_id)] = [seq, sender, size, ord_, [device], bool(told), bool(shared)]
+    if not found:
+        return [], 0
+    txn.execute("DELETE FROM deliveries WHERE recipient = ? AND ord <= ? AND device = ?", (user, upto, device))
+    return _settled_txn(txn, user, found, list(found), "delivered", "", now), len(found)
+
+
+def _settled_txn(txn, user, found, settled, status, reason, now):
+    """
+    The rest of settling C{settled} (message ids, each a key of C{found}: C{[seq, sender, size, ord, devices, told,
+    shared]}), whose deliveries were just deleted: the user's quota, the messages nobody waits for any more, and
+    the receipts owed (see L{settle_txn}), returned as C{(sender, Receipt)} pairs.
+    """
     left = set()  # the positions other devices of the user still wait for (only shared ones can be: no SQL otherwise)
     for part in _in_pages([found[m][3] for m in settled if found[m][6]]):
         left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
@@ -3480,7 +3509,7 @@ def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, device=Non
                 % ",".join(["(?, ?, ?, ?, ?, ?)"] * len(rows)), [value for row in rows for value in row]):
             receipts.append((sender, Receipt(rid, bytes(msg_id), user, status, reason, now)))
     receipts.sort(key=lambda pair: pair[1].rid)  # the order they were stored in, which feeds rely on
-    return receipts, unknown
+    return receipts
 
 
 def trim_receipts_txn(txn, user, keep):
@@ -3534,6 +3563,15 @@ def ack_many_txn(txn, user, msg_ids, rids, now, user_fp=None, device=None):
     receipts, unknown_msgs = (settle_txn(txn, user, msg_ids, "delivered", "", now, None, device) if msg_ids
                               else ([], []))
     return receipts, unknown_msgs, ack_receipts_txn(txn, user, rids) if rids else []
+
+
+def ack_upto_txn(txn, user, device, upto, rids, now, user_fp=None):
+    """
+    The cumulative form of ack, in one transaction: C{(receipts, settled, unknown receipt ids)}, settling every
+    delivery to C{device} up to position C{upto} (L{settle_upto_txn}) and deleting the receipts C{rids} (or None).
+    """
+    receipts, settled = settle_upto_txn(txn, user, device, upto, now, user_fp)
+    return receipts, settled, ack_receipts_txn(txn, user, rids) if rids else []
 
 
 def ack_receipt_txn(txn, user, rid, user_fp=None):
@@ -3984,6 +4022,9 @@ class Store:
 
     def ack_many(self, user, msg_ids, rids, now, user_fp=None, device=None):
         return self._run(ack_many_txn, user, msg_ids, rids, now, user_fp, device)
+
+    def ack_upto(self, user, device, upto, rids, now, user_fp=None):
+        return self._run(ack_upto_txn, user, device, upto, rids, now, user_fp)
 
     def devices(self, user):
         return self._run(devices_txn, user)
@@ -5102,6 +5143,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             group = _field_group(frame)
         else:
             to = field_usernames(frame, "to")
+        receipt = frame.get("receipt", True)  # false: the sender wants no receipt of this message
+        if type(receipt) is not bool:
+            raise _missing("receipt", "true or false")
         size = field_int(frame, "size", 0, 2 ** 53)
         if size > self.limits.max_message:
             raise TooLarge("The message is larger than the limit of %d bytes." % self.limits.max_message)
@@ -5137,7 +5181,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 self.factory.group_fanout(self.user, len(targets))
                 to = [name for name in to if name in recipients]  # not those whose account was deleted
             self._count(verifier, chunks, size)
-            delivery = (recipients, targets, to, None if group is None else (group, parsed.group_head))
+            if not receipt:  # stored as told already: no receipt is made, stored or pushed for any of them
+                targets = [(name, device, True) for name, device, _ in targets]
+            delivery = (recipients, targets, to, None if group is None else (group, parsed.group_head), receipt)
             if signature is None:
                 upload = _Upload(rid, verifier, delivery, size)
                 self.factory.upload_opened(self.user)
@@ -5291,21 +5337,21 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         thread hop of its own, and committed in the order messages arrived.  C{recipients} is C{(users, targets,
         to, group)}, see L{_targets} and L{_send}.
         """
-        recipients, targets, to, group = recipients
+        recipients, targets, to, group, receipt = recipients
         header = verifier.header
         if verifier.size != size:
             raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
         check = functools.partial(verifier.verify, signature, self.key)
         if upload is not None and upload.duplicate:
             await self.factory.in_thread(check)
-            if not self.receive:
+            if not self.receive and receipt:
                 self.sent.add(header.message_id)
             return {"msg": header.message_id.hex(), "accepted_at": upload.accepted_at, "duplicate": True,
                     "queued": [name for name in to if name not in self.factory.receivers]}
         seq, accepted_at, duplicate, ord_ = await self.factory.store.accept_message(
             header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
             self.limits, None if upload is None else upload.seq, check, self.key_fingerprint, targets, group)
-        if not self.receive:
+        if not self.receive and receipt:
             self.sent.add(header.message_id)
         if not duplicate:
             inline = chunks if chunks is not None and size <= self.factory.inline_bytes else None
@@ -5329,8 +5375,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self.send_line(line)
             return None
         self.send_frame({
-            "type": "message", "msg": message.msg_id.hex(), "from": message.sender, "size": message.size,
-            "accepted_at": message.accepted_at, "header": b64(message.header), "chunks": [],
+            "type": "message", "msg": message.msg_id.hex(), "seq": message.ord, "from": message.sender,
+            "size": message.size, "accepted_at": message.accepted_at, "header": b64(message.header), "chunks": [],
         })
         return Deferred.fromCoroutine(self._stream_chunks(message))
 
@@ -5343,8 +5389,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         if sum(len(c) + 3 for c in encoded) + len(header) + FRAME_MARGIN >= self.limits.max_line:
             return b""
         return encode_frame({
-            "type": "message", "msg": message.msg_id.hex(), "from": message.sender, "size": message.size,
-            "accepted_at": message.accepted_at, "header": header, "chunks": encoded,
+            "type": "message", "msg": message.msg_id.hex(), "seq": message.ord, "from": message.sender,
+            "size": message.size, "accepted_at": message.accepted_at, "header": header, "chunks": encoded,
             "signature": b64(message.signature),
         }) + b"\n"
 
@@ -5397,15 +5443,24 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     async def handle_ack(self, frame, rid):
         store = self.factory.store
+        if "upto" in frame:  # the cumulative form: everything pushed to this device up to a delivery position
+            if "msg" in frame or "msgs" in frame:
+                raise BadRequest('An ack names messages by "upto" or by "msg"/"msgs", not both.')
+            upto = field_int(frame, "upto", 1, 2 ** 63 - 1)
+            rids = self._receipt_ids(frame) if "receipts" in frame else None
+            receipts, settled, unknown_rids = await store.ack_upto(
+                self.user, self.device, upto, rids, self.factory.now(), self.key_fingerprint)
+            self._settled(receipts, settled)
+            answer = {"settled": settled}
+            if rids is not None:
+                answer["unknown_receipts"] = unknown_rids
+            return answer
         if "msgs" in frame or "receipts" in frame:  # the list form: many at once, the unknown ones reported
             msg_ids = self._msg_ids(frame) if "msgs" in frame else None
             rids = self._receipt_ids(frame) if "receipts" in frame else None
             receipts, unknown_msgs, unknown_rids = await store.ack_many(
                 self.user, msg_ids, rids, self.factory.now(), self.key_fingerprint, self.device)
-            for sender, receipt in receipts:
-                self.factory.receipt_created(sender, receipt)
-            if receipts:
-                self.factory.settled()
+            self._settled(receipts, msg_ids is not None and len(unknown_msgs) < len(msg_ids))
             answer = {}
             if msg_ids is not None:
                 unknown = set(unknown_msgs)
@@ -5417,6 +5472,13 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             await store.ack_receipt(self.user, field_int(frame, "receipt", 1, 2 ** 63 - 1), self.key_fingerprint)
             return {}
         return await self._settle(self._msg_id(frame), "delivered", "")
+
+    def _settled(self, receipts, settled):
+        """C{settled} deliveries were settled, making C{receipts} (C{(sender, Receipt)} pairs)."""
+        for sender, receipt in receipts:
+            self.factory.receipt_created(sender, receipt)
+        if settled:
+            self.factory.settled()
 
     async def handle_reject(self, frame, rid):
         msg_id = self._msg_id(frame)
@@ -8071,6 +8133,7 @@ class PagerClient:
         self.on_devices_changed = None  # on_devices_changed(user, added, revoked): lists of DeviceInfo
         self.on_group_event = None  # on_group_event(GroupEvent): a newly verified op of a group
         self.on_group_warning = None  # on_group_warning(group id hex, name, sentence): what a person must be told
+        self.receipts_wanted = True  # false: messages are sent asking for no receipts (a script that does not wait)
         self._chains = {}  # group id -> _GroupChain verified here
         self._group_lock = defer.DeferredLock()  # one group refresh at a time
         self._group_warned = set()  # (group id, sentence) told already
@@ -9036,6 +9099,8 @@ class PagerClient:
         max_line = self.limits.get("max_line", 0)
         header = b64(envelope.header)
         frame = {"to": names} if group is None else {"group": group.hex()}
+        if not self.receipts_wanted:
+            frame["receipt"] = False
         frame.update(size=envelope.size, header=header)
         encoded = sum((len(c) + 2) // 3 * 4 + 3 for c in envelope.chunks)  # base64 sizes, without encoding yet
         if len(header) + encoded + FRAME_MARGIN < max_line:
@@ -13930,7 +13995,8 @@ class SendOptions(_ClientOptions):
         ["timeout", None, 60.0, "With --wait-delivered: seconds to wait.", float],
     ]
     optFlags = [
-        ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery."], _REGISTER]
+        ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery (without it, no "
+                                "delivery receipt is asked for)."], _REGISTER]
 
     def parseArgs(self, server, *message):
         self["server"] = server
@@ -14582,8 +14648,12 @@ async def _send_command(reactor, config):
         d = wanted.get(receipt.message_id)
         if d is not None and not d.called and len(answered) >= len(recipients):
             d.callback(None)
-    if config["wait-delivered"]:
-        session.wire = lambda client: setattr(client, "on_receipt", receipt_received)
+    def wire(client):
+        if config["wait-delivered"]:
+            client.on_receipt = receipt_received
+        else:
+            client.receipts_wanted = False  # nobody would read them: the server makes, stores and pushes none
+    session.wire = wire
     client = await session.start(receive=False)
     try:
         if config["group"] is not None:

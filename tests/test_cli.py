@@ -510,6 +510,26 @@ class WaitDeliveredTests(CLITestCase):
         self.assertEqual([m.msg_id.hex() for m in await self.pending(self.server, "bob")], [msg])
 
 
+class NoReceiptTests(CLITestCase):
+    """A script's send that does not wait for delivery asks for no receipt: the server makes and stores none."""
+
+    async def test_plain_send_asks_no_receipt(self):
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "no answer needed",
+                                        home=alice_home, token_of="alice")
+        self.assertExit(result, 0)
+        bob = await self.login(self.address, "bob")
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+
+        async def acknowledged():
+            return not await self.pending(self.server, "bob")
+        await self.wait_for(acknowledged, "bob's acknowledgement")
+        self.assertEqual(await self.server.store.pending_receipts("alice", 0), [])
+        self.assertEqual([m.plaintext for m in bob.events.messages], [b"no answer needed"])
+
+
 class ExitCodeTests(CLITestCase):
     """Each failure has its documented exit code and one line on stderr, never a traceback."""
 

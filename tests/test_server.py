@@ -1260,6 +1260,8 @@ class AccountGoneTests(ServerTestCase):
 
 class DeliveryTests(ServerTestCase):
 
+    query_counts = AccountGoneTests.query_counts
+
     def setUp(self):
         super().setUp()
         self.alice = self.register("alice")
@@ -1300,8 +1302,9 @@ class DeliveryTests(ServerTestCase):
         bob = self.register("bob")
         self.assertOk(self.alice.send(seal("alice", ["bob"])))
         [message] = bob.read()
-        self.assertEqual({"type", "msg", "from", "size", "accepted_at", "header", "chunks", "signature"},
+        self.assertEqual({"type", "msg", "seq", "from", "size", "accepted_at", "header", "chunks", "signature"},
                          set(message))
+        self.assertIs(type(message["seq"]), int)
         self.assertEqual(pager.parse_header(base64.b64decode(message["header"])).recipient_names, ["bob"])
 
     def test_receiptWaitsForSender(self):
@@ -1351,6 +1354,99 @@ class DeliveryTests(ServerTestCase):
         self.assertEqual([f["msg"] for f in self.login("bob").pushed("message")], [msg_id(envelopes[1])])
         self.alice.lose()
         self.assertEqual(self.login("alice").pushed("receipt"), [])
+
+    def test_seqFollowsPushOrder(self):
+        """
+        Each pushed message carries its delivery sequence number, increasing in the order messages are pushed,
+        whether they were queued (drained at login) or pushed live; one message fanned out has one number.
+        """
+        self.offline("bob")
+        queued = [seal("alice", ["bob"]) for _ in range(3)]
+        for envelope in queued:
+            self.assertOk(self.alice.send(envelope))
+        bob = self.login("bob")
+        carol = self.register("carol")
+        both = seal("alice", ["bob", "carol"])
+        self.assertOk(self.alice.send(both))
+        seqs = [f["seq"] for f in bob.pushed("message")]
+        self.assertEqual(len(seqs), 4)
+        self.assertEqual(seqs, sorted(set(seqs)))
+        [to_carol] = carol.pushed("message")
+        self.assertEqual(to_carol["seq"], seqs[-1])
+
+    def test_ackUpto(self):
+        """
+        A cumulative ack settles, as delivered, every message pushed to the device up to the number it names, with a
+        receipt to each sender in delivery order; the answer says how many; nothing later is touched, and nothing
+        settled comes again.
+        """
+        self.offline("bob")
+        envelopes = [seal("alice", ["bob"]) for _ in range(3)]
+        for envelope in envelopes:
+            self.assertOk(self.alice.send(envelope))
+        bob = self.login("bob")
+        pushed = bob.pushed("message")
+        self.assertEqual(bob.request("ack", id="u", upto=pushed[1]["seq"]), {"type": "ok", "id": "u", "settled": 2})
+        receipts = self.alice.pushed("receipt")
+        self.assertEqual([(r["msg"], r["status"]) for r in receipts],
+                         [(msg_id(envelopes[0]), "delivered"), (msg_id(envelopes[1]), "delivered")])
+        self.assertEqual(self.assertOk(bob.request("ack", upto=pushed[1]["seq"]))["settled"], 0)
+        answer = self.alice.request("ack", upto=1, receipts=[r["receipt"] for r in receipts] + [10 ** 12])
+        self.assertEqual((answer["settled"], answer["unknown_receipts"]), (0, [10 ** 12]))
+        self.assertEqual(self.query_counts("bob"), (1, envelopes[2].size))
+        bob.lose()
+        self.assertEqual([f["msg"] for f in self.login("bob").pushed("message")], [msg_id(envelopes[2])])
+
+    def test_ackUptoIsPerDevice(self):
+        """A cumulative ack settles only the acking user's deliveries: another recipient of the same message keeps its own."""
+        self.offline("carol")
+        bob = self.register("bob")
+        envelope = seal("alice", ["bob", "carol"])
+        self.assertOk(self.alice.send(envelope))
+        [message] = bob.pushed("message")
+        self.assertEqual(bob.request("ack", upto=2 ** 62)["settled"], 1)
+        self.assertEqual(self.query_counts("carol"), (1, envelope.size))
+        self.assertEqual([f["msg"] for f in self.login("carol").pushed("message")], [message["msg"]])
+
+    def test_ackUptoMalformed(self):
+        """A cumulative ack needs a positive integer, and names messages no other way in the same frame."""
+        bob = self.register("bob")
+        self.assertOk(self.alice.send(seal("alice", ["bob"])))
+        [message] = bob.pushed("message")
+        for fields in ({"upto": 0}, {"upto": "5"}, {"upto": 1.5}, {"upto": True}, {"upto": 2 ** 63},
+                       {"upto": 5, "msgs": [message["msg"]]}, {"upto": 5, "msg": message["msg"]},
+                       {"upto": 5, "receipts": "x"}):
+            self.assertError(bob.request("ack", **fields), "bad_request")
+        bob.lose()
+        self.assertEqual(len(self.login("bob").pushed("message")), 1)
+
+    def test_noReceiptWanted(self):
+        """
+        A message sent with "receipt": false makes no receipt, stored or pushed, when it is acknowledged or rejected;
+        the same sender's other messages still do.
+        """
+        self.offline("bob")
+        quiet = [seal("alice", ["bob"]) for _ in range(2)]
+        wanted = seal("alice", ["bob"])
+        for envelope in quiet:
+            self.assertOk(self.alice.request("send", receipt=False, **send_fields(envelope)))
+        self.assertOk(self.alice.request("send", receipt=True, **send_fields(wanted)))
+        bob = self.login("bob")
+        pushed = bob.pushed("message")
+        self.assertOk(bob.request("reject", msg=pushed[1]["msg"], reason="cannot open"))
+        self.assertEqual(bob.request("ack", upto=pushed[2]["seq"])["settled"], 2)
+        self.assertEqual([r["msg"] for r in self.alice.pushed("receipt")], [msg_id(wanted)])
+        self.alice.lose()
+        self.assertEqual([r["msg"] for r in self.login("alice").pushed("receipt")], [msg_id(wanted)])
+        self.assertEqual(self.query_counts("bob"), (0, 0))
+
+    def test_receiptFieldMalformed(self):
+        """"receipt" is true or false; anything else is refused and stores nothing."""
+        self.offline("bob")
+        envelope = seal("alice", ["bob"])
+        for value in ("no", 0, None, []):
+            self.assertError(self.alice.request("send", receipt=value, **send_fields(envelope)), "bad_request")
+        self.assertEqual(self.query_counts("bob"), (0, 0))
 
     def test_ackOtherUsersDelivery(self):
         """An ack by carol for bob's message gets unknown_message, and bob still gets it on his next login."""

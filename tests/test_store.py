@@ -789,6 +789,33 @@ class DeviceStoreTests(unittest.TestCase):
         self.assertEqual(await self.query(store, "SELECT name, pending_count, sent_count FROM users ORDER BY name"),
                          [("alice", 0, 0), ("bob", 0, 0)])
 
+    async def test_ack_upto_two_devices(self):
+        """
+        A cumulative ack settles one device's deliveries by range: the user's receipt is made at the first device's
+        ack, in delivery order, none at the second's; a message counts against the user, and is kept, until its
+        last device settles it.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        first, second = b"1" * 16, b"2" * 16
+        for n in (1, 2, 3):
+            await store.accept_message(_msg_id(n), "alice", b"header", b"signature", 5, [b"chunk"], ["bob"], NOW,
+                                       LIMITS, targets=[("bob", first, False), ("bob", second, False)])
+        pending = await store.pending("bob", 0, device=first)
+        receipts, settled, unknown = await store.ack_upto("bob", first, pending[1].ord, None, NOW)
+        self.assertEqual((settled, unknown), (2, []))
+        self.assertEqual([(sender, r.msg_id, r.status) for sender, r in receipts],
+                         [("alice", _msg_id(1), "delivered"), ("alice", _msg_id(2), "delivered")])
+        self.assertEqual([m.msg_id for m in await store.pending("bob", 0, device=first)], [_msg_id(3)])
+        self.assertEqual(len(await store.pending("bob", 0, device=second)), 3)
+        self.assertEqual(await self.query(store, "SELECT pending_count FROM users WHERE name = 'bob'"), [(3,)])
+        receipts, settled, _ = await store.ack_upto("bob", second, pending[0].ord, None, NOW)
+        self.assertEqual((receipts, settled), ([], 1))
+        self.assertEqual(await self.query(store, "SELECT pending_count FROM users WHERE name = 'bob'"), [(2,)])
+        self.assertEqual(await self.query(store, "SELECT msg_id FROM messages ORDER BY seq"),
+                         [(_msg_id(2),), (_msg_id(3),)])
+        self.assertEqual(await self.query(store, "SELECT sent_count FROM users WHERE name = 'alice'"), [(2,)])
+
     async def test_one_time_prekey_taken_once(self):
         """bundle_txn deletes the one-time prekey it hands out, in its own transaction: two bundles never share one."""
         store = await self.open_store()
