@@ -258,14 +258,18 @@ def run_scenario(loop, sc, senders, receivers, server_pid, window, ack="batch", 
         v["t_warm"], v["warm_count"] = t0, 0
         measure_from = t0
     latencies = [d for t, d in lat if t >= measure_from]
-    span = max(1e-9, v["t_end"] - v["t_warm"])
+    window_count = v["end_count"] - v["warm_count"]
+    span = v["t_end"] - v["t_warm"]
+    # An offered rate not sustained is reported as the rate actually served, drain included; so is a run measured
+    # whole, and one in which no ack was answered inside the sending window (a short as-fast-as-possible run whose
+    # first group commit ends after the window): its window holds no rate at all.
+    whole = v["aborted"] is not None or short or window_count <= 0 or span < 1e-3
     result = {
         "label": sc.label, "pairs": P, "mode": sc.mode, "rate": sc.rate, "window": window if mode_max else None,
         "issued": v["issued"], "accepted": v["accepted"], "delivered": v["delivered"], "completed": v["completed"],
         "failed": v["failed"], "errors": dict(errors), "drained": drained,
-        # an offered rate that was not sustained is reported as the rate actually served, drain included
-        "throughput": ((v["end_count"] - v["warm_count"]) / span if v["aborted"] is None and not short
-                       else v["completed"] / max(1e-9, t_done - t0)),
+        "throughput": window_count / span if not whole else v["completed"] / max(1e-9, t_done - t0),
+        "whole": whole and v["aborted"] is None,
         "overall": v["completed"] / max(1e-9, t_done - t0),
         "send_seconds": v["t_end"] - t0, "total_seconds": t_done - t0,
         "aborted": v["aborted"], "latency": bl.summary_ms(latencies), "cpu": cpu_used,
@@ -282,6 +286,8 @@ def describe(target, r):
         bl.fmt(lat["max"], 1))
     if r["aborted"] is not None:
         text += "\n         offered rate NOT sustained: backlog over the limit after %.2f s" % r["aborted"]
+    elif r["whole"]:
+        text += "\n         msg/s over the whole run, drain included"
     if not r["drained"]:
         text += "\n         %d messages still unacknowledged at the end of the drain" % (
             r["issued"] - r["completed"] - r["failed"])
@@ -411,6 +417,9 @@ def add_rows(report, pager_results, ceiling_results, single_acks):
                 report.note("%s %s: offered rate NOT sustained; it stopped offering after %.2f s with more than "
                             "max(1000, rate x 0.5 s) messages unacknowledged, and its msg/s is what it served over "
                             "the whole run, drain included." % (target, r["label"], r["aborted"]))
+            elif r["whole"]:
+                report.note("%s %s: msg/s is over the whole run, drain included: its sending phase after the "
+                            "warm-up was too short, or no ack was answered inside it." % (target, r["label"]))
             if not r["drained"]:
                 report.note("%s %s: %d messages were still unacknowledged at the end of the 60 s drain." % (
                     target, r["label"], r["issued"] - r["completed"] - r["failed"]))
