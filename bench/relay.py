@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, help="seconds per fixed-rate run (default 5; quick 1)")
     p.add_argument("--max-seconds", type=float, help="seconds of the as-fast-as-possible run (default 8; quick 2)")
     p.add_argument("--max-messages", type=int,
-                   help="envelopes for each as-fast-as-possible pager run (default 40000; quick 3000)")
+                   help="envelopes for each as-fast-as-possible pager run (default 80000; quick 3000)")
     p.add_argument("--window", type=int,
                    help="unacknowledged messages per sender in the as-fast-as-possible run (default 2048/pairs, "
                         "2 to 256)")
@@ -79,7 +79,7 @@ def parse_args(argv=None):
     args.rates = [float(x) for x in (args.rates or (QUICK_RATES if q else DEFAULT_RATES)).split(",")]
     args.seconds = args.seconds or (1.0 if q else 5.0)
     args.max_seconds = args.max_seconds or (2.0 if q else 8.0)
-    args.max_messages = args.max_messages or (3000 if q else 40000)
+    args.max_messages = args.max_messages or (3000 if q else 80000)
     return args
 
 
