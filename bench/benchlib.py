@@ -636,8 +636,11 @@ def envelope_tail(env):
 
 
 def send_frame(rid, recipient, tail):
-    """A pre-encoded pager send frame (one line, with its newline)."""
-    return b'{"type":"send","id":%d,"to":["%s"],' % (rid, recipient.encode()) + tail
+    """
+    A pre-encoded pager send frame (one line, with its newline).  It carries C{"receipt":false}: benchmark senders
+    ignore receipts, so a server that knows the flag makes none for them, and an older one ignores the member.
+    """
+    return b'{"type":"send","id":%d,"to":["%s"],"receipt":false,' % (rid, recipient.encode()) + tail
 
 
 # -- accounts --
@@ -751,9 +754,12 @@ OK_PREFIX = b'{"type":"ok","id":'
 ERROR_PREFIX = b'{"type":"error"'
 MESSAGE_PREFIX = b'{"type":"message","msg":"'
 CHUNK_PREFIX = b'{"type":"message_chunk","msg":"'
+SEQ_MEMBER = b'"seq":'
+SETTLED_MEMBER = b'"settled":'
 OK_LEN = len(OK_PREFIX)
 MESSAGE_LEN = len(MESSAGE_PREFIX)
 CHUNK_LEN = len(CHUNK_PREFIX)
+MAX_ACK_LIST = 1000  # message ids in one list-form ack: the server's max_ack_batch
 
 
 def ok_id(line):
@@ -762,6 +768,76 @@ def ok_id(line):
     if end < 0:
         end = line.rfind(b"}")
     return line[OK_LEN:end]
+
+
+def _int_member(line, member, start=0):
+    """The integer value of C{member} (b'"name":') in a line, found from C{start}, without parsing it; or None."""
+    i = line.find(member, start)
+    if i < 0:
+        return None
+    i += len(member)
+    end = i
+    while end < len(line) and line[end] in b"-0123456789":
+        end += 1
+    try:
+        return int(line[i:end])
+    except ValueError:
+        return None
+
+
+def message_seq(line):
+    """The delivery sequence number (C{"seq"}) of a C{message} push, or None when the server sends none."""
+    return _int_member(line, SEQ_MEMBER, MESSAGE_LEN + 32)
+
+
+def settled(line):
+    """How many messages an C{ok} to an C{upto} ack says it settled, or None when it does not say."""
+    return _int_member(line, SETTLED_MEMBER, OK_LEN)
+
+
+class Acker:
+    """
+    A receiver's acknowledgement of the messages one read brought, in the form given: C{upto} (one cumulative ack
+    up to the largest delivery sequence number of the read), C{batch} (list-form acks of at most L{MAX_ACK_LIST}
+    ids) or C{single} (one ack per message).  A read whose pushes carry no C{"seq"} (a server without cumulative
+    acks) is acknowledged with list-form acks instead of C{upto}.
+
+    C{frames(ids, top)} takes the read's message ids (32 hex bytes each) and the largest C{seq} of the read (None
+    when the server sends none; pushes come in C{seq} order, so it is the last push's) and returns a list of
+    C{(request id bytes, start, end, form, frame bytes)}: the frame acknowledges C{ids[start:end]}, in C{form}, one
+    of C{"upto"}, C{"batch"}, C{"single"}.  C{used} counts the frames sent in each form.
+    """
+
+    def __init__(self, form):
+        if form not in ("upto", "batch", "single"):
+            raise ValueError("unknown ack form %r" % (form,))
+        self.form = form
+        self.next = 0
+        self.used = {"upto": 0, "batch": 0, "single": 0}
+
+    def _rid(self):
+        self.next += 1
+        return b"%d" % self.next
+
+    def frames(self, ids, top):
+        out = []
+        if not ids:
+            return out
+        if self.form == "single":
+            for i, msg in enumerate(ids):
+                rid = self._rid()
+                out.append((rid, i, i + 1, "single", b'{"type":"ack","id":%s,"msg":"%s"}\n' % (rid, msg)))
+        elif self.form == "upto" and top is not None:
+            rid = self._rid()
+            out.append((rid, 0, len(ids), "upto", b'{"type":"ack","id":%s,"upto":%d}\n' % (rid, top)))
+        else:
+            for start in range(0, len(ids), MAX_ACK_LIST):
+                end = min(len(ids), start + MAX_ACK_LIST)
+                rid = self._rid()
+                out.append((rid, start, end, "batch",
+                            b'{"type":"ack","id":%s,"msgs":["%s"]}\n' % (rid, b'","'.join(ids[start:end]))))
+        self.used[out[0][3]] += len(out)
+        return out
 
 
 class Conn:

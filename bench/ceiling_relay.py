@@ -3,7 +3,9 @@ The ceiling for bench/relay.py: the plainest Twisted JSON-lines relay.  No pager
 
 Receivers send {"type":"login","user":NAME}.  Any frame with a "to" member is forwarded, as the same line, to the
 connection logged in as that user, and answered with {"type":"ok","id":...}; any other frame is answered the same
-way.  Listens on 127.0.0.1 only, and stops by itself after --max-seconds.
+way, except that a list-form ack ({"type":"ack","msgs":[...]}) is answered {"type":"ok","id":...,"unknown_msgs":[]}
+and a cumulative one ({"type":"ack","upto":N}) {"type":"ok","id":...,"settled":0}, as pager answers them (it holds
+nothing to settle).  Listens on 127.0.0.1 only, and stops by itself after --max-seconds.
 
     python bench/ceiling_relay.py --port 5099
 """
@@ -25,14 +27,21 @@ class Relay(LineReceiver):
 
     def lineReceived(self, line):
         frame = json.loads(line)
-        if frame.get("type") == "login":
+        answer = {"type": "ok", "id": frame.get("id")}
+        kind = frame.get("type")
+        if kind == "login":
             self.user = frame["user"]
             self.factory.users[self.user] = self
         elif "to" in frame:
             peer = self.factory.users.get(frame["to"])
             if peer is not None:
                 peer.sendLine(line)
-        self.sendLine(json.dumps({"type": "ok", "id": frame.get("id")}, separators=(",", ":")).encode())
+        elif kind == "ack":
+            if "msgs" in frame:
+                answer["unknown_msgs"] = []
+            elif "upto" in frame:
+                answer["settled"] = 0
+        self.sendLine(json.dumps(answer, separators=(",", ":")).encode())
 
     def connectionLost(self, reason):
         if self.user is not None and self.factory.users.get(self.user) is self:

@@ -4,9 +4,15 @@ Drain benchmark: messages queued for an offline user, then the user logs in (a r
 message as it arrives).  Measures the time until all are delivered and acknowledged, and the server's memory
 (VmRSS sampled every 50 ms) during the drain, for two queue lengths: it must not grow with the queue.
 
-The receiver acknowledges all the messages of one read with one list-form ack (--ack single: one ack per message).
+The receiver acknowledges all the messages of one read with one cumulative ack up to the read's largest delivery
+sequence number (--ack upto, the default; list-form acks when the server's pushes carry no "seq"), with list-form
+acks (--ack batch), or one ack per message (--ack single).
 
-    python bench/drain.py [--quick] [--json] [--counts 10000,100000] [--insert db|socket] [--ack batch|single]
+Targets: 100,000 queued messages drained (login to the last ack answered) in under 2 s, and the server's memory
+flat with the queue (its growth with 100,000 queued within 16 MiB of its growth with 10,000).
+
+    python bench/drain.py [--quick] [--json] [--counts 10000,100000] [--insert db|socket]
+                          [--ack upto|batch|single]
 """
 
 import argparse
@@ -35,9 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--insert", choices=["db", "socket"], default="db",
                    help="queue the messages straight into the database before the server starts (db, default), "
                         "or send them through the server on a pipelined raw socket (socket)")
-    p.add_argument("--ack", choices=["batch", "single"], default="batch",
-                   help="acknowledge every message read in one go with one list-form ack (batch, default), or "
-                        "each message with an ack of its own (single)")
+    p.add_argument("--ack", choices=["upto", "batch", "single"], default="upto",
+                   help="acknowledge every message read in one go with one cumulative ack up to its largest "
+                        "delivery sequence number (upto, default; list-form acks when the server sends no \"seq\"), "
+                        "with list-form acks of at most 1,000 ids (batch), or each message with an ack of its own "
+                        "(single)")
     p.add_argument("--timeout", type=float, default=600.0, help="longest wait for one drain, in seconds")
     p.add_argument("--key-cache", default=None, help="file caching the benchmark's RSA keys ('' for none)")
     p.add_argument("--profile", metavar="FILE",
@@ -100,16 +108,16 @@ def drain_once(args, count, keys, envelopes, report):
             time.sleep(0.5)  # let the server settle before the idle sample
             rss_idle = server.rss_kib()
             cpu = bl.CpuMeter(server.pid)
-            st = {"delivered": 0, "acked": 0, "errors": [], "t_first": None, "t_delivered": None, "t_acked": None,
-                  "seq": 0, "pending": None}
+            st = {"delivered": 0, "acked": 0, "errors": [], "t_first": None, "t_delivered": None, "t_acked": None}
             perf = time.perf_counter
             MSG, ML, OKP = bl.MESSAGE_PREFIX, bl.MESSAGE_LEN, bl.OK_PREFIX
-
-            batches = {}  # request id -> how many messages its ack lists
+            acker = bl.Acker(args.ack)
+            upto = args.ack == "upto"
+            batches = {}  # request id -> (how many messages its ack covers, its form)
 
             def on_lines(conn, lines):
                 now = perf()
-                out, ids = [], []
+                ids, last = [], None
                 for line in lines:
                     if line.startswith(MSG):
                         st["delivered"] += 1
@@ -117,27 +125,23 @@ def drain_once(args, count, keys, envelopes, report):
                             st["t_first"] = now
                         if st["delivered"] == count:
                             st["t_delivered"] = now
-                        if args.ack == "batch":
-                            ids.append(line[ML:ML + 32])
-                        else:
-                            st["seq"] += 1
-                            batches[st["seq"]] = 1
-                            out.append(b'{"type":"ack","id":%d,"msg":"%s"}\n' % (st["seq"], line[ML:ML + 32]))
+                        ids.append(line[ML:ML + 32])
+                        last = line
                     elif line.startswith(OKP):
                         answer = json.loads(line)
-                        if answer.get("unknown_msgs"):
+                        n, form = batches.pop(answer["id"])
+                        if answer.get("unknown_msgs") or form == "upto" and answer.get("settled") != n:
                             st["errors"].append(answer)
-                        st["acked"] += batches.pop(answer["id"])
+                        st["acked"] += n
                         if st["acked"] == count:
                             st["t_acked"] = now
                     elif line.startswith(bl.ERROR_PREFIX):
                         st["errors"].append(json.loads(line))
-                for start in range(0, len(ids), 1000):  # the server's max_ack_batch
-                    part = ids[start:start + 1000]
-                    st["seq"] += 1
-                    batches[st["seq"]] = len(part)
-                    out.append(b'{"type":"ack","id":%d,"msgs":["%s"]}\n' % (st["seq"], b'","'.join(part)))
-                if out:
+                if ids:
+                    out = []
+                    for rid, start, end, form, frame in acker.frames(ids, bl.message_seq(last) if upto else None):
+                        batches[int(rid)] = (end - start, form)
+                        out.append(frame)
                     conn.queue(b"".join(out))
 
             if args.profile and count == max(args.counts):
@@ -169,15 +173,34 @@ def drain_once(args, count, keys, envelopes, report):
         "login_seconds": conn.t_ok - t_login,
         "delivered_seconds": st["t_delivered"] - t_login, "acked_seconds": st["t_acked"] - t_login,
         "rss_idle_mib": rss_idle / 1024.0, "rss_start_mib": rss.first / 1024.0, "rss_peak_mib": rss.peak / 1024.0,
-        "rss_growth_mib": (rss.peak - rss.first) / 1024.0, "cpu": cpu_used,
+        "rss_growth_mib": (rss.peak - rss.first) / 1024.0, "cpu": cpu_used, "acks": dict(acker.used),
     }
     report.say("%7d queued: login %.3f s, all delivered %.2f s, all acked %.2f s (%s msg/s); server RSS %.1f MiB "
                "before the login, %.1f MiB when it was answered, peak %.1f MiB (+%.1f MiB)" % (
                    count, r["login_seconds"], r["delivered_seconds"], r["acked_seconds"],
                    bl.fmt(count / r["acked_seconds"], 0), r["rss_idle_mib"], r["rss_start_mib"], r["rss_peak_mib"],
                    r["rss_growth_mib"]))
+    report.say("         ack frames: %s" % ", ".join("%d %s" % (n, form) for form, n in r["acks"].items() if n))
     report.say("         " + bl.cpu_text(cpu_used, count))
     return r
+
+
+def ack_note(form, results):
+    """How the receiver acknowledged, in words: the form asked for and the frames actually sent."""
+    if form == "single":
+        text = "with one ack frame per message (--ack single)."
+    elif form == "batch":
+        text = ("with list-form acks (\"msgs\", PROTOCOL.md 4.12; at most 1,000 ids a frame) for all the messages "
+                "of each read from the socket (--ack batch).")
+    else:
+        text = ("with one cumulative ack, {\"type\":\"ack\",\"upto\":N} with the largest delivery sequence number "
+                "(\"seq\") of the pushes of each read from the socket, or list-form acks (\"msgs\", at most 1,000 "
+                "ids a frame) when the pushes carry no \"seq\" (an older server).")
+    used = {}
+    for r in results:
+        for kind, n in r["acks"].items():
+            used[kind] = used.get(kind, 0) + n
+    return text + " Ack frames sent: %s." % ", ".join("{:,} {}".format(n, kind) for kind, n in used.items() if n)
 
 
 def main(argv=None):
@@ -223,10 +246,7 @@ def main(argv=None):
                     "'queue ... (socket)' is the server's accept rate into an offline user's queue.")
     report.note("Drain time runs from the login request (written as the hello is read) to the answer to the last "
                 "ack, so it includes the login's Argon2id hash. The receiver acks each message as soon as its "
-                "frame is read, without decrypting it, " + (
-                    "with one list-form ack (\"msgs\", PROTOCOL.md 4.12) for all the messages of each read "
-                    "from the socket (at most 1,000 a frame)." if args.ack == "batch" else
-                    "with one ack frame per message (--ack single)."))
+                "frame is read, without decrypting it, " + ack_note(args.ack, results))
     report.note("RSS: the server's VmRSS sampled every 50 ms from the login's answer to the end of the drain "
                 "('start'); 'idle' is sampled just before the login, so 'peak minus idle' also counts the login's own "
                 "Argon2id buffer (19 MiB), which the hashing thread's malloc arena may keep. Each queue length runs "

@@ -9,8 +9,10 @@ Run every benchmark in bench/ and print one combined report.
 
 Each benchmark is a plain script, run here as a subprocess with the same Python: ``python bench/NAME.py --json``
 (plus ``--quick`` when given).  A script that does not exist yet is skipped with a note.  The report is the machine
-header (bench/machine.py), then one table of every row of every benchmark.  The exit status is 0 even when targets
-are missed, since this is a report; it is 1 when a script crashed, timed out or broke the contract below.
+header (bench/machine.py), then one table of every row of every benchmark, its last two columns the row's target
+and whether it was met (pass, FAIL, "not judged" for a target the run could not decide, "-" without a target), then
+how many targets were met and a line for each one missed or not judged.  The exit status is 0 even when targets are
+missed, since this is a report; it is 1 when a script crashed, timed out or broke the contract below.
 
 The JSON contract
 -----------------
@@ -168,13 +170,13 @@ def _ratio(row):
 
 def _pass(row):
     if row.get("pass") is None:
-        return "-"
+        return "not judged" if row.get("target") else "-"
     return "pass" if row["pass"] else "FAIL"
 
 
 def table(results):
     """The combined table as text."""
-    head = ("benchmark", "figure", "pager", "reference", "ratio", "target", "result")
+    head = ("benchmark", "figure", "pager", "reference", "ratio", "target", "pass")
     lines = []
     for name, data in results:
         for row in data["rows"]:
@@ -227,6 +229,11 @@ def main(argv=None):
     print()
     print("targets: %d of %d met%s%s" % (judged - failed, judged, "" if not args.quick else " (quick run)",
                                          "; %d benchmark(s) crashed" % len(crashed) if crashed else ""))
+    for name, data in results:
+        for row in data["rows"]:
+            if row.get("target") and row.get("pass") is not True:
+                print("  %s %s: %s (target %s)" % ("FAIL      " if row.get("pass") is False else "not judged",
+                                                  data.get("benchmark") or name, row["figure"], row["target"]))
     if notes:
         print()
         print("Notes:")

@@ -35,7 +35,7 @@ from benchlib import log  # noqa: E402
 
 import pager  # noqa: E402
 
-TARGET_RELAY = 25000.0  # durable messages per second (bench/relay.py)
+TARGET_RELAY = 10000.0  # durable messages per second, 10 pairs (bench/relay.py)
 TARGET_DRAIN_S = 2.0  # seconds for 100,000 queued messages (bench/drain.py)
 
 
@@ -180,7 +180,7 @@ def main(argv=None):
     # References only, not targets: the relay and drain benchmarks hold those, and count them.
     one = sum(per["live"].values())
     report.row("store ceiling: relayed durable messages per second (live)", 1e6 / one, "msg/s",
-               reference=TARGET_RELAY, reference_label="the relay's target (bench/relay.py)")
+               reference=TARGET_RELAY, reference_label="the relay's target, 10 pairs (bench/relay.py)")
     q = per["queued %s" % "{:,}".format(n)]
     floor = (q["read"] + q["settle"]) * 100000 / 1e6
     report.row("store floor: draining 100,000 queued (read back, settle)", floor, "s", reference=TARGET_DRAIN_S,
