@@ -2496,7 +2496,7 @@ class KeyReplaced(Forbidden):
     """This account was deleted, or its key replaced, since this session logged in."""
 
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PENDING_PAGE_BYTES = 4 * 1024 * 1024  # bytes of chunks one read of pending messages holds in memory
 EXPIRE_BATCH = 1000  # deliveries one expiry transaction settles; the server repeats until fewer come back
 
@@ -2528,7 +2528,8 @@ CREATE TABLE IF NOT EXISTS messages (
     expires_at REAL,
     ord INTEGER UNIQUE,
     reserved TEXT,
-    gid BLOB
+    gid BLOB,
+    body BLOB
 );
 CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
@@ -2673,7 +2674,7 @@ class StoredMessage:
     """
     A pending delivery as read back: C{chunks} is None when the message is too large to read in one go.  C{seq}
     identifies the stored message (given when its upload began); C{ord} is its place in delivery order (given when
-    it was accepted, from a counter that never goes back).
+    it was accepted, from the messages' sequence, which never goes back).
     """
 
     seq: int
@@ -2747,6 +2748,16 @@ _MIGRATIONS = {
     3: [
         "ALTER TABLE messages ADD COLUMN gid BLOB",
     ],
+    # The lean layout: a message of one chunk keeps it in its row (body), and the delivery order is the messages'
+    # AUTOINCREMENT sequence, which must start past every position the old counter gave out.
+    4: [
+        "ALTER TABLE messages ADD COLUMN body BLOB",
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'messages', 0 WHERE NOT EXISTS"
+        " (SELECT 1 FROM sqlite_sequence WHERE name = 'messages')",
+        "UPDATE sqlite_sequence SET seq = MAX(seq, COALESCE((SELECT value FROM counters WHERE name = 'ord'), 0))"
+        " WHERE name = 'messages'",
+        "DELETE FROM counters WHERE name = 'ord'",
+    ],
 }
 
 
@@ -2760,7 +2771,6 @@ def create_schema_txn(txn, drop_unfinished=True):
     txn.executescript(_SCHEMA)
     row = txn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     if row is None:
-        txn.execute("INSERT INTO counters VALUES ('ord', 0)")
         txn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         txn.execute("INSERT INTO meta VALUES ('server_id', ?)", (secrets.token_hex(16),))
     elif int(row[0]) > SCHEMA_VERSION:
@@ -3295,25 +3305,31 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     if check is not None:
         check()
     expires_at = now + limits.message_expiry
-    ord_ = txn.execute("UPDATE counters SET value = value + 1 WHERE name = 'ord' RETURNING value").fetchone()[0]
     if seq is None:
+        # Its place in delivery order is its seq: a message accepted whole is inserted as it is accepted, and the
+        # AUTOINCREMENT sequence never goes back.  One chunk (most messages) is kept in the row itself.
+        body = chunks[0] if len(chunks) == 1 else None
         try:
             txn.execute(
                 "INSERT INTO messages (msg_id, sender, header, signature, size, chunk_count, accepted_at,"
-                " expires_at, ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (msg_id, sender, header, signature, size, len(chunks), now, expires_at, ord_))
+                " expires_at, gid, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (msg_id, sender, header, signature, size, len(chunks), now, expires_at,
+                 None if group is None else group[0], body))
         except sqlite3.IntegrityError:  # the message id is taken: a resend of ours, or someone else's id
             existing = _existing_message_txn(txn, msg_id, sender)
             return existing[0], existing[1], True, None
-        seq = txn.lastrowid
+        seq = ord_ = txn.lastrowid
         if group is not None:
             _check_group_head_txn(txn, *group)
-            txn.execute("UPDATE messages SET gid = ? WHERE seq = ?", (group[0], seq))
         _charge_recipients_txn(txn, recipients, size, limits)
         _charge_sender_txn(txn, sender, sender_fp, size, limits)
         _check_budget_txn(txn, size, limits)
-        add_chunks_txn(txn, seq, 0, chunks)
+        if body is None:
+            add_chunks_txn(txn, seq, 0, chunks)
     else:
+        # An upload's seq was given when it began: its place comes now, the next number of the same sequence.
+        ord_ = txn.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'messages' RETURNING seq"
+                           ).fetchone()[0]
         row = txn.execute("SELECT size FROM messages WHERE seq = ? AND accepted_at IS NULL", (seq,)).fetchone()
         if row is None:  # dropped meanwhile (its connection closed): nothing may refer to it
             raise BadRequest("That upload was abandoned before its last frame.")
@@ -3372,7 +3388,7 @@ def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PA
     """
     _check_session_key_txn(txn, user, user_fp)
     rows = txn.execute(
-        "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord"
+        "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord, m.body"
         " FROM deliveries d JOIN messages m ON m.seq = d.seq"
         " WHERE d.recipient = ?1 AND d.ord > ?2 AND (?4 IS NULL OR d.device = ?4) ORDER BY d.ord LIMIT ?3",
         (user, after_ord, limit, device)).fetchall()
@@ -3384,8 +3400,11 @@ def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PA
         if held > page_bytes and end > 0:
             del rows[end:]
             break
-    inline = [row[0] for row in rows if row[5] <= inline_bytes]
+    inline = [row[0] for row in rows if row[5] <= inline_bytes and row[9] is None]
     chunks = collections.defaultdict(list)
+    for row in rows:
+        if row[9] is not None:
+            chunks[row[0]].append(bytes(row[9]))  # a message of one chunk keeps it in its row
     for part in _in_pages(inline):  # within SQLite's limit on parameters
         for seq, data in txn.execute("SELECT seq, data FROM chunks WHERE seq IN (%s) ORDER BY seq, idx"
                                      % _marks(part), part):
@@ -3395,6 +3414,9 @@ def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PA
 
 
 def chunks_txn(txn, seq, start, count):
+    row = txn.execute("SELECT body FROM messages WHERE seq = ?", (seq,)).fetchone()
+    if row is not None and row[0] is not None:
+        return [bytes(row[0])] if start == 0 and count > 0 else []
     return [bytes(r[0]) for r in txn.execute(
         "SELECT data FROM chunks WHERE seq = ? AND idx >= ? ORDER BY idx LIMIT ?", (seq, start, count)).fetchall()]
 
@@ -3408,11 +3430,12 @@ def _drop_messages_txn(txn, seqs):
     for part in _in_pages(list(seqs)):
         dropped = txn.execute(
             "DELETE FROM messages WHERE seq IN (%s) AND accepted_at IS NOT NULL AND NOT EXISTS"
-            " (SELECT 1 FROM deliveries d WHERE d.seq = messages.seq) RETURNING seq, sender, size"
+            " (SELECT 1 FROM deliveries d WHERE d.seq = messages.seq) RETURNING seq, sender, size, body IS NULL"
             % _marks(part), part).fetchall()
-        if dropped:
-            txn.execute("DELETE FROM chunks WHERE seq IN (%s)" % _marks(dropped), [row[0] for row in dropped])
-        for _, sender, size in dropped:
+        chunked = [row[0] for row in dropped if row[3]]  # the others kept their one chunk in their row
+        if chunked:
+            txn.execute("DELETE FROM chunks WHERE seq IN (%s)" % _marks(chunked), chunked)
+        for _, sender, size, _ in dropped:
             senders[sender][0] += 1
             senders[sender][1] += size
     txn.executemany("UPDATE users SET sent_count = MAX(0, sent_count - ?), sent_bytes = MAX(0, sent_bytes - ?)"
@@ -3443,11 +3466,11 @@ def settle_txn(txn, user, msg_ids, status, reason, now, user_fp=None, device=Non
     found = {}
     for part in _in_pages(msg_ids):
         for seq, msg_id, sender, size, ord_, dev, told, shared in txn.execute(
-                # CROSS JOIN keeps SQLite to this order: each id through the msg_id index, never a scan of the
-                # user's whole queue
-                "SELECT m.seq, m.msg_id, m.sender, m.size, m.ord, d.device, d.told, d.shared FROM messages m CROSS JOIN"
-                " deliveries d ON d.recipient = ?1 AND d.ord = m.ord AND d.seq = m.seq AND (?2 IS NULL OR d.device"
-                " = ?2) WHERE m.msg_id IN (%s)" % ",".join("?%d" % (i + 3) for i in range(len(part))),
+                # CROSS JOIN keeps SQLite to this order: each id through the msg_id index, then its deliveries
+                # through theirs, never a scan of the user's whole queue
+                "SELECT m.seq, m.msg_id, m.sender, m.size, d.ord, d.device, d.told, d.shared FROM messages m CROSS JOIN"
+                " deliveries d ON d.seq = m.seq AND d.recipient = ?1 AND (?2 IS NULL OR d.device = ?2)"
+                " WHERE m.msg_id IN (%s)" % ",".join("?%d" % (i + 3) for i in range(len(part))),
                 (user, device, *part)):
             entry = found.setdefault(bytes(msg_id), [seq, sender, size, ord_, [], False, False])
             entry[4].append(bytes(dev))

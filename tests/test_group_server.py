@@ -1075,7 +1075,8 @@ class StoreTests(unittest.TestCase):
         self.addCleanup(lambda: store.pool.running and store.close())
         await store.open()
         query = lambda sql, *args: store.pool.runInteraction(lambda txn: txn.execute(sql, args).fetchall())  # noqa
-        self.assertEqual(await query("SELECT value FROM meta WHERE key = 'schema_version'"), [("4",)])
+        self.assertEqual(await query("SELECT value FROM meta WHERE key = 'schema_version'"),
+                         [(str(pager.SCHEMA_VERSION),)])
         for table in ("groups", "group_ops", "group_members", "former_members"):
             self.assertEqual(await query("SELECT COUNT(*) FROM %s" % table), [(0,)])
         self.assertEqual(await query("SELECT msg_id, gid FROM messages"), [(b"m" * 16, None)])

@@ -789,6 +789,42 @@ class DeviceStoreTests(unittest.TestCase):
         self.assertEqual(await self.query(store, "SELECT name, pending_count, sent_count FROM users ORDER BY name"),
                          [("alice", 0, 0), ("bob", 0, 0)])
 
+    async def test_migration_from_schema_4(self):
+        """
+        A database of pager 0.4 (schema 4), whose delivery order came from a counter ahead of the messages'
+        sequence, is brought to schema 5: a message accepted after the upgrade comes after the one that waited, the
+        waiting one (its chunks in the chunks table) reads and settles as before, and the new one keeps its one
+        chunk in its row.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        store.close()
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("ALTER TABLE messages DROP COLUMN body")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+        conn.execute("INSERT INTO counters VALUES ('ord', 1000)")
+        conn.execute("INSERT INTO messages (seq, msg_id, sender, header, signature, size, chunk_count, accepted_at,"
+                     " expires_at, ord) VALUES (7, ?, 'alice', x'68', x'73', 2, 2, ?, 9e12, 1000)", (_msg_id(1), NOW))
+        conn.executemany("INSERT INTO chunks VALUES (7, ?, ?)", [(0, b"old-0"), (1, b"old-1")])
+        conn.execute("INSERT INTO deliveries (recipient, ord, device, seq) VALUES ('bob', 1000, ?, 7)", (b"d" * 16,))
+        conn.execute("UPDATE users SET pending_count = 1, pending_bytes = 2 WHERE name = 'bob'")
+        conn.close()
+        store = await self.open_store()
+        self.assertEqual(await self.query(store, "SELECT value FROM meta WHERE key = 'schema_version'"),
+                         [(str(pager.SCHEMA_VERSION),)])
+        _, _, _, ord_ = await store.accept_message(_msg_id(2), "alice", b"header", b"signature", 3, [b"new"], ["bob"],
+                                                   NOW, LIMITS, targets=[("bob", b"d" * 16, False)])
+        self.assertGreater(ord_, 1000)
+        old, new = await store.pending("bob", 0)
+        self.assertEqual((old.msg_id, old.ord, old.chunks), (_msg_id(1), 1000, [b"old-0", b"old-1"]))
+        self.assertEqual((new.msg_id, new.ord, new.chunks), (_msg_id(2), ord_, [b"new"]))
+        self.assertEqual(await store.chunks(new.seq, 0, 5), [b"new"])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks WHERE seq = ?", new.seq), [(0,)])
+        receipts, settled, _ = await store.ack_upto("bob", b"d" * 16, ord_, None, NOW)
+        self.assertEqual([r.msg_id for _, r in receipts], [_msg_id(1), _msg_id(2)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(0,)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(0,)])
+
     async def test_ack_upto_two_devices(self):
         """
         A cumulative ack settles one device's deliveries by range: the user's receipt is made at the first device's
