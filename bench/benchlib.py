@@ -482,13 +482,15 @@ def workdir(prefix):
 def start_profile(path, pid, seconds=None):
     """
     Sample a server with py-spy into C{path} (.svg: flame graph; .txt: collapsed stacks; .json: speedscope), for
-    C{seconds} or until it exits.  Non-blocking sampling: the server is not paused.
+    C{seconds} or until it exits, only while a thread holds the GIL.  Non-blocking sampling: the server is not
+    paused.
     """
     import shutil
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     fmt = "raw" if path.endswith(".txt") else "speedscope" if path.endswith(".json") else "flamegraph"
+    # --gil: only the samples of the thread holding the GIL, which is what bounds a CPython server's throughput.
     argv = [spy, "record", "--pid", str(pid), "--output", path, "--format", fmt, "--rate", "250", "--threads",
-            "--nonblocking"]
+            "--nonblocking", "--gil"]
     if seconds:
         argv += ["--duration", str(int(math.ceil(seconds)))]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
