@@ -3929,6 +3929,7 @@ class Store:
     """
 
     MAX_BATCH = 1000
+    log = Logger()
 
     def __init__(self, path, reactor=None, pool=None):
         if pool is not None:
@@ -3950,10 +3951,20 @@ class Store:
         if self.synchronous:
             return self.pool.runInteraction(fn, *args)
         d = Deferred()
-        self._queue.append((fn, args, d))
+        self.submit(fn, args, d.callback, d.errback)
+        return d
+
+    def submit(self, fn, args, done, failed):
+        """
+        L{_run} without a Deferred, for the hot path: once the batch holding C{fn(txn, *args)} has committed,
+        C{done(result)} is called, or C{failed(exception)} if it raised (its work undone, the batch's kept).
+        """
+        if self.synchronous:
+            self.pool.runInteraction(fn, *args).addCallbacks(done, lambda failure: failed(failure.value))
+            return
+        self._queue.append((fn, args, done, failed))
         if not self._in_flight:
             self._flush()
-        return d
 
     def _flush(self):
         if not self._queue:
@@ -3961,22 +3972,26 @@ class Store:
             return
         self._in_flight = True
         batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
-        committed = self.pool.runInteraction(_batch_txn, [(fn, args) for fn, args, _ in batch])
+        committed = self.pool.runInteraction(_batch_txn, [(fn, args) for fn, args, _, _ in batch])
         committed.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _committed(self, results, batch):
         self._flush()  # the next batch starts before this one's callbacks run
-        for (_, _, d), (succeeded, value) in zip(batch, results):
-            if succeeded:
-                d.callback(value)
-            else:
-                d.errback(value)
+        for (_, _, done, failed), (succeeded, value) in zip(batch, results):
+            self._tell(done if succeeded else failed, value)
 
     def _failed(self, failure, batch):
         # The transaction itself failed (say the disk is full at COMMIT): nothing in it was committed.
         self._flush()
-        for _, _, d in batch:
-            d.errback(failure)
+        for _, _, _, failed in batch:
+            self._tell(failed, failure.value)
+
+    def _tell(self, callback, value):
+        """One operation's outcome to its callback; one that fails is logged, and the batch's others still run."""
+        try:
+            callback(value)
+        except Exception:
+            self.log.failure("Handling a stored operation's outcome failed")
 
     def open(self):
         """
@@ -4048,6 +4063,7 @@ class Store:
 
     def ack_upto(self, user, device, upto, rids, now, user_fp=None):
         return self._run(ack_upto_txn, user, device, upto, rids, now, user_fp)
+
 
     def devices(self, user):
         return self._run(devices_txn, user)
@@ -4332,11 +4348,30 @@ class _Upload:
     ended: bool = False
 
 
+ANSWERED_LATER = object()  # what a request handler returns when its store callbacks write the answer
+
+
+@dataclasses.dataclass
+class _SendRequest:
+    """A C{send} frame's fields, checked (L{PagerServerProtocol._read_send})."""
+
+    group: bytes  # a group message's group id, or None
+    to: list  # the user names of a 1:1 message, or None
+    receipt: bool  # the sender wants receipts
+    size: int
+    header: bytes
+    chunks: list
+    signature: bytes  # None: chunk frames follow
+    verifier: EnvelopeVerifier
+
+
 class PagerServerProtocol(LineReceiver, TimeoutMixin):
     """
     One client connection: unauthenticated, then logged in as one user, then closed.  Each request type has a
     C{handle_<type>} coroutine that returns the fields of its C{ok} answer (or None for no answer yet) or raises a
-    L{PagerError}, which becomes an C{error} frame in L{_answer}.
+    L{PagerError}, which becomes an C{error} frame in L{_answer}.  On the hot path (a message in one frame, a
+    cumulative ack) the handler is a plain function that hands the request to the store's next batch with
+    callbacks, which answer through L{_answer} or L{_answer_error}; it returns L{ANSWERED_LATER}.
     """
 
     delimiter = b"\n"
@@ -4538,15 +4573,20 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                     raise BadRequest("Another authentication request is still being answered on this connection; "
                                      "send them one at a time.")
                 self._authenticating = True
-            coroutine = handler(frame, rid)
         except PagerError as e:
             self.send_error(rid, e)  # nothing was taken: no challenge in the answer
             return
         self._in_flight += 1
         if self._in_flight >= self.limits.max_in_flight:
             self._hold("in_flight")
-        d = Deferred.fromCoroutine(coroutine)
-        d.addCallbacks(self._answer, self._answer_failure, callbackArgs=(kind, rid), errbackArgs=(kind, rid))
+        try:
+            answer = handler(frame, rid)  # a coroutine, or (the hot path) ANSWERED_LATER
+        except Exception as e:  # refused before it reached the store: answered as if it had come back so
+            self._answer_error(e, kind, rid)
+            return
+        if answer is not ANSWERED_LATER:
+            d = Deferred.fromCoroutine(answer)
+            d.addCallbacks(self._answer, self._answer_failure, callbackArgs=(kind, rid), errbackArgs=(kind, rid))
 
     def _answer(self, fields, kind, rid):
         challenge = self._done(kind)
@@ -4558,10 +4598,12 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self.send_frame(frame)
 
     def _answer_failure(self, failure, kind, rid):
+        self._answer_error(failure.value, kind, rid, failure)
+
+    def _answer_error(self, error, kind, rid, failure=None):
         challenge = self._done(kind)
-        error = failure.value
         if not isinstance(error, PagerError):
-            self.log.failure("Handling a {kind} request failed", failure, kind=kind)
+            self.log.failure("Handling a {kind} request failed", failure or Failure(error), kind=kind)
             error = InternalError()
         elif isinstance(error, EnvelopeError):
             error = BadRequest(error.message)
@@ -5142,14 +5184,32 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
     def _signature(self, frame):
         return field_b64(frame, "signature", RSA_MAX_BITS // 8, required=False)
 
-    async def handle_send(self, frame, rid):
+    def handle_send(self, frame, rid):
+        """
+        A message in one frame to users whose devices the server has cached (the common case) joins the store's
+        next batch at once, with callbacks instead of a coroutine (L{_accept_batched}); any other goes through
+        L{_send}, which may read from the store first.
+        """
         if self._upload is not None:
             raise BadRequest("Another message is still being uploaded on this connection.")
         try:
-            return await self._send(frame, rid)
+            send = self._read_send(frame)
+            if send.signature is not None and send.group is None:
+                delivery = self._cached_delivery(send)
+                if delivery is not None:
+                    return self._accept_batched(send, delivery, rid)
+        except BaseException:
+            if frame.get("signature") is None:
+                self._aborted_upload = rid  # its chunk frames follow: drop them quietly, the error says it all
+            raise
+        return self._send_or_drop(send, frame, rid)
+
+    async def _send_or_drop(self, send, frame, rid):
+        try:
+            return await self._send(send, rid)
         except BaseException:
             if frame.get("signature") is None and self._upload is None:
-                self._aborted_upload = rid  # its chunk frames follow: drop them quietly, the error says it all
+                self._aborted_upload = rid
             raise
 
     def _count(self, verifier, chunks, declared):
@@ -5158,8 +5218,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             if verifier.size > declared:
                 raise BadRequest("The message is larger than the %d bytes declared." % declared)
 
-    async def _send(self, frame, rid):
-        group = None
+    def _read_send(self, frame):
+        """The fields of a C{send} frame, checked, with its envelope's header parsed: a L{_SendRequest}."""
+        group = to = None
         if "group" in frame:
             if "to" in frame:
                 raise BadRequest('A message goes to the users "to" names or to the group "group" names, not both.')
@@ -5187,6 +5248,37 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise Forbidden("The envelope names a sending device other than this session's.")
         if group is None and parsed.group_id is not None:
             raise BadRequest('The envelope is a group message: send it with "group", not "to".')
+        return _SendRequest(group, to, receipt, size, header, chunks, signature, verifier)
+
+    def _cached_delivery(self, send):
+        """
+        L{_delivery} of a 1:1 C{send} from the cache alone; None when a device set must be read (not cached, or
+        different from the envelope's: the cache may be what is old, see L{_targets}).
+        """
+        factory = self.factory
+        if not factory.devices_cached(send.to, self.user):
+            return None
+        named, got = self._entries(send.verifier.header, send.to, False)
+        sets = factory.cached_device_sets(named | {self.user})
+        if self._changed(sets, named, got):
+            return None
+        return self._delivery(send, *self._target_list(send.verifier.header, sets, named), send.to)
+
+    def _delivery(self, send, recipients, targets, to):
+        """
+        C{(recipients, targets, to, group, receipt)}: where C{send} goes (see L{_targets}), its chunks counted
+        against its declared size.
+        """
+        self._count(send.verifier, send.chunks, send.size)
+        if not send.receipt:  # stored as told already: no receipt is made, stored or pushed for any of them
+            targets = [(name, device, True) for name, device, _ in targets]
+        group = None if send.group is None else (send.group, send.verifier.header.group_head)
+        return recipients, targets, to, group, send.receipt
+
+    async def _send(self, send, rid):
+        group, to, size, header, chunks, signature, verifier = (
+            send.group, send.to, send.size, send.header, send.chunks, send.signature, send.verifier)
+        parsed = verifier.header
         # A group or a device set not in the cache is read from the store first: meanwhile an upload's chunk frames
         # must wait unread, until the upload has begun (or been refused).
         try:
@@ -5203,10 +5295,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                                      " send the message to.")
                 self.factory.group_fanout(self.user, len(targets))
                 to = [name for name in to if name in recipients]  # not those whose account was deleted
-            self._count(verifier, chunks, size)
-            if not receipt:  # stored as told already: no receipt is made, stored or pushed for any of them
-                targets = [(name, device, True) for name, device, _ in targets]
-            delivery = (recipients, targets, to, None if group is None else (group, parsed.group_head), receipt)
+            delivery = self._delivery(send, recipients, targets, to)
             if signature is None:
                 upload = _Upload(rid, verifier, delivery, size)
                 self.factory.upload_opened(self.user)
@@ -5314,6 +5403,26 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         wrapped to with RSA-OAEP.  The device sets come from the factory's cache: no SQL for a known user.  For a
         C{group} message C{to} is the other members: one whose account was deleted has no devices, so no entries.
         """
+        named, got = self._entries(header, to, group)
+        for fresh in (False, True):
+            sets = await self.factory.device_sets(sorted(named | {self.user}), deleted_ok=group)
+            changed = self._changed(sets, named, got)
+            if not changed:
+                break
+            # The cache may be what is old (the operator's admin commands change the database from another
+            # process): read those users' devices once more before telling the sender (see _send for the hold).
+            self.factory.forget_devices(changed)
+            self._hold("targets")
+        if changed:
+            raise DevicesChanged("The devices of %s are not the ones the message was sealed for; fetch them again"
+                                 " and seal it anew." % ", ".join(sorted(changed)))
+        return self._target_list(header, sets, named)
+
+    def _entries(self, header, to, group):
+        """
+        C{(named, got)}: the users C{to} names, and the devices the envelope has entries for by user, which must be
+        those users (and the sender's other devices) or, for a C{group} message, members; else L{BadRequest}.
+        """
         user, device = self.user, self.device
         named = set(to)
         got = {}
@@ -5327,31 +5436,29 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 or user not in named and device in got.get(user, ())):
             raise BadRequest('The envelope\'s recipients are not exactly the "to" list (and the sender\'s other'
                              ' devices).')
-        for fresh in (False, True):
-            sets = await self.factory.device_sets(sorted(named | {user}), deleted_ok=group)
-            changed = []
-            for name in named | got.keys() | {user}:
-                current = sets[name].current.keys()
-                if name not in named:  # the sender's own other devices
-                    current = current - {device}
-                if got.get(name, set()) != current:
-                    changed.append(name)
-            if not changed:
-                break
-            # The cache may be what is old (the operator's admin commands change the database from another
-            # process): read those users' devices once more before telling the sender (see _send for the hold).
-            self.factory.forget_devices(changed)
-            self._hold("targets")
-        if changed:
-            raise DevicesChanged("The devices of %s are not the ones the message was sealed for; fetch them again"
-                                 " and seal it anew." % ", ".join(sorted(changed)))
+        return named, got
+
+    def _changed(self, sets, named, got):
+        """The users whose current devices (in C{sets}) are not the ones the envelope's entries (C{got}) name."""
+        changed = []
+        for name in named | got.keys() | {self.user}:
+            current = sets[name].current.keys()
+            if name not in named:  # the sender's own other devices
+                current = current - {self.device}
+            if got.get(name, set()) != current:
+                changed.append(name)
+        return changed
+
+    def _target_list(self, header, sets, named):
+        """C{(recipients, targets)} of an envelope whose entries are the current devices (see L{_targets})."""
+        user = self.user
         targets = []
         for entry in header.entries:
             if entry.kind == 1 and sets[entry.name].current[entry.device_id]:
                 raise BadRequest("The envelope wraps a key with RSA-OAEP for a device that publishes prekeys"
                                  " (a downgrade); seal it with the device's prekeys.")
             targets.append((entry.name, entry.device_id, entry.name == user and user not in named))
-        return sorted(got), targets
+        return sorted({entry.name for entry in header.entries}), targets
 
     async def _accept(self, verifier, recipients, size, chunks, signature, upload):
         """
@@ -5371,9 +5478,40 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 self.sent.add(header.message_id)
             return {"msg": header.message_id.hex(), "accepted_at": upload.accepted_at, "duplicate": True,
                     "queued": [name for name in to if name not in self.factory.receivers]}
-        seq, accepted_at, duplicate, ord_ = await self.factory.store.accept_message(
+        committed = await self.factory.store.accept_message(
             header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
             self.limits, None if upload is None else upload.seq, check, self.key_fingerprint, targets, group)
+        return self._accepted(committed, verifier, (recipients, targets, to, group, receipt), size, chunks, signature)
+
+    def _accept_batched(self, send, delivery, rid):
+        """
+        L{_accept} for a message in one frame, without a coroutine or a Deferred: it joins the store's next batch
+        (L{Store.submit}), and its answer is written when that batch has committed.  Returns L{ANSWERED_LATER}.
+        """
+        recipients, targets, to, group, receipt = delivery
+        verifier, size, chunks, signature = send.verifier, send.size, send.chunks, send.signature
+        header = verifier.header
+        if verifier.size != size:
+            raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
+        check = functools.partial(verifier.verify, signature, self.key)
+
+        def committed(result):
+            self._answer(self._accepted(result, verifier, delivery, size, chunks, signature), "send", rid)
+
+        self.factory.store.submit(
+            accept_message_txn, (header.message_id, self.user, header.raw, signature, size, chunks, recipients,
+                                 self.factory.now(), self.limits, None, check, self.key_fingerprint, targets, group),
+            committed, lambda error: self._answer_error(error, "send", rid))
+        return ANSWERED_LATER
+
+    def _accepted(self, committed, verifier, delivery, size, chunks, signature):
+        """
+        A message was committed (C{committed}: L{accept_message_txn}'s answer): offer it to the sessions of the
+        devices it waits for, and return the fields of the sender's C{ok}.
+        """
+        seq, accepted_at, duplicate, ord_ = committed
+        recipients, targets, to, group, receipt = delivery
+        header = verifier.header
         if not self.receive and receipt:
             self.sent.add(header.message_id)
         if not duplicate:
@@ -5464,20 +5602,33 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise _missing("receipts", "a list of 1 to %d receipt ids (integers from 1 to 2^63 - 1)" % MAX_ACK_BATCH)
         return value
 
-    async def handle_ack(self, frame, rid):
-        store = self.factory.store
+    def handle_ack(self, frame, rid):
         if "upto" in frame:  # the cumulative form: everything pushed to this device up to a delivery position
-            if "msg" in frame or "msgs" in frame:
-                raise BadRequest('An ack names messages by "upto" or by "msg"/"msgs", not both.')
-            upto = field_int(frame, "upto", 1, 2 ** 63 - 1)
-            rids = self._receipt_ids(frame) if "receipts" in frame else None
-            receipts, settled, unknown_rids = await store.ack_upto(
-                self.user, self.device, upto, rids, self.factory.now(), self.key_fingerprint)
+            return self._ack_upto(frame, rid)
+        return self._ack(frame, rid)
+
+    def _ack_upto(self, frame, rid):
+        """The cumulative ack, on the hot path: it joins the store's next batch with callbacks (L{Store.submit})."""
+        if "msg" in frame or "msgs" in frame:
+            raise BadRequest('An ack names messages by "upto" or by "msg"/"msgs", not both.')
+        upto = field_int(frame, "upto", 1, 2 ** 63 - 1)
+        rids = self._receipt_ids(frame) if "receipts" in frame else None
+
+        def committed(result):
+            receipts, settled, unknown_rids = result
             self._settled(receipts, settled)
             answer = {"settled": settled}
             if rids is not None:
                 answer["unknown_receipts"] = unknown_rids
-            return answer
+            self._answer(answer, "ack", rid)
+
+        self.factory.store.submit(ack_upto_txn, (self.user, self.device, upto, rids, self.factory.now(),
+                                                 self.key_fingerprint),
+                                  committed, lambda error: self._answer_error(error, "ack", rid))
+        return ANSWERED_LATER
+
+    async def _ack(self, frame, rid):
+        store = self.factory.store
         if "msgs" in frame or "receipts" in frame:  # the list form: many at once, the unknown ones reported
             msg_ids = self._msg_ids(frame) if "msgs" in frame else None
             rids = self._receipt_ids(frame) if "receipts" in frame else None
@@ -6049,6 +6200,11 @@ class PagerServerFactory(protocol.Factory):
         while len(self._device_sets) > self.DEVICE_CACHE:
             self._device_sets.popitem(last=False)
         return known
+
+    def cached_device_sets(self, names):
+        """C{{name: _DeviceSet}} for C{names}, all of which are cached (L{devices_cached})."""
+        cache = self._device_sets
+        return {name: cache[name] for name in names}
 
     def devices_cached(self, names, user):
         """Whether the device sets of C{user} and all of C{names} are cached (L{device_sets} then reads nothing)."""

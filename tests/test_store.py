@@ -5,6 +5,7 @@ Tests for pager's Store section: the SQLite database behind the server, driven t
 import os
 import sqlite3
 
+from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 import pager
@@ -718,6 +719,43 @@ class StoreTests(unittest.TestCase):
                     raw = f.read()
                 self.assertNotIn(token.encode(), raw)
                 self.assertNotIn(plaintext, raw)
+
+
+class SubmitTests(unittest.TestCase):
+    """Store.submit: the hot path's operations, answered by callbacks when their batch has committed."""
+
+    setUp, open_store, add_users = StoreTests.setUp, StoreTests.open_store, StoreTests.add_users
+
+    async def test_callbacks_in_order_and_isolated(self):
+        """
+        Each operation's outcome goes to its own callback, in the order asked; an operation that raises gets its
+        error alone, and a callback that fails is logged without keeping the batch's other callbacks from running.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice")
+        told, finished = [], Deferred()
+
+        def broken(result):
+            told.append(("broken", result))
+            raise RuntimeError("a callback's own bug")
+
+        def failing(txn):
+            txn.execute("INSERT INTO meta VALUES ('undone', 'x')")
+            raise pager.UnknownUser("no such user")
+
+        store.submit(pager.get_user_txn, ("alice",), broken, told.append)
+        store.submit(failing, (), told.append, lambda error: told.append(("failed", error)))
+        store.submit(pager.user_names_txn, (), lambda names: (told.append(names), finished.callback(None)),
+                     told.append)
+        await finished
+        self.assertEqual(told[0][0], "broken")
+        self.assertEqual(told[0][1].name, "alice")
+        self.assertEqual(told[1][0], "failed")
+        self.assertIsInstance(told[1][1], pager.UnknownUser)
+        self.assertEqual(told[2], ["alice"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(await store.pool.runInteraction(
+            lambda txn: txn.execute("SELECT COUNT(*) FROM meta WHERE key = 'undone'").fetchall()), [(0,)])
 
 
 class LocalHistoryTests(unittest.TestCase):
