@@ -2442,12 +2442,15 @@ class _Flow:
     The transport's view of our output: registered as a streaming producer, it is paused when the peer reads slower
     than we write (a TCP transport: once it buffers over 64 KiB), and resumed once the transport has handed all of
     it to the kernel.  L{wait} gives a Deferred that fires when writing may go on; C{unread} counts the bytes
-    written while paused, on top of what the transport already held.
+    written while paused, on top of what the transport already held.  Up to C{slack} such bytes, live items are
+    still pushed while paused (L{_Feed.offer}): one batch's pushes often pass the transport's 64 KiB on their own,
+    and reading them back from the store would cost far more than holding them.
     """
 
-    def __init__(self, on_pause=None, on_resume=None):
+    def __init__(self, on_pause=None, on_resume=None, slack=0):
         self.paused = False
         self.unread = 0
+        self.slack = slack
         self._waiting = []
         self._on_pause, self._on_resume = on_pause, on_resume
 
@@ -4262,7 +4265,8 @@ class _Feed:
         """A new item was committed; C{item} is None when it must be read back from the store."""
         if key <= self.cursor or self.closed:
             return
-        if self.draining or item is None or self._flow.paused:
+        flow = self._flow
+        if self.draining or item is None or flow.paused and flow.unread >= flow.slack:
             self.start()
             return
         self.cursor = key
@@ -4410,6 +4414,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.limits = factory.limits
         self.callLater = factory.reactor.callLater
         self.MAX_LENGTH = self.limits.max_line_unauthenticated
+        self.flow.slack = self.limits.max_unread_output // 4  # live pushes while the transport's buffer is full
         self.peer = self.transport.getPeer()
         _set_nodelay(self.transport)
         self.transport.registerProducer(self.flow, True)

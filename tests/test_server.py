@@ -1448,6 +1448,27 @@ class DeliveryTests(ServerTestCase):
             self.assertError(self.alice.request("send", receipt=value, **send_fields(envelope)), "bad_request")
         self.assertEqual(self.query_counts("bob"), (0, 0))
 
+    def test_pausedReceiverGetsLivePushesUpToSlack(self):
+        """
+        While a receiver's transport buffer is full (its output paused), messages accepted for it are still pushed
+        live, up to a quarter of max_unread_output written meanwhile; past that the rest wait in the store, and
+        once it reads again they come from there: every message once, in order.
+        """
+        bob = self.register("bob")
+        bob.protocol.flow.pauseProducing()
+        envelopes = [seal("alice", ["bob"], b"x" * 40000) for _ in range(12)]
+        for envelope in envelopes:
+            self.assertOk(self.alice.send(envelope))
+        slack = self.limits.max_unread_output // 4
+        written = len(bob.transport.value())
+        live = bob.pushed("message")
+        self.assertGreater(len(live), 1)
+        self.assertLess(len(live), len(envelopes))
+        self.assertLess(written, slack + 60000)
+        bob.protocol.flow.resumeProducing()
+        rest = bob.pushed("message")
+        self.assertEqual([f["msg"] for f in live + rest], [msg_id(e) for e in envelopes])
+
     def test_ackOtherUsersDelivery(self):
         """An ack by carol for bob's message gets unknown_message, and bob still gets it on his next login."""
         self.offline("bob")
