@@ -2269,9 +2269,12 @@ class _RepeatedMember(ValueError):
 _FRAME_TYPE_RE = re.compile(r"[a-z][a-z_]{0,31}")
 
 
+_FRAME_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # made once: json.dumps makes one a call
+
+
 def encode_frame(frame):
     """A frame as one line of compact ASCII JSON, without the delimiter."""
-    return json.dumps(frame, separators=(",", ":"), allow_nan=False).encode("ascii")
+    return _FRAME_ENCODER.encode(frame).encode("ascii")
 
 
 def _no_constants(name):
