@@ -1307,6 +1307,21 @@ class DeliveryTests(ServerTestCase):
         self.assertIs(type(message["seq"]), int)
         self.assertEqual(pager.parse_header(base64.b64decode(message["header"])).recipient_names, ["bob"])
 
+    def test_pushLineIsTheEncodedFrame(self):
+        """
+        The push line built by hand is byte for byte what encode_frame makes of the same fields, whatever the
+        numbers (an accepted_at that is whole or not) and however many chunks.
+        """
+        protocol = self.alice.protocol
+        for accepted_at, chunks in ((50, [b"one chunk"]), (1795692390.2736099, [b"a" * 100, b"b" * 7, b"c"]),
+                                    (0.1, [b""])):
+            message = pager.StoredMessage(7, b"\x9f" * 16, "bob.x-1", b"header bytes", b"signature", 12, len(chunks),
+                                          accepted_at, chunks, ord=123456789)
+            self.assertEqual(protocol._message_line(message), pager.encode_frame({
+                "type": "message", "msg": "9f" * 16, "seq": 123456789, "from": "bob.x-1", "size": 12,
+                "accepted_at": accepted_at, "header": b64(b"header bytes"), "chunks": [b64(c) for c in chunks],
+                "signature": b64(b"signature")}) + b"\n")
+
     def test_receiptWaitsForSender(self):
         """A receipt for an offline sender is pushed when the sender next logs in, until it is acked."""
         bob = self.register("bob")
