@@ -637,12 +637,14 @@ def envelope_tail(env):
         pager.b64(env.signature).encode())
 
 
-def send_frame(rid, recipient, tail):
+def send_frame(rid, recipient, tail, receipt=False):
     """
-    A pre-encoded pager send frame (one line, with its newline).  It carries C{"receipt":false}: benchmark senders
-    ignore receipts, so a server that knows the flag makes none for them, and an older one ignores the member.
+    A pre-encoded pager send frame (one line, with its newline).  By default it carries C{"receipt":false}:
+    benchmark senders ignore receipts, so a server that knows the flag makes none for them, and an older one ignores
+    the member.  With C{receipt}, the sender asks for receipts, as an interactive client does.
     """
-    return b'{"type":"send","id":%d,"to":["%s"],"receipt":false,' % (rid, recipient.encode()) + tail
+    flag = b"" if receipt else b'"receipt":false,'
+    return b'{"type":"send","id":%d,"to":["%s"],%s' % (rid, recipient.encode(), flag) + tail
 
 
 # -- accounts --
@@ -672,10 +674,11 @@ def seed_users_db(db, users, token=TOKEN):
     conn.close()
 
 
-def store_messages_db(db, sender, recipients_of, envelopes, batch=5000):
+def store_messages_db(db, sender, recipients_of, envelopes, batch=5000, receipt=True):
     """
     Queue already sealed messages straight in the database with pager's own C{accept_message_txn}, as if the
-    server had accepted them: C{envelopes} is a list of L{pager.Envelope}.
+    server had accepted them: C{envelopes} is a list of L{pager.Envelope}.  Without C{receipt}, they are stored as
+    the server stores a send with "receipt": false (every delivery told: no receipt owed).
     """
     import sqlite3
     limits = pager.Limits(max_pending_messages=10 ** 9, max_pending_bytes=10 ** 15, max_sender_pending_messages=10 ** 9,
@@ -690,6 +693,8 @@ def store_messages_db(db, sender, recipients_of, envelopes, batch=5000):
             header = pager.parse_header(env.header)
             pager.accept_message_txn(txn, header.message_id, sender, env.header, env.signature, env.size,
                                      env.chunks, recipients_of(header), now, limits)
+        if not receipt:
+            txn.execute("UPDATE deliveries SET told = 1")
         txn.execute("COMMIT")
     conn.close()
 

@@ -46,6 +46,10 @@ def parse_args(argv=None):
                         "delivery sequence number (upto, default; list-form acks when the server sends no \"seq\"), "
                         "with list-form acks of at most 1,000 ids (batch), or each message with an ack of its own "
                         "(single)")
+    p.add_argument("--receipts", choices=["wanted", "none"], default="wanted",
+                   help="the queued messages' senders want delivery receipts, as an interactive client does "
+                        "(wanted, default: each ack stores one), or not, as a script's send without --wait-delivered "
+                        "(none)")
     p.add_argument("--timeout", type=float, default=600.0, help="longest wait for one drain, in seconds")
     p.add_argument("--key-cache", default=None, help="file caching the benchmark's RSA keys ('' for none)")
     p.add_argument("--profile", metavar="FILE",
@@ -56,11 +60,11 @@ def parse_args(argv=None):
     return args
 
 
-def queue_by_socket(port, sender_key, envelopes):
+def queue_by_socket(port, sender_key, envelopes, receipt=True):
     """Send every envelope from a raw send-only session, 1000 in flight; returns the seconds it took."""
     loop = bl.Loop()
     [conn], _ = bl.login_all(loop, port, [("sender", sender_key, False)])
-    frames = [bl.send_frame(i, "receiver", bl.envelope_tail(env)) for i, env in enumerate(envelopes)]
+    frames = [bl.send_frame(i, "receiver", bl.envelope_tail(env), receipt) for i, env in enumerate(envelopes)]
     state = {"next": 0, "ok": 0, "errors": []}
 
     def on_lines(c, lines):
@@ -95,14 +99,15 @@ def drain_once(args, count, keys, envelopes, report):
         insert_seconds = None
         if args.insert == "db":
             t = time.perf_counter()
-            bl.store_messages_db(db, "sender", lambda header: ["receiver"], envelopes[:count])
+            bl.store_messages_db(db, "sender", lambda header: ["receiver"], envelopes[:count],
+                                 receipt=args.receipts == "wanted")
             insert_seconds = time.perf_counter() - t
             log("queued %d messages in the database in %.2f s" % (count, insert_seconds))
         spy = None
         server = bl.start_pager(work, db=db)
         try:
             if args.insert == "socket":
-                insert_seconds = queue_by_socket(server.port, keys[0], envelopes[:count])
+                insert_seconds = queue_by_socket(server.port, keys[0], envelopes[:count], args.receipts == "wanted")
                 log("queued %d messages through the server in %.2f s" % (count, insert_seconds))
             loop = bl.Loop()
             time.sleep(0.5)  # let the server settle before the idle sample
@@ -244,6 +249,9 @@ def main(argv=None):
     else:
         report.note("The queue was sent through the server by a raw send-only session with 1,000 sends in flight; "
                     "'queue ... (socket)' is the server's accept rate into an offline user's queue.")
+    report.note("The queued messages' senders %s." % (
+        "want delivery receipts (--receipts wanted): each ack stores one for the sender" if args.receipts == "wanted"
+        else "want no receipts (--receipts none), as a script's send without --wait-delivered"))
     report.note("Drain time runs from the login request (written as the hello is read) to the answer to the last "
                 "ack, so it includes the login's Argon2id hash. The receiver acks each message as soon as its "
                 "frame is read, without decrypting it, " + ack_note(args.ack, results))
