@@ -3885,6 +3885,22 @@ class _SyncTransaction:
                 self._cursor.execute(statement)
 
 
+class _StoreCursor(sqlite3.Cursor):
+    """A cursor that can keep a batch's measures (L{_check_budget_txn}): the C{txn} of a batch's operations."""
+
+
+class _StoreConnection(sqlite3.Connection):
+    """The server's connection: its cursors are L{_StoreCursor}s."""
+
+    def cursor(self, factory=None):
+        return super().cursor(factory or _StoreCursor)
+
+
+def _batch_connection(conn, operations):
+    """L{_batch_txn} on a cursor of its own: the batch needs none of adbapi's per-call transaction wrapping."""
+    return _batch_txn(conn.cursor(), operations)
+
+
 def _prepare_server_connection(conn):
     prepare_connection(conn)
     conn.isolation_level = None  # transactions are begun and committed explicitly, by _batch_txn
@@ -3946,7 +3962,7 @@ class Store:
                 create_private_file(path)  # 0600 whatever the umask; SQLite gives its -wal and -shm the same mode
             kwargs = {"cp_reactor": reactor} if reactor is not None else {}
             self.pool = adbapi.ConnectionPool(
-                "sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
+                "sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False, factory=_StoreConnection,
                 cp_openfun=_prepare_server_connection, **kwargs)
         self.synchronous = pool is not None
         self.path = path
@@ -3978,7 +3994,7 @@ class Store:
             return
         self._in_flight = True
         batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
-        committed = self.pool.runInteraction(_batch_txn, [(fn, args) for fn, args, _, _ in batch])
+        committed = self.pool.runWithConnection(_batch_connection, [(fn, args) for fn, args, _, _ in batch])
         committed.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _committed(self, results, batch):
@@ -4558,7 +4574,40 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 self.log.info("A TLS client reached the plain port from {peer}", peer=_peer_text(self.peer))
                 self.close()  # a TLS handshake on a plain port: the client will explain it to its user
                 return
-        LineReceiver.dataReceived(self, data)
+        self._receive_lines(data)
+
+    def _receive_lines(self, data):
+        """
+        LineReceiver.dataReceived, to the same rules (C{MAX_LENGTH}, C{paused}, a closing transport, data that comes
+        while a line is handled), but finding each line in the read where it is: LineReceiver splits the rest of
+        its buffer off anew for every line, which copies a read of a hundred lines a hundred times.
+        """
+        if self._busyReceiving:
+            self._buffer += data
+            return
+        self._busyReceiving = True
+        try:
+            buffer, self._buffer, start = self._buffer + data, b"", 0
+            while not self.paused:
+                end = buffer.find(b"\n", start)
+                if end < 0:
+                    if self._buffer:  # came while a line was handled: it may end a line
+                        buffer, self._buffer, start = buffer[start:] + self._buffer, b"", 0
+                        continue
+                    if len(buffer) - start >= self.MAX_LENGTH + 1:
+                        return self.lineLengthExceeded(buffer[start:])
+                    break
+                line, start = buffer[start:end], end + 1
+                if len(line) > self.MAX_LENGTH:
+                    exceeded, buffer, start, self._buffer = buffer[end - len(line):] + self._buffer, b"", 0, b""
+                    return self.lineLengthExceeded(exceeded)
+                why = self.lineReceived(line)
+                if why or self.transport and self.transport.disconnecting:
+                    self._buffer = buffer[start:] + self._buffer
+                    return why
+            self._buffer = buffer[start:] + self._buffer
+        finally:
+            self._busyReceiving = False
 
     def lineReceived(self, line):
         if self.closed:
@@ -7986,6 +8035,48 @@ class _Incoming:
     chunks: list
     signature: bytes = None
     size: int = 0
+    seq: int = None  # the delivery sequence number the push carried (PROTOCOL.md 4.11), if any
+
+
+class _Settled:
+    """
+    The messages pushed on one connection, in push order, each until it and every one before it is settled
+    (acknowledged or rejected): the prefix that is can be acknowledged with one cumulative ack (PROTOCOL.md 4.12).
+    A message held or not handed over (it stays on the server) keeps everything after it out of that prefix.
+    """
+
+    MAX = 10000  # messages tracked behind an unsettled one; past it, this connection acknowledges by lists only
+
+    def __init__(self):
+        self._order = collections.deque()  # [seq, msg id, settled]
+        self._by_msg = {}
+        self.broken = False
+
+    def pushed(self, seq, msg):
+        if self.broken:
+            return
+        if seq is None or (self._order and seq <= self._order[-1][0]) or len(self._order) >= self.MAX:
+            self.broken = True  # no number, or not increasing (not a server of PROTOCOL.md), or too many behind
+            self._order.clear()
+            self._by_msg.clear()
+            return
+        entry = self._by_msg[msg] = [seq, msg, False]
+        self._order.append(entry)
+
+    def settle(self, msg):
+        entry = self._by_msg.get(msg)
+        if entry is not None:
+            entry[2] = True
+
+    def take_prefix(self):
+        """C{(upto, msg ids)}: the settled messages at the front, forgotten now, and the last one's number."""
+        upto, taken = None, set()
+        order = self._order
+        while order and order[0][2]:
+            upto, msg, _ = order.popleft()
+            del self._by_msg[msg]
+            taken.add(msg)
+        return upto, taken
 
 
 async def within(reactor, d, seconds):
@@ -8347,6 +8438,7 @@ class PagerClient:
         self._queue = collections.deque()
         self._working = False
         self._acks = {"msgs": [], "receipts": []}  # waiting for the acknowledgement in flight to be answered
+        self._settled = _Settled()  # what a cumulative ack may cover
         self._ack_in_flight = False
         self._single_acks = 0  # one-id acks unanswered, for a server that takes no lists
         self._keepalive = None
@@ -10091,11 +10183,14 @@ class PagerClient:
             self.log.warn("Ignoring a malformed {kind} frame from the server: {why}", kind=kind, why=e.message)
 
     def _message_started(self, frame):
+        seq = frame.get("seq")
         incoming = _Incoming(
             msg=field_str(frame, "msg", MESSAGE_ID_SIZE * 2), sender=field_str(frame, "from", 64),
             accepted_at=frame.get("accepted_at") if isinstance(frame.get("accepted_at"), (int, float)) else None,
             header=field_b64(frame, "header", 1024 * 1024), chunks=[],
+            seq=seq if type(seq) is int and 1 <= seq < 2 ** 63 else None,
         )
+        self._settled.pushed(incoming.seq, incoming.msg)
         self._add_chunks(incoming, frame)
 
     def _message_continued(self, frame):
@@ -10287,16 +10382,20 @@ class PagerClient:
             await self.protocol.request("reject", msg=incoming.msg, reason=error.message)
         except UnknownMessage:
             pass  # settled already (by another session of this device), or never held by the server: still told
+        self._settled.settle(incoming.msg)
         if self.on_rejected is not None:
             self.on_rejected(incoming.msg, incoming.sender, error)
 
     def _ack(self, field, value):
         """
         Acknowledge one pushed item without waiting for the answer.  While an acknowledgement is in flight, the
-        next ones wait for its answer and then go out together in one list-form ack (PROTOCOL.md 4.12): a client
-        handling a burst sends a few frames, not one per item, and one handling an item now and then sends each at
-        once.  A server that does not announce max_ack_batch gets one ack per item.
+        next ones wait for its answer and then go out together in one ack (PROTOCOL.md 4.12): a client handling a
+        burst sends a few frames, not one per item, and one handling an item now and then sends each at once.  The
+        messages go as one cumulative ack (C{upto}) when they and every message pushed before them are settled,
+        else as a list.  A server that does not announce max_ack_batch gets one ack per item.
         """
+        if field == "msgs":
+            self._settled.settle(value)
         if self._ack_batch() is None:
             single = {"msgs": "msg", "receipts": "receipt"}[field]
             self._single_acks += 1
@@ -10319,6 +10418,10 @@ class PagerClient:
     def _send_acks(self):
         batch = self._ack_batch() or 1
         fields = {}
+        upto, covered = self._settled.take_prefix()
+        waiting = self._acks["msgs"]
+        if upto is not None and waiting and all(m in covered for m in waiting):
+            fields["upto"], self._acks["msgs"] = upto, []  # those waiting, and nothing pushed before them, is open
         for field, waiting in self._acks.items():
             if waiting:
                 fields[field], self._acks[field] = waiting[:batch], waiting[batch:]

@@ -241,3 +241,41 @@ class UsersTests(unittest.SynchronousTestCase):
         message = self.failureResultOf(d, pager.BadRequest).value.message
         self.assertIn("2,500 names", message)
         self.assertEqual(self.transport.value(), b"")
+
+
+class SettledTests(unittest.SynchronousTestCase):
+    """What a cumulative ack may cover: the settled messages at the front of the push order, nothing past a gap."""
+
+    def test_prefix_stops_at_unsettled(self):
+        settled = pager._Settled()
+        for seq, msg in ((3, "a"), (7, "b"), (9, "c"), (12, "d")):
+            settled.pushed(seq, msg)
+        settled.settle("a")
+        settled.settle("c")
+        self.assertEqual(settled.take_prefix(), (3, {"a"}))
+        self.assertEqual(settled.take_prefix(), (None, set()))  # "b" is open: "c" waits behind it
+        settled.settle("b")
+        settled.settle("unknown")  # never pushed on this connection: nothing to settle
+        self.assertEqual(settled.take_prefix(), (9, {"b", "c"}))
+        settled.settle("d")
+        self.assertEqual(settled.take_prefix(), (12, {"d"}))
+
+    def test_no_number_or_no_order_means_lists(self):
+        """A push without seq, or one whose seq does not increase, stops cumulative acks for the connection."""
+        for pushes in (((5, "a"), (None, "b")), ((5, "a"), (5, "b")), ((5, "a"), (4, "b"))):
+            settled = pager._Settled()
+            for seq, msg in pushes:
+                settled.pushed(seq, msg)
+            settled.settle("a")
+            settled.settle("b")
+            self.assertTrue(settled.broken)
+            self.assertEqual(settled.take_prefix(), (None, set()))
+
+    def test_bounded(self):
+        """Behind an open message at most MAX are tracked; past it the connection acknowledges by lists."""
+        settled = pager._Settled()
+        for n in range(pager._Settled.MAX + 1):
+            settled.pushed(n + 1, "m%d" % n)
+        self.assertTrue(settled.broken)
+        settled.settle("m0")
+        self.assertEqual(settled.take_prefix(), (None, set()))

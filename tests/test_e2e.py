@@ -244,9 +244,10 @@ class DeliveryTests(E2ETestCase):
         await self.wait_for(lambda: len(bob.events.messages) == 30, "thirty messages")
         await self.no_pending(server, "bob")
         self.assertEqual([m.message_id.hex() for m in bob.events.messages], sent)
-        acked = [frame.get("msgs", [frame.get("msg")]) for user, frame in frames if user == "bob"]
-        self.assertEqual(sorted(m for batch in acked for m in batch), sorted(sent))
+        acked = [frame for user, frame in frames if user == "bob"]
         self.assertLess(len(acked), 30)
+        # Handed over in order, each with every one before it: one cumulative ack covers them all.
+        self.assertEqual([sorted(set(frame) & {"msg", "msgs", "upto"}) for frame in acked], [["upto"]] * len(acked))
         self.assertEqual(len(await server.store.pending_receipts("alice", 0)), 30)
         alice = await self.login(address, "alice")
         await self.wait_for(lambda: len(alice.events.receipts) == 30, "thirty receipts")
@@ -255,6 +256,47 @@ class DeliveryTests(E2ETestCase):
         dismissed = [frame.get("receipts", [frame.get("receipt")]) for user, frame in frames if user == "alice"]
         self.assertEqual(sorted(r for batch in dismissed for r in batch), sorted(r.rid for r in alice.events.receipts))
         self.assertLess(len(dismissed), 30)
+
+    async def test_cumulative_ack_stops_at_an_unsettled_message(self):
+        """
+        Messages are acknowledged with a cumulative ack (upto) while every message pushed before them is settled;
+        one whose hand-off fails stays on the server, and those after it are acknowledged by list, never by a
+        cumulative ack that would cover it.
+        """
+        server, address = await self.start_server()
+        alice = await self.register(address, "alice")
+        await self.offline(server, await self.register(address, "bob"))
+        sent = [await alice.send("bob", "page %d" % n) for n in range(6)]
+        frames = []
+        handle_ack = pager.PagerServerProtocol.handle_ack
+
+        def recording(protocol, frame, rid):
+            frames.append(frame)
+            return handle_ack(protocol, frame, rid)
+
+        self.patch(pager.PagerServerProtocol, "handle_ack", recording)
+        shown = []
+
+        def hand_off(message):
+            if message.plaintext == b"page 2":
+                raise ValueError("the terminal is on fire")
+            shown.append(message.message_id.hex())
+
+        bob = await self.connect(address)
+        bob.on_message = hand_off
+        await bob.login("bob", token("bob"), key("bob"))
+        await self.wait_for(lambda: len(shown) == 5, "five hand-offs")
+        await self.wait_for(lambda: self.flushLoggedErrors(ValueError), "the hand-off error to be logged")
+
+        async def only_the_failed_one_left():
+            return [m.msg_id.hex() for m in await self.pending(server, "bob")] == [sent[2]]
+        await self.wait_for(only_the_failed_one_left, "every message but the failed one acknowledged")
+        self.assertTrue([frame for frame in frames if "upto" in frame])
+        listed = {m for frame in frames for m in frame.get("msgs", [])}
+        self.assertLessEqual(set(sent[3:]), listed)  # after the gap: by list (with some before it, perhaps)
+        self.assertNotIn(sent[2], listed)
+        await bob.ping()
+        self.assertEqual([m.msg_id.hex() for m in await self.pending(server, "bob")], [sent[2]])
 
     async def test_acks_one_by_one_without_max_ack_batch(self):
         """

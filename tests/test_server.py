@@ -538,6 +538,59 @@ class LineLengthTests(ServerTestCase):
         self.assertStillOpen(conn)
 
 
+class LineSplittingTests(ServerTestCase):
+    """
+    The server finds every line of a read where it is (not splitting its buffer anew per line), to the same rules
+    as LineReceiver: lines across reads, held reading, data that comes while a line is handled, long lines.
+    """
+
+    def test_manyLinesAcrossReads(self):
+        """Requests split anywhere across reads are each answered once, in order."""
+        conn = self.register("alice")
+        data = b"".join(b'{"type":"ping","id":%d}\n' % n for n in range(200))
+        for start in range(0, len(data), 37):
+            conn.protocol.dataReceived(data[start:start + 37])
+        self.assertEqual([f["id"] for f in conn.read()], list(range(200)))
+        conn.protocol.dataReceived(b'{"type":"ping","id":"half')
+        self.assertEqual(conn.read(), [])
+        conn.protocol.dataReceived(b'"}\n{"type":"ping","id":"next"}\n')
+        self.assertEqual([f["id"] for f in conn.read()], ["half", "next"])
+
+    def test_heldReadingKeepsTheRest(self):
+        """Lines read while the server holds reading wait, and are answered in order once it resumes."""
+        conn = self.register("alice")
+        conn.protocol._hold("test")
+        conn.protocol.dataReceived(b'{"type":"ping","id":1}\n{"type":"ping","id":2}\n{"type":"ping",')
+        self.assertEqual(conn.read(), [])
+        conn.protocol.dataReceived(b'"id":3}\n')
+        conn.protocol._release("test")
+        self.assertEqual([f["id"] for f in conn.read()], [1, 2, 3])
+
+    def test_heldByAnEarlierLine(self):
+        """A line that holds reading (max_in_flight reached) leaves the lines after it in the same read unread."""
+        conn = self.register("alice")
+        held = self.factory.store = _HeldStore(self.store)
+        lines = b"".join(b'{"type":"users","id":%d}\n' % n for n in range(self.limits.max_in_flight + 3))
+        conn.protocol.dataReceived(lines)
+        self.assertEqual(len(held.held), self.limits.max_in_flight)
+        self.assertEqual(conn.read(), [])
+        held.release()  # answered: reading resumes, and the three left in the read are asked of the store
+        self.assertEqual(len([f for f in conn.read() if f["type"] == "ok"]), self.limits.max_in_flight)
+        self.assertEqual(len(held.held), 3)
+        held.release()
+        self.assertEqual([f["id"] for f in conn.read()], [self.limits.max_in_flight + n for n in range(3)])
+
+    def test_longLineAmongShortOnes(self):
+        """A line over the limit after good ones in the same read: those are answered, then too_large and close."""
+        conn = self.connect()
+        long_line = b'{"type":"ping","id":9,"pad":"' + b"x" * self.limits.max_line_unauthenticated + b'"}'
+        conn.protocol.dataReceived(b'{"type":"ping","id":1}\n' + long_line + b'\n{"type":"ping","id":2}\n')
+        frames = conn.read()
+        self.assertEqual([(f["type"], f.get("id"), f.get("code")) for f in frames],
+                         [("ok", 1, None), ("error", None, "too_large")])
+        self.assertTrue(conn.transport.disconnecting)
+
+
 class NotAuthenticatedTests(ServerTestCase):
 
     def test_requestsBeforeLogin(self):
