@@ -2107,6 +2107,9 @@ def valid_username(name):
     return isinstance(name, str) and name.isascii() and USERNAME_RE.fullmatch(name) is not None
 
 
+_CANONICAL_USERNAME = USERNAME_RE.fullmatch  # a name already canonical (ASCII, lower case) needs nothing else
+
+
 def canonical_username(name):
     """
     The canonical form of a user name as typed: ASCII is checked first, then lowercased (non-ASCII is never folded,
@@ -2404,7 +2407,9 @@ def field_usernames(frame, name):
     value = frame.get(name)
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_RECIPIENTS:
         raise _missing(name, "a list of 1 to %d user names" % MAX_RECIPIENTS)
-    names = [canonical_username(v) for v in value]
+    names = [v for v in value if type(v) is str and _CANONICAL_USERNAME(v)]  # as clients send them: canonical
+    if len(names) != len(value):
+        names = [canonical_username(v) for v in value]
     if len(set(names)) != len(names):
         raise BadRequest('The field "%s" names a user twice.' % name)
     return sorted(names)
