@@ -14120,11 +14120,16 @@ def _endpoint_escape(text):
     return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
-def _positive(kind):
+def _positive(kind, option=None):
     def coerce(value):
-        number = kind(value)
+        what = "%s must be a positive finite number, not %r" % (option, value) if option else (
+            "must be a positive finite number")
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(what)
         if not math.isfinite(number) or number <= 0:
-            raise ValueError("must be a positive finite number")
+            raise ValueError(what)
         return number
     coerce.coerceDoc = "Must be a positive number."
     return coerce
@@ -14144,7 +14149,8 @@ class ServerOptions(_GnuOptions):
         ["tls-key", None, None, "The private key (PEM) of --tls-cert."],
         ["registration", None, Limits.registration, "Who may register: open, invite (needs a code from "
                                                     "'pager-cli admin invite') or closed."],
-    ] + [[name, None, getattr(Limits, field), text, _positive(kind)] for name, field, kind, text in _LIMIT_OPTIONS]
+    ] + [[name, None, getattr(Limits, field), text, _positive(kind, "--" + name)]
+         for name, field, kind, text in _LIMIT_OPTIONS]
     optFlags = [["no-recovery", None, "Refuse lost-key recovery with the safetoken alone."]]
 
     def postOptions(self):
@@ -14210,7 +14216,8 @@ class _ClientOptions(_GnuOptions):
                                         "revoke-device)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
-                                                       "seconds from when the server accepted it.", _positive(float)],
+                                                       "seconds from when the server accepted it.",
+                  _positive(float, "--skew-window")],
     ]
     optFlags = [
         ["tls", None, "Connect with TLS, checking the server's certificate and host name."],
@@ -14294,11 +14301,12 @@ class SendOptions(_ClientOptions):
     optParameters = [
         ["to", "t", None, "Recipients, separated by commas, or one group: '#NAME'."],
         ["file", "f", None, "Send this file instead of a text message."],
-        ["timeout", None, 60.0, "With --wait-delivered: seconds to wait.", float],
+        ["timeout", None, 60.0, "With --wait-delivered: seconds to wait.", _positive(float, "--timeout")],
     ]
     optFlags = [
         ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery (without it, no "
-                                "delivery receipt is asked for)."], _REGISTER]
+                                "receipt is asked for: the sender is not told of a delivery, refusal or expiry)."],
+        _REGISTER]
 
     def parseArgs(self, server, *message):
         self["server"] = server
@@ -14873,6 +14881,7 @@ def report(error, hint=""):
     error's is its text.
     """
     sentence = error.message if isinstance(error, PagerError) else str(error)
+    sentence = sentence.replace("Parameter type enforcement failed: ", "")  # usage.Options' prefix to a bad value
     if hint:
         sentence = "%s (%s)." % (sentence.rstrip("."), hint)
     sys.stderr.write("pager: %s\n" % sentence)
@@ -14932,6 +14941,8 @@ async def _send_command(reactor, config):
     elif config["message"] is not None:
         data = config["message"].encode("utf-8")  # SendOptions checked that it is text
     else:
+        if sys.stdin is not None and sys.stdin.isatty():
+            sys.stderr.write("pager: reading the message from standard input; end it with Ctrl-D.\n")
         data = await _in_daemon_thread(reactor, _read_stdin)
         if not data.strip():
             raise usage.UsageError(NOTHING_TO_SEND)

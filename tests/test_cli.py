@@ -530,6 +530,22 @@ class NoReceiptTests(CLITestCase):
         self.assertEqual([m.plaintext for m in bob.events.messages], [b"no answer needed"])
 
 
+class BadTimeoutTests(CLITestCase):
+    """A --timeout that is not a positive number is a usage error before anything is sent (a retry would not send twice)."""
+
+    async def test_bad_timeout_sends_nothing(self):
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        for value in ("-1", "0", "nan", "inf", "abc"):
+            result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
+                                            "--timeout", value, "hello", home=alice_home, token_of="alice")
+            line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+            self.assertIn("--timeout must be a positive finite number, not '%s'" % value, line)
+            self.assertEqual(result.out, "")
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+
 class ExitCodeTests(CLITestCase):
     """Each failure has its documented exit code and one line on stderr, never a traceback."""
 
