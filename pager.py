@@ -12449,6 +12449,7 @@ class Outbox:
         self._again = False  # a message was added while it ran
         self._waiters = []
         self._retry = None
+        self._paused_until = 0.0  # when the server's last pause (rate_limited) is over
 
     def connected(self):
         client = self.session.client
@@ -12525,6 +12526,8 @@ class Outbox:
 
     async def _flush(self):
         while self.connected():
+            if self._retry is not None and self._retry.active():
+                return  # the server asked for a pause: what was added meanwhile waits for the retry, behind the rest
             self._again = False
             store, client = self.session.store, self.session.client
             entry = await store.outbox_next()
@@ -12580,7 +12583,8 @@ class Outbox:
             return False  # still waiting: sent again, as the same message, after the reconnection
         except (RateLimited, InternalError) as e:
             delay = getattr(e, "retry_after", None) or OUTBOX_RETRY
-            self.show("\u23f3 %s to %s waits: %s Trying again in %d s." % (label, names, e.message, delay))
+            self.show("\u23f3 %s to %s waits %d s: %s" % (label, names, _whole_seconds(delay), e.message))
+            self._paused_until = self.reactor.seconds() + delay
             if self._retry is None or not self._retry.active():
                 self._retry = self.reactor.callLater(delay, self._retry_now)
             return False
@@ -12617,6 +12621,29 @@ class Outbox:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+
+    async def drain(self, deadline):
+        """
+        At quitting: go on sending what waits, pausing as the server asks, until the outbox is empty, the
+        connection is down or the reactor's clock passes C{deadline}.  Returns C{(waiting, connected)}: how many
+        messages still wait, and whether the connection was still up.
+        """
+        store = self.session.store
+        try:
+            while True:
+                waiting = await store.outbox_waiting() if store is not None else 0
+                now = self.reactor.seconds()
+                left = deadline - now
+                if not waiting or left <= 0 or not self.connected():
+                    return waiting, self.connected()
+                if self._paused_until > now:  # the server's pause is not over: asking again would be refused
+                    await task.deferLater(self.reactor, min(left, self._paused_until - now), lambda: None)
+                    continue
+                self.close()  # this loop tries again itself, once a pause is over
+                await self.flush()
+                self.close()
+        finally:
+            self.close()
 
 
 QUIT_WAIT = 5.0  # seconds /quit waits for the commands in flight (a stalled server) before closing anyway
@@ -12778,6 +12805,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             Deferred.fromCoroutine(self._close())
 
     async def _close(self):
+        left_early = False
         if self._busy:
             # What is in flight gets QUIT_WAIT from when quitting was asked (a /quit typed behind a stalled command
             # is taken then: L{_quit_typed}).
@@ -12789,6 +12817,14 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                           "disk and is sent at the next connect." % (
                               ", ".join(sorted({label for label in self._busy.values() if label})
                                         or ["the lines typed"]), QUIT_WAIT))
+                left_early = True
+        if not left_early:
+            # The server may have asked for a pause (rate_limited): what waits is sent meanwhile, for as long.
+            waiting, connected = await self.outbox.drain(self._quit_asked + QUIT_WAIT)
+            if waiting:
+                self.show("%s%d message%s in the outbox stay%s on disk and %s sent at the next connect." % (
+                    "Left without waiting longer (%d s): " % QUIT_WAIT if connected else "", waiting,
+                    "" if waiting == 1 else "s", "s" if waiting == 1 else "", "is" if waiting == 1 else "are"))
         try:
             await self.session.close()
         finally:

@@ -281,10 +281,61 @@ class OutboxChatTests(ChatTestCase):
         client.send_envelope = send_envelope
         before = len(ui.shown)
         await self.type(chat, "/msg bob patience")
-        self.assertIn("\u23f3 #1 to bob waits: Too many uploads at once. Trying again in 0 s.", ui.text(before))
+        self.assertIn("\u23f3 #1 to bob waits 1 s: Too many uploads at once.", ui.text(before))
         await self.wait_for(lambda: "\u2713 #1 sent" in ui.text(before), "the message sent after the wait")
         await self.wait_for(lambda: bob.events.messages, "bob's message")
         self.assertEqual([m.plaintext for m in bob.events.messages], [b"patience"])
+
+
+    async def pause_sends(self, client, seconds):
+        """For C{seconds} from now, C{client}'s sends are refused as a busy server would (rate_limited)."""
+        original = client.send_envelope
+        until = reactor.seconds() + seconds
+        tried = []
+
+        async def send_envelope(names, envelope):
+            tried.append(names)
+            if reactor.seconds() < until:
+                raise pager.RateLimited("Slow down.", retry_after=until - reactor.seconds())
+            return await original(names, envelope)
+        client.send_envelope = send_envelope
+        return tried
+
+    async def test_pause_said_once_and_kept_at_quit(self):
+        """
+        While the server's pause lasts, messages typed meanwhile wait behind it without asking the server again (one
+        line says so, not one per message); quitting at once still sends them when the pause is over, in order.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        tried = await self.pause_sends(chat.session.client, 0.5)
+        before = len(ui.shown)
+        for n in range(3):
+            chat.line("/msg bob line %d" % n)
+        chat.line("/quit")
+        await self.wait_for(lambda: chat.done.called, "the chat to quit")
+        shown = ui.text(before)
+        self.assertEqual(shown.count("waits 1 s: Slow down."), 1, shown)
+        self.assertNotIn("Left without", shown)
+        self.assertEqual(len(tried), 4)  # one refused, then the three
+        await self.wait_for(lambda: len(bob.events.messages) == 3, "bob's three messages")
+        self.assertEqual([m.plaintext for m in bob.events.messages], [b"line 0", b"line 1", b"line 2"])
+
+    async def test_long_pause_at_quit_said(self):
+        """A pause longer than quitting waits: the chat says how many messages stay in the outbox for next time."""
+        self.patch(pager, "QUIT_WAIT", 0.5)
+        await self.serve()
+        await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await self.pause_sends(chat.session.client, 60)
+        before = len(ui.shown)
+        chat.line("/msg bob one")
+        chat.line("/msg bob two")
+        chat.line("/quit")
+        await self.wait_for(lambda: chat.done.called, "the chat to quit")
+        self.assertIn("Left without waiting longer (0 s): 2 messages in the outbox stay on disk and are sent at the "
+                      "next connect.", ui.text(before))
 
 
 class TickTests(ChatTestCase):
