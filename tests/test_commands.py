@@ -315,6 +315,15 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertFalse(pager.makeService(alone, MemoryReactorClock()).exit_on_failure)
         self.assertIn("connect", [c[0] for c in pager.Options().subCommands])
 
+    def test_server_gc_thresholds(self):
+        """The server collects cyclic garbage less often than Python's default (its objects are short-lived)."""
+        import gc
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        gc.set_threshold(700, 10, 10)
+        pager.makeService(self.parse("server", "--listen", "tcp:0", "--db", self.mktemp()), MemoryReactorClock())
+        self.assertEqual(gc.get_threshold(), pager.SERVER_GC_THRESHOLDS)
+        self.assertGreater(pager.SERVER_GC_THRESHOLDS[0], 700)
+
     def test_db_in_missing_directory(self):
         """server --db in a directory that does not exist is one sentence naming the directory."""
         missing = os.path.join(os.path.abspath(self.mktemp()), "pager.sqlite3")
