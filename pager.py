@@ -4092,7 +4092,6 @@ class Store:
     def ack_upto(self, user, device, upto, rids, now, user_fp=None):
         return self._run(ack_upto_txn, user, device, upto, rids, now, user_fp)
 
-
     def devices(self, user):
         return self._run(devices_txn, user)
 
