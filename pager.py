@@ -5538,9 +5538,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         """
         recipients, targets, to, group, receipt = recipients
         header = verifier.header
-        if verifier.size != size:
-            raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
-        check = functools.partial(verifier.verify, signature, self.key)
+        check = self._signature_check(verifier, size, signature)
         if upload is not None and upload.duplicate:
             await self.factory.in_thread(check)
             if not self.receive and receipt:
@@ -5552,6 +5550,15 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self.limits, None if upload is None else upload.seq, check, self.key_fingerprint, targets, group)
         return self._accepted(committed, verifier, (recipients, targets, to, group, receipt), size, chunks, signature)
 
+    def _signature_check(self, verifier, size, signature):
+        """
+        The check of a complete message's signature, to run off the reactor; L{BadRequest} if the message is not
+        the size it declared.
+        """
+        if verifier.size != size:
+            raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
+        return functools.partial(verifier.verify, signature, self.key)
+
     def _accept_batched(self, send, delivery, rid):
         """
         L{_accept} for a message in one frame, without a coroutine or a Deferred: it joins the store's next batch
@@ -5560,9 +5567,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         recipients, targets, to, group, receipt = delivery
         verifier, size, chunks, signature = send.verifier, send.size, send.chunks, send.signature
         header = verifier.header
-        if verifier.size != size:
-            raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
-        check = functools.partial(verifier.verify, signature, self.key)
+        check = self._signature_check(verifier, size, signature)
 
         def committed(result):
             self._answer(self._accepted(result, verifier, delivery, size, chunks, signature), "send", rid)
