@@ -2508,7 +2508,7 @@ class KeyReplaced(Forbidden):
     """This account was deleted, or its key replaced, since this session logged in."""
 
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PENDING_PAGE_BYTES = 4 * 1024 * 1024  # bytes of chunks one read of pending messages holds in memory
 EXPIRE_BATCH = 1000  # deliveries one expiry transaction settles; the server repeats until fewer come back
 
@@ -2541,7 +2541,8 @@ CREATE TABLE IF NOT EXISTS messages (
     ord INTEGER UNIQUE,
     reserved TEXT,
     gid BLOB,
-    body BLOB
+    body BLOB,
+    line BLOB
 );
 CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER NOT NULL REFERENCES messages(seq) ON DELETE CASCADE,
@@ -2703,6 +2704,46 @@ class StoredMessage:
     lines: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
+# A message push that fits one line is encoded once, when the message is accepted: all of it after its "msg" and
+# "seq" (the tail) is stored with the message, so that a queue drains by reading lines and writing them out.
+_MESSAGE_HEAD = b'{"type":"message","msg":"%s","seq":%d'
+_MESSAGE_TAIL = b',"from":"%s","size":%d,"accepted_at":%s,"header":"%s","chunks":[%s],"signature":"%s"}\n'
+
+
+def _json_number(value):
+    """An int or a finite float as encode_frame writes it."""
+    return (repr(value) if isinstance(value, float) else "%d" % value).encode("ascii")
+
+
+def push_tail(sender, size, accepted_at, header, chunks, signature, max_line):
+    """
+    The push of a message with its chunks and signature, from after its "seq" to the line's end: C{_push_line}
+    makes it the line encode_frame would write (with its delimiter).  None if the line would not fit in
+    C{max_line}: the message then goes as a push without chunks and one chunk frame each.  Built by hand: every
+    string in it is base64, hex or a user name, which JSON takes as it is, and scanning some kilobytes of them for
+    characters to escape was most of the cost of a push.
+    """
+    encoded_header = base64.b64encode(header)
+    encoded = [base64.b64encode(c) for c in chunks]
+    if sum(len(c) + 3 for c in encoded) + len(encoded_header) + FRAME_MARGIN >= max_line:
+        return None
+    return _MESSAGE_TAIL % (sender.encode(), size, _json_number(accepted_at), encoded_header,
+                            b'"%s"' % b'","'.join(encoded) if encoded else b"", base64.b64encode(signature))
+
+
+def _push_line(msg_id, ord_, tail):
+    """The whole push line of the message C{msg_id} at delivery position C{ord_}, from its L{push_tail}."""
+    return _MESSAGE_HEAD % (msg_id.hex().encode(), ord_) + tail
+
+
+def _message_from_tail(seq, msg_id, ord_, chunk_count, tail):
+    """The L{StoredMessage} a stored push tail holds (a message stored as its line keeps its fields only there)."""
+    frame = decode_frame(b'{"type":"message"' + tail)
+    return StoredMessage(seq, msg_id, frame["from"], base64.b64decode(frame["header"]),
+                         base64.b64decode(frame["signature"]), frame["size"], chunk_count, frame["accepted_at"],
+                         [base64.b64decode(c) for c in frame["chunks"]], ord_)
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceRecord:
     """
@@ -2769,6 +2810,11 @@ _MIGRATIONS = {
         "UPDATE sqlite_sequence SET seq = MAX(seq, COALESCE((SELECT value FROM counters WHERE name = 'ord'), 0))"
         " WHERE name = 'messages'",
         "DELETE FROM counters WHERE name = 'ord'",
+    ],
+    # A message that fits one push line is stored as that line's tail (push_tail), its header, signature and body
+    # being in it; the messages stored before keep their fields, and their pushes are built as they are sent.
+    5: [
+        "ALTER TABLE messages ADD COLUMN line BLOB",
     ],
 }
 
@@ -3299,7 +3345,7 @@ def check_recipients_txn(txn, recipients, size, limits, counted=()):
 
 
 def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None, targets=None, group=None):
+                       check=None, sender_fp=None, targets=None, group=None, tail=None):
     """
     Commit a complete message for all of its recipients, or for none: returns C{(seq, accepted_at, duplicate,
     ord)}, C{ord} being its place in delivery order, taken now, at acceptance.  C{recipients} are the users it
@@ -3312,7 +3358,9 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     (the signature check) and refuses the message by raising.  With C{sender_fp}, the sender's account must still
     have that key.  A group message has C{group}, its C{(group id, head)}: that must still be the group's stored
     head (L{GroupChanged}), so that a message and an op that removes a member are committed in one order or the
-    other, never a message sealed for the old version after the op (see L{add_group_op_txn}).
+    other, never a message sealed for the old version after the op (see L{add_group_op_txn}).  A new message may
+    come with C{tail}, its push as encoded after its seq (L{push_tail}, with C{now}): it is stored as that alone,
+    its header, signature and chunk being in it.
     """
     if check is not None:
         check()
@@ -3320,13 +3368,13 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     if seq is None:
         # Its place in delivery order is its seq: a message accepted whole is inserted as it is accepted, and the
         # AUTOINCREMENT sequence never goes back.  One chunk (most messages) is kept in the row itself.
-        body = chunks[0] if len(chunks) == 1 else None
+        body = chunks[0] if len(chunks) == 1 and tail is None else None
         try:
             txn.execute(
                 "INSERT INTO messages (msg_id, sender, header, signature, size, chunk_count, accepted_at,"
-                " expires_at, gid, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (msg_id, sender, header, signature, size, len(chunks), now, expires_at,
-                 None if group is None else group[0], body))
+                " expires_at, gid, body, line) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (msg_id, sender, header if tail is None else b"", signature if tail is None else None, size,
+                 len(chunks), now, expires_at, None if group is None else group[0], body, tail))
         except sqlite3.IntegrityError:  # the message id is taken: a resend of ours, or someone else's id
             existing = _existing_message_txn(txn, msg_id, sender)
             return existing[0], existing[1], True, None
@@ -3336,7 +3384,7 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
         _charge_recipients_txn(txn, recipients, size, limits)
         _charge_sender_txn(txn, sender, sender_fp, size, limits)
         _check_budget_txn(txn, size, limits)
-        if body is None:
+        if body is None and tail is None:
             add_chunks_txn(txn, seq, 0, chunks)
     else:
         # An upload's seq was given when it began: its place comes now, the next number of the same sequence.
@@ -3390,39 +3438,74 @@ def _check_session_key_txn(txn, user, user_fp):
         raise KeyReplaced()
 
 
-def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None, device=None):
+def _pending_rows_txn(txn, user, after_ord, limit, inline_bytes, page_bytes, user_fp, device):
     """
-    Up to C{limit} pending deliveries for C{user} after delivery position C{after_ord}, in the order they were
-    accepted, small ones (up to C{inline_bytes}) with their chunks.  The page ends early rather than hold more
-    than C{page_bytes} of headers, signatures and inline chunks (it always has at least one delivery, if there is
-    one).  With C{user_fp}, see L{_check_session_key_txn}.  With C{device}, only what waits for that device (one
-    device's rows come in the same index walk as the user's: a user has at most C{max_devices}).
+    The rows of L{pending_txn} and L{pending_pushes_txn}: C{(seq, msg_id, sender, header, signature, size,
+    chunk_count, accepted_at, ord, body, tail)}, and the chunks of the inline ones without a tail, by seq.
     """
     _check_session_key_txn(txn, user, user_fp)
     rows = txn.execute(
-        "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord, m.body"
-        " FROM deliveries d JOIN messages m ON m.seq = d.seq"
+        "SELECT m.seq, m.msg_id, m.sender, m.header, m.signature, m.size, m.chunk_count, m.accepted_at, d.ord, m.body,"
+        " m.line FROM deliveries d JOIN messages m ON m.seq = d.seq"
         " WHERE d.recipient = ?1 AND d.ord > ?2 AND (?4 IS NULL OR d.device = ?4) ORDER BY d.ord LIMIT ?3",
         (user, after_ord, limit, device)).fetchall()
     held = 0
     for end, row in enumerate(rows):
-        held += len(row[3]) + len(row[4] or b"")
-        if row[5] <= inline_bytes:
-            held += row[5] + row[6] * GCM_TAG_SIZE
+        if row[10] is not None:
+            held += len(row[10])
+        else:
+            held += len(row[3]) + len(row[4] or b"")
+            if row[5] <= inline_bytes:
+                held += row[5] + row[6] * GCM_TAG_SIZE
         if held > page_bytes and end > 0:
             del rows[end:]
             break
-    inline = [row[0] for row in rows if row[5] <= inline_bytes and row[9] is None]
+    inline = [row[0] for row in rows if row[5] <= inline_bytes and row[9] is None and row[10] is None]
     chunks = collections.defaultdict(list)
-    for row in rows:
-        if row[9] is not None:
-            chunks[row[0]].append(bytes(row[9]))  # a message of one chunk keeps it in its row
     for part in _in_pages(inline):  # within SQLite's limit on parameters
         for seq, data in txn.execute("SELECT seq, data FROM chunks WHERE seq IN (%s) ORDER BY seq, idx"
                                      % _marks(part), part):
             chunks[seq].append(bytes(data))
-    return [StoredMessage(*row[:8], chunks[row[0]] if row[5] <= inline_bytes else None, ord=row[8])
-            for row in rows]
+    return rows, chunks
+
+
+def _pending_message(row, chunks, inline_bytes):
+    """The L{StoredMessage} of a row of L{_pending_rows_txn}."""
+    if row[10] is not None:
+        return _message_from_tail(row[0], bytes(row[1]), row[8], row[6], row[10])
+    if row[9] is not None:  # a message of one chunk keeps it in its row
+        return StoredMessage(*row[:8], [bytes(row[9])] if row[5] <= inline_bytes else None, ord=row[8])
+    return StoredMessage(*row[:8], chunks[row[0]] if row[5] <= inline_bytes else None, ord=row[8])
+
+
+def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None, device=None):
+    """
+    Up to C{limit} pending deliveries for C{user} after delivery position C{after_ord}, in the order they were
+    accepted, small ones (up to C{inline_bytes}) with their chunks: L{StoredMessage}s.  The page ends early rather
+    than hold more than C{page_bytes} of headers, signatures and inline chunks (it always has at least one
+    delivery, if there is one).  With C{user_fp}, see L{_check_session_key_txn}.  With C{device}, only what waits
+    for that device (one device's rows come in the same index walk as the user's: a user has at most
+    C{max_devices}).
+    """
+    rows, chunks = _pending_rows_txn(txn, user, after_ord, limit, inline_bytes, page_bytes, user_fp, device)
+    return [_pending_message(row, chunks, inline_bytes) for row in rows]
+
+
+def pending_pushes_txn(txn, user, after_ord, limit, inline_bytes, max_line, user_fp=None, device=None):
+    """
+    L{pending_txn} as a session's feed takes it: C{(ord, item)} pairs, the item the message's push line as
+    stored when it has one that fits in C{max_line}, else its L{StoredMessage}.
+    """
+    rows, chunks = _pending_rows_txn(txn, user, after_ord, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp, device)
+    pushes = []
+    for row in rows:
+        if row[10] is not None:
+            line = _push_line(row[1], row[8], row[10])
+            if len(line) <= max_line:  # it may not, if the server was restarted with a shorter max_line
+                pushes.append((row[8], line))
+                continue
+        pushes.append((row[8], _pending_message(row, chunks, inline_bytes)))
+    return pushes
 
 
 def chunks_txn(txn, seq, start, count):
@@ -3442,7 +3525,7 @@ def _drop_messages_txn(txn, seqs):
     for part in _in_pages(list(seqs)):
         dropped = txn.execute(
             "DELETE FROM messages WHERE seq IN (%s) AND accepted_at IS NOT NULL AND NOT EXISTS"
-            " (SELECT 1 FROM deliveries d WHERE d.seq = messages.seq) RETURNING seq, sender, size, body IS NULL"
+            " (SELECT 1 FROM deliveries d WHERE d.seq = messages.seq) RETURNING seq, sender, size, body IS NULL AND line IS NULL"
             % _marks(part), part).fetchall()
         chunked = [row[0] for row in dropped if row[3]]  # the others kept their one chunk in their row
         if chunked:
@@ -4067,12 +4150,15 @@ class Store:
         return self._run(abort_upload_txn, seq)
 
     def accept_message(self, msg_id, sender, header, signature, size, chunks, recipients, now, limits, seq=None,
-                       check=None, sender_fp=None, targets=None, group=None):
+                       check=None, sender_fp=None, targets=None, group=None, tail=None):
         return self._run(accept_message_txn, msg_id, sender, header, signature, size, chunks, recipients, now,
-                         limits, seq, check, sender_fp, targets, group)
+                         limits, seq, check, sender_fp, targets, group, tail)
 
     def pending(self, user, after_seq, limit=100, inline_bytes=256 * 1024, user_fp=None, device=None):
         return self._run(pending_txn, user, after_seq, limit, inline_bytes, PENDING_PAGE_BYTES, user_fp, device)
+
+    def pending_pushes(self, user, after_seq, limit, inline_bytes, max_line, user_fp=None, device=None):
+        return self._run(pending_pushes_txn, user, after_seq, limit, inline_bytes, max_line, user_fp, device)
 
     def chunks(self, seq, start, count):
         return self._run(chunks_txn, seq, start, count)
@@ -4377,13 +4463,6 @@ class _Upload:
 
 
 ANSWERED_LATER = object()  # what a request handler returns when its store callbacks write the answer
-_MESSAGE_LINE = (b'{"type":"message","msg":"%s","seq":%d,"from":"%s","size":%d,"accepted_at":%s,"header":"%s",'
-                 b'"chunks":[%s],"signature":"%s"}\n')  # a message push with its chunks (_message_line)
-
-
-def _json_number(value):
-    """An int or a finite float as encode_frame writes it."""
-    return (repr(value) if isinstance(value, float) else "%d" % value).encode("ascii")
 
 
 @dataclasses.dataclass
@@ -4916,10 +4995,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         store = self.factory.store
         if receive:
             self.messages = _Feed(
-                lambda after: self._checked(store.pending(
-                    user, after, self.PAGE, self.factory.inline_bytes, self.key_fingerprint, self.device).addCallback(
-                    lambda ms: [(m.ord, m) for m in ms])),
-                self._push_message, self.flow, self.log)
+                lambda after: self._checked(store.pending_pushes(
+                    user, after, self.PAGE, self.factory.inline_bytes, self.limits.max_line, self.key_fingerprint,
+                    self.device)),
+                self._push_pending, self.flow, self.log)
             self.receipts = _Feed(
                 lambda after: self._checked(store.pending_receipts(user, after, user_fp=self.key_fingerprint)
                                             .addCallback(lambda rs: [(r.rid, r) for r in rs])),
@@ -5545,10 +5624,13 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                 self.sent.add(header.message_id)
             return {"msg": header.message_id.hex(), "accepted_at": upload.accepted_at, "duplicate": True,
                     "queued": [name for name in to if name not in self.factory.receivers]}
+        now = self.factory.now()
+        tail = None if upload is not None else self._push_tail(verifier, size, chunks, signature, now)
         committed = await self.factory.store.accept_message(
-            header.message_id, self.user, header.raw, signature, size, chunks, recipients, self.factory.now(),
-            self.limits, None if upload is None else upload.seq, check, self.key_fingerprint, targets, group)
-        return self._accepted(committed, verifier, (recipients, targets, to, group, receipt), size, chunks, signature)
+            header.message_id, self.user, header.raw, signature, size, chunks, recipients, now, self.limits,
+            None if upload is None else upload.seq, check, self.key_fingerprint, targets, group, tail)
+        return self._accepted(committed, verifier, (recipients, targets, to, group, receipt), size, chunks, signature,
+                              tail)
 
     def _signature_check(self, verifier, size, signature):
         """
@@ -5559,6 +5641,15 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             raise BadRequest("The message is %d bytes, not the %d declared." % (verifier.size, size))
         return functools.partial(verifier.verify, signature, self.key)
 
+    def _push_tail(self, verifier, size, chunks, signature, now):
+        """
+        The push of a new message accepted at C{now}, as it is stored (L{push_tail}); None for one too large to
+        push from memory (over C{inline_bytes}) or in one line.
+        """
+        if chunks is None or size > self.factory.inline_bytes:
+            return None
+        return push_tail(self.user, size, now, verifier.header.raw, chunks, signature, self.limits.max_line)
+
     def _accept_batched(self, send, delivery, rid):
         """
         L{_accept} for a message in one frame, without a coroutine or a Deferred: it joins the store's next batch
@@ -5568,20 +5659,22 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         verifier, size, chunks, signature = send.verifier, send.size, send.chunks, send.signature
         header = verifier.header
         check = self._signature_check(verifier, size, signature)
+        now = self.factory.now()
+        tail = self._push_tail(verifier, size, chunks, signature, now)
 
         def committed(result):
-            self._answer(self._accepted(result, verifier, delivery, size, chunks, signature), "send", rid)
+            self._answer(self._accepted(result, verifier, delivery, size, chunks, signature, tail), "send", rid)
 
         self.factory.store.submit(
-            accept_message_txn, (header.message_id, self.user, header.raw, signature, size, chunks, recipients,
-                                 self.factory.now(), self.limits, None, check, self.key_fingerprint, targets, group),
+            accept_message_txn, (header.message_id, self.user, header.raw, signature, size, chunks, recipients, now,
+                                 self.limits, None, check, self.key_fingerprint, targets, group, tail),
             committed, lambda error: self._answer_error(error, "send", rid))
         return ANSWERED_LATER
 
-    def _accepted(self, committed, verifier, delivery, size, chunks, signature):
+    def _accepted(self, committed, verifier, delivery, size, chunks, signature, tail=None):
         """
-        A message was committed (C{committed}: L{accept_message_txn}'s answer): offer it to the sessions of the
-        devices it waits for, and return the fields of the sender's C{ok}.
+        A message was committed (C{committed}: L{accept_message_txn}'s answer, C{tail} its push as stored): offer it
+        to the sessions of the devices it waits for, and return the fields of the sender's C{ok}.
         """
         seq, accepted_at, duplicate, ord_ = committed
         recipients, targets, to, group, receipt = delivery
@@ -5590,9 +5683,11 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             self.sent.add(header.message_id)
         if not duplicate:
             inline = chunks if chunks is not None and size <= self.factory.inline_bytes else None
-            self.factory.message_accepted(StoredMessage(
-                seq, header.message_id, self.user, header.raw, signature, size, verifier.chunk_count,
-                accepted_at, inline, ord_), targets)
+            message = StoredMessage(seq, header.message_id, self.user, header.raw, signature, size,
+                                    verifier.chunk_count, accepted_at, inline, ord_)
+            if tail is not None:
+                message.lines[self.limits.max_line] = _push_line(header.message_id, ord_, tail)
+            self.factory.message_accepted(message, targets)
         return {"msg": header.message_id.hex(), "accepted_at": accepted_at, "duplicate": duplicate,
                 "queued": [name for name in to if name not in self.factory.receivers]}
 
@@ -5619,15 +5714,16 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         """The C{message} push with its chunks and signature as one encoded line, or C{b""} if it does not fit."""
         if message.chunks is None:
             return b""
-        header = base64.b64encode(message.header)
-        encoded = [base64.b64encode(c) for c in message.chunks]
-        if sum(len(c) + 3 for c in encoded) + len(header) + FRAME_MARGIN >= self.limits.max_line:
-            return b""
-        # Built by hand, as encode_frame would write it: every string in it is base64, hex or a user name, which
-        # JSON takes as it is, and scanning some kilobytes of them for characters to escape was most of the cost.
-        chunks = b'"%s"' % b'","'.join(encoded) if encoded else b""
-        return _MESSAGE_LINE % (message.msg_id.hex().encode(), message.ord, message.sender.encode(), message.size,
-                                _json_number(message.accepted_at), header, chunks, base64.b64encode(message.signature))
+        tail = push_tail(message.sender, message.size, message.accepted_at, message.header, message.chunks,
+                         message.signature, self.limits.max_line)
+        return b"" if tail is None else _push_line(message.msg_id, message.ord, tail)
+
+    def _push_pending(self, item):
+        """Push an item of the message feed: a line as the store keeps it, or a L{StoredMessage}."""
+        if item.__class__ is bytes:
+            self.send_line(item)
+            return None
+        return self._push_message(item)
 
     async def _stream_chunks(self, message):
         """Send a large message's chunks one frame each, as fast as the recipient reads them."""

@@ -691,8 +691,11 @@ def store_messages_db(db, sender, recipients_of, envelopes, batch=5000, receipt=
         txn.execute("BEGIN")
         for env in envelopes[start:start + batch]:
             header = pager.parse_header(env.header)
+            tail = None  # the push line, stored as the server stores a message it pushes from memory
+            if env.size <= pager.PagerServerFactory.inline_bytes:
+                tail = pager.push_tail(sender, env.size, now, env.header, env.chunks, env.signature, limits.max_line)
             pager.accept_message_txn(txn, header.message_id, sender, env.header, env.signature, env.size,
-                                     env.chunks, recipients_of(header), now, limits)
+                                     env.chunks, recipients_of(header), now, limits, tail=tail)
         if not receipt:
             txn.execute("UPDATE deliveries SET told = 1")
         txn.execute("COMMIT")

@@ -4,9 +4,9 @@ Store benchmark: what pager's SQLite store alone costs per message, with no netw
 signature check.  Pager's own transaction functions run in a plain loop on one connection set up as the server sets
 up its own (WAL, synchronous=FULL), in transactions of --batch messages, each ending with its COMMIT:
 
-- accept: accept_message_txn for a 256-byte message to one recipient (the row, its chunk, the delivery, the
-  recipient's counters);
-- read back: pending_txn, a page at a time, as a login's drain reads the queue;
+- accept: accept_message_txn for a 256-byte message to one recipient (the row with its push line, the delivery,
+  the recipient's counters);
+- read back: pending_pushes_txn, a page at a time, as a login's drain reads the queue;
 - settle: ack_many_txn, the list-form ack: the delivery and the message deleted, a receipt stored for the sender;
 - dismiss: ack_many_txn with the receipt ids, as the sender acknowledges its receipts.
 
@@ -37,6 +37,12 @@ import pager  # noqa: E402
 
 TARGET_RELAY = 10000.0  # durable messages per second, 10 pairs (bench/relay.py)
 TARGET_DRAIN_S = 2.0  # seconds for 100,000 queued messages (bench/drain.py)
+
+
+def _push_msg_id(line):
+    """The message id of a push line as the store gives it (its "msg" member comes first)."""
+    start = len(b'{"type":"message","msg":"')
+    return bytes.fromhex(line[start:start + 2 * pager.MESSAGE_ID_SIZE].decode("ascii"))
 
 
 def parse_args(argv=None):
@@ -92,13 +98,17 @@ class Steps:
         def run():
             e = self.envelope
             for msg_id in ids:
+                # the server encodes the push line on its reactor before the transaction; so does this loop
+                tail = pager.push_tail("sender", e.size, self.now, e.header, e.chunks, e.signature,
+                                       self.limits.max_line)
                 pager.accept_message_txn(self.txn, msg_id, "sender", e.header, e.signature, e.size, e.chunks,
-                                         ["receiver"], self.now, self.limits)
+                                         ["receiver"], self.now, self.limits, tail=tail)
         self._timed("accept", run)
 
     def read_back(self, after):
-        page = self._timed("read", pager.pending_txn, self.txn, "receiver", after, self.batch, 48 * 1024)
-        return [m.msg_id for m in page], page[-1].ord if page else after
+        page = self._timed("read", pager.pending_pushes_txn, self.txn, "receiver", after, self.batch, 48 * 1024,
+                           self.limits.max_line)
+        return [_push_msg_id(line) for _, line in page], page[-1][0] if page else after
 
     def settle(self, ids):
         receipts, unknown, _ = self._timed("settle", pager.ack_many_txn, self.txn, "receiver", ids, None, self.now)

@@ -548,9 +548,8 @@ class GroupSendTests(GroupTestCase):
     def test_pushEncodedOnce(self):
         """The push is encoded once for all the member devices it fans out to, and each gets the same line."""
         built = []
-        original = pager.PagerServerProtocol._message_line
-        self.patch(pager.PagerServerProtocol, "_message_line",
-                   lambda session, message: built.append(message.msg_id) or original(session, message))
+        original = pager.push_tail
+        self.patch(pager, "push_tail", lambda *args: built.append(args) or original(*args))
         envelope = self.seal_group("alice", self.members)
         self.assertOk(self.send_group(self.alice, envelope))
         lines = []
@@ -558,7 +557,7 @@ class GroupSendTests(GroupTestCase):
             lines.append(conn.transport.value())
             self.assertEqual([f["type"] for f in conn.read()], ["message"])
         self.assertEqual(len(set(lines)), 1)
-        self.assertEqual(built, [pager.parse_header(envelope.header).message_id])
+        self.assertEqual([args[3] for args in built], [envelope.header])
 
     def test_offlineMemberGetsItAtLogin(self):
         """A member offline when the message came gets it when they log in; queued names them."""

@@ -5,6 +5,7 @@ dataReceived returns.  Also the client's side of the challenge rule.
 """
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -1374,6 +1375,59 @@ class DeliveryTests(ServerTestCase):
                 "type": "message", "msg": "9f" * 16, "seq": 123456789, "from": "bob.x-1", "size": 12,
                 "accepted_at": accepted_at, "header": b64(b"header bytes"), "chunks": [b64(c) for c in chunks],
                 "signature": b64(b"signature")}) + b"\n")
+
+    def query(self, sql, *args):
+        return self.successResultOf(self.store.pool.runInteraction(lambda txn: txn.execute(sql, args).fetchall()))
+
+    def test_storedPushIsTheLivePush(self):
+        """
+        A message that fits one line is stored as its push (header, signature and chunk only in it), and a
+        recipient who reads it from the store gets the very line an online one was pushed.
+        """
+        bob = self.register("bob")
+        self.clock.advance(12.2736099)
+        envelope = seal("alice", ["bob"])
+        self.assertOk(self.alice.send(envelope))
+        live = bob.transport.value()
+        bob.transport.clear()
+        bob.lose()
+        [(header, signature, body, line)] = self.query("SELECT header, signature, body, line FROM messages")
+        self.assertEqual((header, signature, body), (b"", None, None))
+        self.assertIn(b64(envelope.signature).encode(), line)
+        bob = self.connect()
+        proof = pager.sign_auth(private_key("bob"), "login", bob.server_id, "bob", bob.challenge)
+        bob.write({"type": "login", "id": 1, "user": "bob", "token": TOKEN, "proof": b64(proof), "receive": True})
+        pushed, answer = bob.transport.value().splitlines(keepends=True)
+        self.assertEqual(json.loads(answer)["type"], "ok")
+        self.assertEqual(pushed, live)
+        self.assertEqual(live, pager.encode_frame({
+            "type": "message", "msg": msg_id(envelope), "seq": json.loads(live)["seq"], "from": "alice",
+            "size": envelope.size, "accepted_at": 12.2736099, "header": b64(envelope.header),
+            "chunks": [b64(c) for c in envelope.chunks], "signature": b64(envelope.signature)}) + b"\n")
+        [stored] = self.successResultOf(self.store.pending("bob", 0))
+        self.assertEqual((stored.msg_id.hex(), stored.sender, stored.header, stored.signature, stored.chunks,
+                          stored.size, stored.accepted_at),
+                         (msg_id(envelope), "alice", envelope.header, envelope.signature, envelope.chunks,
+                          envelope.size, 12.2736099))
+
+    def test_storedPushLongerThanMaxLine(self):
+        """
+        A message stored as a push line that a server restarted with a shorter C{max_line} cannot send in one line
+        goes as a push without chunks and one chunk frame each, as any large message.
+        """
+        self.offline("bob")
+        envelope = seal("alice", ["bob"], os.urandom(40 * 1024), chunk_size=20 * 1024)
+        self.assertEqual(len(envelope.chunks), 2)
+        self.assertOk(self.alice.send(envelope))
+        [(line,)] = self.query("SELECT line FROM messages")
+        self.assertGreater(len(line), 48 * 1024)
+        self.serve(dataclasses.replace(self.limits, max_line=40 * 1024))
+        bob = self.login("bob")
+        message, first, last = bob.read()
+        self.assertEqual((message["type"], message["msg"], message["chunks"]), ("message", msg_id(envelope), []))
+        self.assertEqual((first["type"], last["type"]), ("message_chunk", "message_chunk"))
+        self.assertEqual(first["chunks"] + last["chunks"], [b64(c) for c in envelope.chunks])
+        self.assertEqual(last["signature"], b64(envelope.signature))
 
     def test_receiptWaitsForSender(self):
         """A receipt for an offline sender is pushed when the sender next logs in, until it is acked."""

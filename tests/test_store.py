@@ -838,6 +838,7 @@ class DeviceStoreTests(unittest.TestCase):
         await self.add_users(store, "alice", "bob")
         store.close()
         conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("ALTER TABLE messages DROP COLUMN line")
         conn.execute("ALTER TABLE messages DROP COLUMN body")
         conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
         conn.execute("INSERT INTO counters VALUES ('ord', 1000)")
@@ -861,6 +862,44 @@ class DeviceStoreTests(unittest.TestCase):
         receipts, settled, _ = await store.ack_upto("bob", b"d" * 16, ord_, None, NOW)
         self.assertEqual([r.msg_id for _, r in receipts], [_msg_id(1), _msg_id(2)])
         self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM chunks"), [(0,)])
+        self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(0,)])
+
+    async def test_migration_from_schema_5(self):
+        """
+        A database of pager 0.5 (schema 5) is brought to schema 6: a message that waited, its chunk in its row,
+        reads and settles as before, and one accepted after the upgrade is stored as its push line alone.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        store.close()
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("ALTER TABLE messages DROP COLUMN line")
+        conn.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+        conn.execute("INSERT INTO messages (seq, msg_id, sender, header, signature, size, chunk_count, accepted_at,"
+                     " expires_at, body) VALUES (7, ?, 'alice', x'68', x'73', 3, 1, ?, 9e12, x'6f6c64')",
+                     (_msg_id(1), NOW))
+        conn.execute("INSERT INTO deliveries (recipient, ord, device, seq) VALUES ('bob', 7, ?, 7)", (b"d" * 16,))
+        conn.execute("UPDATE users SET pending_count = 1, pending_bytes = 3 WHERE name = 'bob'")
+        conn.close()
+        store = await self.open_store()
+        self.assertEqual(await self.query(store, "SELECT value FROM meta WHERE key = 'schema_version'"),
+                         [(str(pager.SCHEMA_VERSION),)])
+        tail = pager.push_tail("alice", 3, NOW, b"header", [b"new"], b"signature", 1024 * 1024)
+        _, _, _, ord_ = await store.accept_message(_msg_id(2), "alice", b"header", b"signature", 3, [b"new"], ["bob"],
+                                                   NOW, LIMITS, targets=[("bob", b"d" * 16, False)], tail=tail)
+        self.assertGreater(ord_, 7)
+        self.assertEqual(await self.query(store, "SELECT seq, header, body, line FROM messages ORDER BY seq"),
+                         [(7, b"h", b"old", None), (ord_, b"", None, tail)])
+        old, new = await store.pending("bob", 0)
+        self.assertEqual((old.msg_id, old.ord, old.header, old.chunks), (_msg_id(1), 7, b"h", [b"old"]))
+        self.assertEqual((new.msg_id, new.ord, new.header, new.signature, new.chunks),
+                         (_msg_id(2), ord_, b"header", b"signature", [b"new"]))
+        old_push, new_push = await store.pending_pushes("bob", 0, 10, 48 * 1024, 1024 * 1024)
+        self.assertEqual((old_push[0], old_push[1].msg_id), (7, _msg_id(1)))
+        self.assertEqual(new_push, (ord_, b'{"type":"message","msg":"%s","seq":%d' % (_msg_id(2).hex().encode(), ord_)
+                                    + tail))
+        receipts, settled, _ = await store.ack_upto("bob", b"d" * 16, ord_, None, NOW)
+        self.assertEqual([r.msg_id for _, r in receipts], [_msg_id(1), _msg_id(2)])
         self.assertEqual(await self.query(store, "SELECT COUNT(*) FROM messages"), [(0,)])
 
     async def test_ack_upto_two_devices(self):
