@@ -273,6 +273,25 @@ class OpenedFieldsTests(SynchronousTestCase):
         self.assertEqual(sealer.message_id, b"m" * 16)
 
 
+class MessageIdTests(SynchronousTestCase):
+    """The message id pager makes: the header's timestamp first, so that a queue's ids sit together, then 80 random bits."""
+
+    def test_timestamp_then_random(self):
+        envelope = _seal(b"hi", timestamp_ms=1795692390082)
+        header = pager.parse_header(envelope.header)
+        self.assertEqual(header.message_id[:6], bytes.fromhex("01a2179b66c2"))
+        self.assertEqual(header.timestamp_ms, 1795692390082)
+        again = pager.parse_header(_seal(b"hi", timestamp_ms=1795692390082).header).message_id
+        self.assertEqual(again[:6], header.message_id[:6])
+        self.assertNotEqual(again[6:], header.message_id[6:])
+
+    def test_ids_sort_as_their_times(self):
+        ids = [pager.new_message_id(ms) for ms in (1, 255, 256, 1795692390082, 2 ** 48 - 1)]
+        self.assertEqual(sorted(ids), ids)
+        self.assertEqual({len(i) for i in ids}, {pager.MESSAGE_ID_SIZE})
+        self.assertEqual(len({pager.new_message_id(7)[6:] for _ in range(1000)}), 1000)
+
+
 class IncrementalTests(SynchronousTestCase):
     def _seal_in_pieces(self, plaintext, piece, chunk_size=SMALL):
         sealer = pager.Sealer(_key("alice"), "alice", {"bob": _pub("bob")}, chunk_size=chunk_size)
