@@ -2715,7 +2715,8 @@ class StoredMessage:
 
 
 # A message push that fits one line is encoded once, when the message is accepted: all of it after its "msg" and
-# "seq" (the tail) is stored with the message, so that a queue drains by reading lines and writing them out.
+# "seq" (the tail) is stored with a message that waits for a device that is not connected, so that a queue drains
+# by reading lines and writing them out (PagerServerProtocol._stored_tail).
 _MESSAGE_HEAD = b'{"type":"message","msg":"%s","seq":%d'
 _MESSAGE_TAIL = b',"from":"%s","size":%d,"accepted_at":%s,"header":"%s","chunks":[%s],"signature":"%s"}\n'
 
@@ -2821,8 +2822,9 @@ _MIGRATIONS = {
         " WHERE name = 'messages'",
         "DELETE FROM counters WHERE name = 'ord'",
     ],
-    # A message that fits one push line is stored as that line's tail (push_tail), its header, signature and body
-    # being in it; the messages stored before keep their fields, and their pushes are built as they are sent.
+    # A message that fits one push line and waits for a device that is not connected is stored as that line's tail
+    # (push_tail), its header, signature and body being in it; other messages, and those stored before, keep their
+    # fields, and their pushes are built as they are sent.
     5: [
         "ALTER TABLE messages ADD COLUMN line BLOB",
     ],
@@ -3377,7 +3379,8 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     expires_at = now + limits.message_expiry
     if seq is None:
         # Its place in delivery order is its seq: a message accepted whole is inserted as it is accepted, and the
-        # AUTOINCREMENT sequence never goes back.  One chunk (most messages) is kept in the row itself.
+        # AUTOINCREMENT sequence never goes back.  Its push line (most messages), or else its one chunk, is kept
+        # in the row itself.
         body = chunks[0] if len(chunks) == 1 and tail is None else None
         try:
             txn.execute(
@@ -3535,9 +3538,9 @@ def _drop_messages_txn(txn, seqs):
     for part in _in_pages(list(seqs)):
         dropped = txn.execute(
             "DELETE FROM messages WHERE seq IN (%s) AND accepted_at IS NOT NULL AND NOT EXISTS"
-            " (SELECT 1 FROM deliveries d WHERE d.seq = messages.seq) RETURNING seq, sender, size, body IS NULL AND line IS NULL"
-            % _marks(part), part).fetchall()
-        chunked = [row[0] for row in dropped if row[3]]  # the others kept their one chunk in their row
+            " (SELECT 1 FROM deliveries d WHERE d.seq = messages.seq)"
+            " RETURNING seq, sender, size, body IS NULL AND line IS NULL" % _marks(part), part).fetchall()
+        chunked = [row[0] for row in dropped if row[3]]  # the others kept their chunk in their row or line
         if chunked:
             txn.execute("DELETE FROM chunks WHERE seq IN (%s)" % _marks(chunked), chunked)
         for _, sender, size, _ in dropped:
@@ -4039,8 +4042,6 @@ def _batch_txn(txn, operations):
             results.append((True, result))
     txn.execute("COMMIT")
     return results
-
-
 
 
 class Store:
@@ -5640,7 +5641,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         tail = None if upload is not None else self._push_tail(verifier, size, chunks, signature, now)
         committed = await self.factory.store.accept_message(
             header.message_id, self.user, header.raw, signature, size, chunks, recipients, now, self.limits,
-            None if upload is None else upload.seq, check, self.key_fingerprint, targets, group, tail)
+            None if upload is None else upload.seq, check, self.key_fingerprint, targets, group,
+            self._stored_tail(tail, targets))
         return self._accepted(committed, verifier, (recipients, targets, to, group, receipt), size, chunks, signature,
                               tail)
 
@@ -5655,12 +5657,21 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     def _push_tail(self, verifier, size, chunks, signature, now):
         """
-        The push of a new message accepted at C{now}, as it is stored (L{push_tail}); None for one too large to
-        push from memory (over C{inline_bytes}) or in one line.
+        The push of a new message accepted at C{now} (L{push_tail}); None for one too large to push from memory
+        (over C{inline_bytes}) or in one line.
         """
         if chunks is None or size > self.factory.inline_bytes:
             return None
         return push_tail(self.user, size, now, verifier.header.raw, chunks, signature, self.limits.max_line)
+
+    def _stored_tail(self, tail, targets):
+        """
+        The push C{tail} if the message is to be stored as it (L{accept_message_txn}): when a device it waits for
+        has no session taking messages now, so that it will be read back, in a drain.  A message every device takes
+        at once is stored as its fields, a third smaller than their base64, and read back only if a session drops
+        before acknowledging it.
+        """
+        return None if tail is None or self.factory.all_receiving(targets) else tail
 
     def _accept_batched(self, send, delivery, rid):
         """
@@ -5679,7 +5690,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
         self.factory.store.submit(
             accept_message_txn, (header.message_id, self.user, header.raw, signature, size, chunks, recipients, now,
-                                 self.limits, None, check, self.key_fingerprint, targets, group, tail),
+                                 self.limits, None, check, self.key_fingerprint, targets, group,
+                                 self._stored_tail(tail, targets)),
             committed, lambda error: self._answer_error(error, "send", rid))
         return ANSWERED_LATER
 
@@ -6340,6 +6352,18 @@ class PagerServerFactory(protocol.Factory):
         for session in list(self.online.get(user, ())):
             if session is not requester and session.key_fingerprint != new_fp:
                 session.account_gone("This account's key was replaced; log in again with the new key.")
+
+    def all_receiving(self, targets):
+        """
+        Whether every device of C{targets} (see L{accept_message_txn}) has a session that takes messages, so that
+        a new message for them is pushed at once, from memory.
+        """
+        if targets is None:
+            return False
+        for name, device, _ in targets:
+            if not any(session.device == device for session in self.receivers.get(name, ())):
+                return False
+        return True
 
     def message_accepted(self, message, targets):
         """Offer a new message to the sessions of the devices it waits for (C{targets}, see L{accept_message_txn})."""

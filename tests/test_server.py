@@ -1379,29 +1379,32 @@ class DeliveryTests(ServerTestCase):
     def query(self, sql, *args):
         return self.successResultOf(self.store.pool.runInteraction(lambda txn: txn.execute(sql, args).fetchall()))
 
-    def test_storedPushIsTheLivePush(self):
+    def login_raw(self, user):
+        """Log C{user} in; returns the connection and the bytes the server wrote after its hello, unparsed."""
+        conn = self.connect()
+        proof = pager.sign_auth(private_key(user), "login", conn.server_id, user, conn.challenge)
+        conn.write({"type": "login", "id": 1, "user": user, "token": TOKEN, "proof": b64(proof), "receive": True})
+        written = conn.transport.value()
+        conn.transport.clear()
+        return conn, written
+
+    def test_queuedMessageStoredAsItsPush(self):
         """
-        A message that fits one line is stored as its push (header, signature and chunk only in it), and a
-        recipient who reads it from the store gets the very line an online one was pushed.
+        A message for a device that is not connected is stored as its push line (header, signature and chunk
+        only in it), and the recipient who logs in gets that line: the frame encode_frame makes of its fields.
         """
-        bob = self.register("bob")
+        self.offline("bob")
         self.clock.advance(12.2736099)
         envelope = seal("alice", ["bob"])
         self.assertOk(self.alice.send(envelope))
-        live = bob.transport.value()
-        bob.transport.clear()
-        bob.lose()
         [(header, signature, body, line)] = self.query("SELECT header, signature, body, line FROM messages")
         self.assertEqual((header, signature, body), (b"", None, None))
         self.assertIn(b64(envelope.signature).encode(), line)
-        bob = self.connect()
-        proof = pager.sign_auth(private_key("bob"), "login", bob.server_id, "bob", bob.challenge)
-        bob.write({"type": "login", "id": 1, "user": "bob", "token": TOKEN, "proof": b64(proof), "receive": True})
-        pushed, answer = bob.transport.value().splitlines(keepends=True)
+        bob, written = self.login_raw("bob")
+        pushed, answer = written.splitlines(keepends=True)
         self.assertEqual(json.loads(answer)["type"], "ok")
-        self.assertEqual(pushed, live)
-        self.assertEqual(live, pager.encode_frame({
-            "type": "message", "msg": msg_id(envelope), "seq": json.loads(live)["seq"], "from": "alice",
+        self.assertEqual(pushed, pager.encode_frame({
+            "type": "message", "msg": msg_id(envelope), "seq": json.loads(pushed)["seq"], "from": "alice",
             "size": envelope.size, "accepted_at": 12.2736099, "header": b64(envelope.header),
             "chunks": [b64(c) for c in envelope.chunks], "signature": b64(envelope.signature)}) + b"\n")
         [stored] = self.successResultOf(self.store.pending("bob", 0))
@@ -1409,6 +1412,25 @@ class DeliveryTests(ServerTestCase):
                           stored.size, stored.accepted_at),
                          (msg_id(envelope), "alice", envelope.header, envelope.signature, envelope.chunks,
                           envelope.size, 12.2736099))
+
+    def test_pushedMessageStoredAsItsFields(self):
+        """
+        A message every device of which takes it at once is stored as its fields, the smaller form; if it is read
+        back (the session dropped before acknowledging it), its push is the very line the live push was.
+        """
+        bob = self.register("bob")
+        self.clock.advance(12.5)
+        envelope = seal("alice", ["bob"])
+        self.assertOk(self.alice.send(envelope))
+        live = bob.transport.value()
+        bob.lose()
+        [(header, signature, body, line)] = self.query("SELECT header, signature, body, line FROM messages")
+        self.assertEqual((header, signature, body, line),
+                         (envelope.header, envelope.signature, envelope.chunks[0], None))
+        bob, written = self.login_raw("bob")
+        pushed, answer = written.splitlines(keepends=True)
+        self.assertEqual(json.loads(answer)["type"], "ok")
+        self.assertEqual(pushed, live)
 
     def test_storedPushLongerThanMaxLine(self):
         """
