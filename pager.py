@@ -14469,6 +14469,7 @@ class SendOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...]|#GROUP [MESSAGE...]"
     longdesc = ("Send a page and exit once the server has accepted it; prints the message id. Without MESSAGE, "
                 "the message is read from standard input. Logs in send-only: never takes your incoming messages. "
+                "A busy server (rate_limited) is waited for, up to 60 s in all. "
                 "--to '#ops' sends it to every member of the group #ops (quote the #: shells take it for a comment).")
     not_applicable = ("skew-window",)  # send receives no message
     optParameters = [
@@ -15157,14 +15158,14 @@ async def _send_command(reactor, config):
             info = await client.group(config["group"])
             if not info.member:
                 raise UnknownGroup("Not sent: you are no longer a member of %s." % info.label)
-            answer = await client.post_group(info.id, data, content_type, filename)
+            answer = await _when_not_busy(reactor, lambda: client.post_group(info.id, data, content_type, filename))
             sent = await client.group_delivery(answer["msg"])
             recipients[:] = [m for m in (sent[1] if sent else info.members) if m != session.user]
             entry = HistoryEntry(reactor.seconds(), "out", group_label(info.name), answer["msg"], content_type,
                                  filename, data if content_type == "text" else b"", "sent", info.id)
         else:
             try:
-                answer = await client.post(config["to"], data, content_type, filename)
+                answer = await _when_not_busy(reactor, lambda: client.post(config["to"], data, content_type, filename))
             except UnknownUser as e:
                 listed = {w.rstrip(".") for w in e.message.partition(":")[2].replace(",", " ").split()}
                 unknown = [n for n in config["to"] if n in listed]  # those the sentence names
@@ -15188,6 +15189,28 @@ async def _send_command(reactor, config):
                 raise NotDelivered("; ".join(failed))
     finally:
         await session.close()
+
+
+SEND_BUSY_WAIT = 60.0  # seconds send waits in all for a busy server (rate_limited with a wait) before it gives up
+
+
+async def _when_not_busy(reactor, attempt):
+    """
+    C{attempt()}, tried again while the server refuses it as busy (L{RateLimited}) and says how long to wait, up
+    to L{SEND_BUSY_WAIT} seconds of waiting in all: a script's loop of sends, which asks for the recipients' keys
+    each time, gets its messages through at the server's pace instead of failing.  A refused attempt stored
+    nothing, so trying again sends the message once.
+    """
+    waited = 0.0
+    while True:
+        try:
+            return await attempt()
+        except RateLimited as e:
+            if e.retry_after is None or waited + e.retry_after > SEND_BUSY_WAIT:
+                raise
+            sys.stderr.write("pager: the server is busy; trying again in %d s.\n" % _whole_seconds(e.retry_after))
+            await task.deferLater(reactor, e.retry_after, lambda: None)
+            waited += e.retry_after
 
 
 async def _group_hint(client, names, how="--to '%s'"):

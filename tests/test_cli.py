@@ -530,6 +530,49 @@ class NoReceiptTests(CLITestCase):
         self.assertEqual([m.plaintext for m in bob.events.messages], [b"no answer needed"])
 
 
+class BusyServerTests(CLITestCase):
+    """send waits for a busy server (rate_limited with a wait) and tries again, up to pager.SEND_BUSY_WAIT in all."""
+
+    def busy(self, times):
+        """The server refuses the next C{times} prekey-bundle requests as over the bundle rate, with a 1 s wait."""
+        factory, refused = self.server.factory, []
+        original = factory.bundle_requested
+
+        def bundle_requested(user):
+            if len(refused) < times:
+                refused.append(user)
+                raise pager.RateLimited("Too many prekey bundle requests; try again in 1 s.", retry_after=1)
+            return original(user)
+        factory.bundle_requested = bundle_requested
+        return refused
+
+    async def test_busy_then_sent(self):
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        refused = self.busy(1)
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "in a while",
+                                        home=alice_home, token_of="alice")
+        self.assertExit(result, 0)
+        self.assertEqual(refused, ["alice"])
+        self.assertEqual(result.err, "pager: the server is busy; trying again in 1 s.\n")
+        self.assertEqual([m.msg_id.hex() for m in await self.pending(self.server, "bob")], [result.out.strip()])
+
+    async def test_too_busy(self):
+        """A wait past what is left of SEND_BUSY_WAIT ends the command: exit 1, one line, nothing sent."""
+        self.patch(pager, "SEND_BUSY_WAIT", 0.5)
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        self.busy(100)
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "never mind",
+                                        home=alice_home, token_of="alice")
+        line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
+        self.assertIn("Too many prekey bundle requests", line)
+        self.assertEqual(result.out, "")
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+
 class BadTimeoutTests(CLITestCase):
     """A --timeout that is not a positive number is a usage error before anything is sent (a retry would not send twice)."""
 
