@@ -866,7 +866,7 @@ class DeviceStoreTests(unittest.TestCase):
 
     async def test_migration_from_schema_5(self):
         """
-        A database of pager 0.5 (schema 5) is brought to schema 6: a message that waited, its chunk in its row,
+        A database of pager 0.5.0 (schema 5) is brought to schema 6: a message that waited, its chunk in its row,
         reads and settles as before, and one accepted after the upgrade is stored as its push line alone.
         """
         store = await self.open_store()
