@@ -3379,8 +3379,8 @@ def accept_message_txn(txn, msg_id, sender, header, signature, size, chunks, rec
     expires_at = now + limits.message_expiry
     if seq is None:
         # Its place in delivery order is its seq: a message accepted whole is inserted as it is accepted, and the
-        # AUTOINCREMENT sequence never goes back.  Its push line (most messages), or else its one chunk, is kept
-        # in the row itself.
+        # AUTOINCREMENT sequence never goes back.  Its push line (given for a message that waits for a device
+        # not connected), or else its one chunk (most messages), is kept in the row itself.
         body = chunks[0] if len(chunks) == 1 and tail is None else None
         try:
             txn.execute(
@@ -5697,8 +5697,8 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     def _accepted(self, committed, verifier, delivery, size, chunks, signature, tail=None):
         """
-        A message was committed (C{committed}: L{accept_message_txn}'s answer, C{tail} its push as stored): offer it
-        to the sessions of the devices it waits for, and return the fields of the sender's C{ok}.
+        A message was committed (C{committed}: L{accept_message_txn}'s answer, C{tail} its push, L{push_tail}, or
+        None): offer it to the sessions of the devices it waits for, and return the fields of the sender's C{ok}.
         """
         seq, accepted_at, duplicate, ord_ = committed
         recipients, targets, to, group, receipt = delivery
