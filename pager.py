@@ -15206,8 +15206,13 @@ async def _when_not_busy(reactor, attempt):
         try:
             return await attempt()
         except RateLimited as e:
-            if e.retry_after is None or waited + e.retry_after > SEND_BUSY_WAIT:
+            if e.retry_after is None:
                 raise
+            if waited + e.retry_after > SEND_BUSY_WAIT:
+                raise RateLimited("The server %s; the message was not sent (try again in %d s)."
+                                  % ("stayed busy for %d s of waiting" % _whole_seconds(waited) if waited
+                                     else "is busy for longer than %g s" % SEND_BUSY_WAIT,
+                                     _whole_seconds(e.retry_after)), retry_after=e.retry_after)
             sys.stderr.write("pager: the server is busy; trying again in %d s.\n" % _whole_seconds(e.retry_after))
             await task.deferLater(reactor, e.retry_after, lambda: None)
             waited += e.retry_after

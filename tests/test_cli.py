@@ -568,7 +568,24 @@ class BusyServerTests(CLITestCase):
         result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "never mind",
                                         home=alice_home, token_of="alice")
         line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
-        self.assertIn("Too many prekey bundle requests", line)
+        self.assertEqual(line, "pager: The server is busy for longer than 0.5 s; the message was not sent (try "
+                               "again in 1 s).")
+        self.assertEqual(result.out, "")
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+    async def test_stayed_busy(self):
+        """After waiting once, a wait past what is left of SEND_BUSY_WAIT ends the command, saying how long it waited."""
+        self.patch(pager, "SEND_BUSY_WAIT", 1.5)
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        self.busy(2)
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "never mind",
+                                        home=alice_home, token_of="alice")
+        self.assertExit(result, pager.EXIT_FAILURE)
+        self.assertEqual(result.err, "pager: the server is busy; trying again in 1 s.\n"
+                                     "pager: The server stayed busy for 1 s of waiting; the message was not sent (try "
+                                     "again in 1 s).\n")
         self.assertEqual(result.out, "")
         self.assertEqual(await self.pending(self.server, "bob"), [])
 
