@@ -14931,7 +14931,7 @@ class AdminOptions(_CommandOptions):
 
 
 class Options(_CommandOptions):
-    longdesc = ("pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts "
+    _LONGDESC = ("pager: a self-hosted, end-to-end encrypted messenger for the terminal and for scripts "
                 "(also run as 'python pager.py COMMAND', 'python -m pager COMMAND' and 'twistd pager server'). "
                 "'pager-cli COMMAND --help' describes each command. Exit codes: 0 success, 1 failure, 2 bad usage, "
                 "3 authentication failed (safetoken, passphrase or key; no key for the user here without "
@@ -14964,17 +14964,23 @@ class Options(_CommandOptions):
         ["admin", None, AdminOptions, "Operator commands on the server's database."],
     ]
 
+    _TWISTD_LONGDESC = ("pager's server, run by twistd: 'twistd pager server --help' lists its options. The "
+                        "client's commands are pager-cli's ('pager-cli --help').")
+
     @property
     def subCommands(self):
         """Every command for C{pager-cli}; under twistd (which sets C{parent}) only C{server}, all it can run."""
         return self._SUBCOMMANDS if self.parent is None else self._SUBCOMMANDS[:1]
 
+    @property
+    def longdesc(self):
+        """pager-cli's description, with the exit codes of its commands; under twistd, the server's alone."""
+        return self._LONGDESC if self.parent is None else self._TWISTD_LONGDESC
+
     def getSynopsis(self):
         if self.parent is not None:  # under twistd
             return super().getSynopsis()
         return "Usage: pager-cli" if self.subCommand else "Usage: pager-cli COMMAND [options]"
-
-
 
 
 # What a TLS 1.2 client may negotiate: ECDHE key exchange (forward secrecy) with an AEAD cipher.  Static-RSA key

@@ -480,6 +480,8 @@ class ProcessSmokeTests(CLITestCase):
         commands = helped.out.partition("Commands:")[2].split()
         self.assertEqual(commands[0], "server")
         self.assertNotIn("connect", helped.out)
+        self.assertIn("'twistd pager server --help' lists its options", helped.out)
+        self.assertNotIn("safetoken", helped.out)  # pager-cli's exit codes are not the server's
         port = reactor.listenTCP(free_port(), protocol.Factory(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         directory = os.path.abspath(self.mktemp())
