@@ -3486,9 +3486,10 @@ def _pending_message(row, chunks, inline_bytes):
     """The L{StoredMessage} of a row of L{_pending_rows_txn}."""
     if row[10] is not None:
         return _message_from_tail(row[0], bytes(row[1]), row[8], row[6], row[10])
-    if row[9] is not None:  # a message of one chunk keeps it in its row
-        return StoredMessage(*row[:8], [bytes(row[9])] if row[5] <= inline_bytes else None, ord=row[8])
-    return StoredMessage(*row[:8], chunks[row[0]] if row[5] <= inline_bytes else None, ord=row[8])
+    if row[5] > inline_bytes:
+        return StoredMessage(*row[:8], None, ord=row[8])
+    # a message of one chunk keeps it in its row
+    return StoredMessage(*row[:8], [bytes(row[9])] if row[9] is not None else chunks[row[0]], ord=row[8])
 
 
 def pending_txn(txn, user, after_ord, limit, inline_bytes, page_bytes=PENDING_PAGE_BYTES, user_fp=None, device=None):
@@ -5695,7 +5696,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
             committed, lambda error: self._answer_error(error, "send", rid))
         return ANSWERED_LATER
 
-    def _accepted(self, committed, verifier, delivery, size, chunks, signature, tail=None):
+    def _accepted(self, committed, verifier, delivery, size, chunks, signature, tail):
         """
         A message was committed (C{committed}: L{accept_message_txn}'s answer, C{tail} its push, L{push_tail}, or
         None): offer it to the sessions of the devices it waits for, and return the fields of the sender's C{ok}.

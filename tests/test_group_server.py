@@ -515,6 +515,25 @@ class GroupSendTests(GroupTestCase):
                          [("bob", "delivered"), ("carol", "delivered")])
         self.assertEqual(self.query("SELECT COUNT(*) FROM messages"), [(0,)])
 
+    def test_storedAsItsPushOnlyForADeviceWithoutSession(self):
+        """
+        A message every member device takes at once is stored as its fields; one a device has no session for (carol's
+        phone, carol's laptop online) as its push line, which the phone gets when it logs in, as carol got it live.
+        """
+        self.assertOk(self.send_group(self.alice, self.seal_group("alice", self.members)))
+        self.assertEqual(self.query("SELECT line IS NULL, header != x'' FROM messages"), [(1, 1)])
+        for conn in (self.bob, self.carol, self.carol_phone):
+            conn.read()
+        self.carol_phone.lose()
+        envelope = self.seal_group("alice", self.members, plaintext=b"while the phone sleeps")
+        self.assertOk(self.send_group(self.alice, envelope))
+        msg = pager.parse_header(envelope.header).message_id.hex()
+        self.assertEqual(self.query("SELECT line IS NULL, header FROM messages WHERE msg_id = ?", bytes.fromhex(msg)),
+                         [(0, b"")])
+        [live] = self.carol.pushed("message")
+        phone = self.device_session("carol", self.phone)
+        self.assertEqual([f for f in phone.pushed("message") if f["msg"] == msg], [live])
+
     def test_chargedLikeOneToOne(self):
         """
         A group message counts once against its sender's quota (the one 1:1 messages count against), and once
