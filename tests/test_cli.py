@@ -533,26 +533,29 @@ class NoReceiptTests(CLITestCase):
 class BusyServerTests(CLITestCase):
     """send waits for a busy server (rate_limited with a wait) and tries again, up to pager.SEND_BUSY_WAIT in all."""
 
-    def busy(self, times):
-        """The server refuses the next C{times} prekey-bundle requests as over the bundle rate, with a 1 s wait."""
+    async def send_while_busy(self, refusals, text):
+        """
+        alice sends bob C{text} while the server refuses her next C{refusals} prekey-bundle requests as over the
+        bundle rate, with a 1 s wait: C{(result, the users refused)}.
+        """
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
         factory, refused = self.server.factory, []
         original = factory.bundle_requested
 
         def bundle_requested(user):
-            if len(refused) < times:
+            if len(refused) < refusals:
                 refused.append(user)
                 raise pager.RateLimited("Too many prekey bundle requests; try again in 1 s.", retry_after=1)
             return original(user)
         factory.bundle_requested = bundle_requested
-        return refused
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", text, home=alice_home,
+                                        token_of="alice")
+        return result, refused
 
     async def test_busy_then_sent(self):
-        await self.serve()
-        alice_home = await self.provision("alice")
-        await self.account("bob")
-        refused = self.busy(1)
-        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "in a while",
-                                        home=alice_home, token_of="alice")
+        result, refused = await self.send_while_busy(1, "in a while")
         self.assertExit(result, 0)
         self.assertEqual(refused, ["alice"])
         self.assertEqual(result.err, "pager: the server is busy; trying again in 1 s.\n")
@@ -561,12 +564,7 @@ class BusyServerTests(CLITestCase):
     async def test_too_busy(self):
         """A wait past what is left of SEND_BUSY_WAIT ends the command: exit 1, one line, nothing sent."""
         self.patch(pager, "SEND_BUSY_WAIT", 0.5)
-        await self.serve()
-        alice_home = await self.provision("alice")
-        await self.account("bob")
-        self.busy(100)
-        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "never mind",
-                                        home=alice_home, token_of="alice")
+        result, _ = await self.send_while_busy(100, "never mind")
         line = self.assertOneErrorLine(result, pager.EXIT_FAILURE)
         self.assertEqual(line, "pager: The server is busy for longer than 0.5 s; the message was not sent (try "
                                "again in 1 s).")
@@ -576,13 +574,9 @@ class BusyServerTests(CLITestCase):
     async def test_stayed_busy(self):
         """After waiting once, a wait past what is left of SEND_BUSY_WAIT ends the command, saying how long it waited."""
         self.patch(pager, "SEND_BUSY_WAIT", 1.5)
-        await self.serve()
-        alice_home = await self.provision("alice")
-        await self.account("bob")
-        self.busy(2)
-        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "never mind",
-                                        home=alice_home, token_of="alice")
+        result, refused = await self.send_while_busy(2, "never mind")
         self.assertExit(result, pager.EXIT_FAILURE)
+        self.assertEqual(refused, ["alice", "alice"])
         self.assertEqual(result.err, "pager: the server is busy; trying again in 1 s.\n"
                                      "pager: The server stayed busy for 1 s of waiting; the message was not sent (try "
                                      "again in 1 s).\n")
