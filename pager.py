@@ -2668,14 +2668,18 @@ def create_private_file(path):
 
 def prepare_connection(conn):
     """
-    Pragmas for every connection: WAL, fsync at every commit (FULL), a busy timeout.  Foreign keys are not
-    enforced: the store deletes a message's chunks itself (L{_drop_messages_txn}), since SQLite's foreign key
-    actions cost more than all the rest of deleting an acknowledged message.
+    Pragmas for every connection: WAL, fsync at every commit (FULL), a busy timeout, and deleted rows overwritten
+    with zeros (C{secure_delete}, which some builds of SQLite have on by default and others off): a delivered
+    message's header (who wrote to whom, when) leaves no copy in the file's free space, nor in the free pages that
+    auto-vacuum gives back to the file system.  Foreign keys are not enforced: the store deletes a message's chunks
+    itself (L{_drop_messages_txn}), since SQLite's foreign key actions cost more than all the rest of deleting an
+    acknowledged message.
     """
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=OFF")
     conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA secure_delete=ON")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7546,12 +7550,6 @@ def _forget_prekeys_txn(txn, device, replaced_before):
     return txn.rowcount
 
 
-def _prepare_client_connection(conn):
-    """The client's pragmas: the server's (L{prepare_connection}), and deleted rows overwritten with zeros on disk."""
-    prepare_connection(conn)
-    conn.execute("PRAGMA secure_delete=ON")
-
-
 class SeenStore:
     """
     The client's persistent duplicate store: the (verified sender, message id) pairs already handed to the user,
@@ -7567,7 +7565,7 @@ class SeenStore:
     def __init__(self, path, reactor=None):
         kwargs = {"cp_reactor": reactor} if reactor is not None else {}
         self.pool = adbapi.ConnectionPool("sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False,
-                                          cp_openfun=_prepare_client_connection, **kwargs)
+                                          cp_openfun=prepare_connection, **kwargs)
         self.opened_at = math.inf  # pairs recorded before this are duplicates
         self._keep = seen_keep({})
         self._handed = {}  # (sender, message id) -> when this store recorded it

@@ -559,6 +559,31 @@ class StoreTests(unittest.TestCase):
         for suffix in ("", "-wal"):
             self.assertEqual(os.stat(store.path + suffix).st_mode & 0o777, 0o600, suffix)
 
+    def test_secure_delete_whatever_the_build(self):
+        """A connection whose SQLite build leaves secure_delete off gets it on from prepare_connection."""
+        conn = sqlite3.connect(":memory:")
+        self.addCleanup(conn.close)
+        conn.execute("PRAGMA secure_delete=OFF")
+        pager.prepare_connection(conn)
+        self.assertEqual(conn.execute("PRAGMA secure_delete").fetchone(), (1,))
+
+    async def test_delivered_message_zeroed_on_disk(self):
+        """
+        Once bob acknowledges a message and the WAL is checkpointed, its header, signature and chunk are in
+        neither file of the database: deleted rows are overwritten with zeros, not left in free space.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        chunk = b"chunk-" + os.urandom(16).hex().encode()
+        await self.accept(store, 1, "alice", ["bob"], chunks=(chunk,))
+        await store.ack("bob", _msg_id(1), "delivered", "", NOW + 1)
+        await store.pool.runWithConnection(pager.checkpoint)
+        for suffix in ("", "-wal"):
+            with open(store.path + suffix, "rb") as f:
+                data = f.read()
+            for part in (chunk, b"header-1", b"signature-1"):
+                self.assertNotIn(part, data, suffix)
+
     async def test_group_commit_isolates_a_failure(self):
         """
         Operations asked for together commit in one transaction, in order; one that fails (an unknown recipient)
