@@ -6144,6 +6144,7 @@ class PagerServerFactory(protocol.Factory):
         self._reclaim_call = None  # the free-page count due after recent acks, if any
         self._reclaim_stopped = False  # stop_expiry was called: an ack settled while stopping schedules nothing
         self._new_receipts = collections.Counter()  # user -> receipts made for it since its last trim
+        self._trimming = set()  # users with a trim of their receipts in the store's queue, or running
         self.open_uploads = collections.Counter()  # user -> multi-frame uploads open, over all their connections
         self._device_sets = collections.OrderedDict()  # user -> _DeviceSet, the most recently used last
         self._bundles = _Bucket(limits.bundle_rate, BUNDLE_BURST)  # bundle requests per account
@@ -6675,14 +6676,21 @@ class PagerServerFactory(protocol.Factory):
         """
         Push a new receipt to C{user}'s sessions that take it; and after every C{min(RECEIPT_TRIM_EVERY,
         max_pending_receipts)} new receipts of a user, drop its oldest beyond C{max_pending_receipts}
-        (L{trim_receipts_txn}), so a user stores at most about twice that many at any time.
+        (L{trim_receipts_txn}), so a user stores at most about twice that many at any time.  A user has one trim
+        at a time in the store's queue: the receipts of a batch are told of only once it has committed, and the
+        store runs in order, so a trim still waiting for its outcome then runs after them, or ran after them in
+        that batch, and trims them too.  (A drain of many acks a batch would otherwise queue one trim for every
+        C{RECEIPT_TRIM_EVERY} of its receipts, each walking the C{max_pending_receipts} kept.)
         """
         keep = self.limits.max_pending_receipts
         self._new_receipts[user] += 1
         if self._new_receipts[user] >= min(self.RECEIPT_TRIM_EVERY, keep):
             del self._new_receipts[user]
-            self.store.trim_receipts(user, keep).addErrback(
-                lambda f: self.log.failure("Dropping old receipts failed", f))
+            if user not in self._trimming:
+                self._trimming.add(user)
+                trimmed = self.store.trim_receipts(user, keep)
+                trimmed.addErrback(lambda f: self.log.failure("Dropping old receipts failed", f))
+                trimmed.addBoth(lambda _: self._trimming.discard(user))
         for session in list(self.online.get(user, ())):
             if session.receive:
                 session.receipts.offer(receipt.rid, receipt)

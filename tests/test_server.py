@@ -2554,6 +2554,41 @@ class ReceiptBoundTests(ServerTestCase):
         self.assertEqual(len(stored), 5)  # the 20th was a trim
         self.assertError(alice.request("reject", msg=msg_id(envelope), reason="x" * 501), "bad_request")
 
+    def test_oneTrimAtATime(self):
+        """
+        While a trim of alice's receipts waits in the store's queue, the receipts made meanwhile queue no other
+        trim: the waiting one runs after them and trims them too.  Once it is done, the next five queue one.
+        """
+        self.serve(pager.Limits(max_pending_receipts=5))
+        alice = self.register("alice")
+        trim, waiting = self.store.trim_receipts, []
+
+        def queued_trim(user, keep):  # the trim's turn in the store comes when the test says
+            outcome = defer.Deferred()
+            waiting.append(lambda: trim(user, keep).chainDeferred(outcome))
+            return outcome
+        self.store.trim_receipts = queued_trim
+
+        def reject(count):
+            for n in range(count):
+                envelope = seal("alice", ["alice"], b"%d" % n)
+                self.assertOk(alice.send(envelope))
+                self.assertOk(alice.request("reject", msg=msg_id(envelope), reason="no"))
+
+        def stored():
+            return len(self.successResultOf(self.store.pending_receipts("alice", 0)))
+
+        reject(15)
+        self.assertEqual(len(waiting), 1)
+        waiting.pop()()
+        self.assertEqual(stored(), 5)
+        reject(4)
+        self.assertEqual((waiting, stored()), ([], 9))
+        reject(1)
+        self.assertEqual(len(waiting), 1)
+        waiting.pop()()
+        self.assertEqual(stored(), 5)
+
 
 class KeyReplacedTests(ServerTestCase):
     """A session logged in with a key that was replaced can neither settle nor read what waits for the new key."""
