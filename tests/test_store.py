@@ -567,6 +567,26 @@ class StoreTests(unittest.TestCase):
         pager.prepare_connection(conn)
         self.assertEqual(conn.execute("PRAGMA secure_delete").fetchone(), (1,))
 
+    async def test_page_size(self):
+        """
+        A new database has pages of PAGE_SIZE; one made with 4 KiB pages before keeps them, and works: a message
+        is accepted and read back after the reopen.
+        """
+        store = await self.open_store()
+        self.assertEqual(await self.query(store, "PRAGMA page_size"), [(pager.PAGE_SIZE,)])
+        self.assertNotEqual(pager.PAGE_SIZE, 4096)
+        old = self.mktemp()
+        conn = sqlite3.connect(old)
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.close()
+        store = await self.open_store(old)
+        await self.add_users(store, "alice", "bob")
+        await self.accept(store, 1, "alice", ["bob"])
+        store = await self.reopen(store)
+        self.assertEqual(await self.query(store, "PRAGMA page_size"), [(4096,)])
+        self.assertEqual([m.msg_id for m in await store.pending("bob", 0)], [_msg_id(1)])
+
     async def test_delivered_message_zeroed_on_disk(self):
         """
         Once bob acknowledges a message and the WAL is checkpointed, its header, signature and chunk are in
