@@ -45,6 +45,7 @@ import struct
 import time
 import traceback
 import types
+import typing
 import unicodedata
 
 try:
@@ -2781,8 +2782,9 @@ class DeviceRecord:
     last_seen: float
 
 
-@dataclasses.dataclass(frozen=True)
-class Receipt:
+class Receipt(typing.NamedTuple):
+    """A receipt as stored: a named tuple, since a drain makes one for every message it settles."""
+
     rid: int
     msg_id: bytes
     peer: str  # the recipient the receipt is about
@@ -3607,12 +3609,13 @@ def settle_upto_txn(txn, user, device, upto, now, user_fp=None):
     C{(receipts, settled)}: as L{settle_txn}'s, in delivery order, and how many deliveries were settled.
     """
     _check_session_key_txn(txn, user, user_fp)
-    found = {}
-    for seq, msg_id, sender, size, ord_, told, shared in txn.execute(
-            "SELECT m.seq, m.msg_id, m.sender, m.size, d.ord, d.told, d.shared FROM deliveries d"
-            " JOIN messages m ON m.seq = d.seq WHERE d.recipient = ?1 AND d.ord <= ?2 AND d.device = ?3"
-            " ORDER BY d.ord", (user, upto, device)):
-        found[bytes(msg_id)] = [seq, sender, size, ord_, [device], bool(told), bool(shared)]
+    rows = txn.execute(
+        "SELECT m.seq, m.msg_id, m.sender, m.size, d.ord, d.told, d.shared FROM deliveries d"
+        " JOIN messages m ON m.seq = d.seq WHERE d.recipient = ?1 AND d.ord <= ?2 AND d.device = ?3"
+        " ORDER BY d.ord", (user, upto, device))
+    devices = (device,)
+    found = {msg_id: (seq, sender, size, ord_, devices, told, shared)
+             for seq, msg_id, sender, size, ord_, told, shared in rows}
     if not found:
         return [], 0
     txn.execute("DELETE FROM deliveries WHERE recipient = ? AND ord <= ? AND device = ?", (user, upto, device))
@@ -3621,16 +3624,19 @@ def settle_upto_txn(txn, user, device, upto, now, user_fp=None):
 
 def _settled_txn(txn, user, found, settled, status, reason, now):
     """
-    The rest of settling C{settled} (message ids, each a key of C{found}: C{[seq, sender, size, ord, devices, told,
-    shared]}), whose deliveries were just deleted: the user's quota, the messages nobody waits for any more, and
+    The rest of settling C{settled} (message ids, each a key of C{found}: C{(seq, sender, size, ord, devices, told,
+    shared)}), whose deliveries were just deleted: the user's quota, the messages nobody waits for any more, and
     the receipts owed (see L{settle_txn}), returned as C{(sender, Receipt)} pairs.
     """
     left = set()  # the positions other devices of the user still wait for (only shared ones can be: no SQL otherwise)
     for part in _in_pages([found[m][3] for m in settled if found[m][6]]):
         left.update(r[0] for r in txn.execute("SELECT ord FROM deliveries WHERE recipient = ? AND ord IN (%s)"
                                               % _marks(part), (user, *part)))
-    done = [m for m in settled if found[m][3] not in left]
-    told = [m for m in settled if found[m][3] in left and status == "delivered" and not found[m][5]]
+    if left:
+        done = [m for m in settled if found[m][3] not in left]
+        told = [m for m in settled if found[m][3] in left and status == "delivered" and not found[m][5]]
+    else:
+        done, told = settled, ()
     if told:  # the user's receipt is made now: the other devices' acks make none
         txn.executemany("UPDATE deliveries SET told = 1 WHERE recipient = ? AND ord = ?",
                         [(user, found[m][3]) for m in told])
@@ -3641,11 +3647,12 @@ def _settled_txn(txn, user, found, settled, status, reason, now):
     owed = [m for m in settled if not found[m][5] and (status == "delivered" or found[m][3] not in left)]
     receipts = []
     for part in _in_pages(owed, 100):  # several rows an INSERT; RETURNING names each row's receipt id
-        rows = [(found[m][1], m, user, status, reason, now) for m in part]
-        for rid, sender, msg_id in txn.execute(
-                "INSERT INTO receipts (user, msg_id, peer, status, reason, at) VALUES %s RETURNING rid, user, msg_id"
-                % ",".join(["(?, ?, ?, ?, ?, ?)"] * len(rows)), [value for row in rows for value in row]):
-            receipts.append((sender, Receipt(rid, bytes(msg_id), user, status, reason, now)))
+        values = []
+        for m in part:
+            values += (found[m][1], m, user, status, reason, now)
+        receipts += [(sender, Receipt(rid, msg_id, user, status, reason, now)) for rid, sender, msg_id in txn.execute(
+            "INSERT INTO receipts (user, msg_id, peer, status, reason, at) VALUES %s RETURNING rid, user, msg_id"
+            % ",".join(["(?, ?, ?, ?, ?, ?)"] * len(part)), values)]
     receipts.sort(key=lambda pair: pair[1].rid)  # the order they were stored in, which feeds rely on
     return receipts
 
