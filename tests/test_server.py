@@ -1413,6 +1413,28 @@ class DeliveryTests(ServerTestCase):
                          (msg_id(envelope), "alice", envelope.header, envelope.signature, envelope.chunks,
                           envelope.size, 12.2736099))
 
+    def test_queuedLinesPushedTogether(self):
+        """
+        The lines of queued messages go out a run at a time, each write holding lines up to the feed's
+        WRITE_BYTES, not one write per message: 60 queued messages of about 1.4 KB take two writes, every line
+        whole and in the order accepted.
+        """
+        self.offline("bob")
+        envelopes = [seal("alice", ["bob"], b"%d" % n) for n in range(60)]
+        for envelope in envelopes:
+            self.assertOk(self.alice.send(envelope))
+        conn = self.connect()
+        writes, write = [], conn.transport.write
+        conn.transport.write = lambda data: writes.append(data) or write(data)
+        proof = pager.sign_auth(private_key("bob"), "login", conn.server_id, "bob", conn.challenge)
+        conn.write({"type": "login", "id": 1, "user": "bob", "token": TOKEN, "proof": b64(proof), "receive": True})
+        pushes = [data for data in writes if b'"type":"message"' in data]
+        self.assertEqual(len(pushes), 2)
+        self.assertGreaterEqual(len(pushes[0]), pager._Feed.WRITE_BYTES)
+        lines = b"".join(pushes).splitlines(keepends=True)
+        self.assertEqual([json.loads(line)["msg"] for line in lines], [msg_id(e) for e in envelopes])
+        self.assertEqual(b"".join(lines), b"".join(pushes))
+
     def test_pushedMessageStoredAsItsFields(self):
         """
         A message every device of which takes it at once is stored as its fields, the smaller form; if it is read
