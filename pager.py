@@ -16,7 +16,7 @@ Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the w
 Licence: MIT.
 """
 
-__version__ = "0.5.1"
+__version__ = "0.5.2"
 
 import sys
 
