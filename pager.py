@@ -12076,8 +12076,8 @@ class Prompter:
             raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
         if not os.isatty(0):
             # A pipe into connect holds chat lines: one would be taken for the secret, and lost from the chat.
-            raise usage.UsageError("Standard input is not a terminal, so pager reads no secret from it: %s"
-                                   % (hint or "give it in the environment (PAGER_PASSPHRASE, PAGER_TOKEN)."))
+            raise usage.UsageError("Standard input is not a terminal, so pager reads no secret from it. %s"
+                                   % (hint or "Give it in the environment (PAGER_PASSPHRASE, PAGER_TOKEN)."))
         import getpass
 
         def read():
@@ -14342,8 +14342,8 @@ class ServerOptions(_GnuOptions):
                 "Logs go to standard error (or twistd's log).")
     optParameters = [
         ["listen", "l", DEFAULT_LISTEN,
-         "Twisted server endpoint string to listen on, e.g. tcp:5050 or "
-         "ssl:5051:privateKey=key.pem:certKey=cert.pem."],
+         "Twisted server endpoint string to listen on, e.g. tcp:5050:interface=127.0.0.1:backlog=1024 (without "
+         "backlog, Twisted's 50) or ssl:5051:privateKey=key.pem:certKey=cert.pem."],
         ["db", "d", DEFAULT_DB, "SQLite database file (created if missing)."],
         ["tls-cert", None, None, "Serve TLS with this certificate (PEM; e.g. from 'pager-cli make-cert'). "
                                  "Turns a tcp: --listen into ssl: on the same port."],
@@ -15004,6 +15004,18 @@ class Options(_CommandOptions):
     def longdesc(self):
         """pager-cli's description, with the exit codes of its commands; under twistd, the server's alone."""
         return self._LONGDESC if self.parent is None else self._TWISTD_LONGDESC
+
+    def parseOptions(self, options=None):
+        """
+        Under twistd, which would print its whole help page before a usage error and exit 1, the error is one
+        sentence on standard error and the exit status 2 (bad usage), as with pager-cli.
+        """
+        if self.parent is None:
+            return super().parseOptions(options)
+        try:
+            return super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.exit(report(_usage_error(self, e, "twistd pager")))
 
     def getSynopsis(self):
         if self.parent is not None:  # under twistd
@@ -16123,13 +16135,25 @@ def _main(argv):
         sys.stdout, sys.stderr = saved
 
 
+def _usage_error(options, error, program):
+    """
+    A usage error of C{options} (an L{Options} that failed to parse) as the sentence to report: Twisted's "Wrong
+    number of arguments." becomes the command's synopsis, and the command's --help is named.
+    """
+    command = options.subCommand if getattr(options, "subCommand", None) else None
+    synopsis = getattr(getattr(options, "subOptions", None), "synopsis", None) if command else None
+    text = str(error)
+    if text == "Wrong number of arguments." and synopsis:
+        text = "Wrong number of arguments: the command is '%s %s %s'" % (program, command, synopsis)
+    return usage.UsageError("%s (see '%s%s --help')." % (text.rstrip("."), program, " " + command if command else ""))
+
+
 def _command(argv):
     options = Options()
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
-        command = " " + options.subCommand if getattr(options, "subCommand", None) else ""
-        sys.exit(report(e, "see 'pager-cli%s --help'" % command))
+        sys.exit(report(_usage_error(options, e, "pager-cli")))
     if options.subCommand == "server":
         task.react(lambda reactor: Deferred.fromCoroutine(_serve(reactor, options.subOptions)))
     elif options.subCommand in ("make-cert", "admin"):

@@ -258,8 +258,7 @@ class CLITestCase(E2ETestCase):
             try:
                 options.parseOptions([self.host if a == "HOST" else a for a in argv])
             except usage.UsageError as e:
-                command = " " + options.subCommand if getattr(options, "subCommand", None) else ""
-                raise SystemExit(pager.report(e, "see 'pager-cli%s --help'" % command))
+                raise SystemExit(pager.report(pager._usage_error(options, e, "pager-cli")))
             if options.subCommand in ("make-cert", "admin"):
                 try:
                     (pager._make_cert_command if options.subCommand == "make-cert" else pager._admin_command)(
@@ -659,6 +658,13 @@ class ExitCodeTests(CLITestCase):
             ("unknown option", ["send", "HOST", "--user", "alice", "--to", "bob", "--bogus", "hi"]),
             ("--ca without --tls", ["send", "HOST", "--user", "alice", "--to", "bob", "--ca", "ca.pem", "hi"]),
         ])
+
+    async def test_missing_host(self):
+        """send without its HOST: exit 2, one line giving the command's synopsis, not only 'Wrong number'."""
+        result = await self.run_command("send")
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertEqual(line, "pager: Wrong number of arguments: the command is 'pager-cli send %s' (see "
+                               "'pager-cli send --help')." % pager.SendOptions.synopsis)
 
     async def test_bad_arguments(self):
         """A bad --user name: exit 2, one line.  (A --file that cannot be read is a local failure: LocalTests.)"""

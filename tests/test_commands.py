@@ -308,7 +308,12 @@ class OptionsTests(unittest.SynchronousTestCase):
         options.parent.subCommand = "pager"
         self.assertEqual([c[0] for c in options.subCommands], ["server"])
         self.assertNotIn("connect", options.getUsage())
-        self.assertRaises(usage.UsageError, options.parseOptions, ["connect"])
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        with self.assertRaises(SystemExit) as raised:  # one sentence and exit 2, not twistd's help page and exit 1
+            options.parseOptions(["connect"])
+        self.assertEqual(raised.exception.code, pager.EXIT_USAGE)
+        self.assertEqual(err.getvalue(), "pager: Unknown command: connect (see 'twistd pager --help').\n")
         options.parseOptions(["server", "--listen", "tcp:0", "--db", self.mktemp()])
         self.assertTrue(pager.makeService(options, MemoryReactorClock()).exit_on_failure)
         alone = self.parse("server", "--listen", "tcp:0", "--db", self.mktemp())
@@ -482,6 +487,14 @@ class ProcessSmokeTests(CLITestCase):
         self.assertNotIn("connect", helped.out)
         self.assertIn("'twistd pager server --help' lists its options", helped.out)
         self.assertNotIn("safetoken", helped.out)  # pager-cli's exit codes are not the server's
+        missing = os.path.join(os.path.abspath(self.mktemp()), "pager.sqlite3")
+        refused = await self.finish(self.spawn(self.twistd() + ["-n", "pager", "server", "--db", missing], env),
+                                    "twistd pager server with a --db in no directory")
+        self.assertExit(refused, 2)  # one sentence, not twistd's help page and exit 1
+        self.assertEqual(refused.out, "")
+        self.assertEqual(refused.err.splitlines(), [
+            "pager: --db %s: there is no directory %s (create it first) (see 'twistd pager server --help')."
+            % (missing, os.path.dirname(missing))])
         port = reactor.listenTCP(free_port(), protocol.Factory(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         directory = os.path.abspath(self.mktemp())
