@@ -723,6 +723,32 @@ class StoreTests(unittest.TestCase):
             await store.ack_receipt("alice", receipts[0].rid)
         self.assertEqual(await store.pending_receipts("alice", 0), receipts[1:])
 
+    async def test_receipt_ids_never_given_twice(self):
+        """
+        The ids a settle gives its receipts are the ones stored, in the order made, and always larger than any
+        given before, even once the newest were acknowledged and deleted and the store reopened: a client's
+        cursor over its receipts (after the last id it saw) would otherwise skip a new receipt under an old id.
+        """
+        store = await self.open_store()
+        await self.add_users(store, "alice", "bob")
+        for i in range(1, 7):
+            await self.accept(store, i, "alice", ["bob"])
+        made, _, _ = await store.ack_many("bob", [_msg_id(1), _msg_id(2), _msg_id(3)], None, NOW + 1)
+        stored = await store.pending_receipts("alice", 0)
+        self.assertEqual([receipt for _, receipt in made], stored)
+        self.assertEqual([r.msg_id for r in stored], [_msg_id(1), _msg_id(2), _msg_id(3)])
+        self.assertEqual([r.rid for r in stored], sorted({r.rid for r in stored}))
+        for receipt in stored:  # the newest included, which AUTOINCREMENT would otherwise give again
+            await store.ack_receipt("alice", receipt.rid)
+        store = await self.reopen(store)
+
+        _, rejected = await store.ack("bob", _msg_id(4), "rejected", "no", NOW + 2)
+        _, delivered = await store.ack("bob", _msg_id(5), "delivered", "", NOW + 3)
+        self.assertGreater(rejected.rid, stored[-1].rid)
+        self.assertGreater(delivered.rid, rejected.rid)
+        self.assertEqual([(r.msg_id, r.status) for r in await store.pending_receipts("alice", stored[-1].rid)],
+                         [(_msg_id(4), "rejected"), (_msg_id(5), "delivered")])
+
     # -- what the file holds --
 
     async def test_dump_has_no_token_or_plaintext(self):
