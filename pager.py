@@ -2293,6 +2293,21 @@ def encode_frame(frame):
     return _FRAME_ENCODER.encode(frame).encode("ascii")
 
 
+_SEND_OK = b'{"type":"ok","id":%s,"msg":"%s","accepted_at":%s,"duplicate":%s,"queued":%s}\n'
+
+
+def _send_ok_line(rid, fields):
+    """
+    The answer to a send, C{fields} those of L{PagerServerProtocol._accepted}: the line encode_frame would make
+    (with its delimiter), built by hand: it is written once for every message, and the encoder took 3.3 µs to
+    make it, against 0.7 µs.
+    """
+    queued = fields["queued"]
+    return _SEND_OK % (b"%d" % rid if rid.__class__ is int else encode_frame(rid), fields["msg"].encode(),
+                       _json_number(fields["accepted_at"]), b"true" if fields["duplicate"] else b"false",
+                       encode_frame(queued) if queued else b"[]")
+
+
 def _no_constants(name):
     raise ValueError("%s is not JSON" % name)
 
@@ -2699,12 +2714,13 @@ class UserRecord:
     pending_bytes: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class StoredMessage:
     """
     A pending delivery as read back: C{chunks} is None when the message is too large to read in one go.  C{seq}
     identifies the stored message (given when its upload began); C{ord} is its place in delivery order (given when
-    it was accepted, from the messages' sequence, which never goes back).
+    it was accepted, from the messages' sequence, which never goes back).  Not changed once made, but not frozen:
+    one is made for every message accepted, and a frozen dataclass takes four times as long to make (1.3 µs).
     """
 
     seq: int
@@ -5756,7 +5772,9 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         tail = self._push_tail(verifier, size, chunks, signature, now)
 
         def committed(result):
-            self._answer(self._accepted(result, verifier, delivery, size, chunks, signature, tail), "send", rid)
+            fields = self._accepted(result, verifier, delivery, size, chunks, signature, tail)
+            self._done("send")  # not an authentication request: no challenge to add
+            self.send_line(_send_ok_line(rid, fields))
 
         self.factory.store.submit(
             accept_message_txn, (header.message_id, self.user, header.raw, signature, size, chunks, recipients, now,

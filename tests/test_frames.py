@@ -39,6 +39,21 @@ class EncodeFrameTests(SynchronousTestCase):
             self.assertRaises(ValueError, pager.encode_frame, {"type": "ok", "x": value})
 
 
+    def test_sendAnswerBuiltByHand(self):
+        """
+        The answer to a send, built by hand on the hot path, is byte for byte the line encode_frame makes of the
+        same frame, whatever its request id (an integer, a string that needs escaping, none), whether it was a
+        duplicate, and whoever it was queued for.
+        """
+        for rid in (1, -(2 ** 53), 2 ** 53, 'quote " back \\ caf\u00e9 \u2028', "", None):
+            for duplicate in (True, False):
+                for queued in ([], ["bob", "carol"]):
+                    for accepted_at in (1764512345.125, 1764512345):
+                        fields = {"msg": "ab" * 16, "accepted_at": accepted_at, "duplicate": duplicate,
+                                  "queued": queued}
+                        frame = dict({"type": "ok", "id": rid}, **fields)
+                        self.assertEqual(pager._send_ok_line(rid, fields), pager.encode_frame(frame) + b"\n")
+
 class DecodeFrameTests(SynchronousTestCase):
     """decode_frame accepts only a UTF-8 JSON object with a valid type, and says why otherwise."""
 
