@@ -16,7 +16,7 @@ Run ``twistd pager server`` or ``python pager.py --help``.  PROTOCOL.md is the w
 Licence: MIT.
 """
 
-__version__ = "0.5.2"
+__version__ = "0.5.3"
 
 import sys
 
@@ -1536,6 +1536,10 @@ class EnvelopeVerifier:
             raise TruncatedMessage("The message has no chunks.")
         return signed_bytes(self.header.raw, self.chunk_count, self.ciphertext_length, self._digest.digest())
 
+    def digest(self):
+        """The SHA-256 of the signed bytes: what the signature signs."""
+        return hashlib.sha256(self.signed_bytes()).digest()
+
     def verify(self, signature, sender_key):
         """
         Check C{signature} with C{sender_key}, the key of the device the header names as the one that signed; raises
@@ -1545,9 +1549,65 @@ class EnvelopeVerifier:
             raise WrongSenderKey()
         try:
             # The same check as verify(signed bytes, SHA256()), with the digest taken by hashlib: 15% cheaper.
-            sender_key.verify(signature, hashlib.sha256(self.signed_bytes()).digest(), _PSS, _PREHASHED_SHA256)
+            sender_key.verify(signature, self.digest(), _PSS, _PREHASHED_SHA256)
         except InvalidSignature:
             raise BadSignature()
+
+
+# The records a server writes to its signature checker (L{SignatureChecker}, L{signature_checker_main}), each a tag,
+# a key slot and a length, then: for a key, its DER (SubjectPublicKeyInfo) that many bytes long, kept in that slot;
+# for a check, the signing device's id as the header names it, the digest signed (L{EnvelopeVerifier.digest}) and
+# the signature, that many bytes long, checked against the slot's key.  The checker answers each check, in order,
+# with one byte of _CHECK_ANSWERS.
+_KEY_RECORD = struct.Struct(">cHH")
+_CHECK_ANSWERS = {b"1"[0]: None, b"0"[0]: BadSignature, b"2"[0]: WrongSenderKey}
+
+
+def signature_checker_main(read=functools.partial(os.read, 0, 1 << 16), write=functools.partial(os.write, 1)):
+    """
+    The loop of a server's signature checker process: reads records (above) until its input ends, answering the
+    checks of all it read at once with one write.  It holds no secret: only public keys, digests and signatures.
+    """
+    keys = {}  # slot -> (public key, its device id), or None for a key that did not load
+    pending = b""
+    while True:
+        data = read()
+        if not data:
+            return
+        pending += data
+        answers = bytearray()
+        at = 0
+        while len(pending) - at >= _KEY_RECORD.size:
+            tag, slot, length = _KEY_RECORD.unpack_from(pending, at)
+            end = at + _KEY_RECORD.size + length + (DEVICE_ID_SIZE + 32 if tag == b"V" else 0)
+            if end > len(pending):
+                break
+            body = pending[at + _KEY_RECORD.size:end]
+            at = end
+            if tag == b"K":
+                try:
+                    key = serialization.load_der_public_key(body)
+                    keys[slot] = (key, device_id(key))
+                except Exception:  # a session's key, loaded and checked at login: only a damaged record
+                    keys[slot] = None
+                continue
+            answers += _check_signature(keys.get(slot), body[:DEVICE_ID_SIZE], body[DEVICE_ID_SIZE:DEVICE_ID_SIZE + 32],
+                                        body[DEVICE_ID_SIZE + 32:])
+        pending = pending[at:]
+        view = memoryview(answers)
+        while view:
+            view = view[write(view):]
+
+
+def _check_signature(entry, device, digest, signature):
+    """One check of L{signature_checker_main}: its answer byte."""
+    if entry is None or not hmac.compare_digest(entry[1], device):
+        return b"2"
+    try:
+        entry[0].verify(signature, digest, _PSS, _PREHASHED_SHA256)
+    except (InvalidSignature, ValueError, TypeError):
+        return b"0"
+    return b"1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3554,6 +3614,10 @@ def chunks_txn(txn, seq, start, count):
         "SELECT data FROM chunks WHERE seq = ? AND idx >= ? ORDER BY idx LIMIT ?", (seq, start, count)).fetchall()]
 
 
+def _nothing_txn(txn):
+    """An operation that does nothing: what fills a place in the store's order kept for a send that was refused."""
+
+
 def _drop_messages_txn(txn, seqs):
     """
     Delete those of the accepted messages C{seqs} that no delivery refers to any more, with their chunks, and give
@@ -4140,10 +4204,14 @@ class Store:
             self.pool = adbapi.ConnectionPool(
                 "sqlite3", path, cp_min=1, cp_max=1, check_same_thread=False, factory=_StoreConnection,
                 cp_openfun=_prepare_server_connection, **kwargs)
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
         self.synchronous = pool is not None
         self.path = path
         self._queue = collections.deque()
         self._in_flight = False
+        self._flush_call = None  # the flush due once the places filled in this turn of the reactor are all filled
 
     def _run(self, fn, *args):
         if self.synchronous:
@@ -4164,12 +4232,43 @@ class Store:
         if not self._in_flight:
             self._flush()
 
+    def reserve(self):
+        """
+        A place in the queue for an operation not known yet, which L{fill} gives: the operations submitted after it
+        wait for it, so that the store still runs them in the order they were asked for.
+        """
+        place = [None, None, None, None]
+        if not self.synchronous:
+            self._queue.append(place)
+        return place
+
+    def fill(self, place, fn, args, done, failed):
+        """
+        L{submit} C{fn} in the C{place} L{reserve} kept for it.  Places are often filled several in a row (the
+        signature checks answered by one read): an idle store starts its next batch once the reactor's turn is
+        over, with all of them, not with the first alone.
+        """
+        if self.synchronous:
+            self.submit(fn, args, done, failed)
+            return
+        place[:] = fn, args, done, failed
+        if not self._in_flight and self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._filled)
+
+    def _filled(self):
+        self._flush_call = None
+        if not self._in_flight:
+            self._flush()
+
     def _flush(self):
-        if not self._queue:
+        queue = self._queue
+        batch = []
+        while queue and len(batch) < self.MAX_BATCH and queue[0][0] is not None:  # up to a place still reserved
+            batch.append(queue.popleft())
+        if not batch:
             self._in_flight = False
             return
         self._in_flight = True
-        batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.MAX_BATCH))]
         committed = self.pool.runWithConnection(_batch_connection, [(fn, args) for fn, args, _, _ in batch])
         committed.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
@@ -4204,6 +4303,9 @@ class Store:
         return server_id
 
     def close(self):
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
         self.pool.close()
 
     def add_user(self, name, pem, fp, salt, token_hash, now, invite=None, device=None):
@@ -5770,17 +5872,35 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         check = self._signature_check(verifier, size, signature)
         now = self.factory.now()
         tail = self._push_tail(verifier, size, chunks, signature, now)
+        store = self.factory.store
 
         def committed(result):
             fields = self._accepted(result, verifier, delivery, size, chunks, signature, tail)
             self._done("send")  # not an authentication request: no challenge to add
             self.send_line(_send_ok_line(rid, fields))
 
-        self.factory.store.submit(
-            accept_message_txn, (header.message_id, self.user, header.raw, signature, size, chunks, recipients, now,
-                                 self.limits, None, check, self.key_fingerprint, targets, group,
-                                 self._stored_tail(tail, targets)),
-            committed, lambda error: self._answer_error(error, "send", rid))
+        def failed(error):
+            self._answer_error(error, "send", rid)
+
+        args = [header.message_id, self.user, header.raw, signature, size, chunks, recipients, now, self.limits, None,
+                check, self.key_fingerprint, targets, group, self._stored_tail(tail, targets)]
+        checker = self.factory.signatures
+        if checker is None or not checker.running:  # the store's thread checks it, as the transaction begins
+            store.submit(accept_message_txn, args, committed, failed)
+            return ANSWERED_LATER
+        # The checker process checks it; the store keeps the message's place in its order meanwhile.
+        place = store.reserve()
+
+        def checked(outcome):
+            if outcome is None:
+                args[10] = None  # checked already
+                store.fill(place, accept_message_txn, args, committed, failed)
+            elif outcome == "unknown":  # the checker ended before answering: the store's thread checks it after all
+                store.fill(place, accept_message_txn, args, committed, failed)
+            else:  # refused without touching the store, answered in its turn
+                store.fill(place, _nothing_txn, (), lambda _: failed(outcome()), failed)
+
+        checker.check(self.device, self.key, header.sender_device, verifier.digest(), signature, checked)
         return ANSWERED_LATER
 
     def _accepted(self, committed, verifier, delivery, size, chunks, signature, tail):
@@ -6178,6 +6298,149 @@ class _OneTimeHandouts:
             self._devices.give_back((user, device))
 
 
+class SignatureChecker(protocol.ProcessProtocol):
+    """
+    Checks the signatures of sends in a process of its own (L{signature_checker_main}), so that they take the
+    machine's other core.  The RSA check holds the interpreter's lock for its whole 20 µs or so, so in a thread of
+    the server it runs one at a time with everything else the server does (in the store's thread it was a sixth of
+    the server's time at full load); the records crossing the pipe cost the server a few microseconds a message.
+    Checks are answered in the order asked.  If the process dies or stops answering, the checks still waiting are
+    answered "unknown" (C{None}) for the server to make itself, and the process is started again a little later.
+    """
+
+    log = Logger()
+    KEY_SLOTS = 4096  # keys the process keeps (when all are taken, they are all given anew)
+    STALL_TIMEOUT = 10.0  # seconds without an answer while checks wait before the process is killed
+    RESTART_DELAY = 1.0  # seconds after the process ended before another is started
+
+    def __init__(self, reactor, argv=None):
+        self.reactor = reactor
+        here = os.path.dirname(os.path.abspath(__file__))
+        # The terminal's Ctrl-C reaches the whole process group: the checker ignores it, and ends when its input
+        # does, as the server stops (or dies).
+        self.argv = argv or [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN);"
+                                                   " sys.path.insert(0, %r); import pager; "
+                                                   "pager.signature_checker_main()" % here]
+        self.running = False  # a process is started and takes checks
+        self._stopping = False
+        self._waiting = collections.deque()  # the answer callbacks of the checks written, in order
+        self._slots = {}  # device id -> the slot in the process that holds its key
+        self._answered = 0  # checks answered so far: the stall check looks for progress
+        self._records = []  # what is to be written to the process at the end of this turn of the reactor
+        self._stall_call = self._restart_call = self._write_call = None
+        self._ended = []  # Deferreds waiting for the process to end (stop)
+
+    def start(self):
+        self._slots.clear()
+        try:
+            self.reactor.spawnProcess(self, self.argv[0], self.argv, env=dict(os.environ),
+                                      childFDs={0: "w", 1: "r", 2: 2})
+        except OSError as e:
+            self.log.error("The signature checker could not start ({error}); the server checks signatures itself",
+                           error=e)
+            return
+        self.running = True
+
+    def check(self, device, key, named, digest, signature, answer):
+        """
+        Check C{signature} of C{digest} by C{key}, the key of the session's device C{device}, the envelope's header
+        naming the device C{named}: C{answer} is later called with None (it verified), an exception class
+        (L{WrongSenderKey} if C{named} is not C{key}'s device, L{BadSignature}), or C{"unknown"} when the process
+        ended before answering (at once if none is running).
+        """
+        if not self.running:
+            self._tell(answer, "unknown")
+            return
+        slot = self._slots.get(device)
+        if slot is None:
+            if len(self._slots) >= self.KEY_SLOTS:  # the slots are given anew, to the keys of the checks to come
+                self._slots.clear()
+            slot = self._slots[device] = len(self._slots)
+            der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            self._records += (_KEY_RECORD.pack(b"K", slot, len(der)), der)
+        self._records += (_KEY_RECORD.pack(b"V", slot, len(signature)), named, digest, signature)
+        self._waiting.append(answer)
+        if self._write_call is None:  # one write a turn of the reactor, for all the checks asked in it
+            self._write_call = self.reactor.callLater(0, self._write)
+        if self._stall_call is None:
+            self._stall_call = self.reactor.callLater(self.STALL_TIMEOUT, self._stalled, self._answered)
+
+    def _write(self):
+        self._write_call = None
+        records, self._records = self._records, []
+        if self.running:
+            self.transport.writeSequence(records)
+
+    def outReceived(self, data):
+        waiting = self._waiting
+        if len(data) > len(waiting) or not _CHECK_ANSWERS.keys() >= set(data):
+            self.log.error("The signature checker answered what it was not asked: stopping it")
+            self.transport.signalProcess("KILL")  # what waits is then answered "unknown" (processEnded)
+            return
+        self._answered += len(data)
+        for byte in data:
+            try:
+                waiting.popleft()(_CHECK_ANSWERS[byte])
+            except Exception:
+                self.log.failure("Handling a signature check's answer failed")
+
+    def _tell(self, answer, value):
+        try:
+            answer(value)
+        except Exception:
+            self.log.failure("Handling a signature check's answer failed")
+
+    def _stalled(self, answered):
+        self._stall_call = None
+        if not self._waiting:
+            return
+        if self._answered == answered:
+            self.log.error("The signature checker answered nothing for {seconds} s: stopping it",
+                           seconds=self.STALL_TIMEOUT)
+            self.transport.signalProcess("KILL")
+            return
+        self._stall_call = self.reactor.callLater(self.STALL_TIMEOUT, self._stalled, self._answered)
+
+    def processEnded(self, reason):
+        self.running = False
+        self._records = []
+        for call in (self._stall_call, self._write_call):
+            if call is not None:
+                call.cancel()
+        self._stall_call = self._write_call = None
+        waiting, self._waiting = self._waiting, collections.deque()
+        if not self._stopping:
+            self.log.error("The signature checker process ended ({reason}); the server checks signatures itself"
+                           " until it is started again", reason=reason.getErrorMessage())
+            self._restart_call = self.reactor.callLater(self.RESTART_DELAY, self._restart)
+        for answer in waiting:
+            self._tell(answer, "unknown")
+        ended, self._ended = self._ended, []
+        for d in ended:
+            d.callback(None)
+
+    def _restart(self):
+        self._restart_call = None
+        if not self._stopping:
+            self.start()
+
+    def stop(self):
+        """Let the process end once it has answered what it was asked; a Deferred that fires when it has ended."""
+        self._stopping = True
+        if self._restart_call is not None:
+            self._restart_call.cancel()
+            self._restart_call = None
+        if not self.running:
+            return defer.succeed(None)
+        if self._write_call is not None:
+            self._write_call.cancel()
+            self._write()
+        d = Deferred()
+        self._ended.append(d)
+        self.transport.closeStdin()
+        return d
+
+
 class PagerServerFactory(protocol.Factory):
     """
     The server's shared state: the store, the limits, the sessions online, and the thread pool that does RSA and
@@ -6206,6 +6469,7 @@ class PagerServerFactory(protocol.Factory):
         self._threads_given = in_thread is not None  # tests pass one that runs thread work synchronously
         self.in_thread = in_thread if in_thread is not None else self._default_in_thread
         self._hash_pool = None
+        self.signatures = None  # the SignatureChecker of sends, if the server runs one (else the store's thread checks)
         self.online = {}  # user -> set of sessions
         self.receivers = {}  # user -> set of sessions that take messages
         self.connections = 0
@@ -6903,6 +7167,8 @@ class PagerService(service.Service):
 
     async def _start(self):
         self.factory.server_id = await self.store.open()
+        if self.factory.signatures is not None:
+            self.factory.signatures.start()
         self.port = await self.endpoint.listen(self.factory)
         self.factory.start_expiry()
         self.factory.start_account_check()
@@ -6940,6 +7206,8 @@ class PagerService(service.Service):
         for connection in list(self.factory.protocols):
             connection.close()  # each is aborted after close_grace if its peer does not let it close sooner
         await self.factory.all_closed()
+        if self.factory.signatures is not None:
+            await self.factory.signatures.stop()
         self.store.close()
 
     def stopService(self):
@@ -14414,7 +14682,9 @@ class ServerOptions(_GnuOptions):
                                                     "'pager-cli admin invite') or closed."],
     ] + [[name, None, getattr(Limits, field), text, _positive(kind, "--" + name)]
          for name, field, kind, text in _LIMIT_OPTIONS]
-    optFlags = [["no-recovery", None, "Refuse lost-key recovery with the safetoken alone."]]
+    optFlags = [["no-recovery", None, "Refuse lost-key recovery with the safetoken alone."],
+                ["signatures-in-process", None, "Check the signatures of messages in the server's own process, not in "
+                                                "the helper process it otherwise starts to do that on another core."]]
 
     def postOptions(self):
         values = {field: self[name] for name, field, _, _ in _LIMIT_OPTIONS}
@@ -15125,6 +15395,8 @@ def makeService(options, reactor=None):
     config = options.subOptions if isinstance(options, Options) else options
     store = Store(config["db"], reactor)
     factory = PagerServerFactory(store, config.limits, reactor)
+    if not config["signatures-in-process"]:
+        factory.signatures = SignatureChecker(reactor)
     endpoint = server_endpoint(reactor, config["listen"])
     under_twistd = isinstance(options, Options) and options.parent is not None
     return PagerService(endpoint, store, factory, config["listen"], exit_on_failure=under_twistd)

@@ -235,6 +235,26 @@ def proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu(pid):
+    """
+    CPU seconds of process C{pid} and of its children (a pager server's signature checker process): what the
+    server costs the machine.
+    """
+    total = proc_cpu(pid)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                text = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
 def proc_rss_kib(pid):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -257,22 +277,23 @@ def machine_busy():
 
 class CpuMeter:
     """
-    CPU used by the generator (this process) and the server between start and stop, with the wall time, and what
-    the rest of the machine used meanwhile (other processes compete for the same cores).
+    CPU used by the generator (this process) and the server (with its signature checker process) between start
+    and stop, with the wall time, and what the rest of the machine used meanwhile (other processes compete for the
+    same cores).
     """
 
     def __init__(self, server_pid=None):
         self.server_pid = server_pid
         self.wall0 = time.perf_counter()
         self.self0 = self_cpu()
-        self.server0 = proc_cpu(server_pid) if server_pid else None
+        self.server0 = tree_cpu(server_pid) if server_pid else None
         self.busy0 = machine_busy()
         self.result = None
 
     def stop(self):
         wall = time.perf_counter() - self.wall0
         gen = self_cpu() - self.self0
-        srv = proc_cpu(self.server_pid) - self.server0 if self.server_pid else None
+        srv = tree_cpu(self.server_pid) - self.server0 if self.server_pid else None
         busy = machine_busy()
         others = None
         if busy is not None and self.busy0 is not None:
@@ -435,7 +456,7 @@ class ServerProcess:
             s.close()
 
     def cpu(self):
-        return proc_cpu(self.pid)
+        return tree_cpu(self.pid)
 
     def rss_kib(self):
         return proc_rss_kib(self.pid)

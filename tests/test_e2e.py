@@ -7,6 +7,7 @@ it waited for.
 import inspect
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -81,10 +82,14 @@ class E2ETestCase(unittest.TestCase):
             await task.deferLater(reactor, POLL)
         self.fail("Timed out after %.1f s waiting for %s." % (tries * POLL, what))
 
-    async def start_server(self, db=None):
-        """A pager server from the command-line options on a free loopback port; C{(service, client endpoint)}."""
+    async def start_server(self, db=None, options=()):
+        """
+        A pager server from the command-line options (C{options} added) on a free loopback port; C{(service, client
+        endpoint)}.
+        """
+        given = options
         options = pager.ServerOptions()
-        options.parseOptions(["--listen", LISTEN, "--db", db or self.mktemp()])
+        options.parseOptions(["--listen", LISTEN, "--db", db or self.mktemp(), *given])
         server = pager.makeService(options, reactor)
         server.startService()
         self.addCleanup(self.stop_server, server)
@@ -708,6 +713,74 @@ class RobustnessTests(E2ETestCase):
                 break
             await task.deferLater(reactor, POLL)
         self.assertTrue(gone.called, "alice's connection is still open 1 s after the server service stopped")
+
+
+class SignatureCheckerTests(E2ETestCase):
+    """
+    The server checks the signatures of sends in its checker process (SignatureChecker): what it refuses is refused
+    as before, and a checker that dies or hangs loses no message and changes no order.
+    """
+
+    async def test_forged_signature_refused(self):
+        """A send whose signature does not verify is refused with bad_request and stored nowhere."""
+        server, address = await self.start_server()
+        checker = server.factory.signatures
+        self.assertTrue(checker.running)
+        alice = await self.register(address, "alice")
+        bob = await self.register(address, "bob")
+        await self.offline(server, bob)
+        await self.assertForgeryRefused(address, alice)
+        msg = await alice.send("bob", "from alice")
+        [held] = await self.pending(server, "bob")
+        self.assertEqual(held.msg_id.hex(), msg)
+        self.assertGreaterEqual(checker._answered, 2)  # both went through the checker process
+
+    async def test_checker_killed_nothing_lost(self):
+        """
+        Checks still waiting when the checker process is killed are made by the server itself: every message is
+        accepted, and arrives once; a new checker process takes the checks after.  (The twenty are sealed in
+        threads, so they leave in no set order; the store's order around places kept for checks is tested in
+        test_checker.)
+        """
+        server, address = await self.start_server()
+        checker = server.factory.signatures
+        checker.RESTART_DELAY = 0.05
+        alice = await self.register(address, "alice")
+        bob = await self.register(address, "bob")
+        await alice.send("bob", "before")
+        os.kill(checker.transport.pid, signal.SIGSTOP)  # it answers nothing now, and checks pile up
+        sends = [defer.Deferred.fromCoroutine(alice.send("bob", "during %d" % i)) for i in range(20)]
+        await self.wait_for(lambda: len(checker._waiting) == 20, "the checks to wait for the stopped checker")
+        checker.transport.signalProcess("KILL")
+        ids = await defer.gatherResults(sends)
+        await self.wait_for(lambda: checker.running, "a new checker process")
+        answered = checker._answered
+        ids.append(await alice.send("bob", "after"))
+        self.assertEqual(checker._answered, answered + 1)
+        await self.wait_for(lambda: len(bob.events.messages) == 22, "bob's 22 messages")
+        received = bob.events.messages
+        self.assertEqual(sorted(m.message_id.hex() for m in received[1:]), sorted(ids))
+        self.assertEqual(sorted(m.plaintext for m in received[1:-1]), sorted(b"during %d" % i for i in range(20)))
+        self.assertEqual((received[0].plaintext, received[-1].plaintext), (b"before", b"after"))
+        await self.no_pending(server, "bob")
+
+    async def test_in_process(self):
+        """--signatures-in-process: no checker process; the store's thread checks, and refuses a forgery."""
+        server, address = await self.start_server(options=["--signatures-in-process"])
+        self.assertIsNone(server.factory.signatures)
+        alice = await self.register(address, "alice")
+        await self.register(address, "bob")
+        await self.assertForgeryRefused(address, alice)
+        await alice.send("bob", "fine")
+
+    async def assertForgeryRefused(self, address, alice):
+        """alice's send to bob of an envelope whose signature does not verify is refused with bad_request."""
+        envelope = await self.device_envelope(address, "alice", ["bob"], b"not from alice", client=alice)
+        forged = pager.Envelope(envelope.header, envelope.chunks, bytes([envelope.signature[0] ^ 1])
+                                + envelope.signature[1:])
+        with self.assertRaises(pager.BadRequest) as refused:
+            await alice.send_envelope(["bob"], forged)
+        self.assertIn("signature", refused.exception.message)
 
 
 class CommandLineTests(unittest.SynchronousTestCase):
