@@ -5363,8 +5363,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
                                                           self.factory.now())
         self.log.info("{user} revoked a device ({device})", user=self.user, device=device.hex())
         self.factory.device_revoked(self.user, device)
-        for sender, receipt in receipts:
-            self.factory.receipt_created(sender, receipt)
+        self.factory.receipts_created(receipts)
         self.factory.devices_changed(self.user, self)
         self.factory.settled()
         return {"device": device.hex()}
@@ -5487,8 +5486,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         self.log.info("{user} changed group {group} ({kind}, version {seq})", user=self.user, group=gid.hex(),
                       kind=op.kind, seq=op.seq)
         factory.group_committed(new, departed, self)
-        for sender, receipt in receipts:
-            factory.receipt_created(sender, receipt)
+        factory.receipts_created(receipts)
         if receipts:
             factory.settled()
         return {"group": gid.hex(), "seq": new.seq, "head": new.head.hex()}
@@ -6051,8 +6049,7 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
 
     def _settled(self, receipts, settled):
         """C{settled} deliveries were settled, making C{receipts} (C{(sender, Receipt)} pairs)."""
-        for sender, receipt in receipts:
-            self.factory.receipt_created(sender, receipt)
+        self.factory.receipts_created(receipts)
         if settled:
             self.factory.settled()
 
@@ -7027,10 +7024,30 @@ class PagerServerFactory(protocol.Factory):
         at a time in the store's queue: the receipts of a batch are told of only once it has committed, and the
         store runs in order, so a trim still waiting for its outcome then runs after them, or ran after them in
         that batch, and trims them too.  (A drain of many acks a batch would otherwise queue one trim for every
-        C{RECEIPT_TRIM_EVERY} of its receipts, each walking the C{max_pending_receipts} kept.)
+        C{RECEIPT_TRIM_EVERY} of its receipts, each walking the C{max_pending_receipts} kept.)  The receipts one
+        settle makes are counted together (L{receipts_created}): they queue at most one trim a user.
         """
+        self._count_receipts(user, 1)
+        if user in self.online:
+            self._offer_receipt(user, receipt)
+
+    def receipts_created(self, receipts):
+        """
+        L{receipt_created} for each of C{receipts} (C{(user, Receipt)} pairs, in the order made), counted once for
+        each user: a drain's ack makes one receipt for each message it settles, most often all for one sender.
+        """
+        if not receipts:
+            return
+        for user, count in collections.Counter(user for user, _ in receipts).items():
+            self._count_receipts(user, count)
+        online = self.online
+        for user, receipt in receipts:
+            if user in online:
+                self._offer_receipt(user, receipt)
+
+    def _count_receipts(self, user, count):
         keep = self.limits.max_pending_receipts
-        self._new_receipts[user] += 1
+        self._new_receipts[user] += count
         if self._new_receipts[user] >= min(self.RECEIPT_TRIM_EVERY, keep):
             del self._new_receipts[user]
             if user not in self._trimming:
@@ -7038,7 +7055,9 @@ class PagerServerFactory(protocol.Factory):
                 trimmed = self.store.trim_receipts(user, keep)
                 trimmed.addErrback(lambda f: self.log.failure("Dropping old receipts failed", f))
                 trimmed.addBoth(lambda _: self._trimming.discard(user))
-        for session in list(self.online.get(user, ())):
+
+    def _offer_receipt(self, user, receipt):
+        for session in list(self.online[user]):
             if session.receive:
                 session.receipts.offer(receipt.rid, receipt)
             elif receipt.msg_id in session.sent:

@@ -2611,6 +2611,29 @@ class ReceiptBoundTests(ServerTestCase):
         waiting.pop()()
         self.assertEqual(stored(), 5)
 
+    def test_cumulativeAckCountedOnce(self):
+        """
+        One cumulative ack that makes 12 receipts for bob (online) and 3 for carol pushes bob's 12 to him in the
+        order they were made, and queues one trim, bob's: carol's 3 are under max_pending_receipts.
+        """
+        self.serve(pager.Limits(max_pending_receipts=5))
+        alice, bob, carol = self.register("alice"), self.register("bob"), self.register("carol")
+        trims = []
+        self.store.trim_receipts = lambda user, keep: trims.append((user, keep)) or defer.succeed(0)
+        sent = []
+        for n in range(15):
+            sender, conn = (carol, "carol") if n % 5 == 4 else (bob, "bob")
+            envelope = seal(conn, ["alice"], b"%d" % n)
+            self.assertOk(sender.send(envelope))
+            sent.append((conn, msg_id(envelope)))
+        pushed = alice.pushed("message")
+        self.assertEqual(len(pushed), 15)
+        self.assertEqual(alice.request("ack", upto=pushed[-1]["seq"])["settled"], 15)
+        receipts = [f for f in bob.read() if f["type"] == "receipt"]
+        self.assertEqual([f["msg"] for f in receipts], [m for who, m in sent if who == "bob"])
+        self.assertEqual([f["receipt"] for f in receipts], sorted(f["receipt"] for f in receipts))
+        self.assertEqual(trims, [("bob", 5)])
+
 
 class KeyReplacedTests(ServerTestCase):
     """A session logged in with a key that was replaced can neither settle nor read what waits for the new key."""
