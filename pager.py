@@ -6337,6 +6337,7 @@ class SignatureChecker(protocol.ProcessProtocol):
                            error=e)
             return
         self.running = True
+        self.log.info("Signature checker started (process {pid})", pid=self.transport.pid)
 
     def check(self, device, key, named, digest, signature, answer):
         """
@@ -6407,8 +6408,9 @@ class SignatureChecker(protocol.ProcessProtocol):
         self._stall_call = self._write_call = None
         waiting, self._waiting = self._waiting, collections.deque()
         if not self._stopping:
-            self.log.error("The signature checker process ended ({reason}); the server checks signatures itself"
-                           " until it is started again", reason=reason.getErrorMessage())
+            code, sig = getattr(reason.value, "exitCode", None), getattr(reason.value, "signal", None)
+            self.log.error("The signature checker process ended ({how}); the server checks signatures itself until"
+                           " another starts", how="signal %s" % sig if sig else "exit code %s" % code)
             self._restart_call = self.reactor.callLater(self.RESTART_DELAY, self._restart)
         for answer in waiting:
             self._tell(answer, "unknown")
@@ -6422,7 +6424,10 @@ class SignatureChecker(protocol.ProcessProtocol):
             self.start()
 
     def stop(self):
-        """Let the process end once it has answered what it was asked; a Deferred that fires when it has ended."""
+        """
+        Let the process end once it has answered what it was asked (killed if it has not ended within
+        C{STALL_TIMEOUT}); a Deferred that fires when it has ended.
+        """
         self._stopping = True
         if self._restart_call is not None:
             self._restart_call.cancel()
@@ -6435,7 +6440,15 @@ class SignatureChecker(protocol.ProcessProtocol):
         d = Deferred()
         self._ended.append(d)
         self.transport.closeStdin()
+        if self._stall_call is not None:
+            self._stall_call.cancel()
+        self._stall_call = self.reactor.callLater(self.STALL_TIMEOUT, self._kill)
         return d
+
+    def _kill(self):
+        self._stall_call = None
+        if self.running:
+            self.transport.signalProcess("KILL")
 
 
 class PagerServerFactory(protocol.Factory):
@@ -14703,7 +14716,8 @@ class ServerOptions(_GnuOptions):
          for name, field, kind, text in _LIMIT_OPTIONS]
     optFlags = [["no-recovery", None, "Refuse lost-key recovery with the safetoken alone."],
                 ["signatures-in-process", None, "Check the signatures of messages in the server's own process, not in "
-                                                "the helper process it otherwise starts to do that on another core."]]
+                                                "its signature checker process (which puts the checks on another "
+                                                "core; on a machine with one core it only adds a pipe)."]]
 
     def postOptions(self):
         values = {field: self[name] for name, field, _, _ in _LIMIT_OPTIONS}

@@ -189,6 +189,16 @@ class SignatureCheckerTests(unittest.TestCase):
         self.checker.outReceived(b"x")  # not an answer byte
         self.assertEqual(await waiting, "unknown")
 
+    async def test_stopHung(self):
+        """A process that does not end when told to (stopped) is killed after STALL_TIMEOUT."""
+        alice, bob = _keys()
+        device, digest, signature = _signed(alice, bob)
+        self.assertEqual(await self.check(device, alice.public_key(), digest, signature), None)  # started
+        self.checker.STALL_TIMEOUT = 0.2
+        os.kill(self.checker.transport.pid, signal.SIGSTOP)
+        await self.checker.stop()
+        self.assertFalse(self.checker.running)
+
     async def test_stop(self):
         """stop lets the process answer what it was asked, then fires once it has ended; no new one is started."""
         alice, bob = _keys()
