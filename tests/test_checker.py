@@ -166,36 +166,35 @@ class SignatureCheckerTests(unittest.TestCase):
             await task.deferLater(reactor, 0.05)
         self.assertEqual(await self.check(device, alice.public_key(), digest, signature), None)
 
-    async def test_stalled(self):
-        """A process that stops answering while checks wait is killed, and the checks are answered "unknown"."""
+    async def hang(self, stall_timeout):
+        """
+        Once the process has answered a check (it has started), stop it (SIGSTOP) with C{stall_timeout}; returns
+        a check to ask it: C{(device, key, digest, signature)}.
+        """
         alice, bob = _keys()
         device, digest, signature = _signed(alice, bob)
-        self.assertEqual(await self.check(device, alice.public_key(), digest, signature), None)  # started
-        self.checker.STALL_TIMEOUT = 0.2
+        self.assertEqual(await self.check(device, alice.public_key(), digest, signature), None)
+        self.checker.STALL_TIMEOUT = stall_timeout
         os.kill(self.checker.transport.pid, signal.SIGSTOP)
-        self.assertEqual(await self.check(device, alice.public_key(), digest, signature), "unknown")
+        return device, alice.public_key(), digest, signature
+
+    async def test_stalled(self):
+        """A process that stops answering while checks wait is killed, and the checks are answered "unknown"."""
+        check = await self.hang(0.2)
+        self.assertEqual(await self.check(*check), "unknown")
 
     async def test_answersNotAsked(self):
         """
         A process that answers what it was not asked (a damaged or foreign program) is killed; what waited is
         answered "unknown", for the server to check itself.
         """
-        alice, bob = _keys()
-        device, digest, signature = _signed(alice, bob)
-        self.assertEqual(await self.check(device, alice.public_key(), digest, signature), None)
-        self.checker.STALL_TIMEOUT = 30
-        os.kill(self.checker.transport.pid, signal.SIGSTOP)
-        waiting = self.check(device, alice.public_key(), digest, signature)
+        waiting = self.check(*await self.hang(30))
         self.checker.outReceived(b"x")  # not an answer byte
         self.assertEqual(await waiting, "unknown")
 
     async def test_stopHung(self):
         """A process that does not end when told to (stopped) is killed after STALL_TIMEOUT."""
-        alice, bob = _keys()
-        device, digest, signature = _signed(alice, bob)
-        self.assertEqual(await self.check(device, alice.public_key(), digest, signature), None)  # started
-        self.checker.STALL_TIMEOUT = 0.2
-        os.kill(self.checker.transport.pid, signal.SIGSTOP)
+        await self.hang(0.2)
         await self.checker.stop()
         self.assertFalse(self.checker.running)
 
