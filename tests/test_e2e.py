@@ -735,6 +735,44 @@ class SignatureCheckerTests(E2ETestCase):
         self.assertEqual(held.msg_id.hex(), msg)
         self.assertGreaterEqual(checker._answered, 2)  # both went through the checker process
 
+    async def test_send_without_chunks_stalls_nothing(self):
+        """
+        A send with no chunk at all (size 0), whose signed bytes cannot even be formed, is refused with
+        bad_request before the store keeps a place for it: the sends after it are still answered and delivered.
+        """
+        server, address = await self.start_server()
+        alice = await self.register(address, "alice")
+        bob = await self.register(address, "bob")
+        envelope = await self.device_envelope(address, "alice", ["bob"], b"", client=alice)
+        alice.protocol.send_frame({"type": "send", "id": "empty", "to": ["bob"], "size": 0,
+                                   "header": pager.b64(envelope.header), "chunks": [],
+                                   "signature": pager.b64(envelope.signature)})
+        msg = await alice.send("bob", "after the empty one")
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        self.assertOpened(bob.events.messages[0], "alice", b"after the empty one", msg)
+
+    async def test_checker_failing_to_ask_stalls_nothing(self):
+        """
+        A send whose check cannot even be asked (the checker raises) gets an error, and gives back the place the
+        store kept for it: the sends after it are still answered.
+        """
+        server, address = await self.start_server()
+        alice = await self.register(address, "alice")
+        await self.register(address, "bob")
+        checker = server.factory.signatures
+        real = checker.check
+
+        def broken(*args):
+            checker.check = real
+            raise RuntimeError("the pipe is gone")
+
+        checker.check = broken
+        with self.assertRaises(pager.PagerError) as failed:
+            await alice.send("bob", "refused")
+        self.assertEqual(failed.exception.code, "internal")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        await alice.send("bob", "after")
+
     async def test_checker_killed_nothing_lost(self):
         """
         Checks still waiting when the checker process is killed are made by the server itself: every message is
