@@ -450,6 +450,9 @@ class BadInputTests(SecurityTestCase):
         answer = await self.request(peer, "send", "next", to=["bob"], size=other.size, header=b64(other.header),
                                     chunks=[b64(c) for c in other.chunks], signature=b64(other.signature))
         self.assertEqual(answer["type"], "ok", answer)
+        # bob gets it before the witness's message is counted (its push may still be on its way after the ok)
+        await self.wait_for(lambda: any(m.plaintext == b"next message" for m in self.bob.events.messages),
+                            "bob to get the next message")
         await self.witness_ok()
 
     async def test_invalid_utf8(self):
