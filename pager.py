@@ -6313,7 +6313,7 @@ class SignatureChecker(protocol.ProcessProtocol):
     the server it runs one at a time with everything else the server does (in the store's thread it was a sixth of
     the server's time at full load); the records crossing the pipe cost the server a few microseconds a message.
     Checks are answered in the order asked.  If the process dies or stops answering, the checks still waiting are
-    answered "unknown" (C{None}) for the server to make itself, and the process is started again a little later.
+    answered C{"unknown"}, for the server to make itself, and the process is started again a little later.
     """
 
     log = Logger()
