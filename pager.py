@@ -42,6 +42,7 @@ import secrets
 import shlex
 import sqlite3
 import struct
+import textwrap
 import time
 import traceback
 import types
@@ -14612,6 +14613,11 @@ def _print_version(options):
     sys.exit(EXIT_OK)
 
 
+# Twisted wraps option help with textwrap, which also breaks a line after a hyphen ("link-" ending one line, "device"
+# starting the next).  pager's help names commands and options that have hyphens: its lines break at spaces only.
+usage.textwrap = types.SimpleNamespace(wrap=functools.partial(textwrap.wrap, break_on_hyphens=False))
+
+
 class _GnuOptions(usage.Options):
     """Options that may follow the positional arguments (C{send HOST --to bob}), as GNU tools allow."""
 
@@ -14715,8 +14721,10 @@ class ServerOptions(_GnuOptions):
                 "Logs go to standard error (or twistd's log).")
     optParameters = [
         ["listen", "l", DEFAULT_LISTEN,
-         "Twisted server endpoint string to listen on, e.g. tcp:5050:interface=127.0.0.1:backlog=1024 (without "
-         "backlog, Twisted's 50) or ssl:5051:privateKey=key.pem:certKey=cert.pem."],
+         "Where to listen: a Twisted server endpoint string. tcp:PORT listens on every interface; add "
+         ":interface=127.0.0.1 for this machine only, and keep :backlog=1024 (without it the queue of "
+         "connections not yet accepted holds only 50). For TLS, add --tls-cert and --tls-key, or give an "
+         "ssl: endpoint with privateKey= and certKey=."],
         ["db", "d", DEFAULT_DB, "SQLite database file (created if missing)."],
         ["tls-cert", None, None, "Serve TLS with this certificate (PEM; e.g. from 'pager-cli make-cert'). "
                                  "Turns a tcp: --listen into ssl: on the same port."],
@@ -14783,14 +14791,14 @@ class _ClientOptions(_GnuOptions):
     optParameters = [
         ["user", "u", None, "Your user name."],
         ["home", None, None, _HOME_HELP],
-        ["token-file", None, None, "Read the safetoken from this file, which others must not read (else "
-                                   "$PAGER_TOKEN, else the one kept on this machine, else a prompt: only in "
-                                   "connect, and on a terminal (standard input and error) token, verify, "
-                                   "import-key, devices, link-device and revoke-device)."],
-        ["passphrase-file", None, None, "Read the key passphrase from this file (else $PAGER_PASSPHRASE, else a "
-                                        "prompt: only in connect, and on a terminal (standard input and error) "
-                                        "passwd, token, verify, export-key, import-key, devices, link-device and "
-                                        "revoke-device)."],
+        ["token-file", None, None, "Read the safetoken from this file, which others must not read. Else "
+                                   "$PAGER_TOKEN, else the one kept on this machine; else connect asks for it, "
+                                   "and so do token, verify, import-key, devices, link-device and revoke-device "
+                                   "on a terminal (standard input and error)."],
+        ["passphrase-file", None, None, "Read the key passphrase from this file, which others must not read. Else "
+                                        "$PAGER_PASSPHRASE; else connect asks for it, and so do passwd, token, "
+                                        "verify, export-key, import-key, devices, link-device and revoke-device "
+                                        "on a terminal (standard input and error)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.",

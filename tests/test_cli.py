@@ -940,6 +940,23 @@ class HelpTests(CLITestCase):
                 self.assertIn(word, result.out, "%r missing from pager.py %s --help" % (word, " ".join(command)))
 
 
+    def test_help_words_whole(self):
+        """
+        No word of any command's option help is broken across lines: not a long one (an endpoint string), not one
+        with a hyphen (a command name like link-device).
+        """
+        commands = [cls for name, cls in vars(pager).items()
+                    if isinstance(cls, type) and issubclass(cls, usage.Options) and not name.startswith("_")]
+        self.assertIn(pager.ServerOptions, commands)
+        for cls in commands:
+            options = cls()
+            for width in (80, 120):
+                text = options.getUsage(width=width)
+                for name, doc in options.docs.items():
+                    for word in (doc or "").split():
+                        self.assertIn(word, text, "%s --%s at width %d" % (cls.__name__, name, width))
+
+
 class _FakeServer(protocol.Protocol):
     """A server that greets like pager, answers login, then does what the test says: close, or fall silent."""
 
