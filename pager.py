@@ -11667,11 +11667,14 @@ class Session:
                 user = None
 
     def _given_token(self):
-        """The safetoken from PAGER_TOKEN or --token-file (a file others may read is refused), or None."""
-        if os.environ.get("PAGER_TOKEN"):
-            token = os.environ["PAGER_TOKEN"]
-        elif self.config.get("token-file"):  # commands that never log in have no --token-file
+        """
+        The safetoken from --token-file (a file others may read is refused), else from PAGER_TOKEN, or None: an
+        option given on the command line goes before the environment.
+        """
+        if self.config.get("token-file"):  # commands that never log in have no --token-file
             token = _first_line_of(self.config["token-file"], "token file")
+        elif os.environ.get("PAGER_TOKEN"):
+            token = os.environ["PAGER_TOKEN"]
         else:
             return None
         if len(token) < MIN_TOKEN_LENGTH:
@@ -11755,27 +11758,37 @@ class Session:
             await self.save_token(token, passphrase)
 
     def _given_passphrase(self):
-        if os.environ.get("PAGER_PASSPHRASE"):
-            return os.environ["PAGER_PASSPHRASE"]
-        if self.config["passphrase-file"]:
-            return _first_line_of(self.config["passphrase-file"])
-        return None
+        """
+        The passphrase from --passphrase-file, else from PAGER_PASSPHRASE, or None.  The file is a secret's, refused
+        if others may read it, and an empty one is refused: it would make a key without a passphrase unasked.
+        """
+        path = self.config["passphrase-file"]
+        if path:
+            passphrase = _first_line_of(path, "passphrase file")
+            if not passphrase:
+                raise usage.UsageError("The passphrase file %s is empty: write the passphrase on its first line "
+                                       "(for a key without one, choose --no-passphrase)." % path)
+            return passphrase
+        return os.environ.get("PAGER_PASSPHRASE") or None
 
     async def new_passphrase(self, what="your private key", given=None):
         """
         A passphrase for a new key file: C{given} (by default the one given in PAGER_PASSPHRASE or
         --passphrase-file), or asked twice; an empty one only after an explicit warning.
         """
-        if given is None:
-            given = self._given_passphrase()
         if given is not None:
             return given
-        warning = ("An empty passphrase leaves %s unencrypted on disk: whoever can read the file can read your "
-                   "messages and page as you." % what)
+        # --no-passphrase is about this new key alone, so it goes before a passphrase given for the existing one
+        # (import-key and export-key read a key with one and write the new file without).
         if self.config.get("no-passphrase"):  # commands that make no key have no --no-passphrase
             self.prompter.say("Warning: --no-passphrase leaves %s unencrypted on disk: whoever can read the file can "
                               "read your messages and page as you." % what)
             return ""
+        given = self._given_passphrase()
+        if given is not None:
+            return given
+        warning = ("An empty passphrase leaves %s unencrypted on disk: whoever can read the file can read your "
+                   "messages and page as you." % what)
         hint = "Give a passphrase in PAGER_PASSPHRASE or with --passphrase-file, or choose --no-passphrase."
         while True:
             first = await self.prompter.secret("New passphrase for %s: " % what, hint)
@@ -11797,7 +11810,7 @@ class Session:
         try:
             encrypted = await self.in_thread(key_file_is_encrypted, path)
         except OSError as e:
-            raise KeyFileError("Cannot read the key file %s: %s." % (path, e.strerror))
+            raise LocalError("Cannot read the key file %s: %s." % (path, e.strerror))
         if not encrypted:
             try:
                 return await self.in_thread(load_private_key, path, ""), ""
@@ -11883,6 +11896,7 @@ class Session:
         client = await self.connect()
         try:
             await self.locate(client)
+            self._check_key_paths()
             if not os.path.exists(self.key_path) and os.path.exists(self.key_path + ".new"):
                 # A key saved by a registration that was interrupted before it could take its final name.
                 os.replace(self.key_path + ".new", self.key_path)
@@ -11918,6 +11932,19 @@ class Session:
             raise
         self.client = client
         return client
+
+    def _check_key_paths(self):
+        """
+        Refuse key paths that cannot be looked at (a directory this user may not search): they would look like no
+        key at all, and this machine would be told to link or re-key an account whose key is right there.
+        """
+        for path in (self.key_path, self.key_path + ".new", self.device_path):
+            try:
+                os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except OSError as e:
+                raise LocalError("Cannot look for the key in %s: %s." % (os.path.dirname(path), e.strerror))
 
     @staticmethod
     def _abandon(client):
@@ -12054,11 +12081,14 @@ class Session:
         try:
             passphrase = await self.new_passphrase()
         except usage.UsageError:
+            if self.config.get("passphrase-file"):
+                raise  # given, and refused: its own sentence says why
             # A missing answer, as when an existing key's passphrase is not given (exit 2).
             raise usage.UsageError(
                 "This machine has no key for %s on %s: to make one, give its passphrase in PAGER_PASSPHRASE or "
-                "--passphrase-file (or choose --no-passphrase); if %s already has a key elsewhere, copy it here "
-                "with 'pager-cli export-key' and 'pager-cli import-key'." % (self.user, self.address, self.user))
+                "--passphrase-file (or choose --no-passphrase); if %s already has a key on another machine, link "
+                "this one to the account instead, with 'pager-cli link-device %s --user %s'."
+                % (self.user, self.address, self.user, self.address, self.user))
         prompter.say("Generating a %d-bit RSA key..." % RSA_BITS)
         key = await self.in_thread(generate_private_key)
         # Saved before the account exists, so that a failure to save can never leave the server with a key that is
@@ -15982,7 +16012,12 @@ async def _passwd_command(reactor, config):
         token = None
     given = "" if config["no-passphrase"] else None
     if config["new-passphrase-file"]:
+        if config["no-passphrase"]:
+            raise usage.UsageError("--new-passphrase-file and --no-passphrase ask for opposite things: give one.")
         given = _first_line_of(config["new-passphrase-file"], "passphrase file")
+        if not given:
+            raise usage.UsageError("The passphrase file %s is empty: write the new passphrase on its first line (to "
+                                   "remove the passphrase, choose --no-passphrase)." % config["new-passphrase-file"])
     elif given is None and not session.prompter.interactive:
         raise usage.UsageError("Give the new passphrase with --new-passphrase-file (or --no-passphrase).")
     what = "your private key" if path == session.key_path else "this device's key"

@@ -799,6 +799,7 @@ class KeyFileTests(CLITestCase):
         os.chmod(token_file, 0o600)  # a token file others may read is refused
         with open(passphrase_file, "w") as f:
             f.write("correct horse battery\n")
+        os.chmod(passphrase_file, 0o600)  # so is a passphrase file
         sent = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "hi", "--register",
                                 "--token-file", token_file, "--passphrase-file", passphrase_file, home=home)
         self.assertExit(sent, 0)

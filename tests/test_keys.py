@@ -388,6 +388,84 @@ class PasswdTests(CommandTestCase):
         self.assertIn("--new-passphrase-file", str(caught.exception))
 
 
+    async def test_passwd_new_passphrase_file_empty_or_contradicted(self):
+        """
+        An empty new-passphrase file is refused (it would remove the passphrase unasked), and so is one given with
+        --no-passphrase; the key keeps its passphrase.
+        """
+        await self.serve()
+        home = await self.provision_with_token("alice")
+        os.environ["PAGER_PASSPHRASE"] = PASSPHRASE
+        empty, new = self.private_file(""), self.private_file("the new passphrase")
+        for extra, words in (([empty], "is empty"), ([new, "--no-passphrase"], "give one")):
+            with self.assertRaises(usage.UsageError) as caught:
+                await self.run_command("passwd", self.host, "--user", "alice", "--home", home,
+                                       "--new-passphrase-file", *extra)
+            self.assertIn(words, str(caught.exception))
+        key_path = os.path.join(self.user_dir(home, "alice"), pager.KEY_FILE_NAME)
+        self.assertTrue(pager.key_file_is_encrypted(key_path))
+        pager.load_private_key(key_path, PASSPHRASE)
+
+
+class GivenSecretTests(CommandTestCase):
+    """Secrets given to a script: an option goes before the environment, and a passphrase file is a secret's."""
+
+    async def test_options_before_environment(self):
+        """--passphrase-file and --token-file are used even when PAGER_PASSPHRASE and PAGER_TOKEN say otherwise."""
+        await self.serve()
+        home = await self.provision("alice", PASSPHRASE)
+        os.environ.update(PAGER_PASSPHRASE="not the passphrase", PAGER_TOKEN="not the safetoken")
+        session, _ = await self.session(home, interactive=False, **{
+            "passphrase-file": self.private_file(PASSPHRASE), "token-file": self.private_file(token("alice"))})
+        self.assertEqual(session.token, token("alice"))
+
+    async def test_passphrase_file_others_may_read(self):
+        """A passphrase file others may read is refused (exit 3), as a token file is, with the chmod that fixes it."""
+        await self.serve()
+        home = await self.provision("alice", PASSPHRASE)
+        os.environ["PAGER_TOKEN"] = token("alice")
+        exposed = self.private_file(PASSPHRASE, 0o644)
+        error, _ = await self.failed_session(home, pager.KeyFileExposed, interactive=False,
+                                             **{"passphrase-file": exposed})
+        self.assertIn("chmod 600 %s" % exposed, error.message)
+        self.assertEqual(pager.exit_code(error), pager.EXIT_AUTH)
+
+    async def test_empty_passphrase_file_makes_no_key(self):
+        """An empty passphrase file does not register a key without a passphrase: exit 2, no key, no account."""
+        await self.serve()
+        home = self.home()
+        os.environ["PAGER_TOKEN"] = token("alice")
+        error, _ = await self.failed_session(home, usage.UsageError, interactive=False, register=True,
+                                             **{"passphrase-file": self.private_file("")})
+        self.assertIn("is empty", str(error))
+        self.assertEqual(await self.server.store.user_names(), [])
+        self.assertFalse(os.path.exists(os.path.join(self.user_dir(home, "alice"), pager.KEY_FILE_NAME)))
+
+    async def test_no_passphrase_before_environment(self):
+        """--no-passphrase makes a key without one, with its warning, even when PAGER_PASSPHRASE is set."""
+        await self.serve()
+        home = self.home()
+        os.environ.update(PAGER_TOKEN=token("alice"), PAGER_PASSPHRASE=PASSPHRASE)
+        session, prompter = await self.session(home, interactive=False, register=True, **{"no-passphrase": True})
+        self.assertFalse(pager.key_file_is_encrypted(session.key_path))
+        self.assertTrue(any(said.startswith("Warning: --no-passphrase") for said in prompter.said))
+
+    async def test_key_directory_cannot_be_looked_at(self):
+        """
+        A user directory whose key cannot be looked at (here a symbolic link to itself) is a local error (exit 7),
+        not "no key here", which would advise linking or re-keying an account whose key may be right there.
+        """
+        await self.serve()
+        home = await self.provision("alice", PASSPHRASE)
+        directory = self.user_dir(home, "alice")
+        os.rename(directory, directory + ".away")
+        os.symlink(directory, directory)  # ELOOP, for root too (a mode of 000 would not stop root)
+        os.environ.update(PAGER_TOKEN=token("alice"), PAGER_PASSPHRASE=PASSPHRASE)
+        error, _ = await self.failed_session(home, pager.LocalError, interactive=False)
+        self.assertIn("Cannot look for the key in %s" % directory, error.message)
+        self.assertEqual(pager.exit_code(error), pager.EXIT_LOCAL)
+
+
 class TokenTests(CommandTestCase):
 
     async def test_token(self):
