@@ -11575,6 +11575,17 @@ class Session:
         """The address as known_servers files it: host, port, and TLS or not."""
         return server_address(self.host, self.port, self.config["tls"])
 
+    def command_line(self, command, *args):
+        """C{pager-cli COMMAND} for this user at this address, on this machine, with the options this one was given."""
+        words = ["pager-cli", command, self.address, "--user", self.user]
+        if self.config.get("home"):
+            words += ["--home", self.config["home"]]
+        if self.config["tls"]:
+            words.append("--tls")
+            if self.config.get("ca"):
+                words += ["--ca", self.config["ca"]]
+        return " ".join(shlex.quote(word) for word in words + list(args))
+
     @property
     def trust_command(self):
         """The command that accepts a new server id at this address, with the options this one was given."""
@@ -12543,7 +12554,8 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_
     elif message.key_status == "new":
         mark = "\u2713 (first message: key pinned)"
     else:
-        mark = "\u26a0 KEY CHANGED, NOT VERIFIED: see /fingerprint %s, then /trust %s" % (
+        # Ends with a colon, as a group message's head does: the text that follows is the sender's, not the hint's.
+        mark = "\u26a0 KEY CHANGED, NOT VERIFIED (see /fingerprint %s, then /trust %s):" % (
             message.sender, message.sender)
     when = message.accepted_at if message.accepted_at is not None else message.timestamp
     if sent_from is not None:
@@ -12560,7 +12572,7 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_
         head += " (to %s)" % ", ".join(others)
     if getattr(message, "group_note", None):
         head += " (%s)" % message.group_note
-    if group is not None and sent_from is None:
+    if group is not None and sent_from is None and not head.endswith(":"):
         head += ":"
     if message.content_type == "file":
         return "%s%s the file %s (%s), saved as %s" % (
@@ -16097,7 +16109,8 @@ async def _fingerprint_command(reactor, config):
     if status == "changed":
         raise SystemExit(report(KeyChanged(name, fp, fp, message=(
             "%s's key is not the one pinned on this machine: check the fingerprint above with %s (for example by "
-            "phone), then run 'pager-cli trust %s' (or 'pager-cli verify %s')." % (name, name, name, name)))))
+            "phone), then accept it with '%s' (and '%s' records that you compared it)."
+            % (name, name, session.command_line("trust", name), session.command_line("verify", name))))))
 
 
 async def _verify_command(reactor, config):
@@ -16119,6 +16132,12 @@ async def _verify_command(reactor, config):
                 raise KeyChanged(name, fp, fp, message="Not verified: if the fingerprints differ, someone may be "
                                  "in between; do not trust this key until you know why.")
             compared = fp
+        if status == "changed":  # what the chat calls /trust is, here, a command of its own
+            pin = await client.pins.get_pin(name)
+            raise KeyChanged(name, bytes(pin[1]), fp, message=(
+                "%s's key changed since you pinned it: compare the new one (%s) and accept it with '%s' before "
+                "verifying it; nothing was marked verified."
+                % (name, format_fingerprint(fp), session.command_line("trust", name))))
         await client.verify(name, compared)
     finally:
         await session.close()

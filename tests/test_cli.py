@@ -732,7 +732,8 @@ class KeyTrustTests(CLITestCase):
         self.assertEqual((message.message_id.hex(), message.plaintext), (msg, b"after"))
         self.assertEqual(message.sender_fingerprint, pager.fingerprint(new_key))
         self.assertEqual(message.key_status, "changed")
-        self.assertIn("KEY CHANGED", pager.describe_message(message))
+        self.assertRegex(pager.describe_message(message), r"^\[\d\d:\d\d\] alice \u26a0 KEY CHANGED, NOT VERIFIED "
+                                                          r"\(see /fingerprint alice, then /trust alice\): after$")
         pin = await store.get_pin("alice")
         self.assertEqual(bytes(pin[1]), alice_fp)
 

@@ -262,6 +262,12 @@ class DescribeGroupMessageTests(unittest.SynchronousTestCase):
         self.assertRegex(pager.describe_message(self.message(), elsewhere=True),
                          r"^\[\d\d:\d\d\] \u00bb #ops alice \u2713: disk full$")
 
+    def test_changed_key(self):
+        """A changed key's warning ends before the text: the text is not read as part of its /trust hint."""
+        self.assertRegex(pager.describe_message(self.message(key_status="changed")),
+                         r"^\[\d\d:\d\d\] #ops alice \u26a0 KEY CHANGED, NOT VERIFIED \(see /fingerprint alice, "
+                         r"then /trust alice\): disk full$")
+
     def test_note(self):
         text = pager.describe_message(self.message(group_note="sealed for version 5 of #ops; yours is 7"))
         self.assertRegex(text, r"#ops alice \u2713 \(sealed for version 5 of #ops; yours is 7\): disk full$")

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import shlex
 import stat
 
 from twisted.internet import reactor
@@ -546,15 +547,17 @@ class VerifyTests(CommandTestCase):
         self.assertIn("<exit %d>" % pager.EXIT_KEY_TRUST, out)
         [line] = err.getvalue().splitlines()  # exit 5 says why, in one sentence
         self.assertIn("pager: bob's key is not the one pinned on this machine", line)
-        self.assertIn("trust bob", line)
+        command = "pager-cli trust %s --user alice --home %s bob" % (self.host, home)
+        self.assertIn("accept it with '%s'" % command, line)  # a command that runs as it is printed
+        self.assertIn("'pager-cli verify %s --user alice --home %s bob'" % (self.host, home), line)
         new_fp = pager.fingerprint(key("bob-new"))
         # The chat's rule: a changed key is accepted with trust before it can be verified (exit 5, nothing marked).
         with self.assertRaises(pager.KeyChanged) as caught:
             await self.run_command("verify", *common, "bob", "--fingerprint", new_fp.hex())
         self.assertIn("changed since you pinned it", caught.exception.message)
-        self.assertIn("trust bob", caught.exception.message)
+        self.assertIn("accept it with '%s'" % command, caught.exception.message)
         self.assertEqual((await status())[0]["status"], "changed")
-        self.assertIn("pinned", await self.run_command("trust", *common, "bob"))
+        self.assertIn("pinned", await self.run_command(*shlex.split(command)[1:]))
         self.assertEqual((await status())[0]["status"], "pinned")  # a new pin is not verified
         self.assertIn("verified", await self.run_command("verify", *common, "bob", "--fingerprint", new_fp.hex()))
         self.assertEqual((await status())[0]["status"], "verified")
