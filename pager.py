@@ -7481,8 +7481,16 @@ def _tls_failure(reason):
     except ImportError:  # pragma: no cover - twisted[tls] is a dependency
         return None
     if reason.check(VerificationError):
-        return ("The server's certificate is not valid for this host name (%s); connect with the name the "
-                "certificate was made for." % reason.getErrorMessage())
+        names = []
+        for mismatch in getattr(reason.value, "errors", ()):
+            wanted = getattr(mismatch, "mismatched_id", None)
+            name = getattr(wanted, "hostname", None) or getattr(wanted, "ip", None)
+            if isinstance(name, bytes):
+                name = name.decode("ascii", "replace")
+            if name is not None and str(name) not in names:
+                names.append(str(name))
+        return ("The server's certificate is not valid for the host name %s; connect with a name the certificate "
+                "was made for (its make-cert HOSTNAME or --ip)." % (" or ".join(names) or "connected to"))
     if not reason.check(SSL.Error):
         return None
     text = reason.getErrorMessage().lower()
@@ -11621,7 +11629,8 @@ class Session:
             raise LocalError("Cannot read the CA file %s: %s." % (self.config["ca"], e.strerror))
         except Exception as e:  # a CA file that is not a PEM certificate, or no usable system trust store
             if self.config["ca"]:
-                raise LocalError("Cannot use the CA file %s: %s." % (self.config["ca"], e))
+                raise LocalError("Cannot use the CA file %s: it holds no certificate in PEM form (a block that "
+                                 "begins '-----BEGIN CERTIFICATE-----')." % self.config["ca"])
             raise LocalError("Cannot load the system's trust store for TLS (%s); give the server's CA with "
                              "--ca FILE." % e)
         self._last_protocol = None
@@ -11641,7 +11650,10 @@ class Session:
             failure = self._last_protocol.tls_failure if self._last_protocol is not None else None
             if failure:
                 if "not trusted" in failure:
-                    failure = await self.in_thread(certificate_date_problem, self.host, self.port) or failure
+                    failure = await self.in_thread(certificate_date_problem, self.host, self.port) or (
+                        "The server's TLS certificate is not trusted: it is not the certificate in the CA file %s, "
+                        "nor signed by it; is that the file for this server?" % self.config["ca"]
+                        if self.config["ca"] else failure)
                 raise NetworkError("%s: %s" % (self.address, failure))
             if e.code != "connection_lost":
                 raise NetworkError("%s closed the connection: %s" % (self.address, e.message))

@@ -147,8 +147,32 @@ class RefusedCertificateTests(TLSTestCase):
         """
         server, port, cert_path = await self.start_tls_server("otherhost")
         sentence, _ = await self.refused(self.session(port, tls=True, ca=cert_path))
-        self.assertIn("host name", sentence)
+        self.assertIn("not valid for the host name localhost;", sentence)  # the name, not a Python repr
+        self.assertNotIn("DNS", sentence)
         self.assertNotIn("not trusted", sentence)
+
+    async def test_another_ca(self):
+        """
+        With --ca naming another certificate, the sentence says the certificate is not that file's, instead of
+        telling the user to pass --ca, which they did.
+        """
+        server, port, cert_path = await self.start_tls_server()
+        other, _ = self.write_certificate(days=30)  # another key, made for the same name
+        sentence, _ = await self.refused(self.session(port, tls=True, ca=other))
+        self.assertIn("not the certificate in the CA file %s" % other, sentence)
+        self.assertNotIn("pass the certificate", sentence)
+
+    async def test_ca_file_not_a_certificate(self):
+        """A --ca file with no PEM certificate in it is a local file this machine cannot use (exit 7), said plainly."""
+        _, port, cert_path = await self.start_tls_server()
+        not_pem = os.path.abspath(self.mktemp())
+        with open(not_pem, "w") as f:
+            f.write("just some text\n")
+        with self.assertRaises(pager.LocalError) as caught:
+            await self.session(port, tls=True, ca=not_pem).connect()
+        self.assertEqual(caught.exception.message, "Cannot use the CA file %s: it holds no certificate in PEM form "
+                         "(a block that begins '-----BEGIN CERTIFICATE-----')." % not_pem)
+        self.assertEqual(pager.exit_code(caught.exception), pager.EXIT_LOCAL)
 
     async def test_expired(self):
         """A certificate that expired (valid for one day, two years ago) is refused with a sentence saying so."""
