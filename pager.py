@@ -8947,6 +8947,21 @@ class PagerClient:
 
     skew_window = 600.0  # seconds between the signed time and the server's acceptance before a message is flagged
 
+    @staticmethod
+    def command_hint(command, name):
+        """
+        How a sentence names the command C{trust} or C{verify} for user C{name}: the chat sets C{/trust NAME}, the
+        command line the whole C{pager-cli} line (L{Session.command_line}).
+        """
+        return "'%s %s'" % (command, name)
+
+    def _key_changed(self, user, pinned, current):
+        return KeyChanged(user, pinned, current, message=(
+            "The key of %s has changed: pinned %s, the server now gives %s. Check the new fingerprint with %s (for "
+            "example by phone), then accept it with %s (and %s records that you compared it)."
+            % (user, format_fingerprint(pinned), format_fingerprint(current), user,
+               self.command_hint("trust", user), self.command_hint("verify", user))))
+
     def __init__(self, protocol, reactor=None, in_thread=None, seen=None, pins=None):
         if reactor is None:
             from twisted.internet import reactor
@@ -9395,7 +9410,7 @@ class PagerClient:
         if pin is None:
             await self.pins.set_pin(user, public_key_pem(key), fp, self._now())
         elif bytes(pin[1]) != fp:
-            raise KeyChanged(user, bytes(pin[1]), fp)
+            raise self._key_changed(user, bytes(pin[1]), fp)
         self._keys[user] = (key, fp)
         return key
 
@@ -9746,7 +9761,7 @@ class PagerClient:
         if pin is None:
             await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
         elif bytes(pin[1]) != fp:
-            raise KeyChanged(user, bytes(pin[1]), fp)
+            raise self._key_changed(user, bytes(pin[1]), fp)
         return key
 
     async def trust(self, user):
@@ -9795,8 +9810,9 @@ class PagerClient:
         pin = await self.pins.get_pin(user)
         if pin is not None and bytes(pin[1]) != fp:
             raise KeyChanged(user, bytes(pin[1]), fp, message=(
-                "%s's key changed since you pinned it: compare the new one (%s) and accept it with 'trust %s' "
-                "before verifying it; nothing was marked verified." % (user, format_fingerprint(fp), user)))
+                "%s's key changed since you pinned it: compare the new one (%s) and accept it with %s before "
+                "verifying it; nothing was marked verified."
+                % (user, format_fingerprint(fp), self.command_hint("trust", user))))
         if pin is None:
             await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
         await self.pins.set_verified(user, fp)
@@ -10179,19 +10195,20 @@ class PagerClient:
         that one), not over one this client's user verified out of band.  C{ok} is None when neither a pin nor the
         chain says (the caller may then trust the server on first use).
         """
+        trust, verify = self.command_hint("trust", user), self.command_hint("verify", user)
         if pin is None:
             if named is None:
                 return None, None
             return fp == named, ("the key #%s's signed membership names for %s (%s, signed by the admin who added "
-                                 "them): if %s's key changed, compare the new one with them: 'trust %s', then "
-                                 "'verify %s'" % (group, user, format_fingerprint(named), user, user, user))
+                                 "them): if %s's key changed, compare the new one with them: %s, then %s"
+                                 % (group, user, format_fingerprint(named), user, trust, verify))
         if bytes(pin[1]) != fp:
-            return False, ("%s's key as pinned here (if %s's key changed, compare the new one with them: 'trust %s', "
-                           "then 'verify %s')" % (user, user, user, user))
+            return False, ("%s's key as pinned here (if %s's key changed, compare the new one with them: %s, then "
+                           "%s)" % (user, user, trust, verify))
         if named is not None and named != fp and not pin[3]:
             return False, ("the key #%s's signed membership names for %s (%s); the one pinned here was not compared "
-                           "with %s: compare it, and 'verify %s' makes it %s's key here"
-                           % (group, user, format_fingerprint(named), user, user, user))
+                           "with %s: compare it, and %s makes it %s's key here"
+                           % (group, user, format_fingerprint(named), user, verify, user))
         return True, None
 
     async def _check_listed_keys(self, op, state):
@@ -10707,10 +10724,10 @@ class PagerClient:
                                                        and bytes(pin[1]) == header.sender_fingerprint):
             raise GroupHeld(
                 "A message from %s to %s is signed with a key (%s) that is not the one %s's signed membership names "
-                "for %s (%s); it is kept on the server until you compare %s's key with them ('trust %s', then "
-                "'verify %s')." % (
+                "for %s (%s); it is kept on the server until you compare %s's key with them (%s, then %s)." % (
                     header.sender, name, format_fingerprint(header.sender_fingerprint), name, header.sender,
-                    format_fingerprint(named), header.sender, header.sender, header.sender))
+                    format_fingerprint(named), header.sender, self.command_hint("trust", header.sender),
+                    self.command_hint("verify", header.sender)))
 
     # -- receiving --
 
@@ -11560,6 +11577,7 @@ class Session:
         self.store = None
         self.client = None
         self.directory = None
+        self.in_chat = False  # set by connect: how sentences name commands (L{command_hint})
         self.receive = True
         self.pending = 0  # messages waiting when we logged in
         self.wire = None  # called with each new PagerClient before it logs in, to set its handlers
@@ -11672,9 +11690,18 @@ class Session:
         if self.store is not None:
             client.seen = client.pins = self.store
         client.skew_window = self.config.get("skew-window", PagerClient.skew_window)
+        client.command_hint = self.command_hint
         if self.wire is not None:
             self.wire(client)
         return client
+
+    def command_hint(self, command, name):
+        """L{PagerClient.command_hint}: in the chat, C{/trust NAME}; else the command line that runs as printed."""
+        if self.in_chat:
+            return "/%s %s" % (command, name)
+        if self.user is None:
+            return PagerClient.command_hint(command, name)
+        return "'%s'" % self.command_line(command, name)
 
     async def _username(self):
         user = self.config["user"]
@@ -13295,6 +13322,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     def __init__(self, session, reactor):
         self.session = session
+        session.in_chat = True  # its sentences name /trust and /verify, not pager-cli's commands
         self.reactor = reactor
         self.ui = None
         self.conversation = None  # the user each typed line goes to, or "#name" for a group, or None (to>)

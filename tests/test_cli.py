@@ -699,7 +699,7 @@ class KeyTrustTests(CLITestCase):
         self.assertEqual(result.out, "")
         self.assertIn(pager.format_fingerprint(pager.fingerprint(key("bob"))), line)
         self.assertIn(pager.format_fingerprint(pager.fingerprint(other)), line)
-        self.assertIn("trust bob", line)
+        self.assertIn("accept it with 'pager-cli trust %s --user alice bob'" % self.host, line)
         self.assertEqual(len(await self.pending(server, "bob")), before)
 
     async def test_incoming_from_changed_key(self):

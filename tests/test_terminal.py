@@ -742,7 +742,7 @@ class ChatCommandTests(ChatTestCase):
         before = len(ui.shown)
         await self.type(chat, "/msg bob are you really bob")
         shown = ui.text(before)
-        self.assertIn("trust bob", shown)
+        self.assertIn("accept it with /trust bob (and /verify bob records", shown)  # the chat's commands, not pager-cli's
         self.assertIn(pager.format_fingerprint(pager.fingerprint(new_key)), shown)
         self.assertEqual(await self.pending(server, "bob"), [])
         self.assertEqual(bob.events.messages, [])
