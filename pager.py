@@ -12417,7 +12417,9 @@ def _date_clock(t):
 def _size_text(n):
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return ("%d %s" % (n, unit)) if unit == "bytes" else ("%.1f %s" % (n, unit))
+            if unit == "bytes":
+                return "1 byte" if n == 1 else "%d bytes" % n
+            return "%.1f %s" % (n, unit)
         n /= 1024.0
 
 
@@ -12617,7 +12619,8 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_
         return "%s%s the file %s (%s), saved as %s" % (
             head, " sent" if sent_from is None else "", message.filename, _size_text(len(message.plaintext)),
             saved_path)
-    text = message.plaintext.decode("utf-8", "replace").rstrip("\n")
+    # Lines ended the Windows way read as lines too, not as lines that each end in a control character.
+    text = message.plaintext.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")
     note = None
     if cut:
         shown = cut_text(text)

@@ -262,6 +262,16 @@ class DescribeGroupMessageTests(unittest.SynchronousTestCase):
         self.assertRegex(pager.describe_message(self.message(), elsewhere=True),
                          r"^\[\d\d:\d\d\] \u00bb #ops alice \u2713: disk full$")
 
+    def test_windows_lines(self):
+        """A text with CRLF line ends is shown as lines, with no control character left at their ends."""
+        text = pager.describe_message(self.message(plaintext=bytearray(b"disk full\r\non /var\r\n")))
+        self.assertRegex(text, r"#ops alice \u2713:\n    disk full\n    on /var$")
+
+    def test_file_of_one_byte(self):
+        text = pager.describe_message(self.message(content_type="file", filename="x", plaintext=bytearray(b"1")),
+                                      saved_path="/tmp/x")
+        self.assertIn("the file x (1 byte), saved as /tmp/x", text)
+
     def test_changed_key(self):
         """A changed key's warning ends before the text: the text is not read as part of its /trust hint."""
         self.assertRegex(pager.describe_message(self.message(key_status="changed")),
