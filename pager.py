@@ -15039,7 +15039,17 @@ class GroupOptions(_ClientOptions):
 
     def parseOptions(self, options=None):
         # The action named among the arguments, if any: --help then describes that action (before parseArgs runs).
-        words = [w.lower() for w in (sys.argv[1:] if options is None else options) if not w.startswith("-")]
+        # Option values are not words: in "HOST --user bob leave ops --help" the action is leave.
+        words, value_next = [], False
+        for word in sys.argv[1:] if options is None else options:
+            if value_next:
+                value_next = False
+            elif word.startswith("--"):
+                value_next = "=" not in word and word[2:] + "=" in self.longOpt
+            elif word.startswith("-") and len(word) == 2:
+                value_next = word[1] + ":" in self.shortOpt
+            elif not word.startswith("-"):
+                words.append(word.lower())
         self._asked = next((w for w in words[:2] if w in GROUP_ACTIONS), None)
         super().parseOptions(options)
 

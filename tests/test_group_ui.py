@@ -1063,7 +1063,10 @@ class GroupCommandMoreTests(CLITestCase):
             self.assertIn("  " + row, result.out)
         for argv, usage_line in ((["create"], "Usage: pager-cli group HOST --user NAME create GROUP [MEMBERS...]"),
                                  (["localhost", "topic", "ops"], "Usage: pager-cli group HOST --user NAME topic GROUP "
-                                                            "[TEXT]")):
+                                                            "[TEXT]"),
+                                 # options first, as the README writes it: bob is --user's value, not the action
+                                 (["localhost", "--user", "bob", "-u", "bob", "leave", "ops"],
+                                  "Usage: pager-cli group HOST --user NAME leave GROUP")):
             result = await self.run_command("group", *argv, "--help", home=self.home())
             self.assertExit(result, 0)
             self.assertTrue(result.out.startswith(usage_line + "\n"), result.out)
