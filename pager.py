@@ -14891,7 +14891,9 @@ class SendOptions(_ClientOptions):
     ]
     optFlags = [
         ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery (without it, no "
-                                "receipt is asked for: the sender is not told of a delivery, refusal or expiry)."],
+                                "receipt is asked for: the sender is not told of a delivery, refusal or expiry). "
+                                "If the connection is lost meanwhile, exit 6 at once: the message was accepted, "
+                                "whether it was delivered is unknown."],
         _REGISTER]
 
     def parseArgs(self, server, *message):
@@ -15578,9 +15580,14 @@ async def _send_command(reactor, config):
         d = wanted.get(receipt.message_id)
         if d is not None and not d.called and len(answered) >= len(recipients):
             d.callback(None)
+    def disconnected(error):
+        # The session's receipts come only while it is connected (PROTOCOL.md, receipts): the wait ends with it.
+        for d in wanted.values():
+            if not d.called:
+                d.callback(None)
     def wire(client):
         if config["wait-delivered"]:
-            client.on_receipt = receipt_received
+            client.on_receipt, client.on_disconnect = receipt_received, disconnected
         else:
             client.receipts_wanted = False  # nobody would read them: the server makes, stores and pushes none
     session.wire = wire
@@ -15610,12 +15617,21 @@ async def _send_command(reactor, config):
         if config["wait-delivered"]:
             answered = receipts.setdefault(answer["msg"], {})
             everyone = wanted[answer["msg"]] = Deferred()
-            if len(answered) >= len(recipients):
-                everyone.callback(None)  # every receipt came before the answer to the send
+            if len(answered) >= len(recipients) or client.protocol.lost is not None:
+                everyone.callback(None)  # every receipt came before the answer to the send, or the connection went
             if not await within(reactor, everyone, config["timeout"]):
                 missing = [n for n in recipients if n not in answered]
                 raise NotDelivered("Not delivered to %s within %g s; the message stays queued on the server."
                                    % (", ".join(missing), config["timeout"]))
+            await client.when_handled()  # a receipt being handled as the connection ended still counts
+            missing = [n for n in recipients if n not in answered]
+            if missing:
+                # The wait ended with the connection.  A new session would not be told of the receipts made
+                # meanwhile (a send-only session gets only those that come while it is connected), so waiting on
+                # could only end in a wrong "not delivered": say what is known instead, at once.
+                raise NetworkError("The connection to %s was lost while waiting for delivery to %s: the message %s "
+                                   "was accepted, but whether it was delivered is unknown."
+                                   % (session.address, ", ".join(missing), answer["msg"]))
             failed = [describe_receipt(r) for r in answered.values() if r.status != "delivered"]
             if failed:
                 raise NotDelivered("; ".join(failed))

@@ -509,6 +509,27 @@ class WaitDeliveredTests(CLITestCase):
         self.assertEqual([m.msg_id.hex() for m in await self.pending(self.server, "bob")], [msg])
 
 
+    async def test_connection_lost_while_waiting(self):
+        """
+        A server that goes away while send --wait-delivered waits ends the wait at once: exit 6, one sentence that
+        the message was accepted (with its id) and its delivery is unknown, not the --timeout's "not delivered".
+        """
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        sending = defer.Deferred.fromCoroutine(self.run_command(
+            "send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered", "--timeout", "60", "still there?",
+            home=alice_home, token_of="alice", timeout=15))
+        pending = await self.wait_for(lambda: self.pending(self.server, "bob"), "the message to be accepted")
+        await self.server.stopService()
+        result = await sending
+        line = self.assertOneErrorLine(result, pager.EXIT_NETWORK)
+        msg = pending[0].msg_id.hex()
+        self.assertEqual(result.out.strip(), msg)
+        self.assertEqual(line, "pager: The connection to %s was lost while waiting for delivery to bob: the message "
+                               "%s was accepted, but whether it was delivered is unknown." % (self.host, msg))
+
+
 class NoReceiptTests(CLITestCase):
     """A script's send that does not wait for delivery asks for no receipt: the server makes and stores none."""
 
