@@ -14500,6 +14500,18 @@ class ChatScreen(protocol.Protocol):
             self.typed("".join(" " if c == "\t" else c for c in text if c == "\t" or c >= " "))
 
 
+def stop_on_hangup(reactor):
+    """
+    Make SIGHUP stop the reactor, as Twisted makes SIGINT and SIGTERM do, instead of killing the process at once:
+    a command ends through its usual way out (the terminal given back, one sentence, exit 130).
+    """
+    import signal
+
+    def hangup(signum, frame):
+        reactor.callFromThread(lambda: reactor.running and reactor.stop())
+    signal.signal(signal.SIGHUP, hangup)
+
+
 class TerminalGuard:
     """
     Gives the terminal back as it was found, on every way out of a command that reads from it: the modes saved at
@@ -14522,14 +14534,10 @@ class TerminalGuard:
         """The process's guard (made at the first call), or None when C{fd} is not a terminal."""
         if cls._installed is None and os.isatty(fd):
             import atexit
-            import signal
             guard = cls._installed = cls(fd)
             reactor.addSystemEventTrigger("after", "shutdown", guard.restore)
             atexit.register(guard.restore)
-
-            def hangup(signum, frame):
-                reactor.callFromThread(lambda: reactor.running and reactor.stop())
-            signal.signal(signal.SIGHUP, hangup)
+            stop_on_hangup(reactor)
         return cls._installed
 
     def raw(self):
@@ -14604,7 +14612,7 @@ class UnknownDevice(PagerError):
 
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK, EXIT_LOCAL = range(8)
-EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM before the command finished
+EXIT_INTERRUPTED = 130  # stopped by SIGINT, SIGTERM or SIGHUP before the command finished
 
 
 def _print_version(options):
@@ -14936,7 +14944,8 @@ class FetchOptions(_ClientOptions):
                 "to your groups verified meanwhile are lines of their own. Exits when they are all printed (or when "
                 "none has come for 10 s), or after --wait more seconds with no new message.")
     optParameters = [
-        ["wait", None, 0.0, "Keep waiting this many seconds for more messages.", float]]
+        ["wait", None, 0.0, "Keep waiting this many seconds for more messages; a connection lost meanwhile is "
+                            "exit 6, a signal (SIGINT, SIGTERM, SIGHUP) exit 130.", float]]
     optFlags = [["json", None, "Print one JSON object per message (with \"group\" for a group's), and one per "
                                "group change (\"type\": \"group_change\")."], _REGISTER]
 
@@ -15774,6 +15783,9 @@ async def _fetch_command(reactor, config):
                              % (error.message if isinstance(error, PagerError) else error))
         if output_closed:
             raise output_closed[0]  # closed while a group's change was printed
+        if lost() and config["wait"] > 0:
+            raise NetworkError("The connection to %s was lost while waiting for more messages (--wait)."
+                               % session.address)
     finally:
         await session.close()
 
@@ -16484,8 +16496,8 @@ _CLIENT_COMMANDS = {
 async def _run_client_command(reactor, name, config):
     """
     Run one client command; every known error becomes one sentence on stderr and its documented exit code.  A
-    command stopped by SIGINT or SIGTERM (the reactor shuts down, closing its connection) exits 130, never with
-    the error its connection's closing caused.
+    command stopped by SIGINT, SIGTERM or SIGHUP (the reactor shuts down, closing its connection) exits 130, never
+    with the error its connection's closing caused, nor with success when that ended a wait early (fetch --wait).
     """
     running = Deferred()
     reactor.callWhenRunning(running.callback, None)
@@ -16495,6 +16507,8 @@ async def _run_client_command(reactor, name, config):
     guard = TerminalGuard.install(reactor)  # a prompt for a secret turns echo off: every way out turns it on
     try:
         await _CLIENT_COMMANDS[name](reactor, config)
+        if stopping:
+            raise Interrupted()
     except (PagerError, usage.UsageError) as e:
         if stopping:  # what stopped it, in the command's own words when it has them (Interrupted), else in general
             raise SystemExit(report(e if isinstance(e, Interrupted) else Interrupted()))
@@ -16569,6 +16583,7 @@ def _command(argv):
         finished = []
 
         def run(reactor):
+            stop_on_hangup(reactor)  # SIGHUP ends a command as SIGINT and SIGTERM do: exit 130, one sentence
             d = Deferred.fromCoroutine(_run_client_command(reactor, options.subCommand, options.subOptions))
             return d.addBoth(lambda result: finished.append(True) or result)
         try:

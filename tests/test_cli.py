@@ -530,6 +530,48 @@ class WaitDeliveredTests(CLITestCase):
                                "%s was accepted, but whether it was delivered is unknown." % (self.host, msg))
 
 
+class FetchWaitTests(CLITestCase):
+    """fetch --wait that the server leaves, or a signal stops, says so: it never ends as if it had waited."""
+
+    async def bob_waiting(self):
+        """A server, and bob's home with his key; bob has no session on the server."""
+        await self.serve()
+        home = await self.provision("bob")
+        await self.wait_for(lambda: not self.server.factory.online.get("bob"), "bob's registration to log out")
+        return home
+
+    async def test_server_gone(self):
+        """A server that stops while fetch --wait waits: exit 6 at once, one sentence."""
+        home = await self.bob_waiting()
+        fetching = defer.Deferred.fromCoroutine(self.run_command(
+            "fetch", self.host, "--user", "bob", "--wait", "60", home=home, token_of="bob", timeout=15))
+        await self.wait_for(lambda: self.server.factory.online.get("bob"), "fetch to log in")
+        await self.server.stopService()
+        result = await fetching
+        line = self.assertOneErrorLine(result, pager.EXIT_NETWORK)
+        self.assertEqual(line, "pager: The connection to %s was lost while waiting for more messages (--wait)."
+                         % self.host)
+
+    async def interrupt(self, argv, name, signal, started):
+        """Start pager.py C{argv} as C{name}, send it C{signal} once C{started()} is true: its L{Result}."""
+        child = self.spawn([sys.executable, PAGER_PY] + argv, base_env(PAGER_HOME=self.homes[name],
+                                                                        PAGER_TOKEN=token(name)))
+        await self.wait_for(lambda: started(child) or child.finished, "pager.py %s to start" % argv[0])
+        self.assertFalse(child.finished, child.result())
+        child.transport.signalProcess(signal)
+        return await self.finish(child, "%s stopped by SIG%s" % (argv[0], signal), 10)
+
+    async def test_fetch_wait_interrupted(self):
+        """SIGINT, SIGTERM or SIGHUP during fetch --wait: exit 130 and one sentence, never 0."""
+        self.homes = {"bob": await self.bob_waiting()}
+        for signal in ("INT", "TERM", "HUP"):
+            result = await self.interrupt(["fetch", self.host, "--user", "bob", "--wait", "60"], "bob", signal,
+                                          lambda child: self.server.factory.online.get("bob"))
+            self.assertEqual(self.assertOneErrorLine(result, pager.EXIT_INTERRUPTED),
+                             "pager: interrupted before the command finished.")
+            await self.wait_for(lambda: not self.server.factory.online.get("bob"), "bob's session to end")
+
+
 class NoReceiptTests(CLITestCase):
     """A script's send that does not wait for delivery asks for no receipt: the server makes and stores none."""
 
