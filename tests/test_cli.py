@@ -571,6 +571,19 @@ class FetchWaitTests(CLITestCase):
                              "pager: interrupted before the command finished.")
             await self.wait_for(lambda: not self.server.factory.online.get("bob"), "bob's session to end")
 
+    async def test_send_wait_interrupted(self):
+        """SIGINT or SIGTERM during send --wait-delivered: exit 130 and the one sentence, no traceback."""
+        await self.serve()
+        self.homes = {"alice": await self.provision("alice")}
+        await self.account("bob")
+        for signal in ("INT", "TERM"):
+            result = await self.interrupt(
+                ["send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered", "--timeout", "60", "hi"],
+                "alice", signal, lambda child: b"\n" in child.out)
+            self.assertEqual(self.assertOneErrorLine(result, pager.EXIT_INTERRUPTED),
+                             "pager: interrupted before the command finished.")
+            self.assertRegex(result.out.strip(), MESSAGE_ID)
+
 
 class NoReceiptTests(CLITestCase):
     """A script's send that does not wait for delivery asks for no receipt: the server makes and stores none."""
