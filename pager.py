@@ -29,6 +29,7 @@ import base64
 import codecs
 import collections
 import dataclasses
+import errno
 import functools
 import gc
 import hashlib
@@ -15694,12 +15695,14 @@ async def _fetch_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     output_closed = []  # once the reader has gone, no message is printed (to /dev/null) or acknowledged
 
-    def reader_gone():
-        # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
+    def reader_gone(error):
+        # Our output cannot be written any more (its reader left, it was closed, its disk is full): stop printing
+        # (and acknowledging), quietly from here on.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         output_closed.append(OutputClosed(
             "Standard output was closed (its reader stopped reading) before every message was printed; the "
-            "messages not printed stay on the server."))
+            "messages not printed stay on the server." if isinstance(error, BrokenPipeError) else
+            "Cannot write to standard output (%s); the messages not printed stay on the server." % error.strerror))
         return output_closed[0]
 
     async def show(message):
@@ -15719,8 +15722,8 @@ async def _fetch_command(reactor, config):
             sent_from = await session.own_device_name(message.sender_device)
         try:
             _print_message(message, saved, config["json"], sent_from)
-        except BrokenPipeError:
-            raise reader_gone()
+        except OSError as e:  # a closed pipe, a closed or full standard output
+            raise reader_gone(e)
         group = message.group_id.hex() if message.group_id is not None else None  # as the history keeps it
         if sent_from is not None:
             # Sent by this user from another of their devices: kept in the history as sent, as the chat keeps it.
@@ -15744,8 +15747,8 @@ async def _fetch_command(reactor, config):
         if not output_closed:
             try:
                 _print_group_event(event, config["json"], session.user)
-            except BrokenPipeError:
-                reader_gone()
+            except OSError as e:
+                reader_gone(e)
 
     def group_warning(group_id, name, sentence):
         sys.stderr.write("pager: \u26a0 %s: %s\n" % (group_label(name) if name else group_id, sentence))
@@ -16541,6 +16544,8 @@ def _main(argv):
     everything any command prints (messages, names, a server's error sentences) is made harmless for a terminal.
     """
     saved = sys.stdout, sys.stderr
+    if sys.stdout is None:  # started with standard output closed (>&-)
+        sys.stdout = _ClosedOutput()
     for stream in saved:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")  # a terminal that cannot show a character never loses a message
@@ -16549,6 +16554,32 @@ def _main(argv):
         _command(sys.argv[1:] if argv is None else argv)
     finally:
         sys.stdout, sys.stderr = saved
+
+
+class _ClosedOutput:
+    """
+    Standard output for a command started with it closed: every write fails (C{OSError}), as on a pipe whose reader
+    has left, so fetch leaves its messages on the server instead of printing them nowhere.  File descriptor 1 is
+    taken by /dev/null meanwhile, so no file or connection the command opens gets it.
+    """
+
+    def __init__(self):
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 1:
+            os.dup2(fd, 1)
+            os.close(fd)
+
+    def write(self, text):
+        raise OSError(errno.EBADF, "it is closed")
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return 1
+
+    def isatty(self):
+        return False
 
 
 def _usage_error(options, error, program):
