@@ -14709,18 +14709,20 @@ def _endpoint_escape(text):
     return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
-def _positive(kind, option=None):
+def _positive(kind, option=None, zero=False):
+    """An option's coercer to a positive finite number (with C{zero}, 0 too), whose error names the option."""
+    rule = "a finite number, 0 or more" if zero else "a positive finite number"
+
     def coerce(value):
-        what = "%s must be a positive finite number, not %r" % (option, value) if option else (
-            "must be a positive finite number")
+        what = "%s must be %s, not %r" % (option, rule, value) if option else "must be %s" % rule
         try:
             number = kind(value)
         except ValueError:
             raise ValueError(what)
-        if not math.isfinite(number) or number <= 0:
+        if not math.isfinite(number) or number < 0 or number == 0 and not zero:
             raise ValueError(what)
         return number
-    coerce.coerceDoc = "Must be a positive number."
+    coerce.coerceDoc = "Must be a number, 0 or more." if zero else "Must be a positive number."
     return coerce
 
 
@@ -14946,7 +14948,7 @@ class FetchOptions(_ClientOptions):
                 "none has come for 10 s), or after --wait more seconds with no new message.")
     optParameters = [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages; a connection lost meanwhile is "
-                            "exit 6, a signal (SIGINT, SIGTERM, SIGHUP) exit 130.", float]]
+                            "exit 6, a signal (SIGINT, SIGTERM, SIGHUP) exit 130.", _positive(float, "--wait", zero=True)]]
     optFlags = [["json", None, "Print one JSON object per message (with \"group\" for a group's), and one per "
                                "group change (\"type\": \"group_change\")."], _REGISTER]
 

@@ -675,6 +675,21 @@ class BadTimeoutTests(CLITestCase):
         self.assertEqual(await self.pending(self.server, "bob"), [])
 
 
+class BadWaitTests(CLITestCase):
+    """A fetch --wait that is not a finite number of seconds, 0 or more, is a usage error before anything is fetched."""
+
+    async def test_bad_wait(self):
+        home = self.home()
+        for value in ("-1", "nan", "inf", "abc"):
+            result = await self.run_command("fetch", "127.0.0.1:1", "--user", "bob", "--wait", value, home=home,
+                                            token_of="bob")
+            self.assertEqual(self.assertOneErrorLine(result, pager.EXIT_USAGE),
+                             "pager: --wait must be a finite number, 0 or more, not '%s' (see 'pager-cli fetch "
+                             "--help')." % value)
+            self.assertEqual(result.out, "")
+        self.assertFalse(os.path.exists(home))
+
+
 class ExitCodeTests(CLITestCase):
     """Each failure has its documented exit code and one line on stderr, never a traceback."""
 
