@@ -11556,6 +11556,7 @@ class Session:
         self.receive = True
         self.pending = 0  # messages waiting when we logged in
         self.wire = None  # called with each new PagerClient before it logs in, to set its handlers
+        self.login_attempt = None  # called with each login attempt (a coroutine function) to make it, when set
         self._last_protocol = None
         self.closing = False
         self._backoff = None  # the wait before the next reconnection attempt
@@ -11927,17 +11928,19 @@ class Session:
         client.close()
 
     async def _login(self, client):
+        attempt = self.login_attempt or (lambda login: login())
         if self.linked:
             device = device_id(self.key).hex()
             try:
-                self.pending = await client.login(self.user, None, self.key, self.receive, device=device)
+                self.pending = await attempt(
+                    lambda: client.login(self.user, None, self.key, self.receive, device=device))
                 return self.pending
             except AuthFailed:
                 raise AuthFailed("Login as %s from this device (id %s) failed: the account no longer has it (it was "
                                  "revoked, or the account was re-keyed); link this machine again with '%s --force'."
                                  % (self.user, format_device_id(device), self.link_command))
         try:
-            self.pending = await client.login(self.user, self.token, self.key, self.receive)
+            self.pending = await attempt(lambda: client.login(self.user, self.token, self.key, self.receive))
             return self.pending
         except AuthFailed:
             raise AuthFailed("Login as %s failed: wrong safetoken, or the server does not know this key "
@@ -14892,7 +14895,7 @@ class SendOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...]|#GROUP [MESSAGE...]"
     longdesc = ("Send a page and exit once the server has accepted it; prints the message id. Without MESSAGE, "
                 "the message is read from standard input. Logs in send-only: never takes your incoming messages. "
-                "A busy server (rate_limited) is waited for, up to 60 s in all. "
+                "A busy server (rate_limited, for the login or the message) is waited for, up to 60 s in all. "
                 "--to '#ops' sends it to every member of the group #ops (quote the #: shells take it for a comment).")
     not_applicable = ("skew-window",)  # send receives no message
     optParameters = [
@@ -15603,20 +15606,21 @@ async def _send_command(reactor, config):
         else:
             client.receipts_wanted = False  # nobody would read them: the server makes, stores and pushes none
     session.wire = wire
+    session.login_attempt = when_not_busy = _BusyWait(reactor)
     client = await session.start(receive=False)
     try:
         if config["group"] is not None:
             info = await client.group(config["group"])
             if not info.member:
                 raise UnknownGroup("Not sent: you are no longer a member of %s." % info.label)
-            answer = await _when_not_busy(reactor, lambda: client.post_group(info.id, data, content_type, filename))
+            answer = await when_not_busy(lambda: client.post_group(info.id, data, content_type, filename))
             sent = await client.group_delivery(answer["msg"])
             recipients[:] = [m for m in (sent[1] if sent else info.members) if m != session.user]
             entry = HistoryEntry(reactor.seconds(), "out", group_label(info.name), answer["msg"], content_type,
                                  filename, data if content_type == "text" else b"", "sent", info.id)
         else:
             try:
-                answer = await _when_not_busy(reactor, lambda: client.post(config["to"], data, content_type, filename))
+                answer = await when_not_busy(lambda: client.post(config["to"], data, content_type, filename))
             except UnknownUser as e:
                 listed = {w.rstrip(".") for w in e.message.partition(":")[2].replace(",", " ").split()}
                 unknown = [n for n in config["to"] if n in listed]  # those the sentence names
@@ -15654,28 +15658,36 @@ async def _send_command(reactor, config):
 SEND_BUSY_WAIT = 60.0  # seconds send waits in all for a busy server (rate_limited with a wait) before it gives up
 
 
-async def _when_not_busy(reactor, attempt):
+class _BusyWait:
     """
-    C{attempt()}, tried again while the server refuses it as busy (L{RateLimited}) and says how long to wait, up
-    to L{SEND_BUSY_WAIT} seconds of waiting in all: a script's loop of sends, which asks for the recipients' keys
-    each time, gets its messages through at the server's pace instead of failing.  A refused attempt stored
-    nothing, so trying again sends the message once.
+    Calling it with C{attempt} returns C{await attempt()}, tried again while the server refuses it as busy
+    (L{RateLimited}) and says how long to wait, up to L{SEND_BUSY_WAIT} seconds of waiting in all, over every attempt
+    one send makes: its login (several sends of one user at once are told that too many of its logins are being
+    checked) and the message itself (a script's loop of sends, which asks for the recipients' keys each time, gets
+    its messages through at the server's pace instead of failing).  A refused attempt changed nothing, so trying
+    again logs in once and sends the message once.
     """
-    waited = 0.0
-    while True:
-        try:
-            return await attempt()
-        except RateLimited as e:
-            if e.retry_after is None:
-                raise
-            if waited + e.retry_after > SEND_BUSY_WAIT:
-                raise RateLimited("The server %s; the message was not sent (try again in %d s)."
-                                  % ("stayed busy for %d s of waiting" % _whole_seconds(waited) if waited
-                                     else "is busy for longer than %g s" % SEND_BUSY_WAIT,
-                                     _whole_seconds(e.retry_after)), retry_after=e.retry_after)
-            sys.stderr.write("pager: the server is busy; trying again in %d s.\n" % _whole_seconds(e.retry_after))
-            await task.deferLater(reactor, e.retry_after, lambda: None)
-            waited += e.retry_after
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.waited = 0.0
+
+    async def __call__(self, attempt):
+        while True:
+            try:
+                return await attempt()
+            except RateLimited as e:
+                if e.retry_after is None:
+                    raise
+                if self.waited + e.retry_after > SEND_BUSY_WAIT:
+                    raise RateLimited("The server %s; the message was not sent (try again in %d s)."
+                                      % ("stayed busy for %d s of waiting" % _whole_seconds(self.waited)
+                                         if self.waited else "is busy for longer than %g s" % SEND_BUSY_WAIT,
+                                         _whole_seconds(e.retry_after)), retry_after=e.retry_after)
+                sys.stderr.write("pager: the server is busy; trying again in %d s.\n"
+                                 % _whole_seconds(e.retry_after))
+                await task.deferLater(self.reactor, e.retry_after, lambda: None)
+                self.waited += e.retry_after
 
 
 async def _group_hint(client, names, how="--to '%s'"):

@@ -659,6 +659,49 @@ class BusyServerTests(CLITestCase):
         self.assertEqual(await self.pending(self.server, "bob"), [])
 
 
+    async def send_while_logins_busy(self, refusals, text):
+        """
+        alice sends bob C{text} while the server refuses her next C{refusals} logins as too many of her logins being
+        checked at once (as it does for a dozen sends of hers started together): C{(result, the users refused)}.
+        """
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        factory, refused = self.server.factory, []
+        original = factory.hash_token_for
+
+        async def hash_token_for(connection, account, token, salt):
+            if account == "alice" and len(refused) < refusals:
+                refused.append(account)
+                raise pager.RateLimited("Too many logins of this account or from your address are being checked; "
+                                        "try again in a moment.", retry_after=factory.HASH_RETRY_AFTER)
+            return await original(connection, account, token, salt)
+        factory.hash_token_for = hash_token_for
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", text, home=alice_home,
+                                        token_of="alice")
+        return result, refused
+
+    async def test_logins_busy_then_sent(self):
+        """A login refused as one of too many being checked is tried again after the wait the server gives."""
+        result, refused = await self.send_while_logins_busy(2, "after the others")
+        self.assertExit(result, 0)
+        self.assertEqual(refused, ["alice", "alice"])
+        self.assertEqual(result.err, "pager: the server is busy; trying again in 1 s.\n" * 2)
+        self.assertEqual([m.msg_id.hex() for m in await self.pending(self.server, "bob")], [result.out.strip()])
+
+    async def test_logins_stayed_busy(self):
+        """The login's waits count towards SEND_BUSY_WAIT like the message's: past it, exit 1, nothing sent."""
+        self.patch(pager, "SEND_BUSY_WAIT", 1.5)
+        result, refused = await self.send_while_logins_busy(100, "never mind")
+        self.assertExit(result, pager.EXIT_FAILURE)
+        self.assertEqual(refused, ["alice", "alice"])
+        self.assertEqual(result.err, "pager: the server is busy; trying again in 1 s.\n"
+                                     "pager: The server stayed busy for 1 s of waiting; the message was not sent (try "
+                                     "again in 1 s).\n")
+        self.assertEqual(result.out, "")
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+
 class BadTimeoutTests(CLITestCase):
     """A --timeout that is not a positive number is a usage error before anything is sent (a retry would not send twice)."""
 
