@@ -29,6 +29,7 @@ import base64
 import codecs
 import collections
 import dataclasses
+import errno
 import functools
 import gc
 import hashlib
@@ -11581,6 +11582,7 @@ class Session:
         self.receive = True
         self.pending = 0  # messages waiting when we logged in
         self.wire = None  # called with each new PagerClient before it logs in, to set its handlers
+        self.login_attempt = None  # called with each login attempt (a coroutine function) to make it, when set
         self._last_protocol = None
         self.closing = False
         self._backoff = None  # the wait before the next reconnection attempt
@@ -12003,17 +12005,19 @@ class Session:
         client.close()
 
     async def _login(self, client):
+        attempt = self.login_attempt or (lambda login: login())
         if self.linked:
             device = device_id(self.key).hex()
             try:
-                self.pending = await client.login(self.user, None, self.key, self.receive, device=device)
+                self.pending = await attempt(
+                    lambda: client.login(self.user, None, self.key, self.receive, device=device))
                 return self.pending
             except AuthFailed:
                 raise AuthFailed("Login as %s from this device (id %s) failed: the account no longer has it (it was "
                                  "revoked, or the account was re-keyed); link this machine again with '%s --force'."
                                  % (self.user, format_device_id(device), self.link_command))
         try:
-            self.pending = await client.login(self.user, self.token, self.key, self.receive)
+            self.pending = await attempt(lambda: client.login(self.user, self.token, self.key, self.receive))
             return self.pending
         except AuthFailed:
             raise AuthFailed("Login as %s failed: wrong safetoken, or the server does not know this key "
@@ -14585,6 +14589,18 @@ class ChatScreen(protocol.Protocol):
             self.typed("".join(" " if c == "\t" else c for c in text if c == "\t" or c >= " "))
 
 
+def stop_on_hangup(reactor):
+    """
+    Make SIGHUP stop the reactor, as Twisted makes SIGINT and SIGTERM do, instead of killing the process at once:
+    a command ends through its usual way out (the terminal given back, one sentence, exit 130).
+    """
+    import signal
+
+    def hangup(signum, frame):
+        reactor.callFromThread(lambda: reactor.running and reactor.stop())
+    signal.signal(signal.SIGHUP, hangup)
+
+
 class TerminalGuard:
     """
     Gives the terminal back as it was found, on every way out of a command that reads from it: the modes saved at
@@ -14607,14 +14623,10 @@ class TerminalGuard:
         """The process's guard (made at the first call), or None when C{fd} is not a terminal."""
         if cls._installed is None and os.isatty(fd):
             import atexit
-            import signal
             guard = cls._installed = cls(fd)
             reactor.addSystemEventTrigger("after", "shutdown", guard.restore)
             atexit.register(guard.restore)
-
-            def hangup(signum, frame):
-                reactor.callFromThread(lambda: reactor.running and reactor.stop())
-            signal.signal(signal.SIGHUP, hangup)
+            stop_on_hangup(reactor)
         return cls._installed
 
     def raw(self):
@@ -14689,7 +14701,7 @@ class UnknownDevice(PagerError):
 
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_AUTH, EXIT_UNKNOWN_USER, EXIT_KEY_TRUST, EXIT_NETWORK, EXIT_LOCAL = range(8)
-EXIT_INTERRUPTED = 130  # stopped by SIGINT or SIGTERM before the command finished
+EXIT_INTERRUPTED = 130  # stopped by SIGINT, SIGTERM or SIGHUP before the command finished
 
 
 def _print_version(options):
@@ -14785,18 +14797,20 @@ def _endpoint_escape(text):
     return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
-def _positive(kind, option=None):
+def _positive(kind, option=None, zero=False):
+    """An option's coercer to a positive finite number (with C{zero}, 0 too), whose error names the option."""
+    rule = "a finite number, 0 or more" if zero else "a positive finite number"
+
     def coerce(value):
-        what = "%s must be a positive finite number, not %r" % (option, value) if option else (
-            "must be a positive finite number")
+        what = "%s must be %s, not %r" % (option, rule, value) if option else "must be %s" % rule
         try:
             number = kind(value)
         except ValueError:
             raise ValueError(what)
-        if not math.isfinite(number) or number <= 0:
+        if not math.isfinite(number) or number < 0 or number == 0 and not zero:
             raise ValueError(what)
         return number
-    coerce.coerceDoc = "Must be a positive number."
+    coerce.coerceDoc = "Must be a number, 0 or more." if zero else "Must be a positive number."
     return coerce
 
 
@@ -14966,7 +14980,7 @@ class SendOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...]|#GROUP [MESSAGE...]"
     longdesc = ("Send a page and exit once the server has accepted it; prints the message id. Without MESSAGE, "
                 "the message is read from standard input. Logs in send-only: never takes your incoming messages. "
-                "A busy server (rate_limited) is waited for, up to 60 s in all. "
+                "A busy server (rate_limited, for the login or the message) is waited for, up to 60 s in all. "
                 "--to '#ops' sends it to every member of the group #ops (quote the #: shells take it for a comment).")
     not_applicable = ("skew-window",)  # send receives no message
     optParameters = [
@@ -14976,7 +14990,9 @@ class SendOptions(_ClientOptions):
     ]
     optFlags = [
         ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery (without it, no "
-                                "receipt is asked for: the sender is not told of a delivery, refusal or expiry)."],
+                                "receipt is asked for: the sender is not told of a delivery, refusal or expiry). "
+                                "If the connection is lost meanwhile, exit 6 at once: the message was accepted, "
+                                "whether it was delivered is unknown."],
         _REGISTER]
 
     def parseArgs(self, server, *message):
@@ -15019,7 +15035,8 @@ class FetchOptions(_ClientOptions):
                 "to your groups verified meanwhile are lines of their own. Exits when they are all printed (or when "
                 "none has come for 10 s), or after --wait more seconds with no new message.")
     optParameters = [
-        ["wait", None, 0.0, "Keep waiting this many seconds for more messages.", float]]
+        ["wait", None, 0.0, "Keep waiting this many seconds for more messages; a connection lost meanwhile is "
+                            "exit 6, a signal (SIGINT, SIGTERM, SIGHUP) exit 130.", _positive(float, "--wait", zero=True)]]
     optFlags = [["json", None, "Print one JSON object per message (with \"group\" for a group's), and one per "
                                "group change (\"type\": \"group_change\")."], _REGISTER]
 
@@ -15673,26 +15690,32 @@ async def _send_command(reactor, config):
         d = wanted.get(receipt.message_id)
         if d is not None and not d.called and len(answered) >= len(recipients):
             d.callback(None)
+    def disconnected(error):
+        # The session's receipts come only while it is connected (PROTOCOL.md, receipts): the wait ends with it.
+        for d in wanted.values():
+            if not d.called:
+                d.callback(None)
     def wire(client):
         if config["wait-delivered"]:
-            client.on_receipt = receipt_received
+            client.on_receipt, client.on_disconnect = receipt_received, disconnected
         else:
             client.receipts_wanted = False  # nobody would read them: the server makes, stores and pushes none
     session.wire = wire
+    session.login_attempt = when_not_busy = _BusyWait(reactor)
     client = await session.start(receive=False)
     try:
         if config["group"] is not None:
             info = await client.group(config["group"])
             if not info.member:
                 raise UnknownGroup("Not sent: you are no longer a member of %s." % info.label)
-            answer = await _when_not_busy(reactor, lambda: client.post_group(info.id, data, content_type, filename))
+            answer = await when_not_busy(lambda: client.post_group(info.id, data, content_type, filename))
             sent = await client.group_delivery(answer["msg"])
             recipients[:] = [m for m in (sent[1] if sent else info.members) if m != session.user]
             entry = HistoryEntry(reactor.seconds(), "out", group_label(info.name), answer["msg"], content_type,
                                  filename, data if content_type == "text" else b"", "sent", info.id)
         else:
             try:
-                answer = await _when_not_busy(reactor, lambda: client.post(config["to"], data, content_type, filename))
+                answer = await when_not_busy(lambda: client.post(config["to"], data, content_type, filename))
             except UnknownUser as e:
                 listed = {w.rstrip(".") for w in e.message.partition(":")[2].replace(",", " ").split()}
                 unknown = [n for n in config["to"] if n in listed]  # those the sentence names
@@ -15705,12 +15728,21 @@ async def _send_command(reactor, config):
         if config["wait-delivered"]:
             answered = receipts.setdefault(answer["msg"], {})
             everyone = wanted[answer["msg"]] = Deferred()
-            if len(answered) >= len(recipients):
-                everyone.callback(None)  # every receipt came before the answer to the send
+            if len(answered) >= len(recipients) or client.protocol.lost is not None:
+                everyone.callback(None)  # every receipt came before the answer to the send, or the connection went
             if not await within(reactor, everyone, config["timeout"]):
                 missing = [n for n in recipients if n not in answered]
                 raise NotDelivered("Not delivered to %s within %g s; the message stays queued on the server."
                                    % (", ".join(missing), config["timeout"]))
+            await client.when_handled()  # a receipt being handled as the connection ended still counts
+            missing = [n for n in recipients if n not in answered]
+            if missing:
+                # The wait ended with the connection.  A new session would not be told of the receipts made
+                # meanwhile (a send-only session gets only those that come while it is connected), so waiting on
+                # could only end in a wrong "not delivered": say what is known instead, at once.
+                raise NetworkError("The connection to %s was lost while waiting for delivery to %s: the message %s "
+                                   "was accepted, but whether it was delivered is unknown."
+                                   % (session.address, ", ".join(missing), answer["msg"]))
             failed = [describe_receipt(r) for r in answered.values() if r.status != "delivered"]
             if failed:
                 raise NotDelivered("; ".join(failed))
@@ -15721,28 +15753,36 @@ async def _send_command(reactor, config):
 SEND_BUSY_WAIT = 60.0  # seconds send waits in all for a busy server (rate_limited with a wait) before it gives up
 
 
-async def _when_not_busy(reactor, attempt):
+class _BusyWait:
     """
-    C{attempt()}, tried again while the server refuses it as busy (L{RateLimited}) and says how long to wait, up
-    to L{SEND_BUSY_WAIT} seconds of waiting in all: a script's loop of sends, which asks for the recipients' keys
-    each time, gets its messages through at the server's pace instead of failing.  A refused attempt stored
-    nothing, so trying again sends the message once.
+    Calling it with C{attempt} returns C{await attempt()}, tried again while the server refuses it as busy
+    (L{RateLimited}) and says how long to wait, up to L{SEND_BUSY_WAIT} seconds of waiting in all, over every attempt
+    one send makes: its login (several sends of one user at once are told that too many of its logins are being
+    checked) and the message itself (a script's loop of sends, which asks for the recipients' keys each time, gets
+    its messages through at the server's pace instead of failing).  A refused attempt changed nothing, so trying
+    again logs in once and sends the message once.
     """
-    waited = 0.0
-    while True:
-        try:
-            return await attempt()
-        except RateLimited as e:
-            if e.retry_after is None:
-                raise
-            if waited + e.retry_after > SEND_BUSY_WAIT:
-                raise RateLimited("The server %s; the message was not sent (try again in %d s)."
-                                  % ("stayed busy for %d s of waiting" % _whole_seconds(waited) if waited
-                                     else "is busy for longer than %g s" % SEND_BUSY_WAIT,
-                                     _whole_seconds(e.retry_after)), retry_after=e.retry_after)
-            sys.stderr.write("pager: the server is busy; trying again in %d s.\n" % _whole_seconds(e.retry_after))
-            await task.deferLater(reactor, e.retry_after, lambda: None)
-            waited += e.retry_after
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.waited = 0.0
+
+    async def __call__(self, attempt):
+        while True:
+            try:
+                return await attempt()
+            except RateLimited as e:
+                if e.retry_after is None:
+                    raise
+                if self.waited + e.retry_after > SEND_BUSY_WAIT:
+                    raise RateLimited("The server %s; the message was not sent (try again in %d s)."
+                                      % ("stayed busy for %d s of waiting" % _whole_seconds(self.waited)
+                                         if self.waited else "is busy for longer than %g s" % SEND_BUSY_WAIT,
+                                         _whole_seconds(e.retry_after)), retry_after=e.retry_after)
+                sys.stderr.write("pager: the server is busy; trying again in %d s.\n"
+                                 % _whole_seconds(e.retry_after))
+                await task.deferLater(self.reactor, e.retry_after, lambda: None)
+                self.waited += e.retry_after
 
 
 async def _group_hint(client, names, how="--to '%s'"):
@@ -15764,12 +15804,14 @@ async def _fetch_command(reactor, config):
     session = Session(reactor, config, Prompter(reactor, interactive=False))
     output_closed = []  # once the reader has gone, no message is printed (to /dev/null) or acknowledged
 
-    def reader_gone():
-        # Nobody reads our output any more: stop printing (and acknowledging), quietly from here on.
+    def reader_gone(error):
+        # Our output cannot be written any more (its reader left, it was closed, its disk is full): stop printing
+        # (and acknowledging), quietly from here on.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         output_closed.append(OutputClosed(
             "Standard output was closed (its reader stopped reading) before every message was printed; the "
-            "messages not printed stay on the server."))
+            "messages not printed stay on the server." if isinstance(error, BrokenPipeError) else
+            "Cannot write to standard output (%s); the messages not printed stay on the server." % error.strerror))
         return output_closed[0]
 
     async def show(message):
@@ -15789,8 +15831,8 @@ async def _fetch_command(reactor, config):
             sent_from = await session.own_device_name(message.sender_device)
         try:
             _print_message(message, saved, config["json"], sent_from)
-        except BrokenPipeError:
-            raise reader_gone()
+        except OSError as e:  # a closed pipe, a closed or full standard output
+            raise reader_gone(e)
         group = message.group_id.hex() if message.group_id is not None else None  # as the history keeps it
         if sent_from is not None:
             # Sent by this user from another of their devices: kept in the history as sent, as the chat keeps it.
@@ -15814,8 +15856,8 @@ async def _fetch_command(reactor, config):
         if not output_closed:
             try:
                 _print_group_event(event, config["json"], session.user)
-            except BrokenPipeError:
-                reader_gone()
+            except OSError as e:
+                reader_gone(e)
 
     def group_warning(group_id, name, sentence):
         sys.stderr.write("pager: \u26a0 %s: %s\n" % (group_label(name) if name else group_id, sentence))
@@ -15853,6 +15895,9 @@ async def _fetch_command(reactor, config):
                              % (error.message if isinstance(error, PagerError) else error))
         if output_closed:
             raise output_closed[0]  # closed while a group's change was printed
+        if lost() and config["wait"] > 0:
+            raise NetworkError("The connection to %s was lost while waiting for more messages (--wait)."
+                               % session.address)
     finally:
         await session.close()
 
@@ -16575,8 +16620,8 @@ _CLIENT_COMMANDS = {
 async def _run_client_command(reactor, name, config):
     """
     Run one client command; every known error becomes one sentence on stderr and its documented exit code.  A
-    command stopped by SIGINT or SIGTERM (the reactor shuts down, closing its connection) exits 130, never with
-    the error its connection's closing caused.
+    command stopped by SIGINT, SIGTERM or SIGHUP (the reactor shuts down, closing its connection) exits 130, never
+    with the error its connection's closing caused, nor with success when that ended a wait early (fetch --wait).
     """
     running = Deferred()
     reactor.callWhenRunning(running.callback, None)
@@ -16586,6 +16631,8 @@ async def _run_client_command(reactor, name, config):
     guard = TerminalGuard.install(reactor)  # a prompt for a secret turns echo off: every way out turns it on
     try:
         await _CLIENT_COMMANDS[name](reactor, config)
+        if stopping:
+            raise Interrupted()
     except (PagerError, usage.UsageError) as e:
         if stopping:  # what stopped it, in the command's own words when it has them (Interrupted), else in general
             raise SystemExit(report(e if isinstance(e, Interrupted) else Interrupted()))
@@ -16618,6 +16665,8 @@ def _main(argv):
     everything any command prints (messages, names, a server's error sentences) is made harmless for a terminal.
     """
     saved = sys.stdout, sys.stderr
+    if sys.stdout is None:  # started with standard output closed (>&-)
+        sys.stdout = _ClosedOutput()
     for stream in saved:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")  # a terminal that cannot show a character never loses a message
@@ -16626,6 +16675,32 @@ def _main(argv):
         _command(sys.argv[1:] if argv is None else argv)
     finally:
         sys.stdout, sys.stderr = saved
+
+
+class _ClosedOutput:
+    """
+    Standard output for a command started with it closed: every write fails (C{OSError}), as on a pipe whose reader
+    has left, so fetch leaves its messages on the server instead of printing them nowhere.  File descriptor 1 is
+    taken by /dev/null meanwhile, so no file or connection the command opens gets it.
+    """
+
+    def __init__(self):
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 1:
+            os.dup2(fd, 1)
+            os.close(fd)
+
+    def write(self, text):
+        raise OSError(errno.EBADF, "it is closed")
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return 1
+
+    def isatty(self):
+        return False
 
 
 def _usage_error(options, error, program):
@@ -16660,6 +16735,7 @@ def _command(argv):
         finished = []
 
         def run(reactor):
+            stop_on_hangup(reactor)  # SIGHUP ends a command as SIGINT and SIGTERM do: exit 130, one sentence
             d = Deferred.fromCoroutine(_run_client_command(reactor, options.subCommand, options.subOptions))
             return d.addBoth(lambda result: finished.append(True) or result)
         try:

@@ -509,6 +509,82 @@ class WaitDeliveredTests(CLITestCase):
         self.assertEqual([m.msg_id.hex() for m in await self.pending(self.server, "bob")], [msg])
 
 
+    async def test_connection_lost_while_waiting(self):
+        """
+        A server that goes away while send --wait-delivered waits ends the wait at once: exit 6, one sentence that
+        the message was accepted (with its id) and its delivery is unknown, not the --timeout's "not delivered".
+        """
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        sending = defer.Deferred.fromCoroutine(self.run_command(
+            "send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered", "--timeout", "60", "still there?",
+            home=alice_home, token_of="alice", timeout=15))
+        pending = await self.wait_for(lambda: self.pending(self.server, "bob"), "the message to be accepted")
+        await self.server.stopService()
+        result = await sending
+        line = self.assertOneErrorLine(result, pager.EXIT_NETWORK)
+        msg = pending[0].msg_id.hex()
+        self.assertEqual(result.out.strip(), msg)
+        self.assertEqual(line, "pager: The connection to %s was lost while waiting for delivery to bob: the message "
+                               "%s was accepted, but whether it was delivered is unknown." % (self.host, msg))
+
+
+class FetchWaitTests(CLITestCase):
+    """fetch --wait that the server leaves, or a signal stops, says so: it never ends as if it had waited."""
+
+    async def bob_waiting(self):
+        """A server, and bob's home with his key; bob has no session on the server."""
+        await self.serve()
+        home = await self.provision("bob")
+        await self.wait_for(lambda: not self.server.factory.online.get("bob"), "bob's registration to log out")
+        return home
+
+    async def test_server_gone(self):
+        """A server that stops while fetch --wait waits: exit 6 at once, one sentence."""
+        home = await self.bob_waiting()
+        fetching = defer.Deferred.fromCoroutine(self.run_command(
+            "fetch", self.host, "--user", "bob", "--wait", "60", home=home, token_of="bob", timeout=15))
+        await self.wait_for(lambda: self.server.factory.online.get("bob"), "fetch to log in")
+        await self.server.stopService()
+        result = await fetching
+        line = self.assertOneErrorLine(result, pager.EXIT_NETWORK)
+        self.assertEqual(line, "pager: The connection to %s was lost while waiting for more messages (--wait)."
+                         % self.host)
+
+    async def interrupt(self, argv, name, signal, started):
+        """Start pager.py C{argv} as C{name}, send it C{signal} once C{started()} is true: its L{Result}."""
+        child = self.spawn([sys.executable, PAGER_PY] + argv, base_env(PAGER_HOME=self.homes[name],
+                                                                        PAGER_TOKEN=token(name)))
+        await self.wait_for(lambda: started(child) or child.finished, "pager.py %s to start" % argv[0])
+        self.assertFalse(child.finished, child.result())
+        child.transport.signalProcess(signal)
+        return await self.finish(child, "%s stopped by SIG%s" % (argv[0], signal), 10)
+
+    async def test_fetch_wait_interrupted(self):
+        """SIGINT, SIGTERM or SIGHUP during fetch --wait: exit 130 and one sentence, never 0."""
+        self.homes = {"bob": await self.bob_waiting()}
+        for signal in ("INT", "TERM", "HUP"):
+            result = await self.interrupt(["fetch", self.host, "--user", "bob", "--wait", "60"], "bob", signal,
+                                          lambda child: self.server.factory.online.get("bob"))
+            self.assertEqual(self.assertOneErrorLine(result, pager.EXIT_INTERRUPTED),
+                             "pager: interrupted before the command finished.")
+            await self.wait_for(lambda: not self.server.factory.online.get("bob"), "bob's session to end")
+
+    async def test_send_wait_interrupted(self):
+        """SIGINT or SIGTERM during send --wait-delivered: exit 130 and the one sentence, no traceback."""
+        await self.serve()
+        self.homes = {"alice": await self.provision("alice")}
+        await self.account("bob")
+        for signal in ("INT", "TERM"):
+            result = await self.interrupt(
+                ["send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered", "--timeout", "60", "hi"],
+                "alice", signal, lambda child: b"\n" in child.out)
+            self.assertEqual(self.assertOneErrorLine(result, pager.EXIT_INTERRUPTED),
+                             "pager: interrupted before the command finished.")
+            self.assertRegex(result.out.strip(), MESSAGE_ID)
+
+
 class NoReceiptTests(CLITestCase):
     """A script's send that does not wait for delivery asks for no receipt: the server makes and stores none."""
 
@@ -583,6 +659,49 @@ class BusyServerTests(CLITestCase):
         self.assertEqual(await self.pending(self.server, "bob"), [])
 
 
+    async def send_while_logins_busy(self, refusals, text):
+        """
+        alice sends bob C{text} while the server refuses her next C{refusals} logins as too many of her logins being
+        checked at once (as it does for a dozen sends of hers started together): C{(result, the users refused)}.
+        """
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        factory, refused = self.server.factory, []
+        original = factory.hash_token_for
+
+        async def hash_token_for(connection, account, token, salt):
+            if account == "alice" and len(refused) < refusals:
+                refused.append(account)
+                raise pager.RateLimited("Too many logins of this account or from your address are being checked; "
+                                        "try again in a moment.", retry_after=factory.HASH_RETRY_AFTER)
+            return await original(connection, account, token, salt)
+        factory.hash_token_for = hash_token_for
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", text, home=alice_home,
+                                        token_of="alice")
+        return result, refused
+
+    async def test_logins_busy_then_sent(self):
+        """A login refused as one of too many being checked is tried again after the wait the server gives."""
+        result, refused = await self.send_while_logins_busy(2, "after the others")
+        self.assertExit(result, 0)
+        self.assertEqual(refused, ["alice", "alice"])
+        self.assertEqual(result.err, "pager: the server is busy; trying again in 1 s.\n" * 2)
+        self.assertEqual([m.msg_id.hex() for m in await self.pending(self.server, "bob")], [result.out.strip()])
+
+    async def test_logins_stayed_busy(self):
+        """The login's waits count towards SEND_BUSY_WAIT like the message's: past it, exit 1, nothing sent."""
+        self.patch(pager, "SEND_BUSY_WAIT", 1.5)
+        result, refused = await self.send_while_logins_busy(100, "never mind")
+        self.assertExit(result, pager.EXIT_FAILURE)
+        self.assertEqual(refused, ["alice", "alice"])
+        self.assertEqual(result.err, "pager: the server is busy; trying again in 1 s.\n"
+                                     "pager: The server stayed busy for 1 s of waiting; the message was not sent (try "
+                                     "again in 1 s).\n")
+        self.assertEqual(result.out, "")
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
+
 class BadTimeoutTests(CLITestCase):
     """A --timeout that is not a positive number is a usage error before anything is sent (a retry would not send twice)."""
 
@@ -597,6 +716,21 @@ class BadTimeoutTests(CLITestCase):
             self.assertIn("--timeout must be a positive finite number, not '%s'" % value, line)
             self.assertEqual(result.out, "")
         self.assertEqual(await self.pending(self.server, "bob"), [])
+
+
+class BadWaitTests(CLITestCase):
+    """A fetch --wait that is not a finite number of seconds, 0 or more, is a usage error before anything is fetched."""
+
+    async def test_bad_wait(self):
+        home = self.home()
+        for value in ("-1", "nan", "inf", "abc"):
+            result = await self.run_command("fetch", "127.0.0.1:1", "--user", "bob", "--wait", value, home=home,
+                                            token_of="bob")
+            self.assertEqual(self.assertOneErrorLine(result, pager.EXIT_USAGE),
+                             "pager: --wait must be a finite number, 0 or more, not '%s' (see 'pager-cli fetch "
+                             "--help')." % value)
+            self.assertEqual(result.out, "")
+        self.assertFalse(os.path.exists(home))
 
 
 class ExitCodeTests(CLITestCase):

@@ -537,3 +537,24 @@ class ProcessSmokeTests(CLITestCase):
         # depends on timing; FetchOutputTests.test_output_closed counts them in-process).
         self.assertIn("stay on the server", self.assertOneErrorLine(result, pager.EXIT_LOCAL))
         self.assertGreaterEqual(len(await self.pending(self.server, "bob")), 1)
+
+    async def test_fetch_into_closed_or_full_output(self):
+        """
+        fetch with its standard output closed ('>&-') or full ('>/dev/full'): exit 7 and one sentence, every message
+        left on the server.
+        """
+        await self.serve()
+        home = await self.provision("bob")
+        await self.account("alice")
+        alice = await self.login(self.address, "alice", receive=False)
+        for n in range(2):
+            await alice.send(["bob"], b"page %d" % n)
+        await alice.close()
+        env = base_env(PAGER_HOME=home, PAGER_TOKEN=token("bob"))
+        for redirect, why in ((">&-", "it is closed"), (">/dev/full", "No space left on device")):
+            command = "exec %s %s fetch %s --user bob %s" % (sys.executable, PAGER_PY, self.host, redirect)
+            result = await self.finish(self.spawn(["/bin/bash", "-c", command], env), "fetch " + redirect)
+            self.assertEqual(self.assertOneErrorLine(result, pager.EXIT_LOCAL),
+                             "pager: Cannot write to standard output (%s); the messages not printed stay on the "
+                             "server." % why)
+            self.assertEqual(len(await self.pending(self.server, "bob")), 2)
