@@ -15037,8 +15037,10 @@ class FetchOptions(_ClientOptions):
     optParameters = [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages; a connection lost meanwhile is "
                             "exit 6, a signal (SIGINT, SIGTERM, SIGHUP) exit 130.", _positive(float, "--wait", zero=True)]]
-    optFlags = [["json", None, "Print one JSON object per message (with \"group\" for a group's), and one per "
-                               "group change (\"type\": \"group_change\")."], _REGISTER]
+    optFlags = [["json", None, "Print one JSON object per message (with \"group\" for a group's), one per group "
+                               "change (\"type\": \"group_change\") and one per receipt of a message you sent with "
+                               "send --wait-delivered that came after it stopped waiting (\"type\": \"receipt\")."],
+                _REGISTER]
 
     def parseArgs(self, server):
         self["server"] = server
@@ -15862,9 +15864,21 @@ async def _fetch_command(reactor, config):
     def group_warning(group_id, name, sentence):
         sys.stderr.write("pager: \u26a0 %s: %s\n" % (group_label(name) if name else group_id, sentence))
 
+    def receipt_received(receipt):
+        # The receipt of a message this user sent with send --wait-delivered, kept by the server until a session of
+        # theirs took it: a JSON record with --json, else a line on standard error, naming the message by its id.
+        if config["json"]:
+            if not output_closed:
+                try:
+                    _print_receipt_record(receipt)
+                except OSError as e:
+                    reader_gone(e)
+        else:
+            sys.stderr.write("pager: %s\n" % describe_receipt(receipt, preview=receipt.message_id))
+
     def wire(client):  # before login: the server starts pushing as soon as it has logged us in
         client.on_message, client.on_rejected = show, rejected
-        client.on_receipt = lambda r: sys.stderr.write(describe_receipt(r) + "\n")
+        client.on_receipt = receipt_received
         # The changes to the user's groups this machine learns meanwhile (at login, or pushed): a script removed
         # from a group learns it here.
         client.on_group_event, client.on_group_warning = group_changed, group_warning
@@ -15923,6 +15937,16 @@ def _print_message(message, saved, as_json, sent_from=None):
         sys.stdout.write(json.dumps(record) + "\n")
     else:
         sys.stdout.write(describe_message(message, saved, sent_from=sent_from) + "\n")
+    sys.stdout.flush()
+
+
+def _print_receipt_record(receipt):
+    """fetch --json's record of a receipt: C{{"type": "receipt", "msg": ID, "peer": ..., "status": ...}}."""
+    record = {"type": "receipt", "msg": receipt.message_id, "peer": receipt.peer, "status": receipt.status,
+              "time": receipt.at}
+    if receipt.status == "rejected":
+        record["reason"] = receipt.reason
+    sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
 
 

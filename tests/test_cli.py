@@ -508,6 +508,47 @@ class WaitDeliveredTests(CLITestCase):
         self.assertRegex(msg, MESSAGE_ID)
         self.assertEqual([m.msg_id.hex() for m in await self.pending(self.server, "bob")], [msg])
 
+    async def test_receipt_fetched_later(self):
+        """
+        The receipt of a message delivered after send --wait-delivered gave up is told by the sender's next fetch:
+        a JSON record with --json (the message's id, who, what, when), once; a line naming the id without it.
+        """
+        await self.serve()
+        alice_home = await self.provision("alice")
+        await self.account("bob")
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
+                                        "--timeout", "1", "anyone?", home=alice_home, token_of="alice")
+        self.assertExit(result, pager.EXIT_FAILURE)
+        msg = result.out.strip()
+        bob = await self.login(self.address, "bob")
+        await self.wait_for(lambda: bob.events.messages, "bob's message")
+        await self.wait_for(lambda: self.server.store.pending_receipts("alice", 0), "alice's receipt")
+        fetched = await self.run_command("fetch", self.host, "--user", "alice", "--json", home=alice_home,
+                                         token_of="alice")
+        self.assertExit(fetched, 0)
+        [record] = [json.loads(line) for line in fetched.out.splitlines()]
+        self.assertEqual({k: record[k] for k in ("type", "msg", "peer", "status")},
+                         {"type": "receipt", "msg": msg, "peer": "bob", "status": "delivered"})
+        self.assertIsInstance(record["time"], float)
+        self.assertEqual(fetched.err, "")
+        again = await self.run_command("fetch", self.host, "--user", "alice", "--json", home=alice_home,
+                                       token_of="alice")
+        self.assertEqual((again.out, again.err), ("", ""))  # acknowledged: told once
+
+        second = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
+                                        "--timeout", "20", "and you?", home=alice_home, token_of="alice")
+        self.assertExit(second, 0)  # bob is online: delivered while send waited, its receipt taken then
+        await bob.close()
+        third = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "--wait-delivered",
+                                       "--timeout", "1", "later", home=alice_home, token_of="alice")
+        bob = await self.login(self.address, "bob")
+        await self.wait_for(lambda: bob.events.messages, "bob's third message")
+        await self.wait_for(lambda: self.server.store.pending_receipts("alice", 0), "alice's second receipt")
+        plain = await self.run_command("fetch", self.host, "--user", "alice", home=alice_home, token_of="alice")
+        self.assertExit(plain, 0)
+        self.assertEqual(plain.out, "")
+        self.assertRegex(plain.err, r"^pager: \[\d\d:\d\d\] \u2713\u2713 %s delivered to bob\n$" % third.out.strip())
+
 
     async def test_connection_lost_while_waiting(self):
         """
