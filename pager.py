@@ -12712,6 +12712,8 @@ def describe_group_change(event, me=None):
     if kind == "add":
         return "%s added %s" % (actor, users)
     if kind == "remove":
+        if actor == "you":
+            return "you removed %s" % users
         return "%s %s removed by %s" % (users, "was" if len(event.users) == 1 and users != "you" else "were",
                                         actor)
     if kind == "leave":
@@ -13986,8 +13988,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         entries = await self.session.store.history(group=info.id)
         if not entries:
             self.show("No history in %s." % info.label)
-            return
-        self.show(self._history_lines(entries, {info.id: info.label}))
+        else:
+            self.show(self._history_lines(entries, {info.id: info.label}))
+        # Read now: for a group this user was removed from or left, the one way to read what it missed.
+        await self.session.client.group_read(info.id)
 
     def _history_lines(self, entries, groups):
         lines = []

@@ -71,6 +71,8 @@ class DescribeGroupTests(unittest.SynchronousTestCase):
                          "you were removed by alice")
         self.assertEqual(pager.describe_group_change(event("add", actor="zed", users=("bob",)), "zed"),
                          "you added bob")
+        self.assertEqual(pager.describe_group_change(event("remove", actor="zed", users=("bob",)), "zed"),
+                         "you removed bob")  # not "bob was removed by you"
 
     def test_event_line(self):
         line = pager.describe_group_event(event("leave", actor="bob"), 0, "alice")
@@ -425,6 +427,31 @@ class GroupChatTests(GroupChatTestCase):
         self.assertRegex(text, r"\] #ops bob \u2713: third")  # no \u00bb: the open conversation
         self.assertEqual((await chat.session.client.group("ops")).unread, 0)
 
+    async def test_history_reads_a_group_left(self):
+        """
+        /history #ops reads what #ops holds, so its unread count goes to 0: for a group alice was removed from,
+        which /to #ops no longer opens, it is the one way to clear that count.
+        """
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice")
+        await bob.group_create("ops", ["alice"])
+        gid = (await bob.group("ops")).id
+        await bob.send_group(gid, "you missed this")
+        await self.shown(ui, "you missed this")
+        await self.wait_for(lambda: self._unread(chat, 1), "one unread")
+        await bob.group_remove(gid, ["alice"])
+        await self.shown(ui, "you were removed by bob")
+        with self.assertRaises(pager.UnknownGroup):
+            await chat.command_to("#ops")
+        before = len(ui.shown)
+        await self.type(chat, "/history #ops")
+        self.assertIn("you missed this", ui.text(before))
+        self.assertEqual((await chat.session.client.group("ops")).unread, 0)
+        before = len(ui.shown)
+        await self.type(chat, "/groups")
+        self.assertNotIn("unread", ui.text(before))
+
     async def _unread(self, chat, count):
         return (await chat.session.client.group("ops")).unread == count
 
@@ -483,7 +510,7 @@ class GroupChatTests(GroupChatTestCase):
             ("/group admin ops", "Usage: /group admin NAME USER [off]"),
             ("/group rename ops", "Usage: /group rename NAME NEW"),
             ("/group rename ops dev", "#dev: you renamed #ops to #dev"),
-            ("/group remove dev carol", "#dev: carol was removed by you"),
+            ("/group remove dev carol", "#dev: you removed carol"),
             ("/group remove dev carol", "carol is not in #dev; nothing changed."),
             ("/group leave dev", "You are the last admin of #dev"),
             ("/group info #dev", "#dev (version"),
