@@ -14878,6 +14878,11 @@ class ServerOptions(_GnuOptions):
         except OSError as e:
             raise usage.UsageError("--listen %r: cannot read %s: %s." % (self["listen"], e.filename, e.strerror))
         except Exception as e:  # pyOpenSSL's errors for a certificate or key it cannot load
+            if self["tls-cert"]:  # said in the options the user gave, not in the endpoint made of them
+                reason = ("the key is not the certificate's." if "do not match" in str(e) else
+                          "is each a PEM file, the certificate and its private key?")
+                raise usage.UsageError("--tls-cert %s and --tls-key %s cannot be served: %s"
+                                       % (self["tls-cert"], self["tls-key"], reason))
             raise usage.UsageError("--listen %r: the TLS certificate or key cannot be loaded (%s)."
                                    % (self["listen"], e))
 

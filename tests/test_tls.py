@@ -18,6 +18,7 @@ import time
 from cryptography import x509
 from twisted.internet import reactor, threads
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python import usage
 from twisted.trial import unittest
 
 import pager
@@ -179,6 +180,32 @@ class RefusedCertificateTests(TLSTestCase):
         server, port, cert_path = await self.start_tls_server(now=two_years_ago(), days=1)
         sentence, _ = await self.refused(self.session(port, tls=True, ca=cert_path))
         self.assertIn("expired", sentence)
+
+
+class ServerCertificateOptionTests(TLSTestCase):
+    """A server given a certificate and key it cannot serve says so in the options the operator typed."""
+
+    def test_key_of_another_certificate(self):
+        cert_path, _ = self.write_certificate()
+        _, other_key = self.write_certificate(days=30)  # another key pair
+        options = pager.ServerOptions()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--tls-cert", cert_path,
+                                  "--tls-key", other_key, "--db", self.mktemp()])
+        self.assertEqual(str(caught.exception), "--tls-cert %s and --tls-key %s cannot be served: the key is not "
+                         "the certificate's." % (cert_path, other_key))
+
+    def test_key_not_pem(self):
+        cert_path, _ = self.write_certificate()
+        not_pem = os.path.abspath(self.mktemp())
+        with open(not_pem, "w") as f:
+            f.write("not a key\n")
+        options = pager.ServerOptions()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--tls-cert", cert_path,
+                                  "--tls-key", not_pem, "--db", self.mktemp()])
+        self.assertIn("--tls-key %s cannot be served: is each a PEM file" % not_pem, str(caught.exception))
+        self.assertNotIn("ssl:", str(caught.exception))
 
 
 class WrongPortTests(TLSTestCase):
