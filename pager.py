@@ -14985,6 +14985,9 @@ class ConnectOptions(_ClientOptions):
 STDIN_FILE_NAME = "stdin.bin"  # the name binary standard input is sent under
 
 
+SEND_DELIVERY_TIMEOUT = 60.0  # seconds send --wait-delivered waits for every receipt when --timeout is not given
+
+
 class SendOptions(_ClientOptions):
     synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...]|#GROUP [MESSAGE...]"
     longdesc = ("Send a page and exit once the server has accepted it; prints the message id. Without MESSAGE, "
@@ -14995,7 +14998,8 @@ class SendOptions(_ClientOptions):
     optParameters = [
         ["to", "t", None, "Recipients, separated by commas, or one group: '#NAME'."],
         ["file", "f", None, "Send this file instead of a text message."],
-        ["timeout", None, 60.0, "With --wait-delivered: seconds to wait.", _positive(float, "--timeout")],
+        ["timeout", None, None, "With --wait-delivered: seconds to wait (60 if not given).",
+         _positive(float, "--timeout")],
     ]
     optFlags = [
         ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery (without it, no "
@@ -15028,6 +15032,11 @@ class SendOptions(_ClientOptions):
             raise usage.UsageError("Name the recipients with --to NAME[,NAME...].")
         if self["file"] and self["message"] is not None:
             raise usage.UsageError("Give either --file or a message, not both.")
+        if self["timeout"] is not None and not self["wait-delivered"]:
+            raise usage.UsageError("--timeout is how long --wait-delivered waits; without --wait-delivered, send "
+                                   "does not wait for delivery at all.")
+        if self["timeout"] is None:
+            self["timeout"] = SEND_DELIVERY_TIMEOUT
         if self["message"] is not None:
             if not self["message"].strip():
                 raise usage.UsageError(NOTHING_TO_SEND)

@@ -756,6 +756,10 @@ class BadTimeoutTests(CLITestCase):
             line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
             self.assertIn("--timeout must be a positive finite number, not '%s'" % value, line)
             self.assertEqual(result.out, "")
+        result = await self.run_command("send", self.host, "--user", "alice", "--to", "bob", "--timeout", "5",
+                                        "hello", home=alice_home, token_of="alice")
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)  # not silently ignored: the script meant to wait
+        self.assertIn("--timeout is how long --wait-delivered waits", line)
         self.assertEqual(await self.pending(self.server, "bob"), [])
 
 
