@@ -11089,10 +11089,20 @@ def default_home():
 
 
 def private_directory(*parts):
-    """Create the directory C{os.path.join(*parts)} (and missing parents) with mode 0700; return its path."""
+    """
+    Create the directory C{os.path.join(*parts)} (and missing parents) with mode 0700, whatever the umask; one that
+    exists loses any access of group and others, and keeps its owner's as they are (a directory its owner made
+    read-only stays so, and one on a read-only file system that is private already is used as it is).  Returns its
+    path.
+    """
     path = os.path.join(*parts)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+        return path
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
     return path
 
 
@@ -11925,7 +11935,8 @@ class Session:
         try:
             self.directory = user_directory(self.home, client.server_id, self.user)
         except OSError as e:
-            raise LocalError("Cannot make the directory %s: %s." % (self.directory, e.strerror))
+            raise LocalError("Cannot create or use the directory %s: %s." % (
+                e.filename or os.path.join(self.home, client.server_id, self.user), e.strerror))
         self.known.remember(self.known_address, client.server_id)
         if self.store is None:
             path = os.path.join(self.directory, LOCAL_DB_NAME)

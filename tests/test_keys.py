@@ -127,6 +127,32 @@ class TokenFileTests(unittest.TestCase):
         self.assertIsNone(pager.load_token(path + ".none", PASSPHRASE, self.server_id, "alice"))
 
 
+class PrivateDirectoryTests(unittest.TestCase):
+    """The client's directories: made 0700 whatever the umask; one that exists is made private, never opened up."""
+
+    def mode(self, path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    def test_made_private(self):
+        old = os.umask(0o277)  # a umask that would leave the owner unable to write
+        try:
+            path = pager.private_directory(os.path.abspath(self.mktemp()), "a")
+        finally:
+            os.umask(old)
+        self.assertEqual(self.mode(path), 0o700)
+
+    def test_existing_kept_as_its_owner_set_it(self):
+        """Group and others lose their access; the owner's own bits stay (a read-only directory is not reopened)."""
+        shared, read_only = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        os.mkdir(shared, 0o755)
+        os.chmod(shared, 0o755)
+        os.mkdir(read_only)
+        os.chmod(read_only, 0o500)
+        self.addCleanup(os.chmod, read_only, 0o700)
+        self.assertEqual(self.mode(pager.private_directory(shared)), 0o700)
+        self.assertEqual(self.mode(pager.private_directory(read_only)), 0o500)
+
+
 class OneSecretTests(KeysTestCase):
     """Registration asks the safetoken twice and keeps it; later logins ask for the passphrase alone."""
 
