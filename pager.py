@@ -13322,7 +13322,8 @@ Every line you type goes to the open conversation (its name is the prompt); comm
   /users [NAME]              who is online, who is registered (with NAME: the names after it)
   /history [NAME]            the last messages (with NAME: with that user)
   /fingerprint [NAME]        your key's fingerprint, or NAME's and whether it is pinned, verified or changed
-  /verify NAME               record that you compared NAME's fingerprint with NAME (by phone or in person)
+  /verify NAME [XXXX]        show NAME's fingerprint to compare with NAME (by phone or in person); with its
+                             first four digits, record that you did
   /trust NAME                accept NAME's new key after checking its fingerprint
   /devices [NAME]            your devices, or NAME's (pager-cli link-device adds one, revoke-device removes one)
   /whoami                    who you are, on which server
@@ -13902,15 +13903,33 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                                            format_fingerprint(current)))
 
     async def command_verify(self, rest):
-        if not rest or " " in rest:
+        """
+        /verify NAME shows the key to compare and marks nothing; /verify NAME XXXX (the first four digits shown, or
+        the whole fingerprint) records that it was compared, as pager-cli verify asks before it records.
+        """
+        name, _, given = rest.strip().partition(" ")
+        if not name:
             raise usage.UsageError("Usage: /verify NAME, once you have compared /fingerprint NAME with NAME.")
-        user = canonical_username(rest)
+        user = canonical_username(name)
         if user == self.session.user:
             raise usage.UsageError("Your own key needs no verifying; /fingerprint shows it to read to others.")
-        current, _, _ = await self._peer_key(user)
-        await self.session.client.verify(user, current)  # pager-cli verify's rule: a changed key needs /trust first
-        self.show("%s's key is now verified (you compared it with %s):\n    %s" % (
-            user, user, format_fingerprint(current)))
+        current, status, _ = await self._peer_key(user)
+        if status == "changed":
+            await self.session.client.verify(user, current)  # refused: a changed key is accepted with /trust first
+        shown = format_fingerprint(current)
+        digits = "".join(given.split()).lower()
+        if not digits:
+            self.show("%s's key, as the server gives it (%s):\n    %s\nIf it reads the same as what %s reads you "
+                      "from their own /fingerprint, record that with /verify %s %s (its first four digits)."
+                      % (user, {"new": "new", "pinned": "pinned, not verified"}.get(status, status), shown, user,
+                         user, shown[:4]))
+            return
+        if digits != current.hex() and (len(digits) != 4 or not current.hex().startswith(digits)):
+            raise KeyChanged(user, current, current, message=(
+                "%s is not how %s's key begins (%s): nothing was marked verified; /verify %s shows it again."
+                % (given.strip(), user, shown[:4], user)))
+        await self.session.client.verify(user, current)
+        self.show("%s's key is now verified (you compared it with %s):\n    %s" % (user, user, shown))
 
     async def command_trust(self, rest):
         if not rest:

@@ -633,8 +633,9 @@ class ChatCommandTests(ChatTestCase):
 
     async def test_verify(self):
         """
-        /fingerprint bob says new, then pinned after a message, then verified after /verify bob, and /whoami in
-        bob's conversation says the same.  When bob re-keys, /fingerprint says CHANGED and /verify refuses; /trust
+        /fingerprint bob says new, then pinned after a message; /verify bob shows what to compare and marks
+        nothing, a wrong first four digits mark nothing, the right ones verify it, and /whoami in bob's conversation
+        says the same.  When bob re-keys, /fingerprint says CHANGED and /verify refuses; /trust
         pins the new key as pinned, not verified, until /verify again.  /verify of a new key pins and verifies it.
         """
         await self.serve()
@@ -650,9 +651,18 @@ class ChatCommandTests(ChatTestCase):
         self.assertIn("bob's key: new", await shown("/fingerprint bob"))
         await self.type(chat, "/msg bob pin it")
         self.assertIn("bob's key: pinned, not verified", await shown("/fingerprint bob"))
-        text = await shown("/verify bob")
+        bob_fp = pager.format_fingerprint(pager.fingerprint(key("bob")))
+        text = await shown("/verify bob")  # shows what to compare, and marks nothing yet
+        self.assertIn(bob_fp, text)
+        self.assertIn("record that with /verify bob %s (its first four digits)" % bob_fp[:4], text)
+        self.assertIn("bob's key: pinned, not verified", await shown("/fingerprint bob"))
+        wrong = "0000" if bob_fp[:4] != "0000" else "1111"
+        self.assertIn("%s is not how bob's key begins (%s): nothing was marked verified" % (wrong, bob_fp[:4]),
+                      await shown("/verify bob " + wrong))
+        self.assertIn("bob's key: pinned, not verified", await shown("/fingerprint bob"))
+        text = await shown("/verify bob " + bob_fp[:4])
         self.assertIn("bob's key is now verified", text)
-        self.assertIn(pager.format_fingerprint(pager.fingerprint(key("bob"))), text)
+        self.assertIn(bob_fp, text)
         self.assertIn("bob's key: verified", await shown("/fingerprint bob"))
         self.assertIn("nothing changed", await shown("/trust bob"))  # trusting the pinned key again undoes nothing
         self.assertIn("bob's key: verified", await shown("/fingerprint bob"))
@@ -666,9 +676,10 @@ class ChatCommandTests(ChatTestCase):
         text = await shown("/fingerprint bob")
         self.assertIn("bob's key: pinned, not verified", text)
         self.assertIn(pager.format_fingerprint(pager.fingerprint(new_key)), text)
-        self.assertIn("bob's key is now verified", await shown("/verify bob"))
+        self.assertIn("bob's key is now verified", await shown("/verify bob " + pager.fingerprint(new_key).hex()))
 
-        self.assertIn("carol's key is now verified", await shown("/verify carol"))
+        carol_fp = pager.format_fingerprint(pager.fingerprint(key("carol")))
+        self.assertIn("carol's key is now verified", await shown("/verify carol " + carol_fp))  # spaced, whole
         self.assertIn("carol's key: verified", await shown("/fingerprint carol"))
         self.assertIn("Usage: /verify NAME", await shown("/verify"))
         self.assertIn("needs no verifying", await shown("/verify alice"))
