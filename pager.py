@@ -11795,7 +11795,9 @@ class Session:
         while True:
             if token is None:
                 tries += 1
-                token = await self._ask_token("Safetoken for %s: " % self.user)
+                token = await self._ask_token("Safetoken for %s: " % self.user, hint=(
+                    "This machine keeps no safetoken for %s (it keeps one once a login with it works), and a "
+                    "login needs it: give it in PAGER_TOKEN or with --token-file." % self.user))
             self.token = token
             try:
                 await self._login(client)

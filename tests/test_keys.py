@@ -477,6 +477,15 @@ class GivenSecretTests(CommandTestCase):
         self.assertFalse(pager.key_file_is_encrypted(session.key_path))
         self.assertTrue(any(said.startswith("Warning: --no-passphrase") for said in prompter.said))
 
+    async def test_no_token_kept_says_why(self):
+        """A script with the key but no safetoken kept here or given is told why a safetoken is needed (exit 2)."""
+        await self.serve()
+        home = await self.provision("alice", PASSPHRASE)
+        os.environ["PAGER_PASSPHRASE"] = PASSPHRASE
+        error, _ = await self.failed_session(home, usage.UsageError, interactive=False)
+        self.assertEqual(str(error), "This machine keeps no safetoken for alice (it keeps one once a login with it "
+                                     "works), and a login needs it: give it in PAGER_TOKEN or with --token-file.")
+
     async def test_key_directory_cannot_be_looked_at(self):
         """
         A user directory whose key cannot be looked at (here a symbolic link to itself) is a local error (exit 7),
