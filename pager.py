@@ -15064,6 +15064,9 @@ class SendOptions(_ClientOptions):
             raise usage.UsageError("Name the recipients with --to NAME[,NAME...].")
         if self["file"] and self["message"] is not None:
             raise usage.UsageError("Give either --file or a message, not both.")
+        if self["file"] == "-":
+            raise usage.UsageError("--file - is not standard input: to send standard input, give neither --file nor "
+                                   "a message (bytes that are not text go as the file stdin.bin).")
         if self["timeout"] is not None and not self["wait-delivered"]:
             raise usage.UsageError("--timeout is how long --wait-delivered waits; without --wait-delivered, send "
                                    "does not wait for delivery at all.")

@@ -64,6 +64,16 @@ class SendInputTests(InProcessTestCase):
                          {"pager: " + pager.NOTHING_TO_SEND.rstrip(".")})
         self.assertEqual(await self.pending(self.server, "bob"), [])
 
+    async def test_file_dash(self):
+        """--file - is not taken for a file named '-' (Cannot read -): it says how standard input is sent (exit 2)."""
+        await self.serve()
+        home = await self.provision("alice")
+        await self.account("bob")
+        result = await self.run_command("send", "HOST", "--user", "alice", "--to", "bob", "--file", "-", home=home,
+                                        token_of="alice", stdin=b"hello")
+        self.assertIn("--file - is not standard input", self.assertOneErrorLine(result, pager.EXIT_USAGE))
+        self.assertEqual(await self.pending(self.server, "bob"), [])
+
     async def test_message_argument_not_utf8(self):
         """A MESSAGE argument that is not UTF-8 (bytes the file system encoding kept as surrogates) is bad usage."""
         await self.serve()
