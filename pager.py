@@ -9499,9 +9499,11 @@ class PagerClient:
     async def _own_devices_baseline(self):
         """
         On a receiving login: this user's devices as they are now, kept for a later C{devices_changed} to compare
-        with, unless this machine keeps them already (from a send, a link or an earlier session: no request then).
+        with, unless this machine keeps them already, under the identity key it has now (from a send, a link or an
+        earlier session: no request then).
         """
-        if await self.pins.get_devices(self.user) is not None:
+        known = await self.pins.get_devices(self.user)
+        if known is not None and known.identity == self.identity_fp:  # not a list kept from before a re-key
             return
         try:
             await self._fetch_devices(self.user)

@@ -344,6 +344,29 @@ class DeviceChangeTests(DeviceClientTestCase):
         await self.wait_for(lambda: len(changes) == 2, "the laptop to hear of the revocation")
         self.assertEqual(changes[1], ("alice", [], ["tablet"]))
 
+    async def test_own_device_announced_after_rekey(self):
+        """
+        After alice re-keys, a device linked to her new identity is told to her chat on this machine, though this
+        machine's store still held her device list under the old key: the chat's login looks at her devices afresh
+        (it used to take that old list for a baseline, and the first device added went unannounced).
+        """
+        pins = pager.MemoryPins()
+        alice = await self.connect(self.address, pins=pins)
+        await alice.register("alice", token("alice"), key("alice"))
+        await alice.devices()  # this machine keeps alice's device list, under her first key
+        await alice.close()
+        rekeying = await self.connect(self.address, pins=pins)
+        await rekeying.recover("alice", token("alice"), key("alice-new"))
+        chat = await self.connect(self.address, pins=pins)
+        changes = []
+        chat.on_devices_changed = lambda user, added, revoked: changes.append((user, [d.name for d in added]))
+        await chat.login("alice", token("alice"), key("alice-new"))
+        approver = await self.connect(self.address, pins=pins)  # link-device, run in another terminal
+        await approver.login("alice", token("alice"), key("alice-new"), receive=False)
+        await self.link(approver, "alice-tablet", name="tablet")
+        await self.wait_for(lambda: changes, "the chat to hear of the tablet")
+        self.assertEqual(changes, [("alice", ["tablet"])])
+
     async def test_refresh_devices(self):
         """
         refresh_devices(user) fetches a contact's devices (as when a conversation opens) and calls on_devices_changed
