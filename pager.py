@@ -9451,7 +9451,9 @@ class PagerClient:
         if seen and self.on_devices_changed is not None:
             mine = device_id(self.private_key)
             added = [d for d in merged if d.device_id not in seen and not d.revoked and d.device_id != mine]
-            revoked = [d for d in merged if d.revoked and not seen.get(d.device_id, False)]
+            # A device revoked before this client ever saw it is no news (a re-linked machine would read "you
+            # revoked the device 'laptop'" about its own former key, long after).
+            revoked = [d for d in merged if d.revoked and seen.get(d.device_id) is False]
             if added or revoked:
                 self.on_devices_changed(user, added, revoked)
         return merged, certified_seen

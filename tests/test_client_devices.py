@@ -387,6 +387,24 @@ class DeviceChangeTests(DeviceClientTestCase):
         await alice.refresh_devices("bob")
         self.assertEqual(changes[1:], [("bob", [], ["phone"])])
 
+    async def test_device_revoked_before_it_was_seen(self):
+        """A device bob added and revoked between two of alice's looks is not told at all: neither is news to her."""
+        alice = await self.register(self.address, "alice")
+        bob = await self.register(self.address, "bob")
+        changes = []
+        alice.on_devices_changed = lambda user, added, revoked: changes.append(
+            (user, [d.name for d in added], [d.name for d in revoked]))
+        await alice.refresh_devices("bob")
+        phone = await self.link(bob, "bob-phone", name="phone")
+        await bob.revoke_device(phone.device)
+        await alice.refresh_devices("bob")
+        self.assertEqual(changes, [])
+        tablet = await self.link(bob, "bob-tablet", name="tablet")
+        await alice.refresh_devices("bob")
+        await bob.revoke_device(tablet.device)
+        await alice.refresh_devices("bob")
+        self.assertEqual(changes, [("bob", ["tablet"], []), ("bob", [], ["tablet"])])  # seen, then revoked: told
+
     async def test_change_seen_first_by_another_command(self):
         """
         Two clients of alice share one machine's store (an open chat, and a command run in another terminal): the
