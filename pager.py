@@ -8984,6 +8984,7 @@ class PagerClient:
         self.on_disconnect = None
         self.on_failure = None  # on_failure(error, sender): a hand-off raised (sender None for a receipt)
         self.on_devices_changed = None  # on_devices_changed(user, added, revoked): lists of DeviceInfo
+        self.identity_device_name = None  # the name this identity device certifies itself with (L{recover})
         self.on_group_event = None  # on_group_event(GroupEvent): a newly verified op of a group
         self.on_group_warning = None  # on_group_warning(group id hex, name, sentence): what a person must be told
         self.receipts_wanted = True  # false: messages are sent asking for no receipts (a script that does not wait)
@@ -9169,9 +9170,13 @@ class PagerClient:
         if self.user == user:
             await self._rekeyed(new_key)
 
-    async def recover(self, user, token, new_key):
-        """Replace a lost key with the safetoken alone (throttled, and refused over plain TCP from afar)."""
+    async def recover(self, user, token, new_key, device_name=None):
+        """
+        Replace a lost key with the safetoken alone (throttled, and refused over plain TCP from afar).  The new
+        identity device certifies itself as C{device_name} (L{default_device_name} when None) once it logs in.
+        """
         user = canonical_username(user)
+        self.identity_device_name = device_name
         challenge = self._challenge()
         proof = await self.in_thread(sign_auth, new_key, "recover", self.server_id, user, challenge)
         await self.protocol.request("recover", user=user, token=token, public_key=public_key_pem(new_key),
@@ -9366,7 +9371,7 @@ class PagerClient:
         """
         if not self.is_identity:
             raise Forbidden("Only the device that holds the identity key certifies devices.")
-        name = name if name is not None else default_device_name()
+        name = name if name is not None else self.identity_device_name or default_device_name()
         created = int(self._now() if now is None else now)
         certificate = await self.in_thread(certify_device, self.private_key, self.user,
                                            self.private_key.public_key(), name, created)
@@ -12145,6 +12150,7 @@ class Session:
         if existing:
             token = self._given_token() or await self._ask_token(
                 "Safetoken of your existing account %s: " % self.user)
+            name = await self.device_name()  # re-keying makes this machine the account's one device
         else:
             token = await self.new_token()
             # The identity device's, in its self-certificate; --register answers the questions in advance.
@@ -12171,7 +12177,7 @@ class Session:
             raise LocalError("Cannot save the new key in %s: %s." % (self.directory, e.strerror))
         try:
             if existing:
-                token = await self._recover(client, token, key)
+                token = await self._recover(client, token, key, name)
             else:
                 await self._register(client, token, key, name)
         except BaseException:
@@ -12211,11 +12217,14 @@ class Session:
                         "here with 'pager-cli export-key' and 'pager-cli import-key'." % (self.user, self.address))
         self.prompter.say("Registered %s on %s." % (self.user, self.address))
 
-    async def _recover(self, client, token, key):
-        """Re-key the account with its safetoken (three tries when typed) and log in; returns the token that worked."""
+    async def _recover(self, client, token, key, name=None):
+        """
+        Re-key the account with its safetoken (three tries when typed), this machine becoming its identity device
+        named C{name}, and log in; returns the token that worked.
+        """
         for attempt in range(3):
             try:
-                await client.recover(self.user, token, key)
+                await client.recover(self.user, token, key, device_name=name)
                 break
             except AuthFailed:
                 if self._given_token() is not None or not self.prompter.interactive or attempt == 2:

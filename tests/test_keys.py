@@ -241,8 +241,15 @@ class NewMachineTests(KeysTestCase):
         await self.serve()
         await self.account("alice")
         home = self.home()
-        session, prompter = await self.session(home, ["r", "not my token", PASSPHRASE, PASSPHRASE, token("alice")])
+        session, prompter = await self.session(home, ["r", "not my token", "desk", PASSPHRASE, PASSPHRASE,
+                                                      token("alice")])
         text = prompter.text()
+        self.assertIn("Name of this device, as you and your contacts will see it [%s]: "
+                      % pager.default_device_name(), prompter.prompts)  # asked, as at registration
+
+        async def named_desk():
+            return [d.name for d in (await self.server.store.devices("alice"))[1]] == ["desk"]
+        await self.wait_for(named_desk, "the new identity device to certify itself with the name given")
         self.assertIn("alice is registered on", text)
         self.assertIn("Safetoken of your existing account alice: ", prompter.prompts)
         self.assertNotIn("Choose", text)
@@ -279,7 +286,7 @@ class NewMachineTests(KeysTestCase):
         made = []
         real = pager.generate_private_key
         self.patch(pager, "generate_private_key", lambda: made.append(1) or real())
-        session, prompter = await self.session(self.home(), ["r", token("alice"), PASSPHRASE, PASSPHRASE])
+        session, prompter = await self.session(self.home(), ["r", token("alice"), "", PASSPHRASE, PASSPHRASE])
         text = prompter.text()
         self.assertIn("Safetoken of your existing account alice: ", prompter.prompts)
         self.assertNotIn("Choose", text)
