@@ -13924,7 +13924,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         """
         name, _, given = rest.strip().partition(" ")
         if not name:
-            raise usage.UsageError("Usage: /verify NAME, once you have compared /fingerprint NAME with NAME.")
+            raise usage.UsageError("Usage: /verify NAME shows NAME's fingerprint to compare with NAME; /verify NAME "
+                                   "XXXX, with its first four digits, records that you compared it.")
         user = canonical_username(name)
         if user == self.session.user:
             raise usage.UsageError("Your own key needs no verifying; /fingerprint shows it to read to others.")
@@ -13934,7 +13935,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         shown = format_fingerprint(current)
         digits = "".join(given.split()).lower()
         if not digits:
-            self.show("%s's key, as the server gives it (%s):\n    %s\nIf it reads the same as what %s reads you "
+            self.show("%s's key, as the server gives it (%s):\n    %s\nIf it reads the same as what %s reads to you "
                       "from their own /fingerprint, record that with /verify %s %s (its first four digits)."
                       % (user, {"new": "new", "pinned": "pinned, not verified"}.get(status, status), shown, user,
                          user, shown[:4]))
@@ -13944,7 +13945,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 "%s is not how %s's key begins (%s): nothing was marked verified; /verify %s shows it again."
                 % (given.strip(), user, shown[:4], user)))
         await self.session.client.verify(user, current)
-        self.show("%s's key is now verified (you compared it with %s):\n    %s" % (user, user, shown))
+        self.show("%s's key is %s verified (you compared it with %s):\n    %s"
+                  % (user, "already" if status == "verified" else "now", user, shown))
 
     async def command_trust(self, rest):
         if not rest:
@@ -15034,7 +15036,7 @@ SEND_DELIVERY_TIMEOUT = 60.0  # seconds send --wait-delivered waits for every re
 
 
 class SendOptions(_ClientOptions):
-    synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...]|#GROUP [MESSAGE...]"
+    synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...] [MESSAGE...]"  # 80 columns; --to takes #GROUP too
     longdesc = ("Send a page and exit once the server has accepted it; prints the message id. Without MESSAGE, "
                 "the message is read from standard input. Logs in send-only: never takes your incoming messages. "
                 "A busy server (rate_limited, for the login or the message) is waited for, up to 60 s in all. "
@@ -15043,7 +15045,7 @@ class SendOptions(_ClientOptions):
     optParameters = [
         ["to", "t", None, "Recipients, separated by commas, or one group: '#NAME'."],
         ["file", "f", None, "Send this file instead of a text message."],
-        ["timeout", None, None, "With --wait-delivered: seconds to wait (60 if not given).",
+        ["timeout", None, None, "With --wait-delivered: seconds to wait (60 if not given)",
          _positive(float, "--timeout")],
     ]
     optFlags = [
@@ -15275,7 +15277,7 @@ class VerifyOptions(_PeerOptions):
                 "--fingerprint. A key seen for the first time is pinned by verifying it; a changed key is accepted "
                 "with trust first (verify refuses it, exit 5).")
     optParameters = [
-        ["fingerprint", None, None, "The fingerprint PEER read you (64 hex digits; spaces are ignored)."]]
+        ["fingerprint", None, None, "The fingerprint PEER read to you (64 hex digits; spaces are ignored)."]]
 
     def postOptions(self):
         super().postOptions()
@@ -16304,7 +16306,7 @@ async def _fingerprint_command(reactor, config):
 async def _verify_command(reactor, config):
     prompter = Prompter(reactor, interactive=_on_terminal())
     if config["fingerprint"] is None and not prompter.interactive:
-        raise usage.UsageError("Give the fingerprint %s read you with --fingerprint." % config["name"])
+        raise usage.UsageError("Give the fingerprint %s read to you with --fingerprint." % config["name"])
     session = Session(reactor, config, prompter)
     client = await session.start(receive=False)
     name = config["name"]
@@ -16315,7 +16317,7 @@ async def _verify_command(reactor, config):
             compared = fp  # refused below, before asking: a changed key is accepted with trust first
         elif compared is None:
             prompter.say("%s's key, as the server gives it (%s):\n    %s" % (name, status, format_fingerprint(fp)))
-            if not await prompter.confirm("Does it read the same as what %s reads you from their own "
+            if not await prompter.confirm("Does it read the same as what %s reads to you from their own "
                                           "'pager-cli fingerprint'?" % name):
                 raise KeyChanged(name, fp, fp, message="Not verified: if the fingerprints differ, someone may be "
                                  "in between; do not trust this key until you know why.")

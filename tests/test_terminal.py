@@ -664,6 +664,7 @@ class ChatCommandTests(ChatTestCase):
         self.assertIn("bob's key is now verified", text)
         self.assertIn(bob_fp, text)
         self.assertIn("bob's key: verified", await shown("/fingerprint bob"))
+        self.assertIn("bob's key is already verified", await shown("/verify bob " + bob_fp[:4]))
         self.assertIn("nothing changed", await shown("/trust bob"))  # trusting the pinned key again undoes nothing
         self.assertIn("bob's key: verified", await shown("/fingerprint bob"))
         self.assertIn("Talking to bob, whose key is verified", await shown("/to bob", "/whoami"))
