@@ -11622,9 +11622,12 @@ class Session:
         """The address as known_servers files it: host, port, and TLS or not."""
         return server_address(self.host, self.port, self.config["tls"])
 
-    def command_line(self, command, *args):
-        """C{pager-cli COMMAND} for this user at this address, on this machine, with the options this one was given."""
-        words = ["pager-cli", command, self.address, "--user", self.user]
+    def command_line(self, command, *args, user=True):
+        """
+        C{pager-cli COMMAND ADDRESS} (and C{--user} this user, unless not C{user}) on this machine, with the options
+        this one was given, then C{args}: a command to print that runs as printed.
+        """
+        words = ["pager-cli", command, self.address] + (["--user", self.user] if user else [])
         if self.config.get("home"):
             words += ["--home", self.config["home"]]
         if self.config["tls"]:
@@ -11636,14 +11639,7 @@ class Session:
     @property
     def trust_command(self):
         """The command that accepts a new server id at this address, with the options this one was given."""
-        words = ["pager-cli", "trust-server", self.address]
-        if self.config.get("home"):
-            words += ["--home", self.config["home"]]
-        if self.config["tls"]:
-            words.append("--tls")
-            if self.config.get("ca"):
-                words += ["--ca", self.config["ca"]]
-        return " ".join(shlex.quote(word) for word in words)
+        return self.command_line("trust-server", user=False)
 
     def in_thread(self, f, *args, **kwargs):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args, **kwargs)
