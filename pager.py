@@ -13333,7 +13333,7 @@ Every line you type goes to the open conversation (its name is the prompt); comm
   /users [NAME]              who is online, who is registered (with NAME: the names after it)
   /history [NAME]            the last messages (with NAME: with that user)
   /fingerprint [NAME]        your key's fingerprint, or NAME's and whether it is pinned, verified or changed
-  /verify NAME [XXXX]        show NAME's fingerprint to compare with NAME (by phone or in person); with its
+  /verify NAME [DIGITS]      show NAME's fingerprint to compare with NAME (by phone or in person); with its
                              first four digits, record that you did
   /trust NAME                accept NAME's new key after checking its fingerprint
   /devices [NAME]            your devices, or NAME's (pager-cli link-device adds one, revoke-device removes one)
@@ -13915,13 +13915,13 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
 
     async def command_verify(self, rest):
         """
-        /verify NAME shows the key to compare and marks nothing; /verify NAME XXXX (the first four digits shown, or
+        /verify NAME shows the key to compare and marks nothing; /verify NAME DIGITS (the first four digits shown, or
         the whole fingerprint) records that it was compared, as pager-cli verify asks before it records.
         """
         name, _, given = rest.strip().partition(" ")
         if not name:
             raise usage.UsageError("Usage: /verify NAME shows NAME's fingerprint to compare with NAME; /verify NAME "
-                                   "XXXX, with its first four digits, records that you compared it.")
+                                   "DIGITS, with its first four digits, records that you compared it.")
         user = canonical_username(name)
         if user == self.session.user:
             raise usage.UsageError("Your own key needs no verifying; /fingerprint shows it to read to others.")
@@ -15100,7 +15100,8 @@ class FetchOptions(_ClientOptions):
                 "none has come for 10 s), or after --wait more seconds with no new message.")
     optParameters = [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages; a connection lost meanwhile is "
-                            "exit 6, a signal (SIGINT, SIGTERM, SIGHUP) exit 130.", _positive(float, "--wait", zero=True)]]
+                            "exit 6, a signal (SIGINT, SIGTERM, SIGHUP) exit 130.",
+         _positive(float, "--wait", zero=True)]]
     optFlags = [["json", None, "Print one JSON object per message (with \"group\" for a group's), one per group "
                                "change (\"type\": \"group_change\") and one per receipt of a message you sent with "
                                "send --wait-delivered that came after it stopped waiting (\"type\": \"receipt\")."],
