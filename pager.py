@@ -15032,7 +15032,7 @@ SEND_DELIVERY_TIMEOUT = 60.0  # seconds send --wait-delivered waits for every re
 
 
 class SendOptions(_ClientOptions):
-    synopsis = "HOST[:PORT] --user NAME --to NAME[,NAME...] [MESSAGE...]"  # 80 columns; --to takes #GROUP too
+    synopsis = "HOST[:PORT] --user NAME --to NAME,...|#GROUP [MESSAGE...]"  # its usage line fits 80 columns
     longdesc = ("Send a page and exit once the server has accepted it; prints the message id. Without MESSAGE, "
                 "the message is read from standard input. Logs in send-only: never takes your incoming messages. "
                 "A busy server (rate_limited, for the login or the message) is waited for, up to 60 s in all. "
