@@ -10205,10 +10205,10 @@ class PagerClient:
         that one), not over one this client's user verified out of band.  C{ok} is None when neither a pin nor the
         chain says (the caller may then trust the server on first use).
         """
+        if pin is None and named is None:
+            return None, None
         trust, verify = self.command_hint("trust", user), self.command_hint("verify", user)
         if pin is None:
-            if named is None:
-                return None, None
             return fp == named, ("the key #%s's signed membership names for %s (%s, signed by the admin who added "
                                  "them): if %s's key changed, compare the new one with them: %s, then %s"
                                  % (group, user, format_fingerprint(named), user, trust, verify))
@@ -16319,13 +16319,7 @@ async def _verify_command(reactor, config):
                 raise KeyChanged(name, fp, fp, message="Not verified: if the fingerprints differ, someone may be "
                                  "in between; do not trust this key until you know why.")
             compared = fp
-        if status == "changed":  # what the chat calls /trust is, here, a command of its own
-            pin = await client.pins.get_pin(name)
-            raise KeyChanged(name, bytes(pin[1]), fp, message=(
-                "%s's key changed since you pinned it: compare the new one (%s) and accept it with '%s' before "
-                "verifying it; nothing was marked verified."
-                % (name, format_fingerprint(fp), session.command_line("trust", name))))
-        await client.verify(name, compared)
+        await client.verify(name, compared)  # a changed key is refused, naming the trust command (command_hint)
     finally:
         await session.close()
     print("%s's key is verified on this machine:\n    %s" % (name, format_fingerprint(fp)))
