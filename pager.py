@@ -11597,7 +11597,7 @@ class Session:
         self.store = None
         self.client = None
         self.directory = None
-        self.in_chat = False  # set by connect: how sentences name commands (L{command_hint})
+        self.in_chat = False  # set by the Chat: sentences then name its /commands (L{command_hint})
         self.receive = True
         self.pending = 0  # messages waiting when we logged in
         self.wire = None  # called with each new PagerClient before it logs in, to set its handlers
