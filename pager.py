@@ -11842,8 +11842,8 @@ class Session:
 
     async def new_passphrase(self, what="your private key", given=None):
         """
-        A passphrase for a new key file: C{given} (by default the one given in PAGER_PASSPHRASE or
-        --passphrase-file), or asked twice; an empty one only after an explicit warning.
+        A passphrase for a new key file: C{given}, else none with --no-passphrase (after a warning), else the one
+        given (L{_given_passphrase}), else asked twice; an empty one only after an explicit warning.
         """
         if given is not None:
             return given
