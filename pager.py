@@ -7788,6 +7788,7 @@ class MemoryPins:
 
     def __init__(self):
         self._pins = {}
+        self._former = {}  # user -> {fingerprint: at}: identity keys the user had before (L{LocalStore.former_keys})
         self._devices = {}  # user -> KnownDevices
         self._revocations = {}  # (user, identity fingerprint) -> {device id: (revoked at, signature)}, kept for good
         self._groups = {}  # gid -> (gid, name, seq, head, member, broken, unread, [(seq, op, signature, key)])
@@ -7808,6 +7809,13 @@ class MemoryPins:
             return defer.succeed(False)
         self._pins[user] = pin[:3] + (True,)
         return defer.succeed(True)
+
+    def former_keys(self, user):
+        return defer.succeed(frozenset(self._former.get(user, ())))
+
+    def add_former_key(self, user, fp, now):
+        self._former.setdefault(user, {}).setdefault(bytes(fp), now)
+        return defer.succeed(None)
 
     def get_devices(self, user):
         """The L{KnownDevices} of C{user}, or None."""
@@ -8112,6 +8120,11 @@ _LOCAL_SCHEMA = [
     "CREATE TABLE IF NOT EXISTS group_refused (gid BLOB PRIMARY KEY, seq INTEGER NOT NULL, digest BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS group_receipts (msg_id TEXT NOT NULL, user TEXT NOT NULL, status TEXT NOT NULL,"
     " at REAL NOT NULL, reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (msg_id, user)) WITHOUT ROWID",
+    # The identity keys this machine's user had before the one of now, each replaced by a re-key or recovery made
+    # here: a group op the user signed with one of them is the user's own, up to the first op in the chain signed
+    # with the key of now (L{PagerClient._own_op_trusted}).
+    "CREATE TABLE IF NOT EXISTS former_keys (user TEXT NOT NULL, fingerprint BLOB NOT NULL, at REAL NOT NULL,"
+    " PRIMARY KEY (user, fingerprint)) WITHOUT ROWID",
 ]
 
 
@@ -8259,6 +8272,14 @@ def _set_pin_txn(txn, user, pem, fp, now):
 
 def _set_verified_txn(txn, user, fp):
     return txn.execute("UPDATE pins SET verified = 1 WHERE user = ? AND fingerprint = ?", (user, fp)).rowcount == 1
+
+
+def _former_keys_txn(txn, user):
+    return frozenset(bytes(r[0]) for r in txn.execute("SELECT fingerprint FROM former_keys WHERE user = ?", (user,)))
+
+
+def _add_former_key_txn(txn, user, fp, now):
+    txn.execute("INSERT OR IGNORE INTO former_keys (user, fingerprint, at) VALUES (?, ?, ?)", (user, fp, now))
 
 
 def _key_status_txn(txn, user, current):
@@ -8437,6 +8458,13 @@ class LocalStore(SeenStore):
     def key_status(self, user, current):
         """How C{user}'s key C{current} compares with the pin: C{new}, C{pinned}, C{verified} or C{changed}."""
         return self.pool.runInteraction(_key_status_txn, user, current)
+
+    def former_keys(self, user):
+        """The fingerprints of the identity keys C{user} had before (see C{former_keys} in L{_LOCAL_SCHEMA})."""
+        return self.pool.runInteraction(_former_keys_txn, user)
+
+    def add_former_key(self, user, fp, now):
+        return self.pool.runInteraction(_add_former_key_txn, user, fp, now)
 
     def get_devices(self, user):
         """The L{KnownDevices} of C{user}, or None."""
@@ -8899,6 +8927,19 @@ class _GroupChain:
         return None
 
 
+@dataclasses.dataclass
+class _OwnOps:
+    """
+    What verifying a chain learns of this user's own ops (L{PagerClient._own_op_trusted}): whether the chain is read
+    here from its start, whether an op so far is signed with the user's key of now (None: not looked at yet), and
+    the ops (seq, fingerprint) signed with another key of theirs taken on first use.
+    """
+
+    fresh: bool
+    signed_now: bool = None
+    first_use: list = dataclasses.field(default_factory=list)
+
+
 def _member_names(state):
     """The member names of a L{GroupState}, sorted."""
     return sorted(state.members)
@@ -9167,6 +9208,8 @@ class PagerClient:
         proof_new = await self.in_thread(sign_auth, new_key, "rekey", self.server_id, user, challenge, new_fp)
         await self.protocol.request("rekey", user=user, token=token, public_key=public_key_pem(new_key),
                                     proof_old=b64(proof_old), proof_new=b64(proof_new))
+        if self.user in (None, user):  # this machine's user: their groups' ops signed with the old key stay theirs
+            await self.pins.add_former_key(user, fingerprint(old_key), self._now())
         if self.user == user:
             await self._rekeyed(new_key)
 
@@ -9182,6 +9225,8 @@ class PagerClient:
         await self.protocol.request("recover", user=user, token=token, public_key=public_key_pem(new_key),
                                     proof=b64(proof))
         if self.user == user:
+            if self.identity_fp is not None and self.identity_fp != fingerprint(new_key):
+                await self.pins.add_former_key(user, self.identity_fp, self._now())
             await self._rekeyed(new_key)
 
     async def _rekeyed(self, new_key):
@@ -10161,20 +10206,20 @@ class PagerClient:
         await self._verify_group_ops(chain, objs, answer)
         return self._group_info(chain)
 
-    async def _op_signer_trusted(self, op, pem, join_seq, state, first_use):
+    async def _op_signer_trusted(self, op, pem, join_seq, state, first_use, chain, own):
         """
         Whether the key that signed C{op} (fingerprint C{op.actor_fp}) is its actor's: for an actor the verified
         chain (C{state}, the group before C{op}) names, the key it names (signed by the admin who added them), which
         must also be the key pinned here unless this client's user verified the pinned one out of band (L{verify});
         for an actor it does not name (a create's), the key pinned here, or else the server's (trust on first use,
-        as for a first message).  Keys trusted on first use are put in C{first_use} (user -> (PEM, fingerprint)),
+        as for a first message); for this user's own op, L{_own_op_trusted} (C{chain}: the chain verified so far,
+        C{own}: its L{_OwnOps}).  Keys trusted on first use are put in C{first_use} (user -> (PEM, fingerprint)),
         pinned only if the chain is kept.  Returns True, or False for an op accepted only under the history rule
         (see L{_verify_group_ops}); raises L{_ChainRefused} otherwise.
         """
         named = state.members.get(op.actor)
         if op.actor == self.user:
-            await self._own_identity()
-            trusted, expected = op.actor_fp == self.identity_fp, "your key"
+            trusted, expected = await self._own_op_trusted(op, chain, own)
         else:
             pin = await self.pins.get_pin(op.actor)
             if pin is None and op.actor in first_use:
@@ -10196,6 +10241,30 @@ class PagerClient:
             return False
         raise _ChainRefused("version %d (%s by %s) is signed with a key (%s) that is not %s"
                             % (op.seq, op.kind, op.actor, format_fingerprint(op.actor_fp), expected))
+
+    async def _own_op_trusted(self, op, chain, own):
+        """
+        C{(ok, expected)} for an op of this user's (L{_op_signer_trusted}): signed with the identity key of now, or
+        with a key the user had before, as long as no op of the chain before it is signed with the key of now.  A key
+        from before is one replaced by a re-key or recovery made on this machine (L{LocalStore.former_keys}), or, in
+        a chain read here from its start (a machine set up after a recovery), any other: taken on first use, as a
+        contact's key is, noted in C{own} (an L{_OwnOps}) and warned of once the chain is kept.
+        """
+        await self._own_identity()
+        if op.actor_fp == self.identity_fp:
+            return True, None
+        if own.signed_now is None:
+            own.signed_now = any(o.actor == self.user and o.actor_fp == self.identity_fp
+                                 for o in (parse_group_op(raw) for _, raw, _, _ in chain.ops))
+        if own.signed_now:
+            return False, ("your key: an earlier version is signed with your key of now, so this one is not from "
+                           "before a key change")
+        if op.actor_fp in await self.pins.former_keys(self.user):
+            return True, None
+        if own.fresh:
+            own.first_use.append((op.seq, op.actor_fp))
+            return True, None
+        return False, "your key, nor one this machine knew you by before"
 
     async def _group_key_ok(self, user, fp, named, pin, group):
         """
@@ -10258,7 +10327,7 @@ class PagerClient:
         gid, before = chain.gid, chain.state
         state, new, events, broken = before, [], [], None
         join_seq, vouched_only, kept, history_signers = None, False, (len(chain.states), len(chain.ops)), set()
-        adder, first_use = None, {}
+        adder, first_use, own = None, {}, _OwnOps(fresh=before.seq == 0)
         refused = chain.refused if chain.refused is not None and chain.refused[0] == before.seq + 1 else None
         if refused is not None and (not objs or _op_digest(objs[0]) != refused[1]):
             # Once an op is refused here, only that op can take the chain on: a server that withholds it or shows
@@ -10301,7 +10370,7 @@ class PagerClient:
                     raise _ChainRefused("the signature of version %d (%s by %s) does not verify"
                                         % (op.seq, op.kind, op.actor))
                 trusted_here = dict(first_use)
-                if not await self._op_signer_trusted(op, pem, join_seq, state, trusted_here):
+                if not await self._op_signer_trusted(op, pem, join_seq, state, trusted_here, chain, own):
                     vouched_only = True
                     history_signers.add(op.actor)
                 if op.seq == join_seq:
@@ -10314,6 +10383,8 @@ class PagerClient:
                 if op.kind in ("create", "add"):
                     await self._check_listed_keys(op, after)
                 first_use = trusted_here
+                if op.actor == self.user and op.actor_fp == self.identity_fp:
+                    own.signed_now = True
                 if self.user in state.members or self.user in after.members:
                     events.append(_group_event(op, after, state))  # not history from before this user's add
                 state = after
@@ -10350,6 +10421,15 @@ class PagerClient:
             if type(server_seq) is int and server_seq < state.seq:
                 self._group_warn(gid, name, "The server shows version %d of #%s, older than version %d verified "
                                             "here: it may be holding changes back." % (server_seq, name, state.seq))
+        own_first_use = [(seq, fp) for seq, fp in own.first_use if seq <= state.seq]
+        if own_first_use:
+            keys = sorted({fp for _, fp in own_first_use})
+            self._group_warn(gid, name, (
+                "#%s's changes made in your name up to version %d are signed with %s of yours that this machine "
+                "never held (%s): they are taken as yours, made before you replaced your key. If you never had %s, "
+                "someone else made them." % (name, own_first_use[-1][0], "a key" if len(keys) == 1 else "keys",
+                                             ", ".join(map(format_fingerprint, keys)),
+                                             "that key" if len(keys) == 1 else "those keys")))
         if vouched_only and state.seq >= join_seq:
             self._group_warn(gid, name, (
                 "#%s's changes from before you were added include some signed with a key that is not the one known "

@@ -1212,3 +1212,90 @@ class TrustUnsticksTests(GroupTestCase):
             await bob.send_group("ops", "after trusting alice")
         except pager.PagerError as e:
             self.fail("after 'trust alice', bob's send to #ops still fails: %s" % e.message)
+
+
+class OwnFormerKeyTests(PlantedTestCase):
+    """
+    A group op this user signed with a key of theirs from before a re-key or recovery is still theirs: a key replaced
+    on this machine is remembered; a machine reading the chain from its start (set up after a recovery) takes one on
+    first use, saying so once; neither is taken after an op signed with the key of now, nor on a chain held here.
+    """
+
+    async def fresh_machine(self, name, new_key):
+        """C{name}'s new machine: no pins, no chains, logged in with C{new_key}, recording its group events."""
+        client = await self.connect(self.address)
+        client.groups_seen = GroupRecorder(client)
+        await client.login(name, token(name), key(new_key))
+        return client
+
+    async def test_recovered_creator_keeps_groups(self):
+        """
+        alice made #ops with bob, lost her machine and recovered on a new one: her groups verify there, with one
+        warning naming the old key, and she can post to #ops and change it with her new key.
+        """
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await self.user("carol")
+        info = await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        await alice.recover("alice", token("alice"), key("alice-new"))
+        await alice.close()
+        fresh = await self.fresh_machine("alice", "alice-new")
+        group = await fresh.group(info.id)
+        self.assertEqual((group.members, group.broken), (("alice", "bob"), None))
+        self.assertEqual([w for _, _, w in fresh.groups_seen.warnings], [
+            "#ops's changes made in your name up to version 1 are signed with a key of yours that this machine never "
+            "held (%s): they are taken as yours, made before you replaced your key. If you never had that key, "
+            "someone else made them." % pager.format_fingerprint(fp("alice"))])
+        sent = self.capture_sends(fresh)
+        await fresh.send_group("ops", "back again")
+        self.assertEqual([h.recipient_names for h in sent], [["bob"]])
+        await fresh.group_add("ops", ["carol"])
+        self.assertEqual((await fresh.refresh_group(info.id)).members, ("alice", "bob", "carol"))
+        self.assertEqual(len(fresh.groups_seen.warnings), 1)  # said once: the chain is held here now
+
+    async def test_rekey_here_remembered(self):
+        """alice re-keys on this machine: the old key is kept as hers, so reading #ops anew warns of nothing."""
+        alice, bob = await self.user("alice"), await self.user("bob")
+        info = await alice.group_create("ops", ["bob"])
+        await self.wait_members(bob, "ops", ["alice", "bob"])
+        await alice.rekey("alice", token("alice"), key("alice"), key("alice-new"))
+        self.assertEqual(await alice.pins.former_keys("alice"), {fp("alice")})
+        alice.pins._groups.clear()
+        alice._chains.clear()
+        self.assertEqual((await alice.refresh_group(info.id)).members, ("alice", "bob"))
+        self.assertEqual(alice.groups_seen.warnings, [])
+
+    async def test_old_key_after_new_refused(self):
+        """
+        Once the chain has an op of alice's signed with her key of now, an op signed with her old key (a thief of the
+        old key, and the server, adding eve) is refused, also on a machine reading the chain from its start.
+        """
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await self.user("carol"), await self.user("eve")
+        info = await alice.group_create("ops", ["bob"])
+        await alice.rekey("alice", token("alice"), key("alice"), key("alice-new"))
+        await alice.group_add("ops", ["carol"])
+        gid = bytes.fromhex(info.id)
+        head = (await alice.group(info.id)).state.head
+        await self.inject_op(gid, *self.op(gid, 3, head, "add", "alice", "alice", members=[("eve", fp("eve"))]))
+        fresh = await self.fresh_machine("alice", "alice-new")
+        group = await fresh.group(info.id)
+        self.assertEqual(group.members, ("alice", "bob", "carol"))
+        self.assertIn("version 3 (add by alice) is signed with a key (%s) that is not your key: an earlier version "
+                      "is signed with your key of now" % pager.format_fingerprint(fp("alice")), group.broken)
+
+    async def test_unknown_own_key_on_held_chain_refused(self):
+        """On a chain held here, an op 'by alice' signed with a key she never had here is refused."""
+        alice, bob = await self.user("alice"), await self.user("bob")
+        await self.user("eve")
+        info = await bob.group_create("ops", ["alice"])
+        await bob.group_admin("ops", "alice")
+        await self.wait_members(alice, "ops", ["alice", "bob"])
+        gid = bytes.fromhex(info.id)
+        await self.wait_for(lambda: len(alice.groups_seen.events) == 2, "alice's promotion")
+        head = (await alice.refresh_group(info.id)).state.head
+        await self.inject_op(gid, *self.op(gid, 3, head, "add", "alice", "alice-fake", members=[("eve", fp("eve"))]))
+        group = await alice.refresh_group(info.id)
+        self.assertEqual(group.members, ("alice", "bob"))
+        self.assertIn("version 3 (add by alice) is signed with a key (%s) that is not your key, nor one this "
+                      "machine knew you by before" % pager.format_fingerprint(fp("alice-fake")), group.broken)
