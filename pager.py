@@ -12948,12 +12948,17 @@ def group_usage(action=None, prefix="/group"):
     return "Usage: %s ACTION %s ..., ACTION one of %s." % (prefix, group, ", ".join(GROUP_ACTIONS))
 
 
-def group_actions_text(prefix="/group"):
-    """Every group action with its arguments and what it does, one a line (C{pager-cli group --help})."""
+def group_actions_text(prefix="/group", width=None):
+    """
+    Every group action with its arguments and what it does (C{pager-cli group --help}), what it does wrapped to
+    C{width} columns (80 when None) beside the column of actions.
+    """
     group = "GROUP" if prefix == CLI_GROUP_PREFIX else "NAME"
     rows = [("%s %s %s" % (action, group, arguments)).rstrip() for action, (arguments, _) in GROUP_ACTIONS.items()]
-    width = max(len(row) for row in rows)
-    return "\n".join("  %-*s  %s" % (width, row, what.replace("#NAME", "#" + group))
+    column = max(len(row) for row in rows) + 4
+    return "\n".join(textwrap.fill(what.replace("#NAME", "#" + group), (width or 80) - 1,
+                                   initial_indent="  %-*s  " % (column - 4, row), subsequent_indent=" " * column,
+                                   break_on_hyphens=False)
                      for row, (_, what) in zip(rows, GROUP_ACTIONS.values()))
 
 
@@ -15228,7 +15233,7 @@ class GroupOptions(_ClientOptions):
         if action is not None:
             text = GROUP_ACTIONS[action][1].replace("#NAME", "#GROUP")
             return "%s.\n%s" % (text[0].upper() + text[1:], super().getUsage(width))
-        return super().getUsage(width) + "\nActions:\n%s\n" % group_actions_text(CLI_GROUP_PREFIX)
+        return super().getUsage(width) + "\nActions:\n%s\n" % group_actions_text(CLI_GROUP_PREFIX, width)
 
     def parseArgs(self, server, action=None, group=None, *args):
         if action is None or group is None:
@@ -15307,7 +15312,7 @@ class ImportKeyOptions(_ClientOptions):
 
 
 class PasswdOptions(_ClientOptions):
-    synopsis = "HOST[:PORT] --user NAME [--new-passphrase-file FILE | --no-passphrase]"
+    synopsis = "HOST[:PORT] --user NAME [--new-passphrase-file FILE]"
     longdesc = ("Change the passphrase of your key for this server on this machine; the safetoken kept with it is "
                 "re-encrypted under the new one. Nothing changes on the server. The current passphrase comes from "
                 "a prompt, PAGER_PASSPHRASE or --passphrase-file; the new one from a prompt (twice) or "
@@ -15387,7 +15392,7 @@ class FingerprintOptions(_ClientOptions):
 
 
 class LinkDeviceOptions(_ClientOptions):
-    synopsis = "HOST[:PORT] --user NAME [--name DEVICE_NAME] [--no-passphrase] [--force] [--yes] [CODE]"
+    synopsis = "HOST[:PORT] --user NAME [--name DEVICE_NAME] [CODE]"
     longdesc = ("Add a device (a laptop, a cron box) to your account, in two steps. On the NEW machine, without CODE: "
                 "makes this machine's own key (under a new passphrase, as at registration), prints a one-time code "
                 "and the command to run with it, and waits up to 10 minutes for the approval (Ctrl-C cancels, and "

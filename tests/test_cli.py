@@ -1117,6 +1117,15 @@ class HelpTests(CLITestCase):
                 self.assertIn(word, result.out, "%r missing from pager.py %s --help" % (word, " ".join(command)))
 
 
+    async def test_help_fits_80_columns(self):
+        """Every command's --help fits a terminal of 80 columns: its usage line, and group's list of actions."""
+        for name, _, _, _ in pager.Options._SUBCOMMANDS:
+            result = await self.run_command(name, "--help", home=self.home(), env={"COLUMNS": "80"})
+            self.assertExit(result, 0)
+            self.assertIn("Usage: pager-cli %s" % name, result.out)
+            for line in result.out.splitlines():
+                self.assertLessEqual(len(line), 80, "pager-cli %s --help: %r" % (name, line))
+
     def test_help_words_whole(self):
         """
         No word of any command's option help is broken across lines: not a long one (an endpoint string), not one
