@@ -15826,7 +15826,9 @@ async def _send_command(reactor, config):
             sys.stderr.write("pager: reading the message from standard input; end it with Ctrl-D.\n")
         data = await _in_daemon_thread(reactor, _read_stdin)
         if not data.strip():
-            raise usage.UsageError(NOTHING_TO_SEND)
+            # Said with what was taken as HOST: a forgotten HOST makes the message's first word the address.
+            raise usage.UsageError("Nothing to send: no message follows HOST (here %s) and standard input is empty."
+                                   % shlex.quote(config["server"]))
         try:
             data.decode("utf-8")
         except UnicodeDecodeError:

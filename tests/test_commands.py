@@ -60,9 +60,24 @@ class SendInputTests(InProcessTestCase):
                                             token_of="alice", stdin=stdin)
             results.append(self.assertOneErrorLine(result, pager.EXIT_USAGE))
             self.assertEqual(result.out, "")
-        self.assertEqual(set(line.partition(" (see")[0].rstrip(".") for line in results),
+        self.assertEqual(set(line.partition(" (see")[0].rstrip(".") for line in results[:2]),
                          {"pager: " + pager.NOTHING_TO_SEND.rstrip(".")})
+        host = self.host  # what HOST stands for
+        self.assertEqual(set(line.partition(" (see")[0] for line in results[2:]),
+                         {"pager: Nothing to send: no message follows HOST (here %s) and standard input is empty."
+                          % host})
         self.assertEqual(await self.pending(self.server, "bob"), [])
+
+    async def test_forgotten_host(self):
+        """
+        A forgotten HOST makes the message's first word the address: with nothing on standard input, the error
+        names what was taken as HOST (exit 2), rather than only saying the message is empty.
+        """
+        await self.serve()
+        result = await self.run_command("send", "--user", "alice", "--to", "bob", "disk", home=self.home(),
+                                        stdin=b"")
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertIn("no message follows HOST (here disk) and standard input is empty", line)
 
     async def test_file_dash(self):
         """--file - is not taken for a file named '-' (Cannot read -): it says how standard input is sent (exit 2)."""
