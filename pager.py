@@ -11342,8 +11342,8 @@ def check_private_file_permissions(path, what="key file"):
     """Refuse a secret's file that group or others may read or write, as ssh does with its keys."""
     mode = os.stat(path).st_mode
     if os.name == "posix" and mode & 0o077:
-        raise KeyFileExposed("The %s %s is readable by other users (mode %03o). Fix it with: chmod 600 %s"
-                             % (what, path, mode & 0o777, path))
+        raise KeyFileExposed("The %s %s is readable by other users (mode %03o): make it private with 'chmod 600 %s'."
+                             % (what, path, mode & 0o777, shlex.quote(path)))
 
 
 def check_key_file_permissions(path):

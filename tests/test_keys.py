@@ -461,7 +461,8 @@ class GivenSecretTests(CommandTestCase):
         exposed = self.private_file(PASSPHRASE, 0o644)
         error, _ = await self.failed_session(home, pager.KeyFileExposed, interactive=False,
                                              **{"passphrase-file": exposed})
-        self.assertIn("chmod 600 %s" % exposed, error.message)
+        self.assertEqual(error.message, "The passphrase file %s is readable by other users (mode 644): make it "
+                                        "private with 'chmod 600 %s'." % (exposed, exposed))  # one sentence
         self.assertEqual(pager.exit_code(error), pager.EXIT_AUTH)
 
     async def test_empty_passphrase_file_makes_no_key(self):
