@@ -12638,8 +12638,9 @@ class Prompter:
             raise usage.UsageError(hint or "Cannot ask: %s" % prompt.strip(": "))
         if not os.isatty(0):
             # A pipe into connect holds chat lines: one would be taken for the secret, and lost from the chat.
-            raise usage.UsageError("Standard input is not a terminal, so pager reads no secret from it. %s"
-                                   % (hint or "Give it in the environment (PAGER_PASSPHRASE, PAGER_TOKEN)."))
+            hint = hint or "Give it in the environment (PAGER_PASSPHRASE, PAGER_TOKEN)."
+            raise usage.UsageError("%s (standard input is not a terminal, so pager reads no secret from it)."
+                                   % hint.rstrip("."))
         import getpass
 
         def read():
