@@ -13388,6 +13388,24 @@ RECEIPTS_AT_LOGIN_QUIET = 1.0  # seconds without a receipt (from the screen bein
 
 
 SENT_FROM = "sent from "  # the history's mark on a message the user sent from another device: "sent from 'laptop'"
+_RECEIPT_WORDS = {"delivered": "delivered to ", "rejected": "rejected by ", "expired": "expired for "}
+
+
+def _with_receipt(old, receipt):
+    """
+    The history's status of a sent message once C{receipt} came, its status before being C{old} (or None): one
+    line for each recipient's latest receipt (C{delivered to bob}, C{rejected by carol: REASON}), in the order they
+    came, after the mark of a message sent from another device (L{SENT_FROM}), if any.
+    """
+    def peer(line):
+        for words in _RECEIPT_WORDS.values():
+            if line.startswith(words):
+                return line[len(words):].partition(":")[0]
+        return None
+    lines = [line for line in (old or "").split("\n")
+             if line.startswith(SENT_FROM) or peer(line) not in (None, receipt.peer)]
+    return "\n".join(lines + [_RECEIPT_WORDS.get(receipt.status, receipt.status + " by ") + receipt.peer + (
+        ": " + receipt.reason if receipt.status == "rejected" else "")])
 # ...and, for a group message, the line after it: which members have it is known to the device that sent it (its
 # receipts come to the devices online then, one member's at a time), so this one claims no count.
 GROUP_RECEIPTS_THERE = "who has it: /info on that device"
@@ -14250,21 +14268,15 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         if delivery is not None:
             await self._group_receipt(receipt, ref, preview, delivery)
             return
-        status = "%s %s %s" % (
-            receipt.status, "for" if receipt.status == "expired" else "to" if receipt.status == "delivered" else "by",
-            receipt.peer) + (": " + receipt.reason if receipt.status == "rejected" else "")
-        if ref is None:  # not from this machine's outbox: perhaps sent from another device, whose mark stays
-            old = await store.history_status(receipt.message_id)
-            if old is not None and old.startswith(SENT_FROM):
-                if old.split("\n")[1:2] == [GROUP_RECEIPTS_THERE]:
-                    # A group message: one member's receipt is no count of who has it; the device that sent it
-                    # shows the count, so a delivery is not a line here either (a refusal still is).
-                    await store.set_history_status(receipt.message_id, old)
-                    if receipt.status != "delivered":
-                        self.show(describe_receipt(receipt, ref, preview))
-                    return
-                status = old.split("\n")[0] + "\n" + status
-        await store.set_history_status(receipt.message_id, status)
+        old = await store.history_status(receipt.message_id)
+        if ref is None and old is not None and old.startswith(SENT_FROM) and \
+                old.split("\n")[1:2] == [GROUP_RECEIPTS_THERE]:
+            # A group message sent from another device: one member's receipt is no count of who has it; the device
+            # that sent it shows the count, so a delivery is not a line here either (a refusal still is).
+            if receipt.status != "delivered":
+                self.show(describe_receipt(receipt, ref, preview))
+            return
+        await store.set_history_status(receipt.message_id, _with_receipt(old, receipt))
         if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
             self._old_receipts.append((receipt, ref, preview))
             if self._receipts_quiet is not None and self._receipts_quiet.active():

@@ -726,6 +726,25 @@ class ChatCommandTests(ChatTestCase):
         await self.type(chat, "/history carol")
         self.assertIn("No history with carol", ui.text(before))
 
+    async def test_history_names_each_delivery(self):
+        """/history names every recipient's receipt of a message sent to two, not only the last one's."""
+        await self.serve()
+        bob, carol = await self.peer("bob"), await self.peer("carol")
+        chat, ui = await self.chat_as("alice")
+        await self.type(chat, "/msg bob,carol meeting at noon")
+        await self.wait_for(lambda: bob.events.messages and carol.events.messages, "both messages")
+        [entry] = await chat.session.store.history()
+
+        async def both():
+            status = await chat.session.store.history_status(entry.msg_id)
+            return sorted(status.split("\n")) == ["delivered to bob", "delivered to carol"]
+        await self.wait_for(both, "both receipts in the history")
+        await self.idle(chat)
+        before = len(ui.shown)
+        await self.type(chat, "/history")
+        self.assertRegex(ui.text(before), r"-> (bob,carol|carol,bob): meeting at noon \(delivered to (bob|carol), "
+                                          r"delivered to (bob|carol)\)")
+
     async def test_no_history(self):
         """With no-history, nothing sent or received is kept."""
         await self.serve()
