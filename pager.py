@@ -8120,9 +8120,10 @@ _LOCAL_SCHEMA = [
     "CREATE TABLE IF NOT EXISTS group_refused (gid BLOB PRIMARY KEY, seq INTEGER NOT NULL, digest BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS group_receipts (msg_id TEXT NOT NULL, user TEXT NOT NULL, status TEXT NOT NULL,"
     " at REAL NOT NULL, reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (msg_id, user)) WITHOUT ROWID",
-    # The identity keys this machine's user had before the one of now, each replaced by a re-key or recovery made
-    # here: a group op the user signed with one of them is the user's own, up to the first op in the chain signed
-    # with the key of now (L{PagerClient._own_op_trusted}).
+    # The identity keys this machine's user had before the one of now: each replaced by a re-key or recovery made
+    # here, or taken on first use from a group chain read here from its start.  A group op the user signed with one
+    # of them is the user's own, up to the first op in the chain signed with the key of now
+    # (L{PagerClient._own_op_trusted}).
     "CREATE TABLE IF NOT EXISTS former_keys (user TEXT NOT NULL, fingerprint BLOB NOT NULL, at REAL NOT NULL,"
     " PRIMARY KEY (user, fingerprint)) WITHOUT ROWID",
 ]
@@ -10246,9 +10247,10 @@ class PagerClient:
         """
         C{(ok, expected)} for an op of this user's (L{_op_signer_trusted}): signed with the identity key of now, or
         with a key the user had before, as long as no op of the chain before it is signed with the key of now.  A key
-        from before is one replaced by a re-key or recovery made on this machine (L{LocalStore.former_keys}), or, in
-        a chain read here from its start (a machine set up after a recovery), any other: taken on first use, as a
-        contact's key is, noted in C{own} (an L{_OwnOps}) and warned of once the chain is kept.
+        from before is one replaced by a re-key or recovery made on this machine, or taken on first use before
+        (L{LocalStore.former_keys}); or, in a chain read here from its start (a machine set up after a recovery), any
+        other: taken on first use, as a contact's key is, noted in C{own} (an L{_OwnOps}), then kept and warned of
+        once the chain is (L{_keep_own_first_use}).
         """
         await self._own_identity()
         if op.actor_fp == self.identity_fp:
@@ -10410,6 +10412,7 @@ class PagerClient:
                 raise
             if new:
                 await self._pin_first_use(first_use)
+                await self._keep_own_first_use(gid, state.name, own, state.seq)
                 await self.pins.save_group(gid, state.name, state.seq, state.head, self.user in state.members,
                                            chain.broken, new)
                 self._chains[gid] = chain
@@ -10421,15 +10424,7 @@ class PagerClient:
             if type(server_seq) is int and server_seq < state.seq:
                 self._group_warn(gid, name, "The server shows version %d of #%s, older than version %d verified "
                                             "here: it may be holding changes back." % (server_seq, name, state.seq))
-        own_first_use = [(seq, fp) for seq, fp in own.first_use if seq <= state.seq]
-        if own_first_use:
-            keys = sorted({fp for _, fp in own_first_use})
-            self._group_warn(gid, name, (
-                "#%s's changes made in your name up to version %d are signed with %s of yours that this machine "
-                "never held (%s): they are taken as yours, made before you replaced your key. If you never had %s, "
-                "someone else made them." % (name, own_first_use[-1][0], "a key" if len(keys) == 1 else "keys",
-                                             ", ".join(map(format_fingerprint, keys)),
-                                             "that key" if len(keys) == 1 else "those keys")))
+        await self._keep_own_first_use(gid, name, own, state.seq)
         if vouched_only and state.seq >= join_seq:
             self._group_warn(gid, name, (
                 "#%s's changes from before you were added include some signed with a key that is not the one known "
@@ -10461,6 +10456,24 @@ class PagerClient:
                 self._group_warn(gid, name, (
                     "The server does not list %s as a member of #%s, though the signed operations make %s one (was "
                     "the account deleted?)." % (user, name, user)))
+
+    async def _keep_own_first_use(self, gid, name, own, seq):
+        """
+        A chain verified up to version C{seq} is kept: the other keys of this user's that its ops up to there were
+        taken with on first use (C{own}, an L{_OwnOps}) are kept as former keys of theirs, and warned of.
+        """
+        taken = [(n, fp) for n, fp in own.first_use if n <= seq]
+        if not taken:
+            return
+        keys = sorted({fp for _, fp in taken})
+        for fp in keys:
+            await self.pins.add_former_key(self.user, fp, self._now())
+        one = len(keys) == 1
+        self._group_warn(gid, name, (
+            "#%s's changes made in your name up to version %d are signed with %s of yours that this machine never "
+            "held (%s): they are taken as yours, made before you replaced your key. If you never had %s, someone "
+            "else made them." % (name, taken[-1][0], "a key" if one else "keys",
+                                 ", ".join(map(format_fingerprint, keys)), "that key" if one else "those keys")))
 
     async def _pin_first_use(self, first_use):
         """Pin the keys a kept chain trusted on first use (user -> (PEM, fingerprint)), unless pinned meanwhile."""

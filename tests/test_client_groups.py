@@ -1299,3 +1299,35 @@ class OwnFormerKeyTests(PlantedTestCase):
         self.assertEqual(group.members, ("alice", "bob"))
         self.assertIn("version 3 (add by alice) is signed with a key (%s) that is not your key, nor one this "
                       "machine knew you by before" % pager.format_fingerprint(fp("alice-fake")), group.broken)
+
+    async def test_read_cut_short_keeps_the_key(self):
+        """
+        A first read cut short (the connection lost) after alice's first two old-key ops keeps them, warned of, and
+        the key with them: the next read takes her third op, signed with it too, though the chain is held by then.
+        """
+        alice, bob = await self.user("alice"), await self.user("bob")
+        info = await alice.group_create("ops", ["bob"])
+        await alice.group_admin("ops", "bob")
+        await alice.group_topic("ops", "on call")
+        await alice.recover("alice", token("alice"), key("alice-new"))
+        await alice.close()
+        fresh = await self.connect(self.address)
+        fresh.groups_seen = GroupRecorder(fresh)
+        in_thread = fresh.in_thread
+
+        def cut(f, *args, **kwargs):
+            if f is pager.verify_group_op and args[1].seq == 3:
+                return defer.fail(pager.ConnectionLost("The connection was lost."))
+            return in_thread(f, *args, **kwargs)
+        fresh.in_thread = cut
+        await fresh.login("alice", token("alice"), key("alice-new"))  # its groups read at once, this one cut short
+        with self.assertRaises(pager.ConnectionLost):
+            await fresh.refresh_group(info.id)
+        self.assertEqual((await fresh.group(info.id)).seq, 2)
+        self.assertEqual(await fresh.pins.former_keys("alice"), {fp("alice")})
+        [warning] = [w for _, _, w in fresh.groups_seen.warnings]
+        self.assertIn("changes made in your name up to version 2", warning)
+        fresh.in_thread = in_thread
+        group = await fresh.refresh_group(info.id)
+        self.assertEqual((group.seq, group.topic, group.broken), (3, "on call", None))
+        self.assertEqual(len(fresh.groups_seen.warnings), 1)
