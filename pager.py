@@ -13401,6 +13401,16 @@ RECEIPTS_AT_LOGIN_QUIET = 1.0  # seconds without a receipt (from the screen bein
 
 
 SENT_FROM = "sent from "  # the history's mark on a message the user sent from another device: "sent from 'laptop'"
+# ...and, for a group message, the line after it: which members have it is known to the device that sent it (its
+# receipts come to the devices online then, one member's at a time), so this one claims no count.
+GROUP_RECEIPTS_THERE = "who has it: /info on that device"
+
+
+def sent_elsewhere_status(sent_from, group):
+    """The history's status of a message this user sent from the device C{sent_from} (C{group}: a group's, or None)."""
+    return SENT_FROM + sent_from + ("\n" + GROUP_RECEIPTS_THERE if group is not None else "")
+
+
 _RECEIPT_WORDS = {"delivered": "delivered to ", "rejected": "rejected by ", "expired": "expired for "}
 
 
@@ -13418,15 +13428,8 @@ def _with_receipt(old, receipt):
     lines = [line for line in (old or "").split("\n")
              if line.startswith(SENT_FROM) or peer(line) not in (None, receipt.peer)]
     return "\n".join(lines + [_RECEIPT_WORDS.get(receipt.status, receipt.status + " by ") + receipt.peer + (
-        ": " + receipt.reason if receipt.status == "rejected" else "")])
-# ...and, for a group message, the line after it: which members have it is known to the device that sent it (its
-# receipts come to the devices online then, one member's at a time), so this one claims no count.
-GROUP_RECEIPTS_THERE = "who has it: /info on that device"
-
-
-def sent_elsewhere_status(sent_from, group):
-    """The history's status of a message this user sent from the device C{sent_from} (C{group}: a group's, or None)."""
-    return SENT_FROM + sent_from + ("\n" + GROUP_RECEIPTS_THERE if group is not None else "")
+        # The reason, its sender's words, on the line: a line break in it would read as another receipt.
+        ": " + " ".join(receipt.reason.split()) if receipt.status == "rejected" else "")])
 
 
 class Chat:

@@ -745,6 +745,19 @@ class ChatCommandTests(ChatTestCase):
         self.assertRegex(ui.text(before), r"-> (bob,carol|carol,bob): meeting at noon \(delivered to (bob|carol), "
                                           r"delivered to (bob|carol)\)")
 
+    def test_receipt_lines(self):
+        """
+        The history's status keeps each recipient's latest receipt on a line, after another device's mark; a
+        refusal's reason, its sender's words, stays on its line (a line break in it cannot forge another receipt).
+        """
+        def receipt(peer, status, reason=""):
+            return pager.DeliveryReceipt(1, "ab" * 16, peer, status, reason, 0.0)
+        status = pager._with_receipt(pager.SENT_FROM + "'laptop'", receipt("bob", "delivered"))
+        status = pager._with_receipt(status, receipt("carol", "rejected", "full\ndelivered to dave"))
+        status = pager._with_receipt(status, receipt("bob", "expired"))
+        self.assertEqual(status.split("\n"), ["sent from 'laptop'", "rejected by carol: full delivered to dave",
+                                              "expired for bob"])
+
     async def test_no_history(self):
         """With no-history, nothing sent or received is kept."""
         await self.serve()
