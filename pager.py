@@ -14542,6 +14542,7 @@ class ChatScreen(protocol.Protocol):
         self._escape_timer = None
         self._paste = None  # the bytes of a paste being received
         self._armed = False  # the last key was a Ctrl-C that left the line empty
+        self._stray = False  # a key other than an answer was typed while the chat asks about a paste
         self._offset = 0  # the first character shown, when the line is wider than the screen
         self.closed = False
 
@@ -14680,10 +14681,20 @@ class ChatScreen(protocol.Protocol):
 
     # -- what keys do --
 
+    PASTE_ANSWERS = "(the paste is waiting for an answer, and what you typed was not used: y sends it, n drops it)"
+
+    def _answer(self, yes):
+        self._stray = False
+        self.chat.confirm(yes)
+
     def typed(self, chars):
         if self.chat.confirming is not None:
             if chars.lower() in ("y", "n"):
-                self.chat.confirm(chars.lower() == "y")
+                self._answer(chars.lower() == "y")
+            elif not self._stray:
+                # Typed as if the question were not there (/quit, say): what follows must not answer it by chance.
+                self._stray = True
+                self.show(self.PASTE_ANSWERS)
             return
         self._armed = False
         self.editor.insert(chars)
@@ -14696,10 +14707,10 @@ class ChatScreen(protocol.Protocol):
             self._paste = b""
             return
         if self.chat.confirming is not None:
-            if name in ("enter", "escape", "interrupt"):
-                self.chat.confirm(name == "enter")
-            elif name == "eof":
-                self.chat.confirm(False)
+            if name == "enter" and self._stray:
+                self.show(self.PASTE_ANSWERS)  # Enter after other keys is no answer: the keys were not one
+            elif name in ("enter", "escape", "interrupt", "eof"):
+                self._answer(name == "enter")
             return
         armed, self._armed = self._armed, False
         if name == "interrupt":

@@ -501,7 +501,10 @@ class ChatPasteTests(ChatTestCase):
         screen.dataReceived(b"maybe")
         self.assertIsNotNone(chat.confirming)
         self.assertEqual(screen.editor.text, "")
-        screen.dataReceived(b"\r")
+        screen.dataReceived(b"\r")  # Enter after other keys is no answer: they were typed as if not asked
+        self.assertIsNotNone(chat.confirming)
+        self.assertIn("what you typed was not used: y sends it", transport.value().decode())
+        screen.dataReceived(b"y")
         self.assertIsNone(chat.confirming)
         await self.idle(chat)
         await self.wait_for(lambda: bob.events.messages, "the confirmed paste")
@@ -1314,12 +1317,30 @@ class ChatScreenTests(unittest.SynchronousTestCase):
         self.assertLessEqual(len(self.screen._paste or b""), pager.MAX_PASTE + 1)
 
     def test_confirming(self):
-        """While the chat waits for an answer about a paste: y or Enter sends, n, Esc or Ctrl-C cancels."""
-        for keys, answer in ((b"y", True), (b"\r", True), (b"n", False), (b"\x03", False)):
+        """
+        While the chat waits for an answer about a paste: y or Enter sends, n, Esc or Ctrl-C cancels.  Other keys
+        are not used, and said so once; an Enter after them is no answer (it would send what /quit, typed as if the
+        question were not there, meant to leave).
+        """
+        for keys, answer in (((b"q", b"y"), True), ((b"\r",), True), ((b"q", b"n"), False), ((b"q", b"\x03"), False)):
             self.chat.confirming = ("bob", "text")
-            self.feed(b"q", keys)
+            self.feed(*keys)
             self.assertEqual(self.chat.answers[-1:], [answer])
             self.assertEqual(self.chat.lines, [])
+        before, hint = len(self.chat.answers), pager.ChatScreen.PASTE_ANSWERS.encode()
+        said = self.transport.value().count(hint)
+        self.chat.confirming = ("bob", "text")
+        self.feed(b"/", b"q", b"u", b"i", b"t", b"\r")
+        self.assertEqual((len(self.chat.answers), self.chat.lines, self.chat.quits), (before, [], 0))
+        self.assertEqual(self.transport.value().count(hint), said + 2)  # at the first key, and at Enter
+        self.feed(b"\r")
+        self.assertEqual(len(self.chat.answers), before)  # still no answer
+        self.feed(b"n")
+        self.assertEqual(self.chat.answers[-1], False)
+        self.chat.confirming = ("bob", "text")
+        self.feed(b"\r")  # the next question starts afresh
+        self.assertEqual(self.chat.answers[-1], True)
+        self.chat.answers[before:] = []
         self.chat.confirming = ("bob", "text")
         self.feed(b"\x1b")
         self.assertEqual(len(self.chat.answers), 4)  # a lone ESC waits for the rest of a sequence...
