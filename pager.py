@@ -14013,7 +14013,11 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             lines.append("This machine is your linked device %s (id %s; its own key, the identity key is on another "
                          "machine)." % (device_name_text(info.name if info is not None else None),
                                         format_device_id(mine)))
-        if self.conversation is not None:
+        if self.group is not None:
+            info = await s.client.group(bytes.fromhex(self.group))
+            lines.append("Talking in %s, with %s." % (info.label, ", ".join(m for m in info.members if m != s.user)
+                                                       or "no other member"))
+        elif self.conversation is not None:
             _, status, _ = await self._peer_key(self.conversation)
             lines.append("Talking to %s, whose key is %s." % (
                 self.conversation, self.KEY_STATUS_TEXT[status] % {"user": self.conversation}))

@@ -347,6 +347,9 @@ class GroupChatTests(GroupChatTestCase):
         before = len(ui.shown)
         await self.type(chat, "/history #ops")
         self.assertIn("-> #ops: hello all", ui.text(before))
+        before = len(ui.shown)
+        await self.type(chat, "/whoami")  # the conversation is a group's, not a user's to look a key up for
+        self.assertIn("Talking in #ops, with bob, carol.", ui.text(before))
 
     async def test_waiting_member_and_partial_tick(self):
         """With carol offline, the tick stops at 1/2 and /info says carol is waited for."""
