@@ -13678,7 +13678,8 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                     await self._run(coroutine)
         finally:
             self._taking = False
-            dropped, self._input = len(self._input), collections.deque()
+            dropped = sum(1 for handle in self._input if handle != self.quit)  # the end of input is no line
+            self._input = collections.deque()
             if dropped:
                 self.show("(the chat left before handling %d more line%s)" % (dropped, "" if dropped == 1 else "s"))
 

@@ -985,6 +985,19 @@ class PipeTests(CLITestCase):
         self.assertEqual(sorted(m.plaintext for m in bob.events.messages),
                          [b"and a second line", b"hello via a pipe"])
 
+    async def test_piped_quit(self):
+        """
+        A piped /quit at the end of the input leaves no line unhandled, and says nothing of one; a line after it
+        is named once as not handled.
+        """
+        await self.serve()
+        home = await self.provision("alice")
+        for piped, said in ((b"/quit\n", []), (b"/quit\n/whoami\n", ["(the chat left before handling 1 more line)"])):
+            result = await self.pager("connect", self.host, "--user", "alice", home=home, token_of="alice",
+                                      stdin=piped)
+            self.assertExit(result, 0)
+            self.assertEqual([line for line in result.out.splitlines() if "left before handling" in line], said)
+
     async def peer(self, name):
         return await self.register(self.address, name)
 
