@@ -11626,7 +11626,8 @@ def parse_address(text, default_port=DEFAULT_PORT):
     if not host:
         raise usage.UsageError("The server address %r has no host name." % text)
     if re.search(r"\s", host):
-        raise usage.UsageError("The server address %r has a space in its host name." % text)
+        raise usage.UsageError("The server address %r has a space in its host name: is HOST missing, so that the "
+                               "first words after the command were taken for it?" % text)
     if port is None:
         return host, default_port
     if not port.isdigit() or not 0 < int(port) < 65536:

@@ -78,6 +78,9 @@ class SendInputTests(InProcessTestCase):
                                         stdin=b"")
         line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
         self.assertIn("no message follows HOST (here disk) and standard input is empty", line)
+        result = await self.run_command("send", "--user", "alice", "--to", "bob", "disk full", home=self.home())
+        line = self.assertOneErrorLine(result, pager.EXIT_USAGE)
+        self.assertIn("The server address 'disk full' has a space in its host name: is HOST missing", line)
 
     async def test_file_dash(self):
         """--file - is not taken for a file named '-' (Cannot read -): it says how standard input is sent (exit 2)."""
