@@ -10985,7 +10985,9 @@ class PagerClient:
                                      % (incoming.sender, header.sender))
             mine = header.entry(self.user, device)
             if mine is None:
-                raise NotAddressedToYou("The message is not addressed to this device of %s." % self.user)
+                raise NotAddressedToYou("The message was sealed for %s's devices as they were when it was sent, and "
+                                        "this one was not among them (a key change or a device linked since)."
+                                        % self.user)
             # Before unwrapping: a message handed off already may have used a one-time prekey that is gone since.
             if await self.seen.contains(header.sender, header.message_id):
                 self._ack("msgs", incoming.msg)

@@ -639,6 +639,27 @@ class DeliveryTests(E2ETestCase):
         await self.wait_for(lambda: carol2.events.rejected, "carol's client to refuse what it cannot verify")
         self.assertIsInstance(carol2.events.rejected[0][2], pager.WrongSenderKey)
 
+    async def test_recipient_rekeys_before_delivery(self):
+        """
+        A message sealed for its recipient's devices before the recipient re-keyed cannot open on the new device:
+        it is refused with a reason that says why (sealed for the devices of before), and its sender is told it.
+        """
+        server, address = await self.start_server()
+        alice = await self.register(address, "alice")
+        bob = await self.register(address, "bob")
+        await self.offline(server, alice)
+        msg = await bob.send(["alice"], "sent while alice's laptop was lost")
+        again = await self.connect(address)  # alice's new machine
+        await again.recover("alice", token("alice"), key("alice-new"))
+        await again.login("alice", token("alice"), key("alice-new"))
+        await self.wait_for(lambda: again.events.rejected, "the message refused at alice's new device")
+        reason = again.events.rejected[0][2].message
+        self.assertEqual(reason, "The message was sealed for alice's devices as they were when it was sent, and "
+                                 "this one was not among them (a key change or a device linked since).")
+        await self.wait_for(lambda: [r for r in bob.events.receipts if r.message_id == msg], "bob's receipt")
+        [receipt] = [r for r in bob.events.receipts if r.message_id == msg]
+        self.assertEqual((receipt.status, receipt.reason), ("rejected", reason))
+
 
 class RobustnessTests(E2ETestCase):
     """Bad peers are answered and dropped without disturbing anyone else; connections end cleanly."""
