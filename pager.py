@@ -8910,6 +8910,7 @@ class _GroupChain:
         self.broken = broken
         self.unread = unread
         self.server_extra = ()  # names the server lists as members that no verified op made members
+        self.unverified_name = None  # a chain refused before any op was kept: the name its ops gave it as read
         self.refused = None  # (seq, SHA-256 of its "op") of the op refused after the verified head
 
     @property
@@ -10052,9 +10053,9 @@ class PagerClient:
 
     def _group_info(self, chain):
         state = chain.state
-        return GroupInfo(chain.gid.hex(), state.name or "", state.topic or "", state.seq, state.head,
-                         tuple(_member_names(state)), tuple(sorted(state.admins)), self.user in state.members,
-                         chain.unread, chain.broken, state)
+        return GroupInfo(chain.gid.hex(), state.name or chain.unverified_name or "", state.topic or "", state.seq,
+                         state.head, tuple(_member_names(state)), tuple(sorted(state.admins)),
+                         self.user in state.members, chain.unread, chain.broken, state)
 
     async def _chain(self, gid):
         """The verified chain of group C{gid} (bytes) kept here, or None when this client knows no such group."""
@@ -10064,11 +10065,13 @@ class PagerClient:
         rows = [row for row in await self.pins.group_rows() if row[0] == gid]
         if not rows:
             return None
-        _, _, _, _, _, broken, unread = rows[0]
+        _, name, _, _, _, broken, unread = rows[0]
         ops = await self.pins.group_ops(gid)
         # Verified when they were stored: folded again without their signatures.
         states = fold_group_ops(gid, [parse_group_op(op) for _, op, _, _ in ops], max_members=MAX_GROUP_WRAPS)
         chain = self._chains[gid] = _GroupChain(gid, ops, states, broken, unread)
+        if not states and name != gid.hex():
+            chain.unverified_name = name
         chain.refused = await self.pins.group_refused(gid)
         return chain
 
@@ -10329,7 +10332,7 @@ class PagerClient:
         gid, before = chain.gid, chain.state
         state, new, events, broken = before, [], [], None
         join_seq, vouched_only, kept, history_signers = None, False, (len(chain.states), len(chain.ops)), set()
-        adder, first_use, own = None, {}, _OwnOps(fresh=before.seq == 0)
+        adder, first_use, own, seen_name = None, {}, _OwnOps(fresh=before.seq == 0), None
         refused = chain.refused if chain.refused is not None and chain.refused[0] == before.seq + 1 else None
         if refused is not None and (not objs or _op_digest(objs[0]) != refused[1]):
             # Once an op is refused here, only that op can take the chain on: a server that withholds it or shows
@@ -10385,6 +10388,7 @@ class PagerClient:
                 if op.kind in ("create", "add"):
                     await self._check_listed_keys(op, after)
                 first_use = trusted_here
+                seen_name = after.name or seen_name
                 if op.actor == self.user and op.actor_fp == self.identity_fp:
                     own.signed_now = True
                 if self.user in state.members or self.user in after.members:
@@ -10418,7 +10422,9 @@ class PagerClient:
                 self._chains[gid] = chain
                 self._tell_group_events(events)
             raise
-        name = state.name or (before.name if before.seq else "")
+        # A chain refused before any op is kept still goes by the name its ops gave it as read (history the add of
+        # this user would have vouched for, say): what its warnings say, and what "#ops" finds, to say it is broken.
+        name = state.name or (before.name if before.seq else "") or (seen_name if broken is not None else "")
         if broken is None and state.seq == before.seq and chain.broken is None:
             server_seq = answer.get("seq")
             if type(server_seq) is int and server_seq < state.seq:
@@ -10440,6 +10446,7 @@ class PagerClient:
             chain.refused = refused
             await self.pins.set_group_refused(gid, refused)
         await self._pin_first_use(first_use)
+        chain.unverified_name = name if not state.seq and name else None
         await self.pins.save_group(gid, name or gid.hex(), state.seq, state.head, self.user in state.members,
                                    broken, new)
         self._chains[gid] = chain
@@ -10635,6 +10642,9 @@ class PagerClient:
     # -- group messages --
 
     def _check_sendable(self, chain, gid):
+        if chain is not None and chain.seq == 0 and chain.broken and chain.unverified_name:
+            raise GroupRefused("Not sent: #%s's membership chain does not verify: %s."
+                               % (chain.unverified_name, chain.broken))
         if chain is None or chain.seq == 0:
             raise UnknownGroup("Not sent: this client knows no group %s." % gid.hex())
         name = chain.state.name
@@ -13816,6 +13826,9 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         except UnknownGroup:
             raise UnknownGroup("You are in no group %s; %s (/groups lists yours)." % (group_label(name),
                                                                                        self._still_open()))
+        if not info.member and info.broken and not info.seq:  # known only by the name its unverified ops give it
+            raise GroupRefused("%s's membership chain does not verify: %s. Nothing can be sent to it; %s." % (
+                info.label, info.broken, self._still_open()))
         if not info.member:
             raise UnknownGroup("You are no longer a member of %s; %s (/groups lists yours)." % (
                 info.label, self._still_open()))

@@ -470,6 +470,12 @@ class ChainTests(GroupTestCase):
         self.assertIn("version 2 (add by alice) is signed with a key", carol.groups_seen.warnings[-1][2])
         self.assertEqual(carol.groups_seen.events, [])  # the history the add would vouch for is not kept either
         self.assertEqual((await carol.refresh_group(info.id)).seq, 0)
+        # Named as its ops name it, not by its id: in the warning, the list, and what "#ops" finds to refuse.
+        self.assertTrue(carol.groups_seen.warnings[-1][2].startswith("#ops's membership chain does not verify"))
+        self.assertEqual([(g.label, g.member) for g in await carol.groups()], [("#ops", False)])
+        with self.assertRaises(pager.GroupRefused) as refused:
+            await carol.send_group("ops", "hello?")
+        self.assertIn("Not sent: #ops's membership chain does not verify: version 2", refused.exception.message)
         new_fp = pager.fingerprint(key("alice-new").public_key())
         await carol.trust("alice")
         still = await carol.group(info.id)

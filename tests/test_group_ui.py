@@ -15,6 +15,7 @@ from twisted.trial import unittest
 import pager
 from tests.test_output import evil, harmful
 from tests.test_cli import CLITestCase
+from tests.test_e2e import key as pager_key, token as pager_token
 from tests.test_terminal import ChatTestCase
 
 GID = bytes(range(16)).hex()
@@ -693,6 +694,25 @@ class GroupChatMoreTests(GroupChatTestCase):
         chat.group_warning(GID, "ops", "the server lists eve as a member" + evil("w"))
         await self.shown(ui, "\u26a0 #ops: the server lists eve as a member")
         self.assertEqual(harmful(ui.text()), [])
+
+    async def test_added_by_a_rekeyed_admin(self):
+        """
+        alice re-keyed, then added carol to #ops: carol's chain does not verify until she compares alice's new key.
+        The warning and /to #ops name the group as its ops do, and /to says why nothing can be sent to it.
+        """
+        await self.serve()
+        alice, bob = await self.peer("alice"), await self.peer("bob")
+        await alice.group_create("ops", ["bob"])
+        chat, ui = await self.chat_as("carol")
+        await alice.rekey("alice", pager_token("alice"), pager_key("alice"), pager_key("alice-new"))
+        await alice.group_add("ops", ["carol"])
+        await self.shown(ui, "\u26a0 #ops: #ops's membership chain does not verify")
+        before = len(ui.shown)
+        await self.type(chat, "/to #ops")
+        self.assertIn("#ops's membership chain does not verify: version 2 (add by alice)", ui.text(before))
+        self.assertIn("Nothing can be sent to it; no conversation is open.", ui.text(before))
+        self.assertNotIn("no longer a member", ui.text(before))
+        self.assertIsNone(chat.conversation)
 
     async def test_change_shown_at_its_time(self):
         """
