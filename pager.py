@@ -5159,7 +5159,10 @@ class PagerServerProtocol(LineReceiver, TimeoutMixin):
         await self._check_token(token, record, "recover")
         # Checked after the token, so that nobody else learns whether the account recovered lately.
         if record.recovered_at is not None and now - record.recovered_at < limits.recovery_interval:
-            raise RateLimited("This account recovered its key recently; try again later.")
+            wait = limits.recovery_interval - (now - record.recovered_at)
+            raise RateLimited("This account recovered its key in the last %d minutes, the shortest time between two "
+                              "recoveries on this server: try again in %d minutes."
+                              % (math.ceil(limits.recovery_interval / 60), math.ceil(wait / 60)), retry_after=wait)
         await self.factory.store.set_key(user, public_key_pem(new_key), new_fp, now, recovered=True)
         self.log.warn("{user} recovered their account with the safetoken alone from {peer} (new fingerprint {fp})",
                       user=user, peer=_peer_text(self.peer), fp=new_fp.hex())

@@ -2095,7 +2095,12 @@ class RecoverTests(ServerTestCase):
         conn = self.connect()
         self.assertOk(self.recover(conn, private_key("new")))
         self.assertError(self.recover(conn, private_key("carol")), "rate_limited")
-        self.clock.advance(self.limits.recovery_interval - 1)
+        self.clock.advance(self.limits.recovery_interval - 90)
+        error = self.assertError(self.recover(self.connect(), private_key("carol")), "rate_limited")
+        self.assertEqual((error["message"], error["retry_after"]), (
+            "This account recovered its key in the last 60 minutes, the shortest time between two recoveries on "
+            "this server: try again in 2 minutes.", 90))
+        self.clock.advance(89)
         self.assertError(self.recover(self.connect(), private_key("carol")), "rate_limited")
         self.assertEqual(self.current_fingerprint(), pager.fingerprint(private_key("new")).hex())
         self.clock.advance(2)
