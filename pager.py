@@ -12616,7 +12616,8 @@ class Prompter:
     """
     Questions asked on the terminal before the chat starts.  Standard input is read unbuffered in a thread, so the
     reactor keeps running and nothing typed ahead is lost; secrets are read without echo when it is a terminal.
-    With C{interactive=False} (the script commands) every question is an error naming the option to use instead.
+    With C{interactive=False} (a command off a terminal, L{_on_terminal}) every question is an error naming the
+    option to use instead.
     """
 
     def __init__(self, reactor, interactive=True, out=None):
@@ -15058,12 +15059,11 @@ class _ClientOptions(_GnuOptions):
         ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file, which others must not read. Else "
                                    "$PAGER_TOKEN, else the one kept on this machine; else connect asks for it, "
-                                   "and so do token, verify, import-key, devices, link-device and revoke-device "
-                                   "on a terminal (standard input and error)."],
+                                   "and so does every other command that logs in with it on a terminal (standard "
+                                   "input and error)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file, which others must not read. Else "
-                                        "$PAGER_PASSPHRASE; else connect asks for it, and so do passwd, token, "
-                                        "verify, export-key, import-key, devices, link-device and revoke-device "
-                                        "on a terminal (standard input and error)."],
+                                        "$PAGER_PASSPHRASE; else connect asks for it, and so does every other "
+                                        "command on a terminal (standard input and error)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.",
@@ -15108,7 +15108,8 @@ def _device_name_option(name):
 
 
 _REGISTER = ["register", None, "If this machine has no key for the user on this server, make one and register "
-                              "the user (or, if the name is taken, say so); without it that is an error."]
+                              "the user (or, if the name is taken, say so); without it that is an error (on a "
+                              "terminal, a question, as connect asks)."]
 
 
 class ConnectOptions(_ClientOptions):
@@ -15840,7 +15841,7 @@ def _read_stdin():
 
 
 async def _send_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     content_type, filename = "text", ""
     if config["file"]:
         try:
@@ -15984,7 +15985,7 @@ async def _group_hint(client, names, how="--to '%s'"):
 
 
 async def _fetch_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     output_closed = []  # once the reader has gone, no message is printed (to /dev/null) or acknowledged
 
     def reader_gone(error):
@@ -16159,7 +16160,7 @@ def _on_terminal():
 
 
 async def _users_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         online, registered = await client.users()
@@ -16173,7 +16174,7 @@ async def _users_command(reactor, config):
 
 
 async def _group_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         if config["action"] == "info" and config["json"]:
@@ -16192,7 +16193,7 @@ async def _group_command(reactor, config):
 
 
 async def _groups_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         groups, ended = await groups_ended(client)
@@ -16391,7 +16392,7 @@ def _fingerprint_record(name, fp, status):
 
 
 async def _fingerprint_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         if config["name"] is None or config["name"] == session.user:
@@ -16442,7 +16443,7 @@ async def _verify_command(reactor, config):
 
 
 async def _trust_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         _, status = await client.key_status(config["name"])
