@@ -12699,13 +12699,15 @@ def _lines_text(text):
     return "%d line%s" % (lines, "" if lines == 1 else "s")
 
 
-def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_from=None):
+def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_from=None, hint=None):
     """
     How an incoming message is shown: time, sender, trust mark, then the text (indented when it has lines).
     C{elsewhere} marks a message from outside the chat's current conversation (a leading \u00bb); with C{cut},
     a long text shows only its first lines and a note that it is saved whole in C{saved_path}.  A message the user
     sent from another of their devices (C{sent_from}: that device's name, as L{device_name_text} shows it) is shown
-    as sent: C{you (on 'laptop') \u2192 bob: ...}.
+    as sent: C{you (on 'laptop') \u2192 bob: ...}.  A changed key's mark names the commands that check and accept
+    it as C{hint(command, user)} does (L{Session.command_hint}: the whole C{pager-cli} line outside the chat); by
+    default as the chat's C{/fingerprint} and C{/trust}.
     """
     group = getattr(message, "group_name", None)
     if sent_from is not None:
@@ -12717,8 +12719,9 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_
         mark = "\u2713 (first message: key pinned)"
     else:
         # Ends with a colon, as a group message's head does: the text that follows is the sender's, not the hint's.
-        mark = "\u26a0 KEY CHANGED, NOT VERIFIED (see /fingerprint %s, then /trust %s):" % (
-            message.sender, message.sender)
+        hint = hint or (lambda command, name: "/%s %s" % (command, name))
+        mark = "\u26a0 KEY CHANGED, NOT VERIFIED (see %s, then %s):" % (
+            hint("fingerprint", message.sender), hint("trust", message.sender))
     when = message.accepted_at if message.accepted_at is not None else message.timestamp
     if sent_from is not None:
         head = "[%s] %s%s" % (_clock(when), "\u00bb " if elsewhere else "", mark)
@@ -16014,7 +16017,7 @@ async def _fetch_command(reactor, config):
         if message.sender == session.user and message.sender_device != device_id(session.key):
             sent_from = await session.own_device_name(message.sender_device)
         try:
-            _print_message(message, saved, config["json"], sent_from)
+            _print_message(message, saved, config["json"], sent_from, session.command_hint)
         except OSError as e:  # a closed pipe, a closed or full standard output
             raise reader_gone(e)
         group = message.group_id.hex() if message.group_id is not None else None  # as the history keeps it
@@ -16098,10 +16101,11 @@ async def _fetch_command(reactor, config):
         await session.close()
 
 
-def _print_message(message, saved, as_json, sent_from=None):
+def _print_message(message, saved, as_json, sent_from=None, hint=None):
     """
     Print a message fetched, as one JSON object or as text, and flush it before it is acknowledged; one the user
-    sent from another of their devices (C{sent_from}: its name as shown) is printed as sent.
+    sent from another of their devices (C{sent_from}: its name as shown) is printed as sent, and a changed key's
+    mark names the commands as C{hint} does (L{describe_message}).
     """
     if as_json:
         record = {
@@ -16118,7 +16122,7 @@ def _print_message(message, saved, as_json, sent_from=None):
             record["text"] = message.plaintext.decode("utf-8", "replace")
         sys.stdout.write(json.dumps(record) + "\n")
     else:
-        sys.stdout.write(describe_message(message, saved, sent_from=sent_from) + "\n")
+        sys.stdout.write(describe_message(message, saved, sent_from=sent_from, hint=hint) + "\n")
     sys.stdout.flush()
 
 
