@@ -15113,6 +15113,19 @@ def _device_name_option(name):
 _REGISTER = ["register", None, "If this machine has no key for the user on this server, make one and register "
                               "the user (or, if the name is taken, say so); without it that is an error (on a "
                               "terminal, a question, as connect asks)."]
+_REGISTER_NAME = ["name", None, None, "With --register: the name this machine gets as a device of the account (1 to "
+                                      "%d bytes) [default: this machine's host name]." % MAX_DEVICE_NAME_BYTES]
+
+
+def _register_name_option(options):
+    """
+    Check C{--name}, which names the device C{--register} makes of this machine (and is refused without it), and
+    hand it to the session as its C{device-name} (L{Session.device_name}).
+    """
+    if options["name"] is not None and not options["register"]:
+        raise usage.UsageError("--name only names this machine as a device being registered: give it with "
+                               "--register.")
+    options["device-name"] = _device_name_option(options["name"])
 
 
 class ConnectOptions(_ClientOptions):
@@ -15161,6 +15174,7 @@ class SendOptions(_ClientOptions):
         ["file", "f", None, "Send this file instead of a text message."],
         ["timeout", None, None, "With --wait-delivered: seconds to wait (60 if not given)",
          _positive(float, "--timeout")],
+        _REGISTER_NAME,
     ]
     optFlags = [
         ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery (without it, no "
@@ -15175,6 +15189,7 @@ class SendOptions(_ClientOptions):
 
     def postOptions(self):
         super().postOptions()
+        _register_name_option(self)
         if not self["to"]:
             raise usage.UsageError("Name the recipients with --to NAME[,NAME...] (or a group: --to '#NAME').")
         names = [n.strip() for n in self["to"].split(",") if n.strip()]
@@ -15219,7 +15234,7 @@ class FetchOptions(_ClientOptions):
     optParameters = [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages; a connection lost meanwhile is "
                             "exit 6, a signal (SIGINT, SIGTERM, SIGHUP) exit 130.",
-         _positive(float, "--wait", zero=True)]]
+         _positive(float, "--wait", zero=True)], _REGISTER_NAME]
     optFlags = [["json", None, "Print one JSON object per message (with \"group\" for a group's), one per group "
                                "change (\"type\": \"group_change\") and one per receipt of a message you sent with "
                                "send --wait-delivered that came after it stopped waiting (\"type\": \"receipt\")."],
@@ -15227,6 +15242,10 @@ class FetchOptions(_ClientOptions):
 
     def parseArgs(self, server):
         self["server"] = server
+
+    def postOptions(self):
+        super().postOptions()
+        _register_name_option(self)
 
 
 class GroupOptions(_ClientOptions):
@@ -15307,9 +15326,14 @@ class UsersOptions(_ClientOptions):
     longdesc = "List the users online and registered."
     not_applicable = ("skew-window", "no-history")
     optFlags = [["json", None, "Print one JSON object."], _REGISTER]
+    optParameters = [_REGISTER_NAME]
 
     def parseArgs(self, server):
         self["server"] = server
+
+    def postOptions(self):
+        super().postOptions()
+        _register_name_option(self)
 
 
 class ExportKeyOptions(_ClientOptions):
