@@ -11841,6 +11841,12 @@ class Session:
             raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
         return token
 
+    def _given_token_origin(self):
+        """Where L{_given_token} takes the safetoken from, as a sentence refusing it names it."""
+        if self.config.get("token-file"):
+            return "the one given in --token-file %s" % self.config["token-file"]
+        return "the one given in PAGER_TOKEN"
+
     async def _ask_token(self, prompt, hint="Give the safetoken in PAGER_TOKEN or with --token-file."):
         while True:
             token = await self.prompter.secret(prompt, hint)
@@ -11898,7 +11904,8 @@ class Session:
                     "login needs it: give it in PAGER_TOKEN or with --token-file." % self.user))
             self.token = token
             try:
-                await self._login(client)
+                # A safetoken given is named when refused: one left in PAGER_TOKEN for another user is the usual cause.
+                await self._login(client, self._given_token_origin() if given is not None else None)
                 break
             except AuthFailed:
                 if tries >= 3:
@@ -12115,7 +12122,8 @@ class Session:
         client.on_disconnect = None
         client.close()
 
-    async def _login(self, client):
+    async def _login(self, client, token_origin=None):
+        """Log in with the key and safetoken (or as a linked device); C{token_origin}: where the safetoken was given."""
         attempt = self.login_attempt or (lambda login: login())
         if self.linked:
             device = device_id(self.key).hex()
@@ -12131,8 +12139,9 @@ class Session:
             self.pending = await attempt(lambda: client.login(self.user, self.token, self.key, self.receive))
             return self.pending
         except AuthFailed:
-            raise AuthFailed("Login as %s failed: wrong safetoken, or the server does not know this key "
-                             "(fingerprint %s)." % (self.user, format_fingerprint(fingerprint(self.key))))
+            raise AuthFailed("Login as %s failed: wrong safetoken%s, or the server does not know this key "
+                             "(fingerprint %s)." % (self.user, " (%s)" % token_origin if token_origin else "",
+                                                    format_fingerprint(fingerprint(self.key))))
 
     def _keys_elsewhere(self, server_id):
         """The other server ids this machine holds the user's key under (HOME/<id>/<user>/key.p12), sorted."""

@@ -494,6 +494,25 @@ class GivenSecretTests(CommandTestCase):
         self.assertEqual(str(error), "This machine keeps no safetoken for alice (it keeps one once a login with it "
                                      "works), and a login needs it: give it in PAGER_TOKEN or with --token-file.")
 
+    async def test_refused_token_says_where_it_was_given(self):
+        """
+        A given safetoken that fails the login is named in the one sentence (exit 3): PAGER_TOKEN's (say, another
+        user's left there), or --token-file's with its path; it is refused at once, on a terminal too.
+        """
+        await self.serve()
+        home = await self.provision("alice", PASSPHRASE)
+        os.environ.update(PAGER_PASSPHRASE=PASSPHRASE, PAGER_TOKEN=token("bob"))
+        error, _ = await self.failed_session(home, pager.AuthFailed, interactive=False)
+        self.assertEqual(error.message, "Login as alice failed: wrong safetoken (the one given in PAGER_TOKEN), or the "
+                                        "server does not know this key (fingerprint %s)."
+                         % pager.format_fingerprint(pager.fingerprint(key("alice"))))
+        self.assertEqual(pager.exit_code(error), pager.EXIT_AUTH)
+        path = self.private_file(token("bob"))
+        error, prompter = await self.failed_session(home, pager.AuthFailed, **{"token-file": path})
+        self.assertIn("Login as alice failed: wrong safetoken (the one given in --token-file %s), or " % path,
+                      error.message)
+        self.assertEqual(prompter.prompts, [])
+
     async def test_key_directory_cannot_be_looked_at(self):
         """
         A user directory whose key cannot be looked at (here a symbolic link to itself) is a local error (exit 7),
