@@ -11857,6 +11857,12 @@ class Session:
             raise usage.UsageError("A safetoken has at least %d characters." % MIN_TOKEN_LENGTH)
         return token
 
+    def _given_token_origin(self):
+        """Where L{_given_token} takes the safetoken from, as a sentence refusing it names it."""
+        if self.config.get("token-file"):
+            return "the one given in --token-file %s" % self.config["token-file"]
+        return "the one given in PAGER_TOKEN"
+
     async def _ask_token(self, prompt, hint="Give the safetoken in PAGER_TOKEN or with --token-file."):
         while True:
             token = await self.prompter.secret(prompt, hint)
@@ -11914,7 +11920,8 @@ class Session:
                     "login needs it: give it in PAGER_TOKEN or with --token-file." % self.user))
             self.token = token
             try:
-                await self._login(client)
+                # A safetoken given is named when refused: one left in PAGER_TOKEN for another user is the usual cause.
+                await self._login(client, self._given_token_origin() if given is not None else None)
                 break
             except AuthFailed:
                 if tries >= 3:
@@ -12131,7 +12138,8 @@ class Session:
         client.on_disconnect = None
         client.close()
 
-    async def _login(self, client):
+    async def _login(self, client, token_origin=None):
+        """Log in with the key and safetoken (or as a linked device); C{token_origin}: where the safetoken was given."""
         attempt = self.login_attempt or (lambda login: login())
         if self.linked:
             device = device_id(self.key).hex()
@@ -12147,8 +12155,9 @@ class Session:
             self.pending = await attempt(lambda: client.login(self.user, self.token, self.key, self.receive))
             return self.pending
         except AuthFailed:
-            raise AuthFailed("Login as %s failed: wrong safetoken, or the server does not know this key "
-                             "(fingerprint %s)." % (self.user, format_fingerprint(fingerprint(self.key))))
+            raise AuthFailed("Login as %s failed: wrong safetoken%s, or the server does not know this key "
+                             "(fingerprint %s)." % (self.user, " (%s)" % token_origin if token_origin else "",
+                                                    format_fingerprint(fingerprint(self.key))))
 
     def _keys_elsewhere(self, server_id):
         """The other server ids this machine holds the user's key under (HOME/<id>/<user>/key.p12), sorted."""
@@ -12632,7 +12641,8 @@ class Prompter:
     """
     Questions asked on the terminal before the chat starts.  Standard input is read unbuffered in a thread, so the
     reactor keeps running and nothing typed ahead is lost; secrets are read without echo when it is a terminal.
-    With C{interactive=False} (the script commands) every question is an error naming the option to use instead.
+    With C{interactive=False} (a command off a terminal, L{_on_terminal}) every question is an error naming the
+    option to use instead.
     """
 
     def __init__(self, reactor, interactive=True, out=None):
@@ -12714,13 +12724,15 @@ def _lines_text(text):
     return "%d line%s" % (lines, "" if lines == 1 else "s")
 
 
-def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_from=None):
+def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_from=None, hint=None):
     """
     How an incoming message is shown: time, sender, trust mark, then the text (indented when it has lines).
     C{elsewhere} marks a message from outside the chat's current conversation (a leading \u00bb); with C{cut},
     a long text shows only its first lines and a note that it is saved whole in C{saved_path}.  A message the user
     sent from another of their devices (C{sent_from}: that device's name, as L{device_name_text} shows it) is shown
-    as sent: C{you (on 'laptop') \u2192 bob: ...}.
+    as sent: C{you (on 'laptop') \u2192 bob: ...}.  A changed key's mark names the commands that check and accept
+    it as C{hint(command, user)} does (L{Session.command_hint}: the whole C{pager-cli} line outside the chat); by
+    default as the chat's C{/fingerprint} and C{/trust}.
     """
     group = getattr(message, "group_name", None)
     if sent_from is not None:
@@ -12732,8 +12744,9 @@ def describe_message(message, saved_path=None, elsewhere=False, cut=False, sent_
         mark = "\u2713 (first message: key pinned)"
     else:
         # Ends with a colon, as a group message's head does: the text that follows is the sender's, not the hint's.
-        mark = "\u26a0 KEY CHANGED, NOT VERIFIED (see /fingerprint %s, then /trust %s):" % (
-            message.sender, message.sender)
+        hint = hint or (lambda command, name: "/%s %s" % (command, name))
+        mark = "\u26a0 KEY CHANGED, NOT VERIFIED (see %s, then %s):" % (
+            hint("fingerprint", message.sender), hint("trust", message.sender))
     when = message.accepted_at if message.accepted_at is not None else message.timestamp
     if sent_from is not None:
         head = "[%s] %s%s" % (_clock(when), "\u00bb " if elsewhere else "", mark)
@@ -15093,12 +15106,11 @@ class _ClientOptions(_GnuOptions):
         ["home", None, None, _HOME_HELP],
         ["token-file", None, None, "Read the safetoken from this file, which others must not read. Else "
                                    "$PAGER_TOKEN, else the one kept on this machine; else connect asks for it, "
-                                   "and so do token, verify, import-key, devices, link-device and revoke-device "
-                                   "on a terminal (standard input and error)."],
+                                   "and so does every other command that logs in with it on a terminal (standard "
+                                   "input and error)."],
         ["passphrase-file", None, None, "Read the key passphrase from this file, which others must not read. Else "
-                                        "$PAGER_PASSPHRASE; else connect asks for it, and so do passwd, token, "
-                                        "verify, export-key, import-key, devices, link-device and revoke-device "
-                                        "on a terminal (standard input and error)."],
+                                        "$PAGER_PASSPHRASE; else connect asks for it, and so does every other "
+                                        "command on a terminal (standard input and error)."],
         ["ca", None, None, _CA_HELP],
         ["skew-window", None, PagerClient.skew_window, "Flag a message whose signed time is further than this many "
                                                        "seconds from when the server accepted it.",
@@ -15143,7 +15155,21 @@ def _device_name_option(name):
 
 
 _REGISTER = ["register", None, "If this machine has no key for the user on this server, make one and register "
-                              "the user (or, if the name is taken, say so); without it that is an error."]
+                              "the user (or, if the name is taken, say so); without it that is an error (on a "
+                              "terminal, a question, as connect asks)."]
+_REGISTER_NAME = ["name", None, None, "With --register: the name this machine gets as a device of the account (1 to "
+                                      "%d bytes) [default: this machine's host name]." % MAX_DEVICE_NAME_BYTES]
+
+
+def _register_name_option(options):
+    """
+    Check C{--name}, which names the device C{--register} makes of this machine (and is refused without it), and
+    hand it to the session as its C{device-name} (L{Session.device_name}).
+    """
+    if options["name"] is not None and not options["register"]:
+        raise usage.UsageError("--name only names this machine as a device being registered: give it with "
+                               "--register.")
+    options["device-name"] = _device_name_option(options["name"])
 
 
 class ConnectOptions(_ClientOptions):
@@ -15192,6 +15218,7 @@ class SendOptions(_ClientOptions):
         ["file", "f", None, "Send this file instead of a text message."],
         ["timeout", None, None, "With --wait-delivered: seconds to wait (60 if not given)",
          _positive(float, "--timeout")],
+        _REGISTER_NAME,
     ]
     optFlags = [
         ["wait-delivered", "w", "Wait until every recipient's client has confirmed delivery (without it, no "
@@ -15206,6 +15233,7 @@ class SendOptions(_ClientOptions):
 
     def postOptions(self):
         super().postOptions()
+        _register_name_option(self)
         if not self["to"]:
             raise usage.UsageError("Name the recipients with --to NAME[,NAME...] (or a group: --to '#NAME').")
         names = [n.strip() for n in self["to"].split(",") if n.strip()]
@@ -15250,7 +15278,7 @@ class FetchOptions(_ClientOptions):
     optParameters = [
         ["wait", None, 0.0, "Keep waiting this many seconds for more messages; a connection lost meanwhile is "
                             "exit 6, a signal (SIGINT, SIGTERM, SIGHUP) exit 130.",
-         _positive(float, "--wait", zero=True)]]
+         _positive(float, "--wait", zero=True)], _REGISTER_NAME]
     optFlags = [["json", None, "Print one JSON object per message (with \"group\" for a group's), one per group "
                                "change (\"type\": \"group_change\") and one per receipt of a message you sent with "
                                "send --wait-delivered that came after it stopped waiting (\"type\": \"receipt\")."],
@@ -15258,6 +15286,10 @@ class FetchOptions(_ClientOptions):
 
     def parseArgs(self, server):
         self["server"] = server
+
+    def postOptions(self):
+        super().postOptions()
+        _register_name_option(self)
 
 
 class GroupOptions(_ClientOptions):
@@ -15338,9 +15370,14 @@ class UsersOptions(_ClientOptions):
     longdesc = "List the users online and registered."
     not_applicable = ("skew-window", "no-history")
     optFlags = [["json", None, "Print one JSON object."], _REGISTER]
+    optParameters = [_REGISTER_NAME]
 
     def parseArgs(self, server):
         self["server"] = server
+
+    def postOptions(self):
+        super().postOptions()
+        _register_name_option(self)
 
 
 class ExportKeyOptions(_ClientOptions):
@@ -15875,7 +15912,7 @@ def _read_stdin():
 
 
 async def _send_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     content_type, filename = "text", ""
     if config["file"]:
         try:
@@ -16019,7 +16056,7 @@ async def _group_hint(client, names, how="--to '%s'"):
 
 
 async def _fetch_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     output_closed = []  # once the reader has gone, no message is printed (to /dev/null) or acknowledged
 
     def reader_gone(error):
@@ -16048,7 +16085,7 @@ async def _fetch_command(reactor, config):
         if message.sender == session.user and message.sender_device != device_id(session.key):
             sent_from = await session.own_device_name(message.sender_device)
         try:
-            _print_message(message, saved, config["json"], sent_from)
+            _print_message(message, saved, config["json"], sent_from, session.command_hint)
         except OSError as e:  # a closed pipe, a closed or full standard output
             raise reader_gone(e)
         group = message.group_id.hex() if message.group_id is not None else None  # as the history keeps it
@@ -16132,10 +16169,11 @@ async def _fetch_command(reactor, config):
         await session.close()
 
 
-def _print_message(message, saved, as_json, sent_from=None):
+def _print_message(message, saved, as_json, sent_from=None, hint=None):
     """
     Print a message fetched, as one JSON object or as text, and flush it before it is acknowledged; one the user
-    sent from another of their devices (C{sent_from}: its name as shown) is printed as sent.
+    sent from another of their devices (C{sent_from}: its name as shown) is printed as sent, and a changed key's
+    mark names the commands as C{hint} does (L{describe_message}).
     """
     if as_json:
         record = {
@@ -16152,7 +16190,7 @@ def _print_message(message, saved, as_json, sent_from=None):
             record["text"] = message.plaintext.decode("utf-8", "replace")
         sys.stdout.write(json.dumps(record) + "\n")
     else:
-        sys.stdout.write(describe_message(message, saved, sent_from=sent_from) + "\n")
+        sys.stdout.write(describe_message(message, saved, sent_from=sent_from, hint=hint) + "\n")
     sys.stdout.flush()
 
 
@@ -16194,7 +16232,7 @@ def _on_terminal():
 
 
 async def _users_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         online, registered = await client.users()
@@ -16208,7 +16246,7 @@ async def _users_command(reactor, config):
 
 
 async def _group_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         if config["action"] == "info" and config["json"]:
@@ -16227,7 +16265,7 @@ async def _group_command(reactor, config):
 
 
 async def _groups_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         groups, ended = await groups_ended(client)
@@ -16426,7 +16464,7 @@ def _fingerprint_record(name, fp, status):
 
 
 async def _fingerprint_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         if config["name"] is None or config["name"] == session.user:
@@ -16477,7 +16515,7 @@ async def _verify_command(reactor, config):
 
 
 async def _trust_command(reactor, config):
-    session = Session(reactor, config, Prompter(reactor, interactive=False))
+    session = Session(reactor, config, Prompter(reactor, interactive=_on_terminal()))
     client = await session.start(receive=False)
     try:
         _, status = await client.key_status(config["name"])

@@ -912,6 +912,28 @@ class KeyTrustTests(CLITestCase):
         pin = await store.get_pin("alice")
         self.assertEqual(bytes(pin[1]), alice_fp)
 
+    async def test_fetch_names_command_lines(self):
+        """
+        fetch marks a message signed by a changed key with the commands that check and accept it as they run on the
+        command line (pager-cli fingerprint, then pager-cli trust), not the chat's /fingerprint and /trust.
+        """
+        await self.serve()
+        home = await self.provision("bob")
+        await self.account("alice")
+        alice = await self.login(self.address, "alice", receive=False)
+        await alice.send("bob", "before")
+        first = await self.run_command("fetch", "HOST", "--user", "bob", home=home, token_of="bob")
+        self.assertExit(first, 0)
+        self.assertIn("alice \u2713 (first message: key pinned) before", first.out)
+        await alice.rekey("alice", token("alice"), key("alice"), key("alice-new"))
+        await alice.send("bob", "after")
+        result = await self.run_command("fetch", "HOST", "--user", "bob", home=home, token_of="bob")
+        self.assertExit(result, 0)
+        self.assertRegex(result.out, r"^\[\d\d:\d\d\] alice \u26a0 KEY CHANGED, NOT VERIFIED \(see 'pager-cli "
+                                     r"fingerprint %s --user bob alice', then 'pager-cli trust %s --user bob alice'\): "
+                                     r"after\n$" % (re.escape(self.host), re.escape(self.host)))
+        self.assertNotIn("/trust", result.out)
+
 
 class KeyFileTests(CLITestCase):
     """Key files and the local database are private, PKCS#12 that openssl reads, and refused when exposed."""

@@ -494,6 +494,25 @@ class GivenSecretTests(CommandTestCase):
         self.assertEqual(str(error), "This machine keeps no safetoken for alice (it keeps one once a login with it "
                                      "works), and a login needs it: give it in PAGER_TOKEN or with --token-file.")
 
+    async def test_refused_token_says_where_it_was_given(self):
+        """
+        A given safetoken that fails the login is named in the one sentence (exit 3): PAGER_TOKEN's (say, another
+        user's left there), or --token-file's with its path; it is refused at once, on a terminal too.
+        """
+        await self.serve()
+        home = await self.provision("alice", PASSPHRASE)
+        os.environ.update(PAGER_PASSPHRASE=PASSPHRASE, PAGER_TOKEN=token("bob"))
+        error, _ = await self.failed_session(home, pager.AuthFailed, interactive=False)
+        self.assertEqual(error.message, "Login as alice failed: wrong safetoken (the one given in PAGER_TOKEN), or the "
+                                        "server does not know this key (fingerprint %s)."
+                         % pager.format_fingerprint(pager.fingerprint(key("alice"))))
+        self.assertEqual(pager.exit_code(error), pager.EXIT_AUTH)
+        path = self.private_file(token("bob"))
+        error, prompter = await self.failed_session(home, pager.AuthFailed, **{"token-file": path})
+        self.assertIn("Login as alice failed: wrong safetoken (the one given in --token-file %s), or " % path,
+                      error.message)
+        self.assertEqual(prompter.prompts, [])
+
     async def test_key_directory_cannot_be_looked_at(self):
         """
         A user directory whose key cannot be looked at (here a symbolic link to itself) is a local error (exit 7),
@@ -626,6 +645,53 @@ class VerifyTests(CommandTestCase):
         self.assertEqual(pager.key_status(await store.get_pin("bob"), b"\x02" * 32), "changed")
         await store.set_pin("bob", "pem", b"\x02" * 32, 2.0)
         self.assertEqual(pager.key_status(await store.get_pin("bob"), b"\x02" * 32), "pinned")
+
+
+class LoginCommandPromptTests(CommandTestCase):
+    """Every command that logs in asks for the key's passphrase on a terminal, and off one says how to give it."""
+
+    def terminal(self, stdin=True, stderr=True):
+        self.patch(os, "isatty", lambda fd: {0: stdin, 2: stderr}.get(fd, False))
+        asked = []
+
+        async def secret(prompter, prompt, hint=None):
+            if not prompter.interactive:
+                raise usage.UsageError(hint)
+            asked.append(prompt)
+            return PASSPHRASE
+        self.patch(pager.Prompter, "secret", secret)
+        return asked
+
+    async def test_asks_on_a_terminal(self):
+        """
+        send, fetch, users, group, groups, fingerprint and trust ask for the passphrase on a terminal, as verify
+        does; with standard input or standard error not a terminal, each refuses naming PAGER_PASSPHRASE, unasked.
+        """
+        await self.serve()
+        await self.account("carol")
+        home = await self.provision_with_token("alice")
+        common = (self.host, "--user", "alice", "--home", home)
+        commands = [("send", *common, "--to", "carol", "hi"), ("fetch", *common), ("users", *common),
+                    ("group", *common, "create", "ops"), ("groups", *common), ("fingerprint", *common, "carol"),
+                    ("trust", *common, "carol")]
+        for argv in commands:
+            asked = self.terminal()
+            await self.run_command(*argv)
+            self.assertEqual(asked, ["Passphrase for alice's key: "], argv[0])
+            for stdin, stderr in ((False, True), (True, False)):
+                asked = self.terminal(stdin, stderr)
+                with self.assertRaises(usage.UsageError) as caught:
+                    await self.run_command(*argv)
+                self.assertEqual(str(caught.exception), "The key is encrypted: give its passphrase in "
+                                                        "PAGER_PASSPHRASE or with --passphrase-file.", argv[0])
+                self.assertEqual(asked, [], argv[0])
+
+    def test_help_says_every_command_asks(self):
+        """--help says that every command asks on a terminal for a passphrase not given."""
+        for command in ("send", "fetch", "users", "group", "groups", "fingerprint", "trust"):
+            options = dict((name, o) for name, _, o, _ in pager.Options().subCommands)[command]()
+            text = " ".join(str(options).split())
+            self.assertIn("connect asks for it, and so does every other command on a terminal", text, command)
 
 
 class DamagedKeyFileTests(KeysTestCase):

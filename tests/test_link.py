@@ -716,10 +716,10 @@ class TerminalPromptTests(CommandTestCase):
             self.assertEqual(asked, [])
 
     def test_help_names_the_commands_that_ask(self):
-        """--help's list of the commands that may ask for a passphrase or safetoken names devices."""
+        """--help says that every command (devices too) may ask on a terminal for a passphrase or safetoken."""
         for option in ("passphrase-file", "token-file"):
             text = " ".join(str(pager.DevicesOptions()).split())
-            self.assertIn("devices", text[text.index("--" + option):].split("--", 2)[1])
+            self.assertIn("so does every other command", text[text.index("--" + option):].split("--", 2)[1])
 
     async def test_no_declines_at_once(self):
         """Answering n when approving declines the request: the waiting machine is told at once, not in 10 minutes."""

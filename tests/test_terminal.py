@@ -855,6 +855,19 @@ class ChatReceivingTests(ChatTestCase):
         chat.quit()
         await self.wait_for(lambda: chat.done.called, "the chat to finish quitting")
 
+    async def test_changed_key_names_chat_commands(self):
+        """A message signed by a changed key is marked in the chat with its /fingerprint and /trust, not pager-cli."""
+        await self.serve()
+        bob = await self.peer("bob")
+        chat, ui = await self.chat_as("alice", pins=("bob",))
+        await bob.rekey("bob", token("bob"), key("bob"), key("bob-new"))
+        await bob.send("alice", "new key here")
+        await self.wait_for(lambda: "new key here" in ui.text(), "bob's message on alice's screen")
+        [line] = [line for line in ui.shown if "new key here" in line]
+        self.assertRegex(line, r"^\[\d\d:\d\d\] bob \u26a0 KEY CHANGED, NOT VERIFIED \(see /fingerprint bob, then "
+                               r"/trust bob\): new key here")
+        self.assertNotIn("pager-cli", line)
+
     async def test_terminal_escapes_neutralised(self):
         """A message full of terminal escapes reaches the screen with every escape made harmless and visible."""
         await self.serve()

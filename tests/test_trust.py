@@ -263,6 +263,29 @@ class RegisterFlagTests(CLITestCase):
                                  passphrase="carol's passphrase")
         self.assertExit(again, 0)
 
+    async def test_register_with_name(self):
+        """
+        send, fetch and users --register --name NAME register this machine as the device NAME; --name without
+        --register is refused (exit 2) saying it only names a device being registered, as is a malformed name.
+        """
+        await self.serve()
+        await self.account("bob")
+        for user, command in (("carol", ("send", "--to", "bob", "hi")), ("dave", ("fetch",)), ("erin", ("users",))):
+            result = await self.run_command(command[0], self.host, "--user", user, *command[1:], "--register",
+                                            "--name", "%s-box" % user, home=self.home(), token_of=user,
+                                            passphrase="a passphrase")
+            self.assertExit(result, 0)
+            _, devices = await self.server.store.devices(user)
+            self.assertEqual([d.name for d in devices], ["%s-box" % user], command[0])
+            refused = await self.run_command(command[0], self.host, "--user", user, *command[1:], "--name", "other",
+                                             home=self.home(), token_of=user, passphrase="a passphrase")
+            self.assertIn("--name only names this machine as a device being registered: give it with --register",
+                          self.assertOneErrorLine(refused, pager.EXIT_USAGE))
+            malformed = await self.run_command(command[0], self.host, "--user", user, *command[1:], "--register",
+                                               "--name", " padded", home=self.home())
+            self.assertIn(pager.DEVICE_NAME_RULE.rstrip("."), self.assertOneErrorLine(malformed, pager.EXIT_USAGE))
+        self.assertEqual(sorted(await self.server.store.user_names()), ["bob", "carol", "dave", "erin"])
+
     async def test_register_without_passphrase(self):
         """
         send --register with no passphrase for the new key is a missing answer, as for an existing key: one sentence
