@@ -84,9 +84,9 @@ class ServerVersionTests(test_server.ServerTestCase):
         version 1, which checks the hello's version, closes instead of signing a proof without the server id that
         would be refused and charged to its address as a failed login.
         """
-        self.assertEqual((pager.PROTOCOL_VERSION, pager.__version__), (4, "0.5.4"))
+        self.assertEqual((pager.PROTOCOL_VERSION, pager.__version__), (4, "0.5.5"))
         hello = self.connect().hello
-        self.assertEqual((hello["protocol"], hello["server"]), (4, "pager/0.5.4"))
+        self.assertEqual((hello["protocol"], hello["server"]), (4, "pager/0.5.5"))
 
 
 class VersionCommandTests(CLITestCase):
