@@ -10286,8 +10286,9 @@ class PagerClient:
             return None, None
         trust, verify = self.command_hint("trust", user), self.command_hint("verify", user)
         if pin is None:
-            return fp == named, ("the key #%s's signed membership names for %s (%s, signed by the admin who added "
-                                 "them): if %s's key changed, compare the new one with them: %s, then %s"
+            return fp == named, ("the key #%s's signed membership names for %s (%s, as the signed change that made "
+                                 "them a member gives it): if %s's key changed, compare the new one with them: %s, "
+                                 "then %s"
                                  % (group, user, format_fingerprint(named), user, trust, verify))
         if bytes(pin[1]) != fp:
             return False, ("%s's key as pinned here (if %s's key changed, compare the new one with them: %s, then "
@@ -10439,7 +10440,9 @@ class PagerClient:
                 "#%s's changes from before you were added include some signed with a key that is not the one known "
                 "here for %s (a key changed since, or a history made up): %s vouched for them by adding you."
                 % (name, ", ".join(sorted(history_signers)), adder)))
-        if broken is not None:
+        if broken is not None and broken != chain.broken:
+            # Said when the chain stops verifying, or for another reason: not again at each read of it (every
+            # command's login reads the groups) -- the list marks it, and whatever would go to it says why not.
             self._group_warn(gid, name, "#%s's membership chain does not verify: %s. Nothing is sent to #%s until it "
                                         "does." % (name or gid.hex(), broken, name or gid.hex()))
         chain.broken = broken
@@ -12895,7 +12898,7 @@ def describe_group(info, me):
     lines.append("  admins: %s" % (", ".join(sorted(info.admins)) or "nobody"))
     lines.append("  members: %s" % (", ".join(sorted(info.members)) or "nobody"))
     if info.broken:
-        lines.append("  \u26a0 its membership chain does not verify: %s Nothing is sent to it." % info.broken)
+        lines.append("  \u26a0 its membership chain does not verify: %s. Nothing is sent to it." % info.broken)
     return "\n".join(lines)
 
 
@@ -12936,6 +12939,9 @@ def describe_groups(groups, me, ended=None):
         label = group_label(info.name)
         if named[info.name] > 1:
             label += " (id %s)" % group_short_id(info)
+        if info.broken and not info.seq:  # nothing of it verified here yet: no members, no membership to tell of
+            lines.append("  %s  \u26a0 does not verify yet (nothing is sent to it)" % label)
+            continue
         parts = [label, "%d member%s" % (len(info.members), "" if len(info.members) == 1 else "s")]
         if info.member and me in info.admins:
             parts.append("admin")
@@ -13894,10 +13900,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         """
         ref = self.group if label == self.conversation and self.group is not None else label[1:]
         info = await self.session.client.group(ref)
+        if info.broken:  # said first: one added by a change that does not verify here is no member here yet
+            raise GroupRefused("Not sent: %s's membership chain does not verify: %s." % (info.label, info.broken))
         if not info.member:
             raise Forbidden("Not sent: you are no longer a member of %s." % info.label)
-        if info.broken:
-            raise GroupRefused("Not sent: %s's membership chain does not verify: %s" % (info.label, info.broken))
         return info
 
     PASTE_SHOWN = 5  # a paste of more lines is shown (these first lines) and sent only once confirmed
@@ -15961,6 +15967,8 @@ async def _send_command(reactor, config):
     try:
         if config["group"] is not None:
             info = await client.group(config["group"])
+            if info.broken:  # said first: one added by a change that does not verify here is no member here yet
+                raise GroupRefused("Not sent: %s's membership chain does not verify: %s." % (info.label, info.broken))
             if not info.member:
                 raise UnknownGroup("Not sent: you are no longer a member of %s." % info.label)
             answer = await when_not_busy(lambda: client.post_group(info.id, data, content_type, filename))

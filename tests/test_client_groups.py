@@ -472,10 +472,14 @@ class ChainTests(GroupTestCase):
         self.assertEqual((await carol.refresh_group(info.id)).seq, 0)
         # Named as its ops name it, not by its id: in the warning, the list, and what "#ops" finds to refuse.
         self.assertTrue(carol.groups_seen.warnings[-1][2].startswith("#ops's membership chain does not verify"))
+        self.assertIn("as the signed change that made them a member gives it", carol.groups_seen.warnings[-1][2])
+        self.assertNotIn("the admin who added them", carol.groups_seen.warnings[-1][2])  # alice made #ops herself
         self.assertEqual([(g.label, g.member) for g in await carol.groups()], [("#ops", False)])
         with self.assertRaises(pager.GroupRefused) as refused:
             await carol.send_group("ops", "hello?")
         self.assertIn("Not sent: #ops's membership chain does not verify: version 2", refused.exception.message)
+        self.assertEqual(pager.describe_groups(await carol.groups(), "carol"),
+                         "Your groups:\n  #ops  \u26a0 does not verify yet (nothing is sent to it)")
         new_fp = pager.fingerprint(key("alice-new").public_key())
         await carol.trust("alice")
         still = await carol.group(info.id)

@@ -637,6 +637,23 @@ class GroupCommandTests(CLITestCase):
         line = (await self.cli(bob, "bob", "send", "HOST", "--to", "#ops", "hi", code=2)).err
         self.assertIn("you are no longer a member of #ops", line)
 
+    async def test_added_by_a_rekeyed_admin(self):
+        """
+        frank, added to #ops by alice after she re-keyed, is no member here until he compares her new key: groups
+        lists #ops as not verifying yet, and a send to it says why (exit 3), not that he is no longer a member.
+        """
+        await self.serve()
+        frank = await self.provision("frank")
+        alice, _ = await self.register(self.address, "alice"), await self.register(self.address, "bob")
+        await alice.group_create("ops", ["bob"])
+        await alice.rekey("alice", pager_token("alice"), pager_key("alice"), pager_key("alice-new"))
+        await alice.group_add("ops", ["frank"])
+        result = await self.cli(frank, "frank", "groups", "HOST")
+        self.assertIn("#ops  \u26a0 does not verify yet (nothing is sent to it)", result.out)
+        line = (await self.cli(frank, "frank", "send", "HOST", "--to", "#ops", "frank here", code=3)).err
+        self.assertIn("Not sent: #ops's membership chain does not verify: version 2 (add by alice)", line)
+        self.assertNotIn("no longer a member", line)
+
     async def test_help(self):
         for command, words in ((("group",), ["create", "add", "remove", "leave", "rename", "topic", "admin", "info",
                                              "--off", "--json", "--user", "identity"]),
