@@ -12672,8 +12672,14 @@ class Prompter:
         self.out.flush()
         line = await self._answer(_read_line_unbuffered)
         if line is None:
-            raise Cancelled("Input ended at the prompt %r." % prompt.strip())
+            raise self._input_ended(prompt)
         return line.strip()
+
+    def _input_ended(self, prompt):
+        """Ctrl-D (or the end of a pipe) at C{prompt}: the line the prompt left open is ended before the error."""
+        self.out.write("\n")
+        self.out.flush()
+        return Cancelled('Input ended at the question "%s".' % prompt.strip().rstrip(":"))
 
     async def secret(self, prompt, hint=None):
         if not self.interactive:
@@ -12692,7 +12698,7 @@ class Prompter:
                 return None
         value = await self._answer(read)
         if value is None:
-            raise Cancelled("Input ended at the prompt %r." % prompt.strip())
+            raise self._input_ended(prompt)
         return value
 
     async def _answer(self, read):

@@ -334,6 +334,30 @@ class NewMachineTests(KeysTestCase):
 
 class PipedSecretTests(unittest.TestCase):
 
+    async def test_input_ended_at_a_question(self):
+        """
+        Ctrl-D at a question ends the line the prompt left open before the error is written (not on the prompt's
+        line), and the error names the question the same way for a plain one and a secret.
+        """
+        import getpass
+        out = io.StringIO()
+        prompter = pager.Prompter(reactor, interactive=True, out=out)
+        self.patch(pager, "_read_line_unbuffered", lambda fd=0: None)
+        with self.assertRaises(pager.Cancelled) as caught:
+            await prompter.ask("Server address [localhost]: ")
+        self.assertEqual((out.getvalue(), caught.exception.message),
+                         ("Server address [localhost]: \n", 'Input ended at the question "Server address [localhost]".'))
+        self.patch(os, "isatty", lambda fd: True)
+
+        def eof(prompt, stream):
+            stream.write(prompt)
+            raise EOFError()
+        self.patch(getpass, "getpass", eof)
+        with self.assertRaises(pager.Cancelled) as caught:
+            await prompter.secret("Passphrase for bob's key: ")
+        self.assertTrue(out.getvalue().endswith("Passphrase for bob's key: \n"))
+        self.assertEqual(caught.exception.message, 'Input ended at the question "Passphrase for bob\'s key".')
+
     async def test_no_secret_from_a_pipe(self):
         """
         connect reading a pipe asks no secret from it (a chat line would be taken for the passphrase): the hint
