@@ -15036,7 +15036,7 @@ def _positive(kind, option=None, zero=False):
 
 
 class ServerOptions(_GnuOptions):
-    synopsis = "[--listen ENDPOINT] [--db PATH] [limits...]"
+    synopsis = "[--listen ENDPOINT] [--db PATH]"  # and the limits: under Options
     longdesc = ("Run a pager server: it routes and stores end-to-end encrypted messages it cannot read. "
                 "Logs go to standard error (or twistd's log).")
     optParameters = [

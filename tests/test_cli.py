@@ -1147,6 +1147,8 @@ class HelpTests(CLITestCase):
             self.assertIn("Usage: pager-cli %s" % name, result.out)
             for line in result.out.splitlines():
                 self.assertLessEqual(len(line), 80, "pager-cli %s --help: %r" % (name, line))
+        # twistd writes its own words before the server's synopsis.
+        self.assertLessEqual(len("Usage: twistd [options] pager [options] server " + pager.ServerOptions.synopsis), 80)
 
     def test_help_words_whole(self):
         """
