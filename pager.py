@@ -12816,17 +12816,19 @@ SUMMARY_REASON = 200  # characters of a recipient's reason for refusing a messag
 
 def summarise_receipts(items, now):
     """
-    One line for the receipts of earlier messages that arrive at login: C{items} are C{(receipt, ref, preview)}.
+    One line for the receipts of earlier messages that arrive at login: C{items} are C{(receipt, ref, preview)},
+    or C{(receipt, ref, preview, group)} for a group message's (C{group}: the group's name as the chat shows it).
     Messages are named by reference, else by their first words, else by the start of their id.
     """
     outcomes = (("delivered", "delivered", "to"), ("rejected", "could not be opened", "by"),
                 ("expired", "expired undelivered", "to"))
     parts = []
     for status, said, word in outcomes:
-        named = ["%s %s %s%s" % ("#%d" % ref if ref is not None else preview or receipt.message_id[:8], word,
-                                 receipt.peer, ": " + _error_sentence(receipt.reason, SUMMARY_REASON)
-                                 if status == "rejected" else "")
-                 for receipt, ref, preview in items if receipt.status == status]
+        named = ["%s%s %s %s%s" % ("#%d" % ref if ref is not None else preview or receipt.message_id[:8],
+                                   " in " + group_label(group[0]) if group else "", word, receipt.peer,
+                                   ": " + _error_sentence(receipt.reason, SUMMARY_REASON)
+                                   if status == "rejected" else "")
+                 for receipt, ref, preview, *group in items if receipt.status == status]
         if named:
             more = len(named) - SUMMARY_NAMED
             listed = ", ".join(named[:SUMMARY_NAMED]) + (" and %d more" % more if more > 0 else "")
@@ -14364,7 +14366,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             "; not to %s" % ", ".join(refused) if refused else "")
         await self.session.store.set_history_status(receipt.message_id, status)
         if self._gathering and not self._closing and receipt.message_id not in self.outbox.sent:
-            self._old_receipts.append((receipt, ref, preview))
+            self._old_receipts.append((receipt, ref, preview, name))
             if self._receipts_quiet is not None and self._receipts_quiet.active():
                 self._receipts_quiet.reset(RECEIPTS_AT_LOGIN_QUIET)
         elif receipt.status == "delivered":

@@ -208,6 +208,15 @@ class DescribeDeliveryTests(unittest.SynchronousTestCase):
         self.assertEqual(lines[3], "  waiting: dave, erin")
         self.assertEqual(len(lines), 4)
 
+    def test_login_summary_names_the_group(self):
+        """The summary of receipts at login names a group message's group, not only the member who has it."""
+        def receipt(peer, status="delivered", reason=""):
+            return pager.DeliveryReceipt(1, "ab" * 16, peer, status, reason, 0.0)
+        line = pager.summarise_receipts([(receipt("frank"), 1, None, "ops"), (receipt("bob"), 2, None),
+                                         (receipt("carol", "rejected", "no key"), 3, None, "ops")], 0.0)
+        self.assertIn("2 delivered (#1 in #ops to frank, #2 to bob), 1 could not be opened (#3 in #ops by carol: "
+                      "no key)", line)
+
 
 class GroupOptionsTests(unittest.SynchronousTestCase):
     """pager-cli group and groups parse their actions; send --to takes one '#group'."""
