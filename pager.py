@@ -14053,7 +14053,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     async def command_whoami(self, rest):
         s = self.session
         lines = ["%s on %s (server id %s); your key's fingerprint:" % (s.user, s.address, s.client.server_id),
-                 "    " + format_fingerprint(await self._own_fingerprint())]
+                 format_fingerprint(await self._own_fingerprint())]  # whole on 80 columns
         if s.linked:
             mine = device_id(s.key)
             info = next((d for d in await s.client.devices(s.user) if d.device_id == mine), None)
@@ -14073,7 +14073,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
     async def command_fingerprint(self, rest):
         s = self.session
         if not rest or canonical_username(rest) == s.user:
-            self.show("Your key (%s):\n    %s" % (s.user, format_fingerprint(await self._own_fingerprint())))
+            self.show("Your key (%s):\n%s" % (s.user, format_fingerprint(await self._own_fingerprint())))
             return
         user = canonical_username(rest)
         current, status, pin = await self._peer_key(user)
@@ -14081,7 +14081,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             self.show("%s's key CHANGED.\n  pinned: %s\n  server: %s\nCheck the new one with %s, then /trust %s."
                       % (user, format_fingerprint(pin[1]), format_fingerprint(current), user, user))
             return
-        self.show("%s's key: %s\n    %s" % (user, self.KEY_STATUS_TEXT[status] % {"user": user},
+        self.show("%s's key: %s\n%s" % (user, self.KEY_STATUS_TEXT[status] % {"user": user},
                                            format_fingerprint(current)))
 
     async def command_verify(self, rest):
@@ -14102,7 +14102,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         shown = format_fingerprint(current)
         digits = "".join(given.split()).lower()
         if not digits:
-            self.show("%s's key, as the server gives it (%s):\n    %s\nIf it reads the same as what %s reads to you "
+            self.show("%s's key, as the server gives it (%s):\n%s\nIf it reads the same as what %s reads to you "
                       "from their own /fingerprint, record that with /verify %s %s (its first four digits)."
                       % (user, {"new": "new", "pinned": "pinned, not verified"}.get(status, status), shown, user,
                          user, shown[:4]))
@@ -14112,7 +14112,7 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
                 "%s is not how %s's key begins (%s): nothing was marked verified; /verify %s shows it again."
                 % (given.strip(), user, shown[:4], user)))
         await self.session.client.verify(user, current)
-        self.show("%s's key is %s verified (you compared it with %s):\n    %s"
+        self.show("%s's key is %s verified (you compared it with %s):\n%s"
                   % (user, "already" if status == "verified" else "now", user, shown))
 
     async def command_trust(self, rest):
@@ -14122,10 +14122,10 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         _, status, _ = await self._peer_key(user)
         fp = await self.session.client.trust(user)
         if status in ("pinned", "verified"):
-            self.show("%s's key is the one you pinned (%s); nothing changed:\n    %s"
+            self.show("%s's key is the one you pinned (%s); nothing changed:\n%s"
                       % (user, "verified" if status == "verified" else "pinned, not verified", format_fingerprint(fp)))
             return
-        self.show("Now trusting %s's key (pinned, not verified: /verify %s once you have compared it):\n    %s"
+        self.show("Now trusting %s's key (pinned, not verified: /verify %s once you have compared it):\n%s"
                   % (user, user, format_fingerprint(fp)))
 
     async def command_devices(self, rest):
@@ -16518,7 +16518,7 @@ async def _verify_command(reactor, config):
         if compared is None and status == "changed":
             compared = fp  # refused below, before asking: a changed key is accepted with trust first
         elif compared is None:
-            prompter.say("%s's key, as the server gives it (%s):\n    %s" % (name, status, format_fingerprint(fp)))
+            prompter.say("%s's key, as the server gives it (%s):\n%s" % (name, status, format_fingerprint(fp)))
             if not await prompter.confirm("Does it read the same as what %s reads to you from their own "
                                           "'pager-cli fingerprint'?" % name):
                 raise KeyChanged(name, fp, fp, message="Not verified: if the fingerprints differ, someone may be "
@@ -16527,7 +16527,7 @@ async def _verify_command(reactor, config):
         await client.verify(name, compared)  # a changed key is refused, naming the trust command (command_hint)
     finally:
         await session.close()
-    print("%s's key is verified on this machine:\n    %s" % (name, format_fingerprint(fp)))
+    print("%s's key is verified on this machine:\n%s" % (name, format_fingerprint(fp)))
 
 
 async def _trust_command(reactor, config):
@@ -16539,10 +16539,10 @@ async def _trust_command(reactor, config):
     finally:
         await session.close()
     if status in ("pinned", "verified"):
-        print("%s's key is the one pinned here (%s); nothing changed:\n    %s" % (
+        print("%s's key is the one pinned here (%s); nothing changed:\n%s" % (
             config["name"], "verified" if status == "verified" else "pinned, not verified", format_fingerprint(fp)))
     else:
-        print("Now trusting %s's key (pinned, not verified):\n    %s" % (config["name"], format_fingerprint(fp)))
+        print("Now trusting %s's key (pinned, not verified):\n%s" % (config["name"], format_fingerprint(fp)))
 
 
 async def _trust_server_command(reactor, config):

@@ -621,6 +621,8 @@ class ChatCommandTests(ChatTestCase):
         before = len(ui.shown)
         await self.type(chat, "/fingerprint")
         self.assertIn(pager.format_fingerprint(pager.fingerprint(key("alice"))), ui.text(before))
+        # Whole on one line of an 80-column terminal, to be read aloud group by group.
+        self.assertIn(pager.format_fingerprint(pager.fingerprint(key("alice"))), ui.text(before).splitlines())
 
         bob_fp = pager.format_fingerprint(pager.fingerprint(key("bob")))
         before = len(ui.shown)
