@@ -15171,8 +15171,9 @@ def _device_name_option(name):
 _REGISTER = ["register", None, "If this machine has no key for the user on this server, make one and register "
                               "the user (or, if the name is taken, say so); without it that is an error (on a "
                               "terminal, a question, as connect asks)."]
-_REGISTER_NAME = ["name", None, None, "With --register: the name this machine gets as a device of the account (1 to "
-                                      "%d bytes) [default: this machine's host name]." % MAX_DEVICE_NAME_BYTES]
+_REGISTER_NAME = ["name", None, None, "With --register: the name this machine gets as a device of the account when "
+                                      "it registers it (1 to %d bytes; a machine that has the key already keeps its "
+                                      "name) [default: this machine's host name]." % MAX_DEVICE_NAME_BYTES]
 
 
 def _register_name_option(options):
