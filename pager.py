@@ -9824,18 +9824,21 @@ class PagerClient:
             raise self._key_changed(user, bytes(pin[1]), fp)
         return key
 
-    async def trust(self, user):
+    async def trust(self, user, recheck=True):
         """
         Pin the key the server now gives for C{user}; returns its fingerprint.  The key pinned already is left as it
-        is, so trusting it again does not undo a verification.
+        is, so trusting it again does not undo a verification.  A key pinned anew reads the broken groups again
+        (L{recheck_broken_groups}) -- unless not C{recheck}: the caller then does, once it has said the key is
+        trusted, so that what the groups say next comes after that.
         """
         key, fp = await self.public_key(user, refresh=True)
         if key_status(await self.pins.get_pin(user), fp) in ("new", "changed"):
             await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
-            await self._recheck_broken_groups()
+            if recheck:
+                await self.recheck_broken_groups()
         return fp
 
-    async def _recheck_broken_groups(self):
+    async def recheck_broken_groups(self):
         """
         A key was trusted or verified here: read again the groups whose chain stopped at a key (each may go on), and
         try again the group messages held for want of a verified chain or key.
@@ -9876,7 +9879,7 @@ class PagerClient:
         if pin is None:
             await self.pins.set_pin(user, public_key_pem(key), fp, self.reactor.seconds())
         await self.pins.set_verified(user, fp)
-        await self._recheck_broken_groups()
+        await self.recheck_broken_groups()
 
     # -- sending --
 
@@ -14120,13 +14123,14 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
             raise usage.UsageError("Usage: /trust NAME")
         user = canonical_username(rest)
         _, status, _ = await self._peer_key(user)
-        fp = await self.session.client.trust(user)
+        fp = await self.session.client.trust(user, recheck=False)
         if status in ("pinned", "verified"):
             self.show("%s's key is the one you pinned (%s); nothing changed:\n%s"
                       % (user, "verified" if status == "verified" else "pinned, not verified", format_fingerprint(fp)))
             return
         self.show("Now trusting %s's key (pinned, not verified: /verify %s once you have compared it):\n%s"
                   % (user, user, format_fingerprint(fp)))
+        await self.session.client.recheck_broken_groups()  # what its groups say now, after that
 
     async def command_devices(self, rest):
         s = self.session
@@ -16536,14 +16540,17 @@ async def _trust_command(reactor, config):
     client = await session.start(receive=False)
     try:
         _, status = await client.key_status(config["name"])
-        fp = await client.trust(config["name"])
+        fp = await client.trust(config["name"], recheck=False)
+        if status in ("pinned", "verified"):
+            print("%s's key is the one pinned here (%s); nothing changed:\n%s" % (
+                config["name"], "verified" if status == "verified" else "pinned, not verified",
+                format_fingerprint(fp)))
+        else:
+            print("Now trusting %s's key (pinned, not verified):\n%s" % (config["name"], format_fingerprint(fp)))
+            sys.stdout.flush()
+            await client.recheck_broken_groups()  # what its groups say now (on standard error), after that
     finally:
         await session.close()
-    if status in ("pinned", "verified"):
-        print("%s's key is the one pinned here (%s); nothing changed:\n%s" % (
-            config["name"], "verified" if status == "verified" else "pinned, not verified", format_fingerprint(fp)))
-    else:
-        print("Now trusting %s's key (pinned, not verified):\n%s" % (config["name"], format_fingerprint(fp)))
 
 
 async def _trust_server_command(reactor, config):

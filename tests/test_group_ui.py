@@ -740,6 +740,24 @@ class GroupChatMoreTests(GroupChatTestCase):
         self.assertNotIn("no longer a member", ui.text(before))
         self.assertIsNone(chat.conversation)
 
+    async def test_trust_said_before_what_groups_say(self):
+        """
+        bob's #ops stopped at alice's new key; /trust alice says the key is trusted first, then what #ops says now
+        (its new reason: compare it, then /verify).
+        """
+        await self.serve()
+        alice, _ = await self.peer("alice"), await self.peer("carol")
+        chat, ui = await self.chat_as("bob")
+        await alice.group_create("ops", ["bob"])
+        await self.shown(ui, "#ops: alice created #ops")
+        await alice.rekey("alice", pager_token("alice"), pager_key("alice"), pager_key("alice-new"))
+        await alice.group_add("ops", ["carol"])
+        await self.shown(ui, "#ops's membership chain does not verify")
+        before = len(ui.shown)
+        await self.type(chat, "/trust alice")
+        text = await self.shown(ui, "was not compared with alice", before)
+        self.assertLess(text.index("Now trusting alice's key"), text.index("was not compared with alice"))
+
     async def test_change_shown_at_its_time(self):
         """
         A change made while this user was away shows the time its actor signed it, not when it came; one dated in
