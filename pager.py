@@ -13473,7 +13473,7 @@ def _with_receipt(old, receipt):
         return None
     lines = [line for line in (old or "").split("\n")
              if line.startswith(SENT_FROM) or peer(line) not in (None, receipt.peer)]
-    return "\n".join(lines + [_RECEIPT_WORDS.get(receipt.status, receipt.status + " by ") + receipt.peer + (
+    return "\n".join(lines + [_RECEIPT_WORDS[receipt.status] + receipt.peer + (
         # The reason, its sender's words, on the line: a line break in it would read as another receipt.
         ": " + " ".join(receipt.reason.split()) if receipt.status == "rejected" else "")])
 
@@ -14081,11 +14081,11 @@ To send a line that starts with "/", type "//" instead: "//usr is full" sends "/
         user = canonical_username(rest)
         current, status, pin = await self._peer_key(user)
         if status == "changed":
-            self.show("%s's key CHANGED.\n  pinned: %s\n  server: %s\nCheck the new one with %s, then /trust %s."
-                      % (user, format_fingerprint(pin[1]), format_fingerprint(current), user, user))
+            self.show("%s's key CHANGED. Pinned:\n%s\nThe server gives:\n%s\nCheck the new one with %s, then "
+                      "/trust %s." % (user, format_fingerprint(pin[1]), format_fingerprint(current), user, user))
             return
-        self.show("%s's key: %s\n%s" % (user, self.KEY_STATUS_TEXT[status] % {"user": user},
-                                           format_fingerprint(current)))
+        self.show("%s's key: %s\n%s"
+                  % (user, self.KEY_STATUS_TEXT[status] % {"user": user}, format_fingerprint(current)))
 
     async def command_verify(self, rest):
         """
@@ -15980,9 +15980,9 @@ async def _send_command(reactor, config):
     try:
         if config["group"] is not None:
             info = await client.group(config["group"])
-            if info.broken:  # said first: one added by a change that does not verify here is no member here yet
-                raise GroupRefused("Not sent: %s's membership chain does not verify: %s." % (info.label, info.broken))
-            if not info.member:
+            # A chain that does not verify is refused by post_group, which says why: one added by a change that
+            # does not verify here is no member here yet, not one who is no longer a member.
+            if not info.member and not info.broken:
                 raise UnknownGroup("Not sent: you are no longer a member of %s." % info.label)
             answer = await when_not_busy(lambda: client.post_group(info.id, data, content_type, filename))
             sent = await client.group_delivery(answer["msg"])

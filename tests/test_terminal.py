@@ -800,8 +800,9 @@ class ChatCommandTests(ChatTestCase):
         await self.type(chat, "/fingerprint bob")
         shown = ui.text(before)
         self.assertIn("CHANGED", shown)
-        self.assertIn(pager.format_fingerprint(pager.fingerprint(key("bob"))), shown)
-        self.assertIn(pager.format_fingerprint(pager.fingerprint(new_key)), shown)
+        lines = shown.splitlines()  # each fingerprint whole on a line of its own: 79 characters, for 80 columns
+        self.assertIn(pager.format_fingerprint(pager.fingerprint(key("bob"))), lines)
+        self.assertIn(pager.format_fingerprint(pager.fingerprint(new_key)), lines)
 
         before = len(ui.shown)
         await self.type(chat, "/trust bob")
